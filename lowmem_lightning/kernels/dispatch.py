@@ -1,0 +1,88 @@
+"""The one place that decides where optimizer math runs.
+
+* CUDA tensors run the package's Triton kernels (``use_triton``).
+* Everything else runs the pure-PyTorch reference of the same math; on CPU the reference is wrapped
+  in ``torch.compile(dynamic=True)`` (``cpu_compiled``) so one compiled graph serves every tensor
+  size (no per-shape recompiles, the 12-minute torchao failure mode) and the many elementwise ops
+  fuse into one loop.
+
+Environment switches (read at call time, so tests can flip them):
+
+``LOWMEM_FORCE_TRITON=1``
+    Run Triton kernels on CPU tensors too. Only meaningful with ``TRITON_INTERPRET=1`` (tests).
+``LOWMEM_CPU_COMPILE=0``
+    Use the eager reference on CPU instead of the compiled one (faster start, slower steps).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["triton_available", "use_triton", "cpu_compiled", "scalar_args"]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when ``triton`` imports."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a hard dependency, but stay importable
+        return False
+    return True
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether the update of ``tensor`` runs a Triton kernel (CUDA, or forced for interpreter tests)."""
+    if not triton_available():
+        return False
+    if tensor.is_cuda:
+        return True
+    return os.environ.get("LOWMEM_FORCE_TRITON", "0") == "1"
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("LOWMEM_CPU_COMPILE", "1") != "0"
+
+
+def cpu_compiled(fn: Callable) -> Callable:
+    """Wrap a reference step function for the CPU path.
+
+    The wrapped function is compiled once with ``dynamic=True`` the first time it is called with
+    compilation enabled; if the compiler is unusable (no C++ toolchain, an inductor bug) it warns
+    once and falls back to eager for the rest of the process. Hyperparameters must reach ``fn`` as
+    tensors, not Python floats, or an LR schedule would trigger recompiles.
+    """
+    compiled: dict[str, Callable | None] = {}
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not _compile_enabled():
+            return fn(*args, **kwargs)
+        if "fn" not in compiled:
+            compiled["fn"] = torch.compile(fn, dynamic=True)
+        cfn = compiled["fn"]
+        if cfn is None:
+            return fn(*args, **kwargs)
+        try:
+            return cfn(*args, **kwargs)
+        except Exception as err:  # pragma: no cover - depends on the local toolchain
+            warnings.warn(
+                f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "
+                "using the eager reference on CPU.",
+                stacklevel=2,
+            )
+            compiled["fn"] = None
+            return fn(*args, **kwargs)
+
+    run.eager = fn  # type: ignore[attr-defined]
+    return run
+
+
+def scalar_args(*values: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Pack runtime hyperparameters into one fp32 tensor (so compiled CPU code never specializes on them)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)

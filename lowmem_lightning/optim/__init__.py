@@ -1,0 +1,35 @@
+"""Optimizers with low-memory state. Build them by name with :func:`build_optimizer`."""
+
+from .memory import StateMemory, state_memory
+from .registry import OPTIMIZERS, available_optimizers, build_optimizer, optimizer_class, register_optimizer
+
+__all__ = [
+    "OPTIMIZERS",
+    "StateMemory",
+    "available_optimizers",
+    "build_optimizer",
+    "optimizer_class",
+    "register_optimizer",
+    "state_memory",
+    "AdamW8bit",
+    "PagedAdamW8bit",
+    "SGD",
+    "Adafactor",
+    "CAME",
+]
+
+_LAZY = {
+    "AdamW8bit": "adamw8bit",
+    "PagedAdamW8bit": "paged",
+    "SGD": "sgd",
+    "Adafactor": "adafactor",
+    "CAME": "came",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,64 @@
+"""Name -> optimizer class registry: the single way the callback, the CLI and users build optimizers.
+
+Entries are ``"module:Class"`` strings imported on first use, so importing the registry is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["OPTIMIZERS", "available_optimizers", "optimizer_class", "build_optimizer", "register_optimizer"]
+
+OPTIMIZERS: dict[str, str] = {
+    "adamw": "torch.optim:AdamW",
+    "adamw_8bit": "lowmem_lightning.optim.adamw8bit:AdamW8bit",
+    "paged_adamw_8bit": "lowmem_lightning.optim.paged:PagedAdamW8bit",
+    "sgd": "lowmem_lightning.optim.sgd:SGD",
+    "adafactor": "lowmem_lightning.optim.adafactor:Adafactor",
+    "came": "lowmem_lightning.optim.came:CAME",
+}
+"""Registered names and where their classes live."""
+
+_CLASSES: dict[str, type] = {}
+
+
+def available_optimizers() -> list[str]:
+    """Every valid optimizer name, sorted."""
+    return sorted(set(OPTIMIZERS) | set(_CLASSES))
+
+
+def register_optimizer(name: str, cls_or_path: type | str) -> None:
+    """Register ``name`` for a class (or a ``"module:Class"`` path) so ``build_optimizer`` can build it."""
+    if isinstance(cls_or_path, str):
+        OPTIMIZERS[name] = cls_or_path
+        _CLASSES.pop(name, None)
+    else:
+        _CLASSES[name] = cls_or_path
+
+
+def optimizer_class(name: str) -> type:
+    """The class registered under ``name``; ``ValueError`` listing every valid name otherwise."""
+    if not isinstance(name, str) or name not in OPTIMIZERS and name not in _CLASSES:
+        raise ValueError(
+            f"Unknown optimizer {name!r}: expected one of {', '.join(available_optimizers())}."
+        )
+    if name not in _CLASSES:
+        module_name, _, cls_name = OPTIMIZERS[name].partition(":")
+        _CLASSES[name] = getattr(importlib.import_module(module_name), cls_name)
+    return _CLASSES[name]
+
+
+def build_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict], **kwargs) -> torch.optim.Optimizer:
+    """Build the optimizer registered as ``name`` over ``params`` (tensors or param-group dicts).
+
+    ``kwargs`` go to the optimizer's constructor, which validates them (``ValueError`` naming the
+    argument). Unknown names raise ``ValueError`` listing every valid name.
+    """
+    cls = optimizer_class(name)
+    try:
+        return cls(params, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"Invalid arguments for optimizer {name!r} ({cls.__name__}): {err}") from err
