@@ -1,0 +1,168 @@
+"""Stochastic rounding of fp32 results into bf16 / fp16 parameters, identical on Triton and PyTorch.
+
+Round-to-nearest loses every update smaller than half a unit in the last place (ulp): a bf16 weight
+of 1.0 has an ulp of 2^-7, so an Adam step of lr=1e-4 never moves it. Stochastic rounding (Gupta et
+al., "Deep Learning with Limited Numerical Precision", ICML 2015) rounds up with probability equal
+to the distance to the lower neighbour in ulps, so ``E[round(x)] = x`` and small updates survive on
+average. It replaces an fp32 master copy (2-4 extra bytes/param).
+
+Randomness is a counter-based hash (the murmur3 32-bit finaliser) of ``(element index, seed)``, the
+same integer arithmetic in Triton and in PyTorch, so the kernel and the reference round identically
+and a run is reproducible from its seed. Optimizers derive ``seed`` from the step and tensor index.
+
+* bf16 (exact SR, integer-only): ``bits(x) + r16`` then truncate the low 16 bits, where ``r16`` is a
+  uniform 16-bit random integer. The sign-magnitude layout makes this round the magnitude up with
+  probability ``frac`` for either sign. Non-stochastic bf16 stores use integer round-to-nearest-even
+  (the Triton interpreter's own bf16 cast truncates, the GPU's rounds: integers agree everywhere).
+* fp16 (exact SR): take the two fp16 neighbours ``lo <= |x| <= hi`` (round to nearest, then step one
+  code down or up), and pick ``hi`` when ``u < (|x| - lo) / (hi - lo)``, ``u`` uniform in [0, 1). The
+  difference and the division by a power of two are exact in fp32, so both sides agree bit for bit.
+
+File order: Triton helpers, PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "hash_uniform",
+    "store_param",
+    "hash_uniform_reference",
+    "round_param_reference",
+    "step_seed",
+]
+
+_GOLDEN = 2654435761
+_MIX1 = 2246822507
+_MIX2 = 3266489909
+_MASK32 = 0xFFFFFFFF
+
+
+def step_seed(step: int, tensor_index: int, base_seed: int = 0) -> int:
+    """Seed (31-bit int) for the stochastic rounding of tensor ``tensor_index`` at optimizer step ``step``."""
+    return (base_seed * 1_000_003 + step * 7_919 + tensor_index * 104_729) & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _hash_bits(offs, seed):
+    h = offs.to(tl.uint32) * tl.full((), 2654435761, tl.uint32) + seed.to(tl.uint32)
+    h = h ^ (h >> 16)
+    h = h * tl.full((), 2246822507, tl.uint32)
+    h = h ^ (h >> 13)
+    h = h * tl.full((), 3266489909, tl.uint32)
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def hash_uniform(offs, seed):
+    """Uniform fp32 in [0, 1) from element indices ``offs`` and an int ``seed`` (24 random bits)."""
+    return (_hash_bits(offs, seed) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _to_bf16(x, offs, seed, STOCHASTIC: tl.constexpr):
+    bits = x.to(tl.uint32, bitcast=True)
+    if STOCHASTIC:
+        bits = bits + (_hash_bits(offs, seed) >> 16)
+    else:
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _to_fp16(x, offs, seed, STOCHASTIC: tl.constexpr):
+    if STOCHASTIC:
+        a = tl.abs(x)
+        nearest = a.to(tl.float16)
+        near32 = nearest.to(tl.float32)
+        near_bits = nearest.to(tl.int16, bitcast=True)
+        other = tl.where(near32 > a, near_bits - 1, near_bits + 1).to(tl.float16, bitcast=True).to(tl.float32)
+        lo = tl.minimum(near32, other)
+        hi = tl.maximum(near32, other)
+        p = tl.div_rn(a - lo, hi - lo)
+        r = tl.where(hash_uniform(offs, seed) < p, hi, lo)
+        r = tl.where(near32 == a, a, r)
+        return tl.where(x < 0.0, -r, r).to(tl.float16)
+    return x.to(tl.float16)
+
+
+@triton.jit
+def store_param(ptr, x, offs, mask, seed, STOCHASTIC: tl.constexpr):
+    """Store fp32 ``x`` into a param buffer of dtype fp32, bf16 or fp16 (stochastically rounded if asked)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(ptr + offs, _to_bf16(x, offs, seed, STOCHASTIC), mask=mask)
+    elif ptr.dtype.element_ty == tl.float16:
+        tl.store(ptr + offs, _to_fp16(x, offs, seed, STOCHASTIC), mask=mask)
+    else:
+        tl.store(ptr + offs, x, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch reference
+# --------------------------------------------------------------------------------------------------
+
+
+def _hash_bits_reference(offs: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
+    h = (offs.to(torch.int64) * _GOLDEN + seed) & _MASK32
+    h = h ^ (h >> 16)
+    h = (h * _MIX1) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * _MIX2) & _MASK32
+    return h ^ (h >> 16)
+
+
+def hash_uniform_reference(offs: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`hash_uniform`."""
+    return (_hash_bits_reference(offs, seed) >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def _bf16_reference(x: torch.Tensor, offs: torch.Tensor, seed, stochastic: bool) -> torch.Tensor:
+    bits = x.view(torch.int32).to(torch.int64) & _MASK32
+    if stochastic:
+        bits = bits + (_hash_bits_reference(offs, seed) >> 16)
+    else:
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    high = ((bits >> 16) & 0xFFFF).to(torch.int32)
+    return (high - ((high >> 15) << 16)).to(torch.int16).view(torch.bfloat16)
+
+
+def _fp16_reference(x: torch.Tensor, offs: torch.Tensor, seed, stochastic: bool) -> torch.Tensor:
+    if not stochastic:
+        return x.to(torch.float16)
+    a = x.abs()
+    nearest = a.to(torch.float16)
+    near32 = nearest.to(torch.float32)
+    near_bits = nearest.view(torch.int16)
+    other = torch.where(near32 > a, near_bits - 1, near_bits + 1).view(torch.float16).to(torch.float32)
+    lo = torch.minimum(near32, other)
+    hi = torch.maximum(near32, other)
+    r = torch.where(hash_uniform_reference(offs, seed) < (a - lo) / (hi - lo), hi, lo)
+    r = torch.where(near32 == a, a, r)
+    return torch.where(x < 0, -r, r).to(torch.float16)
+
+
+def round_param_reference(
+    x: torch.Tensor, dtype: torch.dtype, seed: int | torch.Tensor = 0, stochastic: bool = True, offs=None
+) -> torch.Tensor:
+    """Round fp32 ``x`` to ``dtype`` exactly as :func:`store_param` does.
+
+    ``offs`` are the element indices used for the hash (default: ``arange`` over the flattened
+    tensor). fp32 is returned unchanged.
+    """
+    if dtype == torch.float32:
+        return x
+    if offs is None:
+        offs = torch.arange(x.numel(), device=x.device).view(x.shape)
+    if dtype == torch.bfloat16:
+        return _bf16_reference(x.contiguous(), offs, seed, stochastic)
+    if dtype == torch.float16:
+        return _fp16_reference(x, offs, seed, stochastic)
+    raise TypeError(f"param dtype must be float32, bfloat16 or float16, got {dtype}")

@@ -1,0 +1,143 @@
+"""Bookkeeping shared by the package's optimizers (no update math lives here).
+
+* **Non-finite guard.** ``_finite_flags(grads)`` returns, for each gradient, a 0/1 fp32 flag on the
+  device (1 = every element finite), computed with one fused ``_foreach_norm(inf)`` and no host
+  sync. Kernels receive the flag and leave params and state untouched where it is 0; the number of
+  skipped tensor updates accumulates on the device and is read (one sync) only through
+  :attr:`LowMemOptimizer.skipped_updates`.
+* **Step counters** are 0-d fp32 tensors on the param's device (like torch's ``capturable`` mode):
+  they advance by the finite flag, so a skipped update does not advance the bias correction, and
+  kernels read them from memory (no ``.item()``).
+* **State dicts** keep the dtypes of quantized state (torch's ``Optimizer.load_state_dict`` casts
+  every floating state tensor to the param dtype, which would turn fp32 block scales of a bf16 param
+  into bf16) and are validated: a state that does not fit its parameter raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = ["LowMemOptimizer"]
+
+
+class LowMemOptimizer(torch.optim.Optimizer):
+    """Base class: non-finite guard, device step counters, dtype-preserving validated state dicts.
+
+    Subclasses implement ``step`` and may override :meth:`_expected_state` to describe the state
+    tensors a param must carry (used to validate loaded state dicts) and :meth:`_convert_foreign_state`
+    to accept another optimizer's state (e.g. torch AdamW -> 8-bit).
+    """
+
+    def __init__(self, params: Iterable, defaults: dict):
+        super().__init__(params, defaults)
+        self._skipped: dict[torch.device, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ non-finite guard
+    @property
+    def skipped_updates(self) -> int:
+        """Number of (tensor, step) updates skipped because the gradient held inf or NaN.
+
+        Reading it synchronises with the device; the step itself never does.
+        """
+        return int(sum(int(t.item()) for t in self._skipped.values()))
+
+    def _finite_flags(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """fp32 tensor ``(len(grads),)`` on the grads' device: 1.0 where the whole gradient is finite."""
+        if not grads:
+            return torch.empty(0)
+        norms = torch._foreach_norm(list(grads), float("inf"))
+        flags = torch.stack(norms).isfinite().to(torch.float32)
+        device = flags.device
+        counter = self._skipped.get(device)
+        if counter is None:
+            counter = self._skipped[device] = torch.zeros((), dtype=torch.float32, device=device)
+        counter.add_(flags.numel() - flags.sum())
+        return flags
+
+    @staticmethod
+    def _new_step(param: torch.Tensor) -> torch.Tensor:
+        """A step counter for ``param``: 0-d fp32 tensor on its device."""
+        return torch.zeros((), dtype=torch.float32, device=param.device)
+
+    # ------------------------------------------------------------------ state dicts
+    def _expected_state(self, param: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{key: (shape, dtype)}`` every state tensor of ``param`` must have; empty = no check."""
+        return {}
+
+    def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """Turn a state saved by another optimizer into ours; default: return it unchanged."""
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict, keeping saved state dtypes, converting foreign states and validating shapes.
+
+        Raises ``ValueError`` naming the parameter and key when a state tensor does not fit, and
+        leaves the optimizer unchanged in that case.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            keys = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else "-"
+            raise ValueError(
+                "Invalid optimizer state dict: expected a dict with keys 'state' and 'param_groups', "
+                f"got {type(state_dict).__name__} with keys {keys}."
+            )
+        saved = copy.deepcopy(state_dict)
+        saved_groups = saved["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid optimizer state dict: it has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}."
+            )
+        by_id = {}
+        for group, saved_group in zip(self.param_groups, saved_groups):
+            if len(group["params"]) != len(saved_group["params"]):
+                raise ValueError(
+                    "Invalid optimizer state dict: a param group holds "
+                    f"{len(saved_group['params'])} params, this optimizer's holds {len(group['params'])}."
+                )
+            for param, pid in zip(group["params"], saved_group["params"]):
+                by_id[pid] = (param, group)
+        converted = {}
+        for pid, state in saved["state"].items():
+            if pid not in by_id:
+                raise ValueError(f"Invalid optimizer state dict: state for unknown param id {pid!r}.")
+            param, group = by_id[pid]
+            state = self._convert_foreign_state(param, dict(state), group)
+            self._validate_state(pid, param, group, state)
+            converted[pid] = state
+        saved["state"] = converted
+        super().load_state_dict(saved)
+        self._restore_dtypes(by_id, converted)
+
+    def _validate_state(self, pid, param: torch.Tensor, group: dict, state: dict) -> None:
+        for key, (shape, dtype) in self._expected_state(param, group).items():
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"Invalid optimizer state dict: param {pid!r} (shape {tuple(param.shape)}) lacks state "
+                    f"{key!r}; expected a {dtype} tensor of shape {shape}. Keys present: {sorted(state)}."
+                )
+            if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+                raise ValueError(
+                    f"Invalid optimizer state dict: param {pid!r} state {key!r} is {value.dtype} "
+                    f"{tuple(value.shape)}, expected {dtype} {tuple(shape)} for a param of shape "
+                    f"{tuple(param.shape)}."
+                )
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"Invalid optimizer state dict: param {pid!r} state {key!r} holds inf or NaN.")
+
+    def _state_device(self, param: torch.Tensor) -> torch.device:
+        """Where ``param``'s state lives (its own device; paged optimizers override)."""
+        return param.device
+
+    def _restore_dtypes(self, by_id: dict, saved_state: dict) -> None:
+        for pid, state in saved_state.items():
+            param, _ = by_id[pid]
+            loaded = self.state[param]
+            device = self._state_device(param)
+            for key, value in state.items():
+                current = loaded.get(key)
+                if isinstance(value, torch.Tensor) and (current.dtype != value.dtype or current.device != device):
+                    loaded[key] = value.to(device=device)
