@@ -1,0 +1,318 @@
+"""``TextDataModule``: plain text and JSONL, tokenized, packed into fixed-length blocks, split train/val.
+
+Pipeline (all in ``setup``, once):
+
+1. read documents: each plain-text file is one document; each JSONL line is one record, either
+   ``{"text": ...}`` or ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional);
+2. tokenize: a document becomes ``bos, prompt..., completion..., eos``; labels copy the ids except
+   the ``bos`` and the prompt (instruction records rendered with the prompt template), which get -100
+   so the loss covers only the response;
+3. pack: all documents are concatenated and cut into blocks of ``seq_len`` tokens (``pack=True``), or
+   each document is cut on its own (``pack=False``); the last block of a stream is right-padded with
+   the pad token, ``attention_mask`` 0 and labels -100;
+4. split: a seeded permutation of the blocks sends ``round(val_fraction * n_blocks)`` (at least 1
+   when ``val_fraction > 0``) to validation, the rest to training.
+
+Batches are dicts of ``[batch_size, seq_len]`` int64 tensors: ``input_ids``, ``labels``,
+``attention_mask``, ready for ``model(**batch)`` of a Hugging Face causal LM (which shifts the labels).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lowmem_lightning.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+__all__ = [
+    "TextDataModule",
+    "TokenBlocks",
+    "SAMPLE_DIR",
+    "DEFAULT_PROMPT_TEMPLATE",
+    "DEFAULT_PROMPT_TEMPLATE_NO_INPUT",
+    "IGNORE_INDEX",
+    "find_data_files",
+    "read_documents",
+    "encode_document",
+    "pack_blocks",
+    "split_indices",
+]
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+"""The shipped sample data (``data_path="sample"``): see ``sample/SOURCE.md`` for origin and licence."""
+
+IGNORE_INDEX = -100
+"""Label of tokens left out of the loss (prompt, bos, padding); PyTorch's cross-entropy default."""
+
+DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+"""Prompt for instruction records with a non-empty ``input``; the ``output`` follows it."""
+
+DEFAULT_PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+"""Prompt for instruction records without ``input`` (absent or empty)."""
+
+TEXT_SUFFIXES = (".txt",)
+JSONL_SUFFIXES = (".jsonl",)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training document: ``prompt`` (left out of the loss; empty for plain text) + ``completion``."""
+
+    prompt: str
+    completion: str
+
+
+def find_data_files(data_path: str) -> list[Path]:
+    """The files behind ``data_path``: ``"sample"`` (the shipped data), one file, or every ``.txt`` and
+    ``.jsonl`` file under a directory (recursively, sorted). ``ValueError`` naming the path when it
+    does not exist or holds no such file."""
+    if data_path == "sample":
+        path = SAMPLE_DIR
+    else:
+        path = Path(data_path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"Invalid data_path={data_path!r}: no such file or directory ({path.resolve()}).")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+    if not files:
+        raise ValueError(f"Invalid data_path={data_path!r}: the directory holds no .txt or .jsonl file.")
+    return files
+
+
+def _render(record: dict, where: str, template: str, template_no_input: str) -> Document:
+    """A JSONL record as a ``Document``; ``ValueError`` naming ``where`` (file:line) when malformed."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    if isinstance(record.get("text"), str):
+        return Document("", record["text"])
+    fields = {k: record.get(k) for k in ("instruction", "input", "output")}
+    if not isinstance(fields["instruction"], str) or not isinstance(fields["output"], str):
+        raise ValueError(
+            f"{where}: expected a string field 'text', or string fields 'instruction' and 'output' "
+            f"(and optionally 'input'); found keys {sorted(record)}."
+        )
+    if fields["input"] is not None and not isinstance(fields["input"], str):
+        raise ValueError(f"{where}: field 'input' must be a string, got {type(fields['input']).__name__}.")
+    if fields["input"]:
+        prompt = template.format(instruction=fields["instruction"], input=fields["input"])
+    else:
+        prompt = template_no_input.format(instruction=fields["instruction"])
+    return Document(prompt, fields["output"])
+
+
+def read_documents(
+    files: list[Path],
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+    template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
+) -> list[Document]:
+    """Every document in ``files``: a plain-text file is one document, a JSONL line one record."""
+    docs = []
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix not in JSONL_SUFFIXES:
+            docs.append(Document("", text))
+            continue
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from err
+            docs.append(_render(record, f"{path}:{lineno}", template, template_no_input))
+    return docs
+
+
+def encode_document(doc: Document, tokenizer: ByteTokenizer | HFTokenizer) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of ``bos, prompt..., completion..., eos``; labels are -100 on bos and prompt."""
+    head = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    prompt = tokenizer.encode(doc.prompt) if doc.prompt else []
+    body = tokenizer.encode(doc.completion) + [tokenizer.eos_token_id]
+    ids = head + prompt + body
+    labels = [IGNORE_INDEX] * (len(head) + len(prompt)) + body
+    return ids, labels
+
+
+def _cut(ids: torch.Tensor, labels: torch.Tensor, seq_len: int, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Cut one token stream into ``[n, seq_len]`` blocks, right-padding the last one."""
+    n = -(-ids.numel() // seq_len)
+    pad = n * seq_len - ids.numel()
+    mask = torch.ones(n * seq_len, dtype=torch.long)
+    if pad:
+        ids = torch.cat([ids, ids.new_full((pad,), pad_id)])
+        labels = torch.cat([labels, labels.new_full((pad,), IGNORE_INDEX)])
+        mask[-pad:] = 0
+    return ids.view(n, seq_len), labels.view(n, seq_len), mask.view(n, seq_len)
+
+
+def pack_blocks(
+    encoded: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True
+) -> dict[str, torch.Tensor]:
+    """Blocks of ``seq_len`` tokens from encoded documents: ``input_ids``, ``labels``, ``attention_mask``,
+    each ``[n_blocks, seq_len]`` int64. ``pack=True`` concatenates all documents first (one padded
+    block at most); ``pack=False`` cuts each document on its own (one padded block per document)."""
+    streams = [encoded] if pack else [[e] for e in encoded]
+    parts = []
+    for stream in streams:
+        ids = torch.tensor([t for e in stream for t in e[0]], dtype=torch.long)
+        labels = torch.tensor([t for e in stream for t in e[1]], dtype=torch.long)
+        if ids.numel():
+            parts.append(_cut(ids, labels, seq_len, pad_id))
+    if not parts:
+        raise ValueError("No tokens to train on: every document is empty.")
+    ids, labels, mask = (torch.cat(t) for t in zip(*parts))
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, val)`` block indices: a permutation of ``range(n)`` seeded by ``seed`` puts
+    ``round(val_fraction * n)`` blocks (at least 1 when ``val_fraction > 0``) in validation."""
+    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n))
+    if n_val >= n:
+        raise ValueError(
+            f"Too little data for val_fraction={val_fraction}: {n} block(s) of seq_len tokens leave none "
+            "for training; lower val_fraction or seq_len, or add data."
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+class TokenBlocks(Dataset):
+    """Rows of packed blocks: item ``i`` is ``{"input_ids", "labels", "attention_mask"}``, each
+    ``[seq_len]`` int64."""
+
+    def __init__(self, blocks: dict[str, torch.Tensor]):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks["input_ids"].shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.blocks.items()}
+
+
+def _check_template(value, name: str, required: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"Invalid {name}={value!r}: expected a string.")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+    except ValueError as err:
+        raise ValueError(f"Invalid {name}={value!r}: not a format string ({err}).") from err
+    allowed = {"instruction", "input"}
+    if not set(required) <= fields or not fields <= allowed:
+        raise ValueError(
+            f"Invalid {name}={value!r}: expected placeholders {', '.join('{' + r + '}' for r in required)} "
+            f"(allowed: {{instruction}}, {{input}}), found {sorted(fields)}."
+        )
+
+
+def _check_int(value, name: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Invalid {name}={value!r}: expected an integer >= {minimum}.")
+
+
+class TextDataModule(L.LightningDataModule):
+    """Causal-LM data from plain text and JSONL, tokenized, packed into ``seq_len``-token blocks.
+
+    Args:
+        data_path: A ``.txt`` / ``.jsonl`` file, a directory (every ``.txt`` and ``.jsonl`` under it),
+            or ``"sample"``: the shipped sample data (Python standard library docstrings and an
+            instruction set made from them; PSF License, see ``data/sample/SOURCE.md``).
+        tokenizer: ``"byte"`` for the built-in byte-level tokenizer (259 ids: 256 bytes + pad, bos,
+            eos; no download), or a local directory with a Hugging Face tokenizer (loaded with
+            ``local_files_only=True``).
+        seq_len: Tokens per training sequence (block), >= 2.
+        batch_size: Sequences per batch, >= 1.
+        val_fraction: Fraction of blocks held out for validation, in [0, 1); 0 disables validation.
+        seed: Seed of the train/val split (the same seed gives the same split).
+        num_workers: DataLoader worker processes, >= 0 (0 loads in the main process).
+        pack: True concatenates documents before cutting blocks (no padding but at the very end);
+            False cuts each document on its own (padding per document, documents never share a block).
+        prompt_template: Prompt for JSONL instruction records with an ``input``; must contain
+            ``{instruction}`` and ``{input}``. The loss skips the prompt (labels -100).
+        prompt_template_no_input: Prompt for instruction records without ``input``; must contain
+            ``{instruction}``.
+
+    Raises ``ValueError`` naming the argument when a value is invalid or a path does not exist,
+    in the constructor, before anything is read.
+    """
+
+    def __init__(
+        self,
+        data_path: str = "sample",
+        tokenizer: str = "byte",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        seed: int = 42,
+        num_workers: int = 0,
+        pack: bool = True,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        prompt_template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
+    ):
+        super().__init__()
+        if not isinstance(data_path, (str, Path)):
+            raise TypeError(f"Invalid data_path={data_path!r}: expected a path or 'sample'.")
+        _check_int(seq_len, "seq_len", 2)
+        _check_int(batch_size, "batch_size", 1)
+        _check_int(num_workers, "num_workers", 0)
+        _check_int(seed, "seed", 0)
+        if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not (
+            0.0 <= val_fraction < 1.0
+        ):
+            raise ValueError(f"Invalid val_fraction={val_fraction!r}: expected a number in [0, 1).")
+        if not isinstance(pack, bool):
+            raise TypeError(f"Invalid pack={pack!r}: expected True or False.")
+        _check_template(prompt_template, "prompt_template", ("instruction", "input"))
+        _check_template(prompt_template_no_input, "prompt_template_no_input", ("instruction",))
+        self.files = find_data_files(str(data_path))
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.save_hyperparameters()
+        self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
+        self.val_fraction, self.seed, self.pack = float(val_fraction), seed, pack
+        self.train_dataset: TokenBlocks | None = None
+        self.val_dataset: TokenBlocks | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce (259 for ``"byte"``)."""
+        return self.tokenizer.vocab_size
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, tokenize, pack and split the data (once; later calls do nothing)."""
+        if self.train_dataset is not None:
+            return
+        docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
+        encoded = [encode_document(d, self.tokenizer) for d in docs]
+        blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack)
+        train_idx, val_idx = split_indices(blocks["input_ids"].shape[0], self.val_fraction, self.seed)
+        self.train_dataset = TokenBlocks({k: v[train_idx] for k, v in blocks.items()})
+        self.val_dataset = TokenBlocks({k: v[val_idx] for k, v in blocks.items()})
+
+    def _loader(self, dataset: TokenBlocks, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training blocks, ``batch_size`` per batch."""
+        self.setup()
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation blocks in order; an empty list (no validation) when ``val_fraction`` is 0."""
+        self.setup()
+        if len(self.val_dataset) == 0:
+            return []
+        return self._loader(self.val_dataset, shuffle=False)

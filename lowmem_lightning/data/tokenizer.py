@@ -1,0 +1,114 @@
+"""Tokenizers for ``TextDataModule``: a built-in byte-level one (no download) and local HF tokenizers.
+
+Both expose the same small interface, which is all the data pipeline uses: ``encode(text) -> list[int]``
+(no special tokens added), ``decode(ids) -> str``, ``vocab_size`` and the ``pad_token_id``,
+``bos_token_id`` and ``eos_token_id`` that mark document boundaries when sequences are packed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer", "BYTE_VOCAB_SIZE"]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0-255 are the byte values, then ``pad`` = 256, ``bos`` = 257,
+    ``eos`` = 258 (``vocab_size`` = 259).
+
+    Needs no files and no download, never meets an unknown token, and round-trips any text
+    (``decode(encode(s)) == s``). Every document packed by ``TextDataModule`` is framed as
+    ``bos, bytes..., eos``, so the model sees where one document ends and the next begins.
+    """
+
+    pad_token_id = 256
+    bos_token_id = 257
+    eos_token_id = 258
+    vocab_size = 259
+    name = "byte"
+
+    def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of ``text`` as token ids (no special tokens added)."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens are dropped (or shown as ``<pad>``/``<s>``/``</s>``)."""
+        names = {self.pad_token_id: "<pad>", self.bos_token_id: "<s>", self.eos_token_id: "</s>"}
+        out, chunk = [], bytearray()
+        for i in map(int, ids):
+            if i < 256:
+                chunk.append(i)
+                continue
+            if i not in names:
+                raise ValueError(f"Invalid token id {i}: the byte tokenizer has ids 0..{self.vocab_size - 1}.")
+            out.append(chunk.decode("utf-8", errors="replace"))
+            chunk = bytearray()
+            if not skip_special_tokens:
+                out.append(names[i])
+        out.append(chunk.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+BYTE_VOCAB_SIZE = ByteTokenizer.vocab_size
+"""Vocabulary size of the built-in byte tokenizer (256 bytes + pad, bos, eos): 259."""
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer loaded from a local directory, behind the ``ByteTokenizer`` interface.
+
+    ``encode`` adds no special tokens (the packer frames documents itself). When the tokenizer has
+    no pad token, the eos token pads (labels of padding are -100 anyway); a tokenizer with neither
+    eos nor pad is rejected, since packed documents need a separator.
+    """
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoTokenizer
+
+        self.name = str(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = self.tokenizer
+        self.eos_token_id = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
+        if self.eos_token_id is None:
+            raise ValueError(f"Invalid tokenizer={str(path)!r}: it defines neither an eos nor a pad token.")
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_id
+        self.bos_token_id = tok.bos_token_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``."""
+        return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def load_tokenizer(tokenizer: str) -> ByteTokenizer | HFTokenizer:
+    """``"byte"`` -> the built-in ``ByteTokenizer``; otherwise a local directory holding a Hugging Face
+    tokenizer (``tokenizer.json`` / ``tokenizer_config.json``), loaded with ``local_files_only=True``.
+
+    Raises ``ValueError`` naming the value when it is neither ``"byte"`` nor an existing directory.
+    """
+    if not isinstance(tokenizer, str) or not tokenizer:
+        raise ValueError(
+            f"Invalid tokenizer={tokenizer!r}: expected 'byte' or the path of a local tokenizer directory."
+        )
+    if tokenizer == "byte":
+        return ByteTokenizer()
+    path = Path(tokenizer).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"Invalid tokenizer={tokenizer!r}: no such directory ({path.resolve()}); expected 'byte' "
+            "or a local directory saved with tokenizer.save_pretrained() (nothing is downloaded)."
+        )
+    try:
+        return HFTokenizer(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Invalid tokenizer={tokenizer!r}: could not load a tokenizer from it: {err}") from err
