@@ -1,0 +1,215 @@
+"""LowMemModule: a LightningModule whose optimizer and LR schedule are constructor arguments.
+
+A subclass writes ``forward`` and ``training_step`` (and ``validation_step`` if it wants) and calls
+``super().__init__(optimizer=..., lr=..., ...)``; ``configure_optimizers`` is done here:
+
+* the optimizer is built by name through :func:`lowmem_lightning.optim.build_optimizer`;
+* weight decay applies to matrices only: 1-D params (biases, LayerNorm/RMSNorm weights) and scalars
+  go to a second param group with ``weight_decay=0``; frozen params (``requires_grad=False``) are
+  left out, so they get no optimizer state;
+* an optional per-step schedule: linear warmup over ``warmup_steps`` optimizer steps, then constant
+  (``scheduler=None``) or cosine decay to ``min_lr_ratio * lr`` at the last step
+  (``scheduler="cosine"``, last step = ``trainer.estimated_stepping_batches``).
+
+Every argument is type-hinted and documented so LightningCLI / jsonargparse expose it in YAML and on
+the command line, and everything is validated in the constructor (``ValueError`` naming the argument,
+the value and what is allowed) before any model is trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import lightning as L
+import torch
+
+from lowmem_lightning.optim import available_optimizers, build_optimizer
+from lowmem_lightning.optim.validation import check_choice, check_lr, check_non_negative
+
+__all__ = ["LowMemModule", "SCHEDULERS", "decay_param_groups", "warmup_cosine_factor"]
+
+SCHEDULERS: tuple[str | None, ...] = (None, "cosine")
+"""Values accepted for ``LowMemModule(scheduler=...)``."""
+
+_RESERVED_KWARGS = ("params", "lr", "weight_decay")
+
+
+def validate_optimizer_args(
+    optimizer: str, lr: float | None, weight_decay: float | None, optimizer_kwargs: dict | None
+) -> dict:
+    """Check an optimizer choice the way LowMemModule and LowMemOptimizerCallback take it.
+
+    Returns ``optimizer_kwargs`` as a new dict (``{}`` for ``None``). Raises ``ValueError`` naming the
+    argument for an unknown name, a negative or non-finite ``lr``/``weight_decay``, an
+    ``optimizer_kwargs`` that is not a dict or repeats ``lr``/``weight_decay``/``params``, and any
+    hyperparameter the optimizer's own constructor rejects (it is built once over a 1-element dummy
+    tensor, which allocates no state).
+    """
+    if not isinstance(optimizer, str) or optimizer not in available_optimizers():
+        raise ValueError(
+            f"Invalid optimizer={optimizer!r}: expected one of {', '.join(available_optimizers())}."
+        )
+    check_lr(lr, "lr", allow_none=True)
+    if weight_decay is not None:
+        check_non_negative(weight_decay, "weight_decay")
+    if optimizer_kwargs is None:
+        optimizer_kwargs = {}
+    if not isinstance(optimizer_kwargs, dict):
+        raise ValueError(
+            f"Invalid optimizer_kwargs={optimizer_kwargs!r}: expected a dict of keyword arguments "
+            f"for {optimizer!r} or None."
+        )
+    clash = [key for key in _RESERVED_KWARGS if key in optimizer_kwargs]
+    if clash:
+        raise ValueError(
+            f"Invalid optimizer_kwargs={optimizer_kwargs!r}: {', '.join(clash)} must not be given there; "
+            "pass lr and weight_decay as their own arguments."
+        )
+    extra = {"lr": lr} if lr is not None else {}
+    if weight_decay is not None:
+        extra["weight_decay"] = weight_decay
+    dummy = torch.zeros(1, requires_grad=True)
+    try:
+        build_optimizer(optimizer, [dummy], **extra, **optimizer_kwargs)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"Invalid hyperparameters for optimizer={optimizer!r}: {err}") from err
+    return dict(optimizer_kwargs)
+
+
+def decay_param_groups(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float
+) -> list[dict]:
+    """Split trainable params into a decayed group (>= 2-D) and a no-decay group (biases, norms, scalars).
+
+    Params with ``requires_grad=False`` are skipped. Empty groups are dropped. Each group dict holds
+    ``params`` and ``weight_decay``.
+    """
+    decay: list[tuple[str, torch.Tensor]] = []
+    no_decay: list[tuple[str, torch.Tensor]] = []
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append((name, param))
+    groups = []
+    for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        if members:
+            groups.append({"params": [p for _, p in members], "weight_decay": wd})
+    return groups
+
+
+def warmup_cosine_factor(
+    warmup_steps: int, total_steps: int | None, min_lr_ratio: float
+) -> Callable[[int], float]:
+    """LR multiplier per optimizer step ``s`` (0-based), for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    * ``s < warmup_steps``: ``(s + 1) / (warmup_steps + 1)`` (linear ramp that never starts at 0);
+    * then, with ``total_steps=None``: ``1``;
+    * then, with ``total_steps=T``: ``r + (1 - r) * 0.5 * (1 + cos(pi * p))`` where ``r = min_lr_ratio``
+      and ``p = (s - warmup_steps) / max(1, T - 1 - warmup_steps)`` clamped to [0, 1], so the last
+      step (``s = T - 1``) runs at ``min_lr_ratio * lr``.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if total_steps is None:
+            return 1.0
+        progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class LowMemModule(L.LightningModule):
+    """LightningModule base class with a low-memory optimizer and an optional warmup+cosine schedule.
+
+    Subclass it, call ``super().__init__(...)`` with (some of) the arguments below, build your network,
+    and write ``forward``/``training_step``. ``configure_optimizers`` is provided. To record the
+    arguments in checkpoints (``load_from_checkpoint``), call ``self.save_hyperparameters()`` in your
+    subclass's ``__init__``.
+
+    Args:
+        optimizer: Registered optimizer name, e.g. ``adamw_8bit``, ``paged_adamw_8bit``, ``adafactor``,
+            ``came``, ``sgd``, ``adamw`` (see ``lowmem_lightning.optim.available_optimizers()``).
+        lr: Peak learning rate (reached after warmup).
+        weight_decay: Decoupled weight decay for params with 2 or more dims; biases, norm weights and
+            other 1-D params get 0.
+        optimizer_kwargs: Extra keyword arguments for the optimizer's constructor (e.g.
+            ``{"betas": [0.9, 0.95]}``); must not repeat ``lr`` or ``weight_decay``.
+        warmup_steps: Optimizer steps of linear LR warmup (0 = none).
+        scheduler: ``"cosine"`` for cosine decay after warmup down to ``min_lr_ratio * lr`` at the last
+            step (``trainer.estimated_stepping_batches``), or ``None`` for a constant LR after warmup.
+        min_lr_ratio: Final LR of the cosine schedule as a fraction of ``lr``, in [0, 1].
+    """
+
+    def __init__(
+        self,
+        optimizer: str = "adamw_8bit",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        optimizer_kwargs: dict | None = None,
+        warmup_steps: int = 0,
+        scheduler: str | None = None,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if lr is None:
+            raise ValueError(f"Invalid lr={lr!r}: expected a finite number >= 0.")
+        if weight_decay is None:
+            raise ValueError(f"Invalid weight_decay={weight_decay!r}: expected a finite number >= 0.")
+        kwargs = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"Invalid warmup_steps={warmup_steps!r}: expected an integer >= 0 (optimizer steps).")
+        check_choice(scheduler, SCHEDULERS, "scheduler")
+        if (
+            isinstance(min_lr_ratio, bool)
+            or not isinstance(min_lr_ratio, (int, float))
+            or not 0.0 <= min_lr_ratio <= 1.0
+        ):
+            raise ValueError(f"Invalid min_lr_ratio={min_lr_ratio!r}: expected a number in [0, 1].")
+        self.optimizer_name = optimizer
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.optimizer_kwargs = kwargs
+        self.warmup_steps = warmup_steps
+        self.scheduler_name = scheduler
+        self.min_lr_ratio = float(min_lr_ratio)
+
+    def param_groups(self) -> list[dict]:
+        """Param groups for the optimizer: decayed matrices and undecayed 1-D params (trainable only).
+
+        Override to add groups of your own (e.g. a different ``lr`` for a head); keep ``params`` and
+        ``weight_decay`` in each.
+        """
+        groups = decay_param_groups(self.named_parameters(), self.weight_decay)
+        if not groups:
+            raise ValueError(
+                f"{type(self).__name__} has no trainable parameters (every param has requires_grad=False); "
+                "there is nothing to optimize."
+            )
+        return groups
+
+    def _total_steps(self) -> int | None:
+        if self.scheduler_name != "cosine":
+            return None
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "scheduler='cosine' needs a finite number of optimizer steps: set the Trainer's "
+                "max_steps or max_epochs (trainer.estimated_stepping_batches is infinite)."
+            )
+        return int(total)
+
+    def configure_optimizers(self):
+        """Build the named optimizer over :meth:`param_groups`, plus a per-step LambdaLR when a
+        warmup or cosine schedule was asked for."""
+        optimizer = build_optimizer(
+            self.optimizer_name, self.param_groups(), lr=self.lr, weight_decay=self.weight_decay,
+            **self.optimizer_kwargs,
+        )
+        if self.warmup_steps == 0 and self.scheduler_name is None:
+            return optimizer
+        factor = warmup_cosine_factor(self.warmup_steps, self._total_steps(), self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
