@@ -1,0 +1,332 @@
+"""Convergence study: does a low-memory optimizer train as well as what it replaces?
+
+A small Llama (transformers, built from a config) is trained from scratch, byte-level, on a real corpus
+present on every machine: the Python standard library's own ``.py`` files. Every optimizer of ours
+runs beside the reference implementation of the same algorithm at matched settings (same model
+init, data order, LR schedule), over several seeds:
+
+=====================  ==========================================
+ours                   reference
+=====================  ==========================================
+adamw_8bit             torch AdamW (fp32) and bitsandbytes AdamW8bit
+paged_adamw_8bit       adamw_8bit (must be identical)
+adafactor (+int8 mom)  transformers Adafactor
+came (+int8 mom)       came_pytorch CAME (official)
+sgd (+int8 mom)        torch SGD
+=====================  ==========================================
+
+Then a QLoRA-style fine-tune: the model pretrained with fp32 AdamW is frozen in NF4 with LoRA on
+every projection and fine-tuned on held-out stdlib files with ``adamw`` vs ``adamw_8bit``.
+
+Reports final validation loss, its ratio to fp32 AdamW and to each algorithm's reference, as a
+markdown table (stdout and ``--out``/convergence.md), CSV rows appended to ``benchmarks/results.csv``
+and loss curves as a PNG.
+
+    python benchmarks/convergence.py --steps 300 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import math
+import os
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# (name, builder key, reference name for the ratio, kwargs)
+RUNS = [
+    ("adamw", "torch_adamw", None, {}),
+    ("adamw_8bit", "ours:adamw_8bit", "adamw", {}),
+    ("bnb_adamw_8bit", "bnb_adamw_8bit", "adamw", {}),
+    ("paged_adamw_8bit", "ours:paged_adamw_8bit", "adamw_8bit", {}),
+    ("hf_adafactor", "hf_adafactor", None, {}),
+    ("adafactor", "ours:adafactor", "hf_adafactor", {}),
+    ("hf_adafactor_beta1", "hf_adafactor", None, {"beta1": 0.9}),
+    ("adafactor_beta1", "ours:adafactor", "hf_adafactor_beta1", {"beta1": 0.9}),
+    ("adafactor_beta1_int8", "ours:adafactor", "adafactor_beta1", {"beta1": 0.9, "momentum_dtype": "int8"}),
+    ("came_pytorch", "came_pytorch", None, {}),
+    ("came", "ours:came", "came_pytorch", {}),
+    ("came_int8", "ours:came", "came", {"momentum_dtype": "int8"}),
+    ("torch_sgd", "torch_sgd", None, {"momentum": 0.9}),
+    ("sgd", "ours:sgd", "torch_sgd", {"momentum": 0.9}),
+    ("sgd_int8", "ours:sgd", "sgd", {"momentum": 0.9, "momentum_dtype": "int8"}),
+]
+
+LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "sgd": 0.3}
+"""Peak learning rate per algorithm family (same for ours and its reference)."""
+
+
+def family(builder: str) -> str:
+    key = builder.split(":")[-1]
+    for name in ("came", "adafactor", "sgd", "adamw"):
+        if name in key:
+            return name
+    raise ValueError(builder)
+
+
+# ----------------------------------------------------------------------------------------- data
+def stdlib_corpus(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bytes of the standard library's .py files: (train, val, finetune) uint8 tensors.
+
+    Files are sorted by path; every 10th file goes to validation, every 10th+5 to the fine-tune set.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    parts: dict[str, list[bytes]] = {"train": [], "val": [], "ft": []}
+    sizes = dict.fromkeys(parts, 0)
+    limits = {"train": max_bytes, "val": max_bytes // 8, "ft": max_bytes // 4}
+    for i, path in enumerate(files):
+        split = "val" if i % 10 == 0 else "ft" if i % 10 == 5 else "train"
+        if sizes[split] >= limits[split]:
+            continue
+        data = path.read_bytes()
+        parts[split].append(data)
+        sizes[split] += len(data)
+    return tuple(torch.frombuffer(bytearray(b"".join(parts[k])[: limits[k]]), dtype=torch.uint8).long()
+                 for k in ("train", "val", "ft"))
+
+
+def batches(tokens: torch.Tensor, batch: int, seq: int, steps: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, tokens.numel() - seq - 1, (batch,), generator=gen)
+        chunk = torch.stack([tokens[s : s + seq + 1] for s in starts.tolist()])
+        yield chunk[:, :-1], chunk[:, 1:]
+
+
+# ---------------------------------------------------------------------------------------- model
+def tiny_llama(seed: int, hidden: int, layers: int, seq: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 32 * 32, num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 32, 1), num_key_value_heads=max(hidden // 32, 1),
+        max_position_embeddings=seq, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def build(builder: str, params, lr: float, kwargs: dict):
+    """Build the optimizer for ``builder``; raises ImportError when a peer is not installed."""
+    if builder.startswith("ours:"):
+        from lowmem_lightning.optim import build_optimizer
+
+        name = builder.split(":", 1)[1]
+        if name == "adafactor":
+            kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **kwargs}
+        return build_optimizer(name, params, lr=lr, **kwargs)
+    if builder == "torch_adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if builder == "torch_sgd":
+        return torch.optim.SGD(params, lr=lr, **kwargs)
+    if builder == "bnb_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    if builder == "hf_adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, **kwargs)
+    if builder == "came_pytorch":
+        from came_pytorch import CAME
+
+        return CAME(params, lr=lr)
+    raise ValueError(builder)
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model, val: torch.Tensor, args) -> float:
+    model.eval()
+    fixed = batches(val, args.batch, args.seq, args.eval_batches, 1234)
+    losses = [model(input_ids=x, labels=x).loss.item() for x, _ in fixed]
+    model.train()
+    return statistics.fmean(losses)
+
+
+def train(model, opt, data: torch.Tensor, val: torch.Tensor, args, seed: int, peak: float) -> tuple[list[float], float]:
+    curve = []
+    for step, (x, _) in enumerate(batches(data, args.batch, args.seq, args.steps, seed)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, peak, args.warmup)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append(loss.item())
+    return curve, evaluate(model, val, args)
+
+
+# ------------------------------------------------------------------------------------- studies
+def pretraining_study(args, train_data, val_data):
+    results: dict[str, list[float]] = {}
+    curves: dict[str, list[float]] = {}
+    notes: dict[str, str] = {}
+    for name, builder, _, kwargs in RUNS:
+        if args.only and name not in args.only:
+            continue
+        for seed in args.seeds:
+            model = tiny_llama(seed, args.hidden, args.layers, args.seq)
+            try:
+                opt = build(builder, model.parameters(), LR[family(builder)], dict(kwargs))
+            except (ImportError, ValueError) as err:
+                notes[name] = f"not available: {type(err).__name__}: {err}"[:120]
+                break
+            start = time.perf_counter()
+            curve, val = train(model, opt, train_data, val_data, args, seed, LR[family(builder)])
+            results.setdefault(name, []).append(val)
+            curves.setdefault(name, curve)
+            print(f"{name:22s} seed {seed}: val loss {val:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return results, curves, notes
+
+
+def finetune_study(args, train_data, val_data, ft_data):
+    """Pretrain with fp32 AdamW, then NF4 + LoRA fine-tune with adamw vs adamw_8bit."""
+    from lowmem_lightning.optim import build_optimizer
+    from lowmem_lightning.quant import add_lora, quantize_model
+
+    ft_train, ft_val = ft_data[: int(ft_data.numel() * 0.9)], ft_data[int(ft_data.numel() * 0.9) :]
+    base = tiny_llama(0, args.hidden, args.layers, args.seq)
+    opt = torch.optim.AdamW(base.parameters(), lr=LR["adamw"], weight_decay=0.0)
+    train(base, opt, train_data, val_data, args, 0, LR["adamw"])
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    results = {}
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for name in ("adamw", "adamw_8bit"):
+        model = tiny_llama(0, args.hidden, args.layers, args.seq)
+        model.load_state_dict(state)
+        before = evaluate(model, ft_val, args)
+        model = add_lora(quantize_model(model), r=8, alpha=16, dropout=0.0, target_modules=targets)
+        params = [p for p in model.parameters() if p.requires_grad]
+        ft_opt = build_optimizer(name, params, lr=1e-3)
+        ft_args = argparse.Namespace(**{**vars(args), "steps": args.steps // 2})
+        _, after = train(model, ft_opt, ft_train, ft_val, ft_args, 0, 1e-3)
+        results[name] = (before, after)
+        print(f"NF4+LoRA fine-tune {name:12s}: val loss {before:.4f} -> {after:.4f}", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------- reporting
+def table(results, notes) -> str:
+    base = statistics.fmean(results["adamw"]) if "adamw" in results else float("nan")
+    refs = {name: ref for name, _, ref, _ in RUNS}
+    lines = [
+        "| optimizer | final val loss (mean ± sd) | vs fp32 AdamW | reference | vs reference |",
+        "|---|---|---|---|---|",
+    ]
+    for name, *_ in RUNS:
+        if name in notes and name not in results:
+            lines.append(f"| {name} | {notes[name]} | | | |")
+            continue
+        if name not in results:
+            continue
+        vals = results[name]
+        mean = statistics.fmean(vals)
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        ref = refs[name]
+        ref_ratio = f"{mean / statistics.fmean(results[ref]):.4f}x" if ref in results else "-"
+        lines.append(f"| {name} | {mean:.4f} ± {sd:.4f} | {mean / base:.4f}x | {ref or '-'} | {ref_ratio} |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, curve in curves.items():
+        k = max(1, len(curve) // 50)
+        smooth = [statistics.fmean(curve[i : i + k]) for i in range(0, len(curve) - k + 1, k)]
+        ax.plot([i * k for i in range(len(smooth))], smooth, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats/byte)")
+    ax.set_title("Tiny Llama on stdlib .py bytes, seed 0")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def device_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {os.cpu_count()} cores"
+
+
+def append_csv(results, args) -> None:
+    path = HERE / "results.csv"
+    header = ["date", "benchmark", "device", "torch", "optimizer", "metric", "value", "seeds", "steps"]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(header)
+        for name, vals in results.items():
+            row = [dt.date.today().isoformat(), "convergence", device_name(), torch.__version__, name, "val_loss",
+                   f"{statistics.fmean(vals):.5f}", len(vals), args.steps]
+            writer.writerow(row)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--eval-batches", type=int, default=20)
+    parser.add_argument("--corpus-bytes", type=int, default=4_000_000)
+    parser.add_argument("--only", type=lambda s: s.split(","), default=None, help="comma-separated run names")
+    parser.add_argument("--no-finetune", action="store_true")
+    parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--no-csv", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_data, val_data, ft_data = stdlib_corpus(args.corpus_bytes)
+    print(f"corpus: {train_data.numel():,} train / {val_data.numel():,} val / {ft_data.numel():,} fine-tune bytes "
+          f"from {sysconfig.get_paths()['stdlib']} (Python {sys.version.split()[0]})")
+    results, curves, notes = pretraining_study(args, train_data, val_data)
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    report = [f"# Convergence study ({dt.date.today().isoformat()}, {device_name()}, torch {torch.__version__})", "",
+              f"Command: `python benchmarks/convergence.py {command}`", "", table(results, notes)]
+    if not args.no_finetune:
+        ft = finetune_study(args, train_data, val_data, ft_data)
+        report += ["", "| NF4 + LoRA fine-tune | val loss before | after | vs adamw |", "|---|---|---|---|"]
+        for name, (before, after) in ft.items():
+            report.append(f"| {name} | {before:.4f} | {after:.4f} | {after / ft['adamw'][1]:.4f}x |")
+    text = "\n".join(report)
+    print(text)
+    (args.out / "convergence.md").write_text(text + "\n")
+    plot(curves, args.out / "convergence.png")
+    if not args.no_csv:
+        append_csv(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
