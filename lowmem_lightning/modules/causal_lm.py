@@ -1,0 +1,342 @@
+"""``CausalLMModule``: a Hugging Face causal LM (local checkpoint or architecture config), optionally
+NF4-quantized with LoRA adapters (QLoRA), trained with a low-memory optimizer.
+
+``build_causal_lm`` is the model factory shared with ``lowmem estimate``: it builds the same model the
+module trains, on the meta device when asked (no weights, exact parameter counts).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torchmetrics
+from torch import nn
+
+from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
+from lowmem_lightning.modules.base import LowMemModule
+
+__all__ = [
+    "CausalLMModule",
+    "build_causal_lm",
+    "make_config",
+    "validate_model_args",
+    "LLAMA_PROJECTIONS",
+    "QUANTIZE_CHOICES",
+    "DTYPES",
+]
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The seven linear projections of a Llama decoder layer: LoRA's default ``target_modules``."""
+
+QUANTIZE_CHOICES: tuple[str | None, ...] = (None, "nf4")
+"""Values accepted for ``quantize``."""
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+"""Names accepted for ``torch_dtype`` (``None`` means float32)."""
+
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LLAMA_PROJECTIONS}
+"""LoRA settings used for keys missing from the ``lora`` dict."""
+
+IGNORE_INDEX = -100
+
+
+def _resolve_dtype(torch_dtype: str | None) -> torch.dtype:
+    if torch_dtype is None:
+        return torch.float32
+    if torch_dtype not in DTYPES:
+        raise ValueError(f"Invalid torch_dtype={torch_dtype!r}: expected None or one of {', '.join(DTYPES)}.")
+    return DTYPES[torch_dtype]
+
+
+def _check_lora(lora: dict | None) -> dict | None:
+    """``lora`` with defaults filled in, or ``None``; ``ValueError`` naming the bad key."""
+    if lora is None:
+        return None
+    if not isinstance(lora, dict):
+        raise ValueError(f"Invalid lora={lora!r}: expected None (full fine-tune) or a dict with keys "
+                         f"{', '.join(LORA_DEFAULTS)}.")
+    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"Invalid lora={lora!r}: unknown key(s) {unknown}; allowed: {', '.join(LORA_DEFAULTS)}.")
+    out = {**LORA_DEFAULTS, **lora}
+    r, alpha, dropout, targets = out["r"], out["alpha"], out["dropout"], out["target_modules"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"Invalid lora['r']={r!r}: expected an integer >= 1 (adapter rank).")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"Invalid lora['alpha']={alpha!r}: expected a number > 0 (scale = alpha / r).")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"Invalid lora['dropout']={dropout!r}: expected a number in [0, 1).")
+    if isinstance(targets, str):
+        targets = [targets] if targets != "all-linear" else targets
+    if targets != "all-linear" and (
+        not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets)
+    ):
+        raise ValueError(f"Invalid lora['target_modules']={targets!r}: expected a non-empty list of module "
+                         "names (e.g. ['q_proj', 'v_proj']) or 'all-linear'.")
+    out["target_modules"] = targets if isinstance(targets, str) else list(targets)
+    return out
+
+
+def validate_model_args(
+    model_name_or_path: str | None,
+    config: dict | None,
+    quantize: str | None,
+    lora: dict | None,
+    torch_dtype: str | None = None,
+) -> dict | None:
+    """Check the model-defining arguments; returns ``lora`` with its defaults filled in.
+
+    Exactly one of ``model_name_or_path`` (an existing local directory) and ``config`` (a dict) must be
+    given; ``quantize`` is ``None`` or ``"nf4"``, and ``"nf4"`` needs ``lora`` (4-bit weights are frozen,
+    so adapters are what trains). Raises ``ValueError`` naming the argument.
+    """
+    if (model_name_or_path is None) == (config is None):
+        raise ValueError(
+            f"Invalid model_name_or_path={model_name_or_path!r}, config={config!r}: give exactly one, a local "
+            "checkpoint directory or an architecture dict (e.g. {'hidden_size': 64, ...} for a Llama)."
+        )
+    if model_name_or_path is not None:
+        if not isinstance(model_name_or_path, (str, Path)) or not Path(model_name_or_path).expanduser().is_dir():
+            raise ValueError(
+                f"Invalid model_name_or_path={model_name_or_path!r}: not an existing local directory "
+                "(config.json + weights, as written by save_pretrained; nothing is downloaded)."
+            )
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"Invalid config={config!r}: expected a dict of architecture settings.")
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"Invalid quantize={quantize!r}: expected None or 'nf4'.")
+    lora = _check_lora(lora)
+    if quantize is not None and lora is None:
+        raise ValueError(
+            f"Invalid quantize={quantize!r} with lora=None: 4-bit weights are frozen, so a quantized model "
+            "needs LoRA adapters to train; pass lora={'r': 16, ...} or quantize=None."
+        )
+    _resolve_dtype(torch_dtype)
+    return lora
+
+
+def make_config(config: dict, vocab_size: int | None = None):
+    """A transformers config from an architecture dict: ``model_type`` picks the family (default
+    ``"llama"``); a missing ``vocab_size`` becomes ``vocab_size`` (or the byte tokenizer's 259)."""
+    from transformers import AutoConfig
+
+    settings = dict(config)
+    model_type = settings.pop("model_type", "llama")
+    settings.setdefault("vocab_size", vocab_size or BYTE_VOCAB_SIZE)
+    try:
+        return AutoConfig.for_model(model_type, **settings)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Invalid config={config!r}: {err}") from err
+
+
+def _load_pretrained(path: str, quantize: str | None, dtype: torch.dtype) -> nn.Module:
+    if quantize == "nf4":
+        from lowmem_lightning.quant import load_pretrained_causal_lm
+
+        return load_pretrained_causal_lm(str(path), quantize="nf4", torch_dtype=dtype, skip=("lm_head",))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    return model.to(dtype)
+
+
+def build_causal_lm(
+    model_name_or_path: str | None = None,
+    config: dict | None = None,
+    quantize: str | None = None,
+    lora: dict | None = None,
+    device: str | torch.device | None = None,
+    torch_dtype: str | None = None,
+    vocab_size: int | None = None,
+) -> nn.Module:
+    """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
+
+    Args:
+        model_name_or_path: Local checkpoint directory (loaded, or only its ``config.json`` when
+            ``device="meta"``).
+        config: Architecture dict for a from-scratch model (see :func:`make_config`).
+        quantize: ``"nf4"``: every ``nn.Linear`` but ``lm_head`` becomes a frozen 4-bit ``Linear4bit``.
+        lora: ``{r, alpha, dropout, target_modules}``: wrap in a peft model with trainable adapters
+            (fp32); ``None`` leaves every weight trainable.
+        device: Where to create tensors; ``"meta"`` builds shapes only (no memory, no weights), which
+            is what ``lowmem estimate`` uses to count frozen and trainable parameters exactly.
+            ``None`` uses the current default device.
+        torch_dtype: Weight dtype name (``"bfloat16"``, ...); ``None`` = float32.
+        vocab_size: Used for a ``config`` without ``vocab_size`` (default: the byte tokenizer's 259).
+    """
+    lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
+    dtype = _resolve_dtype(torch_dtype)
+    if model_name_or_path is not None and str(device) != "meta":
+        model = _load_pretrained(model_name_or_path, quantize, dtype)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if config is not None:
+            cfg = make_config(config, vocab_size)
+        else:
+            cfg = AutoConfig.from_pretrained(str(model_name_or_path), local_files_only=True)
+        with torch.device(device) if device is not None else nullcontext():
+            model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+        if quantize == "nf4":
+            from lowmem_lightning.quant import quantize_model
+
+            model = quantize_model(model, skip=("lm_head",), block_size=64, double_quant=True)
+    if lora is not None:
+        from lowmem_lightning.quant import add_lora
+
+        model = add_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"],
+                         adapter_dtype=torch.float32)
+    return model
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing (non-reentrant, so frozen embeddings need no input grads)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.config.use_cache = False
+
+
+class CausalLMModule(LowMemModule):
+    """Train a Hugging Face causal LM: full fine-tune, LoRA, or QLoRA (NF4 base + LoRA), by arguments.
+
+    The model is built in ``configure_model`` (under the Trainer's device and precision context), so
+    constructing the module is cheap and validates everything first. Logs ``train_loss`` (per step,
+    progress bar), ``val_loss`` (mean over target tokens) and ``val_ppl`` (``exp(val_loss)``), with
+    torchmetrics aggregating across batches and devices. Batches are dicts with ``input_ids``,
+    ``labels`` (-100 = no loss) and ``attention_mask``, as ``TextDataModule`` makes them.
+
+    Args:
+        model_name_or_path: Local directory of a Hugging Face causal LM (config.json + safetensors).
+            Exactly one of this and ``config``.
+        config: Architecture dict for a from-scratch model, e.g. ``{"hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}`` (a Llama;
+            add ``model_type`` for another family). Without ``vocab_size`` it takes the datamodule's
+            (259 for the byte tokenizer).
+        quantize: ``"nf4"`` freezes every linear layer but ``lm_head`` as 4-bit NormalFloat (QLoRA);
+            needs ``lora``. ``None`` keeps full-precision weights.
+        lora: LoRA adapters ``{"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": [...]}`` (missing
+            keys take these defaults; targets default to the seven Llama projections). ``None`` trains
+            every weight (full fine-tune).
+        gradient_checkpointing: Recompute decoder-layer activations in backward (less memory, ~30%
+            more compute).
+        torch_dtype: Weight dtype: ``"float32"`` (default when None), ``"bfloat16"`` or ``"float16"``.
+            LoRA adapters stay float32.
+        save_dir: Directory to write at the end of fit: the LoRA adapter (``save_pretrained``), the
+            merged model when ``save_merged``, or the full model without LoRA; ``None`` writes nothing.
+        save_merged: With LoRA, merge the adapters into full-precision weights and save that model
+            instead of the adapter (the module keeps the merged model afterwards).
+        optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, scheduler, min_lr_ratio: see
+            ``LowMemModule``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        config: dict | None = None,
+        quantize: str | None = None,
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
+        torch_dtype: str | None = None,
+        save_dir: str | None = None,
+        save_merged: bool = False,
+        optimizer: str = "adamw_8bit",
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        optimizer_kwargs: dict | None = None,
+        warmup_steps: int = 0,
+        scheduler: str | None = None,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__(
+            optimizer=optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=optimizer_kwargs,
+            warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=min_lr_ratio,
+        )
+        self.lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
+        if not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"Invalid gradient_checkpointing={gradient_checkpointing!r}: expected True or False.")
+        if save_dir is not None and not isinstance(save_dir, (str, Path)):
+            raise ValueError(f"Invalid save_dir={save_dir!r}: expected a directory path or None.")
+        if not isinstance(save_merged, bool) or (save_merged and self.lora is None):
+            raise ValueError(f"Invalid save_merged={save_merged!r}: expected True or False, and True only with lora.")
+        self.save_hyperparameters()
+        self.model: nn.Module | None = None
+        self.val_loss = torchmetrics.MeanMetric()
+
+    # -- model -------------------------------------------------------------------------------------
+
+    def _datamodule_vocab(self) -> int | None:
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return getattr(datamodule, "vocab_size", None)
+
+    def configure_model(self) -> None:
+        """Build the model (once) on the Trainer's device; check the data's vocabulary fits it."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        data_vocab = self._datamodule_vocab()
+        self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
+                                     torch_dtype=hp.torch_dtype, vocab_size=data_vocab)
+        embeddings = self.model.get_input_embeddings().num_embeddings
+        if data_vocab is not None and data_vocab > embeddings:
+            raise ValueError(
+                f"Vocabulary mismatch: the datamodule's tokenizer has {data_vocab} token ids but the model "
+                f"embeds only {embeddings}; set config['vocab_size'] >= {data_vocab} (or leave it out to "
+                "take the tokenizer's) or use the tokenizer the checkpoint was trained with."
+            )
+        if hp.gradient_checkpointing:
+            _enable_checkpointing(self.model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None):
+        """The Hugging Face model's output (``.loss`` when ``labels`` are given, ``.logits``
+        ``[batch, seq_len, vocab]``)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Mean cross-entropy over the batch's target tokens; logged as ``train_loss``."""
+        loss = self(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate the loss weighted by target tokens, so ``val_loss`` is the per-token mean."""
+        loss = self(**batch).loss
+        n_targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        if n_targets > 0:
+            self.val_loss.update(loss.detach().float(), weight=n_targets.float())
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_loss`` and ``val_ppl = exp(val_loss)`` for the epoch, then reset."""
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_ppl", torch.exp(loss))
+        self.val_loss.reset()
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    def on_fit_end(self) -> None:
+        """Write the adapter / merged model / full model to ``save_dir`` (global rank 0 only)."""
+        save_dir = self.hparams.save_dir
+        if save_dir is None or not self.trainer.is_global_zero:
+            return
+        if self.lora is not None and self.hparams.save_merged:
+            self.model = self.model.merge_and_unload()
+        self.model.save_pretrained(str(save_dir))
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        if hasattr(getattr(tokenizer, "tokenizer", None), "save_pretrained"):
+            tokenizer.tokenizer.save_pretrained(str(save_dir))
