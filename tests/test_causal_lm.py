@@ -1,0 +1,164 @@
+"""CausalLMModule + TextDataModule end to end on the shipped sample data: full fine-tune, NF4 QLoRA
+on a tiny Llama, the meta-device builder used by ``lowmem estimate``, saving, and argument errors."""
+
+import lightning as L
+import pytest
+import torch
+
+from lowmem_lightning.data import TextDataModule
+from lowmem_lightning.modules.causal_lm import LLAMA_PROJECTIONS, CausalLMModule, build_causal_lm
+
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+class LossRecorder(L.Callback):
+    """Keeps the training loss of every step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def _fit(module, datamodule, steps, **trainer_kwargs):
+    recorder = LossRecorder()
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2, val_check_interval=steps,
+        num_sanity_val_steps=0, callbacks=[recorder], **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule)
+    return trainer, recorder.losses
+
+
+def _falls(losses, k=5, by=0.3):
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return last < first - by, (first, last)
+
+
+def _sample(seq_len=64, batch_size=8):
+    return TextDataModule("sample", seq_len=seq_len, batch_size=batch_size, val_fraction=0.02, seed=0)
+
+
+def test_full_finetune_trains_logs_and_saves(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module = CausalLMModule(config=TINY_LLAMA, optimizer="adamw", lr=3e-3, save_dir=str(tmp_path / "out"))
+    trainer, losses = _fit(module, _sample(), steps=30)
+    falls, means = _falls(losses)
+    assert len(losses) == 30 and falls, means
+    metrics = trainer.callback_metrics
+    assert {"train_loss", "val_loss", "val_ppl"} <= set(metrics)
+    assert torch.allclose(metrics["val_ppl"], metrics["val_loss"].exp())
+    assert module.model.get_input_embeddings().num_embeddings == 259  # the byte tokenizer's vocab
+    assert all(p.requires_grad for p in module.model.parameters())
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    for name, tensor in module.model.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
+
+
+def _has_quant_api():
+    try:
+        from lowmem_lightning.quant import add_lora, quantize_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_quant_api(), reason="lowmem_lightning.quant not landed yet")
+def test_qlora_tiny_llama_all_projections_loss_falls(tmp_path):
+    from lowmem_lightning.quant import Linear4bit
+
+    module = CausalLMModule(
+        config=TINY_LLAMA, quantize="nf4", lora={"r": 8, "alpha": 16, "target_modules": LLAMA_PROJECTIONS},
+        optimizer="adamw", lr=1e-2, save_dir=str(tmp_path / "adapter"),
+    )
+    datamodule = _sample()
+    trainer, losses = _fit(module, datamodule, steps=30)
+    falls, means = _falls(losses)
+    assert len(losses) == 30 and falls, means
+    model = module.model
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(wrapped) == 7 * TINY_LLAMA["num_hidden_layers"]
+    assert {n.rsplit(".", 2)[-2] for n in wrapped} == set(LLAMA_PROJECTIONS)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    h, i = TINY_LLAMA["hidden_size"], TINY_LLAMA["intermediate_size"]
+    kv = h // TINY_LLAMA["num_attention_heads"] * TINY_LLAMA["num_key_value_heads"]
+    per_layer = 8 * ((h + h) + (h + kv) * 2 + (h + h) + (h + i) * 2 + (i + h))
+    assert sum(p.numel() for p in trainable.values()) == per_layer * TINY_LLAMA["num_hidden_layers"]
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert {"train_loss", "val_loss", "val_ppl"} <= set(trainer.callback_metrics)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_meta_build_counts_params_without_memory():
+    meta = build_causal_lm(config=TINY_LLAMA, device="meta")
+    real = build_causal_lm(config=TINY_LLAMA)
+    assert all(p.is_meta for p in meta.parameters())
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(meta) == count(real) > 0
+    big = build_causal_lm(config={**TINY_LLAMA, "hidden_size": 4096, "intermediate_size": 11008,
+                                  "num_attention_heads": 32, "num_key_value_heads": 32,
+                                  "num_hidden_layers": 32, "vocab_size": 32000}, device="meta")
+    assert count(big) == 6_738_415_616  # Llama-2-7B
+
+
+def test_config_vocab_defaults_to_the_datamodule_and_mismatch_is_an_error(tmp_path):
+    (tmp_path / "d.txt").write_text("abc " * 300)
+    dm = TextDataModule(str(tmp_path / "d.txt"), seq_len=32, batch_size=2, val_fraction=0.0)
+    module = CausalLMModule(config=TINY_LLAMA, optimizer="adamw")
+    _fit(module, dm, steps=1)
+    assert module.model.config.vocab_size == 259
+    small = CausalLMModule(config={**TINY_LLAMA, "vocab_size": 100}, optimizer="adamw")
+    with pytest.raises(ValueError, match="Vocabulary mismatch: .* 259 token ids .* only 100"):
+        _fit(small, dm, steps=1)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = CausalLMModule(config=TINY_LLAMA, optimizer="adamw")
+    plain.configure_model()
+    ckpt = CausalLMModule(config=TINY_LLAMA, optimizer="adamw", gradient_checkpointing=True)
+    ckpt.configure_model()
+    ckpt.model.load_state_dict(plain.model.state_dict())
+    batch = {"input_ids": torch.randint(0, 259, (2, 16))}
+    batch["labels"] = batch["input_ids"].clone()
+    for module in (plain, ckpt):
+        module.train()
+        module(**batch).loss.backward()
+    assert ckpt.model.model.gradient_checkpointing
+    for (name, a), b in zip(plain.model.named_parameters(), ckpt.model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "give exactly one"),
+        ({"config": TINY_LLAMA, "model_name_or_path": "/x"}, "give exactly one"),
+        ({"model_name_or_path": "/no/such/model"}, "model_name_or_path='/no/such/model'"),
+        ({"config": TINY_LLAMA, "quantize": "int4"}, "quantize='int4'"),
+        ({"config": TINY_LLAMA, "quantize": "nf4"}, "needs LoRA adapters"),
+        ({"config": TINY_LLAMA, "lora": {"rank": 8}}, r"unknown key\(s\) \['rank'\]"),
+        ({"config": TINY_LLAMA, "lora": {"r": 0}}, r"lora\['r'\]=0"),
+        ({"config": TINY_LLAMA, "lora": {"dropout": 1.0}}, r"lora\['dropout'\]=1.0"),
+        ({"config": TINY_LLAMA, "lora": {"target_modules": []}}, r"lora\['target_modules'\]=\[\]"),
+        ({"config": TINY_LLAMA, "torch_dtype": "float8"}, "torch_dtype='float8'"),
+        ({"config": TINY_LLAMA, "save_merged": True}, "save_merged=True"),
+        ({"config": TINY_LLAMA, "optimizer": "adam_9bit"}, "optimizer='adam_9bit'"),
+        ({"config": "tiny"}, "config='tiny'"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, match):
+    kwargs.setdefault("optimizer", "adamw")
+    with pytest.raises(ValueError, match=match):
+        CausalLMModule(**kwargs)
