@@ -27,7 +27,7 @@ import torch
 from lowmem_lightning.optim import available_optimizers, build_optimizer
 from lowmem_lightning.optim.validation import check_choice, check_lr, check_non_negative
 
-__all__ = ["LowMemModule", "SCHEDULERS", "decay_param_groups", "warmup_cosine_factor"]
+__all__ = ["LowMemModule", "SCHEDULERS", "decay_param_groups", "validate_optimizer_args", "warmup_cosine_factor"]
 
 SCHEDULERS: tuple[str | None, ...] = (None, "cosine")
 """Values accepted for ``LowMemModule(scheduler=...)``."""
@@ -37,11 +37,12 @@ _RESERVED_KWARGS = ("params", "lr", "weight_decay")
 
 def validate_optimizer_args(
     optimizer: str, lr: float | None, weight_decay: float | None, optimizer_kwargs: dict | None
-) -> dict:
+) -> tuple[dict, dict]:
     """Check an optimizer choice the way LowMemModule and LowMemOptimizerCallback take it.
 
-    Returns ``optimizer_kwargs`` as a new dict (``{}`` for ``None``). Raises ``ValueError`` naming the
-    argument for an unknown name, a negative or non-finite ``lr``/``weight_decay``, an
+    Returns ``(optimizer_kwargs, defaults)``: the kwargs as a new dict (``{}`` for ``None``) and the
+    ``defaults`` dict the optimizer ends up with (its own defaults updated by the arguments).
+    Raises ``ValueError`` naming the argument for an unknown name, a negative or non-finite ``lr``/``weight_decay``, an
     ``optimizer_kwargs`` that is not a dict or repeats ``lr``/``weight_decay``/``params``, and any
     hyperparameter the optimizer's own constructor rejects (it is built once over a 1-element dummy
     tensor, which allocates no state).
@@ -71,10 +72,10 @@ def validate_optimizer_args(
         extra["weight_decay"] = weight_decay
     dummy = torch.zeros(1, requires_grad=True)
     try:
-        build_optimizer(optimizer, [dummy], **extra, **optimizer_kwargs)
+        probe = build_optimizer(optimizer, [dummy], **extra, **optimizer_kwargs)
     except (ValueError, TypeError) as err:
         raise ValueError(f"Invalid hyperparameters for optimizer={optimizer!r}: {err}") from err
-    return dict(optimizer_kwargs)
+    return dict(optimizer_kwargs), dict(probe.defaults)
 
 
 def decay_param_groups(
@@ -158,7 +159,7 @@ class LowMemModule(L.LightningModule):
             raise ValueError(f"Invalid lr={lr!r}: expected a finite number >= 0.")
         if weight_decay is None:
             raise ValueError(f"Invalid weight_decay={weight_decay!r}: expected a finite number >= 0.")
-        kwargs = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
+        kwargs, _ = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"Invalid warmup_steps={warmup_steps!r}: expected an integer >= 0 (optimizer steps).")
         check_choice(scheduler, SCHEDULERS, "scheduler")

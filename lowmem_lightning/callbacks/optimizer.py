@@ -1,0 +1,374 @@
+"""LowMemOptimizerCallback: put a low-memory optimizer into any Lightning project, and log its state.
+
+Add it to the Trainer; nothing in the LightningModule changes::
+
+    trainer = L.Trainer(callbacks=[LowMemOptimizerCallback("adamw_8bit", lr=3e-4)])
+
+How the swap works. Every strategy (single device, DDP, FSDP, DeepSpeed) gets its optimizers by
+calling the module's ``configure_optimizers`` from ``strategy.setup`` — after the model has been
+converted to the precision's dtype, moved to its device and wrapped (DDP), and before
+``on_fit_start``. So in ``setup("fit")``, which runs just before ``strategy.setup``, the callback wraps
+the module's ``configure_optimizers`` (on the instance only, undone in ``teardown``): the module's
+own method runs, and each optimizer it returned is rebuilt as the chosen one over the same param
+groups (trainable params only), with its LR schedulers retargeted (see
+:mod:`lowmem_lightning.callbacks.swap`). The strategy then sets up our optimizer exactly as it would
+have set up the original, and checkpoint restore (which comes after ``on_fit_start``) loads into it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lowmem_lightning.callbacks.report import adamw_fp32_state_bytes, format_summary, summary_dict, write_plot
+from lowmem_lightning.callbacks.swap import (
+    find_optimizers,
+    find_schedulers,
+    rebuild_param_groups,
+    replace_optimizers,
+    retarget_scheduler,
+)
+from lowmem_lightning.modules.base import validate_optimizer_args
+from lowmem_lightning.optim import build_optimizer, optimizer_class, state_memory
+
+__all__ = ["LowMemOptimizerCallback", "CONVERSIONS"]
+
+MIB = 2**20
+
+CONVERSIONS: frozenset[tuple[str, str]] = frozenset({("adamw", "adamw_8bit"), ("adamw", "paged_adamw_8bit")})
+"""``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load."""
+
+_PACKAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _SwappingConfigureOptimizers:
+    """Stands in for ``module.configure_optimizers`` during a fit: runs the original, then swaps."""
+
+    def __init__(self, callback: LowMemOptimizerCallback, module: L.LightningModule, previous):
+        self.callback = callback
+        self.module = module
+        self.previous = previous  # an instance attribute the module already had, else None
+
+    def original(self):
+        if self.previous is not None:
+            return self.previous()
+        return type(self.module).configure_optimizers(self.module)
+
+    def __call__(self):
+        return self.callback._swap(self.module, self.original())
+
+
+class LowMemOptimizerCallback(L.Callback):
+    """Replace the optimizers of any LightningModule with a low-memory one and log its state memory.
+
+    On fit, every optimizer the module's ``configure_optimizers`` returns is rebuilt as ``optimizer``
+    over the same param groups and per-group settings (``lr``, ``weight_decay``, customised keys),
+    trainable params only (frozen params get no state). LR schedulers keep working and drive the new
+    optimizer; with ``lr`` set, every group's LR and every scheduler's base LR are rescaled so that
+    ``lr`` is the new base. A module whose ``configure_optimizers`` returns ``None`` gets one optimizer
+    over all its trainable params.
+
+    At every optimizer step it measures :func:`~lowmem_lightning.optim.state_memory` and logs, through
+    the Trainer's loggers and at the Trainer's ``log_every_n_steps``, the maximum since the last logged
+    step of: ``optim/state_MiB`` (also on the progress bar), ``optim/state_bytes_per_param``; for paged
+    optimizers ``optim/state_MiB_device`` and ``optim/state_MiB_host``; on CUDA
+    ``memory/allocated_MiB`` and ``memory/max_allocated_MiB``; and, when the optimizer computes its
+    step size (Adafactor, CAME), ``optim/effective_lr``; at logged steps also ``optim/skipped_updates``
+    (tensor updates skipped for inf/NaN gradients). At the end of fit it prints a summary (state
+    memory, bytes/param, saving vs fp32 AdamW on the same params; also in :attr:`summary`) and writes
+    ``state_memory.png`` into the log dir when matplotlib is installed.
+
+    Checkpoints carry the optimizers' (quantized) states; resuming with a different optimizer than
+    the checkpoint's raises ``ValueError`` before any step, unless the new optimizer converts that
+    state (fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``).
+
+    Args:
+        optimizer: Registered optimizer name (``lowmem_lightning.optim.available_optimizers()``).
+        lr: New base learning rate; ``None`` keeps the module's.
+        weight_decay: Weight decay for every param group (groups the module left at 0 while others
+            decay stay at 0); ``None`` keeps the module's per-group values.
+        optimizer_kwargs: Extra constructor arguments for the optimizer, e.g. ``{"betas": [0.9, 0.95]}``;
+            they override per-group values. Must not repeat ``lr`` or ``weight_decay``.
+        log_state_memory: Log the per-step metrics above.
+        plot: Write ``state_memory.png`` (state MiB and loss per step) into the log dir at the end of fit.
+        print_summary: Print the end-of-fit summary (rank 0).
+    """
+
+    def __init__(
+        self,
+        optimizer: str = "adamw_8bit",
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        optimizer_kwargs: dict | None = None,
+        log_state_memory: bool = True,
+        plot: bool = True,
+        print_summary: bool = True,
+    ) -> None:
+        kwargs, defaults = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
+        self.optimizer_name = optimizer
+        self.lr = None if lr is None else float(lr)
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
+        self.optimizer_kwargs = kwargs
+        self.log_state_memory = bool(log_state_memory)
+        self.plot = bool(plot)
+        self.print_summary = bool(print_summary)
+        self._defaults = defaults
+        self.optimizers: list[torch.optim.Optimizer] = []
+        """The optimizers built for the current (or last) fit."""
+        self.summary: dict | None = None
+        """End-of-fit numbers (MiB, bytes/param, saving vs fp32 AdamW); ``None`` before a fit ends."""
+        self._patched: tuple[L.LightningModule, object] | None = None
+        self._reset_history()
+
+    # ------------------------------------------------------------------ swap
+    def _explicit_kwargs(self) -> dict:
+        extra = dict(self.optimizer_kwargs)
+        if self.lr is not None:
+            extra["lr"] = self.lr
+        if self.weight_decay is not None:
+            extra["weight_decay"] = self.weight_decay
+        return extra
+
+    def _check_dtypes(self, trainer: L.Trainer | None, params: list[torch.Tensor]) -> None:
+        cls = optimizer_class(self.optimizer_name)
+        if not cls.__module__.startswith("lowmem_lightning."):
+            return
+        allowed = tuple(getattr(cls, "supported_dtypes", _PACKAGE_DTYPES))
+        bad = sorted({str(p.dtype) for p in params if p.dtype not in allowed})
+        if bad:
+            precision = getattr(trainer, "precision", None) if trainer is not None else None
+            raise ValueError(
+                f"Invalid optimizer={self.optimizer_name!r} for precision={precision!r}: it gives {', '.join(bad)} "
+                f"params, and {cls.__name__} updates only {', '.join(str(d) for d in allowed)} params. Use "
+                "precision '32-true', 'bf16-mixed', '16-mixed', 'bf16-true' or '16-true'."
+            )
+
+    def _build(self, trainer, groups) -> torch.optim.Optimizer:
+        params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        if not params:
+            raise ValueError(
+                f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}): the module has no trainable "
+                "parameters (requires_grad=True); there is nothing to optimize."
+            )
+        self._check_dtypes(trainer, params)
+        return build_optimizer(self.optimizer_name, groups, **self._explicit_kwargs())
+
+    def _swap(self, module: L.LightningModule, config):
+        """Rebuild every optimizer in ``config`` (a ``configure_optimizers`` result) and retarget its
+        schedulers; returns a config of the same shape."""
+        trainer = module._trainer
+        olds = find_optimizers(config)
+        if not olds:
+            new = self._build(trainer, [p for p in module.parameters() if p.requires_grad])
+            self.optimizers = [new]
+            return new
+        mapping, ratios = {}, {}
+        for old in olds:
+            groups, group_ratios = rebuild_param_groups(
+                old, self._defaults, lr=self.lr, weight_decay=self.weight_decay,
+                fixed_keys=frozenset(self.optimizer_kwargs),
+            )
+            mapping[id(old)] = self._build(trainer, groups)
+            ratios[id(old)] = group_ratios
+        for scheduler in find_schedulers(config):
+            key = id(scheduler.optimizer)
+            if key in mapping:
+                retarget_scheduler(scheduler, mapping[key], ratios[key])
+        self.optimizers = list(mapping.values())
+        return replace_optimizers(config, mapping)
+
+    def _patch(self, module: L.LightningModule) -> None:
+        self._unpatch()
+        previous = module.__dict__.get("configure_optimizers")
+        module.configure_optimizers = _SwappingConfigureOptimizers(self, module, previous)
+        self._patched = (module, previous)
+
+    def _unpatch(self) -> None:
+        if self._patched is None:
+            return
+        module, previous = self._patched
+        if previous is None:
+            module.__dict__.pop("configure_optimizers", None)
+        else:
+            module.configure_optimizers = previous
+        self._patched = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Wrap ``configure_optimizers`` for this fit (the strategy calls it next)."""
+        if stage == "fit":
+            self.optimizers = []
+            self.summary = None
+            self._patch(pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Give the module its own ``configure_optimizers`` back."""
+        self._unpatch()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Undo the wrap when fit fails (Lightning skips ``teardown`` then)."""
+        self._unpatch()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Check the strategy built its optimizers through the module (so they are ours)."""
+        if not self.optimizers:
+            raise RuntimeError(
+                f"LowMemOptimizerCallback: the strategy {type(trainer.strategy).__name__} set up its optimizers "
+                "without calling the module's configure_optimizers, so the optimizer could not be replaced."
+            )
+        self._reset_history()
+        self._last_global_step = trainer.global_step
+
+    # ------------------------------------------------------------------ logging
+    def _reset_history(self) -> None:
+        self._peak: dict[str, float] = {}
+        self._steps: list[int] = []
+        self._state_mib: list[float] = []
+        self._losses: list[float | None] = []
+        self._pending_losses: list[tuple[int, torch.Tensor]] = []
+        self._max_state_bytes = 0
+        self._last_global_step = -1
+
+    def measure(self) -> dict[str, float]:
+        """Current metrics of the built optimizers (state memory summed over them), as logged per step."""
+        memories = [state_memory(opt) for opt in self.optimizers]
+        total = sum(m.total_bytes for m in memories)
+        num_params = sum(m.num_params for m in memories)
+        self._max_state_bytes = max(self._max_state_bytes, total)
+        metrics = {
+            "optim/state_MiB": total / MIB,
+            "optim/state_bytes_per_param": total / num_params if num_params else 0.0,
+        }
+        if any(getattr(opt, "is_paged", False) for opt in self.optimizers):
+            metrics["optim/state_MiB_device"] = sum(m.device_bytes for m in memories) / MIB
+            metrics["optim/state_MiB_host"] = sum(m.host_bytes for m in memories) / MIB
+        effective = [g["effective_lr"] for opt in self.optimizers for g in opt.param_groups if "effective_lr" in g]
+        if effective:
+            metrics["optim/effective_lr"] = float(max(effective))
+        device = self._device()
+        if device is not None and device.type == "cuda":
+            metrics["memory/allocated_MiB"] = torch.cuda.memory_allocated(device) / MIB
+            metrics["memory/max_allocated_MiB"] = torch.cuda.max_memory_allocated(device) / MIB
+        return metrics
+
+    def _device(self) -> torch.device | None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    return param.device
+        return None
+
+    @staticmethod
+    def _will_log(trainer: L.Trainer) -> bool:
+        connector = getattr(trainer, "_logger_connector", None)
+        try:
+            return bool(connector.should_update_logs)
+        except Exception:  # noqa: BLE001 - private API moved: log every n optimizer steps
+            return trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
+
+    def _record_loss(self, trainer: L.Trainer, outputs) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            if trainer.lightning_module.automatic_optimization:
+                loss = loss.detach() * trainer.accumulate_grad_batches  # Lightning divides it for backward
+            self._pending_losses.append((len(self._losses), loss.detach().float().reshape(())))
+        self._losses.append(None)
+        if len(self._pending_losses) >= 64:
+            self._flush_losses()
+
+    def _flush_losses(self) -> None:
+        """Copy recorded losses to the host with one transfer (no sync per step)."""
+        if not self._pending_losses:
+            return
+        values = torch.stack([loss for _, loss in self._pending_losses]).cpu().tolist()
+        for (index, _), value in zip(self._pending_losses, values):
+            self._losses[index] = value if math.isfinite(value) else None
+        self._pending_losses = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        """After an optimizer step: measure, keep the max since the last logged step, log it."""
+        if trainer.global_step == self._last_global_step:
+            return  # accumulating gradients: no optimizer step in this batch
+        self._last_global_step = trainer.global_step
+        metrics = self.measure()
+        self._steps.append(trainer.global_step)
+        self._state_mib.append(metrics["optim/state_MiB"])
+        self._record_loss(trainer, outputs)
+        if not self.log_state_memory:
+            return
+        for key, value in metrics.items():
+            self._peak[key] = max(self._peak.get(key, value), value)
+        will_log = self._will_log(trainer)
+        for key, value in self._peak.items():
+            pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == "optim/state_MiB",
+                          logger=True, batch_size=1)
+        if will_log:
+            skipped = [opt.skipped_updates for opt in self.optimizers if hasattr(opt, "skipped_updates")]
+            if skipped:
+                pl_module.log("optim/skipped_updates", float(sum(skipped)), on_step=True, on_epoch=False,
+                              logger=True, batch_size=1)
+            self._peak = {}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Summary (state memory, bytes/param, saving vs fp32 AdamW) and the PNG, on rank 0."""
+        if not self.optimizers:
+            return
+        self._flush_losses()
+        memories = [state_memory(opt) for opt in self.optimizers]
+        total = type(memories[0])(
+            sum(m.total_bytes for m in memories), sum(m.device_bytes for m in memories),
+            sum(m.host_bytes for m in memories), sum(m.num_params for m in memories),
+        )
+        peak = max(self._max_state_bytes, total.total_bytes)
+        self.summary = summary_dict(
+            self.optimizer_name, total, peak, adamw_fp32_state_bytes(self.optimizers), len(self._steps)
+        )
+        plot_path = None
+        if self.plot and trainer.is_global_zero and trainer.log_dir:
+            plot_path = write_plot(f"{trainer.log_dir}/state_memory.png", self._steps, self._state_mib, self._losses)
+        self.summary["plot"] = plot_path
+        if self.print_summary:
+            rank_zero_info(format_summary(self.summary, plot_path))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """What goes into checkpoints: the optimizer name and classes, to check a resume against."""
+        return {
+            "optimizer": self.optimizer_name,
+            "classes": [f"{type(o).__module__}.{type(o).__qualname__}" for o in self.optimizers],
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Refuse (``ValueError``, before any step) to resume from a checkpoint of another optimizer,
+        unless this one converts its state."""
+        saved = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        name = saved.get("optimizer") if isinstance(saved, dict) else _infer_optimizer(checkpoint)
+        if name is None or name == self.optimizer_name:
+            return
+        if (name, self.optimizer_name) in CONVERSIONS:
+            rank_zero_info(
+                f"LowMemOptimizerCallback: converting the checkpoint's {name!r} optimizer state to "
+                f"{self.optimizer_name!r}."
+            )
+            return
+        raise ValueError(
+            f"Cannot resume: the checkpoint was trained with optimizer {name!r}, but "
+            f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) was given and cannot read its state. "
+            f"Resume with optimizer={name!r}, or load only the weights (e.g. "
+            "Module.load_from_checkpoint(path) and a new fit without ckpt_path) to switch optimizers."
+        )
+
+
+def _infer_optimizer(checkpoint: dict) -> str | None:
+    """``"adamw"`` when the checkpoint's optimizer states look like torch Adam/AdamW, else ``None``."""
+    states = checkpoint.get("optimizer_states") or []
+    keys = set()
+    for state in states:
+        for per_param in (state.get("state") or {}).values():
+            keys |= set(per_param)
+    if keys and {"exp_avg", "exp_avg_sq", "step"} <= keys <= {"exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"}:
+        return "adamw"
+    return None
