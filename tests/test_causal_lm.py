@@ -123,6 +123,27 @@ def test_config_vocab_defaults_to_the_datamodule_and_mismatch_is_an_error(tmp_pa
         _fit(small, dm, steps=1)
 
 
+def test_lightning_checkpoint_round_trip(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[EOS]", *"abcdefghij"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(
+        tmp_path / "tok")
+    (tmp_path / "d.txt").write_text(" ".join("abcdefghij"[i % 7] for i in range(400)))
+    dm = TextDataModule(str(tmp_path / "d.txt"), tokenizer=str(tmp_path / "tok"), seq_len=16, batch_size=2,
+                        val_fraction=0.0)
+    module = CausalLMModule(config=TINY_LLAMA, optimizer="adamw")
+    trainer, _ = _fit(module, dm, steps=2)
+    assert module.model.config.vocab_size == 12  # taken from the tokenizer
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    restored = CausalLMModule.load_from_checkpoint(tmp_path / "last.ckpt")
+    for (name, a), b in zip(module.model.state_dict().items(), restored.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = CausalLMModule(config=TINY_LLAMA, optimizer="adamw")

@@ -287,6 +287,9 @@ class CausalLMModule(LowMemModule):
         data_vocab = self._datamodule_vocab()
         self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
                                      torch_dtype=hp.torch_dtype, vocab_size=data_vocab)
+        if hp.config is not None and "vocab_size" not in hp.config:
+            # Record the vocabulary the model got, so load_from_checkpoint rebuilds the same shapes.
+            hp.config = {**hp.config, "vocab_size": self.model.config.vocab_size}
         embeddings = self.model.get_input_embeddings().num_embeddings
         if data_vocab is not None and data_vocab > embeddings:
             raise ValueError(
