@@ -1,0 +1,465 @@
+"""4-bit NormalFloat (NF4) weights with double-quantized block scales (Dettmers et al., QLoRA, 2023).
+
+**The code.** NF4 has 16 values, built as in the QLoRA paper: 8 quantiles of N(0, 1) on the positive
+side and 7 on the negative side, taken at evenly spaced probabilities between ``0.5`` and
+``delta = 1 - (1/(2*15) + 1/(2*16)) / 2`` (so the code is asymmetric with an exact zero), each side
+normalized by its largest quantile so the values span [-1, 1]. ``nf4_code_values()`` derives them
+(``torch.special.ndtri`` in float64); the tests check them against the table published in the paper.
+
+**Quantizing a weight** of ``n`` elements (flattened, row-major) with block size ``B`` (64):
+
+1. ``absmax[b] = max |w|`` over each block of ``B`` consecutive elements (fp32).
+2. Double quantization (paper, section 3): ``mean = absmax.mean()``; ``d = absmax - mean`` is cut into
+   groups of 256 scales; each group stores an fp32 step ``step = max|d| / 127`` and one int8 per
+   scale, ``q = round_half_away(d / step)``. The scale used to decode block ``b`` is
+   ``scale[b] = q[b] * step[b // 256] + mean``. Without double quantization ``scale = absmax``.
+3. Each weight gets the index of the nearest code value to ``w / scale[b]`` (counting the 15
+   midpoints between neighbouring values that it exceeds). The codes are chosen against the
+   *decoded* scale, so the 8-bit scale error is partly absorbed by the 4-bit choice.
+4. Two codes per byte: element ``2i`` in the high nibble, element ``2i + 1`` in the low nibble.
+
+Decoding is ``w = NF4[code] * scale[b]``. Storage per weight with ``B = 64`` and double quantization:
+``0.5 + 1/64 + 4/(64*256)`` bytes, plus 4 bytes per tensor = ~0.5159 bytes/param
+(``nf4_storage_bytes``).
+
+**Exactness contract.** The Triton kernels and the PyTorch reference perform the same fp32 operations
+in the same order (correctly rounded division via ``tl.div_rn``, FMA contraction disabled by the
+launchers), so both store identical codes and decode identical values. The mean of the absmax is
+taken by ``torch.mean`` on both paths.
+
+This file holds, in order: the Triton kernels, the PyTorch reference, the launchers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+
+__all__ = [
+    "NF4Weight",
+    "BLOCK_SIZES",
+    "SCALE_BLOCK",
+    "nf4_code_values",
+    "nf4_code",
+    "nf4_storage_bytes",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "nf4_matmul",
+    "quantize_nf4_reference",
+    "dequantize_nf4_reference",
+]
+
+BLOCK_SIZES = (32, 64, 128, 256)
+"""Supported weight block sizes (elements per fp32/8-bit scale); QLoRA uses 64."""
+
+SCALE_BLOCK = 256
+"""Block scales per second-level (fp32) step in double quantization, as in the paper."""
+
+_ABSMAX_TILE = 4096  # elements per program of the absmax kernel
+_PAIR_TILE = 1024  # bytes (= 2 weights each) per program of the pack / unpack kernels
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nf4_absmax_kernel(x_ptr, absmax_ptr, n, num_blocks, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
+    """absmax[b] = max |x| over block b; one program covers GROUPS blocks of BLOCK elements."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * GROUPS + tl.arange(0, GROUPS)  # block ids
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(absmax_ptr + rows, tl.max(tl.abs(x), axis=1), mask=rows < num_blocks)
+
+
+@triton.jit
+def _nf4_scale_quantize_kernel(absmax_ptr, mean_ptr, qscale_ptr, step_ptr, num_blocks, SBLOCK: tl.constexpr):
+    """Double quantization: int8 codes of ``absmax - mean`` per group of SBLOCK scales, fp32 step."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
+    mask = offs < num_blocks
+    mean = tl.load(mean_ptr)
+    d = tl.where(mask, tl.load(absmax_ptr + offs, mask=mask, other=0.0) - mean, 0.0)
+    step = tl.div_rn(tl.max(tl.abs(d), axis=0), 127.0)
+    r = tl.div_rn(d, tl.where(step > 0.0, step, 1.0))
+    q = tl.minimum(tl.floor(tl.abs(r) + 0.5), 127.0)
+    q = tl.where(r < 0.0, -q, q)
+    tl.store(qscale_ptr + offs, q.to(tl.int8), mask=mask)
+    tl.store(step_ptr + pid, step)
+
+
+@triton.jit
+def _nf4_block_scale(block, mask, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DOUBLE: tl.constexpr):
+    """Decoded fp32 scale of each weight's block: q * step + mean (double) or the stored absmax."""
+    if DOUBLE:
+        q = tl.load(qscale_ptr + block, mask=mask, other=0).to(tl.float32)
+        step = tl.load(step_ptr + block // 256, mask=mask, other=0.0)  # 256 == SCALE_BLOCK
+        scale = q * step + tl.load(mean_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _nf4_encode(x, scale, mids):
+    """Index of the nearest NF4 value to x / scale: how many of the 15 midpoints it exceeds."""
+    r = tl.div_rn(x, tl.where(scale != 0.0, scale, 1.0))
+    return tl.sum((r[:, None] > mids[None, :]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _cast_rne(v, dtype: tl.constexpr):
+    """fp32 -> ``dtype`` rounding to nearest even, as torch does. bf16 is rounded on the integer bits
+    (the interpreter's own fp32->bf16 cast truncates; on the GPU both ways give the same bits)."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = v.to(dtype)
+    return out
+
+
+@triton.jit
+def _nf4_pack_kernel(
+    x_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, mid_ptr, packed_ptr, n, block_size,
+    DOUBLE: tl.constexpr, TILE: tl.constexpr,
+):
+    """Write one byte per pair of weights: code(x[2i]) << 4 | code(x[2i+1])."""
+    pid = tl.program_id(0)
+    pairs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
+    even = pairs * 2
+    mask_e = even < n
+    mask_o = even + 1 < n
+    scale = _nf4_block_scale(even // block_size, mask_e, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DOUBLE)
+    mids = tl.load(mid_ptr + tl.arange(0, 16))  # 15 midpoints, then +inf
+    x_e = tl.load(x_ptr + even, mask=mask_e, other=0.0).to(tl.float32)
+    x_o = tl.load(x_ptr + even + 1, mask=mask_o, other=0.0).to(tl.float32)
+    byte = (_nf4_encode(x_e, scale, mids) << 4) | _nf4_encode(x_o, scale, mids)
+    tl.store(packed_ptr + pairs, byte.to(tl.uint8), mask=mask_e)
+
+
+@triton.jit
+def _nf4_unpack_kernel(
+    packed_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, code_ptr, out_ptr, n, block_size,
+    DOUBLE: tl.constexpr, TILE: tl.constexpr,
+):
+    """out[2i] = NF4[byte >> 4] * scale, out[2i+1] = NF4[byte & 15] * scale, cast to out's dtype."""
+    pid = tl.program_id(0)
+    pairs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
+    even = pairs * 2
+    mask_e = even < n
+    mask_o = even + 1 < n
+    scale = _nf4_block_scale(even // block_size, mask_e, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DOUBLE)
+    byte = tl.load(packed_ptr + pairs, mask=mask_e, other=0).to(tl.int32)
+    v_e = tl.load(code_ptr + (byte >> 4)) * scale
+    v_o = tl.load(code_ptr + (byte & 15)) * scale
+    tl.store(out_ptr + even, _cast_rne(v_e, out_ptr.dtype.element_ty), mask=mask_e)
+    tl.store(out_ptr + even + 1, _cast_rne(v_o, out_ptr.dtype.element_ty), mask=mask_o)
+
+
+_DTYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def _scale_signature() -> dict:
+    return {"absmax_ptr": "*fp32", "qscale_ptr": "*i8", "step_ptr": "*fp32", "mean_ptr": "*fp32"}
+
+
+def _aot_specs() -> list:
+    specs = []
+    for block in BLOCK_SIZES:
+        for ty in ("*bf16",) if block != 64 else ("*fp32", "*bf16", "*fp16"):
+            specs.append((
+                _nf4_absmax_kernel,
+                {"x_ptr": ty, "absmax_ptr": "*fp32", "n": "i64", "num_blocks": "i64"},
+                {"BLOCK": block, "GROUPS": _ABSMAX_TILE // block},
+            ))
+    specs.append((
+        _nf4_scale_quantize_kernel,
+        {"absmax_ptr": "*fp32", "mean_ptr": "*fp32", "qscale_ptr": "*i8", "step_ptr": "*fp32", "num_blocks": "i64"},
+        {"SBLOCK": SCALE_BLOCK},
+    ))
+    for double in (True, False):
+        for ty in ("*fp32", "*bf16", "*fp16") if double else ("*bf16",):
+            scales = _scale_signature()
+            specs.append((
+                _nf4_pack_kernel,
+                {"x_ptr": ty, **scales, "mid_ptr": "*fp32", "packed_ptr": "*u8", "n": "i64", "block_size": "i64"},
+                {"DOUBLE": double, "TILE": _PAIR_TILE},
+            ))
+            specs.append((
+                _nf4_unpack_kernel,
+                {"packed_ptr": "*u8", **scales, "code_ptr": "*fp32", "out_ptr": ty, "n": "i64", "block_size": "i64"},
+                {"DOUBLE": double, "TILE": _PAIR_TILE},
+            ))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
+"""(kernel, signature, constexprs) triples compiled ahead of time for sm_80 and sm_90 by the tests."""
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch reference (the specification, the CPU path and the test oracle)
+# --------------------------------------------------------------------------------------------------
+
+
+def nf4_code_values() -> torch.Tensor:
+    """Derive the 16 NF4 values (float64, ascending) from N(0, 1) quantiles, as in QLoRA.
+
+    ``delta = 1 - (1/30 + 1/32) / 2``; positive side ``ndtri(linspace(delta, 0.5, 9))[:8]``, negative
+    side ``-ndtri(linspace(delta, 0.5, 8))[:7]``, plus an exact 0, all divided by ``ndtri(delta)``.
+    """
+    delta = 1.0 - (1.0 / (2 * 15) + 1.0 / (2 * 16)) / 2.0
+    positive = torch.special.ndtri(torch.linspace(delta, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(delta, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    return values / values.abs().max()
+
+
+@functools.cache
+def _tables_cpu() -> tuple[torch.Tensor, torch.Tensor]:
+    values = nf4_code_values()
+    mids = torch.cat([(values[:-1] + values[1:]) / 2, torch.tensor([math.inf], dtype=torch.float64)])
+    return values.to(torch.float32), mids.to(torch.float32)
+
+
+@functools.cache
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    values, mids = _tables_cpu()
+    return values.to(device), mids.to(device)
+
+
+def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 values as fp32, ascending (index = stored 4-bit code)."""
+    return _tables(torch.device(device))[0]
+
+
+def nf4_storage_bytes(numel: int, block_size: int = 64, double_quant: bool = True) -> int:
+    """Bytes that ``quantize_nf4`` stores for a weight of ``numel`` elements (codes + all scales).
+
+    ``ceil(numel/2)`` code bytes, plus per block either one int8 (double quantization: plus 4 bytes
+    per 256 blocks and 4 bytes of mean) or one fp32 absmax.
+    """
+    _check_block_size(block_size)
+    blocks = -(-numel // block_size)
+    if double_quant:
+        return -(-numel // 2) + blocks + 4 * -(-blocks // SCALE_BLOCK) + 4
+    return -(-numel // 2) + 4 * blocks
+
+
+@dataclass
+class NF4Weight:
+    """A weight in NF4: packed codes and block scales, plus what is needed to rebuild it.
+
+    ``packed``: uint8, ``ceil(numel/2)`` bytes. With double quantization ``qscale`` (int8, one per
+    block), ``scale_step`` (fp32, one per 256 blocks) and ``scale_mean`` (fp32, one element) are set
+    and ``absmax`` is None; without it ``absmax`` (fp32, one per block) is set and the others are None.
+    ``shape`` and ``dtype`` are those of the original weight.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor | None
+    qscale: torch.Tensor | None
+    scale_step: torch.Tensor | None
+    scale_mean: torch.Tensor | None
+    shape: torch.Size
+    dtype: torch.dtype
+    block_size: int
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the block scales are themselves 8-bit quantized."""
+        return self.qscale is not None
+
+    @property
+    def numel(self) -> int:
+        """Number of weight elements."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored tensor (codes and scales)."""
+        tensors = (self.packed, self.absmax, self.qscale, self.scale_step, self.scale_mean)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    pad = (-flat.numel()) % block_size
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, block_size) if pad else flat.view(-1, block_size)
+
+
+def absmax_reference(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """fp32 max |x| of each block of ``block_size`` consecutive elements of flattened ``x``."""
+    return _blocks(x.detach().reshape(-1).to(torch.float32), block_size).abs().amax(dim=1)
+
+
+def scale_mean(absmax: torch.Tensor) -> torch.Tensor:
+    """Mean of the block scales as a one-element fp32 tensor (shared by the Triton and reference paths)."""
+    return absmax.mean(dtype=torch.float32).reshape(1)
+
+
+def quantize_scales_reference(absmax: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Double quantization of the block scales: ``(qscale int8 [nb], step fp32 [ceil(nb/256)])``."""
+    d = _blocks(absmax - mean, SCALE_BLOCK)  # (groups, 256), padding is 0
+    step = d.abs().amax(dim=1, keepdim=True) / 127.0
+    r = d / torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.floor(r.abs() + 0.5).clamp_(max=127.0)
+    q = torch.where(r < 0, -q, q)
+    return q.reshape(-1)[: absmax.numel()].to(torch.int8), step.reshape(-1)
+
+
+def block_scales_reference(w: NF4Weight) -> torch.Tensor:
+    """fp32 decoding scale of every block: ``q * step[b // 256] + mean``, or ``absmax``."""
+    if not w.double_quant:
+        return w.absmax
+    step = w.scale_step.repeat_interleave(SCALE_BLOCK)[: w.qscale.numel()]
+    return w.qscale.to(torch.float32) * step + w.scale_mean
+
+
+def encode_reference(x: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
+    """uint8 NF4 index (0..15, unpacked) of every element of flat fp32 ``x`` given per-block ``scale``."""
+    _, mids = _tables(x.device)
+    blocks = _blocks(x, block_size)  # (nb, B)
+    s = scale.reshape(-1, 1)
+    r = blocks / torch.where(s != 0, s, torch.ones_like(s))
+    codes = torch.searchsorted(mids[:15], r.reshape(-1).contiguous(), right=False)  # = #(mids < r)
+    return codes[: x.numel()].to(torch.uint8)
+
+
+def pack_reference(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, element 2i in the high nibble (odd length: last low nibble is 7 = 0.0)."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    pairs = codes.view(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def quantize_nf4_reference(x: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Reference NF4 quantization of ``x`` (any shape, any float dtype); see the module docstring."""
+    flat = x.detach().reshape(-1).to(torch.float32)
+    absmax = absmax_reference(flat, block_size)
+    w = NF4Weight(None, absmax, None, None, None, x.shape, x.dtype, block_size)
+    if double_quant:
+        w.scale_mean = scale_mean(absmax)
+        w.qscale, w.scale_step = quantize_scales_reference(absmax, w.scale_mean)
+        w.absmax = None
+    w.packed = pack_reference(encode_reference(flat, block_scales_reference(w), block_size))
+    return w
+
+
+def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reference decoding ``NF4[code] * scale[block]`` (fp32 math), reshaped to ``w.shape``, cast to ``dtype``."""
+    values, _ = _tables(w.packed.device)
+    codes = torch.stack([w.packed >> 4, w.packed & 15], dim=1).reshape(-1)[: w.numel].long()
+    blocks = _blocks(values[codes], w.block_size)
+    out = (blocks * block_scales_reference(w).reshape(-1, 1)).reshape(-1)[: w.numel]
+    return out.to(dtype or w.dtype).reshape(w.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"Invalid block_size={block_size!r}: expected one of {', '.join(map(str, BLOCK_SIZES))}.")
+
+
+def _check_float(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"Invalid {name}.dtype={x.dtype}: expected one of float32, bfloat16, float16.")
+    if x.numel() == 0:
+        raise ValueError(f"Invalid {name} with shape {tuple(x.shape)}: expected at least one element.")
+
+
+def _scale_args(w: NF4Weight) -> tuple:
+    dummy_f = w.absmax if w.absmax is not None else w.scale_step
+    dummy_q = w.qscale if w.qscale is not None else w.packed.view(torch.int8)
+    if w.double_quant:
+        return dummy_f, w.qscale, w.scale_step, w.scale_mean
+    return w.absmax, dummy_q, dummy_f, dummy_f
+
+
+def _quantize_triton(x: torch.Tensor, block_size: int, double_quant: bool) -> NF4Weight:
+    flat = x.detach().reshape(-1).contiguous()
+    n = flat.numel()
+    nb = -(-n // block_size)
+    absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
+    groups = _ABSMAX_TILE // block_size
+    _nf4_absmax_kernel[(triton.cdiv(nb, groups),)](
+        flat, absmax, n, nb, BLOCK=block_size, GROUPS=groups, enable_fp_fusion=False
+    )
+    w = NF4Weight(None, absmax, None, None, None, x.shape, x.dtype, block_size)
+    if double_quant:
+        w.scale_mean = scale_mean(absmax)
+        w.qscale = torch.empty(nb, dtype=torch.int8, device=x.device)
+        w.scale_step = torch.empty(triton.cdiv(nb, SCALE_BLOCK), dtype=torch.float32, device=x.device)
+        _nf4_scale_quantize_kernel[(w.scale_step.numel(),)](
+            absmax, w.scale_mean, w.qscale, w.scale_step, nb, SBLOCK=SCALE_BLOCK, enable_fp_fusion=False
+        )
+        w.absmax = None
+    w.packed = torch.empty(-(-n // 2), dtype=torch.uint8, device=x.device)
+    _, mids = _tables(x.device)
+    _nf4_pack_kernel[(triton.cdiv(w.packed.numel(), _PAIR_TILE),)](
+        flat, *_scale_args(w), mids, w.packed, n, block_size,
+        DOUBLE=double_quant, TILE=_PAIR_TILE, enable_fp_fusion=False,
+    )
+    return w
+
+
+def quantize_nf4(x: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize ``x`` (fp32 / bf16 / fp16, any shape) to NF4 on its own device.
+
+    Triton kernels on CUDA (``dispatch.use_triton``), the PyTorch reference elsewhere; both produce
+    identical codes. ``block_size``: elements per scale, one of ``BLOCK_SIZES``. Returns an
+    :class:`NF4Weight` of ~0.516 bytes per element (block 64, ``double_quant=True``).
+    """
+    _check_float(x, "x")
+    _check_block_size(block_size)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"Invalid double_quant={double_quant!r}: expected True or False.")
+    if use_triton(x):
+        return _quantize_triton(x, block_size, double_quant)
+    return quantize_nf4_reference(x, block_size, double_quant)
+
+
+def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode ``w`` to a dense tensor of ``w.shape`` in ``dtype`` (default: the original dtype).
+
+    Triton on CUDA (one launch), the PyTorch reference elsewhere; the math is fp32 and the values
+    are identical on both paths.
+    """
+    dtype = dtype or w.dtype
+    if dtype not in _DTYPES:
+        raise TypeError(f"Invalid dtype={dtype}: expected one of float32, bfloat16, float16.")
+    if not use_triton(w.packed):
+        return dequantize_nf4_reference(w, dtype)
+    n = w.numel
+    out = torch.empty(n, dtype=dtype, device=w.packed.device)
+    values, _ = _tables(w.packed.device)
+    _nf4_unpack_kernel[(triton.cdiv(w.packed.numel(), _PAIR_TILE),)](
+        w.packed, *_scale_args(w), values, out, n, w.block_size,
+        DOUBLE=w.double_quant, TILE=_PAIR_TILE, enable_fp_fusion=False,
+    )
+    return out.view(w.shape)
+
+
+def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` (out, in) decoded from NF4 in ``x.dtype``: dequantize, then matmul.
+
+    The dense weight is a temporary of ``out * in`` elements in ``x.dtype``, freed on return.
+    """
+    return torch.nn.functional.linear(x, dequantize_nf4(w, x.dtype), bias)
