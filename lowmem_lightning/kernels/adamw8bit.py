@@ -1,0 +1,451 @@
+"""Fused AdamW step with 8-bit block-wise quantized moments (Triton kernel, reference, launcher).
+
+Math (AdamW, Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019, with the
+semantics of ``torch.optim.AdamW``), all in fp32, for step ``t`` (already advanced)::
+
+    g   = grad * sign                      (sign = -1 when maximizing)
+    p   = p * (1 - lr * weight_decay)
+    m   = beta1 * m + (1 - beta1) * g
+    v   = beta2 * v + (1 - beta2) * g * g
+    p   = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+The moments are stored block-wise quantized (Dettmers et al., "8-bit Optimizers via Block-wise
+Quantization", ICLR 2022) with the companding code of :mod:`.codec`: ``m`` as int8 codes of the
+signed code, ``v`` as uint8 codes of the unsigned code, each with one fp32 absmax per block of 256
+elements. The parameter update uses the fp32 ``m, v`` *before* re-quantization; the new codes use a
+new absmax per block. Tensors under ``MIN_QUANTIZED_NUMEL`` elements keep fp32 ``m, v`` (same
+kernel, ``QUANTIZED=False``). bf16/fp16 params are written back with stochastic rounding
+(:mod:`.rounding`).
+
+``beta^t`` is computed by exponentiation by squaring on the integer step (24 fp32 multiplies, exact
+for ``t < 2**24``), the same operations in the kernel and the reference, so both agree bit for bit
+without a host sync: the step is a device tensor the kernel reads.
+
+A tensor whose ``flag`` is 0 (non-finite gradient) is left untouched: no param, code or absmax is
+written. Hyperparameters are runtime arguments (an LR schedule never recompiles).
+
+One launch covers many tensors: a table of int64 data pointers (one column per tensor) and a
+tile -> tensor map let each program find its tensor; tensors are grouped by (param dtype, grad
+dtype, quantized or not).
+
+File order: Triton kernel, PyTorch reference, launcher.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import (
+    BLOCK_SIZE,
+    decode_signed,
+    decode_unsigned,
+    dequantize_reference,
+    encode_signed,
+    encode_unsigned,
+    num_blocks,
+    quantize_reference,
+    sqrt_rn_reference,
+)
+from .dispatch import cpu_compiled, use_triton
+from .rounding import round_param_reference, store_param
+
+__all__ = [
+    "ROWS",
+    "adamw8bit_reference",
+    "adamw32_reference",
+    "hyperparameter_tensor",
+    "adamw8bit_update",
+]
+
+ROWS = 4
+"""Quantization blocks per Triton program (a tile of ROWS x BLOCK_SIZE elements)."""
+
+_POW_BITS = 24
+"""Bits of the step used by ``beta ** step`` (fp32 step counters are exact below 2**24)."""
+
+_NUM_FIELDS = 11
+"""Rows of the launch table: param, grad, m, m_absmax, v, v_absmax, step, flag, numel, first tile, seed."""
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _as_fp32(x):
+    """A runtime scalar as an fp32 value (the interpreter passes Python floats through unconverted)."""
+    return tl.zeros((), dtype=tl.float32) + x
+
+
+@triton.jit
+def _pow_by_squaring(base, step):
+    """``base ** step`` for an integer-valued fp32 ``step`` >= 0, by squaring (same ops as the reference)."""
+    e = step.to(tl.int32)
+    result = base * 0.0 + 1.0
+    for _ in tl.static_range(24):
+        result = tl.where((e & 1) != 0, result * base, result)
+        base = base * base
+        e = e >> 1
+    return result
+
+
+@triton.jit
+def _adamw8bit_kernel(
+    table_ptr,  # int64 (11, T): param, grad, m, m_absmax, v, v_absmax, step, flag pointers; numel, tile, seed
+    tile_owner_ptr,  # int32 (num_tiles,): tensor index of each program
+    T,  # number of tensors in the table
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    grad_sign,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    lr = _as_fp32(lr)
+    beta1 = _as_fp32(beta1)
+    beta2 = _as_fp32(beta2)
+    eps = _as_fp32(eps)
+    weight_decay = _as_fp32(weight_decay)
+    grad_sign = _as_fp32(grad_sign)
+    pid = tl.program_id(0)
+    t = tl.load(tile_owner_ptr + pid).to(tl.int64)
+    p_ptr = tl.load(table_ptr + 0 * T + t).to(tl.pointer_type(PARAM_DTYPE))
+    g_ptr = tl.load(table_ptr + 1 * T + t).to(tl.pointer_type(GRAD_DTYPE))
+    step_ptr = tl.load(table_ptr + 6 * T + t).to(tl.pointer_type(tl.float32))
+    flag_ptr = tl.load(table_ptr + 7 * T + t).to(tl.pointer_type(tl.float32))
+    n = tl.load(table_ptr + 8 * T + t)
+    first_tile = tl.load(table_ptr + 9 * T + t)
+    seed = tl.load(table_ptr + 10 * T + t)
+
+    rows = (pid - first_tile) * ROWS + tl.arange(0, ROWS)  # block index inside the tensor, (ROWS,)
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element index, (ROWS, BLOCK)
+    in_bounds = offs < n
+    row_in_bounds = rows * BLOCK < n
+    n_write = tl.where(tl.load(flag_ptr) != 0.0, n, 0)  # 0 when the gradient is not finite: write nothing
+    write = offs < n_write
+    row_write = rows * BLOCK < n_write
+
+    p = tl.load(p_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32) * grad_sign
+    if QUANTIZED:
+        m_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.int8))
+        m_abs_ptr = tl.load(table_ptr + 3 * T + t).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(table_ptr + 4 * T + t).to(tl.pointer_type(tl.uint8))
+        v_abs_ptr = tl.load(table_ptr + 5 * T + t).to(tl.pointer_type(tl.float32))
+        m_scale = tl.load(m_abs_ptr + rows, mask=row_in_bounds, other=0.0)
+        v_scale = tl.load(v_abs_ptr + rows, mask=row_in_bounds, other=0.0)
+        m = decode_signed(tl.load(m_ptr + offs, mask=in_bounds, other=0), m_scale[:, None])
+        v = decode_unsigned(tl.load(v_ptr + offs, mask=in_bounds, other=0), v_scale[:, None])
+    else:
+        m_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(table_ptr + 4 * T + t).to(tl.pointer_type(tl.float32))
+        m = tl.load(m_ptr + offs, mask=in_bounds, other=0.0)
+        v = tl.load(v_ptr + offs, mask=in_bounds, other=0.0)
+
+    step = tl.load(step_ptr)
+    step_size = tl.div_rn(lr, 1.0 - _pow_by_squaring(beta1, step))
+    bc2_sqrt = tl.sqrt_rn(1.0 - _pow_by_squaring(beta2, step))
+
+    p = p * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * (g * g)
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+    store_param(p_ptr, p, offs, write, seed, True)
+
+    if QUANTIZED:
+        m_max = tl.max(tl.abs(m), axis=1)  # (ROWS,)
+        v_max = tl.max(v, axis=1)
+        tl.store(m_ptr + offs, encode_signed(m, m_max[:, None]), mask=write)
+        tl.store(v_ptr + offs, encode_unsigned(v, v_max[:, None]), mask=write)
+        tl.store(m_abs_ptr + rows, m_max, mask=row_write)
+        tl.store(v_abs_ptr + rows, v_max, mask=row_write)
+    else:
+        tl.store(m_ptr + offs, m, mask=write)
+        tl.store(v_ptr + offs, v, mask=write)
+
+
+def _aot_spec(param_dtype, grad_dtype, quantized: bool):
+    signature = {"table_ptr": "*i64", "tile_owner_ptr": "*i32", "T": "i32"}
+    signature.update({name: "fp32" for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_sign")})
+    constexprs = {
+        "PARAM_DTYPE": param_dtype,
+        "GRAD_DTYPE": grad_dtype,
+        "QUANTIZED": quantized,
+        "ROWS": ROWS,
+        "BLOCK": BLOCK_SIZE,
+    }
+    return (_adamw8bit_kernel, signature, constexprs)
+
+
+_AOT_DTYPE_PAIRS = [
+    (tl.float32, tl.float32),
+    (tl.float32, tl.bfloat16),
+    (tl.float32, tl.float16),
+    (tl.bfloat16, tl.bfloat16),
+    (tl.bfloat16, tl.float32),
+    (tl.float16, tl.float16),
+    (tl.float16, tl.float32),
+]
+
+AOT_SPECS = [_aot_spec(p, g, q) for p, g in _AOT_DTYPE_PAIRS for q in (True, False)]
+"""(kernel, signature, constexprs) for every (param dtype, grad dtype, quantized) variant launched."""
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch reference (the specification, the CPU path and the test oracle)
+# --------------------------------------------------------------------------------------------------
+
+
+def hyperparameter_tensor(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool, device="cpu"
+) -> torch.Tensor:
+    """fp32 tensor ``[lr, beta1, beta2, eps, weight_decay, grad_sign]`` for the reference (no recompiles)."""
+    return torch.tensor(
+        [lr, beta1, beta2, eps, weight_decay, -1.0 if maximize else 1.0], dtype=torch.float32, device=device
+    )
+
+
+def _pow_by_squaring_reference(base: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    e = step.to(torch.int32)
+    result = base * 0.0 + 1.0
+    for _ in range(_POW_BITS):
+        result = torch.where((e & 1) != 0, result * base, result)
+        base = base * base
+        e = e >> 1
+    return result
+
+
+def _adamw_math(p, g, m, v, hp, step):
+    """fp32 AdamW update of flat tensors; returns the new ``(p, m, v)`` (the order of ops is the kernel's)."""
+    lr, beta1, beta2, eps, weight_decay, grad_sign = hp.unbind(0)
+    g = g * grad_sign
+    step_size = lr / (1.0 - _pow_by_squaring_reference(beta1, step))
+    bc2_sqrt = sqrt_rn_reference(1.0 - _pow_by_squaring_reference(beta2, step))
+    p = p * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * (g * g)
+    denom = sqrt_rn_reference(v) / bc2_sqrt + eps
+    p = p - step_size * (m / denom)
+    return p, m, v
+
+
+def _write_param(param, new_p, ok, seed):
+    flat = param.view(-1)
+    rounded = round_param_reference(new_p, param.dtype, seed, True, torch.arange(flat.numel(), device=flat.device))
+    flat.copy_(torch.where(ok, rounded, flat))
+
+
+def adamw8bit_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_codes: torch.Tensor,
+    exp_avg_absmax: torch.Tensor,
+    exp_avg_sq_codes: torch.Tensor,
+    exp_avg_sq_absmax: torch.Tensor,
+    step: torch.Tensor,
+    flag: torch.Tensor,
+    hp: torch.Tensor,
+    seed: torch.Tensor,
+) -> None:
+    """One AdamW step of one tensor with 8-bit state, in place (reference of ``_adamw8bit_kernel``).
+
+    ``param`` contiguous fp32/bf16/fp16; ``grad`` any float dtype, same numel; codes flat int8 /
+    uint8 of ``param.numel()`` elements; absmax fp32 ``(num_blocks,)``; ``step`` 0-d fp32 (already
+    advanced); ``flag`` 0-d fp32 (0 = skip, nothing written); ``hp`` from :func:`hyperparameter_tensor`;
+    ``seed`` 0-d int64 for stochastic rounding.
+    """
+    ok = flag > 0
+    p = param.reshape(-1).to(torch.float32)
+    g = grad.reshape(-1).to(torch.float32)
+    m = dequantize_reference(exp_avg_codes, exp_avg_absmax)
+    v = dequantize_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
+    p, m, v = _adamw_math(p, g, m, v, hp, step)
+    _write_param(param, p, ok, seed)
+    m_codes, m_absmax = quantize_reference(m, signed=True)
+    v_codes, v_absmax = quantize_reference(v, signed=False)
+    exp_avg_codes.copy_(torch.where(ok, m_codes, exp_avg_codes))
+    exp_avg_absmax.copy_(torch.where(ok, m_absmax, exp_avg_absmax))
+    exp_avg_sq_codes.copy_(torch.where(ok, v_codes, exp_avg_sq_codes))
+    exp_avg_sq_absmax.copy_(torch.where(ok, v_absmax, exp_avg_sq_absmax))
+
+
+def adamw32_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    flag: torch.Tensor,
+    hp: torch.Tensor,
+    seed: torch.Tensor,
+) -> None:
+    """Same step with fp32 ``exp_avg`` / ``exp_avg_sq`` of the param's shape (small tensors), in place."""
+    ok = flag > 0
+    p = param.reshape(-1).to(torch.float32)
+    g = grad.reshape(-1).to(torch.float32)
+    m_flat, v_flat = exp_avg.view(-1), exp_avg_sq.view(-1)
+    p, m, v = _adamw_math(p, g, m_flat, v_flat, hp, step)
+    _write_param(param, p, ok, seed)
+    m_flat.copy_(torch.where(ok, m, m_flat))
+    v_flat.copy_(torch.where(ok, v, v_flat))
+
+
+_adamw8bit_cpu = cpu_compiled(adamw8bit_reference)
+_adamw32_cpu = cpu_compiled(adamw32_reference)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def adamw8bit_update(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_absmaxes: Sequence[torch.Tensor | None],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    exp_avg_sq_absmaxes: Sequence[torch.Tensor | None],
+    steps: Sequence[torch.Tensor],
+    flags: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """Apply one AdamW step to every tensor, in place.
+
+    Tensor ``i`` is quantized when ``exp_avg_absmaxes[i]`` is not None (int8/uint8 flat codes + fp32
+    absmax) and keeps fp32 ``exp_avgs[i]``/``exp_avg_sqs[i]`` otherwise. ``steps[i]`` (0-d fp32,
+    already advanced) and ``flags[i]`` (0-d fp32, 0 = leave the tensor untouched) live on the param's
+    device; ``seeds[i]`` seeds the stochastic rounding of bf16/fp16 params. CUDA tensors run one
+    Triton launch per (quantized, param dtype, grad dtype) group; others run the reference (compiled
+    on CPU), one call per tensor. Nothing synchronises with the device.
+    """
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    buckets: dict[tuple, list[int]] = {}
+    hp_by_device: dict[torch.device, torch.Tensor] = {}
+    for i, param in enumerate(params):
+        if use_triton(param):
+            key = (exp_avg_absmaxes[i] is not None, param.dtype, grads[i].dtype, param.device)
+            buckets.setdefault(key, []).append(i)
+            continue
+        hp = hp_by_device.get(param.device)
+        if hp is None:
+            hp = hp_by_device[param.device] = hyperparameter_tensor(**hyper, device=param.device)
+        _reference_one(i, params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, steps, flags,
+                       seeds, hp)
+    for (quantized, *_), idx in buckets.items():
+        _launch(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [exp_avgs[i] for i in idx],
+            [exp_avg_absmaxes[i] for i in idx],
+            [exp_avg_sqs[i] for i in idx],
+            [exp_avg_sq_absmaxes[i] for i in idx],
+            [steps[i] for i in idx],
+            [flags[i] for i in idx],
+            [seeds[i] for i in idx],
+            quantized,
+            hyper,
+        )
+
+
+def _reference_one(i, params, grads, exp_avgs, m_absmaxes, exp_avg_sqs, v_absmaxes, steps, flags, seeds, hp):
+    param = params[i]
+    work = param if param.is_contiguous() else param.contiguous()
+    seed = torch.tensor(seeds[i], dtype=torch.int64, device=param.device)
+    if m_absmaxes[i] is not None:
+        _adamw8bit_cpu(work, grads[i], exp_avgs[i], m_absmaxes[i], exp_avg_sqs[i], v_absmaxes[i], steps[i], flags[i],
+                       hp, seed)
+    else:
+        _adamw32_cpu(work, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], flags[i], hp, seed)
+    if work is not param:
+        param.copy_(work)
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_owner(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """(tile -> tensor map on ``device``, first tile of each tensor, number of tiles) for these sizes."""
+    tiles = [triton.cdiv(num_blocks(n), ROWS) for n in numels]
+    firsts, total = [], 0
+    for count in tiles:
+        firsts.append(total)
+        total += count
+    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(tiles))
+    return owner.to(device), tuple(firsts), total
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host table to ``device`` without synchronising (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
+def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, quantized: bool, hyper: dict):
+    device = params[0].device
+    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    grads = [g if g.dtype in _TRITON_DTYPES else g.float() for g in grads]
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    numels = tuple(p.numel() for p in work)
+    owner, firsts, num_tiles = _tile_owner(numels, device)
+    if num_tiles == 0:
+        return
+    m_abs = [a.data_ptr() if quantized else 0 for a in m_absmaxes]
+    v_abs = [a.data_ptr() if quantized else 0 for a in v_absmaxes]
+    table = torch.tensor(
+        [
+            [p.data_ptr() for p in work],
+            [g.data_ptr() for g in grads],
+            [m.data_ptr() for m in ms],
+            m_abs,
+            [v.data_ptr() for v in vs],
+            v_abs,
+            [s.data_ptr() for s in steps],
+            [f.data_ptr() for f in flags],
+            list(numels),
+            list(firsts),
+            list(seeds),
+        ],
+        dtype=torch.int64,
+    )
+    table = _to_device(table, device)
+    _adamw8bit_kernel[(num_tiles,)](
+        table,
+        owner,
+        len(work),
+        float(hyper["lr"]),
+        float(hyper["beta1"]),
+        float(hyper["beta2"]),
+        float(hyper["eps"]),
+        float(hyper["weight_decay"]),
+        -1.0 if hyper["maximize"] else 1.0,
+        PARAM_DTYPE=_TRITON_DTYPES[work[0].dtype],
+        GRAD_DTYPE=_TRITON_DTYPES[grads[0].dtype],
+        QUANTIZED=quantized,
+        ROWS=ROWS,
+        BLOCK=BLOCK_SIZE,
+        enable_fp_fusion=False,
+    )
+    for param, w in zip(params, work):
+        if w is not param:
+            param.copy_(w)
