@@ -1,0 +1,209 @@
+"""SGD with momentum, exactly ``torch.optim.SGD``'s semantics, with fp32 or 8-bit momentum."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, num_blocks, quantize_reference
+from ..kernels.sgd import sgd_update
+from .base import LowMemOptimizer
+from .validation import check_choice, check_lr, check_non_negative
+
+__all__ = ["SGD", "MOMENTUM_DTYPES"]
+
+MOMENTUM_DTYPES = ("float32", "int8")
+"""Allowed values of ``momentum_dtype``."""
+
+
+class SGD(LowMemOptimizer):
+    """Stochastic gradient descent with momentum, dampening, Nesterov and coupled weight decay.
+
+    Same arguments, defaults (except ``lr``'s default of 1e-3), errors and update as
+    ``torch.optim.SGD``: the momentum buffer starts as the first (weight-decayed) gradient, then
+    ``buf = momentum * buf + (1 - dampening) * d``; ``p -= lr * (d + momentum * buf)`` with Nesterov,
+    ``p -= lr * buf`` without. The whole update of a tensor is one fused kernel
+    (:mod:`lowmem_lightning.kernels.sgd`).
+
+    Args:
+        params: tensors or param-group dicts (fp32, bf16 or fp16 params; bf16/fp16 are written back
+            with stochastic rounding). Grads may be any float dtype.
+        lr: learning rate (>= 0); a float changed by an LR scheduler takes effect on the next step.
+        momentum: momentum factor (>= 0); 0 keeps no momentum state.
+        dampening: dampening of the momentum (>= 0).
+        weight_decay: coupled L2 penalty added to the gradient (>= 0).
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        maximize: maximize the objective instead of minimizing it.
+        momentum_dtype: ``"float32"`` (4 bytes/param, bit-for-bit the math of torch) or ``"int8"``
+            (the signed block-wise 8-bit code: 1.016 bytes/param; tensors under 4096 elements keep
+            fp32).
+
+    State per param: ``step`` (0-d fp32 counter of applied updates; it also seeds stochastic
+    rounding) and, with momentum, ``momentum_buffer`` (fp32, the param's shape) or
+    ``momentum_codes`` (int8, flat) + ``momentum_absmax`` (fp32, one per 256 elements).
+    A gradient holding inf/NaN skips that tensor's update (params and state untouched) and is
+    counted in :attr:`skipped_updates`. State dicts of ``torch.optim.SGD`` load directly.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        maximize: bool = False,
+        momentum_dtype: str = "float32",
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            momentum_dtype=momentum_dtype,
+        )
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group (validated like the constructor's arguments; ``ValueError`` if invalid)."""
+        super().add_param_group(param_group)
+        try:
+            _check_hyperparameters(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def _quantized(param: torch.Tensor, group: dict) -> bool:
+        return group["momentum_dtype"] == "int8" and param.numel() >= MIN_QUANTIZED_NUMEL
+
+    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = self._new_step(param)
+        if group["momentum"] != 0 and not _has_momentum(state):
+            if self._quantized(param, group):
+                n = param.numel()
+                state["momentum_codes"] = torch.zeros(n, dtype=torch.int8, device=param.device)
+                state["momentum_absmax"] = torch.zeros(num_blocks(n), dtype=torch.float32, device=param.device)
+            else:
+                state["momentum_buffer"] = torch.zeros_like(param, dtype=torch.float32)
+        return state
+
+    def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
+        expected = {"step": ((), torch.float32)}
+        if group["momentum"] != 0:
+            n = param.numel()
+            if self._quantized(param, group):
+                expected["momentum_codes"] = ((n,), torch.int8)
+                expected["momentum_absmax"] = ((num_blocks(n),), torch.float32)
+            else:
+                expected["momentum_buffer"] = (tuple(param.shape), torch.float32)
+        return expected
+
+    def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """Accept torch.optim.SGD states and our own of the other ``momentum_dtype``.
+
+        A torch state (``momentum_buffer`` only, possibly None or in the param's dtype) gets a step
+        counter (1 when a buffer exists: the buffer is not re-initialized); a buffer is quantized or
+        dequantized to this group's ``momentum_dtype``.
+        """
+        state = dict(state)
+        buffer = state.pop("momentum_buffer", None)
+        codes, absmax = state.pop("momentum_codes", None), state.pop("momentum_absmax", None)
+        has_codes = isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor)
+        if has_codes and group["momentum"] != 0 and self._quantized(param, group) and buffer is None:
+            state["momentum_codes"], state["momentum_absmax"] = codes, absmax  # already ours: keep bit-exact
+            codes = None
+        elif has_codes and buffer is None and codes.numel() == param.numel():
+            buffer = dequantize_reference(codes, absmax).view(param.shape)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0 if buffer is None and codes is None else 1.0)
+        elif not isinstance(state["step"], torch.Tensor):
+            state["step"] = torch.tensor(float(state["step"]))
+        state["step"] = state["step"].to(torch.float32).reshape(())
+        if group["momentum"] == 0 or buffer is None:
+            return state
+        if not isinstance(buffer, torch.Tensor) or buffer.numel() != param.numel():
+            state["momentum_buffer"] = buffer  # rejected with a clear message by the validation
+        elif self._quantized(param, group):
+            state["momentum_codes"], state["momentum_absmax"] = quantize_reference(buffer.float(), signed=True)
+        else:
+            state["momentum_buffer"] = buffer.to(torch.float32).reshape(param.shape)
+        return state
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One update of every param with a gradient; returns ``closure()``'s loss if given.
+
+        No host-device synchronization: the non-finite guard, step counters and stochastic-rounding
+        seeds all stay on the device.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+            for param in group["params"]:
+                if param.grad is not None:
+                    if param.grad.is_sparse:
+                        raise RuntimeError("SGD does not support sparse gradients.")
+                    by_device[param.device].append((index, param))
+                index += 1
+            for items in by_device.values():
+                self._step_tensors(items, group)
+        return loss
+
+    def _step_tensors(self, items: list[tuple[int, torch.Tensor]], group: dict) -> None:
+        flags = self._finite_flags([param.grad for _, param in items])
+        steps = []
+        for (tensor_index, param), flag in zip(items, flags.unbind()):
+            state = self._init_state(param, group)
+            sgd_update(
+                param.data if isinstance(param, torch.nn.Parameter) else param,
+                param.grad,
+                state.get("momentum_codes", state.get("momentum_buffer")),
+                state.get("momentum_absmax"),
+                state["step"],
+                flag,
+                lr=float(group["lr"]),
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                tensor_index=tensor_index,
+            )
+            steps.append(state["step"])
+        torch._foreach_add_(steps, list(flags.unbind()))
+
+
+def _has_momentum(state: dict) -> bool:
+    return "momentum_buffer" in state or "momentum_codes" in state
+
+
+def _check_hyperparameters(group: dict) -> None:
+    """Validate one group's hyperparameters (torch.optim.SGD's rules plus ``momentum_dtype``)."""
+    check_lr(group["lr"])
+    check_non_negative(group["momentum"], "momentum")
+    check_non_negative(group["dampening"], "dampening")
+    check_non_negative(group["weight_decay"], "weight_decay")
+    for name in ("nesterov", "maximize"):
+        if not isinstance(group[name], bool):
+            raise TypeError(f"Invalid {name}={group[name]!r}: expected True or False.")
+    check_choice(group["momentum_dtype"], MOMENTUM_DTYPES, "momentum_dtype")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(
+            "Nesterov momentum requires a momentum and zero dampening "
+            f"(got nesterov=True, momentum={group['momentum']!r}, dampening={group['dampening']!r})."
+        )
