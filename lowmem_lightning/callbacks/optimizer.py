@@ -42,6 +42,7 @@ CONVERSIONS: frozenset[tuple[str, str]] = frozenset({("adamw", "adamw_8bit"), ("
 """``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load."""
 
 _PACKAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PEAK_PREFIXES = ("optim/state_", "memory/")  # metrics logged as the max since the last logged step
 
 
 class _SwappingConfigureOptimizers:
@@ -73,11 +74,12 @@ class LowMemOptimizerCallback(L.Callback):
 
     At every optimizer step it measures :func:`~lowmem_lightning.optim.state_memory` and logs, through
     the Trainer's loggers and at the Trainer's ``log_every_n_steps``, the maximum since the last logged
-    step of: ``optim/state_MiB`` (also on the progress bar), ``optim/state_bytes_per_param``; for paged
-    optimizers ``optim/state_MiB_device`` and ``optim/state_MiB_host``; on CUDA
-    ``memory/allocated_MiB`` and ``memory/max_allocated_MiB``; and, when the optimizer computes its
-    step size (Adafactor, CAME), ``optim/effective_lr``; at logged steps also ``optim/skipped_updates``
-    (tensor updates skipped for inf/NaN gradients). At the end of fit it prints a summary (state
+    step (so no spike is hidden) of: ``optim/state_MiB`` (also on the progress bar),
+    ``optim/state_bytes_per_param``; for paged optimizers ``optim/state_MiB_device`` and
+    ``optim/state_MiB_host``; on CUDA ``memory/allocated_MiB`` and ``memory/max_allocated_MiB``.
+    It also logs the latest ``optim/effective_lr`` when the optimizer computes its step size
+    (Adafactor, CAME: the largest over param groups) and, at logged steps, ``optim/skipped_updates``
+    (tensor updates skipped so far for inf/NaN gradients). At the end of fit it prints a summary (state
     memory, bytes/param, saving vs fp32 AdamW on the same params; also in :attr:`summary`) and writes
     ``state_memory.png`` into the log dir when matplotlib is installed.
 
@@ -300,16 +302,18 @@ class LowMemOptimizerCallback(L.Callback):
         if not self.log_state_memory:
             return
         for key, value in metrics.items():
-            self._peak[key] = max(self._peak.get(key, value), value)
+            keep_max = key.startswith(_PEAK_PREFIXES)
+            self._peak[key] = max(self._peak.get(key, value), value) if keep_max else value
         will_log = self._will_log(trainer)
+        to_logger = bool(trainer.loggers)
         for key, value in self._peak.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == "optim/state_MiB",
-                          logger=True, batch_size=1)
+                          logger=to_logger, batch_size=1)
         if will_log:
             skipped = [opt.skipped_updates for opt in self.optimizers if hasattr(opt, "skipped_updates")]
             if skipped:
                 pl_module.log("optim/skipped_updates", float(sum(skipped)), on_step=True, on_epoch=False,
-                              logger=True, batch_size=1)
+                              logger=to_logger, batch_size=1)
             self._peak = {}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -8,8 +8,9 @@ Lightning sees the same shape it would have seen, now with our optimizers.
 LR scheduling rules when an optimizer is rebuilt (:func:`rebuild_param_groups`):
 
 * each param group keeps its params (trainable ones only), its ``lr`` and ``weight_decay``, the keys a
-  scheduler added (``initial_lr``, ``max_lr``, ...), and any hyperparameter the module customised per
-  group that the new optimizer also knows;
+  scheduler added (``initial_lr``, ``max_lr``, ...), and every hyperparameter the module chose (a value
+  other than the old optimizer class's constructor default, e.g. ``SGD(momentum=0.9)``) that the new
+  optimizer also takes; hyperparameters left at their defaults take the new optimizer's defaults;
 * a new base ``lr`` rescales every group and its scheduler by ``lr / old_default_lr``, so per-group LR
   ratios and the schedule's current position are kept (``StepLR(2, 0.5)`` over ``lr=1e-3`` gives
   ``1.25e-4`` after 6 steps, whatever lr the module had asked for).
@@ -18,6 +19,7 @@ LR scheduling rules when an optimizer is rebuilt (:func:`rebuild_param_groups`):
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator
 
@@ -112,6 +114,15 @@ def _same(a, b) -> bool:
         return False
 
 
+def constructor_defaults(cls: type) -> dict:
+    """Default values of ``cls.__init__``'s keyword arguments (what a hyperparameter is when nobody chose it)."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
 def lr_ratio(old: torch.optim.Optimizer, group: dict, new_lr: float | None) -> float | None:
     """Factor that turns ``group``'s learning rates into ones based on ``new_lr``.
 
@@ -138,7 +149,7 @@ def rebuild_param_groups(
 ) -> tuple[list[dict], list[float | None]]:
     """Param groups for the replacement of ``old``, and the LR factor applied to each group.
 
-    ``new_defaults`` are the new optimizer's defaults (decides which customised keys carry over);
+    ``new_defaults`` are the new optimizer's defaults (only keys it knows carry over);
     ``fixed_keys`` are the hyperparameters given explicitly for the new optimizer, which win over
     per-group values. ``weight_decay``, when set, applies to every group except groups the module
     deliberately left undecayed (``weight_decay == 0`` while another group of ``old`` decays).
@@ -146,6 +157,7 @@ def rebuild_param_groups(
     so schedulers' per-group lists still line up.
     """
     old_defaults = old.defaults
+    class_defaults = constructor_defaults(type(old))
     any_decay = any((_as_float(g.get("weight_decay")) or 0.0) > 0 for g in old.param_groups)
     groups, ratios = [], []
     for group in old.param_groups:
@@ -155,8 +167,8 @@ def rebuild_param_groups(
                 continue
             if key not in old_defaults:  # added by a scheduler or by the user (e.g. "name")
                 new_group[key] = value
-            elif key in new_defaults and not _same(value, old_defaults[key]):  # customised per group
-                new_group[key] = value
+            elif key in new_defaults and key in class_defaults and not _same(value, class_defaults[key]):
+                new_group[key] = value  # the module chose it (per group or in the constructor)
         ratio = lr_ratio(old, group, lr)
         for key in LR_KEYS:
             if key not in group:
