@@ -1,0 +1,154 @@
+"""Load a Hugging Face causal LM from a local directory, quantizing linear weights as they arrive.
+
+The model is built with its parameters on the meta device (no memory, no random init; buffers such
+as rotary frequencies are computed for real), its ``nn.Linear`` layers (but the skipped ones) are
+swapped for empty meta :class:`Linear4bit` layers, and then the safetensors shards are read one
+tensor at a time: a linear weight is quantized to NF4 and dropped, any other tensor becomes the
+parameter. Peak host memory is therefore about the 4-bit model plus the full-precision tensors kept
+(embeddings, norms, skipped layers) plus one tensor being quantized, never the whole bf16 model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .linear4bit import Linear4bit, _check_options, _check_skip, _is_skipped
+
+__all__ = ["load_pretrained_causal_lm", "checkpoint_files"]
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of checkpoint directory ``path``: the shards listed in
+    ``model.safetensors.index.json`` (in order), or ``model.safetensors``."""
+    path = Path(path)
+    index = path / _INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in dict.fromkeys(weight_map.values())]
+    if (path / _SINGLE).is_file():
+        return [path / _SINGLE]
+    raise ValueError(f"Invalid path={str(path)!r}: no {_INDEX} or {_SINGLE} found (safetensors checkpoints only).")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """While active, every parameter registered by a module is moved to the meta device at once."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype) -> None:
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and not _is_skipped(name, skip):
+            parent_name, _, child = name.rpartition(".")
+            layer = Linear4bit(
+                module.in_features, module.out_features, module.bias is not None, block_size, double_quant,
+                weight_dtype=dtype, device="meta",
+            )
+            setattr(model.get_submodule(parent_name), child, layer)
+
+
+def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> bool:
+    """Put checkpoint tensor ``key`` into ``model``; returns False when the model has no such tensor."""
+    module_name, _, leaf = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    if tensor.is_floating_point():
+        tensor = tensor.to(device=device, dtype=dtype)
+    if isinstance(module, Linear4bit) and leaf == "weight":
+        module.quantize_weight_(tensor)
+        return True
+    if leaf in module._parameters and module._parameters[leaf] is not None:
+        old = module._parameters[leaf]
+        if tuple(old.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"Checkpoint tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(old.shape)}."
+            )
+        trainable = old.requires_grad and not isinstance(module, Linear4bit)
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=trainable)
+        return True
+    if leaf in module._buffers and module._buffers[leaf] is not None:
+        module._buffers[leaf] = tensor.to(module._buffers[leaf].dtype)
+        return True
+    return False
+
+
+def _still_on_meta(model: nn.Module) -> list[str]:
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return [name for name, t in tensors if t.device.type == "meta"]
+
+
+def load_pretrained_causal_lm(
+    path: str | Path,
+    quantize: str | None = "nf4",
+    torch_dtype: torch.dtype | str = torch.bfloat16,
+    skip=("lm_head",),
+    block_size: int = 64,
+    double_quant: bool = True,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Load a causal LM from local directory ``path`` (``config.json`` + safetensors), shard by shard.
+
+    ``quantize="nf4"``: every ``nn.Linear`` whose name is not in ``skip`` becomes a frozen
+    :class:`Linear4bit` (block ``block_size``, ``double_quant``), quantized on ``device`` (Triton on
+    CUDA) as its weight is read; ``None`` loads full precision. Other tensors are cast to
+    ``torch_dtype``. The result equals ``quantize_model(AutoModelForCausalLM.from_pretrained(path,
+    dtype=torch_dtype), skip, ...)`` while peak host memory stays near the 4-bit model plus the
+    unquantized tensors plus one tensor. Raises ValueError if a model tensor is missing from the
+    checkpoint (tied weights excepted) or a checkpoint tensor has no place in the model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"Invalid path={str(path)!r}: expected a directory with config.json and safetensors.")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"Invalid quantize={quantize!r}: expected 'nf4' or None.")
+    dtype = _DTYPES.get(torch_dtype, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"Invalid torch_dtype={torch_dtype!r}: expected float32, bfloat16 or float16.")
+    skip = _check_skip(skip)
+    _check_options(block_size, double_quant, None)
+    files = checkpoint_files(path)
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if quantize == "nf4":
+        _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype)
+    unexpected = []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as shard:
+            for key in shard.keys():
+                if not _place(model, key, shard.get_tensor(key), dtype, device):
+                    unexpected.append(key)
+    if unexpected:
+        raise ValueError(f"Checkpoint {str(path)!r} has tensors the model does not: {unexpected[:5]}.")
+    model.tie_weights()
+    missing = _still_on_meta(model)
+    if missing:
+        raise ValueError(f"Checkpoint {str(path)!r} lacks tensors the model needs: {missing[:5]}.")
+    model.to(device)
+    return model.eval()

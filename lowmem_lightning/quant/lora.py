@@ -1,0 +1,219 @@
+"""LoRA adapters (peft) on NF4 ``Linear4bit`` layers: a custom peft LoRA layer and ``add_lora``.
+
+peft has no built-in LoRA layer for our ``Linear4bit``; it offers a custom-module mechanism
+(``LoraConfig._register_custom_module({LayerType: LoraLayerType})``, see peft's "Custom models"
+guide). :func:`register_peft_custom_module` (called when ``lowmem_lightning.quant`` is imported)
+makes every ``LoraConfig`` created afterwards carry that mapping, so plain
+``peft.get_peft_model(model, LoraConfig(target_modules=[...]))`` wraps our layers too.
+
+:class:`LoraLinear4bit` computes ``y = base(x) + lora_B(lora_A(dropout(x))) * scaling``. Merging
+never re-quantizes: ``merge()`` swaps the 4-bit base for a dense ``nn.Linear`` holding
+``dequantize(W) + B @ A * scaling`` (fp32 math, stored in the base's ``weight_dtype``), so
+``merge_and_unload()`` returns full-precision linear layers; ``unmerge()`` restores the exact 4-bit
+layer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from .linear4bit import Linear4bit
+
+__all__ = ["LoraLinear4bit", "add_lora", "register_peft_custom_module", "LLAMA_TARGET_MODULES"]
+
+LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The seven linear projections of a Llama decoder layer (QLoRA puts adapters on all of them)."""
+
+_ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_UNSUPPORTED_OPTIONS = ("use_dora", "alora_invocation_tokens", "arrow_config", "velora_config")
+
+
+class LoraLinear4bit(nn.Module, LoraLayer):
+    """peft LoRA layer around a frozen :class:`Linear4bit` (plain LoRA; DoRA and variants are refused).
+
+    Constructed by peft's dispatcher as ``LoraLinear4bit(target, adapter_name, config=..., r=...,
+    lora_alpha=...)``. The adapters live in ``lora_A`` / ``lora_B`` (fp32 unless cast); the input is
+    cast to the adapter dtype outside autocast and the adapter output is added in the base output's
+    dtype.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1,
+        **kwargs,
+    ) -> None:
+        init = config.init_lora_weights
+        if isinstance(init, str) and init.lower() != "gaussian":
+            raise ValueError(
+                f"Invalid init_lora_weights={init!r} for a 4-bit layer: expected True, False or 'gaussian' "
+                "(initializations that read the base weight are not supported)."
+            )
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self._quantized_base: list[Linear4bit] = []  # the 4-bit layer while a merge replaces it
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
+        for option in _UNSUPPORTED_OPTIONS:
+            value = getattr(config, option, None)
+            if value:
+                raise ValueError(f"Invalid {option}={value!r} for a 4-bit layer: only plain LoRA is supported.")
+        return None
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``lora_B @ lora_A * scaling`` in fp32, shape (out_features, in_features)."""
+        a = self.lora_A[adapter].weight.float()
+        b = self.lora_B[adapter].weight.float()
+        return (b @ a) * self.scaling[adapter]
+
+    def _delta_bias(self, adapter: str) -> torch.Tensor | None:
+        bias = self.lora_B[adapter].bias
+        return None if bias is None else bias.float() * self.scaling[adapter]
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters into a dense ``nn.Linear`` base (no re-quantization); see the module docstring."""
+        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        dtype = base.weight_dtype if isinstance(base, Linear4bit) else base.weight.dtype
+        weight = base.dequantize(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
+        bias = None if base.bias is None else base.bias.float()
+        for adapter in adapter_names:
+            weight = weight + self.get_delta_weight(adapter)
+            delta_bias = self._delta_bias(adapter)
+            if delta_bias is not None:
+                bias = delta_bias if bias is None else bias + delta_bias
+        if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+            raise ValueError(f"NaNs detected in the merged weights; adapters {adapter_names} seem to be broken.")
+        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta", dtype=dtype)
+        dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if bias is not None:
+            dense.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        if isinstance(base, Linear4bit):
+            self._quantized_base = [base]
+        self.base_layer = dense
+        self.merged_adapters.extend(adapter_names)
+
+    def unmerge(self) -> None:
+        """Restore the exact 4-bit base layer saved by :meth:`merge`."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self.merged_adapters.clear()
+        self.base_layer = self._quantized_base.pop()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``base(x)`` plus the scaled output of every active adapter (unless merged or disabled)."""
+        self._check_forward_args(x, *args, **kwargs)
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError("adapter_names (mixed-adapter batches) is not supported on 4-bit layers.")
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        autocast = torch.is_autocast_enabled(x.device.type)
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            lora_a = self.lora_A[adapter]
+            h = x if autocast else self._cast_input_dtype(x, lora_a.weight.dtype)
+            out = self.lora_B[adapter](lora_a(self.lora_dropout[adapter](h))) * self.scaling[adapter]
+            result = result + out.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def register_peft_custom_module() -> None:
+    """Make every ``LoraConfig`` created from now on map ``Linear4bit`` to :class:`LoraLinear4bit`.
+
+    Wraps ``LoraConfig.__post_init__`` once (idempotent) to call peft's documented
+    ``_register_custom_module``; a config's other custom mappings are kept.
+    """
+    original = LoraConfig.__post_init__
+    if getattr(original, "_lowmem_linear4bit", False):
+        return
+
+    def __post_init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._register_custom_module({Linear4bit: LoraLinear4bit})
+
+    __post_init__._lowmem_linear4bit = True
+    LoraConfig.__post_init__ = __post_init__
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {
+        name.rpartition(".")[2]
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Linear4bit)) and module is not output and name
+    }
+    return sorted(names)
+
+
+def _check_lora_args(r, alpha, dropout, target_modules, adapter_dtype) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"Invalid r={r!r}: expected a positive int.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"Invalid alpha={alpha!r}: expected a finite number > 0.")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"Invalid dropout={dropout!r}: expected a number in [0, 1).")
+    if target_modules != "all-linear" and (
+        isinstance(target_modules, str)
+        or not isinstance(target_modules, Sequence)
+        or not target_modules
+        or not all(isinstance(t, str) for t in target_modules)
+    ):
+        raise ValueError(f"Invalid target_modules={target_modules!r}: expected a non-empty list of module names "
+                         "or 'all-linear'.")
+    if adapter_dtype not in _ADAPTER_DTYPES:
+        raise ValueError(f"Invalid adapter_dtype={adapter_dtype!r}: expected float32, bfloat16 or float16.")
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] | str = LLAMA_TARGET_MODULES,
+    adapter_dtype: torch.dtype = torch.float32,
+) -> PeftModel:
+    """Wrap ``model`` with trainable LoRA adapters (peft ``get_peft_model``); everything else is frozen.
+
+    Works on ``Linear4bit`` (QLoRA) and ``nn.Linear`` layers alike. ``target_modules``: module names
+    as peft matches them (default: the seven Llama projections), or ``"all-linear"`` for every
+    linear / 4-bit layer but the output embedding. ``alpha / r`` scales the adapter output.
+    Adapters are stored in ``adapter_dtype`` (fp32 by default). Returns the ``PeftModel``
+    (``PeftModelForCausalLM`` for a model that can generate).
+    """
+    _check_lora_args(r, alpha, dropout, target_modules, adapter_dtype)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    targets = _linear_names(model) if target_modules == "all-linear" else list(target_modules)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none",
+        task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
+    )
+    config._register_custom_module({Linear4bit: LoraLinear4bit})
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != adapter_dtype:
+            param.data = param.data.to(adapter_dtype)
+    return peft_model
