@@ -1,0 +1,747 @@
+"""Adafactor step: factored second moment, RMS update clipping, relative step, optional (8-bit) momentum.
+
+Math (Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018,
+with the semantics of ``transformers.optimization.Adafactor``), all in fp32, step ``t`` already
+advanced. A tensor of >= 2 dims is viewed as ``(B, R, C)`` (leading dims are a batch, the last two
+are factored); ``g`` is its gradient, ``p`` the param::
+
+    beta2 = 1 - t ** decay_rate
+    q     = g * g + eps1
+    vr    = beta2 * vr + (1 - beta2) * mean_C(q)              (B, R)   row statistics
+    vc    = beta2 * vc + (1 - beta2) * mean_R(q)              (B, C)   column statistics
+    u     = (1 / sqrt(vr / mean_R(vr)))[:, None] * (1 / sqrt(vc))[None, :] * g
+    (1-D: v = beta2 * v + (1 - beta2) * q, u = g / sqrt(v), v full size)
+    d     = max(1, rms(u) / clip_threshold)                   update clipping
+    rel   = min(1e-6 * t if warmup_init else 1e-2, 1 / sqrt(t))   if relative_step, else lr
+    lr_t  = rel * max(eps2, rms(p))   if scale_parameter, else rel    (rms(p) before the update)
+    u     = u / d * lr_t
+    m     = beta1 * m + (1 - beta1) * u;  u = m                 when beta1 is set
+    p     = p + p * (-weight_decay * lr_t) - u
+
+Momentum ``m`` is fp32 or the signed block-wise 8-bit code of :mod:`.codec` (int8 codes + one fp32
+absmax per 256 elements; the update uses the fp32 ``m`` before re-quantization). bf16/fp16 params
+are written with stochastic rounding (:mod:`.rounding`), seeded on the device from the step counter
+and the tensor index. A 0/1 ``flag`` (non-finite guard) leaves params and every state untouched.
+
+Passes over the gradient (the math has two global reductions in sequence, the statistics and the
+RMS of ``u``, so it needs three): factored tensors take exactly three and five launches:
+
+1. ``_sq_stats_kernel`` (tiles of BLOCK_R rows looping over all columns): row sums of ``q`` and the
+   row EMA in-register, column partial sums per row tile, sum of ``p^2`` (for ``scale_parameter``).
+2. ``_sq_finalize_kernel``: column EMA from the partials, ``mean_R(vr)`` per batch (O(R + C) data).
+3. ``_clip_stats_kernel``: partial sums of ``u^2``.
+4. ``_scalars_kernel`` (one program): ``lr_t`` and ``d`` from the partial sums.
+5. ``_adafactor_update_kernel`` (256-element blocks, one codec block each): the update.
+
+1-D tensors take two passes (``_full_stats_kernel`` updates ``v`` and sums ``u^2``, then the update).
+All reductions are deterministic (partial sums, no atomics).
+
+File order: Triton kernels, PyTorch reference, launcher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import (
+    BLOCK_SIZE,
+    MIN_QUANTIZED_NUMEL,
+    decode_signed,
+    dequantize_reference,
+    encode_signed,
+    quantize_reference,
+)
+from .dispatch import cpu_compiled, scalar_args, use_triton
+from .rounding import round_param_reference, store_param
+
+__all__ = [
+    "BLOCK_R",
+    "BLOCK_C",
+    "factored_shape",
+    "seed_reference",
+    "adafactor_reference",
+    "adafactor_update",
+]
+
+BLOCK_R = 16
+"""Rows per program of the row/column statistics kernels."""
+
+BLOCK_C = 128
+"""Columns per inner iteration of the row/column statistics kernels."""
+
+FLAT_BLOCK = 1024
+"""Elements per program of the 1-D statistics kernel."""
+
+_SEED_STEP = 7_919
+_SEED_INDEX = 104_729
+_SEED_MASK = 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton helpers (shared with :mod:`.came`)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def ema(old, new, beta, one_minus_beta):
+    """``beta * old + (1 - beta) * new`` as ``old.mul_(beta).add_(new, alpha=1-beta)`` computes it.
+
+    ``one_minus_beta`` is passed separately: computed in double on the host (as torch computes
+    ``alpha``), it is exact where ``1 - float32(beta)`` is not (beta = 0.9999 would be 1.7e-5 off).
+    """
+    return old * beta + new * one_minus_beta
+
+
+@triton.jit
+def beta_of_step(step, decay, one_minus_decay, beta_from_step):
+    """``(beta, 1 - beta)``: ``(1 - t ** decay, t ** decay)`` when ``beta_from_step != 0`` (Adafactor's
+    beta2_t), else the constants ``(decay, one_minus_decay)``."""
+    x = tl.exp2(decay * tl.log2(step))
+    return tl.where(beta_from_step != 0, 1.0 - x, decay), tl.where(beta_from_step != 0, x, one_minus_decay)
+
+
+@triton.jit
+def inv_sqrt(x):
+    """``1 / sqrt(x)``, correctly rounded division and root (the reference does the same two ops)."""
+    return tl.div_rn(1.0, tl.sqrt_rn(x))
+
+
+@triton.jit
+def device_seed(step_ptr, tensor_index):
+    """Stochastic-rounding seed from the device step counter and the tensor index (see :func:`seed_reference`)."""
+    step = tl.load(step_ptr)
+    return (step.to(tl.int64) * 7919 + tensor_index.to(tl.int64) * 104729) & 0x7FFFFFFF
+
+
+@triton.jit
+def factored_u(g, offs, mask, vr_ptr, vc_ptr, rmean_ptr, R, C):
+    """``u = (rf * cf) * g`` at flat element indices ``offs`` of a ``(B, R, C)`` tensor."""
+    grow = offs // C  # (b * R + r)
+    b = grow // R
+    col = b * C + (offs - grow * C)
+    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=mask, other=1.0), tl.load(rmean_ptr + b, mask=mask, other=1.0)))
+    cf = inv_sqrt(tl.load(vc_ptr + col, mask=mask, other=1.0))
+    return (rf * cf) * g
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sq_stats_kernel(
+    g_ptr,
+    p_ptr,
+    vr_ptr,
+    colpart_ptr,
+    rsum_part_ptr,
+    psq_part_ptr,
+    flag_ptr,
+    step_ptr,
+    eps1,
+    decay,
+    one_minus_decay,
+    beta_from_step,
+    R,
+    C,
+    n_rt,
+    WITH_PSQ: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # program = one tile of BLOCK_R rows of batch b, looping over all C columns
+    pid = tl.program_id(0)
+    b = pid // n_rt
+    rows = (pid % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    grow = b.to(tl.int64) * R + rows  # (BLOCK_R,) global row ids
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    psq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        m2 = rmask[:, None] & cmask[None, :]
+        offs = grow[:, None] * C + cols[None, :]
+        g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        q = tl.where(m2, g * g + eps1, 0.0)
+        acc += tl.sum(q, axis=1)
+        tl.store(colpart_ptr + pid.to(tl.int64) * C + cols, tl.sum(q, axis=0), mask=cmask)
+        if WITH_PSQ:
+            p = tl.load(p_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            psq += tl.sum(p * p, axis=1)
+    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
+    old = tl.load(vr_ptr + grow, mask=rmask, other=0.0)
+    new = ema(old, tl.div_rn(acc, C.to(tl.float32)), beta, omb)
+    new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
+    tl.store(vr_ptr + grow, new, mask=rmask)
+    tl.store(rsum_part_ptr + pid, tl.sum(tl.where(rmask, new, 0.0), axis=0))
+    if WITH_PSQ:
+        tl.store(psq_part_ptr + pid, tl.sum(psq, axis=0))
+
+
+@triton.jit
+def _sq_finalize_kernel(
+    colpart_ptr,
+    vc_ptr,
+    rsum_part_ptr,
+    rmean_ptr,
+    flag_ptr,
+    step_ptr,
+    decay,
+    one_minus_decay,
+    beta_from_step,
+    R,
+    C,
+    n_rt,
+    BLOCK: tl.constexpr,
+):
+    # program (b, cc): column EMA of BLOCK columns of batch b; (b, 0) also writes mean_R(vr)[b]
+    b = tl.program_id(0)
+    cc = tl.program_id(1)
+    cols = cc * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < C
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for rt in range(0, n_rt):
+        acc += tl.load(colpart_ptr + (b * n_rt + rt).to(tl.int64) * C + cols, mask=cmask, other=0.0)
+    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
+    cidx = b.to(tl.int64) * C + cols
+    old = tl.load(vc_ptr + cidx, mask=cmask, other=0.0)
+    new = ema(old, tl.div_rn(acc, R.to(tl.float32)), beta, omb)
+    new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
+    tl.store(vc_ptr + cidx, new, mask=cmask)
+    if cc == 0:
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for r0 in range(0, n_rt, BLOCK):
+            idx = r0 + tl.arange(0, BLOCK)
+            total += tl.load(rsum_part_ptr + b * n_rt + idx, mask=idx < n_rt, other=0.0)
+        tl.store(rmean_ptr + b, tl.div_rn(tl.sum(total, axis=0), R.to(tl.float32)))
+
+
+@triton.jit
+def _clip_stats_kernel(
+    g_ptr,
+    vr_ptr,
+    vc_ptr,
+    rmean_ptr,
+    usq_part_ptr,
+    R,
+    C,
+    n_rt,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # partial sum of u^2 over one tile of BLOCK_R rows (all columns)
+    pid = tl.program_id(0)
+    b = pid // n_rt
+    rows = (pid % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    grow = b.to(tl.int64) * R + rows
+    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=rmask, other=1.0), tl.load(rmean_ptr + b)))
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        m2 = rmask[:, None] & cmask[None, :]
+        g = tl.load(g_ptr + grow[:, None] * C + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        cf = inv_sqrt(tl.load(vc_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=1.0))
+        u = tl.where(m2, (rf[:, None] * cf[None, :]) * g, 0.0)
+        acc += tl.sum(u * u, axis=1)
+    tl.store(usq_part_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _full_stats_kernel(
+    g_ptr,
+    p_ptr,
+    v_ptr,
+    usq_part_ptr,
+    psq_part_ptr,
+    flag_ptr,
+    step_ptr,
+    n,
+    eps1,
+    decay,
+    one_minus_decay,
+    beta_from_step,
+    WITH_PSQ: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # unfactored (1-D) second moment: v EMA, partial sums of u^2 (and p^2)
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    old = tl.load(v_ptr + offs, mask=mask, other=1.0)
+    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
+    v = ema(old, g * g + eps1, beta, omb)
+    v = tl.where(tl.load(flag_ptr) != 0.0, v, old)
+    tl.store(v_ptr + offs, v, mask=mask)
+    u = tl.where(mask, inv_sqrt(v) * g, 0.0)
+    tl.store(usq_part_ptr + pid, tl.sum(u * u, axis=0))
+    if WITH_PSQ:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(psq_part_ptr + pid, tl.sum(p * p, axis=0))
+
+
+@triton.jit
+def _scalars_kernel(
+    usq_part_ptr,
+    n_usq,
+    psq_part_ptr,
+    n_psq,
+    step_ptr,
+    out_ptr,
+    elr_ptr,
+    sqrt_n,
+    clip,
+    lr,
+    eps2,
+    relative_step,
+    warmup_init,
+    scale_parameter,
+    write_elr,
+    BLOCK: tl.constexpr,
+):
+    # one program: out[0] = lr_t (step size), out[1] = d (clip divisor); elr <- lr_t if asked
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, n_usq, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(usq_part_ptr + idx, mask=idx < n_usq, other=0.0)
+    d = tl.maximum(tl.div_rn(tl.div_rn(tl.sqrt_rn(tl.sum(acc, axis=0)), sqrt_n), clip), 1.0)
+    pacc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, n_psq, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        pacc += tl.load(psq_part_ptr + idx, mask=idx < n_psq, other=0.0)
+    step = tl.load(step_ptr)
+    min_step = tl.where(warmup_init != 0, 1e-6 * step, 1e-2)
+    rel = tl.where(relative_step != 0, tl.minimum(min_step, inv_sqrt(step)), lr)
+    scale = tl.where(scale_parameter != 0, tl.maximum(eps2, tl.div_rn(tl.sqrt_rn(tl.sum(pacc, axis=0)), sqrt_n)), 1.0)
+    lr_t = scale * rel
+    tl.store(out_ptr, lr_t)
+    tl.store(out_ptr + 1, d)
+    if write_elr != 0:
+        tl.store(elr_ptr, lr_t)
+
+
+@triton.jit(do_not_specialize=["tensor_index"])
+def _adafactor_update_kernel(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    absmax_ptr,
+    v_ptr,
+    vc_ptr,
+    rmean_ptr,
+    scal_ptr,
+    flag_ptr,
+    step_ptr,
+    n,
+    R,
+    C,
+    beta1,
+    one_minus_beta1,
+    weight_decay,
+    tensor_index,
+    FACTORED: tl.constexpr,
+    MOMENTUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # MOMENTUM: 0 none, 1 fp32, 2 int8 codes (one codec block = one program)
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    finite = tl.load(flag_ptr) != 0.0
+    mask = (offs < n) & finite
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FACTORED:
+        u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
+    else:
+        u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
+    lr_t = tl.load(scal_ptr)
+    u = tl.div_rn(u, tl.load(scal_ptr + 1)) * lr_t
+    if MOMENTUM == 1:
+        m = ema(tl.load(m_ptr + offs, mask=mask, other=0.0), u, beta1, one_minus_beta1)
+        tl.store(m_ptr + offs, m, mask=mask)
+        u = m
+    elif MOMENTUM == 2:
+        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), tl.load(absmax_ptr + pid, mask=finite, other=0.0))
+        m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
+        absmax = tl.max(tl.abs(m), axis=0)
+        tl.store(m_ptr + offs, encode_signed(m, absmax), mask=mask)
+        tl.store(absmax_ptr + pid, absmax, mask=finite)
+        u = m
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = p + p * (-(weight_decay * lr_t)) - u
+    store_param(p_ptr, p, offs, mask, device_seed(step_ptr, tensor_index), True)
+
+
+def _stats_signature(grad: str, param: str) -> dict:
+    return {
+        "g_ptr": f"*{grad}", "p_ptr": f"*{param}", "vr_ptr": "*fp32", "colpart_ptr": "*fp32",
+        "rsum_part_ptr": "*fp32", "psq_part_ptr": "*fp32", "flag_ptr": "*fp32", "step_ptr": "*fp32",
+        "eps1": "fp32", "decay": "fp32", "one_minus_decay": "fp32", "beta_from_step": "i32", "R": "i32", "C": "i32", "n_rt": "i32",
+    }
+
+
+def _full_stats_signature(grad: str, param: str) -> dict:
+    return {
+        "g_ptr": f"*{grad}", "p_ptr": f"*{param}", "v_ptr": "*fp32", "usq_part_ptr": "*fp32",
+        "psq_part_ptr": "*fp32", "flag_ptr": "*fp32", "step_ptr": "*fp32", "n": "i64", "eps1": "fp32",
+        "decay": "fp32", "one_minus_decay": "fp32", "beta_from_step": "i32",
+    }
+
+
+_FINALIZE_SIGNATURE = {
+    "colpart_ptr": "*fp32", "vc_ptr": "*fp32", "rsum_part_ptr": "*fp32", "rmean_ptr": "*fp32",
+    "flag_ptr": "*fp32", "step_ptr": "*fp32", "decay": "fp32", "one_minus_decay": "fp32", "beta_from_step": "i32",
+    "R": "i32",
+    "C": "i32", "n_rt": "i32",
+}
+
+
+def _clip_signature(grad: str) -> dict:
+    return {
+        "g_ptr": f"*{grad}", "vr_ptr": "*fp32", "vc_ptr": "*fp32", "rmean_ptr": "*fp32",
+        "usq_part_ptr": "*fp32", "R": "i32", "C": "i32", "n_rt": "i32",
+    }
+
+
+_SCALARS_SIGNATURE = {
+    "usq_part_ptr": "*fp32", "n_usq": "i32", "psq_part_ptr": "*fp32", "n_psq": "i32", "step_ptr": "*fp32",
+    "out_ptr": "*fp32", "elr_ptr": "*fp32", "sqrt_n": "fp32", "clip": "fp32", "lr": "fp32", "eps2": "fp32",
+    "relative_step": "i32", "warmup_init": "i32", "scale_parameter": "i32", "write_elr": "i32",
+}
+
+
+def _update_signature(param: str, grad: str, momentum: int) -> dict:
+    return {
+        "p_ptr": f"*{param}", "g_ptr": f"*{grad}", "m_ptr": "*i8" if momentum == 2 else "*fp32",
+        "absmax_ptr": "*fp32", "v_ptr": "*fp32", "vc_ptr": "*fp32", "rmean_ptr": "*fp32", "scal_ptr": "*fp32",
+        "flag_ptr": "*fp32", "step_ptr": "*fp32", "n": "i64", "R": "i32", "C": "i32", "beta1": "fp32",
+        "one_minus_beta1": "fp32", "weight_decay": "fp32", "tensor_index": "i32",
+    }
+
+
+_DTYPE_PAIRS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16"))
+"""(param, grad) Triton dtypes compiled ahead of time."""
+
+AOT_SPECS = (
+    [
+        (_sq_stats_kernel, _stats_signature(grad, param), {"WITH_PSQ": psq, "BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C})
+        for param, grad in _DTYPE_PAIRS
+        for psq in (False, True)
+    ]
+    + [
+        (_full_stats_kernel, _full_stats_signature(grad, param), {"WITH_PSQ": psq, "BLOCK": FLAT_BLOCK})
+        for param, grad in _DTYPE_PAIRS
+        for psq in (False, True)
+    ]
+    + [(_sq_finalize_kernel, _FINALIZE_SIGNATURE, {"BLOCK": BLOCK_C})]
+    + [(_clip_stats_kernel, _clip_signature(grad), {"BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C}) for grad in
+       ("fp32", "bf16", "fp16")]
+    + [(_scalars_kernel, _SCALARS_SIGNATURE, {"BLOCK": FLAT_BLOCK})]
+    + [
+        (
+            _adafactor_update_kernel,
+            _update_signature(param, grad, momentum),
+            {"FACTORED": factored, "MOMENTUM": momentum, "BLOCK": BLOCK_SIZE},
+        )
+        for param, grad in _DTYPE_PAIRS
+        for factored in (False, True)
+        for momentum in (0, 1, 2)
+    ]
+)
+"""(kernel, signature, constexprs) for every kernel, mode and common (param, grad) dtype pair."""
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch reference (the specification, the CPU path and the test oracle)
+# --------------------------------------------------------------------------------------------------
+
+
+def factored_shape(shape: torch.Size | tuple) -> tuple[int, int, int]:
+    """``(B, R, C)`` view of a tensor of >= 2 dims: leading dims flattened into a batch ``B``."""
+    return (math.prod(shape[:-2]), shape[-2], shape[-1])
+
+
+def seed_reference(step: torch.Tensor, tensor_index: torch.Tensor) -> torch.Tensor:
+    """Stochastic-rounding seed ``(step * 7919 + tensor_index * 104729) & 0x7FFFFFFF`` on the device."""
+    return (step.to(torch.int64) * _SEED_STEP + tensor_index.to(torch.int64) * _SEED_INDEX) & _SEED_MASK
+
+
+def inv_sqrt_reference(x: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`inv_sqrt`."""
+    return 1.0 / torch.sqrt(x)
+
+
+def ema_reference(old: torch.Tensor, new: torch.Tensor, beta: torch.Tensor, one_minus_beta: torch.Tensor
+                  ) -> torch.Tensor:
+    """Reference of :func:`ema`."""
+    return old * beta + new * one_minus_beta
+
+
+def factored_stats_reference(
+    q: torch.Tensor, vr: torch.Tensor, vc: torch.Tensor, beta: torch.Tensor, omb: torch.Tensor, ok: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row/column EMAs of ``q`` (B, R, C): new ``vr`` (B, R) and ``vc`` (B, C); unchanged where ``ok`` is False.
+
+    ``omb`` is ``1 - beta`` (computed in double by the caller, see :func:`ema`).
+    """
+    new_vr = torch.where(ok, ema_reference(vr, q.sum(-1) / q.shape[-1], beta, omb), vr)
+    new_vc = torch.where(ok, ema_reference(vc, q.sum(-2) / q.shape[-2], beta, omb), vc)
+    return new_vr, new_vc
+
+
+def factored_scale_reference(vr: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+    """``rf[:, None] * cf[None, :]`` (B, R, C) with ``rf = 1/sqrt(vr / mean_R(vr))``, ``cf = 1/sqrt(vc)``."""
+    rmean = vr.sum(-1, keepdim=True) / vr.shape[-1]
+    return inv_sqrt_reference(vr / rmean)[..., :, None] * inv_sqrt_reference(vc)[..., None, :]
+
+
+def clip_divisor_reference(u: torch.Tensor, sqrt_n: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """``max(1, rms(u) / clip)`` with ``rms(u) = sqrt(sum(u^2)) / sqrt_n``."""
+    return torch.clamp(torch.sqrt((u * u).sum()) / sqrt_n / clip, min=1.0)
+
+
+def momentum_update_reference(
+    m: torch.Tensor, absmax: torch.Tensor | None, u: torch.Tensor, beta1: torch.Tensor, omb1: torch.Tensor,
+    ok: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """EMA of the momentum: returns ``(new fp32 m, stored m, stored absmax)``.
+
+    ``m`` is fp32 (the shape of ``u``) or flat int8 codes with ``absmax``; the stored values are
+    re-quantized when ``absmax`` is given, and unchanged where ``ok`` is False.
+    """
+    old = m if absmax is None else dequantize_reference(m, absmax).view(u.shape)
+    new = ema_reference(old, u, beta1, omb1)
+    if absmax is None:
+        return new, torch.where(ok, new, m), None
+    codes, scales = quantize_reference(new, signed=True)
+    return new, torch.where(ok, codes, m), torch.where(ok, scales, absmax)
+
+
+def adafactor_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    v: torch.Tensor,
+    vc: torch.Tensor | None,
+    m: torch.Tensor | None,
+    absmax: torch.Tensor | None,
+    step: torch.Tensor,
+    flag: torch.Tensor,
+    hp: torch.Tensor,
+    relative_step: bool,
+    warmup_init: bool,
+    scale_parameter: bool,
+) -> tuple[torch.Tensor, ...]:
+    """One Adafactor step; returns ``(new_param, v, vc, m, absmax, lr_t)`` (inputs untouched).
+
+    ``param``/``grad``: ``(B, R, C)`` when factored (``vc`` given; ``v`` is the row statistic
+    ``(B, R)``, ``vc`` the column statistic ``(B, C)``), else flat ``(n,)`` with ``v`` full ``(n,)``.
+    ``m``: None, fp32 (param's shape) or flat int8 codes with ``absmax``. ``step`` (already advanced)
+    and ``flag`` 0-d fp32. ``hp`` fp32 ``[lr, eps1, eps2, clip, decay_rate, beta1, 1 - beta1,
+    weight_decay, sqrt(numel), tensor_index]``. ``lr_t`` is the 0-d step size applied. Where ``flag == 0`` every
+    output equals its input.
+    """
+    lr, eps1, eps2, clip, decay, beta1, omb1, weight_decay, sqrt_n, tensor_index = hp.unbind()
+    ok = flag != 0
+    g = grad.to(torch.float32)
+    p = param.to(torch.float32)
+    omb2 = torch.exp2(decay * torch.log2(step))
+    beta2 = 1.0 - omb2
+    q = g * g + eps1
+    if vc is not None:
+        v, vc = factored_stats_reference(q, v, vc, beta2, omb2, ok)
+        u = factored_scale_reference(v, vc) * g
+    else:
+        v = torch.where(ok, ema_reference(v, q, beta2, omb2), v)
+        u = inv_sqrt_reference(v) * g
+    d = clip_divisor_reference(u, sqrt_n, clip)
+    rel = lr
+    if relative_step:
+        min_step = 1e-6 * step if warmup_init else torch.full_like(step, 1e-2)
+        rel = torch.minimum(min_step, inv_sqrt_reference(step))
+    if scale_parameter:
+        rel = torch.maximum(eps2, torch.sqrt((p * p).sum()) / sqrt_n) * rel
+    lr_t = rel
+    u = u / d * lr_t
+    if m is not None:
+        u, m, absmax = momentum_update_reference(m, absmax, u, beta1, omb1, ok)
+    new_p = p + p * (-(weight_decay * lr_t)) - u
+    seed = seed_reference(step, tensor_index)
+    new_p = torch.where(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
+    return new_p, v, vc, m, absmax, lr_t
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def _adafactor_inplace(param, grad, v, vc, m, absmax, step, flag, hp, elr, relative_step, warmup_init,
+                       scale_parameter) -> None:
+    new_p, new_v, new_vc, new_m, new_absmax, lr_t = adafactor_reference(
+        param, grad, v, vc, m, absmax, step, flag, hp, relative_step, warmup_init, scale_parameter
+    )
+    param.copy_(new_p)
+    v.copy_(new_v)
+    if vc is not None:
+        vc.copy_(new_vc)
+    if m is not None:
+        m.copy_(new_m)
+    if absmax is not None:
+        absmax.copy_(new_absmax)
+    if elr is not None:
+        elr.copy_(lr_t)
+
+
+def _adafactor_factored_cpu(*args) -> None:
+    _adafactor_inplace(*args)
+
+
+def _adafactor_flat_cpu(*args) -> None:
+    _adafactor_inplace(*args)
+
+
+# two entry points (two code objects, two compile caches): factored (B, R, C) and flat tensors each
+# compile once per (param dtype, grad dtype, momentum form, mode), never per shape
+_ADAFACTOR_CPU = {True: cpu_compiled(_adafactor_factored_cpu), False: cpu_compiled(_adafactor_flat_cpu)}
+
+
+def state_views(param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None,
+                m: torch.Tensor | None) -> tuple:
+    """Contiguous ``(work_param, grad, v, vc, m)`` views in the kernel layout (``(B, R, C)`` or flat)."""
+    work = param if param.is_contiguous() else param.contiguous()
+    if vc is not None:
+        shape3 = factored_shape(param.shape)
+        return (work.view(shape3), grad.reshape(shape3).contiguous(), v.view(shape3[:2]), vc.view(shape3[0], -1),
+                None if m is None else m.view(shape3 if m.dtype == torch.float32 else (-1,)))
+    return (work.view(-1), grad.reshape(-1).contiguous(), v.view(-1), None, None if m is None else m.view(-1))
+
+
+def adafactor_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    v: torch.Tensor,
+    vc: torch.Tensor | None,
+    m: torch.Tensor | None,
+    absmax: torch.Tensor | None,
+    step: torch.Tensor,
+    flag: torch.Tensor,
+    elr: torch.Tensor | None,
+    *,
+    lr: float | None,
+    eps: tuple[float, float],
+    clip_threshold: float,
+    decay_rate: float,
+    beta1: float | None,
+    weight_decay: float,
+    scale_parameter: bool,
+    relative_step: bool,
+    warmup_init: bool,
+    tensor_index: int,
+) -> None:
+    """Apply one Adafactor step in place to ``param`` and its state. Never synchronizes.
+
+    ``v``: row statistic (``param.shape[:-1]``) when ``vc`` (``param.shape[:-2] + param.shape[-1:]``)
+    is given (factored, >= 2 dims), else the full second moment (param's shape). ``m``: None (no
+    ``beta1``), fp32 (param's shape) or flat int8 codes with ``absmax`` (fp32, one per 256
+    elements). ``step`` (already advanced by the optimizer) and ``flag`` 0-d fp32 on the param's
+    device. ``elr``: a 0-d fp32 tensor that receives the step size ``lr_t``, or None. Triton on
+    CUDA (five launches factored, three 1-D), the ``torch.compile``'d reference on CPU.
+    """
+    if param.numel() == 0:
+        return
+    work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
+    if use_triton(param):
+        _launch(work, g, v_, vc_, m_, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
+                weight_decay, scale_parameter, relative_step, warmup_init, tensor_index)
+    else:
+        hp = scalar_args(0.0 if lr is None else lr, eps[0], eps[1], clip_threshold, decay_rate,
+                         0.0 if beta1 is None else beta1, 1.0 - (0.0 if beta1 is None else beta1), weight_decay, math.sqrt(param.numel()),
+                         float(tensor_index), device=param.device)
+        _ADAFACTOR_CPU[vc is not None](work, g, v_, vc_, m_, absmax, step, flag, hp, elr, relative_step, warmup_init,
+                       scale_parameter)
+    if work.data_ptr() != param.data_ptr():
+        param.copy_(work.view(param.shape))
+
+
+def launch_second_moment(work, g, v, vc, step, flag, eps1: float, decay: float, one_minus_decay: float,
+                         beta_from_step: bool, with_psq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Passes 1-2 (factored) or 1 (flat): update the second-moment statistics.
+
+    Returns ``(rmean, usq_partials, psq_partials)``: ``rmean`` (B,) holds ``mean_R(vr)`` (factored;
+    an empty tensor when flat), ``usq_partials`` the partial sums of ``u^2``, ``psq_partials`` the
+    partial sums of ``p^2`` (None unless ``with_psq``).
+    """
+    dev = work.device
+    if vc is not None:
+        B, R, C = work.shape
+        n_rt = triton.cdiv(R, BLOCK_R)
+        colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=dev)
+        rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
+        psq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev) if with_psq else None
+        rmean = torch.empty(B, dtype=torch.float32, device=dev)
+        _sq_stats_kernel[(B * n_rt,)](
+            g, work, v, colpart, rsum_part, rsum_part if psq_part is None else psq_part, flag, step,
+            eps1, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
+            WITH_PSQ=with_psq, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, enable_fp_fusion=False,
+        )
+        _sq_finalize_kernel[(B, triton.cdiv(C, BLOCK_C))](
+            colpart, vc, rsum_part, rmean, flag, step, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
+            BLOCK=BLOCK_C, enable_fp_fusion=False,
+        )
+        usq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
+        _clip_stats_kernel[(B * n_rt,)](
+            g, v, vc, rmean, usq_part, R, C, n_rt, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, enable_fp_fusion=False,
+        )
+        return rmean, usq_part, psq_part
+    n = work.numel()
+    nprog = triton.cdiv(n, FLAT_BLOCK)
+    usq_part = torch.empty(nprog, dtype=torch.float32, device=dev)
+    psq_part = torch.empty(nprog, dtype=torch.float32, device=dev) if with_psq else None
+    _full_stats_kernel[(nprog,)](
+        g, work, v, usq_part, usq_part if psq_part is None else psq_part, flag, step, n, eps1, decay,
+        one_minus_decay, int(beta_from_step), WITH_PSQ=with_psq, BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
+    )
+    return torch.empty(0, dtype=torch.float32, device=dev), usq_part, psq_part
+
+
+def launch_scalars(usq_part, psq_part, step, elr, numel: int, clip: float, lr: float, eps2: float,
+                   relative_step: bool, warmup_init: bool, scale_parameter: bool) -> torch.Tensor:
+    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d]`` (fp32, on the device); writes ``elr`` if given."""
+    scal = torch.empty(2, dtype=torch.float32, device=usq_part.device)
+    _scalars_kernel[(1,)](
+        usq_part, usq_part.numel(), usq_part if psq_part is None else psq_part,
+        0 if psq_part is None else psq_part.numel(), step, scal, scal if elr is None else elr,
+        math.sqrt(numel), clip, lr, eps2, int(relative_step), int(warmup_init), int(scale_parameter),
+        int(elr is not None), BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
+    )
+    return scal
+
+
+def _launch(work, g, v, vc, m, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
+            weight_decay, scale_parameter, relative_step, warmup_init, tensor_index) -> None:
+    rmean, usq_part, psq_part = launch_second_moment(
+        work, g, v, vc, step, flag, eps[0], decay_rate, 0.0, True, scale_parameter
+    )
+    n = work.numel()
+    scal = launch_scalars(usq_part, psq_part, step, elr, n, clip_threshold, 0.0 if lr is None else lr, eps[1],
+                          relative_step, warmup_init, scale_parameter)
+    R, C = (work.shape[1], work.shape[2]) if vc is not None else (1, 1)
+    momentum = 0 if m is None else (2 if absmax is not None else 1)
+    _adafactor_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
+        work, g, flag if m is None else m, flag if absmax is None else absmax, v, v if vc is None else vc,
+        rmean if vc is not None else v, scal, flag, step, n, R, C, 0.0 if beta1 is None else float(beta1),
+        1.0 - (0.0 if beta1 is None else float(beta1)), float(weight_decay), int(tensor_index),
+        FACTORED=vc is not None, MOMENTUM=momentum, BLOCK=BLOCK_SIZE, enable_fp_fusion=False,
+    )
+
+
+def quantized_momentum(numel: int, momentum_dtype: str) -> bool:
+    """Whether a momentum of ``numel`` elements is stored in the 8-bit code (``int8`` and >= 4096 elements)."""
+    return momentum_dtype == "int8" and numel >= MIN_QUANTIZED_NUMEL

@@ -1,0 +1,374 @@
+"""CAME step: factored second moment, factored confidence (instability) statistics, (8-bit) momentum.
+
+Math (Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", ACL 2023, with
+the semantics of the authors' ``came-pytorch``), all in fp32. A tensor of >= 2 dims is viewed as
+``(B, R, C)`` (leading dims are a batch, the last two are factored)::
+
+    q   = g * g + eps1
+    vr  = b2 * vr + (1 - b2) * mean_C(q);   vc = b2 * vc + (1 - b2) * mean_R(q)
+    u   = (1 / sqrt(vr / mean_R(vr)))[:, None] * (1 / sqrt(vc))[None, :] * g
+    u   = u / max(1, rms(u) / clip_threshold)
+    m   = b1 * m + (1 - b1) * u
+    s   = (u - m) ** 2 + eps2                                  instability, never stored full size
+    sr  = b3 * sr + (1 - b3) * mean_C(s);   sc = b3 * sc + (1 - b3) * mean_R(s)
+    p   = p + p * (-weight_decay * lr) - ((1 / sqrt(sr / mean_R(sr)))[:, None] * (1 / sqrt(sc))[None, :] * m) * lr
+
+1-D tensors (as the official code): ``v = b2 * v + (1 - b2) * q`` full size, ``u = g / sqrt(v)``,
+clipping and momentum as above, and ``p -= lr * m`` (no confidence statistics).
+
+State: ``vr, vc, sr, sc`` (O(R + C) fp32), momentum ``m`` in fp32 or in the signed block-wise 8-bit
+code of :mod:`.codec` (int8 + one fp32 absmax per 256 elements; the update uses the fp32 ``m``
+before re-quantization). bf16/fp16 params are written with stochastic rounding (:mod:`.rounding`).
+A 0/1 ``flag`` (non-finite guard) leaves params and every state untouched.
+
+Passes over the gradient: the math has three global reductions in sequence (second-moment
+statistics, RMS of ``u``, instability statistics) before the update, so four passes; factored
+tensors take exactly four (seven launches): the two second-moment passes and the scalar kernel of
+:mod:`.adafactor`, then ``_res_stats_kernel`` (recomputes ``u`` and the new ``m`` in registers from
+``g`` and the old ``m``, sums ``s`` by rows and columns: no full-size scratch), its column finalize,
+and ``_came_update_kernel`` (recomputes the same ``m`` bit for bit, stores it and the param).
+1-D tensors take two passes.
+
+File order: Triton kernels, PyTorch reference, launcher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .adafactor import (
+    _DTYPE_PAIRS,
+    BLOCK_C,
+    BLOCK_R,
+    _sq_finalize_kernel,
+    clip_divisor_reference,
+    ema,
+    ema_reference,
+    factored_scale_reference,
+    factored_stats_reference,
+    factored_u,
+    inv_sqrt,
+    inv_sqrt_reference,
+    launch_scalars,
+    launch_second_moment,
+    momentum_update_reference,
+    seed_reference,
+    state_views,
+)
+from .codec import BLOCK_SIZE, decode_signed, encode_signed
+from .dispatch import cpu_compiled, scalar_args, use_triton
+from .rounding import round_param_reference, store_param
+
+__all__ = ["came_reference", "came_update"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _res_stats_kernel(
+    g_ptr,
+    m_ptr,
+    absmax_ptr,
+    vr_ptr,
+    vc_ptr,
+    rmean_ptr,
+    scal_ptr,
+    sr_ptr,
+    colpart_ptr,
+    rsum_part_ptr,
+    flag_ptr,
+    R,
+    C,
+    n_rt,
+    beta1,
+    one_minus_beta1,
+    beta3,
+    one_minus_beta3,
+    eps2,
+    QUANTIZED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # program = BLOCK_R rows of batch b over all columns: row sums of s (+ row EMA), column partials
+    pid = tl.program_id(0)
+    b = pid // n_rt
+    rows = (pid % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    grow = b.to(tl.int64) * R + rows
+    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=rmask, other=1.0), tl.load(rmean_ptr + b)))
+    d = tl.load(scal_ptr + 1)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        m2 = rmask[:, None] & cmask[None, :]
+        offs = grow[:, None] * C + cols[None, :]
+        g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        cf = inv_sqrt(tl.load(vc_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=1.0))
+        u = tl.div_rn((rf[:, None] * cf[None, :]) * g, d)
+        if QUANTIZED:
+            old = decode_signed(tl.load(m_ptr + offs, mask=m2, other=0),
+                                tl.load(absmax_ptr + offs // 256, mask=m2, other=0.0))
+        else:
+            old = tl.load(m_ptr + offs, mask=m2, other=0.0)
+        diff = u - ema(old, u, beta1, one_minus_beta1)
+        s = tl.where(m2, diff * diff + eps2, 0.0)
+        acc += tl.sum(s, axis=1)
+        tl.store(colpart_ptr + pid.to(tl.int64) * C + cols, tl.sum(s, axis=0), mask=cmask)
+    prev = tl.load(sr_ptr + grow, mask=rmask, other=0.0)
+    new = ema(prev, tl.div_rn(acc, C.to(tl.float32)), beta3, one_minus_beta3)
+    new = tl.where(tl.load(flag_ptr) != 0.0, new, prev)
+    tl.store(sr_ptr + grow, new, mask=rmask)
+    tl.store(rsum_part_ptr + pid, tl.sum(tl.where(rmask, new, 0.0), axis=0))
+
+
+@triton.jit(do_not_specialize=["tensor_index"])
+def _came_update_kernel(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    absmax_ptr,
+    v_ptr,
+    vc_ptr,
+    rmean_ptr,
+    sr_ptr,
+    sc_ptr,
+    smean_ptr,
+    scal_ptr,
+    flag_ptr,
+    step_ptr,
+    n,
+    R,
+    C,
+    beta1,
+    one_minus_beta1,
+    weight_decay,
+    lr,
+    tensor_index,
+    FACTORED: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # one codec block of BLOCK (= 256) elements per program
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    finite = tl.load(flag_ptr) != 0.0
+    mask = (offs < n) & finite
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FACTORED:
+        u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
+    else:
+        u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
+    u = tl.div_rn(u, tl.load(scal_ptr + 1))
+    if QUANTIZED:
+        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), tl.load(absmax_ptr + pid, mask=finite, other=0.0))
+        m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
+        absmax = tl.max(tl.abs(m), axis=0)
+        tl.store(m_ptr + offs, encode_signed(m, absmax), mask=mask)
+        tl.store(absmax_ptr + pid, absmax, mask=finite)
+    else:
+        m = ema(tl.load(m_ptr + offs, mask=mask, other=0.0), u, beta1, one_minus_beta1)
+        tl.store(m_ptr + offs, m, mask=mask)
+    if FACTORED:
+        upd = factored_u(m, offs, mask, sr_ptr, sc_ptr, smean_ptr, R, C)
+    else:
+        upd = m
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = p + p * (-(weight_decay * lr)) - upd * lr
+    step = tl.load(step_ptr)
+    seed = (step.to(tl.int64) * 7919 + tensor_index.to(tl.int64) * 104729) & 0x7FFFFFFF
+    store_param(p_ptr, p, offs, mask, seed, True)
+
+
+def _res_signature(grad: str, quantized: bool) -> dict:
+    return {
+        "g_ptr": f"*{grad}", "m_ptr": "*i8" if quantized else "*fp32", "absmax_ptr": "*fp32", "vr_ptr": "*fp32",
+        "vc_ptr": "*fp32", "rmean_ptr": "*fp32", "scal_ptr": "*fp32", "sr_ptr": "*fp32", "colpart_ptr": "*fp32",
+        "rsum_part_ptr": "*fp32", "flag_ptr": "*fp32", "R": "i32", "C": "i32", "n_rt": "i32", "beta1": "fp32",
+        "one_minus_beta1": "fp32", "beta3": "fp32", "one_minus_beta3": "fp32", "eps2": "fp32",
+    }
+
+
+def _update_signature(param: str, grad: str, quantized: bool) -> dict:
+    return {
+        "p_ptr": f"*{param}", "g_ptr": f"*{grad}", "m_ptr": "*i8" if quantized else "*fp32", "absmax_ptr": "*fp32",
+        "v_ptr": "*fp32", "vc_ptr": "*fp32", "rmean_ptr": "*fp32", "sr_ptr": "*fp32", "sc_ptr": "*fp32",
+        "smean_ptr": "*fp32", "scal_ptr": "*fp32", "flag_ptr": "*fp32", "step_ptr": "*fp32", "n": "i64",
+        "R": "i32", "C": "i32", "beta1": "fp32", "one_minus_beta1": "fp32", "weight_decay": "fp32", "lr": "fp32",
+        "tensor_index": "i32",
+    }
+
+
+AOT_SPECS = [
+    (_res_stats_kernel, _res_signature(grad, quantized), {"QUANTIZED": quantized, "BLOCK_R": BLOCK_R,
+                                                          "BLOCK_C": BLOCK_C})
+    for grad in ("fp32", "bf16", "fp16")
+    for quantized in (False, True)
+] + [
+    (_came_update_kernel, _update_signature(param, grad, quantized),
+     {"FACTORED": factored, "QUANTIZED": quantized, "BLOCK": BLOCK_SIZE})
+    for param, grad in _DTYPE_PAIRS
+    for factored in (False, True)
+    for quantized in (False, True)
+]
+"""(kernel, signature, constexprs) for every CAME-specific kernel and mode (the shared second-moment
+kernels are listed in :mod:`.adafactor`)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch reference (the specification, the CPU path and the test oracle)
+# --------------------------------------------------------------------------------------------------
+
+
+def came_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    v: torch.Tensor,
+    vc: torch.Tensor | None,
+    sr: torch.Tensor | None,
+    sc: torch.Tensor | None,
+    m: torch.Tensor,
+    absmax: torch.Tensor | None,
+    step: torch.Tensor,
+    flag: torch.Tensor,
+    hp: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """One CAME step; returns ``(new_param, v, vc, sr, sc, m, absmax)`` (inputs untouched).
+
+    ``param``/``grad``: ``(B, R, C)`` when factored (``vc``, ``sr``, ``sc`` given: ``v``/``sr`` are row
+    statistics ``(B, R)``, ``vc``/``sc`` column statistics ``(B, C)``), else flat ``(n,)`` with ``v``
+    full. ``m``: fp32 (param's shape) or flat int8 codes with ``absmax``. ``step`` and ``flag`` 0-d
+    fp32. ``hp`` fp32 ``[lr, eps1, eps2, clip, beta1, beta2, beta3, 1 - beta1, 1 - beta2, 1 - beta3,
+    weight_decay, sqrt(numel), tensor_index]`` (the ``1 - beta`` computed in double, see :func:`.adafactor.ema`). Where ``flag == 0`` every output equals its input.
+    """
+    lr, eps1, eps2, clip, beta1, beta2, beta3, omb1, omb2, omb3, weight_decay, sqrt_n, tensor_index = hp.unbind()
+    ok = flag != 0
+    g = grad.to(torch.float32)
+    p = param.to(torch.float32)
+    q = g * g + eps1
+    if vc is not None:
+        v, vc = factored_stats_reference(q, v, vc, beta2, omb2, ok)
+        u = factored_scale_reference(v, vc) * g
+    else:
+        v = torch.where(ok, ema_reference(v, q, beta2, omb2), v)
+        u = inv_sqrt_reference(v) * g
+    u = u / clip_divisor_reference(u, sqrt_n, clip)
+    new_m, m, absmax = momentum_update_reference(m, absmax, u, beta1, omb1, ok)
+    if vc is not None:
+        diff = u - new_m
+        sr, sc = factored_stats_reference(diff * diff + eps2, sr, sc, beta3, omb3, ok)
+        upd = factored_scale_reference(sr, sc) * new_m
+    else:
+        upd = new_m
+    new_p = p + p * (-(weight_decay * lr)) - upd * lr
+    seed = seed_reference(step, tensor_index)
+    new_p = torch.where(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
+    return new_p, v, vc, sr, sc, m, absmax
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def _came_inplace(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp) -> None:
+    outs = came_reference(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp)
+    for dst, src in zip((param, v, vc, sr, sc, m, absmax), outs):
+        if dst is not None:
+            dst.copy_(src)
+
+
+def _came_factored_cpu(*args) -> None:
+    _came_inplace(*args)
+
+
+def _came_flat_cpu(*args) -> None:
+    _came_inplace(*args)
+
+
+# two entry points (two code objects, two compile caches): factored (B, R, C) and flat tensors
+_CAME_CPU = {True: cpu_compiled(_came_factored_cpu), False: cpu_compiled(_came_flat_cpu)}
+
+
+def came_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    v: torch.Tensor,
+    vc: torch.Tensor | None,
+    sr: torch.Tensor | None,
+    sc: torch.Tensor | None,
+    m: torch.Tensor,
+    absmax: torch.Tensor | None,
+    step: torch.Tensor,
+    flag: torch.Tensor,
+    *,
+    lr: float,
+    eps: tuple[float, float],
+    clip_threshold: float,
+    betas: tuple[float, float, float],
+    weight_decay: float,
+    tensor_index: int,
+) -> None:
+    """Apply one CAME step in place to ``param`` and its state. Never synchronizes.
+
+    Factored (>= 2 dims; ``vc``, ``sr``, ``sc`` given): ``v``/``sr`` have shape ``param.shape[:-1]``,
+    ``vc``/``sc`` ``param.shape[:-2] + param.shape[-1:]``. Else ``v`` is the full second moment.
+    ``m``: fp32 (param's shape) or flat int8 codes with ``absmax`` (fp32, one per 256 elements).
+    ``step`` (advanced by the optimizer; seeds stochastic rounding) and ``flag`` are 0-d fp32 on the
+    param's device. Triton on CUDA (seven launches factored, three 1-D), the ``torch.compile``'d
+    reference on CPU.
+    """
+    if param.numel() == 0:
+        return
+    work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
+    sr_ = sc_ = None
+    if vc is not None:
+        B = work.shape[0]
+        sr_, sc_ = sr.view(B, -1), sc.view(B, -1)
+    if use_triton(param):
+        _launch(work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, lr, eps, clip_threshold, betas, weight_decay,
+                tensor_index)
+    else:
+        hp = scalar_args(lr, eps[0], eps[1], clip_threshold, *betas, *(1.0 - b for b in betas), weight_decay, math.sqrt(param.numel()),
+                         float(tensor_index), device=param.device)
+        _CAME_CPU[vc is not None](work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, hp)
+    if work.data_ptr() != param.data_ptr():
+        param.copy_(work.view(param.shape))
+
+
+def _launch(work, g, v, vc, sr, sc, m, absmax, step, flag, lr, eps, clip_threshold, betas, weight_decay,
+            tensor_index) -> None:
+    beta1, beta2, beta3 = (float(b) for b in betas)
+    rmean, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, eps[0], beta2, 1.0 - beta2, False, False)
+    n = work.numel()
+    scal = launch_scalars(usq_part, None, step, None, n, clip_threshold, lr, eps[1], False, False, False)
+    quantized = absmax is not None
+    smean = rmean
+    R = C = 1
+    if vc is not None:
+        B, R, C = work.shape
+        n_rt = triton.cdiv(R, BLOCK_R)
+        colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=work.device)
+        rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=work.device)
+        smean = torch.empty(B, dtype=torch.float32, device=work.device)
+        _res_stats_kernel[(B * n_rt,)](
+            g, m, flag if absmax is None else absmax, v, vc, rmean, scal, sr, colpart, rsum_part, flag, R, C, n_rt,
+            beta1, 1.0 - beta1, beta3, 1.0 - beta3, float(eps[1]), QUANTIZED=quantized, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+            enable_fp_fusion=False,
+        )
+        _sq_finalize_kernel[(B, triton.cdiv(C, BLOCK_C))](
+            colpart, sc, rsum_part, smean, flag, step, beta3, 1.0 - beta3, 0, R, C, n_rt, BLOCK=BLOCK_C, enable_fp_fusion=False,
+        )
+    _came_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
+        work, g, m, flag if absmax is None else absmax, v, v if vc is None else vc, v if vc is None else rmean,
+        v if sr is None else sr, v if sc is None else sc, v if vc is None else smean, scal, flag, step, n, R, C,
+        beta1, 1.0 - beta1, float(weight_decay), float(lr), int(tensor_index),
+        FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, enable_fp_fusion=False,
+    )

@@ -1,0 +1,313 @@
+"""Adafactor with the semantics of ``transformers.optimization.Adafactor``, on our kernels, with fp32 or 8-bit momentum."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..kernels.adafactor import adafactor_update, quantized_momentum
+from ..kernels.codec import dequantize_reference, num_blocks, quantize_reference
+from .base import LowMemOptimizer
+from .validation import check_choice, check_lr, check_non_negative
+
+__all__ = ["Adafactor", "MOMENTUM_DTYPES", "convert_momentum_state"]
+
+MOMENTUM_DTYPES = ("float32", "int8")
+"""Allowed values of ``momentum_dtype``."""
+
+
+class Adafactor(LowMemOptimizer):
+    """Adafactor (Shazeer & Stern, ICML 2018) exactly as ``transformers.optimization.Adafactor``.
+
+    Same arguments, defaults and errors as transformers; with fp32 params the updates match it to
+    fp32 rounding. Tensors of >= 2 dims keep a factored second moment over their last two dims
+    (``exp_avg_sq_row``: ``shape[:-1]``, ``exp_avg_sq_col``: ``shape[:-2] + shape[-1:]``, fp32):
+    4 * (rows + cols) bytes per matrix; other tensors keep a full ``exp_avg_sq``. The math and the
+    kernel passes are documented in :mod:`lowmem_lightning.kernels.adafactor`.
+
+    Args:
+        params: tensors or param-group dicts (fp32, bf16 or fp16; bf16/fp16 are written back with
+            stochastic rounding). Grads may be any float dtype.
+        lr: external learning rate; requires ``relative_step=False`` (then an LR scheduler may
+            change ``group["lr"]``), must be None with ``relative_step=True``.
+        eps: ``(eps1, eps2)``: added to squared gradients; lower bound of the parameter RMS scale.
+        clip_threshold: threshold on the RMS of the update (> 0).
+        decay_rate: second-moment decay exponent (<= 0): ``beta2_t = 1 - t ** decay_rate``.
+        beta1: momentum coefficient in [0, 1), or None for no momentum.
+        weight_decay: decoupled-by-``lr_t`` L2 penalty (>= 0).
+        scale_parameter: scale the step size by ``max(eps2, RMS(param))``.
+        relative_step: step size ``min(1e-2, 1/sqrt(t))`` (``min(1e-6 t, 1/sqrt(t))`` with
+            ``warmup_init``) instead of ``lr``.
+        warmup_init: linear warm-up of the relative step (requires ``relative_step=True``).
+        momentum_dtype: ``"float32"`` (``exp_avg``, 4 bytes/param) or ``"int8"`` (``exp_avg_codes``
+            int8 + ``exp_avg_absmax`` fp32 per 256 elements: 1.016 bytes/param; tensors under 4096
+            elements keep fp32). Only used with ``beta1``.
+
+    Learning rate seen by Lightning (``group["lr"]`` is None under relative step): every step,
+    ``group["effective_lr_tensor"]`` (0-d fp32 on the params' device) receives the step size
+    ``lr_t`` applied to the group's first param with a gradient, computed on the device exactly as
+    transformers' ``_get_lr`` (and ``AdafactorSchedule``) does, without a host sync.
+    ``group["effective_lr"]`` is the same value as a Python float when the host knows it without a
+    sync: ``lr`` when ``relative_step=False`` and ``scale_parameter=False``; ``min(1e-2, 1/sqrt(t))``
+    (or the warm-up form) when ``relative_step=True`` and ``scale_parameter=False``, with ``t`` the
+    number of ``step()`` calls that updated the group (``group["host_step"]``; it runs ahead of the
+    device counter by the group first param's skipped non-finite updates). With ``scale_parameter``
+    it depends on the param RMS, a device quantity, and is None; :meth:`effective_lr` returns a
+    float per group in every case (reading the tensor, one sync, for those groups).
+
+    State per param: ``step`` (0-d fp32 counter of applied updates; a non-finite gradient skips the
+    update and does not advance it), the second moment as above and, with ``beta1``, the momentum.
+    State dicts of transformers' Adafactor load directly (``RMS`` is recomputed each step).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        momentum_dtype: str = "float32",
+    ):
+        if lr is not None and relative_step:
+            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
+        if warmup_init and not relative_step:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`")
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            momentum_dtype=momentum_dtype,
+        )
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group (validated like the constructor's arguments; ``ValueError`` if invalid)."""
+        super().add_param_group(param_group)
+        try:
+            _check_hyperparameters(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ effective learning rate
+    def effective_lr(self) -> list[float]:
+        """Step size applied per param group at the last step (float; may sync with the device).
+
+        Before the first step: the step size the first step would apply.
+        """
+        out = []
+        for group in self.param_groups:
+            value = group.get("effective_lr")
+            tensor = group.get("effective_lr_tensor")
+            if value is None and tensor is not None:
+                value = float(tensor)
+            elif value is None:
+                value = _host_lr(group, max(1, group.get("host_step", 0)))
+                if group["scale_parameter"] and group["params"]:
+                    p = group["params"][0].detach().float()
+                    rms = float(p.norm() / math.sqrt(max(1, p.numel())))
+                    value = max(group["eps"][1], rms) * value
+            out.append(float(value))
+        return out
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
+        state = self.state[param]
+        if "step" in state:
+            return state
+        state["step"] = self._new_step(param)
+        for key, (shape, dtype) in self._expected_state(param, group).items():
+            if key != "step":
+                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        return state
+
+    def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
+        shape = tuple(param.shape)
+        expected = {"step": ((), torch.float32)}
+        if group["beta1"] is not None:
+            expected.update(momentum_spec(param, group["momentum_dtype"], "exp_avg"))
+        if len(shape) >= 2:
+            expected["exp_avg_sq_row"] = (shape[:-1], torch.float32)
+            expected["exp_avg_sq_col"] = (shape[:-2] + shape[-1:], torch.float32)
+        else:
+            expected["exp_avg_sq"] = (shape, torch.float32)
+        return expected
+
+    def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """Accept transformers' Adafactor states (int ``step``, ``RMS``, state in the grad dtype) and ours."""
+        state = dict(state)
+        state.pop("RMS", None)
+        state = convert_momentum_state(param, state, group, "exp_avg", group["beta1"] is not None)
+        for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+            if isinstance(state.get(key), torch.Tensor):
+                state[key] = state[key].to(torch.float32)
+        return state
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One update of every param with a gradient; returns ``closure()``'s loss if given.
+
+        No host-device synchronization: the non-finite guard, step counters, step sizes and
+        stochastic-rounding seeds all stay on the device.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+            for param in group["params"]:
+                if param.grad is not None:
+                    if param.grad.is_sparse:
+                        raise RuntimeError("Adafactor does not support sparse gradients.")
+                    by_device[param.device].append((index, param))
+                index += 1
+            if not by_device:
+                continue
+            group["host_step"] = group.get("host_step", 0) + 1
+            elr = _effective_lr_tensor(group, next(iter(by_device.values()))[0][1])
+            for n_device, items in enumerate(by_device.values()):
+                self._step_tensors(items, group, elr if n_device == 0 else None)
+            group["effective_lr"] = _host_lr(group, group["host_step"]) if not group["scale_parameter"] else None
+        return loss
+
+    def _step_tensors(self, items: list[tuple[int, torch.Tensor]], group: dict, elr: torch.Tensor | None) -> None:
+        flags = self._finite_flags([param.grad for _, param in items])
+        states = [self._init_state(param, group) for _, param in items]
+        torch._foreach_add_([state["step"] for state in states], list(flags.unbind()))
+        for i, ((tensor_index, param), state, flag) in enumerate(zip(items, states, flags.unbind())):
+            factored = "exp_avg_sq_row" in state
+            adafactor_update(
+                param.data if isinstance(param, torch.nn.Parameter) else param,
+                param.grad,
+                state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
+                state["exp_avg_sq_col"] if factored else None,
+                state.get("exp_avg_codes", state.get("exp_avg")),
+                state.get("exp_avg_absmax"),
+                state["step"],
+                flag,
+                elr if i == 0 else None,
+                lr=None if group["lr"] is None else float(group["lr"]),
+                eps=tuple(float(e) for e in group["eps"]),
+                clip_threshold=float(group["clip_threshold"]),
+                decay_rate=float(group["decay_rate"]),
+                beta1=group["beta1"],
+                weight_decay=float(group["weight_decay"]),
+                scale_parameter=group["scale_parameter"],
+                relative_step=group["relative_step"],
+                warmup_init=group["warmup_init"],
+                tensor_index=tensor_index,
+            )
+
+
+def _effective_lr_tensor(group: dict, param: torch.Tensor) -> torch.Tensor:
+    tensor = group.get("effective_lr_tensor")
+    if not isinstance(tensor, torch.Tensor) or tensor.device != param.device or tensor.dtype != torch.float32:
+        tensor = torch.zeros((), dtype=torch.float32, device=param.device)
+        group["effective_lr_tensor"] = tensor
+    return tensor
+
+
+def _host_lr(group: dict, t: int) -> float:
+    """Step size before the RMS scale: ``lr``, or the relative step at step ``t`` (transformers' ``_get_lr``)."""
+    if not group["relative_step"]:
+        return float(group["lr"])
+    min_step = 1e-6 * t if group["warmup_init"] else 1e-2
+    return min(min_step, 1.0 / math.sqrt(t))
+
+
+def momentum_spec(param: torch.Tensor, momentum_dtype: str, key: str) -> dict:
+    """``{state key: (shape, dtype)}`` of a momentum of ``param`` stored as ``momentum_dtype``."""
+    n = param.numel()
+    if quantized_momentum(n, momentum_dtype):
+        return {f"{key}_codes": ((n,), torch.int8), f"{key}_absmax": ((num_blocks(n),), torch.float32)}
+    return {key: (tuple(param.shape), torch.float32)}
+
+
+def convert_momentum_state(param: torch.Tensor, state: dict, group: dict, key: str, has_momentum: bool) -> dict:
+    """Turn a loaded momentum (fp32 ``key`` or ``key_codes`` + ``key_absmax``) into this group's form.
+
+    Also turns an int ``step`` into a 0-d fp32 tensor. Our own state in the right form is kept bit
+    for bit; an fp32 buffer is quantized, codes are dequantized, as ``momentum_dtype`` requires.
+    """
+    state = dict(state)
+    step = state.get("step", 0)
+    state["step"] = (step if isinstance(step, torch.Tensor) else torch.tensor(float(step))).to(torch.float32).reshape(())
+    if not has_momentum:
+        return state
+    buffer = state.pop(key, None)
+    codes, absmax = state.pop(f"{key}_codes", None), state.pop(f"{key}_absmax", None)
+    want_codes = quantized_momentum(param.numel(), group["momentum_dtype"])
+    if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor):
+        if want_codes:
+            state[f"{key}_codes"], state[f"{key}_absmax"] = codes, absmax
+            return state
+        if codes.numel() == param.numel():
+            buffer = dequantize_reference(codes, absmax).view(param.shape)
+    if not isinstance(buffer, torch.Tensor) or buffer.numel() != param.numel():
+        if buffer is not None:
+            state[key] = buffer  # rejected with a clear message by the validation
+        return state
+    if want_codes:
+        state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_reference(buffer.float(), signed=True)
+    else:
+        state[key] = buffer.to(torch.float32).reshape(param.shape)
+    return state
+
+
+def check_eps_pair(eps, names: tuple[str, str]) -> None:
+    """``eps`` must be a pair of finite numbers >= 0."""
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise ValueError(f"Invalid eps={eps!r}: expected a tuple of two finite numbers >= 0 {names}.")
+    for value, name in zip(eps, names):
+        check_non_negative(value, name)
+
+
+def check_bool(value, name: str) -> None:
+    """``value`` must be True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}={value!r}: expected True or False.")
+
+
+def _check_hyperparameters(group: dict) -> None:
+    """Validate one group's hyperparameters (transformers' combination rules plus value checks)."""
+    for name in ("scale_parameter", "relative_step", "warmup_init"):
+        check_bool(group[name], name)
+    if group["lr"] is not None and group["relative_step"]:
+        raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
+    if group["warmup_init"] and not group["relative_step"]:
+        raise ValueError("`warmup_init=True` requires `relative_step=True`")
+    if group["lr"] is None and not group["relative_step"]:
+        raise ValueError("Invalid lr=None with relative_step=False: give a learning rate (a finite number >= 0).")
+    check_lr(group["lr"], allow_none=True)
+    check_eps_pair(group["eps"], ("eps[0]", "eps[1]"))
+    clip = group["clip_threshold"]
+    check_non_negative(clip, "clip_threshold")
+    if float(clip) == 0:
+        raise ValueError(f"Invalid clip_threshold={clip!r}: expected a finite number > 0.")
+    decay = group["decay_rate"]
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not -math.inf < decay <= 0:
+        raise ValueError(f"Invalid decay_rate={decay!r}: expected a finite number <= 0 (default -0.8).")
+    beta1 = group["beta1"]
+    if beta1 is not None and (not isinstance(beta1, (int, float)) or isinstance(beta1, bool) or not 0 <= beta1 < 1):
+        raise ValueError(f"Invalid beta1={beta1!r}: expected None or a number in [0, 1).")
+    check_non_negative(group["weight_decay"], "weight_decay")
+    check_choice(group["momentum_dtype"], MOMENTUM_DTYPES, "momentum_dtype")

@@ -1,0 +1,181 @@
+"""CAME with the semantics of the authors' ``came-pytorch``, on our kernels, with fp32 or 8-bit momentum."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..kernels.came import came_update
+from .adafactor import MOMENTUM_DTYPES, check_eps_pair, convert_momentum_state, momentum_spec
+from .base import LowMemOptimizer
+from .validation import check_betas, check_choice, check_non_negative
+
+__all__ = ["CAME"]
+
+
+class CAME(LowMemOptimizer):
+    """CAME (Luo et al., "CAME: Confidence-guided Adaptive Memory Efficient Optimization", ACL 2023).
+
+    Same arguments, defaults and update as the official ``came_pytorch.CAME``; with fp32 params the
+    updates match it to fp32 rounding. Tensors of >= 2 dims keep factored second-moment *and*
+    instability (confidence) statistics over their last two dims: ``exp_avg_sq_row`` /
+    ``exp_avg_res_row`` (``shape[:-1]``) and ``exp_avg_sq_col`` / ``exp_avg_res_col``
+    (``shape[:-2] + shape[-1:]``), fp32, 8 * (rows + cols) bytes per matrix; no full-size
+    instability tensor exists, even transiently. 1-D tensors keep a full ``exp_avg_sq`` and apply
+    the momentum directly, as the official code does. Math and kernel passes:
+    :mod:`lowmem_lightning.kernels.came`.
+
+    Args:
+        params: tensors or param-group dicts (fp32, bf16 or fp16; bf16/fp16 are written back with
+            stochastic rounding). Grads may be any float dtype.
+        lr: learning rate (required, > 0); an LR scheduler may change ``group["lr"]``.
+        eps: ``(eps1, eps2)`` added to squared gradients and to the instability.
+        clip_threshold: threshold on the RMS of the update (> 0).
+        betas: ``(beta1, beta2, beta3)`` of the momentum, second moment and instability, in [0, 1).
+        weight_decay: L2 penalty scaled by ``lr`` (>= 0).
+        momentum_dtype: ``"float32"`` (``exp_avg``: about 4 bytes/param in all) or ``"int8"``
+            (``exp_avg_codes`` int8 + ``exp_avg_absmax`` fp32 per 256 elements: about 1.02
+            bytes/param in all; tensors under 4096 elements keep fp32).
+
+    ``group["effective_lr"]`` is set every step to ``float(group["lr"])``, the step size CAME
+    applies (no device quantity is involved); :meth:`effective_lr` returns it per group.
+
+    State per param: ``step`` (0-d fp32 counter of applied updates; a non-finite gradient skips
+    the update and does not advance it; it also seeds stochastic rounding), the statistics above
+    and the momentum. State dicts of ``came_pytorch.CAME`` load directly.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-16),
+        clip_threshold: float = 1.0,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+        weight_decay: float = 0.0,
+        momentum_dtype: str = "float32",
+    ):
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            betas=betas,
+            weight_decay=weight_decay,
+            momentum_dtype=momentum_dtype,
+        )
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group (validated like the constructor's arguments; ``ValueError`` if invalid)."""
+        super().add_param_group(param_group)
+        try:
+            _check_hyperparameters(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def effective_lr(self) -> list[float]:
+        """Step size per param group (``group["lr"]``, as a float; never syncs)."""
+        return [float(group["lr"]) for group in self.param_groups]
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
+        state = self.state[param]
+        if "step" in state:
+            return state
+        state["step"] = self._new_step(param)
+        for key, (shape, dtype) in self._expected_state(param, group).items():
+            if key != "step":
+                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        return state
+
+    def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
+        shape = tuple(param.shape)
+        expected = {"step": ((), torch.float32)}
+        expected.update(momentum_spec(param, group["momentum_dtype"], "exp_avg"))
+        if len(shape) >= 2:
+            for kind in ("sq", "res"):
+                expected[f"exp_avg_{kind}_row"] = (shape[:-1], torch.float32)
+                expected[f"exp_avg_{kind}_col"] = (shape[:-2] + shape[-1:], torch.float32)
+        else:
+            expected["exp_avg_sq"] = (shape, torch.float32)
+        return expected
+
+    def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """Accept ``came_pytorch.CAME`` states (int ``step``, ``RMS``) and ours of either ``momentum_dtype``."""
+        state = dict(state)
+        state.pop("RMS", None)
+        state = convert_momentum_state(param, state, group, "exp_avg", True)
+        for key, value in list(state.items()):
+            if key.startswith("exp_avg_") and key not in ("exp_avg_codes", "exp_avg_absmax"):
+                if isinstance(value, torch.Tensor):
+                    state[key] = value.to(torch.float32)
+        return state
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One update of every param with a gradient; returns ``closure()``'s loss if given. Never syncs."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+            for param in group["params"]:
+                if param.grad is not None:
+                    if param.grad.is_sparse:
+                        raise RuntimeError("CAME does not support sparse gradients.")
+                    by_device[param.device].append((index, param))
+                index += 1
+            for items in by_device.values():
+                self._step_tensors(items, group)
+            group["effective_lr"] = float(group["lr"])
+        return loss
+
+    def _step_tensors(self, items: list[tuple[int, torch.Tensor]], group: dict) -> None:
+        flags = self._finite_flags([param.grad for _, param in items])
+        states = [self._init_state(param, group) for _, param in items]
+        torch._foreach_add_([state["step"] for state in states], list(flags.unbind()))
+        for (tensor_index, param), state, flag in zip(items, states, flags.unbind()):
+            factored = "exp_avg_sq_row" in state
+            came_update(
+                param.data if isinstance(param, torch.nn.Parameter) else param,
+                param.grad,
+                state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
+                state.get("exp_avg_sq_col"),
+                state.get("exp_avg_res_row"),
+                state.get("exp_avg_res_col"),
+                state.get("exp_avg_codes", state.get("exp_avg")),
+                state.get("exp_avg_absmax"),
+                state["step"],
+                flag,
+                lr=float(group["lr"]),
+                eps=tuple(float(e) for e in group["eps"]),
+                clip_threshold=float(group["clip_threshold"]),
+                betas=tuple(float(b) for b in group["betas"]),
+                weight_decay=float(group["weight_decay"]),
+                tensor_index=tensor_index,
+            )
+
+
+def _check_hyperparameters(group: dict) -> None:
+    """Validate one group's hyperparameters (each error names the argument, the value and what is allowed)."""
+    lr = group["lr"]
+    if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)) or not (
+        math.isfinite(float(lr)) and float(lr) > 0
+    ):
+        raise ValueError(f"Invalid lr={lr!r}: CAME requires a learning rate, a finite number > 0.")
+    check_eps_pair(group["eps"], ("eps[0]", "eps[1]"))
+    clip = group["clip_threshold"]
+    check_non_negative(clip, "clip_threshold")
+    if float(clip) == 0:
+        raise ValueError(f"Invalid clip_threshold={clip!r}: expected a finite number > 0.")
+    check_betas(group["betas"], count=3)
+    check_non_negative(group["weight_decay"], "weight_decay")
+    check_choice(group["momentum_dtype"], MOMENTUM_DTYPES, "momentum_dtype")
