@@ -1,0 +1,469 @@
+"""Optimizer step benchmark: median step time, state bytes/param and achieved bandwidth, ours vs peers.
+
+For each ``--sizes`` entry the parameters are split into ``--matrices`` equal matrices (4M = 4 x
+1024x1024) with fixed gradients, and every optimizer runs ``--warmup`` + ``--repeats`` steps on its
+own copy; all rows of a size run in the same process, so the ratios to torch AdamW (foreach) are
+like for like.
+
+* **time**: median of the timed steps (CUDA: ``torch.cuda.Event`` pairs; CPU: ``perf_counter``).
+  The first step is reported separately ("first step s"): it contains torch.compile's compile time
+  for our CPU path (LOWMEM_CPU_COMPILE unset = compiled) and for torchao's optimizers.
+* **state B/param**: ours through ``lowmem_lightning.optim.state_memory`` (real storage of every
+  state tensor); peers by summing the bytes of every distinct storage in ``optimizer.state``
+  (tensor subclasses such as torchao's ``OptimState8bit`` counted through their inner tensors).
+* **bandwidth** = bytes moved per step / median time, with the minimum-traffic model
+  ``bytes/param = 2 * param_bytes + grad_bytes + 2 * state_bytes_per_param`` (params and state are
+  read and written once, the gradient read once): fp32 AdamW 4+4+4 + 2*8 = 28 B/param, 8-bit AdamW
+  with fp32 params and bf16 grads 8 + 2 + 2 * 2.03 = 14.06 B/param (as DESIGN.md). Factored
+  optimizers re-read the gradient (row/column statistics, then the update), so their % of peak is a
+  lower bound. "% peak" uses the device's specified peak (table below) on CUDA, else a measured
+  device-to-device copy (read + write bytes / time).
+
+Peers are an optional extra (``pip install -e .[bench]``); a missing peer or one of our optimizers
+not in the registry yet gives a row that says so. Output: a markdown table (stdout, and ``--markdown``
+if given) and CSV rows appended to ``benchmarks/results.csv``.
+
+    python benchmarks/optim_step.py --device cpu --sizes 4M,16M --repeats 20
+    python benchmarks/optim_step.py --device cuda --sizes 64M,1G --grad-dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import gc
+import io
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CSV_HEADER = ["date", "benchmark", "device", "torch", "optimizer", "metric", "value", "seeds", "steps"]
+"""Long format shared with benchmarks/convergence.py: one row per (optimizer, metric)."""
+
+SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "B": 2**30}
+
+PEAK_BANDWIDTH_TBS = {
+    "H200": 4.8,
+    "H100 SXM": 3.35,
+    "H100 80GB HBM3": 3.35,
+    "H100 NVL": 3.9,
+    "H100 PCIe": 2.0,
+    "A100-SXM4-80GB": 2.039,
+    "A100-SXM4-40GB": 1.555,
+    "A100 80GB PCIe": 1.935,
+    "A100-PCIE-40GB": 1.555,
+    "L40S": 0.864,
+    "L4": 0.3,
+    "A10G": 0.6,
+    "RTX 4090": 1.008,
+}
+"""Specified peak memory bandwidth (TB/s) by a substring of ``torch.cuda.get_device_name()``."""
+
+BASELINE = "torch_adamw_foreach"
+
+
+class Unavailable(Exception):
+    """Raised by a row's builder when the optimizer cannot run here (the reason is the message)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmarked optimizer: ``build(params)`` returns it; ``ours`` selects the memory counter."""
+
+    name: str
+    build: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+    ours: bool
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _ours(name: str, **kwargs) -> Callable:
+    def build(params):
+        from lowmem_lightning.optim import build_optimizer, optimizer_class
+
+        try:
+            optimizer_class(name)
+        except ImportError as err:
+            raise Unavailable(f"not available: `{name}` is not implemented yet ({err.name})") from err
+        except ValueError as err:
+            raise Unavailable(f"not available: `{name}` is not in the registry") from err
+        return build_optimizer(name, params, **kwargs)
+
+    return build
+
+
+def _peer(module: str, factory: Callable) -> Callable:
+    def build(params):
+        try:
+            with _quiet():
+                mod = __import__(module, fromlist=["_"])
+        except Exception as err:  # ImportError, or a peer whose import fails on this machine
+            raise Unavailable(f"not available: `{module}` not installed (pip install -e .[bench]): {err}") from err
+        return factory(mod, params)
+
+    return build
+
+
+def _bnb(name: str):
+    return _peer("bitsandbytes", lambda bnb, ps: getattr(bnb.optim, name)(ps, lr=1e-3, weight_decay=0.01))
+
+
+def _torchao(name: str):
+    return _peer("torchao.optim", lambda ao, ps: getattr(ao, name)(ps, lr=1e-3, weight_decay=0.01))
+
+
+def _hf_adafactor(**kwargs):
+    return _peer(
+        "transformers.optimization",
+        lambda tr, ps: tr.Adafactor(ps, lr=1e-3, relative_step=False, scale_parameter=False, **kwargs),
+    )
+
+
+ADAFACTOR = dict(lr=1e-3, relative_step=False, scale_parameter=False)
+
+ROWS = [
+    Row(BASELINE, lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True), False),
+    Row("torch_adamw_fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True), False),
+    Row("adamw_8bit", _ours("adamw_8bit", lr=1e-3, weight_decay=0.01), True),
+    Row("paged_adamw_8bit", _ours("paged_adamw_8bit", lr=1e-3, weight_decay=0.01), True),
+    Row("bnb_adamw_8bit", _bnb("AdamW8bit"), False),
+    Row("bnb_paged_adamw_8bit", _bnb("PagedAdamW8bit"), False),
+    Row("torchao_adamw_8bit", _torchao("AdamW8bit"), False),
+    Row("torchao_adamw_4bit", _torchao("AdamW4bit"), False),
+    Row("torch_sgd_foreach", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True), False),
+    Row("sgd", _ours("sgd", lr=1e-3, momentum=0.9), True),
+    Row("sgd_int8", _ours("sgd", lr=1e-3, momentum=0.9, momentum_dtype="int8"), True),
+    Row("torch_adafactor", lambda ps: torch.optim.Adafactor(ps, lr=1e-3), False),
+    Row("hf_adafactor", _hf_adafactor(), False),
+    Row("adafactor", _ours("adafactor", **ADAFACTOR), True),
+    Row("hf_adafactor_beta1", _hf_adafactor(beta1=0.9), False),
+    Row("adafactor_beta1", _ours("adafactor", beta1=0.9, **ADAFACTOR), True),
+    Row("adafactor_beta1_int8", _ours("adafactor", beta1=0.9, momentum_dtype="int8", **ADAFACTOR), True),
+    Row("came_pytorch", _peer("came_pytorch", lambda cp, ps: cp.CAME(ps, lr=1e-4, weight_decay=0.01)), False),
+    Row("came", _ours("came", lr=1e-4, weight_decay=0.01), True),
+    Row("came_int8", _ours("came", lr=1e-4, weight_decay=0.01, momentum_dtype="int8"), True),
+]
+"""Every row, baseline first; ``--optimizers`` selects a subset by name."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the import-time chatter of some peers (warnings and prints)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def parse_size(text: str) -> int:
+    """``"4M"`` -> 4 * 2**20 parameters (units K, M, G/B are powers of 1024)."""
+    text = text.strip().upper()
+    unit = text[-1] if text and text[-1] in SIZE_UNITS and not text[-1].isdigit() else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"Invalid size {text!r}: expected a number with an optional K, M or G suffix") from None
+    if value < 1:
+        raise ValueError(f"Invalid size {text!r}: expected at least one parameter")
+    return int(value)
+
+
+def size_label(numel: int) -> str:
+    """Inverse of :func:`parse_size` for round sizes (4194304 -> ``"4M"``)."""
+    for unit in ("G", "M", "K"):
+        if numel % SIZE_UNITS[unit] == 0:
+            return f"{numel // SIZE_UNITS[unit]}{unit}"
+    return str(numel)
+
+
+def matrix_shapes(total: int, count: int) -> list[tuple[int, int]]:
+    """``count`` equal matrices holding ``total`` elements (square when possible, else rows x 1024)."""
+    per = total // count
+    if per < 1:
+        raise ValueError(f"Invalid size {total}: too small for {count} matrices")
+    side = math.isqrt(per)
+    if side * side == per:
+        return [(side, side)] * count
+    cols = 1024 if per % 1024 == 0 else per
+    return [(per // cols, cols)] * count
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, ours: bool) -> int:
+    """Bytes of optimizer state: ``state_memory`` for ours, distinct storages of every state tensor for peers."""
+    if ours:
+        from lowmem_lightning.optim import state_memory
+
+        return state_memory(optimizer).total_bytes
+    seen: set = set()
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            for tensor in _leaf_tensors(value):
+                key = (tensor.device, tensor.untyped_storage().data_ptr())
+                if key not in seen:
+                    seen.add(key)
+                    total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def _leaf_tensors(value) -> list[torch.Tensor]:
+    if not isinstance(value, torch.Tensor):
+        return []
+    flatten = getattr(value, "__tensor_flatten__", None)
+    if callable(flatten) and type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
+        names, _ = flatten()
+        return [leaf for name in names for leaf in _leaf_tensors(getattr(value, name))]
+    return [value]
+
+
+class Timer:
+    """Times one call: CUDA events on a GPU, ``perf_counter`` on the CPU (milliseconds)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+
+
+@dataclass
+class Result:
+    """One row's measurement (``note`` set and numbers None when the optimizer could not run)."""
+
+    name: str
+    numel: int
+    median_ms: float | None = None
+    first_step_s: float | None = None
+    bytes_per_param: float | None = None
+    gbps: float | None = None
+    note: str = ""
+
+
+def bench_row(row: Row, base: list[torch.Tensor], grads: list[torch.Tensor], args, device) -> Result:
+    """Build ``row`` on a fresh copy of the params, time its steps, measure its state."""
+    numel = sum(p.numel() for p in base)
+    params = [torch.nn.Parameter(p.clone()) for p in base]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    try:
+        with _quiet():
+            optimizer = row.build(params)
+    except Unavailable as err:
+        return Result(row.name, numel, note=str(err))
+    timer = Timer(device)
+    try:
+        with _quiet():
+            first_ms = timer(optimizer.step)
+            for _ in range(args.warmup):
+                optimizer.step()
+            times = [timer(optimizer.step) for _ in range(args.repeats)]
+    except Exception as err:  # a peer that does not run on this device
+        return Result(row.name, numel, note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+    median = statistics.median(times)
+    bpp = state_bytes(optimizer, row.ours) / numel
+    moved = (2 * base[0].element_size() + grads[0].element_size() + 2 * bpp) * numel
+    result = Result(row.name, numel, median, first_ms / 1e3, bpp, moved / (median / 1e3) / 1e9)
+    del optimizer, params
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def copy_bandwidth(device: torch.device, numel: int = 2**26) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (read + write bytes / median time)."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    timer = Timer(device)
+    dst.copy_(src)
+    times = [timer(lambda: dst.copy_(src)) for _ in range(10)]
+    return 2 * src.numel() * src.element_size() / (statistics.median(times) / 1e3) / 1e9
+
+
+def device_description(device: torch.device) -> tuple[str, float | None]:
+    """(device name, specified peak bandwidth in GB/s or None)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((tbs * 1e3 for key, tbs in PEAK_BANDWIDTH_TBS.items() if key in name), None)
+        return name, peak
+    return f"CPU {platform.machine()} ({platform.processor() or 'unknown'}), {torch.get_num_threads()} threads", None
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(results: list[Result], peak_gbps: float) -> str:
+    """Markdown table of one size's results with ratios to the baseline row."""
+    base = next((r for r in results if r.name == BASELINE and r.median_ms), None)
+    lines = [
+        "| optimizer | params | median step (ms) | x torch AdamW foreach | first step (s) | state B/param "
+        "| GB/s | % peak | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        ratio = r.median_ms / base.median_ms if base and r.median_ms else None
+        pct = 100 * r.gbps / peak_gbps if r.gbps and peak_gbps else None
+        lines.append(
+            f"| {r.name} | {size_label(r.numel)} | {_fmt(r.median_ms, '.2f')} | {_fmt(ratio, '.2f')} "
+            f"| {_fmt(r.first_step_s, '.2f')} | {_fmt(r.bytes_per_param, '.3f')} | {_fmt(r.gbps, '.1f')} "
+            f"| {_fmt(pct, '.0f')} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def append_csv(path: Path, results: list[Result], device_name: str, args) -> int:
+    """Append one row per (optimizer, metric) to ``path``; returns the number of rows written."""
+    import triton
+
+    new = not path.exists() or path.stat().st_size == 0
+    today = dt.date.today().isoformat()
+    rows = 0
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(CSV_HEADER)
+        for r in results:
+            bench = f"optim_step {size_label(r.numel)} {args.param_dtype}/{args.grad_dtype or args.param_dtype}"
+            device = f"{device_name}; triton {triton.__version__}"
+            metrics = {"median_ms": r.median_ms, "first_step_s": r.first_step_s,
+                       "state_bytes_per_param": r.bytes_per_param, "gb_per_s": r.gbps}
+            for metric, value in metrics.items():
+                if value is None:
+                    continue
+                writer.writerow([today, bench, device, torch.__version__, r.name, metric, f"{value:.6g}", "",
+                                 args.repeats])
+                rows += 1
+            if r.median_ms is None:
+                writer.writerow([today, bench, device, torch.__version__, r.name, "unavailable", r.note, "", 0])
+                rows += 1
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def select_rows(names: str | None) -> list[Row]:
+    """Rows named in the comma list ``names`` (all when None); the baseline is always included first."""
+    if not names:
+        return list(ROWS)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {row.name: row for row in ROWS}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"Unknown optimizer(s) {unknown}: expected names from {', '.join(known)}")
+    return [known[BASELINE]] + [known[n] for n in wanted if n != BASELINE]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--sizes", default="4M", help="comma list of total param counts, e.g. 4M,64M,1G")
+    parser.add_argument("--optimizers", default=None, help="comma list of row names (default: all)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per row (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first one")
+    parser.add_argument("--matrices", type=int, default=4, help="matrices each size is split into")
+    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--grad-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="gradient dtype (default: the param dtype)")
+    parser.add_argument("--csv", type=Path, default=HERE / "results.csv", help="CSV to append to")
+    parser.add_argument("--no-csv", action="store_true", help="do not append CSV rows")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the markdown report here")
+    parser.add_argument("--list", action="store_true", help="print the row names and exit")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.matrices < 1:
+        parser.error("--repeats and --matrices must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print("\n".join(row.name for row in ROWS))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device available", file=sys.stderr)
+        return 2
+    import triton
+
+    device = torch.device(args.device)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    rows = select_rows(args.optimizers)
+    param_dtype = getattr(torch, args.param_dtype)
+    grad_dtype = getattr(torch, args.grad_dtype or args.param_dtype)
+    name, peak = device_description(device)
+    measured_copy = copy_bandwidth(device, numel=min(max(max(sizes), 2**22), 2**26))
+    peak_gbps = peak or measured_copy
+    compile_mode = "eager" if os.environ.get("LOWMEM_CPU_COMPILE", "1") == "0" else "torch.compile"
+    header = [
+        f"# optimizer step benchmark ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"- device: {name}; torch {torch.__version__}, triton {triton.__version__}",
+        f"- command: `python benchmarks/optim_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- params {args.param_dtype}, grads {grad_dtype}, {args.matrices} matrices per size, "
+        f"{args.warmup} warmup + {args.repeats} timed steps (median); our CPU path: {compile_mode}",
+        f"- % peak against {'the specified ' + format(peak, '.0f') + ' GB/s' if peak else 'a measured copy'}"
+        f" (measured device copy: {measured_copy:.1f} GB/s)",
+    ]
+    print("\n".join(header), flush=True)
+    report = list(header)
+    for total in sizes:
+        shapes = matrix_shapes(total, args.matrices)
+        gen = torch.Generator().manual_seed(0)
+        base = [(torch.randn(s, generator=gen) * 0.02).to(device=device, dtype=param_dtype) for s in shapes]
+        grads = [(torch.randn(s, generator=gen) * 1e-3).to(device=device, dtype=grad_dtype) for s in shapes]
+        results = []
+        for row in rows:
+            results.append(bench_row(row, base, grads, args, device))
+            r = results[-1]
+            print(f"  {r.name:24s} {_fmt(r.median_ms, '9.2f')} ms  {r.note}", file=sys.stderr, flush=True)
+        table = markdown_table(results, peak_gbps)
+        section = ["", f"## {size_label(sum(p.numel() for p in base))} params ({len(shapes)} x {shapes[0]})", "",
+                   table]
+        print("\n".join(section), flush=True)
+        report += section
+        if not args.no_csv:
+            append_csv(args.csv, results, name, args)
+    if args.markdown:
+        args.markdown.write_text("\n".join(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

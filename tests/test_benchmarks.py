@@ -1,0 +1,94 @@
+"""Smoke tests of the benchmark scripts on tiny sizes: they run, print their tables, write CSV rows."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def optim_step():
+    return _load("optim_step")
+
+
+def test_size_parsing_and_shapes(optim_step):
+    assert optim_step.parse_size("4M") == 4 * 2**20
+    assert optim_step.parse_size("64k") == 65536
+    assert optim_step.size_label(16 * 2**20) == "16M"
+    assert optim_step.matrix_shapes(4 * 2**20, 4) == [(1024, 1024)] * 4
+    assert optim_step.matrix_shapes(3 * 2**20, 4) == [(768, 1024)] * 4
+    with pytest.raises(ValueError, match="size"):
+        optim_step.parse_size("lots")
+
+
+def test_optim_step_table_and_csv(optim_step, tmp_path, capsys, monkeypatch):
+    missing = optim_step.Row("missing_peer", optim_step._peer("no_such_module_xyz", lambda m, ps: None), False)
+    monkeypatch.setattr(optim_step, "ROWS", optim_step.ROWS + [missing])
+    out_csv, out_md = tmp_path / "results.csv", tmp_path / "report.md"
+    names = "torch_adamw_fused,sgd,sgd_int8,torch_sgd_foreach,missing_peer"
+    argv = ["--sizes", "64K", "--repeats", "2", "--warmup", "0", "--optimizers", names,
+            "--csv", str(out_csv), "--markdown", str(out_md)]
+    assert optim_step.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| optimizer | params | median step (ms) | x torch AdamW foreach |" in text
+    table = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert set(names.split(",")) | {"torch_adamw_foreach"} <= set(table)
+    assert "| 1.00 |" in table["torch_adamw_foreach"]
+    assert "not available" in table["missing_peer"] and "no_such_module_xyz" in table["missing_peer"]
+    # measured state: fp32 momentum 4 B/param; 8-bit momentum 1 + 4/256 B/param (+ 4 step counters)
+    assert "| 4.000 |" in table["sgd"] and "| 1.016 |" in table["sgd_int8"]
+    assert out_md.read_text().count("| sgd_int8 |") == 1
+    with out_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == optim_step.CSV_HEADER
+    by_key = {(r["optimizer"], r["metric"]): r for r in rows}
+    assert float(by_key[("sgd", "median_ms")]["value"]) > 0
+    assert float(by_key[("sgd_int8", "state_bytes_per_param")]["value"]) == pytest.approx(1.0157, abs=1e-3)
+    assert by_key[("missing_peer", "unavailable")]["value"].startswith("not available")
+    assert rows[0]["torch"] == torch.__version__ and "triton" in rows[0]["device"]
+
+
+def test_peer_state_bytes_counts_distinct_storages(optim_step):
+    params = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, foreach=True)
+    opt.step()
+    # exp_avg + exp_avg_sq (4 B each) per element + one fp32 step counter per tensor
+    assert optim_step.state_bytes(opt, ours=False) == 2 * (8 * 64 * 64 + 4)
+
+
+def test_codec_study_small(capsys):
+    codec_study = _load("codec_study")
+    argv = ["--size", "64", "--steps", "5", "--state-numel", "16K", "--throughput-numel", "16K"]
+    assert codec_study.main(argv) == 0
+    text = capsys.readouterr().out
+    for heading in ("### Accuracy", "### Dynamic range", "### Throughput"):
+        assert heading in text
+    rows = [line for line in text.splitlines() if line.startswith("| power (ours) |")]
+    assert len(rows) == 3
+    cosine = float(rows[0].split("|")[3])
+    assert 0.99 < cosine <= 1.0
+
+
+def test_codec_candidates_round_trip():
+    codec_study = _load("codec_study")
+    x = torch.randn(1000)
+    for code in codec_study.CODES:
+        err = (codec_study.round_trip(x, code, signed=True) - x).abs().max() / x.abs().max()
+        assert err < 0.05, code.name
+        v = x.abs()
+        assert (codec_study.round_trip(v, code, signed=False) >= 0).all()
