@@ -1,0 +1,242 @@
+"""AdamW with 8-bit block-wise quantized moments: about 2.03 bytes of state per parameter.
+
+The update math lives in :mod:`lowmem_lightning.kernels.adamw8bit` (Triton on CUDA, the compiled
+PyTorch reference on CPU); this module only keeps the state and calls the launcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..kernels.adamw8bit import adamw8bit_update
+from ..kernels.codec import MIN_QUANTIZED_NUMEL, num_blocks, quantize_blockwise
+from ..kernels.rounding import step_seed
+from .base import LowMemOptimizer
+from .validation import check_betas, check_eps, check_lr, check_non_negative
+
+__all__ = ["AdamW8bit"]
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_QUANTIZED_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+
+
+class AdamW8bit(LowMemOptimizer):
+    """AdamW (Loshchilov & Hutter, ICLR 2019; ``torch.optim.AdamW`` semantics) with 8-bit moments.
+
+    Per parameter with at least 4096 elements the state is ``step`` (0-d fp32), ``exp_avg_codes``
+    (int8, one per element), ``exp_avg_absmax`` (fp32, one per block of 256), ``exp_avg_sq_codes``
+    (uint8) and ``exp_avg_sq_absmax``: 2 + 8/256 = 2.03 bytes per element. Smaller parameters keep
+    fp32 ``exp_avg`` / ``exp_avg_sq`` like ``torch.optim.AdamW``.
+
+    Args:
+        params: tensors or param-group dicts; fp32, bf16 or fp16 (bf16/fp16 are written back with
+            stochastic rounding, so updates below half an ulp survive on average).
+        lr: learning rate (>= 0); a float changed by any LR scheduler applies on the next step
+            without recompiling anything.
+        betas: ``(beta1, beta2)``, each in [0, 1).
+        eps: added to the denominator (> 0).
+        weight_decay: decoupled weight decay coefficient (>= 0).
+        maximize: ascend instead of descend.
+        seed: base seed of the stochastic rounding (runs are reproducible from it).
+
+    A gradient holding inf/NaN skips that tensor's update for the step (params, state and its step
+    counter untouched) and is counted in :attr:`skipped_updates`. ``step()`` never synchronises with
+    the device. ``load_state_dict`` also accepts a ``torch.optim.AdamW`` state dict and quantizes it.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        seed: int = 0,
+    ):
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=bool(maximize))
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            for param in group["params"]:
+                if param.dtype not in _PARAM_DTYPES:
+                    raise TypeError(
+                        f"Invalid params: a parameter of shape {tuple(param.shape)} has dtype {param.dtype}; "
+                        "expected torch.float32, torch.bfloat16 or torch.float16."
+                    )
+        self._seed = int(seed)
+        self._host_step = 0
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # ------------------------------------------------------------------ state layout
+    @staticmethod
+    def _is_quantized(param: torch.Tensor) -> bool:
+        return param.numel() >= MIN_QUANTIZED_NUMEL
+
+    def _state_device(self, param: torch.Tensor) -> torch.device:
+        return param.device
+
+    def _init_state(self, param: torch.Tensor, state: dict) -> None:
+        state["step"] = self._new_step(param)
+        device = self._state_device(param)
+        if self._is_quantized(param):
+            n, nb = param.numel(), num_blocks(param.numel())
+            state["exp_avg_codes"] = self._zeros(n, torch.int8, device)
+            state["exp_avg_absmax"] = self._zeros(nb, torch.float32, device)
+            state["exp_avg_sq_codes"] = self._zeros(n, torch.uint8, device)
+            state["exp_avg_sq_absmax"] = self._zeros(nb, torch.float32, device)
+        else:
+            state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+
+    @staticmethod
+    def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A state buffer (paged optimizers override to allocate pinned host pages)."""
+        return torch.zeros(numel, dtype=dtype, device=device)
+
+    def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
+        if self._is_quantized(param):
+            n, nb = param.numel(), num_blocks(param.numel())
+            return {
+                "step": ((), torch.float32),
+                "exp_avg_codes": ((n,), torch.int8),
+                "exp_avg_absmax": ((nb,), torch.float32),
+                "exp_avg_sq_codes": ((n,), torch.uint8),
+                "exp_avg_sq_absmax": ((nb,), torch.float32),
+            }
+        shape = tuple(param.shape)
+        return {"step": ((), torch.float32), "exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
+
+    def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``): quantize or cast to fp32."""
+        if "max_exp_avg_sq" in state:
+            raise ValueError(
+                "Invalid optimizer state dict: it holds 'max_exp_avg_sq' (AMSGrad), which AdamW8bit does not support."
+            )
+        state = dict(state)
+        step = state.get("step")
+        if step is not None and not isinstance(step, torch.Tensor):
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        elif isinstance(step, torch.Tensor) and step.numel() == 1:
+            state["step"] = step.detach().reshape(()).to(torch.float32)
+        if "exp_avg" not in state:
+            return state
+        full = {key: _full_moment(param, state, key) for key in ("exp_avg", "exp_avg_sq")}
+        if not self._is_quantized(param):
+            state.update(full)
+            return state
+        if (full["exp_avg_sq"] < 0).any():
+            raise ValueError("Invalid optimizer state dict: 'exp_avg_sq' holds negative values.")
+        codes_m, absmax_m = quantize_blockwise(full["exp_avg"], signed=True)
+        codes_v, absmax_v = quantize_blockwise(full["exp_avg_sq"], signed=False)
+        del state["exp_avg"], state["exp_avg_sq"]
+        state.update(exp_avg_codes=codes_m, exp_avg_absmax=absmax_m, exp_avg_sq_codes=codes_v,
+                     exp_avg_sq_absmax=absmax_v)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load our own or a ``torch.optim.AdamW`` state dict (quantizing its moments).
+
+        Raises ``ValueError`` (and leaves the optimizer unchanged) when the dict does not fit this
+        optimizer: wrong number of groups or params, missing or misshapen state, inf/NaN, invalid
+        hyperparameters, AMSGrad state.
+        """
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        for i, group in enumerate(groups if isinstance(groups, list) else []):
+            if not isinstance(group, dict):
+                raise ValueError(f"Invalid optimizer state dict: param group {i} is a {type(group).__name__}.")
+            if group.get("amsgrad"):
+                raise ValueError(f"Invalid optimizer state dict: param group {i} uses amsgrad=True (not supported).")
+            merged = {**self.defaults, **group}
+            _check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        super().load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ step
+    def _gather(self, group: dict, first_index: int) -> dict[str, list]:
+        """Lists of the group's params that have gradients, their state and stochastic-rounding seeds."""
+        out: dict[str, list] = {k: [] for k in ("params", "grads", "m", "m_absmax", "v", "v_absmax", "steps", "seeds")}
+        for offset, param in enumerate(group["params"]):
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError("AdamW8bit does not support sparse gradients.")
+            state = self.state[param]
+            if not state:
+                self._init_state(param, state)
+            quantized = "exp_avg_codes" in state
+            out["params"].append(param)
+            out["grads"].append(param.grad)
+            out["m"].append(state["exp_avg_codes"] if quantized else state["exp_avg"])
+            out["m_absmax"].append(state["exp_avg_absmax"] if quantized else None)
+            out["v"].append(state["exp_avg_sq_codes"] if quantized else state["exp_avg_sq"])
+            out["v_absmax"].append(state["exp_avg_sq_absmax"] if quantized else None)
+            out["steps"].append(state["step"])
+            out["seeds"].append(step_seed(self._host_step, first_index + offset, self._seed))
+        return out
+
+    @staticmethod
+    def _hyper(group: dict) -> dict:
+        beta1, beta2 = group["betas"]
+        return dict(
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            maximize=bool(group["maximize"]),
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every param with a gradient; returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._host_step += 1
+        first_index = 0
+        for group in self.param_groups:
+            work = self._gather(group, first_index)
+            first_index += len(group["params"])
+            if not work["params"]:
+                continue
+            flags = list(self._finite_flags(work["grads"]).unbind(0))
+            torch._foreach_add_(work["steps"], flags)
+            self._update(work, flags, self._hyper(group))
+        return loss
+
+    def _update(self, work: dict, flags: list, hyper: dict) -> None:
+        """Run the fused update (paged optimizers override to stage state around it)."""
+        adamw8bit_update(
+            work["params"], work["grads"], work["m"], work["m_absmax"], work["v"], work["v_absmax"],
+            work["steps"], flags, work["seeds"], **hyper,
+        )
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    check_lr(lr)
+    check_betas(betas)
+    check_eps(eps)
+    check_non_negative(weight_decay, "weight_decay")
+
+
+def _full_moment(param: torch.Tensor, state: dict, key: str) -> torch.Tensor:
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(param.shape):
+        got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"Invalid optimizer state dict: state {key!r} for a param of shape {tuple(param.shape)} is {got}; "
+            f"expected a tensor of shape {tuple(param.shape)}."
+        )
+    if not value.is_floating_point() or not torch.isfinite(value).all():
+        raise ValueError(f"Invalid optimizer state dict: state {key!r} is not a finite floating tensor.")
+    return value.detach().to(device=param.device, dtype=torch.float32).contiguous()
