@@ -14,6 +14,15 @@ from lowmem_lightning.quant import LLAMA_TARGET_MODULES, Linear4bit, LoraLinear4
 VOCAB = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread avoids oversubscribing the shared CPU cores (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_llama(dtype=torch.float32, device=None):
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

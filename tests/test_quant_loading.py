@@ -11,6 +11,15 @@ import lowmem_lightning.quant.loading as loading
 from lowmem_lightning.quant import Linear4bit, load_pretrained_causal_lm, quantize_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread avoids oversubscribing the shared CPU cores (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny bf16 Llama (linear weights dominate) saved in several safetensors shards."""
