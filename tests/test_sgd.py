@@ -118,7 +118,8 @@ def test_triton_kernel_matches_reference(force_triton, mode, param_dtype, n):
         hp_tensor = torch.tensor([hp["lr"], hp["weight_decay"], hp["momentum"], 1.0 - hp["dampening"],
                                   float(hp["nesterov"]), -1.0, float(hp["tensor_index"])])
         want_p, want_buf, want_absmax = sgd_reference(param, grad, buf, absmax, step, flag, hp_tensor)
-        sgd_update(param, grad, buf, absmax, step, flag, **hp)
+        index = hp.pop("tensor_index")
+        sgd_update([param], [grad], [buf], [absmax], [step], [flag], [index], **hp)
         assert torch.equal(param, want_p)
         if mode == "fp32":
             assert torch.equal(buf, want_buf)
@@ -132,7 +133,8 @@ def test_triton_kernel_matches_reference(force_triton, mode, param_dtype, n):
 def test_triton_kernel_skips_non_finite_flag(force_triton, mode):
     param, grad, buf, absmax, step, flag = _kernel_inputs(4097, torch.bfloat16, torch.float32, mode, 3.0, 0.0)
     before = [t.clone() for t in (param, buf, absmax) if t is not None]
-    sgd_update(param, grad, buf, absmax, step, flag, **HP)
+    hp = dict(HP)
+    sgd_update([param], [grad], [buf], [absmax], [step], [flag], [hp.pop("tensor_index")], **hp)
     after = [t for t in (param, buf, absmax) if t is not None]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -143,7 +145,7 @@ def test_seed_matches_step_seed():
 
 
 def test_optimizer_on_triton_matches_cpu_path(force_triton, monkeypatch):
-    shapes = [(40, 111), (17,)]
+    shapes = [(40, 111), (17,), (4097,), (65, 70)]  # three 8-bit tensors share one launch, one fp32
     params0 = [torch.randn(s).to(torch.bfloat16) for s in shapes]
     grads = _grads(shapes, 3)
     kwargs = dict(lr=0.05, momentum=0.9, momentum_dtype="int8", weight_decay=0.01)

@@ -18,8 +18,10 @@ stochastic rounding (:mod:`.rounding`), seeded on the device from the tensor's s
 index, so no host value is needed per step.
 
 One pass over memory: a program loads ``ROWS x 256`` elements of param, grad and momentum, updates
-them and stores param and momentum. Per step and element it moves ``2 * param_bytes + grad_bytes``
-plus ``8`` (fp32 momentum) or ``2 + 8/256`` (8-bit momentum) bytes.
+them and stores param and momentum. One launch covers many tensors: a table of int64 data pointers
+(one column per tensor) and a tile -> tensor map tell each program which tensor it updates; tensors
+are grouped by (param dtype, grad dtype, 8-bit or not). Per step and element it moves
+``2 * param_bytes + grad_bytes`` plus ``8`` (fp32 momentum) or ``2 + 8/256`` (8-bit momentum) bytes.
 
 A 0/1 fp32 ``flag`` (from the optimizer's non-finite guard) masks every load and store: with
 ``flag == 0`` params and momentum are left untouched. The step counter is read (``step == 0`` marks
@@ -29,6 +31,9 @@ File order: Triton kernel, PyTorch reference, launcher.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -48,30 +53,48 @@ _SEED_INDEX = 104_729
 _SEED_MASK = 0x7FFFFFFF
 
 
-@triton.jit(do_not_specialize=["tensor_index"])
+@triton.jit
+def _as_fp32(x):
+    """A runtime scalar as fp32 (the interpreter passes Python floats through as float64)."""
+    return tl.zeros((), dtype=tl.float32) + x
+
+
+@triton.jit
 def _sgd_kernel(
-    param_ptr,
-    grad_ptr,
-    buf_ptr,
-    absmax_ptr,
-    step_ptr,
-    flag_ptr,
-    n,
+    table_ptr,  # int64 (9, T): param, grad, buf, absmax, step, flag pointers; numel, first tile, tensor index
+    tile_owner_ptr,  # int32 (num_tiles,): which tensor each program updates
+    T,  # tensors in the table
     lr,
     weight_decay,
     momentum,
     one_minus_dampening,
     nesterov,
     grad_sign,
-    tensor_index,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
     MOMENTUM: tl.constexpr,
     QUANTIZED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    lr = _as_fp32(lr)
+    weight_decay = _as_fp32(weight_decay)
+    momentum = _as_fp32(momentum)
+    one_minus_dampening = _as_fp32(one_minus_dampening)
+    nesterov = _as_fp32(nesterov)
+    grad_sign = _as_fp32(grad_sign)
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) quantization block ids
-    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element ids
+    t = tl.load(tile_owner_ptr + pid).to(tl.int64)
+    param_ptr = tl.load(table_ptr + 0 * T + t).to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = tl.load(table_ptr + 1 * T + t).to(tl.pointer_type(GRAD_DTYPE))
+    step_ptr = tl.load(table_ptr + 4 * T + t).to(tl.pointer_type(tl.float32))
+    flag_ptr = tl.load(table_ptr + 5 * T + t).to(tl.pointer_type(tl.float32))
+    n = tl.load(table_ptr + 6 * T + t)
+    first_tile = tl.load(table_ptr + 7 * T + t)
+    tensor_index = tl.load(table_ptr + 8 * T + t)
+
+    rows = (pid - first_tile) * ROWS + tl.arange(0, ROWS)  # (ROWS,) quantization blocks of the tensor
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element indices
     limit = tl.where(tl.load(flag_ptr) != 0.0, n, 0)  # a skipped (non-finite) update touches nothing
     mask = offs < limit
     step = tl.load(step_ptr)
@@ -81,10 +104,13 @@ def _sgd_kernel(
     if MOMENTUM:
         row_mask = rows * BLOCK < limit
         if QUANTIZED:
+            buf_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.int8))
+            absmax_ptr = tl.load(table_ptr + 3 * T + t).to(tl.pointer_type(tl.float32))
             codes = tl.load(buf_ptr + offs, mask=mask, other=0)
             absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=0.0)
             buf = decode_signed(codes, absmax[:, None])
         else:
+            buf_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.float32))
             buf = tl.load(buf_ptr + offs, mask=mask, other=0.0)
         buf = tl.where(step == 0.0, d, momentum * buf + one_minus_dampening * d)
         d = tl.where(nesterov != 0.0, d + momentum * buf, buf)
@@ -95,38 +121,41 @@ def _sgd_kernel(
         else:
             tl.store(buf_ptr + offs, buf, mask=mask)
     p = p - lr * d
-    seed = (step.to(tl.int64) * 7919 + tensor_index.to(tl.int64) * 104729) & tl.full((), 0x7FFFFFFF, tl.int64)
+    seed = (step.to(tl.int64) * 7919 + tensor_index * 104729) & tl.full((), 0x7FFFFFFF, tl.int64)
     store_param(param_ptr, p, offs, mask, seed, True)
 
 
-def _aot_spec(param: str, grad: str, momentum: bool, quantized: bool):
-    buf = "*i8" if quantized else "*fp32"
-    signature = {
-        "param_ptr": f"*{param}",
-        "grad_ptr": f"*{grad}",
-        "buf_ptr": buf,
-        "absmax_ptr": "*fp32",
-        "step_ptr": "*fp32",
-        "flag_ptr": "*fp32",
-        "n": "i64",
-        "lr": "fp32",
-        "weight_decay": "fp32",
-        "momentum": "fp32",
-        "one_minus_dampening": "fp32",
-        "nesterov": "fp32",
-        "grad_sign": "fp32",
-        "tensor_index": "i32",
+def _aot_spec(param_dtype, grad_dtype, momentum: bool, quantized: bool):
+    signature = {"table_ptr": "*i64", "tile_owner_ptr": "*i32", "T": "i32"}
+    for name in ("lr", "weight_decay", "momentum", "one_minus_dampening", "nesterov", "grad_sign"):
+        signature[name] = "fp32"
+    constexprs = {
+        "PARAM_DTYPE": param_dtype,
+        "GRAD_DTYPE": grad_dtype,
+        "MOMENTUM": momentum,
+        "QUANTIZED": quantized,
+        "ROWS": ROWS,
+        "BLOCK": BLOCK_SIZE,
     }
-    constexprs = {"MOMENTUM": momentum, "QUANTIZED": quantized, "ROWS": ROWS, "BLOCK": BLOCK_SIZE}
     return (_sgd_kernel, signature, constexprs)
 
 
+_AOT_DTYPE_PAIRS = [
+    (tl.float32, tl.float32),
+    (tl.float32, tl.bfloat16),
+    (tl.float32, tl.float16),
+    (tl.bfloat16, tl.bfloat16),
+    (tl.bfloat16, tl.float32),
+    (tl.float16, tl.float16),
+    (tl.float16, tl.float32),
+]
+
 AOT_SPECS = [
     _aot_spec(param, grad, momentum, quantized)
-    for param, grad in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16"))
+    for param, grad in _AOT_DTYPE_PAIRS
     for momentum, quantized in ((False, False), (True, False), (True, True))
 ]
-"""(kernel, signature, constexprs) for every mode (no momentum, fp32, 8-bit) and common dtype pairs."""
+"""(kernel, signature, constexprs) for every mode (no momentum, fp32, 8-bit) and launched dtype pair."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,14 +222,17 @@ def _sgd_inplace(param, grad, buf, absmax, step, flag, hp) -> None:
 
 _sgd_cpu = cpu_compiled(_sgd_inplace)
 
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
 
 def sgd_update(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    buf: torch.Tensor | None,
-    absmax: torch.Tensor | None,
-    step: torch.Tensor,
-    flag: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    bufs: Sequence[torch.Tensor | None],
+    absmaxes: Sequence[torch.Tensor | None],
+    steps: Sequence[torch.Tensor],
+    flags: Sequence[torch.Tensor],
+    tensor_indices: Sequence[int],
     *,
     lr: float,
     weight_decay: float,
@@ -208,54 +240,82 @@ def sgd_update(
     dampening: float,
     nesterov: bool,
     maximize: bool,
-    tensor_index: int,
 ) -> None:
-    """Apply one SGD step in place to ``param`` (any shape) and its momentum state.
+    """Apply one SGD step in place to every ``params[i]`` (any shape) and its momentum state.
 
-    ``buf``: None when ``momentum == 0``; an fp32 tensor of ``param.numel()`` elements (any shape);
-    or flat int8 codes with ``absmax`` (fp32, one per 256 elements) for 8-bit momentum. ``step`` and
-    ``flag`` are 0-d fp32 tensors on the param's device (``step`` is not advanced here). Triton on
-    CUDA (one launch), the ``torch.compile``'d reference on CPU. Never synchronizes.
+    ``bufs[i]``: None when ``momentum == 0``; an fp32 tensor of ``params[i].numel()`` elements (any
+    shape); or flat int8 codes with ``absmaxes[i]`` (fp32, one per 256 elements) for 8-bit momentum.
+    ``steps[i]`` and ``flags[i]`` are 0-d fp32 tensors on the param's device (``steps`` is not
+    advanced here; ``flags[i] == 0`` leaves tensor ``i`` untouched); ``tensor_indices[i]`` seeds its
+    stochastic rounding. CUDA tensors run one Triton launch per (param dtype, grad dtype, 8-bit or
+    not) group; others run the ``torch.compile``'d reference, one call per tensor. Never synchronizes.
     """
-    work = param if param.is_contiguous() else param.contiguous()
-    flat_param, flat_grad = work.view(-1), grad.reshape(-1)
-    flat_buf = None if buf is None else buf.view(-1)
-    if use_triton(param):
-        _launch(flat_param, flat_grad.contiguous(), flat_buf, absmax, step, flag,
-                lr, weight_decay, momentum, dampening, nesterov, maximize, tensor_index)
-    else:
-        hp = scalar_args(lr, weight_decay, momentum, 1.0 - dampening, float(nesterov),
-                         -1.0 if maximize else 1.0, float(tensor_index), device=param.device)
-        _sgd_cpu(flat_param, flat_grad, flat_buf, absmax, step, flag, hp)
-    if work is not param:
-        param.copy_(work)
+    hyper = (float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening), float(bool(nesterov)),
+             -1.0 if maximize else 1.0)
+    buckets: dict[tuple, list[int]] = {}
+    for i, param in enumerate(params):
+        if use_triton(param):
+            key = (param.device, param.dtype, grads[i].dtype, bufs[i] is not None, absmaxes[i] is not None)
+            buckets.setdefault(key, []).append(i)
+            continue
+        work = param if param.is_contiguous() else param.contiguous()
+        buf = None if bufs[i] is None else bufs[i].view(-1)
+        hp = scalar_args(*hyper, float(tensor_indices[i]), device=param.device)
+        _sgd_cpu(work.view(-1), grads[i].reshape(-1), buf, absmaxes[i], steps[i], flags[i], hp)
+        if work is not param:
+            param.copy_(work)
+    for (_, _, _, has_momentum, quantized), idx in buckets.items():
+        _launch([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
+                [absmaxes[i] for i in idx], [steps[i] for i in idx], [flags[i] for i in idx],
+                [tensor_indices[i] for i in idx], hyper, has_momentum, quantized)
 
 
-def _launch(param, grad, buf, absmax, step, flag, lr, weight_decay, momentum, dampening, nesterov, maximize,
-            tensor_index) -> None:
-    n = param.numel()
-    if n == 0:
+@functools.lru_cache(maxsize=64)
+def _tiles(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """(tile -> tensor map on ``device``, first tile of each tensor, total tiles) for these tensor sizes."""
+    counts = [triton.cdiv(n, ROWS * BLOCK_SIZE) for n in numels]
+    firsts = tuple(sum(counts[:i]) for i in range(len(counts)))
+    owner = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), torch.tensor(counts))
+    return owner.to(device), firsts, sum(counts)
+
+
+def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, has_momentum, quantized) -> None:
+    device = params[0].device
+    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    grads = [g if g.dtype in _TRITON_DTYPES else g.float() for g in grads]
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    numels = tuple(p.numel() for p in work)
+    owner, firsts, num_tiles = _tiles(numels, device)
+    if num_tiles == 0:
         return
-    grid = (triton.cdiv(n, ROWS * BLOCK_SIZE),)
-    _sgd_kernel[grid](
-        param,
-        grad,
-        flag if buf is None else buf,
-        flag if absmax is None else absmax,
-        step,
-        flag,
-        n,
-        float(lr),
-        float(weight_decay),
-        float(momentum),
-        1.0 - float(dampening),
-        float(nesterov),
-        -1.0 if maximize else 1.0,
-        int(tensor_index),
-        MOMENTUM=buf is not None,
-        QUANTIZED=absmax is not None,
+    table = torch.tensor(
+        [
+            [p.data_ptr() for p in work],
+            [g.data_ptr() for g in grads],
+            [0 if b is None else b.data_ptr() for b in bufs],
+            [0 if a is None else a.data_ptr() for a in absmaxes],
+            [s.data_ptr() for s in steps],
+            [f.data_ptr() for f in flags],
+            list(numels),
+            list(firsts),
+            [int(i) for i in tensor_indices],
+        ],
+        dtype=torch.int64,
+    )
+    table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
+    _sgd_kernel[(num_tiles,)](
+        table,
+        owner,
+        len(work),
+        *hyper,
+        PARAM_DTYPE=_TRITON_DTYPES[work[0].dtype],
+        GRAD_DTYPE=_TRITON_DTYPES[grads[0].dtype],
+        MOMENTUM=has_momentum,
+        QUANTIZED=quantized,
         ROWS=ROWS,
         BLOCK=BLOCK_SIZE,
         enable_fp_fusion=False,
     )
-
+    for param, w in zip(params, work):
+        if w is not param:
+            param.copy_(w)

@@ -166,26 +166,25 @@ class SGD(LowMemOptimizer):
 
     def _step_tensors(self, items: list[tuple[int, torch.Tensor]], group: dict) -> None:
         flags = self._finite_flags([param.grad for _, param in items])
-        steps = []
-        for (tensor_index, param), flag in zip(items, flags.unbind()):
-            state = self._init_state(param, group)
-            sgd_update(
-                param.data if isinstance(param, torch.nn.Parameter) else param,
-                param.grad,
-                state.get("momentum_codes", state.get("momentum_buffer")),
-                state.get("momentum_absmax"),
-                state["step"],
-                flag,
-                lr=float(group["lr"]),
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                tensor_index=tensor_index,
-            )
-            steps.append(state["step"])
-        torch._foreach_add_(steps, list(flags.unbind()))
+        flag_list = list(flags.unbind())
+        states = [self._init_state(param, group) for _, param in items]
+        steps = [state["step"] for state in states]
+        sgd_update(
+            [param.data for _, param in items],
+            [param.grad for _, param in items],
+            [state.get("momentum_codes", state.get("momentum_buffer")) for state in states],
+            [state.get("momentum_absmax") for state in states],
+            steps,
+            flag_list,
+            [tensor_index for tensor_index, _ in items],
+            lr=float(group["lr"]),
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        torch._foreach_add_(steps, flag_list)
 
 
 def _has_momentum(state: dict) -> bool:
