@@ -69,7 +69,10 @@ _POW_BITS = 24
 """Bits of the step used by ``beta ** step`` (fp32 step counters are exact below 2**24)."""
 
 _NUM_FIELDS = 11
-"""Rows of the launch table: param, grad, m, m_absmax, v, v_absmax, step, flag, numel, first tile, seed."""
+"""Rows of the launch table: param, grad, m, m_absmax, v, v_absmax, step, flag, numel, first tile, seed base."""
+
+_SEED_STEP_STRIDE = 7919
+"""``step_seed(step, i, b) == (step_seed(0, i, b) + step * 7919) & 0x7FFFFFFF`` (see :mod:`.rounding`)."""
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -128,7 +131,7 @@ def _adamw8bit_kernel(
     flag_ptr = tl.load(table_ptr + 7 * T + t).to(tl.pointer_type(tl.float32))
     n = tl.load(table_ptr + 8 * T + t)
     first_tile = tl.load(table_ptr + 9 * T + t)
-    seed = tl.load(table_ptr + 10 * T + t)
+    seed_base = tl.load(table_ptr + 10 * T + t)
 
     rows = (pid - first_tile) * ROWS + tl.arange(0, ROWS)  # block index inside the tensor, (ROWS,)
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element index, (ROWS, BLOCK)
@@ -156,6 +159,7 @@ def _adamw8bit_kernel(
         v = tl.load(v_ptr + offs, mask=in_bounds, other=0.0)
 
     step = tl.load(step_ptr)
+    seed = (seed_base + step.to(tl.int64) * 7919) & 0x7FFFFFFF  # == rounding.step_seed(step, index, base)
     step_size = tl.div_rn(lr, 1.0 - _pow_by_squaring(beta1, step))
     bc2_sqrt = tl.sqrt_rn(1.0 - _pow_by_squaring(beta2, step))
 
@@ -243,8 +247,15 @@ def _adamw_math(p, g, m, v, hp, step):
     return p, m, v
 
 
+def _step_seed(seed_base: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return (seed_base + step.to(torch.int64) * _SEED_STEP_STRIDE) & 0x7FFFFFFF
+
+
 def _write_param(param, new_p, ok, seed):
     flat = param.view(-1)
+    if param.dtype == torch.float32:
+        flat.copy_(torch.where(ok, new_p, flat))
+        return
     rounded = round_param_reference(new_p, param.dtype, seed, True, torch.arange(flat.numel(), device=flat.device))
     flat.copy_(torch.where(ok, rounded, flat))
 
@@ -259,14 +270,16 @@ def adamw8bit_reference(
     step: torch.Tensor,
     flag: torch.Tensor,
     hp: torch.Tensor,
-    seed: torch.Tensor,
+    seed_base: torch.Tensor,
 ) -> None:
     """One AdamW step of one tensor with 8-bit state, in place (reference of ``_adamw8bit_kernel``).
 
     ``param`` contiguous fp32/bf16/fp16; ``grad`` any float dtype, same numel; codes flat int8 /
     uint8 of ``param.numel()`` elements; absmax fp32 ``(num_blocks,)``; ``step`` 0-d fp32 (already
     advanced); ``flag`` 0-d fp32 (0 = skip, nothing written); ``hp`` from :func:`hyperparameter_tensor`;
-    ``seed`` 0-d int64 for stochastic rounding.
+    ``seed_base`` 0-d int64 ``rounding.step_seed(0, tensor_index, base_seed)``: the stochastic rounding
+    of step ``t`` uses ``step_seed(t, tensor_index, base_seed)``, so a run is reproducible from its
+    state dict.
     """
     ok = flag > 0
     p = param.reshape(-1).to(torch.float32)
@@ -274,7 +287,7 @@ def adamw8bit_reference(
     m = dequantize_reference(exp_avg_codes, exp_avg_absmax)
     v = dequantize_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
     p, m, v = _adamw_math(p, g, m, v, hp, step)
-    _write_param(param, p, ok, seed)
+    _write_param(param, p, ok, _step_seed(seed_base, step))
     m_codes, m_absmax = quantize_reference(m, signed=True)
     v_codes, v_absmax = quantize_reference(v, signed=False)
     exp_avg_codes.copy_(torch.where(ok, m_codes, exp_avg_codes))
@@ -291,7 +304,7 @@ def adamw32_reference(
     step: torch.Tensor,
     flag: torch.Tensor,
     hp: torch.Tensor,
-    seed: torch.Tensor,
+    seed_base: torch.Tensor,
 ) -> None:
     """Same step with fp32 ``exp_avg`` / ``exp_avg_sq`` of the param's shape (small tensors), in place."""
     ok = flag > 0
@@ -299,7 +312,7 @@ def adamw32_reference(
     g = grad.reshape(-1).to(torch.float32)
     m_flat, v_flat = exp_avg.view(-1), exp_avg_sq.view(-1)
     p, m, v = _adamw_math(p, g, m_flat, v_flat, hp, step)
-    _write_param(param, p, ok, seed)
+    _write_param(param, p, ok, _step_seed(seed_base, step))
     m_flat.copy_(torch.where(ok, m, m_flat))
     v_flat.copy_(torch.where(ok, v, v_flat))
 
@@ -322,7 +335,7 @@ def adamw8bit_update(
     exp_avg_sq_absmaxes: Sequence[torch.Tensor | None],
     steps: Sequence[torch.Tensor],
     flags: Sequence[torch.Tensor],
-    seeds: Sequence[int],
+    seed_bases: Sequence[int],
     *,
     lr: float,
     beta1: float,
@@ -336,9 +349,10 @@ def adamw8bit_update(
     Tensor ``i`` is quantized when ``exp_avg_absmaxes[i]`` is not None (int8/uint8 flat codes + fp32
     absmax) and keeps fp32 ``exp_avgs[i]``/``exp_avg_sqs[i]`` otherwise. ``steps[i]`` (0-d fp32,
     already advanced) and ``flags[i]`` (0-d fp32, 0 = leave the tensor untouched) live on the param's
-    device; ``seeds[i]`` seeds the stochastic rounding of bf16/fp16 params. CUDA tensors run one
-    Triton launch per (quantized, param dtype, grad dtype) group; others run the reference (compiled
-    on CPU), one call per tensor. Nothing synchronises with the device.
+    device; ``seed_bases[i]`` = ``rounding.step_seed(0, tensor_index, base_seed)`` seeds the
+    stochastic rounding of bf16/fp16 params (step ``t`` uses ``step_seed(t, tensor_index, base_seed)``).
+    CUDA tensors run one Triton launch per (quantized, param dtype, grad dtype) group; others run
+    the reference (compiled on CPU), one call per tensor. Nothing synchronises with the device.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
     buckets: dict[tuple, list[int]] = {}
@@ -352,7 +366,7 @@ def adamw8bit_update(
         if hp is None:
             hp = hp_by_device[param.device] = hyperparameter_tensor(**hyper, device=param.device)
         _reference_one(i, params, grads, exp_avgs, exp_avg_absmaxes, exp_avg_sqs, exp_avg_sq_absmaxes, steps, flags,
-                       seeds, hp)
+                       seed_bases, hp)
     for (quantized, *_), idx in buckets.items():
         _launch(
             [params[i] for i in idx],
@@ -363,7 +377,7 @@ def adamw8bit_update(
             [exp_avg_sq_absmaxes[i] for i in idx],
             [steps[i] for i in idx],
             [flags[i] for i in idx],
-            [seeds[i] for i in idx],
+            [seed_bases[i] for i in idx],
             quantized,
             hyper,
         )
@@ -372,12 +386,12 @@ def adamw8bit_update(
 def _reference_one(i, params, grads, exp_avgs, m_absmaxes, exp_avg_sqs, v_absmaxes, steps, flags, seeds, hp):
     param = params[i]
     work = param if param.is_contiguous() else param.contiguous()
-    seed = torch.tensor(seeds[i], dtype=torch.int64, device=param.device)
+    seed_base = torch.tensor(seeds[i], dtype=torch.int64, device=param.device)
     if m_absmaxes[i] is not None:
         _adamw8bit_cpu(work, grads[i], exp_avgs[i], m_absmaxes[i], exp_avg_sqs[i], v_absmaxes[i], steps[i], flags[i],
-                       hp, seed)
+                       hp, seed_base)
     else:
-        _adamw32_cpu(work, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], flags[i], hp, seed)
+        _adamw32_cpu(work, grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], flags[i], hp, seed_base)
     if work is not param:
         param.copy_(work)
 

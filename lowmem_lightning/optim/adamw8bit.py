@@ -39,7 +39,8 @@ class AdamW8bit(LowMemOptimizer):
         eps: added to the denominator (> 0).
         weight_decay: decoupled weight decay coefficient (>= 0).
         maximize: ascend instead of descend.
-        seed: base seed of the stochastic rounding (runs are reproducible from it).
+        seed: base seed of the stochastic rounding; step ``t`` of tensor ``i`` rounds with
+            ``rounding.step_seed(t, i, seed)``, so runs (and resumed runs) are reproducible.
 
     A gradient holding inf/NaN skips that tensor's update for the step (params, state and its step
     counter untouched) and is counted in :attr:`skipped_updates`. ``step()`` never synchronises with
@@ -69,7 +70,6 @@ class AdamW8bit(LowMemOptimizer):
                         "expected torch.float32, torch.bfloat16 or torch.float16."
                     )
         self._seed = int(seed)
-        self._host_step = 0
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -180,7 +180,7 @@ class AdamW8bit(LowMemOptimizer):
             out["v"].append(state["exp_avg_sq_codes"] if quantized else state["exp_avg_sq"])
             out["v_absmax"].append(state["exp_avg_sq_absmax"] if quantized else None)
             out["steps"].append(state["step"])
-            out["seeds"].append(step_seed(self._host_step, first_index + offset, self._seed))
+            out["seeds"].append(step_seed(0, first_index + offset, self._seed))
         return out
 
     @staticmethod
@@ -202,7 +202,6 @@ class AdamW8bit(LowMemOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._host_step += 1
         first_index = 0
         for group in self.param_groups:
             work = self._gather(group, first_index)
