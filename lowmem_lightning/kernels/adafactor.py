@@ -59,19 +59,23 @@ from .dispatch import cpu_compiled, scalar_args, use_triton
 from .rounding import round_param_reference, store_param
 
 __all__ = [
-    "BLOCK_R",
-    "BLOCK_C",
+    "TILES",
+    "tile_shape",
     "factored_shape",
     "seed_reference",
     "adafactor_reference",
     "adafactor_update",
 ]
 
-BLOCK_R = 16
-"""Rows per program of the row/column statistics kernels."""
+TILE_ELEMENTS = 2048
+"""Elements of one (BLOCK_R x BLOCK_C) tile of the row/column statistics kernels."""
 
-BLOCK_C = 128
-"""Columns per inner iteration of the row/column statistics kernels."""
+TILES = ((16, 128), (32, 64), (64, 32), (128, 16))
+"""(BLOCK_R, BLOCK_C) variants of the statistics kernels: BLOCK_C follows the column count so narrow
+matrices (1000 x 3) do not run mostly-masked tiles."""
+
+FINALIZE_BLOCK = 128
+"""Columns per program of the column finalize kernel."""
 
 FLAT_BLOCK = 1024
 """Elements per program of the 1-D statistics kernel."""
@@ -355,7 +359,7 @@ def _adafactor_update_kernel(
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     finite = tl.load(flag_ptr) != 0.0
-    mask = (offs < n) & finite
+    mask = offs < tl.where(finite, n, 0)  # no element when the gradient is not finite
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FACTORED:
         u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
@@ -368,7 +372,8 @@ def _adafactor_update_kernel(
         tl.store(m_ptr + offs, m, mask=mask)
         u = m
     elif MOMENTUM == 2:
-        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), tl.load(absmax_ptr + pid, mask=finite, other=0.0))
+        scale = tl.load(absmax_ptr + pid, mask=finite, other=0.0)
+        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), scale)
         m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
         absmax = tl.max(tl.abs(m), axis=0)
         tl.store(m_ptr + offs, encode_signed(m, absmax), mask=mask)
@@ -379,11 +384,18 @@ def _adafactor_update_kernel(
     store_param(p_ptr, p, offs, mask, device_seed(step_ptr, tensor_index), True)
 
 
+def tile_shape(cols: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_C)`` for a matrix of ``cols`` columns (one of :data:`TILES`)."""
+    block_c = min(128, max(16, triton.next_power_of_2(cols)))
+    return TILE_ELEMENTS // block_c, block_c
+
+
 def _stats_signature(grad: str, param: str) -> dict:
     return {
         "g_ptr": f"*{grad}", "p_ptr": f"*{param}", "vr_ptr": "*fp32", "colpart_ptr": "*fp32",
         "rsum_part_ptr": "*fp32", "psq_part_ptr": "*fp32", "flag_ptr": "*fp32", "step_ptr": "*fp32",
-        "eps1": "fp32", "decay": "fp32", "one_minus_decay": "fp32", "beta_from_step": "i32", "R": "i32", "C": "i32", "n_rt": "i32",
+        "eps1": "fp32", "decay": "fp32", "one_minus_decay": "fp32", "beta_from_step": "i32", "R": "i32", "C": "i32",
+        "n_rt": "i32",
     }
 
 
@@ -429,20 +441,25 @@ def _update_signature(param: str, grad: str, momentum: int) -> dict:
 _DTYPE_PAIRS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16"))
 """(param, grad) Triton dtypes compiled ahead of time."""
 
+def _variants(options: tuple) -> list:
+    """Every option in fp32 (param, grad), and the last (the richest) for the other dtype pairs."""
+    return [("fp32", "fp32", opt) for opt in options] + [(p, g, options[-1]) for p, g in _DTYPE_PAIRS[1:]]
+
+
 AOT_SPECS = (
     [
-        (_sq_stats_kernel, _stats_signature(grad, param), {"WITH_PSQ": psq, "BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C})
-        for param, grad in _DTYPE_PAIRS
-        for psq in (False, True)
+        (_sq_stats_kernel, _stats_signature(grad, param), {"WITH_PSQ": psq, "BLOCK_R": br, "BLOCK_C": bc})
+        for param, grad, (br, bc, psq) in _variants(tuple((br, bc, psq) for psq in (False, True) for br, bc in TILES))
     ]
     + [
         (_full_stats_kernel, _full_stats_signature(grad, param), {"WITH_PSQ": psq, "BLOCK": FLAT_BLOCK})
-        for param, grad in _DTYPE_PAIRS
-        for psq in (False, True)
+        for param, grad, psq in _variants((False, True))
     ]
-    + [(_sq_finalize_kernel, _FINALIZE_SIGNATURE, {"BLOCK": BLOCK_C})]
-    + [(_clip_stats_kernel, _clip_signature(grad), {"BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C}) for grad in
-       ("fp32", "bf16", "fp16")]
+    + [(_sq_finalize_kernel, _FINALIZE_SIGNATURE, {"BLOCK": FINALIZE_BLOCK})]
+    + [
+        (_clip_stats_kernel, _clip_signature(grad), {"BLOCK_R": br, "BLOCK_C": bc})
+        for _, grad, (br, bc) in _variants(TILES)
+    ]
     + [(_scalars_kernel, _SCALARS_SIGNATURE, {"BLOCK": FLAT_BLOCK})]
     + [
         (
@@ -450,12 +467,11 @@ AOT_SPECS = (
             _update_signature(param, grad, momentum),
             {"FACTORED": factored, "MOMENTUM": momentum, "BLOCK": BLOCK_SIZE},
         )
-        for param, grad in _DTYPE_PAIRS
-        for factored in (False, True)
-        for momentum in (0, 1, 2)
+        for param, grad, (factored, momentum) in _variants(tuple((f, m) for f in (False, True) for m in (0, 1, 2)))
     ]
 )
-"""(kernel, signature, constexprs) for every kernel, mode and common (param, grad) dtype pair."""
+"""(kernel, signature, constexprs) for every kernel and constexpr variant in fp32, plus the richest
+variant of each kernel for the bf16, fp16 and (fp32 param, bf16 grad) pairs."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -661,17 +677,18 @@ def adafactor_update(
         _launch(work, g, v_, vc_, m_, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
                 weight_decay, scale_parameter, relative_step, warmup_init, tensor_index)
     else:
-        hp = scalar_args(0.0 if lr is None else lr, eps[0], eps[1], clip_threshold, decay_rate,
-                         0.0 if beta1 is None else beta1, 1.0 - (0.0 if beta1 is None else beta1), weight_decay, math.sqrt(param.numel()),
-                         float(tensor_index), device=param.device)
+        b1 = 0.0 if beta1 is None else beta1
+        hp = scalar_args(0.0 if lr is None else lr, eps[0], eps[1], clip_threshold, decay_rate, b1, 1.0 - b1,
+                         weight_decay, math.sqrt(param.numel()), float(tensor_index), device=param.device)
         _ADAFACTOR_CPU[vc is not None](work, g, v_, vc_, m_, absmax, step, flag, hp, elr, relative_step, warmup_init,
                        scale_parameter)
     if work.data_ptr() != param.data_ptr():
         param.copy_(work.view(param.shape))
 
 
-def launch_second_moment(work, g, v, vc, step, flag, eps1: float, decay: float, one_minus_decay: float,
-                         beta_from_step: bool, with_psq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def launch_second_moment(
+    work, g, v, vc, step, flag, eps1: float, decay: float, one_minus_decay: float, beta_from_step: bool, with_psq: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Passes 1-2 (factored) or 1 (flat): update the second-moment statistics.
 
     Returns ``(rmean, usq_partials, psq_partials)``: ``rmean`` (B,) holds ``mean_R(vr)`` (factored;
@@ -681,7 +698,8 @@ def launch_second_moment(work, g, v, vc, step, flag, eps1: float, decay: float, 
     dev = work.device
     if vc is not None:
         B, R, C = work.shape
-        n_rt = triton.cdiv(R, BLOCK_R)
+        block_r, block_c = tile_shape(C)
+        n_rt = triton.cdiv(R, block_r)
         colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=dev)
         rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
         psq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev) if with_psq else None
@@ -689,15 +707,15 @@ def launch_second_moment(work, g, v, vc, step, flag, eps1: float, decay: float, 
         _sq_stats_kernel[(B * n_rt,)](
             g, work, v, colpart, rsum_part, rsum_part if psq_part is None else psq_part, flag, step,
             eps1, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
-            WITH_PSQ=with_psq, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, enable_fp_fusion=False,
+            WITH_PSQ=with_psq, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
-        _sq_finalize_kernel[(B, triton.cdiv(C, BLOCK_C))](
+        _sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
             colpart, vc, rsum_part, rmean, flag, step, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
-            BLOCK=BLOCK_C, enable_fp_fusion=False,
+            BLOCK=FINALIZE_BLOCK, enable_fp_fusion=False,
         )
         usq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
         _clip_stats_kernel[(B * n_rt,)](
-            g, v, vc, rmean, usq_part, R, C, n_rt, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, enable_fp_fusion=False,
+            g, v, vc, rmean, usq_part, R, C, n_rt, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
         return rmean, usq_part, psq_part
     n = work.numel()

@@ -41,10 +41,10 @@ import triton
 import triton.language as tl
 
 from .adafactor import (
-    _DTYPE_PAIRS,
-    BLOCK_C,
-    BLOCK_R,
+    FINALIZE_BLOCK,
+    TILES,
     _sq_finalize_kernel,
+    _variants,
     clip_divisor_reference,
     ema,
     ema_reference,
@@ -58,6 +58,7 @@ from .adafactor import (
     momentum_update_reference,
     seed_reference,
     state_views,
+    tile_shape,
 )
 from .codec import BLOCK_SIZE, decode_signed, encode_signed
 from .dispatch import cpu_compiled, scalar_args, use_triton
@@ -160,7 +161,7 @@ def _came_update_kernel(
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     finite = tl.load(flag_ptr) != 0.0
-    mask = (offs < n) & finite
+    mask = offs < tl.where(finite, n, 0)  # no element when the gradient is not finite
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FACTORED:
         u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
@@ -168,7 +169,8 @@ def _came_update_kernel(
         u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
     u = tl.div_rn(u, tl.load(scal_ptr + 1))
     if QUANTIZED:
-        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), tl.load(absmax_ptr + pid, mask=finite, other=0.0))
+        scale = tl.load(absmax_ptr + pid, mask=finite, other=0.0)
+        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), scale)
         m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
         absmax = tl.max(tl.abs(m), axis=0)
         tl.store(m_ptr + offs, encode_signed(m, absmax), mask=mask)
@@ -207,19 +209,16 @@ def _update_signature(param: str, grad: str, quantized: bool) -> dict:
 
 
 AOT_SPECS = [
-    (_res_stats_kernel, _res_signature(grad, quantized), {"QUANTIZED": quantized, "BLOCK_R": BLOCK_R,
-                                                          "BLOCK_C": BLOCK_C})
-    for grad in ("fp32", "bf16", "fp16")
-    for quantized in (False, True)
+    (_res_stats_kernel, _res_signature(grad, quantized), {"QUANTIZED": quantized, "BLOCK_R": br, "BLOCK_C": bc})
+    for _, grad, (br, bc, quantized) in _variants(tuple((br, bc, q) for q in (False, True) for br, bc in TILES))
 ] + [
     (_came_update_kernel, _update_signature(param, grad, quantized),
      {"FACTORED": factored, "QUANTIZED": quantized, "BLOCK": BLOCK_SIZE})
-    for param, grad in _DTYPE_PAIRS
-    for factored in (False, True)
-    for quantized in (False, True)
+    for param, grad, (factored, quantized) in _variants(tuple((f, q) for f in (False, True) for q in (False, True)))
 ]
-"""(kernel, signature, constexprs) for every CAME-specific kernel and mode (the shared second-moment
-kernels are listed in :mod:`.adafactor`)."""
+"""(kernel, signature, constexprs) for every CAME-specific kernel and constexpr variant in fp32, plus
+the richest variant for the other dtype pairs (the shared second-moment kernels are listed in
+:mod:`.adafactor`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,7 +245,8 @@ def came_reference(
     statistics ``(B, R)``, ``vc``/``sc`` column statistics ``(B, C)``), else flat ``(n,)`` with ``v``
     full. ``m``: fp32 (param's shape) or flat int8 codes with ``absmax``. ``step`` and ``flag`` 0-d
     fp32. ``hp`` fp32 ``[lr, eps1, eps2, clip, beta1, beta2, beta3, 1 - beta1, 1 - beta2, 1 - beta3,
-    weight_decay, sqrt(numel), tensor_index]`` (the ``1 - beta`` computed in double, see :func:`.adafactor.ema`). Where ``flag == 0`` every output equals its input.
+    weight_decay, sqrt(numel), tensor_index]`` (each ``1 - beta`` computed in double, see
+    :func:`.adafactor.ema`). Where ``flag == 0`` every output equals its input.
     """
     lr, eps1, eps2, clip, beta1, beta2, beta3, omb1, omb2, omb3, weight_decay, sqrt_n, tensor_index = hp.unbind()
     ok = flag != 0
@@ -336,8 +336,8 @@ def came_update(
         _launch(work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, lr, eps, clip_threshold, betas, weight_decay,
                 tensor_index)
     else:
-        hp = scalar_args(lr, eps[0], eps[1], clip_threshold, *betas, *(1.0 - b for b in betas), weight_decay, math.sqrt(param.numel()),
-                         float(tensor_index), device=param.device)
+        hp = scalar_args(lr, eps[0], eps[1], clip_threshold, *betas, *(1.0 - b for b in betas), weight_decay,
+                         math.sqrt(param.numel()), float(tensor_index), device=param.device)
         _CAME_CPU[vc is not None](work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, hp)
     if work.data_ptr() != param.data_ptr():
         param.copy_(work.view(param.shape))
@@ -354,17 +354,19 @@ def _launch(work, g, v, vc, sr, sc, m, absmax, step, flag, lr, eps, clip_thresho
     R = C = 1
     if vc is not None:
         B, R, C = work.shape
-        n_rt = triton.cdiv(R, BLOCK_R)
+        block_r, block_c = tile_shape(C)
+        n_rt = triton.cdiv(R, block_r)
         colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=work.device)
         rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=work.device)
         smean = torch.empty(B, dtype=torch.float32, device=work.device)
         _res_stats_kernel[(B * n_rt,)](
             g, m, flag if absmax is None else absmax, v, vc, rmean, scal, sr, colpart, rsum_part, flag, R, C, n_rt,
-            beta1, 1.0 - beta1, beta3, 1.0 - beta3, float(eps[1]), QUANTIZED=quantized, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-            enable_fp_fusion=False,
+            beta1, 1.0 - beta1, beta3, 1.0 - beta3, float(eps[1]), QUANTIZED=quantized, BLOCK_R=block_r,
+            BLOCK_C=block_c, enable_fp_fusion=False,
         )
-        _sq_finalize_kernel[(B, triton.cdiv(C, BLOCK_C))](
-            colpart, sc, rsum_part, smean, flag, step, beta3, 1.0 - beta3, 0, R, C, n_rt, BLOCK=BLOCK_C, enable_fp_fusion=False,
+        _sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
+            colpart, sc, rsum_part, smean, flag, step, beta3, 1.0 - beta3, 0, R, C, n_rt, BLOCK=FINALIZE_BLOCK,
+            enable_fp_fusion=False,
         )
     _came_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
         work, g, m, flag if absmax is None else absmax, v, v if vc is None else vc, v if vc is None else rmean,

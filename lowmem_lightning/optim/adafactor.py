@@ -1,4 +1,4 @@
-"""Adafactor with the semantics of ``transformers.optimization.Adafactor``, on our kernels, with fp32 or 8-bit momentum."""
+"""Adafactor with the semantics of ``transformers.optimization.Adafactor`` on our kernels; fp32 or 8-bit momentum."""
 
 from __future__ import annotations
 
@@ -250,7 +250,8 @@ def convert_momentum_state(param: torch.Tensor, state: dict, group: dict, key: s
     """
     state = dict(state)
     step = state.get("step", 0)
-    state["step"] = (step if isinstance(step, torch.Tensor) else torch.tensor(float(step))).to(torch.float32).reshape(())
+    step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+    state["step"] = step.to(torch.float32).reshape(())
     if not has_momentum:
         return state
     buffer = state.pop(key, None)
