@@ -132,3 +132,10 @@ def test_codes_identical_to_bitsandbytes_and_error_no_worse_with_double_quant():
         our_mse = _mse(nf4.dequantize_nf4(nf4.quantize_nf4(x)), x)
         assert our_mse <= bnb_mse, (our_mse, bnb_mse)
     assert torch.allclose(state.code.float(), nf4.nf4_code(), atol=1e-6, rtol=0)
+
+
+def test_reference_encoder_in_chunks_gives_the_same_codes(monkeypatch):
+    x = _weight((70, 64))
+    whole = nf4.quantize_nf4_reference(x)
+    monkeypatch.setattr(nf4, "_REFERENCE_CHUNK", 3 * 64)  # 3 blocks per step, last step partial
+    assert torch.equal(nf4.quantize_nf4_reference(x).packed, whole.packed)

@@ -64,6 +64,7 @@ SCALE_BLOCK = 256
 
 _ABSMAX_TILE = 4096  # elements per program of the absmax kernel
 _PAIR_TILE = 1024  # bytes (= 2 weights each) per program of the pack / unpack kernels
+_REFERENCE_CHUNK = 1 << 22  # elements per step of the reference encoder (bounds its scratch memory)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,13 +328,21 @@ def block_scales_reference(w: NF4Weight) -> torch.Tensor:
 
 
 def encode_reference(x: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
-    """uint8 NF4 index (0..15, unpacked) of every element of flat fp32 ``x`` given per-block ``scale``."""
+    """uint8 NF4 index (0..15, unpacked) of every element of flat fp32 ``x`` given per-block ``scale``.
+
+    Works through ``_REFERENCE_CHUNK`` elements at a time so a large weight needs little scratch memory.
+    """
     _, mids = _tables(x.device)
     blocks = _blocks(x, block_size)  # (nb, B)
     s = scale.reshape(-1, 1)
-    r = blocks / torch.where(s != 0, s, torch.ones_like(s))
-    codes = torch.searchsorted(mids[:15], r.reshape(-1).contiguous(), right=False)  # = #(mids < r)
-    return codes[: x.numel()].to(torch.uint8)
+    s = torch.where(s != 0, s, torch.ones_like(s))
+    codes = torch.empty(blocks.shape, dtype=torch.uint8, device=x.device)
+    rows = max(1, _REFERENCE_CHUNK // block_size)
+    for start in range(0, blocks.shape[0], rows):
+        r = blocks[start : start + rows] / s[start : start + rows]
+        # index = number of midpoints strictly below r
+        codes[start : start + rows] = torch.searchsorted(mids[:15], r.contiguous(), out_int32=True).to(torch.uint8)
+    return codes.reshape(-1)[: x.numel()]
 
 
 def pack_reference(codes: torch.Tensor) -> torch.Tensor:
