@@ -7,7 +7,6 @@ module trains, on the meta device when asked (no weights, exact parameter counts
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -135,15 +134,57 @@ def make_config(config: dict, vocab_size: int | None = None):
         raise ValueError(f"Invalid config={config!r}: {err}") from err
 
 
-def _load_pretrained(path: str, quantize: str | None, dtype: torch.dtype) -> nn.Module:
+def _load_pretrained(path: str, quantize: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
     if quantize == "nf4":
         from lowmem_lightning.quant import load_pretrained_causal_lm
 
-        return load_pretrained_causal_lm(str(path), quantize="nf4", torch_dtype=dtype, skip=("lm_head",))
+        return load_pretrained_causal_lm(str(path), quantize="nf4", torch_dtype=dtype, skip=("lm_head",),
+                                         device=device)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    return model.to(dtype)
+    return model.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def _materialize_quantized(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Give a meta model whose linears are meta ``Linear4bit`` layers real, freshly initialized weights
+    on ``device``, one layer at a time: each linear's weight is drawn (the model's own ``_init_weights``:
+    normal(0, initializer_range)), quantized and freed before the next, so peak memory is the 4-bit
+    model plus one dense layer, never the dense model (a 7B config fits a small GPU this way)."""
+    from lowmem_lightning.quant import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=device, dtype=dtype)
+            model._init_weights(dense)
+            module.quantize_weight_(dense.weight)
+            if module.bias is not None:
+                module.bias = nn.Parameter(dense.bias.detach(), requires_grad=False)
+            del dense
+        elif any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def _from_config(cfg, quantize: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if quantize is None:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(cfg).to(dtype)
+    from lowmem_lightning.quant import quantize_model
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    model = quantize_model(model, skip=("lm_head",), block_size=64, double_quant=True)
+    if device.type == "meta":
+        return model
+    return _materialize_quantized(model, device, dtype)
 
 
 def build_causal_lm(
@@ -158,35 +199,33 @@ def build_causal_lm(
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
 
     Args:
-        model_name_or_path: Local checkpoint directory (loaded, or only its ``config.json`` when
-            ``device="meta"``).
-        config: Architecture dict for a from-scratch model (see :func:`make_config`).
+        model_name_or_path: Local checkpoint directory (loaded, NF4 shard by shard when quantizing;
+            only its ``config.json`` is read when ``device="meta"``).
+        config: Architecture dict for a from-scratch model (see :func:`make_config`). With
+            ``quantize="nf4"`` the model is built on the meta device and each linear layer is drawn,
+            quantized and freed in turn, so the dense model never exists in memory.
         quantize: ``"nf4"``: every ``nn.Linear`` but ``lm_head`` becomes a frozen 4-bit ``Linear4bit``.
         lora: ``{r, alpha, dropout, target_modules}``: wrap in a peft model with trainable adapters
             (fp32); ``None`` leaves every weight trainable.
         device: Where to create tensors; ``"meta"`` builds shapes only (no memory, no weights), which
             is what ``lowmem estimate`` uses to count frozen and trainable parameters exactly.
-            ``None`` uses the current default device.
+            ``None`` uses the current default device (the Trainer's device inside ``configure_model``).
         torch_dtype: Weight dtype name (``"bfloat16"``, ...); ``None`` = float32.
         vocab_size: Used for a ``config`` without ``vocab_size`` (default: the byte tokenizer's 259).
     """
     lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
     dtype = _resolve_dtype(torch_dtype)
-    if model_name_or_path is not None and str(device) != "meta":
-        model = _load_pretrained(model_name_or_path, quantize, dtype)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if model_name_or_path is not None and device.type != "meta":
+        model = _load_pretrained(model_name_or_path, quantize, dtype, device)
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         if config is not None:
             cfg = make_config(config, vocab_size)
         else:
             cfg = AutoConfig.from_pretrained(str(model_name_or_path), local_files_only=True)
-        with torch.device(device) if device is not None else nullcontext():
-            model = AutoModelForCausalLM.from_config(cfg).to(dtype)
-        if quantize == "nf4":
-            from lowmem_lightning.quant import quantize_model
-
-            model = quantize_model(model, skip=("lm_head",), block_size=64, double_quant=True)
+        model = _from_config(cfg, quantize, dtype, device)
     if lora is not None:
         from lowmem_lightning.quant import add_lora
 
