@@ -156,3 +156,17 @@ def test_bad_arguments_are_rejected():
         Linear4bit.from_linear(_linear())(torch.randn(2, 95))
     with pytest.raises(TypeError, match="skip"):
         quantize_model(nn.Linear(2, 2), skip=[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_backward_use_the_triton_weight():
+    linear = _linear(4096, 1024, dtype=torch.bfloat16).cuda()
+    layer = Linear4bit.from_linear(linear)
+    w = nf4.dequantize_nf4_reference(layer.nf4_weight())
+    assert torch.equal(layer.dequantize(), w)
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, x.detach() @ w.T + linear.bias.detach())
+    y.float().sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(y) @ w)

@@ -139,3 +139,15 @@ def test_reference_encoder_in_chunks_gives_the_same_codes(monkeypatch):
     whole = nf4.quantize_nf4_reference(x)
     monkeypatch.setattr(nf4, "_REFERENCE_CHUNK", 3 * 64)  # 3 blocks per step, last step partial
     assert torch.equal(nf4.quantize_nf4_reference(x).packed, whole.packed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_kernels_equal_the_reference_on_the_same_device(dtype):
+    x = _weight((1000, 4097), dtype).cuda()
+    for block_size, double_quant in ((64, True), (128, False)):
+        ref = nf4.quantize_nf4_reference(x, block_size, double_quant)  # torch ops on the GPU
+        got = nf4.quantize_nf4(x, block_size, double_quant)  # Triton kernels
+        assert torch.equal(got.packed, ref.packed)
+        assert torch.equal(nf4.dequantize_nf4(got), nf4.dequantize_nf4_reference(ref))
