@@ -240,6 +240,14 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return values.to(device), mids.to(device)
 
 
+@functools.cache
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """(256, 2) fp32: the two NF4 values packed in each byte (high nibble first)."""
+    values = _tables(device)[0]
+    byte = torch.arange(256, device=device)
+    return torch.stack([values[byte >> 4], values[byte & 15]], dim=1)
+
+
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16 NF4 values as fp32, ascending (index = stored 4-bit code)."""
     return _tables(torch.device(device))[0]
@@ -368,9 +376,8 @@ def quantize_nf4_reference(x: torch.Tensor, block_size: int = 64, double_quant: 
 
 def dequantize_nf4_reference(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Reference decoding ``NF4[code] * scale[block]`` (fp32 math), reshaped to ``w.shape``, cast to ``dtype``."""
-    values, _ = _tables(w.packed.device)
-    codes = torch.stack([w.packed >> 4, w.packed & 15], dim=1).reshape(-1)[: w.numel].long()
-    blocks = _blocks(values[codes], w.block_size)
+    pairs = _byte_table(w.packed.device).index_select(0, w.packed.int())  # (bytes, 2): NF4[hi], NF4[lo]
+    blocks = _blocks(pairs.reshape(-1)[: w.numel], w.block_size)
     out = (blocks * block_scales_reference(w).reshape(-1, 1)).reshape(-1)[: w.numel]
     return out.to(dtype or w.dtype).reshape(w.shape)
 
