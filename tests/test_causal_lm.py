@@ -128,6 +128,32 @@ def test_save_merged_writes_a_dense_model_with_the_same_outputs(tmp_path):
                                    module(batch["input_ids"]).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_local_checkpoint_full_and_nf4(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lowmem_lightning.quant import Linear4bit, quantize_model
+
+    source = AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA, vocab_size=259)).eval()
+    source.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    ids = torch.randint(0, 259, (2, 24))
+    with torch.no_grad():
+        want = source(input_ids=ids).logits
+    full = CausalLMModule(model_name_or_path=str(tmp_path / "ckpt"), optimizer="adamw")
+    full.configure_model()
+    qlora = CausalLMModule(model_name_or_path=str(tmp_path / "ckpt"), quantize="nf4", lora={"r": 4},
+                           optimizer="adamw")
+    qlora.configure_model()
+    assert sum(isinstance(m, Linear4bit) for m in qlora.model.modules()) == 7 * TINY_LLAMA["num_hidden_layers"]
+    full.eval()
+    qlora.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids).logits, want)
+        got = qlora(ids).logits  # LoRA B starts at 0: the NF4 base alone
+        want_nf4 = quantize_model(source).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want_nf4)
+    assert not torch.equal(got, want)
+
+
 def test_meta_build_counts_params_without_memory():
     meta = build_causal_lm(config=TINY_LLAMA, device="meta")
     real = build_causal_lm(config=TINY_LLAMA)
