@@ -127,3 +127,26 @@ def test_bad_arguments_are_rejected(checkpoint, tmp_path):
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     with pytest.raises(ValueError, match="safetensors"):
         load_pretrained_causal_lm(tmp_path)
+
+
+def test_base_model_checkpoint_tied_embeddings_obsolete_and_unknown_tensors(tmp_path):
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=32, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    config.save_pretrained(tmp_path)
+    # a base-model checkpoint: no "model." prefix, no lm_head (tied)
+    state = {k.removeprefix("model."): v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state["layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old checkpoints carry these
+    state["unrelated.extra"] = torch.ones(3)
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.warns(UserWarning, match="unrelated.extra") as record:
+        loaded = load_pretrained_causal_lm(tmp_path)
+    assert not any("inv_freq" in str(w.message) for w in record)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    expected = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16))
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, expected(_ids()).logits)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,6 +97,23 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
     return False
 
 
+def _ignored_keys(model: nn.Module) -> re.Pattern:
+    """Checkpoint keys to drop silently: the model's ``_keys_to_ignore_on_load_unexpected`` plus tensors
+    older checkpoints saved that are now computed (per-layer ``rotary_emb.inv_freq``, ``position_ids``)."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    patterns |= {r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$"}
+    return re.compile("|".join(f"({p})" for p in patterns))
+
+
+def _model_key(model: nn.Module, key: str, names: set[str]) -> str | None:
+    """The model's name for checkpoint ``key``: itself, or with the base-model prefix added/removed."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+        if candidate in names:
+            return candidate
+    return None
+
+
 def _still_on_meta(model: nn.Module) -> list[str]:
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     return [name for name, t in tensors if t.device.type == "meta"]
@@ -117,7 +136,8 @@ def load_pretrained_causal_lm(
     ``torch_dtype``. The result equals ``quantize_model(AutoModelForCausalLM.from_pretrained(path,
     dtype=torch_dtype), skip, ...)`` while peak host memory stays near the 4-bit model plus the
     unquantized tensors plus one tensor. Raises ValueError if a model tensor is missing from the
-    checkpoint (tied weights excepted) or a checkpoint tensor has no place in the model.
+    checkpoint (tied weights excepted); checkpoint tensors the model has no place for are skipped with
+    a warning (obsolete ones, like per-layer ``rotary_emb.inv_freq``, silently).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -138,14 +158,21 @@ def load_pretrained_causal_lm(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if quantize == "nf4":
         _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype)
+    names = set(model.state_dict(keep_vars=True)) | {
+        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Linear4bit)
+    }
+    ignored = _ignored_keys(model)
     unexpected = []
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as shard:
             for key in shard.keys():
-                if not _place(model, key, shard.get_tensor(key), dtype, device):
-                    unexpected.append(key)
+                target = _model_key(model, key, names)
+                if target is None or not _place(model, target, shard.get_tensor(key), dtype, device):
+                    if not ignored.search(key):
+                        unexpected.append(key)
     if unexpected:
-        raise ValueError(f"Checkpoint {str(path)!r} has tensors the model does not: {unexpected[:5]}.")
+        warnings.warn(f"Checkpoint {str(path)!r} has {len(unexpected)} tensors the model does not use, "
+                      f"e.g. {unexpected[:5]}; they were skipped.", stacklevel=2)
     model.tie_weights()
     missing = _still_on_meta(model)
     if missing:
