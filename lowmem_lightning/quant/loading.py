@@ -139,7 +139,7 @@ def load_pretrained_causal_lm(
     checkpoint (tied weights excepted); checkpoint tensors the model has no place for are skipped with
     a warning (obsolete ones, like per-layer ``rotary_emb.inv_freq``, silently).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -177,5 +177,7 @@ def load_pretrained_causal_lm(
     missing = _still_on_meta(model)
     if missing:
         raise ValueError(f"Checkpoint {str(path)!r} lacks tensors the model needs: {missing[:5]}.")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
     model.to(device)
     return model.eval()
