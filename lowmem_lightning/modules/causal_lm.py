@@ -37,7 +37,8 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-"""Names accepted for ``torch_dtype`` (``None`` means float32)."""
+"""Names accepted for ``torch_dtype`` (``None``: the default dtype, float32 unless the Trainer's
+``precision="bf16-true"`` / ``"16-true"`` sets another while the model is built)."""
 
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LLAMA_PROJECTIONS}
 """LoRA settings used for keys missing from the ``lora`` dict."""
@@ -47,7 +48,7 @@ IGNORE_INDEX = -100
 
 def _resolve_dtype(torch_dtype: str | None) -> torch.dtype:
     if torch_dtype is None:
-        return torch.float32
+        return torch.get_default_dtype()
     if torch_dtype not in DTYPES:
         raise ValueError(f"Invalid torch_dtype={torch_dtype!r}: expected None or one of {', '.join(DTYPES)}.")
     return DTYPES[torch_dtype]
@@ -210,7 +211,7 @@ def build_causal_lm(
         device: Where to create tensors; ``"meta"`` builds shapes only (no memory, no weights), which
             is what ``lowmem estimate`` uses to count frozen and trainable parameters exactly.
             ``None`` uses the current default device (the Trainer's device inside ``configure_model``).
-        torch_dtype: Weight dtype name (``"bfloat16"``, ...); ``None`` = float32.
+        torch_dtype: Weight dtype name (``"bfloat16"``, ...); ``None``: ``torch.get_default_dtype()``.
         vocab_size: Used for a ``config`` without ``vocab_size`` (default: the byte tokenizer's 259).
     """
     lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
@@ -268,8 +269,9 @@ class CausalLMModule(LowMemModule):
             every weight (full fine-tune).
         gradient_checkpointing: Recompute decoder-layer activations in backward (less memory, ~30%
             more compute).
-        torch_dtype: Weight dtype: ``"float32"`` (default when None), ``"bfloat16"`` or ``"float16"``.
-            LoRA adapters stay float32.
+        torch_dtype: Weight dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; ``None`` takes the
+            default dtype (float32, or the Trainer's with ``precision="bf16-true"``). LoRA adapters are
+            created in float32.
         save_dir: Directory to write at the end of fit: the LoRA adapter (``save_pretrained``), the
             merged model when ``save_merged``, or the full model without LoRA; ``None`` writes nothing.
         save_merged: With LoRA, merge the adapters into full-precision weights and save that model
