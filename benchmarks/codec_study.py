@@ -307,26 +307,25 @@ def main(argv=None) -> int:
         "",
         f"- command: `python benchmarks/codec_study.py {command}`",
         f"- torch {torch.__version__}, triton {triton.__version__}, {torch.get_num_threads()} CPU threads",
-        "",
-        f"### Accuracy: {args.size}x{args.size} AdamW, {args.steps} steps, against fp32 torch.optim.AdamW",
-        "",
-        markdown(accuracy_study(args.size, args.steps),
-                 {"rel_update_error": ".4f", "update_cosine": ".6f", "mean_rel_param_error": ".4f"}),
-        "",
-        f"### Dynamic range: heavy-tailed state ({args.state_numel} elements, log-normal scales, sigma 2)",
-        "",
-        markdown(dynamic_range_study(parse_numel(args.state_numel)),
-                 {"v_flushed": ".2e", "m_flushed": ".2e", "m_kept_v_flushed": ".2e"}),
-        "",
-        f"### Throughput: quantize + dequantize of {args.throughput_numel} elements, CPU, eager PyTorch",
-        "",
-        markdown(throughput_study(parse_numel(args.throughput_numel)),
-                 {"signed_Melem_s": ".1f", "unsigned_Melem_s": ".1f"}),
     ]
-    text = "\n".join(out)
-    print(text)
+    print("\n".join(out), flush=True)
+    sections = [
+        (f"### Accuracy: {args.size}x{args.size} AdamW, {args.steps} steps, against fp32 torch.optim.AdamW",
+         lambda: accuracy_study(args.size, args.steps),
+         {"rel_update_error": ".4f", "update_cosine": ".6f", "mean_rel_param_error": ".4f"}),
+        (f"### Dynamic range: heavy-tailed state ({args.state_numel} elements, log-normal scales, sigma 2)",
+         lambda: dynamic_range_study(parse_numel(args.state_numel)),
+         {"v_flushed": ".2e", "m_flushed": ".2e", "m_kept_v_flushed": ".2e"}),
+        (f"### Throughput: quantize + dequantize of {args.throughput_numel} elements, CPU, eager PyTorch",
+         lambda: throughput_study(parse_numel(args.throughput_numel)),
+         {"signed_Melem_s": ".1f", "unsigned_Melem_s": ".1f"}),
+    ]
+    for title, study, formats in sections:
+        section = ["", title, "", markdown(study(), formats)]
+        print("\n".join(section), flush=True)
+        out += section
     if args.markdown:
-        args.markdown.write_text(text + "\n")
+        args.markdown.write_text("\n".join(out) + "\n")
     return 0
 
 
