@@ -1,0 +1,521 @@
+"""The ``lowmem`` command: LightningCLI with low-memory optimizers, bundled recipes and ``lowmem estimate``.
+
+::
+
+    lowmem fit --config configs/tiny.yaml            # train (also: validate, test, predict)
+    lowmem fit --config qlora_7b.yaml --model.model_name_or_path /path/to/llama-2-7b-hf
+    lowmem fit --config tiny.yaml --optim came --lr 1e-3
+    lowmem estimate --config qlora_7b.yaml --budget-gb 8
+
+* Model and data are chosen by ``class_path`` (ours or any importable LightningModule /
+  LightningDataModule); the defaults are ``CausalLMModule`` and ``TextDataModule``.
+* The optimizer is chosen by a ``LowMemOptimizerCallback`` in ``trainer.callbacks``; ``--optim NAME``
+  (with ``--lr``) sets that callback's optimizer, adding the callback when the config has none.
+* ``--config NAME`` with no such file resolves to the recipe of that name bundled in the package
+  (``tiny``, ``tiny.yaml``, ``qlora_7b.yaml``, ...), so recipes run from any directory. A relative
+  path inside a recipe (``model.model_name_or_path``, ``data.data_path``) that does not exist from the
+  current directory is looked up next to the recipe file.
+* A rich progress bar is added unless the config sets its own progress bar or disables it.
+* Wrong input (unknown optimizer, missing config file, unknown key, bad type, invalid value) ends with
+  a one-paragraph message naming the problem and the allowed values, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import inspect
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lowmem_lightning.optim.registry import available_optimizers
+
+__all__ = ["LowMemCLI", "main", "RECIPES_DIR", "bundled_recipes", "resolve_recipe", "DEFAULT_MODEL", "DEFAULT_DATA"]
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+"""The recipes shipped in the package (a link to the repository's ``configs/`` in a source checkout)."""
+
+DEFAULT_MODEL = "lowmem_lightning.modules.causal_lm.CausalLMModule"
+"""``class_path`` of the model when a config names none."""
+
+DEFAULT_DATA = "lowmem_lightning.data.text.TextDataModule"
+"""``class_path`` of the data module when a config names none."""
+
+OPTIMIZER_CALLBACK = "lowmem_lightning.callbacks.optimizer.LowMemOptimizerCallback"
+"""``class_path`` of the callback that ``--optim`` adds or overrides."""
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+PATH_KEYS = (("model", "model_name_or_path"), ("data", "data_path"), ("data", "tokenizer"))
+
+DESCRIPTION = (
+    "Train with PyTorch Lightning on far less memory. Subcommands: fit, validate, test, predict "
+    "(LightningCLI: --config FILE_OR_RECIPE, --print_config, --help), and 'lowmem estimate --config X.yaml "
+    "[--budget-gb N] [--format table|json]' (memory needed by weights, gradients and every optimizer, "
+    "from the model built on the meta device). Bundled recipes: {recipes}."
+)
+
+
+def bundled_recipes() -> list[str]:
+    """File names of the bundled YAML recipes, sorted."""
+    if not RECIPES_DIR.is_dir():
+        return []
+    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(value: str) -> str:
+    """A ``--config`` value as a path: an existing file as given, else the bundled recipe of that name
+    (``tiny``, ``tiny.yaml``); ``ValueError`` naming the value and listing the bundled recipes."""
+    if Path(value).expanduser().is_file():
+        return value
+    name = Path(value).name
+    for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if candidate.is_file() and Path(value).parent in (Path("."), Path("configs")):
+            return str(candidate)
+    raise ValueError(
+        f"Config file {value!r} not found (not a file from {Path.cwd()}, not a bundled recipe). "
+        f"Bundled recipes: {', '.join(bundled_recipes()) or 'none'}."
+    )
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    """Replace every ``--config``/``-c`` value in ``argv`` by :func:`resolve_recipe`'s path."""
+    out = []
+    take_next = False
+    for arg in argv:
+        if take_next:
+            out.append(resolve_recipe(arg))
+            take_next = False
+        elif arg in ("--config", "-c"):
+            out.append(arg)
+            take_next = True
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve_recipe(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+    return out
+
+
+def _class_in_args(args: list[str], key: str) -> str | None:
+    """The class given for ``key`` (``model``/``data``) on the command line, if any."""
+    for i, arg in enumerate(args):
+        if arg in (f"--{key}", f"--{key}.class_path") and i + 1 < len(args):
+            return args[i + 1]
+        for prefix in (f"--{key}=", f"--{key}.class_path="):
+            if arg.startswith(prefix):
+                return arg[len(prefix):]
+    return None
+
+
+def _class_in_configs(args: list[str], subcommand: str, key: str) -> str | None:
+    """The class given for ``key`` in the ``--config`` files of ``args`` (the last one wins)."""
+    import yaml
+
+    found = None
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        for scope in (data, data.get(subcommand)):
+            value = scope.get(key) if isinstance(scope, dict) else None
+            if isinstance(value, str):
+                found = value
+            elif isinstance(value, dict) and isinstance(value.get("class_path"), str):
+                found = value["class_path"]
+    return found
+
+
+def _with_default_classes(args: list[str]) -> list[str]:
+    """Insert ``--model CausalLMModule`` (and ``--data TextDataModule`` for it) right after the
+    subcommand when neither the command line nor a config file names a class.
+
+    Defaults are injected this way, not as parser defaults, so the default class's argument values
+    never leak into a user's class of the same argument names.
+    """
+    if not args or args[0] not in SUBCOMMANDS or any(a in ("-h", "--help") for a in args):
+        return args
+    sub, rest = args[0], args[1:]
+    model = _class_in_args(rest, "model") or _class_in_configs(rest, sub, "model")
+    data = _class_in_args(rest, "data") or _class_in_configs(rest, sub, "data")
+    extra = []
+    if model is None:
+        extra += ["--model", DEFAULT_MODEL]
+        model = DEFAULT_MODEL
+    if data is None and model.rsplit(".", 1)[-1] == "CausalLMModule":
+        extra += ["--data", DEFAULT_DATA]
+    return [sub, *extra, *rest]
+
+
+def _import_class(class_path: str) -> type | None:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _is_optimizer_callback(entry: Any) -> bool:
+    class_path = entry.get("class_path") if isinstance(entry, (dict, Namespace)) else None
+    if not isinstance(class_path, str):
+        return False
+    cls = _import_class(class_path)
+    target = _import_class(OPTIMIZER_CALLBACK)
+    return cls is not None and target is not None and isinstance(cls, type) and issubclass(cls, target)
+
+
+def _init_args(entry: Namespace) -> Namespace:
+    if entry.get("init_args") is None:
+        entry["init_args"] = Namespace()
+    return entry["init_args"]
+
+
+class LowMemArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one short message (no 90-line usage dump), exit code 2."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        """Print ``PROG: error: MESSAGE`` and a hint to ``--help``, then exit with code 2."""
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {condense_message(message)}\n(all options: {prog} --help)\n")
+        self.exit(2)
+
+
+_NOISE = re.compile(
+    r"Does not validate against any of the Union subtypes|^\s*Subtypes:|^\s*Errors:\s*$|"
+    r"Expected a <class 'NoneType'>|^\s*Given value( type)?:|Expected a path but .* not accessible or invalid"
+)
+
+
+def condense_message(message: str) -> str:
+    """jsonargparse's nested Union error reports as one line: the innermost problems only."""
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
+    kept = [line for line in lines if line and not _NOISE.search(line)]
+    text = " ".join(kept) if kept else message.strip()
+    text = re.sub(r"Expected an? <class '([\w.]+)'>", r"Expected \1", text)
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    return text + _allowed_keys_hint(text)
+
+
+def _init_arg_names(cls: type) -> list[str]:
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _allowed_keys_hint(text: str) -> str:
+    """For an unknown key, the accepted keys of that class (or the closest Trainer arguments)."""
+    unknown = re.search(r"Option '([\w.]+)' is not accepted|does not accept option '([\w.]+)'", text)
+    if unknown is None:
+        return ""
+    key = unknown.group(1) or unknown.group(2)
+    owner = re.findall(r"class_path '([\w.]+)'", text)
+    if owner and (cls := _import_class(owner[-1])) is not None:
+        return f" Accepted by {owner[-1].rsplit('.', 1)[-1]}: {', '.join(_init_arg_names(cls))}."
+    if key.startswith("trainer."):
+        from lightning.pytorch import Trainer
+
+        close = difflib.get_close_matches(key.split(".", 1)[1], _init_arg_names(Trainer), n=3)
+        return f" Did you mean: {', '.join('trainer.' + c for c in close)}?" if close else ""
+    return ""
+
+
+class LowMemCLI(LightningCLI):
+    """LightningCLI for lowmem-lightning: any LightningModule / LightningDataModule by ``class_path``
+    (default ``CausalLMModule`` / ``TextDataModule``), optimizer through ``LowMemOptimizerCallback``
+    (``--optim``/``--lr`` shortcut), rich progress bar by default, config errors as short messages.
+
+    Keyword arguments go to ``LightningCLI``; ``model_class``/``datamodule_class`` default to any
+    subclass of ``LightningModule``/``LightningDataModule``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", LightningModule)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", LowMemArgumentParser)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("prog", "lowmem")
+        parser_kwargs.setdefault("description", DESCRIPTION.format(recipes=", ".join(bundled_recipes()) or "none"))
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Trainer, model (required) and data (optional: a model may bring its own dataloaders)."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(
+            self._datamodule_class, "data", subclass_mode=self.subclass_mode_data, required=False
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add the ``--optim``/``--lr`` shortcut."""
+        names = ", ".join(available_optimizers())
+        parser.add_argument(
+            "--optim", type=str | None, default=None,
+            help=f"Optimizer of the LowMemOptimizerCallback in trainer.callbacks (added if the config has none). "
+            f"One of: {names}. Its other arguments: --trainer.callbacks.help LowMemOptimizerCallback.",
+        )
+        parser.add_argument(
+            "--lr", type=float | None, default=None,
+            help="Learning rate of the LowMemOptimizerCallback (with --optim, or overriding the config's callback).",
+        )
+
+    # ------------------------------------------------------------------ config fix-ups
+    def _subconfig(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        """Apply ``--optim``/``--lr``, check optimizer names, and resolve recipe-relative paths."""
+        cfg = self._subconfig()
+        self._apply_optim_shortcut(cfg)
+        self._check_optimizer_callbacks(cfg)
+        self._resolve_relative_paths(cfg)
+
+    def _apply_optim_shortcut(self, cfg: Namespace) -> None:
+        name, lr = cfg.get("optim"), cfg.get("lr")
+        if name is None and lr is None:
+            return
+        callbacks = cfg.trainer.get("callbacks")
+        if callbacks is None:
+            callbacks = []
+        elif not isinstance(callbacks, list):
+            callbacks = [callbacks]
+        targets = [c for c in callbacks if _is_optimizer_callback(c)]
+        if not targets:
+            if name is None:
+                self._error(
+                    "--lr needs --optim NAME or a LowMemOptimizerCallback in trainer.callbacks "
+                    f"(optimizers: {', '.join(available_optimizers())})."
+                )
+            entry = Namespace(class_path=OPTIMIZER_CALLBACK, init_args=Namespace())
+            callbacks.append(entry)
+            targets = [entry]
+        for entry in targets:
+            init = _init_args(entry)
+            if name is not None:
+                init["optimizer"] = name
+            if lr is not None:
+                init["lr"] = lr
+        cfg.trainer["callbacks"] = callbacks
+
+    def _check_optimizer_callbacks(self, cfg: Namespace) -> None:
+        callbacks = cfg.trainer.get("callbacks") or []
+        for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if not _is_optimizer_callback(entry):
+                continue
+            name = _init_args(entry).get("optimizer", "adamw_8bit")
+            if name not in available_optimizers():
+                self._error(f"Unknown optimizer {name!r}: expected one of {', '.join(available_optimizers())}.")
+
+    def _config_dirs(self, cfg: Namespace) -> list[Path]:
+        paths = cfg.get("config") or []
+        dirs = []
+        for path in reversed(paths if isinstance(paths, list) else [paths]):
+            with contextlib.suppress(TypeError, ValueError):
+                dirs.append(Path(getattr(path, "absolute", None) or str(path)).resolve().parent)
+        return dirs
+
+    def _resolve_relative_paths(self, cfg: Namespace) -> None:
+        dirs = self._config_dirs(cfg)
+        for group, key in PATH_KEYS:
+            init = (cfg.get(group) or Namespace()).get("init_args")
+            value = init.get(key) if isinstance(init, Namespace) else None
+            if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+                continue
+            for folder in dirs:
+                if (folder / value).exists():
+                    init[key] = str(folder / value)
+                    break
+
+    # ------------------------------------------------------------------ instantiation
+    def _error(self, message: str) -> None:
+        parser = self._parser(self.subcommand) if self.subcommand else self.parser
+        parser.error(message)
+
+    def instantiate_classes(self) -> None:
+        """Instantiate model, data, callbacks and trainer; a ``ValueError``/``TypeError`` raised by a
+        constructor (invalid argument) becomes a short error message and exit code 2."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            self._error(_short(err))
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        has_bar = any(isinstance(c, ProgressBar) for c in [*listed, *callbacks])
+        if not has_bar and config.get("enable_progress_bar", True) is not False:
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+
+class _ParseOnlyCLI(LowMemCLI):
+    """Parses and fixes up a ``fit`` config like ``lowmem fit`` would, and instantiates nothing."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def parse_fit_config(args: list[str]) -> Namespace:
+    """The ``fit`` section of the config ``lowmem fit ARGS`` would run (defaults filled, ``--optim``
+    applied, recipe-relative paths resolved), without building anything."""
+    argv = _with_default_classes(["fit", *_resolve_config_args(args)])
+    return _ParseOnlyCLI(args=argv, save_config_callback=None).config.fit
+
+
+def _configured_optimizer(cfg: Namespace) -> tuple[str, dict] | None:
+    """``(name, kwargs)`` of the run's optimizer: the LowMemOptimizerCallback's, else the module's."""
+    callbacks = cfg.trainer.get("callbacks") or []
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if _is_optimizer_callback(entry):
+            init = _init_args(entry)
+            return init.get("optimizer") or "adamw_8bit", dict(init.get("optimizer_kwargs") or {})
+    init = cfg.model.get("init_args") or Namespace()
+    name = init.get("optimizer")
+    if isinstance(name, str) and name in available_optimizers():
+        return name, dict(init.get("optimizer_kwargs") or {})
+    return None
+
+
+def _data_vocab_size(cfg: Namespace) -> int | None:
+    data = cfg.get("data")
+    tokenizer = ((data or Namespace()).get("init_args") or Namespace()).get("tokenizer")
+    if not isinstance(tokenizer, str) or tokenizer == "byte":
+        return None
+    with contextlib.suppress(Exception):
+        from lowmem_lightning.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(tokenizer).vocab_size
+    return None
+
+
+def build_meta_model(cfg: Namespace):
+    """The model of a parsed ``fit`` config built on the meta device (no weights are read or allocated).
+
+    ``CausalLMModule`` (and subclasses) go through ``build_causal_lm(..., device="meta")``, which reads
+    only ``config.json``; any other LightningModule is instantiated under ``torch.device("meta")`` and
+    its ``configure_model`` is called.
+    """
+    import torch
+
+    from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
+
+    cls = _import_class(cfg.model.class_path)
+    init = (cfg.model.get("init_args") or Namespace()).as_dict()
+    if isinstance(cls, type) and issubclass(cls, CausalLMModule):
+        return build_causal_lm(
+            init.get("model_name_or_path"), init.get("config"), init.get("quantize"), init.get("lora"),
+            device="meta", torch_dtype=init.get("torch_dtype"), vocab_size=_data_vocab_size(cfg),
+        )
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningModule, "model")
+    with torch.device("meta"):
+        model = parser.instantiate_classes(parser.parse_object({"model": cfg.model.as_dict()})).model
+        model.configure_model()
+    return model
+
+
+def estimate_main(argv: Sequence[str]) -> int:
+    """``lowmem estimate``: parse the recipe, build its model on the meta device, print the estimate."""
+    import argparse
+
+    from lowmem_lightning.estimate import GB, estimate_memory, format_json, format_table
+
+    parser = argparse.ArgumentParser(
+        prog="lowmem estimate",
+        description="Memory a recipe needs: parameters, frozen weights (by dtype / NF4), gradients and the "
+        "state of every optimizer, from the model built on the meta device (no weights, no download). "
+        "Other options (e.g. --model.model_name_or_path DIR, --optim NAME) are applied as in 'lowmem fit'.",
+    )
+    parser.add_argument("-c", "--config", required=True, help="Recipe: a YAML file or a bundled recipe name.")
+    parser.add_argument("--budget-gb", type=float, default=None, help="Device memory budget in GB (10**9 bytes).")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="Output format.")
+    known, extra = parser.parse_known_args(list(argv))
+    if known.budget_gb is not None and not (known.budget_gb > 0 and math.isfinite(known.budget_gb)):
+        parser.error(f"argument --budget-gb: invalid value {known.budget_gb!r}: expected a number > 0.")
+    try:
+        cfg = parse_fit_config(["--config", known.config, *extra])
+    except ValueError as err:
+        return _usage_error(str(err))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        model = build_meta_model(cfg)
+        budget = None if known.budget_gb is None else int(known.budget_gb * GB)
+        estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg))
+    except (ValueError, TypeError) as err:
+        return _usage_error(_short(err))
+    print(format_json(estimate) if known.format == "json" else format_table(estimate))
+    return 0
+
+
+def _short(err: BaseException) -> str:
+    """The innermost message of an exception chain (what the constructor said), one paragraph."""
+    while err.__cause__ is not None and isinstance(err.__cause__, (ValueError, TypeError)):
+        err = err.__cause__
+    text = str(err).strip()
+    return text if text else type(err).__name__
+
+
+def _usage_error(message: str) -> int:
+    sys.stderr.write(f"lowmem: error: {message}\n")
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lowmem`` console script; returns the exit code (2 for bad input)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "estimate":
+        return estimate_main(args[1:])
+    try:
+        args = _with_default_classes(_resolve_config_args(args))
+    except ValueError as err:
+        return _usage_error(str(err))
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "lowmem"]
+    try:
+        LowMemCLI(args=args)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

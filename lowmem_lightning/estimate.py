@@ -1,0 +1,367 @@
+"""Training-memory estimate of a model built on the meta device: weights, gradients, optimizer state.
+
+Nothing here is a formula over a parameter count. Every figure is summed over the tensors of the
+instantiated (meta) model:
+
+* **weights**: every parameter and buffer by dtype; 4-bit ``Linear4bit`` layers by the bytes of their
+  packed codes and scales (reported as ``nf4``), their weight counted as ``in * out`` parameters;
+* **gradients**: one tensor of the parameter's dtype per trainable parameter;
+* **optimizer state**: each registered optimizer is constructed over the trainable meta parameters
+  (construction allocates no state) and asked for the exact ``(shape, dtype)`` of every state tensor
+  it allocates for each parameter (``_expected_state``, the same description its ``load_state_dict``
+  validates against; torch's fp32 ``AdamW`` is described here: ``exp_avg`` and ``exp_avg_sq`` like the
+  parameter, plus a 0-d fp32 ``step``). ``tests/test_estimate.py`` checks each figure against
+  :func:`~lowmem_lightning.optim.state_memory` of the real optimizer after one step.
+
+Activations are not included (they depend on batch size, sequence length and checkpointing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lowmem_lightning.optim.registry import available_optimizers, optimizer_class
+
+__all__ = [
+    "OPTIMIZER_VARIANTS",
+    "ModelCount",
+    "OptimizerEstimate",
+    "MemoryEstimate",
+    "count_model",
+    "state_layout",
+    "optimizer_state_bytes",
+    "estimate_memory",
+    "recommend",
+    "format_table",
+    "format_json",
+]
+
+GB = 10**9
+MIB = 2**20
+
+OPTIMIZER_VARIANTS: dict[str, tuple[str, dict]] = {
+    "adamw": ("adamw", {"lr": 1e-3}),
+    "adamw_8bit": ("adamw_8bit", {"lr": 1e-3}),
+    "paged_adamw_8bit": ("paged_adamw_8bit", {"lr": 1e-3}),
+    "came": ("came", {"lr": 1e-4}),
+    "came_int8": ("came", {"lr": 1e-4, "momentum_dtype": "int8"}),
+    "adafactor": ("adafactor", {}),
+    "adafactor_beta1": ("adafactor", {"beta1": 0.9}),
+    "adafactor_beta1_int8": ("adafactor", {"beta1": 0.9, "momentum_dtype": "int8"}),
+    "sgd": ("sgd", {"lr": 1e-3}),
+    "sgd_momentum": ("sgd", {"lr": 1e-3, "momentum": 0.9}),
+    "sgd_momentum_int8": ("sgd", {"lr": 1e-3, "momentum": 0.9, "momentum_dtype": "int8"}),
+}
+"""Rows of the estimate: ``row name -> (registered optimizer, constructor kwargs)``. Adafactor and SGD
+keep no momentum by default; the ``_int8`` rows store the momentum in the 8-bit code."""
+
+_ADAPTER_MARKERS = ("lora_",)
+_PAGED_MARKERS = ("paged",)
+
+
+@dataclass(frozen=True)
+class ModelCount:
+    """Parameter counts (elements) and weight bytes of a model.
+
+    ``params`` counts the model's own parameters, LoRA adapters excluded, with a 4-bit layer's weight
+    counted as ``in_features * out_features`` elements; ``adapter_params`` the LoRA adapters;
+    ``trainable_params`` every parameter with ``requires_grad``. ``frozen_bytes_by_dtype`` maps a dtype
+    name (``bfloat16``, ...) or ``nf4`` (codes + scales of ``Linear4bit``) to bytes of frozen weights
+    and buffers; ``trainable_bytes`` are the trainable weights themselves; ``gradient_bytes`` one
+    gradient per trainable parameter in its dtype.
+    """
+
+    params: int
+    adapter_params: int
+    trainable_params: int
+    frozen_bytes_by_dtype: dict[str, int]
+    trainable_bytes: int
+    gradient_bytes: int
+
+    @property
+    def frozen_bytes(self) -> int:
+        """Bytes of every frozen weight and buffer (NF4 codes and scales included)."""
+        return sum(self.frozen_bytes_by_dtype.values())
+
+
+@dataclass
+class OptimizerEstimate:
+    """Optimizer-state bytes of one optimizer configuration over the trainable params.
+
+    ``device_state_bytes`` stays on the training device; ``host_state_bytes`` lives in host memory
+    (paged optimizers keep their state there and page it in); ``total_device_bytes`` adds weights and
+    gradients to the device state (activations excluded). ``fits`` is set when a budget is given.
+    """
+
+    optimizer: str
+    kwargs: dict
+    state_bytes: int
+    device_state_bytes: int
+    host_state_bytes: int
+    bytes_per_param: float
+    total_device_bytes: int
+    fits: bool | None = None
+
+
+@dataclass
+class MemoryEstimate:
+    """Everything ``lowmem estimate`` reports (see :func:`estimate_memory`); bytes unless named otherwise."""
+
+    model: ModelCount
+    optimizers: dict[str, OptimizerEstimate]
+    configured_optimizer: str | None = None
+    budget_bytes: int | None = None
+    recommendation: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """JSON-ready dict: ``params``, ``trainable_params``, ``optimizers.{name}.state_bytes``, ..."""
+        model = asdict(self.model)
+        return {
+            **model,
+            "frozen_bytes": self.model.frozen_bytes,
+            "configured_optimizer": self.configured_optimizer,
+            "budget_bytes": self.budget_bytes,
+            "recommendation": self.recommendation,
+            "optimizers": {name: asdict(est) for name, est in self.optimizers.items()},
+            "notes": list(self.notes),
+        }
+
+
+# ------------------------------------------------------------------------------------------ model
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit" and hasattr(module, "qweight")
+
+
+def count_model(model: nn.Module) -> ModelCount:
+    """Count parameters and weight bytes of ``model`` (any device; meta works, nothing is read).
+
+    Shared (tied) tensors are counted once. 4-bit layers (``lowmem_lightning.quant.Linear4bit``)
+    contribute ``in * out`` parameters and their stored code/scale bytes as ``nf4``.
+    """
+    seen: set[int] = set()
+    params = adapter = trainable = trainable_bytes = grad_bytes = 0
+    frozen: dict[str, int] = {}
+    for module in model.modules():
+        if _is_linear4bit(module):
+            params += module.in_features * module.out_features
+            quant = [b for name, b in module.named_buffers(recurse=False) if b is not None and name != "bias"]
+            frozen["nf4"] = frozen.get("nf4", 0) + sum(_nbytes(b) for b in quant)
+            seen.update(id(b) for b in quant)
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if any(marker in name for marker in _ADAPTER_MARKERS):
+            adapter += param.numel()
+        else:
+            params += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            trainable_bytes += _nbytes(param)
+            grad_bytes += _nbytes(param)
+        else:
+            key = str(param.dtype).removeprefix("torch.")
+            frozen[key] = frozen.get(key, 0) + _nbytes(param)
+    for buffer in model.buffers():
+        if id(buffer) in seen:
+            continue
+        seen.add(id(buffer))
+        key = str(buffer.dtype).removeprefix("torch.")
+        frozen[key] = frozen.get(key, 0) + _nbytes(buffer)
+    return ModelCount(params, adapter, trainable, dict(sorted(frozen.items())), trainable_bytes, grad_bytes)
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+def _torch_adamw_layout(param: torch.Tensor, group: dict) -> dict:
+    """torch.optim.AdamW's state: ``exp_avg``/``exp_avg_sq`` like the param (+ ``max_exp_avg_sq`` with
+    amsgrad), ``step`` a 0-d fp32 tensor."""
+    layout = {"step": ((), torch.float32)}
+    for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ()):
+        layout[key] = (tuple(param.shape), param.dtype)
+    return layout
+
+
+def state_layout(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict) -> dict:
+    """``{state key: (shape, dtype)}`` the optimizer allocates for ``param``; ``TypeError`` when the
+    optimizer does not describe its state (neither ours nor torch's AdamW)."""
+    describe = getattr(optimizer, "_expected_state", None)
+    if callable(describe):
+        return describe(param, group)
+    if type(optimizer) is torch.optim.AdamW:
+        return _torch_adamw_layout(param, group)
+    raise TypeError(f"{type(optimizer).__name__} does not describe its state layout.")
+
+
+def _is_paged(optimizer: torch.optim.Optimizer) -> bool:
+    return "Paged" in type(optimizer).__name__
+
+
+def _is_page(key: str) -> bool:
+    """Quantized state (codes and block scales): what a paged optimizer keeps in host pages."""
+    return key.endswith("_codes") or key.endswith("_absmax")
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor], **kwargs) -> tuple[int, int]:
+    """``(device_bytes, host_bytes)`` of the state of registered optimizer ``name`` with ``kwargs`` over
+    the trainable ``params`` (meta tensors work), summed from the exact state layout of each param.
+
+    Paged optimizers keep quantized codes and scales in host pages (``host_bytes``); their step
+    counters and the fp32 state of small tensors stay on the device, and the pages of the tensor
+    being updated and of the prefetched next one are copied in: ``device_bytes`` counts those two
+    (the largest two, the minimum resident set; an automatic budget may keep more resident).
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return 0, 0
+    optimizer = optimizer_class(name)(params, **kwargs)
+    paged = _is_paged(optimizer)
+    device = host = 0
+    page_sizes = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            pages = 0
+            for key, (shape, dtype) in state_layout(optimizer, param, group).items():
+                nbytes = math.prod(shape) * _element_size(dtype)
+                if paged and _is_page(key):
+                    pages += nbytes
+                else:
+                    device += nbytes
+            host += pages
+            page_sizes.append(pages)
+    if paged:
+        device += sum(sorted(page_sizes)[-2:])
+    return device, host
+
+
+def _same_layout(a: tuple[str, dict], b: tuple[str, dict]) -> bool:
+    """Whether two ``(name, kwargs)`` specs allocate the same state (learning rates do not matter)."""
+    ignore = ("lr", "weight_decay")
+    strip = lambda kw: {k: v for k, v in kw.items() if k not in ignore}
+    return a[0] == b[0] and strip(a[1]) == strip(b[1])
+
+
+def estimate_memory(
+    model: nn.Module,
+    budget_bytes: int | None = None,
+    configured: tuple[str, dict] | None = None,
+    variants: dict[str, tuple[str, dict]] | None = None,
+) -> MemoryEstimate:
+    """Estimate training memory of ``model`` (built on the meta device) for every optimizer.
+
+    Args:
+        model: The model as it would train (quantized, with adapters); meta tensors are fine.
+        budget_bytes: Device memory budget in bytes; sets ``fits`` and ``recommendation``.
+        configured: ``(optimizer name, kwargs)`` of the run's own optimizer, added as row ``configured``
+            when it is not one of the variants.
+        variants: Rows to compute (default :data:`OPTIMIZER_VARIANTS` plus any other registered name).
+    """
+    count = count_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = dict(OPTIMIZER_VARIANTS if variants is None else variants)
+    if variants is None:
+        for name in available_optimizers():
+            if not any(opt == name for opt, _ in rows.values()):
+                rows[name] = (name, {})
+    configured_row = None
+    if configured is not None:
+        configured_row = next((row for row, spec in rows.items() if _same_layout(spec, configured)), None)
+        if configured_row is None:
+            configured_row = "configured"
+            rows[configured_row] = configured
+    base = count.frozen_bytes + count.trainable_bytes + count.gradient_bytes
+    result: dict[str, OptimizerEstimate] = {}
+    notes = []
+    for row, (name, kwargs) in rows.items():
+        try:
+            device, host = optimizer_state_bytes(name, params, **kwargs)
+        except (TypeError, ValueError, ImportError) as err:
+            notes.append(f"{row}: not estimated ({err})")
+            continue
+        state = device + host
+        per_param = state / count.trainable_params if count.trainable_params else 0.0
+        result[row] = OptimizerEstimate(name, dict(kwargs), state, device, host, per_param, base + device)
+    estimate = MemoryEstimate(count, result, configured_row, budget_bytes, None, notes)
+    if budget_bytes is not None:
+        for est in result.values():
+            est.fits = est.total_device_bytes <= budget_bytes
+        estimate.recommendation = recommend(estimate)
+    return estimate
+
+
+def recommend(estimate: MemoryEstimate) -> str:
+    """The design's decision rule over rows that fit the budget: fp32 AdamW if it fits, else 8-bit
+    AdamW, else CAME / Adafactor (8-bit momentum when only that fits), else paged 8-bit AdamW with
+    gradient checkpointing; otherwise say that even weights + gradients exceed the budget."""
+    rows = estimate.optimizers
+    for row in ("adamw", "adamw_8bit", "came", "came_int8", "adafactor_beta1_int8", "adafactor"):
+        if row in rows and rows[row].fits:
+            return row
+    paged = rows.get("paged_adamw_8bit")
+    if paged is not None and paged.fits:
+        return "paged_adamw_8bit + gradient checkpointing"
+    need = estimate.model.frozen_bytes + estimate.model.trainable_bytes + estimate.model.gradient_bytes
+    return (
+        f"nothing fits: weights + gradients alone need {need / GB:.2f} GB; quantize the base (quantize: nf4) "
+        "and train LoRA adapters, or raise the budget"
+    )
+
+
+# ------------------------------------------------------------------------------------------ output
+def _gb(nbytes: int) -> str:
+    if nbytes >= 10**8:
+        return f"{nbytes / GB:.3f} GB"
+    if nbytes >= MIB // 10:
+        return f"{nbytes / MIB:.2f} MiB"
+    return f"{nbytes:,} B"
+
+
+def format_table(estimate: MemoryEstimate) -> str:
+    """Human-readable report (GB = 10**9 bytes, MiB = 2**20 bytes); activations excluded."""
+    m = estimate.model
+    lines = [
+        f"params (base model)    {m.params:,}",
+        f"adapter params (LoRA)  {m.adapter_params:,}",
+        f"trainable params       {m.trainable_params:,}",
+        f"frozen weights         {_gb(m.frozen_bytes)}  ("
+        + ", ".join(f"{k}: {_gb(v)}" for k, v in m.frozen_bytes_by_dtype.items()) + ")",
+        f"trainable weights      {_gb(m.trainable_bytes)}",
+        f"gradients              {_gb(m.gradient_bytes)}",
+        "",
+        f"{'optimizer':<22} {'state':>12} {'B/param':>8} {'on device':>12} {'device total':>13}"
+        + ("  fits" if estimate.budget_bytes is not None else ""),
+    ]
+    for row, est in estimate.optimizers.items():
+        mark = " *" if row == estimate.configured_optimizer else ""
+        fits = "" if est.fits is None else ("  yes" if est.fits else "  no")
+        lines.append(
+            f"{row + mark:<22} {_gb(est.state_bytes):>12} {est.bytes_per_param:>8.3f} "
+            f"{_gb(est.device_state_bytes):>12} {_gb(est.total_device_bytes):>13}{fits}"
+        )
+    lines.append("")
+    if estimate.configured_optimizer:
+        lines.append("* the recipe's optimizer")
+    lines.append("device total = frozen + trainable weights + gradients + device state; activations excluded.")
+    if estimate.budget_bytes is not None:
+        lines.append(f"budget {estimate.budget_bytes / GB:g} GB -> recommended: {estimate.recommendation}")
+    lines.extend(estimate.notes)
+    return "\n".join(lines)
+
+
+def format_json(estimate: MemoryEstimate) -> str:
+    """The estimate as indented JSON (:meth:`MemoryEstimate.as_dict`)."""
+    return json.dumps(estimate.as_dict(), indent=2)
