@@ -296,6 +296,44 @@ class LowMemCLI(LightningCLI):
         self._apply_optim_shortcut(cfg)
         self._check_optimizer_callbacks(cfg)
         self._resolve_relative_paths(cfg)
+        self._link_tokenizer(cfg)
+        if self.check_weights:
+            self._check_not_architecture_only(cfg)
+
+    check_weights = True
+    """Refuse to run a bundled architecture-only folder (``llama-2-7b/``) as a checkpoint."""
+
+    @staticmethod
+    def _init(cfg: Namespace, group: str) -> Namespace | None:
+        init = (cfg.get(group) or Namespace()).get("init_args")
+        return init if isinstance(init, Namespace) else None
+
+    def _link_tokenizer(self, cfg: Namespace) -> None:
+        """``data.tokenizer: model`` means the tokenizer of ``model.model_name_or_path``."""
+        data, model = self._init(cfg, "data"), self._init(cfg, "model")
+        if data is None or data.get("tokenizer") != "model":
+            return
+        path = model.get("model_name_or_path") if model is not None else None
+        if not isinstance(path, str):
+            self._error(
+                "data.tokenizer='model' takes the tokenizer of model.model_name_or_path, which is not set; "
+                "set --model.model_name_or_path DIR or --data.tokenizer (byte, or a tokenizer directory)."
+            )
+        data["tokenizer"] = path
+
+    def _check_not_architecture_only(self, cfg: Namespace) -> None:
+        model = self._init(cfg, "model")
+        path = model.get("model_name_or_path") if model is not None else None
+        if not isinstance(path, str) or not RECIPES_DIR.is_dir():
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if Path(path).resolve().is_relative_to(RECIPES_DIR.resolve()):
+                self._error(
+                    f"model.model_name_or_path={path!r} is an architecture-only folder shipped with the recipes "
+                    "(config.json, no weights): set --model.model_name_or_path /path/to/your/checkpoint "
+                    "(a local Hugging Face directory with config.json + safetensors). 'lowmem estimate' "
+                    "works without it."
+                )
 
     def _apply_optim_shortcut(self, cfg: Namespace) -> None:
         name, lr = cfg.get("optim"), cfg.get("lr")
@@ -344,8 +382,8 @@ class LowMemCLI(LightningCLI):
     def _resolve_relative_paths(self, cfg: Namespace) -> None:
         dirs = self._config_dirs(cfg)
         for group, key in PATH_KEYS:
-            init = (cfg.get(group) or Namespace()).get("init_args")
-            value = init.get(key) if isinstance(init, Namespace) else None
+            init = self._init(cfg, group)
+            value = init.get(key) if init is not None else None
             if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
                 continue
             for folder in dirs:
@@ -378,6 +416,8 @@ class LowMemCLI(LightningCLI):
 class _ParseOnlyCLI(LowMemCLI):
     """Parses and fixes up a ``fit`` config like ``lowmem fit`` would, and instantiates nothing."""
 
+    check_weights = False
+
     def _set_seed(self) -> None:
         pass
 
@@ -392,7 +432,11 @@ def parse_fit_config(args: list[str]) -> Namespace:
     """The ``fit`` section of the config ``lowmem fit ARGS`` would run (defaults filled, ``--optim``
     applied, recipe-relative paths resolved), without building anything."""
     argv = _with_default_classes(["fit", *_resolve_config_args(args)])
-    return _ParseOnlyCLI(args=argv, save_config_callback=None).config.fit
+    saved_argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return _ParseOnlyCLI(args=argv, save_config_callback=None).config.fit
+    finally:
+        sys.argv = saved_argv
 
 
 def _configured_optimizer(cfg: Namespace) -> tuple[str, dict] | None:
@@ -500,7 +544,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowmem`` console script; returns the exit code (2 for bad input)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "estimate":
-        return estimate_main(args[1:])
+        try:
+            return estimate_main(args[1:])
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         args = _with_default_classes(_resolve_config_args(args))
     except ValueError as err:

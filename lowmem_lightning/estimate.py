@@ -304,16 +304,18 @@ def estimate_memory(
 
 
 def recommend(estimate: MemoryEstimate) -> str:
-    """The design's decision rule over rows that fit the budget: fp32 AdamW if it fits, else 8-bit
-    AdamW, else CAME / Adafactor (8-bit momentum when only that fits), else paged 8-bit AdamW with
-    gradient checkpointing; otherwise say that even weights + gradients exceed the budget."""
+    """The design's decision rule over the rows that fit the budget: fp32 AdamW if it fits, else 8-bit
+    AdamW, else CAME / Adafactor with momentum (fp32, then 8-bit momentum), else paged 8-bit AdamW
+    with gradient checkpointing; as a last resort Adafactor without momentum (the smallest state);
+    otherwise say that weights + gradients alone exceed the budget."""
     rows = estimate.optimizers
-    for row in ("adamw", "adamw_8bit", "came", "came_int8", "adafactor_beta1_int8", "adafactor"):
+    for row in ("adamw", "adamw_8bit", "came", "came_int8", "adafactor_beta1_int8"):
         if row in rows and rows[row].fits:
             return row
-    paged = rows.get("paged_adamw_8bit")
-    if paged is not None and paged.fits:
+    if "paged_adamw_8bit" in rows and rows["paged_adamw_8bit"].fits:
         return "paged_adamw_8bit + gradient checkpointing"
+    if "adafactor" in rows and rows["adafactor"].fits:
+        return "adafactor"
     need = estimate.model.frozen_bytes + estimate.model.trainable_bytes + estimate.model.gradient_bytes
     return (
         f"nothing fits: weights + gradients alone need {need / GB:.2f} GB; quantize the base (quantize: nf4) "

@@ -1,0 +1,169 @@
+"""``lowmem estimate``: exact counts from meta models, state bytes equal to the real optimizers'."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lowmem_lightning.estimate import (
+    OPTIMIZER_VARIANTS,
+    count_model,
+    estimate_memory,
+    format_json,
+    format_table,
+    optimizer_state_bytes,
+)
+from lowmem_lightning.optim import build_optimizer, state_memory
+
+SHAPES = [(4097,), (7,), (64, 80), (3, 5), (1000, 3), (2, 3, 700)]
+"""Quantized and fp32-fallback sizes (4096 elements is the 8-bit threshold), 1-D, 2-D and 3-D."""
+
+
+def _params(dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(0)
+    return [
+        nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(device))
+        for shape in SHAPES
+    ]
+
+
+def _measured(name: str, kwargs: dict, dtype=torch.float32) -> tuple[int, int, list[int]]:
+    """``(device_bytes, host_bytes, page_bytes_per_param)`` of the real optimizer after one step.
+
+    Resident paging buffers (device copies of host pages, bounded by the paging budget) are left out
+    of the device bytes; ``page_bytes_per_param`` lists each param's host-page bytes (paged only).
+    """
+    params = _params(dtype)
+    opt = build_optimizer(name, params, **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    mem = state_memory(opt)
+    resident = sum(r.nbytes for r in getattr(opt, "_resident", {}).values())
+    pages = [r.nbytes for r in getattr(opt, "_resident", {}).values()]
+    return mem.device_bytes - resident, mem.host_bytes, pages
+
+
+@pytest.mark.parametrize("row", sorted(OPTIMIZER_VARIANTS))
+def test_state_bytes_equal_real_optimizer_after_one_step(row):
+    name, kwargs = OPTIMIZER_VARIANTS[row]
+    meta = [nn.Parameter(p.to("meta")) for p in _params()]
+    device, host = optimizer_state_bytes(name, meta, **kwargs)
+    real_device, real_host, pages = _measured(name, kwargs)
+    assert host == real_host
+    if "paged" in name:
+        # the estimate adds the pages in flight: the current tensor's and the prefetched next one's
+        assert len(pages) == sum(p.numel() >= 4096 for p in meta) and sum(pages) == real_host
+        assert device == real_device + sum(sorted(pages)[-2:])
+    else:
+        assert device == real_device
+
+
+def test_bf16_params_same_layout_as_measured():
+    meta = [nn.Parameter(p.to("meta")) for p in _params(torch.bfloat16)]
+    for name in ("adamw", "adamw_8bit", "sgd"):
+        kwargs = OPTIMIZER_VARIANTS[name][1]
+        assert optimizer_state_bytes(name, meta, **kwargs) == _measured(name, kwargs, torch.bfloat16)[:2]
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.norm = nn.LayerNorm(4)
+        self.norm.requires_grad_(False)
+        self.register_buffer("table", torch.zeros(3, dtype=torch.float16))
+
+
+def test_count_model_dedupes_tied_and_splits_frozen_by_dtype():
+    count = count_model(_Tied())
+    assert count.params == 10 * 4 + 4 + 4
+    assert count.trainable_params == 40
+    assert count.frozen_bytes_by_dtype == {"float16": 6, "float32": 32}
+    assert count.gradient_bytes == count.trainable_bytes == 160
+
+
+def test_nf4_and_lora_counts_on_a_tiny_llama():
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+    from lowmem_lightning.quant import Linear4bit, linear4bit_bytes
+
+    cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "vocab_size": 300}
+    full = build_causal_lm(None, cfg, device="meta")
+    qlora = build_causal_lm(None, cfg, "nf4", {"r": 4, "alpha": 8}, device="meta")
+    base, count = count_model(full), count_model(qlora)
+    assert count.params == base.params == sum(p.numel() for p in full.parameters())
+    layers = [m for m in qlora.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 2 * 7
+    assert count.frozen_bytes_by_dtype["nf4"] == sum(linear4bit_bytes(m.in_features, m.out_features) for m in layers)
+    # r * (in + out) per adapted projection
+    expected_lora = 2 * 4 * (4 * (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert count.adapter_params == count.trainable_params == expected_lora
+
+
+def test_recommendation_follows_the_decision_rule():
+    model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(12)])
+    free = estimate_memory(model)
+    rows = {name: row.total_device_bytes for name, row in free.optimizers.items()}
+    assert free.recommendation is None and all(r.fits is None for r in free.optimizers.values())
+    assert rows["adamw"] > rows["adamw_8bit"] > rows["adafactor_beta1_int8"] > rows["paged_adamw_8bit"]
+    assert rows["paged_adamw_8bit"] > rows["adafactor"]
+
+    def pick(budget):
+        return estimate_memory(model, budget_bytes=budget).recommendation
+
+    assert pick(rows["adamw"]) == "adamw"
+    assert pick(rows["adamw"] - 1) == "adamw_8bit"
+    assert rows["came"] > rows["adamw_8bit"] > rows["came_int8"]  # fp32 momentum: 4 B/param
+    assert pick(rows["adamw_8bit"] - 1) == "came_int8"
+    assert pick(rows["came_int8"] - 1) == "adafactor_beta1_int8"
+    assert pick(rows["adafactor_beta1_int8"] - 1) == "paged_adamw_8bit + gradient checkpointing"
+    assert pick(rows["paged_adamw_8bit"] - 1) == "adafactor"
+    assert pick(rows["adafactor"] - 1).startswith("nothing fits")
+
+
+def test_json_and_table_outputs():
+    est = estimate_memory(nn.Linear(100, 100), budget_bytes=10**9, configured=("came", {"lr": 5e-4}))
+    data = json.loads(format_json(est))
+    assert data["params"] == data["trainable_params"] == 10100
+    assert data["configured_optimizer"] == "came"
+    for row in OPTIMIZER_VARIANTS:
+        assert isinstance(data["optimizers"][row]["state_bytes"], int)
+    table = format_table(est)
+    assert "came *" in table and "recommended: adamw" in table
+
+
+QLORA_PARAMS = 6_738_415_616
+QLORA_TRAINABLE = 39_976_960
+
+
+def test_qlora_7b_recipe_exact_counts(capsys):
+    from lowmem_lightning.cli import main
+
+    assert main(["estimate", "--config", "qlora_7b.yaml", "--format", "json", "--budget-gb", "6"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["params"] == QLORA_PARAMS
+    assert data["trainable_params"] == QLORA_TRAINABLE
+    assert 3.8e9 < data["frozen_bytes"] < 3.95e9  # ~3.9 GB: NF4 linear layers + bf16 embeddings/head/norms
+    assert data["frozen_bytes_by_dtype"]["nf4"] > 3.3e9
+    paged = data["optimizers"]["paged_adamw_8bit"]
+    assert 78e6 < paged["state_bytes"] < 84e6  # ~80 MB
+    assert paged["host_state_bytes"] == data["optimizers"]["adamw_8bit"]["state_bytes"] - 448 * 4
+    assert data["optimizers"]["adamw"]["state_bytes"] == 8 * QLORA_TRAINABLE + 448 * 4
+    assert data["configured_optimizer"] == "paged_adamw_8bit"
+    assert data["recommendation"] == "adamw"
+
+
+def test_estimate_errors_are_short(capsys):
+    from lowmem_lightning.cli import main
+
+    assert main(["estimate", "--config", "no_such_recipe.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_recipe.yaml" in err and "tiny.yaml" in err and "Traceback" not in err
+    assert main(["estimate", "--config", "tiny.yaml", "--format", "xml"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
