@@ -89,9 +89,11 @@ def test_qlora_tiny_llama_all_projections_adamw_8bit_loss_falls(tmp_path):
     )
     L.seed_everything(0, verbose=False)
     trainer, losses = _fit(module, _sample(), steps=30)
-    # From ln(259) = 5.56 (uniform over bytes) to well below, with a frozen random base and head.
+    # From ln(259) = 5.56 (uniform over bytes) to well below, with a frozen random base and head:
+    # seeds 0-4 give 5.53-5.62 -> 4.90-5.04 (mean of the last 5 steps).
     first, last = losses[0], sum(losses[-5:]) / 5
-    assert len(losses) == 30 and last < first - 0.4 and last < 5.2, (first, last, losses)
+    print(f"QLoRA e2e: first loss {first:.3f}, mean of last 5 {last:.3f}")
+    assert len(losses) == 30 and last < first - 0.35 and last < 5.25, (first, last, losses)
     model = module.model
     wrapped = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     assert len(wrapped) == 7 * QLORA_LLAMA["num_hidden_layers"]
