@@ -519,8 +519,8 @@ def factored_scale_reference(vr: torch.Tensor, vc: torch.Tensor) -> torch.Tensor
 
 
 def clip_divisor_reference(u: torch.Tensor, sqrt_n: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """``max(1, rms(u) / clip)`` with ``rms(u) = sqrt(sum(u^2)) / sqrt_n``."""
-    return torch.clamp(torch.sqrt((u * u).sum()) / sqrt_n / clip, min=1.0)
+    """``max(1, rms(u) / clip)`` with ``rms(u) = sqrt(sum(u^2)) / sqrt_n`` (summed by rows first, like the kernels)."""
+    return torch.clamp(torch.sqrt((u * u).sum(-1).sum()) / sqrt_n / clip, min=1.0)
 
 
 def momentum_update_reference(
@@ -582,7 +582,7 @@ def adafactor_reference(
         min_step = 1e-6 * step if warmup_init else torch.full_like(step, 1e-2)
         rel = torch.minimum(min_step, inv_sqrt_reference(step))
     if scale_parameter:
-        rel = torch.maximum(eps2, torch.sqrt((p * p).sum()) / sqrt_n) * rel
+        rel = torch.maximum(eps2, torch.sqrt((p * p).sum(-1).sum()) / sqrt_n) * rel
     lr_t = rel
     u = u / d * lr_t
     if m is not None:
