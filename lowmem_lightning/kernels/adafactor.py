@@ -51,8 +51,10 @@ from .codec import (
     BLOCK_SIZE,
     MIN_QUANTIZED_NUMEL,
     decode_signed,
+    decode_signed_reference,
     dequantize_reference,
     encode_signed,
+    encode_signed_reference,
     quantize_reference,
 )
 from .dispatch import cpu_compiled, scalar_args, use_triton
@@ -532,12 +534,19 @@ def momentum_update_reference(
     ``m`` is fp32 (the shape of ``u``) or flat int8 codes with ``absmax``; the stored values are
     re-quantized when ``absmax`` is given, and unchanged where ``ok`` is False.
     """
-    old = m if absmax is None else dequantize_reference(m, absmax).view(u.shape)
-    new = ema_reference(old, u, beta1, omb1)
     if absmax is None:
+        new = ema_reference(m, u, beta1, omb1)
         return new, torch.where(ok, new, m), None
-    codes, scales = quantize_reference(new, signed=True)
-    return new, torch.where(ok, codes, m), torch.where(ok, scales, absmax)
+    if m.numel() % BLOCK_SIZE:  # a partial last block: the codec's padded reference
+        new = ema_reference(dequantize_reference(m, absmax).view(u.shape), u, beta1, omb1)
+        codes, scales = quantize_reference(new, signed=True)
+        return new, torch.where(ok, codes, m), torch.where(ok, scales, absmax)
+    # whole blocks: the same codec math on (blocks, 256) views, no padding copies (fuses on the CPU path)
+    scale = absmax.view(-1, 1)
+    new = ema_reference(decode_signed_reference(m.view(-1, BLOCK_SIZE), scale), u.reshape(-1, BLOCK_SIZE), beta1, omb1)
+    new_scale = new.abs().amax(dim=1, keepdim=True)
+    codes = encode_signed_reference(new, new_scale).view(-1)
+    return new.view(u.shape), torch.where(ok, codes, m), torch.where(ok, new_scale.view(-1), absmax)
 
 
 def adafactor_reference(
