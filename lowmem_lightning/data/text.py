@@ -224,7 +224,8 @@ class TextDataModule(L.LightningDataModule):
     Args:
         data_path: A ``.txt`` / ``.jsonl`` file, a directory (every ``.txt`` and ``.jsonl`` under it),
             or ``"sample"``: the shipped sample data (Python standard library docstrings and an
-            instruction set made from them; PSF License, see ``data/sample/SOURCE.md``).
+            instruction set made from them; PSF License, see ``data/sample/SOURCE.md``). A local
+            folder that happens to be named ``sample`` is reached as ``./sample``.
         tokenizer: ``"byte"`` for the built-in byte-level tokenizer (259 ids: 256 bytes + pad, bos,
             eos; no download), or a local directory with a Hugging Face tokenizer (loaded with
             ``local_files_only=True``).
