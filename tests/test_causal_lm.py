@@ -156,6 +156,23 @@ def test_local_checkpoint_full_and_nf4(tmp_path):
     assert not torch.equal(got, want)
 
 
+def test_nf4_from_config_is_initialized_like_the_dense_model():
+    from lowmem_lightning.quant import Linear4bit
+
+    dense = build_causal_lm(config=TINY_LLAMA)
+    nf4 = build_causal_lm(config=TINY_LLAMA, quantize="nf4", lora={"r": 4})
+    tensors = dict(nf4.named_parameters()) | dict(nf4.named_buffers())
+    assert not [n for n, t in tensors.items() if t.is_meta]
+    layers = [m for m in nf4.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 7 * TINY_LLAMA["num_hidden_layers"]
+    stds = torch.stack([m.dequantize().float().std() for m in layers])
+    torch.testing.assert_close(stds, torch.full_like(stds, 0.02), rtol=0.1, atol=0)  # initializer_range
+    base, ref = nf4.get_base_model().model, dense.model
+    torch.testing.assert_close(base.rotary_emb.inv_freq, ref.rotary_emb.inv_freq)
+    assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in (base.norm, base.layers[0].input_layernorm))
+    assert 0.015 < base.embed_tokens.weight.std() < 0.025
+
+
 def test_meta_build_counts_params_without_memory():
     meta = build_causal_lm(config=TINY_LLAMA, device="meta")
     real = build_causal_lm(config=TINY_LLAMA)
