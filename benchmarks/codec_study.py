@@ -24,7 +24,7 @@ Candidates (``x`` = value / block absmax; signed code for m, unsigned for v):
 * ``cbrt``: ``sign(x) |x| ** (1/3)`` for m, ``x ** (1/4)`` for v.
 
     python benchmarks/codec_study.py                 # full study (~1-2 min on 2 cores)
-    python benchmarks/codec_study.py --size 128 --steps 20 --throughput-numel 64K   # smoke
+    python benchmarks/codec_study.py --size 128 --steps 20 --throughput-numel 64K --no-compile  # smoke
 """
 
 from __future__ import annotations
@@ -244,8 +244,12 @@ def _median_seconds(fn: Callable[[], object], repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def throughput_study(numel: int) -> list[tuple[str, dict]]:
-    """Million elements/s of quantize + dequantize (signed m, unsigned v) on the CPU, eager PyTorch."""
+def throughput_study(numel: int, compiled: bool = True) -> list[tuple[str, dict]]:
+    """Million elements/s of quantize + dequantize (signed m, unsigned v) on the CPU.
+
+    Candidates run eager PyTorch; the package's codec also runs under ``torch.compile`` (as our CPU
+    optimizer path does) when ``compiled``; bitsandbytes runs its CPU backend.
+    """
     gen = torch.Generator().manual_seed(3)
     m = torch.randn(numel, generator=gen)
     v = torch.rand(numel, generator=gen) ** 4
@@ -260,6 +264,12 @@ def throughput_study(numel: int) -> list[tuple[str, dict]]:
     tu = _median_seconds(lambda: dequantize_reference(*quantize_reference(v, False)))
     rows.append(("power (package codec, exact reference)",
                  {"signed_Melem_s": numel / ts / 1e6, "unsigned_Melem_s": numel / tu / 1e6}))
+    if compiled:
+        fn = torch.compile(lambda x, signed: dequantize_reference(*quantize_reference(x, signed)), dynamic=True)
+        ts = _median_seconds(lambda: fn(m, True))
+        tu = _median_seconds(lambda: fn(v, False))
+        rows.append(("power (package codec, torch.compile)",
+                     {"signed_Melem_s": numel / ts / 1e6, "unsigned_Melem_s": numel / tu / 1e6}))
     bnb = _bnb()
     if bnb is not None:
         F = bnb.functional
@@ -297,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="AdamW steps")
     parser.add_argument("--state-numel", default="4M", help="elements of the heavy-tailed state")
     parser.add_argument("--throughput-numel", default="4M", help="elements quantized per throughput call")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile throughput row")
+    parser.add_argument("--only", default="accuracy,range,throughput", help="comma list of sections to run")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
     import triton
@@ -316,11 +328,17 @@ def main(argv=None) -> int:
         (f"### Dynamic range: heavy-tailed state ({args.state_numel} elements, log-normal scales, sigma 2)",
          lambda: dynamic_range_study(parse_numel(args.state_numel)),
          {"v_flushed": ".2e", "m_flushed": ".2e", "m_kept_v_flushed": ".2e"}),
-        (f"### Throughput: quantize + dequantize of {args.throughput_numel} elements, CPU, eager PyTorch",
-         lambda: throughput_study(parse_numel(args.throughput_numel)),
+        (f"### Throughput: quantize + dequantize of {args.throughput_numel} elements, CPU (eager PyTorch unless noted)",
+         lambda: throughput_study(parse_numel(args.throughput_numel), compiled=not args.no_compile),
          {"signed_Melem_s": ".1f", "unsigned_Melem_s": ".1f"}),
     ]
-    for title, study, formats in sections:
+    keys = ("accuracy", "range", "throughput")
+    wanted = {k.strip() for k in args.only.split(",")}
+    if not wanted <= set(keys):
+        parser.error(f"--only: expected names from {', '.join(keys)}, got {args.only!r}")
+    for key, (title, study, formats) in zip(keys, sections):
+        if key not in wanted:
+            continue
         section = ["", title, "", markdown(study(), formats)]
         print("\n".join(section), flush=True)
         out += section

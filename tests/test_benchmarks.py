@@ -73,7 +73,7 @@ def test_peer_state_bytes_counts_distinct_storages(optim_step):
 
 def test_codec_study_small(capsys):
     codec_study = _load("codec_study")
-    argv = ["--size", "64", "--steps", "5", "--state-numel", "16K", "--throughput-numel", "16K"]
+    argv = ["--size", "64", "--steps", "5", "--state-numel", "16K", "--throughput-numel", "16K", "--no-compile"]
     assert codec_study.main(argv) == 0
     text = capsys.readouterr().out
     for heading in ("### Accuracy", "### Dynamic range", "### Throughput"):
