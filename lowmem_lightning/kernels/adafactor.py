@@ -531,8 +531,8 @@ def momentum_update_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """EMA of the momentum: returns ``(new fp32 m, stored m, stored absmax)``.
 
-    ``m`` is fp32 (the shape of ``u``) or flat int8 codes with ``absmax``; the stored values are
-    re-quantized when ``absmax`` is given, and unchanged where ``ok`` is False.
+    ``m`` is fp32 or int8 codes with ``absmax`` (flat, or the shape of ``u``: the same layout); the
+    stored values are re-quantized when ``absmax`` is given, and unchanged where ``ok`` is False.
     """
     if absmax is None:
         new = ema_reference(m, u, beta1, omb1)
@@ -540,13 +540,19 @@ def momentum_update_reference(
     if m.numel() % BLOCK_SIZE:  # a partial last block: the codec's padded reference
         new = ema_reference(dequantize_reference(m, absmax).view(u.shape), u, beta1, omb1)
         codes, scales = quantize_reference(new, signed=True)
-        return new, torch.where(ok, codes, m), torch.where(ok, scales, absmax)
-    # whole blocks: the same codec math on (blocks, 256) views, no padding copies (fuses on the CPU path)
-    scale = absmax.view(-1, 1)
-    new = ema_reference(decode_signed_reference(m.view(-1, BLOCK_SIZE), scale), u.reshape(-1, BLOCK_SIZE), beta1, omb1)
-    new_scale = new.abs().amax(dim=1, keepdim=True)
-    codes = encode_signed_reference(new, new_scale).view(-1)
-    return new.view(u.shape), torch.where(ok, codes, m), torch.where(ok, new_scale.view(-1), absmax)
+        return new, torch.where(ok, codes.view(m.shape), m), torch.where(ok, scales, absmax)
+    # whole blocks: the same codec math on (..., blocks, 256) views, no padding copies; when the rows
+    # hold whole blocks the view only splits the last dim, so the compiled CPU code indexes linearly
+    if u.dim() == 3 and u.shape[-1] % BLOCK_SIZE == 0:
+        u_blocks = u.unflatten(-1, (-1, BLOCK_SIZE))
+    else:
+        u_blocks = u.reshape(-1, BLOCK_SIZE)
+    m_blocks = m.view(u_blocks.shape)
+    scale = absmax.view(*u_blocks.shape[:-1], 1)
+    new = ema_reference(decode_signed_reference(m_blocks, scale), u_blocks, beta1, omb1)
+    new_scale = new.abs().amax(dim=-1, keepdim=True)
+    codes = torch.where(ok, encode_signed_reference(new, new_scale), m_blocks)
+    return new.view(u.shape), codes.view(m.shape), torch.where(ok, new_scale, scale).view(-1)
 
 
 def adafactor_reference(
@@ -644,7 +650,7 @@ def state_views(param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, vc: to
     if vc is not None:
         shape3 = factored_shape(param.shape)
         return (work.view(shape3), grad.reshape(shape3).contiguous(), v.view(shape3[:2]), vc.view(shape3[0], -1),
-                None if m is None else m.view(shape3 if m.dtype == torch.float32 else (-1,)))
+                None if m is None else m.view(shape3))
     return (work.view(-1), grad.reshape(-1).contiguous(), v.view(-1), None, None if m is None else m.view(-1))
 
 
