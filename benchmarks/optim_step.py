@@ -452,7 +452,9 @@ def main(argv=None) -> int:
         for row in rows:
             results.append(bench_row(row, base, grads, args, device))
             r = results[-1]
-            print(f"  {r.name:24s} {_fmt(r.median_ms, '9.2f')} ms  {r.note}", file=sys.stderr, flush=True)
+            print(f"  {size_label(r.numel)} {r.name:24s} {_fmt(r.median_ms, '9.2f')} ms  first step "
+                  f"{_fmt(r.first_step_s, '.1f')} s  {_fmt(r.bytes_per_param, '.3f')} B/param  {r.note}",
+                  file=sys.stderr, flush=True)
         table = markdown_table(results, peak_gbps)
         section = ["", f"## {size_label(sum(p.numel() for p in base))} params ({len(shapes)} x {shapes[0]})", "",
                    table]
