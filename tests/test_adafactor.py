@@ -245,7 +245,8 @@ def test_effective_lr_is_a_float_where_the_host_knows_it():
     assert opt.effective_lr() == pytest.approx([1e-2 * rms], rel=1e-5)  # before the first step
     p.grad = torch.randn_like(p)
     opt.step()
-    assert opt.param_groups[0]["effective_lr"] is None
+    assert "effective_lr" not in opt.param_groups[0]  # device quantity: no float, no sync
+    assert opt.param_groups[0]["effective_lr_tensor"].shape == ()
     assert opt.effective_lr() == pytest.approx([1e-2 * rms], rel=1e-5)
 
 

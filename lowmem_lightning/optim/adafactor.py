@@ -55,8 +55,9 @@ class Adafactor(LowMemOptimizer):
     (or the warm-up form) when ``relative_step=True`` and ``scale_parameter=False``, with ``t`` the
     number of ``step()`` calls that updated the group (``group["host_step"]``; it runs ahead of the
     device counter by the group first param's skipped non-finite updates). With ``scale_parameter``
-    it depends on the param RMS, a device quantity, and is None; :meth:`effective_lr` returns a
-    float per group in every case (reading the tensor, one sync, for those groups).
+    it depends on the param RMS, a device quantity, and the key is absent (a logger that reads
+    ``group["effective_lr"]`` when present never syncs); :meth:`effective_lr` returns a float per
+    group in every case (reading the tensor, one sync, for those groups).
 
     State per param: ``step`` (0-d fp32 counter of applied updates; a non-finite gradient skips the
     update and does not advance it), the second moment as above and, with ``beta1``, the momentum.
@@ -186,7 +187,10 @@ class Adafactor(LowMemOptimizer):
             elr = _effective_lr_tensor(group, next(iter(by_device.values()))[0][1])
             for n_device, items in enumerate(by_device.values()):
                 self._step_tensors(items, group, elr if n_device == 0 else None)
-            group["effective_lr"] = _host_lr(group, group["host_step"]) if not group["scale_parameter"] else None
+            if group["scale_parameter"]:
+                group.pop("effective_lr", None)  # a device quantity: effective_lr_tensor / effective_lr()
+            else:
+                group["effective_lr"] = _host_lr(group, group["host_step"])
         return loss
 
     def _step_tensors(self, items: list[tuple[int, torch.Tensor]], group: dict, elr: torch.Tensor | None) -> None:
