@@ -83,21 +83,23 @@ _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.
 
 
 @triton.jit
-def _as_fp32(x):
-    """A runtime scalar as an fp32 value (the interpreter passes Python floats through unconverted)."""
-    return tl.zeros((), dtype=tl.float32) + x
+def _beta_powers(beta1, beta2, step):
+    """``(beta1 ** step, beta2 ** step)`` for an integer-valued fp32 ``step`` >= 0, by squaring.
 
-
-@triton.jit
-def _pow_by_squaring(base, step):
-    """``base ** step`` for an integer-valued fp32 ``step`` >= 0, by squaring (same ops as the reference)."""
+    The same fp32 multiplies as the reference (which runs 24 rounds; rounds past the top bit of
+    ``step`` change nothing), so both agree bit for bit.
+    """
     e = step.to(tl.int32)
-    result = base * 0.0 + 1.0
-    for _ in tl.static_range(24):
-        result = tl.where((e & 1) != 0, result * base, result)
-        base = base * base
+    r1 = beta1 * 0.0 + 1.0
+    r2 = beta2 * 0.0 + 1.0
+    while e > 0:
+        odd = (e & 1) != 0
+        r1 = tl.where(odd, r1 * beta1, r1)
+        r2 = tl.where(odd, r2 * beta2, r2)
+        beta1 = beta1 * beta1
+        beta2 = beta2 * beta2
         e = e >> 1
-    return result
+    return r1, r2
 
 
 @triton.jit
@@ -117,12 +119,13 @@ def _adamw8bit_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    lr = _as_fp32(lr)
-    beta1 = _as_fp32(beta1)
-    beta2 = _as_fp32(beta2)
-    eps = _as_fp32(eps)
-    weight_decay = _as_fp32(weight_decay)
-    grad_sign = _as_fp32(grad_sign)
+    zero = tl.zeros((), dtype=tl.float32)  # "zero + x": fp32 scalars (the interpreter passes Python floats)
+    lr = zero + lr
+    beta1 = zero + beta1
+    beta2 = zero + beta2
+    eps = zero + eps
+    weight_decay = zero + weight_decay
+    grad_sign = zero + grad_sign
     pid = tl.program_id(0)
     t = tl.load(tile_owner_ptr + pid).to(tl.int64)
     p_ptr = tl.load(table_ptr + 0 * T + t).to(tl.pointer_type(PARAM_DTYPE))
@@ -160,8 +163,9 @@ def _adamw8bit_kernel(
 
     step = tl.load(step_ptr)
     seed = (seed_base + step.to(tl.int64) * 7919) & 0x7FFFFFFF  # == rounding.step_seed(step, index, base)
-    step_size = tl.div_rn(lr, 1.0 - _pow_by_squaring(beta1, step))
-    bc2_sqrt = tl.sqrt_rn(1.0 - _pow_by_squaring(beta2, step))
+    beta1_t, beta2_t = _beta_powers(beta1, beta2, step)
+    step_size = tl.div_rn(lr, 1.0 - beta1_t)
+    bc2_sqrt = tl.sqrt_rn(1.0 - beta2_t)
 
     p = p * (1.0 - lr * weight_decay)
     m = beta1 * m + (1.0 - beta1) * g

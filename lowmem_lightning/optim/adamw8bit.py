@@ -236,6 +236,8 @@ def _full_moment(param: torch.Tensor, state: dict, key: str) -> torch.Tensor:
             f"Invalid optimizer state dict: state {key!r} for a param of shape {tuple(param.shape)} is {got}; "
             f"expected a tensor of shape {tuple(param.shape)}."
         )
-    if not value.is_floating_point() or not torch.isfinite(value).all():
-        raise ValueError(f"Invalid optimizer state dict: state {key!r} is not a finite floating tensor.")
+    if not value.is_floating_point():
+        raise ValueError(f"Invalid optimizer state dict: state {key!r} is {value.dtype}, expected a floating tensor.")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"Invalid optimizer state dict: state {key!r} holds inf or NaN.")
     return value.detach().to(device=param.device, dtype=torch.float32).contiguous()

@@ -9,8 +9,9 @@ same kernel runs on the same values); only where the 8-bit state is kept differs
   small tensors (< 4096 elements) stay on the param's device.
 * **Residency.** Before a tensor's update its pages are copied into device buffers (a staging
   buffer on CPU); resident buffers are kept in an LRU within ``gpu_budget_bytes`` so a tensor whose
-  state is still resident next step is not copied again. The current tensor and the prefetched next
-  one are always allowed, even over budget.
+  state is still resident next step is not copied again. During a step the current tensor and the
+  prefetched next one are always allowed, even over budget; after the step the LRU is trimmed back
+  to the budget.
 * **Overlap (CUDA).** Copies run on a side stream: the copy of tensor ``i+1`` is issued before the
   update of tensor ``i``, and the compute stream waits on an event before using the buffers
   (double buffering). After the update the results are copied back to the pages on the side stream
@@ -156,6 +157,7 @@ class PagedAdamW8bit(AdamW8bit):
                 hyper,
             )
             self._write_back(param, resident)
+        self._evict(0, self._budget(params[order[-1]].device), keep=set())  # between steps: within budget
 
     def _budget(self, device: torch.device) -> int:
         if self.gpu_budget_bytes is not None:

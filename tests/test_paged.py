@@ -1,0 +1,159 @@
+"""PagedAdamW8bit: bit-identical to AdamW8bit whatever the paging (tiny budget, no prefetch, state
+dict round trips), state reported as host pages + device buffers, budget respected."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from lowmem_lightning.optim import build_optimizer, state_memory
+from lowmem_lightning.optim.adamw8bit import AdamW8bit
+from lowmem_lightning.optim.paged import PagedAdamW8bit
+
+SHAPES = [(4097,), (100, 50), (30,), (64, 80), (5000,)]  # (30,) keeps fp32 state on the device
+DTYPES = [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float32]  # bf16: stochastic rounding
+
+
+def _page_bytes(n: int) -> int:
+    """Host bytes of one quantized tensor: int8 + uint8 codes and two fp32 absmax per 256 elements."""
+    return 2 * n + 2 * 4 * ((n + 255) // 256)
+
+
+QUANTIZED_NUMELS = [4097, 5000, 5120, 5000]
+
+
+def _params(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(device=device, dtype=d))
+        for s, d in zip(SHAPES, DTYPES)
+    ]
+
+
+def _grads(params, gen, nan_step=False):
+    for i, p in enumerate(params):
+        p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(device=p.device, dtype=p.dtype)
+        if nan_step and i == 0:
+            p.grad.view(-1)[0] = float("nan")
+
+
+def _train(opt, params, steps, gen, nan_at=None):
+    for step in range(steps):
+        _grads(params, gen, nan_step=step == nan_at)
+        opt.step()
+
+
+def _assert_same(params_a, opt_a, params_b, opt_b):
+    for a, b in zip(params_a, params_b):
+        assert torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+    for a, b in zip(params_a, params_b):
+        sa, sb = opt_a.state[a], opt_b.state[b]
+        assert set(sa) == set(sb)
+        for key in sa:
+            assert torch.equal(sa[key].cpu(), sb[key].cpu()), key
+
+
+def _reference(steps=4, nan_at=2):
+    params = _params()
+    opt = AdamW8bit(params, lr=1e-2, weight_decay=0.05)
+    _train(opt, params, steps, torch.Generator().manual_seed(1), nan_at)
+    return params, opt
+
+
+@pytest.mark.parametrize(
+    "budget, prefetch",
+    [(0, True), (_page_bytes(4097), False), (None, True)],
+    ids=["evict-everything", "one-page-no-prefetch", "auto-resident"],
+)
+def test_paged_equals_unpaged_bit_for_bit(budget, prefetch):
+    ref_params, ref_opt = _reference()
+    params = _params()
+    opt = PagedAdamW8bit(params, lr=1e-2, weight_decay=0.05, gpu_budget_bytes=budget, page_prefetch=prefetch)
+    _train(opt, params, 4, torch.Generator().manual_seed(1), nan_at=2)
+    _assert_same(params, opt, ref_params, ref_opt)
+    assert opt.skipped_updates == ref_opt.skipped_updates == 1
+    assert opt.is_paged
+
+
+def test_budget_bounds_resident_state():
+    params = _params()
+    budget = _page_bytes(5000)
+    opt = PagedAdamW8bit(params, gpu_budget_bytes=budget)
+    _train(opt, params, 2, torch.Generator().manual_seed(1))
+    resident = sum(r.nbytes for r in opt._resident.values())
+    assert resident <= budget
+    assert list(opt._resident) == [params[4]]  # the last tensor updated stays resident, the rest was evicted
+    params_all = _params()
+    opt_all = PagedAdamW8bit(params_all, gpu_budget_bytes=10**9)
+    _train(opt_all, params_all, 2, torch.Generator().manual_seed(1))
+    assert len(opt_all._resident) == 4  # every quantized tensor
+
+
+def test_state_memory_reports_host_pages_and_device_buffers():
+    params = _params()
+    opt = PagedAdamW8bit(params, gpu_budget_bytes=0)
+    _train(opt, params, 1, torch.Generator().manual_seed(1))
+    mem = state_memory(opt)
+    pages = sum(_page_bytes(n) for n in QUANTIZED_NUMELS)
+    assert mem.host_bytes == pages
+    small = 2 * 4 * 30  # fp32 exp_avg + exp_avg_sq of the tensor under 4096 elements
+    steps = 4 * len(SHAPES)
+    resident = sum(r.nbytes for r in opt._resident.values())
+    assert mem.device_bytes == small + steps + resident
+    unpaged = AdamW8bit(_params())
+    _train(unpaged, unpaged.param_groups[0]["params"], 1, torch.Generator().manual_seed(1))
+    assert state_memory(unpaged).total_bytes == pages + small + steps
+
+
+@pytest.mark.parametrize("save_from, load_into", [(PagedAdamW8bit, PagedAdamW8bit), (PagedAdamW8bit, AdamW8bit),
+                                                  (AdamW8bit, PagedAdamW8bit)])
+def test_state_dict_round_trip_is_bit_identical(save_from, load_into):
+    ref_params, ref_opt = _reference(steps=5, nan_at=None)
+    gen = torch.Generator().manual_seed(1)
+    params = _params()
+    first = save_from(params, lr=1e-2, weight_decay=0.05)
+    _train(first, params, 3, gen)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    saved_params = copy.deepcopy([p.detach() for p in params])
+    resumed_params = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    second = load_into(resumed_params, lr=0.5)  # hyperparameters come from the state dict
+    second.load_state_dict(torch.load(buffer))
+    _train(second, resumed_params, 2, gen)
+    _assert_same(resumed_params, second, ref_params, ref_opt)
+
+
+def test_invalid_budget_raises():
+    for bad in (-1, 1.5, True, "1GB"):
+        with pytest.raises(ValueError, match="gpu_budget_bytes"):
+            PagedAdamW8bit([torch.nn.Parameter(torch.zeros(3))], gpu_budget_bytes=bad)
+
+
+def test_registry_builds_paged():
+    opt = build_optimizer("paged_adamw_8bit", [torch.nn.Parameter(torch.zeros(5000))], lr=1e-3, gpu_budget_bytes=0)
+    assert isinstance(opt, PagedAdamW8bit) and opt.gpu_budget_bytes == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("budget", [0, None])
+def test_cuda_paging_is_bit_identical_and_keeps_pages_pinned(budget):
+    def run(cls, **kw):
+        params = _params("cuda")
+        opt = cls(params, lr=1e-2, weight_decay=0.05, **kw)
+        _train(opt, params, 6, torch.Generator().manual_seed(1), nan_at=3)
+        return params, opt
+
+    ref_params, ref_opt = run(AdamW8bit)
+    params, opt = run(PagedAdamW8bit, gpu_budget_bytes=budget)
+    opt.state_dict()  # drains the copy stream
+    _assert_same(params, opt, ref_params, ref_opt)
+    for p in params:
+        state = opt.state[p]
+        if "exp_avg_codes" in state:
+            assert state["exp_avg_codes"].device.type == "cpu" and state["exp_avg_codes"].is_pinned()
+            assert state["step"].is_cuda
+    mem = state_memory(opt)
+    assert mem.host_bytes > 0 and mem.device_bytes > 0
