@@ -340,7 +340,7 @@ def markdown_table(results: list[Result], peak_gbps: float) -> str:
         pct = 100 * r.gbps / peak_gbps if r.gbps and peak_gbps else None
         lines.append(
             f"| {r.name} | {size_label(r.numel)} | {_fmt(r.median_ms, '.2f')} | {_fmt(ratio, '.2f')} "
-            f"| {_fmt(r.first_step_s, '.2f')} | {_fmt(r.bytes_per_param, '.3f')} | {_fmt(r.gbps, '.1f')} "
+            f"| {_fmt(r.first_step_s, '.2f')} | {_fmt(r.bytes_per_param, '.3f')} | {_fmt(r.gbps, '.3g')} "
             f"| {_fmt(pct, '.0f')} | {r.note} |"
         )
     return "\n".join(lines)
