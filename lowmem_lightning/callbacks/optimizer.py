@@ -331,8 +331,10 @@ class LowMemOptimizerCallback(L.Callback):
             self.optimizer_name, total, peak, adamw_fp32_state_bytes(self.optimizers), len(self._steps)
         )
         plot_path = None
-        if self.plot and trainer.is_global_zero and trainer.log_dir:
-            plot_path = write_plot(f"{trainer.log_dir}/state_memory.png", self._steps, self._state_mib, self._losses)
+        if self.plot:
+            log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+            if trainer.is_global_zero and log_dir:
+                plot_path = write_plot(f"{log_dir}/state_memory.png", self._steps, self._state_mib, self._losses)
         self.summary["plot"] = plot_path
         if self.print_summary:
             rank_zero_info(format_summary(self.summary, plot_path))
