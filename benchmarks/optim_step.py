@@ -452,6 +452,8 @@ def main(argv=None) -> int:
         for row in rows:
             results.append(bench_row(row, base, grads, args, device))
             r = results[-1]
+            if not args.no_csv:  # row by row, so an interrupted run keeps what it measured
+                append_csv(args.csv, [r], name, args)
             print(f"  {size_label(r.numel)} {r.name:24s} {_fmt(r.median_ms, '9.2f')} ms  first step "
                   f"{_fmt(r.first_step_s, '.1f')} s  {_fmt(r.bytes_per_param, '.3f')} B/param  {r.note}",
                   file=sys.stderr, flush=True)
@@ -460,8 +462,6 @@ def main(argv=None) -> int:
                    table]
         print("\n".join(section), flush=True)
         report += section
-        if not args.no_csv:
-            append_csv(args.csv, results, name, args)
     if args.markdown:
         args.markdown.write_text("\n".join(report) + "\n")
     return 0
