@@ -315,7 +315,16 @@ def device_description(device: torch.device) -> tuple[str, float | None]:
         name = torch.cuda.get_device_name(device)
         peak = next((tbs * 1e3 for key, tbs in PEAK_BANDWIDTH_TBS.items() if key in name), None)
         return name, peak
-    return f"CPU {platform.machine()} ({platform.processor() or 'unknown'}), {torch.get_num_threads()} threads", None
+    return f"CPU {_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads", None
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the machine type."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 # --------------------------------------------------------------------------------------------------
