@@ -13,7 +13,7 @@ from lowmem_lightning.callbacks import LowMemOptimizerCallback
 from lowmem_lightning.optim import optimizer_class, state_memory
 from lowmem_lightning.optim import registry as optim_registry
 
-OPT = "adamw"  # the optimizer the tests swap in
+OPT = "adamw_8bit"  # the optimizer the tests swap in
 
 
 def _data(n=48, batch_size=8):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lowmem_lightning.callbacks import LowMemOptimizerCallback
 from lowmem_lightning.optim import optimizer_class
 
-OPT = "adamw"
+OPT = "adamw_8bit"
 CLIP = 0.05
 
 

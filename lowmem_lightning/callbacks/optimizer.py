@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lowmem_lightning.callbacks.report import adamw_fp32_state_bytes, format_summary, summary_dict, write_plot
 from lowmem_lightning.callbacks.swap import (
+    LR_KEYS,
     find_optimizers,
     find_schedulers,
     rebuild_param_groups,
@@ -89,7 +90,9 @@ class LowMemOptimizerCallback(L.Callback):
 
     Args:
         optimizer: Registered optimizer name (``lowmem_lightning.optim.available_optimizers()``).
-        lr: New base learning rate; ``None`` keeps the module's.
+        lr: New base learning rate; ``None`` keeps the module's, except for an optimizer that computes
+            its own step size (``adafactor``/``came`` with their default ``lr=None``), which then gets
+            no lr (and a module LR scheduler is refused with a ``ValueError``).
         weight_decay: Weight decay for every param group (groups the module left at 0 while others
             decay stay at 0); ``None`` keeps the module's per-group values.
         optimizer_kwargs: Extra constructor arguments for the optimizer, e.g. ``{"betas": [0.9, 0.95]}``;
@@ -167,15 +170,25 @@ class LowMemOptimizerCallback(L.Callback):
             new = self._build(trainer, [p for p in module.parameters() if p.requires_grad])
             self.optimizers = [new]
             return new
+        schedulers = find_schedulers(config)
+        own_step = self.lr is None and self._defaults.get("lr") is None
+        if own_step and schedulers:
+            raise ValueError(
+                f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) computes its own step size "
+                f"(its lr is None), so the module's LR scheduler ({type(schedulers[0]).__name__}) cannot drive it. "
+                "Give an lr (and, for adafactor, optimizer_kwargs={'relative_step': False}) to keep the schedule."
+            )
         mapping, ratios = {}, {}
         for old in olds:
             groups, group_ratios = rebuild_param_groups(
                 old, self._defaults, lr=self.lr, weight_decay=self.weight_decay,
                 fixed_keys=frozenset(self.optimizer_kwargs),
             )
+            if own_step:  # the optimizer computes its step size: the module's lr must not reach it
+                groups = [{k: v for k, v in g.items() if k not in LR_KEYS} for g in groups]
             mapping[id(old)] = self._build(trainer, groups)
             ratios[id(old)] = group_ratios
-        for scheduler in find_schedulers(config):
+        for scheduler in schedulers:
             key = id(scheduler.optimizer)
             if key in mapping:
                 retarget_scheduler(scheduler, mapping[key], ratios[key])
@@ -234,8 +247,23 @@ class LowMemOptimizerCallback(L.Callback):
         self._max_state_bytes = 0
         self._last_global_step = -1
 
-    def measure(self) -> dict[str, float]:
-        """Current metrics of the built optimizers (state memory summed over them), as logged per step."""
+    def _effective_lr(self, allow_sync: bool) -> float | None:
+        """Largest step size over param groups: ``group["effective_lr"]`` (a float, free) or, when
+        ``allow_sync``, ``group["effective_lr_tensor"]`` (a device scalar: one sync for all groups)."""
+        groups = [g for opt in self.optimizers for g in opt.param_groups]
+        floats = [float(g["effective_lr"]) for g in groups if g.get("effective_lr") is not None]
+        if floats:
+            return max(floats)
+        tensors = [g["effective_lr_tensor"] for g in groups if isinstance(g.get("effective_lr_tensor"), torch.Tensor)]
+        if tensors and allow_sync:
+            return float(torch.stack([t.detach().float().reshape(()) for t in tensors]).max())
+        return None
+
+    def measure(self, allow_sync: bool = True) -> dict[str, float]:
+        """Current metrics of the built optimizers (state memory summed over them), as logged per step.
+
+        ``allow_sync=False`` leaves out values that need a device sync (an effective LR held only as a
+        device tensor); the callback reads those at logged steps only."""
         memories = [state_memory(opt) for opt in self.optimizers]
         total = sum(m.total_bytes for m in memories)
         num_params = sum(m.num_params for m in memories)
@@ -247,9 +275,9 @@ class LowMemOptimizerCallback(L.Callback):
         if any(getattr(opt, "is_paged", False) for opt in self.optimizers):
             metrics["optim/state_MiB_device"] = sum(m.device_bytes for m in memories) / MIB
             metrics["optim/state_MiB_host"] = sum(m.host_bytes for m in memories) / MIB
-        effective = [g["effective_lr"] for opt in self.optimizers for g in opt.param_groups if "effective_lr" in g]
-        if effective:
-            metrics["optim/effective_lr"] = float(max(effective))
+        effective = self._effective_lr(allow_sync)
+        if effective is not None:
+            metrics["optim/effective_lr"] = effective
         device = self._device()
         if device is not None and device.type == "cuda":
             metrics["memory/allocated_MiB"] = torch.cuda.memory_allocated(device) / MIB
@@ -295,7 +323,8 @@ class LowMemOptimizerCallback(L.Callback):
         if trainer.global_step == self._last_global_step:
             return  # accumulating gradients: no optimizer step in this batch
         self._last_global_step = trainer.global_step
-        metrics = self.measure()
+        will_log = self._will_log(trainer)
+        metrics = self.measure(allow_sync=will_log)
         self._steps.append(trainer.global_step)
         self._state_mib.append(metrics["optim/state_MiB"])
         self._record_loss(trainer, outputs)
@@ -304,7 +333,6 @@ class LowMemOptimizerCallback(L.Callback):
         for key, value in metrics.items():
             keep_max = key.startswith(_PEAK_PREFIXES)
             self._peak[key] = max(self._peak.get(key, value), value) if keep_max else value
-        will_log = self._will_log(trainer)
         to_logger = bool(trainer.loggers)
         for key, value in self._peak.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == "optim/state_MiB",
