@@ -134,8 +134,9 @@ def test_cosine_without_step_limit_is_a_clear_error(tmp_path):
         trainer.fit(model, _loader())
 
 
-def test_subclass_trains_and_frozen_params_get_no_state(tmp_path):
-    model = TinyRegressor(optimizer="adamw", lr=1e-2, weight_decay=0.01)
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_subclass_trains_and_frozen_params_get_no_state(tmp_path, optimizer):
+    model = TinyRegressor(optimizer=optimizer, lr=1e-2, weight_decay=0.01)
     frozen_before = model.frozen.weight.detach().clone()
     x, y = next(iter(_loader(n=64, batch_size=64)))
     with torch.no_grad():
@@ -147,6 +148,7 @@ def test_subclass_trains_and_frozen_params_get_no_state(tmp_path):
     assert after < 0.5 * before
     assert torch.equal(model.frozen.weight, frozen_before)
     opt = trainer.optimizers[0]
+    assert type(opt).__name__ == {"adamw": "AdamW", "adamw_8bit": "AdamW8bit"}[optimizer]
     assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
     assert model.frozen.weight not in opt.state
 
