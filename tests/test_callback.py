@@ -261,3 +261,14 @@ def test_unsupported_param_dtype_fails_before_the_first_step(tmp_path):
         trainer.fit(model, _data())
     assert torch.equal(model.head.weight.float(), before)
     assert "configure_optimizers" not in model.__dict__
+
+
+def test_callback_arguments_are_visible_to_jsonargparse():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(LowMemOptimizerCallback, "cb")
+    cfg = parser.parse_args(["--cb.optimizer=sgd", "--cb.lr=0.01", '--cb.optimizer_kwargs={"momentum": 0.9}'])
+    assert (cfg.cb.optimizer, cfg.cb.lr, cfg.cb.weight_decay) == ("sgd", 0.01, None)
+    assert cfg.cb.optimizer_kwargs == {"momentum": 0.9}
+    assert "Registered optimizer name" in parser.format_help()
