@@ -190,8 +190,12 @@ def sqrt_rn_reference(x: torch.Tensor) -> torch.Tensor:
 
     ``torch.sqrt`` on CPU fp32 is not always correctly rounded (measured: 0.6% of values off by one
     ulp with the vectorized kernel), which would flip codes at rounding boundaries. The square root
-    of the fp64 value rounded once to fp32 is correctly rounded (53 >= 2 * 24 + 2 bits).
+    of the fp64 value rounded once to fp32 is correctly rounded (53 >= 2 * 24 + 2 bits). Code
+    compiled by torch.compile (inductor: hardware ``sqrtps``/``std::sqrt``, measured correctly
+    rounded on 1M values) uses the fp32 square root directly.
     """
+    if torch.compiler.is_compiling():
+        return torch.sqrt(x)
     return torch.sqrt(x.to(torch.float64)).to(torch.float32)
 
 
