@@ -10,8 +10,11 @@ Environment switches (read at call time, so tests can flip them):
 
 ``LOWMEM_FORCE_TRITON=1``
     Run Triton kernels on CPU tensors too. Only meaningful with ``TRITON_INTERPRET=1`` (tests).
-``LOWMEM_CPU_COMPILE=0``
-    Use the eager reference on CPU instead of the compiled one (faster start, slower steps).
+``LOWMEM_CPU_COMPILE=auto|1|0`` (default ``auto``)
+    ``auto`` compiles the CPU step only for tensors of at least ``LOWMEM_CPU_COMPILE_MIN_NUMEL``
+    elements (default 2**20): compiling costs tens of seconds once per process, which a small model
+    (where the eager reference is already fast) never earns back; ``1`` compiles for every tensor,
+    ``0`` never compiles (faster start, slower steps on large tensors).
 """
 
 from __future__ import annotations
@@ -45,23 +48,36 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return os.environ.get("LOWMEM_FORCE_TRITON", "0") == "1"
 
 
-def _compile_enabled() -> bool:
-    return os.environ.get("LOWMEM_CPU_COMPILE", "1") != "0"
+DEFAULT_COMPILE_MIN_NUMEL = 2**20
+"""Smallest tensor (elements) whose CPU step is compiled under ``LOWMEM_CPU_COMPILE=auto``."""
+
+
+def _compile_wanted(args: tuple) -> bool:
+    mode = os.environ.get("LOWMEM_CPU_COMPILE", "auto").lower()
+    if mode in ("0", "false", "no", "off"):
+        return False
+    if mode != "auto":
+        return True
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    min_numel = int(os.environ.get("LOWMEM_CPU_COMPILE_MIN_NUMEL", DEFAULT_COMPILE_MIN_NUMEL))
+    return first is not None and first.numel() >= min_numel
 
 
 def cpu_compiled(fn: Callable) -> Callable:
     """Wrap a reference step function for the CPU path.
 
     The wrapped function is compiled once with ``dynamic=True`` the first time it is called with
-    compilation enabled; if the compiler is unusable (no C++ toolchain, an inductor bug) it warns
-    once and falls back to eager for the rest of the process. Hyperparameters must reach ``fn`` as
-    tensors, not Python floats, or an LR schedule would trigger recompiles.
+    compilation wanted (see ``LOWMEM_CPU_COMPILE``; under ``auto`` the size of its first tensor
+    argument decides, so a given tensor always takes the same path); if the compiler is unusable
+    (no C++ toolchain, an inductor bug) it warns once and falls back to eager for the rest of the
+    process. Hyperparameters must reach ``fn`` as tensors, not Python floats, or an LR schedule
+    would trigger recompiles.
     """
     compiled: dict[str, Callable | None] = {}
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if not _compile_enabled():
+        if not _compile_wanted(args):
             return fn(*args, **kwargs)
         if "fn" not in compiled:
             compiled["fn"] = torch.compile(fn, dynamic=True)
