@@ -7,7 +7,7 @@ like for like.
 
 * **time**: median of the timed steps (CUDA: ``torch.cuda.Event`` pairs; CPU: ``perf_counter``).
   The first step is reported separately ("first step s"): it contains torch.compile's compile time
-  for our CPU path (LOWMEM_CPU_COMPILE unset = compiled) and for torchao's optimizers.
+  for our CPU path (see LOWMEM_CPU_COMPILE in kernels/dispatch.py) and for torchao's optimizers.
 * **state B/param**: ours through ``lowmem_lightning.optim.state_memory`` (real storage of every
   state tensor); peers by summing the bytes of every distinct storage in ``optimizer.state``
   (tensor subclasses such as torchao's ``OptimState8bit`` counted through their inner tensors).
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
     name, peak = device_description(device)
     measured_copy = copy_bandwidth(device, numel=min(max(max(sizes), 2**22), 2**26))
     peak_gbps = peak or measured_copy
-    compile_mode = "eager" if os.environ.get("LOWMEM_CPU_COMPILE", "1") == "0" else "torch.compile"
+    compile_mode = f"LOWMEM_CPU_COMPILE={os.environ.get('LOWMEM_CPU_COMPILE', 'auto (default)')}"
     header = [
         f"# optimizer step benchmark ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)",
         "",
