@@ -13,6 +13,15 @@ from lowmem_lightning.optim.adamw8bit import AdamW8bit
 SHAPES = [(4097,), (1000, 5), (33,)]
 
 
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP oversubscription made steps 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _params(dtypes=(torch.float32, torch.bfloat16, torch.float32)):
     g = torch.Generator().manual_seed(0)
     return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(d)) for s, d in zip(SHAPES, dtypes)]

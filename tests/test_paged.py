@@ -12,6 +12,15 @@ from lowmem_lightning.optim.adamw8bit import AdamW8bit
 from lowmem_lightning.optim.paged import PagedAdamW8bit
 
 SHAPES = [(4097,), (100, 50), (30,), (64, 80), (5000,)]  # (30,) keeps fp32 state on the device
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP oversubscription made steps 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 DTYPES = [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float32]  # bf16: stochastic rounding
 
 
