@@ -543,7 +543,9 @@ def _usage_error(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowmem`` console script; returns the exit code (2 for bad input)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "estimate":
+    if not args:
+        return _usage_error("expected a subcommand: fit, validate, test, predict or estimate (see lowmem --help).")
+    if args[0] == "estimate":
         try:
             return estimate_main(args[1:])
         except SystemExit as exc:

@@ -231,6 +231,11 @@ def test_invalid_optimizer_hyperparameter(capsys, tiny_config):
     _assert_short_error(code, err, "lr", "-1")
 
 
+def test_no_subcommand(capsys):
+    code, _, err = _run(capsys)
+    _assert_short_error(code, err, "fit", "estimate")
+
+
 def test_missing_config_file(capsys):
     code, _, err = _run(capsys, "fit", "--config", "does/not/exist.yaml")
     _assert_short_error(code, err, "does/not/exist.yaml", "not found", "tiny.yaml")
