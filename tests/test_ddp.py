@@ -64,6 +64,8 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     # Lightning gives each forked rank 1 thread unless OMP_NUM_THREADS is set; a forked child that
     # inherits a multi-threaded OpenMP pool from this process can hang
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # the DistributedSampler seeds its shuffle from PL_GLOBAL_SEED, which any earlier seed_everything leaves set
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     _, single = _fit(tmp_path / "single", "auto", 1)
     trainer, ddp = _fit(tmp_path / "ddp", "ddp_fork", 2)
     assert trainer.world_size == 2
