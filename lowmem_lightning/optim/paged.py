@@ -30,8 +30,9 @@ from .adamw8bit import _QUANTIZED_KEYS, AdamW8bit
 
 __all__ = ["PagedAdamW8bit"]
 
-_CPU_AUTO_BUDGET = 64 * 2**20
-"""Staging budget on CPU (bytes) when ``gpu_budget_bytes`` is None."""
+_CPU_AUTO_BUDGET = 0
+"""Resident budget on CPU (bytes) when ``gpu_budget_bytes`` is None: 0, since device and host are the same
+memory there; only the staging buffers of the tensor being updated (and the prefetched next) exist."""
 
 
 class _Resident:
