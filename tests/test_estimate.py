@@ -43,7 +43,11 @@ def _measured(name: str, kwargs: dict, dtype=torch.float32) -> tuple[int, int, l
     opt.step()
     mem = state_memory(opt)
     resident = sum(r.nbytes for r in getattr(opt, "_resident", {}).values())
-    pages = [r.nbytes for r in getattr(opt, "_resident", {}).values()]
+    pages = []
+    if getattr(opt, "is_paged", False):
+        for state in opt.state.values():
+            page = sum(v.numel() * v.element_size() for k, v in state.items() if k.endswith(("_codes", "_absmax")))
+            pages += [page] if page else []
     return mem.device_bytes - resident, mem.host_bytes, pages
 
 
