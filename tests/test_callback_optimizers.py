@@ -69,3 +69,24 @@ def test_own_step_size_optimizer_refuses_a_module_scheduler(tmp_path):
     )
     with pytest.raises(ValueError, match="computes its own step size.*StepLR"):
         trainer.fit(Scheduled(), DataLoader(TensorDataset(x, x[:, :1]), batch_size=8))
+
+
+@pytest.mark.parametrize("name", ["came", "adamw_8bit", "sgd"])
+def test_lr_none_keeps_the_module_learning_rate(tmp_path, name):
+    # CAME needs an lr: with the callback's lr=None it takes the module's (0.1 here), per group
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(4))
+    callback = LowMemOptimizerCallback(name, print_summary=False, plot=False)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback],
+    )
+    trainer.fit(Net(), DataLoader(TensorDataset(x, x[:, :1]), batch_size=8))
+    assert type(trainer.optimizers[0]) is optimizer_class(name)
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [0.1]
+
+
+def test_came_without_any_learning_rate_is_refused():
+    from lowmem_lightning.optim import build_optimizer
+
+    with pytest.raises(ValueError, match="Invalid lr=None: CAME requires a learning rate"):
+        build_optimizer("came", [nn.Parameter(torch.zeros(3))])

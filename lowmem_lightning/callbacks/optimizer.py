@@ -171,7 +171,8 @@ class LowMemOptimizerCallback(L.Callback):
             self.optimizers = [new]
             return new
         schedulers = find_schedulers(config)
-        own_step = self.lr is None and self._defaults.get("lr") is None
+        # computes its own step size (Adafactor's relative step); CAME with lr=None takes the module's lr
+        own_step = self.lr is None and self._defaults.get("lr") is None and bool(self._defaults.get("relative_step"))
         if own_step and schedulers:
             raise ValueError(
                 f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) computes its own step size "

@@ -74,8 +74,22 @@ def validate_optimizer_args(
     try:
         probe = build_optimizer(optimizer, [dummy], **extra, **optimizer_kwargs)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"Invalid hyperparameters for optimizer={optimizer!r}: {err}") from err
+        if lr is not None or not _accepts_group_lr(optimizer, extra, optimizer_kwargs):
+            raise ValueError(f"Invalid hyperparameters for optimizer={optimizer!r}: {err}") from err
+        return dict(optimizer_kwargs), dict(build_optimizer(optimizer, [{"params": [dummy], "lr": 1.0}],
+                                                            **extra, **optimizer_kwargs).defaults)
     return dict(optimizer_kwargs), dict(probe.defaults)
+
+
+def _accepts_group_lr(optimizer: str, extra: dict, optimizer_kwargs: dict) -> bool:
+    """Whether ``optimizer`` (which needs an lr, e.g. CAME) builds once each param group brings its own
+    lr: then ``lr=None`` means "the module's learning rate", which the callback passes per group."""
+    try:
+        build_optimizer(optimizer, [{"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0}], **extra,
+                        **optimizer_kwargs)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def decay_param_groups(

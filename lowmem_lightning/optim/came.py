@@ -66,11 +66,12 @@ class CAME(LowMemOptimizer):
             weight_decay=weight_decay,
             momentum_dtype=momentum_dtype,
         )
-        _check_hyperparameters(defaults)
+        _check_hyperparameters(defaults, lr_required=False)  # groups may each bring their own lr
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        """Add a param group (validated like the constructor's arguments; ``ValueError`` if invalid)."""
+        """Add a param group (validated like the constructor's arguments; ``ValueError`` if invalid,
+        including a group left without a learning rate)."""
         super().add_param_group(param_group)
         try:
             _check_hyperparameters(self.param_groups[-1])
@@ -164,10 +165,12 @@ class CAME(LowMemOptimizer):
             )
 
 
-def _check_hyperparameters(group: dict) -> None:
+def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:
     """Validate one group's hyperparameters (each error names the argument, the value and what is allowed)."""
     lr = group["lr"]
-    if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)) or not (
+    if lr is None and not lr_required:
+        pass
+    elif lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)) or not (
         math.isfinite(float(lr)) and float(lr) > 0
     ):
         raise ValueError(f"Invalid lr={lr!r}: CAME requires a learning rate, a finite number > 0.")
