@@ -13,19 +13,14 @@ Runs on CPU in well under a minute.
 from __future__ import annotations
 
 import argparse
-import os
 
-# The CPU path can torch.compile the optimizer math; for a few-second demo the one-time compile costs
-# more than it saves, so use the eager reference unless the caller chose otherwise.
-os.environ.setdefault("LOWMEM_CPU_COMPILE", "0")
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-from lowmem_lightning import LowMemOptimizerCallback  # noqa: E402
+from lowmem_lightning import LowMemOptimizerCallback
 
 
 class DigitsClassifier(L.LightningModule):

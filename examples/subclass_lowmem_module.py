@@ -13,18 +13,14 @@ Runs on CPU in well under a minute.
 from __future__ import annotations
 
 import argparse
-import os
 
-# For a few-second demo, skip the CPU path's one-time torch.compile (eager reference instead).
-os.environ.setdefault("LOWMEM_CPU_COMPILE", "0")
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-from lowmem_lightning import LowMemModule, LowMemOptimizerCallback  # noqa: E402
+from lowmem_lightning import LowMemModule, LowMemOptimizerCallback
 
 
 class TinyCharModel(LowMemModule):
