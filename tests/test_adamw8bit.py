@@ -236,6 +236,40 @@ def test_compiled_cpu_path_matches_eager(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_path_skips_non_finite_and_matches_eager(monkeypatch, dtype):
+    # the compiled CPU step reads the finite flag on the host and has its own scalar handling
+    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "1")
+    params = [torch.nn.Parameter(torch.randn(8192, dtype=dtype)) for _ in range(2)]
+    opt = AdamW8bit(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    params[0].grad[5] = float("nan")
+    params[1].grad = torch.randn_like(params[1])
+    opt.step()
+    assert torch.equal(params[0], before[0])
+    assert all(torch.equal(v, state_before[k]) for k, v in opt.state[params[0]].items())
+    assert not torch.equal(params[1], before[1])
+    assert opt.skipped_updates == 1
+    eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "0")
+    reference = AdamW8bit(eager, lr=1e-2)
+    reference.load_state_dict(opt.state_dict())
+    for p, q in zip(params, eager):
+        g = torch.randn_like(p)
+        p.grad, q.grad = g.clone(), g.clone()
+    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "1")
+    opt.step()
+    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "0")
+    reference.step()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for p, q in zip(params, eager):
+        torch.testing.assert_close(p.float(), q.float(), rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_keep_small_updates(dtype):
     # lr=1e-4 moves a weight of 1.0 by ~1e-4 per step: far below half an ulp of bf16 (2^-8) and of

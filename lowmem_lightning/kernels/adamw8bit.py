@@ -44,15 +44,17 @@ import triton.language as tl
 from .codec import (
     BLOCK_SIZE,
     decode_signed,
+    decode_signed_reference,
     decode_unsigned,
-    dequantize_reference,
+    decode_unsigned_reference,
     encode_signed,
+    encode_signed_reference,
     encode_unsigned,
+    encode_unsigned_reference,
     num_blocks,
-    quantize_reference,
     sqrt_rn_reference,
 )
-from .dispatch import cpu_compiled, use_triton
+from .dispatch import cpu_compile_wanted, cpu_compiled, use_triton
 from .rounding import round_param_reference, store_param
 
 __all__ = [
@@ -282,38 +284,44 @@ def _adamw_math(p, g, m, v, hp, terms):
 
 
 def _write_param(param, new_p, ok, seed):
-    flat = param.view(-1)
+    """Write fp32 ``new_p`` into ``param`` (same shape; bf16/fp16 stochastically rounded) where ``ok``."""
     if param.dtype == torch.float32:
-        flat.copy_(torch.where(ok, new_p, flat))
+        param.copy_(torch.where(ok, new_p, param))
         return
-    rounded = round_param_reference(new_p, param.dtype, seed, True, torch.arange(flat.numel(), device=flat.device))
-    flat.copy_(torch.where(ok, rounded, flat))
+    offs = torch.arange(param.numel(), device=param.device).view(param.shape)
+    rounded = round_param_reference(new_p, param.dtype, seed, True, offs)
+    param.copy_(torch.where(ok, rounded, param))
 
 
 def _adamw8bit_core(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, flag, hp, terms,
                     seed):
+    """One 8-bit AdamW step on whole blocks, in place.
+
+    Every tensor argument is a ``(num_blocks, BLOCK_SIZE)`` view (absmax ``(num_blocks, 1)``): with the
+    block dimension static, torch.compile emits vectorised loops (a flat input reshaped inside the graph
+    made it divide symbolic sizes per element, ~4x slower).
+    """
     ok = flag > 0
-    p = param.reshape(-1).to(torch.float32)
-    g = grad.reshape(-1).to(torch.float32)
-    m = dequantize_reference(exp_avg_codes, exp_avg_absmax)
-    v = dequantize_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
+    p = param.to(torch.float32)
+    g = grad.to(torch.float32)
+    m = decode_signed_reference(exp_avg_codes, exp_avg_absmax)
+    v = decode_unsigned_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
     p, m, v = _adamw_math(p, g, m, v, hp, terms)
     _write_param(param, p, ok, seed)
-    m_codes, m_absmax = quantize_reference(m, signed=True)
-    v_codes, v_absmax = quantize_reference(v, signed=False)
-    exp_avg_codes.copy_(torch.where(ok, m_codes, exp_avg_codes))
+    m_absmax = m.abs().amax(dim=1, keepdim=True)
+    v_absmax = v.amax(dim=1, keepdim=True)
+    exp_avg_codes.copy_(torch.where(ok, encode_signed_reference(m, m_absmax), exp_avg_codes))
     exp_avg_absmax.copy_(torch.where(ok, m_absmax, exp_avg_absmax))
-    exp_avg_sq_codes.copy_(torch.where(ok, v_codes, exp_avg_sq_codes))
+    exp_avg_sq_codes.copy_(torch.where(ok, encode_unsigned_reference(v, v_absmax), exp_avg_sq_codes))
     exp_avg_sq_absmax.copy_(torch.where(ok, v_absmax, exp_avg_sq_absmax))
 
 
 def _adamw32_core(param, grad, exp_avg, exp_avg_sq, flag, hp, terms, seed):
     ok = flag > 0
-    p = param.reshape(-1).to(torch.float32)
-    g = grad.reshape(-1).to(torch.float32)
+    flat = param.view(-1)
     m_flat, v_flat = exp_avg.view(-1), exp_avg_sq.view(-1)
-    p, m, v = _adamw_math(p, g, m_flat, v_flat, hp, terms)
-    _write_param(param, p, ok, seed)
+    p, m, v = _adamw_math(flat.to(torch.float32), grad.reshape(-1).to(torch.float32), m_flat, v_flat, hp, terms)
+    _write_param(flat, p, ok, seed)
     m_flat.copy_(torch.where(ok, m, m_flat))
     v_flat.copy_(torch.where(ok, v, v_flat))
 
@@ -340,8 +348,8 @@ def adamw8bit_reference(
     state dict.
     """
     terms, seed = step_terms_reference(hp, step, seed_base)
-    _adamw8bit_core(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, flag, hp, terms,
-                    seed)
+    _blockwise(_adamw8bit_core, param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, flag,
+               hp, terms, seed)
 
 
 def adamw32_reference(
@@ -361,6 +369,41 @@ def adamw32_reference(
 
 _adamw8bit_cpu = cpu_compiled(_adamw8bit_core)
 _adamw32_cpu = cpu_compiled(_adamw32_core)
+
+
+def _adamw8bit_fast_core(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
+                         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, grad_sign: float,
+                         step_size: float, bc2_sqrt: float, seed: int):
+    """The compiled CPU step: :func:`_adamw8bit_core`'s math on ``(num_blocks, BLOCK_SIZE)`` views with
+    host scalars (Python floats become symbolic inputs: no recompile when they change) and no
+    skip-select (the caller checks the finite flag on the host, a plain memory read on CPU).
+
+    Measured on 1M elements (2 cores): 1.7 ms, against 6.4 ms for the compiled reference, whose
+    ``where(flag, new, old)`` on mutated inputs forces inductor to materialise copies. Agrees with the
+    reference to fp32 rounding (scalars enter as double), not bit for bit.
+    """
+    p = param.to(torch.float32)
+    g = grad.to(torch.float32) * grad_sign
+    m = decode_signed_reference(exp_avg_codes, exp_avg_absmax)
+    v = decode_unsigned_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
+    p = p * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * (g * g)
+    p = p - step_size * (m / (torch.sqrt(v) / bc2_sqrt + eps))
+    if param.dtype == torch.float32:
+        param.copy_(p)
+    else:
+        offs = torch.arange(param.numel(), device=param.device).view(param.shape)
+        param.copy_(round_param_reference(p, param.dtype, seed, True, offs))
+    m_absmax = m.abs().amax(dim=1, keepdim=True)
+    v_absmax = v.amax(dim=1, keepdim=True)
+    exp_avg_codes.copy_(encode_signed_reference(m, m_absmax))
+    exp_avg_absmax.copy_(m_absmax)
+    exp_avg_sq_codes.copy_(encode_unsigned_reference(v, v_absmax))
+    exp_avg_sq_absmax.copy_(v_absmax)
+
+
+_adamw8bit_fast_cpu = cpu_compiled(_adamw8bit_fast_core)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,28 +475,36 @@ def _reference_one(param, grad, m, m_absmax, v, v_absmax, flag, hp, terms, seed)
     work = param if param.is_contiguous() else param.contiguous()
     if m_absmax is None:
         _adamw32_cpu(work, grad, m, v, flag, hp, terms, seed)
-    elif work.numel() % BLOCK_SIZE == 0:
-        _adamw8bit_cpu(work, grad, m, m_absmax, v, v_absmax, flag, hp, terms, seed)
+    elif cpu_compile_wanted(work):
+        if not flag.item():  # a CPU tensor: a memory read, no device sync
+            return
+        scalars = [float(x) for x in hp.tolist()] + [float(x) for x in terms.tolist()] + [int(seed)]
+        _blockwise(_adamw8bit_fast_cpu, work, grad, m, m_absmax, v, v_absmax, *scalars)
     else:
-        _padded_update(work, grad, m, m_absmax, v, v_absmax, flag, hp, terms, seed)
+        _blockwise(_adamw8bit_cpu, work, grad, m, m_absmax, v, v_absmax, flag, hp, terms, seed)
     if work is not param:
         param.copy_(work)
 
 
-def _padded_update(param, grad, m, m_absmax, v, v_absmax, flag, hp, terms, seed):
-    """Update a tensor whose size is not a multiple of BLOCK_SIZE through zero-padded copies.
+def _blockwise(core, param, grad, m, m_absmax, v, v_absmax, *args):
+    """Run ``core`` on ``(num_blocks, BLOCK_SIZE)`` views of a contiguous ``param`` and its state.
 
-    The compiled CPU step only ever sees whole blocks: with a partial last block torch.compile
-    (torch 2.13, dynamic shapes) was measured to leave that block's elements and scales unwritten.
-    Zero padding changes nothing (zero grad and zero codes keep m, v and the absmax of the block).
+    A size that is not a multiple of BLOCK_SIZE goes through zero-padded copies (zero grad and zero
+    codes leave m, v and the block's absmax unchanged, so padding changes nothing). torch 2.13's
+    compiled step was also measured to leave a partial last block unwritten, another reason the
+    compiled graph only ever sees whole blocks.
     """
     n = param.numel()
     pad = (-n) % BLOCK_SIZE
-    padded = [torch.nn.functional.pad(t.reshape(-1), (0, pad)) for t in (param, grad, m, v)]
-    _adamw8bit_cpu(padded[0], padded[1], padded[2], m_absmax, padded[3], v_absmax, flag, hp, terms, seed)
-    param.view(-1).copy_(padded[0][:n])
-    m.copy_(padded[2][:n])
-    v.copy_(padded[3][:n])
+    if pad == 0:
+        as_blocks = [t.reshape(-1, BLOCK_SIZE) for t in (param, grad, m, v)]
+        core(as_blocks[0], as_blocks[1], as_blocks[2], m_absmax.view(-1, 1), as_blocks[3], v_absmax.view(-1, 1), *args)
+        return
+    padded = [torch.nn.functional.pad(t.reshape(-1), (0, pad)).view(-1, BLOCK_SIZE) for t in (param, grad, m, v)]
+    core(padded[0], padded[1], padded[2], m_absmax.view(-1, 1), padded[3], v_absmax.view(-1, 1), *args)
+    param.view(-1).copy_(padded[0].view(-1)[:n])
+    m.copy_(padded[2].view(-1)[:n])
+    v.copy_(padded[3].view(-1)[:n])
 
 
 @functools.lru_cache(maxsize=64)

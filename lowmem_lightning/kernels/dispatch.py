@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["triton_available", "use_triton", "cpu_compiled", "scalar_args"]
+__all__ = ["triton_available", "use_triton", "cpu_compiled", "cpu_compile_wanted", "scalar_args"]
 
 
 @functools.cache
@@ -50,6 +50,11 @@ def use_triton(tensor: torch.Tensor) -> bool:
 
 DEFAULT_COMPILE_MIN_NUMEL = 2**20
 """Smallest tensor (elements) whose CPU step is compiled under ``LOWMEM_CPU_COMPILE=auto``."""
+
+
+def cpu_compile_wanted(tensor: torch.Tensor) -> bool:
+    """Whether the CPU step of ``tensor`` runs compiled (``LOWMEM_CPU_COMPILE`` and the size rule below)."""
+    return tensor.device.type == "cpu" and _compile_wanted((tensor,))
 
 
 def _compile_wanted(args: tuple) -> bool:
