@@ -214,7 +214,8 @@ def finetune_study(args, train_data, val_data, ft_data):
         model = tiny_llama(0, args.hidden, args.layers, args.seq)
         model.load_state_dict(state)
         before = evaluate(model, ft_val, args)
-        model = add_lora(quantize_model(model), r=32, alpha=64, dropout=0.0, target_modules=targets)  # r=32: every LoRA matrix >= 4096 elements, so 8-bit state
+        # r=32: every LoRA matrix has >= 4096 elements, so adamw_8bit really keeps 8-bit state
+        model = add_lora(quantize_model(model), r=32, alpha=64, dropout=0.0, target_modules=targets)
         params = [p for p in model.parameters() if p.requires_grad]
         ft_opt = build_optimizer(name, params, lr=1e-3)
         ft_args = argparse.Namespace(**{**vars(args), "steps": args.steps // 2})
