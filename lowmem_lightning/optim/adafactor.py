@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -128,16 +127,6 @@ class Adafactor(LowMemOptimizer):
         return out
 
     # ------------------------------------------------------------------ state
-    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
-        state = self.state[param]
-        if "step" in state:
-            return state
-        state["step"] = self._new_step(param)
-        for key, (shape, dtype) in self._expected_state(param, group).items():
-            if key != "step":
-                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
-        return state
-
     def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
         shape = tuple(param.shape)
         expected = {"step": ((), torch.float32)}
@@ -172,20 +161,12 @@ class Adafactor(LowMemOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
-        for group in self.param_groups:
-            by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-            for param in group["params"]:
-                if param.grad is not None:
-                    if param.grad.is_sparse:
-                        raise RuntimeError("Adafactor does not support sparse gradients.")
-                    by_device[param.device].append((index, param))
-                index += 1
-            if not by_device:
+        for group, per_device in self._params_by_device():
+            if not per_device:
                 continue
             group["host_step"] = group.get("host_step", 0) + 1
-            elr = _effective_lr_tensor(group, next(iter(by_device.values()))[0][1])
-            for n_device, items in enumerate(by_device.values()):
+            elr = _effective_lr_tensor(group, per_device[0][0][1])
+            for n_device, items in enumerate(per_device):
                 self._step_tensors(items, group, elr if n_device == 0 else None)
             if group["scale_parameter"]:
                 group.pop("effective_lr", None)  # a device quantity: effective_lr_tensor / effective_lr()

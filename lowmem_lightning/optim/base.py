@@ -16,7 +16,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -66,6 +67,33 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _new_step(param: torch.Tensor) -> torch.Tensor:
         """A step counter for ``param``: 0-d fp32 tensor on its device."""
         return torch.zeros((), dtype=torch.float32, device=param.device)
+
+    def _params_by_device(self) -> Iterator[tuple[dict, list[list[tuple[int, torch.Tensor]]]]]:
+        """Yield ``(group, per_device)`` for every param group, where ``per_device`` lists, per device, the
+        ``(global_index, param)`` pairs of the params that have a gradient (the global index counts
+        every param of every group, so it is stable across steps). Sparse gradients raise."""
+        index = 0
+        for group in self.param_groups:
+            by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+            for param in group["params"]:
+                if param.grad is not None:
+                    if param.grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+                    by_device[param.device].append((index, param))
+                index += 1
+            yield group, list(by_device.values())
+
+    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
+        """``param``'s state, created on first use: a step counter and zeros for every other tensor of
+        :meth:`_expected_state`."""
+        state = self.state[param]
+        if "step" in state:
+            return state
+        state["step"] = self._new_step(param)
+        for key, (shape, dtype) in self._expected_state(param, group).items():
+            if key != "step":
+                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        return state
 
     # ------------------------------------------------------------------ state dicts
     def _expected_state(self, param: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -84,16 +83,6 @@ class CAME(LowMemOptimizer):
         return [float(group["lr"]) for group in self.param_groups]
 
     # ------------------------------------------------------------------ state
-    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
-        state = self.state[param]
-        if "step" in state:
-            return state
-        state["step"] = self._new_step(param)
-        for key, (shape, dtype) in self._expected_state(param, group).items():
-            if key != "step":
-                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
-        return state
-
     def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
         shape = tuple(param.shape)
         expected = {"step": ((), torch.float32)}
@@ -125,16 +114,8 @@ class CAME(LowMemOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
-        for group in self.param_groups:
-            by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-            for param in group["params"]:
-                if param.grad is not None:
-                    if param.grad.is_sparse:
-                        raise RuntimeError("CAME does not support sparse gradients.")
-                    by_device[param.device].append((index, param))
-                index += 1
-            for items in by_device.values():
+        for group, per_device in self._params_by_device():
+            for items in per_device:
                 self._step_tensors(items, group)
             group["effective_lr"] = float(group["lr"])
         return loss

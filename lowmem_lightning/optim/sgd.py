@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -151,16 +150,8 @@ class SGD(LowMemOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
-        for group in self.param_groups:
-            by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-            for param in group["params"]:
-                if param.grad is not None:
-                    if param.grad.is_sparse:
-                        raise RuntimeError("SGD does not support sparse gradients.")
-                    by_device[param.device].append((index, param))
-                index += 1
-            for items in by_device.values():
+        for group, per_device in self._params_by_device():
+            for items in per_device:
                 self._step_tensors(items, group)
         return loss
 
