@@ -292,3 +292,28 @@ def test_compiled_cpu_path_matches_eager(cpu_compile):
     torch.testing.assert_close(compiled[1].data, ref[1].data, rtol=1e-5, atol=1e-5)
     rel = ((compiled[0].data - ref[0].data).norm() / (ref[0].data - params0[0]).norm()).item()
     assert rel < 0.02
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_8bit_momentum_cpu_path_equals_eager(monkeypatch, nesterov, dtype):
+    # the compiled CPU step of 8-bit momentum reads the finite flag and the step on the host
+    def run(mode):
+        monkeypatch.setenv("LOWMEM_CPU_COMPILE", mode)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 256, dtype=dtype)) for _ in range(2)]
+        opt = SGD(params, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.01, momentum_dtype="int8")
+        g = torch.Generator().manual_seed(1)
+        for k in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            if k == 2:
+                params[0].grad[0, 0] = float("nan")
+            opt.step()
+        return params, opt
+
+    eager, eager_opt = run("0")
+    compiled, compiled_opt = run("1")
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=1e-6)
+    assert eager_opt.skipped_updates == compiled_opt.skipped_updates == 1
