@@ -36,6 +36,19 @@ class LowMemOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._skipped: dict[torch.device, torch.Tensor] = {}
 
+    # ------------------------------------------------------------------ param groups
+    def _check_group(self, group: dict) -> None:
+        """Validate one param group's hyperparameters (``ValueError`` naming the argument); default: none."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group, validated by :meth:`_check_group`; an invalid group is not added (``ValueError``)."""
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
     # ------------------------------------------------------------------ non-finite guard
     @property
     def skipped_updates(self) -> int:

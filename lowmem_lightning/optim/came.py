@@ -68,15 +68,9 @@ class CAME(LowMemOptimizer):
         _check_hyperparameters(defaults, lr_required=False)  # groups may each bring their own lr
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a param group (validated like the constructor's arguments; ``ValueError`` if invalid,
-        including a group left without a learning rate)."""
-        super().add_param_group(param_group)
-        try:
-            _check_hyperparameters(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()
-            raise
+    def _check_group(self, group: dict) -> None:
+        """Validate a param group like the constructor's arguments (a group left without an lr included)."""
+        _check_hyperparameters(group)
 
     def effective_lr(self) -> list[float]:
         """Step size per param group (``group["lr"]``, as a float; never syncs)."""

@@ -69,14 +69,9 @@ class SGD(LowMemOptimizer):
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        """Add a param group (validated like the constructor's arguments; ``ValueError`` if invalid)."""
-        super().add_param_group(param_group)
-        try:
-            _check_hyperparameters(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()
-            raise
+    def _check_group(self, group: dict) -> None:
+        """Validate a param group like the constructor's arguments."""
+        _check_hyperparameters(group)
 
     # ------------------------------------------------------------------ state
     @staticmethod
