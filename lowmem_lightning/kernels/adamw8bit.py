@@ -54,7 +54,14 @@ from .codec import (
     num_blocks,
     sqrt_rn_reference,
 )
-from .dispatch import cpu_compile_wanted, cpu_compiled, use_triton
+from .dispatch import (
+    PARAM_GRAD_DTYPE_PAIRS,
+    cpu_compile_wanted,
+    cpu_compiled,
+    table_to_device,
+    triton_dtype,
+    use_triton,
+)
 from .rounding import round_param_reference, store_param
 
 __all__ = [
@@ -78,7 +85,6 @@ _NUM_FIELDS = 11
 _SEED_STEP_STRIDE = 7919
 """``step_seed(step, i, b) == (step_seed(0, i, b) + step * 7919) & 0x7FFFFFFF`` (see :mod:`.rounding`)."""
 
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,17 +209,9 @@ def _aot_spec(param_dtype, grad_dtype, quantized: bool):
     return (_adamw8bit_kernel, signature, constexprs)
 
 
-_AOT_DTYPE_PAIRS = [
-    (tl.float32, tl.float32),
-    (tl.float32, tl.bfloat16),
-    (tl.float32, tl.float16),
-    (tl.bfloat16, tl.bfloat16),
-    (tl.bfloat16, tl.float32),
-    (tl.float16, tl.float16),
-    (tl.float16, tl.float32),
+AOT_SPECS = [
+    _aot_spec(triton_dtype(p), triton_dtype(g), q) for p, g in PARAM_GRAD_DTYPE_PAIRS for q in (True, False)
 ]
-
-AOT_SPECS = [_aot_spec(p, g, q) for p, g in _AOT_DTYPE_PAIRS for q in (True, False)]
 """(kernel, signature, constexprs) for every (param dtype, grad dtype, quantized) variant launched."""
 
 
@@ -519,17 +517,10 @@ def _tile_owner(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Te
     return owner.to(device), tuple(firsts), total
 
 
-def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host table to ``device`` without synchronising (pinned, non-blocking on CUDA)."""
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)
-
-
 def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, quantized: bool, hyper: dict):
     device = params[0].device
     work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    grads = [g if g.dtype in _TRITON_DTYPES else g.float() for g in grads]
+    grads = [g if g.dtype in (torch.float32, torch.bfloat16, torch.float16) else g.float() for g in grads]
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     numels = tuple(p.numel() for p in work)
     owner, firsts, num_tiles = _tile_owner(numels, device)
@@ -553,7 +544,7 @@ def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, 
         ],
         dtype=torch.int64,
     )
-    table = _to_device(table, device)
+    table = table_to_device(table, device)
     _adamw8bit_kernel[(num_tiles,)](
         table,
         owner,
@@ -564,8 +555,8 @@ def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, 
         float(hyper["eps"]),
         float(hyper["weight_decay"]),
         -1.0 if hyper["maximize"] else 1.0,
-        PARAM_DTYPE=_TRITON_DTYPES[work[0].dtype],
-        GRAD_DTYPE=_TRITON_DTYPES[grads[0].dtype],
+        PARAM_DTYPE=triton_dtype(work[0].dtype),
+        GRAD_DTYPE=triton_dtype(grads[0].dtype),
         QUANTIZED=quantized,
         ROWS=ROWS,
         BLOCK=BLOCK_SIZE,

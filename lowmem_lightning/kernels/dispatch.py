@@ -26,7 +26,16 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["triton_available", "use_triton", "cpu_compiled", "cpu_compile_wanted", "scalar_args"]
+__all__ = [
+    "triton_available",
+    "use_triton",
+    "cpu_compiled",
+    "cpu_compile_wanted",
+    "scalar_args",
+    "triton_dtype",
+    "PARAM_GRAD_DTYPE_PAIRS",
+    "table_to_device",
+]
 
 
 @functools.cache
@@ -107,3 +116,29 @@ def cpu_compiled(fn: Callable) -> Callable:
 def scalar_args(*values: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Pack runtime hyperparameters into one fp32 tensor (so compiled CPU code never specializes on them)."""
     return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype of a float param/grad dtype (fp32, bf16, fp16) for a kernel's constexpr."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+PARAM_GRAD_DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+]
+"""(param dtype, grad dtype) pairs the multi-tensor launchers are compiled for ahead of time."""
+
+
+def table_to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host launch table to ``device`` without synchronising (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)

@@ -48,7 +48,15 @@ from .codec import (
     encode_signed_reference,
     quantize_reference,
 )
-from .dispatch import cpu_compile_wanted, cpu_compiled, scalar_args, use_triton
+from .dispatch import (
+    PARAM_GRAD_DTYPE_PAIRS,
+    cpu_compile_wanted,
+    cpu_compiled,
+    scalar_args,
+    table_to_device,
+    triton_dtype,
+    use_triton,
+)
 from .rounding import round_param_reference, store_param
 
 __all__ = ["ROWS", "sgd_reference", "sgd_update", "sgd_seed_reference"]
@@ -148,19 +156,10 @@ def _aot_spec(param_dtype, grad_dtype, momentum: bool, quantized: bool):
     return (_sgd_kernel, signature, constexprs)
 
 
-_AOT_DTYPE_PAIRS = [
-    (tl.float32, tl.float32),
-    (tl.float32, tl.bfloat16),
-    (tl.float32, tl.float16),
-    (tl.bfloat16, tl.bfloat16),
-    (tl.bfloat16, tl.float32),
-    (tl.float16, tl.float16),
-    (tl.float16, tl.float32),
-]
 
 AOT_SPECS = [
-    _aot_spec(param, grad, momentum, quantized)
-    for param, grad in _AOT_DTYPE_PAIRS
+    _aot_spec(triton_dtype(param), triton_dtype(grad), momentum, quantized)
+    for param, grad in PARAM_GRAD_DTYPE_PAIRS
     for momentum, quantized in ((False, False), (True, False), (True, True))
 ]
 """(kernel, signature, constexprs) for every mode (no momentum, fp32, 8-bit) and launched dtype pair."""
@@ -268,8 +267,6 @@ def _sgd8bit_fast_one(param, grad, codes, absmax, step, flag, hyper, tensor_inde
                       absmax.view(-1, 1), lr, weight_decay, momentum, one_minus_dampening, bool(nesterov), grad_sign,
                       step_value == 0, seed)
 
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
 
 def sgd_update(
     params: Sequence[torch.Tensor],
@@ -331,7 +328,7 @@ def _tiles(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor,
 def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, has_momentum, quantized) -> None:
     device = params[0].device
     work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    grads = [g if g.dtype in _TRITON_DTYPES else g.float() for g in grads]
+    grads = [g if g.dtype in (torch.float32, torch.bfloat16, torch.float16) else g.float() for g in grads]
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     numels = tuple(p.numel() for p in work)
     owner, firsts, num_tiles = _tiles(numels, device)
@@ -351,14 +348,14 @@ def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, 
         ],
         dtype=torch.int64,
     )
-    table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
+    table = table_to_device(table, device)
     _sgd_kernel[(num_tiles,)](
         table,
         owner,
         len(work),
         *hyper,
-        PARAM_DTYPE=_TRITON_DTYPES[work[0].dtype],
-        GRAD_DTYPE=_TRITON_DTYPES[grads[0].dtype],
+        PARAM_DTYPE=triton_dtype(work[0].dtype),
+        GRAD_DTYPE=triton_dtype(grads[0].dtype),
         MOMENTUM=has_momentum,
         QUANTIZED=quantized,
         ROWS=ROWS,
