@@ -34,6 +34,7 @@ from lowmem_lightning.callbacks.swap import (
 )
 from lowmem_lightning.modules.base import validate_optimizer_args
 from lowmem_lightning.optim import build_optimizer, optimizer_class, state_memory
+from lowmem_lightning.optim.sharding import is_dtensor
 
 __all__ = ["LowMemOptimizerCallback", "CONVERSIONS"]
 
@@ -216,6 +217,7 @@ class LowMemOptimizerCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Wrap ``configure_optimizers`` for this fit (the strategy calls it next)."""
         if stage == "fit":
+            _check_strategy(trainer.strategy, self.optimizer_name)
             self.optimizers = []
             self.summary = None
             self._patch(pl_module)
@@ -356,8 +358,9 @@ class LowMemOptimizerCallback(L.Callback):
             sum(m.host_bytes for m in memories), sum(m.num_params for m in memories),
         )
         peak = max(self._max_state_bytes, total.total_bytes)
+        sharded = any(is_dtensor(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"])
         self.summary = summary_dict(
-            self.optimizer_name, total, peak, adamw_fp32_state_bytes(self.optimizers), len(self._steps)
+            self.optimizer_name, total, peak, adamw_fp32_state_bytes(self.optimizers), len(self._steps), sharded
         )
         plot_path = None
         if self.plot:
@@ -407,3 +410,28 @@ def _infer_optimizer(checkpoint: dict) -> str | None:
     if keys and {"exp_avg", "exp_avg_sq", "step"} <= keys <= {"exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"}:
         return "adamw"
     return None
+
+
+_WHOLE_TENSOR_OPTIMIZERS = ("adafactor", "came")
+"""Optimizers whose update needs statistics over whole tensors (row/column means, RMS)."""
+
+
+def _check_strategy(strategy, optimizer_name: str) -> None:
+    """Refuse, before any work, a factored optimizer under FSDP1 (``strategy="fsdp"``).
+
+    FSDP1 hands the optimizer flat 1-D slices of its flattened params, so Adafactor/CAME would factor
+    nothing and take their RMS over a slice: a different algorithm, silently. FSDP2 (Lightning's
+    ``ModelParallelStrategy`` + ``fully_shard``) hands over DTensors, whose statistics the optimizers
+    complete across ranks.
+    """
+    try:
+        from lightning.pytorch.strategies import FSDPStrategy
+    except ImportError:  # pragma: no cover - every supported Lightning has it
+        return
+    if isinstance(strategy, FSDPStrategy) and optimizer_name in _WHOLE_TENSOR_OPTIMIZERS:
+        raise ValueError(
+            f"Invalid optimizer={optimizer_name!r} with strategy=FSDPStrategy (FSDP1): it shards flattened "
+            "params, so Adafactor/CAME would see 1-D slices instead of whole matrices. Use "
+            "ModelParallelStrategy with fully_shard in configure_model (FSDP2), or an element-wise optimizer "
+            "(adamw_8bit, paged_adamw_8bit, sgd, adamw)."
+        )

@@ -8,6 +8,7 @@ import os
 import torch
 
 from lowmem_lightning.optim import StateMemory
+from lowmem_lightning.optim.sharding import local
 
 __all__ = ["adamw_fp32_state_bytes", "summary_dict", "format_summary", "write_plot"]
 
@@ -16,21 +17,27 @@ MIB = 2**20
 
 def adamw_fp32_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
     """Bytes torch's fp32 ``AdamW`` would hold for the same params: ``exp_avg`` + ``exp_avg_sq`` in the
-    param's shape (4 bytes each per element for fp32 params) plus a 4-byte ``step`` tensor per param."""
+    param's shape (4 bytes each per element for fp32 params) plus a 4-byte ``step`` tensor per param.
+    A sharded (DTensor) param counts its local shard, like :func:`~lowmem_lightning.optim.state_memory`."""
     total = 0
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             for param in group["params"]:
-                total += 2 * 4 * param.numel() + 4
+                total += 2 * 4 * local(param).numel() + 4
     return total
 
 
-def summary_dict(name: str, memory: StateMemory, peak_bytes: int, baseline_bytes: int, steps: int) -> dict:
-    """The numbers of the end-of-fit summary (bytes, MiB, bytes/param, saving vs fp32 AdamW)."""
+def summary_dict(name: str, memory: StateMemory, peak_bytes: int, baseline_bytes: int, steps: int,
+                 sharded: bool = False) -> dict:
+    """The numbers of the end-of-fit summary (bytes, MiB, bytes/param, saving vs fp32 AdamW).
+
+    ``sharded``: the params are DTensors and the figures are this rank's shard.
+    """
     saving = baseline_bytes - memory.total_bytes
     return {
         "optimizer": name,
         "steps": steps,
+        "sharded": sharded,
         "num_params": memory.num_params,
         "state_bytes": memory.total_bytes,
         "state_MiB": memory.total_bytes / MIB,
@@ -48,7 +55,8 @@ def summary_dict(name: str, memory: StateMemory, peak_bytes: int, baseline_bytes
 def format_summary(summary: dict, plot_path: str | None) -> str:
     """Human-readable lines for :func:`summary_dict`'s result."""
     lines = [
-        f"LowMemOptimizerCallback: {summary['optimizer']} over {summary['num_params']:,} trainable params, "
+        f"LowMemOptimizerCallback: {summary['optimizer']} over {summary['num_params']:,} trainable params"
+        f"{' (rank 0: its shard of the sharded params)' if summary.get('sharded') else ''}, "
         f"{summary['steps']} optimizer steps",
         f"  optimizer state: {summary['state_MiB']:.3f} MiB ({summary['bytes_per_param']:.2f} bytes/param), "
         f"peak {summary['peak_state_MiB']:.3f} MiB",

@@ -503,26 +503,44 @@ def ema_reference(old: torch.Tensor, new: torch.Tensor, beta: torch.Tensor, one_
 
 
 def factored_stats_reference(
-    q: torch.Tensor, vr: torch.Tensor, vc: torch.Tensor, beta: torch.Tensor, omb: torch.Tensor, ok: torch.Tensor
+    q: torch.Tensor, vr: torch.Tensor, vc: torch.Tensor, beta: torch.Tensor, omb: torch.Tensor, ok: torch.Tensor,
+    reduce=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row/column EMAs of ``q`` (B, R, C): new ``vr`` (B, R) and ``vc`` (B, C); unchanged where ``ok`` is False.
 
-    ``omb`` is ``1 - beta`` (computed in double by the caller, see :func:`ema`).
+    ``omb`` is ``1 - beta`` (computed in double by the caller, see :func:`ema`). ``reduce``: None, or
+    the :class:`~lowmem_lightning.optim.sharding.SumReduce` of a sharded tensor (``q`` is the local
+    shard; the sums are completed across ranks and divided by the global R and C).
     """
-    new_vr = torch.where(ok, ema_reference(vr, q.sum(-1) / q.shape[-1], beta, omb), vr)
-    new_vc = torch.where(ok, ema_reference(vc, q.sum(-2) / q.shape[-2], beta, omb), vc)
+    row_sum, col_sum, rows, cols = q.sum(-1), q.sum(-2), q.shape[-2], q.shape[-1]
+    if reduce is not None:
+        row_sum, col_sum, rows, cols = reduce.over_cols(row_sum), reduce.over_rows(col_sum), reduce.rows, reduce.cols
+    new_vr = torch.where(ok, ema_reference(vr, row_sum / cols, beta, omb), vr)
+    new_vc = torch.where(ok, ema_reference(vc, col_sum / rows, beta, omb), vc)
     return new_vr, new_vc
 
 
-def factored_scale_reference(vr: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
-    """``rf[:, None] * cf[None, :]`` (B, R, C) with ``rf = 1/sqrt(vr / mean_R(vr))``, ``cf = 1/sqrt(vc)``."""
-    rmean = vr.sum(-1, keepdim=True) / vr.shape[-1]
+def factored_scale_reference(vr: torch.Tensor, vc: torch.Tensor, reduce=None) -> torch.Tensor:
+    """``rf[:, None] * cf[None, :]`` (B, R, C) with ``rf = 1/sqrt(vr / mean_R(vr))``, ``cf = 1/sqrt(vc)``.
+
+    ``reduce``: as in :func:`factored_stats_reference` (``mean_R`` over the global rows).
+    """
+    rsum, rows = vr.sum(-1, keepdim=True), vr.shape[-1]
+    if reduce is not None:
+        rsum, rows = reduce.over_rows(rsum), reduce.rows
+    rmean = rsum / rows
     return inv_sqrt_reference(vr / rmean)[..., :, None] * inv_sqrt_reference(vc)[..., None, :]
 
 
-def clip_divisor_reference(u: torch.Tensor, sqrt_n: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """``max(1, rms(u) / clip)`` with ``rms(u) = sqrt(sum(u^2)) / sqrt_n`` (summed by rows first, like the kernels)."""
-    return torch.clamp(torch.sqrt((u * u).sum(-1).sum()) / sqrt_n / clip, min=1.0)
+def total_square_sum_reference(x: torch.Tensor, reduce=None) -> torch.Tensor:
+    """``sum(x^2)`` (0-d fp32; summed by rows first, like the kernels), completed across ranks by ``reduce``."""
+    total = (x * x).sum(-1).sum()
+    return total if reduce is None else reduce.over_all(total)
+
+
+def clip_divisor_reference(u: torch.Tensor, sqrt_n: torch.Tensor, clip: torch.Tensor, reduce=None) -> torch.Tensor:
+    """``max(1, rms(u) / clip)`` with ``rms(u) = sqrt(sum(u^2)) / sqrt_n`` (``sqrt_n``: sqrt of the global numel)."""
+    return torch.clamp(torch.sqrt(total_square_sum_reference(u, reduce)) / sqrt_n / clip, min=1.0)
 
 
 def momentum_update_reference(
@@ -568,6 +586,7 @@ def adafactor_reference(
     relative_step: bool,
     warmup_init: bool,
     scale_parameter: bool,
+    reduce=None,
 ) -> tuple[torch.Tensor, ...]:
     """One Adafactor step; returns ``(new_param, v, vc, m, absmax, lr_t)`` (inputs untouched).
 
@@ -576,7 +595,8 @@ def adafactor_reference(
     ``m``: None, fp32 (param's shape) or flat int8 codes with ``absmax``. ``step`` (already advanced)
     and ``flag`` 0-d fp32. ``hp`` fp32 ``[lr, eps1, eps2, clip, decay_rate, beta1, 1 - beta1,
     weight_decay, sqrt(numel), tensor_index]``. ``lr_t`` is the 0-d step size applied. Where ``flag == 0`` every
-    output equals its input.
+    output equals its input. ``reduce``: None, or the ``SumReduce`` of a sharded tensor whose local
+    shard is given (every sum is completed across ranks; ``sqrt(numel)`` is then the global one).
     """
     lr, eps1, eps2, clip, decay, beta1, omb1, weight_decay, sqrt_n, tensor_index = hp.unbind()
     ok = flag != 0
@@ -586,18 +606,18 @@ def adafactor_reference(
     beta2 = 1.0 - omb2
     q = g * g + eps1
     if vc is not None:
-        v, vc = factored_stats_reference(q, v, vc, beta2, omb2, ok)
-        u = factored_scale_reference(v, vc) * g
+        v, vc = factored_stats_reference(q, v, vc, beta2, omb2, ok, reduce)
+        u = factored_scale_reference(v, vc, reduce) * g
     else:
         v = torch.where(ok, ema_reference(v, q, beta2, omb2), v)
         u = inv_sqrt_reference(v) * g
-    d = clip_divisor_reference(u, sqrt_n, clip)
+    d = clip_divisor_reference(u, sqrt_n, clip, reduce)
     rel = lr
     if relative_step:
         min_step = 1e-6 * step if warmup_init else torch.full_like(step, 1e-2)
         rel = torch.minimum(min_step, inv_sqrt_reference(step))
     if scale_parameter:
-        rel = torch.maximum(eps2, torch.sqrt((p * p).sum(-1).sum()) / sqrt_n) * rel
+        rel = torch.maximum(eps2, torch.sqrt(total_square_sum_reference(p, reduce)) / sqrt_n) * rel
     lr_t = rel
     u = u / d * lr_t
     if m is not None:
@@ -614,9 +634,9 @@ def adafactor_reference(
 
 
 def _adafactor_inplace(param, grad, v, vc, m, absmax, step, flag, hp, elr, relative_step, warmup_init,
-                       scale_parameter) -> None:
+                       scale_parameter, reduce=None) -> None:
     new_p, new_v, new_vc, new_m, new_absmax, lr_t = adafactor_reference(
-        param, grad, v, vc, m, absmax, step, flag, hp, relative_step, warmup_init, scale_parameter
+        param, grad, v, vc, m, absmax, step, flag, hp, relative_step, warmup_init, scale_parameter, reduce
     )
     param.copy_(new_p)
     v.copy_(new_v)
@@ -675,6 +695,7 @@ def adafactor_update(
     relative_step: bool,
     warmup_init: bool,
     tensor_index: int,
+    reduce=None,
 ) -> None:
     """Apply one Adafactor step in place to ``param`` and its state. Never synchronizes.
 
@@ -684,19 +705,27 @@ def adafactor_update(
     elements). ``step`` (already advanced by the optimizer) and ``flag`` 0-d fp32 on the param's
     device. ``elr``: a 0-d fp32 tensor that receives the step size ``lr_t``, or None. Triton on
     CUDA (five launches factored, three 1-D), the ``torch.compile``'d reference on CPU.
+
+    ``reduce``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is given: the eager
+    reference runs with every sum completed across ranks (on any device, also for an empty shard,
+    since every rank must join the collectives).
     """
-    if param.numel() == 0:
+    if param.numel() == 0 and reduce is None:
         return
     work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
-    if use_triton(param):
+    if use_triton(param) and reduce is None:
         _launch(work, g, v_, vc_, m_, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
                 weight_decay, scale_parameter, relative_step, warmup_init, tensor_index)
     else:
         b1 = 0.0 if beta1 is None else beta1
+        numel = param.numel() if reduce is None else reduce.numel
         hp = scalar_args(0.0 if lr is None else lr, eps[0], eps[1], clip_threshold, decay_rate, b1, 1.0 - b1,
-                         weight_decay, math.sqrt(param.numel()), float(tensor_index), device=param.device)
-        _ADAFACTOR_CPU[vc is not None](work, g, v_, vc_, m_, absmax, step, flag, hp, elr, relative_step, warmup_init,
-                       scale_parameter)
+                         weight_decay, math.sqrt(numel), float(tensor_index), device=param.device)
+        args = (work, g, v_, vc_, m_, absmax, step, flag, hp, elr, relative_step, warmup_init, scale_parameter)
+        if reduce is None:
+            _ADAFACTOR_CPU[vc is not None](*args)
+        else:
+            _adafactor_inplace(*args, reduce)
     if work.data_ptr() != param.data_ptr():
         param.copy_(work.view(param.shape))
 

@@ -238,6 +238,7 @@ def came_reference(
     step: torch.Tensor,
     flag: torch.Tensor,
     hp: torch.Tensor,
+    reduce=None,
 ) -> tuple[torch.Tensor, ...]:
     """One CAME step; returns ``(new_param, v, vc, sr, sc, m, absmax)`` (inputs untouched).
 
@@ -246,7 +247,8 @@ def came_reference(
     full. ``m``: fp32 (param's shape) or flat int8 codes with ``absmax``. ``step`` and ``flag`` 0-d
     fp32. ``hp`` fp32 ``[lr, eps1, eps2, clip, beta1, beta2, beta3, 1 - beta1, 1 - beta2, 1 - beta3,
     weight_decay, sqrt(numel), tensor_index]`` (each ``1 - beta`` computed in double, see
-    :func:`.adafactor.ema`). Where ``flag == 0`` every output equals its input.
+    :func:`.adafactor.ema`). Where ``flag == 0`` every output equals its input. ``reduce``: None, or the
+    ``SumReduce`` of a sharded tensor whose local shard is given (sums completed across ranks).
     """
     lr, eps1, eps2, clip, beta1, beta2, beta3, omb1, omb2, omb3, weight_decay, sqrt_n, tensor_index = hp.unbind()
     ok = flag != 0
@@ -254,17 +256,17 @@ def came_reference(
     p = param.to(torch.float32)
     q = g * g + eps1
     if vc is not None:
-        v, vc = factored_stats_reference(q, v, vc, beta2, omb2, ok)
-        u = factored_scale_reference(v, vc) * g
+        v, vc = factored_stats_reference(q, v, vc, beta2, omb2, ok, reduce)
+        u = factored_scale_reference(v, vc, reduce) * g
     else:
         v = torch.where(ok, ema_reference(v, q, beta2, omb2), v)
         u = inv_sqrt_reference(v) * g
-    u = u / clip_divisor_reference(u, sqrt_n, clip)
+    u = u / clip_divisor_reference(u, sqrt_n, clip, reduce)
     new_m, m, absmax = momentum_update_reference(m, absmax, u, beta1, omb1, ok)
     if vc is not None:
         diff = u - new_m
-        sr, sc = factored_stats_reference(diff * diff + eps2, sr, sc, beta3, omb3, ok)
-        upd = factored_scale_reference(sr, sc) * new_m
+        sr, sc = factored_stats_reference(diff * diff + eps2, sr, sc, beta3, omb3, ok, reduce)
+        upd = factored_scale_reference(sr, sc, reduce) * new_m
     else:
         upd = new_m
     new_p = p + p * (-(weight_decay * lr)) - upd * lr
@@ -278,8 +280,8 @@ def came_reference(
 # --------------------------------------------------------------------------------------------------
 
 
-def _came_inplace(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp) -> None:
-    outs = came_reference(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp)
+def _came_inplace(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp, reduce=None) -> None:
+    outs = came_reference(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp, reduce)
     for dst, src in zip((param, v, vc, sr, sc, m, absmax), outs):
         if dst is not None:
             dst.copy_(src)
@@ -315,6 +317,7 @@ def came_update(
     betas: tuple[float, float, float],
     weight_decay: float,
     tensor_index: int,
+    reduce=None,
 ) -> None:
     """Apply one CAME step in place to ``param`` and its state. Never synchronizes.
 
@@ -323,22 +326,29 @@ def came_update(
     ``m``: fp32 (param's shape) or flat int8 codes with ``absmax`` (fp32, one per 256 elements).
     ``step`` (advanced by the optimizer; seeds stochastic rounding) and ``flag`` are 0-d fp32 on the
     param's device. Triton on CUDA (seven launches factored, three 1-D), the ``torch.compile``'d
-    reference on CPU.
+    reference on CPU. ``reduce``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is
+    given: the eager reference runs with sums completed across ranks (any device, also for an empty
+    shard, since every rank must join the collectives).
     """
-    if param.numel() == 0:
+    if param.numel() == 0 and reduce is None:
         return
     work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
     sr_ = sc_ = None
     if vc is not None:
         B = work.shape[0]
         sr_, sc_ = sr.view(B, -1), sc.view(B, -1)
-    if use_triton(param):
+    if use_triton(param) and reduce is None:
         _launch(work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, lr, eps, clip_threshold, betas, weight_decay,
                 tensor_index)
     else:
+        numel = param.numel() if reduce is None else reduce.numel
         hp = scalar_args(lr, eps[0], eps[1], clip_threshold, *betas, *(1.0 - b for b in betas), weight_decay,
-                         math.sqrt(param.numel()), float(tensor_index), device=param.device)
-        _CAME_CPU[vc is not None](work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, hp)
+                         math.sqrt(numel), float(tensor_index), device=param.device)
+        args = (work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, hp)
+        if reduce is None:
+            _CAME_CPU[vc is not None](*args)
+        else:
+            _came_inplace(*args, reduce)
     if work.data_ptr() != param.data_ptr():
         param.copy_(work.view(param.shape))
 

@@ -9,7 +9,9 @@ import torch
 
 from ..kernels.adafactor import adafactor_update, quantized_momentum
 from ..kernels.codec import dequantize_reference, num_blocks, quantize_reference
+from .adamw8bit import _head, _padded
 from .base import LowMemOptimizer
+from .sharding import block_state_len, is_dtensor, local, shard_rank, sum_reduce
 from .validation import check_choice, check_lr, check_non_negative
 
 __all__ = ["Adafactor", "MOMENTUM_DTYPES", "convert_momentum_state"]
@@ -116,14 +118,16 @@ class Adafactor(LowMemOptimizer):
                 value = _host_lr(group, max(1, group.get("host_step", 0)))
                 if group["scale_parameter"] and group["params"]:
                     p = group["params"][0].detach().float()
-                    rms = float(p.norm() / math.sqrt(max(1, p.numel())))
+                    norm = p.norm()
+                    norm = norm.full_tensor() if is_dtensor(norm) else norm
+                    rms = float(norm / math.sqrt(max(1, p.numel())))
                     value = max(group["eps"][1], rms) * value
             out.append(float(value))
         return out
 
     # ------------------------------------------------------------------ state
     def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
-        shape = tuple(param.shape)
+        shape = tuple(local(param).shape)
         expected = {"step": ((), torch.float32)}
         if group["beta1"] is not None:
             expected.update(momentum_spec(param, group["momentum_dtype"], "exp_avg"))
@@ -175,13 +179,14 @@ class Adafactor(LowMemOptimizer):
         torch._foreach_add_([state["step"] for state in states], list(flags.unbind()))
         for i, ((tensor_index, param), state, flag) in enumerate(zip(items, states, flags.unbind())):
             factored = "exp_avg_sq_row" in state
+            shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
             adafactor_update(
-                param.data if isinstance(param, torch.nn.Parameter) else param,
-                param.grad,
+                shard,
+                local(param.grad),
                 state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
                 state["exp_avg_sq_col"] if factored else None,
-                state.get("exp_avg_codes", state.get("exp_avg")),
-                state.get("exp_avg_absmax"),
+                _head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
+                _head(state.get("exp_avg_absmax"), shard.numel(), True),
                 state["step"],
                 flag,
                 elr if i == 0 else None,
@@ -194,7 +199,8 @@ class Adafactor(LowMemOptimizer):
                 scale_parameter=group["scale_parameter"],
                 relative_step=group["relative_step"],
                 warmup_init=group["warmup_init"],
-                tensor_index=tensor_index,
+                tensor_index=tensor_index + (shard_rank(param) << 20),
+                reduce=sum_reduce(param),
             )
 
 
@@ -215,11 +221,15 @@ def _host_lr(group: dict, t: int) -> float:
 
 
 def momentum_spec(param: torch.Tensor, momentum_dtype: str, key: str) -> dict:
-    """``{state key: (shape, dtype)}`` of a momentum of ``param`` stored as ``momentum_dtype``."""
-    n = param.numel()
-    if quantized_momentum(n, momentum_dtype):
+    """``{state key: (shape, dtype)}`` of a momentum of ``param`` stored as ``momentum_dtype``.
+
+    The choice follows the whole tensor's size; the shapes cover the local shard of a DTensor (codes
+    padded to :func:`~.sharding.block_state_len`).
+    """
+    if quantized_momentum(param.numel(), momentum_dtype):
+        n = block_state_len(param)
         return {f"{key}_codes": ((n,), torch.int8), f"{key}_absmax": ((num_blocks(n),), torch.float32)}
-    return {key: (tuple(param.shape), torch.float32)}
+    return {key: (tuple(local(param).shape), torch.float32)}
 
 
 def convert_momentum_state(param: torch.Tensor, state: dict, group: dict, key: str, has_momentum: bool) -> dict:
@@ -237,20 +247,22 @@ def convert_momentum_state(param: torch.Tensor, state: dict, group: dict, key: s
     buffer = state.pop(key, None)
     codes, absmax = state.pop(f"{key}_codes", None), state.pop(f"{key}_absmax", None)
     want_codes = quantized_momentum(param.numel(), group["momentum_dtype"])
+    shard = local(param)
     if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor):
         if want_codes:
             state[f"{key}_codes"], state[f"{key}_absmax"] = codes, absmax
             return state
-        if codes.numel() == param.numel():
-            buffer = dequantize_reference(codes, absmax).view(param.shape)
-    if not isinstance(buffer, torch.Tensor) or buffer.numel() != param.numel():
+        if codes.numel() == block_state_len(param):
+            buffer = dequantize_reference(codes, absmax)[: shard.numel()].view(shard.shape)
+    if not isinstance(buffer, torch.Tensor) or buffer.numel() != shard.numel():
         if buffer is not None:
             state[key] = buffer  # rejected with a clear message by the validation
         return state
     if want_codes:
-        state[f"{key}_codes"], state[f"{key}_absmax"] = quantize_reference(buffer.float(), signed=True)
+        quantized = quantize_reference(buffer.float(), signed=True)
+        state[f"{key}_codes"], state[f"{key}_absmax"] = _padded(*quantized, block_state_len(param))
     else:
-        state[key] = buffer.to(torch.float32).reshape(param.shape)
+        state[key] = buffer.to(torch.float32).reshape(shard.shape)
     return state
 
 

@@ -14,6 +14,7 @@ from ..kernels.adamw8bit import adamw8bit_update
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, num_blocks, quantize_blockwise
 from ..kernels.rounding import step_seed
 from .base import LowMemOptimizer
+from .sharding import block_state_len, local, shard_rank
 from .validation import check_betas, check_eps, check_lr, check_non_negative
 
 __all__ = ["AdamW8bit"]
@@ -89,14 +90,16 @@ class AdamW8bit(LowMemOptimizer):
         state["step"] = self._new_step(param)
         device = self._state_device(param)
         if self._is_quantized(param):
-            n, nb = param.numel(), num_blocks(param.numel())
+            n = block_state_len(param)
+            nb = num_blocks(n)
             state["exp_avg_codes"] = self._zeros(n, torch.int8, device)
             state["exp_avg_absmax"] = self._zeros(nb, torch.float32, device)
             state["exp_avg_sq_codes"] = self._zeros(n, torch.uint8, device)
             state["exp_avg_sq_absmax"] = self._zeros(nb, torch.float32, device)
         else:
-            state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            shape = local(param).shape
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=param.device)
 
     @staticmethod
     def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -105,7 +108,8 @@ class AdamW8bit(LowMemOptimizer):
 
     def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
         if self._is_quantized(param):
-            n, nb = param.numel(), num_blocks(param.numel())
+            n = block_state_len(param)
+            nb = num_blocks(n)
             return {
                 "step": ((), torch.float32),
                 "exp_avg_codes": ((n,), torch.int8),
@@ -113,7 +117,7 @@ class AdamW8bit(LowMemOptimizer):
                 "exp_avg_sq_codes": ((n,), torch.uint8),
                 "exp_avg_sq_absmax": ((nb,), torch.float32),
             }
-        shape = tuple(param.shape)
+        shape = tuple(local(param).shape)
         return {"step": ((), torch.float32), "exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
@@ -130,14 +134,15 @@ class AdamW8bit(LowMemOptimizer):
             state["step"] = step.detach().reshape(()).to(torch.float32)
         if "exp_avg" not in state:
             return state
-        full = {key: _full_moment(param, state, key) for key in ("exp_avg", "exp_avg_sq")}
+        full = {key: _full_moment(local(param), state, key) for key in ("exp_avg", "exp_avg_sq")}
         if not self._is_quantized(param):
             state.update(full)
             return state
         if (full["exp_avg_sq"] < 0).any():
             raise ValueError("Invalid optimizer state dict: 'exp_avg_sq' holds negative values.")
-        codes_m, absmax_m = quantize_blockwise(full["exp_avg"], signed=True)
-        codes_v, absmax_v = quantize_blockwise(full["exp_avg_sq"], signed=False)
+        length = block_state_len(param)  # a DTensor's local shard pads to the same length on every rank
+        codes_m, absmax_m = _padded(*quantize_blockwise(full["exp_avg"], signed=True), length)
+        codes_v, absmax_v = _padded(*quantize_blockwise(full["exp_avg_sq"], signed=False), length)
         del state["exp_avg"], state["exp_avg_sq"]
         state.update(exp_avg_codes=codes_m, exp_avg_absmax=absmax_m, exp_avg_sq_codes=codes_v,
                      exp_avg_sq_absmax=absmax_v)
@@ -163,7 +168,8 @@ class AdamW8bit(LowMemOptimizer):
     # ------------------------------------------------------------------ step
     def _gather(self, group: dict, first_index: int) -> dict[str, list]:
         """Lists of the group's params that have gradients, their state and stochastic-rounding seeds."""
-        out: dict[str, list] = {k: [] for k in ("params", "grads", "m", "m_absmax", "v", "v_absmax", "steps", "seeds")}
+        keys = ("params", "grads", "m", "m_absmax", "v", "v_absmax", "steps", "seeds", "owners", "distributed_grads")
+        out: dict[str, list] = {k: [] for k in keys}
         for offset, param in enumerate(group["params"]):
             if param.grad is None:
                 continue
@@ -173,14 +179,16 @@ class AdamW8bit(LowMemOptimizer):
             if not state:
                 self._init_state(param, state)
             quantized = "exp_avg_codes" in state
-            out["params"].append(param)
-            out["grads"].append(param.grad)
+            out["params"].append(local(param))  # the tensor updated: a DTensor's local shard
+            out["owners"].append(param)  # the key of self.state
+            out["grads"].append(local(param.grad))
+            out["distributed_grads"].append(param.grad)
             out["m"].append(state["exp_avg_codes"] if quantized else state["exp_avg"])
             out["m_absmax"].append(state["exp_avg_absmax"] if quantized else None)
             out["v"].append(state["exp_avg_sq_codes"] if quantized else state["exp_avg_sq"])
             out["v_absmax"].append(state["exp_avg_sq_absmax"] if quantized else None)
             out["steps"].append(state["step"])
-            out["seeds"].append(step_seed(0, first_index + offset, self._seed))
+            out["seeds"].append(step_seed(0, first_index + offset, self._seed + 65_537 * shard_rank(param)))
         return out
 
     @staticmethod
@@ -208,16 +216,27 @@ class AdamW8bit(LowMemOptimizer):
             first_index += len(group["params"])
             if not work["params"]:
                 continue
-            flags = list(self._finite_flags(work["grads"]).unbind(0))
+            flags = list(self._finite_flags(work.pop("distributed_grads")).unbind(0))
             torch._foreach_add_(work["steps"], flags)
-            self._update(work, flags, self._hyper(group))
+            keep = [i for i, p in enumerate(work["params"]) if p.numel() > 0]  # a DTensor's shard may be empty
+            if len(keep) < len(flags):
+                work, flags = {k: [v[i] for i in keep] for k, v in work.items()}, [flags[i] for i in keep]
+            if work["params"]:
+                self._update(work, flags, self._hyper(group))
         return loss
 
     def _update(self, work: dict, flags: list, hyper: dict) -> None:
-        """Run the fused update (paged optimizers override to stage state around it)."""
+        """Run the fused update (paged optimizers override to stage state around it).
+
+        Block-wise state longer than the param (a DTensor shard's padded state) is cut to the param's blocks.
+        """
+        numels = [p.numel() for p in work["params"]]
+        m, m_absmax, v, v_absmax = (
+            [_head(t, n, scales) for t, n in zip(work[key], numels)]
+            for key, scales in (("m", False), ("m_absmax", True), ("v", False), ("v_absmax", True))
+        )
         adamw8bit_update(
-            work["params"], work["grads"], work["m"], work["m_absmax"], work["v"], work["v_absmax"],
-            work["steps"], flags, work["seeds"], **hyper,
+            work["params"], work["grads"], m, m_absmax, v, v_absmax, work["steps"], flags, work["seeds"], **hyper
         )
 
 
@@ -226,6 +245,22 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     check_betas(betas)
     check_eps(eps)
     check_non_negative(weight_decay, "weight_decay")
+
+
+def _head(state: torch.Tensor | None, numel: int, scales: bool) -> torch.Tensor | None:
+    """The leading part of flat block-wise state that covers ``numel`` param elements (codes or scales)."""
+    if state is None or state.dim() != 1:
+        return state
+    length = num_blocks(numel) if scales else numel
+    return state if state.numel() == length else state[:length]
+
+
+def _padded(codes: torch.Tensor, absmax: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``codes`` and ``absmax`` zero-padded to ``length`` elements and ``num_blocks(length)`` scales."""
+    if codes.numel() == length:
+        return codes, absmax
+    codes = torch.nn.functional.pad(codes.reshape(-1), (0, length - codes.numel()))
+    return codes, torch.nn.functional.pad(absmax, (0, num_blocks(length) - absmax.numel()))
 
 
 def _full_moment(param: torch.Tensor, state: dict, key: str) -> torch.Tensor:

@@ -9,7 +9,9 @@ import torch
 
 from ..kernels.came import came_update
 from .adafactor import MOMENTUM_DTYPES, check_eps_pair, convert_momentum_state, momentum_spec
+from .adamw8bit import _head
 from .base import LowMemOptimizer
+from .sharding import local, shard_rank, sum_reduce
 from .validation import check_betas, check_choice, check_non_negative
 
 __all__ = ["CAME"]
@@ -78,7 +80,7 @@ class CAME(LowMemOptimizer):
 
     # ------------------------------------------------------------------ state
     def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
-        shape = tuple(param.shape)
+        shape = tuple(local(param).shape)
         expected = {"step": ((), torch.float32)}
         expected.update(momentum_spec(param, group["momentum_dtype"], "exp_avg"))
         if len(shape) >= 2:
@@ -120,15 +122,16 @@ class CAME(LowMemOptimizer):
         torch._foreach_add_([state["step"] for state in states], list(flags.unbind()))
         for (tensor_index, param), state, flag in zip(items, states, flags.unbind()):
             factored = "exp_avg_sq_row" in state
+            shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
             came_update(
-                param.data if isinstance(param, torch.nn.Parameter) else param,
-                param.grad,
+                shard,
+                local(param.grad),
                 state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
                 state.get("exp_avg_sq_col"),
                 state.get("exp_avg_res_row"),
                 state.get("exp_avg_res_col"),
-                state.get("exp_avg_codes", state.get("exp_avg")),
-                state.get("exp_avg_absmax"),
+                _head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
+                _head(state.get("exp_avg_absmax"), shard.numel(), True),
                 state["step"],
                 flag,
                 lr=float(group["lr"]),
@@ -136,7 +139,8 @@ class CAME(LowMemOptimizer):
                 clip_threshold=float(group["clip_threshold"]),
                 betas=tuple(float(b) for b in group["betas"]),
                 weight_decay=float(group["weight_decay"]),
-                tensor_index=tensor_index,
+                tensor_index=tensor_index + (shard_rank(param) << 20),
+                reduce=sum_reduce(param),
             )
 
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .sharding import local
+
 __all__ = ["StateMemory", "state_memory", "iter_state_tensors"]
 
 
@@ -16,7 +18,8 @@ class StateMemory:
 
     ``device_bytes`` is state on the params' device (the GPU when training on CUDA, the CPU when
     training on CPU); ``host_bytes`` is state kept off that device (pinned host pages of a paged
-    optimizer). ``num_params`` counts the elements of every parameter in the param groups;
+    optimizer). ``num_params`` counts the elements of every parameter in the param groups
+    (for a sharded DTensor param: of its local shard, so the figures are this rank's);
     ``bytes_per_param`` = ``total_bytes / num_params``.
     """
 
@@ -84,5 +87,5 @@ def state_memory(optimizer: torch.optim.Optimizer) -> StateMemory:
             host_bytes += nbytes
         else:
             device_bytes += nbytes
-    num_params = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    num_params = sum(local(p).numel() for group in optimizer.param_groups for p in group["params"])
     return StateMemory(device_bytes + host_bytes, device_bytes, host_bytes, num_params)

@@ -132,20 +132,21 @@ class PagedAdamW8bit(AdamW8bit):
             self._update_paged(work, flags, hyper, paged)
 
     def _update_paged(self, work: dict, flags: list, hyper: dict, order: list[int]) -> None:
-        params = work["params"]
+        owners = work["owners"]  # the params keying self.state (DTensors for sharded params)
         for position, i in enumerate(order):
-            param = params[i]
+            param = owners[i]
             keep = {param}
             resident = self._fetch(param, keep)
             if self.page_prefetch and position + 1 < len(order):
-                upcoming = params[order[position + 1]]
+                upcoming = owners[order[position + 1]]
                 keep.add(upcoming)
                 self._fetch(upcoming, keep)
             self._wait_ready(resident, param.device)
             b = resident.buffers
             super()._update(
                 {
-                    "params": [param],
+                    "params": [work["params"][i]],
+                    "owners": [param],
                     "grads": [work["grads"][i]],
                     "m": [b["exp_avg_codes"]],
                     "m_absmax": [b["exp_avg_absmax"]],
@@ -158,7 +159,7 @@ class PagedAdamW8bit(AdamW8bit):
                 hyper,
             )
             self._write_back(param, resident)
-        self._evict(0, self._budget(params[order[-1]].device), keep=set())  # between steps: within budget
+        self._evict(0, self._budget(owners[order[-1]].device), keep=set())  # between steps: within budget
 
     def _budget(self, device: torch.device) -> int:
         if self.gpu_budget_bytes is not None:

@@ -8,7 +8,9 @@ import torch
 
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, num_blocks, quantize_reference
 from ..kernels.sgd import sgd_update
+from .adamw8bit import _head, _padded
 from .base import LowMemOptimizer
+from .sharding import block_state_len, local, shard_rank
 from .validation import check_choice, check_lr, check_non_negative
 
 __all__ = ["SGD", "MOMENTUM_DTYPES"]
@@ -84,22 +86,22 @@ class SGD(LowMemOptimizer):
             state["step"] = self._new_step(param)
         if group["momentum"] != 0 and not _has_momentum(state):
             if self._quantized(param, group):
-                n = param.numel()
+                n = block_state_len(param)
                 state["momentum_codes"] = torch.zeros(n, dtype=torch.int8, device=param.device)
                 state["momentum_absmax"] = torch.zeros(num_blocks(n), dtype=torch.float32, device=param.device)
             else:
-                state["momentum_buffer"] = torch.zeros_like(param, dtype=torch.float32)
+                state["momentum_buffer"] = torch.zeros_like(local(param), dtype=torch.float32)
         return state
 
     def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
         expected = {"step": ((), torch.float32)}
         if group["momentum"] != 0:
-            n = param.numel()
+            n = block_state_len(param)
             if self._quantized(param, group):
                 expected["momentum_codes"] = ((n,), torch.int8)
                 expected["momentum_absmax"] = ((num_blocks(n),), torch.float32)
             else:
-                expected["momentum_buffer"] = (tuple(param.shape), torch.float32)
+                expected["momentum_buffer"] = (tuple(local(param).shape), torch.float32)
         return expected
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
@@ -110,14 +112,15 @@ class SGD(LowMemOptimizer):
         dequantized to this group's ``momentum_dtype``.
         """
         state = dict(state)
+        shard = local(param)
         buffer = state.pop("momentum_buffer", None)
         codes, absmax = state.pop("momentum_codes", None), state.pop("momentum_absmax", None)
         has_codes = isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor)
         if has_codes and group["momentum"] != 0 and self._quantized(param, group) and buffer is None:
             state["momentum_codes"], state["momentum_absmax"] = codes, absmax  # already ours: keep bit-exact
             codes = None
-        elif has_codes and buffer is None and codes.numel() == param.numel():
-            buffer = dequantize_reference(codes, absmax).view(param.shape)
+        elif has_codes and buffer is None and codes.numel() == block_state_len(param):
+            buffer = dequantize_reference(codes, absmax)[: shard.numel()].view(shard.shape)
         if "step" not in state:
             state["step"] = torch.tensor(0.0 if buffer is None and codes is None else 1.0)
         elif not isinstance(state["step"], torch.Tensor):
@@ -125,12 +128,13 @@ class SGD(LowMemOptimizer):
         state["step"] = state["step"].to(torch.float32).reshape(())
         if group["momentum"] == 0 or buffer is None:
             return state
-        if not isinstance(buffer, torch.Tensor) or buffer.numel() != param.numel():
+        if not isinstance(buffer, torch.Tensor) or buffer.numel() != shard.numel():
             state["momentum_buffer"] = buffer  # rejected with a clear message by the validation
         elif self._quantized(param, group):
-            state["momentum_codes"], state["momentum_absmax"] = quantize_reference(buffer.float(), signed=True)
+            codes, absmax = quantize_reference(buffer.float(), signed=True)
+            state["momentum_codes"], state["momentum_absmax"] = _padded(codes, absmax, block_state_len(param))
         else:
-            state["momentum_buffer"] = buffer.to(torch.float32).reshape(param.shape)
+            state["momentum_buffer"] = buffer.to(torch.float32).reshape(shard.shape)
         return state
 
     # ------------------------------------------------------------------ step
@@ -155,14 +159,17 @@ class SGD(LowMemOptimizer):
         flag_list = list(flags.unbind())
         states = [self._init_state(param, group) for _, param in items]
         steps = [state["step"] for state in states]
+        shards = [local(param.data) for _, param in items]
+        live = [i for i, shard in enumerate(shards) if shard.numel() > 0]  # a DTensor's shard may be empty
         sgd_update(
-            [param.data for _, param in items],
-            [param.grad for _, param in items],
-            [state.get("momentum_codes", state.get("momentum_buffer")) for state in states],
-            [state.get("momentum_absmax") for state in states],
-            steps,
-            flag_list,
-            [tensor_index for tensor_index, _ in items],
+            [shards[i] for i in live],
+            [local(items[i][1].grad) for i in live],
+            [_head(states[i].get("momentum_codes", states[i].get("momentum_buffer")), shards[i].numel(), False)
+             for i in live],
+            [_head(states[i].get("momentum_absmax"), shards[i].numel(), True) for i in live],
+            [steps[i] for i in live],
+            [flag_list[i] for i in live],
+            [items[i][0] + (shard_rank(items[i][1]) << 20) for i in live],
             lr=float(group["lr"]),
             weight_decay=group["weight_decay"],
             momentum=group["momentum"],
