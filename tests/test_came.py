@@ -132,11 +132,13 @@ def test_triton_kernels_match_reference(force_triton, monkeypatch, shape, dtype,
         torch.testing.assert_close(ours.data.float(), ref.data.float(), rtol=2**-7, atol=0)
 
 
+@pytest.mark.parametrize("momentum_dtype", ["float32", "int8"])
 @pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
-def test_non_finite_gradient_skips_that_tensor(force_triton, monkeypatch, triton_path):
+def test_non_finite_gradient_skips_that_tensor(force_triton, monkeypatch, triton_path, momentum_dtype):
     monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1" if triton_path else "0")
-    params = [torch.nn.Parameter(torch.randn(s)) for s in [(20, 30), (300,)]]
-    opt = CAME(params, lr=1e-2)
+    # (64, 80): 5120 elements, whole 256-blocks, so int8 momentum takes the split CPU path
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 80), (300,)]]
+    opt = CAME(params, lr=1e-2, momentum_dtype=momentum_dtype)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()

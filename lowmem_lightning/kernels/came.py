@@ -45,6 +45,7 @@ from .adafactor import (
     TILES,
     _sq_finalize_kernel,
     _variants,
+    as_blocks,
     clip_divisor_reference,
     ema,
     ema_reference,
@@ -250,10 +251,21 @@ def came_reference(
     :func:`.adafactor.ema`). Where ``flag == 0`` every output equals its input. ``reduce``: None, or the
     ``SumReduce`` of a sharded tensor whose local shard is given (sums completed across ranks).
     """
+    v, vc, u = came_direction_reference(grad, v, vc, flag, hp, reduce)
+    beta1, omb1 = hp[4], hp[7]
+    new_m, m, absmax = momentum_update_reference(m, absmax, u, beta1, omb1, flag != 0)
+    new_p, sr, sc = came_finish_reference(param, u, new_m, sr, sc, step, flag, hp, reduce)
+    return new_p, v, vc, sr, sc, m, absmax
+
+
+def came_direction_reference(
+    grad: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None, flag: torch.Tensor, hp: torch.Tensor, reduce=None
+) -> tuple[torch.Tensor, ...]:
+    """First part of :func:`came_reference`: the new second-moment statistics and the clipped update
+    ``u`` (fp32, the grad's layout); returns ``(v, vc, u)``."""
     lr, eps1, eps2, clip, beta1, beta2, beta3, omb1, omb2, omb3, weight_decay, sqrt_n, tensor_index = hp.unbind()
     ok = flag != 0
     g = grad.to(torch.float32)
-    p = param.to(torch.float32)
     q = g * g + eps1
     if vc is not None:
         v, vc = factored_stats_reference(q, v, vc, beta2, omb2, ok, reduce)
@@ -261,9 +273,19 @@ def came_reference(
     else:
         v = torch.where(ok, ema_reference(v, q, beta2, omb2), v)
         u = inv_sqrt_reference(v) * g
-    u = u / clip_divisor_reference(u, sqrt_n, clip, reduce)
-    new_m, m, absmax = momentum_update_reference(m, absmax, u, beta1, omb1, ok)
-    if vc is not None:
+    return v, vc, u / clip_divisor_reference(u, sqrt_n, clip, reduce)
+
+
+def came_finish_reference(
+    param: torch.Tensor, u: torch.Tensor, new_m: torch.Tensor, sr: torch.Tensor | None, sc: torch.Tensor | None,
+    step: torch.Tensor, flag: torch.Tensor, hp: torch.Tensor, reduce=None,
+) -> tuple[torch.Tensor, ...]:
+    """Last part of :func:`came_reference`: instability statistics from ``u`` and the new momentum
+    ``new_m`` (fp32), then the param update; returns ``(new_param, sr, sc)``."""
+    lr, eps1, eps2, clip, beta1, beta2, beta3, omb1, omb2, omb3, weight_decay, sqrt_n, tensor_index = hp.unbind()
+    ok = flag != 0
+    p = param.to(torch.float32)
+    if sr is not None:
         diff = u - new_m
         sr, sc = factored_stats_reference(diff * diff + eps2, sr, sc, beta3, omb3, ok, reduce)
         upd = factored_scale_reference(sr, sc, reduce) * new_m
@@ -272,7 +294,7 @@ def came_reference(
     new_p = p + p * (-(weight_decay * lr)) - upd * lr
     seed = seed_reference(step, tensor_index)
     new_p = torch.where(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
-    return new_p, v, vc, sr, sc, m, absmax
+    return new_p, sr, sc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +309,46 @@ def _came_inplace(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp, reduce=
             dst.copy_(src)
 
 
+def _came_direction_inplace(grad, v, vc, flag, hp) -> torch.Tensor:
+    new_v, new_vc, u = came_direction_reference(grad, v, vc, flag, hp)
+    v.copy_(new_v)
+    if vc is not None:
+        vc.copy_(new_vc)
+    return u
+
+
+def _came_momentum_inplace(u, m, absmax, hp) -> torch.Tensor:
+    """8-bit momentum EMA on (blocks, 256) views, the host having checked the finite flag (no masks)."""
+    new_m, codes, scales = momentum_update_reference(m, absmax, u, hp[4], hp[7], None)
+    m.copy_(codes)
+    absmax.copy_(scales)
+    return new_m
+
+
+def _came_finish_inplace(param, u, new_m, sr, sc, step, flag, hp) -> None:
+    new_p, new_sr, new_sc = came_finish_reference(param, u, new_m, sr, sc, step, flag, hp)
+    param.copy_(new_p)
+    if sr is not None:
+        sr.copy_(new_sr)
+        sc.copy_(new_sc)
+
+
+def _came_direction_factored_cpu(*args) -> torch.Tensor:
+    return _came_direction_inplace(*args)
+
+
+def _came_direction_flat_cpu(*args) -> torch.Tensor:
+    return _came_direction_inplace(*args)
+
+
+def _came_finish_factored_cpu(*args) -> None:
+    _came_finish_inplace(*args)
+
+
+def _came_finish_flat_cpu(*args) -> None:
+    _came_finish_inplace(*args)
+
+
 def _came_factored_cpu(*args) -> None:
     _came_inplace(*args)
 
@@ -297,6 +359,12 @@ def _came_flat_cpu(*args) -> None:
 
 # two entry points (two code objects, two compile caches): factored (B, R, C) and flat tensors
 _CAME_CPU = {True: cpu_compiled(_came_factored_cpu), False: cpu_compiled(_came_flat_cpu)}
+# 8-bit momentum on CPU: three graphs (direction, momentum codec on (blocks, 256) views, instability +
+# update), with u and the fp32 momentum materialized transiently; one graph mixing the codec's 2-D views
+# with the (B, R, C) layout compiled several times slower (see adafactor.as_blocks)
+_DIRECTION_CPU = {True: cpu_compiled(_came_direction_factored_cpu), False: cpu_compiled(_came_direction_flat_cpu)}
+_MOMENTUM_CPU = cpu_compiled(_came_momentum_inplace)
+_FINISH_CPU = {True: cpu_compiled(_came_finish_factored_cpu), False: cpu_compiled(_came_finish_flat_cpu)}
 
 
 def came_update(
@@ -345,10 +413,17 @@ def came_update(
         hp = scalar_args(lr, eps[0], eps[1], clip_threshold, *betas, *(1.0 - b for b in betas), weight_decay,
                          math.sqrt(numel), float(tensor_index), device=param.device)
         args = (work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, hp)
-        if reduce is None:
-            _CAME_CPU[vc is not None](*args)
-        else:
+        if reduce is not None:
             _came_inplace(*args, reduce)
+        elif absmax is not None and m_.numel() % BLOCK_SIZE == 0:
+            factored = vc is not None
+            u = _DIRECTION_CPU[factored](g, v_, vc_, flag, hp)
+            if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
+                u_blocks, m_blocks = as_blocks(u, m_)
+                new_m = _MOMENTUM_CPU(u_blocks, m_blocks, absmax, hp).view(u.shape)
+                _FINISH_CPU[factored](work, u, new_m, sr_, sc_, step, flag, hp)
+        else:
+            _CAME_CPU[vc is not None](*args)
     if work.data_ptr() != param.data_ptr():
         param.copy_(work.view(param.shape))
 
