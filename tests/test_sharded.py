@@ -69,6 +69,7 @@ def _full_grads(step: int) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ rank side
 def _ranks(tmp_path, fn, *args) -> list[dict]:
     """Run ``fn(rank, *args)`` on WORLD forked gloo ranks; return what each rank returned."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_rank_main, args=(rank, str(tmp_path), fn, args)) for rank in range(WORLD)]
     for proc in procs:
@@ -97,15 +98,18 @@ def _rank_main(rank: int, tmp: str, fn, args) -> None:
     os._exit(0)
 
 
-def _module(full: dict[str, torch.Tensor]):
+def _module(full: dict[str, torch.Tensor], mesh_2d: bool = False, dtype: torch.dtype = torch.float32):
+    """The params as DTensors sharded over the WORLD ranks; ``mesh_2d``: on a (1, WORLD) mesh, replicated
+    over its first dim (the HSDP / FSDP+TP layout, with one replica)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh("cpu", (1, WORLD) if mesh_2d else (WORLD,))
     module = torch.nn.Module()
     for name, tensor in full.items():
-        placement = [Shard(PARAMS[name][1])]
-        module.register_parameter(name, torch.nn.Parameter(distribute_tensor(tensor.clone(), mesh, placement)))
+        placement = [Replicate()] * mesh_2d + [Shard(PARAMS[name][1])]
+        sharded = distribute_tensor(tensor.clone().to(dtype), mesh, placement)
+        module.register_parameter(name, torch.nn.Parameter(sharded))
     return module
 
 
@@ -114,7 +118,7 @@ def _set_grads(module, step: int) -> None:
 
     for name, grad in _full_grads(step).items():
         param = getattr(module, name)
-        param.grad = distribute_tensor(grad, param.device_mesh, param.placements)
+        param.grad = distribute_tensor(grad.to(param.dtype), param.device_mesh, param.placements)
 
 
 def _train(module, opt, steps: range) -> None:
@@ -127,8 +131,8 @@ def _gathered(module) -> dict[str, torch.Tensor]:
     return {name: p.full_tensor().detach().clone() for name, p in module.named_parameters()}
 
 
-def _train_sharded(rank: int, case: str) -> dict:
-    module = _module(_full_params())
+def _train_sharded(rank: int, case: str, mesh_2d: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+    module = _module(_full_params(), mesh_2d, dtype)
     opt = build_optimizer(_optimizer_name(case), module.parameters(), **CASES[case])
     _train(module, opt, range(STEPS))
     local_numel = sum(p.to_local().numel() for p in module.parameters())
@@ -185,9 +189,9 @@ def _resume(rank: int, case: str, how: str, tmp: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ single process
-def _train_plain(case: str, split: bool) -> dict[str, torch.Tensor]:
+def _train_plain(case: str, split: bool, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The unsharded run; with ``split``, every param is cut into its WORLD shards, each a plain param."""
-    full = _full_params()
+    full = {n: t.to(dtype) for n, t in _full_params().items()}
     pieces = {n: list(torch.chunk(t, WORLD, dim=PARAMS[n][1])) if split else [t] for n, t in full.items()}
     params = {n: [torch.nn.Parameter(p.clone()) for p in ps if p.numel()] for n, ps in pieces.items()}
     opt = build_optimizer(_optimizer_name(case), [p for ps in params.values() for p in ps], **CASES[case])
@@ -196,7 +200,7 @@ def _train_plain(case: str, split: bool) -> dict[str, torch.Tensor]:
         for n, ps in params.items():
             chunks = torch.chunk(grads[n], WORLD, dim=PARAMS[n][1]) if split else [grads[n]]
             for p, g in zip(ps, [c for c in chunks if c.numel()]):
-                p.grad = g.clone()
+                p.grad = g.clone().to(dtype)
         opt.step()
     return {n: torch.cat([p.detach() for p in ps], dim=PARAMS[n][1]) for n, ps in params.items()}
 
@@ -249,3 +253,33 @@ def test_resume_through_distributed_checkpoint_is_bit_exact(tmp_path, case, how)
             torch.testing.assert_close(result["b"][name], result["a"][name], rtol=0, atol=0, msg=name)
         if how == "full" and case == "adamw_8bit":
             assert result["error"] is not None and "resume with the same sharding" in result["error"]
+
+
+@pytest.mark.parametrize("case", ["adamw_8bit", "came"])
+def test_replicated_mesh_dim_is_ignored(tmp_path, case):
+    """A (1, 2) mesh, replicated over dim 0 and sharded over dim 1: the same result as the 1-D mesh."""
+    flat = _ranks(tmp_path / "flat", _train_sharded, case)[0]["params"]
+    two_d = _ranks(tmp_path / "two_d", _train_sharded, case, True)[0]["params"]
+    for name in PARAMS:
+        torch.testing.assert_close(two_d[name], flat[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("case", ["adamw_8bit", "adafactor"])
+def test_bf16_shards_match_the_unsharded_bf16_run_to_rounding_noise(tmp_path, case):
+    """bf16 DTensor params: each shard is updated in fp32 and written back with stochastic rounding from
+    its own stream, so the result differs from the unsharded bf16 run by rounding noise only, and
+    updates below half an ulp still land."""
+    ranks = _ranks(tmp_path, _train_sharded, case, False, torch.bfloat16)
+    got = ranks[0]["params"]
+    unsharded = _train_plain(case, split=False, dtype=torch.bfloat16)
+    start = _full_params()
+    for name in ("even", "small", "empty"):  # shards holding the unsharded run's 8-bit blocks exactly
+        assert got[name].dtype == torch.bfloat16
+        # bf16 spacing (upper bound) along the way: an element may pass near zero, where its final ulp is tiny
+        ulp = 2.0**-7 * torch.stack([got[name].float(), unsharded[name].float(), start[name]]).abs().amax(0)
+        error = (got[name].float() - unsharded[name].float()).abs()
+        # each of the two runs rounds each of its STEPS updates up or down: at most 2 * STEPS ulps apart
+        assert (error <= 2 * STEPS * ulp).all(), (name, float((error / ulp).max()))
+        assert error.mean() < 0.5 * ulp.mean()  # and typically far less
+        changed = (got[name] != start[name].to(torch.bfloat16)).float().mean()
+        assert changed > 0.1, (name, float(changed))
