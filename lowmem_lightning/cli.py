@@ -409,8 +409,22 @@ class LowMemCLI(LightningCLI):
         listed = listed if isinstance(listed, list) else [listed]
         has_bar = any(isinstance(c, ProgressBar) for c in [*listed, *callbacks])
         if not has_bar and config.get("enable_progress_bar", True) is not False:
-            callbacks = [*callbacks, RichProgressBar()]
+            callbacks = [*callbacks, StepsAwareRichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+class StepsAwareRichProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without the "Epoch 1/-2" it prints when a run is bounded by
+    ``max_steps`` only (``max_epochs=-1``): such runs read "Epoch 1 (max_steps 300)"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            description += f" (max_steps {trainer.max_steps})"
+        return f"{description:{len(self.validation_description)}}"
 
 
 class _ParseOnlyCLI(LowMemCLI):
