@@ -3,7 +3,7 @@
 The module shards itself with ``fully_shard`` in ``configure_model`` (the FSDP2 way); the callback
 swaps its SGD for 8-bit AdamW, which then updates each rank's shard of the DTensor params. The script
 (the strategy re-launches it as rank 1, as users run it) trains 2 epochs straight, then 1 epoch,
-saves a (distributed, per-rank) checkpoint and resumes it for the second epoch. Checked:
+saves a checkpoint (per-rank shards, or one full file) and resumes it for the second epoch. Checked:
 
 * the first epoch matches one process on the same global batches (the DDP test's data order);
 * the 8-bit state is per shard: each rank holds half of it, and the logged bytes/param are ~2.03;
@@ -45,7 +45,9 @@ def fit(root, max_epochs, ckpt_path=None):
     torch.manual_seed(0)
     model = ShardedNet()
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        accelerator="cpu", devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                       save_distributed_checkpoint={distributed_ckpt!r}),
         max_epochs=max_epochs, limit_train_batches=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
         callbacks=[LowMemOptimizerCallback({opt!r}, lr=1e-2, print_summary=max_epochs == 2 and ckpt_path is None)],
@@ -76,22 +78,26 @@ torch.save(
 """
 
 
-# expected optimizer class and bounds on this rank's state bytes per local element (the 16- to 80-element
-# tensors keep fp32 state, which lifts the average above the large tensors' figure)
-OPTIMIZERS = {"adamw_8bit": ("AdamW8bit", 2.0, 4.5), "came": ("CAME", 4.0, 6.0)}
+# expected optimizer class, bounds on this rank's state bytes per local element (the 16- to 80-element
+# tensors keep fp32 state, which lifts the average above the large tensors' figure), and the checkpoint
+# form: a folder with one shard per rank (torch.distributed.checkpoint) or one file assembled on rank 0
+OPTIMIZERS = {"adamw_8bit": ("AdamW8bit", 2.0, 4.5, True), "came": ("CAME", 4.0, 6.0, False)}
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_fsdp2_model_parallel_strategy_trains_shards_and_resumes(tmp_path, opt, monkeypatch):
     script = tmp_path / "run_fsdp2.py"
     tests_dir = os.path.dirname(__file__)
-    script.write_text(textwrap.dedent(SCRIPT.format(tests_dir=tests_dir, out=str(tmp_path), opt=opt)))
+    distributed_ckpt = OPTIMIZERS[opt][3]
+    script.write_text(textwrap.dedent(SCRIPT.format(tests_dir=tests_dir, out=str(tmp_path), opt=opt,
+                                                    distributed_ckpt=distributed_ckpt)))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
     env.pop("PL_GLOBAL_SEED", None)
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert (tmp_path / "epoch1.ckpt").is_dir() == distributed_ckpt
     for result in ranks:
         assert result["optimizer"] == OPTIMIZERS[opt][0]
         assert result["param_types"] == ["DTensor"]
