@@ -134,6 +134,41 @@ def factored_u(g, offs, mask, vr_ptr, vc_ptr, rmean_ptr, R, C):
     return (rf * cf) * g
 
 
+@triton.jit
+def block_direction(g_ptr, v_ptr, vc_ptr, rmean_ptr, flag_ptr, n, R, C, FACTORED: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """This program's codec block: ``(pid, offs, finite, mask, u)`` with ``u`` the unclipped update,
+    ``(rf * cf) * g`` (factored) or ``g / sqrt(v)``; ``mask`` is empty when the gradient is not finite."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    finite = tl.load(flag_ptr) != 0.0
+    mask = offs < tl.where(finite, n, 0)  # no element when the gradient is not finite
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FACTORED:
+        u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
+    else:
+        u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
+    return pid, offs, finite, mask, u
+
+
+@triton.jit
+def momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1,
+                   QUANTIZED: tl.constexpr):
+    """``m = beta1 * m + (1 - beta1) * u`` over one codec block, stored back as fp32 or as int8 codes with
+    a new absmax (the block's max ``|m|``); returns the fp32 ``m``."""
+    if QUANTIZED:
+        scale = tl.load(absmax_ptr + pid, mask=finite, other=0.0)
+        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), scale)
+        m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
+        absmax = tl.max(tl.abs(m), axis=0)
+        tl.store(m_ptr + offs, encode_signed(m, absmax), mask=mask)
+        tl.store(absmax_ptr + pid, absmax, mask=finite)
+    else:
+        m = ema(tl.load(m_ptr + offs, mask=mask, other=0.0), u, beta1, one_minus_beta1)
+        tl.store(m_ptr + offs, m, mask=mask)
+    return m
+
+
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
@@ -358,29 +393,11 @@ def _adafactor_update_kernel(
     BLOCK: tl.constexpr,
 ):
     # MOMENTUM: 0 none, 1 fp32, 2 int8 codes (one codec block = one program)
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    finite = tl.load(flag_ptr) != 0.0
-    mask = offs < tl.where(finite, n, 0)  # no element when the gradient is not finite
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if FACTORED:
-        u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
-    else:
-        u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
+    pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, vc_ptr, rmean_ptr, flag_ptr, n, R, C, FACTORED, BLOCK)
     lr_t = tl.load(scal_ptr)
     u = tl.div_rn(u, tl.load(scal_ptr + 1)) * lr_t
-    if MOMENTUM == 1:
-        m = ema(tl.load(m_ptr + offs, mask=mask, other=0.0), u, beta1, one_minus_beta1)
-        tl.store(m_ptr + offs, m, mask=mask)
-        u = m
-    elif MOMENTUM == 2:
-        scale = tl.load(absmax_ptr + pid, mask=finite, other=0.0)
-        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), scale)
-        m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
-        absmax = tl.max(tl.abs(m), axis=0)
-        tl.store(m_ptr + offs, encode_signed(m, absmax), mask=mask)
-        tl.store(absmax_ptr + pid, absmax, mask=finite)
-        u = m
+    if MOMENTUM != 0:
+        u = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, MOMENTUM == 2)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr_t)) - u
     store_param(p_ptr, p, offs, mask, device_seed(step_ptr, tensor_index), True)

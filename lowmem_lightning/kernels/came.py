@@ -46,7 +46,9 @@ from .adafactor import (
     _sq_finalize_kernel,
     _variants,
     as_blocks,
+    block_direction,
     clip_divisor_reference,
+    device_seed,
     ema,
     ema_reference,
     factored_scale_reference,
@@ -56,12 +58,13 @@ from .adafactor import (
     inv_sqrt_reference,
     launch_scalars,
     launch_second_moment,
+    momentum_block,
     momentum_update_reference,
     seed_reference,
     state_views,
     tile_shape,
 )
-from .codec import BLOCK_SIZE, decode_signed, encode_signed
+from .codec import BLOCK_SIZE, decode_signed
 from .dispatch import cpu_compiled, scalar_args, use_triton
 from .rounding import round_param_reference, store_param
 
@@ -159,35 +162,16 @@ def _came_update_kernel(
     BLOCK: tl.constexpr,
 ):
     # one codec block of BLOCK (= 256) elements per program
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    finite = tl.load(flag_ptr) != 0.0
-    mask = offs < tl.where(finite, n, 0)  # no element when the gradient is not finite
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if FACTORED:
-        u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
-    else:
-        u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
+    pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, vc_ptr, rmean_ptr, flag_ptr, n, R, C, FACTORED, BLOCK)
     u = tl.div_rn(u, tl.load(scal_ptr + 1))
-    if QUANTIZED:
-        scale = tl.load(absmax_ptr + pid, mask=finite, other=0.0)
-        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), scale)
-        m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
-        absmax = tl.max(tl.abs(m), axis=0)
-        tl.store(m_ptr + offs, encode_signed(m, absmax), mask=mask)
-        tl.store(absmax_ptr + pid, absmax, mask=finite)
-    else:
-        m = ema(tl.load(m_ptr + offs, mask=mask, other=0.0), u, beta1, one_minus_beta1)
-        tl.store(m_ptr + offs, m, mask=mask)
+    m = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, QUANTIZED)
     if FACTORED:
         upd = factored_u(m, offs, mask, sr_ptr, sc_ptr, smean_ptr, R, C)
     else:
         upd = m
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr)) - upd * lr
-    step = tl.load(step_ptr)
-    seed = (step.to(tl.int64) * 7919 + tensor_index.to(tl.int64) * 104729) & 0x7FFFFFFF
-    store_param(p_ptr, p, offs, mask, seed, True)
+    store_param(p_ptr, p, offs, mask, device_seed(step_ptr, tensor_index), True)
 
 
 def _res_signature(grad: str, quantized: bool) -> dict:
