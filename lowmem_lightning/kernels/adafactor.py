@@ -169,6 +169,28 @@ def momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_min
     return m
 
 
+@triton.jit
+def row_tile(n_rt, R, BLOCK_R: tl.constexpr):
+    """This program's tile of a ``(B, R, C)`` statistics pass: ``(pid, b, rmask, grow)``, with ``grow``
+    the global row ids ``b * R + row`` of its ``BLOCK_R`` rows (``n_rt`` tiles per batch)."""
+    pid = tl.program_id(0)
+    b = pid // n_rt
+    rows = (pid % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    return pid, b, rmask, b.to(tl.int64) * R + rows
+
+
+@triton.jit
+def store_row_ema(stat_ptr, rsum_part_ptr, pid, grow, rmask, row_sum, C, beta, one_minus_beta, flag_ptr):
+    """Row statistic ``stat = beta * stat + (1 - beta) * row_sum / C`` (unchanged for a non-finite
+    gradient) and this tile's partial sum of the new values (for ``mean_R``)."""
+    old = tl.load(stat_ptr + grow, mask=rmask, other=0.0)
+    new = ema(old, tl.div_rn(row_sum, C.to(tl.float32)), beta, one_minus_beta)
+    new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
+    tl.store(stat_ptr + grow, new, mask=rmask)
+    tl.store(rsum_part_ptr + pid, tl.sum(tl.where(rmask, new, 0.0), axis=0))
+
+
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
@@ -196,11 +218,7 @@ def _sq_stats_kernel(
     BLOCK_C: tl.constexpr,
 ):
     # program = one tile of BLOCK_R rows of batch b, looping over all C columns
-    pid = tl.program_id(0)
-    b = pid // n_rt
-    rows = (pid % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    grow = b.to(tl.int64) * R + rows  # (BLOCK_R,) global row ids
+    pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     psq = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -216,11 +234,7 @@ def _sq_stats_kernel(
             p = tl.load(p_ptr + offs, mask=m2, other=0.0).to(tl.float32)
             psq += tl.sum(p * p, axis=1)
     beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
-    old = tl.load(vr_ptr + grow, mask=rmask, other=0.0)
-    new = ema(old, tl.div_rn(acc, C.to(tl.float32)), beta, omb)
-    new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
-    tl.store(vr_ptr + grow, new, mask=rmask)
-    tl.store(rsum_part_ptr + pid, tl.sum(tl.where(rmask, new, 0.0), axis=0))
+    store_row_ema(vr_ptr, rsum_part_ptr, pid, grow, rmask, acc, C, beta, omb, flag_ptr)
     if WITH_PSQ:
         tl.store(psq_part_ptr + pid, tl.sum(psq, axis=0))
 
@@ -277,11 +291,7 @@ def _clip_stats_kernel(
     BLOCK_C: tl.constexpr,
 ):
     # partial sum of u^2 over one tile of BLOCK_R rows (all columns)
-    pid = tl.program_id(0)
-    b = pid // n_rt
-    rows = (pid % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    grow = b.to(tl.int64) * R + rows
+    pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
     rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=rmask, other=1.0), tl.load(rmean_ptr + b)))
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):

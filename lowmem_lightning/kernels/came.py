@@ -60,8 +60,10 @@ from .adafactor import (
     launch_second_moment,
     momentum_block,
     momentum_update_reference,
+    row_tile,
     seed_reference,
     state_views,
+    store_row_ema,
     tile_shape,
 )
 from .codec import BLOCK_SIZE, decode_signed
@@ -102,11 +104,7 @@ def _res_stats_kernel(
     BLOCK_C: tl.constexpr,
 ):
     # program = BLOCK_R rows of batch b over all columns: row sums of s (+ row EMA), column partials
-    pid = tl.program_id(0)
-    b = pid // n_rt
-    rows = (pid % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    grow = b.to(tl.int64) * R + rows
+    pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
     rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=rmask, other=1.0), tl.load(rmean_ptr + b)))
     d = tl.load(scal_ptr + 1)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -127,11 +125,7 @@ def _res_stats_kernel(
         s = tl.where(m2, diff * diff + eps2, 0.0)
         acc += tl.sum(s, axis=1)
         tl.store(colpart_ptr + pid.to(tl.int64) * C + cols, tl.sum(s, axis=0), mask=cmask)
-    prev = tl.load(sr_ptr + grow, mask=rmask, other=0.0)
-    new = ema(prev, tl.div_rn(acc, C.to(tl.float32)), beta3, one_minus_beta3)
-    new = tl.where(tl.load(flag_ptr) != 0.0, new, prev)
-    tl.store(sr_ptr + grow, new, mask=rmask)
-    tl.store(rsum_part_ptr + pid, tl.sum(tl.where(rmask, new, 0.0), axis=0))
+    store_row_ema(sr_ptr, rsum_part_ptr, pid, grow, rmask, acc, C, beta3, one_minus_beta3, flag_ptr)
 
 
 @triton.jit(do_not_specialize=["tensor_index"])
