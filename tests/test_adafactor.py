@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from optim_helpers import assert_rel_close, mode_id, random_grads, run_optimizer
 
 from lowmem_lightning.kernels.codec import BLOCK_SIZE
 from lowmem_lightning.optim import build_optimizer, state_memory
@@ -27,38 +28,13 @@ MODES = [
 SHAPES = [(33, 65), (3, 5, 17), (4097,), (7,)]  # factored, conv-like 3-D, 1-D large, 1-D small
 
 
-def _mode_id(kwargs):
-    return ",".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
-
-
-def _grads(shapes, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=gen) * 0.5 for s in shapes] for _ in range(steps)]
-
-
-def _run(factory, params0, grads, dtype=None):
-    params = [torch.nn.Parameter(p.to(dtype or p.dtype, copy=True)) for p in params0]
-    opt = factory(params)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.to(p.dtype, copy=True)
-        opt.step()
-    return params, opt
-
-
-def _assert_rel_close(ours, ref, rtol):
-    for a, b in zip(ours, ref):
-        err = ((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max()).item()
-        assert err <= rtol, f"shape {tuple(a.shape)}: relative error {err:.2e} > {rtol:.0e}"
-
-
-@pytest.mark.parametrize("kwargs", MODES, ids=_mode_id)
+@pytest.mark.parametrize("kwargs", MODES, ids=mode_id)
 def test_matches_transformers_adafactor_after_50_steps(kwargs):
     params0 = [torch.randn(s) for s in SHAPES]
-    grads = _grads(SHAPES, 50)
-    ours, opt = _run(lambda ps: Adafactor(ps, **kwargs), params0, grads)
-    ref, ref_opt = _run(lambda ps: HFAdafactor(ps, **kwargs), params0, grads)
-    _assert_rel_close(ours, ref, 1e-5)
+    grads = random_grads(SHAPES, 50)
+    ours, opt = run_optimizer(lambda ps: Adafactor(ps, **kwargs), params0, grads)
+    ref, ref_opt = run_optimizer(lambda ps: HFAdafactor(ps, **kwargs), params0, grads)
+    assert_rel_close(ours, ref, 1e-5)
     # the step size we report is the one transformers applies (its AdafactorSchedule's value)
     expected_lr = ref_opt._get_lr(ref_opt.param_groups[0], ref_opt.state[ref[0]])
     assert opt.effective_lr()[0] == pytest.approx(float(expected_lr), rel=1e-5)
@@ -68,9 +44,10 @@ def test_matches_transformers_adafactor_after_50_steps(kwargs):
 def test_int8_momentum_tracks_fp32_momentum_and_stores_codes():
     shapes = [(70, 70), (3, 40, 41), (5000,), (9, 9)]
     params0 = [torch.randn(s) for s in shapes]
-    grads = _grads(shapes, 30)
-    ours, opt = _run(lambda ps: build_optimizer("adafactor", ps, beta1=0.9, momentum_dtype="int8"), params0, grads)
-    ref, _ = _run(lambda ps: Adafactor(ps, beta1=0.9), params0, grads)
+    grads = random_grads(shapes, 30)
+    int8 = lambda ps: build_optimizer("adafactor", ps, beta1=0.9, momentum_dtype="int8")  # noqa: E731
+    ours, opt = run_optimizer(int8, params0, grads)
+    ref, _ = run_optimizer(lambda ps: Adafactor(ps, beta1=0.9), params0, grads)
     for p in ours:
         state = opt.state[p]
         if p.numel() >= 4096:
@@ -115,11 +92,11 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("shape,dtype,kwargs", KERNEL_CASES)
 def test_triton_kernels_match_reference(force_triton, monkeypatch, shape, dtype, kwargs):
     p0 = torch.randn(shape)
-    grads = _grads([shape], 2, seed=3)
+    grads = random_grads([shape], 2, seed=3)
     monkeypatch.setenv("LOWMEM_FORCE_TRITON", "0")
-    (ref,), ref_opt = _run(lambda ps: Adafactor(ps, **kwargs), [p0], grads, dtype)
+    (ref,), ref_opt = run_optimizer(lambda ps: Adafactor(ps, **kwargs), [p0], grads, dtype)
     monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1")
-    (ours,), opt = _run(lambda ps: Adafactor(ps, **kwargs), [p0], grads, dtype)
+    (ours,), opt = run_optimizer(lambda ps: Adafactor(ps, **kwargs), [p0], grads, dtype)
     _assert_states_match(ref_opt.state[ref], opt.state[ours])
     if dtype == torch.float32:
         torch.testing.assert_close(ours.data, ref.data, rtol=1e-6, atol=1e-7)
@@ -158,10 +135,10 @@ def test_non_finite_gradient_skips_that_tensor(force_triton, monkeypatch, triton
 def test_state_dict_round_trip_is_bit_exact(momentum_dtype):
     shapes = [(70, 70), (2, 33, 65), (5000,)]
     params0 = [torch.randn(s) for s in shapes]
-    grads = _grads(shapes, 6)
+    grads = random_grads(shapes, 6)
     kwargs = dict(beta1=0.9, momentum_dtype=momentum_dtype, weight_decay=0.01)
-    straight, _ = _run(lambda ps: Adafactor(ps, **kwargs), params0, grads)
-    first, opt = _run(lambda ps: Adafactor(ps, **kwargs), params0, grads[:3])
+    straight, _ = run_optimizer(lambda ps: Adafactor(ps, **kwargs), params0, grads)
+    first, opt = run_optimizer(lambda ps: Adafactor(ps, **kwargs), params0, grads[:3])
     saved = opt.state_dict()
     resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
     opt2 = Adafactor(resumed, **kwargs)
@@ -179,9 +156,9 @@ def test_state_dict_round_trip_is_bit_exact(momentum_dtype):
 
 def test_loads_transformers_state_and_continues_identically():
     params0 = [torch.randn(s) for s in SHAPES]
-    grads = _grads(SHAPES, 8)
+    grads = random_grads(SHAPES, 8)
     kwargs = dict(beta1=0.9)
-    ref, ref_opt = _run(lambda ps: HFAdafactor(ps, **kwargs), params0, grads[:4])
+    ref, ref_opt = run_optimizer(lambda ps: HFAdafactor(ps, **kwargs), params0, grads[:4])
     ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     opt = Adafactor(ours, **kwargs)
     opt.load_state_dict(ref_opt.state_dict())
@@ -190,7 +167,7 @@ def test_loads_transformers_state_and_continues_identically():
             p.grad, q.grad = g.clone(), g.clone()
         ref_opt.step()
         opt.step()
-    _assert_rel_close(ours, ref, 1e-5)
+    assert_rel_close(ours, ref, 1e-5)
 
 
 def test_rejects_a_state_dict_that_does_not_fit():
@@ -207,7 +184,7 @@ def test_rejects_a_state_dict_that_does_not_fit():
 def test_lr_scheduler_drives_the_step_size_without_relative_step():
     shapes = [(33, 65), (4097,)]
     params0 = [torch.randn(s) for s in shapes]
-    grads = _grads(shapes, 12)
+    grads = random_grads(shapes, 12)
     kwargs = dict(relative_step=False, scale_parameter=False, lr=1e-2, beta1=0.9)
 
     def train(cls):
@@ -225,7 +202,7 @@ def test_lr_scheduler_drives_the_step_size_without_relative_step():
 
     ours, lrs = train(Adafactor)
     ref, _ = train(HFAdafactor)
-    _assert_rel_close(ours, ref, 1e-5)
+    assert_rel_close(ours, ref, 1e-5)
     assert lrs == pytest.approx([1e-2 * 0.5 ** (i // 3) for i in range(12)])
 
 
@@ -304,9 +281,9 @@ def test_invalid_flag_type_and_param_group():
 def test_compiled_cpu_path_matches_eager(cpu_compile):
     shapes = [(33, 65), (3, 5, 17), (4097,)]
     params0 = [torch.randn(s) for s in shapes]
-    grads = _grads(shapes, 3)
+    grads = random_grads(shapes, 3)
     kwargs = dict(beta1=0.9, momentum_dtype="int8")
-    compiled, _ = _run(lambda ps: Adafactor(ps, **kwargs), params0, grads)
-    ref, _ = _run(lambda ps: HFAdafactor(ps, beta1=0.9), params0, grads)
+    compiled, _ = run_optimizer(lambda ps: Adafactor(ps, **kwargs), params0, grads)
+    ref, _ = run_optimizer(lambda ps: HFAdafactor(ps, beta1=0.9), params0, grads)
     for a, b, p0 in zip(compiled, ref, params0):
         assert (a.detach() - b.detach()).norm() / (b.detach() - p0).norm() < 0.03

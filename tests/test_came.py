@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from optim_helpers import assert_rel_close, mode_id, random_grads, run_optimizer
 
 from lowmem_lightning.kernels.codec import BLOCK_SIZE
 from lowmem_lightning.optim import build_optimizer, state_memory
@@ -18,39 +19,14 @@ MODES = [
 SHAPES = [(33, 65), (3, 5, 17), (4097,), (7,)]  # factored, conv-like 3-D, 1-D large, 1-D small
 
 
-def _mode_id(kwargs):
-    return ",".join(f"{k}={v}" for k, v in kwargs.items())
-
-
-def _grads(shapes, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=gen) * 0.5 for s in shapes] for _ in range(steps)]
-
-
-def _run(factory, params0, grads, dtype=None):
-    params = [torch.nn.Parameter(p.to(dtype or p.dtype, copy=True)) for p in params0]
-    opt = factory(params)
-    for step_grads in grads:
-        for p, g in zip(params, step_grads):
-            p.grad = g.to(p.dtype, copy=True)
-        opt.step()
-    return params, opt
-
-
-def _assert_rel_close(ours, ref, rtol):
-    for a, b in zip(ours, ref):
-        err = ((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max()).item()
-        assert err <= rtol, f"shape {tuple(a.shape)}: relative error {err:.2e} > {rtol:.0e}"
-
-
-@pytest.mark.parametrize("kwargs", MODES, ids=_mode_id)
+@pytest.mark.parametrize("kwargs", MODES, ids=mode_id)
 def test_matches_official_came_after_50_steps(kwargs):
     came_pytorch = pytest.importorskip("came_pytorch")
     params0 = [torch.randn(s) for s in SHAPES]
-    grads = _grads(SHAPES, 50)
-    ours, opt = _run(lambda ps: CAME(ps, **kwargs), params0, grads)
-    ref, _ = _run(lambda ps: came_pytorch.CAME(ps, **kwargs), params0, grads)
-    _assert_rel_close(ours, ref, 1e-5)
+    grads = random_grads(SHAPES, 50)
+    ours, opt = run_optimizer(lambda ps: CAME(ps, **kwargs), params0, grads)
+    ref, _ = run_optimizer(lambda ps: came_pytorch.CAME(ps, **kwargs), params0, grads)
+    assert_rel_close(ours, ref, 1e-5)
     # stricter: relative to how far the params moved, not to their size
     for a, b, p0 in zip(ours, ref, params0):
         assert (a.detach() - b.detach()).abs().max() <= 1e-4 * (b.detach() - p0).abs().max()
@@ -76,9 +52,9 @@ def test_confidence_statistics_are_factored():
 def test_int8_momentum_tracks_fp32_momentum():
     shapes = [(70, 70), (3, 40, 41), (5000,), (9, 9)]
     params0 = [torch.randn(s) for s in shapes]
-    grads = _grads(shapes, 30)
-    ours, opt = _run(lambda ps: build_optimizer("came", ps, lr=1e-2, momentum_dtype="int8"), params0, grads)
-    ref, _ = _run(lambda ps: CAME(ps, lr=1e-2), params0, grads)
+    grads = random_grads(shapes, 30)
+    ours, opt = run_optimizer(lambda ps: build_optimizer("came", ps, lr=1e-2, momentum_dtype="int8"), params0, grads)
+    ref, _ = run_optimizer(lambda ps: CAME(ps, lr=1e-2), params0, grads)
     for p in ours:
         state = opt.state[p]
         if p.numel() >= 4096:
@@ -119,11 +95,11 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("shape,dtype,kwargs", KERNEL_CASES)
 def test_triton_kernels_match_reference(force_triton, monkeypatch, shape, dtype, kwargs):
     p0 = torch.randn(shape)
-    grads = _grads([shape], 2, seed=3)
+    grads = random_grads([shape], 2, seed=3)
     monkeypatch.setenv("LOWMEM_FORCE_TRITON", "0")
-    (ref,), ref_opt = _run(lambda ps: CAME(ps, **kwargs), [p0], grads, dtype)
+    (ref,), ref_opt = run_optimizer(lambda ps: CAME(ps, **kwargs), [p0], grads, dtype)
     monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1")
-    (ours,), opt = _run(lambda ps: CAME(ps, **kwargs), [p0], grads, dtype)
+    (ours,), opt = run_optimizer(lambda ps: CAME(ps, **kwargs), [p0], grads, dtype)
     _assert_states_match(ref_opt.state[ref], opt.state[ours])
     if dtype == torch.float32:
         torch.testing.assert_close(ours.data, ref.data, rtol=1e-6, atol=1e-7)
@@ -160,10 +136,10 @@ def test_non_finite_gradient_skips_that_tensor(force_triton, monkeypatch, triton
 def test_state_dict_round_trip_is_bit_exact(momentum_dtype):
     shapes = [(70, 70), (2, 33, 65), (5000,)]
     params0 = [torch.randn(s) for s in shapes]
-    grads = _grads(shapes, 6)
+    grads = random_grads(shapes, 6)
     kwargs = dict(lr=1e-2, momentum_dtype=momentum_dtype, weight_decay=0.01)
-    straight, _ = _run(lambda ps: CAME(ps, **kwargs), params0, grads)
-    first, opt = _run(lambda ps: CAME(ps, **kwargs), params0, grads[:3])
+    straight, _ = run_optimizer(lambda ps: CAME(ps, **kwargs), params0, grads)
+    first, opt = run_optimizer(lambda ps: CAME(ps, **kwargs), params0, grads[:3])
     saved = opt.state_dict()
     resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
     opt2 = CAME(resumed, **kwargs)
@@ -183,8 +159,8 @@ def test_loads_official_state_and_switches_momentum_dtype():
     came_pytorch = pytest.importorskip("came_pytorch")
     shapes = [(70, 70), (4097,), (7,)]
     params0 = [torch.randn(s) for s in shapes]
-    grads = _grads(shapes, 8)
-    ref, ref_opt = _run(lambda ps: came_pytorch.CAME(ps, lr=1e-2), params0, grads[:4])
+    grads = random_grads(shapes, 8)
+    ref, ref_opt = run_optimizer(lambda ps: came_pytorch.CAME(ps, lr=1e-2), params0, grads[:4])
     ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
     opt = CAME(ours, lr=1e-2)
     opt.load_state_dict(ref_opt.state_dict())
@@ -198,15 +174,15 @@ def test_loads_official_state_and_switches_momentum_dtype():
         ref_opt.step()
         opt.step()
         opt8.step()
-    _assert_rel_close(ours, ref, 1e-5)
-    _assert_rel_close(quant, ref, 1e-2)
+    assert_rel_close(ours, ref, 1e-5)
+    assert_rel_close(quant, ref, 1e-2)
 
 
 def test_lr_scheduler_changes_the_step_size():
     came_pytorch = pytest.importorskip("came_pytorch")
     shapes = [(33, 65), (4097,)]
     params0 = [torch.randn(s) for s in shapes]
-    grads = _grads(shapes, 10)
+    grads = random_grads(shapes, 10)
 
     def train(cls):
         params = [torch.nn.Parameter(p.clone()) for p in params0]
@@ -223,7 +199,7 @@ def test_lr_scheduler_changes_the_step_size():
 
     ours, lrs = train(CAME)
     ref, _ = train(came_pytorch.CAME)
-    _assert_rel_close(ours, ref, 1e-5)
+    assert_rel_close(ours, ref, 1e-5)
     assert lrs == pytest.approx([1e-2 / (1 + i) for i in range(10)])
 
 
@@ -264,7 +240,7 @@ def test_compiled_cpu_path_matches_official(cpu_compile):
     came_pytorch = pytest.importorskip("came_pytorch")
     shapes = [(33, 65), (3, 5, 17), (4097,)]
     params0 = [torch.randn(s) for s in shapes]
-    grads = _grads(shapes, 3)
-    compiled, _ = _run(lambda ps: CAME(ps, lr=1e-2), params0, grads)
-    ref, _ = _run(lambda ps: came_pytorch.CAME(ps, lr=1e-2), params0, grads)
-    _assert_rel_close(compiled, ref, 1e-5)
+    grads = random_grads(shapes, 3)
+    compiled, _ = run_optimizer(lambda ps: CAME(ps, lr=1e-2), params0, grads)
+    ref, _ = run_optimizer(lambda ps: came_pytorch.CAME(ps, lr=1e-2), params0, grads)
+    assert_rel_close(compiled, ref, 1e-5)
