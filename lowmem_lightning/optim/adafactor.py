@@ -9,9 +9,16 @@ import torch
 
 from ..kernels.adafactor import adafactor_update, quantized_momentum
 from ..kernels.codec import dequantize_reference, num_blocks, quantize_reference
-from .adamw8bit import _head, _padded
 from .base import LowMemOptimizer
-from .sharding import block_state_len, is_dtensor, local, shard_rank, sum_reduce
+from .sharding import (
+    block_state_head,
+    block_state_len,
+    is_dtensor,
+    local,
+    pad_block_state,
+    shard_tensor_index,
+    sum_reduce,
+)
 from .validation import check_choice, check_lr, check_non_negative
 
 __all__ = ["Adafactor", "MOMENTUM_DTYPES", "convert_momentum_state"]
@@ -185,8 +192,8 @@ class Adafactor(LowMemOptimizer):
                 local(param.grad),
                 state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
                 state["exp_avg_sq_col"] if factored else None,
-                _head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
-                _head(state.get("exp_avg_absmax"), shard.numel(), True),
+                block_state_head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
+                block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
                 state["step"],
                 flag,
                 elr if i == 0 else None,
@@ -199,7 +206,7 @@ class Adafactor(LowMemOptimizer):
                 scale_parameter=group["scale_parameter"],
                 relative_step=group["relative_step"],
                 warmup_init=group["warmup_init"],
-                tensor_index=tensor_index + (shard_rank(param) << 20),
+                tensor_index=shard_tensor_index(tensor_index, param),
                 reduce=sum_reduce(param),
             )
 
@@ -260,7 +267,7 @@ def convert_momentum_state(param: torch.Tensor, state: dict, group: dict, key: s
         return state
     if want_codes:
         quantized = quantize_reference(buffer.float(), signed=True)
-        state[f"{key}_codes"], state[f"{key}_absmax"] = _padded(*quantized, block_state_len(param))
+        state[f"{key}_codes"], state[f"{key}_absmax"] = pad_block_state(*quantized, block_state_len(param))
     else:
         state[key] = buffer.to(torch.float32).reshape(shard.shape)
     return state

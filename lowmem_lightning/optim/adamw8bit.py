@@ -14,7 +14,7 @@ from ..kernels.adamw8bit import adamw8bit_update
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, num_blocks, quantize_blockwise
 from ..kernels.rounding import step_seed
 from .base import LowMemOptimizer
-from .sharding import block_state_len, local, shard_rank
+from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_eps, check_lr, check_non_negative
 
 __all__ = ["AdamW8bit"]
@@ -141,8 +141,8 @@ class AdamW8bit(LowMemOptimizer):
         if (full["exp_avg_sq"] < 0).any():
             raise ValueError("Invalid optimizer state dict: 'exp_avg_sq' holds negative values.")
         length = block_state_len(param)  # a DTensor's local shard pads to the same length on every rank
-        codes_m, absmax_m = _padded(*quantize_blockwise(full["exp_avg"], signed=True), length)
-        codes_v, absmax_v = _padded(*quantize_blockwise(full["exp_avg_sq"], signed=False), length)
+        codes_m, absmax_m = pad_block_state(*quantize_blockwise(full["exp_avg"], signed=True), length)
+        codes_v, absmax_v = pad_block_state(*quantize_blockwise(full["exp_avg_sq"], signed=False), length)
         del state["exp_avg"], state["exp_avg_sq"]
         state.update(exp_avg_codes=codes_m, exp_avg_absmax=absmax_m, exp_avg_sq_codes=codes_v,
                      exp_avg_sq_absmax=absmax_v)
@@ -188,7 +188,7 @@ class AdamW8bit(LowMemOptimizer):
             out["v"].append(state["exp_avg_sq_codes"] if quantized else state["exp_avg_sq"])
             out["v_absmax"].append(state["exp_avg_sq_absmax"] if quantized else None)
             out["steps"].append(state["step"])
-            out["seeds"].append(step_seed(0, first_index + offset, self._seed + 65_537 * shard_rank(param)))
+            out["seeds"].append(step_seed(0, shard_tensor_index(first_index + offset, param), self._seed))
         return out
 
     @staticmethod
@@ -232,7 +232,7 @@ class AdamW8bit(LowMemOptimizer):
         """
         numels = [p.numel() for p in work["params"]]
         m, m_absmax, v, v_absmax = (
-            [_head(t, n, scales) for t, n in zip(work[key], numels)]
+            [block_state_head(t, n, scales) for t, n in zip(work[key], numels)]
             for key, scales in (("m", False), ("m_absmax", True), ("v", False), ("v_absmax", True))
         )
         adamw8bit_update(
@@ -245,22 +245,6 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     check_betas(betas)
     check_eps(eps)
     check_non_negative(weight_decay, "weight_decay")
-
-
-def _head(state: torch.Tensor | None, numel: int, scales: bool) -> torch.Tensor | None:
-    """The leading part of flat block-wise state that covers ``numel`` param elements (codes or scales)."""
-    if state is None or state.dim() != 1:
-        return state
-    length = num_blocks(numel) if scales else numel
-    return state if state.numel() == length else state[:length]
-
-
-def _padded(codes: torch.Tensor, absmax: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``codes`` and ``absmax`` zero-padded to ``length`` elements and ``num_blocks(length)`` scales."""
-    if codes.numel() == length:
-        return codes, absmax
-    codes = torch.nn.functional.pad(codes.reshape(-1), (0, length - codes.numel()))
-    return codes, torch.nn.functional.pad(absmax, (0, num_blocks(length) - absmax.numel()))
 
 
 def _full_moment(param: torch.Tensor, state: dict, key: str) -> torch.Tensor:

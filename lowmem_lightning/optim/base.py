@@ -135,8 +135,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         out = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         if any(is_dtensor(p) for p in params):
-            out["state"] = {pid: wrap_state(params[pid], state) if isinstance(pid, int) and pid < len(params)
-                            else state for pid, state in out["state"].items()}
+            out["state"] = {pid: wrap_state(params[pid], state) for pid, state in out["state"].items()}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:

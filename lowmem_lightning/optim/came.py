@@ -9,9 +9,8 @@ import torch
 
 from ..kernels.came import came_update
 from .adafactor import MOMENTUM_DTYPES, check_eps_pair, convert_momentum_state, momentum_spec
-from .adamw8bit import _head
 from .base import LowMemOptimizer
-from .sharding import local, shard_rank, sum_reduce
+from .sharding import block_state_head, local, shard_tensor_index, sum_reduce
 from .validation import check_betas, check_choice, check_non_negative
 
 __all__ = ["CAME"]
@@ -130,8 +129,8 @@ class CAME(LowMemOptimizer):
                 state.get("exp_avg_sq_col"),
                 state.get("exp_avg_res_row"),
                 state.get("exp_avg_res_col"),
-                _head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
-                _head(state.get("exp_avg_absmax"), shard.numel(), True),
+                block_state_head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
+                block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
                 state["step"],
                 flag,
                 lr=float(group["lr"]),
@@ -139,7 +138,7 @@ class CAME(LowMemOptimizer):
                 clip_threshold=float(group["clip_threshold"]),
                 betas=tuple(float(b) for b in group["betas"]),
                 weight_decay=float(group["weight_decay"]),
-                tensor_index=tensor_index + (shard_rank(param) << 20),
+                tensor_index=shard_tensor_index(tensor_index, param),
                 reduce=sum_reduce(param),
             )
 

@@ -8,9 +8,8 @@ import torch
 
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, num_blocks, quantize_reference
 from ..kernels.sgd import sgd_update
-from .adamw8bit import _head, _padded
 from .base import LowMemOptimizer
-from .sharding import block_state_len, local, shard_rank
+from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
 from .validation import check_choice, check_lr, check_non_negative
 
 __all__ = ["SGD", "MOMENTUM_DTYPES"]
@@ -132,7 +131,7 @@ class SGD(LowMemOptimizer):
             state["momentum_buffer"] = buffer  # rejected with a clear message by the validation
         elif self._quantized(param, group):
             codes, absmax = quantize_reference(buffer.float(), signed=True)
-            state["momentum_codes"], state["momentum_absmax"] = _padded(codes, absmax, block_state_len(param))
+            state["momentum_codes"], state["momentum_absmax"] = pad_block_state(codes, absmax, block_state_len(param))
         else:
             state["momentum_buffer"] = buffer.to(torch.float32).reshape(shard.shape)
         return state
@@ -164,12 +163,12 @@ class SGD(LowMemOptimizer):
         sgd_update(
             [shards[i] for i in live],
             [local(items[i][1].grad) for i in live],
-            [_head(states[i].get("momentum_codes", states[i].get("momentum_buffer")), shards[i].numel(), False)
-             for i in live],
-            [_head(states[i].get("momentum_absmax"), shards[i].numel(), True) for i in live],
+            [block_state_head(states[i].get("momentum_codes", states[i].get("momentum_buffer")), shards[i].numel(),
+                              False) for i in live],
+            [block_state_head(states[i].get("momentum_absmax"), shards[i].numel(), True) for i in live],
             [steps[i] for i in live],
             [flag_list[i] for i in live],
-            [items[i][0] + (shard_rank(items[i][1]) << 20) for i in live],
+            [shard_tensor_index(*items[i]) for i in live],
             lr=float(group["lr"]),
             weight_decay=group["weight_decay"],
             momentum=group["momentum"],

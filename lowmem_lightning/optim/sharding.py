@@ -49,10 +49,13 @@ from ..kernels.codec import BLOCK_SIZE
 __all__ = [
     "SumReduce",
     "agree_on_flags",
+    "block_state_head",
     "block_state_len",
     "is_dtensor",
     "local",
+    "pad_block_state",
     "shard_rank",
+    "shard_tensor_index",
     "sum_reduce",
     "unwrap_state",
     "wrap_state",
@@ -128,6 +131,29 @@ def block_state_len(param: torch.Tensor) -> int:
             "chunking; this sharding is not supported by the 8-bit state layout."
         )
     return length
+
+
+def block_state_head(state: torch.Tensor | None, numel: int, scales: bool) -> torch.Tensor | None:
+    """The leading part of flat block-wise state (codes, or with ``scales`` the per-block absmax) that
+    covers ``numel`` param elements: the kernels' view of a shard's padded state. Other state unchanged."""
+    if state is None or state.dim() != 1:
+        return state
+    length = -(-numel // BLOCK_SIZE) if scales else numel
+    return state if state.numel() == length else state[:length]
+
+
+def pad_block_state(codes: torch.Tensor, absmax: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat ``codes`` and their ``absmax`` zero-padded to ``length`` elements (:func:`block_state_len`)."""
+    if codes.numel() == length:
+        return codes, absmax
+    codes = torch.nn.functional.pad(codes.reshape(-1), (0, length - codes.numel()))
+    return codes, torch.nn.functional.pad(absmax, (0, -(-length // BLOCK_SIZE) - absmax.numel()))
+
+
+def shard_tensor_index(tensor_index: int, param: torch.Tensor) -> int:
+    """The index that seeds ``param``'s stochastic rounding: ``tensor_index`` for a plain tensor, mixed
+    with the shard index for a DTensor so shards do not reuse one random stream."""
+    return tensor_index + (shard_rank(param) << 20)
 
 
 # ---------------------------------------------------------------------------------------- collectives
