@@ -45,14 +45,14 @@ def fit(root, max_epochs, ckpt_path=None):
     torch.manual_seed(0)
     model = ShardedNet()
     trainer = L.Trainer(
-        accelerator="cpu", devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+        accelerator={accelerator!r}, devices={devices},
+        strategy=ModelParallelStrategy(data_parallel_size={devices}, tensor_parallel_size=1,
                                        save_distributed_checkpoint={distributed_ckpt!r}),
         max_epochs=max_epochs, limit_train_batches=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
         callbacks=[LowMemOptimizerCallback({opt!r}, lr=1e-2, print_summary=max_epochs == 2 and ckpt_path is None)],
     )
-    trainer.fit(model, _data(GLOBAL_BATCH // 2, distributed=True), ckpt_path=ckpt_path)
+    trainer.fit(model, _data(GLOBAL_BATCH // {devices}, distributed=True), ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -60,12 +60,12 @@ out = {out!r}
 straight, model = fit(out + "/straight", 2)
 optimizer = straight.optimizers[0]
 memory = state_memory(optimizer)
-full = [p.full_tensor().detach().clone() for p in model.parameters()]
+full = [p.full_tensor().detach().cpu().clone() for p in model.parameters()]
 first, model = fit(out + "/first", 1)
 first.save_checkpoint(out + "/epoch1.ckpt")
-epoch1 = [p.full_tensor().detach().clone() for p in model.parameters()]
+epoch1 = [p.full_tensor().detach().cpu().clone() for p in model.parameters()]
 resumed, model = fit(out + "/resumed", 2, ckpt_path=out + "/epoch1.ckpt")
-again = [p.full_tensor().detach().clone() for p in model.parameters()]
+again = [p.full_tensor().detach().cpu().clone() for p in model.parameters()]
 torch.save(
     {{
         "straight": full, "resumed": again, "epoch1": epoch1, "optimizer": type(optimizer).__name__,
@@ -84,20 +84,26 @@ torch.save(
 OPTIMIZERS = {"adamw_8bit": ("AdamW8bit", 2.0, 4.5, True), "came": ("CAME", 4.0, 6.0, False)}
 
 
-@pytest.mark.parametrize("opt", list(OPTIMIZERS))
-def test_fsdp2_model_parallel_strategy_trains_shards_and_resumes(tmp_path, opt, monkeypatch):
+def _run_script(tmp_path, opt: str, accelerator: str, devices: int) -> list[dict]:
+    """Run SCRIPT (the strategy launches the other ranks); return what each rank saved."""
     script = tmp_path / "run_fsdp2.py"
-    tests_dir = os.path.dirname(__file__)
-    distributed_ckpt = OPTIMIZERS[opt][3]
-    script.write_text(textwrap.dedent(SCRIPT.format(tests_dir=tests_dir, out=str(tmp_path), opt=opt,
-                                                    distributed_ckpt=distributed_ckpt)))
+    script.write_text(textwrap.dedent(SCRIPT.format(
+        tests_dir=os.path.dirname(__file__), out=str(tmp_path), opt=opt, distributed_ckpt=OPTIMIZERS[opt][3],
+        accelerator=accelerator, devices=devices,
+    )))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
     env.pop("PL_GLOBAL_SEED", None)
+    env.pop("TRITON_INTERPRET", None)  # on CUDA the compiled kernels run
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert (tmp_path / "epoch1.ckpt").is_dir() == distributed_ckpt
+    assert (tmp_path / "epoch1.ckpt").is_dir() == OPTIMIZERS[opt][3]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(devices)]
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_fsdp2_model_parallel_strategy_trains_shards_and_resumes(tmp_path, opt, monkeypatch):
+    ranks = _run_script(tmp_path, opt, "cpu", 2)
     for result in ranks:
         assert result["optimizer"] == OPTIMIZERS[opt][0]
         assert result["param_types"] == ["DTensor"]
@@ -142,3 +148,19 @@ def test_factored_optimizers_refuse_fsdp1_before_any_work(opt):
         _check_strategy(FSDPStrategy(), opt)
     _check_strategy(FSDPStrategy(), "adamw_8bit")  # element-wise: fine on flat shards
     _check_strategy(DDPStrategy(), opt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_fsdp2_on_cuda_trains_shards_and_resumes(tmp_path, opt):
+    """The same run on the GPUs there are (up to 2): Triton kernels on the shards of element-wise optimizers,
+    the all-reduced reference for CAME's sharded tensors, and a bit-exact resume."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    devices = min(2, torch.cuda.device_count())
+    for result in _run_script(tmp_path, opt, "cuda", devices):
+        assert result["optimizer"] == OPTIMIZERS[opt][0]
+        assert result["param_types"] == ["DTensor"]
+        assert OPTIMIZERS[opt][1] < result["bytes_per_param"] < OPTIMIZERS[opt][2], result
+        for a, b in zip(result["straight"], result["resumed"]):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
