@@ -30,3 +30,50 @@ def assert_rel_close(ours, ref, rtol: float) -> None:
     for a, b in zip(ours, ref):
         err = ((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max()).item()
         assert err <= rtol, f"shape {tuple(a.shape)}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def assert_non_finite_gradient_skips_that_tensor(factory, bad_value: float) -> None:
+    """Step 1 normally; step 2 with ``bad_value`` in the first param's gradient: that param, its state and
+    step counter stay as they were, the second param updates, and one skipped update is counted."""
+    # (64, 80): 5120 elements in whole 256-blocks, so 8-bit momentum takes the split CPU path
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 80), (300,)]]
+    opt = factory(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    params[0].grad = torch.randn_like(params[0])
+    params[0].grad[3, 4] = bad_value
+    params[1].grad = torch.randn_like(params[1])
+    opt.step()
+    assert torch.equal(params[0].data, before[0])
+    for key, value in states[0].items():
+        assert torch.equal(opt.state[params[0]][key], value), key
+    assert float(opt.state[params[0]]["step"]) == 1.0
+    assert not torch.equal(params[1].data, before[1])
+    assert float(opt.state[params[1]]["step"]) == 2.0
+    assert opt.skipped_updates == 1
+
+
+def assert_state_dict_round_trip_is_bit_exact(factory) -> None:
+    """3 steps, state_dict into a fresh optimizer (same dtypes and values), 3 more steps: the params equal
+    those of 6 uninterrupted steps bit for bit."""
+    shapes = [(70, 70), (2, 33, 65), (5000,)]
+    params0 = [torch.randn(s) for s in shapes]
+    grads = random_grads(shapes, 6)
+    straight, _ = run_optimizer(factory, params0, grads)
+    first, opt = run_optimizer(factory, params0, grads[:3])
+    saved = opt.state_dict()
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt2 = factory(resumed)
+    opt2.load_state_dict(saved)
+    for p, q in zip(first, resumed):
+        for key, value in opt.state[p].items():
+            assert opt2.state[q][key].dtype == value.dtype and torch.equal(opt2.state[q][key], value), key
+    for step_grads in grads[3:]:
+        for p, g in zip(resumed, step_grads):
+            p.grad = g.clone()
+        opt2.step()
+    for a, b in zip(resumed, straight):
+        assert torch.equal(a.data, b.data)

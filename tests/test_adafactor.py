@@ -5,7 +5,14 @@ import math
 
 import pytest
 import torch
-from optim_helpers import assert_rel_close, mode_id, random_grads, run_optimizer
+from optim_helpers import (
+    assert_non_finite_gradient_skips_that_tensor,
+    assert_rel_close,
+    assert_state_dict_round_trip_is_bit_exact,
+    mode_id,
+    random_grads,
+    run_optimizer,
+)
 
 from lowmem_lightning.kernels.codec import BLOCK_SIZE
 from lowmem_lightning.optim import build_optimizer, state_memory
@@ -110,48 +117,15 @@ def test_triton_kernels_match_reference(force_triton, monkeypatch, shape, dtype,
 @pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
 def test_non_finite_gradient_skips_that_tensor(force_triton, monkeypatch, triton_path, momentum_dtype):
     monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1" if triton_path else "0")
-    # (64, 80): 5120 elements, whole 256-blocks, so int8 momentum takes the split CPU path
-    params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 80), (300,)]]
-    opt = Adafactor(params, beta1=0.9, momentum_dtype=momentum_dtype)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    before = [p.detach().clone() for p in params]
-    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    params[0].grad = torch.randn_like(params[0])
-    params[0].grad[3, 4] = float("inf")
-    params[1].grad = torch.randn_like(params[1])
-    opt.step()
-    assert torch.equal(params[0].data, before[0])
-    for key, value in states[0].items():
-        assert torch.equal(opt.state[params[0]][key], value), key
-    assert float(opt.state[params[0]]["step"]) == 1.0
-    assert not torch.equal(params[1].data, before[1])
-    assert float(opt.state[params[1]]["step"]) == 2.0
-    assert opt.skipped_updates == 1
+    factory = lambda ps: Adafactor(ps, beta1=0.9, momentum_dtype=momentum_dtype)  # noqa: E731
+    assert_non_finite_gradient_skips_that_tensor(factory, float("inf"))
 
 
 @pytest.mark.parametrize("momentum_dtype", ["float32", "int8"])
 def test_state_dict_round_trip_is_bit_exact(momentum_dtype):
-    shapes = [(70, 70), (2, 33, 65), (5000,)]
-    params0 = [torch.randn(s) for s in shapes]
-    grads = random_grads(shapes, 6)
     kwargs = dict(beta1=0.9, momentum_dtype=momentum_dtype, weight_decay=0.01)
-    straight, _ = run_optimizer(lambda ps: Adafactor(ps, **kwargs), params0, grads)
-    first, opt = run_optimizer(lambda ps: Adafactor(ps, **kwargs), params0, grads[:3])
-    saved = opt.state_dict()
-    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
-    opt2 = Adafactor(resumed, **kwargs)
-    opt2.load_state_dict(saved)
-    for p, q in zip(first, resumed):
-        for key, value in opt.state[p].items():
-            assert opt2.state[q][key].dtype == value.dtype and torch.equal(opt2.state[q][key], value), key
-    for step_grads in grads[3:]:
-        for p, g in zip(resumed, step_grads):
-            p.grad = g.clone()
-        opt2.step()
-    for a, b in zip(resumed, straight):
-        assert torch.equal(a.data, b.data)
+    assert_state_dict_round_trip_is_bit_exact(lambda ps: Adafactor(ps, **kwargs))
+
 
 
 def test_loads_transformers_state_and_continues_identically():
