@@ -393,7 +393,7 @@ def came_update(
         args = (work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, hp)
         if reduce is not None:
             _came_inplace(*args, reduce)
-        elif absmax is not None and m_.numel() % BLOCK_SIZE == 0:
+        elif absmax is not None:
             factored = vc is not None
             u = _DIRECTION_CPU[factored](g, v_, vc_, flag, hp)
             if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
