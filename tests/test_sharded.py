@@ -233,9 +233,11 @@ def test_sharded_update_matches_unsharded(tmp_path, case):
     else:
         int8 = CASES[case].get("momentum_dtype") == "int8"
         for name in PARAMS:
-            if int8 and name in ("uneven", "cols", "flat"):
+            if int8 and name in ("even", "uneven", "cols", "flat"):
                 # 8-bit momentum blocks follow the shard, not the whole tensor: the quantization error
-                # differs, by well under 2% of the distance the params moved
+                # differs, by well under 2% of the distance the params moved. Even whole-block shards
+                # ("even") can flip a momentum code: the all-reduced row/column sums round differently
+                # from the single-process sums (measured 0.36% of the distance moved, adafactor)
                 moved = (unsharded[name] - start[name]).abs().max()
                 assert (got[name] - unsharded[name]).abs().max() < 0.02 * moved, f"{case} {name}"
             else:
