@@ -346,6 +346,31 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 f"Invalid optimizer state dict: it has {count} param groups, this optimizer has "
                 f"{len(self.param_groups)}."
             )
+        try:
+            by_id, converted = self._checked_state(saved)
+        except ValueError as err:
+            raise ValueError(f"{err}{self._origin_hint(saved_groups)}") from err
+        saved["state"] = converted
+        defaults = dict(self.defaults)
+        super().load_state_dict(saved)
+        self.defaults.clear()
+        self.defaults.update(defaults)  # torch's load adds `differentiable`
+        self._restore_dtypes(by_id, converted)
+
+    def _origin_hint(self, saved_groups: list) -> str:
+        """A note naming the class whose hyperparameters the saved group keys match best, when not this one."""
+        keys = set(saved_groups[0]) if saved_groups and isinstance(saved_groups[0], dict) else set()
+        owner = _likely_owner(keys)
+        if owner is None or owner in {cls.__name__ for cls in type(self).__mro__}:
+            return ""
+        if any(owner == sub.__name__ for sub in type(self).__subclasses__()):
+            return ""
+        return f" (its param groups look like a {owner} state dict's; this optimizer is a {type(self).__name__})"
+
+    def _checked_state(self, saved: dict) -> tuple[dict, dict]:
+        """``(by_id, converted)``: params and completed groups per saved param id, and the converted, validated
+        states; ``ValueError`` at the first problem."""
+        saved_groups = saved["param_groups"]
         by_id = {}
         for index, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups)):
             saved_groups[index] = saved_group = self._loaded_group(index, group, saved_group)
@@ -367,12 +392,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             state = {key: value for key, value in state.items() if value is not None}  # torch SGD's None buffer
             self._validate_state(pid, param, group, state)
             converted[pid] = state
-        saved["state"] = converted
-        defaults = dict(self.defaults)
-        super().load_state_dict(saved)
-        self.defaults.clear()
-        self.defaults.update(defaults)  # torch's load adds `differentiable`
-        self._restore_dtypes(by_id, converted)
+        return by_id, converted
 
     def _loaded_group(self, index: int, group: dict, saved_group) -> dict:
         """A saved param group checked and completed for this optimizer (see :meth:`load_state_dict`)."""
@@ -382,11 +402,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
         ours = set(self.defaults)
         foreign = set(saved_group) & (_all_hyperparameter_names() - ours - self._foreign_group_keys)
         if foreign:
-            owner = _likely_owner(set(saved_group))
-            origin = f"a {owner} state dict" if owner else "another optimizer's state dict"
             raise ValueError(
                 f"Invalid optimizer state dict: param group {index} has keys {sorted(foreign)} that {name} does not "
-                f"use; this looks like {origin}, which {name} cannot load. {name} groups have keys {sorted(ours)}."
+                f"use ({name} groups have keys {sorted(ours)})."
             )
         merged = {**self.defaults, **saved_group}
         for key in self._storage_keys:

@@ -39,7 +39,8 @@ class CAME(LowMemOptimizer):
     Args:
         params: tensors or param-group dicts (fp32, bf16 or fp16; bf16/fp16 are written back with
             stochastic rounding). Grads may be any float dtype.
-        lr: learning rate (required, > 0); an LR scheduler may change ``group["lr"]``.
+        lr: learning rate (required, >= 0: 0 is allowed as in torch.optim, e.g. a warm-up's start); an
+            LR scheduler may change ``group["lr"]``.
         eps: ``(eps1, eps2)`` added to squared gradients and to the instability.
         clip_threshold: threshold on the RMS of the update (> 0).
         betas: ``(beta1, beta2, beta3)`` of the momentum, second moment and instability, in [0, 1).
@@ -169,9 +170,9 @@ def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:
     if lr is None and not lr_required:
         pass
     elif lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)) or not (
-        math.isfinite(float(lr)) and float(lr) > 0
+        math.isfinite(float(lr)) and float(lr) >= 0
     ):
-        raise ValueError(f"Invalid lr={lr!r}: CAME requires a learning rate, a finite number > 0.")
+        raise ValueError(f"Invalid lr={lr!r}: CAME requires a learning rate, a finite number >= 0.")
     check_eps_pair(group["eps"], ("eps[0]", "eps[1]"))
     clip = group["clip_threshold"]
     check_non_negative(clip, "clip_threshold")
