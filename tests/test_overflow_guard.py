@@ -117,3 +117,38 @@ def test_moderate_large_gradient_still_applies():
     before = param.detach().clone()
     opt.step()
     assert opt.skipped_updates == 0 and not torch.equal(param.data, before)
+
+
+def _wide_range_grads(kind: str) -> torch.Tensor:
+    """Finite gradients whose squares fit fp32 but whose row statistics span > 2**126: a zero row and column
+    next to 1e10 (the zero row's ``vr / mean(vr)`` underflows to 0), or 1e18 next to 1e-10 and 1e-30."""
+    if kind == "zero_row":
+        g = torch.full((70, 70), 1e10)
+        g[3], g[:, 5] = 0.0, 0.0
+    else:
+        g = torch.full((70, 70), 1e-30)
+        g[0, 0], g[1, 1], g[5:9, 10:20] = 1e18, 1e-10, 3e17
+    return g
+
+
+FACTORED = [c for c in CONFIGS if c[0] in ("adafactor", "came")]
+
+
+@pytest.mark.parametrize("path", ["eager", "triton"])
+@pytest.mark.parametrize("kind", ["zero_row", "wide"])
+@pytest.mark.parametrize("config", FACTORED, ids=_config_id)
+def test_factored_statistics_of_a_wide_range_gradient_stay_finite(config, kind, path, monkeypatch):
+    """Adafactor/CAME apply such a gradient (it is not skipped) and every param and state value stays finite
+    (the row/column factors are capped where a statistic underflowed; transformers' Adafactor turns NaN)."""
+    if path == "triton":
+        monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1")
+    name, kwargs = config
+    param = torch.nn.Parameter(torch.randn(70, 70))
+    opt = build_optimizer(name, [param], **kwargs)
+    for _ in range(2):
+        param.grad = _wide_range_grads(kind)
+        opt.step()
+    param.grad = torch.randn_like(param)
+    opt.step()
+    assert opt.skipped_updates == 0
+    _assert_all_finite(opt, [param])
