@@ -152,3 +152,25 @@ def test_factored_statistics_of_a_wide_range_gradient_stay_finite(config, kind, 
     opt.step()
     assert opt.skipped_updates == 0
     _assert_all_finite(opt, [param])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per_tensor", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_flag_reduction_is_inf_exactly_when_squares_overflow(dtype, fused):
+    """Both forms of the guard's reduction (CPU per tensor, the fused one CUDA uses): inf for inf/NaN, for a
+    square above fp32's range and for a sum of squares above it; finite for large gradients that fit."""
+    from lowmem_lightning.optim.base import _square_sum_norms
+
+    def grad(fill, one=None):
+        g = torch.full((4097,), fill)
+        if one is not None:
+            g[17] = one
+        return g.to(dtype)
+
+    cases = [grad(1.0), grad(1.0, float("nan")), grad(1.0, float("inf")), grad(1.0, 60000.0)]
+    expect = [True, False, False, True]
+    if dtype != torch.float16:  # fp16 cannot hold the large values (they are inf, caught above)
+        cases += [grad(1.0, 1e20), grad(1.0, 3e38), grad(1e19), grad(1e17), grad(1.0, 1.8e19)]
+        expect += [False, False, False, True, True]
+    flags = _square_sum_norms(cases, fused).isfinite().tolist()
+    assert flags == expect

@@ -218,11 +218,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return torch.empty(0)
         distributed = [g for g in grads if is_dtensor(g)]
         grads = [local(g) for g in grads]
-        if grads[0].device.type == "cpu":
-            norms = [torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads]  # one pass each
-        else:
-            norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)  # one multi-tensor launch
-        flags = torch.stack(norms).isfinite().to(torch.float32)
+        flags = _square_sum_norms(grads, fused=grads[0].device.type != "cpu").isfinite().to(torch.float32)
         if distributed:
             agree_on_flags(flags, distributed)
         device = flags.device
@@ -468,6 +464,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 current = loaded.get(key)
                 if isinstance(value, torch.Tensor) and (current.dtype != value.dtype or current.device != device):
                     loaded[key] = value.to(device=device)
+
+
+def _square_sum_norms(grads: Sequence[torch.Tensor], fused: bool) -> torch.Tensor:
+    """fp32 ``(len(grads),)``: each gradient's L2 norm accumulated in fp32 without rescaling, so it is inf
+    exactly when an element is inf/NaN or the sum of squares overflows fp32. ``fused``: one
+    ``_foreach_norm`` launch (CUDA); otherwise one ``vector_norm`` pass per tensor (faster on CPU)."""
+    if fused:
+        return torch.stack(torch._foreach_norm(list(grads), 2, dtype=torch.float32))
+    return torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads])
 
 
 def _all_hyperparameter_names() -> set[str]:
