@@ -184,7 +184,7 @@ def test_state_memory_bytes_per_param(momentum_dtype, limit):
     "kwargs,match",
     [
         (dict(), "lr=None"),
-        (dict(lr=0.0), "lr=0.0"),
+        (dict(lr=-1.0), "lr=-1.0"),  # lr=0 is allowed, as in torch.optim (came-pytorch refuses it)
         (dict(lr=1e-3, betas=(0.9, 0.999)), "betas="),
         (dict(lr=1e-3, betas=(0.9, 1.5, 0.9)), r"betas\[1\]=1.5"),
         (dict(lr=1e-3, eps=(1e-30, -1.0)), r"eps\[1\]=-1.0"),

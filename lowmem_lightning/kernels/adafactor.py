@@ -112,8 +112,12 @@ def beta_of_step(step, decay, one_minus_decay, beta_from_step):
 
 @triton.jit
 def inv_sqrt(x):
-    """``1 / sqrt(x)``, correctly rounded division and root (the reference does the same two ops)."""
-    return tl.div_rn(1.0, tl.sqrt_rn(x))
+    """``1 / sqrt(max(x, 2**-126))``, correctly rounded division and root (the reference does the same ops).
+
+    The floor (the smallest normal fp32) only acts on an underflowed statistic, e.g. a zero row's
+    ``vr / mean(vr)`` next to a huge row: it caps the factor at ~9.2e18 instead of inf, so a zero
+    gradient times it stays 0 (not NaN)."""
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(x, 1.1754943508222875e-38)))
 
 
 @triton.jit
@@ -519,8 +523,8 @@ def seed_reference(step: torch.Tensor, tensor_index: torch.Tensor) -> torch.Tens
 
 
 def inv_sqrt_reference(x: torch.Tensor) -> torch.Tensor:
-    """Reference of :func:`inv_sqrt`."""
-    return 1.0 / torch.sqrt(x)
+    """Reference of :func:`inv_sqrt`: ``1 / sqrt(max(x, 2**-126))``."""
+    return 1.0 / torch.sqrt(torch.clamp_min(x, 1.1754943508222875e-38))
 
 
 def ema_reference(old: torch.Tensor, new: torch.Tensor, beta: torch.Tensor, one_minus_beta: torch.Tensor

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 
 from ..kernels.adafactor import adafactor_update, quantized_momentum
-from ..kernels.codec import dequantize_reference, num_blocks, quantize_reference
-from .base import LowMemOptimizer
+from ..kernels.codec import dequantize_reference, quantize_reference
+from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import (
     block_state_head,
     block_state_len,
@@ -52,7 +53,12 @@ class Adafactor(LowMemOptimizer):
         warmup_init: linear warm-up of the relative step (requires ``relative_step=True``).
         momentum_dtype: ``"float32"`` (``exp_avg``, 4 bytes/param) or ``"int8"`` (``exp_avg_codes``
             int8 + ``exp_avg_absmax`` fp32 per 256 elements: 1.016 bytes/param; tensors under 4096
-            elements keep fp32). Only used with ``beta1``.
+            elements keep fp32). Only used with ``beta1``. A storage choice: ``load_state_dict``
+            keeps this optimizer's value and converts the loaded momentum to it.
+        maximize: ascend instead of descend (the gradient's sign is flipped in place around the
+            update and restored bit for bit; not in transformers).
+        foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
+            (no-ops: the update is always our fused kernels with device step counters); True raises.
 
     Learning rate seen by Lightning (``group["lr"]`` is None under relative step): every step,
     ``group["effective_lr_tensor"]`` (0-d fp32 on the params' device) receives the step size
@@ -85,7 +91,14 @@ class Adafactor(LowMemOptimizer):
         relative_step: bool = True,
         warmup_init: bool = False,
         momentum_dtype: str = "float32",
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
+        check_drop_in_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         if lr is not None and relative_step:
             raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
         if warmup_init and not relative_step:
@@ -101,9 +114,12 @@ class Adafactor(LowMemOptimizer):
             relative_step=relative_step,
             warmup_init=warmup_init,
             momentum_dtype=momentum_dtype,
+            maximize=maximize,
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+
+    _storage_keys = ("momentum_dtype",)
 
     def _check_group(self, group: dict) -> None:
         """Validate a param group like the constructor's arguments."""
@@ -133,17 +149,16 @@ class Adafactor(LowMemOptimizer):
         return out
 
     # ------------------------------------------------------------------ state
-    def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
+    def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
+        """``step``; with ``beta1`` the momentum (:func:`momentum_spec`); for >= 2-D params the factored
+        ``exp_avg_sq_row`` (``shape[:-1]``) and ``exp_avg_sq_col`` (``shape[:-2] + shape[-1:]``), else a
+        full ``exp_avg_sq``; all fp32 (shapes of the local shard for DTensors)."""
+        group = self._group_of(param) if group is None else group
         shape = tuple(local(param).shape)
-        expected = {"step": ((), torch.float32)}
+        layout = [step_spec()]
         if group["beta1"] is not None:
-            expected.update(momentum_spec(param, group["momentum_dtype"], "exp_avg"))
-        if len(shape) >= 2:
-            expected["exp_avg_sq_row"] = (shape[:-1], torch.float32)
-            expected["exp_avg_sq_col"] = (shape[:-2] + shape[-1:], torch.float32)
-        else:
-            expected["exp_avg_sq"] = (shape, torch.float32)
-        return expected
+            layout += momentum_spec(param, group["momentum_dtype"], "exp_avg")
+        return layout + second_moment_specs(shape, "sq")
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept transformers' Adafactor states (int ``step``, ``RMS``, state in the grad dtype) and ours."""
@@ -173,7 +188,8 @@ class Adafactor(LowMemOptimizer):
             group["host_step"] = group.get("host_step", 0) + 1
             elr = _effective_lr_tensor(group, per_device[0][0][1])
             for n_device, items in enumerate(per_device):
-                self._step_tensors(items, group, elr if n_device == 0 else None)
+                with maximizing(items, group):
+                    self._step_tensors(items, group, elr if n_device == 0 else None)
             if group["scale_parameter"]:
                 group.pop("effective_lr", None)  # a device quantity: effective_lr_tensor / effective_lr()
             else:
@@ -211,6 +227,20 @@ class Adafactor(LowMemOptimizer):
             )
 
 
+@contextlib.contextmanager
+def maximizing(items: list[tuple[int, torch.Tensor]], group: dict):
+    """With ``group["maximize"]``: the gradients of ``items`` negated in place for the update, then restored
+    (negation is exact, so the gradients come back bit for bit); no copy of a gradient is made."""
+    grads = [local(param.grad) for _, param in items] if group.get("maximize") else []
+    if grads:
+        torch._foreach_neg_(grads)
+    try:
+        yield
+    finally:
+        if grads:
+            torch._foreach_neg_(grads)
+
+
 def _effective_lr_tensor(group: dict, param: torch.Tensor) -> torch.Tensor:
     tensor = group.get("effective_lr_tensor")
     if not isinstance(tensor, torch.Tensor) or tensor.device != param.device or tensor.dtype != torch.float32:
@@ -227,16 +257,25 @@ def _host_lr(group: dict, t: int) -> float:
     return min(min_step, 1.0 / math.sqrt(t))
 
 
-def momentum_spec(param: torch.Tensor, momentum_dtype: str, key: str) -> dict:
-    """``{state key: (shape, dtype)}`` of a momentum of ``param`` stored as ``momentum_dtype``.
+def momentum_spec(param: torch.Tensor, momentum_dtype: str, key: str) -> list[StateSpec]:
+    """The state specs of a momentum of ``param`` stored as ``momentum_dtype``: ``key_codes`` (int8) +
+    ``key_absmax`` (fp32 per 256) when quantized, an fp32 ``key`` of the param's shape otherwise.
 
     The choice follows the whole tensor's size; the shapes cover the local shard of a DTensor (codes
     padded to :func:`~.sharding.block_state_len`).
     """
     if quantized_momentum(param.numel(), momentum_dtype):
-        n = block_state_len(param)
-        return {f"{key}_codes": ((n,), torch.int8), f"{key}_absmax": ((num_blocks(n),), torch.float32)}
-    return {key: (tuple(local(param).shape), torch.float32)}
+        return codes_specs(key, block_state_len(param), signed=True)
+    return [StateSpec(key, tuple(local(param).shape), torch.float32, "moment")]
+
+
+def second_moment_specs(shape: tuple[int, ...], kind: str) -> list[StateSpec]:
+    """Factored ``exp_avg_{kind}_row`` / ``_col`` statistics of a >= 2-D ``shape`` (a full ``exp_avg_sq`` for
+    fewer dims when ``kind == "sq"``; nothing for CAME's instability of a 1-D param): fp32, >= 0."""
+    if len(shape) >= 2:
+        return [StateSpec(f"exp_avg_{kind}_row", shape[:-1], torch.float32, "square"),
+                StateSpec(f"exp_avg_{kind}_col", shape[:-2] + shape[-1:], torch.float32, "square")]
+    return [StateSpec("exp_avg_sq", shape, torch.float32, "square")] if kind == "sq" else []
 
 
 def convert_momentum_state(param: torch.Tensor, state: dict, group: dict, key: str, has_momentum: bool) -> dict:
@@ -311,3 +350,4 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError(f"Invalid beta1={beta1!r}: expected None or a number in [0, 1).")
     check_non_negative(group["weight_decay"], "weight_decay")
     check_choice(group["momentum_dtype"], MOMENTUM_DTYPES, "momentum_dtype")
+    check_bool(group.get("maximize", False), "maximize")

@@ -13,13 +13,12 @@ import torch
 from ..kernels.adamw8bit import adamw8bit_update
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, num_blocks, quantize_blockwise
 from ..kernels.rounding import step_seed
-from .base import LowMemOptimizer
+from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_eps, check_lr, check_non_negative
 
 __all__ = ["AdamW8bit"]
 
-_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _QUANTIZED_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
 
 
@@ -40,6 +39,8 @@ class AdamW8bit(LowMemOptimizer):
         eps: added to the denominator (> 0).
         weight_decay: decoupled weight decay coefficient (>= 0).
         maximize: ascend instead of descend.
+        foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
+            (no-ops: the update is always one fused kernel with device step counters); True raises.
         seed: base seed of the stochastic rounding; step ``t`` of tensor ``i`` rounds with
             ``rounding.step_seed(t, i, seed)``, so runs (and resumed runs) are reproducible.
 
@@ -58,25 +59,26 @@ class AdamW8bit(LowMemOptimizer):
         *,
         maximize: bool = False,
         seed: int = 0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
-        _check_hyperparameters(lr, betas, eps, weight_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=bool(maximize))
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-            for param in group["params"]:
-                if param.dtype not in _PARAM_DTYPES:
-                    raise TypeError(
-                        f"Invalid params: a parameter of shape {tuple(param.shape)} has dtype {param.dtype}; "
-                        "expected torch.float32, torch.bfloat16 or torch.float16."
-                    )
+        check_drop_in_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
+        _check_hyperparameters(lr, betas, eps, weight_decay, maximize)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed={seed!r}: expected an int.")
         self._seed = int(seed)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+    _foreign_group_keys = frozenset({"amsgrad", "decoupled_weight_decay"})  # torch.optim.AdamW / Adam state dicts
+
+    def _check_group(self, group: dict) -> None:
+        """Validate a param group like the constructor's arguments (``ValueError`` naming the argument)."""
+        if group.get("amsgrad"):
+            raise ValueError(f"Invalid amsgrad={group['amsgrad']!r}: {type(self).__name__} does not support AMSGrad.")
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["maximize"])
 
     # ------------------------------------------------------------------ state layout
     @staticmethod
@@ -106,19 +108,19 @@ class AdamW8bit(LowMemOptimizer):
         """A state buffer (paged optimizers override to allocate pinned host pages)."""
         return torch.zeros(numel, dtype=dtype, device=device)
 
-    def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
+    def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
+        """``step``; 8-bit ``exp_avg`` (signed) and ``exp_avg_sq`` (unsigned) codes + fp32 absmax per 256
+        elements for params of >= 4096 elements (padded to the shard layout for DTensors), fp32
+        ``exp_avg``/``exp_avg_sq`` of the param's (local) shape otherwise."""
         if self._is_quantized(param):
-            n = block_state_len(param)
-            nb = num_blocks(n)
-            return {
-                "step": ((), torch.float32),
-                "exp_avg_codes": ((n,), torch.int8),
-                "exp_avg_absmax": ((nb,), torch.float32),
-                "exp_avg_sq_codes": ((n,), torch.uint8),
-                "exp_avg_sq_absmax": ((nb,), torch.float32),
-            }
+            n, host = block_state_len(param), self._pages_on_host
+            return [step_spec(), *codes_specs("exp_avg", n, True, host), *codes_specs("exp_avg_sq", n, False, host)]
         shape = tuple(local(param).shape)
-        return {"step": ((), torch.float32), "exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
+        return [step_spec(), StateSpec("exp_avg", shape, torch.float32, "moment"),
+                StateSpec("exp_avg_sq", shape, torch.float32, "square")]
+
+    _pages_on_host = False
+    """Quantized state in host pages (the paged subclass)."""
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``): quantize or cast to fp32."""
@@ -149,20 +151,8 @@ class AdamW8bit(LowMemOptimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load our own or a ``torch.optim.AdamW`` state dict (quantizing its moments).
-
-        Raises ``ValueError`` (and leaves the optimizer unchanged) when the dict does not fit this
-        optimizer: wrong number of groups or params, missing or misshapen state, inf/NaN, invalid
-        hyperparameters, AMSGrad state.
-        """
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        for i, group in enumerate(groups if isinstance(groups, list) else []):
-            if not isinstance(group, dict):
-                raise ValueError(f"Invalid optimizer state dict: param group {i} is a {type(group).__name__}.")
-            if group.get("amsgrad"):
-                raise ValueError(f"Invalid optimizer state dict: param group {i} uses amsgrad=True (not supported).")
-            merged = {**self.defaults, **group}
-            _check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        """Load our own or a ``torch.optim.AdamW`` state dict (quantizing its moments), strictly as
+        :meth:`LowMemOptimizer.load_state_dict` describes; AMSGrad state is refused."""
         super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ step
@@ -173,8 +163,6 @@ class AdamW8bit(LowMemOptimizer):
         for offset, param in enumerate(group["params"]):
             if param.grad is None:
                 continue
-            if param.grad.is_sparse:
-                raise RuntimeError("AdamW8bit does not support sparse gradients.")
             state = self.state[param]
             if not state:
                 self._init_state(param, state)
@@ -210,6 +198,7 @@ class AdamW8bit(LowMemOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_grads()
         first_index = 0
         for group in self.param_groups:
             work = self._gather(group, first_index)
@@ -240,11 +229,13 @@ class AdamW8bit(LowMemOptimizer):
         )
 
 
-def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+def _check_hyperparameters(lr, betas, eps, weight_decay, maximize) -> None:
     check_lr(lr)
     check_betas(betas)
     check_eps(eps)
     check_non_negative(weight_decay, "weight_decay")
+    if not isinstance(maximize, bool):
+        raise ValueError(f"Invalid maximize={maximize!r}: expected True or False.")
 
 
 def _full_moment(param: torch.Tensor, state: dict, key: str) -> torch.Tensor:

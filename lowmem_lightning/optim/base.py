@@ -1,8 +1,9 @@
 """Bookkeeping shared by the package's optimizers (no update math lives here).
 
 * **Non-finite guard.** ``_finite_flags(grads)`` returns, for each gradient, a 0/1 fp32 flag on the
-  device (1 = every element finite), with no host sync: one fused ``_foreach_norm(inf)`` launch on
-  CUDA, an fp32 ``sum`` per tensor on CPU. Kernels receive the flag and leave params and state
+  device (1 = the fp32 sum of squares of the gradient is finite: no inf/NaN element and no
+  overflow of ``g * g`` or of its sums), with no host sync: one fused ``_foreach_norm(2)`` launch
+  on CUDA, one fp32 ``vector_norm`` per tensor on CPU. Kernels receive the flag and leave params and state
   untouched where it is 0; the number of skipped tensor updates accumulates on the device and is
   read (one sync) only through :attr:`LowMemOptimizer.skipped_updates`. For DTensor (sharded)
   gradients the flags agree across the ranks that shard them (:mod:`.sharding`).
@@ -19,52 +20,196 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .sharding import agree_on_flags, is_dtensor, local, unwrap_state, wrap_state
 
-__all__ = ["LowMemOptimizer"]
+__all__ = ["LowMemOptimizer", "StateSpec", "DROP_IN_FLAGS", "check_drop_in_flags"]
+
+DROP_IN_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+"""torch.optim implementation switches accepted as no-ops when None/False (our kernels are always fused,
+step counters always live on the device, and no optimizer step is differentiable)."""
+
+
+def check_drop_in_flags(**flags) -> None:
+    """Accept torch.optim's ``foreach``/``fused``/``capturable``/``differentiable`` when None or False;
+    ``ValueError`` naming the flag when one is True (or anything else)."""
+    for name, value in flags.items():
+        if value is not None and value is not False:
+            raise ValueError(
+                f"Invalid {name}={value!r}: accepted only as None or False (a no-op here: the update is always "
+                "one fused kernel with device-side step counters, and it is not differentiable)."
+            )
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor an optimizer keeps for one parameter (what :meth:`LowMemOptimizer.state_layout` lists).
+
+    Attributes:
+        name: the key in ``optimizer.state[param]`` and in state dicts.
+        shape: its shape (for a DTensor param: of the local shard's state).
+        dtype: its dtype.
+        role: ``"step"`` (0-d fp32 update counter, an integer >= 0), ``"codes"`` (8-bit block-wise
+            codes), ``"absmax"`` (fp32 block scales of codes, >= 0), ``"moment"`` (a signed fp32
+            statistic, e.g. a momentum) or ``"square"`` (a non-negative fp32 statistic: second moments,
+            row/column means, CAME's instability).
+        absmax: for ``codes``: the name of their block scales (one per 256 codes).
+        signed: for ``codes``: signed (int8) or unsigned (uint8) code.
+        host: kept in host memory between updates (paged optimizers), not on the param's device.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    role: str
+    absmax: str | None = None
+    signed: bool = True
+    host: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this tensor takes."""
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def step_spec() -> StateSpec:
+    """The 0-d fp32 step counter every optimizer of the package keeps."""
+    return StateSpec("step", (), torch.float32, "step")
+
+
+def codes_specs(prefix: str, numel: int, signed: bool, host: bool = False) -> list[StateSpec]:
+    """``prefix_codes`` (``numel`` 8-bit codes) and ``prefix_absmax`` (fp32, one per 256 codes)."""
+    blocks = -(-numel // 256)
+    return [
+        StateSpec(f"{prefix}_codes", (numel,), torch.int8 if signed else torch.uint8, "codes",
+                  absmax=f"{prefix}_absmax", signed=signed, host=host),
+        StateSpec(f"{prefix}_absmax", (blocks,), torch.float32, "absmax", host=host),
+    ]
+
+
+_NOT_HYPERPARAMETERS = {"self", "params", "seed", "gpu_budget_bytes", "page_prefetch", *DROP_IN_FLAGS}
+
+
+def hyperparameter_names(cls: type) -> set[str]:
+    """The param-group keys ``cls`` takes as constructor arguments (its signature, less params and switches)."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - _NOT_HYPERPARAMETERS
 
 
 class LowMemOptimizer(torch.optim.Optimizer):
     """Base class: non-finite guard, device step counters, dtype-preserving validated state dicts.
 
-    Subclasses implement ``step`` and may override :meth:`_expected_state` to describe the state
-    tensors a param must carry (used to validate loaded state dicts) and :meth:`_convert_foreign_state`
-    to accept another optimizer's state (e.g. torch AdamW -> 8-bit).
+    Subclasses implement ``step`` and :meth:`state_layout` (the state tensors a param carries, as data:
+    used to create state, to validate loaded state dicts and to size state) and may override
+    :meth:`_convert_foreign_state` to accept another optimizer's state (e.g. torch AdamW -> 8-bit),
+    :meth:`_check_group` to validate a param group's hyperparameters (constructor, ``add_param_group``
+    and ``load_state_dict`` all run it) and :attr:`_param_dtypes`.
+
+    ``copy.deepcopy`` and ``pickle`` keep every attribute (seeds, counters, options), so a copy steps
+    exactly as the original; hooks are not copied (as in torch).
     """
 
+    _param_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    """Param dtypes the kernels update; others are refused at construction and in ``add_param_group``."""
+
+    _foreign_group_keys: frozenset[str] = frozenset()
+    """Group keys of another optimizer whose state dicts this class converts (e.g. torch AdamW's
+    ``amsgrad``); accepted on load and dropped."""
+
+    _storage_keys: tuple[str, ...] = ()
+    """Group keys that choose how state is stored (``momentum_dtype``): a load keeps this optimizer's
+    value and converts the loaded state to it."""
+
+    _transient_attributes: tuple[str, ...] = ()
+    """Caches of device resources, dropped by deepcopy/pickle (re-created by :meth:`_reset_transient`)."""
+
     def __init__(self, params: Iterable, defaults: dict):
-        super().__init__(params, defaults)
         self._skipped: dict[torch.device, torch.Tensor] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ copy / pickle
+    def __getstate__(self) -> dict:
+        """Every attribute except hooks and device-resource caches (torch keeps only defaults/state/groups)."""
+        hooks = {name for name in self.__dict__ if name.startswith("_optimizer_") and name.endswith("_hooks")}
+        skip = hooks | set(self._transient_attributes) | {"_opt_called"}
+        return {name: value for name, value in self.__dict__.items() if name not in skip}
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore the attributes; hooks start empty and transient caches fresh."""
+        differentiable = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)
+        if not differentiable:
+            self.defaults.pop("differentiable", None)  # torch adds it; our groups do not carry it
+        self.__dict__.setdefault("_skipped", {})
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        """Re-create the attributes listed in :attr:`_transient_attributes` (default: none)."""
 
     # ------------------------------------------------------------------ param groups
     def _check_group(self, group: dict) -> None:
         """Validate one param group's hyperparameters (``ValueError`` naming the argument); default: none."""
 
     def add_param_group(self, param_group: dict) -> None:
-        """Add a param group, validated by :meth:`_check_group`; an invalid group is not added (``ValueError``)."""
+        """Add a param group, validated as the constructor's arguments are; an invalid group is not added.
+
+        Raises ``ValueError`` naming the argument (hyperparameters, torch's switches set to True) or
+        ``TypeError`` naming the group index, param index, shape and dtype of an unsupported param.
+        """
+        if isinstance(param_group, dict):
+            check_drop_in_flags(**{k: param_group[k] for k in DROP_IN_FLAGS if k in param_group})
+            param_group = {k: v for k, v in param_group.items() if k not in DROP_IN_FLAGS}
         super().add_param_group(param_group)
         try:
-            self._check_group(self.param_groups[-1])
-        except ValueError:
+            group = self.param_groups[-1]
+            self._check_params(len(self.param_groups) - 1, group["params"])
+            self._check_group(group)
+        except (ValueError, TypeError):
             self.param_groups.pop()
             raise
+
+    def _check_params(self, group_index: int, params: Sequence[torch.Tensor]) -> None:
+        """``TypeError`` for a param whose dtype the kernels do not update (complex, integer, float64...)."""
+        for index, param in enumerate(params):
+            if param.dtype not in self._param_dtypes:
+                allowed = ", ".join(map(str, self._param_dtypes))
+                raise TypeError(
+                    f"Invalid params: param group {group_index}, param {index} (shape {tuple(param.shape)}) has "
+                    f"dtype {param.dtype}; {type(self).__name__} updates {allowed} params."
+                )
 
     # ------------------------------------------------------------------ non-finite guard
     @property
     def skipped_updates(self) -> int:
-        """Number of (tensor, step) updates skipped because the gradient held inf or NaN.
+        """Number of (tensor, step) updates skipped because the gradient held inf or NaN, or elements
+        whose squares overflow fp32 (see :meth:`_finite_flags`).
 
         Reading it synchronises with the device; the step itself never does.
         """
         return int(sum(int(t.item()) for t in self._skipped.values()))
 
     def _finite_flags(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """fp32 tensor ``(len(grads),)`` on the grads' device: 1.0 where the whole gradient is finite.
+        """fp32 tensor ``(len(grads),)`` on the grads' device: 1.0 where the gradient is safe to apply.
+
+        Safe means the fp32 sum of squares of the gradient is finite (the flag is the isfinite of its
+        L2 norm, accumulated in fp32 without rescaling). That is 0 for any inf/NaN element and also for
+        any finite gradient whose ``g * g`` overflows fp32 (|g| > ~1.8e19) or whose squares summed
+        over the tensor overflow: every second-moment, row/column mean and RMS that an optimizer
+        forms from ``g * g`` is bounded by that sum, so no finite gradient that passes can produce
+        an infinite state.
 
         DTensor gradients are checked on the local shard and the flags combined across ranks (one
         collective), so all ranks skip or apply an update together.
@@ -73,13 +218,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             return torch.empty(0)
         distributed = [g for g in grads if is_dtensor(g)]
         grads = [local(g) for g in grads]
-        if grads[0].device.type == "cpu":
-            # an fp32 sum per tensor is inf/NaN iff an element is (or the sum overflows fp32, i.e. the
-            # gradient has blown up anyway); 6x faster on CPU than _foreach_norm(inf), which has no fused path
-            norms = [g.sum(dtype=torch.float32) for g in grads]
-        else:
-            norms = torch._foreach_norm(list(grads), float("inf"))  # one multi-tensor launch
-        flags = torch.stack(norms).isfinite().to(torch.float32)
+        flags = _square_sum_norms(grads, fused=grads[0].device.type != "cpu").isfinite().to(torch.float32)
         if distributed:
             agree_on_flags(flags, distributed)
         device = flags.device
@@ -98,16 +237,40 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """Yield ``(group, per_device)`` for every param group, where ``per_device`` lists, per device, the
         ``(global_index, param)`` pairs of the params that have a gradient (the global index counts
         every param of every group, so it is stable across steps). Sparse gradients raise."""
+        self._check_grads()
         index = 0
+        groups = []
         for group in self.param_groups:
             by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
             for param in group["params"]:
                 if param.grad is not None:
-                    if param.grad.is_sparse:
-                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
                     by_device[param.device].append((index, param))
                 index += 1
-            yield group, list(by_device.values())
+            groups.append((group, list(by_device.values())))
+        yield from groups
+
+    def _check_grads(self) -> None:
+        """Before any update: ``RuntimeError`` naming the param of a sparse gradient or of a gradient whose
+        shape or kind does not match its param (so a step never applies to some params and then raises)."""
+        index = 0
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is None:
+                    continue
+                where = f"param group {group_index}, param {param_index} (shape {tuple(param.shape)})"
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients: {where} has a sparse gradient "
+                        "(use torch.optim.SparseAdam or a dense gradient)."
+                    )
+                if not grad.is_floating_point() or grad.is_complex():
+                    raise RuntimeError(f"{type(self).__name__}: {where} has a gradient of dtype {grad.dtype}.")
+                if grad.shape != param.shape:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: {where} has a gradient of shape {tuple(grad.shape)}."
+                    )
+                index += 1
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         """``param``'s state, created on first use: a step counter and zeros for every other tensor of
@@ -121,10 +284,25 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
         return state
 
-    # ------------------------------------------------------------------ state dicts
+    # ------------------------------------------------------------------ state layout
+    def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
+        """The state tensors this optimizer keeps for ``param`` (in ``group``, default: the param's own
+        group), as :class:`StateSpec` data: name, shape, dtype, role, codes/absmax pairing, host or device.
+
+        It is the single description of the state: state creation, ``load_state_dict`` validation and
+        state sizing read it. Subclasses override it; the base class keeps only ``step``.
+        """
+        return [step_spec()]
+
+    def _group_of(self, param: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise ValueError(f"param of shape {tuple(param.shape)} is not in this optimizer.")
+
     def _expected_state(self, param: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """``{key: (shape, dtype)}`` every state tensor of ``param`` must have; empty = no check."""
-        return {}
+        """``{key: (shape, dtype)}`` of :meth:`state_layout` (kept for callers that want the short form)."""
+        return {spec.name: (tuple(spec.shape), spec.dtype) for spec in self.state_layout(param, group)}
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Turn a state saved by another optimizer into ours; default: return it unchanged."""
@@ -139,10 +317,16 @@ class LowMemOptimizer(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict, keeping saved state dtypes, converting foreign states and validating shapes.
+        """Load a state dict strictly, keeping saved state dtypes and converting foreign states.
 
-        Raises ``ValueError`` naming the parameter and key when a state tensor does not fit, and
-        leaves the optimizer unchanged in that case.
+        Refused with ``ValueError`` (and the optimizer left unchanged): a dict that is not an optimizer
+        state dict, another optimizer's (group keys of another class: the message names both), a
+        different number of groups or params, invalid hyperparameters, and per param a state whose key
+        set differs from :meth:`state_layout` or whose values cannot be ours (wrong shape or dtype, inf
+        or NaN, a negative block scale or second moment, a negative or fractional step), naming the
+        param index and key. Group keys added in later releases and missing from the dict get this
+        optimizer's defaults; storage choices (``momentum_dtype``) stay this optimizer's and the state
+        is converted to them. After the load, ``state_dict()`` has the same keys as before it.
         """
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             keys = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else "-"
@@ -152,48 +336,120 @@ class LowMemOptimizer(torch.optim.Optimizer):
             )
         saved = copy.deepcopy(state_dict)
         saved_groups = saved["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            count = len(saved_groups) if isinstance(saved_groups, list) else type(saved_groups).__name__
             raise ValueError(
-                f"Invalid optimizer state dict: it has {len(saved_groups)} param groups, this optimizer has "
+                f"Invalid optimizer state dict: it has {count} param groups, this optimizer has "
                 f"{len(self.param_groups)}."
             )
+        try:
+            by_id, converted = self._checked_state(saved)
+        except ValueError as err:
+            raise ValueError(f"{err}{self._origin_hint(saved_groups)}") from err
+        saved["state"] = converted
+        defaults = dict(self.defaults)
+        super().load_state_dict(saved)
+        self.defaults.clear()
+        self.defaults.update(defaults)  # torch's load adds `differentiable`
+        self._restore_dtypes(by_id, converted)
+
+    def _origin_hint(self, saved_groups: list) -> str:
+        """A note naming the class whose hyperparameters the saved group keys match best, when not this one."""
+        keys = set(saved_groups[0]) if saved_groups and isinstance(saved_groups[0], dict) else set()
+        owner = _likely_owner(keys)
+        if owner is None or owner in {cls.__name__ for cls in type(self).__mro__}:
+            return ""
+        if any(owner == sub.__name__ for sub in type(self).__subclasses__()):
+            return ""
+        return f" (its param groups look like a {owner} state dict's; this optimizer is a {type(self).__name__})"
+
+    def _checked_state(self, saved: dict) -> tuple[dict, dict]:
+        """``(by_id, converted)``: params and completed groups per saved param id, and the converted, validated
+        states; ``ValueError`` at the first problem."""
+        saved_groups = saved["param_groups"]
         by_id = {}
-        for group, saved_group in zip(self.param_groups, saved_groups):
+        for index, (group, saved_group) in enumerate(zip(self.param_groups, saved_groups)):
+            saved_groups[index] = saved_group = self._loaded_group(index, group, saved_group)
             if len(group["params"]) != len(saved_group["params"]):
                 raise ValueError(
-                    "Invalid optimizer state dict: a param group holds "
+                    f"Invalid optimizer state dict: param group {index} holds "
                     f"{len(saved_group['params'])} params, this optimizer's holds {len(group['params'])}."
                 )
             for param, pid in zip(group["params"], saved_group["params"]):
-                by_id[pid] = (param, group)
+                by_id[pid] = (param, saved_group)
         converted = {}
         for pid, state in saved["state"].items():
             if pid not in by_id:
                 raise ValueError(f"Invalid optimizer state dict: state for unknown param id {pid!r}.")
             param, group = by_id[pid]
+            if not isinstance(state, dict):
+                raise ValueError(f"Invalid optimizer state dict: param {pid!r} state is a {type(state).__name__}.")
             state = self._convert_foreign_state(param, unwrap_state(param, dict(state), pid), group)
+            state = {key: value for key, value in state.items() if value is not None}  # torch SGD's None buffer
             self._validate_state(pid, param, group, state)
             converted[pid] = state
-        saved["state"] = converted
-        super().load_state_dict(saved)
-        self._restore_dtypes(by_id, converted)
+        return by_id, converted
+
+    def _loaded_group(self, index: int, group: dict, saved_group) -> dict:
+        """A saved param group checked and completed for this optimizer (see :meth:`load_state_dict`)."""
+        name = type(self).__name__
+        if not isinstance(saved_group, dict) or not isinstance(saved_group.get("params"), list):
+            raise ValueError(f"Invalid optimizer state dict: param group {index} is not a dict with a 'params' list.")
+        ours = set(self.defaults)
+        foreign = set(saved_group) & (_all_hyperparameter_names() - ours - self._foreign_group_keys)
+        if foreign:
+            raise ValueError(
+                f"Invalid optimizer state dict: param group {index} has keys {sorted(foreign)} that {name} does not "
+                f"use ({name} groups have keys {sorted(ours)})."
+            )
+        merged = {**self.defaults, **saved_group}
+        for key in self._storage_keys:
+            merged[key] = group[key]
+        try:
+            self._check_group(merged)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"Invalid optimizer state dict: param group {index}: {err}") from err
+        for key in (*DROP_IN_FLAGS, *self._foreign_group_keys):
+            if key not in self.defaults:
+                merged.pop(key, None)
+        return merged
 
     def _validate_state(self, pid, param: torch.Tensor, group: dict, state: dict) -> None:
-        for key, (shape, dtype) in self._expected_state(param, group).items():
-            value = state.get(key)
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(
-                    f"Invalid optimizer state dict: param {pid!r} (shape {tuple(param.shape)}) lacks state "
-                    f"{key!r}; expected a {dtype} tensor of shape {shape}. Keys present: {sorted(state)}."
-                )
-            if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
-                raise ValueError(
-                    f"Invalid optimizer state dict: param {pid!r} state {key!r} is {value.dtype} "
-                    f"{tuple(value.shape)}, expected {dtype} {tuple(shape)} for a param of shape "
-                    f"{tuple(param.shape)}."
-                )
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(f"Invalid optimizer state dict: param {pid!r} state {key!r} holds inf or NaN.")
+        """``ValueError`` naming ``pid`` and the key unless ``state`` is exactly :meth:`state_layout`'s."""
+        layout = self.state_layout(param, group)
+        names = {spec.name for spec in layout}
+        present = {key for key, value in state.items() if value is not None}
+        if present != names:
+            missing, extra = sorted(names - present), sorted(present - names)
+            parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+            detail = "; ".join(parts)
+            raise ValueError(
+                f"Invalid optimizer state dict: param {pid!r} (shape {tuple(param.shape)}) has state keys "
+                f"{sorted(present)}; {type(self).__name__} keeps {sorted(names)} for it ({detail})."
+            )
+        for spec in layout:
+            self._validate_value(pid, param, spec, state[spec.name])
+
+    @staticmethod
+    def _validate_value(pid, param: torch.Tensor, spec: StateSpec, value) -> None:
+        where = f"Invalid optimizer state dict: param {pid!r} state {spec.name!r}"
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{where} is a {type(value).__name__}; expected a {spec.dtype} tensor of shape {spec.shape}."
+            )
+        if tuple(value.shape) != tuple(spec.shape) or value.dtype != spec.dtype:
+            raise ValueError(
+                f"{where} is {value.dtype} {tuple(value.shape)}, expected {spec.dtype} {tuple(spec.shape)} for a "
+                f"param of shape {tuple(param.shape)}."
+            )
+        if not value.is_floating_point():
+            return
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{where} holds inf or NaN.")
+        if spec.role in ("step", "absmax", "square") and (value < 0).any():
+            raise ValueError(f"{where} holds negative values (min {float(value.min())}); expected values >= 0.")
+        if spec.role == "step" and float(value) != math.floor(float(value)):
+            raise ValueError(f"{where} is {float(value)}; expected a whole number of steps >= 0.")
 
     def _state_device(self, param: torch.Tensor) -> torch.device:
         """Where ``param``'s state lives (its own device; paged optimizers override)."""
@@ -208,3 +464,36 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 current = loaded.get(key)
                 if isinstance(value, torch.Tensor) and (current.dtype != value.dtype or current.device != device):
                     loaded[key] = value.to(device=device)
+
+
+def _square_sum_norms(grads: Sequence[torch.Tensor], fused: bool) -> torch.Tensor:
+    """fp32 ``(len(grads),)``: each gradient's L2 norm accumulated in fp32 without rescaling, so it is inf
+    exactly when an element is inf/NaN or the sum of squares overflows fp32. ``fused``: one
+    ``_foreach_norm`` launch (CUDA); otherwise one ``vector_norm`` pass per tensor (faster on CPU)."""
+    if fused:
+        return torch.stack(torch._foreach_norm(list(grads), 2, dtype=torch.float32))
+    return torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads])
+
+
+def _all_hyperparameter_names() -> set[str]:
+    """Group keys of every registered optimizer (ours and torch's)."""
+    from .registry import available_optimizers, optimizer_class
+
+    names: set[str] = set()
+    for name in available_optimizers():
+        names |= hyperparameter_names(optimizer_class(name))
+    return names
+
+
+def _likely_owner(keys: set[str]) -> str | None:
+    """The registered optimizer class whose hyperparameters best match a saved group's ``keys``."""
+    from .registry import available_optimizers, optimizer_class
+
+    best, best_score = None, 0.0
+    for name in available_optimizers():
+        cls = optimizer_class(name)
+        names = hyperparameter_names(cls)
+        score = len(names & keys) / max(1, len(names | (keys & _all_hyperparameter_names())))
+        if score > best_score:
+            best, best_score = cls.__name__, score
+    return best

@@ -8,8 +8,16 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..kernels.came import came_update
-from .adafactor import MOMENTUM_DTYPES, check_eps_pair, convert_momentum_state, momentum_spec
-from .base import LowMemOptimizer
+from .adafactor import (
+    MOMENTUM_DTYPES,
+    check_bool,
+    check_eps_pair,
+    convert_momentum_state,
+    maximizing,
+    momentum_spec,
+    second_moment_specs,
+)
+from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
 from .sharding import block_state_head, local, shard_tensor_index, sum_reduce
 from .validation import check_betas, check_choice, check_non_negative
 
@@ -31,14 +39,20 @@ class CAME(LowMemOptimizer):
     Args:
         params: tensors or param-group dicts (fp32, bf16 or fp16; bf16/fp16 are written back with
             stochastic rounding). Grads may be any float dtype.
-        lr: learning rate (required, > 0); an LR scheduler may change ``group["lr"]``.
+        lr: learning rate (required, >= 0: 0 is allowed as in torch.optim, e.g. a warm-up's start); an
+            LR scheduler may change ``group["lr"]``.
         eps: ``(eps1, eps2)`` added to squared gradients and to the instability.
         clip_threshold: threshold on the RMS of the update (> 0).
         betas: ``(beta1, beta2, beta3)`` of the momentum, second moment and instability, in [0, 1).
         weight_decay: L2 penalty scaled by ``lr`` (>= 0).
         momentum_dtype: ``"float32"`` (``exp_avg``: about 4 bytes/param in all) or ``"int8"``
             (``exp_avg_codes`` int8 + ``exp_avg_absmax`` fp32 per 256 elements: about 1.02
-            bytes/param in all; tensors under 4096 elements keep fp32).
+            bytes/param in all; tensors under 4096 elements keep fp32). A storage choice:
+            ``load_state_dict`` keeps this optimizer's value and converts the loaded momentum to it.
+        maximize: ascend instead of descend (the gradient's sign is flipped in place around the
+            update and restored bit for bit; not in came-pytorch).
+        foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
+            (no-ops: the update is always our fused kernels with device step counters); True raises.
 
     ``group["effective_lr"]`` is set every step to ``float(group["lr"])``, the step size CAME
     applies (no device quantity is involved); :meth:`effective_lr` returns it per group.
@@ -57,7 +71,14 @@ class CAME(LowMemOptimizer):
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
         weight_decay: float = 0.0,
         momentum_dtype: str = "float32",
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
+        check_drop_in_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         defaults = dict(
             lr=lr,
             eps=eps,
@@ -65,9 +86,12 @@ class CAME(LowMemOptimizer):
             betas=betas,
             weight_decay=weight_decay,
             momentum_dtype=momentum_dtype,
+            maximize=maximize,
         )
         _check_hyperparameters(defaults, lr_required=False)  # groups may each bring their own lr
         super().__init__(params, defaults)
+
+    _storage_keys = ("momentum_dtype",)
 
     def _check_group(self, group: dict) -> None:
         """Validate a param group like the constructor's arguments (a group left without an lr included)."""
@@ -78,17 +102,13 @@ class CAME(LowMemOptimizer):
         return [float(group["lr"]) for group in self.param_groups]
 
     # ------------------------------------------------------------------ state
-    def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
+    def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
+        """``step``, the momentum (:func:`~.adafactor.momentum_spec`), and for >= 2-D params the factored
+        second moment and instability (``exp_avg_{sq,res}_{row,col}``), else a full ``exp_avg_sq``; fp32."""
+        group = self._group_of(param) if group is None else group
         shape = tuple(local(param).shape)
-        expected = {"step": ((), torch.float32)}
-        expected.update(momentum_spec(param, group["momentum_dtype"], "exp_avg"))
-        if len(shape) >= 2:
-            for kind in ("sq", "res"):
-                expected[f"exp_avg_{kind}_row"] = (shape[:-1], torch.float32)
-                expected[f"exp_avg_{kind}_col"] = (shape[:-2] + shape[-1:], torch.float32)
-        else:
-            expected["exp_avg_sq"] = (shape, torch.float32)
-        return expected
+        layout = [step_spec(), *momentum_spec(param, group["momentum_dtype"], "exp_avg")]
+        return layout + second_moment_specs(shape, "sq") + second_moment_specs(shape, "res")
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``came_pytorch.CAME`` states (int ``step``, ``RMS``) and ours of either ``momentum_dtype``."""
@@ -111,7 +131,8 @@ class CAME(LowMemOptimizer):
                 loss = closure()
         for group, per_device in self._params_by_device():
             for items in per_device:
-                self._step_tensors(items, group)
+                with maximizing(items, group):
+                    self._step_tensors(items, group)
             group["effective_lr"] = float(group["lr"])
         return loss
 
@@ -149,9 +170,9 @@ def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:
     if lr is None and not lr_required:
         pass
     elif lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)) or not (
-        math.isfinite(float(lr)) and float(lr) > 0
+        math.isfinite(float(lr)) and float(lr) >= 0
     ):
-        raise ValueError(f"Invalid lr={lr!r}: CAME requires a learning rate, a finite number > 0.")
+        raise ValueError(f"Invalid lr={lr!r}: CAME requires a learning rate, a finite number >= 0.")
     check_eps_pair(group["eps"], ("eps[0]", "eps[1]"))
     clip = group["clip_threshold"]
     check_non_negative(clip, "clip_threshold")
@@ -160,3 +181,4 @@ def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:
     check_betas(group["betas"], count=3)
     check_non_negative(group["weight_decay"], "weight_decay")
     check_choice(group["momentum_dtype"], MOMENTUM_DTYPES, "momentum_dtype")
+    check_bool(group.get("maximize", False), "maximize")

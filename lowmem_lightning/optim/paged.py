@@ -61,6 +61,8 @@ class PagedAdamW8bit(AdamW8bit):
     """
 
     is_paged = True
+    _pages_on_host = True
+    _transient_attributes = ("_resident", "_copy_streams", "_budgets")
 
     def __init__(
         self,
@@ -74,17 +76,35 @@ class PagedAdamW8bit(AdamW8bit):
         seed: int = 0,
         gpu_budget_bytes: int | None = None,
         page_prefetch: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ):
         if gpu_budget_bytes is not None and (
             not isinstance(gpu_budget_bytes, int) or isinstance(gpu_budget_bytes, bool) or gpu_budget_bytes < 0
         ):
             raise ValueError(f"Invalid gpu_budget_bytes={gpu_budget_bytes!r}: expected None (auto) or an int >= 0.")
-        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize, seed=seed)
+        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize, seed=seed, foreach=foreach,
+                         fused=fused, capturable=capturable, differentiable=differentiable)
         self.gpu_budget_bytes = gpu_budget_bytes
         self.page_prefetch = bool(page_prefetch)
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        """Fresh residency caches (after construction, deepcopy or unpickling); pages pinned again on CUDA."""
         self._budgets: dict[torch.device, int] = {}
         self._resident: OrderedDict[torch.Tensor, _Resident] = OrderedDict()
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+        for param, state in self.state.items():
+            for key in _QUANTIZED_KEYS:
+                if key in state and param.device.type == "cuda" and not state[key].is_pinned():
+                    state[key] = _host_page(state[key].detach().cpu(), param.device)
+
+    def __getstate__(self) -> dict:
+        """As :class:`LowMemOptimizer`'s, after pending copies back to the pages finished (they are the state)."""
+        self._drain()
+        return super().__getstate__()
 
     # ------------------------------------------------------------------ host pages
     @staticmethod

@@ -8,7 +8,7 @@ import torch
 
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, num_blocks, quantize_reference
 from ..kernels.sgd import sgd_update
-from .base import LowMemOptimizer
+from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
 from .validation import check_choice, check_lr, check_non_negative
 
@@ -38,7 +38,10 @@ class SGD(LowMemOptimizer):
         maximize: maximize the objective instead of minimizing it.
         momentum_dtype: ``"float32"`` (4 bytes/param, bit-for-bit the math of torch) or ``"int8"``
             (the signed block-wise 8-bit code: 1.016 bytes/param; tensors under 4096 elements keep
-            fp32).
+            fp32). A storage choice: ``load_state_dict`` keeps this optimizer's value and converts
+            the loaded momentum to it.
+        foreach, fused, differentiable: torch.optim.SGD's switches, accepted as None/False (no-ops:
+            the update is always one fused kernel); True raises.
 
     State per param: ``step`` (0-d fp32 counter of applied updates; it also seeds stochastic
     rounding) and, with momentum, ``momentum_buffer`` (fp32, the param's shape) or
@@ -57,7 +60,12 @@ class SGD(LowMemOptimizer):
         nesterov: bool = False,
         maximize: bool = False,
         momentum_dtype: str = "float32",
+        *,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ):
+        check_drop_in_flags(foreach=foreach, fused=fused, differentiable=differentiable)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -69,6 +77,8 @@ class SGD(LowMemOptimizer):
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+
+    _storage_keys = ("momentum_dtype",)
 
     def _check_group(self, group: dict) -> None:
         """Validate a param group like the constructor's arguments."""
@@ -92,16 +102,17 @@ class SGD(LowMemOptimizer):
                 state["momentum_buffer"] = torch.zeros_like(local(param), dtype=torch.float32)
         return state
 
-    def _expected_state(self, param: torch.Tensor, group: dict) -> dict:
-        expected = {"step": ((), torch.float32)}
+    def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
+        """``step``; with momentum ``momentum_codes`` (int8) + ``momentum_absmax`` (fp32 per 256) for an int8
+        momentum of >= 4096 elements, else an fp32 ``momentum_buffer`` of the param's (local) shape."""
+        group = self._group_of(param) if group is None else group
+        layout = [step_spec()]
         if group["momentum"] != 0:
-            n = block_state_len(param)
             if self._quantized(param, group):
-                expected["momentum_codes"] = ((n,), torch.int8)
-                expected["momentum_absmax"] = ((num_blocks(n),), torch.float32)
+                layout += codes_specs("momentum", block_state_len(param), signed=True)
             else:
-                expected["momentum_buffer"] = (tuple(local(param).shape), torch.float32)
-        return expected
+                layout.append(StateSpec("momentum_buffer", tuple(local(param).shape), torch.float32, "moment"))
+        return layout
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept torch.optim.SGD states and our own of the other ``momentum_dtype``.
