@@ -57,7 +57,7 @@ from .codec import (
     encode_signed_reference,
     quantize_reference,
 )
-from .dispatch import cpu_compiled, scalar_args, use_triton
+from .dispatch import choose, cpu_compiled, scalar_args
 from .rounding import round_param_reference, store_param
 
 __all__ = [
@@ -809,6 +809,7 @@ def adafactor_update(
     warmup_init: bool,
     tensor_index: int,
     reduce=None,
+    backend: str | None = None,
 ) -> None:
     """Apply one Adafactor step in place to ``param`` and its state. Never synchronizes.
 
@@ -819,14 +820,19 @@ def adafactor_update(
     device. ``elr``: a 0-d fp32 tensor that receives the step size ``lr_t``, or None. Triton on
     CUDA (five launches factored, three 1-D), the ``torch.compile``'d reference on CPU.
 
-    ``reduce``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is given: the eager
-    reference runs with every sum completed across ranks (on any device, also for an empty shard,
-    since every rank must join the collectives).
+    ``reduce``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is given: every sum
+    of the eager reference is completed across ranks (also for an empty shard, since every rank must
+    join the collectives); the caller then passes ``backend="eager"``. ``backend``: ``"triton"``,
+    ``"compiled"`` or ``"eager"``; None lets :func:`.dispatch.choose` decide from the device and size.
     """
     if param.numel() == 0 and reduce is None:
         return
+    backend = backend or choose(param.device, param.numel())
+    if reduce is not None and backend != "eager":
+        raise ValueError(f"Invalid backend={backend!r} for a sharded tensor: expected 'eager' (the reference "
+                         "completes its sums across ranks).")
     work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
-    if use_triton(param) and reduce is None:
+    if backend == "triton":
         _launch(work, g, v_, vc_, m_, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
                 weight_decay, scale_parameter, relative_step, warmup_init, tensor_index)
     else:
@@ -838,12 +844,12 @@ def adafactor_update(
         if reduce is not None:
             _adafactor_inplace(*args, reduce)
         elif absmax is not None:
-            u, lr_t = _DIRECTION_CPU[vc is not None](work, g, v_, vc_, step, flag, hp, elr, relative_step,
+            u, lr_t = _DIRECTION_CPU[vc is not None].on(backend)(work, g, v_, vc_, step, flag, hp, elr, relative_step,
                                                      warmup_init, scale_parameter)
             if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
-                _MOMENTUM_APPLY_CPU(*as_blocks(work, u, m_), absmax, lr_t, step, None, hp)
+                _MOMENTUM_APPLY_CPU.on(backend)(*as_blocks(work, u, m_), absmax, lr_t, step, None, hp)
         else:
-            _ADAFACTOR_CPU[vc is not None](*args)
+            _ADAFACTOR_CPU[vc is not None].on(backend)(*args)
     if work.data_ptr() != param.data_ptr():
         param.copy_(work.view(param.shape))
 
