@@ -7,8 +7,9 @@ import torch
 
 from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.kernels.codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
+from lowmem_lightning.kernels.rounding import index_seed_reference as sgd_seed_reference
 from lowmem_lightning.kernels.rounding import step_seed
-from lowmem_lightning.kernels.sgd import sgd_reference, sgd_seed_reference, sgd_update
+from lowmem_lightning.kernels.sgd import sgd_reference, sgd_update
 from lowmem_lightning.optim import build_optimizer, state_memory
 from lowmem_lightning.optim.sgd import SGD
 

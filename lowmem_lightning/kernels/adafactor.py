@@ -58,13 +58,12 @@ from .codec import (
     quantize_reference,
 )
 from .dispatch import choose, cpu_compiled, scalar_args
-from .rounding import round_param_reference, store_param
+from .rounding import index_seed, index_seed_reference, round_param_reference, store_param
 
 __all__ = [
     "TILES",
     "tile_shape",
     "factored_shape",
-    "seed_reference",
     "adafactor_reference",
     "adafactor_update",
 ]
@@ -82,9 +81,6 @@ FINALIZE_BLOCK = 128
 FLAT_BLOCK = 1024
 """Elements per program of the 1-D statistics kernel."""
 
-_SEED_STEP = 7_919
-_SEED_INDEX = 104_729
-_SEED_MASK = 0x7FFFFFFF
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,13 +110,6 @@ def beta_of_step(step, decay, one_minus_decay, beta_from_step):
 def inv_sqrt(x):
     """``1 / sqrt(x)``, correctly rounded division and root (the reference does the same two ops)."""
     return tl.div_rn(1.0, tl.sqrt_rn(x))
-
-
-@triton.jit
-def device_seed(step_ptr, tensor_index):
-    """Stochastic-rounding seed from the device step counter and the tensor index (see :func:`seed_reference`)."""
-    step = tl.load(step_ptr)
-    return (step.to(tl.int64) * 7919 + tensor_index.to(tl.int64) * 104729) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -410,7 +399,7 @@ def _adafactor_update_kernel(
         u = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, MOMENTUM == 2)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr_t)) - u
-    store_param(p_ptr, p, offs, mask, device_seed(step_ptr, tensor_index), True)
+    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
 
 
 def tile_shape(cols: int) -> tuple[int, int]:
@@ -511,11 +500,6 @@ variant of each kernel for the bf16, fp16 and (fp32 param, bf16 grad) pairs."""
 def factored_shape(shape: torch.Size | tuple) -> tuple[int, int, int]:
     """``(B, R, C)`` view of a tensor of >= 2 dims: leading dims flattened into a batch ``B``."""
     return (math.prod(shape[:-2]), shape[-2], shape[-1])
-
-
-def seed_reference(step: torch.Tensor, tensor_index: torch.Tensor) -> torch.Tensor:
-    """Stochastic-rounding seed ``(step * 7919 + tensor_index * 104729) & 0x7FFFFFFF`` on the device."""
-    return (step.to(torch.int64) * _SEED_STEP + tensor_index.to(torch.int64) * _SEED_INDEX) & _SEED_MASK
 
 
 def inv_sqrt_reference(x: torch.Tensor) -> torch.Tensor:
@@ -693,7 +677,7 @@ def adafactor_apply_reference(
     if m is not None:
         u, m, absmax = momentum_update_reference(m, absmax, u, beta1, omb1, ok)
     new_p = p + p * (-(weight_decay * lr_t)) - u
-    seed = seed_reference(step, tensor_index)
+    seed = index_seed_reference(step, tensor_index)
     new_p = masked_reference(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
     return new_p, m, absmax
 

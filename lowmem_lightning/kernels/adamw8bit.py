@@ -33,7 +33,6 @@ File order: Triton kernel, PyTorch reference, launcher.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,18 +50,11 @@ from .codec import (
     encode_signed_reference,
     encode_unsigned,
     encode_unsigned_reference,
-    num_blocks,
     sqrt_rn_reference,
 )
-from .dispatch import (
-    PARAM_GRAD_DTYPE_PAIRS,
-    cpu_compile_wanted,
-    cpu_compiled,
-    table_to_device,
-    triton_dtype,
-    use_triton,
-)
-from .rounding import round_param_reference, store_param
+from .dispatch import cpu_compile_wanted, cpu_compiled, triton_dtype, use_triton
+from .multitensor import PARAM_GRAD_DTYPE_PAIRS, bucket, kernel_inputs, launch_table, tile_map, write_back
+from .rounding import device_seed, round_param_reference, seed_reference, store_param
 
 __all__ = [
     "ROWS",
@@ -82,8 +74,6 @@ _POW_BITS = 24
 _NUM_FIELDS = 11
 """Rows of the launch table: param, grad, m, m_absmax, v, v_absmax, step, flag, numel, first tile, seed base."""
 
-_SEED_STEP_STRIDE = 7919
-"""``step_seed(step, i, b) == (step_seed(0, i, b) + step * 7919) & 0x7FFFFFFF`` (see :mod:`.rounding`)."""
 
 
 
@@ -172,7 +162,7 @@ def _adamw8bit_kernel(
         v = tl.load(v_ptr + offs, mask=in_bounds, other=0.0)
 
     step = tl.load(step_ptr)
-    seed = (seed_base + step.to(tl.int64) * 7919) & 0x7FFFFFFF  # == rounding.step_seed(step, index, base)
+    seed = device_seed(step, seed_base)  # == rounding.step_seed(step, index, base)
     beta1_t, beta2_t = _beta_powers(beta1, beta2, step)
     step_size = tl.div_rn(lr, 1.0 - beta1_t)
     bc2_sqrt = tl.sqrt_rn(1.0 - beta2_t)
@@ -264,7 +254,7 @@ def step_terms_reference(
     """
     step_size = hp[0] / (1.0 - _pow_by_squaring_reference(hp[1], steps))
     bc2_sqrt = sqrt_rn_reference(1.0 - _pow_by_squaring_reference(hp[2], steps))
-    seeds = (seed_bases + steps.to(torch.int64) * _SEED_STEP_STRIDE) & 0x7FFFFFFF
+    seeds = seed_reference(steps, seed_bases)
     return torch.stack([step_size, bc2_sqrt], dim=-1), seeds
 
 
@@ -438,14 +428,12 @@ def adamw8bit_update(
     the reference (compiled on CPU), one call per tensor. Nothing synchronises with the device.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    buckets: dict[tuple, list[int]] = {}
-    on_reference: dict[torch.device, list[int]] = {}
-    for i, param in enumerate(params):
-        if use_triton(param):
-            key = (exp_avg_absmaxes[i] is not None, param.dtype, grads[i].dtype, param.device)
-            buckets.setdefault(key, []).append(i)
-        else:
-            on_reference.setdefault(param.device, []).append(i)
+    groups = bucket(len(params), lambda i: (
+        (exp_avg_absmaxes[i] is not None, params[i].dtype, grads[i].dtype, params[i].device)
+        if use_triton(params[i]) else params[i].device
+    ))
+    buckets = {key: idx for key, idx in groups.items() if isinstance(key, tuple)}
+    on_reference = {key: idx for key, idx in groups.items() if not isinstance(key, tuple)}
     for device, idx in on_reference.items():
         hp = hyperparameter_tensor(**hyper, device=device)
         seeds = torch.tensor([seed_bases[i] for i in idx], dtype=torch.int64, device=device)
@@ -505,46 +493,29 @@ def _blockwise(core, param, grad, m, m_absmax, v, v_absmax, *args):
     v.copy_(padded[3].view(-1)[:n])
 
 
-@functools.lru_cache(maxsize=64)
-def _tile_owner(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple[int, ...], int]:
-    """(tile -> tensor map on ``device``, first tile of each tensor, number of tiles) for these sizes."""
-    tiles = [triton.cdiv(num_blocks(n), ROWS) for n in numels]
-    firsts, total = [], 0
-    for count in tiles:
-        firsts.append(total)
-        total += count
-    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(tiles))
-    return owner.to(device), tuple(firsts), total
-
-
 def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, quantized: bool, hyper: dict):
     device = params[0].device
-    work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    grads = [g if g.dtype in (torch.float32, torch.bfloat16, torch.float16) else g.float() for g in grads]
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    work, grads = kernel_inputs(params, grads)
     numels = tuple(p.numel() for p in work)
-    owner, firsts, num_tiles = _tile_owner(numels, device)
+    owner, firsts, num_tiles = tile_map(numels, device, ROWS * BLOCK_SIZE)
     if num_tiles == 0:
         return
-    m_abs = [a.data_ptr() if quantized else 0 for a in m_absmaxes]
-    v_abs = [a.data_ptr() if quantized else 0 for a in v_absmaxes]
-    table = torch.tensor(
+    table = launch_table(
         [
             [p.data_ptr() for p in work],
             [g.data_ptr() for g in grads],
             [m.data_ptr() for m in ms],
-            m_abs,
+            [a.data_ptr() if quantized else 0 for a in m_absmaxes],
             [v.data_ptr() for v in vs],
-            v_abs,
+            [a.data_ptr() if quantized else 0 for a in v_absmaxes],
             [s.data_ptr() for s in steps],
             [f.data_ptr() for f in flags],
-            list(numels),
-            list(firsts),
-            list(seeds),
+            numels,
+            firsts,
+            seeds,
         ],
-        dtype=torch.int64,
+        device,
     )
-    table = table_to_device(table, device)
     _adamw8bit_kernel[(num_tiles,)](
         table,
         owner,
@@ -562,6 +533,4 @@ def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, 
         BLOCK=BLOCK_SIZE,
         enable_fp_fusion=False,
     )
-    for param, w in zip(params, work):
-        if w is not param:
-            param.copy_(w)
+    write_back(params, work)

@@ -48,7 +48,6 @@ from .adafactor import (
     as_blocks,
     block_direction,
     clip_divisor_reference,
-    device_seed,
     ema,
     ema_reference,
     factored_scale_reference,
@@ -61,14 +60,13 @@ from .adafactor import (
     momentum_block,
     momentum_update_reference,
     row_tile,
-    seed_reference,
     state_views,
     store_row_ema,
     tile_shape,
 )
 from .codec import BLOCK_SIZE, decode_signed
 from .dispatch import choose, cpu_compiled, scalar_args
-from .rounding import round_param_reference, store_param
+from .rounding import index_seed, index_seed_reference, round_param_reference, store_param
 
 __all__ = ["came_reference", "came_update"]
 
@@ -165,7 +163,7 @@ def _came_update_kernel(
         upd = m
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr)) - upd * lr
-    store_param(p_ptr, p, offs, mask, device_seed(step_ptr, tensor_index), True)
+    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
 
 
 def _res_signature(grad: str, quantized: bool) -> dict:
@@ -270,7 +268,7 @@ def came_finish_reference(
     else:
         upd = new_m
     new_p = p + p * (-(weight_decay * lr)) - upd * lr
-    seed = seed_reference(step, tensor_index)
+    seed = index_seed_reference(step, tensor_index)
     new_p = torch.where(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
     return new_p, sr, sc
 

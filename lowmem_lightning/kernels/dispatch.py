@@ -44,8 +44,6 @@ __all__ = [
     "cpu_compile_wanted",
     "scalar_args",
     "triton_dtype",
-    "PARAM_GRAD_DTYPE_PAIRS",
-    "table_to_device",
 ]
 
 DEFAULT_COMPILE_MIN_NUMEL = 2**20
@@ -203,22 +201,3 @@ def triton_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
-PARAM_GRAD_DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.float32, torch.bfloat16),
-    (torch.float32, torch.float16),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-]
-"""(param dtype, grad dtype) pairs the multi-tensor launchers are compiled for ahead of time."""
-
-
-def table_to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host launch table to ``device`` without synchronising (pinned, non-blocking on CUDA)."""
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)

@@ -32,7 +32,6 @@ File order: Triton kernel, PyTorch reference, launcher.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -48,25 +47,15 @@ from .codec import (
     encode_signed_reference,
     quantize_reference,
 )
-from .dispatch import (
-    PARAM_GRAD_DTYPE_PAIRS,
-    cpu_compile_wanted,
-    cpu_compiled,
-    scalar_args,
-    table_to_device,
-    triton_dtype,
-    use_triton,
-)
-from .rounding import round_param_reference, store_param
+from .dispatch import cpu_compile_wanted, cpu_compiled, scalar_args, triton_dtype, use_triton
+from .multitensor import PARAM_GRAD_DTYPE_PAIRS, kernel_inputs, launch_table, tile_map, write_back
+from .rounding import index_seed, index_seed_reference, round_param_reference, store_param
 
-__all__ = ["ROWS", "sgd_reference", "sgd_update", "sgd_seed_reference"]
+__all__ = ["ROWS", "sgd_reference", "sgd_update"]
 
 ROWS = 4
 """Quantization blocks (of ``BLOCK_SIZE`` elements) handled by one Triton program."""
 
-_SEED_STEP = 7_919
-_SEED_INDEX = 104_729
-_SEED_MASK = 0x7FFFFFFF
 
 
 @triton.jit
@@ -137,7 +126,7 @@ def _sgd_kernel(
         else:
             tl.store(buf_ptr + offs, buf, mask=mask)
     p = p - lr * d
-    seed = (step.to(tl.int64) * 7919 + tensor_index * 104729) & tl.full((), 0x7FFFFFFF, tl.int64)
+    seed = index_seed(step, tensor_index)
     store_param(param_ptr, p, offs, mask, seed, True)
 
 
@@ -168,12 +157,6 @@ AOT_SPECS = [
 # --------------------------------------------------------------------------------------------------
 # PyTorch reference (the specification, the CPU path and the test oracle)
 # --------------------------------------------------------------------------------------------------
-
-
-def sgd_seed_reference(step: torch.Tensor, tensor_index: torch.Tensor | int) -> torch.Tensor:
-    """Stochastic-rounding seed of a step: ``rounding.step_seed(step, tensor_index)`` computed on the device."""
-    index = tensor_index.to(torch.int64) if isinstance(tensor_index, torch.Tensor) else tensor_index
-    return (step.to(torch.int64) * _SEED_STEP + index * _SEED_INDEX) & _SEED_MASK
 
 
 def sgd_reference(
@@ -208,7 +191,7 @@ def sgd_reference(
             new_buf, new_absmax = torch.where(ok, codes, buf), torch.where(ok, scales, absmax)
         else:
             new_buf = torch.where(ok, momentum_buf, buf)
-    seed = sgd_seed_reference(step, tensor_index)
+    seed = index_seed_reference(step, tensor_index)
     rounded = round_param_reference(p - lr * d, param.dtype, seed, stochastic=True)
     return torch.where(ok, rounded, param), new_buf, new_absmax
 
@@ -262,7 +245,7 @@ def _sgd8bit_fast_one(param, grad, codes, absmax, step, flag, hyper, tensor_inde
         return
     step_value = int(step.item())
     lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign = hyper
-    seed = int(sgd_seed_reference(step, tensor_index).item())
+    seed = int(index_seed_reference(step, tensor_index).item())
     _sgd8bit_fast_cpu(param.view(-1, BLOCK_SIZE), grad.reshape(-1, BLOCK_SIZE), codes.view(-1, BLOCK_SIZE),
                       absmax.view(-1, 1), lr, weight_decay, momentum, one_minus_dampening, bool(nesterov), grad_sign,
                       step_value == 0, seed)
@@ -316,25 +299,14 @@ def sgd_update(
                 [tensor_indices[i] for i in idx], hyper, has_momentum, quantized)
 
 
-@functools.lru_cache(maxsize=64)
-def _tiles(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple[int, ...], int]:
-    """(tile -> tensor map on ``device``, first tile of each tensor, total tiles) for these tensor sizes."""
-    counts = [triton.cdiv(n, ROWS * BLOCK_SIZE) for n in numels]
-    firsts = tuple(sum(counts[:i]) for i in range(len(counts)))
-    owner = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), torch.tensor(counts))
-    return owner.to(device), firsts, sum(counts)
-
-
 def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, has_momentum, quantized) -> None:
     device = params[0].device
-    work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    grads = [g if g.dtype in (torch.float32, torch.bfloat16, torch.float16) else g.float() for g in grads]
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    work, grads = kernel_inputs(params, grads)
     numels = tuple(p.numel() for p in work)
-    owner, firsts, num_tiles = _tiles(numels, device)
+    owner, firsts, num_tiles = tile_map(numels, device, ROWS * BLOCK_SIZE)
     if num_tiles == 0:
         return
-    table = torch.tensor(
+    table = launch_table(
         [
             [p.data_ptr() for p in work],
             [g.data_ptr() for g in grads],
@@ -342,13 +314,12 @@ def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, 
             [0 if a is None else a.data_ptr() for a in absmaxes],
             [s.data_ptr() for s in steps],
             [f.data_ptr() for f in flags],
-            list(numels),
-            list(firsts),
+            numels,
+            firsts,
             [int(i) for i in tensor_indices],
         ],
-        dtype=torch.int64,
+        device,
     )
-    table = table_to_device(table, device)
     _sgd_kernel[(num_tiles,)](
         table,
         owner,
@@ -362,6 +333,4 @@ def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, 
         BLOCK=BLOCK_SIZE,
         enable_fp_fusion=False,
     )
-    for param, w in zip(params, work):
-        if w is not param:
-            param.copy_(w)
+    write_back(params, work)
