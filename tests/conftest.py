@@ -1,11 +1,13 @@
 """Test-wide setup.
 
 Triton runs on CPU tensors through its interpreter: ``TRITON_INTERPRET=1`` must be set before
-``triton`` is first imported, so it is set here, at collection time. Kernel-equality tests set
-``LOWMEM_FORCE_TRITON=1`` (fixture ``force_triton``) to route CPU tensors to the Triton launchers.
-Compile checks (``test_kernels_aot.py``) run in a subprocess without the interpreter.
-The CPU path's torch.compile is disabled by default in tests (``LOWMEM_CPU_COMPILE=0``) to keep the
-suite fast; tests that exercise the compiled path enable it explicitly.
+``triton`` is first imported, so it is set here, at collection time. Kernel-equality tests route CPU
+tensors to the Triton launchers through the dispatch settings (fixture ``force_triton``, or
+``dispatch.configure(force_triton=...)`` inside a test; every test starts from and returns to the
+settings read at import). Compile checks (``test_kernels_aot.py``) run in a subprocess without the
+interpreter. The CPU path's torch.compile is disabled by default in tests (``LOWMEM_CPU_COMPILE=0``,
+read once when ``dispatch`` is imported) to keep the suite fast; tests of the compiled path enable it
+(fixture ``cpu_compile``).
 """
 
 import os
@@ -17,19 +19,28 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lowmem_lightning.kernels import dispatch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _dispatch_settings():
+    """Every test starts from the settings read at import and cannot leak its changes."""
+    with dispatch.override():
+        yield
+
 
 @pytest.fixture
-def force_triton(monkeypatch):
+def force_triton():
     """Route CPU tensors to the Triton kernels (run by the interpreter)."""
-    monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1")
-    yield
+    with dispatch.override(force_triton=True):
+        yield
 
 
 @pytest.fixture
-def cpu_compile(monkeypatch):
+def cpu_compile():
     """Enable the torch.compile'd CPU path for one test."""
-    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "1")
-    yield
+    with dispatch.override(cpu_compile="always"):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from optim_helpers import (
     run_optimizer,
 )
 
+from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.kernels.codec import BLOCK_SIZE
 from lowmem_lightning.optim import build_optimizer, state_memory
 from lowmem_lightning.optim.adafactor import Adafactor
@@ -87,9 +88,9 @@ KERNEL_CASES = [
 def test_triton_kernels_match_reference(force_triton, monkeypatch, shape, dtype, kwargs):
     p0 = torch.randn(shape)
     grads = random_grads([shape], 2, seed=3)
-    monkeypatch.setenv("LOWMEM_FORCE_TRITON", "0")
+    dispatch.configure(force_triton=False)
     (ref,), ref_opt = run_optimizer(lambda ps: Adafactor(ps, **kwargs), [p0], grads, dtype)
-    monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1")
+    dispatch.configure(force_triton=True)
     (ours,), opt = run_optimizer(lambda ps: Adafactor(ps, **kwargs), [p0], grads, dtype)
     assert_states_match(ref_opt.state[ref], opt.state[ours])
     if dtype == torch.float32:
@@ -103,7 +104,7 @@ def test_triton_kernels_match_reference(force_triton, monkeypatch, shape, dtype,
 @pytest.mark.parametrize("momentum_dtype", ["float32", "int8"])
 @pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
 def test_non_finite_gradient_skips_that_tensor(force_triton, monkeypatch, triton_path, momentum_dtype):
-    monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1" if triton_path else "0")
+    dispatch.configure(force_triton=triton_path)
     factory = lambda ps: Adafactor(ps, beta1=0.9, momentum_dtype=momentum_dtype)  # noqa: E731
     assert_non_finite_gradient_skips_that_tensor(factory, float("inf"))
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lowmem_lightning.kernels import adamw8bit as kernel
+from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.kernels.rounding import step_seed
 from lowmem_lightning.optim import build_optimizer, state_memory
 from lowmem_lightning.optim.adamw8bit import AdamW8bit
@@ -64,10 +65,10 @@ def _run(params, steps, grad_dtype=torch.float32, nan_at=None, **kwargs):
 def test_triton_kernel_equals_reference(monkeypatch, param_dtype, grad_dtype):
     # Two steps over odd shapes in one multi-tensor launch per group; the second step has a NaN
     # gradient in one tensor, which the kernel must leave untouched while its neighbours update.
-    monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1")
+    dispatch.configure(force_triton=True)
     tri_params = _make_params(param_dtype)
     tri = _run(tri_params, 2, grad_dtype, nan_at=(1, 1))
-    monkeypatch.setenv("LOWMEM_FORCE_TRITON", "0")
+    dispatch.configure(force_triton=False)
     ref_params = _make_params(param_dtype)
     ref = _run(ref_params, 2, grad_dtype, nan_at=(1, 1))
     start = _make_params(param_dtype)
@@ -91,7 +92,7 @@ def test_launch_groups_tensors_by_dtype(monkeypatch):
             return real[grid]
 
     monkeypatch.setattr(kernel, "_adamw8bit_kernel", Spy())
-    monkeypatch.setenv("LOWMEM_FORCE_TRITON", "1")
+    dispatch.configure(force_triton=True)
     params = _make_params(torch.float32, [(4097,), (4100,), (10,), (20,)])
     _run(params, 1)
     assert len(calls) == 2
@@ -229,7 +230,7 @@ def test_compiled_cpu_path_does_not_recompile_on_lr_change(cpu_compile):
 def test_compiled_cpu_path_matches_eager(monkeypatch):
     eager_params = _make_params(torch.float32, [(4097,), (30,)])
     _run(eager_params, 3)
-    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "1")
+    dispatch.configure(cpu_compile="always")
     compiled_params = _make_params(torch.float32, [(4097,), (30,)])
     _run(compiled_params, 3)
     for a, b in zip(compiled_params, eager_params):
@@ -239,7 +240,7 @@ def test_compiled_cpu_path_matches_eager(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_cpu_path_skips_non_finite_and_matches_eager(monkeypatch, dtype):
     # the compiled CPU step reads the finite flag on the host and has its own scalar handling
-    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "1")
+    dispatch.configure(cpu_compile="always")
     params = [torch.nn.Parameter(torch.randn(8192, dtype=dtype)) for _ in range(2)]
     opt = AdamW8bit(params, lr=1e-2)
     for p in params:
@@ -255,15 +256,15 @@ def test_compiled_cpu_path_skips_non_finite_and_matches_eager(monkeypatch, dtype
     assert not torch.equal(params[1], before[1])
     assert opt.skipped_updates == 1
     eager = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "0")
+    dispatch.configure(cpu_compile="never")
     reference = AdamW8bit(eager, lr=1e-2)
     reference.load_state_dict(opt.state_dict())
     for p, q in zip(params, eager):
         g = torch.randn_like(p)
         p.grad, q.grad = g.clone(), g.clone()
-    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "1")
+    dispatch.configure(cpu_compile="always")
     opt.step()
-    monkeypatch.setenv("LOWMEM_CPU_COMPILE", "0")
+    dispatch.configure(cpu_compile="never")
     reference.step()
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for p, q in zip(params, eager):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowmem_lightning.kernels import nf4
+from lowmem_lightning.kernels import dispatch, nf4
 from lowmem_lightning.quant import Linear4bit, linear4bit_bytes, quantize_model
 
 
@@ -92,7 +92,7 @@ def test_triton_forward_equals_reference(force_triton, monkeypatch):
     layer = Linear4bit.from_linear(_linear(33, 17))
     x = torch.randn(3, 33)
     y = layer(x)
-    monkeypatch.setenv("LOWMEM_FORCE_TRITON", "0")
+    dispatch.configure(force_triton=False)
     reference = Linear4bit.from_linear(_linear(33, 17))
     reference.load_state_dict(layer.state_dict())
     assert torch.equal(reference(x), y)

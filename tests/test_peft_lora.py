@@ -1,4 +1,5 @@
-"""peft LoRA on Linear4bit: plain get_peft_model works, adapters train, merge_and_unload gives dense
+"""peft LoRA on Linear4bit: plain get_peft_model works with a per-config registration (no global patch),
+adapters train, merge_and_unload gives dense
 layers with the adapter model's outputs, save_pretrained writes the adapter."""
 
 import copy
@@ -9,7 +10,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lowmem_lightning.quant import LLAMA_TARGET_MODULES, Linear4bit, LoraLinear4bit, add_lora, quantize_model
+from lowmem_lightning.quant import (
+    LLAMA_TARGET_MODULES,
+    Linear4bit,
+    LoraLinear4bit,
+    add_lora,
+    load_lora,
+    quantize_model,
+    register_peft_custom_module,
+)
 
 VOCAB = 64
 
@@ -44,7 +53,9 @@ def _batch():
 def test_plain_get_peft_model_wraps_all_seven_projections():
     model = _tiny_llama()
     expected = _lora_params(model, 4)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_TARGET_MODULES)))
+    peft_model = get_peft_model(
+        model, register_peft_custom_module(LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_TARGET_MODULES)))
+    )
     wrapped = [m for m in peft_model.modules() if isinstance(m, LoraLinear4bit)]
     assert len(wrapped) == 2 * 7
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -131,7 +142,8 @@ def test_save_pretrained_writes_the_adapter_and_it_reloads(tmp_path):
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert saved and all("lora_A" in k or "lora_B" in k for k in saved)
-    reloaded = PeftModel.from_pretrained(base, tmp_path)
+    reloaded = load_lora(base, tmp_path)
+    assert isinstance(reloaded, PeftModel)
     ids = _batch()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, peft_model(ids).logits)
@@ -151,7 +163,7 @@ def test_bf16_adapters_when_asked_and_meta_models_count_parameters():
 
 def test_unsupported_options_and_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="use_dora"):
-        get_peft_model(_tiny_llama(), LoraConfig(target_modules=["q_proj"], use_dora=True))
+        get_peft_model(_tiny_llama(), register_peft_custom_module(LoraConfig(target_modules=["q_proj"], use_dora=True)))
     with pytest.raises(ValueError, match="r=0"):
         add_lora(_tiny_llama(), r=0)
     with pytest.raises(ValueError, match="dropout=1.5"):
@@ -160,3 +172,23 @@ def test_unsupported_options_and_bad_arguments_are_rejected():
         add_lora(_tiny_llama(), target_modules="q_proj")
     with pytest.raises(ValueError, match="adapter_dtype"):
         add_lora(_tiny_llama(), adapter_dtype=torch.int8)
+
+
+def test_import_and_load_patch_no_third_party_class(tmp_path):
+    # importing the package and building a model on meta leave peft's and torch's classes as they were
+    import lowmem_lightning  # noqa: F401
+    import lowmem_lightning.quant  # noqa: F401
+    from lowmem_lightning.quant.loading import _parameters_on_meta
+
+    original_post_init = LoraConfig.__dict__["__post_init__"]
+    original_register = nn.Module.__dict__["register_parameter"]
+    assert getattr(original_post_init, "__module__", "").startswith("peft")
+    assert original_register.__module__ == "torch.nn.modules.module"
+    with _parameters_on_meta():
+        layer = nn.Linear(3, 4)
+        assert nn.Module.register_parameter is original_register
+    assert layer.weight.device.type == "meta"
+    assert nn.Linear(3, 4).weight.device.type == "cpu"  # the hook is gone after the block
+    assert LoraConfig.__dict__["__post_init__"] is original_post_init
+    assert nn.Module.__dict__["register_parameter"] is original_register
+    assert LoraConfig(target_modules=["q_proj"])._custom_modules is None

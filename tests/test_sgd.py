@@ -5,9 +5,11 @@ import copy
 import pytest
 import torch
 
+from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.kernels.codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
+from lowmem_lightning.kernels.rounding import index_seed_reference as sgd_seed_reference
 from lowmem_lightning.kernels.rounding import step_seed
-from lowmem_lightning.kernels.sgd import sgd_reference, sgd_seed_reference, sgd_update
+from lowmem_lightning.kernels.sgd import sgd_reference, sgd_update
 from lowmem_lightning.optim import build_optimizer, state_memory
 from lowmem_lightning.optim.sgd import SGD
 
@@ -150,7 +152,7 @@ def test_optimizer_on_triton_matches_cpu_path(force_triton, monkeypatch):
     grads = _grads(shapes, 3)
     kwargs = dict(lr=0.05, momentum=0.9, momentum_dtype="int8", weight_decay=0.01)
     triton_params, _ = _run(lambda ps: SGD(ps, **kwargs), params0, grads)
-    monkeypatch.setenv("LOWMEM_FORCE_TRITON", "0")
+    dispatch.configure(force_triton=False)
     cpu_params, _ = _run(lambda ps: SGD(ps, **kwargs), params0, grads)
     for a, b in zip(triton_params, cpu_params):
         assert torch.equal(a.data, b.data)
@@ -299,7 +301,7 @@ def test_compiled_cpu_path_matches_eager(cpu_compile):
 def test_compiled_8bit_momentum_cpu_path_equals_eager(monkeypatch, nesterov, dtype):
     # the compiled CPU step of 8-bit momentum reads the finite flag and the step on the host
     def run(mode):
-        monkeypatch.setenv("LOWMEM_CPU_COMPILE", mode)
+        dispatch.configure(cpu_compile={"0": "never", "1": "always"}.get(mode, mode))
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(64, 256, dtype=dtype)) for _ in range(2)]
         opt = SGD(params, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.01, momentum_dtype="int8")
@@ -317,3 +319,24 @@ def test_compiled_8bit_momentum_cpu_path_equals_eager(monkeypatch, nesterov, dty
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=1e-6)
     assert eager_opt.skipped_updates == compiled_opt.skipped_updates == 1
+
+
+def test_dispatch_choice_is_explicit_and_scoped():
+    # one function decides from (device, size, the caller's choice); overrides are scoped
+    from lowmem_lightning.kernels import dispatch
+
+    base = dispatch.settings()
+    assert dispatch.choose("cpu", 10, eager=True) == "eager"
+    with dispatch.override(cpu_compile="always"):
+        assert dispatch.choose("cpu", 10) == "compiled"
+        assert dispatch.choose("cpu", 10, eager=True) == "eager"
+        with dispatch.override(force_triton=True):
+            assert dispatch.choose("cpu", 10) == "triton"
+    with dispatch.override(cpu_compile="auto", compile_min_numel=100):
+        assert dispatch.choose("cpu", 99) == "eager"
+        assert dispatch.choose("cpu", 100) == "compiled"
+    assert dispatch.settings() == base
+    assert dispatch.choose("cuda", 10) == "triton"
+    assert dispatch.DispatchSettings.from_env({"LOWMEM_CPU_COMPILE": "0"}).cpu_compile == "never"
+    with pytest.raises(ValueError, match="cpu_compile='sometimes'"):
+        dispatch.configure(cpu_compile="sometimes")

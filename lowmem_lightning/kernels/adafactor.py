@@ -57,14 +57,13 @@ from .codec import (
     encode_signed_reference,
     quantize_reference,
 )
-from .dispatch import cpu_compiled, scalar_args, use_triton
-from .rounding import round_param_reference, store_param
+from .dispatch import choose, cpu_compiled, scalar_args
+from .rounding import index_seed, index_seed_reference, masked_reference, round_param_reference, store_param
 
 __all__ = [
     "TILES",
     "tile_shape",
     "factored_shape",
-    "seed_reference",
     "adafactor_reference",
     "adafactor_update",
 ]
@@ -82,9 +81,6 @@ FINALIZE_BLOCK = 128
 FLAT_BLOCK = 1024
 """Elements per program of the 1-D statistics kernel."""
 
-_SEED_STEP = 7_919
-_SEED_INDEX = 104_729
-_SEED_MASK = 0x7FFFFFFF
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,13 +114,6 @@ def inv_sqrt(x):
     ``vr / mean(vr)`` next to a huge row: it caps the factor at ~9.2e18 instead of inf, so a zero
     gradient times it stays 0 (not NaN)."""
     return tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(x, 1.1754943508222875e-38)))
-
-
-@triton.jit
-def device_seed(step_ptr, tensor_index):
-    """Stochastic-rounding seed from the device step counter and the tensor index (see :func:`seed_reference`)."""
-    step = tl.load(step_ptr)
-    return (step.to(tl.int64) * 7919 + tensor_index.to(tl.int64) * 104729) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -414,7 +403,7 @@ def _adafactor_update_kernel(
         u = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, MOMENTUM == 2)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr_t)) - u
-    store_param(p_ptr, p, offs, mask, device_seed(step_ptr, tensor_index), True)
+    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
 
 
 def tile_shape(cols: int) -> tuple[int, int]:
@@ -517,11 +506,6 @@ def factored_shape(shape: torch.Size | tuple) -> tuple[int, int, int]:
     return (math.prod(shape[:-2]), shape[-2], shape[-1])
 
 
-def seed_reference(step: torch.Tensor, tensor_index: torch.Tensor) -> torch.Tensor:
-    """Stochastic-rounding seed ``(step * 7919 + tensor_index * 104729) & 0x7FFFFFFF`` on the device."""
-    return (step.to(torch.int64) * _SEED_STEP + tensor_index.to(torch.int64) * _SEED_INDEX) & _SEED_MASK
-
-
 def inv_sqrt_reference(x: torch.Tensor) -> torch.Tensor:
     """Reference of :func:`inv_sqrt`: ``1 / sqrt(max(x, 2**-126))``."""
     return 1.0 / torch.sqrt(torch.clamp_min(x, 1.1754943508222875e-38))
@@ -531,12 +515,6 @@ def ema_reference(old: torch.Tensor, new: torch.Tensor, beta: torch.Tensor, one_
                   ) -> torch.Tensor:
     """Reference of :func:`ema`."""
     return old * beta + new * one_minus_beta
-
-
-def masked_reference(ok: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` where ``ok``, else ``old``; ``ok=None``: the caller checked on the host that the update
-    applies, so no ``where`` on mutated state enters a compiled graph (measured 4x slower with it)."""
-    return new if ok is None else torch.where(ok, new, old)
 
 
 def factored_stats_reference(
@@ -697,7 +675,7 @@ def adafactor_apply_reference(
     if m is not None:
         u, m, absmax = momentum_update_reference(m, absmax, u, beta1, omb1, ok)
     new_p = p + p * (-(weight_decay * lr_t)) - u
-    seed = seed_reference(step, tensor_index)
+    seed = index_seed_reference(step, tensor_index)
     new_p = masked_reference(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
     return new_p, m, absmax
 
@@ -813,6 +791,7 @@ def adafactor_update(
     warmup_init: bool,
     tensor_index: int,
     reduce=None,
+    backend: str | None = None,
 ) -> None:
     """Apply one Adafactor step in place to ``param`` and its state. Never synchronizes.
 
@@ -823,14 +802,19 @@ def adafactor_update(
     device. ``elr``: a 0-d fp32 tensor that receives the step size ``lr_t``, or None. Triton on
     CUDA (five launches factored, three 1-D), the ``torch.compile``'d reference on CPU.
 
-    ``reduce``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is given: the eager
-    reference runs with every sum completed across ranks (on any device, also for an empty shard,
-    since every rank must join the collectives).
+    ``reduce``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is given: every sum
+    of the eager reference is completed across ranks (also for an empty shard, since every rank must
+    join the collectives); the caller then passes ``backend="eager"``. ``backend``: ``"triton"``,
+    ``"compiled"`` or ``"eager"``; None lets :func:`.dispatch.choose` decide from the device and size.
     """
     if param.numel() == 0 and reduce is None:
         return
+    backend = backend or choose(param.device, param.numel())
+    if reduce is not None and backend != "eager":
+        raise ValueError(f"Invalid backend={backend!r} for a sharded tensor: expected 'eager' (the reference "
+                         "completes its sums across ranks).")
     work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
-    if use_triton(param) and reduce is None:
+    if backend == "triton":
         _launch(work, g, v_, vc_, m_, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
                 weight_decay, scale_parameter, relative_step, warmup_init, tensor_index)
     else:
@@ -842,12 +826,12 @@ def adafactor_update(
         if reduce is not None:
             _adafactor_inplace(*args, reduce)
         elif absmax is not None:
-            u, lr_t = _DIRECTION_CPU[vc is not None](work, g, v_, vc_, step, flag, hp, elr, relative_step,
+            u, lr_t = _DIRECTION_CPU[vc is not None].on(backend)(work, g, v_, vc_, step, flag, hp, elr, relative_step,
                                                      warmup_init, scale_parameter)
             if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
-                _MOMENTUM_APPLY_CPU(*as_blocks(work, u, m_), absmax, lr_t, step, None, hp)
+                _MOMENTUM_APPLY_CPU.on(backend)(*as_blocks(work, u, m_), absmax, lr_t, step, None, hp)
         else:
-            _ADAFACTOR_CPU[vc is not None](*args)
+            _ADAFACTOR_CPU[vc is not None].on(backend)(*args)
     if work.data_ptr() != param.data_ptr():
         param.copy_(work.view(param.shape))
 

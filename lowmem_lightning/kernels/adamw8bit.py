@@ -33,7 +33,6 @@ File order: Triton kernel, PyTorch reference, launcher.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,23 +50,16 @@ from .codec import (
     encode_signed_reference,
     encode_unsigned,
     encode_unsigned_reference,
-    num_blocks,
     sqrt_rn_reference,
 )
-from .dispatch import (
-    PARAM_GRAD_DTYPE_PAIRS,
-    cpu_compile_wanted,
-    cpu_compiled,
-    table_to_device,
-    triton_dtype,
-    use_triton,
-)
-from .rounding import round_param_reference, store_param
+from .dispatch import cpu_compile_wanted, cpu_compiled, triton_dtype, use_triton
+from .multitensor import PARAM_GRAD_DTYPE_PAIRS, bucket, kernel_inputs, launch_table, tile_map, write_back
+from .rounding import device_seed, masked_reference, seed_reference, store_param, write_param_reference
 
 __all__ = [
     "ROWS",
-    "adamw8bit_reference",
-    "adamw32_reference",
+    "adamw8bit_step",
+    "adamw_math",
     "step_terms_reference",
     "hyperparameter_tensor",
     "adamw8bit_update",
@@ -82,8 +74,6 @@ _POW_BITS = 24
 _NUM_FIELDS = 11
 """Rows of the launch table: param, grad, m, m_absmax, v, v_absmax, step, flag, numel, first tile, seed base."""
 
-_SEED_STEP_STRIDE = 7919
-"""``step_seed(step, i, b) == (step_seed(0, i, b) + step * 7919) & 0x7FFFFFFF`` (see :mod:`.rounding`)."""
 
 
 
@@ -172,7 +162,7 @@ def _adamw8bit_kernel(
         v = tl.load(v_ptr + offs, mask=in_bounds, other=0.0)
 
     step = tl.load(step_ptr)
-    seed = (seed_base + step.to(tl.int64) * 7919) & 0x7FFFFFFF  # == rounding.step_seed(step, index, base)
+    seed = device_seed(step, seed_base)  # == rounding.step_seed(step, index, base)
     beta1_t, beta2_t = _beta_powers(beta1, beta2, step)
     step_size = tl.div_rn(lr, 1.0 - beta1_t)
     bc2_sqrt = tl.sqrt_rn(1.0 - beta2_t)
@@ -264,14 +254,16 @@ def step_terms_reference(
     """
     step_size = hp[0] / (1.0 - _pow_by_squaring_reference(hp[1], steps))
     bc2_sqrt = sqrt_rn_reference(1.0 - _pow_by_squaring_reference(hp[2], steps))
-    seeds = (seed_bases + steps.to(torch.int64) * _SEED_STEP_STRIDE) & 0x7FFFFFFF
+    seeds = seed_reference(steps, seed_bases)
     return torch.stack([step_size, bc2_sqrt], dim=-1), seeds
 
 
-def _adamw_math(p, g, m, v, hp, terms):
-    """fp32 AdamW update of flat tensors; returns the new ``(p, m, v)`` (the order of ops is the kernel's)."""
-    lr, beta1, beta2, eps, weight_decay, grad_sign = hp.unbind(0)
-    step_size, bc2_sqrt = terms[0], terms[1]
+def adamw_math(p, g, m, v, lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt):
+    """fp32 AdamW update of ``p, m, v`` (any one shape); returns the new ``(p, m, v)``.
+
+    The kernel's order of operations. Scalars are 0-d fp32 tensors (eager: bit for bit with the
+    kernel) or Python floats (the compiled CPU step: symbolic inputs, no recompile per LR).
+    """
     g = g * grad_sign
     p = p * (1.0 - lr * weight_decay)
     m = beta1 * m + (1.0 - beta1) * g
@@ -281,127 +273,50 @@ def _adamw_math(p, g, m, v, hp, terms):
     return p, m, v
 
 
-def _write_param(param, new_p, ok, seed):
-    """Write fp32 ``new_p`` into ``param`` (same shape; bf16/fp16 stochastically rounded) where ``ok``."""
-    if param.dtype == torch.float32:
-        param.copy_(torch.where(ok, new_p, param))
-        return
-    offs = torch.arange(param.numel(), device=param.device).view(param.shape)
-    rounded = round_param_reference(new_p, param.dtype, seed, True, offs)
-    param.copy_(torch.where(ok, rounded, param))
+def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, ok,
+                   lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt, seed) -> None:
+    """One 8-bit AdamW step on whole blocks, in place: the specification of ``_adamw8bit_kernel``.
 
+    Tensors are ``(num_blocks, BLOCK_SIZE)`` views (absmax ``(num_blocks, 1)``): with the block
+    dimension static, torch.compile emits vectorised loops (a flat input reshaped inside the graph
+    made it divide symbolic sizes per element, ~4x slower). ``ok``: a bool tensor (0-d; False leaves
+    everything untouched) or None when the caller checked the finite flag on the host. Scalars:
+    ``lr .. grad_sign`` the hyperparameters, ``step_size = lr / (1 - beta1^t)``, ``bc2_sqrt =
+    sqrt(1 - beta2^t)`` (:func:`step_terms_reference`), ``seed`` the stochastic-rounding seed.
 
-def _adamw8bit_core(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, flag, hp, terms,
-                    seed):
-    """One 8-bit AdamW step on whole blocks, in place.
-
-    Every tensor argument is a ``(num_blocks, BLOCK_SIZE)`` view (absmax ``(num_blocks, 1)``): with the
-    block dimension static, torch.compile emits vectorised loops (a flat input reshaped inside the graph
-    made it divide symbolic sizes per element, ~4x slower).
+    The eager path passes 0-d fp32 tensors and ``ok`` (bit for bit with the kernel). The compiled CPU
+    path passes Python scalars and ``ok=None``: a ``where(ok, new, old)`` on mutated inputs made
+    inductor materialise copies (measured 4x slower: 6.4 vs 1.7 ms on 1M elements); the result
+    then agrees to fp32 rounding (scalars enter as double).
     """
-    ok = flag > 0
     p = param.to(torch.float32)
     g = grad.to(torch.float32)
     m = decode_signed_reference(exp_avg_codes, exp_avg_absmax)
     v = decode_unsigned_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
-    p, m, v = _adamw_math(p, g, m, v, hp, terms)
-    _write_param(param, p, ok, seed)
+    p, m, v = adamw_math(p, g, m, v, lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt)
+    write_param_reference(param, p, ok, seed)
     m_absmax = m.abs().amax(dim=1, keepdim=True)
     v_absmax = v.amax(dim=1, keepdim=True)
-    exp_avg_codes.copy_(torch.where(ok, encode_signed_reference(m, m_absmax), exp_avg_codes))
-    exp_avg_absmax.copy_(torch.where(ok, m_absmax, exp_avg_absmax))
-    exp_avg_sq_codes.copy_(torch.where(ok, encode_unsigned_reference(v, v_absmax), exp_avg_sq_codes))
-    exp_avg_sq_absmax.copy_(torch.where(ok, v_absmax, exp_avg_sq_absmax))
+    exp_avg_codes.copy_(masked_reference(ok, encode_signed_reference(m, m_absmax), exp_avg_codes))
+    exp_avg_absmax.copy_(masked_reference(ok, m_absmax, exp_avg_absmax))
+    exp_avg_sq_codes.copy_(masked_reference(ok, encode_unsigned_reference(v, v_absmax), exp_avg_sq_codes))
+    exp_avg_sq_absmax.copy_(masked_reference(ok, v_absmax, exp_avg_sq_absmax))
 
 
 def _adamw32_core(param, grad, exp_avg, exp_avg_sq, flag, hp, terms, seed):
+    """The step with fp32 moments of a small tensor (flat views), in place; same math, no codec."""
     ok = flag > 0
     flat = param.view(-1)
     m_flat, v_flat = exp_avg.view(-1), exp_avg_sq.view(-1)
-    p, m, v = _adamw_math(flat.to(torch.float32), grad.reshape(-1).to(torch.float32), m_flat, v_flat, hp, terms)
-    _write_param(flat, p, ok, seed)
+    p, m, v = adamw_math(flat.to(torch.float32), grad.reshape(-1).to(torch.float32), m_flat, v_flat,
+                         *hp.unbind(0), terms[0], terms[1])
+    write_param_reference(flat, p, ok, seed)
     m_flat.copy_(torch.where(ok, m, m_flat))
     v_flat.copy_(torch.where(ok, v, v_flat))
 
 
-def adamw8bit_reference(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg_codes: torch.Tensor,
-    exp_avg_absmax: torch.Tensor,
-    exp_avg_sq_codes: torch.Tensor,
-    exp_avg_sq_absmax: torch.Tensor,
-    step: torch.Tensor,
-    flag: torch.Tensor,
-    hp: torch.Tensor,
-    seed_base: torch.Tensor,
-) -> None:
-    """One AdamW step of one tensor with 8-bit state, in place (reference of ``_adamw8bit_kernel``).
-
-    ``param`` contiguous fp32/bf16/fp16; ``grad`` any float dtype, same numel; codes flat int8 /
-    uint8 of ``param.numel()`` elements; absmax fp32 ``(num_blocks,)``; ``step`` 0-d fp32 (already
-    advanced); ``flag`` 0-d fp32 (0 = skip, nothing written); ``hp`` from :func:`hyperparameter_tensor`;
-    ``seed_base`` 0-d int64 ``rounding.step_seed(0, tensor_index, base_seed)``: the stochastic rounding
-    of step ``t`` uses ``step_seed(t, tensor_index, base_seed)``, so a run is reproducible from its
-    state dict.
-    """
-    terms, seed = step_terms_reference(hp, step, seed_base)
-    _blockwise(_adamw8bit_core, param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, flag,
-               hp, terms, seed)
-
-
-def adamw32_reference(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: torch.Tensor,
-    flag: torch.Tensor,
-    hp: torch.Tensor,
-    seed_base: torch.Tensor,
-) -> None:
-    """Same step with fp32 ``exp_avg`` / ``exp_avg_sq`` of the param's shape (small tensors), in place."""
-    terms, seed = step_terms_reference(hp, step, seed_base)
-    _adamw32_core(param, grad, exp_avg, exp_avg_sq, flag, hp, terms, seed)
-
-
-_adamw8bit_cpu = cpu_compiled(_adamw8bit_core)
+_adamw8bit_cpu = cpu_compiled(adamw8bit_step)
 _adamw32_cpu = cpu_compiled(_adamw32_core)
-
-
-def _adamw8bit_fast_core(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax,
-                         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, grad_sign: float,
-                         step_size: float, bc2_sqrt: float, seed: int):
-    """The compiled CPU step: :func:`_adamw8bit_core`'s math on ``(num_blocks, BLOCK_SIZE)`` views with
-    host scalars (Python floats become symbolic inputs: no recompile when they change) and no
-    skip-select (the caller checks the finite flag on the host, a plain memory read on CPU).
-
-    Measured on 1M elements (2 cores): 1.7 ms, against 6.4 ms for the compiled reference, whose
-    ``where(flag, new, old)`` on mutated inputs forces inductor to materialise copies. Agrees with the
-    reference to fp32 rounding (scalars enter as double), not bit for bit.
-    """
-    p = param.to(torch.float32)
-    g = grad.to(torch.float32) * grad_sign
-    m = decode_signed_reference(exp_avg_codes, exp_avg_absmax)
-    v = decode_unsigned_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
-    p = p * (1.0 - lr * weight_decay)
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * (g * g)
-    p = p - step_size * (m / (torch.sqrt(v) / bc2_sqrt + eps))
-    if param.dtype == torch.float32:
-        param.copy_(p)
-    else:
-        offs = torch.arange(param.numel(), device=param.device).view(param.shape)
-        param.copy_(round_param_reference(p, param.dtype, seed, True, offs))
-    m_absmax = m.abs().amax(dim=1, keepdim=True)
-    v_absmax = v.amax(dim=1, keepdim=True)
-    exp_avg_codes.copy_(encode_signed_reference(m, m_absmax))
-    exp_avg_absmax.copy_(m_absmax)
-    exp_avg_sq_codes.copy_(encode_unsigned_reference(v, v_absmax))
-    exp_avg_sq_absmax.copy_(v_absmax)
-
-
-_adamw8bit_fast_cpu = cpu_compiled(_adamw8bit_fast_core)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,14 +353,12 @@ def adamw8bit_update(
     the reference (compiled on CPU), one call per tensor. Nothing synchronises with the device.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    buckets: dict[tuple, list[int]] = {}
-    on_reference: dict[torch.device, list[int]] = {}
-    for i, param in enumerate(params):
-        if use_triton(param):
-            key = (exp_avg_absmaxes[i] is not None, param.dtype, grads[i].dtype, param.device)
-            buckets.setdefault(key, []).append(i)
-        else:
-            on_reference.setdefault(param.device, []).append(i)
+    groups = bucket(len(params), lambda i: (
+        (exp_avg_absmaxes[i] is not None, params[i].dtype, grads[i].dtype, params[i].device)
+        if use_triton(params[i]) else params[i].device
+    ))
+    buckets = {key: idx for key, idx in groups.items() if isinstance(key, tuple)}
+    on_reference = {key: idx for key, idx in groups.items() if not isinstance(key, tuple)}
     for device, idx in on_reference.items():
         hp = hyperparameter_tensor(**hyper, device=device)
         seeds = torch.tensor([seed_bases[i] for i in idx], dtype=torch.int64, device=device)
@@ -473,13 +386,14 @@ def _reference_one(param, grad, m, m_absmax, v, v_absmax, flag, hp, terms, seed)
     work = param if param.is_contiguous() else param.contiguous()
     if m_absmax is None:
         _adamw32_cpu(work, grad, m, v, flag, hp, terms, seed)
-    elif cpu_compile_wanted(work):
+    elif cpu_compile_wanted(work):  # the same step on host scalars, the flag read on the host
         if not flag.item():  # a CPU tensor: a memory read, no device sync
             return
         scalars = [float(x) for x in hp.tolist()] + [float(x) for x in terms.tolist()] + [int(seed)]
-        _blockwise(_adamw8bit_fast_cpu, work, grad, m, m_absmax, v, v_absmax, *scalars)
+        _blockwise(_adamw8bit_cpu.on("compiled"), work, grad, m, m_absmax, v, v_absmax, None, *scalars)
     else:
-        _blockwise(_adamw8bit_cpu, work, grad, m, m_absmax, v, v_absmax, flag, hp, terms, seed)
+        _blockwise(adamw8bit_step, work, grad, m, m_absmax, v, v_absmax, flag > 0, *hp.unbind(0), terms[0],
+                   terms[1], seed)
     if work is not param:
         param.copy_(work)
 
@@ -505,46 +419,29 @@ def _blockwise(core, param, grad, m, m_absmax, v, v_absmax, *args):
     v.copy_(padded[3].view(-1)[:n])
 
 
-@functools.lru_cache(maxsize=64)
-def _tile_owner(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple[int, ...], int]:
-    """(tile -> tensor map on ``device``, first tile of each tensor, number of tiles) for these sizes."""
-    tiles = [triton.cdiv(num_blocks(n), ROWS) for n in numels]
-    firsts, total = [], 0
-    for count in tiles:
-        firsts.append(total)
-        total += count
-    owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(tiles))
-    return owner.to(device), tuple(firsts), total
-
-
 def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, quantized: bool, hyper: dict):
     device = params[0].device
-    work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    grads = [g if g.dtype in (torch.float32, torch.bfloat16, torch.float16) else g.float() for g in grads]
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    work, grads = kernel_inputs(params, grads)
     numels = tuple(p.numel() for p in work)
-    owner, firsts, num_tiles = _tile_owner(numels, device)
+    owner, firsts, num_tiles = tile_map(numels, device, ROWS * BLOCK_SIZE)
     if num_tiles == 0:
         return
-    m_abs = [a.data_ptr() if quantized else 0 for a in m_absmaxes]
-    v_abs = [a.data_ptr() if quantized else 0 for a in v_absmaxes]
-    table = torch.tensor(
+    table = launch_table(
         [
             [p.data_ptr() for p in work],
             [g.data_ptr() for g in grads],
             [m.data_ptr() for m in ms],
-            m_abs,
+            [a.data_ptr() if quantized else 0 for a in m_absmaxes],
             [v.data_ptr() for v in vs],
-            v_abs,
+            [a.data_ptr() if quantized else 0 for a in v_absmaxes],
             [s.data_ptr() for s in steps],
             [f.data_ptr() for f in flags],
-            list(numels),
-            list(firsts),
-            list(seeds),
+            numels,
+            firsts,
+            seeds,
         ],
-        dtype=torch.int64,
+        device,
     )
-    table = table_to_device(table, device)
     _adamw8bit_kernel[(num_tiles,)](
         table,
         owner,
@@ -562,6 +459,4 @@ def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, 
         BLOCK=BLOCK_SIZE,
         enable_fp_fusion=False,
     )
-    for param, w in zip(params, work):
-        if w is not param:
-            param.copy_(w)
+    write_back(params, work)

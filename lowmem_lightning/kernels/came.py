@@ -48,7 +48,6 @@ from .adafactor import (
     as_blocks,
     block_direction,
     clip_divisor_reference,
-    device_seed,
     ema,
     ema_reference,
     factored_scale_reference,
@@ -61,14 +60,13 @@ from .adafactor import (
     momentum_block,
     momentum_update_reference,
     row_tile,
-    seed_reference,
     state_views,
     store_row_ema,
     tile_shape,
 )
 from .codec import BLOCK_SIZE, decode_signed
-from .dispatch import cpu_compiled, scalar_args, use_triton
-from .rounding import round_param_reference, store_param
+from .dispatch import choose, cpu_compiled, scalar_args
+from .rounding import index_seed, index_seed_reference, round_param_reference, store_param
 
 __all__ = ["came_reference", "came_update"]
 
@@ -165,7 +163,7 @@ def _came_update_kernel(
         upd = m
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr)) - upd * lr
-    store_param(p_ptr, p, offs, mask, device_seed(step_ptr, tensor_index), True)
+    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
 
 
 def _res_signature(grad: str, quantized: bool) -> dict:
@@ -270,7 +268,7 @@ def came_finish_reference(
     else:
         upd = new_m
     new_p = p + p * (-(weight_decay * lr)) - upd * lr
-    seed = seed_reference(step, tensor_index)
+    seed = index_seed_reference(step, tensor_index)
     new_p = torch.where(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
     return new_p, sr, sc
 
@@ -364,6 +362,7 @@ def came_update(
     weight_decay: float,
     tensor_index: int,
     reduce=None,
+    backend: str | None = None,
 ) -> None:
     """Apply one CAME step in place to ``param`` and its state. Never synchronizes.
 
@@ -374,16 +373,21 @@ def came_update(
     param's device. Triton on CUDA (seven launches factored, three 1-D), the ``torch.compile``'d
     reference on CPU. ``reduce``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is
     given: the eager reference runs with sums completed across ranks (any device, also for an empty
-    shard, since every rank must join the collectives).
+    shard, since every rank must join the collectives); the caller then passes ``backend="eager"``.
+    ``backend``: ``"triton"``, ``"compiled"`` or ``"eager"``; None lets :func:`.dispatch.choose` decide.
     """
     if param.numel() == 0 and reduce is None:
         return
+    backend = backend or choose(param.device, param.numel())
+    if reduce is not None and backend != "eager":
+        raise ValueError(f"Invalid backend={backend!r} for a sharded tensor: expected 'eager' (the reference "
+                         "completes its sums across ranks).")
     work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
     sr_ = sc_ = None
     if vc is not None:
         B = work.shape[0]
         sr_, sc_ = sr.view(B, -1), sc.view(B, -1)
-    if use_triton(param) and reduce is None:
+    if backend == "triton":
         _launch(work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, lr, eps, clip_threshold, betas, weight_decay,
                 tensor_index)
     else:
@@ -395,13 +399,13 @@ def came_update(
             _came_inplace(*args, reduce)
         elif absmax is not None:
             factored = vc is not None
-            u = _DIRECTION_CPU[factored](g, v_, vc_, flag, hp)
+            u = _DIRECTION_CPU[factored].on(backend)(g, v_, vc_, flag, hp)
             if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
                 u_blocks, m_blocks = as_blocks(u, m_)
-                new_m = _MOMENTUM_CPU(u_blocks, m_blocks, absmax, hp).view(u.shape)
-                _FINISH_CPU[factored](work, u, new_m, sr_, sc_, step, flag, hp)
+                new_m = _MOMENTUM_CPU.on(backend)(u_blocks, m_blocks, absmax, hp).view(u.shape)
+                _FINISH_CPU[factored].on(backend)(work, u, new_m, sr_, sc_, step, flag, hp)
         else:
-            _CAME_CPU[vc is not None](*args)
+            _CAME_CPU[vc is not None].on(backend)(*args)
     if work.data_ptr() != param.data_ptr():
         param.copy_(work.view(param.shape))
 

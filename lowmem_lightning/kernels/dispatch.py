@@ -1,12 +1,16 @@
-"""The one place that decides where optimizer math runs.
+"""The one place that decides where optimizer math runs: :func:`choose`.
 
-* CUDA tensors run the package's Triton kernels (``use_triton``).
+* CUDA tensors run the package's Triton kernels (``"triton"``).
 * Everything else runs the pure-PyTorch reference of the same math; on CPU the reference is wrapped
-  in ``torch.compile(dynamic=True)`` (``cpu_compiled``) so one compiled graph serves every tensor
-  size (no per-shape recompiles, the 12-minute torchao failure mode) and the many elementwise ops
-  fuse into one loop.
+  in ``torch.compile(dynamic=True)`` (``"compiled"``, see :func:`cpu_compiled`) so one compiled graph
+  serves every tensor size (no per-shape recompiles, the 12-minute torchao failure mode) and the many
+  elementwise ops fuse into one loop; small tensors (or compilation turned off) run it eagerly
+  (``"eager"``).
+* The caller may demand the eager reference (``eager=True``): the optimizer layer does so for
+  sharded (DTensor) params, whose sums are completed across ranks by the reference.
 
-Environment switches (read at call time, so tests can flip them):
+Settings (:class:`DispatchSettings`) are read once from the environment at import and changed only
+through :func:`configure` / :func:`override` (tests use the scoped :func:`override`):
 
 ``LOWMEM_FORCE_TRITON=1``
     Run Triton kernels on CPU tensors too. Only meaningful with ``TRITON_INTERPRET=1`` (tests).
@@ -19,23 +23,87 @@ Environment switches (read at call time, so tests can flip them):
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 __all__ = [
+    "DispatchSettings",
+    "settings",
+    "configure",
+    "override",
+    "choose",
     "triton_available",
     "use_triton",
     "cpu_compiled",
     "cpu_compile_wanted",
     "scalar_args",
     "triton_dtype",
-    "PARAM_GRAD_DTYPE_PAIRS",
-    "table_to_device",
 ]
+
+DEFAULT_COMPILE_MIN_NUMEL = 2**20
+"""Smallest tensor (elements) whose CPU step is compiled under ``cpu_compile="auto"``."""
+
+BACKENDS = ("triton", "compiled", "eager")
+"""What :func:`choose` returns."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchSettings:
+    """Where kernels run: ``force_triton`` (Triton on CPU tensors, interpreter tests),
+    ``cpu_compile`` (``"auto"``, ``"always"`` or ``"never"``) and ``compile_min_numel`` (elements; the
+    size from which ``"auto"`` compiles)."""
+
+    force_triton: bool = False
+    cpu_compile: str = "auto"
+    compile_min_numel: int = DEFAULT_COMPILE_MIN_NUMEL
+
+    def __post_init__(self) -> None:
+        if self.cpu_compile not in ("auto", "always", "never"):
+            raise ValueError(f"Invalid cpu_compile={self.cpu_compile!r}: expected 'auto', 'always' or 'never'.")
+        if isinstance(self.compile_min_numel, bool) or not isinstance(self.compile_min_numel, int) \
+                or self.compile_min_numel < 0:
+            raise ValueError(f"Invalid compile_min_numel={self.compile_min_numel!r}: expected an int >= 0.")
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> DispatchSettings:
+        """Settings from ``LOWMEM_FORCE_TRITON``, ``LOWMEM_CPU_COMPILE``, ``LOWMEM_CPU_COMPILE_MIN_NUMEL``."""
+        mode = env.get("LOWMEM_CPU_COMPILE", "auto").lower()
+        mode = "never" if mode in ("0", "false", "no", "off") else ("auto" if mode == "auto" else "always")
+        min_numel = int(env.get("LOWMEM_CPU_COMPILE_MIN_NUMEL", DEFAULT_COMPILE_MIN_NUMEL))
+        return cls(env.get("LOWMEM_FORCE_TRITON", "0") == "1", mode, min_numel)
+
+
+_settings = DispatchSettings.from_env()
+
+
+def settings() -> DispatchSettings:
+    """The settings in force."""
+    return _settings
+
+
+def configure(**changes) -> DispatchSettings:
+    """Replace fields of the settings in force (see :class:`DispatchSettings`); returns the previous ones."""
+    global _settings
+    previous = _settings
+    _settings = dataclasses.replace(_settings, **changes)
+    return previous
+
+
+@contextlib.contextmanager
+def override(**changes) -> Iterator[DispatchSettings]:
+    """``with override(force_triton=True): ...`` — the changed settings inside the block only."""
+    global _settings
+    previous = configure(**changes)
+    try:
+        yield _settings
+    finally:
+        _settings = previous
 
 
 @functools.cache
@@ -48,51 +116,53 @@ def triton_available() -> bool:
     return True
 
 
+def choose(device: torch.device, numel: int, *, eager: bool = False) -> str:
+    """``"triton"``, ``"compiled"`` or ``"eager"`` for the update of a tensor of ``numel`` elements on
+    ``device``. ``eager=True`` (the optimizer's choice, e.g. for a sharded param) forces the eager
+    reference; otherwise CUDA (or ``force_triton``) runs Triton, and a CPU tensor runs compiled when
+    ``cpu_compile`` is ``"always"``, or ``"auto"`` with ``numel >= compile_min_numel``."""
+    if eager:
+        return "eager"
+    device = torch.device(device)
+    if triton_available() and (device.type == "cuda" or _settings.force_triton):
+        return "triton"
+    if device.type == "cpu" and _compile_wanted(numel):
+        return "compiled"
+    return "eager"
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether the update of ``tensor`` runs a Triton kernel (CUDA, or forced for interpreter tests)."""
-    if not triton_available():
-        return False
-    if tensor.is_cuda:
-        return True
-    return os.environ.get("LOWMEM_FORCE_TRITON", "0") == "1"
-
-
-DEFAULT_COMPILE_MIN_NUMEL = 2**20
-"""Smallest tensor (elements) whose CPU step is compiled under ``LOWMEM_CPU_COMPILE=auto``."""
+    """Whether the update of ``tensor`` runs a Triton kernel (``choose(...) == "triton"``)."""
+    return choose(tensor.device, tensor.numel()) == "triton"
 
 
 def cpu_compile_wanted(tensor: torch.Tensor) -> bool:
-    """Whether the CPU step of ``tensor`` runs compiled (``LOWMEM_CPU_COMPILE`` and the size rule below)."""
-    return tensor.device.type == "cpu" and _compile_wanted((tensor,))
+    """Whether the CPU step of ``tensor`` runs compiled (``choose(...) == "compiled"``)."""
+    return tensor.device.type == "cpu" and _compile_wanted(tensor.numel())
 
 
-def _compile_wanted(args: tuple) -> bool:
-    mode = os.environ.get("LOWMEM_CPU_COMPILE", "auto").lower()
-    if mode in ("0", "false", "no", "off"):
-        return False
+def _compile_wanted(numel: int | None) -> bool:
+    mode = _settings.cpu_compile
     if mode != "auto":
-        return True
-    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    min_numel = int(os.environ.get("LOWMEM_CPU_COMPILE_MIN_NUMEL", DEFAULT_COMPILE_MIN_NUMEL))
-    return first is not None and first.numel() >= min_numel
+        return mode == "always"
+    return numel is not None and numel >= _settings.compile_min_numel
 
 
 def cpu_compiled(fn: Callable) -> Callable:
     """Wrap a reference step function for the CPU path.
 
-    The wrapped function is compiled once with ``dynamic=True`` the first time it is called with
-    compilation wanted (see ``LOWMEM_CPU_COMPILE``; under ``auto`` the size of its first tensor
-    argument decides, so a given tensor always takes the same path); if the compiler is unusable
-    (no C++ toolchain, an inductor bug) it warns once and falls back to eager for the rest of the
-    process. Hyperparameters must reach ``fn`` as tensors, not Python floats, or an LR schedule
-    would trigger recompiles.
+    ``wrapped.on(backend)`` is the compiled callable for ``"compiled"`` and ``fn`` itself otherwise
+    (the launchers pass :func:`choose`'s answer); calling the wrapper directly decides from the
+    settings. The wrapped function is compiled once with ``dynamic=True`` the first time it is called with
+    compilation wanted (the settings; under ``"auto"`` the size of its first tensor argument decides,
+    so a given tensor always takes the same path). If compiling or running *this* function fails (no
+    C++ toolchain, an inductor bug) it warns once and runs ``fn`` eagerly from then on; other
+    functions keep compiling. Hyperparameters must reach ``fn`` as tensors or Python scalars that
+    torch.compile treats as symbolic, or an LR schedule would trigger recompiles.
     """
     compiled: dict[str, Callable | None] = {}
 
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if not _compile_wanted(args):
-            return fn(*args, **kwargs)
+    def run_compiled(*args, **kwargs):
         if "fn" not in compiled:
             compiled["fn"] = torch.compile(fn, dynamic=True)
         cfn = compiled["fn"]
@@ -102,14 +172,22 @@ def cpu_compiled(fn: Callable) -> Callable:
             return cfn(*args, **kwargs)
         except Exception as err:  # pragma: no cover - depends on the local toolchain
             warnings.warn(
-                f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "
-                "using the eager reference on CPU.",
+                f"torch.compile of {fn.__qualname__} failed ({type(err).__name__}: {err}); "
+                "running that function eagerly from now on (others still compile).",
                 stacklevel=2,
             )
             compiled["fn"] = None
             return fn(*args, **kwargs)
 
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if not _compile_wanted(None if first is None else first.numel()):
+            return fn(*args, **kwargs)
+        return run_compiled(*args, **kwargs)
+
     run.eager = fn  # type: ignore[attr-defined]
+    run.on = lambda backend: run_compiled if backend == "compiled" else fn  # type: ignore[attr-defined]
     return run
 
 
@@ -123,22 +201,3 @@ def triton_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
-PARAM_GRAD_DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.float32, torch.bfloat16),
-    (torch.float32, torch.float16),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-]
-"""(param dtype, grad dtype) pairs the multi-tensor launchers are compiled for ahead of time."""
-
-
-def table_to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host launch table to ``device`` without synchronising (pinned, non-blocking on CUDA)."""
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)

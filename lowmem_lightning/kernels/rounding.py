@@ -32,7 +32,17 @@ __all__ = [
     "store_param",
     "hash_uniform_reference",
     "round_param_reference",
+    "masked_reference",
+    "write_param_reference",
     "step_seed",
+    "device_seed",
+    "index_seed",
+    "seed_reference",
+    "index_seed_reference",
+    "SEED_STEP",
+    "SEED_INDEX",
+    "SEED_BASE",
+    "SEED_MASK",
 ]
 
 _GOLDEN = 2654435761
@@ -41,14 +51,40 @@ _MIX2 = 3266489909
 _MASK32 = 0xFFFFFFFF
 
 
+SEED_STEP = 7_919
+"""Seed stride per optimizer step (a prime): ``seed = (offset + step * SEED_STEP) & SEED_MASK``."""
+SEED_INDEX = 104_729
+"""Seed stride per tensor index (a prime): the offset of tensor ``i`` is ``i * SEED_INDEX``."""
+SEED_BASE = 1_000_003
+"""Seed stride per user base seed (a prime)."""
+SEED_MASK = 0x7FFFFFFF
+"""Seeds are 31-bit non-negative ints."""
+_SEED_STEP = tl.constexpr(SEED_STEP)
+_SEED_INDEX = tl.constexpr(SEED_INDEX)
+
+
 def step_seed(step: int, tensor_index: int, base_seed: int = 0) -> int:
-    """Seed (31-bit int) for the stochastic rounding of tensor ``tensor_index`` at optimizer step ``step``."""
-    return (base_seed * 1_000_003 + step * 7_919 + tensor_index * 104_729) & 0x7FFFFFFF
+    """Seed (31-bit int) for the stochastic rounding of tensor ``tensor_index`` at optimizer step ``step``:
+    ``(base_seed * SEED_BASE + step * SEED_STEP + tensor_index * SEED_INDEX) & SEED_MASK``."""
+    return (base_seed * SEED_BASE + step * SEED_STEP + tensor_index * SEED_INDEX) & SEED_MASK
 
 
 # --------------------------------------------------------------------------------------------------
 # Triton helpers
 # --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def device_seed(step, offset):
+    """Seed of fp32 step counter ``step`` (a loaded scalar): ``(step * SEED_STEP + offset) & SEED_MASK``,
+    ``offset`` = ``step_seed(0, tensor_index, base_seed)`` (int64), so it equals :func:`step_seed`."""
+    return (step.to(tl.int64) * _SEED_STEP + offset.to(tl.int64)) & 0x7FFFFFFF
+
+
+@triton.jit
+def index_seed(step, tensor_index):
+    """:func:`device_seed` of tensor ``tensor_index`` with base seed 0 (``step_seed(step, tensor_index)``)."""
+    return device_seed(step, tensor_index.to(tl.int64) * _SEED_INDEX)
 
 
 @triton.jit
@@ -110,6 +146,18 @@ def store_param(ptr, x, offs, mask, seed, STOCHASTIC: tl.constexpr):
 # --------------------------------------------------------------------------------------------------
 
 
+def seed_reference(step: torch.Tensor, offset: torch.Tensor | int) -> torch.Tensor:
+    """Reference of :func:`device_seed` (int64 tensor of ``step``'s shape)."""
+    offset = offset.to(torch.int64) if isinstance(offset, torch.Tensor) else offset
+    return (step.to(torch.int64) * SEED_STEP + offset) & SEED_MASK
+
+
+def index_seed_reference(step: torch.Tensor, tensor_index: torch.Tensor | int) -> torch.Tensor:
+    """Reference of :func:`index_seed`: ``step_seed(step, tensor_index)`` computed on the device."""
+    index = tensor_index.to(torch.int64) if isinstance(tensor_index, torch.Tensor) else tensor_index
+    return seed_reference(step, index * SEED_INDEX)
+
+
 def _hash_bits_reference(offs: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
     h = (offs.to(torch.int64) * _GOLDEN + seed) & _MASK32
     h = h ^ (h >> 16)
@@ -166,3 +214,18 @@ def round_param_reference(
     if dtype == torch.float16:
         return _fp16_reference(x, offs, seed, stochastic)
     raise TypeError(f"param dtype must be float32, bfloat16 or float16, got {dtype}")
+
+
+def masked_reference(ok: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``ok``, else ``old``; ``ok=None``: the caller checked on the host that the update
+    applies, so no ``where`` on mutated state enters a compiled graph (measured 4x slower with it)."""
+    return new if ok is None else torch.where(ok, new, old)
+
+
+def write_param_reference(param: torch.Tensor, new_p: torch.Tensor, ok: torch.Tensor | None, seed) -> None:
+    """Write fp32 ``new_p`` into contiguous ``param`` (same shape) as :func:`store_param` does (bf16/fp16
+    stochastically rounded with ``seed``, element indices in flat order) where ``ok``."""
+    if param.dtype != torch.float32:
+        offs = torch.arange(param.numel(), device=param.device).view(param.shape)
+        new_p = round_param_reference(new_p, param.dtype, seed, True, offs)
+    param.copy_(masked_reference(ok, new_p, param))

@@ -32,7 +32,6 @@ File order: Triton kernel, PyTorch reference, launcher.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -43,30 +42,18 @@ from .codec import (
     BLOCK_SIZE,
     decode_signed,
     decode_signed_reference,
-    dequantize_reference,
     encode_signed,
     encode_signed_reference,
-    quantize_reference,
 )
-from .dispatch import (
-    PARAM_GRAD_DTYPE_PAIRS,
-    cpu_compile_wanted,
-    cpu_compiled,
-    scalar_args,
-    table_to_device,
-    triton_dtype,
-    use_triton,
-)
-from .rounding import round_param_reference, store_param
+from .dispatch import cpu_compile_wanted, cpu_compiled, scalar_args, triton_dtype, use_triton
+from .multitensor import PARAM_GRAD_DTYPE_PAIRS, kernel_inputs, launch_table, tile_map, write_back
+from .rounding import index_seed, index_seed_reference, masked_reference, store_param, write_param_reference
 
-__all__ = ["ROWS", "sgd_reference", "sgd_update", "sgd_seed_reference"]
+__all__ = ["ROWS", "sgd_reference", "sgd_update"]
 
 ROWS = 4
 """Quantization blocks (of ``BLOCK_SIZE`` elements) handled by one Triton program."""
 
-_SEED_STEP = 7_919
-_SEED_INDEX = 104_729
-_SEED_MASK = 0x7FFFFFFF
 
 
 @triton.jit
@@ -137,7 +124,7 @@ def _sgd_kernel(
         else:
             tl.store(buf_ptr + offs, buf, mask=mask)
     p = p - lr * d
-    seed = (step.to(tl.int64) * 7919 + tensor_index * 104729) & tl.full((), 0x7FFFFFFF, tl.int64)
+    seed = index_seed(step, tensor_index)
     store_param(param_ptr, p, offs, mask, seed, True)
 
 
@@ -170,10 +157,62 @@ AOT_SPECS = [
 # --------------------------------------------------------------------------------------------------
 
 
-def sgd_seed_reference(step: torch.Tensor, tensor_index: torch.Tensor | int) -> torch.Tensor:
-    """Stochastic-rounding seed of a step: ``rounding.step_seed(step, tensor_index)`` computed on the device."""
-    index = tensor_index.to(torch.int64) if isinstance(tensor_index, torch.Tensor) else tensor_index
-    return (step.to(torch.int64) * _SEED_STEP + index * _SEED_INDEX) & _SEED_MASK
+def _select(cond, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` where ``cond`` else ``b``: a Python bool picks on the host, a bool tensor per element."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    return torch.where(cond, a, b)
+
+
+def sgd_step(param, grad, buf, absmax, ok, first, lr, weight_decay, momentum, one_minus_dampening, nesterov,
+             grad_sign, seed) -> None:
+    """One SGD step in place: the specification of ``_sgd_kernel``, the CPU path and the test oracle.
+
+    ``param``/``grad`` flat (no or fp32 momentum ``buf``, same layout) or ``(num_blocks, BLOCK_SIZE)``
+    views with int8 codes ``buf`` and ``absmax`` ``(num_blocks, 1)`` (8-bit momentum). ``ok`` (0-d
+    bool, False leaves everything untouched) or None (checked on the host); ``first`` (the tensor's
+    first step: the momentum starts at ``d``) and ``nesterov``: bool tensors or Python bools. Scalars:
+    0-d fp32 tensors (eager, bit for bit with the kernel) or Python scalars (the compiled CPU step,
+    with ``ok=None``: a ``where(ok, new, old)`` on mutated inputs made inductor ~3x slower).
+    """
+    p = param.to(torch.float32)
+    d = grad.to(torch.float32) * grad_sign + weight_decay * p
+    if buf is not None:
+        old = buf if absmax is None else decode_signed_reference(buf, absmax)
+        new_buf = _select(first, d, momentum * old + one_minus_dampening * d)
+        d = _select(nesterov, d + momentum * new_buf, new_buf)
+        if absmax is None:
+            buf.copy_(masked_reference(ok, new_buf, buf))
+        else:
+            scale = new_buf.abs().amax(dim=1, keepdim=True)
+            buf.copy_(masked_reference(ok, encode_signed_reference(new_buf, scale), buf))
+            absmax.copy_(masked_reference(ok, scale, absmax))
+    write_param_reference(param, p - lr * d, ok, seed)
+
+
+def _on_views(step_fn, param, grad, buf, absmax, *args) -> None:
+    """Run ``step_fn`` on flat views of contiguous ``param`` and its state, or on ``(num_blocks,
+    BLOCK_SIZE)`` views for 8-bit momentum (zero-padded copies for a partial last block: a zero grad
+    and zero param keep the padding at zero, so the block's absmax is unchanged)."""
+    if absmax is None:
+        step_fn(param.view(-1), grad.reshape(-1), None if buf is None else buf.view(-1), None, *args)
+        return
+    n = param.numel()
+    pad = (-n) % BLOCK_SIZE
+    if pad == 0:
+        step_fn(param.view(-1, BLOCK_SIZE), grad.reshape(-1, BLOCK_SIZE), buf.view(-1, BLOCK_SIZE),
+                absmax.view(-1, 1), *args)
+        return
+    padded = [torch.nn.functional.pad(t.reshape(-1), (0, pad)).view(-1, BLOCK_SIZE) for t in (param, grad, buf)]
+    step_fn(padded[0], padded[1], padded[2], absmax.view(-1, 1), *args)
+    param.view(-1).copy_(padded[0].view(-1)[:n])
+    buf.view(-1).copy_(padded[2].view(-1)[:n])
+
+
+def _eager_args(step: torch.Tensor, flag: torch.Tensor, hp: torch.Tensor) -> tuple:
+    lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign, tensor_index = hp.unbind()
+    return (flag != 0, step == 0, lr, weight_decay, momentum, one_minus_dampening, nesterov != 0, grad_sign,
+            index_seed_reference(step, tensor_index))
 
 
 def sgd_reference(
@@ -185,7 +224,7 @@ def sgd_reference(
     flag: torch.Tensor,
     hp: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One SGD step on flat tensors, returning ``(new_param, new_buf, new_absmax)`` (inputs untouched).
+    """:func:`sgd_step` on copies of flat tensors, returning ``(new_param, new_buf, new_absmax)``.
 
     ``param`` (n,) fp32/bf16/fp16; ``grad`` (n,) any float dtype; ``buf`` None (no momentum), fp32
     (n,) or int8 codes (n,) with ``absmax`` fp32 (ceil(n/256),); ``step`` and ``flag`` 0-d fp32;
@@ -193,79 +232,33 @@ def sgd_reference(
     tensor_index]``. ``new_param`` has the param's dtype (stochastically rounded); where
     ``flag == 0`` every output equals its input.
     """
-    lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign, tensor_index = hp.unbind()
-    ok = flag != 0
-    g = grad.to(torch.float32) * grad_sign
-    p = param.to(torch.float32)
-    d = g + weight_decay * p
-    new_buf, new_absmax = buf, absmax
-    if buf is not None:
-        old = dequantize_reference(buf, absmax) if absmax is not None else buf
-        momentum_buf = torch.where(step == 0, d, momentum * old + one_minus_dampening * d)
-        d = torch.where(nesterov != 0, d + momentum * momentum_buf, momentum_buf)
-        if absmax is not None:
-            codes, scales = quantize_reference(momentum_buf, signed=True)
-            new_buf, new_absmax = torch.where(ok, codes, buf), torch.where(ok, scales, absmax)
-        else:
-            new_buf = torch.where(ok, momentum_buf, buf)
-    seed = sgd_seed_reference(step, tensor_index)
-    rounded = round_param_reference(p - lr * d, param.dtype, seed, stochastic=True)
-    return torch.where(ok, rounded, param), new_buf, new_absmax
+    param = param.clone(memory_format=torch.contiguous_format)
+    buf = None if buf is None else buf.clone(memory_format=torch.contiguous_format)
+    absmax = None if absmax is None else absmax.clone()
+    _on_views(sgd_step, param, grad, buf, absmax, *_eager_args(step, flag, hp))
+    return param, buf, absmax
 
 
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
 
-
-def _sgd_inplace(param, grad, buf, absmax, step, flag, hp) -> None:
-    new_param, new_buf, new_absmax = sgd_reference(param, grad, buf, absmax, step, flag, hp)
-    param.copy_(new_param)
-    if buf is not None:
-        buf.copy_(new_buf)
-    if absmax is not None:
-        absmax.copy_(new_absmax)
+_sgd_cpu = cpu_compiled(sgd_step)
 
 
-_sgd_cpu = cpu_compiled(_sgd_inplace)
-
-
-def _sgd8bit_fast_core(param, grad, codes, absmax, lr: float, weight_decay: float, momentum: float,
-                       one_minus_dampening: float, nesterov: bool, grad_sign: float, first_step: bool, seed: int):
-    """The compiled CPU step for 8-bit momentum on ``(num_blocks, BLOCK_SIZE)`` views (absmax
-    ``(num_blocks, 1)``) with host scalars and no skip-select: the caller reads the finite flag and the
-    step on the host (a memory read on CPU). Same math as :func:`sgd_reference`, to fp32 rounding.
-    Without it the compiled reference's ``where(flag, new, old)`` on mutated inputs and its in-graph
-    reshapes made the 8-bit step ~3x slower than the fp32-momentum one.
-    """
-    p = param.to(torch.float32)
-    d = grad.to(torch.float32) * grad_sign + weight_decay * p
-    buf = d if first_step else momentum * decode_signed_reference(codes, absmax) + one_minus_dampening * d
-    d = d + momentum * buf if nesterov else buf
-    p = p - lr * d
-    if param.dtype == torch.float32:
-        param.copy_(p)
-    else:
-        offs = torch.arange(param.numel(), device=param.device).view(param.shape)
-        param.copy_(round_param_reference(p, param.dtype, seed, True, offs))
-    scale = buf.abs().amax(dim=1, keepdim=True)
-    codes.copy_(encode_signed_reference(buf, scale))
-    absmax.copy_(scale)
-
-
-_sgd8bit_fast_cpu = cpu_compiled(_sgd8bit_fast_core)
-
-
-def _sgd8bit_fast_one(param, grad, codes, absmax, step, flag, hyper, tensor_index) -> None:
-    """Run :func:`_sgd8bit_fast_core` on one contiguous CPU tensor whose size is a multiple of BLOCK_SIZE."""
-    if not flag.item():  # CPU tensors: host reads, no device sync
+def _cpu_one(param, grad, buf, absmax, step, flag, hyper, tensor_index) -> None:
+    """One contiguous tensor on the reference: compiled on host scalars (the flag and step read on the
+    host, a memory read on CPU) or eager on 0-d fp32 tensors."""
+    if cpu_compile_wanted(param):
+        if not flag.item():
+            return
+        lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign = hyper
+        seed = int(index_seed_reference(step, tensor_index).item())
+        _on_views(_sgd_cpu.on("compiled"), param, grad, buf, absmax, None, bool(step.item() == 0), lr, weight_decay,
+                  momentum, one_minus_dampening, bool(nesterov), grad_sign, seed)
         return
-    step_value = int(step.item())
-    lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign = hyper
-    seed = int(sgd_seed_reference(step, tensor_index).item())
-    _sgd8bit_fast_cpu(param.view(-1, BLOCK_SIZE), grad.reshape(-1, BLOCK_SIZE), codes.view(-1, BLOCK_SIZE),
-                      absmax.view(-1, 1), lr, weight_decay, momentum, one_minus_dampening, bool(nesterov), grad_sign,
-                      step_value == 0, seed)
+    hp = scalar_args(*hyper, float(tensor_index), device=param.device)
+    _on_views(sgd_step, param, grad, buf, absmax, *_eager_args(step, flag, hp))
 
 
 def sgd_update(
@@ -302,12 +295,7 @@ def sgd_update(
             buckets.setdefault(key, []).append(i)
             continue
         work = param if param.is_contiguous() else param.contiguous()
-        buf = None if bufs[i] is None else bufs[i].view(-1)
-        if absmaxes[i] is not None and work.numel() % BLOCK_SIZE == 0 and cpu_compile_wanted(work):
-            _sgd8bit_fast_one(work, grads[i], buf, absmaxes[i], steps[i], flags[i], hyper, tensor_indices[i])
-        else:
-            hp = scalar_args(*hyper, float(tensor_indices[i]), device=param.device)
-            _sgd_cpu(work.view(-1), grads[i].reshape(-1), buf, absmaxes[i], steps[i], flags[i], hp)
+        _cpu_one(work, grads[i], bufs[i], absmaxes[i], steps[i], flags[i], hyper, tensor_indices[i])
         if work is not param:
             param.copy_(work)
     for (_, _, _, has_momentum, quantized), idx in buckets.items():
@@ -316,25 +304,14 @@ def sgd_update(
                 [tensor_indices[i] for i in idx], hyper, has_momentum, quantized)
 
 
-@functools.lru_cache(maxsize=64)
-def _tiles(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple[int, ...], int]:
-    """(tile -> tensor map on ``device``, first tile of each tensor, total tiles) for these tensor sizes."""
-    counts = [triton.cdiv(n, ROWS * BLOCK_SIZE) for n in numels]
-    firsts = tuple(sum(counts[:i]) for i in range(len(counts)))
-    owner = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), torch.tensor(counts))
-    return owner.to(device), firsts, sum(counts)
-
-
 def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, has_momentum, quantized) -> None:
     device = params[0].device
-    work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    grads = [g if g.dtype in (torch.float32, torch.bfloat16, torch.float16) else g.float() for g in grads]
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    work, grads = kernel_inputs(params, grads)
     numels = tuple(p.numel() for p in work)
-    owner, firsts, num_tiles = _tiles(numels, device)
+    owner, firsts, num_tiles = tile_map(numels, device, ROWS * BLOCK_SIZE)
     if num_tiles == 0:
         return
-    table = torch.tensor(
+    table = launch_table(
         [
             [p.data_ptr() for p in work],
             [g.data_ptr() for g in grads],
@@ -342,13 +319,12 @@ def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, 
             [0 if a is None else a.data_ptr() for a in absmaxes],
             [s.data_ptr() for s in steps],
             [f.data_ptr() for f in flags],
-            list(numels),
-            list(firsts),
+            numels,
+            firsts,
             [int(i) for i in tensor_indices],
         ],
-        dtype=torch.int64,
+        device,
     )
-    table = table_to_device(table, device)
     _sgd_kernel[(num_tiles,)](
         table,
         owner,
@@ -362,6 +338,4 @@ def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, 
         BLOCK=BLOCK_SIZE,
         enable_fp_fusion=False,
     )
-    for param, w in zip(params, work):
-        if w is not param:
-            param.copy_(w)
+    write_back(params, work)

@@ -203,6 +203,7 @@ class Adafactor(LowMemOptimizer):
         for i, ((tensor_index, param), state, flag) in enumerate(zip(items, states, flags.unbind())):
             factored = "exp_avg_sq_row" in state
             shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
+            reduce = sum_reduce(param)  # sharded: the eager reference completes every sum across ranks
             adafactor_update(
                 shard,
                 local(param.grad),
@@ -223,7 +224,8 @@ class Adafactor(LowMemOptimizer):
                 relative_step=group["relative_step"],
                 warmup_init=group["warmup_init"],
                 tensor_index=shard_tensor_index(tensor_index, param),
-                reduce=sum_reduce(param),
+                reduce=reduce,
+                backend="eager" if reduce is not None else None,
             )
 
 

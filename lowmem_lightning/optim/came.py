@@ -143,6 +143,7 @@ class CAME(LowMemOptimizer):
         for (tensor_index, param), state, flag in zip(items, states, flags.unbind()):
             factored = "exp_avg_sq_row" in state
             shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
+            reduce = sum_reduce(param)  # sharded: the eager reference completes every sum across ranks
             came_update(
                 shard,
                 local(param.grad),
@@ -160,7 +161,8 @@ class CAME(LowMemOptimizer):
                 betas=tuple(float(b) for b in group["betas"]),
                 weight_decay=float(group["weight_decay"]),
                 tensor_index=shard_tensor_index(tensor_index, param),
-                reduce=sum_reduce(param),
+                reduce=reduce,
+                backend="eager" if reduce is not None else None,
             )
 
 

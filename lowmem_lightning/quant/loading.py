@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from .linear4bit import Linear4bit, _check_options, _check_skip, _is_skipped
 
@@ -44,19 +45,22 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 
 @contextlib.contextmanager
 def _parameters_on_meta():
-    """While active, every parameter registered by a module is moved to the meta device at once."""
-    register = nn.Module.register_parameter
+    """While active, every parameter a module registers is moved to the meta device at once.
 
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    Uses torch's supported, removable parameter-registration hook (no class is patched); the hook is
+    removed on exit, so nothing outlives the model construction.
+    """
 
-    nn.Module.register_parameter = register_on_meta
+    def to_meta(module, name, param):
+        if param.device.type != "meta":
+            return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        return None
+
+    handle = register_module_parameter_registration_hook(to_meta)
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        handle.remove()
 
 
 def _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype) -> None:

@@ -2,9 +2,10 @@
 
 peft has no built-in LoRA layer for our ``Linear4bit``; it offers a custom-module mechanism
 (``LoraConfig._register_custom_module({LayerType: LoraLayerType})``, see peft's "Custom models"
-guide). :func:`register_peft_custom_module` (called when ``lowmem_lightning.quant`` is imported)
-makes every ``LoraConfig`` created afterwards carry that mapping, so plain
-``peft.get_peft_model(model, LoraConfig(target_modules=[...]))`` wraps our layers too.
+guide). :func:`add_lora` registers it on the config it builds; :func:`register_peft_custom_module`
+does the same for a config of your own, so plain ``peft.get_peft_model(model,
+register_peft_custom_module(LoraConfig(target_modules=[...])))`` wraps our layers too. Nothing is
+patched: importing this package leaves peft's classes as they are.
 
 :class:`LoraLinear4bit` computes ``y = base(x) + lora_B(lora_A(dropout(x))) * scaling``. Merging
 never re-quantizes: ``merge()`` swaps the 4-bit base for a dense ``nn.Linear`` holding
@@ -27,7 +28,7 @@ from torch import nn
 
 from .linear4bit import Linear4bit
 
-__all__ = ["LoraLinear4bit", "add_lora", "register_peft_custom_module", "LLAMA_TARGET_MODULES"]
+__all__ = ["LoraLinear4bit", "add_lora", "load_lora", "register_peft_custom_module", "LLAMA_TARGET_MODULES"]
 
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The seven linear projections of a Llama decoder layer (QLoRA puts adapters on all of them)."""
@@ -140,22 +141,17 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-def register_peft_custom_module() -> None:
-    """Make every ``LoraConfig`` created from now on map ``Linear4bit`` to :class:`LoraLinear4bit`.
+def register_peft_custom_module(config: LoraConfig) -> LoraConfig:
+    """Map ``Linear4bit`` to :class:`LoraLinear4bit` in ``config`` (peft's per-config custom-module
+    registration, ``LoraConfig._register_custom_module``) and return ``config``.
 
-    Wraps ``LoraConfig.__post_init__`` once (idempotent) to call peft's documented
-    ``_register_custom_module``; a config's other custom mappings are kept.
+    Only this config changes (its other custom mappings are kept); no peft class is patched. Use it
+    to wrap 4-bit layers with plain ``peft.get_peft_model(model, register_peft_custom_module(config))``.
     """
-    original = LoraConfig.__post_init__
-    if getattr(original, "_lowmem_linear4bit", False):
-        return
-
-    def __post_init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self._register_custom_module({Linear4bit: LoraLinear4bit})
-
-    __post_init__._lowmem_linear4bit = True
-    LoraConfig.__post_init__ = __post_init__
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"Invalid config={config!r}: expected a peft.LoraConfig.")
+    config._register_custom_module({Linear4bit: LoraLinear4bit})
+    return config
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -211,9 +207,19 @@ def add_lora(
         r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none",
         task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
     )
-    config._register_custom_module({Linear4bit: LoraLinear4bit})
+    register_peft_custom_module(config)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != adapter_dtype:
             param.data = param.data.to(adapter_dtype)
     return peft_model
+
+
+def load_lora(model: nn.Module, path, is_trainable: bool = False) -> PeftModel:
+    """Reload adapters saved by ``save_pretrained`` (directory ``path``) onto ``model``.
+
+    ``peft.PeftModel.from_pretrained`` with the saved ``LoraConfig`` passed through
+    :func:`register_peft_custom_module`, so ``Linear4bit`` layers get their :class:`LoraLinear4bit`.
+    """
+    config = register_peft_custom_module(LoraConfig.from_pretrained(str(path)))
+    return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=is_trainable)

@@ -1,0 +1,76 @@
+"""One launch over many tensors: the launch table, the tile -> tensor map, and the buckets.
+
+A multi-tensor kernel (AdamW, SGD) gets an int64 table (one row per field, one column per tensor:
+data pointers, sizes, first tile, seed offsets) and an int32 map from program id to the tensor it
+updates; each program handles one tile of ``tile_elements`` elements of its tensor. Tensors are
+bucketed by what changes the compiled kernel (device, dtypes, state form), one launch per bucket.
+The table is copied to the device without a sync (pinned, non-blocking on CUDA).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+import triton
+
+__all__ = ["PARAM_GRAD_DTYPE_PAIRS", "bucket", "tile_map", "launch_table", "kernel_inputs", "write_back"]
+
+PARAM_GRAD_DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+]
+"""(param dtype, grad dtype) pairs the multi-tensor launchers are compiled for ahead of time."""
+
+_KERNEL_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def bucket(count: int, key: Callable[[int], Hashable]) -> dict[Hashable, list[int]]:
+    """Indices ``0..count-1`` grouped by ``key(i)`` (first-seen order): one launch per group."""
+    groups: dict[Hashable, list[int]] = {}
+    for i in range(count):
+        groups.setdefault(key(i), []).append(i)
+    return groups
+
+
+@functools.lru_cache(maxsize=64)
+def tile_map(numels: tuple[int, ...], device: torch.device, tile_elements: int
+             ) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """``(owner, firsts, num_tiles)`` for tensors of ``numels`` elements cut into tiles of
+    ``tile_elements``: ``owner`` (int32 on ``device``) maps each program to its tensor, ``firsts`` is the
+    first tile of each tensor."""
+    counts = [triton.cdiv(n, tile_elements) for n in numels]
+    firsts, total = [], 0
+    for count in counts:
+        firsts.append(total)
+        total += count
+    owner = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32), torch.tensor(counts))
+    return owner.to(device), tuple(firsts), total
+
+
+def launch_table(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """The int64 ``(len(rows), T)`` launch table on ``device``; pinned and non-blocking on CUDA (no sync)."""
+    table = torch.tensor([list(row) for row in rows], dtype=torch.int64)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
+def kernel_inputs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> tuple[list, list]:
+    """Contiguous params (copies where needed, see :func:`write_back`) and contiguous fp32/bf16/fp16 grads."""
+    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    grads = [g if g.dtype in _KERNEL_GRAD_DTYPES else g.float() for g in grads]
+    return work, [g if g.is_contiguous() else g.contiguous() for g in grads]
+
+
+def write_back(params: Sequence[torch.Tensor], work: Sequence[torch.Tensor]) -> None:
+    """Copy updated contiguous copies back into non-contiguous params."""
+    for param, w in zip(params, work):
+        if w is not param:
+            param.copy_(w)
