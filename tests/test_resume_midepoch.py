@@ -245,12 +245,14 @@ def test_resume_at_an_epoch_end_checkpoint(tmp_path, data, reference):
     _assert_same_run(reference, tmp_path, 30)
 
 
-def test_loader_resumes_from_any_batch_with_a_new_order_each_epoch(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resumes_from_any_batch_with_a_new_order_each_epoch(tmp_path, num_workers):
     """The data module's loader alone: a state saved after any batch (mid-epoch, epoch end) continues
-    the exact sequence of batches, and every epoch has its own order."""
+    the exact sequence of batches, and every epoch has its own order; also with worker processes."""
     from lowmem_lightning.data import TextDataModule
 
-    dm = TextDataModule(str(_write_data(tmp_path / "words.txt")), seq_len=32, batch_size=4, val_fraction=0.05)
+    dm = TextDataModule(str(_write_data(tmp_path / "words.txt")), seq_len=32, batch_size=4, val_fraction=0.05,
+                        num_workers=num_workers)
 
     def batches(loader, n):
         out = []

@@ -12,7 +12,8 @@ Pipeline (all in ``setup``, once):
    the pad token, ``attention_mask`` 0 and labels -100;
 4. split: a seeded permutation of the blocks sends ``round(val_fraction * n_blocks)`` (at least 1
    when ``val_fraction > 0``) to validation, the rest to training; blocks without a single target
-   token (all prompt or padding: they would give a NaN loss) are left out, with a warning.
+   token (all prompt or padding: they would give a NaN loss) are left out, with a warning when
+   ``pack=False`` or when they are more than 10% of the blocks.
 
 Loaders are torchdata ``StatefulDataLoader``s (a drop-in for torch's ``DataLoader``): Lightning saves
 their position and the shuffle generator's state in every checkpoint and restores them, so a run
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import string
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -399,12 +401,13 @@ class TextDataModule(L.LightningDataModule):
                 "records with shorter prompts."
             )
         dropped = int((~keep).sum())
-        if dropped:
+        if dropped and (not self.pack or 10 * dropped > keep.numel()):  # packed: a few such blocks are normal
             rank_zero_warn(
                 f"TextDataModule: {dropped} of {keep.numel()} blocks hold no trainable label (prompt or "
-                f"padding only) and are left out; raise seq_len (now {self.seq_len}) or set pack=True to keep them."
+                f"padding only) and are left out; raise seq_len (now {self.seq_len})"
+                + ("." if self.pack else " or set pack=True to keep them.")
             )
-            blocks = {k: v[keep] for k, v in blocks.items()}
+        blocks = {k: v[keep] for k, v in blocks.items()}
         try:
             train_idx, val_idx = split_indices(blocks["input_ids"].shape[0], self.val_fraction, self.seed)
         except ValueError as err:
@@ -417,13 +420,15 @@ class TextDataModule(L.LightningDataModule):
         self.check_inputs()
 
     def _loader(self, dataset: TokenBlocks, shuffle: bool) -> StatefulDataLoader:
-        return StatefulDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        with warnings.catch_warnings():  # torchdata 0.11's constructor calls a deprecated torch API
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            return StatefulDataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
 
     def train_dataloader(self) -> StatefulDataLoader:
         """Shuffled training blocks, ``batch_size`` per batch, in a resumable ``StatefulDataLoader``
