@@ -16,8 +16,11 @@
   path inside a recipe (``model.model_name_or_path``, ``data.data_path``) that does not exist from the
   current directory is looked up next to the recipe file.
 * A rich progress bar is added unless the config sets its own progress bar or disables it.
-* Wrong input (unknown optimizer, missing config file, unknown key, bad type, invalid value) ends with
-  a one-paragraph message naming the problem and the allowed values, exit code 2, no traceback.
+* Wrong input (unknown optimizer, missing config file, unknown key, bad type, invalid value, a bad data
+  file, a missing ``--ckpt_path``, an unwritable output directory) ends with a one-paragraph message
+  naming the problem and the allowed values, exit code 2, no traceback, before anything is written: the
+  data module's ``check_inputs()`` runs before the Trainer is built.
+* A run stopped by SIGTERM exits with code 143 (after saving ``last.ckpt`` when it checkpoints).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lowmem_lightning.optim.registry import available_optimizers
 
@@ -56,6 +60,8 @@ OPTIMIZER_CALLBACK = "lowmem_lightning.callbacks.optimizer.LowMemOptimizerCallba
 """``class_path`` of the callback that ``--optim`` adds or overrides."""
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SIGTERM_EXIT_CODE = 128 + 15
+"""Exit code of a run stopped by SIGTERM (the shell's convention), so a scheduler sees it did not finish."""
 PATH_KEYS = (("model", "model_name_or_path"), ("data", "data_path"), ("data", "tokenizer"))
 
 DESCRIPTION = (
@@ -299,6 +305,18 @@ class LowMemCLI(LightningCLI):
         self._link_tokenizer(cfg)
         if self.check_weights:
             self._check_not_architecture_only(cfg)
+        _type_model_config(cfg)
+        self._check_run_inputs(cfg)
+
+    def _check_run_inputs(self, cfg: Namespace) -> None:
+        """A missing ``--ckpt_path`` or an unwritable output directory: exit 2 before anything is built."""
+        if not self.check_weights:  # parse-only (lowmem estimate): no run, nothing to check
+            return
+        problem = _ckpt_path_problem(cfg.get("ckpt_path"))
+        for name, path in _output_dirs(cfg):
+            problem = problem or _unwritable(name, path)
+        if problem:
+            self._error(problem)
 
     check_weights = True
     """Refuse to run a bundled architecture-only folder (``llama-2-7b/``) as a checkpoint."""
@@ -404,6 +422,14 @@ class LowMemCLI(LightningCLI):
         except (ValueError, TypeError) as err:
             self._error(_short(err))
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Check the data module's inputs (``check_inputs()``, when it has one: files read, tokenized,
+        checked) before the Trainer and its loggers exist, then build the Trainer."""
+        check = getattr(getattr(self, "datamodule", None), "check_inputs", None)
+        if callable(check):
+            check()
+        return super().instantiate_trainer(**kwargs)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
@@ -411,6 +437,83 @@ class LowMemCLI(LightningCLI):
         if not has_bar and config.get("enable_progress_bar", True) is not False:
             callbacks = [*callbacks, StepsAwareRichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+_CKPT_KEYWORDS = ("last", "best", "hpc")
+
+
+def _ckpt_path_problem(ckpt_path: Any) -> str | None:
+    """Why ``--ckpt_path`` cannot be resumed from (no such file or directory), or ``None``."""
+    if not isinstance(ckpt_path, str) or ckpt_path in _CKPT_KEYWORDS or "://" in ckpt_path:
+        return None
+    if ckpt_path.startswith("registry:") or Path(ckpt_path).expanduser().exists():
+        return None
+    return (f"ckpt_path={ckpt_path!r}: no such checkpoint file ({Path(ckpt_path).expanduser().resolve()}); "
+            "give the path of a saved .ckpt, or 'last' for the newest last*.ckpt of the ModelCheckpoint directory.")
+
+
+def _entries(value: Any) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _output_dirs(cfg: Namespace) -> list[tuple[str, str]]:
+    """``(argument, path)`` of every directory the run will write: the Trainer's root, each logger's
+    ``save_dir``, each callback's ``dirpath`` and the model's ``save_dir``."""
+    trainer = cfg.get("trainer") or Namespace()
+    out = [("trainer.default_root_dir", trainer.get("default_root_dir"))]
+    for group in ("logger", "callbacks"):
+        for entry in _entries(trainer.get(group)):
+            init = entry.get("init_args") if isinstance(entry, (dict, Namespace)) else None
+            for key in ("save_dir", "dirpath"):
+                if isinstance(init, (dict, Namespace)) and isinstance(init.get(key), str):
+                    name = str(entry.get("class_path", group)).rsplit(".", 1)[-1]
+                    out.append((f"trainer.{group} {name}.{key}", init.get(key)))
+    model = (cfg.get("model") or Namespace()).get("init_args")
+    if isinstance(model, (dict, Namespace)):
+        out.append(("model.save_dir", model.get("save_dir")))
+    return [(name, path) for name, path in out if isinstance(path, str) and path and "://" not in path]
+
+
+def _unwritable(name: str, path: str) -> str | None:
+    """Why directory ``path`` (given as argument ``name``) cannot be created or written, or ``None``."""
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{name}={path!r}: cannot create the directory, {probe} is a file; choose another directory."
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == target else f"cannot be created ({probe} is not writable)"
+        return f"{name}={path!r}: the directory {what}; choose a writable directory."
+    return None
+
+
+_LITERALS = {"true": True, "false": False, "null": None, "none": None}
+
+
+def _typed(value: Any) -> Any:
+    """A command-line string as the number / bool / None it spells (``'64'`` -> 64, ``'1e-5'`` ->
+    1e-05, ``'true'`` -> True); any other value unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.lower() in _LITERALS:
+        return _LITERALS[text.lower()]
+    for convert in (int, float):
+        with contextlib.suppress(ValueError):
+            return convert(text)
+    return value
+
+
+def _type_model_config(cfg: Namespace) -> None:
+    """``--model.config.hidden_size 64`` arrives as the string ``'64'`` (the argument is a dict):
+    give such values the types a YAML recipe gives them (int, float, bool, None)."""
+    init = (cfg.get("model") or Namespace()).get("init_args")
+    config = init.get("config") if isinstance(init, Namespace) else None
+    if isinstance(config, dict):
+        init["config"] = {key: _typed(value) for key, value in config.items()}
 
 
 class StepsAwareRichProgressBar(RichProgressBar):
@@ -572,6 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.argv = [saved_argv[0] if saved_argv else "lowmem"]
     try:
         LowMemCLI(args=args)
+    except SIGTERMException:
+        return SIGTERM_EXIT_CODE
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 2)

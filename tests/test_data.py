@@ -138,11 +138,11 @@ def test_local_hf_tokenizer(tmp_path):
         tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
     ).save_pretrained(tmp_path / "tok")
     (tmp_path / "d.txt").write_text("hello world hello")
-    dm = TextDataModule(str(tmp_path / "d.txt"), tokenizer=str(tmp_path / "tok"), seq_len=4, val_fraction=0.0)
+    dm = TextDataModule(str(tmp_path / "d.txt"), tokenizer=str(tmp_path / "tok"), seq_len=3, val_fraction=0.0)
     dm.setup()
     assert dm.vocab_size == 6
-    assert dm.train_dataset.blocks["input_ids"].tolist() == [[2, 4, 5, 4], [3, 1, 1, 1]]
-    assert dm.train_dataset.blocks["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
+    assert dm.train_dataset.blocks["input_ids"].tolist() == [[2, 4, 5], [4, 3, 1]]
+    assert dm.train_dataset.blocks["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,11 @@ import math
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lowmem_lightning.callbacks.report import adamw_fp32_state_bytes, format_summary, summary_dict, write_plot
+from lowmem_lightning.callbacks.resume import save_on_sigterm, warn_if_not_resumable
 from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
     find_optimizers,
@@ -87,7 +89,12 @@ class LowMemOptimizerCallback(L.Callback):
 
     Checkpoints carry the optimizers' (quantized) states; resuming with a different optimizer than
     the checkpoint's raises ``ValueError`` before any step, unless the new optimizer converts that
-    state (fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``).
+    state (fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``). On SIGTERM (preemption) it saves
+    ``last.ckpt`` into the ``ModelCheckpoint`` directory at the end of the current step before
+    Lightning stops the run (:mod:`~lowmem_lightning.callbacks.resume`); when the run checkpoints and
+    a training dataloader cannot save its position, it warns once that mid-epoch resume will not be
+    exact. A failure to write the plot or print the summary is a warning naming the path and the
+    error, never a failed fit.
 
     Args:
         optimizer: Registered optimizer name (``lowmem_lightning.optim.available_optimizers()``).
@@ -227,8 +234,14 @@ class LowMemOptimizerCallback(L.Callback):
         self._unpatch()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Undo the wrap when fit fails (Lightning skips ``teardown`` then)."""
-        self._unpatch()
+        """Undo the wrap when fit fails (Lightning skips ``teardown`` then). When Lightning stops the run
+        for a SIGTERM that came after this callback's step-end check (during validation or a later
+        callback), save the checkpoint now, at the step end where the run stopped."""
+        try:
+            if isinstance(exception, SIGTERMException) and trainer.state.stage == "train":
+                self._save_on_sigterm(trainer)
+        finally:
+            self._unpatch()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Check the strategy built its optimizers through the module (so they are ours)."""
@@ -239,6 +252,10 @@ class LowMemOptimizerCallback(L.Callback):
             )
         self._reset_history()
         self._last_global_step = trainer.global_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn once when mid-epoch resume cannot be exact (a training dataloader without state)."""
+        warn_if_not_resumable(trainer)
 
     # ------------------------------------------------------------------ logging
     def _reset_history(self) -> None:
@@ -322,7 +339,16 @@ class LowMemOptimizerCallback(L.Callback):
         self._pending_losses = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        """After an optimizer step: measure, keep the max since the last logged step, log it."""
+        """After an optimizer step: measure, keep the max since the last logged step, log it; after
+        SIGTERM, save a resumable checkpoint (Lightning then stops the run)."""
+        self._log_step(trainer, pl_module, outputs)
+        self._save_on_sigterm(trainer)
+
+    def _save_on_sigterm(self, trainer: L.Trainer) -> None:
+        if getattr(self, "_sigterm_saved_at", None) != trainer.global_step and save_on_sigterm(trainer):
+            self._sigterm_saved_at = trainer.global_step
+
+    def _log_step(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs) -> None:
         if trainer.global_step == self._last_global_step:
             return  # accumulating gradients: no optimizer step in this batch
         self._last_global_step = trainer.global_step
@@ -348,9 +374,18 @@ class LowMemOptimizerCallback(L.Callback):
             self._peak = {}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Summary (state memory, bytes/param, saving vs fp32 AdamW) and the PNG, on rank 0."""
+        """Summary (state memory, bytes/param, saving vs fp32 AdamW) and the PNG, on rank 0. A failure
+        to write or print them is a warning (naming the path and the error), so fit still completes."""
         if not self.optimizers:
             return
+        try:
+            self._report(trainer)
+        except Exception as err:  # noqa: BLE001 - the report is optional; the trained model is not
+            where = getattr(err, "filename", None) or "the console"
+            rank_zero_warn(f"LowMemOptimizerCallback: could not write the end-of-fit summary to {where}: "
+                           f"{type(err).__name__}: {err}")
+
+    def _report(self, trainer: L.Trainer) -> None:
         self._flush_losses()
         memories = [state_memory(opt) for opt in self.optimizers]
         total = type(memories[0])(
@@ -366,7 +401,11 @@ class LowMemOptimizerCallback(L.Callback):
         if self.plot:
             log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
             if trainer.is_global_zero and log_dir:
-                plot_path = write_plot(f"{log_dir}/state_memory.png", self._steps, self._state_mib, self._losses)
+                try:
+                    plot_path = write_plot(f"{log_dir}/state_memory.png", self._steps, self._state_mib, self._losses)
+                except Exception as err:  # noqa: BLE001 - a plot is never worth the run
+                    rank_zero_warn(f"LowMemOptimizerCallback: could not write the plot {log_dir}/state_memory.png: "
+                                   f"{type(err).__name__}: {err}")
         self.summary["plot"] = plot_path
         if self.print_summary:
             rank_zero_info(format_summary(self.summary, plot_path))

@@ -11,7 +11,20 @@ Pipeline (all in ``setup``, once):
    each document is cut on its own (``pack=False``); the last block of a stream is right-padded with
    the pad token, ``attention_mask`` 0 and labels -100;
 4. split: a seeded permutation of the blocks sends ``round(val_fraction * n_blocks)`` (at least 1
-   when ``val_fraction > 0``) to validation, the rest to training.
+   when ``val_fraction > 0``) to validation, the rest to training; blocks without a single target
+   token (all prompt or padding: they would give a NaN loss) are left out, with a warning when
+   ``pack=False`` or when they are more than 10% of the blocks.
+
+Loaders are torchdata ``StatefulDataLoader``s (a drop-in for torch's ``DataLoader``): Lightning saves
+their position and the shuffle generator's state in every checkpoint and restores them, so a run
+resumed from a mid-epoch checkpoint sees exactly the batches the uninterrupted run would have seen.
+The shuffle order of each epoch comes from ``seed`` and the epoch number alone
+(``EpochShuffleSampler``, whose state travels with the loader's), not from the global RNG.
+
+``check_inputs()`` (called by ``setup`` and, before the Trainer is built, by ``lowmem fit``) reads and
+checks every file: unreadable, empty, binary / non-UTF-8 files, malformed JSONL lines (file:line),
+too little data for the split, and no trainable label at all each raise ``ValueError`` naming the
+file or the setting to change.
 
 Batches are dicts of ``[batch_size, seq_len]`` int64 tensors: ``input_ids``, ``labels``,
 ``attention_mask``, ready for ``model(**batch)`` of a Hugging Face causal LM (which shifts the labels).
@@ -21,12 +34,15 @@ from __future__ import annotations
 
 import json
 import string
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lowmem_lightning.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -42,6 +58,9 @@ __all__ = [
     "encode_document",
     "pack_blocks",
     "split_indices",
+    "read_text_file",
+    "trainable_blocks",
+    "EpochShuffleSampler",
 ]
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
@@ -107,15 +126,38 @@ def _render(record: dict, where: str, template: str, template_no_input: str) -> 
     return Document(prompt, fields["output"])
 
 
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of one data file; ``ValueError`` naming the file when it cannot be read, is
+    empty (only whitespace), is not UTF-8 (with the byte offset) or looks binary (holds NUL bytes)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"Cannot read data file {path}: {err.strerror or err}.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"Data file {path} is not UTF-8 text (invalid byte 0x{raw[err.start]:02x} at offset {err.start}): "
+            "expected plain text or JSONL; convert it to UTF-8 or leave it out of data_path."
+        ) from None
+    if "\x00" in text:
+        raise ValueError(f"Data file {path} looks binary (it holds NUL bytes): expected plain text or JSONL.")
+    if not text.strip():
+        raise ValueError(f"Data file {path} is empty: add text to it or leave it out of data_path.")
+    return text
+
+
 def read_documents(
     files: list[Path],
     template: str = DEFAULT_PROMPT_TEMPLATE,
     template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
 ) -> list[Document]:
-    """Every document in ``files``: a plain-text file is one document, a JSONL line one record."""
+    """Every document in ``files``: a plain-text file is one document, a JSONL line one record.
+    ``ValueError`` naming the file (and line) for any file :func:`read_text_file` refuses or any
+    malformed JSONL line."""
     docs = []
     for path in files:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path)
         if path.suffix not in JSONL_SUFFIXES:
             docs.append(Document("", text))
             continue
@@ -125,7 +167,7 @@ def read_documents(
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from err
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}, column {err.colno}).") from None
             docs.append(_render(record, f"{path}:{lineno}", template, template_no_input))
     return docs
 
@@ -184,6 +226,13 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def trainable_blocks(labels: torch.Tensor) -> torch.Tensor:
+    """``[n_blocks]`` bool: the block has at least one target token. A causal LM predicts token
+    ``t + 1`` from position ``t``, so the label at position 0 is never a target; a block whose other
+    labels are all -100 (prompt, padding) contributes no loss term and, batched alone, a NaN loss."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=1)
+
+
 class TokenBlocks(Dataset):
     """Rows of packed blocks: item ``i`` is ``{"input_ids", "labels", "attention_mask"}``, each
     ``[seq_len]`` int64."""
@@ -196,6 +245,50 @@ class TokenBlocks(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.blocks.items()}
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Indices ``0..n-1`` in a new order each epoch: epoch ``e`` is a permutation drawn from a generator
+    seeded by ``(seed, e)`` alone, so an epoch's order never depends on how the run got there.
+
+    Resumable: ``state_dict()`` is ``{"epoch", "yielded"}`` (epoch counter, indices handed out in it);
+    after ``load_state_dict`` the next iteration continues that epoch from index ``yielded``.
+    ``StatefulDataLoader`` saves and restores this state with its own.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.epoch, self.yielded = -1, 0  # no epoch started yet
+        self._resume_at: int | None = None
+
+    def permutation(self, epoch: int) -> list[int]:
+        """The order of epoch ``epoch`` (``[n]`` indices)."""
+        key = (self.seed * 1_000_003 + epoch) % 2**63
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(key)).tolist()
+
+    def __iter__(self):
+        start, self._resume_at = self._resume_at, None
+        if start is None or start >= self.n:  # a new epoch (also after a state saved at an epoch's end)
+            self.epoch, start = self.epoch + 1, 0
+        self.yielded = start
+        return self._indices(self.permutation(self.epoch)[start:])
+
+    def _indices(self, order: list[int]):
+        for index in order:
+            self.yielded += 1
+            yield index
+
+    def __len__(self) -> int:
+        return self.n
+
+    def state_dict(self) -> dict:
+        """``{"epoch": the epoch being iterated (-1 before the first), "yielded": indices handed out in it}``."""
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (a :meth:`state_dict`) at the next iteration."""
+        self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
+        self._resume_at = self.yielded
 
 
 def _check_template(value, name: str, required: tuple[str, ...]) -> None:
@@ -232,7 +325,8 @@ class TextDataModule(L.LightningDataModule):
         seq_len: Tokens per training sequence (block), >= 2.
         batch_size: Sequences per batch, >= 1.
         val_fraction: Fraction of blocks held out for validation, in [0, 1); 0 disables validation.
-        seed: Seed of the train/val split (the same seed gives the same split).
+        seed: Seed of the train/val split and of the shuffle order of training batches (the same
+            seed gives the same split and the same batches; independent of ``seed_everything``).
         num_workers: DataLoader worker processes, >= 0 (0 loads in the main process).
         pack: True concatenates documents before cutting blocks (no padding but at the very end);
             False cuts each document on its own (padding per document, documents never share a block).
@@ -242,7 +336,7 @@ class TextDataModule(L.LightningDataModule):
             ``{instruction}``.
 
     Raises ``ValueError`` naming the argument when a value is invalid or a path does not exist,
-    in the constructor, before anything is read.
+    in the constructor, before anything is read; :meth:`check_inputs` then checks the files' content.
     """
 
     def __init__(
@@ -286,32 +380,63 @@ class TextDataModule(L.LightningDataModule):
         """Number of token ids the tokenizer can produce (259 for ``"byte"``)."""
         return self.tokenizer.vocab_size
 
-    def setup(self, stage: str | None = None) -> None:
-        """Read, tokenize, pack and split the data (once; later calls do nothing)."""
+    def check_inputs(self) -> None:
+        """Read, tokenize, pack and split the data now (once; the result is kept for ``setup``), so
+        every problem with the data surfaces before training: ``ValueError`` naming the file (and
+        line) for an unreadable, empty, binary or non-UTF-8 file or a malformed JSONL record, or the
+        setting to change (``val_fraction``, ``seq_len``, ``pack``, the data) when the data is too
+        little for the split or no block carries a trainable label. ``lowmem fit`` calls it before
+        the Trainer creates its log directory."""
         if self.train_dataset is not None:
             return
         docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
         encoded = [encode_document(d, self.tokenizer) for d in docs]
         blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack)
-        train_idx, val_idx = split_indices(blocks["input_ids"].shape[0], self.val_fraction, self.seed)
+        keep = trainable_blocks(blocks["labels"])
+        if not bool(keep.any()):
+            raise ValueError(
+                f"No trainable label in data_path={self.hparams.data_path!r} with seq_len={self.seq_len}, "
+                f"pack={self.pack}: every {self.seq_len}-token block is prompt or padding only (labels -100), "
+                "so the loss would be NaN. Raise seq_len above the prompt length, set pack=True, or use "
+                "records with shorter prompts."
+            )
+        dropped = int((~keep).sum())
+        if dropped and (not self.pack or 10 * dropped > keep.numel()):  # packed: a few such blocks are normal
+            rank_zero_warn(
+                f"TextDataModule: {dropped} of {keep.numel()} blocks hold no trainable label (prompt or "
+                f"padding only) and are left out; raise seq_len (now {self.seq_len})"
+                + ("." if self.pack else " or set pack=True to keep them.")
+            )
+        blocks = {k: v[keep] for k, v in blocks.items()}
+        try:
+            train_idx, val_idx = split_indices(blocks["input_ids"].shape[0], self.val_fraction, self.seed)
+        except ValueError as err:
+            raise ValueError(f"data_path={self.hparams.data_path!r}, seq_len={self.seq_len}: {err}") from None
         self.train_dataset = TokenBlocks({k: v[train_idx] for k, v in blocks.items()})
         self.val_dataset = TokenBlocks({k: v[val_idx] for k, v in blocks.items()})
 
-    def _loader(self, dataset: TokenBlocks, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def setup(self, stage: str | None = None) -> None:
+        """Read, tokenize, pack and split the data (:meth:`check_inputs`; once, later calls do nothing)."""
+        self.check_inputs()
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training blocks, ``batch_size`` per batch."""
+    def _loader(self, dataset: TokenBlocks, shuffle: bool) -> StatefulDataLoader:
+        with warnings.catch_warnings():  # torchdata 0.11's constructor calls a deprecated torch API
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            return StatefulDataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled training blocks, ``batch_size`` per batch, in a resumable ``StatefulDataLoader``
+        (its position and shuffle state travel in Lightning checkpoints)."""
         self.setup()
         return self._loader(self.train_dataset, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> StatefulDataLoader | list:
         """Validation blocks in order; an empty list (no validation) when ``val_fraction`` is 0."""
         self.setup()
         if len(self.val_dataset) == 0:

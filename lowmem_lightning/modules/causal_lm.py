@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import torch
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
@@ -272,7 +274,8 @@ class CausalLMModule(LowMemModule):
         torch_dtype: Weight dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; ``None`` takes the
             default dtype (float32, or the Trainer's with ``precision="bf16-true"``). LoRA adapters are
             created in float32.
-        save_dir: Directory to write at the end of fit: the LoRA adapter (``save_pretrained``), the
+        save_dir: Directory to write when training ends (before any callback's end-of-fit work, and
+            even when a callback fails after training finished): the LoRA adapter (``save_pretrained``), the
             merged model when ``save_merged``, or the full model without LoRA; ``None`` writes nothing.
         save_merged: With LoRA, merge the adapters into full-precision weights and save that model
             instead of the adapter (the module keeps the merged model afterwards).
@@ -371,16 +374,54 @@ class CausalLMModule(LowMemModule):
         self.log("val_ppl", torch.exp(loss))
         self.val_loss.reset()
 
-    # -- saving ------------------------------------------------------------------------------------
+    # -- saving ----------------------------------------------------------------------------------
 
-    def on_fit_end(self) -> None:
-        """Write the adapter / merged model / full model to ``save_dir`` (global rank 0 only)."""
+    def configure_callbacks(self) -> list:
+        """A guard that still saves the trained model when a callback fails after training ended."""
+        return [_SaveOnFailure()] if self.hparams.save_dir is not None else []
+
+    def on_fit_start(self) -> None:
+        """A new fit saves again."""
+        self._saved = False
+
+    def on_train_end(self) -> None:
+        """Save the model as soon as training ends (see :meth:`save_model`).
+
+        Saving here, not in ``on_fit_end``, keeps the save ahead of every callback's ``on_fit_end``
+        (plots, summaries: Lightning runs the callbacks' ``on_fit_end`` before the module's), so a
+        failing end-of-fit callback cannot cost the model."""
+        self.save_model()
+
+    def save_model(self) -> str | None:
+        """Write the adapter / merged model / full model (and an HF tokenizer) to ``save_dir``, once per
+        fit, on global rank 0; returns the directory, or ``None`` when nothing was written."""
         save_dir = self.hparams.save_dir
-        if save_dir is None or not self.trainer.is_global_zero:
-            return
+        if save_dir is None or getattr(self, "_saved", False) or self.model is None:
+            return None
+        self._saved = True
+        if not self.trainer.is_global_zero:
+            return None
         if self.lora is not None and self.hparams.save_merged:
             self.model = self.model.merge_and_unload()
         self.model.save_pretrained(str(save_dir))
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         if hasattr(getattr(tokenizer, "tokenizer", None), "save_pretrained"):
             tokenizer.tokenizer.save_pretrained(str(save_dir))
+        return str(save_dir)
+
+
+class _SaveOnFailure(L.Callback):
+    """Saves ``CausalLMModule``'s model when fit fails after training finished (a callback raising in
+    ``on_train_end`` before the module's hook ran); a run stopped mid-training is not saved (its
+    checkpoint, not a half-trained model, is what to resume from)."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(pl_module, CausalLMModule) and trainer.fit_loop.done:
+            try:
+                path = pl_module.save_model()
+            except Exception as err:  # noqa: BLE001 - the original exception is what the user must see
+                rank_zero_warn(f"CausalLMModule: could not save the model to {pl_module.hparams.save_dir}: {err}")
+                return
+            if path is not None:
+                rank_zero_warn(f"CausalLMModule: fit failed after training ended ({exception!r}); "
+                               f"the trained model was saved to {path}.")

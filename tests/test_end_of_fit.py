@@ -1,0 +1,151 @@
+"""End-of-fit work never costs the model: a failing plot or summary is a warning and fit completes;
+``CausalLMModule`` saves its model when training ends, ahead of (and despite) any callback failure.
+Also the one-line warning for a non-resumable user dataloader and SIGTERM without a checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+import lowmem_lightning.callbacks.optimizer as optimizer_module
+from lowmem_lightning.callbacks import LowMemOptimizerCallback
+from lowmem_lightning.data import TextDataModule
+from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2}
+
+
+class Boom(L.Callback):
+    """Raises in the hook named ``hook``."""
+
+    def __init__(self, hook: str):
+        self.hook = hook
+
+    def __getattribute__(self, name):
+        if name == object.__getattribute__(self, "hook"):
+            def fail(*args, **kwargs):
+                raise RuntimeError(f"boom in {name}")
+            return fail
+        return object.__getattribute__(self, name)
+
+
+def _fit(tmp_path, *callbacks, logger=False, max_steps=3):
+    (tmp_path / "d.txt").write_text("the quick brown fox jumps over the lazy dog " * 40)
+    model = CausalLMModule(config=TINY, optimizer="adamw", lr=1e-3, save_dir=str(tmp_path / "model"))
+    dm = TextDataModule(str(tmp_path / "d.txt"), seq_len=16, batch_size=4, val_fraction=0.0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=logger, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[LowMemOptimizerCallback("adamw_8bit", lr=1e-3), *callbacks])
+    trainer.fit(model, dm)
+    return trainer
+
+
+def test_plot_write_failure_is_a_warning_and_the_model_is_saved(tmp_path, monkeypatch, capsys):
+    def full_disk(path, *args):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(optimizer_module, "write_plot", full_disk)
+    after = Boom("never")  # a later callback's on_fit_end still runs
+    seen = []
+    after.on_fit_end = lambda trainer, module: seen.append("on_fit_end")
+    with pytest.warns(UserWarning, match=r"could not write the plot .*state_memory.png: OSError: .*No space left"):
+        trainer = _fit(tmp_path, after, logger=CSVLogger(tmp_path / "logs"))
+    assert trainer.state.finished and seen == ["on_fit_end"]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    callback = trainer.callbacks[0]
+    assert callback.summary["plot"] is None and callback.summary["steps"] == 3
+
+
+def test_odd_log_dir_plot_path_is_a_directory(tmp_path):
+    logger = CSVLogger(tmp_path / "logs", version=0)
+    (tmp_path / "logs" / "lightning_logs" / "version_0" / "state_memory.png").mkdir(parents=True)
+    pytest.importorskip("matplotlib")
+    with pytest.warns(UserWarning, match=r"could not write the plot .*version_0/state_memory.png: IsADirectoryError"):
+        trainer = _fit(tmp_path, logger=logger)
+    assert trainer.state.finished and (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_summary_print_failure_is_a_warning(tmp_path, monkeypatch):
+    def broken(*args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(optimizer_module, "rank_zero_info", broken)
+    with pytest.warns(UserWarning, match=r"could not write the end-of-fit summary to the console: BrokenPipeError"):
+        trainer = _fit(tmp_path)
+    assert trainer.state.finished and (tmp_path / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("hook", ["on_fit_end", "on_train_end"])
+def test_a_failing_callback_after_training_cannot_cost_the_model(tmp_path, hook):
+    with pytest.raises(RuntimeError, match=f"boom in {hook}"):
+        _fit(tmp_path, Boom(hook))
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_a_run_failing_mid_training_saves_no_model(tmp_path):
+    with pytest.raises(RuntimeError, match="boom in on_train_batch_end"):
+        _fit(tmp_path, Boom("on_train_batch_end"))
+    assert not (tmp_path / "model").exists()
+
+
+class _Regression(L.LightningModule):
+    def __init__(self, loader):
+        super().__init__()
+        self.net, self.loader = torch.nn.Linear(4, 1), loader
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def train_dataloader(self):
+        return self.loader
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters())
+
+
+def _regression_fit(tmp_path, loader_cls, checkpoint=True):
+    x = torch.randn(32, 4)
+    loader = loader_cls(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, shuffle=True)
+    callbacks = [LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)]
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=checkpoint,
+                        callbacks=callbacks + ([ModelCheckpoint(dirpath=tmp_path)] if checkpoint else []))
+    trainer.fit(_Regression(loader))
+
+
+def _resume_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "cannot save its position" in str(w.message)]
+
+
+def test_plain_dataloader_gets_one_warning_line_when_the_run_checkpoints(tmp_path, recwarn):
+    _regression_fit(tmp_path, DataLoader)
+    [message] = _resume_warnings(recwarn)
+    assert "\n" not in message and "DataLoader" in message and "StatefulDataLoader" in message
+
+
+@pytest.mark.parametrize(("loader_cls", "checkpoint"), [(StatefulDataLoader, True), (DataLoader, False)])
+def test_no_warning_for_a_resumable_loader_or_without_checkpoints(tmp_path, recwarn, loader_cls, checkpoint):
+    _regression_fit(tmp_path, loader_cls, checkpoint)
+    assert _resume_warnings(recwarn) == []
+
+
+class _SigtermAt(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_without_a_checkpoint_callback_says_nothing_was_saved(tmp_path):
+    with pytest.warns(UserWarning, match=r"SIGTERM received at step 2.*no checkpoint is saved"):
+        with pytest.raises(SystemExit):
+            _fit(tmp_path, _SigtermAt(), max_steps=5)
+    assert not (tmp_path / "model").exists()
