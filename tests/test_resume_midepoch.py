@@ -8,6 +8,8 @@ from this file) so the tests are deterministic: a kill from outside lands at a r
 
 Run shape: 60 training blocks of 32 tokens, batch 4 -> 15 steps per epoch, 40 steps (epochs 0-2),
 checkpoints every 10 steps (step 30 is an epoch end; 10 and 20 are mid-epoch), validation each epoch.
+Each ``lowmem fit`` process takes several seconds, so the default suite runs the SIGKILL and mid-step
+SIGTERM cases; SIGINT, SIGTERM after the step-end hook and the epoch-end resume run with ``-m slow``.
 """
 
 from __future__ import annotations
@@ -211,9 +213,10 @@ def reference(tmp_path_factory, data) -> Path:
     ("name", "hook", "stop_at", "resume_from", "code"),
     [
         ("SIGKILL", "end", 23, 20, -signal.SIGKILL),
-        ("SIGINT", "end", 24, 20, 1),
+        pytest.param("SIGINT", "end", 24, 20, 1, marks=pytest.mark.slow),
         ("SIGTERM", "start", 26, None, 143),  # mid-step: saved at that step's end by the callback
-        ("SIGTERM", "end", 25, None, 143),  # after the callback's check: saved when Lightning stops
+        # after the callback's step-end check: saved when Lightning stops the run (on_exception)
+        pytest.param("SIGTERM", "end", 25, None, 143, marks=pytest.mark.slow),
     ],
 )
 def test_killed_mid_epoch_run_resumes_bit_exact(tmp_path, data, reference, name, hook, stop_at, resume_from, code):
@@ -236,6 +239,7 @@ def test_killed_mid_epoch_run_resumes_bit_exact(tmp_path, data, reference, name,
     _assert_same_run(reference, tmp_path, resume_from)
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_end_checkpoint(tmp_path, data, reference):
     """Step 30 is the last batch of epoch 1: the resumed run starts epoch 2 with its new order."""
     first = _lowmem(tmp_path, data, *_signal_args("SIGKILL", 32, "end"))
