@@ -63,11 +63,18 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PATH_KEYS = (("model", "model_name_or_path"), ("data", "data_path"), ("data", "tokenizer"))
 
 DESCRIPTION = (
-    "Train with PyTorch Lightning on far less memory. Subcommands: fit, validate, test, predict "
-    "(LightningCLI: --config FILE_OR_RECIPE, --print_config, --help), and 'lowmem estimate --config X.yaml "
-    "[--budget-gb N] [--format table|json]' (memory needed by weights, gradients and every optimizer, "
-    "from the model built on the meta device). Bundled recipes: {recipes}."
+    "Train with PyTorch Lightning on far less memory. 'lowmem SUBCOMMAND --help' lists the options "
+    "of each subcommand; --config takes a YAML file or a bundled recipe by name: {recipes}."
 )
+
+SUBCOMMAND_HELP = {
+    "fit": "Train: the recipe's model, data and optimizer; summary and plot at the end.",
+    "validate": "Run one evaluation pass over the validation set.",
+    "test": "Run one evaluation pass over the test set.",
+    "predict": "Run inference over the predict set and return the predictions.",
+    "estimate": "Memory a recipe needs with each optimizer (model built on the meta device, no weights read).",
+}
+"""One-line help of each subcommand in ``lowmem --help`` (whole sentences, not cut docstrings)."""
 
 
 def bundled_recipes() -> list[str]:
@@ -266,7 +273,23 @@ class LowMemCLI(LightningCLI):
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("prog", "lowmem")
         parser_kwargs.setdefault("description", DESCRIPTION.format(recipes=", ".join(bundled_recipes()) or "none"))
+        for name in SUBCOMMANDS:
+            parser_kwargs.setdefault(name, {}).setdefault("description", SUBCOMMAND_HELP[name])
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """LightningCLI's subcommands, and ``estimate`` listed with them (``main`` runs it before
+        LightningCLI, so this parser only documents it)."""
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action
+        if action is None:
+            return
+        if "estimate" not in action.choices:
+            estimate = LowMemArgumentParser(prog="lowmem estimate", description=SUBCOMMAND_HELP["estimate"])
+            action.add_subcommand("estimate", estimate, help=SUBCOMMAND_HELP["estimate"])
+        for choice in getattr(action, "_choices_actions", []):  # LightningCLI cuts docstrings mid-sentence
+            if choice.dest in SUBCOMMAND_HELP:
+                choice.help = SUBCOMMAND_HELP[choice.dest]
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Trainer, model (required) and data (optional: a model may bring its own dataloaders)."""
