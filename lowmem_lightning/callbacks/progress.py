@@ -58,6 +58,8 @@ def _format_value(name: str, value: Any) -> tuple[str, str]:
         return label, str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return label, str(value)
+    if fmt.startswith("{:.3f}") and 0 < abs(value) < 0.01:
+        fmt = fmt.replace(".3f", ".3g", 1)  # a loss near zero keeps its digits (0.000213, not 0.000)
     if fmt:
         return label, fmt.format(value)
     return label, str(value) if isinstance(value, int) else f"{value:.4g}"
