@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowmem_lightning import LowMemOptimizerCallback
+from lowmem_lightning import LowMemOptimizerCallback, StepsAwareRichProgressBar
 
 
 class DigitsClassifier(L.LightningModule):
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     callback = LowMemOptimizerCallback(optimizer=args.optimizer, lr=3e-3, weight_decay=0.01)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=args.max_steps, log_every_n_steps=1, enable_checkpointing=False,
-        logger=CSVLogger(args.out, name="plug"), callbacks=[callback], enable_model_summary=False,
+        logger=CSVLogger(args.out, name="plug"), enable_model_summary=False,
+        callbacks=[callback, StepsAwareRichProgressBar()],  # counts optimizer steps against max_steps
     )
     trainer.fit(DigitsClassifier(), DataLoader(synthetic_digits(), batch_size=64, shuffle=True))
     print(f"metrics: {trainer.logger.log_dir}/metrics.csv")
@@ -71,4 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from lowmem_lightning.cli import quiet_known_noise
+
+    quiet_known_noise()  # optional: hide the known third-party notices, as the lowmem command does
     main()

@@ -22,6 +22,7 @@ _LAZY = {
     "Adafactor": "lowmem_lightning.optim.adafactor",
     "CAME": "lowmem_lightning.optim.came",
     "LowMemOptimizerCallback": "lowmem_lightning.callbacks.optimizer",
+    "StepsAwareRichProgressBar": "lowmem_lightning.callbacks.progress",
     "LowMemModule": "lowmem_lightning.modules.base",
     "CausalLMModule": "lowmem_lightning.modules.causal_lm",
     "TextDataModule": "lowmem_lightning.data.text",

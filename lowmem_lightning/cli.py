@@ -29,23 +29,27 @@ import contextlib
 import difflib
 import importlib
 import inspect
+import logging
 import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
 from lowmem_lightning.optim.registry import available_optimizers
 
-__all__ = ["LowMemCLI", "main", "RECIPES_DIR", "bundled_recipes", "resolve_recipe", "DEFAULT_MODEL", "DEFAULT_DATA"]
+__all__ = ["LowMemCLI", "main", "RECIPES_DIR", "bundled_recipes", "resolve_recipe", "DEFAULT_MODEL", "DEFAULT_DATA",
+           "quiet_known_noise", "KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE"]
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 """The recipes shipped in the package (a link to the repository's ``configs/`` in a source checkout)."""
@@ -65,11 +69,18 @@ SIGTERM_EXIT_CODE = 128 + 15
 PATH_KEYS = (("model", "model_name_or_path"), ("data", "data_path"), ("data", "tokenizer"))
 
 DESCRIPTION = (
-    "Train with PyTorch Lightning on far less memory. Subcommands: fit, validate, test, predict "
-    "(LightningCLI: --config FILE_OR_RECIPE, --print_config, --help), and 'lowmem estimate --config X.yaml "
-    "[--budget-gb N] [--format table|json]' (memory needed by weights, gradients and every optimizer, "
-    "from the model built on the meta device). Bundled recipes: {recipes}."
+    "Train with PyTorch Lightning on far less memory. 'lowmem SUBCOMMAND --help' lists the options "
+    "of each subcommand; --config takes a YAML file or a bundled recipe by name: {recipes}."
 )
+
+SUBCOMMAND_HELP = {
+    "fit": "Train: the recipe's model, data and optimizer; summary and plot at the end.",
+    "validate": "Run one evaluation pass over the validation set.",
+    "test": "Run one evaluation pass over the test set.",
+    "predict": "Run inference over the predict set and return the predictions.",
+    "estimate": "Memory a recipe needs with each optimizer (model built on the meta device, no weights read).",
+}
+"""One-line help of each subcommand in ``lowmem --help`` (whole sentences, not cut docstrings)."""
 
 
 def bundled_recipes() -> list[str]:
@@ -268,7 +279,23 @@ class LowMemCLI(LightningCLI):
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("prog", "lowmem")
         parser_kwargs.setdefault("description", DESCRIPTION.format(recipes=", ".join(bundled_recipes()) or "none"))
+        for name in SUBCOMMANDS:
+            parser_kwargs.setdefault(name, {}).setdefault("description", SUBCOMMAND_HELP[name])
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """LightningCLI's subcommands, and ``estimate`` listed with them (``main`` runs it before
+        LightningCLI, so this parser only documents it)."""
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action
+        if action is None:
+            return
+        if "estimate" not in action.choices:
+            estimate = LowMemArgumentParser(prog="lowmem estimate", description=SUBCOMMAND_HELP["estimate"])
+            action.add_subcommand("estimate", estimate, help=SUBCOMMAND_HELP["estimate"])
+        for choice in getattr(action, "_choices_actions", []):  # LightningCLI cuts docstrings mid-sentence
+            if choice.dest in SUBCOMMAND_HELP:
+                choice.help = SUBCOMMAND_HELP[choice.dest]
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Trainer, model (required) and data (optional: a model may bring its own dataloaders)."""
@@ -516,20 +543,6 @@ def _type_model_config(cfg: Namespace) -> None:
         init["config"] = {key: _typed(value) for key, value in config.items()}
 
 
-class StepsAwareRichProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, without the "Epoch 1/-2" it prints when a run is bounded by
-    ``max_steps`` only (``max_epochs=-1``): such runs read "Epoch 1 (max_steps 300)"."""
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        trainer = self.trainer
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0:
-            return super()._get_train_description(current_epoch)
-        description = f"Epoch {current_epoch}"
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            description += f" (max_steps {trainer.max_steps})"
-        return f"{description:{len(self.validation_description)}}"
-
-
 class _ParseOnlyCLI(LowMemCLI):
     """Parses and fixes up a ``fit`` config like ``lowmem fit`` would, and instantiates nothing."""
 
@@ -657,8 +670,61 @@ def _usage_error(message: str) -> int:
     return 2
 
 
+# ---------------------------------------------------------------------- known third-party noise
+KNOWN_LOG_NOISE: tuple[tuple[str, str], ...] = (
+    # Lightning's advertisement, printed by every Trainer without a LitLogger
+    ("lightning.pytorch.utilities.rank_zero", r"^💡 Tip: For seamless cloud logging and experiment tracking"),
+    # torchao (imported by transformers/peft when installed) on a machine without its CUDA extensions
+    ("torchao", r"^Failed to load \S*torchao\S*_C\w*\S*\.so: "),
+    # torch's deprecation of register_constant() on Enum subclasses, which torchao still calls
+    ("torch.utils._pytree", r"is an Enum subclass and is now natively supported by torch\.compile"),
+    # bitsandbytes (imported by peft when installed) without the optional `kernels` package
+    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community"),
+)
+"""``(logger name, message regex)`` of third-party log records that ``lowmem`` commands drop."""
+
+KNOWN_WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
+    # torch deprecated LeafSpec; Lightning's own _pytree helper still uses it
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+    # transformers renamed is_gradient_checkpointing; peft still calls the old name
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
+)
+"""``(message regex, category, module regex)`` of third-party warnings that ``lowmem`` commands ignore."""
+
+
+class _DropKnownRecords(logging.Filter):
+    """Drops the log records whose message matches one of ``patterns``; passes every other record."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in self.patterns)
+
+
+def quiet_known_noise() -> None:
+    """Silence exactly the known third-party messages above (by logger and message, or by warning
+    message, category and module); everything else, our warnings and every error included, stays.
+
+    Called by the ``lowmem`` entry point only: the library itself never changes warning filters or
+    log levels. An application may call it too, before it imports transformers or peft.
+    """
+    by_logger: dict[str, list[str]] = {}
+    for name, pattern in KNOWN_LOG_NOISE:
+        by_logger.setdefault(name, []).append(pattern)
+    for name, patterns in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownRecords) for f in logger.filters):
+            logger.addFilter(_DropKnownRecords(patterns))
+    for message, category, module in KNOWN_WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowmem`` console script; returns the exit code (2 for bad input)."""
+    quiet_known_noise()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         return _usage_error("expected a subcommand: fit, validate, test, predict or estimate (see lowmem --help).")

@@ -27,4 +27,6 @@ def test_example_runs_and_logs_state_memory(tmp_path, name, capsys):
         rows = [r for r in csv.DictReader(f) if r.get("optim/state_MiB")]
     assert len(rows) == 6
     assert float(rows[-1]["optim/state_MiB"]) == pytest.approx(summary["state_MiB"])
-    assert "metrics.csv" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "metrics.csv" in out
+    assert "6/6 steps" in out and "/-" not in out  # optimizer steps of max_steps, no "Epoch 1/-2"

@@ -24,7 +24,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lowmem_lightning.callbacks.report import adamw_fp32_state_bytes, format_summary, summary_dict, write_plot
+from lowmem_lightning.callbacks.report import (
+    StateHistory,
+    adamw_fp32_state_bytes,
+    format_summary,
+    summary_dict,
+    write_plot,
+)
 from lowmem_lightning.callbacks.resume import save_on_sigterm, warn_if_not_resumable
 from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
@@ -85,7 +91,8 @@ class LowMemOptimizerCallback(L.Callback):
     (Adafactor, CAME: the largest over param groups) and, at logged steps, ``optim/skipped_updates``
     (tensor updates skipped so far for inf/NaN gradients). At the end of fit it prints a summary (state
     memory, bytes/param, saving vs fp32 AdamW on the same params; also in :attr:`summary`) and writes
-    ``state_memory.png`` into the log dir when matplotlib is installed.
+    ``state_memory.png`` into the log dir when matplotlib is installed: state MiB per step (device and
+    host for paged optimizers) against fp32 AdamW's, with the training and validation loss.
 
     Checkpoints carry the optimizers' (quantized) states; resuming with a different optimizer than
     the checkpoint's raises ``ValueError`` before any step, unless the new optimizer converts that
@@ -106,7 +113,8 @@ class LowMemOptimizerCallback(L.Callback):
         optimizer_kwargs: Extra constructor arguments for the optimizer, e.g. ``{"betas": [0.9, 0.95]}``;
             they override per-group values. Must not repeat ``lr`` or ``weight_decay``.
         log_state_memory: Log the per-step metrics above.
-        plot: Write ``state_memory.png`` (state MiB and loss per step) into the log dir at the end of fit.
+        plot: Write ``state_memory.png`` (state MiB per step against fp32 AdamW's, train and val loss)
+            into the log dir at the end of fit.
         print_summary: Print the end-of-fit summary (rank 0).
     """
 
@@ -262,7 +270,10 @@ class LowMemOptimizerCallback(L.Callback):
         self._peak: dict[str, float] = {}
         self._steps: list[int] = []
         self._state_mib: list[float] = []
+        self._host_mib: list[float] = []
         self._losses: list[float | None] = []
+        self._val_losses: list[tuple[int, float]] = []
+        self._val_name = "val_loss"
         self._pending_losses: list[tuple[int, torch.Tensor]] = []
         self._max_state_bytes = 0
         self._last_global_step = -1
@@ -356,6 +367,7 @@ class LowMemOptimizerCallback(L.Callback):
         metrics = self.measure(allow_sync=will_log)
         self._steps.append(trainer.global_step)
         self._state_mib.append(metrics["optim/state_MiB"])
+        self._host_mib.append(metrics.get("optim/state_MiB_host", 0.0))
         self._record_loss(trainer, outputs)
         if not self.log_state_memory:
             return
@@ -372,6 +384,19 @@ class LowMemOptimizerCallback(L.Callback):
                 pl_module.log("optim/skipped_updates", float(sum(skipped)), on_step=True, on_epoch=False,
                               logger=to_logger, batch_size=1)
             self._peak = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the validation loss of this run (for the plot), at the current optimizer step."""
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        found = _validation_loss(trainer.callback_metrics)
+        if found is not None:
+            self._val_name = found[0]
+            self._val_losses.append((trainer.global_step, found[1]))
+
+    def _history(self) -> StateHistory:
+        return StateHistory(self._steps, self._state_mib, self._host_mib, self._losses, self._val_losses,
+                            self._val_name)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Summary (state memory, bytes/param, saving vs fp32 AdamW) and the PNG, on rank 0. A failure
@@ -402,7 +427,7 @@ class LowMemOptimizerCallback(L.Callback):
             log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
             if trainer.is_global_zero and log_dir:
                 try:
-                    plot_path = write_plot(f"{log_dir}/state_memory.png", self._steps, self._state_mib, self._losses)
+                    plot_path = write_plot(f"{log_dir}/state_memory.png", self._history(), self.summary)
                 except Exception as err:  # noqa: BLE001 - a plot is never worth the run
                     rank_zero_warn(f"LowMemOptimizerCallback: could not write the plot {log_dir}/state_memory.png: "
                                    f"{type(err).__name__}: {err}")
@@ -437,6 +462,20 @@ class LowMemOptimizerCallback(L.Callback):
             f"Resume with optimizer={name!r}, or load only the weights (e.g. "
             "Module.load_from_checkpoint(path) and a new fit without ckpt_path) to switch optimizers."
         )
+
+
+def _validation_loss(metrics: dict) -> tuple[str, float] | None:
+    """``(name, value)`` of the validation loss among ``trainer.callback_metrics``: ``val_loss``,
+    ``val/loss``, else the first finite scalar whose name has ``val`` and ``loss``."""
+    names = [n for n in ("val_loss", "val/loss") if n in metrics]
+    names += [n for n in metrics if "val" in n and "loss" in n and n not in names]
+    for name in names:
+        value = metrics[name]
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = float(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return name, float(value)
+    return None
 
 
 def _infer_optimizer(checkpoint: dict) -> str | None:

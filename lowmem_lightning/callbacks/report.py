@@ -1,16 +1,20 @@
 """End-of-fit report of :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`: a text summary
-and, when matplotlib is installed, a PNG of optimizer-state memory (and loss) per optimizer step."""
+and, when matplotlib is installed, a PNG of optimizer-state memory per optimizer step against fp32
+AdamW on the same params, with the training and validation loss."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import torch
 
 from lowmem_lightning.optim import StateMemory
 from lowmem_lightning.optim.sharding import local
 
-__all__ = ["adamw_fp32_state_bytes", "summary_dict", "format_summary", "write_plot"]
+__all__ = [
+    "adamw_fp32_state_bytes", "summary_dict", "format_summary", "StateHistory", "build_figure", "write_plot",
+]
 
 MIB = 2**20
 
@@ -52,53 +56,151 @@ def summary_dict(name: str, memory: StateMemory, peak_bytes: int, baseline_bytes
     }
 
 
+def _mib(value: float) -> str:
+    """A MiB figure with 4 significant digits or so (``0.529``, ``77.44``, ``305.0``, ``2,048``)."""
+    if abs(value) < 10:
+        return f"{value:.3f}"
+    if abs(value) < 100:
+        return f"{value:.2f}"
+    return f"{value:.1f}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
 def format_summary(summary: dict, plot_path: str | None) -> str:
-    """Human-readable lines for :func:`summary_dict`'s result."""
+    """Human-readable lines for :func:`summary_dict`'s result, each within 80 columns for the usual
+    sizes (so the summary reads well in an 80x24 terminal)."""
     lines = [
-        f"LowMemOptimizerCallback: {summary['optimizer']} over {summary['num_params']:,} trainable params"
-        f"{' (rank 0: its shard of the sharded params)' if summary.get('sharded') else ''}, "
-        f"{summary['steps']} optimizer steps",
-        f"  optimizer state: {summary['state_MiB']:.3f} MiB ({summary['bytes_per_param']:.2f} bytes/param), "
-        f"peak {summary['peak_state_MiB']:.3f} MiB",
+        f"LowMemOptimizerCallback: {summary['optimizer']} on {summary['num_params']:,} trainable params",
+        f"  state after {summary['steps']:,} steps: {_mib(summary['state_MiB'])} MiB "
+        f"({summary['bytes_per_param']:.2f} bytes/param), peak {_mib(summary['peak_state_MiB'])} MiB",
     ]
+    if summary.get("sharded"):
+        lines.insert(1, "  (rank 0: the figures are its shard of the sharded params)")
     if summary["state_MiB_host"]:
         lines.append(
-            f"  on device {summary['state_MiB_device']:.3f} MiB, on host {summary['state_MiB_host']:.3f} MiB"
+            f"  on device {_mib(summary['state_MiB_device'])} MiB, on host {_mib(summary['state_MiB_host'])} MiB"
         )
     lines.append(
-        f"  fp32 AdamW would hold {summary['adamw_fp32_MiB']:.3f} MiB "
-        f"({summary['adamw_fp32_bytes_per_param']:.2f} bytes/param): saving {summary['saving_MiB']:.3f} MiB "
-        f"({summary['saving_pct']:.1f}%)"
+        f"  fp32 AdamW would hold {_mib(summary['adamw_fp32_MiB'])} MiB "
+        f"({summary['adamw_fp32_bytes_per_param']:.2f} bytes/param): saving {summary['saving_pct']:.1f}%"
     )
     if plot_path:
         lines.append(f"  plot: {plot_path}")
     return "\n".join(lines)
 
 
-def write_plot(path: str, steps: list[int], state_mib: list[float], losses: list[float | None]) -> str | None:
-    """Write a PNG of state MiB (and loss, on a second panel) per optimizer step; ``None`` without
-    matplotlib or without data. Uses the Agg canvas directly, so the user's pyplot backend is untouched."""
-    if not steps:
+@dataclass
+class StateHistory:
+    """What the callback recorded during a fit, per optimizer step, for :func:`build_figure`.
+
+    ``steps``: ``trainer.global_step`` after each optimizer step; ``state_mib``: optimizer-state MiB
+    (device + host) at that step; ``host_mib``: the part in host memory (paged optimizers; zeros
+    otherwise); ``losses``: training loss of that step (``None`` where not finite or not returned);
+    ``val_losses``: ``(global_step, value)`` of each validation run's loss, named ``val_name``.
+    """
+
+    steps: list[int] = field(default_factory=list)
+    state_mib: list[float] = field(default_factory=list)
+    host_mib: list[float] = field(default_factory=list)
+    losses: list[float | None] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    val_name: str = "val_loss"
+
+
+def _centered_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the ``window`` values centred on each one (fewer at the ends): a smoothed curve without lag."""
+    prefix = [0.0]
+    for value in values:
+        prefix.append(prefix[-1] + value)
+    half, n = window // 2, len(values)
+    out = []
+    for i in range(n):
+        lo, hi = max(0, i - half), min(n, i - half + window)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
+    return out
+
+
+def _plot_state(ax, history: StateHistory, summary: dict) -> None:
+    steps = history.steps
+    if any(history.host_mib):
+        device = [t - h for t, h in zip(history.state_mib, history.host_mib)]
+        ax.stackplot(steps, device, history.host_mib, colors=("tab:blue", "tab:cyan"), alpha=0.8,
+                     labels=(f"{summary['optimizer']} on device: {_mib(summary['state_MiB_device'])} MiB",
+                             f"{summary['optimizer']} on host: {_mib(summary['state_MiB_host'])} MiB"))
+    else:
+        ax.plot(steps, history.state_mib, color="tab:blue", linewidth=2,
+                label=f"{summary['optimizer']}: {_mib(summary['state_MiB'])} MiB, "
+                f"{summary['bytes_per_param']:.2f} bytes/param")
+    ax.axhline(summary["adamw_fp32_MiB"], color="tab:red", linestyle="--",
+               label=f"fp32 AdamW on the same params: {_mib(summary['adamw_fp32_MiB'])} MiB, "
+               f"{summary['adamw_fp32_bytes_per_param']:.2f} bytes/param")
+    top = max([summary["adamw_fp32_MiB"], *history.state_mib])
+    ax.set_ylim(0, 1.45 * top if top > 0 else 1.0)  # the legend goes in the top quarter, above both lines
+    ax.set_ylabel("optimizer state (MiB)")
+    ax.legend(loc="upper right", fontsize="small")
+    ax.grid(alpha=0.3)
+
+
+def _plot_loss(ax, history: StateHistory) -> bool:
+    points = [(s, v) for s, v in zip(history.steps, history.losses) if v is not None]
+    if not points and not history.val_losses:
+        return False
+    if points:
+        xs, ys = [s for s, _ in points], [v for _, v in points]
+        window = max(1, len(ys) // 30)
+        if window > 1:
+            ax.plot(xs, ys, color="tab:orange", alpha=0.3, linewidth=1, label="train loss")
+            ax.plot(xs, _centered_mean(ys, window), color="tab:orange", linewidth=2,
+                    label=f"train loss, mean of {window} steps")
+        else:
+            ax.plot(xs, ys, color="tab:orange", linewidth=2, label="train loss")
+    if history.val_losses:
+        ax.plot([s for s, _ in history.val_losses], [v for _, v in history.val_losses], color="tab:green",
+                marker="o", linewidth=2, label=history.val_name.replace("_", " "))
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right", fontsize="small")
+    ax.grid(alpha=0.3)
+    return True
+
+
+def build_figure(history: StateHistory, summary: dict):
+    """The ``state_memory.png`` figure (a matplotlib ``Figure`` on the Agg canvas, pyplot untouched).
+
+    Top: optimizer-state MiB per optimizer step (device and host parts stacked for paged optimizers)
+    against the dashed line of what torch's fp32 AdamW would hold for the same params; bottom (when
+    there is a loss): training loss per step (and its running mean) and validation loss. The title
+    names the optimizer, its bytes/param and the saving. ``summary``: :func:`summary_dict`'s result.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    has_loss = any(v is not None for v in history.losses) or bool(history.val_losses)
+    fig = Figure(figsize=(8, 6.5 if has_loss else 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2 if has_loss else 1, 1, sharex=True, squeeze=False)[:, 0]
+    _plot_state(axes[0], history, summary)
+    if has_loss:
+        _plot_loss(axes[1], history)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle(
+        f"{summary['optimizer']}: {summary['bytes_per_param']:.2f} bytes/param of optimizer state "
+        f"(fp32 AdamW {summary['adamw_fp32_bytes_per_param']:.2f}): {summary['saving_pct']:.1f}% less\n"
+        f"{summary['num_params']:,} trainable params, {summary['steps']:,} optimizer steps",
+        fontsize="medium",
+    )
+    fig.tight_layout()
+    return fig
+
+
+def write_plot(path: str, history: StateHistory, summary: dict) -> str | None:
+    """Write :func:`build_figure`'s PNG to ``path`` (folders created); ``None`` without matplotlib or
+    without recorded steps."""
+    if not history.steps:
         return None
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError:
         return None
-    loss_points = [(s, v) for s, v in zip(steps, losses) if v is not None]
-    fig = Figure(figsize=(7, 5 if loss_points else 3), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2 if loss_points else 1, 1, sharex=True, squeeze=False)[:, 0]
-    axes[0].plot(steps, state_mib, color="tab:blue")
-    axes[0].set_ylabel("optimizer state (MiB)")
-    axes[0].set_ylim(bottom=0)
-    axes[0].grid(alpha=0.3)
-    if loss_points:
-        axes[1].plot([s for s, _ in loss_points], [v for _, v in loss_points], color="tab:orange")
-        axes[1].set_ylabel("training loss")
-        axes[1].grid(alpha=0.3)
-    axes[-1].set_xlabel("optimizer step")
-    fig.tight_layout()
+    fig = build_figure(history, summary)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
     return path
