@@ -8,8 +8,9 @@ instantiated (meta) model:
 * **gradients**: one tensor of the parameter's dtype per trainable parameter;
 * **optimizer state**: each registered optimizer is constructed over the trainable meta parameters
   (construction allocates no state) and asked for the exact ``(shape, dtype)`` of every state tensor
-  it allocates for each parameter (``_expected_state``, the same description its ``load_state_dict``
-  validates against; torch's fp32 ``AdamW`` is described here: ``exp_avg`` and ``exp_avg_sq`` like the
+  it allocates for each parameter (its public ``state_layout``, the same description its
+  ``load_state_dict`` validates against, host pages marked ``host``;
+  torch's fp32 ``AdamW`` is described here: ``exp_avg`` and ``exp_avg_sq`` like the
   parameter, plus a 0-d fp32 ``step``). ``tests/test_estimate.py`` checks each figure against
   :func:`~lowmem_lightning.optim.state_memory` of the real optimizer after one step.
 
@@ -19,13 +20,13 @@ Activations are not included (they depend on batch size, sequence length and che
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from lowmem_lightning.optim.base import LowMemOptimizer, StateSpec
 from lowmem_lightning.optim.registry import available_optimizers, optimizer_class
 
 __all__ = [
@@ -62,7 +63,6 @@ OPTIMIZER_VARIANTS: dict[str, tuple[str, dict]] = {
 keep no momentum by default; the ``_int8`` rows store the momentum in the 8-bit code."""
 
 _ADAPTER_MARKERS = ("lora_",)
-_PAGED_MARKERS = ("paged",)
 
 
 @dataclass(frozen=True)
@@ -183,37 +183,23 @@ def count_model(model: nn.Module) -> ModelCount:
 
 
 # ------------------------------------------------------------------------------------------ optimizers
-def _torch_adamw_layout(param: torch.Tensor, group: dict) -> dict:
+def _torch_adamw_layout(param: torch.Tensor, group: dict) -> list[StateSpec]:
     """torch.optim.AdamW's state: ``exp_avg``/``exp_avg_sq`` like the param (+ ``max_exp_avg_sq`` with
     amsgrad), ``step`` a 0-d fp32 tensor."""
-    layout = {"step": ((), torch.float32)}
-    for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ()):
-        layout[key] = (tuple(param.shape), param.dtype)
-    return layout
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
+    like_param = [StateSpec(key, tuple(param.shape), param.dtype, "moment") for key in keys]
+    return [StateSpec("step", (), torch.float32, "step"), *like_param]
 
 
-def state_layout(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict) -> dict:
-    """``{state key: (shape, dtype)}`` the optimizer allocates for ``param``; ``TypeError`` when the
-    optimizer does not describe its state (neither ours nor torch's AdamW)."""
-    describe = getattr(optimizer, "_expected_state", None)
-    if callable(describe):
-        return describe(param, group)
+def state_layout(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: dict) -> list[StateSpec]:
+    """The :class:`~lowmem_lightning.optim.base.StateSpec` list the optimizer allocates for ``param``
+    (ours describe themselves through ``state_layout``; torch's AdamW is described here); ``TypeError``
+    for any other optimizer."""
+    if isinstance(optimizer, LowMemOptimizer):
+        return optimizer.state_layout(param, group)
     if type(optimizer) is torch.optim.AdamW:
         return _torch_adamw_layout(param, group)
     raise TypeError(f"{type(optimizer).__name__} does not describe its state layout.")
-
-
-def _is_paged(optimizer: torch.optim.Optimizer) -> bool:
-    return "Paged" in type(optimizer).__name__
-
-
-def _is_page(key: str) -> bool:
-    """Quantized state (codes and block scales): what a paged optimizer keeps in host pages."""
-    return key.endswith("_codes") or key.endswith("_absmax")
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor], **kwargs) -> tuple[int, int]:
@@ -229,18 +215,17 @@ def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor], **kwargs) -
     if not params:
         return 0, 0
     optimizer = optimizer_class(name)(params, **kwargs)
-    paged = _is_paged(optimizer)
+    paged = getattr(optimizer, "is_paged", False)
     device = host = 0
     page_sizes = []
     for group in optimizer.param_groups:
         for param in group["params"]:
             pages = 0
-            for key, (shape, dtype) in state_layout(optimizer, param, group).items():
-                nbytes = math.prod(shape) * _element_size(dtype)
-                if paged and _is_page(key):
-                    pages += nbytes
+            for spec in state_layout(optimizer, param, group):
+                if spec.host:
+                    pages += spec.nbytes
                 else:
-                    device += nbytes
+                    device += spec.nbytes
             host += pages
             page_sizes.append(pages)
     if paged:

@@ -157,7 +157,7 @@ class LowMemOptimizerCallback(L.Callback):
         cls = optimizer_class(self.optimizer_name)
         if not cls.__module__.startswith("lowmem_lightning."):
             return
-        allowed = tuple(getattr(cls, "supported_dtypes", _PACKAGE_DTYPES))
+        allowed = tuple(getattr(cls, "_param_dtypes", _PACKAGE_DTYPES))
         bad = sorted({str(p.dtype) for p in params if p.dtype not in allowed})
         if bad:
             precision = getattr(trainer, "precision", None) if trainer is not None else None

@@ -71,9 +71,6 @@ ROWS = 4
 _POW_BITS = 24
 """Bits of the step used by ``beta ** step`` (fp32 step counters are exact below 2**24)."""
 
-_NUM_FIELDS = 11
-"""Rows of the launch table: param, grad, m, m_absmax, v, v_absmax, step, flag, numel, first tile, seed base."""
-
 
 
 

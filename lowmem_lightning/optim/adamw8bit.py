@@ -113,14 +113,12 @@ class AdamW8bit(LowMemOptimizer):
         elements for params of >= 4096 elements (padded to the shard layout for DTensors), fp32
         ``exp_avg``/``exp_avg_sq`` of the param's (local) shape otherwise."""
         if self._is_quantized(param):
-            n, host = block_state_len(param), self._pages_on_host
+            n, host = block_state_len(param), self.is_paged
             return [step_spec(), *codes_specs("exp_avg", n, True, host), *codes_specs("exp_avg_sq", n, False, host)]
         shape = tuple(local(param).shape)
         return [step_spec(), StateSpec("exp_avg", shape, torch.float32, "moment"),
                 StateSpec("exp_avg_sq", shape, torch.float32, "square")]
 
-    _pages_on_host = False
-    """Quantized state in host pages (the paged subclass)."""
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``): quantize or cast to fp32."""

@@ -120,6 +120,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
     """
 
     _param_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+    is_paged: bool = False
+    """Whether state lives in host pages between updates (the specs of :meth:`state_layout` with
+    ``host=True``); the one notion of "paged" that state sizing and logging read."""
     """Param dtypes the kernels update; others are refused at construction and in ``add_param_group``."""
 
     _foreign_group_keys: frozenset[str] = frozenset()
@@ -274,14 +278,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         """``param``'s state, created on first use: a step counter and zeros for every other tensor of
-        :meth:`_expected_state`."""
+        :meth:`state_layout`."""
         state = self.state[param]
         if "step" in state:
             return state
         state["step"] = self._new_step(param)
-        for key, (shape, dtype) in self._expected_state(param, group).items():
-            if key != "step":
-                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        for spec in self.state_layout(param, group):
+            if spec.role != "step":
+                state[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype, device=param.device)
         return state
 
     # ------------------------------------------------------------------ state layout
@@ -299,10 +303,6 @@ class LowMemOptimizer(torch.optim.Optimizer):
             if any(p is param for p in group["params"]):
                 return group
         raise ValueError(f"param of shape {tuple(param.shape)} is not in this optimizer.")
-
-    def _expected_state(self, param: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """``{key: (shape, dtype)}`` of :meth:`state_layout` (kept for callers that want the short form)."""
-        return {spec.name: (tuple(spec.shape), spec.dtype) for spec in self.state_layout(param, group)}
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Turn a state saved by another optimizer into ours; default: return it unchanged."""

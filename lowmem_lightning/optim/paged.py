@@ -61,7 +61,6 @@ class PagedAdamW8bit(AdamW8bit):
     """
 
     is_paged = True
-    _pages_on_host = True
     _transient_attributes = ("_resident", "_copy_streams", "_budgets")
 
     def __init__(
