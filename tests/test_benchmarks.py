@@ -92,3 +92,18 @@ def test_codec_candidates_round_trip():
         assert err < 0.05, code.name
         v = x.abs()
         assert (codec_study.round_trip(v, code, signed=False) >= 0).all()
+
+
+def test_ptx_counts_tells_scalar_from_vector_accesses():
+    count = _load("ptx_counts").count_accesses
+    ptx = "\n".join([
+        "\tld.global.b32 { %r9 }, [ %rd10 + 0 ];",
+        "\t@%p1 ld.global.b8 { %rs1 }, [ %rd1 + 0 ];",
+        "\t@!%p2 ld.global.L1::evict_last.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];",
+        "\tld.global.v2.b16 { %rs1, %rs2 }, [ %rd3 + 0 ];",
+        "\t@%p3 st.global.v4.b32 [ %rd2 + 0 ], { %r1, %r2, %r3, %r4 };",
+        "\tst.global.b8 [ %rd2 + 0 ], %rs1;",
+        "\tld.shared.b32 %r1, [ %r2 ];",  # not global memory
+        "// ld.global.v4 in a comment",
+    ])
+    assert count(ptx) == {"ld": 2, "ld.v2": 1, "ld.v4": 1, "st": 1, "st.v2": 0, "st.v4": 1}
