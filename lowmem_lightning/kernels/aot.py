@@ -33,6 +33,20 @@ DEFAULT_SCALAR = "fp32"
 """Triton type of any other runtime parameter that :func:`signature_of` is not told about."""
 
 
+def runtime_params(kernel) -> list[str]:
+    """Names of a ``@triton.jit`` kernel's non-constexpr parameters, in order (also under
+    ``TRITON_INTERPRET=1``, where the kernel is an interpreted function without ``params``)."""
+    import inspect
+
+    fn = getattr(kernel, "fn", kernel)
+    names = []
+    for param in inspect.signature(fn).parameters.values():
+        note = param.annotation
+        if not (note is not inspect.Parameter.empty and "constexpr" in (note if isinstance(note, str) else repr(note))):
+            names.append(param.name)
+    return names
+
+
 def signature_of(kernel, types: dict | None = None, **exact: str) -> dict:
     """The ``triton.compile`` signature of a ``@triton.jit`` kernel, from its own parameter list.
 
@@ -43,7 +57,7 @@ def signature_of(kernel, types: dict | None = None, **exact: str) -> dict:
     ``_ptr``, else :data:`DEFAULT_SCALAR`. Constexpr parameters are left out (:func:`compile_spec`
     adds them). E.g. ``signature_of(kernel, INT_TYPES, g_ptr="*bf16", m_ptr="*i8")``.
     """
-    runtime = [p.name for p in kernel.params if not p.is_constexpr]
+    runtime = runtime_params(kernel)
     unknown = sorted(set(exact) - set(runtime))
     if unknown:
         raise ValueError(f"Invalid types for {kernel.fn.__name__}: {unknown} are not runtime parameters "
@@ -66,7 +80,9 @@ def dtype_variants(options) -> list:
 def aligned_attrs(kernel, aligned) -> dict:
     """``ASTSource`` attrs declaring the parameters named in ``aligned`` divisible by 16 (pointers:
     16-byte aligned; ints: multiples of 16), as Triton's launcher specializes them at run time."""
-    names = kernel.arg_names
+    import inspect
+
+    names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
     missing = sorted(set(aligned) - set(names))
     if missing:
         raise ValueError(f"Invalid aligned for {kernel.fn.__name__}: {missing} are not parameters.")
