@@ -24,19 +24,20 @@ are written with stochastic rounding (:mod:`.rounding`), seeded on the device fr
 and the tensor index. A 0/1 ``flag`` (non-finite guard) leaves params and every state untouched.
 
 Passes over the gradient (the math has two global reductions in sequence, the statistics and the
-RMS of ``u``, so it needs three): factored tensors take exactly three and five launches:
+RMS of ``u``, so it needs three): factored tensors take exactly three and five launches, the first
+four being the shared statistics kernels of :mod:`.factored`:
 
-1. ``_sq_stats_kernel`` (tiles of BLOCK_R rows looping over all columns): row sums of ``q`` and the
+1. ``sq_stats_kernel`` (tiles of BLOCK_R rows looping over all columns): row sums of ``q`` and the
    row EMA in-register, column partial sums per row tile, sum of ``p^2`` (for ``scale_parameter``).
-2. ``_sq_finalize_kernel``: column EMA from the partials, ``mean_R(vr)`` per batch (O(R + C) data).
-3. ``_clip_stats_kernel``: partial sums of ``u^2``.
-4. ``_scalars_kernel`` (one program): ``lr_t`` and ``d`` from the partial sums.
-5. ``_adafactor_update_kernel`` (256-element blocks, one codec block each): the update.
+2. ``sq_finalize_kernel``: column EMA from the partials, ``mean_R(vr)`` per batch (O(R + C) data).
+3. ``clip_stats_kernel``: partial sums of ``u^2``.
+4. ``scalars_kernel`` (one program): ``lr_t`` and ``d`` from the partial sums.
+5. ``adafactor_update_kernel`` (this file; 256-element blocks, one codec block each): the update.
 
-1-D tensors take two passes (``_full_stats_kernel`` updates ``v`` and sums ``u^2``, then the update).
+1-D tensors take two passes (``full_stats_kernel`` updates ``v`` and sums ``u^2``, then the update).
 All reductions are deterministic (partial sums, no atomics).
 
-File order: Triton kernels, PyTorch reference, launcher.
+File order: Triton kernel, PyTorch reference (the step function), launcher.
 """
 
 from __future__ import annotations
@@ -47,333 +48,39 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import (
-    BLOCK_SIZE,
-    MIN_QUANTIZED_NUMEL,
-    decode_signed,
-    decode_signed_reference,
-    dequantize_reference,
-    encode_signed,
-    encode_signed_reference,
-    quantize_reference,
-)
+from .aot import dtype_variants, signature_of
+from .codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
 from .dispatch import choose, cpu_compiled, scalar_args
+from .factored import (
+    INT_TYPES,
+    as_blocks,
+    block_direction,
+    clip_divisor_reference,
+    ema_reference,
+    factored_scale_reference,
+    factored_stats_reference,
+    inv_sqrt_reference,
+    launch_scalars,
+    launch_second_moment,
+    momentum_block,
+    momentum_update_reference,
+    per_layout,
+    state_views,
+    total_square_sum_reference,
+    write_back,
+)
 from .rounding import index_seed, index_seed_reference, masked_reference, round_param_reference, store_param
 
-__all__ = [
-    "TILES",
-    "tile_shape",
-    "factored_shape",
-    "adafactor_reference",
-    "adafactor_update",
-]
-
-TILE_ELEMENTS = 2048
-"""Elements of one (BLOCK_R x BLOCK_C) tile of the row/column statistics kernels."""
-
-TILES = ((16, 128), (32, 64), (64, 32), (128, 16))
-"""(BLOCK_R, BLOCK_C) variants of the statistics kernels: BLOCK_C follows the column count so narrow
-matrices (1000 x 3) do not run mostly-masked tiles."""
-
-FINALIZE_BLOCK = 128
-"""Columns per program of the column finalize kernel."""
-
-FLAT_BLOCK = 1024
-"""Elements per program of the 1-D statistics kernel."""
-
+__all__ = ["adafactor_reference", "adafactor_update", "quantized_momentum"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton helpers (shared with :mod:`.came`)
+# Triton kernel
 # --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def ema(old, new, beta, one_minus_beta):
-    """``beta * old + (1 - beta) * new`` as ``old.mul_(beta).add_(new, alpha=1-beta)`` computes it.
-
-    ``one_minus_beta`` is passed separately: computed in double on the host (as torch computes
-    ``alpha``), it is exact where ``1 - float32(beta)`` is not (beta = 0.9999 would be 1.7e-5 off).
-    """
-    return old * beta + new * one_minus_beta
-
-
-@triton.jit
-def beta_of_step(step, decay, one_minus_decay, beta_from_step):
-    """``(beta, 1 - beta)``: ``(1 - t ** decay, t ** decay)`` when ``beta_from_step != 0`` (Adafactor's
-    beta2_t), else the constants ``(decay, one_minus_decay)``."""
-    x = tl.exp2(decay * tl.log2(step))
-    return tl.where(beta_from_step != 0, 1.0 - x, decay), tl.where(beta_from_step != 0, x, one_minus_decay)
-
-
-@triton.jit
-def inv_sqrt(x):
-    """``1 / sqrt(max(x, 2**-126))``, correctly rounded division and root (the reference does the same ops).
-
-    The floor (the smallest normal fp32) only acts on an underflowed statistic, e.g. a zero row's
-    ``vr / mean(vr)`` next to a huge row: it caps the factor at ~9.2e18 instead of inf, so a zero
-    gradient times it stays 0 (not NaN)."""
-    return tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(x, 1.1754943508222875e-38)))
-
-
-@triton.jit
-def factored_u(g, offs, mask, vr_ptr, vc_ptr, rmean_ptr, R, C):
-    """``u = (rf * cf) * g`` at flat element indices ``offs`` of a ``(B, R, C)`` tensor."""
-    grow = offs // C  # (b * R + r)
-    b = grow // R
-    col = b * C + (offs - grow * C)
-    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=mask, other=1.0), tl.load(rmean_ptr + b, mask=mask, other=1.0)))
-    cf = inv_sqrt(tl.load(vc_ptr + col, mask=mask, other=1.0))
-    return (rf * cf) * g
-
-
-@triton.jit
-def block_direction(g_ptr, v_ptr, vc_ptr, rmean_ptr, flag_ptr, n, R, C, FACTORED: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """This program's codec block: ``(pid, offs, finite, mask, u)`` with ``u`` the unclipped update,
-    ``(rf * cf) * g`` (factored) or ``g / sqrt(v)``; ``mask`` is empty when the gradient is not finite."""
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    finite = tl.load(flag_ptr) != 0.0
-    mask = offs < tl.where(finite, n, 0)  # no element when the gradient is not finite
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if FACTORED:
-        u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
-    else:
-        u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
-    return pid, offs, finite, mask, u
-
-
-@triton.jit
-def momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1,
-                   QUANTIZED: tl.constexpr):
-    """``m = beta1 * m + (1 - beta1) * u`` over one codec block, stored back as fp32 or as int8 codes with
-    a new absmax (the block's max ``|m|``); returns the fp32 ``m``."""
-    if QUANTIZED:
-        scale = tl.load(absmax_ptr + pid, mask=finite, other=0.0)
-        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), scale)
-        m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
-        absmax = tl.max(tl.abs(m), axis=0)
-        tl.store(m_ptr + offs, encode_signed(m, absmax), mask=mask)
-        tl.store(absmax_ptr + pid, absmax, mask=finite)
-    else:
-        m = ema(tl.load(m_ptr + offs, mask=mask, other=0.0), u, beta1, one_minus_beta1)
-        tl.store(m_ptr + offs, m, mask=mask)
-    return m
-
-
-@triton.jit
-def row_tile(n_rt, R, BLOCK_R: tl.constexpr):
-    """This program's tile of a ``(B, R, C)`` statistics pass: ``(pid, b, rmask, grow)``, with ``grow``
-    the global row ids ``b * R + row`` of its ``BLOCK_R`` rows (``n_rt`` tiles per batch)."""
-    pid = tl.program_id(0)
-    b = pid // n_rt
-    rows = (pid % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    return pid, b, rmask, b.to(tl.int64) * R + rows
-
-
-@triton.jit
-def store_row_ema(stat_ptr, rsum_part_ptr, pid, grow, rmask, row_sum, C, beta, one_minus_beta, flag_ptr):
-    """Row statistic ``stat = beta * stat + (1 - beta) * row_sum / C`` (unchanged for a non-finite
-    gradient) and this tile's partial sum of the new values (for ``mean_R``)."""
-    old = tl.load(stat_ptr + grow, mask=rmask, other=0.0)
-    new = ema(old, tl.div_rn(row_sum, C.to(tl.float32)), beta, one_minus_beta)
-    new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
-    tl.store(stat_ptr + grow, new, mask=rmask)
-    tl.store(rsum_part_ptr + pid, tl.sum(tl.where(rmask, new, 0.0), axis=0))
-
-
-# --------------------------------------------------------------------------------------------------
-# Triton kernels
-# --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _sq_stats_kernel(
-    g_ptr,
-    p_ptr,
-    vr_ptr,
-    colpart_ptr,
-    rsum_part_ptr,
-    psq_part_ptr,
-    flag_ptr,
-    step_ptr,
-    eps1,
-    decay,
-    one_minus_decay,
-    beta_from_step,
-    R,
-    C,
-    n_rt,
-    WITH_PSQ: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # program = one tile of BLOCK_R rows of batch b, looping over all C columns
-    pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    psq = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        m2 = rmask[:, None] & cmask[None, :]
-        offs = grow[:, None] * C + cols[None, :]
-        g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        q = tl.where(m2, g * g + eps1, 0.0)
-        acc += tl.sum(q, axis=1)
-        tl.store(colpart_ptr + pid.to(tl.int64) * C + cols, tl.sum(q, axis=0), mask=cmask)
-        if WITH_PSQ:
-            p = tl.load(p_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            psq += tl.sum(p * p, axis=1)
-    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
-    store_row_ema(vr_ptr, rsum_part_ptr, pid, grow, rmask, acc, C, beta, omb, flag_ptr)
-    if WITH_PSQ:
-        tl.store(psq_part_ptr + pid, tl.sum(psq, axis=0))
-
-
-@triton.jit
-def _sq_finalize_kernel(
-    colpart_ptr,
-    vc_ptr,
-    rsum_part_ptr,
-    rmean_ptr,
-    flag_ptr,
-    step_ptr,
-    decay,
-    one_minus_decay,
-    beta_from_step,
-    R,
-    C,
-    n_rt,
-    BLOCK: tl.constexpr,
-):
-    # program (b, cc): column EMA of BLOCK columns of batch b; (b, 0) also writes mean_R(vr)[b]
-    b = tl.program_id(0)
-    cc = tl.program_id(1)
-    cols = cc * BLOCK + tl.arange(0, BLOCK)
-    cmask = cols < C
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for rt in range(0, n_rt):
-        acc += tl.load(colpart_ptr + (b * n_rt + rt).to(tl.int64) * C + cols, mask=cmask, other=0.0)
-    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
-    cidx = b.to(tl.int64) * C + cols
-    old = tl.load(vc_ptr + cidx, mask=cmask, other=0.0)
-    new = ema(old, tl.div_rn(acc, R.to(tl.float32)), beta, omb)
-    new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
-    tl.store(vc_ptr + cidx, new, mask=cmask)
-    if cc == 0:
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        for r0 in range(0, n_rt, BLOCK):
-            idx = r0 + tl.arange(0, BLOCK)
-            total += tl.load(rsum_part_ptr + b * n_rt + idx, mask=idx < n_rt, other=0.0)
-        tl.store(rmean_ptr + b, tl.div_rn(tl.sum(total, axis=0), R.to(tl.float32)))
-
-
-@triton.jit
-def _clip_stats_kernel(
-    g_ptr,
-    vr_ptr,
-    vc_ptr,
-    rmean_ptr,
-    usq_part_ptr,
-    R,
-    C,
-    n_rt,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # partial sum of u^2 over one tile of BLOCK_R rows (all columns)
-    pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
-    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=rmask, other=1.0), tl.load(rmean_ptr + b)))
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        m2 = rmask[:, None] & cmask[None, :]
-        g = tl.load(g_ptr + grow[:, None] * C + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        cf = inv_sqrt(tl.load(vc_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=1.0))
-        u = tl.where(m2, (rf[:, None] * cf[None, :]) * g, 0.0)
-        acc += tl.sum(u * u, axis=1)
-    tl.store(usq_part_ptr + pid, tl.sum(acc, axis=0))
-
-
-@triton.jit
-def _full_stats_kernel(
-    g_ptr,
-    p_ptr,
-    v_ptr,
-    usq_part_ptr,
-    psq_part_ptr,
-    flag_ptr,
-    step_ptr,
-    n,
-    eps1,
-    decay,
-    one_minus_decay,
-    beta_from_step,
-    WITH_PSQ: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # unfactored (1-D) second moment: v EMA, partial sums of u^2 (and p^2)
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    old = tl.load(v_ptr + offs, mask=mask, other=1.0)
-    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
-    v = ema(old, g * g + eps1, beta, omb)
-    v = tl.where(tl.load(flag_ptr) != 0.0, v, old)
-    tl.store(v_ptr + offs, v, mask=mask)
-    u = tl.where(mask, inv_sqrt(v) * g, 0.0)
-    tl.store(usq_part_ptr + pid, tl.sum(u * u, axis=0))
-    if WITH_PSQ:
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(psq_part_ptr + pid, tl.sum(p * p, axis=0))
-
-
-@triton.jit
-def _scalars_kernel(
-    usq_part_ptr,
-    n_usq,
-    psq_part_ptr,
-    n_psq,
-    step_ptr,
-    out_ptr,
-    elr_ptr,
-    sqrt_n,
-    clip,
-    lr,
-    eps2,
-    relative_step,
-    warmup_init,
-    scale_parameter,
-    write_elr,
-    BLOCK: tl.constexpr,
-):
-    # one program: out[0] = lr_t (step size), out[1] = d (clip divisor); elr <- lr_t if asked
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, n_usq, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        acc += tl.load(usq_part_ptr + idx, mask=idx < n_usq, other=0.0)
-    d = tl.maximum(tl.div_rn(tl.div_rn(tl.sqrt_rn(tl.sum(acc, axis=0)), sqrt_n), clip), 1.0)
-    pacc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, n_psq, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        pacc += tl.load(psq_part_ptr + idx, mask=idx < n_psq, other=0.0)
-    step = tl.load(step_ptr)
-    min_step = tl.where(warmup_init != 0, 1e-6 * step, 1e-2)
-    rel = tl.where(relative_step != 0, tl.minimum(min_step, inv_sqrt(step)), lr)
-    scale = tl.where(scale_parameter != 0, tl.maximum(eps2, tl.div_rn(tl.sqrt_rn(tl.sum(pacc, axis=0)), sqrt_n)), 1.0)
-    lr_t = scale * rel
-    tl.store(out_ptr, lr_t)
-    tl.store(out_ptr + 1, d)
-    if write_elr != 0:
-        tl.store(elr_ptr, lr_t)
 
 
 @triton.jit(do_not_specialize=["tensor_index"])
-def _adafactor_update_kernel(
+def adafactor_update_kernel(
     p_ptr,
     g_ptr,
     m_ptr,
@@ -395,7 +102,9 @@ def _adafactor_update_kernel(
     MOMENTUM: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # MOMENTUM: 0 none, 1 fp32, 2 int8 codes (one codec block = one program)
+    """The update (pass 5): one codec block of ``BLOCK`` (= 256) elements per program. ``u`` from the
+    statistics, ``u = u / d * lr_t`` (``scal = [lr_t, d]``), momentum (``MOMENTUM``: 0 none, 1 fp32, 2 int8
+    codes), weight decay, the param stored with stochastic rounding."""
     pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, vc_ptr, rmean_ptr, flag_ptr, n, R, C, FACTORED, BLOCK)
     lr_t = tl.load(scal_ptr)
     u = tl.div_rn(u, tl.load(scal_ptr + 1)) * lr_t
@@ -406,184 +115,20 @@ def _adafactor_update_kernel(
     store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
 
 
-def tile_shape(cols: int) -> tuple[int, int]:
-    """``(BLOCK_R, BLOCK_C)`` for a matrix of ``cols`` columns (one of :data:`TILES`)."""
-    block_c = min(128, max(16, triton.next_power_of_2(cols)))
-    return TILE_ELEMENTS // block_c, block_c
-
-
-def _stats_signature(grad: str, param: str) -> dict:
-    return {
-        "g_ptr": f"*{grad}", "p_ptr": f"*{param}", "vr_ptr": "*fp32", "colpart_ptr": "*fp32",
-        "rsum_part_ptr": "*fp32", "psq_part_ptr": "*fp32", "flag_ptr": "*fp32", "step_ptr": "*fp32",
-        "eps1": "fp32", "decay": "fp32", "one_minus_decay": "fp32", "beta_from_step": "i32", "R": "i32", "C": "i32",
-        "n_rt": "i32",
-    }
-
-
-def _full_stats_signature(grad: str, param: str) -> dict:
-    return {
-        "g_ptr": f"*{grad}", "p_ptr": f"*{param}", "v_ptr": "*fp32", "usq_part_ptr": "*fp32",
-        "psq_part_ptr": "*fp32", "flag_ptr": "*fp32", "step_ptr": "*fp32", "n": "i64", "eps1": "fp32",
-        "decay": "fp32", "one_minus_decay": "fp32", "beta_from_step": "i32",
-    }
-
-
-_FINALIZE_SIGNATURE = {
-    "colpart_ptr": "*fp32", "vc_ptr": "*fp32", "rsum_part_ptr": "*fp32", "rmean_ptr": "*fp32",
-    "flag_ptr": "*fp32", "step_ptr": "*fp32", "decay": "fp32", "one_minus_decay": "fp32", "beta_from_step": "i32",
-    "R": "i32",
-    "C": "i32", "n_rt": "i32",
-}
-
-
-def _clip_signature(grad: str) -> dict:
-    return {
-        "g_ptr": f"*{grad}", "vr_ptr": "*fp32", "vc_ptr": "*fp32", "rmean_ptr": "*fp32",
-        "usq_part_ptr": "*fp32", "R": "i32", "C": "i32", "n_rt": "i32",
-    }
-
-
-_SCALARS_SIGNATURE = {
-    "usq_part_ptr": "*fp32", "n_usq": "i32", "psq_part_ptr": "*fp32", "n_psq": "i32", "step_ptr": "*fp32",
-    "out_ptr": "*fp32", "elr_ptr": "*fp32", "sqrt_n": "fp32", "clip": "fp32", "lr": "fp32", "eps2": "fp32",
-    "relative_step": "i32", "warmup_init": "i32", "scale_parameter": "i32", "write_elr": "i32",
-}
-
-
-def _update_signature(param: str, grad: str, momentum: int) -> dict:
-    return {
-        "p_ptr": f"*{param}", "g_ptr": f"*{grad}", "m_ptr": "*i8" if momentum == 2 else "*fp32",
-        "absmax_ptr": "*fp32", "v_ptr": "*fp32", "vc_ptr": "*fp32", "rmean_ptr": "*fp32", "scal_ptr": "*fp32",
-        "flag_ptr": "*fp32", "step_ptr": "*fp32", "n": "i64", "R": "i32", "C": "i32", "beta1": "fp32",
-        "one_minus_beta1": "fp32", "weight_decay": "fp32", "tensor_index": "i32",
-    }
-
-
-_DTYPE_PAIRS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16"))
-"""(param, grad) Triton dtypes compiled ahead of time."""
-
-def _variants(options: tuple) -> list:
-    """Every option in fp32 (param, grad), and the last (the richest) for the other dtype pairs."""
-    return [("fp32", "fp32", opt) for opt in options] + [(p, g, options[-1]) for p, g in _DTYPE_PAIRS[1:]]
-
-
-AOT_SPECS = (
-    [
-        (_sq_stats_kernel, _stats_signature(grad, param), {"WITH_PSQ": psq, "BLOCK_R": br, "BLOCK_C": bc})
-        for param, grad, (br, bc, psq) in _variants(tuple((br, bc, psq) for psq in (False, True) for br, bc in TILES))
-    ]
-    + [
-        (_full_stats_kernel, _full_stats_signature(grad, param), {"WITH_PSQ": psq, "BLOCK": FLAT_BLOCK})
-        for param, grad, psq in _variants((False, True))
-    ]
-    + [(_sq_finalize_kernel, _FINALIZE_SIGNATURE, {"BLOCK": FINALIZE_BLOCK})]
-    + [
-        (_clip_stats_kernel, _clip_signature(grad), {"BLOCK_R": br, "BLOCK_C": bc})
-        for _, grad, (br, bc) in _variants(TILES)
-    ]
-    + [(_scalars_kernel, _SCALARS_SIGNATURE, {"BLOCK": FLAT_BLOCK})]
-    + [
-        (
-            _adafactor_update_kernel,
-            _update_signature(param, grad, momentum),
-            {"FACTORED": factored, "MOMENTUM": momentum, "BLOCK": BLOCK_SIZE},
-        )
-        for param, grad, (factored, momentum) in _variants(tuple((f, m) for f in (False, True) for m in (0, 1, 2)))
-    ]
-)
-"""(kernel, signature, constexprs) for every kernel and constexpr variant in fp32, plus the richest
-variant of each kernel for the bf16, fp16 and (fp32 param, bf16 grad) pairs."""
+AOT_SPECS = [
+    (adafactor_update_kernel,
+     signature_of(adafactor_update_kernel, INT_TYPES, p_ptr=f"*{param}", g_ptr=f"*{grad}",
+                  m_ptr="*i8" if momentum == 2 else "*fp32"),
+     {"FACTORED": factored, "MOMENTUM": momentum, "BLOCK": BLOCK_SIZE})
+    for param, grad, (factored, momentum) in dtype_variants((f, m) for f in (False, True) for m in (0, 1, 2))
+]
+"""(kernel, signature, constexprs) for every variant of the update kernel in fp32, plus the richest
+for the other (param, grad) dtype pairs (the statistics kernels are listed in :mod:`.factored`)."""
 
 
 # --------------------------------------------------------------------------------------------------
 # PyTorch reference (the specification, the CPU path and the test oracle)
 # --------------------------------------------------------------------------------------------------
-
-
-def factored_shape(shape: torch.Size | tuple) -> tuple[int, int, int]:
-    """``(B, R, C)`` view of a tensor of >= 2 dims: leading dims flattened into a batch ``B``."""
-    return (math.prod(shape[:-2]), shape[-2], shape[-1])
-
-
-def inv_sqrt_reference(x: torch.Tensor) -> torch.Tensor:
-    """Reference of :func:`inv_sqrt`: ``1 / sqrt(max(x, 2**-126))``."""
-    return 1.0 / torch.sqrt(torch.clamp_min(x, 1.1754943508222875e-38))
-
-
-def ema_reference(old: torch.Tensor, new: torch.Tensor, beta: torch.Tensor, one_minus_beta: torch.Tensor
-                  ) -> torch.Tensor:
-    """Reference of :func:`ema`."""
-    return old * beta + new * one_minus_beta
-
-
-def factored_stats_reference(
-    q: torch.Tensor, vr: torch.Tensor, vc: torch.Tensor, beta: torch.Tensor, omb: torch.Tensor, ok: torch.Tensor,
-    reduce=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row/column EMAs of ``q`` (B, R, C): new ``vr`` (B, R) and ``vc`` (B, C); unchanged where ``ok`` is False.
-
-    ``omb`` is ``1 - beta`` (computed in double by the caller, see :func:`ema`). ``reduce``: None, or
-    the :class:`~lowmem_lightning.optim.sharding.SumReduce` of a sharded tensor (``q`` is the local
-    shard; the sums are completed across ranks and divided by the global R and C).
-    """
-    row_sum, col_sum, rows, cols = q.sum(-1), q.sum(-2), q.shape[-2], q.shape[-1]
-    if reduce is not None:
-        row_sum, col_sum, rows, cols = reduce.over_cols(row_sum), reduce.over_rows(col_sum), reduce.rows, reduce.cols
-    new_vr = torch.where(ok, ema_reference(vr, row_sum / cols, beta, omb), vr)
-    new_vc = torch.where(ok, ema_reference(vc, col_sum / rows, beta, omb), vc)
-    return new_vr, new_vc
-
-
-def factored_scale_reference(vr: torch.Tensor, vc: torch.Tensor, reduce=None) -> torch.Tensor:
-    """``rf[:, None] * cf[None, :]`` (B, R, C) with ``rf = 1/sqrt(vr / mean_R(vr))``, ``cf = 1/sqrt(vc)``.
-
-    ``reduce``: as in :func:`factored_stats_reference` (``mean_R`` over the global rows).
-    """
-    rsum, rows = vr.sum(-1, keepdim=True), vr.shape[-1]
-    if reduce is not None:
-        rsum, rows = reduce.over_rows(rsum), reduce.rows
-    rmean = rsum / rows
-    return inv_sqrt_reference(vr / rmean)[..., :, None] * inv_sqrt_reference(vc)[..., None, :]
-
-
-def total_square_sum_reference(x: torch.Tensor, reduce=None) -> torch.Tensor:
-    """``sum(x^2)`` (0-d fp32; summed by rows first, like the kernels), completed across ranks by ``reduce``."""
-    total = (x * x).sum(-1).sum()
-    return total if reduce is None else reduce.over_all(total)
-
-
-def clip_divisor_reference(u: torch.Tensor, sqrt_n: torch.Tensor, clip: torch.Tensor, reduce=None) -> torch.Tensor:
-    """``max(1, rms(u) / clip)`` with ``rms(u) = sqrt(sum(u^2)) / sqrt_n`` (``sqrt_n``: sqrt of the global numel)."""
-    return torch.clamp(torch.sqrt(total_square_sum_reference(u, reduce)) / sqrt_n / clip, min=1.0)
-
-
-def momentum_update_reference(
-    m: torch.Tensor, absmax: torch.Tensor | None, u: torch.Tensor, beta1: torch.Tensor, omb1: torch.Tensor,
-    ok: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """EMA of the momentum: returns ``(new fp32 m, stored m, stored absmax)``.
-
-    ``m`` is fp32 or int8 codes with ``absmax`` (flat, or the shape of ``u``: the same layout); the
-    stored values are re-quantized when ``absmax`` is given, and unchanged where ``ok`` is False
-    (``ok=None``: always re-quantized).
-    """
-    if absmax is None:
-        new = ema_reference(m, u, beta1, omb1)
-        return new, masked_reference(ok, new, m), None
-    if m.numel() % BLOCK_SIZE:  # a partial last block: the codec's padded reference
-        new = ema_reference(dequantize_reference(m, absmax).view(u.shape), u, beta1, omb1)
-        codes, scales = quantize_reference(new, signed=True)
-        return new, masked_reference(ok, codes.view(m.shape), m), masked_reference(ok, scales, absmax)
-    # whole blocks: the same codec math on (blocks, 256) views, no padding copies (the CPU launchers pass
-    # 2-D views already, see as_blocks)
-    u_blocks = u.reshape(-1, BLOCK_SIZE)
-    m_blocks = m.view(u_blocks.shape)
-    scale = absmax.view(*u_blocks.shape[:-1], 1)
-    new = ema_reference(decode_signed_reference(m_blocks, scale), u_blocks, beta1, omb1)
-    new_scale = new.abs().amax(dim=-1, keepdim=True)
-    codes = masked_reference(ok, encode_signed_reference(new, new_scale), m_blocks)
-    return new.view(u.shape), codes.view(m.shape), masked_reference(ok, new_scale, scale).view(-1)
 
 
 def adafactor_reference(
@@ -687,19 +232,9 @@ def adafactor_apply_reference(
 
 def _adafactor_inplace(param, grad, v, vc, m, absmax, step, flag, hp, elr, relative_step, warmup_init,
                        scale_parameter, reduce=None) -> None:
-    new_p, new_v, new_vc, new_m, new_absmax, lr_t = adafactor_reference(
-        param, grad, v, vc, m, absmax, step, flag, hp, relative_step, warmup_init, scale_parameter, reduce
-    )
-    param.copy_(new_p)
-    v.copy_(new_v)
-    if vc is not None:
-        vc.copy_(new_vc)
-    if m is not None:
-        m.copy_(new_m)
-    if absmax is not None:
-        absmax.copy_(new_absmax)
-    if elr is not None:
-        elr.copy_(lr_t)
+    outs = adafactor_reference(param, grad, v, vc, m, absmax, step, flag, hp, relative_step, warmup_init,
+                               scale_parameter, reduce)
+    write_back((param, v, vc, m, absmax, elr), outs)
 
 
 def _adafactor_direction_inplace(param, grad, v, vc, step, flag, hp, elr, relative_step, warmup_init,
@@ -707,66 +242,22 @@ def _adafactor_direction_inplace(param, grad, v, vc, step, flag, hp, elr, relati
     new_v, new_vc, u, lr_t = adafactor_direction_reference(
         param, grad, v, vc, step, flag, hp, relative_step, warmup_init, scale_parameter
     )
-    v.copy_(new_v)
-    if vc is not None:
-        vc.copy_(new_vc)
-    if elr is not None:
-        elr.copy_(lr_t)
+    write_back((v, vc, elr), (new_v, new_vc, lr_t))
     return u, lr_t
 
 
 def _adafactor_apply_inplace(param, u, m, absmax, lr_t, step, flag, hp) -> None:
-    new_p, new_m, new_absmax = adafactor_apply_reference(param, u, m, absmax, lr_t, step, flag, hp)
-    param.copy_(new_p)
-    m.copy_(new_m)
-    absmax.copy_(new_absmax)
+    write_back((param, m, absmax), adafactor_apply_reference(param, u, m, absmax, lr_t, step, flag, hp))
 
 
-def as_blocks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Contiguous tensors of the same numel as ``(blocks, 256)`` views when the numel is a whole number of
-    blocks (else unchanged): the compiled CPU codec runs on 2-D views of one shape only (mixing them with
-    the (B, R, C) layout compiled ~15x slower: 15.8 vs 1.0 ms on 1024x1024)."""
-    if tensors[0].numel() % BLOCK_SIZE:
-        return tensors
-    return tuple(t.view(-1, BLOCK_SIZE) for t in tensors)
-
-
-def _adafactor_direction_factored_cpu(*args) -> tuple[torch.Tensor, torch.Tensor]:
-    return _adafactor_direction_inplace(*args)
-
-
-def _adafactor_direction_flat_cpu(*args) -> tuple[torch.Tensor, torch.Tensor]:
-    return _adafactor_direction_inplace(*args)
-
-
-def _adafactor_factored_cpu(*args) -> None:
-    _adafactor_inplace(*args)
-
-
-def _adafactor_flat_cpu(*args) -> None:
-    _adafactor_inplace(*args)
-
-
-# two entry points (two code objects, two compile caches): factored (B, R, C) and flat tensors each
-# compile once per (param dtype, grad dtype, momentum form, mode), never per shape
-_ADAFACTOR_CPU = {True: cpu_compiled(_adafactor_factored_cpu), False: cpu_compiled(_adafactor_flat_cpu)}
+# the CPU path: the reference above, compiled once per layout (factored (B, R, C) / flat) and
+# (param dtype, grad dtype, momentum form, mode), never per shape
+_ADAFACTOR_CPU = per_layout(_adafactor_inplace)
 # 8-bit momentum on CPU: two graphs, the statistics/direction (u materialized in fp32, transient) and
 # the momentum codec + param update. Measured on 1024x1024 (2 cores): 2.2 + 4.0 ms vs 16.6 ms for one
 # graph, where inductor's fusion of the block codec with the row/column reductions was slow.
-_DIRECTION_CPU = {True: cpu_compiled(_adafactor_direction_factored_cpu),
-                  False: cpu_compiled(_adafactor_direction_flat_cpu)}
+_DIRECTION_CPU = per_layout(_adafactor_direction_inplace)
 _MOMENTUM_APPLY_CPU = cpu_compiled(_adafactor_apply_inplace)
-
-
-def state_views(param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None,
-                m: torch.Tensor | None) -> tuple:
-    """Contiguous ``(work_param, grad, v, vc, m)`` views in the kernel layout (``(B, R, C)`` or flat)."""
-    work = param if param.is_contiguous() else param.contiguous()
-    if vc is not None:
-        shape3 = factored_shape(param.shape)
-        return (work.view(shape3), grad.reshape(shape3).contiguous(), v.view(shape3[:2]), vc.view(shape3[0], -1),
-                None if m is None else m.view(shape3))
-    return (work.view(-1), grad.reshape(-1).contiguous(), v.view(-1), None, None if m is None else m.view(-1))
 
 
 def adafactor_update(
@@ -836,61 +327,6 @@ def adafactor_update(
         param.copy_(work.view(param.shape))
 
 
-def launch_second_moment(
-    work, g, v, vc, step, flag, eps1: float, decay: float, one_minus_decay: float, beta_from_step: bool, with_psq: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Passes 1-2 (factored) or 1 (flat): update the second-moment statistics.
-
-    Returns ``(rmean, usq_partials, psq_partials)``: ``rmean`` (B,) holds ``mean_R(vr)`` (factored;
-    an empty tensor when flat), ``usq_partials`` the partial sums of ``u^2``, ``psq_partials`` the
-    partial sums of ``p^2`` (None unless ``with_psq``).
-    """
-    dev = work.device
-    if vc is not None:
-        B, R, C = work.shape
-        block_r, block_c = tile_shape(C)
-        n_rt = triton.cdiv(R, block_r)
-        colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=dev)
-        rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
-        psq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev) if with_psq else None
-        rmean = torch.empty(B, dtype=torch.float32, device=dev)
-        _sq_stats_kernel[(B * n_rt,)](
-            g, work, v, colpart, rsum_part, rsum_part if psq_part is None else psq_part, flag, step,
-            eps1, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
-            WITH_PSQ=with_psq, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
-        )
-        _sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
-            colpart, vc, rsum_part, rmean, flag, step, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
-            BLOCK=FINALIZE_BLOCK, enable_fp_fusion=False,
-        )
-        usq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
-        _clip_stats_kernel[(B * n_rt,)](
-            g, v, vc, rmean, usq_part, R, C, n_rt, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
-        )
-        return rmean, usq_part, psq_part
-    n = work.numel()
-    nprog = triton.cdiv(n, FLAT_BLOCK)
-    usq_part = torch.empty(nprog, dtype=torch.float32, device=dev)
-    psq_part = torch.empty(nprog, dtype=torch.float32, device=dev) if with_psq else None
-    _full_stats_kernel[(nprog,)](
-        g, work, v, usq_part, usq_part if psq_part is None else psq_part, flag, step, n, eps1, decay,
-        one_minus_decay, int(beta_from_step), WITH_PSQ=with_psq, BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
-    )
-    return torch.empty(0, dtype=torch.float32, device=dev), usq_part, psq_part
-
-
-def launch_scalars(usq_part, psq_part, step, elr, numel: int, clip: float, lr: float, eps2: float,
-                   relative_step: bool, warmup_init: bool, scale_parameter: bool) -> torch.Tensor:
-    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d]`` (fp32, on the device); writes ``elr`` if given."""
-    scal = torch.empty(2, dtype=torch.float32, device=usq_part.device)
-    _scalars_kernel[(1,)](
-        usq_part, usq_part.numel(), usq_part if psq_part is None else psq_part,
-        0 if psq_part is None else psq_part.numel(), step, scal, scal if elr is None else elr,
-        math.sqrt(numel), clip, lr, eps2, int(relative_step), int(warmup_init), int(scale_parameter),
-        int(elr is not None), BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
-    )
-    return scal
-
 
 def _launch(work, g, v, vc, m, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
             weight_decay, scale_parameter, relative_step, warmup_init, tensor_index) -> None:
@@ -902,7 +338,7 @@ def _launch(work, g, v, vc, m, absmax, step, flag, elr, lr, eps, clip_threshold,
                           relative_step, warmup_init, scale_parameter)
     R, C = (work.shape[1], work.shape[2]) if vc is not None else (1, 1)
     momentum = 0 if m is None else (2 if absmax is not None else 1)
-    _adafactor_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
+    adafactor_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
         work, g, flag if m is None else m, flag if absmax is None else absmax, v, v if vc is None else vc,
         rmean if vc is not None else v, scal, flag, step, n, R, C, 0.0 if beta1 is None else float(beta1),
         1.0 - (0.0 if beta1 is None else float(beta1)), float(weight_decay), int(tensor_index),

@@ -24,7 +24,7 @@ A 0/1 ``flag`` (non-finite guard) leaves params and every state untouched.
 Passes over the gradient: the math has three global reductions in sequence (second-moment
 statistics, RMS of ``u``, instability statistics) before the update, so four passes; factored
 tensors take exactly four (seven launches): the two second-moment passes and the scalar kernel of
-:mod:`.adafactor`, then ``_res_stats_kernel`` (recomputes ``u`` and the new ``m`` in registers from
+:mod:`.factored`, then ``_res_stats_kernel`` (recomputes ``u`` and the new ``m`` in registers from
 ``g`` and the old ``m``, sums ``s`` by rows and columns: no full-size scratch), its column finalize,
 and ``_came_update_kernel`` (recomputes the same ``m`` bit for bit, stores it and the param).
 1-D tensors take two passes.
@@ -40,11 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .adafactor import (
+from .aot import dtype_variants, signature_of
+from .codec import BLOCK_SIZE, decode_signed
+from .dispatch import choose, cpu_compiled, scalar_args
+from .factored import (
     FINALIZE_BLOCK,
+    INT_TYPES,
     TILES,
-    _sq_finalize_kernel,
-    _variants,
     as_blocks,
     block_direction,
     clip_divisor_reference,
@@ -59,13 +61,14 @@ from .adafactor import (
     launch_second_moment,
     momentum_block,
     momentum_update_reference,
+    per_layout,
     row_tile,
+    sq_finalize_kernel,
     state_views,
     store_row_ema,
     tile_shape,
+    write_back,
 )
-from .codec import BLOCK_SIZE, decode_signed
-from .dispatch import choose, cpu_compiled, scalar_args
 from .rounding import index_seed, index_seed_reference, round_param_reference, store_param
 
 __all__ = ["came_reference", "came_update"]
@@ -166,36 +169,20 @@ def _came_update_kernel(
     store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
 
 
-def _res_signature(grad: str, quantized: bool) -> dict:
-    return {
-        "g_ptr": f"*{grad}", "m_ptr": "*i8" if quantized else "*fp32", "absmax_ptr": "*fp32", "vr_ptr": "*fp32",
-        "vc_ptr": "*fp32", "rmean_ptr": "*fp32", "scal_ptr": "*fp32", "sr_ptr": "*fp32", "colpart_ptr": "*fp32",
-        "rsum_part_ptr": "*fp32", "flag_ptr": "*fp32", "R": "i32", "C": "i32", "n_rt": "i32", "beta1": "fp32",
-        "one_minus_beta1": "fp32", "beta3": "fp32", "one_minus_beta3": "fp32", "eps2": "fp32",
-    }
-
-
-def _update_signature(param: str, grad: str, quantized: bool) -> dict:
-    return {
-        "p_ptr": f"*{param}", "g_ptr": f"*{grad}", "m_ptr": "*i8" if quantized else "*fp32", "absmax_ptr": "*fp32",
-        "v_ptr": "*fp32", "vc_ptr": "*fp32", "rmean_ptr": "*fp32", "sr_ptr": "*fp32", "sc_ptr": "*fp32",
-        "smean_ptr": "*fp32", "scal_ptr": "*fp32", "flag_ptr": "*fp32", "step_ptr": "*fp32", "n": "i64",
-        "R": "i32", "C": "i32", "beta1": "fp32", "one_minus_beta1": "fp32", "weight_decay": "fp32", "lr": "fp32",
-        "tensor_index": "i32",
-    }
-
-
 AOT_SPECS = [
-    (_res_stats_kernel, _res_signature(grad, quantized), {"QUANTIZED": quantized, "BLOCK_R": br, "BLOCK_C": bc})
-    for _, grad, (br, bc, quantized) in _variants(tuple((br, bc, q) for q in (False, True) for br, bc in TILES))
+    (_res_stats_kernel,
+     signature_of(_res_stats_kernel, INT_TYPES, g_ptr=f"*{grad}", m_ptr="*i8" if quantized else "*fp32"),
+     {"QUANTIZED": quantized, "BLOCK_R": br, "BLOCK_C": bc})
+    for _, grad, (br, bc, quantized) in dtype_variants((br, bc, q) for q in (False, True) for br, bc in TILES)
 ] + [
-    (_came_update_kernel, _update_signature(param, grad, quantized),
+    (_came_update_kernel, signature_of(_came_update_kernel, INT_TYPES, p_ptr=f"*{param}", g_ptr=f"*{grad}",
+                                       m_ptr="*i8" if quantized else "*fp32"),
      {"FACTORED": factored, "QUANTIZED": quantized, "BLOCK": BLOCK_SIZE})
-    for param, grad, (factored, quantized) in _variants(tuple((f, q) for f in (False, True) for q in (False, True)))
+    for param, grad, (factored, quantized) in dtype_variants((f, q) for f in (False, True) for q in (False, True))
 ]
 """(kernel, signature, constexprs) for every CAME-specific kernel and constexpr variant in fp32, plus
 the richest variant for the other dtype pairs (the shared second-moment kernels are listed in
-:mod:`.adafactor`)."""
+:mod:`.factored`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +211,7 @@ def came_reference(
     full. ``m``: fp32 (param's shape) or flat int8 codes with ``absmax``. ``step`` and ``flag`` 0-d
     fp32. ``hp`` fp32 ``[lr, eps1, eps2, clip, beta1, beta2, beta3, 1 - beta1, 1 - beta2, 1 - beta3,
     weight_decay, sqrt(numel), tensor_index]`` (each ``1 - beta`` computed in double, see
-    :func:`.adafactor.ema`). Where ``flag == 0`` every output equals its input. ``reduce``: None, or the
+    :func:`.factored.ema`). Where ``flag == 0`` every output equals its input. ``reduce``: None, or the
     ``SumReduce`` of a sharded tensor whose local shard is given (sums completed across ranks).
     """
     v, vc, u = came_direction_reference(grad, v, vc, flag, hp, reduce)
@@ -279,17 +266,13 @@ def came_finish_reference(
 
 
 def _came_inplace(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp, reduce=None) -> None:
-    outs = came_reference(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp, reduce)
-    for dst, src in zip((param, v, vc, sr, sc, m, absmax), outs):
-        if dst is not None:
-            dst.copy_(src)
+    write_back((param, v, vc, sr, sc, m, absmax), came_reference(param, grad, v, vc, sr, sc, m, absmax, step, flag,
+                                                                 hp, reduce))
 
 
 def _came_direction_inplace(grad, v, vc, flag, hp) -> torch.Tensor:
     new_v, new_vc, u = came_direction_reference(grad, v, vc, flag, hp)
-    v.copy_(new_v)
-    if vc is not None:
-        vc.copy_(new_vc)
+    write_back((v, vc), (new_v, new_vc))
     return u
 
 
@@ -302,45 +285,17 @@ def _came_momentum_inplace(u, m, absmax, hp) -> torch.Tensor:
 
 
 def _came_finish_inplace(param, u, new_m, sr, sc, step, flag, hp) -> None:
-    new_p, new_sr, new_sc = came_finish_reference(param, u, new_m, sr, sc, step, flag, hp)
-    param.copy_(new_p)
-    if sr is not None:
-        sr.copy_(new_sr)
-        sc.copy_(new_sc)
+    write_back((param, sr, sc), came_finish_reference(param, u, new_m, sr, sc, step, flag, hp))
 
 
-def _came_direction_factored_cpu(*args) -> torch.Tensor:
-    return _came_direction_inplace(*args)
-
-
-def _came_direction_flat_cpu(*args) -> torch.Tensor:
-    return _came_direction_inplace(*args)
-
-
-def _came_finish_factored_cpu(*args) -> None:
-    _came_finish_inplace(*args)
-
-
-def _came_finish_flat_cpu(*args) -> None:
-    _came_finish_inplace(*args)
-
-
-def _came_factored_cpu(*args) -> None:
-    _came_inplace(*args)
-
-
-def _came_flat_cpu(*args) -> None:
-    _came_inplace(*args)
-
-
-# two entry points (two code objects, two compile caches): factored (B, R, C) and flat tensors
-_CAME_CPU = {True: cpu_compiled(_came_factored_cpu), False: cpu_compiled(_came_flat_cpu)}
+# the CPU path: the reference above, compiled once per layout (factored (B, R, C) / flat), never per shape
+_CAME_CPU = per_layout(_came_inplace)
 # 8-bit momentum on CPU: three graphs (direction, momentum codec on (blocks, 256) views, instability +
 # update), with u and the fp32 momentum materialized transiently; one graph mixing the codec's 2-D views
-# with the (B, R, C) layout compiled several times slower (see adafactor.as_blocks)
-_DIRECTION_CPU = {True: cpu_compiled(_came_direction_factored_cpu), False: cpu_compiled(_came_direction_flat_cpu)}
+# with the (B, R, C) layout compiled several times slower (see factored.as_blocks)
+_DIRECTION_CPU = per_layout(_came_direction_inplace)
 _MOMENTUM_CPU = cpu_compiled(_came_momentum_inplace)
-_FINISH_CPU = {True: cpu_compiled(_came_finish_factored_cpu), False: cpu_compiled(_came_finish_flat_cpu)}
+_FINISH_CPU = per_layout(_came_finish_inplace)
 
 
 def came_update(
@@ -431,7 +386,7 @@ def _launch(work, g, v, vc, sr, sc, m, absmax, step, flag, lr, eps, clip_thresho
             beta1, 1.0 - beta1, beta3, 1.0 - beta3, float(eps[1]), QUANTIZED=quantized, BLOCK_R=block_r,
             BLOCK_C=block_c, enable_fp_fusion=False,
         )
-        _sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
+        sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
             colpart, sc, rsum_part, smean, flag, step, beta3, 1.0 - beta3, 0, R, C, n_rt, BLOCK=FINALIZE_BLOCK,
             enable_fp_fusion=False,
         )

@@ -1,0 +1,600 @@
+"""Row/column second-moment statistics shared by the factored optimizers (:mod:`.adafactor`, :mod:`.came`).
+
+Math (Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018,
+section 3; CAME applies the same factorization to its instability statistic). A tensor of >= 2 dims
+is viewed as ``(B, R, C)`` (leading dims are a batch, the last two are factored); ``q`` is the
+statistic's input, e.g. ``g * g + eps1``; all fp32::
+
+    vr = beta * vr + (1 - beta) * mean_C(q)       (B, R)   row statistics
+    vc = beta * vc + (1 - beta) * mean_R(q)       (B, C)   column statistics
+    u  = (1 / sqrt(vr / mean_R(vr)))[:, None] * (1 / sqrt(vc))[None, :] * g
+    d  = max(1, rms(u) / clip_threshold)                   update clipping
+    (1-D: v = beta * v + (1 - beta) * q, u = g / sqrt(v), v full size)
+
+Passes (deterministic partial sums, no atomics): ``sq_stats_kernel`` (row EMA in-register, column
+partials per row tile, sum of ``p^2``), ``sq_finalize_kernel`` (column EMA, ``mean_R(vr)``),
+``clip_stats_kernel`` (partial sums of ``u^2``) and ``scalars_kernel`` (one program: step size
+``lr_t`` and clip divisor ``d``); 1-D tensors take ``full_stats_kernel`` instead of the first three.
+The ``@triton.jit`` helpers below (``ema``, ``inv_sqrt``, ``factored_u``, ``block_direction``,
+``momentum_block``, ...) are the building blocks of the optimizers' own update kernels; each has
+a ``*_reference`` twin here that the optimizers' step functions call, bit for bit the same ops.
+
+File order: Triton helpers and kernels, PyTorch references, launchers.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import dtype_variants, signature_of
+from .codec import (
+    BLOCK_SIZE,
+    decode_signed,
+    decode_signed_reference,
+    dequantize_reference,
+    encode_signed,
+    encode_signed_reference,
+    quantize_reference,
+)
+from .dispatch import cpu_compiled
+from .rounding import masked_reference
+
+__all__ = [
+    "TILES",
+    "tile_shape",
+    "factored_shape",
+    "state_views",
+    "as_blocks",
+    "launch_second_moment",
+    "launch_scalars",
+    "factored_stats_reference",
+    "factored_scale_reference",
+    "clip_divisor_reference",
+    "momentum_update_reference",
+    "write_back",
+    "per_layout",
+]
+
+TILE_ELEMENTS = 2048
+"""Elements of one (BLOCK_R x BLOCK_C) tile of the row/column statistics kernels."""
+
+TILES = ((16, 128), (32, 64), (64, 32), (128, 16))
+"""(BLOCK_R, BLOCK_C) variants of the statistics kernels: BLOCK_C follows the column count so narrow
+matrices (1000 x 3) do not run mostly-masked tiles."""
+
+FINALIZE_BLOCK = 128
+"""Columns per program of the column finalize kernel."""
+
+FLAT_BLOCK = 1024
+"""Elements per program of the 1-D statistics kernel."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton helpers (used by the kernels below and by the update kernels of Adafactor and CAME)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def ema(old, new, beta, one_minus_beta):
+    """``beta * old + (1 - beta) * new`` as ``old.mul_(beta).add_(new, alpha=1-beta)`` computes it.
+
+    ``one_minus_beta`` is passed separately: computed in double on the host (as torch computes
+    ``alpha``), it is exact where ``1 - float32(beta)`` is not (beta = 0.9999 would be 1.7e-5 off).
+    """
+    return old * beta + new * one_minus_beta
+
+
+@triton.jit
+def beta_of_step(step, decay, one_minus_decay, beta_from_step):
+    """``(beta, 1 - beta)``: ``(1 - t ** decay, t ** decay)`` when ``beta_from_step != 0`` (Adafactor's
+    beta2_t), else the constants ``(decay, one_minus_decay)``."""
+    x = tl.exp2(decay * tl.log2(step))
+    return tl.where(beta_from_step != 0, 1.0 - x, decay), tl.where(beta_from_step != 0, x, one_minus_decay)
+
+
+@triton.jit
+def inv_sqrt(x):
+    """``1 / sqrt(max(x, 2**-126))``, correctly rounded division and root (the reference does the same ops).
+
+    The floor (the smallest normal fp32) only acts on an underflowed statistic, e.g. a zero row's
+    ``vr / mean(vr)`` next to a huge row: it caps the factor at ~9.2e18 instead of inf, so a zero
+    gradient times it stays 0 (not NaN)."""
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(x, 1.1754943508222875e-38)))
+
+
+@triton.jit
+def factored_u(g, offs, mask, vr_ptr, vc_ptr, rmean_ptr, R, C):
+    """``u = (rf * cf) * g`` at flat element indices ``offs`` of a ``(B, R, C)`` tensor."""
+    grow = offs // C  # (b * R + r)
+    b = grow // R
+    col = b * C + (offs - grow * C)
+    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=mask, other=1.0), tl.load(rmean_ptr + b, mask=mask, other=1.0)))
+    cf = inv_sqrt(tl.load(vc_ptr + col, mask=mask, other=1.0))
+    return (rf * cf) * g
+
+
+@triton.jit
+def block_direction(g_ptr, v_ptr, vc_ptr, rmean_ptr, flag_ptr, n, R, C, FACTORED: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """This program's codec block: ``(pid, offs, finite, mask, u)`` with ``u`` the unclipped update,
+    ``(rf * cf) * g`` (factored) or ``g / sqrt(v)``; ``mask`` is empty when the gradient is not finite."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    finite = tl.load(flag_ptr) != 0.0
+    mask = offs < tl.where(finite, n, 0)  # no element when the gradient is not finite
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FACTORED:
+        u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
+    else:
+        u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
+    return pid, offs, finite, mask, u
+
+
+@triton.jit
+def momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1,
+                   QUANTIZED: tl.constexpr):
+    """``m = beta1 * m + (1 - beta1) * u`` over one codec block, stored back as fp32 or as int8 codes with
+    a new absmax (the block's max ``|m|``); returns the fp32 ``m``."""
+    if QUANTIZED:
+        scale = tl.load(absmax_ptr + pid, mask=finite, other=0.0)
+        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), scale)
+        m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
+        absmax = tl.max(tl.abs(m), axis=0)
+        tl.store(m_ptr + offs, encode_signed(m, absmax), mask=mask)
+        tl.store(absmax_ptr + pid, absmax, mask=finite)
+    else:
+        m = ema(tl.load(m_ptr + offs, mask=mask, other=0.0), u, beta1, one_minus_beta1)
+        tl.store(m_ptr + offs, m, mask=mask)
+    return m
+
+
+@triton.jit
+def row_tile(n_rt, R, BLOCK_R: tl.constexpr):
+    """This program's tile of a ``(B, R, C)`` statistics pass: ``(pid, b, rmask, grow)``, with ``grow``
+    the global row ids ``b * R + row`` of its ``BLOCK_R`` rows (``n_rt`` tiles per batch)."""
+    pid = tl.program_id(0)
+    b = pid // n_rt
+    rows = (pid % n_rt) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    return pid, b, rmask, b.to(tl.int64) * R + rows
+
+
+@triton.jit
+def store_row_ema(stat_ptr, rsum_part_ptr, pid, grow, rmask, row_sum, C, beta, one_minus_beta, flag_ptr):
+    """Row statistic ``stat = beta * stat + (1 - beta) * row_sum / C`` (unchanged for a non-finite
+    gradient) and this tile's partial sum of the new values (for ``mean_R``)."""
+    old = tl.load(stat_ptr + grow, mask=rmask, other=0.0)
+    new = ema(old, tl.div_rn(row_sum, C.to(tl.float32)), beta, one_minus_beta)
+    new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
+    tl.store(stat_ptr + grow, new, mask=rmask)
+    tl.store(rsum_part_ptr + pid, tl.sum(tl.where(rmask, new, 0.0), axis=0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels: the statistics passes
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def sq_stats_kernel(
+    g_ptr,
+    p_ptr,
+    vr_ptr,
+    colpart_ptr,
+    rsum_part_ptr,
+    psq_part_ptr,
+    flag_ptr,
+    step_ptr,
+    eps1,
+    decay,
+    one_minus_decay,
+    beta_from_step,
+    R,
+    C,
+    n_rt,
+    WITH_PSQ: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Pass 1 (factored): row EMA ``vr``, column partial sums of ``q = g*g + eps1`` per row tile, and the
+    partial sums of ``p^2`` (``WITH_PSQ``). Program = one tile of ``BLOCK_R`` rows over all columns."""
+    # program = one tile of BLOCK_R rows of batch b, looping over all C columns
+    pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    psq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        m2 = rmask[:, None] & cmask[None, :]
+        offs = grow[:, None] * C + cols[None, :]
+        g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+        q = tl.where(m2, g * g + eps1, 0.0)
+        acc += tl.sum(q, axis=1)
+        tl.store(colpart_ptr + pid.to(tl.int64) * C + cols, tl.sum(q, axis=0), mask=cmask)
+        if WITH_PSQ:
+            p = tl.load(p_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            psq += tl.sum(p * p, axis=1)
+    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
+    store_row_ema(vr_ptr, rsum_part_ptr, pid, grow, rmask, acc, C, beta, omb, flag_ptr)
+    if WITH_PSQ:
+        tl.store(psq_part_ptr + pid, tl.sum(psq, axis=0))
+
+
+@triton.jit
+def sq_finalize_kernel(
+    colpart_ptr,
+    vc_ptr,
+    rsum_part_ptr,
+    rmean_ptr,
+    flag_ptr,
+    step_ptr,
+    decay,
+    one_minus_decay,
+    beta_from_step,
+    R,
+    C,
+    n_rt,
+    BLOCK: tl.constexpr,
+):
+    """Pass 2 (factored): column EMA ``vc`` from the partials and ``mean_R(vr)`` per batch (``rmean``).
+    Program ``(b, cc)``: ``BLOCK`` columns of batch ``b``; ``(b, 0)`` also writes ``rmean[b]``."""
+    # program (b, cc): column EMA of BLOCK columns of batch b; (b, 0) also writes mean_R(vr)[b]
+    b = tl.program_id(0)
+    cc = tl.program_id(1)
+    cols = cc * BLOCK + tl.arange(0, BLOCK)
+    cmask = cols < C
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for rt in range(0, n_rt):
+        acc += tl.load(colpart_ptr + (b * n_rt + rt).to(tl.int64) * C + cols, mask=cmask, other=0.0)
+    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
+    cidx = b.to(tl.int64) * C + cols
+    old = tl.load(vc_ptr + cidx, mask=cmask, other=0.0)
+    new = ema(old, tl.div_rn(acc, R.to(tl.float32)), beta, omb)
+    new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
+    tl.store(vc_ptr + cidx, new, mask=cmask)
+    if cc == 0:
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for r0 in range(0, n_rt, BLOCK):
+            idx = r0 + tl.arange(0, BLOCK)
+            total += tl.load(rsum_part_ptr + b * n_rt + idx, mask=idx < n_rt, other=0.0)
+        tl.store(rmean_ptr + b, tl.div_rn(tl.sum(total, axis=0), R.to(tl.float32)))
+
+
+@triton.jit
+def clip_stats_kernel(
+    g_ptr,
+    vr_ptr,
+    vc_ptr,
+    rmean_ptr,
+    usq_part_ptr,
+    R,
+    C,
+    n_rt,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Pass 3 (factored): partial sums of ``u^2``, ``u = (rf * cf) * g``, one per tile of ``BLOCK_R`` rows."""
+    # partial sum of u^2 over one tile of BLOCK_R rows (all columns)
+    pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
+    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=rmask, other=1.0), tl.load(rmean_ptr + b)))
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        m2 = rmask[:, None] & cmask[None, :]
+        g = tl.load(g_ptr + grow[:, None] * C + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        cf = inv_sqrt(tl.load(vc_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=1.0))
+        u = tl.where(m2, (rf[:, None] * cf[None, :]) * g, 0.0)
+        acc += tl.sum(u * u, axis=1)
+    tl.store(usq_part_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def full_stats_kernel(
+    g_ptr,
+    p_ptr,
+    v_ptr,
+    usq_part_ptr,
+    psq_part_ptr,
+    flag_ptr,
+    step_ptr,
+    n,
+    eps1,
+    decay,
+    one_minus_decay,
+    beta_from_step,
+    WITH_PSQ: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Unfactored (1-D) pass: ``v`` EMA and partial sums of ``u^2 = (g / sqrt(v))^2`` (and ``p^2``)."""
+    # unfactored (1-D) second moment: v EMA, partial sums of u^2 (and p^2)
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    old = tl.load(v_ptr + offs, mask=mask, other=1.0)
+    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
+    v = ema(old, g * g + eps1, beta, omb)
+    v = tl.where(tl.load(flag_ptr) != 0.0, v, old)
+    tl.store(v_ptr + offs, v, mask=mask)
+    u = tl.where(mask, inv_sqrt(v) * g, 0.0)
+    tl.store(usq_part_ptr + pid, tl.sum(u * u, axis=0))
+    if WITH_PSQ:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(psq_part_ptr + pid, tl.sum(p * p, axis=0))
+
+
+@triton.jit
+def scalars_kernel(
+    usq_part_ptr,
+    n_usq,
+    psq_part_ptr,
+    n_psq,
+    step_ptr,
+    out_ptr,
+    elr_ptr,
+    sqrt_n,
+    clip,
+    lr,
+    eps2,
+    relative_step,
+    warmup_init,
+    scale_parameter,
+    write_elr,
+    BLOCK: tl.constexpr,
+):
+    """One program: ``out = [lr_t, d]`` from the partial sums (step size and clip divisor, see the
+    module docstring of :mod:`.adafactor`); ``elr <- lr_t`` when ``write_elr``."""
+    # one program: out[0] = lr_t (step size), out[1] = d (clip divisor); elr <- lr_t if asked
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, n_usq, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(usq_part_ptr + idx, mask=idx < n_usq, other=0.0)
+    d = tl.maximum(tl.div_rn(tl.div_rn(tl.sqrt_rn(tl.sum(acc, axis=0)), sqrt_n), clip), 1.0)
+    pacc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, n_psq, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        pacc += tl.load(psq_part_ptr + idx, mask=idx < n_psq, other=0.0)
+    step = tl.load(step_ptr)
+    min_step = tl.where(warmup_init != 0, 1e-6 * step, 1e-2)
+    rel = tl.where(relative_step != 0, tl.minimum(min_step, inv_sqrt(step)), lr)
+    scale = tl.where(scale_parameter != 0, tl.maximum(eps2, tl.div_rn(tl.sqrt_rn(tl.sum(pacc, axis=0)), sqrt_n)), 1.0)
+    lr_t = scale * rel
+    tl.store(out_ptr, lr_t)
+    tl.store(out_ptr + 1, d)
+    if write_elr != 0:
+        tl.store(elr_ptr, lr_t)
+
+
+def tile_shape(cols: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_C)`` for a matrix of ``cols`` columns (one of :data:`TILES`)."""
+    block_c = min(128, max(16, triton.next_power_of_2(cols)))
+    return TILE_ELEMENTS // block_c, block_c
+
+
+INT_TYPES = {
+    "n": "i64", "R": "i32", "C": "i32", "n_rt": "i32", "beta_from_step": "i32", "n_usq": "i32", "n_psq": "i32",
+    "relative_step": "i32", "warmup_init": "i32", "scale_parameter": "i32", "write_elr": "i32", "tensor_index": "i32",
+}
+"""Triton types of the integer arguments of the factored kernels (others: fp32 scalars, ``*fp32`` pointers)."""
+
+AOT_SPECS = (
+    [
+        (sq_stats_kernel, signature_of(sq_stats_kernel, INT_TYPES, g_ptr=f"*{grad}", p_ptr=f"*{param}"),
+         {"WITH_PSQ": psq, "BLOCK_R": br, "BLOCK_C": bc})
+        for param, grad, (br, bc, psq) in dtype_variants((br, bc, psq) for psq in (False, True) for br, bc in TILES)
+    ]
+    + [
+        (full_stats_kernel, signature_of(full_stats_kernel, INT_TYPES, g_ptr=f"*{grad}", p_ptr=f"*{param}"),
+         {"WITH_PSQ": psq, "BLOCK": FLAT_BLOCK})
+        for param, grad, psq in dtype_variants((False, True))
+    ]
+    + [(sq_finalize_kernel, signature_of(sq_finalize_kernel, INT_TYPES), {"BLOCK": FINALIZE_BLOCK})]
+    + [
+        (clip_stats_kernel, signature_of(clip_stats_kernel, INT_TYPES, g_ptr=f"*{grad}"),
+         {"BLOCK_R": br, "BLOCK_C": bc})
+        for _, grad, (br, bc) in dtype_variants(TILES)
+    ]
+    + [(scalars_kernel, signature_of(scalars_kernel, INT_TYPES), {"BLOCK": FLAT_BLOCK})]
+)
+"""(kernel, signature, constexprs) for every statistics kernel and constexpr variant in fp32, plus the
+richest variant for the other (param, grad) dtype pairs."""
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch references of the shared pieces (used by the step functions of Adafactor and CAME)
+# --------------------------------------------------------------------------------------------------
+
+
+def factored_shape(shape: torch.Size | tuple) -> tuple[int, int, int]:
+    """``(B, R, C)`` view of a tensor of >= 2 dims: leading dims flattened into a batch ``B``."""
+    return (math.prod(shape[:-2]), shape[-2], shape[-1])
+
+
+def inv_sqrt_reference(x: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`inv_sqrt`: ``1 / sqrt(max(x, 2**-126))``."""
+    return 1.0 / torch.sqrt(torch.clamp_min(x, 1.1754943508222875e-38))
+
+
+def ema_reference(old: torch.Tensor, new: torch.Tensor, beta: torch.Tensor, one_minus_beta: torch.Tensor
+                  ) -> torch.Tensor:
+    """Reference of :func:`ema`."""
+    return old * beta + new * one_minus_beta
+
+
+def factored_stats_reference(
+    q: torch.Tensor, vr: torch.Tensor, vc: torch.Tensor, beta: torch.Tensor, omb: torch.Tensor, ok: torch.Tensor,
+    reduce=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row/column EMAs of ``q`` (B, R, C): new ``vr`` (B, R) and ``vc`` (B, C); unchanged where ``ok`` is False.
+
+    ``omb`` is ``1 - beta`` (computed in double by the caller, see :func:`ema`). ``reduce``: None, or
+    the :class:`~lowmem_lightning.optim.sharding.SumReduce` of a sharded tensor (``q`` is the local
+    shard; the sums are completed across ranks and divided by the global R and C).
+    """
+    row_sum, col_sum, rows, cols = q.sum(-1), q.sum(-2), q.shape[-2], q.shape[-1]
+    if reduce is not None:
+        row_sum, col_sum, rows, cols = reduce.over_cols(row_sum), reduce.over_rows(col_sum), reduce.rows, reduce.cols
+    new_vr = torch.where(ok, ema_reference(vr, row_sum / cols, beta, omb), vr)
+    new_vc = torch.where(ok, ema_reference(vc, col_sum / rows, beta, omb), vc)
+    return new_vr, new_vc
+
+
+def factored_scale_reference(vr: torch.Tensor, vc: torch.Tensor, reduce=None) -> torch.Tensor:
+    """``rf[:, None] * cf[None, :]`` (B, R, C) with ``rf = 1/sqrt(vr / mean_R(vr))``, ``cf = 1/sqrt(vc)``.
+
+    ``reduce``: as in :func:`factored_stats_reference` (``mean_R`` over the global rows).
+    """
+    rsum, rows = vr.sum(-1, keepdim=True), vr.shape[-1]
+    if reduce is not None:
+        rsum, rows = reduce.over_rows(rsum), reduce.rows
+    rmean = rsum / rows
+    return inv_sqrt_reference(vr / rmean)[..., :, None] * inv_sqrt_reference(vc)[..., None, :]
+
+
+def total_square_sum_reference(x: torch.Tensor, reduce=None) -> torch.Tensor:
+    """``sum(x^2)`` (0-d fp32; summed by rows first, like the kernels), completed across ranks by ``reduce``."""
+    total = (x * x).sum(-1).sum()
+    return total if reduce is None else reduce.over_all(total)
+
+
+def clip_divisor_reference(u: torch.Tensor, sqrt_n: torch.Tensor, clip: torch.Tensor, reduce=None) -> torch.Tensor:
+    """``max(1, rms(u) / clip)`` with ``rms(u) = sqrt(sum(u^2)) / sqrt_n`` (``sqrt_n``: sqrt of the global numel)."""
+    return torch.clamp(torch.sqrt(total_square_sum_reference(u, reduce)) / sqrt_n / clip, min=1.0)
+
+
+def momentum_update_reference(
+    m: torch.Tensor, absmax: torch.Tensor | None, u: torch.Tensor, beta1: torch.Tensor, omb1: torch.Tensor,
+    ok: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """EMA of the momentum: returns ``(new fp32 m, stored m, stored absmax)``.
+
+    ``m`` is fp32 or int8 codes with ``absmax`` (flat, or the shape of ``u``: the same layout); the
+    stored values are re-quantized when ``absmax`` is given, and unchanged where ``ok`` is False
+    (``ok=None``: always re-quantized).
+    """
+    if absmax is None:
+        new = ema_reference(m, u, beta1, omb1)
+        return new, masked_reference(ok, new, m), None
+    if m.numel() % BLOCK_SIZE:  # a partial last block: the codec's padded reference
+        new = ema_reference(dequantize_reference(m, absmax).view(u.shape), u, beta1, omb1)
+        codes, scales = quantize_reference(new, signed=True)
+        return new, masked_reference(ok, codes.view(m.shape), m), masked_reference(ok, scales, absmax)
+    # whole blocks: the same codec math on (blocks, 256) views, no padding copies (the CPU launchers pass
+    # 2-D views already, see as_blocks)
+    u_blocks = u.reshape(-1, BLOCK_SIZE)
+    m_blocks = m.view(u_blocks.shape)
+    scale = absmax.view(*u_blocks.shape[:-1], 1)
+    new = ema_reference(decode_signed_reference(m_blocks, scale), u_blocks, beta1, omb1)
+    new_scale = new.abs().amax(dim=-1, keepdim=True)
+    codes = masked_reference(ok, encode_signed_reference(new, new_scale), m_blocks)
+    return new.view(u.shape), codes.view(m.shape), masked_reference(ok, new_scale, scale).view(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers and layout helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def write_back(dsts, srcs) -> None:
+    """``dst.copy_(src)`` for each pair whose ``dst`` is not None (a step function's outputs into the state)."""
+    for dst, src in zip(dsts, srcs, strict=True):
+        if dst is not None:
+            dst.copy_(src)
+
+
+def per_layout(fn: Callable) -> dict[bool, Callable]:
+    """:func:`.dispatch.cpu_compiled` entry points of ``fn`` for the factored (``True``, ``(B, R, C)``) and
+    the flat (``False``) layout: two copies of ``fn`` on their own code objects (the same code, renamed),
+    so each layout has its own ``torch.compile`` cache and neither recompiles for the other."""
+
+    def clone(tag: str) -> Callable:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+        copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        copy.__qualname__ = f"{fn.__qualname__}_{tag}"
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        return copy
+
+    return {True: cpu_compiled(clone("factored")), False: cpu_compiled(clone("flat"))}
+
+
+def state_views(param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None,
+                m: torch.Tensor | None) -> tuple:
+    """Contiguous ``(work_param, grad, v, vc, m)`` views in the kernel layout (``(B, R, C)`` or flat)."""
+    work = param if param.is_contiguous() else param.contiguous()
+    if vc is not None:
+        shape3 = factored_shape(param.shape)
+        return (work.view(shape3), grad.reshape(shape3).contiguous(), v.view(shape3[:2]), vc.view(shape3[0], -1),
+                None if m is None else m.view(shape3))
+    return (work.view(-1), grad.reshape(-1).contiguous(), v.view(-1), None, None if m is None else m.view(-1))
+
+
+def as_blocks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Contiguous tensors of the same numel as ``(blocks, 256)`` views when the numel is a whole number of
+    blocks (else unchanged): the compiled CPU codec runs on 2-D views of one shape only (mixing them with
+    the (B, R, C) layout compiled ~15x slower: 15.8 vs 1.0 ms on 1024x1024)."""
+    if tensors[0].numel() % BLOCK_SIZE:
+        return tensors
+    return tuple(t.view(-1, BLOCK_SIZE) for t in tensors)
+
+
+def launch_second_moment(
+    work, g, v, vc, step, flag, eps1: float, decay: float, one_minus_decay: float, beta_from_step: bool, with_psq: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Passes 1-2 (factored) or 1 (flat): update the second-moment statistics.
+
+    Returns ``(rmean, usq_partials, psq_partials)``: ``rmean`` (B,) holds ``mean_R(vr)`` (factored;
+    an empty tensor when flat), ``usq_partials`` the partial sums of ``u^2``, ``psq_partials`` the
+    partial sums of ``p^2`` (None unless ``with_psq``).
+    """
+    dev = work.device
+    if vc is not None:
+        B, R, C = work.shape
+        block_r, block_c = tile_shape(C)
+        n_rt = triton.cdiv(R, block_r)
+        colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=dev)
+        rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
+        psq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev) if with_psq else None
+        rmean = torch.empty(B, dtype=torch.float32, device=dev)
+        sq_stats_kernel[(B * n_rt,)](
+            g, work, v, colpart, rsum_part, rsum_part if psq_part is None else psq_part, flag, step,
+            eps1, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
+            WITH_PSQ=with_psq, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
+        )
+        sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
+            colpart, vc, rsum_part, rmean, flag, step, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
+            BLOCK=FINALIZE_BLOCK, enable_fp_fusion=False,
+        )
+        usq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
+        clip_stats_kernel[(B * n_rt,)](
+            g, v, vc, rmean, usq_part, R, C, n_rt, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
+        )
+        return rmean, usq_part, psq_part
+    n = work.numel()
+    nprog = triton.cdiv(n, FLAT_BLOCK)
+    usq_part = torch.empty(nprog, dtype=torch.float32, device=dev)
+    psq_part = torch.empty(nprog, dtype=torch.float32, device=dev) if with_psq else None
+    full_stats_kernel[(nprog,)](
+        g, work, v, usq_part, usq_part if psq_part is None else psq_part, flag, step, n, eps1, decay,
+        one_minus_decay, int(beta_from_step), WITH_PSQ=with_psq, BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
+    )
+    return torch.empty(0, dtype=torch.float32, device=dev), usq_part, psq_part
+
+
+def launch_scalars(usq_part, psq_part, step, elr, numel: int, clip: float, lr: float, eps2: float,
+                   relative_step: bool, warmup_init: bool, scale_parameter: bool) -> torch.Tensor:
+    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d]`` (fp32, on the device); writes ``elr`` if given."""
+    scal = torch.empty(2, dtype=torch.float32, device=usq_part.device)
+    scalars_kernel[(1,)](
+        usq_part, usq_part.numel(), usq_part if psq_part is None else psq_part,
+        0 if psq_part is None else psq_part.numel(), step, scal, scal if elr is None else elr,
+        math.sqrt(numel), clip, lr, eps2, int(relative_step), int(warmup_init), int(scale_parameter),
+        int(elr is not None), BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
+    )
+    return scal
