@@ -114,8 +114,8 @@ HP = dict(lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=False
 @pytest.mark.parametrize("n", [1000, 4097])
 def test_triton_kernel_matches_reference(force_triton, mode, param_dtype, n):
     grad_dtype = torch.bfloat16 if param_dtype == torch.float32 else param_dtype
-    for step_value in (0.0, 7.0):
-        hp = dict(HP, nesterov=step_value > 0, dampening=0.0 if step_value > 0 else 0.1)
+    for step_value in (1.0, 7.0):  # 1: the tensor's first update (the counter already counts it)
+        hp = dict(HP, nesterov=step_value > 1, dampening=0.0 if step_value > 1 else 0.1)
         param, grad, buf, absmax, step, flag = _kernel_inputs(n, param_dtype, grad_dtype, mode, step_value)
         hp_tensor = torch.tensor([hp["lr"], hp["weight_decay"], hp["momentum"], 1.0 - hp["dampening"],
                                   float(hp["nesterov"]), -1.0, float(hp["tensor_index"])])

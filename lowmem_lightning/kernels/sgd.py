@@ -24,8 +24,9 @@ are grouped by (param dtype, grad dtype, 8-bit or not). Per step and element it 
 ``2 * param_bytes + grad_bytes`` plus ``8`` (fp32 momentum) or ``2 + 8/256`` (8-bit momentum) bytes.
 
 A 0/1 fp32 ``flag`` (from the optimizer's non-finite guard) masks every load and store: with
-``flag == 0`` params and momentum are left untouched. The step counter is read (``step == 0`` marks
-the first step, which initializes the momentum) but advanced by the optimizer, not here.
+``flag == 0`` params and momentum are left untouched. The step counter is read, already advanced by the
+optimizer for this step (``step == 1`` marks the tensor's first update, which initializes the
+momentum), as in every kernel of the package.
 
 File order: Triton kernel, PyTorch reference, launcher.
 """
@@ -115,7 +116,7 @@ def _sgd_kernel(
         else:
             buf_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.float32))
             buf = tl.load(buf_ptr + offs, mask=mask, other=0.0)
-        buf = tl.where(step == 0.0, d, momentum * buf + one_minus_dampening * d)
+        buf = tl.where(step == 1.0, d, momentum * buf + one_minus_dampening * d)
         d = tl.where(nesterov != 0.0, d + momentum * buf, buf)
         if QUANTIZED:
             new_absmax = tl.max(tl.abs(buf), axis=1)  # masked elements are exactly 0
@@ -211,7 +212,7 @@ def _on_views(step_fn, param, grad, buf, absmax, *args) -> None:
 
 def _eager_args(step: torch.Tensor, flag: torch.Tensor, hp: torch.Tensor) -> tuple:
     lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign, tensor_index = hp.unbind()
-    return (flag != 0, step == 0, lr, weight_decay, momentum, one_minus_dampening, nesterov != 0, grad_sign,
+    return (flag != 0, step == 1, lr, weight_decay, momentum, one_minus_dampening, nesterov != 0, grad_sign,
             index_seed_reference(step, tensor_index))
 
 
@@ -254,7 +255,7 @@ def _cpu_one(param, grad, buf, absmax, step, flag, hyper, tensor_index) -> None:
             return
         lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign = hyper
         seed = int(index_seed_reference(step, tensor_index).item())
-        _on_views(_sgd_cpu.on("compiled"), param, grad, buf, absmax, None, bool(step.item() == 0), lr, weight_decay,
+        _on_views(_sgd_cpu.on("compiled"), param, grad, buf, absmax, None, bool(step.item() == 1), lr, weight_decay,
                   momentum, one_minus_dampening, bool(nesterov), grad_sign, seed)
         return
     hp = scalar_args(*hyper, float(tensor_index), device=param.device)
@@ -281,10 +282,10 @@ def sgd_update(
 
     ``bufs[i]``: None when ``momentum == 0``; an fp32 tensor of ``params[i].numel()`` elements (any
     shape); or flat int8 codes with ``absmaxes[i]`` (fp32, one per 256 elements) for 8-bit momentum.
-    ``steps[i]`` and ``flags[i]`` are 0-d fp32 tensors on the param's device (``steps`` is not
-    advanced here; ``flags[i] == 0`` leaves tensor ``i`` untouched); ``tensor_indices[i]`` seeds its
-    stochastic rounding. CUDA tensors run one Triton launch per (param dtype, grad dtype, 8-bit or
-    not) group; others run the ``torch.compile``'d reference, one call per tensor. Never synchronizes.
+    ``steps[i]`` and ``flags[i]`` are 0-d fp32 tensors on the param's device (``steps`` already
+    count this step: 1 on the first update; ``flags[i] == 0`` leaves tensor ``i`` untouched);
+    ``tensor_indices[i]`` seeds its stochastic rounding. CUDA tensors run one Triton launch per
+    (param dtype, grad dtype, 8-bit or not) group; others run the ``torch.compile``'d reference, one call per tensor. Never synchronizes.
     """
     hyper = (float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening), float(bool(nesterov)),
              -1.0 if maximize else 1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -116,7 +116,6 @@ class Adafactor(LowMemOptimizer):
             momentum_dtype=momentum_dtype,
             maximize=maximize,
         )
-        _check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
     _storage_keys = ("momentum_dtype",)
@@ -171,62 +170,50 @@ class Adafactor(LowMemOptimizer):
         return state
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One update of every param with a gradient; returns ``closure()``'s loss if given.
+    def _begin_group(self, group: dict, per_device: list) -> None:
+        """The group's device step size (written by the first tensor's update) lives on the first device."""
+        _effective_lr_tensor(group, per_device[0][0][1])
 
-        No host-device synchronization: the non-finite guard, step counters, step sizes and
-        stochastic-rounding seeds all stay on the device.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, per_device in self._params_by_device():
-            if not per_device:
-                continue
-            group["host_step"] = group.get("host_step", 0) + 1
-            elr = _effective_lr_tensor(group, per_device[0][0][1])
-            for n_device, items in enumerate(per_device):
-                with maximizing(items, group):
-                    self._step_tensors(items, group, elr if n_device == 0 else None)
-            if group["scale_parameter"]:
-                group.pop("effective_lr", None)  # a device quantity: effective_lr_tensor / effective_lr()
-            else:
-                group["effective_lr"] = _host_lr(group, group["host_step"])
-        return loss
+    def _finish_group(self, group: dict) -> None:
+        """Count the step on the host; the reported step size (see :meth:`effective_lr`)."""
+        group["host_step"] = group.get("host_step", 0) + 1
+        if group["scale_parameter"]:
+            group.pop("effective_lr", None)  # a device quantity: effective_lr_tensor / effective_lr()
+        else:
+            group["effective_lr"] = _host_lr(group, group["host_step"])
 
-    def _step_tensors(self, items: list[tuple[int, torch.Tensor]], group: dict, elr: torch.Tensor | None) -> None:
-        flags = self._finite_flags([param.grad for _, param in items])
-        states = [self._init_state(param, group) for _, param in items]
-        torch._foreach_add_([state["step"] for state in states], list(flags.unbind()))
-        for i, ((tensor_index, param), state, flag) in enumerate(zip(items, states, flags.unbind())):
-            factored = "exp_avg_sq_row" in state
-            shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
-            reduce = sum_reduce(param)  # sharded: the eager reference completes every sum across ranks
-            adafactor_update(
-                shard,
-                local(param.grad),
-                state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
-                state["exp_avg_sq_col"] if factored else None,
-                block_state_head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
-                block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
-                state["step"],
-                flag,
-                elr if i == 0 else None,
-                lr=None if group["lr"] is None else float(group["lr"]),
-                eps=tuple(float(e) for e in group["eps"]),
-                clip_threshold=float(group["clip_threshold"]),
-                decay_rate=float(group["decay_rate"]),
-                beta1=group["beta1"],
-                weight_decay=float(group["weight_decay"]),
-                scale_parameter=group["scale_parameter"],
-                relative_step=group["relative_step"],
-                warmup_init=group["warmup_init"],
-                tensor_index=shard_tensor_index(tensor_index, param),
-                reduce=reduce,
-                backend="eager" if reduce is not None else None,
-            )
+    def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
+        """One Adafactor update per tensor (the sharded form on the eager reference, completing sums across
+        ranks); the first tensor on the step size's device also writes the group's step size."""
+        elr = group["effective_lr_tensor"]
+        with maximizing(items, group):
+            for i, ((tensor_index, param), state, flag) in enumerate(zip(items, states, flags)):
+                factored = "exp_avg_sq_row" in state
+                shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
+                reduce = sum_reduce(param)
+                adafactor_update(
+                    shard,
+                    local(param.grad),
+                    state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
+                    state["exp_avg_sq_col"] if factored else None,
+                    block_state_head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
+                    block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
+                    state["step"],
+                    flag,
+                    elr if i == 0 and elr.device == param.device else None,
+                    lr=None if group["lr"] is None else float(group["lr"]),
+                    eps=tuple(float(e) for e in group["eps"]),
+                    clip_threshold=float(group["clip_threshold"]),
+                    decay_rate=float(group["decay_rate"]),
+                    beta1=group["beta1"],
+                    weight_decay=float(group["weight_decay"]),
+                    scale_parameter=group["scale_parameter"],
+                    relative_step=group["relative_step"],
+                    warmup_init=group["warmup_init"],
+                    tensor_index=shard_tensor_index(tensor_index, param),
+                    reduce=reduce,
+                    backend="eager" if reduce is not None else None,
+                )
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from ..kernels.adamw8bit import adamw8bit_update
-from ..kernels.codec import MIN_QUANTIZED_NUMEL, num_blocks, quantize_blockwise
+from ..kernels.codec import MIN_QUANTIZED_NUMEL, quantize_blockwise
 from ..kernels.rounding import step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
@@ -65,11 +65,11 @@ class AdamW8bit(LowMemOptimizer):
         differentiable: bool = False,
     ):
         check_drop_in_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
-        _check_hyperparameters(lr, betas, eps, weight_decay, maximize)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed={seed!r}: expected an int.")
         self._seed = int(seed)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults)
 
     _foreign_group_keys = frozenset({"amsgrad", "decoupled_weight_decay"})  # torch.optim.AdamW / Adam state dicts
@@ -84,29 +84,6 @@ class AdamW8bit(LowMemOptimizer):
     @staticmethod
     def _is_quantized(param: torch.Tensor) -> bool:
         return param.numel() >= MIN_QUANTIZED_NUMEL
-
-    def _state_device(self, param: torch.Tensor) -> torch.device:
-        return param.device
-
-    def _init_state(self, param: torch.Tensor, state: dict) -> None:
-        state["step"] = self._new_step(param)
-        device = self._state_device(param)
-        if self._is_quantized(param):
-            n = block_state_len(param)
-            nb = num_blocks(n)
-            state["exp_avg_codes"] = self._zeros(n, torch.int8, device)
-            state["exp_avg_absmax"] = self._zeros(nb, torch.float32, device)
-            state["exp_avg_sq_codes"] = self._zeros(n, torch.uint8, device)
-            state["exp_avg_sq_absmax"] = self._zeros(nb, torch.float32, device)
-        else:
-            shape = local(param).shape
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=param.device)
-
-    @staticmethod
-    def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A state buffer (paged optimizers override to allocate pinned host pages)."""
-        return torch.zeros(numel, dtype=dtype, device=device)
 
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
         """``step``; 8-bit ``exp_avg`` (signed) and ``exp_avg_sq`` (unsigned) codes + fp32 absmax per 256
@@ -154,28 +131,28 @@ class AdamW8bit(LowMemOptimizer):
         super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ step
-    def _gather(self, group: dict, first_index: int) -> dict[str, list]:
-        """Lists of the group's params that have gradients, their state and stochastic-rounding seeds."""
-        keys = ("params", "grads", "m", "m_absmax", "v", "v_absmax", "steps", "seeds", "owners", "distributed_grads")
-        out: dict[str, list] = {k: [] for k in keys}
-        for offset, param in enumerate(group["params"]):
-            if param.grad is None:
+    def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
+        """The fused update of one device's params (empty DTensor shards left out)."""
+        work: dict[str, list] = {k: [] for k in ("params", "grads", "m", "m_absmax", "v", "v_absmax", "steps",
+                                                 "seeds", "owners")}
+        kept = []
+        for (index, param), state, flag in zip(items, states, flags):
+            shard = local(param)  # the tensor updated: a DTensor's local shard
+            if shard.numel() == 0:
                 continue
-            state = self.state[param]
-            if not state:
-                self._init_state(param, state)
             quantized = "exp_avg_codes" in state
-            out["params"].append(local(param))  # the tensor updated: a DTensor's local shard
-            out["owners"].append(param)  # the key of self.state
-            out["grads"].append(local(param.grad))
-            out["distributed_grads"].append(param.grad)
-            out["m"].append(state["exp_avg_codes"] if quantized else state["exp_avg"])
-            out["m_absmax"].append(state["exp_avg_absmax"] if quantized else None)
-            out["v"].append(state["exp_avg_sq_codes"] if quantized else state["exp_avg_sq"])
-            out["v_absmax"].append(state["exp_avg_sq_absmax"] if quantized else None)
-            out["steps"].append(state["step"])
-            out["seeds"].append(step_seed(0, shard_tensor_index(first_index + offset, param), self._seed))
-        return out
+            work["params"].append(shard)
+            work["owners"].append(param)  # the key of self.state
+            work["grads"].append(local(param.grad))
+            work["m"].append(state["exp_avg_codes"] if quantized else state["exp_avg"])
+            work["m_absmax"].append(state["exp_avg_absmax"] if quantized else None)
+            work["v"].append(state["exp_avg_sq_codes"] if quantized else state["exp_avg_sq"])
+            work["v_absmax"].append(state["exp_avg_sq_absmax"] if quantized else None)
+            work["steps"].append(state["step"])
+            work["seeds"].append(step_seed(0, shard_tensor_index(index, param), self._seed))
+            kept.append(flag)
+        if work["params"]:
+            self._update(work, kept, self._hyper(group))
 
     @staticmethod
     def _hyper(group: dict) -> dict:
@@ -188,29 +165,6 @@ class AdamW8bit(LowMemOptimizer):
             weight_decay=float(group["weight_decay"]),
             maximize=bool(group["maximize"]),
         )
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW step over every param with a gradient; returns the closure's loss, if any."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_grads()
-        first_index = 0
-        for group in self.param_groups:
-            work = self._gather(group, first_index)
-            first_index += len(group["params"])
-            if not work["params"]:
-                continue
-            flags = list(self._finite_flags(work.pop("distributed_grads")).unbind(0))
-            torch._foreach_add_(work["steps"], flags)
-            keep = [i for i, p in enumerate(work["params"]) if p.numel() > 0]  # a DTensor's shard may be empty
-            if len(keep) < len(flags):
-                work, flags = {k: [v[i] for i in keep] for k, v in work.items()}, [flags[i] for i in keep]
-            if work["params"]:
-                self._update(work, flags, self._hyper(group))
-        return loss
 
     def _update(self, work: dict, flags: list, hyper: dict) -> None:
         """Run the fused update (paged optimizers override to stage state around it).

@@ -109,22 +109,29 @@ def hyperparameter_names(cls: type) -> set[str]:
 class LowMemOptimizer(torch.optim.Optimizer):
     """Base class: non-finite guard, device step counters, dtype-preserving validated state dicts.
 
-    Subclasses implement ``step`` and :meth:`state_layout` (the state tensors a param carries, as data:
-    used to create state, to validate loaded state dicts and to size state) and may override
-    :meth:`_convert_foreign_state` to accept another optimizer's state (e.g. torch AdamW -> 8-bit),
-    :meth:`_check_group` to validate a param group's hyperparameters (constructor, ``add_param_group``
-    and ``load_state_dict`` all run it) and :attr:`_param_dtypes`.
+    The base class owns :meth:`step` (and :meth:`step_params`, the per-tensor form gradient release
+    uses): it checks the gradients, groups the params that have one by device, computes the finite
+    flags, creates missing state from :meth:`state_layout`, advances the step counters by the flags
+    and only then hands each device's tensors to the subclass's :meth:`_update_tensors` (so every
+    kernel reads the counter of the step it applies: 1 on the first update). Subclasses implement
+    :meth:`state_layout` (the state tensors a param carries, as data: used to create state, to
+    validate loaded state dicts and to size state) and :meth:`_update_tensors` (call the kernel), and
+    may override :meth:`_begin_group` / :meth:`_finish_group` (per-group bookkeeping around the
+    updates, e.g. Adafactor's step size), :meth:`_convert_foreign_state` to accept another
+    optimizer's state (e.g. torch AdamW -> 8-bit), :meth:`_check_group` to validate a param group's
+    hyperparameters (constructor, ``add_param_group`` and ``load_state_dict`` all run it) and
+    :attr:`_param_dtypes`.
 
     ``copy.deepcopy`` and ``pickle`` keep every attribute (seeds, counters, options), so a copy steps
     exactly as the original; hooks are not copied (as in torch).
     """
 
     _param_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    """Param dtypes the kernels update; others are refused at construction and in ``add_param_group``."""
 
     is_paged: bool = False
     """Whether state lives in host pages between updates (the specs of :meth:`state_layout` with
     ``host=True``); the one notion of "paged" that state sizing and logging read."""
-    """Param dtypes the kernels update; others are refused at construction and in ``add_param_group``."""
 
     _foreign_group_keys: frozenset[str] = frozenset()
     """Group keys of another optimizer whose state dicts this class converts (e.g. torch AdamW's
@@ -138,7 +145,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
     """Caches of device resources, dropped by deepcopy/pickle (re-created by :meth:`_reset_transient`)."""
 
     def __init__(self, params: Iterable, defaults: dict):
+        self._check_defaults(dict(defaults))  # bad hyperparameters fail before any param is looked at
         self._skipped: dict[torch.device, torch.Tensor] = {}
+        self._released_groups: set[int] = set()
+        self._param_slots: dict[int, tuple[int, int, int]] = {}  # id -> (group, global index, position)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ copy / pickle
@@ -155,6 +165,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if not differentiable:
             self.defaults.pop("differentiable", None)  # torch adds it; our groups do not carry it
         self.__dict__.setdefault("_skipped", {})
+        self.__dict__.setdefault("_released_groups", set())
+        self.__dict__["_param_slots"] = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -166,6 +178,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ param groups
     def _check_group(self, group: dict) -> None:
         """Validate one param group's hyperparameters (``ValueError`` naming the argument); default: none."""
+
+    def _check_defaults(self, defaults: dict) -> None:
+        """Validate the constructor's hyperparameters, before any param is looked at (default: as a group)."""
+        self._check_group(defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group, validated as the constructor's arguments are; an invalid group is not added.
@@ -232,16 +248,102 @@ class LowMemOptimizer(torch.optim.Optimizer):
         counter.add_(flags.numel() - flags.sum())
         return flags
 
-    @staticmethod
-    def _new_step(param: torch.Tensor) -> torch.Tensor:
-        """A step counter for ``param``: 0-d fp32 tensor on its device."""
-        return torch.zeros((), dtype=torch.float32, device=param.device)
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every param that has a gradient; returns ``closure()``'s loss if given.
+
+        Never synchronises with the device: the finite flags, step counters and stochastic-rounding
+        seeds stay on it. Gradients are checked before anything is updated (see :meth:`_check_grads`).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        for group, per_device in self._params_by_device():
+            if per_device:
+                self._step_group(group, per_device)
+                self._finish_group(group)
+        return loss
+
+    @torch.no_grad()
+    def step_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Update only ``params`` (each in this optimizer, each with a gradient) exactly as :meth:`step`
+        would update them, leaving every other param and its state untouched.
+
+        This is the per-tensor step of gradient release (the update runs in backward as soon as a
+        gradient is ready). Per-group bookkeeping that :meth:`step` does once after the updates
+        (e.g. Adafactor's reported step size) waits for :meth:`finish_step`, called once per training
+        step after the last ``step_params``. ``ValueError`` names a param that is not in the optimizer
+        or has no gradient.
+        """
+        chosen: dict[int, dict[torch.device, list[tuple[int, torch.Tensor]]]] = defaultdict(lambda: defaultdict(list))
+        for param in params:
+            group_index, index = self._slot_of(param)
+            if param.grad is None:
+                raise ValueError(f"step_params: param {index} (shape {tuple(param.shape)}) has no gradient.")
+            chosen[group_index][param.device].append((index, param))
+        self._check_grads([p for per_device in chosen.values() for items in per_device.values() for _, p in items])
+        for group_index, per_device in chosen.items():
+            self._step_group(self.param_groups[group_index], list(per_device.values()))
+            self._released_groups.add(group_index)
+
+    def finish_step(self) -> None:
+        """Close a training step made of :meth:`step_params` calls: run the per-group bookkeeping
+        :meth:`step` runs after its updates, for every group updated since the last call."""
+        for group_index in sorted(self._released_groups):
+            self._finish_group(self.param_groups[group_index])
+        self._released_groups.clear()
+
+    def _slot_of(self, param: torch.Tensor) -> tuple[int, int]:
+        """``(group index, global index)`` of ``param`` (cached; rebuilt when the param groups changed)."""
+        slot = self._param_slots.get(id(param))
+        if slot is None or not self._slot_holds(slot, param):
+            self._param_slots = {}
+            index = 0
+            for group_index, group in enumerate(self.param_groups):
+                for position, p in enumerate(group["params"]):
+                    self._param_slots[id(p)] = (group_index, index, position)
+                    index += 1
+            slot = self._param_slots.get(id(param))
+            if slot is None:
+                raise ValueError(f"step_params: a param of shape {tuple(param.shape)} is not in this optimizer.")
+        return slot[0], slot[1]
+
+    def _slot_holds(self, slot: tuple[int, int, int], param: torch.Tensor) -> bool:
+        group_index, _, position = slot
+        if group_index >= len(self.param_groups):
+            return False
+        params = self.param_groups[group_index]["params"]
+        return position < len(params) and params[position] is param
+
+    def _step_group(self, group: dict, per_device: list[list[tuple[int, torch.Tensor]]]) -> None:
+        """Per device: finite flags, state, step counters advanced by the flags, then the update."""
+        self._begin_group(group, per_device)
+        for items in per_device:
+            flags = list(self._finite_flags([param.grad for _, param in items]).unbind(0))
+            states = [self._init_state(param, group) for _, param in items]
+            torch._foreach_add_([state["step"] for state in states], flags)
+            self._update_tensors(group, items, states, flags)
+
+    def _begin_group(self, group: dict, per_device: list[list[tuple[int, torch.Tensor]]]) -> None:
+        """Before a group's updates (default: nothing)."""
+
+    def _finish_group(self, group: dict) -> None:
+        """After a group's updates, once per training step (default: nothing)."""
+
+    def _update_tensors(self, group: dict, items: list[tuple[int, torch.Tensor]], states: list[dict],
+                        flags: list[torch.Tensor]) -> None:
+        """Apply the update to ``items`` (``(global index, param)`` pairs on one device, each with a
+        gradient), whose ``states`` exist and whose step counters already count this step; ``flags``:
+        0-d fp32 finite flags (0 = leave the param and its state untouched). Subclasses implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _update_tensors.")
 
     def _params_by_device(self) -> Iterator[tuple[dict, list[list[tuple[int, torch.Tensor]]]]]:
         """Yield ``(group, per_device)`` for every param group, where ``per_device`` lists, per device, the
         ``(global_index, param)`` pairs of the params that have a gradient (the global index counts
-        every param of every group, so it is stable across steps). Sparse gradients raise."""
-        self._check_grads()
+        every param of every group, so it is stable across steps)."""
         index = 0
         groups = []
         for group in self.param_groups:
@@ -253,14 +355,15 @@ class LowMemOptimizer(torch.optim.Optimizer):
             groups.append((group, list(by_device.values())))
         yield from groups
 
-    def _check_grads(self) -> None:
+    def _check_grads(self, only: Sequence[torch.Tensor] | None = None) -> None:
         """Before any update: ``RuntimeError`` naming the param of a sparse gradient or of a gradient whose
-        shape or kind does not match its param (so a step never applies to some params and then raises)."""
-        index = 0
+        shape or kind does not match its param (so a step never applies to some params and then raises).
+        ``only``: check just these params (:meth:`step_params`)."""
+        wanted = None if only is None else {id(p) for p in only}
         for group_index, group in enumerate(self.param_groups):
             for param_index, param in enumerate(group["params"]):
                 grad = param.grad
-                if grad is None:
+                if grad is None or (wanted is not None and id(param) not in wanted):
                     continue
                 where = f"param group {group_index}, param {param_index} (shape {tuple(param.shape)})"
                 if grad.is_sparse:
@@ -274,19 +377,25 @@ class LowMemOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"{type(self).__name__}: {where} has a gradient of shape {tuple(grad.shape)}."
                     )
-                index += 1
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
-        """``param``'s state, created on first use: a step counter and zeros for every other tensor of
-        :meth:`state_layout`."""
+        """``param``'s state, its missing tensors created from :meth:`state_layout` (zeros; the step
+        counter a 0-d fp32 zero on the param's device) on first use and when :meth:`_state_incomplete`."""
         state = self.state[param]
-        if "step" in state:
+        if "step" in state and not self._state_incomplete(state, group):
             return state
-        state["step"] = self._new_step(param)
         for spec in self.state_layout(param, group):
-            if spec.role != "step":
-                state[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype, device=param.device)
+            if spec.name not in state:
+                state[spec.name] = self._new_state_tensor(spec, param)
         return state
+
+    def _state_incomplete(self, state: dict, group: dict) -> bool:
+        """Whether a stepped param's state lacks a tensor its group now needs (default: never)."""
+        return False
+
+    def _new_state_tensor(self, spec: StateSpec, param: torch.Tensor) -> torch.Tensor:
+        """Zeros for ``spec`` on the param's device (paged optimizers put ``host`` specs in host pages)."""
+        return torch.zeros(spec.shape, dtype=spec.dtype, device=param.device)
 
     # ------------------------------------------------------------------ state layout
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
@@ -451,15 +560,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if spec.role == "step" and float(value) != math.floor(float(value)):
             raise ValueError(f"{where} is {float(value)}; expected a whole number of steps >= 0.")
 
-    def _state_device(self, param: torch.Tensor) -> torch.device:
-        """Where ``param``'s state lives (its own device; paged optimizers override)."""
-        return param.device
-
     def _restore_dtypes(self, by_id: dict, saved_state: dict) -> None:
         for pid, state in saved_state.items():
             param, _ = by_id[pid]
             loaded = self.state[param]
-            device = self._state_device(param)
+            device = param.device
             for key, value in state.items():
                 current = loaded.get(key)
                 if isinstance(value, torch.Tensor) and (current.dtype != value.dtype or current.device != device):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -88,10 +88,13 @@ class CAME(LowMemOptimizer):
             momentum_dtype=momentum_dtype,
             maximize=maximize,
         )
-        _check_hyperparameters(defaults, lr_required=False)  # groups may each bring their own lr
         super().__init__(params, defaults)
 
     _storage_keys = ("momentum_dtype",)
+
+    def _check_defaults(self, defaults: dict) -> None:
+        """The constructor's hyperparameters; its ``lr`` may be None when every group brings its own."""
+        _check_hyperparameters(defaults, lr_required=False)
 
     def _check_group(self, group: dict) -> None:
         """Validate a param group like the constructor's arguments (a group left without an lr included)."""
@@ -122,48 +125,36 @@ class CAME(LowMemOptimizer):
         return state
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One update of every param with a gradient; returns ``closure()``'s loss if given. Never syncs."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, per_device in self._params_by_device():
-            for items in per_device:
-                with maximizing(items, group):
-                    self._step_tensors(items, group)
-            group["effective_lr"] = float(group["lr"])
-        return loss
+    def _finish_group(self, group: dict) -> None:
+        group["effective_lr"] = float(group["lr"])
 
-    def _step_tensors(self, items: list[tuple[int, torch.Tensor]], group: dict) -> None:
-        flags = self._finite_flags([param.grad for _, param in items])
-        states = [self._init_state(param, group) for _, param in items]
-        torch._foreach_add_([state["step"] for state in states], list(flags.unbind()))
-        for (tensor_index, param), state, flag in zip(items, states, flags.unbind()):
-            factored = "exp_avg_sq_row" in state
-            shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
-            reduce = sum_reduce(param)  # sharded: the eager reference completes every sum across ranks
-            came_update(
-                shard,
-                local(param.grad),
-                state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
-                state.get("exp_avg_sq_col"),
-                state.get("exp_avg_res_row"),
-                state.get("exp_avg_res_col"),
-                block_state_head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
-                block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
-                state["step"],
-                flag,
-                lr=float(group["lr"]),
-                eps=tuple(float(e) for e in group["eps"]),
-                clip_threshold=float(group["clip_threshold"]),
-                betas=tuple(float(b) for b in group["betas"]),
-                weight_decay=float(group["weight_decay"]),
-                tensor_index=shard_tensor_index(tensor_index, param),
-                reduce=reduce,
-                backend="eager" if reduce is not None else None,
-            )
+    def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
+        """One CAME update per tensor (the sharded form on the eager reference, completing sums across ranks)."""
+        with maximizing(items, group):
+            for (tensor_index, param), state, flag in zip(items, states, flags):
+                factored = "exp_avg_sq_row" in state
+                shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
+                reduce = sum_reduce(param)
+                came_update(
+                    shard,
+                    local(param.grad),
+                    state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
+                    state.get("exp_avg_sq_col"),
+                    state.get("exp_avg_res_row"),
+                    state.get("exp_avg_res_col"),
+                    block_state_head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
+                    block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
+                    state["step"],
+                    flag,
+                    lr=float(group["lr"]),
+                    eps=tuple(float(e) for e in group["eps"]),
+                    clip_threshold=float(group["clip_threshold"]),
+                    betas=tuple(float(b) for b in group["betas"]),
+                    weight_decay=float(group["weight_decay"]),
+                    tensor_index=shard_tensor_index(tensor_index, param),
+                    reduce=reduce,
+                    backend="eager" if reduce is not None else None,
+                )
 
 
 def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from .adamw8bit import _QUANTIZED_KEYS, AdamW8bit
+from .base import StateSpec
 
 __all__ = ["PagedAdamW8bit"]
 
@@ -106,9 +107,11 @@ class PagedAdamW8bit(AdamW8bit):
         return super().__getstate__()
 
     # ------------------------------------------------------------------ host pages
-    @staticmethod
-    def _zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return _host_page(torch.zeros(numel, dtype=dtype), device)
+    def _new_state_tensor(self, spec: StateSpec, param: torch.Tensor) -> torch.Tensor:
+        """Host specs (the 8-bit moments) in a host page (pinned when the param is on CUDA)."""
+        if spec.host:
+            return _host_page(torch.zeros(spec.shape, dtype=spec.dtype), param.device)
+        return super()._new_state_tensor(spec, param)
 
     def _state_tensors(self) -> Iterator[tuple[torch.Tensor, bool]]:
         """``(tensor, on_host)`` for every state tensor: pages on the host, buffers on the device."""

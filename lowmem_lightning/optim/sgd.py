@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
-from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, num_blocks, quantize_reference
+from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, quantize_reference
 from ..kernels.sgd import sgd_update
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
@@ -75,7 +75,6 @@ class SGD(LowMemOptimizer):
             maximize=maximize,
             momentum_dtype=momentum_dtype,
         )
-        _check_hyperparameters(defaults)
         super().__init__(params, defaults)
 
     _storage_keys = ("momentum_dtype",)
@@ -89,18 +88,9 @@ class SGD(LowMemOptimizer):
     def _quantized(param: torch.Tensor, group: dict) -> bool:
         return group["momentum_dtype"] == "int8" and param.numel() >= MIN_QUANTIZED_NUMEL
 
-    def _init_state(self, param: torch.Tensor, group: dict) -> dict:
-        state = self.state[param]
-        if "step" not in state:
-            state["step"] = self._new_step(param)
-        if group["momentum"] != 0 and not _has_momentum(state):
-            if self._quantized(param, group):
-                n = block_state_len(param)
-                state["momentum_codes"] = torch.zeros(n, dtype=torch.int8, device=param.device)
-                state["momentum_absmax"] = torch.zeros(num_blocks(n), dtype=torch.float32, device=param.device)
-            else:
-                state["momentum_buffer"] = torch.zeros_like(local(param), dtype=torch.float32)
-        return state
+    def _state_incomplete(self, state: dict, group: dict) -> bool:
+        """A group given a momentum after its first steps gets its momentum buffer on the next step."""
+        return group["momentum"] != 0 and not _has_momentum(state)
 
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
         """``step``; with momentum ``momentum_codes`` (int8) + ``momentum_absmax`` (fp32 per 256) for an int8
@@ -148,37 +138,18 @@ class SGD(LowMemOptimizer):
         return state
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        """One update of every param with a gradient; returns ``closure()``'s loss if given.
-
-        No host-device synchronization: the non-finite guard, step counters and stochastic-rounding
-        seeds all stay on the device.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, per_device in self._params_by_device():
-            for items in per_device:
-                self._step_tensors(items, group)
-        return loss
-
-    def _step_tensors(self, items: list[tuple[int, torch.Tensor]], group: dict) -> None:
-        flags = self._finite_flags([param.grad for _, param in items])
-        flag_list = list(flags.unbind())
-        states = [self._init_state(param, group) for _, param in items]
-        steps = [state["step"] for state in states]
-        shards = [local(param.data) for _, param in items]
-        live = [i for i, shard in enumerate(shards) if shard.numel() > 0]  # a DTensor's shard may be empty
+    def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
+        """The fused update of one device's params (empty DTensor shards left out)."""
+        live = [i for i, (_, param) in enumerate(items) if local(param).numel() > 0]
+        shards = [local(items[i][1].data) for i in live]
         sgd_update(
-            [shards[i] for i in live],
+            shards,
             [local(items[i][1].grad) for i in live],
-            [block_state_head(states[i].get("momentum_codes", states[i].get("momentum_buffer")), shards[i].numel(),
-                              False) for i in live],
-            [block_state_head(states[i].get("momentum_absmax"), shards[i].numel(), True) for i in live],
-            [steps[i] for i in live],
-            [flag_list[i] for i in live],
+            [block_state_head(states[i].get("momentum_codes", states[i].get("momentum_buffer")), shard.numel(),
+                              False) for i, shard in zip(live, shards)],
+            [block_state_head(states[i].get("momentum_absmax"), shard.numel(), True) for i, shard in zip(live, shards)],
+            [states[i]["step"] for i in live],
+            [flags[i] for i in live],
             [shard_tensor_index(*items[i]) for i in live],
             lr=float(group["lr"]),
             weight_decay=group["weight_decay"],
@@ -187,7 +158,6 @@ class SGD(LowMemOptimizer):
             nesterov=group["nesterov"],
             maximize=group["maximize"],
         )
-        torch._foreach_add_(steps, flag_list)
 
 
 def _has_momentum(state: dict) -> bool:
