@@ -285,7 +285,8 @@ def sgd_update(
     ``steps[i]`` and ``flags[i]`` are 0-d fp32 tensors on the param's device (``steps`` already
     count this step: 1 on the first update; ``flags[i] == 0`` leaves tensor ``i`` untouched);
     ``tensor_indices[i]`` seeds its stochastic rounding. CUDA tensors run one Triton launch per
-    (param dtype, grad dtype, 8-bit or not) group; others run the ``torch.compile``'d reference, one call per tensor. Never synchronizes.
+    (param dtype, grad dtype, 8-bit or not) group; others run the ``torch.compile``'d reference, one
+    call per tensor. Never synchronizes.
     """
     hyper = (float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening), float(bool(nesterov)),
              -1.0 if maximize else 1.0)
