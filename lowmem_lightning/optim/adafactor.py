@@ -262,8 +262,8 @@ def second_moment_specs(shape: tuple[int, ...], kind: str) -> list[StateSpec]:
     """Factored ``exp_avg_{kind}_row`` / ``_col`` statistics of a >= 2-D ``shape`` (a full ``exp_avg_sq`` for
     fewer dims when ``kind == "sq"``; nothing for CAME's instability of a 1-D param): fp32, >= 0."""
     if len(shape) >= 2:
-        return [StateSpec(f"exp_avg_{kind}_row", shape[:-1], torch.float32, "square"),
-                StateSpec(f"exp_avg_{kind}_col", shape[:-2] + shape[-1:], torch.float32, "square")]
+        return [StateSpec(f"exp_avg_{kind}_row", shape[:-1], torch.float32, "square", axes="row"),
+                StateSpec(f"exp_avg_{kind}_col", shape[:-2] + shape[-1:], torch.float32, "square", axes="col")]
     return [StateSpec("exp_avg_sq", shape, torch.float32, "square")] if kind == "sq" else []
 
 

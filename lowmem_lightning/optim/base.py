@@ -63,6 +63,11 @@ class StateSpec:
         absmax: for ``codes``: the name of their block scales (one per 256 codes).
         signed: for ``codes``: signed (int8) or unsigned (uint8) code.
         host: kept in host memory between updates (paged optimizers), not on the param's device.
+        axes: how it relates to the param's dims, which says how a sharded param's state is
+            presented (:mod:`.sharding`): ``"scalar"`` (0-d), ``"param"`` (the param's shape),
+            ``"blocks"`` (flat block-wise codes or their scales), ``"row"`` (the param's shape without
+            its last dim: a statistic reduced over columns) or ``"col"`` (without dim -2). Default:
+            from the role (step: scalar; codes, absmax: blocks; others: param).
     """
 
     name: str
@@ -72,6 +77,12 @@ class StateSpec:
     absmax: str | None = None
     signed: bool = True
     host: bool = False
+    axes: str = ""
+
+    def __post_init__(self):
+        if not self.axes:
+            default = {"step": "scalar", "codes": "blocks", "absmax": "blocks"}.get(self.role, "param")
+            object.__setattr__(self, "axes", default)
 
     @property
     def nbytes(self) -> int:
@@ -407,6 +418,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """
         return [step_spec()]
 
+    def _axes_of(self, param: torch.Tensor, group: dict | None = None) -> dict[str, str]:
+        """``{state name: StateSpec.axes}`` of ``param``'s state (what :mod:`.sharding` needs to present it)."""
+        return {spec.name: spec.axes for spec in self.state_layout(param, group)}
+
     def _group_of(self, param: torch.Tensor) -> dict:
         for group in self.param_groups:
             if any(p is param for p in group["params"]):
@@ -422,7 +437,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         out = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         if any(is_dtensor(p) for p in params):
-            out["state"] = {pid: wrap_state(params[pid], state) for pid, state in out["state"].items()}
+            out["state"] = {pid: wrap_state(params[pid], state, self._axes_of(params[pid]))
+                            for pid, state in out["state"].items()}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -493,7 +509,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             param, group = by_id[pid]
             if not isinstance(state, dict):
                 raise ValueError(f"Invalid optimizer state dict: param {pid!r} state is a {type(state).__name__}.")
-            state = self._convert_foreign_state(param, unwrap_state(param, dict(state), pid), group)
+            local_state = unwrap_state(param, dict(state), pid, self._axes_of(param, group))
+            state = self._convert_foreign_state(param, local_state, group)
             state = {key: value for key, value in state.items() if value is not None}  # torch SGD's None buffer
             self._validate_state(pid, param, group, state)
             converted[pid] = state

@@ -21,17 +21,18 @@ State dicts (``optimizer.state_dict()``) present the state of a DTensor param as
 rank's shard and reshards it on load (:func:`wrap_state`, :func:`unwrap_state`):
 
 =================  ==================================================================
-state key          DTensor presented
+``StateSpec.axes`` DTensor presented
 =================  ==================================================================
-``*_codes``        flat, ``(shards * L,)``, ``Shard(0)`` on each mesh dim that shards the
-                   param (``L``: padded local length, :func:`block_state_len`)
-``*_absmax``       flat, ``(shards * L / 256,)``, same placements
-``*_row``          ``shape[:-1]``: the param's placements, ``Replicate`` where it shards dim -1
-``*_col``          ``shape[:-2] + shape[-1:]``: ``Replicate`` where the param shards dim -2
-0-d (``step``)     a plain tensor (identical on every rank)
-anything else      the param's shape and placements (fp32 moments of small tensors, ...)
+``"blocks"``       codes: flat, ``(shards * L,)``, ``Shard(0)`` on each mesh dim that shards
+                   the param (``L``: padded local length, :func:`block_state_len`); their
+                   absmax: flat, ``(shards * L / 256,)``, same placements
+``"row"``          ``shape[:-1]``: the param's placements, ``Replicate`` where it shards dim -1
+``"col"``          ``shape[:-2] + shape[-1:]``: ``Replicate`` where the param shards dim -2
+``"scalar"``       a plain tensor (``step``: identical on every rank)
+``"param"``        the param's shape and placements (fp32 moments of small tensors, ...)
 =================  ==================================================================
 
+The axes come from the optimizer's ``state_layout()`` (no key-name conventions are parsed).
 Block-wise state depends on where the shard boundaries fall, so it can only be loaded by a run
 sharded the same way; the state dict carries ``shard_layout`` to check that with a clear message.
 """
@@ -238,38 +239,31 @@ def agree_on_flags(flags: torch.Tensor, params: Sequence[torch.Tensor]) -> torch
 
 
 # ---------------------------------------------------------------------------------------- state dicts
-def _kind(key: str, value: torch.Tensor) -> str:
-    if value.dim() == 0:
-        return "scalar"
-    for suffix in ("_codes", "_absmax", "_row", "_col"):
-        if key.endswith(suffix):
-            return suffix[1:]
-    return "param"
-
-
-def _spec(param, key: str, value: torch.Tensor) -> tuple[list, tuple[int, ...]] | None:
-    """``(placements, global shape)`` of the DTensor presenting state ``key`` of ``param``; None = plain."""
-    kind = _kind(key, value)
+def _spec(param, axes: str, value: torch.Tensor) -> tuple[list, tuple[int, ...]] | None:
+    """``(placements, global shape)`` of the DTensor presenting a state tensor of ``param`` whose
+    ``StateSpec.axes`` is ``axes``; None = kept plain (0-d)."""
     ndim = param.ndim
-    if kind == "scalar":
+    if axes == "scalar" or value.dim() == 0:
         return None
-    if kind in ("codes", "absmax"):
+    if axes == "blocks":
         placements = [Shard(0) if p.is_shard() else Replicate() for p in param.placements]
         return placements, (value.numel() * num_shards(param),)
-    if kind == "param":
+    if axes == "param":
         return list(param.placements), tuple(param.shape)
     shape = tuple(param.shape)
-    if kind == "row":
+    if axes == "row":
         drop, global_shape = ndim - 1, shape[:-1]
-    else:
+    elif axes == "col":
         drop, global_shape = ndim - 2, shape[:-2] + shape[-1:]
+    else:
+        raise ValueError(f"Invalid state axes {axes!r}: expected scalar, param, blocks, row or col.")
     placements = []
     for p in param.placements:
         if not p.is_shard() or p.dim % ndim == drop:
             placements.append(Replicate())
         else:
             dim = p.dim % ndim
-            placements.append(Shard(dim - 1 if (kind == "col" and dim == ndim - 1) else dim))
+            placements.append(Shard(dim - 1 if (axes == "col" and dim == ndim - 1) else dim))
     return placements, global_shape
 
 
@@ -281,17 +275,18 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def wrap_state(param: torch.Tensor, state: dict) -> dict:
+def wrap_state(param: torch.Tensor, state: dict, axes: dict[str, str]) -> dict:
     """A copy of ``state`` (local tensors of a DTensor ``param``) with every tensor presented as a DTensor.
 
-    Adds ``shard_layout`` = ``(num_shards, block_state_len)`` when block-wise state is present. Plain
-    params: ``state`` unchanged.
+    ``axes``: ``{state name: StateSpec.axes}`` from the optimizer's ``state_layout`` (a name missing
+    from it is presented like the param). Adds ``shard_layout`` = ``(num_shards, block_state_len)``
+    when block-wise state is present. Plain params: ``state`` unchanged.
     """
     if not is_dtensor(param):
         return state
     out = {}
     for key, value in state.items():
-        spec = _spec(param, key, value) if isinstance(value, torch.Tensor) else None
+        spec = _spec(param, axes.get(key, "param"), value) if isinstance(value, torch.Tensor) else None
         if spec is None:
             out[key] = value
             continue
@@ -300,19 +295,20 @@ def wrap_state(param: torch.Tensor, state: dict) -> dict:
             value, param.device_mesh, placements, run_check=False, shape=torch.Size(shape),
             stride=_contiguous_stride(shape),
         )
-    if any(key.endswith("_codes") for key in state):
+    if any(axes.get(key) == "blocks" for key in state):
         out["shard_layout"] = [num_shards(param), block_state_len(param)]
     return out
 
 
-def unwrap_state(param: torch.Tensor, state: dict, pid) -> dict:
+def unwrap_state(param: torch.Tensor, state: dict, pid, axes: dict[str, str]) -> dict:
     """Inverse of :func:`wrap_state`: local tensors, after checking the saved ``shard_layout``.
 
-    Raises ``ValueError`` when the checkpoint's block-wise state was laid out for another sharding.
+    ``axes`` as for :func:`wrap_state`. Raises ``ValueError`` when the checkpoint's block-wise state
+    was laid out for another sharding.
     """
     state = dict(state)
     layout = state.pop("shard_layout", None)
-    if is_dtensor(param) and any(key.endswith("_codes") for key in state):
+    if is_dtensor(param) and any(axes.get(key) == "blocks" for key in state):
         expected = [num_shards(param), block_state_len(param)]
         if layout is not None and [int(x) for x in layout] != expected:
             raise ValueError(
