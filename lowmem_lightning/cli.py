@@ -583,6 +583,15 @@ def _configured_optimizer(cfg: Namespace) -> tuple[str, dict] | None:
     return None
 
 
+def _configured_release(cfg: Namespace) -> bool:
+    """Whether the recipe's LowMemOptimizerCallback sets ``step_in_backward``."""
+    callbacks = cfg.trainer.get("callbacks") or []
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if _is_optimizer_callback(entry):
+            return bool(_init_args(entry).get("step_in_backward"))
+    return False
+
+
 def _data_vocab_size(cfg: Namespace) -> int | None:
     data = cfg.get("data")
     tokenizer = ((data or Namespace()).get("init_args") or Namespace()).get("tokenizer")
@@ -638,6 +647,11 @@ def estimate_main(argv: Sequence[str]) -> int:
     parser.add_argument("-c", "--config", required=True, help="Recipe: a YAML file or a bundled recipe name.")
     parser.add_argument("--budget-gb", type=float, default=None, help="Device memory budget in GB (10**9 bytes).")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="Output format.")
+    parser.add_argument(
+        "--step-in-backward", action="store_true", default=None,
+        help="Count the gradients as released in backward (only the largest tensor's alive); default: the "
+        "recipe's LowMemOptimizerCallback step_in_backward.",
+    )
     known, extra = parser.parse_known_args(list(argv))
     if known.budget_gb is not None and not (known.budget_gb > 0 and math.isfinite(known.budget_gb)):
         parser.error(f"argument --budget-gb: invalid value {known.budget_gb!r}: expected a number > 0.")
@@ -650,7 +664,9 @@ def estimate_main(argv: Sequence[str]) -> int:
     try:
         model = build_meta_model(cfg)
         budget = None if known.budget_gb is None else int(known.budget_gb * GB)
-        estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg))
+        release = known.step_in_backward if known.step_in_backward is not None else _configured_release(cfg)
+        estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg),
+                                   step_in_backward=release)
     except (ValueError, TypeError) as err:
         return _usage_error(_short(err))
     print(format_json(estimate) if known.format == "json" else format_table(estimate))

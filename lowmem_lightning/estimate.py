@@ -5,7 +5,9 @@ instantiated (meta) model:
 
 * **weights**: every parameter and buffer by dtype; 4-bit ``Linear4bit`` layers by the bytes of their
   packed codes and scales (reported as ``nf4``), their weight counted as ``in * out`` parameters;
-* **gradients**: one tensor of the parameter's dtype per trainable parameter;
+* **gradients**: one tensor of the parameter's dtype per trainable parameter; with gradient release
+  (``step_in_backward``: each tensor is updated and its gradient freed as soon as it is ready) only
+  the largest trainable tensor's gradient is alive at once;
 * **optimizer state**: each registered optimizer is constructed over the trainable meta parameters
   (construction allocates no state) and asked for the exact ``(shape, dtype)`` of every state tensor
   it allocates for each parameter (its public ``state_layout``, the same description its
@@ -74,7 +76,8 @@ class ModelCount:
     ``trainable_params`` every parameter with ``requires_grad``. ``frozen_bytes_by_dtype`` maps a dtype
     name (``bfloat16``, ...) or ``nf4`` (codes + scales of ``Linear4bit``) to bytes of frozen weights
     and buffers; ``trainable_bytes`` are the trainable weights themselves; ``gradient_bytes`` one
-    gradient per trainable parameter in its dtype.
+    gradient per trainable parameter in its dtype; ``largest_gradient_bytes`` the largest of those
+    gradients (all that is alive at once under gradient release).
     """
 
     params: int
@@ -83,6 +86,7 @@ class ModelCount:
     frozen_bytes_by_dtype: dict[str, int]
     trainable_bytes: int
     gradient_bytes: int
+    largest_gradient_bytes: int = 0
 
     @property
     def frozen_bytes(self) -> int:
@@ -96,7 +100,9 @@ class OptimizerEstimate:
 
     ``device_state_bytes`` stays on the training device; ``host_state_bytes`` lives in host memory
     (paged optimizers keep their state there and page it in); ``total_device_bytes`` adds weights and
-    gradients to the device state (activations excluded). ``fits`` is set when a budget is given.
+    gradients to the device state (activations excluded; with gradient release only the largest
+    gradient); ``released_device_bytes`` is that total with gradient release whatever the run's
+    setting. ``fits`` is set when a budget is given.
     """
 
     optimizer: str
@@ -106,6 +112,7 @@ class OptimizerEstimate:
     host_state_bytes: int
     bytes_per_param: float
     total_device_bytes: int
+    released_device_bytes: int = 0
     fits: bool | None = None
 
 
@@ -116,9 +123,15 @@ class MemoryEstimate:
     model: ModelCount
     optimizers: dict[str, OptimizerEstimate]
     configured_optimizer: str | None = None
+    step_in_backward: bool = False
     budget_bytes: int | None = None
     recommendation: str | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def gradient_device_bytes(self) -> int:
+        """Gradient bytes on the device: all of them, or only the largest with ``step_in_backward``."""
+        return self.model.largest_gradient_bytes if self.step_in_backward else self.model.gradient_bytes
 
     def as_dict(self) -> dict:
         """JSON-ready dict: ``params``, ``trainable_params``, ``optimizers.{name}.state_bytes``, ..."""
@@ -127,6 +140,8 @@ class MemoryEstimate:
             **model,
             "frozen_bytes": self.model.frozen_bytes,
             "configured_optimizer": self.configured_optimizer,
+            "step_in_backward": self.step_in_backward,
+            "gradient_device_bytes": self.gradient_device_bytes,
             "budget_bytes": self.budget_bytes,
             "recommendation": self.recommendation,
             "optimizers": {name: asdict(est) for name, est in self.optimizers.items()},
@@ -150,7 +165,7 @@ def count_model(model: nn.Module) -> ModelCount:
     contribute ``in * out`` parameters and their stored code/scale bytes as ``nf4``.
     """
     seen: set[int] = set()
-    params = adapter = trainable = trainable_bytes = grad_bytes = 0
+    params = adapter = trainable = trainable_bytes = grad_bytes = largest_grad = 0
     frozen: dict[str, int] = {}
     for module in model.modules():
         if _is_linear4bit(module):
@@ -170,6 +185,7 @@ def count_model(model: nn.Module) -> ModelCount:
             trainable += param.numel()
             trainable_bytes += _nbytes(param)
             grad_bytes += _nbytes(param)
+            largest_grad = max(largest_grad, _nbytes(param))
         else:
             key = str(param.dtype).removeprefix("torch.")
             frozen[key] = frozen.get(key, 0) + _nbytes(param)
@@ -179,7 +195,8 @@ def count_model(model: nn.Module) -> ModelCount:
         seen.add(id(buffer))
         key = str(buffer.dtype).removeprefix("torch.")
         frozen[key] = frozen.get(key, 0) + _nbytes(buffer)
-    return ModelCount(params, adapter, trainable, dict(sorted(frozen.items())), trainable_bytes, grad_bytes)
+    return ModelCount(params, adapter, trainable, dict(sorted(frozen.items())), trainable_bytes, grad_bytes,
+                      largest_grad)
 
 
 # ------------------------------------------------------------------------------------------ optimizers
@@ -245,6 +262,7 @@ def estimate_memory(
     budget_bytes: int | None = None,
     configured: tuple[str, dict] | None = None,
     variants: dict[str, tuple[str, dict]] | None = None,
+    step_in_backward: bool = False,
 ) -> MemoryEstimate:
     """Estimate training memory of ``model`` (built on the meta device) for every optimizer.
 
@@ -254,6 +272,8 @@ def estimate_memory(
         configured: ``(optimizer name, kwargs)`` of the run's own optimizer, added as row ``configured``
             when it is not one of the variants.
         variants: Rows to compute (default :data:`OPTIMIZER_VARIANTS` plus any other registered name).
+        step_in_backward: the run releases gradients in backward (``LowMemOptimizerCallback(...,
+            step_in_backward=True)``): device totals count only the largest tensor's gradient.
     """
     count = count_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -268,7 +288,8 @@ def estimate_memory(
         if configured_row is None:
             configured_row = "configured"
             rows[configured_row] = configured
-    base = count.frozen_bytes + count.trainable_bytes + count.gradient_bytes
+    weights = count.frozen_bytes + count.trainable_bytes
+    grads = count.largest_gradient_bytes if step_in_backward else count.gradient_bytes
     result: dict[str, OptimizerEstimate] = {}
     notes = []
     for row, (name, kwargs) in rows.items():
@@ -279,8 +300,9 @@ def estimate_memory(
             continue
         state = device + host
         per_param = state / count.trainable_params if count.trainable_params else 0.0
-        result[row] = OptimizerEstimate(name, dict(kwargs), state, device, host, per_param, base + device)
-    estimate = MemoryEstimate(count, result, configured_row, budget_bytes, None, notes)
+        result[row] = OptimizerEstimate(name, dict(kwargs), state, device, host, per_param, weights + grads + device,
+                                        weights + count.largest_gradient_bytes + device)
+    estimate = MemoryEstimate(count, result, configured_row, step_in_backward, budget_bytes, None, notes)
     if budget_bytes is not None:
         for est in result.values():
             est.fits = est.total_device_bytes <= budget_bytes
@@ -288,20 +310,39 @@ def estimate_memory(
     return estimate
 
 
+_IN_MEMORY_ORDER = ("adamw", "adamw_8bit", "came", "came_int8", "adafactor_beta1_int8")
+
+
 def recommend(estimate: MemoryEstimate) -> str:
     """The design's decision rule over the rows that fit the budget: fp32 AdamW if it fits, else 8-bit
-    AdamW, else CAME / Adafactor with momentum (fp32, then 8-bit momentum), else paged 8-bit AdamW
-    with gradient checkpointing; as a last resort Adafactor without momentum (the smallest state);
-    otherwise say that weights + gradients alone exceed the budget."""
+    AdamW, else CAME / Adafactor with momentum (fp32, then 8-bit momentum); when none of them fits
+    with a gradient buffer, the same order with gradient release (``+ step_in_backward``: only the
+    largest tensor's gradient alive, what makes a full fine-tune fit); else paged 8-bit AdamW with
+    gradient checkpointing; as a last resort Adafactor without momentum (the smallest state), each
+    with its gradient buffer first, then released; otherwise say that weights + gradients alone
+    exceed the budget. A run that already releases gradients is judged on its released totals."""
     rows = estimate.optimizers
-    for row in ("adamw", "adamw_8bit", "came", "came_int8", "adafactor_beta1_int8"):
-        if row in rows and rows[row].fits:
-            return row
-    if "paged_adamw_8bit" in rows and rows["paged_adamw_8bit"].fits:
-        return "paged_adamw_8bit + gradient checkpointing"
-    if "adafactor" in rows and rows["adafactor"].fits:
-        return "adafactor"
-    need = estimate.model.frozen_bytes + estimate.model.trainable_bytes + estimate.model.gradient_bytes
+    release = " + step_in_backward"
+    if estimate.step_in_backward:
+        for row in (*_IN_MEMORY_ORDER, "paged_adamw_8bit", "adafactor"):
+            if row in rows and rows[row].fits:
+                label = "paged_adamw_8bit + gradient checkpointing" if row == "paged_adamw_8bit" else row
+                return label + release
+    else:
+        budget = estimate.budget_bytes if estimate.budget_bytes is not None else -1
+        for row in _IN_MEMORY_ORDER:
+            if row in rows and rows[row].fits:
+                return row
+        for row in _IN_MEMORY_ORDER:
+            if row in rows and rows[row].released_device_bytes <= budget:
+                return row + release
+        last_resorts = (("paged_adamw_8bit", "paged_adamw_8bit + gradient checkpointing"), ("adafactor", "adafactor"))
+        for row, label in last_resorts:
+            if row in rows and rows[row].fits:
+                return label
+            if row in rows and rows[row].released_device_bytes <= budget:
+                return label + release
+    need = estimate.model.frozen_bytes + estimate.model.trainable_bytes + estimate.gradient_device_bytes
     return (
         f"nothing fits: weights + gradients alone need {need / GB:.2f} GB; quantize the base (quantize: nf4) "
         "and train LoRA adapters, or raise the budget"
@@ -327,7 +368,9 @@ def format_table(estimate: MemoryEstimate) -> str:
         f"frozen weights         {_gb(m.frozen_bytes)}  ("
         + ", ".join(f"{k}: {_gb(v)}" for k, v in m.frozen_bytes_by_dtype.items()) + ")",
         f"trainable weights      {_gb(m.trainable_bytes)}",
-        f"gradients              {_gb(m.gradient_bytes)}",
+        f"gradients              {_gb(m.gradient_bytes)}"
+        + (f"  (step in backward: {_gb(m.largest_gradient_bytes)} on device, the largest tensor's)"
+           if estimate.step_in_backward else ""),
         "",
         f"{'optimizer':<22} {'state':>12} {'B/param':>8} {'on device':>12} {'device total':>13}"
         + ("  fits" if estimate.budget_bytes is not None else ""),
@@ -342,7 +385,8 @@ def format_table(estimate: MemoryEstimate) -> str:
     lines.append("")
     if estimate.configured_optimizer:
         lines.append("* the recipe's optimizer")
-    lines.append("device total = frozen + trainable weights + gradients + device state; activations excluded.")
+    grads = "the largest gradient (step in backward)" if estimate.step_in_backward else "gradients"
+    lines.append(f"device total = frozen + trainable weights + {grads} + device state; activations excluded.")
     if estimate.budget_bytes is not None:
         lines.append(f"budget {estimate.budget_bytes / GB:g} GB -> recommended: {estimate.recommendation}")
     lines.extend(estimate.notes)
