@@ -60,7 +60,17 @@ RUNS = [
     ("torch_sgd", "torch_sgd", None, {"momentum": 0.9}),
     ("sgd", "ours:sgd", "torch_sgd", {"momentum": 0.9}),
     ("sgd_int8", "ours:sgd", "sgd", {"momentum": 0.9, "momentum_dtype": "int8"}),
+    # gradient release (step_in_backward) against the same optimizer stepped after backward; both clip
+    # by value per tensor (clipping by the global norm needs every gradient at once)
+    ("adamw_8bit_clipvalue", "ours:adamw_8bit", "adamw_8bit", {"clip": "value"}),
+    ("adamw_8bit_release", "ours:adamw_8bit", "adamw_8bit_clipvalue", {"clip": "value", "release": True}),
+    ("came_int8_clipvalue", "ours:came", "came_int8", {"momentum_dtype": "int8", "clip": "value"}),
+    ("came_int8_release", "ours:came", "came_int8_clipvalue",
+     {"momentum_dtype": "int8", "clip": "value", "release": True}),
 ]
+"""``(name, builder, reference row, kwargs)``; ``clip`` ("norm" by default, "value": per tensor at 1.0) and
+``release`` (gradient release: each tensor stepped in backward) are training options, not optimizer
+arguments."""
 
 LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "sgd": 0.3}
 """Peak learning rate per algorithm family (same for ours and its reference)."""
@@ -161,17 +171,30 @@ def evaluate(model, val: torch.Tensor, args) -> float:
     return statistics.fmean(losses)
 
 
-def train(model, opt, data: torch.Tensor, val: torch.Tensor, args, seed: int, peak: float) -> tuple[list[float], float]:
+def train(model, opt, data: torch.Tensor, val: torch.Tensor, args, seed: int, peak: float,
+          clip: str = "norm", release: bool = False) -> tuple[list[float], float]:
+    """``args.steps`` steps; gradients clipped at 1.0 by global norm or per tensor by value; with
+    ``release`` each tensor is stepped inside backward (``lowmem_lightning.callbacks.release``)."""
+    from lowmem_lightning.callbacks.release import GradientRelease
+
+    hooks = GradientRelease(opt, clip_value=1.0).attach() if release else None
     curve = []
     for step, (x, _) in enumerate(batches(data, args.batch, args.seq, args.steps, seed)):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, peak, args.warmup)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if hooks is not None:
+            hooks.finish_step()
+        elif clip == "value":
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         curve.append(loss.item())
+    if hooks is not None:
+        hooks.detach()
     return curve, evaluate(model, val, args)
 
 
@@ -185,13 +208,15 @@ def pretraining_study(args, train_data, val_data):
             continue
         for seed in args.seeds:
             model = tiny_llama(seed, args.hidden, args.layers, args.seq)
+            options = dict(kwargs)
+            clip, release = options.pop("clip", "norm"), options.pop("release", False)
             try:
-                opt = build(builder, model.parameters(), LR[family(builder)], dict(kwargs))
+                opt = build(builder, model.parameters(), LR[family(builder)], options)
             except (ImportError, ValueError) as err:
                 notes[name] = f"not available: {type(err).__name__}: {err}"[:120]
                 break
             start = time.perf_counter()
-            curve, val = train(model, opt, train_data, val_data, args, seed, LR[family(builder)])
+            curve, val = train(model, opt, train_data, val_data, args, seed, LR[family(builder)], clip, release)
             results.setdefault(name, []).append(val)
             curves.setdefault(name, curve)
             print(f"{name:22s} seed {seed}: val loss {val:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
