@@ -291,11 +291,11 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """
         chosen: dict[int, dict[torch.device, list[tuple[int, torch.Tensor]]]] = defaultdict(lambda: defaultdict(list))
         for param in params:
-            group_index, index = self._slot_of(param)
+            group_index, index, position = self._slot_of(param)
             if param.grad is None:
                 raise ValueError(f"step_params: param {index} (shape {tuple(param.shape)}) has no gradient.")
+            self._check_grad(group_index, position, param)
             chosen[group_index][param.device].append((index, param))
-        self._check_grads([p for per_device in chosen.values() for items in per_device.values() for _, p in items])
         for group_index, per_device in chosen.items():
             self._step_group(self.param_groups[group_index], list(per_device.values()))
             self._released_groups.add(group_index)
@@ -307,8 +307,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
             self._finish_group(self.param_groups[group_index])
         self._released_groups.clear()
 
-    def _slot_of(self, param: torch.Tensor) -> tuple[int, int]:
-        """``(group index, global index)`` of ``param`` (cached; rebuilt when the param groups changed)."""
+    def _slot_of(self, param: torch.Tensor) -> tuple[int, int, int]:
+        """``(group index, global index, position in the group)`` of ``param`` (cached; rebuilt when the
+        param groups changed)."""
         slot = self._param_slots.get(id(param))
         if slot is None or not self._slot_holds(slot, param):
             self._param_slots = {}
@@ -320,7 +321,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             slot = self._param_slots.get(id(param))
             if slot is None:
                 raise ValueError(f"step_params: a param of shape {tuple(param.shape)} is not in this optimizer.")
-        return slot[0], slot[1]
+        return slot
 
     def _slot_holds(self, slot: tuple[int, int, int], param: torch.Tensor) -> bool:
         group_index, _, position = slot
@@ -366,28 +367,27 @@ class LowMemOptimizer(torch.optim.Optimizer):
             groups.append((group, list(by_device.values())))
         yield from groups
 
-    def _check_grads(self, only: Sequence[torch.Tensor] | None = None) -> None:
+    def _check_grads(self) -> None:
         """Before any update: ``RuntimeError`` naming the param of a sparse gradient or of a gradient whose
-        shape or kind does not match its param (so a step never applies to some params and then raises).
-        ``only``: check just these params (:meth:`step_params`)."""
-        wanted = None if only is None else {id(p) for p in only}
+        shape or kind does not match its param (so a step never applies to some params and then raises)."""
         for group_index, group in enumerate(self.param_groups):
-            for param_index, param in enumerate(group["params"]):
-                grad = param.grad
-                if grad is None or (wanted is not None and id(param) not in wanted):
-                    continue
-                where = f"param group {group_index}, param {param_index} (shape {tuple(param.shape)})"
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients: {where} has a sparse gradient "
-                        "(use torch.optim.SparseAdam or a dense gradient)."
-                    )
-                if not grad.is_floating_point() or grad.is_complex():
-                    raise RuntimeError(f"{type(self).__name__}: {where} has a gradient of dtype {grad.dtype}.")
-                if grad.shape != param.shape:
-                    raise RuntimeError(
-                        f"{type(self).__name__}: {where} has a gradient of shape {tuple(grad.shape)}."
-                    )
+            for position, param in enumerate(group["params"]):
+                if param.grad is not None:
+                    self._check_grad(group_index, position, param)
+
+    def _check_grad(self, group_index: int, position: int, param: torch.Tensor) -> None:
+        """``RuntimeError`` unless ``param.grad`` is a dense floating gradient of the param's shape."""
+        grad = param.grad
+        where = f"param group {group_index}, param {position} (shape {tuple(param.shape)})"
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients: {where} has a sparse gradient "
+                "(use torch.optim.SparseAdam or a dense gradient)."
+            )
+        if not grad.is_floating_point() or grad.is_complex():
+            raise RuntimeError(f"{type(self).__name__}: {where} has a gradient of dtype {grad.dtype}.")
+        if grad.shape != param.shape:
+            raise RuntimeError(f"{type(self).__name__}: {where} has a gradient of shape {tuple(grad.shape)}.")
 
     def _init_state(self, param: torch.Tensor, group: dict) -> dict:
         """``param``'s state, its missing tensors created from :meth:`state_layout` (zeros; the step
