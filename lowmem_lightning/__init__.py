@@ -22,6 +22,8 @@ _LAZY = {
     "Adafactor": "lowmem_lightning.optim.adafactor",
     "CAME": "lowmem_lightning.optim.came",
     "LowMemOptimizerCallback": "lowmem_lightning.callbacks.optimizer",
+    "StateMemoryMonitor": "lowmem_lightning.callbacks.monitor",
+    "GradientRelease": "lowmem_lightning.callbacks.release",
     "StepsAwareRichProgressBar": "lowmem_lightning.callbacks.progress",
     "LowMemModule": "lowmem_lightning.modules.base",
     "CausalLMModule": "lowmem_lightning.modules.causal_lm",

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-import lowmem_lightning.callbacks.optimizer as optimizer_module
+import lowmem_lightning.callbacks.monitor as monitor_module
 from lowmem_lightning.callbacks import LowMemOptimizerCallback
 from lowmem_lightning.data import TextDataModule
 from lowmem_lightning.modules.causal_lm import CausalLMModule
@@ -53,7 +53,7 @@ def test_plot_write_failure_is_a_warning_and_the_model_is_saved(tmp_path, monkey
     def full_disk(path, *args):
         raise OSError(28, "No space left on device", path)
 
-    monkeypatch.setattr(optimizer_module, "write_plot", full_disk)
+    monkeypatch.setattr(monitor_module, "write_plot", full_disk)
     after = Boom("never")  # a later callback's on_fit_end still runs
     seen = []
     after.on_fit_end = lambda trainer, module: seen.append("on_fit_end")
@@ -78,7 +78,7 @@ def test_summary_print_failure_is_a_warning(tmp_path, monkeypatch):
     def broken(*args):
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(optimizer_module, "rank_zero_info", broken)
+    monkeypatch.setattr(monitor_module, "rank_zero_info", broken)
     with pytest.warns(UserWarning, match=r"could not write the end-of-fit summary to the console: BrokenPipeError"):
         trainer = _fit(tmp_path)
     assert trainer.state.finished and (tmp_path / "model" / "model.safetensors").is_file()

@@ -17,20 +17,13 @@ have set up the original, and checkpoint restore (which comes after ``on_fit_sta
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lowmem_lightning.callbacks.report import (
-    StateHistory,
-    adamw_fp32_state_bytes,
-    format_summary,
-    summary_dict,
-    write_plot,
-)
+from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
+from lowmem_lightning.callbacks.release import GradientRelease, release_refusal
 from lowmem_lightning.callbacks.resume import save_on_sigterm, warn_if_not_resumable
 from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
@@ -40,19 +33,15 @@ from lowmem_lightning.callbacks.swap import (
     replace_optimizers,
     retarget_scheduler,
 )
-from lowmem_lightning.modules.base import validate_optimizer_args
-from lowmem_lightning.optim import build_optimizer, optimizer_class, state_memory
-from lowmem_lightning.optim.sharding import is_dtensor
+from lowmem_lightning.optim import build_optimizer, optimizer_class
+from lowmem_lightning.optim.validation import validate_optimizer_args
 
 __all__ = ["LowMemOptimizerCallback", "CONVERSIONS"]
-
-MIB = 2**20
 
 CONVERSIONS: frozenset[tuple[str, str]] = frozenset({("adamw", "adamw_8bit"), ("adamw", "paged_adamw_8bit")})
 """``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load."""
 
 _PACKAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_PEAK_PREFIXES = ("optim/state_", "memory/")  # metrics logged as the max since the last logged step
 
 
 class _SwappingConfigureOptimizers:
@@ -82,7 +71,8 @@ class LowMemOptimizerCallback(L.Callback):
     ``lr`` is the new base. A module whose ``configure_optimizers`` returns ``None`` gets one optimizer
     over all its trainable params.
 
-    At every optimizer step it measures :func:`~lowmem_lightning.optim.state_memory` and logs, through
+    It composes a :class:`~lowmem_lightning.callbacks.StateMemoryMonitor` for the optimizers it builds
+    (:attr:`monitor`): at every optimizer step it measures :func:`~lowmem_lightning.optim.state_memory` and logs, through
     the Trainer's loggers and at the Trainer's ``log_every_n_steps``, the maximum since the last logged
     step (so no spike is hidden) of: ``optim/state_MiB`` (also on the progress bar),
     ``optim/state_bytes_per_param``; for paged optimizers ``optim/state_MiB_device`` and
@@ -116,6 +106,14 @@ class LowMemOptimizerCallback(L.Callback):
         plot: Write ``state_memory.png`` (state MiB per step against fp32 AdamW's, train and val loss)
             into the log dir at the end of fit.
         print_summary: Print the end-of-fit summary (rank 0).
+        step_in_backward: Gradient release (:mod:`~lowmem_lightning.callbacks.release`): update every
+            trainable tensor inside backward as soon as its gradient is accumulated, then free that
+            gradient, so no gradient buffer exists (a 7B full fine-tune saves 14 GB of bf16
+            gradients). The result equals a normal step's; LR schedulers, ``skipped_updates``,
+            logging, checkpoints and resume work unchanged, and Lightning's own ``optimizer.step()``
+            finds no gradient left. Clipping by value is applied per tensor. Refused with a
+            ``ValueError`` before training under ``accumulate_grad_batches > 1``, clipping by norm,
+            ``16-mixed``, manual optimization and multi-process strategies.
     """
 
     def __init__(
@@ -127,22 +125,25 @@ class LowMemOptimizerCallback(L.Callback):
         log_state_memory: bool = True,
         plot: bool = True,
         print_summary: bool = True,
+        step_in_backward: bool = False,
     ) -> None:
         kwargs, defaults = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
         self.optimizer_name = optimizer
         self.lr = None if lr is None else float(lr)
         self.weight_decay = None if weight_decay is None else float(weight_decay)
         self.optimizer_kwargs = kwargs
-        self.log_state_memory = bool(log_state_memory)
-        self.plot = bool(plot)
-        self.print_summary = bool(print_summary)
+        if not isinstance(step_in_backward, bool):
+            raise ValueError(f"Invalid step_in_backward={step_in_backward!r}: expected True or False.")
+        self.step_in_backward = step_in_backward
+        self.monitor = StateMemoryMonitor(log_state_memory, plot, print_summary)
+        """The state-memory monitor of the built optimizers (metrics, summary, plot)."""
         self._defaults = defaults
         self.optimizers: list[torch.optim.Optimizer] = []
         """The optimizers built for the current (or last) fit."""
-        self.summary: dict | None = None
-        """End-of-fit numbers (MiB, bytes/param, saving vs fp32 AdamW); ``None`` before a fit ends."""
+        self.releases: list[GradientRelease] = []
+        """The gradient-release hooks of the current fit (one per optimizer; empty unless
+        ``step_in_backward``)."""
         self._patched: tuple[L.LightningModule, object] | None = None
-        self._reset_history()
 
     # ------------------------------------------------------------------ swap
     def _explicit_kwargs(self) -> dict:
@@ -233,13 +234,31 @@ class LowMemOptimizerCallback(L.Callback):
         """Wrap ``configure_optimizers`` for this fit (the strategy calls it next)."""
         if stage == "fit":
             _check_strategy(trainer.strategy, self.optimizer_name)
+            self._check_release(trainer, pl_module)
             self.optimizers = []
-            self.summary = None
+            self.monitor.setup(trainer, pl_module, stage)
             self._patch(pl_module)
 
+    def _check_release(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.step_in_backward:
+            return
+        reason = release_refusal(trainer, pl_module)
+        if reason is not None:
+            raise ValueError(f"LowMemOptimizerCallback(step_in_backward=True) cannot run: {reason}.")
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Give the module its own ``configure_optimizers`` back."""
+        """Give the module its own ``configure_optimizers`` back; remove the gradient-release hooks."""
+        self._detach_releases()
         self._unpatch()
+
+    def _detach_releases(self) -> None:
+        for release in self.releases:
+            release.detach()
+        self.releases = []
+        if getattr(self, "_lightning_clip", None) is not None:
+            trainer, clip = self._lightning_clip
+            trainer.gradient_clip_val = clip
+            self._lightning_clip = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Undo the wrap when fit fails (Lightning skips ``teardown`` then). When Lightning stops the run
@@ -249,6 +268,7 @@ class LowMemOptimizerCallback(L.Callback):
             if isinstance(exception, SIGTERMException) and trainer.state.stage == "train":
                 self._save_on_sigterm(trainer)
         finally:
+            self._detach_releases()
             self._unpatch()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -258,182 +278,53 @@ class LowMemOptimizerCallback(L.Callback):
                 f"LowMemOptimizerCallback: the strategy {type(trainer.strategy).__name__} set up its optimizers "
                 "without calling the module's configure_optimizers, so the optimizer could not be replaced."
             )
-        self._reset_history()
-        self._last_global_step = trainer.global_step
+        self.monitor.track(self.optimizers, self.optimizer_name, type(self).__name__)
+        self.monitor.on_fit_start(trainer, pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Warn once when mid-epoch resume cannot be exact (a training dataloader without state)."""
+        """Warn once when mid-epoch resume cannot be exact (a training dataloader without state). With
+        ``step_in_backward``, attach the gradient-release hooks (after any checkpoint was restored)."""
         warn_if_not_resumable(trainer)
+        if self.step_in_backward and not self.releases:
+            clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm == "value" else None
+            self.releases = [GradientRelease(opt, clip_value=clip or None).attach() for opt in self.optimizers]
+            # the hooks clip each gradient; Lightning's own pass after backward would find none (and
+            # torch's clip_grad_value_ fails on an empty list), so it is off for this fit
+            self._lightning_clip = (trainer, trainer.gradient_clip_val)
+            trainer.gradient_clip_val = None
 
-    # ------------------------------------------------------------------ logging
-    def _reset_history(self) -> None:
-        self._peak: dict[str, float] = {}
-        self._steps: list[int] = []
-        self._state_mib: list[float] = []
-        self._host_mib: list[float] = []
-        self._losses: list[float | None] = []
-        self._val_losses: list[tuple[int, float]] = []
-        self._val_name = "val_loss"
-        self._pending_losses: list[tuple[int, torch.Tensor]] = []
-        self._max_state_bytes = 0
-        self._last_global_step = -1
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``step_in_backward``: close the training step whose tensors backward just updated."""
+        for release in self.releases:
+            release.finish_step()
 
-    def _effective_lr(self, allow_sync: bool) -> float | None:
-        """Largest step size over param groups: ``group["effective_lr"]`` (a float, free) or, when
-        ``allow_sync``, ``group["effective_lr_tensor"]`` (a device scalar: one sync for all groups)."""
-        groups = [g for opt in self.optimizers for g in opt.param_groups]
-        floats = [float(g["effective_lr"]) for g in groups if g.get("effective_lr") is not None]
-        if floats:
-            return max(floats)
-        tensors = [g["effective_lr_tensor"] for g in groups if isinstance(g.get("effective_lr_tensor"), torch.Tensor)]
-        if tensors and allow_sync:
-            return float(torch.stack([t.detach().float().reshape(()) for t in tensors]).max())
-        return None
-
-    def measure(self, allow_sync: bool = True) -> dict[str, float]:
-        """Current metrics of the built optimizers (state memory summed over them), as logged per step.
-
-        ``allow_sync=False`` leaves out values that need a device sync (an effective LR held only as a
-        device tensor); the callback reads those at logged steps only."""
-        memories = [state_memory(opt) for opt in self.optimizers]
-        total = sum(m.total_bytes for m in memories)
-        num_params = sum(m.num_params for m in memories)
-        self._max_state_bytes = max(self._max_state_bytes, total)
-        metrics = {
-            "optim/state_MiB": total / MIB,
-            "optim/state_bytes_per_param": total / num_params if num_params else 0.0,
-        }
-        if any(getattr(opt, "is_paged", False) for opt in self.optimizers):
-            metrics["optim/state_MiB_device"] = sum(m.device_bytes for m in memories) / MIB
-            metrics["optim/state_MiB_host"] = sum(m.host_bytes for m in memories) / MIB
-        effective = self._effective_lr(allow_sync)
-        if effective is not None:
-            metrics["optim/effective_lr"] = effective
-        device = self._device()
-        if device is not None and device.type == "cuda":
-            metrics["memory/allocated_MiB"] = torch.cuda.memory_allocated(device) / MIB
-            metrics["memory/max_allocated_MiB"] = torch.cuda.max_memory_allocated(device) / MIB
-        return metrics
-
-    def _device(self) -> torch.device | None:
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                for param in group["params"]:
-                    return param.device
-        return None
-
-    @staticmethod
-    def _will_log(trainer: L.Trainer) -> bool:
-        connector = getattr(trainer, "_logger_connector", None)
-        try:
-            return bool(connector.should_update_logs)
-        except Exception:  # noqa: BLE001 - private API moved: log every n optimizer steps
-            return trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
-
-    def _record_loss(self, trainer: L.Trainer, outputs) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            if trainer.lightning_module.automatic_optimization:
-                loss = loss.detach() * trainer.accumulate_grad_batches  # Lightning divides it for backward
-            self._pending_losses.append((len(self._losses), loss.detach().float().reshape(())))
-        self._losses.append(None)
-        if len(self._pending_losses) >= 64:
-            self._flush_losses()
-
-    def _flush_losses(self) -> None:
-        """Copy recorded losses to the host with one transfer (no sync per step)."""
-        if not self._pending_losses:
-            return
-        values = torch.stack([loss for _, loss in self._pending_losses]).cpu().tolist()
-        for (index, _), value in zip(self._pending_losses, values):
-            self._losses[index] = value if math.isfinite(value) else None
-        self._pending_losses = []
-
+    # ------------------------------------------------------------------ monitor
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        """After an optimizer step: measure, keep the max since the last logged step, log it; after
-        SIGTERM, save a resumable checkpoint (Lightning then stops the run)."""
-        self._log_step(trainer, pl_module, outputs)
+        """After an optimizer step: the monitor measures and logs; after SIGTERM, save a resumable
+        checkpoint (Lightning then stops the run)."""
+        self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._save_on_sigterm(trainer)
 
     def _save_on_sigterm(self, trainer: L.Trainer) -> None:
         if getattr(self, "_sigterm_saved_at", None) != trainer.global_step and save_on_sigterm(trainer):
             self._sigterm_saved_at = trainer.global_step
 
-    def _log_step(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs) -> None:
-        if trainer.global_step == self._last_global_step:
-            return  # accumulating gradients: no optimizer step in this batch
-        self._last_global_step = trainer.global_step
-        will_log = self._will_log(trainer)
-        metrics = self.measure(allow_sync=will_log)
-        self._steps.append(trainer.global_step)
-        self._state_mib.append(metrics["optim/state_MiB"])
-        self._host_mib.append(metrics.get("optim/state_MiB_host", 0.0))
-        self._record_loss(trainer, outputs)
-        if not self.log_state_memory:
-            return
-        for key, value in metrics.items():
-            keep_max = key.startswith(_PEAK_PREFIXES)
-            self._peak[key] = max(self._peak.get(key, value), value) if keep_max else value
-        to_logger = bool(trainer.loggers)
-        for key, value in self._peak.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == "optim/state_MiB",
-                          logger=to_logger, batch_size=1)
-        if will_log:
-            skipped = [opt.skipped_updates for opt in self.optimizers if hasattr(opt, "skipped_updates")]
-            if skipped:
-                pl_module.log("optim/skipped_updates", float(sum(skipped)), on_step=True, on_epoch=False,
-                              logger=to_logger, batch_size=1)
-            self._peak = {}
-
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Record the validation loss of this run (for the plot), at the current optimizer step."""
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        found = _validation_loss(trainer.callback_metrics)
-        if found is not None:
-            self._val_name = found[0]
-            self._val_losses.append((trainer.global_step, found[1]))
-
-    def _history(self) -> StateHistory:
-        return StateHistory(self._steps, self._state_mib, self._host_mib, self._losses, self._val_losses,
-                            self._val_name)
+        """The monitor records the validation loss (for the plot)."""
+        self.monitor.on_validation_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Summary (state memory, bytes/param, saving vs fp32 AdamW) and the PNG, on rank 0. A failure
-        to write or print them is a warning (naming the path and the error), so fit still completes."""
-        if not self.optimizers:
-            return
-        try:
-            self._report(trainer)
-        except Exception as err:  # noqa: BLE001 - the report is optional; the trained model is not
-            where = getattr(err, "filename", None) or "the console"
-            rank_zero_warn(f"LowMemOptimizerCallback: could not write the end-of-fit summary to {where}: "
-                           f"{type(err).__name__}: {err}")
+        """The monitor's summary and plot (see :class:`~lowmem_lightning.callbacks.StateMemoryMonitor`)."""
+        self.monitor.on_fit_end(trainer, pl_module)
 
-    def _report(self, trainer: L.Trainer) -> None:
-        self._flush_losses()
-        memories = [state_memory(opt) for opt in self.optimizers]
-        total = type(memories[0])(
-            sum(m.total_bytes for m in memories), sum(m.device_bytes for m in memories),
-            sum(m.host_bytes for m in memories), sum(m.num_params for m in memories),
-        )
-        peak = max(self._max_state_bytes, total.total_bytes)
-        sharded = any(is_dtensor(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"])
-        self.summary = summary_dict(
-            self.optimizer_name, total, peak, adamw_fp32_state_bytes(self.optimizers), len(self._steps), sharded
-        )
-        plot_path = None
-        if self.plot:
-            log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
-            if trainer.is_global_zero and log_dir:
-                try:
-                    plot_path = write_plot(f"{log_dir}/state_memory.png", self._history(), self.summary)
-                except Exception as err:  # noqa: BLE001 - a plot is never worth the run
-                    rank_zero_warn(f"LowMemOptimizerCallback: could not write the plot {log_dir}/state_memory.png: "
-                                   f"{type(err).__name__}: {err}")
-        self.summary["plot"] = plot_path
-        if self.print_summary:
-            rank_zero_info(format_summary(self.summary, plot_path))
+    @property
+    def summary(self) -> dict | None:
+        """End-of-fit numbers (MiB, bytes/param, saving vs fp32 AdamW); ``None`` before a fit ends."""
+        return self.monitor.summary
+
+    def measure(self, allow_sync: bool = True) -> dict[str, float]:
+        """Current metrics of the built optimizers, as logged per step (:meth:`StateMemoryMonitor.measure`)."""
+        return self.monitor.measure(allow_sync)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -462,20 +353,6 @@ class LowMemOptimizerCallback(L.Callback):
             f"Resume with optimizer={name!r}, or load only the weights (e.g. "
             "Module.load_from_checkpoint(path) and a new fit without ckpt_path) to switch optimizers."
         )
-
-
-def _validation_loss(metrics: dict) -> tuple[str, float] | None:
-    """``(name, value)`` of the validation loss among ``trainer.callback_metrics``: ``val_loss``,
-    ``val/loss``, else the first finite scalar whose name has ``val`` and ``loss``."""
-    names = [n for n in ("val_loss", "val/loss") if n in metrics]
-    names += [n for n in metrics if "val" in n and "loss" in n and n not in names]
-    for name in names:
-        value = metrics[name]
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = float(value)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return name, float(value)
-    return None
 
 
 def _infer_optimizer(checkpoint: dict) -> str | None:

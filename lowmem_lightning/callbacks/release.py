@@ -110,9 +110,10 @@ def release_refusal(trainer: L.Trainer, pl_module: L.LightningModule) -> str | N
     if trainer.accumulate_grad_batches > 1:
         return (f"accumulate_grad_batches={trainer.accumulate_grad_batches} needs the gradients of several batches; "
                 "set accumulate_grad_batches=1 (raise the batch size instead) or step_in_backward=False")
-    if trainer.gradient_clip_val and trainer.gradient_clip_algorithm != "value":
+    algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"  # an enum; None: norm
+    if trainer.gradient_clip_val and algorithm != "value":
         return (f"gradient_clip_val={trainer.gradient_clip_val} with gradient_clip_algorithm="
-                f"{trainer.gradient_clip_algorithm!r} clips by the global norm of all gradients at once; use "
+                f"{algorithm!r} clips by the global norm of all gradients at once; use "
                 "gradient_clip_algorithm='value' (applied per tensor) or step_in_backward=False")
     if str(trainer.precision) in ("16-mixed", "16"):
         return (f"precision={trainer.precision!r} scales the loss with a GradScaler that checks all gradients after "

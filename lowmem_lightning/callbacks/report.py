@@ -1,4 +1,4 @@
-"""End-of-fit report of :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`: a text summary
+"""End-of-fit report of :class:`~lowmem_lightning.callbacks.StateMemoryMonitor`: a text summary
 and, when matplotlib is installed, a PNG of optimizer-state memory per optimizer step against fp32
 AdamW on the same params, with the training and validation loss."""
 
@@ -32,13 +32,15 @@ def adamw_fp32_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
 
 
 def summary_dict(name: str, memory: StateMemory, peak_bytes: int, baseline_bytes: int, steps: int,
-                 sharded: bool = False) -> dict:
+                 sharded: bool = False, reporter: str = "LowMemOptimizerCallback") -> dict:
     """The numbers of the end-of-fit summary (bytes, MiB, bytes/param, saving vs fp32 AdamW).
 
-    ``sharded``: the params are DTensors and the figures are this rank's shard.
+    ``sharded``: the params are DTensors and the figures are this rank's shard. ``reporter``: the
+    callback named in the summary's first line.
     """
     saving = baseline_bytes - memory.total_bytes
     return {
+        "reporter": reporter,
         "optimizer": name,
         "steps": steps,
         "sharded": sharded,
@@ -69,7 +71,7 @@ def format_summary(summary: dict, plot_path: str | None) -> str:
     """Human-readable lines for :func:`summary_dict`'s result, each within 80 columns for the usual
     sizes (so the summary reads well in an 80x24 terminal)."""
     lines = [
-        f"LowMemOptimizerCallback: {summary['optimizer']} on {summary['num_params']:,} trainable params",
+        f"{summary.get('reporter', 'LowMemOptimizerCallback')}: {summary['optimizer']} on {summary['num_params']:,} trainable params",
         f"  state after {summary['steps']:,} steps: {_mib(summary['state_MiB'])} MiB "
         f"({summary['bytes_per_param']:.2f} bytes/param), peak {_mib(summary['peak_state_MiB'])} MiB",
     ]

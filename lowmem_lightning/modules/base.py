@@ -24,73 +24,13 @@ from collections.abc import Callable, Iterable
 import lightning as L
 import torch
 
-from lowmem_lightning.optim import available_optimizers, build_optimizer
-from lowmem_lightning.optim.validation import check_choice, check_lr, check_non_negative
+from lowmem_lightning.optim import build_optimizer
+from lowmem_lightning.optim.validation import check_choice, check_lr, check_non_negative, validate_optimizer_args
 
 __all__ = ["LowMemModule", "SCHEDULERS", "decay_param_groups", "validate_optimizer_args", "warmup_cosine_factor"]
 
 SCHEDULERS: tuple[str | None, ...] = (None, "cosine")
 """Values accepted for ``LowMemModule(scheduler=...)``."""
-
-_RESERVED_KWARGS = ("params", "lr", "weight_decay")
-
-
-def validate_optimizer_args(
-    optimizer: str, lr: float | None, weight_decay: float | None, optimizer_kwargs: dict | None
-) -> tuple[dict, dict]:
-    """Check an optimizer choice the way LowMemModule and LowMemOptimizerCallback take it.
-
-    Returns ``(optimizer_kwargs, defaults)``: the kwargs as a new dict (``{}`` for ``None``) and the
-    ``defaults`` dict the optimizer ends up with (its own defaults updated by the arguments).
-    Raises ``ValueError`` naming the argument for an unknown name, a negative or non-finite ``lr``/``weight_decay``, an
-    ``optimizer_kwargs`` that is not a dict or repeats ``lr``/``weight_decay``/``params``, and any
-    hyperparameter the optimizer's own constructor rejects (it is built once over a 1-element dummy
-    tensor, which allocates no state).
-    """
-    if not isinstance(optimizer, str) or optimizer not in available_optimizers():
-        raise ValueError(
-            f"Invalid optimizer={optimizer!r}: expected one of {', '.join(available_optimizers())}."
-        )
-    check_lr(lr, "lr", allow_none=True)
-    if weight_decay is not None:
-        check_non_negative(weight_decay, "weight_decay")
-    if optimizer_kwargs is None:
-        optimizer_kwargs = {}
-    if not isinstance(optimizer_kwargs, dict):
-        raise ValueError(
-            f"Invalid optimizer_kwargs={optimizer_kwargs!r}: expected a dict of keyword arguments "
-            f"for {optimizer!r} or None."
-        )
-    clash = [key for key in _RESERVED_KWARGS if key in optimizer_kwargs]
-    if clash:
-        raise ValueError(
-            f"Invalid optimizer_kwargs={optimizer_kwargs!r}: {', '.join(clash)} must not be given there; "
-            "pass lr and weight_decay as their own arguments."
-        )
-    extra = {"lr": lr} if lr is not None else {}
-    if weight_decay is not None:
-        extra["weight_decay"] = weight_decay
-    dummy = torch.zeros(1, requires_grad=True)
-    try:
-        probe = build_optimizer(optimizer, [dummy], **extra, **optimizer_kwargs)
-    except (ValueError, TypeError) as err:
-        if lr is not None or not _accepts_group_lr(optimizer, extra, optimizer_kwargs):
-            raise ValueError(f"Invalid hyperparameters for optimizer={optimizer!r}: {err}") from err
-        return dict(optimizer_kwargs), dict(build_optimizer(optimizer, [{"params": [dummy], "lr": 1.0}],
-                                                            **extra, **optimizer_kwargs).defaults)
-    return dict(optimizer_kwargs), dict(probe.defaults)
-
-
-def _accepts_group_lr(optimizer: str, extra: dict, optimizer_kwargs: dict) -> bool:
-    """Whether ``optimizer`` (which needs an lr, e.g. CAME) builds once each param group brings its own
-    lr: then ``lr=None`` means "the module's learning rate", which the callback passes per group."""
-    try:
-        build_optimizer(optimizer, [{"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0}], **extra,
-                        **optimizer_kwargs)
-    except (ValueError, TypeError):
-        return False
-    return True
-
 
 def decay_param_groups(
     named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float

@@ -1,0 +1,290 @@
+"""StateMemoryMonitor: log the optimizer-state memory of any fit per step, summarise and plot it.
+
+It works with any optimizer (ours or torch's) and needs nothing else::
+
+    trainer = L.Trainer(callbacks=[StateMemoryMonitor()])
+
+:class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback` composes one for the optimizers it
+builds, so its metrics, summary and plot are this monitor's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lowmem_lightning.callbacks.report import (
+    StateHistory,
+    adamw_fp32_state_bytes,
+    format_summary,
+    summary_dict,
+    write_plot,
+)
+from lowmem_lightning.optim import StateMemory, state_memory
+from lowmem_lightning.optim.registry import OPTIMIZERS, optimizer_class
+from lowmem_lightning.optim.sharding import is_dtensor
+
+__all__ = ["StateMemoryMonitor"]
+
+MIB = 2**20
+
+_PEAK_PREFIXES = ("optim/state_", "memory/")  # metrics logged as the max since the last logged step
+
+
+class StateMemoryMonitor(L.Callback):
+    """Log optimizer-state memory at every optimizer step; print a summary and write a plot at the end.
+
+    At every optimizer step it measures :func:`~lowmem_lightning.optim.state_memory` of the fit's
+    optimizers (summed) and logs, through the Trainer's loggers and at the Trainer's
+    ``log_every_n_steps``, the maximum since the last logged step (so no spike is hidden) of:
+    ``optim/state_MiB`` (also on the progress bar), ``optim/state_bytes_per_param``; for paged
+    optimizers ``optim/state_MiB_device`` and ``optim/state_MiB_host``; on CUDA
+    ``memory/allocated_MiB`` and ``memory/max_allocated_MiB``. It also logs the latest
+    ``optim/effective_lr`` when the optimizer computes its step size (Adafactor, CAME: the largest
+    over param groups) and, at logged steps, ``optim/skipped_updates`` (tensor updates skipped so far
+    for inf/NaN gradients; our optimizers only). Measuring never synchronises with the device except
+    at logged steps for an effective LR held as a device tensor.
+
+    At the end of fit it prints a summary (state memory, bytes/param, saving vs fp32 AdamW on the same
+    params; also in :attr:`summary`) and writes ``state_memory.png`` into the log dir when matplotlib
+    is installed: state MiB per step (device and host for paged optimizers) against fp32 AdamW's,
+    with the training and validation loss. A failure to write the plot or print the summary is a
+    warning naming the path and the error, never a failed fit.
+
+    Args:
+        log_state_memory: Log the per-step metrics above.
+        plot: Write ``state_memory.png`` into the log dir at the end of fit.
+        print_summary: Print the end-of-fit summary (rank 0).
+    """
+
+    def __init__(self, log_state_memory: bool = True, plot: bool = True, print_summary: bool = True) -> None:
+        self.log_state_memory = bool(log_state_memory)
+        self.plot = bool(plot)
+        self.print_summary = bool(print_summary)
+        self.optimizers: list[torch.optim.Optimizer] = []
+        """The optimizers measured in the current (or last) fit."""
+        self.summary: dict | None = None
+        """End-of-fit numbers (MiB, bytes/param, saving vs fp32 AdamW); ``None`` before a fit ends."""
+        self._tracked: tuple[list[torch.optim.Optimizer], str, str] | None = None
+        self._reset_history()
+
+    def track(self, optimizers: list[torch.optim.Optimizer], name: str, reporter: str) -> None:
+        """Measure ``optimizers`` (called ``name`` in the summary, whose header names ``reporter``)
+        instead of the Trainer's, from the next ``on_fit_start``: how a callback that builds the
+        optimizers composes this monitor."""
+        self._tracked = (list(optimizers), name, reporter)
+
+    @property
+    def _reporter(self) -> str:
+        return self._tracked[2] if self._tracked else type(self).__name__
+
+    def _optimizer_name(self) -> str:
+        if self._tracked:
+            return self._tracked[1]
+        names = []
+        for opt in self.optimizers:
+            registered = [n for n in sorted(OPTIMIZERS) if _class_or_none(n) is type(opt)]
+            names.append(registered[0] if registered else type(opt).__name__)
+        return "+".join(dict.fromkeys(names)) or "none"
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A new fit: no summary yet."""
+        if stage == "fit":
+            self.summary = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Take the fit's optimizers (the strategy has built them) and start a new history."""
+        self.optimizers = list(self._tracked[0]) if self._tracked else list(trainer.optimizers)
+        self._reset_history()
+        self._last_global_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        """After an optimizer step: measure, keep the max since the last logged step, log it."""
+        self._log_step(trainer, pl_module, outputs)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the validation loss of this run (for the plot), at the current optimizer step."""
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        found = _validation_loss(trainer.callback_metrics)
+        if found is not None:
+            self._val_name = found[0]
+            self._val_losses.append((trainer.global_step, found[1]))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Summary (state memory, bytes/param, saving vs fp32 AdamW) and the PNG, on rank 0. A failure
+        to write or print them is a warning (naming the path and the error), so fit still completes."""
+        if not self.optimizers:
+            return
+        try:
+            self._report(trainer)
+        except Exception as err:  # noqa: BLE001 - the report is optional; the trained model is not
+            where = getattr(err, "filename", None) or "the console"
+            rank_zero_warn(f"{self._reporter}: could not write the end-of-fit summary to {where}: "
+                           f"{type(err).__name__}: {err}")
+
+    # ------------------------------------------------------------------ measuring
+    def _reset_history(self) -> None:
+        self._peak: dict[str, float] = {}
+        self._steps: list[int] = []
+        self._state_mib: list[float] = []
+        self._host_mib: list[float] = []
+        self._losses: list[float | None] = []
+        self._val_losses: list[tuple[int, float]] = []
+        self._val_name = "val_loss"
+        self._pending_losses: list[tuple[int, torch.Tensor]] = []
+        self._max_state_bytes = 0
+        self._last_global_step = -1
+
+    def _effective_lr(self, allow_sync: bool) -> float | None:
+        """Largest step size over param groups: ``group["effective_lr"]`` (a float, free) or, when
+        ``allow_sync``, ``group["effective_lr_tensor"]`` (a device scalar: one sync for all groups)."""
+        groups = [g for opt in self.optimizers for g in opt.param_groups]
+        floats = [float(g["effective_lr"]) for g in groups if g.get("effective_lr") is not None]
+        if floats:
+            return max(floats)
+        tensors = [g["effective_lr_tensor"] for g in groups if isinstance(g.get("effective_lr_tensor"), torch.Tensor)]
+        if tensors and allow_sync:
+            return float(torch.stack([t.detach().float().reshape(()) for t in tensors]).max())
+        return None
+
+    def measure(self, allow_sync: bool = True) -> dict[str, float]:
+        """Current metrics of the optimizers (state memory summed over them), as logged per step.
+
+        ``allow_sync=False`` leaves out values that need a device sync (an effective LR held only as a
+        device tensor); the monitor reads those at logged steps only."""
+        memories = [state_memory(opt) for opt in self.optimizers]
+        total = sum(m.total_bytes for m in memories)
+        num_params = sum(m.num_params for m in memories)
+        self._max_state_bytes = max(self._max_state_bytes, total)
+        metrics = {
+            "optim/state_MiB": total / MIB,
+            "optim/state_bytes_per_param": total / num_params if num_params else 0.0,
+        }
+        if any(getattr(opt, "is_paged", False) for opt in self.optimizers):
+            metrics["optim/state_MiB_device"] = sum(m.device_bytes for m in memories) / MIB
+            metrics["optim/state_MiB_host"] = sum(m.host_bytes for m in memories) / MIB
+        effective = self._effective_lr(allow_sync)
+        if effective is not None:
+            metrics["optim/effective_lr"] = effective
+        device = self._device()
+        if device is not None and device.type == "cuda":
+            metrics["memory/allocated_MiB"] = torch.cuda.memory_allocated(device) / MIB
+            metrics["memory/max_allocated_MiB"] = torch.cuda.max_memory_allocated(device) / MIB
+        return metrics
+
+    def _device(self) -> torch.device | None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    return param.device
+        return None
+
+    @staticmethod
+    def _will_log(trainer: L.Trainer) -> bool:
+        connector = getattr(trainer, "_logger_connector", None)
+        try:
+            return bool(connector.should_update_logs)
+        except Exception:  # noqa: BLE001 - private API moved: log every n optimizer steps
+            return trainer.log_every_n_steps > 0 and trainer.global_step % trainer.log_every_n_steps == 0
+
+    def _record_loss(self, trainer: L.Trainer, outputs) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            if trainer.lightning_module.automatic_optimization:
+                loss = loss.detach() * trainer.accumulate_grad_batches  # Lightning divides it for backward
+            self._pending_losses.append((len(self._losses), loss.detach().float().reshape(())))
+        self._losses.append(None)
+        if len(self._pending_losses) >= 64:
+            self._flush_losses()
+
+    def _flush_losses(self) -> None:
+        """Copy recorded losses to the host with one transfer (no sync per step)."""
+        if not self._pending_losses:
+            return
+        values = torch.stack([loss for _, loss in self._pending_losses]).cpu().tolist()
+        for (index, _), value in zip(self._pending_losses, values):
+            self._losses[index] = value if math.isfinite(value) else None
+        self._pending_losses = []
+
+    def _log_step(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs) -> None:
+        if trainer.global_step == self._last_global_step:
+            return  # accumulating gradients: no optimizer step in this batch
+        self._last_global_step = trainer.global_step
+        will_log = self._will_log(trainer)
+        metrics = self.measure(allow_sync=will_log)
+        self._steps.append(trainer.global_step)
+        self._state_mib.append(metrics["optim/state_MiB"])
+        self._host_mib.append(metrics.get("optim/state_MiB_host", 0.0))
+        self._record_loss(trainer, outputs)
+        if not self.log_state_memory:
+            return
+        for key, value in metrics.items():
+            keep_max = key.startswith(_PEAK_PREFIXES)
+            self._peak[key] = max(self._peak.get(key, value), value) if keep_max else value
+        to_logger = bool(trainer.loggers)
+        for key, value in self._peak.items():
+            pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == "optim/state_MiB",
+                          logger=to_logger, batch_size=1)
+        if will_log:
+            skipped = [opt.skipped_updates for opt in self.optimizers if hasattr(opt, "skipped_updates")]
+            if skipped:
+                pl_module.log("optim/skipped_updates", float(sum(skipped)), on_step=True, on_epoch=False,
+                              logger=to_logger, batch_size=1)
+            self._peak = {}
+
+    # ------------------------------------------------------------------ report
+    def _history(self) -> StateHistory:
+        return StateHistory(self._steps, self._state_mib, self._host_mib, self._losses, self._val_losses,
+                            self._val_name)
+
+    def _report(self, trainer: L.Trainer) -> None:
+        self._flush_losses()
+        memories = [state_memory(opt) for opt in self.optimizers]
+        total = StateMemory(
+            sum(m.total_bytes for m in memories), sum(m.device_bytes for m in memories),
+            sum(m.host_bytes for m in memories), sum(m.num_params for m in memories),
+        )
+        peak = max(self._max_state_bytes, total.total_bytes)
+        sharded = any(is_dtensor(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"])
+        self.summary = summary_dict(
+            self._optimizer_name(), total, peak, adamw_fp32_state_bytes(self.optimizers), len(self._steps), sharded,
+            reporter=self._reporter,
+        )
+        plot_path = None
+        if self.plot:
+            log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+            if trainer.is_global_zero and log_dir:
+                try:
+                    plot_path = write_plot(f"{log_dir}/state_memory.png", self._history(), self.summary)
+                except Exception as err:  # noqa: BLE001 - a plot is never worth the run
+                    rank_zero_warn(f"{self._reporter}: could not write the plot {log_dir}/state_memory.png: "
+                                   f"{type(err).__name__}: {err}")
+        self.summary["plot"] = plot_path
+        if self.print_summary:
+            rank_zero_info(format_summary(self.summary, plot_path))
+
+
+def _class_or_none(name: str):
+    try:
+        return optimizer_class(name)
+    except (ImportError, ValueError):  # an optional optimizer that cannot be imported here
+        return None
+
+
+def _validation_loss(metrics: dict) -> tuple[str, float] | None:
+    """``(name, value)`` of the validation loss among ``trainer.callback_metrics``: ``val_loss``,
+    ``val/loss``, else the first finite scalar whose name has ``val`` and ``loss``."""
+    names = [n for n in ("val_loss", "val/loss") if n in metrics]
+    names += [n for n in metrics if "val" in n and "loss" in n and n not in names]
+    for name in names:
+        value = metrics[name]
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = float(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return name, float(value)
+    return None
