@@ -307,7 +307,7 @@ class LowMemCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the ``--optim``/``--lr`` shortcut."""
+        """Add the ``--optim``/``--lr``/``--step_in_backward`` shortcuts."""
         names = ", ".join(available_optimizers())
         parser.add_argument(
             "--optim", type=str | None, default=None,
@@ -318,13 +318,18 @@ class LowMemCLI(LightningCLI):
             "--lr", type=float | None, default=None,
             help="Learning rate of the LowMemOptimizerCallback (with --optim, or overriding the config's callback).",
         )
+        parser.add_argument(
+            "--step_in_backward", type=bool | None, default=None,
+            help="Gradient release: the LowMemOptimizerCallback updates each tensor inside backward and frees its "
+            "gradient (no gradient buffer). With --optim, or overriding the config's callback.",
+        )
 
     # ------------------------------------------------------------------ config fix-ups
     def _subconfig(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
-        """Apply ``--optim``/``--lr``, check optimizer names, and resolve recipe-relative paths."""
+        """Apply ``--optim``/``--lr``/``--step_in_backward``, check optimizer names, and resolve recipe-relative paths."""
         cfg = self._subconfig()
         self._apply_optim_shortcut(cfg)
         self._check_optimizer_callbacks(cfg)
@@ -381,8 +386,8 @@ class LowMemCLI(LightningCLI):
                 )
 
     def _apply_optim_shortcut(self, cfg: Namespace) -> None:
-        name, lr = cfg.get("optim"), cfg.get("lr")
-        if name is None and lr is None:
+        name, lr, release = cfg.get("optim"), cfg.get("lr"), cfg.get("step_in_backward")
+        if name is None and lr is None and release is None:
             return
         callbacks = cfg.trainer.get("callbacks")
         if callbacks is None:
@@ -392,8 +397,9 @@ class LowMemCLI(LightningCLI):
         targets = [c for c in callbacks if _is_optimizer_callback(c)]
         if not targets:
             if name is None:
+                flag = "--lr" if lr is not None else "--step_in_backward"
                 self._error(
-                    "--lr needs --optim NAME or a LowMemOptimizerCallback in trainer.callbacks "
+                    f"{flag} needs --optim NAME or a LowMemOptimizerCallback in trainer.callbacks "
                     f"(optimizers: {', '.join(available_optimizers())})."
                 )
             entry = Namespace(class_path=OPTIMIZER_CALLBACK, init_args=Namespace())
@@ -405,6 +411,8 @@ class LowMemCLI(LightningCLI):
                 init["optimizer"] = name
             if lr is not None:
                 init["lr"] = lr
+            if release is not None:
+                init["step_in_backward"] = release
         cfg.trainer["callbacks"] = callbacks
 
     def _check_optimizer_callbacks(self, cfg: Namespace) -> None:

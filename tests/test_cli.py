@@ -167,6 +167,19 @@ def test_fit_runs_user_classes_with_rich_bar_and_optim_shortcut(tiny_config):
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)
 
 
+def test_step_in_backward_shortcut_runs_gradient_release(tiny_config):
+    cli = _cli("fit", "--config", str(tiny_config), "--optim", "came", "--lr", "0.001", "--step_in_backward", "true")
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LowMemOptimizerCallback)]
+    assert callback.step_in_backward and callback.optimizer_name == "came"
+    assert cli.trainer.global_step == 3 and callback.releases == []  # trained, hooks removed at teardown
+    assert float(cli.trainer.optimizers[0].state[next(cli.model.parameters())]["step"]) == 3.0
+
+
+def test_step_in_backward_needs_an_optimizer_callback(capsys, tiny_config):
+    code, _, err = _run(capsys, "fit", "--config", str(tiny_config), "--step_in_backward", "true")
+    assert code == 2 and "step_in_backward needs --optim NAME or a LowMemOptimizerCallback" in err
+
+
 def test_optim_overrides_the_configs_callback(tiny_config):
     data = yaml.safe_load(tiny_config.read_text())
     data["trainer"]["callbacks"] = [{"class_path": "lowmem_lightning.callbacks.LowMemOptimizerCallback",
