@@ -15,34 +15,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
-_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)\s", re.M)
-
-
-def count_accesses(ptx: str) -> dict[str, int]:
-    """``{"ld": n, "ld.v2": n, "ld.v4": n, "st": n, "st.v2": n, "st.v4": n}``: global loads/stores in
-    ``ptx`` by vector width (``ld``/``st`` count scalar instructions)."""
-    counts = dict.fromkeys(("ld", "ld.v2", "ld.v4", "st", "st.v2", "st.v4"), 0)
-    for op, suffixes in _ACCESS.findall(ptx):
-        width = next((w for w in (".v2", ".v4", ".v8") if w in suffixes), "")
-        key = op + (width if width != ".v8" else ".v4")
-        counts[key] += 1
-    return counts
-
-
 def _rows(arch: int, all_specs: bool):
-    from lowmem_lightning.kernels.aot import compile_spec, iter_specs
+    from lowmem_lightning.kernels.aot import compile_spec, count_accesses, iter_specs
 
     seen = set()
-    for module_name, kernel, signature, constexprs in iter_specs():
+    for module_name, kernel, signature, constexprs, aligned in iter_specs():
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
         if name in seen and not all_specs:
             continue
         seen.add(name)
         try:
-            ptx = compile_spec(kernel, signature, constexprs, arch).asm["ptx"]
+            ptx = compile_spec(kernel, signature, constexprs, arch, aligned).asm["ptx"]
         except Exception as err:  # one failure must not hide the other kernels' figures
             yield module_name.rsplit(".", 1)[-1], name, constexprs, None, f"{type(err).__name__}: {err}"
             continue

@@ -11,6 +11,7 @@ kernel's own parameter list, so a spec states only what differs from the default
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 KERNEL_MODULES = (
@@ -117,6 +118,19 @@ def iter_specs():
             raise
         for kernel, signature, constexprs, *aligned in getattr(module, "AOT_SPECS", ()):
             yield module_name, kernel, signature, constexprs, tuple(aligned[0]) if aligned else ()
+
+
+_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)\s", re.M)
+
+
+def count_accesses(ptx: str) -> dict[str, int]:
+    """``{"ld": n, "ld.v2": n, "ld.v4": n, "st": n, "st.v2": n, "st.v4": n}``: global loads/stores in
+    ``ptx`` by vector width (``ld``/``st`` count scalar instructions; ``.v8`` counts as ``.v4``)."""
+    counts = dict.fromkeys(("ld", "ld.v2", "ld.v4", "st", "st.v2", "st.v4"), 0)
+    for op, suffixes in _ACCESS.findall(ptx):
+        width = next((w for w in (".v2", ".v4", ".v8") if w in suffixes), "")
+        counts[op + (width if width != ".v8" else ".v4")] += 1
+    return counts
 
 
 def main() -> int:
