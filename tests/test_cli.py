@@ -21,12 +21,12 @@ from lowmem_lightning.cli import (
     DEFAULT_MODEL,
     RECIPES_DIR,
     LowMemCLI,
-    _with_default_classes,
     bundled_recipes,
     main,
     parse_fit_config,
     resolve_recipe,
 )
+from lowmem_lightning.cli.app import _with_default_classes
 from lowmem_lightning.optim import available_optimizers
 
 TESTS = Path(__file__).resolve().parent
@@ -123,7 +123,7 @@ def test_help_lists_subcommands_recipes_and_optim(capsys):
 def test_help_documents_every_argument_from_docstrings(capsys, flag, class_path):
     import inspect
 
-    from lowmem_lightning.cli import _import_class
+    from lowmem_lightning.cli.app import _import_class
 
     code, out, _ = _run(capsys, "fit", flag, class_path)
     assert code == 0

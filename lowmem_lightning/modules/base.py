@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from lowmem_lightning.optim import build_optimizer
-from lowmem_lightning.optim.validation import check_choice, check_lr, check_non_negative, validate_optimizer_args
+from lowmem_lightning.optim.validation import check_choice, validate_optimizer_args
 
 __all__ = ["LowMemModule", "SCHEDULERS", "decay_param_groups", "validate_optimizer_args", "warmup_cosine_factor"]
 

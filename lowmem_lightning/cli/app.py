@@ -1,27 +1,5 @@
-"""The ``lowmem`` command: LightningCLI with low-memory optimizers, bundled recipes and ``lowmem estimate``.
-
-::
-
-    lowmem fit --config configs/tiny.yaml            # train (also: validate, test, predict)
-    lowmem fit --config qlora_7b.yaml --model.model_name_or_path /path/to/llama-2-7b-hf
-    lowmem fit --config tiny.yaml --optim came --lr 1e-3
-    lowmem estimate --config qlora_7b.yaml --budget-gb 8
-
-* Model and data are chosen by ``class_path`` (ours or any importable LightningModule /
-  LightningDataModule); the defaults are ``CausalLMModule`` and ``TextDataModule``.
-* The optimizer is chosen by a ``LowMemOptimizerCallback`` in ``trainer.callbacks``; ``--optim NAME``
-  (with ``--lr``) sets that callback's optimizer, adding the callback when the config has none.
-* ``--config NAME`` with no such file resolves to the recipe of that name bundled in the package
-  (``tiny``, ``tiny.yaml``, ``qlora_7b.yaml``, ...), so recipes run from any directory. A relative
-  path inside a recipe (``model.model_name_or_path``, ``data.data_path``) that does not exist from the
-  current directory is looked up next to the recipe file.
-* A rich progress bar is added unless the config sets its own progress bar or disables it.
-* Wrong input (unknown optimizer, missing config file, unknown key, bad type, invalid value, a bad data
-  file, a missing ``--ckpt_path``, an unwritable output directory) ends with a one-paragraph message
-  naming the problem and the allowed values, exit code 2, no traceback, before anything is written: the
-  data module's ``check_inputs()`` runs before the Trainer is built.
-* A run stopped by SIGTERM exits with code 143 (after saving ``last.ckpt`` when it checkpoints).
-"""
+"""The ``lowmem`` command's LightningCLI: parser, config fix-ups (``--optim``, recipes, paths) and the
+entry point :func:`main`; see :mod:`lowmem_lightning.cli` for what the command does."""
 
 from __future__ import annotations
 
@@ -29,12 +7,9 @@ import contextlib
 import difflib
 import importlib
 import inspect
-import logging
-import math
 import os
 import re
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,11 +22,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
 from lowmem_lightning.optim.registry import available_optimizers
+from lowmem_lightning.cli.checks import ckpt_path_problem, output_dirs, unwritable
+from lowmem_lightning.cli.quiet import quiet_known_noise
 
-__all__ = ["LowMemCLI", "main", "RECIPES_DIR", "bundled_recipes", "resolve_recipe", "DEFAULT_MODEL", "DEFAULT_DATA",
-           "quiet_known_noise", "KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE"]
+__all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_recipes", "resolve_recipe",
+           "DEFAULT_MODEL", "DEFAULT_DATA"]
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
 """The recipes shipped in the package (a link to the repository's ``configs/`` in a source checkout)."""
 
 DEFAULT_MODEL = "lowmem_lightning.modules.causal_lm.CausalLMModule"
@@ -344,9 +321,9 @@ class LowMemCLI(LightningCLI):
         """A missing ``--ckpt_path`` or an unwritable output directory: exit 2 before anything is built."""
         if not self.check_weights:  # parse-only (lowmem estimate): no run, nothing to check
             return
-        problem = _ckpt_path_problem(cfg.get("ckpt_path"))
-        for name, path in _output_dirs(cfg):
-            problem = problem or _unwritable(name, path)
+        problem = ckpt_path_problem(cfg.get("ckpt_path"))
+        for name, path in output_dirs(cfg):
+            problem = problem or unwritable(name, path)
         if problem:
             self._error(problem)
 
@@ -474,57 +451,6 @@ class LowMemCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-_CKPT_KEYWORDS = ("last", "best", "hpc")
-
-
-def _ckpt_path_problem(ckpt_path: Any) -> str | None:
-    """Why ``--ckpt_path`` cannot be resumed from (no such file or directory), or ``None``."""
-    if not isinstance(ckpt_path, str) or ckpt_path in _CKPT_KEYWORDS or "://" in ckpt_path:
-        return None
-    if ckpt_path.startswith("registry:") or Path(ckpt_path).expanduser().exists():
-        return None
-    return (f"ckpt_path={ckpt_path!r}: no such checkpoint file ({Path(ckpt_path).expanduser().resolve()}); "
-            "give the path of a saved .ckpt, or 'last' for the newest last*.ckpt of the ModelCheckpoint directory.")
-
-
-def _entries(value: Any) -> list:
-    if value is None or isinstance(value, bool):
-        return []
-    return list(value) if isinstance(value, list) else [value]
-
-
-def _output_dirs(cfg: Namespace) -> list[tuple[str, str]]:
-    """``(argument, path)`` of every directory the run will write: the Trainer's root, each logger's
-    ``save_dir``, each callback's ``dirpath`` and the model's ``save_dir``."""
-    trainer = cfg.get("trainer") or Namespace()
-    out = [("trainer.default_root_dir", trainer.get("default_root_dir"))]
-    for group in ("logger", "callbacks"):
-        for entry in _entries(trainer.get(group)):
-            init = entry.get("init_args") if isinstance(entry, (dict, Namespace)) else None
-            for key in ("save_dir", "dirpath"):
-                if isinstance(init, (dict, Namespace)) and isinstance(init.get(key), str):
-                    name = str(entry.get("class_path", group)).rsplit(".", 1)[-1]
-                    out.append((f"trainer.{group} {name}.{key}", init.get(key)))
-    model = (cfg.get("model") or Namespace()).get("init_args")
-    if isinstance(model, (dict, Namespace)):
-        out.append(("model.save_dir", model.get("save_dir")))
-    return [(name, path) for name, path in out if isinstance(path, str) and path and "://" not in path]
-
-
-def _unwritable(name: str, path: str) -> str | None:
-    """Why directory ``path`` (given as argument ``name``) cannot be created or written, or ``None``."""
-    target = Path(path).expanduser().absolute()
-    probe = target
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{name}={path!r}: cannot create the directory, {probe} is a file; choose another directory."
-    if not os.access(probe, os.W_OK | os.X_OK):
-        what = "is not writable" if probe == target else f"cannot be created ({probe} is not writable)"
-        return f"{name}={path!r}: the directory {what}; choose a writable directory."
-    return None
-
-
 _LITERALS = {"true": True, "false": False, "null": None, "none": None}
 
 
@@ -577,110 +503,6 @@ def parse_fit_config(args: list[str]) -> Namespace:
         sys.argv = saved_argv
 
 
-def _configured_optimizer(cfg: Namespace) -> tuple[str, dict] | None:
-    """``(name, kwargs)`` of the run's optimizer: the LowMemOptimizerCallback's, else the module's."""
-    callbacks = cfg.trainer.get("callbacks") or []
-    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if _is_optimizer_callback(entry):
-            init = _init_args(entry)
-            return init.get("optimizer") or "adamw_8bit", dict(init.get("optimizer_kwargs") or {})
-    init = cfg.model.get("init_args") or Namespace()
-    name = init.get("optimizer")
-    if isinstance(name, str) and name in available_optimizers():
-        return name, dict(init.get("optimizer_kwargs") or {})
-    return None
-
-
-def _configured_release(cfg: Namespace) -> bool:
-    """Whether the recipe's LowMemOptimizerCallback sets ``step_in_backward``."""
-    callbacks = cfg.trainer.get("callbacks") or []
-    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if _is_optimizer_callback(entry):
-            return bool(_init_args(entry).get("step_in_backward"))
-    return False
-
-
-def _data_vocab_size(cfg: Namespace) -> int | None:
-    data = cfg.get("data")
-    tokenizer = ((data or Namespace()).get("init_args") or Namespace()).get("tokenizer")
-    if not isinstance(tokenizer, str) or tokenizer == "byte":
-        return None
-    with contextlib.suppress(Exception):
-        from lowmem_lightning.data.tokenizer import load_tokenizer
-
-        return load_tokenizer(tokenizer).vocab_size
-    return None
-
-
-def build_meta_model(cfg: Namespace):
-    """The model of a parsed ``fit`` config built on the meta device (no weights are read or allocated).
-
-    ``CausalLMModule`` (and subclasses) go through ``build_causal_lm(..., device="meta")``, which reads
-    only ``config.json``; any other LightningModule is instantiated under ``torch.device("meta")`` and
-    its ``configure_model`` is called.
-    """
-    import torch
-
-    from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
-
-    cls = _import_class(cfg.model.class_path)
-    init = (cfg.model.get("init_args") or Namespace()).as_dict()
-    if isinstance(cls, type) and issubclass(cls, CausalLMModule):
-        return build_causal_lm(
-            init.get("model_name_or_path"), init.get("config"), init.get("quantize"), init.get("lora"),
-            device="meta", torch_dtype=init.get("torch_dtype"), vocab_size=_data_vocab_size(cfg),
-        )
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningModule, "model")
-    with torch.device("meta"):
-        model = parser.instantiate_classes(parser.parse_object({"model": cfg.model.as_dict()})).model
-        model.configure_model()
-    return model
-
-
-def estimate_main(argv: Sequence[str]) -> int:
-    """``lowmem estimate``: parse the recipe, build its model on the meta device, print the estimate."""
-    import argparse
-
-    from lowmem_lightning.estimate import GB, estimate_memory, format_json, format_table
-
-    parser = argparse.ArgumentParser(
-        prog="lowmem estimate",
-        description="Memory a recipe needs: parameters, frozen weights (by dtype / NF4), gradients and the "
-        "state of every optimizer, from the model built on the meta device (no weights, no download). "
-        "Other options (e.g. --model.model_name_or_path DIR, --optim NAME) are applied as in 'lowmem fit'.",
-    )
-    parser.add_argument("-c", "--config", required=True, help="Recipe: a YAML file or a bundled recipe name.")
-    parser.add_argument("--budget-gb", type=float, default=None, help="Device memory budget in GB (10**9 bytes).")
-    parser.add_argument("--format", choices=("table", "json"), default="table", help="Output format.")
-    parser.add_argument(
-        "--step-in-backward", action="store_true", default=None,
-        help="Count the gradients as released in backward (only the largest tensor's alive); default: the "
-        "recipe's LowMemOptimizerCallback step_in_backward.",
-    )
-    known, extra = parser.parse_known_args(list(argv))
-    if known.budget_gb is not None and not (known.budget_gb > 0 and math.isfinite(known.budget_gb)):
-        parser.error(f"argument --budget-gb: invalid value {known.budget_gb!r}: expected a number > 0.")
-    try:
-        cfg = parse_fit_config(["--config", known.config, *extra])
-    except ValueError as err:
-        return _usage_error(str(err))
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        model = build_meta_model(cfg)
-        budget = None if known.budget_gb is None else int(known.budget_gb * GB)
-        release = known.step_in_backward if known.step_in_backward is not None else _configured_release(cfg)
-        estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg),
-                                   step_in_backward=release)
-    except (ValueError, TypeError) as err:
-        return _usage_error(_short(err))
-    print(format_json(estimate) if known.format == "json" else format_table(estimate))
-    return 0
-
-
 def _short(err: BaseException) -> str:
     """The innermost message of an exception chain (what the constructor said), one paragraph."""
     while err.__cause__ is not None and isinstance(err.__cause__, (ValueError, TypeError)):
@@ -694,58 +516,6 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-# ---------------------------------------------------------------------- known third-party noise
-KNOWN_LOG_NOISE: tuple[tuple[str, str], ...] = (
-    # Lightning's advertisement, printed by every Trainer without a LitLogger
-    ("lightning.pytorch.utilities.rank_zero", r"^💡 Tip: For seamless cloud logging and experiment tracking"),
-    # torchao (imported by transformers/peft when installed) on a machine without its CUDA extensions
-    ("torchao", r"^Failed to load \S*torchao\S*_C\w*\S*\.so: "),
-    # torch's deprecation of register_constant() on Enum subclasses, which torchao still calls
-    ("torch.utils._pytree", r"is an Enum subclass and is now natively supported by torch\.compile"),
-    # bitsandbytes (imported by peft when installed) without the optional `kernels` package
-    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community"),
-)
-"""``(logger name, message regex)`` of third-party log records that ``lowmem`` commands drop."""
-
-KNOWN_WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
-    # torch deprecated LeafSpec; Lightning's own _pytree helper still uses it
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
-    # transformers renamed is_gradient_checkpointing; peft still calls the old name
-    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
-)
-"""``(message regex, category, module regex)`` of third-party warnings that ``lowmem`` commands ignore."""
-
-
-class _DropKnownRecords(logging.Filter):
-    """Drops the log records whose message matches one of ``patterns``; passes every other record."""
-
-    def __init__(self, patterns: Sequence[str]) -> None:
-        super().__init__()
-        self.patterns = [re.compile(p) for p in patterns]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(p.search(message) for p in self.patterns)
-
-
-def quiet_known_noise() -> None:
-    """Silence exactly the known third-party messages above (by logger and message, or by warning
-    message, category and module); everything else, our warnings and every error included, stays.
-
-    Called by the ``lowmem`` entry point only: the library itself never changes warning filters or
-    log levels. An application may call it too, before it imports transformers or peft.
-    """
-    by_logger: dict[str, list[str]] = {}
-    for name, pattern in KNOWN_LOG_NOISE:
-        by_logger.setdefault(name, []).append(pattern)
-    for name, patterns in by_logger.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropKnownRecords) for f in logger.filters):
-            logger.addFilter(_DropKnownRecords(patterns))
-    for message, category, module in KNOWN_WARNING_NOISE:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowmem`` console script; returns the exit code (2 for bad input)."""
     quiet_known_noise()
@@ -753,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args:
         return _usage_error("expected a subcommand: fit, validate, test, predict or estimate (see lowmem --help).")
     if args[0] == "estimate":
+        from lowmem_lightning.cli.estimate import estimate_main
+
         try:
             return estimate_main(args[1:])
         except SystemExit as exc:

@@ -1,0 +1,44 @@
+"""The ``lowmem`` command: LightningCLI with low-memory optimizers, bundled recipes and ``lowmem estimate``.
+
+::
+
+    lowmem fit --config configs/tiny.yaml            # train (also: validate, test, predict)
+    lowmem fit --config qlora_7b.yaml --model.model_name_or_path /path/to/llama-2-7b-hf
+    lowmem fit --config tiny.yaml --optim came --lr 1e-3
+    lowmem estimate --config qlora_7b.yaml --budget-gb 8
+
+* Model and data are chosen by ``class_path`` (ours or any importable LightningModule /
+  LightningDataModule); the defaults are ``CausalLMModule`` and ``TextDataModule``.
+* The optimizer is chosen by a ``LowMemOptimizerCallback`` in ``trainer.callbacks``; ``--optim NAME``
+  (with ``--lr``) sets that callback's optimizer, adding the callback when the config has none.
+* ``--config NAME`` with no such file resolves to the recipe of that name bundled in the package
+  (``tiny``, ``tiny.yaml``, ``qlora_7b.yaml``, ...), so recipes run from any directory. A relative
+  path inside a recipe (``model.model_name_or_path``, ``data.data_path``) that does not exist from the
+  current directory is looked up next to the recipe file.
+* A rich progress bar is added unless the config sets its own progress bar or disables it.
+* Wrong input (unknown optimizer, missing config file, unknown key, bad type, invalid value, a bad data
+  file, a missing ``--ckpt_path``, an unwritable output directory) ends with a one-paragraph message
+  naming the problem and the allowed values, exit code 2, no traceback, before anything is written: the
+  data module's ``check_inputs()`` runs before the Trainer is built.
+* A run stopped by SIGTERM exits with code 143 (after saving ``last.ckpt`` when it checkpoints).
+
+Modules: :mod:`~lowmem_lightning.cli.app` (the LightningCLI and :func:`main`),
+:mod:`~lowmem_lightning.cli.checks` (inputs and outputs checked before a run),
+:mod:`~lowmem_lightning.cli.estimate` (``lowmem estimate``), :mod:`~lowmem_lightning.cli.quiet`
+(known third-party noise).
+"""
+
+from lowmem_lightning.cli.app import (
+    DEFAULT_DATA,
+    DEFAULT_MODEL,
+    RECIPES_DIR,
+    LowMemCLI,
+    bundled_recipes,
+    main,
+    parse_fit_config,
+    resolve_recipe,
+)
+from lowmem_lightning.cli.quiet import KNOWN_LOG_NOISE, KNOWN_WARNING_NOISE, quiet_known_noise
+
+__all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_recipes", "resolve_recipe",
+           "DEFAULT_MODEL", "DEFAULT_DATA", "quiet_known_noise", "KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE"]

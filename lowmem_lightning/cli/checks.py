@@ -1,0 +1,62 @@
+"""Checks of a run's inputs and outputs made before anything is built: the checkpoint to resume
+from exists, and every directory the run will write can be created and written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+
+__all__ = ["ckpt_path_problem", "output_dirs", "unwritable"]
+
+_CKPT_KEYWORDS = ("last", "best", "hpc")
+
+
+def ckpt_path_problem(ckpt_path: Any) -> str | None:
+    """Why ``--ckpt_path`` cannot be resumed from (no such file or directory), or ``None``."""
+    if not isinstance(ckpt_path, str) or ckpt_path in _CKPT_KEYWORDS or "://" in ckpt_path:
+        return None
+    if ckpt_path.startswith("registry:") or Path(ckpt_path).expanduser().exists():
+        return None
+    return (f"ckpt_path={ckpt_path!r}: no such checkpoint file ({Path(ckpt_path).expanduser().resolve()}); "
+            "give the path of a saved .ckpt, or 'last' for the newest last*.ckpt of the ModelCheckpoint directory.")
+
+
+def _entries(value: Any) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def output_dirs(cfg: Namespace) -> list[tuple[str, str]]:
+    """``(argument, path)`` of every directory the run will write: the Trainer's root, each logger's
+    ``save_dir``, each callback's ``dirpath`` and the model's ``save_dir``."""
+    trainer = cfg.get("trainer") or Namespace()
+    out = [("trainer.default_root_dir", trainer.get("default_root_dir"))]
+    for group in ("logger", "callbacks"):
+        for entry in _entries(trainer.get(group)):
+            init = entry.get("init_args") if isinstance(entry, (dict, Namespace)) else None
+            for key in ("save_dir", "dirpath"):
+                if isinstance(init, (dict, Namespace)) and isinstance(init.get(key), str):
+                    name = str(entry.get("class_path", group)).rsplit(".", 1)[-1]
+                    out.append((f"trainer.{group} {name}.{key}", init.get(key)))
+    model = (cfg.get("model") or Namespace()).get("init_args")
+    if isinstance(model, (dict, Namespace)):
+        out.append(("model.save_dir", model.get("save_dir")))
+    return [(name, path) for name, path in out if isinstance(path, str) and path and "://" not in path]
+
+
+def unwritable(name: str, path: str) -> str | None:
+    """Why directory ``path`` (given as argument ``name``) cannot be created or written, or ``None``."""
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{name}={path!r}: cannot create the directory, {probe} is a file; choose another directory."
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == target else f"cannot be created ({probe} is not writable)"
+        return f"{name}={path!r}: the directory {what}; choose a writable directory."
+    return None

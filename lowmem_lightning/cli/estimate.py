@@ -1,0 +1,125 @@
+"""``lowmem estimate``: the memory a recipe needs, from its model built on the meta device.
+
+The recipe is parsed exactly as ``lowmem fit`` would parse it (:func:`~lowmem_lightning.cli.app.parse_fit_config`),
+the model is built without weights (:func:`build_meta_model`), and
+:func:`~lowmem_lightning.estimate.estimate_memory` sizes parameters, gradients and every optimizer's
+state from the optimizers' own ``state_layout()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningModule
+
+from lowmem_lightning.cli.app import _import_class, _init_args, _is_optimizer_callback, _short, _usage_error, parse_fit_config
+from lowmem_lightning.optim.registry import available_optimizers
+
+__all__ = ["build_meta_model", "estimate_main"]
+
+
+def _configured_optimizer(cfg: Namespace) -> tuple[str, dict] | None:
+    """``(name, kwargs)`` of the run's optimizer: the LowMemOptimizerCallback's, else the module's."""
+    callbacks = cfg.trainer.get("callbacks") or []
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if _is_optimizer_callback(entry):
+            init = _init_args(entry)
+            return init.get("optimizer") or "adamw_8bit", dict(init.get("optimizer_kwargs") or {})
+    init = cfg.model.get("init_args") or Namespace()
+    name = init.get("optimizer")
+    if isinstance(name, str) and name in available_optimizers():
+        return name, dict(init.get("optimizer_kwargs") or {})
+    return None
+
+
+def _configured_release(cfg: Namespace) -> bool:
+    """Whether the recipe's LowMemOptimizerCallback sets ``step_in_backward``."""
+    callbacks = cfg.trainer.get("callbacks") or []
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if _is_optimizer_callback(entry):
+            return bool(_init_args(entry).get("step_in_backward"))
+    return False
+
+
+def _data_vocab_size(cfg: Namespace) -> int | None:
+    data = cfg.get("data")
+    tokenizer = ((data or Namespace()).get("init_args") or Namespace()).get("tokenizer")
+    if not isinstance(tokenizer, str) or tokenizer == "byte":
+        return None
+    with contextlib.suppress(Exception):
+        from lowmem_lightning.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(tokenizer).vocab_size
+    return None
+
+
+def build_meta_model(cfg: Namespace):
+    """The model of a parsed ``fit`` config built on the meta device (no weights are read or allocated).
+
+    ``CausalLMModule`` (and subclasses) go through ``build_causal_lm(..., device="meta")``, which reads
+    only ``config.json``; any other LightningModule is instantiated under ``torch.device("meta")`` and
+    its ``configure_model`` is called.
+    """
+    import torch
+
+    from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
+
+    cls = _import_class(cfg.model.class_path)
+    init = (cfg.model.get("init_args") or Namespace()).as_dict()
+    if isinstance(cls, type) and issubclass(cls, CausalLMModule):
+        return build_causal_lm(
+            init.get("model_name_or_path"), init.get("config"), init.get("quantize"), init.get("lora"),
+            device="meta", torch_dtype=init.get("torch_dtype"), vocab_size=_data_vocab_size(cfg),
+        )
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningModule, "model")
+    with torch.device("meta"):
+        model = parser.instantiate_classes(parser.parse_object({"model": cfg.model.as_dict()})).model
+        model.configure_model()
+    return model
+
+
+def estimate_main(argv: Sequence[str]) -> int:
+    """``lowmem estimate``: parse the recipe, build its model on the meta device, print the estimate."""
+    import argparse
+
+    from lowmem_lightning.estimate import GB, estimate_memory, format_json, format_table
+
+    parser = argparse.ArgumentParser(
+        prog="lowmem estimate",
+        description="Memory a recipe needs: parameters, frozen weights (by dtype / NF4), gradients and the "
+        "state of every optimizer, from the model built on the meta device (no weights, no download). "
+        "Other options (e.g. --model.model_name_or_path DIR, --optim NAME) are applied as in 'lowmem fit'.",
+    )
+    parser.add_argument("-c", "--config", required=True, help="Recipe: a YAML file or a bundled recipe name.")
+    parser.add_argument("--budget-gb", type=float, default=None, help="Device memory budget in GB (10**9 bytes).")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="Output format.")
+    parser.add_argument(
+        "--step-in-backward", action="store_true", default=None,
+        help="Count the gradients as released in backward (only the largest tensor's alive); default: the "
+        "recipe's LowMemOptimizerCallback step_in_backward.",
+    )
+    known, extra = parser.parse_known_args(list(argv))
+    if known.budget_gb is not None and not (known.budget_gb > 0 and math.isfinite(known.budget_gb)):
+        parser.error(f"argument --budget-gb: invalid value {known.budget_gb!r}: expected a number > 0.")
+    try:
+        cfg = parse_fit_config(["--config", known.config, *extra])
+    except ValueError as err:
+        return _usage_error(str(err))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        model = build_meta_model(cfg)
+        budget = None if known.budget_gb is None else int(known.budget_gb * GB)
+        release = known.step_in_backward if known.step_in_backward is not None else _configured_release(cfg)
+        estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg),
+                                   step_in_backward=release)
+    except (ValueError, TypeError) as err:
+        return _usage_error(_short(err))
+    print(format_json(estimate) if known.format == "json" else format_table(estimate))
+    return 0

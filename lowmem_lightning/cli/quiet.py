@@ -1,0 +1,64 @@
+"""Known third-party console noise, and the one function that silences exactly it.
+
+The ``lowmem`` command calls :func:`quiet_known_noise`; the library itself never changes warning
+filters or log levels.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+
+__all__ = ["KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE", "quiet_known_noise"]
+
+KNOWN_LOG_NOISE: tuple[tuple[str, str], ...] = (
+    # Lightning's advertisement, printed by every Trainer without a LitLogger
+    ("lightning.pytorch.utilities.rank_zero", r"^💡 Tip: For seamless cloud logging and experiment tracking"),
+    # torchao (imported by transformers/peft when installed) on a machine without its CUDA extensions
+    ("torchao", r"^Failed to load \S*torchao\S*_C\w*\S*\.so: "),
+    # torch's deprecation of register_constant() on Enum subclasses, which torchao still calls
+    ("torch.utils._pytree", r"is an Enum subclass and is now natively supported by torch\.compile"),
+    # bitsandbytes (imported by peft when installed) without the optional `kernels` package
+    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community"),
+)
+"""``(logger name, message regex)`` of third-party log records that ``lowmem`` commands drop."""
+
+KNOWN_WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
+    # torch deprecated LeafSpec; Lightning's own _pytree helper still uses it
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+    # transformers renamed is_gradient_checkpointing; peft still calls the old name
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
+)
+"""``(message regex, category, module regex)`` of third-party warnings that ``lowmem`` commands ignore."""
+
+
+class _DropKnownRecords(logging.Filter):
+    """Drops the log records whose message matches one of ``patterns``; passes every other record."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in self.patterns)
+
+
+def quiet_known_noise() -> None:
+    """Silence exactly the known third-party messages above (by logger and message, or by warning
+    message, category and module); everything else, our warnings and every error included, stays.
+
+    Called by the ``lowmem`` entry point only: the library itself never changes warning filters or
+    log levels. An application may call it too, before it imports transformers or peft.
+    """
+    by_logger: dict[str, list[str]] = {}
+    for name, pattern in KNOWN_LOG_NOISE:
+        by_logger.setdefault(name, []).append(pattern)
+    for name, patterns in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownRecords) for f in logger.filters):
+            logger.addFilter(_DropKnownRecords(patterns))
+    for message, category, module in KNOWN_WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
