@@ -95,7 +95,7 @@ def test_codec_candidates_round_trip():
 
 
 def test_ptx_counts_tells_scalar_from_vector_accesses():
-    count = _load("ptx_counts").count_accesses
+    from lowmem_lightning.kernels.aot import count_accesses as count
     ptx = "\n".join([
         "\tld.global.b32 { %r9 }, [ %rd10 + 0 ];",
         "\t@%p1 ld.global.b8 { %rs1 }, [ %rd1 + 0 ];",
