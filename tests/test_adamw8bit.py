@@ -201,7 +201,7 @@ def test_hyperparameters_are_runtime_kernel_arguments():
     constexprs = {
         name for name, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)
     }
-    assert constexprs == {"PARAM_DTYPE", "GRAD_DTYPE", "QUANTIZED", "ROWS", "BLOCK"}
+    assert constexprs == {"PARAM_DTYPE", "GRAD_DTYPE", "QUANTIZED", "ROWS", "BLOCK", "ALIGNED"}
     mangled = {triton.runtime.jit.mangle_type(lr) for lr in (1e-3, 3e-4, 0.1, 1.0, 0.0)}
     assert mangled == {"fp32"}
 

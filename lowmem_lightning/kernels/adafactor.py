@@ -48,10 +48,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import dtype_variants, signature_of
+from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
 from .dispatch import choose, cpu_compiled, scalar_args
 from .factored import (
+    ONE_WARP,
     INT_TYPES,
     as_blocks,
     block_direction,
@@ -115,13 +116,13 @@ def adafactor_update_kernel(
     store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
 
 
-AOT_SPECS = [
+AOT_SPECS = with_aligned([
     (adafactor_update_kernel,
      signature_of(adafactor_update_kernel, INT_TYPES, p_ptr=f"*{param}", g_ptr=f"*{grad}",
                   m_ptr="*i8" if momentum == 2 else "*fp32"),
-     {"FACTORED": factored, "MOMENTUM": momentum, "BLOCK": BLOCK_SIZE})
+     {"FACTORED": factored, "MOMENTUM": momentum, "BLOCK": BLOCK_SIZE}, {"num_warps": ONE_WARP})
     for param, grad, (factored, momentum) in dtype_variants((f, m) for f in (False, True) for m in (0, 1, 2))
-]
+])
 """(kernel, signature, constexprs) for every variant of the update kernel in fp32, plus the richest
 for the other (param, grad) dtype pairs (the statistics kernels are listed in :mod:`.factored`)."""
 
@@ -342,7 +343,7 @@ def _launch(work, g, v, vc, m, absmax, step, flag, elr, lr, eps, clip_threshold,
         work, g, flag if m is None else m, flag if absmax is None else absmax, v, v if vc is None else vc,
         rmean if vc is not None else v, scal, flag, step, n, R, C, 0.0 if beta1 is None else float(beta1),
         1.0 - (0.0 if beta1 is None else float(beta1)), float(weight_decay), int(tensor_index),
-        FACTORED=vc is not None, MOMENTUM=momentum, BLOCK=BLOCK_SIZE, enable_fp_fusion=False,
+        FACTORED=vc is not None, MOMENTUM=momentum, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP, enable_fp_fusion=False,
     )
 
 

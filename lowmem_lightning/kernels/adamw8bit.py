@@ -53,7 +53,7 @@ from .codec import (
     sqrt_rn_reference,
 )
 from .dispatch import cpu_compile_wanted, cpu_compiled, triton_dtype, use_triton
-from .multitensor import PARAM_GRAD_DTYPE_PAIRS, bucket, kernel_inputs, launch_table, tile_map, write_back
+from .multitensor import PARAM_GRAD_DTYPE_PAIRS, bucket, is_aligned, launch_over
 from .rounding import device_seed, masked_reference, seed_reference, store_param, write_param_reference
 
 __all__ = [
@@ -115,6 +115,7 @@ def _adamw8bit_kernel(
     QUANTIZED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
     zero = tl.zeros((), dtype=tl.float32)  # "zero + x": fp32 scalars (the interpreter passes Python floats)
     lr = zero + lr
@@ -133,28 +134,42 @@ def _adamw8bit_kernel(
     first_tile = tl.load(table_ptr + 9 * T + t)
     seed_base = tl.load(table_ptr + 10 * T + t)
 
-    rows = (pid - first_tile) * ROWS + tl.arange(0, ROWS)  # block index inside the tensor, (ROWS,)
-    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element index, (ROWS, BLOCK)
-    in_bounds = offs < n
-    row_in_bounds = rows * BLOCK < n
-    n_write = tl.where(tl.load(flag_ptr) != 0.0, n, 0)  # 0 when the gradient is not finite: write nothing
-    write = offs < n_write
-    row_write = rows * BLOCK < n_write
-
-    p = tl.load(p_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32) * grad_sign
     if QUANTIZED:
         m_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.int8))
         m_abs_ptr = tl.load(table_ptr + 3 * T + t).to(tl.pointer_type(tl.float32))
         v_ptr = tl.load(table_ptr + 4 * T + t).to(tl.pointer_type(tl.uint8))
         v_abs_ptr = tl.load(table_ptr + 5 * T + t).to(tl.pointer_type(tl.float32))
+    else:
+        m_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.float32))
+        m_abs_ptr = m_ptr
+        v_ptr = tl.load(table_ptr + 4 * T + t).to(tl.pointer_type(tl.float32))
+        v_abs_ptr = v_ptr
+    if ALIGNED:  # every data pointer 16-byte aligned, n a multiple of 16 (the launcher checked)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        n = tl.multiple_of(n, 16)
+
+    block0 = (pid - first_tile) * ROWS
+    rows = block0 + tl.arange(0, ROWS)  # block index inside the tensor, (ROWS,)
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element index, (ROWS, BLOCK)
+    in_bounds = offs < n
+    n_write = tl.where(tl.load(flag_ptr) != 0.0, n, 0)  # 0 when the gradient is not finite: write nothing
+    if ALIGNED:
+        n_write = tl.multiple_of(n_write, 16)  # 0 or n
+    write = offs < n_write
+    row_in_bounds = rows * BLOCK < n  # (absmax rows: one per thread, scalar accesses at any alignment)
+    row_write = rows * BLOCK < n_write
+
+    p = tl.load(p_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32) * grad_sign
+    if QUANTIZED:
         m_scale = tl.load(m_abs_ptr + rows, mask=row_in_bounds, other=0.0)
         v_scale = tl.load(v_abs_ptr + rows, mask=row_in_bounds, other=0.0)
         m = decode_signed(tl.load(m_ptr + offs, mask=in_bounds, other=0), m_scale[:, None])
         v = decode_unsigned(tl.load(v_ptr + offs, mask=in_bounds, other=0), v_scale[:, None])
     else:
-        m_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(table_ptr + 4 * T + t).to(tl.pointer_type(tl.float32))
         m = tl.load(m_ptr + offs, mask=in_bounds, other=0.0)
         v = tl.load(v_ptr + offs, mask=in_bounds, other=0.0)
 
@@ -183,7 +198,7 @@ def _adamw8bit_kernel(
         tl.store(v_ptr + offs, v, mask=write)
 
 
-def _aot_spec(param_dtype, grad_dtype, quantized: bool):
+def _aot_spec(param_dtype, grad_dtype, quantized: bool, aligned: bool = False):
     signature = {"table_ptr": "*i64", "tile_owner_ptr": "*i32", "T": "i32"}
     signature.update({name: "fp32" for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_sign")})
     constexprs = {
@@ -192,14 +207,16 @@ def _aot_spec(param_dtype, grad_dtype, quantized: bool):
         "QUANTIZED": quantized,
         "ROWS": ROWS,
         "BLOCK": BLOCK_SIZE,
+        "ALIGNED": aligned,
     }
     return (_adamw8bit_kernel, signature, constexprs)
 
 
 AOT_SPECS = [
-    _aot_spec(triton_dtype(p), triton_dtype(g), q) for p, g in PARAM_GRAD_DTYPE_PAIRS for q in (True, False)
+    _aot_spec(triton_dtype(p), triton_dtype(g), q, aligned)
+    for aligned in (False, True) for p, g in PARAM_GRAD_DTYPE_PAIRS for q in (True, False)
 ]
-"""(kernel, signature, constexprs) for every (param dtype, grad dtype, quantized) variant launched."""
+"""(kernel, signature, constexprs) for every (param dtype, grad dtype, quantized, aligned) variant launched."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +368,9 @@ def adamw8bit_update(
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
     groups = bucket(len(params), lambda i: (
-        (exp_avg_absmaxes[i] is not None, params[i].dtype, grads[i].dtype, params[i].device)
+        (exp_avg_absmaxes[i] is not None,
+         is_aligned(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]),
+         params[i].dtype, grads[i].dtype, params[i].device)
         if use_triton(params[i]) else params[i].device
     ))
     buckets = {key: idx for key, idx in groups.items() if isinstance(key, tuple)}
@@ -363,7 +382,7 @@ def adamw8bit_update(
         for j, i in enumerate(idx):
             _reference_one(params[i], grads[i], exp_avgs[i], exp_avg_absmaxes[i], exp_avg_sqs[i],
                            exp_avg_sq_absmaxes[i], flags[i], hp, terms[j].clone(), seeds[j].clone())
-    for (quantized, *_), idx in buckets.items():
+    for (quantized, aligned, *_), idx in buckets.items():
         _launch(
             [params[i] for i in idx],
             [grads[i] for i in idx],
@@ -375,6 +394,7 @@ def adamw8bit_update(
             [flags[i] for i in idx],
             [seed_bases[i] for i in idx],
             quantized,
+            aligned,
             hyper,
         )
 
@@ -416,44 +436,15 @@ def _blockwise(core, param, grad, m, m_absmax, v, v_absmax, *args):
     v.copy_(padded[3].view(-1)[:n])
 
 
-def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, quantized: bool, hyper: dict):
-    device = params[0].device
-    work, grads = kernel_inputs(params, grads)
-    numels = tuple(p.numel() for p in work)
-    owner, firsts, num_tiles = tile_map(numels, device, ROWS * BLOCK_SIZE)
-    if num_tiles == 0:
-        return
-    table = launch_table(
-        [
-            [p.data_ptr() for p in work],
-            [g.data_ptr() for g in grads],
-            [m.data_ptr() for m in ms],
-            [a.data_ptr() if quantized else 0 for a in m_absmaxes],
-            [v.data_ptr() for v in vs],
-            [a.data_ptr() if quantized else 0 for a in v_absmaxes],
-            [s.data_ptr() for s in steps],
-            [f.data_ptr() for f in flags],
-            numels,
-            firsts,
-            seeds,
-        ],
-        device,
-    )
-    _adamw8bit_kernel[(num_tiles,)](
-        table,
-        owner,
-        len(work),
-        float(hyper["lr"]),
-        float(hyper["beta1"]),
-        float(hyper["beta2"]),
-        float(hyper["eps"]),
-        float(hyper["weight_decay"]),
-        -1.0 if hyper["maximize"] else 1.0,
-        PARAM_DTYPE=triton_dtype(work[0].dtype),
-        GRAD_DTYPE=triton_dtype(grads[0].dtype),
-        QUANTIZED=quantized,
-        ROWS=ROWS,
-        BLOCK=BLOCK_SIZE,
-        enable_fp_fusion=False,
-    )
-    write_back(params, work)
+def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, quantized: bool, aligned: bool,
+            hyper: dict):
+    state_rows = [
+        [m.data_ptr() for m in ms],
+        [a.data_ptr() if quantized else 0 for a in m_absmaxes],
+        [v.data_ptr() for v in vs],
+        [a.data_ptr() if quantized else 0 for a in v_absmaxes],
+    ]
+    scalars = [float(hyper[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")]
+    scalars.append(-1.0 if hyper["maximize"] else 1.0)
+    launch_over(_adamw8bit_kernel, params, grads, state_rows, steps, flags, seeds, scalars, ROWS * BLOCK_SIZE,
+                QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)

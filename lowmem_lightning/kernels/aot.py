@@ -90,10 +90,35 @@ def aligned_attrs(kernel, aligned) -> dict:
     return {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
 
 
-def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, aligned=()):
+SIZE_PARAMS = ("n", "n_pairs", "R", "C", "num_blocks", "block_size")
+"""Integer parameters that are multiples of 16 for an aligned LLM tensor (element counts, rows,
+columns, NF4 blocks); :func:`aligned_params` declares them divisible with the pointers."""
+
+
+def aligned_params(kernel, signature: dict) -> tuple[str, ...]:
+    """The parameters Triton's launcher specializes as divisible by 16 when it is given 16-byte
+    aligned tensors of multiple-of-16 sizes: every pointer and the :data:`SIZE_PARAMS` present."""
+    return tuple(name for name in runtime_params(kernel)
+                 if signature.get(name, "").startswith("*") or name in SIZE_PARAMS)
+
+
+def with_aligned(specs) -> list:
+    """Each ``(kernel, signature, constexprs[, options])`` twice: as is (the general case) and with
+    :func:`aligned_params` declared divisible by 16 (what a GPU runs on aligned tensors)."""
+    out = []
+    for kernel, signature, constexprs, *options in specs:
+        opts = options[0] if options else {}
+        out.append((kernel, signature, constexprs, (), opts))
+        out.append((kernel, signature, constexprs, aligned_params(kernel, signature), opts))
+    return out
+
+
+def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, aligned=(), options=None):
     """Compile one kernel for ``sm_{arch}``; returns the compiled kernel (``.asm`` has ptx and cubin).
 
-    ``aligned``: parameter names compiled as divisible by 16 (see :func:`aligned_attrs`)."""
+    ``aligned``: parameter names compiled as divisible by 16 (see :func:`aligned_attrs`);
+    ``options``: launch options such as ``{"num_warps": 1}`` (the launcher's, so the PTX is the one
+    that runs)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -103,12 +128,13 @@ def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, aligned=(
         full_signature[name] = "constexpr"
     src = ASTSource(fn=kernel, signature=full_signature, constexprs=dict(constexprs),
                     attrs=aligned_attrs(kernel, aligned))
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": False})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"enable_fp_fusion": False, **(options or {})})
 
 
 def iter_specs():
-    """Yield ``(module_name, kernel, signature, constexprs, aligned)`` for every kernel of the package
-    (a spec is ``(kernel, signature, constexprs)`` or ``(kernel, signature, constexprs, aligned)``)."""
+    """Yield ``(module_name, kernel, signature, constexprs, aligned, options)`` for every kernel of the
+    package (a spec is ``(kernel, signature, constexprs[, aligned[, options]])``)."""
     for module_name in KERNEL_MODULES:
         try:
             module = importlib.import_module(module_name)
@@ -116,8 +142,10 @@ def iter_specs():
             if err.name == module_name:
                 continue
             raise
-        for kernel, signature, constexprs, *aligned in getattr(module, "AOT_SPECS", ()):
-            yield module_name, kernel, signature, constexprs, tuple(aligned[0]) if aligned else ()
+        for kernel, signature, constexprs, *extra in getattr(module, "AOT_SPECS", ()):
+            aligned = tuple(extra[0]) if extra else ()
+            options = dict(extra[1]) if len(extra) > 1 else {}
+            yield module_name, kernel, signature, constexprs, aligned, options
 
 
 _ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)\s", re.M)
@@ -133,21 +161,58 @@ def count_accesses(ptx: str) -> dict[str, int]:
     return counts
 
 
-def main() -> int:
-    """Compile every spec for every arch; print one line each; exit code 1 if any failed."""
-    failures = 0
-    for module_name, kernel, signature, constexprs, aligned in iter_specs():
-        for arch in ARCHES:
-            name = f"{module_name}.{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__}"
-            try:
-                compiled = compile_spec(kernel, signature, constexprs, arch, aligned)
-                ok = bool(compiled.asm.get("ptx")) and bool(compiled.asm.get("cubin"))
-                print(f"sm_{arch} {name} {constexprs}: {'ok' if ok else 'NO CUBIN'}")
-                failures += not ok
-            except Exception as err:  # report every failure, not just the first
-                print(f"sm_{arch} {name} {constexprs}: FAILED {type(err).__name__}: {err}")
-                failures += 1
-    return 1 if failures else 0
+def _compile_one(task: tuple[int, int]) -> dict:
+    """Compile spec number ``task[0]`` of :func:`iter_specs` for ``sm_{task[1]}``; a JSON-able record."""
+    index, arch = task
+    module_name, kernel, signature, constexprs, aligned, options = list(iter_specs())[index]
+    record = {
+        "arch": arch, "module": module_name.rsplit(".", 1)[-1], "kernel": getattr(kernel, "fn", kernel).__name__,
+        "constexprs": {k: str(v) for k, v in constexprs.items()}, "aligned": bool(aligned), "options": options,
+    }
+    try:
+        compiled = compile_spec(kernel, signature, constexprs, arch, aligned, options)
+        ok = bool(compiled.asm.get("ptx")) and bool(compiled.asm.get("cubin"))
+        record.update(ok=ok, error="" if ok else "no cubin", counts=count_accesses(compiled.asm["ptx"]))
+    except Exception as err:  # report every failure, not just the first
+        record.update(ok=False, error=f"{type(err).__name__}: {err}", counts=None)
+    return record
+
+
+def compile_all(jobs: int = 1) -> list[dict]:
+    """Compile every spec for every arch (``jobs`` processes); one record each: ``arch``, ``module``,
+    ``kernel``, ``constexprs`` (as strings), ``aligned``, ``options``, ``ok``, ``error`` and
+    ``counts`` (:func:`count_accesses` of the PTX)."""
+    tasks = [(i, arch) for i in range(len(list(iter_specs()))) for arch in ARCHES]
+    if jobs <= 1:
+        return [_compile_one(task) for task in tasks]
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_one, tasks, chunksize=4))
+
+
+def main(argv=None) -> int:
+    """Compile every spec for every arch; print one line each (with the PTX access counts); exit code
+    1 if any failed. ``--json PATH`` also writes the records of :func:`compile_all`."""
+    import argparse
+    import json
+    import os
+
+    parser = argparse.ArgumentParser(description="Compile every Triton kernel for sm_80 and sm_90.")
+    parser.add_argument("--json", help="write the records (kernel, constexprs, aligned, counts) to this file")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiler processes")
+    args = parser.parse_args(argv)
+    records = compile_all(args.jobs)
+    for r in records:
+        label = str(r["constexprs"]) + (" aligned" if r["aligned"] else "") + (f" {r['options']}" if r["options"] else "")
+        status = "ok" if r["ok"] else f"FAILED {r['error']}"
+        counts = " ".join(f"{k}={v}" for k, v in (r["counts"] or {}).items())
+        print(f"sm_{r['arch']} {r['module']}.{r['kernel']} {label}: {status} {counts}".rstrip())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 1 if any(not r["ok"] for r in records) else 0
 
 
 if __name__ == "__main__":

@@ -40,10 +40,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import dtype_variants, signature_of
+from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, decode_signed
 from .dispatch import choose, cpu_compiled, scalar_args
 from .factored import (
+    ONE_WARP,
     FINALIZE_BLOCK,
     INT_TYPES,
     TILES,
@@ -169,7 +170,7 @@ def _came_update_kernel(
     store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
 
 
-AOT_SPECS = [
+AOT_SPECS = with_aligned([
     (_res_stats_kernel,
      signature_of(_res_stats_kernel, INT_TYPES, g_ptr=f"*{grad}", m_ptr="*i8" if quantized else "*fp32"),
      {"QUANTIZED": quantized, "BLOCK_R": br, "BLOCK_C": bc})
@@ -177,9 +178,9 @@ AOT_SPECS = [
 ] + [
     (_came_update_kernel, signature_of(_came_update_kernel, INT_TYPES, p_ptr=f"*{param}", g_ptr=f"*{grad}",
                                        m_ptr="*i8" if quantized else "*fp32"),
-     {"FACTORED": factored, "QUANTIZED": quantized, "BLOCK": BLOCK_SIZE})
+     {"FACTORED": factored, "QUANTIZED": quantized, "BLOCK": BLOCK_SIZE}, {"num_warps": ONE_WARP})
     for param, grad, (factored, quantized) in dtype_variants((f, q) for f in (False, True) for q in (False, True))
-]
+])
 """(kernel, signature, constexprs) for every CAME-specific kernel and constexpr variant in fp32, plus
 the richest variant for the other dtype pairs (the shared second-moment kernels are listed in
 :mod:`.factored`)."""
@@ -388,11 +389,11 @@ def _launch(work, g, v, vc, sr, sc, m, absmax, step, flag, lr, eps, clip_thresho
         )
         sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
             colpart, sc, rsum_part, smean, flag, step, beta3, 1.0 - beta3, 0, R, C, n_rt, BLOCK=FINALIZE_BLOCK,
-            enable_fp_fusion=False,
+            num_warps=ONE_WARP, enable_fp_fusion=False,
         )
     _came_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
         work, g, m, flag if absmax is None else absmax, v, v if vc is None else vc, v if vc is None else rmean,
         v if sr is None else sr, v if sc is None else sc, v if vc is None else smean, scal, flag, step, n, R, C,
         beta1, 1.0 - beta1, float(weight_decay), float(lr), int(tensor_index),
-        FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, enable_fp_fusion=False,
+        FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP, enable_fp_fusion=False,
     )

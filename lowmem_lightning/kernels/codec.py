@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import with_aligned
 from .dispatch import use_triton
 
 __all__ = [
@@ -148,29 +149,35 @@ def _dequantize_kernel(code_ptr, absmax_ptr, out_ptr, n, SIGNED: tl.constexpr, B
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-AOT_SPECS = [
+NUM_WARPS = 1
+"""Warps per program of the standalone kernels: 8 elements per thread, so a block's codes move as
+8-byte vectors and its fp32 values as 16-byte ones (4 warps gave 2 elements, scalar accesses)."""
+
+AOT_SPECS = with_aligned([
     (
         _quantize_kernel,
         {"x_ptr": "*fp32", "code_ptr": "*i8", "absmax_ptr": "*fp32", "n": "i64"},
-        {"SIGNED": True, "BLOCK": BLOCK_SIZE},
+        {"SIGNED": True, "BLOCK": BLOCK_SIZE}, {"num_warps": NUM_WARPS},
     ),
     (
         _quantize_kernel,
         {"x_ptr": "*fp32", "code_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i64"},
-        {"SIGNED": False, "BLOCK": BLOCK_SIZE},
+        {"SIGNED": False, "BLOCK": BLOCK_SIZE}, {"num_warps": NUM_WARPS},
     ),
     (
         _dequantize_kernel,
         {"code_ptr": "*i8", "absmax_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64"},
-        {"SIGNED": True, "BLOCK": BLOCK_SIZE},
+        {"SIGNED": True, "BLOCK": BLOCK_SIZE}, {"num_warps": NUM_WARPS},
     ),
     (
         _dequantize_kernel,
         {"code_ptr": "*u8", "absmax_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64"},
-        {"SIGNED": False, "BLOCK": BLOCK_SIZE},
+        {"SIGNED": False, "BLOCK": BLOCK_SIZE}, {"num_warps": NUM_WARPS},
     ),
-]
-"""(kernel, signature, constexprs) triples compiled ahead of time for sm_80 and sm_90 by the tests."""
+])
+"""(kernel, signature, constexprs, aligned, options) compiled ahead of time for sm_80 and sm_90 by the
+tests: each kernel in the general form and with aligned pointers and sizes (what a GPU runs on
+aligned tensors)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +279,8 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
     codes = torch.empty(n, dtype=torch.int8 if signed else torch.uint8, device=x.device)
     absmax = torch.empty(nb, dtype=torch.float32, device=x.device)
     if n:
-        _quantize_kernel[(nb,)](flat, codes, absmax, n, SIGNED=signed, BLOCK=BLOCK_SIZE, enable_fp_fusion=False)
+        _quantize_kernel[(nb,)](flat, codes, absmax, n, SIGNED=signed, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+                                enable_fp_fusion=False)
     return codes, absmax
 
 
@@ -286,6 +294,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Ten
     if n:
         signed = codes.dtype == torch.int8
         _dequantize_kernel[(num_blocks(n),)](
-            flat, absmax.contiguous(), out, n, SIGNED=signed, BLOCK=BLOCK_SIZE, enable_fp_fusion=False
+            flat, absmax.contiguous(), out, n, SIGNED=signed, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
         )
     return out

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import dtype_variants, signature_of
+from .aot import dtype_variants, signature_of, with_aligned
 from .codec import (
     BLOCK_SIZE,
     decode_signed,
@@ -47,6 +47,7 @@ from .rounding import masked_reference
 
 __all__ = [
     "TILES",
+    "ONE_WARP",
     "tile_shape",
     "factored_shape",
     "state_views",
@@ -70,6 +71,11 @@ matrices (1000 x 3) do not run mostly-masked tiles."""
 
 FINALIZE_BLOCK = 128
 """Columns per program of the column finalize kernel."""
+
+ONE_WARP = 1
+"""Warps per program of the element-wise update kernels (256 elements) and the finalize kernel (128
+columns): 8 (4) elements per thread, so fp32 streams move as 16-byte vectors and 8-bit codes as
+8-byte ones; the default 4 warps left 2 (1) elements per thread, scalar accesses."""
 
 FLAT_BLOCK = 1024
 """Elements per program of the 1-D statistics kernel."""
@@ -384,7 +390,7 @@ INT_TYPES = {
 }
 """Triton types of the integer arguments of the factored kernels (others: fp32 scalars, ``*fp32`` pointers)."""
 
-AOT_SPECS = (
+AOT_SPECS = with_aligned(
     [
         (sq_stats_kernel, signature_of(sq_stats_kernel, INT_TYPES, g_ptr=f"*{grad}", p_ptr=f"*{param}"),
          {"WITH_PSQ": psq, "BLOCK_R": br, "BLOCK_C": bc})
@@ -395,7 +401,8 @@ AOT_SPECS = (
          {"WITH_PSQ": psq, "BLOCK": FLAT_BLOCK})
         for param, grad, psq in dtype_variants((False, True))
     ]
-    + [(sq_finalize_kernel, signature_of(sq_finalize_kernel, INT_TYPES), {"BLOCK": FINALIZE_BLOCK})]
+    + [(sq_finalize_kernel, signature_of(sq_finalize_kernel, INT_TYPES), {"BLOCK": FINALIZE_BLOCK},
+        {"num_warps": ONE_WARP})]
     + [
         (clip_stats_kernel, signature_of(clip_stats_kernel, INT_TYPES, g_ptr=f"*{grad}"),
          {"BLOCK_R": br, "BLOCK_C": bc})
@@ -403,8 +410,9 @@ AOT_SPECS = (
     ]
     + [(scalars_kernel, signature_of(scalars_kernel, INT_TYPES), {"BLOCK": FLAT_BLOCK})]
 )
-"""(kernel, signature, constexprs) for every statistics kernel and constexpr variant in fp32, plus the
-richest variant for the other (param, grad) dtype pairs."""
+"""(kernel, signature, constexprs, aligned, options) for every statistics kernel and constexpr variant
+in fp32, plus the richest variant for the other (param, grad) dtype pairs; each in the general form and
+with aligned pointers and sizes (:func:`.aot.with_aligned`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -569,7 +577,7 @@ def launch_second_moment(
         )
         sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
             colpart, vc, rsum_part, rmean, flag, step, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
-            BLOCK=FINALIZE_BLOCK, enable_fp_fusion=False,
+            BLOCK=FINALIZE_BLOCK, num_warps=ONE_WARP, enable_fp_fusion=False,
         )
         usq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
         clip_stats_kernel[(B * n_rt,)](

@@ -5,6 +5,11 @@ data pointers, sizes, first tile, seed offsets) and an int32 map from program id
 updates; each program handles one tile of ``tile_elements`` elements of its tensor. Tensors are
 bucketed by what changes the compiled kernel (device, dtypes, state form), one launch per bucket.
 The table is copied to the device without a sync (pinned, non-blocking on CUDA).
+
+Tensors whose data pointers are 16-byte aligned and whose sizes are multiples of 16 (:func:`is_aligned`,
+almost every LLM tensor) go to the kernel's ``ALIGNED=True`` variant, which tells the compiler so
+(``tl.multiple_of`` on the table-loaded pointers and the element count): its loads and stores are
+vector instructions (``ld.global.v4``), where the general variant issues one scalar access per element.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 import triton
 
-__all__ = ["PARAM_GRAD_DTYPE_PAIRS", "bucket", "tile_map", "launch_table", "kernel_inputs", "write_back"]
+from .dispatch import triton_dtype
+
+__all__ = ["PARAM_GRAD_DTYPE_PAIRS", "VECTOR_BYTES", "is_aligned", "launch_over", "bucket", "tile_map", "launch_table", "kernel_inputs", "write_back"]
 
 PARAM_GRAD_DTYPE_PAIRS = [
     (torch.float32, torch.float32),
@@ -29,6 +36,18 @@ PARAM_GRAD_DTYPE_PAIRS = [
 """(param dtype, grad dtype) pairs the multi-tensor launchers are compiled for ahead of time."""
 
 _KERNEL_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+VECTOR_BYTES = 16
+"""Alignment (bytes) of data pointers and multiple of element counts the ``ALIGNED`` kernels assume."""
+
+
+def is_aligned(*tensors: torch.Tensor | None) -> bool:
+    """True when every tensor (None skipped) is contiguous, starts on a :data:`VECTOR_BYTES` boundary
+    and has a multiple of 16 elements: the condition of the kernels' ``ALIGNED=True`` variant."""
+    return all(
+        t.is_contiguous() and t.data_ptr() % VECTOR_BYTES == 0 and t.numel() % 16 == 0
+        for t in tensors if t is not None
+    )
 
 
 def bucket(count: int, key: Callable[[int], Hashable]) -> dict[Hashable, list[int]]:
@@ -74,3 +93,30 @@ def write_back(params: Sequence[torch.Tensor], work: Sequence[torch.Tensor]) -> 
     for param, w in zip(params, work):
         if w is not param:
             param.copy_(w)
+
+
+def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, scalars, tile_elements: int,
+                **constexprs) -> None:
+    """One launch of a multi-tensor ``kernel`` over ``params`` (one bucket), in place.
+
+    The launch table's rows are: param and grad pointers, the kernel's ``state_rows`` (lists of
+    ints, one per tensor: state pointers, 0 where absent), step and flag pointers, element counts,
+    first tiles and ``per_tensor`` (an int per tensor: seed base or tensor index). The kernel is
+    called as ``kernel[(tiles,)](table, owner, T, *scalars, PARAM_DTYPE, GRAD_DTYPE, **constexprs)``.
+    Non-contiguous params are updated through contiguous copies (:func:`kernel_inputs`).
+    """
+    device = params[0].device
+    work, grads = kernel_inputs(params, grads)
+    numels = tuple(p.numel() for p in work)
+    owner, firsts, num_tiles = tile_map(numels, device, tile_elements)
+    if num_tiles == 0:
+        return
+    rows = [[p.data_ptr() for p in work], [g.data_ptr() for g in grads], *state_rows,
+            [s.data_ptr() for s in steps], [f.data_ptr() for f in flags], numels, firsts,
+            [int(x) for x in per_tensor]]
+    kernel[(num_tiles,)](
+        launch_table(rows, device), owner, len(work), *scalars,
+        PARAM_DTYPE=triton_dtype(work[0].dtype), GRAD_DTYPE=triton_dtype(grads[0].dtype),
+        **constexprs, enable_fp_fusion=False,
+    )
+    write_back(params, work)

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import with_aligned
 from .dispatch import use_triton
 
 __all__ = [
@@ -132,40 +133,46 @@ def _cast_rne(v, dtype: tl.constexpr):
 
 @triton.jit
 def _nf4_pack_kernel(
-    x_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, mid_ptr, packed_ptr, n, block_size,
+    x_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, mid_ptr, packed_ptr, n, n_pairs, block_size,
     DOUBLE: tl.constexpr, TILE: tl.constexpr,
 ):
-    """Write one byte per pair of weights: code(x[2i]) << 4 | code(x[2i+1])."""
+    """Write one byte per pair of weights: code(x[2i]) << 4 | code(x[2i+1]).
+
+    The weights are read as one contiguous run of ``2 * TILE`` elements and split into even and odd
+    lanes in registers (a vector load when aligned; strided even/odd loads compile to scalar ones)."""
     pid = tl.program_id(0)
     pairs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
     even = pairs * 2
-    mask_e = even < n
-    mask_o = even + 1 < n
+    mask_e = pairs < n_pairs  # == even < n; uniform over 16 pairs when n_pairs is a multiple of 16
+    elems = pid.to(tl.int64) * (2 * TILE) + tl.arange(0, 2 * TILE)
     scale = _nf4_block_scale(even // block_size, mask_e, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DOUBLE)
     mids = tl.load(mid_ptr + tl.arange(0, 16))  # 15 midpoints, then +inf
-    x_e = tl.load(x_ptr + even, mask=mask_e, other=0.0).to(tl.float32)
-    x_o = tl.load(x_ptr + even + 1, mask=mask_o, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + elems, mask=elems < n, other=0.0).to(tl.float32)
+    x_e, x_o = tl.split(tl.reshape(x, (TILE, 2)))
     byte = (_nf4_encode(x_e, scale, mids) << 4) | _nf4_encode(x_o, scale, mids)
     tl.store(packed_ptr + pairs, byte.to(tl.uint8), mask=mask_e)
 
 
 @triton.jit
 def _nf4_unpack_kernel(
-    packed_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, code_ptr, out_ptr, n, block_size,
+    packed_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, code_ptr, out_ptr, n, n_pairs, block_size,
     DOUBLE: tl.constexpr, TILE: tl.constexpr,
 ):
-    """out[2i] = NF4[byte >> 4] * scale, out[2i+1] = NF4[byte & 15] * scale, cast to out's dtype."""
+    """out[2i] = NF4[byte >> 4] * scale, out[2i+1] = NF4[byte & 15] * scale, cast to out's dtype.
+
+    Even and odd values are interleaved in registers and written as one contiguous run of
+    ``2 * TILE`` elements (a vector store when aligned)."""
     pid = tl.program_id(0)
     pairs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
     even = pairs * 2
-    mask_e = even < n
-    mask_o = even + 1 < n
+    mask_e = pairs < n_pairs  # == even < n; uniform over 16 pairs when n_pairs is a multiple of 16
     scale = _nf4_block_scale(even // block_size, mask_e, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DOUBLE)
     byte = tl.load(packed_ptr + pairs, mask=mask_e, other=0).to(tl.int32)
-    v_e = tl.load(code_ptr + (byte >> 4)) * scale
-    v_o = tl.load(code_ptr + (byte & 15)) * scale
-    tl.store(out_ptr + even, _cast_rne(v_e, out_ptr.dtype.element_ty), mask=mask_e)
-    tl.store(out_ptr + even + 1, _cast_rne(v_o, out_ptr.dtype.element_ty), mask=mask_o)
+    v_e = _cast_rne(tl.load(code_ptr + (byte >> 4)) * scale, out_ptr.dtype.element_ty)
+    v_o = _cast_rne(tl.load(code_ptr + (byte & 15)) * scale, out_ptr.dtype.element_ty)
+    out = tl.reshape(tl.join(v_e, v_o), (2 * TILE,))
+    elems = pid.to(tl.int64) * (2 * TILE) + tl.arange(0, 2 * TILE)
+    tl.store(out_ptr + elems, out, mask=elems < n)
 
 
 _DTYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
@@ -194,18 +201,20 @@ def _aot_specs() -> list:
             scales = _scale_signature()
             specs.append((
                 _nf4_pack_kernel,
-                {"x_ptr": ty, **scales, "mid_ptr": "*fp32", "packed_ptr": "*u8", "n": "i64", "block_size": "i64"},
+                {"x_ptr": ty, **scales, "mid_ptr": "*fp32", "packed_ptr": "*u8", "n": "i64", "n_pairs": "i64",
+                 "block_size": "i64"},
                 {"DOUBLE": double, "TILE": _PAIR_TILE},
             ))
             specs.append((
                 _nf4_unpack_kernel,
-                {"packed_ptr": "*u8", **scales, "code_ptr": "*fp32", "out_ptr": ty, "n": "i64", "block_size": "i64"},
+                {"packed_ptr": "*u8", **scales, "code_ptr": "*fp32", "out_ptr": ty, "n": "i64",
+                 "n_pairs": "i64", "block_size": "i64"},
                 {"DOUBLE": double, "TILE": _PAIR_TILE},
             ))
     return specs
 
 
-AOT_SPECS = _aot_specs()
+AOT_SPECS = with_aligned(_aot_specs())
 """(kernel, signature, constexprs) triples compiled ahead of time for sm_80 and sm_90 by the tests."""
 
 
@@ -430,7 +439,7 @@ def _quantize_triton(x: torch.Tensor, block_size: int, double_quant: bool) -> NF
     w.packed = torch.empty(-(-n // 2), dtype=torch.uint8, device=x.device)
     _, mids = _tables(x.device)
     _nf4_pack_kernel[(triton.cdiv(w.packed.numel(), _PAIR_TILE),)](
-        flat, *_scale_args(w), mids, w.packed, n, block_size,
+        flat, *_scale_args(w), mids, w.packed, n, w.packed.numel(), block_size,
         DOUBLE=double_quant, TILE=_PAIR_TILE, enable_fp_fusion=False,
     )
     return w
@@ -467,7 +476,7 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     out = torch.empty(n, dtype=dtype, device=w.packed.device)
     values, _ = _tables(w.packed.device)
     _nf4_unpack_kernel[(triton.cdiv(w.packed.numel(), _PAIR_TILE),)](
-        w.packed, *_scale_args(w), values, out, n, w.block_size,
+        w.packed, *_scale_args(w), values, out, n, w.packed.numel(), w.block_size,
         DOUBLE=w.double_quant, TILE=_PAIR_TILE, enable_fp_fusion=False,
     )
     return out.view(w.shape)

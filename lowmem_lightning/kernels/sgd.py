@@ -47,7 +47,7 @@ from .codec import (
     encode_signed_reference,
 )
 from .dispatch import cpu_compile_wanted, cpu_compiled, scalar_args, triton_dtype, use_triton
-from .multitensor import PARAM_GRAD_DTYPE_PAIRS, kernel_inputs, launch_table, tile_map, write_back
+from .multitensor import PARAM_GRAD_DTYPE_PAIRS, is_aligned, launch_over
 from .rounding import index_seed, index_seed_reference, masked_reference, store_param, write_param_reference
 
 __all__ = ["ROWS", "sgd_reference", "sgd_update"]
@@ -80,6 +80,7 @@ def _sgd_kernel(
     QUANTIZED: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
 ):
     lr = _as_fp32(lr)
     weight_decay = _as_fp32(weight_decay)
@@ -97,9 +98,16 @@ def _sgd_kernel(
     first_tile = tl.load(table_ptr + 7 * T + t)
     tensor_index = tl.load(table_ptr + 8 * T + t)
 
+    if ALIGNED:  # every data pointer 16-byte aligned, n a multiple of 16 (the launcher checked)
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        n = tl.multiple_of(n, 16)
+
     rows = (pid - first_tile) * ROWS + tl.arange(0, ROWS)  # (ROWS,) quantization blocks of the tensor
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element indices
     limit = tl.where(tl.load(flag_ptr) != 0.0, n, 0)  # a skipped (non-finite) update touches nothing
+    if ALIGNED:
+        limit = tl.multiple_of(limit, 16)  # 0 or n: the mask is uniform over 16 elements, vector accesses
     mask = offs < limit
     step = tl.load(step_ptr)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_sign
@@ -110,11 +118,15 @@ def _sgd_kernel(
         if QUANTIZED:
             buf_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.int8))
             absmax_ptr = tl.load(table_ptr + 3 * T + t).to(tl.pointer_type(tl.float32))
+            if ALIGNED:
+                buf_ptr = tl.multiple_of(buf_ptr, 16)
             codes = tl.load(buf_ptr + offs, mask=mask, other=0)
             absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=0.0)
             buf = decode_signed(codes, absmax[:, None])
         else:
             buf_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.float32))
+            if ALIGNED:
+                buf_ptr = tl.multiple_of(buf_ptr, 16)
             buf = tl.load(buf_ptr + offs, mask=mask, other=0.0)
         buf = tl.where(step == 1.0, d, momentum * buf + one_minus_dampening * d)
         d = tl.where(nesterov != 0.0, d + momentum * buf, buf)
@@ -129,7 +141,7 @@ def _sgd_kernel(
     store_param(param_ptr, p, offs, mask, seed, True)
 
 
-def _aot_spec(param_dtype, grad_dtype, momentum: bool, quantized: bool):
+def _aot_spec(param_dtype, grad_dtype, momentum: bool, quantized: bool, aligned: bool = False):
     signature = {"table_ptr": "*i64", "tile_owner_ptr": "*i32", "T": "i32"}
     for name in ("lr", "weight_decay", "momentum", "one_minus_dampening", "nesterov", "grad_sign"):
         signature[name] = "fp32"
@@ -140,17 +152,20 @@ def _aot_spec(param_dtype, grad_dtype, momentum: bool, quantized: bool):
         "QUANTIZED": quantized,
         "ROWS": ROWS,
         "BLOCK": BLOCK_SIZE,
+        "ALIGNED": aligned,
     }
     return (_sgd_kernel, signature, constexprs)
 
 
 
 AOT_SPECS = [
-    _aot_spec(triton_dtype(param), triton_dtype(grad), momentum, quantized)
+    _aot_spec(triton_dtype(param), triton_dtype(grad), momentum, quantized, aligned)
+    for aligned in (False, True)
     for param, grad in PARAM_GRAD_DTYPE_PAIRS
     for momentum, quantized in ((False, False), (True, False), (True, True))
 ]
-"""(kernel, signature, constexprs) for every mode (no momentum, fp32, 8-bit) and launched dtype pair."""
+"""(kernel, signature, constexprs) for every mode (no momentum, fp32, 8-bit), launched dtype pair and
+alignment (the general and the ``ALIGNED`` variant)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,51 +308,22 @@ def sgd_update(
     buckets: dict[tuple, list[int]] = {}
     for i, param in enumerate(params):
         if use_triton(param):
-            key = (param.device, param.dtype, grads[i].dtype, bufs[i] is not None, absmaxes[i] is not None)
+            key = (param.device, param.dtype, grads[i].dtype, bufs[i] is not None, absmaxes[i] is not None,
+                   is_aligned(param, grads[i], bufs[i]))
             buckets.setdefault(key, []).append(i)
             continue
         work = param if param.is_contiguous() else param.contiguous()
         _cpu_one(work, grads[i], bufs[i], absmaxes[i], steps[i], flags[i], hyper, tensor_indices[i])
         if work is not param:
             param.copy_(work)
-    for (_, _, _, has_momentum, quantized), idx in buckets.items():
+    for (_, _, _, has_momentum, quantized, aligned), idx in buckets.items():
         _launch([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
                 [absmaxes[i] for i in idx], [steps[i] for i in idx], [flags[i] for i in idx],
-                [tensor_indices[i] for i in idx], hyper, has_momentum, quantized)
+                [tensor_indices[i] for i in idx], hyper, has_momentum, quantized, aligned)
 
 
-def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, has_momentum, quantized) -> None:
-    device = params[0].device
-    work, grads = kernel_inputs(params, grads)
-    numels = tuple(p.numel() for p in work)
-    owner, firsts, num_tiles = tile_map(numels, device, ROWS * BLOCK_SIZE)
-    if num_tiles == 0:
-        return
-    table = launch_table(
-        [
-            [p.data_ptr() for p in work],
-            [g.data_ptr() for g in grads],
-            [0 if b is None else b.data_ptr() for b in bufs],
-            [0 if a is None else a.data_ptr() for a in absmaxes],
-            [s.data_ptr() for s in steps],
-            [f.data_ptr() for f in flags],
-            numels,
-            firsts,
-            [int(i) for i in tensor_indices],
-        ],
-        device,
-    )
-    _sgd_kernel[(num_tiles,)](
-        table,
-        owner,
-        len(work),
-        *hyper,
-        PARAM_DTYPE=triton_dtype(work[0].dtype),
-        GRAD_DTYPE=triton_dtype(grads[0].dtype),
-        MOMENTUM=has_momentum,
-        QUANTIZED=quantized,
-        ROWS=ROWS,
-        BLOCK=BLOCK_SIZE,
-        enable_fp_fusion=False,
-    )
-    write_back(params, work)
+def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, has_momentum, quantized,
+            aligned) -> None:
+    state_rows = [[0 if b is None else b.data_ptr() for b in bufs], [0 if a is None else a.data_ptr() for a in absmaxes]]
+    launch_over(_sgd_kernel, params, grads, state_rows, steps, flags, tensor_indices, hyper, ROWS * BLOCK_SIZE,
+                MOMENTUM=has_momentum, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)
