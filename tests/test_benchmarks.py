@@ -50,6 +50,10 @@ def test_optim_step_table_and_csv(optim_step, tmp_path, capsys, monkeypatch):
     assert "not available" in table["missing_peer"] and "no_such_module_xyz" in table["missing_peer"]
     # measured state: fp32 momentum 4 B/param; 8-bit momentum 1 + 4/256 B/param (+ 4 step counters)
     assert "| 4.000 |" in table["sgd"] and "| 1.016 |" in table["sgd_int8"]
+    # bytes moved from the tensors: fp32 param r+w, grad r, 4 B/param momentum r+w (+ step counters)
+    moved = float(table["sgd"].split("|")[7])
+    assert moved == pytest.approx((8 + 4 + 8) * 65536 / 1e6, abs=0.01)
+    assert float(table["sgd"].split("|")[10]) > 0  # % of the same-size copy
     assert out_md.read_text().count("| sgd_int8 |") == 1
     with out_csv.open() as f:
         rows = list(csv.DictReader(f))
