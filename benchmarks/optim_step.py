@@ -283,6 +283,8 @@ def bench_row(row: Row, base: list[torch.Tensor], grads: list[torch.Tensor], arg
     numel = sum(p.numel() for p in base)
     params = [torch.nn.Parameter(p.clone()) for p in base]
     for p, g in zip(params, grads):
+        if g.dtype != p.dtype:
+            p.grad_dtype = None  # torch >= 2.10 checks that grads match the param dtype unless told not to
         p.grad = g.clone()
     try:
         with _quiet():

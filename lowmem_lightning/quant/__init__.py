@@ -5,7 +5,7 @@ adapters through peft (``add_lora``; or plain ``peft.get_peft_model`` with a con
 """
 
 from .linear4bit import Linear4bit, linear4bit_bytes, quantize_model
-from .loading import load_pretrained_causal_lm
+from .loading import load_pretrained_causal_lm, random_causal_lm
 from .lora import LLAMA_TARGET_MODULES, LoraLinear4bit, add_lora, load_lora, register_peft_custom_module
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "LLAMA_TARGET_MODULES",
     "register_peft_custom_module",
     "load_pretrained_causal_lm",
+    "random_causal_lm",
 ]

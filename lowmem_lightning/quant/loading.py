@@ -23,7 +23,7 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from .linear4bit import Linear4bit, _check_options, _check_skip, _is_skipped
 
-__all__ = ["load_pretrained_causal_lm", "checkpoint_files"]
+__all__ = ["load_pretrained_causal_lm", "random_causal_lm", "checkpoint_files"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -185,3 +185,72 @@ def load_pretrained_causal_lm(
         model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
     model.to(device)
     return model.eval()
+
+
+def random_causal_lm(
+    config,
+    quantize: str | None = "nf4",
+    torch_dtype: torch.dtype = torch.bfloat16,
+    skip=("lm_head",),
+    block_size: int = 64,
+    double_quant: bool = True,
+    device: torch.device | str = "cpu",
+    std: float = 0.02,
+    seed: int = 0,
+) -> nn.Module:
+    """A causal LM of ``config``'s architecture (a transformers ``PretrainedConfig``) with random
+    weights created tensor by tensor on ``device``: no download and no full-precision copy of the
+    model anywhere (with ``quantize="nf4"`` the device holds the 4-bit model plus one layer's bf16
+    weight at a time). Linear and embedding weights are ``N(0, std)``, norm weights ones, biases
+    zeros; other arguments as :func:`load_pretrained_causal_lm`. For benchmarks and tests of models
+    too big to build densely (a 7B model in NF4 takes ~3.9 GB on the device).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"Invalid quantize={quantize!r}: expected 'nf4' or None.")
+    if torch_dtype not in _DTYPES.values():
+        raise ValueError(f"Invalid torch_dtype={torch_dtype!r}: expected float32, bfloat16 or float16.")
+    skip = _check_skip(skip)
+    _check_options(block_size, double_quant, None)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    if quantize == "nf4":
+        _swap_in_meta_linear4bit(model, skip, block_size, double_quant, torch_dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            shapes[f"{name}.weight"] = (module.out_features, module.in_features)
+    for key, shape in shapes.items():
+        if not _still_on_meta_key(model, key):
+            continue
+        leaf = key.rpartition(".")[2]
+        if "norm" in key and leaf == "weight":
+            tensor = torch.ones(shape, device=device, dtype=torch_dtype)
+        elif leaf == "bias":
+            tensor = torch.zeros(shape, device=device, dtype=torch_dtype)
+        else:
+            tensor = torch.randn(shape, device=device, dtype=torch.float32, generator=gen).mul_(std).to(torch_dtype)
+        _place(model, key, tensor, torch_dtype, device)
+        del tensor
+    model.tie_weights()
+    missing = _still_on_meta(model)
+    if missing:
+        raise ValueError(f"random_causal_lm could not create {missing[:5]}.")
+    return model.to(device)
+
+
+def _still_on_meta_key(model: nn.Module, key: str) -> bool:
+    """Whether tensor ``key`` of ``model`` (param, buffer or a Linear4bit weight) is still to be made;
+    a Linear4bit's code and scale buffers are made with its weight, never on their own."""
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, Linear4bit):
+        if leaf == "weight":
+            return module.qweight.device.type == "meta"
+        if leaf != "bias":
+            return False
+    tensor = module._parameters.get(leaf)
+    tensor = module._buffers.get(leaf) if tensor is None else tensor
+    return tensor is not None and tensor.device.type == "meta"

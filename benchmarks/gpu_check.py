@@ -1,0 +1,463 @@
+"""GPU acceptance in one command: kernels vs references, no host sync, step times, paging, QLoRA 7B, release.
+
+Each part runs in its own subprocess with its own time limit, so a crash, a CUDA fault or a hang in
+one part is reported and the others still run; the whole check is sized for ~8 minutes on an
+H100/H200. The results go into a dated section (device, torch/triton versions, per-part status and
+tables) appended to ``benchmarks/RESULTS.md`` (``--results``).
+
+Parts (``--parts`` selects some):
+
+* ``kernels``: every optimizer's Triton path against its reference (the same step on CPU copies) on
+  odd shapes in fp32/bf16/fp16: 8-bit codes equal, largest param difference; then ``pytest -m gpu``.
+* ``sync``: ``step()`` of every optimizer under ``torch.cuda.set_sync_debug_mode("error")``.
+* ``step_time``: ``benchmarks/optim_step.py`` at 64M and 1B params (fp32 params + bf16 grads; bf16
+  params) against torch AdamW fused/foreach and the peers that are installed (bitsandbytes, torchao,
+  transformers' Adafactor, the official CAME), with bytes moved and % of a same-size device copy.
+* ``paged``: ``paged_adamw_8bit`` with a small ``gpu_budget_bytes`` against ``adamw_8bit``: step time
+  and peak device memory.
+* ``qlora_7b``: a Llama-2-7B-architecture model with random weights created directly in NF4 on the
+  GPU (:func:`lowmem_lightning.quant.random_causal_lm`), LoRA r=16 on all projections, seq 512,
+  batch 1, gradient checkpointing, ``paged_adamw_8bit``, bf16: peak memory of a full training step
+  (goal <= 6 GB) and step time; bitsandbytes' NF4 + peft the same way when installed.
+* ``release``: peak device memory of a training step with and without gradient release.
+
+``--dry-run`` runs the same code paths on the CPU at toy sizes (Triton kernels under the
+interpreter); the default test-suite runs it, so the first GPU run cannot fail on a typo.
+
+    python benchmarks/gpu_check.py                       # on the GPU machine
+    python benchmarks/gpu_check.py --dry-run --results /tmp/r.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+BUDGET_S = {"kernels": 150, "sync": 40, "step_time": 170, "paged": 40, "qlora_7b": 120, "release": 40}
+"""Wall-clock limit of each part in seconds (560 s in all, with process start-up ~8 minutes)."""
+
+OPTIMIZERS = {
+    "adamw_8bit": {"lr": 1e-3},
+    "paged_adamw_8bit": {"lr": 1e-3},
+    "sgd": {"lr": 1e-2, "momentum": 0.9, "momentum_dtype": "int8"},
+    "adafactor": {"beta1": 0.9, "momentum_dtype": "int8"},
+    "came": {"lr": 1e-3, "momentum_dtype": "int8"},
+    "adamw": {"lr": 1e-3},
+}
+"""Optimizers checked by the kernel and sync parts, with their 8-bit momentum where they have one."""
+
+ODD_SHAPES = [(4097,), (1000, 3), (3, 5, 300), (33, 65), (64, 80), (4096,)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parts: each returns markdown lines and raises on failure
+# --------------------------------------------------------------------------------------------------
+
+
+def _device(dry: bool):
+    import torch
+
+    return torch.device("cpu" if dry else "cuda")
+
+
+def _step_pair(name: str, shape, dtype, device, triton: bool, seed: int = 0):
+    """Two steps of optimizer ``name`` on one tensor of ``shape``; returns (param, state) on the CPU."""
+    import torch
+
+    from lowmem_lightning.kernels import dispatch
+    from lowmem_lightning.optim import build_optimizer
+
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.5).to(device=device, dtype=dtype))
+    grads = [(torch.randn(shape, generator=gen) * 0.1).to(device=device, dtype=dtype) for _ in range(2)]
+    with dispatch.override(force_triton=triton):
+        opt = build_optimizer(name, [p], **OPTIMIZERS[name])
+        for g in grads:
+            p.grad = g
+            opt.step()
+    state = {k: v.detach().cpu() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    return p.detach().cpu(), state
+
+
+def part_kernels(dry: bool) -> list[str]:
+    """Triton path on the device vs the reference path on CPU copies, then ``pytest -m gpu``."""
+    import torch
+
+    device = _device(dry)
+    lines = ["| optimizer | dtype | shapes | 8-bit codes differing | largest code step | max abs param diff "
+             "| result |", "|---|---|---:|---:|---:|---:|---|"]
+    failures = []
+    shapes = ODD_SHAPES if not dry else ODD_SHAPES[:3]
+    for name in ("adamw_8bit", "sgd", "adafactor", "came"):
+        # AdamW and SGD equal their references bit for bit; the factored optimizers' row/column sums
+        # run in another order than the reference's, so a code may land one step away (<= 0.1%)
+        exact = name in ("adamw_8bit", "sgd")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            differing, total, code_step, worst = 0, 0, 0, 0.0
+            for shape in shapes:
+                p_dev, s_dev = _step_pair(name, shape, dtype, device, triton=True)
+                p_ref, s_ref = _step_pair(name, shape, dtype, torch.device("cpu"), triton=False)
+                worst = max(worst, (p_dev.float() - p_ref.float()).abs().max().item())
+                for key, ref in s_ref.items():
+                    if ref.dtype in (torch.int8, torch.uint8):
+                        diff = (s_dev[key].int() - ref.int()).abs()
+                        differing += int((diff > 0).sum())
+                        total += diff.numel()
+                        code_step = max(code_step, int(diff.max()))
+            tolerance = (0.0 if exact else 1e-6) if dtype == torch.float32 else 1e-2
+            codes_ok = differing == 0 if exact else (code_step <= 1 and differing <= 1e-3 * max(total, 1))
+            ok = codes_ok and worst <= tolerance
+            failures += [] if ok else [f"{name} {dtype}"]
+            lines.append(f"| {name} | {str(dtype).split('.')[-1]} | {len(shapes)} | {differing} of {total} "
+                         f"| {code_step} | {worst:.3g} | {'ok' if ok else 'MISMATCH'} |")
+    if dry:
+        lines.append("\n`pytest -m gpu`: not run in --dry-run (no GPU).")
+    else:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=90)
+        summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+        lines.append(f"\n`pytest -m gpu`: exit {proc.returncode}: {summary}")
+        if proc.returncode not in (0, 5):
+            failures.append("pytest -m gpu")
+    if failures:
+        raise AssertionError("kernels differ from their references: " + ", ".join(failures) + "\n" + "\n".join(lines))
+    return lines
+
+
+def part_sync(dry: bool) -> list[str]:
+    """``step()`` of every optimizer with host synchronisation turned into an error."""
+    import torch
+
+    from lowmem_lightning.optim import build_optimizer
+
+    device = _device(dry)
+    lines = ["| optimizer | host sync inside step() |", "|---|---|"]
+    failures = []
+    for name, kwargs in OPTIMIZERS.items():
+        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in ((256, 512), (4097,), (64,))]
+        opt = build_optimizer(name, params, **kwargs)
+        for p in params:
+            p.grad = torch.randn_like(p) * 0.01
+        opt.step()  # the first step allocates state (may sync once)
+        verdict = "none"
+        try:
+            if not dry:
+                torch.cuda.set_sync_debug_mode("error")
+            opt.step()
+        except RuntimeError as err:
+            verdict = f"SYNC: {str(err).splitlines()[0][:100]}"
+            failures.append(name)
+        finally:
+            if not dry:
+                torch.cuda.set_sync_debug_mode(0)
+        lines.append(f"| {name} | {verdict if not dry else 'n/a on CPU (code path ran)'} |")
+    if failures:
+        raise AssertionError("host sync in step(): " + ", ".join(failures) + "\n" + "\n".join(lines))
+    return lines
+
+
+def part_step_time(dry: bool) -> list[str]:
+    """optim_step.py at 64M and 1B params, fp32 params + bf16 grads and bf16 params."""
+    sys.path.insert(0, str(HERE))
+    import optim_step
+
+    sizes = "64K" if dry else "64M,1G"
+    runs = [["--grad-dtype", "bfloat16"], ["--param-dtype", "bfloat16"]]
+    lines = []
+    for extra in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            md = Path(tmp) / "step.md"
+            argv = ["--device", "cpu" if dry else "cuda", "--sizes", sizes, "--repeats", "2" if dry else "10",
+                    "--warmup", "0" if dry else "2", "--no-csv", "--markdown", str(md), *extra]
+            if dry:
+                argv += ["--optimizers", "adamw_8bit,came_int8,torch_adamw_fused"]
+            if optim_step.main(argv) != 0:
+                raise AssertionError(f"optim_step.py {' '.join(argv)} failed")
+            lines += [line for line in md.read_text().splitlines() if not line.startswith("# ")] + [""]
+    return lines
+
+
+def _peak_step(build, steps: int, device) -> tuple[float, float]:
+    """(peak device memory in GB, median step ms) of ``steps`` training steps of ``build()``'s
+    ``(step_fn)``; CPU: (0, ms)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step = build()
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - begin) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0
+    return peak, statistics.median(times[1:] or times)
+
+
+def part_paged(dry: bool) -> list[str]:
+    """paged_adamw_8bit with a small budget against adamw_8bit: peak memory and step time."""
+    import torch
+
+    from lowmem_lightning.optim import build_optimizer
+
+    device = _device(dry)
+    shapes = [(256, 256)] * 4 if dry else [(4096, 4096)] * 32  # 537M params on the GPU
+    budget = 2**16 if dry else 64 * 2**20
+    lines = ["| optimizer | params | gpu_budget_bytes | peak memory (GB) | median step (ms) |",
+             "|---|---:|---:|---:|---:|"]
+    for name, kwargs in (("adamw_8bit", {}), ("paged_adamw_8bit", {"gpu_budget_bytes": budget})):
+        def build(name=name, kwargs=kwargs):
+            params = [torch.nn.Parameter(torch.randn(s, device=device, dtype=torch.bfloat16) * 0.02) for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+            opt = build_optimizer(name, params, lr=1e-3, **kwargs)
+            return opt.step
+        peak, ms = _peak_step(build, 3 if dry else 6, device)
+        numel = sum(a * b for a, b in shapes)
+        lines.append(f"| {name} | {numel / 1e6:.0f}M | {kwargs.get('gpu_budget_bytes', '-')} | {peak:.2f} | {ms:.1f} |")
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    return lines
+
+
+def _llama_config(dry: bool):
+    from transformers import LlamaConfig
+
+    if dry:
+        return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=128)
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+
+
+def _qlora_step(model, device, seq: int, optimizer: str):
+    """A step function: forward + backward + optimizer of a LoRA model on one random sequence."""
+    import torch
+
+    from lowmem_lightning.optim import build_optimizer
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(optimizer, trainable, lr=1e-4) if optimizer != "bnb" else None
+    if opt is None:
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, model.config.vocab_size, (1, seq), generator=gen).to(device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def part_qlora_7b(dry: bool) -> list[str]:
+    """QLoRA at Llama-2-7B shape, NF4 created on the device: peak memory of a training step, step time."""
+    import torch
+
+    from lowmem_lightning.modules.causal_lm import _enable_checkpointing
+    from lowmem_lightning.quant import add_lora, random_causal_lm
+
+    device = _device(dry)
+    seq = 32 if dry else 512
+    config = _llama_config(dry)
+    lines = ["| stack | params | peak memory of a step (GB) | median step (ms) | goal |", "|---|---:|---:|---:|---|"]
+
+    def ours():
+        model = random_causal_lm(config, "nf4", torch.bfloat16, device=device)
+        model = add_lora(model, r=16, alpha=32)
+        _enable_checkpointing(model)
+        model.train()
+        ours.params = sum(p.numel() for p in model.parameters())
+        return _qlora_step(model, device, seq, "paged_adamw_8bit")
+
+    peak, ms = _peak_step(ours, 3 if dry else 4, device)
+    verdict = "n/a (CPU)" if dry else ("met" if peak <= 6.0 else "MISSED")
+    lines.append(f"| lowmem NF4 + peft LoRA r=16, paged_adamw_8bit | {ours.params / 1e9:.2f}B | {peak:.2f} | {ms:.0f} "
+                 f"| <= 6 GB: {verdict} |")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        lines.append("| bitsandbytes NF4 + peft | - | - | - | not installed |")
+        return lines
+    if not dry:
+        lines.append(_bnb_qlora_row(config, device, seq))
+    return lines
+
+
+def _bnb_qlora_row(config, device, seq: int) -> str:
+    """The same step with transformers' bitsandbytes NF4 (random weights, built on meta then quantized)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    def build():
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, quantization_config=quant)
+        model = get_peft_model(model.to(device), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return _qlora_step(model, device, seq, "bnb")
+
+    try:
+        peak, ms = _peak_step(build, 4, device)
+    except Exception as err:  # transformers may refuse to quantize from a config
+        return f"| bitsandbytes NF4 + peft | - | - | - | failed: {type(err).__name__}: {str(err)[:80]} |"
+    return f"| bitsandbytes NF4 + peft (torch AdamW) | 6.74B | {peak:.2f} | {ms:.0f} | reference |"
+
+
+def part_release(dry: bool) -> list[str]:
+    """Peak device memory of a training step with and without gradient release (adamw_8bit, bf16)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_lightning.callbacks.release import GradientRelease
+    from lowmem_lightning.optim import build_optimizer
+
+    device = _device(dry)
+    hidden, layers = (64, 2) if dry else (2048, 12)
+    lines = ["| step | params | peak memory (GB) | median step (ms) |", "|---|---:|---:|---:|"]
+    for release in (False, True):
+        def build(release=release):
+            torch.manual_seed(0)
+            config = LlamaConfig(vocab_size=32000 if not dry else 256, hidden_size=hidden,
+                                 intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                                 num_attention_heads=max(1, hidden // 128), max_position_embeddings=1024)
+            model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+            build.params = sum(p.numel() for p in model.parameters())
+            opt = build_optimizer("adamw_8bit", model.parameters(), lr=1e-4)
+            hooks = GradientRelease(opt).attach() if release else None
+            batch = torch.randint(0, config.vocab_size, (1, 256 if not dry else 16), device=device)
+
+            def step():
+                model(input_ids=batch, labels=batch).loss.backward()
+                if hooks is not None:
+                    hooks.finish_step()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step
+        peak, ms = _peak_step(build, 3 if dry else 5, device)
+        lines.append(f"| {'released (step_in_backward)' if release else 'normal'} | {build.params / 1e6:.0f}M "
+                     f"| {peak:.2f} | {ms:.1f} |")
+    return lines
+
+
+PARTS = {"kernels": part_kernels, "sync": part_sync, "step_time": part_step_time, "paged": part_paged,
+         "qlora_7b": part_qlora_7b, "release": part_release}
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver: one subprocess per part, a dated section in RESULTS.md
+# --------------------------------------------------------------------------------------------------
+
+
+def run_part(name: str, dry: bool, out: Path) -> None:
+    """Child mode: run one part, write ``{"lines": [...]}`` or ``{"error": ...}`` to ``out``."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        result = {"lines": PARTS[name](dry)}
+    except Exception as err:
+        import traceback
+
+        result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
+    out.write_text(json.dumps(result))
+
+
+def spawn_part(name: str, dry: bool, budget_s: float) -> dict:
+    """Run part ``name`` in a subprocess within ``budget_s``; ``{"status", "seconds", "lines"}``."""
+    env = dict(os.environ)
+    if dry:
+        env["TRITON_INTERPRET"] = "1"  # before triton is imported in the child: kernels on CPU tensors
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "part.json"
+        begin = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", str(out)]
+        cmd += ["--dry-run"] if dry else []
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            return {"status": f"TIMEOUT after {budget_s:.0f} s", "seconds": budget_s, "lines": []}
+        seconds = time.perf_counter() - begin
+        if not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            return {"status": f"CRASHED (exit {proc.returncode})", "seconds": seconds,
+                    "lines": ["```", *tail, "```"]}
+        result = json.loads(out.read_text())
+    if "error" in result:
+        return {"status": f"FAILED: {result['error'].splitlines()[0][:200]}", "seconds": seconds,
+                "lines": ["```", *result["trace"].splitlines()[-12:], "```"]}
+    return {"status": "ok", "seconds": seconds, "lines": result["lines"]}
+
+
+def environment(dry: bool) -> str:
+    """Device name and versions, without initialising CUDA in this (parent) process."""
+    code = ("import torch, triton; "
+            "name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU (no CUDA device)'; "
+            "print(f'{name}; torch {torch.__version__}, triton {triton.__version__}')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return (proc.stdout.strip() or "unknown device") + ("; --dry-run (toy sizes on CPU)" if dry else "")
+
+
+def section(results: dict, env: str, argv: list[str]) -> str:
+    """The dated markdown section for RESULTS.md."""
+    now = dt.datetime.now(dt.timezone.utc)
+    lines = [f"## GPU acceptance run ({now:%Y-%m-%d %H:%M} UTC)", "",
+             f"- device: {env}", f"- command: `python benchmarks/gpu_check.py {' '.join(argv)}`".rstrip(), ""]
+    lines += ["| part | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {name} | {r['status']} | {r['seconds']:.0f} |" for name, r in results.items()]
+    for name, r in results.items():
+        lines += ["", f"### {name}", "", *r["lines"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="the same code paths on CPU at toy sizes")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="markdown file the dated section is appended to (default: benchmarks/RESULTS.md; "
+                             "with --dry-run, nothing unless given)")
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time limit")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        run_part(args.child, args.dry_run, args.out)
+        return 0
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown --parts {unknown}: expected some of {', '.join(PARTS)}")
+    env = environment(args.dry_run)
+    print(f"gpu_check on {env}", flush=True)
+    results = {}
+    for name in parts:
+        results[name] = spawn_part(name, args.dry_run, BUDGET_S[name] * args.budget_scale)
+        print(f"  {name:10s} {results[name]['status']} ({results[name]['seconds']:.0f} s)", flush=True)
+    text = section(results, env, sys.argv[1:] if argv is None else list(argv))
+    print(text)
+    target = args.results or (None if args.dry_run else HERE / "RESULTS.md")
+    if target is not None:
+        with target.open("a") as f:
+            f.write("\n" + text)
+    return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
