@@ -150,3 +150,25 @@ def test_base_model_checkpoint_tied_embeddings_obsolete_and_unknown_tensors(tmp_
     expected = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16))
     with torch.no_grad():
         assert torch.equal(loaded(_ids()).logits, expected(_ids()).logits)
+
+
+def test_random_causal_lm_builds_nf4_on_the_device_without_a_dense_copy():
+    from transformers import LlamaConfig
+
+    from lowmem_lightning.quant import Linear4bit, random_causal_lm
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64)
+    model = random_causal_lm(config, "nf4", torch.bfloat16, seed=3)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14 and not isinstance(model.lm_head, Linear4bit)  # 7 projections x 2 layers
+    tensors = list(model.state_dict().values())
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert torch.equal(model.model.norm.weight, torch.ones(64, dtype=torch.bfloat16))
+    assert 0.015 < model.model.embed_tokens.weight.float().std().item() < 0.025
+    again = random_causal_lm(config, "nf4", torch.bfloat16, seed=3)
+    assert torch.equal(layers[0].qweight, next(m for m in again.modules() if isinstance(m, Linear4bit)).qweight)
+    batch = torch.randint(0, 256, (1, 8))
+    assert torch.isfinite(model(input_ids=batch, labels=batch).loss)
+    with pytest.raises(ValueError, match="quantize"):
+        random_causal_lm(config, "int4")

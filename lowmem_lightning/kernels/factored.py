@@ -73,9 +73,8 @@ FINALIZE_BLOCK = 128
 """Columns per program of the column finalize kernel."""
 
 ONE_WARP = 1
-"""Warps per program of the element-wise update kernels (256 elements) and the finalize kernel (128
-columns): 8 (4) elements per thread, so fp32 streams move as 16-byte vectors and 8-bit codes as
-8-byte ones; the default 4 warps left 2 (1) elements per thread, scalar accesses."""
+"""Warps per program of the 256-element update kernels and the finalize kernel: 8 (4) elements per
+thread, so streams move as vectors (4 warps left 2 (1) per thread, scalar accesses)."""
 
 FLAT_BLOCK = 1024
 """Elements per program of the 1-D statistics kernel."""
@@ -410,9 +409,8 @@ AOT_SPECS = with_aligned(
     ]
     + [(scalars_kernel, signature_of(scalars_kernel, INT_TYPES), {"BLOCK": FLAT_BLOCK})]
 )
-"""(kernel, signature, constexprs, aligned, options) for every statistics kernel and constexpr variant
-in fp32, plus the richest variant for the other (param, grad) dtype pairs; each in the general form and
-with aligned pointers and sizes (:func:`.aot.with_aligned`)."""
+"""(kernel, signature, constexprs, aligned, options) for every statistics kernel and variant in fp32, the
+richest for the other dtype pairs; general and aligned (:func:`.aot.with_aligned`)."""
 
 
 # --------------------------------------------------------------------------------------------------
