@@ -1,7 +1,8 @@
 """Global memory instructions in the ahead-of-time PTX of every Triton kernel (no GPU needed).
 
 For each kernel of ``lowmem_lightning.kernels.aot.iter_specs()`` (its first spec, fp32 params and
-grads, in the general form and the aligned one: ``ALIGNED=True`` or aligned pointers/sizes), compile for ``sm_{arch}`` and count ``ld.global`` / ``st.global`` instructions by width:
+grads, in the general form and the aligned one: ``ALIGNED=True`` or aligned pointers/sizes), compile
+for ``sm_{arch}`` and count ``ld.global`` / ``st.global`` instructions by width:
 scalar (``.b8``/``.b16``/``.b32``/``.b64``, no vector suffix) and vector (``.v2``/``.v4``). Scalar
 byte-wide loads of 8-bit codes are the worst case for memory throughput; issue 15 asks for vector
 access on aligned tensors, and this table is its before/after figure.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
 
 def _rows(arch: int, all_specs: bool):
     from lowmem_lightning.kernels.aot import compile_spec, count_accesses, iter_specs

@@ -72,7 +72,8 @@ class LowMemOptimizerCallback(L.Callback):
     over all its trainable params.
 
     It composes a :class:`~lowmem_lightning.callbacks.StateMemoryMonitor` for the optimizers it builds
-    (:attr:`monitor`): at every optimizer step it measures :func:`~lowmem_lightning.optim.state_memory` and logs, through
+    (:attr:`monitor`): at every optimizer step it measures
+    :func:`~lowmem_lightning.optim.state_memory` and logs, through
     the Trainer's loggers and at the Trainer's ``log_every_n_steps``, the maximum since the last logged
     step (so no spike is hidden) of: ``optim/state_MiB`` (also on the progress bar),
     ``optim/state_bytes_per_param``; for paged optimizers ``optim/state_MiB_device`` and

@@ -110,7 +110,8 @@ def release_refusal(trainer: L.Trainer, pl_module: L.LightningModule) -> str | N
     if trainer.accumulate_grad_batches > 1:
         return (f"accumulate_grad_batches={trainer.accumulate_grad_batches} needs the gradients of several batches; "
                 "set accumulate_grad_batches=1 (raise the batch size instead) or step_in_backward=False")
-    algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"  # an enum; None: norm
+    clip_algorithm = trainer.gradient_clip_algorithm  # an enum; None means norm
+    algorithm = getattr(clip_algorithm, "value", clip_algorithm) or "norm"
     if trainer.gradient_clip_val and algorithm != "value":
         return (f"gradient_clip_val={trainer.gradient_clip_val} with gradient_clip_algorithm="
                 f"{algorithm!r} clips by the global norm of all gradients at once; use "

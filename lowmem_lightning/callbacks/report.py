@@ -71,7 +71,8 @@ def format_summary(summary: dict, plot_path: str | None) -> str:
     """Human-readable lines for :func:`summary_dict`'s result, each within 80 columns for the usual
     sizes (so the summary reads well in an 80x24 terminal)."""
     lines = [
-        f"{summary.get('reporter', 'LowMemOptimizerCallback')}: {summary['optimizer']} on {summary['num_params']:,} trainable params",
+        f"{summary.get('reporter', 'LowMemOptimizerCallback')}: {summary['optimizer']} on "
+        f"{summary['num_params']:,} trainable params",
         f"  state after {summary['steps']:,} steps: {_mib(summary['state_MiB'])} MiB "
         f"({summary['bytes_per_param']:.2f} bytes/param), peak {_mib(summary['peak_state_MiB'])} MiB",
     ]

@@ -21,9 +21,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
-from lowmem_lightning.optim.registry import available_optimizers
 from lowmem_lightning.cli.checks import ckpt_path_problem, output_dirs, unwritable
 from lowmem_lightning.cli.quiet import quiet_known_noise
+from lowmem_lightning.optim.registry import available_optimizers
 
 __all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_recipes", "resolve_recipe",
            "DEFAULT_MODEL", "DEFAULT_DATA"]
@@ -306,7 +306,8 @@ class LowMemCLI(LightningCLI):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
-        """Apply ``--optim``/``--lr``/``--step_in_backward``, check optimizer names, and resolve recipe-relative paths."""
+        """Apply ``--optim``/``--lr``/``--step_in_backward``, check optimizer names, and resolve
+        recipe-relative paths."""
         cfg = self._subconfig()
         self._apply_optim_shortcut(cfg)
         self._check_optimizer_callbacks(cfg)

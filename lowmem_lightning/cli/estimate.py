@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
 
-from lowmem_lightning.cli.app import _import_class, _init_args, _is_optimizer_callback, _short, _usage_error, parse_fit_config
+from lowmem_lightning.cli.app import (
+    _import_class,
+    _init_args,
+    _is_optimizer_callback,
+    _short,
+    _usage_error,
+    parse_fit_config,
+)
 from lowmem_lightning.optim.registry import available_optimizers
 
 __all__ = ["build_meta_model", "estimate_main"]

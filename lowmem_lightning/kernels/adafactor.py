@@ -52,8 +52,8 @@ from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
 from .dispatch import choose, cpu_compiled, scalar_args
 from .factored import (
-    ONE_WARP,
     INT_TYPES,
+    ONE_WARP,
     as_blocks,
     block_direction,
     clip_divisor_reference,

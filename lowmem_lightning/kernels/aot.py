@@ -205,7 +205,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     records = compile_all(args.jobs)
     for r in records:
-        label = str(r["constexprs"]) + (" aligned" if r["aligned"] else "") + (f" {r['options']}" if r["options"] else "")
+        label = str(r["constexprs"]) + (" aligned" if r["aligned"] else "")
+        label += f" {r['options']}" if r["options"] else ""
         status = "ok" if r["ok"] else f"FAILED {r['error']}"
         counts = " ".join(f"{k}={v}" for k, v in (r["counts"] or {}).items())
         print(f"sm_{r['arch']} {r['module']}.{r['kernel']} {label}: {status} {counts}".rstrip())

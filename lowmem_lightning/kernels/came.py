@@ -44,9 +44,9 @@ from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, decode_signed
 from .dispatch import choose, cpu_compiled, scalar_args
 from .factored import (
-    ONE_WARP,
     FINALIZE_BLOCK,
     INT_TYPES,
+    ONE_WARP,
     TILES,
     as_blocks,
     block_direction,

@@ -22,7 +22,8 @@ import triton
 
 from .dispatch import triton_dtype
 
-__all__ = ["PARAM_GRAD_DTYPE_PAIRS", "VECTOR_BYTES", "is_aligned", "launch_over", "bucket", "tile_map", "launch_table", "kernel_inputs", "write_back"]
+__all__ = ["PARAM_GRAD_DTYPE_PAIRS", "VECTOR_BYTES", "is_aligned", "launch_over", "bucket", "tile_map",
+           "launch_table", "kernel_inputs", "write_back"]
 
 PARAM_GRAD_DTYPE_PAIRS = [
     (torch.float32, torch.float32),

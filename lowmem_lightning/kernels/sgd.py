@@ -324,6 +324,7 @@ def sgd_update(
 
 def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, has_momentum, quantized,
             aligned) -> None:
-    state_rows = [[0 if b is None else b.data_ptr() for b in bufs], [0 if a is None else a.data_ptr() for a in absmaxes]]
+    state_rows = [[0 if b is None else b.data_ptr() for b in bufs],
+                  [0 if a is None else a.data_ptr() for a in absmaxes]]
     launch_over(_sgd_kernel, params, grads, state_rows, steps, flags, tensor_indices, hyper, ROWS * BLOCK_SIZE,
                 MOMENTUM=has_momentum, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)

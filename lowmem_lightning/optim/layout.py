@@ -17,7 +17,8 @@ __all__ = ["StateSpec", "step_spec", "codes_specs"]
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One state tensor an optimizer keeps for one parameter (what :meth:`~lowmem_lightning.optim.base.LowMemOptimizer.state_layout` lists).
+    """One state tensor an optimizer keeps for one parameter (what
+    :meth:`~lowmem_lightning.optim.base.LowMemOptimizer.state_layout` lists).
 
     Attributes:
         name: the key in ``optimizer.state[param]`` and in state dicts.
