@@ -10,6 +10,7 @@ kernel's own parameter list, so a spec states only what differs from the default
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 import sys
@@ -161,10 +162,16 @@ def count_accesses(ptx: str) -> dict[str, int]:
     return counts
 
 
+@functools.lru_cache(maxsize=1)
+def _all_specs() -> tuple:
+    """:func:`iter_specs` as a tuple, built once per process."""
+    return tuple(iter_specs())
+
+
 def _compile_one(task: tuple[int, int]) -> dict:
     """Compile spec number ``task[0]`` of :func:`iter_specs` for ``sm_{task[1]}``; a JSON-able record."""
     index, arch = task
-    module_name, kernel, signature, constexprs, aligned, options = list(iter_specs())[index]
+    module_name, kernel, signature, constexprs, aligned, options = _all_specs()[index]
     record = {
         "arch": arch, "module": module_name.rsplit(".", 1)[-1], "kernel": getattr(kernel, "fn", kernel).__name__,
         "constexprs": {k: str(v) for k, v in constexprs.items()}, "aligned": bool(aligned), "options": options,
@@ -182,7 +189,7 @@ def compile_all(jobs: int = 1) -> list[dict]:
     """Compile every spec for every arch (``jobs`` processes); one record each: ``arch``, ``module``,
     ``kernel``, ``constexprs`` (as strings), ``aligned``, ``options``, ``ok``, ``error`` and
     ``counts`` (:func:`count_accesses` of the PTX)."""
-    tasks = [(i, arch) for i in range(len(list(iter_specs()))) for arch in ARCHES]
+    tasks = [(i, arch) for i in range(len(_all_specs())) for arch in ARCHES]
     if jobs <= 1:
         return [_compile_one(task) for task in tasks]
     import concurrent.futures
