@@ -53,7 +53,15 @@ from .codec import (
     sqrt_rn_reference,
 )
 from .dispatch import cpu_compile_wanted, cpu_compiled, triton_dtype, use_triton
-from .multitensor import PARAM_GRAD_DTYPE_PAIRS, bucket, is_aligned, launch_over
+from .multitensor import (
+    PARAM_GRAD_DTYPE_PAIRS,
+    as_fp32,
+    bucket,
+    is_aligned,
+    launch_over,
+    table_pointer,
+    tile_header,
+)
 from .rounding import device_seed, masked_reference, seed_reference, store_param, write_param_reference
 
 __all__ = [
@@ -117,48 +125,29 @@ def _adamw8bit_kernel(
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr = False,
 ):
-    zero = tl.zeros((), dtype=tl.float32)  # "zero + x": fp32 scalars (the interpreter passes Python floats)
-    lr = zero + lr
-    beta1 = zero + beta1
-    beta2 = zero + beta2
-    eps = zero + eps
-    weight_decay = zero + weight_decay
-    grad_sign = zero + grad_sign
-    pid = tl.program_id(0)
-    t = tl.load(tile_owner_ptr + pid).to(tl.int64)
-    p_ptr = tl.load(table_ptr + 0 * T + t).to(tl.pointer_type(PARAM_DTYPE))
-    g_ptr = tl.load(table_ptr + 1 * T + t).to(tl.pointer_type(GRAD_DTYPE))
-    step_ptr = tl.load(table_ptr + 6 * T + t).to(tl.pointer_type(tl.float32))
-    flag_ptr = tl.load(table_ptr + 7 * T + t).to(tl.pointer_type(tl.float32))
-    n = tl.load(table_ptr + 8 * T + t)
-    first_tile = tl.load(table_ptr + 9 * T + t)
-    seed_base = tl.load(table_ptr + 10 * T + t)
-
+    lr = as_fp32(lr)
+    beta1 = as_fp32(beta1)
+    beta2 = as_fp32(beta2)
+    eps = as_fp32(eps)
+    weight_decay = as_fp32(weight_decay)
+    grad_sign = as_fp32(grad_sign)
+    t, p_ptr, g_ptr, step_ptr, n, n_write, tile, seed_base = tile_header(
+        table_ptr, tile_owner_ptr, T, 4, PARAM_DTYPE, GRAD_DTYPE, ALIGNED)
     if QUANTIZED:
-        m_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.int8))
-        m_abs_ptr = tl.load(table_ptr + 3 * T + t).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(table_ptr + 4 * T + t).to(tl.pointer_type(tl.uint8))
-        v_abs_ptr = tl.load(table_ptr + 5 * T + t).to(tl.pointer_type(tl.float32))
+        m_ptr = table_pointer(table_ptr, T, t, 2, tl.int8, ALIGNED)
+        m_abs_ptr = table_pointer(table_ptr, T, t, 3, tl.float32, False)
+        v_ptr = table_pointer(table_ptr, T, t, 4, tl.uint8, ALIGNED)
+        v_abs_ptr = table_pointer(table_ptr, T, t, 5, tl.float32, False)
     else:
-        m_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.float32))
+        m_ptr = table_pointer(table_ptr, T, t, 2, tl.float32, ALIGNED)
         m_abs_ptr = m_ptr
-        v_ptr = tl.load(table_ptr + 4 * T + t).to(tl.pointer_type(tl.float32))
+        v_ptr = table_pointer(table_ptr, T, t, 4, tl.float32, ALIGNED)
         v_abs_ptr = v_ptr
-    if ALIGNED:  # every data pointer 16-byte aligned, n a multiple of 16 (the launcher checked)
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        m_ptr = tl.multiple_of(m_ptr, 16)
-        v_ptr = tl.multiple_of(v_ptr, 16)
-        n = tl.multiple_of(n, 16)
 
-    block0 = (pid - first_tile) * ROWS
-    rows = block0 + tl.arange(0, ROWS)  # block index inside the tensor, (ROWS,)
+    rows = tile * ROWS + tl.arange(0, ROWS)  # block index inside the tensor, (ROWS,)
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element index, (ROWS, BLOCK)
     in_bounds = offs < n
-    n_write = tl.where(tl.load(flag_ptr) != 0.0, n, 0)  # 0 when the gradient is not finite: write nothing
-    if ALIGNED:
-        n_write = tl.multiple_of(n_write, 16)  # 0 or n
-    write = offs < n_write
+    write = offs < n_write  # nothing when the gradient is not finite
     row_in_bounds = rows * BLOCK < n  # (absmax rows: one per thread, scalar accesses at any alignment)
     row_write = rows * BLOCK < n_write
 

@@ -51,6 +51,7 @@ from .factored import (
     as_blocks,
     block_direction,
     clip_divisor_reference,
+    col_tile,
     ema,
     ema_reference,
     factored_scale_reference,
@@ -111,10 +112,7 @@ def _res_stats_kernel(
     d = tl.load(scal_ptr + 1)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        m2 = rmask[:, None] & cmask[None, :]
-        offs = grow[:, None] * C + cols[None, :]
+        cols, cmask, m2, offs = col_tile(grow, rmask, c0, C, BLOCK_C)
         g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
         cf = inv_sqrt(tl.load(vc_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=1.0))
         u = tl.div_rn((rf[:, None] * cf[None, :]) * g, d)

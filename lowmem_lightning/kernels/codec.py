@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import with_aligned
+from .aot import signature_of, with_aligned
 from .dispatch import use_triton
 
 __all__ = [
@@ -154,26 +154,9 @@ NUM_WARPS = 1
 8-byte vectors and its fp32 values as 16-byte ones (4 warps gave 2 elements, scalar accesses)."""
 
 AOT_SPECS = with_aligned([
-    (
-        _quantize_kernel,
-        {"x_ptr": "*fp32", "code_ptr": "*i8", "absmax_ptr": "*fp32", "n": "i64"},
-        {"SIGNED": True, "BLOCK": BLOCK_SIZE}, {"num_warps": NUM_WARPS},
-    ),
-    (
-        _quantize_kernel,
-        {"x_ptr": "*fp32", "code_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i64"},
-        {"SIGNED": False, "BLOCK": BLOCK_SIZE}, {"num_warps": NUM_WARPS},
-    ),
-    (
-        _dequantize_kernel,
-        {"code_ptr": "*i8", "absmax_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64"},
-        {"SIGNED": True, "BLOCK": BLOCK_SIZE}, {"num_warps": NUM_WARPS},
-    ),
-    (
-        _dequantize_kernel,
-        {"code_ptr": "*u8", "absmax_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64"},
-        {"SIGNED": False, "BLOCK": BLOCK_SIZE}, {"num_warps": NUM_WARPS},
-    ),
+    (kernel, signature_of(kernel, {"n": "i64"}, code_ptr="*i8" if signed else "*u8"),
+     {"SIGNED": signed, "BLOCK": BLOCK_SIZE}, {"num_warps": NUM_WARPS})
+    for kernel in (_quantize_kernel, _dequantize_kernel) for signed in (True, False)
 ])
 """(kernel, signature, constexprs, aligned, options) compiled ahead of time for sm_80 and sm_90 by the
 tests: each kernel in the general form and with aligned pointers and sizes (what a GPU runs on

@@ -171,6 +171,15 @@ def row_tile(n_rt, R, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def col_tile(grow, rmask, c0, C, BLOCK_C: tl.constexpr):
+    """Columns ``c0 .. c0 + BLOCK_C`` of a row tile: ``(cols, cmask, m2, offs)``, with ``m2`` the 2-D mask
+    and ``offs`` the element offsets ``grow * C + col`` of the tile in a row-major ``(B * R, C)`` tensor."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    return cols, cmask, rmask[:, None] & cmask[None, :], grow[:, None] * C + cols[None, :]
+
+
+@triton.jit
 def store_row_ema(stat_ptr, rsum_part_ptr, pid, grow, rmask, row_sum, C, beta, one_minus_beta, flag_ptr):
     """Row statistic ``stat = beta * stat + (1 - beta) * row_sum / C`` (unchanged for a non-finite
     gradient) and this tile's partial sum of the new values (for ``mean_R``)."""
@@ -209,15 +218,11 @@ def sq_stats_kernel(
 ):
     """Pass 1 (factored): row EMA ``vr``, column partial sums of ``q = g*g + eps1`` per row tile, and the
     partial sums of ``p^2`` (``WITH_PSQ``). Program = one tile of ``BLOCK_R`` rows over all columns."""
-    # program = one tile of BLOCK_R rows of batch b, looping over all C columns
     pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     psq = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        m2 = rmask[:, None] & cmask[None, :]
-        offs = grow[:, None] * C + cols[None, :]
+        cols, cmask, m2, offs = col_tile(grow, rmask, c0, C, BLOCK_C)
         g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
         q = tl.where(m2, g * g + eps1, 0.0)
         acc += tl.sum(q, axis=1)
@@ -249,7 +254,6 @@ def sq_finalize_kernel(
 ):
     """Pass 2 (factored): column EMA ``vc`` from the partials and ``mean_R(vr)`` per batch (``rmean``).
     Program ``(b, cc)``: ``BLOCK`` columns of batch ``b``; ``(b, 0)`` also writes ``rmean[b]``."""
-    # program (b, cc): column EMA of BLOCK columns of batch b; (b, 0) also writes mean_R(vr)[b]
     b = tl.program_id(0)
     cc = tl.program_id(1)
     cols = cc * BLOCK + tl.arange(0, BLOCK)
@@ -285,15 +289,12 @@ def clip_stats_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Pass 3 (factored): partial sums of ``u^2``, ``u = (rf * cf) * g``, one per tile of ``BLOCK_R`` rows."""
-    # partial sum of u^2 over one tile of BLOCK_R rows (all columns)
     pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
     rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=rmask, other=1.0), tl.load(rmean_ptr + b)))
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        m2 = rmask[:, None] & cmask[None, :]
-        g = tl.load(g_ptr + grow[:, None] * C + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        cols, cmask, m2, offs = col_tile(grow, rmask, c0, C, BLOCK_C)
+        g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
         cf = inv_sqrt(tl.load(vc_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=1.0))
         u = tl.where(m2, (rf[:, None] * cf[None, :]) * g, 0.0)
         acc += tl.sum(u * u, axis=1)
@@ -318,7 +319,6 @@ def full_stats_kernel(
     BLOCK: tl.constexpr,
 ):
     """Unfactored (1-D) pass: ``v`` EMA and partial sums of ``u^2 = (g / sqrt(v))^2`` (and ``p^2``)."""
-    # unfactored (1-D) second moment: v EMA, partial sums of u^2 (and p^2)
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n

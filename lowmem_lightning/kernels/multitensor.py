@@ -19,11 +19,12 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import triton
+import triton.language as tl
 
 from .dispatch import triton_dtype
 
 __all__ = ["PARAM_GRAD_DTYPE_PAIRS", "VECTOR_BYTES", "is_aligned", "launch_over", "bucket", "tile_map",
-           "launch_table", "kernel_inputs", "write_back"]
+           "launch_table", "kernel_inputs", "write_back", "as_fp32", "table_pointer", "tile_header"]
 
 PARAM_GRAD_DTYPE_PAIRS = [
     (torch.float32, torch.float32),
@@ -121,3 +122,52 @@ def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, sca
         **constexprs, enable_fp_fusion=False,
     )
     write_back(params, work)
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernel side of the launch table (rows as laid out by launch_over)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def as_fp32(x):
+    """A runtime scalar argument as fp32 (the interpreter passes Python floats through as float64)."""
+    return tl.zeros((), dtype=tl.float32) + x
+
+
+@triton.jit
+def table_pointer(table_ptr, T, t, row, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The ``DTYPE`` pointer in field ``row`` of tensor ``t`` of a launch table with ``T`` columns; with
+    ``ALIGNED`` the compiler is told it is 16-byte aligned (vector loads and stores)."""
+    ptr = tl.load(table_ptr + row * T + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def tile_header(table_ptr, tile_owner_ptr, T, STATE_ROWS: tl.constexpr, PARAM_DTYPE: tl.constexpr,
+                GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's tensor and tile, read from the table :func:`launch_over` built.
+
+    Returns ``(t, param_ptr, grad_ptr, step_ptr, n, n_write, tile, per_tensor)``: the tensor index, its
+    param and grad pointers, its 0-d fp32 step, its element count ``n``, ``n_write`` (``n``, or 0 when
+    its finite flag is 0: the update writes nothing), the tile's index inside the tensor and the
+    tensor's ``per_tensor`` entry. ``STATE_ROWS``: how many state rows the kernel's table holds
+    (read with :func:`table_pointer` at rows ``2 .. 1 + STATE_ROWS``). With ``ALIGNED``, ``n`` and
+    ``n_write`` are known multiples of 16 and the param and grad pointers 16-byte aligned.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(tile_owner_ptr + pid).to(tl.int64)
+    param_ptr = table_pointer(table_ptr, T, t, 0, PARAM_DTYPE, ALIGNED)
+    grad_ptr = table_pointer(table_ptr, T, t, 1, GRAD_DTYPE, ALIGNED)
+    step_ptr = table_pointer(table_ptr, T, t, 2 + STATE_ROWS, tl.float32, False)
+    flag_ptr = table_pointer(table_ptr, T, t, 3 + STATE_ROWS, tl.float32, False)
+    n = tl.load(table_ptr + (4 + STATE_ROWS) * T + t)
+    first_tile = tl.load(table_ptr + (5 + STATE_ROWS) * T + t)
+    per_tensor = tl.load(table_ptr + (6 + STATE_ROWS) * T + t)
+    n_write = tl.where(tl.load(flag_ptr) != 0.0, n, 0)
+    if ALIGNED:  # the launcher checked is_aligned: the masks are uniform over 16 elements
+        n = tl.multiple_of(n, 16)
+        n_write = tl.multiple_of(n_write, 16)
+    return t, param_ptr, grad_ptr, step_ptr, n, n_write, pid - first_tile, per_tensor

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import with_aligned
+from .aot import signature_of, with_aligned
 from .dispatch import use_triton
 
 __all__ = [
@@ -178,39 +178,24 @@ def _nf4_unpack_kernel(
 _DTYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
 
-def _scale_signature() -> dict:
-    return {"absmax_ptr": "*fp32", "qscale_ptr": "*i8", "step_ptr": "*fp32", "mean_ptr": "*fp32"}
+_NF4_TYPES = {"n": "i64", "n_pairs": "i64", "block_size": "i64", "num_blocks": "i64", "qscale_ptr": "*i8",
+              "packed_ptr": "*u8"}
+"""Triton types of the NF4 kernels' arguments that are not ``*fp32`` pointers or fp32 scalars."""
 
 
 def _aot_specs() -> list:
-    specs = []
-    for block in BLOCK_SIZES:
-        for ty in ("*bf16",) if block != 64 else ("*fp32", "*bf16", "*fp16"):
-            specs.append((
-                _nf4_absmax_kernel,
-                {"x_ptr": ty, "absmax_ptr": "*fp32", "n": "i64", "num_blocks": "i64"},
-                {"BLOCK": block, "GROUPS": _ABSMAX_TILE // block},
-            ))
-    specs.append((
-        _nf4_scale_quantize_kernel,
-        {"absmax_ptr": "*fp32", "mean_ptr": "*fp32", "qscale_ptr": "*i8", "step_ptr": "*fp32", "num_blocks": "i64"},
-        {"SBLOCK": SCALE_BLOCK},
-    ))
+    specs = [
+        (_nf4_absmax_kernel, signature_of(_nf4_absmax_kernel, _NF4_TYPES, x_ptr=ty),
+         {"BLOCK": block, "GROUPS": _ABSMAX_TILE // block})
+        for block in BLOCK_SIZES for ty in (("*bf16",) if block != 64 else ("*fp32", "*bf16", "*fp16"))
+    ]
+    specs.append((_nf4_scale_quantize_kernel, signature_of(_nf4_scale_quantize_kernel, _NF4_TYPES),
+                  {"SBLOCK": SCALE_BLOCK}))
     for double in (True, False):
         for ty in ("*fp32", "*bf16", "*fp16") if double else ("*bf16",):
-            scales = _scale_signature()
-            specs.append((
-                _nf4_pack_kernel,
-                {"x_ptr": ty, **scales, "mid_ptr": "*fp32", "packed_ptr": "*u8", "n": "i64", "n_pairs": "i64",
-                 "block_size": "i64"},
-                {"DOUBLE": double, "TILE": _PAIR_TILE},
-            ))
-            specs.append((
-                _nf4_unpack_kernel,
-                {"packed_ptr": "*u8", **scales, "code_ptr": "*fp32", "out_ptr": ty, "n": "i64",
-                 "n_pairs": "i64", "block_size": "i64"},
-                {"DOUBLE": double, "TILE": _PAIR_TILE},
-            ))
+            constexprs = {"DOUBLE": double, "TILE": _PAIR_TILE}
+            specs.append((_nf4_pack_kernel, signature_of(_nf4_pack_kernel, _NF4_TYPES, x_ptr=ty), constexprs))
+            specs.append((_nf4_unpack_kernel, signature_of(_nf4_unpack_kernel, _NF4_TYPES, out_ptr=ty), constexprs))
     return specs
 
 

@@ -47,20 +47,13 @@ from .codec import (
     encode_signed_reference,
 )
 from .dispatch import cpu_compile_wanted, cpu_compiled, scalar_args, triton_dtype, use_triton
-from .multitensor import PARAM_GRAD_DTYPE_PAIRS, is_aligned, launch_over
+from .multitensor import PARAM_GRAD_DTYPE_PAIRS, as_fp32, is_aligned, launch_over, table_pointer, tile_header
 from .rounding import index_seed, index_seed_reference, masked_reference, store_param, write_param_reference
 
 __all__ = ["ROWS", "sgd_reference", "sgd_update"]
 
 ROWS = 4
 """Quantization blocks (of ``BLOCK_SIZE`` elements) handled by one Triton program."""
-
-
-
-@triton.jit
-def _as_fp32(x):
-    """A runtime scalar as fp32 (the interpreter passes Python floats through as float64)."""
-    return tl.zeros((), dtype=tl.float32) + x
 
 
 @triton.jit
@@ -82,32 +75,16 @@ def _sgd_kernel(
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr = False,
 ):
-    lr = _as_fp32(lr)
-    weight_decay = _as_fp32(weight_decay)
-    momentum = _as_fp32(momentum)
-    one_minus_dampening = _as_fp32(one_minus_dampening)
-    nesterov = _as_fp32(nesterov)
-    grad_sign = _as_fp32(grad_sign)
-    pid = tl.program_id(0)
-    t = tl.load(tile_owner_ptr + pid).to(tl.int64)
-    param_ptr = tl.load(table_ptr + 0 * T + t).to(tl.pointer_type(PARAM_DTYPE))
-    grad_ptr = tl.load(table_ptr + 1 * T + t).to(tl.pointer_type(GRAD_DTYPE))
-    step_ptr = tl.load(table_ptr + 4 * T + t).to(tl.pointer_type(tl.float32))
-    flag_ptr = tl.load(table_ptr + 5 * T + t).to(tl.pointer_type(tl.float32))
-    n = tl.load(table_ptr + 6 * T + t)
-    first_tile = tl.load(table_ptr + 7 * T + t)
-    tensor_index = tl.load(table_ptr + 8 * T + t)
-
-    if ALIGNED:  # every data pointer 16-byte aligned, n a multiple of 16 (the launcher checked)
-        param_ptr = tl.multiple_of(param_ptr, 16)
-        grad_ptr = tl.multiple_of(grad_ptr, 16)
-        n = tl.multiple_of(n, 16)
-
-    rows = (pid - first_tile) * ROWS + tl.arange(0, ROWS)  # (ROWS,) quantization blocks of the tensor
+    lr = as_fp32(lr)
+    weight_decay = as_fp32(weight_decay)
+    momentum = as_fp32(momentum)
+    one_minus_dampening = as_fp32(one_minus_dampening)
+    nesterov = as_fp32(nesterov)
+    grad_sign = as_fp32(grad_sign)
+    t, param_ptr, grad_ptr, step_ptr, _, limit, tile, tensor_index = tile_header(
+        table_ptr, tile_owner_ptr, T, 2, PARAM_DTYPE, GRAD_DTYPE, ALIGNED)
+    rows = tile * ROWS + tl.arange(0, ROWS)  # (ROWS,) quantization blocks of the tensor
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element indices
-    limit = tl.where(tl.load(flag_ptr) != 0.0, n, 0)  # a skipped (non-finite) update touches nothing
-    if ALIGNED:
-        limit = tl.multiple_of(limit, 16)  # 0 or n: the mask is uniform over 16 elements, vector accesses
     mask = offs < limit
     step = tl.load(step_ptr)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_sign
@@ -116,17 +93,13 @@ def _sgd_kernel(
     if MOMENTUM:
         row_mask = rows * BLOCK < limit
         if QUANTIZED:
-            buf_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.int8))
-            absmax_ptr = tl.load(table_ptr + 3 * T + t).to(tl.pointer_type(tl.float32))
-            if ALIGNED:
-                buf_ptr = tl.multiple_of(buf_ptr, 16)
+            buf_ptr = table_pointer(table_ptr, T, t, 2, tl.int8, ALIGNED)
+            absmax_ptr = table_pointer(table_ptr, T, t, 3, tl.float32, False)
             codes = tl.load(buf_ptr + offs, mask=mask, other=0)
             absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=0.0)
             buf = decode_signed(codes, absmax[:, None])
         else:
-            buf_ptr = tl.load(table_ptr + 2 * T + t).to(tl.pointer_type(tl.float32))
-            if ALIGNED:
-                buf_ptr = tl.multiple_of(buf_ptr, 16)
+            buf_ptr = table_pointer(table_ptr, T, t, 2, tl.float32, ALIGNED)
             buf = tl.load(buf_ptr + offs, mask=mask, other=0.0)
         buf = tl.where(step == 1.0, d, momentum * buf + one_minus_dampening * d)
         d = tl.where(nesterov != 0.0, d + momentum * buf, buf)
