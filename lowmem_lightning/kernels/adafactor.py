@@ -50,13 +50,14 @@ import triton.language as tl
 
 from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
-from .dispatch import choose, cpu_compiled, scalar_args
+from .dispatch import cpu_compiled, scalar_args, update_backend
 from .factored import (
     INT_TYPES,
     ONE_WARP,
     as_blocks,
     block_direction,
     clip_divisor_reference,
+    copy_back,
     ema_reference,
     factored_scale_reference,
     factored_stats_reference,
@@ -299,12 +300,9 @@ def adafactor_update(
     join the collectives); the caller then passes ``backend="eager"``. ``backend``: ``"triton"``,
     ``"compiled"`` or ``"eager"``; None lets :func:`.dispatch.choose` decide from the device and size.
     """
-    if param.numel() == 0 and reduce is None:
+    backend = update_backend(param, backend, reduce)
+    if backend is None:
         return
-    backend = backend or choose(param.device, param.numel())
-    if reduce is not None and backend != "eager":
-        raise ValueError(f"Invalid backend={backend!r} for a sharded tensor: expected 'eager' (the reference "
-                         "completes its sums across ranks).")
     work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
     if backend == "triton":
         _launch(work, g, v_, vc_, m_, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
@@ -324,8 +322,7 @@ def adafactor_update(
                 _MOMENTUM_APPLY_CPU.on(backend)(*as_blocks(work, u, m_), absmax, lr_t, step, None, hp)
         else:
             _ADAFACTOR_CPU[vc is not None].on(backend)(*args)
-    if work.data_ptr() != param.data_ptr():
-        param.copy_(work.view(param.shape))
+    copy_back(param, work)
 
 
 

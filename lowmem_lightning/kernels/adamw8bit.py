@@ -52,9 +52,10 @@ from .codec import (
     encode_unsigned_reference,
     sqrt_rn_reference,
 )
-from .dispatch import cpu_compile_wanted, cpu_compiled, triton_dtype, use_triton
+from .dispatch import cpu_compile_wanted, cpu_compiled, use_triton
 from .multitensor import (
     PARAM_GRAD_DTYPE_PAIRS,
+    aot_spec,
     as_fp32,
     bucket,
     is_aligned,
@@ -187,22 +188,8 @@ def _adamw8bit_kernel(
         tl.store(v_ptr + offs, v, mask=write)
 
 
-def _aot_spec(param_dtype, grad_dtype, quantized: bool, aligned: bool = False):
-    signature = {"table_ptr": "*i64", "tile_owner_ptr": "*i32", "T": "i32"}
-    signature.update({name: "fp32" for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_sign")})
-    constexprs = {
-        "PARAM_DTYPE": param_dtype,
-        "GRAD_DTYPE": grad_dtype,
-        "QUANTIZED": quantized,
-        "ROWS": ROWS,
-        "BLOCK": BLOCK_SIZE,
-        "ALIGNED": aligned,
-    }
-    return (_adamw8bit_kernel, signature, constexprs)
-
-
 AOT_SPECS = [
-    _aot_spec(triton_dtype(p), triton_dtype(g), q, aligned)
+    aot_spec(_adamw8bit_kernel, p, g, aligned, QUANTIZED=q, ROWS=ROWS, BLOCK=BLOCK_SIZE)
     for aligned in (False, True) for p, g in PARAM_GRAD_DTYPE_PAIRS for q in (True, False)
 ]
 """(kernel, signature, constexprs) for every (param dtype, grad dtype, quantized, aligned) variant launched."""

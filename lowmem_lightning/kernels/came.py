@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, decode_signed
-from .dispatch import choose, cpu_compiled, scalar_args
+from .dispatch import cpu_compiled, scalar_args, update_backend
 from .factored import (
     FINALIZE_BLOCK,
     INT_TYPES,
@@ -52,6 +52,7 @@ from .factored import (
     block_direction,
     clip_divisor_reference,
     col_tile,
+    copy_back,
     ema,
     ema_reference,
     factored_scale_reference,
@@ -330,12 +331,9 @@ def came_update(
     shard, since every rank must join the collectives); the caller then passes ``backend="eager"``.
     ``backend``: ``"triton"``, ``"compiled"`` or ``"eager"``; None lets :func:`.dispatch.choose` decide.
     """
-    if param.numel() == 0 and reduce is None:
+    backend = update_backend(param, backend, reduce)
+    if backend is None:
         return
-    backend = backend or choose(param.device, param.numel())
-    if reduce is not None and backend != "eager":
-        raise ValueError(f"Invalid backend={backend!r} for a sharded tensor: expected 'eager' (the reference "
-                         "completes its sums across ranks).")
     work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
     sr_ = sc_ = None
     if vc is not None:
@@ -360,8 +358,7 @@ def came_update(
                 _FINISH_CPU[factored].on(backend)(work, u, new_m, sr_, sc_, step, flag, hp)
         else:
             _CAME_CPU[vc is not None].on(backend)(*args)
-    if work.data_ptr() != param.data_ptr():
-        param.copy_(work.view(param.shape))
+    copy_back(param, work)
 
 
 def _launch(work, g, v, vc, sr, sc, m, absmax, step, flag, lr, eps, clip_threshold, betas, weight_decay,

@@ -37,6 +37,7 @@ __all__ = [
     "settings",
     "configure",
     "override",
+    "update_backend",
     "choose",
     "triton_available",
     "use_triton",
@@ -129,6 +130,20 @@ def choose(device: torch.device, numel: int, *, eager: bool = False) -> str:
     if device.type == "cpu" and _compile_wanted(numel):
         return "compiled"
     return "eager"
+
+
+def update_backend(param: torch.Tensor, backend: str | None, reduce=None) -> str | None:
+    """The backend of one in-place update of ``param``: ``backend``, or :func:`choose`'s pick when None;
+    None when there is nothing to do (an empty param; a sharded one still joins its ranks' collectives).
+    ``reduce``, the ``SumReduce`` of a sharded param, needs ``"eager"`` (the reference completes its sums
+    across ranks): any other backend raises ``ValueError``."""
+    if param.numel() == 0 and reduce is None:
+        return None
+    backend = backend or choose(param.device, param.numel())
+    if reduce is not None and backend != "eager":
+        raise ValueError(f"Invalid backend={backend!r} for a sharded tensor: expected 'eager' (the reference "
+                         "completes its sums across ranks).")
+    return backend
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

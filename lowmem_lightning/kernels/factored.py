@@ -45,22 +45,9 @@ from .codec import (
 from .dispatch import cpu_compiled
 from .rounding import masked_reference
 
-__all__ = [
-    "TILES",
-    "ONE_WARP",
-    "tile_shape",
-    "factored_shape",
-    "state_views",
-    "as_blocks",
-    "launch_second_moment",
-    "launch_scalars",
-    "factored_stats_reference",
-    "factored_scale_reference",
-    "clip_divisor_reference",
-    "momentum_update_reference",
-    "write_back",
-    "per_layout",
-]
+__all__ = ["TILES", "ONE_WARP", "tile_shape", "factored_shape", "state_views", "copy_back", "as_blocks",
+           "launch_second_moment", "launch_scalars", "factored_stats_reference", "factored_scale_reference",
+           "clip_divisor_reference", "momentum_update_reference", "write_back", "per_layout"]
 
 TILE_ELEMENTS = 2048
 """Elements of one (BLOCK_R x BLOCK_C) tile of the row/column statistics kernels."""
@@ -539,6 +526,12 @@ def state_views(param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, vc: to
         return (work.view(shape3), grad.reshape(shape3).contiguous(), v.view(shape3[:2]), vc.view(shape3[0], -1),
                 None if m is None else m.view(shape3))
     return (work.view(-1), grad.reshape(-1).contiguous(), v.view(-1), None, None if m is None else m.view(-1))
+
+
+def copy_back(param: torch.Tensor, work: torch.Tensor) -> None:
+    """Write the updated ``work`` (:func:`state_views`) into ``param`` when it is a contiguous copy."""
+    if work.data_ptr() != param.data_ptr():
+        param.copy_(work.view(param.shape))
 
 
 def as_blocks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -21,10 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import signature_of
 from .dispatch import triton_dtype
 
 __all__ = ["PARAM_GRAD_DTYPE_PAIRS", "VECTOR_BYTES", "is_aligned", "launch_over", "bucket", "tile_map",
-           "launch_table", "kernel_inputs", "write_back", "as_fp32", "table_pointer", "tile_header"]
+           "launch_table", "kernel_inputs", "write_back", "aot_spec", "as_fp32", "table_pointer", "tile_header"]
 
 PARAM_GRAD_DTYPE_PAIRS = [
     (torch.float32, torch.float32),
@@ -41,6 +42,17 @@ _KERNEL_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 VECTOR_BYTES = 16
 """Alignment (bytes) of data pointers and multiple of element counts the ``ALIGNED`` kernels assume."""
+
+
+TABLE_TYPES = {"table_ptr": "*i64", "tile_owner_ptr": "*i32", "T": "i32"}
+"""Triton types of the launch-table arguments every multi-tensor kernel starts with (the rest: fp32 scalars)."""
+
+
+def aot_spec(kernel, param_dtype: torch.dtype, grad_dtype: torch.dtype, aligned: bool, **constexprs) -> tuple:
+    """``(kernel, signature, constexprs)`` of one ahead-of-time variant of a multi-tensor ``kernel``: the
+    signature derived from its parameter list (:func:`.aot.signature_of`), its dtypes and ``ALIGNED``."""
+    return (kernel, signature_of(kernel, TABLE_TYPES), {"PARAM_DTYPE": triton_dtype(param_dtype),
+            "GRAD_DTYPE": triton_dtype(grad_dtype), **constexprs, "ALIGNED": aligned})
 
 
 def is_aligned(*tensors: torch.Tensor | None) -> bool:

@@ -46,8 +46,8 @@ from .codec import (
     encode_signed,
     encode_signed_reference,
 )
-from .dispatch import cpu_compile_wanted, cpu_compiled, scalar_args, triton_dtype, use_triton
-from .multitensor import PARAM_GRAD_DTYPE_PAIRS, as_fp32, is_aligned, launch_over, table_pointer, tile_header
+from .dispatch import cpu_compile_wanted, cpu_compiled, scalar_args, use_triton
+from .multitensor import PARAM_GRAD_DTYPE_PAIRS, aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
 from .rounding import index_seed, index_seed_reference, masked_reference, store_param, write_param_reference
 
 __all__ = ["ROWS", "sgd_reference", "sgd_update"]
@@ -114,25 +114,8 @@ def _sgd_kernel(
     store_param(param_ptr, p, offs, mask, seed, True)
 
 
-def _aot_spec(param_dtype, grad_dtype, momentum: bool, quantized: bool, aligned: bool = False):
-    signature = {"table_ptr": "*i64", "tile_owner_ptr": "*i32", "T": "i32"}
-    for name in ("lr", "weight_decay", "momentum", "one_minus_dampening", "nesterov", "grad_sign"):
-        signature[name] = "fp32"
-    constexprs = {
-        "PARAM_DTYPE": param_dtype,
-        "GRAD_DTYPE": grad_dtype,
-        "MOMENTUM": momentum,
-        "QUANTIZED": quantized,
-        "ROWS": ROWS,
-        "BLOCK": BLOCK_SIZE,
-        "ALIGNED": aligned,
-    }
-    return (_sgd_kernel, signature, constexprs)
-
-
-
 AOT_SPECS = [
-    _aot_spec(triton_dtype(param), triton_dtype(grad), momentum, quantized, aligned)
+    aot_spec(_sgd_kernel, param, grad, aligned, MOMENTUM=momentum, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE)
     for aligned in (False, True)
     for param, grad in PARAM_GRAD_DTYPE_PAIRS
     for momentum, quantized in ((False, False), (True, False), (True, True))

@@ -19,8 +19,6 @@ from .validation import check_betas, check_eps, check_lr, check_non_negative
 
 __all__ = ["AdamW8bit"]
 
-_QUANTIZED_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
-
 
 class AdamW8bit(LowMemOptimizer):
     """AdamW (Loshchilov & Hutter, ICLR 2019; ``torch.optim.AdamW`` semantics) with 8-bit moments.

@@ -91,9 +91,9 @@ class LowMemOptimizer(torch.optim.Optimizer):
     """Group keys of another optimizer whose state dicts this class converts (e.g. torch AdamW's
     ``amsgrad``); accepted on load and dropped."""
 
-    _storage_keys: tuple[str, ...] = ()
-    """Group keys that choose how state is stored (``momentum_dtype``): a load keeps this optimizer's
-    value and converts the loaded state to it."""
+    _storage_keys: tuple[str, ...] = ("momentum_dtype",)
+    """Group keys that choose how state is stored, where the optimizer has them: a load keeps this
+    optimizer's value and converts the loaded state to it."""
 
     _transient_attributes: tuple[str, ...] = ()
     """Caches of device resources, dropped by deepcopy/pickle (re-created by :meth:`_reset_transient`)."""
@@ -472,7 +472,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 f"use ({name} groups have keys {sorted(ours)})."
             )
         merged = {**self.defaults, **saved_group}
-        for key in self._storage_keys:
+        for key in set(self._storage_keys) & set(group):
             merged[key] = group[key]
         try:
             self._check_group(merged)

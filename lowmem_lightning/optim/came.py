@@ -90,8 +90,6 @@ class CAME(LowMemOptimizer):
         )
         super().__init__(params, defaults)
 
-    _storage_keys = ("momentum_dtype",)
-
     def _check_defaults(self, defaults: dict) -> None:
         """The constructor's hyperparameters; its ``lr`` may be None when every group brings its own."""
         _check_hyperparameters(defaults, lr_required=False)

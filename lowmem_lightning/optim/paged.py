@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from .adamw8bit import _QUANTIZED_KEYS, AdamW8bit
+from .adamw8bit import AdamW8bit
 from .base import StateSpec
 
 __all__ = ["PagedAdamW8bit"]
@@ -97,7 +97,7 @@ class PagedAdamW8bit(AdamW8bit):
         self._resident: OrderedDict[torch.Tensor, _Resident] = OrderedDict()
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
         for param, state in self.state.items():
-            for key in _QUANTIZED_KEYS:
+            for key in self._host_keys(param):
                 if key in state and param.device.type == "cuda" and not state[key].is_pinned():
                     state[key] = _host_page(state[key].detach().cpu(), param.device)
 
@@ -107,6 +107,10 @@ class PagedAdamW8bit(AdamW8bit):
         return super().__getstate__()
 
     # ------------------------------------------------------------------ host pages
+    def _host_keys(self, param: torch.Tensor) -> list[str]:
+        """Names of ``param``'s state kept in host pages (the :meth:`state_layout` specs with ``host``)."""
+        return [spec.name for spec in self.state_layout(param) if spec.host]
+
     def _new_state_tensor(self, spec: StateSpec, param: torch.Tensor) -> torch.Tensor:
         """Host specs (the 8-bit moments) in a host page (pinned when the param is on CUDA)."""
         if spec.host:
@@ -115,10 +119,11 @@ class PagedAdamW8bit(AdamW8bit):
 
     def _state_tensors(self) -> Iterator[tuple[torch.Tensor, bool]]:
         """``(tensor, on_host)`` for every state tensor: pages on the host, buffers on the device."""
-        for state in self.state.values():
+        for param, state in self.state.items():
+            host = self._host_keys(param)
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    yield value, key in _QUANTIZED_KEYS
+                    yield value, key in host
         for resident in self._resident.values():
             for buffer in resident.buffers.values():
                 yield buffer, False
@@ -136,7 +141,7 @@ class PagedAdamW8bit(AdamW8bit):
         for param, state in self.state.items():
             if "step" in state:
                 state["step"] = state["step"].to(param.device)
-            for key in _QUANTIZED_KEYS:
+            for key in self._host_keys(param):
                 if key in state:
                     state[key] = _host_page(state[key].detach().cpu(), param.device)
 
@@ -199,7 +204,7 @@ class PagedAdamW8bit(AdamW8bit):
         if resident is not None:
             self._resident.move_to_end(param)
             return resident
-        pages = {key: self.state[param][key] for key in _QUANTIZED_KEYS}
+        pages = {key: self.state[param][key] for key in self._host_keys(param)}
         nbytes = sum(t.numel() * t.element_size() for t in pages.values())
         self._evict(nbytes, self._budget(param.device), keep)
         buffers = {key: torch.empty_like(page, device=param.device) for key, page in pages.items()}

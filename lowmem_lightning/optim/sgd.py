@@ -77,8 +77,6 @@ class SGD(LowMemOptimizer):
         )
         super().__init__(params, defaults)
 
-    _storage_keys = ("momentum_dtype",)
-
     def _check_group(self, group: dict) -> None:
         """Validate a param group like the constructor's arguments."""
         _check_hyperparameters(group)
