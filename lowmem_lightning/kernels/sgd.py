@@ -225,7 +225,8 @@ def _cpu_one(param, grad, buf, absmax, step, flag, hyper, tensor_index) -> None:
         if not flag.item():
             return
         lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign = hyper
-        seed = int(index_seed_reference(step, tensor_index).item())
+        # fp32 params are written as computed: no seed to derive (it cost ~30 us per tensor and step)
+        seed = int(index_seed_reference(step, tensor_index).item()) if param.dtype != torch.float32 else 0
         _on_views(_sgd_cpu.on("compiled"), param, grad, buf, absmax, None, bool(step.item() == 1), lr, weight_decay,
                   momentum, one_minus_dampening, bool(nesterov), grad_sign, seed)
         return
