@@ -50,7 +50,7 @@ import triton.language as tl
 
 from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
-from .dispatch import cpu_compiled, scalar_args, update_backend
+from .dispatch import cpu_compiled, per_layout, scalar_args, update_backend
 from .factored import (
     INT_TYPES,
     ONE_WARP,
@@ -58,15 +58,12 @@ from .factored import (
     block_direction,
     clip_divisor_reference,
     copy_back,
-    ema_reference,
-    factored_scale_reference,
-    factored_stats_reference,
     inv_sqrt_reference,
     launch_scalars,
     launch_second_moment,
     momentum_block,
     momentum_update_reference,
-    per_layout,
+    second_moment_reference,
     state_views,
     total_square_sum_reference,
     write_back,
@@ -185,13 +182,7 @@ def adafactor_direction_reference(
     g = grad.to(torch.float32)
     omb2 = torch.exp2(decay * torch.log2(step))
     beta2 = 1.0 - omb2
-    q = g * g + eps1
-    if vc is not None:
-        v, vc = factored_stats_reference(q, v, vc, beta2, omb2, ok, reduce)
-        u = factored_scale_reference(v, vc, reduce) * g
-    else:
-        v = torch.where(ok, ema_reference(v, q, beta2, omb2), v)
-        u = inv_sqrt_reference(v) * g
+    v, vc, u = second_moment_reference(g, v, vc, eps1, beta2, omb2, ok, reduce)
     d = clip_divisor_reference(u, sqrt_n, clip, reduce)
     rel = lr
     if relative_step:

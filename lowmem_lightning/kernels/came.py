@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, decode_signed
-from .dispatch import cpu_compiled, scalar_args, update_backend
+from .dispatch import cpu_compiled, per_layout, scalar_args, update_backend
 from .factored import (
     FINALIZE_BLOCK,
     INT_TYPES,
@@ -54,18 +54,16 @@ from .factored import (
     col_tile,
     copy_back,
     ema,
-    ema_reference,
     factored_scale_reference,
     factored_stats_reference,
     factored_u,
     inv_sqrt,
-    inv_sqrt_reference,
     launch_scalars,
     launch_second_moment,
     momentum_block,
     momentum_update_reference,
-    per_layout,
     row_tile,
+    second_moment_reference,
     sq_finalize_kernel,
     state_views,
     store_row_ema,
@@ -229,13 +227,7 @@ def came_direction_reference(
     lr, eps1, eps2, clip, beta1, beta2, beta3, omb1, omb2, omb3, weight_decay, sqrt_n, tensor_index = hp.unbind()
     ok = flag != 0
     g = grad.to(torch.float32)
-    q = g * g + eps1
-    if vc is not None:
-        v, vc = factored_stats_reference(q, v, vc, beta2, omb2, ok, reduce)
-        u = factored_scale_reference(v, vc, reduce) * g
-    else:
-        v = torch.where(ok, ema_reference(v, q, beta2, omb2), v)
-        u = inv_sqrt_reference(v) * g
+    v, vc, u = second_moment_reference(g, v, vc, eps1, beta2, omb2, ok, reduce)
     return v, vc, u / clip_divisor_reference(u, sqrt_n, clip, reduce)
 
 

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import types
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -38,6 +39,7 @@ __all__ = [
     "configure",
     "override",
     "update_backend",
+    "per_layout",
     "choose",
     "triton_available",
     "use_triton",
@@ -216,3 +218,18 @@ def triton_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def per_layout(fn: Callable) -> dict[bool, Callable]:
+    """:func:`cpu_compiled` entry points of ``fn`` for the factored (``True``, ``(B, R, C)``) and
+    the flat (``False``) layout: two copies of ``fn`` on their own code objects (the same code, renamed),
+    so each layout has its own ``torch.compile`` cache and neither recompiles for the other."""
+
+    def clone(tag: str) -> Callable:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+        copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        copy.__qualname__ = f"{fn.__qualname__}_{tag}"
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        return copy
+
+    return {True: cpu_compiled(clone("factored")), False: cpu_compiled(clone("flat"))}

@@ -25,8 +25,6 @@ File order: Triton helpers and kernels, PyTorch references, launchers.
 from __future__ import annotations
 
 import math
-import types
-from collections.abc import Callable
 
 import torch
 import triton
@@ -42,12 +40,11 @@ from .codec import (
     encode_signed_reference,
     quantize_reference,
 )
-from .dispatch import cpu_compiled
 from .rounding import masked_reference
 
 __all__ = ["TILES", "ONE_WARP", "tile_shape", "factored_shape", "state_views", "copy_back", "as_blocks",
            "launch_second_moment", "launch_scalars", "factored_stats_reference", "factored_scale_reference",
-           "clip_divisor_reference", "momentum_update_reference", "write_back", "per_layout"]
+           "clip_divisor_reference", "momentum_update_reference", "second_moment_reference", "write_back"]
 
 TILE_ELEMENTS = 2048
 """Elements of one (BLOCK_R x BLOCK_C) tile of the row/column statistics kernels."""
@@ -451,6 +448,20 @@ def factored_scale_reference(vr: torch.Tensor, vc: torch.Tensor, reduce=None) ->
     return inv_sqrt_reference(vr / rmean)[..., :, None] * inv_sqrt_reference(vc)[..., None, :]
 
 
+def second_moment_reference(
+    g: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None, eps1, beta, omb, ok: torch.Tensor, reduce=None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The second-moment pass both optimizers share (module docstring): EMA of ``q = g * g + eps1`` into
+    ``v`` (rows, with ``vc`` the columns, when factored; else full) where ``ok``, and the unclipped
+    direction ``u = g / sqrt(v_hat)``. Returns ``(v, vc, u)``; fp32, ``g`` in the kernel layout."""
+    q = g * g + eps1
+    if vc is not None:
+        v, vc = factored_stats_reference(q, v, vc, beta, omb, ok, reduce)
+        return v, vc, factored_scale_reference(v, vc, reduce) * g
+    v = torch.where(ok, ema_reference(v, q, beta, omb), v)
+    return v, vc, inv_sqrt_reference(v) * g
+
+
 def total_square_sum_reference(x: torch.Tensor, reduce=None) -> torch.Tensor:
     """``sum(x^2)`` (0-d fp32; summed by rows first, like the kernels), completed across ranks by ``reduce``."""
     total = (x * x).sum(-1).sum()
@@ -500,21 +511,6 @@ def write_back(dsts, srcs) -> None:
     for dst, src in zip(dsts, srcs, strict=True):
         if dst is not None:
             dst.copy_(src)
-
-
-def per_layout(fn: Callable) -> dict[bool, Callable]:
-    """:func:`.dispatch.cpu_compiled` entry points of ``fn`` for the factored (``True``, ``(B, R, C)``) and
-    the flat (``False``) layout: two copies of ``fn`` on their own code objects (the same code, renamed),
-    so each layout has its own ``torch.compile`` cache and neither recompiles for the other."""
-
-    def clone(tag: str) -> Callable:
-        code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
-        copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-        copy.__qualname__ = f"{fn.__qualname__}_{tag}"
-        copy.__kwdefaults__ = fn.__kwdefaults__
-        return copy
-
-    return {True: cpu_compiled(clone("factored")), False: cpu_compiled(clone("flat"))}
 
 
 def state_views(param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None,

@@ -20,7 +20,7 @@ from .sharding import (
     shard_tensor_index,
     sum_reduce,
 )
-from .validation import check_choice, check_lr, check_non_negative
+from .validation import check_bool, check_choice, check_eps_pair, check_lr, check_non_negative, check_positive
 
 __all__ = ["Adafactor", "MOMENTUM_DTYPES", "convert_momentum_state"]
 
@@ -186,16 +186,14 @@ class Adafactor(LowMemOptimizer):
         elr = group["effective_lr_tensor"]
         with maximizing(items, group):
             for i, ((tensor_index, param), state, flag) in enumerate(zip(items, states, flags)):
-                factored = "exp_avg_sq_row" in state
-                shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
-                reduce = sum_reduce(param)
+                shard, grad, v, vc, m, absmax, reduce = factored_inputs(param, state)
                 adafactor_update(
                     shard,
-                    local(param.grad),
-                    state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
-                    state["exp_avg_sq_col"] if factored else None,
-                    block_state_head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
-                    block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
+                    grad,
+                    v,
+                    vc,
+                    m,
+                    absmax,
                     state["step"],
                     flag,
                     elr if i == 0 and elr.device == param.device else None,
@@ -212,6 +210,24 @@ class Adafactor(LowMemOptimizer):
                     reduce=reduce,
                     backend="eager" if reduce is not None else None,
                 )
+
+
+def factored_inputs(param: torch.Tensor, state: dict) -> tuple:
+    """``(shard, grad, v, vc, m, absmax, reduce)`` of one factored update: ``param``'s local shard and
+    gradient, its second moment (``v`` the rows and ``vc`` the columns when factored, else ``v`` full
+    and ``vc`` None), its momentum (fp32 or codes, cut to the shard's blocks; None without momentum)
+    with its absmax, and the ``SumReduce`` of a sharded param (None otherwise)."""
+    factored = "exp_avg_sq_row" in state
+    shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
+    return (
+        shard,
+        local(param.grad),
+        state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
+        state.get("exp_avg_sq_col"),
+        block_state_head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
+        block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
+        sum_reduce(param),
+    )
 
 
 @contextlib.contextmanager
@@ -299,20 +315,6 @@ def convert_momentum_state(param: torch.Tensor, state: dict, group: dict, key: s
     return state
 
 
-def check_eps_pair(eps, names: tuple[str, str]) -> None:
-    """``eps`` must be a pair of finite numbers >= 0."""
-    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
-        raise ValueError(f"Invalid eps={eps!r}: expected a tuple of two finite numbers >= 0 {names}.")
-    for value, name in zip(eps, names):
-        check_non_negative(value, name)
-
-
-def check_bool(value, name: str) -> None:
-    """``value`` must be True or False."""
-    if not isinstance(value, bool):
-        raise TypeError(f"Invalid {name}={value!r}: expected True or False.")
-
-
 def _check_hyperparameters(group: dict) -> None:
     """Validate one group's hyperparameters (transformers' combination rules plus value checks)."""
     for name in ("scale_parameter", "relative_step", "warmup_init"):
@@ -325,10 +327,7 @@ def _check_hyperparameters(group: dict) -> None:
         raise ValueError("Invalid lr=None with relative_step=False: give a learning rate (a finite number >= 0).")
     check_lr(group["lr"], allow_none=True)
     check_eps_pair(group["eps"], ("eps[0]", "eps[1]"))
-    clip = group["clip_threshold"]
-    check_non_negative(clip, "clip_threshold")
-    if float(clip) == 0:
-        raise ValueError(f"Invalid clip_threshold={clip!r}: expected a finite number > 0.")
+    check_positive(group["clip_threshold"], "clip_threshold")
     decay = group["decay_rate"]
     if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not -math.inf < decay <= 0:
         raise ValueError(f"Invalid decay_rate={decay!r}: expected a finite number <= 0 (default -0.8).")

@@ -10,16 +10,15 @@ import torch
 from ..kernels.came import came_update
 from .adafactor import (
     MOMENTUM_DTYPES,
-    check_bool,
-    check_eps_pair,
     convert_momentum_state,
+    factored_inputs,
     maximizing,
     momentum_spec,
     second_moment_specs,
 )
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
-from .sharding import block_state_head, local, shard_tensor_index, sum_reduce
-from .validation import check_betas, check_choice, check_non_negative
+from .sharding import local, shard_tensor_index
+from .validation import check_betas, check_bool, check_choice, check_eps_pair, check_non_negative, check_positive
 
 __all__ = ["CAME"]
 
@@ -130,18 +129,16 @@ class CAME(LowMemOptimizer):
         """One CAME update per tensor (the sharded form on the eager reference, completing sums across ranks)."""
         with maximizing(items, group):
             for (tensor_index, param), state, flag in zip(items, states, flags):
-                factored = "exp_avg_sq_row" in state
-                shard = local(param.data if isinstance(param, torch.nn.Parameter) else param)
-                reduce = sum_reduce(param)
+                shard, grad, v, vc, m, absmax, reduce = factored_inputs(param, state)
                 came_update(
                     shard,
-                    local(param.grad),
-                    state["exp_avg_sq_row"] if factored else state["exp_avg_sq"],
-                    state.get("exp_avg_sq_col"),
+                    grad,
+                    v,
+                    vc,
                     state.get("exp_avg_res_row"),
                     state.get("exp_avg_res_col"),
-                    block_state_head(state.get("exp_avg_codes", state.get("exp_avg")), shard.numel(), False),
-                    block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
+                    m,
+                    absmax,
                     state["step"],
                     flag,
                     lr=float(group["lr"]),
@@ -165,10 +162,7 @@ def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:
     ):
         raise ValueError(f"Invalid lr={lr!r}: CAME requires a learning rate, a finite number >= 0.")
     check_eps_pair(group["eps"], ("eps[0]", "eps[1]"))
-    clip = group["clip_threshold"]
-    check_non_negative(clip, "clip_threshold")
-    if float(clip) == 0:
-        raise ValueError(f"Invalid clip_threshold={clip!r}: expected a finite number > 0.")
+    check_positive(group["clip_threshold"], "clip_threshold")
     check_betas(group["betas"], count=3)
     check_non_negative(group["weight_decay"], "weight_decay")
     check_choice(group["momentum_dtype"], MOMENTUM_DTYPES, "momentum_dtype")

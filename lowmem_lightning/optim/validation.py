@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_lr", "check_betas", "check_eps", "check_non_negative", "check_choice", "validate_optimizer_args"]
+__all__ = ["check_lr", "check_betas", "check_eps", "check_positive", "check_eps_pair", "check_non_negative",
+           "check_bool", "check_choice", "validate_optimizer_args"]
 
 
 def _is_number(value) -> bool:
@@ -34,10 +35,29 @@ def check_betas(betas: Sequence[float], count: int = 2, name: str = "betas") -> 
             raise ValueError(f"Invalid {name}[{i}]={beta!r}: expected a number in [0, 1).")
 
 
+def check_positive(value, name: str) -> None:
+    """``value`` must be a finite number > 0 (eps, clip_threshold, ...)."""
+    if not _is_number(value) or not math.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"Invalid {name}={value!r}: expected a finite number > 0.")
+
+
 def check_eps(eps, name: str = "eps") -> None:
     """``eps`` must be a finite number > 0."""
-    if not _is_number(eps) or not math.isfinite(float(eps)) or float(eps) <= 0:
-        raise ValueError(f"Invalid {name}={eps!r}: expected a finite number > 0.")
+    check_positive(eps, name)
+
+
+def check_eps_pair(eps, names: tuple[str, str]) -> None:
+    """``eps`` must be a pair of finite numbers >= 0 (the factored optimizers' ``(eps1, eps2)``)."""
+    if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+        raise ValueError(f"Invalid eps={eps!r}: expected a tuple of two finite numbers >= 0 {names}.")
+    for value, name in zip(eps, names):
+        check_non_negative(value, name)
+
+
+def check_bool(value, name: str) -> None:
+    """``value`` must be True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}={value!r}: expected True or False.")
 
 
 def check_non_negative(value, name: str) -> None:
