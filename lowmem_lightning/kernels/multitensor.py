@@ -51,8 +51,8 @@ TABLE_TYPES = {"table_ptr": "*i64", "tile_owner_ptr": "*i32", "T": "i32"}
 def aot_spec(kernel, param_dtype: torch.dtype, grad_dtype: torch.dtype, aligned: bool, **constexprs) -> tuple:
     """``(kernel, signature, constexprs)`` of one ahead-of-time variant of a multi-tensor ``kernel``: the
     signature derived from its parameter list (:func:`.aot.signature_of`), its dtypes and ``ALIGNED``."""
-    return (kernel, signature_of(kernel, TABLE_TYPES), {"PARAM_DTYPE": triton_dtype(param_dtype),
-            "GRAD_DTYPE": triton_dtype(grad_dtype), **constexprs, "ALIGNED": aligned})
+    dtypes = {"PARAM_DTYPE": triton_dtype(param_dtype), "GRAD_DTYPE": triton_dtype(grad_dtype)}
+    return (kernel, signature_of(kernel, TABLE_TYPES), {**dtypes, **constexprs, "ALIGNED": aligned})
 
 
 def is_aligned(*tensors: torch.Tensor | None) -> bool:
