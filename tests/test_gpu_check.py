@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     text = results.read_text()
     assert text.startswith("# results\n")  # appended, never overwritten
     assert "## GPU acceptance run (" in text and "--dry-run (toy sizes on CPU)" in text
-    for part in ("kernels", "sync", "step_time", "paged", "qlora_7b", "release"):
+    for part in ("kernels", "gpu_tests", "sync", "step_time", "paged", "qlora_7b", "release"):
         assert f"| {part} | ok |" in text, part
         assert f"### {part}" in text
     assert "| adamw_8bit | float16 |" in text and "MISMATCH" not in text
