@@ -314,7 +314,10 @@ def scale_mean(absmax: torch.Tensor) -> torch.Tensor:
 def quantize_scales_reference(absmax: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Double quantization of the block scales: ``(qscale int8 [nb], step fp32 [ceil(nb/256)])``."""
     d = _blocks(absmax - mean, SCALE_BLOCK)  # (groups, 256), padding is 0
-    step = d.abs().amax(dim=1, keepdim=True) / 127.0
+    amax = d.abs().amax(dim=1, keepdim=True)
+    # a tensor divisor: torch on CUDA divides by a Python scalar as a * (1 / b), up to 1 ulp away from the
+    # IEEE quotient the kernel computes (tl.div_rn); found by the H200 run of gpu_check (fp32 weights)
+    step = amax / torch.full_like(amax, 127.0)
     r = d / torch.where(step > 0, step, torch.ones_like(step))
     q = torch.floor(r.abs() + 0.5).clamp_(max=127.0)
     q = torch.where(r < 0, -q, q)
