@@ -225,7 +225,7 @@ def _cpu_one(param, grad, buf, absmax, step, flag, hyper, tensor_index) -> None:
         if not flag.item():
             return
         lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign = hyper
-        # fp32 params are written as computed: no seed to derive (it cost ~30 us per tensor and step)
+        # fp32 params are written as computed: no seed to derive (4x1M fp32 step 2.46 -> 2.35 ms, RESULTS.md)
         seed = int(index_seed_reference(step, tensor_index).item()) if param.dtype != torch.float32 else 0
         _on_views(_sgd_cpu.on("compiled"), param, grad, buf, absmax, None, bool(step.item() == 1), lr, weight_decay,
                   momentum, one_minus_dampening, bool(nesterov), grad_sign, seed)
