@@ -392,7 +392,8 @@ def _bnb_qlora_row(config, device, seq: int) -> str:
     except Exception as err:  # a bitsandbytes / transformers combination that cannot run here
         return f"| bitsandbytes NF4 + peft | - | - | - | failed: {type(err).__name__}: {str(err)[:80]} |"
     finally:
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return (f"| bitsandbytes NF4 + peft LoRA r=16, torch AdamW | {_dense_params(config) / 1e9:.2f}B | {peak:.2f} "
             f"| {ms:.0f} | reference |")
 
