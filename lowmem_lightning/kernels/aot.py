@@ -162,6 +162,129 @@ def count_accesses(ptx: str) -> dict[str, int]:
     return counts
 
 
+def _disassembler() -> list[str]:
+    """The command that prints SASS from a cubin: ``nvdisasm -c`` from the triton wheel (else
+    ``cuobjdump -sass``, else the same tools on ``PATH``); ``RuntimeError`` when there is none."""
+    import os
+    import shutil
+
+    import triton
+
+    wheel_bin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for tool, args in (("nvdisasm", ["-c"]), ("cuobjdump", ["-sass"])):
+        path = os.path.join(wheel_bin, tool)
+        path = path if os.access(path, os.X_OK) else shutil.which(tool)
+        if path:
+            return [path, *args]
+    raise RuntimeError(f"No SASS disassembler: neither nvdisasm nor cuobjdump in {wheel_bin} or on PATH.")
+
+
+def disassemble(cubin: bytes, name: str = "kernel") -> str:
+    """SASS text of a ``cubin`` (``nvdisasm -c`` from the triton wheel, else ``cuobjdump -sass``)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        done = subprocess.run([*_disassembler(), f.name], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"Disassembling {name} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def sass_of(kernel, signature: dict, constexprs: dict, arch: int = 90, aligned=(), options=None) -> str:
+    """The SASS (``nvdisasm -c`` text) of one kernel compiled for ``sm_{arch}`` by :func:`compile_spec`
+    (same ``aligned`` and ``options``); no GPU needed. :func:`sass_counts` summarises it."""
+    compiled = compile_spec(kernel, signature, constexprs, arch, aligned, options)
+    return disassemble(compiled.asm["cubin"], getattr(kernel, "fn", kernel).__name__)
+
+
+TILE_CONSTEXPRS = ("ROWS", "BLOCK", "BLOCK_R", "BLOCK_C", "TILE", "SBLOCK", "GROUPS")
+"""Constexprs whose product :func:`tile_elements` takes as the elements one program handles."""
+
+
+def tile_elements(module, kernel, constexprs: dict) -> int:
+    """Elements one program of ``kernel`` handles: ``module.SASS_TILE_ELEMENTS[kernel name](constexprs)``
+    when the kernel's module declares it, else the product of the :data:`TILE_CONSTEXPRS` present
+    (``ROWS * BLOCK``, ``BLOCK_R * BLOCK_C``, ...). Divided by ``32 * num_warps`` it gives the
+    elements per thread that :func:`sass_counts`' ``main`` is divided by for instructions per element."""
+    name = getattr(kernel, "fn", kernel).__name__
+    override = getattr(module, "SASS_TILE_ELEMENTS", {}).get(name)
+    if override is not None:
+        return int(override(constexprs))
+    out = 1
+    for key in TILE_CONSTEXPRS:
+        value = constexprs.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out *= value
+    return out
+
+
+_SASS_LINE = re.compile(
+    r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)([^;]*);", re.M)
+_SASS_LABEL = re.compile(r"^\s*([.$\w]+):\s*$", re.M)
+_SASS_TARGET = re.compile(r"`\(([^)]+)\)")
+
+SASS_COUNTED = ("CALL", "MUFU", "FCHK", "BRA", "BSSY", "LDG", "STG", "LDS", "STS", "SHFL", "BAR", "I2F", "F2I")
+"""Opcodes :func:`sass_counts` counts one by one (every opcode is also in its ``"ops"`` entry)."""
+
+
+def _sass_instructions(sass: str) -> tuple[list[tuple[int, str, str, str]], dict[str, int]]:
+    """``(address, opcode, modifiers, operands)`` of each issued instruction of ``sass`` (nvdisasm or
+    cuobjdump text), without ``NOP`` and the trailing ``BRA`` to itself; and ``{label: address}``."""
+    labels = {}  # label -> address of the instruction after it
+    pending = []
+    out = []
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = _SASS_LINE.match(line)
+        if not ins:
+            continue
+        address = int(ins.group(1), 16)
+        for name in pending:
+            labels[name] = address
+        pending = []
+        opcode, mods, operands = ins.group(2), ins.group(3), ins.group(4)
+        target = _SASS_TARGET.search(operands)
+        if opcode == "NOP" or (opcode == "BRA" and target and labels.get(target.group(1)) == address):
+            continue
+        out.append((address, opcode, mods, operands))
+    return out, labels
+
+
+def sass_counts(sass: str) -> dict:
+    """Issued-instruction counts of one kernel's SASS (static counts: a loop body counts once).
+
+    Keys: ``instructions`` (all, without ``NOP`` and the final ``BRA`` to itself), ``main`` (those
+    before the first subroutine a ``CALL`` targets, i.e. the kernel body without the slow-path
+    routines ``div_rn``/``sqrt_rn`` call), ``subroutines`` (the rest), one key per opcode of
+    :data:`SASS_COUNTED` (``CALL`` = slow-path calls in the body, ``MUFU`` = special-function unit ops,
+    ``FCHK`` = the range checks before a slow-path division), ``LDG.64``/``LDG.128``/``STG.64``/``STG.128``
+    (vector widths; ``LDG``/``STG`` count all widths) and ``ops`` (``{opcode: count}`` over all).
+    """
+    instructions, labels = _sass_instructions(sass)
+    called = [labels[t.group(1)] for _, op, _, rest in instructions if op == "CALL"
+              for t in [_SASS_TARGET.search(rest)] if t and t.group(1) in labels]
+    body_end = min(called, default=None)
+    counts = {"instructions": len(instructions),
+              "main": sum(1 for a, *_ in instructions if body_end is None or a < body_end)}
+    counts["subroutines"] = counts["instructions"] - counts["main"]
+    ops: dict[str, int] = {}
+    for _, op, mods, _ in instructions:
+        ops[op] = ops.get(op, 0) + 1
+        if op in ("LDG", "STG") and mods.split(".")[-1] in ("64", "128"):
+            key = f"{op}.{mods.split('.')[-1]}"
+            ops[key] = ops.get(key, 0) + 1
+    for key in (*SASS_COUNTED, "LDG.64", "LDG.128", "STG.64", "STG.128"):
+        counts[key] = ops.get(key, 0)
+    counts["ops"] = ops
+    return counts
+
+
 @functools.lru_cache(maxsize=1)
 def _all_specs() -> tuple:
     """:func:`iter_specs` as a tuple, built once per process."""

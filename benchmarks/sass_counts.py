@@ -1,0 +1,128 @@
+"""Issued instructions in the sm_90 SASS of every Triton kernel, per element (no GPU needed).
+
+For each spec of ``lowmem_lightning.kernels.aot.iter_specs()`` (by default the first per kernel in
+the general form and the aligned one; ``--all-specs`` every one), compile it, disassemble the cubin
+with the ``nvdisasm`` shipped in the triton wheel (:func:`lowmem_lightning.kernels.aot.sass_of`) and
+print one markdown row: static instruction counts (:func:`~lowmem_lightning.kernels.aot.sass_counts`),
+slow-path ``CALL``s, ``MUFU``, ``FCHK``, global loads/stores (all widths, and how many are 128-bit),
+``BRA``, and instructions per element.
+
+How "per element" is computed (static counts, a crude but stated model):
+
+* ``main`` = the instructions of the kernel body, i.e. before the first slow-path subroutine a
+  ``CALL`` targets (``NOP`` and the final ``BRA`` to itself left out). A loop body counts once and a
+  branch's both sides count, so this is the straight-line cost of one program per thread.
+* elements per thread = :func:`~lowmem_lightning.kernels.aot.tile_elements` (``ROWS * BLOCK``, ...)
+  / (32 * ``num_warps``).
+* ``per elem`` = ``main`` / elements per thread: includes the fixed per-program work (table loads,
+  step scalars, reductions) spread over the tile's elements, so it is an upper bound of the marginal
+  cost.
+* ``--slope`` also compiles each kernel with ``ROWS`` doubled (kernels that have it) and reports the
+  marginal cost ``(main(2 ROWS) - main(ROWS)) / extra elements per thread`` and the fixed part
+  ``main - marginal * elements per thread``.
+
+    python benchmarks/sass_counts.py [--arch 90] [--all-specs] [--kernels adamw sgd] \\
+        [--match PARAM_DTYPE=bf16 --match QUANTIZED=True] [--slope] [--json out.json]
+
+Must run with ``TRITON_INTERPRET`` unset (compilation, not interpretation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+COLUMNS = ("instr", "main", "CALL", "MUFU", "FCHK", "LDG", "LDG.128", "STG", "STG.128", "BRA", "elem/thr",
+           "per elem", "slope", "fixed")
+
+
+def _shown(constexprs: dict) -> dict:
+    return {k: v if isinstance(v, (bool, int)) else str(v) for k, v in constexprs.items()}
+
+
+def _selected(name: str, constexprs: dict, kernels: list[str], match: list[str]) -> bool:
+    if kernels and not any(k in name for k in kernels):
+        return False
+    shown = {k: str(v) for k, v in _shown(constexprs).items()}
+    return all(shown.get(key) == value for key, value in (m.split("=", 1) for m in match))
+
+
+def measure(module_name, kernel, signature, constexprs, aligned, options, arch: int, slope: bool) -> dict:
+    """One row: :func:`sass_counts` of the kernel's SASS plus ``elem/thr``, ``per elem`` and, with
+    ``slope``, the marginal ``slope`` and ``fixed`` instructions (see the module docstring)."""
+    from lowmem_lightning.kernels.aot import compile_spec, disassemble, sass_counts, tile_elements
+
+    module = importlib.import_module(module_name)
+    compiled = compile_spec(kernel, signature, constexprs, arch, aligned, options)
+    counts = sass_counts(disassemble(compiled.asm["cubin"]))
+    threads = 32 * compiled.metadata.num_warps
+    per_thread = tile_elements(module, kernel, constexprs) / threads
+    row = {**counts, "instr": counts["instructions"], "elem/thr": per_thread,
+           "per elem": counts["main"] / per_thread, "slope": None, "fixed": None}
+    if slope and isinstance(constexprs.get("ROWS"), int):
+        bigger = {**constexprs, "ROWS": 2 * constexprs["ROWS"]}
+        compiled2 = compile_spec(kernel, signature, bigger, arch, aligned, options)
+        main2 = sass_counts(disassemble(compiled2.asm["cubin"]))["main"]
+        extra = tile_elements(module, kernel, bigger) / (32 * compiled2.metadata.num_warps) - per_thread
+        row["slope"] = (main2 - counts["main"]) / extra
+        row["fixed"] = counts["main"] - row["slope"] * per_thread
+    return row
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print a markdown table of SASS counts per kernel; exit 1 if a kernel failed to compile."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (80, 90)")
+    parser.add_argument("--all-specs", action="store_true", help="every AOT spec, not the first per kernel")
+    parser.add_argument("--kernels", nargs="*", default=[], help="only kernels whose name contains one of these")
+    parser.add_argument("--match", action="append", default=[], help="only specs with constexpr KEY=VALUE")
+    parser.add_argument("--slope", action="store_true", help="also compile with ROWS doubled: marginal cost")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: unset it, this compiles the kernels")
+    if any("=" not in m for m in args.match):
+        parser.error(f"--match takes KEY=VALUE, got {args.match}")
+    from lowmem_lightning.kernels.aot import iter_specs
+
+    print(f"SASS for sm_{args.arch} (static counts; per elem = main / elements per thread):\n")
+    print("| family | kernel | constexprs | aligned | " + " | ".join(COLUMNS) + " |")
+    print("|---|---|---|---|" + "---|" * len(COLUMNS))
+    seen, rows, failed = set(), [], 0
+    for module_name, kernel, signature, constexprs, aligned, options in iter_specs():
+        name = getattr(kernel, "fn", kernel).__name__
+        is_aligned = bool(aligned) or constexprs.get("ALIGNED") is True
+        if not _selected(name, constexprs, args.kernels, args.match):
+            continue
+        if (name, is_aligned) in seen and not args.all_specs:
+            continue
+        seen.add((name, is_aligned))
+        family = module_name.rsplit(".", 1)[-1]
+        shown = {k: v for k, v in _shown(constexprs).items() if k != "ALIGNED"}
+        head = f"| {family} | {name} | {shown} | {'yes' if is_aligned else 'no'} |"
+        try:
+            row = measure(module_name, kernel, signature, constexprs, aligned, options, args.arch, args.slope)
+        except Exception as err:  # one failure must not hide the other kernels' figures
+            print(f"{head} FAILED: {type(err).__name__}: {err} |", flush=True)
+            failed += 1
+            continue
+        print(head + " " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |", flush=True)
+        rows.append({"family": family, "kernel": name, "constexprs": {k: str(v) for k, v in shown.items()},
+                     "aligned": is_aligned, **{k: v for k, v in row.items() if k != "ops"}})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
