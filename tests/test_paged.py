@@ -145,6 +145,74 @@ def test_registry_builds_paged():
     assert isinstance(opt, PagedAdamW8bit) and opt.gpu_budget_bytes == 0
 
 
+# torch's AdamW OptimizerInfo inputs on CPU (optim_inputs_func_adam, amsgrad left out: not ours), each with
+# the global "cliquey" flags off as _get_optim_inputs_including_global_cliquey_kwargs adds them
+TORCH_ADAMW_INPUTS = [
+    {**kwargs, "foreach": False, "fused": False, "differentiable": False}
+    for kwargs in ({}, {"lr": 0.01}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "maximize": True},
+                   {"lr": torch.tensor(0.01)})
+]
+
+
+def _torch_load_post_hook(optimizer):
+    """torch's test_optim.py post-hook: writes two non-dict, non-param entries into ``optimizer.state``."""
+    optimizer.state["ran_load_state_dict_pre_hook2"] = optimizer.param_groups[0]["lr"] == 0.003
+    optimizer.state["ran_load_state_dict_post_hook"] = True
+
+
+def _torch_load_pre_hook2(optimizer, state_dict):
+    """torch's test_optim.py pre-hook returning a modified deep copy of the state dict."""
+    state_dict = copy.deepcopy(state_dict)
+    state_dict["param_groups"][0]["lr"] = 0.003
+    return state_dict
+
+
+@pytest.mark.parametrize("with_pre_hook", [False, True], ids=["post_hook", "pre_post_hook"])
+@pytest.mark.parametrize("shape, steps", [((2, 3), 0), ((2, 3), 2), ((70, 70), 2)], ids=["torch", "fp32", "8bit"])
+@pytest.mark.parametrize("cls", [AdamW8bit, PagedAdamW8bit])
+def test_torch_load_state_dict_hook_bodies_with_non_dict_state_entries(cls, shape, steps, with_pre_hook):
+    """torch's test_load_state_dict_post_hook / test_load_state_dict_pre_post_hook bodies over its AdamW inputs
+    (torch's own: a fresh (2, 3) param, no step), also after steps with fp32 and paged 8-bit state: the load
+    succeeds, the hooks' entries are there, the param's state is intact (pages on the host) and the
+    optimizer still steps and reports its memory."""
+    for kwargs in TORCH_ADAMW_INPUTS:
+        param = torch.rand(*shape, requires_grad=True)
+        opt = cls([param], **copy.deepcopy(kwargs))
+        for _ in range(steps):
+            param.grad = torch.rand_like(param)
+            opt.step()
+        before = {key: value.clone() for key, value in opt.state.get(param, {}).items()}  # no entry created
+        if with_pre_hook:
+            opt.register_load_state_dict_pre_hook(_torch_load_pre_hook2)
+        opt.register_load_state_dict_post_hook(_torch_load_post_hook)
+        opt.load_state_dict(opt.state_dict())
+        assert bool(opt.state["ran_load_state_dict_pre_hook2"]) is with_pre_hook, kwargs  # a tensor for a tensor lr
+        assert opt.state["ran_load_state_dict_post_hook"] is True
+        assert set(opt.state[param]) == set(before)
+        for key, value in before.items():
+            assert torch.equal(opt.state[param][key], value), key
+            assert opt.state[param][key].device == param.device
+        param.grad = torch.rand_like(param)
+        opt.step()
+        assert int(opt.state[param]["step"]) == steps + 1
+        assert state_memory(opt).total_bytes > 0
+
+
+def test_paged_deepcopy_and_pickle_keep_non_dict_state_entries():
+    """A paged optimizer whose ``state`` holds a hook's entry still deep-copies and pickles (its residency caches
+    are rebuilt from the params' states only)."""
+    params = _params()
+    opt = PagedAdamW8bit(params, gpu_budget_bytes=0)
+    _train(opt, params, 1, torch.Generator().manual_seed(1))
+    opt.state["note"] = True
+    twin = copy.deepcopy(opt)
+    assert twin.state["note"] is True
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False).state["note"] is True
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("budget", [0, None])

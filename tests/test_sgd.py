@@ -1,6 +1,7 @@
 """SGD: equality with torch.optim.SGD, 8-bit momentum, Triton kernel == reference, state dicts, guards."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -272,6 +273,33 @@ def test_state_memory_and_registry():
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SGD([torch.nn.Parameter(torch.randn(3))], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, torch_regex, ours",
+    [  # torch's regexes: optim_error_inputs_func_sgd / get_error_inputs_for_all_optims and torch.optim.SGD itself
+        (dict(lr=1e-2, momentum=-0.5), "Invalid momentum value: -0.5", r"momentum=-0.5: expected a finite number >= 0"),
+        (dict(weight_decay=-0.5), "Invalid weight_decay value: -0.5", r"weight_decay=-0.5: expected a finite number"),
+        (dict(lr=-1.0), "Invalid learning rate: -1.0", r"lr=-1.0: expected a finite number >= 0"),
+        (dict(lr=torch.tensor([0.001, 0.001])), "Tensor lr must be 1-element", r"lr has 2 elements"),
+        (dict(nesterov=True), "Nesterov momentum requires a momentum and zero dampening", r"momentum=0.0"),
+    ],
+    ids=["momentum", "weight_decay", "lr", "tensor_lr", "nesterov"],
+)
+def test_refusals_contain_torch_sgd_wording_and_ours(kwargs, torch_regex, ours):
+    """SGD promises torch.optim.SGD's errors: each refusal holds torch's own words (so torch's OptimizerInfo
+    error regexes match) and ours (argument, value, what is allowed), at construction and in a new group."""
+    with pytest.raises(ValueError, match=torch_regex) as theirs:
+        torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], **kwargs)
+    for build in (
+        lambda: SGD([torch.nn.Parameter(torch.randn(3))], **kwargs),
+        lambda: SGD([torch.nn.Parameter(torch.randn(3))]).add_param_group(
+            {"params": [torch.nn.Parameter(torch.randn(3))], **kwargs}),
+    ):
+        with pytest.raises(ValueError, match=torch_regex) as info:
+            build()
+        assert str(theirs.value) in str(info.value)
+        assert re.search(ours, str(info.value)), str(info.value)
 
 
 def test_invalid_param_group_is_rejected():

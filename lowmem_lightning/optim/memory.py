@@ -55,6 +55,8 @@ def iter_state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch
         yield from custom()
         return
     for param, state in optimizer.state.items():
+        if not isinstance(param, torch.Tensor) or not isinstance(state, dict):
+            continue  # an entry a hook stored beside the params' state (torch's own hook test does)
         for value in state.values():
             if isinstance(value, torch.Tensor):
                 yield value, value.device.type == "cpu" and param.device.type != "cpu"

@@ -96,7 +96,7 @@ class PagedAdamW8bit(AdamW8bit):
         self._budgets: dict[torch.device, int] = {}
         self._resident: OrderedDict[torch.Tensor, _Resident] = OrderedDict()
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
-        for param, state in self.state.items():
+        for param, state in self._param_states():
             for key in self._host_keys(param):
                 if key in state and param.device.type == "cuda" and not state[key].is_pinned():
                     state[key] = _host_page(state[key].detach().cpu(), param.device)
@@ -107,6 +107,18 @@ class PagedAdamW8bit(AdamW8bit):
         return super().__getstate__()
 
     # ------------------------------------------------------------------ host pages
+    def _param_states(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        """``(param, state)`` for every param of the groups that has state.
+
+        Walks the params, not ``self.state``: torch lets a load-state-dict post-hook (or a user) keep other
+        entries there (torch's own hook test stores ``optimizer.state["ran_load_state_dict_post_hook"] = True``),
+        which are neither params nor dicts; they are kept as they are and never paged."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if isinstance(state, dict) and state:
+                    yield param, state
+
     def _host_keys(self, param: torch.Tensor) -> list[str]:
         """Names of ``param``'s state kept in host pages (the :meth:`state_layout` specs with ``host``)."""
         return [spec.name for spec in self.state_layout(param) if spec.host]
@@ -119,7 +131,7 @@ class PagedAdamW8bit(AdamW8bit):
 
     def _state_tensors(self) -> Iterator[tuple[torch.Tensor, bool]]:
         """``(tensor, on_host)`` for every state tensor: pages on the host, buffers on the device."""
-        for param, state in self.state.items():
+        for param, state in self._param_states():
             host = self._host_keys(param)
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
@@ -134,11 +146,12 @@ class PagedAdamW8bit(AdamW8bit):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load as :class:`AdamW8bit` does, then move quantized state to host pages and drop residents."""
+        """Load as :class:`AdamW8bit` does, then move the params' quantized state to host pages and drop residents
+        (entries a load-state-dict post-hook stored in ``state`` beside the params' are left as they are)."""
         self._drain()
         super().load_state_dict(state_dict)
         self._resident.clear()
-        for param, state in self.state.items():
+        for param, state in self._param_states():
             if "step" in state:
                 state["step"] = state["step"].to(param.device)
             for key in self._host_keys(param):

@@ -163,11 +163,12 @@ def _has_momentum(state: dict) -> bool:
 
 
 def _check_hyperparameters(group: dict) -> None:
-    """Validate one group's hyperparameters (torch.optim.SGD's rules plus ``momentum_dtype``)."""
-    check_lr(group["lr"])
-    check_non_negative(group["momentum"], "momentum")
-    check_non_negative(group["dampening"], "dampening")
-    check_non_negative(group["weight_decay"], "weight_decay")
+    """Validate one group's hyperparameters (torch.optim.SGD's rules plus ``momentum_dtype``); lr, momentum,
+    weight_decay and Nesterov refusals contain torch.optim.SGD's own words, then ours."""
+    check_lr(group["lr"], torch_wording=True)
+    check_non_negative(group["momentum"], "momentum", torch_wording=True)
+    check_non_negative(group["dampening"], "dampening")  # torch.optim.SGD does not check it
+    check_non_negative(group["weight_decay"], "weight_decay", torch_wording=True)
     for name in ("nesterov", "maximize"):
         if not isinstance(group[name], bool):
             raise TypeError(f"Invalid {name}={group[name]!r}: expected True or False.")

@@ -18,12 +18,23 @@ def _is_number(value) -> bool:
     )
 
 
-def check_lr(lr, name: str = "lr", allow_none: bool = False) -> None:
-    """``lr`` must be a finite number >= 0 (a 1-element tensor is accepted)."""
+def check_lr(lr, name: str = "lr", allow_none: bool = False, torch_wording: bool = False) -> None:
+    """``lr`` must be a finite number >= 0 (a 1-element tensor is accepted).
+
+    A tensor of another size is refused in torch's words ("Tensor lr must be 1-element"); with
+    ``torch_wording`` every refusal also starts with torch.optim's "Invalid learning rate: <lr>" (for
+    optimizers that promise torch's errors), followed by our message naming the argument and what is allowed.
+    """
     if lr is None and allow_none:
         return
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element ({name} has {lr.numel()} elements: expected a finite "
+                         "number >= 0, or a 1-element tensor).")
     if not _is_number(lr) or not math.isfinite(float(lr)) or float(lr) < 0:
-        raise ValueError(f"Invalid {name}={lr!r}: expected a finite number >= 0.")
+        ours = f"{name}={lr!r}: expected a finite number >= 0"
+        if torch_wording:
+            raise ValueError(f"Invalid learning rate: {lr} ({ours}).")
+        raise ValueError(f"Invalid {ours}.")
 
 
 def check_betas(betas: Sequence[float], count: int = 2, name: str = "betas") -> None:
@@ -60,10 +71,17 @@ def check_bool(value, name: str) -> None:
         raise TypeError(f"Invalid {name}={value!r}: expected True or False.")
 
 
-def check_non_negative(value, name: str) -> None:
-    """``value`` must be a finite number >= 0 (weight decay, momentum, dampening, ...)."""
+def check_non_negative(value, name: str, torch_wording: bool = False) -> None:
+    """``value`` must be a finite number >= 0 (weight decay, momentum, dampening, ...).
+
+    With ``torch_wording`` the refusal starts with torch.optim's "Invalid <name> value: <value>" (for
+    optimizers that promise torch's errors), followed by our message naming what is allowed.
+    """
     if not _is_number(value) or not math.isfinite(float(value)) or float(value) < 0:
-        raise ValueError(f"Invalid {name}={value!r}: expected a finite number >= 0.")
+        ours = f"{name}={value!r}: expected a finite number >= 0"
+        if torch_wording:
+            raise ValueError(f"Invalid {name} value: {value} ({ours}).")
+        raise ValueError(f"Invalid {ours}.")
 
 
 def check_choice(value, allowed: Sequence, name: str) -> None:
