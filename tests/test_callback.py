@@ -84,10 +84,12 @@ def test_steplr_is_retargeted_with_the_callback_lr_as_base(tmp_path):
     assert lrs.lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
     assert opt.param_groups[0]["lr"] == pytest.approx(1.25e-4)
     assert trainer.lr_scheduler_configs[0].scheduler.optimizer is opt
-    # frozen params get no state and are not in the optimizer
+    # frozen params stay in the optimizer (they may be unfrozen later) but get no state while frozen
     frozen = {id(p) for p in model.frozen.parameters()}
-    assert not frozen & {id(p) for g in opt.param_groups for p in g["params"]}
-    assert len(opt.state) == 6
+    assert frozen <= {id(p) for g in opt.param_groups for p in g["params"]}
+    assert len(opt.state) == 6 and not frozen & {id(p) for p in opt.state}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert state_memory(opt).num_params == trainable  # what has state or trains, not the frozen layer
     # the module got its own configure_optimizers back
     assert "configure_optimizers" not in model.__dict__
     assert isinstance(model.configure_optimizers()[0][0], torch.optim.SGD)
@@ -113,8 +115,9 @@ def test_param_groups_and_their_settings_are_kept(tmp_path):
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0, 0.05]  # the no-decay group stays at 0
     assert [g["eps"] for g in groups] == [1e-6] * 3
     assert tuple(groups[0]["betas"]) == (0.8, 0.99)  # chosen per group by the module: kept
-    assert groups[2]["params"] == []  # all frozen: no params, no state
-    assert sum(len(g["params"]) for g in groups) == 6
+    assert len(groups[2]["params"]) == 2  # all frozen: kept for a later unfreeze, no state
+    assert not {id(p) for p in groups[2]["params"]} & {id(p) for p in trainer.optimizers[0].state}
+    assert sum(len(g["params"]) for g in groups) == 8
 
 
 def test_module_without_optimizer_gets_one(tmp_path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
@@ -29,6 +29,8 @@ from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
     find_optimizers,
     find_schedulers,
+    momentum_schedulers,
+    momentum_slot,
     rebuild_param_groups,
     replace_optimizers,
     retarget_scheduler,
@@ -65,11 +67,18 @@ class LowMemOptimizerCallback(L.Callback):
     """Replace the optimizers of any LightningModule with a low-memory one and log its state memory.
 
     On fit, every optimizer the module's ``configure_optimizers`` returns is rebuilt as ``optimizer``
-    over the same param groups and per-group settings (``lr``, ``weight_decay``, customised keys),
-    trainable params only (frozen params get no state). LR schedulers keep working and drive the new
-    optimizer; with ``lr`` set, every group's LR and every scheduler's base LR are rescaled so that
-    ``lr`` is the new base. A module whose ``configure_optimizers`` returns ``None`` gets one optimizer
-    over all its trainable params.
+    over the same param groups, frozen params included (they get no state until they receive a
+    gradient, so a param unfrozen later, as fine-tuning schedules do, trains as under the module's own
+    optimizer). Per-group settings are translated by meaning (:mod:`~lowmem_lightning.callbacks.translate`:
+    AdamW's ``betas[0]`` becomes SGD's ``momentum``, CAME's ``betas[0]``, Adafactor's ``beta1``, ...);
+    one warning per fit names every chosen setting that was dropped or changes meaning (coupled L2 ->
+    decoupled weight decay, ``amsgrad``, ``nesterov``, ...). LR schedulers keep working and drive the
+    new optimizer (``OneCycleLR``/``CyclicLR`` cycling momentum drive its ``betas[0]`` or ``momentum``;
+    refused with a ``ValueError`` before training when it has neither); with ``lr`` set, every group's
+    LR and every scheduler's base LR are rescaled so that ``lr`` is the new base. Scheduler configs keep
+    the metric names Lightning's ``LearningRateMonitor`` gave them with the module's optimizer
+    (``lr-AdamW``). A module whose ``configure_optimizers`` returns ``None`` gets one optimizer over all
+    its trainable params.
 
     It composes a :class:`~lowmem_lightning.callbacks.StateMemoryMonitor` for the optimizers it builds
     (:attr:`monitor`): at every optimizer step it measures
@@ -112,7 +121,10 @@ class LowMemOptimizerCallback(L.Callback):
             gradient, so no gradient buffer exists (a 7B full fine-tune saves 14 GB of bf16
             gradients). The result equals a normal step's; LR schedulers, ``skipped_updates``,
             logging, checkpoints and resume work unchanged, and Lightning's own ``optimizer.step()``
-            finds no gradient left. Clipping by value is applied per tensor. Refused with a
+            finds no gradient left. Clipping by value is applied per tensor. Under reentrant activation
+            checkpointing, a weight whose gradient arrives in several nested passes (shared by
+            checkpointed blocks) is updated after backward with its whole gradient (see
+            :mod:`~lowmem_lightning.callbacks.release`). Refused with a
             ``ValueError`` before training under ``accumulate_grad_batches > 1``, clipping by norm,
             ``16-mixed``, manual optimization and multi-process strategies.
     """
@@ -145,6 +157,7 @@ class LowMemOptimizerCallback(L.Callback):
         """The gradient-release hooks of the current fit (one per optimizer; empty unless
         ``step_in_backward``)."""
         self._patched: tuple[L.LightningModule, object] | None = None
+        self._origins: dict[int, type] = {}  # id(new optimizer) -> class of the module's optimizer it replaced
 
     # ------------------------------------------------------------------ swap
     def _explicit_kwargs(self) -> dict:
@@ -176,43 +189,125 @@ class LowMemOptimizerCallback(L.Callback):
                 f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}): the module has no trainable "
                 "parameters (requires_grad=True); there is nothing to optimize."
             )
-        self._check_dtypes(trainer, params)
+        self._check_dtypes(trainer, [p for p in params if p.requires_grad])
         return build_optimizer(self.optimizer_name, groups, **self._explicit_kwargs())
+
+    def _keeps(self, notes: list[str]):
+        """``keep(param)`` for :func:`rebuild_param_groups`: trainable params, and frozen ones the new
+        optimizer could update once unfrozen; a note names frozen float params it could not."""
+        cls = optimizer_class(self.optimizer_name)
+        allowed = tuple(getattr(cls, "_param_dtypes", ())) or None
+        left_out: dict[str, int] = {}
+
+        def keep(param: torch.Tensor) -> bool:
+            if param.requires_grad or (param.is_floating_point() and (allowed is None or param.dtype in allowed)):
+                return True
+            if param.is_floating_point():  # integer storage (packed NF4 codes) can never be unfrozen
+                left_out[str(param.dtype)] = left_out.get(str(param.dtype), 0) + 1
+            return False
+
+        def report() -> None:
+            for dtype, count in left_out.items():
+                notes.append(f"{count} frozen {dtype} param(s) left out: {cls.__name__} cannot update {dtype} "
+                             "params, so they would not train if unfrozen later")
+
+        return keep, report
+
+    def _step_sizes(self, old: torch.optim.Optimizer, groups: list[dict], notes: list[str]) -> tuple[list[dict], bool]:
+        """Groups whose optimizer computes its own step size (Adafactor's ``relative_step``, no callback lr)
+        lose their LR keys (a note names the module's lr); a group left without any lr for an optimizer
+        that needs one is refused. Returns the groups and whether any computes its own step size."""
+        name, target = self.optimizer_name, optimizer_class(self.optimizer_name).__name__
+        own_any = False
+        for index, group in enumerate(groups):
+            own = self.lr is None and self._defaults.get("lr") is None and bool(
+                group.get("relative_step", self._defaults.get("relative_step")))
+            if own:
+                own_any = True
+                if group.get("lr") is not None:
+                    notes.append(f"{type(old).__name__} lr={group['lr']!r} dropped: {target} computes its own "
+                                 "step size (relative_step=True); give the callback lr=... and "
+                                 "optimizer_kwargs={'relative_step': False} to keep a learning rate")
+                groups[index] = {k: v for k, v in group.items() if k not in LR_KEYS}
+            elif self.lr is None and group.get("lr", self._defaults.get("lr")) is None:
+                raise ValueError(
+                    f"LowMemOptimizerCallback(optimizer={name!r}) needs a learning rate, and the module's "
+                    f"{type(old).__name__} has none (lr=None: it computes its own step size). Give one: "
+                    f"LowMemOptimizerCallback({name!r}, lr=...)."
+                )
+        return groups, own_any
+
+    def _check_momentum_schedulers(self, cycling: list) -> None:
+        """Refuse a scheduler that cycles momentum when the new optimizer has no key it can write."""
+        cls = optimizer_class(self.optimizer_name)
+        if cycling and momentum_slot(cls, self._defaults) is None:
+            raise ValueError(
+                f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}): the module's "
+                f"{type(cycling[0]).__name__} cycles momentum (cycle_momentum=True), and {cls.__name__} has no "
+                "momentum or betas[0] for it to drive. Create the scheduler with cycle_momentum=False, or pick an "
+                "optimizer with momentum (adamw_8bit, paged_adamw_8bit, came, sgd, adamw)."
+            )
+
+    def _rebuild(self, trainer, old: torch.optim.Optimizer, driven: frozenset[str], notes: list[str]):
+        """The new optimizer for ``old``, its per-group LR factors and whether it computes its own step size."""
+        keep, report = self._keeps(notes)
+        groups, ratios, translations = rebuild_param_groups(
+            old, optimizer_class(self.optimizer_name), self._defaults, lr=self.lr, weight_decay=self.weight_decay,
+            fixed_keys=frozenset(self.optimizer_kwargs), keep=keep, driven=driven,
+        )
+        report()
+        for translation in translations:
+            notes.extend(f"{type(old).__name__} {note}" for note in translation.warned)
+        groups, own_step = self._step_sizes(old, groups, notes)
+        return self._build(trainer, groups), ratios, own_step
 
     def _swap(self, module: L.LightningModule, config):
         """Rebuild every optimizer in ``config`` (a ``configure_optimizers`` result) and retarget its
-        schedulers; returns a config of the same shape."""
+        schedulers; returns a config of the same shape. Warns once about every setting that was
+        dropped or changed meaning (:mod:`~lowmem_lightning.callbacks.translate`)."""
         trainer = module._trainer
+        self._origins = {}
         olds = find_optimizers(config)
         if not olds:
             new = self._build(trainer, [p for p in module.parameters() if p.requires_grad])
             self.optimizers = [new]
             return new
         schedulers = find_schedulers(config)
-        # computes its own step size (Adafactor's relative step); CAME with lr=None takes the module's lr
-        own_step = self.lr is None and self._defaults.get("lr") is None and bool(self._defaults.get("relative_step"))
+        cycling = momentum_schedulers(schedulers)
+        self._check_momentum_schedulers(cycling)
+        mapping, ratios, notes, own_step = {}, {}, [], False
+        for old in olds:
+            driven = frozenset({"beta1"}) if any(s.optimizer is old for s in cycling) else frozenset()
+            mapping[id(old)], ratios[id(old)], own = self._rebuild(trainer, old, driven, notes)
+            own_step = own_step or own
+            self._origins[id(mapping[id(old)])] = type(old)
         if own_step and schedulers:
             raise ValueError(
                 f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) computes its own step size "
                 f"(its lr is None), so the module's LR scheduler ({type(schedulers[0]).__name__}) cannot drive it. "
                 "Give an lr (and, for adafactor, optimizer_kwargs={'relative_step': False}) to keep the schedule."
             )
-        mapping, ratios = {}, {}
-        for old in olds:
-            groups, group_ratios = rebuild_param_groups(
-                old, self._defaults, lr=self.lr, weight_decay=self.weight_decay,
-                fixed_keys=frozenset(self.optimizer_kwargs),
-            )
-            if own_step:  # the optimizer computes its step size: the module's lr must not reach it
-                groups = [{k: v for k, v in g.items() if k not in LR_KEYS} for g in groups]
-            mapping[id(old)] = self._build(trainer, groups)
-            ratios[id(old)] = group_ratios
         for scheduler in schedulers:
             key = id(scheduler.optimizer)
             if key in mapping:
                 retarget_scheduler(scheduler, mapping[key], ratios[key])
         self.optimizers = list(mapping.values())
+        self._warn_translation(notes)
         return replace_optimizers(config, mapping)
+
+    def _warn_translation(self, notes: list[str]) -> None:
+        """One warning naming every setting of the module's optimizers that was dropped or changed meaning."""
+        unique = list(dict.fromkeys(notes))
+        if not unique:
+            return
+        target = optimizer_class(self.optimizer_name).__name__
+        rank_zero_warn(
+            f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) rebuilt the module's optimizer as {target}; "
+            "settings it could not carry as they were:\n" + "\n".join(f"  - {note}" for note in unique)
+            + f"\nSet {target}'s own values with LowMemOptimizerCallback(lr=..., weight_decay=..., "
+            "optimizer_kwargs={...}).",
+            category=UserWarning,
+        )
 
     def _patch(self, module: L.LightningModule) -> None:
         self._unpatch()
@@ -273,7 +368,10 @@ class LowMemOptimizerCallback(L.Callback):
             self._unpatch()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check the strategy built its optimizers through the module (so they are ours)."""
+        """Check the strategy built its optimizers through the module (so they are ours). Name every LR
+        scheduler config the module left unnamed as Lightning's ``LearningRateMonitor`` would have named
+        it for the module's own optimizer (``lr-AdamW``, not ``lr-AdamW8bit``): see
+        :func:`keep_scheduler_names`."""
         if not self.optimizers:
             raise RuntimeError(
                 f"LowMemOptimizerCallback: the strategy {type(trainer.strategy).__name__} set up its optimizers "
@@ -281,6 +379,7 @@ class LowMemOptimizerCallback(L.Callback):
             )
         self.monitor.track(self.optimizers, self.optimizer_name, type(self).__name__)
         self.monitor.on_fit_start(trainer, pl_module)
+        keep_scheduler_names(trainer.lr_scheduler_configs, self._origins)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Warn once when mid-epoch resume cannot be exact (a training dataloader without state). With
@@ -294,8 +393,19 @@ class LowMemOptimizerCallback(L.Callback):
             self._lightning_clip = (trainer, trainer.gradient_clip_val)
             trainer.gradient_clip_val = None
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        """With ``step_in_backward``: hook the params unfrozen since the last step (they are released too)."""
+        for release in self.releases:
+            release.attach()
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        """With ``step_in_backward``: mark the loss, so gradients of reentrant-checkpoint passes are told apart."""
+        for release in self.releases:
+            release.watch(loss)
+
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """With ``step_in_backward``: close the training step whose tensors backward just updated."""
+        """With ``step_in_backward``: close the training step whose tensors backward just updated (params
+        whose gradient arrived in several reentrant-checkpoint passes are updated now, whole)."""
         for release in self.releases:
             release.finish_step()
 
@@ -366,6 +476,34 @@ def _infer_optimizer(checkpoint: dict) -> str | None:
     if keys and {"exp_avg", "exp_avg_sq", "step"} <= keys <= {"exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"}:
         return "adamw"
     return None
+
+
+def keep_scheduler_names(configs: list, origins: dict[int, type]) -> None:
+    """Give each LR scheduler config the name ``LearningRateMonitor`` would have logged it under with the
+    module's own optimizers, so its metrics keep their names (``lr-AdamW``, ``lr-AdamW-1``, ...).
+
+    ``LearningRateMonitor`` names a config ``config.name`` when set (Lightning's documented way: the
+    ``"name"`` key of the scheduler dict), else ``"lr-" + type(optimizer).__name__``, with ``-{k}`` for
+    the k-th further unnamed config of the same optimizer class (a named config of a class seen
+    unnamed before gets the suffix too). This replays that rule with the classes of the module's
+    optimizers (``origins``: id of our optimizer -> the class it replaced) and writes the result into
+    every config, which the monitor then uses as it is. An optimizer without a scheduler cannot be
+    named this way (the monitor uses its class name): its metric becomes ``lr-<our class>``.
+    """
+    seen: dict[type, int] = {}
+    names = []
+    for config in configs:
+        cls = origins.get(id(config.scheduler.optimizer))
+        if cls is None:
+            return  # not all ours: leave Lightning's naming alone
+        name = config.name if config.name is not None else f"lr-{cls.__name__}"
+        if config.name is None:
+            seen[cls] = seen.get(cls, 0) + 1
+        if seen.get(cls, 0) > 1:
+            name += f"-{seen[cls] - 1}"
+        names.append(name)
+    for config, name in zip(configs, names):
+        config.name = name
 
 
 _WHOLE_TENSOR_OPTIMIZERS = ("adafactor", "came")

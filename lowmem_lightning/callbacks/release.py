@@ -14,6 +14,18 @@ bookkeeping such as Adafactor's reported step size) with ``finish_step``; a torc
 gradient is None at that moment (Lightning zeroes gradients to None before backward and released
 ones are freed). Gradient clipping by value is applied per tensor in the hook; everything that needs
 all gradients at once is refused beforehand (:func:`release_refusal`).
+
+Reentrant activation checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) runs each
+checkpointed block's backward as a nested backward pass, and a param used in several such blocks (tied
+or shared weights) has its gradient accumulated, and the hook fired, once per block: stepping at the
+first firing would update it with part of its gradient, then again with the rest. So a param whose
+gradient arrives in a nested pass (told apart from the outer pass by the autograd graph task, with
+:meth:`GradientRelease.watch` on the loss; the callback does this) is held back the first time: its
+gradient is kept and it is updated after backward (:meth:`GradientRelease.finish_step`) with the whole
+gradient, exactly as a normal step. A param that got its gradient in one firing is released in
+backward from the next step on; one that got it in several is always updated after backward. Should a
+param released in backward fire again in the same backward (the model's structure changed), that
+step cannot be made right and ``RuntimeError`` stops the fit.
 """
 
 from __future__ import annotations
@@ -27,6 +39,12 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 __all__ = ["GradientRelease", "release_refusal"]
 
 
+def _graph_task() -> int | None:
+    """Id of the autograd graph task running now (each nested backward pass has its own)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current() if current is not None else None
+
+
 class GradientRelease:
     """Post-accumulate-grad hooks that step ``optimizer`` per tensor in backward and free each gradient.
 
@@ -35,9 +53,12 @@ class GradientRelease:
         clip_value: clamp each gradient to ``[-clip_value, clip_value]`` before its update (Lightning's
             ``gradient_clip_algorithm="value"``), or None.
 
-    :meth:`attach` registers one hook per trainable param of the optimizer, :meth:`finish_step` closes
-    a training step (call it after backward), :meth:`detach` removes the hooks. ``updates`` counts the
-    tensor updates made in backward since attach.
+    :meth:`attach` registers one hook per trainable param of the optimizer (call it again to hook params
+    unfrozen since), :meth:`watch` marks the loss of the coming backward (so gradients of nested,
+    reentrant-checkpoint passes are recognised), :meth:`finish_step` closes a training step (call it
+    after backward), :meth:`detach` removes the hooks. ``updates`` counts the tensor updates made in
+    backward since attach; ``held_back`` the params whose gradient is accumulated in several nested
+    passes per backward and so are updated after it.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, clip_value: float | None = None):
@@ -47,13 +68,24 @@ class GradientRelease:
         self.optimizer = optimizer
         self.clip_value = None if clip_value is None else float(clip_value)
         self.updates = 0
-        self._handles: list = []
+        self._handles: dict[int, object] = {}
         self._per_tensor = callable(getattr(optimizer, "step_params", None))
+        self._outer: int | None = None  # graph task of the watched loss's backward
+        self._fired: dict[int, int] = {}  # id(param) -> hook firings in the current backward
+        self._stepped: set[int] = set()  # params updated in the current backward
+        self._pending: dict[int, torch.Tensor] = {}  # params held back until finish_step
+        self._single: set[int] = set()  # nested params seen to get their gradient in one firing
+        self._multi: set[int] = set()  # params seen to get it in several
 
     @property
     def attached(self) -> bool:
         """Whether the hooks are registered."""
         return bool(self._handles)
+
+    @property
+    def held_back(self) -> int:
+        """Number of params updated after backward because their gradient arrives in several firings."""
+        return len(self._multi)
 
     def params(self) -> list[torch.Tensor]:
         """The optimizer's params that require grad (each counted once)."""
@@ -66,33 +98,81 @@ class GradientRelease:
         return out
 
     def attach(self) -> GradientRelease:
-        """Register the hooks (idempotent); returns self."""
-        if not self._handles:
-            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params()]
+        """Register a hook on every trainable param not hooked yet (so params unfrozen since the last call
+        are released too); returns self."""
+        for param in self.params():
+            if id(param) not in self._handles:
+                self._handles[id(param)] = param.register_post_accumulate_grad_hook(self._on_grad_ready)
         return self
 
     def detach(self) -> None:
         """Remove the hooks; later backward passes keep their gradients as usual."""
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
-        self._handles = []
+        self._handles = {}
+
+    def watch(self, loss: torch.Tensor) -> None:
+        """Mark ``loss`` as the root of the next backward: its graph task is the outer one, and a gradient
+        accumulated in any other (a reentrant checkpoint's nested pass) is held back until it is whole."""
+        self._outer = None
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.register_hook(self._record_outer)
+
+    def _record_outer(self, grad: torch.Tensor) -> None:
+        self._outer = _graph_task()
 
     def finish_step(self) -> None:
-        """Close the training step whose updates the hooks made (per-group bookkeeping of ours)."""
+        """Close the training step: update the params held back with their whole gradient, learn which
+        of them got it in one firing, then the per-group bookkeeping of ours."""
+        pending = list(self._pending.values())
+        for param in pending:
+            (self._multi if self._fired.get(id(param), 0) > 1 else self._single).add(id(param))
+        if pending:
+            self._update(pending)
+        self._pending, self._fired, self._stepped, self._outer = {}, {}, set(), None
         if self._per_tensor:
             self.optimizer.finish_step()
+
+    def _update(self, params: list[torch.Tensor]) -> None:
+        """Clip, update and free the gradients of ``params`` (each with a gradient)."""
+        for param in params:
+            if self.clip_value is not None:
+                param.grad.clamp_(-self.clip_value, self.clip_value)
+        if self._per_tensor:
+            self.optimizer.step_params(params)
+        else:  # a torch optimizer steps every param with a gradient: hide those held back meanwhile
+            chosen = {id(p) for p in params}
+            hidden = {key: p for key, p in self._pending.items() if key not in chosen and p.grad is not None}
+            grads = {key: p.grad for key, p in hidden.items()}
+            for p in hidden.values():
+                p.grad = None
+            self.optimizer.step()
+            for key, p in hidden.items():
+                p.grad = grads[key]
+        for param in params:
+            param.grad = None
 
     @torch.no_grad()
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         if param.grad is None:
             return
-        if self.clip_value is not None:
-            param.grad.clamp_(-self.clip_value, self.clip_value)
-        if self._per_tensor:
-            self.optimizer.step_params([param])
-        else:
-            self.optimizer.step()
-        param.grad = None
+        key = id(param)
+        self._fired[key] = self._fired.get(key, 0) + 1
+        if key in self._pending:
+            return  # held back: this firing adds to its gradient
+        if key in self._stepped:
+            raise RuntimeError(
+                f"GradientRelease: a param of shape {tuple(param.shape)} got a second gradient in one backward after "
+                "it was updated in backward (a weight shared by blocks under reentrant activation checkpointing "
+                "whose use changed between steps). Use torch.utils.checkpoint(..., use_reentrant=False) or "
+                "step_in_backward=False."
+            )
+        nested = self._outer is not None and _graph_task() != self._outer
+        if key in self._multi or (nested and key not in self._single):
+            self._pending[key] = param
+            return
+        self._update([param])
+        self._stepped.add(key)
         self.updates += 1
 
 

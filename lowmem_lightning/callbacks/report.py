@@ -27,7 +27,8 @@ def adamw_fp32_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             for param in group["params"]:
-                total += 2 * 4 * local(param).numel() + 4
+                if param.requires_grad or param in optimizer.state:  # the params state_memory counts
+                    total += 2 * 4 * local(param).numel() + 4
     return total
 
 

@@ -5,30 +5,43 @@ dicts; ``None``). Instead of parsing them, :func:`replace_optimizers` walks the 
 every ``torch.optim.Optimizer`` for its replacement and retargets every LR scheduler in place, so
 Lightning sees the same shape it would have seen, now with our optimizers.
 
-LR scheduling rules when an optimizer is rebuilt (:func:`rebuild_param_groups`):
+Rules when an optimizer is rebuilt (:func:`rebuild_param_groups`):
 
-* each param group keeps its params (trainable ones only), its ``lr`` and ``weight_decay``, the keys a
-  scheduler added (``initial_lr``, ``max_lr``, ...), and every hyperparameter the module chose (a value
-  other than the old optimizer class's constructor default, e.g. ``SGD(momentum=0.9)``) that the new
-  optimizer also takes; hyperparameters left at their defaults take the new optimizer's defaults;
+* each param group keeps all its params, frozen ones included (an optimizer allocates state only for
+  params that received a gradient, so a param unfrozen later trains as under the module's own
+  optimizer), its ``lr``, the keys a scheduler or the module added (``initial_lr``, ``max_lr``,
+  ``max_momentum``, ``name``, ...);
+* every other hyperparameter is *translated* by meaning, not by key name
+  (:mod:`lowmem_lightning.callbacks.translate`): a setting the module chose (a value other than the
+  old class's constructor default) goes to the new optimizer's key of the same meaning (AdamW's
+  ``betas[0]`` -> SGD's ``momentum`` / CAME's ``betas[0]`` / Adafactor's ``beta1``); weight decay is
+  kept per group, and warned about when its kind changes (coupled L2 <-> decoupled); a chosen
+  setting with no equivalent is dropped and named in the one warning of the fit; settings left at
+  their defaults take the new optimizer's defaults;
 * a new base ``lr`` rescales every group and its scheduler by ``lr / old_default_lr``, so per-group LR
   ratios and the schedule's current position are kept (``StepLR(2, 0.5)`` over ``lr=1e-3`` gives
-  ``1.25e-4`` after 6 steps, whatever lr the module had asked for).
+  ``1.25e-4`` after 6 steps, whatever lr the module had asked for);
+* a scheduler that cycles momentum (``OneCycleLR``/``CyclicLR`` with ``cycle_momentum=True``) is
+  retargeted to the new optimizer's ``betas[0]`` or ``momentum`` (:func:`momentum_slot`); an optimizer
+  with neither (Adafactor) is refused before training by the callback.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Callable, Iterator
 
 import torch
 
+from lowmem_lightning.callbacks.translate import FAMILIES, MOMENTUM_KEYS, Slot, Translation, family_of, translate_group
+
 __all__ = [
     "LR_KEYS",
     "find_optimizers",
     "find_schedulers",
+    "momentum_schedulers",
+    "momentum_slot",
     "rebuild_param_groups",
     "replace_optimizers",
     "retarget_scheduler",
@@ -104,25 +117,6 @@ def _as_float(value) -> float | None:
     return None
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        fa, fb = _as_float(a), _as_float(b)
-        return fa is not None and fa == fb
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - odd types compare as different
-        return False
-
-
-def constructor_defaults(cls: type) -> dict:
-    """Default values of ``cls.__init__``'s keyword arguments (what a hyperparameter is when nobody chose it)."""
-    try:
-        parameters = inspect.signature(cls.__init__).parameters.values()
-    except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-
-
 def lr_ratio(old: torch.optim.Optimizer, group: dict, new_lr: float | None) -> float | None:
     """Factor that turns ``group``'s learning rates into ones based on ``new_lr``.
 
@@ -139,60 +133,87 @@ def lr_ratio(old: torch.optim.Optimizer, group: dict, new_lr: float | None) -> f
     return new_lr / base
 
 
+def _learning_rates(old: torch.optim.Optimizer, group: dict, lr: float | None) -> tuple[dict, float | None]:
+    """The LR keys of the rebuilt group (rescaled to a new base ``lr``) and the factor applied."""
+    out: dict = {}
+    ratio = lr_ratio(old, group, lr)
+    for key in LR_KEYS:
+        if key not in group:
+            continue
+        value = _as_float(group[key])
+        if lr is None or value is None:
+            out[key] = group[key] if value is None else value
+        elif ratio is not None:
+            out[key] = value * ratio
+    if lr is not None and ratio is None:
+        out["lr"] = lr
+        if "initial_lr" in group:
+            out["initial_lr"] = lr
+    return out, ratio
+
+
 def rebuild_param_groups(
     old: torch.optim.Optimizer,
+    target_cls: type,
     new_defaults: dict,
     *,
     lr: float | None,
     weight_decay: float | None,
     fixed_keys: frozenset[str] = frozenset(),
-) -> tuple[list[dict], list[float | None]]:
-    """Param groups for the replacement of ``old``, and the LR factor applied to each group.
+    keep: Callable[[torch.Tensor], bool] = lambda param: True,
+    driven: frozenset[str] = frozenset(),
+) -> tuple[list[dict], list[float | None], list[Translation]]:
+    """Param groups for the ``target_cls`` replacement of ``old``, the LR factor applied to each group,
+    and each group's :class:`~lowmem_lightning.callbacks.translate.Translation` (what was carried,
+    changed, dropped).
 
-    ``new_defaults`` are the new optimizer's defaults (only keys it knows carry over);
-    ``fixed_keys`` are the hyperparameters given explicitly for the new optimizer, which win over
-    per-group values. ``weight_decay``, when set, applies to every group except groups the module
-    deliberately left undecayed (``weight_decay == 0`` while another group of ``old`` decays).
-    Frozen params (``requires_grad=False``) are dropped; groups keep their positions (possibly empty)
-    so schedulers' per-group lists still line up.
+    ``new_defaults`` are the target's defaults; ``fixed_keys`` the hyperparameters given explicitly
+    for it, which win over per-group values; ``keep(param)`` says which params stay (all, by default:
+    frozen ones too, so that unfreezing them later trains them); ``driven``: settings an LR scheduler
+    drives (see :func:`translate_group`). ``weight_decay``, when set, applies to every group except
+    groups the module deliberately left undecayed (``weight_decay == 0`` while another group of
+    ``old`` decays). Groups keep their positions (possibly empty) so schedulers' per-group lists still
+    line up; keys the module or a scheduler added to a group (``name``, ``initial_lr``,
+    ``max_momentum``, ...) are kept.
     """
-    old_defaults = old.defaults
-    class_defaults = constructor_defaults(type(old))
+    skip = frozenset(fixed_keys) | ({"weight_decay", "l2"} if weight_decay is not None else frozenset())
     any_decay = any((_as_float(g.get("weight_decay")) or 0.0) > 0 for g in old.param_groups)
-    groups, ratios = [], []
+    groups, ratios, translations = [], [], []
     for group in old.param_groups:
-        new_group: dict = {"params": [p for p in group["params"] if p.requires_grad]}
+        translation = translate_group(type(old), group, target_cls, new_defaults, skip=skip | set(LR_KEYS),
+                                      driven=driven)
+        new_group: dict = {"params": [p for p in group["params"] if keep(p)]}
         for key, value in group.items():
-            if key in ("params", "weight_decay", *LR_KEYS) or key in fixed_keys:
-                continue
-            if key not in old_defaults:  # added by a scheduler or by the user (e.g. "name")
-                new_group[key] = value
-            elif key in new_defaults and key in class_defaults and not _same(value, class_defaults[key]):
-                new_group[key] = value  # the module chose it (per group or in the constructor)
-        ratio = lr_ratio(old, group, lr)
-        for key in LR_KEYS:
-            if key not in group:
-                continue
-            value = _as_float(group[key])
-            if lr is None or value is None:
-                new_group[key] = group[key] if value is None else value
-            elif ratio is not None:
-                new_group[key] = value * ratio
-        if lr is not None and ratio is None:
-            new_group["lr"] = lr
-            if "initial_lr" in group:
-                new_group["initial_lr"] = lr
-        old_wd = group.get("weight_decay")
-        if weight_decay is None:
-            if old_wd is not None and "weight_decay" in new_defaults:
-                new_group["weight_decay"] = _as_float(old_wd)
-        elif any_decay and (_as_float(old_wd) or 0.0) == 0.0:
-            new_group["weight_decay"] = 0.0
-        else:
-            new_group["weight_decay"] = weight_decay
+            if key not in old.defaults and key not in ("params", *LR_KEYS):
+                new_group[key] = value  # added by a scheduler or by the user (e.g. "name")
+        new_group.update(translation.values)
+        rates, ratio = _learning_rates(old, group, lr)
+        new_group.update(rates)
+        if weight_decay is not None:
+            old_wd = _as_float(group.get("weight_decay")) or 0.0
+            new_group["weight_decay"] = 0.0 if any_decay and old_wd == 0.0 else weight_decay
         groups.append(new_group)
         ratios.append(ratio)
-    return groups, ratios
+        translations.append(translation)
+    return groups, ratios, translations
+
+
+def momentum_schedulers(schedulers: list) -> list:
+    """The schedulers among ``schedulers`` that write the optimizer's momentum/beta1 each step
+    (torch's ``OneCycleLR`` and ``CyclicLR`` with ``cycle_momentum=True``)."""
+    kinds = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
+    return [s for s in schedulers if isinstance(s, kinds) and getattr(s, "cycle_momentum", False)]
+
+
+def momentum_slot(target_cls: type, new_defaults: dict) -> Slot | None:
+    """The slot of the target's beta1 that torch's momentum-cycling schedulers can write (``betas[0]``
+    or ``momentum``), or None when it has none (Adafactor keeps ``beta1``, which they do not know)."""
+    family = family_of(target_cls)
+    if family is not None:
+        slot = FAMILIES[family].get("beta1")
+    else:
+        slot = next((s for s in MOMENTUM_KEYS if s.key in new_defaults), None)
+    return slot if slot in MOMENTUM_KEYS and slot.key in new_defaults else None
 
 
 def mark_step_calls(optimizer: torch.optim.Optimizer) -> None:
@@ -216,9 +237,13 @@ def retarget_scheduler(scheduler, new: torch.optim.Optimizer, ratios: list[float
 
     Works for every torch scheduler (``LRScheduler`` subclasses keep ``base_lrs``, ``CyclicLR`` also
     ``max_lrs``; ``OneCycleLR`` keeps its LRs in the param groups, rescaled by
-    :func:`rebuild_param_groups`; ``ReduceLROnPlateau`` only reads the groups).
+    :func:`rebuild_param_groups`; ``ReduceLROnPlateau`` only reads the groups). A scheduler that cycles
+    momentum (:func:`momentum_schedulers`) writes the new optimizer's ``betas[0]`` or ``momentum``
+    (its ``use_beta1``), whichever the new optimizer has.
     """
     scheduler.optimizer = new
+    if getattr(scheduler, "cycle_momentum", False):
+        scheduler.use_beta1 = "betas" in new.defaults  # where torch's schedulers write the cycled momentum
     for name in _SCHEDULER_LR_LISTS:
         values = getattr(scheduler, name, None)
         if isinstance(values, list) and len(values) == len(ratios):

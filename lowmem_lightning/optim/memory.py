@@ -18,8 +18,9 @@ class StateMemory:
 
     ``device_bytes`` is state on the params' device (the GPU when training on CUDA, the CPU when
     training on CPU); ``host_bytes`` is state kept off that device (pinned host pages of a paged
-    optimizer). ``num_params`` counts the elements of every parameter in the param groups
-    (for a sharded DTensor param: of its local shard, so the figures are this rank's);
+    optimizer). ``num_params`` counts the elements of every parameter in the param groups that is
+    trainable or has state (a frozen param holds none until it is unfrozen and trained); for a
+    sharded DTensor param: of its local shard, so the figures are this rank's;
     ``bytes_per_param`` = ``total_bytes / num_params``.
     """
 
@@ -89,5 +90,6 @@ def state_memory(optimizer: torch.optim.Optimizer) -> StateMemory:
             host_bytes += nbytes
         else:
             device_bytes += nbytes
-    num_params = sum(local(p).numel() for group in optimizer.param_groups for p in group["params"])
+    num_params = sum(local(p).numel() for group in optimizer.param_groups for p in group["params"]
+                     if p.requires_grad or p in optimizer.state)  # frozen params without state: not counted
     return StateMemory(device_bytes + host_bytes, device_bytes, host_bytes, num_params)
