@@ -14,15 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
-from lowmem_lightning.cli.checks import ckpt_path_problem, output_dirs, unwritable
+from lowmem_lightning.cli.checks import ckpt_path_problem, new_paths, output_dirs, remove_new_paths, unwritable
+from lowmem_lightning.cli.last import checkpoint_dirs, newest_checkpoint
 from lowmem_lightning.cli.quiet import quiet_known_noise
+from lowmem_lightning.cli.switch import switch_optimizer
 from lowmem_lightning.optim.registry import available_optimizers
 
 __all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_recipes", "resolve_recipe",
@@ -176,6 +179,69 @@ def _is_optimizer_callback(entry: Any) -> bool:
     return cls is not None and target is not None and isinstance(cls, type) and issubclass(cls, target)
 
 
+def _optimizer_entries(cfg: Namespace) -> list:
+    """The LowMemOptimizerCallback entries of a parsed config's ``trainer.callbacks``."""
+    callbacks = cfg.trainer.get("callbacks") or []
+    return [c for c in (callbacks if isinstance(callbacks, list) else [callbacks]) if _is_optimizer_callback(c)]
+
+
+def _flag_given(args: list[str], group: str, key: str) -> bool:
+    """Whether ``--GROUP.KEY`` (or ``--GROUP.init_args.KEY``) is on the command line ``args``."""
+    names = (f"--{group}.{key}", f"--{group}.init_args.{key}")
+    return any(arg in names or arg.startswith(tuple(n + "=" for n in names)) for arg in args)
+
+
+def _notice(message: str | None) -> None:
+    """One line on stderr saying what the command changed in the config (``None``: nothing)."""
+    if message:
+        sys.stderr.write(f"lowmem: {message}\n")
+
+
+def _configs_have_optimizer_callback(args: list[str]) -> bool:
+    """Whether a ``--config`` file of ``args`` lists a LowMemOptimizerCallback in ``trainer.callbacks``."""
+    import yaml
+
+    sub = args[0] if args else "fit"
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        try:
+            data = yaml.safe_load(Path(path).read_text()) if path else None
+        except (OSError, yaml.YAMLError):
+            continue
+        for scope in (data, (data or {}).get(sub)) if isinstance(data, dict) else ():
+            trainer = scope.get("trainer") if isinstance(scope, dict) else None
+            callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
+            entries = callbacks if isinstance(callbacks, list) else [callbacks]
+            if any(_is_optimizer_callback(e) for e in entries if isinstance(e, dict)):
+                return True
+    return False
+
+
+def _model_optimizer_as_optim(args: list[str]) -> list[str]:
+    """``--model.optimizer NAME`` -> ``--optim NAME`` when a config's LowMemOptimizerCallback would
+    replace the module's optimizer and ``--optim`` is not given; one line says so."""
+    names = ("--model.optimizer", "--model.init_args.optimizer")
+    if any(a == "--optim" or a.startswith("--optim=") for a in args) or not _configs_have_optimizer_callback(args):
+        return args
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        value = None
+        if arg in names and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        elif arg.startswith(tuple(n + "=" for n in names)):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        _notice(f"--model.optimizer {value} is applied as --optim {value}: the LowMemOptimizerCallback in "
+                "trainer.callbacks replaces the module's optimizer.")
+        out += ["--optim", value]
+    return out
+
+
 def _init_args(entry: Namespace) -> Namespace:
     if entry.get("init_args") is None:
         entry["init_args"] = Namespace()
@@ -260,6 +326,17 @@ class LowMemCLI(LightningCLI):
             parser_kwargs.setdefault(name, {}).setdefault("description", SUBCOMMAND_HELP[name])
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
+    _cli_args: list[str] = []
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse like LightningCLI; a ``--model.optimizer NAME`` on the command line of a config whose
+        ``trainer.callbacks`` has a LowMemOptimizerCallback (which replaces the module's optimizer) is
+        applied as ``--optim NAME``, said in one line."""
+        if isinstance(args, (list, tuple)):
+            args = _model_optimizer_as_optim(list(args))
+            self._cli_args = list(args)
+        super().parse_arguments(parser, args)
+
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """LightningCLI's subcommands, and ``estimate`` listed with them (``main`` runs it before
         LightningCLI, so this parser only documents it)."""
@@ -289,11 +366,17 @@ class LowMemCLI(LightningCLI):
         parser.add_argument(
             "--optim", type=str | None, default=None,
             help=f"Optimizer of the LowMemOptimizerCallback in trainer.callbacks (added if the config has none). "
-            f"One of: {names}. Its other arguments: --trainer.callbacks.help LowMemOptimizerCallback.",
+            f"One of: {names}. The config's lr and LR schedule are kept (--lr to change the lr); the config's "
+            "optimizer_kwargs that the new optimizer does not take are dropped (said in one line); adafactor "
+            "gets relative_step: false, scale_parameter: false when the run has an lr, so that lr drives it. "
+            "--model.optimizer NAME with such a callback means the same. "
+            "Its other arguments: --trainer.callbacks.help LowMemOptimizerCallback.",
         )
         parser.add_argument(
             "--lr", type=float | None, default=None,
-            help="Learning rate of the LowMemOptimizerCallback (with --optim, or overriding the config's callback).",
+            help="Learning rate of the LowMemOptimizerCallback (with --optim, or overriding the config's callback). "
+            "A --model.lr given on the command line also sets the callback's lr when the config gives the callback "
+            "one (said in one line).",
         )
         parser.add_argument(
             "--step_in_backward", type=bool | None, default=None,
@@ -366,6 +449,7 @@ class LowMemCLI(LightningCLI):
     def _apply_optim_shortcut(self, cfg: Namespace) -> None:
         name, lr, release = cfg.get("optim"), cfg.get("lr"), cfg.get("step_in_backward")
         if name is None and lr is None and release is None:
+            self._apply_model_lr(cfg, _optimizer_entries(cfg))
             return
         callbacks = cfg.trainer.get("callbacks")
         if callbacks is None:
@@ -383,15 +467,35 @@ class LowMemCLI(LightningCLI):
             entry = Namespace(class_path=OPTIMIZER_CALLBACK, init_args=Namespace())
             callbacks.append(entry)
             targets = [entry]
+        model_lr = (self._init(cfg, "model") or Namespace()).get("lr")
         for entry in targets:
             init = _init_args(entry)
-            if name is not None:
-                init["optimizer"] = name
             if lr is not None:
                 init["lr"] = lr
             if release is not None:
                 init["step_in_backward"] = release
+            if name is not None and name in available_optimizers():
+                run_lr = init.get("lr") if init.get("lr") is not None else model_lr
+                _notice(switch_optimizer(init, name, run_lr if isinstance(run_lr, (int, float)) else None))
+            elif name is not None:
+                init["optimizer"] = name  # refused with the list of names by _check_optimizer_callbacks
         cfg.trainer["callbacks"] = callbacks
+        if lr is None:
+            self._apply_model_lr(cfg, targets)
+
+    def _apply_model_lr(self, cfg: Namespace, targets: list) -> None:
+        """``--model.lr V`` on the command line (no ``--lr``): the explicit value wins over an lr the
+        config gives the LowMemOptimizerCallback (whose lr would replace the module's), said in one line."""
+        model = self._init(cfg, "model")
+        value = model.get("lr") if model is not None else None
+        if not _flag_given(self._cli_args, "model", "lr") or not isinstance(value, (int, float)):
+            return
+        for entry in targets:
+            init = _init_args(entry)
+            if init.get("lr") is not None and float(init["lr"]) != float(value):
+                _notice(f"--model.lr {value:g} also sets the LowMemOptimizerCallback's lr (the config's "
+                        f"{float(init['lr']):g} would replace the module's lr).")
+                init["lr"] = float(value)
 
     def _check_optimizer_callbacks(self, cfg: Namespace) -> None:
         callbacks = cfg.trainer.get("callbacks") or []
@@ -429,10 +533,11 @@ class LowMemCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """Instantiate model, data, callbacks and trainer; a ``ValueError``/``TypeError`` raised by a
-        constructor (invalid argument) becomes a short error message and exit code 2."""
+        constructor (invalid argument) or Lightning's ``MisconfigurationException`` becomes a short error
+        message and exit code 2."""
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, MisconfigurationException) as err:
             self._error(_short(err))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
@@ -443,6 +548,75 @@ class LowMemCLI(LightningCLI):
             check()
         return super().instantiate_trainer(**kwargs)
 
+    # ------------------------------------------------------------------ fit
+    def before_fit(self) -> None:
+        """Refusals that need the built Trainer and module, made before ``fit`` writes anything (gradient
+        release that cannot hold: exit 2, one message); ``--ckpt_path last`` resolved to the newest
+        checkpoint of the run's ModelCheckpoint directories (:mod:`~lowmem_lightning.cli.last`)."""
+        from lowmem_lightning.callbacks.optimizer import LowMemOptimizerCallback
+        from lowmem_lightning.callbacks.release import release_refusal
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, LowMemOptimizerCallback) and callback.step_in_backward:
+                reason = release_refusal(self.trainer, self.model)
+                if reason is not None:
+                    self._error(f"LowMemOptimizerCallback(step_in_backward=True) cannot run: {reason}.")
+        if self.config_init["fit"].get("ckpt_path") == "last":
+            self.config_init["fit"]["ckpt_path"] = self._resolve_last()
+
+    def _resolve_last(self) -> str | None:
+        dirs = checkpoint_dirs(self.trainer)
+        if not dirs:
+            self._error(
+                "ckpt_path='last' resumes from the run's ModelCheckpoint directory, but this run has no "
+                "ModelCheckpoint (trainer.enable_checkpointing is false), so nothing is saved to resume from: add a "
+                "ModelCheckpoint to trainer.callbacks (README: Resume and preemption) or drop --ckpt_path."
+            )
+        found, count = newest_checkpoint(dirs)
+        where = " or ".join(os.path.relpath(d) if not os.path.isabs(d) else d for d in dirs)
+        if found is None:
+            _notice(f"--ckpt_path last: no checkpoint yet in {where}; starting a fresh run "
+                    "(the same command resumes from the newest checkpoint once one is saved).")
+            return None
+        _notice(f"--ckpt_path last: resuming from {found.path} (step {found.step}, the newest of {count} "
+                f"checkpoint{'s' if count > 1 else ''} in {where}).")
+        return found.path
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; for ``fit``, a ``ValueError``/``TypeError``/``MisconfigurationException``
+        raised before the first sanity-check or training step (a refusal: optimizer, precision, strategy,
+        checkpoint) ends with one message and exit code 2, and the directories the run created are removed
+        (when they hold only the config and the logger's first files). ``LOWMEM_TRACEBACK=1`` re-raises."""
+        if subcommand != "fit":
+            return super()._run_subcommand(subcommand)
+        created = new_paths(self._run_paths())
+        started = _TrainingStarted()
+        self.trainer.callbacks.append(started)
+        try:
+            super()._run_subcommand(subcommand)
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            if started.started or os.environ.get("LOWMEM_TRACEBACK"):
+                raise
+            remove_new_paths(created)
+            sys.stderr.write(f"lowmem fit: error: {_short(err)}\n(nothing was trained or written; "
+                             "LOWMEM_TRACEBACK=1 shows where it was raised)\n")
+            raise SystemExit(2) from None
+        return None
+
+    def _run_paths(self) -> list[str]:
+        """Every directory the fit may create: the root, each logger's directories, checkpoint dirs."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        trainer = self.trainer
+        paths = [trainer.default_root_dir]
+        for logger in trainer.loggers:
+            for attr in ("save_dir", "root_dir", "log_dir"):
+                with contextlib.suppress(Exception):
+                    paths.append(getattr(logger, attr))
+        paths += [c.dirpath for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+        paths.append(getattr(self.model, "save_dir", None))
+        return [str(p) for p in paths if isinstance(p, (str, os.PathLike)) and "://" not in str(p)]
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
@@ -450,6 +624,21 @@ class LowMemCLI(LightningCLI):
         if not has_bar and config.get("enable_progress_bar", True) is not False:
             callbacks = [*callbacks, StepsAwareRichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+class _TrainingStarted(L.Callback):
+    """Records that a fit got past its set-up: the sanity check or training began (the CLI's refusal
+    handling applies only before that)."""
+
+    started = False
+
+    def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+        """The sanity check begins: the fit is past its set-up."""
+        self.started = True
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Training begins: the fit is past its set-up."""
+        self.started = True
 
 
 _LITERALS = {"true": True, "false": False, "null": None, "none": None}

@@ -1,15 +1,17 @@
 """Checks of a run's inputs and outputs made before anything is built: the checkpoint to resume
-from exists, and every directory the run will write can be created and written."""
+from exists, and every directory the run will write can be created and written; and the undoing of
+what a run refused before training wrote (:func:`new_paths`, :func:`remove_new_paths`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 
-__all__ = ["ckpt_path_problem", "output_dirs", "unwritable"]
+__all__ = ["ckpt_path_problem", "output_dirs", "unwritable", "new_paths", "remove_new_paths", "SETUP_FILES"]
 
 _CKPT_KEYWORDS = ("last", "best", "hpc")
 
@@ -21,7 +23,8 @@ def ckpt_path_problem(ckpt_path: Any) -> str | None:
     if ckpt_path.startswith("registry:") or Path(ckpt_path).expanduser().exists():
         return None
     return (f"ckpt_path={ckpt_path!r}: no such checkpoint file ({Path(ckpt_path).expanduser().resolve()}); "
-            "give the path of a saved .ckpt, or 'last' for the newest last*.ckpt of the ModelCheckpoint directory.")
+            "give the path of a saved .ckpt, or 'last' for the newest checkpoint of the run's ModelCheckpoint "
+            "directory.")
 
 
 def _entries(value: Any) -> list:
@@ -60,3 +63,38 @@ def unwritable(name: str, path: str) -> str | None:
         what = "is not writable" if probe == target else f"cannot be created ({probe} is not writable)"
         return f"{name}={path!r}: the directory {what}; choose a writable directory."
     return None
+
+
+SETUP_FILES = ("config.yaml", "hparams.yaml", "metrics.csv")
+"""Files a fit writes before its first training step (LightningCLI's config, the logger's files)."""
+
+
+def new_paths(paths: list[str]) -> list[Path]:
+    """For each directory in ``paths``, the outermost of it and its parents that does not exist yet
+    (what creating it would create); directories that exist are left out."""
+    out = []
+    for path in paths:
+        target = Path(path).expanduser().absolute()
+        if target.exists():
+            continue
+        while not target.parent.exists() and target.parent != target:
+            target = target.parent
+        if target not in out:
+            out.append(target)
+    return out
+
+
+def _only_setup_files(folder: Path) -> bool:
+    return all(p.is_dir() or p.name in SETUP_FILES or p.name.startswith("events.out.tfevents.")
+               for p in folder.rglob("*"))
+
+
+def remove_new_paths(created: list[Path]) -> list[Path]:
+    """Remove the directories of ``created`` (from :func:`new_paths` before a run) that now exist and
+    hold nothing but empty folders and :data:`SETUP_FILES`; returns those removed."""
+    removed = []
+    for folder in created:
+        if folder.is_dir() and _only_setup_files(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

@@ -1,0 +1,101 @@
+"""``--ckpt_path last``: the newest checkpoint of the run's ``ModelCheckpoint`` directories, by step.
+
+Lightning's own ``ckpt_path="last"`` looks only for ``last*.ckpt`` (written with ``save_last=True``)
+in the directory of the *current* run, which for a ``ModelCheckpoint`` without ``dirpath`` is the
+logger's new version (``runs/tiny/version_3/checkpoints``): a restarted job finds nothing there and
+trains from step 0. Here "the run's directory" is, for each ``ModelCheckpoint`` of the Trainer:
+
+* its ``dirpath`` when set (the same folder across restarts), else
+* every ``*/checkpoints`` folder under the first logger's ``save_dir/name`` (``runs/tiny/version_*/
+  checkpoints``: each restart logs to a new version and resumes from the newest checkpoint of any
+  earlier one), or ``default_root_dir/checkpoints`` without a logger,
+
+and the checkpoint resumed is the one with the highest global step: read from Lightning's
+``step=N`` in the file name, else from the checkpoint's ``global_step`` (loaded memory-mapped);
+files cut short by a kill (not a complete zip archive) are skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Candidate", "checkpoint_dirs", "checkpoint_step", "newest_checkpoint"]
+
+_STEP = re.compile(r"(?:^|[-_])step=(\d+)")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A checkpoint found for ``--ckpt_path last``: its path, global step and modification time (s)."""
+
+    path: str
+    step: int
+    mtime: float
+
+
+def checkpoint_dirs(trainer) -> list[str]:
+    """Glob patterns of the directories holding the checkpoints of ``trainer``'s ``ModelCheckpoint``
+    callbacks across restarts (see the module docstring); ``[]`` when it has none."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = []
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        if callback.dirpath:
+            out.append(glob.escape(str(callback.dirpath)))
+        elif trainer.loggers:
+            logger = trainer.loggers[0]
+            save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+            root = glob.escape(os.path.join(str(save_dir), str(logger.name or "")))
+            out.append(os.path.join(root, "*", "checkpoints"))
+        else:
+            out.append(glob.escape(os.path.join(str(trainer.default_root_dir), "checkpoints")))
+    return list(dict.fromkeys(out))
+
+
+def _complete(path: Path) -> bool:
+    """A checkpoint file written to the end (torch.save's zip archive has its central directory), or a
+    sharded checkpoint directory."""
+    return path.is_dir() or zipfile.is_zipfile(path)
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The global step of a checkpoint: ``step=N`` in its name, else its ``global_step`` entry; ``None``
+    when it cannot be read."""
+    path = Path(path)
+    match = _STEP.search(path.stem)
+    if match:
+        return int(match.group(1))
+    if path.is_dir():
+        return None
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a candidate
+        return None
+    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def newest_checkpoint(dirs: list[str]) -> tuple[Candidate | None, int]:
+    """The checkpoint of highest step (then newest file) under ``dirs`` (folders or glob patterns), and
+    how many complete checkpoints were found."""
+    found = []
+    for pattern in dirs:
+        for folder in sorted(glob.glob(pattern)):
+            for path in Path(folder).glob("*.ckpt"):
+                if not _complete(path):
+                    continue
+                step = checkpoint_step(path)
+                if step is not None:
+                    found.append(Candidate(str(path), step, path.stat().st_mtime))
+    if not found:
+        return None, 0
+    return max(found, key=lambda c: (c.step, c.mtime)), len(found)

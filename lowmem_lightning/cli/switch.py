@@ -1,0 +1,83 @@
+"""What ``--optim NAME`` does to the settings a config wrote for another optimizer.
+
+A recipe's ``LowMemOptimizerCallback`` carries ``optimizer_kwargs`` written for its own optimizer
+(``tiny_sgd.yaml``: ``momentum``, ``nesterov``); ``--optim came`` on that recipe must not hand them to
+CAME. :func:`switch_optimizer` keeps every such setting the new optimizer accepts with the same value
+and drops the others, and gives ``adafactor`` ``relative_step: false, scale_parameter: false`` (and the module's lr when
+the callback has none) when the run has a learning rate (the callback's, ``--lr`` or the module's), so
+the recipe's lr and LR schedule drive it, as they drive every other optimizer (Adafactor's own relative
+step refuses an lr and an LR scheduler).
+It returns one line saying what changed, for the command to print.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from lowmem_lightning.optim.registry import optimizer_class
+from lowmem_lightning.optim.validation import validate_optimizer_args
+
+__all__ = ["switch_optimizer", "ADAFACTOR_EXTERNAL_LR"]
+
+ADAFACTOR_EXTERNAL_LR = {"relative_step": False, "scale_parameter": False}
+"""Adafactor's settings for an external learning rate (what ``tiny_adafactor.yaml`` uses)."""
+
+
+def _accepted(name: str) -> set[str]:
+    try:
+        params = inspect.signature(optimizer_class(name).__init__).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {p for p in params if p not in ("self", "params")}
+
+
+def _builds(name: str, lr, weight_decay, kwargs: dict) -> bool:
+    try:
+        validate_optimizer_args(name, lr, weight_decay, kwargs)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _carry(name: str, old_kwargs: dict, lr, weight_decay) -> tuple[dict, dict]:
+    """``(kept, dropped)``: the old settings ``name`` accepts with their values, one by one in order."""
+    accepted = _accepted(name)
+    kept, dropped = {}, {}
+    for key, value in old_kwargs.items():
+        if key in accepted and _builds(name, lr, weight_decay, {**kept, key: value}):
+            kept[key] = value
+        else:
+            dropped[key] = value
+    return kept, dropped
+
+
+def switch_optimizer(init: dict, name: str, run_lr: float | None) -> str | None:
+    """Set ``init["optimizer"] = name`` in a ``LowMemOptimizerCallback``'s init args (a dict or
+    Namespace, changed in place), carrying over the settings ``name`` accepts.
+
+    ``run_lr``: the run's learning rate (the callback's ``lr``, ``--lr``, else the module's; ``None``
+    when it has none). Adafactor gets ``relative_step=False, scale_parameter=False`` and, when the
+    callback gives no lr, the module's ``run_lr`` (Adafactor cannot take its lr from the param groups
+    alone). Returns one line saying what was dropped or added (``None`` when only the name changed).
+    """
+    previous = init.get("optimizer") or "adamw_8bit"
+    init["optimizer"] = name
+    old_kwargs = dict(init.get("optimizer_kwargs") or {})
+    if previous == name:
+        return None
+    kept, dropped = _carry(name, old_kwargs, init.get("lr"), init.get("weight_decay"))
+    added = {}
+    if name == "adafactor" and run_lr is not None and "relative_step" not in kept:
+        added = {k: v for k, v in ADAFACTOR_EXTERNAL_LR.items() if k not in kept}
+        if init.get("lr") is None:
+            init["lr"] = float(run_lr)
+            added["lr"] = float(run_lr)
+    init["optimizer_kwargs"] = {**kept, **{k: v for k, v in added.items() if k != "lr"}} or None
+    parts = []
+    if dropped:
+        listed = ", ".join(f"{k}={v!r}" for k, v in dropped.items())
+        parts.append(f"dropped the config's optimizer_kwargs {listed} ({previous}'s, not valid for {name})")
+    if added:
+        listed = ", ".join(f"{k}={v!r}" for k, v in added.items())
+        parts.append(f"set {listed} so the run's lr and LR schedule drive it")
+    return f"--optim {name}: " + "; ".join(parts) + "." if parts else None
