@@ -1,16 +1,62 @@
 """4-bit NF4 frozen weights (QLoRA) without bitsandbytes: ``Linear4bit``, ``quantize_model``, LoRA
-adapters through peft (``add_lora``; or plain ``peft.get_peft_model`` with a config passed through
-``register_peft_custom_module``), and shard-by-shard loading of Hugging Face checkpoints
+adapters through peft, and shard-by-shard loading of Hugging Face checkpoints
 (``load_pretrained_causal_lm``).
+
+**peft as peft users write it.** A model from :func:`quantize_model` or
+:func:`load_pretrained_causal_lm` takes the bitsandbytes QLoRA recipe unchanged::
+
+    model = prepare_model_for_kbit_training(model)            # freezes, upcasts fp16/bf16 params, checkpointing
+    model = get_peft_model(model, LoraConfig(r=16, target_modules=[...], task_type="CAUSAL_LM"))
+    ...train...; model.save_pretrained(dir)
+    model = PeftModel.from_pretrained(quantize_model(base), dir)   # no config, no registration
+    merged = model.merge_and_unload()                          # lossless: merged layers become dense
+
+How peft picks a LoRA layer (peft 0.21, ``LoraModel._create_new_module`` in ``tuners/lora/model.py``):
+it tries a list of dispatchers built inside that function, first match wins: the config's own ``_custom_modules``
+(``LoraConfig._register_custom_module``; not saved in ``adapter_config.json``), then bitsandbytes,
+EETQ, AQLM, AWQ, GPTQ, HQQ, INC, torchao, Megatron, and last ``dispatch_default``, which wraps
+``nn.Linear`` / ``nn.Embedding`` / ``nn.Conv*`` / ``Conv1D``. Each backend dispatcher matches its own
+library's classes by ``isinstance`` (and only if that library is installed); the model-level flags
+peft reads (``is_loaded_in_4bit``, ``quantization_method``, ``hf_quantizer``) only pass options to
+those. There is no model-level hook, and ``PeftModel.from_pretrained(base, dir)`` rebuilds the config
+from JSON, so a per-config registration cannot survive a save/load.
+
+So :class:`Linear4bit` *is* an ``nn.Linear`` (with no weight ``Parameter``): ``dispatch_default`` wraps
+it with peft's plain ``lora.Linear``, whose forward is ``base_layer(x)`` plus the adapter, for
+``get_peft_model`` and ``from_pretrained`` alike, and ``target_modules="all-linear"`` includes it. What
+peft does to a base weight beyond that is its merge, ``base.weight.data += delta`` (or, with
+``safe_merge``, ``w = base.weight.data.clone(); w += delta; base.weight.data = w``): ``weight`` is an
+:class:`NF4WeightHandle` that takes exactly these and makes the layer dense with ``dequantize(W) +
+delta`` computed in fp32 (rounded once to ``weight_dtype``, as :func:`add_lora`'s merge does), so
+``merge_and_unload()`` is lossless; every other use of ``weight`` as a tensor raises a TypeError naming
+``Linear4bit.dequantize``. Nothing is dequantized before a merge, and only merged layers become dense.
+Not chosen: a ``torch.Tensor`` subclass weight (every op of every library would need a rule, and
+``Parameter.data = x`` swaps only the C++ tensor of a subclass); pre-wrapping layers as peft tuner
+layers (peft then warns "modify a model with PEFT for a second time"); patching peft's dispatcher list
+(process-wide, forbidden by DESIGN.md). peft's DoRA and weight-reading initialisations (PiSSA, OLoRA,
+LoftQ, ...) need a dense base weight: they fail at ``get_peft_model`` with an error naming
+``NF4WeightHandle`` (:class:`LoraLinear4bit`, the layer of :func:`add_lora`, refuses them by name).
+
+``quantize_model`` / ``load_pretrained_causal_lm`` set ``model.is_loaded_in_4bit = True`` (an instance
+attribute, :func:`mark_loaded_in_4bit`), as transformers does for bitsandbytes 4-bit models: with it
+``peft.prepare_model_for_kbit_training`` enables input gradients and gradient checkpointing. Its
+fp32 upcast touches parameters only (embeddings, norms, biases); NF4 codes and scales are buffers.
+
+:func:`add_lora` (and :func:`register_peft_custom_module` for a config of your own) still registers
+:class:`LoraLinear4bit` on the config it builds: same adapter keys and math, and its merge swaps the
+4-bit layer for a plain ``nn.Linear`` (``unmerge`` restores the exact codes). Adapters saved by either
+path load with either.
 """
 
-from .linear4bit import Linear4bit, linear4bit_bytes, quantize_model
+from .linear4bit import Linear4bit, NF4WeightHandle, linear4bit_bytes, mark_loaded_in_4bit, quantize_model
 from .loading import load_pretrained_causal_lm, random_causal_lm
 from .lora import LLAMA_TARGET_MODULES, LoraLinear4bit, add_lora, load_lora, register_peft_custom_module
 
 __all__ = [
     "Linear4bit",
+    "NF4WeightHandle",
     "linear4bit_bytes",
+    "mark_loaded_in_4bit",
     "quantize_model",
     "add_lora",
     "load_lora",

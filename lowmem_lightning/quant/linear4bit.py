@@ -6,6 +6,17 @@ Forward dequantizes the weight to the compute dtype (Triton on CUDA, the PyTorch
 and multiplies; the dense copy is a temporary, not kept for backward: backward dequantizes again to
 compute the input gradient (the weight itself gets none). So LoRA adapters and earlier layers train
 while the 4-bit base stays frozen, and activation memory holds no dense weight.
+
+``Linear4bit`` is an ``nn.Linear`` (without a weight ``Parameter``) so that peft's own LoRA dispatch
+(``dispatch_default``) wraps it with its plain ``lora.Linear``, as it does for any linear layer; see
+:mod:`lowmem_lightning.quant` for why. Its ``weight`` attribute is therefore not a tensor while the
+weight is in NF4 but an :class:`NF4WeightHandle`: it carries ``shape`` / ``dtype`` / ``device``, takes
+the in-place ``weight.data += delta`` / ``-= delta`` with which peft merges and unmerges adapters, and
+refuses every other tensor operation with an error that points to :meth:`Linear4bit.dequantize`. A
+merge is lossless: the layer becomes *dense* (``dequantize(W) + delta`` in fp32 math, stored once in
+``weight_dtype`` as a frozen ``weight`` Parameter, NF4 buffers dropped), and from then on it is a plain
+linear layer whose ``state_dict`` is ``nn.Linear``'s (``weight``, ``bias``). Nothing is dense before a
+merge, and only the merged layers become dense.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from lowmem_lightning.kernels.nf4 import (
     quantize_nf4,
 )
 
-__all__ = ["Linear4bit", "quantize_model", "linear4bit_bytes"]
+__all__ = ["Linear4bit", "NF4WeightHandle", "quantize_model", "linear4bit_bytes", "mark_loaded_in_4bit"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _QUANT_BUFFERS = ("qweight", "absmax", "qscale", "scale_step", "scale_mean")
@@ -69,7 +80,111 @@ class _NF4LinearFunction(torch.autograd.Function):
         return grad_out @ ctx.layer.dequantize(grad_out.dtype), None
 
 
-class Linear4bit(nn.Module):
+class NF4WeightHandle:
+    """``Linear4bit.weight`` while the weight is stored in NF4: a handle on the layer, not a tensor.
+
+    It has the weight's ``shape`` (out_features, in_features), ``dtype`` (the layer's ``weight_dtype``),
+    ``device`` and ``requires_grad`` (False), and supports exactly what peft's LoRA merge does to a base
+    weight: ``weight.data += delta`` / ``-= delta`` make the layer dense and lossless (see the module
+    docstring), ``weight.data.clone()`` is a dense fp32 copy and ``weight.data = tensor`` makes the layer
+    dense with that tensor. Any torch function (``torch.nn.init``, matmul, ``isfinite``, ...) raises a
+    ``TypeError`` naming :meth:`Linear4bit.dequantize`, so nothing reads codes as if they were weights.
+    """
+
+    __slots__ = ("_layer",)
+
+    def __init__(self, layer: Linear4bit) -> None:
+        self._layer = layer
+
+    @property
+    def shape(self) -> torch.Size:
+        """(out_features, in_features)."""
+        return torch.Size((self._layer.out_features, self._layer.in_features))
+
+    def size(self, dim: int | None = None):
+        """``shape`` (or one of its dims), as ``Tensor.size``."""
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def ndim(self) -> int:
+        """2."""
+        return 2
+
+    def numel(self) -> int:
+        """out_features * in_features (weights, not stored bytes)."""
+        return self._layer.out_features * self._layer.in_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weight decodes to (the layer's ``weight_dtype``)."""
+        return self._layer.weight_dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the stored codes."""
+        return self._layer.qweight.device
+
+    @property
+    def is_meta(self) -> bool:
+        """Whether the layer is a shape-only meta layer."""
+        return self.device.type == "meta"
+
+    @property
+    def requires_grad(self) -> bool:
+        """False: the 4-bit weight is frozen."""
+        return False
+
+    @property
+    def data(self) -> NF4WeightHandle:
+        """The handle itself (``weight.data`` is what peft merges into)."""
+        return self
+
+    @data.setter
+    def data(self, value) -> None:
+        if value is self or (isinstance(value, NF4WeightHandle) and value._layer is self._layer):
+            return
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"Invalid weight.data={type(value).__name__}: expected a torch.Tensor of shape "
+                            f"{tuple(self.shape)}.")
+        self._layer._make_dense(value)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight in ``dtype`` (default ``weight_dtype``); see :meth:`Linear4bit.dequantize`."""
+        return self._layer.dequantize(dtype)
+
+    def clone(self) -> torch.Tensor:
+        """A dense fp32 copy of the weight (what peft's ``safe_merge`` adds the delta to and assigns
+        back through ``weight.data = ...``): fp32, so the merged weight is rounded to ``weight_dtype``
+        once, exactly as by ``weight.data += delta``."""
+        return self._layer.dequantize(torch.float32)
+
+    def __getattr__(self, name: str):
+        raise AttributeError(
+            f"'NF4WeightHandle' has no attribute {name!r}: Linear4bit.weight is stored as 4-bit NF4 codes, not as "
+            "a tensor; use layer.dequantize(dtype) for a dense copy."
+        )
+
+    def __iadd__(self, delta: torch.Tensor) -> NF4WeightHandle:
+        self._layer._merge_delta(delta, 1.0)
+        return self
+
+    def __isub__(self, delta: torch.Tensor) -> NF4WeightHandle:
+        self._layer._merge_delta(delta, -1.0)
+        return self
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", repr(func))
+        raise TypeError(
+            f"Linear4bit.weight is stored as 4-bit NF4 codes, not as a tensor, so {name}() cannot take it; "
+            "use layer.dequantize(dtype) for a dense copy (or layer.quantize_weight_(w) to store a new weight)."
+        )
+
+    def __repr__(self) -> str:
+        return f"NF4WeightHandle(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+class Linear4bit(nn.Linear):
     """A frozen linear layer with an NF4 weight (QLoRA); ``y = x @ dequantize(W).T + bias``.
 
     Buffers (the whole ``state_dict`` with ``bias``): ``qweight`` uint8 packed codes
@@ -83,6 +198,10 @@ class Linear4bit(nn.Module):
 
     Build one with :meth:`from_linear`; the constructor makes an empty layer (``device="meta"`` gives
     a shape-only layer for memory estimates or for filling by :meth:`quantize_weight_`).
+
+    It is an ``nn.Linear`` for peft's dispatch; ``weight`` is an :class:`NF4WeightHandle` until a LoRA
+    merge (``weight.data += delta``) makes the layer dense (``is_quantized`` False; see the module
+    docstring).
     """
 
     def __init__(
@@ -101,7 +220,7 @@ class Linear4bit(nn.Module):
         _check_options(block_size, double_quant, compute_dtype)
         if weight_dtype not in _FLOAT_DTYPES:
             raise ValueError(f"Invalid weight_dtype={weight_dtype!r}: expected float32, bfloat16 or float16.")
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: there is no dense weight Parameter
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = block_size
@@ -163,15 +282,69 @@ class Linear4bit(nn.Module):
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"Invalid weight of shape {got}: expected ({self.out_features}, {self.in_features}).")
         w = quantize_nf4(weight.detach(), self.block_size, self.double_quant)
+        self._parameters.pop("weight", None)  # a merged (dense) layer becomes 4-bit again
         for name in _QUANT_BUFFERS:
             value = getattr(w, "packed" if name == "qweight" else name)
             if value is not None:
-                setattr(self, name, value)
+                self._buffers[name] = value
         self.weight_dtype = weight.dtype
         return self
 
+    @property
+    def is_quantized(self) -> bool:
+        """True while the weight is stored in NF4; False once a LoRA merge made the layer dense."""
+        return "weight" not in self._parameters
+
+    @property
+    def weight(self):
+        """An :class:`NF4WeightHandle` while 4-bit; the dense frozen ``Parameter`` after a merge."""
+        dense = self._parameters.get("weight")
+        return NF4WeightHandle(self) if dense is None else dense
+
+    @weight.setter
+    def weight(self, value) -> None:
+        # nn.Module.__setattr__ sends Parameters to register_parameter and everything else here.
+        if isinstance(value, NF4WeightHandle) and value._layer is self:
+            return
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"Invalid Linear4bit.weight={type(value).__name__}: expected a tensor of shape "
+                            f"({self.out_features}, {self.in_features}).")
+        self._make_dense(value)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """As ``nn.Module``'s; ``weight`` (assigned a Parameter, as peft's unload does) makes the layer dense."""
+        if name == "weight" and param is not None:
+            self._make_dense(param)
+            return
+        super().register_parameter(name, param)
+
+    @torch.no_grad()
+    def _make_dense(self, weight: torch.Tensor) -> None:
+        """Hold ``weight`` (out, in) as a frozen dense Parameter in ``weight_dtype``; drop the NF4 buffers."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"Invalid weight of shape {tuple(weight.shape)}: expected "
+                             f"({self.out_features}, {self.in_features}).")
+        if isinstance(weight, nn.Parameter) and weight.dtype == self.weight_dtype and not weight.requires_grad:
+            dense = weight
+        else:
+            dense = nn.Parameter(weight.detach().to(self.weight_dtype), requires_grad=False)
+        for name in _QUANT_BUFFERS:
+            self._buffers.pop(name, None)
+        self._parameters["weight"] = dense
+
+    @torch.no_grad()
+    def _merge_delta(self, delta: torch.Tensor, sign: float) -> None:
+        """``W <- W + sign * delta`` with fp32 math: ``dequantize(W)`` first when still 4-bit (lossless)."""
+        if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != (self.out_features, self.in_features):
+            got = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
+            raise ValueError(f"Invalid delta of shape {got}: expected ({self.out_features}, {self.in_features}).")
+        current = self.dequantize(torch.float32)
+        self._make_dense(current + sign * delta.to(device=current.device, dtype=torch.float32))
+
     def nf4_weight(self) -> NF4Weight:
         """The stored weight as an :class:`NF4Weight` view of this layer's buffers (no copy)."""
+        if not self.is_quantized:
+            raise RuntimeError("This Linear4bit holds a merged dense weight (a LoRA merge); it has no NF4 codes.")
         get = lambda name: getattr(self, name, None)
         return NF4Weight(
             self.qweight, get("absmax"), get("qscale"), get("scale_step"), get("scale_mean"),
@@ -179,13 +352,16 @@ class Linear4bit(nn.Module):
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight (out_features, in_features) decoded in ``dtype`` (default: ``weight_dtype``)."""
+        """The weight (out_features, in_features) decoded in ``dtype`` (default: ``weight_dtype``); a
+        copy of the dense weight once a merge made the layer dense."""
+        if not self.is_quantized:
+            return self._parameters["weight"].detach().to(dtype or self.weight_dtype, copy=True)
         return dequantize_nf4(self.nf4_weight(), dtype or self.weight_dtype)
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored by this layer: codes, scales and bias."""
-        tensors = [getattr(self, name, None) for name in _QUANT_BUFFERS] + [self.bias]
+        """Bytes stored by this layer: codes, scales and bias (the dense weight and bias once merged)."""
+        tensors = [self._buffers.get(name) for name in _QUANT_BUFFERS] + [self._parameters.get("weight"), self.bias]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _compute_dtype(self, x: torch.Tensor) -> tuple[torch.dtype, bool]:
@@ -200,7 +376,10 @@ class Linear4bit(nn.Module):
             raise ValueError(f"Invalid input of shape {tuple(x.shape)}: expected last dim {self.in_features}.")
         dtype, autocast = self._compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            out = _NF4LinearFunction.apply(x.to(dtype), self)
+            if self.is_quantized:
+                out = _NF4LinearFunction.apply(x.to(dtype), self)
+            else:
+                out = x.to(dtype) @ self._parameters["weight"].to(dtype).t()
             if self.bias is not None:
                 out = out + self.bias.to(dtype)
         return out if autocast else out.to(x.dtype)
@@ -208,8 +387,9 @@ class Linear4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() must move the codes and fp32 scales but never cast them: only the
         # device changes for them, while weight_dtype (and the bias) follow the requested dtype.
-        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.qweight.device))
-        saved = {name: getattr(self, name) for name in _QUANT_BUFFERS if getattr(self, name, None) is not None}
+        device = self.qweight.device if self.is_quantized else self._parameters["weight"].device
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=device))
+        saved = {name: self._buffers[name] for name in _QUANT_BUFFERS if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, before in saved.items():
             after = getattr(self, name)
@@ -222,20 +402,22 @@ class Linear4bit(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A full-precision checkpoint ("weight" key, as nn.Linear saves) is quantized on load.
         key = prefix + "weight"
-        if key in state_dict:
+        if key in state_dict and self.is_quantized:
             weight = state_dict.pop(key)
             if self.qweight.device.type != "meta":
                 weight = weight.to(self.qweight.device)
             self.quantize_weight_(weight)
             for name in _QUANT_BUFFERS:
-                if hasattr(self, name):
-                    state_dict.setdefault(prefix + name, getattr(self, name))
+                if self._buffers.get(name) is not None:
+                    state_dict.setdefault(prefix + name, self._buffers[name])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
+        storage = (f"nf4 block_size={self.block_size}, double_quant={self.double_quant}" if self.is_quantized
+                   else "merged dense weight")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"nf4 block_size={self.block_size}, double_quant={self.double_quant}, weight_dtype={self.weight_dtype}"
+            f"{storage}, weight_dtype={self.weight_dtype}"
         )
 
 
@@ -262,7 +444,8 @@ def quantize_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` by a frozen :class:`Linear4bit`, in place; returns ``model``.
+    """Replace every ``nn.Linear`` of ``model`` by a frozen :class:`Linear4bit`, in place; returns ``model``
+    (marked ``is_loaded_in_4bit`` when a layer was replaced, see :func:`mark_loaded_in_4bit`).
 
     A layer is kept when its qualified name equals an entry of ``skip`` or ends with ``"." + entry``
     (``"lm_head"`` keeps ``model.lm_head``). Each weight is quantized on its own device (Triton on
@@ -280,4 +463,18 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Linear4bit.from_linear(linear, block_size, double_quant, compute_dtype))
+    if targets:
+        mark_loaded_in_4bit(model)
+    return model
+
+
+def mark_loaded_in_4bit(model: nn.Module) -> nn.Module:
+    """Set ``model.is_loaded_in_4bit = True`` (an instance attribute), the flag with which transformers
+    models loaded in 4 bits tell peft so: ``peft.prepare_model_for_kbit_training`` then enables input
+    gradients and gradient checkpointing, and ``PeftModel`` leaves them to it. Returns ``model``.
+
+    Caveat (transformers, not us): ``PreTrainedModel.num_parameters()`` imports bitsandbytes when the
+    flag is set (to count its ``Params4bit``); without bitsandbytes installed it raises ImportError.
+    """
+    model.is_loaded_in_4bit = True
     return model

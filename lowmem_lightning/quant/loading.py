@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
-from .linear4bit import Linear4bit, _check_options, _check_skip, _is_skipped
+from .linear4bit import Linear4bit, _check_options, _check_skip, _is_skipped, mark_loaded_in_4bit
 
 __all__ = ["load_pretrained_causal_lm", "random_causal_lm", "checkpoint_files"]
 
@@ -64,6 +64,7 @@ def _parameters_on_meta():
 
 
 def _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype) -> None:
+    swapped = False
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and not _is_skipped(name, skip):
             parent_name, _, child = name.rpartition(".")
@@ -72,6 +73,9 @@ def _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype) -> No
                 weight_dtype=dtype, device="meta",
             )
             setattr(model.get_submodule(parent_name), child, layer)
+            swapped = True
+    if swapped:
+        mark_loaded_in_4bit(model)
 
 
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype, device) -> bool:

@@ -1,11 +1,11 @@
 """LoRA adapters (peft) on NF4 ``Linear4bit`` layers: a custom peft LoRA layer and ``add_lora``.
 
-peft has no built-in LoRA layer for our ``Linear4bit``; it offers a custom-module mechanism
+Plain ``peft.get_peft_model(model, LoraConfig(...))`` wraps ``Linear4bit`` with peft's own
+``lora.Linear`` (``Linear4bit`` is an ``nn.Linear``; see :mod:`lowmem_lightning.quant`). This module
+adds :class:`LoraLinear4bit`, registered through peft's per-config custom-module mechanism
 (``LoraConfig._register_custom_module({LayerType: LoraLayerType})``, see peft's "Custom models"
-guide). :func:`add_lora` registers it on the config it builds; :func:`register_peft_custom_module`
-does the same for a config of your own, so plain ``peft.get_peft_model(model,
-register_peft_custom_module(LoraConfig(target_modules=[...])))`` wraps our layers too. Nothing is
-patched: importing this package leaves peft's classes as they are.
+guide): :func:`add_lora` registers it on the config it builds, :func:`register_peft_custom_module`
+on a config of your own. Nothing is patched: importing this package leaves peft's classes as they are.
 
 :class:`LoraLinear4bit` computes ``y = base(x) + lora_B(lora_A(dropout(x))) * scaling``. Merging
 never re-quantizes: ``merge()`` swaps the 4-bit base for a dense ``nn.Linear`` holding
