@@ -143,6 +143,57 @@ def test_quantize_model_on_meta_gives_shape_only_layers():
     assert layer.qweight.device.type == "meta" and layer.nbytes == linear4bit_bytes(4096, 1024) + 1024 * 4
 
 
+def test_an_nn_linear_whose_weight_is_a_handle_on_the_codes():
+    layer = Linear4bit.from_linear(_linear(dtype=torch.bfloat16))
+    assert isinstance(layer, nn.Linear) and layer.is_quantized
+    handle = layer.weight
+    assert (handle.shape, handle.dtype, handle.device, handle.requires_grad) == (
+        torch.Size((40, 96)), torch.bfloat16, torch.device("cpu"), False)
+    assert handle.numel() == 40 * 96 and handle.size(1) == 96
+    assert [name for name, _ in layer.named_parameters()] == ["bias"]  # nothing dense was made
+    with pytest.raises(TypeError, match="dequantize"):
+        nn.init.normal_(handle)
+    with pytest.raises(TypeError, match="dequantize"):
+        torch.matmul(torch.randn(2, 96), handle)
+    with pytest.raises(AttributeError, match="dequantize"):
+        handle.to(torch.float32)
+    model = nn.Sequential(nn.Linear(96, 40))
+    quantize_model(model)
+    first = model[0]
+    assert quantize_model(model)[0] is first  # a Linear4bit is never quantized again
+    assert quantize_model(nn.Sequential(nn.ReLU())).__dict__.get("is_loaded_in_4bit") is None
+    assert model.is_loaded_in_4bit is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_merge_makes_the_layer_dense_without_loss(dtype):
+    linear = _linear(dtype=dtype)
+    layer = Linear4bit.from_linear(linear)
+    codes = layer.state_dict()
+    delta = torch.randn(40, 96, generator=torch.Generator().manual_seed(0)) * 1e-2
+    expected = (layer.dequantize(torch.float32) + delta).to(dtype)
+    layer.weight.data += delta  # what peft's LoRA merge does
+    assert not layer.is_quantized and isinstance(layer.weight, nn.Parameter) and not layer.weight.requires_grad
+    assert layer.weight.dtype == dtype and torch.equal(layer.weight, expected)
+    assert set(layer.state_dict()) == {"weight", "bias"}  # nn.Linear's, the NF4 buffers are gone
+    assert layer.nbytes == (40 * 96 + 40) * expected.element_size()
+    x = torch.randn(3, 96, dtype=dtype)
+    assert torch.allclose(layer(x).float(), (x @ expected.T + linear.bias.detach()).float(), atol=1e-5)
+    assert torch.equal(layer.dequantize(), expected)
+
+    again = Linear4bit.from_linear(linear)
+    again.weight.data = again.weight.data.clone() + delta  # peft's safe_merge: a dense fp32 copy, assigned back
+    assert torch.equal(again.weight, expected)
+
+    layer.to(torch.float16)
+    assert layer.weight.dtype == torch.float16 and layer.weight_dtype == torch.float16
+    layer.quantize_weight_(linear.weight.detach())  # back to 4-bit: the same codes as before the merge
+    assert layer.is_quantized and set(layer.state_dict()) == set(codes)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in codes.items() if k != "bias")
+    with pytest.raises(ValueError, match=r"delta of shape \(96, 40\)"):
+        layer.weight.data += delta.T
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="block_size=48"):
         Linear4bit.from_linear(_linear(), block_size=48)
