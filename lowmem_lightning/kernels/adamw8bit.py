@@ -52,7 +52,8 @@ from .codec import (
     encode_unsigned_reference,
     sqrt_rn_reference,
 )
-from .dispatch import cpu_compile_wanted, cpu_compiled, use_triton
+from .cpu_buckets import Bucket, split
+from .dispatch import choose_bucket, cpu_compiled, use_triton
 from .multitensor import (
     PARAM_GRAD_DTYPE_PAIRS,
     aot_spec,
@@ -305,10 +306,6 @@ def _adamw32_core(param, grad, exp_avg, exp_avg_sq, flag, hp, terms, seed):
     v_flat.copy_(torch.where(ok, v, v_flat))
 
 
-_adamw8bit_cpu = cpu_compiled(adamw8bit_step)
-_adamw32_cpu = cpu_compiled(_adamw32_core)
-
-
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
@@ -340,7 +337,9 @@ def adamw8bit_update(
     device; ``seed_bases[i]`` = ``rounding.step_seed(0, tensor_index, base_seed)`` seeds the
     stochastic rounding of bf16/fp16 params (step ``t`` uses ``step_seed(t, tensor_index, base_seed)``).
     CUDA tensors run one Triton launch per (quantized, param dtype, grad dtype) group; others run
-    the reference (compiled on CPU), one call per tensor. Nothing synchronises with the device.
+    the reference once per bucket of such a group (:mod:`.cpu_buckets`; compiled or eager as
+    :func:`.dispatch.choose_bucket` says), the same bits as one call per tensor. Nothing synchronises
+    with the device (on the CPU the finite flags are read on the host: a memory read).
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
     groups = bucket(len(params), lambda i: (
@@ -352,12 +351,11 @@ def adamw8bit_update(
     buckets = {key: idx for key, idx in groups.items() if isinstance(key, tuple)}
     on_reference = {key: idx for key, idx in groups.items() if not isinstance(key, tuple)}
     for device, idx in on_reference.items():
-        hp = hyperparameter_tensor(**hyper, device=device)
-        seeds = torch.tensor([seed_bases[i] for i in idx], dtype=torch.int64, device=device)
-        terms, seeds = step_terms_reference(hp, torch.stack([steps[i] for i in idx]), seeds)  # (n, 2), (n,)
-        for j, i in enumerate(idx):
-            _reference_one(params[i], grads[i], exp_avgs[i], exp_avg_absmaxes[i], exp_avg_sqs[i],
-                           exp_avg_sq_absmaxes[i], flags[i], hp, terms[j].clone(), seeds[j].clone())
+        live = [i for i, ok in zip(idx, torch.stack([flags[i] for i in idx]).tolist()) if ok and params[i].numel()]
+        if live:
+            _reference_update([[seq[i] for i in live] for seq in (params, grads, exp_avgs, exp_avg_absmaxes,
+                               exp_avg_sqs, exp_avg_sq_absmaxes, steps)], [seed_bases[i] for i in live],
+                              hyperparameter_tensor(**hyper, device=device))
     for (quantized, aligned, *_), idx in buckets.items():
         _launch(
             [params[i] for i in idx],
@@ -375,41 +373,68 @@ def adamw8bit_update(
         )
 
 
-def _reference_one(param, grad, m, m_absmax, v, v_absmax, flag, hp, terms, seed):
-    work = param if param.is_contiguous() else param.contiguous()
-    if m_absmax is None:
-        _adamw32_cpu(work, grad, m, v, flag, hp, terms, seed)
-    elif cpu_compile_wanted(work):  # the same step on host scalars, the flag read on the host
-        if not flag.item():  # a CPU tensor: a memory read, no device sync
-            return
-        scalars = [float(x) for x in hp.tolist()] + [float(x) for x in terms.tolist()] + [int(seed)]
-        _blockwise(_adamw8bit_cpu.on("compiled"), work, grad, m, m_absmax, v, v_absmax, None, *scalars)
-    else:
-        _blockwise(adamw8bit_step, work, grad, m, m_absmax, v, v_absmax, flag > 0, *hp.unbind(0), terms[0],
-                   terms[1], seed)
-    if work is not param:
-        param.copy_(work)
+def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds):
+    """:func:`adamw8bit_step` over a bucket: ``(rows, BLOCK_SIZE)`` operands, absmax ``(rows, 1)``, ``hp``
+    (6,) from :func:`hyperparameter_tensor`, per-row ``terms`` ``(rows, 2)`` and ``seeds`` ``(rows, 1)``.
+    Every scalar is an fp32 tensor, compiled or eager (the same bits; Python floats would enter the
+    compiled graph as double), few inputs (each costs guard time per call)."""
+    adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, hp[0], hp[1], hp[2], hp[3], hp[4], hp[5],
+                   terms[:, :1], terms[:, 1:], seeds)
 
 
-def _blockwise(core, param, grad, m, m_absmax, v, v_absmax, *args):
-    """Run ``core`` on ``(num_blocks, BLOCK_SIZE)`` views of a contiguous ``param`` and its state.
+def _bucket_step_32bit(param, grad, m, v, hp, terms, seeds, flag):
+    """:func:`_adamw32_core` over a bucket of fp32-state tensors: ``(elements, 1)`` operands, one row
+    per element (``terms`` ``(elements, 2)``, ``seeds`` ``(elements, 1)``); ``flag`` a 0-d 1.0."""
+    _adamw32_core(param, grad, m, v, flag, hp, terms.t(), seeds.view(-1))
 
-    A size that is not a multiple of BLOCK_SIZE goes through zero-padded copies (zero grad and zero
-    codes leave m, v and the block's absmax unchanged, so padding changes nothing). torch 2.13's
-    compiled step was also measured to leave a partial last block unwritten, another reason the
-    compiled graph only ever sees whole blocks.
-    """
-    n = param.numel()
-    pad = (-n) % BLOCK_SIZE
-    if pad == 0:
-        as_blocks = [t.reshape(-1, BLOCK_SIZE) for t in (param, grad, m, v)]
-        core(as_blocks[0], as_blocks[1], as_blocks[2], m_absmax.view(-1, 1), as_blocks[3], v_absmax.view(-1, 1), *args)
-        return
-    padded = [torch.nn.functional.pad(t.reshape(-1), (0, pad)).view(-1, BLOCK_SIZE) for t in (param, grad, m, v)]
-    core(padded[0], padded[1], padded[2], m_absmax.view(-1, 1), padded[3], v_absmax.view(-1, 1), *args)
-    param.view(-1).copy_(padded[0].view(-1)[:n])
-    m.copy_(padded[2].view(-1)[:n])
-    v.copy_(padded[3].view(-1)[:n])
+
+_BUCKET_STEPS = {True: cpu_compiled(_bucket_step_8bit), False: cpu_compiled(_bucket_step_32bit)}
+"""The bucket steps by ``quantized``, each compiled (once, ``dynamic=True``) on first use."""
+
+
+def _reference_update(tensors: list[list], seed_bases: list[int], hp: torch.Tensor) -> None:
+    """The reference step of tensors whose flags are set (lists ``params, grads, m, m_absmax, v,
+    v_absmax, steps``), one call per bucket of a (quantized, param dtype, grad dtype) group."""
+    params, grads, ms, m_absmaxes, vs, v_absmaxes, steps = tensors
+    terms, seeds = _step_terms(steps, seed_bases, hp)
+    groups = bucket(len(params), lambda i: (m_absmaxes[i] is not None, params[i].dtype, grads[i].dtype))
+    for (quantized, *_), idx in groups.items():
+        for run in split([params[i].numel() for i in idx]):
+            chosen = [idx[j] for j in run]
+            pick = [[seq[i] for i in chosen] for seq in tensors[:6]]
+            run_bucket = _bucket_8bit if quantized else _bucket_32bit
+            run_bucket(*pick, hp, terms[chosen], seeds[chosen])
+
+
+def _step_terms(steps: list[torch.Tensor], seed_bases: list[int], hp: torch.Tensor):
+    """:func:`step_terms_reference` of every tensor (``(T, 2)``, ``(T,)``), its host loops run once per
+    distinct step value."""
+    steps = torch.stack(steps)
+    unique, inverse = torch.unique(steps, return_inverse=True)
+    terms, _ = step_terms_reference(hp, unique, torch.zeros(unique.shape, dtype=torch.int64, device=steps.device))
+    return terms[inverse], seed_reference(steps, torch.tensor(seed_bases, dtype=torch.int64, device=steps.device))
+
+
+def _bucket_8bit(params, grads, ms, m_absmaxes, vs, v_absmaxes, hp, terms, seeds) -> None:
+    layout = Bucket([p.numel() for p in params], BLOCK_SIZE)
+    p, m, v = layout.rows_of(params), layout.rows_of(ms), layout.rows_of(vs)
+    m_absmax, v_absmax = layout.scales_of(m_absmaxes), layout.scales_of(v_absmaxes)
+    step = _BUCKET_STEPS[True].on(choose_bucket(layout.numel))
+    step(p, layout.rows_of(grads), m, m_absmax, v, v_absmax, hp, layout.per_row(terms), layout.row_seeds(seeds))
+    layout.write_back(params, p)
+    layout.write_back(ms, m)
+    layout.write_back(vs, v)
+    layout.write_back_scales(m_absmaxes, m_absmax)
+    layout.write_back_scales(v_absmaxes, v_absmax)
+
+
+def _bucket_32bit(params, grads, ms, _, vs, __, hp, terms, seeds) -> None:
+    layout = Bucket([p.numel() for p in params], 1)
+    p, m, v = layout.rows_of(params), layout.rows_of(ms), layout.rows_of(vs)
+    step = _BUCKET_STEPS[False].on(choose_bucket(layout.numel))
+    step(p, layout.rows_of(grads), m, v, hp, layout.per_row(terms), layout.row_seeds(seeds), hp.new_ones(()))
+    for dst, src in ((params, p), (ms, m), (vs, v)):
+        layout.write_back(dst, src)
 
 
 def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, quantized: bool, aligned: bool,

@@ -19,6 +19,10 @@ through :func:`configure` / :func:`override` (tests use the scoped :func:`overri
     elements (default 2**20): compiling costs tens of seconds once per process, which a small model
     (where the eager reference is already fast) never earns back; ``1`` compiles for every tensor,
     ``0`` never compiles (faster start, slower steps on large tensors).
+``LOWMEM_CPU_COMPILE_AFTER_NUMEL`` (default 2**29)
+    The bucketed CPU steps (:func:`choose_bucket`: many tensors' updates in one call) compile under
+    ``auto`` when one call covers ``compile_min_numel`` elements, or once this process has stepped that
+    many elements eagerly (ski rental: by then the eager path has cost about one compile).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "update_backend",
     "per_layout",
     "choose",
+    "choose_bucket",
     "triton_available",
     "use_triton",
     "cpu_compiled",
@@ -52,6 +57,14 @@ __all__ = [
 DEFAULT_COMPILE_MIN_NUMEL = 2**20
 """Smallest tensor (elements) whose CPU step is compiled under ``cpu_compile="auto"``."""
 
+DEFAULT_COMPILE_AFTER_NUMEL = 2**29
+"""Element-steps run eagerly by bucketed CPU steps after which ``"auto"`` compiles them anyway.
+
+Measured on one thread (``benchmarks/cpu_sizes.py``, RESULTS.md): the eager bucketed 8-bit AdamW step
+costs ~30 ns per element more than the compiled one, and compiling it ~15-20 s, so 2**29 (5.4e8)
+eager element-steps cost about one compile: compiling then spends at most about twice what the best
+choice in hindsight would have (the ski-rental bound), whatever the number of steps."""
+
 BACKENDS = ("triton", "compiled", "eager")
 """What :func:`choose` returns."""
 
@@ -59,27 +72,32 @@ BACKENDS = ("triton", "compiled", "eager")
 @dataclasses.dataclass(frozen=True)
 class DispatchSettings:
     """Where kernels run: ``force_triton`` (Triton on CPU tensors, interpreter tests),
-    ``cpu_compile`` (``"auto"``, ``"always"`` or ``"never"``) and ``compile_min_numel`` (elements; the
-    size from which ``"auto"`` compiles)."""
+    ``cpu_compile`` (``"auto"``, ``"always"`` or ``"never"``), ``compile_min_numel`` (elements; the
+    size from which ``"auto"`` compiles) and ``compile_after_numel`` (element-steps run eagerly by
+    bucketed steps after which ``"auto"`` compiles those too, see :func:`choose_bucket`)."""
 
     force_triton: bool = False
     cpu_compile: str = "auto"
     compile_min_numel: int = DEFAULT_COMPILE_MIN_NUMEL
+    compile_after_numel: int = DEFAULT_COMPILE_AFTER_NUMEL
 
     def __post_init__(self) -> None:
         if self.cpu_compile not in ("auto", "always", "never"):
             raise ValueError(f"Invalid cpu_compile={self.cpu_compile!r}: expected 'auto', 'always' or 'never'.")
-        if isinstance(self.compile_min_numel, bool) or not isinstance(self.compile_min_numel, int) \
-                or self.compile_min_numel < 0:
-            raise ValueError(f"Invalid compile_min_numel={self.compile_min_numel!r}: expected an int >= 0.")
+        for name in ("compile_min_numel", "compile_after_numel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Invalid {name}={value!r}: expected an int >= 0.")
 
     @classmethod
     def from_env(cls, env=os.environ) -> DispatchSettings:
-        """Settings from ``LOWMEM_FORCE_TRITON``, ``LOWMEM_CPU_COMPILE``, ``LOWMEM_CPU_COMPILE_MIN_NUMEL``."""
+        """Settings from ``LOWMEM_FORCE_TRITON``, ``LOWMEM_CPU_COMPILE``, ``LOWMEM_CPU_COMPILE_MIN_NUMEL``,
+        ``LOWMEM_CPU_COMPILE_AFTER_NUMEL``."""
         mode = env.get("LOWMEM_CPU_COMPILE", "auto").lower()
         mode = "never" if mode in ("0", "false", "no", "off") else ("auto" if mode == "auto" else "always")
         min_numel = int(env.get("LOWMEM_CPU_COMPILE_MIN_NUMEL", DEFAULT_COMPILE_MIN_NUMEL))
-        return cls(env.get("LOWMEM_FORCE_TRITON", "0") == "1", mode, min_numel)
+        after_numel = int(env.get("LOWMEM_CPU_COMPILE_AFTER_NUMEL", DEFAULT_COMPILE_AFTER_NUMEL))
+        return cls(env.get("LOWMEM_FORCE_TRITON", "0") == "1", mode, min_numel, after_numel)
 
 
 _settings = DispatchSettings.from_env()
@@ -131,6 +149,31 @@ def choose(device: torch.device, numel: int, *, eager: bool = False) -> str:
         return "triton"
     if device.type == "cpu" and _compile_wanted(numel):
         return "compiled"
+    return "eager"
+
+
+_eager_bucket_numel = 0
+"""Element-steps run eagerly by :func:`choose_bucket`'s ``"auto"`` choice in this process."""
+
+
+def choose_bucket(numel: int) -> str:
+    """``"compiled"`` or ``"eager"`` for one bucketed CPU step: one call of a reference step function
+    over ``numel`` elements gathered from many tensors (see ``adamw8bit_update``, ``sgd_update``).
+
+    ``"always"``/``"never"`` decide alone. ``"auto"`` compiles a call of at least ``compile_min_numel``
+    elements (the rule of :func:`choose` for one tensor), and every call once this process has run
+    ``compile_after_numel`` element-steps eagerly (each eager call adds its ``numel``): a small model
+    pays a compile only after its eager steps have cost about as much. The count depends only on the
+    elements stepped, never on time, and the bucketed steps compute the same bits compiled or eager
+    (``tests/test_cpu_path.py``), so when the switch happens changes no result.
+    """
+    global _eager_bucket_numel
+    mode = _settings.cpu_compile
+    if mode != "auto":
+        return "compiled" if mode == "always" else "eager"
+    if numel >= _settings.compile_min_numel or _eager_bucket_numel >= _settings.compile_after_numel:
+        return "compiled"
+    _eager_bucket_numel += numel
     return "eager"
 
 

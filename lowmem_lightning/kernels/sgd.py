@@ -46,7 +46,8 @@ from .codec import (
     encode_signed,
     encode_signed_reference,
 )
-from .dispatch import cpu_compile_wanted, cpu_compiled, scalar_args, use_triton
+from .cpu_buckets import Bucket, split
+from .dispatch import choose_bucket, cpu_compiled, scalar_args, use_triton
 from .multitensor import PARAM_GRAD_DTYPE_PAIRS, aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
 from .rounding import index_seed, index_seed_reference, masked_reference, store_param, write_param_reference
 
@@ -215,23 +216,58 @@ def sgd_reference(
 # Launcher
 # --------------------------------------------------------------------------------------------------
 
-_sgd_cpu = cpu_compiled(sgd_step)
+def _bucket_step_plain(param, grad, hp, first, seeds):
+    """:func:`sgd_step` without momentum over a bucket: ``(rows, BLOCK_SIZE)`` operands, ``hp`` (6,)
+    ``[lr, weight_decay, momentum, 1 - dampening, nesterov, grad_sign]``, per-row ``first`` (bool)
+    and ``seeds`` ``(rows, 1)``. Every scalar is an fp32 tensor, compiled or eager (the same bits)."""
+    sgd_step(param, grad, None, None, None, first, hp[0], hp[1], hp[2], hp[3], hp[4] != 0, hp[5], seeds)
 
 
-def _cpu_one(param, grad, buf, absmax, step, flag, hyper, tensor_index) -> None:
-    """One contiguous tensor on the reference: compiled on host scalars (the flag and step read on the
-    host, a memory read on CPU) or eager on 0-d fp32 tensors."""
-    if cpu_compile_wanted(param):
-        if not flag.item():
-            return
-        lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign = hyper
-        # fp32 params are written as computed: no seed to derive (4x1M fp32 step 2.46 -> 2.35 ms, RESULTS.md)
-        seed = int(index_seed_reference(step, tensor_index).item()) if param.dtype != torch.float32 else 0
-        _on_views(_sgd_cpu.on("compiled"), param, grad, buf, absmax, None, bool(step.item() == 1), lr, weight_decay,
-                  momentum, one_minus_dampening, bool(nesterov), grad_sign, seed)
-        return
-    hp = scalar_args(*hyper, float(tensor_index), device=param.device)
-    _on_views(sgd_step, param, grad, buf, absmax, *_eager_args(step, flag, hp))
+def _bucket_step_fp32(param, grad, buf, hp, first, seeds):
+    """:func:`_bucket_step_plain` with fp32 momentum ``buf`` ``(rows, BLOCK_SIZE)``."""
+    sgd_step(param, grad, buf, None, None, first, hp[0], hp[1], hp[2], hp[3], hp[4] != 0, hp[5], seeds)
+
+
+def _bucket_step_int8(param, grad, buf, absmax, hp, first, seeds):
+    """:func:`_bucket_step_plain` with 8-bit momentum: int8 codes ``buf`` and its ``absmax`` ``(rows, 1)``."""
+    sgd_step(param, grad, buf, absmax, None, first, hp[0], hp[1], hp[2], hp[3], hp[4] != 0, hp[5], seeds)
+
+
+_BUCKET_STEPS = {mode: cpu_compiled(fn) for mode, fn in
+                 (("plain", _bucket_step_plain), ("fp32", _bucket_step_fp32), ("int8", _bucket_step_int8))}
+"""The bucket steps by momentum mode, each its own code object (own compile cache), compiled on first use."""
+
+
+def _reference_update(params, grads, bufs, absmaxes, steps, tensor_indices, hp: torch.Tensor) -> None:
+    """The reference step of tensors whose flags are set, one call per bucket of a (param dtype, grad
+    dtype, momentum mode) group (:mod:`.cpu_buckets`; compiled or eager as ``choose_bucket`` says)."""
+    steps = torch.stack(steps)
+    firsts = steps == 1
+    seeds = index_seed_reference(steps, torch.tensor(tensor_indices, dtype=torch.int64, device=steps.device))
+    modes = ["plain" if b is None else ("fp32" if a is None else "int8") for b, a in zip(bufs, absmaxes)]
+    groups: dict[tuple, list[int]] = {}
+    for i, param in enumerate(params):
+        groups.setdefault((modes[i], param.dtype, grads[i].dtype), []).append(i)
+    for (mode, *_), idx in groups.items():
+        for run in split([params[i].numel() for i in idx]):
+            chosen = [idx[j] for j in run]
+            _bucket(mode, *([seq[i] for i in chosen] for seq in (params, grads, bufs, absmaxes)), hp,
+                    firsts[chosen], seeds[chosen])
+
+
+def _bucket(mode, params, grads, bufs, absmaxes, hp, firsts, seeds) -> None:
+    layout = Bucket([p.numel() for p in params], BLOCK_SIZE)
+    p = layout.rows_of(params)  # zero padding: d = g + weight_decay * p enters the 8-bit block maxima
+    state = [] if mode == "plain" else [layout.rows_of(bufs)]
+    if mode == "int8":
+        state.append(layout.scales_of(absmaxes))
+    step = _BUCKET_STEPS[mode].on(choose_bucket(layout.numel))
+    step(p, layout.rows_of(grads), *state, hp, layout.per_row(firsts).view(-1, 1), layout.row_seeds(seeds))
+    layout.write_back(params, p)
+    if mode != "plain":
+        layout.write_back(bufs, state[0])
+    if mode == "int8":
+        layout.write_back_scales(absmaxes, state[1])
 
 
 def sgd_update(
@@ -257,22 +293,28 @@ def sgd_update(
     ``steps[i]`` and ``flags[i]`` are 0-d fp32 tensors on the param's device (``steps`` already
     count this step: 1 on the first update; ``flags[i] == 0`` leaves tensor ``i`` untouched);
     ``tensor_indices[i]`` seeds its stochastic rounding. CUDA tensors run one Triton launch per
-    (param dtype, grad dtype, 8-bit or not) group; others run the ``torch.compile``'d reference, one
-    call per tensor. Never synchronizes.
+    (param dtype, grad dtype, 8-bit or not) group; others run the reference once per bucket of a
+    (param dtype, grad dtype, momentum mode) group (:mod:`.cpu_buckets`), compiled or eager as
+    :func:`.dispatch.choose_bucket` says, the same bits as one call per tensor. Never synchronizes (on
+    the CPU the finite flags are read on the host: a memory read).
     """
     hyper = (float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening), float(bool(nesterov)),
              -1.0 if maximize else 1.0)
     buckets: dict[tuple, list[int]] = {}
+    on_reference: dict[torch.device, list[int]] = {}
     for i, param in enumerate(params):
         if use_triton(param):
             key = (param.device, param.dtype, grads[i].dtype, bufs[i] is not None, absmaxes[i] is not None,
                    is_aligned(param, grads[i], bufs[i]))
             buckets.setdefault(key, []).append(i)
-            continue
-        work = param if param.is_contiguous() else param.contiguous()
-        _cpu_one(work, grads[i], bufs[i], absmaxes[i], steps[i], flags[i], hyper, tensor_indices[i])
-        if work is not param:
-            param.copy_(work)
+        else:
+            on_reference.setdefault(param.device, []).append(i)
+    for device, idx in on_reference.items():
+        live = [i for i, ok in zip(idx, torch.stack([flags[i] for i in idx]).tolist()) if ok and params[i].numel()]
+        if live:
+            _reference_update(*([seq[i] for i in live] for seq in (params, grads, bufs, absmaxes, steps,
+                                                                   tensor_indices)),
+                              scalar_args(*hyper, device=device))
     for (_, _, _, has_momentum, quantized, aligned), idx in buckets.items():
         _launch([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
                 [absmaxes[i] for i in idx], [steps[i] for i in idx], [flags[i] for i in idx],

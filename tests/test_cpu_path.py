@@ -1,0 +1,285 @@
+"""The bucketed CPU path (kernels/cpu_buckets.py) against the per-tensor reference, eager and compiled.
+
+The oracle below is the per-tensor eager step as it ran before bucketing (one call of the step
+function per tensor, partial blocks zero-padded, the finite flag applied by ``where``), which is bit
+for bit the Triton kernel (test_adamw8bit.py / test_sgd.py). The bucketed path must store the same
+bits, eager and compiled, for many odd-sized tensors of mixed kinds in one call.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from lowmem_lightning.kernels import adamw8bit as adamw_kernel
+from lowmem_lightning.kernels import cpu_buckets, dispatch
+from lowmem_lightning.kernels import sgd as sgd_kernel
+from lowmem_lightning.kernels.codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL, quantize_reference
+from lowmem_lightning.kernels.rounding import round_param_reference, step_seed
+
+# quantized (>= 4096) and fp32-state sizes, none (or some) a multiple of 256, one a scalar
+SIZES = [4096, 4097, 5000, 70007, 1, 3, 255, 1000, 4095, 8192]
+NAN_AT = 2  # the tensor whose gradient holds a NaN
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The stored bits (NaN equals NaN, -0 differs from 0)."""
+    as_int = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}.get(t.dtype)
+    return t if as_int is None else t.view(as_int)
+
+
+def _assert_same(got: list, want: list, what: str) -> None:
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a is None:
+            assert b is None
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}[{i}]"
+        mismatch = int((_bits(a) != _bits(b)).sum())
+        assert mismatch == 0, f"{what}[{i}] ({a.numel()} elements): {mismatch} differ"
+
+
+# --------------------------------------------------------------------------------------------------
+# AdamW
+# --------------------------------------------------------------------------------------------------
+
+
+def _adamw_state(sizes, seed=0):
+    """Params (bf16 and fp32 alternating, some 2-d, one non-contiguous), grads (one NaN), state with
+    non-zero moments, per-tensor step counters that differ, flags from the grads."""
+    gen = torch.Generator().manual_seed(seed)
+    params, grads, ms, m_abs, vs, v_abs, steps = [], [], [], [], [], [], []
+    for i, n in enumerate(sizes):
+        dtype = torch.bfloat16 if i % 2 else torch.float32
+        p = torch.randn(n, generator=gen).to(dtype)
+        if n == 70007:
+            p = p.view(7, 10001)
+        if n == 8192:
+            p = torch.randn(128, 64, generator=gen).to(dtype).t()  # non-contiguous
+        params.append(p)
+        g = torch.randn(n, generator=gen) * 0.1
+        g[0] = float("nan") if i == NAN_AT else g[0]
+        grads.append(g.view(p.shape))
+        m, v = torch.randn(n, generator=gen) * 0.01, torch.rand(n, generator=gen) * 1e-4
+        if n >= MIN_QUANTIZED_NUMEL:
+            (mc, ma), (vc, va) = quantize_reference(m, True), quantize_reference(v, False)
+            ms.append(mc), m_abs.append(ma), vs.append(vc), v_abs.append(va)
+        else:
+            ms.append(m.view(p.shape).clone()), m_abs.append(None), vs.append(v.view(p.shape).clone())
+            v_abs.append(None)
+        steps.append(torch.tensor(float(1 + i % 3)))
+    flags = [torch.isfinite(g).all().float() for g in grads]
+    seeds = [step_seed(0, i, 7) for i in range(len(sizes))]
+    return [params, grads, ms, m_abs, vs, v_abs, steps, flags, seeds]
+
+
+def _clone(state):
+    return [[t.clone() if isinstance(t, torch.Tensor) else t for t in seq] for seq in state]
+
+
+def _adamw_per_tensor(params, grads, ms, m_abs, vs, v_abs, steps, flags, seed_bases, maximize):
+    """The per-tensor eager reference (the CPU path before bucketing)."""
+    hp = adamw_kernel.hyperparameter_tensor(**HYPER, maximize=maximize)
+    for i, param in enumerate(params):
+        terms, seeds = adamw_kernel.step_terms_reference(hp, steps[i].view(1), torch.tensor([seed_bases[i]]))
+        work = param.contiguous()
+        if m_abs[i] is None:
+            adamw_kernel._adamw32_core(work, grads[i], ms[i], vs[i], flags[i], hp, terms[0], seeds[0])
+        else:
+            n, pad = work.numel(), (-work.numel()) % BLOCK_SIZE
+            p, g, m, v = (torch.nn.functional.pad(t.reshape(-1), (0, pad)).view(-1, BLOCK_SIZE)
+                          for t in (work, grads[i], ms[i], vs[i]))
+            adamw_kernel.adamw8bit_step(p, g, m, m_abs[i].view(-1, 1), v, v_abs[i].view(-1, 1), flags[i] > 0,
+                                        *hp.unbind(0), terms[0, 0], terms[0, 1], seeds[0])
+            work.view(-1).copy_(p.view(-1)[:n]), ms[i].copy_(m.view(-1)[:n]), vs[i].copy_(v.view(-1)[:n])
+        param.copy_(work)
+
+
+def _adamw_bucketed(state, maximize):
+    adamw_kernel.adamw8bit_update(*state, **HYPER, maximize=maximize)
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adamw_bucketed_eager_equals_per_tensor_reference(maximize):
+    start = _adamw_state(SIZES)
+    want, got = _clone(start), _clone(start)
+    _adamw_per_tensor(*want, maximize)
+    with dispatch.override(cpu_compile="never"):
+        _adamw_bucketed(got, maximize)
+    for k, name in enumerate(("params", "grads", "exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax")):
+        _assert_same(got[k], want[k], name)
+    # the NaN tensor is untouched, every other one moved
+    assert torch.equal(_bits(got[0][NAN_AT]), _bits(start[0][NAN_AT]))
+    assert torch.equal(got[2][NAN_AT], start[2][NAN_AT]) and torch.equal(got[3][NAN_AT], start[3][NAN_AT])
+    assert all(not torch.equal(got[0][i], start[0][i]) for i in range(len(SIZES)) if i != NAN_AT)
+
+
+def test_adamw_bucketed_compiled_equals_reference_and_never_recompiles():
+    # one compiled graph per (quantized, param dtype, grad dtype): fp32 and bf16 params here, sizes
+    # that change between calls (another set of tensors, one of them in place) must not recompile
+    with dispatch.override(cpu_compile="always"):
+        for round_, sizes in enumerate((SIZES, [4352, 8192, 4100, 17, 900, 2], SIZES[3:] + [12800])):
+            start = _adamw_state(sizes, seed=round_)
+            want, got = _clone(start), _clone(start)
+            _adamw_per_tensor(*want, False)
+            _adamw_bucketed(got, False)
+            for k in range(6):
+                _assert_same(got[k], want[k], f"round {round_}, operand {k}")
+            if round_ == 0:
+                graphs = counters["stats"]["unique_graphs"]
+        assert counters["stats"]["unique_graphs"] == graphs, "a new size compiled a new graph"
+
+
+def test_adamw_optimizer_same_bits_eager_and_compiled_over_steps():
+    # whole optimizer, several steps with a NaN step in one tensor: the two CPU backends agree bit for bit
+    def run(mode):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dt))
+                  for n, dt in ((5000, torch.bfloat16), (300, torch.float32), (4096, torch.float32))]
+        opt = adamw_kernel_optimizer(params)
+        with dispatch.override(cpu_compile=mode):
+            for k in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                params[1].grad[0] = float("nan") if k == 1 else params[1].grad[0]
+                opt.step()
+        return params, opt
+
+    eager, compiled = run("never"), run("always")
+    _assert_same([p.detach() for p in compiled[0]], [p.detach() for p in eager[0]], "params")
+    for p, q in zip(compiled[0], eager[0]):
+        for key, value in eager[1].state[q].items():
+            _assert_same([compiled[1].state[p][key]], [value], key)
+    assert compiled[1].skipped_updates == eager[1].skipped_updates == 1
+
+
+def adamw_kernel_optimizer(params):
+    from lowmem_lightning.optim import AdamW8bit
+
+    return AdamW8bit(params, lr=1e-2, weight_decay=0.1, seed=5)
+
+
+# --------------------------------------------------------------------------------------------------
+# SGD
+# --------------------------------------------------------------------------------------------------
+
+
+def _sgd_state(mode, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params, grads, bufs, absmaxes, steps = [], [], [], [], []
+    for i, n in enumerate(SIZES):
+        dtype = torch.bfloat16 if i % 2 else torch.float32
+        params.append(torch.randn(n, generator=gen).to(dtype))
+        g = torch.randn(n, generator=gen) * 0.1
+        g[0] = float("nan") if i == NAN_AT else g[0]
+        grads.append(g)
+        buf = torch.randn(n, generator=gen) * 0.01
+        if mode == "plain":
+            bufs.append(None), absmaxes.append(None)
+        elif mode == "int8" and n >= MIN_QUANTIZED_NUMEL:
+            codes, absmax = quantize_reference(buf, True)
+            bufs.append(codes), absmaxes.append(absmax)
+        else:
+            bufs.append(buf), absmaxes.append(None)
+        steps.append(torch.tensor(float(1 + i % 2)))  # some tensors on their first step
+    flags = [torch.isfinite(g).all().float() for g in grads]
+    return [params, grads, bufs, absmaxes, steps, flags, list(range(3, 3 + len(SIZES)))]
+
+
+SGD_HYPER = dict(lr=0.05, weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=True, maximize=True)
+
+
+def _sgd_per_tensor(params, grads, bufs, absmaxes, steps, flags, indices):
+    h = SGD_HYPER
+    hyper = (h["lr"], h["weight_decay"], h["momentum"], 1.0 - h["dampening"], float(h["nesterov"]),
+             -1.0 if h["maximize"] else 1.0)
+    for i in range(len(params)):
+        hp = dispatch.scalar_args(*hyper, float(indices[i]))
+        new_p, new_buf, new_absmax = sgd_kernel.sgd_reference(params[i], grads[i], bufs[i], absmaxes[i], steps[i],
+                                                              flags[i], hp)
+        params[i].copy_(new_p)
+        if bufs[i] is not None:
+            bufs[i].copy_(new_buf)
+        if absmaxes[i] is not None:
+            absmaxes[i].copy_(new_absmax)
+
+
+@pytest.mark.parametrize("mode", ["plain", "fp32", "int8"])
+def test_sgd_bucketed_eager_equals_per_tensor_reference(mode):
+    start = _sgd_state(mode)
+    want, got = _clone(start), _clone(start)
+    _sgd_per_tensor(*want)
+    with dispatch.override(cpu_compile="never"):
+        sgd_kernel.sgd_update(*got, **SGD_HYPER)
+    for k, name in enumerate(("params", "grads", "bufs", "absmaxes")):
+        _assert_same(got[k], want[k], name)
+    assert torch.equal(_bits(got[0][NAN_AT]), _bits(start[0][NAN_AT]))
+
+
+@pytest.mark.slow  # three more compiled graphs (~15 s each on 2 shared cores)
+def test_sgd_bucketed_compiled_equals_reference_and_never_recompiles():
+    with dispatch.override(cpu_compile="always"):
+        for mode in ("plain", "fp32", "int8"):
+            for round_ in range(2):
+                start = _sgd_state(mode, seed=round_)
+                if round_:
+                    start = [seq[2:] for seq in start]  # other sizes
+                want, got = _clone(start), _clone(start)
+                _sgd_per_tensor(*want)
+                sgd_kernel.sgd_update(*got, **SGD_HYPER)
+                for k in range(4):
+                    _assert_same(got[k], want[k], f"{mode}, round {round_}, operand {k}")
+                if round_ == 0:
+                    graphs = counters["stats"]["unique_graphs"]
+            assert counters["stats"]["unique_graphs"] == graphs, f"{mode}: a new size compiled a new graph"
+
+
+# --------------------------------------------------------------------------------------------------
+# Buckets and the compile choice
+# --------------------------------------------------------------------------------------------------
+
+
+def test_split_bounds_each_bucket_and_keeps_order():
+    assert cpu_buckets.split([3, 3, 3, 10, 1], limit=6) == [[0, 1], [2], [3], [4]]
+    assert cpu_buckets.split([], limit=6) == []
+
+
+def test_row_seeds_fold_the_offset_into_the_seed():
+    # the bf16 stochastic rounding of tensor 1 at its bucket offset equals its own, with its own seed
+    layout = cpu_buckets.Bucket([300, 1000], 256)
+    seeds = torch.tensor([11, 123456789])
+    x = torch.randn(1000) * 3
+    bucket_x = torch.zeros(layout.rows, 256)
+    bucket_x.view(-1)[512:1512] = x
+    offs = torch.arange(layout.numel).view(layout.rows, 256)
+    rounded = round_param_reference(bucket_x, torch.bfloat16, layout.row_seeds(seeds), True, offs)
+    assert torch.equal(_bits(rounded.view(-1)[512:1512]), _bits(round_param_reference(x, torch.bfloat16, 123456789)))
+    assert layout.rows == 6 and layout.firsts == (0, 2)
+
+
+def test_bucket_in_place_and_gathered_round_trip():
+    one = torch.randn(512)
+    layout = cpu_buckets.Bucket([512], 256)
+    rows = layout.rows_of([one])
+    assert rows.data_ptr() == one.data_ptr()  # in place: no copy
+    two = [torch.randn(3, 5), torch.randn(300)]
+    layout = cpu_buckets.Bucket([15, 300], 256)
+    rows = layout.rows_of(two)
+    assert rows.shape == (3, 256) and rows.view(-1)[15:256].abs().sum() == 0
+    rows.mul_(2)
+    expected = [t * 2 for t in two]
+    layout.write_back(two, rows)
+    assert all(torch.equal(a, b) for a, b in zip(two, expected))
+
+
+def test_choose_bucket_auto_compiles_big_calls_and_after_enough_eager_work(monkeypatch):
+    monkeypatch.setattr(dispatch, "_eager_bucket_numel", 0)
+    with dispatch.override(cpu_compile="auto", compile_min_numel=100, compile_after_numel=250):
+        assert dispatch.choose_bucket(100) == "compiled"
+        assert [dispatch.choose_bucket(99) for _ in range(4)] == ["eager", "eager", "eager", "compiled"]
+    with dispatch.override(cpu_compile="never"):
+        assert dispatch.choose_bucket(10**9) == "eager"
+    with dispatch.override(cpu_compile="always"):
+        assert dispatch.choose_bucket(1) == "compiled"
+    with pytest.raises(ValueError, match="compile_after_numel=-1"):
+        dispatch.configure(compile_after_numel=-1)
+    assert dispatch.DispatchSettings.from_env({"LOWMEM_CPU_COMPILE_AFTER_NUMEL": "7"}).compile_after_numel == 7
