@@ -239,6 +239,62 @@ def test_a_fit_on_a_disk_that_fills_up_ends_with_one_error_and_keeps_the_checkpo
     assert torch.load(tmp_path / "epoch=0-step=3.ckpt", weights_only=False)["global_step"] == 3
 
 
+class TinyData(L.LightningDataModule):
+    """Random inputs for :class:`_TinyModule` (the CLI test's data module)."""
+
+    def train_dataloader(self):
+        return _TinyModule().train_dataloader()
+
+
+class TinyModel(_TinyModule):
+    """:class:`_TinyModule` for the CLI test."""
+
+
+def test_the_optimizer_callback_installs_it_for_its_fit(tmp_path):
+    from lowmem_lightning.callbacks import LowMemOptimizerCallback
+
+    callback = LowMemOptimizerCallback("sgd", lr=0.01, plot=False, print_summary=False, log_state_memory=False)
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[callback])
+    trainer.fit(_TinyModule())
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"]
+
+
+def test_the_cli_ends_a_full_disk_with_exit_2_and_one_message(tmp_path, monkeypatch, capsys):
+    """``lowmem fit`` whose 2nd checkpoint hits a full disk: exit code 2, one line naming the file, no traceback;
+    the 1st checkpoint loads."""
+    import yaml
+
+    from lowmem_lightning.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"max_steps": 4, "logger": False, "accelerator": "cpu", "enable_model_summary": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1,
+                                                 "save_top_k": -1}}]},
+        "model": {"class_path": "test_atomic_checkpoint.TinyModel"},
+        "data": {"class_path": "test_atomic_checkpoint.TinyData"},
+    }))
+    real_save, saves = atomic_torch_save, []
+
+    def second_fails(obj, path, what="checkpoint"):
+        saves.append(path)
+        if len(saves) == 2:
+            _fail_writes_after(monkeypatch, 200)
+        return real_save(obj, path, what)
+
+    monkeypatch.setattr(checkpoint_io, "atomic_torch_save", second_fails)
+    code = main(["fit", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert f"lowmem: error: Could not write the checkpoint {tmp_path / 'ckpt' / 'epoch=0-step=2.ckpt'}" in err
+    assert os.listdir(tmp_path / "ckpt") == ["epoch=0-step=1.ckpt"]
+    assert torch.load(tmp_path / "ckpt" / "epoch=0-step=1.ckpt", weights_only=False)["global_step"] == 1
+
+
 # ---------------------------------------------------------------------------------------------- real file systems
 _NAMESPACE_SCRIPT = textwrap.dedent('''
     """Runs inside `unshare -m` with {dir}/full (1 MiB tmpfs) and {dir}/ro (tmpfs) mounted: prints one JSON line."""

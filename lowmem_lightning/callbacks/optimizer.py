@@ -327,13 +327,17 @@ class LowMemOptimizerCallback(L.Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Wrap ``configure_optimizers`` for this fit (the strategy calls it next)."""
+        """Wrap ``configure_optimizers`` for this fit (the strategy calls it next); save checkpoints atomically
+        unless the user chose a CheckpointIO (:func:`~.checkpoint_io.use_atomic_checkpoint_io`)."""
         if stage == "fit":
             _check_strategy(trainer.strategy, self.optimizer_name)
             self._check_release(trainer, pl_module)
             self.optimizers = []
             self.monitor.setup(trainer, pl_module, stage)
             self._patch(pl_module)
+            from lowmem_lightning.callbacks.checkpoint_io import use_atomic_checkpoint_io
+
+            use_atomic_checkpoint_io(trainer)  # issue 25: ModelCheckpoint and SIGTERM last.ckpt complete or absent
 
     def _check_release(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.step_in_backward:

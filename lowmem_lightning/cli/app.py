@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError, use_atomic_checkpoint_io
 from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
 from lowmem_lightning.cli.checks import ckpt_path_problem, new_paths, output_dirs, remove_new_paths, unwritable
 from lowmem_lightning.cli.last import checkpoint_dirs, newest_checkpoint
@@ -623,7 +624,9 @@ class LowMemCLI(LightningCLI):
         has_bar = any(isinstance(c, ProgressBar) for c in [*listed, *callbacks])
         if not has_bar and config.get("enable_progress_bar", True) is not False:
             callbacks = [*callbacks, StepsAwareRichProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        use_atomic_checkpoint_io(trainer)  # checkpoints complete or absent, a full disk named (issue 25)
+        return trainer
 
 
 class _TrainingStarted(L.Callback):
@@ -729,6 +732,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         LowMemCLI(args=args)
     except SIGTERMException:
         return SIGTERM_EXIT_CODE
+    except CheckpointWriteError as err:  # a full / read-only checkpoint directory: one message, exit 2
+        sys.stderr.write(f"lowmem: error: {err}\n")
+        return 2
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 2)
