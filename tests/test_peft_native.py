@@ -127,7 +127,7 @@ def test_qlora_recipe_as_written_trains_saves_reloads_and_merges(dense_llama, tm
 
 def test_prepare_model_for_kbit_training_keeps_nf4_storage_and_turns_on_checkpointing(dense_llama):
     model = _base(dense_llama, torch.bfloat16)
-    assert model.is_loaded_in_4bit is True
+    assert model.is_loaded_in_4bit
     before = {k: (t, t.clone()) for k, t in _nf4_buffers(model).items()}
     prepared = prepare_model_for_kbit_training(model)
     assert prepared is model and model.is_gradient_checkpointing
@@ -196,12 +196,30 @@ def test_adapters_move_between_peft_native_and_add_lora(dense_llama, tmp_path):
 def test_all_linear_and_a_loaded_checkpoint(dense_llama, tmp_path):
     copy.deepcopy(dense_llama).to(torch.bfloat16).save_pretrained(tmp_path)
     model = load_pretrained_causal_lm(tmp_path)
-    assert model.is_loaded_in_4bit is True
+    assert model.is_loaded_in_4bit
     peft_model = get_peft_model(prepare_model_for_kbit_training(model), _config(target_modules="all-linear"))
     wrapped = {n.rpartition(".")[2] for n, m in peft_model.named_modules() if isinstance(m, PeftLoraLinear)}
     assert wrapped == set(LLAMA_TARGET_MODULES)  # every 4-bit layer, not the (skipped, dense) lm_head
     _, losses = _train(peft_model, steps=2)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_merged_model_is_no_longer_4bit_and_exports_without_bitsandbytes(dense_llama, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # a machine without bitsandbytes
+    model = _base(dense_llama)
+    assert model.is_loaded_in_4bit
+    with pytest.raises(ImportError):  # transformers' num_parameters() imports it for 4-bit models
+        model.num_parameters()
+    partial = get_peft_model(model, _config(target_modules=["q_proj"])).merge_and_unload()
+    assert partial.is_loaded_in_4bit  # k, v, o, gate, up, down are still 4-bit
+
+    merged = get_peft_model(_base(dense_llama), _config()).merge_and_unload()
+    assert not merged.is_loaded_in_4bit
+    merged.save_pretrained(tmp_path, max_shard_size="100KB")  # sharded: calls num_parameters()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    plain = LlamaForCausalLM.from_pretrained(tmp_path).eval()  # a plain transformers model, no NF4 left
+    assert not any(isinstance(m, Linear4bit) for m in plain.modules())
+    assert torch.equal(_logits(plain), _logits(merged.eval()))
 
 
 def test_weight_reading_options_fail_loudly_not_silently(dense_llama):

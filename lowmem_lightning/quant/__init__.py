@@ -37,10 +37,13 @@ layers (peft then warns "modify a model with PEFT for a second time"); patching 
 LoftQ, ...) need a dense base weight: they fail at ``get_peft_model`` with an error naming
 ``NF4WeightHandle`` (:class:`LoraLinear4bit`, the layer of :func:`add_lora`, refuses them by name).
 
-``quantize_model`` / ``load_pretrained_causal_lm`` set ``model.is_loaded_in_4bit = True`` (an instance
+``quantize_model`` / ``load_pretrained_causal_lm`` mark the model ``is_loaded_in_4bit`` (an instance
 attribute, :func:`mark_loaded_in_4bit`), as transformers does for bitsandbytes 4-bit models: with it
 ``peft.prepare_model_for_kbit_training`` enables input gradients and gradient checkpointing. Its
 fp32 upcast touches parameters only (embeddings, norms, biases); NF4 codes and scales are buffers.
+The flag is true only while a 4-bit layer remains, since transformers' ``num_parameters()`` imports
+bitsandbytes when it is true (so a fully merged model saves without bitsandbytes; a 4-bit model under
+the HF ``Trainer``, which counts FLOPs with ``num_parameters()`` each step, needs it installed).
 
 :func:`add_lora` (and :func:`register_peft_custom_module` for a config of your own) still registers
 :class:`LoraLinear4bit` on the config it builds: same adapter keys and math, and its merge swaps the
@@ -48,13 +51,21 @@ fp32 upcast touches parameters only (embeddings, norms, biases); NF4 codes and s
 path load with either.
 """
 
-from .linear4bit import Linear4bit, NF4WeightHandle, linear4bit_bytes, mark_loaded_in_4bit, quantize_model
+from .linear4bit import (
+    Linear4bit,
+    LoadedIn4bit,
+    NF4WeightHandle,
+    linear4bit_bytes,
+    mark_loaded_in_4bit,
+    quantize_model,
+)
 from .loading import load_pretrained_causal_lm, random_causal_lm
 from .lora import LLAMA_TARGET_MODULES, LoraLinear4bit, add_lora, load_lora, register_peft_custom_module
 
 __all__ = [
     "Linear4bit",
     "NF4WeightHandle",
+    "LoadedIn4bit",
     "linear4bit_bytes",
     "mark_loaded_in_4bit",
     "quantize_model",

@@ -36,7 +36,8 @@ from lowmem_lightning.kernels.nf4 import (
     quantize_nf4,
 )
 
-__all__ = ["Linear4bit", "NF4WeightHandle", "quantize_model", "linear4bit_bytes", "mark_loaded_in_4bit"]
+__all__ = ["Linear4bit", "NF4WeightHandle", "LoadedIn4bit", "quantize_model", "linear4bit_bytes",
+           "mark_loaded_in_4bit"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _QUANT_BUFFERS = ("qweight", "absmax", "qscale", "scale_step", "scale_mean")
@@ -469,12 +470,36 @@ def quantize_model(
 
 
 def mark_loaded_in_4bit(model: nn.Module) -> nn.Module:
-    """Set ``model.is_loaded_in_4bit = True`` (an instance attribute), the flag with which transformers
-    models loaded in 4 bits tell peft so: ``peft.prepare_model_for_kbit_training`` then enables input
-    gradients and gradient checkpointing, and ``PeftModel`` leaves them to it. Returns ``model``.
+    """Set ``model.is_loaded_in_4bit`` (an instance attribute, a :class:`LoadedIn4bit`), the flag with
+    which transformers models loaded in 4 bits tell peft so: ``peft.prepare_model_for_kbit_training``
+    then enables input gradients and gradient checkpointing, and ``PeftModel`` leaves them to it.
+    Returns ``model``.
 
-    Caveat (transformers, not us): ``PreTrainedModel.num_parameters()`` imports bitsandbytes when the
-    flag is set (to count its ``Params4bit``); without bitsandbytes installed it raises ImportError.
+    The flag is true only while ``model`` holds a 4-bit :class:`Linear4bit`: once ``merge_and_unload``
+    made every one dense it is false, because transformers reads it too: ``num_parameters()`` (the HF
+    ``Trainer``'s FLOP count, ``save_pretrained`` of a sharded checkpoint) imports bitsandbytes when it
+    is true, which fails where bitsandbytes is not installed.
     """
-    model.is_loaded_in_4bit = True
+    model.is_loaded_in_4bit = LoadedIn4bit(model)
     return model
+
+
+class LoadedIn4bit:
+    """The value of ``model.is_loaded_in_4bit``: true while ``model`` has a :class:`Linear4bit` whose
+    weight is still 4-bit (peft and transformers test it by truth value; ``== True`` works too)."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def __bool__(self) -> bool:
+        return any(isinstance(m, Linear4bit) and m.is_quantized for m in self._model.modules())
+
+    def __eq__(self, other) -> bool:
+        return bool(self) == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(bool(self))
