@@ -145,8 +145,10 @@ def register_peft_custom_module(config: LoraConfig) -> LoraConfig:
     """Map ``Linear4bit`` to :class:`LoraLinear4bit` in ``config`` (peft's per-config custom-module
     registration, ``LoraConfig._register_custom_module``) and return ``config``.
 
-    Only this config changes (its other custom mappings are kept); no peft class is patched. Use it
-    to wrap 4-bit layers with plain ``peft.get_peft_model(model, register_peft_custom_module(config))``.
+    Only this config changes (its other custom mappings are kept); no peft class is patched. Optional:
+    plain ``peft.get_peft_model(model, config)`` wraps 4-bit layers with peft's own ``lora.Linear``
+    (merging makes the ``Linear4bit`` dense); with this registration they get :class:`LoraLinear4bit`
+    instead (merging swaps in an ``nn.Linear``, ``unmerge`` restores the exact 4-bit layer).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"Invalid config={config!r}: expected a peft.LoraConfig.")
