@@ -275,3 +275,53 @@ def test_callback_arguments_are_visible_to_jsonargparse():
     assert (cfg.cb.optimizer, cfg.cb.lr, cfg.cb.weight_decay) == ("sgd", 0.01, None)
     assert cfg.cb.optimizer_kwargs == {"momentum": 0.9}
     assert "Registered optimizer name" in parser.format_help()
+
+
+class Unfreezes(L.LightningModule):
+    """A backbone frozen when configure_optimizers runs and unfrozen at epoch 1 (as fine-tuning schedules do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 1)
+        self.backbone.requires_grad_(False)
+        self.backbone_state_at_epoch_end: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.head(torch.tanh(self.backbone(x))), y)
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.backbone.requires_grad_(True)
+
+    def on_train_epoch_end(self):
+        opt = self.trainer.optimizers[0]
+        self.backbone_state_at_epoch_end.append(sum(p in opt.state for p in self.backbone.parameters()))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _fit_unfreezing(tmp_path, callbacks):
+    model = Unfreezes()
+    before = model.backbone.weight.detach().clone()
+    trainer = _trainer(tmp_path, callbacks, max_steps=-1, max_epochs=2)
+    trainer.fit(model, _data(n=32))
+    return model, before, trainer
+
+
+def test_params_unfrozen_later_train_as_under_the_modules_own_optimizer(tmp_path):
+    own, before, _ = _fit_unfreezing(tmp_path, [])
+    same_type, _, _ = _fit_unfreezing(tmp_path, [LowMemOptimizerCallback("adamw", print_summary=False, plot=False)])
+    assert not torch.equal(own.backbone.weight, before)  # the module's own AdamW trains it from epoch 1
+    for a, b in zip(own.parameters(), same_type.parameters()):
+        assert torch.equal(a, b)  # the swapped-in torch AdamW: the very same run
+    callback = LowMemOptimizerCallback(OPT, print_summary=False, plot=False)
+    ours, _, trainer = _fit_unfreezing(tmp_path, [callback])
+    assert not torch.equal(ours.backbone.weight, before)  # 8-bit AdamW trains it too
+    assert ours.backbone_state_at_epoch_end == [0, 2]  # no state while frozen, state once it trains
+    opt = trainer.optimizers[0]
+    assert state_memory(opt).num_params == sum(p.numel() for p in ours.parameters())
+    assert callback.summary["num_params"] == sum(p.numel() for p in ours.parameters())

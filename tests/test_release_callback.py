@@ -239,3 +239,52 @@ def test_monitor_alone_logs_a_torch_optimizer_and_the_callback_logs_each_metric_
     trainer.fit(Net(schedule=False), _data())  # a metric logged twice in a step would raise in Lightning
     assert with_callback.summary["reporter"] == "LowMemOptimizerCallback"
     assert with_callback.summary["optimizer"] == "adamw_8bit"
+
+
+class SharedBlocks(Net):
+    """Two blocks sharing one Linear, each under reentrant activation checkpointing (the loss reaches the shared
+    weight through two nested backward passes)."""
+
+    def __init__(self):
+        super().__init__(schedule=True)
+        torch.manual_seed(0)
+        self.shared = nn.Linear(32, 32)
+        self.blocks = nn.ModuleList([nn.Linear(32, 32) for _ in range(2)])
+
+    def training_step(self, batch, batch_idx):
+        from torch.utils.checkpoint import checkpoint
+
+        x, y = batch
+        h = self.body(x)
+        for block in self.blocks:
+            h = checkpoint(lambda t, block=block: torch.tanh(block(self.shared(t))), h, use_reentrant=True)
+        return (self.head(h).float() - y.float()).square().mean()
+
+
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[0], CONFIGS[4], CONFIGS[6]], ids=[IDS[0], IDS[4], IDS[6]])
+def test_release_with_a_weight_shared_by_reentrant_checkpointed_blocks_equals_a_normal_fit(name, kwargs):
+    normal, _ = _fit(name, kwargs, release=False, module=SharedBlocks())
+    released, _ = _fit(name, kwargs, release=True, module=SharedBlocks())
+    _assert_same_weights(normal, released)
+    assert released.grads_after_backward == [0] * 5  # the held-back shared weight is updated after backward too
+
+
+class UnfreezesAtEpoch1(Net):
+    """The frozen layer is unfrozen at epoch 1 (a fine-tuning schedule) and trains from then on."""
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.frozen.requires_grad_(True)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return (self.head(self.body(torch.tanh(self.frozen(x)))).float() - y.float()).square().mean()
+
+
+def test_release_trains_params_unfrozen_later_like_a_normal_fit():
+    normal, _ = _fit("adamw_8bit", {}, release=False, module=UnfreezesAtEpoch1(), max_steps=-1, max_epochs=2)
+    before = UnfreezesAtEpoch1().frozen.weight.detach().clone()
+    released, _ = _fit("adamw_8bit", {}, release=True, module=UnfreezesAtEpoch1(), max_steps=-1, max_epochs=2)
+    _assert_same_weights(normal, released)
+    assert not torch.equal(released.frozen.weight, before)  # it trained once unfrozen
+    assert released.grads_after_backward == [0] * 12  # and its gradients were released in backward too

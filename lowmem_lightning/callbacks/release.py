@@ -24,8 +24,9 @@ gradient arrives in a nested pass (told apart from the outer pass by the autogra
 gradient is kept and it is updated after backward (:meth:`GradientRelease.finish_step`) with the whole
 gradient, exactly as a normal step. A param that got its gradient in one firing is released in
 backward from the next step on; one that got it in several is always updated after backward. Should a
-param released in backward fire again in the same backward (the model's structure changed), that
-step cannot be made right and ``RuntimeError`` stops the fit.
+param released in backward fire again in the same backward (the loss was not watched, or the model's
+structure changed), that step cannot be made right and ``RuntimeError`` stops it: never a silent
+partial update.
 """
 
 from __future__ import annotations
@@ -163,9 +164,10 @@ class GradientRelease:
         if key in self._stepped:
             raise RuntimeError(
                 f"GradientRelease: a param of shape {tuple(param.shape)} got a second gradient in one backward after "
-                "it was updated in backward (a weight shared by blocks under reentrant activation checkpointing "
-                "whose use changed between steps). Use torch.utils.checkpoint(..., use_reentrant=False) or "
-                "step_in_backward=False."
+                "it was updated in backward, so that update used part of its gradient (a weight shared by blocks "
+                "under reentrant activation checkpointing, with the loss not watched or the weight's use changed "
+                "between steps). Call GradientRelease.watch(loss) before every backward (LowMemOptimizerCallback "
+                "does), use torch.utils.checkpoint(..., use_reentrant=False), or step_in_backward=False."
             )
         nested = self._outer is not None and _graph_task() != self._outer
         if key in self._multi or (nested and key not in self._single):
