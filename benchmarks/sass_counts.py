@@ -21,7 +21,7 @@ How "per element" is computed (static counts, a crude but stated model):
   marginal cost ``(main(2 ROWS) - main(ROWS)) / extra elements per thread`` and the fixed part
   ``main - marginal * elements per thread``.
 
-    python benchmarks/sass_counts.py [--arch 90] [--all-specs] [--kernels adamw sgd] \\
+    python benchmarks/sass_counts.py [--arch 90] [--all-specs] [--kernels adamw8bit sgd] [--aligned-only] \\
         [--match PARAM_DTYPE=bf16 --match QUANTIZED=True] [--slope] [--json out.json]
 
 Must run with ``TRITON_INTERPRET`` unset (compilation, not interpretation).
@@ -43,11 +43,14 @@ def _shown(constexprs: dict) -> dict:
     return {k: v if isinstance(v, (bool, int)) else str(v) for k, v in constexprs.items()}
 
 
-def _selected(name: str, constexprs: dict, kernels: list[str], match: list[str]) -> bool:
-    if kernels and not any(k in name for k in kernels):
+def _selected(name: str, family: str, constexprs: dict, kernels: list[str], match: list[str]) -> bool:
+    """``name`` or its ``family`` (module) is one of ``kernels`` (if any) and every ``KEY=VALUE`` of
+    ``match`` holds (a spec without that constexpr passes: ``--match PARAM_DTYPE=bf16`` keeps the codec
+    kernels)."""
+    if kernels and name not in kernels and family not in kernels:
         return False
     shown = {k: str(v) for k, v in _shown(constexprs).items()}
-    return all(shown.get(key) == value for key, value in (m.split("=", 1) for m in match))
+    return all(shown.get(key, value) == value for key, value in (m.split("=", 1) for m in match))
 
 
 def measure(module_name, kernel, signature, constexprs, aligned, options, arch: int, slope: bool) -> dict:
@@ -83,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (80, 90)")
     parser.add_argument("--all-specs", action="store_true", help="every AOT spec, not the first per kernel")
-    parser.add_argument("--kernels", nargs="*", default=[], help="only kernels whose name contains one of these")
-    parser.add_argument("--match", action="append", default=[], help="only specs with constexpr KEY=VALUE")
+    parser.add_argument("--kernels", nargs="*", default=[],
+                        help="only these kernels (names, or families: adamw8bit sgd codec ...)")
+    parser.add_argument("--match", action="append", default=[],
+                        help="only specs with constexpr KEY=VALUE (specs without KEY pass)")
+    parser.add_argument("--aligned-only", action="store_true", help="only the aligned variants")
     parser.add_argument("--slope", action="store_true", help="also compile with ROWS doubled: marginal cost")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -101,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     for module_name, kernel, signature, constexprs, aligned, options in iter_specs():
         name = getattr(kernel, "fn", kernel).__name__
         is_aligned = bool(aligned) or constexprs.get("ALIGNED") is True
-        if not _selected(name, constexprs, args.kernels, args.match):
+        family = module_name.rsplit(".", 1)[-1]
+        if not _selected(name, family, constexprs, args.kernels, args.match) or (args.aligned_only and not is_aligned):
             continue
         if (name, is_aligned) in seen and not args.all_specs:
             continue
         seen.add((name, is_aligned))
-        family = module_name.rsplit(".", 1)[-1]
         shown = {k: v for k, v in _shown(constexprs).items() if k != "ALIGNED"}
         head = f"| {family} | {name} | {shown} | {'yes' if is_aligned else 'no'} |"
         try:

@@ -6,11 +6,15 @@ block stores one fp32 scale (its absolute maximum) and one byte per element, so 
 
 Two codes, both closed-form (no table lookup, cheap on CPU and GPU):
 
-* **signed** (first moments, momentum): ``x = s / absmax`` in [-1, 1], ``y = sign(x) * sqrt(|x|)``,
-  ``code = round_half_away(127 * y)`` as int8 in [-127, 127]; decode ``y = code / 127``,
+* **signed** (first moments, momentum): ``x = s * RN(1 / absmax)`` in [-1, 1], ``y = sign(x) *
+  sqrt(|x|)``, ``code = round_half_even(127 * y)`` as int8 in [-127, 127]; decode ``y = code / 127``,
   ``s = y * |y| * absmax``.
-* **unsigned** (second moments, >= 0): ``x = s / absmax`` in [0, 1], ``y = x ** (1/4)``,
-  ``code = round_half_away(255 * y)`` as uint8; decode ``y = code / 255``, ``s = (y * y) ** 2 * absmax``.
+* **unsigned** (second moments, >= 0): ``x = sqrt(s) * RN(1 / sqrt(absmax))`` in [0, 1], ``y =
+  sqrt(x)`` (= ``(s / absmax) ** (1/4)``), ``code = round_half_even(255 * y)`` as uint8; decode ``y =
+  code / 255``, ``s = (y * y) ** 2 * absmax``.
+
+Square-root inputs are floored at :data:`SQRT_FLOOR` (2**-100) and scales at :data:`SCALE_FLOOR`
+(codes unaffected: the smallest non-zero code needs 1.5e-11 of the block maximum).
 
 Why these: companding spends the 8 bits where optimizer states live (many values far below the
 block maximum), like bitsandbytes' dynamic-tree code (Dettmers et al., "8-bit Optimizers via
@@ -22,14 +26,25 @@ first moment is not (the failure that makes 8-bit Adam explode). Measured on the
 cosine 0.99986, against 0.023 / 0.99976 for bitsandbytes' AdamW8bit (see ``benchmarks/codec_study.py``).
 
 Exactness contract: the Triton helpers below and the PyTorch reference perform the same fp32
-operations in the same order with correctly rounded division and square root (``tl.div_rn``,
-``tl.sqrt_rn``), and launchers disable FMA contraction, so both store identical codes.
+operations in the same order, and launchers disable FMA contraction, so both store identical codes.
+Every reciprocal and square root is correctly rounded. On the GPU they are branch-free
+(:func:`rcp_rn`, :func:`div_rn_fast`, :func:`sqrt_rn_fast`): the exact instruction sequences of
+ptxas' IEEE ``div.rn.f32`` / ``sqrt.rn.f32`` fast paths (one MUFU op, then FMA Newton/Markstein
+steps; pinned by ``tests/test_kernels_sass.py``) without the per-element range check and slow-path
+``CALL``, which only inputs outside the ranges used here would take. Under the interpreter the same
+steps start from numpy's correctly rounded values and are checked against torch for every fp32
+significand (``tests/test_codec.py``). Scaling by a per-block reciprocal (not a per-element quotient)
+and rounding ties to even with the magic number ``1.5 * 2**23`` (one FADD) make a code differ from
+the exact-quotient, round-half-away code of earlier versions by one step on ~1e-6 of elements.
+Cost (sm_90 SASS, aligned): quantize 46.5 -> 19.2 instructions per element, no slow-path ``CALL``.
 
 This file holds, in order: Triton device helpers (imported by every fused optimizer kernel), the
 standalone quantize/dequantize Triton kernels, their PyTorch reference, and the launchers.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -51,6 +66,19 @@ __all__ = [
     "encode_unsigned",
     "decode_unsigned",
     "sqrt_rn_reference",
+    "sqrt_floor_reference",
+    "block_scale_rcp_reference",
+    "encode_unsigned_roots_reference",
+    "rcp_rn",
+    "div_rn_fast",
+    "sqrt_rn_fast",
+    "sqrt_floor",
+    "round_to_int",
+    "block_scale_rcp",
+    "encode_signed_scaled",
+    "encode_unsigned_roots",
+    "SQRT_FLOOR",
+    "SCALE_FLOOR",
 ]
 
 BLOCK_SIZE = 256
@@ -62,6 +90,25 @@ MIN_QUANTIZED_NUMEL = 4096
 SIGNED_LEVELS = 127.0
 UNSIGNED_LEVELS = 255.0
 
+SQRT_FLOOR = 2.0 ** -100
+"""Inputs of every square root are floored here (``sqrt(max(x, SQRT_FLOOR))``): keeps the branch-free
+square root in its exact range (``>= 2**-101``). Codes never see it (the smallest non-zero code needs
+``x >= 1.5e-11`` of its block maximum); AdamW's denominator sees ``sqrt(v) >= 2**-50 = 8.9e-16``."""
+
+SCALE_FLOOR = 2.0 ** -126
+"""Block scales are floored at the smallest normal fp32 before their reciprocal (exact range of
+:func:`rcp_rn`); a block whose absmax is below it is all but zero."""
+
+MAGIC_ROUND = 12582912.0
+"""``1.5 * 2**23``: ``(y + MAGIC_ROUND) - MAGIC_ROUND`` is ``y`` rounded to nearest, ties to even."""
+
+_SQRT_FLOOR = tl.constexpr(SQRT_FLOOR)
+_SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
+_MAGIC = tl.constexpr(MAGIC_ROUND)
+_MAGIC_BITS = tl.constexpr(0x4B400000)
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+"""Read once at import, like triton itself: the interpreter cannot run inline PTX (:func:`_rcp_approx`)."""
+
 
 def num_blocks(numel: int, block_size: int = BLOCK_SIZE) -> int:
     """Number of quantization blocks (one fp32 scale each) for a tensor of ``numel`` elements."""
@@ -69,24 +116,106 @@ def num_blocks(numel: int, block_size: int = BLOCK_SIZE) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton device helpers: called from inside fused kernels. ``x`` is fp32, ``absmax`` fp32 (> 0 or 0).
+# Triton device helpers: called from inside fused kernels. ``x`` is fp32, ``absmax`` fp32 (>= 0).
 # --------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _safe_scale(absmax):
-    return tl.where(absmax > 0.0, absmax, 1.0)
+def _rcp_approx(b):
+    """An approximation of ``1 / b`` for the refinements below: on the GPU the raw ``MUFU.RCP``
+    (``rcp.approx.ftz.f32``, max error 1 ulp), under the interpreter the numpy quotient."""
+    if _INTERPRETED:
+        return 1.0 / b
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def rcp_rn(b):
+    """Correctly rounded fp32 ``1 / b`` for normal ``|b|`` in ``[2**-126, 2**126]``, branch-free.
+
+    ``y = rcp(b); e = fma(-b, y, 1); y = fma(y, e, y); r = fma(-b, y, 1); y = fma(r, y, y)``: the
+    instruction sequence ptxas emits for the fast path of ``div.rn.f32(1, b)`` (MUFU.RCP, two FFMA of
+    Newton refinement, the Markstein residual and correction), which PTX specifies as IEEE-754
+    correctly rounded; the slow path (``FCHK`` + ``CALL``) only serves operands outside this range.
+    Markstein (IBM J. Res. Dev. 34(1), 1990): with ``y`` = RN(1/b) and the exact FMA residual, the
+    last step returns RN(1/b). The interpreter starts from the numpy quotient RN(1/b) itself (checked
+    for every fp32 significand by ``tests/test_codec.py``). Mirrored by torch's ``1 / b``.
+    """
+    y = _rcp_approx(b)
+    e = tl.fma(-b, y, 1.0)
+    y = tl.fma(y, e, y)
+    r = tl.fma(-b, y, 1.0)
+    return tl.fma(r, y, y)
+
+
+@triton.jit
+def div_rn_fast(a, b):
+    """Correctly rounded fp32 ``a / b``, branch-free, when ``b`` and ``a / b`` are normal (or ``a == 0``).
+
+    The fast path of ptxas' ``div.rn.f32``: ``y`` = refined reciprocal (as in :func:`rcp_rn`), ``q = a
+    * y``, ``r = fma(-b, q, a)`` (exact), ``q = fma(r, y, q)`` = RN(a / b) by Markstein's theorem.
+    Mirrored by torch's ``a / b``.
+    """
+    y = _rcp_approx(b)
+    e = tl.fma(-b, y, 1.0)
+    y = tl.fma(y, e, y)
+    q = a * y
+    r = tl.fma(-b, q, a)
+    return tl.fma(r, y, q)
+
+
+@triton.jit
+def sqrt_rn_fast(x):
+    """Correctly rounded fp32 ``sqrt(x)`` for ``x`` in ``[2**-101, FLT_MAX]``, branch-free.
+
+    ``s = rsqrt(x); y = x * s; r = fma(-y, y, x); y = fma(r, s / 2, y)``: the instruction sequence
+    ptxas emits for the fast path of ``sqrt.rn.f32`` (MUFU.RSQ, residual, one correction), which PTX
+    specifies as correctly rounded; the slow path (a branch and a ``CALL``) only serves inputs below
+    ``2**-101``, zero, negative, infinite or NaN. Callers floor their input at :data:`SQRT_FLOOR`. Under
+    the interpreter ``rsqrt`` is ``1 / np.sqrt`` (checked for every fp32 significand and both exponent
+    parities by ``tests/test_codec.py``). Mirrored by :func:`sqrt_rn_reference`.
+    """
+    s = tl.math.rsqrt(x)
+    y = x * s
+    r = tl.fma(-y, y, x)
+    return tl.fma(r, s * 0.5, y)
+
+
+@triton.jit
+def sqrt_floor(x):
+    """``sqrt(max(x, SQRT_FLOOR))`` correctly rounded (the square root every kernel of the package uses)."""
+    return sqrt_rn_fast(tl.maximum(x, _SQRT_FLOOR))
+
+
+@triton.jit
+def round_to_int(y):
+    """fp32 ``y`` (``|y| < 2**22``) rounded to the nearest integer, ties to even, as int32: the magic
+    number ``1.5 * 2**23`` added in fp32 leaves ``round(y)`` in the low mantissa bits (one FADD, and
+    the int8/uint8 store keeps the low byte). Mirrored by ``torch.round``."""
+    return (y + _MAGIC).to(tl.int32, bitcast=True) - _MAGIC_BITS
+
+
+@triton.jit
+def block_scale_rcp(absmax):
+    """``RN(1 / max(absmax, SCALE_FLOOR))``: the reciprocal a block's values are multiplied by before
+    encoding (computed on the absmax's own shape, i.e. once per block and thread, not per element)."""
+    return rcp_rn(tl.maximum(absmax, _SCALE_FLOOR))
+
+
+@triton.jit
+def encode_signed_scaled(x, inv_absmax):
+    """fp32 values -> int8 codes of the signed code, given :func:`block_scale_rcp` of the block absmax."""
+    r = x * inv_absmax
+    y = sqrt_floor(tl.abs(r)) * 127.0
+    return round_to_int(tl.where(r < 0.0, -y, y)).to(tl.int8)
 
 
 @triton.jit
 def encode_signed(x, absmax):
     """fp32 values -> int8 codes of the signed code, given the block absmax (broadcastable)."""
-    r = tl.div_rn(x, _safe_scale(absmax))
-    y = tl.sqrt_rn(tl.abs(r)) * 127.0
-    q = tl.floor(y + 0.5)
-    q = tl.minimum(q, 127.0)
-    q = tl.where(r < 0.0, -q, q)
-    return q.to(tl.int8)
+    return encode_signed_scaled(x, block_scale_rcp(absmax))
 
 
 @triton.jit
@@ -97,13 +226,18 @@ def decode_signed(code, absmax):
 
 
 @triton.jit
+def encode_unsigned_roots(root, inv_root_max):
+    """uint8 codes of the unsigned code from ``root`` = :func:`sqrt_floor` of the values and
+    ``inv_root_max`` = :func:`rcp_rn` of the block's largest root (a kernel that already needs
+    ``sqrt(v)``, as AdamW's denominator does, reuses it: one square root per element, not two)."""
+    y = sqrt_floor(root * inv_root_max) * 255.0
+    return round_to_int(y).to(tl.uint8)
+
+
+@triton.jit
 def encode_unsigned(x, absmax):
     """fp32 values (>= 0) -> uint8 codes of the unsigned code."""
-    r = tl.div_rn(x, _safe_scale(absmax))
-    y = tl.sqrt_rn(tl.sqrt_rn(tl.maximum(r, 0.0))) * 255.0
-    q = tl.floor(y + 0.5)
-    q = tl.minimum(q, 255.0)
-    return q.to(tl.uint8)
+    return encode_unsigned_roots(sqrt_floor(x), rcp_rn(sqrt_floor(absmax)))
 
 
 @triton.jit
@@ -189,11 +323,24 @@ def sqrt_rn_reference(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.to(torch.float64)).to(torch.float32)
 
 
+def sqrt_floor_reference(x: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`sqrt_floor`: correctly rounded ``sqrt(max(x, SQRT_FLOOR))``."""
+    return sqrt_rn_reference(x.clamp(min=SQRT_FLOOR))
+
+
+def block_scale_rcp_reference(absmax: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`block_scale_rcp`: ``1 / max(absmax, SCALE_FLOOR)`` (IEEE division, as the kernel)."""
+    return 1.0 / absmax.clamp(min=SCALE_FLOOR)
+
+
 def encode_signed_reference(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """Reference of :func:`encode_signed`: fp32 ``x`` and broadcastable ``absmax`` -> int8 codes."""
-    r = x / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    q = torch.floor(sqrt_rn_reference(r.abs()) * SIGNED_LEVELS + 0.5).clamp_(max=SIGNED_LEVELS)
-    return torch.where(r < 0, -q, q).to(torch.int8)
+    """Reference of :func:`encode_signed`: fp32 ``x`` and broadcastable ``absmax`` -> int8 codes.
+
+    ``code = round_half_even(127 * sign(r) * sqrt(|r|))`` with ``r = x * RN(1 / absmax)``: never above
+    127 in magnitude (``|r| <= (1 + 2**-24)**2``, so ``127 * sqrt(|r|) < 127.5``)."""
+    r = x * block_scale_rcp_reference(absmax)
+    y = sqrt_floor_reference(r.abs()) * SIGNED_LEVELS
+    return torch.round(torch.where(r < 0, -y, y)).to(torch.int8)
 
 
 def decode_signed_reference(code: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -202,11 +349,15 @@ def decode_signed_reference(code: torch.Tensor, absmax: torch.Tensor) -> torch.T
     return y * y.abs() * absmax
 
 
+def encode_unsigned_roots_reference(root: torch.Tensor, inv_root_max: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`encode_unsigned_roots`: ``round_half_even(255 * sqrt(root * inv_root_max))``."""
+    return torch.round(sqrt_floor_reference(root * inv_root_max) * UNSIGNED_LEVELS).to(torch.uint8)
+
+
 def encode_unsigned_reference(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """Reference of :func:`encode_unsigned`: fp32 ``x`` >= 0 -> uint8 codes."""
-    r = x / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    y = sqrt_rn_reference(sqrt_rn_reference(r.clamp(min=0.0))) * UNSIGNED_LEVELS
-    return torch.floor(y + 0.5).clamp_(max=UNSIGNED_LEVELS).to(torch.uint8)
+    """Reference of :func:`encode_unsigned`: fp32 ``x`` >= 0 -> uint8 codes, ``round_half_even(255 *
+    sqrt(sqrt(x) * RN(1 / sqrt(absmax))))`` (square roots of inputs floored at :data:`SQRT_FLOOR`)."""
+    return encode_unsigned_roots_reference(sqrt_floor_reference(x), 1.0 / sqrt_floor_reference(absmax))
 
 
 def decode_unsigned_reference(code: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:

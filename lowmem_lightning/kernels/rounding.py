@@ -16,7 +16,9 @@ and a run is reproducible from its seed. Optimizers derive ``seed`` from the ste
   (the Triton interpreter's own bf16 cast truncates, the GPU's rounds: integers agree everywhere).
 * fp16 (exact SR): take the two fp16 neighbours ``lo <= |x| <= hi`` (round to nearest, then step one
   code down or up), and pick ``hi`` when ``u < (|x| - lo) / (hi - lo)``, ``u`` uniform in [0, 1). The
-  difference and the division by a power of two are exact in fp32, so both sides agree bit for bit.
+  difference and the division by a power of two are exact in fp32, so both sides agree bit for bit
+  (the kernel multiplies by the reciprocal built from the exponent bits: the same exact quotient,
+  without a per-element ``div_rn`` and its slow-path call).
 
 File order: Triton helpers, PyTorch reference.
 """
@@ -114,6 +116,12 @@ def _to_bf16(x, offs, seed, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
+def _pow2_reciprocal(d):
+    """``1 / d`` for a normal fp32 power of two ``d`` (exact, from the exponent bits: no division)."""
+    return (0x7F000000 - d.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _to_fp16(x, offs, seed, STOCHASTIC: tl.constexpr):
     if STOCHASTIC:
         a = tl.abs(x)
@@ -123,7 +131,7 @@ def _to_fp16(x, offs, seed, STOCHASTIC: tl.constexpr):
         other = tl.where(near32 > a, near_bits - 1, near_bits + 1).to(tl.float16, bitcast=True).to(tl.float32)
         lo = tl.minimum(near32, other)
         hi = tl.maximum(near32, other)
-        p = tl.div_rn(a - lo, hi - lo)
+        p = (a - lo) * _pow2_reciprocal(hi - lo)  # == (a - lo) / (hi - lo), exact: a power-of-two divisor
         r = tl.where(hash_uniform(offs, seed) < p, hi, lo)
         r = tl.where(near32 == a, a, r)
         return tl.where(x < 0.0, -r, r).to(tl.float16)
