@@ -21,7 +21,11 @@ merge, and only the merged layers become dense.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import sys
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -475,13 +479,43 @@ def mark_loaded_in_4bit(model: nn.Module) -> nn.Module:
     then enables input gradients and gradient checkpointing, and ``PeftModel`` leaves them to it.
     Returns ``model``.
 
-    The flag is true only while ``model`` holds a 4-bit :class:`Linear4bit`: once ``merge_and_unload``
-    made every one dense it is false, because transformers reads it too: ``num_parameters()`` (the HF
-    ``Trainer``'s FLOP count, ``save_pretrained`` of a sharded checkpoint) imports bitsandbytes when it
-    is true, which fails where bitsandbytes is not installed.
+    The flag is true only while ``model`` holds a 4-bit :class:`Linear4bit` (once ``merge_and_unload``
+    made every one dense it is false) *and* bitsandbytes can be imported: transformers reads the flag
+    too, and its ``num_parameters()`` (the HF ``Trainer``'s FLOP count at every step, ``save_pretrained``
+    of a sharded checkpoint) imports bitsandbytes when it is true. Without bitsandbytes the flag is
+    false, so those keep working, and the first read warns once that ``prepare_model_for_kbit_training``
+    will then not enable gradient checkpointing and input gradients (call
+    ``model.gradient_checkpointing_enable()`` and ``model.enable_input_require_grads()`` yourself).
     """
     model.is_loaded_in_4bit = LoadedIn4bit(model)
     return model
+
+
+def _bitsandbytes_importable() -> bool:
+    """Whether ``import bitsandbytes`` would succeed (it is not imported). Warns once when not:
+    transformers' ``num_parameters()`` imports it for a model marked 4-bit."""
+    if "bitsandbytes" in sys.modules:
+        found = sys.modules["bitsandbytes"] is not None
+    else:
+        found = _bitsandbytes_installed()
+    if not found and not _WARNED_NO_BITSANDBYTES:
+        _WARNED_NO_BITSANDBYTES.append(True)
+        warnings.warn(
+            "lowmem_lightning: model.is_loaded_in_4bit reads False because bitsandbytes is not installed "
+            "(transformers' num_parameters(), which the HF Trainer calls every step, imports it for 4-bit "
+            "models). peft.prepare_model_for_kbit_training therefore does not enable gradient checkpointing: "
+            "call model.gradient_checkpointing_enable() and model.enable_input_require_grads() yourself.",
+            stacklevel=3,
+        )
+    return found
+
+
+_WARNED_NO_BITSANDBYTES: list[bool] = []
+
+
+@functools.cache
+def _bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 class LoadedIn4bit:
@@ -494,7 +528,9 @@ class LoadedIn4bit:
         self._model = model
 
     def __bool__(self) -> bool:
-        return any(isinstance(m, Linear4bit) and m.is_quantized for m in self._model.modules())
+        if not any(isinstance(m, Linear4bit) and m.is_quantized for m in self._model.modules()):
+            return False
+        return _bitsandbytes_importable()
 
     def __eq__(self, other) -> bool:
         return bool(self) == other
