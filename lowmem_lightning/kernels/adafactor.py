@@ -14,7 +14,7 @@ are factored); ``g`` is its gradient, ``p`` the param::
     d     = max(1, rms(u) / clip_threshold)                   update clipping
     rel   = min(1e-6 * t if warmup_init else 1e-2, 1 / sqrt(t))   if relative_step, else lr
     lr_t  = rel * max(eps2, rms(p))   if scale_parameter, else rel    (rms(p) before the update)
-    u     = u / d * lr_t
+    u     = u * (lr_t / d)                                    (lr_t / d: one scalar quotient)
     m     = beta1 * m + (1 - beta1) * u;  u = m                 when beta1 is set
     p     = p + p * (-weight_decay * lr_t) - u
 
@@ -58,6 +58,7 @@ from .factored import (
     block_direction,
     clip_divisor_reference,
     copy_back,
+    index_args,
     inv_sqrt_reference,
     launch_scalars,
     launch_second_moment,
@@ -85,14 +86,16 @@ def adafactor_update_kernel(
     m_ptr,
     absmax_ptr,
     v_ptr,
-    vc_ptr,
-    rmean_ptr,
+    cf_ptr,
     scal_ptr,
     flag_ptr,
     step_ptr,
     n,
-    R,
     C,
+    inv_c_hi,
+    inv_c_lo,
+    inv_r_hi,
+    inv_r_lo,
     beta1,
     one_minus_beta1,
     weight_decay,
@@ -102,11 +105,16 @@ def adafactor_update_kernel(
     BLOCK: tl.constexpr,
 ):
     """The update (pass 5): one codec block of ``BLOCK`` (= 256) elements per program. ``u`` from the
-    statistics, ``u = u / d * lr_t`` (``scal = [lr_t, d]``), momentum (``MOMENTUM``: 0 none, 1 fp32, 2 int8
-    codes), weight decay, the param stored with stochastic rounding."""
-    pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, vc_ptr, rmean_ptr, flag_ptr, n, R, C, FACTORED, BLOCK)
+    statistics (factored: ``v_ptr``/``cf_ptr`` hold the row/column factors ``rf``/``cf``; flat: ``v``),
+    ``u = u * (lr_t / d)`` (``scal = [lr_t, d, 1 / d, lr_t / d]``: no division per element), momentum
+    (``MOMENTUM``: 0 none, 1 fp32, 2 int8 codes), weight decay, the param stored with stochastic
+    rounding. Exactness: the only per-element root/division left is the flat path's ``inv_sqrt``
+    (correctly rounded, branch-free, see :func:`.factored.inv_sqrt`), so the compiled kernel, the
+    interpreter and the reference compute the same fp32 values."""
+    pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
+                                                 inv_r_hi, inv_r_lo, FACTORED, BLOCK)
     lr_t = tl.load(scal_ptr)
-    u = tl.div_rn(u, tl.load(scal_ptr + 1)) * lr_t
+    u = u * tl.load(scal_ptr + 3)
     if MOMENTUM != 0:
         u = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, MOMENTUM == 2)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -176,7 +184,8 @@ def adafactor_direction_reference(
     reduce=None,
 ) -> tuple[torch.Tensor, ...]:
     """First half of :func:`adafactor_reference`: returns ``(v, vc, u, lr_t)``, the new statistics, the
-    clipped and scaled update ``u = u / d * lr_t`` (fp32, the param's layout) and the step size."""
+    clipped and scaled update ``u = u * (lr_t / d)`` (fp32, the param's layout; one rounded quotient of
+    two scalars, which the kernels multiply by) and the step size."""
     lr, eps1, eps2, clip, decay, beta1, omb1, weight_decay, sqrt_n, tensor_index = hp.unbind()
     ok = flag != 0
     g = grad.to(torch.float32)
@@ -192,7 +201,7 @@ def adafactor_direction_reference(
         p = param.to(torch.float32)
         rel = torch.maximum(eps2, torch.sqrt(total_square_sum_reference(p, reduce)) / sqrt_n) * rel
     lr_t = rel
-    return v, vc, u / d * lr_t, lr_t
+    return v, vc, u * (lr_t / d), lr_t
 
 
 def adafactor_apply_reference(
@@ -319,7 +328,7 @@ def adafactor_update(
 
 def _launch(work, g, v, vc, m, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
             weight_decay, scale_parameter, relative_step, warmup_init, tensor_index) -> None:
-    rmean, usq_part, psq_part = launch_second_moment(
+    rf, cf, usq_part, psq_part = launch_second_moment(
         work, g, v, vc, step, flag, eps[0], decay_rate, 0.0, True, scale_parameter
     )
     n = work.numel()
@@ -327,11 +336,12 @@ def _launch(work, g, v, vc, m, absmax, step, flag, elr, lr, eps, clip_threshold,
                           relative_step, warmup_init, scale_parameter)
     R, C = (work.shape[1], work.shape[2]) if vc is not None else (1, 1)
     momentum = 0 if m is None else (2 if absmax is not None else 1)
+    b1 = 0.0 if beta1 is None else float(beta1)
     adafactor_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-        work, g, flag if m is None else m, flag if absmax is None else absmax, v, v if vc is None else vc,
-        rmean if vc is not None else v, scal, flag, step, n, R, C, 0.0 if beta1 is None else float(beta1),
-        1.0 - (0.0 if beta1 is None else float(beta1)), float(weight_decay), int(tensor_index),
-        FACTORED=vc is not None, MOMENTUM=momentum, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP, enable_fp_fusion=False,
+        work, g, flag if m is None else m, flag if absmax is None else absmax, v if rf is None else rf,
+        v if cf is None else cf, scal, flag, step, n, C, *index_args(R, C), b1, 1.0 - b1, float(weight_decay),
+        int(tensor_index), FACTORED=vc is not None, MOMENTUM=momentum, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP,
+        enable_fp_fusion=False,
     )
 
 

@@ -7,7 +7,7 @@ the semantics of the authors' ``came-pytorch``), all in fp32. A tensor of >= 2 d
     q   = g * g + eps1
     vr  = b2 * vr + (1 - b2) * mean_C(q);   vc = b2 * vc + (1 - b2) * mean_R(q)
     u   = (1 / sqrt(vr / mean_R(vr)))[:, None] * (1 / sqrt(vc))[None, :] * g
-    u   = u / max(1, rms(u) / clip_threshold)
+    u   = u * (1 / max(1, rms(u) / clip_threshold))          (one scalar reciprocal)
     m   = b1 * m + (1 - b1) * u
     s   = (u - m) ** 2 + eps2                                  instability, never stored full size
     sr  = b3 * sr + (1 - b3) * mean_C(s);   sc = b3 * sc + (1 - b3) * mean_R(s)
@@ -44,7 +44,6 @@ from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, decode_signed
 from .dispatch import cpu_compiled, per_layout, scalar_args, update_backend
 from .factored import (
-    FINALIZE_BLOCK,
     INT_TYPES,
     ONE_WARP,
     TILES,
@@ -57,14 +56,14 @@ from .factored import (
     factored_scale_reference,
     factored_stats_reference,
     factored_u,
-    inv_sqrt,
+    index_args,
+    launch_finalize,
     launch_scalars,
     launch_second_moment,
     momentum_block,
     momentum_update_reference,
     row_tile,
     second_moment_reference,
-    sq_finalize_kernel,
     state_views,
     store_row_ema,
     tile_shape,
@@ -85,9 +84,8 @@ def _res_stats_kernel(
     g_ptr,
     m_ptr,
     absmax_ptr,
-    vr_ptr,
-    vc_ptr,
-    rmean_ptr,
+    rf_ptr,
+    cf_ptr,
     scal_ptr,
     sr_ptr,
     colpart_ptr,
@@ -105,16 +103,18 @@ def _res_stats_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # program = BLOCK_R rows of batch b over all columns: row sums of s (+ row EMA), column partials
+    """Instability statistics: program = ``BLOCK_R`` rows of batch ``b`` over all columns; ``u = ((rf * cf)
+    * g) * (1 / d)`` and the new momentum in registers, row sums of ``s = (u - m)^2 + eps2`` (+ row
+    EMA ``sr``) and column partials. Multiplies only (``rf``, ``cf``, ``1 / d`` precomputed)."""
     pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
-    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=rmask, other=1.0), tl.load(rmean_ptr + b)))
-    d = tl.load(scal_ptr + 1)
+    rf = tl.load(rf_ptr + grow, mask=rmask, other=0.0)
+    inv_d = tl.load(scal_ptr + 2)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols, cmask, m2, offs = col_tile(grow, rmask, c0, C, BLOCK_C)
         g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        cf = inv_sqrt(tl.load(vc_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=1.0))
-        u = tl.div_rn((rf[:, None] * cf[None, :]) * g, d)
+        cf = tl.load(cf_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=0.0)
+        u = ((rf[:, None] * cf[None, :]) * g) * inv_d
         if QUANTIZED:
             old = decode_signed(tl.load(m_ptr + offs, mask=m2, other=0),
                                 tl.load(absmax_ptr + offs // 256, mask=m2, other=0.0))
@@ -134,17 +134,18 @@ def _came_update_kernel(
     m_ptr,
     absmax_ptr,
     v_ptr,
-    vc_ptr,
-    rmean_ptr,
-    sr_ptr,
-    sc_ptr,
-    smean_ptr,
+    cf_ptr,
+    srf_ptr,
+    scf_ptr,
     scal_ptr,
     flag_ptr,
     step_ptr,
     n,
-    R,
     C,
+    inv_c_hi,
+    inv_c_lo,
+    inv_r_hi,
+    inv_r_lo,
     beta1,
     one_minus_beta1,
     weight_decay,
@@ -154,12 +155,16 @@ def _came_update_kernel(
     QUANTIZED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # one codec block of BLOCK (= 256) elements per program
-    pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, vc_ptr, rmean_ptr, flag_ptr, n, R, C, FACTORED, BLOCK)
-    u = tl.div_rn(u, tl.load(scal_ptr + 1))
+    """One codec block of ``BLOCK`` (= 256) elements per program: ``u`` (factored: ``v_ptr``/``cf_ptr``
+    the second-moment factors; flat: ``v``) times ``1 / d``, the momentum (stored), the confidence
+    factors ``srf``/``scf`` of the instability statistics applied to ``m``, weight decay, the param.
+    No per-element division; the flat path's ``inv_sqrt`` is correctly rounded and branch-free."""
+    pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
+                                                 inv_r_hi, inv_r_lo, FACTORED, BLOCK)
+    u = u * tl.load(scal_ptr + 2)
     m = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, QUANTIZED)
     if FACTORED:
-        upd = factored_u(m, offs, mask, sr_ptr, sc_ptr, smean_ptr, R, C)
+        upd = factored_u(m, offs, mask, srf_ptr, scf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
     else:
         upd = m
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -228,7 +233,7 @@ def came_direction_reference(
     ok = flag != 0
     g = grad.to(torch.float32)
     v, vc, u = second_moment_reference(g, v, vc, eps1, beta2, omb2, ok, reduce)
-    return v, vc, u / clip_divisor_reference(u, sqrt_n, clip, reduce)
+    return v, vc, u * (1.0 / clip_divisor_reference(u, sqrt_n, clip, reduce))
 
 
 def came_finish_reference(
@@ -356,31 +361,27 @@ def came_update(
 def _launch(work, g, v, vc, sr, sc, m, absmax, step, flag, lr, eps, clip_threshold, betas, weight_decay,
             tensor_index) -> None:
     beta1, beta2, beta3 = (float(b) for b in betas)
-    rmean, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, eps[0], beta2, 1.0 - beta2, False, False)
+    rf, cf, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, eps[0], beta2, 1.0 - beta2, False, False)
     n = work.numel()
     scal = launch_scalars(usq_part, None, step, None, n, clip_threshold, lr, eps[1], False, False, False)
     quantized = absmax is not None
-    smean = rmean
     R = C = 1
+    srf = scf = None
     if vc is not None:
         B, R, C = work.shape
         block_r, block_c = tile_shape(C)
         n_rt = triton.cdiv(R, block_r)
         colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=work.device)
         rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=work.device)
-        smean = torch.empty(B, dtype=torch.float32, device=work.device)
         _res_stats_kernel[(B * n_rt,)](
-            g, m, flag if absmax is None else absmax, v, vc, rmean, scal, sr, colpart, rsum_part, flag, R, C, n_rt,
+            g, m, flag if absmax is None else absmax, rf, cf, scal, sr, colpart, rsum_part, flag, R, C, n_rt,
             beta1, 1.0 - beta1, beta3, 1.0 - beta3, float(eps[1]), QUANTIZED=quantized, BLOCK_R=block_r,
             BLOCK_C=block_c, enable_fp_fusion=False,
         )
-        sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
-            colpart, sc, rsum_part, smean, flag, step, beta3, 1.0 - beta3, 0, R, C, n_rt, BLOCK=FINALIZE_BLOCK,
-            num_warps=ONE_WARP, enable_fp_fusion=False,
-        )
+        srf, scf = launch_finalize(colpart, sc, sr, rsum_part, flag, step, beta3, 1.0 - beta3, False, n_rt)
     _came_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-        work, g, m, flag if absmax is None else absmax, v, v if vc is None else vc, v if vc is None else rmean,
-        v if sr is None else sr, v if sc is None else sc, v if vc is None else smean, scal, flag, step, n, R, C,
+        work, g, m, flag if absmax is None else absmax, v if rf is None else rf, v if cf is None else cf,
+        v if srf is None else srf, v if scf is None else scf, scal, flag, step, n, C, *index_args(R, C),
         beta1, 1.0 - beta1, float(weight_decay), float(lr), int(tensor_index),
         FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP, enable_fp_fusion=False,
     )

@@ -36,14 +36,19 @@ from .codec import (
     decode_signed,
     decode_signed_reference,
     dequantize_reference,
+    div_rn_fast,
     encode_signed,
     encode_signed_reference,
     quantize_reference,
+    rcp_rn,
+    sqrt_rn_fast,
+    sqrt_rn_reference,
 )
 from .rounding import masked_reference
 
 __all__ = ["TILES", "ONE_WARP", "tile_shape", "factored_shape", "state_views", "copy_back", "as_blocks",
-           "launch_second_moment", "launch_scalars", "factored_stats_reference", "factored_scale_reference",
+           "launch_second_moment", "launch_finalize", "launch_scalars", "index_args", "split_reciprocal",
+           "div_rn", "inv_sqrt", "row_of", "factored_stats_reference", "factored_scale_reference",
            "clip_divisor_reference", "momentum_update_reference", "second_moment_reference", "write_back"]
 
 TILE_ELEMENTS = 2048
@@ -88,38 +93,64 @@ def beta_of_step(step, decay, one_minus_decay, beta_from_step):
 
 
 @triton.jit
-def inv_sqrt(x):
-    """``1 / sqrt(max(x, 2**-126))``, correctly rounded division and root (the reference does the same ops).
-
-    The floor (the smallest normal fp32) only acts on an underflowed statistic, e.g. a zero row's
-    ``vr / mean(vr)`` next to a huge row: it caps the factor at ~9.2e18 instead of inf, so a zero
-    gradient times it stays 0 (not NaN)."""
-    return tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(x, 1.1754943508222875e-38)))
+def div_rn(a, b):
+    """``a / b`` correctly rounded and branch-free (:func:`.codec.div_rn_fast`: ``b`` and the quotient
+    normal, or ``a == 0``), and an infinite ``a`` divided as the reference does (the FMA residual of
+    ``inf`` would be NaN): an overflowed row sum gives an infinite statistic and a zero factor, not NaN."""
+    return tl.where(tl.abs(a) <= 3.4028234663852886e38, div_rn_fast(a, b), a * rcp_rn(b))
 
 
 @triton.jit
-def factored_u(g, offs, mask, vr_ptr, vc_ptr, rmean_ptr, R, C):
-    """``u = (rf * cf) * g`` at flat element indices ``offs`` of a ``(B, R, C)`` tensor."""
-    grow = offs // C  # (b * R + r)
-    b = grow // R
-    col = b * C + (offs - grow * C)
-    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=mask, other=1.0), tl.load(rmean_ptr + b, mask=mask, other=1.0)))
-    cf = inv_sqrt(tl.load(vc_ptr + col, mask=mask, other=1.0))
+def inv_sqrt(x):
+    """``1 / sqrt(max(x, 2**-126))``: the IEEE root, then the IEEE reciprocal (the reference does the
+    same two correctly rounded ops), branch-free (:func:`.codec.sqrt_rn_fast`, :func:`.codec.rcp_rn`).
+
+    The floor (the smallest normal fp32) only acts on an underflowed statistic, e.g. a zero row's
+    ``vr / mean(vr)`` next to a huge row: it caps the factor at ~9.2e18 instead of inf, so a zero
+    gradient times it stays 0 (not NaN). Values below ``2**-100`` are scaled by ``2**64`` before the
+    root and the root by ``2**-32`` after (both exact), so the root sees its exact range (``>= 2**-101``)
+    and the reciprocal a normal number in ``[2**-63, 2**64]``."""
+    x = tl.maximum(x, 1.1754943508222875e-38)
+    tiny = x < 7.888609052210118e-31  # 2**-100
+    s = sqrt_rn_fast(tl.where(tiny, x * 18446744073709551616.0, x))
+    return rcp_rn(tl.where(tiny, s * 2.3283064365386963e-10, s))
+
+
+@triton.jit
+def row_of(offs, inv_hi, inv_lo):
+    """``offs // D`` (int64) for element offsets ``0 <= offs < 2**46`` without an integer division:
+    ``floor((offs + 0.5) * (1 / D))`` in fp64, ``1 / D`` passed as two fp32 (``hi + lo``, ~48 bits, see
+    :func:`split_reciprocal`). The half-integer ``offs + 0.5`` is at least ``0.5 / D`` from a multiple of
+    ``D``, and the error, ``< offs * 2**-47 / D``, is smaller."""
+    inv = tl.cast(inv_hi, tl.float64) + tl.cast(inv_lo, tl.float64)
+    return tl.floor((offs.to(tl.float64) + 0.5) * inv).to(tl.int64)
+
+
+@triton.jit
+def factored_u(g, offs, mask, rf_ptr, cf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo):
+    """``u = (rf * cf) * g`` at flat element indices ``offs`` of a ``(B, R, C)`` tensor, with the row
+    factors ``rf`` (``B * R``) and column factors ``cf`` (``B * C``) precomputed by
+    :func:`sq_finalize_kernel`: two gathers and two multiplies per element, no division."""
+    grow = row_of(offs, inv_c_hi, inv_c_lo)  # b * R + r
+    b = row_of(grow, inv_r_hi, inv_r_lo)
+    rf = tl.load(rf_ptr + grow, mask=mask, other=0.0)
+    cf = tl.load(cf_ptr + (b * C + (offs - grow * C)), mask=mask, other=0.0)
     return (rf * cf) * g
 
 
 @triton.jit
-def block_direction(g_ptr, v_ptr, vc_ptr, rmean_ptr, flag_ptr, n, R, C, FACTORED: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo,
+                    FACTORED: tl.constexpr, BLOCK: tl.constexpr):
     """This program's codec block: ``(pid, offs, finite, mask, u)`` with ``u`` the unclipped update,
-    ``(rf * cf) * g`` (factored) or ``g / sqrt(v)``; ``mask`` is empty when the gradient is not finite."""
+    ``(rf * cf) * g`` (factored: ``v_ptr`` holds ``rf``, ``cf_ptr`` ``cf``) or ``g / sqrt(v)`` (``v`` full
+    size); ``mask`` is empty when the gradient is not finite."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     finite = tl.load(flag_ptr) != 0.0
     mask = offs < tl.where(finite, n, 0)  # no element when the gradient is not finite
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FACTORED:
-        u = factored_u(g, offs, mask, v_ptr, vc_ptr, rmean_ptr, R, C)
+        u = factored_u(g, offs, mask, v_ptr, cf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
     else:
         u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
     return pid, offs, finite, mask, u
@@ -168,7 +199,7 @@ def store_row_ema(stat_ptr, rsum_part_ptr, pid, grow, rmask, row_sum, C, beta, o
     """Row statistic ``stat = beta * stat + (1 - beta) * row_sum / C`` (unchanged for a non-finite
     gradient) and this tile's partial sum of the new values (for ``mean_R``)."""
     old = tl.load(stat_ptr + grow, mask=rmask, other=0.0)
-    new = ema(old, tl.div_rn(row_sum, C.to(tl.float32)), beta, one_minus_beta)
+    new = ema(old, div_rn(row_sum, C.to(tl.float32)), beta, one_minus_beta)
     new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
     tl.store(stat_ptr + grow, new, mask=rmask)
     tl.store(rsum_part_ptr + pid, tl.sum(tl.where(rmask, new, 0.0), axis=0))
@@ -224,8 +255,10 @@ def sq_stats_kernel(
 def sq_finalize_kernel(
     colpart_ptr,
     vc_ptr,
+    vr_ptr,
     rsum_part_ptr,
-    rmean_ptr,
+    rf_ptr,
+    cf_ptr,
     flag_ptr,
     step_ptr,
     decay,
@@ -236,35 +269,44 @@ def sq_finalize_kernel(
     n_rt,
     BLOCK: tl.constexpr,
 ):
-    """Pass 2 (factored): column EMA ``vc`` from the partials and ``mean_R(vr)`` per batch (``rmean``).
-    Program ``(b, cc)``: ``BLOCK`` columns of batch ``b``; ``(b, 0)`` also writes ``rmean[b]``."""
+    """Pass 2 (factored): column EMA ``vc`` from the partials, then the factors the later passes
+    multiply by: ``cf = 1 / sqrt(vc)`` (``B * C``) and ``rf = 1 / sqrt(vr / mean_R(vr))`` (``B * R``).
+    Program ``(b, j)``: columns and rows ``j * BLOCK ..`` of batch ``b``; each program sums the row
+    partials of its batch itself (same loads, same order: every program gets the same ``mean_R``), so
+    no pass waits for another. Per row and column only (O(R + C) work): the per-element passes are
+    left with multiplies."""
     b = tl.program_id(0)
-    cc = tl.program_id(1)
-    cols = cc * BLOCK + tl.arange(0, BLOCK)
-    cmask = cols < C
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for rt in range(0, n_rt):
-        acc += tl.load(colpart_ptr + (b * n_rt + rt).to(tl.int64) * C + cols, mask=cmask, other=0.0)
-    beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
-    cidx = b.to(tl.int64) * C + cols
-    old = tl.load(vc_ptr + cidx, mask=cmask, other=0.0)
-    new = ema(old, tl.div_rn(acc, R.to(tl.float32)), beta, omb)
-    new = tl.where(tl.load(flag_ptr) != 0.0, new, old)
-    tl.store(vc_ptr + cidx, new, mask=cmask)
-    if cc == 0:
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        for r0 in range(0, n_rt, BLOCK):
-            idx = r0 + tl.arange(0, BLOCK)
-            total += tl.load(rsum_part_ptr + b * n_rt + idx, mask=idx < n_rt, other=0.0)
-        tl.store(rmean_ptr + b, tl.div_rn(tl.sum(total, axis=0), R.to(tl.float32)))
+    j = tl.program_id(1)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for r0 in range(0, n_rt, BLOCK):
+        idx = r0 + tl.arange(0, BLOCK)
+        total += tl.load(rsum_part_ptr + b * n_rt + idx, mask=idx < n_rt, other=0.0)
+    rmean = div_rn(tl.sum(total, axis=0), R.to(tl.float32))
+    finite = tl.load(flag_ptr) != 0.0
+    cols = j * BLOCK + tl.arange(0, BLOCK)
+    if j * BLOCK < C:
+        cmask = cols < C
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for rt in range(0, n_rt):
+            acc += tl.load(colpart_ptr + (b * n_rt + rt).to(tl.int64) * C + cols, mask=cmask, other=0.0)
+        beta, omb = beta_of_step(tl.load(step_ptr), decay, one_minus_decay, beta_from_step)
+        cidx = b.to(tl.int64) * C + cols
+        old = tl.load(vc_ptr + cidx, mask=cmask, other=0.0)
+        new = tl.where(finite, ema(old, div_rn(acc, R.to(tl.float32)), beta, omb), old)
+        tl.store(vc_ptr + cidx, new, mask=cmask)
+        tl.store(cf_ptr + cidx, inv_sqrt(new), mask=cmask)
+    if j * BLOCK < R:
+        rmask = cols < R
+        ridx = b.to(tl.int64) * R + cols
+        vr = tl.load(vr_ptr + ridx, mask=rmask, other=1.0)
+        tl.store(rf_ptr + ridx, inv_sqrt(div_rn(vr, rmean)), mask=rmask)
 
 
 @triton.jit
 def clip_stats_kernel(
     g_ptr,
-    vr_ptr,
-    vc_ptr,
-    rmean_ptr,
+    rf_ptr,
+    cf_ptr,
     usq_part_ptr,
     R,
     C,
@@ -274,12 +316,12 @@ def clip_stats_kernel(
 ):
     """Pass 3 (factored): partial sums of ``u^2``, ``u = (rf * cf) * g``, one per tile of ``BLOCK_R`` rows."""
     pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
-    rf = inv_sqrt(tl.div_rn(tl.load(vr_ptr + grow, mask=rmask, other=1.0), tl.load(rmean_ptr + b)))
+    rf = tl.load(rf_ptr + grow, mask=rmask, other=0.0)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols, cmask, m2, offs = col_tile(grow, rmask, c0, C, BLOCK_C)
         g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        cf = inv_sqrt(tl.load(vc_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=1.0))
+        cf = tl.load(cf_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=0.0)
         u = tl.where(m2, (rf[:, None] * cf[None, :]) * g, 0.0)
         acc += tl.sum(u * u, axis=1)
     tl.store(usq_part_ptr + pid, tl.sum(acc, axis=0))
@@ -338,9 +380,9 @@ def scalars_kernel(
     write_elr,
     BLOCK: tl.constexpr,
 ):
-    """One program: ``out = [lr_t, d]`` from the partial sums (step size and clip divisor, see the
+    """One program: ``out = [lr_t, d, 1 / d, lr_t / d]`` from the partial sums (step size, clip divisor
+    and the two quotients the update passes multiply by, so they divide nothing per element; see the
     module docstring of :mod:`.adafactor`); ``elr <- lr_t`` when ``write_elr``."""
-    # one program: out[0] = lr_t (step size), out[1] = d (clip divisor); elr <- lr_t if asked
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i0 in range(0, n_usq, BLOCK):
         idx = i0 + tl.arange(0, BLOCK)
@@ -357,6 +399,8 @@ def scalars_kernel(
     lr_t = scale * rel
     tl.store(out_ptr, lr_t)
     tl.store(out_ptr + 1, d)
+    tl.store(out_ptr + 2, tl.div_rn(1.0, d))
+    tl.store(out_ptr + 3, tl.div_rn(lr_t, d))
     if write_elr != 0:
         tl.store(elr_ptr, lr_t)
 
@@ -408,8 +452,9 @@ def factored_shape(shape: torch.Size | tuple) -> tuple[int, int, int]:
 
 
 def inv_sqrt_reference(x: torch.Tensor) -> torch.Tensor:
-    """Reference of :func:`inv_sqrt`: ``1 / sqrt(max(x, 2**-126))``."""
-    return 1.0 / torch.sqrt(torch.clamp_min(x, 1.1754943508222875e-38))
+    """Reference of :func:`inv_sqrt`: ``1 / sqrt(max(x, 2**-126))``, both ops correctly rounded
+    (:func:`.codec.sqrt_rn_reference`: torch's vectorized CPU ``sqrt`` is not always)."""
+    return 1.0 / sqrt_rn_reference(torch.clamp_min(x, 1.1754943508222875e-38))
 
 
 def ema_reference(old: torch.Tensor, new: torch.Tensor, beta: torch.Tensor, one_minus_beta: torch.Tensor
@@ -539,14 +584,40 @@ def as_blocks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.view(-1, BLOCK_SIZE) for t in tensors)
 
 
+def split_reciprocal(d: int) -> tuple[float, float]:
+    """``1 / d`` as two fp32 values ``(hi, lo)``, ``hi + lo`` within ``2**-48`` of it (for :func:`row_of`)."""
+    hi = float(torch.tensor(1.0 / d, dtype=torch.float32))
+    return hi, float(torch.tensor(1.0 / d - hi, dtype=torch.float32))
+
+
+def index_args(R: int, C: int) -> tuple[float, float, float, float]:
+    """``(1/C hi, 1/C lo, 1/R hi, 1/R lo)``: the runtime arguments :func:`factored_u` turns flat element
+    offsets of a ``(B, R, C)`` tensor into rows and batches with."""
+    return (*split_reciprocal(C), *split_reciprocal(R))
+
+
+def launch_finalize(colpart, vc, vr, rsum_part, flag, step, decay: float, one_minus_decay: float,
+                    beta_from_step: bool, n_rt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 2 (:func:`sq_finalize_kernel`): column EMA into ``vc`` (B, C); returns the factors
+    ``(rf (B, R), cf (B, C))`` of the row statistic ``vr`` and the new ``vc`` (fp32 scratch)."""
+    (B, R), C = vr.shape, vc.shape[1]
+    rf = torch.empty(B, R, dtype=torch.float32, device=vr.device)
+    cf = torch.empty(B, C, dtype=torch.float32, device=vr.device)
+    sq_finalize_kernel[(B, triton.cdiv(max(R, C), FINALIZE_BLOCK))](
+        colpart, vc, vr, rsum_part, rf, cf, flag, step, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
+        BLOCK=FINALIZE_BLOCK, num_warps=ONE_WARP, enable_fp_fusion=False,
+    )
+    return rf, cf
+
+
 def launch_second_moment(
     work, g, v, vc, step, flag, eps1: float, decay: float, one_minus_decay: float, beta_from_step: bool, with_psq: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Passes 1-2 (factored) or 1 (flat): update the second-moment statistics.
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Passes 1-3 (factored) or 1 (flat): update the second-moment statistics.
 
-    Returns ``(rmean, usq_partials, psq_partials)``: ``rmean`` (B,) holds ``mean_R(vr)`` (factored;
-    an empty tensor when flat), ``usq_partials`` the partial sums of ``u^2``, ``psq_partials`` the
-    partial sums of ``p^2`` (None unless ``with_psq``).
+    Returns ``(rf, cf, usq_partials, psq_partials)``: ``rf`` (B, R) and ``cf`` (B, C) the row and
+    column factors of ``u = (rf * cf) * g`` (factored; None when flat), ``usq_partials`` the partial
+    sums of ``u^2``, ``psq_partials`` the partial sums of ``p^2`` (None unless ``with_psq``).
     """
     dev = work.device
     if vc is not None:
@@ -556,21 +627,17 @@ def launch_second_moment(
         colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=dev)
         rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
         psq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev) if with_psq else None
-        rmean = torch.empty(B, dtype=torch.float32, device=dev)
         sq_stats_kernel[(B * n_rt,)](
             g, work, v, colpart, rsum_part, rsum_part if psq_part is None else psq_part, flag, step,
             eps1, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
             WITH_PSQ=with_psq, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
-        sq_finalize_kernel[(B, triton.cdiv(C, FINALIZE_BLOCK))](
-            colpart, vc, rsum_part, rmean, flag, step, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
-            BLOCK=FINALIZE_BLOCK, num_warps=ONE_WARP, enable_fp_fusion=False,
-        )
+        rf, cf = launch_finalize(colpart, vc, v, rsum_part, flag, step, decay, one_minus_decay, beta_from_step, n_rt)
         usq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
         clip_stats_kernel[(B * n_rt,)](
-            g, v, vc, rmean, usq_part, R, C, n_rt, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
+            g, rf, cf, usq_part, R, C, n_rt, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
-        return rmean, usq_part, psq_part
+        return rf, cf, usq_part, psq_part
     n = work.numel()
     nprog = triton.cdiv(n, FLAT_BLOCK)
     usq_part = torch.empty(nprog, dtype=torch.float32, device=dev)
@@ -579,13 +646,14 @@ def launch_second_moment(
         g, work, v, usq_part, usq_part if psq_part is None else psq_part, flag, step, n, eps1, decay,
         one_minus_decay, int(beta_from_step), WITH_PSQ=with_psq, BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
     )
-    return torch.empty(0, dtype=torch.float32, device=dev), usq_part, psq_part
+    return None, None, usq_part, psq_part
 
 
 def launch_scalars(usq_part, psq_part, step, elr, numel: int, clip: float, lr: float, eps2: float,
                    relative_step: bool, warmup_init: bool, scale_parameter: bool) -> torch.Tensor:
-    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d]`` (fp32, on the device); writes ``elr`` if given."""
-    scal = torch.empty(2, dtype=torch.float32, device=usq_part.device)
+    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d, 1 / d, lr_t / d]`` (fp32, on the device); writes
+    ``elr`` if given."""
+    scal = torch.empty(4, dtype=torch.float32, device=usq_part.device)
     scalars_kernel[(1,)](
         usq_part, usq_part.numel(), usq_part if psq_part is None else psq_part,
         0 if psq_part is None else psq_part.numel(), step, scal, scal if elr is None else elr,
