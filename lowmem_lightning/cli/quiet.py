@@ -16,6 +16,8 @@ __all__ = ["KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE", "quiet_known_noise"]
 KNOWN_LOG_NOISE: tuple[tuple[str, str], ...] = (
     # Lightning's advertisement, printed by every Trainer without a LitLogger
     ("lightning.pytorch.utilities.rank_zero", r"^💡 Tip: For seamless cloud logging and experiment tracking"),
+    # its twin, printed by every Trainer with a ModelCheckpoint when litmodels is not installed
+    ("lightning.pytorch.utilities.rank_zero", r"^💡 Tip: For seamless cloud uploads and versioning"),
     # torchao (imported by transformers/peft when installed) on a machine without its CUDA extensions
     ("torchao", r"^Failed to load \S*torchao\S*_C\w*\S*\.so: "),
     # torch's deprecation of register_constant() on Enum subclasses, which torchao still calls
