@@ -149,3 +149,21 @@ def test_sigterm_without_a_checkpoint_callback_says_nothing_was_saved(tmp_path):
         with pytest.raises(SystemExit):
             _fit(tmp_path, _SigtermAt(), max_steps=5)
     assert not (tmp_path / "model").exists()
+
+
+def test_summary_says_why_small_tensors_save_little(tmp_path):
+    """Tensors under 4096 elements keep 32-bit state: on a model made mostly of them the summary says
+    so (and how many params and bytes/param), instead of an unexplained small saving."""
+    from lowmem_lightning.callbacks.report import format_summary
+
+    trainer = _fit(tmp_path)
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, LowMemOptimizerCallback)]
+    summary = callback.summary
+    small = sum(p.numel() for p in trainer.lightning_module.parameters() if p.numel() < 4096)
+    assert summary["small_params"] == small > 0
+    assert summary["small_state_bytes"] >= 8 * small  # exp_avg + exp_avg_sq in fp32
+    text = format_summary(summary, None)
+    assert f"{small:,} params" in text and "under 4,096 elements" in text and "32-bit state" in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    big = {**summary, "small_params": 10, "small_state_bytes": 80}  # a negligible share: no note
+    assert "under 4,096 elements" not in format_summary(big, None)

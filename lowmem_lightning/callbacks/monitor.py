@@ -20,6 +20,7 @@ from lowmem_lightning.callbacks.report import (
     StateHistory,
     adamw_fp32_state_bytes,
     format_summary,
+    small_tensor_summary,
     summary_dict,
     write_plot,
 )
@@ -255,6 +256,7 @@ class StateMemoryMonitor(L.Callback):
             self._optimizer_name(), total, peak, adamw_fp32_state_bytes(self.optimizers), len(self._steps), sharded,
             reporter=self._reporter,
         )
+        self.summary.update(small_tensor_summary(self.optimizers))  # why tensors under 4096 elements cost more
         plot_path = None
         if self.plot:
             log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowmem_lightning.kernels.codec import MIN_QUANTIZED_NUMEL
 from lowmem_lightning.optim import StateMemory
 from lowmem_lightning.optim.sharding import local
 
 __all__ = [
-    "adamw_fp32_state_bytes", "summary_dict", "format_summary", "StateHistory", "build_figure", "write_plot",
+    "adamw_fp32_state_bytes", "small_tensor_summary", "summary_dict", "format_summary", "StateHistory",
+    "build_figure", "write_plot",
 ]
 
 MIB = 2**20
@@ -30,6 +32,43 @@ def adamw_fp32_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
                 if param.requires_grad or param in optimizer.state:  # the params state_memory counts
                     total += 2 * 4 * local(param).numel() + 4
     return total
+
+
+def small_tensor_summary(optimizers: list[torch.optim.Optimizer]) -> dict:
+    """Params in tensors under :data:`MIN_QUANTIZED_NUMEL` (4096) elements, which keep 32-bit state in
+    every quantizing optimizer (as in bitsandbytes and torchao), and the state bytes they hold:
+    ``{"small_params": elements, "small_state_bytes": bytes}`` (trainable or stateful params, local
+    shards), to merge into :func:`summary_dict`'s result."""
+    params = nbytes = 0
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                numel = local(param).numel()
+                if numel >= MIN_QUANTIZED_NUMEL or not (param.requires_grad or param in optimizer.state):
+                    continue
+                params += numel
+                state = optimizer.state.get(param, {})
+                nbytes += sum(local(v).numel() * v.element_size() for v in state.values()
+                              if isinstance(v, torch.Tensor))
+    return {"small_params": params, "small_state_bytes": nbytes}
+
+
+SMALL_TENSOR_NOTE_SHARE = 0.05
+"""The summary explains small tensors' 32-bit state when it is at least this share of all state."""
+
+
+def _small_tensor_lines(summary: dict) -> list[str]:
+    params, nbytes = summary.get("small_params", 0), summary.get("small_state_bytes", 0)
+    if not params or not nbytes or nbytes < SMALL_TENSOR_NOTE_SHARE * summary["state_bytes"]:
+        return []
+    share = 100.0 * params / summary["num_params"] if summary["num_params"] else 0.0
+    per_param = nbytes / params
+    if per_param <= summary["bytes_per_param"] * 1.01:  # they cost no more than the rest: nothing to explain
+        return []
+    return [
+        f"  {params:,} params ({share:.1f}%) are in tensors under {MIN_QUANTIZED_NUMEL:,} elements, which keep",
+        f"  32-bit state ({per_param:.2f} bytes/param there), as in bitsandbytes and torchao",
+    ]
 
 
 def summary_dict(name: str, memory: StateMemory, peak_bytes: int, baseline_bytes: int, steps: int,
@@ -87,6 +126,7 @@ def format_summary(summary: dict, plot_path: str | None) -> str:
         f"  fp32 AdamW would hold {_mib(summary['adamw_fp32_MiB'])} MiB "
         f"({summary['adamw_fp32_bytes_per_param']:.2f} bytes/param): saving {summary['saving_pct']:.1f}%"
     )
+    lines += _small_tensor_lines(summary)
     if plot_path:
         lines.append(f"  plot: {plot_path}")
     return "\n".join(lines)
