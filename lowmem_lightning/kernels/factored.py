@@ -112,8 +112,8 @@ def inv_sqrt(x):
     and the reciprocal a normal number in ``[2**-63, 2**64]``."""
     x = tl.maximum(x, 1.1754943508222875e-38)
     tiny = x < 7.888609052210118e-31  # 2**-100
-    s = sqrt_rn_fast(tl.where(tiny, x * 18446744073709551616.0, x))
-    return rcp_rn(tl.where(tiny, s * 2.3283064365386963e-10, s))
+    s = sqrt_rn_fast(x * tl.where(tiny, 18446744073709551616.0, 1.0))
+    return rcp_rn(s * tl.where(tiny, 2.3283064365386963e-10, 1.0))
 
 
 @triton.jit

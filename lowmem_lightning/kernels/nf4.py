@@ -23,9 +23,12 @@ Decoding is ``w = NF4[code] * scale[b]``. Storage per weight with ``B = 64`` and
 (``nf4_storage_bytes``).
 
 **Exactness contract.** The Triton kernels and the PyTorch reference perform the same fp32 operations
-in the same order (correctly rounded division via ``tl.div_rn``, FMA contraction disabled by the
-launchers), so both store identical codes and decode identical values. The mean of the absmax is
-taken by ``torch.mean`` on both paths.
+in the same order (FMA contraction disabled by the launchers), so both store identical codes and
+decode identical values. Every division is the IEEE quotient: per weight and per scale through the
+branch-free ``_ratio`` (:func:`.codec.div_rn_fast`, no slow-path ``CALL`` in the SASS; see its
+docstring for why the codes are those of the exact quotient for every input), the one step per 256
+scales through ``tl.div_rn``. The block size is a constexpr, so a weight's block is a shift. The mean
+of the absmax is taken by ``torch.mean`` on both paths.
 
 This file holds, in order: the Triton kernels, the PyTorch reference, the launchers.
 """
@@ -41,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .aot import signature_of, with_aligned
+from .codec import div_rn_fast
 from .dispatch import use_triton
 
 __all__ = [
@@ -74,6 +78,22 @@ _REFERENCE_CHUNK = 1 << 22  # elements per step of the reference encoder (bounds
 
 
 @triton.jit
+def _ratio(a, b):
+    """``a / b`` (``b != 0``) as the reference divides, branch-free: :func:`.codec.div_rn_fast` (the IEEE
+    quotient when ``b`` and ``a / b`` are normal numbers). A ``|b|`` outside ``[2**-100, 2**100]`` is
+    first brought inside by multiplying both operands by ``2**64`` or ``2**-64`` (exact for ``b``; the
+    quotient is unchanged unless ``a`` underflows, and then it is far below the smallest midpoint of
+    either code, 0.04). A quotient below the normal range may come out one subnormal ulp away: it
+    picks the same code. One beyond the fp32 range (NaN from the FMA residual) becomes ``+-1e30``,
+    which picks the same saturated code as the reference's infinity."""
+    mag = tl.abs(b)
+    k = tl.where(mag < 7.888609052210118e-31, 18446744073709551616.0, tl.where(mag > 1.2676506002282294e30,
+                                                                            5.421010862427522e-20, 1.0))
+    q = div_rn_fast(a * k, b * k)
+    return tl.where(q == q, q, tl.where((a < 0.0) != (b < 0.0), -1e30, 1e30))
+
+
+@triton.jit
 def _nf4_absmax_kernel(x_ptr, absmax_ptr, n, num_blocks, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
     """absmax[b] = max |x| over block b; one program covers GROUPS blocks of BLOCK elements."""
     pid = tl.program_id(0)
@@ -91,8 +111,8 @@ def _nf4_scale_quantize_kernel(absmax_ptr, mean_ptr, qscale_ptr, step_ptr, num_b
     mask = offs < num_blocks
     mean = tl.load(mean_ptr)
     d = tl.where(mask, tl.load(absmax_ptr + offs, mask=mask, other=0.0) - mean, 0.0)
-    step = tl.div_rn(tl.max(tl.abs(d), axis=0), 127.0)
-    r = tl.div_rn(d, tl.where(step > 0.0, step, 1.0))
+    step = tl.div_rn(tl.max(tl.abs(d), axis=0), 127.0)  # one per program: the IEEE quotient
+    r = _ratio(d, tl.where(step > 0.0, step, 1.0))
     q = tl.minimum(tl.floor(tl.abs(r) + 0.5), 127.0)
     q = tl.where(r < 0.0, -q, q)
     tl.store(qscale_ptr + offs, q.to(tl.int8), mask=mask)
@@ -112,10 +132,15 @@ def _nf4_block_scale(block, mask, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DO
 
 
 @triton.jit
-def _nf4_encode(x, scale, mids):
-    """Index of the nearest NF4 value to x / scale: how many of the 15 midpoints it exceeds."""
-    r = tl.div_rn(x, tl.where(scale != 0.0, scale, 1.0))
-    return tl.sum((r[:, None] > mids[None, :]).to(tl.int32), axis=1)
+def _nf4_encode(x, scale, mid_ptr):
+    """Index of the nearest NF4 value to ``r = x / scale``: how many of the 15 ascending midpoints ``r``
+    exceeds (the reference's ``searchsorted``), by a branch-free binary search: four comparisons, the
+    thresholds gathered from the 15-entry table (L1-resident) instead of comparing with all 15."""
+    r = _ratio(x, tl.where(scale != 0.0, scale, 1.0))
+    k = tl.where(r > tl.load(mid_ptr + 7), 8, 0)
+    k += tl.where(r > tl.load(mid_ptr + (k + 3)), 4, 0)
+    k += tl.where(r > tl.load(mid_ptr + (k + 1)), 2, 0)
+    return k + tl.where(r > tl.load(mid_ptr + k), 1, 0)
 
 
 @triton.jit
@@ -133,8 +158,8 @@ def _cast_rne(v, dtype: tl.constexpr):
 
 @triton.jit
 def _nf4_pack_kernel(
-    x_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, mid_ptr, packed_ptr, n, n_pairs, block_size,
-    DOUBLE: tl.constexpr, TILE: tl.constexpr,
+    x_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, mid_ptr, packed_ptr, n, n_pairs,
+    BLOCK: tl.constexpr, DOUBLE: tl.constexpr, TILE: tl.constexpr,
 ):
     """Write one byte per pair of weights: code(x[2i]) << 4 | code(x[2i+1]).
 
@@ -145,18 +170,17 @@ def _nf4_pack_kernel(
     even = pairs * 2
     mask_e = pairs < n_pairs  # == even < n; uniform over 16 pairs when n_pairs is a multiple of 16
     elems = pid.to(tl.int64) * (2 * TILE) + tl.arange(0, 2 * TILE)
-    scale = _nf4_block_scale(even // block_size, mask_e, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DOUBLE)
-    mids = tl.load(mid_ptr + tl.arange(0, 16))  # 15 midpoints, then +inf
+    scale = _nf4_block_scale(even // BLOCK, mask_e, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DOUBLE)
     x = tl.load(x_ptr + elems, mask=elems < n, other=0.0).to(tl.float32)
     x_e, x_o = tl.split(tl.reshape(x, (TILE, 2)))
-    byte = (_nf4_encode(x_e, scale, mids) << 4) | _nf4_encode(x_o, scale, mids)
+    byte = (_nf4_encode(x_e, scale, mid_ptr) << 4) | _nf4_encode(x_o, scale, mid_ptr)
     tl.store(packed_ptr + pairs, byte.to(tl.uint8), mask=mask_e)
 
 
 @triton.jit
 def _nf4_unpack_kernel(
-    packed_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, code_ptr, out_ptr, n, n_pairs, block_size,
-    DOUBLE: tl.constexpr, TILE: tl.constexpr,
+    packed_ptr, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, code_ptr, out_ptr, n, n_pairs,
+    BLOCK: tl.constexpr, DOUBLE: tl.constexpr, TILE: tl.constexpr,
 ):
     """out[2i] = NF4[byte >> 4] * scale, out[2i+1] = NF4[byte & 15] * scale, cast to out's dtype.
 
@@ -166,7 +190,7 @@ def _nf4_unpack_kernel(
     pairs = pid.to(tl.int64) * TILE + tl.arange(0, TILE)
     even = pairs * 2
     mask_e = pairs < n_pairs  # == even < n; uniform over 16 pairs when n_pairs is a multiple of 16
-    scale = _nf4_block_scale(even // block_size, mask_e, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DOUBLE)
+    scale = _nf4_block_scale(even // BLOCK, mask_e, absmax_ptr, qscale_ptr, step_ptr, mean_ptr, DOUBLE)
     byte = tl.load(packed_ptr + pairs, mask=mask_e, other=0).to(tl.int32)
     v_e = _cast_rne(tl.load(code_ptr + (byte >> 4)) * scale, out_ptr.dtype.element_ty)
     v_o = _cast_rne(tl.load(code_ptr + (byte & 15)) * scale, out_ptr.dtype.element_ty)
@@ -178,7 +202,7 @@ def _nf4_unpack_kernel(
 _DTYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
 
-_NF4_TYPES = {"n": "i64", "n_pairs": "i64", "block_size": "i64", "num_blocks": "i64", "qscale_ptr": "*i8",
+_NF4_TYPES = {"n": "i64", "n_pairs": "i64", "num_blocks": "i64", "qscale_ptr": "*i8",
               "packed_ptr": "*u8"}
 """Triton types of the NF4 kernels' arguments that are not ``*fp32`` pointers or fp32 scalars."""
 
@@ -191,16 +215,23 @@ def _aot_specs() -> list:
     ]
     specs.append((_nf4_scale_quantize_kernel, signature_of(_nf4_scale_quantize_kernel, _NF4_TYPES),
                   {"SBLOCK": SCALE_BLOCK}))
-    for double in (True, False):
-        for ty in ("*fp32", "*bf16", "*fp16") if double else ("*bf16",):
-            constexprs = {"DOUBLE": double, "TILE": _PAIR_TILE}
-            specs.append((_nf4_pack_kernel, signature_of(_nf4_pack_kernel, _NF4_TYPES, x_ptr=ty), constexprs))
-            specs.append((_nf4_unpack_kernel, signature_of(_nf4_unpack_kernel, _NF4_TYPES, out_ptr=ty), constexprs))
+    # the block size is a constexpr (a shift, not a 64-bit division): QLoRA's 64 in every dtype, the
+    # others in bf16
+    variants = [(True, ty, 64) for ty in ("*fp32", "*bf16", "*fp16")] + [(True, "*bf16", 32)]
+    variants += [(False, "*bf16", block) for block in (64, 128, 256)]
+    for double, ty, block in variants:
+        constexprs = {"BLOCK": block, "DOUBLE": double, "TILE": _PAIR_TILE}
+        specs.append((_nf4_pack_kernel, signature_of(_nf4_pack_kernel, _NF4_TYPES, x_ptr=ty), constexprs))
+        specs.append((_nf4_unpack_kernel, signature_of(_nf4_unpack_kernel, _NF4_TYPES, out_ptr=ty), constexprs))
     return specs
 
 
 AOT_SPECS = with_aligned(_aot_specs())
 """(kernel, signature, constexprs) triples compiled ahead of time for sm_80 and sm_90 by the tests."""
+
+SASS_TILE_ELEMENTS = {"_nf4_pack_kernel": lambda cx: 2 * cx["TILE"], "_nf4_unpack_kernel": lambda cx: 2 * cx["TILE"]}
+"""Weights one program of the pack/unpack kernels handles (``TILE`` bytes = two weights each), for
+:func:`.aot.tile_elements` (instructions per weight in ``benchmarks/sass_counts.py``)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,8 +458,8 @@ def _quantize_triton(x: torch.Tensor, block_size: int, double_quant: bool) -> NF
     w.packed = torch.empty(-(-n // 2), dtype=torch.uint8, device=x.device)
     _, mids = _tables(x.device)
     _nf4_pack_kernel[(triton.cdiv(w.packed.numel(), _PAIR_TILE),)](
-        flat, *_scale_args(w), mids, w.packed, n, w.packed.numel(), block_size,
-        DOUBLE=double_quant, TILE=_PAIR_TILE, enable_fp_fusion=False,
+        flat, *_scale_args(w), mids, w.packed, n, w.packed.numel(),
+        BLOCK=block_size, DOUBLE=double_quant, TILE=_PAIR_TILE, enable_fp_fusion=False,
     )
     return w
 
@@ -464,8 +495,8 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     out = torch.empty(n, dtype=dtype, device=w.packed.device)
     values, _ = _tables(w.packed.device)
     _nf4_unpack_kernel[(triton.cdiv(w.packed.numel(), _PAIR_TILE),)](
-        w.packed, *_scale_args(w), values, out, n, w.packed.numel(), w.block_size,
-        DOUBLE=w.double_quant, TILE=_PAIR_TILE, enable_fp_fusion=False,
+        w.packed, *_scale_args(w), values, out, n, w.packed.numel(),
+        BLOCK=w.block_size, DOUBLE=w.double_quant, TILE=_PAIR_TILE, enable_fp_fusion=False,
     )
     return out.view(w.shape)
 
