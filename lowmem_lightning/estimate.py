@@ -127,6 +127,7 @@ class MemoryEstimate:
     budget_bytes: int | None = None
     recommendation: str | None = None
     notes: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
 
     @property
     def gradient_device_bytes(self) -> int:
@@ -141,6 +142,7 @@ class MemoryEstimate:
             "frozen_bytes": self.model.frozen_bytes,
             "configured_optimizer": self.configured_optimizer,
             "step_in_backward": self.step_in_backward,
+            "gradient_checkpointing": self.gradient_checkpointing,
             "gradient_device_bytes": self.gradient_device_bytes,
             "budget_bytes": self.budget_bytes,
             "recommendation": self.recommendation,
@@ -263,6 +265,7 @@ def estimate_memory(
     configured: tuple[str, dict] | None = None,
     variants: dict[str, tuple[str, dict]] | None = None,
     step_in_backward: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> MemoryEstimate:
     """Estimate training memory of ``model`` (built on the meta device) for every optimizer.
 
@@ -274,6 +277,8 @@ def estimate_memory(
         variants: Rows to compute (default :data:`OPTIMIZER_VARIANTS` plus any other registered name).
         step_in_backward: the run releases gradients in backward (``LowMemOptimizerCallback(...,
             step_in_backward=True)``): device totals count only the largest tensor's gradient.
+        gradient_checkpointing: the model already checkpoints activations (the recommendation then
+            does not propose it).
     """
     count = count_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -302,7 +307,8 @@ def estimate_memory(
         per_param = state / count.trainable_params if count.trainable_params else 0.0
         result[row] = OptimizerEstimate(name, dict(kwargs), state, device, host, per_param, weights + grads + device,
                                         weights + count.largest_gradient_bytes + device)
-    estimate = MemoryEstimate(count, result, configured_row, step_in_backward, budget_bytes, None, notes)
+    estimate = MemoryEstimate(count, result, configured_row, step_in_backward, budget_bytes, None, notes,
+                              gradient_checkpointing)
     if budget_bytes is not None:
         for est in result.values():
             est.fits = est.total_device_bytes <= budget_bytes
@@ -320,14 +326,16 @@ def recommend(estimate: MemoryEstimate) -> str:
     largest tensor's gradient alive, what makes a full fine-tune fit); else paged 8-bit AdamW with
     gradient checkpointing; as a last resort Adafactor without momentum (the smallest state), each
     with its gradient buffer first, then released; otherwise say that weights + gradients alone
-    exceed the budget. A run that already releases gradients is judged on its released totals."""
+    exceed the budget. Nothing the run already does is advised: a run that releases gradients is judged
+    on its released totals and gets no ``+ step_in_backward``, one with gradient checkpointing no
+    ``+ gradient checkpointing``, a 4-bit base or LoRA adapters are not proposed again."""
     rows = estimate.optimizers
     release = " + step_in_backward"
-    if estimate.step_in_backward:
+    paged = "paged_adamw_8bit" + ("" if estimate.gradient_checkpointing else " + gradient checkpointing")
+    if estimate.step_in_backward:  # the run releases already: name the optimizer only
         for row in (*_IN_MEMORY_ORDER, "paged_adamw_8bit", "adafactor"):
             if row in rows and rows[row].fits:
-                label = "paged_adamw_8bit + gradient checkpointing" if row == "paged_adamw_8bit" else row
-                return label + release
+                return paged if row == "paged_adamw_8bit" else row
     else:
         budget = estimate.budget_bytes if estimate.budget_bytes is not None else -1
         for row in _IN_MEMORY_ORDER:
@@ -336,17 +344,29 @@ def recommend(estimate: MemoryEstimate) -> str:
         for row in _IN_MEMORY_ORDER:
             if row in rows and rows[row].released_device_bytes <= budget:
                 return row + release
-        last_resorts = (("paged_adamw_8bit", "paged_adamw_8bit + gradient checkpointing"), ("adafactor", "adafactor"))
+        last_resorts = (("paged_adamw_8bit", paged), ("adafactor", "adafactor"))
         for row, label in last_resorts:
             if row in rows and rows[row].fits:
                 return label
             if row in rows and rows[row].released_device_bytes <= budget:
                 return label + release
     need = estimate.model.frozen_bytes + estimate.model.trainable_bytes + estimate.gradient_device_bytes
-    return (
-        f"nothing fits: weights + gradients alone need {need / GB:.2f} GB; quantize the base (quantize: nf4) "
-        "and train LoRA adapters, or raise the budget"
-    )
+    return f"nothing fits: weights + gradients alone need {need / GB:.2f} GB; " + _reduce_weights_advice(estimate.model)
+
+
+def _reduce_weights_advice(model: ModelCount) -> str:
+    """What would shrink the weights themselves, leaving out what the model already does (a 4-bit
+    base, LoRA adapters)."""
+    quantized = "nf4" in model.frozen_bytes_by_dtype
+    adapters = model.adapter_params > 0
+    if quantized and adapters:
+        return ("the base is already 4-bit NF4 and only LoRA adapters train: raise the budget, or train a smaller "
+                "model")
+    if adapters:
+        return "quantize the base (quantize: nf4) under the LoRA adapters, or raise the budget"
+    if quantized:
+        return "train LoRA adapters on the 4-bit base (lora: ...), or raise the budget"
+    return "quantize the base (quantize: nf4) and train LoRA adapters, or raise the budget"
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowmem_lightning.cli import bundled_recipes, main, parse_fit_config
 from lowmem_lightning.estimate import (
     OPTIMIZER_VARIANTS,
     count_model,
@@ -142,7 +143,7 @@ def test_recommendation_follows_the_decision_rule():
     assert rows["paged_adamw_8bit"] > rows["adafactor"]
     released_run = estimate_memory(model, budget_bytes=released["came_int8"], step_in_backward=True)
     assert released_run.optimizers["came_int8"].total_device_bytes == released["came_int8"]
-    assert released_run.recommendation == "came_int8 + step_in_backward"
+    assert released_run.recommendation == "came_int8"  # the run releases already: not advised again
     assert released_run.as_dict()["gradient_device_bytes"] == largest
 
 
@@ -186,3 +187,34 @@ def test_estimate_errors_are_short(capsys):
     assert "no_such_recipe.yaml" in err and "tiny.yaml" in err and "Traceback" not in err
     assert main(["estimate", "--config", "tiny.yaml", "--format", "xml"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", bundled_recipes())
+def test_estimator_never_advises_what_the_recipe_already_does(recipe, capsys):
+    """At every budget that changes the answer (each row's totals, minus a byte, and 1 GB), the advice
+    never proposes the recipe's own 4-bit base, LoRA adapters, gradient release or checkpointing."""
+    from lowmem_lightning.cli.estimate import _configured_release, build_meta_model
+
+    cfg = parse_fit_config(["--config", recipe])
+    init = cfg.model.init_args
+    release, checkpointing = _configured_release(cfg), bool(init.get("gradient_checkpointing"))
+    model = build_meta_model(cfg)
+    free = estimate_memory(model, step_in_backward=release)
+    budgets = {10**9} | {b - 1 for r in free.optimizers.values() for b in (r.total_device_bytes,
+                                                                           r.released_device_bytes)}
+    done = {"quantize the base": init.get("quantize") == "nf4", "train LoRA": bool(init.get("lora")),
+            "+ step_in_backward": release, "+ gradient checkpointing": checkpointing}
+    for budget in sorted(budgets):
+        advice = estimate_memory(model, budget_bytes=budget, step_in_backward=release,
+                                 gradient_checkpointing=checkpointing).recommendation
+        for words, already in done.items():
+            assert not (already and words in advice), (recipe, budget, advice)
+
+
+def test_qlora_recipe_at_2_gb_is_not_told_to_quantize(capsys):
+    assert main(["estimate", "--config", "qlora_7b.yaml", "--budget-gb", "2"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "nothing fits" in line and "already 4-bit NF4" in line
+    assert "quantize the base" not in line and "train LoRA" not in line
+    assert main(["estimate", "--config", "full_finetune_7b.yaml", "--budget-gb", "2"]) == 0
+    assert "quantize the base (quantize: nf4) and train LoRA adapters" in capsys.readouterr().out

@@ -124,8 +124,9 @@ def estimate_main(argv: Sequence[str]) -> int:
         model = build_meta_model(cfg)
         budget = None if known.budget_gb is None else int(known.budget_gb * GB)
         release = known.step_in_backward if known.step_in_backward is not None else _configured_release(cfg)
+        checkpointing = bool((cfg.model.get("init_args") or Namespace()).get("gradient_checkpointing"))
         estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg),
-                                   step_in_backward=release)
+                                   step_in_backward=release, gradient_checkpointing=checkpointing)
     except (ValueError, TypeError) as err:
         return _usage_error(_short(err))
     print(format_json(estimate) if known.format == "json" else format_table(estimate))
