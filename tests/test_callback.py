@@ -325,3 +325,42 @@ def test_params_unfrozen_later_train_as_under_the_modules_own_optimizer(tmp_path
     opt = trainer.optimizers[0]
     assert state_memory(opt).num_params == sum(p.numel() for p in ours.parameters())
     assert callback.summary["num_params"] == sum(p.numel() for p in ours.parameters())
+
+
+class WithBackbone(L.LightningModule):
+    """Lightning's BackboneFinetuning example: a ``backbone`` frozen at fit start, unfrozen at epoch 1."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+        self.head = nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-2)
+
+
+@pytest.mark.parametrize("name", ["adamw", OPT])
+def test_backbone_finetuning_unfreezes_into_the_swapped_optimizer(tmp_path, name):
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    def fit(callbacks):
+        model = WithBackbone()
+        trainer = _trainer(tmp_path, [*callbacks, BackboneFinetuning(unfreeze_backbone_at_epoch=1)],
+                           max_steps=-1, max_epochs=2)
+        trainer.fit(model, _data(n=32))
+        return model, trainer
+
+    before = WithBackbone().backbone[0].weight.detach().clone()
+    own, _ = fit([])
+    swapped, trainer = fit([LowMemOptimizerCallback(name, print_summary=False, plot=False)])
+    assert not torch.equal(swapped.backbone[0].weight, before)  # the backbone trained after epoch 1
+    added = trainer.optimizers[0].param_groups[1]  # BackboneFinetuning's group: the module's Adam defaults
+    assert (added["lr"], added["weight_decay"]) == (1e-3, 0.0)  # lr 1e-2 / 10; Adam's decay 0, not AdamW's 0.01
+    if name == "adamw":  # Adam without weight decay is AdamW without weight decay: the very same run
+        for a, b in zip(own.parameters(), swapped.parameters()):
+            assert torch.equal(a, b)

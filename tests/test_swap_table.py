@@ -348,3 +348,18 @@ def test_lr_monitor_names_with_several_optimizers_and_a_named_scheduler(tmp_path
 def _all_columns(logger) -> set[str]:
     with open(f"{logger.log_dir}/metrics.csv") as f:
         return set(csv.DictReader(f).fieldnames)
+
+
+def test_frozen_params_the_target_cannot_update_are_left_out_and_named():
+    module = Tiny()
+    module.table = nn.Parameter(torch.zeros(4, dtype=torch.float64), requires_grad=False)  # could be unfrozen
+    module.codes = nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)  # never trainable
+    callback = LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = callback._swap(module, torch.optim.AdamW(module.parameters(), lr=1e-3))
+    kept = {id(p) for g in new.param_groups for p in g["params"]}
+    assert id(module.net.weight) in kept and id(module.table) not in kept and id(module.codes) not in kept
+    messages = [str(w.message) for w in caught if "LowMemOptimizerCallback(" in str(w.message)]
+    assert len(messages) == 1 and "1 frozen torch.float64 param(s) left out" in messages[0]
+    assert "uint8" not in messages[0]

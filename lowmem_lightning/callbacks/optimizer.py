@@ -35,6 +35,7 @@ from lowmem_lightning.callbacks.swap import (
     replace_optimizers,
     retarget_scheduler,
 )
+from lowmem_lightning.callbacks.translate import translate_group
 from lowmem_lightning.optim import build_optimizer, optimizer_class
 from lowmem_lightning.optim.validation import validate_optimizer_args
 
@@ -259,7 +260,21 @@ class LowMemOptimizerCallback(L.Callback):
         for translation in translations:
             notes.extend(f"{type(old).__name__} {note}" for note in translation.warned)
         groups, own_step = self._step_sizes(old, groups, notes)
-        return self._build(trainer, groups), ratios, own_step
+        new = self._build(trainer, groups)
+        self._adopt_defaults(old, new, own_step)
+        return new, ratios, own_step
+
+    def _adopt_defaults(self, old: torch.optim.Optimizer, new: torch.optim.Optimizer, own_step: bool) -> None:
+        """Give ``new.defaults`` the module's optimizer's defaults, translated like its groups, so a param group
+        added later (``add_param_group``: Lightning's ``BackboneFinetuning``, user code) gets what the module's
+        optimizer would have given it; arguments given to the callback keep precedence."""
+        skip = frozenset(self.optimizer_kwargs) | frozenset(LR_KEYS)
+        if self.weight_decay is not None:
+            skip |= {"weight_decay", "l2"}
+        translation = translate_group(type(old), old.defaults, type(new), dict(new.defaults), skip=skip)
+        new.defaults.update({k: v for k, v in translation.values.items() if k in new.defaults})
+        if self.lr is None and not own_step and old.defaults.get("lr") is not None and "lr" in new.defaults:
+            new.defaults["lr"] = old.defaults["lr"]
 
     def _swap(self, module: L.LightningModule, config):
         """Rebuild every optimizer in ``config`` (a ``configure_optimizers`` result) and retarget its

@@ -50,6 +50,7 @@ __all__ = [
     "Translation",
     "constructor_defaults",
     "family_of",
+    "same_value",
     "translate_group",
 ]
 
