@@ -10,7 +10,10 @@
 * Model and data are chosen by ``class_path`` (ours or any importable LightningModule /
   LightningDataModule); the defaults are ``CausalLMModule`` and ``TextDataModule``.
 * The optimizer is chosen by a ``LowMemOptimizerCallback`` in ``trainer.callbacks``; ``--optim NAME``
-  (with ``--lr``) sets that callback's optimizer, adding the callback when the config has none.
+  (with ``--lr``) sets that callback's optimizer, adding the callback when the config has none, keeping
+  the config's lr and schedule and dropping the callback's ``optimizer_kwargs`` NAME does not take
+  (:mod:`~lowmem_lightning.cli.switch`). ``--model.optimizer`` / ``--model.lr`` on the command line
+  reach the callback too (it replaces the module's optimizer), each said in one line.
 * ``--config NAME`` with no such file resolves to the recipe of that name bundled in the package
   (``tiny``, ``tiny.yaml``, ``qlora_7b.yaml``, ...), so recipes run from any directory. A relative
   path inside a recipe (``model.model_name_or_path``, ``data.data_path``) that does not exist from the
@@ -19,11 +22,18 @@
 * Wrong input (unknown optimizer, missing config file, unknown key, bad type, invalid value, a bad data
   file, a missing ``--ckpt_path``, an unwritable output directory) ends with a one-paragraph message
   naming the problem and the allowed values, exit code 2, no traceback, before anything is written: the
-  data module's ``check_inputs()`` runs before the Trainer is built.
+  data module's ``check_inputs()`` runs before the Trainer is built. So does every refusal before
+  training (gradient release that cannot hold, checked on the built Trainer before ``fit``; a
+  ``ValueError`` raised inside ``fit`` before the sanity check or the first step, after which the
+  directories the run created are removed).
+* ``--ckpt_path last`` resumes from the newest checkpoint, by step, of the run's ModelCheckpoint
+  directories across restarts (:mod:`~lowmem_lightning.cli.last`), or starts fresh saying so.
 * A run stopped by SIGTERM exits with code 143 (after saving ``last.ckpt`` when it checkpoints).
 
 Modules: :mod:`~lowmem_lightning.cli.app` (the LightningCLI and :func:`main`),
 :mod:`~lowmem_lightning.cli.checks` (inputs and outputs checked before a run),
+:mod:`~lowmem_lightning.cli.switch` (``--optim`` over another optimizer's settings),
+:mod:`~lowmem_lightning.cli.last` (``--ckpt_path last``),
 :mod:`~lowmem_lightning.cli.estimate` (``lowmem estimate``), :mod:`~lowmem_lightning.cli.quiet`
 (known third-party noise).
 """
