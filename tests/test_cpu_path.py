@@ -16,8 +16,9 @@ from lowmem_lightning.kernels import sgd as sgd_kernel
 from lowmem_lightning.kernels.codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL, quantize_reference
 from lowmem_lightning.kernels.rounding import round_param_reference, step_seed
 
-# quantized (>= 4096) and fp32-state sizes, none (or some) a multiple of 256, one a scalar
-SIZES = [4096, 4097, 5000, 70007, 1, 3, 255, 1000, 4095, 8192]
+# quantized (>= 4096) and fp32-state sizes, some a multiple of 256, one a scalar; 70007 and 300037 run
+# their whole rows in place (300037: two chunks) and gather their last partial row
+SIZES = [4096, 4097, 5000, 70007, 1, 3, 255, 1000, 4095, 8192, 300037]
 NAN_AT = 2  # the tensor whose gradient holds a NaN
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
 
@@ -238,14 +239,22 @@ def test_sgd_bucketed_compiled_equals_reference_and_never_recompiles():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_split_bounds_each_bucket_and_keeps_order():
-    assert cpu_buckets.split([3, 3, 3, 10, 1], limit=6) == [[0, 1], [2], [3], [4]]
-    assert cpu_buckets.split([], limit=6) == []
+def test_plan_runs_big_tensors_in_place_and_gathers_the_rest():
+    big = cpu_buckets.CHUNK_NUMEL * 2 + 256 * 3 + 10  # 2 chunks of whole rows + a partial row
+    tensors = [torch.empty(big), torch.empty(5000), torch.empty(300, 400).t(), torch.empty(cpu_buckets.CHUNK_NUMEL)]
+    buckets = cpu_buckets.plan(tensors, 256)
+    in_place = [b.pieces for b in buckets if b.in_place]
+    rows = (big // 256) // 3  # three equal chunks of <= CHUNK_NUMEL // 256 rows
+    assert [p[0][0] for p in in_place] == [0, 0, 0, 3]
+    assert sum(p[0][2] for p in in_place[:3]) == (big // 256) * 256 and in_place[0][0][2] == rows * 256
+    gathered = [piece for b in buckets if not b.in_place for piece in b.pieces]
+    assert gathered == [(0, (big // 256) * 256, 10), (1, 0, 5000), (2, 0, 120000)]  # transposed: gathered
+    assert all(b.numel <= cpu_buckets.CHUNK_NUMEL for b in buckets)
 
 
 def test_row_seeds_fold_the_offset_into_the_seed():
     # the bf16 stochastic rounding of tensor 1 at its bucket offset equals its own, with its own seed
-    layout = cpu_buckets.Bucket([300, 1000], 256)
+    layout = cpu_buckets.Bucket(((0, 0, 300), (1, 0, 1000)), 256, False)
     seeds = torch.tensor([11, 123456789])
     x = torch.randn(1000) * 3
     bucket_x = torch.zeros(layout.rows, 256)
@@ -257,12 +266,12 @@ def test_row_seeds_fold_the_offset_into_the_seed():
 
 
 def test_bucket_in_place_and_gathered_round_trip():
-    one = torch.randn(512)
-    layout = cpu_buckets.Bucket([512], 256)
+    one = torch.randn(1024)
+    layout = cpu_buckets.Bucket(((0, 512, 512),), 256, True)
     rows = layout.rows_of([one])
-    assert rows.data_ptr() == one.data_ptr()  # in place: no copy
+    assert rows.data_ptr() == one[512:].data_ptr() and rows._base is None  # in place: no copy, not a view
     two = [torch.randn(3, 5), torch.randn(300)]
-    layout = cpu_buckets.Bucket([15, 300], 256)
+    layout = cpu_buckets.Bucket(((0, 0, 15), (1, 0, 300)), 256, False)
     rows = layout.rows_of(two)
     assert rows.shape == (3, 256) and rows.view(-1)[15:256].abs().sum() == 0
     rows.mul_(2)

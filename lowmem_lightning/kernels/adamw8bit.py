@@ -84,7 +84,15 @@ from .multitensor import (
     table_pointer,
     tile_header,
 )
-from .rounding import device_seed, masked_reference, seed_reference, store_param, write_param_reference
+from .rounding import (
+    SEED_MASK,
+    SEED_STEP,
+    device_seed,
+    masked_reference,
+    seed_reference,
+    store_param,
+    write_param_reference,
+)
 
 __all__ = [
     "ROWS",
@@ -383,11 +391,12 @@ def adamw8bit_update(
     buckets = {key: idx for key, idx in groups.items() if isinstance(key, tuple)}
     on_reference = {key: idx for key, idx in groups.items() if not isinstance(key, tuple)}
     for device, idx in on_reference.items():
-        live = [i for i, ok in zip(idx, torch.stack([flags[i] for i in idx]).tolist()) if ok and params[i].numel()]
+        host = torch.stack([flags[i] for i in idx] + [steps[i] for i in idx]).tolist()  # one read, no device sync
+        live = [(i, t) for i, ok, t in zip(idx, host[:len(idx)], host[len(idx):]) if ok and params[i].numel()]
         if live:
-            _reference_update([[seq[i] for i in live] for seq in (params, grads, exp_avgs, exp_avg_absmaxes,
-                               exp_avg_sqs, exp_avg_sq_absmaxes, steps)], [seed_bases[i] for i in live],
-                              hyperparameter_tensor(**hyper, device=device))
+            _reference_update([[seq[i] for i, _ in live] for seq in (params, grads, exp_avgs, exp_avg_absmaxes,
+                               exp_avg_sqs, exp_avg_sq_absmaxes)], [t for _, t in live],
+                              [seed_bases[i] for i, _ in live], hyperparameter_tensor(**hyper, device=device))
     for (quantized, aligned, *_), idx in buckets.items():
         _launch(
             [params[i] for i in idx],
@@ -424,27 +433,35 @@ _BUCKET_STEPS = {True: cpu_compiled(_bucket_step_8bit), False: cpu_compiled(_buc
 """The bucket steps by ``quantized``, each compiled (once, ``dynamic=True``) on first use."""
 
 
-def _reference_update(tensors: list[list], seed_bases: list[int], hp: torch.Tensor) -> None:
+def _reference_update(tensors: list[list], steps: list[float], seed_bases: list[int], hp: torch.Tensor) -> None:
     """The reference step of tensors whose flags are set (lists ``params, grads, m, m_absmax, v,
-    v_absmax, steps``): per (quantized, param dtype, grad dtype) group, one call per bucket of
-    :func:`.cpu_buckets.plan`."""
-    params, grads, ms, m_absmaxes, vs, v_absmaxes, steps = tensors
+    v_absmax``; ``steps`` their step counters read on the host): per (quantized, param dtype, grad dtype)
+    group, one call per bucket of :func:`.cpu_buckets.plan`."""
+    params, grads, ms, m_absmaxes, vs, v_absmaxes = tensors
     terms, seeds = _step_terms(steps, seed_bases, hp)
     groups = bucket(len(params), lambda i: (m_absmaxes[i] is not None, params[i].dtype, grads[i].dtype))
     for (quantized, *_), idx in groups.items():
-        group = [[seq[i] for i in idx] for seq in tensors[:6]]
+        group = [[seq[i] for i in idx] for seq in tensors]
         run_bucket = _bucket_8bit if quantized else _bucket_32bit
+        mine = (terms, seeds) if len(idx) == len(params) else (terms[idx], seeds[idx])
         for layout in plan(group[0], BLOCK_SIZE if quantized else 1):
-            run_bucket(layout, *group, hp, terms[idx], seeds[idx])
+            run_bucket(layout, *group, hp, *mine)
 
 
-def _step_terms(steps: list[torch.Tensor], seed_bases: list[int], hp: torch.Tensor):
-    """:func:`step_terms_reference` of every tensor (``(T, 2)``, ``(T,)``), its host loops run once per
-    distinct step value."""
-    steps = torch.stack(steps)
-    unique, inverse = torch.unique(steps, return_inverse=True)
-    terms, _ = step_terms_reference(hp, unique, torch.zeros(unique.shape, dtype=torch.int64, device=steps.device))
-    return terms[inverse], seed_reference(steps, torch.tensor(seed_bases, dtype=torch.int64, device=steps.device))
+def _step_terms(steps: list[float], seed_bases: list[int], hp: torch.Tensor):
+    """:func:`step_terms_reference` of every tensor (``(T, 2)``, ``(T,)``) from host step values, computed
+    once per distinct step (its host loops are per step); the seeds of :func:`.rounding.seed_reference`
+    (``(step * SEED_STEP + base) & SEED_MASK``) in Python ints."""
+    unique = sorted(set(steps))
+    device = hp.device
+    terms, _ = step_terms_reference(hp, torch.tensor(unique, dtype=torch.float32, device=device),
+                                    torch.zeros(len(unique), dtype=torch.int64, device=device))
+    if len(unique) == 1:
+        terms = terms.expand(len(steps), 2)
+    else:
+        terms = terms[torch.tensor([unique.index(t) for t in steps], device=device)]
+    seeds = [(int(t) * SEED_STEP + base) & SEED_MASK for t, base in zip(steps, seed_bases)]
+    return terms, torch.tensor(seeds, dtype=torch.int64, device=device)
 
 
 def _bucket_8bit(layout, params, grads, ms, m_absmaxes, vs, v_absmaxes, hp, terms, seeds) -> None:

@@ -1,19 +1,22 @@
-"""CPU buckets: many tensors' updates as one call of a reference step function.
+"""CPU buckets: many tensors' updates as few calls of a reference step function, each over a cache-sized
+``(rows, width)`` block of memory.
 
 The CPU path runs each optimizer's pure-PyTorch step function (the specification). Called once per
-tensor it costs ~100 small ops per tensor (eager) or one compiled call with ~50-100 us of fixed
+tensor it cost ~100 small ops per tensor (eager) or one compiled call with ~50-100 us of fixed
 overhead per tensor (torch.compile's guards and wrappers), which made every tensor under ~2**20
-elements 3-18x slower than ``torch.optim.AdamW(foreach=True)``. Here the tensors of one step that share
-a kind (param dtype, grad dtype, state layout) are gathered into one zero-padded ``(rows, width)``
-buffer per operand, the step function runs once over it (one compiled graph for every bucket size:
-the row count is dynamic, the width static), and the results are copied back.
+elements 3-18x slower than ``torch.optim.AdamW(foreach=True)``; and one compiled call over a tensor of
+millions of elements ran ~5x slower per element than over 2**18 (its passes no longer stay in cache).
 
-Layout: tensor ``i`` occupies ``ceil(numel_i / width)`` whole rows, so with ``width = 256`` every
-quantization block (and its absmax) belongs to one tensor, exactly as in the per-tensor step. Per-tensor
-scalars (bias corrections, first-step flags) are expanded to one value per row; the stochastic-rounding
-seed of tensor ``i`` is folded with its offset in the bucket (:func:`Bucket.row_seeds`), so the hash of
-every element equals the per-tensor one. A bucket of one contiguous tensor whose size is a multiple
-of ``width`` runs in place on views (no copies).
+:func:`plan` cuts the tensors of one kind (param dtype, grad dtype, state layout) into *pieces* of
+whole rows of ``width`` elements and groups them into :class:`Bucket` s of at most ``CHUNK_NUMEL``
+elements: a big contiguous tensor's whole rows run **in place** (its own memory, seen as ``(rows,
+width)``, chunk by chunk), its partial last row and every small tensor are **gathered** (copied, zero
+padded to whole rows) into a shared buffer, stepped, and copied back. With ``width = 256`` every
+quantization block (and its absmax) stays within one tensor, as in the per-tensor step.
+
+Per-tensor scalars (bias corrections, first-step flags) are expanded to one value per row
+(:meth:`Bucket.per_row`); the stochastic-rounding seed of a tensor is folded with the piece's
+position (:meth:`Bucket.row_seeds`), so every element hashes as it would in the per-tensor step.
 """
 
 from __future__ import annotations
@@ -25,111 +28,147 @@ import torch
 
 from .rounding import _GOLDEN, _MASK32
 
-__all__ = ["BUCKET_NUMEL", "Bucket", "split"]
+__all__ = ["CHUNK_NUMEL", "IN_PLACE_MIN_NUMEL", "Bucket", "plan"]
 
-BUCKET_NUMEL = 2**22
-"""Most elements gathered into one bucket (bigger tensors form a bucket alone): bounds the transient
-buffers (param, grad and state copies, ~10-16 bytes per element) to ~64 MiB."""
+CHUNK_NUMEL = 2**18
+"""Most elements of one bucket (one call of the step function). Measured on one thread (AMD EPYC, 1 MiB
+L2 per core): the compiled 8-bit AdamW step runs ~2.0-2.5 ns per element on 2**17-2**18 elements and
+10-17 ns per element on 2**19-2**22 (RESULTS.md, "CPU path by size")."""
+
+IN_PLACE_MIN_NUMEL = 2**16
+"""Contiguous tensors of at least this many elements run on their own memory (whole rows); smaller ones
+are gathered (a copy in and out costs less than a call of its own, ~50 us compiled)."""
 
 
-def _alias(tensor: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """A contiguous ``shape`` tensor on ``tensor``'s memory that is not a view (no ``_base``): a gathered
-    buffer is not one either, and torch.compile guards on the difference (it would compile again)."""
+def _alias(tensor: torch.Tensor, offset: int, shape: tuple[int, int]) -> torch.Tensor:
+    """A contiguous ``shape`` tensor on ``tensor``'s memory from flat element ``offset`` on, that is not a
+    view (no ``_base``): a gathered buffer is not one either, and torch.compile guards on the
+    difference (it would compile again)."""
     alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), shape, (shape[1], 1))
-
-
-def split(numels: Sequence[int], limit: int = BUCKET_NUMEL) -> list[list[int]]:
-    """Positions ``0..len(numels)-1`` cut, in order, into runs of at most ``limit`` elements (a run
-    holds at least one position, so a bigger tensor is a run alone)."""
-    runs: list[list[int]] = []
-    total = limit
-    for position, numel in enumerate(numels):
-        if total + numel > limit:
-            runs.append([])
-            total = 0
-        runs[-1].append(position)
-        total += numel
-    return runs
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(numels: tuple[int, ...], width: int) -> tuple[tuple[int, ...], int, torch.Tensor, torch.Tensor]:
-    """``(first row of each tensor, rows in all, row -> tensor index (rows,), first element of each
-    tensor (T,))``. At least 2 rows (torch.compile specializes sizes 0 and 1): pad rows belong to the
-    last tensor and hold zeros."""
-    counts = [-(-n // width) for n in numels]
-    firsts, row = [], 0
-    for count in counts:
-        firsts.append(row)
-        row += count
-    rows = max(row, 2)
-    counts[-1] += rows - row
-    owner = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(counts))
-    start = torch.tensor(firsts, dtype=torch.int64) * width
-    return tuple(firsts), rows, owner, start
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset() + offset, shape, (shape[1], 1))
 
 
 class Bucket:
-    """The ``(rows, width)`` layout of tensors of ``numels`` elements (see the module docstring)."""
+    """One call of a step function: ``pieces`` ``(tensor index, first element, elements)``, each from a
+    row boundary of its tensor, laid out from row ``firsts[k]`` of a ``(rows, width)`` operand.
+    ``in_place``: a single piece of whole rows of a contiguous tensor, stepped on the tensor's memory."""
 
-    def __init__(self, numels: Sequence[int], width: int):
-        self.numels = tuple(int(n) for n in numels)
-        self.width = width
-        self.firsts, self.rows, self.owner, self.start = _layout(self.numels, width)
+    def __init__(self, pieces: tuple[tuple[int, int, int], ...], width: int, in_place: bool):
+        self.pieces, self.width, self.in_place = pieces, width, in_place
+        counts = [-(-numel // width) for _, _, numel in pieces]
+        self.firsts = tuple(sum(counts[:k]) for k in range(len(counts)))
+        self.rows = max(sum(counts), 2)  # torch.compile specializes sizes 0 and 1: pad rows hold zeros
+        counts[-1] += self.rows - sum(counts)
+        owner = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor(counts))  # row -> piece
+        self._row_tensor = torch.tensor([index for index, _, _ in pieces]).index_select(0, owner)
+        shift = torch.tensor([first * width - start for first, (_, start, _) in zip(self.firsts, pieces)])
+        # (bucket position - position in the tensor) * GOLDEN per row, for the seed fold
+        self._row_fold = (shift.index_select(0, owner) * _GOLDEN).view(self.rows, 1)
 
     @property
     def numel(self) -> int:
-        """Elements of one operand of the bucket (rows x width, padding included)."""
+        """Elements of one operand (rows x width, padding included)."""
         return self.rows * self.width
 
-    def _in_place(self, tensors: Sequence[torch.Tensor]) -> bool:
-        return len(tensors) == 1 and self.numel == self.numels[0] and tensors[0].is_contiguous()
-
     def rows_of(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(rows, width)``: the tensors (any shapes, flat order) one after another, each from its first
-        row, zeros elsewhere; a view of the tensor itself for one contiguous tensor that fills its rows.
-        ``dtype`` defaults to the tensors' own."""
-        if self._in_place(tensors):
-            return _alias(tensors[0], (self.rows, self.width))
-        out = torch.zeros(self.rows, self.width, dtype=dtype or tensors[0].dtype, device=tensors[0].device)
-        torch._foreach_copy_(self._slices(out), [t.detach().reshape(-1) for t in tensors])
+        """``(rows, width)`` operand from the group's ``tensors`` (indexed by the pieces): the tensor's
+        own memory when in place and contiguous, else a zero-padded copy of every piece."""
+        first = tensors[self.pieces[0][0]]
+        if self.in_place and first.is_contiguous():
+            return _alias(first, self.pieces[0][1], (self.rows, self.width))
+        out = torch.zeros(self.rows, self.width, dtype=dtype or first.dtype, device=first.device)
+        torch._foreach_copy_(self._slices(out), [self._source(tensors[i], s, n) for i, s, n in self.pieces])
         return out
 
     def scales_of(self, scales: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``(rows, 1)``: per-row values (one per block: absmax) of each tensor, at its rows."""
-        if len(scales) == 1 and scales[0].numel() == self.rows and scales[0].is_contiguous():
-            return _alias(scales[0], (self.rows, 1))
-        out = torch.zeros(self.rows, 1, dtype=scales[0].dtype, device=scales[0].device)
+        """``(rows, 1)`` operand of per-row values (one per block: absmax) of the pieces' tensors."""
+        first = scales[self.pieces[0][0]]
+        if self.in_place and first.is_contiguous():
+            return _alias(first, self.pieces[0][1] // self.width, (self.rows, 1))
+        out = torch.zeros(self.rows, 1, dtype=first.dtype, device=first.device)
         flat = out.view(-1)
-        torch._foreach_copy_([flat[f:f + s.numel()] for f, s in zip(self.firsts, scales)], list(scales))
+        rows = [-(-n // self.width) for _, _, n in self.pieces]
+        torch._foreach_copy_([flat[f:f + r] for f, r in zip(self.firsts, rows)],
+                             [scales[i].view(-1)[s // self.width:s // self.width + r]
+                              for (i, s, _), r in zip(self.pieces, rows)])
         return out
 
     def write_back(self, tensors: Sequence[torch.Tensor], rows: torch.Tensor) -> None:
-        """Copy each tensor's part of ``rows`` (from :meth:`rows_of`) back into it (nothing when in place)."""
-        if rows.data_ptr() == tensors[0].data_ptr():
+        """Copy each piece of the operand ``rows`` (from :meth:`rows_of`) back into its tensor (nothing
+        when ``rows`` is the tensor's own memory)."""
+        if self._is_alias(tensors, rows):
             return
-        torch._foreach_copy_(list(tensors), [s.view(t.shape) for s, t in zip(self._slices(rows), tensors)])
+        targets, sources = [], []
+        for (i, start, numel), src in zip(self.pieces, self._slices(rows)):
+            whole = start == 0 and numel == tensors[i].numel()
+            targets.append(tensors[i] if whole else tensors[i].view(-1)[start:start + numel])
+            sources.append(src.view(tensors[i].shape) if whole else src)
+        torch._foreach_copy_(targets, sources)
 
     def write_back_scales(self, scales: Sequence[torch.Tensor], rows: torch.Tensor) -> None:
-        """Copy each tensor's rows of a ``(rows, 1)`` buffer (from :meth:`scales_of`) back into it."""
-        if rows.data_ptr() == scales[0].data_ptr():
+        """Copy each piece's rows of a ``(rows, 1)`` operand (from :meth:`scales_of`) back."""
+        if self._is_alias(scales, rows):
             return
         flat = rows.view(-1)
-        torch._foreach_copy_(list(scales), [flat[f:f + s.numel()] for f, s in zip(self.firsts, scales)])
+        counts = [-(-n // self.width) for _, _, n in self.pieces]
+        torch._foreach_copy_([scales[i].view(-1)[s // self.width:s // self.width + r]
+                              for (i, s, _), r in zip(self.pieces, counts)],
+                             [flat[f:f + r] for f, r in zip(self.firsts, counts)])
 
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
-        """``(rows, ...)``: per-tensor ``values`` (``(T, ...)``) repeated on each tensor's rows."""
-        return values.index_select(0, self.owner.to(values.device))
+        """``(rows, ...)``: per-tensor ``values`` (``(T, ...)``, indexed like the group) on each row."""
+        return values.index_select(0, self._row_tensor.to(values.device))
 
     def row_seeds(self, seeds: torch.Tensor) -> torch.Tensor:
-        """``(rows, 1)`` int64 stochastic-rounding seeds: tensor ``i``'s seed ``s_i`` folded with its first
-        element ``o_i`` in the bucket, ``(s_i - o_i * GOLDEN) mod 2**32``. The rounding hash mixes
-        ``(index * GOLDEN + seed) mod 2**32``, so bucket index ``o_i + k`` with the folded seed hashes as
-        index ``k`` of tensor ``i`` with ``s_i``: the same bits as the per-tensor step."""
-        folded = (seeds.to(torch.int64) - self.start.to(seeds.device) * _GOLDEN) & _MASK32
-        return self.per_row(folded).view(self.rows, 1)
+        """``(rows, 1)`` int64 stochastic-rounding seeds: tensor ``i``'s seed ``s_i`` folded with the shift
+        ``d`` from an element's position in the tensor to its position in the bucket, ``(s_i - d *
+        GOLDEN) mod 2**32``. The rounding hash mixes ``(position * GOLDEN + seed) mod 2**32``, so every
+        element hashes as in the per-tensor step."""
+        rows = self.per_row(seeds.to(torch.int64).view(-1, 1))
+        return (rows - self._row_fold.to(seeds.device)).bitwise_and_(_MASK32)
+
+    def _is_alias(self, tensors: Sequence[torch.Tensor], rows: torch.Tensor) -> bool:
+        index, start, _ = self.pieces[0]
+        return self.in_place and rows.data_ptr() == tensors[index].data_ptr() + start * rows.element_size()
 
     def _slices(self, rows: torch.Tensor) -> list[torch.Tensor]:
         flat = rows.view(-1)
-        return [flat[f * self.width:f * self.width + n] for f, n in zip(self.firsts, self.numels)]
+        return [flat[f * self.width:f * self.width + n] for f, (_, _, n) in zip(self.firsts, self.pieces)]
+
+    @staticmethod
+    def _source(tensor: torch.Tensor, start: int, numel: int) -> torch.Tensor:
+        flat = tensor.detach().reshape(-1)
+        return flat if start == 0 and numel == flat.numel() else flat[start:start + numel]
+
+
+def plan(tensors: Sequence[torch.Tensor], width: int) -> list[Bucket]:
+    """The buckets of one step over ``tensors`` (the params of one kind; rows of ``width`` elements):
+    in-place chunks of the whole rows of every contiguous tensor of at least ``IN_PLACE_MIN_NUMEL``
+    elements, then the rest (partial last rows, small or non-contiguous tensors) gathered, in order,
+    into buckets of at most ``CHUNK_NUMEL`` elements (a bigger non-contiguous tensor alone); a bucket
+    that would gather only one contiguous tensor of whole rows runs in place instead."""
+    return _plan(tuple((t.numel(), t.is_contiguous()) for t in tensors), width)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(shapes: tuple[tuple[int, bool], ...], width: int) -> list[Bucket]:
+    chunk_rows = max(CHUNK_NUMEL // width, 2)
+    buckets, gathered = [], []
+    for index, (numel, contiguous) in enumerate(shapes):
+        full = numel // width if contiguous and numel >= max(IN_PLACE_MIN_NUMEL, 2 * width) else 0
+        parts = -(-full // chunk_rows)
+        for k in range(parts):  # equal chunks (each >= 2 rows)
+            lo, hi = full * k // parts, full * (k + 1) // parts
+            buckets.append(Bucket(((index, lo * width, (hi - lo) * width),), width, True))
+        if numel > full * width:
+            gathered.append((index, full * width, numel - full * width))
+    runs: list[list[tuple[int, int, int]]] = []
+    for piece in gathered:
+        if not runs or (sum(-(-n // width) for _, _, n in runs[-1]) + -(-piece[2] // width)) * width > CHUNK_NUMEL:
+            runs.append([])
+        runs[-1].append(piece)
+    for run in runs:  # a run of one tensor's whole rows runs in place (no copies)
+        index, start, numel = run[0]
+        alone = len(run) == 1 and start == 0 and numel % width == 0 and numel >= 2 * width and shapes[index][1]
+        buckets.append(Bucket(tuple(run), width, bool(alone)))
+    return buckets

@@ -5,7 +5,8 @@
   in ``torch.compile(dynamic=True)`` (``"compiled"``, see :func:`cpu_compiled`) so one compiled graph
   serves every tensor size (no per-shape recompiles, the 12-minute torchao failure mode) and the many
   elementwise ops fuse into one loop; small tensors (or compilation turned off) run it eagerly
-  (``"eager"``).
+  (``"eager"``). AdamW8bit and SGD step their CPU tensors in buckets (``cpu_buckets``: many tensors
+  per call, big ones in place by chunks), each bucket compiled or eager as :func:`choose_bucket` says.
 * The caller may demand the eager reference (``eager=True``): the optimizer layer does so for
   sharded (DTensor) params, whose sums are completed across ranks by the reference.
 

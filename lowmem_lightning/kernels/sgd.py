@@ -46,10 +46,19 @@ from .codec import (
     encode_signed,
     encode_signed_reference,
 )
-from .cpu_buckets import Bucket, split
+from .cpu_buckets import plan
 from .dispatch import choose_bucket, cpu_compiled, scalar_args, use_triton
 from .multitensor import PARAM_GRAD_DTYPE_PAIRS, aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
-from .rounding import index_seed, index_seed_reference, masked_reference, store_param, write_param_reference
+from .rounding import (
+    SEED_INDEX,
+    SEED_MASK,
+    SEED_STEP,
+    index_seed,
+    index_seed_reference,
+    masked_reference,
+    store_param,
+    write_param_reference,
+)
 
 __all__ = ["ROWS", "sgd_reference", "sgd_update"]
 
@@ -238,25 +247,25 @@ _BUCKET_STEPS = {mode: cpu_compiled(fn) for mode, fn in
 """The bucket steps by momentum mode, each its own code object (own compile cache), compiled on first use."""
 
 
-def _reference_update(params, grads, bufs, absmaxes, steps, tensor_indices, hp: torch.Tensor) -> None:
-    """The reference step of tensors whose flags are set, one call per bucket of a (param dtype, grad
-    dtype, momentum mode) group (:mod:`.cpu_buckets`; compiled or eager as ``choose_bucket`` says)."""
-    steps = torch.stack(steps)
-    firsts = steps == 1
-    seeds = index_seed_reference(steps, torch.tensor(tensor_indices, dtype=torch.int64, device=steps.device))
+def _reference_update(params, grads, bufs, absmaxes, steps: list[float], tensor_indices, hp: torch.Tensor) -> None:
+    """The reference step of tensors whose flags are set: per (param dtype, grad dtype, momentum mode)
+    group, one call per bucket of :func:`.cpu_buckets.plan` (compiled or eager: ``choose_bucket``)."""
+    firsts = torch.tensor([t == 1 for t in steps], device=hp.device)
+    # index_seed_reference(step, index) = (step * SEED_STEP + index * SEED_INDEX) & SEED_MASK, host ints
+    seeds = torch.tensor([(int(t) * SEED_STEP + i * SEED_INDEX) & SEED_MASK for t, i in zip(steps, tensor_indices)],
+                         dtype=torch.int64, device=hp.device)
     modes = ["plain" if b is None else ("fp32" if a is None else "int8") for b, a in zip(bufs, absmaxes)]
     groups: dict[tuple, list[int]] = {}
     for i, param in enumerate(params):
         groups.setdefault((modes[i], param.dtype, grads[i].dtype), []).append(i)
     for (mode, *_), idx in groups.items():
-        for run in split([params[i].numel() for i in idx]):
-            chosen = [idx[j] for j in run]
-            _bucket(mode, *([seq[i] for i in chosen] for seq in (params, grads, bufs, absmaxes)), hp,
-                    firsts[chosen], seeds[chosen])
+        group = [[seq[i] for i in idx] for seq in (params, grads, bufs, absmaxes)]
+        mine = (firsts, seeds) if len(idx) == len(params) else (firsts[idx], seeds[idx])
+        for layout in plan(group[0], BLOCK_SIZE):
+            _bucket(layout, mode, *group, hp, *mine)
 
 
-def _bucket(mode, params, grads, bufs, absmaxes, hp, firsts, seeds) -> None:
-    layout = Bucket([p.numel() for p in params], BLOCK_SIZE)
+def _bucket(layout, mode, params, grads, bufs, absmaxes, hp, firsts, seeds) -> None:
     p = layout.rows_of(params)  # zero padding: d = g + weight_decay * p enters the 8-bit block maxima
     state = [] if mode == "plain" else [layout.rows_of(bufs)]
     if mode == "int8":
@@ -310,10 +319,11 @@ def sgd_update(
         else:
             on_reference.setdefault(param.device, []).append(i)
     for device, idx in on_reference.items():
-        live = [i for i, ok in zip(idx, torch.stack([flags[i] for i in idx]).tolist()) if ok and params[i].numel()]
+        host = torch.stack([flags[i] for i in idx] + [steps[i] for i in idx]).tolist()  # one read, no device sync
+        live = [(i, t) for i, ok, t in zip(idx, host[:len(idx)], host[len(idx):]) if ok and params[i].numel()]
         if live:
-            _reference_update(*([seq[i] for i in live] for seq in (params, grads, bufs, absmaxes, steps,
-                                                                   tensor_indices)),
+            _reference_update(*([seq[i] for i, _ in live] for seq in (params, grads, bufs, absmaxes)),
+                              [t for _, t in live], [tensor_indices[i] for i, _ in live],
                               scalar_args(*hyper, device=device))
     for (_, _, _, has_momentum, quantized, aligned), idx in buckets.items():
         _launch([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
