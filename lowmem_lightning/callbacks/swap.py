@@ -18,6 +18,9 @@ Rules when an optimizer is rebuilt (:func:`rebuild_param_groups`):
   kept per group, and warned about when its kind changes (coupled L2 <-> decoupled); a chosen
   setting with no equivalent is dropped and named in the one warning of the fit; settings left at
   their defaults take the new optimizer's defaults;
+* the new optimizer's ``defaults`` are the module optimizer's, translated the same way (the callback
+  does this after building it), so a group added later with ``add_param_group`` (Lightning's
+  ``BackboneFinetuning``) gets what the module's optimizer would have given it;
 * a new base ``lr`` rescales every group and its scheduler by ``lr / old_default_lr``, so per-group LR
   ratios and the schedule's current position are kept (``StepLR(2, 0.5)`` over ``lr=1e-3`` gives
   ``1.25e-4`` after 6 steps, whatever lr the module had asked for);
