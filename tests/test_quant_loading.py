@@ -81,6 +81,9 @@ def test_full_precision_tensors_are_released_as_soon_as_they_are_quantized(check
         def keys(self):
             return self._inner.keys()
 
+        def get_slice(self, key):
+            return self._inner.get_slice(key)
+
         def get_tensor(self, key):
             tensor = self._inner.get_tensor(key)
             ref = weakref.ref(tensor)

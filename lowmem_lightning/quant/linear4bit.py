@@ -41,10 +41,77 @@ from lowmem_lightning.kernels.nf4 import (
 )
 
 __all__ = ["Linear4bit", "NF4WeightHandle", "LoadedIn4bit", "quantize_model", "linear4bit_bytes",
-           "mark_loaded_in_4bit"]
+           "mark_loaded_in_4bit", "NonFiniteWeightError"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _QUANT_BUFFERS = ("qweight", "absmax", "qscale", "scale_step", "scale_mean")
+
+
+class NonFiniteWeightError(ValueError):
+    """Weights holding nan or +-inf, refused before they are quantized or loaded.
+
+    One non-finite element in a weight poisons its NF4 block scale, and with double quantization the
+    scale statistics of the whole tensor, so every element decodes to nan: the layer is lost for good
+    and nothing says where it came from. ``counts`` maps each refused tensor's qualified name to its
+    number of non-finite elements; ``path`` is the file it came from (None for an in-memory model).
+    """
+
+    def __init__(self, message: str, counts: dict[str, int], path: str | None = None) -> None:
+        super().__init__(message)
+        self.counts = dict(counts)
+        self.path = path
+
+
+def _nonfinite_flag(tensor: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool on ``tensor``'s device, true when ``tensor`` holds a nan or +-inf.
+
+    One max-|x| reduction (nan propagates through it on CPU and CUDA): no full-size temporary and no
+    host synchronisation, so a loader can flag every tensor and read all flags once at the end.
+    """
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return torch.zeros((), dtype=torch.bool, device=tensor.device)
+    return ~torch.isfinite(torch.linalg.vector_norm(tensor.detach(), float("inf")))
+
+
+def _flagged(flags: list[torch.Tensor]) -> list[int]:
+    """Indices of the true flags; one device-to-host copy per device (usually one in all)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, flag in enumerate(flags):
+        by_device.setdefault(flag.device, []).append(i)
+    hits = []
+    for indices in by_device.values():
+        values = torch.stack([flags[i] for i in indices]).cpu()
+        hits += [i for i, hit in zip(indices, values.tolist()) if hit]
+    return sorted(hits)
+
+
+def _describe_nonfinite(tensor: torch.Tensor) -> tuple[int, str]:
+    """(count, "N nan, N +inf, N -inf of TOTAL elements") of ``tensor``; a host sync (error path only)."""
+    t = tensor.detach()
+    nan, pos, neg = (int(f(t).sum()) for f in (torch.isnan, torch.isposinf, torch.isneginf))
+    parts = [f"{n} {what}" for n, what in ((nan, "nan"), (pos, "+inf"), (neg, "-inf")) if n]
+    count = nan + pos + neg
+    return count, f"{count} non-finite element{'s' if count != 1 else ''} ({', '.join(parts)}) of {t.numel()}"
+
+
+def _refuse_nonfinite(named: list[tuple[str, torch.Tensor]], what: str) -> None:
+    """Raise :class:`NonFiniteWeightError` naming every tensor of ``named`` that holds a nan or +-inf.
+
+    Flags all tensors first and synchronises once (``what`` says who refuses, for the message)."""
+    hits = _flagged([_nonfinite_flag(t) for _, t in named])
+    if not hits:
+        return
+    counts, lines = {}, []
+    for i in hits:
+        name, tensor = named[i]
+        counts[name], text = _describe_nonfinite(tensor)
+        lines.append(f"{name}: {text}")
+    raise NonFiniteWeightError(
+        f"{what} refused {len(hits)} tensor{'s' if len(hits) > 1 else ''} holding nan/inf: {'; '.join(lines)}. "
+        "Quantizing a non-finite weight makes its whole NF4 block (with double quantization: every element "
+        "sharing its scale statistics) decode to nan; fix or re-export the weights. Nothing was changed.",
+        counts,
+    )
 
 
 def linear4bit_bytes(in_features: int, out_features: int, block_size: int = 64, double_quant: bool = True) -> int:
@@ -259,10 +326,18 @@ class Linear4bit(nn.Linear):
         """Quantize ``linear`` (its weight on its own device: Triton on CUDA) into a new ``Linear4bit``.
 
         ``weight_dtype`` becomes the linear's weight dtype; the bias is copied. A weight on the meta
-        device gives a meta layer (shapes only, nothing computed).
+        device gives a meta layer (shapes only, nothing computed). A weight or bias holding a nan or
+        +-inf raises :class:`NonFiniteWeightError` (counts per tensor) before anything is quantized.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}.")
+        if linear.weight.device.type != "meta":
+            _refuse_nonfinite(_linear_tensors("linear", linear), "Linear4bit.from_linear")
+        return cls._quantized_copy(linear, block_size, double_quant, compute_dtype)
+
+    @classmethod
+    def _quantized_copy(cls, linear: nn.Linear, block_size, double_quant, compute_dtype) -> Linear4bit:
+        """``from_linear`` without the finite check (``quantize_model`` checks every layer at once)."""
         weight = linear.weight
         if weight.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"Invalid linear.weight.dtype={weight.dtype}: expected float32, bfloat16 or float16.")
@@ -455,6 +530,13 @@ def quantize_model(
     A layer is kept when its qualified name equals an entry of ``skip`` or ends with ``"." + entry``
     (``"lm_head"`` keeps ``model.lm_head``). Each weight is quantized on its own device (Triton on
     CUDA) and released as soon as its layer is replaced; meta weights give meta layers (shapes only).
+
+    Before any layer is replaced, the weight and bias of every layer to quantize are checked for nan /
+    +-inf (one max-|x| reduction each, one host sync for all): any found raise
+    :class:`NonFiniteWeightError` naming each tensor (``model.layers.3.mlp.down_proj.weight``) and its
+    count, and ``model`` is left unchanged. Other parameters (embeddings, norms, skipped layers) are not
+    transformed here and not checked; :func:`~lowmem_lightning.quant.load_pretrained_causal_lm` checks
+    every tensor it reads.
     """
     skip = _check_skip(skip)
     _check_options(block_size, double_quant, compute_dtype)
@@ -464,13 +546,24 @@ def quantize_model(
         (name, module) for name, module in model.named_modules()
         if type(module) is nn.Linear and not _is_skipped(name, skip)
     ]
+    named = [pair for name, linear in targets if linear.weight.device.type != "meta"
+             for pair in _linear_tensors(name, linear)]
+    _refuse_nonfinite(named, "quantize_model")
+    del named
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Linear4bit.from_linear(linear, block_size, double_quant, compute_dtype))
+        setattr(parent, child, Linear4bit._quantized_copy(linear, block_size, double_quant, compute_dtype))
     if targets:
         mark_loaded_in_4bit(model)
     return model
+
+
+def _linear_tensors(name: str, linear: nn.Linear) -> list[tuple[str, torch.Tensor]]:
+    """(qualified name, tensor) of ``linear``'s weight and bias (when it has one)."""
+    prefix = f"{name}." if name else ""
+    pairs = [(f"{prefix}weight", linear.weight)]
+    return pairs + ([(f"{prefix}bias", linear.bias)] if linear.bias is not None else [])
 
 
 def mark_loaded_in_4bit(model: nn.Module) -> nn.Module:

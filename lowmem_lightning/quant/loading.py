@@ -6,6 +6,16 @@ swapped for empty meta :class:`Linear4bit` layers, and then the safetensors shar
 tensor at a time: a linear weight is quantized to NF4 and dropped, any other tensor becomes the
 parameter. Peak host memory is therefore about the 4-bit model plus the full-precision tensors kept
 (embeddings, norms, skipped layers) plus one tensor being quantized, never the whole bf16 model.
+
+Bad files name themselves (:class:`ModelFileError`, a ``ValueError``): the directory, ``config.json``
+and the index are parsed, and every safetensors header is read and checked against the model (names,
+shapes, dtypes, missing tensors) before any tensor data is read or quantized. A missing, empty,
+truncated, garbled or foreign file is refused naming the file and what is wrong with it; no model is
+returned. Values are checked as they stream: every floating tensor read (quantized or kept dense: a
+nan in a norm weight is as fatal as one in a projection, and quantizing one spreads it over its whole
+scale group) gets a nan/inf flag on the device, one max-|x| reduction; all flags are read with one
+host sync after the last shard, and any hit raises :class:`NonFiniteCheckpointError` naming the
+tensor, its count of non-finite elements and its file.
 """
 
 from __future__ import annotations
@@ -17,30 +27,184 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
-from .linear4bit import Linear4bit, _check_options, _check_skip, _is_skipped, mark_loaded_in_4bit
+from .linear4bit import (
+    _QUANT_BUFFERS,
+    Linear4bit,
+    NonFiniteWeightError,
+    _check_options,
+    _check_skip,
+    _describe_nonfinite,
+    _flagged,
+    _is_skipped,
+    _nonfinite_flag,
+    mark_loaded_in_4bit,
+)
 
-__all__ = ["load_pretrained_causal_lm", "random_causal_lm", "checkpoint_files"]
+__all__ = ["load_pretrained_causal_lm", "random_causal_lm", "checkpoint_files", "ModelFileError",
+           "NonFiniteCheckpointError"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOAT_CODES = {"F16", "BF16", "F32", "F64"}  # safetensors dtype codes a floating model tensor may come in
+
+
+class ModelFileError(ValueError):
+    """A file (or the directory) of a model checkpoint is missing, unreadable, damaged or foreign.
+
+    ``path`` names it and the message says what is wrong. Raised by :func:`load_pretrained_causal_lm`
+    before any tensor is read or quantized whenever the problem shows in ``config.json``, the index or
+    a safetensors header. A ``ValueError``, so the ``lowmem`` CLI reports it in one line, exit code 2.
+    """
+
+    def __init__(self, path: str | Path, problem: str, what: str = "Model file") -> None:
+        self.path = str(path)
+        ValueError.__init__(self, f"{what} {self.path} {problem}")
+
+
+class NonFiniteCheckpointError(ModelFileError, NonFiniteWeightError):
+    """Checkpoint tensors holding nan/+-inf: both a :class:`ModelFileError` (``path``: the first file
+    holding one) and a :class:`~lowmem_lightning.quant.NonFiniteWeightError` (``counts``: non-finite
+    elements per model tensor name)."""
+
+    def __init__(self, path: str | Path, problem: str, counts: dict[str, int]) -> None:
+        ModelFileError.__init__(self, path, problem, what="Checkpoint")
+        self.counts = dict(counts)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The safetensors files of checkpoint directory ``path``: the shards listed in
-    ``model.safetensors.index.json`` (in order), or ``model.safetensors``."""
-    path = Path(path)
+    ``model.safetensors.index.json`` (in order), or ``model.safetensors``.
+
+    Raises :class:`ModelFileError` naming the file when the index is not valid JSON or has no
+    ``weight_map``, when a shard it lists is missing, or when the directory holds neither."""
+    return _checkpoint_layout(Path(path))[0]
+
+
+def _checkpoint_layout(path: Path) -> tuple[list[Path], dict[str, str]]:
+    """(safetensors files, index weight_map: tensor name -> shard file name; empty for one file)."""
     index = path / _INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in dict.fromkeys(weight_map.values())]
-    if (path / _SINGLE).is_file():
-        return [path / _SINGLE]
-    raise ValueError(f"Invalid path={str(path)!r}: no {_INDEX} or {_SINGLE} found (safetensors checkpoints only).")
+    if index.exists():
+        weight_map = _load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise ModelFileError(index, "has no 'weight_map' object mapping tensor names to shard file names.")
+        shards = list(dict.fromkeys(weight_map.values()))
+        absent = [name for name in shards if not (path / name).is_file()]
+        if absent:
+            listed = sum(v == absent[0] for v in weight_map.values())
+            more = f" ({len(absent) - 1} more listed shards are missing too: {absent[1:4]})" if len(absent) > 1 else ""
+            state = "is not a regular file" if (path / absent[0]).exists() else "does not exist"
+            raise ModelFileError(path / absent[0], f"{state}, but {_INDEX} lists it for {listed} tensors{more}.",
+                                 what="Shard")
+        return [path / name for name in shards], weight_map
+    single = path / _SINGLE
+    if single.exists():
+        if not single.is_file():
+            raise ModelFileError(single, "is not a regular file.")
+        return [single], {}
+    raise ModelFileError(path, _no_weights_reason(path), what="Model directory")
+
+
+def _no_weights_reason(path: Path) -> str:
+    names = sorted(p.name for p in path.iterdir())
+    shards = [n for n in names if n.endswith(".safetensors")]
+    pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth"))]
+    if shards:
+        return (f"has {len(shards)} .safetensors files ({shards[:3]}) but neither {_INDEX}, which names the shards, "
+                f"nor {_SINGLE}.")
+    if pickles:
+        return (f"holds PyTorch pickle weights ({pickles[:3]}), not safetensors: re-save them with "
+                "save_pretrained(..., safe_serialization=True).")
+    return f"has no {_INDEX} or {_SINGLE} (safetensors checkpoints only)."
+
+
+def _load_json(file: Path) -> dict:
+    """The JSON object in ``file``; :class:`ModelFileError` naming it when unreadable, empty or not an object."""
+    if not file.is_file():
+        raise ModelFileError(file, "does not exist." if not file.exists() else "is not a regular file.")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelFileError(file, f"cannot be read as UTF-8 text ({err}).") from None
+    if not text.strip():
+        raise ModelFileError(file, f"is empty ({len(text)} bytes); expected a JSON object.")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelFileError(file, f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}).") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(file, f"holds a JSON {type(value).__name__}; expected an object.")
+    return value
+
+
+def _read_config(path: Path):
+    """``path``'s ``config.json`` as a transformers config; :class:`ModelFileError` naming what is wrong."""
+    from transformers import AutoConfig
+
+    if not path.is_dir():
+        state = "is not a directory" if path.exists() else "does not exist"
+        raise ModelFileError(path, f"{state}; expected a directory with config.json and safetensors.",
+                             what="Model directory")
+    file = path / "config.json"
+    if not file.exists():
+        raise ModelFileError(file, "does not exist; a model directory needs the config.json that save_pretrained "
+                             "writes next to the safetensors.")
+    if "model_type" not in _load_json(file):
+        raise ModelFileError(file, "has no 'model_type', so transformers cannot tell which model it describes.")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelFileError(file, f"cannot be read by transformers ({type(err).__name__}: {err}).") from None
+
+
+def _safetensors_problem(file: Path, err: Exception) -> str:
+    """Why safetensors refused ``file``: empty, too short, truncated, trailing bytes, or not safetensors."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = handle.read(length) if 0 < length <= size - 8 else b""
+    except OSError as os_err:
+        return f"cannot be read ({os_err})."
+    if size == 0:
+        return "is empty (0 bytes); expected a safetensors file."
+    if size < 8:
+        return f"has {size} bytes, too few for a safetensors header."
+    if not header:
+        return (f"is not a safetensors file or is cut short: its first 8 bytes announce a {length}-byte header, "
+                f"the file has {size} bytes.")
+    try:
+        entries = json.loads(header)
+        end = 8 + length + max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"is not a safetensors file: its header is not safetensors JSON (safetensors says: {err})."
+    if end > size:
+        return f"is truncated: its header describes {end} bytes, the file has {size} ({end - size} missing)."
+    if end < size:
+        return f"has {size - end} bytes after the tensor data its header describes (damaged or not safetensors)."
+    return f"is not a readable safetensors file (safetensors says: {err})."
+
+
+def _read_headers(files: list[Path]) -> dict[Path, dict[str, tuple[str, tuple[int, ...]]]]:
+    """Every file's tensors, ``{key: (safetensors dtype code, shape)}``, from the headers only (no data)."""
+    headers = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as shard:
+                headers[file] = {
+                    key: (view.get_dtype(), tuple(view.get_shape()))
+                    for key in shard.keys() for view in (shard.get_slice(key),)
+                }
+        except (SafetensorError, OSError) as err:
+            raise ModelFileError(file, _safetensors_problem(file, err)) from None
+    return headers
 
 
 @contextlib.contextmanager
@@ -127,6 +291,129 @@ def _still_on_meta(model: nn.Module) -> list[str]:
     return [name for name, t in tensors if t.device.type == "meta"]
 
 
+def _expected(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor name the model loads (state dict plus each ``Linear4bit``'s ``weight``) -> a tensor
+    with its shape and dtype (meta or real)."""
+    tensors = dict(model.state_dict(keep_vars=True))
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            prefix = f"{name}." if name else ""
+            tensors[f"{prefix}weight"] = torch.empty(module.out_features, module.in_features,
+                                                     dtype=module.weight_dtype, device="meta")
+    return tensors
+
+
+def _required(model: nn.Module) -> list[set[str]]:
+    """The tensors still to be loaded, as sets of names any one of which provides it (tied weights
+    share one tensor under several names); a ``Linear4bit``'s codes come from its ``weight``."""
+    groups: dict[int, set[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            groups[id(module)] = {f"{name}.weight" if name else "weight"}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        module_name, _, leaf = name.rpartition(".")
+        if tensor.device.type != "meta" or (
+            leaf in _QUANT_BUFFERS and isinstance(model.get_submodule(module_name), Linear4bit)
+        ):
+            continue
+        groups.setdefault(id(tensor), set()).add(name)
+    return list(groups.values())
+
+
+def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[Path, str, str]], list[str]]:
+    """Match every checkpoint tensor to the model from the headers alone, before any data is read.
+
+    Returns ([(file, checkpoint key, model name)], unexpected keys). :class:`ModelFileError` naming the
+    file for a tensor of the wrong shape or of a non-floating dtype where the model has a floating
+    tensor, and for tensors the model needs that no file holds."""
+    expected = _expected(model)
+    names = set(expected)
+    plan, unexpected = [], []
+    for file, header in headers.items():
+        for key, (code, shape) in header.items():
+            target = _model_key(model, key, names)
+            if target is None:
+                if not ignored.search(key):
+                    unexpected.append(key)
+                continue
+            want = expected[target]
+            if shape != tuple(want.shape):
+                raise ModelFileError(file, f"holds {key!r} with shape {shape}, but the model config.json describes "
+                                     f"expects {tuple(want.shape)}: the file belongs to another model, or config.json "
+                                     "does not match it.")
+            if want.is_floating_point() and code not in _FLOAT_CODES:
+                raise ModelFileError(file, f"holds {key!r} as {code}; the model expects a floating-point tensor "
+                                     "(a quantized or foreign checkpoint?).")
+            plan.append((file, key, target))
+    provided = {target for _, _, target in plan}
+    missing = sorted(min(group) for group in _required(model) if not group & provided)
+    if missing:
+        _refuse_missing(path, missing, weight_map, headers)
+    return plan, unexpected
+
+
+def _refuse_missing(path: Path, missing: list[str], weight_map: dict[str, str], headers) -> None:
+    """Raise :class:`ModelFileError` for model tensors no checkpoint file holds, naming the shard the
+    index promised one in when it did."""
+    prefixes = ("", "model.")
+    promised = next(((name, weight_map[k]) for name in missing for p in prefixes
+                     for k in (p + name, name.removeprefix(p)) if k in weight_map), None)
+    held = sum(len(h) for h in headers.values())
+    text = (f"lacks {len(missing)} tensor{'s' if len(missing) > 1 else ''} the model of config.json needs "
+            f"(e.g. {missing[:5]}); its {len(headers)} file{'s' if len(headers) > 1 else ''} hold {held} tensors.")
+    if promised is not None:
+        raise ModelFileError(path / promised[1], f"does not hold {promised[0]!r}, which {_INDEX} maps to it: the "
+                             f"checkpoint {text}", what="Shard")
+    raise ModelFileError(path, text, what="Checkpoint")
+
+
+def _get_tensor(shard, file: Path, key: str) -> torch.Tensor:
+    try:
+        return shard.get_tensor(key)
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(file, f"cannot deliver tensor {key!r} ({err}).") from None
+
+
+def _refuse_nonfinite(flags: list[tuple[Path, str, str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """One host sync over all tensors' nan/inf flags; any hit raises :class:`NonFiniteCheckpointError`
+    naming the tensor, its file and its non-finite count (re-read from the file: error path only)."""
+    hits = _flagged([flag for *_, flag in flags])
+    if not hits:
+        return
+    counts, lines = {}, []
+    for i in hits:
+        file, key, target, _ = flags[i]
+        with safe_open(str(file), framework="pt", device="cpu") as shard:
+            tensor = _get_tensor(shard, file, key)
+        counts[target], text = _describe_nonfinite(tensor)
+        if counts[target] == 0:  # finite in the file, beyond the range of the load dtype
+            counts[target], text = _describe_nonfinite(tensor.to(dtype))
+            text += f" after conversion from {tensor.dtype} to {dtype} (values beyond its range)"
+        alias = "" if key == target else f" (key {key!r})"
+        lines.append(f"{target}{alias} in {file.name}: {text}")
+    first = flags[hits[0]][0]
+    raise NonFiniteCheckpointError(
+        first.parent, f"holds nan/inf in {len(hits)} tensor{'s' if len(hits) > 1 else ''}: {'; '.join(lines)}. "
+        "Refused at load: a non-finite weight poisons training, and quantizing one makes its whole NF4 block "
+        "(with double quantization every element sharing its scale statistics) decode to nan. "
+        "Fix or re-export the checkpoint.", counts,
+    )
+
+
+def _build(config, path: Path, dtype: torch.dtype) -> nn.Module:
+    """The model of ``config`` with meta parameters; :class:`ModelFileError` on ``config.json`` when
+    transformers cannot build it (a foreign or inconsistent config)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _parameters_on_meta():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ModelFileError(path / "config.json", f"describes a model transformers cannot build as a causal LM "
+                             f"({type(err).__name__}: {err}).") from None
+
+
 def load_pretrained_causal_lm(
     path: str | Path,
     quantize: str | None = "nf4",
@@ -143,15 +430,21 @@ def load_pretrained_causal_lm(
     CUDA) as its weight is read; ``None`` loads full precision. Other tensors are cast to
     ``torch_dtype``. The result equals ``quantize_model(AutoModelForCausalLM.from_pretrained(path,
     dtype=torch_dtype), skip, ...)`` while peak host memory stays near the 4-bit model plus the
-    unquantized tensors plus one tensor. Raises ValueError if a model tensor is missing from the
-    checkpoint (tied weights excepted); checkpoint tensors the model has no place for are skipped with
+    unquantized tensors plus one tensor. Checkpoint tensors the model has no place for are skipped with
     a warning (obsolete ones, like per-layer ``rotary_emb.inv_freq``, silently).
+
+    Raises :class:`ModelFileError` (a ValueError) naming the file, before any tensor data is read,
+    for: a missing directory or ``config.json``; an empty, garbled or foreign ``config.json`` or
+    index; a shard the index lists that is missing; an empty, truncated or non-safetensors file; a
+    tensor of the wrong shape or dtype; tensors the model needs that no file holds (tied weights
+    excepted). Raises :class:`NonFiniteCheckpointError` after the last shard when any floating tensor
+    read (quantized or kept dense) holds a nan or +-inf, or overflows ``torch_dtype``, naming each
+    such tensor, its file and its non-finite count (one host sync for all tensors). No model is
+    returned in either case.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"Invalid path={str(path)!r}: expected a directory with config.json and safetensors.")
     if quantize not in (None, "nf4"):
         raise ValueError(f"Invalid quantize={quantize!r}: expected 'nf4' or None.")
     dtype = _DTYPES.get(torch_dtype, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
@@ -159,36 +452,49 @@ def load_pretrained_causal_lm(
         raise ValueError(f"Invalid torch_dtype={torch_dtype!r}: expected float32, bfloat16 or float16.")
     skip = _check_skip(skip)
     _check_options(block_size, double_quant, None)
-    files = checkpoint_files(path)
-
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    config = _read_config(path)
+    files, weight_map = _checkpoint_layout(path)
+    headers = _read_headers(files)
+    model = _build(config, path, dtype)
     if quantize == "nf4":
         _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype)
-    names = set(model.state_dict(keep_vars=True)) | {
-        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Linear4bit)
-    }
-    ignored = _ignored_keys(model)
-    unexpected = []
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as shard:
-            for key in shard.keys():
-                target = _model_key(model, key, names)
-                if target is None or not _place(model, target, shard.get_tensor(key), dtype, device):
-                    if not ignored.search(key):
-                        unexpected.append(key)
+    plan, unexpected = _plan(model, path, headers, weight_map, _ignored_keys(model))
+    flags = _stream(model, plan, dtype, device)
+    _refuse_nonfinite(flags, dtype)
     if unexpected:
         warnings.warn(f"Checkpoint {str(path)!r} has {len(unexpected)} tensors the model does not use, "
                       f"e.g. {unexpected[:5]}; they were skipped.", stacklevel=2)
     model.tie_weights()
     missing = _still_on_meta(model)
     if missing:
-        raise ValueError(f"Checkpoint {str(path)!r} lacks tensors the model needs: {missing[:5]}.")
+        raise ModelFileError(path, f"lacks tensors the model needs: {missing[:5]}.", what="Checkpoint")
     if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise ModelFileError(path / "generation_config.json", f"cannot be read by transformers ({err}).") from None
     model.to(device)
     return model.eval()
+
+
+def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tensor]]:
+    """Read the planned tensors file by file into ``model`` (quantizing ``Linear4bit`` weights); returns
+    a nan/inf flag (a 0-dim device bool, not yet read) per floating tensor read."""
+    flags = []
+    for file in dict.fromkeys(file for file, _, _ in plan):
+        try:
+            shard_cm = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise ModelFileError(file, _safetensors_problem(file, err)) from None
+        with shard_cm as shard:
+            for _, key, target in (entry for entry in plan if entry[0] == file):
+                tensor = _get_tensor(shard, file, key)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(device=device, dtype=dtype)
+                    flags.append((file, key, target, _nonfinite_flag(tensor)))
+                _place(model, target, tensor, dtype, device)
+                del tensor
+    return flags
 
 
 def random_causal_lm(
