@@ -44,8 +44,6 @@ standalone quantize/dequantize Triton kernels, their PyTorch reference, and the 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -106,8 +104,9 @@ _SQRT_FLOOR = tl.constexpr(SQRT_FLOOR)
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
 _MAGIC = tl.constexpr(MAGIC_ROUND)
 _MAGIC_BITS = tl.constexpr(0x4B400000)
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-"""Read once at import, like triton itself: the interpreter cannot run inline PTX (:func:`_rcp_approx`)."""
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+"""Whether ``@triton.jit`` builds interpreted functions (triton's own switch, ``TRITON_INTERPRET``,
+read as this module's kernels are decorated): the interpreter cannot run inline PTX (:func:`_rcp_approx`)."""
 
 
 def num_blocks(numel: int, block_size: int = BLOCK_SIZE) -> int:
