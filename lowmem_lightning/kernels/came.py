@@ -49,6 +49,7 @@ from .factored import (
     TILES,
     as_blocks,
     block_direction,
+    block_of,
     clip_divisor_reference,
     col_tile,
     copy_back,
@@ -104,11 +105,15 @@ def _res_stats_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """Instability statistics: program = ``BLOCK_R`` rows of batch ``b`` over all columns; ``u = ((rf * cf)
-    * g) * (1 / d)`` and the new momentum in registers, row sums of ``s = (u - m)^2 + eps2`` (+ row
-    EMA ``sr``) and column partials. Multiplies only (``rf``, ``cf``, ``1 / d`` precomputed)."""
+    * g) * (1 / d)`` and the new momentum ``m``, row sums of ``s = (u - m)^2 + eps2`` (+ row EMA ``sr``)
+    and column partials. Multiplies only (``rf``, ``cf``, ``1 / d`` precomputed). An fp32 momentum is
+    stored here (bit for bit what the update would recompute), so the update pass reads ``m`` alone
+    instead of ``g`` and the old ``m``; an 8-bit one is recomputed there (its update uses the fp32
+    ``m`` before quantization, which only this pass and the update have in registers)."""
     pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
     rf = tl.load(rf_ptr + grow, mask=rmask, other=0.0)
     inv_d = tl.load(scal_ptr + 2)
+    finite = tl.load(flag_ptr) != 0.0
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols, cmask, m2, offs = col_tile(grow, rmask, c0, C, BLOCK_C)
@@ -120,7 +125,10 @@ def _res_stats_kernel(
                                 tl.load(absmax_ptr + offs // 256, mask=m2, other=0.0))
         else:
             old = tl.load(m_ptr + offs, mask=m2, other=0.0)
-        diff = u - ema(old, u, beta1, one_minus_beta1)
+        m = ema(old, u, beta1, one_minus_beta1)
+        if not QUANTIZED:  # the new fp32 momentum, stored here: the update pass reads it, not g and old m
+            tl.store(m_ptr + offs, tl.where(finite, m, old), mask=m2)  # unchanged when not finite
+        diff = u - m
         s = tl.where(m2, diff * diff + eps2, 0.0)
         acc += tl.sum(s, axis=1)
         tl.store(colpart_ptr + pid.to(tl.int64) * C + cols, tl.sum(s, axis=0), mask=cmask)
@@ -159,10 +167,14 @@ def _came_update_kernel(
     the second-moment factors; flat: ``v``) times ``1 / d``, the momentum (stored), the confidence
     factors ``srf``/``scf`` of the instability statistics applied to ``m``, weight decay, the param.
     No per-element division; the flat path's ``inv_sqrt`` is correctly rounded and branch-free."""
-    pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
-                                                 inv_r_hi, inv_r_lo, FACTORED, BLOCK)
-    u = u * tl.load(scal_ptr + 2)
-    m = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, QUANTIZED)
+    if FACTORED and not QUANTIZED:  # _res_stats_kernel stored the new fp32 momentum
+        pid, offs, finite, mask = block_of(flag_ptr, n, BLOCK)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    else:
+        pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
+                                                     inv_r_hi, inv_r_lo, FACTORED, BLOCK)
+        u = u * tl.load(scal_ptr + 2)
+        m = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, QUANTIZED)
     if FACTORED:
         upd = factored_u(m, offs, mask, srf_ptr, scf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
     else:

@@ -139,15 +139,22 @@ def factored_u(g, offs, mask, rf_ptr, cf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, i
 
 
 @triton.jit
+def block_of(flag_ptr, n, BLOCK: tl.constexpr):
+    """This program's codec block: ``(pid, offs, finite, mask)``; ``mask`` is empty when the gradient is
+    not finite (``flag == 0``)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    finite = tl.load(flag_ptr) != 0.0
+    return pid, offs, finite, offs < tl.where(finite, n, 0)
+
+
+@triton.jit
 def block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo,
                     FACTORED: tl.constexpr, BLOCK: tl.constexpr):
     """This program's codec block: ``(pid, offs, finite, mask, u)`` with ``u`` the unclipped update,
     ``(rf * cf) * g`` (factored: ``v_ptr`` holds ``rf``, ``cf_ptr`` ``cf``) or ``g / sqrt(v)`` (``v`` full
     size); ``mask`` is empty when the gradient is not finite."""
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    finite = tl.load(flag_ptr) != 0.0
-    mask = offs < tl.where(finite, n, 0)  # no element when the gradient is not finite
+    pid, offs, finite, mask = block_of(flag_ptr, n, BLOCK)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FACTORED:
         u = factored_u(g, offs, mask, v_ptr, cf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
