@@ -72,7 +72,8 @@ class NonFiniteCheckpointError(ModelFileError, NonFiniteWeightError):
     elements per model tensor name)."""
 
     def __init__(self, path: str | Path, problem: str, counts: dict[str, int]) -> None:
-        ModelFileError.__init__(self, path, problem, what="Checkpoint")
+        ModelFileError.__init__(self, Path(path).parent, problem, what="Checkpoint")  # the message names the directory
+        self.path = str(path)
         self.counts = dict(counts)
 
 
@@ -137,7 +138,7 @@ def _load_json(file: Path) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ModelFileError(file, f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}).") from None
+        raise ModelFileError(file, f"is not valid JSON ({err.msg}: line {err.lineno} column {err.colno}).") from None
     if not isinstance(value, dict):
         raise ModelFileError(file, f"holds a JSON {type(value).__name__}; expected an object.")
     return value
@@ -159,7 +160,7 @@ def _read_config(path: Path):
         raise ModelFileError(file, "has no 'model_type', so transformers cannot tell which model it describes.")
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except Exception as err:  # any failure here is the file's: transformers' validators raise their own types
         raise ModelFileError(file, f"cannot be read by transformers ({type(err).__name__}: {err}).") from None
 
 
@@ -349,22 +350,27 @@ def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[P
     provided = {target for _, _, target in plan}
     missing = sorted(min(group) for group in _required(model) if not group & provided)
     if missing:
-        _refuse_missing(path, missing, weight_map, headers)
+        _refuse_missing(path, missing, weight_map, headers, unexpected)
     return plan, unexpected
 
 
-def _refuse_missing(path: Path, missing: list[str], weight_map: dict[str, str], headers) -> None:
+def _refuse_missing(path: Path, missing: list[str], weight_map: dict[str, str], headers, unexpected) -> None:
     """Raise :class:`ModelFileError` for model tensors no checkpoint file holds, naming the shard the
-    index promised one in when it did."""
+    index promised one in when it did (the file itself for a one-file checkpoint)."""
     prefixes = ("", "model.")
     promised = next(((name, weight_map[k]) for name in missing for p in prefixes
                      for k in (p + name, name.removeprefix(p)) if k in weight_map), None)
     held = sum(len(h) for h in headers.values())
+    files = f"{len(headers)} files hold" if len(headers) > 1 else "file holds"
+    unused = f", {len(unexpected)} of them unused (e.g. {unexpected[:3]})" if unexpected else ""
     text = (f"lacks {len(missing)} tensor{'s' if len(missing) > 1 else ''} the model of config.json needs "
-            f"(e.g. {missing[:5]}); its {len(headers)} file{'s' if len(headers) > 1 else ''} hold {held} tensors.")
+            f"(e.g. {missing[:5]}); its {files} {held} tensors{unused}: a checkpoint of another model, or "
+            "config.json does not match it.")
     if promised is not None:
-        raise ModelFileError(path / promised[1], f"does not hold {promised[0]!r}, which {_INDEX} maps to it: the "
+        raise ModelFileError(path / promised[1], f"does not hold {promised[0]!r}, which {_INDEX} maps to it; the "
                              f"checkpoint {text}", what="Shard")
+    if len(headers) == 1:
+        raise ModelFileError(next(iter(headers)), text)
     raise ModelFileError(path, text, what="Checkpoint")
 
 
@@ -394,7 +400,7 @@ def _refuse_nonfinite(flags: list[tuple[Path, str, str, torch.Tensor]], dtype: t
         lines.append(f"{target}{alias} in {file.name}: {text}")
     first = flags[hits[0]][0]
     raise NonFiniteCheckpointError(
-        first.parent, f"holds nan/inf in {len(hits)} tensor{'s' if len(hits) > 1 else ''}: {'; '.join(lines)}. "
+        first, f"holds nan/inf in {len(hits)} tensor{'s' if len(hits) > 1 else ''}: {'; '.join(lines)}. "
         "Refused at load: a non-finite weight poisons training, and quantizing one makes its whole NF4 block "
         "(with double quantization every element sharing its scale statistics) decode to nan. "
         "Fix or re-export the checkpoint.", counts,
