@@ -216,10 +216,10 @@ def test_shards_without_index_and_pickle_only_directories(ckpt):
     (None, "config.json does not exist"),
     ("", "config.json is empty"),
     ('{"model_type": "llama", "hidden_size": 6', "config.json is not valid JSON"),
-    ('{"hidden_size": 64}', "config.json has no 'model_type'"),
+    ('{"hidden_size": 64}', "config.json cannot be read by transformers (ValueError: Unrecognized model"),
     ('{"model_type": "no_such_model"}', "config.json cannot be read by transformers"),
     ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5, "vocab_size": 96}',
-     "config.json cannot be read by transformers"),
+     "not a multiple of the number of attention heads (5)"),
     ('{"model_type": "clip_vision_model"}', "config.json describes a model transformers cannot build as a causal LM"),
 ], ids=["missing", "empty", "garbled", "no-model-type", "unknown-model-type", "inconsistent", "not-a-causal-lm"])
 def test_bad_config_json_names_it(ckpt, quantized, text, needle):
@@ -230,6 +230,7 @@ def test_bad_config_json_names_it(ckpt, quantized, text, needle):
         config.write_text(text)
     err = _refused(ckpt, needle)
     assert err.path == str(config) and quantized == []
+    assert len(str(err)) < 600  # transformers' list of every model type is not repeated
 
 
 def test_config_of_another_size_is_refused_on_the_first_shape(ckpt, quantized):
@@ -296,6 +297,24 @@ def test_nonfinite_flags_are_read_with_one_sync_after_the_last_shard(ckpt, monke
     _refused(ckpt, DOWN, error=NonFiniteCheckpointError)
     floating = sum(len(_load(f)) for f in loading.checkpoint_files(ckpt))
     assert reads == [floating]  # one read of all flags, one flag per tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_flag_sees_any_position_dtype_and_layout(dtype):
+    from lowmem_lightning.quant.linear4bit import _nonfinite_flag
+
+    for n in (1, 63, 4097):
+        for pos in (0, n // 2, n - 1):
+            for value in (float("nan"), float("inf"), -float("inf")):
+                t = torch.randn(n).to(dtype)
+                t[pos] = value
+                assert bool(_nonfinite_flag(t)), (n, pos, value)
+        assert not bool(_nonfinite_flag(torch.randn(n).to(dtype) * 1e4))
+    strided = torch.randn(50, 70).to(dtype).t()
+    strided[3, 4] = float("nan")
+    assert bool(_nonfinite_flag(strided)) and _nonfinite_flag(strided).shape == ()
+    assert not bool(_nonfinite_flag(torch.empty(0, 5, dtype=dtype)))
+    assert not bool(_nonfinite_flag(torch.tensor([2**31 - 1], dtype=torch.int32)))  # only floats can be nan
 
 
 def test_what_the_check_prevents(ckpt):

@@ -65,12 +65,16 @@ class NonFiniteWeightError(ValueError):
 def _nonfinite_flag(tensor: torch.Tensor) -> torch.Tensor:
     """A 0-dim bool on ``tensor``'s device, true when ``tensor`` holds a nan or +-inf.
 
-    One max-|x| reduction (nan propagates through it on CPU and CUDA): no full-size temporary and no
-    host synchronisation, so a loader can flag every tensor and read all flags once at the end.
+    One fused min/max reduction (nan propagates through it on CPU and CUDA; an inf is the min or the
+    max): no full-size temporary (``isfinite(t).all()`` would allocate a bool per element) and no host
+    synchronisation, so a loader can flag every tensor and read all flags once at the end. On one CPU
+    thread it costs ~0.1% of quantizing the tensor (a 2048x4096 bf16 weight; ``vector_norm(t, inf)``,
+    also allocation-free, costs ~8%).
     """
     if tensor.numel() == 0 or not tensor.is_floating_point():
         return torch.zeros((), dtype=torch.bool, device=tensor.device)
-    return ~torch.isfinite(torch.linalg.vector_norm(tensor.detach(), float("inf")))
+    low, high = torch.aminmax(tensor.detach())
+    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _flagged(flags: list[torch.Tensor]) -> list[int]:
@@ -532,7 +536,7 @@ def quantize_model(
     CUDA) and released as soon as its layer is replaced; meta weights give meta layers (shapes only).
 
     Before any layer is replaced, the weight and bias of every layer to quantize are checked for nan /
-    +-inf (one max-|x| reduction each, one host sync for all): any found raise
+    +-inf (one min/max reduction each, one host sync for all): any found raise
     :class:`NonFiniteWeightError` naming each tensor (``model.layers.3.mlp.down_proj.weight``) and its
     count, and ``model`` is left unchanged. Other parameters (embeddings, norms, skipped layers) are not
     transformed here and not checked; :func:`~lowmem_lightning.quant.load_pretrained_causal_lm` checks

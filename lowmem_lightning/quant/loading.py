@@ -13,7 +13,7 @@ shapes, dtypes, missing tensors) before any tensor data is read or quantized. A 
 truncated, garbled or foreign file is refused naming the file and what is wrong with it; no model is
 returned. Values are checked as they stream: every floating tensor read (quantized or kept dense: a
 nan in a norm weight is as fatal as one in a projection, and quantizing one spreads it over its whole
-scale group) gets a nan/inf flag on the device, one max-|x| reduction; all flags are read with one
+scale group) gets a nan/inf flag on the device, one min/max reduction; all flags are read with one
 host sync after the last shard, and any hit raises :class:`NonFiniteCheckpointError` naming the
 tensor, its count of non-finite elements and its file.
 """
@@ -156,12 +156,19 @@ def _read_config(path: Path):
     if not file.exists():
         raise ModelFileError(file, "does not exist; a model directory needs the config.json that save_pretrained "
                              "writes next to the safetensors.")
-    if "model_type" not in _load_json(file):
-        raise ModelFileError(file, "has no 'model_type', so transformers cannot tell which model it describes.")
+    _load_json(file)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # any failure here is the file's: transformers' validators raise their own types
-        raise ModelFileError(file, f"cannot be read by transformers ({type(err).__name__}: {err}).") from None
+        raise ModelFileError(file, f"cannot be read by transformers ({_brief(err)}).") from None
+
+
+def _brief(err: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of ``err``, its last line (validators wrap the cause) cut to ``limit`` characters
+    (transformers lists every model type it knows when ``model_type`` is missing)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [""]
+    text = f"{type(err).__name__}: {lines[-1] if len(lines) > 1 and len(lines[0]) < 80 else lines[0]}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _safetensors_problem(file: Path, err: Exception) -> str:
@@ -417,7 +424,7 @@ def _build(config, path: Path, dtype: torch.dtype) -> nn.Module:
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise ModelFileError(path / "config.json", f"describes a model transformers cannot build as a causal LM "
-                             f"({type(err).__name__}: {err}).") from None
+                             f"({_brief(err)}).") from None
 
 
 def load_pretrained_causal_lm(
