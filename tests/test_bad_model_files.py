@@ -193,7 +193,8 @@ def test_shard_that_lacks_a_tensor_the_index_maps_to_it(ckpt, quantized):
     ('{"metadata": {}, "weight_map": {"a": ', "is not valid JSON (Expecting value: line 1"),
     ('{"metadata": {}}', "has no 'weight_map'"),
     ('["model-00001-of-00003.safetensors"]', "holds a JSON list"),
-], ids=["empty", "garbled", "no-weight-map", "a-list"])
+    ('{"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}', "lists shards outside its directory"),
+], ids=["empty", "garbled", "no-weight-map", "a-list", "escaping"])
 def test_bad_index_names_the_index(ckpt, quantized, text, needle):
     (ckpt / INDEX).write_text(text)
     err = _refused(ckpt, str(ckpt / INDEX), needle)
@@ -242,6 +243,8 @@ def test_config_of_another_size_is_refused_on_the_first_shape(ckpt, quantized):
 
 def test_missing_directory_and_garbled_generation_config(ckpt, tmp_path):
     _refused(tmp_path / "nowhere", "Model directory", "does not exist")
+    with pytest.raises(ModelFileError, match="is not a directory"):
+        loading.checkpoint_files(ckpt / "config.json")
     (ckpt / "generation_config.json").write_text("{oops")
     _refused(ckpt, str(ckpt / "generation_config.json"))
 

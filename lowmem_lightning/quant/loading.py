@@ -88,28 +88,39 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 
 def _checkpoint_layout(path: Path) -> tuple[list[Path], dict[str, str]]:
     """(safetensors files, index weight_map: tensor name -> shard file name; empty for one file)."""
-    index = path / _INDEX
-    if index.exists():
-        weight_map = _load_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise ModelFileError(index, "has no 'weight_map' object mapping tensor names to shard file names.")
-        shards = list(dict.fromkeys(weight_map.values()))
-        absent = [name for name in shards if not (path / name).is_file()]
-        if absent:
-            listed = sum(v == absent[0] for v in weight_map.values())
-            more = f" ({len(absent) - 1} more listed shards are missing too: {absent[1:4]})" if len(absent) > 1 else ""
-            state = "is not a regular file" if (path / absent[0]).exists() else "does not exist"
-            raise ModelFileError(path / absent[0], f"{state}, but {_INDEX} lists it for {listed} tensors{more}.",
-                                 what="Shard")
-        return [path / name for name in shards], weight_map
+    if not path.is_dir():
+        state = "is not a directory" if path.exists() else "does not exist"
+        raise ModelFileError(path, f"{state}; expected a directory with config.json and safetensors.",
+                             what="Model directory")
+    if (path / _INDEX).exists():
+        return _index_layout(path, path / _INDEX)
     single = path / _SINGLE
     if single.exists():
         if not single.is_file():
             raise ModelFileError(single, "is not a regular file.")
         return [single], {}
     raise ModelFileError(path, _no_weights_reason(path), what="Model directory")
+
+
+def _index_layout(path: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shards ``index`` lists (each checked to exist inside ``path``) and its weight_map."""
+    weight_map = _load_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ModelFileError(index, "has no 'weight_map' object mapping tensor names to shard file names.")
+    shards = list(dict.fromkeys(weight_map.values()))
+    escaping = [name for name in shards if Path(name).is_absolute() or ".." in Path(name).parts]
+    if escaping:
+        raise ModelFileError(index, f"lists shards outside its directory ({escaping[:3]}); expected file names.")
+    absent = [name for name in shards if not (path / name).is_file()]
+    if absent:
+        listed = sum(v == absent[0] for v in weight_map.values())
+        more = f" ({len(absent) - 1} more listed shards are missing too: {absent[1:4]})" if len(absent) > 1 else ""
+        state = "is not a regular file" if (path / absent[0]).exists() else "does not exist"
+        raise ModelFileError(path / absent[0], f"{state}, but {_INDEX} lists it for {listed} tensors{more}.",
+                             what="Shard")
+    return [path / name for name in shards], weight_map
 
 
 def _no_weights_reason(path: Path) -> str:
