@@ -292,3 +292,13 @@ def test_choose_bucket_auto_compiles_big_calls_and_after_enough_eager_work(monke
     with pytest.raises(ValueError, match="compile_after_numel=-1"):
         dispatch.configure(compile_after_numel=-1)
     assert dispatch.DispatchSettings.from_env({"LOWMEM_CPU_COMPILE_AFTER_NUMEL": "7"}).compile_after_numel == 7
+
+
+def test_compile_choice_is_made_once_per_group_on_its_total(monkeypatch):
+    # buckets are at most CHUNK_NUMEL elements, but "auto" must see the step's total of each kind
+    # (else a 4M-element model would never reach compile_min_numel)
+    seen = []
+    monkeypatch.setattr(adamw_kernel, "choose_bucket", lambda numel: seen.append(numel) or "eager")
+    sizes = [cpu_buckets.CHUNK_NUMEL + 300, 1, 4096, 3, 5000, 7]  # even: fp32, odd: bf16; tensor 2: NaN
+    _adamw_bucketed(_adamw_state(sizes), False)
+    assert sorted(seen) == [1 + 3 + 7, cpu_buckets.CHUNK_NUMEL + 300 + 5000]  # bf16 fp32-state, fp32 8-bit

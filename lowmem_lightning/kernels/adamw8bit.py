@@ -444,8 +444,9 @@ def _reference_update(tensors: list[list], steps: list[float], seed_bases: list[
         group = [[seq[i] for i in idx] for seq in tensors]
         run_bucket = _bucket_8bit if quantized else _bucket_32bit
         mine = (terms, seeds) if len(idx) == len(params) else (terms[idx], seeds[idx])
+        backend = choose_bucket(sum(p.numel() for p in group[0]))  # one choice for the group's buckets
         for layout in plan(group[0], BLOCK_SIZE if quantized else 1):
-            run_bucket(layout, *group, hp, *mine)
+            run_bucket(layout, backend, *group, hp, *mine)
 
 
 def _step_terms(steps: list[float], seed_bases: list[int], hp: torch.Tensor):
@@ -464,10 +465,10 @@ def _step_terms(steps: list[float], seed_bases: list[int], hp: torch.Tensor):
     return terms, torch.tensor(seeds, dtype=torch.int64, device=device)
 
 
-def _bucket_8bit(layout, params, grads, ms, m_absmaxes, vs, v_absmaxes, hp, terms, seeds) -> None:
+def _bucket_8bit(layout, backend, params, grads, ms, m_absmaxes, vs, v_absmaxes, hp, terms, seeds) -> None:
     p, m, v = layout.rows_of(params), layout.rows_of(ms), layout.rows_of(vs)
     m_absmax, v_absmax = layout.scales_of(m_absmaxes), layout.scales_of(v_absmaxes)
-    step = _BUCKET_STEPS[True].on(choose_bucket(layout.numel))
+    step = _BUCKET_STEPS[True].on(backend)
     step(p, layout.rows_of(grads), m, m_absmax, v, v_absmax, hp, layout.per_row(terms), layout.row_seeds(seeds))
     layout.write_back(params, p)
     layout.write_back(ms, m)
@@ -476,9 +477,9 @@ def _bucket_8bit(layout, params, grads, ms, m_absmaxes, vs, v_absmaxes, hp, term
     layout.write_back_scales(v_absmaxes, v_absmax)
 
 
-def _bucket_32bit(layout, params, grads, ms, _, vs, __, hp, terms, seeds) -> None:
+def _bucket_32bit(layout, backend, params, grads, ms, _, vs, __, hp, terms, seeds) -> None:
     p, m, v = layout.rows_of(params), layout.rows_of(ms), layout.rows_of(vs)
-    step = _BUCKET_STEPS[False].on(choose_bucket(layout.numel))
+    step = _BUCKET_STEPS[False].on(backend)
     step(p, layout.rows_of(grads), m, v, hp, layout.per_row(terms), layout.row_seeds(seeds), hp.new_ones(()))
     for dst, src in ((params, p), (ms, m), (vs, v)):
         layout.write_back(dst, src)

@@ -21,9 +21,9 @@ through :func:`configure` / :func:`override` (tests use the scoped :func:`overri
     (where the eager reference is already fast) never earns back; ``1`` compiles for every tensor,
     ``0`` never compiles (faster start, slower steps on large tensors).
 ``LOWMEM_CPU_COMPILE_AFTER_NUMEL`` (default 2**29)
-    The bucketed CPU steps (:func:`choose_bucket`: many tensors' updates in one call) compile under
-    ``auto`` when one call covers ``compile_min_numel`` elements, or once this process has stepped that
-    many elements eagerly (ski rental: by then the eager path has cost about one compile).
+    The bucketed CPU steps (:func:`choose_bucket`: a step's tensors of one kind, in few calls) compile
+    under ``auto`` when the step covers ``compile_min_numel`` elements, or once this process has
+    stepped that many elements eagerly (ski rental: by then the eager path has cost about one compile).
 """
 
 from __future__ import annotations
@@ -158,12 +158,13 @@ _eager_bucket_numel = 0
 
 
 def choose_bucket(numel: int) -> str:
-    """``"compiled"`` or ``"eager"`` for one bucketed CPU step: one call of a reference step function
-    over ``numel`` elements gathered from many tensors (see ``adamw8bit_update``, ``sgd_update``).
+    """``"compiled"`` or ``"eager"`` for the bucketed CPU step of ``numel`` elements: the tensors of one
+    kind in one optimizer step, run as a few calls of a reference step function over buckets of them
+    (``cpu_buckets``; see ``adamw8bit_update``, ``sgd_update``).
 
-    ``"always"``/``"never"`` decide alone. ``"auto"`` compiles a call of at least ``compile_min_numel``
-    elements (the rule of :func:`choose` for one tensor), and every call once this process has run
-    ``compile_after_numel`` element-steps eagerly (each eager call adds its ``numel``): a small model
+    ``"always"``/``"never"`` decide alone. ``"auto"`` compiles a step of at least ``compile_min_numel``
+    elements (the rule of :func:`choose` for one tensor), and every step once this process has run
+    ``compile_after_numel`` element-steps eagerly (each eager step adds its ``numel``): a small model
     pays a compile only after its eager steps have cost about as much. The count depends only on the
     elements stepped, never on time, and the bucketed steps compute the same bits compiled or eager
     (``tests/test_cpu_path.py``), so when the switch happens changes no result.

@@ -261,16 +261,17 @@ def _reference_update(params, grads, bufs, absmaxes, steps: list[float], tensor_
     for (mode, *_), idx in groups.items():
         group = [[seq[i] for i in idx] for seq in (params, grads, bufs, absmaxes)]
         mine = (firsts, seeds) if len(idx) == len(params) else (firsts[idx], seeds[idx])
+        backend = choose_bucket(sum(p.numel() for p in group[0]))  # one choice for the group's buckets
         for layout in plan(group[0], BLOCK_SIZE):
-            _bucket(layout, mode, *group, hp, *mine)
+            _bucket(layout, backend, mode, *group, hp, *mine)
 
 
-def _bucket(layout, mode, params, grads, bufs, absmaxes, hp, firsts, seeds) -> None:
+def _bucket(layout, backend, mode, params, grads, bufs, absmaxes, hp, firsts, seeds) -> None:
     p = layout.rows_of(params)  # zero padding: d = g + weight_decay * p enters the 8-bit block maxima
     state = [] if mode == "plain" else [layout.rows_of(bufs)]
     if mode == "int8":
         state.append(layout.scales_of(absmaxes))
-    step = _BUCKET_STEPS[mode].on(choose_bucket(layout.numel))
+    step = _BUCKET_STEPS[mode].on(backend)
     step(p, layout.rows_of(grads), *state, hp, layout.per_row(firsts).view(-1, 1), layout.row_seeds(seeds))
     layout.write_back(params, p)
     if mode != "plain":
