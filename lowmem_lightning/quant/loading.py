@@ -50,6 +50,7 @@ __all__ = ["load_pretrained_causal_lm", "random_causal_lm", "checkpoint_files", 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_HEADER = 100_000_000  # bytes; safetensors refuses larger headers too
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}  # safetensors dtype codes a floating model tensor may come in
 
 
@@ -189,7 +190,7 @@ def _safetensors_problem(file: Path, err: Exception) -> str:
         with open(file, "rb") as handle:
             head = handle.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else 0
-            header = handle.read(length) if 0 < length <= size - 8 else b""
+            header = handle.read(length) if 0 < length <= min(size - 8, _MAX_HEADER) else b""
     except OSError as os_err:
         return f"cannot be read ({os_err})."
     if size == 0:
