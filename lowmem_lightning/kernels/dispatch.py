@@ -61,10 +61,11 @@ DEFAULT_COMPILE_MIN_NUMEL = 2**20
 DEFAULT_COMPILE_AFTER_NUMEL = 2**29
 """Element-steps run eagerly by bucketed CPU steps after which ``"auto"`` compiles them anyway.
 
-Measured on one thread (``benchmarks/cpu_sizes.py``, RESULTS.md): the eager bucketed 8-bit AdamW step
-costs ~30 ns per element more than the compiled one, and compiling it ~15-20 s, so 2**29 (5.4e8)
-eager element-steps cost about one compile: compiling then spends at most about twice what the best
-choice in hindsight would have (the ski-rental bound), whatever the number of steps."""
+Measured on one thread of a loaded 2-core machine (``benchmarks/cpu_sizes.py``, RESULTS.md, "CPU path
+by size"): the eager bucketed 8-bit AdamW step costs ~40-150 ns per element more than the compiled
+one, and compiling its two graphs 17 s (warm inductor cache) to 60 s (cold), so 2**29 (5.4e8) eager
+element-steps cost about one compile: compiling then spends at most about twice what the best choice
+in hindsight would have (the ski-rental bound), whatever the number of steps."""
 
 BACKENDS = ("triton", "compiled", "eager")
 """What :func:`choose` returns."""
