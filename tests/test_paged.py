@@ -9,7 +9,7 @@ import torch
 
 from lowmem_lightning.optim import build_optimizer, state_memory
 from lowmem_lightning.optim.adamw8bit import AdamW8bit
-from lowmem_lightning.optim.paged import PagedAdamW8bit
+from lowmem_lightning.optim.paged import PageAction, PagedAdamW8bit, plan_paging
 
 SHAPES = [(4097,), (100, 50), (30,), (64, 80), (5000,)]  # (30,) keeps fp32 state on the device
 
@@ -54,6 +54,9 @@ def _train(opt, params, steps, gen, nan_at=None):
 
 
 def _assert_same(params_a, opt_a, params_b, opt_b):
+    for opt in (opt_a, opt_b):
+        if isinstance(opt, PagedAdamW8bit):
+            opt.flush_pages()  # resident buffers are written back only on eviction
     for a, b in zip(params_a, params_b):
         assert torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
     for a, b in zip(params_a, params_b):
@@ -92,7 +95,7 @@ def test_budget_bounds_resident_state():
     _train(opt, params, 2, torch.Generator().manual_seed(1))
     resident = sum(r.nbytes for r in opt._resident.values())
     assert resident <= budget
-    assert list(opt._resident) == [params[4]]  # the last tensor updated stays resident, the rest was evicted
+    assert list(opt._resident) == [params[0]]  # the first that fits stays resident, the rest is streamed
     params_all = _params()
     opt_all = PagedAdamW8bit(params_all, gpu_budget_bytes=10**9)
     _train(opt_all, params_all, 2, torch.Generator().manual_seed(1))
@@ -234,3 +237,149 @@ def test_cuda_paging_is_bit_identical_and_keeps_pages_pinned(budget):
             assert state["step"].is_cuda
     mem = state_memory(opt)
     assert mem.host_bytes > 0 and mem.device_bytes > 0
+
+
+# ---------------------------------------------------------------------------------------------- paging plan
+def _replay(plan, nbytes, resident):
+    """Run a plan on a model of the device: the resident set after it, the peak bytes on the device during it,
+    the keys fetched and the keys evicted (checking every update touches only resident keys)."""
+    on_device = dict.fromkeys(resident)
+    peak = sum(nbytes[k] for k in on_device)
+    fetched, evicted = [], []
+    for action in plan:
+        if action.kind == "fetch":
+            assert action.keys[0] not in on_device
+            on_device[action.keys[0]] = None
+            fetched += action.keys
+        elif action.kind == "evict":
+            for key in action.keys:
+                del on_device[key]
+            evicted += action.keys
+        else:
+            assert all(k in on_device for k in action.keys), action
+        peak = max(peak, sum(nbytes[k] for k in on_device))
+    return list(on_device), peak, fetched, evicted
+
+
+def _act(kind, *keys):
+    return PageAction(kind, keys)
+
+
+SIZES = {"a": 40, "b": 30, "c": 20, "d": 10}
+
+
+def test_plan_fits_keeps_everything_resident_and_updates_in_one_call():
+    order = list(SIZES)
+    first = plan_paging(order, SIZES, [], budget=100)
+    after, peak, fetched, evicted = _replay(first, SIZES, [])
+    assert fetched == order and evicted == [] and sorted(after) == sorted(order) and peak == 100
+    assert plan_paging(order, SIZES, after, budget=100) == [PageAction("update", tuple(order))]
+
+
+def test_plan_half_budget_keeps_a_prefix_and_streams_the_rest_with_prefetch():
+    order = list(SIZES)
+    warm = _replay(plan_paging(order, SIZES, [], budget=50), SIZES, [])[0]
+    assert warm == ["a", "d"]  # a fits (40), b and c would not, d still does
+    plan = plan_paging(order, SIZES, warm, budget=50)
+    assert plan == [_act("fetch", "b"), _act("update", "a", "d"),  # b's copy is issued before the batch: overlap
+                    _act("fetch", "c"), _act("update", "b"), _act("evict", "b"),  # c prefetched before b's update
+                    _act("update", "c"), _act("evict", "c")]
+    after, peak, fetched, evicted = _replay(plan, SIZES, warm)
+    assert after == ["a", "d"] and fetched == ["b", "c"] and evicted == ["b", "c"]
+    assert peak <= 50 + 30 + 20  # kept + the two largest streamed
+
+
+def test_plan_without_prefetch_fetches_just_before_each_update():
+    plan = plan_paging(["c", "d"], SIZES, [], budget=0, prefetch=False)
+    assert plan == [PageAction("fetch", ("c",)), PageAction("update", ("c",)), PageAction("evict", ("c",)),
+                    PageAction("fetch", ("d",)), PageAction("update", ("d",)), PageAction("evict", ("d",))]
+
+
+def test_plan_evicts_idle_residents_first_and_keeps_those_that_fit():
+    # d and a resident; this step only updates b and c: a (idle) must go to make room, d (idle, small) stays
+    plan = plan_paging(["b", "c"], SIZES, ["a", "d"], budget=60)
+    assert plan[0] == PageAction("evict", ("a",))
+    after, peak, _, _ = _replay(plan, SIZES, ["a", "d"])
+    assert sorted(after) == ["b", "c", "d"] and peak <= 60 + 40
+    with pytest.raises(ValueError, match="budget"):
+        plan_paging(["a"], SIZES, [], budget=-1)
+
+
+def _stats_step(opt, params, gen):
+    before = dict(opt.paging_stats)
+    _grads(params, gen)
+    opt.step()
+    return {k: opt.paging_stats[k] - before[k] for k in before}
+
+
+@pytest.mark.parametrize("budget_part", [1.0, 0.5], ids=["fits", "half"])
+def test_paging_traffic_and_bit_identity_over_many_steps(budget_part):
+    """Budget covering the state: after the first step no copy at all and one update call per step. Half of
+    it: only the streamed (evicted) tensors are copied, once each way per step. Both bit-identical to
+    AdamW8bit over 12 steps with a skipped one."""
+    total = sum(_page_bytes(n) for n in QUANTIZED_NUMELS)
+    budget = int(total * budget_part)
+    ref_params = _params()
+    ref_opt = AdamW8bit(ref_params, lr=1e-2, weight_decay=0.05)
+    params = _params()
+    opt = PagedAdamW8bit(params, lr=1e-2, weight_decay=0.05, gpu_budget_bytes=budget)
+    gen_ref, gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    kept = []
+    for step in range(12):
+        _grads(ref_params, gen_ref, nan_step=step == 5)
+        ref_opt.step()
+        before = dict(opt.paging_stats)
+        _grads(params, gen, nan_step=step == 5)
+        opt.step()
+        delta = {k: opt.paging_stats[k] - before[k] for k in before}
+        if step == 0:
+            assert delta["to_device_copies"] == 4 and delta["to_device_bytes"] == total
+            kept = [p for p in opt._resident]
+            continue
+        streamed = [_page_bytes(p.numel()) for p in params if p.numel() >= 4096 and all(p is not k for k in kept)]
+        assert delta["to_host_bytes"] == delta["to_device_bytes"] == sum(streamed)
+        assert delta["to_host_copies"] == delta["to_device_copies"] == len(streamed)
+        assert delta["update_calls"] == (1 if kept else 0) + len(streamed)
+    if budget_part == 1.0:
+        assert len(kept) == 4 and opt.paging_stats["to_host_copies"] == 0
+    else:
+        assert 0 < len(kept) < 4 and sum(r.nbytes for r in opt._resident.values()) <= budget
+    assert opt.skipped_updates == ref_opt.skipped_updates == 1
+    _assert_same(params, opt, ref_params, ref_opt)
+
+
+@pytest.mark.parametrize("load_into", [PagedAdamW8bit, AdamW8bit])
+def test_state_dict_mid_run_sees_resident_state(load_into):
+    """Resident buffers updated since their fetch are in state_dict (flushed), and the run continues bit for
+    bit after a load, from the saved dict and in the original optimizer."""
+    ref_params, ref_opt = _reference(steps=7, nan_at=None)
+    gen = torch.Generator().manual_seed(1)
+    params = _params()
+    opt = PagedAdamW8bit(params, lr=1e-2, weight_decay=0.05, gpu_budget_bytes=10**9)
+    _train(opt, params, 4, gen)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    assert opt.paging_stats["to_host_copies"] == 4 and len(opt._resident) == 4  # flushed, still resident
+    buffer.seek(0)
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    second = load_into(resumed_params, lr=0.5)
+    second.load_state_dict(torch.load(buffer))
+    gen_copy = copy.deepcopy(gen)
+    _train(second, resumed_params, 3, gen)
+    _assert_same(resumed_params, second, ref_params, ref_opt)
+    _train(opt, params, 3, gen_copy)  # the original keeps going from its resident buffers
+    _assert_same(params, opt, ref_params, ref_opt)
+
+
+def test_deepcopy_of_a_resident_optimizer_steps_identically():
+    """deepcopy flushes the resident buffers first: the copy (which starts with nothing resident) steps as the
+    original does."""
+    params = _params()
+    opt = PagedAdamW8bit(params, lr=1e-2, gpu_budget_bytes=10**9)
+    _train(opt, params, 2, torch.Generator().manual_seed(1))
+    twin = copy.deepcopy(opt)
+    assert not twin._resident and len(opt._resident) == 4
+    twin_params = twin.param_groups[0]["params"]
+    _train(opt, params, 2, torch.Generator().manual_seed(2))
+    _train(twin, twin_params, 2, torch.Generator().manual_seed(2))
+    _assert_same(params, opt, twin_params, twin)
