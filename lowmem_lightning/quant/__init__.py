@@ -41,9 +41,14 @@ LoftQ, ...) need a dense base weight: they fail at ``get_peft_model`` with an er
 attribute, :func:`mark_loaded_in_4bit`), as transformers does for bitsandbytes 4-bit models: with it
 ``peft.prepare_model_for_kbit_training`` enables input gradients and gradient checkpointing. Its
 fp32 upcast touches parameters only (embeddings, norms, biases); NF4 codes and scales are buffers.
-The flag is true only while a 4-bit layer remains, since transformers' ``num_parameters()`` imports
-bitsandbytes when it is true (so a fully merged model saves without bitsandbytes; a 4-bit model under
-the HF ``Trainer``, which counts FLOPs with ``num_parameters()`` each step, needs it installed).
+The flag is true only while a 4-bit layer remains and bitsandbytes is installed, since transformers'
+``num_parameters()`` (the HF ``Trainer``'s FLOP count, every step) imports bitsandbytes when it is true;
+without bitsandbytes it reads false and warns once that gradient checkpointing is then the user's to
+enable (so a merged model saves, and the ``Trainer`` runs, without bitsandbytes).
+
+Bad inputs name themselves: :class:`ModelFileError` (a ``ValueError`` with ``.path``) for a missing,
+empty, truncated or foreign model file; :class:`NonFiniteWeightError` for nan/inf weights given to
+:func:`quantize_model`, and :class:`NonFiniteCheckpointError` (both) for nan/inf read from a file.
 
 :func:`add_lora` (and :func:`register_peft_custom_module` for a config of your own) still registers
 :class:`LoraLinear4bit` on the config it builds: same adapter keys and math, and its merge swaps the
@@ -55,11 +60,12 @@ from .linear4bit import (
     Linear4bit,
     LoadedIn4bit,
     NF4WeightHandle,
+    NonFiniteWeightError,
     linear4bit_bytes,
     mark_loaded_in_4bit,
     quantize_model,
 )
-from .loading import load_pretrained_causal_lm, random_causal_lm
+from .loading import ModelFileError, NonFiniteCheckpointError, load_pretrained_causal_lm, random_causal_lm
 from .lora import LLAMA_TARGET_MODULES, LoraLinear4bit, add_lora, load_lora, register_peft_custom_module
 
 __all__ = [
@@ -76,4 +82,7 @@ __all__ = [
     "register_peft_custom_module",
     "load_pretrained_causal_lm",
     "random_causal_lm",
+    "ModelFileError",
+    "NonFiniteWeightError",
+    "NonFiniteCheckpointError",
 ]
