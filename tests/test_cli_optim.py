@@ -42,7 +42,7 @@ def _one_step(recipe: str, tmp_path, *extra: str) -> list[str]:
         "fit", "--config", recipe, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.accelerator", "cpu", "--data.init_args.seq_len", "32", *extra,
+        "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1", "--data.init_args.seq_len", "32", *extra,
     ]
     if recipe in BIG:  # the recipe's training set-up on a 1-layer stand-in instead of the 1B/7B checkpoint
         args += ["--model.init_args.model_name_or_path", "null", "--model.init_args.config", json.dumps(TINY_MODEL),
