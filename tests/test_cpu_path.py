@@ -16,11 +16,22 @@ from lowmem_lightning.kernels import sgd as sgd_kernel
 from lowmem_lightning.kernels.codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL, quantize_reference
 from lowmem_lightning.kernels.rounding import round_param_reference, step_seed
 
-# quantized (>= 4096) and fp32-state sizes, some a multiple of 256, one a scalar; 70007 and 300037 run
-# their whole rows in place (300037: two chunks) and gather their last partial row
-SIZES = [4096, 4097, 5000, 70007, 1, 3, 255, 1000, 4095, 8192, 300037]
+# quantized (>= 4096) and fp32-state sizes, some a multiple of 256, one a scalar. With the small chunks
+# of the fixture below, 4096 and up run their whole rows in place in chunks of 16 rows and gather their
+# last partial row; the rest share gathered buckets.
+SIZES = [4096, 4097, 5000, 70007, 1, 3, 255, 1000, 4095, 8192]
 NAN_AT = 2  # the tensor whose gradient holds a NaN
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch):
+    """Buckets of 4096 elements and in-place tensors from 1024: many chunks and buckets on small sizes."""
+    monkeypatch.setattr(cpu_buckets, "CHUNK_NUMEL", 4096)
+    monkeypatch.setattr(cpu_buckets, "IN_PLACE_MIN_NUMEL", 1024)
+    cpu_buckets._plan.cache_clear()
+    yield
+    cpu_buckets._plan.cache_clear()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -44,13 +55,13 @@ def _assert_same(got: list, want: list, what: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _adamw_state(sizes, seed=0):
-    """Params (bf16 and fp32 alternating, some 2-d, one non-contiguous), grads (one NaN), state with
-    non-zero moments, per-tensor step counters that differ, flags from the grads."""
+def _adamw_state(sizes, seed=0, bf16=True):
+    """Params (bf16 and fp32 alternating, or all fp32; some 2-d, one non-contiguous), grads (one NaN),
+    state with non-zero moments, per-tensor step counters that differ, flags from the grads."""
     gen = torch.Generator().manual_seed(seed)
     params, grads, ms, m_abs, vs, v_abs, steps = [], [], [], [], [], [], []
     for i, n in enumerate(sizes):
-        dtype = torch.bfloat16 if i % 2 else torch.float32
+        dtype = torch.bfloat16 if i % 2 and bf16 else torch.float32
         p = torch.randn(n, generator=gen).to(dtype)
         if n == 70007:
             p = p.view(7, 10001)
@@ -115,11 +126,12 @@ def test_adamw_bucketed_eager_equals_per_tensor_reference(maximize):
 
 
 def test_adamw_bucketed_compiled_equals_reference_and_never_recompiles():
-    # one compiled graph per (quantized, param dtype, grad dtype): fp32 and bf16 params here, sizes
-    # that change between calls (another set of tensors, one of them in place) must not recompile
+    # one compiled graph per (quantized, param dtype, grad dtype): fp32 params here (bf16 compiled: the
+    # optimizer test below), sizes that change between calls (other tensors, in place or not) must not
+    # recompile
     with dispatch.override(cpu_compile="always"):
         for round_, sizes in enumerate((SIZES, [4352, 8192, 4100, 17, 900, 2], SIZES[3:] + [12800])):
-            start = _adamw_state(sizes, seed=round_)
+            start = _adamw_state(sizes, seed=round_, bf16=False)
             want, got = _clone(start), _clone(start)
             _adamw_per_tensor(*want, False)
             _adamw_bucketed(got, False)
@@ -240,16 +252,19 @@ def test_sgd_bucketed_compiled_equals_reference_and_never_recompiles():
 
 
 def test_plan_runs_big_tensors_in_place_and_gathers_the_rest():
-    big = cpu_buckets.CHUNK_NUMEL * 2 + 256 * 3 + 10  # 2 chunks of whole rows + a partial row
-    tensors = [torch.empty(big), torch.empty(5000), torch.empty(300, 400).t(), torch.empty(cpu_buckets.CHUNK_NUMEL)]
+    big = cpu_buckets.CHUNK_NUMEL * 2 + 256 * 3 + 10  # 3 chunks of whole rows + a partial row
+    tensors = [torch.empty(big), torch.empty(1000), torch.empty(30, 40).t(), torch.empty(cpu_buckets.CHUNK_NUMEL),
+               torch.empty(900)]
     buckets = cpu_buckets.plan(tensors, 256)
     in_place = [b.pieces for b in buckets if b.in_place]
     rows = (big // 256) // 3  # three equal chunks of <= CHUNK_NUMEL // 256 rows
     assert [p[0][0] for p in in_place] == [0, 0, 0, 3]
     assert sum(p[0][2] for p in in_place[:3]) == (big // 256) * 256 and in_place[0][0][2] == rows * 256
-    gathered = [piece for b in buckets if not b.in_place for piece in b.pieces]
-    assert gathered == [(0, (big // 256) * 256, 10), (1, 0, 5000), (2, 0, 120000)]  # transposed: gathered
+    gathered = [b.pieces for b in buckets if not b.in_place]
+    assert gathered == [((0, (big // 256) * 256, 10), (1, 0, 1000), (2, 0, 1200), (4, 0, 900))]  # transposed too
     assert all(b.numel <= cpu_buckets.CHUNK_NUMEL for b in buckets)
+    alone = cpu_buckets.plan([torch.empty(512)], 256)  # a lone tensor of whole rows: in place
+    assert len(alone) == 1 and alone[0].in_place
 
 
 def test_row_seeds_fold_the_offset_into_the_seed():
@@ -299,6 +314,6 @@ def test_compile_choice_is_made_once_per_group_on_its_total(monkeypatch):
     # (else a 4M-element model would never reach compile_min_numel)
     seen = []
     monkeypatch.setattr(adamw_kernel, "choose_bucket", lambda numel: seen.append(numel) or "eager")
-    sizes = [cpu_buckets.CHUNK_NUMEL + 300, 1, 4096, 3, 5000, 7]  # even: fp32, odd: bf16; tensor 2: NaN
+    sizes = [cpu_buckets.CHUNK_NUMEL * 3 + 300, 1, 4096, 3, 5000, 7]  # even: fp32, odd: bf16; tensor 2: NaN
     _adamw_bucketed(_adamw_state(sizes), False)
-    assert sorted(seen) == [1 + 3 + 7, cpu_buckets.CHUNK_NUMEL + 300 + 5000]  # bf16 fp32-state, fp32 8-bit
+    assert sorted(seen) == [1 + 3 + 7, cpu_buckets.CHUNK_NUMEL * 3 + 300 + 5000]  # bf16 fp32-state, fp32 8-bit
