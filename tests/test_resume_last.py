@@ -1,7 +1,8 @@
 """``--ckpt_path last`` serves the first start and every restart of a preemptible job, and the README's
 ``ModelCheckpoint`` entry works pasted into every bundled recipe.
 
-The end-to-end test is a real ``lowmem fit`` process on the tiny recipe (with the README's entry
+The end-to-end test (``-m slow``: two ``lowmem`` processes, 64 s on the loaded 2-core machine) is a
+real ``lowmem fit`` process on the tiny recipe (with the README's entry
 pasted in, every 10 steps instead of 100): started with ``--ckpt_path last`` (no checkpoint yet: one
 line, fresh start), killed with SIGKILL as soon as a checkpoint file is complete, restarted with the
 identical command: it resumes from that checkpoint in a new ``version_N`` and its first logged step
@@ -103,6 +104,24 @@ def _train_steps(metrics: Path) -> list[int]:
     return [int(r["step"]) for r in csv.DictReader(metrics.open()) if r.get("train_loss")]
 
 
+def test_second_start_resumes_from_the_newest_step_in_process(tmp_path, monkeypatch, capsys):
+    """The same flow in one process (default suite): a first fit checkpoints, the next continues."""
+    from lowmem_lightning.cli import main
+
+    entry = readme_checkpoint_entry().replace("every_n_train_steps: 100", "every_n_train_steps: 3")
+    (tmp_path / "recipe.yaml").write_text(paste_into((RECIPES_DIR / "tiny.yaml").read_text(), entry))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    args = [a if a != "30" else "{steps}" for a in _command(tmp_path)[3:]]  # lowmem's own arguments
+    assert main([a.format(steps=6) for a in args]) == 0
+    assert "no checkpoint yet" in capsys.readouterr().err
+    assert main([a.format(steps=8) for a in args]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from runs/tiny/version_0/checkpoints/step=6.ckpt (step 6, the newest of 2" in err
+    assert _train_steps(tmp_path / "runs/tiny/version_1/metrics.csv") == [6, 7]
+
+
+@pytest.mark.slow
 def test_sigkilled_job_resumes_with_the_identical_command(tmp_path):
     entry = readme_checkpoint_entry().replace("every_n_train_steps: 100", "every_n_train_steps: 10")
     (tmp_path / "recipe.yaml").write_text(paste_into((RECIPES_DIR / "tiny.yaml").read_text(), entry))
