@@ -1,8 +1,13 @@
 """Checkpoints with the swapped-in optimizer: quantized state inside, bit-exact resume, optimizer changes."""
 
+import os
+import signal
+
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,15 +39,19 @@ def _data():
     return DataLoader(TensorDataset(x, torch.sin(x[:, :1])), batch_size=8)  # 3 steps per epoch
 
 
-def _fit(tmp_path, max_epochs, optimizer=OPT, ckpt_path=None, callbacks=True):
+def _fit(tmp_path, max_epochs, optimizer=OPT, ckpt_path=None, callbacks=True, lr=2e-3, accumulate=1, extra=()):
     torch.manual_seed(0)
     model = Net()
+    ours = [LowMemOptimizerCallback(optimizer, lr=lr, print_summary=False, plot=False)] if callbacks else []
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+        accelerator="cpu", max_epochs=max_epochs, logger=False, enable_checkpointing=bool(extra),
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[LowMemOptimizerCallback(optimizer, lr=2e-3, print_summary=False)] if callbacks else [],
+        accumulate_grad_batches=accumulate, callbacks=[*ours, *extra],
     )
-    trainer.fit(model, _data(), ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, _data(), ckpt_path=ckpt_path)
+    except SIGTERMException:
+        pass
     return trainer, model
 
 
@@ -95,3 +104,44 @@ def test_fp32_adamw_checkpoint_converts_to_8bit(tmp_path):
     assert torch.uint8 in dtypes
     assert len(opt.state) == len(fp32_states)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_with_a_new_lr_applies_it_and_says_so(tmp_path, caplog):
+    """The checkpoint's param groups and StepLR carry lr 2e-3; resuming with lr=1e-3 trains at 1e-3 from
+    there, on the same schedule position (Lightning's restore alone would bring back 2e-3)."""
+    first, _ = _fit(tmp_path, max_epochs=1)
+    path = tmp_path / "epoch1.ckpt"
+    first.save_checkpoint(path)
+    trainer, _ = _fit(tmp_path, max_epochs=2, lr=1e-3, ckpt_path=path)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 0.7**3)
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(1e-3)]
+    assert "Resumed with a new learning rate: base lr 0.002 -> 0.001" in caplog.text
+    caplog.clear()
+    _fit(tmp_path, max_epochs=2, ckpt_path=path)  # the same lr: nothing to say
+    assert "new learning rate" not in caplog.text
+
+
+class _SigtermAtBatch(L.Callback):
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_inside_an_accumulation_window_finishes_it(tmp_path):
+    """3 batches per epoch, accumulate_grad_batches=3: SIGTERM at batch 4 (the middle of step 2's window)
+    stops after batch 5, the window's end; resuming from last.ckpt ends exactly where the straight run does."""
+    _, straight = _fit(tmp_path / "a", max_epochs=3, accumulate=3)
+    handler = signal.getsignal(signal.SIGTERM)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_top_k=0)
+    stopped, _ = _fit(tmp_path / "b", max_epochs=3, accumulate=3, extra=[ckpt, _SigtermAtBatch(4)])
+    assert stopped.global_step == 2 and stopped.fit_loop.total_batch_idx == 5
+    assert signal.getsignal(signal.SIGTERM) == handler  # the fit's SIGTERM handler is given back
+    path = tmp_path / "b" / "last.ckpt"
+    assert torch.load(path, weights_only=False)["global_step"] == 2
+    resumed, model = _fit(tmp_path / "c", max_epochs=3, accumulate=3, ckpt_path=path)
+    assert resumed.global_step == 3
+    for a, b in zip(straight.parameters(), model.parameters()):
+        assert torch.equal(a, b)

@@ -317,3 +317,62 @@ def test_python_api_fit_with_ckpt_path_is_bit_exact(tmp_path):
         assert torch.equal(a, b), name
     states = [t.optimizers[0].state_dict()["state"] for t in (trainer, resumed_trainer)]
     assert _max_diff(*states) == 0
+
+
+class SignalAtBatch(L.Callback):
+    """Send SIGTERM to this process at the start of training batch ``batch`` (counted over epochs)."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fit_api(root, data, max_steps, ckpt_path=None, accumulate=1, extra=(), save=True):
+    """The test model through ``trainer.fit``; returns the module and the trainer (SIGTERM stops are caught)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lowmem_lightning.callbacks import LowMemOptimizerCallback
+    from lowmem_lightning.data import TextDataModule
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    L.seed_everything(7)
+    model = CausalLMModule(config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "num_key_value_heads": 2}, lr=3e-3,
+                           warmup_steps=2, scheduler="cosine")
+    dm = TextDataModule(str(data), seq_len=32, batch_size=4, val_fraction=0.05)
+    callbacks = [LowMemOptimizerCallback("adamw_8bit", lr=3e-3, plot=False, print_summary=False), *extra]
+    if save:
+        callbacks.append(ModelCheckpoint(dirpath=root, save_top_k=0))
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=accumulate, limit_val_batches=0,
+        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        gradient_clip_val=1.0, default_root_dir=root, callbacks=callbacks,
+    )
+    try:
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        pass
+    return model, trainer
+
+
+@pytest.mark.slow
+def test_sigterm_inside_an_accumulation_window_resumes_exactly(tmp_path, caplog):
+    """accumulate_grad_batches=3: SIGTERM at batch 7, the middle of step 3's window (batches 6-8). The stop
+    waits for the window's end, so last.ckpt is step 3 after batch 8, and the resumed run ends bit for bit
+    where the uninterrupted run does (a stop at batch 7 itself ended ~1e-2 away)."""
+    data = _write_data(tmp_path / "words.txt")
+    straight, trainer = _fit_api(tmp_path / "a", data, max_steps=5, accumulate=3, save=False)
+    _, stopped = _fit_api(tmp_path / "b", data, max_steps=5, accumulate=3, extra=[SignalAtBatch(7)])
+    ckpt = tmp_path / "b" / "last.ckpt"
+    assert stopped.global_step == 3 and _load(ckpt)["global_step"] == 3
+    assert "finishing it (1 more batch(es)) before saving" in caplog.text
+    resumed, resumed_trainer = _fit_api(tmp_path / "c", data, max_steps=5, accumulate=3, ckpt_path=ckpt)
+    assert resumed_trainer.global_step == 5
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    states = [t.optimizers[0].state_dict()["state"] for t in (trainer, resumed_trainer)]
+    assert _max_diff(*states) == 0

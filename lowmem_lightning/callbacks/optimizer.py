@@ -24,7 +24,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
 from lowmem_lightning.callbacks.release import GradientRelease, release_refusal
-from lowmem_lightning.callbacks.resume import save_on_sigterm, warn_if_not_resumable
+from lowmem_lightning.callbacks.resume import (
+    PreemptionStop,
+    apply_new_lr,
+    base_lrs,
+    save_on_sigterm,
+    warn_if_not_resumable,
+)
 from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
     find_optimizers,
@@ -158,6 +164,8 @@ class LowMemOptimizerCallback(L.Callback):
         """The gradient-release hooks of the current fit (one per optimizer; empty unless
         ``step_in_backward``)."""
         self._patched: tuple[L.LightningModule, object] | None = None
+        self._stop = PreemptionStop()  # SIGTERM: every rank stops at the same optimizer step boundary
+        self._built_lrs: list[list[float | None]] = []  # base lrs before a checkpoint restore (apply_new_lr)
         self._origins: dict[int, type] = {}  # id(new optimizer) -> class of the module's optimizer it replaced
 
     # ------------------------------------------------------------------ swap
@@ -363,6 +371,7 @@ class LowMemOptimizerCallback(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Give the module its own ``configure_optimizers`` back; remove the gradient-release hooks."""
+        self._stop.uninstall()
         self._detach_releases()
         self._unpatch()
 
@@ -383,6 +392,7 @@ class LowMemOptimizerCallback(L.Callback):
             if isinstance(exception, SIGTERMException) and trainer.state.stage == "train":
                 self._save_on_sigterm(trainer)
         finally:
+            self._stop.uninstall()
             self._detach_releases()
             self._unpatch()
 
@@ -399,11 +409,17 @@ class LowMemOptimizerCallback(L.Callback):
         self.monitor.track(self.optimizers, self.optimizer_name, type(self).__name__)
         self.monitor.on_fit_start(trainer, pl_module)
         keep_scheduler_names(trainer.lr_scheduler_configs, self._origins)
+        self._built_lrs = base_lrs(self.optimizers)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Warn once when mid-epoch resume cannot be exact (a training dataloader without state). With
-        ``step_in_backward``, attach the gradient-release hooks (after any checkpoint was restored)."""
+        ``step_in_backward``, attach the gradient-release hooks (after any checkpoint was restored).
+        After a restore, a new lr applies (:func:`~.resume.apply_new_lr`). SIGTERM is handled by
+        :class:`~.resume.PreemptionStop` from here on."""
         warn_if_not_resumable(trainer)
+        if trainer.ckpt_path is not None:
+            apply_new_lr(trainer, self.optimizers, self._built_lrs)
+        self._stop.install()
         if self.step_in_backward and not self.releases:
             clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm == "value" else None
             self.releases = [GradientRelease(opt, clip_value=clip or None).attach() for opt in self.optimizers]
@@ -433,7 +449,12 @@ class LowMemOptimizerCallback(L.Callback):
         """After an optimizer step: the monitor measures and logs; after SIGTERM, save a resumable
         checkpoint (Lightning then stops the run)."""
         self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._stop.decide(trainer)  # all ranks agree at optimizer step boundaries; sets trainer.received_sigterm
         self._save_on_sigterm(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Give SIGTERM back to Lightning's handler once the training loop is over."""
+        self._stop.uninstall()
 
     def _save_on_sigterm(self, trainer: L.Trainer) -> None:
         if getattr(self, "_sigterm_saved_at", None) != trainer.global_step and save_on_sigterm(trainer):

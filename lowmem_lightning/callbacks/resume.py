@@ -10,17 +10,39 @@ step end first, into the directory of the run's first ``ModelCheckpoint`` as ``l
 ``ckpt_path="last"`` finds it as well as the explicit path). It is the same point where
 ``ModelCheckpoint(every_n_train_steps=N)`` saves, so resuming from it continues the run exactly like
 resuming from a periodic checkpoint. Without a checkpoint callback nothing is saved (a warning says so).
+
+Every rank stops at the same step (:class:`PreemptionStop`). Lightning's handler, called on the signalled
+rank only, issues a collective from inside the signal handler and makes that rank alone stop at its next
+step end; when the signal reaches one rank of a DDP/FSDP job the ranks' collectives no longer match and
+the job hangs. So for the training loop the callback replaces it with a handler that only records the
+signal; at each optimizer step boundary (the end of a gradient-accumulation window, so the saved state
+is one an uninterrupted run also passes through) the ranks agree with one ``all_reduce(MAX)`` of that
+flag (only when ``world_size > 1``), and when any rank saw the signal all of them set
+``trainer.received_sigterm``, save the one checkpoint together and stop (exit 143 from ``lowmem fit``).
+A second SIGTERM before that point ends the process at once (the default action).
+
+A new learning rate given at resume (:func:`apply_new_lr`) applies: Lightning's restore brings back the
+checkpoint's param-group lrs and scheduler base lrs, which are rescaled to the run's own (one line says so).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import signal
+import threading
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
-__all__ = ["SIGTERM_CHECKPOINT_NAME", "save_on_sigterm", "non_resumable_train_loaders", "warn_if_not_resumable"]
+__all__ = [
+    "SIGTERM_CHECKPOINT_NAME", "PreemptionStop", "apply_new_lr", "base_lrs", "save_on_sigterm",
+    "non_resumable_train_loaders", "warn_if_not_resumable",
+]
 
 SIGTERM_CHECKPOINT_NAME = "last.ckpt"
 """File name of the checkpoint written on SIGTERM, in the first ``ModelCheckpoint``'s directory."""
@@ -82,3 +104,111 @@ def warn_if_not_resumable(trainer: L.Trainer) -> bool:
         "torchdata.stateful_dataloader.StatefulDataLoader (same arguments as DataLoader) for exact resume."
     )
     return True
+
+
+class PreemptionStop:
+    """Owns SIGTERM during the training loop so that every rank stops at the same step boundary.
+
+    :meth:`install` (at train start, after Lightning registered its handler) puts :meth:`_on_signal`
+    in place, which only records the signal; :meth:`decide`, called at every training step end on
+    every rank, returns whether the run stops now: at an optimizer step boundary (never inside a
+    gradient-accumulation window), when any rank saw the signal (``all_reduce(MAX)`` of the local flag,
+    one 1-element collective per optimizer step, only when ``world_size > 1``). It then sets
+    ``trainer.received_sigterm`` on every rank, so Lightning's loops stop at the same point on all of them.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous = None
+        self._told = False
+
+    def install(self) -> bool:
+        """Replace the SIGTERM handler (main thread only); returns whether it did."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self.seen, self._told = False, False
+        self._previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        return True
+
+    def uninstall(self) -> None:
+        """Give back the handler :meth:`install` replaced, if ours is still the one in place."""
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGTERM) == self._on_signal:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.seen:  # a second SIGTERM before the stop: the default action, now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.seen = True  # no I/O, no collective in a signal handler: decide() acts at the next step boundary
+
+    def decide(self, trainer: L.Trainer) -> bool:
+        """At a training step end: whether all ranks stop now (then ``trainer.received_sigterm`` is set)."""
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            self._tell_deferred(trainer)
+            return False
+        stop = self.seen
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(stop)], dtype=torch.int32, device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            trainer._signal_connector.received_sigterm = True
+        return stop
+
+    def _tell_deferred(self, trainer: L.Trainer) -> None:
+        if not self.seen or self._told:
+            return
+        self._told = True
+        left = trainer.accumulate_grad_batches - trainer.fit_loop.epoch_loop.batch_progress.current.ready % (
+            trainer.accumulate_grad_batches)
+        logging.getLogger("lightning.pytorch").info(rank_prefixed_message(
+            f"SIGTERM received inside a gradient-accumulation window (accumulate_grad_batches="
+            f"{trainer.accumulate_grad_batches}): finishing it ({left} more batch(es)) before saving, so the "
+            "resumed run continues exactly.", trainer.global_rank))
+
+
+def base_lrs(optimizers: list[torch.optim.Optimizer]) -> list[list[float | None]]:
+    """The base lr of every param group (``initial_lr`` when a scheduler set it, else ``lr``)."""
+    return [[group.get("initial_lr", group.get("lr")) for group in opt.param_groups] for opt in optimizers]
+
+
+def _scale_scheduler(scheduler, index: int, factor: float) -> None:
+    for name in ("base_lrs", "max_lrs", "_last_lr"):
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and index < len(values) and isinstance(values[index], (int, float)):
+            values[index] *= factor
+
+
+def apply_new_lr(trainer: L.Trainer, optimizers: list, built: list[list[float | None]]) -> list[tuple[float, float]]:
+    """After a checkpoint was restored: rescale every param group whose restored base lr differs from
+    ``built`` (the base lrs this run's configuration gave, :func:`base_lrs` before the restore), and
+    its scheduler's base lrs, so the run's lr applies while the schedule keeps its position. Says so in
+    one line; returns the ``(checkpoint lr, new lr)`` pairs changed."""
+    from lowmem_lightning.callbacks.swap import LR_KEYS
+
+    changed = []
+    for opt, now, wanted in zip(optimizers, base_lrs(optimizers), built):
+        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
+        for index, (group, old, new) in enumerate(zip(opt.param_groups, now, wanted)):
+            if not _differs(old, new):
+                continue
+            factor = new / old
+            for key in LR_KEYS:
+                if isinstance(group.get(key), (int, float)):
+                    group[key] *= factor
+            for scheduler in schedulers:
+                _scale_scheduler(scheduler, index, factor)
+            changed.append((old, new))
+    if changed:
+        pairs = ", ".join(f"{old:g} -> {new:g}" for old, new in dict.fromkeys(changed))
+        rank_zero_info(f"Resumed with a new learning rate: base lr {pairs} (the checkpoint's); the new lr applies "
+                       "from this step on and the LR schedule keeps its position.")
+    return changed
+
+
+def _differs(old, new) -> bool:
+    numbers = isinstance(old, (int, float)) and isinstance(new, (int, float))
+    return numbers and old != 0 and new is not None and not math.isclose(old, new, rel_tol=1e-9, abs_tol=0.0)
