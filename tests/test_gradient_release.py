@@ -9,7 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 
-from lowmem_lightning.callbacks.release import GradientRelease
+from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientRelease
 from lowmem_lightning.optim import build_optimizer
 
 CONFIGS = [
@@ -46,10 +46,10 @@ def _loss(model, batch):
     return (model(x).float() - y.float()).square().mean()
 
 
-def _train(name, kwargs, dtype, release: bool, steps: int = 4, clip_value=None):
+def _train(name, kwargs, dtype, release: bool, steps: int = 4, clip_value=None, bucket_bytes=DEFAULT_BUCKET_BYTES):
     model = _model(dtype)
     opt = build_optimizer(name, model.parameters(), **kwargs)
-    hooks = GradientRelease(opt, clip_value=clip_value).attach() if release else None
+    hooks = GradientRelease(opt, clip_value=clip_value, bucket_bytes=bucket_bytes).attach() if release else None
     for batch in _batches(steps, dtype):
         opt.zero_grad(set_to_none=True)
         _loss(model, batch).backward()
@@ -116,7 +116,10 @@ def test_detach_restores_normal_gradients():
     assert all(p.grad is not None for p in model.parameters()) and hooks.updates == 0
 
 
-def test_live_gradient_bytes_drop_to_at_most_the_largest_tensor():
+@pytest.mark.parametrize("bucket_tensors", [0, 1, 3], ids=["per-tensor", "bucket-1-weight", "bucket-3-weights"])
+def test_live_gradient_bytes_stay_within_the_bucket_plus_one_tensor(bucket_tensors):
+    """Counted at every gradient's arrival: the released gradients alive never exceed ``bucket_bytes`` plus the
+    tensor that closes the bucket (with 0, one tensor: per-tensor release)."""
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(6)])
     params = list(model.parameters())
     largest = max(p.numel() * p.element_size() for p in params)
@@ -134,18 +137,23 @@ def test_live_gradient_bytes_drop_to_at_most_the_largest_tensor():
     assert max(live) == total and sum(p.grad.numel() for p in params) == sum(p.numel() for p in params)
     opt.zero_grad(set_to_none=True)
     live.clear()
-    hooks = GradientRelease(opt).attach()
+    bucket_bytes = bucket_tensors * 256 * 256 * 4
+    hooks = GradientRelease(opt, bucket_bytes=bucket_bytes).attach()
     model(x).square().mean().backward()
-    assert max(live) <= largest
+    assert max(live) <= bucket_bytes + largest and hooks.peak_bucket_bytes <= bucket_bytes + largest
     assert all(p.grad is None for p in params) and hooks.updates == len(params)
+    # buckets close on weight + bias pairs: 12 tensors -> 12, 6, or 2 closed by size + the rest at the end
+    assert hooks.bucket_steps == {0: 12, 1: 6, 3: 2}[bucket_tensors]
+    print(f"bucket {bucket_bytes} B: peak live gradient bytes {max(live)}, largest tensor {largest}, "
+          f"all gradients {total}, optimizer calls {hooks.bucket_steps}")
 
 
-def _step_peak_bytes(release: bool) -> tuple[int, int]:
+def _step_peak_bytes(release: bool, bucket_bytes: int = 0) -> tuple[int, int]:
     """CPU peak bytes allocated during one training step (profiler memory events) and the grad bytes."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
     opt = build_optimizer("adamw_8bit", model.parameters(), lr=1e-3)
-    hooks = GradientRelease(opt).attach() if release else None
+    hooks = GradientRelease(opt, bucket_bytes=bucket_bytes).attach() if release else None
     x = torch.randn(4, 512)
 
     def step():
@@ -167,11 +175,12 @@ def _step_peak_bytes(release: bool) -> tuple[int, int]:
     return peak, sum(p.numel() * 4 for p in model.parameters())
 
 
-def test_step_peak_memory_drops_by_about_the_gradient_buffer():
-    normal, grad_bytes = _step_peak_bytes(release=False)
-    released, _ = _step_peak_bytes(release=True)
+@pytest.mark.parametrize("bucket_tensors", [0, 2], ids=["per-tensor", "bucket-2-weights"])
+def test_step_peak_memory_drops_by_about_the_gradient_buffer(bucket_tensors):
     largest = 512 * 512 * 4
-    assert normal - released >= grad_bytes - 2 * largest, (normal, released, grad_bytes)
+    normal, grad_bytes = _step_peak_bytes(release=False)
+    released, _ = _step_peak_bytes(release=True, bucket_bytes=bucket_tensors * largest)
+    assert normal - released >= grad_bytes - bucket_tensors * largest - 2 * largest, (normal, released, grad_bytes)
 
 
 class _SharedBlocks(torch.nn.Module):
@@ -249,3 +258,48 @@ def test_a_param_whose_gradient_starts_arriving_twice_stops_the_step():
         else:
             with pytest.raises(RuntimeError, match="second gradient in one backward.*use_reentrant=False"):
                 loss.backward()
+
+
+BUCKETED = [CONFIGS[0], CONFIGS[1], CONFIGS[2], CONFIGS[5], CONFIGS[7], CONFIGS[9]]
+
+
+@pytest.mark.parametrize("bucket_bytes", [0, 64 * 80 * 4 + 1], ids=["per-tensor", "bucket-1-weight"])
+@pytest.mark.parametrize(("name", "kwargs"), BUCKETED, ids=[IDS[CONFIGS.index(c)] for c in BUCKETED])
+def test_bucketed_release_equals_a_normal_step_bit_for_bit(name, kwargs, bucket_bytes):
+    """Per tensor, buckets that close after a weight and its neighbours, and (the other test) the whole model in
+    one bucket at the end of backward: all the same bits as a normal step."""
+    normal = _train(name, kwargs, torch.float32, release=False)
+    _assert_same_run(normal, _train(name, kwargs, torch.float32, release=True, bucket_bytes=bucket_bytes))
+
+
+@pytest.mark.parametrize(("bucket_bytes", "expected"), [(0, 8), (DEFAULT_BUCKET_BYTES, 1)], ids=["per-tensor", "25MiB"])
+def test_one_finite_check_and_one_kernel_call_per_bucket(monkeypatch, bucket_bytes, expected):
+    """A bucket is one optimizer call: one finite check over its gradients and one adamw8bit_update (one launch
+    per dtype group on CUDA), not one of each per tensor (8 tensors here)."""
+    from lowmem_lightning.optim import adamw8bit as adamw_module
+
+    calls = {"kernel": 0, "tensors": 0}
+    update = adamw_module.adamw8bit_update
+
+    def counting_update(params, *args, **kwargs):
+        calls["kernel"] += 1
+        calls["tensors"] += len(params)
+        return update(params, *args, **kwargs)
+
+    monkeypatch.setattr(adamw_module, "adamw8bit_update", counting_update)
+    model = _model(torch.float32)
+    opt = build_optimizer("adamw_8bit", model.parameters(), lr=1e-3)
+    checks = []
+    finite_flags = opt._finite_flags
+    opt._finite_flags = lambda grads: checks.append(len(grads)) or finite_flags(grads)
+    hooks = GradientRelease(opt, bucket_bytes=bucket_bytes).attach()
+    _loss(model, _batches(1, torch.float32)[0]).backward()
+    assert hooks.bucket_steps == len(checks) == calls["kernel"] == expected
+    assert sum(checks) == calls["tensors"] == hooks.updates == 8
+
+
+def test_invalid_bucket_bytes_raises():
+    opt = build_optimizer("sgd", _model(torch.float32).parameters(), lr=1e-2)
+    for bad in (-1, 1.5, True, "25MB"):
+        with pytest.raises(ValueError, match="bucket_bytes"):
+            GradientRelease(opt, bucket_bytes=bad)

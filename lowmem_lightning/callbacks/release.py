@@ -27,6 +27,13 @@ backward from the next step on; one that got it in several is always updated aft
 param released in backward fire again in the same backward (the loss was not watched, or the model's
 structure changed), that step cannot be made right and ``RuntimeError`` stops it: never a silent
 partial update.
+
+Buckets: a gradient ready in backward joins the current bucket; when the bucket's gradients reach
+``bucket_bytes`` (DDP's 25 MiB by default) they are updated together in one optimizer call (one finite
+check and one kernel launch per dtype group on CUDA, instead of one of each per tensor) and freed. The
+rest is updated when the backward pass ends (an autograd engine callback), so at most ``bucket_bytes``
+plus one tensor of released gradients is alive at any time. ``bucket_bytes=0`` steps each tensor alone.
+Each tensor's update is the same as in a normal step, so the results do not depend on the bucketing.
 """
 
 from __future__ import annotations
@@ -37,7 +44,10 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-__all__ = ["GradientRelease", "release_refusal"]
+__all__ = ["GradientRelease", "release_refusal", "DEFAULT_BUCKET_BYTES"]
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+"""Gradient bytes gathered before a bucket is updated (DDP's default bucket size)."""
 
 
 def _graph_task() -> int | None:
@@ -53,22 +63,36 @@ class GradientRelease:
         optimizer: the optimizer whose params are updated (ours or any ``torch.optim.Optimizer``).
         clip_value: clamp each gradient to ``[-clip_value, clip_value]`` before its update (Lightning's
             ``gradient_clip_algorithm="value"``), or None.
+        bucket_bytes: update the gradients ready in backward together once they reach this many bytes
+            (an int >= 0; the rest at the end of the backward pass); 0 updates each tensor alone.
 
     :meth:`attach` registers one hook per trainable param of the optimizer (call it again to hook params
     unfrozen since), :meth:`watch` marks the loss of the coming backward (so gradients of nested,
     reentrant-checkpoint passes are recognised), :meth:`finish_step` closes a training step (call it
     after backward), :meth:`detach` removes the hooks. ``updates`` counts the tensor updates made in
     backward since attach; ``held_back`` the params whose gradient is accumulated in several nested
-    passes per backward and so are updated after it.
+    passes per backward and so are updated after it; ``bucket_steps`` the optimizer calls made in
+    backward; ``peak_bucket_bytes`` the most gradient bytes a bucket held (the tensor that closed it
+    included).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, clip_value: float | None = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, clip_value: float | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         if clip_value is not None and not (isinstance(clip_value, (int, float)) and clip_value > 0
                                            and math.isfinite(clip_value)):
             raise ValueError(f"Invalid clip_value={clip_value!r}: expected None or a finite number > 0.")
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 0:
+            raise ValueError(f"Invalid bucket_bytes={bucket_bytes!r}: expected an int >= 0 (0: each tensor alone).")
         self.optimizer = optimizer
         self.clip_value = None if clip_value is None else float(clip_value)
+        self.bucket_bytes = bucket_bytes
         self.updates = 0
+        self.bucket_steps = 0
+        self.peak_bucket_bytes = 0
+        self._bucket: dict[int, torch.Tensor] = {}  # id(param) -> param, gradients ready, not yet updated
+        self._bucket_nbytes = 0
+        self._flush_queued: set[int] = set()  # graph tasks whose end flushes the bucket
+        self._rank: dict[int, int] = {}  # id(param) -> its position among the optimizer's params
         self._handles: dict[int, object] = {}
         self._per_tensor = callable(getattr(optimizer, "step_params", None))
         self._outer: int | None = None  # graph task of the watched loss's backward
@@ -101,6 +125,7 @@ class GradientRelease:
     def attach(self) -> GradientRelease:
         """Register a hook on every trainable param not hooked yet (so params unfrozen since the last call
         are released too); returns self."""
+        self._rank = {id(param): rank for rank, param in enumerate(self.params())}
         for param in self.params():
             if id(param) not in self._handles:
                 self._handles[id(param)] = param.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -123,8 +148,10 @@ class GradientRelease:
         self._outer = _graph_task()
 
     def finish_step(self) -> None:
-        """Close the training step: update the params held back with their whole gradient, learn which
-        of them got it in one firing, then the per-group bookkeeping of ours."""
+        """Close the training step: update what is left in the bucket, then the params held back with their
+        whole gradient, learn which of them got it in one firing, then the per-group bookkeeping of ours."""
+        self._flush()
+        self._flush_queued.clear()
         pending = list(self._pending.values())
         for param in pending:
             (self._multi if self._fired.get(id(param), 0) > 1 else self._single).add(id(param))
@@ -169,13 +196,45 @@ class GradientRelease:
                 "between steps). Call GradientRelease.watch(loss) before every backward (LowMemOptimizerCallback "
                 "does), use torch.utils.checkpoint(..., use_reentrant=False), or step_in_backward=False."
             )
-        nested = self._outer is not None and _graph_task() != self._outer
+        if key in self._bucket:  # a second gradient before its bucket was updated: hold it back, whole
+            self._bucket_nbytes -= _grad_bytes(self._bucket.pop(key))
+            self._pending[key] = param
+            return
+        task = _graph_task()
+        nested = self._outer is not None and task != self._outer
         if key in self._multi or (nested and key not in self._single):
             self._pending[key] = param
             return
-        self._update([param])
-        self._stepped.add(key)
-        self.updates += 1
+        self._bucket[key] = param
+        self._bucket_nbytes += _grad_bytes(param)
+        self.peak_bucket_bytes = max(self.peak_bucket_bytes, self._bucket_nbytes)
+        if self._bucket_nbytes >= self.bucket_bytes:
+            self._flush()
+        elif task is not None and task >= 0 and task not in self._flush_queued:
+            self._flush_queued.add(task)  # the rest of the bucket is updated when this backward pass ends
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_of_pass(task))
+
+    def _end_of_pass(self, task: int) -> None:
+        self._flush_queued.discard(task)
+        self._flush()
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        """Update the bucket's params in one optimizer call (in the optimizer's param order, so per-group
+        values written by a group's first tensor, e.g. Adafactor's step size, come out as in a normal step)
+        and free their gradients."""
+        params = sorted(self._bucket.values(), key=lambda p: self._rank.get(id(p), len(self._rank)))
+        self._bucket, self._bucket_nbytes = {}, 0
+        if not params:
+            return
+        self._update(params)
+        self._stepped.update(id(p) for p in params)
+        self.updates += len(params)
+        self.bucket_steps += 1
+
+
+def _grad_bytes(param: torch.Tensor) -> int:
+    return param.grad.numel() * param.grad.element_size()
 
 
 def release_refusal(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
