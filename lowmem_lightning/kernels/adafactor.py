@@ -29,7 +29,7 @@ four being the shared statistics kernels of :mod:`.factored`:
 
 1. ``sq_stats_kernel`` (tiles of BLOCK_R rows looping over all columns): row sums of ``q`` and the
    row EMA in-register, column partial sums per row tile, sum of ``p^2`` (for ``scale_parameter``).
-2. ``sq_finalize_kernel``: column EMA from the partials, ``mean_R(vr)`` per batch (O(R + C) data).
+2. ``sq_finalize_kernel``: column EMA from the partials, the row/column factors ``rf``, ``cf`` (O(R + C)).
 3. ``clip_stats_kernel``: partial sums of ``u^2``.
 4. ``scalars_kernel`` (one program): ``lr_t`` and ``d`` from the partial sums.
 5. ``adafactor_update_kernel`` (this file; 256-element blocks, one codec block each): the update.

@@ -22,12 +22,14 @@ before re-quantization). bf16/fp16 params are written with stochastic rounding (
 A 0/1 ``flag`` (non-finite guard) leaves params and every state untouched.
 
 Passes over the gradient: the math has three global reductions in sequence (second-moment
-statistics, RMS of ``u``, instability statistics) before the update, so four passes; factored
-tensors take exactly four (seven launches): the two second-moment passes and the scalar kernel of
-:mod:`.factored`, then ``_res_stats_kernel`` (recomputes ``u`` and the new ``m`` in registers from
-``g`` and the old ``m``, sums ``s`` by rows and columns: no full-size scratch), its column finalize,
-and ``_came_update_kernel`` (recomputes the same ``m`` bit for bit, stores it and the param).
-1-D tensors take two passes.
+statistics, RMS of ``u``, instability statistics) before the update; factored tensors take seven
+launches: the two second-moment passes and the scalar kernel of :mod:`.factored`, then
+``_res_stats_kernel`` (recomputes ``u`` and the new ``m`` in registers from ``g`` and the old ``m``,
+sums ``s`` by rows and columns: no full-size scratch; an fp32 ``m`` is stored here), its column
+finalize (the confidence factors), and ``_came_update_kernel`` (reads the stored fp32 ``m``, or, for
+8-bit momentum, recomputes the same ``m`` bit for bit and stores its codes; then the param). Three
+reads of ``g`` with fp32 momentum (the minimum), four with 8-bit. 1-D tensors take two passes. No
+division or root per element (``scalars_kernel`` supplies ``1 / d``; see :mod:`.factored`).
 
 File order: Triton kernels, PyTorch reference, launcher.
 """

@@ -12,9 +12,13 @@ statistic's input, e.g. ``g * g + eps1``; all fp32::
     (1-D: v = beta * v + (1 - beta) * q, u = g / sqrt(v), v full size)
 
 Passes (deterministic partial sums, no atomics): ``sq_stats_kernel`` (row EMA in-register, column
-partials per row tile, sum of ``p^2``), ``sq_finalize_kernel`` (column EMA, ``mean_R(vr)``),
+partials per row tile, sum of ``p^2``), ``sq_finalize_kernel`` (column EMA, then the factors
+``rf = 1/sqrt(vr / mean_R(vr))`` per row and ``cf = 1/sqrt(vc)`` per column, O(R + C)),
 ``clip_stats_kernel`` (partial sums of ``u^2``) and ``scalars_kernel`` (one program: step size
-``lr_t`` and clip divisor ``d``); 1-D tensors take ``full_stats_kernel`` instead of the first three.
+``lr_t``, clip divisor ``d``, ``1 / d`` and ``lr_t / d``); 1-D tensors take ``full_stats_kernel``
+instead of the first three. The per-element passes only multiply (no division or root per element
+in the factored path; the 1-D path's ``inv_sqrt`` is branch-free and correctly rounded), so their
+sm_90 SASS has no slow-path ``CALL`` (``tests/test_kernels_sass_factored.py``).
 The ``@triton.jit`` helpers below (``ema``, ``inv_sqrt``, ``factored_u``, ``block_direction``,
 ``momentum_block``, ...) are the building blocks of the optimizers' own update kernels; each has
 a ``*_reference`` twin here that the optimizers' step functions call, bit for bit the same ops.
