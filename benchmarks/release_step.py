@@ -9,6 +9,11 @@ alternating, and the ratio of their median step times is reported (same process,
 machine noise hits both alike). ``--repeats`` timed steps after ``--warmup``.
 
     python benchmarks/release_step.py --optimizers adamw_8bit,came,sgd --repeats 30
+
+``--bucket-bytes`` sets the release's bucket (0: each tensor alone). ``--count`` times nothing: for
+each optimizer, one backward per bucket size (0 and ``--bucket-bytes``) counting the optimizer calls
+made in backward and the peak bytes of gradients alive (summed over ``.grad`` at every gradient's
+arrival), against a normal step's (every gradient alive at the end of backward).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowmem_lightning.callbacks.release import GradientRelease  # noqa: E402
+from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientRelease  # noqa: E402
 from lowmem_lightning.optim import build_optimizer  # noqa: E402
 
 LR = {"adamw_8bit": 1e-3, "paged_adamw_8bit": 1e-3, "came": 1e-4, "sgd": 1e-2, "adamw": 1e-3, "adafactor": None}
@@ -48,7 +53,7 @@ class Run:
         lr = LR.get(name, 1e-3)
         kwargs = {} if lr is None else {"lr": lr}
         self.opt = build_optimizer(name, self.model.parameters(), **kwargs)
-        self.hooks = GradientRelease(self.opt).attach() if release else None
+        self.hooks = GradientRelease(self.opt, bucket_bytes=args.bucket_bytes).attach() if release else None
 
     def step(self, batch: torch.Tensor) -> float:
         """One training step; returns its wall time in ms."""
@@ -80,6 +85,43 @@ def measure(name: str, args) -> dict:
             "ratio": b / a}
 
 
+def count(name: str, args) -> list[dict]:
+    """Per bucket size (None: a normal step): optimizer calls in backward and peak gradient bytes alive."""
+    rows = []
+    batch = torch.randint(0, 256, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    for bucket_bytes in (None, 0, args.bucket_bytes):
+        run = Run(name, False, args)
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        live = [0]
+
+        def measure(_, params=params, live=live):
+            live[0] = max(live[0], sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None))
+
+        for p in params:  # registered before the release hooks: counts the gradient that just arrived
+            p.register_post_accumulate_grad_hook(measure)
+        hooks = None if bucket_bytes is None else GradientRelease(run.opt, bucket_bytes=bucket_bytes).attach()
+        run.model(input_ids=batch, labels=batch).loss.backward()
+        calls = 1 if hooks is None else hooks.bucket_steps
+        if hooks is not None:
+            hooks.finish_step()
+        rows.append({"optimizer": name, "step": "normal" if hooks is None else f"released, bucket {bucket_bytes} B",
+                     "tensors": len(params), "calls": calls, "peak_grad_bytes": live[0],
+                     "largest": max(p.numel() * p.element_size() for p in params),
+                     "all_grad_bytes": sum(p.numel() * p.element_size() for p in params)})
+    return rows
+
+
+def count_markdown(rows: list[dict]) -> str:
+    """The counting rows as a markdown table (MiB)."""
+    lines = ["| optimizer | step | tensors | optimizer calls | peak gradient MiB alive | largest tensor MiB "
+             "| all gradients MiB |", "|---|---|---:|---:|---:|---:|---:|"]
+    mib = 2**20
+    for r in rows:
+        lines.append(f"| {r['optimizer']} | {r['step']} | {r['tensors']} | {r['calls']} | "
+                     f"{r['peak_grad_bytes'] / mib:.2f} | {r['largest'] / mib:.2f} | {r['all_grad_bytes'] / mib:.2f} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table."""
     lines = ["| optimizer | params | tensors | normal step (ms) | released step (ms) | released / normal |",
@@ -99,13 +141,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--bucket-bytes", type=int, default=DEFAULT_BUCKET_BYTES,
+                        help="gradient release bucket in bytes (0: each tensor alone)")
+    parser.add_argument("--count", action="store_true", help="count calls and gradient bytes, time nothing")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = [measure(name, args) for name in args.optimizers.split(",")]
     print(f"command: python benchmarks/release_step.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    if args.count:
+        print(count_markdown([row for name in args.optimizers.split(",") for row in count(name, args)]))
+        return 0
+    rows = [measure(name, args) for name in args.optimizers.split(",")]
     print(markdown(rows))
     return 0
 
