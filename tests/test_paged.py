@@ -383,3 +383,24 @@ def test_deepcopy_of_a_resident_optimizer_steps_identically():
     _train(opt, params, 2, torch.Generator().manual_seed(2))
     _train(twin, twin_params, 2, torch.Generator().manual_seed(2))
     _assert_same(params, opt, twin_params, twin)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_resident_state_moves_no_bytes_after_warm_up_and_stays_bit_identical():
+    """A budget covering the state on CUDA: after the first step no copy either way and one update call per
+    step; state_dict (which flushes through the side stream) and params equal AdamW8bit's."""
+    params = _params("cuda")
+    opt = PagedAdamW8bit(params, lr=1e-2, weight_decay=0.05, gpu_budget_bytes=10**9)
+    ref_params = _params("cuda")
+    ref_opt = AdamW8bit(ref_params, lr=1e-2, weight_decay=0.05)
+    gen, gen_ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    _train(opt, params, 1, gen)
+    _train(ref_opt, ref_params, 1, gen_ref)
+    before = dict(opt.paging_stats)
+    _train(opt, params, 5, gen, nan_at=2)
+    _train(ref_opt, ref_params, 5, gen_ref, nan_at=2)
+    delta = {k: opt.paging_stats[k] - before[k] for k in before}
+    assert delta == {"to_device_copies": 0, "to_device_bytes": 0, "to_host_copies": 0, "to_host_bytes": 0,
+                     "update_calls": 5}
+    _assert_same(params, opt, ref_params, ref_opt)
