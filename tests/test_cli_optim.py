@@ -133,3 +133,14 @@ def test_model_lr_on_the_command_line_wins_over_the_callbacks(capsys):
     assert _callback_entry(cfg).init_args.lr == 0.002  # --lr is the callback's own flag
     cfg = parse_fit_config(["--config", "tiny.yaml"])
     assert _callback_entry(cfg).init_args.lr == 0.003 and capsys.readouterr().err == ""
+
+
+def test_optim_does_not_hand_an_sgd_lr_to_an_adaptive_optimizer(capsys):
+    cfg = parse_fit_config(["--config", "tiny_sgd.yaml", "--optim", "adamw"])
+    assert _callback_entry(cfg).init_args.lr is None  # the module's 3e-3 applies, not SGD's 0.3
+    assert "dropped the config's lr=0.3" in capsys.readouterr().err
+    cfg = parse_fit_config(["--config", "tiny_sgd.yaml", "--optim", "adamw", "--lr", "0.01"])
+    assert _callback_entry(cfg).init_args.lr == 0.01
+    cfg = parse_fit_config(["--config", "tiny_came.yaml", "--optim", "sgd"])
+    assert _callback_entry(cfg).init_args.lr == 3e-3  # the same as the module's: nothing to say
+    assert "dropped the config's lr" not in capsys.readouterr().err

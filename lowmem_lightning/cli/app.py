@@ -171,6 +171,10 @@ def _import_class(class_path: str) -> type | None:
         return None
 
 
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _is_optimizer_callback(entry: Any) -> bool:
     class_path = entry.get("class_path") if isinstance(entry, (dict, Namespace)) else None
     if not isinstance(class_path, str):
@@ -477,7 +481,8 @@ class LowMemCLI(LightningCLI):
                 init["step_in_backward"] = release
             if name is not None and name in available_optimizers():
                 run_lr = init.get("lr") if init.get("lr") is not None else model_lr
-                _notice(switch_optimizer(init, name, run_lr if isinstance(run_lr, (int, float)) else None))
+                _notice(switch_optimizer(
+                    init, name, _number(run_lr), lr_given=lr is not None, module_lr=_number(model_lr)))
             elif name is not None:
                 init["optimizer"] = name  # refused with the list of names by _check_optimizer_callbacks
         cfg.trainer["callbacks"] = callbacks

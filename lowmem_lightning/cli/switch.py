@@ -6,7 +6,8 @@ CAME. :func:`switch_optimizer` keeps every such setting the new optimizer accept
 and drops the others, and gives ``adafactor`` ``relative_step: false, scale_parameter: false`` (and the module's lr when
 the callback has none) when the run has a learning rate (the callback's, ``--lr`` or the module's), so
 the recipe's lr and LR schedule drive it, as they drive every other optimizer (Adafactor's own relative
-step refuses an lr and an LR scheduler).
+step refuses an lr and an LR scheduler). A callback lr written for SGD is not handed to an adaptive
+optimizer, nor the reverse: their learning rates differ by orders of magnitude.
 It returns one line saying what changed, for the command to print.
 """
 
@@ -51,20 +52,38 @@ def _carry(name: str, old_kwargs: dict, lr, weight_decay) -> tuple[dict, dict]:
     return kept, dropped
 
 
-def switch_optimizer(init: dict, name: str, run_lr: float | None) -> str | None:
+def _lr_kind(name: str) -> str:
+    """``"SGD"`` (the lr scales the raw gradient) or ``"adaptive"`` (the lr is the size of a normalized step)."""
+    return "SGD" if name == "sgd" else "adaptive"
+
+
+def switch_optimizer(
+    init: dict, name: str, run_lr: float | None, *, lr_given: bool = False, module_lr: float | None = None
+) -> str | None:
     """Set ``init["optimizer"] = name`` in a ``LowMemOptimizerCallback``'s init args (a dict or
     Namespace, changed in place), carrying over the settings ``name`` accepts.
 
     ``run_lr``: the run's learning rate (the callback's ``lr``, ``--lr``, else the module's; ``None``
     when it has none). Adafactor gets ``relative_step=False, scale_parameter=False`` and, when the
     callback gives no lr, the module's ``run_lr`` (Adafactor cannot take its lr from the param groups
-    alone). Returns one line saying what was dropped or added (``None`` when only the name changed).
+    alone). A callback lr the config wrote for an optimizer of another lr scale (``sgd`` <-> the adaptive
+    ones: ``tiny_sgd.yaml``'s 0.3 would make AdamW diverge) is dropped unless ``lr_given`` (``--lr``), so
+    the module's lr (``module_lr``) applies. Returns one line saying what was dropped or added (``None``
+    when only the name changed).
     """
     previous = init.get("optimizer") or "adamw_8bit"
     init["optimizer"] = name
     old_kwargs = dict(init.get("optimizer_kwargs") or {})
     if previous == name:
         return None
+    parts = []
+    callback_lr = init.get("lr")
+    if (not lr_given and callback_lr is not None and _lr_kind(previous) != _lr_kind(name)
+            and float(callback_lr) != module_lr):
+        parts.append(f"dropped the config's lr={init['lr']!r} ({previous}'s: {_lr_kind(previous)} and {name} "
+                     f"take learning rates of different scales; the module's lr applies, --lr to set one)")
+        init["lr"] = None
+        run_lr = module_lr
     kept, dropped = _carry(name, old_kwargs, init.get("lr"), init.get("weight_decay"))
     added = {}
     if name == "adafactor" and run_lr is not None and "relative_step" not in kept:
@@ -73,7 +92,6 @@ def switch_optimizer(init: dict, name: str, run_lr: float | None) -> str | None:
             init["lr"] = float(run_lr)
             added["lr"] = float(run_lr)
     init["optimizer_kwargs"] = {**kept, **{k: v for k, v in added.items() if k != "lr"}} or None
-    parts = []
     if dropped:
         listed = ", ".join(f"{k}={v!r}" for k, v in dropped.items())
         parts.append(f"dropped the config's optimizer_kwargs {listed} ({previous}'s, not valid for {name})")
