@@ -371,7 +371,8 @@ class LowMemCLI(LightningCLI):
         parser.add_argument(
             "--optim", type=str | None, default=None,
             help=f"Optimizer of the LowMemOptimizerCallback in trainer.callbacks (added if the config has none). "
-            f"One of: {names}. The config's lr and LR schedule are kept (--lr to change the lr); the config's "
+            f"One of: {names}. The config's lr and LR schedule are kept (--lr to change the lr; a callback lr "
+            "written for sgd is not given to an adaptive optimizer, nor the reverse); the config's "
             "optimizer_kwargs that the new optimizer does not take are dropped (said in one line); adafactor "
             "gets relative_step: false, scale_parameter: false when the run has an lr, so that lr drives it. "
             "--model.optimizer NAME with such a callback means the same. "
