@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lowmem_lightning.callbacks import LowMemOptimizerCallback
+from lowmem_lightning.modules.base import LowMemModule
 from lowmem_lightning.optim import optimizer_class
 
 OPT = "adamw_8bit"
@@ -145,3 +146,38 @@ def test_sigterm_inside_an_accumulation_window_finishes_it(tmp_path):
     assert resumed.global_step == 3
     for a, b in zip(straight.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+class LowMemNet(LowMemModule):
+    """The same network as a LowMemModule whose own optimizer is ``optimizer``."""
+
+    def __init__(self, optimizer="sgd"):
+        super().__init__(optimizer=optimizer, lr=1e-2)
+        self.net = nn.Sequential(nn.Linear(16, 80), nn.Tanh(), nn.Linear(80, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+def _fit_lowmem(root, optimizer, callback, ckpt_path=None, max_epochs=1):
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=[LowMemOptimizerCallback(callback, lr=2e-3, print_summary=False, plot=False)] if callback else [],
+    )
+    trainer.fit(LowMemNet(optimizer), _data(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_checkpoint_of_the_callback_resumed_without_it_says_how(tmp_path):
+    """Written with LowMemOptimizerCallback('adamw_8bit') over the module's sgd; resumed without the callback,
+    the module's sgd would get 8-bit AdamW state: refused before any step, naming the optimizer and the fix."""
+    path = tmp_path / "cb.ckpt"
+    _fit_lowmem(tmp_path, "sgd", "adamw_8bit").save_checkpoint(path)
+    match = r"LowMemOptimizerCallback\(optimizer='adamw_8bit'\).*no LowMemOptimizerCallback.*'sgd'.*--optim adamw_8bit"
+    with pytest.raises(ValueError, match=match):
+        _fit_lowmem(tmp_path, "sgd", None, ckpt_path=path, max_epochs=2)
+    assert _fit_lowmem(tmp_path, "sgd", "adamw_8bit", ckpt_path=path, max_epochs=2).global_step == 6  # with it
+    assert _fit_lowmem(tmp_path, "adamw_8bit", None, ckpt_path=path, max_epochs=2).global_step == 6  # same state

@@ -41,7 +41,7 @@ from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 __all__ = [
     "SIGTERM_CHECKPOINT_NAME", "PreemptionStop", "apply_new_lr", "base_lrs", "save_on_sigterm",
-    "non_resumable_train_loaders", "warn_if_not_resumable",
+    "non_resumable_train_loaders", "warn_if_not_resumable", "refuse_missing_optimizer_callback",
 ]
 
 SIGTERM_CHECKPOINT_NAME = "last.ckpt"
@@ -212,3 +212,33 @@ def apply_new_lr(trainer: L.Trainer, optimizers: list, built: list[list[float | 
 def _differs(old, new) -> bool:
     numbers = isinstance(old, (int, float)) and isinstance(new, (int, float))
     return numbers and old != 0 and new is not None and not math.isclose(old, new, rel_tol=1e-9, abs_tol=0.0)
+
+
+def refuse_missing_optimizer_callback(trainer: L.Trainer | None, checkpoint: dict, own_optimizer: str | None) -> None:
+    """Refuse (``ValueError``, before any step) to resume a checkpoint written with
+    :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback` in a fit that has none, when the module's own
+    optimizer (``own_optimizer``: its registered name, ``None`` if unknown) is not the one whose state the
+    checkpoint holds: the module's optimizer would be handed that state and fail at its first step
+    (torch AdamW: ``KeyError: 'exp_avg'``). Called from a module's ``on_load_checkpoint``; does nothing
+    outside ``fit`` (weights-only loads, validate/test) or when the callback is present (it checks itself)."""
+    if trainer is None or trainer.state.fn != "fit":
+        return
+    saved = [v for k, v in (checkpoint.get("callbacks") or {}).items()
+             if str(k).startswith("LowMemOptimizerCallback") and isinstance(v, dict)]
+    if not saved:
+        return
+    from lowmem_lightning.callbacks.optimizer import LowMemOptimizerCallback
+
+    if any(isinstance(callback, LowMemOptimizerCallback) for callback in trainer.callbacks):
+        return
+    name = saved[0].get("optimizer")
+    if name is None or name == own_optimizer:
+        return
+    own = f"{own_optimizer!r}" if own_optimizer else "the module's configure_optimizers"
+    raise ValueError(
+        f"Cannot resume from {trainer.ckpt_path}: it was written with LowMemOptimizerCallback(optimizer={name!r}) "
+        f"and holds that optimizer's state, but this fit has no LowMemOptimizerCallback, so the module's own "
+        f"optimizer ({own}) would be given it. Resume with the callback: add LowMemOptimizerCallback({name!r}) to "
+        f"the Trainer's callbacks (lowmem fit: --optim {name}), or load only the weights "
+        "(Module.load_from_checkpoint(path), then a fit without ckpt_path)."
+    )

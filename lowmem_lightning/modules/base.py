@@ -156,6 +156,14 @@ class LowMemModule(L.LightningModule):
             )
         return int(total)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse, with a message saying how to resume, a checkpoint whose optimizer state came from a
+        ``LowMemOptimizerCallback`` absent from this fit (:func:`~lowmem_lightning.callbacks.resume.
+        refuse_missing_optimizer_callback`)."""
+        from lowmem_lightning.callbacks.resume import refuse_missing_optimizer_callback
+
+        refuse_missing_optimizer_callback(self._trainer, checkpoint, self.optimizer_name)
+
     def configure_optimizers(self):
         """Build the named optimizer over :meth:`param_groups`, plus a per-step LambdaLR when a
         warmup or cosine schedule was asked for."""
