@@ -303,3 +303,44 @@ def test_invalid_bucket_bytes_raises():
     for bad in (-1, 1.5, True, "25MB"):
         with pytest.raises(ValueError, match="bucket_bytes"):
             GradientRelease(opt, bucket_bytes=bad)
+
+
+class _SharedAfterBlock(torch.nn.Module):
+    """A weight used inside a reentrant-checkpointed block and again after it: its outer gradient arrives first
+    (the later use), then the nested pass adds to it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(80, 64)
+        self.shared = torch.nn.Linear(64, 64)
+        self.head = torch.nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = checkpoint(lambda t: torch.tanh(self.shared(t)), self.inp(x), use_reentrant=True)
+        return self.head(self.shared(h))
+
+
+def _train_after_block(bucket_bytes, release: bool, steps: int = 3):
+    model = _SharedAfterBlock()
+    opt = build_optimizer("adamw_8bit", model.parameters(), lr=1e-3)
+    hooks = GradientRelease(opt, bucket_bytes=bucket_bytes).attach() if release else None
+    for batch in _batches(steps, torch.float32):
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(model, batch)
+        if hooks is not None:
+            hooks.watch(loss)
+        loss.backward()
+        if hooks is not None:
+            hooks.finish_step()
+        opt.step()
+    return model, opt
+
+
+def test_a_second_gradient_while_in_the_bucket_is_held_back_whole():
+    """Per tensor, the outer gradient is stepped at once and the nested one cannot be made right (an error);
+    with a bucket the param is still waiting when the nested gradient arrives, so it is held back and updated
+    with its whole gradient, exactly as a normal step."""
+    with pytest.raises(RuntimeError, match="second gradient in one backward"):
+        _train_after_block(0, release=True)
+    _assert_same_run(_train_after_block(0, release=False), _train_after_block(DEFAULT_BUCKET_BYTES, release=True))

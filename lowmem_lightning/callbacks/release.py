@@ -57,7 +57,7 @@ def _graph_task() -> int | None:
 
 
 class GradientRelease:
-    """Post-accumulate-grad hooks that step ``optimizer`` per tensor in backward and free each gradient.
+    """Post-accumulate-grad hooks that step ``optimizer`` in backward, per bucket of ready gradients, and free them.
 
     Args:
         optimizer: the optimizer whose params are updated (ours or any ``torch.optim.Optimizer``).
