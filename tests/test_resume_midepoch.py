@@ -312,6 +312,7 @@ def test_python_api_fit_with_ckpt_path_is_bit_exact(tmp_path):
         return model, trainer
 
     straight, trainer = fit(tmp_path / "a")
+    assert str(data.resolve()) in _load(tmp_path / "a" / "step=16.ckpt")["TextDataModule"]["data_files"]
     resumed, resumed_trainer = fit(tmp_path / "b", ckpt_path=tmp_path / "a" / "step=16.ckpt")  # epoch 1, batch 2
     assert resumed_trainer.global_step == 25
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
@@ -377,3 +378,34 @@ def test_sigterm_inside_an_accumulation_window_resumes_exactly(tmp_path, caplog)
         assert torch.equal(a, b), name
     states = [t.optimizers[0].state_dict()["state"] for t in (trainer, resumed_trainer)]
     assert _max_diff(*states) == 0
+
+
+def test_data_files_changed_since_the_checkpoint_are_named(tmp_path, recwarn):
+    """The data module's checkpoint state fingerprints each data file; a resume warns naming the files
+    that changed (appended, edited in place at the same size, removed, added), and nothing when none did."""
+    import warnings
+
+    from lowmem_lightning.data import TextDataModule
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    a, b, c = (_write_data(folder / f"{name}.txt") for name in "abc")
+    state = TextDataModule(str(folder), seq_len=32, batch_size=4).state_dict()
+
+    def changes() -> str:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            TextDataModule(str(folder), seq_len=32, batch_size=4).load_state_dict(state)
+        return "\n".join(str(w.message) for w in caught if "data changed" in str(w.message))
+
+    assert changes() == ""
+    a.write_text(a.read_text() + " more")
+    text = b.read_text()
+    b.write_text(text[::-1])  # same size, new content
+    c.unlink()
+    (folder / "d.txt").write_text("new words " * 50)
+    said = changes()
+    assert f"{a.resolve()}: size {len(text)} -> {len(text) + 5} bytes" in said
+    assert f"{b.resolve()}: content changed (same size)" in said
+    assert f"{c.resolve()}: no longer in the data" in said
+    assert f"{(folder / 'd.txt').resolve()}: new since the checkpoint" in said

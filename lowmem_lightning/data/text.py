@@ -419,6 +419,26 @@ class TextDataModule(L.LightningDataModule):
         """Read, tokenize, pack and split the data (:meth:`check_inputs`; once, later calls do nothing)."""
         self.check_inputs()
 
+    def state_dict(self) -> dict:
+        """What checkpoints keep of the data module: a cheap fingerprint of every data file (size,
+        modification time, hash of its first and last MiB; :mod:`~lowmem_lightning.data.fingerprint`)."""
+        from lowmem_lightning.data.fingerprint import fingerprints
+
+        return {"data_files": fingerprints(self.files)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """At resume: warn, in one message naming each file, when data files changed since the checkpoint."""
+        from lowmem_lightning.data.fingerprint import describe_changes, fingerprints
+
+        saved = state_dict.get("data_files") if isinstance(state_dict, dict) else None
+        changes = describe_changes(saved, fingerprints(self.files)) if isinstance(saved, dict) else []
+        if changes:
+            rank_zero_warn(
+                "TextDataModule: the data changed since the checkpoint was written, so the resumed run does not "
+                "see the data the checkpoint's run saw (its position in the epoch applies to the new blocks):\n"
+                + "\n".join(f"  - {change}" for change in changes)
+            )
+
     def _loader(self, dataset: TokenBlocks, shuffle: bool) -> StatefulDataLoader:
         with warnings.catch_warnings():  # torchdata 0.11's constructor calls a deprecated torch API
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
