@@ -181,3 +181,23 @@ def test_checkpoint_of_the_callback_resumed_without_it_says_how(tmp_path):
         _fit_lowmem(tmp_path, "sgd", None, ckpt_path=path, max_epochs=2)
     assert _fit_lowmem(tmp_path, "sgd", "adamw_8bit", ckpt_path=path, max_epochs=2).global_step == 6  # with it
     assert _fit_lowmem(tmp_path, "adamw_8bit", None, ckpt_path=path, max_epochs=2).global_step == 6  # same state
+
+
+def test_failed_sigterm_save_leaves_no_last_ckpt_and_no_resume_command(tmp_path, monkeypatch, caplog):
+    """A SIGTERM checkpoint that cannot be written (the disk fills after 100 bytes) ends the fit with one
+    CheckpointWriteError naming last.ckpt; no last.ckpt (empty or partial) nor temporary file is left, and the
+    'Resume with --ckpt_path' line, which would name a file that does not exist, is not printed."""
+    import errno
+
+    from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=0)
+    with pytest.raises(CheckpointWriteError, match=r"last\.ckpt.*full"):
+        _fit(tmp_path, max_epochs=3, extra=[ckpt, _SigtermAtBatch(4)])
+    assert list((tmp_path / "ckpt").iterdir()) == []
+    assert "--ckpt_path" not in caplog.text
