@@ -28,6 +28,7 @@ File order: Triton helpers and kernels, PyTorch references, launchers.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -595,6 +596,7 @@ def as_blocks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.view(-1, BLOCK_SIZE) for t in tensors)
 
 
+@functools.lru_cache(maxsize=4096)
 def split_reciprocal(d: int) -> tuple[float, float]:
     """``1 / d`` as two fp32 values ``(hi, lo)``, ``hi + lo`` within ``2**-48`` of it (for :func:`row_of`)."""
     hi = float(torch.tensor(1.0 / d, dtype=torch.float32))
