@@ -201,3 +201,30 @@ def test_failed_sigterm_save_leaves_no_last_ckpt_and_no_resume_command(tmp_path,
         _fit(tmp_path, max_epochs=3, extra=[ckpt, _SigtermAtBatch(4)])
     assert list((tmp_path / "ckpt").iterdir()) == []
     assert "--ckpt_path" not in caplog.text
+
+
+class _ValNet(Net):
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+
+class _SigtermInSanityCheck(L.Callback):
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_the_sanity_check_stops_at_the_first_step_with_a_checkpoint(tmp_path):
+    """The callback's handler is in place from the sanity check on (Lightning's alone stops that rank inside
+    the sanity check, before any step or checkpoint, and out of step with the other ranks)."""
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=2, default_root_dir=tmp_path,
+        callbacks=[LowMemOptimizerCallback(OPT, lr=2e-3, print_summary=False, plot=False),
+                   ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=0), _SigtermInSanityCheck()],
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.fit(_ValNet(), _data(), _data())
+    assert trainer.global_step == 1
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 1

@@ -411,6 +411,10 @@ class LowMemOptimizerCallback(L.Callback):
         keep_scheduler_names(trainer.lr_scheduler_configs, self._origins)
         self._built_lrs = base_lrs(self.optimizers)
 
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """SIGTERM is handled by :class:`~.resume.PreemptionStop` from here on (Lightning has just set its own)."""
+        self._stop.install()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Warn once when mid-epoch resume cannot be exact (a training dataloader without state). With
         ``step_in_backward``, attach the gradient-release hooks (after any checkpoint was restored).

@@ -3,10 +3,10 @@
 Used by :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`; the functions take the Trainer
 and work with any LightningModule.
 
-SIGTERM. Lightning's own handler (installed by every ``Trainer.fit``) only records the signal
-(``trainer.received_sigterm``) and stops the run with ``SIGTERMException`` at the end of the current
-training step. :func:`save_on_sigterm`, called from ``on_train_batch_end``, saves a checkpoint at that
-step end first, into the directory of the run's first ``ModelCheckpoint`` as ``last.ckpt`` (so
+SIGTERM. Lightning stops a run that received SIGTERM (``trainer.received_sigterm``) with
+``SIGTERMException`` at the end of the current training step. :func:`save_on_sigterm`, called from
+``on_train_batch_end`` once all ranks agreed to stop (below), saves a checkpoint at that step end
+first, into the directory of the run's first ``ModelCheckpoint`` as ``last.ckpt`` (so
 ``ckpt_path="last"`` finds it as well as the explicit path). It is the same point where
 ``ModelCheckpoint(every_n_train_steps=N)`` saves, so resuming from it continues the run exactly like
 resuming from a periodic checkpoint. Without a checkpoint callback nothing is saved (a warning says so).
@@ -19,7 +19,8 @@ signal; at each optimizer step boundary (the end of a gradient-accumulation wind
 is one an uninterrupted run also passes through) the ranks agree with one ``all_reduce(MAX)`` of that
 flag (only when ``world_size > 1``), and when any rank saw the signal all of them set
 ``trainer.received_sigterm``, save the one checkpoint together and stop (exit 143 from ``lowmem fit``).
-A second SIGTERM before that point ends the process at once (the default action).
+The handler is in place from the sanity check (or training start) to the end of training. A second
+SIGTERM before the stop ends the process at once (the default action).
 
 A new learning rate given at resume (:func:`apply_new_lr`) applies: Lightning's restore brings back the
 checkpoint's param-group lrs and scheduler base lrs, which are rescaled to the run's own (one line says so).
@@ -123,9 +124,12 @@ class PreemptionStop:
         self._told = False
 
     def install(self) -> bool:
-        """Replace the SIGTERM handler (main thread only); returns whether it did."""
+        """Replace the SIGTERM handler (main thread only; again after Lightning registered its own, which
+        happens between ``on_fit_start`` and the sanity check); returns whether ours is in place."""
         if threading.current_thread() is not threading.main_thread():
             return False
+        if signal.getsignal(signal.SIGTERM) == self._on_signal:
+            return True
         self.seen, self._told = False, False
         self._previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_signal)
