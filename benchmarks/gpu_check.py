@@ -451,8 +451,8 @@ def part_release(dry: bool) -> list[str]:
 
     device = _device(dry)
     hidden, layers = (64, 2) if dry else (2048, 12)
-    lines = ["| step | params | peak memory (GB) | median step (ms) | optimizer calls per step |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| step | params | peak memory (GB) | median step (ms) | optimizer calls per step | bucket_bytes |",
+             "|---|---:|---:|---:|---:|---:|"]
     # per-tensor release (bucket_bytes=0) measured 2.1x a normal step on 2026-12-04: not re-run (part time budget)
     for release, bucket_bytes in ((False, 0), (True, DEFAULT_BUCKET_BYTES)):
         def build(release=release, bucket_bytes=bucket_bytes):
@@ -475,9 +475,10 @@ def part_release(dry: bool) -> list[str]:
             return step
         steps = 3 if dry else 5
         peak, ms = _peak_step(build, steps, device)
-        label = f"released, bucket_bytes={bucket_bytes}" if release else "normal"
+        label = "released (step_in_backward)" if release else "normal"
         calls = build.hooks.bucket_steps / steps if release else 1
-        lines.append(f"| {label} | {build.params / 1e6:.0f}M | {peak:.2f} | {ms:.1f} | {calls:.0f} |")
+        lines.append(f"| {label} | {build.params / 1e6:.0f}M | {peak:.2f} | {ms:.1f} | {calls:.0f} "
+                     f"| {bucket_bytes if release else '-'} |")
     return lines
 
 
