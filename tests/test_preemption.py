@@ -165,3 +165,51 @@ def test_fsdp2_sigterm_on_one_rank_stops_every_rank(tmp_path, rank):
     folder = tmp_path / "ckpt" / "last.ckpt"
     assert folder.is_dir() and (folder / "meta.pt").is_file()  # one sharded checkpoint, written by both ranks
     assert torch.load(folder / "meta.pt", weights_only=False)["global_step"] == 6
+
+
+SIGNAL_CALLBACK = """
+import os
+import signal
+
+import lightning as L
+
+
+class SignalRank(L.Callback):
+    def __init__(self, rank: int = 1, batch: int = 5):
+        self.rank, self.batch = rank, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.fit_loop.total_batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+"""The callback of the CLI test, written next to the run as sigrank.py (loaded by ``--trainer.callbacks+=``)."""
+
+
+@pytest.mark.slow
+def test_lowmem_fit_under_ddp_stops_with_143_when_rank_1_is_signalled(tmp_path):
+    """The real CLI (``strategy: ddp``, 2 gloo processes: Lightning re-runs the command line as rank 1)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_resume_midepoch import CONFIG, _write_data
+
+    data = _write_data(tmp_path / "words.txt")
+    (tmp_path / "sigrank.py").write_text(SIGNAL_CALLBACK)
+    config = CONFIG.format(root=tmp_path, data=data, max_steps=40).replace("devices: 1", "devices: 2\n  strategy: ddp")
+    (tmp_path / "run.yaml").write_text(config)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(os.path.dirname(__file__))])}
+    env.pop("PL_GLOBAL_SEED", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowmem_lightning.cli", "fit", "--config", "run.yaml",
+         "--trainer.callbacks+=sigrank.SignalRank", "--trainer.callbacks.rank=1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        pytest.fail("lowmem fit under DDP hung after SIGTERM to rank 1")
+    finally:
+        _kill_group(proc.pid)
+    assert proc.returncode == 143, err[-3000:]
+    # 15 batches per epoch on one process -> 8 per rank (DistributedSampler pads); batch 5 ends step 6
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert f"--ckpt_path {tmp_path / 'ckpt' / 'last.ckpt'}" in err
