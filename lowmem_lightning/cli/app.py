@@ -733,7 +733,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         return _usage_error(str(err))
     saved_argv = sys.argv
-    sys.argv = [saved_argv[0] if saved_argv else "lowmem"]
+    # the command line as given: Lightning's DDP launcher re-runs sys.argv for ranks > 0
+    sys.argv = [saved_argv[0] if saved_argv else "lowmem", *(saved_argv[1:] if argv is None else argv)]
     try:
         LowMemCLI(args=args)
     except SIGTERMException:
