@@ -213,3 +213,36 @@ def test_lowmem_fit_under_ddp_stops_with_143_when_rank_1_is_signalled(tmp_path):
     # 15 batches per epoch on one process -> 8 per rank (DistributedSampler pads); batch 5 ends step 6
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 6
     assert f"--ckpt_path {tmp_path / 'ckpt' / 'last.ckpt'}" in err
+
+
+SECOND_SIGTERM = """
+import os, signal, sys
+import lightning as L
+sys.path.insert(0, {tests_dir!r})
+from test_ddp import Net, _data
+from lowmem_lightning.callbacks import LowMemOptimizerCallback
+
+
+class TwoSignals(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded: the stop waits for this step's end
+            os.kill(os.getpid(), signal.SIGTERM)  # insisted: the default action, now
+            print("still running after the second SIGTERM", flush=True)
+
+
+trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir={out!r},
+                    callbacks=[LowMemOptimizerCallback("sgd", lr=1e-2, print_summary=False, plot=False), TwoSignals()])
+trainer.fit(Net(), _data(8, distributed=False))
+"""
+
+
+def test_a_second_sigterm_ends_the_process_at_once(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(SECOND_SIGTERM.format(tests_dir=os.path.dirname(__file__), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=LIMIT_S)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
+    assert "still running" not in proc.stdout
