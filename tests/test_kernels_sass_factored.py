@@ -89,11 +89,18 @@ def _sass_rows(tmp_path, want) -> list[dict]:
     return json.loads(proc.stdout)
 
 
+ALLOWED_CALLS = {
+    # one scalar tl.div_rn per program, not per element: the double-quantization step max|d| / 127 of
+    # 256 scales, kept correctly rounded for subnormal quotients too
+    "_nf4_scale_quantize_kernel": 1,
+}
+
+
 def _failures(rows, bounds: bool) -> list[str]:
     out = []
     for r in rows:
         label = f"{r['kernel']} {r['constexprs']} {r['dtypes']}"
-        if r["CALL"]:
+        if r["CALL"] > ALLOWED_CALLS.get(r["kernel"], 0):
             out.append(f"{label}: {r['CALL']} slow-path CALLs")
         bound = PER_ELEMENT_BOUND.get(r["kernel"])
         if bounds and bound is not None and r["per_elem"] > bound:
