@@ -185,9 +185,12 @@ def test_optim_overrides_the_configs_callback(tiny_config):
     data["trainer"]["callbacks"] = [{"class_path": "lowmem_lightning.callbacks.LowMemOptimizerCallback",
                                      "init_args": {"optimizer": "adamw_8bit", "lr": 0.5}}]
     tiny_config.write_text(yaml.safe_dump(data))
-    cfg = parse_fit_config(["--config", str(tiny_config), "--optim", "sgd"])
+    cfg = parse_fit_config(["--config", str(tiny_config), "--optim", "came"])
     (entry,) = cfg.trainer.callbacks
-    assert entry.init_args.optimizer == "sgd" and entry.init_args.lr == 0.5
+    assert entry.init_args.optimizer == "came" and entry.init_args.lr == 0.5
+    cfg = parse_fit_config(["--config", str(tiny_config), "--optim", "sgd"])  # an adaptive lr is not SGD's
+    (entry,) = cfg.trainer.callbacks
+    assert entry.init_args.optimizer == "sgd" and entry.init_args.lr is None
     cfg = parse_fit_config(["--config", str(tiny_config), "--lr", "0.25"])
     assert cfg.trainer.callbacks[0].init_args.lr == 0.25
 
