@@ -336,11 +336,17 @@ class LowMemCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse like LightningCLI; a ``--model.optimizer NAME`` on the command line of a config whose
         ``trainer.callbacks`` has a LowMemOptimizerCallback (which replaces the module's optimizer) is
-        applied as ``--optim NAME``, said in one line."""
+        applied as ``--optim NAME``, said in one line. ``main`` passes the (resolved) arguments and keeps
+        the user's command line in ``sys.argv`` for Lightning's DDP launcher; the parse reads ``args`` only
+        (so LightningCLI does not warn that both were given)."""
         if isinstance(args, (list, tuple)):
             args = _model_optimizer_as_optim(list(args))
             self._cli_args = list(args)
-        super().parse_arguments(parser, args)
+        saved_argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = saved_argv
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """LightningCLI's subcommands, and ``estimate`` listed with them (``main`` runs it before
