@@ -26,7 +26,9 @@ from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
 from lowmem_lightning.cli.checks import ckpt_path_problem, new_paths, output_dirs, remove_new_paths, unwritable
 from lowmem_lightning.cli.last import checkpoint_dirs, newest_checkpoint
 from lowmem_lightning.cli.quiet import quiet_known_noise
+from lowmem_lightning.cli.resume import UNSET, checkpoint_problem, is_file_path, model_differences, saved_config_next_to
 from lowmem_lightning.cli.switch import switch_optimizer
+from lowmem_lightning.cli.versions import claim_version_dirs
 from lowmem_lightning.optim.registry import available_optimizers
 
 __all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_recipes", "resolve_recipe",
@@ -348,6 +350,62 @@ class LowMemCLI(LightningCLI):
         finally:
             sys.argv = saved_argv
 
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path FILE`` checked before anything is built (:mod:`~lowmem_lightning.cli.resume`): a bad
+        file, or a checkpoint saved from another model, ends with one message naming the file and what is
+        wrong (exit 2). Unlike LightningCLI, the checkpoint's hyperparameters replace the run's model init args
+        only with ``--model_from_ckpt true``, and never an explicit ``--model.*`` flag."""
+        sub = self.config.get("subcommand")
+        if not sub or not self.check_weights:
+            return
+        cfg = self.config[sub]
+        ckpt_path = cfg.get("ckpt_path")
+        if not is_file_path(ckpt_path):
+            if cfg.get("model_from_ckpt"):
+                self._error(f"--model_from_ckpt true takes the model from --ckpt_path FILE, but "
+                            f"ckpt_path={ckpt_path!r} names no file: give the checkpoint's path.")
+            return
+        problem, checkpoint = checkpoint_problem(ckpt_path)
+        if problem:
+            self._error(problem)
+        if checkpoint is not None:
+            self._match_checkpoint_model(cfg, ckpt_path, checkpoint.get("hyper_parameters"))
+
+    def _explicit_model_flag(self, key: str) -> bool:
+        """Whether the command line gives model init arg ``key`` (dotted: ``config.hidden_size``) or a
+        dict that holds it (``--model.config``)."""
+        parts = key.split(".")
+        return any(_flag_given(self._cli_args, "model", ".".join(parts[:n])) for n in range(1, len(parts) + 1))
+
+    def _match_checkpoint_model(self, cfg: Namespace, ckpt_path: str, saved: Any) -> None:
+        """Refuse a checkpoint whose saved model init args differ from the run's (naming the keys), or with
+        ``--model_from_ckpt true`` take them, refusing an explicit ``--model.*`` that contradicts them."""
+        init = self._init(cfg, "model")
+        if not isinstance(saved, dict) or not saved or init is None:
+            return
+        _type_model_config(cfg)
+        self._resolve_relative_paths(cfg)
+        diffs = model_differences(_real_paths(saved), _real_paths(init.as_dict()))
+        if not diffs:
+            return
+        listing = _listing(diffs)
+        if not cfg.get("model_from_ckpt"):
+            config = saved_config_next_to(ckpt_path)
+            also = f", or run with --config {config} (the config saved with that run)" if config else ""
+            self._error(f"ckpt_path={ckpt_path!r} was saved from a different model than this run's: {listing}. "
+                        f"To resume with the checkpoint's model, add --model_from_ckpt true{also}; to keep this "
+                        "run's model, start without --ckpt_path.")
+        explicit = [(key, a, b) for key, a, b in diffs if self._explicit_model_flag(key)]
+        if explicit:
+            key, a, b = explicit[0]
+            self._error(f"ckpt_path={ckpt_path!r}: --model.{key} {_shown(b)} on the command line contradicts the "
+                        f"checkpoint's model.{key}={_shown(a)} (--model_from_ckpt true takes the model from the "
+                        "checkpoint): drop one of the two.")
+        for top in dict.fromkeys(key.split(".", 1)[0] for key, _, _ in diffs):
+            init[top] = saved[top]
+        _notice(f"--model_from_ckpt: {', '.join(f'model.{key}={_shown(a)}' for key, a, _ in diffs)} taken from "
+                f"{ckpt_path}.")
+
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """LightningCLI's subcommands, and ``estimate`` listed with them (``main`` runs it before
         LightningCLI, so this parser only documents it)."""
@@ -389,6 +447,13 @@ class LowMemCLI(LightningCLI):
             help="Learning rate of the LowMemOptimizerCallback (with --optim, or overriding the config's callback). "
             "A --model.lr given on the command line also sets the callback's lr when the config gives the callback "
             "one (said in one line).",
+        )
+        parser.add_argument(
+            "--model_from_ckpt", type=bool, default=False,
+            help="With --ckpt_path FILE: take the model's init args (config, model_name_or_path, quantize, lora, ...; "
+            "not lr or other training settings) from the checkpoint's saved hyperparameters. Without it, a checkpoint "
+            "saved from a model whose init args differ from this run's is refused, naming the differing keys. An "
+            "explicit --model.* flag that contradicts the checkpoint is refused either way.",
         )
         parser.add_argument(
             "--step_in_backward", type=bool | None, default=None,
@@ -541,7 +606,8 @@ class LowMemCLI(LightningCLI):
 
     # ------------------------------------------------------------------ instantiation
     def _error(self, message: str) -> None:
-        parser = self._parser(self.subcommand) if self.subcommand else self.parser
+        sub = getattr(self, "subcommand", None) or (getattr(self, "config", None) or Namespace()).get("subcommand")
+        parser = self._parser(sub) if sub else self.parser
         parser.error(message)
 
     def instantiate_classes(self) -> None:
@@ -576,6 +642,25 @@ class LowMemCLI(LightningCLI):
                     self._error(f"LowMemOptimizerCallback(step_in_backward=True) cannot run: {reason}.")
         if self.config_init["fit"].get("ckpt_path") == "last":
             self.config_init["fit"]["ckpt_path"] = self._resolve_last()
+            self._check_resolved(self.config_init["fit"]["ckpt_path"])
+
+    def _check_resolved(self, path: str | None) -> None:
+        """The checkpoint ``--ckpt_path last`` chose, checked like a ``--ckpt_path FILE`` (the model is
+        built already, so a checkpoint of another model is refused, naming how to resume it explicitly)."""
+        if path is None:
+            return
+        problem, checkpoint = checkpoint_problem(path)
+        if problem:
+            self._error(f"--ckpt_path last chose {path}, which cannot be resumed: {problem}")
+        saved = checkpoint.get("hyper_parameters") if checkpoint is not None else None
+        init = self._init(self.config["fit"], "model")
+        diffs = (model_differences(_real_paths(saved), _real_paths(init.as_dict()))
+                 if isinstance(saved, dict) and init is not None else [])
+        if diffs:
+            self._error(f"--ckpt_path last chose {path}, saved from a different model than this run's: "
+                        f"{_listing(diffs)}. "
+                        f"Resume it with --ckpt_path {path} --model_from_ckpt true, or log this run elsewhere "
+                        "(another trainer.logger name) to start fresh.")
 
     def _resolve_last(self) -> str | None:
         dirs = checkpoint_dirs(self.trainer)
@@ -596,13 +681,21 @@ class LowMemCLI(LightningCLI):
         return found.path
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Run the subcommand; for ``fit``, a ``ValueError``/``TypeError``/``MisconfigurationException``
-        raised before the first sanity-check or training step (a refusal: optimizer, precision, strategy,
-        checkpoint) ends with one message and exit code 2, and the directories the run created are removed
-        (when they hold only the config and the logger's first files). ``LOWMEM_TRACEBACK=1`` re-raises."""
+        """Run the subcommand in a logger version folder of its own (claimed atomically:
+        :mod:`~lowmem_lightning.cli.versions`); for ``fit``, a ``ValueError``/``TypeError``/
+        ``MisconfigurationException`` raised before the first sanity-check or training step (a refusal:
+        optimizer, precision, strategy, checkpoint) ends with one message and exit code 2, and the
+        directories the run created are removed (when they hold only the config and the logger's first
+        files). ``LOWMEM_TRACEBACK=1`` re-raises."""
+        claimed = claim_version_dirs(self.trainer)  # runs started together never share a version folder
         if subcommand != "fit":
-            return super()._run_subcommand(subcommand)
+            try:
+                return super()._run_subcommand(subcommand)
+            except BaseException:
+                remove_new_paths([outer for _, outer in claimed])
+                raise
         created = new_paths(self._run_paths())
+        created += [outer for _, outer in claimed if outer not in created]
         started = _TrainingStarted()
         self.trainer.callbacks.append(started)
         try:
@@ -614,6 +707,10 @@ class LowMemCLI(LightningCLI):
             sys.stderr.write(f"lowmem fit: error: {_short(err)}\n(nothing was trained or written; "
                              "LOWMEM_TRACEBACK=1 shows where it was raised)\n")
             raise SystemExit(2) from None
+        except SystemExit:  # a refusal in before_fit (exit 2): the claimed version folder is not left behind
+            if not started.started:
+                remove_new_paths(created)
+            raise
         return None
 
     def _run_paths(self) -> list[str]:
@@ -714,6 +811,27 @@ def _short(err: BaseException) -> str:
         err = err.__cause__
     text = str(err).strip()
     return text if text else type(err).__name__
+
+
+def _real_paths(init_args: dict) -> dict:
+    """``init_args`` with each path of :data:`PATH_KEYS` of the model that exists as its resolved absolute path
+    (a checkpoint saved from another directory names the same weights)."""
+    out = dict(init_args)
+    for group, key in PATH_KEYS:
+        value = out.get(key) if group == "model" else None
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
+def _listing(diffs: list) -> str:
+    """``(key, checkpoint value, run value)`` triples as one clause each, joined by semicolons."""
+    return "; ".join(f"model.{key}={_shown(a)} in the checkpoint, {_shown(b)} in this run" for key, a, b in diffs)
+
+
+def _shown(value: Any) -> str:
+    """A config value as a message shows it (``'unset'`` for a key one side lacks)."""
+    return "unset" if value is UNSET else repr(value) if isinstance(value, str) else str(value)
 
 
 def _usage_error(message: str) -> int:
