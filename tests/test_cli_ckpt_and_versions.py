@@ -137,6 +137,18 @@ def test_lowmem_fit_refuses_each_bad_ckpt_path_before_writing(kind, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no runs/, no config.yaml
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_other_subcommands_refuse_a_bad_ckpt_path_too(subcommand, tmp_path, monkeypatch, capsys):
+    from lowmem_lightning.cli import main
+
+    path = _bad_file("empty", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    code = main([subcommand, "--config", "tiny.yaml", "--ckpt_path", str(path)])
+    _assert_one_error(code, capsys.readouterr().err, str(path), EXPECTED["empty"])
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_checkpoint_of_another_model_config_is_refused_naming_the_keys(tmp_path, monkeypatch, capsys):
     ckpt = _lightning_ckpt(tmp_path / "other.ckpt", hidden_size=64, num_hidden_layers=3)
     code, err = _main(tmp_path, monkeypatch, capsys, "--ckpt_path", str(ckpt))
@@ -164,6 +176,16 @@ def test_explicit_model_flag_is_never_overridden_by_the_checkpoint(tmp_path, mon
     _assert_one_error(code, err, "--model.config.hidden_size 96 on the command line contradicts the checkpoint's "
                                  "model.config.hidden_size=64")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.ckpt"]
+
+
+def test_ckpt_path_last_choosing_another_model_is_refused_leaving_no_version(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "runs/tiny/version_0/checkpoints"
+    folder.mkdir(parents=True)
+    ckpt = _lightning_ckpt(folder / "epoch=0-step=4.ckpt", hidden_size=64)
+    code, err = _main(tmp_path, monkeypatch, capsys, "--ckpt_path", "last")
+    _assert_one_error(code, err, f"ckpt_path='last' chose {ckpt.relative_to(tmp_path)}",
+                      "model.config.hidden_size=64 in the checkpoint", "--model_from_ckpt true")
+    assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == ["version_0"]  # the claimed one removed
 
 
 class _ParseAndCheck(LowMemCLI):

@@ -362,8 +362,8 @@ class LowMemCLI(LightningCLI):
         ckpt_path = cfg.get("ckpt_path")
         if not is_file_path(ckpt_path):
             if cfg.get("model_from_ckpt"):
-                self._error(f"--model_from_ckpt true takes the model from --ckpt_path FILE, but "
-                            f"ckpt_path={ckpt_path!r} names no file: give the checkpoint's path.")
+                self._error(f"ckpt_path={ckpt_path!r} names no file, but --model_from_ckpt true takes the model "
+                            "from the checkpoint file given as --ckpt_path FILE: give the checkpoint's path.")
             return
         problem, checkpoint = checkpoint_problem(ckpt_path)
         if problem:
@@ -651,13 +651,13 @@ class LowMemCLI(LightningCLI):
             return
         problem, checkpoint = checkpoint_problem(path)
         if problem:
-            self._error(f"--ckpt_path last chose {path}, which cannot be resumed: {problem}")
+            self._error(f"ckpt_path='last' chose {path}, which cannot be resumed: {problem}")
         saved = checkpoint.get("hyper_parameters") if checkpoint is not None else None
         init = self._init(self.config["fit"], "model")
         diffs = (model_differences(_real_paths(saved), _real_paths(init.as_dict()))
                  if isinstance(saved, dict) and init is not None else [])
         if diffs:
-            self._error(f"--ckpt_path last chose {path}, saved from a different model than this run's: "
+            self._error(f"ckpt_path='last' chose {path}, saved from a different model than this run's: "
                         f"{_listing(diffs)}. "
                         f"Resume it with --ckpt_path {path} --model_from_ckpt true, or log this run elsewhere "
                         "(another trainer.logger name) to start fresh.")
