@@ -34,6 +34,9 @@ Modules: :mod:`~lowmem_lightning.cli.app` (the LightningCLI and :func:`main`),
 :mod:`~lowmem_lightning.cli.checks` (inputs and outputs checked before a run),
 :mod:`~lowmem_lightning.cli.switch` (``--optim`` over another optimizer's settings),
 :mod:`~lowmem_lightning.cli.last` (``--ckpt_path last``),
+:mod:`~lowmem_lightning.cli.resume` (a ``--ckpt_path`` checked before anything is built: the file, and its
+model against the run's; ``--model_from_ckpt``), :mod:`~lowmem_lightning.cli.versions` (each run claims its
+own ``version_N``),
 :mod:`~lowmem_lightning.cli.estimate` (``lowmem estimate``), :mod:`~lowmem_lightning.cli.quiet`
 (known third-party noise).
 """
