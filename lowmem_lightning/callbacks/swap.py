@@ -37,7 +37,15 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from lowmem_lightning.callbacks.translate import FAMILIES, MOMENTUM_KEYS, Slot, Translation, family_of, translate_group
+from lowmem_lightning.callbacks.translate import (
+    FAMILIES,
+    MOMENTUM_KEYS,
+    Slot,
+    Translation,
+    as_float,
+    family_of,
+    translate_group,
+)
 
 __all__ = [
     "LR_KEYS",
@@ -112,14 +120,6 @@ def replace_optimizers(config, mapping: dict[int, torch.optim.Optimizer]):
     return config
 
 
-def _as_float(value) -> float | None:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return float(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
 def lr_ratio(old: torch.optim.Optimizer, group: dict, new_lr: float | None) -> float | None:
     """Factor that turns ``group``'s learning rates into ones based on ``new_lr``.
 
@@ -128,9 +128,9 @@ def lr_ratio(old: torch.optim.Optimizer, group: dict, new_lr: float | None) -> f
     """
     if new_lr is None:
         return None
-    base = _as_float(old.defaults.get("lr"))
+    base = as_float(old.defaults.get("lr"))
     if not base or base <= 0 or not math.isfinite(base):
-        base = _as_float(group.get("initial_lr", group.get("lr")))
+        base = as_float(group.get("initial_lr", group.get("lr")))
     if not base or base <= 0:
         return None
     return new_lr / base
@@ -143,7 +143,7 @@ def _learning_rates(old: torch.optim.Optimizer, group: dict, lr: float | None) -
     for key in LR_KEYS:
         if key not in group:
             continue
-        value = _as_float(group[key])
+        value = as_float(group[key])
         if lr is None or value is None:
             out[key] = group[key] if value is None else value
         elif ratio is not None:
@@ -180,7 +180,7 @@ def rebuild_param_groups(
     ``max_momentum``, ...) are kept.
     """
     skip = frozenset(fixed_keys) | ({"weight_decay", "l2"} if weight_decay is not None else frozenset())
-    any_decay = any((_as_float(g.get("weight_decay")) or 0.0) > 0 for g in old.param_groups)
+    any_decay = any((as_float(g.get("weight_decay")) or 0.0) > 0 for g in old.param_groups)
     groups, ratios, translations = [], [], []
     for group in old.param_groups:
         translation = translate_group(type(old), group, target_cls, new_defaults, skip=skip | set(LR_KEYS),
@@ -193,7 +193,7 @@ def rebuild_param_groups(
         rates, ratio = _learning_rates(old, group, lr)
         new_group.update(rates)
         if weight_decay is not None:
-            old_wd = _as_float(group.get("weight_decay")) or 0.0
+            old_wd = as_float(group.get("weight_decay")) or 0.0
             new_group["weight_decay"] = 0.0 if any_decay and old_wd == 0.0 else weight_decay
         groups.append(new_group)
         ratios.append(ratio)
@@ -252,6 +252,6 @@ def retarget_scheduler(scheduler, new: torch.optim.Optimizer, ratios: list[float
         if isinstance(values, list) and len(values) == len(ratios):
             setattr(
                 scheduler, name,
-                [v if r is None or _as_float(v) is None else _as_float(v) * r for v, r in zip(values, ratios)],
+                [v if r is None or as_float(v) is None else as_float(v) * r for v, r in zip(values, ratios)],
             )
     mark_step_calls(new)

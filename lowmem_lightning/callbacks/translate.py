@@ -166,7 +166,8 @@ def constructor_defaults(cls: type) -> dict:
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
-def _as_float(value) -> float | None:
+def as_float(value) -> float | None:
+    """A number or a 1-element tensor as a Python float; ``None`` for anything else (bools included)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return float(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -177,7 +178,7 @@ def _as_float(value) -> float | None:
 def same_value(a, b) -> bool:
     """Whether two hyperparameter values are equal (numbers and 1-element tensors by value)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        fa, fb = _as_float(a), _as_float(b)
+        fa, fb = as_float(a), as_float(b)
         return fa is not None and fa == fb
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
@@ -264,7 +265,7 @@ def translate_group(
             if chosen or setting in driven or decay:
                 _write(out.values, target_slots[setting], value, target_defaults, skip)
                 out.carried.append(text)
-        elif decay and (_as_float(value) or 0.0) == 0.0:
+        elif decay and (as_float(value) or 0.0) == 0.0:
             other = "l2" if setting == "weight_decay" else "weight_decay"
             if other in target_slots:  # no decay means the same in both kinds
                 _write(out.values, target_slots[other], value, target_defaults, skip)
