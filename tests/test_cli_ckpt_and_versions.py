@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lowmem_lightning.cli import RECIPES_DIR
-from lowmem_lightning.cli.app import LowMemCLI, _resolve_config_args, _with_default_classes
+from lowmem_lightning.cli.app import _ParseOnlyCLI, _resolve_config_args, _with_default_classes
 from lowmem_lightning.cli.resume import UNSET, checkpoint_problem, model_differences
 from lowmem_lightning.cli.versions import claim_version_dir
 
@@ -188,17 +188,10 @@ def test_ckpt_path_last_choosing_another_model_is_refused_leaving_no_version(tmp
     assert sorted(p.name for p in (tmp_path / "runs/tiny").iterdir()) == ["version_0"]  # the claimed one removed
 
 
-class _ParseAndCheck(LowMemCLI):
+class _ParseAndCheck(_ParseOnlyCLI):
     """Parses, checks ``--ckpt_path`` and fixes up the config like ``lowmem fit``; builds nothing."""
 
-    def _set_seed(self) -> None:
-        pass
-
-    def instantiate_classes(self) -> None:
-        pass
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        pass
+    check_weights = True
 
 
 def test_model_from_ckpt_takes_the_checkpoint_model_config(tmp_path, monkeypatch, capsys):
