@@ -47,3 +47,13 @@ def cpu_compile():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: one intra-op thread avoids oversubscribing the shared CPU cores (restored after).
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

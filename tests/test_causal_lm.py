@@ -18,14 +18,7 @@ TINY_LLAMA = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny matmuls gain nothing from more, and on a shared 2-core machine
-    a second spinning thread makes each op ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: a second spinning thread is ~10x slower
 
 
 class LossRecorder(L.Callback):

@@ -8,14 +8,7 @@ from torch import nn
 from lowmem_lightning.kernels import dispatch, nf4
 from lowmem_lightning.quant import Linear4bit, linear4bit_bytes, quantize_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids oversubscribing the shared CPU cores (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(in_features=96, out_features=40, bias=True, dtype=torch.float32):
