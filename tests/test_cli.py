@@ -26,7 +26,7 @@ from lowmem_lightning.cli import (
     parse_fit_config,
     resolve_recipe,
 )
-from lowmem_lightning.cli.app import _with_default_classes
+from lowmem_lightning.cli.recipes import with_default_classes
 from lowmem_lightning.optim import available_optimizers
 
 TESTS = Path(__file__).resolve().parent
@@ -123,11 +123,11 @@ def test_help_lists_subcommands_recipes_and_optim(capsys):
 def test_help_documents_every_argument_from_docstrings(capsys, flag, class_path):
     import inspect
 
-    from lowmem_lightning.cli.app import _import_class
+    from lowmem_lightning.cli.config_edits import import_class
 
     code, out, _ = _run(capsys, "fit", flag, class_path)
     assert code == 0
-    cls = _import_class(class_path)
+    cls = import_class(class_path)
     doc = inspect.getdoc(cls)
     flat = " ".join(out.split())
     for name in inspect.signature(cls.__init__).parameters:
@@ -143,9 +143,9 @@ def test_help_documents_every_argument_from_docstrings(capsys, flag, class_path)
 
 # ------------------------------------------------------------------ class selection and defaults
 def test_default_classes_are_injected_only_when_missing(tiny_config):
-    assert _with_default_classes(["fit"]) == ["fit", "--model", DEFAULT_MODEL, "--data", DEFAULT_DATA]
+    assert with_default_classes(["fit"]) == ["fit", "--model", DEFAULT_MODEL, "--data", DEFAULT_DATA]
     args = ["fit", "--config", str(tiny_config)]
-    assert _with_default_classes(args) == args
+    assert with_default_classes(args) == args
     cfg = parse_fit_config(["--config", str(tiny_config)])
     assert cfg.model.class_path == "test_cli.TinyModule"
     # the default class's own lr (CausalLMModule: 2e-4) does not leak into the user's class

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from lowmem_lightning.cli import RECIPES_DIR
-from lowmem_lightning.cli.app import _ParseOnlyCLI, _resolve_config_args, _with_default_classes
+from lowmem_lightning.cli.app import _ParseOnlyCLI
+from lowmem_lightning.cli.recipes import resolve_config_args, with_default_classes
 from lowmem_lightning.cli.resume import UNSET, checkpoint_problem, model_differences
 from lowmem_lightning.cli.versions import claim_version_dir
 
@@ -198,14 +199,14 @@ def test_model_from_ckpt_takes_the_checkpoint_model_config(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     ckpt = _lightning_ckpt(tmp_path / "other.ckpt", hidden_size=64)
-    args = _with_default_classes(_resolve_config_args(
+    args = with_default_classes(resolve_config_args(
         ["fit", "--config", TINY, "--ckpt_path", str(ckpt), "--model_from_ckpt", "true"]))
     init = _ParseAndCheck(args=args).config.fit.model.init_args
     assert init.config["hidden_size"] == 64 and init.config["num_hidden_layers"] == 2
     assert init.lr == 3e-3  # the run's training settings stay the run's
     assert "model.config.hidden_size=64 taken from" in capsys.readouterr().err
     same = _lightning_ckpt(tmp_path / "same.ckpt")
-    args = _with_default_classes(_resolve_config_args(["fit", "--config", TINY, "--ckpt_path", str(same)]))
+    args = with_default_classes(resolve_config_args(["fit", "--config", TINY, "--ckpt_path", str(same)]))
     assert _ParseAndCheck(args=args).config.fit.model.init_args.config["hidden_size"] == 96
 
 
@@ -280,7 +281,7 @@ def _check_real_checkpoint(cwd: Path, ckpt: Path) -> None:
     cwd_before = Path.cwd()
     os.chdir(cwd)
     try:
-        args = _with_default_classes(_resolve_config_args(["fit", "--config", TINY, "--ckpt_path", str(ckpt)]))
+        args = with_default_classes(resolve_config_args(["fit", "--config", TINY, "--ckpt_path", str(ckpt)]))
         assert _ParseAndCheck(args=args).config.fit.model.init_args.config["hidden_size"] == 96
         with pytest.raises(SystemExit) as exit_info:
             _ParseAndCheck(args=[*args, "--model.config.hidden_size", "64"])

@@ -15,14 +15,9 @@ from collections.abc import Sequence
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule
 
-from lowmem_lightning.cli.app import (
-    _import_class,
-    _init_args,
-    _is_optimizer_callback,
-    _short,
-    _usage_error,
-    parse_fit_config,
-)
+from lowmem_lightning.cli.app import parse_fit_config
+from lowmem_lightning.cli.config_edits import import_class, init_args, is_optimizer_callback
+from lowmem_lightning.cli.messages import short, usage_error
 from lowmem_lightning.optim.registry import available_optimizers
 
 __all__ = ["build_meta_model", "estimate_main"]
@@ -32,8 +27,8 @@ def _configured_optimizer(cfg: Namespace) -> tuple[str, dict] | None:
     """``(name, kwargs)`` of the run's optimizer: the LowMemOptimizerCallback's, else the module's."""
     callbacks = cfg.trainer.get("callbacks") or []
     for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if _is_optimizer_callback(entry):
-            init = _init_args(entry)
+        if is_optimizer_callback(entry):
+            init = init_args(entry)
             return init.get("optimizer") or "adamw_8bit", dict(init.get("optimizer_kwargs") or {})
     init = cfg.model.get("init_args") or Namespace()
     name = init.get("optimizer")
@@ -46,8 +41,8 @@ def _configured_release(cfg: Namespace) -> bool:
     """Whether the recipe's LowMemOptimizerCallback sets ``step_in_backward``."""
     callbacks = cfg.trainer.get("callbacks") or []
     for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if _is_optimizer_callback(entry):
-            return bool(_init_args(entry).get("step_in_backward"))
+        if is_optimizer_callback(entry):
+            return bool(init_args(entry).get("step_in_backward"))
     return False
 
 
@@ -74,7 +69,7 @@ def build_meta_model(cfg: Namespace):
 
     from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
 
-    cls = _import_class(cfg.model.class_path)
+    cls = import_class(cfg.model.class_path)
     init = (cfg.model.get("init_args") or Namespace()).as_dict()
     if isinstance(cls, type) and issubclass(cls, CausalLMModule):
         return build_causal_lm(
@@ -117,7 +112,7 @@ def estimate_main(argv: Sequence[str]) -> int:
     try:
         cfg = parse_fit_config(["--config", known.config, *extra])
     except ValueError as err:
-        return _usage_error(str(err))
+        return usage_error(str(err))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     try:
@@ -128,6 +123,6 @@ def estimate_main(argv: Sequence[str]) -> int:
         estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg),
                                    step_in_backward=release, gradient_checkpointing=checkpointing)
     except (ValueError, TypeError) as err:
-        return _usage_error(_short(err))
+        return usage_error(short(err))
     print(format_json(estimate) if known.format == "json" else format_table(estimate))
     return 0

@@ -1,0 +1,103 @@
+"""What the ``lowmem`` command says: one-line parser errors (exit 2), notices of what it changed in a
+config, and the short forms of exceptions and checkpoint differences that its messages quote."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+from lowmem_lightning.cli.config_edits import import_class
+from lowmem_lightning.cli.resume import UNSET
+
+__all__ = ["LowMemArgumentParser", "condense_message", "notice", "short", "listing", "shown", "usage_error"]
+
+
+def notice(message: str | None) -> None:
+    """One line on stderr saying what the command changed in the config (``None``: nothing)."""
+    if message:
+        sys.stderr.write(f"lowmem: {message}\n")
+
+
+
+class LowMemArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one short message (no 90-line usage dump), exit code 2."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        """Print ``PROG: error: MESSAGE`` and a hint to ``--help``, then exit with code 2."""
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {condense_message(message)}\n(all options: {prog} --help)\n")
+        self.exit(2)
+
+
+_NOISE = re.compile(
+    r"Does not validate against any of the Union subtypes|^\s*Subtypes:|^\s*Errors:\s*$|"
+    r"Expected a <class 'NoneType'>|^\s*Given value( type)?:|Expected a path but .* not accessible or invalid"
+)
+
+
+def condense_message(message: str) -> str:
+    """jsonargparse's nested Union error reports as one line: the innermost problems only."""
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
+    kept = [line for line in lines if line and not _NOISE.search(line)]
+    text = " ".join(kept) if kept else message.strip()
+    text = re.sub(r"Expected an? <class '([\w.]+)'>", r"Expected \1", text)
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    return text + _allowed_keys_hint(text)
+
+
+def _init_arg_names(cls: type) -> list[str]:
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _allowed_keys_hint(text: str) -> str:
+    """For an unknown key, the accepted keys of that class (or the closest Trainer arguments)."""
+    unknown = re.search(r"Option '([\w.]+)' is not accepted|does not accept option '([\w.]+)'", text)
+    if unknown is None:
+        return ""
+    key = unknown.group(1) or unknown.group(2)
+    owner = re.findall(r"class_path '([\w.]+)'", text)
+    if owner and (cls := import_class(owner[-1])) is not None:
+        return f" Accepted by {owner[-1].rsplit('.', 1)[-1]}: {', '.join(_init_arg_names(cls))}."
+    if key.startswith("trainer."):
+        from lightning.pytorch import Trainer
+
+        close = difflib.get_close_matches(key.split(".", 1)[1], _init_arg_names(Trainer), n=3)
+        return f" Did you mean: {', '.join('trainer.' + c for c in close)}?" if close else ""
+    return ""
+
+
+def short(err: BaseException) -> str:
+    """The innermost message of an exception chain (what the constructor said), one paragraph."""
+    while err.__cause__ is not None and isinstance(err.__cause__, (ValueError, TypeError)):
+        err = err.__cause__
+    text = str(err).strip()
+    return text if text else type(err).__name__
+
+
+def listing(diffs: list) -> str:
+    """``(key, checkpoint value, run value)`` triples as one clause each, joined by semicolons."""
+    return "; ".join(f"model.{key}={shown(a)} in the checkpoint, {shown(b)} in this run" for key, a, b in diffs)
+
+
+def shown(value: Any) -> str:
+    """A config value as a message shows it (``'unset'`` for a key one side lacks)."""
+    return "unset" if value is UNSET else repr(value) if isinstance(value, str) else str(value)
+
+
+def usage_error(message: str) -> int:
+    sys.stderr.write(f"lowmem: error: {message}\n")
+    return 2
+
