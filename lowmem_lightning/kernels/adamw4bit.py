@@ -1,0 +1,420 @@
+"""Fused AdamW step with 4-bit block-wise quantized moments (Triton kernel, reference, launcher).
+
+The AdamW math is :mod:`.adamw8bit`'s, operation for operation (:func:`.adamw8bit.adamw_math`); only the
+storage of the moments differs. Each moment is cut into blocks of ``BLOCK4 = 128`` elements with one
+fp32 absmax per block, and every element keeps a 4-bit code; two codes share a byte (element ``2j`` in
+the low nibble of byte ``j``, element ``2j + 1`` in the high one): ``1 + 2 * 4/128 = 1.0625`` bytes
+of state per parameter, as torchao's AdamW4bit (Li et al., "Memory Efficient Optimizers with 4-bit
+States", NeurIPS 2023).
+
+The codes (chosen by ``benchmarks/codec_study.py``, see RESULTS.md "4-bit state codes"):
+
+* **m**, signed power code with **stochastic rounding**: ``x = m * RN(1 / absmax)`` in [-1, 1], levels
+  ``sign * (k / 7) ** 2`` for ``k = 0..7`` (int4 two's complement ``-7..7``). ``|x|`` lies between the
+  levels ``(k / 7)**2`` and ``((k + 1) / 7)**2`` with ``k = min(floor(7 sqrt|x|), 6)``; the upper one is
+  taken when ``u * (2k + 1) < 49 |x| - k*k`` (``u`` uniform in [0, 1) from :func:`.rounding.hash_uniform`
+  of the element index and a salted step seed), i.e. with probability ``(|x| - lo) / (hi - lo)``, so
+  the decoded moment is unbiased. A 4-bit first moment rounded to nearest stalls (an EMA step of
+  ``(1 - beta1) g`` is smaller than half a level and is rounded away): on the codec study's noisy
+  quadratic every round-to-nearest m code (torchao's dynamic-exponent one too) had 0.45-0.76 relative
+  error from m alone, the stochastic one 0.06.
+* **v**, unsigned power code **without zero**: levels ``((k + 1) / 16) ** 4 * absmax``, ``k = 0..15``,
+  code ``clamp(round(16 * (v / absmax) ** (1/4)), 1, 16) - 1`` (round half to even). Its smallest level
+  is ``1.5e-5`` of the block maximum, so a second moment is never decoded as zero (the zero-point
+  problem of the paper, where ``m / sqrt(v)`` explodes); the fourth root spends the levels where
+  second moments live. Rounding to nearest (stochastic rounding of v was measured worse: it reaches
+  the lowest level too often).
+* Rank-1 normalization of v (the paper's) was measured 3-7% better than these block scales on the
+  study's problems, but needs the row and column maxima of the *new* v before any code is written,
+  i.e. a second pass over the gradient; this kernel reads every operand once.
+
+Exactness: the kernel and the reference perform the same fp32 operations (correctly rounded square
+roots and reciprocals of :mod:`.codec`, the magic-number rounding, the same hash), so they store the
+same codes and absmax bits; launchers disable FMA contraction.
+
+File order: Triton kernel, PyTorch reference, launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .adamw8bit import AdamWScalars, AdamWTensors, _beta_powers, _step_terms, adamw_math
+from .codec import (
+    block_scale_rcp,
+    block_scale_rcp_reference,
+    div_rn_fast,
+    rcp_rn,
+    round_to_int,
+    sqrt_floor,
+    sqrt_floor_reference,
+    sqrt_rn_fast,
+)
+from .cpu_buckets import Bucket, plan
+from .dispatch import Family, HostStep, pack, unpack
+from .multitensor import PARAM_GRAD_DTYPE_PAIRS, aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
+from .rounding import (
+    device_seed,
+    hash_uniform,
+    hash_uniform_reference,
+    masked_reference,
+    store_param,
+    write_param_reference,
+)
+
+__all__ = [
+    "BLOCK4",
+    "ROWS4",
+    "M_SEED_SALT",
+    "ADAMW_4BIT",
+    "num_blocks4",
+    "packed_len",
+    "adamw4bit_step",
+    "encode_m4_reference",
+    "decode_m4_reference",
+    "encode_v4_reference",
+    "decode_v4_reference",
+    "pack_nibbles_reference",
+    "unpack_nibbles_reference",
+    "quantize4_reference",
+    "dequantize4_reference",
+]
+
+BLOCK4 = 128
+"""Elements per 4-bit quantization block (one fp32 absmax each), as the paper and torchao."""
+
+ROWS4 = 8
+"""Quantization blocks per Triton program (a tile of ``ROWS4 x BLOCK4`` = 1024 elements)."""
+
+M_SEED_SALT = 0x5BD1E995
+"""Added to a tensor's step seed for the stochastic rounding of m (the param's own rounding uses the
+unsalted seed): the two hash streams are then those of elements ``~2**31`` apart."""
+
+M_LEVELS = 7
+V_LEVELS = 16
+_M_LEVELS = tl.constexpr(7.0)
+_M_LEVELS_SQ = tl.constexpr(49.0)
+_V_LEVELS = tl.constexpr(16.0)
+_SALT = tl.constexpr(M_SEED_SALT)
+
+
+def num_blocks4(numel: int) -> int:
+    """Blocks of :data:`BLOCK4` elements (one fp32 absmax each) covering ``numel`` elements."""
+    return -(-numel // BLOCK4)
+
+
+def packed_len(numel: int) -> int:
+    """Bytes of 4-bit codes for ``numel`` elements (two per byte)."""
+    return -(-numel // 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _unpack(byte_ptr, offs_b, mask_b, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """``(ROWS, BLOCK)`` int32 nibbles of the ``(ROWS, BLOCK // 2)`` bytes at ``offs_b`` (low nibble first)."""
+    b = tl.load(byte_ptr + offs_b, mask=mask_b, other=0).to(tl.int32)
+    return tl.reshape(tl.join(b & 15, b >> 4), (ROWS, BLOCK))
+
+
+@triton.jit
+def _pack(nibbles, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """``(ROWS, BLOCK // 2)`` uint8 bytes of ``(ROWS, BLOCK)`` int32 nibbles (inverse of :func:`_unpack`)."""
+    lo, hi = tl.split(tl.reshape(nibbles, (ROWS, BLOCK // 2, 2)))
+    return (lo | (hi << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _decode_m4(nib, absmax):
+    """int4 two's complement ``q`` in -7..7 -> ``sign(q) (q / 7)**2 * absmax``."""
+    y = ((nib ^ 8) - 8).to(tl.float32) * (1.0 / 7.0)
+    return y * tl.abs(y) * absmax
+
+
+@triton.jit
+def _decode_v4(nib, absmax):
+    """``k`` in 0..15 -> ``((k + 1) / 16)**4 * absmax``."""
+    y = (nib + 1).to(tl.float32) * 0.0625
+    y = y * y
+    return y * y * absmax
+
+
+@triton.jit
+def _encode_m4(m, inv_absmax, u):
+    """Stochastically rounded int4 codes (as int32 nibbles) of ``m`` given the block's reciprocal absmax."""
+    r = m * inv_absmax
+    a = tl.abs(r)
+    k = tl.minimum((sqrt_floor(a) * _M_LEVELS).to(tl.int32), 6)
+    kf = k.to(tl.float32)
+    up = u * (2.0 * kf + 1.0) < a * _M_LEVELS_SQ - kf * kf
+    c = k + up.to(tl.int32)
+    return tl.where(r < 0.0, -c, c) & 15
+
+
+@triton.jit
+def _encode_v4(w, inv_w_max):
+    """Codes ``k`` (int32 nibbles) of ``v`` from ``w = sqrt_floor(v)`` and ``RN(1 / sqrt_floor(absmax))``."""
+    c = round_to_int(sqrt_floor(w * inv_w_max) * _V_LEVELS)
+    return tl.minimum(tl.maximum(c, 1), 16) - 1
+
+
+@triton.jit
+def _adamw4bit_kernel(
+    table_ptr,  # int64 (11, T): param, grad, m, m_absmax, v, v_absmax, step, flag pointers; numel, tile, seed
+    tile_owner_ptr,  # int32 (num_tiles,): tensor index of each program
+    T,  # number of tensors in the table
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    grad_sign,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
+):
+    lr = as_fp32(lr)
+    beta1 = as_fp32(beta1)
+    beta2 = as_fp32(beta2)
+    eps = as_fp32(eps)
+    weight_decay = as_fp32(weight_decay)
+    grad_sign = as_fp32(grad_sign)
+    t, p_ptr, g_ptr, step_ptr, n, n_write, tile, seed_base = tile_header(
+        table_ptr, tile_owner_ptr, T, 4, PARAM_DTYPE, GRAD_DTYPE, ALIGNED)
+    m_ptr = table_pointer(table_ptr, T, t, 2, tl.uint8, ALIGNED)
+    m_abs_ptr = table_pointer(table_ptr, T, t, 3, tl.float32, False)
+    v_ptr = table_pointer(table_ptr, T, t, 4, tl.uint8, ALIGNED)
+    v_abs_ptr = table_pointer(table_ptr, T, t, 5, tl.float32, False)
+
+    HALF: tl.constexpr = BLOCK // 2
+    rows = tile * ROWS + tl.arange(0, ROWS)  # block index inside the tensor, (ROWS,)
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element index, (ROWS, BLOCK)
+    offs_b = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte index, (ROWS, HALF)
+    in_bounds = offs < n
+    bytes_in = offs_b * 2 < n
+    bytes_write = offs_b * 2 < n_write  # nothing when the gradient is not finite
+    write = offs < n_write
+    row_in_bounds = rows * BLOCK < n
+    row_write = rows * BLOCK < n_write
+
+    p = tl.load(p_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    m_scale = tl.load(m_abs_ptr + rows, mask=row_in_bounds, other=0.0)
+    v_scale = tl.load(v_abs_ptr + rows, mask=row_in_bounds, other=0.0)
+    m = _decode_m4(_unpack(m_ptr, offs_b, bytes_in, ROWS, BLOCK), m_scale[:, None])
+    v = _decode_v4(_unpack(v_ptr, offs_b, bytes_in, ROWS, BLOCK), v_scale[:, None])
+
+    step = tl.load(step_ptr)
+    seed = device_seed(step, seed_base)  # == rounding.step_seed(step, index, base)
+    beta1_t, beta2_t = _beta_powers(beta1, beta2, step)
+    step_size = div_rn_fast(lr, 1.0 - beta1_t)
+    inv_bc2 = rcp_rn(sqrt_rn_fast(1.0 - beta2_t))
+    decay = 1.0 - lr * weight_decay
+    c1 = (1.0 - beta1) * grad_sign
+    c2 = 1.0 - beta2
+
+    p = p * decay
+    m = beta1 * m + c1 * g
+    v = beta2 * v + c2 * (g * g)
+    w = sqrt_floor(v)
+    denom = w * inv_bc2 + eps
+    p = p - step_size * div_rn_fast(m, denom)
+    store_param(p_ptr, p, offs, write, seed, True)
+
+    m_max = tl.max(tl.abs(m), axis=1)  # (ROWS,)
+    v_max = tl.max(v, axis=1)
+    inv_m_max = block_scale_rcp(m_max)
+    inv_w_max = rcp_rn(sqrt_floor(v_max))
+    u = hash_uniform(offs, seed + _SALT)
+    tl.store(m_ptr + offs_b, _pack(_encode_m4(m, inv_m_max[:, None], u), ROWS, BLOCK), mask=bytes_write)
+    tl.store(v_ptr + offs_b, _pack(_encode_v4(w, inv_w_max[:, None]), ROWS, BLOCK), mask=bytes_write)
+    tl.store(m_abs_ptr + rows, m_max, mask=row_write)
+    tl.store(v_abs_ptr + rows, v_max, mask=row_write)
+
+
+AOT_SPECS = [
+    aot_spec(_adamw4bit_kernel, p, g, aligned, ROWS=ROWS4, BLOCK=BLOCK4)
+    for aligned in (False, True) for p, g in PARAM_GRAD_DTYPE_PAIRS
+]
+"""(kernel, signature, constexprs) for every (param dtype, grad dtype, aligned) variant launched."""
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch reference (the specification, the CPU path and the test oracle)
+# --------------------------------------------------------------------------------------------------
+
+
+def unpack_nibbles_reference(codes: torch.Tensor) -> torch.Tensor:
+    """``(..., H)`` uint8 bytes -> ``(..., 2H)`` int32 nibbles (low nibble first)."""
+    b = codes.to(torch.int32)
+    return torch.stack([b & 15, b >> 4], dim=-1).flatten(-2)
+
+
+def pack_nibbles_reference(nibbles: torch.Tensor) -> torch.Tensor:
+    """``(..., 2H)`` int32 nibbles -> ``(..., H)`` uint8 bytes (inverse of :func:`unpack_nibbles_reference`)."""
+    pairs = nibbles.unflatten(-1, (-1, 2))
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+
+
+def decode_m4_reference(nibbles: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Reference of the kernel's m decode: int4 ``q`` -> ``sign(q) (q / 7)**2 * absmax``."""
+    y = ((nibbles ^ 8) - 8).to(torch.float32) * (1.0 / 7.0)
+    return y * y.abs() * absmax
+
+
+def decode_v4_reference(nibbles: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Reference of the kernel's v decode: ``k`` -> ``((k + 1) / 16)**4 * absmax``."""
+    y = (nibbles + 1).to(torch.float32) * 0.0625
+    y = y * y
+    return y * y * absmax
+
+
+def encode_m4_reference(m: torch.Tensor, absmax: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    """int4 nibbles of ``m`` (``(..., B)``, ``absmax`` broadcastable): stochastically rounded with
+    uniforms ``u`` (see the module docstring), or rounded to the nearer level when ``u`` is None."""
+    r = m * block_scale_rcp_reference(absmax)
+    a = r.abs()
+    k = (sqrt_floor_reference(a) * float(M_LEVELS)).to(torch.int32).clamp(max=M_LEVELS - 1)
+    kf = k.to(torch.float32)
+    above = a * float(M_LEVELS * M_LEVELS) - kf * kf  # in [0, 2k + 1]
+    up = u * (2.0 * kf + 1.0) < above if u is not None else above * 2.0 >= 2.0 * kf + 1.0
+    c = k + up.to(torch.int32)
+    return torch.where(r < 0, -c, c) & 15
+
+
+def encode_v4_reference(w: torch.Tensor, inv_w_max: torch.Tensor) -> torch.Tensor:
+    """Reference of the kernel's v encode from ``w = sqrt_floor(v)`` and ``RN(1 / sqrt_floor(absmax))``."""
+    c = torch.round(sqrt_floor_reference(w * inv_w_max) * float(V_LEVELS)).to(torch.int32)
+    return c.clamp(1, V_LEVELS) - 1
+
+
+def adamw4bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, ok,
+                   s: AdamWScalars, step_size, inv_bc2, seed) -> None:
+    """One 4-bit AdamW step on whole blocks, in place: the specification of ``_adamw4bit_kernel``.
+
+    ``param``/``grad`` are ``(rows, BLOCK4)``, the packed codes ``(rows, BLOCK4 // 2)`` uint8 and the
+    absmax ``(rows, 1)`` fp32. ``ok``: a 0-d bool tensor (False leaves everything untouched) or None
+    (the caller checked the finite flag on the host). ``s``: the hyperparameters as 0-d fp32 tensors;
+    ``step_size``, ``inv_bc2`` (:func:`.adamw8bit.step_terms_reference`) and ``seed`` (int64): per
+    tensor or per row. Element ``j`` of a row hashes as index ``row * BLOCK4 + j``.
+    """
+    p = param.to(torch.float32)
+    g = grad.to(torch.float32)
+    m = decode_m4_reference(unpack_nibbles_reference(exp_avg_codes), exp_avg_absmax)
+    v = decode_v4_reference(unpack_nibbles_reference(exp_avg_sq_codes), exp_avg_sq_absmax)
+    p, m, v, w = adamw_math(p, g, m, v, s, step_size, inv_bc2)
+    write_param_reference(param, p, ok, seed)
+    m_absmax = m.abs().amax(dim=1, keepdim=True)
+    v_absmax = v.amax(dim=1, keepdim=True)
+    offs = torch.arange(param.numel(), device=param.device).view(param.shape)
+    u = hash_uniform_reference(offs, seed + M_SEED_SALT)
+    m_codes = pack_nibbles_reference(encode_m4_reference(m, m_absmax, u))
+    v_codes = pack_nibbles_reference(encode_v4_reference(w, 1.0 / sqrt_floor_reference(v_absmax)))
+    exp_avg_codes.copy_(masked_reference(ok, m_codes, exp_avg_codes))
+    exp_avg_absmax.copy_(masked_reference(ok, m_absmax, exp_avg_absmax))
+    exp_avg_sq_codes.copy_(masked_reference(ok, v_codes, exp_avg_sq_codes))
+    exp_avg_sq_absmax.copy_(masked_reference(ok, v_absmax, exp_avg_sq_absmax))
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    flat = x.detach().reshape(-1).to(torch.float32)
+    return torch.nn.functional.pad(flat, (0, (-flat.numel()) % BLOCK4)).view(-1, BLOCK4)
+
+
+def quantize4_reference(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, absmax)`` of any float tensor in the 4-bit codes: ``packed_len(n)`` uint8 bytes and
+    ``num_blocks4(n)`` fp32 scales; m (``signed``) rounded to the nearer level (a one-off conversion,
+    e.g. of a ``torch.optim.AdamW`` state), v (``>= 0``) as the kernel rounds it."""
+    n = x.numel()
+    blocks = _blocks(x)
+    if signed:
+        absmax = blocks.abs().amax(dim=1, keepdim=True)
+        nibbles = encode_m4_reference(blocks, absmax, None)
+    else:
+        absmax = blocks.amax(dim=1, keepdim=True)
+        nibbles = encode_v4_reference(sqrt_floor_reference(blocks), 1.0 / sqrt_floor_reference(absmax))
+    return pack_nibbles_reference(nibbles).reshape(-1)[:packed_len(n)].contiguous(), absmax.reshape(-1)
+
+
+def dequantize4_reference(codes: torch.Tensor, absmax: torch.Tensor, numel: int, signed: bool) -> torch.Tensor:
+    """Flat fp32 values (``numel`` of them) of 4-bit ``codes`` and their ``absmax`` (inverse of
+    :func:`quantize4_reference` up to the codes' rounding)."""
+    nibbles = unpack_nibbles_reference(codes.reshape(-1))
+    nibbles = torch.nn.functional.pad(nibbles, (0, absmax.numel() * BLOCK4 - nibbles.numel())).view(-1, BLOCK4)
+    decode = decode_m4_reference if signed else decode_v4_reference
+    return decode(nibbles, absmax.reshape(-1, 1).to(torch.float32)).reshape(-1)[:numel]
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher: the family's Triton launch and host step, registered with dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def _launch_key(t: AdamWTensors, i: int) -> tuple:
+    """What changes the compiled kernel: aligned, param dtype, grad dtype."""
+    return (is_aligned(t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i]), t.params[i].dtype, t.grads[i].dtype)
+
+
+def _launch(t: AdamWTensors, scalars: AdamWScalars) -> None:
+    """One launch of ``_adamw4bit_kernel`` over a group of one :func:`_launch_key`."""
+    aligned = _launch_key(t, 0)[0]
+    state_rows = [[x.data_ptr() for x in seq] for seq in (t.exp_avgs, t.exp_avg_absmaxes, t.exp_avg_sqs,
+                                                            t.exp_avg_sq_absmaxes)]
+    launch_over(_adamw4bit_kernel, t.params, t.grads, state_rows, t.steps, t.flags, t.seed_bases, scalars,
+                ROWS4 * BLOCK4, ROWS=ROWS4, BLOCK=BLOCK4, ALIGNED=aligned)
+
+
+def _host_key(t: AdamWTensors, i: int) -> tuple:
+    """Tensors stepped by one host call: param dtype, grad dtype."""
+    return (t.params[i].dtype, t.grads[i].dtype)
+
+
+def _bucket_step_4bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds):
+    """:func:`adamw4bit_step` over a bucket: ``(rows, BLOCK4)`` operands, codes ``(rows, BLOCK4 // 2)``,
+    absmax ``(rows, 1)``, ``hp`` (:func:`.dispatch.pack` of :class:`.adamw8bit.AdamWScalars`), per-row
+    ``terms`` ``(rows, 2)`` and ``seeds`` ``(rows, 1)``."""
+    adamw4bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), terms[:, :1],
+                   terms[:, 1:], seeds)
+
+
+_BUCKET_STEP = HostStep(_bucket_step_4bit)
+"""The bucket step, compiled (once, ``dynamic=True``) on first use where dispatch says so."""
+
+
+def _codes_layout(layout: Bucket) -> Bucket:
+    """The bucket of the packed codes matching the param bucket ``layout`` (half the elements per row)."""
+    pieces = tuple((i, start // 2, packed_len(numel)) for i, start, numel in layout.pieces)
+    return Bucket(pieces, BLOCK4 // 2, layout.in_place)
+
+
+def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[float]) -> None:
+    """The reference step of one :func:`_host_key` group whose flags are set (``steps``: their counters,
+    read on the host), one call per bucket of :func:`.cpu_buckets.plan` (rows of ``BLOCK4``)."""
+    hp = pack(scalars, t.params[0].device)
+    terms, seeds = _step_terms(steps, t.seed_bases, hp)
+    for layout in plan(t.params, BLOCK4):
+        codes = _codes_layout(layout)
+        p, g = layout.rows_of(t.params), layout.rows_of(t.grads)
+        m, v = codes.rows_of(t.exp_avgs), codes.rows_of(t.exp_avg_sqs)
+        m_absmax, v_absmax = layout.scales_of(t.exp_avg_absmaxes), layout.scales_of(t.exp_avg_sq_absmaxes)
+        _BUCKET_STEP.on(backend)(p, g, m, m_absmax, v, v_absmax, hp, layout.per_row(terms), layout.row_seeds(seeds))
+        layout.write_back(t.params, p)
+        codes.write_back(t.exp_avgs, m)
+        codes.write_back(t.exp_avg_sqs, v)
+        layout.write_back_scales(t.exp_avg_absmaxes, m_absmax)
+        layout.write_back_scales(t.exp_avg_sq_absmaxes, v_absmax)
+
+
+ADAMW_4BIT = Family("adamw_4bit", launch=_launch, host=_host, launch_key=_launch_key, host_key=_host_key,
+                    bucketed=True)
+"""The 4-bit AdamW family: ``dispatch(ADAMW_4BIT, AdamWTensors(...), AdamWScalars.of(...))`` with packed
+uint8 codes in ``exp_avgs`` / ``exp_avg_sqs`` and fp32 absmax per :data:`BLOCK4` elements (every tensor
+quantized: the optimizer sends fp32-state tensors to :data:`.adamw8bit.ADAMW_8BIT`). Never synchronizes
+with a CUDA device."""
