@@ -12,6 +12,7 @@ __all__ = [
     "register_optimizer",
     "state_memory",
     "AdamW8bit",
+    "AdamW4bit",
     "PagedAdamW8bit",
     "SGD",
     "Adafactor",
@@ -20,6 +21,7 @@ __all__ = [
 
 _LAZY = {
     "AdamW8bit": "adamw8bit",
+    "AdamW4bit": "adamw4bit",
     "PagedAdamW8bit": "paged",
     "SGD": "sgd",
     "Adafactor": "adafactor",

@@ -15,6 +15,7 @@ __all__ = ["OPTIMIZERS", "available_optimizers", "optimizer_class", "build_optim
 OPTIMIZERS: dict[str, str] = {
     "adamw": "torch.optim:AdamW",
     "adamw_8bit": "lowmem_lightning.optim.adamw8bit:AdamW8bit",
+    "adamw_4bit": "lowmem_lightning.optim.adamw4bit:AdamW4bit",
     "paged_adamw_8bit": "lowmem_lightning.optim.paged:PagedAdamW8bit",
     "sgd": "lowmem_lightning.optim.sgd:SGD",
     "adafactor": "lowmem_lightning.optim.adafactor:Adafactor",
