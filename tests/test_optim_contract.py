@@ -27,6 +27,7 @@ TORCH_ONLY = "adamw is torch.optim.AdamW itself: the point tests an addition of 
 KWARGS = {  # small lr-driven settings for each registered name
     "adamw": dict(lr=1e-2),
     "adamw_8bit": dict(lr=1e-2),
+    "adamw_4bit": dict(lr=1e-2),
     "paged_adamw_8bit": dict(lr=1e-2, gpu_budget_bytes=0),
     "sgd": dict(lr=1e-2, momentum=0.9),
     # no beta1 here: transformers' Adafactor keeps lr-scaled updates in its momentum, so lr=0 still moves
