@@ -198,8 +198,13 @@ def _adamw4bit_kernel(
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element index, (ROWS, BLOCK)
     offs_b = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte index, (ROWS, HALF)
     in_bounds = offs < n
-    bytes_in = offs_b * 2 < n
-    bytes_write = offs_b * 2 < n_write  # nothing when the gradient is not finite
+    n_bytes = (n + 1) // 2
+    n_bytes_write = (n_write + 1) // 2  # 0 when the gradient is not finite: nothing is written
+    if ALIGNED:  # n is a multiple of 16: the byte masks are uniform over 8 bytes (vector accesses)
+        n_bytes = tl.multiple_of(n_bytes, 8)
+        n_bytes_write = tl.multiple_of(n_bytes_write, 8)
+    bytes_in = offs_b < n_bytes
+    bytes_write = offs_b < n_bytes_write
     write = offs < n_write
     row_in_bounds = rows * BLOCK < n
     row_write = rows * BLOCK < n_write

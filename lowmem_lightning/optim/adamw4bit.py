@@ -61,6 +61,13 @@ class AdamW4bit(AdamW8bit):
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``): 4-bit codes or fp32."""
+        codes = state.get("exp_avg_codes")
+        if isinstance(codes, torch.Tensor) and codes.dtype == torch.int8:
+            raise ValueError(
+                "Invalid optimizer state dict: its 'exp_avg_codes' are int8, the 8-bit codes of an AdamW8bit state "
+                "dict; AdamW4bit keeps uint8 bytes of two 4-bit codes. Load it into adamw_8bit (a torch.optim.AdamW "
+                "state dict is converted on load)."
+            )
         if "exp_avg" not in state or not self._is_quantized(param):
             return super()._convert_foreign_state(param, state, group)
         if "max_exp_avg_sq" in state:
