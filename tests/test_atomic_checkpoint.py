@@ -307,7 +307,7 @@ _NAMESPACE_SCRIPT = textwrap.dedent('''
     from test_atomic_checkpoint import _TinyModule, _trainer
     from lightning.pytorch.callbacks import Callback
     from lowmem_lightning.callbacks.checkpoint_io import use_atomic_checkpoint_io
-    from lowmem_lightning.callbacks.resume import save_on_sigterm
+    from lowmem_lightning.callbacks.preemption import save_on_sigterm
 
     def files(folder):
         out = {{}}

@@ -142,12 +142,12 @@ def _single_process_model(tmp_path, opt):
 def test_factored_optimizers_refuse_fsdp1_before_any_work(opt):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from lowmem_lightning.callbacks.optimizer import _check_strategy
+    from lowmem_lightning.callbacks.strategy_check import refuse_fsdp1
 
     with pytest.raises(ValueError, match=rf"optimizer='{opt}' with strategy=FSDPStrategy.*ModelParallelStrategy"):
-        _check_strategy(FSDPStrategy(), opt)
-    _check_strategy(FSDPStrategy(), "adamw_8bit")  # element-wise: fine on flat shards
-    _check_strategy(DDPStrategy(), opt)
+        refuse_fsdp1(FSDPStrategy(), opt)
+    refuse_fsdp1(FSDPStrategy(), "adamw_8bit")  # element-wise: fine on flat shards
+    refuse_fsdp1(DDPStrategy(), opt)
 
 
 @pytest.mark.gpu

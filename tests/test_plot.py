@@ -127,7 +127,7 @@ def test_step_bounded_bar_counts_optimizer_steps_over_epochs_and_stamps_val(tmp_
     assert "/-" not in task.description
     assert re.search(r"^loss \d+\.\d{3} · state \d+\.\d\d MiB · ", bar._metrics_text)
     assert "val_loss" in bar._metrics_text and "(step 6)" in bar._metrics_text  # last validation: step 6
-    assert [s for s, _ in callback.monitor._val_losses] == [2, 4, 6]
+    assert [s for s, _ in callback.monitor.history.val_losses] == [2, 4, 6]
 
 
 def test_epoch_bounded_bar_keeps_lightning_counting(tmp_path):

@@ -271,10 +271,10 @@ class _Momenta(L.Callback):
 @pytest.mark.parametrize("target,key", [("sgd", "momentum"), ("came", "betas"), ("adamw_8bit", "betas")])
 def test_momentum_cycling_scheduler_drives_the_new_optimizers_momentum(schedule, target, key):
     make = (lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9)) if schedule is _cyclic else None
-    reference, momenta = _fit(Tiny(make=make, schedule=schedule), "adamw", steps=4, callbacks=[_Momenta()])
-    expected = reference.callbacks[1].values
-    trainer, messages = _fit(Tiny(make=make, schedule=schedule), target, steps=4, callbacks=[_Momenta()])
-    got = trainer.callbacks[1].values
+    before, after = _Momenta(), _Momenta()
+    _fit(Tiny(make=make, schedule=schedule), "adamw", steps=4, callbacks=[before])
+    trainer, messages = _fit(Tiny(make=make, schedule=schedule), target, steps=4, callbacks=[after])
+    expected, got = before.values, after.values
     assert key in trainer.optimizers[0].param_groups[0]
     assert trainer.lr_scheduler_configs[0].scheduler.optimizer is trainer.optimizers[0]
     assert len(set(got)) >= 3  # it cycles, step by step, the key the new optimizer reads

@@ -1,17 +1,25 @@
-"""Lightning callbacks: :class:`LowMemOptimizerCallback` swaps in a low-memory optimizer (optionally
-stepping it inside backward: :class:`GradientRelease`) and logs its state memory through a
-:class:`StateMemoryMonitor`, which also works alone with any optimizer;
+"""Lightning callbacks, one job each. :class:`LowMemOptimizerCallback` swaps in a low-memory optimizer and
+puts the callbacks of the other jobs into the Trainer's list: :class:`FSDP1Check`,
+:class:`GradientReleaseCallback` (``step_in_backward``), :class:`StateMemoryMonitor` (also works alone,
+with any optimizer), :class:`PreemptionCheckpoint` and :class:`ResumeCompatibility`.
 :class:`StepsAwareRichProgressBar` is a rich progress bar for step-bounded runs in 80-column terminals."""
 
 from .monitor import StateMemoryMonitor
-from .optimizer import CONVERSIONS, LowMemOptimizerCallback
+from .optimizer import LowMemOptimizerCallback
+from .preemption import PreemptionCheckpoint
 from .progress import StepsAwareRichProgressBar
-from .release import GradientRelease, release_refusal
+from .release import GradientRelease, GradientReleaseCallback, release_refusal
+from .resume import CONVERSIONS, ResumeCompatibility
+from .strategy_check import FSDP1Check
 
 __all__ = [
     "CONVERSIONS",
+    "FSDP1Check",
     "GradientRelease",
+    "GradientReleaseCallback",
     "LowMemOptimizerCallback",
+    "PreemptionCheckpoint",
+    "ResumeCompatibility",
     "StateMemoryMonitor",
     "StepsAwareRichProgressBar",
     "release_refusal",

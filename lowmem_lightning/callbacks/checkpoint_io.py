@@ -18,7 +18,7 @@ Lightning's object-store upload, which is atomic per object.
 ``TorchCheckpointIO`` (the lowmem CLI and :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback` do);
 a CheckpointIO the user chose is kept. Everything saved through ``trainer.save_checkpoint`` goes through
 it: ``ModelCheckpoint`` files, ``last.ckpt`` and the SIGTERM checkpoint of
-:func:`~lowmem_lightning.callbacks.resume.save_on_sigterm`. Sharded saves of ``ModelParallelStrategy``
+:func:`~lowmem_lightning.callbacks.preemption.save_on_sigterm`. Sharded saves of ``ModelParallelStrategy``
 (``save_distributed_checkpoint=True``, ``torch.distributed.checkpoint``) and DeepSpeed do not use a
 CheckpointIO (see the module notes in the report of issue 25).
 """

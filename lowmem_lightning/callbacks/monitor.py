@@ -11,6 +11,7 @@ builds, so its metrics, summary and plot are this monitor's.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -28,11 +29,36 @@ from lowmem_lightning.optim import StateMemory, state_memory
 from lowmem_lightning.optim.registry import OPTIMIZERS, optimizer_class
 from lowmem_lightning.optim.sharding import is_dtensor
 
-__all__ = ["StateMemoryMonitor"]
+__all__ = ["METRICS", "Metric", "StateMemoryMonitor"]
 
 MIB = 2**20
 
-_PEAK_PREFIXES = ("optim/state_", "memory/")  # metrics logged as the max since the last logged step
+
+class Metric(NamedTuple):
+    """One metric the monitor logs: its logged ``name``, whether it is logged as the maximum since the last
+    logged step (``peak``; else the latest value), and its short progress-bar ``label`` and ``fmt``."""
+
+    name: str
+    peak: bool
+    label: str
+    fmt: str
+
+
+STATE_MIB = Metric("optim/state_MiB", True, "state", "{:.2f} MiB")
+STATE_BYTES_PER_PARAM = Metric("optim/state_bytes_per_param", True, "B/param", "{:.2f}")
+STATE_MIB_DEVICE = Metric("optim/state_MiB_device", True, "device", "{:.2f} MiB")
+STATE_MIB_HOST = Metric("optim/state_MiB_host", True, "host", "{:.2f} MiB")
+EFFECTIVE_LR = Metric("optim/effective_lr", False, "lr", "{:.2e}")
+ALLOCATED_MIB = Metric("memory/allocated_MiB", True, "alloc", "{:.0f} MiB")
+MAX_ALLOCATED_MIB = Metric("memory/max_allocated_MiB", True, "peak", "{:.0f} MiB")
+SKIPPED_UPDATES = Metric("optim/skipped_updates", False, "skipped_updates", "")
+
+METRICS: tuple[Metric, ...] = (STATE_MIB, STATE_BYTES_PER_PARAM, STATE_MIB_DEVICE, STATE_MIB_HOST, EFFECTIVE_LR,
+                               ALLOCATED_MIB, MAX_ALLOCATED_MIB, SKIPPED_UPDATES)
+"""Every metric :class:`StateMemoryMonitor` logs: the one place their names are written (the progress bar reads
+its labels from here)."""
+
+_PEAKS = frozenset(m.name for m in METRICS if m.peak)
 
 
 class StateMemoryMonitor(L.Callback):
@@ -69,8 +95,13 @@ class StateMemoryMonitor(L.Callback):
         """The optimizers measured in the current (or last) fit."""
         self.summary: dict | None = None
         """End-of-fit numbers (MiB, bytes/param, saving vs fp32 AdamW); ``None`` before a fit ends."""
+        self.history = StateHistory()
+        """What the current (or last) fit recorded per optimizer step (state MiB, losses): the plot's data."""
         self._tracked: tuple[list[torch.optim.Optimizer], str, str] | None = None
-        self._reset_history()
+        self._peak: dict[str, float] = {}  # metric -> value to log: the max since the last logged step
+        self._pending_losses: list[tuple[int, torch.Tensor]] = []  # (index in history.losses, device scalar)
+        self._max_state_bytes = 0
+        self._last_global_step = -1
 
     def track(self, optimizers: list[torch.optim.Optimizer], name: str, reporter: str) -> None:
         """Measure ``optimizers`` (called ``name`` in the summary, whose header names ``reporter``)
@@ -100,7 +131,8 @@ class StateMemoryMonitor(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Take the fit's optimizers (the strategy has built them) and start a new history."""
         self.optimizers = list(self._tracked[0]) if self._tracked else list(trainer.optimizers)
-        self._reset_history()
+        self.history = StateHistory()
+        self._peak, self._pending_losses, self._max_state_bytes = {}, [], 0
         self._last_global_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
@@ -113,8 +145,8 @@ class StateMemoryMonitor(L.Callback):
             return
         found = _validation_loss(trainer.callback_metrics)
         if found is not None:
-            self._val_name = found[0]
-            self._val_losses.append((trainer.global_step, found[1]))
+            self.history.val_name = found[0]
+            self.history.val_losses.append((trainer.global_step, found[1]))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Summary (state memory, bytes/param, saving vs fp32 AdamW) and the PNG, on rank 0. A failure
@@ -129,18 +161,6 @@ class StateMemoryMonitor(L.Callback):
                            f"{type(err).__name__}: {err}")
 
     # ------------------------------------------------------------------ measuring
-    def _reset_history(self) -> None:
-        self._peak: dict[str, float] = {}
-        self._steps: list[int] = []
-        self._state_mib: list[float] = []
-        self._host_mib: list[float] = []
-        self._losses: list[float | None] = []
-        self._val_losses: list[tuple[int, float]] = []
-        self._val_name = "val_loss"
-        self._pending_losses: list[tuple[int, torch.Tensor]] = []
-        self._max_state_bytes = 0
-        self._last_global_step = -1
-
     def _effective_lr(self, allow_sync: bool) -> float | None:
         """Largest step size over param groups: ``group["effective_lr"]`` (a float, free) or, when
         ``allow_sync``, ``group["effective_lr_tensor"]`` (a device scalar: one sync for all groups)."""
@@ -163,19 +183,19 @@ class StateMemoryMonitor(L.Callback):
         num_params = sum(m.num_params for m in memories)
         self._max_state_bytes = max(self._max_state_bytes, total)
         metrics = {
-            "optim/state_MiB": total / MIB,
-            "optim/state_bytes_per_param": total / num_params if num_params else 0.0,
+            STATE_MIB.name: total / MIB,
+            STATE_BYTES_PER_PARAM.name: total / num_params if num_params else 0.0,
         }
         if any(getattr(opt, "is_paged", False) for opt in self.optimizers):
-            metrics["optim/state_MiB_device"] = sum(m.device_bytes for m in memories) / MIB
-            metrics["optim/state_MiB_host"] = sum(m.host_bytes for m in memories) / MIB
+            metrics[STATE_MIB_DEVICE.name] = sum(m.device_bytes for m in memories) / MIB
+            metrics[STATE_MIB_HOST.name] = sum(m.host_bytes for m in memories) / MIB
         effective = self._effective_lr(allow_sync)
         if effective is not None:
-            metrics["optim/effective_lr"] = effective
+            metrics[EFFECTIVE_LR.name] = effective
         device = self._device()
         if device is not None and device.type == "cuda":
-            metrics["memory/allocated_MiB"] = torch.cuda.memory_allocated(device) / MIB
-            metrics["memory/max_allocated_MiB"] = torch.cuda.max_memory_allocated(device) / MIB
+            metrics[ALLOCATED_MIB.name] = torch.cuda.memory_allocated(device) / MIB
+            metrics[MAX_ALLOCATED_MIB.name] = torch.cuda.max_memory_allocated(device) / MIB
         return metrics
 
     def _device(self) -> torch.device | None:
@@ -198,8 +218,8 @@ class StateMemoryMonitor(L.Callback):
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             if trainer.lightning_module.automatic_optimization:
                 loss = loss.detach() * trainer.accumulate_grad_batches  # Lightning divides it for backward
-            self._pending_losses.append((len(self._losses), loss.detach().float().reshape(())))
-        self._losses.append(None)
+            self._pending_losses.append((len(self.history.losses), loss.detach().float().reshape(())))
+        self.history.losses.append(None)
         if len(self._pending_losses) >= 64:
             self._flush_losses()
 
@@ -209,7 +229,7 @@ class StateMemoryMonitor(L.Callback):
             return
         values = torch.stack([loss for _, loss in self._pending_losses]).cpu().tolist()
         for (index, _), value in zip(self._pending_losses, values):
-            self._losses[index] = value if math.isfinite(value) else None
+            self.history.losses[index] = value if math.isfinite(value) else None
         self._pending_losses = []
 
     def _log_step(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs) -> None:
@@ -218,31 +238,26 @@ class StateMemoryMonitor(L.Callback):
         self._last_global_step = trainer.global_step
         will_log = self._will_log(trainer)
         metrics = self.measure(allow_sync=will_log)
-        self._steps.append(trainer.global_step)
-        self._state_mib.append(metrics["optim/state_MiB"])
-        self._host_mib.append(metrics.get("optim/state_MiB_host", 0.0))
+        self.history.steps.append(trainer.global_step)
+        self.history.state_mib.append(metrics[STATE_MIB.name])
+        self.history.host_mib.append(metrics.get(STATE_MIB_HOST.name, 0.0))
         self._record_loss(trainer, outputs)
         if not self.log_state_memory:
             return
         for key, value in metrics.items():
-            keep_max = key.startswith(_PEAK_PREFIXES)
-            self._peak[key] = max(self._peak.get(key, value), value) if keep_max else value
+            self._peak[key] = max(self._peak.get(key, value), value) if key in _PEAKS else value
         to_logger = bool(trainer.loggers)
         for key, value in self._peak.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == "optim/state_MiB",
+            pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == STATE_MIB.name,
                           logger=to_logger, batch_size=1)
         if will_log:
             skipped = [opt.skipped_updates for opt in self.optimizers if hasattr(opt, "skipped_updates")]
             if skipped:
-                pl_module.log("optim/skipped_updates", float(sum(skipped)), on_step=True, on_epoch=False,
+                pl_module.log(SKIPPED_UPDATES.name, float(sum(skipped)), on_step=True, on_epoch=False,
                               logger=to_logger, batch_size=1)
             self._peak = {}
 
     # ------------------------------------------------------------------ report
-    def _history(self) -> StateHistory:
-        return StateHistory(self._steps, self._state_mib, self._host_mib, self._losses, self._val_losses,
-                            self._val_name)
-
     def _report(self, trainer: L.Trainer) -> None:
         self._flush_losses()
         memories = [state_memory(opt) for opt in self.optimizers]
@@ -253,8 +268,8 @@ class StateMemoryMonitor(L.Callback):
         peak = max(self._max_state_bytes, total.total_bytes)
         sharded = any(is_dtensor(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"])
         self.summary = summary_dict(
-            self._optimizer_name(), total, peak, adamw_fp32_state_bytes(self.optimizers), len(self._steps), sharded,
-            reporter=self._reporter,
+            self._optimizer_name(), total, peak, adamw_fp32_state_bytes(self.optimizers), len(self.history.steps),
+            sharded, reporter=self._reporter,
         )
         self.summary.update(small_tensor_summary(self.optimizers))  # why tensors under 4096 elements cost more
         plot_path = None
@@ -262,7 +277,7 @@ class StateMemoryMonitor(L.Callback):
             log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
             if trainer.is_global_zero and log_dir:
                 try:
-                    plot_path = write_plot(f"{log_dir}/state_memory.png", self._history(), self.summary)
+                    plot_path = write_plot(f"{log_dir}/state_memory.png", self.history, self.summary)
                 except Exception as err:  # noqa: BLE001 - a plot is never worth the run
                     rank_zero_warn(f"{self._reporter}: could not write the plot {log_dir}/state_memory.png: "
                                    f"{type(err).__name__}: {err}")

@@ -4,33 +4,34 @@ Add it to the Trainer; nothing in the LightningModule changes::
 
     trainer = L.Trainer(callbacks=[LowMemOptimizerCallback("adamw_8bit", lr=3e-4)])
 
-How the swap works. Every strategy (single device, DDP, FSDP, DeepSpeed) gets its optimizers by
+Its own job is the swap. Every strategy (single device, DDP, FSDP, DeepSpeed) gets its optimizers by
 calling the module's ``configure_optimizers`` from ``strategy.setup`` — after the model has been
 converted to the precision's dtype, moved to its device and wrapped (DDP), and before
 ``on_fit_start``. So in ``setup("fit")``, which runs just before ``strategy.setup``, the callback wraps
 the module's ``configure_optimizers`` (on the instance only, undone in ``teardown``): the module's
 own method runs, and each optimizer it returned is rebuilt as the chosen one over the same param
-groups (trainable params only), with its LR schedulers retargeted (see
-:mod:`lowmem_lightning.callbacks.swap`). The strategy then sets up our optimizer exactly as it would
-have set up the original, and checkpoint restore (which comes after ``on_fit_start``) loads into it.
+groups, with its LR schedulers retargeted (:mod:`lowmem_lightning.callbacks.swap`). The strategy then
+sets up our optimizer exactly as it would have set up the original, and checkpoint restore (which comes
+after ``on_fit_start``) loads into it.
+
+Every other job is a callback of its own, which ``setup`` puts into ``trainer.callbacks`` right after
+this one (:attr:`LowMemOptimizerCallback.parts`), so the Trainer calls each of their hooks itself, as it
+does for any callback: :class:`~.strategy_check.FSDP1Check`, :class:`~.release.GradientReleaseCallback`
+(``step_in_backward``), :class:`~.monitor.StateMemoryMonitor`, :class:`~.preemption.PreemptionCheckpoint`
+and :class:`~.resume.ResumeCompatibility`.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
-from lowmem_lightning.callbacks.release import GradientRelease, release_refusal
-from lowmem_lightning.callbacks.resume import (
-    PreemptionStop,
-    apply_new_lr,
-    base_lrs,
-    save_on_sigterm,
-    warn_if_not_resumable,
-)
+from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
+from lowmem_lightning.callbacks.release import GradientReleaseCallback
+from lowmem_lightning.callbacks.resume import ResumeCompatibility
+from lowmem_lightning.callbacks.strategy_check import FSDP1Check
 from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
     find_optimizers,
@@ -45,10 +46,7 @@ from lowmem_lightning.callbacks.translate import translate_group
 from lowmem_lightning.optim import build_optimizer, optimizer_class
 from lowmem_lightning.optim.validation import validate_optimizer_args
 
-__all__ = ["LowMemOptimizerCallback", "CONVERSIONS"]
-
-CONVERSIONS: frozenset[tuple[str, str]] = frozenset({("adamw", "adamw_8bit"), ("adamw", "paged_adamw_8bit")})
-"""``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load."""
+__all__ = ["LowMemOptimizerCallback", "keep_scheduler_names"]
 
 _PACKAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -87,28 +85,15 @@ class LowMemOptimizerCallback(L.Callback):
     (``lr-AdamW``). A module whose ``configure_optimizers`` returns ``None`` gets one optimizer over all
     its trainable params.
 
-    It composes a :class:`~lowmem_lightning.callbacks.StateMemoryMonitor` for the optimizers it builds
-    (:attr:`monitor`): at every optimizer step it measures
-    :func:`~lowmem_lightning.optim.state_memory` and logs, through
-    the Trainer's loggers and at the Trainer's ``log_every_n_steps``, the maximum since the last logged
-    step (so no spike is hidden) of: ``optim/state_MiB`` (also on the progress bar),
-    ``optim/state_bytes_per_param``; for paged optimizers ``optim/state_MiB_device`` and
-    ``optim/state_MiB_host``; on CUDA ``memory/allocated_MiB`` and ``memory/max_allocated_MiB``.
-    It also logs the latest ``optim/effective_lr`` when the optimizer computes its step size
-    (Adafactor, CAME: the largest over param groups) and, at logged steps, ``optim/skipped_updates``
-    (tensor updates skipped so far for inf/NaN gradients). At the end of fit it prints a summary (state
-    memory, bytes/param, saving vs fp32 AdamW on the same params; also in :attr:`summary`) and writes
-    ``state_memory.png`` into the log dir when matplotlib is installed: state MiB per step (device and
-    host for paged optimizers) against fp32 AdamW's, with the training and validation loss.
-
-    Checkpoints carry the optimizers' (quantized) states; resuming with a different optimizer than
-    the checkpoint's raises ``ValueError`` before any step, unless the new optimizer converts that
-    state (fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``). On SIGTERM (preemption) it saves
-    ``last.ckpt`` into the ``ModelCheckpoint`` directory at the end of the current step before
-    Lightning stops the run (:mod:`~lowmem_lightning.callbacks.resume`); when the run checkpoints and
-    a training dataloader cannot save its position, it warns once that mid-epoch resume will not be
-    exact. A failure to write the plot or print the summary is a warning naming the path and the
-    error, never a failed fit.
+    At ``setup`` it puts its :attr:`parts` into ``trainer.callbacks`` right after itself, each a callback with
+    one job: refuse ``adafactor``/``came`` under FSDP1; with ``step_in_backward``, the gradient-release
+    lifecycle; log the state memory of the built optimizers per step, print a summary and write
+    ``state_memory.png`` at the end of fit (:attr:`monitor`, a
+    :class:`~lowmem_lightning.callbacks.StateMemoryMonitor`: its docstring lists the metrics); save
+    ``last.ckpt`` on SIGTERM at a step end all ranks agree on (:mod:`~lowmem_lightning.callbacks.preemption`);
+    refuse, before any step, to resume a checkpoint of another optimizer than this one unless it converts
+    that state (fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``), and apply a new ``lr`` at resume
+    (:mod:`~lowmem_lightning.callbacks.resume`).
 
     Args:
         optimizer: Registered optimizer name (``lowmem_lightning.optim.available_optimizers()``).
@@ -119,21 +104,17 @@ class LowMemOptimizerCallback(L.Callback):
             decay stay at 0); ``None`` keeps the module's per-group values.
         optimizer_kwargs: Extra constructor arguments for the optimizer, e.g. ``{"betas": [0.9, 0.95]}``;
             they override per-group values. Must not repeat ``lr`` or ``weight_decay``.
-        log_state_memory: Log the per-step metrics above.
+        log_state_memory: Log the monitor's per-step metrics.
         plot: Write ``state_memory.png`` (state MiB per step against fp32 AdamW's, train and val loss)
             into the log dir at the end of fit.
         print_summary: Print the end-of-fit summary (rank 0).
         step_in_backward: Gradient release (:mod:`~lowmem_lightning.callbacks.release`): update every
             trainable tensor inside backward as soon as its gradient is accumulated, then free that
-            gradient, so no gradient buffer exists (a 7B full fine-tune saves 14 GB of bf16
-            gradients). The result equals a normal step's; LR schedulers, ``skipped_updates``,
-            logging, checkpoints and resume work unchanged, and Lightning's own ``optimizer.step()``
-            finds no gradient left. Clipping by value is applied per tensor. Under reentrant activation
-            checkpointing, a weight whose gradient arrives in several nested passes (shared by
-            checkpointed blocks) is updated after backward with its whole gradient (see
-            :mod:`~lowmem_lightning.callbacks.release`). Refused with a
-            ``ValueError`` before training under ``accumulate_grad_batches > 1``, clipping by norm,
-            ``16-mixed``, manual optimization and multi-process strategies.
+            gradient, so no gradient buffer exists. The result equals a normal step's; LR schedulers,
+            ``skipped_updates``, logging, checkpoints and resume work unchanged. Clipping by value is
+            applied per tensor. Refused with a ``ValueError`` before training under
+            ``accumulate_grad_batches > 1``, clipping by norm, ``16-mixed``, manual optimization and
+            multi-process strategies.
     """
 
     def __init__(
@@ -157,15 +138,20 @@ class LowMemOptimizerCallback(L.Callback):
         self.step_in_backward = step_in_backward
         self.monitor = StateMemoryMonitor(log_state_memory, plot, print_summary)
         """The state-memory monitor of the built optimizers (metrics, summary, plot)."""
-        self._defaults = defaults
+        self.release = GradientReleaseCallback() if step_in_backward else None
+        """The gradient-release part (``None`` unless ``step_in_backward``)."""
+        self.parts: tuple[L.Callback, ...] = (
+            FSDP1Check(optimizer),
+            *([self.release] if self.release is not None else []),
+            self.monitor,
+            PreemptionCheckpoint(),
+            ResumeCompatibility(optimizer, saved_under=self.state_key),
+        )
+        """The callbacks with the other jobs, put into ``trainer.callbacks`` after this one at ``setup``."""
         self.optimizers: list[torch.optim.Optimizer] = []
         """The optimizers built for the current (or last) fit."""
-        self.releases: list[GradientRelease] = []
-        """The gradient-release hooks of the current fit (one per optimizer; empty unless
-        ``step_in_backward``)."""
+        self._defaults = defaults
         self._patched: tuple[L.LightningModule, object] | None = None
-        self._stop = PreemptionStop()  # SIGTERM: every rank stops at the same optimizer step boundary
-        self._built_lrs: list[list[float | None]] = []  # base lrs before a checkpoint restore (apply_new_lr)
         self._origins: dict[int, type] = {}  # id(new optimizer) -> class of the module's optimizer it replaced
 
     # ------------------------------------------------------------------ swap
@@ -350,127 +336,39 @@ class LowMemOptimizerCallback(L.Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Wrap ``configure_optimizers`` for this fit (the strategy calls it next); save checkpoints atomically
-        unless the user chose a CheckpointIO (:func:`~.checkpoint_io.use_atomic_checkpoint_io`)."""
+        """Put the :attr:`parts` into ``trainer.callbacks`` right after this callback (once; the Trainer
+        then calls their ``setup`` in the same pass), and for ``fit`` wrap ``configure_optimizers``
+        (the strategy calls it next)."""
+        _insert_after(trainer.callbacks, self, self.parts)
         if stage == "fit":
-            _check_strategy(trainer.strategy, self.optimizer_name)
-            self._check_release(trainer, pl_module)
             self.optimizers = []
-            self.monitor.setup(trainer, pl_module, stage)
             self._patch(pl_module)
-            from lowmem_lightning.callbacks.checkpoint_io import use_atomic_checkpoint_io
-
-            use_atomic_checkpoint_io(trainer)  # issue 25: ModelCheckpoint and SIGTERM last.ckpt complete or absent
-
-    def _check_release(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.step_in_backward:
-            return
-        reason = release_refusal(trainer, pl_module)
-        if reason is not None:
-            raise ValueError(f"LowMemOptimizerCallback(step_in_backward=True) cannot run: {reason}.")
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Give the module its own ``configure_optimizers`` back; remove the gradient-release hooks."""
-        self._stop.uninstall()
-        self._detach_releases()
-        self._unpatch()
-
-    def _detach_releases(self) -> None:
-        for release in self.releases:
-            release.detach()
-        self.releases = []
-        if getattr(self, "_lightning_clip", None) is not None:
-            trainer, clip = self._lightning_clip
-            trainer.gradient_clip_val = clip
-            self._lightning_clip = None
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Undo the wrap when fit fails (Lightning skips ``teardown`` then). When Lightning stops the run
-        for a SIGTERM that came after this callback's step-end check (during validation or a later
-        callback), save the checkpoint now, at the step end where the run stopped."""
-        try:
-            if isinstance(exception, SIGTERMException) and trainer.state.stage == "train":
-                self._save_on_sigterm(trainer)
-        finally:
-            self._stop.uninstall()
-            self._detach_releases()
-            self._unpatch()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check the strategy built its optimizers through the module (so they are ours). Name every LR
-        scheduler config the module left unnamed as Lightning's ``LearningRateMonitor`` would have named
-        it for the module's own optimizer (``lr-AdamW``, not ``lr-AdamW8bit``): see
-        :func:`keep_scheduler_names`."""
+        """Check the strategy built its optimizers through the module (so they are ours); hand them to the
+        monitor; name every LR scheduler config the module left unnamed as Lightning's
+        ``LearningRateMonitor`` would have named it for the module's own optimizer (``lr-AdamW``, not
+        ``lr-AdamW8bit``): see :func:`keep_scheduler_names`."""
         if not self.optimizers:
             raise RuntimeError(
                 f"LowMemOptimizerCallback: the strategy {type(trainer.strategy).__name__} set up its optimizers "
                 "without calling the module's configure_optimizers, so the optimizer could not be replaced."
             )
         self.monitor.track(self.optimizers, self.optimizer_name, type(self).__name__)
-        self.monitor.on_fit_start(trainer, pl_module)
         keep_scheduler_names(trainer.lr_scheduler_configs, self._origins)
-        self._built_lrs = base_lrs(self.optimizers)
 
-    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """SIGTERM is handled by :class:`~.resume.PreemptionStop` from here on (Lightning has just set its own)."""
-        self._stop.install()
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Give the module its own ``configure_optimizers`` back."""
+        self._unpatch()
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Warn once when mid-epoch resume cannot be exact (a training dataloader without state). With
-        ``step_in_backward``, attach the gradient-release hooks (after any checkpoint was restored).
-        After a restore, a new lr applies (:func:`~.resume.apply_new_lr`). SIGTERM is handled by
-        :class:`~.resume.PreemptionStop` from here on."""
-        warn_if_not_resumable(trainer)
-        if trainer.ckpt_path is not None:
-            apply_new_lr(trainer, self.optimizers, self._built_lrs)
-        self._stop.install()
-        if self.step_in_backward and not self.releases:
-            clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm == "value" else None
-            self.releases = [GradientRelease(opt, clip_value=clip or None).attach() for opt in self.optimizers]
-            # the hooks clip each gradient; Lightning's own pass after backward would find none (and
-            # torch's clip_grad_value_ fails on an empty list), so it is off for this fit
-            self._lightning_clip = (trainer, trainer.gradient_clip_val)
-            trainer.gradient_clip_val = None
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Give the module its own ``configure_optimizers`` back (Lightning skips ``teardown`` after an exception)."""
+        self._unpatch()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        """With ``step_in_backward``: hook the params unfrozen since the last step (they are released too)."""
-        for release in self.releases:
-            release.attach()
-
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        """With ``step_in_backward``: mark the loss, so gradients of reentrant-checkpoint passes are told apart."""
-        for release in self.releases:
-            release.watch(loss)
-
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """With ``step_in_backward``: close the training step whose tensors backward just updated (params
-        whose gradient arrived in several reentrant-checkpoint passes are updated now, whole)."""
-        for release in self.releases:
-            release.finish_step()
-
-    # ------------------------------------------------------------------ monitor
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        """After an optimizer step: the monitor measures and logs; after SIGTERM, save a resumable
-        checkpoint (Lightning then stops the run)."""
-        self.monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._stop.decide(trainer)  # all ranks agree at optimizer step boundaries; sets trainer.received_sigterm
-        self._save_on_sigterm(trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Give SIGTERM back to Lightning's handler once the training loop is over."""
-        self._stop.uninstall()
-
-    def _save_on_sigterm(self, trainer: L.Trainer) -> None:
-        if getattr(self, "_sigterm_saved_at", None) != trainer.global_step and save_on_sigterm(trainer):
-            self._sigterm_saved_at = trainer.global_step
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The monitor records the validation loss (for the plot)."""
-        self.monitor.on_validation_end(trainer, pl_module)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The monitor's summary and plot (see :class:`~lowmem_lightning.callbacks.StateMemoryMonitor`)."""
-        self.monitor.on_fit_end(trainer, pl_module)
+    @property
+    def releases(self) -> list:
+        """The gradient-release hooks of the current fit (one per optimizer; empty unless ``step_in_backward``)."""
+        return self.release.releases if self.release is not None else []
 
     @property
     def summary(self) -> dict | None:
@@ -483,43 +381,22 @@ class LowMemOptimizerCallback(L.Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """What goes into checkpoints: the optimizer name and classes, to check a resume against."""
+        """What goes into checkpoints: the optimizer name and classes, which
+        :class:`~lowmem_lightning.callbacks.resume.ResumeCompatibility` checks a resume against."""
         return {
             "optimizer": self.optimizer_name,
             "classes": [f"{type(o).__module__}.{type(o).__qualname__}" for o in self.optimizers],
         }
 
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Refuse (``ValueError``, before any step) to resume from a checkpoint of another optimizer,
-        unless this one converts its state."""
-        saved = (checkpoint.get("callbacks") or {}).get(self.state_key)
-        name = saved.get("optimizer") if isinstance(saved, dict) else _infer_optimizer(checkpoint)
-        if name is None or name == self.optimizer_name:
-            return
-        if (name, self.optimizer_name) in CONVERSIONS:
-            rank_zero_info(
-                f"LowMemOptimizerCallback: converting the checkpoint's {name!r} optimizer state to "
-                f"{self.optimizer_name!r}."
-            )
-            return
-        raise ValueError(
-            f"Cannot resume: the checkpoint was trained with optimizer {name!r}, but "
-            f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) was given and cannot read its state. "
-            f"Resume with optimizer={name!r}, or load only the weights (e.g. "
-            "Module.load_from_checkpoint(path) and a new fit without ckpt_path) to switch optimizers."
-        )
 
-
-def _infer_optimizer(checkpoint: dict) -> str | None:
-    """``"adamw"`` when the checkpoint's optimizer states look like torch Adam/AdamW, else ``None``."""
-    states = checkpoint.get("optimizer_states") or []
-    keys = set()
-    for state in states:
-        for per_param in (state.get("state") or {}).values():
-            keys |= set(per_param)
-    if keys and {"exp_avg", "exp_avg_sq", "step"} <= keys <= {"exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"}:
-        return "adamw"
-    return None
+def _insert_after(callbacks: list[L.Callback], anchor: L.Callback, parts: tuple[L.Callback, ...]) -> None:
+    """Put the ``parts`` not yet in ``callbacks`` right after ``anchor``, in order (in place: Lightning iterates
+    this list, so parts inserted during a hook's pass get that hook too)."""
+    missing = [part for part in parts if not any(part is c for c in callbacks)]
+    if not missing:
+        return
+    position = next(i for i, c in enumerate(callbacks) if c is anchor) + 1
+    callbacks[position:position] = missing
 
 
 def keep_scheduler_names(configs: list, origins: dict[int, type]) -> None:
@@ -548,28 +425,3 @@ def keep_scheduler_names(configs: list, origins: dict[int, type]) -> None:
         names.append(name)
     for config, name in zip(configs, names):
         config.name = name
-
-
-_WHOLE_TENSOR_OPTIMIZERS = ("adafactor", "came")
-"""Optimizers whose update needs statistics over whole tensors (row/column means, RMS)."""
-
-
-def _check_strategy(strategy, optimizer_name: str) -> None:
-    """Refuse, before any work, a factored optimizer under FSDP1 (``strategy="fsdp"``).
-
-    FSDP1 hands the optimizer flat 1-D slices of its flattened params, so Adafactor/CAME would factor
-    nothing and take their RMS over a slice: a different algorithm, silently. FSDP2 (Lightning's
-    ``ModelParallelStrategy`` + ``fully_shard``) hands over DTensors, whose statistics the optimizers
-    complete across ranks.
-    """
-    try:
-        from lightning.pytorch.strategies import FSDPStrategy
-    except ImportError:  # pragma: no cover - every supported Lightning has it
-        return
-    if isinstance(strategy, FSDPStrategy) and optimizer_name in _WHOLE_TENSOR_OPTIMIZERS:
-        raise ValueError(
-            f"Invalid optimizer={optimizer_name!r} with strategy=FSDPStrategy (FSDP1): it shards flattened "
-            "params, so Adafactor/CAME would see 1-D slices instead of whole matrices. Use "
-            "ModelParallelStrategy with fully_shard in configure_model (FSDP2), or an element-wise optimizer "
-            "(adamw_8bit, paged_adamw_8bit, sgd, adamw)."
-        )

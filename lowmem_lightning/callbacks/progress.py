@@ -23,9 +23,11 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.callbacks.progress.rich_progress import BatchesProcessedColumn
+from lightning.pytorch.callbacks.progress.rich_progress import BatchesProcessedColumn, MetricsTextColumn
 from rich.file_proxy import FileProxy
 from rich.text import Text
+
+from lowmem_lightning.callbacks.monitor import METRICS
 
 __all__ = ["StepsAwareRichProgressBar", "format_bar_metrics", "is_step_bounded"]
 
@@ -33,15 +35,9 @@ _LABELS: dict[str, tuple[str, str]] = {
     "train_loss": ("loss", "{:.3f}"),
     "loss": ("loss", "{:.3f}"),
     "val_loss": ("val_loss", "{:.3f}"),
-    "optim/state_MiB": ("state", "{:.2f} MiB"),
-    "optim/state_MiB_device": ("device", "{:.2f} MiB"),
-    "optim/state_MiB_host": ("host", "{:.2f} MiB"),
-    "optim/state_bytes_per_param": ("B/param", "{:.2f}"),
-    "optim/effective_lr": ("lr", "{:.2e}"),
-    "memory/allocated_MiB": ("alloc", "{:.0f} MiB"),
-    "memory/max_allocated_MiB": ("peak", "{:.0f} MiB"),
+    **{metric.name: (metric.label, metric.fmt) for metric in METRICS},
 }
-"""Short progress-bar label and format of the metrics this package (and ``CausalLMModule``) logs."""
+"""Short progress-bar label and format of the losses modules log and of the monitor's metrics."""
 
 _HIDDEN = ("v_num",)  # the logger version: it is in the log dir printed at the end
 
@@ -97,9 +93,10 @@ class StepsAwareRichProgressBar(RichProgressBar):
     """Lightning's rich progress bar for 80-column terminals and step-bounded runs.
 
     A run bounded by ``max_steps`` only shows ``optimizer steps / max_steps`` over the whole run;
-    metrics are one line below the bars with short names and units; validation metrics are labelled
-    with the step they come from; log lines printed while it is live appear above it, and it stops
-    when training ends so end-of-fit output stays on screen. Arguments are ``RichProgressBar``'s.
+    metrics (``get_metrics``) are one line below the bars with short names and units; validation metrics
+    are labelled with the step they come from; log lines printed while it is live appear above it, and it
+    stops when training ends so end-of-fit output stays on screen. Arguments are ``RichProgressBar``'s.
+    Built on the public hooks and rich's ``Progress`` API; no private ``RichProgressBar`` method is overridden.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -108,6 +105,7 @@ class StepsAwareRichProgressBar(RichProgressBar):
         self._metric_steps: dict[str, int] = {}
         self._before_validation: dict[str, Any] = {}
         self._rerouted: list[tuple[logging.StreamHandler, Any]] = []
+        self._arranged: object | None = None  # the rich Progress whose display this bar arranged
 
     # ------------------------------------------------------------------ layout
     def configure_columns(self, trainer: L.Trainer) -> list:
@@ -115,78 +113,100 @@ class StepsAwareRichProgressBar(RichProgressBar):
         columns = super().configure_columns(trainer)
         return [_StepsProcessedColumn(c.style) if type(c) is BatchesProcessedColumn else c for c in columns]
 
-    def _init_progress(self, trainer: L.Trainer) -> None:
-        started = self.progress is None or self._progress_stopped
-        super()._init_progress(trainer)
-        if not started or self.progress is None:
-            return
+    def _arrange(self) -> None:
+        """Once per rich display Lightning starts: metrics on their own line, log lines through its console."""
         progress = self.progress
-        progress.columns = tuple(c for c in progress.columns if c is not self._metric_component)
+        if progress is None or progress is self._arranged:
+            return
+        self._arranged = progress
+        progress.columns = tuple(c for c in progress.columns if not isinstance(c, MetricsTextColumn))
         progress.get_renderables = lambda: self._renderables(progress)
+        self._restore_logging()
         self._route_logging_through_console()
 
     def _renderables(self, progress):
         yield progress.make_tasks_table(progress.tasks)
-        trainer = self._trainer
-        if self._metrics_text and trainer is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
+        trainer = self.trainer
+        if self._metrics_text and trainer.state.fn == "fit" and not trainer.sanity_checking:
             yield Text(self._metrics_text, style=self.theme.metrics, no_wrap=True, overflow="ellipsis")
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        trainer = self.trainer
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and not is_step_bounded(trainer):
-            return super()._get_train_description(current_epoch)
-        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning starts the display; arrange it."""
+        super().on_sanity_check_start(trainer, pl_module)
+        self._arrange()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning starts the display; arrange it."""
+        super().on_train_start(trainer, pl_module)
+        self._arrange()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Remember the bar's metrics, to tell which ones this validation run logs; arrange the display."""
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._before_validation = dict(self.get_metrics(trainer, pl_module))
+        super().on_validation_start(trainer, pl_module)
+        self._arrange()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning starts the display; arrange it."""
+        super().on_test_start(trainer, pl_module)
+        self._arrange()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning starts the display; arrange it."""
+        super().on_predict_start(trainer, pl_module)
+        self._arrange()
 
     # ------------------------------------------------------------------ step-bounded counting
-    def _add_steps_task(self, trainer: L.Trainer) -> None:
-        description = self._get_train_description(trainer.current_epoch)
-        self.train_progress_bar_id = self._add_task(trainer.max_steps, description)
-        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, unit="steps")
+    def _epoch_description(self, trainer: L.Trainer) -> str:
+        return f"{f'Epoch {trainer.current_epoch}':{len(self.validation_description)}}"
 
-    def _initialize_train_progress_bar_id(self) -> None:
-        if is_step_bounded(self.trainer):
-            self._add_steps_task(self.trainer)
-        else:
-            super()._initialize_train_progress_bar_id()
+    def _add_steps_task(self, trainer: L.Trainer) -> None:
+        description = self._epoch_description(trainer)
+        styled = f"[{self.theme.description}]{description}" if self.theme.description else description
+        self.train_progress_bar_id = self.progress.add_task(styled, total=trainer.max_steps,
+                                                            completed=trainer.global_step, unit="steps")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Epoch-bounded runs: Lightning's bar. Step-bounded: one bar of optimizer steps for the whole run."""
+        """Epoch-bounded runs: Lightning's bar (``Epoch N``, no negative total under ``max_epochs=-1``).
+        Step-bounded: one bar of optimizer steps for the whole run."""
         if not is_step_bounded(trainer):
-            return super().on_train_epoch_start(trainer, pl_module)
+            super().on_train_epoch_start(trainer, pl_module)
+            self._arrange()  # a new display when ``leave=True``
+            if trainer.max_epochs is not None and trainer.max_epochs < 0 and self.progress is not None:
+                self.progress.update(self.train_progress_bar_id, description=self._epoch_description(trainer))
+            return
         if self.is_disabled or self.progress is None:
-            return None
+            return
         if self.train_progress_bar_id is None:
             self._add_steps_task(trainer)
         else:
             self.progress.update(
                 self.train_progress_bar_id, total=trainer.max_steps, completed=trainer.global_step,
-                description=self._get_train_description(trainer.current_epoch), visible=True,
+                description=self._epoch_description(trainer), visible=True,
             )
         self.refresh()
-        return None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         """Step-bounded runs advance to ``trainer.global_step`` (optimizer steps, not batches)."""
         if not is_step_bounded(trainer):
-            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif self.is_enabled and self.progress is not None:
+            if self.train_progress_bar_id is None:  # a mid-epoch resume starts without the epoch-start hook
+                self._add_steps_task(trainer)
+            self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, visible=True)
+        self._update_metrics_line(trainer, pl_module)
         self.refresh()
-        return None
 
     # ------------------------------------------------------------------ metrics
-    def _update_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super()._update_metrics(trainer, pl_module)
+    def _update_metrics_line(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.is_enabled:
             self._metrics_text = format_bar_metrics(self.get_metrics(trainer, pl_module), self._metric_steps)
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Remember the bar's metrics, to tell which ones this validation run logs."""
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._before_validation = dict(self.get_metrics(trainer, pl_module))
-        super().on_validation_start(trainer, pl_module)
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The metrics line shows the epoch-end metrics."""
+        super().on_train_epoch_end(trainer, pl_module)
+        self._update_metrics_line(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Stamp the metrics validation logged (new, changed or named ``val*``) with the current step."""
@@ -196,11 +216,26 @@ class StepsAwareRichProgressBar(RichProgressBar):
                 if name not in _HIDDEN and (fresh or name.startswith("val")):
                     self._metric_steps[name] = trainer.global_step
         super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit":
+            self._update_metrics_line(trainer, pl_module)
 
     # ------------------------------------------------------------------ end of training, log lines
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Stop the live display, so that end-of-fit output is printed below the final bar."""
-        self._stop_progress()
+        """Stop the live display, so that end-of-fit output is printed below the final bar (Lightning marks
+        it stopped at ``teardown``)."""
+        if self.progress is not None:
+            self.progress.stop()
+        self._restore_logging()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Lightning stops the display; log lines go to their own streams again."""
+        super().teardown(trainer, pl_module, stage)
+        self._restore_logging()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Lightning stops the display; log lines go to their own streams again."""
+        super().on_exception(trainer, pl_module, exception)
+        self._restore_logging()
 
     def _route_logging_through_console(self) -> None:
         """While the display redirects ``sys.stderr``, point Lightning's stream handlers at it too."""
@@ -214,8 +249,7 @@ class StepsAwareRichProgressBar(RichProgressBar):
                     handler.setStream(proxy)
                     self._rerouted.append((handler, target))
 
-    def _stop_progress(self) -> None:
+    def _restore_logging(self) -> None:
         for handler, stream in self._rerouted:
             handler.setStream(stream)
         self._rerouted = []
-        super()._stop_progress()

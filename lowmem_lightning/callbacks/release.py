@@ -44,7 +44,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-__all__ = ["GradientRelease", "release_refusal", "DEFAULT_BUCKET_BYTES"]
+__all__ = ["GradientRelease", "GradientReleaseCallback", "release_refusal", "DEFAULT_BUCKET_BYTES"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 """Gradient bytes gathered before a bucket is updated (DDP's default bucket size)."""
@@ -264,3 +264,69 @@ def release_refusal(trainer: L.Trainer, pl_module: L.LightningModule) -> str | N
         return (f"strategy {type(trainer.strategy).__name__} (world size {trainer.world_size}) reduces gradients "
                 "across processes after the hook would fire; train on one device or set step_in_backward=False")
     return None
+
+
+class GradientReleaseCallback(L.Callback):
+    """The gradient-release lifecycle of a fit: what ``LowMemOptimizerCallback(step_in_backward=True)`` adds.
+
+    ``setup("fit")`` refuses a run whose semantics release would change (:func:`release_refusal`);
+    ``on_train_start`` (after any checkpoint was restored) hooks every optimizer of the Trainer with a
+    :class:`GradientRelease` and takes clipping by value into the hooks (``trainer.gradient_clip_val`` is
+    off for the fit: Lightning's pass after backward would find no gradient); each training batch hooks
+    params unfrozen since, marks the loss, and closes the step after backward; ``teardown`` or an
+    exception removes the hooks and gives ``gradient_clip_val`` back.
+    """
+
+    def __init__(self) -> None:
+        self.releases: list[GradientRelease] = []
+        """The hooks of the current fit, one per optimizer (empty outside training)."""
+        self._clip: tuple[L.Trainer, float | int | None] | None = None  # the gradient_clip_val to give back
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse, before the strategy sets up, a run where release cannot equal a normal step."""
+        if stage != "fit":
+            return
+        reason = release_refusal(trainer, pl_module)
+        if reason is not None:
+            raise ValueError(f"LowMemOptimizerCallback(step_in_backward=True) cannot run: {reason}.")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Hook every optimizer; clipping by value moves from Lightning into the hooks."""
+        if self.releases:
+            return
+        clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm == "value" else None
+        self.releases = [GradientRelease(opt, clip_value=clip or None).attach() for opt in trainer.optimizers]
+        self._clip = (trainer, trainer.gradient_clip_val)
+        trainer.gradient_clip_val = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        """Hook the params unfrozen since the last step (they are released too)."""
+        for release in self.releases:
+            release.attach()
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        """Mark the loss, so gradients of reentrant-checkpoint passes are told apart."""
+        for release in self.releases:
+            release.watch(loss)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Close the step backward just updated (params held back are updated now, whole)."""
+        for release in self.releases:
+            release.finish_step()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Remove the hooks; give ``gradient_clip_val`` back."""
+        self._detach()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Remove the hooks; give ``gradient_clip_val`` back (Lightning skips ``teardown`` after an exception)."""
+        self._detach()
+
+    def _detach(self) -> None:
+        for release in self.releases:
+            release.detach()
+        self.releases = []
+        if self._clip is not None:
+            trainer, clip = self._clip
+            trainer.gradient_clip_val = clip
+            self._clip = None

@@ -1,177 +1,89 @@
-"""Surviving preemption: a checkpoint on SIGTERM, and a warning when mid-epoch resume cannot be exact.
+"""Resume compatibility: a checkpoint of another optimizer is refused before any step, and a new
+learning rate given at resume applies. :class:`ResumeCompatibility` is the callback (one of the parts of
+:class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`).
 
-Used by :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`; the functions take the Trainer
-and work with any LightningModule.
-
-SIGTERM. Lightning stops a run that received SIGTERM (``trainer.received_sigterm``) with
-``SIGTERMException`` at the end of the current training step. :func:`save_on_sigterm`, called from
-``on_train_batch_end`` once all ranks agreed to stop (below), saves a checkpoint at that step end
-first, into the directory of the run's first ``ModelCheckpoint`` as ``last.ckpt`` (so
-``ckpt_path="last"`` finds it as well as the explicit path). It is the same point where
-``ModelCheckpoint(every_n_train_steps=N)`` saves, so resuming from it continues the run exactly like
-resuming from a periodic checkpoint. Without a checkpoint callback nothing is saved (a warning says so).
-
-Every rank stops at the same step (:class:`PreemptionStop`). Lightning's handler, called on the signalled
-rank only, issues a collective from inside the signal handler and makes that rank alone stop at its next
-step end; when the signal reaches one rank of a DDP/FSDP job the ranks' collectives no longer match and
-the job hangs. So for the training loop the callback replaces it with a handler that only records the
-signal; at each optimizer step boundary (the end of a gradient-accumulation window, so the saved state
-is one an uninterrupted run also passes through) the ranks agree with one ``all_reduce(MAX)`` of that
-flag (only when ``world_size > 1``), and when any rank saw the signal all of them set
-``trainer.received_sigterm``, save the one checkpoint together and stop (exit 143 from ``lowmem fit``).
-The handler is in place from the sanity check (or training start) to the end of training. A second
-SIGTERM before the stop ends the process at once (the default action).
-
-A new learning rate given at resume (:func:`apply_new_lr`) applies: Lightning's restore brings back the
-checkpoint's param-group lrs and scheduler base lrs, which are rescaled to the run's own (one line says so).
+A checkpoint holds the optimizer's (quantized) state; another optimizer cannot read it, except where it
+converts it (:data:`CONVERSIONS`: fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``). A new learning rate
+(:func:`apply_new_lr`): Lightning's restore brings back the checkpoint's param-group lrs and scheduler base
+lrs, which are rescaled to the run's own (one line says so).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import signal
-import threading
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
+from lightning.pytorch.utilities import rank_zero_info
+
+from lowmem_lightning.callbacks.swap import LR_KEYS
 
 __all__ = [
-    "SIGTERM_CHECKPOINT_NAME", "PreemptionStop", "apply_new_lr", "base_lrs", "save_on_sigterm",
-    "non_resumable_train_loaders", "warn_if_not_resumable", "refuse_missing_optimizer_callback",
+    "CONVERSIONS", "ResumeCompatibility", "apply_new_lr", "base_lrs", "infer_optimizer",
+    "refuse_missing_optimizer_callback",
 ]
 
-SIGTERM_CHECKPOINT_NAME = "last.ckpt"
-"""File name of the checkpoint written on SIGTERM, in the first ``ModelCheckpoint``'s directory."""
+CONVERSIONS: frozenset[tuple[str, str]] = frozenset({("adamw", "adamw_8bit"), ("adamw", "paged_adamw_8bit")})
+"""``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load."""
+
+OPTIMIZER_CALLBACK_KEY = "LowMemOptimizerCallback"
+"""The ``state_key`` under which checkpoints hold what :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`
+built (``{"optimizer": name, "classes": [...]}``)."""
 
 
-def _checkpoint_dir(trainer: L.Trainer) -> str | None:
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            return str(callback.dirpath)
-    return None
+class ResumeCompatibility(L.Callback):
+    """Refuse (``ValueError``, before any step) to resume a checkpoint of another optimizer than ``optimizer``,
+    unless it converts that state; after a restore, apply the run's learning rate (:func:`apply_new_lr`).
 
-
-def save_on_sigterm(trainer: L.Trainer) -> str | None:
-    """If the run has received SIGTERM, save a resumable checkpoint now (a training step end) and
-    return its path; ``None`` when no SIGTERM came or no ``ModelCheckpoint`` is configured (warned).
-    Call on every rank (saving is collective under DDP/FSDP)."""
-    if not getattr(trainer, "received_sigterm", False):
-        return None
-    folder = _checkpoint_dir(trainer)
-    if folder is None:
-        rank_zero_warn(
-            f"SIGTERM received at step {trainer.global_step}: the run stops now, and no checkpoint is saved "
-            "because no ModelCheckpoint is configured (enable_checkpointing: true and a ModelCheckpoint "
-            "callback make preempted runs resumable)."
-        )
-        return None
-    path = os.path.join(folder, SIGTERM_CHECKPOINT_NAME)
-    trainer.save_checkpoint(path)
-    rank_zero_info(
-        f"SIGTERM received: saved a resumable checkpoint at step {trainer.global_step} to {path}; the run stops "
-        f"now. Resume with --ckpt_path {path} (lowmem fit) or trainer.fit(..., ckpt_path={path!r})."
-    )
-    return path
-
-
-def _is_stateful(loader) -> bool:
-    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
-
-
-def non_resumable_train_loaders(trainer: L.Trainer) -> list[str]:
-    """Class names of the training dataloaders that cannot save their position (no ``state_dict`` /
-    ``load_state_dict``), so a mid-epoch resume restarts their epoch instead of continuing it."""
-    combined = getattr(trainer.fit_loop, "_combined_loader", None)
-    loaders = combined.flattened if combined is not None else []
-    return [type(loader).__name__ for loader in loaders if not _is_stateful(loader)]
-
-
-def warn_if_not_resumable(trainer: L.Trainer) -> bool:
-    """Warn, in one line, when the run saves or resumes checkpoints and a training dataloader is not
-    resumable; returns whether it warned."""
-    if not trainer.checkpoint_callbacks and trainer.ckpt_path is None:
-        return False
-    names = non_resumable_train_loaders(trainer)
-    if not names:
-        return False
-    rank_zero_warn(
-        f"The training dataloader ({', '.join(sorted(set(names)))}) cannot save its position, so resuming from a "
-        "mid-epoch checkpoint will not be exact (the rest of the epoch is not the same batches); use "
-        "torchdata.stateful_dataloader.StatefulDataLoader (same arguments as DataLoader) for exact resume."
-    )
-    return True
-
-
-class PreemptionStop:
-    """Owns SIGTERM during the training loop so that every rank stops at the same step boundary.
-
-    :meth:`install` (at train start, after Lightning registered its handler) puts :meth:`_on_signal`
-    in place, which only records the signal; :meth:`decide`, called at every training step end on
-    every rank, returns whether the run stops now: at an optimizer step boundary (never inside a
-    gradient-accumulation window), when any rank saw the signal (``all_reduce(MAX)`` of the local flag,
-    one 1-element collective per optimizer step, only when ``world_size > 1``). It then sets
-    ``trainer.received_sigterm`` on every rank, so Lightning's loops stop at the same point on all of them.
+    Args:
+        optimizer: Registered optimizer name the fit uses.
+        saved_under: The checkpoint's ``callbacks`` key that names the optimizer it was trained with.
     """
 
-    def __init__(self) -> None:
-        self.seen = False
-        self._previous = None
-        self._told = False
+    def __init__(self, optimizer: str, saved_under: str = OPTIMIZER_CALLBACK_KEY) -> None:
+        self.optimizer_name = optimizer
+        self.saved_under = saved_under
+        self._built_lrs: list[list[float | None]] = []  # base lrs the run's configuration gave, before a restore
 
-    def install(self) -> bool:
-        """Replace the SIGTERM handler (main thread only; again after Lightning registered its own, which
-        happens between ``on_fit_start`` and the sanity check); returns whether ours is in place."""
-        if threading.current_thread() is not threading.main_thread():
-            return False
-        if signal.getsignal(signal.SIGTERM) == self._on_signal:
-            return True
-        self.seen, self._told = False, False
-        self._previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        return True
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the base lrs this run's configuration gave (a checkpoint restore comes next)."""
+        self._built_lrs = base_lrs(trainer.optimizers)
 
-    def uninstall(self) -> None:
-        """Give back the handler :meth:`install` replaced, if ours is still the one in place."""
-        main = threading.current_thread() is threading.main_thread()
-        if main and signal.getsignal(signal.SIGTERM) == self._on_signal:
-            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a restore, the run's learning rate applies (the schedule keeps its position)."""
+        if trainer.ckpt_path is not None:
+            apply_new_lr(trainer, trainer.optimizers, self._built_lrs)
 
-    def _on_signal(self, signum, frame) -> None:
-        if self.seen:  # a second SIGTERM before the stop: the default action, now
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Refuse a checkpoint trained with an optimizer whose state this one cannot read."""
+        saved = (checkpoint.get("callbacks") or {}).get(self.saved_under)
+        name = saved.get("optimizer") if isinstance(saved, dict) else infer_optimizer(checkpoint)
+        if name is None or name == self.optimizer_name:
             return
-        self.seen = True  # no I/O, no collective in a signal handler: decide() acts at the next step boundary
-
-    def decide(self, trainer: L.Trainer) -> bool:
-        """At a training step end: whether all ranks stop now (then ``trainer.received_sigterm`` is set)."""
-        if trainer.fit_loop.epoch_loop._should_accumulate():
-            self._tell_deferred(trainer)
-            return False
-        stop = self.seen
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([int(stop)], dtype=torch.int32, device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if stop:
-            trainer._signal_connector.received_sigterm = True
-        return stop
-
-    def _tell_deferred(self, trainer: L.Trainer) -> None:
-        if not self.seen or self._told:
+        if (name, self.optimizer_name) in CONVERSIONS:
+            rank_zero_info(
+                f"LowMemOptimizerCallback: converting the checkpoint's {name!r} optimizer state to "
+                f"{self.optimizer_name!r}."
+            )
             return
-        self._told = True
-        left = trainer.accumulate_grad_batches - trainer.fit_loop.epoch_loop.batch_progress.current.ready % (
-            trainer.accumulate_grad_batches)
-        logging.getLogger("lightning.pytorch").info(rank_prefixed_message(
-            f"SIGTERM received inside a gradient-accumulation window (accumulate_grad_batches="
-            f"{trainer.accumulate_grad_batches}): finishing it ({left} more batch(es)) before saving, so the "
-            "resumed run continues exactly.", trainer.global_rank))
+        raise ValueError(
+            f"Cannot resume: the checkpoint was trained with optimizer {name!r}, but "
+            f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) was given and cannot read its state. "
+            f"Resume with optimizer={name!r}, or load only the weights (e.g. "
+            "Module.load_from_checkpoint(path) and a new fit without ckpt_path) to switch optimizers."
+        )
+
+
+def infer_optimizer(checkpoint: dict) -> str | None:
+    """``"adamw"`` when the checkpoint's optimizer states look like torch Adam/AdamW, else ``None``."""
+    states = checkpoint.get("optimizer_states") or []
+    keys = set()
+    for state in states:
+        for per_param in (state.get("state") or {}).values():
+            keys |= set(per_param)
+    if keys and {"exp_avg", "exp_avg_sq", "step"} <= keys <= {"exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"}:
+        return "adamw"
+    return None
 
 
 def base_lrs(optimizers: list[torch.optim.Optimizer]) -> list[list[float | None]]:
@@ -191,8 +103,6 @@ def apply_new_lr(trainer: L.Trainer, optimizers: list, built: list[list[float | 
     ``built`` (the base lrs this run's configuration gave, :func:`base_lrs` before the restore), and
     its scheduler's base lrs, so the run's lr applies while the schedule keeps its position. Says so in
     one line; returns the ``(checkpoint lr, new lr)`` pairs changed."""
-    from lowmem_lightning.callbacks.swap import LR_KEYS
-
     changed = []
     for opt, now, wanted in zip(optimizers, base_lrs(optimizers), built):
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
@@ -228,7 +138,7 @@ def refuse_missing_optimizer_callback(trainer: L.Trainer | None, checkpoint: dic
     if trainer is None or trainer.state.fn != "fit":
         return
     saved = [v for k, v in (checkpoint.get("callbacks") or {}).items()
-             if str(k).startswith("LowMemOptimizerCallback") and isinstance(v, dict)]
+             if str(k).startswith(OPTIMIZER_CALLBACK_KEY) and isinstance(v, dict)]
     if not saved:
         return
     from lowmem_lightning.callbacks.optimizer import LowMemOptimizerCallback
