@@ -1,0 +1,219 @@
+"""adamw_4bit: the Triton kernel (interpreter) against the reference, the codes, accuracy on the codec
+study's noisy quadratic, the state layout and bytes, strict and converted state dicts, bit-exact
+resume, the overflow guard and the compiled CPU path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lowmem_lightning.kernels import adamw4bit as kernel
+from lowmem_lightning.kernels import dispatch
+from lowmem_lightning.optim import build_optimizer, state_memory
+from lowmem_lightning.optim.adamw4bit import AdamW4bit
+
+ODD_SHAPES = [(4097,), (1000, 5), (96, 128), (7, 3)]  # odd 1-D, odd 2-D, aligned, fp32-state (small)
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread(one_thread):
+    """Every test on one intra-op thread (the shared conftest fixture)."""
+    yield
+
+
+def _params(dtype=torch.float32, shapes=ODD_SHAPES, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in shapes]
+
+
+def _run(params, steps, grad_dtype=torch.float32, inf_at=None, opt=None, first=0, **kwargs):
+    opt = opt or AdamW4bit(params, lr=1e-2, weight_decay=0.1, seed=3, **kwargs)
+    for p in params:
+        if p.dtype != grad_dtype:
+            p.grad_dtype = None  # torch >= 2.10 checks that grads match the param dtype unless told not to
+    for step in range(first, first + steps):
+        gen = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 0.01).to(grad_dtype)
+        if inf_at == step:
+            params[1].grad.view(-1)[3] = float("inf")
+        opt.step()
+    return opt
+
+
+def _assert_same(params_a, opt_a, params_b, opt_b):
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(a.view(torch.int8) if a.dtype != torch.float32 else a,
+                           b.view(torch.int8) if b.dtype != torch.float32 else b), f"param {i}"
+        sa, sb = opt_a.state[a], opt_b.state[b]
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"param {i} state {key}: {(sa[key] != sb[key]).sum()} differ"
+
+
+@pytest.mark.parametrize("param_dtype,grad_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.float16, torch.float32)])
+def test_triton_kernel_stores_the_reference_codes(param_dtype, grad_dtype):
+    """Interpreter vs reference: every param bit, code byte and absmax equal (no tolerance), including
+    a tensor skipped for an inf gradient at step 1."""
+    ref_params = _params(param_dtype)
+    ref = _run(ref_params, 3, grad_dtype, inf_at=1)
+    tri_params = _params(param_dtype)
+    with dispatch.override(force_triton=True):
+        tri = _run(tri_params, 3, grad_dtype, inf_at=1)
+    _assert_same(ref_params, ref, tri_params, tri)
+    assert ref.skipped_updates == tri.skipped_updates == 1
+
+
+def test_state_layout_two_codes_per_byte_and_bytes_per_param():
+    params = _params(shapes=[(256, 256)])
+    opt = _run(params, 1)
+    state = opt.state[params[0]]
+    assert state["exp_avg_codes"].dtype == state["exp_avg_sq_codes"].dtype == torch.uint8
+    assert state["exp_avg_codes"].shape == (256 * 256 // 2,)
+    assert state["exp_avg_absmax"].shape == state["exp_avg_sq_absmax"].shape == (256 * 256 // 128,)
+    memory = state_memory(opt)
+    assert memory.bytes_per_param == pytest.approx(1 + 8 / 128, abs=1e-3)  # + the 4-byte step counter
+    assert 1.0625 <= memory.bytes_per_param < 1.0626
+
+
+def test_m_code_is_unbiased_and_v_code_never_decodes_zero():
+    x = torch.linspace(-1, 1, 1001).repeat(4000, 1)  # (4000, 1001): the block absmax is 1
+    u = kernel.hash_uniform_reference(torch.arange(x.numel()).view(x.shape), 12345)
+    decoded = kernel.decode_m4_reference(kernel.encode_m4_reference(x, torch.ones(1), u), torch.ones(1))
+    assert (decoded.mean(0) - x[0]).abs().max() < 0.01  # E[decode(encode(x))] = x (4000 draws per value)
+    nearest = kernel.decode_m4_reference(kernel.encode_m4_reference(x[:1], torch.ones(1), None), torch.ones(1))
+    levels = torch.tensor([(k / 7) ** 2 for k in range(8)])
+    assert torch.equal((nearest.abs().unsqueeze(-1) - levels).abs().argmin(-1),
+                       (x[:1].abs().unsqueeze(-1) - levels).abs().argmin(-1))
+    v = torch.cat([torch.zeros(1), torch.logspace(-30, 0, 127)])  # one block, max 1
+    codes, absmax = kernel.quantize4_reference(v, signed=False)
+    back = kernel.dequantize4_reference(codes, absmax, v.numel(), signed=False)
+    assert back.min() == pytest.approx((1 / 16) ** 4)  # the lowest level, never 0
+    assert back[-1] == 1.0
+    big = v > 0.01
+    assert ((back[big] / v[big]) ** 0.25 - 1).abs().max() < 1 / 16 / 0.3  # within half a level of the root
+
+
+def test_pack_and_unpack_nibbles_round_trip():
+    nibbles = torch.randint(0, 16, (3, 128), dtype=torch.int32)
+    packed = kernel.pack_nibbles_reference(nibbles)
+    assert packed.shape == (3, 64) and packed.dtype == torch.uint8
+    assert torch.equal(packed[:, 0], (nibbles[:, 0] | (nibbles[:, 1] << 4)).to(torch.uint8))
+    assert torch.equal(kernel.unpack_nibbles_reference(packed), nibbles)
+
+
+def _noisy_quadratic(size: int, steps: int, build):
+    """The codec study's noisy quadratic: ``g = h * (p - target) + 0.01 h * noise``, ``h = r_i c_j``
+    log-normal (sigma 0.5); returns ``||p - p_adamw|| / ||p_adamw - p0||``."""
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(size, size, generator=gen) * 0.1
+    h = torch.exp(0.5 * torch.randn(size, 1, generator=gen)) * torch.exp(0.5 * torch.randn(1, size, generator=gen))
+    target = torch.randn(size, size, generator=gen) * 0.1
+    finals = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0), build):
+        param = torch.nn.Parameter(p0.clone())
+        opt = make([param])
+        noise = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            param.grad = h * (param.detach() - target) + 0.01 * h * torch.randn(size, size, generator=noise)
+            opt.step()
+        finals.append(param.detach())
+    ref, ours = finals
+    return float((ours - ref).norm() / (ref - p0).norm())
+
+
+def test_noisy_quadratic_error_is_a_third_of_torchaos_scheme():
+    """256x256, 200 steps: torchao's AdamW4bit scheme (dynamic-exponent m, linear v without zero,
+    round to nearest) measures 0.384 here (RESULTS.md); ours must stay under a third of it."""
+    error = _noisy_quadratic(256, 200, lambda ps: AdamW4bit(ps, lr=1e-3, weight_decay=0.0))
+    assert error < 0.384 / 3, error
+
+
+def test_torch_adamw_state_dict_is_quantized_and_8bit_refused():
+    params = _params()
+    torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    source = torch.optim.AdamW(torch_params, lr=1e-2, weight_decay=0.1)
+    for p in torch_params:
+        p.grad = torch.randn_like(p) * 0.01
+    source.step()
+    opt = AdamW4bit(params, lr=1e-2, weight_decay=0.1)
+    opt.load_state_dict(source.state_dict())
+    state = opt.state[params[0]]
+    m = kernel.dequantize4_reference(state["exp_avg_codes"], state["exp_avg_absmax"], params[0].numel(), True)
+    v = kernel.dequantize4_reference(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], params[0].numel(), False)
+    full = source.state[torch_params[0]]
+    assert (m - full["exp_avg"]).abs().max() <= full["exp_avg"].abs().max() * (1 - (6 / 7) ** 2) / 2 + 1e-9
+    scale = state["exp_avg_sq_absmax"].repeat_interleave(128)[:v.numel()].view(v.shape)
+    levels, exact = 16 * (v / scale) ** 0.25, 16 * (full["exp_avg_sq"] / scale) ** 0.25  # in units of a level
+    assert ((levels - exact).abs()[exact >= 1] <= 0.5 + 1e-4).all()  # the nearer level of the root
+    assert torch.allclose(levels[exact < 1], torch.ones(1))  # the lowest level, never 0
+    assert torch.equal(opt.state[params[3]]["exp_avg"], full_small := source.state[torch_params[3]]["exp_avg"])
+    assert full_small.dtype == torch.float32
+    eight = build_optimizer("adamw_8bit", [torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2)
+    _run(list(eight.param_groups[0]["params"]), 1, opt=eight)
+    fresh = AdamW4bit(_params(), lr=1e-2)
+    with pytest.raises(ValueError, match="AdamW8bit state dict; AdamW4bit keeps"):
+        fresh.load_state_dict(eight.state_dict())
+    assert not fresh.state
+
+
+def test_resume_from_a_state_dict_is_bit_exact():
+    straight_params = _params(torch.bfloat16)
+    straight = _run(straight_params, 4)
+    first_params = _params(torch.bfloat16)
+    first = _run(first_params, 2)
+    saved = copy.deepcopy(first.state_dict())
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in first_params]
+    resumed = AdamW4bit(resumed_params, lr=1e-2, weight_decay=0.1, seed=3)
+    resumed.load_state_dict(saved)
+    _run(resumed_params, 2, opt=resumed, first=2)
+    _assert_same(straight_params, straight, resumed_params, resumed)
+
+
+def test_overflowing_finite_gradient_is_skipped_and_state_untouched():
+    params = _params()
+    opt = _run(params, 1)
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    params[0].grad.view(-1)[5] = 3e19  # finite, but g * g overflows fp32
+    opt.step()
+    assert torch.equal(params[0], before[0])
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state.items())
+    assert opt.skipped_updates == 1
+    assert not torch.equal(params[1], before[1])  # the others stepped
+
+
+def test_gradient_release_steps_like_step():
+    a, b = _params(), _params()
+    opt_a, opt_b = AdamW4bit(a, lr=1e-2, seed=3), AdamW4bit(b, lr=1e-2, seed=3)
+    for step in range(2):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)) * 0.01
+            q.grad = p.grad.clone()
+        opt_a.step()
+        for q in b:
+            opt_b.step_params([q])
+        opt_b.finish_step()
+    _assert_same(a, opt_a, b, opt_b)
+
+
+@pytest.mark.slow
+def test_compiled_cpu_path_matches_eager():
+    """torch.compile'd bucket step (inductor) == eager reference, bit for bit (compiles once, ~1 min)."""
+    eager_params = _params(torch.bfloat16, shapes=[(300, 301), (4097,), (65536 * 2 + 77,)])
+    eager = _run(eager_params, 2)
+    compiled_params = _params(torch.bfloat16, shapes=[(300, 301), (4097,), (65536 * 2 + 77,)])
+    with dispatch.override(cpu_compile="always"):
+        compiled = _run(compiled_params, 2)
+    _assert_same(eager_params, eager, compiled_params, compiled)
+
+
+def test_invalid_hyperparameters_raise_naming_the_argument():
+    with pytest.raises(ValueError, match="lr"):
+        AdamW4bit(_params(), lr=-1.0)
+    with pytest.raises(ValueError, match="beta"):
+        AdamW4bit(_params(), betas=(0.9, 1.5))
