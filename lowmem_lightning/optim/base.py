@@ -361,9 +361,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """
         return [step_spec()]
 
-    def _axes_of(self, param: torch.Tensor, group: dict | None = None) -> dict[str, str]:
-        """``{state name: StateSpec.axes}`` of ``param``'s state (what :mod:`.sharding` needs to present it)."""
-        return {spec.name: spec.axes for spec in self.state_layout(param, group)}
+    def _axes_of(self, param: torch.Tensor, group: dict | None = None) -> dict[str, StateSpec]:
+        """``{state name: StateSpec}`` of ``param``'s state (axes and codes/absmax pairs: what :mod:`.sharding`
+        needs to present it)."""
+        return {spec.name: spec for spec in self.state_layout(param, group)}
 
     def _group_of(self, param: torch.Tensor) -> dict:
         for group in self.param_groups:

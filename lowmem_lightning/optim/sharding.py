@@ -23,29 +23,37 @@ rank's shard and reshards it on load (:func:`wrap_state`, :func:`unwrap_state`):
 =================  ==================================================================
 ``StateSpec.axes`` DTensor presented
 =================  ==================================================================
-``"blocks"``       codes: flat, ``(shards * L,)``, ``Shard(0)`` on each mesh dim that shards
-                   the param (``L``: padded local length, :func:`block_state_len`); their
-                   absmax: flat, ``(shards * L / 256,)``, same placements
+``"blocks"``       params sharded along dim 0 only (FSDP2; :func:`row_form`): codes of the
+                   param's shape and placements, their absmax as per-row scales
+                   ``(shape[0], 2 + W)`` with the param's placements (:mod:`.reshard`): a
+                   checkpoint loads on any world size. Other shardings: codes flat,
+                   ``(shards * L,)``, ``Shard(0)`` on each mesh dim that shards the param
+                   (``L``: padded local length, :func:`block_state_len`); their absmax flat,
+                   ``(shards * L / 256,)``, same placements
 ``"row"``          ``shape[:-1]``: the param's placements, ``Replicate`` where it shards dim -1
 ``"col"``          ``shape[:-2] + shape[-1:]``: ``Replicate`` where the param shards dim -2
 ``"scalar"``       a plain tensor (``step``: identical on every rank)
 ``"param"``        the param's shape and placements (fp32 moments of small tensors, ...)
 =================  ==================================================================
 
-The axes come from the optimizer's ``state_layout()`` (no key-name conventions are parsed).
-Block-wise state depends on where the shard boundaries fall, so it can only be loaded by a run
-sharded the same way; the state dict carries ``shard_layout`` to check that with a clear message.
+The axes and the codes/absmax pairs come from the optimizer's ``state_layout()`` (no key-name
+conventions are parsed). Flat block-wise state depends on where the shard boundaries fall, so it
+can only be loaded by a run sharded the same way; it carries ``shard_layout`` to check that with a
+clear message. Row-form state is converted to the loading run's layout: bit for bit where blocks
+coincide, re-encoded (at most one code step) where they moved.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 
 from ..kernels.codec import BLOCK_SIZE
+from .layout import StateSpec
+from .reshard import blocks_from_rows, row_width, rows_from_blocks
 
 __all__ = [
     "SumReduce",
@@ -54,6 +62,7 @@ __all__ = [
     "block_state_len",
     "is_dtensor",
     "local",
+    "row_form",
     "pad_block_state",
     "shard_rank",
     "shard_tensor_index",
@@ -275,45 +284,97 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def wrap_state(param: torch.Tensor, state: dict, axes: dict[str, str]) -> dict:
+def row_form(param: torch.Tensor) -> bool:
+    """Whether ``param``'s block-wise state is presented in the row form of :mod:`.reshard` (a DTensor of at
+    least one dim sharded along dim 0 only: FSDP2), which a checkpoint can load on any world size."""
+    if not is_dtensor(param) or param.ndim == 0:
+        return False
+    _check_placements(param)
+    return all(p.is_replicate() or p.dim % param.ndim == 0 for p in param.placements)
+
+
+def _normalized(layout: Mapping[str, StateSpec | str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``({name: axes}, {codes name: absmax name})`` of a layout given as specs or as plain axes strings."""
+    axes = {name: (spec.axes if isinstance(spec, StateSpec) else spec) for name, spec in layout.items()}
+    pairs = {name: spec.absmax for name, spec in layout.items()
+             if isinstance(spec, StateSpec) and spec.role == "codes" and spec.absmax}
+    return axes, pairs
+
+
+def _as_dtensor(param, value: torch.Tensor, placements, shape) -> torch.Tensor:
+    return DTensor.from_local(value, param.device_mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=_contiguous_stride(shape))
+
+
+def wrap_state(param: torch.Tensor, state: dict, layout: Mapping[str, StateSpec | str]) -> dict:
     """A copy of ``state`` (local tensors of a DTensor ``param``) with every tensor presented as a DTensor.
 
-    ``axes``: ``{state name: StateSpec.axes}`` from the optimizer's ``state_layout`` (a name missing
-    from it is presented like the param). Adds ``shard_layout`` = ``(num_shards, block_state_len)``
-    when block-wise state is present. Plain params: ``state`` unchanged.
+    ``layout``: ``{state name: StateSpec}`` from the optimizer's ``state_layout`` (or ``{name: axes}``;
+    a name missing from it is presented like the param). Block-wise pairs of a :func:`row_form` param
+    are presented in row form (codes of the param's shape, scales per row: :mod:`.reshard`), which loads
+    on any world size; other block-wise state is presented flat and gets ``shard_layout`` =
+    ``(num_shards, block_state_len)``. Plain params: ``state`` unchanged.
     """
     if not is_dtensor(param):
         return state
-    out = {}
+    axes, pairs = _normalized(layout)
+    rows = row_form(param)
+    out, in_rows = {}, set()
     for key, value in state.items():
-        spec = _spec(param, axes.get(key, "param"), value) if isinstance(value, torch.Tensor) else None
-        if spec is None:
-            out[key] = value
-            continue
-        placements, shape = spec
-        out[key] = DTensor.from_local(
-            value, param.device_mesh, placements, run_check=False, shape=torch.Size(shape),
-            stride=_contiguous_stride(shape),
-        )
-    if any(axes.get(key) == "blocks" for key in state):
+        if rows and key in pairs and pairs[key] in state:
+            out.update(_row_form_pair(param, key, value, pairs[key], state[pairs[key]]))
+            in_rows |= {key, pairs[key]}
+        elif key not in in_rows:
+            spec = _spec(param, axes.get(key, "param"), value) if isinstance(value, torch.Tensor) else None
+            out[key] = value if spec is None else _as_dtensor(param, value, *spec)
+    if any(axes.get(key) == "blocks" and key not in in_rows for key in state):
         out["shard_layout"] = [num_shards(param), block_state_len(param)]
     return out
 
 
-def unwrap_state(param: torch.Tensor, state: dict, pid, axes: dict[str, str]) -> dict:
-    """Inverse of :func:`wrap_state`: local tensors, after checking the saved ``shard_layout``.
+def _row_form_pair(param, codes_key: str, codes: torch.Tensor, absmax_key: str, absmax: torch.Tensor) -> dict:
+    """``{codes_key: codes of the param's shape, absmax_key: scales per row}`` as DTensors (views, and one small
+    ``(rows, width)`` tensor)."""
+    shard = local(param)
+    shape = tuple(shard.shape)
+    codes = codes[: shard.numel()].view(shape)
+    scales = rows_from_blocks(absmax, shape, row_width(tuple(param.shape)))
+    placements = list(param.placements)
+    return {
+        codes_key: _as_dtensor(param, codes, placements, tuple(param.shape)),
+        absmax_key: _as_dtensor(param, scales, placements, (param.shape[0], scales.shape[1])),
+    }
 
-    ``axes`` as for :func:`wrap_state`. Raises ``ValueError`` when the checkpoint's block-wise state
-    was laid out for another sharding.
+
+def unwrap_state(param: torch.Tensor, state: dict, pid, layout: Mapping[str, StateSpec | str]) -> dict:
+    """Inverse of :func:`wrap_state`: local tensors in this run's layout.
+
+    Block-wise pairs saved in row form are converted to this run's shard layout (:func:`.reshard.blocks_from_rows`:
+    bit for bit where blocks coincide, re-encoded where they moved), whatever world size saved them;
+    also into a plain param (a full checkpoint of a sharded run loaded on one process). Flat block-wise
+    state is checked against the saved ``shard_layout``: ``ValueError`` when it was laid out for another sharding.
     """
-    state = dict(state)
-    layout = state.pop("shard_layout", None)
-    if is_dtensor(param) and any(axes.get(key) == "blocks" for key in state):
+    axes, pairs = _normalized(layout)
+    state = {key: (value.to_local() if is_dtensor(value) else value) for key, value in state.items()}
+    saved = state.pop("shard_layout", None)
+    for codes_key, absmax_key in pairs.items():
+        codes, scales = state.get(codes_key), state.get(absmax_key)
+        if isinstance(codes, torch.Tensor) and isinstance(scales, torch.Tensor) and scales.dim() == 2:
+            if tuple(codes.shape) != tuple(local(param).shape):
+                raise ValueError(
+                    f"Invalid optimizer state dict: param {pid!r} state {codes_key!r} is {tuple(codes.shape)} in row "
+                    f"form, expected this run's shard shape {tuple(local(param).shape)}."
+                )
+            state[codes_key], state[absmax_key], _ = blocks_from_rows(codes, scales, block_state_len(param))
+    flat = [key for key in state if axes.get(key) == "blocks" and isinstance(state[key], torch.Tensor)
+            and key not in pairs.values() and not row_form(param)]
+    if is_dtensor(param) and flat and saved is not None:
         expected = [num_shards(param), block_state_len(param)]
-        if layout is not None and [int(x) for x in layout] != expected:
+        if [int(x) for x in saved] != expected:
             raise ValueError(
                 f"Invalid optimizer state dict: param {pid!r} (shape {tuple(param.shape)}) has 8-bit state laid "
-                f"out for {int(layout[0])} shards of {int(layout[1])} elements, but this run shards it into "
-                f"{expected[0]} shards of {expected[1]}; resume with the same sharding (world size and mesh)."
+                f"out for {int(saved[0])} shards of {int(saved[1])} elements, but this run shards it into "
+                f"{expected[0]} shards of {expected[1]}; resume with the same sharding (world size and mesh): "
+                "only params sharded along dim 0 (FSDP2) load on another sharding."
             )
-    return {key: (value.to_local() if is_dtensor(value) else value) for key, value in state.items()}
+    return state
