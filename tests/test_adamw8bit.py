@@ -10,6 +10,7 @@ import torch
 
 from lowmem_lightning.kernels import adamw8bit as kernel
 from lowmem_lightning.kernels import dispatch
+from lowmem_lightning.kernels.dispatch import pack, unpack
 from lowmem_lightning.kernels.rounding import step_seed
 from lowmem_lightning.optim import build_optimizer, state_memory
 from lowmem_lightning.optim.adamw8bit import AdamW8bit
@@ -289,8 +290,8 @@ def test_stochastic_rounding_seed_matches_step_seed():
         for index in (0, 3, 977):
             base = step_seed(0, index, 5)
             expected = step_seed(step, index, 5)
-            hp = kernel.hyperparameter_tensor(1e-3, 0.9, 0.999, 1e-8, 0.0, False)
-            _, seed = kernel.step_terms_reference(hp, torch.tensor(float(step)), torch.tensor(base))
+            scalars = unpack(kernel.AdamWScalars, pack(kernel.AdamWScalars.of(1e-3, 0.9, 0.999, 1e-8, 0.0, False)))
+            _, seed = kernel.step_terms_reference(scalars, torch.tensor(float(step)), torch.tensor(base))
             got = seed.item()
             assert got == expected
 

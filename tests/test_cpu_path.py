@@ -14,6 +14,7 @@ from lowmem_lightning.kernels import adamw8bit as adamw_kernel
 from lowmem_lightning.kernels import cpu_buckets, dispatch
 from lowmem_lightning.kernels import sgd as sgd_kernel
 from lowmem_lightning.kernels.codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL, quantize_reference
+from lowmem_lightning.kernels.dispatch import pack, unpack
 from lowmem_lightning.kernels.rounding import round_param_reference, step_seed
 
 # quantized (>= 4096) and fp32-state sizes, some a multiple of 256, one a scalar. With the small chunks
@@ -90,24 +91,26 @@ def _clone(state):
 
 def _adamw_per_tensor(params, grads, ms, m_abs, vs, v_abs, steps, flags, seed_bases, maximize):
     """The per-tensor eager reference (the CPU path before bucketing)."""
-    hp = adamw_kernel.hyperparameter_tensor(**HYPER, maximize=maximize)
+    scalars = unpack(adamw_kernel.AdamWScalars, pack(adamw_kernel.AdamWScalars.of(**HYPER, maximize=maximize)))
     for i, param in enumerate(params):
-        terms, seeds = adamw_kernel.step_terms_reference(hp, steps[i].view(1), torch.tensor([seed_bases[i]]))
+        terms, seeds = adamw_kernel.step_terms_reference(scalars, steps[i].view(1), torch.tensor([seed_bases[i]]))
         work = param.contiguous()
         if m_abs[i] is None:
-            adamw_kernel._adamw32_core(work, grads[i], ms[i], vs[i], flags[i], hp, terms[0], seeds[0])
+            adamw_kernel.adamw32_step(work.view(-1), grads[i].reshape(-1), ms[i].view(-1), vs[i].view(-1),
+                                      flags[i] > 0, scalars, terms[0, 0], terms[0, 1], seeds[0])
         else:
             n, pad = work.numel(), (-work.numel()) % BLOCK_SIZE
             p, g, m, v = (torch.nn.functional.pad(t.reshape(-1), (0, pad)).view(-1, BLOCK_SIZE)
                           for t in (work, grads[i], ms[i], vs[i]))
             adamw_kernel.adamw8bit_step(p, g, m, m_abs[i].view(-1, 1), v, v_abs[i].view(-1, 1), flags[i] > 0,
-                                        *hp.unbind(0), terms[0, 0], terms[0, 1], seeds[0])
+                                        scalars, terms[0, 0], terms[0, 1], seeds[0])
             work.view(-1).copy_(p.view(-1)[:n]), ms[i].copy_(m.view(-1)[:n]), vs[i].copy_(v.view(-1)[:n])
         param.copy_(work)
 
 
 def _adamw_bucketed(state, maximize):
-    adamw_kernel.adamw8bit_update(*state, **HYPER, maximize=maximize)
+    dispatch.dispatch(adamw_kernel.ADAMW_8BIT, adamw_kernel.AdamWTensors(*state),
+                      adamw_kernel.AdamWScalars.of(**HYPER, maximize=maximize))
 
 
 @pytest.mark.parametrize("maximize", [False, True])
@@ -202,18 +205,19 @@ SGD_HYPER = dict(lr=0.05, weight_decay=0.01, momentum=0.9, dampening=0.1, nester
 
 
 def _sgd_per_tensor(params, grads, bufs, absmaxes, steps, flags, indices):
-    h = SGD_HYPER
-    hyper = (h["lr"], h["weight_decay"], h["momentum"], 1.0 - h["dampening"], float(h["nesterov"]),
-             -1.0 if h["maximize"] else 1.0)
     for i in range(len(params)):
-        hp = dispatch.scalar_args(*hyper, float(indices[i]))
         new_p, new_buf, new_absmax = sgd_kernel.sgd_reference(params[i], grads[i], bufs[i], absmaxes[i], steps[i],
-                                                              flags[i], hp)
+                                                              flags[i], sgd_kernel.SGDScalars.of(**SGD_HYPER),
+                                                              indices[i])
         params[i].copy_(new_p)
         if bufs[i] is not None:
             bufs[i].copy_(new_buf)
         if absmaxes[i] is not None:
             absmaxes[i].copy_(new_absmax)
+
+
+def _sgd_bucketed(state):
+    dispatch.dispatch(sgd_kernel.SGD_FAMILY, sgd_kernel.SGDTensors(*state), sgd_kernel.SGDScalars.of(**SGD_HYPER))
 
 
 @pytest.mark.parametrize("mode", ["plain", "fp32", "int8"])
@@ -222,7 +226,7 @@ def test_sgd_bucketed_eager_equals_per_tensor_reference(mode):
     want, got = _clone(start), _clone(start)
     _sgd_per_tensor(*want)
     with dispatch.override(cpu_compile="never"):
-        sgd_kernel.sgd_update(*got, **SGD_HYPER)
+        _sgd_bucketed(got)
     for k, name in enumerate(("params", "grads", "bufs", "absmaxes")):
         _assert_same(got[k], want[k], name)
     assert torch.equal(_bits(got[0][NAN_AT]), _bits(start[0][NAN_AT]))
@@ -238,7 +242,7 @@ def test_sgd_bucketed_compiled_equals_reference_and_never_recompiles():
                     start = [seq[2:] for seq in start]  # other sizes
                 want, got = _clone(start), _clone(start)
                 _sgd_per_tensor(*want)
-                sgd_kernel.sgd_update(*got, **SGD_HYPER)
+                _sgd_bucketed(got)
                 for k in range(4):
                     _assert_same(got[k], want[k], f"{mode}, round {round_}, operand {k}")
                 if round_ == 0:
@@ -313,7 +317,7 @@ def test_compile_choice_is_made_once_per_group_on_its_total(monkeypatch):
     # buckets are at most CHUNK_NUMEL elements, but "auto" must see the step's total of each kind
     # (else a 4M-element model would never reach compile_min_numel)
     seen = []
-    monkeypatch.setattr(adamw_kernel, "choose_bucket", lambda numel: seen.append(numel) or "eager")
+    monkeypatch.setattr(dispatch, "choose_bucket", lambda numel: seen.append(numel) or "eager")
     sizes = [cpu_buckets.CHUNK_NUMEL * 3 + 300, 1, 4096, 3, 5000, 7]  # even: fp32, odd: bf16; tensor 2: NaN
     _adamw_bucketed(_adamw_state(sizes), False)
     assert sorted(seen) == [1 + 3 + 7, cpu_buckets.CHUNK_NUMEL * 3 + 300 + 5000]  # bf16 fp32-state, fp32 8-bit

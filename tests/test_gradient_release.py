@@ -274,19 +274,19 @@ def test_bucketed_release_equals_a_normal_step_bit_for_bit(name, kwargs, bucket_
 
 @pytest.mark.parametrize(("bucket_bytes", "expected"), [(0, 8), (DEFAULT_BUCKET_BYTES, 1)], ids=["per-tensor", "25MiB"])
 def test_one_finite_check_and_one_kernel_call_per_bucket(monkeypatch, bucket_bytes, expected):
-    """A bucket is one optimizer call: one finite check over its gradients and one adamw8bit_update (one launch
+    """A bucket is one optimizer call: one finite check over its gradients and one dispatch call (one launch
     per dtype group on CUDA), not one of each per tensor (8 tensors here)."""
     from lowmem_lightning.optim import adamw8bit as adamw_module
 
     calls = {"kernel": 0, "tensors": 0}
-    update = adamw_module.adamw8bit_update
+    update = adamw_module.dispatch
 
-    def counting_update(params, *args, **kwargs):
+    def counting_update(family, tensors, scalars):
         calls["kernel"] += 1
-        calls["tensors"] += len(params)
-        return update(params, *args, **kwargs)
+        calls["tensors"] += len(tensors.params)
+        return update(family, tensors, scalars)
 
-    monkeypatch.setattr(adamw_module, "adamw8bit_update", counting_update)
+    monkeypatch.setattr(adamw_module, "dispatch", counting_update)
     model = _model(torch.float32)
     opt = build_optimizer("adamw_8bit", model.parameters(), lr=1e-3)
     checks = []

@@ -10,7 +10,7 @@ from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.kernels.codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
 from lowmem_lightning.kernels.rounding import index_seed_reference as sgd_seed_reference
 from lowmem_lightning.kernels.rounding import step_seed
-from lowmem_lightning.kernels.sgd import sgd_reference, sgd_update
+from lowmem_lightning.kernels.sgd import SGD_FAMILY, SGDScalars, SGDTensors, sgd_reference
 from lowmem_lightning.optim import build_optimizer, state_memory
 from lowmem_lightning.optim.sgd import SGD
 
@@ -107,6 +107,11 @@ def _kernel_inputs(n, param_dtype, grad_dtype, mode, step_value, flag_value=1.0,
     return param, grad, buf, absmax, torch.tensor(step_value), torch.tensor(flag_value)
 
 
+def _sgd_update(*tensors, **hp):
+    """One dispatched SGD step over per-tensor lists (the order of :class:`SGDTensors`)."""
+    dispatch.dispatch(SGD_FAMILY, SGDTensors(*tensors), SGDScalars.of(**hp))
+
+
 HP = dict(lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=False, maximize=True, tensor_index=3)
 
 
@@ -118,11 +123,9 @@ def test_triton_kernel_matches_reference(force_triton, mode, param_dtype, n):
     for step_value in (1.0, 7.0):  # 1: the tensor's first update (the counter already counts it)
         hp = dict(HP, nesterov=step_value > 1, dampening=0.0 if step_value > 1 else 0.1)
         param, grad, buf, absmax, step, flag = _kernel_inputs(n, param_dtype, grad_dtype, mode, step_value)
-        hp_tensor = torch.tensor([hp["lr"], hp["weight_decay"], hp["momentum"], 1.0 - hp["dampening"],
-                                  float(hp["nesterov"]), -1.0, float(hp["tensor_index"])])
-        want_p, want_buf, want_absmax = sgd_reference(param, grad, buf, absmax, step, flag, hp_tensor)
         index = hp.pop("tensor_index")
-        sgd_update([param], [grad], [buf], [absmax], [step], [flag], [index], **hp)
+        want_p, want_buf, want_absmax = sgd_reference(param, grad, buf, absmax, step, flag, SGDScalars.of(**hp), index)
+        _sgd_update([param], [grad], [buf], [absmax], [step], [flag], [index], **hp)
         assert torch.equal(param, want_p)
         if mode == "fp32":
             assert torch.equal(buf, want_buf)
@@ -137,7 +140,7 @@ def test_triton_kernel_skips_non_finite_flag(force_triton, mode):
     param, grad, buf, absmax, step, flag = _kernel_inputs(4097, torch.bfloat16, torch.float32, mode, 3.0, 0.0)
     before = [t.clone() for t in (param, buf, absmax) if t is not None]
     hp = dict(HP)
-    sgd_update([param], [grad], [buf], [absmax], [step], [flag], [hp.pop("tensor_index")], **hp)
+    _sgd_update([param], [grad], [buf], [absmax], [step], [flag], [hp.pop("tensor_index")], **hp)
     after = [t for t in (param, buf, absmax) if t is not None]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 

@@ -43,6 +43,8 @@ File order: Triton kernel, PyTorch reference (the step function), launcher.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -50,7 +52,7 @@ import triton.language as tl
 
 from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
-from .dispatch import cpu_compiled, per_layout, scalar_args, update_backend
+from .dispatch import Family, HostStep, pack, per_layout, unpack
 from .factored import (
     INT_TYPES,
     ONE_WARP,
@@ -71,7 +73,8 @@ from .factored import (
 )
 from .rounding import index_seed, index_seed_reference, masked_reference, round_param_reference, store_param
 
-__all__ = ["adafactor_reference", "adafactor_update", "quantized_momentum"]
+__all__ = ["AdafactorScalars", "AdafactorModes", "AdafactorHyper", "AdafactorTensors", "ADAFACTOR",
+           "adafactor_reference", "step_size_reference", "quantized_momentum"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,6 +141,74 @@ for the other (param, grad) dtype pairs (the statistics kernels are listed in :m
 # --------------------------------------------------------------------------------------------------
 
 
+class AdafactorScalars(NamedTuple):
+    """The numeric hyperparameters of one Adafactor tensor update, packed (:func:`.dispatch.pack`) for the
+    host step in this order; ``sqrt_n`` and ``tensor_index`` are per tensor (filled by the launcher)."""
+
+    lr: float
+    """0.0 under ``relative_step``."""
+    eps1: float
+    eps2: float
+    clip_threshold: float
+    decay_rate: float
+    beta1: float
+    """0.0 without momentum."""
+    one_minus_beta1: float
+    weight_decay: float
+    sqrt_n: float = 0.0
+    """Square root of the (global) element count."""
+    tensor_index: float = 0.0
+
+
+class AdafactorModes(NamedTuple):
+    """The mode switches of Adafactor's step size (Python bools: each combination is its own graph)."""
+
+    relative_step: bool
+    warmup_init: bool
+    scale_parameter: bool
+
+
+class AdafactorHyper(NamedTuple):
+    """Everything but the tensors of one Adafactor step: the :class:`AdafactorScalars` and the modes."""
+
+    scalars: AdafactorScalars
+    modes: AdafactorModes
+
+    @classmethod
+    def of(cls, lr: float | None, eps: tuple[float, float], clip_threshold: float, decay_rate: float,
+           beta1: float | None, weight_decay: float, relative_step: bool, warmup_init: bool,
+           scale_parameter: bool) -> AdafactorHyper:
+        """The hyperparameters of a param group's values (``lr`` None and ``beta1`` None become 0.0)."""
+        b1 = 0.0 if beta1 is None else float(beta1)
+        scalars = AdafactorScalars(0.0 if lr is None else float(lr), float(eps[0]), float(eps[1]),
+                                   float(clip_threshold), float(decay_rate), b1, 1.0 - b1, float(weight_decay))
+        return cls(scalars, AdafactorModes(bool(relative_step), bool(warmup_init), bool(scale_parameter)))
+
+
+class AdafactorTensors(NamedTuple):
+    """The tensors of one Adafactor step, one entry per param (a :func:`.dispatch.dispatch` batch).
+
+    ``vs[i]``: the row statistic (``param.shape[:-1]``) when ``vcs[i]`` (``param.shape[:-2] +
+    param.shape[-1:]``) is given (factored, >= 2 dims), else the full second moment. ``ms[i]``: None (no
+    momentum), fp32 (param's shape) or flat int8 codes with ``absmaxes[i]`` (fp32, one per 256
+    elements). ``steps[i]`` (already advanced) and ``flags[i]``: 0-d fp32 on the param's device.
+    ``elrs[i]``: a 0-d fp32 tensor that receives the step size ``lr_t``, or None. ``reduces[i]``: the
+    ``SumReduce`` of a sharded (DTensor) param whose local shard is given, else None.
+    """
+
+    params: Sequence[torch.Tensor]
+    grads: Sequence[torch.Tensor]
+    vs: Sequence[torch.Tensor]
+    vcs: Sequence[torch.Tensor | None]
+    ms: Sequence[torch.Tensor | None]
+    absmaxes: Sequence[torch.Tensor | None]
+    steps: Sequence[torch.Tensor]
+    flags: Sequence[torch.Tensor]
+    elrs: Sequence[torch.Tensor | None]
+    tensor_indices: Sequence[int]
+    reduces: Sequence[object | None]
+
+
 def adafactor_reference(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -148,9 +219,7 @@ def adafactor_reference(
     step: torch.Tensor,
     flag: torch.Tensor,
     hp: torch.Tensor,
-    relative_step: bool,
-    warmup_init: bool,
-    scale_parameter: bool,
+    modes: AdafactorModes,
     reduce=None,
 ) -> tuple[torch.Tensor, ...]:
     """One Adafactor step; returns ``(new_param, v, vc, m, absmax, lr_t)`` (inputs untouched).
@@ -158,16 +227,24 @@ def adafactor_reference(
     ``param``/``grad``: ``(B, R, C)`` when factored (``vc`` given; ``v`` is the row statistic
     ``(B, R)``, ``vc`` the column statistic ``(B, C)``), else flat ``(n,)`` with ``v`` full ``(n,)``.
     ``m``: None, fp32 (param's shape) or flat int8 codes with ``absmax``. ``step`` (already advanced)
-    and ``flag`` 0-d fp32. ``hp`` fp32 ``[lr, eps1, eps2, clip, decay_rate, beta1, 1 - beta1,
-    weight_decay, sqrt(numel), tensor_index]``. ``lr_t`` is the 0-d step size applied. Where ``flag == 0`` every
-    output equals its input. ``reduce``: None, or the ``SumReduce`` of a sharded tensor whose local
-    shard is given (every sum is completed across ranks; ``sqrt(numel)`` is then the global one).
+    and ``flag`` 0-d fp32. ``hp``: :class:`AdafactorScalars` packed (:func:`.dispatch.pack`). ``lr_t``
+    is the 0-d step size applied. Where ``flag == 0`` every output equals its input. ``reduce``: None,
+    or the ``SumReduce`` of a sharded tensor whose local shard is given (every sum is completed across
+    ranks; ``sqrt_n`` is then the global one).
     """
-    v, vc, u, lr_t = adafactor_direction_reference(
-        param, grad, v, vc, step, flag, hp, relative_step, warmup_init, scale_parameter, reduce
-    )
+    v, vc, u, lr_t = adafactor_direction_reference(param, grad, v, vc, step, flag, hp, modes, reduce)
     new_p, m, absmax = adafactor_apply_reference(param, u, m, absmax, lr_t, step, flag, hp)
     return new_p, v, vc, m, absmax, lr_t
+
+
+def step_size_reference(lr, step: torch.Tensor, modes: AdafactorModes) -> torch.Tensor:
+    """Adafactor's step size before the RMS scale (transformers' ``_get_lr``): ``lr``, or under
+    ``relative_step`` ``min(1e-6 * t if warmup_init else 1e-2, 1 / sqrt(t))``; ``step`` a 0-d fp32 tensor.
+    The same rule as ``scalars_kernel``; the optimizer's reported step size reads it too."""
+    if not modes.relative_step:
+        return lr
+    min_step = 1e-6 * step if modes.warmup_init else torch.full_like(step, 1e-2)
+    return torch.minimum(min_step, inv_sqrt_reference(step))
 
 
 def adafactor_direction_reference(
@@ -178,29 +255,23 @@ def adafactor_direction_reference(
     step: torch.Tensor,
     flag: torch.Tensor,
     hp: torch.Tensor,
-    relative_step: bool,
-    warmup_init: bool,
-    scale_parameter: bool,
+    modes: AdafactorModes,
     reduce=None,
 ) -> tuple[torch.Tensor, ...]:
     """First half of :func:`adafactor_reference`: returns ``(v, vc, u, lr_t)``, the new statistics, the
     clipped and scaled update ``u = u * (lr_t / d)`` (fp32, the param's layout; one rounded quotient of
     two scalars, which the kernels multiply by) and the step size."""
-    lr, eps1, eps2, clip, decay, beta1, omb1, weight_decay, sqrt_n, tensor_index = hp.unbind()
+    s = unpack(AdafactorScalars, hp)
     ok = flag != 0
     g = grad.to(torch.float32)
-    omb2 = torch.exp2(decay * torch.log2(step))
+    omb2 = torch.exp2(s.decay_rate * torch.log2(step))
     beta2 = 1.0 - omb2
-    v, vc, u = second_moment_reference(g, v, vc, eps1, beta2, omb2, ok, reduce)
-    d = clip_divisor_reference(u, sqrt_n, clip, reduce)
-    rel = lr
-    if relative_step:
-        min_step = 1e-6 * step if warmup_init else torch.full_like(step, 1e-2)
-        rel = torch.minimum(min_step, inv_sqrt_reference(step))
-    if scale_parameter:
+    v, vc, u = second_moment_reference(g, v, vc, s.eps1, beta2, omb2, ok, reduce)
+    d = clip_divisor_reference(u, s.sqrt_n, s.clip_threshold, reduce)
+    lr_t = step_size_reference(s.lr, step, modes)
+    if modes.scale_parameter:
         p = param.to(torch.float32)
-        rel = torch.maximum(eps2, torch.sqrt(total_square_sum_reference(p, reduce)) / sqrt_n) * rel
-    lr_t = rel
+        lr_t = torch.maximum(s.eps2, torch.sqrt(total_square_sum_reference(p, reduce)) / s.sqrt_n) * lr_t
     return v, vc, u * (lr_t / d), lr_t
 
 
@@ -211,39 +282,34 @@ def adafactor_apply_reference(
     absmax: torch.Tensor | None,
     lr_t: torch.Tensor,
     step: torch.Tensor,
-    flag: torch.Tensor,
+    flag: torch.Tensor | None,
     hp: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """Second half of :func:`adafactor_reference`: momentum (if ``m``), weight decay and the rounded
     param; returns ``(new_param, m, absmax)``. ``flag=None``: the caller checked it is 1 (no masks)."""
-    lr, eps1, eps2, clip, decay, beta1, omb1, weight_decay, sqrt_n, tensor_index = hp.unbind()
+    s = unpack(AdafactorScalars, hp)
     ok = None if flag is None else flag != 0
     p = param.to(torch.float32)
     if m is not None:
-        u, m, absmax = momentum_update_reference(m, absmax, u, beta1, omb1, ok)
-    new_p = p + p * (-(weight_decay * lr_t)) - u
-    seed = index_seed_reference(step, tensor_index)
+        u, m, absmax = momentum_update_reference(m, absmax, u, s.beta1, s.one_minus_beta1, ok)
+    new_p = p + p * (-(s.weight_decay * lr_t)) - u
+    seed = index_seed_reference(step, s.tensor_index)
     new_p = masked_reference(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
     return new_p, m, absmax
 
 
 # --------------------------------------------------------------------------------------------------
-# Launcher
+# Launcher: the family's Triton launches and host step, registered with dispatch
 # --------------------------------------------------------------------------------------------------
 
 
-def _adafactor_inplace(param, grad, v, vc, m, absmax, step, flag, hp, elr, relative_step, warmup_init,
-                       scale_parameter, reduce=None) -> None:
-    outs = adafactor_reference(param, grad, v, vc, m, absmax, step, flag, hp, relative_step, warmup_init,
-                               scale_parameter, reduce)
+def _adafactor_inplace(param, grad, v, vc, m, absmax, step, flag, hp, elr, modes, reduce=None) -> None:
+    outs = adafactor_reference(param, grad, v, vc, m, absmax, step, flag, hp, modes, reduce)
     write_back((param, v, vc, m, absmax, elr), outs)
 
 
-def _adafactor_direction_inplace(param, grad, v, vc, step, flag, hp, elr, relative_step, warmup_init,
-                                 scale_parameter) -> tuple[torch.Tensor, torch.Tensor]:
-    new_v, new_vc, u, lr_t = adafactor_direction_reference(
-        param, grad, v, vc, step, flag, hp, relative_step, warmup_init, scale_parameter
-    )
+def _adafactor_direction_inplace(param, grad, v, vc, step, flag, hp, elr, modes) -> tuple[torch.Tensor, torch.Tensor]:
+    new_v, new_vc, u, lr_t = adafactor_direction_reference(param, grad, v, vc, step, flag, hp, modes)
     write_back((v, vc, elr), (new_v, new_vc, lr_t))
     return u, lr_t
 
@@ -252,97 +318,61 @@ def _adafactor_apply_inplace(param, u, m, absmax, lr_t, step, flag, hp) -> None:
     write_back((param, m, absmax), adafactor_apply_reference(param, u, m, absmax, lr_t, step, flag, hp))
 
 
-# the CPU path: the reference above, compiled once per layout (factored (B, R, C) / flat) and
-# (param dtype, grad dtype, momentum form, mode), never per shape
+# the host step: the reference above, compiled once per layout (factored (B, R, C) / flat) and
+# (param dtype, grad dtype, momentum form, modes), never per shape
 _ADAFACTOR_CPU = per_layout(_adafactor_inplace)
-# 8-bit momentum on CPU: two graphs, the statistics/direction (u materialized in fp32, transient) and
-# the momentum codec + param update. Measured on 1024x1024 (2 cores): 2.2 + 4.0 ms vs 16.6 ms for one
-# graph, where inductor's fusion of the block codec with the row/column reductions was slow.
+# 8-bit momentum: two graphs, the statistics/direction (u materialized in fp32, transient) and the
+# momentum codec + param update: inductor's fusion of the block codec with the row/column reductions
+# in one graph was several times slower (benchmarks/RESULTS.md)
 _DIRECTION_CPU = per_layout(_adafactor_direction_inplace)
-_MOMENTUM_APPLY_CPU = cpu_compiled(_adafactor_apply_inplace)
+_MOMENTUM_APPLY_CPU = HostStep(_adafactor_apply_inplace)
 
 
-def adafactor_update(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    v: torch.Tensor,
-    vc: torch.Tensor | None,
-    m: torch.Tensor | None,
-    absmax: torch.Tensor | None,
-    step: torch.Tensor,
-    flag: torch.Tensor,
-    elr: torch.Tensor | None,
-    *,
-    lr: float | None,
-    eps: tuple[float, float],
-    clip_threshold: float,
-    decay_rate: float,
-    beta1: float | None,
-    weight_decay: float,
-    scale_parameter: bool,
-    relative_step: bool,
-    warmup_init: bool,
-    tensor_index: int,
-    reduce=None,
-    backend: str | None = None,
-) -> None:
-    """Apply one Adafactor step in place to ``param`` and its state. Never synchronizes.
-
-    ``v``: row statistic (``param.shape[:-1]``) when ``vc`` (``param.shape[:-2] + param.shape[-1:]``)
-    is given (factored, >= 2 dims), else the full second moment (param's shape). ``m``: None (no
-    ``beta1``), fp32 (param's shape) or flat int8 codes with ``absmax`` (fp32, one per 256
-    elements). ``step`` (already advanced by the optimizer) and ``flag`` 0-d fp32 on the param's
-    device. ``elr``: a 0-d fp32 tensor that receives the step size ``lr_t``, or None. Triton on
-    CUDA (five launches factored, three 1-D), the ``torch.compile``'d reference on CPU.
-
-    ``reduce``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is given: every sum
-    of the eager reference is completed across ranks (also for an empty shard, since every rank must
-    join the collectives); the caller then passes ``backend="eager"``. ``backend``: ``"triton"``,
-    ``"compiled"`` or ``"eager"``; None lets :func:`.dispatch.choose` decide from the device and size.
-    """
-    backend = update_backend(param, backend, reduce)
-    if backend is None:
-        return
+def _host(t: AdafactorTensors, hyper: AdafactorHyper, backend: str, steps: None) -> None:
+    """The reference step of one tensor (``t`` holds one), eager or compiled as ``backend`` says; a
+    sharded one (``reduces[0]`` set) runs eagerly with its sums completed across ranks."""
+    param, grad, v, vc, m, absmax, step, flag, elr, tensor_index, reduce = (field[0] for field in t)
     work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
-    if backend == "triton":
-        _launch(work, g, v_, vc_, m_, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
-                weight_decay, scale_parameter, relative_step, warmup_init, tensor_index)
+    numel = param.numel() if reduce is None else reduce.numel
+    hp = pack(hyper.scalars._replace(sqrt_n=math.sqrt(numel), tensor_index=float(tensor_index)), param.device)
+    if reduce is not None:
+        _adafactor_inplace(work, g, v_, vc_, m_, absmax, step, flag, hp, elr, hyper.modes, reduce)
+    elif absmax is not None:
+        u, lr_t = _DIRECTION_CPU[vc is not None].on(backend)(work, g, v_, vc_, step, flag, hp, elr, hyper.modes)
+        if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
+            _MOMENTUM_APPLY_CPU.on(backend)(*as_blocks(work, u, m_), absmax, lr_t, step, None, hp)
     else:
-        b1 = 0.0 if beta1 is None else beta1
-        numel = param.numel() if reduce is None else reduce.numel
-        hp = scalar_args(0.0 if lr is None else lr, eps[0], eps[1], clip_threshold, decay_rate, b1, 1.0 - b1,
-                         weight_decay, math.sqrt(numel), float(tensor_index), device=param.device)
-        args = (work, g, v_, vc_, m_, absmax, step, flag, hp, elr, relative_step, warmup_init, scale_parameter)
-        if reduce is not None:
-            _adafactor_inplace(*args, reduce)
-        elif absmax is not None:
-            u, lr_t = _DIRECTION_CPU[vc is not None].on(backend)(work, g, v_, vc_, step, flag, hp, elr, relative_step,
-                                                     warmup_init, scale_parameter)
-            if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
-                _MOMENTUM_APPLY_CPU.on(backend)(*as_blocks(work, u, m_), absmax, lr_t, step, None, hp)
-        else:
-            _ADAFACTOR_CPU[vc is not None].on(backend)(*args)
+        _ADAFACTOR_CPU[vc is not None].on(backend)(work, g, v_, vc_, m_, absmax, step, flag, hp, elr, hyper.modes)
     copy_back(param, work)
 
 
-
-def _launch(work, g, v, vc, m, absmax, step, flag, elr, lr, eps, clip_threshold, decay_rate, beta1,
-            weight_decay, scale_parameter, relative_step, warmup_init, tensor_index) -> None:
+def _launch(t: AdafactorTensors, hyper: AdafactorHyper) -> None:
+    """The Triton passes of one tensor (``t`` holds one; five launches factored, three 1-D)."""
+    param, grad, v, vc, m, absmax, step, flag, elr, tensor_index, _ = (field[0] for field in t)
+    s, modes = hyper
+    work, g, v, vc, m = state_views(param, grad, v, vc, m)
     rf, cf, usq_part, psq_part = launch_second_moment(
-        work, g, v, vc, step, flag, eps[0], decay_rate, 0.0, True, scale_parameter
+        work, g, v, vc, step, flag, s.eps1, s.decay_rate, 0.0, True, modes.scale_parameter
     )
     n = work.numel()
-    scal = launch_scalars(usq_part, psq_part, step, elr, n, clip_threshold, 0.0 if lr is None else lr, eps[1],
-                          relative_step, warmup_init, scale_parameter)
+    scal = launch_scalars(usq_part, psq_part, step, elr, n, s.clip_threshold, s.lr, s.eps2, *modes)
     R, C = (work.shape[1], work.shape[2]) if vc is not None else (1, 1)
-    momentum = 0 if m is None else (2 if absmax is not None else 1)
-    b1 = 0.0 if beta1 is None else float(beta1)
+    inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_args(R, C)
     adafactor_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-        work, g, flag if m is None else m, flag if absmax is None else absmax, v if rf is None else rf,
-        v if cf is None else cf, scal, flag, step, n, C, *index_args(R, C), b1, 1.0 - b1, float(weight_decay),
-        int(tensor_index), FACTORED=vc is not None, MOMENTUM=momentum, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP,
-        enable_fp_fusion=False,
+        p_ptr=work, g_ptr=g, m_ptr=flag if m is None else m, absmax_ptr=flag if absmax is None else absmax,
+        v_ptr=v if rf is None else rf, cf_ptr=v if cf is None else cf, scal_ptr=scal, flag_ptr=flag, step_ptr=step,
+        n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo, inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1,
+        one_minus_beta1=s.one_minus_beta1, weight_decay=s.weight_decay, tensor_index=int(tensor_index),
+        FACTORED=vc is not None, MOMENTUM=0 if m is None else (2 if absmax is not None else 1), BLOCK=BLOCK_SIZE,
+        num_warps=ONE_WARP, enable_fp_fusion=False,
     )
+    copy_back(param, work)
+
+
+ADAFACTOR = Family("adafactor", launch=_launch, host=_host)
+"""The Adafactor family: ``dispatch(ADAFACTOR, AdafactorTensors(...), AdafactorHyper.of(...))`` applies
+one step in place to every param and its state, one tensor at a time (its statistics are per tensor).
+Never synchronizes with a CUDA device."""
 
 
 def quantized_momentum(numel: int, momentum_dtype: str) -> bool:

@@ -49,6 +49,7 @@ File order: Triton kernel, PyTorch reference, launcher.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -73,12 +74,11 @@ from .codec import (
     sqrt_rn_reference,
 )
 from .cpu_buckets import plan
-from .dispatch import choose_bucket, cpu_compiled, use_triton
+from .dispatch import Family, HostStep, pack, unpack
 from .multitensor import (
     PARAM_GRAD_DTYPE_PAIRS,
     aot_spec,
     as_fp32,
-    bucket,
     is_aligned,
     launch_over,
     table_pointer,
@@ -96,11 +96,13 @@ from .rounding import (
 
 __all__ = [
     "ROWS",
+    "AdamWScalars",
+    "AdamWTensors",
+    "ADAMW_8BIT",
     "adamw8bit_step",
+    "adamw32_step",
     "adamw_math",
     "step_terms_reference",
-    "hyperparameter_tensor",
-    "adamw8bit_update",
 ]
 
 ROWS = 4
@@ -234,13 +236,44 @@ AOT_SPECS = [
 # --------------------------------------------------------------------------------------------------
 
 
-def hyperparameter_tensor(
-    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool, device="cpu"
-) -> torch.Tensor:
-    """fp32 tensor ``[lr, beta1, beta2, eps, weight_decay, grad_sign]`` for the reference (no recompiles)."""
-    return torch.tensor(
-        [lr, beta1, beta2, eps, weight_decay, -1.0 if maximize else 1.0], dtype=torch.float32, device=device
-    )
+class AdamWScalars(NamedTuple):
+    """The hyperparameters of one AdamW step, in the order of ``_adamw8bit_kernel``'s scalar arguments
+    (launched by name; the host steps get them through :func:`.dispatch.pack`)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    grad_sign: float
+    """-1.0 when maximizing, else 1.0."""
+
+    @classmethod
+    def of(cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool
+           ) -> AdamWScalars:
+        """The scalars of a param group's values (``maximize`` becomes the sign of the gradient)."""
+        return cls(float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), -1.0 if maximize else 1.0)
+
+
+class AdamWTensors(NamedTuple):
+    """The tensors of one AdamW step, one entry per param (a :func:`.dispatch.dispatch` batch).
+
+    Tensor ``i`` is quantized when ``exp_avg_absmaxes[i]`` is not None (flat int8 / uint8 codes + fp32
+    absmax per 256 elements) and keeps fp32 ``exp_avgs[i]`` / ``exp_avg_sqs[i]`` otherwise. ``steps[i]``
+    (0-d fp32, already advanced) and ``flags[i]`` (0-d fp32, 0 = leave the tensor untouched) live on the
+    param's device; ``seed_bases[i] = rounding.step_seed(0, tensor_index, base_seed)`` seeds the
+    stochastic rounding of bf16/fp16 params (step ``t`` uses ``step_seed(t, tensor_index, base_seed)``).
+    """
+
+    params: Sequence[torch.Tensor]
+    grads: Sequence[torch.Tensor]
+    exp_avgs: Sequence[torch.Tensor]
+    exp_avg_absmaxes: Sequence[torch.Tensor | None]
+    exp_avg_sqs: Sequence[torch.Tensor]
+    exp_avg_sq_absmaxes: Sequence[torch.Tensor | None]
+    steps: Sequence[torch.Tensor]
+    flags: Sequence[torch.Tensor]
+    seed_bases: Sequence[int]
 
 
 def _pow_by_squaring_reference(base: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -268,62 +301,57 @@ def _pow_by_squaring_host(base: np.float32, e: int) -> np.float32:
 
 
 def step_terms_reference(
-    hp: torch.Tensor, steps: torch.Tensor, seed_bases: torch.Tensor
+    scalars: AdamWScalars, steps: torch.Tensor, seed_bases: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor scalars of a step: fp32 ``(..., 2)`` ``[lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)]`` and
     the int64 stochastic-rounding seeds ``step_seed(t, i, base)``.
 
-    ``steps`` (any shape, fp32, already advanced) and ``seed_bases`` (int64, same shape). Runs eagerly,
-    once for all tensors: its 24 unrolled squaring rounds would blow up a compiled graph. Each
-    division and root is correctly rounded, as the kernel's branch-free ones (``div_rn_fast``,
-    ``rcp_rn``, ``sqrt_rn_fast`` of :mod:`.codec`).
+    ``scalars``: 0-d fp32 tensors (:func:`.dispatch.unpack`); ``steps`` (any shape, fp32, already
+    advanced) and ``seed_bases`` (int64, same shape). Runs eagerly, once per group: its 24 unrolled
+    squaring rounds would blow up a compiled graph. Each division and root is correctly rounded, as the
+    kernel's branch-free ones (``div_rn_fast``, ``rcp_rn``, ``sqrt_rn_fast`` of :mod:`.codec`).
     """
-    step_size = hp[0] / (1.0 - _pow_by_squaring_reference(hp[1], steps))
-    inv_bc2 = 1.0 / sqrt_rn_reference(1.0 - _pow_by_squaring_reference(hp[2], steps))
+    step_size = scalars.lr / (1.0 - _pow_by_squaring_reference(scalars.beta1, steps))
+    inv_bc2 = 1.0 / sqrt_rn_reference(1.0 - _pow_by_squaring_reference(scalars.beta2, steps))
     seeds = seed_reference(steps, seed_bases)
     return torch.stack([step_size, inv_bc2], dim=-1), seeds
 
 
-def adamw_math(p, g, m, v, lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, inv_bc2):
-    """fp32 AdamW update of ``p, m, v`` (any one shape); returns the new ``(p, m, v, w)``, ``w =
-    sqrt(max(v, SQRT_FLOOR))`` (reused by the v-code).
+def adamw_math(p, g, m, v, s: AdamWScalars, step_size, inv_bc2):
+    """fp32 AdamW update of ``p, m, v`` (any one shape) with the scalars ``s`` (0-d fp32 tensors); returns
+    the new ``(p, m, v, w)``, ``w = sqrt(max(v, SQRT_FLOOR))`` (reused by the v-code).
 
     The kernel's operations in its order: ``denom = w * inv_bc2 + eps`` (``inv_bc2 = RN(1 /
     sqrt(1 - beta2^t))``, a product where torch divides), ``p - step_size * RN(m / denom)``; every
-    division and root correctly rounded. Scalars are 0-d fp32 tensors (eager: bit for bit with the
-    kernel) or Python floats (the compiled CPU step: symbolic inputs, no recompile per LR).
+    division and root correctly rounded.
     """
-    g = g * grad_sign
-    p = p * (1.0 - lr * weight_decay)
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * (g * g)
+    g = g * s.grad_sign
+    p = p * (1.0 - s.lr * s.weight_decay)
+    m = s.beta1 * m + (1.0 - s.beta1) * g
+    v = s.beta2 * v + (1.0 - s.beta2) * (g * g)
     w = sqrt_floor_reference(v)
-    denom = w * inv_bc2 + eps
+    denom = w * inv_bc2 + s.eps
     p = p - step_size * (m / denom)
     return p, m, v, w
 
 
 def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, ok,
-                   lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, inv_bc2, seed) -> None:
+                   s: AdamWScalars, step_size, inv_bc2, seed) -> None:
     """One 8-bit AdamW step on whole blocks, in place: the specification of ``_adamw8bit_kernel``.
 
     Tensors are ``(num_blocks, BLOCK_SIZE)`` views (absmax ``(num_blocks, 1)``): with the block
     dimension static, torch.compile emits vectorised loops (a flat input reshaped inside the graph
-    made it divide symbolic sizes per element, ~4x slower). ``ok``: a bool tensor (0-d; False leaves
-    everything untouched) or None when the caller checked the finite flag on the host. Scalars:
-    ``lr .. grad_sign`` the hyperparameters, ``step_size = lr / (1 - beta1^t)``, ``inv_bc2 =
-    1 / sqrt(1 - beta2^t)`` (:func:`step_terms_reference`), ``seed`` the stochastic-rounding seed.
-
-    The eager path passes 0-d fp32 tensors and ``ok`` (bit for bit with the kernel). The compiled CPU
-    path passes Python scalars and ``ok=None``: a ``where(ok, new, old)`` on mutated inputs made
-    inductor materialise copies (measured 4x slower: 6.4 vs 1.7 ms on 1M elements); the result
-    then agrees to fp32 rounding (scalars enter as double).
+    made it divide symbolic sizes per element). ``ok``: a bool tensor (0-d; False leaves everything
+    untouched) or None when the caller checked the finite flag on the host (the bucketed host path: a
+    ``where(ok, new, old)`` on mutated inputs made inductor materialise copies). ``s``: the
+    hyperparameters as 0-d fp32 tensors; ``step_size``, ``inv_bc2`` (:func:`step_terms_reference`) and
+    ``seed``: per tensor or per row. fp32 tensors everywhere, so compiled and eager store the same bits.
     """
     p = param.to(torch.float32)
     g = grad.to(torch.float32)
     m = decode_signed_reference(exp_avg_codes, exp_avg_absmax)
     v = decode_unsigned_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
-    p, m, v, w = adamw_math(p, g, m, v, lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, inv_bc2)
+    p, m, v, w = adamw_math(p, g, m, v, s, step_size, inv_bc2)
     write_param_reference(param, p, ok, seed)
     m_absmax = m.abs().amax(dim=1, keepdim=True)
     v_absmax = v.amax(dim=1, keepdim=True)
@@ -334,128 +362,63 @@ def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
     exp_avg_sq_absmax.copy_(masked_reference(ok, v_absmax, exp_avg_sq_absmax))
 
 
-def _adamw32_core(param, grad, exp_avg, exp_avg_sq, flag, hp, terms, seed):
-    """The step with fp32 moments of a small tensor (flat views), in place; same math, no codec."""
-    ok = flag > 0
-    flat = param.view(-1)
-    m_flat, v_flat = exp_avg.view(-1), exp_avg_sq.view(-1)
-    p, m, v, _ = adamw_math(flat.to(torch.float32), grad.reshape(-1).to(torch.float32), m_flat, v_flat,
-                            *hp.unbind(0), terms[0], terms[1])
-    write_param_reference(flat, p, ok, seed)
-    m_flat.copy_(torch.where(ok, m, m_flat))
-    v_flat.copy_(torch.where(ok, v, v_flat))
+def adamw32_step(param, grad, exp_avg, exp_avg_sq, ok, s: AdamWScalars, step_size, inv_bc2, seed) -> None:
+    """The step with fp32 moments (tensors under ``MIN_QUANTIZED_NUMEL`` elements), in place on tensors of
+    one shape: the same math as :func:`adamw8bit_step`, no codec; ``ok`` as there."""
+    p, m, v, _ = adamw_math(param.to(torch.float32), grad.to(torch.float32), exp_avg, exp_avg_sq, s, step_size,
+                            inv_bc2)
+    write_param_reference(param, p, ok, seed)
+    exp_avg.copy_(masked_reference(ok, m, exp_avg))
+    exp_avg_sq.copy_(masked_reference(ok, v, exp_avg_sq))
 
 
 # --------------------------------------------------------------------------------------------------
-# Launcher
+# Launcher: the family's Triton launch and host step, registered with dispatch
 # --------------------------------------------------------------------------------------------------
 
 
-def adamw8bit_update(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_absmaxes: Sequence[torch.Tensor | None],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    exp_avg_sq_absmaxes: Sequence[torch.Tensor | None],
-    steps: Sequence[torch.Tensor],
-    flags: Sequence[torch.Tensor],
-    seed_bases: Sequence[int],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-) -> None:
-    """Apply one AdamW step to every tensor, in place.
-
-    Tensor ``i`` is quantized when ``exp_avg_absmaxes[i]`` is not None (int8/uint8 flat codes + fp32
-    absmax) and keeps fp32 ``exp_avgs[i]``/``exp_avg_sqs[i]`` otherwise. ``steps[i]`` (0-d fp32,
-    already advanced) and ``flags[i]`` (0-d fp32, 0 = leave the tensor untouched) live on the param's
-    device; ``seed_bases[i]`` = ``rounding.step_seed(0, tensor_index, base_seed)`` seeds the
-    stochastic rounding of bf16/fp16 params (step ``t`` uses ``step_seed(t, tensor_index, base_seed)``).
-    CUDA tensors run one Triton launch per (quantized, param dtype, grad dtype) group; others run
-    the reference once per bucket of such a group (:mod:`.cpu_buckets`; compiled or eager as
-    :func:`.dispatch.choose_bucket` says), the same bits as one call per tensor. Nothing synchronises
-    with the device (on the CPU the finite flags are read on the host: a memory read).
-    """
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    groups = bucket(len(params), lambda i: (
-        (exp_avg_absmaxes[i] is not None,
-         is_aligned(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]),
-         params[i].dtype, grads[i].dtype, params[i].device)
-        if use_triton(params[i]) else params[i].device
-    ))
-    buckets = {key: idx for key, idx in groups.items() if isinstance(key, tuple)}
-    on_reference = {key: idx for key, idx in groups.items() if not isinstance(key, tuple)}
-    for device, idx in on_reference.items():
-        host = torch.stack([flags[i] for i in idx] + [steps[i] for i in idx]).tolist()  # one read, no device sync
-        live = [(i, t) for i, ok, t in zip(idx, host[:len(idx)], host[len(idx):]) if ok and params[i].numel()]
-        if live:
-            _reference_update([[seq[i] for i, _ in live] for seq in (params, grads, exp_avgs, exp_avg_absmaxes,
-                               exp_avg_sqs, exp_avg_sq_absmaxes)], [t for _, t in live],
-                              [seed_bases[i] for i, _ in live], hyperparameter_tensor(**hyper, device=device))
-    for (quantized, aligned, *_), idx in buckets.items():
-        _launch(
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
-            [exp_avgs[i] for i in idx],
-            [exp_avg_absmaxes[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx],
-            [exp_avg_sq_absmaxes[i] for i in idx],
-            [steps[i] for i in idx],
-            [flags[i] for i in idx],
-            [seed_bases[i] for i in idx],
-            quantized,
-            aligned,
-            hyper,
-        )
+def _launch_key(t: AdamWTensors, i: int) -> tuple:
+    """What changes the compiled kernel: quantized, aligned, param dtype, grad dtype."""
+    return (t.exp_avg_absmaxes[i] is not None, is_aligned(t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i]),
+            t.params[i].dtype, t.grads[i].dtype)
 
 
-def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds):
-    """:func:`adamw8bit_step` over a bucket: ``(rows, BLOCK_SIZE)`` operands, absmax ``(rows, 1)``, ``hp``
-    (6,) from :func:`hyperparameter_tensor`, per-row ``terms`` ``(rows, 2)`` and ``seeds`` ``(rows, 1)``.
-    Every scalar is an fp32 tensor, compiled or eager (the same bits; Python floats would enter the
-    compiled graph as double), few inputs (each costs guard time per call)."""
-    adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, hp[0], hp[1], hp[2], hp[3], hp[4], hp[5],
-                   terms[:, :1], terms[:, 1:], seeds)
+def _launch(t: AdamWTensors, scalars: AdamWScalars) -> None:
+    """One launch of ``_adamw8bit_kernel`` over a group of one :func:`_launch_key`."""
+    quantized, aligned, *_ = _launch_key(t, 0)
+    state_rows = [
+        [m.data_ptr() for m in t.exp_avgs],
+        [a.data_ptr() if quantized else 0 for a in t.exp_avg_absmaxes],
+        [v.data_ptr() for v in t.exp_avg_sqs],
+        [a.data_ptr() if quantized else 0 for a in t.exp_avg_sq_absmaxes],
+    ]
+    launch_over(_adamw8bit_kernel, t.params, t.grads, state_rows, t.steps, t.flags, t.seed_bases, scalars,
+                ROWS * BLOCK_SIZE, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)
 
 
-def _bucket_step_32bit(param, grad, m, v, hp, terms, seeds, flag):
-    """:func:`_adamw32_core` over a bucket of fp32-state tensors: ``(elements, 1)`` operands, one row
-    per element (``terms`` ``(elements, 2)``, ``seeds`` ``(elements, 1)``); ``flag`` a 0-d 1.0."""
-    _adamw32_core(param, grad, m, v, flag, hp, terms.t(), seeds.view(-1))
+def _host_key(t: AdamWTensors, i: int) -> tuple:
+    """Tensors stepped by the same host step function: quantized, param dtype, grad dtype."""
+    return (t.exp_avg_absmaxes[i] is not None, t.params[i].dtype, t.grads[i].dtype)
 
 
-_BUCKET_STEPS = {True: cpu_compiled(_bucket_step_8bit), False: cpu_compiled(_bucket_step_32bit)}
-"""The bucket steps by ``quantized``, each compiled (once, ``dynamic=True``) on first use."""
+def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[float]) -> None:
+    """The reference step of one :func:`_host_key` group whose flags are set (``steps``: their counters,
+    read on the host), one call per bucket of :func:`.cpu_buckets.plan`."""
+    hp = pack(scalars, t.params[0].device)
+    terms, seeds = _step_terms(steps, t.seed_bases, hp)
+    quantized = t.exp_avg_absmaxes[0] is not None
+    run_bucket = _bucket_8bit if quantized else _bucket_32bit
+    for layout in plan(t.params, BLOCK_SIZE if quantized else 1):
+        run_bucket(layout, backend, t, hp, terms, seeds)
 
 
-def _reference_update(tensors: list[list], steps: list[float], seed_bases: list[int], hp: torch.Tensor) -> None:
-    """The reference step of tensors whose flags are set (lists ``params, grads, m, m_absmax, v,
-    v_absmax``; ``steps`` their step counters read on the host): per (quantized, param dtype, grad dtype)
-    group, one call per bucket of :func:`.cpu_buckets.plan`."""
-    params, grads, ms, m_absmaxes, vs, v_absmaxes = tensors
-    terms, seeds = _step_terms(steps, seed_bases, hp)
-    groups = bucket(len(params), lambda i: (m_absmaxes[i] is not None, params[i].dtype, grads[i].dtype))
-    for (quantized, *_), idx in groups.items():
-        group = [[seq[i] for i in idx] for seq in tensors]
-        run_bucket = _bucket_8bit if quantized else _bucket_32bit
-        mine = (terms, seeds) if len(idx) == len(params) else (terms[idx], seeds[idx])
-        backend = choose_bucket(sum(p.numel() for p in group[0]))  # one choice for the group's buckets
-        for layout in plan(group[0], BLOCK_SIZE if quantized else 1):
-            run_bucket(layout, backend, *group, hp, *mine)
-
-
-def _step_terms(steps: list[float], seed_bases: list[int], hp: torch.Tensor):
+def _step_terms(steps: list[float], seed_bases: Sequence[int], hp: torch.Tensor):
     """:func:`step_terms_reference` of every tensor (``(T, 2)``, ``(T,)``) from host step values, computed
     once per distinct step (its host loops are per step); the seeds of :func:`.rounding.seed_reference`
     (``(step * SEED_STEP + base) & SEED_MASK``) in Python ints."""
     unique = sorted(set(steps))
     device = hp.device
-    terms, _ = step_terms_reference(hp, torch.tensor(unique, dtype=torch.float32, device=device),
+    terms, _ = step_terms_reference(unpack(AdamWScalars, hp), torch.tensor(unique, dtype=torch.float32, device=device),
                                     torch.zeros(len(unique), dtype=torch.int64, device=device))
     if len(unique) == 1:
         terms = terms.expand(len(steps), 2)
@@ -465,35 +428,47 @@ def _step_terms(steps: list[float], seed_bases: list[int], hp: torch.Tensor):
     return terms, torch.tensor(seeds, dtype=torch.int64, device=device)
 
 
-def _bucket_8bit(layout, backend, params, grads, ms, m_absmaxes, vs, v_absmaxes, hp, terms, seeds) -> None:
-    p, m, v = layout.rows_of(params), layout.rows_of(ms), layout.rows_of(vs)
-    m_absmax, v_absmax = layout.scales_of(m_absmaxes), layout.scales_of(v_absmaxes)
-    step = _BUCKET_STEPS[True].on(backend)
-    step(p, layout.rows_of(grads), m, m_absmax, v, v_absmax, hp, layout.per_row(terms), layout.row_seeds(seeds))
-    layout.write_back(params, p)
-    layout.write_back(ms, m)
-    layout.write_back(vs, v)
-    layout.write_back_scales(m_absmaxes, m_absmax)
-    layout.write_back_scales(v_absmaxes, v_absmax)
+def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds):
+    """:func:`adamw8bit_step` over a bucket: ``(rows, BLOCK_SIZE)`` operands, absmax ``(rows, 1)``, ``hp``
+    (:func:`.dispatch.pack` of :class:`AdamWScalars`), per-row ``terms`` ``(rows, 2)`` and ``seeds``
+    ``(rows, 1)``; few inputs (each costs guard time per compiled call)."""
+    adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), terms[:, :1], terms[:, 1:],
+                   seeds)
 
 
-def _bucket_32bit(layout, backend, params, grads, ms, _, vs, __, hp, terms, seeds) -> None:
-    p, m, v = layout.rows_of(params), layout.rows_of(ms), layout.rows_of(vs)
-    step = _BUCKET_STEPS[False].on(backend)
-    step(p, layout.rows_of(grads), m, v, hp, layout.per_row(terms), layout.row_seeds(seeds), hp.new_ones(()))
-    for dst, src in ((params, p), (ms, m), (vs, v)):
+def _bucket_step_32bit(param, grad, m, v, hp, terms, seeds):
+    """:func:`adamw32_step` over a bucket of fp32-state tensors: ``(elements, 1)`` operands, one row per
+    element (``terms`` ``(elements, 2)``, ``seeds`` ``(elements, 1)``)."""
+    adamw32_step(param, grad, m, v, None, unpack(AdamWScalars, hp), terms[:, :1], terms[:, 1:], seeds)
+
+
+_BUCKET_STEPS = {True: HostStep(_bucket_step_8bit), False: HostStep(_bucket_step_32bit)}
+"""The bucket steps by ``quantized``, each compiled (once, ``dynamic=True``) on first use."""
+
+
+def _bucket_8bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds) -> None:
+    p, m, v = layout.rows_of(t.params), layout.rows_of(t.exp_avgs), layout.rows_of(t.exp_avg_sqs)
+    m_absmax, v_absmax = layout.scales_of(t.exp_avg_absmaxes), layout.scales_of(t.exp_avg_sq_absmaxes)
+    _BUCKET_STEPS[True].on(backend)(p, layout.rows_of(t.grads), m, m_absmax, v, v_absmax, hp, layout.per_row(terms),
+                                    layout.row_seeds(seeds))
+    layout.write_back(t.params, p)
+    layout.write_back(t.exp_avgs, m)
+    layout.write_back(t.exp_avg_sqs, v)
+    layout.write_back_scales(t.exp_avg_absmaxes, m_absmax)
+    layout.write_back_scales(t.exp_avg_sq_absmaxes, v_absmax)
+
+
+def _bucket_32bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds) -> None:
+    p, m, v = layout.rows_of(t.params), layout.rows_of(t.exp_avgs), layout.rows_of(t.exp_avg_sqs)
+    _BUCKET_STEPS[False].on(backend)(p, layout.rows_of(t.grads), m, v, hp, layout.per_row(terms),
+                                     layout.row_seeds(seeds))
+    for dst, src in ((t.params, p), (t.exp_avgs, m), (t.exp_avg_sqs, v)):
         layout.write_back(dst, src)
 
 
-def _launch(params, grads, ms, m_absmaxes, vs, v_absmaxes, steps, flags, seeds, quantized: bool, aligned: bool,
-            hyper: dict):
-    state_rows = [
-        [m.data_ptr() for m in ms],
-        [a.data_ptr() if quantized else 0 for a in m_absmaxes],
-        [v.data_ptr() for v in vs],
-        [a.data_ptr() if quantized else 0 for a in v_absmaxes],
-    ]
-    scalars = [float(hyper[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")]
-    scalars.append(-1.0 if hyper["maximize"] else 1.0)
-    launch_over(_adamw8bit_kernel, params, grads, state_rows, steps, flags, seeds, scalars, ROWS * BLOCK_SIZE,
-                QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)
+ADAMW_8BIT = Family("adamw_8bit", launch=_launch, host=_host, launch_key=_launch_key, host_key=_host_key,
+                    bucketed=True)
+"""The AdamW family: ``dispatch(ADAMW_8BIT, AdamWTensors(...), AdamWScalars.of(...))`` applies one step in
+place to every tensor (one Triton launch per :func:`_launch_key` group on CUDA; on the host one call per
+bucket of each :func:`_host_key` group, the same bits as one call per tensor). Never synchronizes with a
+CUDA device (on the CPU the flags are read on the host: a memory read)."""

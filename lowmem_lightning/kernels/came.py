@@ -37,6 +37,8 @@ File order: Triton kernels, PyTorch reference, launcher.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -44,7 +46,7 @@ import triton.language as tl
 
 from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, decode_signed
-from .dispatch import cpu_compiled, per_layout, scalar_args, update_backend
+from .dispatch import Family, HostStep, pack, per_layout, unpack
 from .factored import (
     INT_TYPES,
     ONE_WARP,
@@ -74,7 +76,7 @@ from .factored import (
 )
 from .rounding import index_seed, index_seed_reference, round_param_reference, store_param
 
-__all__ = ["came_reference", "came_update"]
+__all__ = ["CAMEScalars", "CAMETensors", "CAME", "came_reference"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,6 +209,59 @@ the richest variant for the other dtype pairs (the shared second-moment kernels 
 # --------------------------------------------------------------------------------------------------
 
 
+class CAMEScalars(NamedTuple):
+    """The hyperparameters of one CAME tensor update, packed (:func:`.dispatch.pack`) for the host step in
+    this order; each ``1 - beta`` computed in double (see :func:`.factored.ema`); ``sqrt_n`` and
+    ``tensor_index`` are per tensor (filled by the launcher)."""
+
+    lr: float
+    eps1: float
+    eps2: float
+    clip_threshold: float
+    beta1: float
+    beta2: float
+    beta3: float
+    one_minus_beta1: float
+    one_minus_beta2: float
+    one_minus_beta3: float
+    weight_decay: float
+    sqrt_n: float = 0.0
+    """Square root of the (global) element count."""
+    tensor_index: float = 0.0
+
+    @classmethod
+    def of(cls, lr: float, eps: tuple[float, float], clip_threshold: float, betas: tuple[float, float, float],
+           weight_decay: float) -> CAMEScalars:
+        """The scalars of a param group's values."""
+        b1, b2, b3 = (float(b) for b in betas)
+        return cls(float(lr), float(eps[0]), float(eps[1]), float(clip_threshold), b1, b2, b3, 1.0 - b1, 1.0 - b2,
+                   1.0 - b3, float(weight_decay))
+
+
+class CAMETensors(NamedTuple):
+    """The tensors of one CAME step, one entry per param (a :func:`.dispatch.dispatch` batch).
+
+    Factored (>= 2 dims; ``vcs[i]``, ``srs[i]``, ``scs[i]`` given): ``vs[i]``/``srs[i]`` have shape
+    ``param.shape[:-1]``, ``vcs[i]``/``scs[i]`` ``param.shape[:-2] + param.shape[-1:]``; else ``vs[i]`` is
+    the full second moment. ``ms[i]``: fp32 (param's shape) or flat int8 codes with ``absmaxes[i]``.
+    ``steps[i]`` (advanced; seeds stochastic rounding) and ``flags[i]``: 0-d fp32 on the param's device.
+    ``reduces[i]``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is given, else None.
+    """
+
+    params: Sequence[torch.Tensor]
+    grads: Sequence[torch.Tensor]
+    vs: Sequence[torch.Tensor]
+    vcs: Sequence[torch.Tensor | None]
+    srs: Sequence[torch.Tensor | None]
+    scs: Sequence[torch.Tensor | None]
+    ms: Sequence[torch.Tensor]
+    absmaxes: Sequence[torch.Tensor | None]
+    steps: Sequence[torch.Tensor]
+    flags: Sequence[torch.Tensor]
+    tensor_indices: Sequence[int]
+    reduces: Sequence[object | None]
+
+
 def came_reference(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -226,14 +281,13 @@ def came_reference(
     ``param``/``grad``: ``(B, R, C)`` when factored (``vc``, ``sr``, ``sc`` given: ``v``/``sr`` are row
     statistics ``(B, R)``, ``vc``/``sc`` column statistics ``(B, C)``), else flat ``(n,)`` with ``v``
     full. ``m``: fp32 (param's shape) or flat int8 codes with ``absmax``. ``step`` and ``flag`` 0-d
-    fp32. ``hp`` fp32 ``[lr, eps1, eps2, clip, beta1, beta2, beta3, 1 - beta1, 1 - beta2, 1 - beta3,
-    weight_decay, sqrt(numel), tensor_index]`` (each ``1 - beta`` computed in double, see
-    :func:`.factored.ema`). Where ``flag == 0`` every output equals its input. ``reduce``: None, or the
-    ``SumReduce`` of a sharded tensor whose local shard is given (sums completed across ranks).
+    fp32. ``hp``: :class:`CAMEScalars` packed (:func:`.dispatch.pack`). Where ``flag == 0`` every output
+    equals its input. ``reduce``: None, or the ``SumReduce`` of a sharded tensor whose local shard is
+    given (sums completed across ranks).
     """
+    s = unpack(CAMEScalars, hp)
     v, vc, u = came_direction_reference(grad, v, vc, flag, hp, reduce)
-    beta1, omb1 = hp[4], hp[7]
-    new_m, m, absmax = momentum_update_reference(m, absmax, u, beta1, omb1, flag != 0)
+    new_m, m, absmax = momentum_update_reference(m, absmax, u, s.beta1, s.one_minus_beta1, flag != 0)
     new_p, sr, sc = came_finish_reference(param, u, new_m, sr, sc, step, flag, hp, reduce)
     return new_p, v, vc, sr, sc, m, absmax
 
@@ -243,11 +297,11 @@ def came_direction_reference(
 ) -> tuple[torch.Tensor, ...]:
     """First part of :func:`came_reference`: the new second-moment statistics and the clipped update
     ``u`` (fp32, the grad's layout); returns ``(v, vc, u)``."""
-    lr, eps1, eps2, clip, beta1, beta2, beta3, omb1, omb2, omb3, weight_decay, sqrt_n, tensor_index = hp.unbind()
+    s = unpack(CAMEScalars, hp)
     ok = flag != 0
     g = grad.to(torch.float32)
-    v, vc, u = second_moment_reference(g, v, vc, eps1, beta2, omb2, ok, reduce)
-    return v, vc, u * (1.0 / clip_divisor_reference(u, sqrt_n, clip, reduce))
+    v, vc, u = second_moment_reference(g, v, vc, s.eps1, s.beta2, s.one_minus_beta2, ok, reduce)
+    return v, vc, u * (1.0 / clip_divisor_reference(u, s.sqrt_n, s.clip_threshold, reduce))
 
 
 def came_finish_reference(
@@ -256,23 +310,23 @@ def came_finish_reference(
 ) -> tuple[torch.Tensor, ...]:
     """Last part of :func:`came_reference`: instability statistics from ``u`` and the new momentum
     ``new_m`` (fp32), then the param update; returns ``(new_param, sr, sc)``."""
-    lr, eps1, eps2, clip, beta1, beta2, beta3, omb1, omb2, omb3, weight_decay, sqrt_n, tensor_index = hp.unbind()
+    s = unpack(CAMEScalars, hp)
     ok = flag != 0
     p = param.to(torch.float32)
     if sr is not None:
         diff = u - new_m
-        sr, sc = factored_stats_reference(diff * diff + eps2, sr, sc, beta3, omb3, ok, reduce)
+        sr, sc = factored_stats_reference(diff * diff + s.eps2, sr, sc, s.beta3, s.one_minus_beta3, ok, reduce)
         upd = factored_scale_reference(sr, sc, reduce) * new_m
     else:
         upd = new_m
-    new_p = p + p * (-(weight_decay * lr)) - upd * lr
-    seed = index_seed_reference(step, tensor_index)
+    new_p = p + p * (-(s.weight_decay * s.lr)) - upd * s.lr
+    seed = index_seed_reference(step, s.tensor_index)
     new_p = torch.where(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
     return new_p, sr, sc
 
 
 # --------------------------------------------------------------------------------------------------
-# Launcher
+# Launcher: the family's Triton launches and host step, registered with dispatch
 # --------------------------------------------------------------------------------------------------
 
 
@@ -289,7 +343,8 @@ def _came_direction_inplace(grad, v, vc, flag, hp) -> torch.Tensor:
 
 def _came_momentum_inplace(u, m, absmax, hp) -> torch.Tensor:
     """8-bit momentum EMA on (blocks, 256) views, the host having checked the finite flag (no masks)."""
-    new_m, codes, scales = momentum_update_reference(m, absmax, u, hp[4], hp[7], None)
+    s = unpack(CAMEScalars, hp)
+    new_m, codes, scales = momentum_update_reference(m, absmax, u, s.beta1, s.one_minus_beta1, None)
     m.copy_(codes)
     absmax.copy_(scales)
     return new_m
@@ -299,85 +354,54 @@ def _came_finish_inplace(param, u, new_m, sr, sc, step, flag, hp) -> None:
     write_back((param, sr, sc), came_finish_reference(param, u, new_m, sr, sc, step, flag, hp))
 
 
-# the CPU path: the reference above, compiled once per layout (factored (B, R, C) / flat), never per shape
+# the host step: the reference above, compiled once per layout (factored (B, R, C) / flat), never per shape
 _CAME_CPU = per_layout(_came_inplace)
-# 8-bit momentum on CPU: three graphs (direction, momentum codec on (blocks, 256) views, instability +
-# update), with u and the fp32 momentum materialized transiently; one graph mixing the codec's 2-D views
-# with the (B, R, C) layout compiled several times slower (see factored.as_blocks)
+# 8-bit momentum: three graphs (direction, momentum codec on (blocks, 256) views, instability + update),
+# with u and the fp32 momentum materialized transiently; one graph mixing the codec's 2-D views with
+# the (B, R, C) layout compiled several times slower (see factored.as_blocks)
 _DIRECTION_CPU = per_layout(_came_direction_inplace)
-_MOMENTUM_CPU = cpu_compiled(_came_momentum_inplace)
+_MOMENTUM_CPU = HostStep(_came_momentum_inplace)
 _FINISH_CPU = per_layout(_came_finish_inplace)
 
 
-def came_update(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    v: torch.Tensor,
-    vc: torch.Tensor | None,
-    sr: torch.Tensor | None,
-    sc: torch.Tensor | None,
-    m: torch.Tensor,
-    absmax: torch.Tensor | None,
-    step: torch.Tensor,
-    flag: torch.Tensor,
-    *,
-    lr: float,
-    eps: tuple[float, float],
-    clip_threshold: float,
-    betas: tuple[float, float, float],
-    weight_decay: float,
-    tensor_index: int,
-    reduce=None,
-    backend: str | None = None,
-) -> None:
-    """Apply one CAME step in place to ``param`` and its state. Never synchronizes.
-
-    Factored (>= 2 dims; ``vc``, ``sr``, ``sc`` given): ``v``/``sr`` have shape ``param.shape[:-1]``,
-    ``vc``/``sc`` ``param.shape[:-2] + param.shape[-1:]``. Else ``v`` is the full second moment.
-    ``m``: fp32 (param's shape) or flat int8 codes with ``absmax`` (fp32, one per 256 elements).
-    ``step`` (advanced by the optimizer; seeds stochastic rounding) and ``flag`` are 0-d fp32 on the
-    param's device. Triton on CUDA (seven launches factored, three 1-D), the ``torch.compile``'d
-    reference on CPU. ``reduce``: the ``SumReduce`` of a sharded (DTensor) param whose local shard is
-    given: the eager reference runs with sums completed across ranks (any device, also for an empty
-    shard, since every rank must join the collectives); the caller then passes ``backend="eager"``.
-    ``backend``: ``"triton"``, ``"compiled"`` or ``"eager"``; None lets :func:`.dispatch.choose` decide.
-    """
-    backend = update_backend(param, backend, reduce)
-    if backend is None:
-        return
-    work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
-    sr_ = sc_ = None
+def _views(t: CAMETensors) -> tuple:
+    """``(param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce)`` of the one tensor
+    of ``t``, in the kernel layout (:func:`.factored.state_views`; ``sr``/``sc`` as ``(B, R)``/``(B, C)``)."""
+    param, grad, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce = (field[0] for field in t)
+    work, g, v, vc, m = state_views(param, grad, v, vc, m)
     if vc is not None:
         B = work.shape[0]
-        sr_, sc_ = sr.view(B, -1), sc.view(B, -1)
-    if backend == "triton":
-        _launch(work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, lr, eps, clip_threshold, betas, weight_decay,
-                tensor_index)
+        sr, sc = sr.view(B, -1), sc.view(B, -1)
+    return param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce
+
+
+def _host(t: CAMETensors, scalars: CAMEScalars, backend: str, steps: None) -> None:
+    """The reference step of one tensor (``t`` holds one), eager or compiled as ``backend`` says; a
+    sharded one (``reduces[0]`` set) runs eagerly with its sums completed across ranks."""
+    param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce = _views(t)
+    numel = param.numel() if reduce is None else reduce.numel
+    hp = pack(scalars._replace(sqrt_n=math.sqrt(numel), tensor_index=float(tensor_index)), param.device)
+    factored = vc is not None
+    if reduce is not None:
+        _came_inplace(work, g, v, vc, sr, sc, m, absmax, step, flag, hp, reduce)
+    elif absmax is not None:
+        u = _DIRECTION_CPU[factored].on(backend)(g, v, vc, flag, hp)
+        if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
+            u_blocks, m_blocks = as_blocks(u, m)
+            new_m = _MOMENTUM_CPU.on(backend)(u_blocks, m_blocks, absmax, hp).view(u.shape)
+            _FINISH_CPU[factored].on(backend)(work, u, new_m, sr, sc, step, flag, hp)
     else:
-        numel = param.numel() if reduce is None else reduce.numel
-        hp = scalar_args(lr, eps[0], eps[1], clip_threshold, *betas, *(1.0 - b for b in betas), weight_decay,
-                         math.sqrt(numel), float(tensor_index), device=param.device)
-        args = (work, g, v_, vc_, sr_, sc_, m_, absmax, step, flag, hp)
-        if reduce is not None:
-            _came_inplace(*args, reduce)
-        elif absmax is not None:
-            factored = vc is not None
-            u = _DIRECTION_CPU[factored].on(backend)(g, v_, vc_, flag, hp)
-            if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
-                u_blocks, m_blocks = as_blocks(u, m_)
-                new_m = _MOMENTUM_CPU.on(backend)(u_blocks, m_blocks, absmax, hp).view(u.shape)
-                _FINISH_CPU[factored].on(backend)(work, u, new_m, sr_, sc_, step, flag, hp)
-        else:
-            _CAME_CPU[vc is not None].on(backend)(*args)
+        _CAME_CPU[factored].on(backend)(work, g, v, vc, sr, sc, m, absmax, step, flag, hp)
     copy_back(param, work)
 
 
-def _launch(work, g, v, vc, sr, sc, m, absmax, step, flag, lr, eps, clip_threshold, betas, weight_decay,
-            tensor_index) -> None:
-    beta1, beta2, beta3 = (float(b) for b in betas)
-    rf, cf, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, eps[0], beta2, 1.0 - beta2, False, False)
+def _launch(t: CAMETensors, s: CAMEScalars) -> None:
+    """The Triton passes of one tensor (``t`` holds one; seven launches factored, three 1-D)."""
+    param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, _ = _views(t)
+    rf, cf, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, s.eps1, s.beta2, s.one_minus_beta2, False,
+                                               False)
     n = work.numel()
-    scal = launch_scalars(usq_part, None, step, None, n, clip_threshold, lr, eps[1], False, False, False)
+    scal = launch_scalars(usq_part, None, step, None, n, s.clip_threshold, s.lr, s.eps2, False, False, False)
     quantized = absmax is not None
     R = C = 1
     srf = scf = None
@@ -388,14 +412,25 @@ def _launch(work, g, v, vc, sr, sc, m, absmax, step, flag, lr, eps, clip_thresho
         colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=work.device)
         rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=work.device)
         _res_stats_kernel[(B * n_rt,)](
-            g, m, flag if absmax is None else absmax, rf, cf, scal, sr, colpart, rsum_part, flag, R, C, n_rt,
-            beta1, 1.0 - beta1, beta3, 1.0 - beta3, float(eps[1]), QUANTIZED=quantized, BLOCK_R=block_r,
-            BLOCK_C=block_c, enable_fp_fusion=False,
+            g_ptr=g, m_ptr=m, absmax_ptr=flag if absmax is None else absmax, rf_ptr=rf, cf_ptr=cf, scal_ptr=scal,
+            sr_ptr=sr, colpart_ptr=colpart, rsum_part_ptr=rsum_part, flag_ptr=flag, R=R, C=C, n_rt=n_rt,
+            beta1=s.beta1, one_minus_beta1=s.one_minus_beta1, beta3=s.beta3, one_minus_beta3=s.one_minus_beta3,
+            eps2=s.eps2, QUANTIZED=quantized, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
-        srf, scf = launch_finalize(colpart, sc, sr, rsum_part, flag, step, beta3, 1.0 - beta3, False, n_rt)
+        srf, scf = launch_finalize(colpart, sc, sr, rsum_part, flag, step, s.beta3, s.one_minus_beta3, False, n_rt)
+    inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_args(R, C)
     _came_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-        work, g, m, flag if absmax is None else absmax, v if rf is None else rf, v if cf is None else cf,
-        v if srf is None else srf, v if scf is None else scf, scal, flag, step, n, C, *index_args(R, C),
-        beta1, 1.0 - beta1, float(weight_decay), float(lr), int(tensor_index),
+        p_ptr=work, g_ptr=g, m_ptr=m, absmax_ptr=flag if absmax is None else absmax, v_ptr=v if rf is None else rf,
+        cf_ptr=v if cf is None else cf, srf_ptr=v if srf is None else srf, scf_ptr=v if scf is None else scf,
+        scal_ptr=scal, flag_ptr=flag, step_ptr=step, n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo,
+        inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
+        weight_decay=s.weight_decay, lr=s.lr, tensor_index=int(tensor_index),
         FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP, enable_fp_fusion=False,
     )
+    copy_back(param, work)
+
+
+CAME = Family("came", launch=_launch, host=_host)
+"""The CAME family: ``dispatch(CAME, CAMETensors(...), CAMEScalars.of(...))`` applies one step in place to
+every param and its state, one tensor at a time (its statistics are per tensor). Never synchronizes
+with a CUDA device."""

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .aot import signature_of, with_aligned
-from .dispatch import use_triton
+from .dispatch import choose
 
 __all__ = [
     "BLOCK_SIZE",
@@ -404,7 +404,7 @@ def dequantize_reference(
 
 def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` into ``(codes, absmax)``; Triton on CUDA, the reference elsewhere."""
-    if not use_triton(x):
+    if choose(x.device, x.numel()) != "triton":
         return quantize_reference(x, signed)
     flat = x.detach().reshape(-1).to(torch.float32).contiguous()
     n = flat.numel()
@@ -419,7 +419,7 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """Flat fp32 values of ``(codes, absmax)``; Triton on CUDA, the reference elsewhere."""
-    if not use_triton(codes):
+    if choose(codes.device, codes.numel()) != "triton":
         return dequantize_reference(codes, absmax)
     flat = codes.reshape(-1).contiguous()
     n = flat.numel()

@@ -1,14 +1,31 @@
-"""The one place that decides where optimizer math runs: :func:`choose`.
+"""Where optimizer math runs, decided in one place: :func:`dispatch` and the :class:`Family` protocol.
 
-* CUDA tensors run the package's Triton kernels (``"triton"``).
-* Everything else runs the pure-PyTorch reference of the same math; on CPU the reference is wrapped
-  in ``torch.compile(dynamic=True)`` (``"compiled"``, see :func:`cpu_compiled`) so one compiled graph
-  serves every tensor size (no per-shape recompiles, the 12-minute torchao failure mode) and the many
-  elementwise ops fuse into one loop; small tensors (or compilation turned off) run it eagerly
-  (``"eager"``). AdamW8bit and SGD step their CPU tensors in buckets (``cpu_buckets``: many tensors
-  per call, big ones in place by chunks), each bucket compiled or eager as :func:`choose_bucket` says.
-* The caller may demand the eager reference (``eager=True``): the optimizer layer does so for
-  sharded (DTensor) params, whose sums are completed across ranks by the reference.
+An optimizer step is one call, ``dispatch(FAMILY, tensors, scalars)``. It partitions the tensors by
+backend: CUDA tensors (or all, with ``force_triton``) go to the family's Triton launches, one per
+``launch_key`` group; the others run the family's pure-PyTorch step on the host, ``"compiled"``
+(``torch.compile(dynamic=True)``, :class:`HostStep`) or ``"eager"`` as :func:`choose_host` says; a
+sharded tensor (its ``reduces`` entry set) always runs eagerly, since the reference completes its sums
+across ranks. Nothing else in the package decides a backend.
+
+How to add a kernel family (``kernels/lion8bit.py``, say):
+
+1. Scalars: a ``NamedTuple`` of floats in the order of the Triton kernel's scalar arguments, e.g.
+   ``LionScalars(lr, beta1, beta2, weight_decay, grad_sign)``. Launch with ``kernel[grid](...,
+   **scalars._asdict())`` (by name: a swap cannot go silent); the host step gets them as one fp32
+   tensor from :func:`pack` (an LR change never recompiles) and reads them by name with :func:`unpack`.
+2. Tensors: a ``NamedTuple`` of per-tensor sequences with at least ``params``, ``steps`` and ``flags``
+   (0-d fp32 on the param's device; flag 0 = leave the tensor untouched); ``reduces`` (per tensor, a
+   ``SumReduce`` or None) only if the family supports sharded params that need cross-rank sums.
+3. ``launch(tensors, scalars)``: one Triton launch (or launch sequence) over tensors that share a
+   device and a ``launch_key(tensors, i)`` (what changes the compiled kernel: dtypes, state form,
+   alignment); ``launch_key=None`` launches every tensor alone.
+4. ``host(tensors, scalars, backend, steps)``: the reference step on the host, ``backend``
+   ``"compiled"`` or ``"eager"`` (pass it to ``HostStep.on``). With ``bucketed=True`` dispatch groups
+   the host tensors by ``host_key``, reads their flags and step counters once per device (a memory read
+   on the CPU), leaves out the skipped ones and hands over ``steps`` (host floats); with
+   ``bucketed=False`` every tensor comes alone, flag and all, and ``steps`` is None.
+5. ``LION_8BIT = Family("lion_8bit", launch, host, launch_key=..., host_key=..., bucketed=True)``; the
+   optimizer calls ``dispatch(LION_8BIT, LionTensors(...), LionScalars(...))``.
 
 Settings (:class:`DispatchSettings`) are read once from the environment at import and changed only
 through :func:`configure` / :func:`override` (tests use the scoped :func:`override`):
@@ -16,14 +33,12 @@ through :func:`configure` / :func:`override` (tests use the scoped :func:`overri
 ``LOWMEM_FORCE_TRITON=1``
     Run Triton kernels on CPU tensors too. Only meaningful with ``TRITON_INTERPRET=1`` (tests).
 ``LOWMEM_CPU_COMPILE=auto|1|0`` (default ``auto``)
-    ``auto`` compiles the CPU step only for tensors of at least ``LOWMEM_CPU_COMPILE_MIN_NUMEL``
-    elements (default 2**20): compiling costs tens of seconds once per process, which a small model
-    (where the eager reference is already fast) never earns back; ``1`` compiles for every tensor,
-    ``0`` never compiles (faster start, slower steps on large tensors).
+    ``auto`` compiles host steps of at least ``LOWMEM_CPU_COMPILE_MIN_NUMEL`` elements (default 2**20):
+    compiling costs tens of seconds once per process, which a small model never earns back; ``1``
+    compiles every host step, ``0`` none.
 ``LOWMEM_CPU_COMPILE_AFTER_NUMEL`` (default 2**29)
-    The bucketed CPU steps (:func:`choose_bucket`: a step's tensors of one kind, in few calls) compile
-    under ``auto`` when the step covers ``compile_min_numel`` elements, or once this process has
-    stepped that many elements eagerly (ski rental: by then the eager path has cost about one compile).
+    Bucketed host steps also compile under ``auto`` once this process has stepped that many elements
+    eagerly (ski rental: by then the eager path has cost about one compile).
 """
 
 from __future__ import annotations
@@ -34,7 +49,8 @@ import functools
 import os
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,29 +59,27 @@ __all__ = [
     "settings",
     "configure",
     "override",
-    "update_backend",
-    "per_layout",
+    "Family",
+    "dispatch",
     "choose",
+    "choose_host",
     "choose_bucket",
+    "HostStep",
+    "per_layout",
+    "pack",
+    "unpack",
+    "subset",
     "triton_available",
-    "use_triton",
-    "cpu_compiled",
-    "cpu_compile_wanted",
-    "scalar_args",
     "triton_dtype",
 ]
 
 DEFAULT_COMPILE_MIN_NUMEL = 2**20
-"""Smallest tensor (elements) whose CPU step is compiled under ``cpu_compile="auto"``."""
+"""Smallest host step (elements) compiled under ``cpu_compile="auto"``."""
 
 DEFAULT_COMPILE_AFTER_NUMEL = 2**29
-"""Element-steps run eagerly by bucketed CPU steps after which ``"auto"`` compiles them anyway.
-
-Measured on one thread of a loaded 2-core machine (``benchmarks/cpu_sizes.py``, RESULTS.md, "CPU path
-by size"): the eager bucketed 8-bit AdamW step costs ~40-150 ns per element more than the compiled
-one, and compiling its two graphs 17 s (warm inductor cache) to 60 s (cold), so 2**29 (5.4e8) eager
-element-steps cost about one compile: compiling then spends at most about twice what the best choice
-in hindsight would have (the ski-rental bound), whatever the number of steps."""
+"""Element-steps run eagerly by bucketed host steps after which ``"auto"`` compiles them anyway: about
+the cost of one compile (measurements: ``benchmarks/RESULTS.md``, "CPU path by size"), so compiling
+then spends at most about twice what the best choice in hindsight would have (the ski-rental bound)."""
 
 BACKENDS = ("triton", "compiled", "eager")
 """What :func:`choose` returns."""
@@ -139,19 +153,29 @@ def triton_available() -> bool:
     return True
 
 
-def choose(device: torch.device, numel: int, *, eager: bool = False) -> str:
-    """``"triton"``, ``"compiled"`` or ``"eager"`` for the update of a tensor of ``numel`` elements on
-    ``device``. ``eager=True`` (the optimizer's choice, e.g. for a sharded param) forces the eager
-    reference; otherwise CUDA (or ``force_triton``) runs Triton, and a CPU tensor runs compiled when
-    ``cpu_compile`` is ``"always"``, or ``"auto"`` with ``numel >= compile_min_numel``."""
+# --------------------------------------------------------------------------------------------------
+# The rules
+# --------------------------------------------------------------------------------------------------
+
+
+def choose(device: torch.device | str, numel: int, *, eager: bool = False) -> str:
+    """``"triton"``, ``"compiled"`` or ``"eager"`` for one tensor of ``numel`` elements on ``device``:
+    ``eager=True`` (a sharded tensor) forces the reference; CUDA (or ``force_triton``) runs Triton; a
+    CPU tensor runs compiled as :func:`choose_host` says for ``numel`` elements alone."""
     if eager:
         return "eager"
     device = torch.device(device)
-    if triton_available() and (device.type == "cuda" or _settings.force_triton):
+    if _on_triton(device):
         return "triton"
-    if device.type == "cpu" and _compile_wanted(numel):
-        return "compiled"
-    return "eager"
+    return choose_host(device, numel)
+
+
+def choose_host(device: torch.device, numel: int) -> str:
+    """``"compiled"`` or ``"eager"`` for a host step of ``numel`` elements: compiled on the CPU when
+    ``cpu_compile`` is ``"always"``, or ``"auto"`` with ``numel >= compile_min_numel``."""
+    mode = _settings.cpu_compile
+    wanted = mode == "always" or (mode == "auto" and numel >= _settings.compile_min_numel)
+    return "compiled" if torch.device(device).type == "cpu" and wanted else "eager"
 
 
 _eager_bucket_numel = 0
@@ -159,16 +183,14 @@ _eager_bucket_numel = 0
 
 
 def choose_bucket(numel: int) -> str:
-    """``"compiled"`` or ``"eager"`` for the bucketed CPU step of ``numel`` elements: the tensors of one
-    kind in one optimizer step, run as a few calls of a reference step function over buckets of them
-    (``cpu_buckets``; see ``adamw8bit_update``, ``sgd_update``).
+    """``"compiled"`` or ``"eager"`` for the bucketed host step of ``numel`` elements (one ``host_key``
+    group of a :class:`Family` with ``bucketed=True``).
 
     ``"always"``/``"never"`` decide alone. ``"auto"`` compiles a step of at least ``compile_min_numel``
-    elements (the rule of :func:`choose` for one tensor), and every step once this process has run
-    ``compile_after_numel`` element-steps eagerly (each eager step adds its ``numel``): a small model
-    pays a compile only after its eager steps have cost about as much. The count depends only on the
-    elements stepped, never on time, and the bucketed steps compute the same bits compiled or eager
-    (``tests/test_cpu_path.py``), so when the switch happens changes no result.
+    elements, and every step once this process has run ``compile_after_numel`` element-steps eagerly
+    (each eager step adds its ``numel``). The count depends only on the elements stepped, and the
+    bucketed steps compute the same bits compiled or eager (``tests/test_cpu_path.py``), so when the
+    switch happens changes no result.
     """
     global _eager_bucket_numel
     mode = _settings.cpu_compile
@@ -180,96 +202,141 @@ def choose_bucket(numel: int) -> str:
     return "eager"
 
 
-def update_backend(param: torch.Tensor, backend: str | None, reduce=None) -> str | None:
-    """The backend of one in-place update of ``param``: ``backend``, or :func:`choose`'s pick when None;
-    None when there is nothing to do (an empty param; a sharded one still joins its ranks' collectives).
-    ``reduce``, the ``SumReduce`` of a sharded param, needs ``"eager"`` (the reference completes its sums
-    across ranks): any other backend raises ``ValueError``."""
-    if param.numel() == 0 and reduce is None:
-        return None
-    backend = backend or choose(param.device, param.numel())
-    if reduce is not None and backend != "eager":
-        raise ValueError(f"Invalid backend={backend!r} for a sharded tensor: expected 'eager' (the reference "
-                         "completes its sums across ranks).")
-    return backend
+def _on_triton(device: torch.device) -> bool:
+    return triton_available() and (device.type == "cuda" or _settings.force_triton)
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether the update of ``tensor`` runs a Triton kernel (``choose(...) == "triton"``)."""
-    return choose(tensor.device, tensor.numel()) == "triton"
+# --------------------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------------------
 
 
-def cpu_compile_wanted(tensor: torch.Tensor) -> bool:
-    """Whether the CPU step of ``tensor`` runs compiled (``choose(...) == "compiled"``)."""
-    return tensor.device.type == "cpu" and _compile_wanted(tensor.numel())
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one kernel family plugs into :func:`dispatch` (see the module docstring, steps 3-5).
+
+    ``launch(tensors, scalars)``: Triton over one group; ``host(tensors, scalars, backend, steps)``: the
+    reference on the host; ``launch_key`` / ``host_key`` ``(tensors, i) -> hashable``: what must be equal
+    for tensors to share a launch / a host call (None: every tensor alone); ``bucketed``: host tensors
+    come in groups with their flags and steps read on the host (else one tensor at a time, flag as a
+    tensor)."""
+
+    name: str
+    launch: Callable[[Any, Any], None]
+    host: Callable[[Any, Any, str, list[float] | None], None]
+    launch_key: Callable[[Any, int], Hashable] | None = None
+    host_key: Callable[[Any, int], Hashable] | None = None
+    bucketed: bool = False
 
 
-def _compile_wanted(numel: int | None) -> bool:
-    mode = _settings.cpu_compile
-    if mode != "auto":
-        return mode == "always"
-    return numel is not None and numel >= _settings.compile_min_numel
+def subset(tensors: NamedTuple, idx: list[int]) -> NamedTuple:
+    """The same kind of NamedTuple holding only the tensors ``idx`` of every per-tensor field."""
+    return type(tensors)(*([field[i] for i in idx] for field in tensors))
 
 
-def cpu_compiled(fn: Callable) -> Callable:
-    """Wrap a reference step function for the CPU path.
+def dispatch(family: Family, tensors: NamedTuple, scalars: Any) -> None:
+    """Run one step of ``family`` over ``tensors`` (its per-tensor NamedTuple) with ``scalars``.
 
-    ``wrapped.on(backend)`` is the compiled callable for ``"compiled"`` and ``fn`` itself otherwise
-    (the launchers pass :func:`choose`'s answer); calling the wrapper directly decides from the
-    settings. The wrapped function is compiled once with ``dynamic=True`` the first time it is called with
-    compilation wanted (the settings; under ``"auto"`` the size of its first tensor argument decides,
-    so a given tensor always takes the same path). If compiling or running *this* function fails (no
-    C++ toolchain, an inductor bug) it warns once and runs ``fn`` eagerly from then on; other
-    functions keep compiling. Hyperparameters must reach ``fn`` as tensors or Python scalars that
-    torch.compile treats as symbolic, or an LR schedule would trigger recompiles.
+    Empty tensors are left out, except sharded ones (``reduces[i]`` set: every rank joins the
+    collectives), which run the eager reference one at a time. The rest go to Triton (CUDA, or
+    ``force_triton``), grouped by device and ``launch_key``, or to the host step, grouped by device and
+    ``host_key`` (or alone), compiled or eager by :func:`choose_bucket` (bucketed) or :func:`choose_host`.
+    Never synchronizes with a CUDA device.
     """
-    compiled: dict[str, Callable | None] = {}
+    reduces = getattr(tensors, "reduces", None)
+    launches: dict[Hashable, list[int]] = {}
+    hosts: dict[Hashable, list[int]] = {}
+    for i, param in enumerate(tensors.params):
+        if reduces is not None and reduces[i] is not None:
+            family.host(subset(tensors, [i]), scalars, "eager", None)
+        elif param.numel() == 0:
+            continue
+        elif _on_triton(param.device):
+            key = i if family.launch_key is None else family.launch_key(tensors, i)
+            launches.setdefault((param.device, key), []).append(i)
+        else:
+            hosts.setdefault(param.device, []).append(i)
+    for idx in launches.values():
+        family.launch(subset(tensors, idx), scalars)
+    for idx in hosts.values():
+        if family.bucketed:
+            _host_buckets(family, tensors, scalars, idx)
+        else:
+            for i in idx:
+                one = subset(tensors, [i])
+                family.host(one, scalars, choose_host(one.params[0].device, one.params[0].numel()), None)
 
-    def run_compiled(*args, **kwargs):
-        if "fn" not in compiled:
-            compiled["fn"] = torch.compile(fn, dynamic=True)
-        cfn = compiled["fn"]
-        if cfn is None:
-            return fn(*args, **kwargs)
+
+def _host_buckets(family: Family, tensors: NamedTuple, scalars: Any, idx: list[int]) -> None:
+    """The host tensors ``idx`` of one device: flags and steps read once, skipped tensors left out, one
+    ``host`` call per ``host_key`` group with its compile choice."""
+    host = torch.stack([tensors.flags[i] for i in idx] + [tensors.steps[i] for i in idx]).tolist()
+    live = [(i, t) for i, ok, t in zip(idx, host[:len(idx)], host[len(idx):]) if ok]
+    groups: dict[Hashable, list[tuple[int, float]]] = {}
+    for i, t in live:
+        groups.setdefault(i if family.host_key is None else family.host_key(tensors, i), []).append((i, t))
+    for group in groups.values():
+        chosen = subset(tensors, [i for i, _ in group])
+        backend = choose_bucket(sum(p.numel() for p in chosen.params))
+        family.host(chosen, scalars, backend, [t for _, t in group])
+
+
+# --------------------------------------------------------------------------------------------------
+# Scalars and host steps
+# --------------------------------------------------------------------------------------------------
+
+
+def pack(scalars: NamedTuple, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Every field of ``scalars`` (numbers) in one fp32 tensor, in field order: the host steps take their
+    hyperparameters this way so that torch.compile never specializes on them (no recompile per LR)."""
+    return torch.tensor([float(v) for v in scalars], dtype=torch.float32, device=device)
+
+
+def unpack(cls: type, packed: torch.Tensor) -> NamedTuple:
+    """``cls`` (a NamedTuple of scalars) with 0-d fp32 tensors read from ``packed`` (:func:`pack`)."""
+    return cls(*packed.unbind(0))
+
+
+class HostStep:
+    """A reference step function for the host: ``step.on(backend)`` is ``fn`` for ``"eager"`` and its
+    ``torch.compile(dynamic=True)`` form for ``"compiled"`` (compiled once, on first use).
+
+    It never decides a backend itself: :func:`dispatch` does. If compiling or running *this* function
+    fails (no C++ toolchain, an inductor bug) it warns once and runs ``fn`` eagerly from then on; other
+    functions keep compiling. Hyperparameters must reach ``fn`` as tensors (:func:`pack`) or
+    torch.compile would recompile for every new value.
+    """
+
+    def __init__(self, fn: Callable):
+        self.eager = fn
+        self._compiled: Callable | None | bool = False  # False: not compiled yet; None: compiling failed
+        functools.update_wrapper(self, fn)
+
+    def on(self, backend: str) -> Callable:
+        """The callable for ``backend`` (``"compiled"`` or ``"eager"``)."""
+        return self._run_compiled if backend == "compiled" else self.eager
+
+    def _run_compiled(self, *args, **kwargs):
+        if self._compiled is False:
+            self._compiled = torch.compile(self.eager, dynamic=True)
+        if self._compiled is None:
+            return self.eager(*args, **kwargs)
         try:
-            return cfn(*args, **kwargs)
+            return self._compiled(*args, **kwargs)
         except Exception as err:  # pragma: no cover - depends on the local toolchain
             warnings.warn(
-                f"torch.compile of {fn.__qualname__} failed ({type(err).__name__}: {err}); "
+                f"torch.compile of {self.eager.__qualname__} failed ({type(err).__name__}: {err}); "
                 "running that function eagerly from now on (others still compile).",
                 stacklevel=2,
             )
-            compiled["fn"] = None
-            return fn(*args, **kwargs)
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if not _compile_wanted(None if first is None else first.numel()):
-            return fn(*args, **kwargs)
-        return run_compiled(*args, **kwargs)
-
-    run.eager = fn  # type: ignore[attr-defined]
-    run.on = lambda backend: run_compiled if backend == "compiled" else fn  # type: ignore[attr-defined]
-    return run
+            self._compiled = None
+            return self.eager(*args, **kwargs)
 
 
-def scalar_args(*values: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Pack runtime hyperparameters into one fp32 tensor (so compiled CPU code never specializes on them)."""
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-def triton_dtype(dtype: torch.dtype):
-    """The ``tl`` dtype of a float param/grad dtype (fp32, bf16, fp16) for a kernel's constexpr."""
-    import triton.language as tl
-
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
-def per_layout(fn: Callable) -> dict[bool, Callable]:
-    """:func:`cpu_compiled` entry points of ``fn`` for the factored (``True``, ``(B, R, C)``) and
-    the flat (``False``) layout: two copies of ``fn`` on their own code objects (the same code, renamed),
-    so each layout has its own ``torch.compile`` cache and neither recompiles for the other."""
+def per_layout(fn: Callable) -> dict[bool, HostStep]:
+    """:class:`HostStep` s of ``fn`` for the factored (``True``, ``(B, R, C)``) and the flat (``False``)
+    layout: two copies of ``fn`` on their own code objects (the same code, renamed), so each layout has
+    its own ``torch.compile`` cache and neither recompiles for the other."""
 
     def clone(tag: str) -> Callable:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
@@ -278,4 +345,11 @@ def per_layout(fn: Callable) -> dict[bool, Callable]:
         copy.__kwdefaults__ = fn.__kwdefaults__
         return copy
 
-    return {True: cpu_compiled(clone("factored")), False: cpu_compiled(clone("flat"))}
+    return {True: HostStep(clone("factored")), False: HostStep(clone("flat"))}
+
+
+def triton_dtype(dtype: torch.dtype):
+    """The ``tl`` dtype of a float param/grad dtype (fp32, bf16, fp16) for a kernel's constexpr."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -109,15 +110,17 @@ def write_back(params: Sequence[torch.Tensor], work: Sequence[torch.Tensor]) -> 
             param.copy_(w)
 
 
-def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, scalars, tile_elements: int,
+def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, scalars: NamedTuple, tile_elements: int,
                 **constexprs) -> None:
-    """One launch of a multi-tensor ``kernel`` over ``params`` (one bucket), in place.
+    """One launch of a multi-tensor ``kernel`` over ``params`` (one group), in place.
 
     The launch table's rows are: param and grad pointers, the kernel's ``state_rows`` (lists of
     ints, one per tensor: state pointers, 0 where absent), step and flag pointers, element counts,
     first tiles and ``per_tensor`` (an int per tensor: seed base or tensor index). The kernel is
-    called as ``kernel[(tiles,)](table, owner, T, *scalars, PARAM_DTYPE, GRAD_DTYPE, **constexprs)``.
-    Non-contiguous params are updated through contiguous copies (:func:`kernel_inputs`).
+    called as ``kernel[(tiles,)](table, owner, T, **scalars._asdict(), PARAM_DTYPE, GRAD_DTYPE,
+    **constexprs)``: the scalars by name, so a NamedTuple whose fields do not name the kernel's
+    arguments fails loudly. Non-contiguous params are updated through contiguous copies
+    (:func:`kernel_inputs`).
     """
     device = params[0].device
     work, grads = kernel_inputs(params, grads)
@@ -129,7 +132,7 @@ def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, sca
             [s.data_ptr() for s in steps], [f.data_ptr() for f in flags], numels, firsts,
             [int(x) for x in per_tensor]]
     kernel[(num_tiles,)](
-        launch_table(rows, device), owner, len(work), *scalars,
+        launch_table(rows, device), owner, len(work), **scalars._asdict(),
         PARAM_DTYPE=triton_dtype(work[0].dtype), GRAD_DTYPE=triton_dtype(grads[0].dtype),
         **constexprs, enable_fp_fusion=False,
     )

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .aot import signature_of, with_aligned
 from .codec import div_rn_fast
-from .dispatch import use_triton
+from .dispatch import choose
 
 __all__ = [
     "NF4Weight",
@@ -467,7 +467,7 @@ def _quantize_triton(x: torch.Tensor, block_size: int, double_quant: bool) -> NF
 def quantize_nf4(x: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize ``x`` (fp32 / bf16 / fp16, any shape) to NF4 on its own device.
 
-    Triton kernels on CUDA (``dispatch.use_triton``), the PyTorch reference elsewhere; both produce
+    Triton kernels on CUDA (:func:`.dispatch.choose`), the PyTorch reference elsewhere; both produce
     identical codes. ``block_size``: elements per scale, one of ``BLOCK_SIZES``. Returns an
     :class:`NF4Weight` of ~0.516 bytes per element (block 64, ``double_quant=True``).
     """
@@ -475,7 +475,7 @@ def quantize_nf4(x: torch.Tensor, block_size: int = 64, double_quant: bool = Tru
     _check_block_size(block_size)
     if not isinstance(double_quant, bool):
         raise TypeError(f"Invalid double_quant={double_quant!r}: expected True or False.")
-    if use_triton(x):
+    if choose(x.device, x.numel()) == "triton":
         return _quantize_triton(x, block_size, double_quant)
     return quantize_nf4_reference(x, block_size, double_quant)
 
@@ -489,7 +489,7 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
     dtype = dtype or w.dtype
     if dtype not in _DTYPES:
         raise TypeError(f"Invalid dtype={dtype}: expected one of float32, bfloat16, float16.")
-    if not use_triton(w.packed):
+    if choose(w.packed.device, w.packed.numel()) != "triton":
         return dequantize_nf4_reference(w, dtype)
     n = w.numel
     out = torch.empty(n, dtype=dtype, device=w.packed.device)

@@ -34,6 +34,7 @@ File order: Triton kernel, PyTorch reference, launcher.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -47,7 +48,7 @@ from .codec import (
     encode_signed_reference,
 )
 from .cpu_buckets import plan
-from .dispatch import choose_bucket, cpu_compiled, scalar_args, use_triton
+from .dispatch import Family, HostStep, pack, unpack
 from .multitensor import PARAM_GRAD_DTYPE_PAIRS, aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
 from .rounding import (
     SEED_INDEX,
@@ -60,7 +61,7 @@ from .rounding import (
     write_param_reference,
 )
 
-__all__ = ["ROWS", "sgd_reference", "sgd_update"]
+__all__ = ["ROWS", "SGDScalars", "SGDTensors", "SGD_FAMILY", "sgd_step", "sgd_reference"]
 
 ROWS = 4
 """Quantization blocks (of ``BLOCK_SIZE`` elements) handled by one Triton program."""
@@ -139,37 +140,70 @@ alignment (the general and the ``ALIGNED`` variant)."""
 # --------------------------------------------------------------------------------------------------
 
 
-def _select(cond, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a`` where ``cond`` else ``b``: a Python bool picks on the host, a bool tensor per element."""
-    if isinstance(cond, bool):
-        return a if cond else b
-    return torch.where(cond, a, b)
+class SGDScalars(NamedTuple):
+    """The hyperparameters of one SGD step, in the order of ``_sgd_kernel``'s scalar arguments (launched
+    by name; the host steps get them through :func:`.dispatch.pack`)."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    one_minus_dampening: float
+    nesterov: float
+    """1.0 for Nesterov momentum, else 0.0."""
+    grad_sign: float
+    """-1.0 when maximizing, else 1.0."""
+
+    @classmethod
+    def of(cls, lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool
+           ) -> SGDScalars:
+        """The scalars of a param group's values."""
+        return cls(float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening), float(bool(nesterov)),
+                   -1.0 if maximize else 1.0)
 
 
-def sgd_step(param, grad, buf, absmax, ok, first, lr, weight_decay, momentum, one_minus_dampening, nesterov,
-             grad_sign, seed) -> None:
+class SGDTensors(NamedTuple):
+    """The tensors of one SGD step, one entry per param (a :func:`.dispatch.dispatch` batch).
+
+    ``bufs[i]``: None without momentum; an fp32 tensor of ``params[i].numel()`` elements (any shape); or
+    flat int8 codes with ``absmaxes[i]`` (fp32, one per 256 elements) for 8-bit momentum. ``steps[i]``
+    and ``flags[i]``: 0-d fp32 on the param's device (``steps`` already count this step: 1 on the first
+    update; ``flags[i] == 0`` leaves tensor ``i`` untouched); ``tensor_indices[i]`` seeds its
+    stochastic rounding.
+    """
+
+    params: Sequence[torch.Tensor]
+    grads: Sequence[torch.Tensor]
+    bufs: Sequence[torch.Tensor | None]
+    absmaxes: Sequence[torch.Tensor | None]
+    steps: Sequence[torch.Tensor]
+    flags: Sequence[torch.Tensor]
+    tensor_indices: Sequence[int]
+
+
+def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed) -> None:
     """One SGD step in place: the specification of ``_sgd_kernel``, the CPU path and the test oracle.
 
     ``param``/``grad`` flat (no or fp32 momentum ``buf``, same layout) or ``(num_blocks, BLOCK_SIZE)``
     views with int8 codes ``buf`` and ``absmax`` ``(num_blocks, 1)`` (8-bit momentum). ``ok`` (0-d
-    bool, False leaves everything untouched) or None (checked on the host); ``first`` (the tensor's
-    first step: the momentum starts at ``d``) and ``nesterov``: bool tensors or Python bools. Scalars:
-    0-d fp32 tensors (eager, bit for bit with the kernel) or Python scalars (the compiled CPU step,
-    with ``ok=None``: a ``where(ok, new, old)`` on mutated inputs made inductor ~3x slower).
+    bool, False leaves everything untouched) or None (checked on the host: no ``where`` on mutated
+    state in a compiled graph); ``first``: bool tensor, the tensor's first step (the momentum starts at
+    ``d``); ``s``: the hyperparameters as 0-d fp32 tensors (:func:`.dispatch.unpack`), bit for bit with
+    the kernel compiled or eager; ``seed``: the stochastic-rounding seed (per tensor or per row).
     """
+    nesterov = s.nesterov != 0
     p = param.to(torch.float32)
-    d = grad.to(torch.float32) * grad_sign + weight_decay * p
+    d = grad.to(torch.float32) * s.grad_sign + s.weight_decay * p
     if buf is not None:
         old = buf if absmax is None else decode_signed_reference(buf, absmax)
-        new_buf = _select(first, d, momentum * old + one_minus_dampening * d)
-        d = _select(nesterov, d + momentum * new_buf, new_buf)
+        new_buf = torch.where(first, d, s.momentum * old + s.one_minus_dampening * d)
+        d = torch.where(nesterov, d + s.momentum * new_buf, new_buf)
         if absmax is None:
             buf.copy_(masked_reference(ok, new_buf, buf))
         else:
             scale = new_buf.abs().amax(dim=1, keepdim=True)
             buf.copy_(masked_reference(ok, encode_signed_reference(new_buf, scale), buf))
             absmax.copy_(masked_reference(ok, scale, absmax))
-    write_param_reference(param, p - lr * d, ok, seed)
+    write_param_reference(param, p - s.lr * d, ok, seed)
 
 
 def _on_views(step_fn, param, grad, buf, absmax, *args) -> None:
@@ -191,12 +225,6 @@ def _on_views(step_fn, param, grad, buf, absmax, *args) -> None:
     buf.view(-1).copy_(padded[2].view(-1)[:n])
 
 
-def _eager_args(step: torch.Tensor, flag: torch.Tensor, hp: torch.Tensor) -> tuple:
-    lr, weight_decay, momentum, one_minus_dampening, nesterov, grad_sign, tensor_index = hp.unbind()
-    return (flag != 0, step == 1, lr, weight_decay, momentum, one_minus_dampening, nesterov != 0, grad_sign,
-            index_seed_reference(step, tensor_index))
-
-
 def sgd_reference(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -204,137 +232,105 @@ def sgd_reference(
     absmax: torch.Tensor | None,
     step: torch.Tensor,
     flag: torch.Tensor,
-    hp: torch.Tensor,
+    scalars: SGDScalars,
+    tensor_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`sgd_step` on copies of flat tensors, returning ``(new_param, new_buf, new_absmax)``.
 
     ``param`` (n,) fp32/bf16/fp16; ``grad`` (n,) any float dtype; ``buf`` None (no momentum), fp32
     (n,) or int8 codes (n,) with ``absmax`` fp32 (ceil(n/256),); ``step`` and ``flag`` 0-d fp32;
-    ``hp`` fp32 ``[lr, weight_decay, momentum, 1 - dampening, nesterov (0/1), grad_sign (+-1),
-    tensor_index]``. ``new_param`` has the param's dtype (stochastically rounded); where
-    ``flag == 0`` every output equals its input.
+    ``tensor_index`` seeds the rounding. ``new_param`` has the param's dtype (stochastically rounded);
+    where ``flag == 0`` every output equals its input.
     """
     param = param.clone(memory_format=torch.contiguous_format)
     buf = None if buf is None else buf.clone(memory_format=torch.contiguous_format)
     absmax = None if absmax is None else absmax.clone()
-    _on_views(sgd_step, param, grad, buf, absmax, *_eager_args(step, flag, hp))
+    s = unpack(SGDScalars, pack(scalars, param.device))
+    _on_views(sgd_step, param, grad, buf, absmax, flag != 0, step == 1, s, index_seed_reference(step, tensor_index))
     return param, buf, absmax
 
 
 # --------------------------------------------------------------------------------------------------
-# Launcher
+# Launcher: the family's Triton launch and host step, registered with dispatch
 # --------------------------------------------------------------------------------------------------
 
+
+def _mode(t: SGDTensors, i: int) -> str:
+    """``"plain"`` (no momentum), ``"fp32"`` or ``"int8"`` momentum of tensor ``i``."""
+    return "plain" if t.bufs[i] is None else ("fp32" if t.absmaxes[i] is None else "int8")
+
+
+def _launch_key(t: SGDTensors, i: int) -> tuple:
+    """What changes the compiled kernel: momentum mode, aligned, param dtype, grad dtype."""
+    return (_mode(t, i), is_aligned(t.params[i], t.grads[i], t.bufs[i]), t.params[i].dtype, t.grads[i].dtype)
+
+
+def _launch(t: SGDTensors, scalars: SGDScalars) -> None:
+    """One launch of ``_sgd_kernel`` over a group of one :func:`_launch_key`."""
+    mode, aligned, *_ = _launch_key(t, 0)
+    state_rows = [[0 if b is None else b.data_ptr() for b in t.bufs],
+                  [0 if a is None else a.data_ptr() for a in t.absmaxes]]
+    launch_over(_sgd_kernel, t.params, t.grads, state_rows, t.steps, t.flags, t.tensor_indices, scalars,
+                ROWS * BLOCK_SIZE, MOMENTUM=mode != "plain", QUANTIZED=mode == "int8", ROWS=ROWS, BLOCK=BLOCK_SIZE,
+                ALIGNED=aligned)
+
+
+def _host_key(t: SGDTensors, i: int) -> tuple:
+    """Tensors stepped by the same host step function: momentum mode, param dtype, grad dtype."""
+    return (_mode(t, i), t.params[i].dtype, t.grads[i].dtype)
+
+
+def _host(t: SGDTensors, scalars: SGDScalars, backend: str, steps: list[float]) -> None:
+    """The reference step of one :func:`_host_key` group whose flags are set (``steps``: their counters,
+    read on the host), one call per bucket of :func:`.cpu_buckets.plan`."""
+    device = t.params[0].device
+    hp = pack(scalars, device)
+    firsts = torch.tensor([s == 1 for s in steps], device=device)
+    # index_seed_reference(step, index) = (step * SEED_STEP + index * SEED_INDEX) & SEED_MASK, host ints
+    seeds = torch.tensor([(int(s) * SEED_STEP + i * SEED_INDEX) & SEED_MASK for s, i in zip(steps, t.tensor_indices)],
+                         dtype=torch.int64, device=device)
+    mode = _mode(t, 0)
+    for layout in plan(t.params, BLOCK_SIZE):
+        _bucket(layout, backend, mode, t, hp, firsts, seeds)
+
+
 def _bucket_step_plain(param, grad, hp, first, seeds):
-    """:func:`sgd_step` without momentum over a bucket: ``(rows, BLOCK_SIZE)`` operands, ``hp`` (6,)
-    ``[lr, weight_decay, momentum, 1 - dampening, nesterov, grad_sign]``, per-row ``first`` (bool)
-    and ``seeds`` ``(rows, 1)``. Every scalar is an fp32 tensor, compiled or eager (the same bits)."""
-    sgd_step(param, grad, None, None, None, first, hp[0], hp[1], hp[2], hp[3], hp[4] != 0, hp[5], seeds)
+    """:func:`sgd_step` without momentum over a bucket: ``(rows, BLOCK_SIZE)`` operands, ``hp``
+    (:func:`.dispatch.pack` of :class:`SGDScalars`), per-row ``first`` (bool) and ``seeds`` ``(rows, 1)``."""
+    sgd_step(param, grad, None, None, None, first, unpack(SGDScalars, hp), seeds)
 
 
 def _bucket_step_fp32(param, grad, buf, hp, first, seeds):
     """:func:`_bucket_step_plain` with fp32 momentum ``buf`` ``(rows, BLOCK_SIZE)``."""
-    sgd_step(param, grad, buf, None, None, first, hp[0], hp[1], hp[2], hp[3], hp[4] != 0, hp[5], seeds)
+    sgd_step(param, grad, buf, None, None, first, unpack(SGDScalars, hp), seeds)
 
 
 def _bucket_step_int8(param, grad, buf, absmax, hp, first, seeds):
     """:func:`_bucket_step_plain` with 8-bit momentum: int8 codes ``buf`` and its ``absmax`` ``(rows, 1)``."""
-    sgd_step(param, grad, buf, absmax, None, first, hp[0], hp[1], hp[2], hp[3], hp[4] != 0, hp[5], seeds)
+    sgd_step(param, grad, buf, absmax, None, first, unpack(SGDScalars, hp), seeds)
 
 
-_BUCKET_STEPS = {mode: cpu_compiled(fn) for mode, fn in
+_BUCKET_STEPS = {mode: HostStep(fn) for mode, fn in
                  (("plain", _bucket_step_plain), ("fp32", _bucket_step_fp32), ("int8", _bucket_step_int8))}
 """The bucket steps by momentum mode, each its own code object (own compile cache), compiled on first use."""
 
 
-def _reference_update(params, grads, bufs, absmaxes, steps: list[float], tensor_indices, hp: torch.Tensor) -> None:
-    """The reference step of tensors whose flags are set: per (param dtype, grad dtype, momentum mode)
-    group, one call per bucket of :func:`.cpu_buckets.plan` (compiled or eager: ``choose_bucket``)."""
-    firsts = torch.tensor([t == 1 for t in steps], device=hp.device)
-    # index_seed_reference(step, index) = (step * SEED_STEP + index * SEED_INDEX) & SEED_MASK, host ints
-    seeds = torch.tensor([(int(t) * SEED_STEP + i * SEED_INDEX) & SEED_MASK for t, i in zip(steps, tensor_indices)],
-                         dtype=torch.int64, device=hp.device)
-    modes = ["plain" if b is None else ("fp32" if a is None else "int8") for b, a in zip(bufs, absmaxes)]
-    groups: dict[tuple, list[int]] = {}
-    for i, param in enumerate(params):
-        groups.setdefault((modes[i], param.dtype, grads[i].dtype), []).append(i)
-    for (mode, *_), idx in groups.items():
-        group = [[seq[i] for i in idx] for seq in (params, grads, bufs, absmaxes)]
-        mine = (firsts, seeds) if len(idx) == len(params) else (firsts[idx], seeds[idx])
-        backend = choose_bucket(sum(p.numel() for p in group[0]))  # one choice for the group's buckets
-        for layout in plan(group[0], BLOCK_SIZE):
-            _bucket(layout, backend, mode, *group, hp, *mine)
-
-
-def _bucket(layout, backend, mode, params, grads, bufs, absmaxes, hp, firsts, seeds) -> None:
-    p = layout.rows_of(params)  # zero padding: d = g + weight_decay * p enters the 8-bit block maxima
-    state = [] if mode == "plain" else [layout.rows_of(bufs)]
+def _bucket(layout, backend: str, mode: str, t: SGDTensors, hp, firsts, seeds) -> None:
+    p = layout.rows_of(t.params)  # zero padding: d = g + weight_decay * p enters the 8-bit block maxima
+    state = [] if mode == "plain" else [layout.rows_of(t.bufs)]
     if mode == "int8":
-        state.append(layout.scales_of(absmaxes))
-    step = _BUCKET_STEPS[mode].on(backend)
-    step(p, layout.rows_of(grads), *state, hp, layout.per_row(firsts).view(-1, 1), layout.row_seeds(seeds))
-    layout.write_back(params, p)
+        state.append(layout.scales_of(t.absmaxes))
+    _BUCKET_STEPS[mode].on(backend)(p, layout.rows_of(t.grads), *state, hp, layout.per_row(firsts).view(-1, 1),
+                                    layout.row_seeds(seeds))
+    layout.write_back(t.params, p)
     if mode != "plain":
-        layout.write_back(bufs, state[0])
+        layout.write_back(t.bufs, state[0])
     if mode == "int8":
-        layout.write_back_scales(absmaxes, state[1])
+        layout.write_back_scales(t.absmaxes, state[1])
 
 
-def sgd_update(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    bufs: Sequence[torch.Tensor | None],
-    absmaxes: Sequence[torch.Tensor | None],
-    steps: Sequence[torch.Tensor],
-    flags: Sequence[torch.Tensor],
-    tensor_indices: Sequence[int],
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-) -> None:
-    """Apply one SGD step in place to every ``params[i]`` (any shape) and its momentum state.
-
-    ``bufs[i]``: None when ``momentum == 0``; an fp32 tensor of ``params[i].numel()`` elements (any
-    shape); or flat int8 codes with ``absmaxes[i]`` (fp32, one per 256 elements) for 8-bit momentum.
-    ``steps[i]`` and ``flags[i]`` are 0-d fp32 tensors on the param's device (``steps`` already
-    count this step: 1 on the first update; ``flags[i] == 0`` leaves tensor ``i`` untouched);
-    ``tensor_indices[i]`` seeds its stochastic rounding. CUDA tensors run one Triton launch per
-    (param dtype, grad dtype, 8-bit or not) group; others run the reference once per bucket of a
-    (param dtype, grad dtype, momentum mode) group (:mod:`.cpu_buckets`), compiled or eager as
-    :func:`.dispatch.choose_bucket` says, the same bits as one call per tensor. Never synchronizes (on
-    the CPU the finite flags are read on the host: a memory read).
-    """
-    hyper = (float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening), float(bool(nesterov)),
-             -1.0 if maximize else 1.0)
-    buckets: dict[tuple, list[int]] = {}
-    on_reference: dict[torch.device, list[int]] = {}
-    for i, param in enumerate(params):
-        if use_triton(param):
-            key = (param.device, param.dtype, grads[i].dtype, bufs[i] is not None, absmaxes[i] is not None,
-                   is_aligned(param, grads[i], bufs[i]))
-            buckets.setdefault(key, []).append(i)
-        else:
-            on_reference.setdefault(param.device, []).append(i)
-    for device, idx in on_reference.items():
-        host = torch.stack([flags[i] for i in idx] + [steps[i] for i in idx]).tolist()  # one read, no device sync
-        live = [(i, t) for i, ok, t in zip(idx, host[:len(idx)], host[len(idx):]) if ok and params[i].numel()]
-        if live:
-            _reference_update(*([seq[i] for i, _ in live] for seq in (params, grads, bufs, absmaxes)),
-                              [t for _, t in live], [tensor_indices[i] for i, _ in live],
-                              scalar_args(*hyper, device=device))
-    for (_, _, _, has_momentum, quantized, aligned), idx in buckets.items():
-        _launch([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
-                [absmaxes[i] for i in idx], [steps[i] for i in idx], [flags[i] for i in idx],
-                [tensor_indices[i] for i in idx], hyper, has_momentum, quantized, aligned)
-
-
-def _launch(params, grads, bufs, absmaxes, steps, flags, tensor_indices, hyper, has_momentum, quantized,
-            aligned) -> None:
-    state_rows = [[0 if b is None else b.data_ptr() for b in bufs],
-                  [0 if a is None else a.data_ptr() for a in absmaxes]]
-    launch_over(_sgd_kernel, params, grads, state_rows, steps, flags, tensor_indices, hyper, ROWS * BLOCK_SIZE,
-                MOMENTUM=has_momentum, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)
+SGD_FAMILY = Family("sgd", launch=_launch, host=_host, launch_key=_launch_key, host_key=_host_key, bucketed=True)
+"""The SGD family: ``dispatch(SGD_FAMILY, SGDTensors(...), SGDScalars.of(...))`` applies one step in place
+to every tensor and its momentum (one Triton launch per :func:`_launch_key` group on CUDA; on the host
+one call per bucket of each :func:`_host_key` group, the same bits as one call per tensor). Never
+synchronizes with a CUDA device (on the CPU the flags are read on the host: a memory read)."""

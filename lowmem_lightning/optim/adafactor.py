@@ -8,8 +8,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ..kernels.adafactor import adafactor_update, quantized_momentum
+from ..kernels.adafactor import ADAFACTOR, AdafactorHyper, AdafactorTensors, quantized_momentum
 from ..kernels.codec import dequantize_reference, quantize_reference
+from ..kernels.dispatch import dispatch
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import (
     block_state_head,
@@ -184,32 +185,20 @@ class Adafactor(LowMemOptimizer):
         """One Adafactor update per tensor (the sharded form on the eager reference, completing sums across
         ranks); the first tensor on the step size's device also writes the group's step size."""
         elr = group["effective_lr_tensor"]
+        inputs = [factored_inputs(param, state) for (_, param), state in zip(items, states)]
+        tensors = AdafactorTensors(
+            *zip(*(inp[:6] for inp in inputs)),
+            [state["step"] for state in states],
+            list(flags),
+            [elr if i == 0 and elr.device == param.device else None for i, (_, param) in enumerate(items)],
+            [shard_tensor_index(index, param) for index, param in items],
+            [inp[6] for inp in inputs],
+        )
+        hyper = AdafactorHyper.of(group["lr"], group["eps"], group["clip_threshold"], group["decay_rate"],
+                                  group["beta1"], group["weight_decay"], group["relative_step"], group["warmup_init"],
+                                  group["scale_parameter"])
         with maximizing(items, group):
-            for i, ((tensor_index, param), state, flag) in enumerate(zip(items, states, flags)):
-                shard, grad, v, vc, m, absmax, reduce = factored_inputs(param, state)
-                adafactor_update(
-                    shard,
-                    grad,
-                    v,
-                    vc,
-                    m,
-                    absmax,
-                    state["step"],
-                    flag,
-                    elr if i == 0 and elr.device == param.device else None,
-                    lr=None if group["lr"] is None else float(group["lr"]),
-                    eps=tuple(float(e) for e in group["eps"]),
-                    clip_threshold=float(group["clip_threshold"]),
-                    decay_rate=float(group["decay_rate"]),
-                    beta1=group["beta1"],
-                    weight_decay=float(group["weight_decay"]),
-                    scale_parameter=group["scale_parameter"],
-                    relative_step=group["relative_step"],
-                    warmup_init=group["warmup_init"],
-                    tensor_index=shard_tensor_index(tensor_index, param),
-                    reduce=reduce,
-                    backend="eager" if reduce is not None else None,
-                )
+            dispatch(ADAFACTOR, tensors, hyper)
 
 
 def factored_inputs(param: torch.Tensor, state: dict) -> tuple:

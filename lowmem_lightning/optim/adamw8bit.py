@@ -10,8 +10,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ..kernels.adamw8bit import adamw8bit_update
+from ..kernels.adamw8bit import ADAMW_8BIT, AdamWScalars, AdamWTensors
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, quantize_blockwise
+from ..kernels.dispatch import dispatch
 from ..kernels.rounding import step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
@@ -153,18 +154,11 @@ class AdamW8bit(LowMemOptimizer):
             self._update(work, kept, self._hyper(group))
 
     @staticmethod
-    def _hyper(group: dict) -> dict:
+    def _hyper(group: dict) -> AdamWScalars:
         beta1, beta2 = group["betas"]
-        return dict(
-            lr=float(group["lr"]),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            maximize=bool(group["maximize"]),
-        )
+        return AdamWScalars.of(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["maximize"])
 
-    def _update(self, work: dict, flags: list, hyper: dict) -> None:
+    def _update(self, work: dict, flags: list, hyper: AdamWScalars) -> None:
         """Run the fused update (paged optimizers override to stage state around it).
 
         Block-wise state longer than the param (a DTensor shard's padded state) is cut to the param's blocks.
@@ -174,9 +168,9 @@ class AdamW8bit(LowMemOptimizer):
             [block_state_head(t, n, scales) for t, n in zip(work[key], numels)]
             for key, scales in (("m", False), ("m_absmax", True), ("v", False), ("v_absmax", True))
         )
-        adamw8bit_update(
-            work["params"], work["grads"], m, m_absmax, v, v_absmax, work["steps"], flags, work["seeds"], **hyper
-        )
+        tensors = AdamWTensors(work["params"], work["grads"], m, m_absmax, v, v_absmax, work["steps"], flags,
+                               work["seeds"])
+        dispatch(ADAMW_8BIT, tensors, hyper)
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, maximize) -> None:

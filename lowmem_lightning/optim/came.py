@@ -7,7 +7,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ..kernels.came import came_update
+from ..kernels.came import CAME as CAME_FAMILY
+from ..kernels.came import CAMEScalars, CAMETensors
+from ..kernels.dispatch import dispatch
 from .adafactor import (
     MOMENTUM_DTYPES,
     convert_momentum_state,
@@ -127,29 +129,17 @@ class CAME(LowMemOptimizer):
 
     def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
         """One CAME update per tensor (the sharded form on the eager reference, completing sums across ranks)."""
+        inputs = [factored_inputs(param, state) for (_, param), state in zip(items, states)]
+        shards, grads, vs, vcs, ms, absmaxes, reduces = (list(field) for field in zip(*inputs))
+        tensors = CAMETensors(
+            shards, grads, vs, vcs, [state.get("exp_avg_res_row") for state in states],
+            [state.get("exp_avg_res_col") for state in states], ms, absmaxes, [state["step"] for state in states],
+            list(flags), [shard_tensor_index(index, param) for index, param in items], reduces,
+        )
+        scalars = CAMEScalars.of(group["lr"], group["eps"], group["clip_threshold"], group["betas"],
+                                 group["weight_decay"])
         with maximizing(items, group):
-            for (tensor_index, param), state, flag in zip(items, states, flags):
-                shard, grad, v, vc, m, absmax, reduce = factored_inputs(param, state)
-                came_update(
-                    shard,
-                    grad,
-                    v,
-                    vc,
-                    state.get("exp_avg_res_row"),
-                    state.get("exp_avg_res_col"),
-                    m,
-                    absmax,
-                    state["step"],
-                    flag,
-                    lr=float(group["lr"]),
-                    eps=tuple(float(e) for e in group["eps"]),
-                    clip_threshold=float(group["clip_threshold"]),
-                    betas=tuple(float(b) for b in group["betas"]),
-                    weight_decay=float(group["weight_decay"]),
-                    tensor_index=shard_tensor_index(tensor_index, param),
-                    reduce=reduce,
-                    backend="eager" if reduce is not None else None,
-                )
+            dispatch(CAME_FAMILY, tensors, scalars)
 
 
 def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:

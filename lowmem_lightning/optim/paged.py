@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..kernels.adamw8bit import AdamWScalars
 from .adamw8bit import AdamW8bit
 from .base import StateSpec
 
@@ -262,7 +263,7 @@ class PagedAdamW8bit(AdamW8bit):
             stream.synchronize()
 
     # ------------------------------------------------------------------ update with paging
-    def _update(self, work: dict, flags: list, hyper: dict) -> None:
+    def _update(self, work: dict, flags: list, hyper: AdamWScalars) -> None:
         small = [i for i, absmax in enumerate(work["m_absmax"]) if absmax is None]
         paged = [i for i, absmax in enumerate(work["m_absmax"]) if absmax is not None]
         if small:
@@ -270,7 +271,7 @@ class PagedAdamW8bit(AdamW8bit):
         if paged:
             self._update_paged(work, flags, hyper, paged)
 
-    def _update_paged(self, work: dict, flags: list, hyper: dict, order: list[int]) -> None:
+    def _update_paged(self, work: dict, flags: list, hyper: AdamWScalars, order: list[int]) -> None:
         """Run :func:`plan_paging`'s plan for the quantized tensors ``order`` (indices into ``work``; one device)."""
         owners = work["owners"]  # the params keying self.state (DTensors for sharded params)
         position = {owners[i]: i for i in order}
@@ -290,7 +291,7 @@ class PagedAdamW8bit(AdamW8bit):
             else:
                 self._update_resident(work, flags, hyper, [position[p] for p in action.keys])
 
-    def _update_resident(self, work: dict, flags: list, hyper: dict, chosen: list[int]) -> None:
+    def _update_resident(self, work: dict, flags: list, hyper: AdamWScalars, chosen: list[int]) -> None:
         """One kernel call over the tensors ``chosen`` (indices into ``work``), their state in resident buffers."""
         residents = []
         for i in chosen:

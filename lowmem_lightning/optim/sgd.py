@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import torch
 
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, quantize_reference
-from ..kernels.sgd import sgd_update
+from ..kernels.dispatch import dispatch
+from ..kernels.sgd import SGD_FAMILY, SGDScalars, SGDTensors
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
 from .validation import check_choice, check_lr, check_non_negative
@@ -140,7 +141,7 @@ class SGD(LowMemOptimizer):
         """The fused update of one device's params (empty DTensor shards left out)."""
         live = [i for i, (_, param) in enumerate(items) if local(param).numel() > 0]
         shards = [local(items[i][1].data) for i in live]
-        sgd_update(
+        tensors = SGDTensors(
             shards,
             [local(items[i][1].grad) for i in live],
             [block_state_head(states[i].get("momentum_codes", states[i].get("momentum_buffer")), shard.numel(),
@@ -149,13 +150,10 @@ class SGD(LowMemOptimizer):
             [states[i]["step"] for i in live],
             [flags[i] for i in live],
             [shard_tensor_index(*items[i]) for i in live],
-            lr=float(group["lr"]),
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
         )
+        scalars = SGDScalars.of(group["lr"], group["weight_decay"], group["momentum"], group["dampening"],
+                                group["nesterov"], group["maximize"])
+        dispatch(SGD_FAMILY, tensors, scalars)
 
 
 def _has_momentum(state: dict) -> bool:
