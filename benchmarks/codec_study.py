@@ -283,6 +283,174 @@ def throughput_study(numel: int, compiled: bool = True) -> list[tuple[str, dict]
 
 
 # --------------------------------------------------------------------------------------------------
+# 4. Accuracy of 4-bit codes (issue 29: adamw_4bit), next to torchao's AdamW4bit and the 8-bit codes
+# --------------------------------------------------------------------------------------------------
+
+BLOCK4 = 128
+
+
+def noisy_quadratic(size: int):
+    """``(p0, grad_fn)`` of the noisy quadratic: ``g = h * (p - target) + 0.01 h * noise`` with ``h = r_i c_j``
+    (``r, c`` log-normal, sigma 0.5: rows and columns of different curvature), ``p0, target = randn * 0.1``."""
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(size, size, generator=gen) * 0.1
+    h = torch.exp(0.5 * torch.randn(size, 1, generator=gen)) * torch.exp(0.5 * torch.randn(1, size, generator=gen))
+    target = torch.randn(size, size, generator=gen) * 0.1
+    return p0, lambda p, noise: h * (p - target) + 0.01 * h * torch.randn(size, size, generator=noise)
+
+
+def pure_noise(size: int):
+    """``(p0, grad_fn)`` of the 8-bit study's problem: gradients ``randn * 0.01`` whatever the params."""
+    p0 = torch.randn(size, size, generator=torch.Generator().manual_seed(0)) * 0.1
+    return p0, lambda p, noise: torch.randn(size, size, generator=noise) * 0.01
+
+
+def _nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Each value of ``x`` replaced by the nearer of its two neighbouring ``levels`` (sorted; ties up)."""
+    idx = torch.bucketize(x, levels).clamp(1, len(levels) - 1)
+    lo, hi = levels[idx - 1], levels[idx]
+    return torch.where(x - lo >= (hi - lo) * 0.5, hi, lo)
+
+
+def _stochastic_level(gen: torch.Generator) -> Callable:
+    """Rounding to one of the two neighbouring levels with the probabilities that make it unbiased."""
+    def rounding(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        idx = torch.bucketize(x, levels).clamp(1, len(levels) - 1)
+        lo, hi = levels[idx - 1], levels[idx]
+        return torch.where(torch.rand(x.shape, generator=gen) * (hi - lo) < x - lo, hi, lo)
+    return rounding
+
+
+def _power4_nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Our v rounding: the nearer level of the fourth root, ``(clamp(round(16 x**(1/4)), 1, 16) / 16)**4``."""
+    return (torch.round(x.clamp(min=0) ** 0.25 * 16).clamp(1, 16) / 16) ** 4
+
+
+def _block_round_trip(x: torch.Tensor, levels: torch.Tensor, rounding: Callable, signed: bool) -> torch.Tensor:
+    """``x`` through block-wise (``BLOCK4`` elements, absmax) quantization onto normalized ``levels``."""
+    blocks = x.reshape(-1, BLOCK4)
+    scale = (blocks.abs() if signed else blocks).amax(1, keepdim=True).clamp(min=1e-30)
+    return (rounding(blocks / scale, levels) * scale).view_as(x)
+
+
+def _rank1_round_trip(v: torch.Tensor, levels: torch.Tensor, rounding: Callable) -> torch.Tensor:
+    """``v`` (2-D, >= 0) through rank-1 normalization (Li et al. 2023: scale ``min(row max, column max)``)."""
+    scale = torch.minimum(v.amax(1, keepdim=True), v.amax(0, keepdim=True)).clamp(min=1e-30)
+    return rounding(v / scale, levels) * scale
+
+
+def _dynamic_map4() -> torch.Tensor:
+    """The 16 values of the signed dynamic-exponent map with 3 exponent bits that torchao's AdamW4bit uses
+    for m (bitsandbytes' ``create_dynamic_map(True, 3, 4)`` without its zero padding; Dettmers 2016),
+    rebuilt here so the study needs no torchao."""
+    values = []
+    for i in range(3):  # exponent i: 2**i fractions (bin centres of linspace(0.1, 1)) at scale 10**(i - 2)
+        fractions = torch.linspace(0.1, 1, 2**i + 1)
+        values += (10.0 ** (i - 2) * (fractions[:-1] + fractions[1:]) / 2).tolist()
+    return torch.tensor(sorted(values + [-x for x in values] + [0.0, 1.0]), dtype=torch.float32)
+
+
+def codes4(seed: int = 7) -> tuple[dict, dict]:
+    """``(m codes, v codes)``: name -> round trip of a state tensor through one 4-bit code."""
+    sr = _stochastic_level(torch.Generator().manual_seed(seed))
+    de, linear_nz = _dynamic_map4(), torch.arange(1, 17, dtype=torch.float32) / 16
+    power2 = torch.tensor([(1 if k > 0 else -1) * (k / 7) ** 2 for k in range(-7, 8)])
+    power4_nz = (torch.arange(1, 17, dtype=torch.float32) / 16) ** 4
+    m_codes = {
+        "fp32": lambda m: m,
+        "dynamic exponent (torchao, paper)": lambda m: _block_round_trip(m, de, _nearest_level, True),
+        "power-2, nearest": lambda m: _block_round_trip(m, power2, _nearest_level, True),
+        "dynamic exponent, stochastic": lambda m: _block_round_trip(m, de, sr, True),
+        "power-2, stochastic (ours)": lambda m: _block_round_trip(m, power2, sr, True),
+    }
+    v_codes = {
+        "fp32": lambda v: v,
+        "linear without zero (torchao)": lambda v: _block_round_trip(v, linear_nz, _nearest_level, False),
+        "linear without zero, rank-1 (paper)": lambda v: _rank1_round_trip(v, linear_nz, _nearest_level),
+        "power-4 without zero, rank-1": lambda v: _rank1_round_trip(v, power4_nz, _power4_nearest),
+        "power-4 without zero (ours)": lambda v: _block_round_trip(v, power4_nz, _power4_nearest, False),
+    }
+    return m_codes, v_codes
+
+
+def run_simulated4(m_code: Callable, v_code: Callable, p0: torch.Tensor, grad_fn, steps: int,
+                   lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8) -> torch.Tensor:
+    """AdamW in fp32 with m and v re-quantized after every step (the update uses the fp32 values)."""
+    noise = torch.Generator().manual_seed(1)
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for t in range(1, steps + 1):
+        g = grad_fn(p, noise)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        p = p - lr / (1 - beta1**t) * m / ((v / (1 - beta2**t)).sqrt() + eps)
+        m, v = m_code(m), v_code(v)
+    return p
+
+
+def run_optimizer4(build: Callable, p0: torch.Tensor, grad_fn, steps: int) -> torch.Tensor:
+    """Final params of ``build([param])`` on ``grad_fn``'s gradients."""
+    noise = torch.Generator().manual_seed(1)
+    param = torch.nn.Parameter(p0.clone())
+    with _quiet():
+        optimizer = build([param])
+        for _ in range(steps):
+            param.grad = grad_fn(param.detach(), noise)
+            optimizer.step()
+    return param.detach().clone()
+
+
+def _peer_optimizers() -> list[tuple[str, Callable]]:
+    peers = []
+    try:
+        with _quiet():
+            import torchao.optim as ao
+        peers += [("torchao AdamW4bit", ao.AdamW4bit), ("torchao AdamW8bit", ao.AdamW8bit)]
+    except Exception:  # noqa: BLE001 - an optional peer (errors of its native extensions included)
+        pass
+    bnb = _bnb()
+    if bnb is not None:
+        peers.append(("bitsandbytes AdamW8bit", bnb.optim.AdamW8bit))
+    return peers
+
+
+CODE_PAIRS4 = [
+    ("dynamic exponent (torchao, paper)", "linear without zero (torchao)"),
+    ("dynamic exponent (torchao, paper)", "linear without zero, rank-1 (paper)"),
+    ("power-2, stochastic (ours)", "power-4 without zero, rank-1"),
+    ("power-2, stochastic (ours)", "power-4 without zero (ours)"),
+]
+"""(m code, v code) pairs simulated together: torchao's scheme, the paper's, ours with and without rank-1."""
+
+
+def accuracy4_study(size: int, steps: int) -> list[tuple[str, dict]]:
+    """``||p - p32|| / ||p32 - p0||`` against fp32 ``torch.optim.AdamW`` on the noisy quadratic and on pure
+    noise: peers' optimizers, each 4-bit code alone (the other moment fp32), code pairs, and the package."""
+    problems = {"noisy_quadratic": noisy_quadratic(size), "pure_noise": pure_noise(size)}
+    refs = {key: run_optimizer4(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0), *problem, steps)
+            for key, problem in problems.items()}
+
+    def row(name: str, final_of: Callable) -> tuple[str, dict]:
+        metrics = {}
+        for key, (p0, grad_fn) in problems.items():
+            metrics[key] = float((final_of(p0, grad_fn) - refs[key]).norm() / (refs[key] - p0).norm())
+        return name, metrics
+
+    rows = [row(name, lambda p0, fn, c=cls: run_optimizer4(lambda ps: c(ps, lr=1e-3, weight_decay=0.0), p0, fn,
+                                                             steps)) for name, cls in _peer_optimizers()]
+    m_codes, v_codes = codes4()
+    pairs = [(m, "fp32") for m in m_codes if m != "fp32"] + [("fp32", v) for v in v_codes if v != "fp32"] + CODE_PAIRS4
+    for m_name, v_name in pairs:
+        rows.append(row(f"simulated: m {m_name} / v {v_name}",
+                        lambda p0, fn, a=m_codes[m_name], b=v_codes[v_name]: run_simulated4(a, b, p0, fn, steps)))
+    from lowmem_lightning.optim import build_optimizer
+
+    for name in ("adamw_4bit", "adamw_8bit"):
+        rows.append(row(f"lowmem_lightning {name} (package)", lambda p0, fn, n=name: run_optimizer4(
+            lambda ps: build_optimizer(n, ps, lr=1e-3, weight_decay=0.0), p0, fn, steps)))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 
@@ -308,7 +476,7 @@ def main(argv=None) -> int:
     parser.add_argument("--state-numel", default="4M", help="elements of the heavy-tailed state")
     parser.add_argument("--throughput-numel", default="4M", help="elements quantized per throughput call")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile throughput row")
-    parser.add_argument("--only", default="accuracy,range,throughput", help="comma list of sections to run")
+    parser.add_argument("--only", default="accuracy,range,throughput,accuracy4", help="comma list of sections to run")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
     import triton
@@ -331,8 +499,10 @@ def main(argv=None) -> int:
         (f"### Throughput: quantize + dequantize of {args.throughput_numel} elements, CPU (eager PyTorch unless noted)",
          lambda: throughput_study(parse_numel(args.throughput_numel), compiled=not args.no_compile),
          {"signed_Melem_s": ".1f", "unsigned_Melem_s": ".1f"}),
+        (f"### 4-bit codes: {args.size}x{args.size} AdamW, {args.steps} steps, ||p - p_fp32|| / ||p_fp32 - p0||",
+         lambda: accuracy4_study(args.size, args.steps), {"noisy_quadratic": ".4f", "pure_noise": ".4f"}),
     ]
-    keys = ("accuracy", "range", "throughput")
+    keys = ("accuracy", "range", "throughput", "accuracy4")
     wanted = {k.strip() for k in args.only.split(",")}
     if not wanted <= set(keys):
         parser.error(f"--only: expected names from {', '.join(keys)}, got {args.only!r}")
