@@ -9,6 +9,7 @@ init, data order, LR schedule), over several seeds:
 ours                   reference
 =====================  ==========================================
 adamw_8bit             torch AdamW (fp32) and bitsandbytes AdamW8bit
+adamw_4bit             torch AdamW (fp32) and torchao AdamW4bit
 paged_adamw_8bit       adamw_8bit (must be identical)
 adafactor (+int8 mom)  transformers Adafactor
 came (+int8 mom)       came_pytorch CAME (official)
@@ -48,6 +49,8 @@ RUNS = [
     ("adamw", "torch_adamw", None, {}),
     ("adamw_8bit", "ours:adamw_8bit", "adamw", {}),
     ("bnb_adamw_8bit", "bnb_adamw_8bit", "adamw", {}),
+    ("adamw_4bit", "ours:adamw_4bit", "adamw", {"weight_decay": 0.0}),  # matched: the torch and torchao rows use 0
+    ("torchao_adamw_4bit", "torchao_adamw_4bit", "adamw", {}),
     ("paged_adamw_8bit", "ours:paged_adamw_8bit", "adamw_8bit", {}),
     ("hf_adafactor", "hf_adafactor", None, {}),
     ("adafactor", "ours:adafactor", "hf_adafactor", {}),
@@ -144,6 +147,10 @@ def build(builder: str, params, lr: float, kwargs: dict):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+    if builder == "torchao_adamw_4bit":
+        from torchao.optim import AdamW4bit
+
+        return AdamW4bit(params, lr=lr, weight_decay=0.0)
     if builder == "hf_adafactor":
         from transformers.optimization import Adafactor
 
