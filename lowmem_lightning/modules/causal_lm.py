@@ -315,6 +315,7 @@ class CausalLMModule(LowMemModule):
         self.save_hyperparameters()
         self.model: nn.Module | None = None
         self.val_loss = torchmetrics.MeanMetric()
+        self._saved = False  # the model of this fit was written (save_model runs once per fit)
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -396,7 +397,7 @@ class CausalLMModule(LowMemModule):
         """Write the adapter / merged model / full model (and an HF tokenizer) to ``save_dir``, once per
         fit, on global rank 0; returns the directory, or ``None`` when nothing was written."""
         save_dir = self.hparams.save_dir
-        if save_dir is None or getattr(self, "_saved", False) or self.model is None:
+        if save_dir is None or self._saved or self.model is None:
             return None
         self._saved = True
         if not self.trainer.is_global_zero:
