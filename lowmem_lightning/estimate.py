@@ -6,8 +6,10 @@ instantiated (meta) model:
 * **weights**: every parameter and buffer by dtype; 4-bit ``Linear4bit`` layers by the bytes of their
   packed codes and scales (reported as ``nf4``), their weight counted as ``in * out`` parameters;
 * **gradients**: one tensor of the parameter's dtype per trainable parameter; with gradient release
-  (``step_in_backward``: each tensor is updated and its gradient freed as soon as it is ready) only
-  the largest trainable tensor's gradient is alive at once;
+  (``step_in_backward``) the gradients ready in backward are gathered in buckets of
+  :data:`RELEASE_BUCKET_BYTES` (the callback's default ``bucket_bytes``) and updated and freed together
+  once a bucket is full, so the most gradient bytes alive at once is the fullest bucket
+  (:func:`released_gradient_bytes`: under ``bucket_bytes`` plus the tensor that closes it);
 * **optimizer state**: each registered optimizer is constructed over the trainable meta parameters
   (construction allocates no state) and asked for the exact ``(shape, dtype)`` of every state tensor
   it allocates for each parameter (its public ``state_layout``, the same description its
@@ -16,7 +18,9 @@ instantiated (meta) model:
   parameter, plus a 0-d fp32 ``step``). ``tests/test_estimate.py`` checks each figure against
   :func:`~lowmem_lightning.optim.state_memory` of the real optimizer after one step.
 
-Activations are not included (they depend on batch size, sequence length and checkpointing).
+Activations depend on batch size, sequence length and checkpointing: device totals exclude them, and
+:func:`activation_bytes` gives the peak of a Llama-style decoder's forward + backward from its config
+(the formula is in its docstring; ``tests/test_estimate.py`` checks it against torch's profiler on CPU).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ __all__ = [
     "count_model",
     "state_layout",
     "optimizer_state_bytes",
+    "released_gradient_bytes",
+    "activation_bytes",
+    "RELEASE_BUCKET_BYTES",
     "estimate_memory",
     "recommend",
     "format_table",
@@ -47,6 +54,11 @@ __all__ = [
 
 GB = 10**9
 MIB = 2**20
+
+RELEASE_BUCKET_BYTES = 25 * MIB
+"""Gradient bytes gathered before a released bucket is updated: the default ``bucket_bytes`` of
+``lowmem_lightning.callbacks.release.GradientRelease`` (a test keeps the two equal; not imported from
+there, since this module does not import Lightning)."""
 
 OPTIMIZER_VARIANTS: dict[str, tuple[str, dict]] = {
     "adamw": ("adamw", {"lr": 1e-3}),
@@ -77,7 +89,9 @@ class ModelCount:
     name (``bfloat16``, ...) or ``nf4`` (codes + scales of ``Linear4bit``) to bytes of frozen weights
     and buffers; ``trainable_bytes`` are the trainable weights themselves; ``gradient_bytes`` one
     gradient per trainable parameter in its dtype; ``largest_gradient_bytes`` the largest of those
-    gradients (all that is alive at once under gradient release).
+    gradients (all that is alive at once under per-tensor gradient release, ``bucket_bytes=0``);
+    ``trainable_nbytes`` every trainable tensor's bytes in parameter order (what
+    :func:`released_gradient_bytes` replays).
     """
 
     params: int
@@ -87,6 +101,7 @@ class ModelCount:
     trainable_bytes: int
     gradient_bytes: int
     largest_gradient_bytes: int = 0
+    trainable_nbytes: tuple[int, ...] = ()
 
     @property
     def frozen_bytes(self) -> int:
@@ -99,10 +114,11 @@ class OptimizerEstimate:
     """Optimizer-state bytes of one optimizer configuration over the trainable params.
 
     ``device_state_bytes`` stays on the training device; ``host_state_bytes`` lives in host memory
-    (paged optimizers keep their state there and page it in); ``total_device_bytes`` adds weights and
-    gradients to the device state (activations excluded; with gradient release only the largest
-    gradient); ``released_device_bytes`` is that total with gradient release whatever the run's
-    setting. ``fits`` is set when a budget is given.
+    (paged optimizers keep their state there and page it in); ``total_device_bytes`` adds weights,
+    gradients and the activations given to :func:`estimate_memory` (none by default) to the device
+    state (with gradient release, the fullest bucket of gradients: :func:`released_gradient_bytes`);
+    ``released_device_bytes`` is that total with gradient release whatever the run's setting. ``fits``
+    is set when a budget is given.
     """
 
     optimizer: str
@@ -128,11 +144,18 @@ class MemoryEstimate:
     recommendation: str | None = None
     notes: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
+    bucket_bytes: int = RELEASE_BUCKET_BYTES
+    activation_bytes: int = 0
+
+    @property
+    def released_gradient_bytes(self) -> int:
+        """Gradient bytes alive at once under gradient release (the fullest bucket of ``bucket_bytes``)."""
+        return released_gradient_bytes(self.model.trainable_nbytes, self.bucket_bytes)
 
     @property
     def gradient_device_bytes(self) -> int:
-        """Gradient bytes on the device: all of them, or only the largest with ``step_in_backward``."""
-        return self.model.largest_gradient_bytes if self.step_in_backward else self.model.gradient_bytes
+        """Gradient bytes on the device: all of them, or the fullest released bucket with ``step_in_backward``."""
+        return self.released_gradient_bytes if self.step_in_backward else self.model.gradient_bytes
 
     def as_dict(self) -> dict:
         """JSON-ready dict: ``params``, ``trainable_params``, ``optimizers.{name}.state_bytes``, ..."""
@@ -144,6 +167,9 @@ class MemoryEstimate:
             "step_in_backward": self.step_in_backward,
             "gradient_checkpointing": self.gradient_checkpointing,
             "gradient_device_bytes": self.gradient_device_bytes,
+            "released_gradient_bytes": self.released_gradient_bytes,
+            "bucket_bytes": self.bucket_bytes,
+            "activation_bytes": self.activation_bytes,
             "budget_bytes": self.budget_bytes,
             "recommendation": self.recommendation,
             "optimizers": {name: asdict(est) for name, est in self.optimizers.items()},
@@ -169,6 +195,7 @@ def count_model(model: nn.Module) -> ModelCount:
     seen: set[int] = set()
     params = adapter = trainable = trainable_bytes = grad_bytes = largest_grad = 0
     frozen: dict[str, int] = {}
+    order: list[int] = []
     for module in model.modules():
         if _is_linear4bit(module):
             params += module.in_features * module.out_features
@@ -188,6 +215,7 @@ def count_model(model: nn.Module) -> ModelCount:
             trainable_bytes += _nbytes(param)
             grad_bytes += _nbytes(param)
             largest_grad = max(largest_grad, _nbytes(param))
+            order.append(_nbytes(param))
         else:
             key = str(param.dtype).removeprefix("torch.")
             frozen[key] = frozen.get(key, 0) + _nbytes(param)
@@ -198,7 +226,84 @@ def count_model(model: nn.Module) -> ModelCount:
         key = str(buffer.dtype).removeprefix("torch.")
         frozen[key] = frozen.get(key, 0) + _nbytes(buffer)
     return ModelCount(params, adapter, trainable, dict(sorted(frozen.items())), trainable_bytes, grad_bytes,
-                      largest_grad)
+                      largest_grad, tuple(order))
+
+
+def released_gradient_bytes(tensor_bytes: Iterable[int], bucket_bytes: int = RELEASE_BUCKET_BYTES) -> int:
+    """The most gradient bytes alive at once under gradient release with ``bucket_bytes`` buckets.
+
+    Replays :class:`~lowmem_lightning.callbacks.release.GradientRelease`'s rule over the trainable
+    tensors' bytes (``tensor_bytes`` in parameter order; backward produces them roughly in reverse): a
+    ready gradient joins the bucket, and a bucket holding ``>= bucket_bytes`` is updated and freed. The
+    answer is the fullest bucket, the tensor that closed it included: at most ``bucket_bytes`` plus the
+    largest tensor, never more than all gradients; ``bucket_bytes=0`` gives the largest tensor.
+    """
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 0:
+        raise ValueError(f"Invalid bucket_bytes={bucket_bytes!r}: expected an int >= 0 (0: each tensor alone).")
+    bucket = peak = 0
+    for nbytes in reversed(list(tensor_bytes)):
+        bucket += nbytes
+        peak = max(peak, bucket)
+        if bucket >= bucket_bytes:
+            bucket = 0
+    return peak
+
+
+# ------------------------------------------------------------------------------------------ activations
+ACTIVATION_COEFFICIENTS: dict[int, dict[str, float]] = {
+    2: {"layer_h": 28.0, "layer_i": 12.0, "full_h": 24.0, "full_i": 8.0, "rest_h": 8.5},
+    4: {"layer_h": 41.0, "layer_i": 24.0, "full_h": 34.7, "full_i": 18.0, "rest_h": 22.0},
+}
+"""Bytes per token per unit of ``hidden_size`` (``_h``) or ``intermediate_size`` (``_i``) in
+:func:`activation_bytes`, by the weights' element size (2: bf16/fp16, 4: fp32). Fitted to torch's
+profiler on CPU (torch 2.13, transformers 5.25, HF Llama with SDPA attention), one term changed at a
+time; bf16 carries more per ``hidden_size`` than its element size suggests because RMSNorm computes
+in fp32."""
+
+LOSS_BYTES_PER_VOCAB = 12
+"""Bytes per token per vocabulary entry at the loss: the logits in the weights' dtype, their fp32 copy,
+fp32 log-softmax and its gradient (measured 12.0 in bf16 and fp32)."""
+
+
+def _config_value(config, key: str) -> int:
+    value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid config {key}={value!r}: expected an int >= 1 (a Llama-style decoder config).")
+    return value
+
+
+def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2,
+                     gradient_checkpointing: bool = True) -> int:
+    """Peak activation bytes of one forward + backward of a Llama-style decoder (HF ``LlamaForCausalLM``
+    and its kin, SDPA attention, so no ``seq_len**2`` term), gradients of the weights not included.
+
+    With ``n = batch_size * seq_len`` tokens, ``h``/``i``/``L``/``V`` the config's ``hidden_size``,
+    ``intermediate_size``, ``num_hidden_layers``, ``vocab_size``, ``d = dtype_bytes`` and the
+    coefficients of :data:`ACTIVATION_COEFFICIENTS` (``c``) and :data:`LOSS_BYTES_PER_VOCAB` (12):
+
+    * gradient checkpointing: ``n * ((L + 1) * d * h + max(c.layer_h * h + c.layer_i * i, 12 * V + 2 * d * h))``
+      -- each layer's input kept, plus the larger of one layer recomputed in backward and the loss;
+    * without: ``n * (L * (c.full_h * h + c.full_i * i) + 12 * V + c.rest_h * h)`` -- every layer's saved
+      tensors at once, then the loss.
+
+    Within 5% of torch's CPU profiler on the sizes it was fitted to (and checked at others in
+    ``tests/test_estimate.py``); the GPU kernels save the same tensors (``benchmarks/gpu_check.py``
+    ``full_ft_7b`` measures it). Not modelled: mixed precision (autocast) and 4-bit/LoRA models.
+    """
+    if dtype_bytes not in ACTIVATION_COEFFICIENTS:
+        raise ValueError(f"Invalid dtype_bytes={dtype_bytes!r}: expected 2 (bf16/fp16) or 4 (fp32).")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {name}={value!r}: expected an int >= 1.")
+    h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
+    layers, vocab = _config_value(config, "num_hidden_layers"), _config_value(config, "vocab_size")
+    c, d = ACTIVATION_COEFFICIENTS[dtype_bytes], dtype_bytes
+    loss = LOSS_BYTES_PER_VOCAB * vocab
+    if gradient_checkpointing:
+        per_token = (layers + 1) * d * h + max(c["layer_h"] * h + c["layer_i"] * i, loss + 2 * d * h)
+    else:
+        per_token = layers * (c["full_h"] * h + c["full_i"] * i) + loss + c["rest_h"] * h
+    return int(batch_size * seq_len * per_token)
 
 
 # ------------------------------------------------------------------------------------------ optimizers
@@ -266,6 +371,8 @@ def estimate_memory(
     variants: dict[str, tuple[str, dict]] | None = None,
     step_in_backward: bool = False,
     gradient_checkpointing: bool = False,
+    bucket_bytes: int = RELEASE_BUCKET_BYTES,
+    activations: int = 0,
 ) -> MemoryEstimate:
     """Estimate training memory of ``model`` (built on the meta device) for every optimizer.
 
@@ -276,9 +383,12 @@ def estimate_memory(
             when it is not one of the variants.
         variants: Rows to compute (default :data:`OPTIMIZER_VARIANTS` plus any other registered name).
         step_in_backward: the run releases gradients in backward (``LowMemOptimizerCallback(...,
-            step_in_backward=True)``): device totals count only the largest tensor's gradient.
+            step_in_backward=True)``): device totals count only the fullest bucket of released gradients.
         gradient_checkpointing: the model already checkpoints activations (the recommendation then
             does not propose it).
+        bucket_bytes: the release's ``bucket_bytes`` (default the callback's, 25 MiB; 0: per tensor).
+        activations: activation bytes to add to every device total (e.g. :func:`activation_bytes`); 0
+            leaves them out, as ``lowmem estimate`` does.
     """
     count = count_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -293,8 +403,11 @@ def estimate_memory(
         if configured_row is None:
             configured_row = "configured"
             rows[configured_row] = configured
-    weights = count.frozen_bytes + count.trainable_bytes
-    grads = count.largest_gradient_bytes if step_in_backward else count.gradient_bytes
+    if isinstance(activations, bool) or not isinstance(activations, int) or activations < 0:
+        raise ValueError(f"Invalid activations={activations!r}: expected bytes, an int >= 0.")
+    released = released_gradient_bytes(count.trainable_nbytes, bucket_bytes)
+    weights = count.frozen_bytes + count.trainable_bytes + activations
+    grads = released if step_in_backward else count.gradient_bytes
     result: dict[str, OptimizerEstimate] = {}
     notes = []
     for row, (name, kwargs) in rows.items():
@@ -306,9 +419,9 @@ def estimate_memory(
         state = device + host
         per_param = state / count.trainable_params if count.trainable_params else 0.0
         result[row] = OptimizerEstimate(name, dict(kwargs), state, device, host, per_param, weights + grads + device,
-                                        weights + count.largest_gradient_bytes + device)
+                                        weights + released + device)
     estimate = MemoryEstimate(count, result, configured_row, step_in_backward, budget_bytes, None, notes,
-                              gradient_checkpointing)
+                              gradient_checkpointing, bucket_bytes, activations)
     if budget_bytes is not None:
         for est in result.values():
             est.fits = est.total_device_bytes <= budget_bytes
@@ -323,7 +436,7 @@ def recommend(estimate: MemoryEstimate) -> str:
     """The design's decision rule over the rows that fit the budget: fp32 AdamW if it fits, else 8-bit
     AdamW, else CAME / Adafactor with momentum (fp32, then 8-bit momentum); when none of them fits
     with a gradient buffer, the same order with gradient release (``+ step_in_backward``: only the
-    largest tensor's gradient alive, what makes a full fine-tune fit); else paged 8-bit AdamW with
+    fullest bucket of gradients alive, what makes a full fine-tune fit); else paged 8-bit AdamW with
     gradient checkpointing; as a last resort Adafactor without momentum (the smallest state), each
     with its gradient buffer first, then released; otherwise say that weights + gradients alone
     exceed the budget. Nothing the run already does is advised: a run that releases gradients is judged
@@ -350,7 +463,8 @@ def recommend(estimate: MemoryEstimate) -> str:
                 return label
             if row in rows and rows[row].released_device_bytes <= budget:
                 return label + release
-    need = estimate.model.frozen_bytes + estimate.model.trainable_bytes + estimate.gradient_device_bytes
+    need = (estimate.model.frozen_bytes + estimate.model.trainable_bytes + estimate.gradient_device_bytes
+            + estimate.activation_bytes)
     return f"nothing fits: weights + gradients alone need {need / GB:.2f} GB; " + _reduce_weights_advice(estimate.model)
 
 
@@ -389,8 +503,9 @@ def format_table(estimate: MemoryEstimate) -> str:
         + ", ".join(f"{k}: {_gb(v)}" for k, v in m.frozen_bytes_by_dtype.items()) + ")",
         f"trainable weights      {_gb(m.trainable_bytes)}",
         f"gradients              {_gb(m.gradient_bytes)}"
-        + (f"  (step in backward: {_gb(m.largest_gradient_bytes)} on device, the largest tensor's)"
-           if estimate.step_in_backward else ""),
+        + (f"  (step in backward: {_gb(estimate.released_gradient_bytes)} on device, the fullest "
+           f"{_gb(estimate.bucket_bytes)} bucket)" if estimate.step_in_backward else ""),
+        *([f"activations            {_gb(estimate.activation_bytes)}"] if estimate.activation_bytes else []),
         "",
         f"{'optimizer':<22} {'state':>12} {'B/param':>8} {'on device':>12} {'device total':>13}"
         + ("  fits" if estimate.budget_bytes is not None else ""),
@@ -405,8 +520,9 @@ def format_table(estimate: MemoryEstimate) -> str:
     lines.append("")
     if estimate.configured_optimizer:
         lines.append("* the recipe's optimizer")
-    grads = "the largest gradient (step in backward)" if estimate.step_in_backward else "gradients"
-    lines.append(f"device total = frozen + trainable weights + {grads} + device state; activations excluded.")
+    grads = "the fullest bucket of gradients (step in backward)" if estimate.step_in_backward else "gradients"
+    acts = " + activations" if estimate.activation_bytes else "; activations excluded"
+    lines.append(f"device total = frozen + trainable weights + {grads} + device state{acts}.")
     if estimate.budget_bytes is not None:
         lines.append(f"budget {estimate.budget_bytes / GB:g} GB -> recommended: {estimate.recommendation}")
     lines.extend(estimate.notes)
