@@ -63,6 +63,7 @@ there, since this module does not import Lightning)."""
 OPTIMIZER_VARIANTS: dict[str, tuple[str, dict]] = {
     "adamw": ("adamw", {"lr": 1e-3}),
     "adamw_8bit": ("adamw_8bit", {"lr": 1e-3}),
+    "adamw_4bit": ("adamw_4bit", {"lr": 1e-3}),
     "paged_adamw_8bit": ("paged_adamw_8bit", {"lr": 1e-3}),
     "came": ("came", {"lr": 1e-4}),
     "came_int8": ("came", {"lr": 1e-4, "momentum_dtype": "int8"}),
@@ -429,12 +430,13 @@ def estimate_memory(
     return estimate
 
 
-_IN_MEMORY_ORDER = ("adamw", "adamw_8bit", "came", "came_int8", "adafactor_beta1_int8")
+_IN_MEMORY_ORDER = ("adamw", "adamw_8bit", "adamw_4bit", "came", "came_int8", "adafactor_beta1_int8")
 
 
 def recommend(estimate: MemoryEstimate) -> str:
     """The design's decision rule over the rows that fit the budget: fp32 AdamW if it fits, else 8-bit
-    AdamW, else CAME / Adafactor with momentum (fp32, then 8-bit momentum); when none of them fits
+    AdamW, else 4-bit AdamW (the same algorithm at ~1.06 bytes/param), else CAME / Adafactor with
+    momentum (fp32, then 8-bit momentum); when none of them fits
     with a gradient buffer, the same order with gradient release (``+ step_in_backward``: only the
     fullest bucket of gradients alive, what makes a full fine-tune fit); else paged 8-bit AdamW with
     gradient checkpointing; as a last resort Adafactor without momentum (the smallest state), each
