@@ -217,3 +217,26 @@ def test_invalid_hyperparameters_raise_naming_the_argument():
         AdamW4bit(_params(), lr=-1.0)
     with pytest.raises(ValueError, match="beta"):
         AdamW4bit(_params(), betas=(0.9, 1.5))
+
+
+def test_estimate_row_matches_the_optimizer_and_the_decision_rule_takes_it_after_8bit():
+    from torch import nn
+
+    from lowmem_lightning.estimate import estimate_memory
+
+    model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(12)])
+    free = estimate_memory(model, bucket_bytes=0)
+    rows = {name: row.total_device_bytes for name, row in free.optimizers.items()}
+    released = {name: row.released_device_bytes for name, row in free.optimizers.items()}
+    real = [torch.nn.Parameter(torch.randn(p.shape)) for p in model.parameters()]
+    opt = _run(real, 1)
+    assert free.optimizers["adamw_4bit"].device_state_bytes == state_memory(opt).total_bytes
+    assert rows["adamw_8bit"] > rows["adamw_4bit"]
+
+    def pick(budget):
+        return estimate_memory(model, budget_bytes=budget, bucket_bytes=0).recommendation
+
+    assert pick(rows["adamw_8bit"]) == "adamw_8bit"
+    assert pick(rows["adamw_8bit"] - 1) == "adamw_4bit"  # AdamW itself at ~1.06 B/param
+    assert pick(rows["adamw_4bit"] - 1) == "adamw_8bit + step_in_backward"
+    assert pick(released["adamw_8bit"] - 1) == "adamw_4bit + step_in_backward"
