@@ -91,3 +91,24 @@ def assert_states_match(sa: dict, sb: dict) -> None:
         else:
             err = ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
             assert err <= 5e-6, f"{key}: difference {err:.1e} of the largest value"
+
+
+def assert_maximize_equals_negated_gradient(factory, shapes=((40, 65), (4097,)), steps: int = 2) -> None:
+    """``factory(params, maximize=True)`` stores exactly the bits of ``factory(params)`` fed the negated
+    gradients (params and every state tensor), and gives the gradients back untouched."""
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    up = [torch.nn.Parameter(p.clone()) for p in start]
+    down = [torch.nn.Parameter(p.clone()) for p in start]
+    opt_up, opt_down = factory(up, maximize=True), factory(down)
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, q, g in zip(up, down, grads):
+            p.grad, q.grad = g.clone(), -g
+        opt_up.step()
+        opt_down.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(up, grads)), "a gradient was changed"
+    for p, q, p0 in zip(up, down, start):
+        assert torch.equal(p, q) and not torch.equal(p, p0)
+        for key, value in opt_down.state[q].items():
+            assert torch.equal(opt_up.state[p][key], value), f"state {key!r} differs"

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from optim_helpers import (
+    assert_maximize_equals_negated_gradient,
     assert_non_finite_gradient_skips_that_tensor,
     assert_rel_close,
     assert_state_dict_round_trip_is_bit_exact,
@@ -208,3 +209,13 @@ def test_compiled_cpu_path_matches_official(cpu_compile):
     compiled, _ = run_optimizer(lambda ps: CAME(ps, lr=1e-2), params0, grads)
     ref, _ = run_optimizer(lambda ps: came_pytorch.CAME(ps, lr=1e-2), params0, grads)
     assert_rel_close(compiled, ref, 1e-5)
+
+
+@pytest.mark.parametrize("momentum_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
+def test_maximize_is_the_kernels_gradient_sign(force_triton, triton_path, momentum_dtype):
+    # the sign is folded into a per-tensor scalar of the kernels (as AdamW's and SGD's grad_sign): the
+    # same bits as minimizing the negated gradient, factored and flat, and the gradients stay untouched
+    dispatch.configure(force_triton=triton_path)
+    assert_maximize_equals_negated_gradient(lambda ps, **extra: CAME(
+        ps, lr=1e-2, momentum_dtype=momentum_dtype, **extra))

@@ -102,6 +102,7 @@ def adafactor_update_kernel(
     beta1,
     one_minus_beta1,
     weight_decay,
+    grad_sign,
     tensor_index,
     FACTORED: tl.constexpr,
     MOMENTUM: tl.constexpr,
@@ -109,7 +110,8 @@ def adafactor_update_kernel(
 ):
     """The update (pass 5): one codec block of ``BLOCK`` (= 256) elements per program. ``u`` from the
     statistics (factored: ``v_ptr``/``cf_ptr`` hold the row/column factors ``rf``/``cf``; flat: ``v``),
-    ``u = u * (lr_t / d)`` (``scal = [lr_t, d, 1 / d, lr_t / d]``: no division per element), momentum
+    ``u = u * ((lr_t / d) * grad_sign)`` (``scal = [lr_t, d, 1 / d, lr_t / d]``: no division per element;
+    the sign of a maximized gradient folded into that scalar, bit for bit ``-g``), momentum
     (``MOMENTUM``: 0 none, 1 fp32, 2 int8 codes), weight decay, the param stored with stochastic
     rounding. Exactness: the only per-element root/division left is the flat path's ``inv_sqrt``
     (correctly rounded, branch-free, see :func:`.factored.inv_sqrt`), so the compiled kernel, the
@@ -117,7 +119,7 @@ def adafactor_update_kernel(
     pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
                                                  inv_r_hi, inv_r_lo, FACTORED, BLOCK)
     lr_t = tl.load(scal_ptr)
-    u = u * tl.load(scal_ptr + 3)
+    u = u * (tl.load(scal_ptr + 3) * grad_sign)
     if MOMENTUM != 0:
         u = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, MOMENTUM == 2)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -155,6 +157,8 @@ class AdafactorScalars(NamedTuple):
     """0.0 without momentum."""
     one_minus_beta1: float
     weight_decay: float
+    grad_sign: float
+    """-1.0 when maximizing, else 1.0."""
     sqrt_n: float = 0.0
     """Square root of the (global) element count."""
     tensor_index: float = 0.0
@@ -177,11 +181,12 @@ class AdafactorHyper(NamedTuple):
     @classmethod
     def of(cls, lr: float | None, eps: tuple[float, float], clip_threshold: float, decay_rate: float,
            beta1: float | None, weight_decay: float, relative_step: bool, warmup_init: bool,
-           scale_parameter: bool) -> AdafactorHyper:
+           scale_parameter: bool, maximize: bool = False) -> AdafactorHyper:
         """The hyperparameters of a param group's values (``lr`` None and ``beta1`` None become 0.0)."""
         b1 = 0.0 if beta1 is None else float(beta1)
         scalars = AdafactorScalars(0.0 if lr is None else float(lr), float(eps[0]), float(eps[1]),
-                                   float(clip_threshold), float(decay_rate), b1, 1.0 - b1, float(weight_decay))
+                                   float(clip_threshold), float(decay_rate), b1, 1.0 - b1, float(weight_decay),
+                                   -1.0 if maximize else 1.0)
         return cls(scalars, AdafactorModes(bool(relative_step), bool(warmup_init), bool(scale_parameter)))
 
 
@@ -259,8 +264,9 @@ def adafactor_direction_reference(
     reduce=None,
 ) -> tuple[torch.Tensor, ...]:
     """First half of :func:`adafactor_reference`: returns ``(v, vc, u, lr_t)``, the new statistics, the
-    clipped and scaled update ``u = u * (lr_t / d)`` (fp32, the param's layout; one rounded quotient of
-    two scalars, which the kernels multiply by) and the step size."""
+    clipped and scaled update ``u = u * ((lr_t / d) * grad_sign)`` (fp32, the param's layout; one rounded
+    quotient of two scalars, which the kernels multiply by; a maximized gradient's sign folded into it,
+    the same bits as negating ``g``) and the step size."""
     s = unpack(AdafactorScalars, hp)
     ok = flag != 0
     g = grad.to(torch.float32)
@@ -272,7 +278,7 @@ def adafactor_direction_reference(
     if modes.scale_parameter:
         p = param.to(torch.float32)
         lr_t = torch.maximum(s.eps2, torch.sqrt(total_square_sum_reference(p, reduce)) / s.sqrt_n) * lr_t
-    return v, vc, u * (lr_t / d), lr_t
+    return v, vc, u * ((lr_t / d) * s.grad_sign), lr_t
 
 
 def adafactor_apply_reference(
@@ -362,7 +368,8 @@ def _launch(t: AdafactorTensors, hyper: AdafactorHyper) -> None:
         p_ptr=work, g_ptr=g, m_ptr=flag if m is None else m, absmax_ptr=flag if absmax is None else absmax,
         v_ptr=v if rf is None else rf, cf_ptr=v if cf is None else cf, scal_ptr=scal, flag_ptr=flag, step_ptr=step,
         n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo, inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1,
-        one_minus_beta1=s.one_minus_beta1, weight_decay=s.weight_decay, tensor_index=int(tensor_index),
+        one_minus_beta1=s.one_minus_beta1, weight_decay=s.weight_decay, grad_sign=s.grad_sign,
+        tensor_index=int(tensor_index),
         FACTORED=vc is not None, MOMENTUM=0 if m is None else (2 if absmax is not None else 1), BLOCK=BLOCK_SIZE,
         num_warps=ONE_WARP, enable_fp_fusion=False,
     )

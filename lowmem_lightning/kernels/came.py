@@ -104,6 +104,7 @@ def _res_stats_kernel(
     beta3,
     one_minus_beta3,
     eps2,
+    grad_sign,
     QUANTIZED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -116,7 +117,7 @@ def _res_stats_kernel(
     ``m`` before quantization, which only this pass and the update have in registers)."""
     pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
     rf = tl.load(rf_ptr + grow, mask=rmask, other=0.0)
-    inv_d = tl.load(scal_ptr + 2)
+    inv_d = tl.load(scal_ptr + 2) * grad_sign  # a maximized gradient's sign: bit for bit -g
     finite = tl.load(flag_ptr) != 0.0
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -162,6 +163,7 @@ def _came_update_kernel(
     one_minus_beta1,
     weight_decay,
     lr,
+    grad_sign,
     tensor_index,
     FACTORED: tl.constexpr,
     QUANTIZED: tl.constexpr,
@@ -177,7 +179,7 @@ def _came_update_kernel(
     else:
         pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
                                                      inv_r_hi, inv_r_lo, FACTORED, BLOCK)
-        u = u * tl.load(scal_ptr + 2)
+        u = u * (tl.load(scal_ptr + 2) * grad_sign)
         m = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, QUANTIZED)
     if FACTORED:
         upd = factored_u(m, offs, mask, srf_ptr, scf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
@@ -225,17 +227,19 @@ class CAMEScalars(NamedTuple):
     one_minus_beta2: float
     one_minus_beta3: float
     weight_decay: float
+    grad_sign: float
+    """-1.0 when maximizing, else 1.0."""
     sqrt_n: float = 0.0
     """Square root of the (global) element count."""
     tensor_index: float = 0.0
 
     @classmethod
     def of(cls, lr: float, eps: tuple[float, float], clip_threshold: float, betas: tuple[float, float, float],
-           weight_decay: float) -> CAMEScalars:
+           weight_decay: float, maximize: bool = False) -> CAMEScalars:
         """The scalars of a param group's values."""
         b1, b2, b3 = (float(b) for b in betas)
         return cls(float(lr), float(eps[0]), float(eps[1]), float(clip_threshold), b1, b2, b3, 1.0 - b1, 1.0 - b2,
-                   1.0 - b3, float(weight_decay))
+                   1.0 - b3, float(weight_decay), -1.0 if maximize else 1.0)
 
 
 class CAMETensors(NamedTuple):
@@ -296,12 +300,13 @@ def came_direction_reference(
     grad: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None, flag: torch.Tensor, hp: torch.Tensor, reduce=None
 ) -> tuple[torch.Tensor, ...]:
     """First part of :func:`came_reference`: the new second-moment statistics and the clipped update
-    ``u`` (fp32, the grad's layout); returns ``(v, vc, u)``."""
+    ``u`` (fp32, the grad's layout; a maximized gradient's sign folded into the scalar ``1 / d``, the same
+    bits as negating ``g``); returns ``(v, vc, u)``."""
     s = unpack(CAMEScalars, hp)
     ok = flag != 0
     g = grad.to(torch.float32)
     v, vc, u = second_moment_reference(g, v, vc, s.eps1, s.beta2, s.one_minus_beta2, ok, reduce)
-    return v, vc, u * (1.0 / clip_divisor_reference(u, s.sqrt_n, s.clip_threshold, reduce))
+    return v, vc, u * ((1.0 / clip_divisor_reference(u, s.sqrt_n, s.clip_threshold, reduce)) * s.grad_sign)
 
 
 def came_finish_reference(
@@ -415,7 +420,8 @@ def _launch(t: CAMETensors, s: CAMEScalars) -> None:
             g_ptr=g, m_ptr=m, absmax_ptr=flag if absmax is None else absmax, rf_ptr=rf, cf_ptr=cf, scal_ptr=scal,
             sr_ptr=sr, colpart_ptr=colpart, rsum_part_ptr=rsum_part, flag_ptr=flag, R=R, C=C, n_rt=n_rt,
             beta1=s.beta1, one_minus_beta1=s.one_minus_beta1, beta3=s.beta3, one_minus_beta3=s.one_minus_beta3,
-            eps2=s.eps2, QUANTIZED=quantized, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
+            eps2=s.eps2, grad_sign=s.grad_sign, QUANTIZED=quantized, BLOCK_R=block_r, BLOCK_C=block_c,
+            enable_fp_fusion=False,
         )
         srf, scf = launch_finalize(colpart, sc, sr, rsum_part, flag, step, s.beta3, s.one_minus_beta3, False, n_rt)
     inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_args(R, C)
@@ -424,7 +430,7 @@ def _launch(t: CAMETensors, s: CAMEScalars) -> None:
         cf_ptr=v if cf is None else cf, srf_ptr=v if srf is None else srf, scf_ptr=v if scf is None else scf,
         scal_ptr=scal, flag_ptr=flag, step_ptr=step, n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo,
         inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
-        weight_decay=s.weight_decay, lr=s.lr, tensor_index=int(tensor_index),
+        weight_decay=s.weight_decay, lr=s.lr, grad_sign=s.grad_sign, tensor_index=int(tensor_index),
         FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP, enable_fp_fusion=False,
     )
     copy_back(param, work)

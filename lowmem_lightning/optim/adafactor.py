@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable
 
@@ -56,8 +55,8 @@ class Adafactor(LowMemOptimizer):
             int8 + ``exp_avg_absmax`` fp32 per 256 elements: 1.016 bytes/param; tensors under 4096
             elements keep fp32). Only used with ``beta1``. A storage choice: ``load_state_dict``
             keeps this optimizer's value and converts the loaded momentum to it.
-        maximize: ascend instead of descend (the gradient's sign is flipped in place around the
-            update and restored bit for bit; not in transformers).
+        maximize: ascend instead of descend (the kernels apply the gradient's sign, as AdamW's and
+            SGD's do; the gradients are not touched; not in transformers).
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
             (no-ops: the update is always our fused kernels with device step counters); True raises.
 
@@ -196,9 +195,8 @@ class Adafactor(LowMemOptimizer):
         )
         hyper = AdafactorHyper.of(group["lr"], group["eps"], group["clip_threshold"], group["decay_rate"],
                                   group["beta1"], group["weight_decay"], group["relative_step"], group["warmup_init"],
-                                  group["scale_parameter"])
-        with maximizing(items, group):
-            dispatch(ADAFACTOR, tensors, hyper)
+                                  group["scale_parameter"], group["maximize"])
+        dispatch(ADAFACTOR, tensors, hyper)
 
 
 def factored_inputs(param: torch.Tensor, state: dict) -> tuple:
@@ -217,20 +215,6 @@ def factored_inputs(param: torch.Tensor, state: dict) -> tuple:
         block_state_head(state.get("exp_avg_absmax"), shard.numel(), True),
         sum_reduce(param),
     )
-
-
-@contextlib.contextmanager
-def maximizing(items: list[tuple[int, torch.Tensor]], group: dict):
-    """With ``group["maximize"]``: the gradients of ``items`` negated in place for the update, then restored
-    (negation is exact, so the gradients come back bit for bit); no copy of a gradient is made."""
-    grads = [local(param.grad) for _, param in items] if group.get("maximize") else []
-    if grads:
-        torch._foreach_neg_(grads)
-    try:
-        yield
-    finally:
-        if grads:
-            torch._foreach_neg_(grads)
 
 
 def _effective_lr_tensor(group: dict, param: torch.Tensor) -> torch.Tensor:

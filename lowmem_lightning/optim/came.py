@@ -14,7 +14,6 @@ from .adafactor import (
     MOMENTUM_DTYPES,
     convert_momentum_state,
     factored_inputs,
-    maximizing,
     momentum_spec,
     second_moment_specs,
 )
@@ -50,8 +49,8 @@ class CAME(LowMemOptimizer):
             (``exp_avg_codes`` int8 + ``exp_avg_absmax`` fp32 per 256 elements: about 1.02
             bytes/param in all; tensors under 4096 elements keep fp32). A storage choice:
             ``load_state_dict`` keeps this optimizer's value and converts the loaded momentum to it.
-        maximize: ascend instead of descend (the gradient's sign is flipped in place around the
-            update and restored bit for bit; not in came-pytorch).
+        maximize: ascend instead of descend (the kernels apply the gradient's sign, as AdamW's and
+            SGD's do; the gradients are not touched; not in came-pytorch).
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
             (no-ops: the update is always our fused kernels with device step counters); True raises.
 
@@ -137,9 +136,8 @@ class CAME(LowMemOptimizer):
             list(flags), [shard_tensor_index(index, param) for index, param in items], reduces,
         )
         scalars = CAMEScalars.of(group["lr"], group["eps"], group["clip_threshold"], group["betas"],
-                                 group["weight_decay"])
-        with maximizing(items, group):
-            dispatch(CAME_FAMILY, tensors, scalars)
+                                 group["weight_decay"], group["maximize"])
+        dispatch(CAME_FAMILY, tensors, scalars)
 
 
 def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:
