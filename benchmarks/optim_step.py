@@ -144,6 +144,7 @@ ROWS = [
     Row("torch_adamw_fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True), False),
     Row("adamw_8bit", _ours("adamw_8bit", lr=1e-3, weight_decay=0.01), True),
     Row("paged_adamw_8bit", _ours("paged_adamw_8bit", lr=1e-3, weight_decay=0.01), True),
+    Row("adamw_4bit", _ours("adamw_4bit", lr=1e-3, weight_decay=0.01), True),
     Row("bnb_adamw_8bit", _bnb("AdamW8bit"), False),
     Row("bnb_paged_adamw_8bit", _bnb("PagedAdamW8bit"), False),
     Row("torchao_adamw_8bit", _torchao("AdamW8bit"), False),
