@@ -33,6 +33,10 @@ KWARGS = {  # small lr-driven settings for each registered name
     # no beta1 here: transformers' Adafactor keeps lr-scaled updates in its momentum, so lr=0 still moves
     "adafactor": dict(lr=1e-2, relative_step=False, scale_parameter=False),
     "came": dict(lr=1e-2),
+    "lion": dict(lr=1e-3, weight_decay=0.1),
+    "lion_8bit": dict(lr=1e-3, weight_decay=0.1),
+    "ademamix": dict(lr=1e-2),
+    "ademamix_8bit": dict(lr=1e-2, t_alpha=3, t_beta3=3),
 }
 VARIANTS = [(n, KWARGS[n]) for n in NAMES] + [  # + the other storage forms
     ("sgd", dict(lr=1e-2, momentum=0.9, momentum_dtype="int8", nesterov=True)),
@@ -481,6 +485,24 @@ ERROR_INPUTS = {  # name -> [(kwargs, exception, message)], after torch's Optimi
         (dict(lr=1e-2, weight_decay=-1.0), ValueError, "weight_decay"),
     ],
 }
+ERROR_INPUTS["lion"] = ERROR_INPUTS["lion_8bit"] = [
+    (dict(lr=-1e-2), ValueError, "lr"),
+    (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
+    (dict(betas=(0.9, 0.99, 0.999)), ValueError, "betas"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(maximize=1), ValueError, "maximize"),
+]
+ERROR_INPUTS["ademamix"] = ERROR_INPUTS["ademamix_8bit"] = [
+    (dict(lr=-1e-2), ValueError, "lr"),
+    (dict(betas=(0.9, 0.999)), ValueError, "betas"),
+    (dict(betas=(0.9, 0.999, 1.0)), ValueError, r"betas\[2\]"),
+    (dict(alpha=-1.0), ValueError, "alpha"),
+    (dict(t_alpha=0), ValueError, "t_alpha"),
+    (dict(t_beta3=2.5), ValueError, "t_beta3"),
+    (dict(t_beta3=10, betas=(0.0, 0.999, 0.9999)), ValueError, "t_beta3"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+]
 ERROR_INPUTS["paged_adamw_8bit"] = ERROR_INPUTS["adamw_8bit"] + [
     (dict(gpu_budget_bytes=-1), ValueError, "gpu_budget_bytes")
 ]

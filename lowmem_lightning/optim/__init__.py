@@ -17,6 +17,10 @@ __all__ = [
     "SGD",
     "Adafactor",
     "CAME",
+    "Lion",
+    "Lion8bit",
+    "AdEMAMix",
+    "AdEMAMix8bit",
 ]
 
 _LAZY = {
@@ -26,6 +30,10 @@ _LAZY = {
     "SGD": "sgd",
     "Adafactor": "adafactor",
     "CAME": "came",
+    "Lion": "lion",
+    "Lion8bit": "lion",
+    "AdEMAMix": "ademamix",
+    "AdEMAMix8bit": "ademamix",
 }
 
 

@@ -20,6 +20,10 @@ OPTIMIZERS: dict[str, str] = {
     "sgd": "lowmem_lightning.optim.sgd:SGD",
     "adafactor": "lowmem_lightning.optim.adafactor:Adafactor",
     "came": "lowmem_lightning.optim.came:CAME",
+    "lion": "lowmem_lightning.optim.lion:Lion",
+    "lion_8bit": "lowmem_lightning.optim.lion:Lion8bit",
+    "ademamix": "lowmem_lightning.optim.ademamix:AdEMAMix",
+    "ademamix_8bit": "lowmem_lightning.optim.ademamix:AdEMAMix8bit",
 }
 """Registered names and where their classes live."""
 
