@@ -23,18 +23,43 @@ Parts (``--parts`` selects some):
   batch 1, gradient checkpointing, ``paged_adamw_8bit``, bf16: peak memory of a full training step
   (goal <= 6 GB) and step time; bitsandbytes' NF4 + peft the same way when installed.
 * ``release``: peak device memory of a training step with and without gradient release.
+* ``full_ft_7b``: ``configs/full_finetune_7b.yaml`` as ``lowmem fit`` runs it (Lightning ``Trainer`` with
+  the recipe's bf16-true precision and clipping, ``CausalLMModule`` with gradient checkpointing and the
+  Llama-2-7B architecture, random bf16 weights created on the device by ``configure_model``, the recipe's
+  ``LowMemOptimizerCallback``: CAME int8 momentum + gradient release) under a 24 GiB cap
+  (``torch.cuda.set_per_process_memory_fraction``), then ``adamw_8bit`` + release under the cap its
+  estimate needs; six steps on a fixed batch at seq 1024, else 512 or 256 (each attempt a fresh process,
+  the default allocator first, then expandable segments). Peak allocated/reserved, tokens/s, loss per
+  step (must fall), the estimator's figure (:mod:`lowmem_lightning.estimate`, activations included) and
+  their ratio (must be within 10%).
+* ``long_run``: a 113M-param causal LM (124M class) for a few minutes with fp32 AdamW, ``adamw_8bit``,
+  bitsandbytes AdamW8bit (when installed), CAME and CAME int8: held-out loss within 1.01x of each
+  reference, a table and ``long_run.png`` (``--out-dir``).
 
 ``--dry-run`` runs the same code paths on the CPU at toy sizes (Triton kernels under the
-interpreter); the default test-suite runs it, so the first GPU run cannot fail on a typo.
+interpreter); the test-suite runs it, so the first GPU run cannot fail on a typo.
 
     python benchmarks/gpu_check.py                       # on the GPU machine
     python benchmarks/gpu_check.py --dry-run --results /tmp/r.md
+
+The next device session (one H200, Python 3.12, 15 minutes of device time in all): first, here,
+``bash benchmarks/device_wheels.sh`` (bitsandbytes, jsonargparse + its two, torchdata into ``.whl/``, 43 MiB;
+the image's own triton 3.6.0 matches its torch 2.11 and stays), then one ``run`` with ``carry: [".whl"]``,
+``timeout_s: 600`` and the command::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; PYTHONUNBUFFERED=1 \
+        python3 benchmarks/gpu_check.py --parts full_ft_7b,qlora_7b,long_run --results $OUT/gpu_section.md \
+        --out-dir $OUT 2>&1 | tee $OUT/log.txt
+
+(550 s of part budgets, :data:`BUDGET_S`); ``$OUT/gpu_section.md`` is the dated section for RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import statistics
@@ -47,11 +72,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-BUDGET_S = {"kernels": 70, "gpu_tests": 100, "sync": 25, "step_time": 190, "paged": 25, "qlora_7b": 110,
-            "release": 55}
-"""Wall-clock limit of each part in seconds (575 s in all, so one run ends inside 10 minutes). Measured on
-an H200 (2026-12-04, cold Triton cache): kernels 55 s, gpu_tests 81, sync 15, step_time 126 (warm
-cache; 150 s was not enough cold), paged 11, qlora_7b 34 (ours only), release 45."""
+BUDGET_S = {"kernels": 70, "gpu_tests": 100, "sync": 25, "step_time": 190, "paged": 25, "qlora_7b": 100,
+            "release": 55, "full_ft_7b": 250, "long_run": 200}
+"""Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
+55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
+(ours only), release 45. Not yet run on a GPU, sized from arithmetic: full_ft_7b (two rows, each a fresh
+process: imports ~15 s, a 7B built on the device, Triton compiles, 6 steps of ~1 s; a second attempt
+only if the first did not fit), qlora_7b with the bitsandbytes row (~2x ours), long_run (5 x 900 steps
+of a 113M model at ~25 ms). The set of :data:`RECOMMENDED_PARTS` adds up to 550 s (9.2 minutes)."""
+
+RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
+"""The parts the next device session runs, in one command (the module docstring has it)."""
 
 OPTIMIZERS = {
     "adamw_8bit": {"lr": 1e-3},
@@ -331,6 +362,10 @@ def _qlora_step(model, device, seq: int, optimizer: str):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "torch_adamw":
         opt = torch.optim.AdamW(trainable, lr=1e-4)
+    elif optimizer == "bnb_paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.PagedAdamW8bit(trainable, lr=1e-4)
     else:
         opt = build_optimizer(optimizer, trainable, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -369,12 +404,15 @@ def part_qlora_7b(dry: bool) -> list[str]:
     lines.append(f"| lowmem NF4 + peft LoRA r=16, paged_adamw_8bit | {_dense_params(config) / 1e9:.2f}B "
                  f"| {peak:.2f} | {ms:.0f} "
                  f"| <= 6 GB: {verdict} |")
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        lines.append("| bitsandbytes NF4 + peft | - | - | - | not installed |")
+    if not _installed("bitsandbytes"):
+        lines.append("| bitsandbytes NF4 + peft | - | - | - | skipped: bitsandbytes not installed |")
         return lines
-    lines.append(_bnb_qlora_row(config, device, seq))
+    theirs = _bnb_qlora_row(config, device, seq)
+    lines.append(theirs[0])
+    if theirs[1] is not None:
+        mem = f"{peak / theirs[1][0]:.3f}x" if theirs[1][0] else "n/a (CPU)"
+        lines += ["", f"ours / bitsandbytes: peak memory {mem}, step time {ms / theirs[1][1]:.3f}x "
+                  "(goal: <= 1 for both)"]
     return lines
 
 
@@ -418,27 +456,30 @@ def _bnb_random_causal_lm(config, device):
     return model
 
 
-def _bnb_qlora_row(config, device, seq: int) -> str:
-    """The same step on bitsandbytes' NF4 + peft LoRA (r=16, all linears), torch AdamW on the adapters."""
+def _bnb_qlora_row(config, device, seq: int) -> tuple[str, tuple[float, float] | None]:
+    """The same step on bitsandbytes' NF4 + peft LoRA (r=16, alpha 32, the seven projections, as ours) with
+    bitsandbytes' paged 8-bit AdamW on the adapters: ``(table row, (peak GB, ms) or None on failure)``."""
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from lowmem_lightning.quant import LLAMA_TARGET_MODULES
+
     def build():
         model = get_peft_model(_bnb_random_causal_lm(config, device),
-                               LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+                               LoraConfig(r=16, lora_alpha=32, target_modules=list(LLAMA_TARGET_MODULES)))
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        return _qlora_step(model, device, seq, "torch_adamw")
+        return _qlora_step(model, device, seq, "bnb_paged_adamw_8bit")
 
     try:
-        peak, ms = _peak_step(build, 4, device)
+        peak, ms = _peak_step(build, 3 if device.type == "cpu" else 4, device)
     except Exception as err:  # a bitsandbytes / transformers combination that cannot run here
-        return f"| bitsandbytes NF4 + peft | - | - | - | failed: {type(err).__name__}: {str(err)[:80]} |"
+        return f"| bitsandbytes NF4 + peft | - | - | - | failed: {type(err).__name__}: {str(err)[:80]} |", None
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return (f"| bitsandbytes NF4 + peft LoRA r=16, torch AdamW | {_dense_params(config) / 1e9:.2f}B | {peak:.2f} "
-            f"| {ms:.0f} | reference |")
+    return (f"| bitsandbytes NF4 + peft LoRA r=16, bitsandbytes PagedAdamW8bit | {_dense_params(config) / 1e9:.2f}B "
+            f"| {peak:.2f} | {ms:.0f} | reference |"), (peak, ms)
 
 
 def part_release(dry: bool) -> list[str]:
@@ -482,8 +523,414 @@ def part_release(dry: bool) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------------------------------
+# full_ft_7b: the recipe's full fine-tune of a 7B through Lightning, under a memory cap
+# --------------------------------------------------------------------------------------------------
+
+GIB = 2**30
+
+FULL_FT_RECIPE = "full_finetune_7b.yaml"
+FULL_FT_ROWS = {
+    "recipe": ({}, 24 * GIB),
+    "adamw_8bit": ({"optimizer": "adamw_8bit", "optimizer_kwargs": {"betas": [0.9, 0.95]}}, None),
+}
+"""``row -> (LowMemOptimizerCallback settings over the recipe's, memory cap in bytes)``: the recipe as
+shipped (CAME with int8 momentum, gradient release) under 24 GiB, and the 8-bit AdamW the recipe names as
+its alternative, with release, under the cap its own estimate needs (None: :func:`_full_ft_cap`)."""
+
+FULL_FT_ATTEMPTS = ((1024, ""), (1024, "expandable_segments:True"), (512, "expandable_segments:True"),
+                    (256, "expandable_segments:True"))
+"""``(seq, PYTORCH_CUDA_ALLOC_CONF)`` tried in turn until one fits: the allocator as users get it, then
+with expandable segments (no fragmentation between cached blocks), then shorter sequences."""
+
+FULL_FT_STEPS = 6
+FULL_FT_LR = 1e-4
+"""Steps on one fixed batch (the first compiles kernels and allocates state; timed: the rest) and a
+constant LR with no warmup: the recipe's 1e-5 after 100 warmup steps would not move the loss in six."""
+
+
+def _full_ft_arch(dry: bool) -> dict:
+    """The architecture dict ``CausalLMModule(config=...)`` builds: the recipe's ``config.json`` (dry: a toy)."""
+    if dry:
+        return {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 172,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 2048}
+    init = _parsed_recipe().model.init_args
+    arch = json.loads((Path(init.model_name_or_path) / "config.json").read_text())
+    drop = ("architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path")
+    return {k: v for k, v in arch.items() if k not in drop}
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_recipe():
+    from lowmem_lightning.cli.app import parse_fit_config
+
+    return parse_fit_config(["--config", FULL_FT_RECIPE])
+
+
+def _full_ft_settings(row: str) -> tuple[dict, dict, dict]:
+    """``(trainer args, LowMemOptimizerCallback args, CausalLMModule args)`` of the recipe as ``lowmem fit``
+    parses it, with ``row``'s optimizer settings over the callback's."""
+    cfg = _parsed_recipe()
+    entries = [c for c in cfg.trainer.callbacks if c.class_path.endswith("LowMemOptimizerCallback")]
+    callback = {**entries[0].init_args.as_dict(), **FULL_FT_ROWS[row][0], "plot": False, "print_summary": False}
+    keys = ("precision", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
+    trainer = {key: cfg.trainer[key] for key in keys}
+    init = cfg.model.init_args
+    module = {"gradient_checkpointing": init.gradient_checkpointing, "torch_dtype": init.torch_dtype,
+              "weight_decay": init.weight_decay}
+    return trainer, callback, module
+
+
+def full_ft_estimate(row: str, seq: int, dry: bool) -> dict:
+    """The estimator's bytes for ``row`` at ``seq`` (batch 1): weights, state, released gradients,
+    activations (:func:`~lowmem_lightning.estimate.activation_bytes`) and their total."""
+    return dict(_full_ft_estimate(row, seq, dry))
+
+
+@functools.lru_cache(maxsize=8)
+def _full_ft_estimate(row: str, seq: int, dry: bool) -> dict:
+    import torch
+
+    from lowmem_lightning.estimate import activation_bytes, estimate_memory
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    _, callback, module = _full_ft_settings(row)
+    arch = _full_ft_arch(dry)
+    meta = build_causal_lm(None, arch, device="meta", torch_dtype=module["torch_dtype"])
+    dtype_bytes = torch.finfo(getattr(torch, module["torch_dtype"])).bits // 8
+    acts = activation_bytes(arch, 1, seq, dtype_bytes, module["gradient_checkpointing"])
+    est = estimate_memory(meta, configured=(callback["optimizer"], callback["optimizer_kwargs"] or {}),
+                          step_in_backward=callback["step_in_backward"], gradient_checkpointing=True,
+                          activations=acts)
+    opt = est.optimizers[est.configured_optimizer]
+    return {"weights": est.model.trainable_bytes + est.model.frozen_bytes, "state": opt.device_state_bytes,
+            "gradients": est.gradient_device_bytes, "activations": acts, "total": opt.total_device_bytes}
+
+
+def _full_ft_cap(row: str) -> int:
+    """The memory cap of ``row``: its fixed cap, else its seq-1024 estimate + 5% rounded up to a GiB."""
+    cap = FULL_FT_ROWS[row][1]
+    return cap if cap is not None else -(-int(1.05 * full_ft_estimate(row, 1024, False)["total"]) // GIB) * GIB
+
+
+class _FixedBatches:
+    """``steps`` copies of one random batch ``{input_ids, labels, attention_mask}`` of shape (1, seq)."""
+
+    def __init__(self, vocab: int, seq: int, steps: int):
+        import torch
+
+        ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
+        self.batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> dict:
+        return {k: v.clone() for k, v in self.batch.items()}
+
+
+def _step_meter(optimizer_callback):
+    """A Lightning callback that times each training step (synchronised), keeps its loss, notes at train
+    start how every weight was created (dtype, device), and at each step the release's bucket size and
+    the fullest bucket of gradients so far (``optimizer_callback.releases``)."""
+    import lightning as L
+    import torch
+
+    class StepMeter(L.Callback):
+        def __init__(self):
+            self.times, self.losses, self.start_bytes, self.weights = [], [], 0, ""
+            self.buckets, self.fullest_bucket = [], 0
+
+        def _sync(self, module):
+            if module.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        def on_train_start(self, trainer, module):
+            kinds = {(p.dtype, p.device.type) for p in module.parameters()}
+            self.weights = ", ".join(sorted(f"{str(d).split('.')[-1]} on {t}" for d, t in kinds))
+            self.start_bytes = torch.cuda.memory_allocated() if module.device.type == "cuda" else 0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._sync(module)
+            self._begin = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self._sync(module)
+            self.times.append(time.perf_counter() - self._begin)
+            self.losses.append(float(outputs["loss"]))
+            self.buckets = [r.bucket_bytes for r in optimizer_callback.releases]
+            self.fullest_bucket = max([r.peak_bucket_bytes for r in optimizer_callback.releases], default=0)
+
+    return StepMeter()
+
+
+def full_ft_row(row: str, seq: int, dry: bool) -> dict:
+    """One training run of ``row`` at ``seq`` through Lightning: ``Trainer`` (the recipe's precision and
+    clipping) + ``CausalLMModule`` (random init on the device, gradient checkpointing) +
+    ``LowMemOptimizerCallback`` (the recipe's, with the row's optimizer); capped on the GPU. Returns the
+    measurements, ``{"oom": True, ...}`` when it did not fit."""
+    import resource
+
+    import lightning as L
+    import torch
+
+    from lowmem_lightning.callbacks import LowMemOptimizerCallback
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    trainer_args, callback_args, module_args = _full_ft_settings(row)
+    cap = 0 if dry else _full_ft_cap(row)
+    if not dry:
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    arch = _full_ft_arch(dry)
+    steps = 3 if dry else FULL_FT_STEPS
+    callback = LowMemOptimizerCallback(**callback_args)
+    meter = _step_meter(callback)
+    module = CausalLMModule(config=arch, lr=FULL_FT_LR, warmup_steps=0, scheduler=None, **module_args)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(accelerator="cpu" if dry else "gpu", devices=1, max_steps=steps, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[callback, meter],
+                            default_root_dir=tmp, **trainer_args)
+        loader = torch.utils.data.DataLoader(_FixedBatches(arch["vocab_size"], seq, steps), batch_size=None)
+        try:
+            trainer.fit(module, train_dataloaders=loader)
+        except torch.OutOfMemoryError as err:
+            return {"oom": True, "error": str(err).splitlines()[0][:300], "cap": cap}
+    cuda = not dry
+    timed = meter.times[1:] or meter.times
+    return {
+        "oom": False, "row": row, "seq": seq, "cap": cap, "losses": meter.losses, "weights": meter.weights,
+        "optimizer": callback.optimizer_name, "release": callback.step_in_backward,
+        "buckets": meter.buckets, "fullest_bucket": meter.fullest_bucket,
+        "peak_allocated": torch.cuda.max_memory_allocated() if cuda else 0,
+        "peak_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
+        "start_allocated": meter.start_bytes, "step_s": statistics.median(timed),
+        "host_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "estimate": full_ft_estimate(row, seq, dry),
+    }
+
+
+def _spawn_row(argv: list[str], dry: bool, timeout: float, env_extra: dict | None = None) -> dict:
+    """Run ``gpu_check.py --row ...`` in a fresh process (its own CUDA context, cap and allocator); its JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--out", str(out)] + (["--dry-run"] if dry else [])
+        env = {**os.environ, **(env_extra or {})}
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            return {"error": f"TIMEOUT after {timeout:.0f} s"}
+        if not out.exists():
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
+            return {"error": f"exit {proc.returncode}: {tail[-600:]}"}
+        return json.loads(out.read_text())
+
+
+def _part_deadline() -> float:
+    """When this part's time is up (the driver's budget, less 10 s to write the results)."""
+    return time.perf_counter() + float(os.environ.get("GPU_CHECK_PART_BUDGET_S", "600")) - 10
+
+
+def part_full_ft_7b(dry: bool) -> list[str]:
+    """The recipe's 7B full fine-tune (and adamw_8bit + release) through Lightning under a memory cap, at
+    the longest seq of 1024/512/256 that fits: peak memory against the estimator's, tokens/s, losses."""
+    deadline = _part_deadline()
+    lines = ["| row | optimizer | cap (GiB) | seq | allocator | weights created | peak allocated (GB) "
+             "| peak reserved (GB) | estimate (GB) | measured / estimate | tokens/s | loss per step "
+             "| host peak RSS (GB) |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    notes, failures = [], []
+    rows = list(FULL_FT_ROWS)
+    for index, row in enumerate(rows):
+        result, tried = None, []
+        for seq, alloc in ((32, ""),) if dry else FULL_FT_ATTEMPTS:
+            share = (deadline - time.perf_counter()) / (len(rows) - index)
+            result = _spawn_row(["--row", row, "--seq", str(seq)], dry, share,
+                                {"PYTORCH_CUDA_ALLOC_CONF": alloc} if alloc else {})
+            tried.append(f"seq {seq} {alloc or 'default allocator'}: "
+                         + ("fit" if not result.get("oom") and "error" not in result
+                            else result.get("error", "out of memory")[:160]))
+            if not result.get("oom"):
+                break
+        notes.append(f"- {row}: " + "; ".join(tried))
+        if result is None or result.get("oom") or "error" in result:
+            failures.append(f"{row}: did not run at any seq")
+            continue
+        lines.append(_full_ft_line(row, result, dry, alloc))
+        failures += _full_ft_verdicts(row, result, dry)
+    lines += ["", "Attempts (seq, allocator):", *notes, "",
+              "Estimate = weights + optimizer state + released gradients (fullest 25 MiB bucket) + activations "
+              "(`lowmem_lightning.estimate.activation_bytes`); GB = 10^9 bytes."]
+    if failures:
+        raise AssertionError("; ".join(failures) + "\n" + "\n".join(lines))
+    return lines
+
+
+def _full_ft_line(row: str, r: dict, dry: bool, alloc: str) -> str:
+    est = r["estimate"]
+    ratio = r["peak_allocated"] / est["total"] if not dry else float("nan")
+    losses = " -> ".join(f"{x:.3f}" for x in r["losses"])
+    detail = (f"{est['total'] / 1e9:.2f} (w {est['weights'] / 1e9:.2f} + s {est['state'] / 1e9:.2f} "
+              f"+ g {est['gradients'] / 1e9:.3f} [fullest bucket measured {r['fullest_bucket'] / 1e9:.3f}] "
+              f"+ a {est['activations'] / 1e9:.2f})")
+    return (f"| {row} | {r['optimizer']}{' + release' if r['release'] else ''} | {r['cap'] / GIB:.0f} | {r['seq']} "
+            f"| {alloc or 'default'} | {r['weights']} | {r['peak_allocated'] / 1e9:.2f} "
+            f"| {r['peak_reserved'] / 1e9:.2f} "
+            f"| {detail} | {ratio:.3f} | {r['seq'] / r['step_s']:.0f} | {losses} | {r['host_peak_rss'] / 1e9:.2f} |")
+
+
+def _full_ft_verdicts(row: str, r: dict, dry: bool) -> list[str]:
+    """What ``row``'s result breaks: the loss must fall, bf16 weights, the peak within 10% of the estimate."""
+    out = []
+    if not r["losses"][-1] < r["losses"][0]:
+        out.append(f"{row}: loss did not fall ({r['losses']})")
+    if "bfloat16" not in r["weights"] or "float32" in r["weights"]:
+        out.append(f"{row}: weights were created as {r['weights']}, not bf16")
+    if not dry and abs(r["peak_allocated"] / r["estimate"]["total"] - 1) > 0.10:
+        out.append(f"{row}: peak {r['peak_allocated'] / 1e9:.2f} GB is not within 10% of the estimate "
+                   f"{r['estimate']['total'] / 1e9:.2f} GB")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# long_run: a 124M-class causal LM for a few minutes, every 8-bit optimizer against its reference
+# --------------------------------------------------------------------------------------------------
+
+LONG_RUN_ROWS = [
+    ("adamw", "torch_adamw", None, {}),
+    ("adamw_8bit", "ours:adamw_8bit", "adamw", {}),
+    ("bnb_adamw_8bit", "bnb_adamw_8bit", "adamw", {}),
+    ("came", "ours:came", None, {}),
+    ("came_int8", "ours:came", "came", {"momentum_dtype": "int8"}),
+]
+"""``(name, convergence.py builder, reference row, kwargs)``: fp32 AdamW, ours and bitsandbytes' 8-bit
+AdamW against it; CAME with int8 momentum against CAME with fp32 momentum (same algorithm)."""
+
+LONG_RUN_LR = {"adamw": 6e-4, "came": 2e-4}
+"""Peak LR per family at this size (warmup then cosine to 10%, as ``convergence.py``)."""
+
+LONG_RUN_SIZE = {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072, "seq": 512, "batch": 16,
+                 "steps": 900, "warmup": 60, "eval_batches": 40, "corpus_bytes": 12_000_000}
+"""The GPU run: a 113M-param Llama (byte vocabulary, so nearly all of it in the 12 blocks: the 124M
+GPT-2 class) on 900 steps of 16 x 512 bytes (7.4M tokens, about one epoch of the corpus)."""
+
+LONG_RUN_DRY = {"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64, "seq": 16, "batch": 2, "steps": 4,
+                "warmup": 1, "eval_batches": 1, "corpus_bytes": 100_000}
+
+LONG_RUN_BOUND = 1.01
+"""Held-out loss of each row over its reference's: the bound the CPU study holds (``convergence.py``)."""
+
+
+def _long_run_model(size: dict, device):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=size["hidden"], intermediate_size=size["intermediate"],
+                         num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+                         num_key_value_heads=size["heads"], max_position_embeddings=size["seq"],
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).to(device)
+
+
+def _long_run_train(name: str, builder: str, kwargs: dict, data, size: dict, device) -> dict:
+    """Train one row from the same init and batches; the loss curve, held-out loss and ms per step."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import convergence
+
+    model = _long_run_model(size, device)
+    peak = LONG_RUN_LR[convergence.family(builder)]
+    opt = convergence.build(builder, model.parameters(), peak, dict(kwargs))
+    train, val = data
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    curve, begin = [], time.perf_counter()
+    for step, (x, _) in enumerate(convergence.batches(train, size["batch"], size["seq"], size["steps"], 0)):
+        for group in opt.param_groups:
+            group["lr"] = convergence.lr_at(step, size["steps"], peak, size["warmup"])
+        x = x.to(device, non_blocking=True)
+        with autocast:
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append(loss.detach())
+    curve = [float(v) for v in torch.stack(curve).cpu()]  # one sync at the end, not one per step
+    seconds = time.perf_counter() - begin
+    model.eval()
+    with torch.no_grad(), autocast:
+        fixed = convergence.batches(val, size["batch"], size["seq"], size["eval_batches"], 1234)
+        held_out = statistics.fmean(float(model(input_ids=x.to(device), labels=x.to(device)).loss) for x, _ in fixed)
+    return {"curve": curve, "held_out": held_out, "ms_per_step": 1e3 * seconds / size["steps"]}
+
+
+def _out_dir() -> Path:
+    """Where parts write files (PNG): ``GPU_CHECK_OUT`` (the device's ``$OUT``), else ``benchmarks/out``."""
+    path = Path(os.environ.get("GPU_CHECK_OUT") or HERE / "out")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (peers are optional: their rows skip when absent)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def part_long_run(dry: bool) -> list[str]:
+    """A 113M-param causal LM on the standard library's .py files (the corpus of the CPU study) with each
+    row of :data:`LONG_RUN_ROWS`: held-out loss against its reference (bound 1.01x), curves as a PNG."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import convergence
+
+    device = _device(dry)
+    size = LONG_RUN_DRY if dry else LONG_RUN_SIZE
+    train, val, _ = convergence.stdlib_corpus(size["corpus_bytes"])
+    results, skipped = {}, {}
+    for name, builder, _, kwargs in LONG_RUN_ROWS:
+        if builder.startswith("bnb") and not _installed("bitsandbytes"):
+            skipped[name] = "bitsandbytes not installed"
+            continue
+        results[name] = _long_run_train(name, builder, kwargs, (train, val), size, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    params = sum(p.numel() for p in _long_run_model(size, torch.device("meta")).parameters())
+    lines = [f"{params / 1e6:.1f}M params, {size['steps']} steps of {size['batch']} x {size['seq']} bytes "
+             f"({train.numel() / 1e6:.1f}M train / {val.numel() / 1e6:.2f}M held-out bytes of stdlib .py files), "
+             f"bf16 autocast on the GPU, clip 1.0, warmup {size['warmup']} + cosine", "",
+             "| row | reference | final train loss (last 5%) | held-out loss | vs reference | vs fp32 AdamW "
+             "| ms/step | within 1.01x |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    failures = []
+    for name, _, ref, _ in LONG_RUN_ROWS:
+        if name in skipped:
+            lines.append(f"| {name} | {ref or '-'} | - | - | - | - | - | skipped: {skipped[name]} |")
+            continue
+        r = results[name]
+        tail = r["curve"][-max(1, len(r["curve"]) // 20):]
+        ratio = r["held_out"] / results[ref]["held_out"] if ref in results else float("nan")
+        ok = "-" if ref is None else ("yes" if ratio <= LONG_RUN_BOUND else "NO")
+        failures += [f"{name} {ratio:.4f}x {ref}"] if ok == "NO" and not dry else []
+        lines.append(f"| {name} | {ref or '-'} | {statistics.fmean(tail):.4f} | {r['held_out']:.4f} | "
+                     f"{ratio:.4f}x | {r['held_out'] / results['adamw']['held_out']:.4f}x | "
+                     f"{r['ms_per_step']:.1f} | {ok} |")
+    png = _out_dir() / "long_run.png"
+    convergence.plot({name: r["curve"] for name, r in results.items()}, png)
+    lines += ["", f"Loss curves: `{png.name}` (written to {png.parent})."]
+    if failures:
+        raise AssertionError("held-out loss above 1.01x the reference: " + ", ".join(failures) + "\n"
+                             + "\n".join(lines))
+    return lines
+
+
 PARTS = {"kernels": part_kernels, "gpu_tests": part_gpu_tests, "sync": part_sync, "step_time": part_step_time,
-         "paged": part_paged, "qlora_7b": part_qlora_7b, "release": part_release}
+         "paged": part_paged, "qlora_7b": part_qlora_7b, "release": part_release, "full_ft_7b": part_full_ft_7b,
+         "long_run": part_long_run}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,6 +947,18 @@ def run_part(name: str, dry: bool, out: Path) -> None:
         import traceback
 
         result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
+    out.write_text(json.dumps(result))
+
+
+def run_row(row: str, seq: int, dry: bool, out: Path) -> None:
+    """Row mode (a process per attempt of ``full_ft_7b``): write :func:`full_ft_row`'s JSON to ``out``."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        result = full_ft_row(row, seq, dry)
+    except RuntimeError as err:  # an out-of-memory error raised through another layer
+        if "out of memory" not in str(err):
+            raise
+        result = {"oom": True, "error": str(err).splitlines()[0][:300]}
     out.write_text(json.dumps(result))
 
 
@@ -559,11 +1018,20 @@ def main(argv=None) -> int:
                         help="markdown file the dated section is appended to (default: benchmarks/RESULTS.md; "
                              "with --dry-run, nothing unless given)")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time limit")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="folder for the files parts write (long_run's PNG); default benchmarks/out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.out_dir is not None:
+        os.environ["GPU_CHECK_OUT"] = str(args.out_dir.resolve())  # read by the parts' processes
     if args.child:
         run_part(args.child, args.dry_run, args.out)
+        return 0
+    if args.row:
+        run_row(args.row, args.seq, args.dry_run, args.out)
         return 0
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]

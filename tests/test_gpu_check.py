@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_check  # noqa: E402
 
 
 def test_gpu_check_dry_run_runs_every_part(tmp_path):
@@ -14,7 +18,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     results.write_text("# results\n")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--results", str(results),
-         "--budget-scale", "4"],
+         "--budget-scale", "4", "--parts", "kernels,gpu_tests,sync,step_time,paged,qlora_7b,release"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -38,3 +42,81 @@ def test_gpu_check_reports_a_failing_part_and_runs_the_rest(tmp_path):
     assert proc.returncode == 1
     text = results.read_text()
     assert "| sync | TIMEOUT after 0 s |" in text and "| release | TIMEOUT" in text
+
+
+# ------------------------------------------------------------------ full_ft_7b, qlora_7b's peer row, long_run
+def test_full_ft_settings_are_the_recipes_and_the_7b_estimate_fits_24_gib():
+    trainer, callback, module = gpu_check._full_ft_settings("recipe")
+    assert trainer == {"precision": "bf16-true", "accumulate_grad_batches": 1, "gradient_clip_val": 1.0,
+                       "gradient_clip_algorithm": "value"}
+    assert (callback["optimizer"], callback["optimizer_kwargs"], callback["step_in_backward"]) == (
+        "came", {"momentum_dtype": "int8"}, True)
+    assert module == {"gradient_checkpointing": True, "torch_dtype": "bfloat16", "weight_decay": 0.0}
+    _, callback, _ = gpu_check._full_ft_settings("adamw_8bit")
+    assert (callback["optimizer"], callback["step_in_backward"]) == ("adamw_8bit", True)
+    arch = gpu_check._full_ft_arch(False)
+    assert (arch["hidden_size"], arch["num_hidden_layers"], arch["vocab_size"]) == (4096, 32, 32000)
+    est = gpu_check.full_ft_estimate("recipe", 1024, False)
+    assert est["total"] == est["weights"] + est["state"] + est["gradients"] + est["activations"]
+    assert 20e9 < est["total"] < 24 * 2**30  # the claim the GPU run checks: inside the 24 GiB cap
+    assert gpu_check._full_ft_cap("recipe") == 24 * 2**30
+    cap = gpu_check._full_ft_cap("adamw_8bit")
+    assert cap % 2**30 == 0 and cap >= 1.05 * gpu_check.full_ft_estimate("adamw_8bit", 1024, False)["total"]
+
+
+@pytest.mark.parametrize("row", list(gpu_check.FULL_FT_ROWS))
+def test_full_ft_row_trains_through_lightning_on_cpu(row):
+    """The row's code path at toy size: bf16 weights made by configure_model, the recipe's callback with the
+    row's optimizer releasing gradients in 25 MiB buckets, losses falling on the fixed batch."""
+    from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES
+
+    r = gpu_check.full_ft_row(row, 32, dry=True)
+    assert not r["oom"] and r["seq"] == 32 and r["weights"] == "bfloat16 on cpu"
+    assert r["optimizer"] == gpu_check._full_ft_settings(row)[1]["optimizer"]
+    assert r["release"] and r["buckets"] == [DEFAULT_BUCKET_BYTES]
+    assert 0 < r["fullest_bucket"] <= r["estimate"]["gradients"]  # toy model: one bucket, all its gradients
+    assert len(r["losses"]) == 3 and r["losses"][-1] < r["losses"][0]
+    assert gpu_check._full_ft_verdicts(row, r, dry=True) == []
+    line = gpu_check._full_ft_line(row, r, True, "")
+    assert line.startswith(f"| {row} |") and "bfloat16 on cpu" in line
+
+
+def test_full_ft_verdicts_catch_a_flat_loss_fp32_weights_and_a_wrong_estimate():
+    r = {"losses": [5.0, 5.1], "weights": "float32 on cuda", "peak_allocated": 13e9, "estimate": {"total": 10e9}}
+    found = " ".join(gpu_check._full_ft_verdicts("recipe", r, dry=False))
+    assert "loss did not fall" in found and "not bf16" in found and "not within 10%" in found
+
+
+@pytest.mark.slow
+def test_full_ft_7b_dry_run_through_the_driver(tmp_path):
+    results = tmp_path / "r.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--results", str(results),
+         "--parts", "full_ft_7b", "--budget-scale", "4"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    text = results.read_text()
+    assert "| full_ft_7b | ok |" in text and "| recipe | came + release |" in text
+    assert "| adamw_8bit | adamw_8bit + release |" in text and "seq 32 default allocator: fit" in text
+
+
+def test_qlora_peer_row_skips_cleanly_without_bitsandbytes(monkeypatch):
+    monkeypatch.setattr(gpu_check, "_installed", lambda name: name != "bitsandbytes")
+    lines = gpu_check.part_qlora_7b(dry=True)
+    assert lines[2].startswith("| lowmem NF4 + peft LoRA r=16, paged_adamw_8bit |")
+    assert lines[-1] == "| bitsandbytes NF4 + peft | - | - | - | skipped: bitsandbytes not installed |"
+
+
+def test_qlora_peer_row_runs_bitsandbytes_paged_adamw_on_cpu():
+    pytest.importorskip("bitsandbytes")
+    line, measured = gpu_check._bnb_qlora_row(gpu_check._llama_config(True), gpu_check._device(True), 16)
+    assert measured is not None, line
+    assert line.startswith("| bitsandbytes NF4 + peft LoRA r=16, bitsandbytes PagedAdamW8bit |")
+
+
+def test_long_run_dry_run_writes_table_and_png(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPU_CHECK_OUT", str(tmp_path))
+    lines = gpu_check.part_long_run(dry=True)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert set(rows) >= {"row", "adamw", "adamw_8bit", "came", "came_int8", "bnb_adamw_8bit"}
+    assert "| adamw_8bit | adamw |" in rows["adamw_8bit"] and "| came_int8 | came |" in rows["came_int8"]
+    assert (tmp_path / "long_run.png").stat().st_size > 1000
