@@ -240,3 +240,22 @@ def test_estimate_row_matches_the_optimizer_and_the_decision_rule_takes_it_after
     assert pick(rows["adamw_8bit"] - 1) == "adamw_4bit"  # AdamW itself at ~1.06 B/param
     assert pick(rows["adamw_4bit"] - 1) == "adamw_8bit + step_in_backward"
     assert pick(released["adamw_8bit"] - 1) == "adamw_4bit + step_in_backward"
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_shards_and_resumes_bit_exact(tmp_path, monkeypatch):
+    """FSDP2 (ModelParallelStrategy, 2 gloo processes, tests/test_fsdp2.py's script): each rank keeps 4-bit
+    state for its shard, and a run resumed from the sharded checkpoint ends bit for bit where the straight
+    run does (the stochastic rounding of m is seeded per shard and step)."""
+    import test_fsdp2
+
+    monkeypatch.setitem(test_fsdp2.OPTIMIZERS, "adamw_4bit", ("AdamW4bit", 1.0, 4.5, True))
+    ranks = test_fsdp2._run_script(tmp_path, "adamw_4bit", "cpu", 2)
+    for result in ranks:
+        assert result["optimizer"] == "AdamW4bit" and result["param_types"] == ["DTensor"]
+        assert result["global_step"] == 4
+        for a, b in zip(result["straight"], result["resumed"]):
+            assert torch.equal(a, b)
+        assert 1.0 < result["bytes_per_param"] < 4.5, result
+    single = sum(p.numel() for p in test_fsdp2._single_process_model(tmp_path, "adamw_4bit").parameters())
+    assert ranks[0]["num_params"] + ranks[1]["num_params"] == single
