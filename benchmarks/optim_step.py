@@ -161,6 +161,12 @@ ROWS = [
     Row("came_pytorch", _peer("came_pytorch", lambda cp, ps: cp.CAME(ps, lr=1e-4, weight_decay=0.01)), False),
     Row("came", _ours("came", lr=1e-4, weight_decay=0.01), True),
     Row("came_int8", _ours("came", lr=1e-4, weight_decay=0.01, momentum_dtype="int8"), True),
+    Row("lion", _ours("lion", lr=1e-4, weight_decay=0.1), True),
+    Row("lion_8bit", _ours("lion_8bit", lr=1e-4, weight_decay=0.1), True),
+    Row("bnb_lion_8bit", _bnb("Lion8bit"), False),
+    Row("ademamix", _ours("ademamix", lr=1e-3, weight_decay=0.01), True),
+    Row("ademamix_8bit", _ours("ademamix_8bit", lr=1e-3, weight_decay=0.01), True),
+    Row("bnb_ademamix_8bit", _bnb("AdEMAMix8bit"), False),
 ]
 """Every row, baseline first; ``--optimizers`` selects a subset by name."""
 
