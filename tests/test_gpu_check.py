@@ -120,3 +120,10 @@ def test_long_run_dry_run_writes_table_and_png(tmp_path, monkeypatch):
     assert set(rows) >= {"row", "adamw", "adamw_8bit", "came", "came_int8", "bnb_adamw_8bit"}
     assert "| adamw_8bit | adamw |" in rows["adamw_8bit"] and "| came_int8 | came |" in rows["came_int8"]
     assert (tmp_path / "long_run.png").stat().st_size > 1000
+
+
+def test_the_recommended_device_command_fits_its_budget():
+    """The parts the docstring's device command runs add up to at most 9.5 minutes of part budgets."""
+    assert sum(gpu_check.BUDGET_S[p] for p in gpu_check.RECOMMENDED_PARTS) <= 570
+    assert f"--parts {','.join(gpu_check.RECOMMENDED_PARTS)} " in " ".join(gpu_check.__doc__.split())
+    assert "carry: [\".whl\"]" in gpu_check.__doc__ and set(gpu_check.RECOMMENDED_PARTS) <= set(gpu_check.PARTS)
