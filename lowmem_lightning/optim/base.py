@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections import defaultdict
@@ -29,6 +28,7 @@ import torch
 
 from .layout import StateSpec, codes_specs, step_spec
 from .sharding import agree_on_flags, is_dtensor, local, unwrap_state, wrap_state
+from .state_io import hold, private_copy, release, storage_ids
 
 __all__ = ["LowMemOptimizer", "StateSpec", "codes_specs", "step_spec", "DROP_IN_FLAGS", "check_drop_in_flags"]
 
@@ -403,7 +403,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 "Invalid optimizer state dict: expected a dict with keys 'state' and 'param_groups', "
                 f"got {type(state_dict).__name__} with keys {keys}."
             )
-        saved = copy.deepcopy(state_dict)
+        own = storage_ids(t for state in self.state.values() if isinstance(state, dict) for t in state.values())
+        saved = private_copy(state_dict, own)  # this optimizer's own tensors (a DCP load's target) adopted
         saved_groups = saved["param_groups"]
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             count = len(saved_groups) if isinstance(saved_groups, list) else type(saved_groups).__name__
@@ -415,9 +416,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
             by_id, converted = self._checked_state(saved)
         except ValueError as err:
             raise ValueError(f"{err}{self._origin_hint(saved_groups)}") from err
-        saved["state"] = converted
+        saved["state"] = hold(converted)  # past torch's cast of every state tensor to the param dtype
         defaults = dict(self.defaults)
         super().load_state_dict(saved)
+        release(self.state)
         self.defaults.clear()
         self.defaults.update(defaults)  # torch's load adds `differentiable`
         self._restore_dtypes(by_id, converted)
