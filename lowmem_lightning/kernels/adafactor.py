@@ -25,19 +25,20 @@ and the tensor index. A 0/1 ``flag`` (non-finite guard) leaves params and every 
 
 Passes over the gradient (the math has two global reductions in sequence, the statistics and the
 RMS of ``u``, so it needs three): factored tensors take exactly three and five launches, the first
-four being the shared statistics kernels of :mod:`.factored`:
+three being the shared statistics kernels of :mod:`.factored`:
 
 1. ``sq_stats_kernel`` (tiles of BLOCK_R rows looping over all columns): row sums of ``q`` and the
    row EMA in-register, column partial sums per row tile, sum of ``p^2`` (for ``scale_parameter``).
 2. ``sq_finalize_kernel``: column EMA from the partials, the row/column factors ``rf``, ``cf`` (O(R + C)).
 3. ``clip_stats_kernel``: partial sums of ``u^2``.
-4. ``scalars_kernel`` (one program): ``lr_t`` and ``d`` from the partial sums.
+4. ``scalars_kernel`` (this file, one program; CAME uses it for ``d``): ``lr_t`` and ``d`` from the
+   partial sums. Its step-size rule and :func:`step_size_reference` are the rule's only copies.
 5. ``adafactor_update_kernel`` (this file; 256-element blocks, one codec block each): the update.
 
 1-D tensors take two passes (``full_stats_kernel`` updates ``v`` and sums ``u^2``, then the update).
 All reductions are deterministic (partial sums, no atomics).
 
-File order: Triton kernel, PyTorch reference (the step function), launcher.
+File order: Triton kernels, PyTorch reference (the step function), launcher.
 """
 
 from __future__ import annotations
@@ -51,26 +52,27 @@ import triton
 import triton.language as tl
 
 from .aot import dtype_variants, signature_of, with_aligned
-from .codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL
+from .codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL, block_rows
 from .dispatch import Family, HostStep, pack, per_layout, unpack
 from .factored import (
+    FLAT_BLOCK,
     INT_TYPES,
     ONE_WARP,
-    as_blocks,
     block_direction,
     clip_divisor_reference,
-    copy_back,
     index_args,
+    inv_sqrt,
     inv_sqrt_reference,
-    launch_scalars,
     launch_second_moment,
     momentum_block,
     momentum_update_reference,
+    run_host_step,
     second_moment_reference,
     state_views,
     total_square_sum_reference,
     write_back,
 )
+from .multitensor import copy_back
 from .rounding import index_seed, index_seed_reference, masked_reference, round_param_reference, store_param
 
 __all__ = ["AdafactorScalars", "AdafactorModes", "AdafactorHyper", "AdafactorTensors", "ADAFACTOR",
@@ -127,13 +129,57 @@ def adafactor_update_kernel(
     store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
 
 
+@triton.jit
+def scalars_kernel(
+    usq_part_ptr,
+    n_usq,
+    psq_part_ptr,
+    n_psq,
+    step_ptr,
+    out_ptr,
+    elr_ptr,
+    sqrt_n,
+    clip,
+    lr,
+    eps2,
+    relative_step,
+    warmup_init,
+    scale_parameter,
+    write_elr,
+    BLOCK: tl.constexpr,
+):
+    """One program: ``out = [lr_t, d, 1 / d, lr_t / d]`` from the partial sums (step size, clip divisor
+    and the two quotients the update passes multiply by, so they divide nothing per element; see the
+    module docstring of :mod:`.adafactor`); ``elr <- lr_t`` when ``write_elr``."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, n_usq, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        acc += tl.load(usq_part_ptr + idx, mask=idx < n_usq, other=0.0)
+    d = tl.maximum(tl.div_rn(tl.div_rn(tl.sqrt_rn(tl.sum(acc, axis=0)), sqrt_n), clip), 1.0)
+    pacc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, n_psq, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        pacc += tl.load(psq_part_ptr + idx, mask=idx < n_psq, other=0.0)
+    step = tl.load(step_ptr)
+    min_step = tl.where(warmup_init != 0, 1e-6 * step, 1e-2)
+    rel = tl.where(relative_step != 0, tl.minimum(min_step, inv_sqrt(step)), lr)
+    scale = tl.where(scale_parameter != 0, tl.maximum(eps2, tl.div_rn(tl.sqrt_rn(tl.sum(pacc, axis=0)), sqrt_n)), 1.0)
+    lr_t = scale * rel
+    tl.store(out_ptr, lr_t)
+    tl.store(out_ptr + 1, d)
+    tl.store(out_ptr + 2, tl.div_rn(1.0, d))
+    tl.store(out_ptr + 3, tl.div_rn(lr_t, d))
+    if write_elr != 0:
+        tl.store(elr_ptr, lr_t)
+
+
 AOT_SPECS = with_aligned([
     (adafactor_update_kernel,
      signature_of(adafactor_update_kernel, INT_TYPES, p_ptr=f"*{param}", g_ptr=f"*{grad}",
                   m_ptr="*i8" if momentum == 2 else "*fp32"),
      {"FACTORED": factored, "MOMENTUM": momentum, "BLOCK": BLOCK_SIZE}, {"num_warps": ONE_WARP})
     for param, grad, (factored, momentum) in dtype_variants((f, m) for f in (False, True) for m in (0, 1, 2))
-])
+] + [(scalars_kernel, signature_of(scalars_kernel, INT_TYPES), {"BLOCK": FLAT_BLOCK})])
 """(kernel, signature, constexprs) for every variant of the update kernel in fp32, plus the richest
 for the other (param, grad) dtype pairs (the statistics kernels are listed in :mod:`.factored`)."""
 
@@ -335,21 +381,38 @@ _MOMENTUM_APPLY_CPU = HostStep(_adafactor_apply_inplace)
 
 
 def _host(t: AdafactorTensors, hyper: AdafactorHyper, backend: str, steps: None) -> None:
-    """The reference step of one tensor (``t`` holds one), eager or compiled as ``backend`` says; a
-    sharded one (``reduces[0]`` set) runs eagerly with its sums completed across ranks."""
+    """The reference step of one tensor (``t`` holds one), eager or compiled as ``backend`` says
+    (:func:`.factored.run_host_step`); a sharded one (``reduces[0]`` set) runs eagerly, its sums
+    completed across ranks."""
     param, grad, v, vc, m, absmax, step, flag, elr, tensor_index, reduce = (field[0] for field in t)
-    work, g, v_, vc_, m_ = state_views(param, grad, v, vc, m)
+    work, g, v, vc, m = state_views(param, grad, v, vc, m)
     numel = param.numel() if reduce is None else reduce.numel
     hp = pack(hyper.scalars._replace(sqrt_n=math.sqrt(numel), tensor_index=float(tensor_index)), param.device)
-    if reduce is not None:
-        _adafactor_inplace(work, g, v_, vc_, m_, absmax, step, flag, hp, elr, hyper.modes, reduce)
-    elif absmax is not None:
-        u, lr_t = _DIRECTION_CPU[vc is not None].on(backend)(work, g, v_, vc_, step, flag, hp, elr, hyper.modes)
-        if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
-            _MOMENTUM_APPLY_CPU.on(backend)(*as_blocks(work, u, m_), absmax, lr_t, step, None, hp)
-    else:
-        _ADAFACTOR_CPU[vc is not None].on(backend)(work, g, v_, vc_, m_, absmax, step, flag, hp, elr, hyper.modes)
+
+    def rest(backend: str, out: tuple) -> None:
+        u, lr_t = out
+        _MOMENTUM_APPLY_CPU.on(backend)(*(block_rows(x, pad=False) for x in (work, u, m)), absmax, lr_t, step, None,
+                                        hp)
+
+    run_host_step(_ADAFACTOR_CPU, _DIRECTION_CPU, rest, backend=backend, factored=vc is not None,
+                  quantized=absmax is not None, flag=flag, reduce=reduce,
+                  whole_args=(work, g, v, vc, m, absmax, step, flag, hp, elr, hyper.modes),
+                  direction_args=(work, g, v, vc, step, flag, hp, elr, hyper.modes))
     copy_back(param, work)
+
+
+def launch_scalars(usq_part, psq_part, step, elr, numel: int, clip: float, lr: float, eps2: float,
+                   relative_step: bool, warmup_init: bool, scale_parameter: bool) -> torch.Tensor:
+    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d, 1 / d, lr_t / d]`` (fp32, on the device); writes
+    ``elr`` if given."""
+    scal = torch.empty(4, dtype=torch.float32, device=usq_part.device)
+    scalars_kernel[(1,)](
+        usq_part, usq_part.numel(), usq_part if psq_part is None else psq_part,
+        0 if psq_part is None else psq_part.numel(), step, scal, scal if elr is None else elr,
+        math.sqrt(numel), clip, lr, eps2, int(relative_step), int(warmup_init), int(scale_parameter),
+        int(elr is not None), BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
+    )
+    return scal
 
 
 def _launch(t: AdafactorTensors, hyper: AdafactorHyper) -> None:

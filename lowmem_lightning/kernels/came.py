@@ -44,36 +44,36 @@ import torch
 import triton
 import triton.language as tl
 
+from .adafactor import launch_scalars
 from .aot import dtype_variants, signature_of, with_aligned
-from .codec import BLOCK_SIZE, decode_signed
+from .codec import BLOCK_SIZE, block_rows, decode_signed
 from .dispatch import Family, HostStep, pack, per_layout, unpack
 from .factored import (
     INT_TYPES,
     ONE_WARP,
     TILES,
-    as_blocks,
     block_direction,
     block_of,
     clip_divisor_reference,
     col_tile,
-    copy_back,
     ema,
     factored_scale_reference,
     factored_stats_reference,
     factored_u,
     index_args,
     launch_finalize,
-    launch_scalars,
     launch_second_moment,
     momentum_block,
     momentum_update_reference,
     row_tile,
+    run_host_step,
     second_moment_reference,
     state_views,
     store_row_ema,
     tile_shape,
     write_back,
 )
+from .multitensor import copy_back
 from .rounding import index_seed, index_seed_reference, round_param_reference, store_param
 
 __all__ = ["CAMEScalars", "CAMETensors", "CAME", "came_reference"]
@@ -363,7 +363,7 @@ def _came_finish_inplace(param, u, new_m, sr, sc, step, flag, hp) -> None:
 _CAME_CPU = per_layout(_came_inplace)
 # 8-bit momentum: three graphs (direction, momentum codec on (blocks, 256) views, instability + update),
 # with u and the fp32 momentum materialized transiently; one graph mixing the codec's 2-D views with
-# the (B, R, C) layout compiled several times slower (see factored.as_blocks)
+# the (B, R, C) layout compiled several times slower (see factored.run_host_step)
 _DIRECTION_CPU = per_layout(_came_direction_inplace)
 _MOMENTUM_CPU = HostStep(_came_momentum_inplace)
 _FINISH_CPU = per_layout(_came_finish_inplace)
@@ -381,22 +381,21 @@ def _views(t: CAMETensors) -> tuple:
 
 
 def _host(t: CAMETensors, scalars: CAMEScalars, backend: str, steps: None) -> None:
-    """The reference step of one tensor (``t`` holds one), eager or compiled as ``backend`` says; a
-    sharded one (``reduces[0]`` set) runs eagerly with its sums completed across ranks."""
+    """The reference step of one tensor (``t`` holds one), eager or compiled as ``backend`` says
+    (:func:`.factored.run_host_step`); a sharded one (``reduces[0]`` set) runs eagerly, its sums
+    completed across ranks."""
     param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce = _views(t)
     numel = param.numel() if reduce is None else reduce.numel
     hp = pack(scalars._replace(sqrt_n=math.sqrt(numel), tensor_index=float(tensor_index)), param.device)
     factored = vc is not None
-    if reduce is not None:
-        _came_inplace(work, g, v, vc, sr, sc, m, absmax, step, flag, hp, reduce)
-    elif absmax is not None:
-        u = _DIRECTION_CPU[factored].on(backend)(g, v, vc, flag, hp)
-        if flag.item():  # a CPU tensor: a memory read, not a device sync; 0 leaves everything as it was
-            u_blocks, m_blocks = as_blocks(u, m)
-            new_m = _MOMENTUM_CPU.on(backend)(u_blocks, m_blocks, absmax, hp).view(u.shape)
-            _FINISH_CPU[factored].on(backend)(work, u, new_m, sr, sc, step, flag, hp)
-    else:
-        _CAME_CPU[factored].on(backend)(work, g, v, vc, sr, sc, m, absmax, step, flag, hp)
+
+    def rest(backend: str, u: torch.Tensor) -> None:
+        new_m = _MOMENTUM_CPU.on(backend)(block_rows(u, pad=False), block_rows(m, pad=False), absmax, hp)
+        _FINISH_CPU[factored].on(backend)(work, u, new_m.view(u.shape), sr, sc, step, flag, hp)
+
+    run_host_step(_CAME_CPU, _DIRECTION_CPU, rest, backend=backend, factored=factored, quantized=absmax is not None,
+                  flag=flag, reduce=reduce, whole_args=(work, g, v, vc, sr, sc, m, absmax, step, flag, hp),
+                  direction_args=(g, v, vc, flag, hp))
     copy_back(param, work)
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "BLOCK_SIZE",
     "MIN_QUANTIZED_NUMEL",
     "num_blocks",
+    "block_rows",
     "quantize_reference",
     "dequantize_reference",
     "quantize_blockwise",
@@ -301,11 +302,16 @@ aligned tensors)."""
 # --------------------------------------------------------------------------------------------------
 
 
-def _pad_to_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
-    pad = (-flat.numel()) % block_size
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    return flat.view(-1, block_size)
+def block_rows(t: torch.Tensor, pad: bool = True, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """``t``'s elements as ``(blocks, block_size)`` rows, the layout of every block-wise step: a view of a
+    contiguous ``t`` that holds whole blocks; else a zero-padded copy (``pad=True``; write it back with
+    :func:`.multitensor.copy_back`), or ``t`` itself (``pad=False``: the caller takes the partial-block path)."""
+    n = t.numel()
+    if n % block_size == 0:
+        return t.reshape(-1, block_size)
+    if not pad:
+        return t
+    return torch.nn.functional.pad(t.reshape(-1), (0, (-n) % block_size)).view(-1, block_size)
 
 
 def sqrt_rn_reference(x: torch.Tensor) -> torch.Tensor:
@@ -375,7 +381,7 @@ def quantize_reference(
     elements, absmax fp32 with ``num_blocks(x.numel())`` elements.
     """
     n = x.numel()
-    blocks = _pad_to_blocks(x.detach().reshape(-1).to(torch.float32), block_size)  # (nb, B)
+    blocks = block_rows(x.detach().reshape(-1).to(torch.float32), True, block_size)  # (nb, B)
     absmax = (blocks.abs() if signed else blocks).amax(dim=1, keepdim=True)  # (nb, 1)
     codes = encode_signed_reference(blocks, absmax) if signed else encode_unsigned_reference(blocks, absmax)
     return codes.reshape(-1)[:n].contiguous(), absmax.reshape(-1)
@@ -386,7 +392,7 @@ def dequantize_reference(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_reference`: flat codes + absmax -> flat fp32 values."""
     n = codes.numel()
-    blocks = _pad_to_blocks(codes.reshape(-1), block_size)
+    blocks = block_rows(codes.reshape(-1), True, block_size)
     scale = absmax.reshape(-1, 1).to(torch.float32)
     if codes.dtype == torch.int8:
         values = decode_signed_reference(blocks, scale)

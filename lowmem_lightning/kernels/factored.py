@@ -1,9 +1,8 @@
 """Row/column second-moment statistics shared by the factored optimizers (:mod:`.adafactor`, :mod:`.came`).
 
 Math (Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018,
-section 3; CAME applies the same factorization to its instability statistic). A tensor of >= 2 dims
-is viewed as ``(B, R, C)`` (leading dims are a batch, the last two are factored); ``q`` is the
-statistic's input, e.g. ``g * g + eps1``; all fp32::
+section 3; CAME applies it to its instability statistic too). A tensor of >= 2 dims is viewed as
+``(B, R, C)`` (leading dims a batch); ``q`` is the statistic's input, e.g. ``g * g + eps1``; fp32::
 
     vr = beta * vr + (1 - beta) * mean_C(q)       (B, R)   row statistics
     vc = beta * vc + (1 - beta) * mean_R(q)       (B, C)   column statistics
@@ -11,17 +10,11 @@ statistic's input, e.g. ``g * g + eps1``; all fp32::
     d  = max(1, rms(u) / clip_threshold)                   update clipping
     (1-D: v = beta * v + (1 - beta) * q, u = g / sqrt(v), v full size)
 
-Passes (deterministic partial sums, no atomics): ``sq_stats_kernel`` (row EMA in-register, column
-partials per row tile, sum of ``p^2``), ``sq_finalize_kernel`` (column EMA, then the factors
-``rf = 1/sqrt(vr / mean_R(vr))`` per row and ``cf = 1/sqrt(vc)`` per column, O(R + C)),
-``clip_stats_kernel`` (partial sums of ``u^2``) and ``scalars_kernel`` (one program: step size
-``lr_t``, clip divisor ``d``, ``1 / d`` and ``lr_t / d``); 1-D tensors take ``full_stats_kernel``
-instead of the first three. The per-element passes only multiply (no division or root per element
-in the factored path; the 1-D path's ``inv_sqrt`` is branch-free and correctly rounded), so their
-sm_90 SASS has no slow-path ``CALL`` (``tests/test_kernels_sass_factored.py``).
-The ``@triton.jit`` helpers below (``ema``, ``inv_sqrt``, ``factored_u``, ``block_direction``,
-``momentum_block``, ...) are the building blocks of the optimizers' own update kernels; each has
-a ``*_reference`` twin here that the optimizers' step functions call, bit for bit the same ops.
+The statistics passes (deterministic partial sums, no atomics) are listed in :mod:`.adafactor`. The
+per-element passes only multiply (the factors are precomputed per row and column; the 1-D path's
+``inv_sqrt`` is branch-free and correctly rounded), so their SASS has no slow-path ``CALL``. The
+``@triton.jit`` helpers are the building blocks of the optimizers' update kernels; each has a
+``*_reference`` twin that the step functions call, the same fp32 operations.
 
 File order: Triton helpers and kernels, PyTorch references, launchers.
 """
@@ -51,8 +44,8 @@ from .codec import (
 )
 from .rounding import masked_reference
 
-__all__ = ["TILES", "ONE_WARP", "tile_shape", "factored_shape", "state_views", "copy_back", "as_blocks",
-           "launch_second_moment", "launch_finalize", "launch_scalars", "index_args", "split_reciprocal",
+__all__ = ["TILES", "ONE_WARP", "tile_shape", "factored_shape", "state_views", "run_host_step",
+           "launch_second_moment", "launch_finalize", "index_args", "split_reciprocal",
            "div_rn", "inv_sqrt", "row_of", "factored_stats_reference", "factored_scale_reference",
            "clip_divisor_reference", "momentum_update_reference", "second_moment_reference", "write_back"]
 
@@ -107,14 +100,11 @@ def div_rn(a, b):
 
 @triton.jit
 def inv_sqrt(x):
-    """``1 / sqrt(max(x, 2**-126))``: the IEEE root, then the IEEE reciprocal (the reference does the
-    same two correctly rounded ops), branch-free (:func:`.codec.sqrt_rn_fast`, :func:`.codec.rcp_rn`).
+    """``1 / sqrt(max(x, 2**-126))``: the IEEE root, then the IEEE reciprocal (as the reference), branch-free.
 
-    The floor (the smallest normal fp32) only acts on an underflowed statistic, e.g. a zero row's
-    ``vr / mean(vr)`` next to a huge row: it caps the factor at ~9.2e18 instead of inf, so a zero
-    gradient times it stays 0 (not NaN). Values below ``2**-100`` are scaled by ``2**64`` before the
-    root and the root by ``2**-32`` after (both exact), so the root sees its exact range (``>= 2**-101``)
-    and the reciprocal a normal number in ``[2**-63, 2**64]``."""
+    The floor caps an underflowed statistic's factor at ~9.2e18 (a zero gradient times it stays 0, not
+    NaN). Values below ``2**-100`` are scaled by ``2**64`` before the root and by ``2**-32`` after (both
+    exact), keeping :func:`.codec.sqrt_rn_fast` and :func:`.codec.rcp_rn` in their exact ranges."""
     x = tl.maximum(x, 1.1754943508222875e-38)
     tiny = x < 7.888609052210118e-31  # 2**-100
     s = sqrt_rn_fast(x * tl.where(tiny, 18446744073709551616.0, 1.0))
@@ -224,24 +214,9 @@ def store_row_ema(stat_ptr, rsum_part_ptr, pid, grow, rmask, row_sum, C, beta, o
 
 @triton.jit
 def sq_stats_kernel(
-    g_ptr,
-    p_ptr,
-    vr_ptr,
-    colpart_ptr,
-    rsum_part_ptr,
-    psq_part_ptr,
-    flag_ptr,
-    step_ptr,
-    eps1,
-    decay,
-    one_minus_decay,
-    beta_from_step,
-    R,
-    C,
-    n_rt,
-    WITH_PSQ: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    g_ptr, p_ptr, vr_ptr, colpart_ptr, rsum_part_ptr, psq_part_ptr, flag_ptr, step_ptr, eps1, decay,
+    one_minus_decay, beta_from_step, R, C, n_rt,
+    WITH_PSQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Pass 1 (factored): row EMA ``vr``, column partial sums of ``q = g*g + eps1`` per row tile, and the
     partial sums of ``p^2`` (``WITH_PSQ``). Program = one tile of ``BLOCK_R`` rows over all columns."""
@@ -265,20 +240,8 @@ def sq_stats_kernel(
 
 @triton.jit
 def sq_finalize_kernel(
-    colpart_ptr,
-    vc_ptr,
-    vr_ptr,
-    rsum_part_ptr,
-    rf_ptr,
-    cf_ptr,
-    flag_ptr,
-    step_ptr,
-    decay,
-    one_minus_decay,
-    beta_from_step,
-    R,
-    C,
-    n_rt,
+    colpart_ptr, vc_ptr, vr_ptr, rsum_part_ptr, rf_ptr, cf_ptr, flag_ptr, step_ptr, decay, one_minus_decay,
+    beta_from_step, R, C, n_rt,
     BLOCK: tl.constexpr,
 ):
     """Pass 2 (factored): column EMA ``vc`` from the partials, then the factors the later passes
@@ -316,15 +279,8 @@ def sq_finalize_kernel(
 
 @triton.jit
 def clip_stats_kernel(
-    g_ptr,
-    rf_ptr,
-    cf_ptr,
-    usq_part_ptr,
-    R,
-    C,
-    n_rt,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    g_ptr, rf_ptr, cf_ptr, usq_part_ptr, R, C, n_rt,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Pass 3 (factored): partial sums of ``u^2``, ``u = (rf * cf) * g``, one per tile of ``BLOCK_R`` rows."""
     pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
@@ -341,20 +297,9 @@ def clip_stats_kernel(
 
 @triton.jit
 def full_stats_kernel(
-    g_ptr,
-    p_ptr,
-    v_ptr,
-    usq_part_ptr,
-    psq_part_ptr,
-    flag_ptr,
-    step_ptr,
-    n,
-    eps1,
-    decay,
-    one_minus_decay,
+    g_ptr, p_ptr, v_ptr, usq_part_ptr, psq_part_ptr, flag_ptr, step_ptr, n, eps1, decay, one_minus_decay,
     beta_from_step,
-    WITH_PSQ: tl.constexpr,
-    BLOCK: tl.constexpr,
+    WITH_PSQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Unfactored (1-D) pass: ``v`` EMA and partial sums of ``u^2 = (g / sqrt(v))^2`` (and ``p^2``)."""
     pid = tl.program_id(0)
@@ -371,50 +316,6 @@ def full_stats_kernel(
     if WITH_PSQ:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(psq_part_ptr + pid, tl.sum(p * p, axis=0))
-
-
-@triton.jit
-def scalars_kernel(
-    usq_part_ptr,
-    n_usq,
-    psq_part_ptr,
-    n_psq,
-    step_ptr,
-    out_ptr,
-    elr_ptr,
-    sqrt_n,
-    clip,
-    lr,
-    eps2,
-    relative_step,
-    warmup_init,
-    scale_parameter,
-    write_elr,
-    BLOCK: tl.constexpr,
-):
-    """One program: ``out = [lr_t, d, 1 / d, lr_t / d]`` from the partial sums (step size, clip divisor
-    and the two quotients the update passes multiply by, so they divide nothing per element; see the
-    module docstring of :mod:`.adafactor`); ``elr <- lr_t`` when ``write_elr``."""
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, n_usq, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        acc += tl.load(usq_part_ptr + idx, mask=idx < n_usq, other=0.0)
-    d = tl.maximum(tl.div_rn(tl.div_rn(tl.sqrt_rn(tl.sum(acc, axis=0)), sqrt_n), clip), 1.0)
-    pacc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, n_psq, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        pacc += tl.load(psq_part_ptr + idx, mask=idx < n_psq, other=0.0)
-    step = tl.load(step_ptr)
-    min_step = tl.where(warmup_init != 0, 1e-6 * step, 1e-2)
-    rel = tl.where(relative_step != 0, tl.minimum(min_step, inv_sqrt(step)), lr)
-    scale = tl.where(scale_parameter != 0, tl.maximum(eps2, tl.div_rn(tl.sqrt_rn(tl.sum(pacc, axis=0)), sqrt_n)), 1.0)
-    lr_t = scale * rel
-    tl.store(out_ptr, lr_t)
-    tl.store(out_ptr + 1, d)
-    tl.store(out_ptr + 2, tl.div_rn(1.0, d))
-    tl.store(out_ptr + 3, tl.div_rn(lr_t, d))
-    if write_elr != 0:
-        tl.store(elr_ptr, lr_t)
 
 
 def tile_shape(cols: int) -> tuple[int, int]:
@@ -447,7 +348,6 @@ AOT_SPECS = with_aligned(
          {"BLOCK_R": br, "BLOCK_C": bc})
         for _, grad, (br, bc) in dtype_variants(TILES)
     ]
-    + [(scalars_kernel, signature_of(scalars_kernel, INT_TYPES), {"BLOCK": FLAT_BLOCK})]
 )
 """(kernel, signature, constexprs, aligned, options) for every statistics kernel and variant in fp32, the
 richest for the other dtype pairs; general and aligned (:func:`.aot.with_aligned`)."""
@@ -547,8 +447,8 @@ def momentum_update_reference(
         new = ema_reference(dequantize_reference(m, absmax).view(u.shape), u, beta1, omb1)
         codes, scales = quantize_reference(new, signed=True)
         return new, masked_reference(ok, codes.view(m.shape), m), masked_reference(ok, scales, absmax)
-    # whole blocks: the same codec math on (blocks, 256) views, no padding copies (the CPU launchers pass
-    # 2-D views already, see as_blocks)
+    # whole blocks: the same codec math on (blocks, 256) views, no padding copies (the host steps pass
+    # 2-D views already, see codec.block_rows)
     u_blocks = u.reshape(-1, BLOCK_SIZE)
     m_blocks = m.view(u_blocks.shape)
     scale = absmax.view(*u_blocks.shape[:-1], 1)
@@ -572,8 +472,9 @@ def write_back(dsts, srcs) -> None:
 
 def state_views(param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None,
                 m: torch.Tensor | None) -> tuple:
-    """Contiguous ``(work_param, grad, v, vc, m)`` views in the kernel layout (``(B, R, C)`` or flat)."""
-    work = param if param.is_contiguous() else param.contiguous()
+    """Contiguous ``(work_param, grad, v, vc, m)`` views in the kernel layout (``(B, R, C)`` or flat); a
+    non-contiguous param is worked on as a copy (:func:`.multitensor.copy_back` writes it back)."""
+    work = param.contiguous()
     if vc is not None:
         shape3 = factored_shape(param.shape)
         return (work.view(shape3), grad.reshape(shape3).contiguous(), v.view(shape3[:2]), vc.view(shape3[0], -1),
@@ -581,19 +482,23 @@ def state_views(param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, vc: to
     return (work.view(-1), grad.reshape(-1).contiguous(), v.view(-1), None, None if m is None else m.view(-1))
 
 
-def copy_back(param: torch.Tensor, work: torch.Tensor) -> None:
-    """Write the updated ``work`` (:func:`state_views`) into ``param`` when it is a contiguous copy."""
-    if work.data_ptr() != param.data_ptr():
-        param.copy_(work.view(param.shape))
+def run_host_step(whole: dict, direction: dict, rest, *, backend: str, factored: bool, quantized: bool,
+                  flag: torch.Tensor, reduce, whole_args: tuple, direction_args: tuple) -> None:
+    """The control flow of a factored optimizer's host step (Adafactor, CAME), written once.
 
-
-def as_blocks(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Contiguous tensors of the same numel as ``(blocks, 256)`` views when the numel is a whole number of
-    blocks (else unchanged): the compiled CPU codec runs on 2-D views of one shape only (mixing them with
-    the (B, R, C) layout compiled ~15x slower: 15.8 vs 1.0 ms on 1024x1024)."""
-    if tensors[0].numel() % BLOCK_SIZE:
-        return tensors
-    return tuple(t.view(-1, BLOCK_SIZE) for t in tensors)
+    ``whole[factored]`` (:class:`.dispatch.HostStep` per layout): the step in one graph, eager with
+    ``reduce`` appended for a sharded tensor, else on ``backend``. 8-bit momentum splits it (inductor
+    fused the block codec with the row/column reductions several times slower): ``direction[factored]``,
+    then, if the flag (a CPU tensor: no device sync) is set, ``rest(backend, out)`` on its output.
+    """
+    if reduce is not None:
+        whole[factored].eager(*whole_args, reduce)
+    elif quantized:
+        out = direction[factored].on(backend)(*direction_args)
+        if flag.item():
+            rest(backend, out)
+    else:
+        whole[factored].on(backend)(*whole_args)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -660,17 +565,3 @@ def launch_second_moment(
         one_minus_decay, int(beta_from_step), WITH_PSQ=with_psq, BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
     )
     return None, None, usq_part, psq_part
-
-
-def launch_scalars(usq_part, psq_part, step, elr, numel: int, clip: float, lr: float, eps2: float,
-                   relative_step: bool, warmup_init: bool, scale_parameter: bool) -> torch.Tensor:
-    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d, 1 / d, lr_t / d]`` (fp32, on the device); writes
-    ``elr`` if given."""
-    scal = torch.empty(4, dtype=torch.float32, device=usq_part.device)
-    scalars_kernel[(1,)](
-        usq_part, usq_part.numel(), usq_part if psq_part is None else psq_part,
-        0 if psq_part is None else psq_part.numel(), step, scal, scal if elr is None else elr,
-        math.sqrt(numel), clip, lr, eps2, int(relative_step), int(warmup_init), int(scale_parameter),
-        int(elr is not None), BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
-    )
-    return scal

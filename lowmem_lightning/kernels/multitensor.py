@@ -15,7 +15,7 @@ vector instructions (``ld.global.v4``), where the general variant issues one sca
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -25,8 +25,8 @@ import triton.language as tl
 from .aot import signature_of
 from .dispatch import triton_dtype
 
-__all__ = ["PARAM_GRAD_DTYPE_PAIRS", "VECTOR_BYTES", "is_aligned", "launch_over", "bucket", "tile_map",
-           "launch_table", "kernel_inputs", "write_back", "aot_spec", "as_fp32", "table_pointer", "tile_header"]
+__all__ = ["PARAM_GRAD_DTYPE_PAIRS", "VECTOR_BYTES", "is_aligned", "launch_over", "tile_map",
+           "launch_table", "kernel_inputs", "copy_back", "aot_spec", "as_fp32", "table_pointer", "tile_header"]
 
 PARAM_GRAD_DTYPE_PAIRS = [
     (torch.float32, torch.float32),
@@ -65,14 +65,6 @@ def is_aligned(*tensors: torch.Tensor | None) -> bool:
     )
 
 
-def bucket(count: int, key: Callable[[int], Hashable]) -> dict[Hashable, list[int]]:
-    """Indices ``0..count-1`` grouped by ``key(i)`` (first-seen order): one launch per group."""
-    groups: dict[Hashable, list[int]] = {}
-    for i in range(count):
-        groups.setdefault(key(i), []).append(i)
-    return groups
-
-
 @functools.lru_cache(maxsize=64)
 def tile_map(numels: tuple[int, ...], device: torch.device, tile_elements: int
              ) -> tuple[torch.Tensor, tuple[int, ...], int]:
@@ -97,17 +89,16 @@ def launch_table(rows: Sequence[Sequence[int]], device: torch.device) -> torch.T
 
 
 def kernel_inputs(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> tuple[list, list]:
-    """Contiguous params (copies where needed, see :func:`write_back`) and contiguous fp32/bf16/fp16 grads."""
-    work = [p if p.is_contiguous() else p.contiguous() for p in params]
+    """Contiguous params (copies where needed, see :func:`copy_back`) and contiguous fp32/bf16/fp16 grads."""
     grads = [g if g.dtype in _KERNEL_GRAD_DTYPES else g.float() for g in grads]
-    return work, [g if g.is_contiguous() else g.contiguous() for g in grads]
+    return [p.contiguous() for p in params], [g.contiguous() for g in grads]
 
 
-def write_back(params: Sequence[torch.Tensor], work: Sequence[torch.Tensor]) -> None:
-    """Copy updated contiguous copies back into non-contiguous params."""
-    for param, w in zip(params, work):
-        if w is not param:
-            param.copy_(w)
+def copy_back(dst: torch.Tensor, work: torch.Tensor) -> None:
+    """Write an updated ``work`` back into ``dst``: nothing when ``work`` is ``dst``'s own memory (``dst``
+    or a view of it), else its first ``dst.numel()`` elements (a contiguous or zero-padded copy)."""
+    if work.data_ptr() != dst.data_ptr():
+        dst.copy_(work.reshape(-1)[:dst.numel()].view(dst.shape))
 
 
 def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, scalars: NamedTuple, tile_elements: int,
@@ -120,7 +111,7 @@ def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, sca
     called as ``kernel[(tiles,)](table, owner, T, **scalars._asdict(), PARAM_DTYPE, GRAD_DTYPE,
     **constexprs)``: the scalars by name, so a NamedTuple whose fields do not name the kernel's
     arguments fails loudly. Non-contiguous params are updated through contiguous copies
-    (:func:`kernel_inputs`).
+    (:func:`kernel_inputs`, :func:`copy_back`).
     """
     device = params[0].device
     work, grads = kernel_inputs(params, grads)
@@ -136,7 +127,8 @@ def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, sca
         PARAM_DTYPE=triton_dtype(work[0].dtype), GRAD_DTYPE=triton_dtype(grads[0].dtype),
         **constexprs, enable_fp_fusion=False,
     )
-    write_back(params, work)
+    for param, w in zip(params, work):
+        copy_back(param, w)
 
 
 # --------------------------------------------------------------------------------------------------

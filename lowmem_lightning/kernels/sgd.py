@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .codec import (
     BLOCK_SIZE,
+    block_rows,
     decode_signed,
     decode_signed_reference,
     encode_signed,
@@ -49,7 +50,16 @@ from .codec import (
 )
 from .cpu_buckets import plan
 from .dispatch import Family, HostStep, pack, unpack
-from .multitensor import PARAM_GRAD_DTYPE_PAIRS, aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
+from .multitensor import (
+    PARAM_GRAD_DTYPE_PAIRS,
+    aot_spec,
+    as_fp32,
+    copy_back,
+    is_aligned,
+    launch_over,
+    table_pointer,
+    tile_header,
+)
 from .rounding import (
     SEED_INDEX,
     SEED_MASK,
@@ -206,25 +216,6 @@ def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed) -> None:
     write_param_reference(param, p - s.lr * d, ok, seed)
 
 
-def _on_views(step_fn, param, grad, buf, absmax, *args) -> None:
-    """Run ``step_fn`` on flat views of contiguous ``param`` and its state, or on ``(num_blocks,
-    BLOCK_SIZE)`` views for 8-bit momentum (zero-padded copies for a partial last block: a zero grad
-    and zero param keep the padding at zero, so the block's absmax is unchanged)."""
-    if absmax is None:
-        step_fn(param.view(-1), grad.reshape(-1), None if buf is None else buf.view(-1), None, *args)
-        return
-    n = param.numel()
-    pad = (-n) % BLOCK_SIZE
-    if pad == 0:
-        step_fn(param.view(-1, BLOCK_SIZE), grad.reshape(-1, BLOCK_SIZE), buf.view(-1, BLOCK_SIZE),
-                absmax.view(-1, 1), *args)
-        return
-    padded = [torch.nn.functional.pad(t.reshape(-1), (0, pad)).view(-1, BLOCK_SIZE) for t in (param, grad, buf)]
-    step_fn(padded[0], padded[1], padded[2], absmax.view(-1, 1), *args)
-    param.view(-1).copy_(padded[0].view(-1)[:n])
-    buf.view(-1).copy_(padded[2].view(-1)[:n])
-
-
 def sgd_reference(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -240,13 +231,20 @@ def sgd_reference(
     ``param`` (n,) fp32/bf16/fp16; ``grad`` (n,) any float dtype; ``buf`` None (no momentum), fp32
     (n,) or int8 codes (n,) with ``absmax`` fp32 (ceil(n/256),); ``step`` and ``flag`` 0-d fp32;
     ``tensor_index`` seeds the rounding. ``new_param`` has the param's dtype (stochastically rounded);
-    where ``flag == 0`` every output equals its input.
+    where ``flag == 0`` every output equals its input. A partial last block of 8-bit momentum runs zero
+    padded: a zero grad and param keep the padding at zero, so the block's absmax is unchanged.
     """
     param = param.clone(memory_format=torch.contiguous_format)
     buf = None if buf is None else buf.clone(memory_format=torch.contiguous_format)
     absmax = None if absmax is None else absmax.clone()
-    s = unpack(SGDScalars, pack(scalars, param.device))
-    _on_views(sgd_step, param, grad, buf, absmax, flag != 0, step == 1, s, index_seed_reference(step, tensor_index))
+    args = (flag != 0, step == 1, unpack(SGDScalars, pack(scalars, param.device)), index_seed_reference(step, tensor_index))
+    if absmax is None:  # flat views
+        sgd_step(param.view(-1), grad.reshape(-1), None if buf is None else buf.view(-1), None, *args)
+        return param, buf, absmax
+    rows = [block_rows(t) for t in (param, grad, buf)]  # whole blocks: views; else zero-padded copies
+    sgd_step(rows[0], rows[1], rows[2], absmax.view(-1, 1), *args)
+    copy_back(param, rows[0])
+    copy_back(buf, rows[2])
     return param, buf, absmax
 
 
