@@ -259,3 +259,57 @@ def test_fsdp2_trains_shards_and_resumes_bit_exact(tmp_path, monkeypatch):
         assert 1.0 < result["bytes_per_param"] < 4.5, result
     single = sum(p.numel() for p in test_fsdp2._single_process_model(tmp_path, "adamw_4bit").parameters())
     assert ranks[0]["num_params"] + ranks[1]["num_params"] == single
+
+
+_AOT_SCRIPT = """
+import json, sys
+from lowmem_lightning.kernels import adamw4bit
+from lowmem_lightning.kernels.aot import aligned_params, compile_spec, count_accesses, disassemble, sass_counts
+wanted = set(json.loads(sys.argv[1]))
+out = []
+for kernel, signature, constexprs in adamw4bit.AOT_SPECS:
+    key = f"{constexprs['PARAM_DTYPE']}/{constexprs['GRAD_DTYPE']}/{constexprs['ALIGNED']}"
+    if wanted and key not in wanted:
+        continue
+    aligned = aligned_params(kernel, signature) if constexprs["ALIGNED"] else ()
+    for arch in (80, 90):
+        compiled = compile_spec(kernel, signature, constexprs, arch, aligned)
+        sass = sass_counts(disassemble(compiled.asm["cubin"], "_adamw4bit_kernel"))
+        out.append({"key": key, "arch": arch, "access": count_accesses(compiled.asm["ptx"]), "CALL": sass["CALL"],
+                    "main": sass["main"]})
+print(json.dumps(out))
+"""
+
+
+def _compile_aot(keys: list[str]) -> list[dict]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(keys)], env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_aot(records: list[dict]) -> None:
+    assert {r["arch"] for r in records} == {80, 90}
+    for r in records:
+        assert r["CALL"] == 0, r  # branch-free element math: no slow-path CALL in the SASS
+        if r["key"].endswith("/True"):  # aligned: params, grads, codes move as vectors, not scalars
+            assert r["access"]["ld.v4"] >= 2 and r["access"]["st.v4"] >= 1, r
+
+
+def test_kernel_compiles_for_sm80_and_sm90_without_slow_path_calls():
+    records = _compile_aot(["bf16/bf16/True"])  # the variant bf16 training runs; every variant: the slow test
+    assert len(records) == 2
+    _check_aot(records)
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles_for_sm80_and_sm90_without_slow_path_calls():
+    records = _compile_aot([])
+    assert len(records) == 2 * len(kernel.AOT_SPECS) == 2 * 14
+    _check_aot(records)
