@@ -246,14 +246,20 @@ def part_step_time(dry: bool) -> list[str]:
 
 def _peak_step(build, steps: int, device) -> tuple[float, float]:
     """(peak device memory in GB, median step ms) of ``steps`` training steps of ``build()``'s
-    ``(step_fn)``; CPU: (0, ms)."""
+    ``(step_fn)``; CPU: (0, ms). The peak counts from what was allocated before ``build`` (a previous
+    row's leftovers are collected first and not charged to this one)."""
+    import gc
+
     import torch
 
     cuda = device.type == "cuda"
+    gc.collect()
+    baseline = 0
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
     step = build()
     times = []
     for _ in range(steps):
@@ -262,7 +268,7 @@ def _peak_step(build, steps: int, device) -> tuple[float, float]:
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - begin) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0
+    peak = (torch.cuda.max_memory_allocated() - baseline) / 1e9 if cuda else 0.0
     return peak, statistics.median(times[1:] or times)
 
 
@@ -915,12 +921,12 @@ def part_long_run(dry: bool) -> list[str]:
             continue
         r = results[name]
         tail = r["curve"][-max(1, len(r["curve"]) // 20):]
-        ratio = r["held_out"] / results[ref]["held_out"] if ref in results else float("nan")
-        ok = "-" if ref is None else ("yes" if ratio <= LONG_RUN_BOUND else "NO")
+        ratio = r["held_out"] / results[ref]["held_out"] if ref in results else None
+        ok = "-" if ratio is None else ("yes" if ratio <= LONG_RUN_BOUND else "NO")
         failures += [f"{name} {ratio:.4f}x {ref}"] if ok == "NO" and not dry else []
-        lines.append(f"| {name} | {ref or '-'} | {statistics.fmean(tail):.4f} | {r['held_out']:.4f} | "
-                     f"{ratio:.4f}x | {r['held_out'] / results['adamw']['held_out']:.4f}x | "
-                     f"{r['ms_per_step']:.1f} | {ok} |")
+        shown = "-" if ratio is None else f"{ratio:.4f}x"
+        lines.append(f"| {name} | {ref or '-'} | {statistics.fmean(tail):.4f} | {r['held_out']:.4f} | {shown} | "
+                     f"{r['held_out'] / results['adamw']['held_out']:.4f}x | {r['ms_per_step']:.1f} | {ok} |")
     png = _out_dir() / "long_run.png"
     convergence.plot({name: r["curve"] for name, r in results.items()}, png)
     lines += ["", f"Loss curves: `{png.name}` (written to {png.parent})."]
