@@ -37,6 +37,8 @@ KWARGS = {  # small lr-driven settings for each registered name
     "lion_8bit": dict(lr=1e-3, weight_decay=0.1),
     "ademamix": dict(lr=1e-2),
     "ademamix_8bit": dict(lr=1e-2, t_alpha=3, t_beta3=3),
+    "muon": dict(lr=1e-2),  # (70, 70) and (5, 3) take Muon, (4097,) 8-bit AdamW: the hybrid in one optimizer
+    "muon_8bit": dict(lr=1e-2),
 }
 VARIANTS = [(n, KWARGS[n]) for n in NAMES] + [  # + the other storage forms
     ("sgd", dict(lr=1e-2, momentum=0.9, momentum_dtype="int8", nesterov=True)),
@@ -44,6 +46,7 @@ VARIANTS = [(n, KWARGS[n]) for n in NAMES] + [  # + the other storage forms
     ("adafactor", dict(beta1=0.9, momentum_dtype="int8")),  # relative step, parameter scale
     ("adafactor", dict()),  # no momentum
     ("came", dict(lr=1e-2, momentum_dtype="int8", weight_decay=0.01)),
+    ("muon", dict(lr=1e-2, nesterov=False, adjust_lr_fn="match_rms_adamw")),
 ]
 SHAPES = [(70, 70), (4097,), (5, 3)]  # 8-bit state, 8-bit 1-D, fp32 (small) state
 

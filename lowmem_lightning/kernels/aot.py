@@ -23,6 +23,7 @@ KERNEL_MODULES = (
     "lowmem_lightning.kernels.adafactor",
     "lowmem_lightning.kernels.came",
     "lowmem_lightning.kernels.nf4",
+    "lowmem_lightning.kernels.muon",
 )
 """Modules whose ``AOT_SPECS`` are compiled; a module that does not exist yet is skipped."""
 

@@ -21,6 +21,8 @@ __all__ = [
     "Lion8bit",
     "AdEMAMix",
     "AdEMAMix8bit",
+    "Muon",
+    "Muon8bit",
 ]
 
 _LAZY = {
@@ -34,6 +36,8 @@ _LAZY = {
     "Lion8bit": "lion",
     "AdEMAMix": "ademamix",
     "AdEMAMix8bit": "ademamix",
+    "Muon": "muon",
+    "Muon8bit": "muon",
 }
 
 

@@ -24,6 +24,8 @@ OPTIMIZERS: dict[str, str] = {
     "lion_8bit": "lowmem_lightning.optim.lion:Lion8bit",
     "ademamix": "lowmem_lightning.optim.ademamix:AdEMAMix",
     "ademamix_8bit": "lowmem_lightning.optim.ademamix:AdEMAMix8bit",
+    "muon": "lowmem_lightning.optim.muon:Muon",
+    "muon_8bit": "lowmem_lightning.optim.muon:Muon8bit",
 }
 """Registered names and where their classes live."""
 

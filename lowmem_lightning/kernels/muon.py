@@ -1,0 +1,346 @@
+"""Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"; ``torch.optim.Muon``
+semantics): the fused momentum pass (fp32 or 8-bit momentum), the batched bf16 Newton–Schulz iteration
+and the parameter update.
+
+Per 2-D parameter ``P`` (``A x B``) and step, all in fp32 except Newton–Schulz::
+
+    buf = lerp(buf, g, 1 - momentum)                     buf starts at 0 (torch.optim.Muon)
+    U   = lerp(g, buf, momentum)  if nesterov  else  buf
+    O   = NS_k^{(a,b,c)}(bf16(U); eps)                   Newton–Schulz in bf16, below
+    P   = P * (1 - lr * weight_decay) - adjusted_lr * O  decoupled weight decay, then the update
+
+``lerp(s, e, w)`` is torch's: ``fma(w, e - s, s)`` when ``|w| < 0.5``, else ``fma(-(1 - w), e - s, e)``
+(``w`` and ``1 - w`` in fp32), so the fp32 momentum path reproduces ``torch.optim.Muon`` bit for bit on
+the CPU. ``adjusted_lr`` is ``lr * sqrt(max(1, A / B))`` (``"original"``, Keller Jordan's) or ``lr * 0.2 *
+sqrt(max(A, B))`` (``"match_rms_adamw"``, Liu et al. 2025, "Muon is Scalable for LLM Training").
+
+Newton–Schulz (:func:`newton_schulz`): ``X = bf16(U)``, transposed when tall, divided by
+``max(||X||_F, eps)``, then ``k`` times ``A = X X^T; B = b A + c A A; X = a X + B X`` in bf16 matmuls, the
+quintic of the Muon authors (coefficients (3.4445, -4.7750, 2.0315), 5 steps). Matrices of one shape run
+as one batch (``baddbmm``), which on the CPU gives the same bits as one ``addmm`` chain per matrix.
+
+8-bit momentum (Gupta et al. 2025, arXiv 2509.23106, "block-wise quantization of the Muon momentum"):
+``buf`` is stored in the package's signed block-wise code (:mod:`.codec`: int8 per element + fp32 absmax
+per 256 = 1.016 bytes/param); ``U`` is formed from the fp32 momentum before it is re-quantized.
+
+One pass over memory (:func:`_muon_momentum_kernel`): a program loads ``ROWS x 256`` elements of grad and
+momentum, stores the momentum and writes ``U`` directly as bf16 into the Newton–Schulz batch buffer (half
+the bytes of an fp32 copy). A 0/1 fp32 ``flag`` (the optimizer's non-finite guard) masks the momentum
+store; the launcher's update leaves the param untouched where it is 0.
+
+File order: Triton kernel, PyTorch reference, launchers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .codec import BLOCK_SIZE, decode_signed, decode_signed_reference, encode_signed, encode_signed_reference
+from .dispatch import Family, dispatch
+from .multitensor import aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
+from .rounding import index_seed_reference, store_param, write_param_reference
+
+__all__ = [
+    "ROWS",
+    "NS_COEFFICIENTS",
+    "NS_STEPS",
+    "NS_EPS",
+    "MuonScalars",
+    "MuonTensors",
+    "MUON_MOMENTUM",
+    "adjusted_lr",
+    "muon_momentum_reference",
+    "newton_schulz",
+    "muon_apply_reference",
+    "muon_momentum",
+    "muon_apply",
+]
+
+ROWS = 4
+"""Quantization blocks (of ``BLOCK_SIZE`` elements) handled by one Triton program."""
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+"""Quintic Newton–Schulz coefficients ``(a, b, c)`` of the Muon authors (and ``torch.optim.Muon``)."""
+
+NS_STEPS = 5
+"""Newton–Schulz iterations per update (the Muon authors' and torch's default)."""
+
+NS_EPS = 1e-7
+"""Floor of the Frobenius norm the Newton–Schulz input is divided by (torch.optim.Muon's ``eps``)."""
+
+
+@triton.jit
+def _lerp(s, e, w):
+    """torch's fp32 ``lerp(s, e, w)``: ``fma(w, e - s, s)`` when ``|w| < 0.5``, else ``fma(-(1 - w), e - s, e)``."""
+    small = tl.abs(w) < 0.5
+    return tl.fma(tl.where(small, w, -(1.0 - w)), e - s, tl.where(small, s, e))
+
+
+@triton.jit
+def _muon_momentum_kernel(
+    table_ptr,  # int64 (9, T): out (bf16 U), grad, buf, absmax, step, flag pointers; numel, first tile, index
+    tile_owner_ptr,  # int32 (num_tiles,): which tensor each program updates
+    T,  # tensors in the table
+    weight_buf,  # lerp(buf, g, 1 - momentum)
+    weight_nesterov,  # lerp(g, buf, momentum)
+    nesterov,
+    grad_sign,
+    PARAM_DTYPE: tl.constexpr,  # the dtype of U (bf16): the table's "param" row is U
+    GRAD_DTYPE: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr = False,
+):
+    weight_buf = as_fp32(weight_buf)
+    weight_nesterov = as_fp32(weight_nesterov)
+    nesterov = as_fp32(nesterov)
+    grad_sign = as_fp32(grad_sign)
+    t, out_ptr, grad_ptr, _, n, n_write, tile, _ = tile_header(
+        table_ptr, tile_owner_ptr, T, 2, PARAM_DTYPE, GRAD_DTYPE, ALIGNED)
+    rows = tile * ROWS + tl.arange(0, ROWS)  # (ROWS,) quantization blocks of the tensor
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK) element indices
+    mask = offs < n
+    write = offs < n_write  # flag 0: the momentum is left untouched
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_sign
+    if QUANTIZED:
+        buf_ptr = table_pointer(table_ptr, T, t, 2, tl.int8, ALIGNED)
+        absmax_ptr = table_pointer(table_ptr, T, t, 3, tl.float32, False)
+        row_mask = rows * BLOCK < n
+        codes = tl.load(buf_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(absmax_ptr + rows, mask=row_mask, other=0.0)
+        buf = decode_signed(codes, absmax[:, None])
+    else:
+        buf_ptr = table_pointer(table_ptr, T, t, 2, tl.float32, ALIGNED)
+        buf = tl.load(buf_ptr + offs, mask=mask, other=0.0)
+    buf = _lerp(buf, g, weight_buf)
+    u = tl.where(nesterov != 0.0, _lerp(g, buf, weight_nesterov), buf)
+    store_param(out_ptr, u, offs, mask, 0, False)  # round to nearest even (bf16(U), as torch)
+    if QUANTIZED:
+        new_absmax = tl.max(tl.abs(buf), axis=1)  # masked elements are exactly 0
+        tl.store(buf_ptr + offs, encode_signed(buf, new_absmax[:, None]), mask=write)
+        tl.store(absmax_ptr + rows, new_absmax, mask=rows * BLOCK < n_write)
+    else:
+        tl.store(buf_ptr + offs, buf, mask=write)
+
+
+AOT_SPECS = [
+    aot_spec(_muon_momentum_kernel, torch.bfloat16, grad, aligned, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE)
+    for aligned in (False, True)
+    for grad in (torch.float32, torch.bfloat16, torch.float16)
+    for quantized in (False, True)
+]
+"""(kernel, signature, constexprs) for fp32 and 8-bit momentum, each grad dtype and alignment."""
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch reference (the specification, the CPU path and the test oracle)
+# --------------------------------------------------------------------------------------------------
+
+
+def muon_momentum_reference(grad: torch.Tensor, buf: torch.Tensor, absmax: torch.Tensor | None, weight_buf: float,
+                            weight_nesterov: float, nesterov: bool, grad_sign: float = 1.0) -> torch.Tensor:
+    """One momentum step in place; returns ``U`` (fp32), the Newton–Schulz input.
+
+    ``grad`` and ``buf``: fp32 momentum of the same shape, or ``(num_blocks, BLOCK_SIZE)`` views with int8
+    codes ``buf`` and ``absmax`` ``(num_blocks, 1)`` (8-bit momentum; zero padding stays zero); ``grad_sign``
+    -1 maximizes. The
+    specification of :func:`_muon_momentum_kernel`, torch's own ``lerp`` (eager: bit for bit
+    ``torch.optim.Muon``).
+    """
+    g = grad.to(torch.float32) * grad_sign
+    old = buf if absmax is None else decode_signed_reference(buf, absmax)
+    new = torch.lerp(old, g, weight_buf)
+    if absmax is None:
+        buf.copy_(new)
+    else:
+        scale = new.abs().amax(dim=1, keepdim=True)
+        buf.copy_(encode_signed_reference(new, scale))
+        absmax.copy_(scale)
+    return torch.lerp(g, new, weight_nesterov) if nesterov else new
+
+
+def newton_schulz(x: torch.Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS, steps: int = NS_STEPS,
+                  eps: float = NS_EPS) -> torch.Tensor:
+    """Orthogonalize a batch of matrices ``x`` ``(batch, rows, cols)`` (any float dtype): bf16 result.
+
+    ``steps`` iterations of the quintic ``X <- a X + (b A + c A A) X`` with ``A = X X^T`` (Jordan et al.
+    2024), in bf16 matmuls, on ``X`` = ``bf16(x)`` transposed when tall (so ``A`` is the smaller Gram
+    matrix) and divided by its Frobenius norm floored at ``eps``; the same operations as
+    ``torch.optim.Muon``'s per-matrix loop. The result's singular values lie near ``[0.7, 1.2]``.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"Invalid x of shape {tuple(x.shape)}: expected a (batch, rows, cols) stack of matrices.")
+    a, b, c = (float(v) for v in coefficients)
+    tall = x.size(-2) > x.size(-1)
+    X = x.bfloat16()
+    if tall:
+        X = X.mT
+    norms = torch.stack([m.norm() for m in X])  # per matrix, in torch's reduction order (bf16, as torch's)
+    X = X / norms.clamp(min=eps).view(-1, 1, 1)
+    if X.size(0) == 1:  # one matrix: torch's own 2-D ops (a batch of one takes another CPU kernel)
+        X = X[0]
+        for _ in range(steps):
+            gram = X @ X.T  # (small, small)
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            X = torch.addmm(X, poly, X, beta=a)
+        X = X[None]
+    else:
+        for _ in range(steps):
+            gram = X @ X.mT  # (batch, small, small)
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            X = torch.baddbmm(X, poly, X, beta=a)
+    return X.mT if tall else X
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
+    """The step size of a ``shape[0] x shape[1]`` matrix: ``lr * sqrt(max(1, A / B))`` for ``None`` or
+    ``"original"``, ``lr * 0.2 * sqrt(max(A, B))`` for ``"match_rms_adamw"`` (torch.optim.Muon's rule)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"Invalid adjust_lr_fn={adjust_lr_fn!r}: expected None, 'original' or 'match_rms_adamw'.")
+
+
+def muon_apply_reference(param: torch.Tensor, update: torch.Tensor, ok: torch.Tensor | None, decay: float,
+                         step_size: float, seed) -> None:
+    """``param = param * decay - step_size * update`` in place (fp32 math: ``decay`` = ``1 - lr *
+    weight_decay``, ``step_size`` the adjusted lr), where ``ok`` (0-d bool; None: always). fp32 params get
+    torch's ``mul_`` then ``add_(alpha=-step_size)`` results; bf16/fp16 params are written back with
+    stochastic rounding seeded by ``seed`` (:func:`.rounding.write_param_reference`)."""
+    p = param.to(torch.float32)
+    new = torch.add(p * decay, update, alpha=-step_size)
+    write_param_reference(param, new, ok, seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _blocks(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Flat ``t`` as ``(num_blocks, BLOCK_SIZE)`` (a zero-padded copy when ``pad``)."""
+    flat = t.reshape(-1)
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, BLOCK_SIZE)
+
+
+def _reference_momentum(grad, buf, absmax, out, s: MuonScalars) -> None:
+    """:func:`muon_momentum_reference` on one tensor, ``U`` written into ``out`` (any float dtype)."""
+    if absmax is None:
+        u = muon_momentum_reference(grad.reshape(buf.shape), buf, None, *s)
+        out.copy_(u.view(out.shape))
+        return
+    n = grad.numel()
+    pad = (-n) % BLOCK_SIZE
+    codes = _blocks(buf, pad)
+    u = muon_momentum_reference(_blocks(grad, pad), codes, absmax.view(-1, 1), *s)
+    out.copy_(u.view(-1)[:n].view(out.shape))
+    if pad:
+        buf.view(-1).copy_(codes.view(-1)[:n])
+
+
+class MuonScalars(NamedTuple):
+    """The hyperparameters of one momentum pass, in the order of ``_muon_momentum_kernel``'s scalar arguments
+    (launched by name) and of :func:`muon_momentum_reference`'s: the weights of torch's two lerps, rounded to
+    fp32 as torch's ``lerp`` rounds its weight."""
+
+    weight_buf: float
+    """``1 - momentum``: ``buf = lerp(buf, g, weight_buf)``."""
+    weight_nesterov: float
+    """``momentum``: ``U = lerp(g, buf, weight_nesterov)``."""
+    nesterov: float
+    """1.0 for Nesterov momentum, else 0.0."""
+    grad_sign: float
+    """-1.0 when maximizing, else 1.0."""
+
+    @classmethod
+    def of(cls, momentum: float, nesterov: bool, maximize: bool) -> MuonScalars:
+        """The scalars of a param group's values (``1 - momentum`` in Python floats, as torch.optim.Muon)."""
+        return cls(float(np.float32(1 - momentum)), float(np.float32(momentum)), float(bool(nesterov)),
+                   -1.0 if maximize else 1.0)
+
+
+class MuonTensors(NamedTuple):
+    """The tensors of one momentum pass, one entry per matrix (a :func:`.dispatch.dispatch` batch).
+
+    ``params[i]``: what the pass writes, ``U`` (contiguous bf16, ``grads[i]``'s numel; the table's param
+    row); ``bufs[i]``: fp32 momentum or flat int8 codes with ``absmaxes[i]`` (fp32, one per 256);
+    ``steps[i]``/``flags[i]``: 0-d fp32 on the device (flag 0 leaves the momentum untouched; ``U`` is then
+    zeros on the host and unspecified on Triton: the update must skip that matrix).
+    """
+
+    params: Sequence[torch.Tensor]
+    grads: Sequence[torch.Tensor]
+    bufs: Sequence[torch.Tensor]
+    absmaxes: Sequence[torch.Tensor | None]
+    steps: Sequence[torch.Tensor]
+    flags: Sequence[torch.Tensor]
+
+
+def _launch_key(t: MuonTensors, i: int) -> tuple:
+    """What changes the compiled kernel: 8-bit or not, aligned, grad dtype."""
+    return (t.absmaxes[i] is not None, is_aligned(t.params[i], t.grads[i], t.bufs[i]), t.grads[i].dtype)
+
+
+def _launch(t: MuonTensors, scalars: MuonScalars) -> None:
+    """One launch of ``_muon_momentum_kernel`` over a group of one :func:`_launch_key`."""
+    quantized, aligned, _ = _launch_key(t, 0)
+    state_rows = [[b.data_ptr() for b in t.bufs], [0 if a is None else a.data_ptr() for a in t.absmaxes]]
+    launch_over(_muon_momentum_kernel, t.params, t.grads, state_rows, t.steps, t.flags, [0] * len(t.params), scalars,
+                ROWS * BLOCK_SIZE, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)
+
+
+def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
+    """The eager reference on one tensor (``backend`` is not used: torch.compile'd ``lerp`` rounds twice
+    where torch's eager CPU ``lerp`` rounds once, and eager is what reproduces ``torch.optim.Muon``)."""
+    out = t.params[0]
+    if not float(t.flags[0]):  # the CPU: a memory read
+        out.zero_()
+        return
+    _reference_momentum(t.grads[0], t.bufs[0], t.absmaxes[0], out, scalars)
+
+
+MUON_MOMENTUM = Family("muon_momentum", launch=_launch, host=_host, launch_key=_launch_key)
+"""The momentum pass: ``dispatch(MUON_MOMENTUM, MuonTensors(...), MuonScalars.of(...))`` (one Triton launch per
+:func:`_launch_key` group on CUDA; on the host the eager reference, one tensor at a time)."""
+
+
+def muon_momentum(grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor], absmaxes: Sequence[torch.Tensor | None],
+                  steps: Sequence[torch.Tensor], flags: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
+                  momentum: float, nesterov: bool, maximize: bool = False) -> None:
+    """The momentum pass of one Muon step over many matrices, in place; ``U`` written into ``outs[i]``
+    (contiguous bf16): :data:`MUON_MOMENTUM` dispatched over :class:`MuonTensors`."""
+    dispatch(MUON_MOMENTUM, MuonTensors(outs, grads, bufs, absmaxes, steps, flags),
+             MuonScalars.of(momentum, nesterov, maximize))
+
+
+def muon_apply(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], flags: Sequence[torch.Tensor],
+               steps: Sequence[torch.Tensor], tensor_indices: Sequence[int], step_sizes: Sequence[float], *,
+               lr: float, weight_decay: float) -> None:
+    """``params[i] = params[i] * (1 - lr * weight_decay) - step_sizes[i] * updates[i]`` in place where
+    ``flags[i]`` is set (:func:`muon_apply_reference`; ``updates[i]`` has the param's shape, bf16 or fp32).
+    CPU flags are read on the host (skipped tensors are not touched); on other devices a ``where`` keeps
+    the old values, with no sync. bf16/fp16 params round stochastically, seeded by step and index."""
+    decay = 1 - lr * weight_decay
+    cpu = [i for i, p in enumerate(params) if p.device.type == "cpu"]
+    live = dict(zip(cpu, torch.stack([flags[i] for i in cpu]).tolist())) if cpu else {}
+    for i, param in enumerate(params):
+        if param.numel() == 0 or not live.get(i, True):
+            continue
+        ok = None if i in live else flags[i] != 0
+        seed = None if param.dtype == torch.float32 else index_seed_reference(steps[i], tensor_indices[i])
+        target = param if param.is_contiguous() else param.contiguous()
+        muon_apply_reference(target, updates[i].view(param.shape), ok, decay, step_sizes[i], seed)
+        if target is not param:
+            param.copy_(target)

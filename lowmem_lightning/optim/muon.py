@@ -1,0 +1,332 @@
+"""Muon for the hidden 2-D matrices and 8-bit AdamW for the rest, in one optimizer (``muon``, ``muon_8bit``).
+
+The Muon math lives in :mod:`lowmem_lightning.kernels.muon` (``torch.optim.Muon`` semantics), the AdamW
+math in :mod:`lowmem_lightning.kernels.adamw8bit`; this module keeps the state, decides which params take
+which update, and gathers sharded matrices for Newton–Schulz.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..kernels.adamw8bit import ADAMW_8BIT, AdamWScalars, AdamWTensors
+from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, quantize_reference
+from ..kernels.dispatch import dispatch
+from ..kernels.muon import NS_COEFFICIENTS, NS_EPS, NS_STEPS, adjusted_lr, muon_apply, muon_momentum, newton_schulz
+from ..kernels.rounding import step_seed
+from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
+from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
+from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
+
+__all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "EMBEDDING_MARKS", "HEAD_NAMES", "uses_muon"]
+
+MOMENTUM_DTYPES = ("float32", "int8")
+"""Allowed values of ``momentum_dtype``."""
+
+EMBEDDING_MARKS = ("embed", "wte", "wpe")
+"""A param whose module path has a component containing one of these is an embedding (AdamW)."""
+
+HEAD_NAMES = ("lm_head", "head", "output", "output_layer", "classifier", "score")
+"""A param owned by a module of one of these names (the component before ``weight``) is the output head."""
+
+NS_BATCH_NUMEL = 2**26
+"""Largest batch (elements) of same-shape matrices orthogonalized together (bounds the bf16 workspace)."""
+
+
+def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | None = None) -> bool:
+    """Whether ``param`` (called ``name`` in ``named_parameters()``) takes the Muon update.
+
+    ``use_muon`` (the param group's) decides when True or False. ``None`` (default): a 2-D param, unless
+    its name marks an embedding (a path component containing ``embed``, ``wte`` or ``wpe``) or the output
+    head (its module is called ``lm_head``, ``head``, ``output``, ``output_layer``, ``classifier`` or
+    ``score``). Without names every 2-D param is a hidden matrix: pass ``model.named_parameters()`` (the
+    callback does) or groups with ``use_muon=False`` for the embeddings and the head.
+    """
+    if use_muon is not None:
+        return bool(use_muon)
+    if param.ndim != 2:
+        return False
+    if name is None:
+        return True
+    parts = name.lower().split(".")
+    if any(mark in part for part in parts for mark in EMBEDDING_MARKS):
+        return False
+    owner = parts[-2] if len(parts) > 1 else ""
+    return owner not in HEAD_NAMES
+
+
+class Muon(LowMemOptimizer):
+    """Muon (Jordan et al. 2024; ``torch.optim.Muon`` semantics) on hidden 2-D matrices, 8-bit AdamW on the rest.
+
+    For a param that :func:`uses_muon`: ``buf = lerp(buf, g, 1 - momentum)``; ``U = lerp(g, buf, momentum)``
+    (Nesterov) or ``buf``; ``O`` = Newton–Schulz of ``U`` in bf16 (``ns_steps`` steps of the quintic with
+    ``ns_coefficients``, norm floored at ``eps``); ``p = p * (1 - lr * weight_decay) - adjusted_lr * O``
+    with ``adjusted_lr`` from ``adjust_lr_fn`` and the matrix's (global) shape. With fp32 momentum on the
+    CPU the result equals ``torch.optim.Muon``'s bit for bit. Matrices of one shape run Newton–Schulz as
+    one batch. Sharded (DTensor, FSDP2) matrices: the momentum is kept per shard, ``U`` is gathered so
+    Newton–Schulz sees the whole matrix, and each rank applies its shard of ``O``.
+
+    Every other param (embeddings, output head, norms, biases, non-2-D) takes AdamW with 8-bit moments
+    (:class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit`'s math): the group's ``lr`` and ``weight_decay``,
+    ``adamw_betas`` and ``adamw_eps``.
+
+    Which params take Muon: the group's ``use_muon`` (True: every param, which must be 2-D; False: none;
+    None, the default: 2-D params whose ``named_parameters()`` name marks no embedding or head, see
+    :func:`uses_muon`). Named param groups override: ``[{"params": emb_and_head, "use_muon": False, "lr":
+    3e-4}, {"params": hidden, "lr": 0.02}]``.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``: embeddings and head found
+            by name) or param-group dicts; fp32, bf16 or fp16 (bf16/fp16 written with stochastic rounding).
+        lr: learning rate (>= 0) of both updates of the group; a scheduler's change applies next step.
+        weight_decay: decoupled weight decay (>= 0), ``p *= 1 - lr * weight_decay``.
+        momentum: Muon's momentum (>= 0, torch's rule).
+        nesterov: Nesterov momentum.
+        ns_coefficients: ``(a, b, c)`` of the Newton–Schulz quintic.
+        eps: floor of the Frobenius norm before Newton–Schulz (>= 0).
+        ns_steps: Newton–Schulz iterations (an int in [0, 100)).
+        adjust_lr_fn: ``None``/``"original"`` (``lr * sqrt(max(1, A/B))``) or ``"match_rms_adamw"`` (``lr *
+            0.2 * sqrt(max(A, B))``: reuse AdamW's lr and weight decay, Liu et al. 2025).
+        momentum_dtype: ``"float32"`` (4 bytes/param) or ``"int8"`` (signed block-wise 8-bit code: 1.016
+            bytes/param; matrices under 4096 elements keep fp32). A storage choice: a load keeps this
+            optimizer's value and converts the loaded momentum.
+        adamw_betas, adamw_eps: the AdamW part's ``betas`` and ``eps``.
+        use_muon: the default of the groups' ``use_muon`` (None: decide per param).
+        maximize: ascend instead of descend (both updates).
+        seed: base seed of the stochastic rounding.
+        foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False; True raises.
+
+    State per Muon param: ``step`` and ``momentum_buffer`` (fp32, the param's local shape) or
+    ``momentum_codes`` (int8) + ``momentum_absmax`` (fp32 per 256); per AdamW param that of ``AdamW8bit``.
+    A gradient holding inf/NaN skips its tensor (params, state and step untouched) and is counted in
+    :attr:`skipped_updates`. ``torch.optim.Muon`` state dicts load (their momentum converted).
+    """
+
+    _default_momentum_dtype = "float32"
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = NS_EPS,
+        ns_steps: int = NS_STEPS,
+        adjust_lr_fn: str | None = None,
+        momentum_dtype: str | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        use_muon: bool | None = None,
+        maximize: bool = False,
+        *,
+        seed: int = 0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ):
+        check_drop_in_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed={seed!r}: expected an int.")
+        self._seed = seed
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+            ns_coefficients=tuple(ns_coefficients) if isinstance(ns_coefficients, list) else ns_coefficients,
+            eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+            momentum_dtype=self._default_momentum_dtype if momentum_dtype is None else momentum_dtype,
+            adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, list) else adamw_betas,
+            adamw_eps=adamw_eps, use_muon=use_muon, maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def _check_group(self, group: dict) -> None:
+        """Validate a param group like the constructor's arguments (``ValueError`` naming the argument)."""
+        check_lr(group["lr"], torch_wording=True)
+        check_non_negative(group["weight_decay"], "weight_decay", torch_wording=True)
+        check_non_negative(group["momentum"], "momentum", torch_wording=True)
+        check_non_negative(group["eps"], "eps")
+        check_bool(group["nesterov"], "nesterov")
+        check_bool(group["maximize"], "maximize")
+        coefficients = group["ns_coefficients"]
+        if (not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3
+                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coefficients)):
+            raise ValueError(f"Invalid ns_coefficients={coefficients!r}: expected a tuple of 3 numbers (a, b, c).")
+        steps = group["ns_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
+            raise ValueError(f"Invalid ns_steps={steps!r}: expected an int in [0, 100).")
+        check_choice(group["adjust_lr_fn"], (None, "original", "match_rms_adamw"), "adjust_lr_fn")
+        check_choice(group["momentum_dtype"], MOMENTUM_DTYPES, "momentum_dtype")
+        check_choice(group["use_muon"], (None, True, False), "use_muon")
+        check_betas(group["adamw_betas"], name="adamw_betas")
+        check_eps(group["adamw_eps"], "adamw_eps")
+        if group["use_muon"] is True:
+            for index, param in enumerate(group.get("params", ())):
+                if isinstance(param, torch.Tensor) and param.ndim != 2:
+                    raise ValueError(
+                        f"Invalid use_muon=True for a group holding param {index} of shape {tuple(param.shape)}: "
+                        "Muon updates 2-D matrices only (give that param a group with use_muon=False or None)."
+                    )
+
+    def _is_muon(self, param: torch.Tensor, group: dict) -> bool:
+        names = group.get("param_names")
+        name = None
+        if names is not None:
+            name = next((n for n, p in zip(names, group["params"]) if p is param), None)
+        return uses_muon(param, name, group["use_muon"])
+
+    # ------------------------------------------------------------------ state layout
+    def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
+        """Muon params: ``step`` and ``momentum_codes`` (int8) + ``momentum_absmax`` (fp32 per 256) with
+        ``momentum_dtype="int8"`` and >= 4096 elements, else an fp32 ``momentum_buffer`` of the param's
+        (local) shape. AdamW params: ``step`` and 8-bit ``exp_avg``/``exp_avg_sq`` codes (>= 4096
+        elements) or fp32 moments, as :class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit` keeps them."""
+        group = self._group_of(param) if group is None else group
+        if self._is_muon(param, group):
+            if group["momentum_dtype"] == "int8" and param.numel() >= MIN_QUANTIZED_NUMEL:
+                return [step_spec(), *codes_specs("momentum", block_state_len(param), signed=True)]
+            return [step_spec(), StateSpec("momentum_buffer", tuple(local(param).shape), torch.float32, "moment")]
+        if param.numel() >= MIN_QUANTIZED_NUMEL:
+            n = block_state_len(param)
+            return [step_spec(), *codes_specs("exp_avg", n, True), *codes_specs("exp_avg_sq", n, False)]
+        shape = tuple(local(param).shape)
+        return [step_spec(), StateSpec("exp_avg", shape, torch.float32, "moment"),
+                StateSpec("exp_avg_sq", shape, torch.float32, "square")]
+
+    def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """Accept ``torch.optim.Muon`` state (``momentum_buffer`` only: a step counter is added) and our own
+        of the other ``momentum_dtype`` (the momentum is re-stored in this group's)."""
+        if not self._is_muon(param, group):
+            return state
+        state = dict(state)
+        if "step" not in state:
+            state["step"] = torch.tensor(1.0)
+        elif not isinstance(state["step"], torch.Tensor):
+            state["step"] = torch.tensor(float(state["step"]))
+        state["step"] = state["step"].to(torch.float32).reshape(())
+        layout = {spec.name for spec in self.state_layout(param, group)}
+        buffer = state.get("momentum_buffer")
+        if "momentum_codes" in layout and isinstance(buffer, torch.Tensor) and buffer.numel() == local(param).numel():
+            codes, absmax = quantize_reference(state.pop("momentum_buffer").float(), signed=True)
+            state["momentum_codes"], state["momentum_absmax"] = pad_block_state(codes, absmax, block_state_len(param))
+        elif "momentum_buffer" in layout and "momentum_codes" in state and "momentum_absmax" in state:
+            shard = local(param)
+            codes, absmax = state.pop("momentum_codes"), state.pop("momentum_absmax")
+            state["momentum_buffer"] = dequantize_reference(codes, absmax)[: shard.numel()].view(shard.shape)
+        elif isinstance(buffer, torch.Tensor) and buffer.dtype != torch.float32:
+            state["momentum_buffer"] = buffer.float()
+        return state
+
+    # ------------------------------------------------------------------ step
+    def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
+        """Split one device's params into the Muon and the AdamW update and run both."""
+        muon, adamw = [], []
+        for item, state, flag in zip(items, states, flags):
+            (muon if self._is_muon(item[1], group) else adamw).append((item, state, flag))
+        if muon:
+            self._muon_update(group, muon)
+        if adamw:
+            self._adamw_update(group, adamw)
+
+    def _adamw_update(self, group: dict, work: list) -> None:
+        """The 8-bit AdamW update of the group's non-Muon params (empty DTensor shards left out)."""
+        live = [(index, param, state, flag) for (index, param), state, flag in work if local(param).numel() > 0]
+        if not live:
+            return
+        shards = [local(param) for _, param, _, _ in live]
+        moments = {key: [] for key in ("m", "m_absmax", "v", "v_absmax")}
+        for (_, _, state, _), shard in zip(live, shards):
+            quantized = "exp_avg_codes" in state
+            for key, name in (("m", "exp_avg"), ("v", "exp_avg_sq")):
+                values = state[f"{name}_codes"] if quantized else state[name]
+                moments[key].append(block_state_head(values, shard.numel(), False))
+                moments[f"{key}_absmax"].append(
+                    block_state_head(state[f"{name}_absmax"], shard.numel(), True) if quantized else None)
+        beta1, beta2 = group["adamw_betas"]
+        tensors = AdamWTensors(
+            shards, [local(param.grad) for _, param, _, _ in live],
+            moments["m"], moments["m_absmax"], moments["v"], moments["v_absmax"],
+            [state["step"] for _, _, state, _ in live], [flag for *_, flag in live],
+            [step_seed(0, shard_tensor_index(index, param), self._seed) for index, param, _, _ in live],
+        )
+        dispatch(ADAMW_8BIT, tensors, AdamWScalars.of(group["lr"], beta1, beta2, group["adamw_eps"],
+                                                      group["weight_decay"], group["maximize"]))
+
+    def _muon_update(self, group: dict, work: list) -> None:
+        """Momentum pass, Newton–Schulz per batch of same-shape matrices (gathered when sharded), update."""
+        by_shape: dict[tuple, list] = {}
+        for entry in work:
+            by_shape.setdefault(tuple(entry[0][1].shape), []).append(entry)
+        lr = float(group["lr"])
+        for shape, entries in by_shape.items():
+            step_size = adjusted_lr(lr, group["adjust_lr_fn"], shape)
+            per_batch = max(1, NS_BATCH_NUMEL // max(1, shape[0] * shape[1]))
+            for start in range(0, len(entries), per_batch):
+                self._muon_batch(group, entries[start:start + per_batch], shape, step_size)
+
+    def _muon_batch(self, group: dict, entries: list, shape: tuple, step_size: float) -> None:
+        params = [param for (_, param), _, _ in entries]
+        shards = [local(param) for param in params]
+        states = [state for _, state, _ in entries]
+        flags = [flag for *_, flag in entries]
+        batch = None
+        if any(is_dtensor(p) for p in params):
+            outs = [torch.empty(s.shape, dtype=torch.bfloat16, device=s.device) for s in shards]
+        else:  # U written straight into the Newton–Schulz batch
+            batch = torch.empty((len(params), *shape), dtype=torch.bfloat16, device=params[0].device)
+            outs = list(batch.unbind(0))
+        quantized = ["momentum_codes" in state for state in states]
+        muon_momentum(
+            [local(p.grad) for p in params],
+            [block_state_head(st["momentum_codes"], s.numel(), False) if q else st["momentum_buffer"]
+             for st, s, q in zip(states, shards, quantized)],
+            [block_state_head(st["momentum_absmax"], s.numel(), True) if q else None
+             for st, s, q in zip(states, shards, quantized)],
+            [st["step"] for st in states], flags, outs,
+            momentum=float(group["momentum"]), nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+        )
+        full = batch if batch is not None else _gather(params, outs, shape)  # (batch, rows, cols) bf16
+        ortho = newton_schulz(full, group["ns_coefficients"], group["ns_steps"], float(group["eps"]))
+        updates = _scatter(params, ortho)
+        muon_apply(shards, updates, flags, [st["step"] for st in states],
+                   [shard_tensor_index(index, param) for (index, param), _, _ in entries],
+                   [step_size] * len(entries), lr=float(group["lr"]), weight_decay=float(group["weight_decay"]))
+
+
+class Muon8bit(Muon):
+    """:class:`Muon` with 8-bit momentum by default (``momentum_dtype="int8"``: ~1.02 bytes/param on the
+    Muon matrices, Gupta et al. 2025, arXiv 2509.23106); the ``muon_8bit`` of the registry."""
+
+    _default_momentum_dtype = "int8"
+
+
+def _gather(params: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], shape: tuple) -> torch.Tensor:
+    """``(batch, *shape)`` bf16 stack of whole matrices: local ``outs`` of plain params, the gathered
+    ``U`` (``DTensor.full_tensor``, every rank joins) of sharded ones."""
+    whole = []
+    for param, out in zip(params, outs):
+        if is_dtensor(param):
+            from torch.distributed.tensor import DTensor
+
+            out = DTensor.from_local(out, param.device_mesh, param.placements, shape=param.shape,
+                                     stride=param.stride()).full_tensor()
+        whole.append(out.view(shape))
+    return torch.stack(whole)
+
+
+def _scatter(params: Sequence[torch.Tensor], ortho: torch.Tensor) -> list[torch.Tensor]:
+    """Each param's part of ``ortho`` ``(batch, *shape)``: all of it, or a sharded param's local shard."""
+    parts = []
+    for param, matrix in zip(params, ortho.unbind(0)):
+        if is_dtensor(param):
+            from torch.distributed.tensor import DTensor, Replicate
+
+            replicated = DTensor.from_local(matrix, param.device_mesh, [Replicate()] * param.device_mesh.ndim,
+                                            run_check=False)
+            matrix = replicated.redistribute(param.device_mesh, param.placements).to_local()
+        parts.append(matrix)
+    return parts
