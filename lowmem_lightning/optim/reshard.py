@@ -87,35 +87,45 @@ def _saved_scale_at(rows: torch.Tensor, flat: torch.Tensor, c: int) -> torch.Ten
     return rows[i, _META + j]
 
 
-def _exact_blocks(rows: torch.Tensor, n: int, c: int) -> torch.Tensor:
-    """bool ``(ceil(n / 256),)``: the blocks of the local layout that cover exactly one saved block."""
-    phase = rows[:, 0].to(torch.int32)
-    pos = phase[:, None] + torch.arange(c, dtype=torch.int32, device=rows.device)[None, :]  # (rows, C)
-    starts = (pos % BLOCK_SIZE == 0).reshape(-1)
-    ends = (pos + 1) % BLOCK_SIZE == 0
-    ends[:, -1] |= rows[:, 1] > 0
-    ends = ends.reshape(-1)
-    del pos
-    blocks = -(-n // BLOCK_SIZE)
-    pad = blocks * BLOCK_SIZE - n
+CHUNK = 1 << 16
+"""Elements converted per pass (a multiple of 256): bounds the temporaries of a conversion."""
+
+
+def _boundaries(rows: torch.Tensor, flat: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``(starts, ends)`` of the local flat elements ``flat``: a saved block starts / ends there."""
+    i, col = flat // c, flat % c
+    pos = rows[i, 0].to(torch.int64) + col
+    starts = pos % BLOCK_SIZE == 0
+    ends = ((pos + 1) % BLOCK_SIZE == 0) | ((rows[i, 1] > 0) & (col == c - 1))
+    return starts, ends
+
+
+def _exact_blocks(rows: torch.Tensor, flat: torch.Tensor, c: int) -> torch.Tensor:
+    """bool, one per block of 256 of ``flat`` (consecutive local elements from a block start): the blocks
+    of the local layout that cover exactly one saved block."""
+    starts, ends = _boundaries(rows, flat, c)
+    blocks = -(-flat.numel() // BLOCK_SIZE)
+    pad = blocks * BLOCK_SIZE - flat.numel()
     starts = torch.nn.functional.pad(starts, (0, pad)).view(blocks, BLOCK_SIZE)
     ends = torch.nn.functional.pad(ends, (0, pad)).view(blocks, BLOCK_SIZE)
-    tail = torch.full((blocks,), BLOCK_SIZE - 1, dtype=torch.int64, device=rows.device)
-    tail[-1] = n - 1 - (blocks - 1) * BLOCK_SIZE
-    ends_at_tail = ends.gather(1, tail[:, None]).squeeze(1)
-    return starts[:, 0] & ends_at_tail & (ends.sum(1) == 1)
+    tail = torch.full((blocks,), BLOCK_SIZE - 1, dtype=torch.int64, device=flat.device)
+    tail[-1] = flat.numel() - 1 - (blocks - 1) * BLOCK_SIZE
+    return starts[:, 0] & ends.gather(1, tail[:, None]).squeeze(1) & (ends.sum(1) == 1)
 
 
 def blocks_from_rows(codes: torch.Tensor, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This shard's flat ``(codes, absmax)``, padded to ``length`` elements, from its row form.
 
     Args:
-        codes: the local shard's codes, of its shape (int8 signed or uint8 unsigned code).
+        codes: the local shard's codes, of its shape (int8 signed or uint8 unsigned code); the codes of
+            moved blocks are re-encoded **in place** (the result's codes are this tensor's elements).
         rows: the local rows of the saved scales (see the module docstring).
         length: the padded local length of this run (:func:`~.sharding.block_state_len`).
 
     Returns ``(codes, absmax, moved)``: ``moved`` counts the elements whose block changed (decoded and
-    re-encoded; 0 when every block is kept bit for bit). ``ValueError`` when ``rows`` does not fit.
+    re-encoded; 0 when every block is kept bit for bit). Works in passes of :data:`CHUNK` elements, so
+    its temporaries stay a few times ``CHUNK`` whatever the tensor's size. ``ValueError`` when ``rows``
+    does not fit.
     """
     shape = tuple(codes.shape)
     n, c = codes.numel(), slice_numel(shape)
@@ -124,24 +134,28 @@ def blocks_from_rows(codes: torch.Tensor, rows: torch.Tensor, length: int) -> tu
             f"Invalid optimizer state dict: block scales in row form are {tuple(rows.shape)}, expected "
             f"({shape[0] if shape else 1}, {row_width(shape)}) for codes of shape {shape}."
         )
-    blocks = -(-n // BLOCK_SIZE)
     flat = codes.reshape(-1)
     if n == 0:
         return _padded(flat, torch.zeros(0, device=codes.device), length) + (0,)
-    first = torch.arange(blocks, dtype=torch.int64, device=codes.device) * BLOCK_SIZE
+    first = torch.arange(-(-n // BLOCK_SIZE), dtype=torch.int64, device=codes.device) * BLOCK_SIZE
+    absmax = _saved_scale_at(rows, first, c)  # right for every block that covers one saved block
     if _layout_unchanged(rows, c):
-        return _padded(flat, _saved_scale_at(rows, first, c), length) + (0,)
-    exact = _exact_blocks(rows, n, c)
-    if bool(exact.all()):
-        return _padded(flat, _saved_scale_at(rows, first, c), length) + (0,)
-    values = _decode(flat, _saved_scale_at(rows, torch.arange(n, device=codes.device), c))
-    new_codes, absmax = quantize_blockwise(values, signed=codes.dtype == torch.int8)
-    del values
-    kept = exact.repeat_interleave(BLOCK_SIZE)[:n]
-    new_codes = torch.where(kept, flat, new_codes)
-    absmax = torch.where(exact, _saved_scale_at(rows, first, c), absmax)
-    moved = n - int(kept.sum())
-    return _padded(new_codes, absmax, length) + (moved,)
+        return _padded(flat, absmax, length) + (0,)
+    moved = 0
+    for start in range(0, n, CHUNK):
+        elements = torch.arange(start, min(n, start + CHUNK), dtype=torch.int64, device=codes.device)
+        exact = _exact_blocks(rows, elements, c)
+        if bool(exact.all()):
+            continue
+        part = flat[elements[0]: elements[-1] + 1]
+        values = _decode(part, _saved_scale_at(rows, elements, c))
+        new_codes, new_absmax = quantize_blockwise(values, signed=codes.dtype == torch.int8)
+        kept = exact.repeat_interleave(BLOCK_SIZE)[: part.numel()]
+        part.copy_(torch.where(kept, part, new_codes))
+        scales = absmax[start // BLOCK_SIZE: start // BLOCK_SIZE + exact.numel()]
+        scales.copy_(torch.where(exact, scales, new_absmax))
+        moved += part.numel() - int(kept.sum())
+    return _padded(flat, absmax, length) + (moved,)
 
 
 def decode_rows(codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
