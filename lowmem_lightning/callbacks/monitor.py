@@ -4,8 +4,9 @@ It works with any optimizer (ours or torch's) and needs nothing else::
 
     trainer = L.Trainer(callbacks=[StateMemoryMonitor()])
 
-:class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback` composes one for the optimizers it
-builds, so its metrics, summary and plot are this monitor's.
+:class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback` puts one into ``trainer.callbacks`` and hands
+it the optimizers it builds (:meth:`StateMemoryMonitor.track`), so its metrics, summary and plot are this
+monitor's. The metric names are written once, in :data:`METRICS`.
 """
 
 from __future__ import annotations
