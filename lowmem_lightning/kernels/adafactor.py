@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .aot import dtype_variants, signature_of, with_aligned
-from .codec import BLOCK_SIZE, MIN_QUANTIZED_NUMEL, block_rows
+from .codec import BLOCK_SIZE, block_rows
 from .dispatch import Family, HostStep, pack, per_layout, unpack
 from .factored import (
     FLAT_BLOCK,
@@ -76,7 +76,7 @@ from .multitensor import copy_back
 from .rounding import index_seed, index_seed_reference, masked_reference, round_param_reference, store_param
 
 __all__ = ["AdafactorScalars", "AdafactorModes", "AdafactorHyper", "AdafactorTensors", "ADAFACTOR",
-           "adafactor_reference", "step_size_reference", "quantized_momentum"]
+           "adafactor_reference", "step_size_reference"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,8 +443,3 @@ ADAFACTOR = Family("adafactor", launch=_launch, host=_host)
 """The Adafactor family: ``dispatch(ADAFACTOR, AdafactorTensors(...), AdafactorHyper.of(...))`` applies
 one step in place to every param and its state, one tensor at a time (its statistics are per tensor).
 Never synchronizes with a CUDA device."""
-
-
-def quantized_momentum(numel: int, momentum_dtype: str) -> bool:
-    """Whether a momentum of ``numel`` elements is stored in the 8-bit code (``int8`` and >= 4096 elements)."""
-    return momentum_dtype == "int8" and numel >= MIN_QUANTIZED_NUMEL

@@ -7,25 +7,20 @@ from collections.abc import Iterable
 
 import torch
 
-from ..kernels.adafactor import ADAFACTOR, AdafactorHyper, AdafactorTensors, quantized_momentum
-from ..kernels.codec import dequantize_reference, quantize_reference
+from ..kernels.adafactor import ADAFACTOR, AdafactorHyper, AdafactorModes, AdafactorTensors, step_size_reference
 from ..kernels.dispatch import dispatch
-from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
+from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
+from .layout import MOMENTUM_DTYPES, convert_momentum, loaded_step, momentum_specs, quantized_momentum
 from .sharding import (
     block_state_head,
-    block_state_len,
     is_dtensor,
     local,
-    pad_block_state,
     shard_tensor_index,
     sum_reduce,
 )
 from .validation import check_bool, check_choice, check_eps_pair, check_lr, check_non_negative, check_positive
 
-__all__ = ["Adafactor", "MOMENTUM_DTYPES", "convert_momentum_state"]
-
-MOMENTUM_DTYPES = ("float32", "int8")
-"""Allowed values of ``momentum_dtype``."""
+__all__ = ["Adafactor", "MOMENTUM_DTYPES", "second_moment_specs"]
 
 
 class Adafactor(LowMemOptimizer):
@@ -147,21 +142,24 @@ class Adafactor(LowMemOptimizer):
 
     # ------------------------------------------------------------------ state
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
-        """``step``; with ``beta1`` the momentum (:func:`momentum_spec`); for >= 2-D params the factored
+        """``step``; with ``beta1`` the momentum (:func:`.layout.momentum_specs`); for >= 2-D params the factored
         ``exp_avg_sq_row`` (``shape[:-1]``) and ``exp_avg_sq_col`` (``shape[:-2] + shape[-1:]``), else a
         full ``exp_avg_sq``; all fp32 (shapes of the local shard for DTensors)."""
         group = self._group_of(param) if group is None else group
         shape = tuple(local(param).shape)
         layout = [step_spec()]
         if group["beta1"] is not None:
-            layout += momentum_spec(param, group["momentum_dtype"], "exp_avg")
+            layout += momentum_specs(param, group["momentum_dtype"], "exp_avg", "exp_avg")
         return layout + second_moment_specs(shape, "sq")
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept transformers' Adafactor states (int ``step``, ``RMS``, state in the grad dtype) and ours."""
         state = dict(state)
         state.pop("RMS", None)
-        state = convert_momentum_state(param, state, group, "exp_avg", group["beta1"] is not None)
+        state["step"] = loaded_step(state.get("step"), 0.0)
+        if group["beta1"] is not None:
+            quantized = quantized_momentum(param.numel(), group["momentum_dtype"])
+            state = convert_momentum(param, state, quantized, "exp_avg", "exp_avg")
         for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
             if isinstance(state.get(key), torch.Tensor):
                 state[key] = state[key].to(torch.float32)
@@ -226,23 +224,10 @@ def _effective_lr_tensor(group: dict, param: torch.Tensor) -> torch.Tensor:
 
 
 def _host_lr(group: dict, t: int) -> float:
-    """Step size before the RMS scale: ``lr``, or the relative step at step ``t`` (transformers' ``_get_lr``)."""
-    if not group["relative_step"]:
-        return float(group["lr"])
-    min_step = 1e-6 * t if group["warmup_init"] else 1e-2
-    return min(min_step, 1.0 / math.sqrt(t))
-
-
-def momentum_spec(param: torch.Tensor, momentum_dtype: str, key: str) -> list[StateSpec]:
-    """The state specs of a momentum of ``param`` stored as ``momentum_dtype``: ``key_codes`` (int8) +
-    ``key_absmax`` (fp32 per 256) when quantized, an fp32 ``key`` of the param's shape otherwise.
-
-    The choice follows the whole tensor's size; the shapes cover the local shard of a DTensor (codes
-    padded to :func:`~.sharding.block_state_len`).
-    """
-    if quantized_momentum(param.numel(), momentum_dtype):
-        return codes_specs(key, block_state_len(param), signed=True)
-    return [StateSpec(key, tuple(local(param).shape), torch.float32, "moment")]
+    """Step size before the RMS scale at step ``t`` (:func:`~..kernels.adafactor.step_size_reference`, the
+    rule the kernels apply, in fp32): ``lr``, or the relative step."""
+    modes = AdafactorModes(group["relative_step"], group["warmup_init"], group["scale_parameter"])
+    return float(step_size_reference(group["lr"], torch.tensor(float(t)), modes))
 
 
 def second_moment_specs(shape: tuple[int, ...], kind: str) -> list[StateSpec]:
@@ -252,40 +237,6 @@ def second_moment_specs(shape: tuple[int, ...], kind: str) -> list[StateSpec]:
         return [StateSpec(f"exp_avg_{kind}_row", shape[:-1], torch.float32, "square", axes="row"),
                 StateSpec(f"exp_avg_{kind}_col", shape[:-2] + shape[-1:], torch.float32, "square", axes="col")]
     return [StateSpec("exp_avg_sq", shape, torch.float32, "square")] if kind == "sq" else []
-
-
-def convert_momentum_state(param: torch.Tensor, state: dict, group: dict, key: str, has_momentum: bool) -> dict:
-    """Turn a loaded momentum (fp32 ``key`` or ``key_codes`` + ``key_absmax``) into this group's form.
-
-    Also turns an int ``step`` into a 0-d fp32 tensor. Our own state in the right form is kept bit
-    for bit; an fp32 buffer is quantized, codes are dequantized, as ``momentum_dtype`` requires.
-    """
-    state = dict(state)
-    step = state.get("step", 0)
-    step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
-    state["step"] = step.to(torch.float32).reshape(())
-    if not has_momentum:
-        return state
-    buffer = state.pop(key, None)
-    codes, absmax = state.pop(f"{key}_codes", None), state.pop(f"{key}_absmax", None)
-    want_codes = quantized_momentum(param.numel(), group["momentum_dtype"])
-    shard = local(param)
-    if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor):
-        if want_codes:
-            state[f"{key}_codes"], state[f"{key}_absmax"] = codes, absmax
-            return state
-        if codes.numel() == block_state_len(param):
-            buffer = dequantize_reference(codes, absmax)[: shard.numel()].view(shard.shape)
-    if not isinstance(buffer, torch.Tensor) or buffer.numel() != shard.numel():
-        if buffer is not None:
-            state[key] = buffer  # rejected with a clear message by the validation
-        return state
-    if want_codes:
-        quantized = quantize_reference(buffer.float(), signed=True)
-        state[f"{key}_codes"], state[f"{key}_absmax"] = pad_block_state(*quantized, block_state_len(param))
-    else:
-        state[key] = buffer.to(torch.float32).reshape(shard.shape)
-    return state
 
 
 def _check_hyperparameters(group: dict) -> None:

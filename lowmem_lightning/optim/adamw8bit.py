@@ -15,6 +15,7 @@ from ..kernels.codec import MIN_QUANTIZED_NUMEL, quantize_blockwise
 from ..kernels.dispatch import dispatch
 from ..kernels.rounding import step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
+from .layout import loaded_step
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_eps, check_lr, check_non_negative
 
@@ -103,11 +104,8 @@ class AdamW8bit(LowMemOptimizer):
                 "Invalid optimizer state dict: it holds 'max_exp_avg_sq' (AMSGrad), which AdamW8bit does not support."
             )
         state = dict(state)
-        step = state.get("step")
-        if step is not None and not isinstance(step, torch.Tensor):
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
-        elif isinstance(step, torch.Tensor) and step.numel() == 1:
-            state["step"] = step.detach().reshape(()).to(torch.float32)
+        if "step" in state:
+            state["step"] = loaded_step(state["step"])
         if "exp_avg" not in state:
             return state
         full = {key: _full_moment(local(param), state, key) for key in ("exp_avg", "exp_avg_sq")}

@@ -10,14 +10,9 @@ import torch
 from ..kernels.came import CAME as CAME_FAMILY
 from ..kernels.came import CAMEScalars, CAMETensors
 from ..kernels.dispatch import dispatch
-from .adafactor import (
-    MOMENTUM_DTYPES,
-    convert_momentum_state,
-    factored_inputs,
-    momentum_spec,
-    second_moment_specs,
-)
+from .adafactor import factored_inputs, second_moment_specs
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
+from .layout import MOMENTUM_DTYPES, convert_momentum, loaded_step, momentum_specs, quantized_momentum
 from .sharding import local, shard_tensor_index
 from .validation import check_betas, check_bool, check_choice, check_eps_pair, check_non_negative, check_positive
 
@@ -104,18 +99,20 @@ class CAME(LowMemOptimizer):
 
     # ------------------------------------------------------------------ state
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
-        """``step``, the momentum (:func:`~.adafactor.momentum_spec`), and for >= 2-D params the factored
+        """``step``, the momentum (:func:`.layout.momentum_specs`), and for >= 2-D params the factored
         second moment and instability (``exp_avg_{sq,res}_{row,col}``), else a full ``exp_avg_sq``; fp32."""
         group = self._group_of(param) if group is None else group
         shape = tuple(local(param).shape)
-        layout = [step_spec(), *momentum_spec(param, group["momentum_dtype"], "exp_avg")]
+        layout = [step_spec(), *momentum_specs(param, group["momentum_dtype"], "exp_avg", "exp_avg")]
         return layout + second_moment_specs(shape, "sq") + second_moment_specs(shape, "res")
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``came_pytorch.CAME`` states (int ``step``, ``RMS``) and ours of either ``momentum_dtype``."""
         state = dict(state)
         state.pop("RMS", None)
-        state = convert_momentum_state(param, state, group, "exp_avg", True)
+        state["step"] = loaded_step(state.get("step"), 0.0)
+        state = convert_momentum(param, state, quantized_momentum(param.numel(), group["momentum_dtype"]), "exp_avg",
+                                 "exp_avg")
         for key, value in list(state.items()):
             if key.startswith("exp_avg_") and key not in ("exp_avg_codes", "exp_avg_absmax"):
                 if isinstance(value, torch.Tensor):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StateSpec", "step_spec", "codes_specs"]
+__all__ = ["StateSpec", "step_spec", "codes_specs", "MOMENTUM_DTYPES", "quantized_momentum", "momentum_specs",
+           "loaded_step", "convert_momentum"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,74 @@ def codes_specs(prefix: str, numel: int, signed: bool, host: bool = False) -> li
                   absmax=f"{prefix}_absmax", signed=signed, host=host),
         StateSpec(f"{prefix}_absmax", (blocks,), torch.float32, "absmax", host=host),
     ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Momentum storage (SGD, Adafactor, CAME) and loaded state
+# --------------------------------------------------------------------------------------------------
+
+MOMENTUM_DTYPES = ("float32", "int8")
+"""Allowed values of ``momentum_dtype``."""
+
+
+def quantized_momentum(numel: int, momentum_dtype: str) -> bool:
+    """Whether a momentum of ``numel`` elements is stored in the 8-bit code (``int8`` and >= 4096 elements,
+    the size below which every optimizer of the package keeps 32-bit state)."""
+    from ..kernels.codec import MIN_QUANTIZED_NUMEL
+
+    return momentum_dtype == "int8" and numel >= MIN_QUANTIZED_NUMEL
+
+
+def momentum_specs(param: torch.Tensor, momentum_dtype: str, buffer_key: str, codes_prefix: str) -> list[StateSpec]:
+    """The specs of a momentum of ``param`` stored as ``momentum_dtype``: ``{codes_prefix}_codes`` (int8) +
+    ``{codes_prefix}_absmax`` (fp32 per 256) when quantized, an fp32 ``buffer_key`` of the param's shape
+    otherwise. The choice follows the whole tensor's size; the shapes cover a DTensor's local shard."""
+    from .sharding import block_state_len, local  # sharding imports this module
+
+    if quantized_momentum(param.numel(), momentum_dtype):
+        return codes_specs(codes_prefix, block_state_len(param), signed=True)
+    return [StateSpec(buffer_key, tuple(local(param).shape), torch.float32, "moment")]
+
+
+def loaded_step(value, default: float | None = None) -> torch.Tensor | None:
+    """A loaded ``step`` as the package's 0-d fp32 counter: Python numbers (torch's and transformers' state
+    dicts) and one-element tensors are converted, ``default`` stands in when absent (None: stays absent);
+    anything else is returned as is, for the state validation to refuse with a clear message."""
+    if value is None:
+        return None if default is None else torch.tensor(float(default), dtype=torch.float32)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float32)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.detach().reshape(()).to(torch.float32)
+    return value
+
+
+def convert_momentum(param: torch.Tensor, state: dict, quantized: bool, buffer_key: str, codes_prefix: str) -> dict:
+    """``state`` (a copy) with its loaded momentum in this optimizer's form: an fp32 ``buffer_key`` or
+    ``{codes_prefix}_codes`` + ``_absmax``. Codes that are already in the wanted form are kept bit for bit;
+    otherwise codes are dequantized and a buffer quantized (or cast to fp32) as ``quantized`` says. A
+    buffer that does not fit the param is kept for the state validation to refuse."""
+    from ..kernels.codec import dequantize_reference, quantize_reference
+    from .sharding import block_state_len, local, pad_block_state
+
+    state = dict(state)
+    buffer = state.pop(buffer_key, None)
+    codes, absmax = state.pop(f"{codes_prefix}_codes", None), state.pop(f"{codes_prefix}_absmax", None)
+    shard = local(param)
+    if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor) and buffer is None:
+        if quantized:
+            state[f"{codes_prefix}_codes"], state[f"{codes_prefix}_absmax"] = codes, absmax
+            return state
+        if codes.numel() == block_state_len(param):
+            buffer = dequantize_reference(codes, absmax)[: shard.numel()].view(shard.shape)
+    if buffer is None:
+        return state
+    if not isinstance(buffer, torch.Tensor) or buffer.numel() != shard.numel():
+        state[buffer_key] = buffer
+    elif quantized:
+        codes, absmax = quantize_reference(buffer.float(), signed=True)
+        state[f"{codes_prefix}_codes"], state[f"{codes_prefix}_absmax"] = pad_block_state(codes, absmax,
+                                                                                         block_state_len(param))
+    else:
+        state[buffer_key] = buffer.to(torch.float32).reshape(shard.shape)
+    return state

@@ -6,17 +6,14 @@ from collections.abc import Iterable
 
 import torch
 
-from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, quantize_reference
 from ..kernels.dispatch import dispatch
 from ..kernels.sgd import SGD_FAMILY, SGDScalars, SGDTensors
-from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
-from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
+from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
+from .layout import MOMENTUM_DTYPES, convert_momentum, loaded_step, momentum_specs, quantized_momentum
+from .sharding import block_state_head, local, shard_tensor_index
 from .validation import check_choice, check_lr, check_non_negative
 
 __all__ = ["SGD", "MOMENTUM_DTYPES"]
-
-MOMENTUM_DTYPES = ("float32", "int8")
-"""Allowed values of ``momentum_dtype``."""
 
 
 class SGD(LowMemOptimizer):
@@ -85,7 +82,7 @@ class SGD(LowMemOptimizer):
     # ------------------------------------------------------------------ state
     @staticmethod
     def _quantized(param: torch.Tensor, group: dict) -> bool:
-        return group["momentum_dtype"] == "int8" and param.numel() >= MIN_QUANTIZED_NUMEL
+        return quantized_momentum(param.numel(), group["momentum_dtype"])
 
     def _state_incomplete(self, state: dict, group: dict) -> bool:
         """A group given a momentum after its first steps gets its momentum buffer on the next step."""
@@ -97,10 +94,7 @@ class SGD(LowMemOptimizer):
         group = self._group_of(param) if group is None else group
         layout = [step_spec()]
         if group["momentum"] != 0:
-            if self._quantized(param, group):
-                layout += codes_specs("momentum", block_state_len(param), signed=True)
-            else:
-                layout.append(StateSpec("momentum_buffer", tuple(local(param).shape), torch.float32, "moment"))
+            layout += momentum_specs(param, group["momentum_dtype"], "momentum_buffer", "momentum")
         return layout
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
@@ -111,30 +105,13 @@ class SGD(LowMemOptimizer):
         dequantized to this group's ``momentum_dtype``.
         """
         state = dict(state)
-        shard = local(param)
-        buffer = state.pop("momentum_buffer", None)
-        codes, absmax = state.pop("momentum_codes", None), state.pop("momentum_absmax", None)
-        has_codes = isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor)
-        if has_codes and group["momentum"] != 0 and self._quantized(param, group) and buffer is None:
-            state["momentum_codes"], state["momentum_absmax"] = codes, absmax  # already ours: keep bit-exact
-            codes = None
-        elif has_codes and buffer is None and codes.numel() == block_state_len(param):
-            buffer = dequantize_reference(codes, absmax)[: shard.numel()].view(shard.shape)
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0 if buffer is None and codes is None else 1.0)
-        elif not isinstance(state["step"], torch.Tensor):
-            state["step"] = torch.tensor(float(state["step"]))
-        state["step"] = state["step"].to(torch.float32).reshape(())
-        if group["momentum"] == 0 or buffer is None:
+        had_momentum = any(isinstance(state.get(k), torch.Tensor) for k in ("momentum_buffer", "momentum_codes"))
+        state["step"] = loaded_step(state.get("step"), 1.0 if had_momentum else 0.0)
+        if group["momentum"] == 0:
+            for key in ("momentum_buffer", "momentum_codes", "momentum_absmax"):
+                state.pop(key, None)
             return state
-        if not isinstance(buffer, torch.Tensor) or buffer.numel() != shard.numel():
-            state["momentum_buffer"] = buffer  # rejected with a clear message by the validation
-        elif self._quantized(param, group):
-            codes, absmax = quantize_reference(buffer.float(), signed=True)
-            state["momentum_codes"], state["momentum_absmax"] = pad_block_state(codes, absmax, block_state_len(param))
-        else:
-            state["momentum_buffer"] = buffer.to(torch.float32).reshape(shard.shape)
-        return state
+        return convert_momentum(param, state, self._quantized(param, group), "momentum_buffer", "momentum")
 
     # ------------------------------------------------------------------ step
     def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
