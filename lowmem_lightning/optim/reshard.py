@@ -87,7 +87,7 @@ def _saved_scale_at(rows: torch.Tensor, flat: torch.Tensor, c: int) -> torch.Ten
     return rows[i, _META + j]
 
 
-CHUNK = 1 << 16
+CHUNK = 1 << 15
 """Elements converted per pass (a multiple of 256): bounds the temporaries of a conversion."""
 
 
