@@ -158,8 +158,8 @@ def test_fit_runs_user_classes_with_rich_bar_and_optim_shortcut(tiny_config):
     bar = cli.trainer.progress_bar_callback
     assert isinstance(bar, RichProgressBar)
     assert cli.trainer.max_epochs == -1  # a max_steps-only run: no "Epoch 0/-2" on the bar
-    assert bar._get_train_description(0).strip() == "Epoch 0"
     task = bar.progress.tasks[bar.train_progress_bar_id]
+    assert task.description.strip() == "Epoch 0"
     assert (task.completed, task.total, task.fields.get("unit")) == (3, 3, "steps")  # optimizer steps / max_steps
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, LowMemOptimizerCallback)]
     assert len(callbacks) == 1 and callbacks[0].optimizer_name == "adamw_8bit" and callbacks[0].lr == 0.01
