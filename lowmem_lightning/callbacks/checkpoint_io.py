@@ -18,9 +18,16 @@ Lightning's object-store upload, which is atomic per object.
 ``TorchCheckpointIO`` (the lowmem CLI and :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback` do);
 a CheckpointIO the user chose is kept. Everything saved through ``trainer.save_checkpoint`` goes through
 it: ``ModelCheckpoint`` files, ``last.ckpt`` and the SIGTERM checkpoint of
-:func:`~lowmem_lightning.callbacks.preemption.save_on_sigterm`. Sharded saves of ``ModelParallelStrategy``
-(``save_distributed_checkpoint=True``, ``torch.distributed.checkpoint``) and DeepSpeed do not use a
-CheckpointIO (see the module notes in the report of issue 25).
+:func:`~lowmem_lightning.callbacks.preemption.save_on_sigterm`.
+
+Sharded saves of ``ModelParallelStrategy`` (``save_distributed_checkpoint=True``: every rank writes its shards
+through ``torch.distributed.checkpoint`` into a directory) bypass the CheckpointIO and write straight into the
+final directory, over an existing one. :class:`AtomicModelParallelStrategy` saves them through
+:func:`atomic_sharded_save` instead: the ranks write into a temporary directory next to the final one, then
+rank 0 fsyncs it and swaps it in (the old checkpoint renamed aside, the new one renamed onto the final name, the
+old one removed), so a half-written checkpoint never carries the final name and the previous one is kept until
+the new one is complete. The ``lowmem`` CLI uses it in place of ``ModelParallelStrategy``. DeepSpeed's saves are
+not covered.
 """
 
 from __future__ import annotations
@@ -29,14 +36,16 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 
-__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "atomic_torch_save", "atomic_write",
-           "use_atomic_checkpoint_io"]
+__all__ = ["AtomicCheckpointIO", "AtomicModelParallelStrategy", "CheckpointWriteError", "atomic_sharded_save",
+           "atomic_torch_save", "atomic_write", "use_atomic_checkpoint_io"]
 
 _REASONS = {
     errno.ENOSPC: "the file system is full (no space left on device)",
@@ -85,12 +94,17 @@ class CheckpointWriteError(OSError):
 
 def _os_error_in(err: BaseException) -> OSError | None:
     """The first ``OSError`` with an errno in ``err``'s chain (torch.save reports a failed write of its file
-    object as a ``RuntimeError`` whose context is the ``OSError``)."""
+    object as a ``RuntimeError`` whose context is the ``OSError``; torch.distributed.checkpoint gathers each rank's
+    exception into a ``CheckpointException``)."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno is not None:
             return err
+        for failure in (getattr(err, "failures", None) or {}).values():  # DCP's CheckpointException, per rank
+            found = _os_error_in(failure[0] if isinstance(failure, tuple) and failure else None)  # (exc, trace)
+            if found is not None:
+                return found
         err = err.__cause__ or err.__context__
     return None
 
@@ -180,3 +194,93 @@ def use_atomic_checkpoint_io(trainer: Any) -> bool:
         return False
     strategy.checkpoint_io = AtomicCheckpointIO()
     return True
+
+
+
+def _fsync_tree(folder: str) -> None:
+    """fsync every file and directory under ``folder`` (the shards are complete on disk before the rename)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _swap_in(tmp: str, path: str, token: str) -> None:
+    """Rename the complete ``tmp`` onto ``path``; an existing ``path`` is renamed aside first and removed last."""
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    old = os.path.join(folder, f".{name}.old-{token}")
+    had_old = os.path.lexists(path)
+    if had_old:
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if had_old:
+            os.replace(old, path)  # put the previous checkpoint back under its name
+        raise
+    _fsync_dir(folder)
+    if had_old:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(old)
+
+
+def atomic_sharded_save(strategy: Any, save: Callable[[dict, str], None], checkpoint: dict, filepath: Any) -> None:
+    """Run ``save(checkpoint, tmp)`` on every rank of ``strategy`` into a temporary directory next to ``filepath``,
+    then on rank 0 fsync it and swap it in for ``filepath`` (:func:`_swap_in`); every rank waits for the swap.
+
+    ``save`` writes the whole checkpoint under the path it is given (for ``ModelParallelStrategy``, its own
+    ``save_checkpoint``: each rank's shards through ``torch.distributed.checkpoint`` plus rank 0's metadata
+    file). The temporary name (``.<name>.tmp-<token>``, one token for all ranks) never matches ``*.ckpt``. The ranks
+    vote after writing, so a failure on any rank (or in rank 0's swap) ends the save on every rank, none left
+    waiting: rank 0 removes the temporary directory, ``filepath`` keeps the previous checkpoint, and an ``OSError``
+    (also inside the exception's chain; on the ranks that wrote their part, "another rank could not write") becomes
+    a :class:`CheckpointWriteError` naming ``filepath``; other exceptions propagate on the rank that raised them."""
+    path = os.path.abspath(os.fspath(strategy.broadcast(os.fspath(filepath))))
+    token = strategy.broadcast(secrets.token_hex(4))
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{token}")
+    rank_zero = strategy.global_rank == 0
+    error = _attempt(lambda: save(checkpoint, tmp))
+    if strategy.reduce_boolean_decision(error is None, all=True):  # every rank wrote its part
+        error = _attempt(lambda: (_fsync_tree(tmp), _swap_in(tmp, path, token))) if rank_zero else None
+        failed = strategy.broadcast(error is not None)
+    else:
+        failed = True
+    if not failed:
+        return
+    if rank_zero:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cause = _os_error_in(error) if error is not None else None
+    if error is not None and cause is None:
+        raise error
+    code, detail = (cause.errno, cause.strerror or str(cause)) if cause else (None, "another rank could not write")
+    raise CheckpointWriteError(path, code, detail, "sharded checkpoint") from None
+
+
+def _attempt(action: Callable[[], Any]) -> BaseException | None:
+    """Run ``action``; the exception it raised (``None`` when it returned), so every rank reaches the vote."""
+    try:
+        action()
+    except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; re-raised after the vote
+        return err
+    return None
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallel) whose sharded checkpoints
+    (``save_distributed_checkpoint=True``) are written atomically by :func:`atomic_sharded_save`. Takes
+    ``ModelParallelStrategy``'s arguments; single-file saves go through its CheckpointIO
+    (:func:`use_atomic_checkpoint_io` makes that an :class:`AtomicCheckpointIO`)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Save like ``ModelParallelStrategy``; a sharded checkpoint complete under its final name or not there."""
+        if storage_options is not None or not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        atomic_sharded_save(self, super().save_checkpoint, checkpoint, filepath)
+        return None
