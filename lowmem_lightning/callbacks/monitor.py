@@ -268,10 +268,11 @@ class StateMemoryMonitor(L.Callback):
         )
         peak = max(self._max_state_bytes, total.total_bytes)
         sharded = any(is_dtensor(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"])
-        self.summary = summary_dict(
-            self._optimizer_name(), total, peak, adamw_fp32_state_bytes(self.optimizers), len(self.history.steps),
+        self.summary = summary_dict(  # the global step: a resumed run counts the checkpoint's steps too
+            self._optimizer_name(), total, peak, adamw_fp32_state_bytes(self.optimizers), trainer.global_step,
             sharded, reporter=self._reporter,
         )
+        self.summary["steps_this_run"] = len(self.history.steps)
         self.summary.update(small_tensor_summary(self.optimizers))  # why tensors under 4096 elements cost more
         plot_path = None
         if self.plot:

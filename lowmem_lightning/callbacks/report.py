@@ -107,6 +107,14 @@ def _mib(value: float) -> str:
     return f"{value:.1f}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+def _this_run(summary: dict) -> list[str]:
+    """A line saying how many of the steps this process made, when a resumed run reached a later global step."""
+    here = summary.get("steps_this_run")
+    if here is None or here == summary["steps"]:
+        return []
+    return [f"  (resumed: {here:,} of these {summary['steps']:,} steps made by this run)"]
+
+
 def format_summary(summary: dict, plot_path: str | None) -> str:
     """Human-readable lines for :func:`summary_dict`'s result, each within 80 columns for the usual
     sizes (so the summary reads well in an 80x24 terminal)."""
@@ -116,6 +124,7 @@ def format_summary(summary: dict, plot_path: str | None) -> str:
         f"  state after {summary['steps']:,} steps: {_mib(summary['state_MiB'])} MiB "
         f"({summary['bytes_per_param']:.2f} bytes/param), peak {_mib(summary['peak_state_MiB'])} MiB",
     ]
+    lines += _this_run(summary)
     if summary.get("sharded"):
         lines.insert(1, "  (rank 0: the figures are its shard of the sharded params)")
     if summary["state_MiB_host"]:

@@ -4,6 +4,7 @@ entry point :func:`main`; see :mod:`lowmem_lightning.cli` for what the command d
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -19,20 +20,28 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError, use_atomic_checkpoint_io
 from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
-from lowmem_lightning.cli.checks import ckpt_path_problem, new_paths, output_dirs, remove_new_paths, unwritable
+from lowmem_lightning.cli.checks import (
+    ckpt_path_problem,
+    new_paths,
+    output_dirs,
+    remove_new_paths,
+    seed_problem,
+    trainer_setting_problem,
+    unwritable,
+)
 from lowmem_lightning.cli.config_edits import (
     OPTIMIZER_CALLBACK,
     PATH_KEYS,
+    atomic_sharded_strategy,
     flag_given,
     init_args,
     is_optimizer_callback,
     number,
     optimizer_entries,
-    real_paths,
     type_model_config,
 )
-from lowmem_lightning.cli.last import checkpoint_dirs, newest_checkpoint
-from lowmem_lightning.cli.messages import LowMemArgumentParser, listing, notice, short, shown, usage_error
+from lowmem_lightning.cli.held_logs import HeldLogs
+from lowmem_lightning.cli.messages import LowMemArgumentParser, notice, short, usage_error, with_setting
 from lowmem_lightning.cli.quiet import quiet_known_noise
 from lowmem_lightning.cli.recipes import (
     DEFAULT_DATA,
@@ -45,7 +54,7 @@ from lowmem_lightning.cli.recipes import (
     resolve_recipe,
     with_default_classes,
 )
-from lowmem_lightning.cli.resume import checkpoint_problem, is_file_path, model_differences, saved_config_next_to
+from lowmem_lightning.cli.resume_args import ResumeArgsMixin, RunLrAfterResume
 from lowmem_lightning.cli.switch import switch_optimizer
 from lowmem_lightning.cli.versions import claim_version_dirs
 from lowmem_lightning.optim.registry import available_optimizers
@@ -71,7 +80,7 @@ SUBCOMMAND_HELP = {
 """One-line help of each subcommand in ``lowmem --help`` (whole sentences, not cut docstrings)."""
 
 
-class LowMemCLI(LightningCLI):
+class LowMemCLI(ResumeArgsMixin, LightningCLI):
     """LightningCLI for lowmem-lightning: any LightningModule / LightningDataModule by ``class_path``
     (default ``CausalLMModule`` / ``TextDataModule``), optimizer through ``LowMemOptimizerCallback``
     (``--optim``/``--lr`` shortcut), rich progress bar by default, config errors as short messages.
@@ -88,12 +97,16 @@ class LowMemCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_class", LowMemArgumentParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self.held_logs = kwargs.pop("held_logs", None)
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("prog", "lowmem")
         parser_kwargs.setdefault("description", DESCRIPTION.format(recipes=", ".join(bundled_recipes()) or "none"))
         for name in SUBCOMMANDS:
             parser_kwargs.setdefault(name, {}).setdefault("description", SUBCOMMAND_HELP[name])
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    held_logs: HeldLogs | None = None
+    """Lightning's set-up messages held by :func:`main` until the run starts (dropped when it is refused)."""
 
     _cli_args: list[str] = []
 
@@ -111,62 +124,6 @@ class LowMemCLI(LightningCLI):
             super().parse_arguments(parser, args)
         finally:
             sys.argv = saved_argv
-
-    def _parse_ckpt_path(self) -> None:
-        """``--ckpt_path FILE`` checked before anything is built (:mod:`~lowmem_lightning.cli.resume`): a bad
-        file, or a checkpoint saved from another model, ends with one message naming the file and what is
-        wrong (exit 2). Unlike LightningCLI, the checkpoint's hyperparameters replace the run's model init args
-        only with ``--model_from_ckpt true``, and never an explicit ``--model.*`` flag."""
-        sub = self.config.get("subcommand")
-        if not sub or not self.check_weights:
-            return
-        cfg = self.config[sub]
-        ckpt_path = cfg.get("ckpt_path")
-        if not is_file_path(ckpt_path):
-            if cfg.get("model_from_ckpt"):
-                self._error(f"ckpt_path={ckpt_path!r} names no file, but --model_from_ckpt true takes the model "
-                            "from the checkpoint file given as --ckpt_path FILE: give the checkpoint's path.")
-            return
-        problem, checkpoint = checkpoint_problem(ckpt_path)
-        if problem:
-            self._error(problem)
-        if checkpoint is not None:
-            self._match_checkpoint_model(cfg, ckpt_path, checkpoint.get("hyper_parameters"))
-
-    def _explicit_model_flag(self, key: str) -> bool:
-        """Whether the command line gives model init arg ``key`` (dotted: ``config.hidden_size``) or a
-        dict that holds it (``--model.config``)."""
-        parts = key.split(".")
-        return any(flag_given(self._cli_args, "model", ".".join(parts[:n])) for n in range(1, len(parts) + 1))
-
-    def _match_checkpoint_model(self, cfg: Namespace, ckpt_path: str, saved: Any) -> None:
-        """Refuse a checkpoint whose saved model init args differ from the run's (naming the keys), or with
-        ``--model_from_ckpt true`` take them, refusing an explicit ``--model.*`` that contradicts them."""
-        init = self._init(cfg, "model")
-        if not isinstance(saved, dict) or not saved or init is None:
-            return
-        type_model_config(cfg)
-        self._resolve_relative_paths(cfg)
-        diffs = model_differences(real_paths(saved), real_paths(init.as_dict()))
-        if not diffs:
-            return
-        differing = listing(diffs)
-        if not cfg.get("model_from_ckpt"):
-            config = saved_config_next_to(ckpt_path)
-            also = f", or run with --config {config} (the config saved with that run)" if config else ""
-            self._error(f"ckpt_path={ckpt_path!r} was saved from a different model than this run's: {differing}. "
-                        f"To resume with the checkpoint's model, add --model_from_ckpt true{also}; to keep this "
-                        "run's model, start without --ckpt_path.")
-        explicit = [(key, a, b) for key, a, b in diffs if self._explicit_model_flag(key)]
-        if explicit:
-            key, a, b = explicit[0]
-            self._error(f"ckpt_path={ckpt_path!r}: --model.{key} {shown(b)} on the command line contradicts the "
-                        f"checkpoint's model.{key}={shown(a)} (--model_from_ckpt true takes the model from the "
-                        "checkpoint): drop one of the two.")
-        for top in dict.fromkeys(key.split(".", 1)[0] for key, _, _ in diffs):
-            init[top] = saved[top]
-        notice(f"--model_from_ckpt: {', '.join(f'model.{key}={shown(a)}' for key, a, _ in diffs)} taken from "
-                f"{ckpt_path}.")
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """LightningCLI's subcommands, and ``estimate`` listed with them (``main`` runs it before
@@ -227,6 +184,13 @@ class LowMemCLI(LightningCLI):
     def _subconfig(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    def _set_seed(self) -> None:
+        """Seed like LightningCLI, after refusing a seed ``seed_everything`` cannot take (exit 2, one message)."""
+        problem = seed_problem(self._get(self.config, "seed_everything"))
+        if problem:
+            self._error(problem)
+        super()._set_seed()
+
     def before_instantiate_classes(self) -> None:
         """Apply ``--optim``/``--lr``/``--step_in_backward``, check optimizer names, and resolve
         recipe-relative paths."""
@@ -238,13 +202,15 @@ class LowMemCLI(LightningCLI):
         if self.check_weights:
             self._check_not_architecture_only(cfg)
         type_model_config(cfg)
+        atomic_sharded_strategy(cfg)
         self._check_run_inputs(cfg)
 
     def _check_run_inputs(self, cfg: Namespace) -> None:
-        """A missing ``--ckpt_path`` or an unwritable output directory: exit 2 before anything is built."""
+        """A missing ``--ckpt_path``, a Trainer count Lightning does not check, or an unwritable output
+        directory: exit 2 before anything is built."""
         if not self.check_weights:  # parse-only (lowmem estimate): no run, nothing to check
             return
-        problem = ckpt_path_problem(cfg.get("ckpt_path"))
+        problem = ckpt_path_problem(cfg.get("ckpt_path")) or trainer_setting_problem(cfg.get("trainer"))
         for name, path in output_dirs(cfg):
             problem = problem or unwritable(name, path)
         if problem:
@@ -379,7 +345,7 @@ class LowMemCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, MisconfigurationException) as err:
-            self._error(short(err))
+            self._error(with_setting(short(err), "trainer", self._subconfig().get("trainer")))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Check the data module's inputs (``check_inputs()``, when it has one: files read, tokenized,
@@ -406,74 +372,48 @@ class LowMemCLI(LightningCLI):
             self.config_init["fit"]["ckpt_path"] = self._resolve_last()
             self._check_resolved(self.config_init["fit"]["ckpt_path"])
 
-    def _check_resolved(self, path: str | None) -> None:
-        """The checkpoint ``--ckpt_path last`` chose, checked like a ``--ckpt_path FILE`` (the model is
-        built already, so a checkpoint of another model is refused, naming how to resume it explicitly)."""
-        if path is None:
-            return
-        problem, checkpoint = checkpoint_problem(path)
-        if problem:
-            self._error(f"ckpt_path='last' chose {path}, which cannot be resumed: {problem}")
-        saved = checkpoint.get("hyper_parameters") if checkpoint is not None else None
-        init = self._init(self.config["fit"], "model")
-        diffs = (model_differences(real_paths(saved), real_paths(init.as_dict()))
-                 if isinstance(saved, dict) and init is not None else [])
-        if diffs:
-            self._error(f"ckpt_path='last' chose {path}, saved from a different model than this run's: "
-                        f"{listing(diffs)}. "
-                        f"Resume it with --ckpt_path {path} --model_from_ckpt true, or log this run elsewhere "
-                        "(another trainer.logger name) to start fresh.")
-
-    def _resolve_last(self) -> str | None:
-        dirs = checkpoint_dirs(self.trainer)
-        if not dirs:
-            self._error(
-                "ckpt_path='last' resumes from the run's ModelCheckpoint directory, but this run has no "
-                "ModelCheckpoint (trainer.enable_checkpointing is false), so nothing is saved to resume from: add a "
-                "ModelCheckpoint to trainer.callbacks (README: Resume and preemption) or drop --ckpt_path."
-            )
-        found, count = newest_checkpoint(dirs)
-        where = " or ".join(os.path.relpath(d) if not os.path.isabs(d) else d for d in dirs)
-        if found is None:
-            notice(f"--ckpt_path last: no checkpoint yet in {where}; starting a fresh run "
-                    "(the same command resumes from the newest checkpoint once one is saved).")
-            return None
-        notice(f"--ckpt_path last: resuming from {found.path} (step {found.step}, the newest of {count} "
-                f"checkpoint{'s' if count > 1 else ''} in {where}).")
-        return found.path
-
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand in a logger version folder of its own (claimed atomically:
-        :mod:`~lowmem_lightning.cli.versions`); for ``fit``, a ``ValueError``/``TypeError``/
-        ``MisconfigurationException`` raised before the first sanity-check or training step (a refusal:
+        :mod:`~lowmem_lightning.cli.versions`); a ``ValueError``/``TypeError``/
+        ``MisconfigurationException`` raised before the sanity check, training or evaluation begins (a refusal:
         optimizer, precision, strategy, checkpoint) ends with one message and exit code 2, and the
         directories the run created are removed (when they hold only the config and the logger's first
         files). ``LOWMEM_TRACEBACK=1`` re-raises."""
         claimed = claim_version_dirs(self.trainer)  # runs started together never share a version folder
-        if subcommand != "fit":
-            try:
-                return super()._run_subcommand(subcommand)
-            except BaseException:
-                remove_new_paths([outer for _, outer in claimed])
-                raise
         created = new_paths(self._run_paths())
         created += [outer for _, outer in claimed if outer not in created]
-        started = _TrainingStarted()
+        started = _RunStarted(self.held_logs)
         self.trainer.callbacks.append(started)
+        if subcommand == "fit" and not self._has_optimizer_callback():
+            self.trainer.callbacks.append(RunLrAfterResume())  # a new --model.lr applies after a resume
         try:
             super()._run_subcommand(subcommand)
         except (ValueError, TypeError, MisconfigurationException) as err:
             if started.started or os.environ.get("LOWMEM_TRACEBACK"):
                 raise
             remove_new_paths(created)
-            sys.stderr.write(f"lowmem fit: error: {short(err)}\n(nothing was trained or written; "
+            done = "trained" if subcommand == "fit" else "run"
+            sys.stderr.write(f"lowmem {subcommand}: error: {short(err)}\n(nothing was {done} or written; "
                              "LOWMEM_TRACEBACK=1 shows where it was raised)\n")
             raise SystemExit(2) from None
-        except SystemExit:  # a refusal in before_fit (exit 2): the claimed version folder is not left behind
-            if not started.started:
-                remove_new_paths(created)
+        except BaseException:  # a refusal in before_fit (exit 2), or an evaluation that failed
+            if not started.started or subcommand != "fit":
+                remove_new_paths(created)  # only folders holding nothing but set-up files
             raise
         return None
+
+    def after_predict(self) -> None:
+        """Print each prediction that is a dict (``CausalLMModule``: ``{"prompt", "continuation"}``) as one JSON line on
+        stdout, so ``lowmem predict ... > out.jsonl`` keeps them; other predictions are returned by Lightning only."""
+        for item in flat_predictions(self.trainer.predict_loop.predictions):
+            if isinstance(item, dict):
+                sys.stdout.write(json.dumps(item, ensure_ascii=False, default=str) + "\n")
+        sys.stdout.flush()
+
+    def _has_optimizer_callback(self) -> bool:
+        from lowmem_lightning.callbacks.optimizer import LowMemOptimizerCallback
+
+        return any(isinstance(c, LowMemOptimizerCallback) for c in self.trainer.callbacks)
 
     def _run_paths(self) -> list[str]:
         """Every directory the fit may create: the root, each logger's directories, checkpoint dirs."""
@@ -500,19 +440,38 @@ class LowMemCLI(LightningCLI):
         return trainer
 
 
-class _TrainingStarted(L.Callback):
-    """Records that a fit got past its set-up: the sanity check or training began (the CLI's refusal
-    handling applies only before that)."""
+class _RunStarted(L.Callback):
+    """Records that a run got past its set-up (the sanity check, training or the evaluation loop began: the
+    CLI's refusal handling applies only before that) and then prints Lightning's held set-up messages."""
 
-    started = False
+    def __init__(self, held: HeldLogs | None = None) -> None:
+        self.started = False
+        self.held = held
+
+    def _start(self) -> None:
+        self.started = True
+        if self.held is not None:
+            self.held.release()
 
     def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
         """The sanity check begins: the fit is past its set-up."""
-        self.started = True
+        self._start()
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Training begins: the fit is past its set-up."""
-        self.started = True
+        self._start()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        """``lowmem validate`` (or a fit's first validation) begins."""
+        self._start()
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        """``lowmem test`` begins."""
+        self._start()
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        """``lowmem predict`` begins."""
+        self._start()
 
 
 class _ParseOnlyCLI(LowMemCLI):
@@ -528,6 +487,13 @@ class _ParseOnlyCLI(LowMemCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         pass
+
+
+def flat_predictions(predictions: Any) -> list:
+    """The items of ``trainer.predict``'s result (a list per batch, or per dataloader then per batch) in order."""
+    if not isinstance(predictions, list):
+        return [predictions] if predictions is not None else []
+    return [item for entry in predictions for item in flat_predictions(entry)]
 
 
 def parse_fit_config(args: list[str]) -> Namespace:
@@ -561,19 +527,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved_argv = sys.argv
     # the command line as given: Lightning's DDP launcher re-runs sys.argv for ranks > 0
     sys.argv = [saved_argv[0] if saved_argv else "lowmem", *(saved_argv[1:] if argv is None else argv)]
+    held = HeldLogs().hold()  # "Seed set to", "GPU available": printed once the run starts, dropped if refused
+    code = 0
     try:
-        LowMemCLI(args=args)
+        LowMemCLI(args=args, held_logs=held)
     except SIGTERMException:
-        return SIGTERM_EXIT_CODE
+        code = SIGTERM_EXIT_CODE
     except CheckpointWriteError as err:  # a full / read-only checkpoint directory: one message, exit 2
         sys.stderr.write(f"lowmem: error: {err}\n")
-        return 2
+        code = 2
     except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 2)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     finally:
         sys.argv = saved_argv
-    return 0
+        if code == 2 and held.holding:
+            held.discard()
+        else:
+            held.release()
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,8 @@ from typing import Any
 
 from jsonargparse import Namespace
 
-__all__ = ["ckpt_path_problem", "output_dirs", "unwritable", "new_paths", "remove_new_paths", "SETUP_FILES"]
+__all__ = ["ckpt_path_problem", "output_dirs", "unwritable", "new_paths", "remove_new_paths", "SETUP_FILES",
+           "TRAINER_MINIMUMS", "trainer_setting_problem", "seed_problem"]
 
 _CKPT_KEYWORDS = ("last", "best", "hpc")
 
@@ -25,6 +26,46 @@ def ckpt_path_problem(ckpt_path: Any) -> str | None:
     return (f"ckpt_path={ckpt_path!r}: no such checkpoint file ({Path(ckpt_path).expanduser().resolve()}); "
             "give the path of a saved .ckpt, or 'last' for the newest checkpoint of the run's ModelCheckpoint "
             "directory.")
+
+
+TRAINER_MINIMUMS: dict[str, tuple[float, bool, tuple[int, ...]]] = {
+    "min_epochs": (0, False, ()),
+    "min_steps": (0, False, ()),
+    "check_val_every_n_epoch": (1, False, ()),
+    "num_sanity_val_steps": (0, False, (-1,)),
+    "log_every_n_steps": (0, False, ()),
+    "accumulate_grad_batches": (1, False, ()),
+    "gradient_clip_val": (0, False, ()),
+    "val_check_interval": (0, True, ()),
+}
+"""Trainer counts Lightning takes without checking (a negative one is silently ignored or divides by zero
+later): ``name: (minimum, minimum excluded, sentinels allowed)``."""
+
+
+def trainer_setting_problem(trainer: Any) -> str | None:
+    """The first :data:`TRAINER_MINIMUMS` setting of ``trainer`` (the parsed ``trainer`` group) out of range, or
+    ``None``."""
+    for name, (low, strict, sentinels) in TRAINER_MINIMUMS.items():
+        value = trainer.get(name) if trainer is not None else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value in sentinels:
+            continue
+        if value != value or (value <= low if strict else value < low):  # NaN, or below the minimum
+            extra = f" or {' or '.join(map(str, sentinels))}" if sentinels else ""
+            bound = f"> {low}" if strict else f">= {low}"
+            return f"Invalid trainer.{name}={value!r}: expected a number {bound}{extra}."
+    return None
+
+
+SEED_RANGE = (0, 2**32 - 1)
+"""Seeds ``seed_everything`` accepts (numpy's range)."""
+
+
+def seed_problem(seed: Any) -> str | None:
+    """Why ``seed_everything`` cannot take ``seed`` (an int outside :data:`SEED_RANGE`), or ``None``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        return None
+    return (f"Invalid seed_everything={seed}: expected true, false or an integer in [{SEED_RANGE[0]}, "
+            f"{SEED_RANGE[1]}].")
 
 
 def _entries(value: Any) -> list:

@@ -12,7 +12,7 @@ from typing import Any
 from jsonargparse import Namespace
 
 __all__ = ["OPTIMIZER_CALLBACK", "PATH_KEYS", "import_class", "number", "is_optimizer_callback", "optimizer_entries",
-           "flag_given", "init_args", "typed", "type_model_config", "real_paths"]
+           "flag_given", "init_args", "typed", "type_model_config", "real_paths", "atomic_sharded_strategy"]
 
 OPTIMIZER_CALLBACK = "lowmem_lightning.callbacks.optimizer.LowMemOptimizerCallback"
 """``class_path`` of the callback that ``--optim`` adds or overrides."""
@@ -94,4 +94,16 @@ def real_paths(values: dict) -> dict:
         if isinstance(value, str) and value and Path(value).expanduser().exists():
             out[key] = str(Path(value).expanduser().resolve())
     return out
+
+
+def atomic_sharded_strategy(cfg: Namespace) -> None:
+    """A ``trainer.strategy`` given as Lightning's ``ModelParallelStrategy`` becomes
+    :class:`~lowmem_lightning.callbacks.checkpoint_io.AtomicModelParallelStrategy` (same arguments), whose sharded
+    checkpoints appear atomically."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = (cfg.get("trainer") or Namespace()).get("strategy")
+    class_path = strategy.get("class_path") if isinstance(strategy, (dict, Namespace)) else None
+    if isinstance(class_path, str) and import_class(class_path) is ModelParallelStrategy:
+        strategy["class_path"] = "lowmem_lightning.callbacks.checkpoint_io.AtomicModelParallelStrategy"
 

@@ -8,6 +8,7 @@ state from the optimizers' own ``state_layout()``.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 from collections.abc import Sequence
@@ -86,13 +87,23 @@ def build_meta_model(cfg: Namespace):
     return model
 
 
+MAX_BUDGET_GB = 1e6
+"""The largest ``--budget-gb`` taken (a petabyte: any larger figure is a typo)."""
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse with the ``lowmem`` style of error: one line and a hint to ``--help`` (no usage dump), exit 2."""
+
+    def error(self, message: str):
+        """Print ``lowmem estimate: error: MESSAGE`` and the ``--help`` hint, exit with code 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n(all options: {self.prog} --help)\n")
+
+
 def estimate_main(argv: Sequence[str]) -> int:
     """``lowmem estimate``: parse the recipe, build its model on the meta device, print the estimate."""
-    import argparse
-
     from lowmem_lightning.estimate import GB, estimate_memory, format_json, format_table
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="lowmem estimate",
         description="Memory a recipe needs: parameters, frozen weights (by dtype / NF4), gradients and the "
         "state of every optimizer, from the model built on the meta device (no weights, no download). "
@@ -107,8 +118,9 @@ def estimate_main(argv: Sequence[str]) -> int:
         "recipe's LowMemOptimizerCallback step_in_backward.",
     )
     known, extra = parser.parse_known_args(list(argv))
-    if known.budget_gb is not None and not (known.budget_gb > 0 and math.isfinite(known.budget_gb)):
-        parser.error(f"argument --budget-gb: invalid value {known.budget_gb!r}: expected a number > 0.")
+    if known.budget_gb is not None and not (0 < known.budget_gb <= MAX_BUDGET_GB and math.isfinite(known.budget_gb)):
+        parser.error(f"argument --budget-gb: invalid value {known.budget_gb!r}: expected a number of GB in "
+                     f"(0, {MAX_BUDGET_GB:g}].")
     try:
         cfg = parse_fit_config(["--config", known.config, *extra])
     except ValueError as err:

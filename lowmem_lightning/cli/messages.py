@@ -15,12 +15,22 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lowmem_lightning.cli.config_edits import import_class
 from lowmem_lightning.cli.resume import UNSET
 
-__all__ = ["LowMemArgumentParser", "condense_message", "notice", "short", "listing", "shown", "usage_error"]
+__all__ = ["LowMemArgumentParser", "condense_message", "notice", "short", "listing", "shown", "usage_error",
+           "with_setting"]
+
+
+NOTICE_HOLDER: Any = None
+"""While a :class:`~lowmem_lightning.cli.held_logs.HeldLogs` holds, it (its ``note``) takes the notices too."""
 
 
 def notice(message: str | None) -> None:
-    """One line on stderr saying what the command changed in the config (``None``: nothing)."""
-    if message:
+    """One line on stderr saying what the command changed in the config (``None``: nothing); held with
+    Lightning's set-up messages while :data:`NOTICE_HOLDER` is set (a refused command prints only its error)."""
+    if not message:
+        return
+    if NOTICE_HOLDER is not None:
+        NOTICE_HOLDER.note(f"lowmem: {message}\n")
+    else:
         sys.stderr.write(f"lowmem: {message}\n")
 
 
@@ -51,6 +61,9 @@ def condense_message(message: str) -> str:
     text = " ".join(kept) if kept else message.strip()
     text = re.sub(r"Expected an? <class '([\w.]+)'>", r"Expected \1", text)
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    given = re.search(r"(?:Given|Got) value: (.+)", message)
+    if given and given.group(1).strip() not in text:  # the union's lines that held the value were dropped as noise
+        text = f"{text.rstrip('.')}. Given value: {given.group(1).strip()}"
     return text + _allowed_keys_hint(text)
 
 
@@ -100,4 +113,15 @@ def shown(value: Any) -> str:
 def usage_error(message: str) -> int:
     sys.stderr.write(f"lowmem: error: {message}\n")
     return 2
+
+
+def with_setting(text: str, group: str, settings: Any) -> str:
+    """``text`` (a message of Lightning's that names an argument in backticks, ```devices```, or as ``name=``)
+    prefixed with ``GROUP.NAME=VALUE:`` from the parsed ``settings`` when it does not show the value given."""
+    names = re.findall(r"`(\w+)`|\b(\w+)=", text)
+    for name in dict.fromkeys(a or b for a, b in names):
+        value = settings.get(name) if hasattr(settings, "get") else None
+        if value is not None and str(value) not in text:
+            return f"{group}.{name}={value!r}: {text}"
+    return text
 

@@ -41,8 +41,13 @@ def resolve_recipe(value: str) -> str:
     for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
         if candidate.is_file() and Path(value).parent in (Path("."), Path("configs")):
             return str(candidate)
+    path = Path(value).expanduser()
+    if path.exists():
+        what = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise ValueError(f"--config {value!r} is {what}: expected a YAML file or a bundled recipe "
+                         f"({', '.join(bundled_recipes()) or 'none'}).")
     raise ValueError(
-        f"Config file {value!r} not found (not a file from {Path.cwd()}, not a bundled recipe). "
+        f"--config {value!r}: no such file (not a file from {Path.cwd()}, not a bundled recipe). "
         f"Bundled recipes: {', '.join(bundled_recipes()) or 'none'}."
     )
 

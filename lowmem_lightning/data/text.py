@@ -87,6 +87,18 @@ class Document:
     completion: str
 
 
+def _special_kind(path: Path) -> str:
+    """What an existing path that is neither a regular file nor a directory is, in words."""
+    import stat
+
+    mode = path.stat().st_mode
+    for test, words in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "a special file"
+
+
 def find_data_files(data_path: str) -> list[Path]:
     """The files behind ``data_path``: ``"sample"`` (the shipped data), one file, or every ``.txt`` and
     ``.jsonl`` file under a directory (recursively, sorted). ``ValueError`` naming the path when it
@@ -98,6 +110,9 @@ def find_data_files(data_path: str) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
+        if path.exists():
+            raise ValueError(f"Invalid data_path={data_path!r}: {path} is {_special_kind(path)}, not a regular file "
+                             "or directory; give a .txt or .jsonl file or a directory of them.")
         raise ValueError(f"Invalid data_path={data_path!r}: no such file or directory ({path.resolve()}).")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
     if not files:
@@ -440,12 +455,14 @@ class TextDataModule(L.LightningDataModule):
             )
 
     def _loader(self, dataset: TokenBlocks, shuffle: bool) -> StatefulDataLoader:
+        from lowmem_lightning.data.distributed import epoch_sampler  # each rank's share under DDP / FSDP2
+
         with warnings.catch_warnings():  # torchdata 0.11's constructor calls a deprecated torch API
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
             return StatefulDataLoader(
                 dataset,
                 batch_size=self.batch_size,
-                sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+                sampler=epoch_sampler(len(dataset), self.seed, self._trainer) if shuffle else None,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
             )
@@ -462,3 +479,28 @@ class TextDataModule(L.LightningDataModule):
         if len(self.val_dataset) == 0:
             return []
         return self._loader(self.val_dataset, shuffle=False)
+
+    def _held_out(self, stage: str) -> TokenBlocks:
+        self.setup()
+        if len(self.val_dataset) == 0:
+            raise ValueError(
+                f"Invalid val_fraction={self.val_fraction!r} for {stage}: {stage} runs on the held-out blocks, and "
+                "val_fraction 0 holds none out; set --data.val_fraction (e.g. 0.05, as the model was trained with)."
+            )
+        return self.val_dataset
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        """The held-out blocks in order (the same ones validation uses: the module has one held-out split, so a
+        checkpoint trained with the same ``seed``/``val_fraction``/data never saw them); ``ValueError`` naming
+        ``val_fraction`` when it is 0."""
+        return self._loader(self._held_out("test"), shuffle=False)
+
+    def predict_dataloader(self) -> StatefulDataLoader:
+        """Prompts for generation: the first half (``seq_len // 2`` tokens) of each held-out block that has no
+        padding there, in order, as batches with ``input_ids`` and ``attention_mask``; ``ValueError`` naming
+        ``val_fraction`` when it is 0."""
+        blocks = self._held_out("predict").blocks
+        half = max(1, self.seq_len // 2)
+        keep = blocks["attention_mask"][:, :half].all(dim=1)
+        prompts = {key: blocks[key][keep, :half] for key in ("input_ids", "attention_mask")}
+        return self._loader(TokenBlocks(prompts), shuffle=False)

@@ -103,6 +103,11 @@ def load_tokenizer(tokenizer: str) -> ByteTokenizer | HFTokenizer:
     if tokenizer == "byte":
         return ByteTokenizer()
     path = Path(tokenizer).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"Invalid tokenizer={tokenizer!r}: {path} is not a directory; expected 'byte' or a local "
+            "directory saved with tokenizer.save_pretrained()."
+        )
     if not path.is_dir():
         raise ValueError(
             f"Invalid tokenizer={tokenizer!r}: no such directory ({path.resolve()}); expected 'byte' "

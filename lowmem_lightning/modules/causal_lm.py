@@ -85,6 +85,27 @@ def _check_lora(lora: dict | None) -> dict | None:
     return out
 
 
+CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "vocab_size", "head_dim")
+"""Architecture settings that count something (width, layers, heads, positions): integers >= 1."""
+
+
+def check_config_sizes(config: dict) -> None:
+    """``ValueError`` naming the setting when a size of ``config`` (:data:`CONFIG_SIZES`) is not an integer >= 1,
+    or the heads do not divide (``hidden_size`` by ``num_attention_heads`` without ``head_dim``,
+    ``num_attention_heads`` by ``num_key_value_heads``): caught here, not as a shape error inside the model."""
+    for key in CONFIG_SIZES:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"Invalid config.{key}={value!r}: expected an integer >= 1.")
+    hidden, heads, kv = config.get("hidden_size"), config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if hidden and heads and config.get("head_dim") is None and hidden % heads:
+        raise ValueError(f"Invalid config.num_attention_heads={heads}: it must divide config.hidden_size={hidden} "
+                         "(or give config.head_dim).")
+    if heads and kv and heads % kv:
+        raise ValueError(f"Invalid config.num_key_value_heads={kv}: it must divide config.num_attention_heads={heads}.")
+
+
 def validate_model_args(
     model_name_or_path: str | None,
     config: dict | None,
@@ -104,13 +125,19 @@ def validate_model_args(
             "checkpoint directory or an architecture dict (e.g. {'hidden_size': 64, ...} for a Llama)."
         )
     if model_name_or_path is not None:
-        if not isinstance(model_name_or_path, (str, Path)) or not Path(model_name_or_path).expanduser().is_dir():
+        path = Path(model_name_or_path).expanduser() if isinstance(model_name_or_path, (str, Path)) else None
+        if path is not None and path.exists() and not path.is_dir():
+            raise ValueError(f"Invalid model_name_or_path={model_name_or_path!r}: {path} is not a directory; expected "
+                             "a local model directory (config.json + weights, as written by save_pretrained).")
+        if path is None or not path.is_dir():
             raise ValueError(
                 f"Invalid model_name_or_path={model_name_or_path!r}: not an existing local directory "
                 "(config.json + weights, as written by save_pretrained; nothing is downloaded)."
             )
     if config is not None and not isinstance(config, dict):
         raise ValueError(f"Invalid config={config!r}: expected a dict of architecture settings.")
+    if config is not None:
+        check_config_sizes(config)
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"Invalid quantize={quantize!r}: expected None or 'nf4'.")
     lora = _check_lora(lora)
@@ -222,12 +249,12 @@ def build_causal_lm(
     if model_name_or_path is not None and device.type != "meta":
         model = _load_pretrained(model_name_or_path, quantize, dtype, device)
     else:
-        from transformers import AutoConfig
-
         if config is not None:
             cfg = make_config(config, vocab_size)
-        else:
-            cfg = AutoConfig.from_pretrained(str(model_name_or_path), local_files_only=True)
+        else:  # config.json only, checked as loading checks it (a bad file is named)
+            from lowmem_lightning.quant.loading import read_model_config
+
+            cfg = read_model_config(model_name_or_path)
         model = _from_config(cfg, quantize, dtype, device)
     if lora is not None:
         from lowmem_lightning.quant import add_lora
@@ -374,6 +401,35 @@ class CausalLMModule(LowMemModule):
         self.log("val_loss", loss, prog_bar=True)
         self.log("val_ppl", torch.exp(loss))
         self.val_loss.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """As :meth:`validation_step` (per-token mean loss over the test set, ``lowmem test``)."""
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test_loss`` and ``test_ppl = exp(test_loss)`` (per target token), then reset."""
+        if self.val_loss.update_count == 0:
+            return
+        loss = self.val_loss.compute()
+        self.log("test_loss", loss)
+        self.log("test_ppl", torch.exp(loss))
+        self.val_loss.reset()
+
+    predict_new_tokens: int = 32
+    """Tokens :meth:`predict_step` generates per prompt (greedy)."""
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
+        """Greedy continuation of each prompt of the batch (``input_ids``/``attention_mask``, e.g. from
+        ``TextDataModule.predict_dataloader``): ``{"prompt", "continuation"}`` per row, decoded with the data
+        module's tokenizer (lists of token ids when there is none); ``lowmem predict`` prints them."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        pad = getattr(self.model.config, "pad_token_id", None)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.predict_new_tokens,
+                                  do_sample=False, pad_token_id=pad if pad is not None else 0)
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        decode = tokenizer.decode if tokenizer is not None else (lambda row: row)
+        return [{"prompt": decode(p.tolist()), "continuation": decode(c.tolist())}
+                for p, c in zip(ids, out[:, ids.shape[1]:])]
 
     # -- saving ----------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from .linear4bit import (
 )
 
 __all__ = ["load_pretrained_causal_lm", "random_causal_lm", "checkpoint_files", "ModelFileError",
-           "NonFiniteCheckpointError"]
+           "NonFiniteCheckpointError", "read_model_config"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -173,6 +173,12 @@ def _read_config(path: Path):
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # any failure here is the file's: transformers' validators raise their own types
         raise ModelFileError(file, f"cannot be read by transformers ({_brief(err)}).") from None
+
+
+def read_model_config(path: str | Path):
+    """The transformers config of model directory ``path`` (its ``config.json`` only, no weights read), checked as
+    loading checks it: :class:`ModelFileError` naming the directory or file and what is wrong."""
+    return _read_config(Path(path).expanduser())
 
 
 def _brief(err: BaseException, limit: int = 300) -> str:

@@ -1,0 +1,85 @@
+"""Lightning's set-up chatter held back until a run really starts.
+
+LightningCLI seeds (``Seed set to 42``) and builds the Trainer (``GPU available: False, used: False``, ...)
+before the ``lowmem`` command has made its last refusal (a bad data file, gradient release that cannot
+hold, an optimizer that refuses the module's schedule). A refused command should print its one message
+and nothing else, so :class:`HeldLogs` keeps the records Lightning logs during set-up and, once the run
+starts, prints them in their order (:meth:`HeldLogs.release`); a refused command drops them
+(:meth:`HeldLogs.discard`). Only the handlers Lightning itself installs on its ``lightning.pytorch`` and
+``lightning.fabric`` loggers are held (an application that configured logging keeps its own handlers).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from lowmem_lightning.cli import messages
+
+__all__ = ["HeldLogs", "LIGHTNING_LOGGERS"]
+
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+"""Loggers whose own handlers print Lightning's set-up messages."""
+
+
+class _Hold(logging.Filter):
+    """A handler filter that keeps every record (for later) instead of letting the handler emit it."""
+
+    def __init__(self, held: HeldLogs, handler: logging.Handler) -> None:
+        super().__init__()
+        self.held, self.handler = held, handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.held.records.append((self.handler, record))
+        return False
+
+
+class HeldLogs:
+    """Holds the records of Lightning's own log handlers from :meth:`hold` until :meth:`release` (print them,
+    in order) or :meth:`discard` (drop them); both stop holding and may be called more than once."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[logging.Handler | None, logging.LogRecord | str]] = []
+        self._filters: list[tuple[logging.Handler, _Hold]] = []
+
+    def note(self, line: str) -> None:
+        """Keep one line of the ``lowmem`` command's own notices (:func:`~lowmem_lightning.cli.messages.notice`)."""
+        self.records.append((None, line))
+
+    def hold(self) -> HeldLogs:
+        """Start holding the records of the handlers of :data:`LIGHTNING_LOGGERS` and the command's notices;
+        returns ``self``."""
+        messages.NOTICE_HOLDER = self
+        for name in LIGHTNING_LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                if not any(h is handler for h, _ in self._filters):
+                    hold = _Hold(self, handler)
+                    handler.addFilter(hold)
+                    self._filters.append((handler, hold))
+        return self
+
+    def _stop(self) -> list[tuple[logging.Handler | None, logging.LogRecord | str]]:
+        if messages.NOTICE_HOLDER is self:
+            messages.NOTICE_HOLDER = None
+        for handler, hold in self._filters:
+            handler.removeFilter(hold)
+        self._filters = []
+        records, self.records = self.records, []
+        return records
+
+    @property
+    def holding(self) -> bool:
+        """Whether records are being held now."""
+        return bool(self._filters) or messages.NOTICE_HOLDER is self
+
+    def release(self) -> None:
+        """Stop holding and print the held records through their handlers, oldest first."""
+        for handler, record in self._stop():
+            if handler is None:
+                sys.stderr.write(record)
+            else:
+                handler.handle(record)
+
+    def discard(self) -> None:
+        """Stop holding and drop the held records (the command was refused: its message is all it prints)."""
+        self._stop()

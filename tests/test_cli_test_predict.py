@@ -1,0 +1,110 @@
+"""``lowmem test`` and ``lowmem predict`` on the shipped CausalLMModule and TextDataModule (issue 25, 7): they used
+to end in a MisconfigurationException (no test_step / predict_step, no dataloaders). Now ``test`` reports the
+per-token loss and perplexity of the held-out blocks (``test_loss``, ``test_ppl``: the validation split, which a
+model trained with the same data settings never saw) and ``predict`` prints one JSON line per held-out prompt,
+``{"prompt", "continuation"}``: the first half of each held-out block and the model's greedy continuation.
+Each runs the installed ``lowmem`` as a real process on a checkpoint written here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lowmem_lightning.cli import parse_fit_config
+from lowmem_lightning.data import TextDataModule
+from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
+ENV = {**os.environ, "COLUMNS": "200"}
+BATCHES = 2
+
+
+def _parts():
+    cfg = parse_fit_config(["--config", "tiny.yaml"])
+    model = CausalLMModule(**cfg.model.init_args.as_dict())
+    data = TextDataModule(**cfg.data.init_args.as_dict())
+    return model, data
+
+
+def _trainer(root: Path, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=root, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny recipe's model after 3 steps, saved as a checkpoint, and its held-out loss on BATCHES batches."""
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model, data = _parts()
+    trainer = _trainer(root, max_steps=3, limit_val_batches=0)
+    trainer.fit(model, data)
+    path = root / "three.ckpt"
+    trainer.save_checkpoint(path)
+    [metrics] = _trainer(root, limit_val_batches=BATCHES).validate(model, data, verbose=False)
+    return path, metrics["val_loss"], data
+
+
+def _lowmem(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LOWMEM, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+@pytest.mark.slow
+def test_lowmem_test_reports_the_held_out_loss_of_the_checkpoint(tmp_path, checkpoint):
+    path, val_loss, _ = checkpoint
+    proc = _lowmem(tmp_path, "test", "--config", "tiny.yaml", "--ckpt_path", str(path),
+                   "--trainer.limit_test_batches", str(BATCHES))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test_loss" in proc.stdout and "test_ppl" in proc.stdout, proc.stdout
+    [metrics_csv] = (tmp_path / "runs").rglob("metrics.csv")
+    [row] = [r for r in csv.DictReader(metrics_csv.open()) if r.get("test_loss")]
+    assert float(row["test_loss"]) == pytest.approx(val_loss, rel=1e-5)  # the checkpoint's weights, the same blocks
+    assert float(row["test_ppl"]) == pytest.approx(float(torch.exp(torch.tensor(val_loss))), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_lowmem_predict_prints_a_continuation_per_held_out_prompt(tmp_path, checkpoint):
+    path, _, data = checkpoint
+    proc = _lowmem(tmp_path, "predict", "--config", "tiny.yaml", "--ckpt_path", str(path),
+                   "--trainer.limit_predict_batches", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    batch = next(iter(data.predict_dataloader()))
+    assert len(rows) == batch["input_ids"].shape[0]
+    for row, ids in zip(rows, batch["input_ids"]):
+        assert set(row) == {"prompt", "continuation"}
+        assert row["prompt"] == data.tokenizer.decode(ids.tolist())
+        assert isinstance(row["continuation"], str)
+
+
+@pytest.mark.slow
+def test_lowmem_test_without_held_out_data_is_refused(tmp_path):
+    proc = _lowmem(tmp_path, "test", "--config", "tiny.yaml", "--data.val_fraction", "0")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "val_fraction=0" in errors[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing written
+
+
+def test_test_and_predict_steps_in_process(tmp_path):
+    """The module's test/predict steps on the data module's loaders (one batch each, no subprocess)."""
+    torch.manual_seed(0)
+    model, data = _parts()
+    [tested] = _trainer(tmp_path, limit_test_batches=1).test(model, data, verbose=False)
+    assert set(tested) == {"test_loss", "test_ppl"} and tested["test_loss"] > 0
+    assert tested["test_ppl"] == pytest.approx(float(torch.exp(torch.tensor(tested["test_loss"]))), rel=1e-5)
+    model.predict_new_tokens = 4
+    [rows] = _trainer(tmp_path, limit_predict_batches=1).predict(model, data)
+    assert len(rows) == data.batch_size and all(set(r) == {"prompt", "continuation"} for r in rows)
+    assert all(len(r["prompt"]) <= data.seq_len // 2 for r in rows)  # decoded from seq_len // 2 tokens
