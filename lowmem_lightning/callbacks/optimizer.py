@@ -186,6 +186,9 @@ class LowMemOptimizerCallback(L.Callback):
                 "parameters (requires_grad=True); there is nothing to optimize."
             )
         self._check_dtypes(trainer, [p for p in params if p.requires_grad])
+        name_groups = getattr(optimizer_class(self.optimizer_name), "with_param_names", None)
+        if name_groups is not None and self._patched is not None:  # Muon: embeddings and head found by name
+            groups = name_groups(list(groups), self._patched[0].named_parameters())
         return build_optimizer(self.optimizer_name, groups, **self._explicit_kwargs())
 
     def _keeps(self, notes: list[str]):

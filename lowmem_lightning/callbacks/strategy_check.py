@@ -12,8 +12,8 @@ import lightning as L
 
 __all__ = ["FSDP1Check", "WHOLE_TENSOR_OPTIMIZERS", "refuse_fsdp1"]
 
-WHOLE_TENSOR_OPTIMIZERS: tuple[str, ...] = ("adafactor", "came")
-"""Optimizers whose update needs statistics over whole tensors (row/column means, RMS)."""
+WHOLE_TENSOR_OPTIMIZERS: tuple[str, ...] = ("adafactor", "came", "muon", "muon_8bit")
+"""Optimizers whose update needs whole tensors (row/column means, RMS; Muon's Newton–Schulz of each matrix)."""
 
 
 def refuse_fsdp1(strategy, optimizer_name: str) -> None:
@@ -25,7 +25,7 @@ def refuse_fsdp1(strategy, optimizer_name: str) -> None:
     if isinstance(strategy, FSDPStrategy) and optimizer_name in WHOLE_TENSOR_OPTIMIZERS:
         raise ValueError(
             f"Invalid optimizer={optimizer_name!r} with strategy=FSDPStrategy (FSDP1): it shards flattened "
-            "params, so Adafactor/CAME would see 1-D slices instead of whole matrices. Use "
+            "params, so Adafactor/CAME/Muon would see 1-D slices instead of whole matrices. Use "
             "ModelParallelStrategy with fully_shard in configure_model (FSDP2), or an element-wise optimizer "
             "(adamw_8bit, paged_adamw_8bit, sgd, adamw)."
         )

@@ -97,6 +97,8 @@ FAMILIES: dict[str, dict[str, Slot]] = {
     "came": _slots("lr", "clip_threshold", "weight_decay", "momentum_dtype", "maximize",
                    beta1=Slot("betas", 0), beta2=Slot("betas", 1), beta3=Slot("betas", 2),
                    factored_eps=Slot("eps", 0), instability_eps=Slot("eps", 1)),
+    "muon": _slots("lr", "weight_decay", "nesterov", "maximize", "momentum_dtype", *_IMPLEMENTATION,
+                   beta1=Slot("momentum"), beta2=Slot("adamw_betas", 1), eps=Slot("adamw_eps")),
 }
 """Family -> {setting: slot}. A family lists the union of its members' keys (torch's SGD has no
 ``momentum_dtype``, ours has): a key absent from a group is not read, a key absent from the target's
@@ -112,6 +114,7 @@ CLASS_FAMILIES: dict[str, str] = {
     "lowmem_lightning.optim.sgd.SGD": "sgd",
     "lowmem_lightning.optim.adafactor.Adafactor": "adafactor",
     "lowmem_lightning.optim.came.CAME": "came",
+    "lowmem_lightning.optim.muon.Muon": "muon",
 }
 """``module.QualName`` of a class -> its family (``PagedAdamW8bit`` is an ``AdamW8bit``)."""
 

@@ -106,6 +106,18 @@ class Muon(LowMemOptimizer):
 
     _default_momentum_dtype = "float32"
 
+    @classmethod
+    def with_param_names(cls, groups: list, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> list:
+        """``groups`` (tensors or group dicts) with every param as a ``(name, param)`` pair from
+        ``named_parameters`` (``module.named_parameters()``), so the embeddings and the head are found by
+        name; unchanged when some param has no name there (torch needs all groups named or none). What
+        :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback` does before building this optimizer."""
+        names = {id(p): n for n, p in named_parameters}
+        dicts = [g if isinstance(g, dict) else {"params": [g]} for g in groups]
+        if not all(isinstance(p, torch.Tensor) and id(p) in names for g in dicts for p in _as_list(g["params"])):
+            return groups
+        return [{**g, "params": [(names[id(p)], p) for p in _as_list(g["params"])]} for g in dicts]
+
     def __init__(
         self,
         params: Iterable,
@@ -172,12 +184,25 @@ class Muon(LowMemOptimizer):
                         "Muon updates 2-D matrices only (give that param a group with use_muon=False or None)."
                     )
 
+    _transient_attributes = ("_names",)
+
+    def _reset_transient(self) -> None:
+        """The name cache is rebuilt on first use (ids change in a copy)."""
+        self._names: dict[int, str | None] = {}
+
     def _is_muon(self, param: torch.Tensor, group: dict) -> bool:
-        names = group.get("param_names")
-        name = None
-        if names is not None:
-            name = next((n for n, p in zip(names, group["params"]) if p is param), None)
-        return uses_muon(param, name, group["use_muon"])
+        """:func:`uses_muon` of ``param`` with the group's ``use_muon`` and the param's name in this optimizer."""
+        return uses_muon(param, self._name_of(param), group["use_muon"])
+
+    def _name_of(self, param: torch.Tensor) -> str | None:
+        """The param's ``param_names`` entry (None without names); cached by id, rebuilt on a miss."""
+        names = self.__dict__.setdefault("_names", {})
+        if id(param) not in names:
+            names.clear()
+            for group in self.param_groups:
+                names.update((id(p), n) for n, p in zip(group.get("param_names", ()), group["params"]))
+            names.setdefault(id(param), None)  # unnamed: not looked up again
+        return names[id(param)]
 
     # ------------------------------------------------------------------ state layout
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
@@ -302,6 +327,10 @@ class Muon8bit(Muon):
     Muon matrices, Gupta et al. 2025, arXiv 2509.23106); the ``muon_8bit`` of the registry."""
 
     _default_momentum_dtype = "int8"
+
+
+def _as_list(params) -> list:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
 
 
 def _gather(params: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], shape: tuple) -> torch.Tensor:
