@@ -104,7 +104,6 @@ def adafactor_update_kernel(
     beta1,
     one_minus_beta1,
     weight_decay,
-    grad_sign,
     tensor_index,
     FACTORED: tl.constexpr,
     MOMENTUM: tl.constexpr,
@@ -112,8 +111,8 @@ def adafactor_update_kernel(
 ):
     """The update (pass 5): one codec block of ``BLOCK`` (= 256) elements per program. ``u`` from the
     statistics (factored: ``v_ptr``/``cf_ptr`` hold the row/column factors ``rf``/``cf``; flat: ``v``),
-    ``u = u * ((lr_t / d) * grad_sign)`` (``scal = [lr_t, d, 1 / d, lr_t / d]``: no division per element;
-    the sign of a maximized gradient folded into that scalar, bit for bit ``-g``), momentum
+    ``u = u * scal[3]`` (``scal = [lr_t, d, sign / d, sign * lr_t / d]`` from :func:`scalars_kernel`: no
+    division per element; a maximized gradient's sign folded in, bit for bit ``-g``), momentum
     (``MOMENTUM``: 0 none, 1 fp32, 2 int8 codes), weight decay, the param stored with stochastic
     rounding. Exactness: the only per-element root/division left is the flat path's ``inv_sqrt``
     (correctly rounded, branch-free, see :func:`.factored.inv_sqrt`), so the compiled kernel, the
@@ -121,7 +120,7 @@ def adafactor_update_kernel(
     pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
                                                  inv_r_hi, inv_r_lo, FACTORED, BLOCK)
     lr_t = tl.load(scal_ptr)
-    u = u * (tl.load(scal_ptr + 3) * grad_sign)
+    u = u * tl.load(scal_ptr + 3)
     if MOMENTUM != 0:
         u = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, MOMENTUM == 2)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -146,11 +145,12 @@ def scalars_kernel(
     warmup_init,
     scale_parameter,
     write_elr,
+    grad_sign,
     BLOCK: tl.constexpr,
 ):
-    """One program: ``out = [lr_t, d, 1 / d, lr_t / d]`` from the partial sums (step size, clip divisor
-    and the two quotients the update passes multiply by, so they divide nothing per element; see the
-    module docstring of :mod:`.adafactor`); ``elr <- lr_t`` when ``write_elr``."""
+    """One program: ``out = [lr_t, d, grad_sign / d, grad_sign * lr_t / d]`` from the partial sums (step
+    size, clip divisor and the two scalars the update passes multiply ``u`` by, so they divide nothing per
+    element and a maximized gradient costs nothing per element); ``elr <- lr_t`` when ``write_elr``."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i0 in range(0, n_usq, BLOCK):
         idx = i0 + tl.arange(0, BLOCK)
@@ -167,8 +167,8 @@ def scalars_kernel(
     lr_t = scale * rel
     tl.store(out_ptr, lr_t)
     tl.store(out_ptr + 1, d)
-    tl.store(out_ptr + 2, tl.div_rn(1.0, d))
-    tl.store(out_ptr + 3, tl.div_rn(lr_t, d))
+    tl.store(out_ptr + 2, tl.div_rn(1.0, d) * grad_sign)
+    tl.store(out_ptr + 3, tl.div_rn(lr_t, d) * grad_sign)
     if write_elr != 0:
         tl.store(elr_ptr, lr_t)
 
@@ -402,15 +402,17 @@ def _host(t: AdafactorTensors, hyper: AdafactorHyper, backend: str, steps: None)
 
 
 def launch_scalars(usq_part, psq_part, step, elr, numel: int, clip: float, lr: float, eps2: float,
-                   relative_step: bool, warmup_init: bool, scale_parameter: bool) -> torch.Tensor:
-    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d, 1 / d, lr_t / d]`` (fp32, on the device); writes
-    ``elr`` if given."""
+                   modes: AdafactorModes, grad_sign: float) -> torch.Tensor:
+    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d, grad_sign / d, grad_sign * lr_t / d]`` (fp32, on
+    the device); writes ``elr`` if given. CAME passes all ``modes`` False (``lr_t = lr``)."""
     scal = torch.empty(4, dtype=torch.float32, device=usq_part.device)
     scalars_kernel[(1,)](
-        usq_part, usq_part.numel(), usq_part if psq_part is None else psq_part,
-        0 if psq_part is None else psq_part.numel(), step, scal, scal if elr is None else elr,
-        math.sqrt(numel), clip, lr, eps2, int(relative_step), int(warmup_init), int(scale_parameter),
-        int(elr is not None), BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
+        usq_part_ptr=usq_part, n_usq=usq_part.numel(), psq_part_ptr=usq_part if psq_part is None else psq_part,
+        n_psq=0 if psq_part is None else psq_part.numel(), step_ptr=step, out_ptr=scal,
+        elr_ptr=scal if elr is None else elr, sqrt_n=math.sqrt(numel), clip=clip, lr=lr, eps2=eps2,
+        relative_step=int(modes.relative_step), warmup_init=int(modes.warmup_init),
+        scale_parameter=int(modes.scale_parameter), write_elr=int(elr is not None), grad_sign=grad_sign,
+        BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
     )
     return scal
 
@@ -424,15 +426,14 @@ def _launch(t: AdafactorTensors, hyper: AdafactorHyper) -> None:
         work, g, v, vc, step, flag, s.eps1, s.decay_rate, 0.0, True, modes.scale_parameter
     )
     n = work.numel()
-    scal = launch_scalars(usq_part, psq_part, step, elr, n, s.clip_threshold, s.lr, s.eps2, *modes)
+    scal = launch_scalars(usq_part, psq_part, step, elr, n, s.clip_threshold, s.lr, s.eps2, modes, s.grad_sign)
     R, C = (work.shape[1], work.shape[2]) if vc is not None else (1, 1)
     inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_args(R, C)
     adafactor_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
         p_ptr=work, g_ptr=g, m_ptr=flag if m is None else m, absmax_ptr=flag if absmax is None else absmax,
         v_ptr=v if rf is None else rf, cf_ptr=v if cf is None else cf, scal_ptr=scal, flag_ptr=flag, step_ptr=step,
         n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo, inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1,
-        one_minus_beta1=s.one_minus_beta1, weight_decay=s.weight_decay, grad_sign=s.grad_sign,
-        tensor_index=int(tensor_index),
+        one_minus_beta1=s.one_minus_beta1, weight_decay=s.weight_decay, tensor_index=int(tensor_index),
         FACTORED=vc is not None, MOMENTUM=0 if m is None else (2 if absmax is not None else 1), BLOCK=BLOCK_SIZE,
         num_warps=ONE_WARP, enable_fp_fusion=False,
     )

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adafactor import launch_scalars
+from .adafactor import AdafactorModes, launch_scalars
 from .aot import dtype_variants, signature_of, with_aligned
 from .codec import BLOCK_SIZE, block_rows, decode_signed
 from .dispatch import Family, HostStep, pack, per_layout, unpack
@@ -104,7 +104,6 @@ def _res_stats_kernel(
     beta3,
     one_minus_beta3,
     eps2,
-    grad_sign,
     QUANTIZED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -117,7 +116,7 @@ def _res_stats_kernel(
     ``m`` before quantization, which only this pass and the update have in registers)."""
     pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
     rf = tl.load(rf_ptr + grow, mask=rmask, other=0.0)
-    inv_d = tl.load(scal_ptr + 2) * grad_sign  # a maximized gradient's sign: bit for bit -g
+    inv_d = tl.load(scal_ptr + 2)  # sign / d: a maximized gradient's sign folded in (bit for bit -g)
     finite = tl.load(flag_ptr) != 0.0
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -163,7 +162,6 @@ def _came_update_kernel(
     one_minus_beta1,
     weight_decay,
     lr,
-    grad_sign,
     tensor_index,
     FACTORED: tl.constexpr,
     QUANTIZED: tl.constexpr,
@@ -179,7 +177,7 @@ def _came_update_kernel(
     else:
         pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
                                                      inv_r_hi, inv_r_lo, FACTORED, BLOCK)
-        u = u * (tl.load(scal_ptr + 2) * grad_sign)
+        u = u * tl.load(scal_ptr + 2)
         m = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, QUANTIZED)
     if FACTORED:
         upd = factored_u(m, offs, mask, srf_ptr, scf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
@@ -405,7 +403,8 @@ def _launch(t: CAMETensors, s: CAMEScalars) -> None:
     rf, cf, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, s.eps1, s.beta2, s.one_minus_beta2, False,
                                                False)
     n = work.numel()
-    scal = launch_scalars(usq_part, None, step, None, n, s.clip_threshold, s.lr, s.eps2, False, False, False)
+    scal = launch_scalars(usq_part, None, step, None, n, s.clip_threshold, s.lr, s.eps2,
+                          AdafactorModes(False, False, False), s.grad_sign)
     quantized = absmax is not None
     R = C = 1
     srf = scf = None
@@ -419,8 +418,7 @@ def _launch(t: CAMETensors, s: CAMEScalars) -> None:
             g_ptr=g, m_ptr=m, absmax_ptr=flag if absmax is None else absmax, rf_ptr=rf, cf_ptr=cf, scal_ptr=scal,
             sr_ptr=sr, colpart_ptr=colpart, rsum_part_ptr=rsum_part, flag_ptr=flag, R=R, C=C, n_rt=n_rt,
             beta1=s.beta1, one_minus_beta1=s.one_minus_beta1, beta3=s.beta3, one_minus_beta3=s.one_minus_beta3,
-            eps2=s.eps2, grad_sign=s.grad_sign, QUANTIZED=quantized, BLOCK_R=block_r, BLOCK_C=block_c,
-            enable_fp_fusion=False,
+            eps2=s.eps2, QUANTIZED=quantized, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
         srf, scf = launch_finalize(colpart, sc, sr, rsum_part, flag, step, s.beta3, s.one_minus_beta3, False, n_rt)
     inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_args(R, C)
@@ -429,7 +427,7 @@ def _launch(t: CAMETensors, s: CAMEScalars) -> None:
         cf_ptr=v if cf is None else cf, srf_ptr=v if srf is None else srf, scf_ptr=v if scf is None else scf,
         scal_ptr=scal, flag_ptr=flag, step_ptr=step, n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo,
         inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
-        weight_decay=s.weight_decay, lr=s.lr, grad_sign=s.grad_sign, tensor_index=int(tensor_index),
+        weight_decay=s.weight_decay, lr=s.lr, tensor_index=int(tensor_index),
         FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP, enable_fp_fusion=False,
     )
     copy_back(param, work)
