@@ -42,7 +42,7 @@ SOURCES = {
     "came": lambda p: build_optimizer("came", p, lr=2e-3, betas=(0.8, 0.95, 0.99), eps=(1e-29, 1e-15),
                                       clip_threshold=0.5, weight_decay=0.01, momentum_dtype="int8"),
 }
-TARGETS = ["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor", "came"]
+TARGETS = ["adamw", "adamw_8bit", "adamw_4bit", "paged_adamw_8bit", "sgd", "adafactor", "came"]
 
 # (source, target): (hyperparameters of the built group that differ from the target's defaults, i.e. what was
 # carried; settings dropped, named in the warning; settings carried with a changed meaning, named in the warning).
@@ -128,6 +128,7 @@ TABLE = {
                        "momentum_dtype='int8'",
                        "", ""),
 }
+TABLE.update({(source, "adamw_4bit"): TABLE[source, "adamw_8bit"] for source in SOURCES})  # same settings
 
 
 class Tiny(L.LightningModule):
