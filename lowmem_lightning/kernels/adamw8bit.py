@@ -33,17 +33,18 @@ every square root and quotient is correctly rounded, computed branch-free by :mo
 square root, so kernel and reference agree bit for bit (only the sign of a zero update may differ,
 ``-0 / d``, which changes no value). The floor moves ``sqrt(v)`` only below 8.9e-16 (= ulp(1e-8)).
 The v-code reuses ``w`` (:func:`.codec.encode_unsigned_roots`), the block scales are reciprocals
-computed once per block (codes: :mod:`.codec`). Measured: 164 -> ~75 SASS instructions per element
-(aligned bf16, sm_90), no slow-path ``CALL`` (``benchmarks/sass_counts.py``).
+computed once per block (codes: :mod:`.codec`). No slow-path ``CALL`` remains in the SASS
+(``tests/test_kernels_sass.py``; counts in ``benchmarks/RESULTS.md``).
 
 A tensor whose ``flag`` is 0 (non-finite gradient) is left untouched: no param, code or absmax is
 written. Hyperparameters are runtime arguments (an LR schedule never recompiles).
 
 One launch covers many tensors: a table of int64 data pointers (one column per tensor) and a
-tile -> tensor map let each program find its tensor; tensors are grouped by (param dtype, grad
-dtype, quantized or not).
+tile -> tensor map let each program find its tensor (:mod:`.multitensor`); :func:`.dispatch.dispatch`
+groups them by device and by what changes the compiled kernel (``_launch_key``: quantized, aligned,
+param dtype, grad dtype). The family registers as :data:`ADAMW_8BIT`.
 
-File order: Triton kernel, PyTorch reference, launcher.
+File order: Triton kernel, PyTorch reference (named scalars and tensors first), launcher.
 """
 
 from __future__ import annotations

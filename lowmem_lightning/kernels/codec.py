@@ -21,9 +21,8 @@ block maximum), like bitsandbytes' dynamic-tree code (Dettmers et al., "8-bit Op
 Block-wise Quantization", ICLR 2022) and FlashOptim's companding. The smallest non-zero magnitude
 relative to the block maximum is (0.5/127)^2 = 1.6e-5 for the signed code and (0.5/255)^4 =
 1.5e-11 for the unsigned code, so a second moment is practically never flushed to zero while its
-first moment is not (the failure that makes 8-bit Adam explode). Measured on the 1024x1024,
-200-step AdamW problem of ``tests/test_adamw8bit.py``: relative update error 0.018 and update
-cosine 0.99986, against 0.023 / 0.99976 for bitsandbytes' AdamW8bit (see ``benchmarks/codec_study.py``).
+first moment is not (the failure that makes 8-bit Adam explode). Its accuracy against bitsandbytes'
+code is measured by ``benchmarks/codec_study.py`` (figures in ``benchmarks/RESULTS.md``).
 
 Exactness contract: the Triton helpers below and the PyTorch reference perform the same fp32
 operations in the same order, and launchers disable FMA contraction, so both store identical codes.
@@ -36,7 +35,6 @@ steps start from numpy's correctly rounded values and are checked against torch 
 significand (``tests/test_codec.py``). Scaling by a per-block reciprocal (not a per-element quotient)
 and rounding ties to even with the magic number ``1.5 * 2**23`` (one FADD) make a code differ from
 the exact-quotient, round-half-away code of earlier versions by one step on ~1e-6 of elements.
-Cost (sm_90 SASS, aligned): quantize 46.5 -> 19.2 instructions per element, no slow-path ``CALL``.
 
 This file holds, in order: Triton device helpers (imported by every fused optimizer kernel), the
 standalone quantize/dequantize Triton kernels, their PyTorch reference, and the launchers.

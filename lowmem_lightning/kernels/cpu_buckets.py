@@ -2,10 +2,9 @@
 ``(rows, width)`` block of memory.
 
 The CPU path runs each optimizer's pure-PyTorch step function (the specification). Called once per
-tensor it cost ~100 small ops per tensor (eager) or one compiled call with ~50-100 us of fixed
-overhead per tensor (torch.compile's guards and wrappers), which made every tensor under ~2**20
-elements 3-18x slower than ``torch.optim.AdamW(foreach=True)``; and one compiled call over a tensor of
-millions of elements ran ~5x slower per element than over 2**18 (its passes no longer stay in cache).
+tensor it pays ~100 small ops (eager) or a compiled call's fixed overhead (guards, wrappers) per
+tensor, which dominates small tensors; and one call over millions of elements no longer keeps its
+passes in cache. Buckets fix both (sizes and timings: ``benchmarks/RESULTS.md``, "CPU path by size").
 
 :func:`plan` cuts the tensors of one kind (param dtype, grad dtype, state layout) into *pieces* of
 whole rows of ``width`` elements and groups them into :class:`Bucket` s of at most ``CHUNK_NUMEL``
@@ -31,13 +30,12 @@ from .rounding import _GOLDEN, _MASK32
 __all__ = ["CHUNK_NUMEL", "IN_PLACE_MIN_NUMEL", "Bucket", "plan"]
 
 CHUNK_NUMEL = 2**18
-"""Most elements of one bucket (one call of the step function). Measured on one thread (AMD EPYC, 1 MiB
-L2 per core): the compiled 8-bit AdamW step runs ~2.0-2.5 ns per element on 2**17-2**18 elements and
-10-17 ns per element on 2**19-2**22 (RESULTS.md, "CPU path by size")."""
+"""Most elements of one bucket (one call of the step function): the largest call whose passes stay in a
+1 MiB L2 cache (per-element cost by call size: ``benchmarks/RESULTS.md``, "CPU path by size")."""
 
 IN_PLACE_MIN_NUMEL = 2**16
 """Contiguous tensors of at least this many elements run on their own memory (whole rows); smaller ones
-are gathered (a copy in and out costs less than a call of its own, ~50 us compiled)."""
+are gathered (a copy in and out costs less than a compiled call of its own)."""
 
 
 def _alias(tensor: torch.Tensor, offset: int, shape: tuple[int, int]) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""One launch over many tensors: the launch table, the tile -> tensor map, and the buckets.
+"""One launch over many tensors: the launch table and the tile -> tensor map (:func:`launch_over`).
 
-A multi-tensor kernel (AdamW, SGD) gets an int64 table (one row per field, one column per tensor:
-data pointers, sizes, first tile, seed offsets) and an int32 map from program id to the tensor it
-updates; each program handles one tile of ``tile_elements`` elements of its tensor. Tensors are
-bucketed by what changes the compiled kernel (device, dtypes, state form), one launch per bucket.
-The table is copied to the device without a sync (pinned, non-blocking on CUDA).
+A multi-tensor kernel (AdamW, SGD, ...) gets an int64 table (one row per field, one column per
+tensor: data pointers, sizes, first tile, seed offsets) and an int32 map from program id to the
+tensor it updates; each program handles one tile of ``tile_elements`` elements of its tensor. Which
+tensors share a launch is the family's ``launch_key`` (:func:`.dispatch.dispatch` groups them). The
+table is copied to the device without a sync (pinned, non-blocking on CUDA).
 
 Tensors whose data pointers are 16-byte aligned and whose sizes are multiples of 16 (:func:`is_aligned`,
 almost every LLM tensor) go to the kernel's ``ALIGNED=True`` variant, which tells the compiler so

@@ -8,7 +8,11 @@ average. It replaces an fp32 master copy (2-4 extra bytes/param).
 
 Randomness is a counter-based hash (the murmur3 32-bit finaliser) of ``(element index, seed)``, the
 same integer arithmetic in Triton and in PyTorch, so the kernel and the reference round identically
-and a run is reproducible from its seed. Optimizers derive ``seed`` from the step and tensor index.
+and a run is reproducible from its seed. Optimizers derive ``seed`` from the step and tensor index,
+by one formula (:func:`step_seed`) in two forms: AdamW passes a per-tensor base with the user's seed
+folded in (``step_seed(0, i, base)``, advanced on the device by :func:`device_seed` /
+:func:`seed_reference`); SGD, Adafactor and CAME pass the tensor index alone (:func:`index_seed` /
+:func:`index_seed_reference`, base seed 0).
 
 * bf16 (exact SR, integer-only): ``bits(x) + r16`` then truncate the low 16 bits, where ``r16`` is a
   uniform 16-bit random integer. The sign-magnitude layout makes this round the magnitude up with

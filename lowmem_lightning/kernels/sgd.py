@@ -19,8 +19,9 @@ index, so no host value is needed per step.
 
 One pass over memory: a program loads ``ROWS x 256`` elements of param, grad and momentum, updates
 them and stores param and momentum. One launch covers many tensors: a table of int64 data pointers
-(one column per tensor) and a tile -> tensor map tell each program which tensor it updates; tensors
-are grouped by (param dtype, grad dtype, 8-bit or not). Per step and element it moves
+(one column per tensor) and a tile -> tensor map tell each program which tensor it updates;
+:func:`.dispatch.dispatch` groups them by device and ``_launch_key`` (momentum mode, aligned, param
+dtype, grad dtype); the family registers as :data:`SGD_FAMILY`. Per step and element it moves
 ``2 * param_bytes + grad_bytes`` plus ``8`` (fp32 momentum) or ``2 + 8/256`` (8-bit momentum) bytes.
 
 A 0/1 fp32 ``flag`` (from the optimizer's non-finite guard) masks every load and store: with
@@ -237,7 +238,8 @@ def sgd_reference(
     param = param.clone(memory_format=torch.contiguous_format)
     buf = None if buf is None else buf.clone(memory_format=torch.contiguous_format)
     absmax = None if absmax is None else absmax.clone()
-    args = (flag != 0, step == 1, unpack(SGDScalars, pack(scalars, param.device)), index_seed_reference(step, tensor_index))
+    s = unpack(SGDScalars, pack(scalars, param.device))
+    args = (flag != 0, step == 1, s, index_seed_reference(step, tensor_index))
     if absmax is None:  # flat views
         sgd_step(param.view(-1), grad.reshape(-1), None if buf is None else buf.view(-1), None, *args)
         return param, buf, absmax
