@@ -127,3 +127,20 @@ def test_the_recommended_device_command_fits_its_budget():
     assert sum(gpu_check.BUDGET_S[p] for p in gpu_check.RECOMMENDED_PARTS) <= 570
     assert f"--parts {','.join(gpu_check.RECOMMENDED_PARTS)} " in " ".join(gpu_check.__doc__.split())
     assert "carry: [\".whl\"]" in gpu_check.__doc__ and set(gpu_check.RECOMMENDED_PARTS) <= set(gpu_check.PARTS)
+
+
+def test_long_run_reports_a_failed_row_and_keeps_the_others(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPU_CHECK_OUT", str(tmp_path))
+
+    def fake_train(name, builder, kwargs, data, size, device):
+        if name == "bnb_adamw_8bit":
+            raise RuntimeError("no CUDA library for this GPU")
+        return {"curve": [5.0, 4.0], "held_out": {"adamw_8bit": 4.1}.get(name, 4.0), "ms_per_step": 1.0}
+
+    monkeypatch.setattr(gpu_check, "_long_run_train", fake_train)
+    with pytest.raises(AssertionError) as err:
+        gpu_check.part_long_run(dry=True)
+    text = str(err.value)
+    assert "bnb_adamw_8bit FAILED: RuntimeError: no CUDA library" in text.splitlines()[0]
+    assert "| adamw_8bit | adamw | 4.0000 | 4.1000 | 1.0250x | 1.0250x | 1.0 | NO |" in text
+    assert "| came_int8 | came | 4.0000 | 4.0000 | 1.0000x | 1.0000x | 1.0 | yes |" in text
