@@ -132,6 +132,9 @@ def test_noisy_quadratic_error_is_a_third_of_torchaos_scheme():
 
 
 def test_torch_adamw_state_dict_is_quantized_and_8bit_refused():
+    from lowmem_lightning.callbacks import CONVERSIONS
+
+    assert ("adamw", "adamw_4bit") in CONVERSIONS  # the callback lets a fp32 AdamW checkpoint resume as 4-bit
     params = _params()
     torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     source = torch.optim.AdamW(torch_params, lr=1e-2, weight_decay=0.1)

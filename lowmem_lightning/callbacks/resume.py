@@ -3,9 +3,9 @@ learning rate given at resume applies. :class:`ResumeCompatibility` is the callb
 :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`).
 
 A checkpoint holds the optimizer's (quantized) state; another optimizer cannot read it, except where it
-converts it (:data:`CONVERSIONS`: fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``). A new learning rate
-(:func:`apply_new_lr`): Lightning's restore brings back the checkpoint's param-group lrs and scheduler base
-lrs, which are rescaled to the run's own (one line says so).
+converts it (:data:`CONVERSIONS`: fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``/``adamw_4bit``). A new
+learning rate (:func:`apply_new_lr`): Lightning's restore brings back the checkpoint's param-group lrs and
+scheduler base lrs, which are rescaled to the run's own (one line says so).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ __all__ = [
     "refuse_missing_optimizer_callback",
 ]
 
-CONVERSIONS: frozenset[tuple[str, str]] = frozenset({("adamw", "adamw_8bit"), ("adamw", "paged_adamw_8bit")})
+CONVERSIONS: frozenset[tuple[str, str]] = frozenset({("adamw", "adamw_8bit"), ("adamw", "paged_adamw_8bit"),
+                                                   ("adamw", "adamw_4bit")})
 """``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load."""
 
 OPTIMIZER_CALLBACK_KEY = "LowMemOptimizerCallback"
