@@ -404,13 +404,17 @@ def part_qlora_7b(dry: bool) -> list[str]:
         model = add_lora(model, r=16, alpha=32)
         _enable_checkpointing(model)
         model.train()
-        return _qlora_step(model, device, seq, "paged_adamw_8bit")
+        ours.step = _qlora_step(model, device, seq, "paged_adamw_8bit")
+        return ours.step
 
     peak, ms = _peak_step(ours, 3 if dry else 4, device)
+    profile = _kernel_shares(ours.step, device)
+    del ours.step  # freed before the peer's row is built
     verdict = "n/a (CPU)" if dry else ("met" if peak <= 6.0 else "MISSED")
     lines.append(f"| lowmem NF4 + peft LoRA r=16, paged_adamw_8bit | {_dense_params(config) / 1e9:.2f}B "
                  f"| {peak:.2f} | {ms:.0f} "
                  f"| <= 6 GB: {verdict} |")
+    lines += ["", profile, ""]
     if not _installed("bitsandbytes"):
         lines.append("| bitsandbytes NF4 + peft | - | - | - | skipped: bitsandbytes not installed |")
         return lines
@@ -421,6 +425,38 @@ def part_qlora_7b(dry: bool) -> list[str]:
         lines += ["", f"ours / bitsandbytes: peak memory {mem}, step time {ms / theirs[1][1]:.3f}x "
                   "(goal: <= 1 for both)"]
     return lines
+
+
+KERNEL_FAMILIES = {"NF4 dequantize/quantize (ours)": ("nf4",), "GEMM": ("gemm", "cutlass", "xmma", "nvjet", "matmul"),
+                   "attention": ("flash", "attention", "fmha"), "optimizer": ("adamw", "paged", "codec")}
+"""Kernel-name words that put a GPU kernel in a family for :func:`_kernel_shares` (first match wins)."""
+
+
+def _kernel_shares(step, device) -> str:
+    """One more ``step()`` under torch's profiler: the share of GPU kernel time in each of
+    :data:`KERNEL_FAMILIES` (is the NF4 dequantize + GEMM path the bottleneck, and by how much)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        if not cuda:
+            return "Kernel time by family: n/a on CPU (one step profiled)."
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.device_time_total for e in kernels)
+        shares = dict.fromkeys([*KERNEL_FAMILIES, "other"], 0.0)
+        for event in kernels:
+            name = event.name.lower()
+            family = next((f for f, words in KERNEL_FAMILIES.items() if any(w in name for w in words)), "other")
+            shares[family] += event.device_time_total
+    except Exception as err:  # the profile is a diagnosis: its failure must not cost the part's table
+        return f"Kernel time by family: profile failed ({type(err).__name__}: {str(err)[:100]})."
+    parts = ", ".join(f"{family} {100 * t / max(total, 1e-9):.1f}%" for family, t in shares.items())
+    return f"Kernel time by family, one step of ours ({total / 1e3:.0f} ms of GPU kernels): {parts}."
 
 
 def _bnb_random_causal_lm(config, device):

@@ -104,6 +104,7 @@ def test_qlora_peer_row_skips_cleanly_without_bitsandbytes(monkeypatch):
     lines = gpu_check.part_qlora_7b(dry=True)
     assert lines[2].startswith("| lowmem NF4 + peft LoRA r=16, paged_adamw_8bit |")
     assert lines[-1] == "| bitsandbytes NF4 + peft | - | - | - | skipped: bitsandbytes not installed |"
+    assert "Kernel time by family: n/a on CPU (one step profiled)." in lines  # the profiling code path ran
 
 
 def test_qlora_peer_row_runs_bitsandbytes_paged_adamw_on_cpu():
