@@ -462,7 +462,7 @@ class TextDataModule(L.LightningDataModule):
             return StatefulDataLoader(
                 dataset,
                 batch_size=self.batch_size,
-                sampler=epoch_sampler(len(dataset), self.seed, self._trainer) if shuffle else None,
+                sampler=epoch_sampler(len(dataset), self.seed, self.trainer) if shuffle else None,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
             )
