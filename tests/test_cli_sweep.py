@@ -258,8 +258,9 @@ def _spelled_as_number(value: str, message: str) -> bool:
     return math.isfinite(number) and (str(number) in message or f"{number:g}" in message)
 
 
-def _case_id(case) -> str:
-    return "-".join(str(part).lstrip("-") for part in case)
+def _case_id(value) -> str | None:
+    """A test id part: the argument or value without leading dashes (``None``: pytest's own id)."""
+    return None if value is None else str(value).lstrip("-")
 
 
 def _run_case(tmp_path: Path, sub: str, name: str, value: str) -> None:
