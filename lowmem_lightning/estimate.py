@@ -77,10 +77,14 @@ OPTIMIZER_VARIANTS: dict[str, tuple[str, dict]] = {
     "lion_8bit": ("lion_8bit", {"lr": 1e-4}),
     "ademamix": ("ademamix", {"lr": 1e-3}),
     "ademamix_8bit": ("ademamix_8bit", {"lr": 1e-3}),
+    "muon": ("muon", {"lr": 0.02}),
+    "muon_8bit": ("muon_8bit", {"lr": 0.02}),
 }
 """Rows of the estimate: ``row name -> (registered optimizer, constructor kwargs)``. Adafactor and SGD
-keep no momentum by default; the ``_int8`` rows store the momentum in the 8-bit code. The Lion and
-AdEMAMix rows are shown for a run that chooses them; :func:`recommend` never proposes them."""
+keep no momentum by default; the ``_int8`` rows store the momentum in the 8-bit code. The Lion,
+AdEMAMix and Muon rows are shown for a run that chooses them; :func:`recommend` never proposes them.
+The Muon rows are the hybrid: Muon on the hidden matrices, 8-bit AdamW on embeddings, head, norms and
+biases (found by the names of ``model.named_parameters()``)."""
 
 _ADAPTER_MARKERS = ("lora_",)
 
@@ -332,19 +336,23 @@ def state_layout(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: d
     raise TypeError(f"{type(optimizer).__name__} does not describe its state layout.")
 
 
-def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor], **kwargs) -> tuple[int, int]:
+def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]], **kwargs
+                          ) -> tuple[int, int]:
     """``(device_bytes, host_bytes)`` of the state of registered optimizer ``name`` with ``kwargs`` over
-    the trainable ``params`` (meta tensors work), summed from the exact state layout of each param.
+    the trainable ``params`` (meta tensors work; ``(name, param)`` pairs from ``named_parameters()`` let
+    an optimizer that splits by name, Muon, see the names), summed from the exact state layout of each param.
 
     Paged optimizers keep quantized codes and scales in host pages (``host_bytes``); their step
     counters and the fp32 state of small tensors stay on the device, and the pages of the tensor
     being updated and of the prefetched next one are copied in: ``device_bytes`` counts those two
     (the largest two, the minimum resident set; an automatic budget may keep more resident).
     """
-    params = [p for p in params if p.requires_grad]
-    if not params:
+    pairs = [item if isinstance(item, tuple) else (None, item) for item in params]
+    pairs = [(n, p) for n, p in pairs if p.requires_grad]
+    if not pairs:
         return 0, 0
-    optimizer = optimizer_class(name)(params, **kwargs)
+    named = all(n is not None for n, _ in pairs)
+    optimizer = optimizer_class(name)(pairs if named else [p for _, p in pairs], **kwargs)
     paged = getattr(optimizer, "is_paged", False)
     device = host = 0
     page_sizes = []
@@ -397,7 +405,7 @@ def estimate_memory(
             leaves them out, as ``lowmem estimate`` does.
     """
     count = count_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     rows = dict(OPTIMIZER_VARIANTS if variants is None else variants)
     if variants is None:
         for name in available_optimizers():

@@ -321,3 +321,18 @@ def test_bf16_params_keep_small_updates_on_average():
 def test_invalid_arguments_are_refused_naming_them(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build_optimizer("muon", [torch.nn.Parameter(torch.randn(8, 8))], **kwargs)
+
+
+@pytest.mark.parametrize("name", ["muon", "muon_8bit"])
+def test_lowmem_estimate_row_equals_the_real_hybrid_state(name):
+    """``lowmem estimate``'s muon rows (built from the model's names, on the meta device) = state_memory of
+    the optimizer the callback builds, after one step."""
+    from lowmem_lightning.estimate import OPTIMIZER_VARIANTS, estimate_memory
+
+    with torch.device("meta"):
+        meta = _LM()
+    row = estimate_memory(meta).optimizers[name]
+    model = _LM()
+    opt = build_optimizer(name, model.named_parameters(), **OPTIMIZER_VARIANTS[name][1])
+    _lm_step(model, opt, 0)
+    assert row.state_bytes == state_memory(opt).total_bytes
