@@ -29,8 +29,15 @@
 * ``--ckpt_path last`` resumes from the newest checkpoint, by step, of the run's ModelCheckpoint
   directories across restarts (:mod:`~lowmem_lightning.cli.last`), or starts fresh saying so.
 * A run stopped by SIGTERM exits with code 143 (after saving ``last.ckpt`` when it checkpoints).
+* ``lowmem test`` reports the held-out loss of a checkpoint; ``lowmem predict`` prints greedy continuations of
+  held-out prompts as JSON lines (``CausalLMModule`` with ``TextDataModule``).
 
 Modules: :mod:`~lowmem_lightning.cli.app` (the LightningCLI and :func:`main`),
+:mod:`~lowmem_lightning.cli.recipes` (the command line before parsing: recipes, default classes),
+:mod:`~lowmem_lightning.cli.config_edits` (look-ups and edits on a parsed config),
+:mod:`~lowmem_lightning.cli.messages` (one-line errors, notices), :mod:`~lowmem_lightning.cli.held_logs`
+(Lightning's set-up lines held until the run starts), :mod:`~lowmem_lightning.cli.resume_args` (``--ckpt_path``
+and ``--model_from_ckpt`` against the run; a new lr after a resume),
 :mod:`~lowmem_lightning.cli.checks` (inputs and outputs checked before a run),
 :mod:`~lowmem_lightning.cli.switch` (``--optim`` over another optimizer's settings),
 :mod:`~lowmem_lightning.cli.last` (``--ckpt_path last``),
