@@ -943,16 +943,22 @@ def part_long_run(dry: bool) -> list[str]:
 
     device = _device(dry)
     size = LONG_RUN_DRY if dry else LONG_RUN_SIZE
+    deadline = _part_deadline() - 15  # room for the plot
     train, val, _ = convergence.stdlib_corpus(size["corpus_bytes"])
-    results, skipped = {}, {}
+    results, skipped, longest = {}, {}, 0.0
     for name, builder, _, kwargs in LONG_RUN_ROWS:
         if builder.startswith("bnb") and not _installed("bitsandbytes"):
             skipped[name] = "skipped: bitsandbytes not installed"
             continue
+        if time.perf_counter() + 1.2 * longest > deadline:  # a timed-out part loses every row: keep those done
+            skipped[name] = "FAILED: skipped, the part's time budget would run out"
+            continue
+        begin = time.perf_counter()
         try:
             results[name] = _long_run_train(name, builder, kwargs, (train, val), size, device)
         except Exception as err:  # one row's failure (a peer's build, say) leaves the others to run
             skipped[name] = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
+        longest = max(longest, time.perf_counter() - begin)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     params = sum(p.numel() for p in _long_run_model(size, torch.device("meta")).parameters())

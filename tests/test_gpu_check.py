@@ -145,3 +145,23 @@ def test_long_run_reports_a_failed_row_and_keeps_the_others(tmp_path, monkeypatc
     assert "bnb_adamw_8bit FAILED: RuntimeError: no CUDA library" in text.splitlines()[0]
     assert "| adamw_8bit | adamw | 4.0000 | 4.1000 | 1.0250x | 1.0250x | 1.0 | NO |" in text
     assert "| came_int8 | came | 4.0000 | 4.0000 | 1.0000x | 1.0000x | 1.0 | yes |" in text
+
+
+def test_long_run_keeps_the_rows_done_when_its_time_runs_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPU_CHECK_OUT", str(tmp_path))
+    monkeypatch.setenv("GPU_CHECK_PART_BUDGET_S", "100")  # 75 s for rows once the driver's and the plot's are kept
+    clock = [0.0]
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: clock[0])
+
+    def fake_train(name, builder, kwargs, data, size, device):
+        clock[0] += 20.0  # each row 20 s: after three, a fourth (with 20% margin) would end past 75 s
+        return {"curve": [5.0, 4.0], "held_out": 4.0, "ms_per_step": 1.0}
+
+    monkeypatch.setattr(gpu_check, "_long_run_train", fake_train)
+    with pytest.raises(AssertionError) as err:
+        gpu_check.part_long_run(dry=True)
+    text = str(err.value)
+    assert "| adamw_8bit | adamw | 4.0000 | 4.0000 | 1.0000x |" in text
+    assert "| bnb_adamw_8bit | adamw | 4.0000 | 4.0000 | 1.0000x |" in text
+    assert "| came | - | - | - | - | - | - | FAILED: skipped, the part's time budget would run out |" in text
+    assert "| came_int8 | came | - | - | - | - | - | FAILED: skipped" in text
