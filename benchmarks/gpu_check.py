@@ -407,8 +407,10 @@ def part_qlora_7b(dry: bool) -> list[str]:
         ours.step = _qlora_step(model, device, seq, "paged_adamw_8bit")
         return ours.step
 
+    deadline, begin = _part_deadline(), time.perf_counter()
     peak, ms = _peak_step(ours, 3 if dry else 4, device)
     profile = _kernel_shares(ours.step, device)
+    ours_s = time.perf_counter() - begin
     del ours.step  # freed before the peer's row is built
     verdict = "n/a (CPU)" if dry else ("met" if peak <= 6.0 else "MISSED")
     lines.append(f"| lowmem NF4 + peft LoRA r=16, paged_adamw_8bit | {_dense_params(config) / 1e9:.2f}B "
@@ -418,6 +420,8 @@ def part_qlora_7b(dry: bool) -> list[str]:
     if not _installed("bitsandbytes"):
         lines.append("| bitsandbytes NF4 + peft | - | - | - | skipped: bitsandbytes not installed |")
         return lines
+    if time.perf_counter() + 1.5 * ours_s > deadline:  # a timed-out part would lose our row too
+        raise AssertionError("\n".join(["no time left in the part's budget for the bitsandbytes row", *lines]))
     theirs = _bnb_qlora_row(config, device, seq)
     lines.append(theirs[0])
     if theirs[1] is not None:
