@@ -217,6 +217,9 @@ def muon_apply_reference(param: torch.Tensor, update: torch.Tensor, ok: torch.Te
     weight_decay``, ``step_size`` the adjusted lr), where ``ok`` (0-d bool; None: always). fp32 params get
     torch's ``mul_`` then ``add_(alpha=-step_size)`` results; bf16/fp16 params are written back with
     stochastic rounding seeded by ``seed`` (:func:`.rounding.write_param_reference`)."""
+    if ok is None and param.dtype == torch.float32:  # torch.optim.Muon's own in-place ops, no copies
+        param.mul_(decay).add_(update, alpha=-step_size)
+        return
     p = param.to(torch.float32)
     new = torch.add(p * decay, update, alpha=-step_size)
     write_param_reference(param, new, ok, seed)
