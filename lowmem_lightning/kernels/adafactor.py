@@ -423,7 +423,8 @@ def _launch(t: AdafactorTensors, hyper: AdafactorHyper) -> None:
     s, modes = hyper
     work, g, v, vc, m = state_views(param, grad, v, vc, m)
     rf, cf, usq_part, psq_part = launch_second_moment(
-        work, g, v, vc, step, flag, s.eps1, s.decay_rate, 0.0, True, modes.scale_parameter
+        work, g, v, vc, step, flag, eps1=s.eps1, decay=s.decay_rate, one_minus_decay=0.0, beta_from_step=True,
+        with_psq=modes.scale_parameter,
     )
     n = work.numel()
     scal = launch_scalars(usq_part, psq_part, step, elr, n, s.clip_threshold, s.lr, s.eps2, modes, s.grad_sign)

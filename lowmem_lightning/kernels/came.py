@@ -400,8 +400,8 @@ def _host(t: CAMETensors, scalars: CAMEScalars, backend: str, steps: None) -> No
 def _launch(t: CAMETensors, s: CAMEScalars) -> None:
     """The Triton passes of one tensor (``t`` holds one; seven launches factored, three 1-D)."""
     param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, _ = _views(t)
-    rf, cf, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, s.eps1, s.beta2, s.one_minus_beta2, False,
-                                               False)
+    rf, cf, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, eps1=s.eps1, decay=s.beta2,
+                                               one_minus_decay=s.one_minus_beta2, beta_from_step=False, with_psq=False)
     n = work.numel()
     scal = launch_scalars(usq_part, None, step, None, n, s.clip_threshold, s.lr, s.eps2,
                           AdafactorModes(False, False, False), s.grad_sign)
@@ -420,7 +420,8 @@ def _launch(t: CAMETensors, s: CAMEScalars) -> None:
             beta1=s.beta1, one_minus_beta1=s.one_minus_beta1, beta3=s.beta3, one_minus_beta3=s.one_minus_beta3,
             eps2=s.eps2, QUANTIZED=quantized, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
-        srf, scf = launch_finalize(colpart, sc, sr, rsum_part, flag, step, s.beta3, s.one_minus_beta3, False, n_rt)
+        srf, scf = launch_finalize(colpart, sc, sr, rsum_part, flag, step, decay=s.beta3,
+                                   one_minus_decay=s.one_minus_beta3, beta_from_step=False, n_rt=n_rt)
     inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_args(R, C)
     _came_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
         p_ptr=work, g_ptr=g, m_ptr=m, absmax_ptr=flag if absmax is None else absmax, v_ptr=v if rf is None else rf,

@@ -514,7 +514,7 @@ def index_args(R: int, C: int) -> tuple[float, float, float, float]:
     return (*split_reciprocal(C), *split_reciprocal(R))
 
 
-def launch_finalize(colpart, vc, vr, rsum_part, flag, step, decay: float, one_minus_decay: float,
+def launch_finalize(colpart, vc, vr, rsum_part, flag, step, *, decay: float, one_minus_decay: float,
                     beta_from_step: bool, n_rt: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 2 (:func:`sq_finalize_kernel`): column EMA into ``vc`` (B, C); returns the factors
     ``(rf (B, R), cf (B, C))`` of the row statistic ``vr`` and the new ``vc`` (fp32 scratch)."""
@@ -522,14 +522,16 @@ def launch_finalize(colpart, vc, vr, rsum_part, flag, step, decay: float, one_mi
     rf = torch.empty(B, R, dtype=torch.float32, device=vr.device)
     cf = torch.empty(B, C, dtype=torch.float32, device=vr.device)
     sq_finalize_kernel[(B, triton.cdiv(max(R, C), FINALIZE_BLOCK))](
-        colpart, vc, vr, rsum_part, rf, cf, flag, step, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
-        BLOCK=FINALIZE_BLOCK, num_warps=ONE_WARP, enable_fp_fusion=False,
+        colpart_ptr=colpart, vc_ptr=vc, vr_ptr=vr, rsum_part_ptr=rsum_part, rf_ptr=rf, cf_ptr=cf, flag_ptr=flag,
+        step_ptr=step, decay=decay, one_minus_decay=one_minus_decay, beta_from_step=int(beta_from_step), R=R, C=C,
+        n_rt=n_rt, BLOCK=FINALIZE_BLOCK, num_warps=ONE_WARP, enable_fp_fusion=False,
     )
     return rf, cf
 
 
 def launch_second_moment(
-    work, g, v, vc, step, flag, eps1: float, decay: float, one_minus_decay: float, beta_from_step: bool, with_psq: bool
+    work, g, v, vc, step, flag, *, eps1: float, decay: float, one_minus_decay: float, beta_from_step: bool,
+    with_psq: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Passes 1-3 (factored) or 1 (flat): update the second-moment statistics.
 
@@ -546,14 +548,17 @@ def launch_second_moment(
         rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
         psq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev) if with_psq else None
         sq_stats_kernel[(B * n_rt,)](
-            g, work, v, colpart, rsum_part, rsum_part if psq_part is None else psq_part, flag, step,
-            eps1, decay, one_minus_decay, int(beta_from_step), R, C, n_rt,
+            g_ptr=g, p_ptr=work, vr_ptr=v, colpart_ptr=colpart, rsum_part_ptr=rsum_part,
+            psq_part_ptr=rsum_part if psq_part is None else psq_part, flag_ptr=flag, step_ptr=step, eps1=eps1,
+            decay=decay, one_minus_decay=one_minus_decay, beta_from_step=int(beta_from_step), R=R, C=C, n_rt=n_rt,
             WITH_PSQ=with_psq, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
         )
-        rf, cf = launch_finalize(colpart, vc, v, rsum_part, flag, step, decay, one_minus_decay, beta_from_step, n_rt)
+        rf, cf = launch_finalize(colpart, vc, v, rsum_part, flag, step, decay=decay, one_minus_decay=one_minus_decay,
+                                 beta_from_step=beta_from_step, n_rt=n_rt)
         usq_part = torch.empty(B * n_rt, dtype=torch.float32, device=dev)
         clip_stats_kernel[(B * n_rt,)](
-            g, rf, cf, usq_part, R, C, n_rt, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
+            g_ptr=g, rf_ptr=rf, cf_ptr=cf, usq_part_ptr=usq_part, R=R, C=C, n_rt=n_rt, BLOCK_R=block_r,
+            BLOCK_C=block_c, enable_fp_fusion=False,
         )
         return rf, cf, usq_part, psq_part
     n = work.numel()
@@ -561,7 +566,8 @@ def launch_second_moment(
     usq_part = torch.empty(nprog, dtype=torch.float32, device=dev)
     psq_part = torch.empty(nprog, dtype=torch.float32, device=dev) if with_psq else None
     full_stats_kernel[(nprog,)](
-        g, work, v, usq_part, usq_part if psq_part is None else psq_part, flag, step, n, eps1, decay,
-        one_minus_decay, int(beta_from_step), WITH_PSQ=with_psq, BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
+        g_ptr=g, p_ptr=work, v_ptr=v, usq_part_ptr=usq_part, psq_part_ptr=usq_part if psq_part is None else psq_part,
+        flag_ptr=flag, step_ptr=step, n=n, eps1=eps1, decay=decay, one_minus_decay=one_minus_decay,
+        beta_from_step=int(beta_from_step), WITH_PSQ=with_psq, BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
     )
     return None, None, usq_part, psq_part
