@@ -14,6 +14,7 @@ paged_adamw_8bit       adamw_8bit (must be identical)
 adafactor (+int8 mom)  transformers Adafactor
 came (+int8 mom)       came_pytorch CAME (official)
 sgd (+int8 mom)        torch SGD
+muon (+8-bit mom)      torch.optim.Muon + torch AdamW on the same split (hidden matrices / the rest)
 =====================  ==========================================
 
 Then a QLoRA-style fine-tune: the model pretrained with fp32 AdamW is frozen in NF4 with LoRA on
@@ -57,6 +58,11 @@ RUNS = [
     ("hf_adafactor_beta1", "hf_adafactor", None, {"beta1": 0.9}),
     ("adafactor_beta1", "ours:adafactor", "hf_adafactor_beta1", {"beta1": 0.9}),
     ("adafactor_beta1_int8", "ours:adafactor", "adafactor_beta1", {"beta1": 0.9, "momentum_dtype": "int8"}),
+    # Muon hybrids (hidden matrices Muon, embeddings/head/norms AdamW; adjust_lr_fn="match_rms_adamw" so both
+    # share AdamW's lr, Moonshot's recipe), ours against torch.optim.Muon + torch.optim.AdamW on the same split
+    ("torch_muon", "torch_muon_hybrid", None, {}),
+    ("muon", "ours:muon", "torch_muon", {}),
+    ("muon_8bit", "ours:muon_8bit", "muon", {}),
     ("came_pytorch", "came_pytorch", None, {}),
     ("came", "ours:came", "came_pytorch", {}),
     ("came_int8", "ours:came", "came", {"momentum_dtype": "int8"}),
@@ -75,13 +81,13 @@ RUNS = [
 ``release`` (gradient release: each tensor stepped in backward) are training options, not optimizer
 arguments."""
 
-LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "sgd": 0.3}
+LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "sgd": 0.3, "muon": 3e-3}
 """Peak learning rate per algorithm family (same for ours and its reference)."""
 
 
 def family(builder: str) -> str:
     key = builder.split(":")[-1]
-    for name in ("came", "adafactor", "sgd", "adamw"):
+    for name in ("came", "adafactor", "sgd", "muon", "adamw"):
         if name in key:
             return name
     raise ValueError(builder)
@@ -136,11 +142,15 @@ def build(builder: str, params, lr: float, kwargs: dict):
         from lowmem_lightning.optim import build_optimizer
 
         name = builder.split(":", 1)[1]
+        if "muon" in name:  # params are model.named_parameters(): the split finds embeddings and head by name
+            kwargs = {"weight_decay": 0.0, "adjust_lr_fn": "match_rms_adamw", "adamw_betas": (0.9, 0.999), **kwargs}
         if name == "adafactor":
             kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **kwargs}
         return build_optimizer(name, params, lr=lr, **kwargs)
     if builder == "torch_adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if builder == "torch_muon_hybrid":
+        return _TorchMuonHybrid(params, lr)
     if builder == "torch_sgd":
         return torch.optim.SGD(params, lr=lr, **kwargs)
     if builder == "bnb_adamw_8bit":
@@ -160,6 +170,29 @@ def build(builder: str, params, lr: float, kwargs: dict):
 
         return CAME(params, lr=lr)
     raise ValueError(builder)
+
+
+class _TorchMuonHybrid:
+    """torch.optim.Muon on the hidden matrices and torch.optim.AdamW on the rest (the split of
+    ``lowmem_lightning.optim.muon.uses_muon``), stepped together; no weight decay, Moonshot's lr rule."""
+
+    def __init__(self, named_params, lr: float):
+        from lowmem_lightning.optim.muon import uses_muon
+
+        named = list(named_params)
+        hidden = [p for n, p in named if uses_muon(p, n)]
+        rest = [p for n, p in named if not uses_muon(p, n)]
+        self.parts = [torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
+                      torch.optim.AdamW(rest, lr=lr, weight_decay=0.0)]
+        self.param_groups = [g for opt in self.parts for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.parts:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.parts:
+            opt.zero_grad(set_to_none=set_to_none)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -218,7 +251,8 @@ def pretraining_study(args, train_data, val_data):
             options = dict(kwargs)
             clip, release = options.pop("clip", "norm"), options.pop("release", False)
             try:
-                opt = build(builder, model.parameters(), LR[family(builder)], options)
+                params = model.named_parameters() if "muon" in builder else model.parameters()
+                opt = build(builder, params, LR[family(builder)], options)
             except (ImportError, ValueError) as err:
                 notes[name] = f"not available: {type(err).__name__}: {err}"[:120]
                 break
