@@ -221,7 +221,11 @@ def train(model, opt, data: torch.Tensor, val: torch.Tensor, args, seed: int, pe
     curve = []
     for step, (x, _) in enumerate(batches(data, args.batch, args.seq, args.steps, seed)):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, peak, args.warmup)
+            lr = lr_at(step, args.steps, peak, args.warmup)
+            if isinstance(group["lr"], torch.Tensor):  # torchao's optimizers keep lr as a tensor, changed in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         if hooks is not None:
