@@ -142,13 +142,25 @@ def _save_phase(rank: int, world: int, case: str, tmp: str) -> dict:
     _train(module, opt, range(2))
     dcp.save({"optimizer_0": get_optimizer_state_dict(module, opt)}, checkpoint_id=os.path.join(tmp, "ckpt"))
     out = {"params2": _gathered(module), "state2": _full_state(module, opt)}
+    groups = _groups(opt, module)  # a collective: every rank calls it
+    if rank == 0:  # the single-file form (ModelParallelStrategy(save_distributed_checkpoint=False))
+        torch.save({"state": out["state2"], "param_groups": groups}, os.path.join(tmp, "full.pt"))
     _train(module, opt, range(2, STEPS))
     out["final"] = _gathered(module)
     return out
 
 
-def _load_phase(rank: int, world: int, case: str, tmp: str, params2: dict) -> dict:
-    """Lightning's load on ``world`` ranks (target from a fresh optimizer, ``dcp.load``, set), then 2 steps."""
+def _groups(opt, module) -> list:
+    """The param groups of a full optimizer state dict (params named by their FQN)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return copy.deepcopy(get_optimizer_state_dict(module, opt, options=options).get("param_groups", []))
+
+
+def _load_phase(rank: int, world: int, case: str, tmp: str, params2: dict, how: str = "dcp") -> dict:
+    """Lightning's load on ``world`` ranks, then 2 steps: ``"dcp"``: target from a fresh optimizer, ``dcp.load``,
+    set; ``"full"``: the single file read on every rank, set with ``broadcast_from_rank0``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -158,9 +170,14 @@ def _load_phase(rank: int, world: int, case: str, tmp: str, params2: dict) -> di
 
     module = _module(params2, world)
     opt = build_optimizer(case, module.parameters(), **CASES[case])
-    target = {"optimizer_0": get_optimizer_state_dict(module, opt)}
-    dcp.load(target, checkpoint_id=os.path.join(tmp, "ckpt"))
-    set_optimizer_state_dict(module, opt, target["optimizer_0"], options=StateDictOptions(cpu_offload=True))
+    if how == "full":
+        full = torch.load(os.path.join(tmp, "full.pt"), mmap=True)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_optimizer_state_dict(module, opt, full, options=options)
+    else:
+        target = {"optimizer_0": get_optimizer_state_dict(module, opt)}
+        dcp.load(target, checkpoint_id=os.path.join(tmp, "ckpt"))
+        set_optimizer_state_dict(module, opt, target["optimizer_0"], options=StateDictOptions(cpu_offload=True))
     out = {"state2": _full_state(module, opt)}
     _train(module, opt, range(2, STEPS))
     out["final"] = _gathered(module)
@@ -195,9 +212,9 @@ def _check_state_after_load(saved: dict, loaded: dict) -> dict[str, int]:
     return moved
 
 
-def _reshard(tmp_path, case: str, before: int, after: int) -> tuple[dict, dict, dict]:
+def _reshard(tmp_path, case: str, before: int, after: int, how: str = "dcp") -> tuple[dict, dict, dict]:
     saved = _ranks(str(tmp_path / "save"), before, _save_phase, case, str(tmp_path))
-    loaded = _ranks(str(tmp_path / "load"), after, _load_phase, case, str(tmp_path), saved["params2"])
+    loaded = _ranks(str(tmp_path / "load"), after, _load_phase, case, str(tmp_path), saved["params2"], how)
     return saved, loaded, _check_state_after_load(saved["state2"], loaded["state2"])
 
 
@@ -233,3 +250,12 @@ def test_checkpoint_resumes_on_another_world_size(tmp_path, case, before, after)
     print(f"{case} {before}->{after}: moved elements {moved}, |resumed - straight| / distance {ratios}")
     if case != "adamw":
         assert moved["uneven"] > 0 or moved["flat"] > 0  # some blocks did move: the conversion was exercised
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), pytest.param(2, 4, marks=pytest.mark.slow)])
+def test_full_checkpoint_resumes_on_another_world_size(tmp_path, before, after):
+    """The single-file form (``save_distributed_checkpoint=False``: rank 0 gathers, every rank reads the file and
+    ``set_optimizer_state_dict`` broadcasts it) loads on another world size as the sharded form does."""
+    saved, loaded, moved = _reshard(tmp_path, "adamw_8bit", before, after, how="full")
+    _check_training("adamw_8bit", saved, loaded, moved)
+    assert moved["uneven"] > 0 and moved["even"] == 0
