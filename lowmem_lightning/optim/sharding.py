@@ -5,8 +5,8 @@ kernels as for plain tensors, and keeps its state for the local shard only:
 
 * **Element-wise optimizers** (AdamW 8-bit, paged, SGD) need nothing from other ranks: the update
   of an element depends on that element alone. Block-wise 8-bit state is laid out per shard (blocks
-  of 256 over the local shard, flattened), padded to the same length on every rank so it can be
-  saved as one evenly sharded tensor.
+  of 256 over the local shard, flattened), padded to the same length on every rank; state dicts
+  present it so a checkpoint loads on another world size (row form, below).
 * **Factored optimizers** (Adafactor, CAME) take row/column means, the RMS of the update and the
   RMS of the param over the *whole* tensor. For a sharded tensor these sums are completed with
   ``all_reduce`` over the mesh dims that shard it (:func:`sum_reduce`), so the update equals the
