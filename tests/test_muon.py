@@ -336,3 +336,20 @@ def test_lowmem_estimate_row_equals_the_real_hybrid_state(name):
     opt = build_optimizer(name, model.named_parameters(), **OPTIMIZER_VARIANTS[name][1])
     _lm_step(model, opt, 0)
     assert row.state_bytes == state_memory(opt).total_bytes
+
+
+@pytest.mark.slow  # two torch.compile graphs: ~30-60 s on a loaded 2-core machine
+@pytest.mark.parametrize("n", [4097 * 3, 2**14])
+def test_compiled_cpu_path_equals_eager(cpu_compile, n):
+    """The compiled host step (8-bit decode and encode compiled, torch's eager lerps between) stores the eager
+    reference's codes and scales and writes its U, bit for bit."""
+    grad, buf, absmax = _momentum_inputs(n, True, torch.float32)
+    runs = []
+    for mode in ("never", "always"):
+        b, a, out = buf.clone(), absmax.clone(), torch.empty(n, dtype=torch.bfloat16)
+        with dispatch.override(cpu_compile=mode):
+            muon_momentum([grad], [b], [a], [torch.tensor(2.0)], [torch.tensor(1.0)], [out], momentum=0.95,
+                          nesterov=True)
+        runs.append((b, a, out))
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)

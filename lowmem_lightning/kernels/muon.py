@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .codec import BLOCK_SIZE, decode_signed, decode_signed_reference, encode_signed, encode_signed_reference
-from .dispatch import Family, dispatch
+from .dispatch import Family, HostStep, dispatch
 from .multitensor import aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
 from .rounding import index_seed_reference, store_param, write_param_reference
 
@@ -145,25 +145,42 @@ AOT_SPECS = [
 # --------------------------------------------------------------------------------------------------
 
 
+def _decode_step(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """fp32 momentum ``(num_blocks, BLOCK_SIZE)`` of int8 ``codes`` and ``absmax`` ``(num_blocks, 1)``."""
+    return decode_signed_reference(codes, absmax)
+
+
+def _encode_step(new: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Store fp32 ``new`` ``(num_blocks, BLOCK_SIZE)`` into ``codes`` and its block maxima into ``absmax``."""
+    scale = new.abs().amax(dim=1, keepdim=True)
+    codes.copy_(encode_signed_reference(new, scale))
+    absmax.copy_(scale)
+
+
+_CODEC_STEPS = {"decode": HostStep(_decode_step), "encode": HostStep(_encode_step)}
+"""The 8-bit momentum's decode and encode, torch.compile'd on the ``"compiled"`` host backend (the same bits as
+eager: the codec's compiled square root is the correctly rounded fp32 one, ``tests/test_cpu_path.py``); the
+two lerps between them stay torch's eager ones (compiled, ``lerp`` would round twice)."""
+
+
 def muon_momentum_reference(grad: torch.Tensor, buf: torch.Tensor, absmax: torch.Tensor | None, weight_buf: float,
-                            weight_nesterov: float, nesterov: bool, grad_sign: float = 1.0) -> torch.Tensor:
+                            weight_nesterov: float, nesterov: bool, grad_sign: float = 1.0,
+                            backend: str = "eager") -> torch.Tensor:
     """One momentum step in place; returns ``U`` (fp32), the Newton–Schulz input.
 
     ``grad`` and ``buf``: fp32 momentum of the same shape, or ``(num_blocks, BLOCK_SIZE)`` views with int8
     codes ``buf`` and ``absmax`` ``(num_blocks, 1)`` (8-bit momentum; zero padding stays zero); ``grad_sign``
-    -1 maximizes. The
+    -1 maximizes; ``backend`` ``"compiled"`` runs the 8-bit decode and encode compiled (the same bits). The
     specification of :func:`_muon_momentum_kernel`, torch's own ``lerp`` (eager: bit for bit
     ``torch.optim.Muon``).
     """
     g = grad.to(torch.float32) * grad_sign
-    old = buf if absmax is None else decode_signed_reference(buf, absmax)
+    old = buf if absmax is None else _CODEC_STEPS["decode"].on(backend)(buf, absmax)
     new = torch.lerp(old, g, weight_buf)
     if absmax is None:
         buf.copy_(new)
     else:
-        scale = new.abs().amax(dim=1, keepdim=True)
-        buf.copy_(encode_signed_reference(new, scale))
-        absmax.copy_(scale)
+        _CODEC_STEPS["encode"].on(backend)(new, buf, absmax)
     return torch.lerp(g, new, weight_nesterov) if nesterov else new
 
 
@@ -238,7 +255,7 @@ def _blocks(t: torch.Tensor, pad: int) -> torch.Tensor:
     return flat.view(-1, BLOCK_SIZE)
 
 
-def _reference_momentum(grad, buf, absmax, out, s: MuonScalars) -> None:
+def _reference_momentum(grad, buf, absmax, out, s: MuonScalars, backend: str = "eager") -> None:
     """:func:`muon_momentum_reference` on one tensor, ``U`` written into ``out`` (any float dtype)."""
     if absmax is None:
         u = muon_momentum_reference(grad.reshape(buf.shape), buf, None, *s)
@@ -247,7 +264,7 @@ def _reference_momentum(grad, buf, absmax, out, s: MuonScalars) -> None:
     n = grad.numel()
     pad = (-n) % BLOCK_SIZE
     codes = _blocks(buf, pad)
-    u = muon_momentum_reference(_blocks(grad, pad), codes, absmax.view(-1, 1), *s)
+    u = muon_momentum_reference(_blocks(grad, pad), codes, absmax.view(-1, 1), *s, backend=backend)
     out.copy_(u.view(-1)[:n].view(out.shape))
     if pad:
         buf.view(-1).copy_(codes.view(-1)[:n])
@@ -305,18 +322,18 @@ def _launch(t: MuonTensors, scalars: MuonScalars) -> None:
 
 
 def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
-    """The eager reference on one tensor (``backend`` is not used: torch.compile'd ``lerp`` rounds twice
-    where torch's eager CPU ``lerp`` rounds once, and eager is what reproduces ``torch.optim.Muon``)."""
+    """The reference on one tensor: torch's eager ``lerp`` (compiled, it rounds twice where eager and the
+    kernel's fma round once); with ``backend="compiled"`` the 8-bit decode and encode run compiled."""
     out = t.params[0]
     if not float(t.flags[0]):  # the CPU: a memory read
         out.zero_()
         return
-    _reference_momentum(t.grads[0], t.bufs[0], t.absmaxes[0], out, scalars)
+    _reference_momentum(t.grads[0], t.bufs[0], t.absmaxes[0], out, scalars, backend)
 
 
 MUON_MOMENTUM = Family("muon_momentum", launch=_launch, host=_host, launch_key=_launch_key)
 """The momentum pass: ``dispatch(MUON_MOMENTUM, MuonTensors(...), MuonScalars.of(...))`` (one Triton launch per
-:func:`_launch_key` group on CUDA; on the host the eager reference, one tensor at a time)."""
+:func:`_launch_key` group on CUDA; on the host the reference, one tensor at a time)."""
 
 
 def muon_momentum(grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor], absmaxes: Sequence[torch.Tensor | None],
