@@ -48,6 +48,8 @@ def _streams(r):
         return 4, 3  # param, grad, m, v / param, m, v (codes or fp32)
     if k == "_sgd_kernel":
         return (3, 2) if _true(r, "MOMENTUM") else (2, 1)
+    if k == "_muon_momentum_kernel":
+        return 2, 2  # grad, momentum (codes or fp32) / bf16 U, momentum
     if k == "adafactor_update_kernel":
         momentum = _true(r, "MOMENTUM")
         unfactored = not _true(r, "FACTORED")
