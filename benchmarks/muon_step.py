@@ -1,11 +1,12 @@
 """Muon step benchmark: ours (``muon``, ``muon_8bit``) against ``torch.optim.Muon`` in the same process.
 
 The params are a transformer's hidden matrices (``--shapes``: ``ROWSxCOLS:COUNT`` items, e.g. the q/k/v/o and
-MLP matrices of a few layers), fp32 with fixed fp32 gradients. Rows run in rounds, in alternating order
-(A B C, then C B A, ...), each round timing ``--repeats`` steps of every row after ``--warmup`` steps; the
-ratio ours / torch is taken per round and the median over rounds is reported (a loaded machine slows
-whole rounds, not one row). Also reported: state bytes/param (``state_memory`` for ours, storage of
-``optimizer.state`` for torch) and, with ``--check``, the parity of the run:
+MLP matrices of a few layers), fp32 (or ``--dtype bfloat16``) with fixed gradients of the same dtype. Rows
+run in rounds, in alternating order (A B C, then C B A, ...), each round timing ``--repeats`` steps of every
+row after ``--warmup`` steps; the ratio ours / torch is taken per round and the median over rounds is
+reported (a loaded machine slows whole rounds, not one row). Also reported: state bytes/param
+(``state_memory`` for ours, storage of ``optimizer.state`` for torch) and, with ``--check``, the parity of
+the run:
 
 * the fused momentum kernel (Triton on CUDA) against the eager reference on the CPU copy: codes, scales,
   fp32 momentum and bf16 ``U`` equal (count of differing elements);
@@ -94,8 +95,9 @@ def benchmark(args, device: torch.device) -> dict:
     """``{row: [median step s per round]}`` plus bytes/param, rows alternated per round."""
     gen = torch.Generator().manual_seed(0)
     shapes = parse_shapes(args.shapes)
-    base = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    dtype = getattr(torch, args.dtype)
+    base = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
     built = {row: setup(row, base, grads, args.lr) for row in ROWS}
     for _, opt in built.values():
         for _ in range(args.warmup):
@@ -162,6 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", default="256x256:8,256x688:4", help="ROWSxCOLS:COUNT,...")
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="param and gradient dtype (bf16: ours rounds stochastically, torch rounds to nearest)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
