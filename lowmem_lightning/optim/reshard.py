@@ -18,8 +18,9 @@ that covers exactly one saved block (same elements) keeps its codes and scale bi
 blocks when the world size is unchanged, and when shard boundaries fall on block boundaries in both
 runs (e.g. ``shape[1:]`` a multiple of 256 elements). Other blocks are decoded with their saved
 scales and re-encoded (:func:`~lowmem_lightning.kernels.codec.quantize_blockwise`): each value moves
-by at most one code step of its new block. No full-precision copy of the whole state exists at any
-time: the conversion runs per tensor, its temporaries are a few tensors of that shard's size.
+by at most one code step of its new block. No full-precision copy of the state exists at any time:
+the conversion runs per tensor, in passes of :data:`CHUNK` elements, so its temporaries stay a few
+times ``CHUNK`` whatever the tensor's size.
 """
 
 from __future__ import annotations
