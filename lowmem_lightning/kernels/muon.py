@@ -42,10 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import signature_of, with_aligned
 from .codec import BLOCK_SIZE, decode_signed, decode_signed_reference, encode_signed, encode_signed_reference
 from .dispatch import Family, HostStep, dispatch
 from .multitensor import aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
-from .rounding import index_seed_reference, store_param, write_param_reference
+from .rounding import index_seed, index_seed_reference, store_param, write_param_reference
 
 __all__ = [
     "ROWS",
@@ -61,6 +62,9 @@ __all__ = [
     "muon_apply_reference",
     "muon_momentum",
     "muon_apply",
+    "MUON_APPLY",
+    "ApplyScalars",
+    "ApplyTensors",
 ]
 
 ROWS = 4
@@ -138,6 +142,33 @@ AOT_SPECS = [
     for quantized in (False, True)
 ]
 """(kernel, signature, constexprs) for fp32 and 8-bit momentum, each grad dtype and alignment."""
+
+APPLY_BLOCK = 1024
+"""Elements per program of :func:`_muon_apply_kernel`."""
+
+
+@triton.jit(do_not_specialize=["tensor_index"])  # an index of 1 would become a constexpr int
+def _muon_apply_kernel(param_ptr, update_ptr, step_ptr, flag_ptr, n, tensor_index, decay, step_size,
+                       BLOCK: tl.constexpr):
+    """``p = fma(-step_size, O, p * decay)`` for one tensor (``O`` the bf16 Newton–Schulz result), written back
+    in the param's dtype (bf16/fp16 stochastically rounded, seeded by the step counter and tensor index);
+    nothing is written where the finite flag is 0."""
+    decay = as_fp32(decay)
+    step_size = as_fp32(step_size)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    n_write = tl.where(tl.load(flag_ptr) != 0.0, n, 0)
+    mask = offs < n_write
+    p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(update_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    seed = index_seed(tl.load(step_ptr), tensor_index)
+    store_param(param_ptr, tl.fma(-step_size, u, p * decay), offs, mask, seed, True)
+
+
+AOT_SPECS += with_aligned([
+    (_muon_apply_kernel, signature_of(_muon_apply_kernel, {"n": "i64", "tensor_index": "i64"},
+                                      param_ptr=f"*{dtype}", update_ptr="*bf16"), {"BLOCK": APPLY_BLOCK})
+    for dtype in ("fp32", "bf16", "fp16")
+])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,22 +376,66 @@ def muon_momentum(grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor], a
              MuonScalars.of(momentum, nesterov, maximize))
 
 
+class ApplyScalars(NamedTuple):
+    """The scalars of one update of same-shape matrices: ``decay`` = ``1 - lr * weight_decay`` and
+    ``step_size`` (the adjusted lr)."""
+
+    decay: float
+    step_size: float
+
+
+class ApplyTensors(NamedTuple):
+    """The tensors of one update (a :func:`.dispatch.dispatch` batch): ``params[i]``, ``updates[i]`` (the
+    Newton–Schulz result of the param's shape, contiguous bf16), 0-d fp32 ``steps[i]`` / ``flags[i]``, and
+    ``tensor_indices[i]`` (seeds the stochastic rounding)."""
+
+    params: Sequence[torch.Tensor]
+    updates: Sequence[torch.Tensor]
+    steps: Sequence[torch.Tensor]
+    flags: Sequence[torch.Tensor]
+    tensor_indices: Sequence[int]
+
+
+def _apply_launch(t: ApplyTensors, scalars: ApplyScalars) -> None:
+    """:func:`_muon_apply_kernel` on one tensor (``launch_key=None``: one launch per tensor; a non-contiguous
+    param goes through a contiguous copy)."""
+    param, update = t.params[0], t.updates[0].contiguous()
+    work = param if param.is_contiguous() else param.contiguous()
+    n = work.numel()
+    _muon_apply_kernel[(triton.cdiv(n, APPLY_BLOCK),)](
+        work, update, t.steps[0], t.flags[0], n, int(t.tensor_indices[0]), **scalars._asdict(), BLOCK=APPLY_BLOCK,
+        enable_fp_fusion=False)
+    if work is not param:
+        param.copy_(work)
+
+
+def _apply_host(t: ApplyTensors, scalars: ApplyScalars, backend: str, steps) -> None:
+    """:func:`muon_apply_reference` on one host tensor (its flag read on the host: a memory read)."""
+    param = t.params[0]
+    if not float(t.flags[0]):
+        return
+    seed = None if param.dtype == torch.float32 else index_seed_reference(t.steps[0], t.tensor_indices[0])
+    target = param if param.is_contiguous() else param.contiguous()
+    muon_apply_reference(target, t.updates[0].view(param.shape), None, scalars.decay, scalars.step_size, seed)
+    if target is not param:
+        param.copy_(target)
+
+
+MUON_APPLY = Family("muon_apply", launch=_apply_launch, host=_apply_host)
+"""The update: ``dispatch(MUON_APPLY, ApplyTensors(...), ApplyScalars(...))``: Triton on CUDA (one launch per
+tensor, stochastic rounding fused), the reference on the host."""
+
+
 def muon_apply(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], flags: Sequence[torch.Tensor],
                steps: Sequence[torch.Tensor], tensor_indices: Sequence[int], step_sizes: Sequence[float], *,
                lr: float, weight_decay: float) -> None:
     """``params[i] = params[i] * (1 - lr * weight_decay) - step_sizes[i] * updates[i]`` in place where
-    ``flags[i]`` is set (:func:`muon_apply_reference`; ``updates[i]`` has the param's shape, bf16 or fp32).
-    CPU flags are read on the host (skipped tensors are not touched); on other devices a ``where`` keeps
-    the old values, with no sync. bf16/fp16 params round stochastically, seeded by step and index."""
+    ``flags[i]`` is set (:data:`MUON_APPLY`; ``updates[i]`` has the param's shape, bf16). bf16/fp16 params
+    round stochastically, seeded by step and index. Tensors of one step size go in one dispatch."""
     decay = 1 - lr * weight_decay
-    cpu = [i for i, p in enumerate(params) if p.device.type == "cpu"]
-    live = dict(zip(cpu, torch.stack([flags[i] for i in cpu]).tolist())) if cpu else {}
-    for i, param in enumerate(params):
-        if param.numel() == 0 or not live.get(i, True):
-            continue
-        ok = None if i in live else flags[i] != 0
-        seed = None if param.dtype == torch.float32 else index_seed_reference(steps[i], tensor_indices[i])
-        target = param if param.is_contiguous() else param.contiguous()
-        muon_apply_reference(target, updates[i].view(param.shape), ok, decay, step_sizes[i], seed)
-        if target is not param:
-            param.copy_(target)
+    by_size: dict[float, list[int]] = {}
+    for i, size in enumerate(step_sizes):
+        by_size.setdefault(float(size), []).append(i)
+    for size, idx in by_size.items():
+        tensors = ApplyTensors(*([seq[i] for i in idx] for seq in (params, updates, steps, flags, tensor_indices)))
+        dispatch(MUON_APPLY, tensors, ApplyScalars(decay, size))
