@@ -26,7 +26,8 @@ per 256 = 1.016 bytes/param); ``U`` is formed from the fp32 momentum before it i
 One pass over memory (:func:`_muon_momentum_kernel`): a program loads ``ROWS x 256`` elements of grad and
 momentum, stores the momentum and writes ``U`` directly as bf16 into the Newton–Schulz batch buffer (half
 the bytes of an fp32 copy). A 0/1 fp32 ``flag`` (the optimizer's non-finite guard) masks the momentum
-store; the launcher's update leaves the param untouched where it is 0.
+store; the update (:func:`_muon_apply_kernel`: decay and step as one fma, bf16/fp16 params written with
+stochastic rounding) leaves the param untouched where it is 0.
 
 File order: Triton kernel, PyTorch reference, launchers.
 """
