@@ -52,6 +52,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script from a checkout (no install), e.g. on the device
+    sys.path.insert(0, str(HERE.parent))
 CSV_HEADER = ["date", "benchmark", "device", "torch", "optimizer", "metric", "value", "seeds", "steps"]
 """Long format shared with benchmarks/convergence.py: one row per (optimizer, metric)."""
 
