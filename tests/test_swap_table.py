@@ -41,8 +41,14 @@ SOURCES = {
                                            eps=(1e-29, 2e-3), momentum_dtype="int8"),
     "came": lambda p: build_optimizer("came", p, lr=2e-3, betas=(0.8, 0.95, 0.99), eps=(1e-29, 1e-15),
                                       clip_threshold=0.5, weight_decay=0.01, momentum_dtype="int8"),
+    "lion": lambda p: build_optimizer("lion", p, lr=2e-4, betas=(0.8, 0.95), weight_decay=0.5),
+    "ademamix": lambda p: build_optimizer("ademamix", p, lr=2e-3, betas=(0.8, 0.95, 0.999), alpha=8.0, t_alpha=100,
+                                          t_beta3=100, eps=1e-6, weight_decay=0.1),
+    "muon": lambda p: build_optimizer("muon", p, lr=2e-2, momentum=0.8, nesterov=False, weight_decay=0.05,
+                                      adamw_betas=(0.8, 0.95), adamw_eps=1e-6, momentum_dtype="int8"),
 }
-TARGETS = ["adamw", "adamw_8bit", "adamw_4bit", "paged_adamw_8bit", "sgd", "adafactor", "came"]
+TARGETS = ["adamw", "adamw_8bit", "adamw_4bit", "paged_adamw_8bit", "sgd", "adafactor", "came",
+           "lion", "lion_8bit", "ademamix", "ademamix_8bit", "muon", "muon_8bit"]
 
 # (source, target): (hyperparameters of the built group that differ from the target's defaults, i.e. what was
 # carried; settings dropped, named in the warning; settings carried with a changed meaning, named in the warning).
@@ -127,8 +133,105 @@ TABLE = {
     ("came", "came"): ("betas=(0.8, 0.95, 0.99); eps=(1e-29, 1e-15); clip_threshold=0.5; weight_decay=0.01; "
                        "momentum_dtype='int8'",
                        "", ""),
+    # Into Lion (Chen et al. 2023; bitsandbytes' Lion): betas[0] is the weight of the momentum in the update's sign,
+    # as Adam's betas[0] / SGD's momentum weigh it in the update: carried; betas[1] (the momentum's own decay) keeps
+    # Lion's 0.99: Adam's betas[1] is a second moment Lion has none of (dropped, warned), and so is eps (no
+    # denominator). The lr is carried as it is (the schedule and lr * weight_decay stay the module's), with a
+    # "changes meaning" note from an adaptive optimizer: Lion moves every element by lr, the paper uses 3-10x less.
+    # From SGD no note: SGD's step scales with the gradient, there is no fixed ratio to name.
+    ("Adam", "lion"): ("betas=(0.8, 0.99); weight_decay=0.1", "amsgrad betas[1] eps", "lr weight_decay"),
+    ("AdamW", "lion"): ("betas=(0.8, 0.99); weight_decay=0.1", "betas[1] eps", "lr"),
+    ("SGD", "lion"): ("betas=(0.8, 0.99); weight_decay=0.0001", "nesterov", "weight_decay"),
+    ("RMSprop", "lion"): ("betas=(0.5, 0.99); weight_decay=0.0001", "alpha centered eps", "lr weight_decay"),
+    ("HF Adafactor", "lion"): ("betas=(0.8, 0.99); weight_decay=0.01", "clip_threshold decay_rate eps[0] eps[1]", "lr"),
+    ("adamw_8bit", "lion"): ("betas=(0.8, 0.99); weight_decay=0.1", "betas[1] eps", "lr"),
+    ("paged_adamw_8bit", "lion"): ("betas=(0.8, 0.99); weight_decay=0.1", "betas[1] eps", "lr"),
+    ("sgd", "lion"): ("betas=(0.8, 0.99); weight_decay=0.0001", "momentum_dtype nesterov", "weight_decay"),
+    ("adafactor", "lion"): ("betas=(0.8, 0.99); weight_decay=0.01",
+                            "clip_threshold decay_rate eps[0] eps[1] momentum_dtype", "lr"),
+    ("came", "lion"): ("betas=(0.8, 0.99); weight_decay=0.01",
+                       "betas[1] betas[2] clip_threshold eps[0] eps[1] momentum_dtype", "lr"),
+    ("lion", "lion"): ("betas=(0.8, 0.95); weight_decay=0.5", "", ""),
+    ("ademamix", "lion"): ("betas=(0.8, 0.99); weight_decay=0.1", "alpha betas[1] betas[2] eps t_alpha t_beta3", "lr"),
+    ("muon", "lion"): ("betas=(0.8, 0.99); weight_decay=0.05", "adamw_betas[0] adamw_eps momentum_dtype nesterov", ""),
+    # Into AdEMAMix (Pagliardini et al. 2024): Adam's betas[0], betas[1] and eps mean the same there: carried;
+    # betas[2] (the slow EMA's decay, not CAME's instability decay), alpha and their warmups keep AdEMAMix's
+    # defaults. The lr carries with no note (both adaptive; the paper keeps AdamW's lr), except from Lion.
+    ("Adam", "ademamix"): ("betas=(0.8, 0.95, 0.9999); eps=1e-06; weight_decay=0.1", "amsgrad", "weight_decay"),
+    ("AdamW", "ademamix"): ("betas=(0.8, 0.95, 0.9999); eps=1e-06; weight_decay=0.1", "", ""),
+    ("SGD", "ademamix"): ("betas=(0.8, 0.999, 0.9999); weight_decay=0.0001", "nesterov", "weight_decay"),
+    ("RMSprop", "ademamix"): ("betas=(0.5, 0.9, 0.9999); eps=1e-06; weight_decay=0.0001", "centered", "weight_decay"),
+    ("HF Adafactor", "ademamix"): ("betas=(0.8, 0.999, 0.9999)", "clip_threshold decay_rate eps[0] eps[1]", ""),
+    ("adamw_8bit", "ademamix"): ("betas=(0.8, 0.95, 0.9999); eps=1e-06; weight_decay=0.1", "", ""),
+    ("paged_adamw_8bit", "ademamix"): ("betas=(0.8, 0.95, 0.9999); eps=1e-06; weight_decay=0.1", "", ""),
+    ("sgd", "ademamix"): ("betas=(0.8, 0.999, 0.9999); weight_decay=0.0001", "momentum_dtype nesterov", "weight_decay"),
+    ("adafactor", "ademamix"): ("betas=(0.8, 0.999, 0.9999)",
+                                "clip_threshold decay_rate eps[0] eps[1] momentum_dtype", ""),
+    ("came", "ademamix"): ("betas=(0.8, 0.95, 0.9999)", "betas[2] clip_threshold eps[0] eps[1] momentum_dtype", ""),
+    ("lion", "ademamix"): ("betas=(0.8, 0.999, 0.9999); weight_decay=0.5", "betas[1]", "lr"),
+    ("ademamix", "ademamix"): ("betas=(0.8, 0.95, 0.999); alpha=8.0; t_alpha=100; t_beta3=100; eps=1e-06; "
+                               "weight_decay=0.1",
+                               "", ""),
+    ("muon", "ademamix"): ("betas=(0.8, 0.999, 0.9999); eps=1e-06; weight_decay=0.05",
+                           "adamw_betas[0] momentum_dtype nesterov", ""),
+    # Into Muon (issue 28's family): beta1 -> momentum, beta2/eps -> adamw_betas[1]/adamw_eps of the params Muon
+    # gives AdamW (embeddings, head); decoupled decay carried; the lr with no note (it drives both updates).
+    ("Adam", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "amsgrad", "weight_decay"),
+    ("AdamW", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "", ""),
+    ("SGD", "muon"): ("weight_decay=0.0001; momentum=0.8; momentum_dtype='float32'", "", "weight_decay"),
+    ("RMSprop", "muon"): ("weight_decay=0.0001; momentum=0.5; momentum_dtype='float32'; adamw_betas=(0.9, 0.9); "
+                          "adamw_eps=1e-06",
+                          "centered", "weight_decay"),
+    ("HF Adafactor", "muon"): ("weight_decay=0.01; momentum=0.8; momentum_dtype='float32'",
+                               "clip_threshold decay_rate eps[0] eps[1]", ""),
+    ("adamw_8bit", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "", ""),
+    ("paged_adamw_8bit", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "", ""),
+    ("sgd", "muon"): ("weight_decay=0.0001; momentum=0.8; momentum_dtype='int8'", "", "weight_decay"),
+    ("adafactor", "muon"): ("weight_decay=0.01; momentum=0.8; momentum_dtype='int8'",
+                            "clip_threshold decay_rate eps[0] eps[1]", ""),
+    ("came", "muon"): ("weight_decay=0.01; momentum=0.8; momentum_dtype='int8'",
+                       "betas[2] clip_threshold eps[0] eps[1]", ""),
+    ("lion", "muon"): ("weight_decay=0.5; momentum=0.8; momentum_dtype='float32'", "betas[1]", ""),
+    ("ademamix", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06",
+                           "alpha betas[2] t_alpha t_beta3", ""),
+    ("muon", "muon"): ("weight_decay=0.05; momentum=0.8; nesterov=False; momentum_dtype='int8'; "
+                       "adamw_betas=(0.8, 0.95); adamw_eps=1e-06",
+                       "", ""),
+    # From Lion, AdEMAMix and Muon into the other targets: Lion's betas[1], AdEMAMix's slow EMA (betas[2], alpha,
+    # t_alpha, t_beta3) and Muon's adamw_betas[0] have no slot there (dropped, warned); Lion's lr is noted into an
+    # adaptive target (3-10x too small there, by the paper).
+    ("lion", "adamw"): ("betas=(0.8, 0.999); weight_decay=0.5", "betas[1]", "lr"),
+    ("lion", "adamw_8bit"): ("betas=(0.8, 0.999); weight_decay=0.5", "betas[1]", "lr"),
+    ("lion", "paged_adamw_8bit"): ("betas=(0.8, 0.999); weight_decay=0.5", "betas[1]", "lr"),
+    ("lion", "sgd"): ("momentum=0.8; weight_decay=0.5", "betas[1]", "weight_decay"),
+    ("lion", "adafactor"): ("beta1=0.8; weight_decay=0.5", "betas[1] lr", ""),
+    ("lion", "came"): ("betas=(0.8, 0.999, 0.9999); weight_decay=0.5", "betas[1]", "lr"),
+    ("ademamix", "adamw"): ("betas=(0.8, 0.95); eps=1e-06; weight_decay=0.1", "alpha betas[2] t_alpha t_beta3", ""),
+    ("ademamix", "adamw_8bit"): ("betas=(0.8, 0.95); eps=1e-06; weight_decay=0.1",
+                                 "alpha betas[2] t_alpha t_beta3", ""),
+    ("ademamix", "paged_adamw_8bit"): ("betas=(0.8, 0.95); eps=1e-06; weight_decay=0.1",
+                                       "alpha betas[2] t_alpha t_beta3", ""),
+    ("ademamix", "sgd"): ("momentum=0.8; weight_decay=0.1",
+                          "alpha betas[1] betas[2] eps t_alpha t_beta3", "weight_decay"),
+    ("ademamix", "adafactor"): ("beta1=0.8; weight_decay=0.1", "alpha betas[1] betas[2] eps lr t_alpha t_beta3", ""),
+    ("ademamix", "came"): ("betas=(0.8, 0.95, 0.9999); weight_decay=0.1", "alpha betas[2] eps t_alpha t_beta3", ""),
+    ("muon", "adamw"): ("betas=(0.8, 0.999); eps=1e-06; weight_decay=0.05",
+                        "adamw_betas[0] momentum_dtype nesterov", ""),
+    ("muon", "adamw_8bit"): ("betas=(0.8, 0.999); eps=1e-06; weight_decay=0.05",
+                             "adamw_betas[0] momentum_dtype nesterov", ""),
+    ("muon", "paged_adamw_8bit"): ("betas=(0.8, 0.999); eps=1e-06; weight_decay=0.05",
+                                   "adamw_betas[0] momentum_dtype nesterov", ""),
+    ("muon", "sgd"): ("momentum=0.8; weight_decay=0.05; momentum_dtype='int8'",
+                      "adamw_betas[0] adamw_eps", "weight_decay"),
+    ("muon", "adafactor"): ("beta1=0.8; weight_decay=0.05; momentum_dtype='int8'",
+                            "adamw_betas[0] adamw_eps lr nesterov", ""),
+    ("muon", "came"): ("betas=(0.8, 0.999, 0.9999); weight_decay=0.05; momentum_dtype='int8'",
+                       "adamw_betas[0] adamw_eps nesterov", ""),
 }
 TABLE.update({(source, "adamw_4bit"): TABLE[source, "adamw_8bit"] for source in SOURCES})  # same settings
+TABLE.update({(source, f"{name}_8bit"): TABLE[source, name] for source in SOURCES for name in ("lion", "ademamix")})
+TABLE.update({(source, "muon_8bit"): (TABLE[source, "muon"][0].replace("dtype='float32'", "dtype='int8'"),
+                                      *TABLE[source, "muon"][1:]) for source in SOURCES})  # int8 momentum by default
 
 
 class Tiny(L.LightningModule):
@@ -269,7 +372,8 @@ class _Momenta(L.Callback):
 
 
 @pytest.mark.parametrize("schedule", [_one_cycle, _cyclic], ids=["OneCycleLR", "CyclicLR"])
-@pytest.mark.parametrize("target,key", [("sgd", "momentum"), ("came", "betas"), ("adamw_8bit", "betas")])
+@pytest.mark.parametrize("target,key", [("sgd", "momentum"), ("came", "betas"), ("adamw_8bit", "betas"),
+                                        ("lion_8bit", "betas")])
 def test_momentum_cycling_scheduler_drives_the_new_optimizers_momentum(schedule, target, key):
     make = (lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9)) if schedule is _cyclic else None
     before, after = _Momenta(), _Momenta()
@@ -291,6 +395,39 @@ def test_momentum_cycling_scheduler_is_refused_for_adafactor(schedule):
     with pytest.raises(ValueError, match=rf"{name} cycles momentum.*cycle_momentum=False"):
         _fit(module, "adafactor", lr=1e-3, optimizer_kwargs={"relative_step": False})
     assert torch.equal(module.net.weight, before)  # refused before any step
+
+
+def test_lr_into_lion_is_carried_with_the_papers_ratio_unless_the_callback_sets_one():
+    new, messages = _swap("AdamW", "lion")
+    assert new.param_groups[0]["lr"] == 2e-3  # carried as it is: the schedule and lr * weight_decay stay
+    assert "AdamW lr=0.002 changes meaning: Lion moves every element by lr" in messages[0]
+    assert "lr 3-10x smaller" in messages[0]
+    _, messages = _swap("lion", "adamw_8bit")
+    assert "Lion lr=0.0002 changes meaning" in messages[0] and "lr 3-10x larger" in messages[0]
+    module = Tiny()
+    callback = LowMemOptimizerCallback("lion", lr=3e-4, print_summary=False, plot=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = callback._swap(module, SOURCES["AdamW"](module.parameters()))
+    messages = [str(w.message) for w in caught if "LowMemOptimizerCallback(" in str(w.message)]
+    assert new.param_groups[0]["lr"] == 3e-4 and len(messages) == 1
+    assert _noted(messages[0], "changes meaning") == set()  # the user chose Lion's lr: nothing to note
+    assert _noted(messages[0], "dropped") == {"eps", "betas[1]"}
+
+
+@pytest.mark.parametrize("target", ["lion_8bit", "ademamix_8bit"])
+def test_adamw_llm_settings_into_lion_and_ademamix_train(target):
+    module = Tiny(make=lambda p: torch.optim.AdamW(p, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1))
+    before = module.net.weight.detach().clone()
+    trainer, messages = _fit(module, target)
+    group = trainer.optimizers[0].param_groups[0]
+    assert type(trainer.optimizers[0]) is optimizer_class(target) and trainer.global_step == 3
+    assert not torch.equal(module.net.weight, before) and torch.isfinite(module.net.weight).all()
+    if target == "lion_8bit":  # beta1 carried, beta2 (a second moment Lion lacks) dropped: Lion keeps its 0.99
+        assert tuple(group["betas"]) == (0.9, 0.99) and group["weight_decay"] == 0.1
+        assert _noted(messages[0], "dropped") == {"betas[1]"} and _noted(messages[0], "changes meaning") == {"lr"}
+    else:  # Adam's two betas mean the same in AdEMAMix; its slow EMA keeps its defaults
+        assert tuple(group["betas"]) == (0.9, 0.95, 0.9999) and group["alpha"] == 5.0 and messages == []
 
 
 def test_adamw_one_cycle_into_sgd_no_longer_fails_with_key_error():

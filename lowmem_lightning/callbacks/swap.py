@@ -184,7 +184,7 @@ def rebuild_param_groups(
     groups, ratios, translations = [], [], []
     for group in old.param_groups:
         translation = translate_group(type(old), group, target_cls, new_defaults, skip=skip | set(LR_KEYS),
-                                      driven=driven)
+                                      driven=driven, lr_carried=lr is None)
         new_group: dict = {"params": [p for p in group["params"] if keep(p)]}
         for key, value in group.items():
             if key not in old.defaults and key not in ("params", *LR_KEYS):

@@ -9,7 +9,10 @@ term added to the root of that average (Adam, RMSprop); ``factored_eps`` the ter
 gradients of Adafactor and CAME (``eps[0]``), while their ``eps[1]`` mean different things
 (``scale_eps``: Adafactor's floor of the param RMS; ``instability_eps``: CAME's); ``weight_decay``
 is decoupled decay (``p -= lr * wd * p``: AdamW, Adafactor, CAME, ``Adam(decoupled_weight_decay=True)``)
-and ``l2`` a coupled L2 penalty added to the gradient (Adam, SGD, RMSprop).
+and ``l2`` a coupled L2 penalty added to the gradient (Adam, SGD, RMSprop). Settings of one family only:
+Lion's ``lion_beta2`` (``betas[1]``, the momentum's own decay; its ``betas[0]`` is ``beta1``), AdEMAMix's slow
+EMA (``slow_beta`` = ``betas[2]``, ``alpha``, ``t_alpha``, ``t_beta3``), Muon's ``adamw_beta1`` and
+Newton-Schulz settings.
 
 :func:`translate_group` reads a source param group setting by setting and writes each to the slot
 with the same meaning in the target family:
@@ -19,8 +22,9 @@ with the same meaning in the target family:
   kind of decay (kept per group, as before) and settings a scheduler drives (carried as they are);
 * **implied**: a chosen value the target always behaves as (``relative_step=False``,
   ``scale_parameter=False`` into an optimizer that takes an lr and does not scale it): nothing to do;
-* **changed** (warned): coupled ``l2`` into decoupled ``weight_decay`` or back (:data:`MEANING_CHANGES`):
-  the value is carried, its effect differs, the warning says how;
+* **changed** (warned): coupled ``l2`` into decoupled ``weight_decay`` or back (:data:`MEANING_CHANGES`),
+  and the ``lr`` between an adaptive optimizer and Lion's sign update (:data:`LR_CHANGES`): the value is
+  carried, its effect differs, the warning says how;
 * **dropped** (warned): a chosen value with no slot in the target. Dropping ``amsgrad``, ``nesterov``
   or ``centered`` changes the algorithm: :data:`DROP_REASONS` says how;
 * **ignored**: implementation switches (``foreach``, ``fused``, ``capturable``, ``differentiable``)
@@ -44,8 +48,10 @@ __all__ = [
     "FAMILIES",
     "IGNORED",
     "IMPLIED",
+    "LR_CHANGES",
     "MEANING_CHANGES",
     "MOMENTUM_KEYS",
+    "STEP_KINDS",
     "Slot",
     "Translation",
     "constructor_defaults",
@@ -97,8 +103,19 @@ FAMILIES: dict[str, dict[str, Slot]] = {
     "came": _slots("lr", "clip_threshold", "weight_decay", "momentum_dtype", "maximize",
                    beta1=Slot("betas", 0), beta2=Slot("betas", 1), beta3=Slot("betas", 2),
                    factored_eps=Slot("eps", 0), instability_eps=Slot("eps", 1)),
-    "muon": _slots("lr", "weight_decay", "nesterov", "maximize", "momentum_dtype", *_IMPLEMENTATION,
-                   beta1=Slot("momentum"), beta2=Slot("adamw_betas", 1), eps=Slot("adamw_eps")),
+    "muon": _slots("lr", "weight_decay", "nesterov", "maximize", "momentum_dtype", "ns_coefficients", "ns_steps",
+                   "adjust_lr_fn", "use_muon", *_IMPLEMENTATION,
+                   beta1=Slot("momentum"), beta2=Slot("adamw_betas", 1), eps=Slot("adamw_eps"),
+                   adamw_beta1=Slot("adamw_betas", 0), ns_eps=Slot("eps")),
+    # Lion's betas[0] weighs the momentum against the gradient in the update's sign, as Adam's betas[0] weighs
+    # them in its first moment (beta1 = beta2 is signSGD on Adam's m); betas[1] is the momentum's own decay,
+    # which no other family has apart (Adam's first moment decays at betas[0]): lion_beta2.
+    "lion": _slots("lr", "weight_decay", "maximize", *_IMPLEMENTATION,
+                   beta1=Slot("betas", 0), lion_beta2=Slot("betas", 1)),
+    # AdEMAMix is Adam (betas[0], betas[1], eps: same meanings) plus a slow EMA: betas[2] (not CAME's beta3,
+    # the decay of its instability), its weight alpha and their warmups.
+    "ademamix": _slots("lr", "eps", "weight_decay", "alpha", "t_alpha", "t_beta3", "maximize", *_IMPLEMENTATION,
+                       beta1=Slot("betas", 0), beta2=Slot("betas", 1), slow_beta=Slot("betas", 2)),
 }
 """Family -> {setting: slot}. A family lists the union of its members' keys (torch's SGD has no
 ``momentum_dtype``, ours has): a key absent from a group is not read, a key absent from the target's
@@ -115,8 +132,11 @@ CLASS_FAMILIES: dict[str, str] = {
     "lowmem_lightning.optim.adafactor.Adafactor": "adafactor",
     "lowmem_lightning.optim.came.CAME": "came",
     "lowmem_lightning.optim.muon.Muon": "muon",
+    "lowmem_lightning.optim.lion.Lion": "lion",
+    "lowmem_lightning.optim.ademamix.AdEMAMix": "ademamix",
 }
-"""``module.QualName`` of a class -> its family (``PagedAdamW8bit`` is an ``AdamW8bit``)."""
+"""``module.QualName`` of a class -> its family (``PagedAdamW8bit`` is an ``AdamW8bit``, ``Lion8bit`` a ``Lion``,
+``AdEMAMix8bit`` an ``AdEMAMix``, ``Muon8bit`` a ``Muon``)."""
 
 MEANING_CHANGES: dict[tuple[str, str], str] = {
     ("l2", "weight_decay"): "coupled L2 penalty (added to the gradient{adaptive}) -> decoupled decay in {target} "
@@ -135,9 +155,41 @@ DROP_REASONS: dict[str | tuple[str, str], str] = {
     ("eps", "came"): "{target}'s eps pair is added to squared gradients and to the instability, not to the root "
                      "of the second moment",
     ("beta2", "adafactor"): "{target}'s second-moment decay follows decay_rate (beta2_t = 1 - t ** decay_rate)",
+    ("eps", "lion"): "{target}'s update is a sign: there is no denominator to add eps to",
+    ("beta2", "lion"): "{target} keeps no second moment (its betas[1] is the momentum's own decay, default 0.99)",
+    "lion_beta2": "{target} has no momentum decay apart from beta1 (Lion's betas[1]): the momentum now decays "
+                  "at the carried beta1",
+    "slow_beta": "{target} has no slow EMA (AdEMAMix's betas[2]): the alpha * m2 term of the update is lost",
+    "alpha": "{target} has no slow EMA (AdEMAMix's alpha weighs it): the alpha * m2 term of the update is lost",
+    "t_alpha": "{target} has no slow EMA, so no warmup of its weight alpha",
+    "t_beta3": "{target} has no slow EMA, so no warmup of its decay betas[2]",
+    ("beta3", "ademamix"): "{target}'s betas[2] is the decay of its slow EMA, not of CAME's instability",
+    "adamw_beta1": "{target} has one first-moment decay: Muon's momentum went into it, not the beta1 of the "
+                   "params Muon gave AdamW (adamw_betas[0])",
 }
 """Why a setting is dropped, by setting or by (setting, target family): the entries by setting alone
 change the algorithm (warned as such); others are "no equivalent"."""
+
+STEP_KINDS: dict[str, str] = {
+    "adam": "normalized", "adamw": "normalized", "adamw_8bit": "normalized", "rmsprop": "normalized",
+    "adafactor": "normalized", "came": "normalized", "ademamix": "normalized", "lion": "sign",
+}
+"""Family -> how its ``lr`` becomes a step: ``normalized`` (the update is divided by a root of the second
+moment or clipped to unit RMS: each element moves by about ``lr`` or less), ``sign`` (Lion: every element
+moves by exactly ``lr``). Families without an entry get no note: SGD's step scales with the gradient, and
+Muon's one lr drives both its orthogonalized and its AdamW update."""
+
+LR_CHANGES: dict[tuple[str, str], str] = {
+    ("normalized", "sign"): "{target} moves every element by lr (a sign), {source} by about lr * m / sqrt(v), "
+                            "mostly less; the Lion paper (Chen et al. 2023) uses an lr 3-10x smaller and a "
+                            "weight decay 3-10x larger than AdamW's",
+    ("sign", "normalized"): "{source} moved every element by lr (a sign), {target} by about lr * m / sqrt(v), "
+                            "mostly less; the Lion paper (Chen et al. 2023) gives AdamW an lr 3-10x larger and "
+                            "a weight decay 3-10x smaller than Lion's",
+}
+"""(source step kind, target step kind) -> how the same ``lr`` moves the params differently. The lr is carried
+as it is (the module's schedule, per-group ratios and ``lr * weight_decay`` stay as the module set them);
+the note says so, and by how much the paper would change it, unless the callback was given an lr."""
 
 IMPLIED: dict[str, object] = {"relative_step": False, "scale_parameter": False}
 """Chosen values that every target without the setting behaves as (it takes an lr, unscaled)."""
@@ -238,13 +290,16 @@ def translate_group(
     *,
     skip: frozenset[str] = frozenset(),
     driven: frozenset[str] = frozenset(),
+    lr_carried: bool = False,
 ) -> Translation:
     """Translate ``group`` (a param group of a ``source_cls`` optimizer) for a ``target_cls`` optimizer.
 
     ``target_defaults``: the target's defaults (keys it takes, values that complete tuples); ``skip``:
     settings handled elsewhere (the LR keys; ``weight_decay``/``l2`` when the callback sets it) and
     target keys given explicitly (those win, silently); ``driven``: settings an LR scheduler drives
-    (``{"beta1"}``: carried as they are now, never warned). ``lr`` is never translated here.
+    (``{"beta1"}``: carried as they are now, never warned). ``lr`` is never translated here; with
+    ``lr_carried`` (the group's lr goes to the target as it is) a change of its effect (:data:`LR_CHANGES`)
+    is noted in ``changed``.
     """
     out = Translation()
     source_family, source_slots = _source_settings(source_cls, group)
@@ -288,7 +343,21 @@ def translate_group(
             why = DROP_REASONS.get((setting, target_family), DROP_REASONS.get(setting, "{target} has no equivalent"))
             why = why.format(target=target_name)
             out.dropped.append(f"{text} dropped: {why}")
+    if lr_carried:
+        _note_lr(source_cls, source_family, group, target_cls, target_family, target_defaults, out)
     return out
+
+
+def _note_lr(source_cls: type, source_family: str, group: dict, target_cls: type, target_family: str,
+             target_defaults: dict, out: Translation) -> None:
+    """Note in ``out.changed`` that the carried ``lr`` moves the params differently (:data:`LR_CHANGES`), unless
+    the target computes its own step size (Adafactor's ``relative_step``: the lr is dropped elsewhere)."""
+    why = LR_CHANGES.get((STEP_KINDS.get(source_family), STEP_KINDS.get(target_family)))
+    lr = as_float(group.get("lr"))
+    if why is None or lr is None or target_defaults.get("relative_step"):
+        return
+    why = why.format(source=source_cls.__name__, target=target_cls.__name__)
+    out.changed.append(f"lr={_fmt(group['lr'])} changes meaning: {why}")
 
 
 def _write(values: dict, slot: Slot, value, target_defaults: dict, skip: frozenset[str]) -> None:
