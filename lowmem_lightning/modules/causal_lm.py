@@ -7,6 +7,10 @@ module trains, on the meta device when asked (no weights, exact parameter counts
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -438,8 +442,15 @@ class CausalLMModule(LowMemModule):
         return [_SaveOnFailure()] if self.hparams.save_dir is not None else []
 
     def on_fit_start(self) -> None:
-        """A new fit saves again."""
+        """A new fit saves again; ``save_merged`` of a sharded (FSDP2) model is refused before training."""
         self._saved = False
+        if (self.hparams.save_dir is not None and self.hparams.save_merged and self.model is not None
+                and _is_sharded(self.model)):
+            raise ValueError(
+                "Invalid save_merged=True for a model sharded with FSDP2 (DTensor params): merging the LoRA "
+                "adapters needs the whole weights on one process. Save the adapter (save_merged=False) and merge "
+                "it after training (peft's merge_and_unload on the loaded model)."
+            )
 
     def on_train_end(self) -> None:
         """Save the model as soon as training ends (see :meth:`save_model`).
@@ -451,20 +462,90 @@ class CausalLMModule(LowMemModule):
 
     def save_model(self) -> str | None:
         """Write the adapter / merged model / full model (and an HF tokenizer) to ``save_dir``, once per
-        fit, on global rank 0; returns the directory, or ``None`` when nothing was written."""
+        fit, on global rank 0; returns the directory, or ``None`` when nothing was written.
+
+        The files are written complete into a temporary directory next to ``save_dir``, then renamed into
+        it one by one (:func:`_move_into`): a failed or killed save leaves no partial file under ``save_dir``
+        (other files there are kept; shard files of an earlier save that the new one does not replace are
+        removed, as ``save_pretrained`` does). A model sharded with FSDP2 (DTensor params) is gathered first:
+        every rank joins ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, rank 0 writes
+        the full tensors, and every rank waits for the write (a failed write raises on every rank)."""
         save_dir = self.hparams.save_dir
         if save_dir is None or self._saved or self.model is None:
             return None
         self._saved = True
-        if not self.trainer.is_global_zero:
-            return None
-        if self.lora is not None and self.hparams.save_merged:
-            self.model = self.model.merge_and_unload()
-        self.model.save_pretrained(str(save_dir))
+        if not _is_sharded(self.model):
+            if not self.trainer.is_global_zero:
+                return None
+            if self.lora is not None and self.hparams.save_merged:
+                self.model = self.model.merge_and_unload()
+            self._write(str(save_dir), state_dict=None)
+            return str(save_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        error = None
+        if self.trainer.is_global_zero:
+            try:
+                self._write(str(save_dir), state_dict=state)
+            except Exception as err:  # noqa: BLE001 - raised below, after every rank has heard of it
+                error = err
+        del state
+        if self.trainer.strategy.broadcast(error is not None):  # every rank waits for rank 0's write
+            if error is not None:
+                raise error
+            raise RuntimeError(f"CausalLMModule: rank 0 could not write the model to {save_dir} (its error is "
+                               "in rank 0's output).")
+        return str(save_dir) if self.trainer.is_global_zero else None
+
+    def _write(self, save_dir: str, state_dict: dict | None) -> None:
+        """``save_pretrained`` of the model (with ``state_dict`` when given: the gathered full tensors) and of
+        the data module's HF tokenizer, into a temporary directory moved into ``save_dir``."""
+        from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError
+
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
-        if hasattr(getattr(tokenizer, "tokenizer", None), "save_pretrained"):
-            tokenizer.tokenizer.save_pretrained(str(save_dir))
-        return str(save_dir)
+        tokenizer = getattr(tokenizer, "tokenizer", None)
+        path = os.path.abspath(save_dir)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}")
+        try:
+            kwargs = {} if state_dict is None else {"state_dict": state_dict}
+            self.model.save_pretrained(tmp, **kwargs)
+            if hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(tmp)
+            _move_into(tmp, path)
+        except OSError as err:
+            raise CheckpointWriteError(path, err.errno, err.strerror or str(err), "model") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether any param of ``model`` is a DTensor (FSDP2's ``fully_shard``, tensor parallel)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+_SHARD_FILE = re.compile(r".*-\d{5}-of-\d{5}\.(safetensors|bin)")
+
+
+def _move_into(tmp: str, path: str) -> None:
+    """Move every file of the complete directory ``tmp`` into ``path`` (``os.replace``, atomic per file, after
+    an fsync of each); shard files (``*-00001-of-00002.safetensors``) in ``path`` that the new save does not
+    replace are removed, so a loader never mixes shards of two saves."""
+    from lowmem_lightning.callbacks.checkpoint_io import _fsync_dir, _fsync_tree
+
+    _fsync_tree(tmp)
+    new = {os.path.relpath(os.path.join(root, name), tmp) for root, _, files in os.walk(tmp) for name in files}
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if _SHARD_FILE.fullmatch(name) and name not in new and os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+    for relative in sorted(new):
+        target = os.path.join(path, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(tmp, relative), target)
+        _fsync_dir(os.path.dirname(target))
 
 
 class _SaveOnFailure(L.Callback):
