@@ -60,6 +60,7 @@ from .rounding import (
     hash_uniform,
     hash_uniform_reference,
     masked_reference,
+    nearest_variant,
     store_param,
     write_param_reference,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "ROWS4",
     "M_SEED_SALT",
     "ADAMW_4BIT",
+    "ADAMW_4BIT_NEAREST",
     "num_blocks4",
     "packed_len",
     "adamw4bit_step",
@@ -179,6 +181,7 @@ def _adamw4bit_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = True,
 ):
     lr = as_fp32(lr)
     beta1 = as_fp32(beta1)
@@ -231,7 +234,7 @@ def _adamw4bit_kernel(
     w = sqrt_floor(v)
     denom = w * inv_bc2 + eps
     p = p - step_size * div_rn_fast(m, denom)
-    store_param(p_ptr, p, offs, write, seed, True)
+    store_param(p_ptr, p, offs, write, seed, STOCHASTIC)
 
     m_max = tl.max(tl.abs(m), axis=1)  # (ROWS,)
     v_max = tl.max(v, axis=1)
@@ -301,21 +304,22 @@ def encode_v4_reference(w: torch.Tensor, inv_w_max: torch.Tensor) -> torch.Tenso
 
 
 def adamw4bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, ok,
-                   s: AdamWScalars, step_size, inv_bc2, seed) -> None:
+                   s: AdamWScalars, step_size, inv_bc2, seed, stochastic: bool = True) -> None:
     """One 4-bit AdamW step on whole blocks, in place: the specification of ``_adamw4bit_kernel``.
 
     ``param``/``grad`` are ``(rows, BLOCK4)``, the packed codes ``(rows, BLOCK4 // 2)`` uint8 and the
     absmax ``(rows, 1)`` fp32. ``ok``: a 0-d bool tensor (False leaves everything untouched) or None
     (the caller checked the finite flag on the host). ``s``: the hyperparameters as 0-d fp32 tensors;
     ``step_size``, ``inv_bc2`` (:func:`.adamw8bit.step_terms_reference`) and ``seed`` (int64): per
-    tensor or per row. Element ``j`` of a row hashes as index ``row * BLOCK4 + j``.
+    tensor or per row. Element ``j`` of a row hashes as index ``row * BLOCK4 + j``. ``stochastic``: the
+    kernel's ``STOCHASTIC`` for the param store (False: nearest-even; m's codes stay stochastically rounded).
     """
     p = param.to(torch.float32)
     g = grad.to(torch.float32)
     m = decode_m4_reference(unpack_nibbles_reference(exp_avg_codes), exp_avg_absmax)
     v = decode_v4_reference(unpack_nibbles_reference(exp_avg_sq_codes), exp_avg_sq_absmax)
     p, m, v, w = adamw_math(p, g, m, v, s, step_size, inv_bc2)
-    write_param_reference(param, p, ok, seed)
+    write_param_reference(param, p, ok, seed, stochastic)
     m_absmax = m.abs().amax(dim=1, keepdim=True)
     v_absmax = v.amax(dim=1, keepdim=True)
     offs = torch.arange(param.numel(), device=param.device).view(param.shape)
@@ -367,13 +371,14 @@ def _launch_key(t: AdamWTensors, i: int) -> tuple:
     return (is_aligned(t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i]), t.params[i].dtype, t.grads[i].dtype)
 
 
-def _launch(t: AdamWTensors, scalars: AdamWScalars) -> None:
-    """One launch of ``_adamw4bit_kernel`` over a group of one :func:`_launch_key`."""
+def _launch(t: AdamWTensors, scalars: AdamWScalars, stochastic: bool = True) -> None:
+    """One launch of ``_adamw4bit_kernel`` over a group of one :func:`_launch_key` (``stochastic``: its
+    ``STOCHASTIC`` param rounding)."""
     aligned = _launch_key(t, 0)[0]
     state_rows = [[x.data_ptr() for x in seq] for seq in (t.exp_avgs, t.exp_avg_absmaxes, t.exp_avg_sqs,
                                                             t.exp_avg_sq_absmaxes)]
     launch_over(_adamw4bit_kernel, t.params, t.grads, state_rows, t.steps, t.flags, t.seed_bases, scalars,
-                ROWS4 * BLOCK4, ROWS=ROWS4, BLOCK=BLOCK4, ALIGNED=aligned)
+                ROWS4 * BLOCK4, ROWS=ROWS4, BLOCK=BLOCK4, ALIGNED=aligned, STOCHASTIC=stochastic)
 
 
 def _host_key(t: AdamWTensors, i: int) -> tuple:
@@ -381,12 +386,12 @@ def _host_key(t: AdamWTensors, i: int) -> tuple:
     return (t.params[i].dtype, t.grads[i].dtype)
 
 
-def _bucket_step_4bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds):
+def _bucket_step_4bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds, stochastic=True):
     """:func:`adamw4bit_step` over a bucket: ``(rows, BLOCK4)`` operands, codes ``(rows, BLOCK4 // 2)``,
     absmax ``(rows, 1)``, ``hp`` (:func:`.dispatch.pack` of :class:`.adamw8bit.AdamWScalars`), per-row
     ``terms`` ``(rows, 2)`` and ``seeds`` ``(rows, 1)``."""
     adamw4bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), terms[:, :1],
-                   terms[:, 1:], seeds)
+                   terms[:, 1:], seeds, stochastic)
 
 
 _BUCKET_STEP = HostStep(_bucket_step_4bit)
@@ -399,9 +404,10 @@ def _codes_layout(layout: Bucket) -> Bucket:
     return Bucket(pieces, BLOCK4 // 2, layout.in_place)
 
 
-def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[float]) -> None:
+def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[float], stochastic: bool = True) -> None:
     """The reference step of one :func:`_host_key` group whose flags are set (``steps``: their counters,
-    read on the host), one call per bucket of :func:`.cpu_buckets.plan` (rows of ``BLOCK4``)."""
+    read on the host), one call per bucket of :func:`.cpu_buckets.plan` (rows of ``BLOCK4``; ``stochastic``:
+    the param rounding mode)."""
     hp = pack(scalars, t.params[0].device)
     terms, seeds = _step_terms(steps, t.seed_bases, hp)
     for layout in plan(t.params, BLOCK4):
@@ -409,7 +415,8 @@ def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[floa
         p, g = layout.rows_of(t.params), layout.rows_of(t.grads)
         m, v = codes.rows_of(t.exp_avgs), codes.rows_of(t.exp_avg_sqs)
         m_absmax, v_absmax = layout.scales_of(t.exp_avg_absmaxes), layout.scales_of(t.exp_avg_sq_absmaxes)
-        _BUCKET_STEP.on(backend)(p, g, m, m_absmax, v, v_absmax, hp, layout.per_row(terms), layout.row_seeds(seeds))
+        _BUCKET_STEP.on(backend)(p, g, m, m_absmax, v, v_absmax, hp, layout.per_row(terms), layout.row_seeds(seeds),
+                                 stochastic)
         layout.write_back(t.params, p)
         codes.write_back(t.exp_avgs, m)
         codes.write_back(t.exp_avg_sqs, v)
@@ -423,3 +430,6 @@ ADAMW_4BIT = Family("adamw_4bit", launch=_launch, host=_host, launch_key=_launch
 uint8 codes in ``exp_avgs`` / ``exp_avg_sqs`` and fp32 absmax per :data:`BLOCK4` elements (every tensor
 quantized: the optimizer sends fp32-state tensors to :data:`.adamw8bit.ADAMW_8BIT`). Never synchronizes
 with a CUDA device."""
+
+ADAMW_4BIT_NEAREST = nearest_variant(ADAMW_4BIT, _launch, _host)
+""":data:`ADAMW_4BIT` storing bf16/fp16 params rounded to nearest-even (``bf16_rounding="nearest"``)."""

@@ -90,6 +90,7 @@ from .rounding import (
     SEED_STEP,
     device_seed,
     masked_reference,
+    nearest_variant,
     seed_reference,
     store_param,
     write_param_reference,
@@ -100,6 +101,7 @@ __all__ = [
     "AdamWScalars",
     "AdamWTensors",
     "ADAMW_8BIT",
+    "ADAMW_8BIT_NEAREST",
     "adamw8bit_step",
     "adamw32_step",
     "adamw_math",
@@ -157,6 +159,7 @@ def _adamw8bit_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = True,
 ):
     lr = as_fp32(lr)
     beta1 = as_fp32(beta1)
@@ -210,7 +213,7 @@ def _adamw8bit_kernel(
     w = sqrt_floor(v)  # sqrt(max(v, 2**-100)), correctly rounded, branch-free
     denom = w * inv_bc2 + eps
     p = p - step_size * div_rn_fast(m, denom)
-    store_param(p_ptr, p, offs, write, seed, True)
+    store_param(p_ptr, p, offs, write, seed, STOCHASTIC)
 
     if QUANTIZED:
         m_max = tl.max(tl.abs(m), axis=1)  # (ROWS,)
@@ -337,7 +340,7 @@ def adamw_math(p, g, m, v, s: AdamWScalars, step_size, inv_bc2):
 
 
 def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, ok,
-                   s: AdamWScalars, step_size, inv_bc2, seed) -> None:
+                   s: AdamWScalars, step_size, inv_bc2, seed, stochastic: bool = True) -> None:
     """One 8-bit AdamW step on whole blocks, in place: the specification of ``_adamw8bit_kernel``.
 
     Tensors are ``(num_blocks, BLOCK_SIZE)`` views (absmax ``(num_blocks, 1)``): with the block
@@ -346,14 +349,15 @@ def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
     untouched) or None when the caller checked the finite flag on the host (the bucketed host path: a
     ``where(ok, new, old)`` on mutated inputs made inductor materialise copies). ``s``: the
     hyperparameters as 0-d fp32 tensors; ``step_size``, ``inv_bc2`` (:func:`step_terms_reference`) and
-    ``seed``: per tensor or per row. fp32 tensors everywhere, so compiled and eager store the same bits.
+    ``seed``: per tensor or per row; ``stochastic``: the kernel's ``STOCHASTIC`` (False: bf16/fp16 params
+    rounded to nearest-even). fp32 tensors everywhere, so compiled and eager store the same bits.
     """
     p = param.to(torch.float32)
     g = grad.to(torch.float32)
     m = decode_signed_reference(exp_avg_codes, exp_avg_absmax)
     v = decode_unsigned_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
     p, m, v, w = adamw_math(p, g, m, v, s, step_size, inv_bc2)
-    write_param_reference(param, p, ok, seed)
+    write_param_reference(param, p, ok, seed, stochastic)
     m_absmax = m.abs().amax(dim=1, keepdim=True)
     v_absmax = v.amax(dim=1, keepdim=True)
     v_codes = encode_unsigned_roots_reference(w, 1.0 / sqrt_floor_reference(v_absmax))  # max(w) = its root
@@ -363,12 +367,13 @@ def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
     exp_avg_sq_absmax.copy_(masked_reference(ok, v_absmax, exp_avg_sq_absmax))
 
 
-def adamw32_step(param, grad, exp_avg, exp_avg_sq, ok, s: AdamWScalars, step_size, inv_bc2, seed) -> None:
+def adamw32_step(param, grad, exp_avg, exp_avg_sq, ok, s: AdamWScalars, step_size, inv_bc2, seed,
+                 stochastic: bool = True) -> None:
     """The step with fp32 moments (tensors under ``MIN_QUANTIZED_NUMEL`` elements), in place on tensors of
     one shape: the same math as :func:`adamw8bit_step`, no codec; ``ok`` as there."""
     p, m, v, _ = adamw_math(param.to(torch.float32), grad.to(torch.float32), exp_avg, exp_avg_sq, s, step_size,
                             inv_bc2)
-    write_param_reference(param, p, ok, seed)
+    write_param_reference(param, p, ok, seed, stochastic)
     exp_avg.copy_(masked_reference(ok, m, exp_avg))
     exp_avg_sq.copy_(masked_reference(ok, v, exp_avg_sq))
 
@@ -384,8 +389,9 @@ def _launch_key(t: AdamWTensors, i: int) -> tuple:
             t.params[i].dtype, t.grads[i].dtype)
 
 
-def _launch(t: AdamWTensors, scalars: AdamWScalars) -> None:
-    """One launch of ``_adamw8bit_kernel`` over a group of one :func:`_launch_key`."""
+def _launch(t: AdamWTensors, scalars: AdamWScalars, stochastic: bool = True) -> None:
+    """One launch of ``_adamw8bit_kernel`` over a group of one :func:`_launch_key` (``stochastic``: its
+    ``STOCHASTIC`` rounding mode)."""
     quantized, aligned, *_ = _launch_key(t, 0)
     state_rows = [
         [m.data_ptr() for m in t.exp_avgs],
@@ -394,7 +400,8 @@ def _launch(t: AdamWTensors, scalars: AdamWScalars) -> None:
         [a.data_ptr() if quantized else 0 for a in t.exp_avg_sq_absmaxes],
     ]
     launch_over(_adamw8bit_kernel, t.params, t.grads, state_rows, t.steps, t.flags, t.seed_bases, scalars,
-                ROWS * BLOCK_SIZE, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)
+                ROWS * BLOCK_SIZE, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned,
+                STOCHASTIC=stochastic)
 
 
 def _host_key(t: AdamWTensors, i: int) -> tuple:
@@ -402,15 +409,15 @@ def _host_key(t: AdamWTensors, i: int) -> tuple:
     return (t.exp_avg_absmaxes[i] is not None, t.params[i].dtype, t.grads[i].dtype)
 
 
-def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[float]) -> None:
+def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[float], stochastic: bool = True) -> None:
     """The reference step of one :func:`_host_key` group whose flags are set (``steps``: their counters,
-    read on the host), one call per bucket of :func:`.cpu_buckets.plan`."""
+    read on the host), one call per bucket of :func:`.cpu_buckets.plan` (``stochastic``: the rounding mode)."""
     hp = pack(scalars, t.params[0].device)
     terms, seeds = _step_terms(steps, t.seed_bases, hp)
     quantized = t.exp_avg_absmaxes[0] is not None
     run_bucket = _bucket_8bit if quantized else _bucket_32bit
     for layout in plan(t.params, BLOCK_SIZE if quantized else 1):
-        run_bucket(layout, backend, t, hp, terms, seeds)
+        run_bucket(layout, backend, t, hp, terms, seeds, stochastic)
 
 
 def _step_terms(steps: list[float], seed_bases: Sequence[int], hp: torch.Tensor):
@@ -429,29 +436,29 @@ def _step_terms(steps: list[float], seed_bases: Sequence[int], hp: torch.Tensor)
     return terms, torch.tensor(seeds, dtype=torch.int64, device=device)
 
 
-def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds):
+def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds, stochastic=True):
     """:func:`adamw8bit_step` over a bucket: ``(rows, BLOCK_SIZE)`` operands, absmax ``(rows, 1)``, ``hp``
     (:func:`.dispatch.pack` of :class:`AdamWScalars`), per-row ``terms`` ``(rows, 2)`` and ``seeds``
     ``(rows, 1)``; few inputs (each costs guard time per compiled call)."""
     adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), terms[:, :1], terms[:, 1:],
-                   seeds)
+                   seeds, stochastic)
 
 
-def _bucket_step_32bit(param, grad, m, v, hp, terms, seeds):
+def _bucket_step_32bit(param, grad, m, v, hp, terms, seeds, stochastic=True):
     """:func:`adamw32_step` over a bucket of fp32-state tensors: ``(elements, 1)`` operands, one row per
     element (``terms`` ``(elements, 2)``, ``seeds`` ``(elements, 1)``)."""
-    adamw32_step(param, grad, m, v, None, unpack(AdamWScalars, hp), terms[:, :1], terms[:, 1:], seeds)
+    adamw32_step(param, grad, m, v, None, unpack(AdamWScalars, hp), terms[:, :1], terms[:, 1:], seeds, stochastic)
 
 
 _BUCKET_STEPS = {True: HostStep(_bucket_step_8bit), False: HostStep(_bucket_step_32bit)}
 """The bucket steps by ``quantized``, each compiled (once, ``dynamic=True``) on first use."""
 
 
-def _bucket_8bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds) -> None:
+def _bucket_8bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds, stochastic: bool) -> None:
     p, m, v = layout.rows_of(t.params), layout.rows_of(t.exp_avgs), layout.rows_of(t.exp_avg_sqs)
     m_absmax, v_absmax = layout.scales_of(t.exp_avg_absmaxes), layout.scales_of(t.exp_avg_sq_absmaxes)
     _BUCKET_STEPS[True].on(backend)(p, layout.rows_of(t.grads), m, m_absmax, v, v_absmax, hp, layout.per_row(terms),
-                                    layout.row_seeds(seeds))
+                                    layout.row_seeds(seeds), stochastic)
     layout.write_back(t.params, p)
     layout.write_back(t.exp_avgs, m)
     layout.write_back(t.exp_avg_sqs, v)
@@ -459,10 +466,10 @@ def _bucket_8bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds) -> Non
     layout.write_back_scales(t.exp_avg_sq_absmaxes, v_absmax)
 
 
-def _bucket_32bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds) -> None:
+def _bucket_32bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds, stochastic: bool) -> None:
     p, m, v = layout.rows_of(t.params), layout.rows_of(t.exp_avgs), layout.rows_of(t.exp_avg_sqs)
     _BUCKET_STEPS[False].on(backend)(p, layout.rows_of(t.grads), m, v, hp, layout.per_row(terms),
-                                     layout.row_seeds(seeds))
+                                     layout.row_seeds(seeds), stochastic)
     for dst, src in ((t.params, p), (t.exp_avgs, m), (t.exp_avg_sqs, v)):
         layout.write_back(dst, src)
 
@@ -473,3 +480,6 @@ ADAMW_8BIT = Family("adamw_8bit", launch=_launch, host=_host, launch_key=_launch
 place to every tensor (one Triton launch per :func:`_launch_key` group on CUDA; on the host one call per
 bucket of each :func:`_host_key` group, the same bits as one call per tensor). Never synchronizes with a
 CUDA device (on the CPU the flags are read on the host: a memory read)."""
+
+ADAMW_8BIT_NEAREST = nearest_variant(ADAMW_8BIT, _launch, _host)
+""":data:`ADAMW_8BIT` storing bf16/fp16 params rounded to nearest-even (``bf16_rounding="nearest"``)."""

@@ -61,10 +61,18 @@ from .codec import (
 from .cpu_buckets import plan
 from .dispatch import Family, HostStep, pack, unpack
 from .multitensor import PARAM_GRAD_DTYPE_PAIRS, aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
-from .rounding import SEED_MASK, SEED_STEP, device_seed, masked_reference, store_param, write_param_reference
+from .rounding import (
+    SEED_MASK,
+    SEED_STEP,
+    device_seed,
+    masked_reference,
+    nearest_variant,
+    store_param,
+    write_param_reference,
+)
 
-__all__ = ["ROWS", "ADEMAMIX", "AdEMAMixScalars", "AdEMAMixTensors", "schedule_reference", "ademamix_math",
-           "ademamix_step"]
+__all__ = ["ROWS", "ADEMAMIX", "ADEMAMIX_NEAREST", "AdEMAMixScalars", "AdEMAMixTensors", "schedule_reference",
+           "ademamix_math", "ademamix_step"]
 
 ROWS = 4
 """Quantization blocks per Triton program (a tile of ROWS x BLOCK_SIZE elements)."""
@@ -97,6 +105,7 @@ def _ademamix_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = True,
 ):
     lr = as_fp32(lr)
     beta1 = as_fp32(beta1)
@@ -163,7 +172,7 @@ def _ademamix_kernel(
     w = sqrt_floor(nu)  # sqrt(max(nu, 2**-100)), correctly rounded, branch-free
     denom = w * inv_bc2 + eps
     p = p - div_rn_fast(step_size * m1 + slow_size * m2, denom)
-    store_param(p_ptr, p, offs, write, seed, True)
+    store_param(p_ptr, p, offs, write, seed, STOCHASTIC)
 
     if QUANTIZED:
         m1_max = tl.max(tl.abs(m1), axis=1)  # (ROWS,): masked elements are exactly 0
@@ -291,19 +300,20 @@ def ademamix_math(p, g, m1, m2, nu, s: AdEMAMixScalars, step_size, inv_bc2, alph
 
 
 def ademamix_step(param, grad, m1, m1_absmax, m2, m2_absmax, nu, nu_absmax, ok, s: AdEMAMixScalars, terms,
-                  seed) -> None:
+                  seed, stochastic: bool = True) -> None:
     """One AdEMAMix step in place: the specification of ``_ademamix_kernel``.
 
     ``(rows, BLOCK_SIZE)`` views; 8-bit moments (int8 ``m1``, ``m2``, uint8 ``nu``, absmax ``(rows, 1)``)
     or fp32 ones (every absmax None). ``ok``: 0-d bool or None (checked on the host). ``terms``: ``(rows,
-    4)`` or ``(4,)`` ``[step_size, inv_bc2, alpha_t, beta3_t]``; ``seed``: int or int64 ``(rows, 1)``.
+    4)`` or ``(4,)`` ``[step_size, inv_bc2, alpha_t, beta3_t]``; ``seed``: int or int64 ``(rows, 1)``;
+    ``stochastic``: the kernel's ``STOCHASTIC`` (False: bf16/fp16 params rounded to nearest-even).
     """
     quantized = m1_absmax is not None
     old = ((decode_signed_reference(m1, m1_absmax), decode_signed_reference(m2, m2_absmax),
             decode_unsigned_reference(nu, nu_absmax)) if quantized else (m1, m2, nu))
     cols = [terms[..., k:k + 1] for k in range(4)]
     p, n1, n2, nnu, w = ademamix_math(param.to(torch.float32), grad.to(torch.float32), *old, s, *cols)
-    write_param_reference(param, p, ok, seed)
+    write_param_reference(param, p, ok, seed, stochastic)
     if not quantized:
         for dst, src in ((m1, n1), (m2, n2), (nu, nnu)):
             dst.copy_(masked_reference(ok, src, dst))
@@ -315,16 +325,17 @@ def ademamix_step(param, grad, m1, m1_absmax, m2, m2_absmax, nu, nu_absmax, ok, 
         dst.copy_(masked_reference(ok, src, dst))
 
 
-def _bucket_step_8bit(param, grad, m1, m1_absmax, m2, m2_absmax, nu, nu_absmax, hp, terms, seeds):
+def _bucket_step_8bit(param, grad, m1, m1_absmax, m2, m2_absmax, nu, nu_absmax, hp, terms, seeds, stochastic=True):
     """:func:`ademamix_step` over a bucket with 8-bit moments (flags checked on the host); ``hp``: packed
     scalars, ``terms`` ``(rows, 4)``, ``seeds`` ``(rows, 1)``."""
     ademamix_step(param, grad, m1, m1_absmax, m2, m2_absmax, nu, nu_absmax, None, unpack(AdEMAMixScalars, hp),
-                  terms, seeds)
+                  terms, seeds, stochastic)
 
 
-def _bucket_step_32bit(param, grad, m1, m2, nu, hp, terms, seeds):
+def _bucket_step_32bit(param, grad, m1, m2, nu, hp, terms, seeds, stochastic=True):
     """:func:`ademamix_step` over a bucket with fp32 moments (flags checked on the host)."""
-    ademamix_step(param, grad, m1, None, m2, None, nu, None, None, unpack(AdEMAMixScalars, hp), terms, seeds)
+    ademamix_step(param, grad, m1, None, m2, None, nu, None, None, unpack(AdEMAMixScalars, hp), terms, seeds,
+                  stochastic)
 
 
 _BUCKET_STEPS = {True: HostStep(_bucket_step_8bit), False: HostStep(_bucket_step_32bit)}
@@ -343,9 +354,10 @@ def _launch_key(t: AdEMAMixTensors, i: int) -> tuple:
             t.params[i].dtype, t.grads[i].dtype)
 
 
-def _launch(t: AdEMAMixTensors, scalars: AdEMAMixScalars) -> None:
+def _launch(t: AdEMAMixTensors, scalars: AdEMAMixScalars, stochastic: bool = True) -> None:
     """One launch of ``_ademamix_kernel`` over a group of one :func:`_launch_key`; with a schedule, its
-    values are computed first on the device (:func:`schedule_reference` of the stacked step counters)."""
+    values are computed first on the device (:func:`schedule_reference` of the stacked step counters).
+    ``stochastic``: the kernel's ``STOCHASTIC``."""
     quantized, aligned, *_ = _launch_key(t, 0)
     schedule = schedule_reference(torch.stack(list(t.steps)), scalars) if scalars.scheduled else None
     state_rows = [[x.data_ptr() if x is not None else 0 for x in seq] for seq in (
@@ -353,7 +365,7 @@ def _launch(t: AdEMAMixTensors, scalars: AdEMAMixScalars) -> None:
     state_rows.append([0] * len(t.params) if schedule is None else [r.data_ptr() for r in schedule.unbind(0)])
     launch_over(_ademamix_kernel, t.params, t.grads, state_rows, t.steps, t.flags, t.seed_bases,
                 scalars, ROWS * BLOCK_SIZE, QUANTIZED=quantized, SCHEDULED=scalars.scheduled,
-                ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)
+                ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned, STOCHASTIC=stochastic)
 
 
 def _host_key(t: AdEMAMixTensors, i: int) -> tuple:
@@ -372,9 +384,11 @@ def _step_terms(steps: list[float], scalars: AdEMAMixScalars, device) -> torch.T
     return terms[torch.tensor([unique.index(s) for s in steps], device=device)]
 
 
-def _host(t: AdEMAMixTensors, scalars: AdEMAMixScalars, backend: str, steps: list[float]) -> None:
+def _host(t: AdEMAMixTensors, scalars: AdEMAMixScalars, backend: str, steps: list[float],
+          stochastic: bool = True) -> None:
     """The reference step of one :func:`_host_key` group whose flags are set, one call per bucket of
-    :func:`.cpu_buckets.plan` (rows of ``BLOCK_SIZE``: every quantization block inside one tensor)."""
+    :func:`.cpu_buckets.plan` (rows of ``BLOCK_SIZE``: every quantization block inside one tensor;
+    ``stochastic``: the param rounding mode)."""
     device = t.params[0].device
     hp = pack(scalars, device)
     terms = _step_terms(steps, scalars, device)
@@ -390,7 +404,7 @@ def _host(t: AdEMAMixTensors, scalars: AdEMAMixScalars, backend: str, steps: lis
         absmax = [layout.scales_of(seq) for seq in scales] if quantized else []
         state = [x for pair in zip(rows, absmax) for x in pair] if quantized else rows
         _BUCKET_STEPS[quantized].on(backend)(p, layout.rows_of(t.grads), *state, hp, layout.per_row(terms),
-                                             layout.row_seeds(seeds))
+                                             layout.row_seeds(seeds), stochastic)
         layout.write_back(t.params, p)
         for seq, r in zip(moments, rows):
             layout.write_back(seq, r)
@@ -403,3 +417,6 @@ ADEMAMIX = Family("ademamix", launch=_launch, host=_host, launch_key=_launch_key
 """The AdEMAMix family: ``dispatch(ADEMAMIX, AdEMAMixTensors(...), AdEMAMixScalars.of(...))`` applies one
 step in place to every tensor (one Triton launch per :func:`_launch_key` group on CUDA; on the host one
 call per bucket of each :func:`_host_key` group). Never synchronizes with a CUDA device."""
+
+ADEMAMIX_NEAREST = nearest_variant(ADEMAMIX, _launch, _host)
+""":data:`ADEMAMIX` storing bf16/fp16 params rounded to nearest-even (``bf16_rounding="nearest"``)."""

@@ -37,9 +37,17 @@ from .codec import BLOCK_SIZE, decode_signed, decode_signed_reference, encode_si
 from .cpu_buckets import plan
 from .dispatch import Family, HostStep, pack, unpack
 from .multitensor import PARAM_GRAD_DTYPE_PAIRS, aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
-from .rounding import SEED_MASK, SEED_STEP, device_seed, masked_reference, store_param, write_param_reference
+from .rounding import (
+    SEED_MASK,
+    SEED_STEP,
+    device_seed,
+    masked_reference,
+    nearest_variant,
+    store_param,
+    write_param_reference,
+)
 
-__all__ = ["ROWS", "LION", "LionScalars", "LionTensors", "lion_math", "lion_step"]
+__all__ = ["ROWS", "LION", "LION_NEAREST", "LionScalars", "LionTensors", "lion_math", "lion_step"]
 
 ROWS = 4
 """Quantization blocks per Triton program (a tile of ROWS x BLOCK_SIZE elements)."""
@@ -66,6 +74,7 @@ def _lion_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = True,
 ):
     lr = as_fp32(lr)
     beta1 = as_fp32(beta1)
@@ -99,7 +108,7 @@ def _lion_kernel(
     c = beta1 * m + c1 * g
     p = p - lr * ((c > 0.0).to(tl.float32) - (c < 0.0).to(tl.float32))
     m = beta2 * m + c2 * g
-    store_param(p_ptr, p, offs, write, seed, True)
+    store_param(p_ptr, p, offs, write, seed, STOCHASTIC)
     if QUANTIZED:
         m_max = tl.max(tl.abs(m), axis=1)  # (ROWS,): masked elements are exactly 0
         tl.store(m_ptr + offs, encode_signed(m, m_max[:, None]), mask=write)
@@ -167,17 +176,18 @@ def lion_math(p, g, m, s: LionScalars):
     return p, m
 
 
-def lion_step(param, grad, m, m_absmax, ok, s: LionScalars, seed) -> None:
+def lion_step(param, grad, m, m_absmax, ok, s: LionScalars, seed, stochastic: bool = True) -> None:
     """One Lion step in place: the specification of ``_lion_kernel``.
 
     ``param``, ``grad``, ``m``: ``(rows, BLOCK_SIZE)`` views; ``m`` int8 codes with ``m_absmax``
     ``(rows, 1)`` (8-bit momentum) or fp32 with ``m_absmax=None``. ``ok``: 0-d bool (False leaves
     everything untouched) or None (checked on the host). ``s``: 0-d fp32 tensors. ``seed``: the
-    stochastic-rounding seed (int, or int64 ``(rows, 1)`` per row).
+    stochastic-rounding seed (int, or int64 ``(rows, 1)`` per row); ``stochastic``: the kernel's
+    ``STOCHASTIC`` (False: bf16/fp16 params rounded to nearest-even).
     """
     old = m if m_absmax is None else decode_signed_reference(m, m_absmax)
     p, new = lion_math(param.to(torch.float32), grad.to(torch.float32), old, s)
-    write_param_reference(param, p, ok, seed)
+    write_param_reference(param, p, ok, seed, stochastic)
     if m_absmax is None:
         m.copy_(masked_reference(ok, new, m))
         return
@@ -186,14 +196,14 @@ def lion_step(param, grad, m, m_absmax, ok, s: LionScalars, seed) -> None:
     m_absmax.copy_(masked_reference(ok, scale, m_absmax))
 
 
-def _bucket_step_8bit(param, grad, m, m_absmax, hp, seeds):
+def _bucket_step_8bit(param, grad, m, m_absmax, hp, seeds, stochastic=True):
     """:func:`lion_step` over a bucket with 8-bit momentum (flags checked on the host); ``hp``: packed scalars."""
-    lion_step(param, grad, m, m_absmax, None, unpack(LionScalars, hp), seeds)
+    lion_step(param, grad, m, m_absmax, None, unpack(LionScalars, hp), seeds, stochastic)
 
 
-def _bucket_step_32bit(param, grad, m, hp, seeds):
+def _bucket_step_32bit(param, grad, m, hp, seeds, stochastic=True):
     """:func:`lion_step` over a bucket with fp32 momentum (flags checked on the host); ``hp``: packed scalars."""
-    lion_step(param, grad, m, None, None, unpack(LionScalars, hp), seeds)
+    lion_step(param, grad, m, None, None, unpack(LionScalars, hp), seeds, stochastic)
 
 
 _BUCKET_STEPS = {True: HostStep(_bucket_step_8bit), False: HostStep(_bucket_step_32bit)}
@@ -211,12 +221,13 @@ def _launch_key(t: LionTensors, i: int) -> tuple:
             t.params[i].dtype, t.grads[i].dtype)
 
 
-def _launch(t: LionTensors, scalars: LionScalars) -> None:
-    """One launch of ``_lion_kernel`` over a group of one :func:`_launch_key`."""
+def _launch(t: LionTensors, scalars: LionScalars, stochastic: bool = True) -> None:
+    """One launch of ``_lion_kernel`` over a group of one :func:`_launch_key` (``stochastic``: ``STOCHASTIC``)."""
     quantized, aligned, *_ = _launch_key(t, 0)
     state_rows = [[m.data_ptr() for m in t.exp_avgs], [a.data_ptr() if quantized else 0 for a in t.exp_avg_absmaxes]]
     launch_over(_lion_kernel, t.params, t.grads, state_rows, t.steps, t.flags, t.seed_bases, scalars,
-                ROWS * BLOCK_SIZE, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)
+                ROWS * BLOCK_SIZE, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned,
+                STOCHASTIC=stochastic)
 
 
 def _host_key(t: LionTensors, i: int) -> tuple:
@@ -224,9 +235,10 @@ def _host_key(t: LionTensors, i: int) -> tuple:
     return (t.exp_avg_absmaxes[i] is not None, t.params[i].dtype, t.grads[i].dtype)
 
 
-def _host(t: LionTensors, scalars: LionScalars, backend: str, steps: list[float]) -> None:
+def _host(t: LionTensors, scalars: LionScalars, backend: str, steps: list[float], stochastic: bool = True) -> None:
     """The reference step of one :func:`_host_key` group whose flags are set, one call per bucket of
-    :func:`.cpu_buckets.plan` (rows of ``BLOCK_SIZE``: every quantization block inside one tensor)."""
+    :func:`.cpu_buckets.plan` (rows of ``BLOCK_SIZE``: every quantization block inside one tensor;
+    ``stochastic``: the param rounding mode)."""
     device = t.params[0].device
     hp = pack(scalars, device)
     # rounding.seed_reference: (step * SEED_STEP + base) & SEED_MASK, as host ints
@@ -237,7 +249,8 @@ def _host(t: LionTensors, scalars: LionScalars, backend: str, steps: list[float]
     for layout in plan(t.params, BLOCK_SIZE):
         p, m = layout.rows_of(t.params), layout.rows_of(ms)
         state = [m, layout.scales_of(t.exp_avg_absmaxes)] if quantized else [m]
-        _BUCKET_STEPS[quantized].on(backend)(p, layout.rows_of(t.grads), *state, hp, layout.row_seeds(seeds))
+        _BUCKET_STEPS[quantized].on(backend)(p, layout.rows_of(t.grads), *state, hp, layout.row_seeds(seeds),
+                                             stochastic)
         layout.write_back(t.params, p)
         layout.write_back(ms, m)
         if quantized:
@@ -248,3 +261,6 @@ LION = Family("lion", launch=_launch, host=_host, launch_key=_launch_key, host_k
 """The Lion family: ``dispatch(LION, LionTensors(...), LionScalars.of(...))`` applies one step in place to
 every tensor (one Triton launch per :func:`_launch_key` group on CUDA; on the host one call per bucket of
 each :func:`_host_key` group). Never synchronizes with a CUDA device."""
+
+LION_NEAREST = nearest_variant(LION, _launch, _host)
+""":data:`LION` storing bf16/fp16 params rounded to nearest-even (``bf16_rounding="nearest"``)."""

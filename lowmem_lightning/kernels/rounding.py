@@ -24,10 +24,20 @@ folded in (``step_seed(0, i, base)``, advanced on the device by :func:`device_se
   (the kernel multiplies by the reciprocal built from the exponent bits: the same exact quotient,
   without a per-element ``div_rn`` and its slow-path call).
 
-File order: Triton helpers, PyTorch reference.
+Mode switch (``bf16_rounding`` on every optimizer, :data:`BF16_ROUNDINGS`): ``"stochastic"`` (the
+default, above) or ``"nearest"``: round-to-nearest-even, bitsandbytes' behaviour (its 8-bit optimizers
+cast with ``.to(dtype)``), for users who want its bits or its relative-error bounds. In the kernels it
+is the ``STOCHASTIC`` constexpr of :func:`store_param` (a compile-time branch, so the default kernel is
+unchanged); in the references the ``stochastic`` argument (nearest = plain ``.to(dtype)``). A family
+gets its nearest form from :func:`nearest_variant`.
+
+File order: Triton helpers, PyTorch reference, mode switch.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import torch
 import triton
@@ -49,6 +59,9 @@ __all__ = [
     "SEED_INDEX",
     "SEED_BASE",
     "SEED_MASK",
+    "BF16_ROUNDINGS",
+    "is_stochastic",
+    "nearest_variant",
 ]
 
 _GOLDEN = 2654435761
@@ -234,10 +247,38 @@ def masked_reference(ok: torch.Tensor | None, new: torch.Tensor, old: torch.Tens
     return new if ok is None else torch.where(ok, new, old)
 
 
-def write_param_reference(param: torch.Tensor, new_p: torch.Tensor, ok: torch.Tensor | None, seed) -> None:
+def write_param_reference(param: torch.Tensor, new_p: torch.Tensor, ok: torch.Tensor | None, seed,
+                          stochastic: bool = True) -> None:
     """Write fp32 ``new_p`` into contiguous ``param`` (same shape) as :func:`store_param` does (bf16/fp16
-    stochastically rounded with ``seed``, element indices in flat order) where ``ok``."""
+    stochastically rounded with ``seed``, element indices in flat order, or rounded to nearest-even
+    when ``stochastic`` is False) where ``ok``."""
     if param.dtype != torch.float32:
         offs = torch.arange(param.numel(), device=param.device).view(param.shape)
-        new_p = round_param_reference(new_p, param.dtype, seed, True, offs)
+        new_p = round_param_reference(new_p, param.dtype, seed, stochastic, offs)
     param.copy_(masked_reference(ok, new_p, param))
+
+
+# --------------------------------------------------------------------------------------------------
+# Mode switch
+# --------------------------------------------------------------------------------------------------
+
+BF16_ROUNDINGS = ("stochastic", "nearest")
+"""The values of every optimizer's ``bf16_rounding`` option (default ``"stochastic"``)."""
+
+
+def is_stochastic(bf16_rounding: str) -> bool:
+    """True for ``"stochastic"``, False for ``"nearest"``; ``ValueError`` naming the option otherwise."""
+    if bf16_rounding not in BF16_ROUNDINGS:
+        raise ValueError(
+            f"Invalid bf16_rounding={bf16_rounding!r}: expected one of {', '.join(map(repr, BF16_ROUNDINGS))}."
+        )
+    return bf16_rounding == "stochastic"
+
+
+def nearest_variant(family, launch, host):
+    """``family`` (a :class:`.dispatch.Family` whose ``launch`` / ``host`` take a ``stochastic`` keyword,
+    default True) with both bound to ``stochastic=False``: the same kernels and references storing
+    bf16/fp16 params rounded to nearest-even. Named ``<name>_nearest``."""
+    return dataclasses.replace(family, name=f"{family.name}_nearest",
+                               launch=functools.partial(launch, stochastic=False),
+                               host=functools.partial(host, stochastic=False))

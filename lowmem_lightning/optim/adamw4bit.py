@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.adamw4bit import ADAMW_4BIT, num_blocks4, packed_len, quantize4_reference
-from ..kernels.adamw8bit import ADAMW_8BIT, AdamWScalars, AdamWTensors
+from ..kernels.adamw4bit import ADAMW_4BIT, ADAMW_4BIT_NEAREST, num_blocks4, packed_len, quantize4_reference
+from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
 from ..kernels.dispatch import dispatch
 from .adamw8bit import AdamW8bit, _full_moment
 from .base import StateSpec, step_spec
@@ -100,7 +100,9 @@ class AdamW4bit(AdamW8bit):
         """
         quantized = [i for i, absmax in enumerate(work["m_absmax"]) if absmax is not None]
         small = [i for i, absmax in enumerate(work["m_absmax"]) if absmax is None]
-        for family, idx in ((ADAMW_4BIT, quantized), (ADAMW_8BIT, small)):
+        stochastic = work["stochastic"][0] if work["stochastic"] else True
+        families = (ADAMW_4BIT, ADAMW_8BIT) if stochastic else (ADAMW_4BIT_NEAREST, ADAMW_8BIT_NEAREST)
+        for family, idx in zip(families, (quantized, small)):
             if idx:
                 dispatch(family, self._tensors(work, flags, idx), hyper)
 

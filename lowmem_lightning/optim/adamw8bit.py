@@ -10,10 +10,10 @@ from collections.abc import Iterable
 
 import torch
 
-from ..kernels.adamw8bit import ADAMW_8BIT, AdamWScalars, AdamWTensors
+from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, quantize_blockwise
 from ..kernels.dispatch import dispatch
-from ..kernels.rounding import step_seed
+from ..kernels.rounding import is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .layout import loaded_step
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
@@ -43,6 +43,9 @@ class AdamW8bit(LowMemOptimizer):
             (no-ops: the update is always one fused kernel with device step counters); True raises.
         seed: base seed of the stochastic rounding; step ``t`` of tensor ``i`` rounds with
             ``rounding.step_seed(t, i, seed)``, so runs (and resumed runs) are reproducible.
+        bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
+            (round-to-nearest-even, bitsandbytes' behaviour: updates below half an ulp are lost). A
+            param-group setting, saved in the state dict's param groups.
 
     A gradient holding inf/NaN skips that tensor's update for the step (params, state and its step
     counter untouched) and is counted in :attr:`skipped_updates`. ``step()`` never synchronises with
@@ -59,6 +62,7 @@ class AdamW8bit(LowMemOptimizer):
         *,
         maximize: bool = False,
         seed: int = 0,
+        bf16_rounding: str = "stochastic",
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -69,7 +73,8 @@ class AdamW8bit(LowMemOptimizer):
             raise ValueError(f"Invalid seed={seed!r}: expected an int.")
         self._seed = int(seed)
         betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        bf16_rounding=bf16_rounding)
         super().__init__(params, defaults)
 
     _foreign_group_keys = frozenset({"amsgrad", "decoupled_weight_decay"})  # torch.optim.AdamW / Adam state dicts
@@ -131,7 +136,7 @@ class AdamW8bit(LowMemOptimizer):
     def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
         """The fused update of one device's params (empty DTensor shards left out)."""
         work: dict[str, list] = {k: [] for k in ("params", "grads", "m", "m_absmax", "v", "v_absmax", "steps",
-                                                 "seeds", "owners")}
+                                                 "seeds", "owners", "stochastic")}
         kept = []
         for (index, param), state, flag in zip(items, states, flags):
             shard = local(param)  # the tensor updated: a DTensor's local shard
@@ -147,6 +152,7 @@ class AdamW8bit(LowMemOptimizer):
             work["v_absmax"].append(state["exp_avg_sq_absmax"] if quantized else None)
             work["steps"].append(state["step"])
             work["seeds"].append(step_seed(0, shard_tensor_index(index, param), self._seed))
+            work["stochastic"].append(is_stochastic(group["bf16_rounding"]))
             kept.append(flag)
         if work["params"]:
             self._update(work, kept, self._hyper(group))
@@ -159,7 +165,8 @@ class AdamW8bit(LowMemOptimizer):
     def _update(self, work: dict, flags: list, hyper: AdamWScalars) -> None:
         """Run the fused update (paged optimizers override to stage state around it).
 
-        Block-wise state longer than the param (a DTensor shard's padded state) is cut to the param's blocks.
+        Block-wise state longer than the param (a DTensor shard's padded state) is cut to the param's blocks;
+        ``work["stochastic"]`` (one group: all equal) picks the rounding mode's family.
         """
         numels = [p.numel() for p in work["params"]]
         m, m_absmax, v, v_absmax = (
@@ -168,7 +175,7 @@ class AdamW8bit(LowMemOptimizer):
         )
         tensors = AdamWTensors(work["params"], work["grads"], m, m_absmax, v, v_absmax, work["steps"], flags,
                                work["seeds"])
-        dispatch(ADAMW_8BIT, tensors, hyper)
+        dispatch(ADAMW_8BIT if work["stochastic"][0] else ADAMW_8BIT_NEAREST, tensors, hyper)
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, maximize) -> None:

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 
 import torch
 
-from ..kernels.ademamix import ADEMAMIX, AdEMAMixScalars, AdEMAMixTensors
+from ..kernels.ademamix import ADEMAMIX, ADEMAMIX_NEAREST, AdEMAMixScalars, AdEMAMixTensors
 from ..kernels.codec import MIN_QUANTIZED_NUMEL
 from ..kernels.dispatch import dispatch
-from ..kernels.rounding import step_seed
+from ..kernels.rounding import is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .lion import check_maximize, check_seed, loaded_step, moment_state
 from .sharding import block_state_head, block_state_len, local, shard_tensor_index
@@ -47,6 +47,8 @@ class AdEMAMix(LowMemOptimizer):
         weight_decay: decoupled weight decay coefficient (>= 0).
         maximize: ascend instead of descend.
         seed: base seed of the stochastic rounding (runs and resumed runs are reproducible).
+        bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
+            (round-to-nearest-even, bitsandbytes' behaviour); a param-group setting kept in state dicts.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False.
 
     A gradient holding inf/NaN (or whose squares overflow fp32) skips that tensor's update and is
@@ -69,6 +71,7 @@ class AdEMAMix(LowMemOptimizer):
         *,
         maximize: bool = False,
         seed: int = 0,
+        bf16_rounding: str = "stochastic",
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -78,7 +81,7 @@ class AdEMAMix(LowMemOptimizer):
         self._seed = check_seed(seed)
         betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas
         defaults = dict(lr=lr, betas=betas, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
-                        weight_decay=weight_decay, maximize=maximize)
+                        weight_decay=weight_decay, maximize=maximize, bf16_rounding=bf16_rounding)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -140,7 +143,7 @@ class AdEMAMix(LowMemOptimizer):
             [flags[k] for k in live], [step_seed(0, shard_tensor_index(*items[k]), self._seed) for k in live])
         scalars = AdEMAMixScalars.of(group["lr"], group["betas"], group["alpha"], group["eps"],
                                      group["weight_decay"], group["maximize"], group["t_alpha"], group["t_beta3"])
-        dispatch(ADEMAMIX, tensors, scalars)
+        dispatch(ADEMAMIX if is_stochastic(group["bf16_rounding"]) else ADEMAMIX_NEAREST, tensors, scalars)
 
 
 class AdEMAMix8bit(AdEMAMix):

@@ -29,6 +29,7 @@ import torch
 from .layout import StateSpec, codes_specs, step_spec
 from .sharding import agree_on_flags, is_dtensor, local, unwrap_state, wrap_state
 from .state_io import hold, private_copy, release, storage_ids
+from .validation import check_bf16_rounding
 
 __all__ = ["LowMemOptimizer", "StateSpec", "codes_specs", "step_spec", "DROP_IN_FLAGS", "check_drop_in_flags"]
 
@@ -49,6 +50,12 @@ def check_drop_in_flags(**flags) -> None:
 
 
 _NOT_HYPERPARAMETERS = {"self", "params", "seed", "gpu_budget_bytes", "page_prefetch", *DROP_IN_FLAGS}
+
+
+def _check_rounding(group: dict) -> None:
+    """``ValueError`` naming ``bf16_rounding`` when a group holds a value other than "stochastic"/"nearest"."""
+    if "bf16_rounding" in group:
+        check_bf16_rounding(group["bf16_rounding"])
 
 
 def hyperparameter_names(cls: type) -> set[str]:
@@ -100,6 +107,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict):
         self._check_defaults(dict(defaults))  # bad hyperparameters fail before any param is looked at
+        _check_rounding(defaults)
         self._skipped: dict[torch.device, torch.Tensor] = {}
         self._released_groups: set[int] = set()
         self._param_slots: dict[int, tuple[int, int, int]] = {}  # id -> (group, global index, position)
@@ -151,6 +159,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             group = self.param_groups[-1]
             self._check_params(len(self.param_groups) - 1, group["params"])
             self._check_group(group)
+            _check_rounding(group)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -479,6 +488,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
             merged[key] = group[key]
         try:
             self._check_group(merged)
+            _check_rounding(merged)
         except (ValueError, TypeError) as err:
             raise ValueError(f"Invalid optimizer state dict: param group {index}: {err}") from err
         for key in (*DROP_IN_FLAGS, *self._foreign_group_keys):

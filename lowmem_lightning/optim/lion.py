@@ -13,8 +13,8 @@ import torch
 
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, quantize_reference
 from ..kernels.dispatch import dispatch
-from ..kernels.lion import LION, LionScalars, LionTensors
-from ..kernels.rounding import step_seed
+from ..kernels.lion import LION, LION_NEAREST, LionScalars, LionTensors
+from ..kernels.rounding import is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_lr, check_non_negative
@@ -40,6 +40,8 @@ class Lion(LowMemOptimizer):
         maximize: ascend instead of descend.
         seed: base seed of the stochastic rounding (step ``t`` of tensor ``i`` uses
             ``rounding.step_seed(t, i, seed)``): runs and resumed runs are reproducible.
+        bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
+            (round-to-nearest-even, bitsandbytes' behaviour); a param-group setting kept in state dicts.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False.
 
     A gradient holding inf/NaN (or whose squares overflow fp32) skips that tensor's update and is
@@ -58,6 +60,7 @@ class Lion(LowMemOptimizer):
         *,
         maximize: bool = False,
         seed: int = 0,
+        bf16_rounding: str = "stochastic",
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -66,7 +69,8 @@ class Lion(LowMemOptimizer):
         check_drop_in_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         self._seed = check_seed(seed)
         betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                                      bf16_rounding=bf16_rounding))
 
     def _check_group(self, group: dict) -> None:
         """Validate a param group like the constructor's arguments (``ValueError`` naming the argument)."""
@@ -110,7 +114,8 @@ class Lion(LowMemOptimizer):
             [flags[k] for k in live],
             [step_seed(0, shard_tensor_index(*items[k]), self._seed) for k in live],
         )
-        dispatch(LION, tensors, LionScalars.of(group["lr"], beta1, beta2, group["weight_decay"], group["maximize"]))
+        family = LION if is_stochastic(group["bf16_rounding"]) else LION_NEAREST
+        dispatch(family, tensors, LionScalars.of(group["lr"], beta1, beta2, group["weight_decay"], group["maximize"]))
 
 
 class Lion8bit(Lion):

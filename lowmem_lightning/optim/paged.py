@@ -157,6 +157,7 @@ class PagedAdamW8bit(AdamW8bit):
         *,
         maximize: bool = False,
         seed: int = 0,
+        bf16_rounding: str = "stochastic",
         gpu_budget_bytes: int | None = None,
         page_prefetch: bool = True,
         foreach: bool | None = None,
@@ -168,8 +169,9 @@ class PagedAdamW8bit(AdamW8bit):
             not isinstance(gpu_budget_bytes, int) or isinstance(gpu_budget_bytes, bool) or gpu_budget_bytes < 0
         ):
             raise ValueError(f"Invalid gpu_budget_bytes={gpu_budget_bytes!r}: expected None (auto) or an int >= 0.")
-        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize, seed=seed, foreach=foreach,
-                         fused=fused, capturable=capturable, differentiable=differentiable)
+        super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize, seed=seed,
+                         bf16_rounding=bf16_rounding, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
         self.gpu_budget_bytes = gpu_budget_bytes
         self.page_prefetch = bool(page_prefetch)
         self._reset_transient()
@@ -301,7 +303,8 @@ class PagedAdamW8bit(AdamW8bit):
             self._wait_ready(resident, param.device)
             resident.dirty = True
             residents.append(resident)
-        batch = {key: [work[key][i] for i in chosen] for key in ("params", "owners", "grads", "steps", "seeds")}
+        batch = {key: [work[key][i] for i in chosen]
+                 for key in ("params", "owners", "grads", "steps", "seeds", "stochastic")}
         for key, name in (("m", "exp_avg_codes"), ("m_absmax", "exp_avg_absmax"), ("v", "exp_avg_sq_codes"),
                           ("v_absmax", "exp_avg_sq_absmax")):
             batch[key] = [r.buffers[name] for r in residents]

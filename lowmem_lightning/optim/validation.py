@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = ["check_lr", "check_betas", "check_eps", "check_positive", "check_eps_pair", "check_non_negative",
-           "check_bool", "check_choice", "validate_optimizer_args"]
+           "check_bool", "check_choice", "check_bf16_rounding", "validate_optimizer_args"]
 
 
 def _is_number(value) -> bool:
@@ -88,6 +88,17 @@ def check_choice(value, allowed: Sequence, name: str) -> None:
     """``value`` must be one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"Invalid {name}={value!r}: expected one of {', '.join(map(repr, allowed))}.")
+
+
+def check_bf16_rounding(value) -> None:
+    """``bf16_rounding`` must be ``"stochastic"`` or ``"nearest"`` (:data:`.kernels.rounding.BF16_ROUNDINGS`)."""
+    from ..kernels.rounding import BF16_ROUNDINGS
+
+    if not isinstance(value, str) or value not in BF16_ROUNDINGS:
+        raise ValueError(
+            f"Invalid bf16_rounding={value!r}: expected one of {', '.join(map(repr, BF16_ROUNDINGS))} (how bf16/fp16 "
+            "params are rounded when written: 'stochastic', the default, or 'nearest' = round-to-nearest-even)."
+        )
 
 
 _RESERVED_KWARGS = ("params", "lr", "weight_decay")
