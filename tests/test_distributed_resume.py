@@ -47,8 +47,7 @@ STRATEGIES = {
     "ddp": ["--trainer.devices=2", "--trainer.strategy=ddp"],
     "fsdp2": ["--trainer.devices=2", "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
               "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
-              "--model.class_path=test_distributed_resume.FSDP2CausalLM",
-              "--model.save_dir=null"],  # CausalLMModule.save_model cannot write DTensor params (save_pretrained)
+              "--model.class_path=test_distributed_resume.FSDP2CausalLM"],
 }
 
 
