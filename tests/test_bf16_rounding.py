@@ -1,14 +1,19 @@
 """``bf16_rounding="stochastic"|"nearest"``: the option on every optimizer, kernels == references in both
 modes, the state dict carries it, and "nearest" passes bitsandbytes' bf16 8-bit relative-error bound."""
 
+import lightning as L
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from lowmem_lightning.callbacks import LowMemOptimizerCallback
 from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.kernels.codec import BLOCK_SIZE, decode_signed_reference, decode_unsigned_reference
 from lowmem_lightning.optim import build_optimizer
 
 ADAMW_FAMILY = ("adamw_8bit", "adamw_4bit", "paged_adamw_8bit")
+ALL = (*ADAMW_FAMILY, "sgd", "adafactor", "came", "lion", "lion_8bit", "ademamix", "ademamix_8bit", "muon", "muon_8bit")
 
 
 def _params(dtype, seed=0):
@@ -17,9 +22,17 @@ def _params(dtype, seed=0):
     return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in shapes]
 
 
-def _run(name, dtype, mode, steps=3, triton=False, lr=1e-3):
+KWARGS = {"adafactor": {"relative_step": False, "scale_parameter": False}, "sgd": {"momentum": 0.9}}
+"""Per optimizer, what it needs besides ``lr`` (Adafactor: a fixed lr)."""
+
+
+def _build(name, params, **kwargs):
+    return build_optimizer(name, params, **{"lr": 1e-3, **KWARGS.get(name, {}), **kwargs})
+
+
+def _run(name, dtype, mode, steps=3, triton=False):
     params = _params(dtype)
-    opt = build_optimizer(name, params, lr=lr, bf16_rounding=mode)
+    opt = _build(name, params, bf16_rounding=mode)
     gen = torch.Generator().manual_seed(1)
     with dispatch.override(force_triton=triton):
         for _ in range(steps):
@@ -29,9 +42,9 @@ def _run(name, dtype, mode, steps=3, triton=False, lr=1e-3):
     return params, opt
 
 
-@pytest.mark.parametrize("name", ADAMW_FAMILY)
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("mode", ["stochastic", "nearest"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_kernel_equals_reference_in_both_modes(name, mode, dtype):
     kernel, _ = _run(name, dtype, mode, triton=True)
     reference, _ = _run(name, dtype, mode, triton=False)
@@ -39,11 +52,16 @@ def test_kernel_equals_reference_in_both_modes(name, mode, dtype):
         assert torch.equal(k.detach().view(torch.int16), r.detach().view(torch.int16))
 
 
-@pytest.mark.parametrize("name", ADAMW_FAMILY)
-def test_modes_differ_and_nearest_is_the_plain_cast(name):
+@pytest.mark.parametrize("name", ALL)
+def test_modes_differ(name):
     stochastic, _ = _run(name, torch.bfloat16, "stochastic", steps=1)
     nearest, _ = _run(name, torch.bfloat16, "nearest", steps=1)
     assert any(not torch.equal(s, n) for s, n in zip(stochastic, nearest))
+
+
+@pytest.mark.parametrize("name", ADAMW_FAMILY)
+def test_nearest_is_the_plain_cast(name):
+    nearest, _ = _run(name, torch.bfloat16, "nearest", steps=1)
     # nearest == the fp32-param run's result cast with .to(bf16) (same update math, fp32 params start equal)
     fp32 = [torch.nn.Parameter(p.detach().float()) for p in _params(torch.bfloat16)]
     opt = build_optimizer(name, fp32, lr=1e-3)
@@ -65,22 +83,22 @@ def test_nearest_loses_updates_below_half_an_ulp_stochastic_keeps_them():
         assert (p.float().mean().item() > 1.0) is moved, mode
 
 
-@pytest.mark.parametrize("name", [*ADAMW_FAMILY])
-@pytest.mark.parametrize("bad", ["Nearest", "round", None, 1, True])
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", ["Nearest", None, 1])
 def test_invalid_value_is_refused_naming_the_option(name, bad):
     with pytest.raises(ValueError, match=r"bf16_rounding=.*'stochastic', 'nearest'"):
-        build_optimizer(name, _params(torch.float32), bf16_rounding=bad)
-    opt = build_optimizer(name, _params(torch.float32))
+        _build(name, _params(torch.float32), bf16_rounding=bad)
+    opt = _build(name, _params(torch.float32))
     with pytest.raises(ValueError, match="bf16_rounding"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "bf16_rounding": bad})
 
 
-@pytest.mark.parametrize("name", ADAMW_FAMILY)
+@pytest.mark.parametrize("name", ALL)
 def test_state_dict_param_groups_carry_the_mode(name):
     params, opt = _run(name, torch.bfloat16, "nearest", steps=1)
     sd = opt.state_dict()
     assert all(g["bf16_rounding"] == "nearest" for g in sd["param_groups"])
-    fresh = build_optimizer(name, params)
+    fresh = _build(name, params)
     assert fresh.param_groups[0]["bf16_rounding"] == "stochastic"
     fresh.load_state_dict(sd)
     assert fresh.param_groups[0]["bf16_rounding"] == "nearest"
@@ -88,7 +106,7 @@ def test_state_dict_param_groups_carry_the_mode(name):
     legacy = opt.state_dict()
     for g in legacy["param_groups"]:
         del g["bf16_rounding"]
-    other = build_optimizer(name, params, bf16_rounding="nearest")
+    other = _build(name, params, bf16_rounding="nearest")
     other.load_state_dict(legacy)
     assert other.param_groups[0]["bf16_rounding"] == "nearest"
     bad = opt.state_dict()
@@ -134,3 +152,48 @@ def test_nearest_passes_bitsandbytes_bf16_relative_error_bound():
     stochastic = _bnb_relative_errors("stochastic", steps=20)
     assert max(nearest) < 1.6e-3, nearest
     assert sum(stochastic) / len(stochastic) > 1.2 * sum(nearest) / len(nearest)
+
+
+class _Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 300), nn.Tanh(), nn.Linear(300, 1)).to(torch.bfloat16)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "stochastic"])
+def test_callback_forwards_the_mode_through_the_swap(mode):
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    callback = LowMemOptimizerCallback("adamw_8bit", optimizer_kwargs={"bf16_rounding": mode}, print_summary=False,
+                                       plot=False, log_state_memory=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(_Net(), DataLoader(TensorDataset(x, x[:, :1].clone()), batch_size=8))
+    opt = trainer.optimizers[0]
+    assert all(g["bf16_rounding"] == mode for g in opt.param_groups)
+    assert opt.defaults["bf16_rounding"] == mode
+    assert opt.state_dict()["param_groups"][0]["bf16_rounding"] == mode
+
+
+def test_callback_refuses_an_invalid_mode_at_construction():
+    with pytest.raises(ValueError, match="bf16_rounding='up'"):
+        LowMemOptimizerCallback("adamw_8bit", optimizer_kwargs={"bf16_rounding": "up"})
+
+
+def test_swap_between_our_optimizers_carries_a_chosen_mode():
+    class Ours(_Net):
+        def configure_optimizers(self):
+            return build_optimizer("adamw_8bit", self.parameters(), lr=1e-3, bf16_rounding="nearest")
+
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    callback = LowMemOptimizerCallback("lion_8bit", lr=1e-4, print_summary=False, plot=False, log_state_memory=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(Ours(), DataLoader(TensorDataset(x, x[:, :1].clone()), batch_size=8))
+    assert trainer.optimizers[0].param_groups[0]["bf16_rounding"] == "nearest"

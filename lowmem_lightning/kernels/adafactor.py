@@ -108,6 +108,7 @@ def adafactor_update_kernel(
     FACTORED: tl.constexpr,
     MOMENTUM: tl.constexpr,
     BLOCK: tl.constexpr,
+    STOCHASTIC: tl.constexpr = True,
 ):
     """The update (pass 5): one codec block of ``BLOCK`` (= 256) elements per program. ``u`` from the
     statistics (factored: ``v_ptr``/``cf_ptr`` hold the row/column factors ``rf``/``cf``; flat: ``v``),
@@ -125,7 +126,7 @@ def adafactor_update_kernel(
         u = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, MOMENTUM == 2)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr_t)) - u
-    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
+    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), STOCHASTIC)
 
 
 @triton.jit
@@ -211,11 +212,13 @@ class AdafactorScalars(NamedTuple):
 
 
 class AdafactorModes(NamedTuple):
-    """The mode switches of Adafactor's step size (Python bools: each combination is its own graph)."""
+    """The mode switches of Adafactor's step size and of the param store (Python bools: each combination is
+    its own graph): ``stochastic`` False rounds bf16/fp16 params to nearest-even (``bf16_rounding="nearest"``)."""
 
     relative_step: bool
     warmup_init: bool
     scale_parameter: bool
+    stochastic: bool = True
 
 
 class AdafactorHyper(NamedTuple):
@@ -227,13 +230,15 @@ class AdafactorHyper(NamedTuple):
     @classmethod
     def of(cls, lr: float | None, eps: tuple[float, float], clip_threshold: float, decay_rate: float,
            beta1: float | None, weight_decay: float, relative_step: bool, warmup_init: bool,
-           scale_parameter: bool, maximize: bool = False) -> AdafactorHyper:
-        """The hyperparameters of a param group's values (``lr`` None and ``beta1`` None become 0.0)."""
+           scale_parameter: bool, maximize: bool = False, stochastic: bool = True) -> AdafactorHyper:
+        """The hyperparameters of a param group's values (``lr`` None and ``beta1`` None become 0.0;
+        ``stochastic``: the param rounding mode)."""
         b1 = 0.0 if beta1 is None else float(beta1)
         scalars = AdafactorScalars(0.0 if lr is None else float(lr), float(eps[0]), float(eps[1]),
                                    float(clip_threshold), float(decay_rate), b1, 1.0 - b1, float(weight_decay),
                                    -1.0 if maximize else 1.0)
-        return cls(scalars, AdafactorModes(bool(relative_step), bool(warmup_init), bool(scale_parameter)))
+        return cls(scalars, AdafactorModes(bool(relative_step), bool(warmup_init), bool(scale_parameter),
+                                           bool(stochastic)))
 
 
 class AdafactorTensors(NamedTuple):
@@ -284,7 +289,7 @@ def adafactor_reference(
     ranks; ``sqrt_n`` is then the global one).
     """
     v, vc, u, lr_t = adafactor_direction_reference(param, grad, v, vc, step, flag, hp, modes, reduce)
-    new_p, m, absmax = adafactor_apply_reference(param, u, m, absmax, lr_t, step, flag, hp)
+    new_p, m, absmax = adafactor_apply_reference(param, u, m, absmax, lr_t, step, flag, hp, modes.stochastic)
     return new_p, v, vc, m, absmax, lr_t
 
 
@@ -336,9 +341,11 @@ def adafactor_apply_reference(
     step: torch.Tensor,
     flag: torch.Tensor | None,
     hp: torch.Tensor,
+    stochastic: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Second half of :func:`adafactor_reference`: momentum (if ``m``), weight decay and the rounded
-    param; returns ``(new_param, m, absmax)``. ``flag=None``: the caller checked it is 1 (no masks)."""
+    param (stochastically, or to nearest-even when ``stochastic`` is False); returns ``(new_param, m,
+    absmax)``. ``flag=None``: the caller checked it is 1 (no masks)."""
     s = unpack(AdafactorScalars, hp)
     ok = None if flag is None else flag != 0
     p = param.to(torch.float32)
@@ -346,7 +353,7 @@ def adafactor_apply_reference(
         u, m, absmax = momentum_update_reference(m, absmax, u, s.beta1, s.one_minus_beta1, ok)
     new_p = p + p * (-(s.weight_decay * lr_t)) - u
     seed = index_seed_reference(step, s.tensor_index)
-    new_p = masked_reference(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
+    new_p = masked_reference(ok, round_param_reference(new_p, param.dtype, seed, stochastic=stochastic), param)
     return new_p, m, absmax
 
 
@@ -366,8 +373,8 @@ def _adafactor_direction_inplace(param, grad, v, vc, step, flag, hp, elr, modes)
     return u, lr_t
 
 
-def _adafactor_apply_inplace(param, u, m, absmax, lr_t, step, flag, hp) -> None:
-    write_back((param, m, absmax), adafactor_apply_reference(param, u, m, absmax, lr_t, step, flag, hp))
+def _adafactor_apply_inplace(param, u, m, absmax, lr_t, step, flag, hp, stochastic=True) -> None:
+    write_back((param, m, absmax), adafactor_apply_reference(param, u, m, absmax, lr_t, step, flag, hp, stochastic))
 
 
 # the host step: the reference above, compiled once per layout (factored (B, R, C) / flat) and
@@ -392,7 +399,7 @@ def _host(t: AdafactorTensors, hyper: AdafactorHyper, backend: str, steps: None)
     def rest(backend: str, out: tuple) -> None:
         u, lr_t = out
         _MOMENTUM_APPLY_CPU.on(backend)(*(block_rows(x, pad=False) for x in (work, u, m)), absmax, lr_t, step, None,
-                                        hp)
+                                        hp, hyper.modes.stochastic)
 
     run_host_step(_ADAFACTOR_CPU, _DIRECTION_CPU, rest, backend=backend, factored=vc is not None,
                   quantized=absmax is not None, flag=flag, reduce=reduce,
@@ -436,7 +443,7 @@ def _launch(t: AdafactorTensors, hyper: AdafactorHyper) -> None:
         n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo, inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1,
         one_minus_beta1=s.one_minus_beta1, weight_decay=s.weight_decay, tensor_index=int(tensor_index),
         FACTORED=vc is not None, MOMENTUM=0 if m is None else (2 if absmax is not None else 1), BLOCK=BLOCK_SIZE,
-        num_warps=ONE_WARP, enable_fp_fusion=False,
+        STOCHASTIC=modes.stochastic, num_warps=ONE_WARP, enable_fp_fusion=False,
     )
     copy_back(param, work)
 

@@ -115,6 +115,18 @@ def with_aligned(specs) -> list:
     return out
 
 
+def constexpr_defaults(kernel) -> dict:
+    """``{name: default}`` of the ``tl.constexpr`` parameters of ``kernel`` (a ``triton.jit`` function) that
+    have a default: what a launch that leaves them out gets, and so what an AOT compile must use too."""
+    import inspect
+
+    import triton.language as tl
+
+    params = inspect.signature(kernel.fn).parameters.values()
+    return {p.name: p.default for p in params
+            if p.default is not p.empty and p.annotation in (tl.constexpr, "tl.constexpr")}
+
+
 def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, aligned=(), options=None):
     """Compile one kernel for ``sm_{arch}``; returns the compiled kernel (``.asm`` has ptx and cubin).
 
@@ -125,6 +137,7 @@ def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, aligned=(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    constexprs = {**constexpr_defaults(kernel), **constexprs}  # e.g. STOCHASTIC=True unless a spec says otherwise
     full_signature = dict(signature)
     for name in constexprs:
         full_signature[name] = "constexpr"

@@ -74,9 +74,9 @@ from .factored import (
     write_back,
 )
 from .multitensor import copy_back
-from .rounding import index_seed, index_seed_reference, round_param_reference, store_param
+from .rounding import index_seed, index_seed_reference, nearest_variant, round_param_reference, store_param
 
-__all__ = ["CAMEScalars", "CAMETensors", "CAME", "came_reference"]
+__all__ = ["CAMEScalars", "CAMETensors", "CAME", "CAME_NEAREST", "came_reference"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +166,7 @@ def _came_update_kernel(
     FACTORED: tl.constexpr,
     QUANTIZED: tl.constexpr,
     BLOCK: tl.constexpr,
+    STOCHASTIC: tl.constexpr = True,
 ):
     """One codec block of ``BLOCK`` (= 256) elements per program: ``u`` (factored: ``v_ptr``/``cf_ptr``
     the second-moment factors; flat: ``v``) times ``1 / d``, the momentum (stored), the confidence
@@ -185,7 +186,7 @@ def _came_update_kernel(
         upd = m
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr)) - upd * lr
-    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), True)
+    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), STOCHASTIC)
 
 
 AOT_SPECS = with_aligned([
@@ -277,6 +278,7 @@ def came_reference(
     flag: torch.Tensor,
     hp: torch.Tensor,
     reduce=None,
+    stochastic: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """One CAME step; returns ``(new_param, v, vc, sr, sc, m, absmax)`` (inputs untouched).
 
@@ -285,12 +287,12 @@ def came_reference(
     full. ``m``: fp32 (param's shape) or flat int8 codes with ``absmax``. ``step`` and ``flag`` 0-d
     fp32. ``hp``: :class:`CAMEScalars` packed (:func:`.dispatch.pack`). Where ``flag == 0`` every output
     equals its input. ``reduce``: None, or the ``SumReduce`` of a sharded tensor whose local shard is
-    given (sums completed across ranks).
+    given (sums completed across ranks). ``stochastic``: the param rounding (False: nearest-even).
     """
     s = unpack(CAMEScalars, hp)
     v, vc, u = came_direction_reference(grad, v, vc, flag, hp, reduce)
     new_m, m, absmax = momentum_update_reference(m, absmax, u, s.beta1, s.one_minus_beta1, flag != 0)
-    new_p, sr, sc = came_finish_reference(param, u, new_m, sr, sc, step, flag, hp, reduce)
+    new_p, sr, sc = came_finish_reference(param, u, new_m, sr, sc, step, flag, hp, reduce, stochastic)
     return new_p, v, vc, sr, sc, m, absmax
 
 
@@ -309,10 +311,11 @@ def came_direction_reference(
 
 def came_finish_reference(
     param: torch.Tensor, u: torch.Tensor, new_m: torch.Tensor, sr: torch.Tensor | None, sc: torch.Tensor | None,
-    step: torch.Tensor, flag: torch.Tensor, hp: torch.Tensor, reduce=None,
+    step: torch.Tensor, flag: torch.Tensor, hp: torch.Tensor, reduce=None, stochastic: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """Last part of :func:`came_reference`: instability statistics from ``u`` and the new momentum
-    ``new_m`` (fp32), then the param update; returns ``(new_param, sr, sc)``."""
+    ``new_m`` (fp32), then the param update (rounded stochastically, or to nearest-even when ``stochastic``
+    is False); returns ``(new_param, sr, sc)``."""
     s = unpack(CAMEScalars, hp)
     ok = flag != 0
     p = param.to(torch.float32)
@@ -324,7 +327,7 @@ def came_finish_reference(
         upd = new_m
     new_p = p + p * (-(s.weight_decay * s.lr)) - upd * s.lr
     seed = index_seed_reference(step, s.tensor_index)
-    new_p = torch.where(ok, round_param_reference(new_p, param.dtype, seed, stochastic=True), param)
+    new_p = torch.where(ok, round_param_reference(new_p, param.dtype, seed, stochastic=stochastic), param)
     return new_p, sr, sc
 
 
@@ -333,9 +336,9 @@ def came_finish_reference(
 # --------------------------------------------------------------------------------------------------
 
 
-def _came_inplace(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp, reduce=None) -> None:
+def _came_inplace(param, grad, v, vc, sr, sc, m, absmax, step, flag, hp, stochastic, reduce=None) -> None:
     write_back((param, v, vc, sr, sc, m, absmax), came_reference(param, grad, v, vc, sr, sc, m, absmax, step, flag,
-                                                                 hp, reduce))
+                                                                 hp, reduce, stochastic))
 
 
 def _came_direction_inplace(grad, v, vc, flag, hp) -> torch.Tensor:
@@ -353,8 +356,8 @@ def _came_momentum_inplace(u, m, absmax, hp) -> torch.Tensor:
     return new_m
 
 
-def _came_finish_inplace(param, u, new_m, sr, sc, step, flag, hp) -> None:
-    write_back((param, sr, sc), came_finish_reference(param, u, new_m, sr, sc, step, flag, hp))
+def _came_finish_inplace(param, u, new_m, sr, sc, step, flag, hp, stochastic=True) -> None:
+    write_back((param, sr, sc), came_finish_reference(param, u, new_m, sr, sc, step, flag, hp, None, stochastic))
 
 
 # the host step: the reference above, compiled once per layout (factored (B, R, C) / flat), never per shape
@@ -378,10 +381,10 @@ def _views(t: CAMETensors) -> tuple:
     return param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce
 
 
-def _host(t: CAMETensors, scalars: CAMEScalars, backend: str, steps: None) -> None:
+def _host(t: CAMETensors, scalars: CAMEScalars, backend: str, steps: None, stochastic: bool = True) -> None:
     """The reference step of one tensor (``t`` holds one), eager or compiled as ``backend`` says
     (:func:`.factored.run_host_step`); a sharded one (``reduces[0]`` set) runs eagerly, its sums
-    completed across ranks."""
+    completed across ranks. ``stochastic``: the param rounding mode."""
     param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce = _views(t)
     numel = param.numel() if reduce is None else reduce.numel
     hp = pack(scalars._replace(sqrt_n=math.sqrt(numel), tensor_index=float(tensor_index)), param.device)
@@ -389,16 +392,17 @@ def _host(t: CAMETensors, scalars: CAMEScalars, backend: str, steps: None) -> No
 
     def rest(backend: str, u: torch.Tensor) -> None:
         new_m = _MOMENTUM_CPU.on(backend)(block_rows(u, pad=False), block_rows(m, pad=False), absmax, hp)
-        _FINISH_CPU[factored].on(backend)(work, u, new_m.view(u.shape), sr, sc, step, flag, hp)
+        _FINISH_CPU[factored].on(backend)(work, u, new_m.view(u.shape), sr, sc, step, flag, hp, stochastic)
 
     run_host_step(_CAME_CPU, _DIRECTION_CPU, rest, backend=backend, factored=factored, quantized=absmax is not None,
-                  flag=flag, reduce=reduce, whole_args=(work, g, v, vc, sr, sc, m, absmax, step, flag, hp),
+                  flag=flag, reduce=reduce, whole_args=(work, g, v, vc, sr, sc, m, absmax, step, flag, hp, stochastic),
                   direction_args=(g, v, vc, flag, hp))
     copy_back(param, work)
 
 
-def _launch(t: CAMETensors, s: CAMEScalars) -> None:
-    """The Triton passes of one tensor (``t`` holds one; seven launches factored, three 1-D)."""
+def _launch(t: CAMETensors, s: CAMEScalars, stochastic: bool = True) -> None:
+    """The Triton passes of one tensor (``t`` holds one; seven launches factored, three 1-D; ``stochastic``:
+    the update kernel's ``STOCHASTIC``)."""
     param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, _ = _views(t)
     rf, cf, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, eps1=s.eps1, decay=s.beta2,
                                                one_minus_decay=s.one_minus_beta2, beta_from_step=False, with_psq=False)
@@ -429,7 +433,8 @@ def _launch(t: CAMETensors, s: CAMEScalars) -> None:
         scal_ptr=scal, flag_ptr=flag, step_ptr=step, n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo,
         inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
         weight_decay=s.weight_decay, lr=s.lr, tensor_index=int(tensor_index),
-        FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, num_warps=ONE_WARP, enable_fp_fusion=False,
+        FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, STOCHASTIC=stochastic, num_warps=ONE_WARP,
+        enable_fp_fusion=False,
     )
     copy_back(param, work)
 
@@ -438,3 +443,6 @@ CAME = Family("came", launch=_launch, host=_host)
 """The CAME family: ``dispatch(CAME, CAMETensors(...), CAMEScalars.of(...))`` applies one step in place to
 every param and its state, one tensor at a time (its statistics are per tensor). Never synchronizes
 with a CUDA device."""
+
+CAME_NEAREST = nearest_variant(CAME, _launch, _host)
+""":data:`CAME` storing bf16/fp16 params rounded to nearest-even (``bf16_rounding="nearest"``)."""

@@ -47,10 +47,11 @@ from .aot import signature_of, with_aligned
 from .codec import BLOCK_SIZE, decode_signed, decode_signed_reference, encode_signed, encode_signed_reference
 from .dispatch import Family, HostStep, dispatch
 from .multitensor import aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
-from .rounding import index_seed, index_seed_reference, store_param, write_param_reference
+from .rounding import index_seed, index_seed_reference, nearest_variant, store_param, write_param_reference
 
 __all__ = [
     "ROWS",
+    "MUON_APPLY_NEAREST",
     "NS_COEFFICIENTS",
     "NS_STEPS",
     "NS_EPS",
@@ -150,10 +151,10 @@ APPLY_BLOCK = 1024
 
 @triton.jit(do_not_specialize=["tensor_index"])  # an index of 1 would become a constexpr int
 def _muon_apply_kernel(param_ptr, update_ptr, step_ptr, flag_ptr, n, tensor_index, decay, step_size,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, STOCHASTIC: tl.constexpr = True):
     """``p = fma(-step_size, O, p * decay)`` for one tensor (``O`` the bf16 Newton–Schulz result), written back
-    in the param's dtype (bf16/fp16 stochastically rounded, seeded by the step counter and tensor index);
-    nothing is written where the finite flag is 0."""
+    in the param's dtype (bf16/fp16 stochastically rounded, seeded by the step counter and tensor index, or
+    rounded to nearest-even without ``STOCHASTIC``); nothing is written where the finite flag is 0."""
     decay = as_fp32(decay)
     step_size = as_fp32(step_size)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -162,7 +163,7 @@ def _muon_apply_kernel(param_ptr, update_ptr, step_ptr, flag_ptr, n, tensor_inde
     p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(update_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     seed = index_seed(tl.load(step_ptr), tensor_index)
-    store_param(param_ptr, tl.fma(-step_size, u, p * decay), offs, mask, seed, True)
+    store_param(param_ptr, tl.fma(-step_size, u, p * decay), offs, mask, seed, STOCHASTIC)
 
 
 AOT_SPECS += with_aligned([
@@ -261,17 +262,18 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> fl
 
 
 def muon_apply_reference(param: torch.Tensor, update: torch.Tensor, ok: torch.Tensor | None, decay: float,
-                         step_size: float, seed) -> None:
+                         step_size: float, seed, stochastic: bool = True) -> None:
     """``param = param * decay - step_size * update`` in place (fp32 math: ``decay`` = ``1 - lr *
     weight_decay``, ``step_size`` the adjusted lr), where ``ok`` (0-d bool; None: always). fp32 params get
     torch's ``mul_`` then ``add_(alpha=-step_size)`` results; bf16/fp16 params are written back with
-    stochastic rounding seeded by ``seed`` (:func:`.rounding.write_param_reference`)."""
+    stochastic rounding seeded by ``seed`` (:func:`.rounding.write_param_reference`), or rounded to
+    nearest-even when ``stochastic`` is False."""
     if ok is None and param.dtype == torch.float32:  # torch.optim.Muon's own in-place ops, no copies
         param.mul_(decay).add_(update, alpha=-step_size)
         return
     p = param.to(torch.float32)
     new = torch.add(p * decay, update, alpha=-step_size)
-    write_param_reference(param, new, ok, seed)
+    write_param_reference(param, new, ok, seed, stochastic)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,27 +399,29 @@ class ApplyTensors(NamedTuple):
     tensor_indices: Sequence[int]
 
 
-def _apply_launch(t: ApplyTensors, scalars: ApplyScalars) -> None:
+def _apply_launch(t: ApplyTensors, scalars: ApplyScalars, stochastic: bool = True) -> None:
     """:func:`_muon_apply_kernel` on one tensor (``launch_key=None``: one launch per tensor; a non-contiguous
-    param goes through a contiguous copy)."""
+    param goes through a contiguous copy; ``stochastic``: its ``STOCHASTIC``)."""
     param, update = t.params[0], t.updates[0].contiguous()
     work = param if param.is_contiguous() else param.contiguous()
     n = work.numel()
     _muon_apply_kernel[(triton.cdiv(n, APPLY_BLOCK),)](
         work, update, t.steps[0], t.flags[0], n, int(t.tensor_indices[0]), **scalars._asdict(), BLOCK=APPLY_BLOCK,
-        enable_fp_fusion=False)
+        STOCHASTIC=stochastic, enable_fp_fusion=False)
     if work is not param:
         param.copy_(work)
 
 
-def _apply_host(t: ApplyTensors, scalars: ApplyScalars, backend: str, steps) -> None:
-    """:func:`muon_apply_reference` on one host tensor (its flag read on the host: a memory read)."""
+def _apply_host(t: ApplyTensors, scalars: ApplyScalars, backend: str, steps, stochastic: bool = True) -> None:
+    """:func:`muon_apply_reference` on one host tensor (its flag read on the host: a memory read;
+    ``stochastic``: the rounding mode)."""
     param = t.params[0]
     if not float(t.flags[0]):
         return
     seed = None if param.dtype == torch.float32 else index_seed_reference(t.steps[0], t.tensor_indices[0])
     target = param if param.is_contiguous() else param.contiguous()
-    muon_apply_reference(target, t.updates[0].view(param.shape), None, scalars.decay, scalars.step_size, seed)
+    muon_apply_reference(target, t.updates[0].view(param.shape), None, scalars.decay, scalars.step_size, seed,
+                         stochastic)
     if target is not param:
         param.copy_(target)
 
@@ -426,17 +430,22 @@ MUON_APPLY = Family("muon_apply", launch=_apply_launch, host=_apply_host)
 """The update: ``dispatch(MUON_APPLY, ApplyTensors(...), ApplyScalars(...))``: Triton on CUDA (one launch per
 tensor, stochastic rounding fused), the reference on the host."""
 
+MUON_APPLY_NEAREST = nearest_variant(MUON_APPLY, _apply_launch, _apply_host)
+""":data:`MUON_APPLY` storing bf16/fp16 params rounded to nearest-even (``bf16_rounding="nearest"``)."""
+
 
 def muon_apply(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], flags: Sequence[torch.Tensor],
                steps: Sequence[torch.Tensor], tensor_indices: Sequence[int], step_sizes: Sequence[float], *,
-               lr: float, weight_decay: float) -> None:
+               lr: float, weight_decay: float, stochastic: bool = True) -> None:
     """``params[i] = params[i] * (1 - lr * weight_decay) - step_sizes[i] * updates[i]`` in place where
     ``flags[i]`` is set (:data:`MUON_APPLY`; ``updates[i]`` has the param's shape, bf16). bf16/fp16 params
-    round stochastically, seeded by step and index. Tensors of one step size go in one dispatch."""
+    round stochastically, seeded by step and index (to nearest-even when ``stochastic`` is False). Tensors of
+    one step size go in one dispatch."""
+    family = MUON_APPLY if stochastic else MUON_APPLY_NEAREST
     decay = 1 - lr * weight_decay
     by_size: dict[float, list[int]] = {}
     for i, size in enumerate(step_sizes):
         by_size.setdefault(float(size), []).append(i)
     for size, idx in by_size.items():
         tensors = ApplyTensors(*([seq[i] for i in idx] for seq in (params, updates, steps, flags, tensor_indices)))
-        dispatch(MUON_APPLY, tensors, ApplyScalars(decay, size))
+        dispatch(family, tensors, ApplyScalars(decay, size))

@@ -68,11 +68,12 @@ from .rounding import (
     index_seed,
     index_seed_reference,
     masked_reference,
+    nearest_variant,
     store_param,
     write_param_reference,
 )
 
-__all__ = ["ROWS", "SGDScalars", "SGDTensors", "SGD_FAMILY", "sgd_step", "sgd_reference"]
+__all__ = ["ROWS", "SGDScalars", "SGDTensors", "SGD_FAMILY", "SGD_NEAREST", "sgd_step", "sgd_reference"]
 
 ROWS = 4
 """Quantization blocks (of ``BLOCK_SIZE`` elements) handled by one Triton program."""
@@ -96,6 +97,7 @@ def _sgd_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr = False,
+    STOCHASTIC: tl.constexpr = True,
 ):
     lr = as_fp32(lr)
     weight_decay = as_fp32(weight_decay)
@@ -133,7 +135,7 @@ def _sgd_kernel(
             tl.store(buf_ptr + offs, buf, mask=mask)
     p = p - lr * d
     seed = index_seed(step, tensor_index)
-    store_param(param_ptr, p, offs, mask, seed, True)
+    store_param(param_ptr, p, offs, mask, seed, STOCHASTIC)
 
 
 AOT_SPECS = [
@@ -191,7 +193,7 @@ class SGDTensors(NamedTuple):
     tensor_indices: Sequence[int]
 
 
-def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed) -> None:
+def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed, stochastic: bool = True) -> None:
     """One SGD step in place: the specification of ``_sgd_kernel``, the CPU path and the test oracle.
 
     ``param``/``grad`` flat (no or fp32 momentum ``buf``, same layout) or ``(num_blocks, BLOCK_SIZE)``
@@ -199,7 +201,8 @@ def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed) -> None:
     bool, False leaves everything untouched) or None (checked on the host: no ``where`` on mutated
     state in a compiled graph); ``first``: bool tensor, the tensor's first step (the momentum starts at
     ``d``); ``s``: the hyperparameters as 0-d fp32 tensors (:func:`.dispatch.unpack`), bit for bit with
-    the kernel compiled or eager; ``seed``: the stochastic-rounding seed (per tensor or per row).
+    the kernel compiled or eager; ``seed``: the stochastic-rounding seed (per tensor or per row);
+    ``stochastic``: the kernel's ``STOCHASTIC`` (False: bf16/fp16 params rounded to nearest-even).
     """
     nesterov = s.nesterov != 0
     p = param.to(torch.float32)
@@ -214,7 +217,7 @@ def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed) -> None:
             scale = new_buf.abs().amax(dim=1, keepdim=True)
             buf.copy_(masked_reference(ok, encode_signed_reference(new_buf, scale), buf))
             absmax.copy_(masked_reference(ok, scale, absmax))
-    write_param_reference(param, p - s.lr * d, ok, seed)
+    write_param_reference(param, p - s.lr * d, ok, seed, stochastic)
 
 
 def sgd_reference(
@@ -265,14 +268,14 @@ def _launch_key(t: SGDTensors, i: int) -> tuple:
     return (_mode(t, i), is_aligned(t.params[i], t.grads[i], t.bufs[i]), t.params[i].dtype, t.grads[i].dtype)
 
 
-def _launch(t: SGDTensors, scalars: SGDScalars) -> None:
-    """One launch of ``_sgd_kernel`` over a group of one :func:`_launch_key`."""
+def _launch(t: SGDTensors, scalars: SGDScalars, stochastic: bool = True) -> None:
+    """One launch of ``_sgd_kernel`` over a group of one :func:`_launch_key` (``stochastic``: ``STOCHASTIC``)."""
     mode, aligned, *_ = _launch_key(t, 0)
     state_rows = [[0 if b is None else b.data_ptr() for b in t.bufs],
                   [0 if a is None else a.data_ptr() for a in t.absmaxes]]
     launch_over(_sgd_kernel, t.params, t.grads, state_rows, t.steps, t.flags, t.tensor_indices, scalars,
                 ROWS * BLOCK_SIZE, MOMENTUM=mode != "plain", QUANTIZED=mode == "int8", ROWS=ROWS, BLOCK=BLOCK_SIZE,
-                ALIGNED=aligned)
+                ALIGNED=aligned, STOCHASTIC=stochastic)
 
 
 def _host_key(t: SGDTensors, i: int) -> tuple:
@@ -280,9 +283,9 @@ def _host_key(t: SGDTensors, i: int) -> tuple:
     return (_mode(t, i), t.params[i].dtype, t.grads[i].dtype)
 
 
-def _host(t: SGDTensors, scalars: SGDScalars, backend: str, steps: list[float]) -> None:
+def _host(t: SGDTensors, scalars: SGDScalars, backend: str, steps: list[float], stochastic: bool = True) -> None:
     """The reference step of one :func:`_host_key` group whose flags are set (``steps``: their counters,
-    read on the host), one call per bucket of :func:`.cpu_buckets.plan`."""
+    read on the host), one call per bucket of :func:`.cpu_buckets.plan` (``stochastic``: the rounding mode)."""
     device = t.params[0].device
     hp = pack(scalars, device)
     firsts = torch.tensor([s == 1 for s in steps], device=device)
@@ -291,23 +294,23 @@ def _host(t: SGDTensors, scalars: SGDScalars, backend: str, steps: list[float]) 
                          dtype=torch.int64, device=device)
     mode = _mode(t, 0)
     for layout in plan(t.params, BLOCK_SIZE):
-        _bucket(layout, backend, mode, t, hp, firsts, seeds)
+        _bucket(layout, backend, mode, t, hp, firsts, seeds, stochastic)
 
 
-def _bucket_step_plain(param, grad, hp, first, seeds):
+def _bucket_step_plain(param, grad, hp, first, seeds, stochastic=True):
     """:func:`sgd_step` without momentum over a bucket: ``(rows, BLOCK_SIZE)`` operands, ``hp``
     (:func:`.dispatch.pack` of :class:`SGDScalars`), per-row ``first`` (bool) and ``seeds`` ``(rows, 1)``."""
-    sgd_step(param, grad, None, None, None, first, unpack(SGDScalars, hp), seeds)
+    sgd_step(param, grad, None, None, None, first, unpack(SGDScalars, hp), seeds, stochastic)
 
 
-def _bucket_step_fp32(param, grad, buf, hp, first, seeds):
+def _bucket_step_fp32(param, grad, buf, hp, first, seeds, stochastic=True):
     """:func:`_bucket_step_plain` with fp32 momentum ``buf`` ``(rows, BLOCK_SIZE)``."""
-    sgd_step(param, grad, buf, None, None, first, unpack(SGDScalars, hp), seeds)
+    sgd_step(param, grad, buf, None, None, first, unpack(SGDScalars, hp), seeds, stochastic)
 
 
-def _bucket_step_int8(param, grad, buf, absmax, hp, first, seeds):
+def _bucket_step_int8(param, grad, buf, absmax, hp, first, seeds, stochastic=True):
     """:func:`_bucket_step_plain` with 8-bit momentum: int8 codes ``buf`` and its ``absmax`` ``(rows, 1)``."""
-    sgd_step(param, grad, buf, absmax, None, first, unpack(SGDScalars, hp), seeds)
+    sgd_step(param, grad, buf, absmax, None, first, unpack(SGDScalars, hp), seeds, stochastic)
 
 
 _BUCKET_STEPS = {mode: HostStep(fn) for mode, fn in
@@ -315,13 +318,13 @@ _BUCKET_STEPS = {mode: HostStep(fn) for mode, fn in
 """The bucket steps by momentum mode, each its own code object (own compile cache), compiled on first use."""
 
 
-def _bucket(layout, backend: str, mode: str, t: SGDTensors, hp, firsts, seeds) -> None:
+def _bucket(layout, backend: str, mode: str, t: SGDTensors, hp, firsts, seeds, stochastic: bool) -> None:
     p = layout.rows_of(t.params)  # zero padding: d = g + weight_decay * p enters the 8-bit block maxima
     state = [] if mode == "plain" else [layout.rows_of(t.bufs)]
     if mode == "int8":
         state.append(layout.scales_of(t.absmaxes))
     _BUCKET_STEPS[mode].on(backend)(p, layout.rows_of(t.grads), *state, hp, layout.per_row(firsts).view(-1, 1),
-                                    layout.row_seeds(seeds))
+                                    layout.row_seeds(seeds), stochastic)
     layout.write_back(t.params, p)
     if mode != "plain":
         layout.write_back(t.bufs, state[0])
@@ -334,3 +337,6 @@ SGD_FAMILY = Family("sgd", launch=_launch, host=_host, launch_key=_launch_key, h
 to every tensor and its momentum (one Triton launch per :func:`_launch_key` group on CUDA; on the host
 one call per bucket of each :func:`_host_key` group, the same bits as one call per tensor). Never
 synchronizes with a CUDA device (on the CPU the flags are read on the host: a memory read)."""
+
+SGD_NEAREST = nearest_variant(SGD_FAMILY, _launch, _host)
+""":data:`SGD_FAMILY` storing bf16/fp16 params rounded to nearest-even (``bf16_rounding="nearest"``)."""

@@ -9,6 +9,7 @@ import torch
 
 from ..kernels.adafactor import ADAFACTOR, AdafactorHyper, AdafactorModes, AdafactorTensors, step_size_reference
 from ..kernels.dispatch import dispatch
+from ..kernels.rounding import is_stochastic
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
 from .layout import MOMENTUM_DTYPES, convert_momentum, loaded_step, momentum_specs, quantized_momentum
 from .sharding import (
@@ -52,6 +53,8 @@ class Adafactor(LowMemOptimizer):
             keeps this optimizer's value and converts the loaded momentum to it.
         maximize: ascend instead of descend (the kernels apply the gradient's sign, as AdamW's and
             SGD's do; the gradients are not touched; not in transformers).
+        bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
+            (round-to-nearest-even, as transformers' Adafactor); a param-group setting kept in state dicts.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
             (no-ops: the update is always our fused kernels with device step counters); True raises.
 
@@ -88,6 +91,7 @@ class Adafactor(LowMemOptimizer):
         momentum_dtype: str = "float32",
         *,
         maximize: bool = False,
+        bf16_rounding: str = "stochastic",
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -110,6 +114,7 @@ class Adafactor(LowMemOptimizer):
             warmup_init=warmup_init,
             momentum_dtype=momentum_dtype,
             maximize=maximize,
+            bf16_rounding=bf16_rounding,
         )
         super().__init__(params, defaults)
 
@@ -193,7 +198,8 @@ class Adafactor(LowMemOptimizer):
         )
         hyper = AdafactorHyper.of(group["lr"], group["eps"], group["clip_threshold"], group["decay_rate"],
                                   group["beta1"], group["weight_decay"], group["relative_step"], group["warmup_init"],
-                                  group["scale_parameter"], group["maximize"])
+                                  group["scale_parameter"], group["maximize"],
+                                  stochastic=is_stochastic(group["bf16_rounding"]))
         dispatch(ADAFACTOR, tensors, hyper)
 
 

@@ -8,8 +8,9 @@ from collections.abc import Iterable
 import torch
 
 from ..kernels.came import CAME as CAME_FAMILY
-from ..kernels.came import CAMEScalars, CAMETensors
+from ..kernels.came import CAME_NEAREST, CAMEScalars, CAMETensors
 from ..kernels.dispatch import dispatch
+from ..kernels.rounding import is_stochastic
 from .adafactor import factored_inputs, second_moment_specs
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
 from .layout import MOMENTUM_DTYPES, convert_momentum, loaded_step, momentum_specs, quantized_momentum
@@ -46,6 +47,8 @@ class CAME(LowMemOptimizer):
             ``load_state_dict`` keeps this optimizer's value and converts the loaded momentum to it.
         maximize: ascend instead of descend (the kernels apply the gradient's sign, as AdamW's and
             SGD's do; the gradients are not touched; not in came-pytorch).
+        bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
+            (round-to-nearest-even, as came-pytorch); a param-group setting kept in state dicts.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
             (no-ops: the update is always our fused kernels with device step counters); True raises.
 
@@ -68,6 +71,7 @@ class CAME(LowMemOptimizer):
         momentum_dtype: str = "float32",
         *,
         maximize: bool = False,
+        bf16_rounding: str = "stochastic",
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -82,6 +86,7 @@ class CAME(LowMemOptimizer):
             weight_decay=weight_decay,
             momentum_dtype=momentum_dtype,
             maximize=maximize,
+            bf16_rounding=bf16_rounding,
         )
         super().__init__(params, defaults)
 
@@ -134,7 +139,7 @@ class CAME(LowMemOptimizer):
         )
         scalars = CAMEScalars.of(group["lr"], group["eps"], group["clip_threshold"], group["betas"],
                                  group["weight_decay"], group["maximize"])
-        dispatch(CAME_FAMILY, tensors, scalars)
+        dispatch(CAME_FAMILY if is_stochastic(group["bf16_rounding"]) else CAME_NEAREST, tensors, scalars)
 
 
 def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:

@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..kernels.adamw8bit import ADAMW_8BIT, AdamWScalars, AdamWTensors
+from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, quantize_reference
 from ..kernels.dispatch import dispatch
 from ..kernels.muon import NS_COEFFICIENTS, NS_EPS, NS_STEPS, adjusted_lr, muon_apply, muon_momentum, newton_schulz
-from ..kernels.rounding import step_seed
+from ..kernels.rounding import is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
@@ -96,6 +96,8 @@ class Muon(LowMemOptimizer):
         use_muon: the default of the groups' ``use_muon`` (None: decide per param).
         maximize: ascend instead of descend (both updates).
         seed: base seed of the stochastic rounding.
+        bf16_rounding: how bf16/fp16 params are written (both updates): ``"stochastic"`` (default) or
+            ``"nearest"`` (round-to-nearest-even, as torch.optim.Muon); a param-group setting kept in state dicts.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False; True raises.
 
     State per Muon param: ``step`` and ``momentum_buffer`` (fp32, the param's local shape) or
@@ -136,6 +138,7 @@ class Muon(LowMemOptimizer):
         maximize: bool = False,
         *,
         seed: int = 0,
+        bf16_rounding: str = "stochastic",
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -151,7 +154,7 @@ class Muon(LowMemOptimizer):
             eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
             momentum_dtype=self._default_momentum_dtype if momentum_dtype is None else momentum_dtype,
             adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, list) else adamw_betas,
-            adamw_eps=adamw_eps, use_muon=use_muon, maximize=maximize,
+            adamw_eps=adamw_eps, use_muon=use_muon, maximize=maximize, bf16_rounding=bf16_rounding,
         )
         super().__init__(params, defaults)
 
@@ -278,7 +281,8 @@ class Muon(LowMemOptimizer):
             [state["step"] for _, _, state, _ in live], [flag for *_, flag in live],
             [step_seed(0, shard_tensor_index(index, param), self._seed) for index, param, _, _ in live],
         )
-        dispatch(ADAMW_8BIT, tensors, AdamWScalars.of(group["lr"], beta1, beta2, group["adamw_eps"],
+        family = ADAMW_8BIT if is_stochastic(group["bf16_rounding"]) else ADAMW_8BIT_NEAREST
+        dispatch(family, tensors, AdamWScalars.of(group["lr"], beta1, beta2, group["adamw_eps"],
                                                       group["weight_decay"], group["maximize"]))
 
     def _muon_update(self, group: dict, work: list) -> None:
@@ -319,7 +323,8 @@ class Muon(LowMemOptimizer):
         updates = _scatter(params, ortho)
         muon_apply(shards, updates, flags, [st["step"] for st in states],
                    [shard_tensor_index(index, param) for (index, param), _, _ in entries],
-                   [step_size] * len(entries), lr=float(group["lr"]), weight_decay=float(group["weight_decay"]))
+                   [step_size] * len(entries), lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
+                   stochastic=is_stochastic(group["bf16_rounding"]))
 
 
 class Muon8bit(Muon):

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import torch
 
 from ..kernels.dispatch import dispatch
-from ..kernels.sgd import SGD_FAMILY, SGDScalars, SGDTensors
+from ..kernels.rounding import is_stochastic
+from ..kernels.sgd import SGD_FAMILY, SGD_NEAREST, SGDScalars, SGDTensors
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
 from .layout import MOMENTUM_DTYPES, convert_momentum, loaded_step, momentum_specs, quantized_momentum
 from .sharding import block_state_head, local, shard_tensor_index
@@ -38,6 +39,8 @@ class SGD(LowMemOptimizer):
             (the signed block-wise 8-bit code: 1.016 bytes/param; tensors under 4096 elements keep
             fp32). A storage choice: ``load_state_dict`` keeps this optimizer's value and converts
             the loaded momentum to it.
+        bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
+            (round-to-nearest-even, as torch.optim.SGD); a param-group setting kept in state dicts.
         foreach, fused, differentiable: torch.optim.SGD's switches, accepted as None/False (no-ops:
             the update is always one fused kernel); True raises.
 
@@ -59,6 +62,7 @@ class SGD(LowMemOptimizer):
         maximize: bool = False,
         momentum_dtype: str = "float32",
         *,
+        bf16_rounding: str = "stochastic",
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -72,6 +76,7 @@ class SGD(LowMemOptimizer):
             nesterov=nesterov,
             maximize=maximize,
             momentum_dtype=momentum_dtype,
+            bf16_rounding=bf16_rounding,
         )
         super().__init__(params, defaults)
 
@@ -130,7 +135,7 @@ class SGD(LowMemOptimizer):
         )
         scalars = SGDScalars.of(group["lr"], group["weight_decay"], group["momentum"], group["dampening"],
                                 group["nesterov"], group["maximize"])
-        dispatch(SGD_FAMILY, tensors, scalars)
+        dispatch(SGD_FAMILY if is_stochastic(group["bf16_rounding"]) else SGD_NEAREST, tensors, scalars)
 
 
 def _has_momentum(state: dict) -> bool:
