@@ -1,6 +1,8 @@
 """``bf16_rounding="stochastic"|"nearest"``: the option on every optimizer, kernels == references in both
 modes, the state dict carries it, and "nearest" passes bitsandbytes' bf16 8-bit relative-error bound."""
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -197,3 +199,20 @@ def test_swap_between_our_optimizers_carries_a_chosen_mode():
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(Ours(), DataLoader(TensorDataset(x, x[:, :1].clone()), batch_size=8))
     assert trainer.optimizers[0].param_groups[0]["bf16_rounding"] == "nearest"
+
+
+def test_yaml_recipe_sets_the_mode_through_optimizer_kwargs(tmp_path):
+    from lowmem_lightning.cli import parse_fit_config
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny_sgd.yaml"
+    text = recipe.read_text().replace("          momentum_dtype: int8\n",
+                                      "          momentum_dtype: int8\n          bf16_rounding: nearest\n")
+    assert "bf16_rounding: nearest" in text
+    (tmp_path / "recipe.yaml").write_text(text)
+    cfg = parse_fit_config(["--config", str(tmp_path / "recipe.yaml")])
+    entry = [c for c in cfg.trainer.callbacks if c.class_path.endswith("LowMemOptimizerCallback")][0]
+    callback = LowMemOptimizerCallback(**entry.init_args.as_dict())
+    assert callback.optimizer_kwargs["bf16_rounding"] == "nearest"
+    opt = build_optimizer(callback.optimizer_name, [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))],
+                          lr=callback.lr, **callback.optimizer_kwargs)
+    assert opt.param_groups[0]["bf16_rounding"] == "nearest"
