@@ -69,6 +69,11 @@ RUNS = [
     ("torch_sgd", "torch_sgd", None, {"momentum": 0.9}),
     ("sgd", "ours:sgd", "torch_sgd", {"momentum": 0.9}),
     ("sgd_int8", "ours:sgd", "sgd", {"momentum": 0.9, "momentum_dtype": "int8"}),
+    # bf16 params (``param_dtype``: the model cast to bf16, no fp32 master copy): torch AdamW (its bf16 moments,
+    # round-to-nearest stores), ours with stochastic rounding (the default) and with bf16_rounding="nearest"
+    ("adamw_bf16", "torch_adamw", "adamw", {"param_dtype": "bf16"}),
+    ("adamw_8bit_bf16", "ours:adamw_8bit", "adamw", {"param_dtype": "bf16"}),
+    ("adamw_8bit_nearest", "ours:adamw_8bit", "adamw_8bit_bf16", {"param_dtype": "bf16", "bf16_rounding": "nearest"}),
     # gradient release (step_in_backward) against the same optimizer stepped after backward; both clip
     # by value per tensor (clipping by the global norm needs every gradient at once)
     ("adamw_8bit_clipvalue", "ours:adamw_8bit", "adamw_8bit", {"clip": "value"}),
@@ -77,9 +82,9 @@ RUNS = [
     ("came_int8_release", "ours:came", "came_int8_clipvalue",
      {"momentum_dtype": "int8", "clip": "value", "release": True}),
 ]
-"""``(name, builder, reference row, kwargs)``; ``clip`` ("norm" by default, "value": per tensor at 1.0) and
-``release`` (gradient release: each tensor stepped in backward) are training options, not optimizer
-arguments."""
+"""``(name, builder, reference row, kwargs)``; ``clip`` ("norm" by default, "value": per tensor at 1.0),
+``release`` (gradient release: each tensor stepped in backward) and ``param_dtype`` ("bf16": the model's params
+cast to bf16) are training options, not optimizer arguments."""
 
 LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "sgd": 0.3, "muon": 3e-3}
 """Peak learning rate per algorithm family (same for ours and its reference)."""
@@ -254,6 +259,8 @@ def pretraining_study(args, train_data, val_data):
             model = tiny_llama(seed, args.hidden, args.layers, args.seq)
             options = dict(kwargs)
             clip, release = options.pop("clip", "norm"), options.pop("release", False)
+            if options.pop("param_dtype", None) == "bf16":
+                model = model.to(torch.bfloat16)
             try:
                 params = model.named_parameters() if "muon" in builder else model.parameters()
                 opt = build(builder, params, LR[family(builder)], options)
