@@ -15,6 +15,8 @@ adafactor (+int8 mom)  transformers Adafactor
 came (+int8 mom)       came_pytorch CAME (official)
 sgd (+int8 mom)        torch SGD
 muon (+8-bit mom)      torch.optim.Muon + torch AdamW on the same split (hidden matrices / the rest)
+lion_8bit              lion (ours, fp32 momentum; lr 3x below AdamW's, as the Lion paper advises)
+ademamix_8bit          ademamix (ours, fp32 moments), without and with the paper's warmups
 =====================  ==========================================
 
 Then a QLoRA-style fine-tune: the model pretrained with fp32 AdamW is frozen in NF4 with LoRA on
@@ -58,6 +60,12 @@ RUNS = [
     ("hf_adafactor_beta1", "hf_adafactor", None, {"beta1": 0.9}),
     ("adafactor_beta1", "ours:adafactor", "hf_adafactor_beta1", {"beta1": 0.9}),
     ("adafactor_beta1_int8", "ours:adafactor", "adafactor_beta1", {"beta1": 0.9, "momentum_dtype": "int8"}),
+    ("lion", "ours:lion", None, {}),
+    ("lion_8bit", "ours:lion_8bit", "lion", {}),
+    ("ademamix", "ours:ademamix", None, {}),
+    ("ademamix_8bit", "ours:ademamix_8bit", "ademamix", {}),
+    ("ademamix_warmup", "ours:ademamix", None, {"t_alpha": 300, "t_beta3": 300}),  # the paper's schedules
+    ("ademamix_8bit_warmup", "ours:ademamix_8bit", "ademamix_warmup", {"t_alpha": 300, "t_beta3": 300}),
     # Muon hybrids (hidden matrices Muon, embeddings/head/norms AdamW; adjust_lr_fn="match_rms_adamw" so both
     # share AdamW's lr, Moonshot's recipe), ours against torch.optim.Muon + torch.optim.AdamW on the same split
     ("torch_muon", "torch_muon_hybrid", None, {}),
@@ -86,13 +94,13 @@ RUNS = [
 ``release`` (gradient release: each tensor stepped in backward) and ``param_dtype`` ("bf16": the model's params
 cast to bf16) are training options, not optimizer arguments."""
 
-LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "sgd": 0.3, "muon": 3e-3}
+LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "sgd": 0.3, "lion": 1e-3, "ademamix": 3e-3, "muon": 3e-3}
 """Peak learning rate per algorithm family (same for ours and its reference)."""
 
 
 def family(builder: str) -> str:
     key = builder.split(":")[-1]
-    for name in ("came", "adafactor", "sgd", "muon", "adamw"):
+    for name in ("came", "adafactor", "sgd", "lion", "ademamix", "muon", "adamw"):
         if name in key:
             return name
     raise ValueError(builder)
