@@ -429,6 +429,10 @@ OPTIMIZER_ROWS = {
     '`came`, `momentum_dtype="int8"`': "came_int8",
     "`sgd`, momentum 0.9": "sgd",
     '`sgd`, `momentum_dtype="int8"`': "sgd_int8",
+    "`lion`": "lion",
+    "`lion_8bit`": "lion_8bit",
+    "`ademamix`": "ademamix",
+    "`ademamix_8bit`": "ademamix_8bit",
 }
 """README row -> the ``benchmarks/optim_step.py`` row that measures it."""
 
