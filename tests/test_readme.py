@@ -387,6 +387,7 @@ SEVEN_B_ROWS = {
     "fp32 weights, 8-bit AdamW": ("float32", "adamw_8bit", False),
     "bf16 weights (stochastic rounding), 8-bit AdamW": ("bfloat16", "adamw_8bit", False),
     "bf16 weights, 8-bit AdamW, `step_in_backward`": ("bfloat16", "adamw_8bit", True),
+    "bf16 weights, 4-bit AdamW, `step_in_backward`": ("bfloat16", "adamw_4bit", True),
     "bf16 weights, CAME 8-bit momentum, `step_in_backward`": ("bfloat16", "came_int8", True),
 }
 """Setup column -> (weights dtype, estimate row, gradient release) of ``lowmem estimate --config
@@ -421,6 +422,7 @@ def test_7b_full_finetune_table_is_lowmem_estimate():
 OPTIMIZER_ROWS = {
     "`adamw` (torch, fp32)": "torch_adamw_foreach",
     "`adamw_8bit`": "adamw_8bit",
+    "`adamw_4bit`": "adamw_4bit",
     "`paged_adamw_8bit`": "paged_adamw_8bit",
     "`adafactor`": "adafactor",
     "`adafactor`, `beta1=0.9`": "adafactor_beta1",
@@ -440,6 +442,7 @@ PEERS = {
     "torch fused": "torch_adamw_fused",
     "bitsandbytes AdamW8bit": "bnb_adamw_8bit",
     "torchao AdamW8bit": "torchao_adamw_8bit",
+    "torchao AdamW4bit": "torchao_adamw_4bit",
     "bitsandbytes PagedAdamW8bit": "bnb_paged_adamw_8bit",
     "transformers Adafactor": "hf_adafactor",
     "transformers Adafactor (beta1)": "hf_adafactor_beta1",
