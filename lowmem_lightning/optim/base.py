@@ -436,12 +436,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
     def _origin_hint(self, saved_groups: list) -> str:
         """A note naming the class whose hyperparameters the saved group keys match best, when not this one."""
         keys = set(saved_groups[0]) if saved_groups and isinstance(saved_groups[0], dict) else set()
-        owner = _likely_owner(keys)
-        if owner is None or owner in {cls.__name__ for cls in type(self).__mro__}:
+        owners = _likely_owners(keys)
+        related = {cls.__name__ for cls in type(self).__mro__} | {sub.__name__ for sub in type(self).__subclasses__()}
+        if not owners or related & set(owners):
             return ""
-        if any(owner == sub.__name__ for sub in type(self).__subclasses__()):
-            return ""
-        return f" (its param groups look like a {owner} state dict's; this optimizer is a {type(self).__name__})"
+        return f" (its param groups look like a {' or '.join(owners)} state dict's; this optimizer is a " \
+               f"{type(self).__name__})"
 
     def _checked_state(self, saved: dict) -> tuple[dict, dict]:
         """``(by_id, converted)``: params and completed groups per saved param id, and the converted, validated
@@ -563,15 +563,18 @@ def _all_hyperparameter_names() -> set[str]:
     return names
 
 
-def _likely_owner(keys: set[str]) -> str | None:
-    """The registered optimizer class whose hyperparameters best match a saved group's ``keys``."""
+def _likely_owners(keys: set[str]) -> list[str]:
+    """The registered optimizer classes whose hyperparameters best match a saved group's ``keys`` (all of them
+    on a tie: AdamW8bit and AdamW4bit share their hyperparameter names), sorted; empty when none matches."""
     from .registry import available_optimizers, optimizer_class
 
-    best, best_score = None, 0.0
+    best, best_score = set(), 0.0
     for name in available_optimizers():
         cls = optimizer_class(name)
         names = hyperparameter_names(cls)
         score = len(names & keys) / max(1, len(names | (keys & _all_hyperparameter_names())))
         if score > best_score:
-            best, best_score = cls.__name__, score
-    return best
+            best, best_score = {cls.__name__}, score
+        elif score == best_score and score > 0:
+            best.add(cls.__name__)
+    return sorted(best)
