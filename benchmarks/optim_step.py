@@ -169,6 +169,9 @@ ROWS = [
     Row("ademamix", _ours("ademamix", lr=1e-3, weight_decay=0.01), True),
     Row("ademamix_8bit", _ours("ademamix_8bit", lr=1e-3, weight_decay=0.01), True),
     Row("bnb_ademamix_8bit", _bnb("AdEMAMix8bit"), False),
+    Row("torch_muon", lambda ps: torch.optim.Muon(ps, lr=2e-2, weight_decay=0.01), False),
+    Row("muon", _ours("muon", lr=2e-2, weight_decay=0.01), True),
+    Row("muon_8bit", _ours("muon_8bit", lr=2e-2, weight_decay=0.01), True),
 ]
 """Every row, baseline first; ``--optimizers`` selects a subset by name."""
 

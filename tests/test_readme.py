@@ -435,6 +435,8 @@ OPTIMIZER_ROWS = {
     "`lion_8bit`": "lion_8bit",
     "`ademamix`": "ademamix",
     "`ademamix_8bit`": "ademamix_8bit",
+    "`muon` (hybrid: 8-bit AdamW on embeddings, head, norms, biases)": "muon",
+    "`muon_8bit` (hybrid)": "muon_8bit",
 }
 """README row -> the ``benchmarks/optim_step.py`` row that measures it."""
 
@@ -448,6 +450,7 @@ PEERS = {
     "transformers Adafactor (beta1)": "hf_adafactor_beta1",
     "official CAME": "came_pytorch",
     "torch SGD (foreach)": "torch_sgd_foreach",
+    "torch Muon": "torch_muon",
 }
 """Peer named in the "peer on the same run" column -> its ``benchmarks/optim_step.py`` row."""
 
