@@ -12,7 +12,9 @@ Checked, per param (full tensors gathered on rank 0):
 * after the 2 resumed steps: element-wise optimizers (AdamW 8-bit, paged, SGD int8, torch AdamW)
   equal the uninterrupted run bit for bit where both runs have the same blocks ("even": 256-element
   rows, "small": fp32 state); other params, and Adafactor/CAME (their row/column sums are all-reduced
-  in another order on another world size), within a stated fraction of the distance the params moved.
+  in another order on another world size), within a stated fraction of the distance the params moved;
+  AdamW 4-bit (m rounded stochastically with draws seeded per shard) within a larger stated fraction,
+  bit for bit on "small" and "wide".
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lowmem_lightning.optim import build_optimizer
-from lowmem_lightning.optim.reshard import code_step, decode_rows
+from lowmem_lightning.optim.reshard import CODEC4, CODEC8, decode_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,12 +48,18 @@ CASES = {
     "adafactor": dict(beta1=0.9, momentum_dtype="int8"),
     "came": dict(lr=1e-2, momentum_dtype="int8"),
     "adamw": dict(lr=1e-2, weight_decay=0.1),
+    "adamw_4bit": dict(lr=1e-2, weight_decay=0.1),
 }
+# adamw_4bit is element-wise too, but rounds m stochastically with a stream seeded per shard and element index
+# within it: on another world size the rounding draws differ, so it is held to MOVED_FRACTION everywhere
 ELEMENTWISE = ("adamw_8bit", "paged_adamw_8bit", "sgd", "adamw")
 SAME_BLOCKS = ("even", "small", "wide")  # "wide": one row, held whole by one rank in every run
 # bound on |resumed - uninterrupted| as a fraction of the largest distance a param moved in 4 steps
 # (measured with the ranks of this file: see benchmarks/RESULTS.md, "Resharding")
 MOVED_FRACTION = 0.02
+# adamw_4bit: a stochastically rounded 4-bit m whose draws depend on the sharding (measured up to 0.24 on 2->1, where
+# an uninterrupted 1-process run differs from the 2-process one by 0.46-0.56: benchmarks/RESULTS.md, "Resharding")
+STOCHASTIC_M = {"adamw_4bit": 0.3}
 
 
 def _full_params() -> dict[str, torch.Tensor]:
@@ -185,8 +193,9 @@ def _load_phase(rank: int, world: int, case: str, tmp: str, params2: dict, how: 
 
 
 # ------------------------------------------------------------------------------------ checks
-def _check_state_after_load(saved: dict, loaded: dict) -> dict[str, int]:
-    """Loaded state vs saved state per param; returns the number of elements whose block moved."""
+def _check_state_after_load(saved: dict, loaded: dict, codec=CODEC8) -> dict[str, int]:
+    """Loaded state vs saved state per param (codes in row form, of ``codec``); returns the number of elements
+    whose block moved."""
     moved = {}
     assert saved.keys() == loaded.keys()
     for fqn, state in saved.items():
@@ -198,14 +207,15 @@ def _check_state_after_load(saved: dict, loaded: dict) -> dict[str, int]:
                 continue  # compared through the decoded codes
             if key.endswith("_codes"):
                 rows_key = key[: -len("_codes")] + "_absmax"
-                before, after = decode_rows(value, state[rows_key]), decode_rows(other, loaded[fqn][rows_key])
+                before = decode_rows(value, state[rows_key], codec)
+                after = decode_rows(other, loaded[fqn][rows_key], codec)
                 diff = (after - before).abs()
                 changed = diff > 0
                 moved[fqn] += int(changed.sum())
                 # one code step of the new block (the scale each element now decodes with)
-                scale = decode_rows(torch.full_like(other, 127 if other.dtype == torch.int8 else 255),
-                                    loaded[fqn][rows_key])
-                step = code_step(other.reshape(-1), scale)
+                top = codec.top[0] if other.dtype == torch.int8 else codec.top[1]
+                scale = decode_rows(torch.full_like(other, top), loaded[fqn][rows_key], codec)
+                step = codec.step(other.reshape(-1), scale)
                 assert (diff <= step).all(), (fqn, key, float((diff / step.clamp_min(1e-30)).max()))
             else:
                 torch.testing.assert_close(other, value, rtol=0, atol=0, msg=f"{fqn} {key}")
@@ -215,7 +225,8 @@ def _check_state_after_load(saved: dict, loaded: dict) -> dict[str, int]:
 def _reshard(tmp_path, case: str, before: int, after: int, how: str = "dcp") -> tuple[dict, dict, dict]:
     saved = _ranks(str(tmp_path / "save"), before, _save_phase, case, str(tmp_path))
     loaded = _ranks(str(tmp_path / "load"), after, _load_phase, case, str(tmp_path), saved["params2"], how)
-    return saved, loaded, _check_state_after_load(saved["state2"], loaded["state2"])
+    codec = CODEC4 if case == "adamw_4bit" else CODEC8
+    return saved, loaded, _check_state_after_load(saved["state2"], loaded["state2"], codec)
 
 
 def _check_training(case: str, saved: dict, loaded: dict, moved: dict[str, int]) -> dict[str, float]:
@@ -227,16 +238,16 @@ def _check_training(case: str, saved: dict, loaded: dict, moved: dict[str, int])
         distance = float((a - start[name]).abs().max())
         assert distance > 1e-4, name
         ratios[name] = float((b - a).abs().max()) / distance
-        if case in ELEMENTWISE and name in SAME_BLOCKS:
-            assert moved.get(name, 0) == 0, name
+        if (case in ELEMENTWISE and name in SAME_BLOCKS) or (case in STOCHASTIC_M and name in ("small", "wide")):
+            assert moved.get(name, 0) == 0, name  # "small": fp32 state; "wide": one shard, same rounding draws
             torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{case} {name}")
         else:
-            assert ratios[name] < MOVED_FRACTION, (case, name, ratios[name])
+            assert ratios[name] < STOCHASTIC_M.get(case, MOVED_FRACTION), (case, name, ratios[name])
     return ratios
 
 
 FAST = [("adamw_8bit", 2, 1), ("adamw_8bit", 2, 4), ("paged_adamw_8bit", 2, 1), ("sgd", 2, 1),
-        ("adafactor", 2, 1), ("came", 2, 1), ("adamw", 2, 1)]
+        ("adafactor", 2, 1), ("came", 2, 1), ("adamw", 2, 1), ("adamw_4bit", 2, 1)]
 ALL = [(case, n, m) for case in CASES for n, m in ((2, 1), (2, 4), (4, 2))]
 
 
@@ -259,3 +270,27 @@ def test_full_checkpoint_resumes_on_another_world_size(tmp_path, before, after):
     saved, loaded, moved = _reshard(tmp_path, "adamw_8bit", before, after, how="full")
     _check_training("adamw_8bit", saved, loaded, moved)
     assert moved["uneven"] > 0 and moved["even"] == 0
+
+
+def test_4bit_row_form_refuses_8bit_codes():
+    """Row-form codes outside the 4-bit range (an 8-bit checkpoint's) are refused by adamw_4bit with a clear
+    message, not packed into wrong nibbles; in-range codes of the same layout load."""
+    from lowmem_lightning.optim.reshard import row_width
+
+    param = torch.nn.Parameter(torch.randn(64, 256))
+    opt = build_optimizer("adamw_4bit", [param], lr=1e-2)
+    rows = torch.zeros(64, row_width((64, 256), CODEC4.block))
+    rows[:, 2] = 1.0
+    rows[-1, 1] = 1.0
+    for value, ok in ((7, True), (100, False)):
+        state = {"step": torch.tensor(1.0), "exp_avg_codes": torch.full((64, 256), value, dtype=torch.int8),
+                 "exp_avg_absmax": rows.clone(), "exp_avg_sq_codes": torch.full((64, 256), 3, dtype=torch.uint8),
+                 "exp_avg_sq_absmax": rows.clone()}
+        sd = {"state": {0: state}, "param_groups": opt.state_dict()["param_groups"]}
+        if ok:
+            opt.load_state_dict(sd)
+            assert opt.state[param]["exp_avg_codes"].numel() == 64 * 256 // 2
+            assert int(opt.state[param]["exp_avg_codes"][0]) == 7 | (7 << 4)
+        else:
+            with pytest.raises(ValueError, match="outside the 4-bit range"):
+                opt.load_state_dict(sd)

@@ -24,11 +24,12 @@ def codes4_specs(prefix: str, numel: int, signed: bool) -> list[StateSpec]:
     """``prefix_codes`` (``packed_len(numel)`` uint8 bytes, two 4-bit codes each) and ``prefix_absmax``
     (fp32, one per :data:`~lowmem_lightning.kernels.adamw4bit.BLOCK4` elements).
 
-    The codes name no ``absmax`` partner: that pairing means one 8-bit code per element and a scale per
-    256 (what :mod:`.reshard`'s row form of FSDP2 state re-lays out), so a sharded param's 4-bit state is
-    presented flat per shard and resumes with the same sharding (``shard_layout`` is checked on load)."""
+    The codes name their ``absmax`` partner with ``bits=4``: a sharded (FSDP2) param's state is then
+    presented in :mod:`.reshard`'s row form with the codes unpacked to one per element, so it resumes on
+    another world size."""
     return [
-        StateSpec(f"{prefix}_codes", (packed_len(numel),), torch.uint8, "codes", signed=signed),
+        StateSpec(f"{prefix}_codes", (packed_len(numel),), torch.uint8, "codes", absmax=f"{prefix}_absmax",
+                  signed=signed, bits=4),
         StateSpec(f"{prefix}_absmax", (num_blocks4(numel),), torch.float32, "absmax"),
     ]
 

@@ -29,8 +29,10 @@ class StateSpec:
             codes), ``"absmax"`` (fp32 block scales of codes, >= 0), ``"moment"`` (a signed fp32
             statistic, e.g. a momentum) or ``"square"`` (a non-negative fp32 statistic: second moments,
             row/column means, CAME's instability).
-        absmax: for ``codes``: the name of their block scales (one per 256 codes).
+        absmax: for ``codes``: the name of their block scales (one per 256 codes, 128 for 4-bit codes).
         signed: for ``codes``: signed (int8) or unsigned (uint8) code.
+        bits: for ``codes``: 8 (one code per byte, a scale per 256) or 4 (two codes per byte, a scale per
+            128: :mod:`lowmem_lightning.kernels.adamw4bit`); says how :mod:`.reshard` presents them.
         host: kept in host memory between updates (paged optimizers), not on the param's device.
         axes: how it relates to the param's dims, which says how a sharded param's state is
             presented (:mod:`lowmem_lightning.optim.sharding`): ``"scalar"`` (0-d), ``"param"`` (the param's shape),
@@ -47,6 +49,7 @@ class StateSpec:
     signed: bool = True
     host: bool = False
     axes: str = ""
+    bits: int = 8
 
     def __post_init__(self):
         if not self.axes:

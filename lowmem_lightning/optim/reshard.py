@@ -21,14 +21,29 @@ scales and re-encoded (:func:`~lowmem_lightning.kernels.codec.quantize_blockwise
 by at most one code step of its new block. No full-precision copy of the state exists at any time:
 the conversion runs per tensor, in passes of :data:`CHUNK` elements, so its temporaries stay a few
 times ``CHUNK`` whatever the tensor's size.
+
+4-bit state (AdamW 4-bit: blocks of 128, two codes per byte) takes the same form through :data:`CODEC4`:
+on save its codes are unpacked to one per element (m as int8 -7..7, v as uint8 0..15: a copy the size
+of the param in bytes), the rows hold scales of 128-element blocks, and on load the codes are packed
+again; moved blocks are decoded with the 4-bit code and re-encoded (m rounded to the nearest level).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
+from ..kernels.adamw4bit import (
+    BLOCK4,
+    decode_m4_reference,
+    decode_v4_reference,
+    pack_nibbles_reference,
+    quantize4_reference,
+    unpack_nibbles_reference,
+)
 from ..kernels.codec import (
     BLOCK_SIZE,
     decode_signed_reference,
@@ -36,9 +51,38 @@ from ..kernels.codec import (
     quantize_blockwise,
 )
 
-__all__ = ["blocks_from_rows", "code_step", "decode_rows", "row_width", "rows_from_blocks", "slice_numel"]
+__all__ = [
+    "CODEC4",
+    "CODEC8",
+    "Codec",
+    "blocks_from_rows",
+    "code_step",
+    "decode_rows",
+    "row_width",
+    "rows_from_blocks",
+    "slice_numel",
+]
 
 _META = 2  # phase, last
+
+
+class Codec(NamedTuple):
+    """A block-wise code as the row form handles it: codes are one per element (int8 = signed, uint8 =
+    unsigned), ``block`` elements per fp32 scale.
+
+    ``decode(codes, scale)``: fp32 values (``scale`` per element); ``encode(values, signed)``: ``(codes,
+    absmax)`` of flat fp32 values, one code per element, one scale per ``block``; ``step(codes, scale)``:
+    per element, an upper bound on the distance to a neighbouring code's value (one code step);
+    ``top``: ``(signed, unsigned)`` code whose value is the block scale; ``pack`` / ``unpack``: the
+    optimizer's stored codes from / to one code per element (identity for 8-bit codes)."""
+
+    block: int
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    encode: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    top: tuple[int, int]
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    unpack: Callable[[torch.Tensor, int, bool], torch.Tensor]
 
 
 def slice_numel(shape: tuple[int, ...] | torch.Size) -> int:
@@ -46,124 +90,131 @@ def slice_numel(shape: tuple[int, ...] | torch.Size) -> int:
     return math.prod(shape[1:])
 
 
-def row_width(shape: tuple[int, ...] | torch.Size) -> int:
-    """Columns of the row form's scales tensor: 2 + the most blocks of 256 that ``C`` consecutive
-    elements of one shard can intersect (1 for ``C`` = 1, else ``(C - 1) // 256 + 2``)."""
+def row_width(shape: tuple[int, ...] | torch.Size, block: int = BLOCK_SIZE) -> int:
+    """Columns of the row form's scales tensor: 2 + the most blocks of ``block`` (256) that ``C`` consecutive
+    elements of one shard can intersect (1 for ``C`` = 1, else ``(C - 1) // block + 2``)."""
     c = max(1, slice_numel(shape))
-    return _META + (1 if c == 1 else (c - 1) // BLOCK_SIZE + 2)
+    return _META + (1 if c == 1 else (c - 1) // block + 2)
 
 
-def rows_from_blocks(absmax: torch.Tensor, local_shape: tuple[int, ...], width: int) -> torch.Tensor:
+def rows_from_blocks(absmax: torch.Tensor, local_shape: tuple[int, ...], width: int,
+                     block: int = BLOCK_SIZE) -> torch.Tensor:
     """The row form (fp32 ``(local_shape[0], width)``) of a local shard's block ``absmax`` (blocks of
-    256 over the shard's flat elements, from its first element)."""
+    ``block`` (256) over the shard's flat elements, from its first element)."""
     rows, c = (local_shape[0] if local_shape else 1), slice_numel(local_shape)
     out = torch.zeros(rows, width, dtype=torch.float32, device=absmax.device)
     if rows == 0 or c == 0:
         return out
     start = torch.arange(rows, device=absmax.device, dtype=torch.int64) * c  # (rows,) flat offset of each row
-    first, last = start // BLOCK_SIZE, (start + c - 1) // BLOCK_SIZE
+    first, last = start // block, (start + c - 1) // block
     index = first[:, None] + torch.arange(width - _META, device=absmax.device)[None, :]  # (rows, W)
     valid = index <= last[:, None]
-    out[:, 0] = (start % BLOCK_SIZE).to(torch.float32)
+    out[:, 0] = (start % block).to(torch.float32)
     out[-1, 1] = 1.0
     out[:, _META:] = torch.where(valid, absmax[index.clamp(max=absmax.numel() - 1)], 0.0)
     return out
 
 
-def _layout_unchanged(rows: torch.Tensor, c: int) -> bool:
+def _layout_unchanged(rows: torch.Tensor, c: int, block: int) -> bool:
     """Whether the saved rows were laid out exactly as this shard would lay them out (same phases, the
     shard's last row the only one marked last)."""
     n = rows.shape[0]
-    phase = (torch.arange(n, dtype=torch.int64, device=rows.device) * c) % BLOCK_SIZE
+    phase = (torch.arange(n, dtype=torch.int64, device=rows.device) * c) % block
     last = torch.zeros(n, dtype=torch.float32, device=rows.device)
     if n:
         last[-1] = 1.0
     return bool(torch.equal(rows[:, 0], phase.to(torch.float32)) and torch.equal(rows[:, 1], last))
 
 
-def _saved_scale_at(rows: torch.Tensor, flat: torch.Tensor, c: int) -> torch.Tensor:
+def _saved_scale_at(rows: torch.Tensor, flat: torch.Tensor, c: int, block: int) -> torch.Tensor:
     """The saved block scale of the local flat elements ``flat`` (int64 indices)."""
     i, col = flat // c, flat % c
-    j = (rows[i, 0].to(torch.int64) + col) // BLOCK_SIZE
+    j = (rows[i, 0].to(torch.int64) + col) // block
     return rows[i, _META + j]
 
 
 CHUNK = 1 << 15
-"""Elements converted per pass (a multiple of 256): bounds the temporaries of a conversion."""
+"""Elements converted per pass (a multiple of 256 and 128): bounds the temporaries of a conversion."""
 
 
-def _boundaries(rows: torch.Tensor, flat: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _boundaries(rows: torch.Tensor, flat: torch.Tensor, c: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """bool ``(starts, ends)`` of the local flat elements ``flat``: a saved block starts / ends there."""
     i, col = flat // c, flat % c
     pos = rows[i, 0].to(torch.int64) + col
-    starts = pos % BLOCK_SIZE == 0
-    ends = ((pos + 1) % BLOCK_SIZE == 0) | ((rows[i, 1] > 0) & (col == c - 1))
+    starts = pos % block == 0
+    ends = ((pos + 1) % block == 0) | ((rows[i, 1] > 0) & (col == c - 1))
     return starts, ends
 
 
-def _exact_blocks(rows: torch.Tensor, flat: torch.Tensor, c: int) -> torch.Tensor:
-    """bool, one per block of 256 of ``flat`` (consecutive local elements from a block start): the blocks
-    of the local layout that cover exactly one saved block."""
-    starts, ends = _boundaries(rows, flat, c)
-    blocks = -(-flat.numel() // BLOCK_SIZE)
-    pad = blocks * BLOCK_SIZE - flat.numel()
-    starts = torch.nn.functional.pad(starts, (0, pad)).view(blocks, BLOCK_SIZE)
-    ends = torch.nn.functional.pad(ends, (0, pad)).view(blocks, BLOCK_SIZE)
-    tail = torch.full((blocks,), BLOCK_SIZE - 1, dtype=torch.int64, device=flat.device)
-    tail[-1] = flat.numel() - 1 - (blocks - 1) * BLOCK_SIZE
+def _exact_blocks(rows: torch.Tensor, flat: torch.Tensor, c: int, block: int) -> torch.Tensor:
+    """bool, one per block of ``block`` of ``flat`` (consecutive local elements from a block start): the
+    blocks of the local layout that cover exactly one saved block."""
+    starts, ends = _boundaries(rows, flat, c, block)
+    blocks = -(-flat.numel() // block)
+    pad = blocks * block - flat.numel()
+    starts = torch.nn.functional.pad(starts, (0, pad)).view(blocks, block)
+    ends = torch.nn.functional.pad(ends, (0, pad)).view(blocks, block)
+    tail = torch.full((blocks,), block - 1, dtype=torch.int64, device=flat.device)
+    tail[-1] = flat.numel() - 1 - (blocks - 1) * block
     return starts[:, 0] & ends.gather(1, tail[:, None]).squeeze(1) & (ends.sum(1) == 1)
 
 
-def blocks_from_rows(codes: torch.Tensor, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def blocks_from_rows(codes: torch.Tensor, rows: torch.Tensor, length: int,
+                     codec: Codec | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This shard's flat ``(codes, absmax)``, padded to ``length`` elements, from its row form.
 
     Args:
-        codes: the local shard's codes, of its shape (int8 signed or uint8 unsigned code); the codes of
-            moved blocks are re-encoded **in place** (the result's codes are this tensor's elements).
+        codes: the local shard's codes, of its shape, one per element (int8 signed or uint8 unsigned code);
+            the codes of moved blocks are re-encoded **in place** (the result's codes are this tensor's elements).
         rows: the local rows of the saved scales (see the module docstring).
         length: the padded local length of this run (:func:`~.sharding.block_state_len`).
+        codec: the code (:data:`CODEC8`, the default, or :data:`CODEC4`); the result's codes are still one
+            per element (``codec.pack`` stores them).
 
-    Returns ``(codes, absmax, moved)``: ``moved`` counts the elements whose block changed (decoded and
+    Returns ``(codes, absmax)`` and ``moved``: the number of elements whose block changed (decoded and
     re-encoded; 0 when every block is kept bit for bit). Works in passes of :data:`CHUNK` elements, so
     its temporaries stay a few times ``CHUNK`` whatever the tensor's size. ``ValueError`` when ``rows``
     does not fit.
     """
-    shape = tuple(codes.shape)
+    codec = codec or CODEC8
+    block, shape = codec.block, tuple(codes.shape)
     n, c = codes.numel(), slice_numel(shape)
-    if rows.dim() != 2 or rows.shape[0] != (shape[0] if shape else 1) or rows.shape[1] != row_width(shape):
+    if rows.dim() != 2 or rows.shape[0] != (shape[0] if shape else 1) or rows.shape[1] != row_width(shape, block):
         raise ValueError(
             f"Invalid optimizer state dict: block scales in row form are {tuple(rows.shape)}, expected "
-            f"({shape[0] if shape else 1}, {row_width(shape)}) for codes of shape {shape}."
+            f"({shape[0] if shape else 1}, {row_width(shape, block)}) for codes of shape {shape}."
         )
     flat = codes.reshape(-1)
     if n == 0:
-        return _padded(flat, torch.zeros(0, device=codes.device), length) + (0,)
-    first = torch.arange(-(-n // BLOCK_SIZE), dtype=torch.int64, device=codes.device) * BLOCK_SIZE
-    absmax = _saved_scale_at(rows, first, c)  # right for every block that covers one saved block
-    if _layout_unchanged(rows, c):
-        return _padded(flat, absmax, length) + (0,)
+        return _padded(flat, torch.zeros(0, device=codes.device), length, block) + (0,)
+    first = torch.arange(-(-n // block), dtype=torch.int64, device=codes.device) * block
+    absmax = _saved_scale_at(rows, first, c, block)  # right for every block that covers one saved block
+    if _layout_unchanged(rows, c, block):
+        return _padded(flat, absmax, length, block) + (0,)
     moved = 0
     for start in range(0, n, CHUNK):
         elements = torch.arange(start, min(n, start + CHUNK), dtype=torch.int64, device=codes.device)
-        exact = _exact_blocks(rows, elements, c)
+        exact = _exact_blocks(rows, elements, c, block)
         if bool(exact.all()):
             continue
         part = flat[elements[0]: elements[-1] + 1]
-        values = _decode(part, _saved_scale_at(rows, elements, c))
-        new_codes, new_absmax = quantize_blockwise(values, signed=codes.dtype == torch.int8)
-        kept = exact.repeat_interleave(BLOCK_SIZE)[: part.numel()]
+        values = codec.decode(part, _saved_scale_at(rows, elements, c, block))
+        new_codes, new_absmax = codec.encode(values, codes.dtype == torch.int8)
+        kept = exact.repeat_interleave(block)[: part.numel()]
         part.copy_(torch.where(kept, part, new_codes))
-        scales = absmax[start // BLOCK_SIZE: start // BLOCK_SIZE + exact.numel()]
+        scales = absmax[start // block: start // block + exact.numel()]
         scales.copy_(torch.where(exact, scales, new_absmax))
         moved += part.numel() - int(kept.sum())
-    return _padded(flat, absmax, length) + (moved,)
+    return _padded(flat, absmax, length, block) + (moved,)
 
 
-def decode_rows(codes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """fp32 values (flat) of codes in row form (codes of a shard's or the whole param's shape, and their rows)."""
+def decode_rows(codes: torch.Tensor, rows: torch.Tensor, codec: Codec | None = None) -> torch.Tensor:
+    """fp32 values (flat) of codes in row form (codes of a shard's or the whole param's shape, one per element,
+    and their rows) in ``codec`` (default :data:`CODEC8`)."""
+    codec = codec or CODEC8
     c = slice_numel(tuple(codes.shape))
     flat = codes.reshape(-1)
-    return _decode(flat, _saved_scale_at(rows, torch.arange(flat.numel(), device=codes.device), c))
+    return codec.decode(flat, _saved_scale_at(rows, torch.arange(flat.numel(), device=codes.device), c, codec.block))
 
 
 def code_step(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -184,10 +235,61 @@ def _decode(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"Invalid optimizer state dict: 8-bit codes of dtype {codes.dtype}; expected int8 or uint8.")
 
 
-def _padded(codes: torch.Tensor, absmax: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_blockwise(values, signed=signed)
+
+
+def _identity(codes: torch.Tensor, *_) -> torch.Tensor:
+    return codes
+
+
+# 4-bit codes (:mod:`lowmem_lightning.kernels.adamw4bit`): in row form one code per element, m as int8 -7..7
+# (the int4 two's complement sign-extended), v as uint8 0..15; stored two per byte, low nibble first.
+def _decode4(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if codes.dtype == torch.int8:
+        return decode_m4_reference(codes.to(torch.int32) & 15, scale)
+    if codes.dtype == torch.uint8:
+        return decode_v4_reference(codes.to(torch.int32), scale)
+    raise ValueError(f"Invalid optimizer state dict: 4-bit codes of dtype {codes.dtype}; expected int8 or uint8.")
+
+
+def _unpack4(packed: torch.Tensor, numel: int, signed: bool) -> torch.Tensor:
+    """One code per element (int8 -7..7 when ``signed``, else uint8 0..15) of the first ``numel`` elements
+    of 4-bit ``packed`` bytes."""
+    nibbles = unpack_nibbles_reference(packed.reshape(-1)[: -(-numel // 2)])[:numel]
+    return ((nibbles ^ 8) - 8).to(torch.int8) if signed else nibbles.to(torch.uint8)
+
+
+def _pack4(codes: torch.Tensor) -> torch.Tensor:
+    """Bytes of two 4-bit codes (low nibble first) of flat codes, one per element (inverse of :func:`_unpack4`)."""
+    nibbles = codes.reshape(-1).to(torch.int32) & 15
+    return pack_nibbles_reference(torch.nn.functional.pad(nibbles, (0, nibbles.numel() % 2)))
+
+
+def _encode4(values: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    packed, absmax = quantize4_reference(values, signed)
+    return _unpack4(packed, values.numel(), signed), absmax
+
+
+def _step4(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if codes.dtype == torch.int8:  # levels (k / 7)**2
+        c = codes.to(torch.float32).abs()
+        return (2 * c + 1) / 49.0 * scale
+    c = codes.to(torch.float32) + 1  # levels ((k + 1) / 16)**4
+    return ((c + 1) ** 4 - c**4) / 16.0**4 * scale
+
+
+CODEC8 = Codec(BLOCK_SIZE, _decode, _encode, code_step, (127, 255), _identity, _identity)
+"""The 8-bit block-wise codes of :mod:`lowmem_lightning.kernels.codec` (blocks of 256, one code per byte)."""
+
+CODEC4 = Codec(BLOCK4, _decode4, _encode4, _step4, (7, 15), _pack4, _unpack4)
+"""The 4-bit codes of :mod:`lowmem_lightning.kernels.adamw4bit` (blocks of 128, two codes per byte)."""
+
+
+def _padded(codes: torch.Tensor, absmax: torch.Tensor, length: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat codes and absmax zero-padded to ``length`` elements; a view of the codes' own buffer when that
     buffer already has ``length`` elements (a DCP load wrote into this optimizer's state: no copy)."""
-    blocks = -(-length // BLOCK_SIZE)
+    blocks = -(-length // block)
     base = codes._base
     if (codes.numel() < length and base is not None and base.dim() == 1 and base.numel() == length
             and base.dtype == codes.dtype and base.data_ptr() == codes.data_ptr()):

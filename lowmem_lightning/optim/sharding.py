@@ -3,7 +3,7 @@
 An optimizer given DTensor params updates each rank's **local shard** in place, with the same
 kernels as for plain tensors, and keeps its state for the local shard only:
 
-* **Element-wise optimizers** (AdamW 8-bit, paged, SGD) need nothing from other ranks: the update
+* **Element-wise optimizers** (AdamW 8-bit and 4-bit, paged, SGD) need nothing from other ranks: the update
   of an element depends on that element alone. Block-wise 8-bit state is laid out per shard (blocks
   of 256 over the local shard, flattened), padded to the same length on every rank; state dicts
   present it so a checkpoint loads on another world size (row form, below).
@@ -25,9 +25,10 @@ rank's shard and reshards it on load (:func:`wrap_state`, :func:`unwrap_state`):
 =================  ==================================================================
 ``"blocks"``       params sharded along dim 0 only (FSDP2; :func:`row_form`): codes of the
                    param's shape and placements, their absmax as per-row scales
-                   ``(shape[0], 2 + W)`` with the param's placements (:mod:`.reshard`): a
-                   checkpoint loads on any world size. Other shardings: codes flat,
-                   ``(shards * L,)``, ``Shard(0)`` on each mesh dim that shards the param
+                   ``(shape[0], 2 + W)`` with the param's placements (:mod:`.reshard`; 4-bit
+                   codes unpacked to one per element): a checkpoint loads on any world
+                   size. Other shardings: codes flat, ``(shards * L,)``, ``Shard(0)`` on
+                   each mesh dim that shards the param
                    (``L``: padded local length, :func:`block_state_len`); their absmax flat,
                    ``(shards * L / 256,)``, same placements
 ``"row"``          ``shape[:-1]``: the param's placements, ``Replicate`` where it shards dim -1
@@ -53,7 +54,7 @@ import torch
 
 from ..kernels.codec import BLOCK_SIZE
 from .layout import StateSpec
-from .reshard import blocks_from_rows, row_width, rows_from_blocks
+from .reshard import CODEC4, CODEC8, Codec, blocks_from_rows, row_width, rows_from_blocks
 
 __all__ = [
     "SumReduce",
@@ -301,6 +302,12 @@ def _normalized(layout: Mapping[str, StateSpec | str]) -> tuple[dict[str, str], 
     return axes, pairs
 
 
+def _codec(layout: Mapping[str, StateSpec | str], codes_key: str) -> tuple[Codec, bool]:
+    """``(codec, signed)`` of the codes ``codes_key`` (:data:`.reshard.CODEC4` for 4-bit codes)."""
+    spec = layout[codes_key]
+    return (CODEC4 if spec.bits == 4 else CODEC8), spec.signed
+
+
 def _as_dtensor(param, value: torch.Tensor, placements, shape) -> torch.Tensor:
     return DTensor.from_local(value, param.device_mesh, placements, run_check=False, shape=torch.Size(shape),
                               stride=_contiguous_stride(shape))
@@ -322,7 +329,7 @@ def wrap_state(param: torch.Tensor, state: dict, layout: Mapping[str, StateSpec 
     out, in_rows = {}, set()
     for key, value in state.items():
         if rows and key in pairs and pairs[key] in state:
-            out.update(_row_form_pair(param, key, value, pairs[key], state[pairs[key]]))
+            out.update(_row_form_pair(param, key, value, pairs[key], state[pairs[key]], *_codec(layout, key)))
             in_rows |= {key, pairs[key]}
         elif key not in in_rows:
             spec = _spec(param, axes.get(key, "param"), value) if isinstance(value, torch.Tensor) else None
@@ -332,18 +339,31 @@ def wrap_state(param: torch.Tensor, state: dict, layout: Mapping[str, StateSpec 
     return out
 
 
-def _row_form_pair(param, codes_key: str, codes: torch.Tensor, absmax_key: str, absmax: torch.Tensor) -> dict:
-    """``{codes_key: codes of the param's shape, absmax_key: scales per row}`` as DTensors (views, and one small
-    ``(rows, width)`` tensor)."""
+def _row_form_pair(param, codes_key: str, codes: torch.Tensor, absmax_key: str, absmax: torch.Tensor,
+                   codec: Codec, signed: bool) -> dict:
+    """``{codes_key: codes of the param's shape, absmax_key: scales per row}`` as DTensors (8-bit codes: views,
+    and one small ``(rows, width)`` tensor; 4-bit codes are unpacked to one per element, a copy)."""
     shard = local(param)
     shape = tuple(shard.shape)
-    codes = codes[: shard.numel()].view(shape)
-    scales = rows_from_blocks(absmax, shape, row_width(tuple(param.shape)))
+    codes = codec.unpack(codes, shard.numel(), signed)[: shard.numel()].view(shape)
+    scales = rows_from_blocks(absmax, shape, row_width(tuple(param.shape), codec.block), codec.block)
     placements = list(param.placements)
     return {
         codes_key: _as_dtensor(param, codes, placements, tuple(param.shape)),
         absmax_key: _as_dtensor(param, scales, placements, (param.shape[0], scales.shape[1])),
     }
+
+
+def _check_codes(codes: torch.Tensor, codec: Codec, pid, key: str) -> None:
+    """``ValueError`` when codes in row form cannot be ``codec``'s (4-bit codes: int8 -8..7 or uint8 0..15)."""
+    if codec is not CODEC4 or codes.numel() == 0:
+        return
+    low, high = (-8, 7) if codes.dtype == torch.int8 else (0, 15)
+    if codes.dtype not in (torch.int8, torch.uint8) or int(codes.min()) < low or int(codes.max()) > high:
+        raise ValueError(
+            f"Invalid optimizer state dict: param {pid!r} state {key!r} holds {codes.dtype} codes outside the 4-bit "
+            f"range {low}..{high} (8-bit codes? load an AdamW8bit state dict into adamw_8bit)."
+        )
 
 
 def unwrap_state(param: torch.Tensor, state: dict, pid, layout: Mapping[str, StateSpec | str]) -> dict:
@@ -365,7 +385,10 @@ def unwrap_state(param: torch.Tensor, state: dict, pid, layout: Mapping[str, Sta
                     f"Invalid optimizer state dict: param {pid!r} state {codes_key!r} is {tuple(codes.shape)} in row "
                     f"form, expected this run's shard shape {tuple(local(param).shape)}."
                 )
-            state[codes_key], state[absmax_key], _ = blocks_from_rows(codes, scales, block_state_len(param))
+            codec = _codec(layout, codes_key)[0]
+            _check_codes(codes, codec, pid, codes_key)
+            flat, state[absmax_key], _ = blocks_from_rows(codes, scales, block_state_len(param), codec)
+            state[codes_key] = codec.pack(flat)
     flat = [key for key in state if axes.get(key) == "blocks" and isinstance(state[key], torch.Tensor)
             and key not in pairs.values() and not row_form(param)]
     if is_dtensor(param) and flat and saved is not None:
