@@ -17,9 +17,9 @@ after ``on_fit_start``) loads into it.
 Every other job is a callback of its own, which ``setup`` puts into ``trainer.callbacks`` right after
 this one (:attr:`LowMemOptimizerCallback.parts`), so the Trainer calls each of their hooks itself, as it
 does for any callback (a forwarder would have to know every hook; a part in ``trainer.callbacks`` is seen,
-ordered and checkpointed by Lightning like the user's own): :class:`~.strategy_check.FSDP1Check`, :class:`~.release.GradientReleaseCallback`
-(``step_in_backward``), :class:`~.monitor.StateMemoryMonitor`, :class:`~.preemption.PreemptionCheckpoint`
-and :class:`~.resume.ResumeCompatibility`.
+ordered and checkpointed by Lightning like the user's own): :class:`~.strategy_check.FSDP1Check`,
+:class:`~.release.GradientReleaseCallback` (``step_in_backward``), :class:`~.monitor.StateMemoryMonitor`,
+:class:`~.preemption.PreemptionCheckpoint` and :class:`~.resume.ResumeCompatibility`.
 """
 
 from __future__ import annotations
