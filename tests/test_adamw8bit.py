@@ -194,6 +194,7 @@ def test_lr_scheduler_takes_effect_next_step():
 def test_hyperparameters_are_runtime_kernel_arguments():
     # Triton specializes constexprs (and small-int properties of int args), never float args, so an
     # LR schedule cannot add a compiled variant; only block sizes and mode switches are constexpr
+    # (STOCHASTIC is the bf16_rounding mode)
     import inspect
 
     import triton
@@ -202,7 +203,7 @@ def test_hyperparameters_are_runtime_kernel_arguments():
     constexprs = {
         name for name, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)
     }
-    assert constexprs == {"PARAM_DTYPE", "GRAD_DTYPE", "QUANTIZED", "ROWS", "BLOCK", "ALIGNED"}
+    assert constexprs == {"PARAM_DTYPE", "GRAD_DTYPE", "QUANTIZED", "ROWS", "BLOCK", "ALIGNED", "STOCHASTIC"}
     mangled = {triton.runtime.jit.mangle_type(lr) for lr in (1e-3, 3e-4, 0.1, 1.0, 0.0)}
     assert mangled == {"fp32"}
 
