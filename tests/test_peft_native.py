@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from peft.tuners.lora import Linear as PeftLoraLinear
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import lowmem_lightning.quant.linear4bit as linear4bit_module
+import lowmem_lightning.quant.convert as convert_module
 from lowmem_lightning.quant import (
     LLAMA_TARGET_MODULES,
     Linear4bit,
@@ -202,12 +202,12 @@ def test_all_linear_and_a_loaded_checkpoint(dense_llama, tmp_path):
 def test_merged_model_is_no_longer_4bit_and_exports_without_bitsandbytes(dense_llama, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # a machine without bitsandbytes
     model = _base(dense_llama)
-    monkeypatch.setattr(linear4bit_module, "_WARNED_NO_BITSANDBYTES", [])
+    monkeypatch.setattr(convert_module, "_WARNED_NO_BITSANDBYTES", [])
     with pytest.warns(UserWarning, match="gradient_checkpointing_enable"):
         assert not model.is_loaded_in_4bit  # else transformers' num_parameters() would import bitsandbytes
     assert model.num_parameters() > 0  # what the HF Trainer calls every step
     monkeypatch.delitem(sys.modules, "bitsandbytes")
-    monkeypatch.setattr(linear4bit_module, "_bitsandbytes_installed", lambda: True)  # a machine with it
+    monkeypatch.setattr(convert_module, "_bitsandbytes_installed", lambda: True)  # a machine with it
     assert model.is_loaded_in_4bit
     partial = get_peft_model(model, _config(target_modules=["q_proj"])).merge_and_unload()
     assert partial.is_loaded_in_4bit  # k, v, o, gate, up, down are still 4-bit

@@ -56,15 +56,8 @@ empty, truncated or foreign model file; :class:`NonFiniteWeightError` for nan/in
 path load with either.
 """
 
-from .linear4bit import (
-    Linear4bit,
-    LoadedIn4bit,
-    NF4WeightHandle,
-    NonFiniteWeightError,
-    linear4bit_bytes,
-    mark_loaded_in_4bit,
-    quantize_model,
-)
+from .convert import LoadedIn4bit, mark_loaded_in_4bit, quantize_model
+from .linear4bit import Linear4bit, NF4WeightHandle, NonFiniteWeightError, linear4bit_bytes
 from .loading import ModelFileError, NonFiniteCheckpointError, load_pretrained_causal_lm, random_causal_lm
 from .lora import LLAMA_TARGET_MODULES, LoraLinear4bit, add_lora, load_lora, register_peft_custom_module
 

@@ -1,4 +1,5 @@
-"""``Linear4bit``: a frozen linear layer whose weight is stored in NF4 (QLoRA), and ``quantize_model``.
+"""``Linear4bit``: a frozen linear layer whose weight is stored in NF4 (QLoRA); whole models:
+:mod:`~lowmem_lightning.quant.convert`.
 
 The weight lives as buffers (packed 4-bit codes and block scales, see
 :mod:`lowmem_lightning.kernels.nf4`), ~0.516 bytes per weight with block 64 and double quantization.
@@ -21,12 +22,7 @@ merge, and only the merged layers become dense.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import sys
-import warnings
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -40,8 +36,7 @@ from lowmem_lightning.kernels.nf4 import (
     quantize_nf4,
 )
 
-__all__ = ["Linear4bit", "NF4WeightHandle", "LoadedIn4bit", "quantize_model", "linear4bit_bytes",
-           "mark_loaded_in_4bit", "NonFiniteWeightError"]
+__all__ = ["Linear4bit", "NF4WeightHandle", "linear4bit_bytes", "NonFiniteWeightError"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _QUANT_BUFFERS = ("qweight", "absmax", "qscale", "scale_step", "scale_mean")
@@ -509,130 +504,8 @@ def _empty_on(device):
     return lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _check_skip(skip) -> tuple[str, ...]:
-    if isinstance(skip, str):
-        skip = (skip,)
-    if not isinstance(skip, Iterable) or not all(isinstance(s, str) for s in skip):
-        raise TypeError(f"Invalid skip={skip!r}: expected a sequence of module names (str).")
-    return tuple(skip)
-
-
-def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
-def quantize_model(
-    model: nn.Module,
-    skip: Iterable[str] = ("lm_head",),
-    block_size: int = 64,
-    double_quant: bool = True,
-    compute_dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` by a frozen :class:`Linear4bit`, in place; returns ``model``
-    (marked ``is_loaded_in_4bit`` when a layer was replaced, see :func:`mark_loaded_in_4bit`).
-
-    A layer is kept when its qualified name equals an entry of ``skip`` or ends with ``"." + entry``
-    (``"lm_head"`` keeps ``model.lm_head``). Each weight is quantized on its own device (Triton on
-    CUDA) and released as soon as its layer is replaced; meta weights give meta layers (shapes only).
-
-    Before any layer is replaced, the weight and bias of every layer to quantize are checked for nan /
-    +-inf (one min/max reduction each, one host sync for all): any found raise
-    :class:`NonFiniteWeightError` naming each tensor (``model.layers.3.mlp.down_proj.weight``) and its
-    count, and ``model`` is left unchanged. Other parameters (embeddings, norms, skipped layers) are not
-    transformed here and not checked; :func:`~lowmem_lightning.quant.load_pretrained_causal_lm` checks
-    every tensor it reads.
-    """
-    skip = _check_skip(skip)
-    _check_options(block_size, double_quant, compute_dtype)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    targets = [
-        (name, module) for name, module in model.named_modules()
-        if type(module) is nn.Linear and not _is_skipped(name, skip)
-    ]
-    named = [pair for name, linear in targets if linear.weight.device.type != "meta"
-             for pair in _linear_tensors(name, linear)]
-    _refuse_nonfinite(named, "quantize_model")
-    del named
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, Linear4bit._quantized_copy(linear, block_size, double_quant, compute_dtype))
-    if targets:
-        mark_loaded_in_4bit(model)
-    return model
-
-
 def _linear_tensors(name: str, linear: nn.Linear) -> list[tuple[str, torch.Tensor]]:
     """(qualified name, tensor) of ``linear``'s weight and bias (when it has one)."""
     prefix = f"{name}." if name else ""
     pairs = [(f"{prefix}weight", linear.weight)]
     return pairs + ([(f"{prefix}bias", linear.bias)] if linear.bias is not None else [])
-
-
-def mark_loaded_in_4bit(model: nn.Module) -> nn.Module:
-    """Set ``model.is_loaded_in_4bit`` (an instance attribute, a :class:`LoadedIn4bit`), the flag with
-    which transformers models loaded in 4 bits tell peft so: ``peft.prepare_model_for_kbit_training``
-    then enables input gradients and gradient checkpointing, and ``PeftModel`` leaves them to it.
-    Returns ``model``.
-
-    The flag is true only while ``model`` holds a 4-bit :class:`Linear4bit` (once ``merge_and_unload``
-    made every one dense it is false) *and* bitsandbytes can be imported: transformers reads the flag
-    too, and its ``num_parameters()`` (the HF ``Trainer``'s FLOP count at every step, ``save_pretrained``
-    of a sharded checkpoint) imports bitsandbytes when it is true. Without bitsandbytes the flag is
-    false, so those keep working, and the first read warns once that ``prepare_model_for_kbit_training``
-    will then not enable gradient checkpointing and input gradients (call
-    ``model.gradient_checkpointing_enable()`` and ``model.enable_input_require_grads()`` yourself).
-    """
-    model.is_loaded_in_4bit = LoadedIn4bit(model)
-    return model
-
-
-def _bitsandbytes_importable() -> bool:
-    """Whether ``import bitsandbytes`` would succeed (it is not imported). Warns once when not:
-    transformers' ``num_parameters()`` imports it for a model marked 4-bit."""
-    if "bitsandbytes" in sys.modules:
-        found = sys.modules["bitsandbytes"] is not None
-    else:
-        found = _bitsandbytes_installed()
-    if not found and not _WARNED_NO_BITSANDBYTES:
-        _WARNED_NO_BITSANDBYTES.append(True)
-        warnings.warn(
-            "lowmem_lightning: model.is_loaded_in_4bit reads False because bitsandbytes is not installed "
-            "(transformers' num_parameters(), which the HF Trainer calls every step, imports it for 4-bit "
-            "models). peft.prepare_model_for_kbit_training therefore does not enable gradient checkpointing: "
-            "call model.gradient_checkpointing_enable() and model.enable_input_require_grads() yourself.",
-            stacklevel=3,
-        )
-    return found
-
-
-_WARNED_NO_BITSANDBYTES: list[bool] = []
-
-
-@functools.cache
-def _bitsandbytes_installed() -> bool:
-    return importlib.util.find_spec("bitsandbytes") is not None
-
-
-class LoadedIn4bit:
-    """The value of ``model.is_loaded_in_4bit``: true while ``model`` has a :class:`Linear4bit` whose
-    weight is still 4-bit (peft and transformers test it by truth value; ``== True`` works too)."""
-
-    __slots__ = ("_model",)
-
-    def __init__(self, model: nn.Module) -> None:
-        self._model = model
-
-    def __bool__(self) -> bool:
-        if not any(isinstance(m, Linear4bit) and m.is_quantized for m in self._model.modules()):
-            return False
-        return _bitsandbytes_importable()
-
-    def __eq__(self, other) -> bool:
-        return bool(self) == other
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return repr(bool(self))

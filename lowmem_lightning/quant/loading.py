@@ -31,17 +31,15 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
+from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit
 from .linear4bit import (
     _QUANT_BUFFERS,
     Linear4bit,
     NonFiniteWeightError,
     _check_options,
-    _check_skip,
     _describe_nonfinite,
     _flagged,
-    _is_skipped,
     _nonfinite_flag,
-    mark_loaded_in_4bit,
 )
 
 __all__ = ["load_pretrained_causal_lm", "random_causal_lm", "checkpoint_files", "ModelFileError",
