@@ -96,12 +96,22 @@ def test_m_code_is_unbiased_and_v_code_never_decodes_zero():
     assert ((back[big] / v[big]) ** 0.25 - 1).abs().max() < 1 / 16 / 0.3  # within half a level of the root
 
 
-def test_pack_and_unpack_nibbles_round_trip():
-    nibbles = torch.randint(0, 16, (3, 128), dtype=torch.int32)
+@pytest.mark.parametrize("shape", [(3, 128), (77,), (5, 6, 2)])
+def test_pack_and_unpack_nibbles_round_trip(shape):
+    """Element ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the high one, every byte checked (the
+    packers reinterpret int16 views on little-endian hosts); non-contiguous inputs too."""
+    nibbles = torch.randint(0, 16, shape[:-1] + (2 * shape[-1],), dtype=torch.int32)
     packed = kernel.pack_nibbles_reference(nibbles)
-    assert packed.shape == (3, 64) and packed.dtype == torch.uint8
-    assert torch.equal(packed[:, 0], (nibbles[:, 0] | (nibbles[:, 1] << 4)).to(torch.uint8))
+    assert packed.shape == shape and packed.dtype == torch.uint8
+    assert torch.equal(packed, (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).to(torch.uint8))
     assert torch.equal(kernel.unpack_nibbles_reference(packed), nibbles)
+    strided = torch.randint(0, 256, shape[:-1] + (2 * shape[-1],), dtype=torch.uint8)[..., ::2]
+    unpacked = kernel.unpack_nibbles_reference(strided)
+    assert torch.equal(unpacked[..., 0::2], strided.to(torch.int32) & 15)
+    assert torch.equal(unpacked[..., 1::2], strided.to(torch.int32) >> 4)
+    wide = torch.zeros(shape[:-1] + (4 * shape[-1],), dtype=torch.int32)
+    wide[..., ::2] = unpacked
+    assert torch.equal(kernel.pack_nibbles_reference(wide[..., ::2]), strided)
 
 
 def _noisy_quadratic(size: int, steps: int, build):
