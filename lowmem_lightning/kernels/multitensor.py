@@ -10,12 +10,22 @@ Tensors whose data pointers are 16-byte aligned and whose sizes are multiples of
 almost every LLM tensor) go to the kernel's ``ALIGNED=True`` variant, which tells the compiler so
 (``tl.multiple_of`` on the table-loaded pointers and the element count): its loads and stores are
 vector instructions (``ld.global.v4``), where the general variant issues one scalar access per element.
+
+Persistent launches (issue 24): a family that also has a persistent kernel (``persistent_kernel`` of
+:func:`launch_over`, e.g. AdamW 8-bit) can run it on a grid of :func:`persistent_programs` programs
+(``programs_per_sm`` per streaming multiprocessor) that loop over the tile table, each issuing the loads of
+its next tile before it computes the current one (register double-buffering). It is off by default
+(``programs_per_sm=0``: one program per tile) until a GPU run shows it faster; ``LOWMEM_PERSISTENT_PROGRAMS_PER_SM``
+sets it once at import, :func:`configure_persistent` / :func:`persistent` change it. Both kernels compute
+the same bits (``tests/test_persistent_kernel.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -26,7 +36,9 @@ from .aot import signature_of
 from .dispatch import triton_dtype
 
 __all__ = ["PARAM_GRAD_DTYPE_PAIRS", "VECTOR_BYTES", "is_aligned", "launch_over", "tile_map",
-           "launch_table", "kernel_inputs", "copy_back", "aot_spec", "as_fp32", "table_pointer", "tile_header"]
+           "launch_table", "kernel_inputs", "copy_back", "aot_spec", "as_fp32", "table_pointer", "tile_header",
+           "tile_header_at", "PERSISTENT_TABLE_TYPES", "persistent_programs", "programs_per_sm",
+           "configure_persistent", "persistent"]
 
 PARAM_GRAD_DTYPE_PAIRS = [
     (torch.float32, torch.float32),
@@ -47,6 +59,64 @@ VECTOR_BYTES = 16
 
 TABLE_TYPES = {"table_ptr": "*i64", "tile_owner_ptr": "*i32", "T": "i32"}
 """Triton types of the launch-table arguments every multi-tensor kernel starts with (the rest: fp32 scalars)."""
+
+PERSISTENT_TABLE_TYPES = {**TABLE_TYPES, "num_tiles": "i32"}
+"""The same for a persistent kernel, which also takes the number of tiles it loops over."""
+
+
+def _programs_per_sm_from_env(env=os.environ) -> int:
+    """``LOWMEM_PERSISTENT_PROGRAMS_PER_SM`` as an int >= 0 (default 0: persistent launches off)."""
+    raw = env.get("LOWMEM_PERSISTENT_PROGRAMS_PER_SM", "0")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"Invalid LOWMEM_PERSISTENT_PROGRAMS_PER_SM={raw!r}: expected an int >= 0 (0 = off).")
+    return value
+
+
+_programs_per_sm = _programs_per_sm_from_env()
+
+
+def programs_per_sm() -> int:
+    """Persistent programs per streaming multiprocessor in force (0: one program per tile)."""
+    return _programs_per_sm
+
+
+def configure_persistent(value: int) -> int:
+    """Set the persistent programs per SM (an int >= 0; 0 turns persistent launches off); returns the previous
+    value. ``ValueError`` names the argument otherwise."""
+    global _programs_per_sm
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Invalid programs_per_sm={value!r}: expected an int >= 0 (0 = one program per tile).")
+    previous, _programs_per_sm = _programs_per_sm, value
+    return previous
+
+
+@contextlib.contextmanager
+def persistent(value: int) -> Iterator[int]:
+    """``with persistent(4): ...`` — :func:`configure_persistent` inside the block only."""
+    previous = configure_persistent(value)
+    try:
+        yield value
+    finally:
+        configure_persistent(previous)
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device``; 1 elsewhere (the interpreter runs programs one by one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def persistent_programs(num_tiles: int, device: torch.device, per_sm: int | None = None) -> int:
+    """Grid of a persistent launch over ``num_tiles`` tiles: ``per_sm`` (default :func:`programs_per_sm`) programs
+    per multiprocessor of ``device`` (1 multiprocessor off CUDA), at most one per tile; 0 when ``per_sm`` is 0."""
+    per_sm = _programs_per_sm if per_sm is None else per_sm
+    return min(num_tiles, per_sm * _multiprocessors(torch.device(device)))
 
 
 def aot_spec(kernel, param_dtype: torch.dtype, grad_dtype: torch.dtype, aligned: bool, **constexprs) -> tuple:
@@ -102,7 +172,7 @@ def copy_back(dst: torch.Tensor, work: torch.Tensor) -> None:
 
 
 def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, scalars: NamedTuple, tile_elements: int,
-                **constexprs) -> None:
+                persistent_kernel=None, **constexprs) -> None:
     """One launch of a multi-tensor ``kernel`` over ``params`` (one group), in place.
 
     The launch table's rows are: param and grad pointers, the kernel's ``state_rows`` (lists of
@@ -111,7 +181,9 @@ def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, sca
     called as ``kernel[(tiles,)](table, owner, T, **scalars._asdict(), PARAM_DTYPE, GRAD_DTYPE,
     **constexprs)``: the scalars by name, so a NamedTuple whose fields do not name the kernel's
     arguments fails loudly. Non-contiguous params are updated through contiguous copies
-    (:func:`kernel_inputs`, :func:`copy_back`).
+    (:func:`kernel_inputs`, :func:`copy_back`). With a ``persistent_kernel`` (same arguments plus
+    ``num_tiles`` after ``T``) and :func:`programs_per_sm` > 0, that kernel runs instead on
+    :func:`persistent_programs` programs, each looping over tiles ``pid, pid + grid, ...``.
     """
     device = params[0].device
     work, grads = kernel_inputs(params, grads)
@@ -122,11 +194,15 @@ def launch_over(kernel, params, grads, state_rows, steps, flags, per_tensor, sca
     rows = [[p.data_ptr() for p in work], [g.data_ptr() for g in grads], *state_rows,
             [s.data_ptr() for s in steps], [f.data_ptr() for f in flags], numels, firsts,
             [int(x) for x in per_tensor]]
-    kernel[(num_tiles,)](
-        launch_table(rows, device), owner, len(work), **scalars._asdict(),
-        PARAM_DTYPE=triton_dtype(work[0].dtype), GRAD_DTYPE=triton_dtype(grads[0].dtype),
-        **constexprs, enable_fp_fusion=False,
-    )
+    table = launch_table(rows, device)
+    dtypes = {"PARAM_DTYPE": triton_dtype(work[0].dtype), "GRAD_DTYPE": triton_dtype(grads[0].dtype)}
+    programs = persistent_programs(num_tiles, device) if persistent_kernel is not None else 0
+    if programs:
+        persistent_kernel[(programs,)](table, owner, len(work), num_tiles, **scalars._asdict(), **dtypes,
+                                       **constexprs, enable_fp_fusion=False)
+    else:
+        kernel[(num_tiles,)](table, owner, len(work), **scalars._asdict(), **dtypes, **constexprs,
+                             enable_fp_fusion=False)
     for param, w in zip(params, work):
         copy_back(param, w)
 
@@ -155,7 +231,15 @@ def table_pointer(table_ptr, T, t, row, DTYPE: tl.constexpr, ALIGNED: tl.constex
 @triton.jit
 def tile_header(table_ptr, tile_owner_ptr, T, STATE_ROWS: tl.constexpr, PARAM_DTYPE: tl.constexpr,
                 GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """This program's tensor and tile, read from the table :func:`launch_over` built.
+    """This program's tensor and tile: :func:`tile_header_at` of tile ``program_id(0)``."""
+    return tile_header_at(table_ptr, tile_owner_ptr, T, tl.program_id(0), STATE_ROWS, PARAM_DTYPE, GRAD_DTYPE,
+                          ALIGNED)
+
+
+@triton.jit
+def tile_header_at(table_ptr, tile_owner_ptr, T, tile_id, STATE_ROWS: tl.constexpr, PARAM_DTYPE: tl.constexpr,
+                   GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The tensor and tile of tile ``tile_id`` (of all tensors), read from the table :func:`launch_over` built.
 
     Returns ``(t, param_ptr, grad_ptr, step_ptr, n, n_write, tile, per_tensor)``: the tensor index, its
     param and grad pointers, its 0-d fp32 step, its element count ``n``, ``n_write`` (``n``, or 0 when
@@ -164,8 +248,7 @@ def tile_header(table_ptr, tile_owner_ptr, T, STATE_ROWS: tl.constexpr, PARAM_DT
     (read with :func:`table_pointer` at rows ``2 .. 1 + STATE_ROWS``). With ``ALIGNED``, ``n`` and
     ``n_write`` are known multiples of 16 and the param and grad pointers 16-byte aligned.
     """
-    pid = tl.program_id(0)
-    t = tl.load(tile_owner_ptr + pid).to(tl.int64)
+    t = tl.load(tile_owner_ptr + tile_id).to(tl.int64)
     param_ptr = table_pointer(table_ptr, T, t, 0, PARAM_DTYPE, ALIGNED)
     grad_ptr = table_pointer(table_ptr, T, t, 1, GRAD_DTYPE, ALIGNED)
     step_ptr = table_pointer(table_ptr, T, t, 2 + STATE_ROWS, tl.float32, False)
@@ -177,4 +260,4 @@ def tile_header(table_ptr, tile_owner_ptr, T, STATE_ROWS: tl.constexpr, PARAM_DT
     if ALIGNED:  # the launcher checked is_aligned: the masks are uniform over 16 elements
         n = tl.multiple_of(n, 16)
         n_write = tl.multiple_of(n_write, 16)
-    return t, param_ptr, grad_ptr, step_ptr, n, n_write, pid - first_tile, per_tensor
+    return t, param_ptr, grad_ptr, step_ptr, n, n_write, tile_id - first_tile, per_tensor

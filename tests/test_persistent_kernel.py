@@ -1,0 +1,144 @@
+"""Issue 24 (2): the persistent AdamW 8-bit kernel and the finite check read from a clipping norm.
+
+The persistent kernel (programs that loop over the tile table, loading the next tile before computing the
+current one) runs under the Triton interpreter here and must store exactly the bits of the reference (and so
+of the one-program-per-tile kernel, which ``test_adamw8bit.py`` holds to the reference): every
+(param, grad) dtype pair, odd and aligned sizes, unaligned pointers, many tensors per launch, grids that make
+one program walk across several tensors, a non-finite gradient in the middle of a launch.
+"""
+
+import pytest
+import torch
+
+from lowmem_lightning.kernels import adamw8bit as kernel
+from lowmem_lightning.kernels import dispatch, multitensor
+from lowmem_lightning.kernels.multitensor import PARAM_GRAD_DTYPE_PAIRS, persistent
+from lowmem_lightning.optim.adamw8bit import AdamW8bit
+
+# 8-bit state: odd (general kernel), multiples of 16 (aligned kernel); fp32 state below 4096 elements
+SHAPES = [(4097,), (1000, 5), (4096,), (64, 80), (7, 11), (33,), (16, 16)]
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _params(dtype, shapes, seed=0, offset=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        n = torch.Size(shape).numel()
+        if offset:  # a view one element into its storage: an unaligned data pointer
+            flat = (torch.randn(n + 1, generator=g) * 0.5).to(dtype)[1:]
+            out.append(torch.nn.Parameter(flat.view(shape)))
+        else:
+            out.append(torch.nn.Parameter((torch.randn(shape, generator=g) * 0.5).to(dtype)))
+    return out
+
+
+def _run(params, steps, grad_dtype, bad_at=None):
+    """``steps`` AdamW8bit steps with seeded grads; ``bad_at=(step, index)`` puts an inf in one gradient."""
+    opt = AdamW8bit(params, lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    for p in params:
+        p.grad_dtype = None
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = (torch.randn(p.shape, generator=g) * 0.1).to(grad_dtype)
+            if bad_at == (step, i):
+                p.grad.view(-1)[3] = float("inf")
+        opt.step()
+    return opt
+
+
+def _assert_same(params_a, opt_a, params_b, opt_b):
+    for i, (a, b) in enumerate(zip(params_a, params_b)):
+        assert torch.equal(_bits(a), _bits(b)), f"param {i} {tuple(a.shape)} differs"
+        for key, value in opt_b.state[b].items():
+            assert torch.equal(_bits(opt_a.state[a][key]), _bits(value)), f"param {i} state {key!r} differs"
+
+
+class _Spy:
+    """Records the grids a Triton kernel is launched with."""
+
+    def __init__(self, fn):
+        self.fn, self.grids = fn, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.fn[grid]
+
+
+def _persistent_vs_reference(monkeypatch, param_dtype, grad_dtype, shapes, per_sm, steps=2, bad_at=(1, 1),
+                             offset=False):
+    spy = _Spy(kernel._adamw8bit_persistent_kernel)
+    monkeypatch.setattr(kernel, "_adamw8bit_persistent_kernel", spy)
+    tri_params = _params(param_dtype, shapes, offset=offset)
+    with dispatch.override(force_triton=True), persistent(per_sm):
+        tri = _run(tri_params, steps, grad_dtype, bad_at)
+    ref_params = _params(param_dtype, shapes, offset=offset)
+    ref = _run(ref_params, steps, grad_dtype, bad_at)
+    _assert_same(tri_params, tri, ref_params, ref)
+    start = _params(param_dtype, shapes, offset=offset)
+    moved = [i for i, (p, p0) in enumerate(zip(tri_params, start)) if not torch.equal(p, p0)]
+    assert moved, "nothing was updated"
+    assert spy.grids, "the persistent kernel was not launched"
+    return spy.grids, tri
+
+
+@pytest.mark.parametrize("param_dtype, grad_dtype", PARAM_GRAD_DTYPE_PAIRS)
+def test_persistent_kernel_equals_reference_every_dtype_pair(monkeypatch, param_dtype, grad_dtype):
+    # launch groups (quantized x aligned): 5 + 5, 4 + 5 tiles, 1 + 1 and 1 (fp32 state); 3 programs walk across
+    # tensors in the 8-bit groups
+    grids, opt = _persistent_vs_reference(monkeypatch, param_dtype, grad_dtype, SHAPES, per_sm=3)
+    assert max(grids) == (3,) and min(grids) >= (1,), grids  # launches of fewer tiles get fewer programs
+    assert opt.skipped_updates == 1
+
+
+@pytest.mark.parametrize("per_sm", [1, 2, 64])
+def test_grid_sizes_one_program_to_one_per_tile(monkeypatch, per_sm):
+    # one program walks every tile; two alternate; 64 > tiles: one tile each (the grid is capped at the tiles).
+    # Launch groups: unaligned 4097 + 5000 elements (5 + 5 tiles of 1024), aligned 4096 + 5120 (4 + 5 tiles)
+    grids, _ = _persistent_vs_reference(monkeypatch, torch.bfloat16, torch.bfloat16, SHAPES[:4], per_sm=per_sm,
+                                        steps=2, bad_at=(0, 2))
+    assert set(grids) == {(min(per_sm, 10),), (min(per_sm, 9),)}, grids
+
+
+def test_many_tensors_and_unaligned_pointers(monkeypatch):
+    # 40 tensors of fp32 state (one tile each) and 3 quantized ones, every pointer one element off alignment:
+    # each of the 3 programs skips over two tensors between its tiles
+    shapes = [(17 + 13 * i,) for i in range(40)] + [(4096,), (4112,), (5000,)]
+    grids, opt = _persistent_vs_reference(monkeypatch, torch.float32, torch.bfloat16, shapes, per_sm=3,
+                                          bad_at=(1, 41), offset=True)
+    assert max(grids) == (3,), grids
+    assert all(p.data_ptr() % 16 for p in opt.param_groups[0]["params"])
+
+
+def test_non_persistent_path_is_used_when_off(monkeypatch):
+    spy = _Spy(kernel._adamw8bit_persistent_kernel)
+    monkeypatch.setattr(kernel, "_adamw8bit_persistent_kernel", spy)
+    params = _params(torch.float32, [(4096,)])
+    with dispatch.override(force_triton=True), persistent(0):
+        _run(params, 1, torch.float32)
+    assert spy.grids == []
+
+
+def test_persistent_setting_is_validated(monkeypatch):
+    for bad in (-1, 1.5, True, "4"):
+        with pytest.raises(ValueError, match=r"programs_per_sm=.*int >= 0"):
+            multitensor.configure_persistent(bad)
+    with pytest.raises(ValueError, match=r"LOWMEM_PERSISTENT_PROGRAMS_PER_SM='x'"):
+        multitensor._programs_per_sm_from_env({"LOWMEM_PERSISTENT_PROGRAMS_PER_SM": "x"})
+    assert multitensor._programs_per_sm_from_env({"LOWMEM_PERSISTENT_PROGRAMS_PER_SM": "4"}) == 4
+    assert multitensor._programs_per_sm_from_env({}) == 0
+    assert multitensor.persistent_programs(10, torch.device("cpu"), per_sm=4) == 4
+    assert multitensor.persistent_programs(3, torch.device("cpu"), per_sm=4) == 3
+    assert multitensor.persistent_programs(10, torch.device("cpu"), per_sm=0) == 0
