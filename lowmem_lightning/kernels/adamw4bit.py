@@ -37,6 +37,7 @@ File order: Triton kernel, PyTorch reference, launcher.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -414,8 +415,11 @@ _BUCKET_STEP = HostStep(_bucket_step_4bit)
 """The bucket step, compiled (once, ``dynamic=True``) on first use where dispatch says so."""
 
 
+@functools.lru_cache(maxsize=256)
 def _codes_layout(layout: Bucket) -> Bucket:
-    """The bucket of the packed codes matching the param bucket ``layout`` (half the elements per row)."""
+    """The bucket of the packed codes matching the param bucket ``layout`` (half the elements per row);
+    cached per ``layout`` (the buckets of :func:`.cpu_buckets.plan` are cached, and building one costs two
+    small tensor ops per call: 10% of the compiled CPU step at 4M params)."""
     pieces = tuple((i, start // 2, packed_len(numel)) for i, start, numel in layout.pieces)
     return Bucket(pieces, BLOCK4 // 2, layout.in_place)
 
