@@ -25,18 +25,21 @@ and the tensor index. A 0/1 ``flag`` (non-finite guard) leaves params and every 
 
 Passes over the gradient (the math has two global reductions in sequence, the statistics and the
 RMS of ``u``, so it needs three): factored tensors take exactly three and five launches, the first
-three being the shared statistics kernels of :mod:`.factored`:
+four being the shared statistics kernels of :mod:`.factored`. Each launch covers every tensor of a
+group (:func:`.factored.group_key`; a launch table and a tile map per pass), so a step of a model's
+matrices is five launches, not five per tensor:
 
-1. ``sq_stats_kernel`` (tiles of BLOCK_R rows looping over all columns): row sums of ``q`` and the
+1. ``sq_stats_kernel`` (tiles of BLOCK_R = 64 rows looping over all columns): row sums of ``q`` and the
    row EMA in-register, column partial sums per row tile, sum of ``p^2`` (for ``scale_parameter``).
-2. ``sq_finalize_kernel``: column EMA from the partials, the row/column factors ``rf``, ``cf`` (O(R + C)).
+2. ``sq_finalize_kernel``: column EMA from the partials (added 32 partial rows at a time), the
+   row/column factors ``rf``, ``cf`` (O(R + C)).
 3. ``clip_stats_kernel``: partial sums of ``u^2``.
-4. ``scalars_kernel`` (this file, one program; CAME uses it for ``d``): ``lr_t`` and ``d`` from the
+4. ``scalars_kernel`` (one program per tensor; CAME uses it for ``d``): ``lr_t`` and ``d`` from the
    partial sums. Its step-size rule and :func:`step_size_reference` are the rule's only copies.
-5. ``adafactor_update_kernel`` (this file; 256-element blocks, one codec block each): the update.
+5. ``adafactor_update_kernel`` (this file; 8 codec blocks of 256 elements per program): the update.
 
-1-D tensors take two passes (``full_stats_kernel`` updates ``v`` and sums ``u^2``, then the update).
-All reductions are deterministic (partial sums, no atomics).
+1-D tensors take three launches (``full_stats_kernel`` updates ``v`` and sums ``u^2``, the scalars,
+then the update). All reductions are deterministic (partial sums, no atomics).
 
 File order: Triton kernels, PyTorch reference (the step function), launcher.
 """
@@ -51,28 +54,33 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import dtype_variants, signature_of, with_aligned
+from .aot import dtype_variants
 from .codec import BLOCK_SIZE, block_rows
 from .dispatch import Family, HostStep, pack, per_layout, unpack
 from .factored import (
-    FLAT_BLOCK,
-    INT_TYPES,
-    ONE_WARP,
-    block_direction,
+    F_P,
+    F_STEP,
+    F_TIDX,
+    UPDATE_ROWS,
+    UPDATE_WARPS,
     clip_divisor_reference,
-    index_args,
-    inv_sqrt,
+    group_key,
+    group_spec,
     inv_sqrt_reference,
-    launch_second_moment,
-    momentum_block,
+    launch_direction,
+    launch_update,
+    momentum_tile,
     momentum_update_reference,
+    plan_group,
     run_host_step,
     second_moment_reference,
     state_views,
+    tfield,
+    tile_direction,
     total_square_sum_reference,
     write_back,
 )
-from .multitensor import copy_back
+from .multitensor import copy_back, table_pointer
 from .rounding import index_seed, index_seed_reference, masked_reference, round_param_reference, store_param
 
 __all__ = ["AdafactorScalars", "AdafactorModes", "AdafactorHyper", "AdafactorTensors", "ADAFACTOR",
@@ -84,105 +92,58 @@ __all__ = ["AdafactorScalars", "AdafactorModes", "AdafactorHyper", "AdafactorTen
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["tensor_index"])
+@triton.jit
 def adafactor_update_kernel(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    absmax_ptr,
-    v_ptr,
+    table_ptr,
+    owner_ptr,
+    T,
+    rf_ptr,
     cf_ptr,
     scal_ptr,
-    flag_ptr,
-    step_ptr,
-    n,
-    C,
-    inv_c_hi,
-    inv_c_lo,
-    inv_r_hi,
-    inv_r_lo,
     beta1,
     one_minus_beta1,
     weight_decay,
-    tensor_index,
     FACTORED: tl.constexpr,
     MOMENTUM: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     STOCHASTIC: tl.constexpr = True,
 ):
-    """The update (pass 5): one codec block of ``BLOCK`` (= 256) elements per program. ``u`` from the
-    statistics (factored: ``v_ptr``/``cf_ptr`` hold the row/column factors ``rf``/``cf``; flat: ``v``),
-    ``u = u * scal[3]`` (``scal = [lr_t, d, sign / d, sign * lr_t / d]`` from :func:`scalars_kernel`: no
-    division per element; a maximized gradient's sign folded in, bit for bit ``-g``), momentum
-    (``MOMENTUM``: 0 none, 1 fp32, 2 int8 codes), weight decay, the param stored with stochastic
-    rounding. Exactness: the only per-element root/division left is the flat path's ``inv_sqrt``
-    (correctly rounded, branch-free, see :func:`.factored.inv_sqrt`), so the compiled kernel, the
-    interpreter and the reference compute the same fp32 values."""
-    pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
-                                                 inv_r_hi, inv_r_lo, FACTORED, BLOCK)
-    lr_t = tl.load(scal_ptr)
-    u = u * tl.load(scal_ptr + 3)
+    """The update (pass 5), one launch for the group: ``ROWS`` codec blocks of ``BLOCK`` (= 256) elements
+    of one tensor per program. ``u`` from the statistics (factored: the factors ``rf``/``cf`` in the group's
+    scratch; flat: ``v``), ``u = u * scal[4t + 3]`` (``scal = [lr_t, d, sign / d, sign * lr_t / d]`` per
+    tensor from :func:`.factored.scalars_kernel`: no division per element; a maximized gradient's sign
+    folded in, bit for bit ``-g``), momentum (``MOMENTUM``: 0 none, 1 fp32, 2 int8 codes, the absmax of
+    each block a row reduction of the tile), weight decay, the param stored with stochastic rounding.
+    Exactness: the only per-element root/division left is the flat path's ``inv_sqrt`` (correctly
+    rounded, branch-free, see :func:`.factored.inv_sqrt`), so the compiled kernel, the interpreter and
+    the reference compute the same fp32 values."""
+    t, blocks, offs, finite, mask, bmask, u = tile_direction(table_ptr, owner_ptr, T, rf_ptr, cf_ptr, GRAD_DTYPE,
+                                                             FACTORED, ALIGNED, ROWS, BLOCK)
+    lr_t = tl.load(scal_ptr + 4 * t)
+    u = u * tl.load(scal_ptr + 4 * t + 3)
     if MOMENTUM != 0:
-        u = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, MOMENTUM == 2)
+        u = momentum_tile(table_ptr, T, t, blocks, offs, mask, bmask, finite, u, beta1, one_minus_beta1,
+                          MOMENTUM == 2, ALIGNED)
+    p_ptr = table_pointer(table_ptr, T, t, F_P, PARAM_DTYPE, ALIGNED)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr_t)) - u
-    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), STOCHASTIC)
+    step = tl.load(table_pointer(table_ptr, T, t, F_STEP, tl.float32, False))
+    store_param(p_ptr, p, offs, mask, index_seed(step, tfield(table_ptr, T, t, F_TIDX)), STOCHASTIC)
 
 
-@triton.jit
-def scalars_kernel(
-    usq_part_ptr,
-    n_usq,
-    psq_part_ptr,
-    n_psq,
-    step_ptr,
-    out_ptr,
-    elr_ptr,
-    sqrt_n,
-    clip,
-    lr,
-    eps2,
-    relative_step,
-    warmup_init,
-    scale_parameter,
-    write_elr,
-    grad_sign,
-    BLOCK: tl.constexpr,
-):
-    """One program: ``out = [lr_t, d, grad_sign / d, grad_sign * lr_t / d]`` from the partial sums (step
-    size, clip divisor and the two scalars the update passes multiply ``u`` by, so they divide nothing per
-    element and a maximized gradient costs nothing per element); ``elr <- lr_t`` when ``write_elr``."""
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, n_usq, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        acc += tl.load(usq_part_ptr + idx, mask=idx < n_usq, other=0.0)
-    d = tl.maximum(tl.div_rn(tl.div_rn(tl.sqrt_rn(tl.sum(acc, axis=0)), sqrt_n), clip), 1.0)
-    pacc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, n_psq, BLOCK):
-        idx = i0 + tl.arange(0, BLOCK)
-        pacc += tl.load(psq_part_ptr + idx, mask=idx < n_psq, other=0.0)
-    step = tl.load(step_ptr)
-    min_step = tl.where(warmup_init != 0, 1e-6 * step, 1e-2)
-    rel = tl.where(relative_step != 0, tl.minimum(min_step, inv_sqrt(step)), lr)
-    scale = tl.where(scale_parameter != 0, tl.maximum(eps2, tl.div_rn(tl.sqrt_rn(tl.sum(pacc, axis=0)), sqrt_n)), 1.0)
-    lr_t = scale * rel
-    tl.store(out_ptr, lr_t)
-    tl.store(out_ptr + 1, d)
-    tl.store(out_ptr + 2, tl.div_rn(1.0, d) * grad_sign)
-    tl.store(out_ptr + 3, tl.div_rn(lr_t, d) * grad_sign)
-    if write_elr != 0:
-        tl.store(elr_ptr, lr_t)
-
-
-AOT_SPECS = with_aligned([
-    (adafactor_update_kernel,
-     signature_of(adafactor_update_kernel, INT_TYPES, p_ptr=f"*{param}", g_ptr=f"*{grad}",
-                  m_ptr="*i8" if momentum == 2 else "*fp32"),
-     {"FACTORED": factored, "MOMENTUM": momentum, "BLOCK": BLOCK_SIZE}, {"num_warps": ONE_WARP})
+AOT_SPECS = [
+    group_spec(adafactor_update_kernel, param, grad, aligned, {"num_warps": UPDATE_WARPS}, FACTORED=factored,
+               MOMENTUM=momentum, ROWS=UPDATE_ROWS, BLOCK=BLOCK_SIZE)
+    for aligned in (False, True)
     for param, grad, (factored, momentum) in dtype_variants((f, m) for f in (False, True) for m in (0, 1, 2))
-] + [(scalars_kernel, signature_of(scalars_kernel, INT_TYPES), {"BLOCK": FLAT_BLOCK})])
-"""(kernel, signature, constexprs) for every variant of the update kernel in fp32, plus the richest
-for the other (param, grad) dtype pairs (the statistics kernels are listed in :mod:`.factored`)."""
+]
+"""(kernel, signature, constexprs, aligned, options) for every variant of the update kernel in fp32, plus
+the richest for the other (param, grad) dtype pairs, general and ``ALIGNED`` (the statistics kernels,
+shared with CAME, are listed in :mod:`.factored`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,47 +369,26 @@ def _host(t: AdafactorTensors, hyper: AdafactorHyper, backend: str, steps: None)
     copy_back(param, work)
 
 
-def launch_scalars(usq_part, psq_part, step, elr, numel: int, clip: float, lr: float, eps2: float,
-                   modes: AdafactorModes, grad_sign: float) -> torch.Tensor:
-    """Pass 4 (one program): returns ``scal`` = ``[lr_t, d, grad_sign / d, grad_sign * lr_t / d]`` (fp32, on
-    the device); writes ``elr`` if given. CAME passes all ``modes`` False (``lr_t = lr``)."""
-    scal = torch.empty(4, dtype=torch.float32, device=usq_part.device)
-    scalars_kernel[(1,)](
-        usq_part_ptr=usq_part, n_usq=usq_part.numel(), psq_part_ptr=usq_part if psq_part is None else psq_part,
-        n_psq=0 if psq_part is None else psq_part.numel(), step_ptr=step, out_ptr=scal,
-        elr_ptr=scal if elr is None else elr, sqrt_n=math.sqrt(numel), clip=clip, lr=lr, eps2=eps2,
-        relative_step=int(modes.relative_step), warmup_init=int(modes.warmup_init),
-        scale_parameter=int(modes.scale_parameter), write_elr=int(elr is not None), grad_sign=grad_sign,
-        BLOCK=FLAT_BLOCK, enable_fp_fusion=False,
-    )
-    return scal
-
-
 def _launch(t: AdafactorTensors, hyper: AdafactorHyper) -> None:
-    """The Triton passes of one tensor (``t`` holds one; five launches factored, three 1-D)."""
-    param, grad, v, vc, m, absmax, step, flag, elr, tensor_index, _ = (field[0] for field in t)
+    """The Triton passes of one group (:func:`.factored.group_key`; five launches factored, three 1-D, for
+    all its tensors together)."""
     s, modes = hyper
-    work, g, v, vc, m = state_views(param, grad, v, vc, m)
-    rf, cf, usq_part, psq_part = launch_second_moment(
-        work, g, v, vc, step, flag, eps1=s.eps1, decay=s.decay_rate, one_minus_decay=0.0, beta_from_step=True,
-        with_psq=modes.scale_parameter,
-    )
-    n = work.numel()
-    scal = launch_scalars(usq_part, psq_part, step, elr, n, s.clip_threshold, s.lr, s.eps2, modes, s.grad_sign)
-    R, C = (work.shape[1], work.shape[2]) if vc is not None else (1, 1)
-    inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_args(R, C)
-    adafactor_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-        p_ptr=work, g_ptr=g, m_ptr=flag if m is None else m, absmax_ptr=flag if absmax is None else absmax,
-        v_ptr=v if rf is None else rf, cf_ptr=v if cf is None else cf, scal_ptr=scal, flag_ptr=flag, step_ptr=step,
-        n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo, inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1,
-        one_minus_beta1=s.one_minus_beta1, weight_decay=s.weight_decay, tensor_index=int(tensor_index),
-        FACTORED=vc is not None, MOMENTUM=0 if m is None else (2 if absmax is not None else 1), BLOCK=BLOCK_SIZE,
-        STOCHASTIC=modes.stochastic, num_warps=ONE_WARP, enable_fp_fusion=False,
-    )
-    copy_back(param, work)
+    plan = plan_group(t.params, t.grads, t.vs, t.vcs, t.ms, t.absmaxes, t.steps, t.flags, t.tensor_indices,
+                      [e is not None for e in t.elrs])
+    scal = launch_direction(plan, eps1=s.eps1, decay=s.decay_rate, one_minus_decay=0.0, beta_from_step=True,
+                            clip=s.clip_threshold, lr=s.lr, eps2=s.eps2, rule=modes[:3], grad_sign=s.grad_sign,
+                            elr=next((e for e in t.elrs if e is not None), None))
+    momentum = 0 if t.ms[0] is None else (2 if t.absmaxes[0] is not None else 1)
+    launch_update(adafactor_update_kernel, plan, scal, dict(beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
+                  weight_decay=s.weight_decay, MOMENTUM=momentum, STOCHASTIC=modes.stochastic))
 
 
-ADAFACTOR = Family("adafactor", launch=_launch, host=_host)
+def _launch_key(t: AdafactorTensors, i: int) -> tuple:
+    return group_key(t.params[i], t.grads[i], t.vcs[i], t.ms[i], t.absmaxes[i])
+
+
+ADAFACTOR = Family("adafactor", launch=_launch, host=_host, launch_key=_launch_key)
 """The Adafactor family: ``dispatch(ADAFACTOR, AdafactorTensors(...), AdafactorHyper.of(...))`` applies
-one step in place to every param and its state, one tensor at a time (its statistics are per tensor).
-Never synchronizes with a CUDA device."""
+one step in place to every param and its state (statistics per tensor; on Triton each pass is one launch
+per :func:`.factored.group_key` group, on the host one tensor at a time). Never synchronizes with a
+CUDA device."""

@@ -28,7 +28,9 @@ launches: the two second-moment passes and the scalar kernel of :mod:`.factored`
 sums ``s`` by rows and columns: no full-size scratch; an fp32 ``m`` is stored here), its column
 finalize (the confidence factors), and ``_came_update_kernel`` (reads the stored fp32 ``m``, or, for
 8-bit momentum, recomputes the same ``m`` bit for bit and stores its codes; then the param). Three
-reads of ``g`` with fp32 momentum (the minimum), four with 8-bit. 1-D tensors take two passes. No
+reads of ``g`` with fp32 momentum (the minimum), four with 8-bit. 1-D tensors take three launches.
+Each launch covers every tensor of a group (:func:`.factored.group_key`), so a step of a model's
+matrices is seven launches, not seven per tensor. No
 division or root per element (``scalars_kernel`` supplies ``1 / d``; see :mod:`.factored`).
 
 File order: Triton kernels, PyTorch reference, launcher.
@@ -44,36 +46,53 @@ import torch
 import triton
 import triton.language as tl
 
-from .adafactor import AdafactorModes, launch_scalars
-from .aot import dtype_variants, signature_of, with_aligned
+from .aot import dtype_variants
 from .codec import BLOCK_SIZE, block_rows, decode_signed
 from .dispatch import Family, HostStep, pack, per_layout, unpack
 from .factored import (
-    INT_TYPES,
-    ONE_WARP,
+    F_ABSMAX,
+    F_COFF,
+    F_G,
+    F_M,
+    F_P,
+    F_ROFF,
+    F_SC,
+    F_SR,
+    F_STEP,
+    F_TIDX,
+    STATS_WARPS,
     TILES,
-    block_direction,
-    block_of,
+    UPDATE_ROWS,
+    UPDATE_WARPS,
     clip_divisor_reference,
     col_tile,
+    colpart_row,
     ema,
     factored_scale_reference,
     factored_stats_reference,
     factored_u,
-    index_args,
+    group_key,
+    group_spec,
+    index_floats,
+    launch_direction,
     launch_finalize,
-    launch_second_moment,
-    momentum_block,
+    launch_update,
+    momentum_tile,
     momentum_update_reference,
+    plan_group,
     row_tile,
     run_host_step,
     second_moment_reference,
+    sizes_of,
     state_views,
+    step_and_flag,
     store_row_ema,
-    tile_shape,
+    tfield,
+    tile_direction,
+    update_tile,
     write_back,
 )
-from .multitensor import copy_back
+from .multitensor import copy_back, table_pointer
 from .rounding import index_seed, index_seed_reference, nearest_variant, round_param_reference, store_param
 
 __all__ = ["CAMEScalars", "CAMETensors", "CAME", "CAME_NEAREST", "came_reference"]
@@ -86,48 +105,52 @@ __all__ = ["CAMEScalars", "CAMETensors", "CAME", "CAME_NEAREST", "came_reference
 
 @triton.jit
 def _res_stats_kernel(
-    g_ptr,
-    m_ptr,
-    absmax_ptr,
+    table_ptr,
+    owner_ptr,
+    T,
     rf_ptr,
     cf_ptr,
     scal_ptr,
-    sr_ptr,
     colpart_ptr,
     rsum_part_ptr,
-    flag_ptr,
-    R,
-    C,
-    n_rt,
     beta1,
     one_minus_beta1,
     beta3,
     one_minus_beta3,
     eps2,
     QUANTIZED: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Instability statistics: program = ``BLOCK_R`` rows of batch ``b`` over all columns; ``u = ((rf * cf)
-    * g) * (1 / d)`` and the new momentum ``m``, row sums of ``s = (u - m)^2 + eps2`` (+ row EMA ``sr``)
-    and column partials. Multiplies only (``rf``, ``cf``, ``1 / d`` precomputed). An fp32 momentum is
-    stored here (bit for bit what the update would recompute), so the update pass reads ``m`` alone
-    instead of ``g`` and the old ``m``; an 8-bit one is recomputed there (its update uses the fp32
-    ``m`` before quantization, which only this pass and the update have in registers)."""
-    pid, b, rmask, grow = row_tile(n_rt, R, BLOCK_R)
-    rf = tl.load(rf_ptr + grow, mask=rmask, other=0.0)
-    inv_d = tl.load(scal_ptr + 2)  # sign / d: a maximized gradient's sign folded in (bit for bit -g)
-    finite = tl.load(flag_ptr) != 0.0
+    """Instability statistics, one launch for the group: program = ``BLOCK_R`` rows of batch ``b`` of one
+    tensor over all columns; ``u = ((rf * cf) * g) * (1 / d)`` and the new momentum ``m``, row sums of
+    ``s = (u - m)^2 + eps2`` (+ row EMA ``sr``) and column partials. Multiplies only (``rf``, ``cf``, ``1 /
+    d`` precomputed). An fp32 momentum is stored here (bit for bit what the update would recompute), so
+    the update pass reads ``m`` alone instead of ``g`` and the old ``m``; an 8-bit one is recomputed
+    there (its update uses the fp32 ``m`` before quantization, which only this pass and the update have
+    in registers)."""
+    t, rt, local, b, rmask, grow, R, C = row_tile(table_ptr, owner_ptr, T, BLOCK_R, ALIGNED)
+    g_ptr = table_pointer(table_ptr, T, t, F_G, GRAD_DTYPE, ALIGNED)
+    rf = tl.load(rf_ptr + tfield(table_ptr, T, t, F_ROFF) + grow, mask=rmask, other=0.0)
+    cf_row = cf_ptr + tfield(table_ptr, T, t, F_COFF) + b.to(tl.int64) * C
+    cp_ptr = colpart_row(colpart_ptr, table_ptr, T, t, local, C)
+    inv_d = tl.load(scal_ptr + 4 * t + 2)  # sign / d: a maximized gradient's sign folded in (bit for bit -g)
+    step, finite = step_and_flag(table_ptr, T, t)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols, cmask, m2, offs = col_tile(grow, rmask, c0, C, BLOCK_C)
         g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-        cf = tl.load(cf_ptr + b.to(tl.int64) * C + cols, mask=cmask, other=0.0)
+        cf = tl.load(cf_row + cols, mask=cmask, other=0.0)
         u = ((rf[:, None] * cf[None, :]) * g) * inv_d
         if QUANTIZED:
+            m_ptr = table_pointer(table_ptr, T, t, F_M, tl.int8, ALIGNED)
+            absmax_ptr = table_pointer(table_ptr, T, t, F_ABSMAX, tl.float32, False)
             old = decode_signed(tl.load(m_ptr + offs, mask=m2, other=0),
                                 tl.load(absmax_ptr + offs // 256, mask=m2, other=0.0))
         else:
+            m_ptr = table_pointer(table_ptr, T, t, F_M, tl.float32, ALIGNED)
             old = tl.load(m_ptr + offs, mask=m2, other=0.0)
         m = ema(old, u, beta1, one_minus_beta1)
         if not QUANTIZED:  # the new fp32 momentum, stored here: the update pass reads it, not g and old m
@@ -135,74 +158,78 @@ def _res_stats_kernel(
         diff = u - m
         s = tl.where(m2, diff * diff + eps2, 0.0)
         acc += tl.sum(s, axis=1)
-        tl.store(colpart_ptr + pid.to(tl.int64) * C + cols, tl.sum(s, axis=0), mask=cmask)
-    store_row_ema(sr_ptr, rsum_part_ptr, pid, grow, rmask, acc, C, beta3, one_minus_beta3, flag_ptr)
+        tl.store(cp_ptr + cols, tl.sum(s, axis=0), mask=cmask)
+    sr_ptr = table_pointer(table_ptr, T, t, F_SR, tl.float32, False)
+    store_row_ema(sr_ptr, rsum_part_ptr + rt, grow, rmask, acc, C, beta3, one_minus_beta3, finite)
 
 
-@triton.jit(do_not_specialize=["tensor_index"])
+@triton.jit
 def _came_update_kernel(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    absmax_ptr,
-    v_ptr,
+    table_ptr,
+    owner_ptr,
+    T,
+    rf_ptr,
     cf_ptr,
     srf_ptr,
     scf_ptr,
     scal_ptr,
-    flag_ptr,
-    step_ptr,
-    n,
-    C,
-    inv_c_hi,
-    inv_c_lo,
-    inv_r_hi,
-    inv_r_lo,
     beta1,
     one_minus_beta1,
     weight_decay,
     lr,
-    tensor_index,
     FACTORED: tl.constexpr,
     QUANTIZED: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     STOCHASTIC: tl.constexpr = True,
 ):
-    """One codec block of ``BLOCK`` (= 256) elements per program: ``u`` (factored: ``v_ptr``/``cf_ptr``
-    the second-moment factors; flat: ``v``) times ``1 / d``, the momentum (stored), the confidence
-    factors ``srf``/``scf`` of the instability statistics applied to ``m``, weight decay, the param.
-    No per-element division; the flat path's ``inv_sqrt`` is correctly rounded and branch-free."""
+    """The update, one launch for the group: ``ROWS`` codec blocks of ``BLOCK`` (= 256) elements of one
+    tensor per program: ``u`` (factored: the second-moment factors ``rf``/``cf``; flat: ``v``) times ``1 /
+    d``, the momentum (stored; an 8-bit block's absmax a row reduction of the tile), the confidence
+    factors ``srf``/``scf`` of the instability statistics applied to ``m``, weight decay, the param. No
+    per-element division; the flat path's ``inv_sqrt`` is correctly rounded and branch-free."""
     if FACTORED and not QUANTIZED:  # _res_stats_kernel stored the new fp32 momentum
-        pid, offs, finite, mask = block_of(flag_ptr, n, BLOCK)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        t, blocks, offs, finite, mask, bmask = update_tile(table_ptr, owner_ptr, T, ALIGNED, ROWS, BLOCK)
+        m = tl.load(table_pointer(table_ptr, T, t, F_M, tl.float32, ALIGNED) + offs, mask=mask, other=0.0)
     else:
-        pid, offs, finite, mask, u = block_direction(g_ptr, v_ptr, cf_ptr, flag_ptr, n, C, inv_c_hi, inv_c_lo,
-                                                     inv_r_hi, inv_r_lo, FACTORED, BLOCK)
-        u = u * tl.load(scal_ptr + 2)
-        m = momentum_block(m_ptr, absmax_ptr, pid, offs, mask, finite, u, beta1, one_minus_beta1, QUANTIZED)
+        t, blocks, offs, finite, mask, bmask, u = tile_direction(table_ptr, owner_ptr, T, rf_ptr, cf_ptr,
+                                                                 GRAD_DTYPE, FACTORED, ALIGNED, ROWS, BLOCK)
+        u = u * tl.load(scal_ptr + 4 * t + 2)
+        m = momentum_tile(table_ptr, T, t, blocks, offs, mask, bmask, finite, u, beta1, one_minus_beta1, QUANTIZED,
+                          ALIGNED)
     if FACTORED:
-        upd = factored_u(m, offs, mask, srf_ptr, scf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
+        R, C, n_rt = sizes_of(table_ptr, T, t, False)
+        inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_floats(table_ptr, T, t)
+        upd = factored_u(m, offs, mask, srf_ptr + tfield(table_ptr, T, t, F_ROFF),
+                         scf_ptr + tfield(table_ptr, T, t, F_COFF), C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
     else:
         upd = m
+    p_ptr = table_pointer(table_ptr, T, t, F_P, PARAM_DTYPE, ALIGNED)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p + p * (-(weight_decay * lr)) - upd * lr
-    store_param(p_ptr, p, offs, mask, index_seed(tl.load(step_ptr), tensor_index), STOCHASTIC)
+    step = tl.load(table_pointer(table_ptr, T, t, F_STEP, tl.float32, False))
+    store_param(p_ptr, p, offs, mask, index_seed(step, tfield(table_ptr, T, t, F_TIDX)), STOCHASTIC)
 
 
-AOT_SPECS = with_aligned([
-    (_res_stats_kernel,
-     signature_of(_res_stats_kernel, INT_TYPES, g_ptr=f"*{grad}", m_ptr="*i8" if quantized else "*fp32"),
-     {"QUANTIZED": quantized, "BLOCK_R": br, "BLOCK_C": bc})
-    for _, grad, (br, bc, quantized) in dtype_variants((br, bc, q) for q in (False, True) for br, bc in TILES)
-] + [
-    (_came_update_kernel, signature_of(_came_update_kernel, INT_TYPES, p_ptr=f"*{param}", g_ptr=f"*{grad}",
-                                       m_ptr="*i8" if quantized else "*fp32"),
-     {"FACTORED": factored, "QUANTIZED": quantized, "BLOCK": BLOCK_SIZE}, {"num_warps": ONE_WARP})
-    for param, grad, (factored, quantized) in dtype_variants((f, q) for f in (False, True) for q in (False, True))
-])
-"""(kernel, signature, constexprs) for every CAME-specific kernel and constexpr variant in fp32, plus
-the richest variant for the other dtype pairs (the shared second-moment kernels are listed in
-:mod:`.factored`)."""
+AOT_SPECS = [
+    spec
+    for aligned in (False, True)
+    for spec in (
+        [group_spec(_res_stats_kernel, "fp32", grad, aligned, {"num_warps": STATS_WARPS}, QUANTIZED=quantized,
+                    BLOCK_R=br, BLOCK_C=bc)
+         for _, grad, (br, bc, quantized) in dtype_variants((br, bc, q) for q in (False, True) for br, bc in TILES)]
+        + [group_spec(_came_update_kernel, param, grad, aligned, {"num_warps": UPDATE_WARPS}, FACTORED=factored,
+                      QUANTIZED=quantized, ROWS=UPDATE_ROWS, BLOCK=BLOCK_SIZE)
+           for param, grad, (factored, quantized) in dtype_variants((f, q) for f in (False, True)
+                                                                    for q in (False, True))]
+    )
+]
+"""(kernel, signature, constexprs, aligned, options) for every CAME-specific kernel and constexpr variant
+in fp32, plus the richest variant for the other dtype pairs, general and ``ALIGNED`` (the shared
+second-moment kernels are listed in :mod:`.factored`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,48 +428,41 @@ def _host(t: CAMETensors, scalars: CAMEScalars, backend: str, steps: None, stoch
 
 
 def _launch(t: CAMETensors, s: CAMEScalars, stochastic: bool = True) -> None:
-    """The Triton passes of one tensor (``t`` holds one; seven launches factored, three 1-D; ``stochastic``:
-    the update kernel's ``STOCHASTIC``)."""
-    param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, _ = _views(t)
-    rf, cf, usq_part, _ = launch_second_moment(work, g, v, vc, step, flag, eps1=s.eps1, decay=s.beta2,
-                                               one_minus_decay=s.one_minus_beta2, beta_from_step=False, with_psq=False)
-    n = work.numel()
-    scal = launch_scalars(usq_part, None, step, None, n, s.clip_threshold, s.lr, s.eps2,
-                          AdafactorModes(False, False, False), s.grad_sign)
-    quantized = absmax is not None
-    R = C = 1
-    srf = scf = None
-    if vc is not None:
-        B, R, C = work.shape
-        block_r, block_c = tile_shape(C)
-        n_rt = triton.cdiv(R, block_r)
-        colpart = torch.empty(B * n_rt, C, dtype=torch.float32, device=work.device)
-        rsum_part = torch.empty(B * n_rt, dtype=torch.float32, device=work.device)
-        _res_stats_kernel[(B * n_rt,)](
-            g_ptr=g, m_ptr=m, absmax_ptr=flag if absmax is None else absmax, rf_ptr=rf, cf_ptr=cf, scal_ptr=scal,
-            sr_ptr=sr, colpart_ptr=colpart, rsum_part_ptr=rsum_part, flag_ptr=flag, R=R, C=C, n_rt=n_rt,
-            beta1=s.beta1, one_minus_beta1=s.one_minus_beta1, beta3=s.beta3, one_minus_beta3=s.one_minus_beta3,
-            eps2=s.eps2, QUANTIZED=quantized, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
+    """The Triton passes of one group (:func:`.factored.group_key`; seven launches factored, three 1-D, for
+    all its tensors together; ``stochastic``: the update kernel's ``STOCHASTIC``)."""
+    plan = plan_group(t.params, t.grads, t.vs, t.vcs, t.ms, t.absmaxes, t.steps, t.flags, t.tensor_indices,
+                      srs=t.srs, scs=t.scs)
+    scal = launch_direction(plan, eps1=s.eps1, decay=s.beta2, one_minus_decay=s.one_minus_beta2,
+                            beta_from_step=False, clip=s.clip_threshold, lr=s.lr, eps2=s.eps2,
+                            rule=(False, False, False), grad_sign=s.grad_sign, elr=None)
+    quantized = t.absmaxes[0] is not None
+    ws = plan.ws
+    if plan.factored:
+        block_r, block_c = plan.tile
+        owner, programs = plan.rows
+        _res_stats_kernel[(programs,)](
+            table_ptr=plan.table, owner_ptr=owner, T=plan.T, rf_ptr=ws["rf"], cf_ptr=ws["cf"], scal_ptr=scal,
+            colpart_ptr=ws["colpart"], rsum_part_ptr=ws["rsum"], beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
+            beta3=s.beta3, one_minus_beta3=s.one_minus_beta3, eps2=s.eps2, QUANTIZED=quantized,
+            GRAD_DTYPE=plan.grad_dtype, ALIGNED=plan.aligned, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=STATS_WARPS, enable_fp_fusion=False,
         )
-        srf, scf = launch_finalize(colpart, sc, sr, rsum_part, flag, step, decay=s.beta3,
-                                   one_minus_decay=s.one_minus_beta3, beta_from_step=False, n_rt=n_rt)
-    inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_args(R, C)
-    _came_update_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
-        p_ptr=work, g_ptr=g, m_ptr=m, absmax_ptr=flag if absmax is None else absmax, v_ptr=v if rf is None else rf,
-        cf_ptr=v if cf is None else cf, srf_ptr=v if srf is None else srf, scf_ptr=v if scf is None else scf,
-        scal_ptr=scal, flag_ptr=flag, step_ptr=step, n=n, C=C, inv_c_hi=inv_c_hi, inv_c_lo=inv_c_lo,
-        inv_r_hi=inv_r_hi, inv_r_lo=inv_r_lo, beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
-        weight_decay=s.weight_decay, lr=s.lr, tensor_index=int(tensor_index),
-        FACTORED=vc is not None, QUANTIZED=quantized, BLOCK=BLOCK_SIZE, STOCHASTIC=stochastic, num_warps=ONE_WARP,
-        enable_fp_fusion=False,
-    )
-    copy_back(param, work)
+        launch_finalize(plan, ws["srf"], ws["scf"], fields=(F_SR.value, F_SC.value), decay=s.beta3,
+                        one_minus_decay=s.one_minus_beta3, beta_from_step=False)
+    launch_update(_came_update_kernel, plan, scal, dict(
+        srf_ptr=ws["srf"], scf_ptr=ws["scf"], beta1=s.beta1, one_minus_beta1=s.one_minus_beta1,
+        weight_decay=s.weight_decay, lr=s.lr, QUANTIZED=quantized, STOCHASTIC=stochastic))
 
 
-CAME = Family("came", launch=_launch, host=_host)
+def _launch_key(t: CAMETensors, i: int) -> tuple:
+    return group_key(t.params[i], t.grads[i], t.vcs[i], t.ms[i], t.absmaxes[i])
+
+
+CAME = Family("came", launch=_launch, host=_host, launch_key=_launch_key)
 """The CAME family: ``dispatch(CAME, CAMETensors(...), CAMEScalars.of(...))`` applies one step in place to
-every param and its state, one tensor at a time (its statistics are per tensor). Never synchronizes
-with a CUDA device."""
+every param and its state (statistics per tensor; on Triton each pass is one launch per
+:func:`.factored.group_key` group, on the host one tensor at a time). Never synchronizes with a CUDA
+device."""
 
 CAME_NEAREST = nearest_variant(CAME, _launch, _host)
 """:data:`CAME` storing bf16/fp16 params rounded to nearest-even (``bf16_rounding="nearest"``)."""
