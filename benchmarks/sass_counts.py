@@ -21,6 +21,15 @@ How "per element" is computed (static counts, a crude but stated model):
   marginal cost ``(main(2 ROWS) - main(ROWS)) / extra elements per thread`` and the fixed part
   ``main - marginal * elements per thread``.
 
+Persistent kernels (a name containing ``persistent``: programs that loop over tiles) also get the loop
+analysis of :func:`loop_overlap`, from the outermost loop of the SASS: ``loop`` (its body, static),
+``steady`` (the body less the blocks a forward branch inside it can skip: step scalars, table reads when a
+tile starts another tensor), ``steady/elem`` (``steady`` / elements per thread: the marginal cost of a tile),
+``LDG<math`` (global loads issued before the first ``MUFU`` of the steady body: the next tile's loads) and
+``LDG waited`` (loads whose result an instruction reads before the last ``MUFU`` of the same iteration: the
+warp stalls on those before its math ends; 0 = every load's latency runs under the current tile's math),
+``LDGSTS`` (``cp.async`` copies; the register double buffer uses none).
+
     python benchmarks/sass_counts.py [--arch 90] [--all-specs] [--kernels adamw8bit sgd] [--aligned-only] \\
         [--match PARAM_DTYPE=bf16 --match QUANTIZED=True] [--slope] [--json out.json]
 
@@ -33,10 +42,39 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 
 COLUMNS = ("instr", "main", "CALL", "MUFU", "FCHK", "LDG", "LDG.128", "STG", "STG.128", "BRA", "elem/thr",
-           "per elem", "slope", "fixed")
+           "per elem", "slope", "fixed", "loop", "steady", "steady/elem", "LDG<math", "LDG waited", "LDGSTS")
+
+LOOP_KEYS = ("loop", "steady", "LDG<math", "LDG waited", "LDGSTS")
+"""The keys :func:`loop_overlap` returns."""
+
+_REG = re.compile(r"\bR(\d+)(\.64)?\b")
+_WIDTH = {"128": 4, "64": 2}
+_NO_DESTINATION = ("STG", "STS", "ST", "BRA", "EXIT", "BAR", "RED", "ATOM", "CALL", "RET")
+
+
+def _registers(operand: str) -> set[int]:
+    """General registers an operand names (``R8.64`` names R8 and R9)."""
+    out = set()
+    for number, wide in _REG.findall(operand):
+        out.update(range(int(number), int(number) + (2 if wide else 1)))
+    return out
+
+
+def _writes_reads(op: str, mods: str, operands: str) -> tuple[set[int], set[int]]:
+    """``(written, read)`` registers of one SASS instruction (the first operand is the destination, except for
+    stores and control flow); a load's destination spans its width (``LDG.E.128 R4``: R4..R7)."""
+    parts = [p.strip() for p in operands.split(",")]
+    if op in _NO_DESTINATION or not parts or not parts[0]:
+        return set(), set().union(*(_registers(p) for p in parts)) if parts else set()
+    written = _registers(parts[0])
+    width = _WIDTH.get(mods.split(".")[-1], 1) if op in ("LDG", "LDS", "LDL") else 1
+    if written and width > 1:
+        written = set(range(min(written), min(written) + width))
+    return written, set().union(*(_registers(p) for p in parts[1:])) if parts[1:] else set()
 
 
 def _shown(constexprs: dict) -> dict:
@@ -60,11 +98,16 @@ def measure(module_name, kernel, signature, constexprs, aligned, options, arch: 
 
     module = importlib.import_module(module_name)
     compiled = compile_spec(kernel, signature, constexprs, arch, aligned, options)
-    counts = sass_counts(disassemble(compiled.asm["cubin"]))
     threads = 32 * compiled.metadata.num_warps
     per_thread = tile_elements(module, kernel, constexprs) / threads
+    sass = disassemble(compiled.asm["cubin"])
+    counts = sass_counts(sass)
     row = {**counts, "instr": counts["instructions"], "elem/thr": per_thread,
-           "per elem": counts["main"] / per_thread, "slope": None, "fixed": None}
+           "per elem": counts["main"] / per_thread, "slope": None, "fixed": None,
+           **dict.fromkeys(LOOP_KEYS), "steady/elem": None}
+    if "persistent" in getattr(kernel, "fn", kernel).__name__:
+        row.update(loop_overlap(sass))
+        row["steady/elem"] = row["steady"] / per_thread if row["steady"] is not None else None
     if slope and isinstance(constexprs.get("ROWS"), int):
         bigger = {**constexprs, "ROWS": 2 * constexprs["ROWS"]}
         compiled2 = compile_spec(kernel, signature, bigger, arch, aligned, options)
@@ -73,6 +116,42 @@ def measure(module_name, kernel, signature, constexprs, aligned, options, arch: 
         row["slope"] = (main2 - counts["main"]) / extra
         row["fixed"] = counts["main"] - row["slope"] * per_thread
     return row
+
+
+def loop_overlap(sass: str) -> dict:
+    """The outermost loop of a persistent kernel's SASS: ``loop``, ``steady``, ``LDG<math``, ``LDG waited`` and
+    ``LDGSTS`` as the module docstring defines them (``None`` for each when the SASS has no loop)."""
+    from lowmem_lightning.kernels.aot import _sass_instructions
+
+    instructions, labels = _sass_instructions(sass)
+    target_of = {}
+    for address, op, _, operands in instructions:
+        match = re.search(r"`\(([^)]+)\)", operands) if op == "BRA" else None
+        if match and match.group(1) in labels:
+            target_of[address] = labels[match.group(1)]
+    back = [(a, t) for a, t in target_of.items() if t <= a]
+    if not back:
+        return dict.fromkeys(LOOP_KEYS)
+    end, start = max(back, key=lambda at: at[0] - at[1])
+    body = [ins for ins in instructions if start <= ins[0] <= end]
+    skipped = [(a, t) for a, t in target_of.items() if start <= a < t <= end]
+    steady = [ins for ins in body if not any(a < ins[0] < t for a, t in skipped)]
+    mufu = [a for a, op, _, _ in steady if op == "MUFU"]
+    first_math, last_math = (min(mufu), max(mufu)) if mufu else (end, end)
+    loads = [ins for ins in steady if ins[1] == "LDG"]
+    waited = 0
+    for address, op, mods, operands in loads:
+        pending, _ = _writes_reads(op, mods, operands)
+        for later in steady:
+            if later[0] <= address or not pending:
+                continue
+            written, read = _writes_reads(*later[1:])
+            if pending & read:
+                waited += later[0] < last_math
+                break
+            pending -= written
+    return {"loop": len(body), "steady": len(steady), "LDG<math": sum(a < first_math for a, *_ in loads),
+            "LDG waited": waited, "LDGSTS": sum(1 for _, op, _, _ in body if op == "LDGSTS")}
 
 
 def _cell(value) -> str:

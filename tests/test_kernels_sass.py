@@ -119,3 +119,46 @@ def test_branch_free_sqrt_and_reciprocal_are_ptxas_fast_paths(tmp_path):
     assert ops["0"] == ["MUFU.RSQ", "FMUL", "FMUL", "FFMA", "FFMA"], ops["0"]
     # div.rn.f32(1, b) fast path: MUFU.RCP; two Newton FFMA; Markstein residual and correction
     assert ops["1"] == ["MUFU.RCP", "FFMA", "FFMA", "FFMA", "FFMA"], ops["1"]
+
+
+def test_persistent_adamw_loads_the_next_tile_under_the_current_math(tmp_path):
+    # issue 24 (2): in the loop of the persistent kernel the next tile's data loads (param, grad, two code words,
+    # two block scales) are issued before the current tile's math, and no instruction reads their results before
+    # that math ends (no stall on them inside an iteration); a steady-state tile costs fewer instructions than a
+    # one-tile program of the non-persistent kernel
+    rows = _sass_rows(tmp_path, "--kernels", "_adamw8bit_kernel", "_adamw8bit_persistent_kernel", "--all-specs",
+                      "--aligned-only", "--match", "GRAD_DTYPE=bf16", "--match", "QUANTIZED=True")
+    by = {(r["kernel"], r["constexprs"]["PARAM_DTYPE"]): r for r in rows}
+    for dtype in ("bf16", "fp32"):
+        loop, single = by[("_adamw8bit_persistent_kernel", dtype)], by[("_adamw8bit_kernel", dtype)]
+        assert loop["CALL"] == 0 and loop["LDGSTS"] == 0, loop
+        assert loop["LDG<math"] >= 6, loop
+        assert loop["LDG waited"] == 0, loop
+        assert loop["steady/elem"] < single["per elem"], (loop["steady/elem"], single["per elem"])
+
+
+_LOOP_SASS = """
+.L_x_0:
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   PRMT R8, R5, 0x7610, R8 ;
+        /*0020*/                   MUFU.RSQ R9, R10 ;
+        /*0030*/              @P0 BRA `(.L_x_1) ;
+        /*0040*/                   LDG.E R11, desc[UR4][R12.64] ;
+.L_x_1:
+        /*0050*/                   LDG.E.64 R14, desc[UR4][R2.64] ;
+        /*0060*/                   MUFU.RCP R9, R9 ;
+        /*0070*/                   MOV R16, R14 ;
+        /*0080*/                   BRA `(.L_x_0) ;
+"""
+
+
+def test_loop_overlap_counts_loads_waited_on_inside_an_iteration():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from sass_counts import loop_overlap
+    finally:
+        sys.path.pop(0)
+    # R4..R7 is read by the PRMT before the last MUFU: waited; R14 is read by the MOV after it: overlapped;
+    # the load behind the forward branch is not steady state
+    assert loop_overlap(_LOOP_SASS) == {"loop": 9, "steady": 8, "LDG<math": 1, "LDG waited": 1, "LDGSTS": 0}
+    assert loop_overlap("        /*0000*/ EXIT ;\n")["loop"] is None
