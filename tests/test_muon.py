@@ -151,6 +151,51 @@ def test_triton_kernel_equals_reference_bit_for_bit(force_triton, quantized, n, 
     assert a0 is None or torch.equal(a0, a1)
 
 
+def _hard_momentum_inputs(blocks: int, seed: int, weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 grad ``(blocks, 256)`` and 8-bit momentum whose blocks hold what an encode finds hard: all zeros,
+    values 1e-30 of the block maximum (codes 0), signed zeros, huge and tiny scales, and 64 blocks whose new
+    momentum (``weight * grad`` from a zero momentum, block maximum ~1) sweeps +-64 ulps around every
+    boundary between two codes, ``((k + 1/2) / 127)**2`` (where a square root one ulp off changes codes)."""
+    from lowmem_lightning.kernels.codec import BLOCK_SIZE
+
+    gen = torch.Generator().manual_seed(seed)
+    mom = torch.randn(blocks, BLOCK_SIZE, generator=gen) * torch.logspace(-30, 30, blocks).view(-1, 1)
+    mom[0] = 0.0
+    mom[1, ::2] = -0.0
+    mom[2, 1:] *= 1e-30
+    mom[3] = (torch.arange(BLOCK_SIZE) - 127.5) / 127.5  # halves of code steps after the lerp's scaling
+    grad = torch.randn(blocks, BLOCK_SIZE, generator=gen) * torch.logspace(20, -20, blocks).view(-1, 1)
+    grad[0] = 0.0
+    grad[4] = 0.0  # momentum * (1 - w) only
+    bounds = (((torch.arange(127, dtype=torch.float64) + 0.5) / 127) ** 2).float().view(torch.int32)
+    sweep = (bounds.view(-1, 1) + torch.arange(-64, 64, dtype=torch.int32)).view(torch.float32).view(64, -1)
+    mom[5:69] = 0.0
+    grad[5:69, 0] = 1.0 / weight  # the block maximum
+    grad[5:69, 1:] = torch.nn.functional.pad(sweep, (0, BLOCK_SIZE - 1 - sweep.size(1)), value=0.5) / weight
+    codes, absmax = quantize_reference(mom.reshape(-1), signed=True)
+    return grad, codes.view(blocks, BLOCK_SIZE), absmax.view(blocks, 1)
+
+
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.95, True), (0.3, False), (0.5, True)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_8bit_host_step_equals_the_reference(momentum, nesterov, seed):
+    """The CPU's 8-bit momentum step (numpy square root, fewer passes) stores the specification's codes and
+    scales and writes its U bit for bit, on random blocks and on the hard ones (zeros, signed zeros, code 0,
+    exact cancellation, scales 1e-30..1e30), for both branches of torch's lerp."""
+    from lowmem_lightning.kernels.muon import MuonScalars, muon_momentum_8bit_host, muon_momentum_reference
+
+    scalars = MuonScalars.of(momentum, nesterov, False)
+    grad, codes, absmax = _hard_momentum_inputs(300, seed, scalars.weight_buf)
+    ref_codes, ref_absmax = codes.clone(), absmax.clone()
+    u_ref = muon_momentum_reference(grad, ref_codes, ref_absmax, *scalars).to(torch.bfloat16)
+    out = torch.empty(grad.shape, dtype=torch.bfloat16)
+    muon_momentum_8bit_host(grad, codes, absmax, out, scalars.weight_buf, scalars.weight_nesterov, nesterov)
+    assert not torch.equal(codes, _hard_momentum_inputs(300, seed, scalars.weight_buf)[1])  # the step changed it
+    assert torch.equal(codes, ref_codes), f"{int((codes != ref_codes).sum())} codes differ"
+    assert torch.equal(absmax.view(torch.int32), ref_absmax.view(torch.int32))  # bits: +0.0 stays +0.0
+    assert torch.equal(out.view(torch.int16), u_ref.view(torch.int16))
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
 def test_triton_kernel_leaves_momentum_untouched_when_flag_is_zero(force_triton, quantized):
     grad, buf, absmax = _momentum_inputs(4097, quantized, torch.float32)
