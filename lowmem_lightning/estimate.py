@@ -26,6 +26,7 @@ Activations depend on batch size, sequence length and checkpointing: device tota
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -45,6 +46,7 @@ __all__ = [
     "optimizer_state_bytes",
     "released_gradient_bytes",
     "activation_bytes",
+    "model_activation_bytes",
     "RELEASE_BUCKET_BYTES",
     "estimate_memory",
     "recommend",
@@ -156,6 +158,8 @@ class MemoryEstimate:
     gradient_checkpointing: bool = False
     bucket_bytes: int = RELEASE_BUCKET_BYTES
     activation_bytes: int = 0
+    activation_detail: str = ""
+    """What the activations are of (``batch 1 x seq 512, bf16, checkpointing``), or why they are left out."""
 
     @property
     def released_gradient_bytes(self) -> int:
@@ -180,6 +184,7 @@ class MemoryEstimate:
             "released_gradient_bytes": self.released_gradient_bytes,
             "bucket_bytes": self.bucket_bytes,
             "activation_bytes": self.activation_bytes,
+            "activation_detail": self.activation_detail,
             "budget_bytes": self.budget_bytes,
             "recommendation": self.recommendation,
             "optimizers": {name: asdict(est) for name, est in self.optimizers.items()},
@@ -316,6 +321,54 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     return int(batch_size * seq_len * per_token)
 
 
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_HALF_PRECISIONS = ("bf16-true", "16-true")
+"""Lightning precisions that convert the model's weights to 2 bytes (``HalfPrecision``)."""
+
+
+def _decoder_config(model: nn.Module):
+    """The config of the first module (``model`` itself first) whose ``config`` has a ``hidden_size``."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "hidden_size", None) is not None:
+            return config
+    return None
+
+
+def _weight_dtype(model: nn.Module, precision: str) -> torch.dtype | None:
+    """The dtype of the weights as the run trains them: bf16 / fp16 under ``bf16-true`` / ``16-true``, else
+    that of the model's largest floating-point parameter."""
+    if precision in _HALF_PRECISIONS:
+        return torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    return max(floats, key=lambda p: p.numel()).dtype if floats else None
+
+
+def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
+                           precision: str | int | None = None) -> tuple[int | None, str]:
+    """``(bytes, what they are of)`` of :func:`activation_bytes` for ``model`` (meta works) as a run with
+    Lightning ``precision`` (``None``: ``"32-true"``) trains it; ``(None, why not)`` where that formula does
+    not model the run: LoRA adapters or 4-bit layers, mixed precision (autocast), weights other than
+    bf16/fp16/fp32, or a model with no Llama-style ``config`` (``hidden_size``, ``intermediate_size``,
+    ``num_hidden_layers``, ``vocab_size``)."""
+    precision = "32-true" if precision is None else str(precision)
+    count = count_model(model)
+    if count.adapter_params or "nf4" in count.frozen_bytes_by_dtype:
+        return None, "not modelled for LoRA / 4-bit models (the formula is fitted to full-weight decoders)"
+    if precision not in ("32-true", "32", *_HALF_PRECISIONS):
+        return None, f"not modelled under precision={precision!r} (fitted to '32-true', 'bf16-true' and '16-true')"
+    config = _decoder_config(model)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    if config is None or any(getattr(config, key, None) is None for key in keys):
+        return None, "not modelled: the model has no Llama-style config (" + ", ".join(keys) + ")"
+    dtype = _weight_dtype(model, precision)
+    if dtype not in _DTYPE_NAMES:
+        return None, f"not modelled for {dtype} weights (fitted to bf16, fp16 and fp32)"
+    nbytes = activation_bytes(config, batch_size, seq_len, dtype.itemsize, gradient_checkpointing)
+    checkpointing = "checkpointing" if gradient_checkpointing else "no checkpointing"
+    return nbytes, f"batch {batch_size} x seq {seq_len}, {_DTYPE_NAMES[dtype]}, {checkpointing}"
+
+
 # ------------------------------------------------------------------------------------------ optimizers
 def _torch_adamw_layout(param: torch.Tensor, group: dict) -> list[StateSpec]:
     """torch.optim.AdamW's state: ``exp_avg``/``exp_avg_sq`` like the param (+ ``max_exp_avg_sq`` with
@@ -387,6 +440,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     bucket_bytes: int = RELEASE_BUCKET_BYTES,
     activations: int = 0,
+    activation_detail: str = "",
 ) -> MemoryEstimate:
     """Estimate training memory of ``model`` (built on the meta device) for every optimizer.
 
@@ -402,7 +456,9 @@ def estimate_memory(
             does not propose it).
         bucket_bytes: the release's ``bucket_bytes`` (default the callback's, 25 MiB; 0: per tensor).
         activations: activation bytes to add to every device total (e.g. :func:`activation_bytes`); 0
-            leaves them out, as ``lowmem estimate`` does.
+            leaves them out.
+        activation_detail: what ``activations`` are of, or why they are left out (shown by
+            :func:`format_table`; :func:`model_activation_bytes` gives both).
     """
     count = count_model(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -435,7 +491,7 @@ def estimate_memory(
         result[row] = OptimizerEstimate(name, dict(kwargs), state, device, host, per_param, weights + grads + device,
                                         weights + released + device)
     estimate = MemoryEstimate(count, result, configured_row, step_in_backward, budget_bytes, None, notes,
-                              gradient_checkpointing, bucket_bytes, activations)
+                              gradient_checkpointing, bucket_bytes, activations, activation_detail)
     if budget_bytes is not None:
         for est in result.values():
             est.fits = est.total_device_bytes <= budget_bytes
@@ -511,24 +567,67 @@ def _gb(nbytes: int) -> str:
     return f"{nbytes:,} B"
 
 
-def format_table(estimate: MemoryEstimate) -> str:
-    """Human-readable report (GB = 10**9 bytes, MiB = 2**20 bytes); activations excluded."""
+LABEL_WIDTH = 23
+"""Width of the label column of :func:`format_table` (the report fits an 80-column terminal)."""
+
+
+def _labelled(label: str, text: str, indent: int = LABEL_WIDTH) -> list[str]:
+    """``label`` padded to ``indent`` columns, then ``text`` wrapped to 80 columns under it."""
+    first = label.ljust(indent) if len(label) < indent else label + "  "
+    return textwrap.wrap(text, width=80, initial_indent=first, subsequent_indent=" " * indent) or [label]
+
+
+def _model_lines(estimate: MemoryEstimate) -> list[str]:
+    """Parameter counts, weights, gradients and activations of the model (whatever the optimizer)."""
     m = estimate.model
     lines = [
         f"params (base model)    {m.params:,}",
         f"adapter params (LoRA)  {m.adapter_params:,}",
         f"trainable params       {m.trainable_params:,}",
-        f"frozen weights         {_gb(m.frozen_bytes)}  ("
-        + ", ".join(f"{k}: {_gb(v)}" for k, v in m.frozen_bytes_by_dtype.items()) + ")",
+        *_labelled("frozen weights", f"{_gb(m.frozen_bytes)}  ("
+                   + ", ".join(f"{k}: {_gb(v)}" for k, v in m.frozen_bytes_by_dtype.items()) + ")"),
         f"trainable weights      {_gb(m.trainable_bytes)}",
         f"gradients              {_gb(m.gradient_bytes)}"
-        + (f"  (step in backward: {_gb(estimate.released_gradient_bytes)} on device, the fullest "
-           f"{_gb(estimate.bucket_bytes)} bucket)" if estimate.step_in_backward else ""),
-        *([f"activations            {_gb(estimate.activation_bytes)}"] if estimate.activation_bytes else []),
-        "",
-        f"{'optimizer':<22} {'state':>12} {'B/param':>8} {'on device':>12} {'device total':>13}"
-        + ("  fits" if estimate.budget_bytes is not None else ""),
+        + (f"  ({_gb(estimate.released_gradient_bytes)} on device: released)" if estimate.step_in_backward else ""),
     ]
+    if estimate.activation_bytes:
+        lines += _labelled("activations", f"{_gb(estimate.activation_bytes)}  ({estimate.activation_detail})")
+    else:
+        lines += _labelled("activations", estimate.activation_detail or "left out")
+    return lines
+
+
+def _run_lines(estimate: MemoryEstimate) -> list[str]:
+    """The run's own peak on the device, part by part: weights, gradients, optimizer state, activations, total."""
+    row = estimate.optimizers[estimate.configured_optimizer]
+    m, width = estimate.model, 12
+    grads = (f"released in backward, {_gb(estimate.bucket_bytes)} buckets" if estimate.step_in_backward
+             else "one per trainable parameter")
+    host = f"on device; {_gb(row.host_state_bytes)} in host memory" if row.host_state_bytes else ""
+    acts = _gb(estimate.activation_bytes) if estimate.activation_bytes else "left out"
+    budget = None if row.fits is None else f"the {estimate.budget_bytes / GB:g} GB budget"
+    fits = [] if budget is None else [("fits " if row.fits else "over ") + budget]
+    total = "; ".join(([] if estimate.activation_bytes else ["+ activations"]) + fits)
+    parts = [("weights", _gb(m.frozen_bytes + m.trainable_bytes), ""),
+             ("gradients", _gb(estimate.gradient_device_bytes), grads),
+             ("optimizer state", _gb(row.device_state_bytes), host),
+             ("activations", acts, estimate.activation_detail),
+             ("total", _gb(row.total_device_bytes), total)]
+    lines = [f"peak on the device with the recipe's optimizer ({estimate.configured_optimizer}, * below):"]
+    for label, value, note in parts:
+        lines += _labelled(f"  {label:<17}{value:>{width}}", note, indent=2 + 17 + width + 2)
+    return lines
+
+
+def format_table(estimate: MemoryEstimate) -> str:
+    """Human-readable report for an 80-column terminal (GB = 10**9 bytes, MiB = 2**20 bytes): the model, the
+    recipe's own peak part by part, then every optimizer's state and device total and the recommendation
+    (the last 22 lines: a 24-line screen shows the whole table with its header)."""
+    lines = _model_lines(estimate)
+    if estimate.configured_optimizer in estimate.optimizers:
+        lines += ["", *_run_lines(estimate)]
+    lines += ["", f"{'optimizer':<22} {'state':>12} {'B/param':>8} {'on device':>12} {'device total':>13}"
+              + ("  fits" if estimate.budget_bytes is not None else "")]
     for row, est in estimate.optimizers.items():
         mark = " *" if row == estimate.configured_optimizer else ""
         fits = "" if est.fits is None else ("  yes" if est.fits else "  no")
@@ -536,15 +635,14 @@ def format_table(estimate: MemoryEstimate) -> str:
             f"{row + mark:<22} {_gb(est.state_bytes):>12} {est.bytes_per_param:>8.3f} "
             f"{_gb(est.device_state_bytes):>12} {_gb(est.total_device_bytes):>13}{fits}"
         )
-    lines.append("")
-    if estimate.configured_optimizer:
-        lines.append("* the recipe's optimizer")
-    grads = "the fullest bucket of gradients (step in backward)" if estimate.step_in_backward else "gradients"
-    acts = " + activations" if estimate.activation_bytes else "; activations excluded"
-    lines.append(f"device total = frozen + trainable weights + {grads} + device state{acts}.")
+    grads = "released gradients" if estimate.step_in_backward else "gradients"
+    acts = " + activations" if estimate.activation_bytes else " (activations left out)"
+    lines += ["", *_labelled("device total", f"= weights + {grads} + state on device{acts}", indent=13)]
     if estimate.budget_bytes is not None:
-        lines.append(f"budget {estimate.budget_bytes / GB:g} GB -> recommended: {estimate.recommendation}")
-    lines.extend(estimate.notes)
+        lines += _labelled(f"budget {estimate.budget_bytes / GB:g} GB ->", f"recommended: {estimate.recommendation}",
+                           indent=len(f"budget {estimate.budget_bytes / GB:g} GB -> "))
+    for note in estimate.notes:
+        lines += textwrap.wrap(note, width=80, subsequent_indent="  ")
     return "\n".join(lines)
 
 

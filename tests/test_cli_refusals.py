@@ -76,3 +76,30 @@ def test_misconfiguration_at_trainer_construction_is_a_short_error(capsys, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "enable_checkpointing=False" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+SUBCOMMAND_REFUSALS = {
+    "unknown optimizer": (["--config", "tiny.yaml", "--optim", "bogus"], "Unknown optimizer 'bogus'"),
+    "missing recipe": (["--config", "no_such_recipe.yaml"], "no_such_recipe.yaml"),
+    "unknown key": (["--config", "tiny.yaml", "--trainer.bogus", "1"], "--trainer.bogus"),
+    "--lr without an optimizer": (["--config", "tiny.yaml", "--trainer.callbacks", "[]", "--lr", "1e-3"],
+                                  "--lr needs --optim NAME"),
+}
+"""Refusals made while the command line is read (the recipe, the parser, the ``--optim`` shortcut), each with
+what its one message must say."""
+
+
+@pytest.mark.parametrize("case", sorted(SUBCOMMAND_REFUSALS))
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "estimate"])
+def test_every_refusal_names_its_subcommand(subcommand, case, capsys, tmp_path, monkeypatch):
+    """``lowmem estimate --optim bogus`` says ``lowmem estimate: error:``, not ``lowmem fit:`` (estimate parses
+    the recipe as fit would); the same for each subcommand and each kind of refusal."""
+    from lowmem_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    args, needle = SUBCOMMAND_REFUSALS[case]
+    assert main([subcommand, *args]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"lowmem {subcommand}: error: "), errors
+    assert needle in errors[0], errors[0]

@@ -217,13 +217,19 @@ def test_estimator_never_advises_what_the_recipe_already_does(recipe, capsys):
             assert not (already and words in advice), (recipe, budget, advice)
 
 
+def _advice(out: str) -> str:
+    """The recommendation of a printed table, its wrapped lines joined."""
+    text = out[out.index("budget "):]
+    return " ".join(text.split())
+
+
 def test_qlora_recipe_at_2_gb_is_not_told_to_quantize(capsys):
     assert main(["estimate", "--config", "qlora_7b.yaml", "--budget-gb", "2"]) == 0
-    line = capsys.readouterr().out.splitlines()[-1]
-    assert "nothing fits" in line and "already 4-bit NF4" in line
-    assert "quantize the base" not in line and "train LoRA" not in line
+    advice = _advice(capsys.readouterr().out)
+    assert "nothing fits" in advice and "already 4-bit NF4" in advice
+    assert "quantize the base" not in advice and "train LoRA" not in advice
     assert main(["estimate", "--config", "full_finetune_7b.yaml", "--budget-gb", "2"]) == 0
-    assert "quantize the base (quantize: nf4) and train LoRA adapters" in capsys.readouterr().out
+    assert "quantize the base (quantize: nf4) and train LoRA adapters" in _advice(capsys.readouterr().out)
 
 
 # ============================================================================== released buckets, live bytes
@@ -380,6 +386,99 @@ def test_activations_join_every_total():
     more = estimate_memory(nn.Linear(100, 100), activations=10**6)
     assert all(more.optimizers[r].total_device_bytes - base.optimizers[r].total_device_bytes == 10**6
                for r in base.optimizers)
-    assert "activations" in format_table(more) and "activations excluded" in format_table(base)
+    assert "activations" in format_table(more) and "(activations left out)" in format_table(base)
+    assert "(activations left out)" not in format_table(more)
     with pytest.raises(ValueError, match="activations=-1"):
         estimate_memory(nn.Linear(2, 2), activations=-1)
+
+
+# ============================================================================== activations in lowmem estimate
+def _estimate_json(capsys, *args: str) -> dict:
+    assert main(["estimate", *args, "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_estimate_cli_gives_the_numbers_gpu_check_measures_against(capsys):
+    """``lowmem estimate --config full_finetune_7b.yaml --data.seq_len 1024`` (the fit CLI's flag) shows the
+    activations, weights, released gradients, state and total that ``benchmarks/gpu_check.py``'s
+    ``full_ft_7b`` part puts beside the measured peak, to the byte."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    expected = gpu_check.full_ft_estimate("recipe", 1024, False)
+    data = _estimate_json(capsys, "--config", "full_finetune_7b.yaml", "--data.seq_len", "1024")
+    row = data["optimizers"][data["configured_optimizer"]]
+    shown = {"weights": data["frozen_bytes"] + data["trainable_bytes"], "state": row["device_state_bytes"],
+             "gradients": data["gradient_device_bytes"], "activations": data["activation_bytes"],
+             "total": row["total_device_bytes"]}
+    assert shown == expected
+    assert sum(v for k, v in shown.items() if k != "total") == shown["total"]
+    assert data["activation_detail"] == "batch 1 x seq 1024, bf16, checkpointing"
+
+
+def test_estimate_cli_takes_batch_seq_and_checkpointing_like_fit(capsys):
+    """The recipe's data.batch_size / data.seq_len / model.gradient_checkpointing, and the flags that change
+    them in ``lowmem fit``, give ``activation_bytes`` of the model's config; the activations join every total."""
+    from lowmem_lightning.estimate import activation_bytes
+
+    cfg = parse_fit_config(["--config", "tiny.yaml"])
+    arch, data = cfg.model.init_args.config, cfg.data.init_args
+    arch = {**arch, "vocab_size": 259}  # the byte tokenizer's
+    recipe = _estimate_json(capsys, "--config", "tiny.yaml")
+    assert recipe["activation_bytes"] == activation_bytes(arch, data.batch_size, data.seq_len, 4, False)
+    assert recipe["activation_detail"] == f"batch {data.batch_size} x seq {data.seq_len}, fp32, no checkpointing"
+    flags = _estimate_json(capsys, "--config", "tiny.yaml", "--data.batch_size", "3", "--data.seq_len", "40",
+                           "--model.gradient_checkpointing", "true", "--trainer.precision", "bf16-true")
+    assert flags["activation_bytes"] == activation_bytes(arch, 3, 40, 2, True)
+    assert flags["activation_detail"] == "batch 3 x seq 40, bf16, checkpointing"
+    for name, row in recipe["optimizers"].items():
+        state = row["device_state_bytes"]
+        weights_grads = recipe["trainable_bytes"] + recipe["frozen_bytes"] + recipe["gradient_bytes"]
+        assert row["total_device_bytes"] == weights_grads + state + recipe["activation_bytes"], name
+
+
+def test_estimate_cli_says_why_a_lora_run_leaves_activations_out(capsys):
+    """QLoRA (4-bit base, LoRA adapters): the formula is not fitted to it, so no figure; the table says so and
+    the run's total reads "+ activations"."""
+    data = _estimate_json(capsys, "--config", "qlora_7b.yaml")
+    assert data["activation_bytes"] == 0 and "LoRA / 4-bit" in data["activation_detail"]
+    assert main(["estimate", "--config", "qlora_7b.yaml", "--budget-gb", "6"]) == 0
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.strip().startswith("total "))
+    assert "+ activations" in total and "fits the 6 GB budget" in total
+    assert "(activations left out)" in out
+
+
+def test_model_activation_bytes_says_what_it_does_not_model():
+    from lowmem_lightning.estimate import activation_bytes, model_activation_bytes
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    llama = build_causal_lm(None, TINY_ARCH, device="meta")
+    assert model_activation_bytes(llama, 2, 16, False) == (activation_bytes(TINY_ARCH, 2, 16, 4, False),
+                                                           "batch 2 x seq 16, fp32, no checkpointing")
+    assert model_activation_bytes(llama, 2, 16, True, "16-true")[1] == "batch 2 x seq 16, fp16, checkpointing"
+    nbytes, why = model_activation_bytes(llama, 2, 16, True, "bf16-mixed")
+    assert nbytes is None and "precision='bf16-mixed'" in why
+    nbytes, why = model_activation_bytes(nn.Linear(4, 4), 2, 16, True)
+    assert nbytes is None and "Llama-style config" in why
+    with pytest.raises(ValueError, match="seq_len=0"):
+        model_activation_bytes(llama, 2, 0, True)
+
+
+@pytest.mark.parametrize("recipe", ["full_finetune_7b.yaml", "qlora_7b.yaml"])
+def test_estimate_table_fits_an_80_by_24_terminal(recipe, capsys):
+    """No line over 80 columns; the optimizer table, its header and the recommendation are the last 22 lines,
+    so the screen a 24-line terminal is left with after the command shows all of them; the run's own peak, part
+    by part, above it."""
+    assert main(["estimate", "--config", recipe, "--budget-gb", "24"]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    header = next(i for i, line in enumerate(lines) if line.startswith("optimizer "))
+    assert len(lines) - header <= 22, len(lines) - header
+    peak = lines.index(next(line for line in lines if line.startswith("peak on the device")))
+    block = lines[peak + 1:lines.index("", peak)]
+    labels = [line.split()[0] for line in block if not line.startswith("   ")]  # deeper: a wrapped note
+    assert labels == ["weights", "gradients", "optimizer", "activations", "total"]

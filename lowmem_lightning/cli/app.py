@@ -475,9 +475,21 @@ class _RunStarted(L.Callback):
 
 
 class _ParseOnlyCLI(LowMemCLI):
-    """Parses and fixes up a ``fit`` config like ``lowmem fit`` would, and instantiates nothing."""
+    """Parses and fixes up a ``fit`` config like ``lowmem fit`` would, and instantiates nothing; its refusals
+    are prefixed with :attr:`prog` (the command that asked: ``lowmem estimate``)."""
 
     check_weights = False
+    prog = "lowmem fit"
+
+    def __init__(self, *args: Any, prog: str = "lowmem fit", **kwargs: Any) -> None:
+        self.prog = prog
+        super().__init__(*args, **kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """LowMemCLI's subcommands, the ``fit`` parser named :attr:`prog` in its messages."""
+        super()._add_subcommands(parser, **kwargs)
+        if "fit" in self._subcommand_parsers:
+            self._subcommand_parsers["fit"].prog = self.prog
 
     def _set_seed(self) -> None:
         pass
@@ -496,13 +508,14 @@ def flat_predictions(predictions: Any) -> list:
     return [item for entry in predictions for item in flat_predictions(entry)]
 
 
-def parse_fit_config(args: list[str]) -> Namespace:
+def parse_fit_config(args: list[str], prog: str = "lowmem fit") -> Namespace:
     """The ``fit`` section of the config ``lowmem fit ARGS`` would run (defaults filled, ``--optim``
-    applied, recipe-relative paths resolved), without building anything."""
+    applied, recipe-relative paths resolved), without building anything. A refusal exits with code 2 and one
+    message prefixed ``PROG: error:`` (``prog``: the command parsing, e.g. ``lowmem estimate``)."""
     argv = with_default_classes(["fit", *resolve_config_args(args)])
     saved_argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        return _ParseOnlyCLI(args=argv, save_config_callback=None).config.fit
+        return _ParseOnlyCLI(args=argv, save_config_callback=None, prog=prog).config.fit
     finally:
         sys.argv = saved_argv
 
@@ -520,10 +533,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return estimate_main(args[1:])
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    prog = f"lowmem {args[0]}" if args[0] in SUBCOMMANDS else "lowmem"
     try:
         args = with_default_classes(resolve_config_args(args))
     except ValueError as err:
-        return usage_error(str(err))
+        return usage_error(str(err), prog)
     saved_argv = sys.argv
     # the command line as given: Lightning's DDP launcher re-runs sys.argv for ranks > 0
     sys.argv = [saved_argv[0] if saved_argv else "lowmem", *(saved_argv[1:] if argv is None else argv)]

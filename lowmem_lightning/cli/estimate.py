@@ -3,7 +3,10 @@
 The recipe is parsed exactly as ``lowmem fit`` would parse it (:func:`~lowmem_lightning.cli.app.parse_fit_config`),
 the model is built without weights (:func:`build_meta_model`), and
 :func:`~lowmem_lightning.estimate.estimate_memory` sizes parameters, gradients and every optimizer's
-state from the optimizers' own ``state_layout()``.
+state from the optimizers' own ``state_layout()``. Activations come from the recipe's ``data.batch_size``,
+``data.seq_len``, ``model.gradient_checkpointing`` and ``trainer.precision`` (the flags that set them in
+``lowmem fit`` set them here: ``--data.seq_len 1024``) through
+:func:`~lowmem_lightning.estimate.model_activation_bytes`, and join every device total.
 """
 
 from __future__ import annotations
@@ -38,13 +41,41 @@ def _configured_optimizer(cfg: Namespace) -> tuple[str, dict] | None:
     return None
 
 
-def _configured_release(cfg: Namespace) -> bool:
-    """Whether the recipe's LowMemOptimizerCallback sets ``step_in_backward``."""
+def _optimizer_callback_args(cfg: Namespace) -> Namespace:
+    """The init args of the recipe's (first) LowMemOptimizerCallback; empty when it has none."""
     callbacks = cfg.trainer.get("callbacks") or []
     for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
         if is_optimizer_callback(entry):
-            return bool(init_args(entry).get("step_in_backward"))
-    return False
+            return init_args(entry)
+    return Namespace()
+
+
+def _configured_release(cfg: Namespace) -> bool:
+    """Whether the recipe's LowMemOptimizerCallback sets ``step_in_backward``."""
+    return bool(_optimizer_callback_args(cfg).get("step_in_backward"))
+
+
+def _configured_bucket_bytes(cfg: Namespace) -> int:
+    """The release's ``bucket_bytes`` of the recipe's LowMemOptimizerCallback (default 25 MiB)."""
+    from lowmem_lightning.estimate import RELEASE_BUCKET_BYTES
+
+    value = _optimizer_callback_args(cfg).get("bucket_bytes")
+    return RELEASE_BUCKET_BYTES if value is None else value
+
+
+def _activations(cfg: Namespace, model) -> tuple[int, str]:
+    """``(bytes, what they are of)`` of the run's activations: ``data.batch_size`` x ``data.seq_len`` with
+    ``model.gradient_checkpointing`` under ``trainer.precision``; ``(0, why not)`` when the recipe does not
+    say or the formula does not model the run."""
+    from lowmem_lightning.estimate import model_activation_bytes
+
+    data = (cfg.get("data") or Namespace()).get("init_args") or Namespace()
+    batch, seq = data.get("batch_size"), data.get("seq_len")
+    if not isinstance(batch, int) or not isinstance(seq, int):
+        return 0, "not estimated: the data module sets no batch_size / seq_len"
+    checkpointing = bool((cfg.model.get("init_args") or Namespace()).get("gradient_checkpointing"))
+    nbytes, detail = model_activation_bytes(model, batch, seq, checkpointing, cfg.trainer.get("precision"))
+    return nbytes or 0, detail
 
 
 def _data_vocab_size(cfg: Namespace) -> int | None:
@@ -87,6 +118,9 @@ def build_meta_model(cfg: Namespace):
     return model
 
 
+PROG = "lowmem estimate"
+"""The command's name in its messages (``lowmem estimate: error: ...``)."""
+
 MAX_BUDGET_GB = 1e6
 """The largest ``--budget-gb`` taken (a petabyte: any larger figure is a typo)."""
 
@@ -104,17 +138,19 @@ def estimate_main(argv: Sequence[str]) -> int:
     from lowmem_lightning.estimate import GB, estimate_memory, format_json, format_table
 
     parser = _OneLineErrors(
-        prog="lowmem estimate",
+        prog=PROG,
         description="Memory a recipe needs: parameters, frozen weights (by dtype / NF4), gradients and the "
         "state of every optimizer, from the model built on the meta device (no weights, no download). "
-        "Other options (e.g. --model.model_name_or_path DIR, --optim NAME) are applied as in 'lowmem fit'.",
+        "Other options (e.g. --model.model_name_or_path DIR, --optim NAME) are applied as in 'lowmem fit'; "
+        "activations are of the recipe's --data.batch_size, --data.seq_len, --model.gradient_checkpointing "
+        "and --trainer.precision (Llama-style full-weight models; a LoRA / 4-bit run leaves them out).",
     )
     parser.add_argument("-c", "--config", required=True, help="Recipe: a YAML file or a bundled recipe name.")
     parser.add_argument("--budget-gb", type=float, default=None, help="Device memory budget in GB (10**9 bytes).")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="Output format.")
     parser.add_argument(
         "--step-in-backward", action="store_true", default=None,
-        help="Count the gradients as released in backward (only the largest tensor's alive); default: the "
+        help="Count the gradients as released in backward (only the fullest bucket alive); default: the "
         "recipe's LowMemOptimizerCallback step_in_backward.",
     )
     known, extra = parser.parse_known_args(list(argv))
@@ -122,9 +158,9 @@ def estimate_main(argv: Sequence[str]) -> int:
         parser.error(f"argument --budget-gb: invalid value {known.budget_gb!r}: expected a number of GB in "
                      f"(0, {MAX_BUDGET_GB:g}].")
     try:
-        cfg = parse_fit_config(["--config", known.config, *extra])
+        cfg = parse_fit_config(["--config", known.config, *extra], prog=PROG)
     except ValueError as err:
-        return usage_error(str(err))
+        return usage_error(str(err), PROG)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     try:
@@ -132,9 +168,12 @@ def estimate_main(argv: Sequence[str]) -> int:
         budget = None if known.budget_gb is None else int(known.budget_gb * GB)
         release = known.step_in_backward if known.step_in_backward is not None else _configured_release(cfg)
         checkpointing = bool((cfg.model.get("init_args") or Namespace()).get("gradient_checkpointing"))
+        activations, detail = _activations(cfg, model)
         estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg),
-                                   step_in_backward=release, gradient_checkpointing=checkpointing)
+                                   step_in_backward=release, gradient_checkpointing=checkpointing,
+                                   bucket_bytes=_configured_bucket_bytes(cfg), activations=activations,
+                                   activation_detail=detail)
     except (ValueError, TypeError) as err:
-        return usage_error(short(err))
+        return usage_error(short(err), PROG)
     print(format_json(estimate) if known.format == "json" else format_table(estimate))
     return 0

@@ -56,7 +56,7 @@ _NOISE = re.compile(
 
 def condense_message(message: str) -> str:
     """jsonargparse's nested Union error reports as one line: the innermost problems only."""
-    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines()]
+    lines = [re.sub(r"^(- )+", "", line.strip()).strip() for line in message.splitlines()]
     kept = [line for line in lines if line and not _NOISE.search(line)]
     text = " ".join(kept) if kept else message.strip()
     text = re.sub(r"Expected an? <class '([\w.]+)'>", r"Expected \1", text)
@@ -110,8 +110,10 @@ def shown(value: Any) -> str:
     return "unset" if value is UNSET else repr(value) if isinstance(value, str) else str(value)
 
 
-def usage_error(message: str) -> int:
-    sys.stderr.write(f"lowmem: error: {message}\n")
+def usage_error(message: str, prog: str = "lowmem") -> int:
+    """Print ``PROG: error: MESSAGE`` (``prog``: the command, with its subcommand when there is one) on stderr;
+    returns exit code 2."""
+    sys.stderr.write(f"{prog}: error: {message}\n")
     return 2
 
 
