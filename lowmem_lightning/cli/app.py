@@ -384,6 +384,8 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         created += [outer for _, outer in claimed if outer not in created]
         started = _RunStarted(self.held_logs)
         self.trainer.callbacks.append(started)
+        if self.held_logs is not None:  # the summary prints at on_fit_start: after the set-up lines, when it starts
+            self.held_logs.hold_summaries(self.trainer.callbacks)
         if subcommand == "fit" and not self._has_optimizer_callback():
             self.trainer.callbacks.append(RunLrAfterResume())  # a new --model.lr applies after a resume
         try:

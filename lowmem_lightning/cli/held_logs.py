@@ -7,12 +7,16 @@ and nothing else, so :class:`HeldLogs` keeps the records Lightning logs during s
 starts, prints them in their order (:meth:`HeldLogs.release`); a refused command drops them
 (:meth:`HeldLogs.discard`). Only the handlers Lightning itself installs on its ``lightning.pytorch`` and
 ``lightning.fabric`` loggers are held (an application that configured logging keeps its own handlers).
+The model summary, which Lightning prints at ``on_fit_start`` (before the run starts, and not through a
+logger), is held with them (:meth:`HeldLogs.hold_summaries`), so it comes after the set-up lines it
+followed, not before them.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterable
 
 from lowmem_lightning.cli import messages
 
@@ -39,12 +43,35 @@ class HeldLogs:
     in order) or :meth:`discard` (drop them); both stop holding and may be called more than once."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[logging.Handler | None, logging.LogRecord | str]] = []
+        self.records: list[tuple[logging.Handler | None, logging.LogRecord | str | Callable[[], None]]] = []
         self._filters: list[tuple[logging.Handler, _Hold]] = []
 
     def note(self, line: str) -> None:
         """Keep one line of the ``lowmem`` command's own notices (:func:`~lowmem_lightning.cli.messages.notice`)."""
         self.records.append((None, line))
+
+    def defer(self, call: Callable[[], None]) -> None:
+        """Run ``call`` (it prints something) at :meth:`release`, in order with the held records; at once when
+        nothing is held; never when the records are discarded."""
+        if self.holding:
+            self.records.append((None, call))
+        else:
+            call()
+
+    def hold_summaries(self, callbacks: Iterable) -> None:
+        """Hold the table of each ``ModelSummary`` callback (``RichModelSummary`` too) among ``callbacks``: its
+        ``summarize`` call, on this instance only, is deferred (:meth:`defer`)."""
+        from lightning.pytorch.callbacks import ModelSummary
+
+        for callback in callbacks:
+            if isinstance(callback, ModelSummary) and "summarize" not in vars(callback):
+                callback.summarize = self._deferred(callback.summarize)
+
+    def _deferred(self, summarize: Callable) -> Callable:
+        def deferred(*args, **kwargs) -> None:
+            self.defer(lambda: summarize(*args, **kwargs))
+
+        return deferred
 
     def hold(self) -> HeldLogs:
         """Start holding the records of the handlers of :data:`LIGHTNING_LOGGERS` and the command's notices;
@@ -58,7 +85,7 @@ class HeldLogs:
                     self._filters.append((handler, hold))
         return self
 
-    def _stop(self) -> list[tuple[logging.Handler | None, logging.LogRecord | str]]:
+    def _stop(self) -> list[tuple[logging.Handler | None, logging.LogRecord | str | Callable[[], None]]]:
         if messages.NOTICE_HOLDER is self:
             messages.NOTICE_HOLDER = None
         for handler, hold in self._filters:
@@ -75,7 +102,9 @@ class HeldLogs:
     def release(self) -> None:
         """Stop holding and print the held records through their handlers, oldest first."""
         for handler, record in self._stop():
-            if handler is None:
+            if callable(record):
+                record()
+            elif handler is None:
                 sys.stderr.write(record)
             else:
                 handler.handle(record)
