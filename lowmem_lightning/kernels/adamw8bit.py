@@ -49,6 +49,7 @@ File order: Triton kernel, PyTorch reference (named scalars and tensors first), 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -75,8 +76,8 @@ from .codec import (
     sqrt_rn_fast,
     sqrt_rn_reference,
 )
-from .cpu_buckets import plan
-from .dispatch import Family, HostStep, pack, triton_dtype, unpack
+from .cpu_buckets import fold_seeds, gather_rows, per_tensor, plan
+from .dispatch import Family, HostStep, packed, triton_dtype, unpack
 from .multitensor import (
     PARAM_GRAD_DTYPE_PAIRS,
     PERSISTENT_TABLE_TYPES,
@@ -630,54 +631,95 @@ def _host_key(t: AdamWTensors, i: int) -> tuple:
 
 def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[float], stochastic: bool = True) -> None:
     """The reference step of one :func:`_host_key` group whose flags are set (``steps``: their counters,
-    read on the host), one call per bucket of :func:`.cpu_buckets.plan` (``stochastic``: the rounding mode)."""
-    hp = pack(scalars, t.params[0].device)
-    terms, seeds = _step_terms(steps, t.seed_bases, hp)
+    read on the host), one call per bucket of :func:`.cpu_buckets.plan` (``stochastic``: the rounding mode).
+    The step terms and seeds are computed on the host once per tensor (:func:`_host_terms`, no tensor ops)
+    and gathered per row inside the bucket step (:func:`.cpu_buckets.gather_rows`)."""
+    device = t.params[0].device
+    hp = packed(scalars, device)
+    table = per_tensor([(*_host_terms(scalars.lr, scalars.beta1, scalars.beta2, int(s)), seed)
+                        for s, seed in zip(steps, _host_seeds(steps, t.seed_bases))], torch.float64, device)
     quantized = t.exp_avg_absmaxes[0] is not None
     run_bucket = _bucket_8bit if quantized else _bucket_32bit
     for layout in plan(t.params, BLOCK_SIZE if quantized else 1):
-        run_bucket(layout, backend, t, hp, terms, seeds, stochastic)
+        run_bucket(layout, backend, t, hp, table, layout.row_map.to(device), stochastic)
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_terms(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """:func:`step_terms_reference` of one step on the host: ``(lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t))`` by
+    the same IEEE fp32 operations in numpy scalars (``lr``, ``beta1``, ``beta2`` rounded to fp32 first, as
+    :func:`.dispatch.pack` does; numpy's fp32 square root is correctly rounded), so the same bits."""
+    one = np.float32(1.0)
+    beta1_t, beta2_t = _pow_from_squares(beta1, step), _pow_from_squares(beta2, step)
+    return float(np.float32(lr) / (one - beta1_t)), float(one / np.sqrt(one - beta2_t))
+
+
+@functools.lru_cache(maxsize=64)
+def _squares(base: float) -> tuple[np.float32, ...]:
+    """``base ** (2 ** k)`` for ``k < 24`` by repeated fp32 squaring (the ``base`` sequence of the squaring loop)."""
+    out = [np.float32(base)]
+    for _ in range(_POW_BITS - 1):
+        out.append(np.float32(out[-1] * out[-1]))
+    return tuple(out)
+
+
+def _pow_from_squares(base: float, e: int) -> np.float32:
+    """:func:`_pow_by_squaring_host` of fp32 ``base`` from the cached squares: the same fp32 products in the same
+    order (one per set bit of ``e``), so the same bits."""
+    result, squares, k = np.float32(1.0), _squares(base), 0
+    while e:
+        if e & 1:
+            result = np.float32(result * squares[k])
+        e >>= 1
+        k += 1
+    return result
+
+
+def _host_seeds(steps: Sequence[float], seed_bases: Sequence[int]) -> list[int]:
+    """The seeds of :func:`.rounding.seed_reference` (``(step * SEED_STEP + base) & SEED_MASK``) in Python ints."""
+    return [(int(t) * SEED_STEP + base) & SEED_MASK for t, base in zip(steps, seed_bases)]
 
 
 def _step_terms(steps: list[float], seed_bases: Sequence[int], hp: torch.Tensor):
-    """:func:`step_terms_reference` of every tensor (``(T, 2)``, ``(T,)``) from host step values, computed
-    once per distinct step (its host loops are per step); the seeds of :func:`.rounding.seed_reference`
-    (``(step * SEED_STEP + base) & SEED_MASK``) in Python ints."""
-    unique = sorted(set(steps))
-    device = hp.device
-    terms, _ = step_terms_reference(unpack(AdamWScalars, hp), torch.tensor(unique, dtype=torch.float32, device=device),
-                                    torch.zeros(len(unique), dtype=torch.int64, device=device))
-    if len(unique) == 1:
-        terms = terms.expand(len(steps), 2)
-    else:
-        terms = terms[torch.tensor([unique.index(t) for t in steps], device=device)]
-    seeds = [(int(t) * SEED_STEP + base) & SEED_MASK for t, base in zip(steps, seed_bases)]
-    return terms, torch.tensor(seeds, dtype=torch.int64, device=device)
+    """:func:`step_terms_reference` of every tensor (``(T, 2)`` fp32, ``(T,)`` int64 seeds) from host step values
+    and ``hp`` (:func:`.dispatch.pack` of :class:`AdamWScalars`), computed on the host (:func:`_host_terms`)."""
+    lr, beta1, beta2 = hp[:3].tolist()
+    terms = [_host_terms(lr, beta1, beta2, int(t)) for t in steps]
+    return (torch.tensor(terms, dtype=torch.float32, device=hp.device),
+            torch.tensor(_host_seeds(steps, seed_bases), dtype=torch.int64, device=hp.device))
 
 
-def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds, stochastic=True):
+def _row_terms(table: torch.Tensor, row_map: torch.Tensor):
+    """``(step_size, inv_bc2, seed)`` of every row of a bucket, ``(rows, 1)`` each (fp32, fp32, int64), from the
+    per-tensor float64 ``table`` ``(T, 3)`` (fp32 terms and 31-bit seeds, all exact) and ``row_map``."""
+    step_size, inv_bc2, seed = gather_rows(table, row_map).unbind(1)
+    return step_size.to(torch.float32).view(-1, 1), inv_bc2.to(torch.float32).view(-1, 1), fold_seeds(seed, row_map)
+
+
+def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, table, row_map, stochastic=True):
     """:func:`adamw8bit_step` over a bucket: ``(rows, BLOCK_SIZE)`` operands, absmax ``(rows, 1)``, ``hp``
-    (:func:`.dispatch.pack` of :class:`AdamWScalars`), per-row ``terms`` ``(rows, 2)`` and ``seeds``
-    ``(rows, 1)``; few inputs (each costs guard time per compiled call)."""
-    adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), terms[:, :1], terms[:, 1:],
-                   seeds, stochastic)
+    (:func:`.dispatch.pack` of :class:`AdamWScalars`), the per-tensor step ``table`` ``(T, 3)``: step size,
+    ``inv_bc2`` and seed (float64, exact), gathered per row by ``row_map`` (:attr:`.cpu_buckets.Bucket.row_map`);
+    few inputs (each costs guard time per compiled call)."""
+    adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), *_row_terms(table, row_map),
+                   stochastic)
 
 
-def _bucket_step_32bit(param, grad, m, v, hp, terms, seeds, stochastic=True):
+def _bucket_step_32bit(param, grad, m, v, hp, table, row_map, stochastic=True):
     """:func:`adamw32_step` over a bucket of fp32-state tensors: ``(elements, 1)`` operands, one row per
-    element (``terms`` ``(elements, 2)``, ``seeds`` ``(elements, 1)``)."""
-    adamw32_step(param, grad, m, v, None, unpack(AdamWScalars, hp), terms[:, :1], terms[:, 1:], seeds, stochastic)
+    element (``row_map`` ``(elements, 2)``)."""
+    adamw32_step(param, grad, m, v, None, unpack(AdamWScalars, hp), *_row_terms(table, row_map), stochastic)
 
 
 _BUCKET_STEPS = {True: HostStep(_bucket_step_8bit), False: HostStep(_bucket_step_32bit)}
 """The bucket steps by ``quantized``, each compiled (once, ``dynamic=True``) on first use."""
 
 
-def _bucket_8bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds, stochastic: bool) -> None:
+def _bucket_8bit(layout, backend: str, t: AdamWTensors, hp, table, row_map, stochastic: bool) -> None:
     p, m, v = layout.rows_of(t.params), layout.rows_of(t.exp_avgs), layout.rows_of(t.exp_avg_sqs)
     m_absmax, v_absmax = layout.scales_of(t.exp_avg_absmaxes), layout.scales_of(t.exp_avg_sq_absmaxes)
-    _BUCKET_STEPS[True].on(backend)(p, layout.rows_of(t.grads), m, m_absmax, v, v_absmax, hp, layout.per_row(terms),
-                                    layout.row_seeds(seeds), stochastic)
+    _BUCKET_STEPS[True].on(backend)(p, layout.rows_of(t.grads), m, m_absmax, v, v_absmax, hp, table, row_map,
+                                    stochastic)
     layout.write_back(t.params, p)
     layout.write_back(t.exp_avgs, m)
     layout.write_back(t.exp_avg_sqs, v)
@@ -685,10 +727,9 @@ def _bucket_8bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds, stocha
     layout.write_back_scales(t.exp_avg_sq_absmaxes, v_absmax)
 
 
-def _bucket_32bit(layout, backend: str, t: AdamWTensors, hp, terms, seeds, stochastic: bool) -> None:
+def _bucket_32bit(layout, backend: str, t: AdamWTensors, hp, table, row_map, stochastic: bool) -> None:
     p, m, v = layout.rows_of(t.params), layout.rows_of(t.exp_avgs), layout.rows_of(t.exp_avg_sqs)
-    _BUCKET_STEPS[False].on(backend)(p, layout.rows_of(t.grads), m, v, hp, layout.per_row(terms),
-                                     layout.row_seeds(seeds), stochastic)
+    _BUCKET_STEPS[False].on(backend)(p, layout.rows_of(t.grads), m, v, hp, table, row_map, stochastic)
     for dst, src in ((t.params, p), (t.exp_avgs, m), (t.exp_avg_sqs, v)):
         layout.write_back(dst, src)
 

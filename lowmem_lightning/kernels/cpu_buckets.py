@@ -27,7 +27,7 @@ import torch
 
 from .rounding import _GOLDEN, _MASK32
 
-__all__ = ["CHUNK_NUMEL", "IN_PLACE_MIN_NUMEL", "Bucket", "plan"]
+__all__ = ["CHUNK_NUMEL", "IN_PLACE_MIN_NUMEL", "Bucket", "plan", "gather_rows", "fold_seeds", "per_tensor"]
 
 CHUNK_NUMEL = 2**18
 """Most elements of one bucket (one call of the step function): the largest call whose passes stay in a
@@ -62,6 +62,9 @@ class Bucket:
         shift = torch.tensor([first * width - start for first, (_, start, _) in zip(self.firsts, pieces)])
         # (bucket position - position in the tensor) * GOLDEN per row, for the seed fold
         self._row_fold = (shift.index_select(0, owner) * _GOLDEN).view(self.rows, 1)
+        self.row_map = torch.cat([self._row_tensor.view(-1, 1), self._row_fold & _MASK32], dim=1)
+        """``(rows, 2)`` int64 per row: the group index of its tensor and its seed fold (mod 2**32), the operand
+        of :func:`gather_rows` / :func:`fold_seeds` (built once per plan, reused every step)."""
 
     @property
     def numel(self) -> int:
@@ -137,6 +140,27 @@ class Bucket:
     def _source(tensor: torch.Tensor, start: int, numel: int) -> torch.Tensor:
         flat = tensor.detach().reshape(-1)
         return flat if start == 0 and numel == flat.numel() else flat[start:start + numel]
+
+
+def gather_rows(values: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
+    """``(rows, k)``: the per-tensor ``values`` ``(T, k)`` of each row's tensor (``row_map``: :attr:`Bucket.row_map`).
+    Inside a compiled step the gather fuses into the elementwise kernel (no per-row operand built per step)."""
+    return values.index_select(0, row_map[:, 0])
+
+
+def fold_seeds(seeds: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
+    """``(rows, 1)`` int64: :meth:`Bucket.row_seeds` as graph operations, from ``seeds`` ``(rows,)`` (each row's
+    tensor seed, any dtype holding the integer exactly: :func:`gather_rows` of a float64 step table) and
+    :attr:`Bucket.row_map`: ``(s_i - d * GOLDEN) mod 2**32``, the fold pre-reduced mod 2**32."""
+    return (seeds.to(torch.int64).view(-1, 1) - row_map[:, 1:]) & _MASK32
+
+
+def per_tensor(values: Sequence, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One tensor of per-tensor ``values`` (numbers or tuples of numbers, one entry per group tensor), padded with
+    copies of the last entry to at least two rows: torch.compile specializes a size of 1, and a group of one
+    tensor must not compile a graph of its own."""
+    values = list(values)
+    return torch.tensor(values + values[-1:] * (2 - len(values)), dtype=dtype, device=device)
 
 
 def plan(tensors: Sequence[torch.Tensor], width: int) -> list[Bucket]:

@@ -67,6 +67,7 @@ __all__ = [
     "HostStep",
     "per_layout",
     "pack",
+    "packed",
     "unpack",
     "subset",
     "triton_available",
@@ -292,6 +293,17 @@ def pack(scalars: NamedTuple, device: torch.device | str = "cpu") -> torch.Tenso
     return torch.tensor([float(v) for v in scalars], dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=32)
+def _packed(scalars: NamedTuple, device: torch.device) -> torch.Tensor:
+    return pack(scalars, device)
+
+
+def packed(scalars: NamedTuple, device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`pack` cached per ``(scalars, device)``: the host steps' hyperparameter operand, built once per
+    value (a new learning rate makes a new one). Shared: read it, never write into it."""
+    return _packed(scalars, torch.device(device))
+
+
 def unpack(cls: type, packed: torch.Tensor) -> NamedTuple:
     """``cls`` (a NamedTuple of scalars) with 0-d fp32 tensors read from ``packed`` (:func:`pack`)."""
     return cls(*packed.unbind(0))
@@ -305,11 +317,19 @@ class HostStep:
     fails (no C++ toolchain, an inductor bug) it warns once and runs ``fn`` eagerly from then on; other
     functions keep compiling. Hyperparameters must reach ``fn`` as tensors (:func:`pack`) or
     torch.compile would recompile for every new value.
+
+    The first call compiles without duck shaping (sizes that happen to be equal at that call, such as a
+    bucket of 256 rows of 256 elements, must not become one symbol: the next size would compile again).
+    Later calls skip torch.compile's per-call frame machinery when they can (:class:`_CachedGraph`): the
+    graph's own guards are checked, then its compiled code runs directly; anything else (a guard failure,
+    a torch without these internals) goes through the compiled function as usual.
     """
 
     def __init__(self, fn: Callable):
         self.eager = fn
         self._compiled: Callable | None | bool = False  # False: not compiled yet; None: compiling failed
+        self._cached: _CachedGraph | None = None
+        self._cache_refreshes = 0
         functools.update_wrapper(self, fn)
 
     def on(self, backend: str) -> Callable:
@@ -317,20 +337,84 @@ class HostStep:
         return self._run_compiled if backend == "compiled" else self.eager
 
     def _run_compiled(self, *args, **kwargs):
+        cached = self._cached
+        if cached is not None and not kwargs and cached.matches(args):
+            return cached.code(*args)
         if self._compiled is False:
-            self._compiled = torch.compile(self.eager, dynamic=True)
+            self._compiled = torch.compile(self.eager, dynamic=True, options=_COMPILE_OPTIONS)
+            with _no_duck_shapes():
+                return self._call(args, kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict):
         if self._compiled is None:
             return self.eager(*args, **kwargs)
         try:
-            return self._compiled(*args, **kwargs)
+            out = self._compiled(*args, **kwargs)
         except Exception as err:  # pragma: no cover - depends on the local toolchain
             warnings.warn(
                 f"torch.compile of {self.eager.__qualname__} failed ({type(err).__name__}: {err}); "
                 "running that function eagerly from now on (others still compile).",
-                stacklevel=2,
+                stacklevel=3,
             )
             self._compiled = None
             return self.eager(*args, **kwargs)
+        if self._cache_refreshes < _CACHE_REFRESHES:  # a function with several graphs stops looking
+            self._cache_refreshes += 1
+            self._cached = _CachedGraph.of(self.eager)
+        return out
+
+
+_COMPILE_OPTIONS = {"size_asserts": False}
+"""Inductor options of every host step: no per-call size/stride asserts on the inputs (~1 us each per call); the
+graph's guards (checked on every call) already pin dtypes, ranks and strides."""
+
+_CACHE_REFRESHES = 8
+"""Compiled calls after which a :class:`HostStep` stops looking for its :class:`_CachedGraph`."""
+
+
+class _CachedGraph:
+    """The one compiled entry torch.compile holds for a function: its transformed code (which gathers the
+    graph's inputs and calls the compiled graph) and its guards. :meth:`matches` runs the guards on the
+    call's arguments (and the global state they check: grad mode, threads, ...); when they pass, calling
+    :attr:`code` is what torch.compile would run, without its per-call wrapper (measured ~20 us of ~45 per
+    call of a small bucket step: ``benchmarks/RESULTS.md``, "CPU path by size")."""
+
+    def __init__(self, code: Callable, guards, names: tuple[str, ...]):
+        self.code, self._guards, self._names = code, guards, names
+
+    @classmethod
+    def of(cls, fn: Callable) -> _CachedGraph | None:
+        """The cached graph of ``fn`` when torch.compile holds exactly one entry for it, else None (also when
+        this torch lacks the internals read here)."""
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            entries = _debug_get_cache_entry_list(fn.__code__)
+            if len(entries) != 1 or fn.__kwdefaults__:
+                return None
+            entry = entries[0]
+            code = types.FunctionType(entry.code, fn.__globals__, fn.__name__, None, fn.__closure__)
+            names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+            guards = entry.guard_manager
+            guards.check  # noqa: B018 - present, or no cached calls
+        except Exception:  # pragma: no cover - another torch version's internals
+            return None
+        return cls(code, guards, names)
+
+    def matches(self, args: tuple) -> bool:
+        """Whether the guards pass for positional ``args`` (every parameter passed: no defaults filled in)."""
+        return len(args) == len(self._names) and self._guards.check(dict(zip(self._names, args)))
+
+
+def _no_duck_shapes():
+    """Context in which torch.compile gives every dynamic size its own symbol (see :class:`HostStep`)."""
+    try:
+        import torch.fx.experimental._config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except Exception:  # pragma: no cover - another torch version
+        return contextlib.nullcontext()
 
 
 def per_layout(fn: Callable) -> dict[bool, HostStep]:
