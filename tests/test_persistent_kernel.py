@@ -142,3 +142,106 @@ def test_persistent_setting_is_validated(monkeypatch):
     assert multitensor.persistent_programs(10, torch.device("cpu"), per_sm=4) == 4
     assert multitensor.persistent_programs(3, torch.device("cpu"), per_sm=4) == 3
     assert multitensor.persistent_programs(10, torch.device("cpu"), per_sm=0) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The finite check read from the clipping norm: the gradient is read once by the step
+# --------------------------------------------------------------------------------------------------
+
+NORM_OPS = ("aten::linalg_vector_norm", "aten::_foreach_norm", "aten::norm")
+
+
+def _norm_passes(fn) -> int:
+    """Norm kernels run by ``fn()`` (each one reads a gradient, or all of them for ``_foreach_norm``)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name in NORM_OPS)
+
+
+def _clipped_setup(seed=0, bad=None):
+    params = _params(torch.float32, [(4097,), (1000, 5), (7, 11)], seed=seed)
+    opt = AdamW8bit(params, lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    for i, p in enumerate(params):
+        p.grad = torch.randn(p.shape, generator=g) * 3.0
+        if bad == i:
+            p.grad.view(-1)[2] = float("inf")
+    return params, opt
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_step_after_clip_reads_no_gradient_for_the_check_and_matches(triton):
+    with dispatch.override(force_triton=triton):
+        params, opt = _clipped_setup()
+        total = opt.clip_grad_norm_(1.0)
+        assert _norm_passes(opt.step) == 0  # the step's only gradient read is its kernel's
+        # the same clipped gradients stepped with the per-tensor check: same bits, one norm per gradient
+        params2, opt2 = _clipped_setup()
+        coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+        for p in params2:
+            p.grad.mul_(coef)
+        assert _norm_passes(opt2.step) == len(params2)
+    assert float(total) > 1.0
+    _assert_same(params, opt, params2, opt2)
+    assert opt.skipped_updates == 0
+
+
+def test_clip_grad_norm_reads_each_gradient_once_and_scales_like_torch():
+    params, opt = _clipped_setup()
+    reference = [p.grad.clone() for p in params]
+    passes = _norm_passes(lambda: opt.clip_grad_norm_(1.0))
+    assert passes == len(params) + 1  # one norm per gradient (CPU; one _foreach_norm on CUDA) and the total's
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in reference]))
+    for g, g0 in zip((p.grad for p in params), reference):
+        torch.testing.assert_close(g, g0 * (1.0 / (total + 1e-6)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_non_finite_clip_norm_skips_the_whole_step(triton):
+    with dispatch.override(force_triton=triton):
+        params, opt = _clipped_setup(bad=1)
+        before = [p.detach().clone() for p in params]
+        grads = [p.grad.clone() for p in params]
+        total = opt.clip_grad_norm_(1.0)
+        assert not torch.isfinite(total)
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # not scaled: nothing to save
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "a param moved"
+    for p in params:
+        state = opt.state[p]
+        assert float(state["step"]) == 0.0
+        for key, value in state.items():
+            if key != "step":
+                assert not value.any(), f"state {key!r} written"
+    assert opt.skipped_updates == len(params)
+    # the per-tensor check (no reused norm) skips only the bad tensor: the documented difference
+    params2, opt2 = _clipped_setup(bad=1)
+    opt2.step()
+    assert opt2.skipped_updates == 1
+
+
+def test_reused_norm_serves_one_step_and_torch_clip_norm_is_accepted():
+    params, opt = _clipped_setup()
+    opt.use_grad_norm(torch.nn.utils.clip_grad_norm_(params, 1.0))
+    assert _norm_passes(opt.step) == 0
+    assert _norm_passes(opt.step) == len(params)  # the next step checks each gradient again
+    opt.use_grad_norm(float("nan"))
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.skipped_updates == len(params)
+    # step_params (gradient release) keeps the per-tensor check and leaves a pending norm for step()
+    opt.use_grad_norm(float("inf"))
+    opt.step_params(params[:1])
+    assert opt.skipped_updates == len(params)
+    opt.step()
+    assert opt.skipped_updates == 2 * len(params)
+
+
+def test_clip_and_norm_arguments_are_validated():
+    params, opt = _clipped_setup()
+    for bad in (0, -1.0, float("nan"), "1", True):
+        with pytest.raises(ValueError, match=r"max_norm=.*a number > 0"):
+            opt.clip_grad_norm_(bad)
+    with pytest.raises(ValueError, match=r"total_norm.*shape \(2,\)"):
+        opt.use_grad_norm(torch.ones(2))

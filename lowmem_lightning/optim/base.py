@@ -6,7 +6,10 @@
   on CUDA, one fp32 ``vector_norm`` per tensor on CPU. Kernels receive the flag and leave params and state
   untouched where it is 0; the number of skipped tensor updates accumulates on the device and is
   read (one sync) only through :attr:`LowMemOptimizer.skipped_updates`. For DTensor (sharded)
-  gradients the flags agree across the ranks that shard them (:mod:`.sharding`).
+  gradients the flags agree across the ranks that shard them (:mod:`.sharding`). **Reused norm:** after
+  :meth:`~LowMemOptimizer.clip_grad_norm_` (or :meth:`~LowMemOptimizer.use_grad_norm` with the norm
+  ``torch.nn.utils.clip_grad_norm_`` returned) the next ``step()`` reads no gradient for the check: it
+  applies every update when that total norm is finite and skips the *whole step* when it is not.
 * **Step counters** are 0-d fp32 tensors on the param's device (like torch's ``capturable`` mode):
   they advance by the finite flag, so a skipped update does not advance the bias correction, and
   kernels read them from memory (no ``.item()``).
@@ -109,6 +112,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self._check_defaults(dict(defaults))  # bad hyperparameters fail before any param is looked at
         _check_rounding(defaults)
         self._skipped: dict[torch.device, torch.Tensor] = {}
+        self._grad_norm: torch.Tensor | None = None  # the total norm the next step() reuses (use_grad_norm)
+        self._step_norm: torch.Tensor | None = None  # ... while that step() runs
         self._released_groups: set[int] = set()
         self._param_slots: dict[int, tuple[int, int, int]] = {}  # id -> (group, global index, position)
         super().__init__(params, defaults)
@@ -127,6 +132,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
         if not differentiable:
             self.defaults.pop("differentiable", None)  # torch adds it; our groups do not carry it
         self.__dict__.setdefault("_skipped", {})
+        self.__dict__.setdefault("_grad_norm", None)
+        self.__dict__.setdefault("_step_norm", None)
         self.__dict__.setdefault("_released_groups", set())
         self.__dict__["_param_slots"] = {}
         for group in self.param_groups:
@@ -184,6 +191,54 @@ class LowMemOptimizer(torch.optim.Optimizer):
         """
         return int(sum(int(t.item()) for t in self._skipped.values()))
 
+    def use_grad_norm(self, total_norm: torch.Tensor | float) -> None:
+        """Let the next :meth:`step` reuse ``total_norm`` for its finite check instead of reading every gradient.
+
+        ``total_norm``: the L2 norm over *every* gradient that step applies, computed before any clipping
+        scaled them (what ``torch.nn.utils.clip_grad_norm_`` returns; :meth:`clip_grad_norm_` passes its own).
+        Semantics of that step (a whole-step skip, unlike the per-tensor check): a finite norm applies every
+        update (each gradient's sum of squares is below the total's, so none overflows); an inf/NaN norm
+        skips the whole step: no param, state or step counter changes and every (tensor, step) of it counts in
+        :attr:`skipped_updates`. A norm of a wider dtype than fp32 is as good; an fp16 norm overflows at 65504
+        (a spurious skip, never a missed one). Consumed by the next ``step()`` only (``step_params`` ignores
+        it); a DTensor norm is made whole first (one collective). No device sync.
+        """
+        if not isinstance(total_norm, torch.Tensor):
+            total_norm = torch.tensor(float(total_norm), dtype=torch.float32)
+        if total_norm.numel() != 1:
+            raise ValueError(f"Invalid total_norm: expected one value (a 0-d tensor or a float), got a tensor of "
+                             f"shape {tuple(total_norm.shape)}.")
+        if is_dtensor(total_norm):
+            total_norm = total_norm.full_tensor()
+        self._grad_norm = total_norm.detach().reshape(())
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+        """Clip every gradient of this optimizer to a total L2 norm of ``max_norm`` (as
+        ``torch.nn.utils.clip_grad_norm_``: scale by ``min(1, max_norm / (norm + eps))``) and hand the norm to the
+        next :meth:`step` (:meth:`use_grad_norm`), which then reads each gradient once, in its kernel.
+
+        The norm is accumulated in fp32 (one ``_foreach_norm`` pass per device, no host sync); when it is not
+        finite the gradients are left as they are (the next step skips as a whole). Returns the total norm
+        (0-d fp32 on the first gradient's device). ``ValueError`` for a ``max_norm`` that is not a number > 0.
+        """
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+            raise ValueError(f"Invalid max_norm={max_norm!r}: expected a number > 0.")
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            total = torch.zeros((), dtype=torch.float32)
+        elif any(is_dtensor(g) for g in grads):
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            total = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)  # its collectives
+        else:
+            total = _total_norm(grads)
+            coef = torch.clamp(max_norm / (total + eps), max=1.0)
+            coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef))
+            for device_grads in _by_device(grads).values():
+                torch._foreach_mul_(device_grads, coef.to(device_grads[0].device))
+        self.use_grad_norm(total)
+        return total
+
     def _finite_flags(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """fp32 tensor ``(len(grads),)`` on the grads' device: 1.0 where the gradient is safe to apply.
 
@@ -195,15 +250,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
         an infinite state.
 
         DTensor gradients are checked on the local shard and the flags combined across ranks (one
-        collective), so all ranks skip or apply an update together.
+        collective), so all ranks skip or apply an update together. Inside a :meth:`step` that reuses a
+        total norm (:meth:`use_grad_norm`) no gradient is read: every flag is the isfinite of that norm.
         """
         if not grads:
             return torch.empty(0)
         distributed = [g for g in grads if is_dtensor(g)]
         grads = [local(g) for g in grads]
-        flags = _square_sum_norms(grads, fused=grads[0].device.type != "cpu").isfinite().to(torch.float32)
-        if distributed:
-            agree_on_flags(flags, distributed)
+        if self._step_norm is not None:
+            ok = self._step_norm.to(grads[0].device, non_blocking=True).isfinite().to(torch.float32)
+            flags = ok.expand(len(grads))
+        else:
+            flags = _square_sum_norms(grads, fused=grads[0].device.type != "cpu").isfinite().to(torch.float32)
+            if distributed:
+                agree_on_flags(flags, distributed)
         device = flags.device
         counter = self._skipped.get(device)
         if counter is None:
@@ -224,10 +284,14 @@ class LowMemOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_grads()
-        for group, per_device in self._params_by_device():
-            if per_device:
-                self._step_group(group, per_device)
-                self._finish_group(group)
+        self._step_norm, self._grad_norm = self._grad_norm, None  # a reused norm serves this one step
+        try:
+            for group, per_device in self._params_by_device():
+                if per_device:
+                    self._step_group(group, per_device)
+                    self._finish_group(group)
+        finally:
+            self._step_norm = None
         return loss
 
     @torch.no_grad()
@@ -542,6 +606,20 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 current = loaded.get(key)
                 if isinstance(value, torch.Tensor) and (current.dtype != value.dtype or current.device != device):
                     loaded[key] = value.to(device=device)
+
+
+def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    out: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        out[t.device].append(t)
+    return out
+
+
+def _total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The fp32 L2 norm over every gradient (one ``_foreach_norm`` per device, summed on the first device)."""
+    parts = [_square_sum_norms(g, fused=g[0].device.type != "cpu") for g in _by_device(grads).values()]
+    device = grads[0].device
+    return torch.linalg.vector_norm(torch.cat([p.to(device) for p in parts]), 2)
 
 
 def _square_sum_norms(grads: Sequence[torch.Tensor], fused: bool) -> torch.Tensor:
