@@ -49,8 +49,8 @@ from .codec import (
     encode_signed,
     encode_signed_reference,
 )
-from .cpu_buckets import plan
-from .dispatch import Family, HostStep, pack, unpack
+from .cpu_buckets import fold_seeds, gather_rows, per_tensor, plan
+from .dispatch import Family, HostStep, pack, packed, unpack
 from .multitensor import (
     PARAM_GRAD_DTYPE_PAIRS,
     aot_spec,
@@ -285,31 +285,42 @@ def _host_key(t: SGDTensors, i: int) -> tuple:
 
 def _host(t: SGDTensors, scalars: SGDScalars, backend: str, steps: list[float], stochastic: bool = True) -> None:
     """The reference step of one :func:`_host_key` group whose flags are set (``steps``: their counters,
-    read on the host), one call per bucket of :func:`.cpu_buckets.plan` (``stochastic``: the rounding mode)."""
+    read on the host), one call per bucket of :func:`.cpu_buckets.plan` (``stochastic``: the rounding mode).
+    Per tensor, its first-step flag and seed go in one small table built on the host, gathered per row inside
+    the bucket step."""
     device = t.params[0].device
-    hp = pack(scalars, device)
-    firsts = torch.tensor([s == 1 for s in steps], device=device)
     # index_seed_reference(step, index) = (step * SEED_STEP + index * SEED_INDEX) & SEED_MASK, host ints
-    seeds = torch.tensor([(int(s) * SEED_STEP + i * SEED_INDEX) & SEED_MASK for s, i in zip(steps, t.tensor_indices)],
-                         dtype=torch.int64, device=device)
+    table = per_tensor([(float(s == 1), (int(s) * SEED_STEP + i * SEED_INDEX) & SEED_MASK)
+                        for s, i in zip(steps, t.tensor_indices)], torch.float64, device)
+    hp = packed(scalars, device)
     mode = _mode(t, 0)
     for layout in plan(t.params, BLOCK_SIZE):
-        _bucket(layout, backend, mode, t, hp, firsts, seeds, stochastic)
+        _bucket(layout, backend, mode, t, hp, table, layout.row_map.to(device), stochastic)
 
 
-def _bucket_step_plain(param, grad, hp, first, seeds, stochastic=True):
+def _row_terms(table: torch.Tensor, row_map: torch.Tensor):
+    """``(first, seed)`` of every row of a bucket, ``(rows, 1)`` each (bool, int64), from the per-tensor float64
+    ``table`` ``(T, 2)`` (first-step flag, 31-bit seed: exact) and ``row_map`` (:attr:`.cpu_buckets.Bucket.row_map`)."""
+    first, seed = gather_rows(table, row_map).unbind(1)
+    return (first != 0).view(-1, 1), fold_seeds(seed, row_map)
+
+
+def _bucket_step_plain(param, grad, hp, table, row_map, stochastic=True):
     """:func:`sgd_step` without momentum over a bucket: ``(rows, BLOCK_SIZE)`` operands, ``hp``
-    (:func:`.dispatch.pack` of :class:`SGDScalars`), per-row ``first`` (bool) and ``seeds`` ``(rows, 1)``."""
+    (:func:`.dispatch.pack` of :class:`SGDScalars`), the per-tensor ``table`` gathered per row (:func:`_row_terms`)."""
+    first, seeds = _row_terms(table, row_map)
     sgd_step(param, grad, None, None, None, first, unpack(SGDScalars, hp), seeds, stochastic)
 
 
-def _bucket_step_fp32(param, grad, buf, hp, first, seeds, stochastic=True):
+def _bucket_step_fp32(param, grad, buf, hp, table, row_map, stochastic=True):
     """:func:`_bucket_step_plain` with fp32 momentum ``buf`` ``(rows, BLOCK_SIZE)``."""
+    first, seeds = _row_terms(table, row_map)
     sgd_step(param, grad, buf, None, None, first, unpack(SGDScalars, hp), seeds, stochastic)
 
 
-def _bucket_step_int8(param, grad, buf, absmax, hp, first, seeds, stochastic=True):
+def _bucket_step_int8(param, grad, buf, absmax, hp, table, row_map, stochastic=True):
     """:func:`_bucket_step_plain` with 8-bit momentum: int8 codes ``buf`` and its ``absmax`` ``(rows, 1)``."""
+    first, seeds = _row_terms(table, row_map)
     sgd_step(param, grad, buf, absmax, None, first, unpack(SGDScalars, hp), seeds, stochastic)
 
 
@@ -318,13 +329,12 @@ _BUCKET_STEPS = {mode: HostStep(fn) for mode, fn in
 """The bucket steps by momentum mode, each its own code object (own compile cache), compiled on first use."""
 
 
-def _bucket(layout, backend: str, mode: str, t: SGDTensors, hp, firsts, seeds, stochastic: bool) -> None:
+def _bucket(layout, backend: str, mode: str, t: SGDTensors, hp, table, row_map, stochastic: bool) -> None:
     p = layout.rows_of(t.params)  # zero padding: d = g + weight_decay * p enters the 8-bit block maxima
     state = [] if mode == "plain" else [layout.rows_of(t.bufs)]
     if mode == "int8":
         state.append(layout.scales_of(t.absmaxes))
-    _BUCKET_STEPS[mode].on(backend)(p, layout.rows_of(t.grads), *state, hp, layout.per_row(firsts).view(-1, 1),
-                                    layout.row_seeds(seeds), stochastic)
+    _BUCKET_STEPS[mode].on(backend)(p, layout.rows_of(t.grads), *state, hp, table, row_map, stochastic)
     layout.write_back(t.params, p)
     if mode != "plain":
         layout.write_back(t.bufs, state[0])
