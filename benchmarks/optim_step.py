@@ -17,6 +17,11 @@ like for like.
   read and written once. fp32 AdamW: 4+4+4 + 2*8 = 28 B/param; 8-bit AdamW with fp32 params and
   bf16 grads: 8 + 2 + 2 * 2.03 = 14.06 B/param (as DESIGN.md). Factored optimizers re-read the
   gradient (row/column statistics, then the update), so their figure is a lower bound.
+* **alg. MB** (:func:`algorithm_bytes`, factored optimizers only): what their exact algorithm must move
+  at the least, the passes included (:data:`ALGORITHM_PASSES`: Adafactor and CAME read the gradient
+  three times, CAME its momentum twice, CAME int8 the gradient four times; ``scale_parameter`` reads
+  the param once more); **% of copy (alg.)** is that over the median time against the same copy: the
+  figure the kernels can reach 100% of (issue 24's goal: >= 80%).
 * **GB/s** = bytes moved / median step time; **% of copy** = that against a device-to-device copy of
   the same byte count measured in the same run, right after the row (read + write bytes / median
   time of 10 copies): the bandwidth this device actually gives a streaming kernel now, so "close to
@@ -77,6 +82,17 @@ PEAK_BANDWIDTH_TBS = {
 """Specified peak memory bandwidth (TB/s) by a substring of ``torch.cuda.get_device_name()``."""
 
 BASELINE = "torch_adamw_foreach"
+
+ALGORITHM_PASSES = {
+    "adafactor": (2, 0), "adafactor_beta1": (2, 0), "adafactor_beta1_int8": (2, 0), "hf_adafactor": (2, 0),
+    "hf_adafactor_beta1": (2, 0), "came": (2, 1), "came_pytorch": (2, 1), "came_int8": (3, 1),
+}
+"""Row name -> (extra gradient reads, extra momentum reads) the exact algorithm needs beyond
+:func:`step_bytes`' one read each: two global reductions in sequence before the update (statistics,
+rms of the update) make three reads of the gradient; CAME's confidence statistics need every new
+momentum before the update reads it again; 8-bit CAME's update multiplies the fp32 momentum before
+quantization, recomputed from the gradient and the old codes (a fourth gradient read). A param group
+with ``scale_parameter`` adds one param read (rms(p)). O(rows + cols) statistics traffic left out."""
 
 
 class Unavailable(Exception):
@@ -283,11 +299,19 @@ class Result:
     moved_bytes: int | None = None
     copy_gbps: float | None = None
     note: str = ""
+    alg_bytes: int | None = None
 
     @property
     def pct_of_copy(self) -> float | None:
         """Achieved bandwidth as % of the same-size device copy."""
         return 100 * self.gbps / self.copy_gbps if self.gbps and self.copy_gbps else None
+
+    @property
+    def pct_of_copy_alg(self) -> float | None:
+        """Bytes the algorithm must move (:func:`algorithm_bytes`) per median step, as % of the same copy."""
+        if not (self.alg_bytes and self.median_ms and self.copy_gbps):
+            return None
+        return 100 * self.alg_bytes / (self.median_ms / 1e3) / 1e9 / self.copy_gbps
 
 
 def bench_row(row: Row, base: list[torch.Tensor], grads: list[torch.Tensor], args, device) -> Result:
@@ -315,12 +339,13 @@ def bench_row(row: Row, base: list[torch.Tensor], grads: list[torch.Tensor], arg
     median = statistics.median(times)
     state = state_bytes(optimizer, row.ours)
     moved = step_bytes(params, grads, state)
+    alg = algorithm_bytes(row.name, optimizer, grads, moved)
     del optimizer, params
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Result(row.name, numel, median, first_ms / 1e3, state / numel, moved / (median / 1e3) / 1e9,
-                  moved, copy_bandwidth(device, nbytes=moved))
+                  moved, copy_bandwidth(device, nbytes=moved), alg_bytes=alg)
 
 
 def step_bytes(params, grads, state_nbytes: int) -> int:
@@ -329,6 +354,23 @@ def step_bytes(params, grads, state_nbytes: int) -> int:
     weights = sum(p.numel() * p.element_size() for p in params)
     gradients = sum(g.numel() * g.element_size() for g in grads)
     return 2 * weights + gradients + 2 * state_nbytes
+
+
+def algorithm_bytes(name: str, optimizer: torch.optim.Optimizer, grads, moved: int) -> int | None:
+    """Least bytes the exact algorithm of row ``name`` moves per step (:data:`ALGORITHM_PASSES`): ``moved``
+    (:func:`step_bytes`) plus its extra gradient and momentum reads (momentum: the storage of every
+    ``exp_avg``/``exp_avg_codes``/``exp_avg_absmax`` state tensor) and, under ``scale_parameter``, one more
+    param read; None for rows without an entry."""
+    extra = ALGORITHM_PASSES.get(name)
+    if extra is None:
+        return None
+    grad_reads, momentum_reads = extra
+    gradients = sum(g.numel() * g.element_size() for g in grads)
+    momentum = sum(v.untyped_storage().nbytes() for state in optimizer.state.values() for k, v in state.items()
+                   if k in ("exp_avg", "exp_avg_codes", "exp_avg_absmax") and isinstance(v, torch.Tensor))
+    params = sum(p.numel() * p.element_size() for group in optimizer.param_groups if group.get("scale_parameter")
+                 for p in group["params"])
+    return moved + grad_reads * gradients + momentum_reads * momentum + params
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2**28) -> float:
@@ -374,8 +416,8 @@ def markdown_table(results: list[Result]) -> str:
     base = next((r for r in results if r.name == BASELINE and r.median_ms), None)
     lines = [
         "| optimizer | params | median step (ms) | x torch AdamW foreach | first step (s) | state B/param "
-        "| MB moved | GB/s | copy GB/s | % of copy | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| MB moved | GB/s | copy GB/s | % of copy | alg. MB | % of copy (alg.) | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         ratio = r.median_ms / base.median_ms if base and r.median_ms else None
@@ -383,7 +425,9 @@ def markdown_table(results: list[Result]) -> str:
         lines.append(
             f"| {r.name} | {size_label(r.numel)} | {_fmt(r.median_ms, '.2f')} | {_fmt(ratio, '.2f')} "
             f"| {_fmt(r.first_step_s, '.2f')} | {_fmt(r.bytes_per_param, '.3f')} | {_fmt(moved, '.2f')} "
-            f"| {_fmt(r.gbps, '.3g')} | {_fmt(r.copy_gbps, '.3g')} | {_fmt(r.pct_of_copy, '.0f')} | {r.note} |"
+            f"| {_fmt(r.gbps, '.3g')} | {_fmt(r.copy_gbps, '.3g')} | {_fmt(r.pct_of_copy, '.0f')} "
+            f"| {_fmt(r.alg_bytes / 1e6 if r.alg_bytes else None, '.2f')} | {_fmt(r.pct_of_copy_alg, '.0f')} "
+            f"| {r.note} |"
         )
     return "\n".join(lines)
 
@@ -404,7 +448,8 @@ def append_csv(path: Path, results: list[Result], device_name: str, args) -> int
             device = f"{device_name}; triton {triton.__version__}"
             metrics = {"median_ms": r.median_ms, "first_step_s": r.first_step_s,
                        "state_bytes_per_param": r.bytes_per_param, "gb_per_s": r.gbps,
-                       "bytes_moved": r.moved_bytes, "copy_gb_per_s": r.copy_gbps, "pct_of_copy": r.pct_of_copy}
+                       "bytes_moved": r.moved_bytes, "copy_gb_per_s": r.copy_gbps, "pct_of_copy": r.pct_of_copy,
+                       "algorithm_bytes": r.alg_bytes, "pct_of_copy_algorithm": r.pct_of_copy_alg}
             for metric, value in metrics.items():
                 if value is None:
                     continue
