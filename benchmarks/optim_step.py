@@ -26,6 +26,13 @@ like for like.
   the same byte count measured in the same run, right after the row (read + write bytes / median
   time of 10 copies): the bandwidth this device actually gives a streaming kernel now, so "close to
   the limit" is a number. On CUDA the specified peak (table below) is printed in the header.
+* **extra MB** (second table, :func:`extra_bytes`): gradient passes outside the update that the step's time
+  includes: our optimizers' finite check reads every gradient once more (``_foreach_norm``) unless a
+  clipping norm is reused (:meth:`~lowmem_lightning.optim.base.LowMemOptimizer.clip_grad_norm_`); the
+  ``*_clip`` rows clip to norm 1.0 before each step (a norm read, then a scaling read + write of every
+  gradient). **% of copy (all passes)** counts those bytes too. Rows ``adamw_8bit_persistent{2,4,8}`` run the
+  persistent kernel with that many programs per SM (:func:`lowmem_lightning.kernels.multitensor.persistent`),
+  ``adamw_8bit`` the one-program-per-tile kernel (unless ``LOWMEM_PERSISTENT_PROGRAMS_PER_SM`` is set).
 
 Peers are an optional extra (``pip install -e .[bench]``); a missing peer or one of our optimizers
 not in the registry yet gives a row that says so. Output: a markdown table (stdout, and ``--markdown``
@@ -106,6 +113,9 @@ class Row:
     name: str
     build: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
     ours: bool
+    extra_passes: int | None = None
+    """Full gradient passes (reads or writes) outside the update per step (:func:`extra_bytes`); None: 1 for
+    ours (the finite check), 0 for peers."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,12 +165,50 @@ def _hf_adafactor(**kwargs):
     )
 
 
+CLIP_NORM = 1.0
+"""``max_norm`` of the ``*_clip`` rows."""
+
+
+def _wrapped_step(build: Callable, per_sm: int | None = None, clip: bool = False) -> Callable:
+    """``build`` with its optimizer's ``step`` run under ``persistent(per_sm)`` (when given) and after clipping
+    the gradients to :data:`CLIP_NORM` (when ``clip``: ours through its ``clip_grad_norm_``, whose norm the step
+    reuses for its finite check; peers through ``torch.nn.utils.clip_grad_norm_``)."""
+
+    def wrapped(params):
+        optimizer = build(params)
+        step = optimizer.step
+
+        def run(closure=None):
+            if clip and hasattr(optimizer, "clip_grad_norm_"):
+                optimizer.clip_grad_norm_(CLIP_NORM)
+            elif clip:
+                torch.nn.utils.clip_grad_norm_(params, CLIP_NORM, foreach=True)
+            if per_sm is None:
+                return step(closure)
+            from lowmem_lightning.kernels.multitensor import persistent
+
+            with persistent(per_sm):
+                return step(closure)
+
+        optimizer.step = run
+        return optimizer
+
+    return wrapped
+
+
 ADAFACTOR = dict(lr=1e-3, relative_step=False, scale_parameter=False)
 
 ROWS = [
     Row(BASELINE, lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True), False),
     Row("torch_adamw_fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True), False),
     Row("adamw_8bit", _ours("adamw_8bit", lr=1e-3, weight_decay=0.01), True),
+    *(Row(f"adamw_8bit_persistent{k}", _wrapped_step(_ours("adamw_8bit", lr=1e-3, weight_decay=0.01), per_sm=k),
+          True) for k in (2, 4, 8)),
+    Row("torch_adamw_fused_clip", _wrapped_step(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01,
+                                                                             fused=True), clip=True), False, 3),
+    Row("adamw_8bit_clip", _wrapped_step(_ours("adamw_8bit", lr=1e-3, weight_decay=0.01), clip=True), True, 3),
+    Row("adamw_8bit_persistent4_clip", _wrapped_step(_ours("adamw_8bit", lr=1e-3, weight_decay=0.01), per_sm=4,
+                                                     clip=True), True, 3),
     Row("paged_adamw_8bit", _ours("paged_adamw_8bit", lr=1e-3, weight_decay=0.01), True),
     Row("adamw_4bit", _ours("adamw_4bit", lr=1e-3, weight_decay=0.01), True),
     Row("bnb_adamw_8bit", _bnb("AdamW8bit"), False),
@@ -299,12 +347,20 @@ class Result:
     moved_bytes: int | None = None
     copy_gbps: float | None = None
     note: str = ""
+    extra_bytes: int | None = None
     alg_bytes: int | None = None
 
     @property
     def pct_of_copy(self) -> float | None:
         """Achieved bandwidth as % of the same-size device copy."""
         return 100 * self.gbps / self.copy_gbps if self.gbps and self.copy_gbps else None
+
+    @property
+    def pct_of_copy_all(self) -> float | None:
+        """Bytes moved plus :attr:`extra_bytes` (passes outside the update) per median step, as % of the copy."""
+        if self.extra_bytes is None or not (self.moved_bytes and self.median_ms and self.copy_gbps):
+            return None
+        return 100 * (self.moved_bytes + self.extra_bytes) / (self.median_ms / 1e3) / 1e9 / self.copy_gbps
 
     @property
     def pct_of_copy_alg(self) -> float | None:
@@ -373,6 +429,12 @@ def algorithm_bytes(name: str, optimizer: torch.optim.Optimizer, grads, moved: i
     return moved + grad_reads * gradients + momentum_reads * momentum + params
 
 
+def extra_bytes(row: Row, grads) -> int:
+    """Bytes of the full gradient passes outside the update that ``row``'s step makes (:attr:`Row.extra_passes`)."""
+    passes = row.extra_passes if row.extra_passes is not None else (1 if row.ours else 0)
+    return passes * sum(g.numel() * g.element_size() for g in grads)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 2**28) -> float:
     """Measured device-to-device copy bandwidth in GB/s for a copy that moves ``nbytes`` in all
     (``nbytes / 2`` read, as many written; read + write bytes / median time of 10 copies)."""
@@ -432,6 +494,19 @@ def markdown_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def extra_passes_table(results: list[Result]) -> str:
+    """Markdown table of the passes outside the update (:func:`extra_bytes`) and % of copy counting them."""
+    lines = ["| optimizer | median step (ms) | MB moved | extra MB | % of copy | % of copy (all passes) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if r.median_ms is None:
+            continue
+        lines.append(f"| {r.name} | {r.median_ms:.2f} | {_fmt(r.moved_bytes / 1e6 if r.moved_bytes else None, '.2f')} "
+                     f"| {_fmt(r.extra_bytes / 1e6 if r.extra_bytes is not None else None, '.2f')} "
+                     f"| {_fmt(r.pct_of_copy, '.0f')} | {_fmt(r.pct_of_copy_all, '.0f')} |")
+    return "\n".join(lines)
+
+
 def append_csv(path: Path, results: list[Result], device_name: str, args) -> int:
     """Append one row per (optimizer, metric) to ``path``; returns the number of rows written."""
     import triton
@@ -450,6 +525,7 @@ def append_csv(path: Path, results: list[Result], device_name: str, args) -> int
                        "state_bytes_per_param": r.bytes_per_param, "gb_per_s": r.gbps,
                        "bytes_moved": r.moved_bytes, "copy_gb_per_s": r.copy_gbps, "pct_of_copy": r.pct_of_copy,
                        "algorithm_bytes": r.alg_bytes, "pct_of_copy_algorithm": r.pct_of_copy_alg}
+            metrics.update(extra_bytes=r.extra_bytes, pct_of_copy_all_passes=r.pct_of_copy_all)
             for metric, value in metrics.items():
                 if value is None:
                     continue
@@ -538,12 +614,14 @@ def main(argv=None) -> int:
         for row in rows:
             results.append(bench_row(row, base, grads, args, device))
             r = results[-1]
+            r.extra_bytes = extra_bytes(row, grads) if r.median_ms else None
             if not args.no_csv:  # row by row, so an interrupted run keeps what it measured
                 append_csv(args.csv, [r], name, args)
             print(f"  {size_label(r.numel)} {r.name:24s} {_fmt(r.median_ms, '9.2f')} ms  first step "
                   f"{_fmt(r.first_step_s, '.1f')} s  {_fmt(r.bytes_per_param, '.3f')} B/param  {r.note}",
                   file=sys.stderr, flush=True)
-        table = markdown_table(results)
+        table = markdown_table(results) + "\n\nPasses over the gradient outside the update (extra MB):\n\n" \
+            + extra_passes_table(results)
         section = ["", f"## {size_label(sum(p.numel() for p in base))} params ({len(shapes)} x {shapes[0]})", "",
                    table]
         print("\n".join(section), flush=True)

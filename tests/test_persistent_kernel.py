@@ -7,6 +7,8 @@ of the one-program-per-tile kernel, which ``test_adamw8bit.py`` holds to the ref
 one program walk across several tensors, a non-finite gradient in the middle of a launch.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -245,3 +247,35 @@ def test_clip_and_norm_arguments_are_validated():
             opt.clip_grad_norm_(bad)
     with pytest.raises(ValueError, match=r"total_norm.*shape \(2,\)"):
         opt.use_grad_norm(torch.ones(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# The device-run hook: optim_step.py's persistent and clip rows, with the passes outside the update
+# --------------------------------------------------------------------------------------------------
+
+
+def test_optim_step_rows_time_the_persistent_kernel_and_count_extra_passes(monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "optim_step.py"
+    spec = importlib.util.spec_from_file_location("optim_step_n1", path)
+    optim_step = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, optim_step)  # dataclasses look their module up
+    spec.loader.exec_module(optim_step)
+    spy = _Spy(kernel._adamw8bit_persistent_kernel)
+    monkeypatch.setattr(kernel, "_adamw8bit_persistent_kernel", spy)
+    names = "adamw_8bit,adamw_8bit_persistent2,adamw_8bit_clip,torch_adamw_fused,torch_adamw_fused_clip"
+    with dispatch.override(force_triton=True):  # the Triton kernels under the interpreter, as on a GPU
+        assert optim_step.main(["--sizes", "8K", "--repeats", "1", "--warmup", "0", "--no-csv",
+                                "--param-dtype", "bfloat16", "--optimizers", names]) == 0
+    assert spy.grids and set(spy.grids) == {(2,)}  # 1 SM off CUDA: 2 programs, only in the persistent row
+    text = capsys.readouterr().out
+    extra = {line.split("|")[1].strip(): line.split("|") for line in text.split("(extra MB):")[1].splitlines()
+             if line.startswith("| ") and not line.startswith("| optimizer")}
+    grad_mb = 8192 * 2 / 1e6
+    assert float(extra["adamw_8bit"][4]) == pytest.approx(grad_mb, abs=0.01)  # the finite check's read
+    assert float(extra["adamw_8bit_persistent2"][4]) == pytest.approx(grad_mb, abs=0.01)
+    assert float(extra["adamw_8bit_clip"][4]) == pytest.approx(3 * grad_mb, abs=0.01)  # clip read + r/w, no check
+    assert float(extra["torch_adamw_fused"][4]) == 0.0
+    assert float(extra["torch_adamw_fused_clip"][4]) == pytest.approx(3 * grad_mb, abs=0.01)
