@@ -10,7 +10,9 @@ CALLs, ``_came_update_kernel`` factored 8-bit 271.0 / 106, ``_res_stats_kernel``
 ``clip_stats_kernel`` 29.1-37.6 / 11-20, ``sq_stats_kernel`` 27-36 / 2-4, ``_nf4_unpack_kernel`` 24.4
 per weight / 8 (64-bit divisions), ``_nf4_pack_kernel`` 189 per weight / 24. After (2026-12-04): 78.8,
 92.5, 36.8-45.6, 15.8-17.8, 25.8-33.8, 16.1 and 47.8, no CALL (table in ``benchmarks/RESULTS.md``,
-"Issue 24: factored optimizers and NF4"). The bounds below hold the new figures with a small margin.
+"Issue 24: factored optimizers and NF4"). Batched (one launch per pass for a group, 64-row statistics
+tiles, 8 codec blocks per update program, 2026-12-04): 75.4 / 85.4 (bf16), 89.6 / 97.9 (bf16), 37.2-39.6,
+19.1 (section "Issue 24.3: factored optimizers batched"). The bounds below hold these with a margin.
 
 Numerics (interpreter): :func:`.factored.inv_sqrt` equals :func:`.factored.inv_sqrt_reference` on
 every fp32 significand at exponents across the whole range (zero and subnormal inputs included),
@@ -46,6 +48,7 @@ _SASS = textwrap.dedent('''
         for kernel, signature, constexprs, aligned, options in module.AOT_SPECS:
             name = kernel.fn.__name__
             dtypes = {v for k, v in signature.items() if k in ("g_ptr", "p_ptr", "x_ptr", "out_ptr")}
+            dtypes |= {f"*{constexprs[k]}" for k in ("PARAM_DTYPE", "GRAD_DTYPE") if k in constexprs}
             for wname, wcx, wdtype in want:
                 if (name == wname and aligned and all(constexprs.get(k) == v for k, v in wcx.items())
                         and (wdtype is None or dtypes == {wdtype})):
@@ -62,8 +65,8 @@ HOT = [
     ("adafactor_update_kernel", {"FACTORED": True, "MOMENTUM": 2}, "*fp32"),
     ("adafactor_update_kernel", {"FACTORED": True, "MOMENTUM": 2}, "*bf16"),
     ("_came_update_kernel", {"FACTORED": True, "QUANTIZED": True}, "*bf16"),
-    ("_res_stats_kernel", {"QUANTIZED": True, "BLOCK_R": 16, "BLOCK_C": 128}, "*fp32"),
-    ("clip_stats_kernel", {"BLOCK_R": 16, "BLOCK_C": 128}, "*fp32"),
+    ("_res_stats_kernel", {"QUANTIZED": True, "BLOCK_R": 64, "BLOCK_C": 128}, "*fp32"),
+    ("clip_stats_kernel", {"BLOCK_R": 64, "BLOCK_C": 128}, "*fp32"),
     ("_nf4_pack_kernel", {"DOUBLE": True, "BLOCK": 64}, "*bf16"),
     ("_nf4_unpack_kernel", {"DOUBLE": True, "BLOCK": 64}, "*bf16"),
 ]

@@ -60,6 +60,7 @@ from .factored import (
     F_SR,
     F_STEP,
     F_TIDX,
+    F_V,
     STATS_WARPS,
     TILES,
     UPDATE_ROWS,
@@ -68,12 +69,14 @@ from .factored import (
     col_tile,
     colpart_row,
     ema,
+    factored_index,
+    factored_scale,
     factored_scale_reference,
     factored_stats_reference,
-    factored_u,
     group_key,
     group_spec,
     index_floats,
+    inv_sqrt,
     launch_direction,
     launch_finalize,
     launch_update,
@@ -88,7 +91,6 @@ from .factored import (
     step_and_flag,
     store_row_ema,
     tfield,
-    tile_direction,
     update_tile,
     write_back,
 )
@@ -191,20 +193,28 @@ def _came_update_kernel(
     d``, the momentum (stored; an 8-bit block's absmax a row reduction of the tile), the confidence
     factors ``srf``/``scf`` of the instability statistics applied to ``m``, weight decay, the param. No
     per-element division; the flat path's ``inv_sqrt`` is correctly rounded and branch-free."""
+    t, blocks, offs, finite, mask, bmask = update_tile(table_ptr, owner_ptr, T, ALIGNED, ROWS, BLOCK)
+    if FACTORED:  # the row/column indices of the elements, once for both factor pairs
+        R, C, n_rt = sizes_of(table_ptr, T, t, False)
+        inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_floats(table_ptr, T, t)
+        grow, cidx = factored_index(offs, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
+        roff = tfield(table_ptr, T, t, F_ROFF)
+        coff = tfield(table_ptr, T, t, F_COFF)
     if FACTORED and not QUANTIZED:  # _res_stats_kernel stored the new fp32 momentum
-        t, blocks, offs, finite, mask, bmask = update_tile(table_ptr, owner_ptr, T, ALIGNED, ROWS, BLOCK)
         m = tl.load(table_pointer(table_ptr, T, t, F_M, tl.float32, ALIGNED) + offs, mask=mask, other=0.0)
     else:
-        t, blocks, offs, finite, mask, bmask, u = tile_direction(table_ptr, owner_ptr, T, rf_ptr, cf_ptr,
-                                                                 GRAD_DTYPE, FACTORED, ALIGNED, ROWS, BLOCK)
+        g = tl.load(table_pointer(table_ptr, T, t, F_G, GRAD_DTYPE, ALIGNED) + offs, mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        if FACTORED:
+            u = factored_scale(g, grow, cidx, mask, rf_ptr + roff, cf_ptr + coff)
+        else:
+            v_ptr = table_pointer(table_ptr, T, t, F_V, tl.float32, ALIGNED)
+            u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
         u = u * tl.load(scal_ptr + 4 * t + 2)
         m = momentum_tile(table_ptr, T, t, blocks, offs, mask, bmask, finite, u, beta1, one_minus_beta1, QUANTIZED,
                           ALIGNED)
     if FACTORED:
-        R, C, n_rt = sizes_of(table_ptr, T, t, False)
-        inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_floats(table_ptr, T, t)
-        upd = factored_u(m, offs, mask, srf_ptr + tfield(table_ptr, T, t, F_ROFF),
-                         scf_ptr + tfield(table_ptr, T, t, F_COFF), C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
+        upd = factored_scale(m, grow, cidx, mask, srf_ptr + roff, scf_ptr + coff)
     else:
         upd = m
     p_ptr = table_pointer(table_ptr, T, t, F_P, PARAM_DTYPE, ALIGNED)

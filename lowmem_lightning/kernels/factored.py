@@ -187,15 +187,29 @@ def index_floats(table_ptr, T, t):
 
 
 @triton.jit
+def factored_index(offs, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo):
+    """``(grow, cidx)`` of flat element offsets ``offs`` of a ``(B, R, C)`` tensor: the global row ``b * R +
+    r`` (into ``B * R`` row factors) and the column index ``b * C + c`` (into ``B * C`` column factors)."""
+    grow = row_of(offs, inv_c_hi, inv_c_lo)  # b * R + r
+    b = row_of(grow, inv_r_hi, inv_r_lo)
+    return grow, b * C + (offs - grow * C)
+
+
+@triton.jit
+def factored_scale(x, grow, cidx, mask, rf_ptr, cf_ptr):
+    """``(rf[grow] * cf[cidx]) * x``: two gathers and two multiplies per element, no division."""
+    rf = tl.load(rf_ptr + grow, mask=mask, other=0.0)
+    cf = tl.load(cf_ptr + cidx, mask=mask, other=0.0)
+    return (rf * cf) * x
+
+
+@triton.jit
 def factored_u(g, offs, mask, rf_ptr, cf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo):
     """``u = (rf * cf) * g`` at flat element indices ``offs`` of a ``(B, R, C)`` tensor, with the row
     factors ``rf`` (``B * R``) and column factors ``cf`` (``B * C``) precomputed by
     :func:`sq_finalize_kernel`: two gathers and two multiplies per element, no division."""
-    grow = row_of(offs, inv_c_hi, inv_c_lo)  # b * R + r
-    b = row_of(grow, inv_r_hi, inv_r_lo)
-    rf = tl.load(rf_ptr + grow, mask=mask, other=0.0)
-    cf = tl.load(cf_ptr + (b * C + (offs - grow * C)), mask=mask, other=0.0)
-    return (rf * cf) * g
+    grow, cidx = factored_index(offs, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
+    return factored_scale(g, grow, cidx, mask, rf_ptr, cf_ptr)
 
 
 @triton.jit
