@@ -26,7 +26,7 @@ like for like.
   the same byte count measured in the same run, right after the row (read + write bytes / median
   time of 10 copies): the bandwidth this device actually gives a streaming kernel now, so "close to
   the limit" is a number. On CUDA the specified peak (table below) is printed in the header.
-* **extra MB** (second table, :func:`extra_bytes`): gradient passes outside the update that the step's time
+* **extra MB** (:func:`extra_bytes`): gradient passes outside the update that the step's time
   includes: our optimizers' finite check reads every gradient once more (``_foreach_norm``) unless a
   clipping norm is reused (:meth:`~lowmem_lightning.optim.base.LowMemOptimizer.clip_grad_norm_`); the
   ``*_clip`` rows clip to norm 1.0 before each step (a norm read, then a scaling read + write of every
@@ -478,8 +478,9 @@ def markdown_table(results: list[Result]) -> str:
     base = next((r for r in results if r.name == BASELINE and r.median_ms), None)
     lines = [
         "| optimizer | params | median step (ms) | x torch AdamW foreach | first step (s) | state B/param "
-        "| MB moved | GB/s | copy GB/s | % of copy | alg. MB | % of copy (alg.) | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| MB moved | GB/s | copy GB/s | % of copy | alg. MB | % of copy (alg.) | extra MB | % of copy (all passes) "
+        "| note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         ratio = r.median_ms / base.median_ms if base and r.median_ms else None
@@ -489,21 +490,9 @@ def markdown_table(results: list[Result]) -> str:
             f"| {_fmt(r.first_step_s, '.2f')} | {_fmt(r.bytes_per_param, '.3f')} | {_fmt(moved, '.2f')} "
             f"| {_fmt(r.gbps, '.3g')} | {_fmt(r.copy_gbps, '.3g')} | {_fmt(r.pct_of_copy, '.0f')} "
             f"| {_fmt(r.alg_bytes / 1e6 if r.alg_bytes else None, '.2f')} | {_fmt(r.pct_of_copy_alg, '.0f')} "
-            f"| {r.note} |"
+            f"| {_fmt(r.extra_bytes / 1e6 if r.extra_bytes is not None else None, '.2f')} "
+            f"| {_fmt(r.pct_of_copy_all, '.0f')} | {r.note} |"
         )
-    return "\n".join(lines)
-
-
-def extra_passes_table(results: list[Result]) -> str:
-    """Markdown table of the passes outside the update (:func:`extra_bytes`) and % of copy counting them."""
-    lines = ["| optimizer | median step (ms) | MB moved | extra MB | % of copy | % of copy (all passes) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in results:
-        if r.median_ms is None:
-            continue
-        lines.append(f"| {r.name} | {r.median_ms:.2f} | {_fmt(r.moved_bytes / 1e6 if r.moved_bytes else None, '.2f')} "
-                     f"| {_fmt(r.extra_bytes / 1e6 if r.extra_bytes is not None else None, '.2f')} "
-                     f"| {_fmt(r.pct_of_copy, '.0f')} | {_fmt(r.pct_of_copy_all, '.0f')} |")
     return "\n".join(lines)
 
 
@@ -620,8 +609,7 @@ def main(argv=None) -> int:
             print(f"  {size_label(r.numel)} {r.name:24s} {_fmt(r.median_ms, '9.2f')} ms  first step "
                   f"{_fmt(r.first_step_s, '.1f')} s  {_fmt(r.bytes_per_param, '.3f')} B/param  {r.note}",
                   file=sys.stderr, flush=True)
-        table = markdown_table(results) + "\n\nPasses over the gradient outside the update (extra MB):\n\n" \
-            + extra_passes_table(results)
+        table = markdown_table(results)
         section = ["", f"## {size_label(sum(p.numel() for p in base))} params ({len(shapes)} x {shapes[0]})", "",
                    table]
         print("\n".join(section), flush=True)
