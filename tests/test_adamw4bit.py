@@ -96,6 +96,23 @@ def test_m_code_is_unbiased_and_v_code_never_decodes_zero():
     assert ((back[big] / v[big]) ** 0.25 - 1).abs().max() < 1 / 16 / 0.3  # within half a level of the root
 
 
+def test_m_code_rounds_to_nearest_unless_that_keeps_the_previous_code():
+    """The stall-aware m rounding: where the nearest code differs from the previous one it is taken; where it
+    equals it (a stalled EMA step) the code is the unbiased stochastic one."""
+    x = torch.linspace(-1, 1, 1001).repeat(4000, 1)
+    u = kernel.hash_uniform_reference(torch.arange(x.numel()).view(x.shape), 777)
+    one = torch.ones(1)
+    nearest = kernel.encode_m4_reference(x, one, None)
+    stochastic = kernel.encode_m4_reference(x, one, u)
+    assert torch.equal(kernel.encode_m4_reference(x, one, u, previous=(nearest + 1) & 15), nearest)
+    stalled = kernel.encode_m4_reference(x, one, u, previous=nearest)
+    assert torch.equal(stalled, stochastic) and not torch.equal(stalled, nearest)
+    assert (kernel.decode_m4_reference(stalled, one).mean(0) - x[0]).abs().max() < 0.01
+    mixed = torch.where(torch.arange(1001) % 2 == 0, nearest, (nearest + 1) & 15)  # stalled on even columns
+    out = kernel.encode_m4_reference(x, one, u, previous=mixed)
+    assert torch.equal(out[:, 0::2], stochastic[:, 0::2]) and torch.equal(out[:, 1::2], nearest[:, 1::2])
+
+
 @pytest.mark.parametrize("shape", [(3, 128), (77,), (5, 6, 2)])
 def test_pack_and_unpack_nibbles_round_trip(shape):
     """Element ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the high one, every byte checked (the

@@ -9,15 +9,21 @@ States", NeurIPS 2023).
 
 The codes (chosen by ``benchmarks/codec_study.py``, see RESULTS.md "4-bit state codes"):
 
-* **m**, signed power code with **stochastic rounding**: ``x = m * RN(1 / absmax)`` in [-1, 1], levels
-  ``sign * (k / 7) ** 2`` for ``k = 0..7`` (int4 two's complement ``-7..7``). ``|x|`` lies between the
-  levels ``(k / 7)**2`` and ``((k + 1) / 7)**2`` with ``k = min(floor(7 sqrt|x|), 6)``; the upper one is
-  taken when ``u * (2k + 1) < 49 |x| - k*k`` (``u`` uniform in [0, 1) from :func:`.rounding.hash_uniform`
-  of the element index and a salted step seed), i.e. with probability ``(|x| - lo) / (hi - lo)``, so
-  the decoded moment is unbiased. A 4-bit first moment rounded to nearest stalls (an EMA step of
-  ``(1 - beta1) g`` is smaller than half a level and is rounded away): on the codec study's noisy
-  quadratic every round-to-nearest m code (torchao's dynamic-exponent one too) had 0.45-0.76 relative
-  error from m alone, the stochastic one 0.06.
+* **m**, signed power code, **rounded to nearest unless that stalls**: ``x = m * RN(1 / absmax)`` in
+  [-1, 1], levels ``sign * (k / 7) ** 2`` for ``k = 0..7`` (int4 two's complement ``-7..7``). ``|x|`` lies
+  between the levels ``(k / 7)**2`` and ``((k + 1) / 7)**2`` with ``k = min(floor(7 sqrt|x|), 6)``; with
+  ``above = 49 |x| - k*k`` (in ``[0, 2k + 1]``) the nearer one is the upper when ``2 above >= 2k + 1``. If
+  that nearest code equals the element's previous code, the code is instead rounded **stochastically**:
+  the upper level when ``u * (2k + 1) < above`` (``u`` uniform in [0, 1) from
+  :func:`.rounding.hash_uniform` of the element index and a salted step seed), i.e. with probability
+  ``(|x| - lo) / (hi - lo)``, unbiased. Why both: a 4-bit m rounded to nearest stalls (an EMA step of
+  ``(1 - beta1) g`` smaller than half a level is rounded away, every step): on the codec study's noisy
+  quadratic every round-to-nearest m code (torchao's dynamic-exponent one too) had 0.48-0.57 relative
+  error from m alone; stochastic rounding everywhere removes the stall (0.056) but adds its variance to
+  every element at every step, which the EMA accumulates (``1 / (1 - beta1**2)``): on pure noise and on
+  the convergence model's recorded gradients it was worse than nearest (0.37 vs 0.25, 0.34 vs 0.29).
+  Stochastic only where nearest would stall keeps the quadratic's 0.056 and measures 0.28 / 0.27 there
+  (``benchmarks/RESULTS.md``, "4-bit codes, stall-aware m").
 * **v**, unsigned power code **without zero**: levels ``((k + 1) / 16) ** 4 * absmax``, ``k = 0..15``,
   code ``clamp(round(16 * (v / absmax) ** (1/4)), 1, 16) - 1`` (round half to even). Its smallest level
   is ``1.5e-5`` of the block maximum, so a second moment is never decoded as zero (the zero-point
@@ -151,15 +157,19 @@ def _decode_v4(nib, absmax):
 
 
 @triton.jit
-def _encode_m4(m, inv_absmax, u):
-    """Stochastically rounded int4 codes (as int32 nibbles) of ``m`` given the block's reciprocal absmax."""
+def _encode_m4(m, inv_absmax, u, previous):
+    """int4 codes (int32 nibbles) of ``m`` given the block's reciprocal absmax: the nearer level, or the
+    stochastically rounded one (uniforms ``u``) where the nearer one is the ``previous`` nibble."""
     r = m * inv_absmax
     a = tl.abs(r)
     k = tl.minimum((sqrt_floor(a) * _M_LEVELS).to(tl.int32), 6)
     kf = k.to(tl.float32)
-    up = u * (2.0 * kf + 1.0) < a * _M_LEVELS_SQ - kf * kf
-    c = k + up.to(tl.int32)
-    return tl.where(r < 0.0, -c, c) & 15
+    width = 2.0 * kf + 1.0
+    above = a * _M_LEVELS_SQ - kf * kf
+    c_near = k + (above * 2.0 >= width).to(tl.int32)
+    near = tl.where(r < 0.0, -c_near, c_near) & 15
+    c = k + (u * width < above).to(tl.int32)
+    return tl.where(near == previous, tl.where(r < 0.0, -c, c) & 15, near)
 
 
 @triton.jit
@@ -220,7 +230,8 @@ def _adamw4bit_kernel(
     g = tl.load(g_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     m_scale = tl.load(m_abs_ptr + rows, mask=row_in_bounds, other=0.0)
     v_scale = tl.load(v_abs_ptr + rows, mask=row_in_bounds, other=0.0)
-    m = _decode_m4(_unpack(m_ptr, offs_b, bytes_in, ROWS, BLOCK), m_scale[:, None])
+    m_old = _unpack(m_ptr, offs_b, bytes_in, ROWS, BLOCK)
+    m = _decode_m4(m_old, m_scale[:, None])
     v = _decode_v4(_unpack(v_ptr, offs_b, bytes_in, ROWS, BLOCK), v_scale[:, None])
 
     step = tl.load(step_ptr)
@@ -245,7 +256,7 @@ def _adamw4bit_kernel(
     inv_m_max = block_scale_rcp(m_max)
     inv_w_max = rcp_rn(sqrt_floor(v_max))
     u = hash_uniform(offs, seed + _SALT)
-    tl.store(m_ptr + offs_b, _pack(_encode_m4(m, inv_m_max[:, None], u), ROWS, BLOCK), mask=bytes_write)
+    tl.store(m_ptr + offs_b, _pack(_encode_m4(m, inv_m_max[:, None], u, m_old), ROWS, BLOCK), mask=bytes_write)
     tl.store(v_ptr + offs_b, _pack(_encode_v4(w, inv_w_max[:, None]), ROWS, BLOCK), mask=bytes_write)
     tl.store(m_abs_ptr + rows, m_max, mask=row_write)
     tl.store(v_abs_ptr + rows, v_max, mask=row_write)
@@ -301,17 +312,25 @@ def decode_v4_reference(nibbles: torch.Tensor, absmax: torch.Tensor) -> torch.Te
     return y * y * absmax
 
 
-def encode_m4_reference(m: torch.Tensor, absmax: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
-    """int4 nibbles of ``m`` (``(..., B)``, ``absmax`` broadcastable): stochastically rounded with
-    uniforms ``u`` (see the module docstring), or rounded to the nearer level when ``u`` is None."""
+def encode_m4_reference(m: torch.Tensor, absmax: torch.Tensor, u: torch.Tensor | None,
+                        previous: torch.Tensor | None = None) -> torch.Tensor:
+    """int4 nibbles of ``m`` (``(..., B)``, ``absmax`` broadcastable), as the kernel: rounded to the nearer
+    level, except where that is the ``previous`` nibble (same shape), which are stochastically rounded with
+    uniforms ``u`` (see the module docstring). ``u`` None: nearest everywhere; ``previous`` None (and ``u``
+    given): stochastic everywhere."""
     r = m * block_scale_rcp_reference(absmax)
     a = r.abs()
     k = (sqrt_floor_reference(a) * float(M_LEVELS)).to(torch.int32).clamp(max=M_LEVELS - 1)
     kf = k.to(torch.float32)
+    width = 2.0 * kf + 1.0
     above = a * float(M_LEVELS * M_LEVELS) - kf * kf  # in [0, 2k + 1]
-    up = u * (2.0 * kf + 1.0) < above if u is not None else above * 2.0 >= 2.0 * kf + 1.0
-    c = k + up.to(torch.int32)
-    return torch.where(r < 0, -c, c) & 15
+    c_near = k + (above * 2.0 >= width).to(torch.int32)
+    near = torch.where(r < 0, -c_near, c_near) & 15
+    if u is None:
+        return near
+    c = k + (u * width < above).to(torch.int32)
+    stochastic = torch.where(r < 0, -c, c) & 15
+    return stochastic if previous is None else torch.where(near == previous, stochastic, near)
 
 
 def encode_v4_reference(w: torch.Tensor, inv_w_max: torch.Tensor) -> torch.Tensor:
@@ -329,11 +348,12 @@ def adamw4bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
     (the caller checked the finite flag on the host). ``s``: the hyperparameters as 0-d fp32 tensors;
     ``step_size``, ``inv_bc2`` (:func:`.adamw8bit.step_terms_reference`) and ``seed`` (int64): per
     tensor or per row. Element ``j`` of a row hashes as index ``row * BLOCK4 + j``. ``stochastic``: the
-    kernel's ``STOCHASTIC`` for the param store (False: nearest-even; m's codes stay stochastically rounded).
+    kernel's ``STOCHASTIC`` for the param store (False: nearest-even; m's codes keep their stall-aware rounding).
     """
     p = param.to(torch.float32)
     g = grad.to(torch.float32)
-    m = decode_m4_reference(unpack_nibbles_reference(exp_avg_codes), exp_avg_absmax)
+    m_old = unpack_nibbles_reference(exp_avg_codes)
+    m = decode_m4_reference(m_old, exp_avg_absmax)
     v = decode_v4_reference(unpack_nibbles_reference(exp_avg_sq_codes), exp_avg_sq_absmax)
     p, m, v, w = adamw_math(p, g, m, v, s, step_size, inv_bc2)
     write_param_reference(param, p, ok, seed, stochastic)
@@ -341,7 +361,7 @@ def adamw4bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
     v_absmax = v.amax(dim=1, keepdim=True)
     offs = torch.arange(param.numel(), device=param.device).view(param.shape)
     u = hash_uniform_reference(offs, seed + M_SEED_SALT)
-    m_codes = pack_nibbles_reference(encode_m4_reference(m, m_absmax, u))
+    m_codes = pack_nibbles_reference(encode_m4_reference(m, m_absmax, u, m_old))
     v_codes = pack_nibbles_reference(encode_v4_reference(w, 1.0 / sqrt_floor_reference(v_absmax)))
     exp_avg_codes.copy_(masked_reference(ok, m_codes, exp_avg_codes))
     exp_avg_absmax.copy_(masked_reference(ok, m_absmax, exp_avg_absmax))

@@ -41,7 +41,8 @@ class AdamW4bit(AdamW8bit):
     Per parameter with at least 4096 elements the state is ``step`` (0-d fp32), ``exp_avg_codes`` and
     ``exp_avg_sq_codes`` (uint8, two 4-bit codes per byte) and ``exp_avg_absmax`` / ``exp_avg_sq_absmax``
     (fp32, one per block of 128): ``1 + 8/128 = 1.0625`` bytes per element. m is rounded
-    stochastically (unbiased), v to the nearest level of a code without zero
+    to the nearest level, or stochastically (unbiased) where the nearest would keep the element's code (a
+    stalled EMA step), v to the nearest level of a code without zero
     (:mod:`lowmem_lightning.kernels.adamw4bit`). Smaller parameters keep fp32 ``exp_avg`` /
     ``exp_avg_sq`` like ``torch.optim.AdamW``.
 
