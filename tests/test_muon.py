@@ -384,20 +384,22 @@ def test_lowmem_estimate_row_equals_the_real_hybrid_state(name):
 
 
 @pytest.mark.slow  # two torch.compile graphs: ~30-60 s on a loaded 2-core machine
-@pytest.mark.parametrize("n", [4097 * 3, 2**14])
-def test_compiled_cpu_path_equals_eager(cpu_compile, n):
-    """The compiled host step (8-bit decode and encode compiled, torch's eager lerps between) stores the eager
-    reference's codes and scales and writes its U, bit for bit."""
-    grad, buf, absmax = _momentum_inputs(n, True, torch.float32)
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+@pytest.mark.parametrize(("n", "maximize"), [(4097 * 3, False), (2**14, True)])
+def test_compiled_cpu_path_equals_eager(cpu_compile, quantized, n, maximize):
+    """The compiled host step (one fused pass: decode, lerp, encode, nesterov lerp, bf16 U) stores the eager
+    step's momentum (codes and scales) and writes its U, bit for bit (maximizing too)."""
+    grad, buf, absmax = _momentum_inputs(n, quantized, torch.float32)
     runs = []
     for mode in ("never", "always"):
-        b, a, out = buf.clone(), absmax.clone(), torch.empty(n, dtype=torch.bfloat16)
+        b, a, out = buf.clone(), None if absmax is None else absmax.clone(), torch.empty(n, dtype=torch.bfloat16)
         with dispatch.override(cpu_compile=mode):
             muon_momentum([grad], [b], [a], [torch.tensor(2.0)], [torch.tensor(1.0)], [out], momentum=0.95,
-                          nesterov=True)
+                          nesterov=True, maximize=maximize)
         runs.append((b, a, out))
+    assert not torch.equal(runs[0][0], buf)
     for x, y in zip(*runs):
-        assert torch.equal(x, y)
+        assert x is None or torch.equal(x, y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -426,3 +428,37 @@ def test_apply_kernel_equals_reference(force_triton, dtype, flag):
         torch.testing.assert_close(runs[1], runs[0], rtol=2e-7, atol=0)
     else:
         assert (runs[1] != runs[0]).float().mean() < 1e-3
+
+
+@pytest.mark.slow  # torch.compile of the fused steps: ~20-40 s on a loaded 2-core machine
+@pytest.mark.parametrize("kwargs", MODES[:3], ids=["defaults", "no-nesterov", "match_rms_adamw"])
+def test_compiled_muon_equals_torch_muon_bit_for_bit(cpu_compile, kwargs):
+    """With the compiled CPU path (fused fp32 momentum pass, its lerps contracted into torch's fma) ``muon`` still
+    equals ``torch.optim.Muon`` bit for bit, on odd shapes whose flat lengths leave a vector tail."""
+    params0 = [torch.randn(s) for s in SHAPES]
+    grads = random_grads(SHAPES, 6)
+    ours, opt = _run(lambda p: build_optimizer("muon", p, lr=0.02, **kwargs), params0, grads)
+    ref, ref_opt = _run(lambda p: torch.optim.Muon(p, lr=0.02, **kwargs), params0, grads)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b), tuple(a.shape)
+        # the momentum too: a lerp rounded twice changes it long before a bf16 U shows it
+        assert torch.equal(opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"]), tuple(a.shape)
+
+
+@pytest.mark.slow  # torch.compile of the fused 8-bit step
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.95, True), (0.3, False)])
+def test_compiled_8bit_step_equals_the_reference_on_hard_blocks(cpu_compile, momentum, nesterov):
+    """The compiled 8-bit step stores the specification's codes and scales and writes its U bit for bit on the
+    hard blocks (code-boundary sweep: the compiled square root must be the correctly rounded one)."""
+    from lowmem_lightning.kernels.muon import MuonScalars, muon_momentum_reference
+
+    scalars = MuonScalars.of(momentum, nesterov, False)
+    grad, codes, absmax = _hard_momentum_inputs(300, 0, scalars.weight_buf)
+    ref_codes, ref_absmax = codes.clone(), absmax.clone()
+    u_ref = muon_momentum_reference(grad, ref_codes, ref_absmax, *scalars).to(torch.bfloat16)
+    out = torch.empty(grad.numel(), dtype=torch.bfloat16)
+    muon_momentum([grad.reshape(-1)], [codes.view(-1)], [absmax.view(-1)], [torch.tensor(2.0)], [torch.tensor(1.0)],
+                  [out], momentum=momentum, nesterov=nesterov)
+    assert torch.equal(codes, ref_codes), f"{int((codes != ref_codes).sum())} codes differ"
+    assert torch.equal(absmax.view(torch.int32), ref_absmax.view(torch.int32))
+    assert torch.equal(out.view(torch.int16), u_ref.view(torch.int16).view(-1))

@@ -29,6 +29,12 @@ the bytes of an fp32 copy). A 0/1 fp32 ``flag`` (the optimizer's non-finite guar
 store; the update (:func:`_muon_apply_kernel`: decay and step as one fma, bf16/fp16 params written with
 stochastic rounding) leaves the param untouched where it is 0.
 
+On the CPU the momentum pass runs one of two forms of :func:`muon_momentum_reference`, chosen by
+:func:`.dispatch.choose_bucket` for each group of same-kind matrices, both storing its bits: compiled, one
+fused pass per matrix (:func:`_fused_momentum_8bit`, :func:`_fused_momentum_fp32`; inductor's C++ built with
+floating-point contraction so that its decomposed ``lerp`` is torch's fma again, :func:`_fp_contraction`), or
+eager (:func:`muon_momentum_8bit_host`: torch ops in place and numpy's correctly rounded fp32 square root).
+
 File order: Triton kernel, PyTorch reference, launchers.
 """
 
@@ -53,7 +59,7 @@ from .codec import (
     encode_signed,
     encode_signed_reference,
 )
-from .dispatch import Family, HostStep, dispatch
+from .dispatch import Family, HostStep, dispatch, pack, unpack
 from .multitensor import aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
 from .rounding import index_seed, index_seed_reference, nearest_variant, store_param, write_param_reference
 
@@ -187,41 +193,24 @@ AOT_SPECS += with_aligned([
 # --------------------------------------------------------------------------------------------------
 
 
-def _decode_step(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """fp32 momentum ``(num_blocks, BLOCK_SIZE)`` of int8 ``codes`` and ``absmax`` ``(num_blocks, 1)``."""
-    return decode_signed_reference(codes, absmax)
-
-
-def _encode_step(new: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
-    """Store fp32 ``new`` ``(num_blocks, BLOCK_SIZE)`` into ``codes`` and its block maxima into ``absmax``."""
-    scale = new.abs().amax(dim=1, keepdim=True)
-    codes.copy_(encode_signed_reference(new, scale))
-    absmax.copy_(scale)
-
-
-_CODEC_STEPS = {"decode": HostStep(_decode_step), "encode": HostStep(_encode_step)}
-"""The 8-bit momentum's decode and encode, torch.compile'd on the ``"compiled"`` host backend (the same bits as
-eager: the codec's compiled square root is the correctly rounded fp32 one, ``tests/test_cpu_path.py``); the
-two lerps between them stay torch's eager ones (compiled, ``lerp`` would round twice)."""
-
-
 def muon_momentum_reference(grad: torch.Tensor, buf: torch.Tensor, absmax: torch.Tensor | None, weight_buf: float,
-                            weight_nesterov: float, nesterov: bool, grad_sign: float = 1.0,
-                            backend: str = "eager") -> torch.Tensor:
+                            weight_nesterov: float, nesterov: bool, grad_sign: float = 1.0) -> torch.Tensor:
     """One momentum step in place; returns ``U`` (fp32), the Newton–Schulz input.
 
     ``grad`` and ``buf``: fp32 momentum of the same shape, or ``(num_blocks, BLOCK_SIZE)`` views with int8
     codes ``buf`` and ``absmax`` ``(num_blocks, 1)`` (8-bit momentum; zero padding stays zero); ``grad_sign``
-    -1 maximizes; ``backend`` ``"compiled"`` runs the 8-bit decode and encode compiled (the same bits). The
-    specification of :func:`_muon_momentum_kernel`, torch's own ``lerp`` (eager: bit for bit
-    ``torch.optim.Muon``).
+    -1 maximizes. The specification of :func:`_muon_momentum_kernel`, of the CPU's eager
+    (:func:`muon_momentum_8bit_host`) and compiled (:func:`_fused_momentum_8bit`) steps, with torch's own
+    ``lerp`` (bit for bit ``torch.optim.Muon``).
     """
     g = _signed_fp32(grad, grad_sign)
     if absmax is None:  # in place: torch.optim.Muon's own buf.lerp_
         new = buf.lerp_(g, weight_buf)
     else:
-        new = torch.lerp(_CODEC_STEPS["decode"].on(backend)(buf, absmax), g, weight_buf)
-        _CODEC_STEPS["encode"].on(backend)(new, buf, absmax)
+        new = torch.lerp(decode_signed_reference(buf, absmax), g, weight_buf)
+        scale = new.abs().amax(dim=1, keepdim=True)
+        buf.copy_(encode_signed_reference(new, scale))
+        absmax.copy_(scale)
     return torch.lerp(g, new, weight_nesterov) if nesterov else new
 
 
@@ -264,6 +253,56 @@ def muon_momentum_8bit_host(g: torch.Tensor, codes: torch.Tensor, absmax: torch.
     absmax.copy_(scale)
     u = torch.lerp(g, new, weight_nesterov) if nesterov else new
     out.copy_(u.view(out.shape))
+
+
+def _signed(grad: torch.Tensor, grad_sign: torch.Tensor) -> torch.Tensor:
+    """fp32 ``grad`` negated where ``grad_sign`` (0-d) is negative: a negation, not a product (a product could
+    be contracted into the lerp's fma when compiled)."""
+    g = grad.to(torch.float32)
+    return torch.where(grad_sign < 0, -g, g)
+
+
+def _fused_momentum_8bit(grad: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor,
+                         packed: torch.Tensor) -> None:
+    """:func:`muon_momentum_reference`'s 8-bit step as one function for torch.compile (one fused pass): ``grad``
+    and int8 ``codes`` ``(num_blocks, BLOCK_SIZE)``, ``absmax`` ``(num_blocks, 1)`` updated in place, ``U``
+    written into ``out`` (same shape, bf16); ``packed``: :class:`MuonScalars` as one fp32 tensor."""
+    s = unpack(MuonScalars, packed)
+    g = _signed(grad, s.grad_sign)
+    new = torch.lerp(decode_signed_reference(codes, absmax), g, s.weight_buf)
+    scale = new.abs().amax(dim=1, keepdim=True)
+    codes.copy_(encode_signed_reference(new, scale))
+    absmax.copy_(scale)
+    out.copy_(torch.where(s.nesterov != 0, torch.lerp(g, new, s.weight_nesterov), new))
+
+
+def _fused_momentum_fp32(grad: torch.Tensor, buf: torch.Tensor, out: torch.Tensor, packed: torch.Tensor) -> None:
+    """:func:`muon_momentum_reference`'s fp32 step as one function for torch.compile: flat ``grad``, ``buf``
+    (updated in place) and ``out`` (``U``, bf16) of one length; ``packed`` as in :func:`_fused_momentum_8bit`."""
+    s = unpack(MuonScalars, packed)
+    g = _signed(grad, s.grad_sign)
+    new = torch.lerp(buf, g, s.weight_buf)
+    buf.copy_(new)
+    out.copy_(torch.where(s.nesterov != 0, torch.lerp(g, new, s.weight_nesterov), new))
+
+
+_FUSED_STEPS = {True: HostStep(_fused_momentum_8bit), False: HostStep(_fused_momentum_fp32)}
+"""The compiled momentum steps (8-bit: True), run under :func:`_fp_contraction` so that they store torch's eager
+``lerp`` bits (see there)."""
+
+_CONTRACT_OPTION = {"cpp.enable_floating_point_contract_flag": "fast"}
+"""inductor's C++ flag ``-ffp-contract=fast`` (default ``off``)."""
+
+
+def _fp_contraction():
+    """Context in which inductor compiles C++ with floating-point contraction. torch's eager CPU ``lerp`` is one
+    fma (``fma(w', e - s, base)``); inductor decomposes it into a product and a sum, which contraction fuses back
+    into that fma, so the compiled steps store the eager bits (``tests/test_muon.py``). The other products of
+    the steps feed a select or no sum, and GCC contracts a product only when every use is a sum: nothing
+    else fuses."""
+    from torch._inductor import config
+
+    return config.patch(_CONTRACT_OPTION)
 
 
 def newton_schulz(x: torch.Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS, steps: int = NS_STEPS,
@@ -338,25 +377,27 @@ def _blocks(t: torch.Tensor, pad: int) -> torch.Tensor:
     return flat.view(-1, BLOCK_SIZE)
 
 
-def _reference_momentum(grad, buf, absmax, out, s: MuonScalars, backend: str = "eager") -> None:
-    """:func:`muon_momentum_reference` on one tensor, ``U`` written into ``out`` (any float dtype); 8-bit
-    momentum on the ``"eager"`` backend through :func:`muon_momentum_8bit_host` (the same bits, fewer passes)."""
-    if absmax is None:
-        u = muon_momentum_reference(grad.reshape(buf.shape), buf, None, *s)
-        out.copy_(u.view(out.shape))
-        return
+def _host_momentum(grad, buf, absmax, out, s: MuonScalars, packed: torch.Tensor | None) -> None:
+    """One tensor's momentum step on the host, ``U`` written into ``out`` (bf16): compiled when ``packed`` (the
+    scalars as a tensor) is given (:data:`_FUSED_STEPS`), else eager (the reference for fp32 momentum,
+    :func:`muon_momentum_8bit_host` for 8-bit); every form stores the same bits."""
     n = grad.numel()
+    if absmax is None:
+        if packed is not None:
+            _FUSED_STEPS[False].on("compiled")(grad.reshape(-1), buf.view(-1), out.view(-1), packed)
+        else:
+            out.copy_(muon_momentum_reference(grad.reshape(buf.shape), buf, None, *s).view(out.shape))
+        return
     pad = (-n) % BLOCK_SIZE
     codes = _blocks(buf, pad)
-    if backend == "eager":
-        u = torch.empty(codes.shape, dtype=out.dtype) if pad else out
+    u = torch.empty(codes.shape, dtype=out.dtype) if pad else out.view(codes.shape)
+    if packed is not None:
+        _FUSED_STEPS[True].on("compiled")(_blocks(grad, pad), codes, absmax.view(-1, 1), u, packed)
+    else:
         muon_momentum_8bit_host(_signed_fp32(_blocks(grad, pad), s.grad_sign), codes, absmax.view(-1, 1), u,
                                 s.weight_buf, s.weight_nesterov, bool(s.nesterov))
-    else:
-        u = muon_momentum_reference(_blocks(grad, pad), codes, absmax.view(-1, 1), *s, backend=backend)
-    if pad or u is not out:
-        out.copy_(u.reshape(-1)[:n].view(out.shape))
     if pad:
+        out.copy_(u.view(-1)[:n].view(out.shape))
         buf.view(-1).copy_(codes.view(-1)[:n])
 
 
@@ -386,8 +427,8 @@ class MuonTensors(NamedTuple):
 
     ``params[i]``: what the pass writes, ``U`` (contiguous bf16, ``grads[i]``'s numel; the table's param
     row); ``bufs[i]``: fp32 momentum or flat int8 codes with ``absmaxes[i]`` (fp32, one per 256);
-    ``steps[i]``/``flags[i]``: 0-d fp32 on the device (flag 0 leaves the momentum untouched; ``U`` is then
-    zeros on the host and unspecified on Triton: the update must skip that matrix).
+    ``steps[i]``/``flags[i]``: 0-d fp32 on the device (flag 0 leaves the momentum untouched and ``U``
+    unwritten: the update must skip that matrix).
     """
 
     params: Sequence[torch.Tensor]
@@ -411,19 +452,29 @@ def _launch(t: MuonTensors, scalars: MuonScalars) -> None:
                 ROWS * BLOCK_SIZE, QUANTIZED=quantized, ROWS=ROWS, BLOCK=BLOCK_SIZE, ALIGNED=aligned)
 
 
+def _host_key(t: MuonTensors, i: int) -> tuple:
+    """What changes the compiled host step: 8-bit or not, grad dtype."""
+    return (t.absmaxes[i] is not None, t.grads[i].dtype)
+
+
 def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
-    """The reference on one tensor: torch's eager ``lerp`` (compiled, it rounds twice where eager and the
-    kernel's fma round once); with ``backend="compiled"`` the 8-bit decode and encode run compiled."""
-    out = t.params[0]
-    if not float(t.flags[0]):  # the CPU: a memory read
-        out.zero_()
+    """The live tensors of one :func:`_host_key` group (``dispatch`` leaves out those whose flag is 0: their
+    ``U`` stays unwritten), one at a time; ``backend="compiled"``: the fused compiled steps."""
+    if backend != "compiled":
+        for grad, buf, absmax, out in zip(t.grads, t.bufs, t.absmaxes, t.params):
+            _host_momentum(grad, buf, absmax, out, scalars, None)
         return
-    _reference_momentum(t.grads[0], t.bufs[0], t.absmaxes[0], out, scalars, backend)
+    packed = pack(scalars)
+    with _fp_contraction():
+        for grad, buf, absmax, out in zip(t.grads, t.bufs, t.absmaxes, t.params):
+            _host_momentum(grad, buf, absmax, out, scalars, packed)
 
 
-MUON_MOMENTUM = Family("muon_momentum", launch=_launch, host=_host, launch_key=_launch_key)
+MUON_MOMENTUM = Family("muon_momentum", launch=_launch, host=_host, launch_key=_launch_key, host_key=_host_key,
+                       bucketed=True)
 """The momentum pass: ``dispatch(MUON_MOMENTUM, MuonTensors(...), MuonScalars.of(...))`` (one Triton launch per
-:func:`_launch_key` group on CUDA; on the host the reference, one tensor at a time)."""
+:func:`_launch_key` group on CUDA; on the host one :func:`_host_key` group per call, compiled or eager as
+:func:`.dispatch.choose_bucket` says for the group's elements)."""
 
 
 def muon_momentum(grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor], absmaxes: Sequence[torch.Tensor | None],
