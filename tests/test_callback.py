@@ -244,6 +244,13 @@ def test_summary_and_plot(tmp_path, caplog):
         ({"optimizer_kwargs": "betas"}, "optimizer_kwargs"),
         ({"optimizer": "adamw", "optimizer_kwargs": {"betas": (0.9, 2.0)}}, "beta"),
         ({"optimizer": "adamw", "optimizer_kwargs": {"no_such_argument": 1}}, "no_such_argument"),
+        ({"bf16_rounding": "up"}, "Invalid bf16_rounding='up'"),
+        ({"optimizer": "adamw", "bf16_rounding": "nearest"}, "bf16_rounding='nearest' for optimizer='adamw'"),
+        ({"bf16_rounding": "nearest", "optimizer_kwargs": {"bf16_rounding": "stochastic"}}, "give it once"),
+        ({"bucket_bytes": -1, "step_in_backward": True}, "Invalid bucket_bytes=-1"),
+        ({"bucket_bytes": 2.5, "step_in_backward": True}, "Invalid bucket_bytes=2.5"),
+        ({"bucket_bytes": True, "step_in_backward": True}, "Invalid bucket_bytes=True"),
+        ({"bucket_bytes": 0}, "bucket_bytes=0 with step_in_backward=False"),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(kwargs, argument):
@@ -271,10 +278,72 @@ def test_callback_arguments_are_visible_to_jsonargparse():
 
     parser = ArgumentParser()
     parser.add_class_arguments(LowMemOptimizerCallback, "cb")
-    cfg = parser.parse_args(["--cb.optimizer=sgd", "--cb.lr=0.01", '--cb.optimizer_kwargs={"momentum": 0.9}'])
+    cfg = parser.parse_args(["--cb.optimizer=sgd", "--cb.lr=0.01", '--cb.optimizer_kwargs={"momentum": 0.9}',
+                             "--cb.bf16_rounding=nearest", "--cb.step_in_backward=true", "--cb.bucket_bytes=0"])
     assert (cfg.cb.optimizer, cfg.cb.lr, cfg.cb.weight_decay) == ("sgd", 0.01, None)
     assert cfg.cb.optimizer_kwargs == {"momentum": 0.9}
-    assert "Registered optimizer name" in parser.format_help()
+    assert (cfg.cb.bf16_rounding, cfg.cb.bucket_bytes) == ("nearest", 0)
+    assert "Registered optimizer name" in parser.format_help() and "DDP's bucket size" in parser.format_help()
+    assert parser.parse_args([]).cb.bucket_bytes is None
+
+
+def test_bf16_rounding_argument_reaches_every_param_group(tmp_path):
+    """``bf16_rounding`` is the callback's own argument (as lr and weight_decay are): the built optimizer's groups
+    carry it, and the module's own groups cannot override it."""
+    callback = LowMemOptimizerCallback(OPT, lr=1e-2, bf16_rounding="nearest", print_summary=False)
+    assert callback.bf16_rounding == "nearest" and callback.optimizer_kwargs == {"bf16_rounding": "nearest"}
+    trainer = _trainer(tmp_path, [callback], max_steps=2, precision="bf16-true")
+    trainer.fit(Plain(configure="groups"), _data())
+    assert [g["bf16_rounding"] for g in trainer.optimizers[0].param_groups] == ["nearest"] * 3
+    default = _trainer(tmp_path, [LowMemOptimizerCallback(OPT, lr=1e-2, print_summary=False)], max_steps=1,
+                       precision="bf16-true")
+    default.fit(Plain(configure="groups"), _data())
+    assert [g["bf16_rounding"] for g in default.optimizers[0].param_groups] == ["stochastic"] * 3
+
+
+class _Releases(L.Callback):
+    """The bucket size and the fullest bucket of each gradient release during training."""
+
+    def __init__(self, callback):
+        self.callback, self.seen = callback, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen += [(r.bucket_bytes, r.peak_bucket_bytes) for r in self.callback.releases]
+
+
+@pytest.mark.parametrize("bucket_bytes, expected", [(None, 25 * 2**20), (0, 0), (600, 600)])
+def test_bucket_bytes_argument_sizes_the_release_buckets(tmp_path, bucket_bytes, expected):
+    """The fullest bucket: every gradient with 25 MiB buckets (this model's 4.6 KB of them), the largest tensor
+    alone with 0, and with 600 bytes the tensors up to and including the one that reaches 600."""
+    callback = LowMemOptimizerCallback(OPT, lr=1e-2, step_in_backward=True, bucket_bytes=bucket_bytes,
+                                       print_summary=False)
+    releases = _Releases(callback)
+    model = Plain(configure="none")
+    _trainer(tmp_path, [callback, releases], max_steps=2).fit(model, _data())
+    sizes = [p.numel() * 4 for p in model.parameters() if p.requires_grad]  # fp32, backward: reverse order
+    fullest = {None: sum(sizes), 0: max(sizes), 600: 33 * 4 + 32 * 4 + 32 * 4 + 32 * 4 + 32 * 6 * 4}[bucket_bytes]
+    assert releases.seen and all(seen == (expected, fullest) for seen in releases.seen), releases.seen
+
+
+@pytest.mark.parametrize("configure, name, lr, warned", [
+    ("steplr", "adamw_8bit", None, "module's SGD lr=0.1 for AdamW8bit"),  # SGD -> adaptive
+    ("groups", "sgd", None, "module's AdamW lr=0.001, 0.01 for SGD"),  # adaptive -> SGD, each group's lr
+    ("steplr", "sgd", None, None),  # SGD -> SGD
+    ("groups", "came", None, None),  # adaptive -> adaptive
+    ("steplr", "adamw_8bit", 1e-3, None),  # the callback's own lr
+])
+def test_lr_kept_across_sgd_and_adaptive_is_warned_once(tmp_path, configure, name, lr, warned):
+    import warnings
+
+    callback = LowMemOptimizerCallback(name, lr=lr, print_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [callback], max_steps=1).fit(Plain(configure=configure), _data())
+    found = [str(w.message) for w in caught if "learning rates differ" in str(w.message)]
+    if warned is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and warned in found[0] and f"LowMemOptimizerCallback('{name}', lr=...)" in found[0]
 
 
 class Unfreezes(L.LightningModule):

@@ -142,5 +142,33 @@ def test_optim_does_not_hand_an_sgd_lr_to_an_adaptive_optimizer(capsys):
     cfg = parse_fit_config(["--config", "tiny_sgd.yaml", "--optim", "adamw", "--lr", "0.01"])
     assert _callback_entry(cfg).init_args.lr == 0.01
     cfg = parse_fit_config(["--config", "tiny_came.yaml", "--optim", "sgd"])
-    assert _callback_entry(cfg).init_args.lr == 3e-3  # the same as the module's: nothing to say
-    assert "dropped the config's lr" not in capsys.readouterr().err
+    assert _callback_entry(cfg).init_args.lr == 3e-3  # the same as the module's: kept, and said
+    err = capsys.readouterr().err
+    assert "dropped the config's lr" not in err and "kept lr=0.003" in err and "--lr to set one" in err
+    parse_fit_config(["--config", "tiny_came.yaml", "--optim", "sgd", "--lr", "0.1"])
+    assert "kept lr" not in capsys.readouterr().err
+
+
+def test_optim_drops_a_bf16_rounding_the_new_optimizer_does_not_take():
+    init = {"optimizer": "adamw_8bit", "bf16_rounding": "nearest", "optimizer_kwargs": None}
+    line = switch_optimizer(init, "adamw", 1e-3)
+    assert init["bf16_rounding"] is None and "dropped the config's bf16_rounding='nearest'" in line
+    LowMemOptimizerCallback(**init)  # builds
+    init = {"optimizer": "adamw_8bit", "bf16_rounding": "nearest", "optimizer_kwargs": None}
+    assert switch_optimizer(init, "came", 1e-3) is None and init["bf16_rounding"] == "nearest"
+
+
+def test_step_in_backward_false_drops_the_recipes_bucket_bytes(tmp_path, capsys):
+    from lowmem_lightning.cli import RECIPES_DIR
+
+    text = (RECIPES_DIR / "full_finetune_7b.yaml").read_text()
+    text = text.replace("        step_in_backward: true\n", "        step_in_backward: true\n        bucket_bytes: 0\n")
+    assert "bucket_bytes: 0" in text
+    (tmp_path / "recipe.yaml").write_text(text)
+    cfg = parse_fit_config(["--config", str(tmp_path / "recipe.yaml")])
+    assert _callback_entry(cfg).init_args.bucket_bytes == 0
+    cfg = parse_fit_config(["--config", str(tmp_path / "recipe.yaml"), "--step_in_backward", "false"])
+    init = _callback_entry(cfg).init_args
+    assert (init.step_in_backward, init.bucket_bytes) == (False, None)
+    assert "dropped the config's bucket_bytes=0" in capsys.readouterr().err
+    LowMemOptimizerCallback(**init.as_dict())  # builds: a bucket size without release would be refused

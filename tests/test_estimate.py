@@ -482,3 +482,22 @@ def test_estimate_table_fits_an_80_by_24_terminal(recipe, capsys):
     block = lines[peak + 1:lines.index("", peak)]
     labels = [line.split()[0] for line in block if not line.startswith("   ")]  # deeper: a wrapped note
     assert labels == ["weights", "gradients", "optimizer", "activations", "total"]
+
+
+@pytest.mark.parametrize("bucket", [None, 0, 150000])
+def test_estimate_cli_takes_the_recipes_release_bucket_bytes(bucket, tmp_path, capsys):
+    """A recipe's ``LowMemOptimizerCallback(step_in_backward=True, bucket_bytes=N)``: the gradients on the device are
+    the fullest bucket of that size (the tiny model's ~1 MiB of gradients is one 25 MiB bucket by default)."""
+    from lowmem_lightning.cli import RECIPES_DIR
+    from lowmem_lightning.estimate import released_gradient_bytes
+
+    extra = "        step_in_backward: true\n" + ("" if bucket is None else f"        bucket_bytes: {bucket}\n")
+    text = (RECIPES_DIR / "tiny.yaml").read_text().replace("        plot: true\n", "        plot: true\n" + extra)
+    (tmp_path / "recipe.yaml").write_text(text)
+    data = _estimate_json(capsys, "--config", str(tmp_path / "recipe.yaml"))
+    assert data["bucket_bytes"] == (25 * 2**20 if bucket is None else bucket)
+    expected = {None: data["gradient_bytes"], 0: data["largest_gradient_bytes"],
+                150000: released_gradient_bytes(data["trainable_nbytes"], 150000)}[bucket]
+    assert data["gradient_device_bytes"] == expected
+    assert data["largest_gradient_bytes"] < released_gradient_bytes(data["trainable_nbytes"], 150000) < data[
+        "gradient_bytes"]

@@ -24,13 +24,16 @@ ordered and checkpointed by Lightning like the user's own): :class:`~.strategy_c
 
 from __future__ import annotations
 
+import inspect
+from typing import Literal
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
-from lowmem_lightning.callbacks.release import GradientReleaseCallback
+from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
 from lowmem_lightning.callbacks.resume import ResumeCompatibility
 from lowmem_lightning.callbacks.strategy_check import FSDP1Check
 from lowmem_lightning.callbacks.swap import (
@@ -45,11 +48,62 @@ from lowmem_lightning.callbacks.swap import (
 )
 from lowmem_lightning.callbacks.translate import translate_group
 from lowmem_lightning.optim import build_optimizer, optimizer_class
-from lowmem_lightning.optim.validation import validate_optimizer_args
+from lowmem_lightning.optim.validation import check_bf16_rounding, validate_optimizer_args
 
-__all__ = ["LowMemOptimizerCallback", "keep_scheduler_names"]
+__all__ = ["LowMemOptimizerCallback", "keep_scheduler_names", "lr_kind"]
 
 _PACKAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def lr_kind(cls: type) -> str:
+    """``"SGD"`` when the optimizer class's lr scales the raw gradient (torch's ``SGD``/``ASGD``, our ``sgd``), else
+    ``"adaptive"`` (the lr is the size of a normalized step: Adam and its kin, Adafactor, CAME, Lion, Muon, ...).
+    The two take learning rates orders of magnitude apart."""
+    return "SGD" if issubclass(cls, (torch.optim.SGD, torch.optim.ASGD, optimizer_class("sgd"))) else "adaptive"
+
+
+_LR_MEANS = {"SGD": "scales the raw gradient", "adaptive": "is the size of a normalized step"}
+
+
+def _takes_bf16_rounding(optimizer: str) -> bool:
+    try:
+        return "bf16_rounding" in inspect.signature(optimizer_class(optimizer).__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _with_bf16_rounding(optimizer: str, optimizer_kwargs, bf16_rounding: str | None):
+    """``optimizer_kwargs`` with the callback's ``bf16_rounding`` added; ``ValueError`` naming it for a value other
+    than "stochastic"/"nearest", an optimizer that does not take it, or one also given in ``optimizer_kwargs``."""
+    if bf16_rounding is None:
+        return optimizer_kwargs
+    check_bf16_rounding(bf16_rounding)
+    if isinstance(optimizer, str) and not _takes_bf16_rounding(optimizer):
+        raise ValueError(
+            f"Invalid bf16_rounding={bf16_rounding!r} for optimizer={optimizer!r}: "
+            f"{getattr(optimizer_class(optimizer), '__name__', optimizer)} does not take it (it is not one of this "
+            "package's optimizers, which write bf16/fp16 params with it); leave bf16_rounding unset."
+        )
+    if isinstance(optimizer_kwargs, dict) and "bf16_rounding" in optimizer_kwargs:
+        raise ValueError(
+            f"Invalid bf16_rounding={bf16_rounding!r}: optimizer_kwargs gives bf16_rounding="
+            f"{optimizer_kwargs['bf16_rounding']!r} too; give it once."
+        )
+    return {**(optimizer_kwargs or {}), "bf16_rounding": bf16_rounding}
+
+
+def _check_bucket_bytes(bucket_bytes, step_in_backward: bool) -> int:
+    """The release's bucket size: ``DEFAULT_BUCKET_BYTES`` for ``None``; ``ValueError`` naming it for anything but
+    an int >= 0, or for one given without ``step_in_backward=True`` (it would do nothing)."""
+    if bucket_bytes is None:
+        return DEFAULT_BUCKET_BYTES
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 0:
+        raise ValueError(f"Invalid bucket_bytes={bucket_bytes!r}: expected an int >= 0 (bytes of gradients updated "
+                         "together inside backward; 0: each tensor alone) or None (25 MiB).")
+    if not step_in_backward:
+        raise ValueError(f"Invalid bucket_bytes={bucket_bytes!r} with step_in_backward=False: buckets are the "
+                         "gradient release's; set step_in_backward=True, or leave bucket_bytes unset.")
+    return bucket_bytes
 
 
 class _SwappingConfigureOptimizers:
@@ -116,6 +170,17 @@ class LowMemOptimizerCallback(L.Callback):
             applied per tensor. Refused with a ``ValueError`` before training under
             ``accumulate_grad_batches > 1``, clipping by norm, ``16-mixed``, manual optimization and
             multi-process strategies.
+        bucket_bytes: With ``step_in_backward``: the gradients ready in backward are updated together, in one
+            optimizer call, once they reach this many bytes (an int >= 0; 0 updates each tensor alone, fewest
+            gradients alive; ``None``: 25 MiB, DDP's bucket size). ``lowmem estimate`` counts the fullest bucket.
+            Refused without ``step_in_backward=True``.
+        bf16_rounding: How the optimizer writes bf16/fp16 params: ``"stochastic"`` (small updates survive on
+            average) or ``"nearest"``; ``None`` keeps the optimizer's default (``"stochastic"``). Taken by every
+            optimizer of this package, not by torch's ``adamw``; not to be repeated in ``optimizer_kwargs``.
+
+    With ``lr=None`` the module's learning rate is kept; when the swap crosses between SGD and an adaptive
+    optimizer (:func:`lr_kind`: their learning rates differ by orders of magnitude), one warning names both
+    optimizers and that lr.
     """
 
     def __init__(
@@ -128,7 +193,10 @@ class LowMemOptimizerCallback(L.Callback):
         plot: bool = True,
         print_summary: bool = True,
         step_in_backward: bool = False,
+        bucket_bytes: int | None = None,
+        bf16_rounding: Literal["stochastic", "nearest"] | None = None,
     ) -> None:
+        optimizer_kwargs = _with_bf16_rounding(optimizer, optimizer_kwargs, bf16_rounding)
         kwargs, defaults = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
         self.optimizer_name = optimizer
         self.lr = None if lr is None else float(lr)
@@ -137,9 +205,13 @@ class LowMemOptimizerCallback(L.Callback):
         if not isinstance(step_in_backward, bool):
             raise ValueError(f"Invalid step_in_backward={step_in_backward!r}: expected True or False.")
         self.step_in_backward = step_in_backward
+        self.bucket_bytes = _check_bucket_bytes(bucket_bytes, step_in_backward)
+        """Bytes of gradients updated together inside backward (with ``step_in_backward``)."""
+        self.bf16_rounding = bf16_rounding
+        """How bf16/fp16 params are written (``None``: the optimizer's default); also in ``optimizer_kwargs``."""
         self.monitor = StateMemoryMonitor(log_state_memory, plot, print_summary)
         """The state-memory monitor of the built optimizers (metrics, summary, plot)."""
-        self.release = GradientReleaseCallback() if step_in_backward else None
+        self.release = GradientReleaseCallback(self.bucket_bytes) if step_in_backward else None
         """The gradient-release part (``None`` unless ``step_in_backward``)."""
         self.parts: tuple[L.Callback, ...] = (
             FSDP1Check(optimizer),
@@ -306,7 +378,26 @@ class LowMemOptimizerCallback(L.Callback):
                 retarget_scheduler(scheduler, mapping[key], ratios[key])
         self.optimizers = list(mapping.values())
         self._warn_translation(notes)
+        if not own_step:
+            self._warn_lr_kind(olds)
         return replace_optimizers(config, mapping)
+
+    def _warn_lr_kind(self, olds: list[torch.optim.Optimizer]) -> None:
+        """One warning when the module's lr is kept (no callback ``lr``) across SGD <-> adaptive (:func:`lr_kind`)."""
+        target = optimizer_class(self.optimizer_name)
+        crossed = [old for old in olds if lr_kind(type(old)) != lr_kind(target)]
+        if self.lr is not None or not crossed:
+            return
+        lrs = sorted({float(g.get("initial_lr", g["lr"])) for old in crossed for g in old.param_groups
+                      if g.get("lr") is not None})
+        source, lr = type(crossed[0]).__name__, ", ".join(f"{v:g}" for v in lrs)
+        rank_zero_warn(
+            f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) keeps the module's {source} lr={lr} for "
+            f"{target.__name__}: {source}'s lr {_LR_MEANS[lr_kind(type(crossed[0]))]}, "
+            f"{target.__name__}'s {_LR_MEANS[lr_kind(target)]}, so their learning rates differ by orders of "
+            f"magnitude. Give the callback its own: LowMemOptimizerCallback({self.optimizer_name!r}, lr=...).",
+            category=UserWarning,
+        )
 
     def _warn_translation(self, notes: list[str]) -> None:
         """One warning naming every setting of the module's optimizers that was dropped or changed meaning."""

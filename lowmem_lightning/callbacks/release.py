@@ -277,7 +277,9 @@ class GradientReleaseCallback(L.Callback):
     exception removes the hooks and gives ``gradient_clip_val`` back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        self.bucket_bytes = bucket_bytes
+        """The :class:`GradientRelease` bucket size (bytes; 0: each tensor alone)."""
         self.releases: list[GradientRelease] = []
         """The hooks of the current fit, one per optimizer (empty outside training)."""
         self._clip: tuple[L.Trainer, float | int | None] | None = None  # the gradient_clip_val to give back
@@ -295,7 +297,8 @@ class GradientReleaseCallback(L.Callback):
         if self.releases:
             return
         clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm == "value" else None
-        self.releases = [GradientRelease(opt, clip_value=clip or None).attach() for opt in trainer.optimizers]
+        self.releases = [GradientRelease(opt, clip_value=clip or None, bucket_bytes=self.bucket_bytes).attach()
+                         for opt in trainer.optimizers]
         self._clip = (trainer, trainer.gradient_clip_val)
         trainer.gradient_clip_val = None
 

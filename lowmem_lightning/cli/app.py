@@ -279,6 +279,10 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
                 init["lr"] = lr
             if release is not None:
                 init["step_in_backward"] = release
+                if not release and init.get("bucket_bytes") is not None:
+                    notice(f"--step_in_backward false: dropped the config's bucket_bytes={init['bucket_bytes']!r} "
+                           "(the gradient release's bucket size).")
+                    init["bucket_bytes"] = None
             if name is not None and name in available_optimizers():
                 run_lr = init.get("lr") if init.get("lr") is not None else model_lr
                 notice(switch_optimizer(

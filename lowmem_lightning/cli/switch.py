@@ -53,8 +53,11 @@ def _carry(name: str, old_kwargs: dict, lr, weight_decay) -> tuple[dict, dict]:
 
 
 def _lr_kind(name: str) -> str:
-    """``"SGD"`` (the lr scales the raw gradient) or ``"adaptive"`` (the lr is the size of a normalized step)."""
-    return "SGD" if name == "sgd" else "adaptive"
+    """``"SGD"`` (the lr scales the raw gradient) or ``"adaptive"`` (the lr is the size of a normalized step):
+    :func:`~lowmem_lightning.callbacks.optimizer.lr_kind` of the registered optimizer ``name``."""
+    from lowmem_lightning.callbacks.optimizer import lr_kind
+
+    return lr_kind(optimizer_class(name))
 
 
 def switch_optimizer(
@@ -78,12 +81,18 @@ def switch_optimizer(
         return None
     parts = []
     callback_lr = init.get("lr")
-    if (not lr_given and callback_lr is not None and _lr_kind(previous) != _lr_kind(name)
-            and float(callback_lr) != module_lr):
+    crossed = _lr_kind(previous) != _lr_kind(name)
+    if not lr_given and callback_lr is not None and crossed and float(callback_lr) != module_lr:
         parts.append(f"dropped the config's lr={init['lr']!r} ({previous}'s: {_lr_kind(previous)} and {name} "
                      f"take learning rates of different scales; the module's lr applies, --lr to set one)")
         init["lr"] = None
         run_lr = module_lr
+    elif not lr_given and callback_lr is not None and crossed:
+        parts.append(f"kept lr={init['lr']!r} (the config's, for {previous} and the module alike), though "
+                     f"{_lr_kind(previous)} and {name} take learning rates of different scales: --lr to set one")
+    if init.get("bf16_rounding") is not None and "bf16_rounding" not in _accepted(name):
+        parts.append(f"dropped the config's bf16_rounding={init['bf16_rounding']!r} ({name} does not take it)")
+        init["bf16_rounding"] = None
     kept, dropped = _carry(name, old_kwargs, init.get("lr"), init.get("weight_decay"))
     added = {}
     if name == "adafactor" and run_lr is not None and "relative_step" not in kept:
