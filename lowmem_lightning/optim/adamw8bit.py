@@ -48,8 +48,12 @@ class AdamW8bit(LowMemOptimizer):
             param-group setting, saved in the state dict's param groups.
 
     A gradient holding inf/NaN skips that tensor's update for the step (params, state and its step
-    counter untouched) and is counted in :attr:`skipped_updates`. ``step()`` never synchronises with
-    the device. ``load_state_dict`` also accepts a ``torch.optim.AdamW`` state dict and quantizes it.
+    counter untouched) and is counted in :attr:`skipped_updates`. After :meth:`clip_grad_norm_` (or
+    :meth:`use_grad_norm`) the step reuses that total norm instead of reading every gradient for the check:
+    a non-finite norm skips the whole step. ``step()`` never synchronises with the device. On CUDA
+    ``kernels.multitensor.persistent(k)`` (or ``LOWMEM_PERSISTENT_PROGRAMS_PER_SM=k``) runs the persistent
+    kernel (``k`` programs per SM looping over the tiles), the same bits as the default one-program-per-tile one.
+    ``load_state_dict`` also accepts a ``torch.optim.AdamW`` state dict and quantizes it.
     """
 
     def __init__(
