@@ -1,6 +1,12 @@
-"""Helpers shared by the optimizer-against-reference tests (Adafactor, CAME)."""
+"""Helpers shared by the optimizer-against-reference tests (Adafactor, CAME, Muon, Lion, AdEMAMix)."""
 
 import torch
+
+from lowmem_lightning.kernels import dispatch
+from lowmem_lightning.optim import build_optimizer
+
+ODD_SHAPES = [(4097,), (1000, 3), (7, 11)]
+"""8-bit state with a partial block, 8-bit 2-D, fp32 state (< 4096 elements)."""
 
 
 def mode_id(kwargs: dict) -> str:
@@ -8,10 +14,110 @@ def mode_id(kwargs: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
 
 
-def random_grads(shapes, steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
-    """``steps`` lists of gradients (N(0, 0.25)) for params of ``shapes``, from a fixed seed."""
+def random_grads(shapes, steps: int, seed: int = 1, scale: float = 0.5) -> list[list[torch.Tensor]]:
+    """``steps`` lists of gradients (N(0, scale**2), 0.25 by default) for params of ``shapes``, from a fixed seed."""
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=gen) * 0.5 for s in shapes] for _ in range(steps)]
+    return [[torch.randn(s, generator=gen) * scale for s in shapes] for _ in range(steps)]
+
+
+def seeded_params(dtype=torch.float32, shapes=ODD_SHAPES, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Params of ``shapes`` drawn from N(0, 0.25) with a fixed seed, in ``dtype``: the same values at every call."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).to(dtype)) for s in shapes]
+
+
+def train(opt, params, grads, grad_dtype=None, nan_at=None):
+    """Step ``opt`` once per entry of ``grads`` (cast to ``grad_dtype``, else each param's dtype); ``nan_at=(step,
+    index)`` puts a NaN into that param's gradient at that step. Returns ``opt``."""
+    for p in params:
+        p.grad_dtype = None  # torch >= 2.10: allow a gradient dtype other than the param's
+    for step, step_grads in enumerate(grads):
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            p.grad = g.to(grad_dtype or p.dtype, copy=True)
+            if nan_at == (step, i):
+                p.grad.view(-1)[5] = float("nan")
+        opt.step()
+    return opt
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` (any dtype), flat: equal bits compare equal, NaNs included."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_triton_kernel_equals_reference(factory, param_dtype, grad_dtype) -> None:
+    """Three steps of ``factory(params)`` over :data:`ODD_SHAPES` through the Triton kernel (interpreter) and
+    through the reference, a NaN gradient in step 2 on the second param: params and every state tensor equal
+    bit for bit, every param moved, one skipped update on each path."""
+    grads = random_grads(ODD_SHAPES, 3, scale=0.1)
+    runs = []
+    for force in (True, False):
+        params = seeded_params(param_dtype)
+        with dispatch.override(force_triton=force):
+            opt = train(factory(params), params, grads, grad_dtype, nan_at=(1, 1))
+        runs.append((params, opt))
+    (tri, opt_t), (ref, opt_r) = runs
+    for p, q, p0 in zip(tri, ref, seeded_params(param_dtype)):
+        assert torch.equal(bits(p), bits(q)) and not torch.equal(p, p0)
+        assert opt_t.state[p].keys() == opt_r.state[q].keys()
+        for key, value in opt_r.state[q].items():
+            assert torch.equal(bits(opt_t.state[p][key]), bits(value)), key
+    assert opt_t.skipped_updates == opt_r.skipped_updates == 1
+
+
+def assert_compiled_equals_eager_without_recompiling(factory) -> None:
+    """Four steps of ``factory(params)`` on bf16 params under a StepLR that halves the lr each step, with the CPU
+    path compiled and eager: no graph compiled after step 2 (an lr change recompiles nothing), and params and
+    state equal bit for bit."""
+    from torch._dynamo.utils import counters
+
+    shapes = [(4097,), (300, 256), (30,)]
+    grads = random_grads(shapes, 4, scale=0.1)
+    results = []
+    for mode in ("always", "never"):
+        params = seeded_params(torch.bfloat16, shapes)
+        with dispatch.override(cpu_compile=mode):
+            opt = factory(params)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            for k, step_grads in enumerate(grads):
+                train(opt, params, [step_grads])
+                sched.step()
+                if k == 1:
+                    graphs = counters["stats"]["unique_graphs"]
+            if mode == "always":
+                assert counters["stats"]["unique_graphs"] == graphs
+        results.append((params, opt))
+    (compiled, opt_c), (eager, opt_e) = results
+    for p, q in zip(compiled, eager):
+        assert torch.equal(bits(p), bits(q))
+        for key, value in opt_e.state[q].items():
+            assert torch.equal(opt_c.state[p][key], value), key
+
+
+def quadratic_run(name: str, steps: int = 60, shape=(128, 128), **kwargs):
+    """Registered optimizer ``name`` (with ``kwargs``) pulling a zero param towards a random target under noisy
+    gradients, ``steps`` steps; returns ``(param, target)``."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(shape, generator=gen)
+    p = torch.nn.Parameter(torch.zeros(shape))
+    opt = build_optimizer(name, [p], **kwargs)
+    for _ in range(steps):
+        p.grad = (p.detach() - target) + 0.5 * torch.randn(shape, generator=gen)
+        opt.step()
+    return p.detach(), target
+
+
+def assert_matches_peer_on_cuda(pairs, kwargs: dict, shape=(512, 256), steps: int = 20) -> None:
+    """For each ``(peer class, our registered name, tol)``: both trained on CUDA from the same start over the same
+    gradients with ``kwargs``; the distance between them is at most ``tol`` times the distance the peer moved."""
+    grads = [[g.cuda() for g in step] for step in random_grads([shape], steps, scale=0.1)]
+    start = seeded_params(shapes=[shape])[0].detach().cuda()
+    for theirs, ours, tol in pairs:
+        pa, pb = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+        train(theirs([pa], **kwargs), [pa], grads)
+        train(build_optimizer(ours, [pb], **kwargs), [pb], grads)
+        moved = float((pa.detach() - start).norm())
+        assert float((pa.detach() - pb.detach()).norm()) <= tol * moved + 1e-6, ours
 
 
 def run_optimizer(factory, params0, grads, dtype=None):

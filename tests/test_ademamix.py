@@ -7,42 +7,24 @@ import math
 
 import pytest
 import torch
+from optim_helpers import (
+    ODD_SHAPES,
+    assert_compiled_equals_eager_without_recompiling,
+    assert_matches_peer_on_cuda,
+    assert_triton_kernel_equals_reference,
+    quadratic_run,
+    random_grads,
+    seeded_params,
+    train,
+)
 
-from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.kernels.ademamix import AdEMAMixScalars, schedule_reference
-from lowmem_lightning.optim import build_optimizer, state_memory
+from lowmem_lightning.optim import state_memory
 from lowmem_lightning.optim.ademamix import AdEMAMix, AdEMAMix8bit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHAPES = [(4097,), (1000, 3), (7, 11)]  # 8-bit with a partial block, 8-bit 2-D, fp32 state (< 4096)
 SCHEDULES = [dict(), dict(t_alpha=4, t_beta3=3)]
-
-
-def _params(dtype=torch.float32, shapes=SHAPES, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).to(dtype)) for s in shapes]
-
-
-def _grads(shapes, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=gen) * 0.1 for s in shapes] for _ in range(steps)]
-
-
-def _train(opt, params, grads, grad_dtype=None, nan_at=None):
-    for p in params:
-        p.grad_dtype = None  # torch >= 2.10: allow a gradient dtype other than the param's
-    for step, step_grads in enumerate(grads):
-        for i, (p, g) in enumerate(zip(params, step_grads)):
-            p.grad = g.to(grad_dtype or p.dtype, copy=True)
-            if nan_at == (step, i):
-                p.grad.view(-1)[5] = float("nan")
-        opt.step()
-    return opt
-
-
-def _bits(t):
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=["constant", "warmups"])
@@ -52,20 +34,8 @@ def _bits(t):
 def test_triton_kernel_equals_reference(cls, schedule, param_dtype, grad_dtype):
     """Three steps over odd shapes; a NaN gradient in step 2 leaves that tensor (and its step counter, so its
     schedule) behind on both paths. Params and every state tensor equal bit for bit."""
-    grads = _grads(SHAPES, 3)
-    runs = []
-    for force in (True, False):
-        params = _params(param_dtype)
-        with dispatch.override(force_triton=force):
-            opt = _train(cls(params, lr=1e-2, weight_decay=0.1, **schedule), params, grads, grad_dtype, nan_at=(1, 1))
-        runs.append((params, opt))
-    (tri, opt_t), (ref, opt_r) = runs
-    for p, q, p0 in zip(tri, ref, _params(param_dtype)):
-        assert torch.equal(_bits(p), _bits(q)) and not torch.equal(p, p0)
-        assert opt_t.state[p].keys() == opt_r.state[q].keys()
-        for key, value in opt_r.state[q].items():
-            assert torch.equal(_bits(opt_t.state[p][key]), _bits(value)), key
-    assert opt_t.skipped_updates == opt_r.skipped_updates == 1
+    assert_triton_kernel_equals_reference(lambda params: cls(params, lr=1e-2, weight_decay=0.1, **schedule),
+                                          param_dtype, grad_dtype)
 
 
 def _plain_ademamix(params, grads, lr, betas, alpha, eps, weight_decay, t_alpha=None, t_beta3=None):
@@ -92,21 +62,21 @@ def _plain_ademamix(params, grads, lr, betas, alpha, eps, weight_decay, t_alpha=
 
 @pytest.mark.parametrize("schedule", [dict(), dict(t_alpha=5, t_beta3=4), dict(t_alpha=3), dict(t_beta3=6)])
 def test_ademamix_follows_plain_pytorch_ademamix(schedule):
-    grads = _grads(SHAPES, 8)
-    params = _params()
+    grads = random_grads(ODD_SHAPES, 8, scale=0.1)
+    params = seeded_params()
     kwargs = dict(lr=1e-2, betas=(0.8, 0.99, 0.999), alpha=4.0, eps=1e-8, weight_decay=0.1)
-    _train(AdEMAMix(params, **kwargs, **schedule), params, grads)
-    expected = _plain_ademamix(_params(), grads, **kwargs, **schedule)
+    train(AdEMAMix(params, **kwargs, **schedule), params, grads)
+    expected = _plain_ademamix(seeded_params(), grads, **kwargs, **schedule)
     for p, q in zip(params, expected):
         torch.testing.assert_close(p.detach().double(), q, rtol=1e-5, atol=1e-6)
 
 
 def test_alpha_zero_is_adamw():
     """Without the slow EMA AdEMAMix is AdamW (decoupled weight decay, bias corrections): torch's AdamW."""
-    grads = _grads(SHAPES, 6)
-    ours, theirs = _params(), _params()
-    _train(AdEMAMix(ours, lr=1e-2, betas=(0.9, 0.999, 0.9999), alpha=0.0, weight_decay=0.05), ours, grads)
-    _train(torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.05), theirs, grads)
+    grads = random_grads(ODD_SHAPES, 6, scale=0.1)
+    ours, theirs = seeded_params(), seeded_params()
+    train(AdEMAMix(ours, lr=1e-2, betas=(0.9, 0.999, 0.9999), alpha=0.0, weight_decay=0.05), ours, grads)
+    train(torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.05), theirs, grads)
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
 
@@ -127,23 +97,12 @@ def test_schedules_start_low_and_reach_their_targets():
     assert torch.equal(constant, torch.tensor([[8.0, 0.9999], [8.0, 0.9999]]))
 
 
-def _quadratic_run(name, steps=60, shape=(128, 128), **kwargs):
-    gen = torch.Generator().manual_seed(0)
-    target = torch.randn(shape, generator=gen)
-    p = torch.nn.Parameter(torch.zeros(shape))
-    opt = build_optimizer(name, [p], **kwargs)
-    for _ in range(steps):
-        p.grad = (p.detach() - target) + 0.5 * torch.randn(shape, generator=gen)
-        opt.step()
-    return p.detach(), target
-
-
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=["constant", "warmups"])
 def test_ademamix_8bit_tracks_fp32_ademamix(schedule):
     """Distance of the 8-bit run from the fp32 run, relative to the distance moved (measured 0.011 on
     256x256 x 100 steps)."""
-    full, target = _quadratic_run("ademamix", lr=1e-2, **schedule)
-    eight, _ = _quadratic_run("ademamix_8bit", lr=1e-2, **schedule)
+    full, target = quadratic_run("ademamix", lr=1e-2, **schedule)
+    eight, _ = quadratic_run("ademamix_8bit", lr=1e-2, **schedule)
     assert float((full - eight).norm() / full.norm()) < 0.03
     assert float((eight - target).norm()) < 0.7 * float(target.norm())
 
@@ -172,9 +131,9 @@ def test_state_layout_and_bytes_per_param():
 
 @pytest.mark.parametrize("source, target", [(AdEMAMix, AdEMAMix8bit), (AdEMAMix8bit, AdEMAMix)])
 def test_each_form_loads_the_others_state_dict(source, target):
-    grads = _grads(SHAPES, 3)
-    params = _params()
-    opt = _train(source(params, lr=1e-2, t_alpha=4), params, grads[:2])
+    grads = random_grads(ODD_SHAPES, 3, scale=0.1)
+    params = seeded_params()
+    opt = train(source(params, lr=1e-2, t_alpha=4), params, grads[:2])
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     loaded = target(twins, lr=1e-2, t_alpha=4)
     loaded.load_state_dict(opt.state_dict())
@@ -182,8 +141,8 @@ def test_each_form_loads_the_others_state_dict(source, target):
     big_keys = {f"{n}_{s}" for n in names for s in ("codes", "absmax")} if target is AdEMAMix8bit else set(names)
     assert set(loaded.state[twins[0]]) == {"step"} | big_keys
     assert set(loaded.state[twins[2]]) == {"step", *names}
-    _train(opt, params, grads[2:])
-    _train(loaded, twins, grads[2:])
+    train(opt, params, grads[2:])
+    train(loaded, twins, grads[2:])
     for p, q in zip(params, twins):
         moved = float((p.detach() - q.detach()).abs().max())
         assert moved < 2e-3, moved  # one step of lr 1e-2 with moments within 8-bit rounding
@@ -191,29 +150,8 @@ def test_each_form_loads_the_others_state_dict(source, target):
 
 @pytest.mark.slow  # compiles the two bucket steps (~60 s on a loaded 2-core machine)
 def test_compiled_cpu_path_equals_eager_and_does_not_recompile_per_lr(cpu_compile):
-    from torch._dynamo.utils import counters
-
-    shapes = [(4097,), (300, 256), (30,)]
-    grads = _grads(shapes, 4)
-    results = []
-    for mode in ("always", "never"):
-        params = _params(torch.bfloat16, shapes)
-        with dispatch.override(cpu_compile=mode):
-            opt = AdEMAMix8bit(params, lr=1e-2, weight_decay=0.1, t_alpha=3, t_beta3=3)
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-            for k, step_grads in enumerate(grads):
-                _train(opt, params, [step_grads])
-                sched.step()
-                if k == 1:
-                    graphs = counters["stats"]["unique_graphs"]
-            if mode == "always":
-                assert counters["stats"]["unique_graphs"] == graphs
-        results.append((params, opt))
-    (compiled, opt_c), (eager, opt_e) = results
-    for p, q in zip(compiled, eager):
-        assert torch.equal(_bits(p), _bits(q))
-        for key, value in opt_e.state[q].items():
-            assert torch.equal(opt_c.state[p][key], value), key
+    assert_compiled_equals_eager_without_recompiling(
+        lambda params: AdEMAMix8bit(params, lr=1e-2, weight_decay=0.1, t_alpha=3, t_beta3=3))
 
 
 @pytest.mark.gpu
@@ -222,13 +160,5 @@ def test_bitsandbytes_ademamix_is_the_oracle():
     bnb = pytest.importorskip("bitsandbytes")
     if not torch.cuda.is_available():
         pytest.skip("bitsandbytes' optimizers need CUDA")
-    shape = (512, 256)
-    grads = [[g.cuda() for g in step] for step in _grads([shape], 20)]
-    start = _params(shapes=[shape])[0].cuda()
-    for theirs, ours, tol in ((bnb.optim.AdEMAMix32bit, "ademamix", 1e-4), (bnb.optim.AdEMAMix8bit, "ademamix_8bit",
-                                                                          0.05)):
-        pa, pb = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-        _train(theirs([pa], lr=1e-3, weight_decay=0.01), [pa], grads)
-        _train(build_optimizer(ours, [pb], lr=1e-3, weight_decay=0.01), [pb], grads)
-        moved = float((pa.detach() - start).norm())
-        assert float((pa.detach() - pb.detach()).norm()) <= tol * moved + 1e-6, ours
+    assert_matches_peer_on_cuda([(bnb.optim.AdEMAMix32bit, "ademamix", 1e-4),
+                                 (bnb.optim.AdEMAMix8bit, "ademamix_8bit", 0.05)], {"lr": 1e-3, "weight_decay": 0.01})

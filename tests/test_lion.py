@@ -5,42 +5,24 @@ bitsandbytes is the oracle where installed (CUDA)."""
 
 import pytest
 import torch
+from optim_helpers import (
+    ODD_SHAPES,
+    assert_compiled_equals_eager_without_recompiling,
+    assert_matches_peer_on_cuda,
+    assert_triton_kernel_equals_reference,
+    quadratic_run,
+    random_grads,
+    seeded_params,
+    train,
+)
 
-from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.optim import build_optimizer, state_memory
 from lowmem_lightning.optim.lion import Lion, Lion8bit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SHAPES = [(4097,), (1000, 3), (7, 11)]  # 8-bit with a partial block, 8-bit 2-D, fp32 state (< 4096)
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                (torch.float32, torch.bfloat16)]
-
-
-def _params(dtype=torch.float32, shapes=SHAPES, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).to(dtype)) for s in shapes]
-
-
-def _grads(shapes, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=gen) * 0.1 for s in shapes] for _ in range(steps)]
-
-
-def _train(opt, params, grads, grad_dtype=None, nan_at=None):
-    for p in params:
-        p.grad_dtype = None  # torch >= 2.10: allow a gradient dtype other than the param's
-    for step, step_grads in enumerate(grads):
-        for i, (p, g) in enumerate(zip(params, step_grads)):
-            p.grad = g.to(grad_dtype or p.dtype, copy=True)
-            if nan_at == (step, i):
-                p.grad.view(-1)[5] = float("nan")
-        opt.step()
-    return opt
-
-
-def _bits(t):
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
 
 
 @pytest.mark.parametrize("cls", [Lion, Lion8bit])
@@ -48,20 +30,8 @@ def _bits(t):
 def test_triton_kernel_equals_reference(cls, param_dtype, grad_dtype):
     """Three steps over odd shapes, one multi-tensor launch per group; a NaN gradient in step 2 leaves that
     tensor untouched on both paths. Params and every state tensor equal bit for bit."""
-    grads = _grads(SHAPES, 3)
-    runs = []
-    for force in (True, False):
-        params = _params(param_dtype)
-        with dispatch.override(force_triton=force):
-            opt = _train(cls(params, lr=1e-2, weight_decay=0.1), params, grads, grad_dtype, nan_at=(1, 1))
-        runs.append((params, opt))
-    (tri, opt_t), (ref, opt_r) = runs
-    for p, q, p0 in zip(tri, ref, _params(param_dtype)):
-        assert torch.equal(_bits(p), _bits(q)) and not torch.equal(p, p0)
-        assert opt_t.state[p].keys() == opt_r.state[q].keys()
-        for key, value in opt_r.state[q].items():
-            assert torch.equal(_bits(opt_t.state[p][key]), _bits(value)), key
-    assert opt_t.skipped_updates == opt_r.skipped_updates == 1
+    assert_triton_kernel_equals_reference(lambda params: cls(params, lr=1e-2, weight_decay=0.1), param_dtype,
+                                          grad_dtype)
 
 
 def _plain_lion(params, grads, lr, betas, weight_decay, maximize=False):
@@ -80,10 +50,10 @@ def _plain_lion(params, grads, lr, betas, weight_decay, maximize=False):
 
 @pytest.mark.parametrize("maximize", [False, True])
 def test_lion_follows_plain_pytorch_lion(maximize):
-    grads = _grads(SHAPES, 5)
-    params = _params()
-    _train(Lion(params, lr=1e-2, betas=(0.8, 0.95), weight_decay=0.3, maximize=maximize), params, grads)
-    expected = _plain_lion(_params(), grads, 1e-2, (0.8, 0.95), 0.3, maximize)
+    grads = random_grads(ODD_SHAPES, 5, scale=0.1)
+    params = seeded_params()
+    train(Lion(params, lr=1e-2, betas=(0.8, 0.95), weight_decay=0.3, maximize=maximize), params, grads)
+    expected = _plain_lion(seeded_params(), grads, 1e-2, (0.8, 0.95), 0.3, maximize)
     for p, q in zip(params, expected):
         torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-6)
 
@@ -98,22 +68,11 @@ def test_weight_decay_is_decoupled_from_the_sign():
     assert torch.equal(p.detach(), torch.full((4,), 10.0 * (1 - 0.1 * 0.5) + 0.1))
 
 
-def _quadratic_run(name, steps=60, shape=(128, 128), **kwargs):
-    gen = torch.Generator().manual_seed(0)
-    target = torch.randn(shape, generator=gen)
-    p = torch.nn.Parameter(torch.zeros(shape))
-    opt = build_optimizer(name, [p], **kwargs)
-    for _ in range(steps):
-        p.grad = (p.detach() - target) + 0.5 * torch.randn(shape, generator=gen)
-        opt.step()
-    return p.detach(), target
-
-
 def test_lion_8bit_tracks_fp32_lion():
     """Distance of the 8-bit run from the fp32 run, relative to the distance moved (measured 0.014 on
     256x256 x 100 steps); and both approach the target."""
-    full, target = _quadratic_run("lion", lr=1e-2, weight_decay=0.1)
-    eight, _ = _quadratic_run("lion_8bit", lr=1e-2, weight_decay=0.1)
+    full, target = quadratic_run("lion", lr=1e-2, weight_decay=0.1)
+    eight, _ = quadratic_run("lion_8bit", lr=1e-2, weight_decay=0.1)
     assert float((full - eight).norm() / full.norm()) < 0.03
     assert float((eight - target).norm()) < 0.7 * float(target.norm())  # from 1.0 at the start
 
@@ -143,9 +102,9 @@ def test_state_layout_and_bytes_per_param():
 def test_each_form_loads_the_others_state_dict(source, target):
     """fp32 momentum is quantized on load into Lion8bit (codes equal to quantizing it), 8-bit codes are decoded
     into Lion; the next step then differs from the source's by no more than the 8-bit rounding."""
-    grads = _grads(SHAPES, 3)
-    params = _params()
-    opt = _train(source(params, lr=1e-2), params, grads[:2])
+    grads = random_grads(ODD_SHAPES, 3, scale=0.1)
+    params = seeded_params()
+    opt = train(source(params, lr=1e-2), params, grads[:2])
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     loaded = target(twins, lr=1e-2)
     loaded.load_state_dict(opt.state_dict())
@@ -153,8 +112,8 @@ def test_each_form_loads_the_others_state_dict(source, target):
                                            else {"step", "exp_avg"})
     assert set(loaded.state[twins[2]]) == {"step", "exp_avg"}  # small: fp32 in both forms
     assert float(loaded.state[twins[0]]["step"]) == 2.0
-    _train(opt, params, grads[2:])
-    _train(loaded, twins, grads[2:])
+    train(opt, params, grads[2:])
+    train(loaded, twins, grads[2:])
     for p, q in zip(params, twins):
         p, q = p.detach(), q.detach()
         assert float((p - q).abs().max()) <= 2 * 1e-2 + 1e-6  # at most one flipped sign per element
@@ -162,8 +121,8 @@ def test_each_form_loads_the_others_state_dict(source, target):
 
 
 def test_another_optimizers_state_is_refused():
-    params = _params()
-    opt = _train(Lion8bit(params, lr=1e-2), params, _grads(SHAPES, 1))
+    params = seeded_params()
+    opt = train(Lion8bit(params, lr=1e-2), params, random_grads(ODD_SHAPES, 1, scale=0.1))
     adamw = build_optimizer("adamw_8bit", [torch.nn.Parameter(p.detach().clone()) for p in params])
     with pytest.raises(ValueError, match="exp_avg_sq"):
         adamw.load_state_dict(opt.state_dict())
@@ -171,29 +130,7 @@ def test_another_optimizers_state_is_refused():
 
 @pytest.mark.slow  # compiles the two bucket steps (~45 s on a loaded 2-core machine)
 def test_compiled_cpu_path_equals_eager_and_does_not_recompile_per_lr(cpu_compile):
-    from torch._dynamo.utils import counters
-
-    shapes = [(4097,), (300, 256), (30,)]
-    grads = _grads(shapes, 4)
-    results = []
-    for mode in ("always", "never"):
-        params = _params(torch.bfloat16, shapes)
-        with dispatch.override(cpu_compile=mode):
-            opt = Lion8bit(params, lr=1e-2, weight_decay=0.1)
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-            for k, step_grads in enumerate(grads):
-                _train(opt, params, [step_grads])
-                sched.step()
-                if k == 1:
-                    graphs = counters["stats"]["unique_graphs"]
-            if mode == "always":
-                assert counters["stats"]["unique_graphs"] == graphs
-        results.append((params, opt))
-    (compiled, opt_c), (eager, opt_e) = results
-    for p, q in zip(compiled, eager):
-        assert torch.equal(_bits(p), _bits(q))
-        for key, value in opt_e.state[q].items():
-            assert torch.equal(opt_c.state[p][key], value), key
+    assert_compiled_equals_eager_without_recompiling(lambda params: Lion8bit(params, lr=1e-2, weight_decay=0.1))
 
 
 @pytest.mark.gpu
@@ -202,12 +139,5 @@ def test_bitsandbytes_lion_is_the_oracle():
     bnb = pytest.importorskip("bitsandbytes")
     if not torch.cuda.is_available():
         pytest.skip("bitsandbytes' optimizers need CUDA")
-    shape = (512, 256)
-    grads = [[g.cuda() for g in step] for step in _grads([shape], 20)]
-    for theirs, ours, tol in ((bnb.optim.Lion32bit, "lion", 1e-5), (bnb.optim.Lion8bit, "lion_8bit", 0.05)):
-        a, b = _params(shapes=[shape])[0].cuda(), _params(shapes=[shape])[0].cuda()
-        pa, pb = torch.nn.Parameter(a), torch.nn.Parameter(b)
-        _train(theirs([pa], lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1), [pa], grads)
-        _train(build_optimizer(ours, [pb], lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1), [pb], grads)
-        moved = float((pa.detach() - _params(shapes=[shape])[0].cuda()).norm())
-        assert float((pa - pb).norm()) <= tol * moved + 1e-6, ours
+    assert_matches_peer_on_cuda([(bnb.optim.Lion32bit, "lion", 1e-5), (bnb.optim.Lion8bit, "lion_8bit", 0.05)],
+                                {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1})
