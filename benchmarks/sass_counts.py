@@ -28,7 +28,9 @@ tile starts another tensor), ``steady/elem`` (``steady`` / elements per thread: 
 ``LDG<math`` (global loads issued before the first ``MUFU`` of the steady body: the next tile's loads) and
 ``LDG waited`` (loads whose result an instruction reads before the last ``MUFU`` of the same iteration: the
 warp stalls on those before its math ends; 0 = every load's latency runs under the current tile's math),
-``LDGSTS`` (``cp.async`` copies; the register double buffer uses none).
+``LDGSTS`` (``cp.async`` copies; the register double buffer uses none). ``REG`` is the registers per thread
+(``cuobjdump -res-usage``) and ``CTA/SM`` the programs one SM holds at once by registers alone (65536 registers,
+allocated per warp in units of 256; at most 64 warps): what bounds a persistent grid's programs per SM.
 
     python benchmarks/sass_counts.py [--arch 90] [--all-specs] [--kernels adamw8bit sgd] [--aligned-only] \\
         [--match PARAM_DTYPE=bf16 --match QUANTIZED=True] [--slope] [--json out.json]
@@ -46,7 +48,8 @@ import re
 import sys
 
 COLUMNS = ("instr", "main", "CALL", "MUFU", "FCHK", "LDG", "LDG.128", "STG", "STG.128", "BRA", "elem/thr",
-           "per elem", "slope", "fixed", "loop", "steady", "steady/elem", "LDG<math", "LDG waited", "LDGSTS")
+           "per elem", "slope", "fixed", "REG", "CTA/SM", "loop", "steady", "steady/elem", "LDG<math", "LDG waited",
+           "LDGSTS")
 
 LOOP_KEYS = ("loop", "steady", "LDG<math", "LDG waited", "LDGSTS")
 """The keys :func:`loop_overlap` returns."""
@@ -105,6 +108,8 @@ def measure(module_name, kernel, signature, constexprs, aligned, options, arch: 
     row = {**counts, "instr": counts["instructions"], "elem/thr": per_thread,
            "per elem": counts["main"] / per_thread, "slope": None, "fixed": None,
            **dict.fromkeys(LOOP_KEYS), "steady/elem": None}
+    row["REG"] = registers(compiled.asm["cubin"])
+    row["CTA/SM"] = resident_programs(row["REG"], compiled.metadata.num_warps)
     if "persistent" in getattr(kernel, "fn", kernel).__name__:
         row.update(loop_overlap(sass))
         row["steady/elem"] = row["steady"] / per_thread if row["steady"] is not None else None
@@ -152,6 +157,32 @@ def loop_overlap(sass: str) -> dict:
             pending -= written
     return {"loop": len(body), "steady": len(steady), "LDG<math": sum(a < first_math for a, *_ in loads),
             "LDG waited": waited, "LDGSTS": sum(1 for _, op, _, _ in body if op == "LDGSTS")}
+
+
+def registers(cubin: bytes) -> int | None:
+    """Registers per thread of the kernel in ``cubin`` (``cuobjdump -res-usage`` from the triton wheel), or None."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+)", out)
+    return int(match.group(1)) if match else None
+
+
+def resident_programs(regs: int | None, warps: int) -> int | None:
+    """Programs of ``warps`` warps an SM (sm_80/sm_90: 65536 registers, 64 warps) holds by registers alone."""
+    if not regs:
+        return None
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 64 // warps)
 
 
 def _cell(value) -> str:
