@@ -27,6 +27,8 @@ ALIGNED_MODEL = [(64, 128), (130, 96), (2, 70, 96), (96, 80), (200, 112), (70, 8
 MODEL = [(33, 65), (130, 100), (2, 70, 96), (65, 128), (200, 72), (70, 70), (7, 120), (96, 80), (3, 9, 66),
          (40, 127), (4097,), (300,)]
 TALL = [(2100, 65), (33, 65)]  # 33 row tiles of 64 rows: more than one FINALIZE_ROWS slab of partials
+# column counts multiples of 256: every codec block in one row (the update's ROW_BLOCKS variant)
+ROW_BLOCK_MODEL = [(20, 256), (3, 17, 512), (33, 256), (4096,)]
 
 
 class _Counting:
@@ -37,7 +39,14 @@ class _Counting:
 
     def __getitem__(self, grid):
         self.log.append(self.kernel.fn.__name__)
-        return self.kernel[grid]
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            if kwargs.get("ROW_BLOCKS"):
+                self.log.append("ROW_BLOCKS")
+            return launch(*args, **kwargs)
+
+        return run
 
 
 def _count_launches(monkeypatch) -> list:
@@ -136,6 +145,17 @@ def test_one_group_of_aligned_tensors_equals_the_reference_per_tensor():
     _assert_same(ALIGNED_MODEL, grads, lambda ps: Adafactor(ps, beta1=0.9, momentum_dtype="int8"), bad=(0, 1))
 
 
+@pytest.mark.parametrize("momentum_dtype", ["int8", "float32"])
+def test_row_block_matrices_equal_the_reference(monkeypatch, momentum_dtype):
+    grads = random_grads(ROW_BLOCK_MODEL, 2, seed=8)
+    log = _count_launches(monkeypatch)
+    _assert_same(ROW_BLOCK_MODEL, grads, lambda ps: CAME(ps, lr=1e-2, momentum_dtype=momentum_dtype), bad=(0, 2))
+    assert log.count("_came_update_kernel") == 2 * 2  # (matrices, vectors) x 2 steps
+    assert log.count("ROW_BLOCKS") == 2  # the matrices' update, 2 steps
+    _assert_same(ROW_BLOCK_MODEL, grads, lambda ps: Adafactor(ps, beta1=0.9, momentum_dtype=momentum_dtype),
+                 bad=(1, 0))
+
+
 def test_many_row_tiles_sum_in_the_two_level_finalize():
     assert factored.TILE_ELEMENTS // 128 * factored.FINALIZE_ROWS < TALL[0][0]  # > one slab of partials
     _assert_same(TALL, random_grads(TALL, 2, seed=5), lambda ps: CAME(ps, lr=1e-2, momentum_dtype="int8"))
@@ -152,5 +172,6 @@ def test_group_key_splits_tile_shapes_dtypes_momentum_and_alignment():
     assert key((33, 65)) != key((33, 64))  # 64 columns: a 128 x 64 tile
     assert key((64, 128)) != key((64, 128), torch.bfloat16)
     assert key((64, 128)) != key((64, 128), m=torch.zeros(64, 128))
-    assert key((64, 128), m=torch.zeros(64 * 128, dtype=torch.int8), absmax=torch.zeros(32))[4] == 2
+    assert key((64, 128), m=torch.zeros(64 * 128, dtype=torch.int8), absmax=torch.zeros(32))[5] == 2
+    assert key((64, 256))[3:5] == ((64, 128), True) and key((64, 128))[3:5] == ((64, 128), False)
     assert key((4096,))[2:4] == (False, None)

@@ -108,6 +108,7 @@ def adafactor_update_kernel(
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     STOCHASTIC: tl.constexpr = True,
@@ -118,11 +119,13 @@ def adafactor_update_kernel(
     tensor from :func:`.factored.scalars_kernel`: no division per element; a maximized gradient's sign
     folded in, bit for bit ``-g``), momentum (``MOMENTUM``: 0 none, 1 fp32, 2 int8 codes, the absmax of
     each block a row reduction of the tile), weight decay, the param stored with stochastic rounding.
+    ``ROW_BLOCKS`` (factored, ``C % 256 == 0``): one row factor per codec block and contiguous column
+    factors (:func:`.factored.factored_index`).
     Exactness: the only per-element root/division left is the flat path's ``inv_sqrt`` (correctly
     rounded, branch-free, see :func:`.factored.inv_sqrt`), so the compiled kernel, the interpreter and
     the reference compute the same fp32 values."""
     t, blocks, offs, finite, mask, bmask, u = tile_direction(table_ptr, owner_ptr, T, rf_ptr, cf_ptr, GRAD_DTYPE,
-                                                             FACTORED, ALIGNED, ROWS, BLOCK)
+                                                             FACTORED, ALIGNED, ROW_BLOCKS, ROWS, BLOCK)
     lr_t = tl.load(scal_ptr + 4 * t)
     u = u * tl.load(scal_ptr + 4 * t + 3)
     if MOMENTUM != 0:
@@ -137,9 +140,10 @@ def adafactor_update_kernel(
 
 AOT_SPECS = [
     group_spec(adafactor_update_kernel, param, grad, aligned, {"num_warps": UPDATE_WARPS}, FACTORED=factored,
-               MOMENTUM=momentum, ROWS=UPDATE_ROWS, BLOCK=BLOCK_SIZE)
+               MOMENTUM=momentum, ROW_BLOCKS=row_blocks, ROWS=UPDATE_ROWS, BLOCK=BLOCK_SIZE)
     for aligned in (False, True)
-    for param, grad, (factored, momentum) in dtype_variants((f, m) for f in (False, True) for m in (0, 1, 2))
+    for param, grad, (factored, row_blocks, momentum) in dtype_variants(
+        [(False, False, m) for m in (0, 1, 2)] + [(True, rb, m) for rb in (False, True) for m in (0, 1, 2)])
 ]
 """(kernel, signature, constexprs, aligned, options) for every variant of the update kernel in fp32, plus
 the richest for the other (param, grad) dtype pairs, general and ``ALIGNED`` (the statistics kernels,

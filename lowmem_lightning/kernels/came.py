@@ -69,13 +69,11 @@ from .factored import (
     col_tile,
     colpart_row,
     ema,
-    factored_index,
     factored_scale,
     factored_scale_reference,
     factored_stats_reference,
     group_key,
     group_spec,
-    index_floats,
     inv_sqrt,
     launch_direction,
     launch_finalize,
@@ -86,11 +84,11 @@ from .factored import (
     row_tile,
     run_host_step,
     second_moment_reference,
-    sizes_of,
     state_views,
     step_and_flag,
     store_row_ema,
     tfield,
+    tile_factors,
     update_tile,
     write_back,
 )
@@ -184,6 +182,7 @@ def _came_update_kernel(
     PARAM_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     STOCHASTIC: tl.constexpr = True,
@@ -191,22 +190,19 @@ def _came_update_kernel(
     """The update, one launch for the group: ``ROWS`` codec blocks of ``BLOCK`` (= 256) elements of one
     tensor per program: ``u`` (factored: the second-moment factors ``rf``/``cf``; flat: ``v``) times ``1 /
     d``, the momentum (stored; an 8-bit block's absmax a row reduction of the tile), the confidence
-    factors ``srf``/``scf`` of the instability statistics applied to ``m``, weight decay, the param. No
-    per-element division; the flat path's ``inv_sqrt`` is correctly rounded and branch-free."""
+    factors ``srf``/``scf`` of the instability statistics applied to ``m`` (``ROW_BLOCKS``: one row factor
+    per codec block, contiguous column factors), weight decay, the param. No per-element division; the
+    flat path's ``inv_sqrt`` is correctly rounded and branch-free."""
     t, blocks, offs, finite, mask, bmask = update_tile(table_ptr, owner_ptr, T, ALIGNED, ROWS, BLOCK)
     if FACTORED:  # the row/column indices of the elements, once for both factor pairs
-        R, C, n_rt = sizes_of(table_ptr, T, t, False)
-        inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_floats(table_ptr, T, t)
-        grow, cidx = factored_index(offs, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
-        roff = tfield(table_ptr, T, t, F_ROFF)
-        coff = tfield(table_ptr, T, t, F_COFF)
+        ridx, cidx, roff, coff = tile_factors(table_ptr, T, t, offs, blocks, ROW_BLOCKS, BLOCK)
     if FACTORED and not QUANTIZED:  # _res_stats_kernel stored the new fp32 momentum
         m = tl.load(table_pointer(table_ptr, T, t, F_M, tl.float32, ALIGNED) + offs, mask=mask, other=0.0)
     else:
         g = tl.load(table_pointer(table_ptr, T, t, F_G, GRAD_DTYPE, ALIGNED) + offs, mask=mask, other=0.0)
         g = g.to(tl.float32)
         if FACTORED:
-            u = factored_scale(g, grow, cidx, mask, rf_ptr + roff, cf_ptr + coff)
+            u = factored_scale(g, ridx, cidx, mask, bmask, rf_ptr + roff, cf_ptr + coff, ROW_BLOCKS)
         else:
             v_ptr = table_pointer(table_ptr, T, t, F_V, tl.float32, ALIGNED)
             u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
@@ -214,7 +210,7 @@ def _came_update_kernel(
         m = momentum_tile(table_ptr, T, t, blocks, offs, mask, bmask, finite, u, beta1, one_minus_beta1, QUANTIZED,
                           ALIGNED)
     if FACTORED:
-        upd = factored_scale(m, grow, cidx, mask, srf_ptr + roff, scf_ptr + coff)
+        upd = factored_scale(m, ridx, cidx, mask, bmask, srf_ptr + roff, scf_ptr + coff, ROW_BLOCKS)
     else:
         upd = m
     p_ptr = table_pointer(table_ptr, T, t, F_P, PARAM_DTYPE, ALIGNED)
@@ -232,9 +228,10 @@ AOT_SPECS = [
                     BLOCK_R=br, BLOCK_C=bc)
          for _, grad, (br, bc, quantized) in dtype_variants((br, bc, q) for q in (False, True) for br, bc in TILES)]
         + [group_spec(_came_update_kernel, param, grad, aligned, {"num_warps": UPDATE_WARPS}, FACTORED=factored,
-                      QUANTIZED=quantized, ROWS=UPDATE_ROWS, BLOCK=BLOCK_SIZE)
-           for param, grad, (factored, quantized) in dtype_variants((f, q) for f in (False, True)
-                                                                    for q in (False, True))]
+                      QUANTIZED=quantized, ROW_BLOCKS=row_blocks, ROWS=UPDATE_ROWS, BLOCK=BLOCK_SIZE)
+           for param, grad, (factored, row_blocks, quantized) in dtype_variants(
+               [(False, False, q) for q in (False, True)] + [(True, rb, q) for rb in (False, True)
+                                                             for q in (False, True)])]
     )
 ]
 """(kernel, signature, constexprs, aligned, options) for every CAME-specific kernel and constexpr variant

@@ -55,7 +55,7 @@ from .rounding import masked_reference
 
 __all__ = ["TILES", "UPDATE_ROWS", "UPDATE_WARPS", "STATS_WARPS", "tile_shape", "factored_shape", "state_views",
            "run_host_step", "GroupPlan", "plan_group", "launch_direction", "launch_finalize", "launch_update",
-           "group_key", "group_spec", "split_reciprocal",
+           "group_key", "group_spec", "split_reciprocal", "factored_index", "factored_scale",
            "div_rn", "inv_sqrt", "row_of", "factored_stats_reference", "factored_scale_reference",
            "clip_divisor_reference", "momentum_update_reference", "second_moment_reference", "write_back"]
 
@@ -187,29 +187,48 @@ def index_floats(table_ptr, T, t):
 
 
 @triton.jit
-def factored_index(offs, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo):
-    """``(grow, cidx)`` of flat element offsets ``offs`` of a ``(B, R, C)`` tensor: the global row ``b * R +
-    r`` (into ``B * R`` row factors) and the column index ``b * C + c`` (into ``B * C`` column factors)."""
+def factored_index(offs, blocks, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo, ROW_BLOCKS: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """``(ridx, cidx)`` of the ``(ROWS, BLOCK)`` flat element offsets ``offs`` (codec ``blocks``) of a ``(B,
+    R, C)`` tensor: the global row ``b * R + r`` (into ``B * R`` row factors) and the column index ``b * C
+    + c`` (into ``B * C`` column factors). ``ROW_BLOCKS`` (``C % BLOCK == 0``: every codec block lies in
+    one row): ``ridx`` per block (``ROWS``), from the block's first element only, and ``cidx`` contiguous
+    from a multiple of ``BLOCK`` (vector loads); else both per element."""
+    if ROW_BLOCKS:
+        start = blocks * BLOCK
+        grow = row_of(start, inv_c_hi, inv_c_lo)
+        b = row_of(grow, inv_r_hi, inv_r_lo)
+        cbase = tl.multiple_of(b * C + (start - grow * C), BLOCK)
+        return grow, cbase[:, None] + tl.arange(0, BLOCK)[None, :]
     grow = row_of(offs, inv_c_hi, inv_c_lo)  # b * R + r
     b = row_of(grow, inv_r_hi, inv_r_lo)
     return grow, b * C + (offs - grow * C)
 
 
 @triton.jit
-def factored_scale(x, grow, cidx, mask, rf_ptr, cf_ptr):
-    """``(rf[grow] * cf[cidx]) * x``: two gathers and two multiplies per element, no division."""
-    rf = tl.load(rf_ptr + grow, mask=mask, other=0.0)
+def factored_scale(x, ridx, cidx, mask, bmask, rf_ptr, cf_ptr, ROW_BLOCKS: tl.constexpr):
+    """``(rf[ridx] * cf[cidx]) * x`` (:func:`factored_index`): gathers and two multiplies per element, no
+    division (``ROW_BLOCKS``: one row factor per codec block, broadcast over its elements)."""
+    if ROW_BLOCKS:
+        rf = tl.load(rf_ptr + ridx, mask=bmask, other=0.0)[:, None]
+    else:
+        rf = tl.load(rf_ptr + ridx, mask=mask, other=0.0)
     cf = tl.load(cf_ptr + cidx, mask=mask, other=0.0)
     return (rf * cf) * x
 
 
 @triton.jit
-def factored_u(g, offs, mask, rf_ptr, cf_ptr, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo):
-    """``u = (rf * cf) * g`` at flat element indices ``offs`` of a ``(B, R, C)`` tensor, with the row
-    factors ``rf`` (``B * R``) and column factors ``cf`` (``B * C``) precomputed by
-    :func:`sq_finalize_kernel`: two gathers and two multiplies per element, no division."""
-    grow, cidx = factored_index(offs, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
-    return factored_scale(g, grow, cidx, mask, rf_ptr, cf_ptr)
+def tile_factors(table_ptr, T, t, offs, blocks, ROW_BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+    """``(ridx, cidx, roff, coff)``: :func:`factored_index` of tensor ``t``'s elements ``offs`` and the
+    tensor's offsets into the group's row and column factor arrays."""
+    C = tfield(table_ptr, T, t, F_C).to(tl.int32)
+    if ROW_BLOCKS:
+        C = tl.multiple_of(C, BLOCK)
+    inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_floats(table_ptr, T, t)
+    ridx, cidx = factored_index(offs, blocks, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo, ROW_BLOCKS, BLOCK)
+    roff = tfield(table_ptr, T, t, F_ROFF)
+    coff = tl.multiple_of(tfield(table_ptr, T, t, F_COFF), 16)  # regions start on 16 elements (_offsets)
+    return ridx, cidx, roff, coff
 
 
 @triton.jit
@@ -230,7 +249,7 @@ def update_tile(table_ptr, owner_ptr, T, ALIGNED: tl.constexpr, ROWS: tl.constex
 
 @triton.jit
 def tile_direction(table_ptr, owner_ptr, T, rf_ptr, cf_ptr, GRAD_DTYPE: tl.constexpr, FACTORED: tl.constexpr,
-                   ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                   ALIGNED: tl.constexpr, ROW_BLOCKS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """:func:`update_tile` and the unclipped update ``u`` of its elements: ``(rf * cf) * g`` (factored;
     the group's factor arrays, at the tensor's offsets) or ``g / sqrt(v)`` (``v`` full size). Returns
     ``(t, blocks, offs, finite, mask, bmask, u)``."""
@@ -238,10 +257,8 @@ def tile_direction(table_ptr, owner_ptr, T, rf_ptr, cf_ptr, GRAD_DTYPE: tl.const
     g_ptr = table_pointer(table_ptr, T, t, F_G, GRAD_DTYPE, ALIGNED)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FACTORED:
-        R, C, n_rt = sizes_of(table_ptr, T, t, False)
-        inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_floats(table_ptr, T, t)
-        u = factored_u(g, offs, mask, rf_ptr + tfield(table_ptr, T, t, F_ROFF),
-                       cf_ptr + tfield(table_ptr, T, t, F_COFF), C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo)
+        ridx, cidx, roff, coff = tile_factors(table_ptr, T, t, offs, blocks, ROW_BLOCKS, BLOCK)
+        u = factored_scale(g, ridx, cidx, mask, bmask, rf_ptr + roff, cf_ptr + coff, ROW_BLOCKS)
     else:
         v_ptr = table_pointer(table_ptr, T, t, F_V, tl.float32, ALIGNED)
         u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
@@ -503,7 +520,8 @@ def group_spec(kernel, param: str, grad: str, aligned: bool, options: dict | Non
                **constexprs) -> tuple:
     """``(kernel, signature, constexprs, aligned, options)`` of one ahead-of-time variant of a group kernel:
     the launch table ``*i64``, the tile map ``*i32``, ``PARAM_DTYPE``/``GRAD_DTYPE`` where the kernel has
-    them, ``ALIGNED`` (and then the table pointer declared 16-byte aligned, as every torch allocation is)."""
+    them, ``ALIGNED`` (and then every pointer argument declared 16-byte aligned, as Triton's launcher
+    finds them: fresh allocations, and scratch regions that start on 16 elements)."""
     sig = signature_of(kernel, INT_TYPES, table_ptr="*i64", **({"owner_ptr": "*i32"} if "owner_ptr" in
                                                                  runtime_params(kernel) else {}))
     names = set(kernel.arg_names)
@@ -511,7 +529,8 @@ def group_spec(kernel, param: str, grad: str, aligned: bool, options: dict | Non
     cx = {k: v for k, v in dtypes.items() if k in names} | constexprs
     if "ALIGNED" in names:
         cx["ALIGNED"] = aligned
-    return (kernel, sig, cx, ("table_ptr",) if aligned else (), options or {})
+    pointers = tuple(name for name in runtime_params(kernel) if name.endswith("_ptr"))
+    return (kernel, sig, cx, pointers if aligned else (), options or {})
 
 
 _TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -702,13 +721,15 @@ def _kernel_grad(grad: torch.Tensor) -> torch.Tensor:
 def group_key(param: torch.Tensor, grad: torch.Tensor, vc: torch.Tensor | None, m: torch.Tensor | None,
               absmax: torch.Tensor | None) -> tuple:
     """What must be equal for tensors to share the launches of one group (:func:`plan_group`): param and
-    kernel grad dtypes, factored or flat, the statistics tile shape (from the column count), the momentum
-    form (none, fp32, int8) and alignment (16-byte pointers, sizes and column counts multiples of 16)."""
+    kernel grad dtypes, factored or flat, the statistics tile shape (from the column count), whether every
+    codec block lies in one row (``C % 256 == 0``, the update's ``ROW_BLOCKS``), the momentum form (none,
+    fp32, int8) and, last, alignment (16-byte pointers, sizes and column counts multiples of 16)."""
     factored = vc is not None
     cols = param.shape[-1] if factored else 1
     aligned = is_aligned(param, grad, m) and (not factored or cols % 16 == 0)
     momentum = 0 if m is None else (2 if absmax is not None else 1)
-    return (param.dtype, _kernel_grad(grad).dtype, factored, tile_shape(cols) if factored else None, momentum, aligned)
+    return (param.dtype, _kernel_grad(grad).dtype, factored, tile_shape(cols) if factored else None,
+            factored and cols % BLOCK_SIZE == 0, momentum, aligned)
 
 
 class GroupPlan(NamedTuple):
@@ -728,6 +749,7 @@ class GroupPlan(NamedTuple):
     ws: dict
     factored: bool
     tile: tuple
+    row_blocks: bool
     aligned: bool
     param_dtype: object
     grad_dtype: object
@@ -813,7 +835,8 @@ def plan_group(params, grads, vs, vcs, ms, absmaxes, steps, flags, tensor_indice
     assert len(table) == TABLE_ROWS
     aligned = all(group_key(p, g, vc, m, a)[-1] for p, g, vc, m, a in zip(params, grads, vcs, ms, absmaxes))
     return GroupPlan(launch_table(table, device), T, (rows_owner, n_rows), (fin_owner, n_fin), (upd_owner, n_upd),
-                     ws, factored, tile_shape(sizes[0]["C"]) if factored else (1, FLAT_BLOCK), aligned,
+                     ws, factored, tile_shape(sizes[0]["C"]) if factored else (1, FLAT_BLOCK),
+                     factored and sizes[0]["C"] % BLOCK_SIZE == 0, aligned,
                      triton_dtype(works[0].dtype), triton_dtype(grads[0].dtype), works, list(params))
 
 
@@ -875,6 +898,7 @@ def launch_update(kernel, plan: GroupPlan, scal: torch.Tensor, args: dict) -> No
     kernel[(programs,)](
         table_ptr=plan.table, owner_ptr=owner, T=plan.T, rf_ptr=plan.ws["rf"], cf_ptr=plan.ws["cf"], scal_ptr=scal,
         FACTORED=plan.factored, PARAM_DTYPE=plan.param_dtype, GRAD_DTYPE=plan.grad_dtype, ALIGNED=plan.aligned,
-        ROWS=UPDATE_ROWS, BLOCK=BLOCK_SIZE, num_warps=UPDATE_WARPS, enable_fp_fusion=False, **args,
+        ROW_BLOCKS=plan.row_blocks, ROWS=UPDATE_ROWS, BLOCK=BLOCK_SIZE, num_warps=UPDATE_WARPS,
+        enable_fp_fusion=False, **args,
     )
     plan.copy_back()
