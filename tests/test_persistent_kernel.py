@@ -281,3 +281,19 @@ def test_optim_step_rows_time_the_persistent_kernel_and_count_extra_passes(monke
     assert float(extra["adamw_8bit_clip"][column]) == pytest.approx(3 * grad_mb, abs=0.01)  # clip read + r/w, no check
     assert float(extra["torch_adamw_fused"][column]) == 0.0
     assert float(extra["torch_adamw_fused_clip"][column]) == pytest.approx(3 * grad_mb, abs=0.01)
+
+
+def test_a_norm_is_not_reused_for_gradients_changed_after_it():
+    # a norm left by a step that never ran (AMP's GradScaler skipped it) must not vouch for later gradients
+    params, opt = _clipped_setup()
+    opt.clip_grad_norm_(1.0)
+    params[1].grad.view(-1)[0] = float("inf")  # changed in place after the norm: the per-tensor check runs
+    assert _norm_passes(opt.step) == len(params)
+    assert opt.skipped_updates == 1  # only the bad tensor, not the whole step
+    opt.clip_grad_norm_(1.0)  # inf norm: a whole-step skip pending
+    for p in params:
+        p.grad = torch.ones_like(p)  # replaced gradients
+    before = [p.detach().clone() for p in params]
+    assert _norm_passes(opt.step) == len(params)
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.skipped_updates == 1

@@ -112,7 +112,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         self._check_defaults(dict(defaults))  # bad hyperparameters fail before any param is looked at
         _check_rounding(defaults)
         self._skipped: dict[torch.device, torch.Tensor] = {}
-        self._grad_norm: torch.Tensor | None = None  # the total norm the next step() reuses (use_grad_norm)
+        self._grad_norm: tuple | None = None  # (total norm, gradients' fingerprint) the next step() reuses
         self._step_norm: torch.Tensor | None = None  # ... while that step() runs
         self._released_groups: set[int] = set()
         self._param_slots: dict[int, tuple[int, int, int]] = {}  # id -> (group, global index, position)
@@ -201,7 +201,10 @@ class LowMemOptimizer(torch.optim.Optimizer):
         skips the whole step: no param, state or step counter changes and every (tensor, step) of it counts in
         :attr:`skipped_updates`. A norm of a wider dtype than fp32 is as good; an fp16 norm overflows at 65504
         (a spurious skip, never a missed one). Consumed by the next ``step()`` only (``step_params`` ignores
-        it); a DTensor norm is made whole first (one collective). No device sync.
+        it), and only if no gradient was replaced or changed in place since this call (identity and version
+        counter of each ``.grad``): otherwise that step checks every gradient itself, so a norm left over by a
+        step that never ran (e.g. skipped by AMP's ``GradScaler``) cannot vouch for new gradients. A DTensor
+        norm is made whole first (one collective). No device sync.
         """
         if not isinstance(total_norm, torch.Tensor):
             total_norm = torch.tensor(float(total_norm), dtype=torch.float32)
@@ -210,7 +213,12 @@ class LowMemOptimizer(torch.optim.Optimizer):
                              f"shape {tuple(total_norm.shape)}.")
         if is_dtensor(total_norm):
             total_norm = total_norm.full_tensor()
-        self._grad_norm = total_norm.detach().reshape(())
+        self._grad_norm = (total_norm.detach().reshape(()), self._grad_fingerprint())
+
+    def _grad_fingerprint(self) -> tuple:
+        """Identity and in-place version of every gradient, in param-group order (no device access)."""
+        return tuple((id(p.grad), p.grad._version) for group in self.param_groups for p in group["params"]
+                     if p.grad is not None)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
@@ -284,7 +292,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_grads()
-        self._step_norm, self._grad_norm = self._grad_norm, None  # a reused norm serves this one step
+        pending, self._grad_norm = self._grad_norm, None  # a reused norm serves this one step, if still current
+        self._step_norm = pending[0] if pending is not None and pending[1] == self._grad_fingerprint() else None
         try:
             for group, per_device in self._params_by_device():
                 if per_device:
