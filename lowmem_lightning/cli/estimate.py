@@ -139,8 +139,8 @@ def estimate_main(argv: Sequence[str]) -> int:
 
     parser = _OneLineErrors(
         prog=PROG,
-        description="Memory a recipe needs: parameters, frozen weights (by dtype / NF4), gradients and the "
-        "state of every optimizer, from the model built on the meta device (no weights, no download). "
+        description="Memory a recipe needs: parameters, frozen weights (by dtype / NF4), gradients, activations "
+        "and the state of every optimizer, from the model built on the meta device (no weights, no download). "
         "Other options (e.g. --model.model_name_or_path DIR, --optim NAME) are applied as in 'lowmem fit'; "
         "activations are of the recipe's --data.batch_size, --data.seq_len, --model.gradient_checkpointing "
         "and --trainer.precision (Llama-style full-weight models; a LoRA / 4-bit run leaves them out).",
