@@ -42,7 +42,11 @@ written. Hyperparameters are runtime arguments (an LR schedule never recompiles)
 One launch covers many tensors: a table of int64 data pointers (one column per tensor) and a
 tile -> tensor map let each program find its tensor (:mod:`.multitensor`); :func:`.dispatch.dispatch`
 groups them by device and by what changes the compiled kernel (``_launch_key``: quantized, aligned,
-param dtype, grad dtype). The family registers as :data:`ADAMW_8BIT`.
+param dtype, grad dtype). The family registers as :data:`ADAMW_8BIT`. Two launch forms share the tile code
+(:func:`_load_tile`, :func:`_update_tile`) and so compute the same bits: one program per tile
+(``_adamw8bit_kernel``, the default) and persistent programs (``_adamw8bit_persistent_kernel``, chosen by
+:func:`.multitensor.persistent` / ``LOWMEM_PERSISTENT_PROGRAMS_PER_SM``) that loop over the tiles and load the
+next tile before computing the current one (issue 24; SASS evidence in ``benchmarks/RESULTS.md``).
 
 File order: Triton kernel, PyTorch reference (named scalars and tensors first), launcher.
 """
@@ -163,7 +167,7 @@ def _state_pointers(table_ptr, T, t, QUANTIZED: tl.constexpr, ALIGNED: tl.conste
 
 @triton.jit
 def _tile_index(tile, n, n_write, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """``(rows, offs, in_bounds, write, row_in_bounds, row_write)`` of tile ``tile`` of a tensor of ``n`` elements
+    """``(offs, rows, in_bounds, write, row_in_bounds, row_write)`` of tile ``tile`` of a tensor of ``n`` elements
     (``n_write``: ``n``, or 0 when nothing may be written)."""
     rows = tile * ROWS + tl.arange(0, ROWS)  # block index inside the tensor, (ROWS,)
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # element index, (ROWS, BLOCK)
@@ -318,7 +322,7 @@ def _advance(table_ptr, T, t, next_first, tile_id, num_tiles):
 
 
 @triton.jit
-def _header(table_ptr, T, t, QUANTIZED: tl.constexpr):
+def _header(table_ptr, T, t):
     """Tensor ``t``'s table entries: ``(p, g, m, m_absmax, v, v_absmax)`` addresses (int64), ``n``, ``n_write`` (0
     when its finite flag is 0), its first tile, its stochastic-rounding seed and its step counter."""
     step = tl.load(table_pointer(table_ptr, T, t, 6, tl.float32, False))
@@ -404,8 +408,7 @@ def _adamw8bit_persistent_kernel(
     grid = tl.num_programs(0)
     t = tl.load(tile_owner_ptr + pid).to(tl.int64)  # the grid has at most num_tiles programs
     next_first = _next_first(table_ptr, T, t, num_tiles)
-    p_addr, g_addr, m_addr, m_abs_addr, v_addr, v_abs_addr, n, n_write, first, seed, step = _header(
-        table_ptr, T, t, QUANTIZED)
+    p_addr, g_addr, m_addr, m_abs_addr, v_addr, v_abs_addr, n, n_write, first, seed, step = _header(table_ptr, T, t)
     p, g, m, v, m_scale, v_scale = _load_at(p_addr, g_addr, m_addr, m_abs_addr, v_addr, v_abs_addr, n, pid - first,
                                             PARAM_DTYPE, GRAD_DTYPE, QUANTIZED, ROWS, BLOCK, ALIGNED)
     known_step = step * 0.0 - 1.0  # steps are >= 0: the first tile computes its scalars
@@ -419,7 +422,7 @@ def _adamw8bit_persistent_kernel(
             p_addr, g_addr, m_addr, m_abs_addr, v_addr, v_abs_addr, n, n_write, first, seed, step
         if t2 != t:
             p_addr2, g_addr2, m_addr2, m_abs_addr2, v_addr2, v_abs_addr2, n2, n_write2, first2, seed2, step2 = \
-                _header(table_ptr, T, t2, QUANTIZED)
+                _header(table_ptr, T, t2)
         p2, g2, m2, v2, m_scale2, v_scale2 = _load_at(
             p_addr2, g_addr2, m_addr2, m_abs_addr2, v_addr2, v_abs_addr2, tl.where(after < num_tiles, n2, 0),
             after - first2, PARAM_DTYPE, GRAD_DTYPE, QUANTIZED, ROWS, BLOCK, ALIGNED)
