@@ -321,3 +321,76 @@ def test_compile_choice_is_made_once_per_group_on_its_total(monkeypatch):
     sizes = [cpu_buckets.CHUNK_NUMEL * 3 + 300, 1, 4096, 3, 5000, 7]  # even: fp32, odd: bf16; tensor 2: NaN
     _adamw_bucketed(_adamw_state(sizes), False)
     assert sorted(seen) == [1 + 3 + 7, cpu_buckets.CHUNK_NUMEL * 3 + 300 + 5000]  # bf16 fp32-state, fp32 8-bit
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed cost per step: host step terms, the cached compiled graph, the int32 rounding hash
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr, beta1, beta2", [(1e-3, 0.9, 0.999), (3e-4, 0.95, 0.98), (0.1, 0.0, 0.5),
+                                              (1e-2, 0.99, 0.9999)])
+def test_host_step_terms_equal_the_reference_bit_for_bit(lr, beta1, beta2):
+    # the host computes the bias terms with numpy fp32 scalars from cached squares; the reference with torch
+    steps = list(range(1, 2000)) + [2**k + d for k in range(11, 24) for d in (-1, 0, 1)]
+    scalars = unpack(adamw_kernel.AdamWScalars, pack(adamw_kernel.AdamWScalars.of(lr, beta1, beta2, 1e-8, 0.0, False)))
+    want, _ = adamw_kernel.step_terms_reference(scalars, torch.tensor(steps, dtype=torch.float32),
+                                                torch.zeros(len(steps), dtype=torch.int64))
+    got = torch.tensor([adamw_kernel._host_terms(lr, beta1, beta2, s) for s in steps], dtype=torch.float32)
+    _assert_same([got], [want], "terms")
+    hp = pack(adamw_kernel.AdamWScalars.of(lr, beta1, beta2, 1e-8, 0.0, False))
+    terms, seeds = adamw_kernel._step_terms([float(s) for s in steps[:50]], list(range(50)), hp)
+    _assert_same([terms], [want[:50]], "_step_terms")
+    assert seeds.tolist() == [step_seed(s, 0) + i & 0x7FFFFFFF for i, s in enumerate(steps[:50])]
+
+
+def _double_plus_row_max(x, y, out):
+    """A small host step for the HostStep tests: ``out = 2 x + (row maxima of y)``, in place."""
+    out.copy_(x * 2 + y.amax(dim=1, keepdim=True))
+
+
+def test_host_step_compiles_once_for_every_size_and_runs_its_cached_graph():
+    step = dispatch.HostStep(dispatch.per_layout(_double_plus_row_max)[False].eager)  # a code object of its own
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for rows in (256, 16, 6, 2, 300):  # a first size equal to the width must not become a symbol of both
+            x, y, out = torch.randn(rows, 256), torch.randn(rows, 256), torch.empty(rows, 256)
+            step.on("compiled")(x, y, out)
+            assert torch.equal(out, x * 2 + y.amax(dim=1, keepdim=True)), rows
+        assert counters["stats"]["unique_graphs"] == before + 1
+        assert step._cached is not None and step._cached.matches((x, y, out))
+        # a call its guards refuse (another dtype) goes through torch.compile, which compiles a second graph;
+        # with two graphs the step stops using the cached one
+        x, y, out = (torch.randn(8, 256, dtype=torch.float64) for _ in range(3))
+        assert not step._cached.matches((x, y, out))
+        with torch.enable_grad():  # the guards check the grad mode too
+            assert not step._cached.matches((torch.randn(4, 256), torch.randn(4, 256), torch.empty(4, 256)))
+        step.on("compiled")(x, y, out)
+        assert torch.equal(out, x * 2 + y.amax(dim=1, keepdim=True))
+        assert counters["stats"]["unique_graphs"] == before + 2 and step._cached is None
+
+
+def _hash_int64(offs, seed):
+    """The murmur3 finaliser in int64 arithmetic masked to 32 bits (the reference's form before int32)."""
+    mask = 0xFFFFFFFF
+    h = (offs.to(torch.int64) * 2654435761 + seed) & mask
+    h = h ^ (h >> 16)
+    h = (h * 2246822507) & mask
+    h = h ^ (h >> 13)
+    h = (h * 3266489909) & mask
+    return h ^ (h >> 16)
+
+
+def test_int32_hash_equals_the_uint32_hash():
+    from lowmem_lightning.kernels.rounding import _hash_bits_reference, hash_uniform_reference
+
+    gen = torch.Generator().manual_seed(0)
+    offs = torch.cat([torch.arange(5000), torch.randint(0, 2**31 - 1, (5000,), generator=gen)])
+    for seed in (0, 1234, 2**31 - 1, 2**31 + 5, 2**32 - 1):
+        want = _hash_int64(offs, seed)
+        got = _hash_bits_reference(offs, seed)
+        assert got.dtype == torch.int32
+        assert torch.equal(got.to(torch.int64) & 0xFFFFFFFF, want), seed
+        as_tensor = _hash_bits_reference(offs, torch.full((offs.numel(),), seed, dtype=torch.int64))
+        assert torch.equal(as_tensor, got), seed
+        assert torch.equal(hash_uniform_reference(offs, seed), (want >> 8).to(torch.float32) / 16777216.0)
