@@ -237,7 +237,8 @@ def part_step_time(dry: bool) -> list[str]:
             argv = ["--device", "cpu" if dry else "cuda", "--sizes", sizes, "--repeats", "2" if dry else "10",
                     "--warmup", "0" if dry else "2", "--no-csv", "--markdown", str(md), *extra]
             if dry:
-                argv += ["--optimizers", "adamw_8bit,came_int8,torch_adamw_fused,adamw_8bit_persistent4,adamw_8bit_clip"]
+                argv += ["--optimizers",
+                         "adamw_8bit,came_int8,torch_adamw_fused,adamw_8bit_persistent4,adamw_8bit_clip"]
             if optim_step.main(argv) != 0:
                 raise AssertionError(f"optim_step.py {' '.join(argv)} failed")
             lines += [line for line in md.read_text().splitlines() if not line.startswith("# ")] + [""]
