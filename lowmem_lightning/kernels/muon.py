@@ -298,8 +298,9 @@ def _fp_contraction():
     """Context in which inductor compiles C++ with floating-point contraction. torch's eager CPU ``lerp`` is one
     fma (``fma(w', e - s, base)``); inductor decomposes it into a product and a sum, which contraction fuses back
     into that fma, so the compiled steps store the eager bits (``tests/test_muon.py``). The other products of
-    the steps feed a select or no sum, and GCC contracts a product only when every use is a sum: nothing
-    else fuses."""
+    the steps feed a select or no sum, and GCC (inductor's compiler here) contracts a product only when every
+    use is a sum: nothing else fuses. A compiler or CPU without fma contraction breaks the equality, which the
+    slow tests (compiled == eager == ``torch.optim.Muon``, momentum included) report."""
     from torch._inductor import config
 
     return config.patch(_CONTRACT_OPTION)

@@ -32,7 +32,12 @@ HEAD_NAMES = ("lm_head", "head", "output", "output_layer", "classifier", "score"
 """A param owned by a module of one of these names (the component before ``weight``) is the output head."""
 
 NS_BATCH_NUMEL = 2**26
-"""Largest batch (elements) of same-shape matrices orthogonalized together (bounds the bf16 workspace)."""
+"""Largest batch (elements) of same-shape matrices orthogonalized together on an accelerator (bounds the bf16
+workspace)."""
+
+NS_BATCH_NUMEL_CPU = 2**19
+"""The same on the CPU, where a batch beyond ~1 MiB of bf16 per operand falls out of cache: 48 matrices of
+256x256 run fastest 8 at a time (``benchmarks/RESULTS.md``, "Muon on the CPU")."""
 
 
 def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | None = None) -> bool:
@@ -293,7 +298,8 @@ class Muon(LowMemOptimizer):
         lr = float(group["lr"])
         for shape, entries in by_shape.items():
             step_size = adjusted_lr(lr, group["adjust_lr_fn"], shape)
-            per_batch = max(1, NS_BATCH_NUMEL // max(1, shape[0] * shape[1]))
+            cap = NS_BATCH_NUMEL_CPU if entries[0][0][1].device.type == "cpu" else NS_BATCH_NUMEL
+            per_batch = max(1, cap // max(1, shape[0] * shape[1]))
             for start in range(0, len(entries), per_batch):
                 self._muon_batch(group, entries[start:start + per_batch], shape, step_size)
 
