@@ -269,7 +269,8 @@ class LowMemOptimizer(torch.optim.Optimizer):
             ok = self._step_norm.to(grads[0].device, non_blocking=True).isfinite().to(torch.float32)
             flags = ok.expand(len(grads))
         else:
-            flags = _square_sum_norms(grads, fused=grads[0].device.type != "cpu").isfinite().to(torch.float32)
+            norms = _square_sum_norms(grads, fused=grads[0].device.type != "cpu")
+            flags = norms.lt(math.inf).to(torch.float32)  # == isfinite for a norm (>= 0 or NaN), one op not five
             if distributed:
                 agree_on_flags(flags, distributed)
         device = flags.device
