@@ -13,6 +13,9 @@ Run twice and compare: the ratios are stable to a few percent when the machine i
     python benchmarks/cpu_sizes.py                       # 1 thread, adamw_8bit, compiled CPU path
     python benchmarks/cpu_sizes.py --compile never --optimizers adamw_8bit,sgd,sgd_int8
     python benchmarks/cpu_sizes.py --threads 2 --cases 262144,model
+    python benchmarks/cpu_sizes.py --optimizers adamw_8bit,sgd,sgd_int8 --dtype float32,bfloat16   # issue 24.6
+
+The last line prints the largest ratio of each (optimizer, dtype): the issue's goal is <= 1.5 at every size.
 """
 
 from __future__ import annotations
@@ -108,30 +111,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", default="always", choices=("auto", "always", "never"),
                         help="our CPU path's torch.compile setting (dispatch.cpu_compile)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="param and grad dtype")
+    parser.add_argument("--dtype", default="float32", help="comma list of param and grad dtypes: float32, bfloat16")
     parser.add_argument("--warmup", type=int, default=3, help="steps of each after ours' first step")
     parser.add_argument("--pairs", type=int, default=0, help="timed A, B pairs (0: 30 below 2M elements, else 10)")
     args = parser.parse_args(argv)
     for name in args.optimizers.split(","):
         if name not in PEERS:
             parser.error(f"Invalid --optimizers entry {name!r}: expected one of {', '.join(PEERS)}.")
+    for name in args.dtype.split(","):
+        if name not in ("float32", "bfloat16"):
+            parser.error(f"Invalid --dtype entry {name!r}: expected float32 or bfloat16.")
 
     from lowmem_lightning.kernels import dispatch
 
     torch.set_num_threads(args.threads)
     dispatch.configure(cpu_compile=args.compile)
-    dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {args.threads} thread(s), params/grads {args.dtype}, "
           f"our CPU path cpu_compile={args.compile}; ratio = median over pairs of ours / torch foreach")
-    print("\n| optimizer | case | tensors | elements | first step s | ours / torch | ours ms | torch ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| optimizer | dtype | case | tensors | elements | first step s | ours / torch | ours ms | torch ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in args.optimizers.split(","):
-        for case in args.cases.split(","):
-            row = run_case(name, case, dtype, args.warmup, args.pairs)
-            rows.append(row)
-            print(f"| {name} | {case} | {row['tensors']} | {row['numel']:,} | {row['first_s']:.2f} | "
-                  f"{row['ratio']:.2f} | {row['ours_ms']:.3f} | {row['peer_ms']:.3f} |", flush=True)
+        for dtype_name in args.dtype.split(","):
+            for case in args.cases.split(","):
+                row = run_case(name, case, getattr(torch, dtype_name), args.warmup, args.pairs)
+                row["dtype"] = dtype_name
+                rows.append(row)
+                print(f"| {name} | {dtype_name} | {case} | {row['tensors']} | {row['numel']:,} | "
+                      f"{row['first_s']:.2f} | {row['ratio']:.2f} | {row['ours_ms']:.3f} | {row['peer_ms']:.3f} |",
+                      flush=True)
+    worst = {}
+    for row in rows:
+        key = f"{row['optimizer']} {row['dtype']}"
+        worst[key] = max(worst.get(key, (0.0, "")), (row["ratio"], row["case"]))
+    print("\nlargest ratio: " + "; ".join(f"{k} {r:.2f} ({c})" for k, (r, c) in worst.items()))
     return rows
 
 

@@ -394,3 +394,20 @@ def test_int32_hash_equals_the_uint32_hash():
         as_tensor = _hash_bits_reference(offs, torch.full((offs.numel(),), seed, dtype=torch.int64))
         assert torch.equal(as_tensor, got), seed
         assert torch.equal(hash_uniform_reference(offs, seed), (want >> 8).to(torch.float32) / 16777216.0)
+
+
+def test_cpu_sizes_benchmark_reports_every_optimizer_and_dtype(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cpu_sizes
+
+    rows = cpu_sizes.main(["--cases", "4096", "--optimizers", "adamw_8bit,sgd_int8", "--dtype", "float32,bfloat16",
+                           "--compile", "never", "--pairs", "2", "--warmup", "0"])
+    assert [(r["optimizer"], r["dtype"]) for r in rows] == [("adamw_8bit", "float32"), ("adamw_8bit", "bfloat16"),
+                                                             ("sgd_int8", "float32"), ("sgd_int8", "bfloat16")]
+    assert all(r["ratio"] > 0 and r["numel"] == 4096 for r in rows)
+    assert "largest ratio: adamw_8bit float32" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cpu_sizes.main(["--dtype", "float16"])
