@@ -194,15 +194,17 @@ def factored_index(offs, blocks, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo, ROW_
     + c`` (into ``B * C`` column factors). ``ROW_BLOCKS`` (``C % BLOCK == 0``: every codec block lies in
     one row): ``ridx`` per block (``ROWS``), from the block's first element only, and ``cidx`` contiguous
     from a multiple of ``BLOCK`` (vector loads); else both per element."""
-    if ROW_BLOCKS:
+    if ROW_BLOCKS:  # one return: the branches' shapes differ (the compiler checks every return)
         start = blocks * BLOCK
         grow = row_of(start, inv_c_hi, inv_c_lo)
         b = row_of(grow, inv_r_hi, inv_r_lo)
         cbase = tl.multiple_of(b * C + (start - grow * C), BLOCK)
-        return grow, cbase[:, None] + tl.arange(0, BLOCK)[None, :]
-    grow = row_of(offs, inv_c_hi, inv_c_lo)  # b * R + r
-    b = row_of(grow, inv_r_hi, inv_r_lo)
-    return grow, b * C + (offs - grow * C)
+        cidx = cbase[:, None] + tl.arange(0, BLOCK)[None, :]
+    else:
+        grow = row_of(offs, inv_c_hi, inv_c_lo)  # b * R + r
+        b = row_of(grow, inv_r_hi, inv_r_lo)
+        cidx = b * C + (offs - grow * C)
+    return grow, cidx
 
 
 @triton.jit
