@@ -528,3 +528,14 @@ def test_estimate_cli_takes_the_recipes_release_bucket_bytes(bucket, tmp_path, c
     assert data["gradient_device_bytes"] == expected
     assert data["largest_gradient_bytes"] < released_gradient_bytes(data["trainable_nbytes"], 150000) < data[
         "gradient_bytes"]
+
+
+@pytest.mark.parametrize("flag, value, minimum", [("--data.seq_len", "1", 2), ("--data.batch_size", "0", 1)])
+def test_estimate_cli_refuses_the_batch_and_seq_fit_refuses(flag, value, minimum, capsys):
+    """What ``lowmem fit`` refuses (a 1-token sequence, an empty batch) ``lowmem estimate`` refuses too,
+    with the same message, exit 2, nothing on stdout."""
+    assert main(["estimate", "--config", "tiny", flag, value]) == 2
+    out, err = capsys.readouterr()
+    name = flag.removeprefix("--data.")
+    assert out == ""
+    assert err.splitlines()[0] == f"lowmem estimate: error: Invalid {name}={value}: expected an integer >= {minimum}."

@@ -67,12 +67,15 @@ def _activations(cfg: Namespace, model) -> tuple[int, str]:
     """``(bytes, what they are of)`` of the run's activations: ``data.batch_size`` x ``data.seq_len`` with
     ``model.gradient_checkpointing`` under ``trainer.precision``; ``(0, why not)`` when the recipe does not
     say or the formula does not model the run."""
+    from lowmem_lightning.data.text import _check_int
     from lowmem_lightning.estimate import model_activation_bytes
 
     data = (cfg.get("data") or Namespace()).get("init_args") or Namespace()
     batch, seq = data.get("batch_size"), data.get("seq_len")
-    if not isinstance(batch, int) or not isinstance(seq, int):
+    if batch is None or seq is None:
         return 0, "not estimated: the data module sets no batch_size / seq_len"
+    _check_int(batch, "batch_size", 1)
+    _check_int(seq, "seq_len", 2)
     checkpointing = bool((cfg.model.get("init_args") or Namespace()).get("gradient_checkpointing"))
     nbytes, detail = model_activation_bytes(model, batch, seq, checkpointing, cfg.trainer.get("precision"))
     return nbytes or 0, detail
