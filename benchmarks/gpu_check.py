@@ -128,6 +128,47 @@ def _step_pair(name: str, shape, dtype, device, triton: bool, seed: int = 0):
     return p.detach().cpu(), state
 
 
+GROUP_SHAPES = [(256, 512), (3, 64, 256), (96, 1024), (200, 112), (64, 80), (4096,), (5008,)]
+"""A model for the batched factored launches (:func:`_group_rows`): matrices with ``C % 256 == 0`` (the
+update's ``ROW_BLOCKS``) and without, 1-D tensors; every tensor aligned, >= 4096 elements."""
+
+
+def _group_rows(device, dry: bool) -> tuple[list[str], list[str]]:
+    """Adafactor and CAME (int8 momentum) stepping :data:`GROUP_SHAPES` together (one launch per pass per
+    group, issue 24.3) on the device vs the reference on CPU copies: table rows and failures."""
+    import torch
+
+    from lowmem_lightning.kernels import dispatch
+    from lowmem_lightning.optim import build_optimizer
+
+    shapes = GROUP_SHAPES[-3:] if dry else GROUP_SHAPES
+    lines, failures = [], []
+    for name in ("adafactor", "came"):
+        runs = []
+        for dev, triton in ((device, True), (torch.device("cpu"), False)):
+            gen = torch.Generator().manual_seed(3)
+            ps = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.5).to(dev)) for s in shapes]
+            grads = [[(torch.randn(s, generator=gen) * 0.1).to(dev) for s in shapes] for _ in range(2)]
+            with dispatch.override(force_triton=triton):
+                opt = build_optimizer(name, ps, **OPTIMIZERS[name])
+                for step in grads:
+                    for p, g in zip(ps, step):
+                        p.grad = g
+                    opt.step()
+            runs.append(([p.detach().cpu() for p in ps], [opt.state[p] for p in ps]))
+        (dev_ps, dev_states), (ref_ps, ref_states) = runs
+        worst = max((a - b).abs().max().item() for a, b in zip(dev_ps, ref_ps))
+        codes = [(sd["exp_avg_codes"].cpu().int() - sr["exp_avg_codes"].int()).abs()
+                 for sd, sr in zip(dev_states, ref_states) if "exp_avg_codes" in sr]
+        differing, total = sum(int((c > 0).sum()) for c in codes), sum(c.numel() for c in codes)
+        code_step = max((int(c.max()) for c in codes), default=0)
+        ok = code_step <= 1 and differing <= 1e-3 * max(total, 1) and worst <= 1e-4  # a wrong offset: ~1e-2
+        failures += [] if ok else [f"{name} group"]
+        lines.append(f"| {name} (one group, {len(shapes)} tensors) | float32 | {len(shapes)} | {differing} of {total} "
+                     f"| {code_step} | {worst:.3g} | {'ok' if ok else 'MISMATCH'} |")
+    return lines, failures
+
+
 def part_kernels(dry: bool) -> list[str]:
     """Triton path on the device vs the reference path on CPU copies, then ``pytest -m gpu``."""
     import torch
@@ -159,6 +200,9 @@ def part_kernels(dry: bool) -> list[str]:
             failures += [] if ok else [f"{name} {dtype}"]
             lines.append(f"| {name} | {str(dtype).split('.')[-1]} | {len(shapes)} | {differing} of {total} "
                          f"| {code_step} | {worst:.3g} | {'ok' if ok else 'MISMATCH'} |")
+    group_lines, group_failures = _group_rows(device, dry)
+    lines += group_lines
+    failures += group_failures
     if failures:
         raise AssertionError("kernels differ from their references: " + ", ".join(failures) + "\n" + "\n".join(lines))
     return lines
