@@ -169,6 +169,30 @@ def check_parity(device: torch.device, shapes: list[tuple[int, int]], steps: int
                   / den) ** 0.5 for row in ROWS[1:]}
 
 
+def time_newton_schulz(args) -> dict:
+    """Fastest time (``--clock``) of Newton–Schulz over each same-shape group of ``--shapes`` (bf16 on the CPU):
+    torch.optim.Muon's per-matrix loop, and :func:`newton_schulz` on batches of each size in ``--ns-batches``."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    from lowmem_lightning.kernels.muon import NS_COEFFICIENTS, newton_schulz
+
+    clock, gen, out = CLOCKS[args.clock], torch.Generator().manual_seed(3), {}
+    for shape in dict.fromkeys(parse_shapes(args.shapes)):
+        n = parse_shapes(args.shapes).count(shape)
+        stack = torch.randn(n, *shape, generator=gen).bfloat16()
+        runs = {"loop": lambda stack=stack: [_zeropower_via_newtonschulz(m, NS_COEFFICIENTS, 5, 1e-7) for m in stack]}
+        for b in (int(v) for v in args.ns_batches.split(",")):
+            runs[f"batch {b}"] = lambda b=b, s=stack: [newton_schulz(s[i:i + b]) for i in range(0, len(s), b)]
+        best = {name: float("inf") for name in runs}
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                start = clock()
+                fn()
+                best[name] = min(best[name], clock() - start)
+        out[f"{shape[0]}x{shape[1]} x{n}"] = {name: round(t * 1e3, 1) for name, t in best.items()}
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -181,6 +205,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
                         help="wall time, or the process's CPU time (CPU runs on a shared machine)")
+    parser.add_argument("--ns-batches", default=None,
+                        help="only time Newton-Schulz per shape group: torch's loop vs batches of these sizes (1,8,48)")
     parser.add_argument("--check", action="store_true", help="kernel and torch.optim.Muon parity on the device")
     parser.add_argument("--check-steps", type=int, default=20)
     return parser.parse_args(argv)
@@ -191,6 +217,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     print(f"# Muon step ({device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock)")
     print(f"command: python benchmarks/muon_step.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    if args.ns_batches:
+        print("Newton-Schulz, fastest of rounds (ms):", time_newton_schulz(args))
+        return 0
     result = benchmark(args, device)
     torch_times = result["times"]["torch_muon"]
     print(f"{result['numel']:,} params; median step per round (s), ratio to torch.optim.Muon per round")
