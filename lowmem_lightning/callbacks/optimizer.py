@@ -19,7 +19,8 @@ this one (:attr:`LowMemOptimizerCallback.parts`), so the Trainer calls each of t
 does for any callback (a forwarder would have to know every hook; a part in ``trainer.callbacks`` is seen,
 ordered and checkpointed by Lightning like the user's own): :class:`~.strategy_check.FSDP1Check`,
 :class:`~.release.GradientReleaseCallback` (``step_in_backward``), :class:`~.monitor.StateMemoryMonitor`,
-:class:`~.preemption.PreemptionCheckpoint` and :class:`~.resume.ResumeCompatibility`.
+:class:`~.preemption.PreemptionCheckpoint`, :class:`~.resume.ResumeCompatibility` and
+:class:`~.clip_norm.ClipNormReuse` (norm clipping hands its norm to our optimizer's finite check).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
@@ -219,6 +221,7 @@ class LowMemOptimizerCallback(L.Callback):
             self.monitor,
             PreemptionCheckpoint(),
             ResumeCompatibility(optimizer, saved_under=self.state_key),
+            ClipNormReuse(),
         )
         """The callbacks with the other jobs, put into ``trainer.callbacks`` after this one at ``setup``."""
         self.optimizers: list[torch.optim.Optimizer] = []

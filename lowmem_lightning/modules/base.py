@@ -7,6 +7,8 @@ A subclass writes ``forward`` and ``training_step`` (and ``validation_step`` if 
 * weight decay applies to matrices only: 1-D params (biases, LayerNorm/RMSNorm weights) and scalars
   go to a second param group with ``weight_decay=0``; frozen params (``requires_grad=False``) are
   left out, so they get no optimizer state;
+* gradient clipping by norm hands its norm to the optimizer's finite check (one gradient read less per
+  step; :meth:`LowMemModule.configure_gradient_clipping`);
 * an optional per-step schedule: linear warmup over ``warmup_steps`` optimizer steps, then constant
   (``scheduler=None``) or cosine decay to ``min_lr_ratio * lr`` at the last step
   (``scheduler="cosine"``, last step = ``trainer.estimated_stepping_batches``).
@@ -163,6 +165,18 @@ class LowMemModule(L.LightningModule):
         from lowmem_lightning.callbacks.resume import refuse_missing_optimizer_callback
 
         refuse_missing_optimizer_callback(self._trainer, checkpoint, self.optimizer_name)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's gradient clipping, exactly (same checks, same clipped gradients under every precision); when
+        it clips by norm for one of this package's optimizers, the total norm is handed to the optimizer, whose
+        next step then skips its own finite-check pass over the gradients (a whole-step skip when the norm is
+        inf/NaN): :mod:`lowmem_lightning.callbacks.clip_norm`. Any other optimizer keeps Lightning's path."""
+        from lowmem_lightning.callbacks.clip_norm import clip_norm_reused
+
+        with clip_norm_reused(self.trainer.precision_plugin):
+            self.clip_gradients(
+                optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+            )
 
     def configure_optimizers(self):
         """Build the named optimizer over :meth:`param_groups`, plus a per-step LambdaLR when a

@@ -68,6 +68,12 @@ class FiniteGuard:
             total_norm = total_norm.full_tensor()
         self._grad_norm = (total_norm.detach().reshape(()), self._grad_fingerprint())
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, which also drops a norm :meth:`use_grad_norm` left for a step that
+        never ran (e.g. skipped by AMP's ``GradScaler``): the gradients it vouched for are gone."""
+        self._grad_norm = None
+        super().zero_grad(set_to_none)
+
     def _grad_fingerprint(self) -> tuple:
         """Identity and in-place version of every gradient, in param-group order (no device access)."""
         return tuple((id(p.grad), p.grad._version) for group in self.param_groups for p in group["params"]
