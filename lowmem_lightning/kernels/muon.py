@@ -391,9 +391,11 @@ def _host_momentum(grad, buf, absmax, out, s: MuonScalars, packed: torch.Tensor 
         return
     pad = (-n) % BLOCK_SIZE
     codes = _blocks(buf, pad)
-    u = torch.empty(codes.shape, dtype=out.dtype) if pad else out.view(codes.shape)
+    u = torch.empty(codes.shape, dtype=out.dtype, device=out.device) if pad else out.view(codes.shape)
     if packed is not None:
         _FUSED_STEPS[True].on("compiled")(_blocks(grad, pad), codes, absmax.view(-1, 1), u, packed)
+    elif codes.device.type != "cpu":  # a host step off the CPU (no Triton): the reference, no numpy
+        u.copy_(muon_momentum_reference(_blocks(grad, pad), codes, absmax.view(-1, 1), *s).view(u.shape))
     else:
         muon_momentum_8bit_host(_signed_fp32(_blocks(grad, pad), s.grad_sign), codes, absmax.view(-1, 1), u,
                                 s.weight_buf, s.weight_nesterov, bool(s.nesterov))
