@@ -16,6 +16,10 @@ quantization block (and its absmax) stays within one tensor, as in the per-tenso
 Per-tensor scalars (bias corrections, first-step flags) are expanded to one value per row
 (:meth:`Bucket.per_row`); the stochastic-rounding seed of a tensor is folded with the piece's
 position (:meth:`Bucket.row_seeds`), so every element hashes as it would in the per-tensor step.
+AdamW and SGD do both inside their compiled bucket step instead: one small per-tensor table built on
+the host per step (:func:`per_tensor`), gathered per row by the plan's cached :attr:`Bucket.row_map`
+(:func:`gather_rows`, :func:`fold_seeds`), so a step builds no per-row operand (the fixed cost per
+step is what limits small tensors).
 """
 
 from __future__ import annotations

@@ -276,8 +276,10 @@ def _host_buckets(family: Family, tensors: NamedTuple, scalars: Any, idx: list[i
     groups: dict[Hashable, list[tuple[int, float]]] = {}
     for i, t in live:
         groups.setdefault(i if family.host_key is None else family.host_key(tensors, i), []).append((i, t))
+    everything = list(range(len(tensors.params)))
     for group in groups.values():
-        chosen = subset(tensors, [i for i, _ in group])
+        chosen_idx = [i for i, _ in group]
+        chosen = tensors if chosen_idx == everything else subset(tensors, chosen_idx)  # the usual case: no copy
         backend = choose_bucket(sum(p.numel() for p in chosen.params))
         family.host(chosen, scalars, backend, [t for _, t in group])
 
