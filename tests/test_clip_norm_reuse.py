@@ -66,12 +66,13 @@ class _PlainLightningNet(_Net):
         L.LightningModule.configure_gradient_clipping(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-def _fit(module: L.LightningModule, precision="32-true", plugins=None, callbacks=()) -> tuple[L.Trainer, int]:
+def _fit(module: L.LightningModule, precision="32-true", plugins=None, callbacks=(), accelerator="cpu"
+         ) -> tuple[L.Trainer, int]:
     """Fit ``STEPS`` steps with norm clipping; returns the trainer and the norm kernels run during the fit."""
-    trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, gradient_clip_val=CLIP, logger=False,
+    trainer = L.Trainer(accelerator=accelerator, max_steps=STEPS, gradient_clip_val=CLIP, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         precision=None if plugins else precision, plugins=plugins, callbacks=list(callbacks))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:  # host-side op calls
         trainer.fit(module, _loader())
     return trainer, _gradient_reads(prof.events())
 
@@ -91,8 +92,8 @@ def _assert_same_params_and_grads(a: _Net, b: _Net) -> None:
         assert torch.equal(ga, gb)
 
 
-def _scaler_plugins():
-    return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=16.0))]  # no overflow
+def _scaler_plugins(device: str = "cpu"):
+    return [MixedPrecision("16-mixed", device, scaler=torch.amp.GradScaler(device, init_scale=16.0))]  # no overflow
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true", "16-mixed"])
@@ -230,3 +231,18 @@ def test_only_the_stock_norm_clipping_is_routed_and_only_once():
 def types_trainer(plugin):
     """A stand-in for the Trainer: the part reads only ``precision_plugin``."""
     return type("T", (), {"precision_plugin": plugin})()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_cuda_fit_reuses_the_clip_norm_and_trains_as_plain_lightning(precision):
+    """On CUDA torch's clipping reads every gradient in one ``_foreach_norm`` (+ the total's ``vector_norm``) and
+    the step's own check is one more ``_foreach_norm``: 2 norm kernels per step instead of 3, same bits."""
+    plugins = (lambda: _scaler_plugins("cuda")) if precision == "16-mixed" else lambda: None
+    ours, plain = _Net(), _PlainLightningNet()
+    trainer, ours_passes = _fit(ours, precision, plugins(), accelerator="cuda")
+    plain_trainer, plain_passes = _fit(plain, precision, plugins(), accelerator="cuda")
+    assert (ours_passes, plain_passes) == (STEPS * 2, STEPS * 3)
+    _assert_same_params_and_grads(ours, plain)
+    assert trainer.optimizers[0].skipped_updates == plain_trainer.optimizers[0].skipped_updates == 0
