@@ -26,7 +26,7 @@ ALIGNED_MODEL = [(64, 128), (130, 96), (2, 70, 96), (96, 80), (200, 112), (70, 8
 # odd sizes: unaligned and aligned, fp32 momentum below 4096 elements: several groups
 MODEL = [(33, 65), (130, 100), (2, 70, 96), (65, 128), (200, 72), (70, 70), (7, 120), (96, 80), (3, 9, 66),
          (40, 127), (4097,), (300,)]
-TALL = [(2100, 65), (33, 65)]  # 33 row tiles of 64 rows: more than one FINALIZE_ROWS slab of partials
+TALL = [(2100, 65), (33, 65)]  # 33 row tiles of 64 rows: several FINALIZE_ROWS slabs of partials
 # column counts multiples of 256: every codec block in one row (the update's ROW_BLOCKS variant)
 ROW_BLOCK_MODEL = [(20, 256), (3, 17, 512), (33, 256), (4096,)]
 

@@ -70,12 +70,16 @@ matrices (1000 x 3) do not run mostly-masked tiles."""
 STATS_WARPS = 8
 """Warps per program of the row-tile statistics kernels (32 elements per thread of a 64 x 128 tile)."""
 
-FINALIZE_BLOCK = 128
-"""Columns (and rows) per program of the finalize kernel."""
+FINALIZE_BLOCK = 256
+"""Columns (and rows) per program of the finalize kernel (:data:`FINALIZE_WARPS` warps: 4 consecutive
+columns per thread, so its per-column loads and stores are vectors)."""
 
-FINALIZE_ROWS = 32
+FINALIZE_ROWS = 8
 """Column partials the finalize kernel adds at once (a ``FINALIZE_ROWS x FINALIZE_BLOCK`` tile per
 iteration, summed over its rows at the end: a two-level sum, not ``n_rt`` dependent adds per column)."""
+
+FINALIZE_WARPS = 2
+"""Warps per program of the finalize kernel."""
 
 UPDATE_ROWS = 8
 """Codec blocks (of 256 elements) per program of the update kernels: 2048 elements, 8 times fewer
@@ -313,8 +317,9 @@ def col_tile(grow, rmask, c0, C, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def colpart_row(colpart_ptr, table_ptr, T, t, local, C):
-    """Where row tile ``local`` of tensor ``t`` stores its ``C`` column partial sums."""
-    return colpart_ptr + tfield(table_ptr, T, t, F_CP) + local.to(tl.int64) * C
+    """Where row tile ``local`` of tensor ``t`` stores its ``C`` column partial sums (the tensor's region
+    starts on 16 elements, :func:`_offsets`)."""
+    return colpart_ptr + tl.multiple_of(tfield(table_ptr, T, t, F_CP), 16) + local.to(tl.int64) * C
 
 
 @triton.jit
@@ -375,7 +380,8 @@ def sq_stats_kernel(
 @triton.jit
 def sq_finalize_kernel(
     table_ptr, owner_ptr, T, colpart_ptr, rsum_part_ptr, rf_ptr, cf_ptr, decay, one_minus_decay, beta_from_step,
-    VR_FIELD: tl.constexpr, VC_FIELD: tl.constexpr, BLOCK: tl.constexpr, FROWS: tl.constexpr,
+    VR_FIELD: tl.constexpr, VC_FIELD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    FROWS: tl.constexpr,
 ):
     """Pass 2 (factored): column EMA ``vc`` from the partials, then the factors the later passes
     multiply by: ``cf = 1 / sqrt(vc)`` (``B * C``) and ``rf = 1 / sqrt(vr / mean_R(vr))`` (``B * R``).
@@ -383,9 +389,10 @@ def sq_finalize_kernel(
     partials are added ``FROWS`` at a time (a 2-D tile, summed over its rows at the end); each program
     sums the row partials of its batch itself (same loads, same order: every program gets the same
     ``mean_R``), so no pass waits for another. ``VR_FIELD``/``VC_FIELD``: the table rows of the
-    statistics (``vr``/``vc``, or CAME's ``sr``/``sc``). O(R + C) work per tensor."""
+    statistics (``vr``/``vc``, or CAME's ``sr``/``sc``). O(R + C) work per tensor. ``ALIGNED``: column
+    counts multiples of 16 (vector accesses; scratch regions start on 16 elements)."""
     t, local = owner_of(owner_ptr, table_ptr, T, F_FIN)
-    R, C, n_rt = sizes_of(table_ptr, T, t, False)
+    R, C, n_rt = sizes_of(table_ptr, T, t, ALIGNED)
     nj = (tl.maximum(R, C) + BLOCK - 1) // BLOCK
     b = local // nj
     j = local - b * nj
@@ -407,11 +414,11 @@ def sq_finalize_kernel(
             acc += tl.load(base + prow.to(tl.int64)[:, None] * C + cols[None, :], mask=m2, other=0.0)
         beta, omb = beta_of_step(step, decay, one_minus_decay, beta_from_step)
         cidx = b.to(tl.int64) * C + cols
-        vc_ptr = table_pointer(table_ptr, T, t, VC_FIELD, tl.float32, False)
+        vc_ptr = table_pointer(table_ptr, T, t, VC_FIELD, tl.float32, ALIGNED)
         old = tl.load(vc_ptr + cidx, mask=cmask, other=0.0)
         new = tl.where(finite, ema(old, div_rn(tl.sum(acc, axis=0), R.to(tl.float32)), beta, omb), old)
         tl.store(vc_ptr + cidx, new, mask=cmask)
-        tl.store(cf_ptr + tfield(table_ptr, T, t, F_COFF) + cidx, inv_sqrt(new), mask=cmask)
+        tl.store(cf_ptr + tl.multiple_of(tfield(table_ptr, T, t, F_COFF), 16) + cidx, inv_sqrt(new), mask=cmask)
     if j * BLOCK < R:
         rmask = cols < R
         ridx = b.to(tl.int64) * R + cols
@@ -549,9 +556,13 @@ AOT_SPECS = [
            for _, g, (br, bc) in dtype_variants(TILES)]
     )
 ] + [
-    group_spec(sq_finalize_kernel, "fp32", "fp32", False, VR_FIELD=F_V.value, VC_FIELD=F_VC.value,
-               BLOCK=FINALIZE_BLOCK, FROWS=FINALIZE_ROWS),
-    group_spec(scalars_kernel, "fp32", "fp32", False, BLOCK=FLAT_BLOCK),
+    spec
+    for aligned in (False, True)
+    for spec in (
+        group_spec(sq_finalize_kernel, "fp32", "fp32", aligned, {"num_warps": FINALIZE_WARPS}, VR_FIELD=F_V.value,
+                   VC_FIELD=F_VC.value, BLOCK=FINALIZE_BLOCK, FROWS=FINALIZE_ROWS),
+        group_spec(scalars_kernel, "fp32", "fp32", aligned, BLOCK=FLAT_BLOCK),
+    )
 ]
 """(kernel, signature, constexprs, aligned, options) for every statistics kernel and variant in fp32, the
 richest for the other dtype pairs; general and ``ALIGNED``."""
@@ -851,7 +862,8 @@ def launch_finalize(plan: GroupPlan, rf: torch.Tensor, cf: torch.Tensor, *, fiel
     sq_finalize_kernel[(programs,)](
         table_ptr=plan.table, owner_ptr=owner, T=plan.T, colpart_ptr=plan.ws["colpart"], rsum_part_ptr=plan.ws["rsum"],
         rf_ptr=rf, cf_ptr=cf, decay=decay, one_minus_decay=one_minus_decay, beta_from_step=int(beta_from_step),
-        VR_FIELD=fields[0], VC_FIELD=fields[1], BLOCK=FINALIZE_BLOCK, FROWS=FINALIZE_ROWS, enable_fp_fusion=False,
+        VR_FIELD=fields[0], VC_FIELD=fields[1], ALIGNED=plan.aligned, BLOCK=FINALIZE_BLOCK, FROWS=FINALIZE_ROWS,
+        num_warps=FINALIZE_WARPS, enable_fp_fusion=False,
     )
 
 
