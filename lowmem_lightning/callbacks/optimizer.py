@@ -380,39 +380,39 @@ class LowMemOptimizerCallback(L.Callback):
             if key in mapping:
                 retarget_scheduler(scheduler, mapping[key], ratios[key])
         self.optimizers = list(mapping.values())
-        self._warn_translation(notes)
-        if not own_step:
-            self._warn_lr_kind(olds)
+        self._warn_translation(notes, None if own_step else self._lr_kind_note(olds))
         return replace_optimizers(config, mapping)
 
-    def _warn_lr_kind(self, olds: list[torch.optim.Optimizer]) -> None:
-        """One warning when the module's lr is kept (no callback ``lr``) across SGD <-> adaptive (:func:`lr_kind`)."""
+    def _lr_kind_note(self, olds: list[torch.optim.Optimizer]) -> str | None:
+        """The note for a module lr kept (no callback ``lr``) across SGD <-> adaptive (:func:`lr_kind`), or None."""
         target = optimizer_class(self.optimizer_name)
         crossed = [old for old in olds if lr_kind(type(old)) != lr_kind(target)]
         if self.lr is not None or not crossed:
-            return
+            return None
         lrs = sorted({float(g.get("initial_lr", g["lr"])) for old in crossed for g in old.param_groups
                       if g.get("lr") is not None})
         source, lr = type(crossed[0]).__name__, ", ".join(f"{v:g}" for v in lrs)
-        rank_zero_warn(
+        return (
             f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) keeps the module's {source} lr={lr} for "
             f"{target.__name__}: {source}'s lr {_LR_MEANS[lr_kind(type(crossed[0]))]}, "
             f"{target.__name__}'s {_LR_MEANS[lr_kind(target)]}, so their learning rates differ by orders of "
-            f"magnitude. Give the callback its own: LowMemOptimizerCallback({self.optimizer_name!r}, lr=...).",
-            category=UserWarning,
+            f"magnitude. Give the callback its own: LowMemOptimizerCallback({self.optimizer_name!r}, lr=...)."
         )
 
-    def _warn_translation(self, notes: list[str]) -> None:
-        """One warning naming every setting of the module's optimizers that was dropped or changed meaning."""
+    def _warn_translation(self, notes: list[str], lr_note: str | None = None) -> None:
+        """One warning for the swap: every setting of the module's optimizers that was dropped or changed
+        meaning, and the lr kept across SGD <-> adaptive (``lr_note``) after them."""
         unique = list(dict.fromkeys(notes))
         if not unique:
+            if lr_note is not None:
+                rank_zero_warn(lr_note, category=UserWarning)
             return
         target = optimizer_class(self.optimizer_name).__name__
         rank_zero_warn(
             f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) rebuilt the module's optimizer as {target}; "
             "settings it could not carry as they were:\n" + "\n".join(f"  - {note}" for note in unique)
             + f"\nSet {target}'s own values with LowMemOptimizerCallback(lr=..., weight_decay=..., "
-            "optimizer_kwargs={...}).",
+            "optimizer_kwargs={...})." + ("" if lr_note is None else "\n" + lr_note),
             category=UserWarning,
         )
 
