@@ -305,6 +305,49 @@ def pure_noise(size: int):
     return p0, lambda p, noise: torch.randn(size, size, generator=noise) * 0.01
 
 
+def real_gradients(steps: int, layer: int = 1, seed: int = 0):
+    """``(p0, grad_fn)`` replaying the gradients of the convergence study's model (``benchmarks/convergence.py``:
+    its default tiny Llama, corpus and batches, fp32 ``torch.optim.AdamW`` at lr 3e-3 with its warmup/cosine
+    schedule, gradients clipped at norm 1) seen by the matrices of decoder layer ``layer`` and the LM head over
+    ``steps`` steps, as one ``(-1, 128)`` tensor (every matrix a whole number of 128-element rows). Open loop:
+    ``grad_fn`` returns step ``t``'s recorded gradient whatever the params, so the error of a code is the error
+    of its updates on real gradient statistics (heavy tails, per-row scales, changing magnitude)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import convergence as conv
+
+    args = argparse.Namespace(batch=16, seq=128, warmup=30, steps=steps)
+    train, _, _ = conv.stdlib_corpus(4_000_000)
+    model = conv.tiny_llama(seed, 128, 2, args.seq)
+    watched = [p for n, p in model.named_parameters()
+               if (f"layers.{layer}." in n and p.dim() == 2) or n == "lm_head.weight"]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    p0 = torch.cat([p.detach().reshape(-1, BLOCK4) for p in watched]).clone()
+    recorded = []
+    for step, (x, _) in enumerate(conv.batches(train, args.batch, args.seq, steps, seed)):
+        for group in opt.param_groups:
+            group["lr"] = conv.lr_at(step, steps, 3e-3, args.warmup)
+        model(input_ids=x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        recorded.append(torch.cat([p.grad.reshape(-1, BLOCK4) for p in watched]).clone())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return p0, _Replay(recorded)
+
+
+class _Replay:
+    """``grad_fn`` of recorded gradients: step ``t`` of a run returns ``recorded[t]``; a run is recognised by
+    its noise generator (every run of :func:`run_simulated4` / :func:`run_optimizer4` makes a new one)."""
+
+    def __init__(self, recorded: list[torch.Tensor]):
+        self.recorded, self.noise, self.t = recorded, None, 0
+
+    def __call__(self, p: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
+        if noise is not self.noise:
+            self.noise, self.t = noise, 0
+        self.t += 1
+        return self.recorded[self.t - 1]
+
+
 def _nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Each value of ``x`` replaced by the nearer of its two neighbouring ``levels`` (sorted; ties up)."""
     idx = torch.bucketize(x, levels).clamp(1, len(levels) - 1)
@@ -319,6 +362,34 @@ def _stochastic_level(gen: torch.Generator) -> Callable:
         lo, hi = levels[idx - 1], levels[idx]
         return torch.where(torch.rand(x.shape, generator=gen) * (hi - lo) < x - lo, hi, lo)
     return rounding
+
+
+class StallAwareLevels:
+    """Block-wise round trip onto signed ``levels`` that rounds to the nearer level unless that would store
+    the code the element already had, and then stochastically (unbiased) between the two neighbours: the
+    rounding of our m code (``lowmem_lightning.kernels.adamw4bit``). Round-to-nearest loses an EMA step
+    smaller than half a level (the code stalls); stochastic rounding everywhere keeps every step but adds
+    its variance to every element every step, which the EMA accumulates (``1 / (1 - beta1**2)``). Holds the
+    previous codes: :meth:`fresh` gives an instance for a new run."""
+
+    def __init__(self, levels: torch.Tensor, seed: int):
+        self.levels, self.seed = levels, seed
+        self.gen, self.codes = torch.Generator().manual_seed(seed), None
+
+    def fresh(self) -> StallAwareLevels:
+        """A new instance (no previous codes, the generator reset)."""
+        return StallAwareLevels(self.levels, self.seed)
+
+    def __call__(self, m: torch.Tensor) -> torch.Tensor:
+        blocks = m.reshape(-1, BLOCK4)
+        scale = blocks.abs().amax(1, keepdim=True).clamp(min=1e-30)
+        x = blocks / scale
+        idx = torch.bucketize(x, self.levels).clamp(1, len(self.levels) - 1)
+        lo, hi = self.levels[idx - 1], self.levels[idx]
+        nearest = torch.where(x - lo >= (hi - lo) * 0.5, idx, idx - 1)
+        stochastic = torch.where(torch.rand(x.shape, generator=self.gen) * (hi - lo) < x - lo, idx, idx - 1)
+        self.codes = nearest if self.codes is None else torch.where(nearest == self.codes, stochastic, nearest)
+        return (self.levels[self.codes] * scale).view_as(m)
 
 
 def _power4_nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -361,7 +432,8 @@ def codes4(seed: int = 7) -> tuple[dict, dict]:
         "dynamic exponent (torchao, paper)": lambda m: _block_round_trip(m, de, _nearest_level, True),
         "power-2, nearest": lambda m: _block_round_trip(m, power2, _nearest_level, True),
         "dynamic exponent, stochastic": lambda m: _block_round_trip(m, de, sr, True),
-        "power-2, stochastic (ours)": lambda m: _block_round_trip(m, power2, sr, True),
+        "power-2, stochastic": lambda m: _block_round_trip(m, power2, sr, True),
+        "power-2, stochastic where nearest stalls (ours)": StallAwareLevels(power2, seed),
     }
     v_codes = {
         "fp32": lambda v: v,
@@ -377,6 +449,7 @@ def run_simulated4(m_code: Callable, v_code: Callable, p0: torch.Tensor, grad_fn
                    lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8) -> torch.Tensor:
     """AdamW in fp32 with m and v re-quantized after every step (the update uses the fp32 values)."""
     noise = torch.Generator().manual_seed(1)
+    m_code, v_code = (code.fresh() if hasattr(code, "fresh") else code for code in (m_code, v_code))  # stateful
     p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
     for t in range(1, steps + 1):
         g = grad_fn(p, noise)
@@ -416,16 +489,25 @@ def _peer_optimizers() -> list[tuple[str, Callable]]:
 CODE_PAIRS4 = [
     ("dynamic exponent (torchao, paper)", "linear without zero (torchao)"),
     ("dynamic exponent (torchao, paper)", "linear without zero, rank-1 (paper)"),
-    ("power-2, stochastic (ours)", "power-4 without zero, rank-1"),
-    ("power-2, stochastic (ours)", "power-4 without zero (ours)"),
+    ("power-2, stochastic", "power-4 without zero (ours)"),
+    ("power-2, stochastic where nearest stalls (ours)", "power-4 without zero, rank-1"),
+    ("power-2, stochastic where nearest stalls (ours)", "power-4 without zero (ours)"),
 ]
-"""(m code, v code) pairs simulated together: torchao's scheme, the paper's, ours with and without rank-1."""
+"""(m code, v code) pairs simulated together: torchao's scheme, the paper's, the earlier all-stochastic m, ours
+with and without rank-1."""
 
 
-def accuracy4_study(size: int, steps: int) -> list[tuple[str, dict]]:
-    """``||p - p32|| / ||p32 - p0||`` against fp32 ``torch.optim.AdamW`` on the noisy quadratic and on pure
-    noise: peers' optimizers, each 4-bit code alone (the other moment fp32), code pairs, and the package."""
-    problems = {"noisy_quadratic": noisy_quadratic(size), "pure_noise": pure_noise(size)}
+PROBLEMS4 = ("noisy_quadratic", "pure_noise", "real_gradients")
+"""The problems of :func:`accuracy4_study` (the last replays recorded gradients: :func:`real_gradients`)."""
+
+
+def accuracy4_study(size: int, steps: int, problems4: tuple[str, ...] = PROBLEMS4) -> list[tuple[str, dict]]:
+    """``||p - p32|| / ||p32 - p0||`` against fp32 ``torch.optim.AdamW`` on the noisy quadratic, on pure
+    noise and on the convergence model's recorded gradients: peers' optimizers, each 4-bit code alone (the
+    other moment fp32), code pairs, and the package."""
+    makers = {"noisy_quadratic": lambda: noisy_quadratic(size), "pure_noise": lambda: pure_noise(size),
+              "real_gradients": lambda: real_gradients(steps)}
+    problems = {key: makers[key]() for key in problems4}
     refs = {key: run_optimizer4(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0), *problem, steps)
             for key, problem in problems.items()}
 
@@ -500,7 +582,8 @@ def main(argv=None) -> int:
          lambda: throughput_study(parse_numel(args.throughput_numel), compiled=not args.no_compile),
          {"signed_Melem_s": ".1f", "unsigned_Melem_s": ".1f"}),
         (f"### 4-bit codes: {args.size}x{args.size} AdamW, {args.steps} steps, ||p - p_fp32|| / ||p_fp32 - p0||",
-         lambda: accuracy4_study(args.size, args.steps), {"noisy_quadratic": ".4f", "pure_noise": ".4f"}),
+         lambda: accuracy4_study(args.size, args.steps),
+         {"noisy_quadratic": ".4f", "pure_noise": ".4f", "real_gradients": ".4f"}),
     ]
     keys = ("accuracy", "range", "throughput", "accuracy4")
     wanted = {k.strip() for k in args.only.split(",")}
