@@ -15,7 +15,7 @@ from optim_helpers import assert_states_match, random_grads
 
 from lowmem_lightning.kernels import adafactor as adafactor_kernels
 from lowmem_lightning.kernels import came as came_kernels
-from lowmem_lightning.kernels import dispatch, factored
+from lowmem_lightning.kernels import dispatch, factored, factored_plan
 from lowmem_lightning.optim.adafactor import Adafactor
 from lowmem_lightning.optim.came import CAME
 
@@ -157,7 +157,7 @@ def test_row_block_matrices_equal_the_reference(monkeypatch, momentum_dtype):
 
 
 def test_many_row_tiles_sum_in_the_two_level_finalize():
-    assert factored.TILE_ELEMENTS // 128 * factored.FINALIZE_ROWS < TALL[0][0]  # > one slab of partials
+    assert factored_plan.TILE_ELEMENTS // 128 * factored_plan.FINALIZE_ROWS < TALL[0][0]  # > one slab of partials
     _assert_same(TALL, random_grads(TALL, 2, seed=5), lambda ps: CAME(ps, lr=1e-2, momentum_dtype="int8"))
 
 
@@ -165,7 +165,7 @@ def test_group_key_splits_tile_shapes_dtypes_momentum_and_alignment():
     def key(shape, dtype=torch.float32, m=None, absmax=None):
         p = torch.zeros(shape, dtype=dtype)
         vc = torch.zeros(shape[-1]) if len(shape) > 1 else None
-        return factored.group_key(p, p, vc, m, absmax)
+        return factored_plan.group_key(p, p, vc, m, absmax)
 
     assert key((33, 65)) == key((40, 127))[:-1] + (False,)  # same tile shape; 65, 127 columns: not aligned
     assert key((64, 128)) == key((96, 80))  # aligned both

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from lowmem_lightning.kernels import nf4
-from lowmem_lightning.kernels.factored import div_rn, inv_sqrt, inv_sqrt_reference, row_of, split_reciprocal
+from lowmem_lightning.kernels.factored import div_rn, inv_sqrt, inv_sqrt_reference, row_of
+from lowmem_lightning.kernels.factored_plan import split_reciprocal
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ and the tensor index. A 0/1 ``flag`` (non-finite guard) leaves params and every 
 Passes over the gradient (the math has two global reductions in sequence, the statistics and the
 RMS of ``u``, so it needs three): factored tensors take exactly three and five launches, the first
 four being the shared statistics kernels of :mod:`.factored`. Each launch covers every tensor of a
-group (:func:`.factored.group_key`; a launch table and a tile map per pass), so a step of a model's
+group (:func:`.factored_plan.group_key`; a launch table and a tile map per pass), so a step of a model's
 matrices is five launches, not five per tensor:
 
 1. ``sq_stats_kernel`` (tiles of BLOCK_R = 64 rows looping over all columns): row sums of ``q`` and the
@@ -58,28 +58,27 @@ from .aot import dtype_variants
 from .codec import BLOCK_SIZE, block_rows
 from .dispatch import Family, HostStep, pack, per_layout, unpack
 from .factored import (
+    clip_divisor_reference,
+    group_spec,
+    inv_sqrt_reference,
+    launch_direction,
+    second_moment_reference,
+    total_square_sum_reference,
+)
+from .factored_plan import (
     F_P,
     F_STEP,
     F_TIDX,
     UPDATE_ROWS,
     UPDATE_WARPS,
-    clip_divisor_reference,
     group_key,
-    group_spec,
-    inv_sqrt_reference,
-    launch_direction,
-    launch_update,
-    momentum_tile,
-    momentum_update_reference,
     plan_group,
     run_host_step,
-    second_moment_reference,
     state_views,
     tfield,
-    tile_direction,
-    total_square_sum_reference,
     write_back,
 )
+from .factored_update import launch_update, momentum_tile, momentum_update_reference, tile_direction
 from .multitensor import copy_back, table_pointer
 from .rounding import index_seed, index_seed_reference, masked_reference, round_param_reference, store_param
 
@@ -120,7 +119,7 @@ def adafactor_update_kernel(
     folded in, bit for bit ``-g``), momentum (``MOMENTUM``: 0 none, 1 fp32, 2 int8 codes, the absmax of
     each block a row reduction of the tile), weight decay, the param stored with stochastic rounding.
     ``ROW_BLOCKS`` (factored, ``C % 256 == 0``): one row factor per codec block and contiguous column
-    factors (:func:`.factored.factored_index`).
+    factors (:func:`.factored_update.factored_index`).
     Exactness: the only per-element root/division left is the flat path's ``inv_sqrt`` (correctly
     rounded, branch-free, see :func:`.factored.inv_sqrt`), so the compiled kernel, the interpreter and
     the reference compute the same fp32 values."""
@@ -354,7 +353,7 @@ _MOMENTUM_APPLY_CPU = HostStep(_adafactor_apply_inplace)
 
 def _host(t: AdafactorTensors, hyper: AdafactorHyper, backend: str, steps: None) -> None:
     """The reference step of one tensor (``t`` holds one), eager or compiled as ``backend`` says
-    (:func:`.factored.run_host_step`); a sharded one (``reduces[0]`` set) runs eagerly, its sums
+    (:func:`.factored_plan.run_host_step`); a sharded one (``reduces[0]`` set) runs eagerly, its sums
     completed across ranks."""
     param, grad, v, vc, m, absmax, step, flag, elr, tensor_index, reduce = (field[0] for field in t)
     work, g, v, vc, m = state_views(param, grad, v, vc, m)
@@ -374,7 +373,7 @@ def _host(t: AdafactorTensors, hyper: AdafactorHyper, backend: str, steps: None)
 
 
 def _launch(t: AdafactorTensors, hyper: AdafactorHyper) -> None:
-    """The Triton passes of one group (:func:`.factored.group_key`; five launches factored, three 1-D, for
+    """The Triton passes of one group (:func:`.factored_plan.group_key`; five launches factored, three 1-D, for
     all its tensors together)."""
     s, modes = hyper
     plan = plan_group(t.params, t.grads, t.vs, t.vcs, t.ms, t.absmaxes, t.steps, t.flags, t.tensor_indices,
@@ -394,5 +393,5 @@ def _launch_key(t: AdafactorTensors, i: int) -> tuple:
 ADAFACTOR = Family("adafactor", launch=_launch, host=_host, launch_key=_launch_key)
 """The Adafactor family: ``dispatch(ADAFACTOR, AdafactorTensors(...), AdafactorHyper.of(...))`` applies
 one step in place to every param and its state (statistics per tensor; on Triton each pass is one launch
-per :func:`.factored.group_key` group, on the host one tensor at a time). Never synchronizes with a
+per :func:`.factored_plan.group_key` group, on the host one tensor at a time). Never synchronizes with a
 CUDA device."""

@@ -29,7 +29,7 @@ sums ``s`` by rows and columns: no full-size scratch; an fp32 ``m`` is stored he
 finalize (the confidence factors), and ``_came_update_kernel`` (reads the stored fp32 ``m``, or, for
 8-bit momentum, recomputes the same ``m`` bit for bit and stores its codes; then the param). Three
 reads of ``g`` with fp32 momentum (the minimum), four with 8-bit. 1-D tensors take three launches.
-Each launch covers every tensor of a group (:func:`.factored.group_key`), so a step of a model's
+Each launch covers every tensor of a group (:func:`.factored_plan.group_key`), so a step of a model's
 matrices is seven launches, not seven per tensor. No
 division or root per element (``scalars_kernel`` supplies ``1 / d``; see :mod:`.factored`).
 
@@ -50,6 +50,22 @@ from .aot import dtype_variants
 from .codec import BLOCK_SIZE, block_rows, decode_signed
 from .dispatch import Family, HostStep, pack, per_layout, unpack
 from .factored import (
+    clip_divisor_reference,
+    col_tile,
+    colpart_row,
+    ema,
+    factored_scale_reference,
+    factored_stats_reference,
+    group_spec,
+    inv_sqrt,
+    launch_direction,
+    launch_finalize,
+    row_tile,
+    second_moment_reference,
+    step_and_flag,
+    store_row_ema,
+)
+from .factored_plan import (
     F_ABSMAX,
     F_COFF,
     F_G,
@@ -65,32 +81,20 @@ from .factored import (
     TILES,
     UPDATE_ROWS,
     UPDATE_WARPS,
-    clip_divisor_reference,
-    col_tile,
-    colpart_row,
-    ema,
-    factored_scale,
-    factored_scale_reference,
-    factored_stats_reference,
     group_key,
-    group_spec,
-    inv_sqrt,
-    launch_direction,
-    launch_finalize,
+    plan_group,
+    run_host_step,
+    state_views,
+    tfield,
+    write_back,
+)
+from .factored_update import (
+    factored_scale,
     launch_update,
     momentum_tile,
     momentum_update_reference,
-    plan_group,
-    row_tile,
-    run_host_step,
-    second_moment_reference,
-    state_views,
-    step_and_flag,
-    store_row_ema,
-    tfield,
     tile_factors,
     update_tile,
-    write_back,
 )
 from .multitensor import copy_back, table_pointer
 from .rounding import index_seed, index_seed_reference, nearest_variant, round_param_reference, store_param
@@ -398,7 +402,7 @@ def _came_finish_inplace(param, u, new_m, sr, sc, step, flag, hp, stochastic=Tru
 _CAME_CPU = per_layout(_came_inplace)
 # 8-bit momentum: three graphs (direction, momentum codec on (blocks, 256) views, instability + update),
 # with u and the fp32 momentum materialized transiently; one graph mixing the codec's 2-D views with
-# the (B, R, C) layout compiled several times slower (see factored.run_host_step)
+# the (B, R, C) layout compiled several times slower (see factored_plan.run_host_step)
 _DIRECTION_CPU = per_layout(_came_direction_inplace)
 _MOMENTUM_CPU = HostStep(_came_momentum_inplace)
 _FINISH_CPU = per_layout(_came_finish_inplace)
@@ -406,7 +410,7 @@ _FINISH_CPU = per_layout(_came_finish_inplace)
 
 def _views(t: CAMETensors) -> tuple:
     """``(param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce)`` of the one tensor
-    of ``t``, in the kernel layout (:func:`.factored.state_views`; ``sr``/``sc`` as ``(B, R)``/``(B, C)``)."""
+    of ``t``, in the kernel layout (:func:`.factored_plan.state_views`; ``sr``/``sc`` as ``(B, R)``/``(B, C)``)."""
     param, grad, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce = (field[0] for field in t)
     work, g, v, vc, m = state_views(param, grad, v, vc, m)
     if vc is not None:
@@ -417,7 +421,7 @@ def _views(t: CAMETensors) -> tuple:
 
 def _host(t: CAMETensors, scalars: CAMEScalars, backend: str, steps: None, stochastic: bool = True) -> None:
     """The reference step of one tensor (``t`` holds one), eager or compiled as ``backend`` says
-    (:func:`.factored.run_host_step`); a sharded one (``reduces[0]`` set) runs eagerly, its sums
+    (:func:`.factored_plan.run_host_step`); a sharded one (``reduces[0]`` set) runs eagerly, its sums
     completed across ranks. ``stochastic``: the param rounding mode."""
     param, work, g, v, vc, sr, sc, m, absmax, step, flag, tensor_index, reduce = _views(t)
     numel = param.numel() if reduce is None else reduce.numel
@@ -435,7 +439,7 @@ def _host(t: CAMETensors, scalars: CAMEScalars, backend: str, steps: None, stoch
 
 
 def _launch(t: CAMETensors, s: CAMEScalars, stochastic: bool = True) -> None:
-    """The Triton passes of one group (:func:`.factored.group_key`; seven launches factored, three 1-D, for
+    """The Triton passes of one group (:func:`.factored_plan.group_key`; seven launches factored, three 1-D, for
     all its tensors together; ``stochastic``: the update kernel's ``STOCHASTIC``)."""
     plan = plan_group(t.params, t.grads, t.vs, t.vcs, t.ms, t.absmaxes, t.steps, t.flags, t.tensor_indices,
                       srs=t.srs, scs=t.scs)
@@ -468,7 +472,7 @@ def _launch_key(t: CAMETensors, i: int) -> tuple:
 CAME = Family("came", launch=_launch, host=_host, launch_key=_launch_key)
 """The CAME family: ``dispatch(CAME, CAMETensors(...), CAMEScalars.of(...))`` applies one step in place to
 every param and its state (statistics per tensor; on Triton each pass is one launch per
-:func:`.factored.group_key` group, on the host one tensor at a time). Never synchronizes with a CUDA
+:func:`.factored_plan.group_key` group, on the host one tensor at a time). Never synchronizes with a CUDA
 device."""
 
 CAME_NEAREST = nearest_variant(CAME, _launch, _host)

@@ -11,92 +11,66 @@ section 3; CAME applies it to its instability statistic too). A tensor of >= 2 d
     (1-D: v = beta * v + (1 - beta) * q, u = g / sqrt(v), v full size)
 
 The statistics passes (deterministic partial sums, no atomics) are listed in :mod:`.adafactor`. Every
-pass is one launch for all tensors of a group (:func:`group_key`: same dtypes, layout, tile shape and
-momentum form): an int64 launch table (one column per tensor: pointers, sizes, offsets into one fp32
-scratch, fp32 constants as bit patterns; rows ``F_*``) and, per pass, a map from program to tensor
-(:func:`plan_group`), as :mod:`.multitensor` does for AdamW. So a step of a model's matrices is five
-launches (Adafactor) or seven (CAME), and its 1-D tensors three, however many tensors there are. The
-per-element passes only multiply (the factors are precomputed per row and column; the 1-D path's
-``inv_sqrt`` is branch-free and correctly rounded), so their SASS has no slow-path ``CALL``. The
-``@triton.jit`` helpers are the building blocks of the optimizers' update kernels; each has a
-``*_reference`` twin that the step functions call, the same fp32 operations.
+pass is one launch for all tensors of a group (:func:`.factored_plan.group_key`: same dtypes, layout,
+tile shape and momentum form): an int64 launch table (one column per tensor: pointers, sizes, offsets
+into one fp32 scratch, fp32 constants as bit patterns; rows ``F_*``) and, per pass, a map from program
+to tensor (:func:`.factored_plan.plan_group`), as :mod:`.multitensor` does for AdamW. So a step of a
+model's matrices is five launches (Adafactor) or seven (CAME), and its 1-D tensors three, however many
+tensors there are. The per-element passes only multiply (the factors are precomputed per row and
+column; the 1-D path's ``inv_sqrt`` is branch-free and correctly rounded), so their SASS has no
+slow-path ``CALL``. The ``@triton.jit`` helpers are the building blocks of the optimizers' update
+kernels; each has a ``*_reference`` twin that the step functions call, the same fp32 operations.
 
-File order: Triton helpers and kernels, PyTorch references, launchers.
+Three modules hold the factored machinery: this one, the statistics passes (Triton helpers and
+kernels, their AOT specs, the PyTorch references, the launchers of passes 1-4); :mod:`.factored_plan`,
+the plan of a group (the launch table's rows and their Triton accessors, the tile geometry of every
+pass, group keys, scratch, and the host step's layout); :mod:`.factored_update`, the building blocks of
+the update kernels (direction, momentum), the momentum reference and the update launch.
+
+File order: Triton helpers and kernels, AOT specs, PyTorch references, launchers.
 """
 
 from __future__ import annotations
-
-import functools
-import math
-import struct
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .aot import dtype_variants, runtime_params, signature_of
-from .codec import (
-    BLOCK_SIZE,
-    decode_signed,
-    decode_signed_reference,
-    dequantize_reference,
-    div_rn_fast,
-    encode_signed,
-    encode_signed_reference,
-    quantize_reference,
-    rcp_rn,
-    sqrt_rn_fast,
-    sqrt_rn_reference,
+from .codec import div_rn_fast, rcp_rn, sqrt_rn_fast, sqrt_rn_reference
+from .factored_plan import (
+    F_COFF,
+    F_CP,
+    F_ELR,
+    F_FIN,
+    F_FLAG,
+    F_G,
+    F_N,
+    F_NPART,
+    F_P,
+    F_ROFF,
+    F_RT,
+    F_SQRTN,
+    F_STEP,
+    F_V,
+    F_VC,
+    FINALIZE_BLOCK,
+    FINALIZE_ROWS,
+    FINALIZE_WARPS,
+    FLAT_BLOCK,
+    STATS_WARPS,
+    TILES,
+    GroupPlan,
+    owner_of,
+    sizes_of,
+    tfield,
+    tfloat,
 )
-from .dispatch import triton_dtype
-from .multitensor import copy_back, is_aligned, launch_table, table_pointer, tile_map
-from .rounding import masked_reference
+from .multitensor import table_pointer
 
-__all__ = ["TILES", "UPDATE_ROWS", "UPDATE_WARPS", "STATS_WARPS", "tile_shape", "factored_shape", "state_views",
-           "run_host_step", "GroupPlan", "plan_group", "launch_direction", "launch_finalize", "launch_update",
-           "group_key", "group_spec", "split_reciprocal", "factored_index", "factored_scale",
-           "div_rn", "inv_sqrt", "row_of", "factored_stats_reference", "factored_scale_reference",
-           "clip_divisor_reference", "momentum_update_reference", "second_moment_reference", "write_back"]
-
-TILE_ELEMENTS = 8192
-"""Elements of one (BLOCK_R x BLOCK_C) tile of the row/column statistics kernels (64 x 128 for wide
-matrices: 4 / 64 = 0.06 B/param of column partials, and 64 times fewer partial rows than elements)."""
-
-TILES = ((64, 128), (128, 64), (256, 32), (512, 16))
-"""(BLOCK_R, BLOCK_C) variants of the statistics kernels: BLOCK_C follows the column count so narrow
-matrices (1000 x 3) do not run mostly-masked tiles."""
-
-STATS_WARPS = 8
-"""Warps per program of the row-tile statistics kernels (32 elements per thread of a 64 x 128 tile)."""
-
-FINALIZE_BLOCK = 256
-"""Columns (and rows) per program of the finalize kernel (:data:`FINALIZE_WARPS` warps: 4 consecutive
-columns per thread, so its per-column loads and stores are vectors)."""
-
-FINALIZE_ROWS = 8
-"""Column partials the finalize kernel adds at once (a ``FINALIZE_ROWS x FINALIZE_BLOCK`` tile per
-iteration, summed over its rows at the end: a two-level sum, not ``n_rt`` dependent adds per column)."""
-
-FINALIZE_WARPS = 2
-"""Warps per program of the finalize kernel."""
-
-UPDATE_ROWS = 8
-"""Codec blocks (of 256 elements) per program of the update kernels: 2048 elements, 8 times fewer
-programs than one block each; the 8-bit momentum's per-block absmax is a row reduction of the tile."""
-
-UPDATE_WARPS = 4
-"""Warps per program of the update kernels (16 elements per thread, moved as vectors when aligned)."""
-
-FLAT_BLOCK = 1024
-"""Elements per program of the 1-D statistics kernel."""
-
-# Rows of the int64 launch table (one column per tensor of a group), see :func:`plan_group`. Float
-# entries (``1 / C``, ``1 / R`` as hi + lo, ``sqrt(numel)``) are stored as their fp32 bit patterns.
-F_P, F_G, F_V, F_VC, F_M, F_ABSMAX, F_STEP, F_FLAG, F_SR, F_SC = (tl.constexpr(i) for i in range(10))
-F_N, F_R, F_C, F_NRT, F_RT, F_CP, F_ROFF, F_COFF, F_FIN, F_UPD = (tl.constexpr(i) for i in range(10, 20))
-F_TIDX, F_ELR, F_INVC_HI, F_INVC_LO, F_INVR_HI, F_INVR_LO, F_SQRTN, F_NPART = (tl.constexpr(i) for i in range(20, 28))
-TABLE_ROWS = 28
+__all__ = ["launch_direction", "launch_finalize", "group_spec", "div_rn", "inv_sqrt", "row_of",
+           "factored_stats_reference", "factored_scale_reference", "clip_divisor_reference",
+           "second_moment_reference"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,149 +121,10 @@ def inv_sqrt(x):
 def row_of(offs, inv_hi, inv_lo):
     """``offs // D`` (int64) for element offsets ``0 <= offs < 2**46`` without an integer division:
     ``floor((offs + 0.5) * (1 / D))`` in fp64, ``1 / D`` passed as two fp32 (``hi + lo``, ~48 bits, see
-    :func:`split_reciprocal`). The half-integer ``offs + 0.5`` is at least ``0.5 / D`` from a multiple of
+    :func:`.factored_plan.split_reciprocal`). The half-integer ``offs + 0.5`` is at least ``0.5 / D`` from a multiple of
     ``D``, and the error, ``< offs * 2**-47 / D``, is smaller."""
     inv = tl.cast(inv_hi, tl.float64) + tl.cast(inv_lo, tl.float64)
     return tl.floor((offs.to(tl.float64) + 0.5) * inv).to(tl.int64)
-
-
-@triton.jit
-def tfield(table_ptr, T, t, F: tl.constexpr):
-    """Entry ``F`` (a row of the launch table, int64) of tensor ``t``."""
-    return tl.load(table_ptr + F * T + t)
-
-
-@triton.jit
-def tfloat(table_ptr, T, t, F: tl.constexpr):
-    """Entry ``F`` of tensor ``t`` read as the fp32 whose bit pattern it holds."""
-    return tl.load(table_ptr + F * T + t).to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def owner_of(owner_ptr, table_ptr, T, F_FIRST: tl.constexpr):
-    """``(t, local)``: the tensor this program works on (the pass's tile -> tensor map) and its tile
-    index inside that tensor (the program id minus the tensor's first tile, table row ``F_FIRST``)."""
-    pid = tl.program_id(0)
-    t = tl.load(owner_ptr + pid).to(tl.int64)
-    return t, pid - tfield(table_ptr, T, t, F_FIRST).to(tl.int32)
-
-
-@triton.jit
-def sizes_of(table_ptr, T, t, ALIGNED: tl.constexpr):
-    """``(R, C, n_rt)`` of tensor ``t`` (int32; ``C`` a known multiple of 16 when ``ALIGNED``)."""
-    C = tfield(table_ptr, T, t, F_C).to(tl.int32)
-    if ALIGNED:
-        C = tl.multiple_of(C, 16)
-    return tfield(table_ptr, T, t, F_R).to(tl.int32), C, tfield(table_ptr, T, t, F_NRT).to(tl.int32)
-
-
-@triton.jit
-def index_floats(table_ptr, T, t):
-    """``(1/C hi, 1/C lo, 1/R hi, 1/R lo)`` of tensor ``t``: what :func:`row_of` divides by."""
-    return (tfloat(table_ptr, T, t, F_INVC_HI), tfloat(table_ptr, T, t, F_INVC_LO),
-            tfloat(table_ptr, T, t, F_INVR_HI), tfloat(table_ptr, T, t, F_INVR_LO))
-
-
-@triton.jit
-def factored_index(offs, blocks, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo, ROW_BLOCKS: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """``(ridx, cidx)`` of the ``(ROWS, BLOCK)`` flat element offsets ``offs`` (codec ``blocks``) of a ``(B,
-    R, C)`` tensor: the global row ``b * R + r`` (into ``B * R`` row factors) and the column index ``b * C
-    + c`` (into ``B * C`` column factors). ``ROW_BLOCKS`` (``C % BLOCK == 0``: every codec block lies in
-    one row): ``ridx`` per block (``ROWS``), from the block's first element only, and ``cidx`` contiguous
-    from a multiple of ``BLOCK`` (vector loads); else both per element."""
-    if ROW_BLOCKS:  # one return: the branches' shapes differ (the compiler checks every return)
-        start = blocks * BLOCK
-        grow = row_of(start, inv_c_hi, inv_c_lo)
-        b = row_of(grow, inv_r_hi, inv_r_lo)
-        cbase = tl.multiple_of(b * C + (start - grow * C), BLOCK)
-        cidx = cbase[:, None] + tl.arange(0, BLOCK)[None, :]
-    else:
-        grow = row_of(offs, inv_c_hi, inv_c_lo)  # b * R + r
-        b = row_of(grow, inv_r_hi, inv_r_lo)
-        cidx = b * C + (offs - grow * C)
-    return grow, cidx
-
-
-@triton.jit
-def factored_scale(x, ridx, cidx, mask, bmask, rf_ptr, cf_ptr, ROW_BLOCKS: tl.constexpr):
-    """``(rf[ridx] * cf[cidx]) * x`` (:func:`factored_index`): gathers and two multiplies per element, no
-    division (``ROW_BLOCKS``: one row factor per codec block, broadcast over its elements)."""
-    if ROW_BLOCKS:
-        rf = tl.load(rf_ptr + ridx, mask=bmask, other=0.0)[:, None]
-    else:
-        rf = tl.load(rf_ptr + ridx, mask=mask, other=0.0)
-    cf = tl.load(cf_ptr + cidx, mask=mask, other=0.0)
-    return (rf * cf) * x
-
-
-@triton.jit
-def tile_factors(table_ptr, T, t, offs, blocks, ROW_BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
-    """``(ridx, cidx, roff, coff)``: :func:`factored_index` of tensor ``t``'s elements ``offs`` and the
-    tensor's offsets into the group's row and column factor arrays."""
-    C = tfield(table_ptr, T, t, F_C).to(tl.int32)
-    if ROW_BLOCKS:
-        C = tl.multiple_of(C, BLOCK)
-    inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_floats(table_ptr, T, t)
-    ridx, cidx = factored_index(offs, blocks, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo, ROW_BLOCKS, BLOCK)
-    roff = tfield(table_ptr, T, t, F_ROFF)
-    coff = tl.multiple_of(tfield(table_ptr, T, t, F_COFF), 16)  # regions start on 16 elements (_offsets)
-    return ridx, cidx, roff, coff
-
-
-@triton.jit
-def update_tile(table_ptr, owner_ptr, T, ALIGNED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """This update program's ``ROWS`` codec blocks of its tensor: ``(t, blocks, offs, finite, mask, bmask)``
-    with ``offs`` the ``(ROWS, BLOCK)`` element offsets, ``mask`` empty when the gradient is not finite
-    (flag 0) and ``bmask`` the blocks that exist and are written (``finite`` and inside the tensor)."""
-    t, local = owner_of(owner_ptr, table_ptr, T, F_UPD)
-    n = tfield(table_ptr, T, t, F_N)
-    finite = tl.load(table_pointer(table_ptr, T, t, F_FLAG, tl.float32, False)) != 0.0
-    n_write = tl.where(finite, n, 0)
-    if ALIGNED:
-        n_write = tl.multiple_of(n_write, 16)
-    blocks = local.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    offs = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    return t, blocks, offs, finite, offs < n_write, blocks * BLOCK < n_write
-
-
-@triton.jit
-def tile_direction(table_ptr, owner_ptr, T, rf_ptr, cf_ptr, GRAD_DTYPE: tl.constexpr, FACTORED: tl.constexpr,
-                   ALIGNED: tl.constexpr, ROW_BLOCKS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """:func:`update_tile` and the unclipped update ``u`` of its elements: ``(rf * cf) * g`` (factored;
-    the group's factor arrays, at the tensor's offsets) or ``g / sqrt(v)`` (``v`` full size). Returns
-    ``(t, blocks, offs, finite, mask, bmask, u)``."""
-    t, blocks, offs, finite, mask, bmask = update_tile(table_ptr, owner_ptr, T, ALIGNED, ROWS, BLOCK)
-    g_ptr = table_pointer(table_ptr, T, t, F_G, GRAD_DTYPE, ALIGNED)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if FACTORED:
-        ridx, cidx, roff, coff = tile_factors(table_ptr, T, t, offs, blocks, ROW_BLOCKS, BLOCK)
-        u = factored_scale(g, ridx, cidx, mask, bmask, rf_ptr + roff, cf_ptr + coff, ROW_BLOCKS)
-    else:
-        v_ptr = table_pointer(table_ptr, T, t, F_V, tl.float32, ALIGNED)
-        u = inv_sqrt(tl.load(v_ptr + offs, mask=mask, other=1.0)) * g
-    return t, blocks, offs, finite, mask, bmask, u
-
-
-@triton.jit
-def momentum_tile(table_ptr, T, t, blocks, offs, mask, bmask, finite, u, beta1, one_minus_beta1,
-                  QUANTIZED: tl.constexpr, ALIGNED: tl.constexpr):
-    """``m = beta1 * m + (1 - beta1) * u`` over ``(ROWS, 256)`` codec blocks, stored back as fp32 or as int8
-    codes with a new absmax per block (a row reduction: the row's max ``|m|``); returns the fp32 ``m``."""
-    if QUANTIZED:
-        m_ptr = table_pointer(table_ptr, T, t, F_M, tl.int8, ALIGNED)
-        absmax_ptr = table_pointer(table_ptr, T, t, F_ABSMAX, tl.float32, False)
-        scale = tl.load(absmax_ptr + blocks, mask=bmask, other=0.0)
-        old = decode_signed(tl.load(m_ptr + offs, mask=mask, other=0), scale[:, None])
-        m = tl.where(mask, ema(old, u, beta1, one_minus_beta1), 0.0)
-        absmax = tl.max(tl.abs(m), axis=1)
-        tl.store(m_ptr + offs, encode_signed(m, absmax[:, None]), mask=mask)
-        tl.store(absmax_ptr + blocks, absmax, mask=bmask)
-    else:
-        m_ptr = table_pointer(table_ptr, T, t, F_M, tl.float32, ALIGNED)
-        m = ema(tl.load(m_ptr + offs, mask=mask, other=0.0), u, beta1, one_minus_beta1)
-        tl.store(m_ptr + offs, m, mask=mask)
-    return m
 
 
 @triton.jit
@@ -318,7 +153,7 @@ def col_tile(grow, rmask, c0, C, BLOCK_C: tl.constexpr):
 @triton.jit
 def colpart_row(colpart_ptr, table_ptr, T, t, local, C):
     """Where row tile ``local`` of tensor ``t`` stores its ``C`` column partial sums (the tensor's region
-    starts on 16 elements, :func:`_offsets`)."""
+    starts on 16 elements, :func:`.factored_plan._offsets`)."""
     return colpart_ptr + tl.multiple_of(tfield(table_ptr, T, t, F_CP), 16) + local.to(tl.int64) * C
 
 
@@ -513,12 +348,6 @@ def scalars_kernel(
         tl.store(elr_ptr, lr_t)
 
 
-def tile_shape(cols: int) -> tuple[int, int]:
-    """``(BLOCK_R, BLOCK_C)`` for a matrix of ``cols`` columns (one of :data:`TILES`)."""
-    block_c = min(128, max(16, triton.next_power_of_2(cols)))
-    return TILE_ELEMENTS // block_c, block_c
-
-
 INT_TYPES = {
     "T": "i32", "relative_step": "i32", "warmup_init": "i32", "scale_parameter": "i32", "beta_from_step": "i32",
 }
@@ -544,6 +373,7 @@ def group_spec(kernel, param: str, grad: str, aligned: bool, options: dict | Non
 
 _TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 
+
 AOT_SPECS = [
     spec
     for aligned in (False, True)
@@ -567,14 +397,10 @@ AOT_SPECS = [
 """(kernel, signature, constexprs, aligned, options) for every statistics kernel and variant in fp32, the
 richest for the other dtype pairs; general and ``ALIGNED``."""
 
+
 # --------------------------------------------------------------------------------------------------
 # PyTorch references of the shared pieces (used by the step functions of Adafactor and CAME)
 # --------------------------------------------------------------------------------------------------
-
-
-def factored_shape(shape: torch.Size | tuple) -> tuple[int, int, int]:
-    """``(B, R, C)`` view of a tensor of >= 2 dims: leading dims flattened into a batch ``B``."""
-    return (math.prod(shape[:-2]), shape[-2], shape[-1])
 
 
 def inv_sqrt_reference(x: torch.Tensor) -> torch.Tensor:
@@ -644,213 +470,9 @@ def clip_divisor_reference(u: torch.Tensor, sqrt_n: torch.Tensor, clip: torch.Te
     return torch.clamp(torch.sqrt(total_square_sum_reference(u, reduce)) / sqrt_n / clip, min=1.0)
 
 
-def momentum_update_reference(
-    m: torch.Tensor, absmax: torch.Tensor | None, u: torch.Tensor, beta1: torch.Tensor, omb1: torch.Tensor,
-    ok: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """EMA of the momentum: returns ``(new fp32 m, stored m, stored absmax)``.
-
-    ``m`` is fp32 or int8 codes with ``absmax`` (flat, or the shape of ``u``: the same layout); the
-    stored values are re-quantized when ``absmax`` is given, and unchanged where ``ok`` is False
-    (``ok=None``: always re-quantized).
-    """
-    if absmax is None:
-        new = ema_reference(m, u, beta1, omb1)
-        return new, masked_reference(ok, new, m), None
-    if m.numel() % BLOCK_SIZE:  # a partial last block: the codec's padded reference
-        new = ema_reference(dequantize_reference(m, absmax).view(u.shape), u, beta1, omb1)
-        codes, scales = quantize_reference(new, signed=True)
-        return new, masked_reference(ok, codes.view(m.shape), m), masked_reference(ok, scales, absmax)
-    # whole blocks: the same codec math on (blocks, 256) views, no padding copies (the host steps pass
-    # 2-D views already, see codec.block_rows)
-    u_blocks = u.reshape(-1, BLOCK_SIZE)
-    m_blocks = m.view(u_blocks.shape)
-    scale = absmax.view(*u_blocks.shape[:-1], 1)
-    new = ema_reference(decode_signed_reference(m_blocks, scale), u_blocks, beta1, omb1)
-    new_scale = new.abs().amax(dim=-1, keepdim=True)
-    codes = masked_reference(ok, encode_signed_reference(new, new_scale), m_blocks)
-    return new.view(u.shape), codes.view(m.shape), masked_reference(ok, new_scale, scale).view(-1)
-
-
 # --------------------------------------------------------------------------------------------------
-# Launchers and layout helpers
+# Launchers of the statistics passes
 # --------------------------------------------------------------------------------------------------
-
-
-def write_back(dsts, srcs) -> None:
-    """``dst.copy_(src)`` for each pair whose ``dst`` is not None (a step function's outputs into the state)."""
-    for dst, src in zip(dsts, srcs, strict=True):
-        if dst is not None:
-            dst.copy_(src)
-
-
-def state_views(param: torch.Tensor, grad: torch.Tensor, v: torch.Tensor, vc: torch.Tensor | None,
-                m: torch.Tensor | None) -> tuple:
-    """Contiguous ``(work_param, grad, v, vc, m)`` views in the kernel layout (``(B, R, C)`` or flat); a
-    non-contiguous param is worked on as a copy (:func:`.multitensor.copy_back` writes it back)."""
-    work = param.contiguous()
-    if vc is not None:
-        shape3 = factored_shape(param.shape)
-        return (work.view(shape3), grad.reshape(shape3).contiguous(), v.view(shape3[:2]), vc.view(shape3[0], -1),
-                None if m is None else m.view(shape3))
-    return (work.view(-1), grad.reshape(-1).contiguous(), v.view(-1), None, None if m is None else m.view(-1))
-
-
-def run_host_step(whole: dict, direction: dict, rest, *, backend: str, factored: bool, quantized: bool,
-                  flag: torch.Tensor, reduce, whole_args: tuple, direction_args: tuple) -> None:
-    """The control flow of a factored optimizer's host step (Adafactor, CAME), written once.
-
-    ``whole[factored]`` (:class:`.dispatch.HostStep` per layout): the step in one graph, eager with
-    ``reduce`` appended for a sharded tensor, else on ``backend``. 8-bit momentum splits it (inductor
-    fused the block codec with the row/column reductions several times slower): ``direction[factored]``,
-    then, if the flag (a CPU tensor: no device sync) is set, ``rest(backend, out)`` on its output.
-    """
-    if reduce is not None:
-        whole[factored].eager(*whole_args, reduce)
-    elif quantized:
-        out = direction[factored].on(backend)(*direction_args)
-        if flag.item():
-            rest(backend, out)
-    else:
-        whole[factored].on(backend)(*whole_args)
-
-
-@functools.lru_cache(maxsize=4096)
-def split_reciprocal(d: int) -> tuple[float, float]:
-    """``1 / d`` as two fp32 values ``(hi, lo)``, ``hi + lo`` within ``2**-48`` of it (for :func:`row_of`)."""
-    hi = float(torch.tensor(1.0 / d, dtype=torch.float32))
-    return hi, float(torch.tensor(1.0 / d - hi, dtype=torch.float32))
-
-
-def _fp32_bits(x: float) -> int:
-    """The bit pattern (as a signed int32) of ``x`` rounded to fp32: how the launch table holds floats."""
-    return struct.unpack("<i", struct.pack("<f", x))[0]
-
-
-def _kernel_grad(grad: torch.Tensor) -> torch.Tensor:
-    return grad if grad.dtype in (torch.float32, torch.bfloat16, torch.float16) else grad.float()
-
-
-def group_key(param: torch.Tensor, grad: torch.Tensor, vc: torch.Tensor | None, m: torch.Tensor | None,
-              absmax: torch.Tensor | None) -> tuple:
-    """What must be equal for tensors to share the launches of one group (:func:`plan_group`): param and
-    kernel grad dtypes, factored or flat, the statistics tile shape (from the column count), whether every
-    codec block lies in one row (``C % 256 == 0``, the update's ``ROW_BLOCKS``), the momentum form (none,
-    fp32, int8) and, last, alignment (16-byte pointers, sizes and column counts multiples of 16)."""
-    factored = vc is not None
-    cols = param.shape[-1] if factored else 1
-    aligned = is_aligned(param, grad, m) and (not factored or cols % 16 == 0)
-    momentum = 0 if m is None else (2 if absmax is not None else 1)
-    return (param.dtype, _kernel_grad(grad).dtype, factored, tile_shape(cols) if factored else None,
-            factored and cols % BLOCK_SIZE == 0, momentum, aligned)
-
-
-class GroupPlan(NamedTuple):
-    """The launch table, tile maps and scratch of one group of tensors (:func:`plan_group`).
-
-    ``table``: int64 ``(TABLE_ROWS, T)`` on the device (rows ``F_*``). ``rows``/``fin``/``upd``:
-    ``(tile map, programs)`` of the row-tile (or 1-D tile) passes, the finalize pass and the update
-    pass. ``ws``: fp32 scratch views ``colpart``, ``rsum``, ``psq``, ``usq``, ``rf``, ``cf``, ``scal``
-    (4 per tensor), ``srf``, ``scf``. ``works``/``params``: the contiguous params the kernels update and
-    the params they belong to (:meth:`copy_back`)."""
-
-    table: torch.Tensor
-    T: int
-    rows: tuple
-    fin: tuple
-    upd: tuple
-    ws: dict
-    factored: bool
-    tile: tuple
-    row_blocks: bool
-    aligned: bool
-    param_dtype: object
-    grad_dtype: object
-    works: list
-    params: list
-
-    def copy_back(self) -> None:
-        """Write params that were updated through contiguous copies back."""
-        for param, work in zip(self.params, self.works):
-            copy_back(param, work)
-
-
-def _sizes(work: torch.Tensor, factored: bool) -> dict:
-    """Per-tensor counts of a group: batch, rows, columns, row tiles, partials, programs, scratch sizes."""
-    n = work.numel()
-    upd = triton.cdiv(n, UPDATE_ROWS * BLOCK_SIZE)
-    if not factored:
-        parts = triton.cdiv(n, FLAT_BLOCK)
-        return dict(n=n, B=1, R=1, C=1, n_rt=parts, parts=parts, cp=0, fin=0, rf=0, cf=0, upd=upd)
-    B, R, C = factored_shape(work.shape)
-    block_r, _ = tile_shape(C)
-    n_rt = triton.cdiv(R, block_r)
-    return dict(n=n, B=B, R=R, C=C, n_rt=n_rt, parts=B * n_rt, cp=B * n_rt * C,
-                fin=B * triton.cdiv(max(R, C), FINALIZE_BLOCK), rf=B * R, cf=B * C, upd=upd)
-
-
-def _offsets(counts: list[int]) -> tuple[list[int], int]:
-    """Running offsets of regions of ``counts`` elements, each rounded up to 16 (aligned starts); total."""
-    out, total = [], 0
-    for count in counts:
-        out.append(total)
-        total += -(-count // 16) * 16
-    return out, total
-
-
-def _workspace(sizes: list[dict], T: int, device) -> tuple[dict, dict]:
-    """One fp32 scratch allocation for a group, cut into its regions; and each tensor's region offsets."""
-    cp_off, cp_total = _offsets([s["cp"] for s in sizes])
-    rf_off, rf_total = _offsets([s["rf"] for s in sizes])
-    cf_off, cf_total = _offsets([s["cf"] for s in sizes])
-    _, parts = _offsets([sum(s["parts"] for s in sizes)])
-    lengths = {"colpart": cp_total, "rsum": parts, "psq": parts, "usq": parts, "rf": rf_total, "cf": cf_total,
-               "scal": -(-4 * T // 16) * 16, "srf": rf_total, "scf": cf_total}
-    buf = torch.empty(sum(lengths.values()), dtype=torch.float32, device=device)
-    ws, start = {}, 0
-    for name, length in lengths.items():
-        ws[name] = buf.narrow(0, start, length)
-        start += length
-    return ws, {"cp": cp_off, "rf": rf_off, "cf": cf_off}
-
-
-def plan_group(params, grads, vs, vcs, ms, absmaxes, steps, flags, tensor_indices, write_elr=None, srs=None,
-               scs=None) -> GroupPlan:
-    """The launch table of one group of tensors (one :func:`group_key`): contiguous params and grads,
-    pointers, sizes, per-pass tile maps (:func:`.multitensor.tile_map`) and one scratch allocation.
-    ``write_elr[i]``: tensor ``i`` writes the step size (Adafactor); ``srs``/``scs``: CAME's instability
-    statistics. No device synchronisation: the table is copied without one (:func:`.multitensor.launch_table`)."""
-    device = params[0].device
-    factored = vcs[0] is not None
-    works = [p.contiguous() for p in params]
-    grads = [_kernel_grad(g).contiguous() for g in grads]
-    sizes = [_sizes(w, factored) for w in works]
-    T = len(works)
-    rows_owner, rt_first, n_rows = tile_map(tuple(s["parts"] for s in sizes), device, 1)
-    fin_owner, fin_first, n_fin = tile_map(tuple(s["fin"] for s in sizes), device, 1)
-    upd_owner, upd_first, n_upd = tile_map(tuple(s["upd"] for s in sizes), device, 1)
-    ws, offs = _workspace(sizes, T, device)
-    dummy = [f.data_ptr() for f in flags]
-
-    def ptrs(tensors):
-        return [dummy[i] if x is None else x.data_ptr() for i, x in enumerate(tensors)]
-
-    inv = [(*split_reciprocal(s["C"]), *split_reciprocal(s["R"])) for s in sizes]
-    table = [
-        [w.data_ptr() for w in works], [g.data_ptr() for g in grads], ptrs(vs), ptrs(vcs), ptrs(ms), ptrs(absmaxes),
-        ptrs(steps), ptrs(flags), ptrs(srs or [None] * T), ptrs(scs or [None] * T),
-        [s["n"] for s in sizes], [s["R"] for s in sizes], [s["C"] for s in sizes], [s["n_rt"] for s in sizes],
-        list(rt_first), offs["cp"], offs["rf"], offs["cf"], list(fin_first), list(upd_first),
-        [int(i) for i in tensor_indices], [int(bool(x)) for x in (write_elr or [False] * T)],
-        *([_fp32_bits(x[k]) for x in inv] for k in range(4)),
-        [_fp32_bits(math.sqrt(s["n"])) for s in sizes], [s["parts"] for s in sizes],
-    ]
-    assert len(table) == TABLE_ROWS
-    aligned = all(group_key(p, g, vc, m, a)[-1] for p, g, vc, m, a in zip(params, grads, vcs, ms, absmaxes))
-    return GroupPlan(launch_table(table, device), T, (rows_owner, n_rows), (fin_owner, n_fin), (upd_owner, n_upd),
-                     ws, factored, tile_shape(sizes[0]["C"]) if factored else (1, FLAT_BLOCK),
-                     factored and sizes[0]["C"] % BLOCK_SIZE == 0, aligned,
-                     triton_dtype(works[0].dtype), triton_dtype(grads[0].dtype), works, list(params))
 
 
 def launch_finalize(plan: GroupPlan, rf: torch.Tensor, cf: torch.Tensor, *, fields: tuple[int, int], decay: float,
@@ -902,17 +524,3 @@ def launch_direction(plan: GroupPlan, *, eps1: float, decay: float, one_minus_de
         enable_fp_fusion=False,
     )
     return ws["scal"]
-
-
-def launch_update(kernel, plan: GroupPlan, scal: torch.Tensor, args: dict) -> None:
-    """The last pass of a factored optimizer, one launch of ``kernel`` (Adafactor's or CAME's update) over
-    every tensor of ``plan`` (:data:`UPDATE_ROWS` codec blocks per program), with the group's factors,
-    ``scal`` and the family's own arguments ``args``; then params updated through copies are written back."""
-    owner, programs = plan.upd
-    kernel[(programs,)](
-        table_ptr=plan.table, owner_ptr=owner, T=plan.T, rf_ptr=plan.ws["rf"], cf_ptr=plan.ws["cf"], scal_ptr=scal,
-        FACTORED=plan.factored, PARAM_DTYPE=plan.param_dtype, GRAD_DTYPE=plan.grad_dtype, ALIGNED=plan.aligned,
-        ROW_BLOCKS=plan.row_blocks, ROWS=UPDATE_ROWS, BLOCK=BLOCK_SIZE, num_warps=UPDATE_WARPS,
-        enable_fp_fusion=False, **args,
-    )
-    plan.copy_back()
