@@ -50,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .adamw8bit import AdamWScalars, AdamWTensors, _beta_powers, _step_terms, adamw_math
+from .adamw8bit import AdamWScalars, AdamWTensors, _step_terms, adamw_math
+from .adamw8bit_triton import _beta_powers
 from .codec import (
     block_scale_rcp,
     block_scale_rcp_reference,

@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .adamw8bit import _beta_powers, step_terms_reference
+from .adamw8bit import step_terms_reference
+from .adamw8bit_triton import _beta_powers
 from .codec import (
     BLOCK_SIZE,
     decode_signed,
