@@ -25,8 +25,10 @@ step is what limits small tensors).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .rounding import _GOLDEN, _MASK32
@@ -50,6 +52,37 @@ def _alias(tensor: torch.Tensor, offset: int, shape: tuple[int, int]) -> torch.T
     return alias.set_(tensor.untyped_storage(), tensor.storage_offset() + offset, shape, (shape[1], 1))
 
 
+class _Aliases:
+    """The :func:`_alias` operands of one in-place bucket, one per source tensor, reused from step to step
+    (building one costs two tensor ops).
+
+    An entry is keyed by the source's ``id`` (with the offset and shape) and holds a weak reference to the
+    source: it is dropped when the source is freed (so a dead tensor's memory is never kept), and rebuilt when
+    the source now lives elsewhere (``.data`` or ``set_`` gave it other memory: a different data pointer) or
+    changed dtype. Between such a change and the next step of the bucket the stale alias still holds the old
+    memory."""
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple] = {}
+
+    def get(self, tensor: torch.Tensor, offset: int, shape: tuple[int, int]) -> torch.Tensor:
+        """The alias of ``tensor`` from flat element ``offset`` on, of ``shape`` (cached, see the class)."""
+        key, pointer = (id(tensor), offset, shape), tensor.data_ptr()
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is tensor and entry[1] == pointer and entry[2].dtype == tensor.dtype:
+            return entry[2]
+        alias = _alias(tensor, offset, shape)
+        self._entries[key] = (weakref.ref(tensor, functools.partial(_forget, self._entries, key)), pointer, alias)
+        return alias
+
+
+def _forget(entries: dict, key: tuple, ref: weakref.ref) -> None:
+    """Weak-reference callback: drop the entry of a freed tensor (unless a new one already replaced it)."""
+    entry = entries.get(key)
+    if entry is not None and entry[0] is ref:
+        del entries[key]
+
+
 class Bucket:
     """One call of a step function: ``pieces`` ``(tensor index, first element, elements)``, each from a
     row boundary of its tensor, laid out from row ``firsts[k]`` of a ``(rows, width)`` operand.
@@ -57,6 +90,7 @@ class Bucket:
 
     def __init__(self, pieces: tuple[tuple[int, int, int], ...], width: int, in_place: bool):
         self.pieces, self.width, self.in_place = pieces, width, in_place
+        self._aliases = _Aliases() if in_place else None
         counts = [-(-numel // width) for _, _, numel in pieces]
         self.firsts = tuple(sum(counts[:k]) for k in range(len(counts)))
         self.rows = max(sum(counts), 2)  # torch.compile specializes sizes 0 and 1: pad rows hold zeros
@@ -80,7 +114,7 @@ class Bucket:
         own memory when in place and contiguous, else a zero-padded copy of every piece."""
         first = tensors[self.pieces[0][0]]
         if self.in_place and first.is_contiguous():
-            return _alias(first, self.pieces[0][1], (self.rows, self.width))
+            return self._aliases.get(first, self.pieces[0][1], (self.rows, self.width))
         out = torch.zeros(self.rows, self.width, dtype=dtype or first.dtype, device=first.device)
         torch._foreach_copy_(self._slices(out), [self._source(tensors[i], s, n) for i, s, n in self.pieces])
         return out
@@ -89,7 +123,7 @@ class Bucket:
         """``(rows, 1)`` operand of per-row values (one per block: absmax) of the pieces' tensors."""
         first = scales[self.pieces[0][0]]
         if self.in_place and first.is_contiguous():
-            return _alias(first, self.pieces[0][1] // self.width, (self.rows, 1))
+            return self._aliases.get(first, self.pieces[0][1] // self.width, (self.rows, 1))
         out = torch.zeros(self.rows, 1, dtype=first.dtype, device=first.device)
         flat = out.view(-1)
         rows = [-(-n // self.width) for _, _, n in self.pieces]
@@ -164,7 +198,15 @@ def per_tensor(values: Sequence, dtype: torch.dtype, device: torch.device | str 
     copies of the last entry to at least two rows: torch.compile specializes a size of 1, and a group of one
     tensor must not compile a graph of its own."""
     values = list(values)
-    return torch.tensor(values + values[-1:] * (2 - len(values)), dtype=dtype, device=device)
+    values += values[-1:] * (2 - len(values))
+    as_numpy = _NUMPY_DTYPES.get(dtype)
+    if as_numpy is not None and torch.device(device).type == "cpu":  # ~2x faster than torch.tensor, no tensor op
+        return torch.from_numpy(np.array(values, dtype=as_numpy))
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32}
+"""The tables :func:`per_tensor` builds through numpy on the CPU (the same values as ``torch.tensor``)."""
 
 
 def plan(tensors: Sequence[torch.Tensor], width: int) -> list[Bucket]:

@@ -14,7 +14,8 @@ How to add a kernel family (``kernels/lion8bit.py``, say):
    **scalars._asdict())`` (by name: a swap cannot go silent); the host step gets them as one fp32
    tensor from :func:`pack` (an LR change never recompiles) and reads them by name with :func:`unpack`.
 2. Tensors: a ``NamedTuple`` of per-tensor sequences with at least ``params``, ``steps`` and ``flags``
-   (0-d fp32 on the param's device; flag 0 = leave the tensor untouched); ``reduces`` (per tensor, a
+   (0-d fp32 on the param's device, read-only; flag 0 = leave the tensor untouched; a CPU tensor checked on
+   the host gets the shared :func:`host_flag` constants); ``reduces`` (per tensor, a
    ``SumReduce`` or None) only if the family supports sharded params that need cross-rank sums.
 3. ``launch(tensors, scalars)``: one Triton launch (or launch sequence) over tensors that share a
    device and a ``launch_key(tensors, i)`` (what changes the compiled kernel: dtypes, state form,
@@ -22,8 +23,9 @@ How to add a kernel family (``kernels/lion8bit.py``, say):
 4. ``host(tensors, scalars, backend, steps)``: the reference step on the host, ``backend``
    ``"compiled"`` or ``"eager"`` (pass it to ``HostStep.on``). With ``bucketed=True`` dispatch groups
    the host tensors by ``host_key``, reads their flags and step counters once per device (a memory read
-   on the CPU), leaves out the skipped ones and hands over ``steps`` (host floats); with
-   ``bucketed=False`` every tensor comes alone, flag and all, and ``steps`` is None.
+   on the CPU; :func:`host_flag` constants are not read at all), leaves out the skipped ones and hands
+   over ``steps`` (host floats); with ``bucketed=False`` every tensor comes alone, flag and all, and
+   ``steps`` is None.
 5. ``LION_8BIT = Family("lion_8bit", launch, host, launch_key=..., host_key=..., bucketed=True)``; the
    optimizer calls ``dispatch(LION_8BIT, LionTensors(...), LionScalars(...))``.
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import os
 import types
 import warnings
@@ -65,6 +68,10 @@ __all__ = [
     "choose_host",
     "choose_bucket",
     "HostStep",
+    "HOST_APPLY",
+    "HOST_SKIP",
+    "host_flag",
+    "host_flag_values",
     "per_layout",
     "pack",
     "packed",
@@ -230,6 +237,34 @@ class Family:
     bucketed: bool = False
 
 
+HOST_APPLY = torch.ones((), dtype=torch.float32)
+"""The finite flag 1 (apply the update) of a CPU tensor whose check ran on the host: one shared 0-d fp32 CPU
+tensor, so the flag's value is known from its identity (:func:`host_flag_values`) with no read. Every flag is
+read-only; this one is shared by every optimizer of the process."""
+
+HOST_SKIP = torch.zeros((), dtype=torch.float32)
+"""The finite flag 0 (leave the tensor untouched) of a host-checked CPU tensor (see :data:`HOST_APPLY`)."""
+
+
+def host_flag(apply: bool) -> torch.Tensor:
+    """:data:`HOST_APPLY` when ``apply`` else :data:`HOST_SKIP`: the flag of a CPU tensor checked on the host."""
+    return HOST_APPLY if apply else HOST_SKIP
+
+
+def host_flag_values(flags: list[torch.Tensor]) -> list[bool] | None:
+    """Each flag's value (True = apply) when every one is a :func:`host_flag` constant, else None (flags that
+    would have to be read from memory: a device's, or computed ones). No tensor is read."""
+    values = []
+    for flag in flags:
+        if flag is HOST_APPLY:
+            values.append(True)
+        elif flag is HOST_SKIP:
+            values.append(False)
+        else:
+            return None
+    return values
+
+
 def subset(tensors: NamedTuple, idx: list[int]) -> NamedTuple:
     """The same kind of NamedTuple holding only the tensors ``idx`` of every per-tensor field."""
     return type(tensors)(*([field[i] for i in idx] for field in tensors))
@@ -271,10 +306,8 @@ def dispatch(family: Family, tensors: NamedTuple, scalars: Any) -> None:
 def _host_buckets(family: Family, tensors: NamedTuple, scalars: Any, idx: list[int]) -> None:
     """The host tensors ``idx`` of one device: flags and steps read once, skipped tensors left out, one
     ``host`` call per ``host_key`` group with its compile choice."""
-    host = torch.stack([tensors.flags[i] for i in idx] + [tensors.steps[i] for i in idx]).tolist()
-    live = [(i, t) for i, ok, t in zip(idx, host[:len(idx)], host[len(idx):]) if ok]
     groups: dict[Hashable, list[tuple[int, float]]] = {}
-    for i, t in live:
+    for i, t in _live_steps(tensors, idx):
         groups.setdefault(i if family.host_key is None else family.host_key(tensors, i), []).append((i, t))
     everything = list(range(len(tensors.params)))
     for group in groups.values():
@@ -282,6 +315,17 @@ def _host_buckets(family: Family, tensors: NamedTuple, scalars: Any, idx: list[i
         chosen = tensors if chosen_idx == everything else subset(tensors, chosen_idx)  # the usual case: no copy
         backend = choose_bucket(sum(p.numel() for p in chosen.params))
         family.host(chosen, scalars, backend, [t for _, t in group])
+
+
+def _live_steps(tensors: NamedTuple, idx: list[int]) -> list[tuple[int, float]]:
+    """``(i, step counter value)`` of the tensors ``idx`` whose flag is set. Flags given as :func:`host_flag`
+    constants are known without a read, and only the live counters are read (one ``item`` each: a memory read
+    on the host); other flags and every counter are read together (one ``stack``, one ``tolist``)."""
+    ok = host_flag_values([tensors.flags[i] for i in idx])
+    if ok is not None:
+        return [(i, tensors.steps[i].item()) for i, good in zip(idx, ok) if good]
+    host = torch.stack([tensors.flags[i] for i in idx] + [tensors.steps[i] for i in idx]).tolist()
+    return [(i, t) for i, good, t in zip(idx, host[:len(idx)], host[len(idx):]) if good]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +441,7 @@ class _CachedGraph:
             if len(entries) != 1 or fn.__kwdefaults__:
                 return None
             entry = entries[0]
-            code = types.FunctionType(entry.code, fn.__globals__, fn.__name__, None, fn.__closure__)
+            code = types.FunctionType(entry.code, _direct_globals(fn.__globals__), fn.__name__, None, fn.__closure__)
             names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
             guards = entry.guard_manager
             guards.check  # noqa: B018 - present, or no cached calls
@@ -408,6 +452,37 @@ class _CachedGraph:
     def matches(self, args: tuple) -> bool:
         """Whether the guards pass for positional ``args`` (every parameter passed: no defaults filled in)."""
         return len(args) == len(self._names) and self._guards.check(dict(zip(self._names, args)))
+
+
+_DYNAMO_UTILS = "__import_torch_dot__dynamo_dot_utils"
+"""The global through which dynamo's transformed code reaches ``torch._dynamo.utils``."""
+
+_PER_CALL_HELPERS = ("call_size", "record_pregraph_bytecode_enter", "record_pregraph_bytecode_exit")
+"""``torch._dynamo.utils`` functions the transformed code calls on every call, each behind ``torch._disable_dynamo``."""
+
+
+class _Undecorated:
+    """``torch._dynamo.utils`` as the transformed code sees it, with :data:`_PER_CALL_HELPERS` undecorated (the
+    same functions without their ``torch._disable_dynamo`` wrapper, ~1 us per call; they only read sizes and open
+    the profiler's "Pregraph bytecode" range); any other attribute is the module's."""
+
+    def __init__(self, module: types.ModuleType):
+        self._module = module
+        for name in _PER_CALL_HELPERS:
+            setattr(self, name, inspect.unwrap(getattr(module, name)))
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def _direct_globals(fn_globals: dict) -> dict:
+    """The globals :class:`_CachedGraph` runs a transformed code with: ``fn_globals`` (a copy taken once compiled:
+    the transformed code reads only the compiled graph and dynamo's modules from it) with dynamo's utilities
+    :class:`_Undecorated`; ``fn_globals`` itself when this torch has no such global or helpers."""
+    module = fn_globals.get(_DYNAMO_UTILS)
+    if not isinstance(module, types.ModuleType) or not all(hasattr(module, n) for n in _PER_CALL_HELPERS):
+        return fn_globals
+    return {**fn_globals, _DYNAMO_UTILS: _Undecorated(module)}
 
 
 def _constant_globals(args: tuple, kwargs: dict):

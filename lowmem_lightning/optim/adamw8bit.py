@@ -139,26 +139,22 @@ class AdamW8bit(LowMemOptimizer):
     # ------------------------------------------------------------------ step
     def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
         """The fused update of one device's params (empty DTensor shards left out)."""
-        work: dict[str, list] = {k: [] for k in ("params", "grads", "m", "m_absmax", "v", "v_absmax", "steps",
-                                                 "seeds", "owners", "stochastic")}
-        kept = []
+        rows, kept = [], []
         for (index, param), state, flag in zip(items, states, flags):
             shard = local(param)  # the tensor updated: a DTensor's local shard
             if shard.numel() == 0:
                 continue
-            quantized = "exp_avg_codes" in state
-            work["params"].append(shard)
-            work["owners"].append(param)  # the key of self.state
-            work["grads"].append(local(param.grad))
-            work["m"].append(state["exp_avg_codes"] if quantized else state["exp_avg"])
-            work["m_absmax"].append(state["exp_avg_absmax"] if quantized else None)
-            work["v"].append(state["exp_avg_sq_codes"] if quantized else state["exp_avg_sq"])
-            work["v_absmax"].append(state["exp_avg_sq_absmax"] if quantized else None)
-            work["steps"].append(state["step"])
-            work["seeds"].append(step_seed(0, shard_tensor_index(index, param), self._seed))
-            work["stochastic"].append(is_stochastic(group["bf16_rounding"]))
+            if "exp_avg_codes" in state:
+                moments = (state["exp_avg_codes"], state["exp_avg_absmax"], state["exp_avg_sq_codes"],
+                           state["exp_avg_sq_absmax"])
+            else:
+                moments = (state["exp_avg"], None, state["exp_avg_sq"], None)
+            seed = step_seed(0, shard_tensor_index(index, param), self._seed)
+            rows.append((shard, local(param.grad), *moments, state["step"], seed, param))  # param: the key of state
             kept.append(flag)
-        if work["params"]:
+        if rows:
+            work = dict(zip(_WORK_KEYS, map(list, zip(*rows))))
+            work["stochastic"] = [is_stochastic(group["bf16_rounding"])] * len(rows)
             self._update(work, kept, self._hyper(group))
 
     @staticmethod
@@ -180,6 +176,10 @@ class AdamW8bit(LowMemOptimizer):
         tensors = AdamWTensors(work["params"], work["grads"], m, m_absmax, v, v_absmax, work["steps"], flags,
                                work["seeds"])
         dispatch(ADAMW_8BIT if work["stochastic"][0] else ADAMW_8BIT_NEAREST, tensors, hyper)
+
+
+_WORK_KEYS = ("params", "grads", "m", "m_absmax", "v", "v_absmax", "steps", "seeds", "owners")
+"""The per-tensor lists of the ``work`` dict :meth:`AdamW8bit._update` gets (with ``stochastic``), in row order."""
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, maximize) -> None:

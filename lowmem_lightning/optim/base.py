@@ -6,7 +6,8 @@
   :meth:`~LowMemOptimizer.use_grad_norm`) the next ``step()`` reuses that total norm for the check.
 * **Step counters** are 0-d fp32 tensors on the param's device (like torch's ``capturable`` mode):
   they advance by the finite flag, so a skipped update does not advance the bias correction, and
-  kernels read them from memory (no ``.item()``).
+  device kernels read them from memory (no ``.item()``, no sync); on the CPU, flags checked on the host
+  advance only the live counters (one ``_foreach_add_``) and the host path reads them (a memory read).
 * **Sharded params** (DTensor, FSDP2): updates and state cover the local shard;
   :meth:`~LowMemOptimizer.state_dict` presents that state as DTensors (:mod:`.sharding`).
 * **State dicts** keep the dtypes of quantized state (torch's ``Optimizer.load_state_dict`` casts
@@ -23,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from ..kernels.dispatch import host_flag_values
 from .finite import FiniteGuard
 from .finite import _square_sum_norms as _square_sum_norms  # noqa: F401  (tests import it from here)
 from .layout import StateSpec, codes_specs, step_spec
@@ -257,9 +259,9 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
         """Per device: finite flags, state, step counters advanced by the flags, then the update."""
         self._begin_group(group, per_device)
         for items in per_device:
-            flags = list(self._finite_flags([param.grad for _, param in items]).unbind(0))
+            flags = self._finite_flags([param.grad for _, param in items])
             states = [self._init_state(param, group) for _, param in items]
-            torch._foreach_add_([state["step"] for state in states], flags)
+            _advance_steps([state["step"] for state in states], flags)
             self._update_tensors(group, items, states, flags)
 
     def _begin_group(self, group: dict, per_device: list[list[tuple[int, torch.Tensor]]]) -> None:
@@ -513,6 +515,19 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
                 current = loaded.get(key)
                 if isinstance(value, torch.Tensor) and (current.dtype != value.dtype or current.device != device):
                     loaded[key] = value.to(device=device)
+
+
+def _advance_steps(steps: list[torch.Tensor], flags: list[torch.Tensor]) -> None:
+    """Add each finite flag to its step counter: one ``_foreach_add_`` of the flags on a device; for flags checked
+    on the host (:func:`~lowmem_lightning.kernels.dispatch.host_flag`) one ``_foreach_add_`` of 1 on the live
+    counters only (the same fp32 sums), none when every tensor skips."""
+    apply = host_flag_values(flags)
+    if apply is None:
+        torch._foreach_add_(steps, flags)
+        return
+    live = [step for step, good in zip(steps, apply) if good]
+    if live:
+        torch._foreach_add_(live, 1.0)
 
 
 def _all_hyperparameter_names() -> set[str]:

@@ -1,12 +1,15 @@
 """The non-finite guard of :class:`~lowmem_lightning.optim.base.LowMemOptimizer` (a mixin of it) and the
 gradient norms it reads.
 
-* ``_finite_flags(grads)`` returns, for each gradient, a 0/1 fp32 flag on the device (1 = the fp32 sum of
+* ``_finite_flags(grads)`` returns, for each gradient, a 0-d 0/1 fp32 flag on the device (1 = the fp32 sum of
   squares of the gradient is finite: no inf/NaN element and no overflow of ``g * g`` or of its sums), with no
-  host sync: one fused ``_foreach_norm(2)`` launch on CUDA, one fp32 ``vector_norm`` per tensor on CPU.
-  Kernels receive the flag and leave params and state untouched where it is 0; the number of skipped tensor
-  updates accumulates on the device and is read (one sync) only through ``skipped_updates``. For DTensor
-  (sharded) gradients the flags agree across the ranks that shard them (:mod:`.sharding`).
+  host sync: one fused ``_foreach_norm(2)`` launch on CUDA. On the CPU (plain tensors) the norms are read on
+  the host (a memory read, no sync at stake) and the flags are the shared constants of
+  :func:`~lowmem_lightning.kernels.dispatch.host_flag`, whose values the optimizer and dispatch know without
+  reading them: no tensor op per step beyond the norms. Kernels receive the flag and leave params and state
+  untouched where it is 0; the number of skipped tensor updates accumulates on the device (on the CPU: added
+  only when a step skips one) and is read (one sync) only through ``skipped_updates``. For DTensor (sharded)
+  gradients the flags agree across the ranks that shard them (:mod:`.sharding`).
 * **Reused norm:** after ``clip_grad_norm_`` (or ``use_grad_norm`` with the norm
   ``torch.nn.utils.clip_grad_norm_`` returned) the next ``step()`` reads no gradient for the check: it applies
   every update when that total norm is finite and skips the *whole step* when it is not.
@@ -24,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..kernels.dispatch import host_flag
 from .sharding import agree_on_flags, is_dtensor, local
 
 __all__ = ["FiniteGuard"]
@@ -106,8 +110,8 @@ class FiniteGuard:
         self.use_grad_norm(total)
         return total
 
-    def _finite_flags(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """fp32 tensor ``(len(grads),)`` on the grads' device: 1.0 where the gradient is safe to apply.
+    def _finite_flags(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One 0-d fp32 flag per gradient, on the grads' device: 1.0 where the gradient is safe to apply.
 
         Safe means the fp32 sum of squares of the gradient is finite (the flag is the isfinite of its
         L2 norm, accumulated in fp32 without rescaling). That is 0 for any inf/NaN element and also for
@@ -116,28 +120,51 @@ class FiniteGuard:
         forms from ``g * g`` is bounded by that sum, so no finite gradient that passes can produce
         an infinite state.
 
-        DTensor gradients are checked on the local shard and the flags combined across ranks (one
-        collective), so all ranks skip or apply an update together. Inside a :meth:`step` that reuses a
-        total norm (:meth:`use_grad_norm`) no gradient is read: every flag is the isfinite of that norm.
+        CPU gradients (plain tensors) are checked on the host: flags are the shared read-only
+        :func:`~lowmem_lightning.kernels.dispatch.host_flag` constants. Elsewhere the flags are views of one
+        device tensor (no host sync). DTensor gradients are checked on the local shard and the flags combined
+        across ranks (one collective), so all ranks skip or apply an update together. Inside a :meth:`step`
+        that reuses a total norm (:meth:`use_grad_norm`) no gradient is read: every flag is the isfinite of
+        that norm.
         """
         if not grads:
-            return torch.empty(0)
+            return []
         distributed = [g for g in grads if is_dtensor(g)]
+        norm = self._step_norm
+        if not distributed and grads[0].device.type == "cpu" and (norm is None or norm.device.type == "cpu"):
+            return self._host_flags(grads, norm)
         grads = [local(g) for g in grads]
-        if self._step_norm is not None:
-            ok = self._step_norm.to(grads[0].device, non_blocking=True).isfinite().to(torch.float32)
+        if norm is not None:
+            ok = norm.to(grads[0].device, non_blocking=True).isfinite().to(torch.float32)
             flags = ok.expand(len(grads))
         else:
             norms = _square_sum_norms(grads, fused=grads[0].device.type != "cpu")
             flags = norms.lt(math.inf).to(torch.float32)  # == isfinite for a norm (>= 0 or NaN), one op not five
             if distributed:
                 agree_on_flags(flags, distributed)
-        device = flags.device
+        counter = self._skip_counter(flags.device)
+        counter.add_(flags.numel() - flags.sum())
+        return list(flags.unbind(0))
+
+    def _host_flags(self, grads: Sequence[torch.Tensor], norm: torch.Tensor | None) -> list[torch.Tensor]:
+        """:meth:`_finite_flags` of CPU ``grads``, decided on the host: the reused total ``norm`` (one read), or
+        each gradient's fp32 norm (one ``_foreach_norm``, the same values as ``vector_norm``, each read).
+        Skips are counted only when there are any (one op then, none otherwise)."""
+        if norm is not None:
+            apply = [math.isfinite(norm.item())] * len(grads)
+        else:
+            apply = [n.item() < math.inf for n in torch._foreach_norm(list(grads), 2, dtype=torch.float32)]
+        skipped = len(apply) - sum(apply)
+        if skipped:
+            self._skip_counter(grads[0].device).add_(float(skipped))
+        return [host_flag(good) for good in apply]
+
+    def _skip_counter(self, device: torch.device) -> torch.Tensor:
+        """The 0-d fp32 skipped-update counter of ``device`` (created at zero on first use)."""
         counter = self._skipped.get(device)
         if counter is None:
             counter = self._skipped[device] = torch.zeros((), dtype=torch.float32, device=device)
-        counter.add_(flags.numel() - flags.sum())
-        return flags
+        return counter
 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:

@@ -122,7 +122,7 @@ class SGD(LowMemOptimizer):
     def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
         """The fused update of one device's params (empty DTensor shards left out)."""
         live = [i for i, (_, param) in enumerate(items) if local(param).numel() > 0]
-        shards = [local(items[i][1].data) for i in live]
+        shards = [local(items[i][1]) for i in live]  # the param itself (not .data: a new object per call)
         tensors = SGDTensors(
             shards,
             [local(items[i][1].grad) for i in live],
