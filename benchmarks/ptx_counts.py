@@ -23,7 +23,7 @@ def _rows(arch: int, all_specs: bool):
     from lowmem_lightning.kernels.aot import compile_spec, count_accesses, iter_specs
 
     seen = set()
-    for module_name, kernel, signature, constexprs, aligned, options in iter_specs():
+    for module_name, kernel, signature, constexprs, aligned, options in iter_specs(everything=True):
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
         is_aligned = bool(aligned) or constexprs.get("ALIGNED") is True
         if (name, is_aligned) in seen and not all_specs:

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| family | kernel | constexprs | aligned | " + " | ".join(COLUMNS) + " |")
     print("|---|---|---|---|" + "---|" * len(COLUMNS))
     seen, rows, failed = set(), [], 0
-    for module_name, kernel, signature, constexprs, aligned, options in iter_specs():
+    for module_name, kernel, signature, constexprs, aligned, options in iter_specs(everything=True):
         name = getattr(kernel, "fn", kernel).__name__
         is_aligned = bool(aligned) or constexprs.get("ALIGNED") is True
         family = module_name.rsplit(".", 1)[-1]

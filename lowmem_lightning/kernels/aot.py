@@ -27,6 +27,15 @@ KERNEL_MODULES = (
 )
 """Modules whose ``AOT_SPECS`` are compiled; a module that does not exist yet is skipped."""
 
+SEPARATELY_TESTED_MODULES = (
+    "lowmem_lightning.kernels.adamw4bit",
+    "lowmem_lightning.kernels.lion",
+    "lowmem_lightning.kernels.ademamix",
+)
+"""Kernel families whose own tests compile their ``AOT_SPECS`` (``tests/test_adamw4bit.py``,
+``tests/test_lion_ademamix_aot.py``): left out of :func:`compile_all`, included by ``iter_specs(everything=True)``
+(the SASS and PTX count scripts)."""
+
 ARCHES = (80, 90)
 
 DEFAULT_POINTER = "*fp32"
@@ -147,10 +156,11 @@ def compile_spec(kernel, signature: dict, constexprs: dict, arch: int, aligned=(
                           options={"enable_fp_fusion": False, **(options or {})})
 
 
-def iter_specs():
-    """Yield ``(module_name, kernel, signature, constexprs, aligned, options)`` for every kernel of the
-    package (a spec is ``(kernel, signature, constexprs[, aligned[, options]])``)."""
-    for module_name in KERNEL_MODULES:
+def iter_specs(everything: bool = False):
+    """Yield ``(module_name, kernel, signature, constexprs, aligned, options)`` for every kernel of
+    :data:`KERNEL_MODULES` (and of :data:`SEPARATELY_TESTED_MODULES` when ``everything``); a spec is
+    ``(kernel, signature, constexprs[, aligned[, options]])``."""
+    for module_name in KERNEL_MODULES + (SEPARATELY_TESTED_MODULES if everything else ()):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
