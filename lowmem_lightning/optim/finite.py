@@ -3,13 +3,14 @@ gradient norms it reads.
 
 * ``_finite_flags(grads)`` returns, for each gradient, a 0-d 0/1 fp32 flag on the device (1 = the fp32 sum of
   squares of the gradient is finite: no inf/NaN element and no overflow of ``g * g`` or of its sums), with no
-  host sync: one fused ``_foreach_norm(2)`` launch on CUDA. On the CPU (plain tensors) the norms are read on
-  the host (a memory read, no sync at stake) and the flags are the shared constants of
-  :func:`~lowmem_lightning.kernels.dispatch.host_flag`, whose values the optimizer and dispatch know without
-  reading them: no tensor op per step beyond the norms. Kernels receive the flag and leave params and state
-  untouched where it is 0; the number of skipped tensor updates accumulates on the device (on the CPU: added
-  only when a step skips one) and is read (one sync) only through ``skipped_updates``. For DTensor (sharded)
-  gradients the flags agree across the ranks that shard them (:mod:`.sharding`).
+  host sync: one fused ``_foreach_norm(2)`` launch on CUDA. On the CPU (plain tensors) the norms (one
+  ``vector_norm`` per gradient) are read on the host (a memory read, no sync at stake) and the flags are the
+  shared constants of :func:`~lowmem_lightning.kernels.dispatch.host_flag`, whose values the optimizer and
+  dispatch know without reading them: no tensor op per step beyond the norms. Kernels receive the flag and
+  leave params and state untouched where it is 0; the number of skipped tensor updates accumulates on the
+  device (on the CPU: added only when a step skips one) and is read (one sync) only through
+  ``skipped_updates``. For DTensor (sharded) gradients the flags agree across the ranks that shard them
+  (:mod:`.sharding`).
 * **Reused norm:** after ``clip_grad_norm_`` (or ``use_grad_norm`` with the norm
   ``torch.nn.utils.clip_grad_norm_`` returned) the next ``step()`` reads no gradient for the check: it applies
   every update when that total norm is finite and skips the *whole step* when it is not.
@@ -148,12 +149,13 @@ class FiniteGuard:
 
     def _host_flags(self, grads: Sequence[torch.Tensor], norm: torch.Tensor | None) -> list[torch.Tensor]:
         """:meth:`_finite_flags` of CPU ``grads``, decided on the host: the reused total ``norm`` (one read), or
-        each gradient's fp32 norm (one ``_foreach_norm``, the same values as ``vector_norm``, each read).
+        each gradient's fp32 norm (one ``vector_norm`` pass per gradient, each read: a ``_foreach_norm`` is one op
+        but the same passes on the CPU, and not faster below ~20 small tensors).
         Skips are counted only when there are any (one op then, none otherwise)."""
         if norm is not None:
             apply = [math.isfinite(norm.item())] * len(grads)
         else:
-            apply = [n.item() < math.inf for n in torch._foreach_norm(list(grads), 2, dtype=torch.float32)]
+            apply = [torch.linalg.vector_norm(g, 2, dtype=torch.float32).item() < math.inf for g in grads]
         skipped = len(apply) - sum(apply)
         if skipped:
             self._skip_counter(grads[0].device).add_(float(skipped))
