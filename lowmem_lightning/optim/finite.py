@@ -155,7 +155,11 @@ class FiniteGuard:
         if norm is not None:
             apply = [math.isfinite(norm.item())] * len(grads)
         else:
-            apply = [torch.linalg.vector_norm(g, 2, dtype=torch.float32).item() < math.inf for g in grads]
+            # bf16: the norm in the gradient's dtype (accumulated in fp32 all the same, and a finite fp32 norm is below
+            # sqrt(fp32 max) ~1.8e19, far inside bf16's range, so the same flag); dtype=float32 first copies the whole
+            # gradient to fp32 on the CPU (measured ~14x slower at 4M elements, issue 24.6)
+            apply = [torch.linalg.vector_norm(g, 2, dtype=None if g.dtype == torch.bfloat16 else torch.float32).item()
+                     < math.inf for g in grads]
         skipped = len(apply) - sum(apply)
         if skipped:
             self._skip_counter(grads[0].device).add_(float(skipped))
