@@ -219,3 +219,17 @@ def test_yaml_recipe_sets_the_mode_through_optimizer_kwargs(tmp_path):
     opt = build_optimizer(callback.optimizer_name, [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))],
                           lr=callback.lr, **callback.optimizer_kwargs)
     assert opt.param_groups[0]["bf16_rounding"] == "nearest"
+
+
+@pytest.mark.parametrize(("value", "count", "applies"), [(1.3e19, 2, True), (1.3e19, 3, False), (1e30, 1, False)])
+def test_bf16_gradient_finite_check_catches_fp32_square_overflow(value, count, applies):
+    """The CPU step's finite check of a bf16 gradient (its norm in bf16, accumulated in fp32) skips the update
+    exactly when the fp32 sum of squares overflows: two elements of 1.3e19 square-sum to 3.38e38 (finite, the
+    step applies), three to 5.07e38 (inf, the step is skipped, the param unchanged)."""
+    param = torch.nn.Parameter(torch.ones(4096 + 7, dtype=torch.bfloat16))
+    param.grad = torch.zeros_like(param)
+    param.grad[:count] = value
+    before = param.detach().clone()
+    opt = _build("adamw_8bit", [param])
+    opt.step()
+    assert torch.equal(param.detach(), before) is not applies
