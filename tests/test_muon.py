@@ -111,13 +111,18 @@ def test_muon_8bit_state_is_about_1_02_bytes_per_param():
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-@pytest.mark.parametrize("shape", [(4, 64, 64), (3, 96, 40), (2, 40, 96), (1, 4097, 3)])
-def test_batched_newton_schulz_equals_torch_per_matrix(shape):
+@pytest.mark.parametrize("shape", [(4, 64, 64), (3, 96, 40), (2, 40, 96), (1, 4097, 3), (1, 40, 96)])
+@pytest.mark.parametrize("steps", [5, 4, 1])
+def test_batched_newton_schulz_equals_torch_per_matrix(shape, steps):
+    """Batched (and one-matrix) Newton–Schulz, products written into reused buffers, equals torch's loop bit for
+    bit for wide and tall (transposed) matrices and an odd or even number of steps; the input is not changed."""
     x = torch.randn(shape)
-    ours = newton_schulz(x, NS_COEFFICIENTS, 5, 1e-7)
+    before = x.clone()
+    ours = newton_schulz(x, NS_COEFFICIENTS, steps, 1e-7)
     assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    assert torch.equal(x, before)
     for a, m in zip(ours, x):
-        assert torch.equal(a, _zeropower_via_newtonschulz(m, NS_COEFFICIENTS, 5, 1e-7))
+        assert torch.equal(a, _zeropower_via_newtonschulz(m, NS_COEFFICIENTS, steps, 1e-7))
 
 
 def _momentum_inputs(n: int, quantized: bool, grad_dtype: torch.dtype):
@@ -194,6 +199,24 @@ def test_fast_8bit_host_step_equals_the_reference(momentum, nesterov, seed):
     assert torch.equal(codes, ref_codes), f"{int((codes != ref_codes).sum())} codes differ"
     assert torch.equal(absmax.view(torch.int32), ref_absmax.view(torch.int32))  # bits: +0.0 stays +0.0
     assert torch.equal(out.view(torch.int16), u_ref.view(torch.int16))
+
+
+def test_fast_8bit_host_step_with_a_reused_workspace_equals_the_reference():
+    """The 8-bit host step writes the same bits through one scratch reused, dirty, over matrices of two sizes
+    (as ``_host`` passes it) as without one."""
+    from lowmem_lightning.kernels.codec import BLOCK_SIZE
+    from lowmem_lightning.kernels.muon import MuonScalars, muon_momentum_8bit_host
+
+    scalars = MuonScalars.of(0.95, True, False)
+    work = torch.full((3 * 300 * BLOCK_SIZE,), float("nan"))
+    for blocks, seed in ((300, 0), (120, 1), (300, 2)):
+        grad, codes, absmax = _hard_momentum_inputs(blocks, seed, scalars.weight_buf)
+        ref_codes, ref_absmax = codes.clone(), absmax.clone()
+        out, ref_out = (torch.empty(grad.shape, dtype=torch.bfloat16) for _ in range(2))
+        muon_momentum_8bit_host(grad, ref_codes, ref_absmax, ref_out, *scalars[:2], True)
+        muon_momentum_8bit_host(grad, codes, absmax, out, *scalars[:2], True, work)
+        assert torch.equal(codes, ref_codes) and torch.equal(absmax.view(torch.int32), ref_absmax.view(torch.int32))
+        assert torch.equal(out.view(torch.int16), ref_out.view(torch.int16))
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])

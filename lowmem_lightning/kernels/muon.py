@@ -228,7 +228,8 @@ _SIGN_BIT = -(2**31)
 
 
 def muon_momentum_8bit_host(g: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, out: torch.Tensor,
-                            weight_buf: float, weight_nesterov: float, nesterov: bool) -> None:
+                            weight_buf: float, weight_nesterov: float, nesterov: bool,
+                            work: torch.Tensor | None = None) -> None:
     """The 8-bit momentum step of :func:`muon_momentum_reference` on CPU tensors in ~16 passes (the reference
     takes ~25 and square roots in fp64): the same codes, scales and ``U``, bit for bit.
 
@@ -239,20 +240,30 @@ def muon_momentum_8bit_host(g: torch.Tensor, codes: torch.Tensor, absmax: torch.
     the specification wants, where torch's vectorized fp32 ``sqrt`` on the CPU is not) on ``|r|``, whose sign
     is put back as a bit (int32 ``or``) before rounding half to even. The reference's ``SQRT_FLOOR`` clamp is
     left out: it only changes roots of ``|r| < 2**-100``, whose codes are 0 either way.
+
+    ``work``: optional fp32 scratch of at least ``3 * g.numel()`` elements (:func:`_host_workspace`), reused
+    across the matrices of a step so that no pass writes freshly mapped memory (the page faults of three
+    new buffers per matrix cost about as much as the arithmetic); without it the buffers are allocated.
     """
-    y = codes.to(torch.float32).mul_(_DECODE_STEP)
-    new = y.mul_(y.abs()).mul_(absmax).lerp_(g, weight_buf)  # (num_blocks, BLOCK_SIZE) fp32 momentum
+    n = codes.numel()
+    work = torch.empty(3 * n, dtype=torch.float32) if work is None else work
+    new, r, mag_t = (work[i * n:(i + 1) * n].view(codes.shape) for i in range(3))
+    new.copy_(codes).mul_(_DECODE_STEP)  # decoded y = sign(c) (|c| / 127)^2 absmax, below
+    torch.abs(new, out=r)
+    new.mul_(r).mul_(absmax).lerp_(g, weight_buf)  # (num_blocks, BLOCK_SIZE) fp32 momentum
     scale = torch.maximum(new.amax(dim=1, keepdim=True), new.amin(dim=1, keepdim=True).neg_()).abs_()
-    r = new * block_scale_rcp_reference(scale)
-    mag = np.abs(r.numpy())
+    torch.mul(new, block_scale_rcp_reference(scale), out=r)
+    mag = mag_t.numpy()
+    np.abs(r.numpy(), out=mag)
     np.sqrt(mag, out=mag)
     mag *= np.float32(SIGNED_LEVELS)
-    torch.from_numpy(mag).view(torch.int32).bitwise_or_(r.view(torch.int32).bitwise_and_(_SIGN_BIT))
+    mag_t.view(torch.int32).bitwise_or_(r.view(torch.int32).bitwise_and_(_SIGN_BIT))
     np.rint(mag, out=mag)
-    codes.copy_(torch.from_numpy(mag))
+    codes.copy_(mag_t)
     absmax.copy_(scale)
-    u = torch.lerp(g, new, weight_nesterov) if nesterov else new
-    out.copy_(u.view(out.shape))
+    if nesterov:  # the momentum is stored: its buffer takes U (lerp is elementwise, in place is exact)
+        torch.lerp(g, new, weight_nesterov, out=new)
+    out.copy_(new.view(out.shape))
 
 
 def _signed(grad: torch.Tensor, grad_sign: torch.Tensor) -> torch.Tensor:
@@ -323,20 +334,33 @@ def newton_schulz(x: torch.Tensor, coefficients: Sequence[float] = NS_COEFFICIEN
     if tall:
         X = X.mT
     norms = torch.stack([m.norm() for m in X])  # per matrix, in torch's reduction order (bf16, as torch's)
-    X = X / norms.clamp(min=eps).view(-1, 1, 1)
-    if X.size(0) == 1:  # one matrix: torch's own 2-D ops (a batch of one takes another CPU kernel)
-        X = X[0]
-        for _ in range(steps):
-            gram = X @ X.T  # (small, small)
-            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-            X = torch.addmm(X, poly, X, beta=a)
-        X = X[None]
-    else:
-        for _ in range(steps):
-            gram = X @ X.mT  # (batch, small, small)
-            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-            X = torch.baddbmm(X, poly, X, beta=a)
+    X = _ns_iterations(X / norms.clamp(min=eps).view(-1, 1, 1), a, b, c, steps)
     return X.mT if tall else X
+
+
+def _ns_iterations(X: torch.Tensor, a: float, b: float, c: float, steps: int) -> torch.Tensor:
+    """``steps`` quintic iterations on the normalized batch ``X`` ``(batch, small, large)``, every product
+    written into buffers allocated once (a fresh output per product costs ~4% of the CPU step); ``X`` itself
+    is reused as a buffer when contiguous (it is this function's own)."""
+    n, small = X.size(0), X.size(1)
+    gram, poly = X.new_empty(2, n, small, small).unbind(0)
+    spare = [torch.empty(X.shape, dtype=X.dtype, device=X.device)]
+    if X.is_contiguous():
+        spare.append(X)
+    else:  # a tall matrix's transposed view: read once, then replaced by contiguous products (as torch does)
+        spare.append(torch.empty_like(spare[0]))
+    if n == 1:  # one matrix: torch's own 2-D ops (a batch of one takes another CPU kernel)
+        X, gram, poly, spare = X[0], gram[0], poly[0], [t[0] for t in spare]
+        for i in range(steps):
+            torch.mm(X, X.T, out=gram)  # (small, small)
+            torch.addmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+            X = torch.addmm(X, poly, X, beta=a, out=spare[i % 2])
+        return X[None]
+    for i in range(steps):
+        torch.bmm(X, X.mT, out=gram)  # (batch, small, small)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+        X = torch.baddbmm(X, poly, X, beta=a, out=spare[i % 2])
+    return X
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
@@ -378,10 +402,19 @@ def _blocks(t: torch.Tensor, pad: int) -> torch.Tensor:
     return flat.view(-1, BLOCK_SIZE)
 
 
-def _host_momentum(grad, buf, absmax, out, s: MuonScalars, packed: torch.Tensor | None) -> None:
+def _host_workspace(t: MuonTensors) -> torch.Tensor | None:
+    """One fp32 scratch for :func:`muon_momentum_8bit_host` over all of ``t``'s CPU 8-bit matrices (three
+    buffers of the largest padded matrix), or None when there is none."""
+    sizes = [-(-g.numel() // BLOCK_SIZE) * BLOCK_SIZE for g, a in zip(t.grads, t.absmaxes)
+             if a is not None and g.device.type == "cpu"]
+    return torch.empty(3 * max(sizes), dtype=torch.float32) if sizes else None
+
+
+def _host_momentum(grad, buf, absmax, out, s: MuonScalars, packed: torch.Tensor | None,
+                   work: torch.Tensor | None = None) -> None:
     """One tensor's momentum step on the host, ``U`` written into ``out`` (bf16): compiled when ``packed`` (the
     scalars as a tensor) is given (:data:`_FUSED_STEPS`), else eager (the reference for fp32 momentum,
-    :func:`muon_momentum_8bit_host` for 8-bit); every form stores the same bits."""
+    :func:`muon_momentum_8bit_host` for 8-bit, with the scratch ``work``); every form stores the same bits."""
     n = grad.numel()
     if absmax is None:
         if packed is not None:
@@ -398,7 +431,7 @@ def _host_momentum(grad, buf, absmax, out, s: MuonScalars, packed: torch.Tensor 
         u.copy_(muon_momentum_reference(_blocks(grad, pad), codes, absmax.view(-1, 1), *s).view(u.shape))
     else:
         muon_momentum_8bit_host(_signed_fp32(_blocks(grad, pad), s.grad_sign), codes, absmax.view(-1, 1), u,
-                                s.weight_buf, s.weight_nesterov, bool(s.nesterov))
+                                s.weight_buf, s.weight_nesterov, bool(s.nesterov), work)
     if pad:
         out.copy_(u.view(-1)[:n].view(out.shape))
         buf.view(-1).copy_(codes.view(-1)[:n])
@@ -464,8 +497,9 @@ def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
     """The live tensors of one :func:`_host_key` group (``dispatch`` leaves out those whose flag is 0: their
     ``U`` stays unwritten), one at a time; ``backend="compiled"``: the fused compiled steps."""
     if backend != "compiled":
+        work = _host_workspace(t)
         for grad, buf, absmax, out in zip(t.grads, t.bufs, t.absmaxes, t.params):
-            _host_momentum(grad, buf, absmax, out, scalars, None)
+            _host_momentum(grad, buf, absmax, out, scalars, None, work)
         return
     packed = pack(scalars)
     with _fp_contraction():
