@@ -1,5 +1,6 @@
 """Helpers shared by the optimizer-against-reference tests (Adafactor, CAME, Muon, Lion, AdEMAMix)."""
 
+import pytest
 import torch
 
 from lowmem_lightning.kernels import dispatch
@@ -38,6 +39,16 @@ def train(opt, params, grads, grad_dtype=None, nan_at=None):
                 p.grad.view(-1)[5] = float("nan")
         opt.step()
     return opt
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """One intra-op thread for every test of a module that imports this (autouse) fixture: on a shared 2-core
+    machine OpenMP oversubscription made steps 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

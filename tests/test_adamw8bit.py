@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from optim_helpers import bits, one_cpu_thread  # noqa: F401 (one_cpu_thread: autouse fixture)
 
 from lowmem_lightning.kernels import adamw8bit as kernel
 from lowmem_lightning.kernels import dispatch
@@ -18,17 +19,8 @@ from lowmem_lightning.optim.adamw8bit import AdamW8bit
 ODD_SHAPES = [(4097,), (1000, 3), (3, 5, 300), (7, 11)]  # the last one keeps fp32 state (< 4096 elements)
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP oversubscription made steps 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
 
 
 def _make_params(dtype, shapes=ODD_SHAPES, seed=0):
@@ -74,10 +66,10 @@ def test_triton_kernel_equals_reference(monkeypatch, param_dtype, grad_dtype):
     ref = _run(ref_params, 2, grad_dtype, nan_at=(1, 1))
     start = _make_params(param_dtype)
     for p_tri, p_ref, p0 in zip(tri_params, ref_params, start):
-        assert torch.equal(_bits(p_tri), _bits(p_ref)), "params differ"
+        assert torch.equal(bits(p_tri), bits(p_ref)), "params differ"
         assert not torch.equal(p_tri, p0)
         for key, value in ref.state[p_ref].items():
-            assert torch.equal(_bits(tri.state[p_tri][key]), _bits(value)), f"state {key!r} differs"
+            assert torch.equal(bits(tri.state[p_tri][key]), bits(value)), f"state {key!r} differs"
     assert tri.skipped_updates == ref.skipped_updates == 1
     assert tri.state[tri_params[1]]["step"].item() == 1.0
 
@@ -150,7 +142,7 @@ def test_nonfinite_gradient_skips_only_that_tensor():
     for i in (0, 1):  # skipped: params and every state tensor bit-identical, step not advanced
         assert torch.equal(params[i], before[i])
         for key, value in state_before[i].items():
-            assert torch.equal(_bits(opt.state[params[i]][key]), _bits(value)), key
+            assert torch.equal(bits(opt.state[params[i]][key]), bits(value)), key
     assert not torch.equal(params[2], before[2])  # the neighbour in the same step still updates
     assert opt.state[params[2]]["step"].item() == 2.0
     assert opt.skipped_updates == 2

@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from optim_helpers import one_cpu_thread  # noqa: F401 (autouse fixture)
 
 from lowmem_lightning.kernels.codec import dequantize_reference
 from lowmem_lightning.optim.adamw8bit import AdamW8bit
@@ -13,13 +14,6 @@ from lowmem_lightning.optim.adamw8bit import AdamW8bit
 SHAPES = [(4097,), (1000, 5), (33,)]
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP oversubscription made steps 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _params(dtypes=(torch.float32, torch.bfloat16, torch.float32)):

@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from optim_helpers import one_cpu_thread  # noqa: F401 (autouse fixture)
 
 from lowmem_lightning.optim import build_optimizer, state_memory
 from lowmem_lightning.optim.adamw8bit import AdamW8bit
@@ -14,13 +15,6 @@ from lowmem_lightning.optim.paged import PageAction, PagedAdamW8bit, plan_paging
 SHAPES = [(4097,), (100, 50), (30,), (64, 80), (5000,)]  # (30,) keeps fp32 state on the device
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP oversubscription made steps 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 DTYPES = [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float32]  # bf16: stochastic rounding
 
 

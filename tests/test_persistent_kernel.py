@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from optim_helpers import bits, one_cpu_thread  # noqa: F401 (one_cpu_thread: autouse fixture)
 
 from lowmem_lightning.kernels import adamw8bit as kernel
 from lowmem_lightning.kernels import dispatch, multitensor
@@ -21,16 +22,8 @@ from lowmem_lightning.optim.adamw8bit import AdamW8bit
 SHAPES = [(4097,), (1000, 5), (4096,), (64, 80), (7, 11), (33,), (16, 16)]
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
 
 
 def _params(dtype, shapes, seed=0, offset=False):
@@ -63,9 +56,9 @@ def _run(params, steps, grad_dtype, bad_at=None):
 
 def _assert_same(params_a, opt_a, params_b, opt_b):
     for i, (a, b) in enumerate(zip(params_a, params_b)):
-        assert torch.equal(_bits(a), _bits(b)), f"param {i} {tuple(a.shape)} differs"
+        assert torch.equal(bits(a), bits(b)), f"param {i} {tuple(a.shape)} differs"
         for key, value in opt_b.state[b].items():
-            assert torch.equal(_bits(opt_a.state[a][key]), _bits(value)), f"param {i} state {key!r} differs"
+            assert torch.equal(bits(opt_a.state[a][key]), bits(value)), f"param {i} state {key!r} differs"
 
 
 class _Spy:
