@@ -451,6 +451,8 @@ PEERS = {
     "official CAME": "came_pytorch",
     "torch SGD (foreach)": "torch_sgd_foreach",
     "torch Muon": "torch_muon",
+    "bitsandbytes Lion8bit": "bnb_lion_8bit",
+    "bitsandbytes AdEMAMix8bit": "bnb_ademamix_8bit",
 }
 """Peer named in the "peer on the same run" column -> its ``benchmarks/optim_step.py`` row."""
 
