@@ -292,7 +292,7 @@ def test_the_cli_ends_a_full_disk_with_exit_2_and_one_message(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err
-    assert f"lowmem: error: Could not write the checkpoint {tmp_path / 'ckpt' / 'epoch=0-step=2.ckpt'}" in err
+    assert f"lowmem fit: error: Could not write the checkpoint {tmp_path / 'ckpt' / 'epoch=0-step=2.ckpt'}" in err
     assert os.listdir(tmp_path / "ckpt") == ["epoch=0-step=1.ckpt"]
     assert torch.load(tmp_path / "ckpt" / "epoch=0-step=1.ckpt", weights_only=False)["global_step"] == 1
 

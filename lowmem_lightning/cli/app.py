@@ -554,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SIGTERMException:
         code = SIGTERM_EXIT_CODE
     except CheckpointWriteError as err:  # a full / read-only checkpoint directory: one message, exit 2
-        sys.stderr.write(f"lowmem: error: {err}\n")
+        sys.stderr.write(f"{prog}: error: {err}\n")
         code = 2
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
