@@ -269,14 +269,15 @@ def pretraining_study(args, train_data, val_data):
             clip, release = options.pop("clip", "norm"), options.pop("release", False)
             if options.pop("param_dtype", None) == "bf16":
                 model = model.to(torch.bfloat16)
+            peak = LR[family(builder)] * args.lr_scale
             try:
                 params = model.named_parameters() if "muon" in builder else model.parameters()
-                opt = build(builder, params, LR[family(builder)], options)
+                opt = build(builder, params, peak, options)
             except (ImportError, ValueError) as err:
                 notes[name] = f"not available: {type(err).__name__}: {err}"[:120]
                 break
             start = time.perf_counter()
-            curve, val = train(model, opt, train_data, val_data, args, seed, LR[family(builder)], clip, release)
+            curve, val = train(model, opt, train_data, val_data, args, seed, peak, clip, release)
             results.setdefault(name, []).append(val)
             curves.setdefault(name, curve)
             print(f"{name:22s} seed {seed}: val loss {val:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -369,10 +370,18 @@ def append_csv(results, args) -> None:
         writer = csv.writer(f)
         if new:
             writer.writerow(header)
+        metric = "val_loss" if args.lr_scale == 1.0 else f"val_loss_lr_x{args.lr_scale:g}"
         for name, vals in results.items():
-            row = [dt.date.today().isoformat(), "convergence", device_name(), torch.__version__, name, "val_loss",
+            row = [dt.date.today().isoformat(), "convergence", device_name(), torch.__version__, name, metric,
                    f"{statistics.fmean(vals):.5f}", len(vals), args.steps]
             writer.writerow(row)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"--lr-scale must be a finite number > 0, got {text!r}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -390,6 +399,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-finetune", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--no-csv", action="store_true")
+    parser.add_argument("--lr-scale", type=_positive_float, default=1.0,
+                        help="multiplies every run's peak learning rate (an lr sweep; 1.0: the LR table as is)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     args.out.mkdir(parents=True, exist_ok=True)
