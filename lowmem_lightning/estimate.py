@@ -47,6 +47,11 @@ __all__ = [
     "released_gradient_bytes",
     "activation_bytes",
     "model_activation_bytes",
+    "lora_activation_bytes",
+    "LORA_ACTIVATION_COEFFICIENTS",
+    "LORA_MODES",
+    "LORA_TARGET_SETS",
+    "NF4_DEQUANTIZE_BYTES",
     "RELEASE_BUCKET_BYTES",
     "estimate_memory",
     "recommend",
@@ -321,6 +326,145 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     return int(batch_size * seq_len * per_token)
 
 
+LORA_MODES = ("fp32", "bf16", "bf16-base-fp32-adapters", "bf16-mixed")
+"""How a LoRA run holds and computes its tensors, by the element sizes that matter (fp16 counts as bf16):
+``fp32`` everything fp32 (``32-true``); ``bf16`` base and adapters bf16 (``bf16-true`` converts both);
+``bf16-base-fp32-adapters`` a bf16 base under fp32 adapters without autocast (``32-true`` with
+``torch_dtype: bfloat16``: each adapter casts its input to fp32); ``bf16-mixed`` that model under bf16
+autocast (``trainer.precision: bf16-mixed``)."""
+
+LORA_TARGET_SETS = {
+    "all": frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    "attention": frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}),
+}
+"""The adapted projections :func:`lora_activation_bytes` models: all seven of a Llama layer (QLoRA's
+choice) or the four attention ones."""
+
+LORA_ACTIVATION_COEFFICIENTS: dict[tuple[str, str, bool, str], tuple[float, float, float, float, float]] = {
+    # (base, mode, dropout > 0, targets): (full_h, full_i, rest_h, layer_h, layer_i)
+    ("dense", "bf16", False, "all"): (19.7, 8.1, 1.2, 23.8, 11.2),
+    ("dense", "bf16", False, "attention"): (17.7, 6.1, 1.2, 21.7, 11.3),
+    ("dense", "bf16", True, "all"): (39.7, 10.1, -4.8, 49.1, 12.8),
+    ("dense", "bf16", True, "attention"): (31.7, 6.1, -4.8, 35.7, 11.3),
+    ("dense", "bf16-base-fp32-adapters", False, "all"): (39.7, 10.1, 1.2, 50.5, 18.2),
+    ("dense", "bf16-base-fp32-adapters", False, "attention"): (31.7, 6.1, 1.2, 35.7, 11.3),
+    ("dense", "bf16-base-fp32-adapters", True, "all"): (61.2, 14.2, -3.5, 76.6, 20.2),
+    ("dense", "bf16-base-fp32-adapters", True, "attention"): (47.7, 6.1, -10.8, 51.7, 11.3),
+    ("dense", "bf16-mixed", False, "all"): (29.5, 8.6, 0.7, 38.8, 15.3),
+    ("dense", "bf16-mixed", False, "attention"): (25.0, 6.1, 0.7, 29.0, 11.3),
+    ("dense", "bf16-mixed", True, "all"): (48.9, 13.6, -5.4, 62.8, 23.3),
+    ("dense", "bf16-mixed", True, "attention"): (41.0, 6.1, -11.3, 45.0, 11.3),
+    ("dense", "fp32", False, "all"): (31.6, 16.1, 2.0, 29.0, 24.1),
+    ("dense", "fp32", False, "attention"): (24.1, 12.9, 6.5, 25.1, 24.2),
+    ("dense", "fp32", True, "all"): (71.6, 20.1, -10.0, 81.2, 24.2),
+    ("dense", "fp32", True, "attention"): (52.1, 12.9, -5.5, 53.1, 24.2),
+    ("nf4", "bf16", False, "all"): (19.7, 8.1, 1.2, 24.5, 8.2),
+    ("nf4", "bf16", False, "attention"): (14.8, 6.3, 9.0, 22.6, 6.2),
+    ("nf4", "bf16", True, "all"): (39.7, 10.1, -4.8, 40.3, 10.0),
+    ("nf4", "bf16", True, "attention"): (28.8, 6.3, 3.0, 36.6, 6.2),
+    ("nf4", "bf16-base-fp32-adapters", False, "all"): (39.7, 10.1, 1.2, 48.5, 8.2),
+    ("nf4", "bf16-base-fp32-adapters", False, "attention"): (28.8, 6.3, 9.0, 36.6, 6.2),
+    ("nf4", "bf16-base-fp32-adapters", True, "all"): (63.7, 14.1, -10.8, 56.3, 16.7),
+    ("nf4", "bf16-base-fp32-adapters", True, "attention"): (44.8, 6.3, -3.0, 52.6, 6.2),
+    ("nf4", "bf16-mixed", False, "all"): (21.5, 8.6, 0.7, 26.2, 8.5),
+    ("nf4", "bf16-mixed", False, "attention"): (15.2, 6.5, 10.2, 24.0, 6.2),
+    ("nf4", "bf16-mixed", True, "all"): (41.5, 10.6, -5.3, 45.1, 9.4),
+    ("nf4", "bf16-mixed", True, "attention"): (29.2, 6.5, 4.2, 38.0, 6.2),
+    ("nf4", "fp32", False, "all"): (31.6, 16.1, 2.0, 32.5, 16.5),
+    ("nf4", "fp32", False, "attention"): (22.2, 13.0, 11.9, 19.0, 18.9),
+    ("nf4", "fp32", True, "all"): (71.6, 20.1, -10.0, 52.7, 25.3),
+    ("nf4", "fp32", True, "attention"): (50.2, 13.0, -0.1, 47.0, 18.9),
+}
+"""Bytes per token per unit of ``hidden_size`` / ``intermediate_size`` of a LoRA decoder in
+:func:`lora_activation_bytes`: ``full_*`` one layer's saved tensors and ``rest_h`` the rest without
+checkpointing, ``layer_*`` one layer recomputed and differentiated with it; by base (``nf4``: our
+``Linear4bit`` under our ``LoraLinear4bit``; ``dense``: a frozen ``nn.Linear`` under peft's ``lora.Linear``),
+:data:`LORA_MODES` mode, dropout > 0 (peft uses ``nn.Identity`` at 0: no copy, no mask) and
+:data:`LORA_TARGET_SETS` key. Least squares over torch's CPU profiler at three sizes per entry
+(``benchmarks/lora_activations.py --fit`` prints them again; rank 16, the rank terms taken out first),
+checked at three others in ``tests/test_estimate.py``. The adapters' extra tensors -- each adapter's own
+dropout output and mask, its own fp32 or autocast copy of the input -- are why they differ from
+:data:`ACTIVATION_COEFFICIENTS`."""
+
+NF4_DEQUANTIZE_BYTES = {"cuda": {2: 2, 4: 4}, "cpu": {2: 10, 4: 8}}
+"""Transient bytes per weight while a ``Linear4bit`` multiplies, by device and compute element size: on
+CUDA the Triton kernel writes the dense weight once (the element size); on the CPU the PyTorch reference
+also holds the int32 codes and fp32 values (torch's profiler: 10.0 B/weight into bf16, 8.06 into fp32)."""
+
+_LORA_BASES = ("nf4", "dense")
+_LORA_DEVICES = tuple(NF4_DEQUANTIZE_BYTES)
+
+
+def _lora_targets(targets) -> str:
+    """The :data:`LORA_TARGET_SETS` key of ``targets`` (a key, or a collection of projection names)."""
+    if isinstance(targets, str) and targets in LORA_TARGET_SETS:
+        return targets
+    names = frozenset(targets) if not isinstance(targets, str) else frozenset()
+    for key, value in LORA_TARGET_SETS.items():
+        if names == value:
+            return key
+    raise ValueError(f"Invalid targets={targets!r}: activations are modelled for LoRA on all seven projections "
+                     f"({', '.join(sorted(LORA_TARGET_SETS['all']))}) or the four attention ones "
+                     f"({', '.join(sorted(LORA_TARGET_SETS['attention']))}).")
+
+
+def _check_lora_options(base, mode, rank, device) -> None:
+    if base not in _LORA_BASES:
+        raise ValueError(f"Invalid base={base!r}: expected one of {', '.join(_LORA_BASES)}.")
+    if mode not in LORA_MODES:
+        raise ValueError(f"Invalid mode={mode!r}: expected one of {', '.join(LORA_MODES)}.")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"Invalid rank={rank!r}: expected an int >= 1.")
+    if device not in _LORA_DEVICES:
+        raise ValueError(f"Invalid device={device!r}: expected one of {', '.join(_LORA_DEVICES)}.")
+
+
+def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = "nf4", mode: str = "bf16-mixed",
+                          dropout: float = 0.0, targets="all", rank: int = 16, gradient_checkpointing: bool = True,
+                          device: str = "cuda") -> int:
+    """Peak activation bytes of one forward + backward of a Llama-style decoder with LoRA adapters on a
+    frozen base (``base="nf4"``: 4-bit ``Linear4bit``; ``"dense"``: frozen full-precision weights), adapter
+    gradients not included.
+
+    ``mode`` is one of :data:`LORA_MODES`, ``targets`` the adapted projections (a key of
+    :data:`LORA_TARGET_SETS` or the names), ``rank`` the adapters' ``r``. With ``n = batch_size * seq_len``,
+    ``h``/``i``/``L``/``V`` as in :func:`activation_bytes`, ``d`` the base's element size (4 in ``fp32``
+    mode, else 2), ``c`` the coefficients of :data:`LORA_ACTIVATION_COEFFICIENTS`, ``R = adapters per layer
+    * rank * a`` (each adapter's rank-``r`` activation, ``a`` its compute element size) and, on an NF4 base,
+    ``T = t * h * i`` the dense weight a 4-bit projection decodes while it multiplies (``t`` from
+    :data:`NF4_DEQUANTIZE_BYTES` for ``device``; 0 on a dense base):
+
+    * gradient checkpointing: ``n * (L + 1) * d * h + max(n * (c.layer_h * h + c.layer_i * i + R) + T,
+      n * (12 * V + 2 * d * h))``;
+    * without: ``n * (L * (c.full_h * h + c.full_i * i + R) + c.rest_h * h) + max(n * 12 * V, T)``.
+
+    Within 10% of torch's CPU profiler (``device="cpu"``) at sizes it was not fitted to
+    (``tests/test_estimate.py``); ``benchmarks/gpu_check.py`` ``qlora_7b`` sets the CUDA figure beside a
+    measured peak.
+    """
+    _check_lora_options(base, mode, rank, device)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"Invalid dropout={dropout!r}: expected a number in [0, 1).")
+    key = _lora_targets(targets)
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {name}={value!r}: expected an int >= 1.")
+    h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
+    layers, vocab = _config_value(config, "num_hidden_layers"), _config_value(config, "vocab_size")
+    full_h, full_i, rest_h, layer_h, layer_i = LORA_ACTIVATION_COEFFICIENTS[(base, mode, dropout > 0, key)]
+    d = 4 if mode == "fp32" else 2
+    adapter_bytes = 2 if mode in ("bf16", "bf16-mixed") else 4
+    rank_bytes = len(LORA_TARGET_SETS[key]) * rank * adapter_bytes
+    transient = NF4_DEQUANTIZE_BYTES[device][d] * h * i if base == "nf4" else 0
+    n = batch_size * seq_len
+    loss = n * LOSS_BYTES_PER_VOCAB * vocab
+    if gradient_checkpointing:
+        layer = n * (layer_h * h + layer_i * i + rank_bytes) + transient
+        return int(n * (layers + 1) * d * h + max(layer, loss + n * 2 * d * h))
+    saved = n * (layers * (full_h * h + full_i * i + rank_bytes) + rest_h * h)
+    return int(saved + max(loss, transient))
+
+
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _HALF_PRECISIONS = ("bf16-true", "16-true")
 """Lightning precisions that convert the model's weights to 2 bytes (``HalfPrecision``)."""
@@ -344,23 +488,91 @@ def _weight_dtype(model: nn.Module, precision: str) -> torch.dtype | None:
     return max(floats, key=lambda p: p.numel()).dtype if floats else None
 
 
+_MIXED = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
+"""Lightning precisions that run the forward under autocast, and the autocast dtype."""
+
+
+def _lora_setting(model: nn.Module) -> dict | None:
+    """``{targets, rank, dropout, adapter_dtype}`` of the LoRA adapters in ``model`` (None: none): the
+    projection names that carry a ``lora_A``, the largest rank, the largest ``lora_dropout`` and the dtype of
+    the first adapter weight."""
+    targets, rank, dropout, dtype = set(), 0, 0.0, None
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict) or not lora_a:
+            continue
+        targets.add(name.rpartition(".")[2])
+        for adapter in lora_a.values():
+            rank = max(rank, adapter.weight.shape[0])
+            dtype = dtype or adapter.weight.dtype
+        for drop in getattr(module, "lora_dropout", {}).values():
+            dropout = max(dropout, float(getattr(drop, "p", 0.0)))
+    return None if not targets else {"targets": targets, "rank": rank, "dropout": dropout, "adapter_dtype": dtype}
+
+
+def _lora_mode(base: torch.dtype, adapters: torch.dtype, precision: str) -> str | None:
+    """The :data:`LORA_MODES` entry of a run (None: not modelled)."""
+    if precision in _HALF_PRECISIONS:
+        return "bf16"  # Lightning converts base and adapters to the half dtype
+    half = base in (torch.bfloat16, torch.float16)
+    if precision in _MIXED:
+        return "bf16-mixed" if base == _MIXED[precision] and adapters == torch.float32 else None
+    if base == adapters == torch.float32:
+        return "fp32"
+    if half and adapters == base:
+        return "bf16"
+    return "bf16-base-fp32-adapters" if half and adapters == torch.float32 else None
+
+
+def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: int, seq_len: int,
+                      gradient_checkpointing: bool, precision: str, device: str) -> tuple[int | None, str]:
+    """:func:`model_activation_bytes` of a model with LoRA adapters (or a 4-bit base)."""
+    lora = _lora_setting(model)
+    if lora is None:
+        return None, "not modelled for a 4-bit model without LoRA adapters (nothing in it trains)"
+    base = "nf4" if "nf4" in count.frozen_bytes_by_dtype else "dense"
+    mode = _lora_mode(_weight_dtype(model, "32-true"), lora["adapter_dtype"], precision)
+    if mode is None:
+        return None, (f"not modelled for LoRA ({lora['adapter_dtype']} adapters) under precision={precision!r} "
+                      f"(fitted to {', '.join(LORA_MODES)})")
+    try:
+        key = _lora_targets(lora["targets"])
+    except ValueError:
+        return None, ("not modelled for LoRA on " + ", ".join(sorted(lora["targets"]))
+                      + " (fitted to all seven projections or the four attention ones)")
+    nbytes = lora_activation_bytes(config, batch_size, seq_len, base=base, mode=mode, dropout=lora["dropout"],
+                                   targets=key, rank=lora["rank"], gradient_checkpointing=gradient_checkpointing,
+                                   device=device)
+    checkpointing = "checkpointing" if gradient_checkpointing else "no checkpointing"
+    drop = f", dropout {lora['dropout']:g}" if lora["dropout"] else ""
+    where = "NF4" if base == "nf4" else "frozen"
+    return nbytes, (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA r={lora['rank']} on "
+                    f"{len(LORA_TARGET_SETS[key])} projections{drop}, {where} base")
+
+
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
-                           precision: str | int | None = None) -> tuple[int | None, str]:
-    """``(bytes, what they are of)`` of :func:`activation_bytes` for ``model`` (meta works) as a run with
-    Lightning ``precision`` (``None``: ``"32-true"``) trains it; ``(None, why not)`` where that formula does
-    not model the run: LoRA adapters or 4-bit layers, mixed precision (autocast), weights other than
+                           precision: str | int | None = None, device: str = "cuda") -> tuple[int | None, str]:
+    """``(bytes, what they are of)`` of the activations of ``model`` (meta works) as a run with Lightning
+    ``precision`` (``None``: ``"32-true"``) trains it: :func:`activation_bytes` for a full-weight decoder,
+    :func:`lora_activation_bytes` for LoRA adapters on a 4-bit or frozen base (mode from the weights, the
+    adapters and ``precision``; ``device`` sets the 4-bit decode transient). ``(None, why not)`` where no
+    formula models the run: mixed precision (autocast) of a full-weight model, LoRA other than
+    :data:`LORA_MODES` or :data:`LORA_TARGET_SETS`, a 4-bit model without adapters, weights other than
     bf16/fp16/fp32, or a model with no Llama-style ``config`` (``hidden_size``, ``intermediate_size``,
     ``num_hidden_layers``, ``vocab_size``)."""
     precision = "32-true" if precision is None else str(precision)
     count = count_model(model)
-    if count.adapter_params or "nf4" in count.frozen_bytes_by_dtype:
-        return None, "not modelled for LoRA / 4-bit models (the formula is fitted to full-weight decoders)"
-    if precision not in ("32-true", "32", *_HALF_PRECISIONS):
-        return None, f"not modelled under precision={precision!r} (fitted to '32-true', 'bf16-true' and '16-true')"
     config = _decoder_config(model)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
     if config is None or any(getattr(config, key, None) is None for key in keys):
         return None, "not modelled: the model has no Llama-style config (" + ", ".join(keys) + ")"
+    if count.adapter_params or "nf4" in count.frozen_bytes_by_dtype:
+        if precision not in ("32-true", "32", *_HALF_PRECISIONS, *_MIXED):
+            return None, f"not modelled under precision={precision!r}"
+        return _lora_activations(model, count, config, batch_size, seq_len, gradient_checkpointing, precision,
+                                 device)
+    if precision not in ("32-true", "32", *_HALF_PRECISIONS):
+        return None, f"not modelled under precision={precision!r} (fitted to '32-true', 'bf16-true' and '16-true')"
     dtype = _weight_dtype(model, precision)
     if dtype not in _DTYPE_NAMES:
         return None, f"not modelled for {dtype} weights (fitted to bf16, fp16 and fp32)"
