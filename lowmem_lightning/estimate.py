@@ -19,8 +19,9 @@ instantiated (meta) model:
   :func:`~lowmem_lightning.optim.state_memory` of the real optimizer after one step.
 
 Activations depend on batch size, sequence length and checkpointing: device totals exclude them, and
-:func:`activation_bytes` gives the peak of a Llama-style decoder's forward + backward from its config
-(the formula is in its docstring; ``tests/test_estimate.py`` checks it against torch's profiler on CPU).
+:func:`activation_bytes` gives the peak of a Llama-style decoder's forward + backward from its config,
+:func:`lora_activation_bytes` that of LoRA adapters on a 4-bit or frozen base (the formulas are in their
+docstrings; ``tests/test_estimate.py`` checks both against torch's profiler on CPU).
 """
 
 from __future__ import annotations
@@ -308,7 +309,8 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
 
     Within 5% of torch's CPU profiler on the sizes it was fitted to (and checked at others in
     ``tests/test_estimate.py``); the GPU kernels save the same tensors (``benchmarks/gpu_check.py``
-    ``full_ft_7b`` measures it). Not modelled: mixed precision (autocast) and 4-bit/LoRA models.
+    ``full_ft_7b`` measures it). Not modelled: mixed precision (autocast); LoRA / 4-bit models:
+    :func:`lora_activation_bytes`.
     """
     if dtype_bytes not in ACTIVATION_COEFFICIENTS:
         raise ValueError(f"Invalid dtype_bytes={dtype_bytes!r}: expected 2 (bf16/fp16) or 4 (fp32).")

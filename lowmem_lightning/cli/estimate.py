@@ -6,7 +6,8 @@ the model is built without weights (:func:`build_meta_model`), and
 state from the optimizers' own ``state_layout()``. Activations come from the recipe's ``data.batch_size``,
 ``data.seq_len``, ``model.gradient_checkpointing`` and ``trainer.precision`` (the flags that set them in
 ``lowmem fit`` set them here: ``--data.seq_len 1024``) through
-:func:`~lowmem_lightning.estimate.model_activation_bytes`, and join every device total.
+:func:`~lowmem_lightning.estimate.model_activation_bytes` (full-weight decoders, and LoRA / QLoRA runs through
+:func:`~lowmem_lightning.estimate.lora_activation_bytes`), and join every device total.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def estimate_main(argv: Sequence[str]) -> int:
         "and the state of every optimizer, from the model built on the meta device (no weights, no download). "
         "Other options (e.g. --model.model_name_or_path DIR, --optim NAME) are applied as in 'lowmem fit'; "
         "activations are of the recipe's --data.batch_size, --data.seq_len, --model.gradient_checkpointing "
-        "and --trainer.precision (Llama-style full-weight models; a LoRA / 4-bit run leaves them out).",
+        "and --trainer.precision (Llama-style decoders: full-weight, or LoRA on all seven or the four attention "
+        "projections of a 4-bit or frozen base; what is not modelled is left out and said so).",
     )
     parser.add_argument("-c", "--config", required=True, help="Recipe: a YAML file or a bundled recipe name.")
     parser.add_argument("--budget-gb", type=float, default=None, help="Device memory budget in GB (10**9 bytes).")
