@@ -21,7 +21,8 @@ Parts (``--parts`` selects some):
 * ``qlora_7b``: a Llama-2-7B-architecture model with random weights created directly in NF4 on the
   GPU (:func:`lowmem_lightning.quant.random_causal_lm`), LoRA r=16 on all projections, seq 512,
   batch 1, gradient checkpointing, ``paged_adamw_8bit``, bf16: peak memory of a full training step
-  (goal <= 6 GB) and step time; bitsandbytes' NF4 + peft the same way when installed.
+  (goal <= 6 GB) and step time, beside ``lowmem_lightning.estimate``'s figure for the same step (activations
+  included, :func:`qlora_estimate`; goal within 10%); bitsandbytes' NF4 + peft the same way when installed.
 * ``release``: peak device memory of a training step with and without gradient release.
 * ``full_ft_7b``: ``configs/full_finetune_7b.yaml`` as ``lowmem fit`` runs it (Lightning ``Trainer`` with
   the recipe's bf16-true precision and clipping, ``CausalLMModule`` with gradient checkpointing and the
@@ -432,6 +433,41 @@ def _qlora_step(model, device, seq: int, optimizer: str):
     return step
 
 
+QLORA_ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "max_position_embeddings")
+
+
+def qlora_estimate(dry: bool, seq: int) -> dict:
+    """``lowmem_lightning.estimate``'s figure (bytes) for the part's own step: the same architecture on the meta
+    device, NF4 base in bf16, LoRA r=16 alpha 32 dropout 0 on the seven projections (fp32 adapters), bf16
+    autocast, checkpointing, batch 1 x ``seq``, ``paged_adamw_8bit``: weights, gradients, optimizer state on the
+    device, activations (:func:`~lowmem_lightning.estimate.lora_activation_bytes`, CUDA decode transient) and
+    their total; ``detail`` says what the activations are of."""
+    from lowmem_lightning.estimate import estimate_memory, model_activation_bytes
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+    from lowmem_lightning.quant import LLAMA_TARGET_MODULES
+
+    config = _llama_config(dry)
+    arch = {key: getattr(config, key) for key in QLORA_ARCH_KEYS}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": list(LLAMA_TARGET_MODULES)}
+    model = build_causal_lm(None, arch, "nf4", lora, device="meta", torch_dtype="bfloat16")
+    activations, detail = model_activation_bytes(model, 1, seq, True, "bf16-mixed", device="cuda")
+    est = estimate_memory(model, configured=("paged_adamw_8bit", {}), gradient_checkpointing=True,
+                          activations=activations or 0, activation_detail=detail)
+    row = est.optimizers[est.configured_optimizer]
+    return {"weights": est.model.frozen_bytes + est.model.trainable_bytes, "gradients": est.gradient_device_bytes,
+            "state": row.device_state_bytes, "activations": activations or 0, "total": row.total_device_bytes,
+            "detail": detail}
+
+
+def _qlora_estimate_line(est: dict, peak_gb: float, dry: bool) -> str:
+    """The estimate beside the measured peak (GB = 10**9 bytes), with their ratio (goal: within 10%)."""
+    parts = ", ".join(f"{key} {est[key] / 1e9:.3f}" for key in ("weights", "gradients", "state", "activations"))
+    ratio = "n/a (CPU)" if dry or not peak_gb else f"{peak_gb * 1e9 / est['total']:.3f} (goal: 0.90-1.10)"
+    return (f"Estimate (lowmem_lightning.estimate, activations {est['detail']}): {est['total'] / 1e9:.3f} GB "
+            f"= {parts}; measured / estimate {ratio}.")
+
+
 def part_qlora_7b(dry: bool) -> list[str]:
     """QLoRA at Llama-2-7B shape, NF4 created on the device: peak memory of a training step, step time."""
     import torch
@@ -461,7 +497,7 @@ def part_qlora_7b(dry: bool) -> list[str]:
     lines.append(f"| lowmem NF4 + peft LoRA r=16, paged_adamw_8bit | {_dense_params(config) / 1e9:.2f}B "
                  f"| {peak:.2f} | {ms:.0f} "
                  f"| <= 6 GB: {verdict} |")
-    lines += ["", profile, ""]
+    lines += ["", _qlora_estimate_line(qlora_estimate(dry, seq), peak, dry), "", profile, ""]
     if not _installed("bitsandbytes"):
         lines.append("| bitsandbytes NF4 + peft | - | - | - | skipped: bitsandbytes not installed |")
         return lines

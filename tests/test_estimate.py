@@ -687,3 +687,31 @@ def test_estimate_cli_refuses_the_batch_and_seq_fit_refuses(flag, value, minimum
     name = flag.removeprefix("--data.")
     assert out == ""
     assert err.splitlines()[0] == f"lowmem estimate: error: Invalid {name}={value}: expected an integer >= {minimum}."
+
+
+def test_gpu_check_qlora_part_sets_the_estimate_beside_its_peak():
+    """``benchmarks/gpu_check.py``'s qlora_7b estimate: the LoRA formula for its step (dropout 0, bf16 autocast,
+    CUDA decode transient) and the parts adding to the total, under the README's 6 GB; its meta model counts the
+    same weights as the model the part trains (built for real at the dry-run size)."""
+    import sys
+    from pathlib import Path
+
+    from lowmem_lightning.estimate import lora_activation_bytes
+    from lowmem_lightning.quant import add_lora, random_causal_lm
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_check
+
+    est = gpu_check.qlora_estimate(False, 512)
+    arch = json.loads(_llama_2_7b_config())
+    assert est["activations"] == lora_activation_bytes(arch, 1, 512, base="nf4", mode="bf16-mixed", dropout=0.0,
+                                                       targets="all", rank=16, device="cuda")
+    assert est["total"] == est["weights"] + est["gradients"] + est["state"] + est["activations"] < 6e9
+    assert "LoRA r=16 on 7 projections, NF4 base" in est["detail"] and "dropout" not in est["detail"]
+    dry = gpu_check.qlora_estimate(True, 32)
+    real = add_lora(random_causal_lm(gpu_check._llama_config(True), "nf4", torch.bfloat16, device="cpu"), r=16,
+                    alpha=32)
+    count = count_model(real)
+    assert dry["gradients"] == count.gradient_bytes == count.trainable_bytes
+    # the same NF4 codes and adapters; only the rotary inv_freq buffer differs (fp32 when built, bf16 on meta)
+    assert abs(dry["weights"] - count.frozen_bytes - count.trainable_bytes) <= 256
