@@ -382,9 +382,10 @@ LORA_ACTIVATION_COEFFICIENTS: dict[tuple[str, str, bool, str], tuple[float, floa
 checkpointing, ``layer_*`` one layer recomputed and differentiated with it; by base (``nf4``: our
 ``Linear4bit`` under our ``LoraLinear4bit``; ``dense``: a frozen ``nn.Linear`` under peft's ``lora.Linear``),
 :data:`LORA_MODES` mode, dropout > 0 (peft uses ``nn.Identity`` at 0: no copy, no mask) and
-:data:`LORA_TARGET_SETS` key. Least squares over torch's CPU profiler at three sizes per entry
-(``benchmarks/lora_activations.py --fit`` prints them again; rank 16, the rank terms taken out first),
-checked at three others in ``tests/test_estimate.py``. The adapters' extra tensors -- each adapter's own
+:data:`LORA_TARGET_SETS` key. Least squares over torch's CPU profiler at the four ``FIT`` sizes of
+``benchmarks/lora_activations.py`` (``--fit`` prints the table again; rank 16, the rank terms and the CPU
+decode transient taken out first), checked at its three ``CHECK`` sizes (``--check``; ``tests/test_estimate.py``
+profiles eight settings there, every entry under ``-m slow``). The adapters' extra tensors -- each adapter's own
 dropout output and mask, its own fp32 or autocast copy of the input -- are why they differ from
 :data:`ACTIVATION_COEFFICIENTS`."""
 
