@@ -59,7 +59,7 @@ from .codec import (
     encode_signed,
     encode_signed_reference,
 )
-from .dispatch import Family, HostStep, dispatch, pack, unpack
+from .dispatch import Family, HostStep, dispatch, host_flag_values, pack, settings, unpack
 from .multitensor import aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
 from .rounding import index_seed, index_seed_reference, nearest_variant, store_param, write_param_reference
 
@@ -76,6 +76,7 @@ __all__ = [
     "muon_momentum_reference",
     "muon_momentum_8bit_host",
     "newton_schulz",
+    "ns_work_numel",
     "muon_apply_reference",
     "muon_momentum",
     "muon_apply",
@@ -318,13 +319,17 @@ def _fp_contraction():
 
 
 def newton_schulz(x: torch.Tensor, coefficients: Sequence[float] = NS_COEFFICIENTS, steps: int = NS_STEPS,
-                  eps: float = NS_EPS) -> torch.Tensor:
+                  eps: float = NS_EPS, work: torch.Tensor | None = None) -> torch.Tensor:
     """Orthogonalize a batch of matrices ``x`` ``(batch, rows, cols)`` (any float dtype): bf16 result.
 
     ``steps`` iterations of the quintic ``X <- a X + (b A + c A A) X`` with ``A = X X^T`` (Jordan et al.
     2024), in bf16 matmuls, on ``X`` = ``bf16(x)`` transposed when tall (so ``A`` is the smaller Gram
     matrix) and divided by its Frobenius norm floored at ``eps``; the same operations as
     ``torch.optim.Muon``'s per-matrix loop. The result's singular values lie near ``[0.7, 1.2]``.
+
+    ``work``: optional flat bf16 scratch on ``x``'s device of at least :func:`ns_work_numel` elements that
+    every intermediate (and the result, a view of it) is written into instead of fresh buffers; the caller
+    keeps it across steps (fresh multi-MiB buffers on the CPU are new pages: thousands of page faults a step).
     """
     if x.ndim != 3:
         raise ValueError(f"Invalid x of shape {tuple(x.shape)}: expected a (batch, rows, cols) stack of matrices.")
@@ -334,21 +339,59 @@ def newton_schulz(x: torch.Tensor, coefficients: Sequence[float] = NS_COEFFICIEN
     if tall:
         X = X.mT
     norms = torch.stack([m.norm() for m in X])  # per matrix, in torch's reduction order (bf16, as torch's)
-    X = _ns_iterations(X / norms.clamp(min=eps).view(-1, 1, 1), a, b, c, steps)
+    scale = norms.clamp(min=eps).view(-1, 1, 1)
+    if work is None:
+        X = _ns_iterations(X / scale, a, b, c, steps)
+    else:
+        normalized, buffers = _ns_buffers(X, work)
+        X = _ns_iterations(torch.div(X, scale, out=normalized), a, b, c, steps, buffers)
     return X.mT if tall else X
 
 
-def _ns_iterations(X: torch.Tensor, a: float, b: float, c: float, steps: int) -> torch.Tensor:
+def ns_work_numel(shape: Sequence[int]) -> int:
+    """Elements of the bf16 scratch :func:`newton_schulz` takes as ``work`` for a ``(batch, rows, cols)`` input:
+    the normalized input, two product buffers and the two ``small x small`` Gram products per matrix."""
+    n, rows, cols = shape
+    small = min(rows, cols)
+    return 3 * n * rows * cols + 2 * n * small * small
+
+
+def _ns_buffers(X: torch.Tensor, work: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """Views of ``work`` for :func:`newton_schulz` of the (possibly transposed) input ``X`` ``(n, small,
+    large)``: the normalized input, laid out as ``X`` is (what ``X / norm`` would allocate), and
+    :func:`_ns_iterations`'s ``(gram, poly, spare, spare2)``."""
+    n, small, large = X.shape
+    size, square = n * small * large, n * small * small
+    if work.dtype != torch.bfloat16 or work.device != X.device or work.numel() < ns_work_numel(X.shape):
+        raise ValueError(f"Invalid work ({work.dtype}, {work.numel()} elements on {work.device}): expected a bf16 "
+                         f"scratch of at least {ns_work_numel(X.shape)} elements on {X.device}.")
+    flat = work.view(-1)
+    normalized = flat[:size].view(n, small, large)
+    if not X.is_contiguous():  # a tall matrix's transposed view: the division keeps that layout
+        normalized = flat[:size].view(n, large, small).mT
+    spare, spare2 = flat[size:2 * size].view(X.shape), flat[2 * size:3 * size].view(X.shape)
+    gram = flat[3 * size:3 * size + square].view(n, small, small)
+    poly = flat[3 * size + square:3 * size + 2 * square].view(n, small, small)
+    return normalized, (gram, poly, spare, spare2)
+
+
+def _ns_iterations(X: torch.Tensor, a: float, b: float, c: float, steps: int, buffers: tuple | None = None
+                   ) -> torch.Tensor:
     """``steps`` quintic iterations on the normalized batch ``X`` ``(batch, small, large)``, every product
-    written into buffers allocated once (a fresh output per product costs ~4% of the CPU step); ``X`` itself
-    is reused as a buffer when contiguous (it is this function's own)."""
+    written into buffers allocated once (a fresh output per product costs ~4% of the CPU step), or into
+    ``buffers`` (``(gram, poly, spare, spare2)``, :func:`_ns_buffers`); ``X`` itself is reused as a buffer when
+    contiguous (it is this function's own)."""
     n, small = X.size(0), X.size(1)
-    gram, poly = X.new_empty(2, n, small, small).unbind(0)
-    spare = [torch.empty(X.shape, dtype=X.dtype, device=X.device)]
-    if X.is_contiguous():
-        spare.append(X)
-    else:  # a tall matrix's transposed view: read once, then replaced by contiguous products (as torch does)
-        spare.append(torch.empty_like(spare[0]))
+    if buffers is not None:
+        gram, poly, spare0, spare1 = buffers
+        spare = [spare0, X if X.is_contiguous() else spare1]
+    else:
+        gram, poly = X.new_empty(2, n, small, small).unbind(0)
+        spare = [torch.empty(X.shape, dtype=X.dtype, device=X.device)]
+        if X.is_contiguous():
+            spare.append(X)
+        else:  # a tall matrix's transposed view: read once, then replaced by contiguous products (as torch does)
+            spare.append(torch.empty_like(spare[0]))
     if n == 1:  # one matrix: torch's own 2-D ops (a batch of one takes another CPU kernel)
         X, gram, poly, spare = X[0], gram[0], poly[0], [t[0] for t in spare]
         for i in range(steps):
@@ -495,8 +538,16 @@ def _host_key(t: MuonTensors, i: int) -> tuple:
 
 def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
     """The live tensors of one :func:`_host_key` group (``dispatch`` leaves out those whose flag is 0: their
-    ``U`` stays unwritten), one at a time; ``backend="compiled"``: the fused compiled steps."""
+    ``U`` stays unwritten); ``backend="compiled"``: the fused compiled steps, one tensor at a time.
+
+    8-bit momentum on the CPU under ``cpu_compile="auto"`` always takes the compiled step, whatever the group's
+    size (:func:`_host_backend`). Eager fp32 momentum: ``torch.optim.Muon``'s own ``lerp`` calls
+    (:func:`_fp32_momentum_eager`)."""
+    backend = _host_backend(t, backend)
     if backend != "compiled":
+        if t.absmaxes[0] is None:
+            _fp32_momentum_eager(t, scalars)
+            return
         work = _host_workspace(t)
         for grad, buf, absmax, out in zip(t.grads, t.bufs, t.absmaxes, t.params):
             _host_momentum(grad, buf, absmax, out, scalars, None, work)
@@ -505,6 +556,32 @@ def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
     with _fp_contraction():
         for grad, buf, absmax, out in zip(t.grads, t.bufs, t.absmaxes, t.params):
             _host_momentum(grad, buf, absmax, out, scalars, packed)
+
+
+def _host_backend(t: MuonTensors, backend: str) -> str:
+    """``backend``, except that an 8-bit CPU group that ``cpu_compile="auto"`` sent to the eager step compiles:
+    the fused compiled pass is ~3x faster than the eager one (~16 passes) and is compiled once per process (one
+    dynamic-shape graph, plus one for a matrix whose length is not a multiple of 256; the compiled code is
+    cached on disk by inductor), so a Muon step, whose 8-bit pass dominates everything but Newton–Schulz,
+    would otherwise stay slower than ``torch.optim.Muon`` until ``compile_after_numel``."""
+    if (backend == "eager" and t.absmaxes[0] is not None and settings().cpu_compile == "auto"
+            and t.grads[0].device.type == "cpu"):
+        return "compiled"
+    return backend
+
+
+def _fp32_momentum_eager(t: MuonTensors, s: MuonScalars) -> None:
+    """:func:`muon_momentum_reference` with fp32 momentum, tensor by tensor (``torch.optim.Muon``'s order: the
+    gradient and momentum are still in cache for the second op): ``lerp_`` of the momentum, then ``U`` (the
+    nesterov ``lerp``, or the momentum) written straight into the bf16 output (computed in fp32, rounded once on
+    the store: the bits of ``lerp`` followed by ``bfloat16()``)."""
+    for grad, buf, out in zip(t.grads, t.bufs, t.params):
+        g = _signed_fp32(grad.reshape(buf.shape), s.grad_sign)
+        buf.lerp_(g, s.weight_buf)
+        if s.nesterov:
+            torch.lerp(g, buf, s.weight_nesterov, out=out.view(buf.shape))
+        else:
+            out.view(buf.shape).copy_(buf)
 
 
 MUON_MOMENTUM = Family("muon_momentum", launch=_launch, host=_host, launch_key=_launch_key, host_key=_host_key,
@@ -590,6 +667,21 @@ def muon_apply(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], 
     by_size: dict[float, list[int]] = {}
     for i, size in enumerate(step_sizes):
         by_size.setdefault(float(size), []).append(i)
+    live = _host_fp32_live(params, flags)
     for size, idx in by_size.items():
+        if live is not None:  # torch.optim.Muon's mul_ and add_, as two multi-tensor ops
+            chosen = [params[i] for i in idx if live[i]]
+            if chosen:
+                torch._foreach_mul_(chosen, decay)
+                torch._foreach_add_(chosen, [updates[i].view(params[i].shape) for i in idx if live[i]], alpha=-size)
+            continue
         tensors = ApplyTensors(*([seq[i] for i in idx] for seq in (params, updates, steps, flags, tensor_indices)))
         dispatch(family, tensors, ApplyScalars(decay, size))
+
+
+def _host_fp32_live(params: Sequence[torch.Tensor], flags: Sequence[torch.Tensor]) -> list[bool] | None:
+    """Which params to update when every one is an fp32 CPU tensor with a host-checked flag (what
+    :func:`muon_apply_reference` does to them needs no rounding draw and no flag read), else None."""
+    if not all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params):
+        return None
+    return host_flag_values(list(flags))

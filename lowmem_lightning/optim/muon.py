@@ -7,6 +7,7 @@ which update, and gathers sharded matrices for Newton–Schulz.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -14,7 +15,16 @@ import torch
 from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, quantize_reference
 from ..kernels.dispatch import dispatch
-from ..kernels.muon import NS_COEFFICIENTS, NS_EPS, NS_STEPS, adjusted_lr, muon_apply, muon_momentum, newton_schulz
+from ..kernels.muon import (
+    NS_COEFFICIENTS,
+    NS_EPS,
+    NS_STEPS,
+    adjusted_lr,
+    muon_apply,
+    muon_momentum,
+    newton_schulz,
+    ns_work_numel,
+)
 from ..kernels.rounding import is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
@@ -38,6 +48,10 @@ workspace)."""
 NS_BATCH_NUMEL_CPU = 2**19
 """The same on the CPU, where a batch beyond ~1 MiB of bf16 per operand falls out of cache: 48 matrices of
 256x256 run fastest 8 at a time (``benchmarks/RESULTS.md``, "Muon on the CPU")."""
+
+NS_SCRATCH_NUMEL_CPU = 2**24
+"""Largest Newton–Schulz scratch (bf16 elements: ``U``, the normalized input, two products and the Gram
+products of one batch; 32 MiB) a CPU optimizer keeps across steps; a larger batch allocates per step."""
 
 
 def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | None = None) -> bool:
@@ -192,11 +206,27 @@ class Muon(LowMemOptimizer):
                         "Muon updates 2-D matrices only (give that param a group with use_muon=False or None)."
                     )
 
-    _transient_attributes = ("_names",)
+    _transient_attributes = ("_names", "_ns_work")
 
     def _reset_transient(self) -> None:
-        """The name cache is rebuilt on first use (ids change in a copy)."""
+        """The name cache is rebuilt on first use (ids change in a copy); the Newton–Schulz scratch on first step."""
         self._names: dict[int, str | None] = {}
+        self._ns_work: torch.Tensor | None = None
+
+    def _ns_scratch(self, shape: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The bf16 Newton–Schulz batch ``U`` of ``shape`` ``(batch, rows, cols)`` and the ``work`` scratch of
+        :func:`~lowmem_lightning.kernels.muon.newton_schulz`. On the CPU both are views of one flat buffer kept
+        across steps (grown to the largest batch) when it holds at most :data:`NS_SCRATCH_NUMEL_CPU` elements:
+        fresh multi-MiB buffers are new pages there (thousands of page faults per step, ~2% of a step);
+        elsewhere, or above that, ``U`` is allocated per batch and the scratch is None (fresh buffers)."""
+        size = math.prod(shape)
+        need = size + ns_work_numel(shape)
+        if device.type != "cpu" or need > NS_SCRATCH_NUMEL_CPU:
+            return torch.empty(shape, dtype=torch.bfloat16, device=device), None
+        work = self.__dict__.get("_ns_work")
+        if work is None or work.numel() < need:
+            work = self._ns_work = torch.empty(need, dtype=torch.bfloat16)
+        return work[:size].view(shape), work[size:need]
 
     def _is_muon(self, param: torch.Tensor, group: dict) -> bool:
         """:func:`uses_muon` of ``param`` with the group's ``use_muon`` and the param's name in this optimizer."""
@@ -308,11 +338,11 @@ class Muon(LowMemOptimizer):
         shards = [local(param) for param in params]
         states = [state for _, state, _ in entries]
         flags = [flag for *_, flag in entries]
-        batch = None
+        batch = work = None
         if any(is_dtensor(p) for p in params):
             outs = [torch.empty(s.shape, dtype=torch.bfloat16, device=s.device) for s in shards]
         else:  # U written straight into the Newton–Schulz batch
-            batch = torch.empty((len(params), *shape), dtype=torch.bfloat16, device=params[0].device)
+            batch, work = self._ns_scratch((len(params), *shape), params[0].device)
             outs = list(batch.unbind(0))
         quantized = ["momentum_codes" in state for state in states]
         muon_momentum(
@@ -325,7 +355,7 @@ class Muon(LowMemOptimizer):
             momentum=float(group["momentum"]), nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
         )
         full = batch if batch is not None else _gather(params, outs, shape)  # (batch, rows, cols) bf16
-        ortho = newton_schulz(full, group["ns_coefficients"], group["ns_steps"], float(group["eps"]))
+        ortho = newton_schulz(full, group["ns_coefficients"], group["ns_steps"], float(group["eps"]), work)
         updates = _scatter(params, ortho)
         muon_apply(shards, updates, flags, [st["step"] for st in states],
                    [shard_tensor_index(index, param) for (index, param), _, _ in entries],
