@@ -435,6 +435,7 @@ def _qlora_step(model, device, seq: int, optimizer: str):
 
 QLORA_ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "num_key_value_heads", "max_position_embeddings")
+"""The LlamaConfig fields the meta model of :func:`qlora_estimate` is built from."""
 
 
 def qlora_estimate(dry: bool, seq: int) -> dict:
