@@ -396,6 +396,54 @@ def test_int32_hash_equals_the_uint32_hash():
         assert torch.equal(hash_uniform_reference(offs, seed), (want >> 8).to(torch.float32) / 16777216.0)
 
 
+def test_encode_signed_scaled_equals_the_codec_reference():
+    """The 8-bit bucket step encodes m from the per-block reciprocal it computed once per row: the same codes as
+    ``encode_signed_reference`` (zeros, sign flips, blocks under ``SCALE_FLOOR``, tiny and huge scales)."""
+    from lowmem_lightning.kernels.adamw8bit import _encode_signed_scaled
+    from lowmem_lightning.kernels.codec import SCALE_FLOOR, block_scale_rcp_reference, encode_signed_reference
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, BLOCK_SIZE, generator=gen) * torch.logspace(-40, 30, 64).view(-1, 1)
+    x[0] = 0.0
+    x[1, ::2] = -x[1, ::2]
+    x[2] = SCALE_FLOOR / 4
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    got = _encode_signed_scaled(x, block_scale_rcp_reference(absmax))
+    want = encode_signed_reference(x, absmax)
+    assert got.dtype == torch.int8 and torch.equal(got, want)
+    assert int((want != 0).sum()) > 60 * BLOCK_SIZE  # the test is not all zeros
+
+
+def _inner_loops(code: str) -> str:
+    """The text of every inner (``x1``) loop of inductor's generated C++ (each up to the next outer loop or the end
+    of the kernel's source)."""
+    parts = code.split("for(int64_t x1")[1:]
+    return "\n".join(part.split("for(int64_t x0")[0].split("''')")[0] for part in parts)
+
+
+@pytest.mark.parametrize("hoist", [False, True])
+def test_materialize_computes_a_per_row_term_once_per_row_when_compiled(hoist):
+    """Eager, ``materialize`` is the tensor itself. Compiled (dynamic shapes, as the bucket steps), the same bits;
+    a per-row term it wraps (here a square root and a division) leaves the inner loop over the row's elements,
+    where inductor recomputes it every 16 elements otherwise (issue 24.6)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from lowmem_lightning.kernels.codec import sqrt_floor_reference  # correctly rounded eager and compiled
+
+    def scaled(x, s):
+        inv = 1.0 / sqrt_floor_reference(s.abs())
+        return x * (cpu_buckets.materialize(inv) if hoist else inv)
+
+    x, s = torch.randn(8, BLOCK_SIZE), torch.randn(8, 1)
+    assert cpu_buckets.materialize(x) is x
+    torch._dynamo.reset()
+    got, codes = run_and_get_code(torch.compile(scaled, dynamic=True), x, s)
+    assert torch.equal(got, scaled(x, s))
+    inner = _inner_loops("\n".join(codes))
+    assert inner, "no inner loop found in the generated code"
+    assert ("sqrt" in inner) == (not hoist)
+
+
 def test_cpu_sizes_benchmark_reports_every_optimizer_and_dtype(capsys):
     import sys
     from pathlib import Path

@@ -57,14 +57,15 @@ from .adamw8bit_triton import _adamw8bit_kernel, _adamw8bit_persistent_kernel
 from .aot import signature_of
 from .codec import (
     BLOCK_SIZE,
+    SIGNED_LEVELS,
+    block_scale_rcp_reference,
     decode_signed_reference,
     decode_unsigned_reference,
-    encode_signed_reference,
     encode_unsigned_roots_reference,
     sqrt_floor_reference,
     sqrt_rn_reference,
 )
-from .cpu_buckets import fold_seeds, gather_rows, per_tensor, plan
+from .cpu_buckets import fold_seeds, gather_rows, materialize, per_tensor, plan
 from .dispatch import Family, HostStep, packed, triton_dtype, unpack
 from .multitensor import (
     PARAM_GRAD_DTYPE_PAIRS,
@@ -246,13 +247,25 @@ def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
     v = decode_unsigned_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
     p, m, v, w = adamw_math(p, g, m, v, s, step_size, inv_bc2)
     write_param_reference(param, p, ok, seed, stochastic)
+    w = materialize(w)  # compiled: sqrt(v) computed once, stored for the v-codes (:func:`.cpu_buckets.materialize`)
     m_absmax = m.abs().amax(dim=1, keepdim=True)
     v_absmax = v.amax(dim=1, keepdim=True)
-    v_codes = encode_unsigned_roots_reference(w, 1.0 / sqrt_floor_reference(v_absmax))  # max(w) = its root
-    exp_avg_codes.copy_(masked_reference(ok, encode_signed_reference(m, m_absmax), exp_avg_codes))
+    # per-block reciprocals computed once per row (compiled: not per 16 elements); max(w) = sqrt_floor(v_absmax)
+    v_codes = encode_unsigned_roots_reference(w, materialize(1.0 / sqrt_floor_reference(v_absmax)))
+    m_codes = _encode_signed_scaled(m, materialize(block_scale_rcp_reference(m_absmax)))
+    exp_avg_codes.copy_(masked_reference(ok, m_codes, exp_avg_codes))
     exp_avg_absmax.copy_(masked_reference(ok, m_absmax, exp_avg_absmax))
     exp_avg_sq_codes.copy_(masked_reference(ok, v_codes, exp_avg_sq_codes))
     exp_avg_sq_absmax.copy_(masked_reference(ok, v_absmax, exp_avg_sq_absmax))
+
+
+def _encode_signed_scaled(x: torch.Tensor, inv_absmax: torch.Tensor) -> torch.Tensor:
+    """:func:`.codec.encode_signed_reference` of ``x`` given its blocks' ``inv_absmax`` =
+    :func:`.codec.block_scale_rcp_reference` of the absmax (the kernels' ``encode_signed_scaled``): the same
+    operations in the same order, so the same codes (tested), with the reciprocal an operand of its own."""
+    r = x * inv_absmax
+    y = sqrt_floor_reference(r.abs()) * SIGNED_LEVELS
+    return torch.round(torch.where(r < 0, -y, y)).to(torch.int8)
 
 
 def adamw32_step(param, grad, exp_avg, exp_avg_sq, ok, s: AdamWScalars, step_size, inv_bc2, seed,
@@ -369,8 +382,8 @@ def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, table, row_map,
     (:func:`.dispatch.pack` of :class:`AdamWScalars`), the per-tensor step ``table`` ``(T, 3)``: step size,
     ``inv_bc2`` and seed (float64, exact), gathered per row by ``row_map`` (:attr:`.cpu_buckets.Bucket.row_map`);
     few inputs (each costs guard time per compiled call)."""
-    adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), *_row_terms(table, row_map),
-                   stochastic)
+    row_terms = [materialize(term) for term in _row_terms(table, row_map)]  # once per row, not per 16 elements
+    adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), *row_terms, stochastic)
 
 
 def _bucket_step_32bit(param, grad, m, v, hp, table, row_map, stochastic=True):

@@ -33,7 +33,8 @@ import torch
 
 from .rounding import _GOLDEN, _MASK32
 
-__all__ = ["CHUNK_NUMEL", "IN_PLACE_MIN_NUMEL", "Bucket", "plan", "gather_rows", "fold_seeds", "per_tensor"]
+__all__ = ["CHUNK_NUMEL", "IN_PLACE_MIN_NUMEL", "Bucket", "plan", "gather_rows", "fold_seeds", "per_tensor",
+           "materialize"]
 
 CHUNK_NUMEL = 2**18
 """Most elements of one bucket (one call of the step function): the largest call whose passes stay in a
@@ -191,6 +192,21 @@ def fold_seeds(seeds: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
     tensor seed, any dtype holding the integer exactly: :func:`gather_rows` of a float64 step table) and
     :attr:`Bucket.row_map`: ``(s_i - d * GOLDEN) mod 2**32``, the fold pre-reduced mod 2**32."""
     return (seeds.to(torch.int64).view(-1, 1) - row_map[:, 1:]) & _MASK32
+
+
+def materialize(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself; inside a torch.compile'd step, a buffer of its own that inductor computes in a loop of its
+    own (``prims.inductor_force_stride_order`` with the tensor's strides) instead of inlining its expression.
+
+    Inductor inlines every pointwise value into each loop that reads it, and the C++ compiler cannot hoist the
+    result out of the inner loop (a store through an int8/uint8 pointer may alias any load). So a per-row term of
+    a ``(rows, width)`` bucket (a block's ``1 / absmax``, a gathered step size, a seed) was recomputed every 16
+    elements, scalar divisions and square roots included, and a value read by two loops (AdamW's ``sqrt(v)``) was
+    computed twice. Materialized, each is computed once and loaded (measured: ``benchmarks/RESULTS.md``,
+    "bf16 CPU step: per-row terms and sqrt(v) materialized"). The same values either way, so the same bits."""
+    if torch.compiler.is_compiling():
+        return torch.ops.prims.inductor_force_stride_order(tensor, tensor.stride())
+    return tensor
 
 
 def per_tensor(values: Sequence, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
