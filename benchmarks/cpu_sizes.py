@@ -4,9 +4,16 @@ For each case (one tensor of a given size, or a small model's parameter list) ou
 torch peer (``torch.optim.AdamW(foreach=True)``, ``torch.optim.SGD(foreach=True)``) each get their own
 copy of the params and fixed gradients; after the warm-up steps they alternate A, B, A, B, ... and
 the figure is the **median of the per-pair ratios** ours / torch, so load from other processes on a
-shared machine hits both sides of a pair alike. The first step of ours is timed alone ("first s"): it
-holds torch.compile's compile time when the compiled path runs (``--compile always``, or ``auto`` once
-it decides to compile; see ``kernels/dispatch.py``).
+shared machine hits both sides of a pair alike. ``--clock process`` (the default) times the process's CPU
+time (time on the core, not time waiting for one); ``--clock wall`` the elapsed time. Each row prints the
+1-minute load average at its end.
+
+With ``--dtype bfloat16`` params and grads are bf16 on both sides: the peer is torch's foreach step on bf16
+params, its state (``exp_avg``, ``exp_avg_sq``, momentum) bf16 too, every op rounded to nearest in bf16; ours
+keeps 8-bit state (or fp32 momentum) and writes the param with stochastic rounding.
+
+The first step of ours is timed alone ("first s"): it holds torch.compile's compile time when the compiled
+path runs (``--compile always``, or ``auto`` once it decides to compile; see ``kernels/dispatch.py``).
 
 Run twice and compare: the ratios are stable to a few percent when the machine is quiet.
 
@@ -21,6 +28,7 @@ The last line prints the largest ratio of each (optimizer, dtype): the issue's g
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -66,23 +74,28 @@ def make_params(shapes: list[tuple], dtype: torch.dtype, seed: int = 0) -> list[
     return params
 
 
-def interleaved(ours: Callable, peer: Callable, pairs: int) -> tuple[float, float, float]:
-    """``(median of ours/peer per pair, median ours s, median peer s)`` over ``pairs`` A, B pairs."""
+CLOCKS = {"process": time.process_time, "wall": time.perf_counter}
+"""``--clock`` choices: the process's CPU time, or elapsed time."""
+
+
+def interleaved(ours: Callable, peer: Callable, pairs: int, clock: Callable[[], float] = time.process_time
+                ) -> tuple[float, float, float]:
+    """``(median of ours/peer per pair, median ours s, median peer s)`` over ``pairs`` A, B pairs timed by ``clock``."""
     ratios, a_times, b_times = [], [], []
     for _ in range(pairs):
-        t0 = time.perf_counter()
+        t0 = clock()
         ours()
-        t1 = time.perf_counter()
+        t1 = clock()
         peer()
-        t2 = time.perf_counter()
+        t2 = clock()
         ratios.append((t1 - t0) / (t2 - t1))
         a_times.append(t1 - t0)
         b_times.append(t2 - t1)
     return statistics.median(ratios), statistics.median(a_times), statistics.median(b_times)
 
 
-def run_case(name: str, case: str, dtype: torch.dtype, warmup: int, pairs: int) -> dict:
-    """One row: first-step time of ours, then the interleaved ratio against the torch peer."""
+def run_case(name: str, case: str, dtype: torch.dtype, warmup: int, pairs: int, clock: str = "process") -> dict:
+    """One row: first-step time of ours (wall clock), then the interleaved ratio against the torch peer."""
     from lowmem_lightning.optim import build_optimizer
 
     registry_name, kwargs, peer_factory = PEERS[name]
@@ -97,10 +110,10 @@ def run_case(name: str, case: str, dtype: torch.dtype, warmup: int, pairs: int) 
         peer.step()
     if pairs == 0:
         pairs = 30 if sum(torch.Size(s).numel() for s in shapes) < 2**21 else 10
-    ratio, a, b = interleaved(ours.step, peer.step, pairs)
+    ratio, a, b = interleaved(ours.step, peer.step, pairs, CLOCKS[clock])
     numel = sum(torch.Size(s).numel() for s in shapes)
     return dict(optimizer=name, case=case, tensors=len(shapes), numel=numel, first_s=first, ratio=ratio,
-                ours_ms=a * 1e3, peer_ms=b * 1e3, pairs=pairs)
+                ours_ms=a * 1e3, peer_ms=b * 1e3, pairs=pairs, load=os.getloadavg()[0])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -114,6 +127,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="float32", help="comma list of param and grad dtypes: float32, bfloat16")
     parser.add_argument("--warmup", type=int, default=3, help="steps of each after ours' first step")
     parser.add_argument("--pairs", type=int, default=0, help="timed A, B pairs (0: 30 below 2M elements, else 10)")
+    parser.add_argument("--clock", default="process", choices=tuple(CLOCKS),
+                        help="process: the process's CPU time (default); wall: elapsed time")
     args = parser.parse_args(argv)
     for name in args.optimizers.split(","):
         if name not in PEERS:
@@ -127,19 +142,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     dispatch.configure(cpu_compile=args.compile)
     print(f"torch {torch.__version__}, {args.threads} thread(s), params/grads {args.dtype}, "
-          f"our CPU path cpu_compile={args.compile}; ratio = median over pairs of ours / torch foreach")
-    print("\n| optimizer | dtype | case | tensors | elements | first step s | ours / torch | ours ms | torch ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"our CPU path cpu_compile={args.compile}, {args.clock} clock; "
+          "ratio = median over pairs of ours / torch foreach")
+    print("\n| optimizer | dtype | case | tensors | elements | first step s | ours / torch | ours ms | torch ms "
+          "| load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in args.optimizers.split(","):
         for dtype_name in args.dtype.split(","):
             for case in args.cases.split(","):
-                row = run_case(name, case, getattr(torch, dtype_name), args.warmup, args.pairs)
+                row = run_case(name, case, getattr(torch, dtype_name), args.warmup, args.pairs, args.clock)
                 row["dtype"] = dtype_name
                 rows.append(row)
                 print(f"| {name} | {dtype_name} | {case} | {row['tensors']} | {row['numel']:,} | "
-                      f"{row['first_s']:.2f} | {row['ratio']:.2f} | {row['ours_ms']:.3f} | {row['peer_ms']:.3f} |",
-                      flush=True)
+                      f"{row['first_s']:.2f} | {row['ratio']:.2f} | {row['ours_ms']:.3f} | {row['peer_ms']:.3f} | "
+                      f"{row['load']:.1f} |", flush=True)
     worst = {}
     for row in rows:
         key = f"{row['optimizer']} {row['dtype']}"

@@ -455,7 +455,12 @@ def test_cpu_sizes_benchmark_reports_every_optimizer_and_dtype(capsys):
                            "--compile", "never", "--pairs", "2", "--warmup", "0"])
     assert [(r["optimizer"], r["dtype"]) for r in rows] == [("adamw_8bit", "float32"), ("adamw_8bit", "bfloat16"),
                                                              ("sgd_int8", "float32"), ("sgd_int8", "bfloat16")]
-    assert all(r["ratio"] > 0 and r["numel"] == 4096 for r in rows)
+    assert all(r["ratio"] > 0 and r["numel"] == 4096 and r["load"] >= 0 for r in rows)
     assert "largest ratio: adamw_8bit float32" in capsys.readouterr().out
+    rows = cpu_sizes.main(["--cases", "4096", "--compile", "never", "--pairs", "2", "--warmup", "0", "--clock", "wall"])
+    assert [r["ratio"] > 0 for r in rows] == [True]
+    assert "wall clock" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cpu_sizes.main(["--dtype", "float16"])
+    with pytest.raises(SystemExit):
+        cpu_sizes.main(["--clock", "cycles"])
