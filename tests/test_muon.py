@@ -411,14 +411,21 @@ def test_lowmem_estimate_row_equals_the_real_hybrid_state(name):
 @pytest.mark.parametrize(("n", "maximize"), [(4097 * 3, False), (2**14, True)])
 def test_compiled_cpu_path_equals_eager(cpu_compile, quantized, n, maximize):
     """The compiled host step (one fused pass: decode, lerp, encode, nesterov lerp, bf16 U) stores the eager
-    step's momentum (codes and scales) and writes its U, bit for bit (maximizing too)."""
+    step's momentum (codes and scales) and writes its U, bit for bit (maximizing too). fp32 momentum: the fused
+    step is called directly (the CPU runs fp32 momentum eagerly whatever ``cpu_compile`` says)."""
+    from lowmem_lightning.kernels.muon import MuonScalars, _host_momentum
+
     grad, buf, absmax = _momentum_inputs(n, quantized, torch.float32)
     runs = []
     for mode in ("never", "always"):
         b, a, out = buf.clone(), None if absmax is None else absmax.clone(), torch.empty(n, dtype=torch.bfloat16)
-        with dispatch.override(cpu_compile=mode):
-            muon_momentum([grad], [b], [a], [torch.tensor(2.0)], [torch.tensor(1.0)], [out], momentum=0.95,
-                          nesterov=True, maximize=maximize)
+        if quantized or mode == "never":
+            with dispatch.override(cpu_compile=mode):
+                muon_momentum([grad], [b], [a], [torch.tensor(2.0)], [torch.tensor(1.0)], [out], momentum=0.95,
+                              nesterov=True, maximize=maximize)
+        else:
+            scalars = MuonScalars.of(0.95, True, maximize)
+            _host_momentum(grad, b, None, out, scalars, dispatch.pack(scalars))
         runs.append((b, a, out))
     assert not torch.equal(runs[0][0], buf)
     for x, y in zip(*runs):
@@ -456,8 +463,9 @@ def test_apply_kernel_equals_reference(force_triton, dtype, flag):
 @pytest.mark.slow  # torch.compile of the fused steps: ~20-40 s on a loaded 2-core machine
 @pytest.mark.parametrize("kwargs", MODES[:3], ids=["defaults", "no-nesterov", "match_rms_adamw"])
 def test_compiled_muon_equals_torch_muon_bit_for_bit(cpu_compile, kwargs):
-    """With the compiled CPU path (fused fp32 momentum pass, its lerps contracted into torch's fma) ``muon`` still
-    equals ``torch.optim.Muon`` bit for bit, on odd shapes whose flat lengths leave a vector tail."""
+    """With ``cpu_compile="always"`` (the CPU keeps fp32 momentum eager; the fused fp32 pass is checked in
+    ``test_compiled_cpu_path_equals_eager``) ``muon`` still equals ``torch.optim.Muon`` bit for bit, momentum
+    included, on odd shapes whose flat lengths leave a vector tail."""
     params0 = [torch.randn(s) for s in SHAPES]
     grads = random_grads(SHAPES, 6)
     ours, opt = _run(lambda p: build_optimizer("muon", p, lr=0.02, **kwargs), params0, grads)
@@ -485,3 +493,55 @@ def test_compiled_8bit_step_equals_the_reference_on_hard_blocks(cpu_compile, mom
     assert torch.equal(codes, ref_codes), f"{int((codes != ref_codes).sum())} codes differ"
     assert torch.equal(absmax.view(torch.int32), ref_absmax.view(torch.int32))
     assert torch.equal(out.view(torch.int16), u_ref.view(torch.int16).view(-1))
+
+
+def test_cpu_backend_choice_per_momentum_dtype():
+    """On the CPU fp32 momentum runs eagerly whatever ``cpu_compile`` says; 8-bit momentum compiles under
+    ``"auto"`` whatever its size (``"never"`` keeps it eager, ``"always"`` compiled)."""
+    from lowmem_lightning.kernels.muon import MuonTensors, _host_backend
+
+    def tensors(quantized):
+        absmax = torch.zeros(16) if quantized else None
+        return MuonTensors([torch.empty(4096, dtype=torch.bfloat16)], [torch.zeros(4096)], [torch.zeros(4096)],
+                           [absmax], [torch.tensor(1.0)], [torch.tensor(1.0)])
+
+    for mode in ("auto", "always", "never"):
+        with dispatch.override(cpu_compile=mode):
+            assert _host_backend(tensors(False), "compiled") == "eager"
+            assert _host_backend(tensors(False), "eager") == "eager"
+            assert _host_backend(tensors(True), "eager") == ("compiled" if mode == "auto" else "eager")
+            assert _host_backend(tensors(True), "compiled") == "compiled"
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 96), (2, 96, 40), (1, 64, 64), (1, 97, 31)])
+def test_newton_schulz_in_a_scratch_equals_fresh_buffers(shape):
+    """``newton_schulz`` with a ``work`` scratch (dirty, larger than needed) gives the bits of fresh buffers, wide,
+    tall and single matrices; a scratch too small or not bf16 is refused naming what it needs."""
+    from lowmem_lightning.kernels.muon import ns_work_numel
+
+    x = torch.randn(shape).bfloat16()
+    work = torch.full((ns_work_numel(shape) + 7,), float("nan"), dtype=torch.bfloat16)
+    assert torch.equal(newton_schulz(x.clone(), work=work), newton_schulz(x.clone()))
+    for bad in (work[:ns_work_numel(shape) - 1], work.float()):
+        with pytest.raises(ValueError, match="bf16 scratch of at least"):
+            newton_schulz(x, work=bad)
+
+
+def test_cpu_optimizer_keeps_one_newton_schulz_scratch_across_steps():
+    """The CPU optimizer reuses one scratch for every batch and step (no fresh multi-MiB buffers per step) and
+    still equals ``torch.optim.Muon``; a deep copy starts without it."""
+    import copy
+
+    shapes = [(64, 64), (64, 64), (48, 80), (80, 48)]
+    params0 = [torch.randn(s) for s in shapes]
+    grads = random_grads(shapes, 3)
+    ours, opt = _run(lambda p: build_optimizer("muon", p, lr=0.02), params0, grads[:2])
+    scratch = opt._ns_work
+    assert scratch is not None and scratch.dtype == torch.bfloat16
+    for p, g in zip(ours, grads[2]):
+        p.grad = g.clone()
+    opt.step()
+    assert opt._ns_work is scratch
+    ref, _ = _run(lambda p: torch.optim.Muon(p, lr=0.02), params0, grads)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    assert copy.deepcopy(opt)._ns_work is None

@@ -29,11 +29,13 @@ the bytes of an fp32 copy). A 0/1 fp32 ``flag`` (the optimizer's non-finite guar
 store; the update (:func:`_muon_apply_kernel`: decay and step as one fma, bf16/fp16 params written with
 stochastic rounding) leaves the param untouched where it is 0.
 
-On the CPU the momentum pass runs one of two forms of :func:`muon_momentum_reference`, chosen by
-:func:`.dispatch.choose_bucket` for each group of same-kind matrices, both storing its bits: compiled, one
-fused pass per matrix (:func:`_fused_momentum_8bit`, :func:`_fused_momentum_fp32`; inductor's C++ built with
+On the host the momentum pass runs one of two forms of :func:`muon_momentum_reference`, chosen by
+:func:`.dispatch.choose_bucket` for each group of same-kind matrices (on the CPU: 8-bit compiled unless
+``cpu_compile="never"``, fp32 eager, :func:`_host_backend`), both storing its bits: compiled, one fused pass
+per matrix (:func:`_fused_momentum_8bit`, :func:`_fused_momentum_fp32`; inductor's C++ built with
 floating-point contraction so that its decomposed ``lerp`` is torch's fma again, :func:`_fp_contraction`), or
-eager (:func:`muon_momentum_8bit_host`: torch ops in place and numpy's correctly rounded fp32 square root).
+eager (fp32: torch's ``lerp`` calls; 8-bit: :func:`muon_momentum_8bit_host`, torch ops in place and numpy's
+correctly rounded fp32 square root).
 
 File order: Triton kernel, PyTorch reference, launchers.
 """
@@ -540,8 +542,8 @@ def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
     """The live tensors of one :func:`_host_key` group (``dispatch`` leaves out those whose flag is 0: their
     ``U`` stays unwritten); ``backend="compiled"``: the fused compiled steps, one tensor at a time.
 
-    8-bit momentum on the CPU under ``cpu_compile="auto"`` always takes the compiled step, whatever the group's
-    size (:func:`_host_backend`). Eager fp32 momentum: ``torch.optim.Muon``'s own ``lerp`` calls
+    On the CPU, 8-bit momentum under ``cpu_compile="auto"`` takes the compiled step whatever the group's size
+    and fp32 momentum always the eager one (:func:`_host_backend`): ``torch.optim.Muon``'s own ``lerp`` calls
     (:func:`_fp32_momentum_eager`)."""
     backend = _host_backend(t, backend)
     if backend != "compiled":
@@ -559,13 +561,22 @@ def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
 
 
 def _host_backend(t: MuonTensors, backend: str) -> str:
-    """``backend``, except that an 8-bit CPU group that ``cpu_compile="auto"`` sent to the eager step compiles:
-    the fused compiled pass is ~3x faster than the eager one (~16 passes) and is compiled once per process (one
-    dynamic-shape graph, plus one for a matrix whose length is not a multiple of 256; the compiled code is
-    cached on disk by inductor), so a Muon step, whose 8-bit pass dominates everything but Newton–Schulz,
-    would otherwise stay slower than ``torch.optim.Muon`` until ``compile_after_numel``."""
-    if (backend == "eager" and t.absmaxes[0] is not None and settings().cpu_compile == "auto"
-            and t.grads[0].device.type == "cpu"):
+    """The host step a CPU group of ``t`` takes for ``backend`` (what :func:`.dispatch.choose_bucket` chose):
+
+    * 8-bit momentum under ``cpu_compile="auto"``: compiled, whatever the group's size. The fused compiled pass
+      is ~3x faster than the eager one (~16 passes), is compiled once per process (one dynamic-shape graph, one
+      more for a matrix whose length is not a multiple of 256; inductor caches the code on disk), and the 8-bit
+      pass is most of a Muon step beside Newton–Schulz.
+    * fp32 momentum: eager, even when compiling is asked for: ``torch.optim.Muon``'s own two ``lerp`` calls per
+      matrix beat the compiled fused pass in a whole step (7.4M elements of 256x256 and 256x688 matrices: 8.0
+      against 11.6 ms, ``benchmarks/RESULTS.md``), and store the same bits.
+
+    Other devices keep ``backend``."""
+    if t.grads[0].device.type != "cpu":
+        return backend
+    if t.absmaxes[0] is None:
+        return "eager"
+    if backend == "eager" and settings().cpu_compile == "auto":
         return "compiled"
     return backend
 
