@@ -413,7 +413,7 @@ def test_compiled_cpu_path_equals_eager(cpu_compile, quantized, n, maximize):
     """The compiled host step (one fused pass: decode, lerp, encode, nesterov lerp, bf16 U) stores the eager
     step's momentum (codes and scales) and writes its U, bit for bit (maximizing too). fp32 momentum: the fused
     step is called directly (the CPU runs fp32 momentum eagerly whatever ``cpu_compile`` says)."""
-    from lowmem_lightning.kernels.muon import MuonScalars, _host_momentum
+    from lowmem_lightning.kernels.muon import MuonScalars, _fp_contraction, _host_momentum
 
     grad, buf, absmax = _momentum_inputs(n, quantized, torch.float32)
     runs = []
@@ -425,7 +425,8 @@ def test_compiled_cpu_path_equals_eager(cpu_compile, quantized, n, maximize):
                               nesterov=True, maximize=maximize)
         else:
             scalars = MuonScalars.of(0.95, True, maximize)
-            _host_momentum(grad, b, None, out, scalars, dispatch.pack(scalars))
+            with _fp_contraction():
+                _host_momentum(grad, b, None, out, scalars, dispatch.pack(scalars))
         runs.append((b, a, out))
     assert not torch.equal(runs[0][0], buf)
     for x, y in zip(*runs):
