@@ -49,7 +49,7 @@ from .codec import (
     encode_signed,
     encode_signed_reference,
 )
-from .cpu_buckets import fold_seeds, gather_rows, materialize, per_tensor, plan
+from .cpu_buckets import fold_seeds, gather_rows, per_tensor, plan
 from .dispatch import Family, HostStep, pack, packed, unpack
 from .multitensor import (
     PARAM_GRAD_DTYPE_PAIRS,
@@ -300,10 +300,9 @@ def _host(t: SGDTensors, scalars: SGDScalars, backend: str, steps: list[float], 
 
 def _row_terms(table: torch.Tensor, row_map: torch.Tensor):
     """``(first, seed)`` of every row of a bucket, ``(rows, 1)`` each (bool, int64), from the per-tensor float64
-    ``table`` ``(T, 2)`` (first-step flag, 31-bit seed: exact) and ``row_map`` (:attr:`.cpu_buckets.Bucket.row_map`),
-    each computed once per row when compiled (:func:`.cpu_buckets.materialize`), not per 16 elements."""
+    ``table`` ``(T, 2)`` (first-step flag, 31-bit seed: exact) and ``row_map`` (:attr:`.cpu_buckets.Bucket.row_map`)."""
     first, seed = gather_rows(table, row_map).unbind(1)
-    return materialize((first != 0).view(-1, 1)), materialize(fold_seeds(seed, row_map))
+    return (first != 0).view(-1, 1), fold_seeds(seed, row_map)
 
 
 def _bucket_step_plain(param, grad, hp, table, row_map, stochastic=True):
