@@ -131,6 +131,38 @@ def test_pack_and_unpack_nibbles_round_trip(shape):
     assert torch.equal(kernel.pack_nibbles_reference(wide[..., ::2]), strided)
 
 
+@pytest.mark.parametrize("offset", range(9))
+def test_nibbles_read_as_int64_words_at_any_storage_offset(offset):
+    """The int64-word unpack (rows of a multiple of 8 bytes) and fold pack give the bytes of the interleaving
+    form; a view starting off a word boundary (a state tensor inside a larger buffer) takes the int16 path."""
+    buffer = torch.randint(0, 256, (offset + 6 * 64,), dtype=torch.uint8)
+    codes = buffer[offset:].view(6, 64)
+    expected = torch.stack([codes.to(torch.int32) & 15, codes.to(torch.int32) >> 4], dim=-1).flatten(-2)
+    assert torch.equal(kernel.unpack_nibbles_reference(codes), expected)
+    assert torch.equal(kernel.pack_nibbles_reference(expected), codes)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_state_codes_off_word_boundaries():
+    """State codes that are views starting off an 8-byte boundary: the compiled bucket step (which reads codes
+    as int64 words) steps a copy and writes it back, bit for bit as eager (compiles once, ~1 min)."""
+    def shifted(opt):
+        for state in opt.state.values():
+            for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+                if key in state:
+                    buffer = torch.zeros(state[key].numel() + 3, dtype=torch.uint8)
+                    state[key] = buffer[3:].copy_(state[key])
+        return opt
+
+    shapes = [(300, 301), (65536 * 2 + 77,)]
+    eager_params, compiled_params = _params(shapes=shapes), _params(shapes=shapes)
+    eager = _run(eager_params, 2, opt=shifted(_run(eager_params, 1)), first=1)
+    with dispatch.override(cpu_compile="always"):
+        compiled = _run(compiled_params, 2, opt=shifted(_run(compiled_params, 1)), first=1)
+    assert all(s["exp_avg_codes"].storage_offset() == 3 for s in compiled.state.values() if "exp_avg_codes" in s)
+    _assert_same(eager_params, eager, compiled_params, compiled)
+
+
 def _noisy_quadratic(size: int, steps: int, build):
     """The codec study's noisy quadratic: ``g = h * (p - target) + 0.01 h * noise``, ``h = r_i c_j``
     log-normal (sigma 0.5); returns ``||p - p_adamw|| / ||p_adamw - p0||``."""

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .adamw8bit import AdamWScalars, AdamWTensors, _step_terms, adamw_math
+from .adamw8bit import AdamWScalars, AdamWTensors, _host_seeds, _host_terms, _row_terms, adamw_math
 from .adamw8bit_triton import _beta_powers
 from .codec import (
     block_scale_rcp,
@@ -62,8 +62,8 @@ from .codec import (
     sqrt_floor_reference,
     sqrt_rn_fast,
 )
-from .cpu_buckets import Bucket, plan
-from .dispatch import Family, HostStep, pack, unpack
+from .cpu_buckets import Bucket, per_tensor, plan
+from .dispatch import Family, HostStep, packed, unpack
 from .multitensor import PARAM_GRAD_DTYPE_PAIRS, aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
 from .rounding import (
     device_seed,
@@ -275,12 +275,34 @@ AOT_SPECS = [
 # --------------------------------------------------------------------------------------------------
 
 
+_NIBBLE_SHIFTS = torch.arange(16, dtype=torch.int64) * 4
+"""Bit offsets of the 16 nibbles of a little-endian int64 word of packed codes, in element order."""
+_FOLD_MASKS = (0x00FF00FF00FF00FF, 0x0000FFFF0000FFFF)
+"""Masks of the fold of nibble bytes (nibble ``k`` at bit ``8k`` of an int64 word) into packed nibbles (at ``4k``)."""
+
+
+def _int64_words(t: torch.Tensor) -> bool:
+    """Whether ``t``'s last dim can be read as little-endian int64 words: a contiguous tensor on a little-endian
+    host whose last dim is a multiple of 8 bytes and whose storage offset is one of 8 (codes buffers start at
+    offset 0 and bucket operands at whole rows of 64 bytes). Asked outside torch.compile only: reading the
+    storage offset breaks a graph, and a compiled step is given the bucket operands, which always qualify."""
+    if not (_LITTLE_ENDIAN and t.dim() > 0 and t.is_contiguous() and t.shape[-1] % 8 == 0):
+        return False
+    return torch.compiler.is_compiling() or t.storage_offset() % 8 == 0
+
+
 def unpack_nibbles_reference(codes: torch.Tensor) -> torch.Tensor:
     """``(..., H)`` uint8 bytes -> ``(..., 2H)`` int32 nibbles (low nibble first).
 
-    On little-endian hosts each byte becomes the int16 ``lo | hi << 8``, whose two bytes are the two
-    nibbles in element order: a reinterpreting view instead of an interleaving ``stack``, which inductor
-    compiled into a scalar loop of strided stores (the compiled CPU step spent most of its time there)."""
+    Where the bytes can be read as int64 words (:func:`_int64_words`, e.g. a bucket's rows of 64 bytes),
+    element ``e`` of a row is ``(word[e // 16] >> 4 (e % 16)) & 15``: a broadcast word and a shift by a loaded
+    table per element, which inductor fuses into the step's loop (an interleaving ``stack`` compiled into a
+    scalar loop of strided stores, an int16 view into a scalar int16 loop). Other shapes: int16 views on
+    little-endian hosts (a byte becomes ``lo | hi << 8``, whose two bytes are the nibbles), else the ``stack``."""
+    if _int64_words(codes):
+        words = codes.view(torch.int64).unsqueeze(-1)  # (..., H / 8, 1)
+        shifts = _NIBBLE_SHIFTS.to(codes.device).view((1,) * codes.dim() + (16,))  # 1-d: compiled 9x slower
+        return ((words >> shifts) & 15).flatten(-2).to(torch.int32)
     if not _LITTLE_ENDIAN:
         b = codes.to(torch.int32)
         return torch.stack([b & 15, b >> 4], dim=-1).flatten(-2)
@@ -291,11 +313,17 @@ def unpack_nibbles_reference(codes: torch.Tensor) -> torch.Tensor:
 def pack_nibbles_reference(nibbles: torch.Tensor) -> torch.Tensor:
     """``(..., 2H)`` int32 nibbles (0..15) -> ``(..., H)`` uint8 bytes (inverse of :func:`unpack_nibbles_reference`).
 
-    On little-endian hosts the nibbles, as bytes, are read in pairs as int16 ``lo | hi << 8`` (a view, no
-    de-interleaving gather) and folded into ``lo | hi << 4``."""
+    On little-endian hosts the nibbles, as bytes, are read as int64 words of 8 (when ``2H`` is a multiple of 8)
+    and folded by shifts and masks (nibble ``k`` from bit ``8k`` to bit ``4k``; vectorized int64 ops, no
+    de-interleaving gather), else as int16 pairs ``lo | hi << 8`` folded into ``lo | hi << 4``."""
     if not _LITTLE_ENDIAN:
         pairs = nibbles.unflatten(-1, (-1, 2))
         return ((pairs[..., 0] & 15) | ((pairs[..., 1] & 15) << 4)).to(torch.uint8)
+    if nibbles.dim() > 0 and nibbles.shape[-1] % 8 == 0:
+        x = nibbles.to(torch.uint8).contiguous().view(torch.int64)
+        x = (x | (x >> 4)) & _FOLD_MASKS[0]
+        x = (x | (x >> 8)) & _FOLD_MASKS[1]
+        return (x | (x >> 16)).to(torch.int32).view(torch.uint8)  # the low 32 bits of a word: its 4 packed bytes
     w = nibbles.to(torch.uint8).contiguous().view(torch.int16)
     return ((w & 15) | ((w >> 4) & 0xF0)).to(torch.uint8)
 
@@ -424,12 +452,14 @@ def _host_key(t: AdamWTensors, i: int) -> tuple:
     return (t.params[i].dtype, t.grads[i].dtype)
 
 
-def _bucket_step_4bit(param, grad, m, m_absmax, v, v_absmax, hp, terms, seeds, stochastic=True):
+def _bucket_step_4bit(param, grad, m, m_absmax, v, v_absmax, hp, table, row_map, stochastic=True):
     """:func:`adamw4bit_step` over a bucket: ``(rows, BLOCK4)`` operands, codes ``(rows, BLOCK4 // 2)``,
-    absmax ``(rows, 1)``, ``hp`` (:func:`.dispatch.pack` of :class:`.adamw8bit.AdamWScalars`), per-row
-    ``terms`` ``(rows, 2)`` and ``seeds`` ``(rows, 1)``."""
-    adamw4bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), terms[:, :1],
-                   terms[:, 1:], seeds, stochastic)
+    absmax ``(rows, 1)``, ``hp`` (:func:`.dispatch.pack` of :class:`.adamw8bit.AdamWScalars`) and the per-tensor
+    step ``table`` ``(T, 3)`` (step size, ``inv_bc2``, seed; float64, exact) gathered per row by ``row_map``
+    (:attr:`.cpu_buckets.Bucket.row_map`) inside the graph, as the 8-bit bucket step does."""
+    step_size, inv_bc2, seeds = _row_terms(table, row_map)
+    adamw4bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), step_size, inv_bc2, seeds,
+                   stochastic)
 
 
 _BUCKET_STEP = HostStep(_bucket_step_4bit)
@@ -445,19 +475,29 @@ def _codes_layout(layout: Bucket) -> Bucket:
     return Bucket(pieces, BLOCK4 // 2, layout.in_place)
 
 
+def _word_aligned(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` (a bucket operand), or a copy of it when its storage offset is not a multiple of 8 bytes (a
+    state tensor that is a view into a larger buffer): the compiled step reads the codes as int64 words
+    (:func:`unpack_nibbles_reference`) and cannot check the offset itself; the copy is written back like a
+    gathered operand."""
+    return codes if codes.storage_offset() % 8 == 0 else codes.clone()
+
+
 def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[float], stochastic: bool = True) -> None:
     """The reference step of one :func:`_host_key` group whose flags are set (``steps``: their counters,
     read on the host), one call per bucket of :func:`.cpu_buckets.plan` (rows of ``BLOCK4``; ``stochastic``:
-    the param rounding mode)."""
-    hp = pack(scalars, t.params[0].device)
-    terms, seeds = _step_terms(steps, t.seed_bases, hp)
+    the param rounding mode). Step terms and seeds are computed on the host once per tensor
+    (:func:`.adamw8bit._host_terms`) and gathered per row inside the bucket step."""
+    device = t.params[0].device
+    hp = packed(scalars, device)
+    table = per_tensor([(*_host_terms(scalars.lr, scalars.beta1, scalars.beta2, int(s)), seed)
+                        for s, seed in zip(steps, _host_seeds(steps, t.seed_bases))], torch.float64, device)
     for layout in plan(t.params, BLOCK4):
         codes = _codes_layout(layout)
         p, g = layout.rows_of(t.params), layout.rows_of(t.grads)
-        m, v = codes.rows_of(t.exp_avgs), codes.rows_of(t.exp_avg_sqs)
+        m, v = _word_aligned(codes.rows_of(t.exp_avgs)), _word_aligned(codes.rows_of(t.exp_avg_sqs))
         m_absmax, v_absmax = layout.scales_of(t.exp_avg_absmaxes), layout.scales_of(t.exp_avg_sq_absmaxes)
-        _BUCKET_STEP.on(backend)(p, g, m, m_absmax, v, v_absmax, hp, layout.per_row(terms), layout.row_seeds(seeds),
-                                 stochastic)
+        _BUCKET_STEP.on(backend)(p, g, m, m_absmax, v, v_absmax, hp, table, layout.row_map.to(device), stochastic)
         layout.write_back(t.params, p)
         codes.write_back(t.exp_avgs, m)
         codes.write_back(t.exp_avg_sqs, v)
