@@ -26,7 +26,7 @@ from ..kernels.muon import (
     ns_work_numel,
 )
 from ..kernels.rounding import is_stochastic, step_seed
-from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
+from .base import LowMemOptimizer, StateSpec, _advance_steps, check_drop_in_flags, codes_specs, step_spec
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
 
@@ -285,15 +285,40 @@ class Muon(LowMemOptimizer):
         return state
 
     # ------------------------------------------------------------------ step
-    def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
-        """Split one device's params into the Muon and the AdamW update and run both."""
+    def _step_group(self, group: dict, per_device: list[list[tuple[int, torch.Tensor]]]) -> None:
+        """The base class's step of a group, except that on the CPU (plain tensors) each Newton–Schulz batch's
+        finite check (and step counters) runs right before its momentum pass, which then reads the gradients
+        while they are still in cache instead of a second time from memory; the AdamW part is checked as one.
+        The same flags, counters and skips as checking everything first (the checks read only gradients)."""
+        if not all(items[0][1].device.type == "cpu" and not any(is_dtensor(p) for _, p in items)
+                   for items in per_device):
+            super()._step_group(group, per_device)
+            return
+        self._begin_group(group, per_device)
+        for items in per_device:
+            states = [self._init_state(param, group) for _, param in items]
+            self._update_tensors(group, items, states, None)
+
+    def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list | None) -> None:
+        """Split one device's params into the Muon and the AdamW update and run both (``flags`` None: each part
+        checks its gradients itself, :meth:`_checked`)."""
         muon, adamw = [], []
-        for item, state, flag in zip(items, states, flags):
+        for i, (item, state) in enumerate(zip(items, states)):
+            flag = None if flags is None else flags[i]
             (muon if self._is_muon(item[1], group) else adamw).append((item, state, flag))
         if muon:
             self._muon_update(group, muon)
         if adamw:
-            self._adamw_update(group, adamw)
+            self._adamw_update(group, self._checked(adamw))
+
+    def _checked(self, work: list) -> list:
+        """``work`` (``((index, param), state, flag)`` entries) with finite flags: as they are, or when they are None
+        (:meth:`_step_group` on the CPU) the gradients checked now and the step counters advanced by the flags."""
+        if work[0][2] is not None:
+            return work
+        flags = self._finite_flags([param.grad for (_, param), _, _ in work])
+        _advance_steps([state["step"] for _, state, _ in work], flags)
+        return [(item, state, flag) for (item, state, _), flag in zip(work, flags)]
 
     def _adamw_update(self, group: dict, work: list) -> None:
         """The 8-bit AdamW update of the group's non-Muon params (empty DTensor shards left out)."""
@@ -331,7 +356,7 @@ class Muon(LowMemOptimizer):
             cap = NS_BATCH_NUMEL_CPU if entries[0][0][1].device.type == "cpu" else NS_BATCH_NUMEL
             per_batch = max(1, cap // max(1, shape[0] * shape[1]))
             for start in range(0, len(entries), per_batch):
-                self._muon_batch(group, entries[start:start + per_batch], shape, step_size)
+                self._muon_batch(group, self._checked(entries[start:start + per_batch]), shape, step_size)
 
     def _muon_batch(self, group: dict, entries: list, shape: tuple, step_size: float) -> None:
         params = [param for (_, param), _, _ in entries]
