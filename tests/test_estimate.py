@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -344,8 +345,13 @@ def _profiled_activation_peak(arch: dict, batch: int, seq: int, dtype, checkpoin
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     ids = torch.randint(0, arch["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(input_ids=ids, labels=ids).loss.backward()
+    gc.collect()  # a collection inside the profile would count earlier models' tensors as freed
+    gc.disable()
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        gc.enable()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     live = peak = 0
