@@ -233,3 +233,33 @@ def test_bf16_gradient_finite_check_catches_fp32_square_overflow(value, count, a
     opt = _build("adamw_8bit", [param])
     opt.step()
     assert torch.equal(param.detach(), before) is not applies
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_staged_bf16_write_copies_in_to_the_same_bits(stochastic):
+    """The CPU bucket steps stage a bf16 param's rounded values in fp32 and copy them in afterwards: every staged
+    value is exactly a bf16 (zero low half) and the copy stores the direct write's bits, stochastic and nearest."""
+    from lowmem_lightning.kernels.rounding import write_param_reference
+
+    gen = torch.Generator().manual_seed(7)
+    new_p = torch.randn(6, 256, generator=gen) * torch.logspace(-30, 30, 6).view(-1, 1)
+    seeds = torch.randint(0, 2**31, (6, 1), generator=gen)
+    direct = torch.zeros(6, 256, dtype=torch.bfloat16)
+    write_param_reference(direct, new_p, None, seeds, stochastic)
+    staged, staging = torch.zeros(6, 256, dtype=torch.bfloat16), torch.full((6, 256), float("nan"))
+    write_param_reference(staged, new_p, None, seeds, stochastic, staging)
+    assert torch.equal(staged, torch.zeros_like(staged)), "a staged write must leave the param to the caller"
+    assert int((staging.view(torch.int32) & 0xFFFF).count_nonzero()) == 0
+    staged.copy_(staging)
+    assert torch.equal(staged.view(torch.int16), direct.view(torch.int16))
+    assert not torch.equal(direct.to(torch.float32), new_p)  # the values were rounded
+
+
+def test_staged_write_refuses_other_dtypes_and_a_device_flag():
+    from lowmem_lightning.kernels.rounding import write_param_reference
+
+    new_p, staging = torch.randn(2, 256), torch.empty(2, 256)
+    with pytest.raises(ValueError, match="staging is for bf16 params.*torch.float16"):
+        write_param_reference(torch.zeros(2, 256, dtype=torch.float16), new_p, None, 0, True, staging)
+    with pytest.raises(ValueError, match="ok=a tensor"):
+        write_param_reference(torch.zeros(2, 256, dtype=torch.bfloat16), new_p, torch.tensor(True), 0, True, staging)

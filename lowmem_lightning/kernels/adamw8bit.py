@@ -229,7 +229,7 @@ def adamw_math(p, g, m, v, s: AdamWScalars, step_size, inv_bc2):
 
 
 def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, ok,
-                   s: AdamWScalars, step_size, inv_bc2, seed, stochastic: bool = True) -> None:
+                   s: AdamWScalars, step_size, inv_bc2, seed, stochastic: bool = True, staging=None) -> None:
     """One 8-bit AdamW step on whole blocks, in place: the specification of ``_adamw8bit_kernel``.
 
     Tensors are ``(num_blocks, BLOCK_SIZE)`` views (absmax ``(num_blocks, 1)``): with the block
@@ -239,14 +239,16 @@ def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
     ``where(ok, new, old)`` on mutated inputs made inductor materialise copies). ``s``: the
     hyperparameters as 0-d fp32 tensors; ``step_size``, ``inv_bc2`` (:func:`step_terms_reference`) and
     ``seed``: per tensor or per row; ``stochastic``: the kernel's ``STOCHASTIC`` (False: bf16/fp16 params
-    rounded to nearest-even). fp32 tensors everywhere, so compiled and eager store the same bits.
+    rounded to nearest-even); ``staging``: None, or for a bf16 ``param`` an fp32 tensor of its shape that receives
+    the rounded param instead, for the caller to copy (:func:`.rounding.write_param_reference`). fp32 tensors
+    everywhere, so compiled and eager store the same bits.
     """
     p = param.to(torch.float32)
     g = grad.to(torch.float32)
     m = decode_signed_reference(exp_avg_codes, exp_avg_absmax)
     v = decode_unsigned_reference(exp_avg_sq_codes, exp_avg_sq_absmax)
     p, m, v, w = adamw_math(p, g, m, v, s, step_size, inv_bc2)
-    write_param_reference(param, p, ok, seed, stochastic)
+    write_param_reference(param, p, ok, seed, stochastic, staging)
     w = materialize(w)  # compiled: sqrt(v) computed once, stored for the v-codes (:func:`.cpu_buckets.materialize`)
     m_absmax = m.abs().amax(dim=1, keepdim=True)
     v_absmax = v.amax(dim=1, keepdim=True)
@@ -269,12 +271,12 @@ def _encode_signed_scaled(x: torch.Tensor, inv_absmax: torch.Tensor) -> torch.Te
 
 
 def adamw32_step(param, grad, exp_avg, exp_avg_sq, ok, s: AdamWScalars, step_size, inv_bc2, seed,
-                 stochastic: bool = True) -> None:
+                 stochastic: bool = True, staging=None) -> None:
     """The step with fp32 moments (tensors under ``MIN_QUANTIZED_NUMEL`` elements), in place on tensors of
-    one shape: the same math as :func:`adamw8bit_step`, no codec; ``ok`` as there."""
+    one shape: the same math as :func:`adamw8bit_step`, no codec; ``ok`` and ``staging`` as there."""
     p, m, v, _ = adamw_math(param.to(torch.float32), grad.to(torch.float32), exp_avg, exp_avg_sq, s, step_size,
                             inv_bc2)
-    write_param_reference(param, p, ok, seed, stochastic)
+    write_param_reference(param, p, ok, seed, stochastic, staging)
     exp_avg.copy_(masked_reference(ok, m, exp_avg))
     exp_avg_sq.copy_(masked_reference(ok, v, exp_avg_sq))
 
@@ -377,19 +379,33 @@ def _row_terms(table: torch.Tensor, row_map: torch.Tensor):
     return step_size.to(torch.float32).view(-1, 1), inv_bc2.to(torch.float32).view(-1, 1), fold_seeds(seed, row_map)
 
 
-def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, table, row_map, stochastic=True):
+def _bucket_step_8bit(param, grad, m, m_absmax, v, v_absmax, hp, table, row_map, stochastic=True, staging=None):
     """:func:`adamw8bit_step` over a bucket: ``(rows, BLOCK_SIZE)`` operands, absmax ``(rows, 1)``, ``hp``
     (:func:`.dispatch.pack` of :class:`AdamWScalars`), the per-tensor step ``table`` ``(T, 3)``: step size,
     ``inv_bc2`` and seed (float64, exact), gathered per row by ``row_map`` (:attr:`.cpu_buckets.Bucket.row_map`);
-    few inputs (each costs guard time per compiled call)."""
+    few inputs (each costs guard time per compiled call); ``staging``: :func:`_staging`."""
     row_terms = [materialize(term) for term in _row_terms(table, row_map)]  # once per row, not per 16 elements
-    adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), *row_terms, stochastic)
+    adamw8bit_step(param, grad, m, m_absmax, v, v_absmax, None, unpack(AdamWScalars, hp), *row_terms, stochastic,
+                   staging)
 
 
-def _bucket_step_32bit(param, grad, m, v, hp, table, row_map, stochastic=True):
+def _bucket_step_32bit(param, grad, m, v, hp, table, row_map, stochastic=True, staging=None):
     """:func:`adamw32_step` over a bucket of fp32-state tensors: ``(elements, 1)`` operands, one row per
     element (``row_map`` ``(elements, 2)``)."""
-    adamw32_step(param, grad, m, v, None, unpack(AdamWScalars, hp), *_row_terms(table, row_map), stochastic)
+    adamw32_step(param, grad, m, v, None, unpack(AdamWScalars, hp), *_row_terms(table, row_map), stochastic, staging)
+
+
+def _staging(layout, param: torch.Tensor):
+    """The bucket's fp32 staging operand for a bf16 ``param`` operand (:meth:`.cpu_buckets.Bucket.staging`), else
+    None: the step writes the rounded param there and :func:`_unstage` copies it in (ATen's full-width bf16 store,
+    not inductor's masked one)."""
+    return layout.staging(param.device) if param.dtype == torch.bfloat16 else None
+
+
+def _unstage(param: torch.Tensor, staging) -> None:
+    """Copy the staged rounded values into the bf16 ``param`` operand (exact: each value is a bf16)."""
+    if staging is not None:
+        param.copy_(staging)
 
 
 _BUCKET_STEPS = {True: HostStep(_bucket_step_8bit), False: HostStep(_bucket_step_32bit)}
@@ -399,8 +415,10 @@ _BUCKET_STEPS = {True: HostStep(_bucket_step_8bit), False: HostStep(_bucket_step
 def _bucket_8bit(layout, backend: str, t: AdamWTensors, hp, table, row_map, stochastic: bool) -> None:
     p, m, v = layout.rows_of(t.params), layout.rows_of(t.exp_avgs), layout.rows_of(t.exp_avg_sqs)
     m_absmax, v_absmax = layout.scales_of(t.exp_avg_absmaxes), layout.scales_of(t.exp_avg_sq_absmaxes)
+    staging = _staging(layout, p)
     _BUCKET_STEPS[True].on(backend)(p, layout.rows_of(t.grads), m, m_absmax, v, v_absmax, hp, table, row_map,
-                                    stochastic)
+                                    stochastic, staging)
+    _unstage(p, staging)
     layout.write_back(t.params, p)
     layout.write_back(t.exp_avgs, m)
     layout.write_back(t.exp_avg_sqs, v)
@@ -410,7 +428,9 @@ def _bucket_8bit(layout, backend: str, t: AdamWTensors, hp, table, row_map, stoc
 
 def _bucket_32bit(layout, backend: str, t: AdamWTensors, hp, table, row_map, stochastic: bool) -> None:
     p, m, v = layout.rows_of(t.params), layout.rows_of(t.exp_avgs), layout.rows_of(t.exp_avg_sqs)
-    _BUCKET_STEPS[False].on(backend)(p, layout.rows_of(t.grads), m, v, hp, table, row_map, stochastic)
+    staging = _staging(layout, p)
+    _BUCKET_STEPS[False].on(backend)(p, layout.rows_of(t.grads), m, v, hp, table, row_map, stochastic, staging)
+    _unstage(p, staging)
     for dst, src in ((t.params, p), (t.exp_avgs, m), (t.exp_avg_sqs, v)):
         layout.write_back(dst, src)
 

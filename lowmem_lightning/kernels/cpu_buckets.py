@@ -25,6 +25,7 @@ step is what limits small tensors).
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Sequence
 
@@ -34,7 +35,7 @@ import torch
 from .rounding import _GOLDEN, _MASK32
 
 __all__ = ["CHUNK_NUMEL", "IN_PLACE_MIN_NUMEL", "Bucket", "plan", "gather_rows", "fold_seeds", "per_tensor",
-           "materialize"]
+           "materialize", "staging"]
 
 CHUNK_NUMEL = 2**18
 """Most elements of one bucket (one call of the step function): the largest call whose passes stay in a
@@ -155,6 +156,10 @@ class Bucket:
                               for (i, s, _), r in zip(self.pieces, counts)],
                              [flat[f:f + r] for f, r in zip(self.firsts, counts)])
 
+    def staging(self, device: torch.device | str) -> torch.Tensor:
+        """An fp32 ``(rows, width)`` scratch operand (:func:`staging`) for a bf16 param's rounded values."""
+        return staging(self.rows, self.width, device)
+
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
         """``(rows, ...)``: per-tensor ``values`` (``(T, ...)``, indexed like the group) on each row."""
         return values.index_select(0, self._row_tensor.to(values.device))
@@ -192,6 +197,32 @@ def fold_seeds(seeds: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
     tensor seed, any dtype holding the integer exactly: :func:`gather_rows` of a float64 step table) and
     :attr:`Bucket.row_map`: ``(s_i - d * GOLDEN) mod 2**32``, the fold pre-reduced mod 2**32."""
     return (seeds.to(torch.int64).view(-1, 1) - row_map[:, 1:]) & _MASK32
+
+
+_STAGING = threading.local()
+"""Per thread: ``{device: fp32 workspace, (device, rows, width): its (rows, width) alias}``."""
+
+
+def staging(rows: int, width: int, device: torch.device | str) -> torch.Tensor:
+    """An fp32 ``(rows, width)`` scratch tensor on ``device`` (contiguous, not a view, as every bucket operand), on one
+    workspace per thread and device grown to the largest request (``rows * width * 4`` bytes, one bucket's worth:
+    1 MiB at ``CHUNK_NUMEL``), reused from call to call: valid until the next request on the same thread (the buckets
+    of a step run one after another). The bucket steps stage a bf16 param's rounded values in it
+    (:func:`.rounding.write_param_reference`)."""
+    cache = getattr(_STAGING, "cache", None)
+    if cache is None:
+        cache = _STAGING.cache = {}
+    device = torch.device(device)
+    key = (device, rows, width)
+    alias = cache.get(key)
+    if alias is None:
+        store = cache.get(device)
+        if store is None or store.numel() < rows * width:
+            for old in [k for k in cache if isinstance(k, tuple) and k[0] == device]:  # aliases of the old workspace
+                del cache[old]
+            store = cache[device] = torch.empty(rows * width, dtype=torch.float32, device=device)
+        alias = cache[key] = _alias(store, 0, (rows, width))
+    return alias
 
 
 def materialize(tensor: torch.Tensor) -> torch.Tensor:

@@ -252,6 +252,14 @@ def hash_uniform_reference(offs: torch.Tensor, seed: int | torch.Tensor) -> torc
 
 def _bf16_reference(x: torch.Tensor, offs: torch.Tensor | None, seed, stochastic: bool) -> torch.Tensor:
     """:func:`_to_bf16` of contiguous ``x``; ``offs=None``: row-major element indices (:func:`_flat_start`)."""
+    # the rounded value as an fp32 with zero low bits: exactly a bf16, so the cast is exact (a NaN param comes out
+    # as the canonical NaN, where the kernel keeps its payload)
+    return _bf16_rounded_reference(x, offs, seed, stochastic).to(torch.bfloat16)
+
+
+def _bf16_rounded_reference(x: torch.Tensor, offs: torch.Tensor | None, seed, stochastic: bool) -> torch.Tensor:
+    """fp32 ``x`` rounded to bf16 as :func:`_bf16_reference` does, returned as fp32 (the bf16 bits in the high half,
+    zeros below: every value exactly a bf16)."""
     bits = x.view(torch.int32)
     if stochastic:
         if offs is None:
@@ -261,10 +269,9 @@ def _bf16_reference(x: torch.Tensor, offs: torch.Tensor | None, seed, stochastic
         bits = bits + high16  # wraps mod 2**32 as the uint32 sum
     else:
         bits = bits + (0x7FFF + ((bits >> 16) & 1))
-    # the high 16 bits as an fp32 with zero low bits: exactly a bf16, so the cast is exact (a NaN param comes out
-    # as the canonical NaN, where the kernel keeps its payload). No int16 in the graph: inductor does not
-    # vectorize a loop holding one (the whole fused step ran scalar, ~25 ns per element).
-    return (bits & _HIGH16).view(torch.float32).to(torch.bfloat16)
+    # No int16 in the graph: inductor does not vectorize a loop holding one (the whole fused step ran scalar, ~25 ns
+    # per element).
+    return (bits & _HIGH16).view(torch.float32)
 
 
 def _fp16_reference(x: torch.Tensor, offs: torch.Tensor, seed, stochastic: bool) -> torch.Tensor:
@@ -313,10 +320,23 @@ def masked_reference(ok: torch.Tensor | None, new: torch.Tensor, old: torch.Tens
 
 
 def write_param_reference(param: torch.Tensor, new_p: torch.Tensor, ok: torch.Tensor | None, seed,
-                          stochastic: bool = True) -> None:
+                          stochastic: bool = True, staging: torch.Tensor | None = None) -> None:
     """Write fp32 ``new_p`` into contiguous ``param`` (same shape) as :func:`store_param` does (bf16/fp16
     stochastically rounded with ``seed``, element indices in flat order, or rounded to nearest-even
-    when ``stochastic`` is False) where ``ok``."""
+    when ``stochastic`` is False) where ``ok``.
+
+    ``staging`` (bf16 ``param``, ``ok`` None): an fp32 tensor of ``param``'s shape that receives the rounded values
+    instead (each exactly a bf16); the caller then copies it into ``param`` (``param.copy_(staging)``: the same
+    bits) outside its compiled graph. In a compiled CPU loop, which inductor tiles for fp32, a bf16 store is a
+    masked half-width vector store after a software rounding, slow on AMD Zen 4; ATen's copy stores whole
+    vectors (``benchmarks/RESULTS.md``, "bf16 CPU step: per-row terms and sqrt(v) materialized, bf16 params
+    staged")."""
+    if staging is not None:
+        if param.dtype != torch.bfloat16 or ok is not None:
+            raise ValueError(f"staging is for bf16 params checked on the host (ok=None), got a {param.dtype} param "
+                             f"and ok={'None' if ok is None else 'a tensor'}")
+        staging.copy_(_bf16_rounded_reference(new_p.contiguous(), None, seed, stochastic))
+        return
     if param.dtype != torch.float32:  # element indices in flat order: round_param_reference's default
         new_p = round_param_reference(new_p, param.dtype, seed, stochastic)
     param.copy_(masked_reference(ok, new_p, param))

@@ -193,7 +193,7 @@ class SGDTensors(NamedTuple):
     tensor_indices: Sequence[int]
 
 
-def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed, stochastic: bool = True) -> None:
+def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed, stochastic: bool = True, staging=None) -> None:
     """One SGD step in place: the specification of ``_sgd_kernel``, the CPU path and the test oracle.
 
     ``param``/``grad`` flat (no or fp32 momentum ``buf``, same layout) or ``(num_blocks, BLOCK_SIZE)``
@@ -202,7 +202,9 @@ def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed, stochasti
     state in a compiled graph); ``first``: bool tensor, the tensor's first step (the momentum starts at
     ``d``); ``s``: the hyperparameters as 0-d fp32 tensors (:func:`.dispatch.unpack`), bit for bit with
     the kernel compiled or eager; ``seed``: the stochastic-rounding seed (per tensor or per row);
-    ``stochastic``: the kernel's ``STOCHASTIC`` (False: bf16/fp16 params rounded to nearest-even).
+    ``stochastic``: the kernel's ``STOCHASTIC`` (False: bf16/fp16 params rounded to nearest-even); ``staging``:
+    None, or for a bf16 ``param`` an fp32 tensor of its shape that receives the rounded param instead, for the
+    caller to copy (:func:`.rounding.write_param_reference`).
     """
     nesterov = s.nesterov != 0
     p = param.to(torch.float32)
@@ -217,7 +219,7 @@ def sgd_step(param, grad, buf, absmax, ok, first, s: SGDScalars, seed, stochasti
             scale = new_buf.abs().amax(dim=1, keepdim=True)
             buf.copy_(masked_reference(ok, encode_signed_reference(new_buf, scale), buf))
             absmax.copy_(masked_reference(ok, scale, absmax))
-    write_param_reference(param, p - s.lr * d, ok, seed, stochastic)
+    write_param_reference(param, p - s.lr * d, ok, seed, stochastic, staging)
 
 
 def sgd_reference(
@@ -305,23 +307,24 @@ def _row_terms(table: torch.Tensor, row_map: torch.Tensor):
     return (first != 0).view(-1, 1), fold_seeds(seed, row_map)
 
 
-def _bucket_step_plain(param, grad, hp, table, row_map, stochastic=True):
+def _bucket_step_plain(param, grad, hp, table, row_map, stochastic=True, staging=None):
     """:func:`sgd_step` without momentum over a bucket: ``(rows, BLOCK_SIZE)`` operands, ``hp``
-    (:func:`.dispatch.pack` of :class:`SGDScalars`), the per-tensor ``table`` gathered per row (:func:`_row_terms`)."""
+    (:func:`.dispatch.pack` of :class:`SGDScalars`), the per-tensor ``table`` gathered per row (:func:`_row_terms`);
+    ``staging``: None, or the fp32 operand a bf16 param is rounded into (the host copies it in)."""
     first, seeds = _row_terms(table, row_map)
-    sgd_step(param, grad, None, None, None, first, unpack(SGDScalars, hp), seeds, stochastic)
+    sgd_step(param, grad, None, None, None, first, unpack(SGDScalars, hp), seeds, stochastic, staging)
 
 
-def _bucket_step_fp32(param, grad, buf, hp, table, row_map, stochastic=True):
+def _bucket_step_fp32(param, grad, buf, hp, table, row_map, stochastic=True, staging=None):
     """:func:`_bucket_step_plain` with fp32 momentum ``buf`` ``(rows, BLOCK_SIZE)``."""
     first, seeds = _row_terms(table, row_map)
-    sgd_step(param, grad, buf, None, None, first, unpack(SGDScalars, hp), seeds, stochastic)
+    sgd_step(param, grad, buf, None, None, first, unpack(SGDScalars, hp), seeds, stochastic, staging)
 
 
-def _bucket_step_int8(param, grad, buf, absmax, hp, table, row_map, stochastic=True):
+def _bucket_step_int8(param, grad, buf, absmax, hp, table, row_map, stochastic=True, staging=None):
     """:func:`_bucket_step_plain` with 8-bit momentum: int8 codes ``buf`` and its ``absmax`` ``(rows, 1)``."""
     first, seeds = _row_terms(table, row_map)
-    sgd_step(param, grad, buf, absmax, None, first, unpack(SGDScalars, hp), seeds, stochastic)
+    sgd_step(param, grad, buf, absmax, None, first, unpack(SGDScalars, hp), seeds, stochastic, staging)
 
 
 _BUCKET_STEPS = {mode: HostStep(fn) for mode, fn in
@@ -334,7 +337,12 @@ def _bucket(layout, backend: str, mode: str, t: SGDTensors, hp, table, row_map, 
     state = [] if mode == "plain" else [layout.rows_of(t.bufs)]
     if mode == "int8":
         state.append(layout.scales_of(t.absmaxes))
-    _BUCKET_STEPS[mode].on(backend)(p, layout.rows_of(t.grads), *state, hp, table, row_map, stochastic)
+    # a bf16 param is rounded into an fp32 staging operand and copied in by ATen (whole-vector bf16 stores; the
+    # compiled loop's masked half-vector store was SGD's bottleneck: benchmarks/RESULTS.md)
+    staging = layout.staging(p.device) if p.dtype == torch.bfloat16 else None
+    _BUCKET_STEPS[mode].on(backend)(p, layout.rows_of(t.grads), *state, hp, table, row_map, stochastic, staging)
+    if staging is not None:
+        p.copy_(staging)
     layout.write_back(t.params, p)
     if mode != "plain":
         layout.write_back(t.bufs, state[0])
