@@ -140,6 +140,8 @@ def test_nibbles_read_as_int64_words_at_any_storage_offset(offset):
     expected = torch.stack([codes.to(torch.int32) & 15, codes.to(torch.int32) >> 4], dim=-1).flatten(-2)
     assert torch.equal(kernel.unpack_nibbles_reference(codes), expected)
     assert torch.equal(kernel.pack_nibbles_reference(expected), codes)
+    nibble_bytes = torch.zeros(offset + expected.numel(), dtype=torch.uint8)[offset:].view(expected.shape)
+    assert torch.equal(kernel.pack_nibbles_reference(nibble_bytes.copy_(expected)), codes)
 
 
 @pytest.mark.slow

@@ -320,7 +320,7 @@ def pack_nibbles_reference(nibbles: torch.Tensor) -> torch.Tensor:
         pairs = nibbles.unflatten(-1, (-1, 2))
         return ((pairs[..., 0] & 15) | ((pairs[..., 1] & 15) << 4)).to(torch.uint8)
     if nibbles.dim() > 0 and nibbles.shape[-1] % 8 == 0:
-        x = nibbles.to(torch.uint8).contiguous().view(torch.int64)
+        x = nibbles.to(torch.uint8, copy=True).contiguous().view(torch.int64)  # a new buffer: offset 0
         x = (x | (x >> 4)) & _FOLD_MASKS[0]
         x = (x | (x >> 8)) & _FOLD_MASKS[1]
         return (x | (x >> 16)).to(torch.int32).view(torch.uint8)  # the low 32 bits of a word: its 4 packed bytes
