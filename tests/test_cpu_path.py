@@ -342,6 +342,12 @@ def test_host_step_terms_equal_the_reference_bit_for_bit(lr, beta1, beta2):
     terms, seeds = adamw_kernel._step_terms([float(s) for s in steps[:50]], list(range(50)), hp)
     _assert_same([terms], [want[:50]], "_step_terms")
     assert seeds.tolist() == [step_seed(s, 0) + i & 0x7FFFFFFF for i, s in enumerate(steps[:50])]
+    last = adamw_kernel._host_terms(lr, beta1, beta2, 2**24 - 1)  # its block of steps runs past 2**24
+    want_last, _ = adamw_kernel.step_terms_reference(scalars, torch.tensor([2.0**24 - 1]),
+                                                     torch.zeros(1, dtype=torch.int64))
+    _assert_same([torch.tensor([last], dtype=torch.float32)], [want_last], "last exact step")
+    with pytest.raises(ValueError, match="step=16777216: .* in \\[0, 2\\*\\*24\\)"):
+        adamw_kernel._host_terms(lr, beta1, beta2, 2**24)
 
 
 def _double_plus_row_max(x, y, out):

@@ -331,10 +331,41 @@ def _host(t: AdamWTensors, scalars: AdamWScalars, backend: str, steps: list[floa
 def _host_terms(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
     """:func:`step_terms_reference` of one step on the host: ``(lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t))`` by
     the same IEEE fp32 operations in numpy scalars (``lr``, ``beta1``, ``beta2`` rounded to fp32 first, as
-    :func:`.dispatch.pack` does; numpy's fp32 square root is correctly rounded), so the same bits."""
+    :func:`.dispatch.pack` does; numpy's fp32 square root is correctly rounded), so the same bits. The bias terms
+    come from :func:`_bias_block` (a new step is a cache miss here, not a recomputation of both powers)."""
+    if not 0 <= step < 1 << _POW_BITS:
+        raise ValueError(f"step={step}: AdamW's bias terms are exact for steps in [0, 2**{_POW_BITS}) (fp32 step "
+                         "counters)")
+    one_minus_beta1_t, inv_bc2 = _bias_block(beta1, beta2, step // _BLOCK_STEPS)[step % _BLOCK_STEPS]
+    return float(np.float32(lr) / one_minus_beta1_t), inv_bc2
+
+
+_BLOCK_STEPS = 64
+"""Steps whose bias terms :func:`_bias_block` computes at once."""
+
+
+@functools.lru_cache(maxsize=64)
+def _bias_block(beta1: float, beta2: float, block: int) -> list[tuple[np.float32, float]]:
+    """``(1 - beta1^t, 1 / sqrt(1 - beta2^t))`` (fp32, as :func:`step_terms_reference`) for the ``_BLOCK_STEPS`` steps
+    ``t`` of ``block``, in numpy fp32 arrays: per step the products of :func:`_pow_from_squares` in its order (one
+    per set bit of ``t``, lowest first), so the same bits, for ~1 us a step instead of ~6."""
+    steps = np.arange(block * _BLOCK_STEPS, (block + 1) * _BLOCK_STEPS, dtype=np.int64)
     one = np.float32(1.0)
-    beta1_t, beta2_t = _pow_from_squares(beta1, step), _pow_from_squares(beta2, step)
-    return float(np.float32(lr) / (one - beta1_t)), float(one / np.sqrt(one - beta2_t))
+    with np.errstate(divide="ignore"):  # step 0 (never applied): 1 - beta^0 = 0
+        c1 = one - _pow_steps(beta1, steps)
+        inv_bc2 = one / np.sqrt(one - _pow_steps(beta2, steps))
+    return [(c, float(i)) for c, i in zip(c1, inv_bc2)]
+
+
+def _pow_steps(base: float, steps: np.ndarray) -> np.ndarray:
+    """:func:`_pow_from_squares` of fp32 ``base`` for every exponent in ``steps`` (fp32 array)."""
+    result, e = np.ones(steps.shape, dtype=np.float32), steps.copy()
+    for square in _squares(base):
+        if not e.any():
+            break
+        result = np.where((e & 1) != 0, result * square, result)
+        e >>= 1
+    return result  # exponents from 2**_POW_BITS on are wrong (their high bits ignored): _host_terms refuses them
 
 
 @functools.lru_cache(maxsize=64)
