@@ -415,6 +415,8 @@ def _gather(params: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], shape:
 
 def _scatter(params: Sequence[torch.Tensor], ortho: torch.Tensor) -> list[torch.Tensor]:
     """Each param's part of ``ortho`` ``(batch, *shape)``: all of it, or a sharded param's local shard."""
+    if not any(is_dtensor(param) for param in params):
+        return list(ortho.unbind(0))
     parts = []
     for param, matrix in zip(params, ortho.unbind(0)):
         if is_dtensor(param):
