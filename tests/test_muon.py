@@ -546,35 +546,3 @@ def test_cpu_optimizer_keeps_one_newton_schulz_scratch_across_steps():
     ref, _ = _run(lambda p: torch.optim.Muon(p, lr=0.02), params0, grads)
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))
     assert copy.deepcopy(opt)._ns_work is None
-
-
-def test_cpu_batches_give_each_thread_whole_matrices():
-    """One thread: batches of at most 2**19 elements (or one matrix); several threads: at least two matrices per
-    thread up to 2**22 elements; accelerators: up to 2**26 elements."""
-    from lowmem_lightning.optim.muon import ns_batch_size
-
-    cpu, threads = torch.device("cpu"), torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert [ns_batch_size(s, cpu) for s in [(256, 256), (256, 688), (1024, 1024), (4096, 4096)]] == [8, 2, 1, 1]
-        torch.set_num_threads(2)
-        assert [ns_batch_size(s, cpu) for s in [(256, 256), (256, 688), (1024, 1024), (4096, 4096)]] == [8, 4, 4, 1]
-    finally:
-        torch.set_num_threads(threads)
-    assert ns_batch_size((1024, 1024), torch.device("meta")) == 64
-
-
-def test_muon_on_two_threads_equals_torch_muon_bit_for_bit():
-    """With two threads the CPU batches are larger (4 x 256x688 in one batched matmul): still ``torch.optim.Muon``'s
-    bits (run on two threads too)."""
-    shapes = [(256, 688)] * 4 + [(688, 256)] * 4
-    params0 = [torch.randn(s) * 0.02 for s in shapes]
-    grads = random_grads(shapes, 3)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        ours, _ = _run(lambda p: build_optimizer("muon", p, lr=0.02), params0, grads)
-        ref, _ = _run(lambda p: torch.optim.Muon(p, lr=0.02), params0, grads)
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(ours, ref))

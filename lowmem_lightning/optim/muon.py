@@ -49,29 +49,9 @@ NS_BATCH_NUMEL_CPU = 2**19
 """The same on the CPU, where a batch beyond ~1 MiB of bf16 per operand falls out of cache: 48 matrices of
 256x256 run fastest 8 at a time (``benchmarks/RESULTS.md``, "Muon on the CPU")."""
 
-def ns_batch_size(shape: Sequence[int], device: torch.device) -> int:
-    """How many ``shape`` matrices Newton–Schulz orthogonalizes as one batch on ``device``: as many as fit in
-    :data:`NS_BATCH_NUMEL` elements on an accelerator; on the CPU as many as fit in :data:`NS_BATCH_NUMEL_CPU`,
-    and with several threads (``torch.get_num_threads()``) at least two per thread while the batch stays within
-    :data:`NS_THREADS_BATCH_NUMEL_CPU`: a batched matmul gives each thread whole matrices, where the threads of
-    one large matmul split it and wait for each other (4 x 1024x1024 on 2 threads: one batch of 4 ~14% faster
-    than one matrix at a time, same bits; ``benchmarks/RESULTS.md``). Always at least 1."""
-    numel = max(1, shape[0] * shape[1])
-    if device.type != "cpu":
-        return max(1, NS_BATCH_NUMEL // numel)
-    threads = torch.get_num_threads()
-    per_thread = min(2 * threads, NS_THREADS_BATCH_NUMEL_CPU // numel) if threads > 1 else 1
-    return max(1, NS_BATCH_NUMEL_CPU // numel, per_thread)
-
-
-NS_THREADS_BATCH_NUMEL_CPU = 2**22
-"""Largest CPU batch (elements, 8 MiB of bf16 per operand) that :func:`ns_batch_size` builds to give each thread
-whole matrices: 4 x 1024x1024 and smaller matrices; larger ones keep the threads of one matmul."""
-
-NS_SCRATCH_NUMEL_CPU = 2**25
+NS_SCRATCH_NUMEL_CPU = 2**24
 """Largest Newton–Schulz scratch (bf16 elements: ``U``, the normalized input, two products and the Gram
-products of one batch; 64 MiB, what a batch of 4 x 1024x1024 needs) a CPU optimizer keeps across steps; a larger
-batch allocates per step."""
+products of one batch; 32 MiB) a CPU optimizer keeps across steps; a larger batch allocates per step."""
 
 
 def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | None = None) -> bool:
@@ -373,7 +353,8 @@ class Muon(LowMemOptimizer):
         lr = float(group["lr"])
         for shape, entries in by_shape.items():
             step_size = adjusted_lr(lr, group["adjust_lr_fn"], shape)
-            per_batch = ns_batch_size(shape, entries[0][0][1].device)
+            cap = NS_BATCH_NUMEL_CPU if entries[0][0][1].device.type == "cpu" else NS_BATCH_NUMEL
+            per_batch = max(1, cap // max(1, shape[0] * shape[1]))
             for start in range(0, len(entries), per_batch):
                 self._muon_batch(group, self._checked(entries[start:start + per_batch]), shape, step_size)
 
