@@ -498,12 +498,13 @@ def test_compiled_8bit_step_equals_the_reference_on_hard_blocks(cpu_compile, mom
 
 def test_cpu_backend_choice_per_momentum_dtype():
     """On the CPU fp32 momentum runs eagerly whatever ``cpu_compile`` says; 8-bit momentum compiles under
-    ``"auto"`` whatever its size (``"never"`` keeps it eager, ``"always"`` compiled)."""
-    from lowmem_lightning.kernels.muon import MuonTensors, _host_backend
+    ``"auto"`` from ``MUON_COMPILE_MIN_NUMEL`` elements per batch, below that it keeps what dispatch chose
+    (``"never"`` keeps it eager, ``"always"`` compiled)."""
+    from lowmem_lightning.kernels.muon import MUON_COMPILE_MIN_NUMEL, MuonTensors, _host_backend
 
-    def tensors(quantized):
-        absmax = torch.zeros(16) if quantized else None
-        return MuonTensors([torch.empty(4096, dtype=torch.bfloat16)], [torch.zeros(4096)], [torch.zeros(4096)],
+    def tensors(quantized, n=MUON_COMPILE_MIN_NUMEL):
+        absmax = torch.zeros(n // 256) if quantized else None
+        return MuonTensors([torch.empty(n, dtype=torch.bfloat16)], [torch.zeros(n)], [torch.zeros(n)],
                            [absmax], [torch.tensor(1.0)], [torch.tensor(1.0)])
 
     for mode in ("auto", "always", "never"):
@@ -511,6 +512,7 @@ def test_cpu_backend_choice_per_momentum_dtype():
             assert _host_backend(tensors(False), "compiled") == "eager"
             assert _host_backend(tensors(False), "eager") == "eager"
             assert _host_backend(tensors(True), "eager") == ("compiled" if mode == "auto" else "eager")
+            assert _host_backend(tensors(True, 4096), "eager") == "eager"
             assert _host_backend(tensors(True), "compiled") == "compiled"
 
 

@@ -542,9 +542,9 @@ def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
     """The live tensors of one :func:`_host_key` group (``dispatch`` leaves out those whose flag is 0: their
     ``U`` stays unwritten); ``backend="compiled"``: the fused compiled steps, one tensor at a time.
 
-    On the CPU, 8-bit momentum under ``cpu_compile="auto"`` takes the compiled step whatever the group's size
-    and fp32 momentum always the eager one (:func:`_host_backend`): ``torch.optim.Muon``'s own ``lerp`` calls
-    (:func:`_fp32_momentum_eager`)."""
+    On the CPU, 8-bit momentum under ``cpu_compile="auto"`` takes the compiled step from
+    :data:`MUON_COMPILE_MIN_NUMEL` elements per batch and fp32 momentum always the eager one
+    (:func:`_host_backend`): ``torch.optim.Muon``'s own ``lerp`` calls (:func:`_fp32_momentum_eager`)."""
     backend = _host_backend(t, backend)
     if backend != "compiled":
         if t.absmaxes[0] is None:
@@ -560,13 +560,20 @@ def _host(t: MuonTensors, scalars: MuonScalars, backend: str, steps) -> None:
             _host_momentum(grad, buf, absmax, out, scalars, packed)
 
 
+MUON_COMPILE_MIN_NUMEL = 2**16
+"""Elements of one Newton–Schulz batch from which the CPU's 8-bit momentum pass compiles under ``"auto"``."""
+
+
 def _host_backend(t: MuonTensors, backend: str) -> str:
     """The host step a CPU group of ``t`` takes for ``backend`` (what :func:`.dispatch.choose_bucket` chose):
 
-    * 8-bit momentum under ``cpu_compile="auto"``: compiled, whatever the group's size. The fused compiled pass
-      is ~3x faster than the eager one (~16 passes), is compiled once per process (one dynamic-shape graph, one
-      more for a matrix whose length is not a multiple of 256; inductor caches the code on disk), and the 8-bit
-      pass is most of a Muon step beside Newton–Schulz.
+    * 8-bit momentum under ``cpu_compile="auto"``: compiled when the batch holds at least
+      :data:`MUON_COMPILE_MIN_NUMEL` elements (a 256x256 matrix), else what ``dispatch`` chose (eager until
+      ``compile_after_numel`` element-steps, the other optimizers' rule). The fused compiled pass is ~3x faster
+      than the eager one (~16 passes), is compiled once per process (one dynamic-shape graph, one more for a
+      matrix whose length is not a multiple of 256; inductor caches the code on disk: a first step of seconds),
+      and the 8-bit pass is most of a Muon step beside Newton–Schulz; a model of smaller matrices does not
+      repay that first step soon.
     * fp32 momentum: eager, even when compiling is asked for: ``torch.optim.Muon``'s own two ``lerp`` calls per
       matrix beat the compiled fused pass in a whole step (7.4M elements of 256x256 and 256x688 matrices: 8.0
       against 11.6 ms, ``benchmarks/RESULTS.md``), and store the same bits.
@@ -576,7 +583,8 @@ def _host_backend(t: MuonTensors, backend: str) -> str:
         return backend
     if t.absmaxes[0] is None:
         return "eager"
-    if backend == "eager" and settings().cpu_compile == "auto":
+    if backend == "eager" and settings().cpu_compile == "auto" and sum(g.numel() for g in t.grads) >= \
+            MUON_COMPILE_MIN_NUMEL:
         return "compiled"
     return backend
 
