@@ -453,22 +453,38 @@ def test_materialize_computes_a_per_row_term_once_per_row_when_compiled(hoist):
 def test_staging_is_one_reused_fp32_workspace_per_thread():
     """The bf16 staging operand: fp32, contiguous, not a view (as every bucket operand: torch.compile guards on the
     difference), the same tensor for the same shape, one workspace shared by shapes (grown to the largest), and
-    another one on another thread."""
+    another one on another thread. Run on fresh threads: earlier tests may have grown this thread's workspace."""
     import threading
 
-    a = cpu_buckets.staging(4, BLOCK_SIZE, "cpu")
-    assert a.dtype == torch.float32 and a.shape == (4, BLOCK_SIZE) and a.is_contiguous() and a._base is None
-    assert cpu_buckets.staging(4, BLOCK_SIZE, "cpu") is a
-    b = cpu_buckets.staging(2, BLOCK_SIZE, "cpu")
-    assert b.data_ptr() == a.data_ptr()
-    big = cpu_buckets.staging(64, BLOCK_SIZE, "cpu")  # grows: the smaller shapes' aliases are rebuilt
-    again = cpu_buckets.staging(4, BLOCK_SIZE, "cpu")
-    assert again is not a and again.data_ptr() == big.data_ptr()
-    other = []
-    thread = threading.Thread(target=lambda: other.append(cpu_buckets.staging(4, BLOCK_SIZE, "cpu")))
-    thread.start()
-    thread.join()
-    assert other[0].data_ptr() != again.data_ptr()
+    def on_a_fresh_thread(fn):
+        out, errors = [], []
+
+        def run():
+            try:
+                out.append(fn())
+            except BaseException as err:  # re-raised on the test's thread
+                errors.append(err)
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
+        return out[0]
+
+    def grows_and_reuses():
+        a = cpu_buckets.staging(4, BLOCK_SIZE, "cpu")
+        assert a.dtype == torch.float32 and a.shape == (4, BLOCK_SIZE) and a.is_contiguous() and a._base is None
+        assert cpu_buckets.staging(4, BLOCK_SIZE, "cpu") is a
+        b = cpu_buckets.staging(2, BLOCK_SIZE, "cpu")
+        assert b.data_ptr() == a.data_ptr()
+        big = cpu_buckets.staging(64, BLOCK_SIZE, "cpu")  # grows: the smaller shapes' aliases are rebuilt
+        again = cpu_buckets.staging(4, BLOCK_SIZE, "cpu")
+        assert again is not a and again.data_ptr() == big.data_ptr()
+        return again
+
+    again = on_a_fresh_thread(grows_and_reuses)
+    other = on_a_fresh_thread(lambda: cpu_buckets.staging(4, BLOCK_SIZE, "cpu"))
+    assert other.data_ptr() != again.data_ptr()
     layout = cpu_buckets.plan([torch.empty(3 * BLOCK_SIZE)], BLOCK_SIZE)[0]
     assert layout.staging("cpu").shape == (layout.rows, BLOCK_SIZE)
 
