@@ -492,9 +492,13 @@ CODE_PAIRS4 = [
     ("power-2, stochastic", "power-4 without zero (ours)"),
     ("power-2, stochastic where nearest stalls (ours)", "power-4 without zero, rank-1"),
     ("power-2, stochastic where nearest stalls (ours)", "power-4 without zero (ours)"),
+    # study-only swaps of one moment's code between ours and torchao's (issue 29.4 ablation, RESULTS.md)
+    ("power-2, stochastic where nearest stalls (ours)", "linear without zero (torchao)"),
+    ("dynamic exponent (torchao, paper)", "power-4 without zero (ours)"),
+    ("power-2, nearest", "power-4 without zero (ours)"),
 ]
 """(m code, v code) pairs simulated together: torchao's scheme, the paper's, the earlier all-stochastic m, ours
-with and without rank-1."""
+with and without rank-1, and ours with one moment's code swapped (torchao's v, torchao's m, nearest m)."""
 
 
 PROBLEMS4 = ("noisy_quadratic", "pure_noise", "real_gradients")
