@@ -6,6 +6,8 @@ for bit the Triton kernel (test_adamw8bit.py / test_sgd.py). The bucketed path m
 bits, eager and compiled, for many odd-sized tensors of mixed kinds in one call.
 """
 
+import functools
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -364,16 +366,29 @@ def test_host_step_compiles_once_for_every_size_and_runs_its_cached_graph():
             step.on("compiled")(x, y, out)
             assert torch.equal(out, x * 2 + y.amax(dim=1, keepdim=True)), rows
         assert counters["stats"]["unique_graphs"] == before + 1
-        assert step._cached is not None and step._cached.matches((x, y, out))
+        assert len(step._cached) == 1 and step._cached[0].matches((x, y, out))
         # a call its guards refuse (another dtype) goes through torch.compile, which compiles a second graph;
-        # with two graphs the step stops using the cached one
-        x, y, out = (torch.randn(8, 256, dtype=torch.float64) for _ in range(3))
-        assert not step._cached.matches((x, y, out))
+        # then both graphs run cached, each for its own dtype
+        x64, y64, out64 = (torch.randn(8, 256, dtype=torch.float64) for _ in range(3))
+        assert not step._cached[0].matches((x64, y64, out64))
         with torch.enable_grad():  # the guards check the grad mode too
-            assert not step._cached.matches((torch.randn(4, 256), torch.randn(4, 256), torch.empty(4, 256)))
-        step.on("compiled")(x, y, out)
-        assert torch.equal(out, x * 2 + y.amax(dim=1, keepdim=True))
-        assert counters["stats"]["unique_graphs"] == before + 2 and step._cached is None
+            assert not step._cached[0].matches((torch.randn(4, 256), torch.randn(4, 256), torch.empty(4, 256)))
+        step.on("compiled")(x64, y64, out64)
+        assert torch.equal(out64, x64 * 2 + y64.amax(dim=1, keepdim=True))
+        assert counters["stats"]["unique_graphs"] == before + 2 and len(step._cached) == 2
+        for args in ((x64, y64, out64), (x, y, out)):
+            assert sum(graph.matches(args) for graph in step._cached) == 1
+            calls = [0]
+
+            def counted(*a, _code, _calls=calls):
+                _calls[0] += 1
+                return _code(*a)
+            graphs = [dispatch._CachedGraph(functools.partial(counted, _code=g.code), g._guards, g._names)
+                      for g in step._cached]
+            step._cached = tuple(graphs)
+            args[2].zero_()
+            step.on("compiled")(*args)
+            assert calls == [1] and torch.equal(args[2], args[0] * 2 + args[1].amax(dim=1, keepdim=True))
 
 
 def _hash_int64(offs, seed):

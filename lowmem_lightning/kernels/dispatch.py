@@ -368,14 +368,15 @@ class HostStep:
     bucket of 256 rows of 256 elements, must not become one symbol: the next size would compile again) and,
     when no argument is a float, with float globals as constants.
     Later calls skip torch.compile's per-call frame machinery when they can (:class:`_CachedGraph`): the
-    graph's own guards are checked, then its compiled code runs directly; anything else (a guard failure,
-    a torch without these internals) goes through the compiled function as usual.
+    graphs' own guards are checked (up to :data:`_MAX_CACHED_GRAPHS`, e.g. one per param dtype: a model with
+    bf16 and fp32 params), then the compiled code of the first that passes runs directly; anything else (no
+    graph's guards pass, a torch without these internals) goes through the compiled function as usual.
     """
 
     def __init__(self, fn: Callable):
         self.eager = fn
         self._compiled: Callable | None | bool = False  # False: not compiled yet; None: compiling failed
-        self._cached: _CachedGraph | None = None
+        self._cached: tuple[_CachedGraph, ...] = ()
         self._cache_refreshes = 0
         functools.update_wrapper(self, fn)
 
@@ -384,9 +385,10 @@ class HostStep:
         return self._run_compiled if backend == "compiled" else self.eager
 
     def _run_compiled(self, *args, **kwargs):
-        cached = self._cached
-        if cached is not None and not kwargs and cached.matches(args):
-            return cached.code(*args)
+        if not kwargs:
+            for cached in self._cached:
+                if cached.matches(args):
+                    return cached.code(*args)
         if self._compiled is False:
             self._compiled = torch.compile(self.eager, dynamic=True, options=_COMPILE_OPTIONS)
             with _no_duck_shapes(), _constant_globals(args, kwargs):
@@ -406,9 +408,9 @@ class HostStep:
             )
             self._compiled = None
             return self.eager(*args, **kwargs)
-        if self._cache_refreshes < _CACHE_REFRESHES:  # a function with several graphs stops looking
+        if self._cache_refreshes < _CACHE_REFRESHES:  # a function that keeps recompiling stops looking
             self._cache_refreshes += 1
-            self._cached = _CachedGraph.of(self.eager)
+            self._cached = _CachedGraph.all_of(self.eager)
         return out
 
 
@@ -417,11 +419,14 @@ _COMPILE_OPTIONS = {"size_asserts": False}
 graph's guards (checked on every call) already pin dtypes, ranks and strides."""
 
 _CACHE_REFRESHES = 8
-"""Compiled calls after which a :class:`HostStep` stops looking for its :class:`_CachedGraph`."""
+"""Compiled calls after which a :class:`HostStep` stops looking for its :class:`_CachedGraph` entries."""
+
+_MAX_CACHED_GRAPHS = 4
+"""Most compiled graphs of one :class:`HostStep` run through :class:`_CachedGraph` (checked one after another)."""
 
 
 class _CachedGraph:
-    """The one compiled entry torch.compile holds for a function: its transformed code (which gathers the
+    """One compiled entry torch.compile holds for a function: its transformed code (which gathers the
     graph's inputs and calls the compiled graph) and its guards. :meth:`matches` runs the guards on the
     call's arguments (and the global state they check: grad mode, threads, ...); when they pass, calling
     :attr:`code` is what torch.compile would run, without its per-call wrapper (measured ~20 us of ~45 per
@@ -431,23 +436,27 @@ class _CachedGraph:
         self.code, self._guards, self._names = code, guards, names
 
     @classmethod
-    def of(cls, fn: Callable) -> _CachedGraph | None:
-        """The cached graph of ``fn`` when torch.compile holds exactly one entry for it, else None (also when
-        this torch lacks the internals read here)."""
+    def all_of(cls, fn: Callable) -> tuple[_CachedGraph, ...]:
+        """The cached graphs of ``fn``, in the order torch.compile holds them, when it holds 1 to
+        :data:`_MAX_CACHED_GRAPHS` entries; else ``()`` (also when this torch lacks the internals read here).
+        Graphs whose guards both pass compute the same function: which one runs changes no result."""
         try:
             from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
             entries = _debug_get_cache_entry_list(fn.__code__)
-            if len(entries) != 1 or fn.__kwdefaults__:
-                return None
-            entry = entries[0]
-            code = types.FunctionType(entry.code, _direct_globals(fn.__globals__), fn.__name__, None, fn.__closure__)
+            if not 1 <= len(entries) <= _MAX_CACHED_GRAPHS or fn.__kwdefaults__:
+                return ()
             names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-            guards = entry.guard_manager
-            guards.check  # noqa: B018 - present, or no cached calls
+            fn_globals = _direct_globals(fn.__globals__)
+            graphs = []
+            for entry in entries:
+                code = types.FunctionType(entry.code, fn_globals, fn.__name__, None, fn.__closure__)
+                guards = entry.guard_manager
+                guards.check  # noqa: B018 - present, or no cached calls
+                graphs.append(cls(code, guards, names))
         except Exception:  # pragma: no cover - another torch version's internals
-            return None
-        return cls(code, guards, names)
+            return ()
+        return tuple(graphs)
 
     def matches(self, args: tuple) -> bool:
         """Whether the guards pass for positional ``args`` (every parameter passed: no defaults filled in)."""
