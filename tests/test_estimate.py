@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 
 import pytest
@@ -330,8 +329,9 @@ def test_estimate_equals_live_tensor_bytes_for_each_recipe_setting(recipe):
 
 # ============================================================================== activations
 def _profiled_activation_peak(arch: dict, batch: int, seq: int, dtype, checkpointing: bool, model=None) -> int:
-    """Peak CPU bytes allocated in one forward + backward (gradients freed as they arrive), torch's profiler; of an
-    HF Llama of ``arch`` in ``dtype``, or of ``model`` (built by the caller, checkpointing already set) when given."""
+    """Peak CPU bytes allocated in one forward + backward (gradients freed as they arrive), torch's profiler
+    (``benchmarks/lora_activations.py`` ``profiled_peak``); of an HF Llama of ``arch`` in ``dtype``, or of ``model``
+    (built by the caller, checkpointing already set) when given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -340,25 +340,7 @@ def _profiled_activation_peak(arch: dict, batch: int, seq: int, dtype, checkpoin
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-    model.train()
-    for p in model.parameters():
-        if p.requires_grad:
-            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-    ids = torch.randint(0, arch["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
-    gc.collect()  # a collection inside the profile would count earlier models' tensors as freed
-    gc.disable()
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(input_ids=ids, labels=ids).loss.backward()
-    finally:
-        gc.enable()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+    return _lora_bench().profiled_peak(model, arch["vocab_size"], batch, seq)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
