@@ -420,8 +420,12 @@ def test_int32_hash_equals_the_uint32_hash():
 def test_encode_signed_scaled_equals_the_codec_reference():
     """The 8-bit bucket step encodes m from the per-block reciprocal it computed once per row: the same codes as
     ``encode_signed_reference`` (zeros, sign flips, blocks under ``SCALE_FLOOR``, tiny and huge scales)."""
-    from lowmem_lightning.kernels.adamw8bit import _encode_signed_scaled
-    from lowmem_lightning.kernels.codec import SCALE_FLOOR, block_scale_rcp_reference, encode_signed_reference
+    from lowmem_lightning.kernels.codec import (
+        SCALE_FLOOR,
+        block_scale_rcp_reference,
+        encode_signed_reference,
+        encode_signed_scaled_reference,
+    )
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(64, BLOCK_SIZE, generator=gen) * torch.logspace(-40, 30, 64).view(-1, 1)
@@ -429,7 +433,7 @@ def test_encode_signed_scaled_equals_the_codec_reference():
     x[1, ::2] = -x[1, ::2]
     x[2] = SCALE_FLOOR / 4
     absmax = x.abs().amax(dim=1, keepdim=True)
-    got = _encode_signed_scaled(x, block_scale_rcp_reference(absmax))
+    got = encode_signed_scaled_reference(x, block_scale_rcp_reference(absmax))
     want = encode_signed_reference(x, absmax)
     assert got.dtype == torch.int8 and torch.equal(got, want)
     assert int((want != 0).sum()) > 60 * BLOCK_SIZE  # the test is not all zeros

@@ -57,10 +57,10 @@ from .adamw8bit_triton import _adamw8bit_kernel, _adamw8bit_persistent_kernel
 from .aot import signature_of
 from .codec import (
     BLOCK_SIZE,
-    SIGNED_LEVELS,
     block_scale_rcp_reference,
     decode_signed_reference,
     decode_unsigned_reference,
+    encode_signed_scaled_reference,
     encode_unsigned_roots_reference,
     sqrt_floor_reference,
     sqrt_rn_reference,
@@ -254,20 +254,11 @@ def adamw8bit_step(param, grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes,
     v_absmax = v.amax(dim=1, keepdim=True)
     # per-block reciprocals computed once per row (compiled: not per 16 elements); max(w) = sqrt_floor(v_absmax)
     v_codes = encode_unsigned_roots_reference(w, materialize(1.0 / sqrt_floor_reference(v_absmax)))
-    m_codes = _encode_signed_scaled(m, materialize(block_scale_rcp_reference(m_absmax)))
+    m_codes = encode_signed_scaled_reference(m, materialize(block_scale_rcp_reference(m_absmax)))
     exp_avg_codes.copy_(masked_reference(ok, m_codes, exp_avg_codes))
     exp_avg_absmax.copy_(masked_reference(ok, m_absmax, exp_avg_absmax))
     exp_avg_sq_codes.copy_(masked_reference(ok, v_codes, exp_avg_sq_codes))
     exp_avg_sq_absmax.copy_(masked_reference(ok, v_absmax, exp_avg_sq_absmax))
-
-
-def _encode_signed_scaled(x: torch.Tensor, inv_absmax: torch.Tensor) -> torch.Tensor:
-    """:func:`.codec.encode_signed_reference` of ``x`` given its blocks' ``inv_absmax`` =
-    :func:`.codec.block_scale_rcp_reference` of the absmax (the kernels' ``encode_signed_scaled``): the same
-    operations in the same order, so the same codes (tested), with the reciprocal an operand of its own."""
-    r = x * inv_absmax
-    y = sqrt_floor_reference(r.abs()) * SIGNED_LEVELS
-    return torch.round(torch.where(r < 0, -y, y)).to(torch.int8)
 
 
 def adamw32_step(param, grad, exp_avg, exp_avg_sq, ok, s: AdamWScalars, step_size, inv_bc2, seed,

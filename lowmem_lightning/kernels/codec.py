@@ -65,6 +65,7 @@ __all__ = [
     "sqrt_rn_reference",
     "sqrt_floor_reference",
     "block_scale_rcp_reference",
+    "encode_signed_scaled_reference",
     "encode_unsigned_roots_reference",
     "rcp_rn",
     "div_rn_fast",
@@ -341,7 +342,13 @@ def encode_signed_reference(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tens
 
     ``code = round_half_even(127 * sign(r) * sqrt(|r|))`` with ``r = x * RN(1 / absmax)``: never above
     127 in magnitude (``|r| <= (1 + 2**-24)**2``, so ``127 * sqrt(|r|) < 127.5``)."""
-    r = x * block_scale_rcp_reference(absmax)
+    return encode_signed_scaled_reference(x, block_scale_rcp_reference(absmax))
+
+
+def encode_signed_scaled_reference(x: torch.Tensor, inv_absmax: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`encode_signed_scaled`: :func:`encode_signed_reference` given the blocks' reciprocal
+    scale ``inv_absmax`` (:func:`block_scale_rcp_reference` of the absmax), for a caller that computes it once."""
+    r = x * inv_absmax
     y = sqrt_floor_reference(r.abs()) * SIGNED_LEVELS
     return torch.round(torch.where(r < 0, -y, y)).to(torch.int8)
 
