@@ -75,6 +75,9 @@ torch.save(
     }},
     out + f"/rank{{straight.global_rank}}.pt",
 )
+if torch.distributed.is_initialized():  # gloo's threads joined before exit (else a rare abort at teardown)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
