@@ -54,6 +54,18 @@ the image's own triton 3.6.0 matches its torch 2.11 and stays), then one ``run``
         --out-dir $OUT 2>&1 | tee $OUT/log.txt
 
 (550 s of part budgets, :data:`BUDGET_S`); ``$OUT/gpu_section.md`` is the dated section for RESULTS.md.
+
+Both open GPU issues do not fit one session's 15 minutes (a cold start takes minutes of it). Order: issue 24 (kernel
+speed) first, the same install line and then::
+
+    export LOWMEM_PERSISTENT_PROGRAMS_PER_SM=4; python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md \
+        --parts kernels,step_time,paged,release,gpu_tests --out-dir $OUT 2>&1 | tee $OUT/log.txt
+    for d in bfloat16 "float32 --grad-dtype bfloat16"; do python3 benchmarks/optim_step.py --device cuda \
+        --sizes 1G --param-dtype $d --repeats 10 --warmup 2 --no-csv --optimizers torch_adamw_fused,adamw_8bit,\
+adamw_8bit_persistent2,adamw_8bit_persistent4,adamw_8bit_persistent8; done 2>&1 | tee -a $OUT/log.txt
+
+(``timeout_s`` 560: 440 s of part budgets and two short optim_step runs), then, in what is left, ``full_ft_7b``
+alone (270 s) and the recommended parts in a later session.
 """
 
 from __future__ import annotations
