@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 import lightning as L
 import torch
 
-from lowmem_lightning.optim import build_optimizer
+from lowmem_lightning.optim import build_optimizer, optimizer_class
 from lowmem_lightning.optim.validation import check_choice, validate_optimizer_args
 
 __all__ = ["LowMemModule", "SCHEDULERS", "decay_param_groups", "validate_optimizer_args", "warmup_cosine_factor"]
@@ -180,10 +180,15 @@ class LowMemModule(L.LightningModule):
 
     def configure_optimizers(self):
         """Build the named optimizer over :meth:`param_groups`, plus a per-step LambdaLR when a
-        warmup or cosine schedule was asked for."""
+        warmup or cosine schedule was asked for. For ``muon``/``muon_8bit`` every param goes in with its
+        ``named_parameters()`` name, so the embeddings and the output head take the AdamW part
+        (:func:`~lowmem_lightning.optim.muon.uses_muon`)."""
+        groups = self.param_groups()
+        name_groups = getattr(optimizer_class(self.optimizer_name), "with_param_names", None)
+        if name_groups is not None:  # Muon: embeddings and the head are found by name (they take AdamW)
+            groups = name_groups(groups, self.named_parameters())
         optimizer = build_optimizer(
-            self.optimizer_name, self.param_groups(), lr=self.lr, weight_decay=self.weight_decay,
-            **self.optimizer_kwargs,
+            self.optimizer_name, groups, lr=self.lr, weight_decay=self.weight_decay, **self.optimizer_kwargs,
         )
         if self.warmup_steps == 0 and self.scheduler_name is None:
             return optimizer

@@ -30,7 +30,7 @@ from .base import LowMemOptimizer, StateSpec, _advance_steps, check_drop_in_flag
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
 
-__all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "EMBEDDING_MARKS", "HEAD_NAMES", "uses_muon"]
+__all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "EMBEDDING_MARKS", "HEAD_NAMES", "PEFT_WRAPPERS", "uses_muon"]
 
 MOMENTUM_DTYPES = ("float32", "int8")
 """Allowed values of ``momentum_dtype``."""
@@ -40,6 +40,11 @@ EMBEDDING_MARKS = ("embed", "wte", "wpe")
 
 HEAD_NAMES = ("lm_head", "head", "output", "output_layer", "classifier", "score")
 """A param owned by a module of one of these names (the component before ``weight``) is the output head."""
+
+PEFT_WRAPPERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                 "modules_to_save", "original_module", "base_layer")
+"""Path components peft inserts under the module it wraps (``lm_head.lora_A.default.weight``,
+``score.modules_to_save.default.weight``): the owner of such a param is the module before the first of them."""
 
 NS_BATCH_NUMEL = 2**26
 """Largest batch (elements) of same-shape matrices orthogonalized together on an accelerator (bounds the bf16
@@ -60,8 +65,10 @@ def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | Non
     ``use_muon`` (the param group's) decides when True or False. ``None`` (default): a 2-D param, unless
     its name marks an embedding (a path component containing ``embed``, ``wte`` or ``wpe``) or the output
     head (its module is called ``lm_head``, ``head``, ``output``, ``output_layer``, ``classifier`` or
-    ``score``). Without names every 2-D param is a hidden matrix: pass ``model.named_parameters()`` (the
-    callback does) or groups with ``use_muon=False`` for the embeddings and the head.
+    ``score``; under peft the module peft wrapped: ``lm_head.lora_A.default.weight`` and
+    ``score.modules_to_save.default.weight`` are the head's, ``q_proj.lora_B.default.weight`` a hidden matrix).
+    Without names every 2-D param is a hidden matrix: pass ``model.named_parameters()`` (the callback and
+    ``LowMemModule`` do) or groups with ``use_muon=False`` for the embeddings and the head.
     """
     if use_muon is not None:
         return bool(use_muon)
@@ -72,8 +79,12 @@ def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | Non
     parts = name.lower().split(".")
     if any(mark in part for part in parts for mark in EMBEDDING_MARKS):
         return False
-    owner = parts[-2] if len(parts) > 1 else ""
+    wrapped = next((i for i, part in enumerate(parts) if part in _PEFT_WRAPPERS), len(parts) - 1)
+    owner = parts[wrapped - 1] if wrapped > 0 else ""
     return owner not in HEAD_NAMES
+
+
+_PEFT_WRAPPERS = frozenset(w.lower() for w in PEFT_WRAPPERS)
 
 
 class Muon(LowMemOptimizer):
@@ -231,6 +242,10 @@ class Muon(LowMemOptimizer):
     def _is_muon(self, param: torch.Tensor, group: dict) -> bool:
         """:func:`uses_muon` of ``param`` with the group's ``use_muon`` and the param's name in this optimizer."""
         return uses_muon(param, self._name_of(param), group["use_muon"])
+
+    def muon_params(self) -> list[torch.Tensor]:
+        """The params of every group that take the Muon update (:func:`uses_muon`); the others take AdamW."""
+        return [p for group in self.param_groups for p in group["params"] if self._is_muon(p, group)]
 
     def _name_of(self, param: torch.Tensor) -> str | None:
         """The param's ``param_names`` entry (None without names); cached by id, rebuilt on a miss."""
