@@ -153,7 +153,8 @@ TABLE = {
                        "betas[1] betas[2] clip_threshold eps[0] eps[1] momentum_dtype", "lr"),
     ("lion", "lion"): ("betas=(0.8, 0.95); weight_decay=0.5", "", ""),
     ("ademamix", "lion"): ("betas=(0.8, 0.99); weight_decay=0.1", "alpha betas[1] betas[2] eps t_alpha t_beta3", "lr"),
-    ("muon", "lion"): ("betas=(0.8, 0.99); weight_decay=0.05", "adamw_betas[0] adamw_eps momentum_dtype nesterov", ""),
+    ("muon", "lion"): ("betas=(0.8, 0.99); weight_decay=0.05", "adamw_betas[0] adamw_eps momentum_dtype nesterov",
+                       "lr"),
     # Into AdEMAMix (Pagliardini et al. 2024): Adam's betas[0], betas[1] and eps mean the same there: carried;
     # betas[2] (the slow EMA's decay, not CAME's instability decay), alpha and their warmups keep AdEMAMix's
     # defaults. The lr carries with no note (both adaptive; the paper keeps AdamW's lr), except from Lion.
@@ -173,33 +174,34 @@ TABLE = {
                                "weight_decay=0.1",
                                "", ""),
     ("muon", "ademamix"): ("betas=(0.8, 0.999, 0.9999); eps=1e-06; weight_decay=0.05",
-                           "adamw_betas[0] momentum_dtype nesterov", ""),
+                           "adamw_betas[0] momentum_dtype nesterov", "lr"),
     # Into Muon (issue 28's family): beta1 -> momentum, beta2/eps -> adamw_betas[1]/adamw_eps of the params Muon
-    # gives AdamW (embeddings, head); decoupled decay carried; the lr with no note (it drives both updates).
-    ("Adam", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "amsgrad", "weight_decay"),
-    ("AdamW", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "", ""),
+    # gives AdamW (embeddings, head); decoupled decay carried; an adaptive or sign lr noted (Muon's default
+    # scaling moves hidden matrices by an element RMS of lr / sqrt(cols)).
+    ("Adam", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "amsgrad", "lr weight_decay"),
+    ("AdamW", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "", "lr"),
     ("SGD", "muon"): ("weight_decay=0.0001; momentum=0.8; momentum_dtype='float32'", "", "weight_decay"),
     ("RMSprop", "muon"): ("weight_decay=0.0001; momentum=0.5; momentum_dtype='float32'; adamw_betas=(0.9, 0.9); "
                           "adamw_eps=1e-06",
-                          "centered", "weight_decay"),
+                          "centered", "lr weight_decay"),
     ("HF Adafactor", "muon"): ("weight_decay=0.01; momentum=0.8; momentum_dtype='float32'",
-                               "clip_threshold decay_rate eps[0] eps[1]", ""),
-    ("adamw_8bit", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "", ""),
-    ("paged_adamw_8bit", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "", ""),
+                               "clip_threshold decay_rate eps[0] eps[1]", "lr"),
+    ("adamw_8bit", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "", "lr"),
+    ("paged_adamw_8bit", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06", "", "lr"),
     ("sgd", "muon"): ("weight_decay=0.0001; momentum=0.8; momentum_dtype='int8'", "", "weight_decay"),
     ("adafactor", "muon"): ("weight_decay=0.01; momentum=0.8; momentum_dtype='int8'",
-                            "clip_threshold decay_rate eps[0] eps[1]", ""),
+                            "clip_threshold decay_rate eps[0] eps[1]", "lr"),
     ("came", "muon"): ("weight_decay=0.01; momentum=0.8; momentum_dtype='int8'",
-                       "betas[2] clip_threshold eps[0] eps[1]", ""),
-    ("lion", "muon"): ("weight_decay=0.5; momentum=0.8; momentum_dtype='float32'", "betas[1]", ""),
+                       "betas[2] clip_threshold eps[0] eps[1]", "lr"),
+    ("lion", "muon"): ("weight_decay=0.5; momentum=0.8; momentum_dtype='float32'", "betas[1]", "lr"),
     ("ademamix", "muon"): ("momentum=0.8; momentum_dtype='float32'; adamw_eps=1e-06",
-                           "alpha betas[2] t_alpha t_beta3", ""),
+                           "alpha betas[2] t_alpha t_beta3", "lr"),
     ("muon", "muon"): ("weight_decay=0.05; momentum=0.8; nesterov=False; momentum_dtype='int8'; "
                        "adamw_betas=(0.8, 0.95); adamw_eps=1e-06",
                        "", ""),
     # From Lion, AdEMAMix and Muon into the other targets: Lion's betas[1], AdEMAMix's slow EMA (betas[2], alpha,
     # t_alpha, t_beta3) and Muon's adamw_betas[0] have no slot there (dropped, warned); Lion's lr is noted into an
-    # adaptive target (3-10x too small there, by the paper).
+    # adaptive target (3-10x too small there, by the paper), Muon's into an adaptive or sign one.
     ("lion", "adamw"): ("betas=(0.8, 0.999); weight_decay=0.5", "betas[1]", "lr"),
     ("lion", "adamw_8bit"): ("betas=(0.8, 0.999); weight_decay=0.5", "betas[1]", "lr"),
     ("lion", "paged_adamw_8bit"): ("betas=(0.8, 0.999); weight_decay=0.5", "betas[1]", "lr"),
@@ -216,17 +218,17 @@ TABLE = {
     ("ademamix", "adafactor"): ("beta1=0.8; weight_decay=0.1", "alpha betas[1] betas[2] eps lr t_alpha t_beta3", ""),
     ("ademamix", "came"): ("betas=(0.8, 0.95, 0.9999); weight_decay=0.1", "alpha betas[2] eps t_alpha t_beta3", ""),
     ("muon", "adamw"): ("betas=(0.8, 0.999); eps=1e-06; weight_decay=0.05",
-                        "adamw_betas[0] momentum_dtype nesterov", ""),
+                        "adamw_betas[0] momentum_dtype nesterov", "lr"),
     ("muon", "adamw_8bit"): ("betas=(0.8, 0.999); eps=1e-06; weight_decay=0.05",
-                             "adamw_betas[0] momentum_dtype nesterov", ""),
+                             "adamw_betas[0] momentum_dtype nesterov", "lr"),
     ("muon", "paged_adamw_8bit"): ("betas=(0.8, 0.999); eps=1e-06; weight_decay=0.05",
-                                   "adamw_betas[0] momentum_dtype nesterov", ""),
+                                   "adamw_betas[0] momentum_dtype nesterov", "lr"),
     ("muon", "sgd"): ("momentum=0.8; weight_decay=0.05; momentum_dtype='int8'",
                       "adamw_betas[0] adamw_eps", "weight_decay"),
     ("muon", "adafactor"): ("beta1=0.8; weight_decay=0.05; momentum_dtype='int8'",
                             "adamw_betas[0] adamw_eps lr nesterov", ""),
     ("muon", "came"): ("betas=(0.8, 0.999, 0.9999); weight_decay=0.05; momentum_dtype='int8'",
-                       "adamw_betas[0] adamw_eps nesterov", ""),
+                       "adamw_betas[0] adamw_eps nesterov", "lr"),
 }
 TABLE.update({(source, "adamw_4bit"): TABLE[source, "adamw_8bit"] for source in SOURCES})  # same settings
 TABLE.update({(source, f"{name}_8bit"): TABLE[source, name] for source in SOURCES for name in ("lion", "ademamix")})

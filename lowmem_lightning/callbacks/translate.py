@@ -23,8 +23,8 @@ with the same meaning in the target family:
 * **implied**: a chosen value the target always behaves as (``relative_step=False``,
   ``scale_parameter=False`` into an optimizer that takes an lr and does not scale it): nothing to do;
 * **changed** (warned): coupled ``l2`` into decoupled ``weight_decay`` or back (:data:`MEANING_CHANGES`),
-  and the ``lr`` between an adaptive optimizer and Lion's sign update (:data:`LR_CHANGES`): the value is
-  carried, its effect differs, the warning says how;
+  and the ``lr`` between an adaptive optimizer, Lion's sign update and Muon's orthogonalized one
+  (:data:`LR_CHANGES`): the value is carried, its effect differs, the warning says how;
 * **dropped** (warned): a chosen value with no slot in the target. Dropping ``amsgrad``, ``nesterov``
   or ``centered`` changes the algorithm: :data:`DROP_REASONS` says how;
 * **ignored**: implementation switches (``foreach``, ``fused``, ``capturable``, ``differentiable``)
@@ -175,11 +175,17 @@ change the algorithm (warned as such); others are "no equivalent"."""
 STEP_KINDS: dict[str, str] = {
     "adam": "normalized", "adamw": "normalized", "adamw_8bit": "normalized", "rmsprop": "normalized",
     "adafactor": "normalized", "came": "normalized", "ademamix": "normalized", "lion": "sign",
+    "muon": "orthogonalized",
 }
 """Family -> how its ``lr`` becomes a step: ``normalized`` (the update is divided by a root of the second
 moment or clipped to unit RMS: each element moves by about ``lr`` or less), ``sign`` (Lion: every element
-moves by exactly ``lr``). Families without an entry get no note: SGD's step scales with the gradient, and
-Muon's one lr drives both its orthogonalized and its AdamW update."""
+moves by exactly ``lr``), ``orthogonalized`` (Muon's hidden matrices with its default ``adjust_lr_fn``: ``lr *
+sqrt(max(1, rows/cols))`` times an orthogonal matrix, an element RMS of ``lr / sqrt(cols)``; with
+``adjust_lr_fn="match_rms_adamw"`` Muon counts as ``normalized``: its update is scaled to AdamW's RMS). Families
+without an entry get no note: SGD's step scales with the gradient."""
+
+_MUON_FIX = ("optimizer_kwargs={{'adjust_lr_fn': 'match_rms_adamw'}} scales Muon's update to AdamW's RMS (Liu et "
+             "al. 2025), so this lr and weight decay keep their meaning for both of its parts")
 
 LR_CHANGES: dict[tuple[str, str], str] = {
     ("normalized", "sign"): "{target} moves every element by lr (a sign), {source} by about lr * m / sqrt(v), "
@@ -188,6 +194,19 @@ LR_CHANGES: dict[tuple[str, str], str] = {
     ("sign", "normalized"): "{source} moved every element by lr (a sign), {target} by about lr * m / sqrt(v), "
                             "mostly less; the Lion paper (Chen et al. 2023) gives AdamW an lr 3-10x larger and "
                             "a weight decay 3-10x smaller than Lion's",
+    ("normalized", "orthogonalized"): "{target} moves its hidden matrices by lr * sqrt(max(1, rows/cols)) times "
+                                      "an orthogonal matrix, an element RMS of lr / sqrt(cols) (lr/64 for 4096 "
+                                      "columns), {source} by about lr * m / sqrt(v) (RMS ~0.2 lr); "
+                                      + _MUON_FIX,
+    ("sign", "orthogonalized"): "{target} moves its hidden matrices by lr * sqrt(max(1, rows/cols)) times an "
+                                "orthogonal matrix, an element RMS of lr / sqrt(cols) (lr/64 for 4096 columns), "
+                                "{source} every element by lr (a sign); " + _MUON_FIX,
+    ("orthogonalized", "normalized"): "{source} moved its hidden matrices by an element RMS of lr / sqrt(cols) "
+                                      "(Jordan et al.'s scaling, lr ~0.02), {target} moves every element by about "
+                                      "lr * m / sqrt(v) (RMS ~0.2 lr): up to sqrt(cols) times more at the same lr",
+    ("orthogonalized", "sign"): "{source} moved its hidden matrices by an element RMS of lr / sqrt(cols) (Jordan "
+                                "et al.'s scaling, lr ~0.02), {target} moves every element by lr (a sign): "
+                                "sqrt(cols) times more at the same lr",
 }
 """(source step kind, target step kind) -> how the same ``lr`` moves the params differently. The lr is carried
 as it is (the module's schedule, per-group ratios and ``lr * weight_decay`` stay as the module set them);
@@ -272,6 +291,8 @@ class Translation:
 def _fmt(value) -> str:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = float(value)
+    if isinstance(value, float):  # a schedule's arithmetic: 0.00011999999999999988 reads as 0.00012
+        value = float(f"{value:.12g}")
     return repr(value)
 
 
@@ -354,12 +375,21 @@ def _note_lr(source_cls: type, source_family: str, group: dict, target_cls: type
              target_defaults: dict, out: Translation) -> None:
     """Note in ``out.changed`` that the carried ``lr`` moves the params differently (:data:`LR_CHANGES`), unless
     the target computes its own step size (Adafactor's ``relative_step``: the lr is dropped elsewhere)."""
-    why = LR_CHANGES.get((STEP_KINDS.get(source_family), STEP_KINDS.get(target_family)))
+    target_adjust = out.values.get("adjust_lr_fn", target_defaults.get("adjust_lr_fn"))
+    kinds = (_step_kind(source_family, group.get("adjust_lr_fn")), _step_kind(target_family, target_adjust))
+    why = LR_CHANGES.get(kinds)
     lr = as_float(group.get("lr"))
     if why is None or lr is None or target_defaults.get("relative_step"):
         return
     why = why.format(source=source_cls.__name__, target=target_cls.__name__)
     out.changed.append(f"lr={_fmt(group['lr'])} changes meaning: {why}")
+
+
+def _step_kind(family: str | None, adjust_lr_fn) -> str | None:
+    """:data:`STEP_KINDS` of ``family``; Muon with ``adjust_lr_fn="match_rms_adamw"`` steps as AdamW does."""
+    if family == "muon" and adjust_lr_fn == "match_rms_adamw":
+        return "normalized"
+    return STEP_KINDS.get(family)
 
 
 def _write(values: dict, slot: Slot, value, target_defaults: dict, skip: frozenset[str]) -> None:
