@@ -134,7 +134,18 @@ class LowMemOptimizerCallback(L.Callback):
     optimizer). Per-group settings are translated by meaning (:mod:`~lowmem_lightning.callbacks.translate`:
     AdamW's ``betas[0]`` becomes SGD's ``momentum``, CAME's ``betas[0]``, Adafactor's ``beta1``, ...);
     one warning per fit names every chosen setting that was dropped or changes meaning (coupled L2 ->
-    decoupled weight decay, ``amsgrad``, ``nesterov``, ...). LR schedulers keep working and drive the
+    decoupled weight decay, ``amsgrad``, ``nesterov``, ...). A setting left at the module optimizer's
+    default takes the new optimizer's own default, so an LLM's ``AdamW(betas=(0.9, 0.95))`` becomes
+    ``adamw_4bit`` ``(0.9, 0.95)``, ``ademamix`` ``(0.9, 0.95, 0.9999)`` (the slow EMA and ``alpha`` keep
+    AdEMAMix's defaults), ``lion`` ``(0.9, 0.99)`` (Lion keeps no second moment: its ``betas[1]`` is the momentum's
+    own decay; AdamW's 0.95 is dropped, warned) and ``muon`` ``momentum=0.95`` with ``adamw_betas=(0.9, 0.95)``
+    for the params its AdamW part updates; a chosen ``betas[0]`` (0.8) becomes Lion's ``betas[0]`` and Muon's
+    ``momentum``. The lr is carried as it is; into ``lion``/``muon`` (and out of them) the warning says how the
+    same lr moves the params differently and what to set (Lion: the paper's 3-10x smaller lr; Muon:
+    ``optimizer_kwargs={"adjust_lr_fn": "match_rms_adamw"}`` keeps AdamW's lr and weight decay meaningful). For
+    Muon the warning also says when no trainable param takes the Muon update, and that a momentum-cycling
+    scheduler cycles only Muon's ``momentum``, not its AdamW part's ``adamw_betas[0]``. LR schedulers keep working
+    and drive the
     new optimizer (``OneCycleLR``/``CyclicLR`` cycling momentum drive its ``betas[0]`` or ``momentum``;
     refused with a ``ValueError`` before training when it has neither); with ``lr`` set, every group's
     LR and every scheduler's base LR are rescaled so that ``lr`` is the new base. Scheduler configs keep
@@ -154,7 +165,7 @@ class LowMemOptimizerCallback(L.Callback):
 
     Args:
         optimizer: Registered optimizer name (``lowmem_lightning.optim.available_optimizers()``).
-        lr: New base learning rate; ``None`` keeps the module's, except for an optimizer that computes
+        lr: New base learning rate (> 0); ``None`` keeps the module's, except for an optimizer that computes
             its own step size (``adafactor``/``came`` with their default ``lr=None``), which then gets
             no lr (and a module LR scheduler is refused with a ``ValueError``).
         weight_decay: Weight decay for every param group (groups the module left at 0 while others
@@ -200,6 +211,12 @@ class LowMemOptimizerCallback(L.Callback):
     ) -> None:
         optimizer_kwargs = _with_bf16_rounding(optimizer, optimizer_kwargs, bf16_rounding)
         kwargs, defaults = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
+        if lr is not None and float(lr) == 0.0:
+            raise ValueError(
+                f"Invalid lr={lr!r} for LowMemOptimizerCallback(optimizer={optimizer!r}): expected a number > 0 "
+                "(the new base of every param group's and LR scheduler's learning rate: 0 would train nothing) "
+                "or None (keep the module's)."
+            )
         self.optimizer_name = optimizer
         self.lr = None if lr is None else float(lr)
         self.weight_decay = None if weight_decay is None else float(weight_decay)
@@ -359,6 +376,9 @@ class LowMemOptimizerCallback(L.Callback):
         if not olds:
             new = self._build(trainer, [p for p in module.parameters() if p.requires_grad])
             self.optimizers = [new]
+            for note in _muon_notes(new, []):
+                rank_zero_warn(f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}): {note}.",
+                               category=UserWarning)
             return new
         schedulers = find_schedulers(config)
         cycling = momentum_schedulers(schedulers)
@@ -369,6 +389,7 @@ class LowMemOptimizerCallback(L.Callback):
             mapping[id(old)], ratios[id(old)], own = self._rebuild(trainer, old, driven, notes)
             own_step = own_step or own
             self._origins[id(mapping[id(old)])] = type(old)
+            notes.extend(_muon_notes(mapping[id(old)], [s for s in cycling if s.optimizer is old]))
         if own_step and schedulers:
             raise ValueError(
                 f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) computes its own step size "
@@ -485,6 +506,26 @@ class LowMemOptimizerCallback(L.Callback):
             "optimizer": self.optimizer_name,
             "classes": [f"{type(o).__module__}.{type(o).__qualname__}" for o in self.optimizers],
         }
+
+
+def _muon_notes(new: torch.optim.Optimizer, cycling: list) -> list[str]:
+    """Notes for a Muon hybrid (``muon``/``muon_8bit``; none for other optimizers): no trainable param takes
+    the Muon update (all went to its AdamW part), and a scheduler in ``cycling`` (``OneCycleLR``/``CyclicLR``
+    with ``cycle_momentum``) drives the Muon momentum only, not the AdamW part's ``adamw_betas[0]``."""
+    if not callable(getattr(new, "muon_params", None)):
+        return []
+    notes, target = [], type(new).__name__
+    if not any(p.requires_grad for p in new.muon_params()):
+        notes.append(f"{target} gives none of the module's trainable params the Muon update (it takes 2-D "
+                     "hidden matrices; embeddings, the output head, norms, biases and other params take its "
+                     "8-bit AdamW part): every param is updated by AdamW. Pick adamw_8bit, or give a param "
+                     "group use_muon=True")
+    for scheduler in cycling:
+        beta1 = new.defaults["adamw_betas"][0]
+        notes.append(f"{type(scheduler).__name__} cycles {target}'s momentum, which only its hidden matrices use: "
+                     f"the params it updates with AdamW (embeddings, head, norms, biases) keep adamw_betas[0]="
+                     f"{beta1!r} through the cycle")
+    return notes
 
 
 def _insert_after(callbacks: list[L.Callback], anchor: L.Callback, parts: tuple[L.Callback, ...]) -> None:
