@@ -357,3 +357,62 @@ def test_use_muon_on_a_1d_param_is_refused_at_fit_start_before_any_step():
 def test_lr_zero_still_builds_directly_as_torch_allows_it_for_a_scheduler_to_raise():
     opt = build_optimizer("lion", [nn.Parameter(torch.ones(3))], lr=0.0)
     assert opt.param_groups[0]["lr"] == 0.0
+
+
+# ---------------------------------------------------------------- a group added during the fit
+class Backbone(GPT):
+    """A backbone frozen by Lightning's BackboneFinetuning until epoch 1, then added as a param group."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(self.fc, self.proj)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=3e-3, betas=(0.9, 0.95))
+
+
+def _backbone_fit(root, name, epochs, ckpt_path=None):
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    module = Backbone()
+    trainer = _trainer([BackboneFinetuning(unfreeze_backbone_at_epoch=1),
+                        LowMemOptimizerCallback(name, print_summary=False, plot=False)], root,
+                       max_steps=-1, max_epochs=epochs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, _data(16), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_backbone_finetuning_adds_the_backbone_to_the_new_optimizer_and_resumes(tmp_path, name):
+    trainer, straight = _backbone_fit(tmp_path / "a", name, 3)
+    opt = trainer.optimizers[0]
+    assert len(opt.param_groups) == 2 and type(opt) is optimizer_class(name)
+    assert all(p in opt.state for p in straight.backbone.parameters())  # the backbone trained with the new one
+    if name.startswith("muon"):  # the added group is split by name like the first: its matrices take Muon
+        assert opt.param_groups[1]["param_names"] == ["fc.weight", "fc.bias", "proj.weight", "proj.bias"]
+        assert {id(p) for p in opt.muon_params()} == {id(straight.fc.weight), id(straight.proj.weight)}
+    first, _ = _backbone_fit(tmp_path / "b", name, 2)
+    first.save_checkpoint(tmp_path / "epoch2.ckpt")
+    saved = first.optimizers[0].state_dict()
+    # (not bit-exact against the straight run: Lightning's BackboneFinetuning leaves the backbone frozen after a
+    # resume past its unfreeze epoch, with torch's own AdamW too; the optimizer state is what must survive)
+    resumed_trainer, _ = _backbone_fit(tmp_path / "c", name, 2, tmp_path / "epoch2.ckpt")
+    loaded = resumed_trainer.optimizers[0].state_dict()
+    names = [[g.get("param_names") for g in d["param_groups"]] for d in (saved, loaded)]
+    assert names[0] == names[1] and len(names[0]) == 2
+    assert loaded["state"].keys() == saved["state"].keys()
+    for index, state in saved["state"].items():
+        assert all(torch.equal(value, loaded["state"][index][key]) for key, value in state.items() if key != "step")
+
+
+def test_muon_add_param_group_without_known_names_says_how():
+    model = GPT()
+    opt = build_optimizer("muon", [{"params": [("wte.weight", model.wte.weight)]}], lr=0.02)
+    with pytest.raises(ValueError, match=r"add_param_group: its groups carry param names.*remember_names"):
+        opt.add_param_group({"params": [model.fc.weight]})
+    opt.remember_names(model.named_parameters())
+    opt.add_param_group({"params": [model.fc.weight, model.fc.bias]})
+    assert opt.param_groups[1]["param_names"] == ["fc.weight", "fc.bias"]
+    assert [id(p) for p in opt.muon_params()] == [id(model.fc.weight)]

@@ -281,7 +281,10 @@ class LowMemOptimizerCallback(L.Callback):
         name_groups = getattr(optimizer_class(self.optimizer_name), "with_param_names", None)
         if name_groups is not None and self._patched is not None:  # Muon: embeddings and head found by name
             groups = name_groups(list(groups), self._patched[0].named_parameters())
-        return build_optimizer(self.optimizer_name, groups, **self._explicit_kwargs())
+        new = build_optimizer(self.optimizer_name, groups, **self._explicit_kwargs())
+        if callable(getattr(new, "remember_names", None)) and self._patched is not None:
+            new.remember_names(self._patched[0].named_parameters())  # for groups added later (BackboneFinetuning)
+        return new
 
     def _keeps(self, notes: list[str]):
         """``keep(param)`` for :func:`rebuild_param_groups`: trainable params, and frozen ones the new

@@ -190,6 +190,8 @@ class LowMemModule(L.LightningModule):
         optimizer = build_optimizer(
             self.optimizer_name, groups, lr=self.lr, weight_decay=self.weight_decay, **self.optimizer_kwargs,
         )
+        if callable(getattr(optimizer, "remember_names", None)):
+            optimizer.remember_names(self.named_parameters())  # for groups added later (BackboneFinetuning)
         if self.warmup_steps == 0 and self.scheduler_name is None:
             return optimizer
         factor = warmup_cosine_factor(self.warmup_steps, self._total_steps(), self.min_lr_ratio)

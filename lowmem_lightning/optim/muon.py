@@ -217,12 +217,40 @@ class Muon(LowMemOptimizer):
                         "Muon updates 2-D matrices only (give that param a group with use_muon=False or None)."
                     )
 
-    _transient_attributes = ("_names", "_ns_work")
+    _transient_attributes = ("_names", "_ns_work", "_known_names")
 
     def _reset_transient(self) -> None:
-        """The name cache is rebuilt on first use (ids change in a copy); the Newton–Schulz scratch on first step."""
+        """The name cache is rebuilt on first use (ids change in a copy); the Newton–Schulz scratch on first step;
+        the names of :meth:`remember_names` are dropped (they are keyed by id)."""
         self._names: dict[int, str | None] = {}
         self._ns_work: torch.Tensor | None = None
+        self._known_names: dict[int, str] = {}
+
+    def remember_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Keep the names of ``named_parameters`` (a module's ``named_parameters()``), so that a group added later
+        without names (:meth:`add_param_group`: Lightning's ``BackboneFinetuning`` unfreezing a backbone) is
+        named from them and split like the first groups. ``LowMemOptimizerCallback`` and ``LowMemModule`` call it."""
+        self._known_names = {id(p): n for n, p in named_parameters}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """The base class's; a group of plain tensors added to groups that carry ``param_names`` takes its params'
+        names from :meth:`remember_names` (torch refuses groups with and without names in one optimizer). A
+        ``ValueError`` says what to do when a param's name is not known."""
+        if (isinstance(param_group, dict) and "param_names" not in param_group and self.param_groups
+                and "param_names" in self.param_groups[0]):
+            params = _as_list(param_group.get("params", []))
+            if all(isinstance(p, torch.Tensor) for p in params):
+                known = self.__dict__.get("_known_names") or {}
+                missing = [tuple(p.shape) for p in params if id(p) not in known]
+                if missing:
+                    raise ValueError(
+                        f"Invalid param_group for {type(self).__name__}.add_param_group: its groups carry param "
+                        f"names (the embeddings and the head are found by name) and {len(missing)} added param(s) "
+                        f"have none (shapes {missing[:3]}); give (name, param) pairs from the module's "
+                        "named_parameters(), or call remember_names(module.named_parameters()) first."
+                    )
+                param_group = {**param_group, "params": [(known[id(p)], p) for p in params]}
+        super().add_param_group(param_group)
 
     def _ns_scratch(self, shape: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The bf16 Newton–Schulz batch ``U`` of ``shape`` ``(batch, rows, cols)`` and the ``work`` scratch of
