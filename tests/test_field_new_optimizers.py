@@ -416,3 +416,27 @@ def test_muon_add_param_group_without_known_names_says_how():
     opt.add_param_group({"params": [model.fc.weight, model.fc.bias]})
     assert opt.param_groups[1]["param_names"] == ["fc.weight", "fc.bias"]
     assert [id(p) for p in opt.muon_params()] == [id(model.fc.weight)]
+
+
+# ---------------------------------------------------------------- resuming with the other precision of the state
+@pytest.mark.parametrize(("saved", "resumed"), [("lion", "lion_8bit"), ("lion_8bit", "lion"),
+                                                ("ademamix", "ademamix_8bit"), ("ademamix_8bit", "ademamix"),
+                                                ("muon", "muon_8bit"), ("muon_8bit", "muon")])
+def test_resume_switches_between_the_fp32_and_8bit_state_of_one_optimizer(tmp_path, saved, resumed):
+    first = _trainer([LowMemOptimizerCallback(saved, print_summary=False, plot=False)], tmp_path, max_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first.fit(GPT(), _data())
+    first.save_checkpoint(tmp_path / "two.ckpt")
+    written = first.optimizers[0].state[first.lightning_module.fc.weight]  # 4096 elements: 8-bit codes
+    trainer = _trainer([LowMemOptimizerCallback(resumed, print_summary=False, plot=False)], tmp_path, max_steps=2)
+    module = GPT()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, _data(), ckpt_path=tmp_path / "two.ckpt")  # restores, takes no further step
+    opt = trainer.optimizers[0]
+    assert type(opt) is optimizer_class(resumed) and trainer.global_step == 2
+    state = opt.state[module.fc.weight]
+    assert any(k.endswith("_codes") for k in state) == resumed.endswith("_8bit")
+    assert any(k.endswith("_codes") for k in written) == saved.endswith("_8bit")
+    assert float(state["step"]) == 2.0

@@ -3,7 +3,8 @@ learning rate given at resume applies. :class:`ResumeCompatibility` is the callb
 :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`).
 
 A checkpoint holds the optimizer's (quantized) state; another optimizer cannot read it, except where it
-converts it (:data:`CONVERSIONS`: fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``/``adamw_4bit``). A new
+converts it (:data:`CONVERSIONS`: fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``/``adamw_4bit``; ``lion``,
+``ademamix`` and ``muon`` <-> their ``_8bit`` variants). A new
 learning rate (:func:`apply_new_lr`): Lightning's restore brings back the checkpoint's param-group lrs and
 scheduler base lrs, which are rescaled to the run's own (one line says so).
 """
@@ -23,9 +24,13 @@ __all__ = [
     "refuse_missing_optimizer_callback",
 ]
 
-CONVERSIONS: frozenset[tuple[str, str]] = frozenset({("adamw", "adamw_8bit"), ("adamw", "paged_adamw_8bit"),
-                                                   ("adamw", "adamw_4bit")})
-"""``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load."""
+CONVERSIONS: frozenset[tuple[str, str]] = frozenset({
+    ("adamw", "adamw_8bit"), ("adamw", "paged_adamw_8bit"), ("adamw", "adamw_4bit"),
+    *((a, b) for pair in (("lion", "lion_8bit"), ("ademamix", "ademamix_8bit"), ("muon", "muon_8bit"))
+      for a, b in (pair, pair[::-1])),
+})
+"""``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load (Lion, AdEMAMix
+and Muon quantize an fp32 state into their 8-bit codes and dequantize 8-bit codes into fp32, both ways)."""
 
 OPTIMIZER_CALLBACK_KEY = "LowMemOptimizerCallback"
 """The ``state_key`` under which checkpoints hold what :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`
