@@ -172,9 +172,47 @@ class OnlyEmbeddingAndHead(GPT):
 def test_muon_on_a_model_without_hidden_matrices_says_every_param_takes_adamw():
     trainer, _, messages = _swap_fit(OnlyEmbeddingAndHead(), "muon_8bit")
     assert [p for p in trainer.optimizers[0].muon_params() if p.requires_grad] == []
-    assert len(messages) == 1 and "none of the module's trainable params the Muon update" in messages[0]
+    assert len(messages) == 1 and "gives none of its trainable params the Muon update" in messages[0]
+    assert "AdamW lr=0.003 changes meaning" not in messages[0]  # only the AdamW part runs: the lr means AdamW's
     _, _, messages = _swap_fit(GPT(), "muon_8bit", optimizer_kwargs={"adjust_lr_fn": "match_rms_adamw"})
     assert messages == []  # fc and proj take Muon: no note
+
+
+class TorchMuonAndAdamW(GPT):
+    """The split as torch users write it: torch.optim.Muon for the hidden matrices, AdamW for the rest, stepped
+    by hand."""
+
+    automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        hidden = [self.fc.weight, self.proj.weight]
+        rest = [p for p in self.parameters() if all(p is not h for h in hidden)]
+        return [torch.optim.Muon(hidden, lr=0.02, momentum=0.9, weight_decay=0.01),
+                torch.optim.AdamW(rest, lr=3e-3, betas=(0.9, 0.95))]
+
+
+@pytest.mark.parametrize("name", ["muon_8bit", "lion_8bit", "adamw_4bit"])
+def test_torch_muon_is_translated_by_meaning(name):
+    trainer, _, messages = _swap_fit(TorchMuonAndAdamW(), name)
+    hidden, rest = trainer.optimizers
+    assert type(hidden) is type(rest) is optimizer_class(name)
+    group = hidden.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.02, 0.01)
+    assert (group["momentum"] if name == "muon_8bit" else group["betas"][0]) == 0.9  # Muon's momentum is beta1
+    assert len(messages) == 1
+    if name == "muon_8bit":  # the AdamW one's params all take the AdamW part: said once, no lr note
+        assert [len(o.muon_params()) for o in (hidden, rest)] == [2, 0]
+        assert "gives none of its trainable params the Muon update" in messages[0] and " lr=" not in messages[0]
+    else:  # Muon's lr 0.02 into an optimizer that moves every element by about lr: warned
+        assert "Muon lr=0.02 changes meaning" in messages[0] and "sqrt(cols) times more" in messages[0]
 
 
 # ---------------------------------------------------------------- resume, accumulation, clipping, bf16-mixed

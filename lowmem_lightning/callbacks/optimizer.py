@@ -351,10 +351,14 @@ class LowMemOptimizerCallback(L.Callback):
             fixed_keys=frozenset(self.optimizer_kwargs), keep=keep, driven=driven,
         )
         report()
+        start = len(notes)
         for translation in translations:
             notes.extend(f"{type(old).__name__} {note}" for note in translation.warned)
         groups, own_step = self._step_sizes(old, groups, notes)
         new = self._build(trainer, groups)
+        if _muon_without_hidden(new):  # only its AdamW part runs: the lr keeps AdamW's meaning
+            notes[start:] = [n for n in notes[start:]
+                             if not (n.startswith(f"{type(old).__name__} lr=") and " changes meaning: " in n)]
         self._adopt_defaults(old, new, own_step)
         return new, ratios, own_step
 
@@ -512,6 +516,12 @@ class LowMemOptimizerCallback(L.Callback):
         }
 
 
+def _muon_without_hidden(new: torch.optim.Optimizer) -> bool:
+    """Whether ``new`` is a Muon hybrid none of whose trainable params takes the Muon update."""
+    muon_params = getattr(new, "muon_params", None)
+    return callable(muon_params) and not any(p.requires_grad for p in muon_params())
+
+
 def _muon_notes(new: torch.optim.Optimizer, cycling: list) -> list[str]:
     """Notes for a Muon hybrid (``muon``/``muon_8bit``; none for other optimizers): no trainable param takes
     the Muon update (all went to its AdamW part), and a scheduler in ``cycling`` (``OneCycleLR``/``CyclicLR``
@@ -519,11 +529,11 @@ def _muon_notes(new: torch.optim.Optimizer, cycling: list) -> list[str]:
     if not callable(getattr(new, "muon_params", None)):
         return []
     notes, target = [], type(new).__name__
-    if not any(p.requires_grad for p in new.muon_params()):
-        notes.append(f"{target} gives none of the module's trainable params the Muon update (it takes 2-D "
-                     "hidden matrices; embeddings, the output head, norms, biases and other params take its "
-                     "8-bit AdamW part): every param is updated by AdamW. Pick adamw_8bit, or give a param "
-                     "group use_muon=True")
+    if _muon_without_hidden(new):
+        notes.append(f"{target} gives none of its trainable params the Muon update (it takes 2-D hidden "
+                     "matrices; embeddings, the output head, norms, biases and other params take its 8-bit AdamW "
+                     "part): every one is updated by AdamW (expected when another optimizer holds the hidden "
+                     "matrices; otherwise pick adamw_8bit, or give a param group use_muon=True)")
     for scheduler in cycling:
         beta1 = new.defaults["adamw_betas"][0]
         notes.append(f"{type(scheduler).__name__} cycles {target}'s momentum, which only its hidden matrices use: "

@@ -128,6 +128,7 @@ CLASS_FAMILIES: dict[str, str] = {
     "torch.optim.adamw.AdamW": "adamw",
     "torch.optim.sgd.SGD": "sgd",
     "torch.optim.rmsprop.RMSprop": "rmsprop",
+    "torch.optim.Muon": "muon", "torch.optim._muon.Muon": "muon",  # torch >= 2.9 (its eps is Newton-Schulz's)
     "transformers.optimization.Adafactor": "adafactor",
     "lowmem_lightning.optim.adamw8bit.AdamW8bit": "adamw_8bit",
     "lowmem_lightning.optim.sgd.SGD": "sgd",
