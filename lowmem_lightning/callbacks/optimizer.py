@@ -384,7 +384,7 @@ class LowMemOptimizerCallback(L.Callback):
         if not olds:
             new = self._build(trainer, [p for p in module.parameters() if p.requires_grad])
             self.optimizers = [new]
-            for note in _muon_notes(new, []):
+            for note in _muon_notes(new, [], module):
                 rank_zero_warn(f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}): {note}.",
                                category=UserWarning)
             return new
@@ -397,7 +397,7 @@ class LowMemOptimizerCallback(L.Callback):
             mapping[id(old)], ratios[id(old)], own = self._rebuild(trainer, old, driven, notes)
             own_step = own_step or own
             self._origins[id(mapping[id(old)])] = type(old)
-            notes.extend(_muon_notes(mapping[id(old)], [s for s in cycling if s.optimizer is old]))
+            notes.extend(_muon_notes(mapping[id(old)], [s for s in cycling if s.optimizer is old], module))
         if own_step and schedulers:
             raise ValueError(
                 f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) computes its own step size "
@@ -522,13 +522,22 @@ def _muon_without_hidden(new: torch.optim.Optimizer) -> bool:
     return callable(muon_params) and not any(p.requires_grad for p in muon_params())
 
 
-def _muon_notes(new: torch.optim.Optimizer, cycling: list) -> list[str]:
+def _muon_notes(new: torch.optim.Optimizer, cycling: list, module: torch.nn.Module | None = None) -> list[str]:
     """Notes for a Muon hybrid (``muon``/``muon_8bit``; none for other optimizers): no trainable param takes
-    the Muon update (all went to its AdamW part), and a scheduler in ``cycling`` (``OneCycleLR``/``CyclicLR``
-    with ``cycle_momentum``) drives the Muon momentum only, not the AdamW part's ``adamw_betas[0]``."""
+    the Muon update (all went to its AdamW part); ``nn.Embedding`` weights of ``module`` whose names do not mark
+    them take it (T5's ``shared``, ``relative_attention_bias``); a scheduler in ``cycling`` (``OneCycleLR``/
+    ``CyclicLR`` with ``cycle_momentum``) drives the Muon momentum only, not the AdamW part's ``adamw_betas[0]``."""
     if not callable(getattr(new, "muon_params", None)):
         return []
     notes, target = [], type(new).__name__
+    muon = {id(p) for p in new.muon_params()}
+    tables = [n for n, m in (module.named_modules() if module is not None else ())
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and id(m.weight) in muon]
+    if tables:
+        notes.append(f"{target} gives the Muon update (for hidden matrices) to the nn.Embedding weight(s) "
+                     f"{', '.join(n + '.weight' for n in tables[:4])}{' ...' if len(tables) > 4 else ''}: their "
+                     "names do not mark them as embeddings. Put them in a param group of their own with "
+                     "use_muon=False in configure_optimizers (the key is carried into the new optimizer)")
     if _muon_without_hidden(new):
         notes.append(f"{target} gives none of its trainable params the Muon update (it takes 2-D hidden "
                      "matrices; embeddings, the output head, norms, biases and other params take its 8-bit AdamW "

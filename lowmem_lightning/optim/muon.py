@@ -36,7 +36,8 @@ MOMENTUM_DTYPES = ("float32", "int8")
 """Allowed values of ``momentum_dtype``."""
 
 EMBEDDING_MARKS = ("embed", "wte", "wpe")
-"""A param whose module path has a component containing one of these is an embedding (AdamW)."""
+"""A param whose module path has a component containing one of these, or ending in ``emb`` (minGPT's ``tok_emb``,
+``pos_emb``), is an embedding (AdamW)."""
 
 HEAD_NAMES = ("lm_head", "head", "output", "output_layer", "classifier", "score")
 """A param owned by a module of one of these names (the component before ``weight``) is the output head."""
@@ -63,7 +64,8 @@ def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | Non
     """Whether ``param`` (called ``name`` in ``named_parameters()``) takes the Muon update.
 
     ``use_muon`` (the param group's) decides when True or False. ``None`` (default): a 2-D param, unless
-    its name marks an embedding (a path component containing ``embed``, ``wte`` or ``wpe``) or the output
+    its name marks an embedding (a path component containing ``embed``, ``wte`` or ``wpe``, or ending in ``emb``:
+    ``tok_emb``) or the output
     head (its module is called ``lm_head``, ``head``, ``output``, ``output_layer``, ``classifier`` or
     ``score``; under peft the module peft wrapped: ``lm_head.lora_A.default.weight`` and
     ``score.modules_to_save.default.weight`` are the head's, ``q_proj.lora_B.default.weight`` a hidden matrix).
@@ -77,7 +79,7 @@ def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | Non
     if name is None:
         return True
     parts = name.lower().split(".")
-    if any(mark in part for part in parts for mark in EMBEDDING_MARKS):
+    if any(mark in part for part in parts for mark in EMBEDDING_MARKS) or any(p.endswith("emb") for p in parts):
         return False
     wrapped = next((i for i, part in enumerate(parts) if part in _PEFT_WRAPPERS), len(parts) - 1)
     owner = parts[wrapped - 1] if wrapped > 0 else ""
