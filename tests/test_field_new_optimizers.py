@@ -151,6 +151,29 @@ def test_own_configure_optimizers_keeps_groups_decay_and_the_schedule_drives_the
             assert opt.param_groups[0]["momentum"] == 0.95  # Muon's own: AdamW's beta1 was its default
 
 
+@pytest.mark.parametrize("name", ["lion_8bit", "muon_8bit"])
+def test_the_callbacks_own_lr_and_weight_decay_rescale_the_schedule_and_keep_no_decay_groups(name):
+    reference = _reference("CosineAnnealingLR")
+    trainer, seen, _ = _swap_fit(GPT(SCHEDULES["CosineAnnealingLR"]), name, lr=3e-4, weight_decay=1.0)
+    assert [g["weight_decay"] for g in trainer.optimizers[0].param_groups] == [1.0, 0.0]  # norms/biases stay at 0
+    expected = [[lr * (3e-4 / 3e-3) for lr in lrs] for lrs in reference.lrs]  # the schedule's shape, new base
+    assert all(got == pytest.approx(want, rel=1e-12) for got, want in zip(seen.lrs, expected))
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_step_in_backward_under_lightning_equals_the_normal_step(name):
+    params = []
+    for release in (False, True):
+        module = GPT(SCHEDULES["LambdaLR"])
+        trainer = _trainer([LowMemOptimizerCallback(name, print_summary=False, plot=False, step_in_backward=release)],
+                           max_steps=4, gradient_clip_val=0.05, gradient_clip_algorithm="value")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, _data())
+        params.append([p.detach().clone() for p in module.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params))
+
+
 @pytest.mark.parametrize("name", ["muon", "muon_8bit"])
 def test_the_carried_adamw_lr_into_muon_is_noted_with_the_fix_and_the_fix_silences_it(name):
     _, _, messages = _swap_fit(GPT(), name)
