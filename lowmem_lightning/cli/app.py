@@ -286,7 +286,8 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
             if name is not None and name in available_optimizers():
                 run_lr = init.get("lr") if init.get("lr") is not None else model_lr
                 notice(switch_optimizer(
-                    init, name, number(run_lr), lr_given=lr is not None, module_lr=number(model_lr)))
+                    init, name, number(run_lr), lr_given=lr is not None, module_lr=number(model_lr),
+                    kwargs_given=flag_given(self._cli_args, "trainer.callbacks", "optimizer_kwargs")))
             elif name is not None:
                 init["optimizer"] = name  # refused with the list of names by _check_optimizer_callbacks
         cfg.trainer["callbacks"] = callbacks

@@ -61,7 +61,8 @@ def _lr_kind(name: str) -> str:
 
 
 def switch_optimizer(
-    init: dict, name: str, run_lr: float | None, *, lr_given: bool = False, module_lr: float | None = None
+    init: dict, name: str, run_lr: float | None, *, lr_given: bool = False, module_lr: float | None = None,
+    kwargs_given: bool = False,
 ) -> str | None:
     """Set ``init["optimizer"] = name`` in a ``LowMemOptimizerCallback``'s init args (a dict or
     Namespace, changed in place), carrying over the settings ``name`` accepts.
@@ -71,8 +72,10 @@ def switch_optimizer(
     callback gives no lr, the module's ``run_lr`` (Adafactor cannot take its lr from the param groups
     alone). A callback lr the config wrote for an optimizer of another lr scale (``sgd`` <-> the adaptive
     ones: ``tiny_sgd.yaml``'s 0.3 would make AdamW diverge) is dropped unless ``lr_given`` (``--lr``), so
-    the module's lr (``module_lr``) applies. Returns one line saying what was dropped or added (``None``
-    when only the name changed).
+    the module's lr (``module_lr``) applies. ``kwargs_given``: the ``optimizer_kwargs`` were given on the
+    command line (``--trainer.callbacks.optimizer_kwargs``), for ``name``: they are all kept, and the
+    callback's constructor refuses any that ``name`` does not take. Returns one line saying what was dropped or
+    added (``None`` when only the name changed).
     """
     previous = init.get("optimizer") or "adamw_8bit"
     init["optimizer"] = name
@@ -93,7 +96,10 @@ def switch_optimizer(
     if init.get("bf16_rounding") is not None and "bf16_rounding" not in _accepted(name):
         parts.append(f"dropped the config's bf16_rounding={init['bf16_rounding']!r} ({name} does not take it)")
         init["bf16_rounding"] = None
-    kept, dropped = _carry(name, old_kwargs, init.get("lr"), init.get("weight_decay"))
+    if kwargs_given:
+        kept, dropped = old_kwargs, {}
+    else:
+        kept, dropped = _carry(name, old_kwargs, init.get("lr"), init.get("weight_decay"))
     added = {}
     if name == "adafactor" and run_lr is not None and "relative_step" not in kept:
         added = {k: v for k, v in ADAFACTOR_EXTERNAL_LR.items() if k not in kept}
