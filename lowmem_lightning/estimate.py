@@ -731,12 +731,17 @@ def recommend(estimate: MemoryEstimate) -> str:
     are never proposed: a switch to either changes the algorithm and its lr and weight decay (Lion wants an
     lr 3-10x smaller than AdamW's), AdEMAMix 8-bit keeps more state than 8-bit AdamW (3.05 vs 2.03
     bytes/param: a choice for quality, not memory), and Lion 8-bit (1.02 bytes/param) saves under 5% of
-    the state of 4-bit AdamW (1.06), which keeps Adam's algorithm."""
+    the state of 4-bit AdamW (1.06), which keeps Adam's algorithm. A run whose own optimizer is outside the rule
+    (Lion, AdEMAMix, Muon, SGD) and fits as configured keeps it (``NAME (as configured)``) when no AdamW / CAME
+    row fits: it is not told to release gradients, page its state or drop its momentum."""
     rows = estimate.optimizers
+    keep = _kept_configured(estimate)
     release = " + step_in_backward"
     paged = "paged_adamw_8bit" + ("" if estimate.gradient_checkpointing else " + gradient checkpointing")
     if estimate.step_in_backward:  # the run releases already: name the optimizer only
         for row in (*_IN_MEMORY_ORDER, "paged_adamw_8bit", "adafactor"):
+            if row == "paged_adamw_8bit" and keep:
+                return keep
             if row in rows and rows[row].fits:
                 return paged if row == "paged_adamw_8bit" else row
     else:
@@ -744,6 +749,8 @@ def recommend(estimate: MemoryEstimate) -> str:
         for row in _IN_MEMORY_ORDER:
             if row in rows and rows[row].fits:
                 return row
+        if keep:
+            return keep
         for row in _IN_MEMORY_ORDER:
             if row in rows and rows[row].released_device_bytes <= budget:
                 return row + release
@@ -756,6 +763,19 @@ def recommend(estimate: MemoryEstimate) -> str:
     need = (estimate.model.frozen_bytes + estimate.model.trainable_bytes + estimate.gradient_device_bytes
             + estimate.activation_bytes)
     return f"nothing fits: weights + gradients alone need {need / GB:.2f} GB; " + _reduce_weights_advice(estimate.model)
+
+
+_RULE_OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_4bit", "paged_adamw_8bit", "came", "adafactor")
+"""The registered optimizers :func:`recommend`'s rule chooses among."""
+
+
+def _kept_configured(estimate: MemoryEstimate) -> str | None:
+    """``"NAME (as configured)"`` when the run's own optimizer is not one the rule chooses among and fits the
+    budget as configured; else ``None``."""
+    row = estimate.optimizers.get(estimate.configured_optimizer or "")
+    if row is None or not row.fits or row.optimizer in _RULE_OPTIMIZERS:
+        return None
+    return f"{row.optimizer} (as configured)"
 
 
 def _reduce_weights_advice(model: ModelCount) -> str:
