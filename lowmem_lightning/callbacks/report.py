@@ -115,6 +115,17 @@ def _this_run(summary: dict) -> list[str]:
     return [f"  (resumed: {here:,} of these {summary['steps']:,} steps made by this run)"]
 
 
+def _saving_words(pct: float) -> str:
+    """The saving against fp32 AdamW in words: ``saving 74.5%``, or ``50.0% more state here`` for an
+    optimizer that keeps more (AdEMAMix's three fp32 states)."""
+    return f"saving {pct:.1f}%" if pct >= 0 else f"{-pct:.1f}% more state here"
+
+
+def _less_or_more(pct: float) -> str:
+    """``74.5% less`` or, for an optimizer that keeps more state than fp32 AdamW, ``50.0% more``."""
+    return f"{pct:.1f}% less" if pct >= 0 else f"{-pct:.1f}% more"
+
+
 def format_summary(summary: dict, plot_path: str | None) -> str:
     """Human-readable lines for :func:`summary_dict`'s result, each within 80 columns for the usual
     sizes (so the summary reads well in an 80x24 terminal)."""
@@ -133,7 +144,7 @@ def format_summary(summary: dict, plot_path: str | None) -> str:
         )
     lines.append(
         f"  fp32 AdamW would hold {_mib(summary['adamw_fp32_MiB'])} MiB "
-        f"({summary['adamw_fp32_bytes_per_param']:.2f} bytes/param): saving {summary['saving_pct']:.1f}%"
+        f"({summary['adamw_fp32_bytes_per_param']:.2f} bytes/param): {_saving_words(summary['saving_pct'])}"
     )
     lines += _small_tensor_lines(summary)
     if plot_path:
@@ -236,7 +247,7 @@ def build_figure(history: StateHistory, summary: dict):
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle(
         f"{summary['optimizer']}: {summary['bytes_per_param']:.2f} bytes/param of optimizer state "
-        f"(fp32 AdamW {summary['adamw_fp32_bytes_per_param']:.2f}): {summary['saving_pct']:.1f}% less\n"
+        f"(fp32 AdamW {summary['adamw_fp32_bytes_per_param']:.2f}): {_less_or_more(summary['saving_pct'])}\n"
         f"{summary['num_params']:,} trainable params, {summary['steps']:,} optimizer steps",
         fontsize="medium",
     )
