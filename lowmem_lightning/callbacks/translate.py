@@ -379,11 +379,12 @@ def _note_lr(source_cls: type, source_family: str, group: dict, target_cls: type
     target_adjust = out.values.get("adjust_lr_fn", target_defaults.get("adjust_lr_fn"))
     kinds = (_step_kind(source_family, group.get("adjust_lr_fn")), _step_kind(target_family, target_adjust))
     why = LR_CHANGES.get(kinds)
-    lr = as_float(group.get("lr"))
+    base = group.get("initial_lr", group.get("lr"))  # the lr the user gave, not an LR schedule's current value
+    lr = as_float(base)
     if why is None or lr is None or target_defaults.get("relative_step"):
         return
     why = why.format(source=source_cls.__name__, target=target_cls.__name__)
-    out.changed.append(f"lr={_fmt(group['lr'])} changes meaning: {why}")
+    out.changed.append(f"lr={_fmt(base)} changes meaning: {why}")
 
 
 def _step_kind(family: str | None, adjust_lr_fn) -> str | None:
