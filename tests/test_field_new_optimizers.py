@@ -534,3 +534,23 @@ def test_resume_switches_between_the_fp32_and_8bit_state_of_one_optimizer(tmp_pa
     assert any(k.endswith("_codes") for k in state) == resumed.endswith("_8bit")
     assert any(k.endswith("_codes") for k in written) == saved.endswith("_8bit")
     assert float(state["step"]) == 2.0
+
+
+# ---------------------------------------------------------------- lowmem fit --optim with a recipe's callback lr
+@pytest.mark.parametrize(("previous", "name", "said"), [
+    ("adamw_8bit", "lion", "lion moves every element by lr"),
+    ("adamw_8bit", "muon_8bit", "muon_8bit moves its hidden matrices by an element RMS of lr / sqrt(cols)"),
+    ("lion_8bit", "adamw_4bit", "adamw_4bit moves every element by about lr * m / sqrt(v)"),
+    ("adamw_8bit", "ademamix_8bit", None), ("adamw_8bit", "adamw_4bit", None), ("lion", "lion_8bit", None)])
+def test_optim_says_when_it_keeps_a_config_lr_that_steps_differently(previous, name, said):
+    from lowmem_lightning.cli.switch import switch_optimizer
+
+    init = {"optimizer": previous, "lr": 3e-3}
+    line = switch_optimizer(init, name, 3e-3, module_lr=3e-3)
+    assert init["lr"] == 3e-3 and init["optimizer"] == name  # kept: the line says so
+    assert line is None if said is None else f"kept lr=0.003 (the config's, for {previous}), though {said}" in line
+    init = {"optimizer": previous, "lr": 3e-4}
+    assert switch_optimizer(init, name, 3e-4, lr_given=True, module_lr=3e-3) is None  # --lr: the user chose it
+    muon = {"optimizer": previous, "lr": 3e-3, "optimizer_kwargs": {"adjust_lr_fn": "match_rms_adamw"}}
+    if name.startswith("muon"):  # scaled to AdamW's RMS: the lr means the same
+        assert switch_optimizer(muon, name, 3e-3, module_lr=3e-3, kwargs_given=True) is None

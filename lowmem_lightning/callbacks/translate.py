@@ -57,6 +57,7 @@ __all__ = [
     "constructor_defaults",
     "family_of",
     "same_value",
+    "step_kind",
     "translate_group",
 ]
 
@@ -392,6 +393,12 @@ def _step_kind(family: str | None, adjust_lr_fn) -> str | None:
     if family == "muon" and adjust_lr_fn == "match_rms_adamw":
         return "normalized"
     return STEP_KINDS.get(family)
+
+
+def step_kind(cls: type, adjust_lr_fn: str | None = None) -> str | None:
+    """How optimizer class ``cls`` turns its ``lr`` into a step (:data:`STEP_KINDS`: ``"normalized"``, ``"sign"``,
+    ``"orthogonalized"``), with Muon's ``adjust_lr_fn``; ``None`` for SGD and unknown classes."""
+    return _step_kind(family_of(cls), adjust_lr_fn)
 
 
 def _write(values: dict, slot: Slot, value, target_defaults: dict, skip: frozenset[str]) -> None:

@@ -60,6 +60,28 @@ def _lr_kind(name: str) -> str:
     return lr_kind(optimizer_class(name))
 
 
+_STEP_WHY = {
+    "sign": "{name} moves every element by lr (a sign; the Lion paper uses an lr 3-10x smaller than AdamW's)",
+    "orthogonalized": "{name} moves its hidden matrices by an element RMS of lr / sqrt(cols) (Muon's own lr is "
+                      "~0.02; optimizer_kwargs adjust_lr_fn: match_rms_adamw keeps an AdamW lr meaningful)",
+    "normalized": "{name} moves every element by about lr * m / sqrt(v), not as {previous} did",
+}
+
+
+def _step_note(previous: str, name: str, lr, old_kwargs: dict, new_kwargs: dict) -> list[str]:
+    """The note for a config's callback ``lr`` kept across optimizers that turn an lr into steps of different
+    sizes (:func:`~lowmem_lightning.callbacks.translate.step_kind`: AdamW's, Lion's sign, Muon's orthogonalized
+    update); empty when they step alike."""
+    from lowmem_lightning.callbacks.translate import step_kind
+
+    before = step_kind(optimizer_class(previous), old_kwargs.get("adjust_lr_fn"))
+    after = step_kind(optimizer_class(name), new_kwargs.get("adjust_lr_fn"))
+    if before is None or after is None or before == after:
+        return []
+    why = _STEP_WHY[after].format(name=name, previous=previous)
+    return [f"kept lr={lr!r} (the config's, for {previous}), though {why}: --lr to set one"]
+
+
 def switch_optimizer(
     init: dict, name: str, run_lr: float | None, *, lr_given: bool = False, module_lr: float | None = None,
     kwargs_given: bool = False,
@@ -107,6 +129,8 @@ def switch_optimizer(
             init["lr"] = float(run_lr)
             added["lr"] = float(run_lr)
     init["optimizer_kwargs"] = {**kept, **{k: v for k, v in added.items() if k != "lr"}} or None
+    if not lr_given and callback_lr is not None and init.get("lr") is not None:
+        parts.extend(_step_note(previous, name, init["lr"], old_kwargs, init["optimizer_kwargs"] or {}))
     if dropped:
         listed = ", ".join(f"{k}={v!r}" for k, v in dropped.items())
         parts.append(f"dropped the config's optimizer_kwargs {listed} ({previous}'s, not valid for {name})")
