@@ -7,7 +7,8 @@ and drops the others, and gives ``adafactor`` ``relative_step: false, scale_para
 the callback has none) when the run has a learning rate (the callback's, ``--lr`` or the module's), so
 the recipe's lr and LR schedule drive it, as they drive every other optimizer (Adafactor's own relative
 step refuses an lr and an LR scheduler). A callback lr written for SGD is not handed to an adaptive
-optimizer, nor the reverse: their learning rates differ by orders of magnitude.
+optimizer, nor the reverse: their learning rates differ by orders of magnitude. One kept between optimizers that
+turn an lr into steps of different sizes (AdamW's, Lion's sign, Muon's orthogonalized update) is named in the line.
 It returns one line saying what changed, for the command to print.
 """
 
