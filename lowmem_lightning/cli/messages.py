@@ -54,8 +54,36 @@ _NOISE = re.compile(
 )
 
 
+_SHORTCUT_SUBKEY = re.compile(
+    r"Parser key \"(optim|lr|step_in_backward)\":.*NestedArg\(key='([\w.]+)', val=(.+?)\)\s*$", re.S)
+_WHERE = "when it is the config's last callback, else in the YAML"
+
+
+def _shortcut_subkey(message: str) -> str | None:
+    """``--optim.lr 1e-4`` (a key under a shortcut that takes one value): what to write instead, or ``None``."""
+    found = _SHORTCUT_SUBKEY.search(message)
+    if found is None:
+        return None
+    flag, key, value = found.groups()
+    value = value.strip().strip("'")
+    if flag != "optim":
+        return f"--{flag}.{key}={value}: --{flag} takes one value and has no keys (--{flag} VALUE)."
+    said = f"--optim.{key}={value}: --optim takes an optimizer name only (--optim NAME)."
+    if key in ("lr", "step_in_backward"):
+        return f"{said} Write --{key} {value}."
+    callback = import_class("lowmem_lightning.callbacks.LowMemOptimizerCallback")
+    if callback is not None and key in _init_arg_names(callback):
+        return f"{said} Set the LowMemOptimizerCallback's {key}: --trainer.callbacks.{key} {value} {_WHERE}."
+    kwargs = "'{\"" + key + "\": " + value + "}'"
+    return (f"{said} Set it in the LowMemOptimizerCallback's optimizer_kwargs: --trainer.callbacks.optimizer_kwargs "
+            f"{kwargs} {_WHERE}.")
+
+
 def condense_message(message: str) -> str:
     """jsonargparse's nested Union error reports as one line: the innermost problems only."""
+    subkey = _shortcut_subkey(message)
+    if subkey is not None:
+        return subkey
     lines = [re.sub(r"^(- )+", "", line.strip()).strip() for line in message.splitlines()]
     kept = [line for line in lines if line and not _NOISE.search(line)]
     text = " ".join(kept) if kept else message.strip()
@@ -81,9 +109,10 @@ def _allowed_keys_hint(text: str) -> str:
     if unknown is None:
         return ""
     key = unknown.group(1) or unknown.group(2)
-    owner = re.findall(r"class_path '([\w.]+)'", text)
-    if owner and (cls := import_class(owner[-1])) is not None:
-        return f" Accepted by {owner[-1].rsplit('.', 1)[-1]}: {', '.join(_init_arg_names(cls))}."
+    for owner in reversed(re.findall(r"class_path '([\w.]+)'", text)):  # the innermost class that takes any
+        names = _init_arg_names(cls) if (cls := import_class(owner)) is not None else []
+        if names:
+            return f" Accepted by {owner.rsplit('.', 1)[-1]}: {', '.join(names)}."
     if key.startswith("trainer."):
         from lightning.pytorch import Trainer
 
