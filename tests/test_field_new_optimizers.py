@@ -348,6 +348,27 @@ def test_causal_lm_module_full_finetune_with_muon_gives_embeddings_and_head_adam
     assert len(muon) == 2 * 7 and all("_proj." in n for n in muon)  # the seven projections of both layers
 
 
+@pytest.mark.parametrize("name", NEW)
+def test_causal_lm_module_qlora_trains_the_adapters_with_each_new_optimizer(name):
+    from test_causal_lm import TINY_LLAMA, _sample
+
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    module = CausalLMModule(config=TINY_LLAMA, quantize="nf4", lora={"r": 4}, optimizer=name, lr=2e-3,
+                            weight_decay=0.01, warmup_steps=1, scheduler="cosine")
+    trainer = _trainer([], max_steps=2, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, _sample())
+    opt = trainer.optimizers[0]
+    assert type(opt) is optimizer_class(name) and trainer.global_step == 2
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert all(opt.state[p] for n, p in module.named_parameters() if p.requires_grad)  # every adapter stepped
+    if name.startswith("muon"):  # LoRA factors of the hidden projections are 2-D hidden matrices: Muon
+        assert {id(p) for p in opt.muon_params()} == {id(p) for p in module.parameters() if p.requires_grad}
+
+
 # ---------------------------------------------------------------- HF model + peft's get_peft_model
 def _peft(kind):
     from peft import LoraConfig, get_peft_model
