@@ -67,7 +67,8 @@ SIGTERM_EXIT_CODE = 128 + 15
 
 DESCRIPTION = (
     "Train with PyTorch Lightning on far less memory. 'lowmem SUBCOMMAND --help' lists the options "
-    "of each subcommand; --config takes a YAML file or a bundled recipe by name: {recipes}."
+    "of each subcommand; --config takes a YAML file or a bundled recipe by name: {recipes}. "
+    "--optim NAME trains it with another optimizer: {optimizers}."
 )
 
 SUBCOMMAND_HELP = {
@@ -100,7 +101,8 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         self.held_logs = kwargs.pop("held_logs", None)
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("prog", "lowmem")
-        parser_kwargs.setdefault("description", DESCRIPTION.format(recipes=", ".join(bundled_recipes()) or "none"))
+        parser_kwargs.setdefault("description", DESCRIPTION.format(
+            recipes=", ".join(bundled_recipes()) or "none", optimizers=", ".join(available_optimizers())))
         for name in SUBCOMMANDS:
             parser_kwargs.setdefault(name, {}).setdefault("description", SUBCOMMAND_HELP[name])
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
