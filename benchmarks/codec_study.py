@@ -369,16 +369,20 @@ class StallAwareLevels:
     the code the element already had, and then stochastically (unbiased) between the two neighbours: the
     rounding of our m code (``lowmem_lightning.kernels.adamw4bit``). Round-to-nearest loses an EMA step
     smaller than half a level (the code stalls); stochastic rounding everywhere keeps every step but adds
-    its variance to every element every step, which the EMA accumulates (``1 / (1 - beta1**2)``). Holds the
-    previous codes: :meth:`fresh` gives an instance for a new run."""
+    its variance to every element every step, which the EMA accumulates (``1 / (1 - beta1**2)``). ``release``
+    (``p`` in [0, 1]): a stalled element is released only where its uniform ``u < p`` and then rounded
+    stochastically with ``u / p`` (``u * (hi - lo) < (x - lo) * p``); 1 is the rule above, 0 nearest everywhere.
+    Holds the previous codes: :meth:`fresh` gives an instance for a new run."""
 
-    def __init__(self, levels: torch.Tensor, seed: int):
-        self.levels, self.seed = levels, seed
+    def __init__(self, levels: torch.Tensor, seed: int, release: float = 1.0):
+        if not 0.0 <= release <= 1.0:
+            raise ValueError(f"release must be a probability in [0, 1], got {release!r}")
+        self.levels, self.seed, self.release = levels, seed, release
         self.gen, self.codes = torch.Generator().manual_seed(seed), None
 
     def fresh(self) -> StallAwareLevels:
         """A new instance (no previous codes, the generator reset)."""
-        return StallAwareLevels(self.levels, self.seed)
+        return StallAwareLevels(self.levels, self.seed, self.release)
 
     def __call__(self, m: torch.Tensor) -> torch.Tensor:
         blocks = m.reshape(-1, BLOCK4)
@@ -387,8 +391,10 @@ class StallAwareLevels:
         idx = torch.bucketize(x, self.levels).clamp(1, len(self.levels) - 1)
         lo, hi = self.levels[idx - 1], self.levels[idx]
         nearest = torch.where(x - lo >= (hi - lo) * 0.5, idx, idx - 1)
-        stochastic = torch.where(torch.rand(x.shape, generator=self.gen) * (hi - lo) < x - lo, idx, idx - 1)
-        self.codes = nearest if self.codes is None else torch.where(nearest == self.codes, stochastic, nearest)
+        u = torch.rand(x.shape, generator=self.gen)
+        stochastic = torch.where(u * (hi - lo) < (x - lo) * self.release, idx, idx - 1)
+        released = (nearest == self.codes) & (u < self.release) if self.codes is not None else None
+        self.codes = nearest if released is None else torch.where(released, stochastic, nearest)
         return (self.levels[self.codes] * scale).view_as(m)
 
 
@@ -434,6 +440,9 @@ def codes4(seed: int = 7) -> tuple[dict, dict]:
         "dynamic exponent, stochastic": lambda m: _block_round_trip(m, de, sr, True),
         "power-2, stochastic": lambda m: _block_round_trip(m, power2, sr, True),
         "power-2, stochastic where nearest stalls (ours)": StallAwareLevels(power2, seed),
+        # study-only (issue 29.4): a stalled element released with probability 1/2, 1/4 (RESULTS.md)
+        "power-2, stall released with p = 1/2": StallAwareLevels(power2, seed, 0.5),
+        "power-2, stall released with p = 1/4": StallAwareLevels(power2, seed, 0.25),
     }
     v_codes = {
         "fp32": lambda v: v,
@@ -496,9 +505,13 @@ CODE_PAIRS4 = [
     ("power-2, stochastic where nearest stalls (ours)", "linear without zero (torchao)"),
     ("dynamic exponent (torchao, paper)", "power-4 without zero (ours)"),
     ("power-2, nearest", "power-4 without zero (ours)"),
+    # study-only damped stall release of m, between ours (p = 1) and nearest (p = 0) (issue 29.4, RESULTS.md)
+    ("power-2, stall released with p = 1/2", "power-4 without zero (ours)"),
+    ("power-2, stall released with p = 1/4", "power-4 without zero (ours)"),
 ]
 """(m code, v code) pairs simulated together: torchao's scheme, the paper's, the earlier all-stochastic m, ours
-with and without rank-1, and ours with one moment's code swapped (torchao's v, torchao's m, nearest m)."""
+with and without rank-1, ours with one moment's code swapped (torchao's v, torchao's m, nearest m), and ours with
+the stall released with probability 1/2 and 1/4."""
 
 
 PROBLEMS4 = ("noisy_quadratic", "pure_noise", "real_gradients")

@@ -5,6 +5,9 @@ resume, the overflow guard and the compiled CPU path."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,6 +193,36 @@ def test_noisy_quadratic_error_is_a_third_of_torchaos_scheme():
     round to nearest) measures 0.384 here (RESULTS.md); ours must stay under a third of it."""
     error = _noisy_quadratic(256, 200, lambda ps: AdamW4bit(ps, lr=1e-3, weight_decay=0.0))
     assert error < 0.384 / 3, error
+
+
+def _codec_study():
+    """``benchmarks/codec_study.py`` as a module (it is a script, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "codec_study.py"
+    spec = importlib.util.spec_from_file_location("bench_codec_study_4bit", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_codec_study_stall_release_spans_nearest_and_the_stall_aware_rule():
+    """The study's damped stall release (issue 29.4): the same m twice stalls every element; with release ``p``
+    a stalled element moves with ``p`` times the frequency of ``p = 1`` (the stall-aware rule), ``p = 0`` is
+    round-to-nearest, and a ``p`` outside [0, 1] is refused."""
+    cs = _codec_study()
+    power2 = torch.tensor([(1 if k > 0 else -1) * (k / 7) ** 2 for k in range(-7, 8)])
+    m = torch.randn(512, 128, generator=torch.Generator().manual_seed(0))
+    nearest = cs._block_round_trip(m, power2, cs._nearest_level, True)
+    moved = {}
+    for p in (1.0, 0.25, 0.0):
+        code = cs.StallAwareLevels(power2, seed=3, release=p)
+        assert torch.equal(code(m), nearest)  # no previous codes: nearest
+        moved[p] = float((code(m) != nearest).float().mean())
+    assert moved[0.0] == 0.0
+    assert moved[1.0] > 0.2, moved
+    assert abs(moved[0.25] / moved[1.0] - 0.25) < 0.02, moved
+    with pytest.raises(ValueError, match="release must be a probability in \\[0, 1\\], got 1.5"):
+        cs.StallAwareLevels(power2, seed=3, release=1.5)
 
 
 def test_torch_adamw_state_dict_is_quantized_and_8bit_refused():
