@@ -469,6 +469,16 @@ def test_use_muon_on_a_1d_param_is_refused_at_fit_start_before_any_step():
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
+@pytest.mark.parametrize("name", ["lion", "muon_8bit"])
+def test_lr_zero_is_refused_by_the_modules_too(name):
+    from lowmem_lightning.modules import LowMemModule
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    for cls in (LowMemModule, CausalLMModule):
+        with pytest.raises(ValueError, match=r"Invalid lr=0\.0: expected a number > 0"):
+            cls(optimizer=name, lr=0.0)
+
+
 def test_lr_zero_still_builds_directly_as_torch_allows_it_for_a_scheduler_to_raise():
     opt = build_optimizer("lion", [nn.Parameter(torch.ones(3))], lr=0.0)
     assert opt.param_groups[0]["lr"] == 0.0

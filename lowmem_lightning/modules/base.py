@@ -89,7 +89,7 @@ class LowMemModule(L.LightningModule):
     Args:
         optimizer: Registered optimizer name, e.g. ``adamw_8bit``, ``paged_adamw_8bit``, ``adafactor``,
             ``came``, ``sgd``, ``adamw`` (see ``lowmem_lightning.optim.available_optimizers()``).
-        lr: Peak learning rate (reached after warmup).
+        lr: Peak learning rate (reached after warmup), > 0.
         weight_decay: Decoupled weight decay for params with 2 or more dims; biases, norm weights and
             other 1-D params get 0.
         optimizer_kwargs: Extra keyword arguments for the optimizer's constructor (e.g.
@@ -116,6 +116,9 @@ class LowMemModule(L.LightningModule):
         if weight_decay is None:
             raise ValueError(f"Invalid weight_decay={weight_decay!r}: expected a finite number >= 0.")
         kwargs, _ = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
+        if float(lr) == 0.0:
+            raise ValueError(f"Invalid lr={lr!r}: expected a number > 0 (the peak learning rate; 0 would train "
+                             "nothing: to freeze params, set requires_grad=False).")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"Invalid warmup_steps={warmup_steps!r}: expected an integer >= 0 (optimizer steps).")
         check_choice(scheduler, SCHEDULERS, "scheduler")
