@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 
-from lowmem_lightning.optim.registry import optimizer_class
+from lowmem_lightning.optim.registry import available_optimizers, optimizer_class
 from lowmem_lightning.optim.validation import validate_optimizer_args
 
 __all__ = ["switch_optimizer", "ADAFACTOR_EXTERNAL_LR"]
@@ -51,6 +51,13 @@ def _carry(name: str, old_kwargs: dict, lr, weight_decay) -> tuple[dict, dict]:
         else:
             dropped[key] = value
     return kept, dropped
+
+
+def _named_storage(name: str) -> bool:
+    """Whether ``name`` is one of an fp32 / 8-bit pair of registered names (``muon`` / ``muon_8bit``): its name,
+    not a ``momentum_dtype`` carried from another optimizer's settings, says how the momentum is stored."""
+    names = available_optimizers()
+    return name.endswith("_8bit") and name[: -len("_8bit")] in names or f"{name}_8bit" in names
 
 
 def _lr_kind(name: str) -> str:
@@ -123,6 +130,11 @@ def switch_optimizer(
         kept, dropped = old_kwargs, {}
     else:
         kept, dropped = _carry(name, old_kwargs, init.get("lr"), init.get("weight_decay"))
+        if "momentum_dtype" in kept and _named_storage(name):  # the name's own storage: no setting needed
+            value = kept.pop("momentum_dtype")
+            if value != getattr(optimizer_class(name), "_default_momentum_dtype", None):
+                parts.append(f"dropped the config's momentum_dtype={value!r} ({previous}'s; {name}'s name chooses "
+                             "how its momentum is stored)")
     added = {}
     if name == "adafactor" and run_lr is not None and "relative_step" not in kept:
         added = {k: v for k, v in ADAFACTOR_EXTERNAL_LR.items() if k not in kept}
