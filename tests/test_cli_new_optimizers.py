@@ -390,3 +390,15 @@ def test_fit_with_ademamix_in_an_80x24_terminal(tmp_path):
     assert summary[0] == "LowMemOptimizerCallback: ademamix on 271,392 trainable params", screen
     assert summary[2] == "  fp32 AdamW would hold 2.071 MiB (8.00 bytes/param): 50.0% more state here", screen
     assert all(len(line) <= 80 for line in history.splitlines()), history  # -J: a wrapped line is joined
+
+
+def test_the_swap_note_on_a_carried_lr_quotes_the_base_lr_not_the_warmups():
+    """The swap happens after the module's scheduler set the first warmup lr (3e-3 / 21 in ``tiny_sgd.yaml``
+    with ``--optim lion_8bit``): the note names the lr the user gave, ``initial_lr``."""
+    from lowmem_lightning.callbacks.translate import constructor_defaults, translate_group
+    from lowmem_lightning.optim import optimizer_class
+
+    target = optimizer_class("lion_8bit")
+    group = {"lr": 3e-3 / 21, "initial_lr": 3e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+    out = translate_group(torch.optim.AdamW, group, target, constructor_defaults(target), lr_carried=True)
+    assert any(note.startswith("lr=0.003 changes meaning") for note in out.changed), out.changed
