@@ -443,11 +443,15 @@ BAD = [
     ("muon_8bit", {"optimizer_kwargs": {"use_muon": "yes"}}, r"Invalid use_muon='yes'"),
     ("adamw_4bit", {"optimizer_kwargs": {"betas": (0.9, 0.999, 0.9)}}, r"Invalid betas=.*expected a tuple of 2"),
     ("adamw_4bit", {"lr": 0}, r"Invalid lr=0 for LowMemOptimizerCallback"),
+    ("muon", {"optimizer_kwargs": {"betas": (0.9, 0.95)}},
+     r"unexpected keyword argument 'betas' \(betas: Muon takes lr, .*adamw_betas, adamw_eps"),
+    ("lion_8bit", {"optimizer_kwargs": {"eps": 1e-8}}, r"'eps' \(eps: Lion8bit takes lr, betas, weight_decay, "),
 ]
 
 
 BAD_IDS = ["lion-lr<0", "lion-lr=0", "lion_8bit-3betas", "ademamix-alpha<0", "ademamix_8bit-2betas",
-           "ademamix-t_alpha<0", "muon-1adamw_beta", "muon_8bit-use_muon_str", "adamw_4bit-3betas", "adamw_4bit-lr=0"]
+           "ademamix-t_alpha<0", "muon-1adamw_beta", "muon_8bit-use_muon_str", "adamw_4bit-3betas", "adamw_4bit-lr=0",
+           "muon-betas", "lion_8bit-eps"]
 
 
 @pytest.mark.parametrize(("name", "kwargs", "match"), BAD, ids=BAD_IDS)

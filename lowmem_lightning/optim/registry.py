@@ -68,4 +68,18 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict], 
     try:
         return cls(params, **kwargs)
     except TypeError as err:
-        raise ValueError(f"Invalid arguments for optimizer {name!r} ({cls.__name__}): {err}") from err
+        unknown = sorted(set(kwargs) - set(_keywords(cls))) if "unexpected keyword" in str(err) else []
+        allowed = f" ({', '.join(unknown)}: {cls.__name__} takes {', '.join(_keywords(cls))})" if unknown else ""
+        raise ValueError(f"Invalid arguments for optimizer {name!r} ({cls.__name__}): {err}{allowed}") from err
+
+
+def _keywords(cls: type) -> list[str]:
+    """The keyword arguments of ``cls``'s constructor (``params`` aside), in order; empty when unknown."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.name not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL,
+                                                                                             p.VAR_KEYWORD)]
