@@ -228,6 +228,10 @@ def test_an_embedding_whose_name_hides_it_is_named_and_a_use_muon_group_routes_i
     muon = {id(p) for p in trainer.optimizers[0].muon_params()}
     assert id(model.shared.weight) in muon and id(model.tok_emb.weight) not in muon  # tok_emb: an embedding by name
     assert len(messages) == 1 and "nn.Embedding weight(s) shared.weight: their names do not mark" in messages[0]
+    model = SharedTable()
+    model.shared.requires_grad_(False)  # frozen: it never takes an update, nothing to say
+    _, _, messages = _swap_fit(model, "muon", optimizer_kwargs={"adjust_lr_fn": "match_rms_adamw"})
+    assert messages == []
     model = SharedTable(own_group=True)
     trainer, _, messages = _swap_fit(model, "muon", optimizer_kwargs={"adjust_lr_fn": "match_rms_adamw"})
     assert messages == [] and trainer.optimizers[0].param_groups[0]["use_muon"] is False

@@ -524,13 +524,13 @@ def _muon_without_hidden(new: torch.optim.Optimizer) -> bool:
 
 def _muon_notes(new: torch.optim.Optimizer, cycling: list, module: torch.nn.Module | None = None) -> list[str]:
     """Notes for a Muon hybrid (``muon``/``muon_8bit``; none for other optimizers): no trainable param takes
-    the Muon update (all went to its AdamW part); ``nn.Embedding`` weights of ``module`` whose names do not mark
-    them take it (T5's ``shared``, ``relative_attention_bias``); a scheduler in ``cycling`` (``OneCycleLR``/
+    the Muon update (all went to its AdamW part); trainable ``nn.Embedding`` weights of ``module`` whose names do
+    not mark them take it (T5's ``shared``, ``relative_attention_bias``); a scheduler in ``cycling`` (``OneCycleLR``/
     ``CyclicLR`` with ``cycle_momentum``) drives the Muon momentum only, not the AdamW part's ``adamw_betas[0]``."""
     if not callable(getattr(new, "muon_params", None)):
         return []
     notes, target = [], type(new).__name__
-    muon = {id(p) for p in new.muon_params()}
+    muon = {id(p) for p in new.muon_params() if p.requires_grad}
     tables = [n for n, m in (module.named_modules() if module is not None else ())
               if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and id(m.weight) in muon]
     if tables:
