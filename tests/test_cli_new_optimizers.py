@@ -402,3 +402,43 @@ def test_the_swap_note_on_a_carried_lr_quotes_the_base_lr_not_the_warmups():
     group = {"lr": 3e-3 / 21, "initial_lr": 3e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
     out = translate_group(torch.optim.AdamW, group, target, constructor_defaults(target), lr_carried=True)
     assert any(note.startswith("lr=0.003 changes meaning") for note in out.changed), out.changed
+
+
+def test_lowmem_test_reads_a_checkpoint_trained_with_another_optimizer_than_the_recipes(four_bit_run, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """``lowmem fit --config X --optim adamw_4bit`` then ``lowmem test --config X --ckpt_path ...`` (the README's
+    commands): test reads the weights only, so the recipe's adamw_8bit is no reason to refuse (it was: 'Cannot
+    resume', then an AssertionError traceback from the module's on_exception outside fit, exit 1)."""
+    run = tmp_path / "run.yaml"
+    run.write_text(midepoch.CONFIG.format(root=tmp_path, data=four_bit_run / "words.txt", max_steps=10))
+    monkeypatch.chdir(tmp_path)
+    assert main(["test", "--config", str(run), "--ckpt_path", str(four_bit_run / "ckpt" / "step=10.ckpt")]) == 0
+    out = capsys.readouterr()
+    assert "test_loss" in out.out + out.err and "Traceback" not in out.err and "Cannot resume" not in out.err
+
+
+def test_a_failure_outside_fit_reaches_the_user_as_it_is(tmp_path):
+    """CausalLMModule's save-on-failure hook asked ``fit_loop.done`` in any stage; outside fit that asserts and
+    replaced the real error with an AssertionError."""
+    import lightning as L
+
+    from lowmem_lightning.data import TextDataModule
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    class Boom(L.Callback):
+        def on_test_start(self, trainer, pl_module):
+            raise RuntimeError("boom")
+
+    model = CausalLMModule(config=midepoch_config(), save_dir=str(tmp_path / "model"))  # attaches the hook
+    data = TextDataModule(str(midepoch._write_data(tmp_path / "words.txt")), seq_len=32, batch_size=4,
+                          val_fraction=0.05)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[Boom()], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.test(model, data)
+
+
+def midepoch_config() -> dict:
+    """The 1-layer Llama of ``test_resume_midepoch``'s runs."""
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "max_position_embeddings": 64}

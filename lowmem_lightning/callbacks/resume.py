@@ -61,7 +61,10 @@ class ResumeCompatibility(L.Callback):
             apply_new_lr(trainer, trainer.optimizers, self._built_lrs)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Refuse a checkpoint trained with an optimizer whose state this one cannot read."""
+        """Refuse a checkpoint trained with an optimizer whose state this one cannot read (in ``fit`` only:
+        validate, test and predict read the weights, not the optimizer state)."""
+        if trainer.state.fn != "fit":
+            return
         saved = (checkpoint.get("callbacks") or {}).get(self.saved_under)
         name = saved.get("optimizer") if isinstance(saved, dict) else infer_optimizer(checkpoint)
         if name is None or name == self.optimizer_name:

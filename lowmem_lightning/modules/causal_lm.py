@@ -554,7 +554,8 @@ class _SaveOnFailure(L.Callback):
     checkpoint, not a half-trained model, is what to resume from)."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(pl_module, CausalLMModule) and trainer.fit_loop.done:
+        fitting = trainer.state.fn == "fit"  # fit_loop.done asserts outside fit (a failed test / validate)
+        if isinstance(pl_module, CausalLMModule) and fitting and trainer.fit_loop.done:
             try:
                 path = pl_module.save_model()
             except Exception as err:  # noqa: BLE001 - the original exception is what the user must see
