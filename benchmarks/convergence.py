@@ -27,6 +27,9 @@ markdown table (stdout and ``--out``/convergence.md), CSV rows appended to ``ben
 and loss curves as a PNG.
 
     python benchmarks/convergence.py --steps 300 --seeds 0,1,2
+
+Sweeps: ``--lr-scale X`` multiplies every peak lr; ``--beta1 B`` sets ``betas = (B, 0.999)`` of the AdamW-family
+runs (fp32, 8-bit, 4-bit, bitsandbytes, torchao), so they can be compared at fp32 AdamW's tuned settings.
 """
 
 from __future__ import annotations
@@ -149,6 +152,11 @@ def tiny_llama(seed: int, hidden: int, layers: int, seq: int):
     return LlamaForCausalLM(config)
 
 
+ADAMW_BUILDERS = ("torch_adamw", "ours:adamw_8bit", "ours:paged_adamw_8bit", "ours:adamw_4bit", "bnb_adamw_8bit",
+                  "torchao_adamw_4bit")
+"""Builders of the AdamW family: ``--beta1`` sets their ``betas[0]`` (``betas = (beta1, 0.999)``)."""
+
+
 def build(builder: str, params, lr: float, kwargs: dict):
     """Build the optimizer for ``builder``; raises ImportError when a peer is not installed."""
     if builder.startswith("ours:"):
@@ -161,7 +169,7 @@ def build(builder: str, params, lr: float, kwargs: dict):
             kwargs = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **kwargs}
         return build_optimizer(name, params, lr=lr, **kwargs)
     if builder == "torch_adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **kwargs)
     if builder == "torch_muon_hybrid":
         return _TorchMuonHybrid(params, lr)
     if builder == "torch_sgd":
@@ -169,11 +177,11 @@ def build(builder: str, params, lr: float, kwargs: dict):
     if builder == "bnb_adamw_8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0, **kwargs)
     if builder == "torchao_adamw_4bit":
         from torchao.optim import AdamW4bit
 
-        return AdamW4bit(params, lr=lr, weight_decay=0.0)
+        return AdamW4bit(params, lr=lr, weight_decay=0.0, **kwargs)
     if builder == "hf_adafactor":
         from transformers.optimization import Adafactor
 
@@ -270,6 +278,8 @@ def pretraining_study(args, train_data, val_data):
             if options.pop("param_dtype", None) == "bf16":
                 model = model.to(torch.bfloat16)
             peak = LR[family(builder)] * args.lr_scale
+            if args.beta1 is not None and builder in ADAMW_BUILDERS:
+                options["betas"] = (args.beta1, 0.999)
             try:
                 params = model.named_parameters() if "muon" in builder else model.parameters()
                 opt = build(builder, params, peak, options)
@@ -371,6 +381,7 @@ def append_csv(results, args) -> None:
         if new:
             writer.writerow(header)
         metric = "val_loss" if args.lr_scale == 1.0 else f"val_loss_lr_x{args.lr_scale:g}"
+        metric += "" if args.beta1 is None else f"_beta1_{args.beta1:g}"
         for name, vals in results.items():
             row = [dt.date.today().isoformat(), "convergence", device_name(), torch.__version__, name, metric,
                    f"{statistics.fmean(vals):.5f}", len(vals), args.steps]
@@ -381,6 +392,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"--lr-scale must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _beta1(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"--beta1 must be in [0, 1), got {text!r}")
     return value
 
 
@@ -401,8 +419,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-csv", action="store_true")
     parser.add_argument("--lr-scale", type=_positive_float, default=1.0,
                         help="multiplies every run's peak learning rate (an lr sweep; 1.0: the LR table as is)")
+    parser.add_argument("--beta1", type=_beta1, default=None,
+                        help="betas = (BETA1, 0.999) for the AdamW-family runs (ADAMW_BUILDERS); default: 0.9")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     args.out.mkdir(parents=True, exist_ok=True)
     train_data, val_data, ft_data = stdlib_corpus(args.corpus_bytes)
     print(f"corpus: {train_data.numel():,} train / {val_data.numel():,} val / {ft_data.numel():,} fine-tune bytes "
