@@ -3,8 +3,10 @@ learning rate given at resume applies. :class:`ResumeCompatibility` is the callb
 :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`).
 
 A checkpoint holds the optimizer's (quantized) state; another optimizer cannot read it, except where it
-converts it (:data:`CONVERSIONS`: fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``/``adamw_4bit``; ``lion``,
-``ademamix`` and ``muon`` <-> their ``_8bit`` variants). A new
+converts it (:data:`CONVERSIONS`): within the AdamW family every state converts into every other (fp32
+``adamw``, ``adamw_8bit``, ``paged_adamw_8bit``, ``adamw_4bit``: the source codes are decoded to fp32 and
+encoded with the target's own codes, step counters kept; :mod:`lowmem_lightning.optim.adamw_convert`), and
+``lion``, ``ademamix`` and ``muon`` <-> their ``_8bit`` variants. A new
 learning rate (:func:`apply_new_lr`): Lightning's restore brings back the checkpoint's param-group lrs and
 scheduler base lrs, which are rescaled to the run's own (one line says so).
 """
@@ -18,19 +20,27 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lowmem_lightning.callbacks.swap import LR_KEYS
+from lowmem_lightning.optim.adamw_convert import convert_on_load
 
 __all__ = [
-    "CONVERSIONS", "ResumeCompatibility", "apply_new_lr", "base_lrs", "infer_optimizer",
+    "ADAMW_FAMILY", "CONVERSIONS", "ResumeCompatibility", "apply_new_lr", "base_lrs", "infer_optimizer",
     "refuse_missing_optimizer_callback",
 ]
 
+ADAMW_FAMILY: dict[str, str] = {
+    "adamw": "fp32 moments", "adamw_8bit": "8-bit codes", "paged_adamw_8bit": "8-bit codes in host pages",
+    "adamw_4bit": "4-bit codes",
+}
+"""The AdamW family's optimizers, each with the form of its moments (every one loads every other's state)."""
+
 CONVERSIONS: frozenset[tuple[str, str]] = frozenset({
-    ("adamw", "adamw_8bit"), ("adamw", "paged_adamw_8bit"), ("adamw", "adamw_4bit"),
+    *((a, b) for a in ADAMW_FAMILY for b in ADAMW_FAMILY if a != b),
     *((a, b) for pair in (("lion", "lion_8bit"), ("ademamix", "ademamix_8bit"), ("muon", "muon_8bit"))
       for a, b in (pair, pair[::-1])),
 })
-"""``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load (Lion, AdEMAMix
-and Muon quantize an fp32 state into their 8-bit codes and dequantize 8-bit codes into fp32, both ways)."""
+"""``(checkpoint optimizer, new optimizer)`` pairs whose states the new optimizer converts on load (the AdamW
+family, :data:`ADAMW_FAMILY`, every pair: decoded to fp32, encoded in the target's codes; Lion, AdEMAMix and Muon
+quantize an fp32 state into their 8-bit codes and dequantize 8-bit codes into fp32, both ways)."""
 
 OPTIMIZER_CALLBACK_KEY = "LowMemOptimizerCallback"
 """The ``state_key`` under which checkpoints hold what :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`
@@ -50,30 +60,36 @@ class ResumeCompatibility(L.Callback):
         self.optimizer_name = optimizer
         self.saved_under = saved_under
         self._built_lrs: list[list[float | None]] = []  # base lrs the run's configuration gave, before a restore
+        self._hooks: list = []  # load-state-dict pre-hooks that decode 8/4-bit AdamW states for a torch AdamW
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Record the base lrs this run's configuration gave (a checkpoint restore comes next)."""
+        """Record the base lrs this run's configuration gave (a checkpoint restore comes next); a torch AdamW
+        (``adamw``) is made to decode an ``adamw_8bit`` / ``paged_adamw_8bit`` / ``adamw_4bit`` state on load."""
         self._built_lrs = base_lrs(trainer.optimizers)
+        if self.optimizer_name == "adamw":
+            self._hooks = [convert_on_load(opt) for opt in trainer.optimizers
+                           if isinstance(opt, torch.optim.Adam | torch.optim.AdamW)]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After a restore, the run's learning rate applies (the schedule keeps its position)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if trainer.ckpt_path is not None:
             apply_new_lr(trainer, trainer.optimizers, self._built_lrs)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Refuse a checkpoint trained with an optimizer whose state this one cannot read (in ``fit`` only:
-        validate, test and predict read the weights, not the optimizer state)."""
-        if trainer.state.fn != "fit":
+        validate, test and predict read the weights, not the optimizer state; no trainer: checked as in fit)."""
+        if trainer is not None and trainer.state.fn != "fit":
             return
         saved = (checkpoint.get("callbacks") or {}).get(self.saved_under)
         name = saved.get("optimizer") if isinstance(saved, dict) else infer_optimizer(checkpoint)
         if name is None or name == self.optimizer_name:
             return
         if (name, self.optimizer_name) in CONVERSIONS:
-            rank_zero_info(
-                f"LowMemOptimizerCallback: converting the checkpoint's {name!r} optimizer state to "
-                f"{self.optimizer_name!r}."
-            )
+            rank_zero_info(f"LowMemOptimizerCallback: converting the checkpoint's {name!r} optimizer state to "
+                           f"{self.optimizer_name!r}{_forms(name, self.optimizer_name)}.")
             return
         raise ValueError(
             f"Cannot resume: the checkpoint was trained with optimizer {name!r}, but "
@@ -81,6 +97,18 @@ class ResumeCompatibility(L.Callback):
             f"Resume with optimizer={name!r}, or load only the weights (e.g. "
             "Module.load_from_checkpoint(path) and a new fit without ckpt_path) to switch optimizers."
         )
+
+
+def _forms(source: str, target: str) -> str:
+    """What converting ``source``'s state into ``target``'s does, in parentheses, for a pair of
+    :data:`ADAMW_FAMILY` (e.g. `` (its 8-bit codes decoded to fp32, encoded into 4-bit codes; ...)``), else ``""``."""
+    if source not in ADAMW_FAMILY or target not in ADAMW_FAMILY:
+        return ""
+    if "8-bit" in ADAMW_FAMILY[source] and "8-bit" in ADAMW_FAMILY[target]:
+        return " (the same 8-bit codes)"
+    decoded = "its fp32 moments" if source == "adamw" else f"its {ADAMW_FAMILY[source]} decoded to fp32"
+    encoded = "kept as fp32 moments" if target == "adamw" else f"encoded into {ADAMW_FAMILY[target]}"
+    return f" ({decoded}, {encoded}; step counters kept)"
 
 
 def infer_optimizer(checkpoint: dict) -> str | None:

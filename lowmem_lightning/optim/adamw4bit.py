@@ -2,8 +2,8 @@
 
 The update math and the codes live in :mod:`lowmem_lightning.kernels.adamw4bit` (Triton on CUDA, the
 bucketed PyTorch reference on CPU); this module keeps the state and calls :func:`.dispatch.dispatch`.
-Everything else (hyperparameters, the non-finite guard, foreign ``torch.optim.AdamW`` state dicts,
-sharded params) is :class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit`'s.
+Everything else (hyperparameters, the non-finite guard, foreign ``torch.optim.AdamW`` and 8-bit state
+dicts, sharded params) is :class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit`'s.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from ..kernels.adamw4bit import ADAMW_4BIT, ADAMW_4BIT_NEAREST, num_blocks4, pac
 from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
 from ..kernels.dispatch import dispatch
 from .adamw8bit import AdamW8bit, _full_moment
+from .adamw_convert import FORM_4BIT, FORM_8BIT, code_form, with_decoded_moments
 from .base import StateSpec, step_spec
 from .sharding import block_state_len, local
 
@@ -49,8 +50,8 @@ class AdamW4bit(AdamW8bit):
     Arguments, the non-finite guard, ``skipped_updates``, seeds and state-dict rules are those of
     :class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit` (the seed also drives the stochastic
     rounding of m, so a run and its resumed copy store the same codes). ``load_state_dict`` accepts
-    our own state dicts and ``torch.optim.AdamW``'s (quantized on load); an 8-bit state dict is
-    refused (its codes do not fit this layout).
+    our own state dicts, ``torch.optim.AdamW``'s and ``adamw_8bit`` / ``paged_adamw_8bit``'s (their
+    codes decoded to fp32, then quantized into the 4-bit codes on load).
     """
 
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
@@ -64,14 +65,20 @@ class AdamW4bit(AdamW8bit):
         return [step_spec(), StateSpec("exp_avg", shape, torch.float32, "moment"),
                 StateSpec("exp_avg_sq", shape, torch.float32, "square")]
 
+    _moment_form = FORM_4BIT
+
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
-        """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``): 4-bit codes or fp32."""
+        """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``) and ``adamw_8bit`` /
+        ``paged_adamw_8bit`` codes (decoded to fp32 by :mod:`.adamw_convert`): 4-bit codes or fp32."""
+        if self._is_quantized(param) and code_form(state) == FORM_8BIT:
+            state = with_decoded_moments(param, state, FORM_8BIT)
         codes = state.get("exp_avg_codes")
         if isinstance(codes, torch.Tensor) and codes.dtype == torch.int8:
             raise ValueError(
                 "Invalid optimizer state dict: its 'exp_avg_codes' are int8, the 8-bit codes of an AdamW8bit state "
-                "dict; AdamW4bit keeps uint8 bytes of two 4-bit codes. Load it into adamw_8bit (a torch.optim.AdamW "
-                "state dict is converted on load)."
+                "dict, but their lengths or their scales' are not those of an AdamW8bit state of this param "
+                f"({codes.numel()} codes for a param of {param.numel()} elements), so they cannot be converted "
+                "into AdamW4bit's uint8 bytes of two 4-bit codes. Load it into the adamw_8bit it was saved from."
             )
         if "exp_avg" not in state or not self._is_quantized(param):
             return super()._convert_foreign_state(param, state, group)

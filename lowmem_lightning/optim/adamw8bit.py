@@ -14,6 +14,7 @@ from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, Ad
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, quantize_blockwise
 from ..kernels.dispatch import dispatch
 from ..kernels.rounding import is_stochastic, step_seed
+from .adamw_convert import FORM_4BIT, FORM_8BIT, code_form, with_decoded_moments
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .layout import loaded_step
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
@@ -83,6 +84,9 @@ class AdamW8bit(LowMemOptimizer):
 
     _foreign_group_keys = frozenset({"amsgrad", "decoupled_weight_decay"})  # torch.optim.AdamW / Adam state dicts
 
+    _moment_form = FORM_8BIT
+    """The :func:`.adamw_convert.code_form` of this class's quantized state (the other form is converted on load)."""
+
     def _check_group(self, group: dict) -> None:
         """Validate a param group like the constructor's arguments (``ValueError`` naming the argument)."""
         if group.get("amsgrad"):
@@ -107,7 +111,8 @@ class AdamW8bit(LowMemOptimizer):
 
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
-        """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``): quantize or cast to fp32."""
+        """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``): quantize or cast to fp32; and
+        ``adamw_4bit`` codes: decoded to fp32 (:mod:`.adamw_convert`), then quantized into 8-bit codes."""
         if "max_exp_avg_sq" in state:
             raise ValueError(
                 "Invalid optimizer state dict: it holds 'max_exp_avg_sq' (AMSGrad), which AdamW8bit does not support."
@@ -115,6 +120,8 @@ class AdamW8bit(LowMemOptimizer):
         state = dict(state)
         if "step" in state:
             state["step"] = loaded_step(state["step"])
+        if self._is_quantized(param) and code_form(state) == FORM_4BIT and self._moment_form == FORM_8BIT:
+            state = with_decoded_moments(param, state, FORM_4BIT)  # adamw_4bit codes -> fp32 -> 8-bit codes below
         if "exp_avg" not in state:
             return state
         full = {key: _full_moment(local(param), state, key) for key in ("exp_avg", "exp_avg_sq")}
