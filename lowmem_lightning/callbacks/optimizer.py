@@ -160,7 +160,7 @@ class LowMemOptimizerCallback(L.Callback):
     :class:`~lowmem_lightning.callbacks.StateMemoryMonitor`: its docstring lists the metrics); save
     ``last.ckpt`` on SIGTERM at a step end all ranks agree on (:mod:`~lowmem_lightning.callbacks.preemption`);
     refuse, before any step, to resume a checkpoint of another optimizer than this one unless it converts
-    that state (fp32 ``adamw`` -> ``adamw_8bit``/``paged_adamw_8bit``/``adamw_4bit``; ``lion``, ``ademamix``,
+    that state (every pair of ``adamw``, ``adamw_8bit``, ``paged_adamw_8bit``, ``adamw_4bit``; ``lion``, ``ademamix``,
     ``muon`` <-> their ``_8bit`` variants), and apply a new ``lr`` at resume
     (:mod:`~lowmem_lightning.callbacks.resume`).
 
