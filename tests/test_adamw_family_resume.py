@@ -5,11 +5,19 @@ run switched from 8-bit to 4-bit ends near an uninterrupted 4-bit one, and the L
 every pair from a checkpoint, saying in one line what it converted."""
 
 import copy
+import logging
+import sys
 
+import lightning as L
 import pytest
+import test_checkpoint_resume as resume_harness
+import test_resume_midepoch as midepoch
 import torch
 from torch import nn
 
+from lowmem_lightning.callbacks import CONVERSIONS
+from lowmem_lightning.callbacks.resume import ADAMW_FAMILY
+from lowmem_lightning.cli import main
 from lowmem_lightning.kernels.adamw4bit import dequantize4_reference
 from lowmem_lightning.kernels.codec import dequantize_reference
 from lowmem_lightning.optim import build_optimizer
@@ -215,3 +223,102 @@ def test_a_run_switched_from_8bit_to_4bit_ends_near_an_uninterrupted_4bit_run():
     assert abs(switched - straight4) < abs(straight8 - straight4), (switched, straight4, straight8)
     _, lost = _switched(zero_moments=True)
     assert abs(lost - straight4) > 0.02 * straight4, (lost, straight4)  # the tolerance tells a broken conversion
+
+
+# ------------------------------------------------------------------------------ through Lightning's resume
+class _Restored(L.Callback):
+    """Records, at train start (after Lightning restored the checkpoint), each param's fp32 decoded moments
+    and the optimizer's state of it."""
+
+    def on_train_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        self.states = [(p.numel(), tuple(t.clone() for t in _moments(opt, p)),
+                        {k: t.detach().clone() for k, t in opt.state[p].items()}) for p in pl_module.parameters()]
+
+
+def _checkpoint(tmp_path_factory, source: str) -> str:
+    """A checkpoint after one epoch (3 steps) of ``source`` (``"torch"``: the module's own torch AdamW, no
+    callback), made once per source."""
+    if source not in _CHECKPOINTS:
+        root = tmp_path_factory.mktemp(source)
+        trainer, _ = resume_harness._fit(root, max_epochs=1, optimizer=source if source != "torch" else "adamw",
+                                         callbacks=source != "torch")
+        trainer.save_checkpoint(root / "epoch1.ckpt")
+        _CHECKPOINTS[source] = root / "epoch1.ckpt"
+    return _CHECKPOINTS[source]
+
+
+_CHECKPOINTS: dict = {}
+
+
+def _saved_moments(path, model_params) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fp32 moments each param's saved state decodes to (flat), in the module's param order."""
+    states = torch.load(path, weights_only=False)["optimizer_states"][0]["state"]
+    out = []
+    for index, p in enumerate(model_params):
+        holder = torch.optim.Optimizer([nn.Parameter(torch.zeros(p.shape))], {})
+        holder.state[holder.param_groups[0]["params"][0]] = states[index]
+        out.append(_moments(holder, holder.param_groups[0]["params"][0]))
+    return out
+
+
+PAIRS = [(a, b) for a in ["torch", *FAMILY] for b in FAMILY if a != b and (a, b) != ("torch", "adamw")]
+
+
+@pytest.mark.parametrize(("source", "target"), PAIRS)
+def test_lightning_resumes_every_pair_of_the_family(source, target, tmp_path, tmp_path_factory, caplog):
+    path = _checkpoint(tmp_path_factory, source)
+    named = "adamw" if source == "torch" else source
+    assert (named, target) in CONVERSIONS
+    restored = _Restored()
+    caplog.set_level(logging.INFO)
+    trainer, model = resume_harness._fit(tmp_path, max_epochs=2, optimizer=target, ckpt_path=path,
+                                         extra=[restored])
+    assert trainer.global_step == 6 and type(trainer.optimizers[0]).__name__ == type(
+        build_optimizer(target, [nn.Parameter(torch.zeros(1))])).__name__
+    lines = [r.getMessage() for r in caplog.records if "converting the checkpoint's" in r.getMessage()]
+    assert len(lines) == 1 and f"{named!r} optimizer state to {target!r} (" in lines[0], lines
+    assert ADAMW_FAMILY[target].split(" in ")[0] in lines[0] and "step counters kept" in lines[0] or \
+        "the same 8-bit codes" in lines[0]
+    for (n, (m, v), state), (saved_m, saved_v) in zip(restored.states, _saved_moments(path, model.parameters())):
+        assert float(state["step"]) == 3.0
+        if target == "adamw" or "exp_avg" in state or named == target.removeprefix("paged_"):
+            assert torch.equal(m, saved_m) and torch.equal(v, saved_v)  # fp32: exactly the decode
+        elif target == "adamw_4bit":
+            _assert_4bit_of(saved_m, saved_v, state, n)
+        elif "8bit" in named:
+            assert torch.equal(m, saved_m) and torch.equal(v, saved_v)  # 8-bit <-> paged 8-bit: the same codes
+        else:
+            _assert_8bit_of(saved_m, saved_v, {k: t.cpu() for k, t in state.items()}, n)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ the lowmem command
+def _lowmem_fit(run, *args) -> int:
+    saved = sys.argv
+    try:
+        sys.argv = sys.argv[:1]
+        return main(["fit", "--config", str(run), *args])
+    finally:
+        sys.argv = saved
+
+
+@pytest.mark.parametrize(("source", "target"), [("adamw_8bit", "adamw_4bit"), ("adamw_4bit", "paged_adamw_8bit")])
+def test_lowmem_fit_resumes_with_another_optim_of_the_family(source, target, tmp_path, caplog, monkeypatch):
+    """``lowmem fit --optim adamw_4bit --ckpt_path`` of an ``--optim adamw_8bit`` run (and 4-bit -> paged 8-bit):
+    it trains on from the checkpoint with the new optimizer, the one conversion line printed."""
+    monkeypatch.chdir(tmp_path)
+    data = midepoch._write_data(tmp_path / "words.txt")
+    first, resumed = tmp_path / "first.yaml", tmp_path / "resumed.yaml"
+    first.write_text(midepoch.CONFIG.format(root=tmp_path / "a", data=data, max_steps=10))
+    resumed.write_text(midepoch.CONFIG.format(root=tmp_path / "b", data=data, max_steps=20))
+    assert _lowmem_fit(first, "--optim", source) == 0
+    caplog.set_level(logging.INFO)
+    assert _lowmem_fit(resumed, "--optim", target, "--ckpt_path", str(tmp_path / "a" / "ckpt" / "step=10.ckpt")) == 0
+    lines = [r.getMessage() for r in caplog.records if "converting the checkpoint's" in r.getMessage()]
+    assert len(lines) == 1 and f"{source!r} optimizer state to {target!r}" in lines[0], lines
+    saved = torch.load(tmp_path / "b" / "ckpt" / "step=20.ckpt", weights_only=False)
+    assert saved["callbacks"]["LowMemOptimizerCallback"]["optimizer"] == target
+    codes = [s["exp_avg_codes"] for s in saved["optimizer_states"][0]["state"].values() if "exp_avg_codes" in s]
+    assert codes and all(c.dtype == (torch.uint8 if target == "adamw_4bit" else torch.int8) for c in codes)
+    assert all(float(s["step"]) == 20.0 for s in saved["optimizer_states"][0]["state"].values())
