@@ -27,27 +27,27 @@ SHAPES = [(70, 90), (4097,), (33, 5)]  # odd sizes: partial 128/256 blocks, one 
 FAMILY = ["adamw", "adamw_8bit", "paged_adamw_8bit", "adamw_4bit"]
 
 
-def _params(seed=0):
+def _params(seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in SHAPES]
+    return [nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(device)) for s in SHAPES]
 
 
-def _trained(name: str, steps: int = 3):
+def _trained(name: str, steps: int = 3, device: str = "cpu"):
     """``(params, optimizer)`` after ``steps`` steps of ``name`` on fixed random gradients (spread over
     magnitudes, so blocks hold both large and tiny moments)."""
-    params = _params()
+    params = _params(device=device)
     opt = build_optimizer(name, params, lr=1e-2, weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen) * torch.logspace(-4, 0, p.numel()).view(p.shape)
+            p.grad = (torch.randn(p.shape, generator=gen) * torch.logspace(-4, 0, p.numel()).view(p.shape)).to(device)
         opt.step()
     return params, opt
 
 
 def _moments(opt, p) -> tuple[torch.Tensor, torch.Tensor]:
     """The fp32 moments ``opt`` keeps for ``p``, decoded as its step decodes them (flat)."""
-    state = opt.state[p]
+    state = {k: v.cpu() for k, v in opt.state[p].items()}
     if "exp_avg" in state:
         return state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1)
     codes = state["exp_avg_codes"]
@@ -150,6 +150,35 @@ def test_quantized_states_load_into_torch_adamw_as_their_exact_decode(source):
     assert all(torch.isfinite(q).all() for q in new_params)
     with pytest.raises(ValueError, match="Invalid optimizer=SGD: convert_on_load expects a torch.optim.AdamW"):
         convert_on_load(torch.optim.SGD(new_params, lr=0.1))
+
+
+@pytest.mark.gpu
+def test_conversions_on_cuda_match_the_cpu_bounds():
+    """On CUDA (Triton steps and Triton 8-bit quantize): 8-bit -> 4-bit, 4-bit -> paged 8-bit, paged 8-bit ->
+    4-bit and 4-bit -> torch AdamW hold the same bounds as on the CPU, and the target steps."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for source, target in [("adamw_8bit", "adamw_4bit"), ("adamw_4bit", "paged_adamw_8bit"),
+                           ("paged_adamw_8bit", "adamw_4bit"), ("adamw_4bit", "adamw")]:
+        params, opt = _trained(source, device="cuda")
+        new_params = [nn.Parameter(p.detach().clone()) for p in params]
+        new = build_optimizer(target, new_params, lr=1e-2, weight_decay=0.1)
+        if target == "adamw":
+            convert_on_load(new)
+        new.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for p, q in zip(params, new_params):
+            state, (source_m, source_v) = {k: v.cpu() for k, v in new.state[q].items()}, _moments(opt, p)
+            assert float(state["step"]) == 3.0, (source, target)
+            if "exp_avg" in state:
+                assert torch.equal(state["exp_avg"].reshape(-1), source_m), (source, target)
+            elif target == "adamw_4bit":
+                _assert_4bit_of(source_m, source_v, state, p.numel())
+            else:
+                _assert_8bit_of(source_m, source_v, state, p.numel())
+        for q in new_params:
+            q.grad = torch.ones_like(q) * 1e-3
+        new.step()
+        assert all(torch.isfinite(q).all() for q in new_params), (source, target)
 
 
 def test_malformed_codes_are_still_refused_with_their_messages():
