@@ -9,13 +9,18 @@ starts, prints them in their order (:meth:`HeldLogs.release`); a refused command
 ``lightning.fabric`` loggers are held (an application that configured logging keeps its own handlers).
 The model summary, which Lightning prints at ``on_fit_start`` (before the run starts, and not through a
 logger), is held with them (:meth:`HeldLogs.hold_summaries`), so it comes after the set-up lines it
-followed, not before them.
+followed, not before them. Python warnings shown while holding (Lightning's ``rank_zero_warn`` at a resume:
+"Checkpoint directory ... exists and is not empty", "Be aware that when using `ckpt_path`, callbacks ...";
+``TextDataModule``'s "the data changed since the checkpoint") are held too, in order with the records: the
+warnings filters still decide which are shown (a ``once`` warning is counted when raised), and
+``warnings.showwarning`` is the function that gets held.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 
 from lowmem_lightning.cli import messages
@@ -45,6 +50,18 @@ class HeldLogs:
     def __init__(self) -> None:
         self.records: list[tuple[logging.Handler | None, logging.LogRecord | str | Callable[[], None]]] = []
         self._filters: list[tuple[logging.Handler, _Hold]] = []
+        self._holding_warnings = False
+        self._showwarning: Callable[..., None] = warnings.showwarning  # the one replaced by :meth:`_show_warning`
+        self._shower = self._show_warning  # one bound method: ``warnings.showwarning is self._shower`` holds
+
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """``warnings.showwarning`` while holding: the warning is shown (by the function this one replaced) at
+        :meth:`release`; after the hold, by code that saved this function and put it back, at once."""
+        show = self._showwarning
+        if self._holding_warnings:
+            self.records.append((None, lambda: show(message, category, filename, lineno, file, line)))
+        else:
+            show(message, category, filename, lineno, file, line)
 
     def note(self, line: str) -> None:
         """Keep one line of the ``lowmem`` command's own notices (:func:`~lowmem_lightning.cli.messages.notice`)."""
@@ -74,9 +91,12 @@ class HeldLogs:
         return deferred
 
     def hold(self) -> HeldLogs:
-        """Start holding the records of the handlers of :data:`LIGHTNING_LOGGERS` and the command's notices;
-        returns ``self``."""
+        """Start holding the records of the handlers of :data:`LIGHTNING_LOGGERS`, the command's notices and
+        the Python warnings shown; returns ``self``."""
         messages.NOTICE_HOLDER = self
+        if warnings.showwarning is not self._shower:
+            self._showwarning, warnings.showwarning = warnings.showwarning, self._shower
+        self._holding_warnings = True
         for name in LIGHTNING_LOGGERS:
             for handler in logging.getLogger(name).handlers:
                 if not any(h is handler for h, _ in self._filters):
@@ -88,6 +108,9 @@ class HeldLogs:
     def _stop(self) -> list[tuple[logging.Handler | None, logging.LogRecord | str | Callable[[], None]]]:
         if messages.NOTICE_HOLDER is self:
             messages.NOTICE_HOLDER = None
+        self._holding_warnings = False
+        if warnings.showwarning is self._shower:  # else replaced since (catch_warnings): it passes through now
+            warnings.showwarning = self._showwarning
         for handler, hold in self._filters:
             handler.removeFilter(hold)
         self._filters = []
@@ -97,7 +120,7 @@ class HeldLogs:
     @property
     def holding(self) -> bool:
         """Whether records are being held now."""
-        return bool(self._filters) or messages.NOTICE_HOLDER is self
+        return bool(self._filters) or messages.NOTICE_HOLDER is self or self._holding_warnings
 
     def release(self) -> None:
         """Stop holding and print the held records through their handlers, oldest first."""
