@@ -13,18 +13,20 @@ scheduler base lrs, which are rescaled to the run's own (one line says so).
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lowmem_lightning.callbacks.swap import LR_KEYS
-from lowmem_lightning.optim.adamw_convert import convert_on_load
+from lowmem_lightning.optim.adamw_convert import FORM_4BIT, FORM_8BIT, FORM_FP32, convert_on_load, prepare_sharded_load
 
 __all__ = [
     "ADAMW_FAMILY", "CONVERSIONS", "ResumeCompatibility", "apply_new_lr", "base_lrs", "infer_optimizer",
-    "refuse_missing_optimizer_callback",
+    "refuse_missing_optimizer_callback", "sharded_checkpoint_optimizer",
 ]
 
 ADAMW_FAMILY: dict[str, str] = {
@@ -32,6 +34,8 @@ ADAMW_FAMILY: dict[str, str] = {
     "adamw_4bit": "4-bit codes",
 }
 """The AdamW family's optimizers, each with the form of its moments (every one loads every other's state)."""
+
+_FORMS = {"adamw": FORM_FP32, "adamw_8bit": FORM_8BIT, "paged_adamw_8bit": FORM_8BIT, "adamw_4bit": FORM_4BIT}
 
 CONVERSIONS: frozenset[tuple[str, str]] = frozenset({
     *((a, b) for a in ADAMW_FAMILY for b in ADAMW_FAMILY if a != b),
@@ -61,6 +65,7 @@ class ResumeCompatibility(L.Callback):
         self.saved_under = saved_under
         self._built_lrs: list[list[float | None]] = []  # base lrs the run's configuration gave, before a restore
         self._hooks: list = []  # load-state-dict pre-hooks that decode 8/4-bit AdamW states for a torch AdamW
+        self._sharded: dict[int, object] = {}  # id(optimizer) -> its loader of a sharded checkpoint of another form
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the base lrs this run's configuration gave (a checkpoint restore comes next); a torch AdamW
@@ -69,6 +74,30 @@ class ResumeCompatibility(L.Callback):
         if self.optimizer_name == "adamw":
             self._hooks = [convert_on_load(opt) for opt in trainer.optimizers
                            if isinstance(opt, torch.optim.Adam | torch.optim.AdamW)]
+        if trainer.state.fn == "fit":
+            self._sharded = {}
+            hook = functools.partial(self._present_sharded, trainer)
+            self._hooks += [opt.register_state_dict_post_hook(hook) for opt in trainer.optimizers]
+
+    def _present_sharded(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        """State-dict post-hook until training starts. A sharded checkpoint (a ``torch.distributed.checkpoint``
+        folder: ``ModelParallelStrategy``, FSDP2) is loaded into this optimizer's own ``state_dict()`` before
+        :meth:`on_load_checkpoint` sees it: refuse one of an optimizer whose state this one cannot read
+        (``ValueError``), and present another AdamW-family form's template, decoded and re-encoded on load
+        (:func:`~lowmem_lightning.optim.adamw_convert.prepare_sharded_load`)."""
+        name = sharded_checkpoint_optimizer(trainer.ckpt_path, self.saved_under)
+        if name is None or name == self.optimizer_name:
+            return state_dict
+        if (name, self.optimizer_name) not in CONVERSIONS:
+            raise ValueError(_refusal(name, self.optimizer_name))
+        source, target = _FORMS.get(name), _FORMS.get(self.optimizer_name)
+        if source is None or target is None or source == target:
+            return state_dict
+        if id(optimizer) not in self._sharded:  # once per fit: the load that follows removes the loader's hooks
+            self._sharded[id(optimizer)] = loader = prepare_sharded_load(optimizer, source, present=False)
+            self._hooks.append(loader)
+        loader = self._sharded[id(optimizer)]
+        return loader.present(optimizer, state_dict) if loader.handles else state_dict
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After a restore, the run's learning rate applies (the schedule keeps its position)."""
@@ -91,12 +120,37 @@ class ResumeCompatibility(L.Callback):
             rank_zero_info(f"LowMemOptimizerCallback: converting the checkpoint's {name!r} optimizer state to "
                            f"{self.optimizer_name!r}{_forms(name, self.optimizer_name)}.")
             return
-        raise ValueError(
-            f"Cannot resume: the checkpoint was trained with optimizer {name!r}, but "
-            f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) was given and cannot read its state. "
-            f"Resume with optimizer={name!r}, or load only the weights (e.g. "
-            "Module.load_from_checkpoint(path) and a new fit without ckpt_path) to switch optimizers."
-        )
+        raise ValueError(_refusal(name, self.optimizer_name))
+
+
+def _refusal(name: str, own: str) -> str:
+    """Why a checkpoint of optimizer ``name`` cannot be resumed with ``own``, and what to do."""
+    return (
+        f"Cannot resume: the checkpoint was trained with optimizer {name!r}, but "
+        f"LowMemOptimizerCallback(optimizer={own!r}) was given and cannot read its state. "
+        f"Resume with optimizer={name!r}, or load only the weights (e.g. "
+        "Module.load_from_checkpoint(path) and a new fit without ckpt_path) to switch optimizers."
+    )
+
+
+def sharded_checkpoint_optimizer(path, saved_under: str = OPTIMIZER_CALLBACK_KEY) -> str | None:
+    """The optimizer a sharded checkpoint folder (``torch.distributed.checkpoint``, as ``ModelParallelStrategy``
+    writes it: ``meta.pt`` beside the shards) was trained with: the name its ``LowMemOptimizerCallback`` state
+    gives, else ``"adamw"`` when its optimizer state holds exactly torch AdamW's moments; ``None`` for a file, a
+    missing folder, or an optimizer it cannot tell."""
+    folder = Path(path) if path is not None else None
+    if folder is None or not folder.is_dir() or not (folder / "meta.pt").is_file():
+        return None
+    meta = torch.load(folder / "meta.pt", map_location="cpu", weights_only=False)
+    saved = (meta.get("callbacks") or {}).get(saved_under) if isinstance(meta, dict) else None
+    if isinstance(saved, dict) and isinstance(saved.get("optimizer"), str):
+        return saved["optimizer"]
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = {key.rsplit(".", 1)[-1] for key in FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+            if key.startswith("optimizer_") and ".state." in key}
+    return "adamw" if keys and {"exp_avg", "exp_avg_sq", "step"} <= keys <= {"exp_avg", "exp_avg_sq", "step",
+                                                                              "max_exp_avg_sq"} else None
 
 
 def _forms(source: str, target: str) -> str:

@@ -14,10 +14,10 @@ from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, Ad
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, quantize_blockwise
 from ..kernels.dispatch import dispatch
 from ..kernels.rounding import is_stochastic, step_seed
-from .adamw_convert import FORM_4BIT, FORM_8BIT, code_form, with_decoded_moments
+from .adamw_convert import FORM_4BIT, FORM_8BIT, code_form, form_layout, with_decoded_moments
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .layout import loaded_step
-from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
+from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_eps, check_lr, check_non_negative
 
 __all__ = ["AdamW8bit"]
@@ -140,8 +140,22 @@ class AdamW8bit(LowMemOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load our own or a ``torch.optim.AdamW`` state dict (quantizing its moments), strictly as
-        :meth:`LowMemOptimizer.load_state_dict` describes; AMSGrad state is refused."""
-        super().load_state_dict(state_dict)
+        :meth:`LowMemOptimizer.load_state_dict` describes; AMSGrad state is refused. After
+        :func:`.adamw_convert.prepare_sharded_load` the DTensor params' state is read in the form it names."""
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._incoming_form = None
+
+    _incoming_form: str | None = None  # the form of the sharded state the next load reads (prepare_sharded_load)
+
+    def _axes_of(self, param: torch.Tensor, group: dict | None = None) -> dict[str, StateSpec]:
+        """The layout that presents ``param``'s state; from :func:`.adamw_convert.prepare_sharded_load` to the end
+        of the next load, that of the sharded state's AdamW form (its template presented, its codes read with
+        their own scales)."""
+        if self._incoming_form is not None and is_dtensor(param):
+            return form_layout(param, self._incoming_form)
+        return super()._axes_of(param, group)
 
     # ------------------------------------------------------------------ step
     def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:

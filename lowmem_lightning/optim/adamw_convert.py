@@ -16,20 +16,26 @@ naming the key, its dtype and shape and the expected ones.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..kernels.adamw4bit import dequantize4_reference, num_blocks4, packed_len
-from ..kernels.codec import dequantize_reference, num_blocks
-from .sharding import block_state_len, local
+from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, num_blocks
+from .layout import StateSpec, codes_specs, step_spec
+from .sharding import block_state_len, is_dtensor, local, unwrap_state, wrap_state
 
-__all__ = ["FORM_8BIT", "FORM_4BIT", "code_form", "decoded_moments", "with_decoded_moments", "fp32_adamw_state_dict",
-           "convert_on_load"]
+__all__ = ["FORM_8BIT", "FORM_4BIT", "FORM_FP32", "code_form", "decoded_moments", "with_decoded_moments",
+           "fp32_adamw_state_dict", "convert_on_load", "form_layout", "prepare_sharded_load"]
 
 FORM_8BIT = "8-bit"
 """:func:`code_form` of an ``adamw_8bit`` / ``paged_adamw_8bit`` state (int8 m codes, one byte per element)."""
 
 FORM_4BIT = "4-bit"
 """:func:`code_form` of an ``adamw_4bit`` state (uint8 bytes holding two 4-bit m codes each)."""
+
+FORM_FP32 = "fp32"
+"""The form of fp32 ``exp_avg`` / ``exp_avg_sq`` moments (``torch.optim.AdamW``; every param under 4096 elements)."""
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _CODE_KEYS = tuple(f"{key}_{part}" for key in _MOMENTS for part in ("codes", "absmax"))
@@ -111,20 +117,31 @@ def fp32_adamw_state_dict(state_dict: dict, optimizer: torch.optim.Optimizer) ->
         return state_dict
     if not any(isinstance(s, dict) and code_form(s) for s in states.values()):
         return state_dict
-    params = {}
-    for group, saved in zip(optimizer.param_groups, groups):
-        if isinstance(saved, dict) and isinstance(saved.get("params"), list):
-            params.update(zip(saved["params"], group["params"]))
+    params = _saved_params(groups, optimizer)
     new_states = {}
     for pid, state in states.items():
         form = code_form(state) if isinstance(state, dict) else None
         new_states[pid] = with_decoded_moments(params[pid], state, form) if form and pid in params else state
+    return {**state_dict, "state": new_states, "param_groups": _merged_groups(optimizer, groups)}
+
+
+def _saved_params(groups: list, optimizer: torch.optim.Optimizer) -> dict:
+    """``{saved param id (an index, or a name): param}`` of saved param ``groups`` and ``optimizer``'s own."""
+    params = {}
+    for group, saved in zip(optimizer.param_groups, groups):
+        if isinstance(saved, dict) and isinstance(saved.get("params"), list):
+            params.update(zip(saved["params"], group["params"]))
+    return params
+
+
+def _merged_groups(optimizer: torch.optim.Optimizer, groups: list) -> list:
+    """Saved param ``groups`` completed with ``optimizer``'s keys they lack, without ``bf16_rounding`` (ours)."""
     new_groups = []
     for group, saved in zip(optimizer.param_groups, groups):
         merged = {**{k: v for k, v in group.items() if k != "params"}, **saved}
         merged.pop("bf16_rounding", None)
         new_groups.append(merged)
-    return {**state_dict, "state": new_states, "param_groups": new_groups}
+    return new_groups
 
 
 def _pre_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
@@ -141,3 +158,154 @@ def convert_on_load(optimizer: torch.optim.Optimizer):
             "the optimizers of this package convert the AdamW family's states on their own."
         )
     return optimizer.register_load_state_dict_pre_hook(_pre_hook)
+
+
+# ------------------------------------------------------------------ sharded (FSDP2) checkpoints of another form
+# A torch.distributed.checkpoint load (Lightning's ModelParallelStrategy) fills the loading optimizer's own state
+# dict in place: keys, shapes and dtypes must be the saved ones, so a state of another form would not load (size
+# mismatch, missing keys). prepare_sharded_load makes the next state_dict() a template of the saved form and the
+# next load decode it: the source codes of each local shard are decoded with their own (row-form) scales and
+# encoded with the loading optimizer's codes.
+
+
+def _held_form(form: str, param: torch.Tensor) -> str:
+    """The form ``form``'s optimizer keeps ``param``'s moments in (fp32 below 4096 elements)."""
+    return form if param.numel() >= MIN_QUANTIZED_NUMEL else FORM_FP32
+
+
+def form_layout(param: torch.Tensor, form: str) -> dict[str, StateSpec]:
+    """``{name: StateSpec}`` of an AdamW-family state of ``form`` (:data:`FORM_FP32`, :data:`FORM_8BIT`,
+    :data:`FORM_4BIT`) for ``param`` (the local shard's, padded, for a DTensor), as that form's optimizer lays it
+    out (:mod:`.sharding` reads it to present and to read back the state)."""
+    form = _held_form(form, param)
+    if form == FORM_FP32:
+        shape = tuple(local(param).shape)
+        specs = [StateSpec("exp_avg", shape, torch.float32, "moment"),
+                 StateSpec("exp_avg_sq", shape, torch.float32, "square")]
+    elif form == FORM_8BIT:
+        n = block_state_len(param)
+        specs = [*codes_specs("exp_avg", n, True), *codes_specs("exp_avg_sq", n, False)]
+    elif form == FORM_4BIT:
+        from .adamw4bit import codes4_specs  # adamw4bit imports this module
+
+        n = block_state_len(param)
+        specs = [*codes4_specs("exp_avg", n, True), *codes4_specs("exp_avg_sq", n, False)]
+    else:
+        raise ValueError(f"Invalid form={form!r}: expected {FORM_FP32!r}, {FORM_8BIT!r} or {FORM_4BIT!r}.")
+    return {spec.name: spec for spec in (step_spec(), *specs)}
+
+
+_OUR_GROUP_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "maximize", "bf16_rounding"})
+
+
+@functools.cache
+def _torch_group_keys() -> frozenset:
+    return frozenset(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults)
+
+
+def _group_keys(form: str) -> frozenset:
+    """The param-group keys (hyperparameters) of the optimizer that keeps ``form`` (fp32: ``torch.optim.AdamW``)."""
+    return _torch_group_keys() if form == FORM_FP32 else _OUR_GROUP_KEYS
+
+
+def _own_form(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> str:
+    """The form ``optimizer`` keeps ``param``'s moments in (``torch.optim.AdamW``: fp32)."""
+    return _held_form(getattr(optimizer, "_moment_form", FORM_FP32), param)
+
+
+def _template(param: torch.Tensor, state: dict, form: str, present: bool) -> dict:
+    """A state of ``form`` for the DTensor ``param`` (zeros, ``state``'s step): local tensors, or with ``present``
+    presented as ``form``'s optimizer presents it (what a checkpoint of that form holds for ``param``)."""
+    layout = form_layout(param, form)
+    shard = local(param)
+    zeros = {name: torch.zeros(spec.shape, dtype=spec.dtype, device=shard.device)
+             for name, spec in layout.items() if name != "step"}
+    step = state.get("step")
+    zeros["step"] = local(step) if isinstance(step, torch.Tensor) else torch.zeros((), dtype=torch.float32)
+    return wrap_state(param, zeros, layout) if present else zeros
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _decoded_dtensor_state(param: torch.Tensor, state: dict, pid, form: str) -> dict:
+    """A state of ``form`` saved for the DTensor ``param`` (DTensors, as a distributed load fills them) with its
+    codes decoded to fp32 moments presented like the param (what ``torch.optim.AdamW`` keeps for it)."""
+    shard = unwrap_state(param, dict(state), pid, form_layout(param, form))
+    moments = decoded_moments(param, shard, form)
+    if moments is None:
+        raise ValueError(
+            f"Invalid optimizer state dict: param {pid!r} (shape {tuple(param.shape)}) holds {form} codes whose "
+            f"lengths are not those of its shard ({tuple(local(param).shape)}); they cannot be decoded."
+        )
+    kept = {"step": shard["step"]} if "step" in shard else {}
+    return wrap_state(param, {**kept, **moments}, {"step": step_spec(), "exp_avg": "param", "exp_avg_sq": "param"})
+
+
+class _ShardedLoad:
+    """The hooks :func:`prepare_sharded_load` puts on one optimizer, removed together (``remove()``), at the
+    latest when the load they prepare ends."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, form: str) -> None:
+        self.optimizer, self.form, self.handles = optimizer, form, []
+
+    def present(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        """State-dict post-hook: the state of every DTensor param held in another form replaced (in place) by a
+        template of the saved ``form``; returns ``state_dict``. (Torch runs it before an optimizer of this package
+        presents its state as DTensors: it gets local tensors, presented in ``form`` by its ``_axes_of``.)"""
+        params, ours = _params(optimizer), hasattr(optimizer, "_moment_form")
+        extra = set(optimizer.defaults) - _group_keys(self.form)  # group keys the saved form's optimizer lacks
+        for group in state_dict["param_groups"]:
+            for key in extra:
+                group.pop(key, None)
+        for pid, state in state_dict["state"].items():
+            param = params[pid]
+            if is_dtensor(param) and _own_form(optimizer, param) != _held_form(self.form, param):
+                state_dict["state"][pid] = _template(param, state, self.form, present=not ours)
+        return state_dict
+
+    def decode(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        """Load pre-hook of a ``torch.optim.AdamW``: saved codes of DTensor params decoded to fp32 moments."""
+        params, states = _saved_params(state_dict["param_groups"], optimizer), dict(state_dict["state"])
+        for pid, state in states.items():
+            param = params.get(pid)
+            if param is not None and is_dtensor(param) and _held_form(self.form, param) != FORM_FP32 \
+                    and is_dtensor(state.get("exp_avg_codes")):
+                states[pid] = _decoded_dtensor_state(param, state, pid, self.form)
+        return {**state_dict, "state": states, "param_groups": _merged_groups(optimizer, state_dict["param_groups"])}
+
+    def remove(self, *_) -> None:
+        """Remove every hook and the optimizer's note of the saved form."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        if getattr(self.optimizer, "_incoming_form", None) is not None:
+            self.optimizer._incoming_form = None
+
+
+def prepare_sharded_load(optimizer: torch.optim.Optimizer, form: str, present: bool = True) -> _ShardedLoad:
+    """Make ``optimizer`` (an AdamW-family optimizer of this package, or a ``torch.optim.AdamW``) load the next
+    **sharded** state dict of ``form`` (:data:`FORM_FP32`, :data:`FORM_8BIT`, :data:`FORM_4BIT`) whatever form it
+    keeps: its ``state_dict()`` presents every DTensor param held in another form as a template of ``form`` (what
+    ``torch.distributed.checkpoint`` fills: keys, shapes and dtypes of the saved state), and its ``load_state_dict``
+    decodes the saved codes of each local shard with their own scales (any world size: the row form) and encodes
+    them with its own codes (or keeps them as fp32 moments). Returns the hooks' handle; they remove themselves
+    when that load ends (``.remove()`` removes them earlier). With ``present=False`` ``state_dict()`` is left
+    alone: the caller presents the template with the handle's ``present(optimizer, state_dict)`` (from a
+    state-dict hook of its own). ``ValueError`` for another optimizer or form."""
+    form_layout(torch.zeros(1), form)  # checks form
+    if not (hasattr(optimizer, "_moment_form") or isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)):
+        raise ValueError(
+            f"Invalid optimizer={type(optimizer).__name__}: prepare_sharded_load expects an AdamW-family optimizer "
+            "(adamw, adamw_8bit, paged_adamw_8bit, adamw_4bit)."
+        )
+    hooks = _ShardedLoad(optimizer, form)
+    if present:
+        hooks.handles.append(optimizer.register_state_dict_post_hook(hooks.present))
+    if hasattr(optimizer, "_moment_form"):
+        optimizer._incoming_form = form  # its _axes_of presents and reads this form until the load ends
+    else:
+        hooks.handles.append(optimizer.register_load_state_dict_pre_hook(hooks.decode, prepend=True))
+    hooks.handles.append(optimizer.register_load_state_dict_post_hook(hooks.remove))
+    return hooks

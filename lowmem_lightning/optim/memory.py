@@ -64,7 +64,7 @@ def iter_state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[tuple[torch
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
-    storage = tensor.untyped_storage()
+    storage = local(tensor).untyped_storage()  # a DTensor (torch AdamW's state of FSDP2 params): its shard
     return (tensor.device.type, tensor.device.index, storage.data_ptr(), storage.nbytes())
 
 
