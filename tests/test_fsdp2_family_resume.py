@@ -189,3 +189,65 @@ def test_fsdp2_checkpoint_of_an_unconvertible_optimizer_is_refused_before_any_st
         assert "Cannot resume: the checkpoint was trained with optimizer 'came'" in result["error"]
         assert "optimizer='adamw_8bit'" in result["error"]
         assert not result["captured"]  # refused before training started
+
+
+# ------------------------------------------------------------------------------------ resharded: 2 -> 1 process
+def _save_source(rank: int, world: int, source: str, tmp: str) -> dict:
+    """2 steps of ``source`` on ``world`` ranks, saved with ``torch.distributed.checkpoint``; the full state (row
+    form) as a full state dict gathers it."""
+    import test_reshard as harness
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from lowmem_lightning.optim import build_optimizer
+
+    module = harness._module(harness._full_params(), world)
+    opt = build_optimizer(source, module.parameters(), **harness.CASES[source])
+    harness._train(module, opt, range(2))
+    dcp.save({"optimizer_0": get_optimizer_state_dict(module, opt)}, checkpoint_id=os.path.join(tmp, "ckpt"))
+    return {"state": harness._full_state(module, opt), "params": harness._gathered(module)}
+
+
+def _load_target(rank: int, world: int, target: str, form: str, tmp: str, params: dict) -> dict:
+    """A fresh ``target`` on ``world`` ranks loads the checkpoint of ``form`` as Lightning's ``ModelParallelStrategy``
+    does (template, ``dcp.load``, set), prepared by ``prepare_sharded_load``; its local state per param."""
+    import test_reshard as harness
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from lowmem_lightning.optim import build_optimizer
+    from lowmem_lightning.optim.adamw_convert import prepare_sharded_load
+
+    module = harness._module(params, world)
+    opt = build_optimizer(target, module.parameters(), **harness.CASES[target])
+    prepare_sharded_load(opt, form)
+    state = {"optimizer_0": get_optimizer_state_dict(module, opt)}
+    dcp.load(state, checkpoint_id=os.path.join(tmp, "ckpt"))
+    set_optimizer_state_dict(module, opt, state["optimizer_0"], options=StateDictOptions(cpu_offload=True))
+    return {name: {k: v.to_local().clone() if hasattr(v, "to_local") else v.clone() for k, v in opt.state[p].items()}
+            for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize(("source", "target", "form"), [("adamw_8bit", "adamw_4bit", "8-bit"),
+                                                         ("adamw_4bit", "adamw_8bit", "4-bit")])
+def test_sharded_state_of_another_form_loads_on_another_world_size(tmp_path, source, target, form):
+    """Saved on 2 ranks, loaded on 1: the saved codes of each row decoded with their own (row-form) scales, then
+    encoded with the target's codes, within its rounding, on every param (blocks moved or not, empty shards)."""
+    import test_reshard as harness
+
+    from lowmem_lightning.optim.reshard import CODEC4, CODEC8, decode_rows
+
+    saved = harness._ranks(str(tmp_path / "save"), 2, _save_source, source, str(tmp_path))
+    loaded = harness._ranks(str(tmp_path / "load"), 1, _load_target, target, form, str(tmp_path), saved["params"])
+    codec = CODEC8 if form == "8-bit" else CODEC4
+    for name, state in loaded.items():
+        src = saved["state"][name]
+        if "exp_avg_codes" in src:  # row form: codes of the param's shape, scales per row
+            src = {"step": src["step"], **{key: decode_rows(src[f"{key}_codes"], src[f"{key}_absmax"], codec)
+                                           for key in ("exp_avg", "exp_avg_sq")}}
+        _assert_converted(src, state, target)
+    assert {n for n, s in loaded.items() if "exp_avg_codes" in s} == {"even", "uneven", "flat", "wide"}

@@ -14,7 +14,7 @@ from ..kernels.adamw4bit import ADAMW_4BIT, ADAMW_4BIT_NEAREST, num_blocks4, pac
 from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
 from ..kernels.dispatch import dispatch
 from .adamw8bit import AdamW8bit, _full_moment
-from .adamw_convert import FORM_4BIT, FORM_8BIT, code_form, with_decoded_moments
+from .adamw_convert import FORM_4BIT, FORM_8BIT, code_form, decoded_row_form, with_decoded_moments
 from .base import StateSpec, step_spec
 from .sharding import block_state_len, local
 
@@ -70,6 +70,7 @@ class AdamW4bit(AdamW8bit):
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``) and ``adamw_8bit`` /
         ``paged_adamw_8bit`` codes (decoded to fp32 by :mod:`.adamw_convert`): 4-bit codes or fp32."""
+        state = decoded_row_form(param, state, self._incoming_form)  # a sharded state of another form
         if self._is_quantized(param) and code_form(state) == FORM_8BIT:
             state = with_decoded_moments(param, state, FORM_8BIT)
         codes = state.get("exp_avg_codes")

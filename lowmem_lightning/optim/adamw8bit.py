@@ -14,7 +14,15 @@ from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, Ad
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, quantize_blockwise
 from ..kernels.dispatch import dispatch
 from ..kernels.rounding import is_stochastic, step_seed
-from .adamw_convert import FORM_4BIT, FORM_8BIT, code_form, form_layout, with_decoded_moments
+from .adamw_convert import (
+    FORM_4BIT,
+    FORM_8BIT,
+    code_form,
+    decoded_row_form,
+    form_layout,
+    read_layout,
+    with_decoded_moments,
+)
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .layout import loaded_step
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
@@ -117,7 +125,7 @@ class AdamW8bit(LowMemOptimizer):
             raise ValueError(
                 "Invalid optimizer state dict: it holds 'max_exp_avg_sq' (AMSGrad), which AdamW8bit does not support."
             )
-        state = dict(state)
+        state = decoded_row_form(param, dict(state), self._incoming_form)  # a sharded state of another form
         if "step" in state:
             state["step"] = loaded_step(state["step"])
         if self._is_quantized(param) and code_form(state) == FORM_4BIT and self._moment_form == FORM_8BIT:
@@ -142,19 +150,22 @@ class AdamW8bit(LowMemOptimizer):
         """Load our own or a ``torch.optim.AdamW`` state dict (quantizing its moments), strictly as
         :meth:`LowMemOptimizer.load_state_dict` describes; AMSGrad state is refused. After
         :func:`.adamw_convert.prepare_sharded_load` the DTensor params' state is read in the form it names."""
+        self._loading = True
         try:
             super().load_state_dict(state_dict)
         finally:
+            self._loading = False
             self._incoming_form = None
 
     _incoming_form: str | None = None  # the form of the sharded state the next load reads (prepare_sharded_load)
+    _loading = False
 
     def _axes_of(self, param: torch.Tensor, group: dict | None = None) -> dict[str, StateSpec]:
         """The layout that presents ``param``'s state; from :func:`.adamw_convert.prepare_sharded_load` to the end
         of the next load, that of the sharded state's AdamW form (its template presented, its codes read with
         their own scales)."""
         if self._incoming_form is not None and is_dtensor(param):
-            return form_layout(param, self._incoming_form)
+            return (read_layout if self._loading else form_layout)(param, self._incoming_form)
         return super()._axes_of(param, group)
 
     # ------------------------------------------------------------------ step

@@ -16,6 +16,7 @@ naming the key, its dtype and shape and the expected ones.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -23,10 +24,12 @@ import torch
 from ..kernels.adamw4bit import dequantize4_reference, num_blocks4, packed_len
 from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, num_blocks
 from .layout import StateSpec, codes_specs, step_spec
-from .sharding import block_state_len, is_dtensor, local, unwrap_state, wrap_state
+from .reshard import CODEC4, CODEC8, decode_rows, row_width
+from .sharding import block_state_len, is_dtensor, local, row_form, unwrap_state, wrap_state
 
 __all__ = ["FORM_8BIT", "FORM_4BIT", "FORM_FP32", "code_form", "decoded_moments", "with_decoded_moments",
-           "fp32_adamw_state_dict", "convert_on_load", "form_layout", "prepare_sharded_load"]
+           "fp32_adamw_state_dict", "convert_on_load", "form_layout", "prepare_sharded_load", "decoded_row_form",
+           "read_layout"]
 
 FORM_8BIT = "8-bit"
 """:func:`code_form` of an ``adamw_8bit`` / ``paged_adamw_8bit`` state (int8 m codes, one byte per element)."""
@@ -208,6 +211,16 @@ def _group_keys(form: str) -> frozenset:
     return _torch_group_keys() if form == FORM_FP32 else _OUR_GROUP_KEYS
 
 
+def read_layout(param: torch.Tensor, form: str) -> dict[str, StateSpec]:
+    """:func:`form_layout` as a load reads it: for a row-form (FSDP2) param the codes and scales are taken as
+    they come (local), for :func:`decoded_row_form` to decode with their own scales."""
+    layout = form_layout(param, form)
+    if not row_form(param):
+        return layout
+    return {name: dataclasses.replace(spec, absmax=None, axes="param") if spec.role in ("codes", "absmax") else spec
+            for name, spec in layout.items()}
+
+
 def _own_form(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> str:
     """The form ``optimizer`` keeps ``param``'s moments in (``torch.optim.AdamW``: fp32)."""
     return _held_form(getattr(optimizer, "_moment_form", FORM_FP32), param)
@@ -229,16 +242,61 @@ def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _row_codes(param: torch.Tensor, state: dict, key: str, form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local codes (one per element) and scale rows of ``key`` in ``state`` (row form of ``form``), checked:
+    ``ValueError`` naming the key, what it holds and what ``form`` needs."""
+    codec, shard = (CODEC8 if form == FORM_8BIT else CODEC4), local(param)
+    codes, rows = local(state.get(f"{key}_codes")), local(state.get(f"{key}_absmax"))
+    where = f"Invalid optimizer state dict: the {form} state of a param of shape {tuple(param.shape)}"
+    width = row_width(tuple(param.shape), codec.block)
+    if not (isinstance(codes, torch.Tensor) and isinstance(rows, torch.Tensor)) or tuple(codes.shape) != tuple(
+            shard.shape) or tuple(rows.shape) != (shard.shape[0] if shard.dim() else 1, width):
+        got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (codes, rows)]
+        raise ValueError(f"{where} holds {key!r} codes and scales of shapes {got[0]} and {got[1]}; its shard "
+                         f"{tuple(shard.shape)} needs codes of that shape and scale rows ({shard.shape[0]}, {width}).")
+    signed = key == "exp_avg"
+    low, high = (-codec.top[0], codec.top[0]) if signed else (0, codec.top[1])
+    dtype = torch.int8 if signed else torch.uint8
+    if codes.dtype != dtype or (codes.numel() and (int(codes.min()) < low or int(codes.max()) > high)):
+        raise ValueError(f"{where}: {key!r} codes are {codes.dtype} outside {low}..{high}, not {form} codes "
+                         f"({dtype}); was the checkpoint written by another optimizer than its callback names?")
+    if not torch.isfinite(rows).all() or (rows < 0).any():
+        raise ValueError(f"{where}: {key}_absmax holds a negative, infinite or NaN block scale.")
+    return codes, rows
+
+
+def decoded_row_form(param: torch.Tensor, state: dict, form: str | None) -> dict:
+    """``state`` (a DTensor ``param``'s, its tensors local) with the row-form codes of ``form`` (codes of the
+    shard's shape, one per element; scales per row: :mod:`.reshard`) replaced by the fp32 ``exp_avg`` /
+    ``exp_avg_sq`` they decode to with their own saved scales (whatever world size saved them: no re-encoding);
+    unchanged when ``form`` is ``None`` or fp32, ``param`` is not in row form or ``state`` holds no scale rows.
+    ``ValueError`` when the codes or scales cannot be ``form``'s."""
+    rows = local(state.get("exp_avg_absmax"))
+    if form in (None, FORM_FP32) or not row_form(param) or not (isinstance(rows, torch.Tensor) and rows.dim() == 2):
+        return state
+    codec, shard, out = (CODEC8 if form == FORM_8BIT else CODEC4), local(param), dict(state)
+    for key in _MOMENTS:
+        codes, rows = _row_codes(param, state, key, form)
+        out[key] = decode_rows(codes, rows, codec).reshape(shard.shape).to(shard.device)
+        del out[f"{key}_codes"], out[f"{key}_absmax"]
+    return out
+
+
 def _decoded_dtensor_state(param: torch.Tensor, state: dict, pid, form: str) -> dict:
     """A state of ``form`` saved for the DTensor ``param`` (DTensors, as a distributed load fills them) with its
     codes decoded to fp32 moments presented like the param (what ``torch.optim.AdamW`` keeps for it)."""
-    shard = unwrap_state(param, dict(state), pid, form_layout(param, form))
-    moments = decoded_moments(param, shard, form)
-    if moments is None:
+    if row_form(param):
+        moments = decoded_row_form(param, {k: local(v) for k, v in state.items()}, form)
+        shard = moments
+    else:  # flat codes of another sharding: laid out for this run's shards (checked), then decoded
+        shard = unwrap_state(param, dict(state), pid, form_layout(param, form))
+        moments = decoded_moments(param, shard, form)
+    if moments is None or "exp_avg" not in moments:
         raise ValueError(
             f"Invalid optimizer state dict: param {pid!r} (shape {tuple(param.shape)}) holds {form} codes whose "
             f"lengths are not those of its shard ({tuple(local(param).shape)}); they cannot be decoded."
         )
+    moments = {key: moments[key] for key in _MOMENTS}
     kept = {"step": shard["step"]} if "step" in shard else {}
     return wrap_state(param, {**kept, **moments}, {"step": step_spec(), "exp_avg": "param", "exp_avg_sq": "param"})
 
