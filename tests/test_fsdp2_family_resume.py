@@ -11,7 +11,8 @@ codes' form cannot be told from the shapes: it comes from the checkpoint's optim
 optimizer the target cannot read is refused with a ``ValueError`` before any step (it used to fail inside the
 distributed load with a size-mismatch or missing-key ``CheckpointException``).
 
-Resharding (2 -> 1 process) is checked at the optimizer level with the ranks of ``test_reshard``.
+Single-file checkpoints (``save_distributed_checkpoint=False``) convert the same way. Resharding (2 -> 1 process)
+is checked at the optimizer level with the ranks of ``test_reshard``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def fit(opt, root, max_epochs, ckpt_path=None, capture=None):
     torch.manual_seed(0)
     model = Net()
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        accelerator="cpu", devices=2, strategy=ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint={distributed!r}),
         max_epochs=max_epochs, limit_train_batches=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
         callbacks=[LowMemOptimizerCallback(opt, lr=1e-2, weight_decay=0.1, print_summary=False),
@@ -120,17 +122,19 @@ if torch.distributed.is_initialized():  # gloo's threads joined before exit
 CLASSES = {"adamw": "AdamW", "adamw_8bit": "AdamW8bit", "adamw_4bit": "AdamW4bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
-def _run(tmp_path, source: str, target: str) -> list[dict]:
-    """Run SCRIPT on 2 processes (source fit, sharded checkpoint, target fit); return what each rank saved."""
+def _run(tmp_path, source: str, target: str, distributed: bool = True) -> list[dict]:
+    """Run SCRIPT on 2 processes (source fit, sharded checkpoint: a folder, or with ``distributed=False`` one
+    file, target fit); return what each rank saved."""
     script = tmp_path / "family_resume.py"
-    script.write_text(textwrap.dedent(SCRIPT.format(out=str(tmp_path), source=source, target=target)))
+    script.write_text(textwrap.dedent(SCRIPT.format(out=str(tmp_path), source=source, target=target,
+                                                    distributed=distributed)))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
     env.pop("PL_GLOBAL_SEED", None)
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (tmp_path / "epoch1.ckpt").is_dir()  # a torch.distributed.checkpoint folder
+    assert (tmp_path / "epoch1.ckpt").is_dir() == distributed  # a torch.distributed.checkpoint folder, or a file
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -181,6 +185,13 @@ def test_fsdp2_adamw_8bit_checkpoint_resumes_as_adamw_4bit(tmp_path):
 ])
 def test_fsdp2_checkpoint_resumes_across_the_adamw_family(tmp_path, source, target):
     _assert_resumed(_run(tmp_path, source, target), target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "target"), [("adamw_8bit", "adamw_4bit"), ("adamw_4bit", "adamw")])
+def test_fsdp2_single_file_checkpoint_resumes_across_the_adamw_family(tmp_path, source, target):
+    """``save_distributed_checkpoint=False``: the full state in one file, loaded into the same template."""
+    _assert_resumed(_run(tmp_path, source, target, distributed=False), target)
 
 
 @pytest.mark.slow

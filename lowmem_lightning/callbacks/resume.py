@@ -23,10 +23,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lowmem_lightning.callbacks.swap import LR_KEYS
 from lowmem_lightning.optim.adamw_convert import FORM_4BIT, FORM_8BIT, FORM_FP32, convert_on_load, prepare_sharded_load
+from lowmem_lightning.optim.sharding import is_dtensor
 
 __all__ = [
     "ADAMW_FAMILY", "CONVERSIONS", "ResumeCompatibility", "apply_new_lr", "base_lrs", "infer_optimizer",
-    "refuse_missing_optimizer_callback", "sharded_checkpoint_optimizer",
+    "checkpoint_optimizer", "refuse_missing_optimizer_callback",
 ]
 
 ADAMW_FAMILY: dict[str, str] = {
@@ -66,6 +67,7 @@ class ResumeCompatibility(L.Callback):
         self._built_lrs: list[list[float | None]] = []  # base lrs the run's configuration gave, before a restore
         self._hooks: list = []  # load-state-dict pre-hooks that decode 8/4-bit AdamW states for a torch AdamW
         self._sharded: dict[int, object] = {}  # id(optimizer) -> its loader of a sharded checkpoint of another form
+        self._names: dict[str, str | None] = {}  # checkpoint path -> the optimizer it was trained with
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the base lrs this run's configuration gave (a checkpoint restore comes next); a torch AdamW
@@ -75,7 +77,7 @@ class ResumeCompatibility(L.Callback):
             self._hooks = [convert_on_load(opt) for opt in trainer.optimizers
                            if isinstance(opt, torch.optim.Adam | torch.optim.AdamW)]
         if trainer.state.fn == "fit":
-            self._sharded = {}
+            self._sharded, self._names = {}, {}
             hook = functools.partial(self._present_sharded, trainer)
             self._hooks += [opt.register_state_dict_post_hook(hook) for opt in trainer.optimizers]
 
@@ -84,8 +86,14 @@ class ResumeCompatibility(L.Callback):
         folder: ``ModelParallelStrategy``, FSDP2) is loaded into this optimizer's own ``state_dict()`` before
         :meth:`on_load_checkpoint` sees it: refuse one of an optimizer whose state this one cannot read
         (``ValueError``), and present another AdamW-family form's template, decoded and re-encoded on load
-        (:func:`~lowmem_lightning.optim.adamw_convert.prepare_sharded_load`)."""
-        name = sharded_checkpoint_optimizer(trainer.ckpt_path, self.saved_under)
+        (:func:`~lowmem_lightning.optim.adamw_convert.prepare_sharded_load`). The same for a single-file checkpoint
+        of sharded (DTensor) params, which ``ModelParallelStrategy`` also loads into ``state_dict()``'s tensors."""
+        if not any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
+            return state_dict
+        key = str(trainer.ckpt_path)
+        if key not in self._names:
+            self._names[key] = checkpoint_optimizer(trainer.ckpt_path, self.saved_under)
+        name = self._names[key]
         if name is None or name == self.optimizer_name:
             return state_dict
         if (name, self.optimizer_name) not in CONVERSIONS:
@@ -133,21 +141,24 @@ def _refusal(name: str, own: str) -> str:
     )
 
 
-def sharded_checkpoint_optimizer(path, saved_under: str = OPTIMIZER_CALLBACK_KEY) -> str | None:
-    """The optimizer a sharded checkpoint folder (``torch.distributed.checkpoint``, as ``ModelParallelStrategy``
-    writes it: ``meta.pt`` beside the shards) was trained with: the name its ``LowMemOptimizerCallback`` state
-    gives, else ``"adamw"`` when its optimizer state holds exactly torch AdamW's moments; ``None`` for a file, a
-    missing folder, or an optimizer it cannot tell."""
-    folder = Path(path) if path is not None else None
-    if folder is None or not folder.is_dir() or not (folder / "meta.pt").is_file():
+def checkpoint_optimizer(path, saved_under: str = OPTIMIZER_CALLBACK_KEY) -> str | None:
+    """The optimizer the checkpoint at ``path`` was trained with: the name its ``LowMemOptimizerCallback`` state
+    gives, else ``"adamw"`` when its optimizer state holds exactly torch AdamW's moments, else ``None`` (also for
+    a missing path). ``path``: a file, or a sharded checkpoint folder (``torch.distributed.checkpoint``, as
+    ``ModelParallelStrategy`` writes it: ``meta.pt`` beside the shards, read without the shards)."""
+    path = Path(path) if path is not None else None
+    if path is None or not (path.is_file() or (path / "meta.pt").is_file()):
         return None
-    meta = torch.load(folder / "meta.pt", map_location="cpu", weights_only=False)
+    folder = path.is_dir()
+    meta = torch.load(path / "meta.pt" if folder else path, map_location="cpu", mmap=not folder, weights_only=False)
     saved = (meta.get("callbacks") or {}).get(saved_under) if isinstance(meta, dict) else None
     if isinstance(saved, dict) and isinstance(saved.get("optimizer"), str):
         return saved["optimizer"]
+    if not folder:
+        return infer_optimizer(meta) if isinstance(meta, dict) else None
     from torch.distributed.checkpoint import FileSystemReader
 
-    keys = {key.rsplit(".", 1)[-1] for key in FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    keys = {key.rsplit(".", 1)[-1] for key in FileSystemReader(str(path)).read_metadata().state_dict_metadata
             if key.startswith("optimizer_") and ".state." in key}
     return "adamw" if keys and {"exp_avg", "exp_avg_sq", "step"} <= keys <= {"exp_avg", "exp_avg_sq", "step",
                                                                               "max_exp_avg_sq"} else None
