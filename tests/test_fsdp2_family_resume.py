@@ -262,3 +262,37 @@ def test_sharded_state_of_another_form_loads_on_another_world_size(tmp_path, sou
                                            for key in ("exp_avg", "exp_avg_sq")}}
         _assert_converted(src, state, target)
     assert {n for n, s in loaded.items() if "exp_avg_codes" in s} == {"even", "uneven", "flat", "wide"}
+
+
+def _load_as_wrong_form(rank: int, world: int) -> dict:
+    """An ``adamw_8bit`` state of FSDP2 params loaded as if it were 4-bit codes: what each param's load says."""
+    import test_reshard as harness
+
+    from lowmem_lightning.optim import build_optimizer
+    from lowmem_lightning.optim.adamw_convert import prepare_sharded_load
+
+    module = harness._module(harness._full_params(), world)
+    opt = build_optimizer("adamw_8bit", module.parameters(), **harness.CASES["adamw_8bit"])
+    harness._train(module, opt, range(2))
+    saved = opt.state_dict()
+    before = {name: {k: v.clone() for k, v in opt.state[p].items()} for name, p in module.named_parameters()}
+    prepare_sharded_load(opt, "4-bit")
+    try:
+        opt.load_state_dict(saved)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    unchanged = all(torch.equal(v, opt.state[p][k]) for name, p in module.named_parameters()
+                    for k, v in before[name].items())
+    return {"error": error, "unchanged": unchanged, "form_cleared": opt._incoming_form is None}
+
+
+def test_sharded_codes_that_are_not_the_named_form_are_refused(tmp_path):
+    """8-bit row-form codes read as 4-bit ones (a checkpoint whose callback state names the wrong optimizer):
+    a ValueError naming the param's shape and what its codes and scales are, the state left as it was."""
+    import test_reshard as harness
+
+    result = harness._ranks(str(tmp_path), 1, _load_as_wrong_form)
+    assert result["error"] is not None and result["error"].startswith("Invalid optimizer state dict: the 4-bit state")
+    assert "scale rows" in result["error"] or "outside" in result["error"]
+    assert result["unchanged"] and result["form_cleared"]
