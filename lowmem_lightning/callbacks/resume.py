@@ -6,7 +6,10 @@ A checkpoint holds the optimizer's (quantized) state; another optimizer cannot r
 converts it (:data:`CONVERSIONS`): within the AdamW family every state converts into every other (fp32
 ``adamw``, ``adamw_8bit``, ``paged_adamw_8bit``, ``adamw_4bit``: the source codes are decoded to fp32 and
 encoded with the target's own codes, step counters kept; :mod:`lowmem_lightning.optim.adamw_convert`), and
-``lion``, ``ademamix`` and ``muon`` <-> their ``_8bit`` variants. A new
+``lion``, ``ademamix`` and ``muon`` <-> their ``_8bit`` variants. FSDP2 (``ModelParallelStrategy``) loads a
+checkpoint into the optimizer's own ``state_dict()`` before :meth:`ResumeCompatibility.on_load_checkpoint` runs:
+there a state-dict hook refuses an unconvertible checkpoint and presents the saved AdamW form's template, whose
+codes the optimizer decodes with their own scales on load (any world size). A new
 learning rate (:func:`apply_new_lr`): Lightning's restore brings back the checkpoint's param-group lrs and
 scheduler base lrs, which are rescaled to the run's own (one line says so).
 """
