@@ -255,7 +255,7 @@ def _row_codes(param: torch.Tensor, state: dict, key: str, form: str) -> tuple[t
         raise ValueError(f"{where} holds {key!r} codes and scales of shapes {got[0]} and {got[1]}; its shard "
                          f"{tuple(shard.shape)} needs codes of that shape and scale rows ({shard.shape[0]}, {width}).")
     signed = key == "exp_avg"
-    low, high = (-codec.top[0], codec.top[0]) if signed else (0, codec.top[1])
+    low, high = ((-8, 7) if signed else (0, 15)) if codec is CODEC4 else ((-128, 127) if signed else (0, 255))
     dtype = torch.int8 if signed else torch.uint8
     if codes.dtype != dtype or (codes.numel() and (int(codes.min()) < low or int(codes.max()) > high)):
         raise ValueError(f"{where}: {key!r} codes are {codes.dtype} outside {low}..{high}, not {form} codes "
