@@ -181,7 +181,7 @@ def test_fsdp2_adamw_8bit_checkpoint_resumes_as_adamw_4bit(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(("source", "target"), [
     ("adamw_4bit", "adamw_8bit"), ("adamw", "adamw_8bit"), ("adamw", "adamw_4bit"), ("adamw_8bit", "adamw"),
-    ("adamw_4bit", "adamw"), ("paged_adamw_8bit", "adamw_4bit"),
+    ("adamw_4bit", "adamw"), ("paged_adamw_8bit", "adamw_4bit"), ("adamw_4bit", "paged_adamw_8bit"),
 ])
 def test_fsdp2_checkpoint_resumes_across_the_adamw_family(tmp_path, source, target):
     _assert_resumed(_run(tmp_path, source, target), target)
