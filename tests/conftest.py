@@ -57,3 +57,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def lightning_stream():
+    """A StreamHandler on Lightning's logger (a ``StringIO`` it writes to), as Lightning installs one when the
+    application configured none; removed afterwards."""
+    import io
+    import logging
+
+    from lowmem_lightning.cli.held_logs import LIGHTNING_LOGGERS
+
+    logger = logging.getLogger(LIGHTNING_LOGGERS[0])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    yield stream
+    logger.removeHandler(handler)
+    logger.setLevel(level)

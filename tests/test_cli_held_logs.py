@@ -4,7 +4,6 @@ printed by Lightning before the run starts, is held with them and comes after th
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import subprocess
@@ -14,20 +13,7 @@ import pytest
 from lightning.pytorch.callbacks import ModelSummary
 
 from lowmem_lightning.cli import messages
-from lowmem_lightning.cli.held_logs import LIGHTNING_LOGGERS, HeldLogs
-
-
-@pytest.fixture
-def lightning_stream():
-    """A StreamHandler on Lightning's logger, as Lightning installs one when the application configured none."""
-    logger = logging.getLogger(LIGHTNING_LOGGERS[0])
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
-    yield stream
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+from lowmem_lightning.cli.held_logs import HeldLogs
 
 
 def test_release_prints_held_records_and_notices_in_order(lightning_stream, capsys):

@@ -11,7 +11,6 @@ Each case is a real ``lowmem`` process (``python -m lowmem_lightning.cli``) resu
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 import warnings
@@ -21,7 +20,7 @@ import pytest
 import test_resume_midepoch as midepoch
 import torch
 
-from lowmem_lightning.cli.held_logs import LIGHTNING_LOGGERS, HeldLogs
+from lowmem_lightning.cli.held_logs import HeldLogs
 
 REFUSAL = "lowmem fit: error: Cannot resume: the checkpoint was trained with optimizer 'lion', but "
 HINT = "(nothing was trained or written; LOWMEM_TRACEBACK=1 shows where it was raised)"
@@ -110,19 +109,6 @@ def shown():
         out: list[str] = []
         warnings.showwarning = lambda message, *args, **kwargs: out.append(str(message))
         yield out
-
-
-@pytest.fixture
-def lightning_stream():
-    """A StreamHandler on Lightning's logger, as Lightning installs one when the application configured none."""
-    logger = logging.getLogger(LIGHTNING_LOGGERS[0])
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
-    yield stream
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def test_held_warnings_are_released_in_order_with_the_log_records(shown, lightning_stream):
