@@ -112,3 +112,15 @@ def test_ptx_counts_tells_scalar_from_vector_accesses():
         "// ld.global.v4 in a comment",
     ])
     assert count(ptx) == {"ld": 2, "ld.v2": 1, "ld.v4": 1, "st": 1, "st.v2": 0, "st.v4": 1}
+
+
+def test_lora_update_size_follows_muons_shape_rule():
+    """Muon's default scaling moves a LoRA factor by ~lr / sqrt(cols): lora_A (r x in) far less than lora_B (out x r);
+    match_rms_adamw brings both to ~0.2 lr (the figures README quotes come from this script)."""
+    bench = _load("lora_update_size")
+    width, rank = 64, 4
+    muon = bench.update_rms("muon", {}, width, rank, steps=2, lr=1e-3)
+    matched = bench.update_rms("muon", {"adjust_lr_fn": "match_rms_adamw"}, width, rank, steps=2, lr=1e-3)
+    assert muon["lora_A"] == pytest.approx(width ** -0.5, rel=0.25)
+    assert muon["lora_B"] == pytest.approx(rank ** -0.5, rel=0.25)
+    assert 0.1 < matched["lora_A"] < 0.3 and 0.1 < matched["lora_B"] < 0.3
