@@ -71,6 +71,11 @@ class ResumeCompatibility(L.Callback):
         self._hooks: list = []  # load-state-dict pre-hooks that decode 8/4-bit AdamW states for a torch AdamW
         self._sharded: dict[int, object] = {}  # id(optimizer) -> its loader of a sharded checkpoint of another form
         self._names: dict[str, str | None] = {}  # checkpoint path -> the optimizer it was trained with
+        self._saved_lrs: list[list[float | None]] | None = None  # the checkpointed run's configured base lrs
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Forget the configured lrs of an earlier fit's checkpoint (this fit's restore, if any, comes next)."""
+        self._saved_lrs = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the base lrs this run's configuration gave (a checkpoint restore comes next); a torch AdamW
@@ -116,7 +121,18 @@ class ResumeCompatibility(L.Callback):
             hook.remove()
         self._hooks = []
         if trainer.ckpt_path is not None:
-            apply_new_lr(trainer, trainer.optimizers, self._built_lrs)
+            apply_new_lr(trainer, trainer.optimizers, self._built_lrs, self._saved_lrs)
+        self._saved_lrs = None
+
+    def state_dict(self) -> dict:
+        """The base lrs this run's configuration gave (``configured_lrs``), which a resume compares with its own
+        to tell a new lr from one the run moved (:func:`apply_new_lr`)."""
+        return {"configured_lrs": self._built_lrs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Take the checkpointed run's ``configured_lrs`` (restored before this fit's :meth:`on_fit_start`)."""
+        lrs = state_dict.get("configured_lrs")
+        self._saved_lrs = lrs if isinstance(lrs, list) and lrs else None
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Refuse a checkpoint trained with an optimizer whose state this one cannot read (in ``fit`` only:
@@ -203,15 +219,22 @@ def _scale_scheduler(scheduler, index: int, factor: float) -> None:
             values[index] *= factor
 
 
-def apply_new_lr(trainer: L.Trainer, optimizers: list, built: list[list[float | None]]) -> list[tuple[float, float]]:
-    """After a checkpoint was restored: rescale every param group whose restored base lr differs from
-    ``built`` (the base lrs this run's configuration gave, :func:`base_lrs` before the restore), and
-    its scheduler's base lrs, so the run's lr applies while the schedule keeps its position. Says so in
-    one line; returns the ``(checkpoint lr, new lr)`` pairs changed."""
+def apply_new_lr(trainer: L.Trainer, optimizers: list, built: list[list[float | None]],
+                 saved: list[list[float | None]] | None = None) -> list[tuple[float, float]]:
+    """After a checkpoint was restored: rescale every param group whose base lr this run's configuration
+    changed, and its scheduler's base lrs, so the run's lr applies while the schedule keeps its position. Says so
+    in one line; returns the ``(checkpoint lr, new lr)`` pairs changed.
+
+    ``built``: the base lrs this run's configuration gave (:func:`base_lrs` before the restore); ``saved``: the
+    ones the checkpointed run's configuration gave (recorded in the checkpoint, :class:`ResumeCompatibility`), whose
+    ratio to ``built`` is the factor: an lr the run itself moved (``ReduceLROnPlateau``, ``StochasticWeightAveraging``'s
+    ``initial_lr``, a tuner) is the schedule's position and stays. Without ``saved`` (a checkpoint that does not
+    record it), the restored base lr is compared with ``built`` instead."""
     changed = []
-    for opt, now, wanted in zip(optimizers, base_lrs(optimizers), built):
+    for index, (opt, now, wanted) in enumerate(zip(optimizers, base_lrs(optimizers), built)):
+        before = saved[index] if saved is not None and index < len(saved) else now
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
-        for index, (group, old, new) in enumerate(zip(opt.param_groups, now, wanted)):
+        for group_index, (group, old, new) in enumerate(zip(opt.param_groups, before, wanted)):
             if not _differs(old, new):
                 continue
             factor = new / old
@@ -219,7 +242,7 @@ def apply_new_lr(trainer: L.Trainer, optimizers: list, built: list[list[float | 
                 if isinstance(group.get(key), (int, float)):
                     group[key] *= factor
             for scheduler in schedulers:
-                _scale_scheduler(scheduler, index, factor)
+                _scale_scheduler(scheduler, group_index, factor)
             changed.append((old, new))
     if changed:
         pairs = ", ".join(f"{old:g} -> {new:g}" for old, new in dict.fromkeys(changed))

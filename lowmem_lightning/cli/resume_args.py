@@ -126,13 +126,27 @@ class RunLrAfterResume(L.Callback):
 
     def __init__(self) -> None:
         self._built: list[list[float | None]] = []
+        self._saved: list[list[float | None]] | None = None  # the checkpointed run's configured base lrs
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Forget an earlier fit's checkpoint record (this fit's restore, if any, comes next)."""
+        self._saved = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the base lrs the module configured (the checkpoint restore comes next)."""
         self._built = base_lrs(trainer.optimizers)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After a restore, the configured lrs apply."""
+        """After a restore, the configured lrs apply (an lr the run moved, e.g. ReduceLROnPlateau's, stays)."""
         if trainer.ckpt_path is not None:
-            apply_new_lr(trainer, trainer.optimizers, self._built)
+            apply_new_lr(trainer, trainer.optimizers, self._built, self._saved)
+        self._saved = None
 
+    def state_dict(self) -> dict:
+        """The base lrs this run configured (``configured_lrs``), for a resume to compare with its own."""
+        return {"configured_lrs": self._built}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Take the checkpointed run's ``configured_lrs``."""
+        lrs = state_dict.get("configured_lrs")
+        self._saved = lrs if isinstance(lrs, list) and lrs else None
