@@ -27,6 +27,7 @@ from ..kernels.muon import (
 )
 from ..kernels.rounding import is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, _advance_steps, check_drop_in_flags, codes_specs, step_spec
+from .layout import loaded_step
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
 
@@ -308,8 +309,8 @@ class Muon(LowMemOptimizer):
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``torch.optim.Muon`` state (``momentum_buffer`` only: a step counter is added) and our own
         of the other ``momentum_dtype`` (the momentum is re-stored in this group's)."""
-        if not self._is_muon(param, group):
-            return state
+        if not self._is_muon(param, group):  # the AdamW params: a Python-number step (torch's form) as ours
+            return {**state, "step": loaded_step(state["step"])} if "step" in state else state
         state = dict(state)
         if "step" not in state:
             state["step"] = torch.tensor(1.0)
