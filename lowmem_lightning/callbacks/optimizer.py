@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
+from lowmem_lightning.callbacks.lr_tools import lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
@@ -382,6 +383,8 @@ class LowMemOptimizerCallback(L.Callback):
         self._origins = {}
         olds = find_optimizers(config)
         if not olds:
+            self._refuse_lr_tools(trainer, self.lr is None and self._defaults.get("lr") is None
+                                  and bool(self._defaults.get("relative_step")))
             new = self._build(trainer, [p for p in module.parameters() if p.requires_grad])
             self.optimizers = [new]
             for note in _muon_notes(new, [], module):
@@ -404,6 +407,7 @@ class LowMemOptimizerCallback(L.Callback):
                 f"(its lr is None), so the module's LR scheduler ({type(schedulers[0]).__name__}) cannot drive it. "
                 "Give an lr (and, for adafactor, optimizer_kwargs={'relative_step': False}) to keep the schedule."
             )
+        self._refuse_lr_tools(trainer, own_step)
         for scheduler in schedulers:
             key = id(scheduler.optimizer)
             if key in mapping:
@@ -411,6 +415,13 @@ class LowMemOptimizerCallback(L.Callback):
         self.optimizers = list(mapping.values())
         self._warn_translation(notes, None if own_step else self._lr_kind_note(olds))
         return replace_optimizers(config, mapping)
+
+    def _refuse_lr_tools(self, trainer, own_step: bool) -> None:
+        """``ValueError`` when the optimizer computes its own step size (``own_step``) and one of Lightning's
+        learning-rate tools is in the Trainer (:func:`~lowmem_lightning.callbacks.lr_tools.own_step_refusal`)."""
+        reason = own_step_refusal(trainer.callbacks, self.optimizer_name) if own_step and trainer else None
+        if reason is not None:
+            raise ValueError(reason + ".")
 
     def _lr_kind_note(self, olds: list[torch.optim.Optimizer]) -> str | None:
         """The note for a module lr kept (no callback ``lr``) across SGD <-> adaptive (:func:`lr_kind`), or None."""
@@ -468,6 +479,9 @@ class LowMemOptimizerCallback(L.Callback):
         (the strategy calls it next)."""
         _insert_after(trainer.callbacks, self, self.parts)
         if stage == "fit":
+            reason = lr_find_refusal(trainer.callbacks, self.optimizer_name, self.lr)
+            if reason is not None:
+                raise ValueError(reason + ".")
             self.optimizers = []
             self._patch(pl_module)
 

@@ -42,6 +42,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 __all__ = ["GradientRelease", "GradientReleaseCallback", "release_refusal", "DEFAULT_BUCKET_BYTES"]
@@ -240,7 +241,8 @@ def _grad_bytes(param: torch.Tensor) -> int:
 def release_refusal(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
     """Why ``step_in_backward=True`` cannot keep a normal step's semantics in this run (None: it can).
 
-    Refused: gradient accumulation (the update would run on every micro-batch), clipping by norm (it
+    Refused: gradient accumulation, from the start or from an epoch of a ``GradientAccumulationScheduler`` (the
+    update would run on every micro-batch), clipping by norm (it
     needs every gradient at once), ``16-mixed`` (its GradScaler unscales and checks all gradients
     after backward), manual optimization (the module steps itself), and any strategy but a single
     device (DDP/FSDP reduce gradients after the hook would fire).
@@ -251,6 +253,12 @@ def release_refusal(trainer: L.Trainer, pl_module: L.LightningModule) -> str | N
     if trainer.accumulate_grad_batches > 1:
         return (f"accumulate_grad_batches={trainer.accumulate_grad_batches} needs the gradients of several batches; "
                 "set accumulate_grad_batches=1 (raise the batch size instead) or step_in_backward=False")
+    scheduler = next((c for c in getattr(trainer, "callbacks", ()) if isinstance(c, GradientAccumulationScheduler)
+                      and c.going_to_accumulate_grad_batches()), None)
+    if scheduler is not None:
+        return (f"GradientAccumulationScheduler(scheduling={scheduler.scheduling!r}) accumulates the gradients of "
+                "several batches from its epochs on (the update would run on every batch); remove it (raise the "
+                "batch size instead) or set step_in_backward=False")
     clip_algorithm = trainer.gradient_clip_algorithm  # an enum; None means norm
     algorithm = getattr(clip_algorithm, "value", clip_algorithm) or "norm"
     if trainer.gradient_clip_val and algorithm != "value":

@@ -7,6 +7,7 @@ module trains, on the meta device when asked (no weights, exact parameter counts
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import secrets
@@ -16,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchmetrics
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -268,6 +270,17 @@ def build_causal_lm(
     return model
 
 
+def _give_swa_the_model(module: L.LightningModule) -> None:
+    """``StochasticWeightAveraging`` copies the module in its ``setup``, before ``configure_model`` builds the model,
+    so its average would hold no weights: it would average nothing and, at the end, transfer nothing (the fit would
+    end on the last weights, silently). Each such copy gets a copy of the model just built."""
+    trainer = module._trainer
+    for callback in getattr(trainer, "callbacks", None) or ():
+        average = getattr(callback, "_average_model", None) if isinstance(callback, StochasticWeightAveraging) else None
+        if isinstance(average, type(module)) and getattr(average, "model", None) is None:
+            average.model = copy.deepcopy(module.model)
+
+
 def _enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing (non-reentrant, so frozen embeddings need no input grads)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -375,6 +388,7 @@ class CausalLMModule(LowMemModule):
             )
         if hp.gradient_checkpointing:
             _enable_checkpointing(self.model)
+        _give_swa_the_model(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None):
