@@ -69,7 +69,8 @@ def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | Non
     ``tok_emb``) or the output
     head (its module is called ``lm_head``, ``head``, ``output``, ``output_layer``, ``classifier`` or
     ``score``; under peft the module peft wrapped: ``lm_head.lora_A.default.weight`` and
-    ``score.modules_to_save.default.weight`` are the head's, ``q_proj.lora_B.default.weight`` a hidden matrix).
+    ``score.modules_to_save.default.weight`` are the head's, ``q_proj.lora_B.default.weight`` a hidden matrix;
+    a module compiled alone with ``torch.compile`` keeps its name: ``lm_head._orig_mod.weight`` is the head's).
     Without names every 2-D param is a hidden matrix: pass ``model.named_parameters()`` (the callback and
     ``LowMemModule`` do) or groups with ``use_muon=False`` for the embeddings and the head.
     """
@@ -79,7 +80,7 @@ def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | Non
         return False
     if name is None:
         return True
-    parts = name.lower().split(".")
+    parts = [part for part in name.lower().split(".") if part != "_orig_mod"]  # torch.compile's wrapper
     if any(mark in part for part in parts for mark in EMBEDDING_MARKS) or any(p.endswith("emb") for p in parts):
         return False
     wrapped = next((i for i, part in enumerate(parts) if part in _PEFT_WRAPPERS), len(parts) - 1)
