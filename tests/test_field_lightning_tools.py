@@ -435,22 +435,37 @@ def test_an_optimizer_computing_its_own_step_size_refuses_lightning_lr_tools(tmp
 # ------------------------------------------------------------------ CausalLMModule
 
 
-def test_causal_lm_module_gives_swa_its_model(tmp_path):
-    """CausalLMModule builds its model in configure_model, after SWA copied the module in setup: the average held
-    no weights, averaged nothing and transferred nothing (the fit ended on its last weights, silently)."""
+def _causal_lm():
     from lowmem_lightning.data import TextDataModule
     from lowmem_lightning.modules import CausalLMModule
 
     config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
               "num_key_value_heads": 2}
     module = CausalLMModule(config=config, optimizer="adamw_4bit", lr=3e-3)
-    data = TextDataModule("sample", seq_len=32, batch_size=4, val_fraction=0.02, seed=0)
+    return module, TextDataModule("sample", seq_len=32, batch_size=4, val_fraction=0.02, seed=0)
+
+
+def test_causal_lm_module_gives_swa_its_model(tmp_path):
+    """CausalLMModule builds its model in configure_model, after SWA copied the module in setup: the average held
+    no weights, averaged nothing and transferred nothing (the fit ended on its last weights, silently)."""
+    module, data = _causal_lm()
     swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
     trainer = _trainer(None, [swa], root=tmp_path, max_epochs=3, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(module, data)
     average = list(swa._average_model.parameters())
     assert int(swa.n_averaged) == 3 and len(average) == len(list(module.parameters())) > 0
     assert all(torch.equal(a, b) for a, b in zip(module.parameters(), average))
+
+
+def test_causal_lm_module_gives_model_pruning_its_layers(tmp_path):
+    """ModelPruning collects its layers in setup, before configure_model: it found none and failed at its first
+    pruning (torch.cat of an empty list); now it prunes every linear layer of the model."""
+    module, data = _causal_lm()
+    pruning = ModelPruning("l1_unstructured", amount=0.3)
+    trainer = _trainer(None, [pruning], root=tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, data)
+    weight = module.model.model.layers[0].mlp.up_proj.weight
+    assert len(pruning._parameters_to_prune) > 4 and float((weight == 0).float().mean()) > 0.2
 
 
 def test_lr_find_field_benchmark_runs_and_8bit_adamw_matches_torch(capsys):

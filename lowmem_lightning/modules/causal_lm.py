@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchmetrics
-from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -270,15 +270,20 @@ def build_causal_lm(
     return model
 
 
-def _give_swa_the_model(module: L.LightningModule) -> None:
-    """``StochasticWeightAveraging`` copies the module in its ``setup``, before ``configure_model`` builds the model,
-    so its average would hold no weights: it would average nothing and, at the end, transfer nothing (the fit would
-    end on the last weights, silently). Each such copy gets a copy of the model just built."""
+def _show_callbacks_the_model(module: L.LightningModule) -> None:
+    """Callbacks that look at the module in their ``setup``, before ``configure_model`` builds the model, saw no
+    weights. ``StochasticWeightAveraging`` copied the module: its average would average nothing and, at the end,
+    transfer nothing (the fit would end on the last weights, silently); each such copy gets a copy of the model
+    just built. ``ModelPruning`` collected no layer to prune (``torch.cat`` of an empty list at its first pruning);
+    its ``setup`` runs again, now on the model."""
     trainer = module._trainer
     for callback in getattr(trainer, "callbacks", None) or ():
-        average = getattr(callback, "_average_model", None) if isinstance(callback, StochasticWeightAveraging) else None
-        if isinstance(average, type(module)) and getattr(average, "model", None) is None:
-            average.model = copy.deepcopy(module.model)
+        if isinstance(callback, StochasticWeightAveraging):
+            average = getattr(callback, "_average_model", None)
+            if isinstance(average, type(module)) and getattr(average, "model", None) is None:
+                average.model = copy.deepcopy(module.model)
+        elif isinstance(callback, ModelPruning) and getattr(callback, "_parameters_to_prune", None) == []:
+            callback.setup(trainer, module, "fit")
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
@@ -388,7 +393,7 @@ class CausalLMModule(LowMemModule):
             )
         if hp.gradient_checkpointing:
             _enable_checkpointing(self.model)
-        _give_swa_the_model(self)
+        _show_callbacks_the_model(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None):
