@@ -425,7 +425,7 @@ def test_an_optimizer_computing_its_own_step_size_refuses_lightning_lr_tools(tmp
     callback = _callback("adafactor")
     names = {"lr_find": "LearningRateFinder", "swa": "StochasticWeightAveraging", "lr_monitor": "LearningRateMonitor"}
     extra = {"swa": [StochasticWeightAveraging(swa_lrs=1e-3)], "lr_monitor": [LearningRateMonitor()]}.get(tool, [])
-    trainer = _trainer(callback, extra, root=tmp_path, max_epochs=2)
+    trainer = _trainer(callback, extra, root=tmp_path, max_epochs=2, logger=CSVLogger(tmp_path))
     pattern = (r"optimizer='adafactor'\) computes its own step size.*" + names[tool]
                + r".*optimizer_kwargs=\{'relative_step': False\}.*remove " + names[tool])
     with pytest.raises(ValueError, match=pattern):
