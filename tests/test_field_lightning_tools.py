@@ -231,6 +231,23 @@ def test_resume_keeps_an_lr_the_run_moved(tmp_path, tool):
         assert seen.lrs == lrs[None] and _max_diff(whole, resumed) == 0.0
 
 
+def test_the_cli_lr_after_resume_keeps_swa_lrs_too(tmp_path):
+    """``lowmem fit`` without --optim resumes through RunLrAfterResume (a new --model.lr applies): it rescaled
+    SWA's initial_lr back to the configured lr as the callback did; now the resumed run ends as the uninterrupted
+    one."""
+    from lowmem_lightning.cli.resume_args import RunLrAfterResume
+
+    def run(root, stop=None, ckpt_path=None):
+        callbacks = [_swa(), RunLrAfterResume(), ModelCheckpoint(dirpath=root, save_last=True)]
+        return _fit(None, Project(), callbacks + ([StopAfter(stop)] if stop else []), root, ckpt_path,
+                    max_epochs=4, enable_checkpointing=True)
+
+    _, whole, seen = run(tmp_path / "a")
+    _, _, first = run(tmp_path / "b", stop=2)
+    _, resumed, second = run(tmp_path / "b", ckpt_path="last")
+    assert first.lrs + second.lrs == seen.lrs and _max_diff(whole, resumed) == 0.0
+
+
 def test_a_new_lr_at_resume_still_applies_on_top_of_a_reduced_lr(tmp_path):
     """The checkpoint records the lrs its run configured; a resume with a new callback lr rescales by new /
     configured (here 1/4), so the plateau's reduction is kept and the new lr applies."""
