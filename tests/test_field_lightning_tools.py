@@ -485,6 +485,18 @@ def test_causal_lm_module_gives_model_pruning_its_layers(tmp_path):
     assert len(pruning._parameters_to_prune) > 4 and float((weight == 0).float().mean()) > 0.2
 
 
+def test_causal_lm_module_lr_find_and_scale_batch_size_then_fit(tmp_path):
+    """LowMemModule's ``lr`` is the attribute lr_find updates, TextDataModule's ``batch_size`` the one
+    scale_batch_size does: both tuners run on our optimizer and the fit after them uses what they found."""
+    module, data = _causal_lm()
+    trainer = _trainer(None, root=tmp_path, max_steps=2, limit_val_batches=1)
+    finder = Tuner(trainer).lr_find(module, data, min_lr=1e-5, max_lr=1.0, num_training=20)
+    size = Tuner(trainer).scale_batch_size(module, data, steps_per_trial=1, max_trials=2)
+    trainer.fit(module, data)
+    assert module.lr == finder.suggestion() and size == data.batch_size == 4  # 2 -> 4 (max_trials=2)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == module.lr and trainer.global_step == 2
+
+
 def test_lr_find_field_benchmark_runs_and_8bit_adamw_matches_torch(capsys):
     """benchmarks/lr_find_field.py (the RESULTS figures) on one seed: adamw_8bit's suggestion is torch AdamW's."""
     import importlib.util
