@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import (
     EarlyStopping,
     GradientAccumulationScheduler,
+    LearningRateFinder,
     LearningRateMonitor,
     ModelCheckpoint,
     ModelPruning,
@@ -163,12 +164,15 @@ def test_lr_find_searches_with_ours_then_the_fit_trains_at_its_suggestion(tmp_pa
 
 def test_lr_find_with_a_callback_lr_is_refused_and_update_attr_false_is_not(tmp_path):
     """The callback's own lr would override what lr_find writes to the module (silently: the next fit trained at
-    the callback's lr): refused before the search, saying both ways out; update_attr=False searches."""
+    the callback's lr): refused before the search, saying both ways out, leaving the Trainer without the Tuner's
+    finder (as the Tuner leaves it); update_attr=False searches."""
     trainer = _trainer(_callback("adamw_4bit", lr=5e-2), root=tmp_path)
     with pytest.raises(ValueError, match=r"LowMemOptimizerCallback\(optimizer='adamw_4bit', lr=0.05\).*"
                                          r"Tuner.lr_find\(update_attr=True\).*leave the callback's lr unset.*"
                                          r"update_attr=False"):
         Tuner(trainer).lr_find(Project(n=256), num_training=10)
+    trainer.fit(Project())  # the Tuner's finder is gone from the Trainer: a plain fit is not refused again
+    assert trainer.global_step == 8 and trainer.optimizers[0].param_groups[0]["lr"] == 5e-2
     trainer = _trainer(_callback("adamw_4bit", lr=5e-2), root=tmp_path)
     module = Project(n=512)
     finder = Tuner(trainer).lr_find(module, num_training=30, update_attr=False)
@@ -447,6 +451,7 @@ def test_an_optimizer_computing_its_own_step_size_refuses_lightning_lr_tools(tmp
                + r".*optimizer_kwargs=\{'relative_step': False\}.*remove " + names[tool])
     with pytest.raises(ValueError, match=pattern):
         Tuner(trainer).lr_find(Project(), num_training=5) if tool == "lr_find" else trainer.fit(Project())
+    assert not any(isinstance(c, LearningRateFinder) for c in trainer.callbacks)
 
 
 # ------------------------------------------------------------------ CausalLMModule

@@ -15,7 +15,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateFinder, LearningRateMonitor, StochasticWeightAveraging
 
-__all__ = ["lr_find_refusal", "own_step_refusal"]
+__all__ = ["drop_tuner_finders", "lr_find_refusal", "own_step_refusal"]
 
 _OWN_STEP_TOOLS: tuple[tuple[type, str], ...] = (
     (LearningRateFinder, "LearningRateFinder (Tuner.lr_find) sweeps the learning rate, which this optimizer does "
@@ -47,6 +47,14 @@ def lr_find_refusal(callbacks: list[L.Callback], optimizer: str, lr: float | Non
                 "build the callback with lr=<lr_finder.suggestion()> for the fit"
             )
     return None
+
+
+def drop_tuner_finders(callbacks: list[L.Callback]) -> None:
+    """Remove, in place, the ``LearningRateFinder`` that ``Tuner.lr_find`` put first in the Trainer's callbacks for
+    its fit (it ends that fit): the Tuner removes it only when the fit returns, so after a refusal it would stay and
+    run again, and be refused again, in the next ``trainer.fit`` of the same Trainer."""
+    callbacks[:] = [c for c in callbacks
+                    if not (isinstance(c, LearningRateFinder) and getattr(c, "_early_exit", False))]
 
 
 def own_step_refusal(callbacks: list[L.Callback], optimizer: str) -> str | None:

@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
-from lowmem_lightning.callbacks.lr_tools import lr_find_refusal, own_step_refusal
+from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
@@ -421,6 +421,7 @@ class LowMemOptimizerCallback(L.Callback):
         learning-rate tools is in the Trainer (:func:`~lowmem_lightning.callbacks.lr_tools.own_step_refusal`)."""
         reason = own_step_refusal(trainer.callbacks, self.optimizer_name) if own_step and trainer else None
         if reason is not None:
+            drop_tuner_finders(trainer.callbacks)
             raise ValueError(reason + ".")
 
     def _lr_kind_note(self, olds: list[torch.optim.Optimizer]) -> str | None:
@@ -481,6 +482,7 @@ class LowMemOptimizerCallback(L.Callback):
         if stage == "fit":
             reason = lr_find_refusal(trainer.callbacks, self.optimizer_name, self.lr)
             if reason is not None:
+                drop_tuner_finders(trainer.callbacks)
                 raise ValueError(reason + ".")
             self.optimizers = []
             self._patch(pl_module)
