@@ -190,7 +190,9 @@ def part_kernels(dry: bool) -> list[str]:
     lines = ["| optimizer | dtype | shapes | 8-bit codes differing | largest code step | max abs param diff "
              "| result |", "|---|---|---:|---:|---:|---:|---|"]
     failures = []
-    shapes = ODD_SHAPES if not dry else ODD_SHAPES[:3]
+    # dry: one 1-D tensor with a partial 8-bit block and one odd matrix run every row's code; the 3-D and the
+    # aligned shapes are the GPU's (the suite's kernel tests cover them under the interpreter)
+    shapes = ODD_SHAPES if not dry else ODD_SHAPES[:2]
     for name in ("adamw_8bit", "sgd", "adafactor", "came"):
         # AdamW and SGD equal their references bit for bit; the factored optimizers' row/column sums
         # run in another order than the reference's, so a code may land one step away (<= 0.1%)
@@ -339,7 +341,7 @@ def part_paged(dry: bool) -> list[str]:
     from lowmem_lightning.optim import build_optimizer
 
     device = _device(dry)
-    shapes = [(256, 256)] * 4 if dry else [(4096, 4096)] * 32  # 537M params on the GPU
+    shapes = [(128, 128)] * 4 if dry else [(4096, 4096)] * 32  # 537M params on the GPU
     state = sum(2 * a * b + 8 * ((a * b + 255) // 256) for a, b in shapes)
     h2d, d2h = _pinned_bandwidth(device, 2**20 if dry else 2**28)
     lines = [f"pinned copy bandwidth: host->device {h2d:.1f} GB/s, device->host {d2h:.1f} GB/s; "

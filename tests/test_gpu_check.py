@@ -2,6 +2,7 @@
 code on the CPU at toy sizes (kernels under the Triton interpreter), so the first, short GPU session
 cannot fail on a typo; the dated section it writes names the device and each part's status."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +14,43 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
 
-def test_gpu_check_dry_run_runs_every_part(tmp_path):
+def test_gpu_check_dry_run_driver_appends_a_dated_section(tmp_path):
+    """The driver end to end, one process per part: a section appended (never overwriting) naming the device,
+    each part's status and its lines (``sync``, the cheapest part; every part's own code runs below)."""
     results = tmp_path / "RESULTS.md"
     results.write_text("# results\n")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--results", str(results),
-         "--budget-scale", "4", "--parts", "kernels,gpu_tests,sync,step_time,paged,qlora_7b,release"],
+         "--budget-scale", "4", "--parts", "sync"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     text = results.read_text()
     assert text.startswith("# results\n")  # appended, never overwritten
     assert "## GPU acceptance run (" in text and "--dry-run (toy sizes on CPU)" in text
-    for part in ("kernels", "gpu_tests", "sync", "step_time", "paged", "qlora_7b", "release"):
-        assert f"| {part} | ok |" in text, part
-        assert f"### {part}" in text
+    assert "| sync | ok |" in text and "### sync" in text and "| adamw_8bit | n/a on CPU (code path ran) |" in text
+
+
+def test_gpu_check_dry_run_runs_every_part(tmp_path, monkeypatch):
+    """Every part's child-mode code (:func:`gpu_check.run_part`, what the driver's process for it runs) in this
+    process, with the driver's ``--budget-scale 4`` budgets; the lines go into the section as the driver writes
+    it. ``qlora_7b``'s code is run by ``test_qlora_peer_row_skips_cleanly_without_bitsandbytes`` (ours, with
+    profiling) and ``test_qlora_peer_row_runs_bitsandbytes_paged_adamw_on_cpu`` (the peer row)."""
+    parts = ("kernels", "gpu_tests", "sync", "step_time", "paged", "release")
+    results = {}
+    for part in parts:
+        monkeypatch.setenv("GPU_CHECK_PART_BUDGET_S", str(gpu_check.BUDGET_S[part] * 4))
+        out = tmp_path / f"{part}.json"
+        gpu_check.run_part(part, True, out)
+        result = json.loads(out.read_text())
+        assert "error" not in result, result.get("trace")
+        results[part] = {"status": "ok", "seconds": 0.0, "lines": result["lines"]}
+    text = gpu_check.section(results, "CPU; --dry-run (toy sizes on CPU)", ["--dry-run"])
+    for part in parts:
+        assert f"| {part} | ok |" in text and f"### {part}" in text, part
     assert "| adamw_8bit | float16 |" in text and "MISMATCH" not in text
+    assert "| came (one group, 3 tensors) | float32 |" in text
+    assert "`pytest -m gpu` (collect only, no GPU): exit 0" in text
     assert "| released (step_in_backward) |" in text
 
 
