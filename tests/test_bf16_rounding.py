@@ -126,10 +126,12 @@ def _dequantized(state: dict, name: str, numel: int, signed: bool) -> torch.Tens
     return decode(codes.view(-1, BLOCK_SIZE), absmax.view(-1, 1)).reshape(-1)[:numel]
 
 
-def _bnb_relative_errors(mode: str, steps: int, shape=(256, 1024)) -> list[float]:
+def _bnb_relative_errors(mode: str, steps: int, shape=(32, 1024)) -> list[float]:
     """bitsandbytes' bf16 8-bit check (tests/test_optim.py, Adam8bit blockwise): each step compare the bf16
     params with fp32 Adam's (torch AdamW, weight_decay=0) by mean ``|p1 - p2| / (|p1| + 1e-9)``, then resync
-    the fp32 params to the bf16 ones and the fp32 moments to the dequantized 8-bit ones."""
+    the fp32 params to the bf16 ones and the fp32 moments to the dequantized 8-bit ones. (32, 1024) is one of
+    bitsandbytes' shapes there; 256 x 1024 gave the same figures (largest nearest error 1.43e-3 both, stochastic
+    mean / nearest mean 1.34 both) in 14x the time."""
     gen = torch.Generator().manual_seed(0)
     p2 = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.1).to(torch.bfloat16))
     p1 = torch.nn.Parameter(p2.detach().float())
