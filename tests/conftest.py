@@ -8,6 +8,11 @@ settings read at import). Compile checks (``test_kernels_aot.py``) run in a subp
 interpreter. The CPU path's torch.compile is disabled by default in tests (``LOWMEM_CPU_COMPILE=0``,
 read once when ``dispatch`` is imported) to keep the suite fast; tests of the compiled path enable it
 (fixture ``cpu_compile``).
+
+One intra-op thread (``OMP_NUM_THREADS=1``, unless set, read by torch here and by the subprocesses tests
+start): the suite's tensors are tiny, and a second OpenMP thread spinning for each small op cost more than it
+gave (on the shared 2-core machine, test_gradient_release.py took 95 s of user CPU with two threads, 6.5 s with
+one; benchmarks/RESULTS.md).
 """
 
 import os
@@ -15,11 +20,14 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("LOWMEM_CPU_COMPILE", "0")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lowmem_lightning.kernels import dispatch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also when torch was imported before this file
 
 
 @pytest.fixture(autouse=True)
