@@ -484,6 +484,57 @@ def test_torchao_compiled_model_with_our_optimizer(name):
         torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", OURS)
+def test_torch_compiled_optimizer_recipe_steps_as_eager(name):
+    """torch's compiled-optimizer recipe, ``step = torch.compile(opt.step)``: our step is fused kernels already and
+    runs as called eagerly (``LowMemOptimizer.step`` is ``torch.compiler.disable``d; before, dynamo traced its
+    bookkeeping and 3 steps of this model had not finished in 15 minutes): the same bits as plain ``opt.step()``,
+    hooks run."""
+    torch.manual_seed(0)
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    opt, eager = _build(name, model.parameters()), _build(name, twin.parameters())
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    step = torch.compile(opt.step)
+    for _ in range(3):
+        x = torch.randn(4, 32)
+        model(x).sum().backward()
+        step()
+        opt.zero_grad()
+        twin(x).sum().backward()
+        eager.step()
+        eager.zero_grad()
+    assert len(calls) == 3
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_torch_compiled_train_step_with_our_optimizer_inside():
+    """A whole train step under ``torch.compile`` (forward, backward, ``opt.step()``, ``zero_grad``): the step
+    breaks the graph and runs eagerly; params match the eager loop's to fp32 reassociation."""
+    torch.manual_seed(0)
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    opt, eager = build_optimizer("adamw_8bit", model.parameters()), build_optimizer("adamw_8bit", twin.parameters())
+
+    @torch.compile
+    def train_step(x):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(3):
+        x = torch.randn(4, 32)
+        train_step(x)
+        twin(x).square().mean().backward()
+        eager.step()
+        eager.zero_grad(set_to_none=True)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
 # ================================================================================ torch test/test_optim.py
 @pytest.mark.parametrize("name", OURS)
 def test_torch_non_contiguous_params_step_as_contiguous_ones(name):
