@@ -742,41 +742,54 @@ def _unfreeze_at_3(model: _Net, opt, lr: float) -> list[float]:
     return losses + train(model, opt, 3, start=3)
 
 
-@pytest.mark.parametrize("name, lr", [("adamw_8bit", 3e-3), ("came", 2e-4), ("muon_8bit", 2e-2)])
-def test_plain_loop_autocast_clip_add_param_group_and_resume_in_a_new_process(name, lr, tmp_path):
-    """``opt = build_optimizer(...)`` on ``model.parameters()`` with the head frozen, bf16 autocast,
-    ``clip_grad_norm_``, ``zero_grad(set_to_none=True)``, the head added by ``add_param_group`` after 3 steps,
-    ``torch.save(opt.state_dict())`` after 6; a new Python process loads model and optimizer and runs 4 more
-    steps: its params equal those of the uninterrupted run, and the loss fell."""
-    torch.manual_seed(0)
-    model = _Net()
-    model.head.requires_grad_(False)
-    opt = _build(name, [p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = _unfreeze_at_3(model, opt, 2 * lr)
-    torch.save(model.state_dict(), tmp_path / "model.pt")
-    torch.save(opt.state_dict(), tmp_path / "opt.pt")
-    losses += train(model, opt, 4, start=6)
-    assert sum(losses[-3:]) / 3 < losses[0], losses
+PLAIN_LOOP_LRS = {"adamw_8bit": 3e-3, "came": 2e-4, "muon_8bit": 2e-2}
+
+
+def _resume_in_new_process(tmp_path: Path) -> None:
+    """One new Python process that, per optimizer of :data:`PLAIN_LOOP_LRS`, builds model and optimizer as the user
+    does, loads ``{name}-model.pt`` / ``{name}-opt.pt``, trains steps 6-9 and saves ``{name}-resumed.pt``."""
     script = textwrap.dedent(f'''
         import sys
         import torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_peer_suites import _Net, _build, train
+        from test_peer_suites import PLAIN_LOOP_LRS, _Net, _build, train
         torch.set_num_threads(1)
-        model = _Net()
-        model.load_state_dict(torch.load({str(tmp_path / "model.pt")!r}))
-        opt = _build({name!r}, list(model.body.parameters()), lr={lr!r})
-        opt.add_param_group({{"params": list(model.head.parameters()), "lr": {2 * lr!r}}})
-        opt.load_state_dict(torch.load({str(tmp_path / "opt.pt")!r}))
-        train(model, opt, 4, start=6)
-        torch.save(model.state_dict(), {str(tmp_path / "resumed.pt")!r})
+        for name, lr in PLAIN_LOOP_LRS.items():
+            model = _Net()
+            model.load_state_dict(torch.load(f"{tmp_path}/{{name}}-model.pt"))
+            opt = _build(name, list(model.body.parameters()), lr=lr)
+            opt.add_param_group({{"params": list(model.head.parameters()), "lr": 2 * lr}})
+            opt.load_state_dict(torch.load(f"{tmp_path}/{{name}}-opt.pt"))
+            train(model, opt, 4, start=6)
+            torch.save(model.state_dict(), f"{tmp_path}/{{name}}-resumed.pt")
     ''')
     env = {"LOWMEM_CPU_COMPILE": "0", "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    resumed = torch.load(tmp_path / "resumed.pt")
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, resumed[key]), key
+
+
+def test_plain_loop_autocast_clip_add_param_group_and_resume_in_a_new_process(tmp_path):
+    """Per optimizer (adamw_8bit, came, muon_8bit): ``build_optimizer(...)`` on the params that require grad (head
+    frozen), bf16 autocast, ``clip_grad_norm_``, ``zero_grad(set_to_none=True)``, the head added by
+    ``add_param_group`` after 3 steps, ``torch.save(opt.state_dict())`` after 6; a new Python process loads model
+    and optimizer and runs 4 more steps: its params equal those of the uninterrupted run, and the loss fell."""
+    finals = {}
+    for name, lr in PLAIN_LOOP_LRS.items():
+        torch.manual_seed(0)
+        model = _Net()
+        model.head.requires_grad_(False)
+        opt = _build(name, [p for p in model.parameters() if p.requires_grad], lr=lr)
+        losses = _unfreeze_at_3(model, opt, 2 * lr)
+        torch.save(model.state_dict(), tmp_path / f"{name}-model.pt")
+        torch.save(opt.state_dict(), tmp_path / f"{name}-opt.pt")
+        losses += train(model, opt, 4, start=6)
+        assert sum(losses[-3:]) / 3 < losses[0], (name, losses)
+        finals[name] = model.state_dict()
+    _resume_in_new_process(tmp_path)
+    for name, final in finals.items():
+        resumed = torch.load(tmp_path / f"{name}-resumed.pt")
+        for key, value in final.items():
+            assert torch.equal(value, resumed[key]), (name, key)
 
 
 def test_plain_loop_fp16_grad_scaler_skips_overflow_steps_and_trains():
