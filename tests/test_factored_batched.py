@@ -20,8 +20,9 @@ from lowmem_lightning.optim.adafactor import Adafactor
 from lowmem_lightning.optim.came import CAME
 
 # ten matrices with 65..128 columns (one tile shape: 64 x 128), column counts multiples of 16, >= 4096
-# elements; two 1-D tensors: one launch group for the matrices, one for the vectors
-ALIGNED_MODEL = [(64, 128), (130, 96), (2, 70, 96), (96, 80), (200, 112), (70, 80), (3, 40, 96), (48, 128),
+# elements (most fill part of one 64-row tile, two span two tiles, two are 3-D batches); two 1-D tensors: one
+# launch group for the matrices, one for the vectors
+ALIGNED_MODEL = [(33, 128), (43, 96), (2, 22, 96), (52, 80), (70, 112), (55, 80), (3, 15, 96), (48, 128),
                  (100, 80), (45, 112), (4096,), (5008,)]
 # odd sizes: unaligned and aligned, fp32 momentum below 4096 elements: several groups
 MODEL = [(33, 65), (130, 100), (2, 70, 96), (65, 128), (200, 72), (70, 70), (7, 120), (96, 80), (3, 9, 66),
