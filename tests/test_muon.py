@@ -548,3 +548,19 @@ def test_cpu_optimizer_keeps_one_newton_schulz_scratch_across_steps():
     ref, _ = _run(lambda p: torch.optim.Muon(p, lr=0.02), params0, grads)
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))
     assert copy.deepcopy(opt)._ns_work is None
+
+
+@pytest.mark.parametrize("name", ["muon", "muon_8bit"])
+def test_unnamed_matrices_warn_once_and_named_ones_do_not(name):
+    """``model.parameters()`` (or HF Trainer's optimizer_cls_and_kwargs) gives Muon no names: the embedding takes
+    the Muon update, so the user is told once; named params, or groups that decide use_muon, stay quiet."""
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match=r"2 2-D param\(s\) without names.*named_parameters\(\)"):
+        build_optimizer(name, model.parameters(), lr=0.02)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_optimizer(name, model.named_parameters(), lr=0.02)
+        build_optimizer(name, [{"params": [model[0].weight], "use_muon": False},
+                               {"params": [model[1].weight], "use_muon": True}], lr=0.02)

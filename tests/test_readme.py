@@ -111,6 +111,20 @@ _changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach()
 assert _changed and all("lora_A" in n or "lora_B" in n for n in _changed), sorted(_changed)
 '''
 
+HF_TRAINER = '''
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from lowmem_lightning.optim import optimizer_class
+
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=32))
+_ids = (torch.randint(0, 64, (16, 1), generator=torch.Generator().manual_seed(0)) + torch.arange(16)) % 64
+ds = [{"input_ids": row, "labels": row} for row in _ids]
+args = TrainingArguments(output_dir="hf-out", max_steps=2, per_device_train_batch_size=8, report_to=[],
+                         use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+'''
+
 
 @dataclass(frozen=True)
 class Snippet:
@@ -174,6 +188,20 @@ PYTHON_BLOCKS = {
               'assert linears and not any(getattr(m, "is_quantized", False) for m in linears)  # dense\n'
               'q = merged.model.layers[0].self_attn.q_proj\n'
               'assert q.weight.dtype == torch.bfloat16 and set(q.state_dict()) == {"weight"}, q\n'),
+    "optimizer_cls_and_kwargs=(AdamW8bit": Snippet(
+        "run", "model: a tiny Llama from a config; ds: 16 next-token sequences; args: 2 steps on the CPU; "
+        "then both Trainers train",
+        prelude=HF_TRAINER,
+        check='assert isinstance(opt, optimizer_class("muon_8bit"))\n'
+              'names = [n for g in opt.param_groups for n in g["param_names"]]\n'
+              'assert "model.embed_tokens.weight" in names and "lm_head.weight" in names, names\n'
+              'for _trainer in (Trainer(model=model, args=args, train_dataset=ds,\n'
+              '                         optimizer_cls_and_kwargs=(AdamW8bit, {"lr": 3e-4})), trainer):\n'
+              '    assert _trainer.train().global_step == 2\n'
+              'assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") '
+              'else trainer.optimizer, optimizer_class("muon_8bit"))\n'
+              'from lowmem_lightning.optim.muon import uses_muon\n'
+              'assert not uses_muon(model.model.embed_tokens.weight, "model.embed_tokens.weight")\n'),
 }
 """Stable substring of each README python block -> how it is exercised."""
 

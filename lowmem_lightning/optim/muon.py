@@ -8,6 +8,7 @@ which update, and gathers sharded matrices for Newton–Schulz.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -191,6 +192,21 @@ class Muon(LowMemOptimizer):
             adamw_eps=adamw_eps, use_muon=use_muon, maximize=maximize, bf16_rounding=bf16_rounding,
         )
         super().__init__(params, defaults)
+        self._warn_unnamed_matrices()
+
+    def _warn_unnamed_matrices(self) -> None:
+        """One ``UserWarning`` when 2-D params left to :func:`uses_muon` (group ``use_muon=None``) came without
+        names (``model.parameters()``, or HF ``Trainer``'s ``optimizer_cls_and_kwargs``): each takes the Muon update,
+        the embeddings and the output head among them, where the user most likely meant AdamW."""
+        unnamed = sum(1 for group in self.param_groups if "param_names" not in group and group["use_muon"] is None
+                      for param in group["params"] if param.ndim == 2)
+        if unnamed:
+            warnings.warn(
+                f"{type(self).__name__} got {unnamed} 2-D param(s) without names, so every one takes the Muon update, "
+                "including any embedding or output head (Muon is meant for hidden matrices). Pass "
+                "model.named_parameters() (embeddings and heads are then found by name and take the AdamW part), or "
+                "give those params a group with use_muon=False (use_muon=True silences this).",
+                UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ groups
     def _check_group(self, group: dict) -> None:
