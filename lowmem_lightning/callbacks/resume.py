@@ -29,8 +29,8 @@ from lowmem_lightning.optim.adamw_convert import FORM_4BIT, FORM_8BIT, FORM_FP32
 from lowmem_lightning.optim.sharding import is_dtensor
 
 __all__ = [
-    "ADAMW_FAMILY", "CONVERSIONS", "ResumeCompatibility", "apply_new_lr", "base_lrs", "infer_optimizer",
-    "checkpoint_optimizer", "refuse_missing_optimizer_callback",
+    "ADAMW_FAMILY", "CONVERSIONS", "ResumeCompatibility", "RunLrAfterResume", "apply_new_lr", "base_lrs",
+    "infer_optimizer", "checkpoint_optimizer", "refuse_missing_optimizer_callback",
 ]
 
 ADAMW_FAMILY: dict[str, str] = {
@@ -55,7 +55,44 @@ OPTIMIZER_CALLBACK_KEY = "LowMemOptimizerCallback"
 built (``{"optimizer": name, "classes": [...]}``)."""
 
 
-class ResumeCompatibility(L.Callback):
+class RunLrAfterResume(L.Callback):
+    """The run's own learning rate after a resume: Lightning's restore brings back the checkpoint's param-group and
+    scheduler lrs, so a new lr (``--model.lr``, a module's or a callback's) would be silently replaced; the base
+    lrs this run's configuration gave are applied again, the schedule keeping its position, said in one line
+    (:func:`apply_new_lr`). The configured lrs are saved in the checkpoint (``configured_lrs``), so an lr the run
+    moved itself (``ReduceLROnPlateau``, ``StochasticWeightAveraging``) is the schedule's position and stays.
+    What ``lowmem fit`` adds to a fit without a LowMemOptimizerCallback (:class:`ResumeCompatibility` does it too)."""
+
+    def __init__(self) -> None:
+        self._built_lrs: list[list[float | None]] = []  # base lrs the run's configuration gave, before a restore
+        self._saved_lrs: list[list[float | None]] | None = None  # the checkpointed run's configured base lrs
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Forget the configured lrs of an earlier fit's checkpoint (this fit's restore, if any, comes next)."""
+        self._saved_lrs = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the base lrs this run's configuration gave (a checkpoint restore comes next)."""
+        self._built_lrs = base_lrs(trainer.optimizers)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a restore, the run's learning rate applies (the schedule keeps its position)."""
+        if trainer.ckpt_path is not None:
+            apply_new_lr(trainer, trainer.optimizers, self._built_lrs, self._saved_lrs)
+        self._saved_lrs = None
+
+    def state_dict(self) -> dict:
+        """The base lrs this run's configuration gave (``configured_lrs``), which a resume compares with its own
+        to tell a new lr from one the run moved (:func:`apply_new_lr`)."""
+        return {"configured_lrs": self._built_lrs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Take the checkpointed run's ``configured_lrs`` (restored before this fit's :meth:`on_train_start`)."""
+        lrs = state_dict.get("configured_lrs")
+        self._saved_lrs = lrs if isinstance(lrs, list) and lrs else None
+
+
+class ResumeCompatibility(RunLrAfterResume):
     """Refuse (``ValueError``, before any step) to resume a checkpoint of another optimizer than ``optimizer``,
     unless it converts that state; after a restore, apply the run's learning rate (:func:`apply_new_lr`).
 
@@ -65,22 +102,17 @@ class ResumeCompatibility(L.Callback):
     """
 
     def __init__(self, optimizer: str, saved_under: str = OPTIMIZER_CALLBACK_KEY) -> None:
+        super().__init__()
         self.optimizer_name = optimizer
         self.saved_under = saved_under
-        self._built_lrs: list[list[float | None]] = []  # base lrs the run's configuration gave, before a restore
         self._hooks: list = []  # load-state-dict pre-hooks that decode 8/4-bit AdamW states for a torch AdamW
         self._sharded: dict[int, object] = {}  # id(optimizer) -> its loader of a sharded checkpoint of another form
         self._names: dict[str, str | None] = {}  # checkpoint path -> the optimizer it was trained with
-        self._saved_lrs: list[list[float | None]] | None = None  # the checkpointed run's configured base lrs
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Forget the configured lrs of an earlier fit's checkpoint (this fit's restore, if any, comes next)."""
-        self._saved_lrs = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the base lrs this run's configuration gave (a checkpoint restore comes next); a torch AdamW
         (``adamw``) is made to decode an ``adamw_8bit`` / ``paged_adamw_8bit`` / ``adamw_4bit`` state on load."""
-        self._built_lrs = base_lrs(trainer.optimizers)
+        super().on_fit_start(trainer, pl_module)
         if self.optimizer_name == "adamw":
             self._hooks = [convert_on_load(opt) for opt in trainer.optimizers
                            if isinstance(opt, torch.optim.Adam | torch.optim.AdamW)]
@@ -120,19 +152,7 @@ class ResumeCompatibility(L.Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if trainer.ckpt_path is not None:
-            apply_new_lr(trainer, trainer.optimizers, self._built_lrs, self._saved_lrs)
-        self._saved_lrs = None
-
-    def state_dict(self) -> dict:
-        """The base lrs this run's configuration gave (``configured_lrs``), which a resume compares with its own
-        to tell a new lr from one the run moved (:func:`apply_new_lr`)."""
-        return {"configured_lrs": self._built_lrs}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Take the checkpointed run's ``configured_lrs`` (restored before this fit's :meth:`on_fit_start`)."""
-        lrs = state_dict.get("configured_lrs")
-        self._saved_lrs = lrs if isinstance(lrs, list) and lrs else None
+        super().on_train_start(trainer, pl_module)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Refuse a checkpoint trained with an optimizer whose state this one cannot read (in ``fit`` only:

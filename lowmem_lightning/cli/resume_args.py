@@ -7,10 +7,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning as L
 from jsonargparse import Namespace
 
-from lowmem_lightning.callbacks.resume import apply_new_lr, base_lrs
+from lowmem_lightning.callbacks.resume import RunLrAfterResume
 from lowmem_lightning.cli.config_edits import flag_given, real_paths, type_model_config
 from lowmem_lightning.cli.last import checkpoint_dirs, newest_checkpoint
 from lowmem_lightning.cli.messages import listing, notice, shown
@@ -116,37 +115,3 @@ class ResumeArgsMixin:
         notice(f"--ckpt_path last: resuming from {found.path} (step {found.step}, the newest of {count} "
                 f"checkpoint{'s' if count > 1 else ''} in {where}).")
         return found.path
-
-
-class RunLrAfterResume(L.Callback):
-    """The run's own learning rate after a resume, for a fit without a LowMemOptimizerCallback (which does this
-    itself): Lightning's restore brings back the checkpoint's param-group and scheduler lrs, so a new
-    ``--model.lr`` would be silently replaced; the lrs the module configured are applied again, the schedule keeping
-    its position, said in one line (:func:`~lowmem_lightning.callbacks.resume.apply_new_lr`)."""
-
-    def __init__(self) -> None:
-        self._built: list[list[float | None]] = []
-        self._saved: list[list[float | None]] | None = None  # the checkpointed run's configured base lrs
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Forget an earlier fit's checkpoint record (this fit's restore, if any, comes next)."""
-        self._saved = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Record the base lrs the module configured (the checkpoint restore comes next)."""
-        self._built = base_lrs(trainer.optimizers)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After a restore, the configured lrs apply (an lr the run moved, e.g. ReduceLROnPlateau's, stays)."""
-        if trainer.ckpt_path is not None:
-            apply_new_lr(trainer, trainer.optimizers, self._built, self._saved)
-        self._saved = None
-
-    def state_dict(self) -> dict:
-        """The base lrs this run configured (``configured_lrs``), for a resume to compare with its own."""
-        return {"configured_lrs": self._built}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Take the checkpointed run's ``configured_lrs``."""
-        lrs = state_dict.get("configured_lrs")
-        self._saved = lrs if isinstance(lrs, list) and lrs else None
