@@ -35,13 +35,7 @@ from lowmem_lightning.optim import build_optimizer, optimizer_class  # noqa: E40
 STEPS, SAVE_AT = 8, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: shared cores, and the same bits in the resumed and the uninterrupted run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread, bit-equal across processes
 
 
 class _Shifted(torch.utils.data.Dataset):

@@ -51,13 +51,7 @@ def _build(name: str, params, **overrides) -> torch.optim.Optimizer:
     return build_optimizer(name, params, **{**KWARGS.get(name, {}), **overrides})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the machine's cores are shared, and bit-equality across processes needs it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread, bit-equal across processes
 
 
 def _not_close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> int:
