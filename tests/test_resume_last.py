@@ -91,6 +91,32 @@ def test_checkpoint_dirs_are_the_dirpath_or_every_version_of_the_logger(tmp_path
                                         str(tmp_path / "c")]
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", devices=1)
     assert checkpoint_dirs(trainer) == []
+    for version, folder in ((3, "version_3"), ("ablation[1]", "ablation[[]1]")):  # chosen: that run's folder only
+        logger = CSVLogger(save_dir=str(tmp_path / "runs"), name="tiny", version=version)
+        trainer = L.Trainer(logger=logger, accelerator="cpu", devices=1, default_root_dir=tmp_path)
+        assert checkpoint_dirs(trainer, version) == [os.path.join(str(tmp_path / "runs" / "tiny"), folder,
+                                                                  "checkpoints")]
+
+
+def test_a_chosen_logger_version_resumes_only_its_own_checkpoints(tmp_path, monkeypatch, capsys):
+    """``lowmem fit --trainer.logger.init_args.version kill --ckpt_path last``: the restart resumes that run's
+    newest checkpoint, not a newer one of another version under the same name (before: a finished version_0 at
+    step 6 was "resumed" by a run of 6 steps, which trained 0 steps)."""
+    from lowmem_lightning.cli import main
+
+    entry = readme_checkpoint_entry().replace("every_n_train_steps: 100", "every_n_train_steps: 2")
+    (tmp_path / "recipe.yaml").write_text(paste_into((RECIPES_DIR / "tiny.yaml").read_text(), entry))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    args = [a if a != "30" else "{steps}" for a in _command(tmp_path)[3:]]
+    assert main([a.format(steps=6) for a in args]) == 0  # version_0, newest step 6
+    capsys.readouterr()
+    chosen = args + ["--trainer.logger.init_args.version", "kill"]
+    assert main([a.format(steps=4) for a in chosen]) == 0
+    assert "--ckpt_path last: no checkpoint yet in runs/tiny/kill/checkpoints" in capsys.readouterr().err
+    assert main([a.format(steps=6) for a in chosen]) == 0
+    assert "resuming from runs/tiny/kill/checkpoints/step=4.ckpt (step 4, the newest of 2" in capsys.readouterr().err
+    assert _train_steps(tmp_path / "runs/tiny/kill/metrics.csv")[-2:] == [4, 5]
 
 
 # ------------------------------------------------------------------ a real preemptible job

@@ -8,7 +8,9 @@ trains from step 0. Here "the run's directory" is, for each ``ModelCheckpoint`` 
 * its ``dirpath`` when set (the same folder across restarts), else
 * every ``*/checkpoints`` folder under the first logger's ``save_dir/name`` (``runs/tiny/version_*/
   checkpoints``: each restart logs to a new version and resumes from the newest checkpoint of any
-  earlier one), or ``default_root_dir/checkpoints`` without a logger,
+  earlier one), or only the version's folder when the logger's ``version`` was chosen (``version: 3`` or
+  ``version: ablation``: every restart logs there, and another version is another run), or
+  ``default_root_dir/checkpoints`` without a logger,
 
 and the checkpoint resumed is the one with the highest global step: read from Lightning's
 ``step=N`` in the file name, else from the checkpoint's ``global_step`` (loaded memory-mapped);
@@ -38,9 +40,10 @@ class Candidate:
     mtime: float
 
 
-def checkpoint_dirs(trainer) -> list[str]:
+def checkpoint_dirs(trainer, chosen_version: int | str | None = None) -> list[str]:
     """Glob patterns of the directories holding the checkpoints of ``trainer``'s ``ModelCheckpoint``
-    callbacks across restarts (see the module docstring); ``[]`` when it has none."""
+    callbacks across restarts (see the module docstring); ``[]`` when it has none. ``chosen_version``: the
+    first logger's ``version`` as the user configured it (``None``: not chosen, Lightning numbers each start)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     out = []
@@ -53,10 +56,16 @@ def checkpoint_dirs(trainer) -> list[str]:
             logger = trainer.loggers[0]
             save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
             root = glob.escape(os.path.join(str(save_dir), str(logger.name or "")))
-            out.append(os.path.join(root, "*", "checkpoints"))
+            folder = "*" if chosen_version is None else glob.escape(_version_folder(chosen_version))
+            out.append(os.path.join(root, folder, "checkpoints"))
         else:
             out.append(glob.escape(os.path.join(str(trainer.default_root_dir), "checkpoints")))
     return list(dict.fromkeys(out))
+
+
+def _version_folder(version: int | str) -> str:
+    """Lightning's folder name of a logger version: ``3`` -> ``version_3``, ``"ablation"`` -> ``ablation``."""
+    return version if isinstance(version, str) else f"version_{version}"
 
 
 def _complete(path: Path) -> bool:

@@ -98,8 +98,15 @@ class ResumeArgsMixin:
                         f"Resume it with --ckpt_path {path} --model_from_ckpt true, or log this run elsewhere "
                         "(another trainer.logger name) to start fresh.")
 
+    def _chosen_logger_version(self) -> int | str | None:
+        """The first logger's ``version`` as configured (``--trainer.logger.init_args.version``), else ``None``."""
+        logger = self.config["fit"]["trainer"].get("logger")
+        first = logger[0] if isinstance(logger, list) and logger else logger
+        init = first.get("init_args") if isinstance(first, Namespace) else None
+        return init.get("version") if isinstance(init, Namespace) else None
+
     def _resolve_last(self) -> str | None:
-        dirs = checkpoint_dirs(self.trainer)
+        dirs = checkpoint_dirs(self.trainer, self._chosen_logger_version())
         if not dirs:
             self._error(
                 "ckpt_path='last' resumes from the run's ModelCheckpoint directory, but this run has no "
