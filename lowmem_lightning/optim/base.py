@@ -110,7 +110,7 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
         self._check_defaults(dict(defaults))  # bad hyperparameters fail before any param is looked at
         _check_rounding(defaults)
         self._skipped: dict[torch.device, torch.Tensor] = {}
-        self._grad_norm: tuple | None = None  # (total norm, gradients' fingerprint) the next step() reuses
+        self._pending_norm: dict = {}  # "norm": (total norm, gradients' fingerprint) the next step() reuses
         self._step_norm: torch.Tensor | None = None  # ... while that step() runs
         self._released_groups: set[int] = set()
         self._param_slots: dict[int, tuple[int, int, int]] = {}  # id -> (group, global index, position)
@@ -130,7 +130,8 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
         if not differentiable:
             self.defaults.pop("differentiable", None)  # torch adds it; our groups do not carry it
         self.__dict__.setdefault("_skipped", {})
-        self.__dict__.setdefault("_grad_norm", None)
+        self.__dict__.pop("_grad_norm", None)  # pickled before the norm moved into _pending_norm
+        self.__dict__.setdefault("_pending_norm", {})
         self.__dict__.setdefault("_step_norm", None)
         self.__dict__.setdefault("_released_groups", set())
         self.__dict__["_param_slots"] = {}
@@ -197,7 +198,7 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_grads()
-        pending, self._grad_norm = self._grad_norm, None  # a reused norm serves this one step, if still current
+        pending = self._pending_norm.pop("norm", None)  # a reused norm serves this one step, if still current
         self._step_norm = pending[0] if pending is not None and pending[1] == self._grad_fingerprint() else None
         try:
             for group, per_device in self._params_by_device():

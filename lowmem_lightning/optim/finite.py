@@ -15,9 +15,14 @@ gradient norms it reads.
   ``torch.nn.utils.clip_grad_norm_`` returned) the next ``step()`` reads no gradient for the check: it applies
   every update when that total norm is finite and skips the *whole step* when it is not.
 
-The mixin keeps its data on the optimizer: ``_skipped`` (device -> skipped-update counter), ``_grad_norm``
-(the norm and gradients' fingerprint the next step reuses) and ``_step_norm`` (that norm while the step runs);
-the optimizer creates them and its ``step()`` moves ``_grad_norm`` into ``_step_norm``.
+The mixin keeps its data on the optimizer: ``_skipped`` (device -> skipped-update counter), ``_pending_norm``
+(a dict: under ``"norm"`` the norm and gradients' fingerprint the next step reuses) and ``_step_norm`` (that norm
+while the step runs); the optimizer creates them and its ``step()`` moves the pending norm into ``_step_norm``.
+The methods a user calls (``use_grad_norm``, ``clip_grad_norm_``, ``zero_grad``) change ``_pending_norm`` in place
+and never rebind an attribute: Lightning Fabric's ``_FabricOptimizer`` and Lightning's ``LightningOptimizer`` are
+instances of a class made on the fly that subclasses ours and forwards attribute *reads* to the wrapped optimizer,
+so a method called on the wrapper runs with the wrapper as ``self``, and an attribute it assigned would land on the
+wrapper, never seen by the wrapped optimizer's ``step()`` (the norm of ``fabric_opt.use_grad_norm(norm)`` was lost).
 """
 
 from __future__ import annotations
@@ -71,12 +76,12 @@ class FiniteGuard:
                              f"shape {tuple(total_norm.shape)}.")
         if is_dtensor(total_norm):
             total_norm = total_norm.full_tensor()
-        self._grad_norm = (total_norm.detach().reshape(()), self._grad_fingerprint())
+        self._pending_norm["norm"] = (total_norm.detach().reshape(()), self._grad_fingerprint())  # in place: wrappers
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``, which also drops a norm :meth:`use_grad_norm` left for a step that
         never ran (e.g. skipped by AMP's ``GradScaler``): the gradients it vouched for are gone."""
-        self._grad_norm = None
+        self._pending_norm.clear()  # in place (see the module docstring: wrappers)
         super().zero_grad(set_to_none)
 
     def _grad_fingerprint(self) -> tuple:
