@@ -76,7 +76,9 @@ def test_a_yaml_typo_in_the_optimizer_lists_the_new_names(tmp_path, capsys, monk
     (tmp_path / "typo.yaml").write_text(recipe.read_text().replace("optimizer: adamw_8bit", "optimizer: muon8bit"))
     error = _refused(capsys, ["fit", "--config", "typo.yaml", *SHORT], tmp_path)
     assert "Unknown optimizer 'muon8bit': expected one of " in error
-    assert error.split("expected one of ")[1].rstrip(".").split(", ") == available_optimizers()
+    listed, suggestion = error.split("expected one of ")[1].split(". Did you mean ")
+    assert listed.split(", ") == available_optimizers()
+    assert suggestion.startswith("'muon_8bit'?")
 
 
 @pytest.mark.parametrize(("flag", "value", "advice"), [

@@ -41,7 +41,7 @@ from lowmem_lightning.cli.config_edits import (
     type_model_config,
 )
 from lowmem_lightning.cli.held_logs import HeldLogs
-from lowmem_lightning.cli.messages import LowMemArgumentParser, notice, short, usage_error, with_setting
+from lowmem_lightning.cli.messages import LowMemArgumentParser, notice, say, short, usage_error, with_setting
 from lowmem_lightning.cli.quiet import quiet_known_noise
 from lowmem_lightning.cli.recipes import (
     DEFAULT_DATA,
@@ -57,7 +57,7 @@ from lowmem_lightning.cli.recipes import (
 from lowmem_lightning.cli.resume_args import ResumeArgsMixin, RunLrAfterResume
 from lowmem_lightning.cli.switch import switch_optimizer
 from lowmem_lightning.cli.versions import claim_version_dirs
-from lowmem_lightning.optim.registry import available_optimizers
+from lowmem_lightning.optim.registry import available_optimizers, unknown_optimizer_message
 
 __all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_recipes", "resolve_recipe",
            "DEFAULT_MODEL", "DEFAULT_DATA"]
@@ -317,7 +317,7 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
                 continue
             name = init_args(entry).get("optimizer", "adamw_8bit")
             if name not in available_optimizers():
-                self._error(f"Unknown optimizer {name!r}: expected one of {', '.join(available_optimizers())}.")
+                self._error(unknown_optimizer_message(name))
 
     def _config_dirs(self, cfg: Namespace) -> list[Path]:
         paths = cfg.get("config") or []
@@ -402,8 +402,8 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
                 raise
             remove_new_paths(created)
             done = "trained" if subcommand == "fit" else "run"
-            sys.stderr.write(f"lowmem {subcommand}: error: {short(err)}\n(nothing was {done} or written; "
-                             "LOWMEM_TRACEBACK=1 shows where it was raised)\n")
+            say(f"lowmem {subcommand}: error: {short(err)}\n(nothing was {done} or written; "
+                "LOWMEM_TRACEBACK=1 shows where it was raised)")
             raise SystemExit(2) from None
         except BaseException:  # a refusal in before_fit (exit 2), or an evaluation that failed
             if not started.started or subcommand != "fit":
@@ -557,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SIGTERMException:
         code = SIGTERM_EXIT_CODE
     except CheckpointWriteError as err:  # a full / read-only checkpoint directory: one message, exit 2
-        sys.stderr.write(f"{prog}: error: {err}\n")
+        say(f"{prog}: error: {err}")
         code = 2
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)

@@ -22,7 +22,7 @@ from lightning.pytorch import LightningModule
 
 from lowmem_lightning.cli.app import parse_fit_config
 from lowmem_lightning.cli.config_edits import import_class, init_args, is_optimizer_callback
-from lowmem_lightning.cli.messages import short, usage_error
+from lowmem_lightning.cli.messages import for_terminal, short, usage_error
 from lowmem_lightning.optim.registry import available_optimizers
 
 __all__ = ["build_meta_model", "estimate_main"]
@@ -134,7 +134,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message: str):
         """Print ``lowmem estimate: error: MESSAGE`` and the ``--help`` hint, exit with code 2."""
-        self.exit(2, f"{self.prog}: error: {message}\n(all options: {self.prog} --help)\n")
+        self.exit(2, for_terminal(f"{self.prog}: error: {message}\n(all options: {self.prog} --help)") + "\n")
 
 
 def estimate_main(argv: Sequence[str]) -> int:

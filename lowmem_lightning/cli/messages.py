@@ -8,6 +8,7 @@ import inspect
 import os
 import re
 import sys
+import textwrap
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
@@ -15,23 +16,51 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lowmem_lightning.cli.config_edits import import_class
 from lowmem_lightning.cli.resume import UNSET
 
-__all__ = ["LowMemArgumentParser", "condense_message", "notice", "short", "listing", "shown", "usage_error",
-           "with_setting"]
+__all__ = ["LowMemArgumentParser", "condense_message", "for_terminal", "notice", "say", "short", "listing", "shown",
+           "usage_error", "with_setting"]
 
 
 NOTICE_HOLDER: Any = None
 """While a :class:`~lowmem_lightning.cli.held_logs.HeldLogs` holds, it (its ``note``) takes the notices too."""
 
 
+def _terminal_columns() -> int | None:
+    """The width of the terminal stderr writes to, or ``None`` when stderr is not a terminal (a pipe, a file)."""
+    try:
+        if not sys.stderr.isatty():
+            return None
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (AttributeError, ValueError, OSError):  # replaced by an object without a file descriptor, or closed
+        return None
+
+
+def for_terminal(text: str) -> str:
+    """``text`` with each line longer than the terminal broken at spaces (continuation lines indented by two), so
+    an 80-column screen shows whole words; unchanged when stderr is not a terminal (one line per message, as a
+    script or log reads it). A word longer than the screen (a path) stays whole."""
+    columns = _terminal_columns()
+    if not columns:
+        return text
+    return "\n".join(
+        line if len(line) <= columns else textwrap.fill(
+            line, width=columns, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+        for line in text.split("\n"))
+
+
+def say(text: str) -> None:
+    """Write ``text`` and a newline on stderr, broken to the terminal's width (:func:`for_terminal`)."""
+    sys.stderr.write(for_terminal(text) + "\n")
+
+
 def notice(message: str | None) -> None:
-    """One line on stderr saying what the command changed in the config (``None``: nothing); held with
+    """One message on stderr saying what the command changed in the config (``None``: nothing); held with
     Lightning's set-up messages while :data:`NOTICE_HOLDER` is set (a refused command prints only its error)."""
     if not message:
         return
     if NOTICE_HOLDER is not None:
-        NOTICE_HOLDER.note(f"lowmem: {message}\n")
+        NOTICE_HOLDER.note(for_terminal(f"lowmem: {message}") + "\n")
     else:
-        sys.stderr.write(f"lowmem: {message}\n")
+        say(f"lowmem: {message}")
 
 
 
@@ -44,7 +73,7 @@ class LowMemArgumentParser(LightningArgumentParser):
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"{prog}: error: {condense_message(message)}\n(all options: {prog} --help)\n")
+        say(f"{prog}: error: {condense_message(message)}\n(all options: {prog} --help)")
         self.exit(2)
 
 
@@ -142,7 +171,7 @@ def shown(value: Any) -> str:
 def usage_error(message: str, prog: str = "lowmem") -> int:
     """Print ``PROG: error: MESSAGE`` (``prog``: the command, with its subcommand when there is one) on stderr;
     returns exit code 2."""
-    sys.stderr.write(f"{prog}: error: {message}\n")
+    say(f"{prog}: error: {message}")
     return 2
 
 

@@ -11,9 +11,10 @@ folder exists, and the logger is given the number claimed.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
+
+from lowmem_lightning.cli.messages import say
 
 __all__ = ["claim_version_dir", "claim_version_dirs"]
 
@@ -50,8 +51,8 @@ def claim_version_dir(logger: Any) -> tuple[Path, Path] | None:
             continue
         logger._version = version
         if version != first:
-            sys.stderr.write(f"lowmem: {root / f'version_{first}'} was created by another run meanwhile; this run "
-                             f"logs to {folder}.\n")
+            say(f"lowmem: {root / f'version_{first}'} was created by another run meanwhile; this run logs to "
+                f"{folder}.")
         return folder, (outermost if not root_existed else folder)
     raise RuntimeError(f"Could not claim a new version folder under {root}: version_{version - MAX_TRIES} to "
                        f"version_{version - 1} all exist.")

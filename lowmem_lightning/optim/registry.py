@@ -5,12 +5,14 @@ Entries are ``"module:Class"`` strings imported on first use, so importing the r
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Iterable
 
 import torch
 
-__all__ = ["OPTIMIZERS", "available_optimizers", "optimizer_class", "build_optimizer", "register_optimizer"]
+__all__ = ["OPTIMIZERS", "available_optimizers", "optimizer_class", "build_optimizer", "register_optimizer",
+           "unknown_optimizer_message"]
 
 OPTIMIZERS: dict[str, str] = {
     "adamw": "torch.optim:AdamW",
@@ -37,6 +39,15 @@ def available_optimizers() -> list[str]:
     return sorted(set(OPTIMIZERS) | set(_CLASSES))
 
 
+def unknown_optimizer_message(name: object, what: str = "Unknown optimizer ") -> str:
+    """The error for an optimizer name that is not registered: ``what`` and the name, every valid name, and the
+    closest one when the name looks like a typo (``'adamw_8bitt'``: did you mean ``'adamw_8bit'``?)."""
+    names = available_optimizers()
+    message = f"{what}{name!r}: expected one of {', '.join(names)}."
+    close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.75) if isinstance(name, str) else []
+    return f"{message} Did you mean {close[0]!r}?" if close else message
+
+
 def register_optimizer(name: str, cls_or_path: type | str) -> None:
     """Register ``name`` for a class (or a ``"module:Class"`` path) so ``build_optimizer`` can build it."""
     if isinstance(cls_or_path, str):
@@ -49,9 +60,7 @@ def register_optimizer(name: str, cls_or_path: type | str) -> None:
 def optimizer_class(name: str) -> type:
     """The class registered under ``name``; ``ValueError`` listing every valid name otherwise."""
     if not isinstance(name, str) or name not in OPTIMIZERS and name not in _CLASSES:
-        raise ValueError(
-            f"Unknown optimizer {name!r}: expected one of {', '.join(available_optimizers())}."
-        )
+        raise ValueError(unknown_optimizer_message(name))
     if name not in _CLASSES:
         module_name, _, cls_name = OPTIMIZERS[name].partition(":")
         _CLASSES[name] = getattr(importlib.import_module(module_name), cls_name)

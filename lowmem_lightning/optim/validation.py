@@ -116,12 +116,14 @@ def validate_optimizer_args(
     hyperparameter the optimizer's own constructor rejects (it is built once over a 1-element dummy
     tensor, which allocates no state).
     """
-    from lowmem_lightning.optim.registry import available_optimizers, build_optimizer  # the registry imports us
+    from lowmem_lightning.optim.registry import (  # the registry imports us
+        available_optimizers,
+        build_optimizer,
+        unknown_optimizer_message,
+    )
 
     if not isinstance(optimizer, str) or optimizer not in available_optimizers():
-        raise ValueError(
-            f"Invalid optimizer={optimizer!r}: expected one of {', '.join(available_optimizers())}."
-        )
+        raise ValueError(unknown_optimizer_message(optimizer, "Invalid optimizer="))
     check_lr(lr, "lr", allow_none=True)
     if weight_decay is not None:
         check_non_negative(weight_decay, "weight_decay")

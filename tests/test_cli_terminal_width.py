@@ -1,0 +1,100 @@
+"""What the ``lowmem`` command writes on stderr fits the user's terminal: a notice or a refusal longer than the
+screen is broken at spaces (continuation lines indented), so an 80-column terminal never splits a word; written to
+a pipe or a file it stays one line per message (scripts and logs grep it). An unknown optimizer name that looks
+like a typo gets the closest registered name."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+
+from lowmem_lightning.cli import messages
+from lowmem_lightning.optim.registry import build_optimizer, unknown_optimizer_message
+
+LONG = ("lowmem: --ckpt_path last: no checkpoint yet in runs/tiny/*/checkpoints; starting a fresh run (the same "
+        "command resumes from the newest checkpoint once one is saved).")
+
+
+def test_long_lines_break_at_spaces_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(messages, "_terminal_columns", lambda: 80)
+    text = messages.for_terminal(LONG + "\n(short line)")
+    lines = text.split("\n")
+    assert len(lines) == 4 and lines[-1] == "(short line)"
+    assert all(len(line) <= 80 for line in lines)
+    assert all(line.startswith("  ") and not line.startswith("   ") for line in lines[1:3])
+    assert " ".join(line.strip() for line in lines[:3]) == LONG
+
+
+def test_a_word_longer_than_the_screen_stays_whole(monkeypatch):
+    monkeypatch.setattr(messages, "_terminal_columns", lambda: 40)
+    path = "/data/" + "x" * 60 + "/last.ckpt"
+    lines = messages.for_terminal(f"lowmem: resuming from {path} (step 3)").split("\n")
+    assert path in [line.strip() for line in lines]
+
+
+def test_unchanged_when_stderr_is_not_a_terminal(monkeypatch):
+    monkeypatch.setattr(messages, "_terminal_columns", lambda: None)
+    assert messages.for_terminal(LONG) == LONG
+
+
+def test_captured_stderr_is_not_a_terminal(capsys):
+    messages.say(LONG)
+    assert capsys.readouterr().err == LONG + "\n"
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("adamw_8bitt", "adamw_8bit"), ("muon8bit", "muon_8bit"),
+                                             ("AdamW4bit", "adamw_4bit"), ("paged_adamw8bit", "paged_adamw_8bit")])
+def test_a_typo_gets_the_closest_name(typo, meant):
+    with pytest.raises(ValueError) as err:
+        build_optimizer(typo, [])
+    assert str(err.value).startswith(f"Unknown optimizer {typo!r}: expected one of ")
+    assert str(err.value).endswith(f"Did you mean {meant!r}?")
+
+
+def test_no_suggestion_for_a_name_unlike_any():
+    assert "Did you mean" not in unknown_optimizer_message("shampoo")
+    assert "Did you mean" not in unknown_optimizer_message(3)
+
+
+def _run_on_a_terminal(args: list[str], cwd, columns: int = 80) -> tuple[int, str]:
+    """Run ``python -m lowmem_lightning.cli ARGS`` with stdout and stderr on a pseudo-terminal ``columns`` wide."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, "-m", "lowmem_lightning.cli", *args], cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([leader], [], [], 120)
+        if not ready:
+            proc.kill()
+            break
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the process closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
+def test_a_refusal_on_an_80_column_terminal_breaks_at_words(tmp_path):
+    code, out = _run_on_a_terminal(["fit", "--config", "tiny.yaml", "--optim", "adamw_8bitt"], tmp_path)
+    assert code == 2, out
+    lines = out.strip("\n").split("\n")
+    assert all(len(line) <= 80 for line in lines), lines
+    text = " ".join(line.strip() for line in lines)
+    assert "lowmem fit: error: Unknown optimizer 'adamw_8bitt': expected one of adafactor, adamw," in text, text
+    assert "Did you mean 'adamw_8bit'?" in text and "(all options: lowmem fit --help)" in text, text
+    assert "Traceback" not in out and list(tmp_path.iterdir()) == []
