@@ -15,7 +15,8 @@ Parts (``--parts`` selects some):
 * ``sync``: ``step()`` of every optimizer under ``torch.cuda.set_sync_debug_mode("error")``.
 * ``step_time``: ``benchmarks/optim_step.py`` at 64M and 1B params (fp32 params + bf16 grads; bf16
   params) against torch AdamW fused/foreach and the peers that are installed (bitsandbytes, torchao,
-  transformers' Adafactor, the official CAME), with bytes moved and % of a same-size device copy.
+  transformers' Adafactor, the official CAME, FlashOptim's FlashAdamW with its 24-bit master weights (bf16
+  params only) and without), with bytes moved and % of a same-size device copy.
 * ``paged``: ``paged_adamw_8bit`` with a small ``gpu_budget_bytes`` against ``adamw_8bit``: step time
   and peak device memory.
 * ``qlora_7b``: a Llama-2-7B-architecture model with random weights created directly in NF4 on the
@@ -23,7 +24,8 @@ Parts (``--parts`` selects some):
   batch 1, gradient checkpointing, ``paged_adamw_8bit``, bf16: peak memory of a full training step
   (goal <= 6 GB) and step time, beside ``lowmem_lightning.estimate``'s figure for the same step (activations
   included, :func:`qlora_estimate`; goal within 10%); bitsandbytes' NF4 + peft the same way when installed.
-* ``release``: peak device memory of a training step with and without gradient release.
+* ``release``: peak device memory of a training step with and without gradient release; FlashOptim's
+  FlashAdamW (24-bit master weights) the same way with its own ``enable_gradient_release``, when installed.
 * ``full_ft_7b``: ``configs/full_finetune_7b.yaml`` as ``lowmem fit`` runs it (Lightning ``Trainer`` with
   the recipe's bf16-true precision and clipping, ``CausalLMModule`` with gradient checkpointing and the
   Llama-2-7B architecture, random bf16 weights created on the device by ``configure_model``, the recipe's
@@ -44,7 +46,8 @@ interpreter); the test-suite runs it, so the first GPU run cannot fail on a typo
     python benchmarks/gpu_check.py --dry-run --results /tmp/r.md
 
 The next device session (one H200, Python 3.12, 15 minutes of device time in all): first, here,
-``bash benchmarks/device_wheels.sh`` (bitsandbytes, jsonargparse + its two, torchdata into ``.whl/``, 43 MiB;
+``bash benchmarks/device_wheels.sh`` (bitsandbytes, jsonargparse + its two, torchdata, flashoptim into ``.whl/``,
+43 MiB;
 the image's own triton 3.6.0 matches its torch 2.11 and stays), then one ``run`` with ``carry: [".whl"]``,
 ``timeout_s: 600`` and the command::
 
@@ -65,7 +68,9 @@ speed) first, the same install line and then::
 adamw_8bit_persistent2,adamw_8bit_persistent4,adamw_8bit_persistent8; done 2>&1 | tee -a $OUT/log.txt
 
 (``timeout_s`` 560: 440 s of part budgets and two short optim_step runs), then, in what is left, ``full_ft_7b``
-alone (270 s) and the recommended parts in a later session.
+alone (270 s) and the recommended parts in a later session. With the FlashOptim rows (``step_time`` +40 s,
+``release`` +45 s of budget: its Triton JIT and autotuned quantizer, two more 735M models) the five parts' budgets
+are 525 s: drop the trailing loop (``step_time`` runs the same rows at 1G in both dtypes, same env and repeats).
 """
 
 from __future__ import annotations
@@ -85,15 +90,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-BUDGET_S = {"kernels": 70, "gpu_tests": 100, "sync": 25, "step_time": 190, "paged": 25, "qlora_7b": 100,
-            "release": 55, "full_ft_7b": 270, "long_run": 180}
+BUDGET_S = {"kernels": 70, "gpu_tests": 100, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
+            "release": 100, "full_ft_7b": 270, "long_run": 180}
 """Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
 55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
 (ours only), release 45. Not yet run on a GPU, sized from arithmetic: full_ft_7b (two rows, each a fresh
 process: imports ~15 s, a 7B built on the device, Triton compiles, 6 steps of ~1 s; a second attempt
 only if the first did not fit), qlora_7b with the bitsandbytes row (~2x ours), long_run (5 x 900 steps
 of a 113M model at ~25 ms, and five evaluations). The set of :data:`RECOMMENDED_PARTS` adds up to 550 s
-(9.2 minutes)."""
+(9.2 minutes). FlashOptim's rows, sized from its source and a CPU compile of its kernels for sm_90 (0.5-0.6 s
+each, triton 3.9), not yet run: ``step_time`` +40 s (three step-kernel variants, its autotuned 6-config
+quantizer for each new size and dtype, six 64M/1G rows), ``release`` +45 s (two more 735M models)."""
 
 RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
 """The parts the next device session runs, in one command (the module docstring has it)."""
@@ -295,9 +302,9 @@ def part_step_time(dry: bool) -> list[str]:
             md = Path(tmp) / "step.md"
             argv = ["--device", "cpu" if dry else "cuda", "--sizes", sizes, "--repeats", "2" if dry else "10",
                     "--warmup", "0" if dry else "2", "--no-csv", "--markdown", str(md), *extra]
-            if dry:
-                argv += ["--optimizers",
-                         "adamw_8bit,came_int8,torch_adamw_fused,adamw_8bit_persistent4,adamw_8bit_clip"]
+            if dry:  # the FlashOptim rows: their skip reason (CUDA only, or not installed)
+                argv += ["--optimizers", "adamw_8bit,came_int8,torch_adamw_fused,adamw_8bit_persistent4,"
+                         "adamw_8bit_clip,flashoptim_adamw,flashoptim_adamw_nomaster"]
             if optim_step.main(argv) != 0:
                 raise AssertionError(f"optim_step.py {' '.join(argv)} failed")
             lines += [line for line in md.read_text().splitlines() if not line.startswith("# ")] + [""]
@@ -627,28 +634,19 @@ def _bnb_qlora_row(config, device, seq: int) -> tuple[str, tuple[float, float] |
 
 def part_release(dry: bool) -> list[str]:
     """Peak device memory of a training step with and without gradient release (adamw_8bit, bf16)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientRelease
     from lowmem_lightning.optim import build_optimizer
 
     device = _device(dry)
-    hidden, layers = (64, 2) if dry else (2048, 12)
     lines = ["| step | params | peak memory (GB) | median step (ms) | optimizer calls per step | bucket_bytes |",
              "|---|---:|---:|---:|---:|---:|"]
     # per-tensor release (bucket_bytes=0) measured 2.1x a normal step on 2026-12-04: not re-run (part time budget)
     for release, bucket_bytes in ((False, 0), (True, DEFAULT_BUCKET_BYTES)):
         def build(release=release, bucket_bytes=bucket_bytes):
-            torch.manual_seed(0)
-            config = LlamaConfig(vocab_size=32000 if not dry else 256, hidden_size=hidden,
-                                 intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-                                 num_attention_heads=max(1, hidden // 128), max_position_embeddings=1024)
-            model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+            model, batch = _release_model(dry, device)
             build.params = sum(p.numel() for p in model.parameters())
             opt = build_optimizer("adamw_8bit", model.parameters(), lr=1e-4)
             build.hooks = hooks = GradientRelease(opt, bucket_bytes=bucket_bytes).attach() if release else None
-            batch = torch.randint(0, config.vocab_size, (1, 256 if not dry else 16), device=device)
 
             def step():
                 model(input_ids=batch, labels=batch).loss.backward()
@@ -663,7 +661,75 @@ def part_release(dry: bool) -> list[str]:
         calls = build.hooks.bucket_steps / steps if release else 1
         lines.append(f"| {label} | {build.params / 1e6:.0f}M | {peak:.2f} | {ms:.1f} | {calls:.0f} "
                      f"| {bucket_bytes if release else '-'} |")
+    return lines + _flashoptim_release_rows(dry, device)
+
+
+def _release_model(dry: bool, device):
+    """``(model, batch)`` of the ``release`` part: a Llama (hidden 2048, 12 layers, vocabulary 32000, head dim
+    128: 735M params; dry: hidden 64, 2 layers, 256 tokens) in bf16 on ``device``, fixed init, one sequence of
+    256 tokens (dry: 16)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers = (64, 2) if dry else (2048, 12)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000 if not dry else 256, hidden_size=hidden,
+                         intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 128), max_position_embeddings=1024)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    return model, torch.randint(0, config.vocab_size, (1, 256 if not dry else 16), device=device)
+
+
+FLASHOPTIM_RELEASE_LABELS = ("FlashOptim normal (FlashAdamW, 24-bit master: +1 B/param error bits)",
+                             "FlashOptim released (enable_gradient_release)")
+
+
+def _flashoptim_release_rows(dry: bool, device) -> list[str]:
+    """FlashOptim's FlashAdamW (its default 24-bit master weights, lr 1e-4 as ours) on the ``release`` model:
+    its normal step and its own gradient release (a hook per tensor steps it in backward, ``step()`` a no-op),
+    peak memory and median step beside ours; optimizer calls per step counted (``step_param`` per tensor when
+    released). One line with the reason when it cannot run (not installed, CUDA only)."""
+    sys.path.insert(0, str(HERE))
+    import release_step
+
+    lines = []
+    steps = 3 if dry else 5
+    for release, label in zip((False, True), FLASHOPTIM_RELEASE_LABELS):
+        row = {"calls": [0]}  # what the row's build made: its optimizer (hooks hold it weakly), params, calls
+
+        def build(release=release, row=row):
+            model, batch = _release_model(dry, device)
+            row["params"] = sum(p.numel() for p in model.parameters())
+            row["opt"], handle = release_step.flashoptim_optimizer(model, "flashoptim_adamw", 1e-4, release)
+            if handle is not None:
+                _count_calls(row["opt"], "step_param", row["calls"])
+
+            def step(opt=row["opt"]):
+                model(input_ids=batch, labels=batch).loss.backward()
+                if handle is None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            return step
+        try:
+            peak, ms = _peak_step(build, steps, device)
+        except release_step.PeerUnavailable as err:
+            return [f"| FlashOptim FlashAdamW (24-bit master), normal and released | - | - | - | - | {err} |"]
+        calls = row["calls"][0] / steps if release else 1
+        lines.append(f"| {label} | {row['params'] / 1e6:.0f}M | {peak:.2f} | {ms:.1f} | {calls:.0f} "
+                     f"| {'per tensor' if release else '-'} |")
+        row.clear()  # the optimizer, and through it the model, before the next row's build
     return lines
+
+
+def _count_calls(obj, method: str, counter: list[int]) -> None:
+    """Wrap ``obj.method`` (an instance attribute shadows the class's) so each call adds one to ``counter[0]``."""
+    inner = getattr(obj, method)
+
+    def counted(*args, **kwargs):
+        counter[0] += 1
+        return inner(*args, **kwargs)
+
+    setattr(obj, method, counted)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,8 +35,11 @@ like for like.
   ``adamw_8bit`` the one-program-per-tile kernel (unless ``LOWMEM_PERSISTENT_PROGRAMS_PER_SM`` is set).
 
 Peers are an optional extra (``pip install -e .[bench]``); a missing peer or one of our optimizers
-not in the registry yet gives a row that says so. Output: a markdown table (stdout, and ``--markdown``
-if given) and CSV rows appended to ``benchmarks/results.csv``.
+not in the registry yet gives a row that says so. FlashOptim (``flashoptim_adamw``: its default 24-bit master
+weights, an int8 error-correction tensor beside bf16/fp16 params; ``flashoptim_adamw_nomaster``:
+``master_weight_bits=None``) runs on CUDA only: elsewhere its rows say "skipped" and why; its state is counted
+from its own containers (8-bit codes + fp16 scales per 32 elements, and the error bits) like every peer's.
+Output: a markdown table (stdout, and ``--markdown`` if given) and CSV rows appended to ``benchmarks/results.csv``.
 
     python benchmarks/optim_step.py --device cpu --sizes 4M,16M --repeats 20
     python benchmarks/optim_step.py --device cuda --sizes 64M,1G --grad-dtype bfloat16
@@ -158,6 +161,44 @@ def _torchao(name: str):
     return _peer("torchao.optim", lambda ao, ps: getattr(ao, name)(ps, lr=1e-3, weight_decay=0.01))
 
 
+FLASHOPTIM_ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+"""Hyperparameters of the FlashOptim rows: those of the ``adamw_8bit`` row (its lr and weight decay, our registry's
+betas and eps); FlashAdamW applies them as torch's AdamW does (decoupled decay ``p *= 1 - lr * wd``, bias-corrected
+moments, eps added to ``sqrt(v_hat)``)."""
+
+
+def flashoptim_kwargs(master_weight_bits: int | None) -> dict:
+    """Keyword arguments of ``flashoptim.FlashAdamW`` for a row: :data:`FLASHOPTIM_ADAMW` and the master-weight
+    setting (24: its default, an int8 error-correction tensor per bf16/fp16 param; None: none); its own defaults
+    otherwise (8-bit states, fused Triton step, no numerics check)."""
+    if master_weight_bits not in (None, 24, 32):
+        raise ValueError(f"Invalid master_weight_bits {master_weight_bits!r}: expected None, 24 or 32")
+    return {**FLASHOPTIM_ADAMW, "master_weight_bits": master_weight_bits}
+
+
+def flashoptim_skip_reason(params, master_weight_bits: int | None) -> str | None:
+    """Why FlashOptim cannot run on ``params`` (None when it can): master weights of 24/32 bits only apply to
+    bf16/fp16 params (FlashAdamW refuses them for all-fp32 params), and its 8-bit states, error bits and fused
+    step need CUDA tensors."""
+    if master_weight_bits is not None and all(p.dtype == torch.float32 for p in params):
+        return (f"not applicable: master_weight_bits={master_weight_bits} corrects bf16/fp16 params; these are "
+                "float32 (flashoptim_adamw_nomaster is the fp32 row)")
+    devices = sorted({p.device.type for p in params} - {"cuda"})
+    if devices:
+        return f"skipped: FlashOptim is CUDA only (8-bit states, error bits, fused Triton step); params on {devices[0]}"
+    return None
+
+
+def _flashoptim(master_weight_bits: int | None) -> Callable:
+    def factory(flashoptim, params):
+        reason = flashoptim_skip_reason(params, master_weight_bits)
+        if reason:
+            raise Unavailable(reason)
+        return flashoptim.FlashAdamW(params, **flashoptim_kwargs(master_weight_bits))
+
+    return _peer("flashoptim", factory)
+
+
 def _hf_adafactor(**kwargs):
     return _peer(
         "transformers.optimization",
@@ -215,6 +256,8 @@ ROWS = [
     Row("bnb_paged_adamw_8bit", _bnb("PagedAdamW8bit"), False),
     Row("torchao_adamw_8bit", _torchao("AdamW8bit"), False),
     Row("torchao_adamw_4bit", _torchao("AdamW4bit"), False),
+    Row("flashoptim_adamw", _flashoptim(24), False),
+    Row("flashoptim_adamw_nomaster", _flashoptim(None), False),
     Row("torch_sgd_foreach", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True), False),
     Row("sgd", _ours("sgd", lr=1e-3, momentum=0.9), True),
     Row("sgd_int8", _ours("sgd", lr=1e-3, momentum=0.9, momentum_dtype="int8"), True),
@@ -288,7 +331,8 @@ def matrix_shapes(total: int, count: int) -> list[tuple[int, int]]:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, ours: bool) -> int:
-    """Bytes of optimizer state: ``state_memory`` for ours, distinct storages of every state tensor for peers."""
+    """Bytes of optimizer state: ``state_memory`` for ours, distinct storages of every state tensor for peers
+    (FlashOptim's moment containers through their codes and scales, or their plain tensor)."""
     if ours:
         from lowmem_lightning.optim import state_memory
 
@@ -306,6 +350,8 @@ def state_bytes(optimizer: torch.optim.Optimizer, ours: bool) -> int:
 
 
 def _leaf_tensors(value) -> list[torch.Tensor]:
+    if _is_flashoptim_state(value):  # FlashOptim's 8-bit-or-plain container of one moment
+        return [value.quantized, value.scales] if value.is_quantized() else [value.data]
     if not isinstance(value, torch.Tensor):
         return []
     flatten = getattr(value, "__tensor_flatten__", None)
@@ -313,6 +359,24 @@ def _leaf_tensors(value) -> list[torch.Tensor]:
         names, _ = flatten()
         return [leaf for name in names for leaf in _leaf_tensors(getattr(value, name))]
     return [value]
+
+
+def _is_flashoptim_state(value) -> bool:
+    """True for FlashOptim's moment container (not a tensor: int8/uint8 codes + fp16 scales, or a plain tensor)."""
+    return not isinstance(value, torch.Tensor) and all(  # on the class: its properties assert when read unset
+        hasattr(type(value), name) for name in ("is_quantized", "quantized", "scales", "kernel_tensor"))
+
+
+def flashoptim_state_bytes_per_param(param_dtype: torch.dtype, master_weight_bits: int | None,
+                                     group: int = 32) -> float:
+    """FlashAdamW's state bytes per param from its source (flashoptim 0.1.4), for comparison with the measured
+    figure: m and v as 8-bit codes with one fp16 scale per ``group`` elements each, plus error-correction bits of
+    ``master_weight_bits / 8`` bytes less the param's own (int8 for bf16 + 24 bits, int16 for + 32; none for fp32
+    params or None). Per-tensor step counters left out."""
+    moments = 2 * (1 + 2 / group)
+    own = torch.empty((), dtype=param_dtype).element_size()
+    correction = 0 if master_weight_bits is None else max(master_weight_bits // 8 - own, 0)
+    return moments + correction
 
 
 class Timer:

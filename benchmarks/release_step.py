@@ -14,6 +14,15 @@ machine noise hits both alike). ``--repeats`` timed steps after ``--warmup``.
 each optimizer, one backward per bucket size (0 and ``--bucket-bytes``) counting the optimizer calls
 made in backward and the peak bytes of gradients alive (summed over ``.grad`` at every gradient's
 arrival), against a normal step's (every gradient alive at the end of backward).
+
+FlashOptim rows (:data:`FLASHOPTIM_ROWS`, CUDA only: elsewhere a row that says "skipped" and why): its
+``FlashAdamW`` with the AdamW hyperparameters of ``adamw_8bit`` (``optim_step.FLASHOPTIM_ADAMW``), the normal
+step against its own ``enable_gradient_release`` (a hook per parameter steps it and frees its gradient;
+``step()`` and ``zero_grad()`` are then no-ops). ``--gpu-check-size`` is ``gpu_check.py``'s ``release`` model
+(hidden 2048, 12 layers, vocabulary 32000, head dim 128, batch 1, seq 256, bf16 weights):
+
+    python benchmarks/release_step.py --device cuda --gpu-check-size --optimizers adamw_8bit,flashoptim_adamw \
+        --warmup 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -27,20 +36,55 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import optim_step  # noqa: E402
 
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientRelease  # noqa: E402
 from lowmem_lightning.optim import build_optimizer  # noqa: E402
 
-LR = {"adamw_8bit": 1e-3, "paged_adamw_8bit": 1e-3, "came": 1e-4, "sgd": 1e-2, "adamw": 1e-3, "adafactor": None}
+LR = {"adamw_8bit": 1e-3, "paged_adamw_8bit": 1e-3, "came": 1e-4, "sgd": 1e-2, "adamw": 1e-3, "adafactor": None,
+      "flashoptim_adamw": 1e-3, "flashoptim_adamw_nomaster": 1e-3}
+
+FLASHOPTIM_ROWS = {"flashoptim_adamw": 24, "flashoptim_adamw_nomaster": None}
+"""Row name -> FlashAdamW's ``master_weight_bits`` (24: its default, int8 error bits beside bf16 weights)."""
+
+GPU_CHECK_SIZE = {"hidden": 2048, "layers": 12, "vocab": 32000, "head_dim": 128, "batch": 1, "seq": 256,
+                  "dtype": "bfloat16"}
+"""``gpu_check.py``'s ``release`` model and batch (735M params), set by ``--gpu-check-size``."""
 
 
-def tiny_llama(hidden: int, layers: int, seed: int = 0):
-    """A Llama of ``layers`` blocks of width ``hidden`` (byte vocabulary), fixed init."""
+class PeerUnavailable(Exception):
+    """A peer row that cannot run here; the message says why."""
+
+
+def flashoptim_optimizer(model: torch.nn.Module, name: str, lr: float, release: bool, **overrides):
+    """``(FlashAdamW over model's trainable params, its gradient-release handle or None)`` for FlashOptim row
+    ``name``: :data:`FLASHOPTIM_ROWS`' master-weight bits and ``optim_step.FLASHOPTIM_ADAMW`` with ``lr``;
+    ``overrides`` replace FlashAdamW arguments (e.g. its unquantized, unfused CPU path in tests). Raises
+    :class:`PeerUnavailable` when flashoptim is not installed or cannot run on these params (CUDA only)."""
+    if name not in FLASHOPTIM_ROWS:
+        raise ValueError(f"Invalid FlashOptim row {name!r}: expected one of {', '.join(FLASHOPTIM_ROWS)}")
+    try:
+        import flashoptim
+    except ImportError as err:
+        raise PeerUnavailable(f"not available: `flashoptim` not installed (pip install -e .[bench]): {err}") from err
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = {**optim_step.flashoptim_kwargs(FLASHOPTIM_ROWS[name]), "lr": lr, **overrides}
+    reason = None if overrides else optim_step.flashoptim_skip_reason(params, kwargs["master_weight_bits"])
+    if reason:
+        raise PeerUnavailable(reason)
+    opt = flashoptim.FlashAdamW(params, **kwargs)
+    return opt, (flashoptim.enable_gradient_release(model, opt) if release else None)
+
+
+def tiny_llama(hidden: int, layers: int, seed: int = 0, vocab: int = 256, head_dim: int = 64):
+    """A Llama of ``layers`` blocks of width ``hidden`` (``vocab`` tokens, heads of ``head_dim``), fixed init."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // head_dim),
                          max_position_embeddings=1024)
     return LlamaForCausalLM(config)
 
@@ -49,30 +93,45 @@ class Run:
     """One model + optimizer, stepped normally or with gradient release."""
 
     def __init__(self, name: str, release: bool, args):
-        self.model = tiny_llama(args.hidden, args.layers)
+        self.device = torch.device(getattr(args, "device", "cpu"))
+        dtype = getattr(torch, getattr(args, "dtype", "float32"))
+        self.model = tiny_llama(args.hidden, args.layers, vocab=getattr(args, "vocab", 256),
+                                head_dim=getattr(args, "head_dim", 64)).to(device=self.device, dtype=dtype)
         lr = LR.get(name, 1e-3)
+        self.flash_release = None
+        self.hooks = None
+        if name in FLASHOPTIM_ROWS:
+            self.opt, self.flash_release = flashoptim_optimizer(self.model, name, lr, release)
+            return
         kwargs = {} if lr is None else {"lr": lr}
         self.opt = build_optimizer(name, self.model.parameters(), **kwargs)
         self.hooks = GradientRelease(self.opt, bucket_bytes=args.bucket_bytes).attach() if release else None
 
     def step(self, batch: torch.Tensor) -> float:
-        """One training step; returns its wall time in ms."""
+        """One training step; returns its wall time in ms (CUDA: synchronized at the end)."""
         begin = time.perf_counter()
         self.model(input_ids=batch, labels=batch).loss.backward()
         if self.hooks is not None:
             self.hooks.finish_step()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.flash_release is None:  # FlashOptim's release stepped every param in backward and freed its grad
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return (time.perf_counter() - begin) * 1e3
 
 
 def measure(name: str, args) -> dict:
-    """Median step ms of the normal and the released run (alternating steps) and their ratio."""
-    normal, released = Run(name, False, args), Run(name, True, args)
+    """Median step ms of the normal and the released run (alternating steps) and their ratio; a peer that cannot
+    run here gives ``{"optimizer", "note"}``."""
+    try:
+        normal, released = Run(name, False, args), Run(name, True, args)
+    except PeerUnavailable as err:
+        return {"optimizer": name, "note": str(err)}
     gen = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {"normal": [], "released": []}
     for i in range(args.warmup + args.repeats):
-        batch = torch.randint(0, 256, (args.batch, args.seq), generator=gen)
+        batch = torch.randint(0, getattr(args, "vocab", 256), (args.batch, args.seq), generator=gen).to(normal.device)
         order = [("normal", normal), ("released", released)]
         for key, run in order if i % 2 == 0 else order[::-1]:
             elapsed = run.step(batch)
@@ -82,7 +141,7 @@ def measure(name: str, args) -> dict:
     params = sum(p.numel() for p in normal.model.parameters())
     a, b = statistics.median(times["normal"]), statistics.median(times["released"])
     return {"optimizer": name, "params": params, "tensors": tensors, "normal_ms": a, "released_ms": b,
-            "ratio": b / a}
+            "ratio": b / a, "note": ""}
 
 
 def count(name: str, args) -> list[dict]:
@@ -123,12 +182,15 @@ def count_markdown(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as a markdown table."""
-    lines = ["| optimizer | params | tensors | normal step (ms) | released step (ms) | released / normal |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """The rows as a markdown table (a row that could not run: dashes and its note)."""
+    lines = ["| optimizer | params | tensors | normal step (ms) | released step (ms) | released / normal | note |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        if "ratio" not in r:
+            lines.append(f"| {r['optimizer']} | - | - | - | - | - | {r['note']} |")
+            continue
         lines.append(f"| {r['optimizer']} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['normal_ms']:.1f} | "
-                     f"{r['released_ms']:.1f} | {r['ratio']:.3f} |")
+                     f"{r['released_ms']:.1f} | {r['ratio']:.3f} | {r['note']} |")
     return "\n".join(lines)
 
 
@@ -144,7 +206,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bucket-bytes", type=int, default=DEFAULT_BUCKET_BYTES,
                         help="gradient release bucket in bytes (0: each tensor alone)")
     parser.add_argument("--count", action="store_true", help="count calls and gradient bytes, time nothing")
-    return parser.parse_args(argv)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model weights' dtype")
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--gpu-check-size", action="store_true",
+                        help=f"gpu_check.py's release model and batch: {GPU_CHECK_SIZE}")
+    args = parser.parse_args(argv)
+    if args.gpu_check_size:
+        for key, value in GPU_CHECK_SIZE.items():
+            setattr(args, key, value)
+    flash = [n for n in args.optimizers.split(",") if n in FLASHOPTIM_ROWS]
+    if args.count and flash:
+        parser.error(f"--count counts our GradientRelease only; --optimizers has FlashOptim rows {flash}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    return args
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 code on the CPU at toy sizes (kernels under the Triton interpreter), so the first, short GPU session
 cannot fail on a typo; the dated section it writes names the device and each part's status."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -52,6 +53,9 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path, monkeypatch):
     assert "| came (one group, 3 tensors) | float32 |" in text
     assert "`pytest -m gpu` (collect only, no GPU): exit 0" in text
     assert "| released (step_in_backward) |" in text
+    skip = "CUDA only" if importlib.util.find_spec("flashoptim") else "not installed"  # FlashOptim's rows say why
+    assert text.count("| flashoptim_adamw | 64K |") == 2 and text.count("| flashoptim_adamw_nomaster | 64K |") == 2
+    assert "| FlashOptim FlashAdamW (24-bit master), normal and released |" in text and skip in text
 
 
 def test_gpu_check_reports_a_failing_part_and_runs_the_rest(tmp_path):
