@@ -202,6 +202,18 @@ PYTHON_BLOCKS = {
               'else trainer.optimizer, optimizer_class("muon_8bit"))\n'
               'from lowmem_lightning.optim.muon import uses_muon\n'
               'assert not uses_muon(model.model.embed_tokens.weight, "model.embed_tokens.weight")\n'),
+    "fabric.clip_gradients(model, opt, max_norm=1.0, error_if_nonfinite=False)": Snippet(
+        "run", "Fabric, build_optimizer: imported; model: an MLP with a 5120-element weight; loader: 4 batches; "
+        "loss_fn: MSE; then every one of the 4 steps applied (no skip)",
+        prelude='import torch\nfrom torch import nn\nfrom lightning.fabric import Fabric\n'
+                'from lowmem_lightning.optim import build_optimizer\n'
+                'torch.manual_seed(0)\nmodel = nn.Sequential(nn.Linear(64, 80), nn.Tanh(), nn.Linear(80, 8))\n'
+                '_x = torch.randn(32, 64)\nloader = [(_x[i:i + 8], _x[i:i + 8, :8].sin()) for i in range(0, 32, 8)]\n'
+                'loss_fn = nn.functional.mse_loss\n',
+        check='from lowmem_lightning.optim import optimizer_class\n'
+              'assert isinstance(opt.optimizer, optimizer_class("adamw_4bit"))\n'
+              'assert all(float(s["step"]) == 4 for s in opt.optimizer.state.values())\n'
+              'assert opt.skipped_updates == 0\n'),
 }
 """Stable substring of each README python block -> how it is exercised."""
 
