@@ -574,3 +574,42 @@ def test_accelerate_step_was_skipped_knows_only_its_grad_scaler(reuse_norm):
     steps = {tuple(p.shape): float(opt.optimizer.state[p]["step"]) for p in model.parameters()}
     assert steps[(8,)] == STEPS - 1  # the inf bias: its update (and step counter) skipped either way
     assert set(steps.values()) == ({STEPS - 1} if reuse_norm else {STEPS - 1, STEPS})
+
+
+def test_fabric_refuses_another_optimizers_checkpoint_by_name(tmp_path):
+    """A torch AdamW checkpoint ``fabric.load``ed into CAME (no conversion between them): our ``ValueError`` comes
+    through Fabric naming both classes, and the optimizer is left as it was."""
+    fabric, model, opt, sched = fabric_setup("adamw", "32-true")
+    fabric_steps(fabric, model, opt, sched, 0, 1)
+    fabric.save(tmp_path / "adamw.ckpt", {"model": model, "optimizer": opt})
+    fabric, model, came, _ = fabric_setup("came", "32-true")
+    with pytest.raises(ValueError, match="AdamW.*CAME|CAME.*AdamW"):
+        fabric.load(tmp_path / "adamw.ckpt", {"model": model, "optimizer": came})
+    assert not came.state
+
+
+def test_fabric_muon_from_the_set_up_modules_named_parameters():
+    """Muon built after ``fabric.setup_module`` from the wrapper's ``named_parameters()`` (names carry Fabric's
+    ``_forward_module.`` prefix): the embedding and the ``lm_head`` still take the AdamW part, the hidden matrix
+    Muon's, and the loop trains."""
+    from lightning.fabric import Fabric
+
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"embed": nn.Embedding(32, 64), "hidden": nn.Linear(64, 64), "lm_head": nn.Linear(64, 32)})
+    fabric = Fabric(accelerator="cpu", devices=1)
+    module = fabric.setup_module(net)
+    opt = fabric.setup_optimizers(build_optimizer("muon_8bit", module.named_parameters(), lr=2e-2))
+    muon = {n: "momentum_codes" in {s.name for s in opt.state_layout(p)} for n, p in module.named_parameters()
+            if p.ndim == 2}
+    assert muon == {"_forward_module.embed.weight": False, "_forward_module.hidden.weight": True,
+                    "_forward_module.lm_head.weight": False}
+    ids = torch.randint(0, 32, (8, 6), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(4):
+        logits = net["lm_head"](torch.tanh(net["hidden"](net["embed"](ids))))
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+        fabric.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and opt.skipped_updates == 0
