@@ -47,8 +47,7 @@ interpreter); the test-suite runs it, so the first GPU run cannot fail on a typo
 
 The next device session (one H200, Python 3.12, 15 minutes of device time in all): first, here,
 ``bash benchmarks/device_wheels.sh`` (bitsandbytes, jsonargparse + its two, torchdata, flashoptim into ``.whl/``,
-43 MiB;
-the image's own triton 3.6.0 matches its torch 2.11 and stays), then one ``run`` with ``carry: [".whl"]``,
+43 MiB; the image's own triton 3.6.0 matches its torch 2.11 and stays), then one ``run`` with ``carry: [".whl"]``,
 ``timeout_s: 600`` and the command::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
