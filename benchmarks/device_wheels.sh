@@ -4,10 +4,12 @@
 # lightning 2.6.6, transformers, peft, accelerate, matplotlib, safetensors, rich: /work/.library/device/KINDS.md).
 #
 # Missing there and carried: our package's jsonargparse[signatures] (+ docstring-parser, typeshed-client) and
-# torchdata, bitsandbytes for the peer rows (qlora_7b, long_run), and flashoptim (pure Python, 46 kB: Triton kernels
-# compiled on the device; needs torch >= 2.6 and triton >= 3.0, which the image has) for the FlashOptim rows of
-# step_time and release. No triton wheel: the image's triton 3.6.0 is the one its torch 2.11 was built against,
-# and our kernels ran under it (RESULTS.md, 2026-12-04).
+# torchdata; bitsandbytes for the peer rows (qlora_7b, long_run, step_time); torchao (3.4 MB: its low-bit
+# optimizers are Python; the first H200 run had 0.18.0 beside torch 2.11) and came-pytorch (6 kB) for the
+# step_time peer rows; flashoptim (pure Python, 46 kB: Triton kernels compiled on the device; needs torch >= 2.6
+# and triton >= 3.0, which the image has) for the FlashOptim rows of step_time and release. No triton wheel: the
+# image's triton 3.6.0 is the one its torch 2.11 was built against, and our kernels ran under it (RESULTS.md,
+# 2026-12-04).
 #
 #   bash benchmarks/device_wheels.sh          # then carry ".whl" in the device run (gpu_check.py docstring)
 set -euo pipefail
@@ -23,6 +25,8 @@ WHEELS=(
   typeshed-client==2.15.0
   torchdata==0.11.0
   flashoptim==0.1.4
+  torchao==0.18.0
+  came-pytorch==0.1.3
 )
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
