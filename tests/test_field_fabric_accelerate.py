@@ -382,8 +382,17 @@ for name in {names!r}:
     opt = make_optimizer(name, model)
     sched = make_scheduler(opt)
     model, opt = fabric.setup(model, opt)
-    fabric_steps(fabric, model, opt, sched, 0, {steps}, reuse_norm=True)
+    fabric_steps(fabric, model, opt, sched, 0, {save_at}, reuse_norm=True)
+    fabric.save(f"{tmp}/ddp-{{name}}.ckpt", {{"model": model, "optimizer": opt, "sched": sched}})
+    fabric_steps(fabric, model, opt, sched, {save_at}, {steps} - {save_at}, reuse_norm=True)
     out[name] = {{"params": model.state_dict(), "state": state_tensors(opt)}}
+    model = make_model()  # resumed: fresh objects, fabric.load, the rest of the steps
+    opt = make_optimizer(name, model)
+    sched = make_scheduler(opt)
+    model, opt = fabric.setup(model, opt)
+    fabric.load(f"{tmp}/ddp-{{name}}.ckpt", {{"model": model, "optimizer": opt, "sched": sched}})
+    fabric_steps(fabric, model, opt, sched, {save_at}, {steps} - {save_at}, reuse_norm=True)
+    out[name + "-resumed"] = {{"params": model.state_dict(), "state": state_tensors(opt)}}
 torch.save(out, f"{tmp}/ddp-rank{{rank}}.pt")
 '''
 
@@ -400,9 +409,11 @@ def test_fabric_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path
     """``Fabric(strategy="ddp", devices=2)`` + ``fabric.launch()`` on two CPU processes (gloo), each on half of every
     micro-batch, accumulation under ``no_backward_sync``, the clipping norm handed to our step: both ranks hold the
     same params and state bit for bit, and they equal one process trained on the whole batch within test_ddp's
-    tolerances (rtol 1e-4, atol 2e-5; the all-reduce sums in another order)."""
+    tolerances (rtol 1e-4, atol 2e-5; the all-reduce sums in another order). ``fabric.save`` mid-run (rank 0
+    writes) and ``fabric.load`` into fresh objects on both ranks continue bit-exactly."""
     script = tmp_path / "ddp_fabric.py"
-    script.write_text(_DDP_SCRIPT.format(here=str(HERE), names=DDP_OPTIMIZERS, steps=STEPS, tmp=str(tmp_path)))
+    script.write_text(_DDP_SCRIPT.format(here=str(HERE), names=DDP_OPTIMIZERS, steps=STEPS, save_at=SAVE_AT,
+                                         tmp=str(tmp_path)))
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "LOWMEM_CPU_COMPILE": "0",
            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "HOME": os.environ.get("HOME", "/tmp")}
@@ -413,6 +424,9 @@ def test_fabric_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path
     for name in DDP_OPTIMIZERS:
         assert_bit_equal(ranks[0][name]["params"], ranks[1][name]["params"], f"{name} ranks' params")
         assert_bit_equal(ranks[0][name]["state"], ranks[1][name]["state"], f"{name} ranks' state")
+        for rank in ranks:
+            assert_bit_equal(rank[name]["params"], rank[name + "-resumed"]["params"], f"{name} resumed params")
+            assert_bit_equal(rank[name]["state"], rank[name + "-resumed"]["state"], f"{name} resumed state")
         fabric, model, opt, sched = fabric_setup(name, "32-true")
         fabric_steps(fabric, model, opt, sched, 0, STEPS, reuse_norm=True)
         for key, value in model.state_dict().items():
