@@ -313,6 +313,23 @@ def test_norm_handed_to_a_wrapper_reaches_the_wrapped_optimizer(wrapper):
     assert not inner._pending_norm  # consumed by the step
 
 
+def test_an_optimizer_pickled_before_the_pending_norm_dict_unpickles_and_reuses_norms():
+    """An optimizer pickled by the release that kept the norm in ``_grad_norm`` (an attribute, no ``_pending_norm``)
+    unpickles without it, and the next ``use_grad_norm`` reaches its step (one gradient read fewer)."""
+    model = make_model()
+    opt = make_optimizer("adamw_8bit", model)
+    old = opt.__getstate__()
+    old.pop("_pending_norm")
+    old["_grad_norm"] = None
+    restored = type(opt).__new__(type(opt))
+    restored.__setstate__(old)
+    assert "_grad_norm" not in vars(restored) and restored._pending_norm == {}
+    loss_of(model(micro_batch(0)[0]), micro_batch(0)[1]).backward()
+    restored.clip_grad_norm_(1.0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        restored.step()
+    assert _gradient_reads(prof.events()) == 0
+
 def test_fabric_clip_gradients_with_an_inf_gradient():
     """An inf gradient: ``fabric.clip_gradients`` raises by default (Fabric's ``error_if_nonfinite=True``: theirs);
     with ``error_if_nonfinite=False`` and the norm handed to our step, the whole step is skipped (params and state
