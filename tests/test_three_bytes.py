@@ -88,3 +88,17 @@ def test_grad_meter_sees_the_whole_buffer_without_release(three_bytes):
 def test_unknown_row_is_refused(three_bytes):
     with pytest.raises(SystemExit, match="unknown row 'nope'"):
         three_bytes.main(TINY + ["--only", "nope"])
+
+
+def test_lagged_norm_clip_scales_by_the_previous_steps_norm(three_bytes):
+    weight = torch.nn.Parameter(torch.zeros(3))
+    clip = three_bytes.LaggedNormClip([weight], max_norm=1.0)
+    (weight * torch.tensor([3.0, 4.0, 0.0])).sum().backward()  # norm 5: first step unscaled
+    assert weight.grad.tolist() == [3.0, 4.0, 0.0]
+    clip.end_step()
+    weight.grad = None
+    (weight * torch.tensor([6.0, 8.0, 0.0])).sum().backward()  # scaled by 1/5, the previous norm
+    assert weight.grad.tolist() == pytest.approx([1.2, 1.6, 0.0])
+    clip.end_step()
+    assert clip.scale == pytest.approx(1 / 10)
+    clip.remove()
