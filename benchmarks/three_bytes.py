@@ -547,23 +547,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+SETTINGS = ("steps", "warmup", "batch", "seq", "hidden", "layers", "eval_batches", "corpus_bytes", "lr_scale")
+"""Options that must match for saved runs to be compared in one report."""
+
+
+def load_saved(paths: list[Path]) -> tuple[list[RunResult], dict[str, str]]:
+    """Runs and notes of ``--save`` files; refuses files made with different :data:`SETTINGS` (a file without
+    recorded settings is taken as it is)."""
+    results, notes, settings = [], {}, {}
+    for path in paths:
+        saved = json.loads(path.read_text())
+        for key, value in saved.get("settings", {}).items():
+            if settings.setdefault(key, value) != value:
+                raise SystemExit(f"--report: {path} has {key}={value!r}, another file {settings[key]!r}; "
+                                 "report runs of the same settings together")
+        results += [RunResult(**r) for r in saved["results"]]
+        notes.update(saved["notes"])
+    return results, notes
+
+
 def main(argv=None) -> int:
     """Train the chosen rows (or merge saved runs), print and write the report."""
     args = parse_args(argv)
     command = "python benchmarks/three_bytes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.report:
-        results, notes = [], {}
-        for path in args.report:
-            saved = json.loads(path.read_text())
-            results += [RunResult(**r) for r in saved["results"]]
-            notes.update(saved["notes"])
+        results, notes = load_saved(args.report)
     else:
         torch.set_num_threads(args.threads)
         args.out.mkdir(parents=True, exist_ok=True)
         results, notes = run_all(args)
         if args.save is not None:
-            args.save.write_text(json.dumps({"command": command, "results": [asdict(r) for r in results],
-                                             "notes": notes}, indent=1))
+            settings = {key: getattr(args, key) for key in SETTINGS}
+            args.save.write_text(json.dumps({"command": command, "settings": settings,
+                                             "results": [asdict(r) for r in results], "notes": notes}, indent=1))
     text = report(results, notes, command)
     print(text)
     if not args.report:

@@ -102,3 +102,11 @@ def test_lagged_norm_clip_scales_by_the_previous_steps_norm(three_bytes):
     clip.end_step()
     assert clip.scale == pytest.approx(1 / 10)
     clip.remove()
+
+
+def test_report_refuses_runs_of_different_settings(three_bytes, tiny_run, tmp_path):
+    runs = [vars(r) for r in tiny_run[1].values()]
+    for name, scale in (("a.json", 1.0), ("b.json", 0.5)):
+        (tmp_path / name).write_text(json.dumps({"settings": {"lr_scale": scale}, "results": runs, "notes": {}}))
+    with pytest.raises(SystemExit, match="lr_scale=0.5"):
+        three_bytes.main(["--report", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
