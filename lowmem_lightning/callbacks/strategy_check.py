@@ -3,32 +3,29 @@
 FSDP1 hands the optimizer flat 1-D slices of its flattened params, so Adafactor/CAME would factor
 nothing and take their RMS over a slice: a different algorithm, silently. FSDP2 (Lightning's
 ``ModelParallelStrategy`` + ``fully_shard``) hands over DTensors, whose statistics the optimizers
-complete across ranks. One of the parts of :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`.
+complete across ranks. The optimizers themselves refuse FSDP1 params at construction with the same message
+(raw FSDP1 and ``configure_optimizers`` users); element-wise ones save and load FSDP1 checkpoints
+(:mod:`lowmem_lightning.optim.fsdp1`). One of the parts of :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback`.
 """
 
 from __future__ import annotations
 
 import lightning as L
 
-__all__ = ["FSDP1Check", "WHOLE_TENSOR_OPTIMIZERS", "refuse_fsdp1"]
+from lowmem_lightning.optim.fsdp1 import WHOLE_TENSOR_OPTIMIZERS, fsdp1_refusal
 
-WHOLE_TENSOR_OPTIMIZERS: tuple[str, ...] = ("adafactor", "came", "muon", "muon_8bit")
-"""Optimizers whose update needs whole tensors (row/column means, RMS; Muon's Newton–Schulz of each matrix)."""
+__all__ = ["FSDP1Check", "WHOLE_TENSOR_OPTIMIZERS", "refuse_fsdp1"]
 
 
 def refuse_fsdp1(strategy, optimizer_name: str) -> None:
-    """Raise ``ValueError`` when ``optimizer_name`` needs whole tensors and ``strategy`` is FSDP1."""
+    """Raise ``ValueError`` when ``optimizer_name`` needs whole tensors and ``strategy`` is FSDP1 (the message of
+    :func:`lowmem_lightning.optim.fsdp1.fsdp1_refusal`, which the optimizers also raise given FSDP1 params)."""
     try:
         from lightning.pytorch.strategies import FSDPStrategy
     except ImportError:  # pragma: no cover - every supported Lightning has it
         return
     if isinstance(strategy, FSDPStrategy) and optimizer_name in WHOLE_TENSOR_OPTIMIZERS:
-        raise ValueError(
-            f"Invalid optimizer={optimizer_name!r} with strategy=FSDPStrategy (FSDP1): it shards flattened "
-            "params, so Adafactor/CAME/Muon would see 1-D slices instead of whole matrices. Use "
-            "ModelParallelStrategy with fully_shard in configure_model (FSDP2), or an element-wise optimizer "
-            "(adamw_8bit, paged_adamw_8bit, sgd, adamw)."
-        )
+        raise ValueError(fsdp1_refusal(f"optimizer={optimizer_name!r} with strategy=FSDPStrategy (FSDP1)"))
 
 
 class FSDP1Check(L.Callback):

@@ -76,6 +76,8 @@ class Adafactor(LowMemOptimizer):
     State dicts of transformers' Adafactor load directly (``RMS`` is recomputed each step).
     """
 
+    _whole_tensor_update = True  # factors and normalises whole matrices: FSDP1 flat params are refused
+
     def __init__(
         self,
         params: Iterable,

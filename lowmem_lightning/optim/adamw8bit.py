@@ -146,6 +146,12 @@ class AdamW8bit(LowMemOptimizer):
                      exp_avg_sq_absmax=absmax_v)
         return state
 
+    def _fp32_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """``state`` with its codes (8-bit or 4-bit) decoded into ``torch.optim.AdamW``'s fp32 ``exp_avg`` /
+        ``exp_avg_sq`` of the param's local shape (:func:`.adamw_convert.with_decoded_moments`)."""
+        form = code_form(state)
+        return with_decoded_moments(param, state, form) if form else state
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load our own or a ``torch.optim.AdamW`` state dict (quantizing its moments), strictly as
         :meth:`LowMemOptimizer.load_state_dict` describes; AMSGrad state is refused. After

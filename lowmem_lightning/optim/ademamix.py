@@ -123,6 +123,12 @@ class AdEMAMix(LowMemOptimizer):
             state = moment_state(state, name, param, self._is_quantized(param), signed)
         return state
 
+    def _fp32_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """``state`` with 8-bit codes decoded into :class:`AdEMAMix`'s fp32 moments (:func:`.lion.moment_state`)."""
+        for name, signed in _MOMENTS:
+            state = moment_state(state, name, param, False, signed)
+        return state
+
     # ------------------------------------------------------------------ step
     def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
         """The fused update of one device's params (empty DTensor shards left out)."""

@@ -27,6 +27,7 @@ import torch
 from ..kernels.dispatch import host_flag_values
 from .finite import FiniteGuard
 from .finite import _square_sum_norms as _square_sum_norms  # noqa: F401  (tests import it from here)
+from .fsdp1 import check_not_fsdp1, fp32_presented, is_fsdp1_flat
 from .layout import StateSpec, codes_specs, step_spec
 from .sharding import is_dtensor, unwrap_state, wrap_state
 from .state_io import hold, private_copy, release, storage_ids
@@ -106,6 +107,10 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
     _transient_attributes: tuple[str, ...] = ()
     """Caches of device resources, dropped by deepcopy/pickle (re-created by :meth:`_reset_transient`)."""
 
+    _whole_tensor_update: bool = False
+    """Whether the update needs whole tensors (Adafactor, CAME, Muon): FSDP1's flat params are refused
+    (:func:`.fsdp1.check_not_fsdp1`)."""
+
     def __init__(self, params: Iterable, defaults: dict):
         self._check_defaults(dict(defaults))  # bad hyperparameters fail before any param is looked at
         _check_rounding(defaults)
@@ -171,7 +176,10 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
             raise
 
     def _check_params(self, group_index: int, params: Sequence[torch.Tensor]) -> None:
-        """``TypeError`` for a param whose dtype the kernels do not update (complex, integer, float64...)."""
+        """``TypeError`` for a param whose dtype the kernels do not update (complex, integer, float64...);
+        ``ValueError`` for an FSDP1 flat param given to a whole-tensor optimizer (:attr:`_whole_tensor_update`)."""
+        if self._whole_tensor_update:
+            check_not_fsdp1(type(self).__name__, group_index, params)
         for index, param in enumerate(params):
             if param.dtype not in self._param_dtypes:
                 allowed = ", ".join(map(str, self._param_dtypes))
@@ -364,13 +372,21 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
         """Turn a state saved by another optimizer into ours; default: return it unchanged."""
         return state
 
+    def _fp32_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """``state`` (a copy of ``param``'s) in its fp32 form: codes decoded into fp32 tensors of the param's local
+        shape under the fp32 optimizer's names (what ``load_state_dict`` converts back). Default: unchanged."""
+        return state
+
     def state_dict(self) -> dict:
-        """torch's state dict; the state of a DTensor param is presented as DTensors (see :mod:`.sharding`)."""
+        """torch's state dict; the state of a DTensor param is presented as DTensors (see :mod:`.sharding`), that
+        of an FSDP1 param in its fp32 form (:func:`.fsdp1.fp32_presented`)."""
         out = super().state_dict()
         params = [p for group in self.param_groups for p in group["params"]]
         if any(is_dtensor(p) for p in params):
             out["state"] = {pid: wrap_state(params[pid], state, self._axes_of(params[pid]))
                             for pid, state in out["state"].items()}
+        elif any(is_fsdp1_flat(p) for p in params):
+            out = fp32_presented(self, out)
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:

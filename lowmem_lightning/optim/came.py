@@ -60,6 +60,8 @@ class CAME(LowMemOptimizer):
     and the momentum. State dicts of ``came_pytorch.CAME`` load directly.
     """
 
+    _whole_tensor_update = True  # factors and normalises whole matrices: FSDP1 flat params are refused
+
     def __init__(
         self,
         params: Iterable,

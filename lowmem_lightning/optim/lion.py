@@ -96,6 +96,10 @@ class Lion(LowMemOptimizer):
         state["step"] = loaded_step(state.get("step"))
         return moment_state(state, "exp_avg", param, self._is_quantized(param), signed=True)
 
+    def _fp32_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """``state`` with 8-bit momentum codes decoded into :class:`Lion`'s fp32 ``exp_avg`` (:func:`moment_state`)."""
+        return moment_state(state, "exp_avg", param, False, signed=True)
+
     # ------------------------------------------------------------------ step
     def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
         """The fused update of one device's params (empty DTensor shards left out)."""

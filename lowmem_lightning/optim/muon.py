@@ -143,6 +143,8 @@ class Muon(LowMemOptimizer):
 
     _default_momentum_dtype = "float32"
 
+    _whole_tensor_update = True  # Newton–Schulz of whole matrices: FSDP1 flat params are refused
+
     @classmethod
     def with_param_names(cls, groups: list, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> list:
         """``groups`` (tensors or group dicts) with every param as a ``(name, param)`` pair from

@@ -118,6 +118,10 @@ class SGD(LowMemOptimizer):
             return state
         return convert_momentum(param, state, self._quantized(param, group), "momentum_buffer", "momentum")
 
+    def _fp32_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
+        """``state`` with int8 momentum codes decoded into ``torch.optim.SGD``'s fp32 ``momentum_buffer``."""
+        return convert_momentum(param, state, False, "momentum_buffer", "momentum")
+
     # ------------------------------------------------------------------ step
     def _update_tensors(self, group: dict, items: list, states: list[dict], flags: list) -> None:
         """The fused update of one device's params (empty DTensor shards left out)."""
