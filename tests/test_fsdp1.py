@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import subprocess
+import sys
+import textwrap
 import traceback
 
 import pytest
@@ -368,3 +372,134 @@ def test_peers_8bit_adamw_under_the_same_fsdp1_save(tmp_path, peer, capsys):
         for (uop, kind), outcome in outcomes.items():
             print(f"\n{peer} AdamW8bit, FSDP1 use_orig_params={uop} {kind}: {outcome}")
     assert len(outcomes) == 4
+
+
+# ================================================================================ Lightning's FSDPStrategy
+LIGHTNING_SCRIPT = """
+import sys
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+
+sys.path.insert(0, {tests_dir!r})
+from test_ddp import GLOBAL_BATCH, _data
+from lowmem_lightning.callbacks import LowMemOptimizerCallback
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    # Lightning's FSDPStrategy wraps with device_id=root_device.index (None on the CPU: FSDP1 then picks CUDA);
+    # FSDP1 itself runs on the CPU with device_id=cpu. (A subclass passes the connector's GPU-only check.)
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(model, cpu_offload=self.cpu_offload, sharding_strategy=self.sharding_strategy,
+                                        mixed_precision=self.mixed_precision_config, device_id=torch.device("cpu"),
+                                        **self.kwargs)
+
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()  # 19.6k params: the 14400-element weight straddles the ranks' slices (8-bit codes)
+        self.net = nn.Sequential(nn.Linear(16, 300), nn.Tanh(), nn.Linear(300, 48), nn.Tanh(), nn.Linear(48, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.trainer.model.parameters(), lr=0.1)
+
+
+def fit(root, max_epochs, ckpt_path=None):
+    torch.manual_seed(0)
+    model = Net()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(state_dict_type="sharded", use_orig_params={uop}),
+        max_epochs=max_epochs, limit_train_batches=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=[LowMemOptimizerCallback("adamw_8bit", lr=1e-2, print_summary=False)],
+    )
+    trainer.fit(model, _data(GLOBAL_BATCH // 2, distributed=True), ckpt_path=ckpt_path)
+    return trainer
+
+
+def local(trainer):
+    optimizer = trainer.optimizers[0]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {{"params": [p.detach().clone() for p in params], "optimizer": type(optimizer).__name__,
+             "state": [{{k: v.clone() for k, v in optimizer.state[p].items()}} for p in params]}}
+
+
+out = {out!r}
+straight = local(fit(out + "/straight", 2))
+first = fit(out + "/first", 1)
+first.save_checkpoint(out + "/epoch1.ckpt")
+resumed = fit(out + "/resumed", 2, ckpt_path=out + "/epoch1.ckpt")
+torch.save({{"straight": straight, "resumed": local(resumed), "global_step": resumed.global_step}},
+           out + f"/rank{{resumed.global_rank}}.pt")
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("uop", [True, False])
+def test_lightning_fsdp_strategy_fit_checkpoint_and_resume_bit_exactly(tmp_path, uop):
+    """``Trainer(strategy=FSDPStrategy(...))`` (a CPU subclass), 2 processes, the callback's adamw_8bit: a sharded
+    checkpoint after epoch 1 resumed with ``ckpt_path`` ends epoch 2 bit for bit where the straight run does."""
+    script = tmp_path / "fsdp1_lightning.py"
+    script.write_text(textwrap.dedent(LIGHTNING_SCRIPT.format(tests_dir=os.path.dirname(__file__), out=str(tmp_path),
+                                                              uop=uop)))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "LOWMEM_CPU_COMPILE": "0", "PYTHONWARNINGS": "ignore"}
+    env.pop("PL_GLOBAL_SEED", None)
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "epoch1.ckpt").is_dir()  # one shard per rank (torch.distributed.checkpoint)
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["global_step"] == 4
+        straight, resumed = result["straight"], result["resumed"]
+        assert straight["optimizer"] == resumed["optimizer"] == "AdamW8bit"
+        assert any("exp_avg_codes" in state for state in resumed["state"])  # 8-bit codes on this rank's slice
+        assert _differences(straight, resumed) == [], (rank, _differences(straight, resumed))
+
+
+def _free_port() -> int:
+    """A TCP port free right now (the OS picks it), for Lightning's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ================================================================================ in-process: the presentation
+PRESENTED_BYTES = {"adamw_8bit": 8, "adamw_4bit": 8, "paged_adamw_8bit": 8, "lion_8bit": 4, "ademamix_8bit": 12,
+                   "sgd_int8": 4}  # bytes per element of the fp32 form: 4 per moment
+
+
+@pytest.mark.parametrize("case", list(PRESENTED_BYTES))
+def test_state_dict_presents_fsdp1_params_in_fp32_and_leaves_the_state_alone(case):
+    """The fp32 form (4 B per element and moment; the held codes ~1 B) is built for the state dict only: the
+    optimizer keeps its codes, and loading the presented dict back gives the same codes and scales."""
+    from lowmem_lightning.optim import state_memory
+    from lowmem_lightning.optim.fsdp1 import FSDP_FLATTENED
+
+    name, kwargs = OPTIMIZERS[case]
+    param = nn.Parameter(torch.randn(9000))
+    setattr(param, FSDP_FLATTENED, True)  # what FSDP1 marks its params with
+    opt = build_optimizer(name, [param], lr=1e-2, **kwargs)
+    for step in range(3):
+        param.grad = torch.randn(9000, generator=torch.Generator().manual_seed(step))
+        opt.step()
+    held = {k: v.clone() for k, v in opt.state[param].items()}
+    presented = opt.state_dict()["state"][0]
+    assert all(v.dtype == torch.float32 for v in presented.values())
+    moments = [v for k, v in presented.items() if k != "step"]
+    assert all(v.shape == param.shape for v in moments)
+    assert sum(v.nbytes for v in moments) == PRESENTED_BYTES[case] * param.numel()
+    assert state_memory(opt).total_bytes < param.numel() * PRESENTED_BYTES[case] / 2  # still codes
+    assert _differences({"params": [], "state": [held]}, {"params": [], "state": [dict(opt.state[param])]}) == []
+    opt.load_state_dict(opt.state_dict())
+    assert _differences({"params": [], "state": [held]}, {"params": [], "state": [dict(opt.state[param])]}) == []
