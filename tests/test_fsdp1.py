@@ -503,3 +503,35 @@ def test_state_dict_presents_fsdp1_params_in_fp32_and_leaves_the_state_alone(cas
     assert _differences({"params": [], "state": [held]}, {"params": [], "state": [dict(opt.state[param])]}) == []
     opt.load_state_dict(opt.state_dict())
     assert _differences({"params": [], "state": [held]}, {"params": [], "state": [dict(opt.state[param])]}) == []
+
+
+@pytest.mark.parametrize("case", list(PRESENTED_BYTES))
+def test_decoded_state_encodes_to_the_same_codes_and_scales(case):
+    """Re-encoding the fp32 form gives every block's codes and scale back bit for bit when the scale is a normal fp32
+    number (>= 2**-126); only blocks below it (every moment < 1.2e-38, under the encoder's scale floor) may differ.
+    Gradients span 1e-45..1e2 in 256-element groups, with zero groups."""
+    from lowmem_lightning.optim.fsdp1 import FSDP_FLATTENED
+
+    name, kwargs = OPTIMIZERS[case]
+    param = nn.Parameter(torch.randn(128 * 256))
+    setattr(param, FSDP_FLATTENED, True)
+    opt = build_optimizer(name, [param], lr=1e-2, **kwargs)
+    magnitudes = torch.logspace(-45, 2, 128).repeat_interleave(256)
+    magnitudes[::7 * 256] = 0.0
+    for step in range(5):
+        param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step)) * magnitudes
+        opt.step()
+    held = opt.state[param]
+    again = opt._convert_foreign_state(param, opt.state_dict()["state"][0], opt.param_groups[0])
+    normal, checked = 2.0 ** -126, 0
+    for key in [k for k in held if k.endswith("_codes")]:
+        scales = held[key.replace("_codes", "_absmax")]
+        block = -(-param.numel() // scales.numel())  # elements per scale: 256, or 128 for 4-bit codes
+        per_byte = param.numel() // held[key].numel()  # 2 for packed 4-bit codes
+        of_byte = torch.arange(held[key].numel()) * per_byte // block
+        differ = torch.zeros(scales.numel(), dtype=torch.bool).index_put_((of_byte,), again[key] != held[key],
+                                                                           accumulate=True)
+        differ |= again[key.replace("_codes", "_absmax")] != scales
+        assert not (differ & (scales >= normal)).any(), f"{key}: blocks {differ.nonzero().flatten().tolist()[:5]}"
+        checked += int((scales >= normal).sum())
+    assert checked > 100
