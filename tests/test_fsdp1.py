@@ -477,25 +477,36 @@ def _free_port() -> int:
 # ================================================================================ in-process: the presentation
 PRESENTED_BYTES = {"adamw_8bit": 8, "adamw_4bit": 8, "paged_adamw_8bit": 8, "lion_8bit": 4, "ademamix_8bit": 12,
                    "sgd_int8": 4}  # bytes per element of the fp32 form: 4 per moment
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # CUDA: Triton steps, Triton 8-bit quantize on load
 
 
+def _flagged_param(numel: int, device: str) -> nn.Parameter:
+    """A param marked as FSDP1 marks its params (``_fsdp_flattened``), on ``device`` (skip without CUDA)."""
+    from lowmem_lightning.optim.fsdp1 import FSDP_FLATTENED
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    param = nn.Parameter(torch.randn(numel, device=device))
+    setattr(param, FSDP_FLATTENED, True)
+    return param
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(PRESENTED_BYTES))
-def test_state_dict_presents_fsdp1_params_in_fp32_and_leaves_the_state_alone(case):
+def test_state_dict_presents_fsdp1_params_in_fp32_and_leaves_the_state_alone(case, device):
     """The fp32 form (4 B per element and moment; the held codes ~1 B) is built for the state dict only: the
     optimizer keeps its codes, and loading the presented dict back gives the same codes and scales."""
     from lowmem_lightning.optim import state_memory
-    from lowmem_lightning.optim.fsdp1 import FSDP_FLATTENED
 
     name, kwargs = OPTIMIZERS[case]
-    param = nn.Parameter(torch.randn(9000))
-    setattr(param, FSDP_FLATTENED, True)  # what FSDP1 marks its params with
+    param = _flagged_param(9000, device)
     opt = build_optimizer(name, [param], lr=1e-2, **kwargs)
     for step in range(3):
-        param.grad = torch.randn(9000, generator=torch.Generator().manual_seed(step))
+        param.grad = torch.randn(9000, generator=torch.Generator().manual_seed(step)).to(device)
         opt.step()
     held = {k: v.clone() for k, v in opt.state[param].items()}
     presented = opt.state_dict()["state"][0]
-    assert all(v.dtype == torch.float32 for v in presented.values())
+    assert all(v.dtype == torch.float32 and v.device == param.device for v in presented.values())
     moments = [v for k, v in presented.items() if k != "step"]
     assert all(v.shape == param.shape for v in moments)
     assert sum(v.nbytes for v in moments) == PRESENTED_BYTES[case] * param.numel()
@@ -505,24 +516,23 @@ def test_state_dict_presents_fsdp1_params_in_fp32_and_leaves_the_state_alone(cas
     assert _differences({"params": [], "state": [held]}, {"params": [], "state": [dict(opt.state[param])]}) == []
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(PRESENTED_BYTES))
-def test_decoded_state_encodes_to_the_same_codes_and_scales(case):
+def test_decoded_state_encodes_to_the_same_codes_and_scales(case, device):
     """Re-encoding the fp32 form gives every block's codes and scale back bit for bit when the scale is a normal fp32
     number (>= 2**-126); only blocks below it (every moment < 1.2e-38, under the encoder's scale floor) may differ.
     Gradients span 1e-45..1e2 in 256-element groups, with zero groups."""
-    from lowmem_lightning.optim.fsdp1 import FSDP_FLATTENED
-
     name, kwargs = OPTIMIZERS[case]
-    param = nn.Parameter(torch.randn(128 * 256))
-    setattr(param, FSDP_FLATTENED, True)
+    param = _flagged_param(128 * 256, device)
     opt = build_optimizer(name, [param], lr=1e-2, **kwargs)
     magnitudes = torch.logspace(-45, 2, 128).repeat_interleave(256)
     magnitudes[::7 * 256] = 0.0
     for step in range(5):
-        param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(step)) * magnitudes
+        param.grad = (torch.randn(param.shape, generator=torch.Generator().manual_seed(step)) * magnitudes).to(device)
         opt.step()
-    held = opt.state[param]
+    held = {k: v.cpu() for k, v in opt.state[param].items()}
     again = opt._convert_foreign_state(param, opt.state_dict()["state"][0], opt.param_groups[0])
+    again = {k: v.cpu() for k, v in again.items()}
     normal, checked = 2.0 ** -126, 0
     for key in [k for k in held if k.endswith("_codes")]:
         scales = held[key.replace("_codes", "_absmax")]
