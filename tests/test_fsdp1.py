@@ -545,3 +545,12 @@ def test_decoded_state_encodes_to_the_same_codes_and_scales(case, device):
         assert not (differ & (scales >= normal)).any(), f"{key}: blocks {differ.nonzero().flatten().tolist()[:5]}"
         checked += int((scales >= normal).sum())
     assert checked > 100
+
+
+def test_the_callbacks_list_of_whole_tensor_optimizers_is_the_classes_flag():
+    """FSDP1Check refuses by name, the optimizers by class flag: both name the same optimizers."""
+    from lowmem_lightning.optim.fsdp1 import WHOLE_TENSOR_OPTIMIZERS
+    from lowmem_lightning.optim.registry import available_optimizers, optimizer_class
+
+    flagged = {name for name in available_optimizers() if getattr(optimizer_class(name), "_whole_tensor_update", False)}
+    assert flagged == set(WHOLE_TENSOR_OPTIMIZERS)
