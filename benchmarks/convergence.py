@@ -402,10 +402,9 @@ def _beta1(text: str) -> float:
     return value
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+def add_model_and_data_args(parser: argparse.ArgumentParser) -> None:
+    """The study's model and data options (batch, sequence length, model size, warmup, evaluation, corpus), shared
+    with the studies built on it (``three_bytes.py``)."""
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128)
@@ -413,6 +412,13 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--corpus-bytes", type=int, default=4_000_000)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    add_model_and_data_args(parser)
     parser.add_argument("--only", type=lambda s: s.split(","), default=None, help="comma-separated run names")
     parser.add_argument("--no-finetune", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "out")

@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 import torch
+from profiler_peak import peak_bytes  # a sibling module: run as a script, or from tests with benchmarks/ on sys.path
 
 from lowmem_lightning.estimate import (
     LORA_MODES,
@@ -92,13 +93,7 @@ def profiled_peak(model, vocab: int, batch: int, seq: int, autocast: bool = Fals
             loss.backward()
     finally:
         gc.enable()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+    return peak_bytes(prof)
 
 
 def measure(sizes: dict, dropout: float) -> list[dict]:

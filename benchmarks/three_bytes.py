@@ -50,6 +50,7 @@ if str(HERE) not in sys.path:  # loaded by path (tests): the sibling benchmark m
     sys.path.insert(0, str(HERE))
 
 import convergence as conv  # noqa: E402  (after the path fix above)
+from profiler_peak import peak_bytes  # noqa: E402
 
 GOAL = 1.01
 """The bound: val loss within 1.01x of fp32 AdamW's (the one every convergence row of the project meets)."""
@@ -206,13 +207,7 @@ def profiled_peak(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+    return peak_bytes(prof)
 
 
 def measured_state_bytes(opt, builder: str) -> int:
@@ -530,13 +525,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
     parser.add_argument("--lightning-seeds", type=_seeds, default=[0],
                         help="seeds of the Lightning row (default 0; checked bit-equal to the plain release row)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--eval-batches", type=int, default=20)
-    parser.add_argument("--corpus-bytes", type=int, default=4_000_000)
+    conv.add_model_and_data_args(parser)
     parser.add_argument("--lr-scale", type=conv._positive_float, default=1.0, help="multiplies the peak lr (3e-3)")
     parser.add_argument("--only", type=lambda s: s.split(","), default=None, help="comma-separated row names")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
