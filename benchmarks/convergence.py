@@ -55,7 +55,7 @@ RUNS = [
     ("adamw", "torch_adamw", None, {}),
     ("adamw_8bit", "ours:adamw_8bit", "adamw", {}),
     ("bnb_adamw_8bit", "bnb_adamw_8bit", "adamw", {}),
-    ("adamw_4bit", "ours:adamw_4bit", "adamw", {"weight_decay": 0.0}),  # matched: the torch and torchao rows use 0
+    ("adamw_4bit", "ours:adamw_4bit", "adamw", {}),
     ("torchao_adamw_4bit", "torchao_adamw_4bit", "adamw", {}),
     ("paged_adamw_8bit", "ours:paged_adamw_8bit", "adamw_8bit", {}),
     ("hf_adafactor", "hf_adafactor", None, {}),
@@ -163,6 +163,8 @@ def build(builder: str, params, lr: float, kwargs: dict):
         from lowmem_lightning.optim import build_optimizer
 
         name = builder.split(":", 1)[1]
+        if builder in ADAMW_BUILDERS:  # ours default to weight decay 0.01; the torch and peer AdamW rows use none
+            kwargs = {"weight_decay": 0.0, **kwargs}
         if "muon" in name:  # params are model.named_parameters(): the split finds embeddings and head by name
             kwargs = {"weight_decay": 0.0, "adjust_lr_fn": "match_rms_adamw", "adamw_betas": (0.9, 0.999), **kwargs}
         if name == "adafactor":
