@@ -46,9 +46,9 @@ interpreter); the test-suite runs it, so the first GPU run cannot fail on a typo
     python benchmarks/gpu_check.py --dry-run --results /tmp/r.md
 
 The next device session (one H200, Python 3.12, 15 minutes of device time in all): first, here,
-``bash benchmarks/device_wheels.sh`` (bitsandbytes, jsonargparse + its two, torchdata, flashoptim into ``.whl/``,
-43 MiB; the image's own triton 3.6.0 matches its torch 2.11 and stays), then one ``run`` with ``carry: [".whl"]``,
-``timeout_s: 600`` and the command::
+``bash benchmarks/device_wheels.sh`` (bitsandbytes, jsonargparse + its two, torchdata, flashoptim, torchao,
+came-pytorch into ``.whl/``, 46 MiB; the image's own triton 3.6.0 matches its torch 2.11 and stays), then one
+``run`` with ``carry: [".whl"]``, ``timeout_s: 600`` and the command::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; PYTHONUNBUFFERED=1 \
