@@ -4,6 +4,8 @@ Same result as a normal step (bit for bit on CPU, fp32 and bf16 params), gradien
 backward, the step's peak memory lower by about the gradient buffer, and the refusals.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -344,3 +346,20 @@ def test_a_second_gradient_while_in_the_bucket_is_held_back_whole():
     with pytest.raises(RuntimeError, match="second gradient in one backward"):
         _train_after_block(0, release=True)
     _assert_same_run(_train_after_block(0, release=False), _train_after_block(DEFAULT_BUCKET_BYTES, release=True))
+
+
+@pytest.mark.parametrize(("bucket_bytes", "warns"), [(DEFAULT_BUCKET_BYTES, True), (0, False), (1024, False)])
+def test_warns_when_every_gradient_fits_in_one_bucket(bucket_bytes, warns):
+    """One bucket holding every gradient closes only when backward ends: release then saves no memory, said once."""
+    model = _model(torch.float32)
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 1024 < grad_bytes < DEFAULT_BUCKET_BYTES
+    opt = build_optimizer("adamw_8bit", model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        GradientRelease(opt, bucket_bytes=bucket_bytes)
+    said = [str(w.message) for w in caught if "fit in one bucket" in str(w.message)]
+    assert len(said) == (1 if warns else 0), said
+    if warns:
+        assert f"bucket_bytes={bucket_bytes}" in said[0] and "bucket_bytes=0" in said[0]
+        assert caught[0].filename == __file__  # points at the caller that built the release

@@ -39,6 +39,7 @@ Each tensor's update is the same as in a normal step, so the results do not depe
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import torch
@@ -102,6 +103,18 @@ class GradientRelease:
         self._pending: dict[int, torch.Tensor] = {}  # params held back until finish_step
         self._single: set[int] = set()  # nested params seen to get their gradient in one firing
         self._multi: set[int] = set()  # params seen to get it in several
+        self._warn_if_one_bucket()
+
+    def _warn_if_one_bucket(self) -> None:
+        """Warn when every trainable gradient fits in one bucket: it closes only when backward ends, so every
+        gradient is alive then, as without release (the step is still exact; only the memory saving is lost)."""
+        total = sum(param.numel() * param.element_size() for param in self.params())
+        if 0 < total <= self.bucket_bytes:
+            warnings.warn(
+                f"Gradient release with bucket_bytes={self.bucket_bytes} ({self.bucket_bytes / 2**20:.1f} MiB): all "
+                f"{total / 2**20:.2f} MiB of this optimizer's gradients fit in one bucket, which is updated when "
+                "backward ends, so no gradient memory is saved; set bucket_bytes=0 (each tensor alone; "
+                "LowMemOptimizerCallback(bucket_bytes=0)) or smaller than the gradients.", UserWarning, stacklevel=3)
 
     @property
     def attached(self) -> bool:
