@@ -16,7 +16,7 @@
 * Figures: the optimizer table's bytes/param column equals ``state_memory()`` after one step on
   4 x 1024x1024 fp32 params (built by ``benchmarks/optim_step.py``'s own rows); its timing columns are
   not asserted, but every row and peer is a row of the benchmark and every timing column names the
-  command that produced it in the paragraph under the table. The 7B bytes/param table and the estimate
+  command that produced it in "How the table was measured". The 7B bytes/param table and the estimate
   output come from ``lowmem estimate``. The default run's final screen and losses: ``-m slow``.
 """
 
@@ -509,8 +509,7 @@ def _optimizer_table() -> tuple[list[str], list[list[str]], str]:
     text = section("## Optimizers")
     table = "\n".join(line for line in text.splitlines() if line.startswith("|"))
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
-    below = text.split(table, 1)[1].split("When to choose which", 1)[0]
-    return header, _table_rows(table), below
+    return header, _table_rows(table), section("### How the table was measured")
 
 
 @pytest.fixture(scope="module")
@@ -519,7 +518,7 @@ def optim_step():
 
 
 def test_optimizer_table_rows_and_peers_are_benchmark_rows_and_columns_name_their_command(optim_step):
-    header, rows, below = _optimizer_table()
+    header, rows, measured = _optimizer_table()
     bench_rows = {r.name for r in optim_step.ROWS}
     assert [r[0] for r in rows] == list(OPTIMIZER_ROWS)
     assert set(OPTIMIZER_ROWS.values()) | set(PEERS.values()) <= bench_rows
@@ -527,11 +526,11 @@ def test_optimizer_table_rows_and_peers_are_benchmark_rows_and_columns_name_thei
         peers = row[3].replace(":", "").replace(" in that run", "")
         for peer in re.findall(r"([A-Za-z][\w ()]*?) \d+\.\d+", peers):
             assert peer.strip() in PEERS, f"README peer {peer!r} is not a benchmarks/optim_step.py row"
-    commands = re.findall(r"`((?:\w+=\S+ )?python (benchmarks/\w+\.py)[^`]*)`", below.replace("\n", " "))
+    commands = re.findall(r"`((?:\w+=\S+ )?python (benchmarks/\w+\.py)[^`]*)`", measured.replace("\n", " "))
     named = {script for _, script in commands}
     for column in header[2:]:
         (script,) = [s for k, s in COLUMN_COMMANDS.items() if k in column] or [None]
-        assert script in named, f"optimizer table column {column!r}: no command named under the table"
+        assert script in named, f"optimizer table column {column!r}: no command in \"How the table was measured\""
     for command, script in commands:
         source = (REPO / script).read_text()
         for flag in re.findall(r"(--[\w-]+)", command):
