@@ -92,10 +92,24 @@ RUNS = [
     ("came_int8_clipvalue", "ours:came", "came_int8", {"momentum_dtype": "int8", "clip": "value"}),
     ("came_int8_release", "ours:came", "came_int8_clipvalue",
      {"momentum_dtype": "int8", "clip": "value", "release": True}),
+    # 32-bit state for chosen params (``fp32_state``: quantize_state=False groups), as bitsandbytes' optim_bits=32
+    # override and HF Trainer's rule for nn.Embedding; ratios against fp32 AdamW, compare with the all-quantized row
+    ("adamw_8bit_fp32emb", "ours:adamw_8bit", "adamw", {"fp32_state": ["torch.nn.Embedding"]}),
+    ("adamw_8bit_fp32emb_head", "ours:adamw_8bit", "adamw", {"fp32_state": ["torch.nn.Embedding", "lm_head"]}),
+    ("adamw_4bit_fp32emb", "ours:adamw_4bit", "adamw", {"fp32_state": ["torch.nn.Embedding"]}),
+    ("adamw_4bit_fp32emb_head", "ours:adamw_4bit", "adamw", {"fp32_state": ["torch.nn.Embedding", "lm_head"]}),
+    # the same with the lm_head tied to the embedding (one 256 x hidden table, both roles)
+    ("adamw_tied", "torch_adamw", None, {"tied": True}),
+    ("adamw_8bit_tied", "ours:adamw_8bit", "adamw_tied", {"tied": True}),
+    ("adamw_8bit_tied_fp32emb", "ours:adamw_8bit", "adamw_tied", {"tied": True, "fp32_state": ["torch.nn.Embedding"]}),
+    ("adamw_4bit_tied", "ours:adamw_4bit", "adamw_tied", {"tied": True}),
+    ("adamw_4bit_tied_fp32emb", "ours:adamw_4bit", "adamw_tied", {"tied": True, "fp32_state": ["torch.nn.Embedding"]}),
 ]
 """``(name, builder, reference row, kwargs)``; ``clip`` ("norm" by default, "value": per tensor at 1.0),
 ``release`` (gradient release: each tensor stepped in backward) and ``param_dtype`` ("bf16": the model's params
-cast to bf16) are training options, not optimizer arguments."""
+cast to bf16) and ``tied`` (the lm_head tied to the embedding) are training options, not optimizer arguments;
+``fp32_state`` (module classes or name patterns, as ``LowMemOptimizerCallback(fp32_state=...)``) is resolved on the
+model by :func:`build` into ``quantize_state=False`` param groups."""
 
 LR = {"adamw": 3e-3, "adafactor": 3e-3, "came": 1e-3, "sgd": 0.3, "lion": 1e-3, "ademamix": 3e-3, "muon": 3e-3}
 """Peak learning rate per algorithm family (same for ours and its reference)."""
@@ -140,14 +154,16 @@ def batches(tokens: torch.Tensor, batch: int, seq: int, steps: int, seed: int):
 
 
 # ---------------------------------------------------------------------------------------- model
-def tiny_llama(seed: int, hidden: int, layers: int, seq: int):
+def tiny_llama(seed: int, hidden: int, layers: int, seq: int, tied: bool = False):
+    """The study's small Llama (vocab 256: bytes), built from a config under ``seed``; ``tied``: the lm_head shares
+    the embedding's weight."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 32 * 32, num_hidden_layers=layers,
         num_attention_heads=max(hidden // 32, 1), num_key_value_heads=max(hidden // 32, 1),
-        max_position_embeddings=seq, tie_word_embeddings=False,
+        max_position_embeddings=seq, tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config)
 
@@ -157,8 +173,28 @@ ADAMW_BUILDERS = ("torch_adamw", "ours:adamw_8bit", "ours:paged_adamw_8bit", "ou
 """Builders of the AdamW family: ``--beta1`` sets their ``betas[0]`` (``betas = (beta1, 0.999)``)."""
 
 
+def _fp32_state_groups(params, fp32_state) -> list[dict]:
+    """Param groups of ``params`` (an ``nn.Module``: its trainable params) with the params ``fp32_state`` selects in
+    a ``quantize_state=False`` group (:mod:`lowmem_lightning.optim.state_precision`, what the callback uses)."""
+    from lowmem_lightning.optim.state_precision import fp32_state_params, parse_fp32_state, split_param_groups
+
+    if not isinstance(params, torch.nn.Module):
+        raise ValueError(f"fp32_state={fp32_state!r} needs the model (its module classes and names), not its params")
+    ids, unmatched = fp32_state_params(params, parse_fp32_state(fp32_state))
+    if unmatched:
+        raise ValueError(f"fp32_state entries {unmatched} select no param of {type(params).__name__}")
+    return split_param_groups([p for p in params.parameters() if p.requires_grad], ids)[0]
+
+
 def build(builder: str, params, lr: float, kwargs: dict):
-    """Build the optimizer for ``builder``; raises ImportError when a peer is not installed."""
+    """Build the optimizer for ``builder``; raises ImportError when a peer is not installed. ``params``: what the
+    optimizer takes, or the model itself (its parameters; needed by ``kwargs["fp32_state"]``)."""
+    kwargs = dict(kwargs)
+    fp32_state = kwargs.pop("fp32_state", None)
+    if fp32_state is not None:
+        params = _fp32_state_groups(params, fp32_state)
+    elif isinstance(params, torch.nn.Module):
+        params = params.parameters()
     if builder.startswith("ours:"):
         from lowmem_lightning.optim import build_optimizer
 
@@ -274,8 +310,8 @@ def pretraining_study(args, train_data, val_data):
         if args.only and name not in args.only:
             continue
         for seed in args.seeds:
-            model = tiny_llama(seed, args.hidden, args.layers, args.seq)
             options = dict(kwargs)
+            model = tiny_llama(seed, args.hidden, args.layers, args.seq, tied=options.pop("tied", False))
             clip, release = options.pop("clip", "norm"), options.pop("release", False)
             if options.pop("param_dtype", None) == "bf16":
                 model = model.to(torch.bfloat16)
@@ -283,7 +319,7 @@ def pretraining_study(args, train_data, val_data):
             if args.beta1 is not None and builder in ADAMW_BUILDERS:
                 options["betas"] = (args.beta1, 0.999)
             try:
-                params = model.named_parameters() if "muon" in builder else model.parameters()
+                params = model.named_parameters() if "muon" in builder else model
                 opt = build(builder, params, peak, options)
             except (ImportError, ValueError) as err:
                 notes[name] = f"not available: {type(err).__name__}: {err}"[:120]

@@ -41,6 +41,7 @@ from lowmem_lightning.callbacks.resume import ResumeCompatibility
 from lowmem_lightning.callbacks.strategy_check import FSDP1Check
 from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
+    expand_scheduler_groups,
     find_optimizers,
     find_schedulers,
     momentum_schedulers,
@@ -51,6 +52,7 @@ from lowmem_lightning.callbacks.swap import (
 )
 from lowmem_lightning.callbacks.translate import translate_group
 from lowmem_lightning.optim import build_optimizer, optimizer_class
+from lowmem_lightning.optim.state_precision import fp32_state_params, parse_fp32_state, split_param_groups
 from lowmem_lightning.optim.validation import check_bf16_rounding, validate_optimizer_args
 
 __all__ = ["LowMemOptimizerCallback", "keep_scheduler_names", "lr_kind"]
@@ -68,9 +70,10 @@ def lr_kind(cls: type) -> str:
 _LR_MEANS = {"SGD": "scales the raw gradient", "adaptive": "is the size of a normalized step"}
 
 
-def _takes_bf16_rounding(optimizer: str) -> bool:
+def _takes(optimizer: str, argument: str) -> bool:
+    """Whether the registered optimizer ``optimizer``'s constructor takes ``argument``."""
     try:
-        return "bf16_rounding" in inspect.signature(optimizer_class(optimizer).__init__).parameters
+        return argument in inspect.signature(optimizer_class(optimizer).__init__).parameters
     except (TypeError, ValueError):
         return False
 
@@ -81,7 +84,7 @@ def _with_bf16_rounding(optimizer: str, optimizer_kwargs, bf16_rounding: str | N
     if bf16_rounding is None:
         return optimizer_kwargs
     check_bf16_rounding(bf16_rounding)
-    if isinstance(optimizer, str) and not _takes_bf16_rounding(optimizer):
+    if isinstance(optimizer, str) and not _takes(optimizer, "bf16_rounding"):
         raise ValueError(
             f"Invalid bf16_rounding={bf16_rounding!r} for optimizer={optimizer!r}: "
             f"{getattr(optimizer_class(optimizer), '__name__', optimizer)} does not take it (it is not one of this "
@@ -93,6 +96,19 @@ def _with_bf16_rounding(optimizer: str, optimizer_kwargs, bf16_rounding: str | N
             f"{optimizer_kwargs['bf16_rounding']!r} too; give it once."
         )
     return {**(optimizer_kwargs or {}), "bf16_rounding": bf16_rounding}
+
+
+def _check_fp32_state(optimizer: str, fp32_state):
+    """The parsed ``fp32_state`` (:func:`~lowmem_lightning.optim.state_precision.parse_fp32_state`; None when unset);
+    ``ValueError`` naming it for a bad entry or an optimizer that does not take ``quantize_state`` (torch's)."""
+    parsed = parse_fp32_state(fp32_state)
+    if parsed is not None and isinstance(optimizer, str) and not _takes(optimizer, "quantize_state"):
+        raise ValueError(
+            f"Invalid fp32_state={fp32_state!r} for optimizer={optimizer!r}: "
+            f"{getattr(optimizer_class(optimizer), '__name__', optimizer)} keeps 32-bit state for every param already "
+            "(fp32_state exempts params from the quantized state of this package's optimizers); leave it unset."
+        )
+    return parsed
 
 
 def _check_bucket_bytes(bucket_bytes, step_in_backward: bool) -> int:
@@ -192,6 +208,15 @@ class LowMemOptimizerCallback(L.Callback):
         bf16_rounding: How the optimizer writes bf16/fp16 params: ``"stochastic"`` (small updates survive on
             average) or ``"nearest"``; ``None`` keeps the optimizer's default (``"stochastic"``). Taken by every
             optimizer of this package, not by torch's ``adamw``; not to be repeated in ``optimizer_kwargs``.
+        fp32_state: Params whose optimizer state stays 32-bit while the rest is quantized (bitsandbytes'
+            ``optim_bits=32`` override; HF Trainer applies it to every ``nn.Embedding`` under a bitsandbytes
+            8-bit optimizer): a module class (``torch.nn.Embedding``), its import path (``"torch.nn.Embedding"``,
+            as YAML gives it), ``"embeddings"`` (``nn.Embedding`` and ``nn.EmbeddingBag``), a pattern matched against
+            param and module names (``"*embed_tokens*"``, ``"lm_head"``), or a list of these. Each param group
+            holding such params is split: they move to a group of their own with ``quantize_state=False`` and
+            every other key of the group, and LR schedulers get an entry for it (the same schedule). An entry that
+            selects no param is warned about once per fit. Taken by every optimizer of this package, not by
+            torch's ``adamw``. A checkpoint resumes only with the same ``fp32_state`` (the group count differs).
 
     With ``lr=None`` the module's learning rate is kept; when the swap crosses between SGD and an adaptive
     optimizer (:func:`lr_kind`: their learning rates differ by orders of magnitude), one warning names both
@@ -210,8 +235,12 @@ class LowMemOptimizerCallback(L.Callback):
         step_in_backward: bool = False,
         bucket_bytes: int | None = None,
         bf16_rounding: Literal["stochastic", "nearest"] | None = None,
+        fp32_state: str | list[str] | None = None,
     ) -> None:
         optimizer_kwargs = _with_bf16_rounding(optimizer, optimizer_kwargs, bf16_rounding)
+        self._fp32_state = _check_fp32_state(optimizer, fp32_state)
+        self.fp32_state = fp32_state
+        """The params kept in 32-bit state, as given (None: the optimizer's rule alone)."""
         kwargs, defaults = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
         if lr is not None and float(lr) == 0.0:
             raise ValueError(
@@ -344,8 +373,31 @@ class LowMemOptimizerCallback(L.Callback):
                 "optimizer with momentum (adamw_8bit, paged_adamw_8bit, came, sgd, adamw)."
             )
 
-    def _rebuild(self, trainer, old: torch.optim.Optimizer, driven: frozenset[str], notes: list[str]):
-        """The new optimizer for ``old``, its per-group LR factors and whether it computes its own step size."""
+    def _split(self, groups: list, fp32_ids: set[int]) -> tuple[list, list[int]]:
+        """``groups`` with the params of ``fp32_ids`` in ``quantize_state=False`` groups, and each new group's source
+        index (:func:`~lowmem_lightning.optim.state_precision.split_param_groups`); unchanged without ``fp32_state``."""
+        if self._fp32_state is None or not fp32_ids:
+            return list(groups), list(range(len(groups)))
+        return split_param_groups(groups, fp32_ids)
+
+    def _fp32_ids(self, module: torch.nn.Module) -> set[int]:
+        """Ids of ``module``'s params ``fp32_state`` selects; one warning naming every entry that selects none."""
+        if self._fp32_state is None:
+            return set()
+        ids, unmatched = fp32_state_params(module, self._fp32_state)
+        if unmatched:
+            rank_zero_warn(
+                f"LowMemOptimizerCallback(fp32_state={self.fp32_state!r}): {', '.join(map(repr, unmatched))} "
+                f"selects no param of {type(module).__name__} (no module of that class, no param or module name "
+                "matching that pattern); those params keep the optimizer's quantized state. Check the spelling: "
+                "patterns match names as model.named_parameters() gives them ('*embed_tokens*', 'lm_head').",
+                category=UserWarning)
+        return ids
+
+    def _rebuild(self, trainer, old: torch.optim.Optimizer, driven: frozenset[str], notes: list[str],
+                 fp32_ids: set[int] = frozenset()):
+        """The new optimizer for ``old``, its per-group LR factors, whether it computes its own step size and each
+        new group's source group (``fp32_state`` splits groups)."""
         keep, report = self._keeps(notes)
         groups, ratios, translations = rebuild_param_groups(
             old, optimizer_class(self.optimizer_name), self._defaults, lr=self.lr, weight_decay=self.weight_decay,
@@ -356,12 +408,14 @@ class LowMemOptimizerCallback(L.Callback):
         for translation in translations:
             notes.extend(f"{type(old).__name__} {note}" for note in translation.warned)
         groups, own_step = self._step_sizes(old, groups, notes)
+        groups, origin = self._split(groups, fp32_ids)
+        ratios = [ratios[i] for i in origin]
         new = self._build(trainer, groups)
         if _muon_without_hidden(new):  # only its AdamW part runs: the lr keeps AdamW's meaning
             notes[start:] = [n for n in notes[start:]
                              if not (n.startswith(f"{type(old).__name__} lr=") and " changes meaning: " in n)]
         self._adopt_defaults(old, new, own_step)
-        return new, ratios, own_step
+        return new, ratios, own_step, origin
 
     def _adopt_defaults(self, old: torch.optim.Optimizer, new: torch.optim.Optimizer, own_step: bool) -> None:
         """Give ``new.defaults`` the module's optimizer's defaults, translated like its groups, so a param group
@@ -385,7 +439,8 @@ class LowMemOptimizerCallback(L.Callback):
         if not olds:
             self._refuse_lr_tools(trainer, self.lr is None and self._defaults.get("lr") is None
                                   and bool(self._defaults.get("relative_step")))
-            new = self._build(trainer, [p for p in module.parameters() if p.requires_grad])
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            new = self._build(trainer, self._split(trainable, self._fp32_ids(module))[0] if trainable else trainable)
             self.optimizers = [new]
             for note in _muon_notes(new, [], module):
                 rank_zero_warn(f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}): {note}.",
@@ -394,10 +449,12 @@ class LowMemOptimizerCallback(L.Callback):
         schedulers = find_schedulers(config)
         cycling = momentum_schedulers(schedulers)
         self._check_momentum_schedulers(cycling)
-        mapping, ratios, notes, own_step = {}, {}, [], False
+        mapping, ratios, origins, notes, own_step = {}, {}, {}, [], False
+        fp32_ids = self._fp32_ids(module)
         for old in olds:
             driven = frozenset({"beta1"}) if any(s.optimizer is old for s in cycling) else frozenset()
-            mapping[id(old)], ratios[id(old)], own = self._rebuild(trainer, old, driven, notes)
+            mapping[id(old)], ratios[id(old)], own, origins[id(old)] = self._rebuild(trainer, old, driven, notes,
+                                                                                      fp32_ids)
             own_step = own_step or own
             self._origins[id(mapping[id(old)])] = type(old)
             notes.extend(_muon_notes(mapping[id(old)], [s for s in cycling if s.optimizer is old], module))
@@ -411,6 +468,7 @@ class LowMemOptimizerCallback(L.Callback):
         for scheduler in schedulers:
             key = id(scheduler.optimizer)
             if key in mapping:
+                expand_scheduler_groups(scheduler, origins[key])
                 retarget_scheduler(scheduler, mapping[key], ratios[key])
         self.optimizers = list(mapping.values())
         self._warn_translation(notes, None if own_step else self._lr_kind_note(olds))

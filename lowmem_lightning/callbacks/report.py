@@ -11,6 +11,7 @@ import torch
 
 from lowmem_lightning.kernels.codec import MIN_QUANTIZED_NUMEL
 from lowmem_lightning.optim import StateMemory
+from lowmem_lightning.optim.layout import quantizes_state
 from lowmem_lightning.optim.sharding import local
 
 __all__ = [
@@ -35,22 +36,23 @@ def adamw_fp32_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
 
 
 def small_tensor_summary(optimizers: list[torch.optim.Optimizer]) -> dict:
-    """Params in tensors under :data:`MIN_QUANTIZED_NUMEL` (4096) elements, which keep 32-bit state in
-    every quantizing optimizer (as in bitsandbytes and torchao), and the state bytes they hold:
-    ``{"small_params": elements, "small_state_bytes": bytes}`` (trainable or stateful params, local
-    shards), to merge into :func:`summary_dict`'s result."""
-    params = nbytes = 0
+    """Params that keep 32-bit state in a quantizing optimizer, and the state bytes they hold: in tensors under
+    :data:`MIN_QUANTIZED_NUMEL` (4096) elements (as in bitsandbytes and torchao), ``{"small_params": elements,
+    "small_state_bytes": bytes}``, and larger ones in groups with ``quantize_state=False`` (``fp32_state``),
+    ``{"fp32_state_params", "fp32_state_bytes"}`` (trainable or stateful params, local shards; the rule is
+    :func:`~lowmem_lightning.optim.layout.quantizes_state`), to merge into :func:`summary_dict`'s result."""
+    out = dict.fromkeys(("small_params", "small_state_bytes", "fp32_state_params", "fp32_state_bytes"), 0)
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             for param in group["params"]:
-                numel = local(param).numel()
-                if numel >= MIN_QUANTIZED_NUMEL or not (param.requires_grad or param in optimizer.state):
+                if quantizes_state(param, group) or not (param.requires_grad or param in optimizer.state):
                     continue
-                params += numel
+                kind = "fp32_state" if quantizes_state(param) else "small"
                 state = optimizer.state.get(param, {})
-                nbytes += sum(local(v).numel() * v.element_size() for v in state.values()
-                              if isinstance(v, torch.Tensor))
-    return {"small_params": params, "small_state_bytes": nbytes}
+                out[f"{kind}_params"] += local(param).numel()
+                out[f"{kind}_{'bytes' if kind == 'fp32_state' else 'state_bytes'}"] += sum(
+                    local(v).numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return out
 
 
 SMALL_TENSOR_NOTE_SHARE = 0.05
@@ -69,6 +71,16 @@ def _small_tensor_lines(summary: dict) -> list[str]:
         f"  {params:,} params ({share:.1f}%) are in tensors under {MIN_QUANTIZED_NUMEL:,} elements, which keep",
         f"  32-bit state ({per_param:.2f} bytes/param there), as in bitsandbytes and torchao",
     ]
+
+
+def _fp32_state_lines(summary: dict) -> list[str]:
+    """One line for params kept in 32-bit state by choice (``fp32_state`` / ``quantize_state=False``), if any."""
+    params, nbytes = summary.get("fp32_state_params", 0), summary.get("fp32_state_bytes", 0)
+    if not params:
+        return []
+    share = 100.0 * params / summary["num_params"] if summary["num_params"] else 0.0
+    return [f"  {params:,} params ({share:.1f}%) keep 32-bit state by choice (fp32_state,",
+            f"  quantize_state=False): {nbytes / params:.2f} bytes/param there"]
 
 
 def summary_dict(name: str, memory: StateMemory, peak_bytes: int, baseline_bytes: int, steps: int,
@@ -146,7 +158,7 @@ def format_summary(summary: dict, plot_path: str | None) -> str:
         f"  fp32 AdamW would hold {_mib(summary['adamw_fp32_MiB'])} MiB "
         f"({summary['adamw_fp32_bytes_per_param']:.2f} bytes/param): {_saving_words(summary['saving_pct'])}"
     )
-    lines += _small_tensor_lines(summary)
+    lines += _small_tensor_lines(summary) + _fp32_state_lines(summary)
     if plot_path:
         lines.append(f"  plot: {plot_path}")
     return "\n".join(lines)

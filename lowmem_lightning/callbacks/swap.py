@@ -56,6 +56,8 @@ __all__ = [
     "rebuild_param_groups",
     "replace_optimizers",
     "retarget_scheduler",
+    "SCHEDULER_GROUP_LISTS",
+    "expand_scheduler_groups",
 ]
 
 LR_KEYS: tuple[str, ...] = ("lr", "initial_lr", "max_lr", "min_lr")
@@ -217,6 +219,27 @@ def momentum_slot(target_cls: type, new_defaults: dict) -> Slot | None:
     else:
         slot = next((s for s in MOMENTUM_KEYS if s.key in new_defaults), None)
     return slot if slot in MOMENTUM_KEYS and slot.key in new_defaults else None
+
+
+SCHEDULER_GROUP_LISTS: tuple[str, ...] = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "base_momentums",
+                                          "max_momentums", "min_lrs")
+"""The per-param-group lists torch's LR schedulers keep (one entry per group, zipped strictly with the groups)."""
+
+
+def expand_scheduler_groups(scheduler, origin: list[int]) -> None:
+    """Give ``scheduler`` one entry per group of an optimizer whose groups were split: new group ``k`` came from old
+    group ``origin[k]`` (:func:`~lowmem_lightning.optim.state_precision.split_param_groups`) and takes that group's
+    entry of every per-group list (:data:`SCHEDULER_GROUP_LISTS`: base and last LRs, ``LambdaLR``'s lambdas,
+    ``CyclicLR``'s bounds, ``ReduceLROnPlateau``'s floors), so the split groups follow their group's schedule.
+    Lists already of the new length are left alone (call it for each child of a ``SequentialLR`` too:
+    :func:`find_schedulers` lists them)."""
+    old_count = max(origin, default=-1) + 1
+    if len(origin) == old_count:
+        return
+    for name in SCHEDULER_GROUP_LISTS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == old_count:
+            setattr(scheduler, name, [values[i] for i in origin])
 
 
 def mark_step_calls(optimizer: torch.optim.Optimizer) -> None:

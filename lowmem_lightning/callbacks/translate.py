@@ -87,36 +87,37 @@ def _slots(*names: str, **renamed: Slot) -> dict[str, Slot]:
 
 
 _IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+_OURS = ("bf16_rounding", "quantize_state")  # settings every optimizer of this package takes
 
 FAMILIES: dict[str, dict[str, Slot]] = {
     "adam": _slots("lr", "eps", "amsgrad", "maximize", *_IMPLEMENTATION,
                    beta1=Slot("betas", 0), beta2=Slot("betas", 1), l2=Slot("weight_decay")),
     "adamw": _slots("lr", "eps", "weight_decay", "amsgrad", "maximize", *_IMPLEMENTATION,
                     beta1=Slot("betas", 0), beta2=Slot("betas", 1)),
-    "adamw_8bit": _slots("lr", "eps", "weight_decay", "maximize", "bf16_rounding",
+    "adamw_8bit": _slots("lr", "eps", "weight_decay", "maximize", *_OURS,
                          beta1=Slot("betas", 0), beta2=Slot("betas", 1)),
-    "sgd": _slots("lr", "dampening", "nesterov", "maximize", "momentum_dtype", "bf16_rounding", *_IMPLEMENTATION,
+    "sgd": _slots("lr", "dampening", "nesterov", "maximize", "momentum_dtype", *_OURS, *_IMPLEMENTATION,
                   beta1=Slot("momentum"), l2=Slot("weight_decay")),
     "rmsprop": _slots("lr", "eps", "centered", "maximize", *_IMPLEMENTATION,
                       beta1=Slot("momentum"), beta2=Slot("alpha"), l2=Slot("weight_decay")),
     "adafactor": _slots("lr", "beta1", "clip_threshold", "decay_rate", "weight_decay", "scale_parameter",
-                        "relative_step", "warmup_init", "momentum_dtype", "maximize", "bf16_rounding",
+                        "relative_step", "warmup_init", "momentum_dtype", "maximize", *_OURS,
                         factored_eps=Slot("eps", 0), scale_eps=Slot("eps", 1)),
-    "came": _slots("lr", "clip_threshold", "weight_decay", "momentum_dtype", "maximize", "bf16_rounding",
+    "came": _slots("lr", "clip_threshold", "weight_decay", "momentum_dtype", "maximize", *_OURS,
                    beta1=Slot("betas", 0), beta2=Slot("betas", 1), beta3=Slot("betas", 2),
                    factored_eps=Slot("eps", 0), instability_eps=Slot("eps", 1)),
     "muon": _slots("lr", "weight_decay", "nesterov", "maximize", "momentum_dtype", "ns_coefficients", "ns_steps",
-                   "adjust_lr_fn", "use_muon", "bf16_rounding", *_IMPLEMENTATION,
+                   "adjust_lr_fn", "use_muon", *_OURS, *_IMPLEMENTATION,
                    beta1=Slot("momentum"), beta2=Slot("adamw_betas", 1), eps=Slot("adamw_eps"),
                    adamw_beta1=Slot("adamw_betas", 0), ns_eps=Slot("eps")),
     # Lion's betas[0] weighs the momentum against the gradient in the update's sign, as Adam's betas[0] weighs
     # them in its first moment (beta1 = beta2 is signSGD on Adam's m); betas[1] is the momentum's own decay,
     # which no other family has apart (Adam's first moment decays at betas[0]): lion_beta2.
-    "lion": _slots("lr", "weight_decay", "maximize", "bf16_rounding", *_IMPLEMENTATION,
+    "lion": _slots("lr", "weight_decay", "maximize", *_OURS, *_IMPLEMENTATION,
                    beta1=Slot("betas", 0), lion_beta2=Slot("betas", 1)),
     # AdEMAMix is Adam (betas[0], betas[1], eps: same meanings) plus a slow EMA: betas[2] (not CAME's beta3,
     # the decay of its instability), its weight alpha and their warmups.
-    "ademamix": _slots("lr", "eps", "weight_decay", "alpha", "t_alpha", "t_beta3", "maximize", "bf16_rounding",
+    "ademamix": _slots("lr", "eps", "weight_decay", "alpha", "t_alpha", "t_beta3", "maximize", *_OURS,
                        *_IMPLEMENTATION,
                        beta1=Slot("betas", 0), beta2=Slot("betas", 1), slow_beta=Slot("betas", 2)),
 }
@@ -214,8 +215,9 @@ LR_CHANGES: dict[tuple[str, str], str] = {
 as it is (the module's schedule, per-group ratios and ``lr * weight_decay`` stay as the module set them);
 the note says so, and by how much the paper would change it, unless the callback was given an lr."""
 
-IMPLIED: dict[str, object] = {"relative_step": False, "scale_parameter": False}
-"""Chosen values that every target without the setting behaves as (it takes an lr, unscaled)."""
+IMPLIED: dict[str, object] = {"relative_step": False, "scale_parameter": False, "quantize_state": False}
+"""Chosen values that every target without the setting behaves as (it takes an lr, unscaled; it keeps 32-bit
+state: torch's optimizers)."""
 
 IGNORED: frozenset[str] = frozenset(_IMPLEMENTATION)
 """Implementation switches: carried where the target takes them, otherwise dropped silently."""

@@ -55,6 +55,9 @@ class Adafactor(LowMemOptimizer):
             SGD's do; the gradients are not touched; not in transformers).
         bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
             (round-to-nearest-even, as transformers' Adafactor); a param-group setting kept in state dicts.
+        quantize_state: ``False`` keeps the momentum of the group's params in fp32 even with ``"int8"`` (give
+            the embeddings a group with it, as bitsandbytes' ``optim_bits=32``); a storage choice, like
+            ``momentum_dtype``.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
             (no-ops: the update is always our fused kernels with device step counters); True raises.
 
@@ -94,6 +97,7 @@ class Adafactor(LowMemOptimizer):
         *,
         maximize: bool = False,
         bf16_rounding: str = "stochastic",
+        quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -117,6 +121,7 @@ class Adafactor(LowMemOptimizer):
             momentum_dtype=momentum_dtype,
             maximize=maximize,
             bf16_rounding=bf16_rounding,
+            quantize_state=quantize_state,
         )
         super().__init__(params, defaults)
 
@@ -156,7 +161,7 @@ class Adafactor(LowMemOptimizer):
         shape = tuple(local(param).shape)
         layout = [step_spec()]
         if group["beta1"] is not None:
-            layout += momentum_specs(param, group["momentum_dtype"], "exp_avg", "exp_avg")
+            layout += momentum_specs(param, group, "exp_avg", "exp_avg")
         return layout + second_moment_specs(shape, "sq")
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
@@ -165,7 +170,7 @@ class Adafactor(LowMemOptimizer):
         state.pop("RMS", None)
         state["step"] = loaded_step(state.get("step"), 0.0)
         if group["beta1"] is not None:
-            quantized = quantized_momentum(param.numel(), group["momentum_dtype"])
+            quantized = quantized_momentum(param, group)
             state = convert_momentum(param, state, quantized, "exp_avg", "exp_avg")
         for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
             if isinstance(state.get(key), torch.Tensor):

@@ -56,9 +56,9 @@ class AdamW4bit(AdamW8bit):
 
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
         """``step``; 4-bit ``exp_avg`` / ``exp_avg_sq`` codes + fp32 absmax per 128 elements for params of
-        >= 4096 elements (padded to the shard layout for DTensors), fp32 moments of the param's (local)
-        shape otherwise."""
-        if self._is_quantized(param):
+        >= 4096 elements in a group that quantizes (:func:`.layout.quantizes_state`; padded to the shard layout
+        for DTensors), fp32 moments of the param's (local) shape otherwise."""
+        if self._is_quantized(param, group):
             n = block_state_len(param)
             return [step_spec(), *codes4_specs("exp_avg", n, True), *codes4_specs("exp_avg_sq", n, False)]
         shape = tuple(local(param).shape)
@@ -71,7 +71,8 @@ class AdamW4bit(AdamW8bit):
         """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``) and ``adamw_8bit`` /
         ``paged_adamw_8bit`` codes (decoded to fp32 by :mod:`.adamw_convert`): 4-bit codes or fp32."""
         state = decoded_row_form(param, state, self._incoming_form)  # a sharded state of another form
-        if self._is_quantized(param) and code_form(state) == FORM_8BIT:
+        quantized = self._is_quantized(param, group)
+        if quantized and code_form(state) == FORM_8BIT:
             state = with_decoded_moments(param, state, FORM_8BIT)
         codes = state.get("exp_avg_codes")
         if isinstance(codes, torch.Tensor) and codes.dtype == torch.int8:
@@ -81,7 +82,7 @@ class AdamW4bit(AdamW8bit):
                 f"({codes.numel()} codes for a param of {param.numel()} elements), so they cannot be converted "
                 "into AdamW4bit's uint8 bytes of two 4-bit codes. Load it into the adamw_8bit it was saved from."
             )
-        if "exp_avg" not in state or not self._is_quantized(param):
+        if "exp_avg" not in state or not quantized:
             return super()._convert_foreign_state(param, state, group)
         if "max_exp_avg_sq" in state:
             raise ValueError(

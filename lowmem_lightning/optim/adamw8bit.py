@@ -11,11 +11,10 @@ from collections.abc import Iterable
 import torch
 
 from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
-from ..kernels.codec import MIN_QUANTIZED_NUMEL, quantize_blockwise
+from ..kernels.codec import quantize_blockwise
 from ..kernels.dispatch import dispatch
 from ..kernels.rounding import is_stochastic, step_seed
 from .adamw_convert import (
-    FORM_4BIT,
     FORM_8BIT,
     code_form,
     decoded_row_form,
@@ -24,7 +23,7 @@ from .adamw_convert import (
     with_decoded_moments,
 )
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
-from .layout import loaded_step
+from .layout import loaded_step, quantizes_state
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_eps, check_lr, check_non_negative
 
@@ -48,6 +47,9 @@ class AdamW8bit(LowMemOptimizer):
         eps: added to the denominator (> 0).
         weight_decay: decoupled weight decay coefficient (>= 0).
         maximize: ascend instead of descend.
+        quantize_state: ``False`` keeps 32-bit state for every param (of a param group: give the embeddings a
+            group with ``quantize_state=False``, as bitsandbytes' ``optim_bits=32`` override), the fp32 state
+            params under 4096 elements keep; a storage choice: a load keeps this optimizer's value and converts.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
             (no-ops: the update is always one fused kernel with device step counters); True raises.
         seed: base seed of the stochastic rounding; step ``t`` of tensor ``i`` rounds with
@@ -76,6 +78,7 @@ class AdamW8bit(LowMemOptimizer):
         maximize: bool = False,
         seed: int = 0,
         bf16_rounding: str = "stochastic",
+        quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -87,7 +90,7 @@ class AdamW8bit(LowMemOptimizer):
         self._seed = int(seed)
         betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                        bf16_rounding=bf16_rounding)
+                        bf16_rounding=bf16_rounding, quantize_state=quantize_state)
         super().__init__(params, defaults)
 
     _foreign_group_keys = frozenset({"amsgrad", "decoupled_weight_decay"})  # torch.optim.AdamW / Adam state dicts
@@ -102,15 +105,16 @@ class AdamW8bit(LowMemOptimizer):
         _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["maximize"])
 
     # ------------------------------------------------------------------ state layout
-    @staticmethod
-    def _is_quantized(param: torch.Tensor) -> bool:
-        return param.numel() >= MIN_QUANTIZED_NUMEL
+    def _is_quantized(self, param: torch.Tensor, group: dict | None) -> bool:
+        """:func:`.layout.quantizes_state` of ``param`` in ``group`` (None: its own group)."""
+        return quantizes_state(param, self._layout_group(param, group))
 
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
         """``step``; 8-bit ``exp_avg`` (signed) and ``exp_avg_sq`` (unsigned) codes + fp32 absmax per 256
-        elements for params of >= 4096 elements (padded to the shard layout for DTensors), fp32
-        ``exp_avg``/``exp_avg_sq`` of the param's (local) shape otherwise."""
-        if self._is_quantized(param):
+        elements for params of >= 4096 elements in a group that quantizes (:func:`.layout.quantizes_state`;
+        padded to the shard layout for DTensors), fp32 ``exp_avg``/``exp_avg_sq`` of the param's (local) shape
+        otherwise."""
+        if self._is_quantized(param, group):
             n, host = block_state_len(param), self.is_paged
             return [step_spec(), *codes_specs("exp_avg", n, True, host), *codes_specs("exp_avg_sq", n, False, host)]
         shape = tuple(local(param).shape)
@@ -120,7 +124,9 @@ class AdamW8bit(LowMemOptimizer):
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``torch.optim.AdamW`` state (full ``exp_avg``/``exp_avg_sq``): quantize or cast to fp32; and
-        ``adamw_4bit`` codes: decoded to fp32 (:mod:`.adamw_convert`), then quantized into 8-bit codes."""
+        codes of another form (``adamw_4bit``'s), or codes where the group keeps fp32 state (saved with the other
+        ``quantize_state``): decoded to fp32 (:mod:`.adamw_convert`), then quantized into this class's codes or
+        kept as fp32 moments."""
         if "max_exp_avg_sq" in state:
             raise ValueError(
                 "Invalid optimizer state dict: it holds 'max_exp_avg_sq' (AMSGrad), which AdamW8bit does not support."
@@ -128,12 +134,13 @@ class AdamW8bit(LowMemOptimizer):
         state = decoded_row_form(param, dict(state), self._incoming_form)  # a sharded state of another form
         if "step" in state:
             state["step"] = loaded_step(state["step"])
-        if self._is_quantized(param) and code_form(state) == FORM_4BIT and self._moment_form == FORM_8BIT:
-            state = with_decoded_moments(param, state, FORM_4BIT)  # adamw_4bit codes -> fp32 -> 8-bit codes below
+        quantized, form = self._is_quantized(param, group), code_form(state)
+        if form is not None and (form != self._moment_form or not quantized):
+            state = with_decoded_moments(param, state, form)  # other codes -> fp32 -> this class's codes below
         if "exp_avg" not in state:
             return state
         full = {key: _full_moment(local(param), state, key) for key in ("exp_avg", "exp_avg_sq")}
-        if not self._is_quantized(param):
+        if not quantized:
             state.update(full)
             return state
         if (full["exp_avg_sq"] < 0).any():

@@ -22,8 +22,8 @@ import functools
 import torch
 
 from ..kernels.adamw4bit import dequantize4_reference, num_blocks4, packed_len
-from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, num_blocks
-from .layout import StateSpec, codes_specs, step_spec
+from ..kernels.codec import dequantize_reference, num_blocks
+from .layout import StateSpec, codes_specs, quantizes_state, step_spec
 from .reshard import CODEC4, CODEC8, decode_rows, row_width
 from .sharding import block_state_len, is_dtensor, local, row_form, unwrap_state, wrap_state
 
@@ -112,8 +112,8 @@ def fp32_adamw_state_dict(state_dict: dict, optimizer: torch.optim.Optimizer) ->
     """``state_dict`` of ``adamw_8bit`` / ``paged_adamw_8bit`` / ``adamw_4bit`` with every param's codes decoded
     into fp32 ``exp_avg`` / ``exp_avg_sq`` of the param's shape, so that ``optimizer`` (a ``torch.optim.AdamW``
     over the same params, in the same order) loads it; its param groups take ``optimizer``'s keys that the
-    saved ones lack, and lose ``bf16_rounding`` (a key of ours torch does not read). Other states and
-    step counters are kept; the input is not changed. A state dict without codes is returned as it is."""
+    saved ones lack, and lose ``bf16_rounding`` and ``quantize_state`` (keys of ours torch does not read). Other
+    states and step counters are kept; the input is not changed. A state dict without codes is returned as it is."""
     states = state_dict.get("state") if isinstance(state_dict, dict) else None
     groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
     if not isinstance(states, dict) or not isinstance(groups, list):
@@ -138,11 +138,13 @@ def _saved_params(groups: list, optimizer: torch.optim.Optimizer) -> dict:
 
 
 def _merged_groups(optimizer: torch.optim.Optimizer, groups: list) -> list:
-    """Saved param ``groups`` completed with ``optimizer``'s keys they lack, without ``bf16_rounding`` (ours)."""
+    """Saved param ``groups`` completed with ``optimizer``'s keys they lack, without ``bf16_rounding`` and
+    ``quantize_state`` (ours)."""
     new_groups = []
     for group, saved in zip(optimizer.param_groups, groups):
         merged = {**{k: v for k, v in group.items() if k != "params"}, **saved}
-        merged.pop("bf16_rounding", None)
+        for key in ("bf16_rounding", "quantize_state"):  # keys of ours torch does not read
+            merged.pop(key, None)
         new_groups.append(merged)
     return new_groups
 
@@ -171,9 +173,10 @@ def convert_on_load(optimizer: torch.optim.Optimizer):
 # encoded with the loading optimizer's codes.
 
 
-def _held_form(form: str, param: torch.Tensor) -> str:
-    """The form ``form``'s optimizer keeps ``param``'s moments in (fp32 below 4096 elements)."""
-    return form if param.numel() >= MIN_QUANTIZED_NUMEL else FORM_FP32
+def _held_form(form: str, param: torch.Tensor, group: dict | None = None) -> str:
+    """The form ``form``'s optimizer keeps ``param``'s moments in (fp32 below 4096 elements or in a group with
+    ``quantize_state=False``: :func:`.layout.quantizes_state`; a saved form is read with the size rule alone)."""
+    return form if quantizes_state(param, group) else FORM_FP32
 
 
 def form_layout(param: torch.Tensor, form: str) -> dict[str, StateSpec]:
@@ -198,7 +201,7 @@ def form_layout(param: torch.Tensor, form: str) -> dict[str, StateSpec]:
     return {spec.name: spec for spec in (step_spec(), *specs)}
 
 
-_OUR_GROUP_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "maximize", "bf16_rounding"})
+_OUR_GROUP_KEYS = frozenset({"lr", "betas", "eps", "weight_decay", "maximize", "bf16_rounding", "quantize_state"})
 
 
 @functools.cache
@@ -222,8 +225,10 @@ def read_layout(param: torch.Tensor, form: str) -> dict[str, StateSpec]:
 
 
 def _own_form(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> str:
-    """The form ``optimizer`` keeps ``param``'s moments in (``torch.optim.AdamW``: fp32)."""
-    return _held_form(getattr(optimizer, "_moment_form", FORM_FP32), param)
+    """The form ``optimizer`` keeps ``param``'s moments in (``torch.optim.AdamW``: fp32), its group's
+    ``quantize_state`` included."""
+    group = optimizer._layout_group(param, None) if hasattr(optimizer, "_layout_group") else None
+    return _held_form(getattr(optimizer, "_moment_form", FORM_FP32), param, group)
 
 
 def _template(param: torch.Tensor, state: dict, form: str, present: bool) -> dict:

@@ -12,10 +12,10 @@ from collections.abc import Iterable
 import torch
 
 from ..kernels.ademamix import ADEMAMIX, ADEMAMIX_NEAREST, AdEMAMixScalars, AdEMAMixTensors
-from ..kernels.codec import MIN_QUANTIZED_NUMEL
 from ..kernels.dispatch import dispatch
 from ..kernels.rounding import is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
+from .layout import quantizes_state
 from .lion import check_maximize, check_seed, loaded_step, moment_state
 from .sharding import block_state_head, block_state_len, local, shard_tensor_index
 from .validation import check_betas, check_eps, check_lr, check_non_negative
@@ -49,6 +49,8 @@ class AdEMAMix(LowMemOptimizer):
         seed: base seed of the stochastic rounding (runs and resumed runs are reproducible).
         bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
             (round-to-nearest-even, bitsandbytes' behaviour); a param-group setting kept in state dicts.
+        quantize_state: accepted for every param group as in the ``_8bit`` class (a storage choice); this class
+            keeps fp32 state whatever its value.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False.
 
     A gradient holding inf/NaN (or whose squares overflow fp32) skips that tensor's update and is
@@ -72,6 +74,7 @@ class AdEMAMix(LowMemOptimizer):
         maximize: bool = False,
         seed: int = 0,
         bf16_rounding: str = "stochastic",
+        quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -81,7 +84,8 @@ class AdEMAMix(LowMemOptimizer):
         self._seed = check_seed(seed)
         betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas
         defaults = dict(lr=lr, betas=betas, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
-                        weight_decay=weight_decay, maximize=maximize, bf16_rounding=bf16_rounding)
+                        weight_decay=weight_decay, maximize=maximize, bf16_rounding=bf16_rounding,
+                        quantize_state=quantize_state)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -101,14 +105,16 @@ class AdEMAMix(LowMemOptimizer):
         check_maximize(group["maximize"])
 
     # ------------------------------------------------------------------ state
-    def _is_quantized(self, param: torch.Tensor) -> bool:
-        return self.quantized_state and param.numel() >= MIN_QUANTIZED_NUMEL
+    def _is_quantized(self, param: torch.Tensor, group: dict | None) -> bool:
+        """Whether ``param`` (in ``group``; None: its own) keeps 8-bit state: the 8-bit class and
+        :func:`.layout.quantizes_state`."""
+        return self.quantized_state and quantizes_state(param, self._layout_group(param, group))
 
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
         """``step``; ``exp_avg``, ``exp_avg_slow`` (signed) and ``exp_avg_sq`` (unsigned) as 8-bit codes +
         fp32 absmax per 256 elements (8-bit, >= 4096 elements; padded to the shard layout for DTensors),
         else fp32 of the param's (local) shape."""
-        if self._is_quantized(param):
+        if self._is_quantized(param, group):
             n = block_state_len(param)
             return [step_spec(), *(spec for name, signed in _MOMENTS for spec in codes_specs(name, n, signed))]
         shape = tuple(local(param).shape)
@@ -120,7 +126,7 @@ class AdEMAMix(LowMemOptimizer):
         state = dict(state)
         state["step"] = loaded_step(state.get("step"))
         for name, signed in _MOMENTS:
-            state = moment_state(state, name, param, self._is_quantized(param), signed)
+            state = moment_state(state, name, param, self._is_quantized(param, group), signed)
         return state
 
     def _fp32_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:

@@ -28,7 +28,7 @@ from ..kernels.dispatch import host_flag_values
 from .finite import FiniteGuard
 from .finite import _square_sum_norms as _square_sum_norms  # noqa: F401  (tests import it from here)
 from .fsdp1 import check_not_fsdp1, fp32_presented, is_fsdp1_flat
-from .layout import StateSpec, codes_specs, step_spec
+from .layout import QUANTIZE_STATE, StateSpec, check_quantize_state, codes_specs, step_spec
 from .sharding import is_dtensor, unwrap_state, wrap_state
 from .state_io import hold, private_copy, release, storage_ids
 from .validation import check_bf16_rounding
@@ -54,10 +54,14 @@ def check_drop_in_flags(**flags) -> None:
 _NOT_HYPERPARAMETERS = {"self", "params", "seed", "gpu_budget_bytes", "page_prefetch", *DROP_IN_FLAGS}
 
 
-def _check_rounding(group: dict) -> None:
-    """``ValueError`` naming ``bf16_rounding`` when a group holds a value other than "stochastic"/"nearest"."""
+def _check_rounding(group: dict, where: str = "") -> None:
+    """``ValueError`` naming ``bf16_rounding`` when a group holds a value other than "stochastic"/"nearest", or
+    ``quantize_state`` (:data:`.layout.QUANTIZE_STATE`) when it holds anything but True/False (``where`` says which
+    group, e.g. " in param group 1")."""
     if "bf16_rounding" in group:
         check_bf16_rounding(group["bf16_rounding"])
+    if QUANTIZE_STATE in group:
+        check_quantize_state(group[QUANTIZE_STATE], where)
 
 
 def hyperparameter_names(cls: type) -> set[str]:
@@ -100,7 +104,7 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
     """Group keys of another optimizer whose state dicts this class converts (e.g. torch AdamW's
     ``amsgrad``); accepted on load and dropped."""
 
-    _storage_keys: tuple[str, ...] = ("momentum_dtype",)
+    _storage_keys: tuple[str, ...] = ("momentum_dtype", QUANTIZE_STATE)
     """Group keys that choose how state is stored, where the optimizer has them: a load keeps this
     optimizer's value and converts the loaded state to it."""
 
@@ -170,7 +174,7 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
             group = self.param_groups[-1]
             self._check_params(len(self.param_groups) - 1, group["params"])
             self._check_group(group)
-            _check_rounding(group)
+            _check_rounding(group, f" in param group {len(self.param_groups) - 1}")
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -362,6 +366,27 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
         needs to present it)."""
         return {spec.name: spec for spec in self.state_layout(param, group)}
 
+    def _saved_axes(self, param: torch.Tensor, group: dict, state: dict) -> dict[str, StateSpec]:
+        """The layout that reads ``state`` saved for the DTensor ``param``: :meth:`_axes_of` of ``group``, or of the
+        other ``quantize_state`` when the saved keys are that setting's (a checkpoint saved with the other one:
+        read as it was presented, then converted by :meth:`_convert_foreign_state`)."""
+        layout = self._axes_of(param, group)
+        saved = set(state) - {"shard_layout"}
+        if not is_dtensor(param) or saved <= set(layout) or QUANTIZE_STATE not in group:
+            return layout
+        other = self._axes_of(param, {**group, QUANTIZE_STATE: not group[QUANTIZE_STATE]})
+        return other if saved <= set(other) else layout
+
+    def _layout_group(self, param: torch.Tensor, group: dict | None) -> dict:
+        """``group``, or when None the param group holding ``param`` (:attr:`defaults` for a param not in this
+        optimizer: what :meth:`state_layout` describes it with)."""
+        if group is not None:
+            return group
+        try:
+            return self.param_groups[self._slot_of(param)[0]]  # cached by id: no scan per call
+        except ValueError:
+            return self.defaults
+
     def _group_of(self, param: torch.Tensor) -> dict:
         for group in self.param_groups:
             if any(p is param for p in group["params"]):
@@ -459,7 +484,7 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
             param, group = by_id[pid]
             if not isinstance(state, dict):
                 raise ValueError(f"Invalid optimizer state dict: param {pid!r} state is a {type(state).__name__}.")
-            local_state = unwrap_state(param, dict(state), pid, self._axes_of(param, group))
+            local_state = unwrap_state(param, dict(state), pid, self._saved_axes(param, group, state))
             state = self._convert_foreign_state(param, local_state, group)
             state = {key: value for key, value in state.items() if value is not None}  # torch SGD's None buffer
             self._validate_state(pid, param, group, state)

@@ -49,6 +49,9 @@ class CAME(LowMemOptimizer):
             SGD's do; the gradients are not touched; not in came-pytorch).
         bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
             (round-to-nearest-even, as came-pytorch); a param-group setting kept in state dicts.
+        quantize_state: ``False`` keeps the momentum of the group's params in fp32 even with ``"int8"`` (give
+            the embeddings a group with it, as bitsandbytes' ``optim_bits=32``); a storage choice, like
+            ``momentum_dtype``.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False
             (no-ops: the update is always our fused kernels with device step counters); True raises.
 
@@ -74,6 +77,7 @@ class CAME(LowMemOptimizer):
         *,
         maximize: bool = False,
         bf16_rounding: str = "stochastic",
+        quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -89,6 +93,7 @@ class CAME(LowMemOptimizer):
             momentum_dtype=momentum_dtype,
             maximize=maximize,
             bf16_rounding=bf16_rounding,
+            quantize_state=quantize_state,
         )
         super().__init__(params, defaults)
 
@@ -110,7 +115,7 @@ class CAME(LowMemOptimizer):
         second moment and instability (``exp_avg_{sq,res}_{row,col}``), else a full ``exp_avg_sq``; fp32."""
         group = self._group_of(param) if group is None else group
         shape = tuple(local(param).shape)
-        layout = [step_spec(), *momentum_specs(param, group["momentum_dtype"], "exp_avg", "exp_avg")]
+        layout = [step_spec(), *momentum_specs(param, group, "exp_avg", "exp_avg")]
         return layout + second_moment_specs(shape, "sq") + second_moment_specs(shape, "res")
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
@@ -118,7 +123,7 @@ class CAME(LowMemOptimizer):
         state = dict(state)
         state.pop("RMS", None)
         state["step"] = loaded_step(state.get("step"), 0.0)
-        state = convert_momentum(param, state, quantized_momentum(param.numel(), group["momentum_dtype"]), "exp_avg",
+        state = convert_momentum(param, state, quantized_momentum(param, group), "exp_avg",
                                  "exp_avg")
         for key, value in list(state.items()):
             if key.startswith("exp_avg_") and key not in ("exp_avg_codes", "exp_avg_absmax"):

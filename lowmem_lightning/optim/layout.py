@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["StateSpec", "step_spec", "codes_specs", "MOMENTUM_DTYPES", "quantized_momentum", "momentum_specs",
-           "loaded_step", "convert_momentum"]
+           "loaded_step", "convert_momentum", "QUANTIZE_STATE", "quantizes_state", "check_quantize_state"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,35 @@ def codes_specs(prefix: str, numel: int, signed: bool, host: bool = False) -> li
 
 
 # --------------------------------------------------------------------------------------------------
+# Which params keep quantized state: the one rule
+# --------------------------------------------------------------------------------------------------
+
+QUANTIZE_STATE = "quantize_state"
+"""The param-group key (and constructor argument) that lets a group keep 32-bit state: ``True`` (default) quantizes
+the state of its params of >= 4096 elements, ``False`` keeps every one of its params in the fp32 state that params
+under 4096 elements have (same update math, same kernels): bitsandbytes' ``optim_bits=32`` override, which HF
+``Trainer`` applies to every ``nn.Embedding`` under a bitsandbytes 8-bit optimizer."""
+
+
+def quantizes_state(param: torch.Tensor, group: dict | None = None) -> bool:
+    """Whether ``param`` (in param group ``group``) keeps quantized state in an optimizer that quantizes: its
+    whole tensor has at least ``MIN_QUANTIZED_NUMEL`` (4096) elements and the group's :data:`QUANTIZE_STATE`
+    is not False (absent: True). Every optimizer of the package decides its layout with this function."""
+    from ..kernels.codec import MIN_QUANTIZED_NUMEL
+
+    return param.numel() >= MIN_QUANTIZED_NUMEL and (group is None or group.get(QUANTIZE_STATE, True) is not False)
+
+
+def check_quantize_state(value, where: str = "") -> None:
+    """``ValueError`` unless ``value`` is True or False; the message names ``where`` (e.g. " in param group 1")."""
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Invalid {QUANTIZE_STATE}={value!r}{where}: expected True (quantized state for params of >= 4096 "
+            "elements, the default) or False (32-bit state for every param of the group)."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 # Momentum storage (SGD, Adafactor, CAME) and loaded state
 # --------------------------------------------------------------------------------------------------
 
@@ -85,21 +114,19 @@ MOMENTUM_DTYPES = ("float32", "int8")
 """Allowed values of ``momentum_dtype``."""
 
 
-def quantized_momentum(numel: int, momentum_dtype: str) -> bool:
-    """Whether a momentum of ``numel`` elements is stored in the 8-bit code (``int8`` and >= 4096 elements,
-    the size below which every optimizer of the package keeps 32-bit state)."""
-    from ..kernels.codec import MIN_QUANTIZED_NUMEL
-
-    return momentum_dtype == "int8" and numel >= MIN_QUANTIZED_NUMEL
+def quantized_momentum(param: torch.Tensor, group: dict) -> bool:
+    """Whether ``param``'s momentum is stored in the 8-bit code: the group's ``momentum_dtype`` is ``"int8"`` and
+    :func:`quantizes_state` (>= 4096 elements, ``quantize_state`` not False)."""
+    return group["momentum_dtype"] == "int8" and quantizes_state(param, group)
 
 
-def momentum_specs(param: torch.Tensor, momentum_dtype: str, buffer_key: str, codes_prefix: str) -> list[StateSpec]:
-    """The specs of a momentum of ``param`` stored as ``momentum_dtype``: ``{codes_prefix}_codes`` (int8) +
-    ``{codes_prefix}_absmax`` (fp32 per 256) when quantized, an fp32 ``buffer_key`` of the param's shape
-    otherwise. The choice follows the whole tensor's size; the shapes cover a DTensor's local shard."""
+def momentum_specs(param: torch.Tensor, group: dict, buffer_key: str, codes_prefix: str) -> list[StateSpec]:
+    """The specs of a momentum of ``param`` in ``group``: ``{codes_prefix}_codes`` (int8) +
+    ``{codes_prefix}_absmax`` (fp32 per 256) when :func:`quantized_momentum`, an fp32 ``buffer_key`` of the
+    param's shape otherwise. The choice follows the whole tensor's size; the shapes cover a DTensor's local shard."""
     from .sharding import block_state_len, local  # sharding imports this module
 
-    if quantized_momentum(param.numel(), momentum_dtype):
+    if quantized_momentum(param, group):
         return codes_specs(codes_prefix, block_state_len(param), signed=True)
     return [StateSpec(buffer_key, tuple(local(param).shape), torch.float32, "moment")]
 

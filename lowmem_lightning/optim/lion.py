@@ -11,11 +11,12 @@ from collections.abc import Iterable
 
 import torch
 
-from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, quantize_reference
+from ..kernels.codec import dequantize_reference, quantize_reference
 from ..kernels.dispatch import dispatch
 from ..kernels.lion import LION, LION_NEAREST, LionScalars, LionTensors
 from ..kernels.rounding import is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
+from .layout import quantizes_state
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_lr, check_non_negative
 
@@ -42,6 +43,8 @@ class Lion(LowMemOptimizer):
             ``rounding.step_seed(t, i, seed)``): runs and resumed runs are reproducible.
         bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
             (round-to-nearest-even, bitsandbytes' behaviour); a param-group setting kept in state dicts.
+        quantize_state: accepted for every param group as in the ``_8bit`` class (a storage choice); this class
+            keeps fp32 state whatever its value.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False.
 
     A gradient holding inf/NaN (or whose squares overflow fp32) skips that tensor's update and is
@@ -61,6 +64,7 @@ class Lion(LowMemOptimizer):
         maximize: bool = False,
         seed: int = 0,
         bf16_rounding: str = "stochastic",
+        quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -70,7 +74,7 @@ class Lion(LowMemOptimizer):
         self._seed = check_seed(seed)
         betas = tuple(betas) if isinstance(betas, (list, tuple)) else betas
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
-                                      bf16_rounding=bf16_rounding))
+                                      bf16_rounding=bf16_rounding, quantize_state=quantize_state))
 
     def _check_group(self, group: dict) -> None:
         """Validate a param group like the constructor's arguments (``ValueError`` naming the argument)."""
@@ -80,13 +84,15 @@ class Lion(LowMemOptimizer):
         check_maximize(group["maximize"])
 
     # ------------------------------------------------------------------ state
-    def _is_quantized(self, param: torch.Tensor) -> bool:
-        return self.quantized_state and param.numel() >= MIN_QUANTIZED_NUMEL
+    def _is_quantized(self, param: torch.Tensor, group: dict | None) -> bool:
+        """Whether ``param`` (in ``group``; None: its own) keeps 8-bit state: the 8-bit class and
+        :func:`.layout.quantizes_state`."""
+        return self.quantized_state and quantizes_state(param, self._layout_group(param, group))
 
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
         """``step``; ``exp_avg`` as int8 codes + fp32 absmax per 256 elements (8-bit, >= 4096 elements;
         padded to the shard layout for DTensors) or fp32 of the param's (local) shape."""
-        if self._is_quantized(param):
+        if self._is_quantized(param, group):
             return [step_spec(), *codes_specs("exp_avg", block_state_len(param), True)]
         return [step_spec(), StateSpec("exp_avg", tuple(local(param).shape), torch.float32, "moment")]
 
@@ -94,7 +100,7 @@ class Lion(LowMemOptimizer):
         """Accept the other form's state (fp32 ``exp_avg`` <-> 8-bit codes): quantized or dequantized."""
         state = dict(state)
         state["step"] = loaded_step(state.get("step"))
-        return moment_state(state, "exp_avg", param, self._is_quantized(param), signed=True)
+        return moment_state(state, "exp_avg", param, self._is_quantized(param, group), signed=True)
 
     def _fp32_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """``state`` with 8-bit momentum codes decoded into :class:`Lion`'s fp32 ``exp_avg`` (:func:`moment_state`)."""

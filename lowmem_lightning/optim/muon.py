@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
-from ..kernels.codec import MIN_QUANTIZED_NUMEL, dequantize_reference, quantize_reference
+from ..kernels.codec import dequantize_reference, quantize_reference
 from ..kernels.dispatch import dispatch
 from ..kernels.muon import (
     NS_COEFFICIENTS,
@@ -28,7 +28,8 @@ from ..kernels.muon import (
 )
 from ..kernels.rounding import is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, _advance_steps, check_drop_in_flags, codes_specs, step_spec
-from .layout import loaded_step
+from .layout import loaded_step, quantizes_state
+from .lion import moment_state
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
 
@@ -133,6 +134,9 @@ class Muon(LowMemOptimizer):
         seed: base seed of the stochastic rounding.
         bf16_rounding: how bf16/fp16 params are written (both updates): ``"stochastic"`` (default) or
             ``"nearest"`` (round-to-nearest-even, as torch.optim.Muon); a param-group setting kept in state dicts.
+        quantize_state: ``False`` keeps 32-bit state for every param (of a param group: give the embeddings a
+            group with ``quantize_state=False``, as bitsandbytes' ``optim_bits=32`` override), the fp32 state
+            params under 4096 elements keep; a storage choice: a load keeps this optimizer's value and converts.
         foreach, fused, capturable, differentiable: torch.optim's switches, accepted as None/False; True raises.
 
     State per Muon param: ``step`` and ``momentum_buffer`` (fp32, the param's local shape) or
@@ -176,6 +180,7 @@ class Muon(LowMemOptimizer):
         *,
         seed: int = 0,
         bf16_rounding: str = "stochastic",
+        quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
         capturable: bool = False,
@@ -192,6 +197,7 @@ class Muon(LowMemOptimizer):
             momentum_dtype=self._default_momentum_dtype if momentum_dtype is None else momentum_dtype,
             adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, list) else adamw_betas,
             adamw_eps=adamw_eps, use_muon=use_muon, maximize=maximize, bf16_rounding=bf16_rounding,
+            quantize_state=quantize_state,
         )
         super().__init__(params, defaults)
         self._warn_unnamed_matrices()
@@ -310,15 +316,16 @@ class Muon(LowMemOptimizer):
     # ------------------------------------------------------------------ state layout
     def state_layout(self, param: torch.Tensor, group: dict | None = None) -> list[StateSpec]:
         """Muon params: ``step`` and ``momentum_codes`` (int8) + ``momentum_absmax`` (fp32 per 256) with
-        ``momentum_dtype="int8"`` and >= 4096 elements, else an fp32 ``momentum_buffer`` of the param's
-        (local) shape. AdamW params: ``step`` and 8-bit ``exp_avg``/``exp_avg_sq`` codes (>= 4096
-        elements) or fp32 moments, as :class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit` keeps them."""
-        group = self._group_of(param) if group is None else group
+        ``momentum_dtype="int8"`` and :func:`.layout.quantizes_state` (>= 4096 elements, ``quantize_state`` not
+        False), else an fp32 ``momentum_buffer`` of the param's (local) shape. AdamW params: ``step`` and 8-bit
+        ``exp_avg``/``exp_avg_sq`` codes (:func:`.layout.quantizes_state`) or fp32 moments, as
+        :class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit` keeps them."""
+        group = self._layout_group(param, group)
         if self._is_muon(param, group):
-            if group["momentum_dtype"] == "int8" and param.numel() >= MIN_QUANTIZED_NUMEL:
+            if group["momentum_dtype"] == "int8" and quantizes_state(param, group):
                 return [step_spec(), *codes_specs("momentum", block_state_len(param), signed=True)]
             return [step_spec(), StateSpec("momentum_buffer", tuple(local(param).shape), torch.float32, "moment")]
-        if param.numel() >= MIN_QUANTIZED_NUMEL:
+        if quantizes_state(param, group):
             n = block_state_len(param)
             return [step_spec(), *codes_specs("exp_avg", n, True), *codes_specs("exp_avg_sq", n, False)]
         shape = tuple(local(param).shape)
@@ -327,9 +334,14 @@ class Muon(LowMemOptimizer):
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``torch.optim.Muon`` state (``momentum_buffer`` only: a step counter is added) and our own
-        of the other ``momentum_dtype`` (the momentum is re-stored in this group's)."""
+        of the other ``momentum_dtype`` or ``quantize_state`` (the momentum, or the AdamW part's moments, re-stored
+        in this group's form)."""
         if not self._is_muon(param, group):  # the AdamW params: a Python-number step (torch's form) as ours
-            return {**state, "step": loaded_step(state["step"])} if "step" in state else state
+            state = {**state, "step": loaded_step(state["step"])} if "step" in state else dict(state)
+            quantized = quantizes_state(param, group)
+            for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                state = moment_state(state, key, param, quantized, signed)
+            return state
         state = dict(state)
         if "step" not in state:
             state["step"] = torch.tensor(1.0)

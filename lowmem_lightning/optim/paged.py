@@ -158,6 +158,7 @@ class PagedAdamW8bit(AdamW8bit):
         maximize: bool = False,
         seed: int = 0,
         bf16_rounding: str = "stochastic",
+        quantize_state: bool = True,
         gpu_budget_bytes: int | None = None,
         page_prefetch: bool = True,
         foreach: bool | None = None,
@@ -170,8 +171,8 @@ class PagedAdamW8bit(AdamW8bit):
         ):
             raise ValueError(f"Invalid gpu_budget_bytes={gpu_budget_bytes!r}: expected None (auto) or an int >= 0.")
         super().__init__(params, lr, betas, eps, weight_decay, maximize=maximize, seed=seed,
-                         bf16_rounding=bf16_rounding, foreach=foreach, fused=fused, capturable=capturable,
-                         differentiable=differentiable)
+                         bf16_rounding=bf16_rounding, quantize_state=quantize_state, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
         self.gpu_budget_bytes = gpu_budget_bytes
         self.page_prefetch = bool(page_prefetch)
         self._reset_transient()

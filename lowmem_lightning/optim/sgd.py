@@ -41,6 +41,9 @@ class SGD(LowMemOptimizer):
             the loaded momentum to it.
         bf16_rounding: how bf16/fp16 params are written: ``"stochastic"`` (default) or ``"nearest"``
             (round-to-nearest-even, as torch.optim.SGD); a param-group setting kept in state dicts.
+        quantize_state: ``False`` keeps the momentum of the group's params in fp32 even with ``"int8"`` (give
+            the embeddings a group with it, as bitsandbytes' ``optim_bits=32``); a storage choice, like
+            ``momentum_dtype``.
         foreach, fused, differentiable: torch.optim.SGD's switches, accepted as None/False (no-ops:
             the update is always one fused kernel); True raises.
 
@@ -63,6 +66,7 @@ class SGD(LowMemOptimizer):
         momentum_dtype: str = "float32",
         *,
         bf16_rounding: str = "stochastic",
+        quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -77,6 +81,7 @@ class SGD(LowMemOptimizer):
             maximize=maximize,
             momentum_dtype=momentum_dtype,
             bf16_rounding=bf16_rounding,
+            quantize_state=quantize_state,
         )
         super().__init__(params, defaults)
 
@@ -87,7 +92,7 @@ class SGD(LowMemOptimizer):
     # ------------------------------------------------------------------ state
     @staticmethod
     def _quantized(param: torch.Tensor, group: dict) -> bool:
-        return quantized_momentum(param.numel(), group["momentum_dtype"])
+        return quantized_momentum(param, group)
 
     def _state_incomplete(self, state: dict, group: dict) -> bool:
         """A group given a momentum after its first steps gets its momentum buffer on the next step."""
@@ -99,7 +104,7 @@ class SGD(LowMemOptimizer):
         group = self._group_of(param) if group is None else group
         layout = [step_spec()]
         if group["momentum"] != 0:
-            layout += momentum_specs(param, group["momentum_dtype"], "momentum_buffer", "momentum")
+            layout += momentum_specs(param, group, "momentum_buffer", "momentum")
         return layout
 
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
