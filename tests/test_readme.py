@@ -400,12 +400,11 @@ def test_lowmem_estimate_line_runs_and_says_what_the_readme_says(line):
     assert "device total" in out
     if optional:  # e.g. [--format json]
         assert json.loads(_estimate(_args(command) + shlex.split(optional.group(1))))["optimizers"]
-    claim = re.search(r"# (\w+) \+ step_in_backward: ([\d.]+) GB", line)
-    if claim:
-        name, gb = claim.groups()
-        assert "released in backward" in out
-        total = _row(out, name)[4]  # the device total column
-        assert total.endswith(" GB") and f"{float(total.split()[0]):.1f}" == gb, (line, total)
+    comment = line.split("#", 1)[1] if "#" in line else ""
+    for name, recipes, gb in re.findall(r"(\w+)( \(the recipe's\))?: ([\d.]+) GB", comment):
+        cols = _row(out, name)
+        assert cols[0].endswith("*") == bool(recipes), (line, cols[0])  # the recipe's own row is marked *
+        assert cols[4].endswith(" GB") and f"{float(cols[4].split()[0]):.1f}" == gb, (line, cols[4])  # device total
 
 
 PLAIN_BLOCKS = {
