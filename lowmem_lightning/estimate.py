@@ -36,6 +36,7 @@ from torch import nn
 
 from lowmem_lightning.optim.base import LowMemOptimizer, StateSpec
 from lowmem_lightning.optim.registry import available_optimizers, optimizer_class
+from lowmem_lightning.optim.state_precision import fp32_state_params, parse_fp32_state, split_param_groups
 
 __all__ = [
     "OPTIMIZER_VARIANTS",
@@ -604,8 +605,8 @@ def state_layout(optimizer: torch.optim.Optimizer, param: torch.Tensor, group: d
     raise TypeError(f"{type(optimizer).__name__} does not describe its state layout.")
 
 
-def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]], **kwargs
-                          ) -> tuple[int, int]:
+def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                          fp32_ids: set[int] | frozenset[int] = frozenset(), **kwargs) -> tuple[int, int]:
     """``(device_bytes, host_bytes)`` of the state of registered optimizer ``name`` with ``kwargs`` over
     the trainable ``params`` (meta tensors work; ``(name, param)`` pairs from ``named_parameters()`` let
     an optimizer that splits by name, Muon, see the names), summed from the exact state layout of each param.
@@ -614,13 +615,17 @@ def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor] | Iterable[t
     counters and the fp32 state of small tensors stay on the device, and the pages of the tensor
     being updated and of the prefetched next one are copied in: ``device_bytes`` counts those two
     (the largest two, the minimum resident set; an automatic budget may keep more resident).
+    The params whose ids are in ``fp32_ids`` go into a group with ``quantize_state=False`` (``fp32_state``:
+    :mod:`lowmem_lightning.optim.state_precision`), as the callback puts them.
     """
     pairs = [item if isinstance(item, tuple) else (None, item) for item in params]
     pairs = [(n, p) for n, p in pairs if p.requires_grad]
     if not pairs:
         return 0, 0
     named = all(n is not None for n, _ in pairs)
-    optimizer = optimizer_class(name)(pairs if named else [p for _, p in pairs], **kwargs)
+    items = pairs if named else [p for _, p in pairs]
+    groups = split_param_groups(items, set(fp32_ids))[0] if fp32_ids else items
+    optimizer = optimizer_class(name)(groups, **kwargs)
     paged = getattr(optimizer, "is_paged", False)
     device = host = 0
     page_sizes = []
@@ -656,6 +661,7 @@ def estimate_memory(
     bucket_bytes: int = RELEASE_BUCKET_BYTES,
     activations: int = 0,
     activation_detail: str = "",
+    fp32_state=None,
 ) -> MemoryEstimate:
     """Estimate training memory of ``model`` (built on the meta device) for every optimizer.
 
@@ -674,6 +680,8 @@ def estimate_memory(
             leaves them out.
         activation_detail: what ``activations`` are of, or why they are left out (shown by
             :func:`format_table`; :func:`model_activation_bytes` gives both).
+        fp32_state: params kept in 32-bit state by every row's optimizer (the callback's ``fp32_state``: module
+            classes, ``"embeddings"``, name patterns); a note says how many, or names an entry that selects none.
     """
     count = count_model(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -694,10 +702,10 @@ def estimate_memory(
     weights = count.frozen_bytes + count.trainable_bytes + activations
     grads = released if step_in_backward else count.gradient_bytes
     result: dict[str, OptimizerEstimate] = {}
-    notes = []
+    fp32_ids, notes = _fp32_state(model, params, fp32_state)
     for row, (name, kwargs) in rows.items():
         try:
-            device, host = optimizer_state_bytes(name, params, **kwargs)
+            device, host = optimizer_state_bytes(name, params, fp32_ids, **kwargs)
         except (TypeError, ValueError, ImportError) as err:
             notes.append(f"{row}: not estimated ({err})")
             continue
@@ -712,6 +720,24 @@ def estimate_memory(
             est.fits = est.total_device_bytes <= budget_bytes
         estimate.recommendation = recommend(estimate)
     return estimate
+
+
+def _fp32_state(model: nn.Module, params: list[tuple[str, torch.Tensor]], fp32_state) -> tuple[set[int], list[str]]:
+    """The ids of the trainable params ``fp32_state`` selects and the notes saying so (or naming an entry that
+    selects none); ``ValueError`` for a bad ``fp32_state``."""
+    parsed = parse_fp32_state(fp32_state)
+    if parsed is None:
+        return set(), []
+    ids, unmatched = fp32_state_params(model, parsed)
+    trainable = {id(p): p for _, p in params}
+    ids &= set(trainable)
+    chosen = sum(trainable[i].numel() for i in ids)
+    total = sum(p.numel() for p in trainable.values())
+    notes = [f"fp32_state={fp32_state!r}: {chosen:,} trainable params ({100.0 * chosen / max(1, total):.1f}%) keep "
+             "32-bit state in every row (quantize_state=False)"]
+    if unmatched:
+        notes.append(f"fp32_state entries {', '.join(map(repr, unmatched))} select no param")
+    return ids, notes
 
 
 _IN_MEMORY_ORDER = ("adamw", "adamw_8bit", "adamw_4bit", "came", "came_int8", "adafactor_beta1_int8")

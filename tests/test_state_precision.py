@@ -10,6 +10,7 @@ Llama under a real Trainer (groups and a OneCycleLR schedule kept).
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import lightning as L
@@ -321,3 +322,66 @@ def test_unmatched_pattern_warns_once_naming_it(tmp_path):
         _fit(tmp_path, _LM(), callback, steps=1)
     messages = [str(w.message) for w in caught if "selects no param" in str(w.message)]
     assert len(messages) == 1 and "'lm_haed'" in messages[0] and "'*embed_tokens*'" not in messages[0].split(":")[1]
+
+
+# ------------------------------------------------------------------ LowMemModule, lowmem estimate, YAML
+def test_lowmem_module_builds_fp32_state_groups():
+    from lowmem_lightning.modules import LowMemModule
+
+    class Tiny(LowMemModule):
+        def __init__(self, **kwargs):
+            super().__init__(optimizer="adamw_8bit", lr=1e-3, weight_decay=0.1, warmup_steps=2, **kwargs)
+            self.model = _llama()
+
+    module = Tiny(fp32_state="torch.nn.Embedding")
+    config = module.configure_optimizers()
+    opt, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    fp32 = [g for g in opt.param_groups if g.get("quantize_state") is False]
+    assert len(fp32) == 1 and fp32[0]["params"] == [module.model.model.embed_tokens.weight]
+    assert fp32[0]["weight_decay"] == 0.1 and len(scheduler.base_lrs) == len(opt.param_groups)
+    with pytest.warns(UserWarning, match="'embed_tokenz'"):
+        Tiny(fp32_state="embed_tokenz").configure_optimizers()
+    with pytest.raises(ValueError, match="fp32_state=.*CausalLMModule.*'adamw'"):
+        from lowmem_lightning.modules import CausalLMModule
+
+        CausalLMModule(config={"hidden_size": 32}, optimizer="adamw", fp32_state="embeddings")
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_4bit", "lion_8bit", "muon_8bit"])
+def test_estimate_counts_fp32_state_as_the_optimizer_holds_it(name):
+    from lowmem_lightning.estimate import estimate_memory
+
+    model = _llama()
+    est = estimate_memory(model, variants={name: (name, {"lr": 1e-3})}, fp32_state="embeddings")
+    ids, _ = fp32_state_params(model, parse_fp32_state("embeddings"))
+    groups = split_param_groups(list(model.named_parameters()), ids)[0]
+    opt = build_optimizer(name, groups, lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    assert est.optimizers[name].state_bytes == state_memory(opt).total_bytes
+    plain = estimate_memory(model, variants={name: (name, {"lr": 1e-3})})
+    embedding = model.model.embed_tokens.weight.numel()
+    assert est.optimizers[name].state_bytes > plain.optimizers[name].state_bytes + 2 * embedding  # ~3-7 B/elem more
+    assert any(f"{embedding:,} trainable params" in note for note in est.notes)
+
+
+def test_yaml_recipe_fp32_state_reaches_estimate(tmp_path, capsys):
+    import yaml
+
+    from lowmem_lightning.cli import main
+    from lowmem_lightning.cli.recipes import RECIPES_DIR
+
+    recipe = yaml.safe_load((RECIPES_DIR / "tiny.yaml").read_text())
+    recipe["trainer"]["callbacks"][0]["init_args"]["fp32_state"] = ["torch.nn.Embedding", "lm_head"]
+    path = tmp_path / "tiny_fp32emb.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["estimate", "--config", str(path), "--format", "json"]) == 0
+    with_emb = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "--config", str(path), "--format", "json", "--fp32-state", "lm_haed"]) == 0
+    typo = json.loads(capsys.readouterr().out)
+    assert any("fp32_state=['torch.nn.Embedding', 'lm_head']" in n for n in with_emb["notes"])
+    assert any("'lm_haed' select no param" in n for n in typo["notes"])
+    rows = ("adamw_8bit", "adamw")
+    assert with_emb["optimizers"][rows[0]]["state_bytes"] > typo["optimizers"][rows[0]]["state_bytes"]
+    assert with_emb["optimizers"][rows[1]]["state_bytes"] == typo["optimizers"][rows[1]]["state_bytes"]  # fp32 anyway

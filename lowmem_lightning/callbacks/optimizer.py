@@ -52,7 +52,12 @@ from lowmem_lightning.callbacks.swap import (
 )
 from lowmem_lightning.callbacks.translate import translate_group
 from lowmem_lightning.optim import build_optimizer, optimizer_class
-from lowmem_lightning.optim.state_precision import fp32_state_params, parse_fp32_state, split_param_groups
+from lowmem_lightning.optim.state_precision import (
+    check_fp32_state,
+    fp32_state_params,
+    split_param_groups,
+    unmatched_message,
+)
 from lowmem_lightning.optim.validation import check_bf16_rounding, validate_optimizer_args
 
 __all__ = ["LowMemOptimizerCallback", "keep_scheduler_names", "lr_kind"]
@@ -96,19 +101,6 @@ def _with_bf16_rounding(optimizer: str, optimizer_kwargs, bf16_rounding: str | N
             f"{optimizer_kwargs['bf16_rounding']!r} too; give it once."
         )
     return {**(optimizer_kwargs or {}), "bf16_rounding": bf16_rounding}
-
-
-def _check_fp32_state(optimizer: str, fp32_state):
-    """The parsed ``fp32_state`` (:func:`~lowmem_lightning.optim.state_precision.parse_fp32_state`; None when unset);
-    ``ValueError`` naming it for a bad entry or an optimizer that does not take ``quantize_state`` (torch's)."""
-    parsed = parse_fp32_state(fp32_state)
-    if parsed is not None and isinstance(optimizer, str) and not _takes(optimizer, "quantize_state"):
-        raise ValueError(
-            f"Invalid fp32_state={fp32_state!r} for optimizer={optimizer!r}: "
-            f"{getattr(optimizer_class(optimizer), '__name__', optimizer)} keeps 32-bit state for every param already "
-            "(fp32_state exempts params from the quantized state of this package's optimizers); leave it unset."
-        )
-    return parsed
 
 
 def _check_bucket_bytes(bucket_bytes, step_in_backward: bool) -> int:
@@ -238,7 +230,7 @@ class LowMemOptimizerCallback(L.Callback):
         fp32_state: str | list[str] | None = None,
     ) -> None:
         optimizer_kwargs = _with_bf16_rounding(optimizer, optimizer_kwargs, bf16_rounding)
-        self._fp32_state = _check_fp32_state(optimizer, fp32_state)
+        self._fp32_state = check_fp32_state(optimizer, fp32_state)
         self.fp32_state = fp32_state
         """The params kept in 32-bit state, as given (None: the optimizer's rule alone)."""
         kwargs, defaults = validate_optimizer_args(optimizer, lr, weight_decay, optimizer_kwargs)
@@ -386,12 +378,8 @@ class LowMemOptimizerCallback(L.Callback):
             return set()
         ids, unmatched = fp32_state_params(module, self._fp32_state)
         if unmatched:
-            rank_zero_warn(
-                f"LowMemOptimizerCallback(fp32_state={self.fp32_state!r}): {', '.join(map(repr, unmatched))} "
-                f"selects no param of {type(module).__name__} (no module of that class, no param or module name "
-                "matching that pattern); those params keep the optimizer's quantized state. Check the spelling: "
-                "patterns match names as model.named_parameters() gives them ('*embed_tokens*', 'lm_head').",
-                category=UserWarning)
+            rank_zero_warn(unmatched_message(type(self).__name__, self.fp32_state, unmatched, module),
+                           category=UserWarning)
         return ids
 
     def _rebuild(self, trainer, old: torch.optim.Optimizer, driven: frozenset[str], notes: list[str],

@@ -51,6 +51,12 @@ def _optimizer_callback_args(cfg: Namespace) -> Namespace:
     return Namespace()
 
 
+def _configured_fp32_state(cfg: Namespace):
+    """The recipe's ``fp32_state``: its LowMemOptimizerCallback's, else the module's; None when neither sets it."""
+    value = _optimizer_callback_args(cfg).get("fp32_state")
+    return value if value is not None else (cfg.model.get("init_args") or Namespace()).get("fp32_state")
+
+
 def _configured_release(cfg: Namespace) -> bool:
     """Whether the recipe's LowMemOptimizerCallback sets ``step_in_backward``."""
     return bool(_optimizer_callback_args(cfg).get("step_in_backward"))
@@ -158,6 +164,12 @@ def estimate_main(argv: Sequence[str]) -> int:
         help="Count the gradients as released in backward (only the fullest bucket alive); default: the "
         "recipe's LowMemOptimizerCallback step_in_backward.",
     )
+    parser.add_argument(
+        "--fp32-state", default=None, metavar="SPEC",
+        help="Params that keep 32-bit optimizer state in every row, comma-separated: 'embeddings' (nn.Embedding), "
+        "a module class path ('torch.nn.Embedding') or a name pattern ('*embed_tokens*,lm_head'); default: the "
+        "recipe's LowMemOptimizerCallback (or module) fp32_state.",
+    )
     known, extra = parser.parse_known_args(list(argv))
     if known.budget_gb is not None and not (0 < known.budget_gb <= MAX_BUDGET_GB and math.isfinite(known.budget_gb)):
         parser.error(f"argument --budget-gb: invalid value {known.budget_gb!r}: expected a number of GB in "
@@ -174,10 +186,11 @@ def estimate_main(argv: Sequence[str]) -> int:
         release = known.step_in_backward if known.step_in_backward is not None else _configured_release(cfg)
         checkpointing = bool((cfg.model.get("init_args") or Namespace()).get("gradient_checkpointing"))
         activations, detail = _activations(cfg, model)
+        fp32_state = known.fp32_state.split(",") if known.fp32_state is not None else _configured_fp32_state(cfg)
         estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg),
                                    step_in_backward=release, gradient_checkpointing=checkpointing,
                                    bucket_bytes=_configured_bucket_bytes(cfg), activations=activations,
-                                   activation_detail=detail)
+                                   activation_detail=detail, fp32_state=fp32_state)
     except (ValueError, TypeError) as err:
         return usage_error(short(err), PROG)
     print(format_json(estimate) if known.format == "json" else format_table(estimate))

@@ -25,8 +25,15 @@ from collections.abc import Callable, Iterable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.optim import build_optimizer, optimizer_class
+from lowmem_lightning.optim.state_precision import (
+    check_fp32_state,
+    fp32_state_params,
+    split_param_groups,
+    unmatched_message,
+)
 from lowmem_lightning.optim.validation import check_choice, validate_optimizer_args
 
 __all__ = ["LowMemModule", "SCHEDULERS", "decay_param_groups", "validate_optimizer_args", "warmup_cosine_factor"]
@@ -98,6 +105,10 @@ class LowMemModule(L.LightningModule):
         scheduler: ``"cosine"`` for cosine decay after warmup down to ``min_lr_ratio * lr`` at the last
             step (``trainer.estimated_stepping_batches``), or ``None`` for a constant LR after warmup.
         min_lr_ratio: Final LR of the cosine schedule as a fraction of ``lr``, in [0, 1].
+        fp32_state: Params whose optimizer state stays 32-bit (bitsandbytes' ``optim_bits=32``, HF Trainer's rule
+            for embeddings): a module class or its path (``"torch.nn.Embedding"``), ``"embeddings"``, name patterns
+            (``"*embed_tokens*"``, ``"lm_head"``) or a list; they get param groups of their own with
+            ``quantize_state=False`` (:mod:`lowmem_lightning.optim.state_precision`). ``None``: the optimizer's rule.
     """
 
     def __init__(
@@ -109,8 +120,11 @@ class LowMemModule(L.LightningModule):
         warmup_steps: int = 0,
         scheduler: str | None = None,
         min_lr_ratio: float = 0.1,
+        fp32_state: str | list[str] | None = None,
     ) -> None:
         super().__init__()
+        self._fp32_state = check_fp32_state(optimizer, fp32_state, type(self).__name__)
+        self.fp32_state = fp32_state
         if lr is None:
             raise ValueError(f"Invalid lr={lr!r}: expected a finite number >= 0.")
         if weight_decay is None:
@@ -181,12 +195,23 @@ class LowMemModule(L.LightningModule):
                 optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
             )
 
+    def _fp32_state_groups(self, groups: list[dict]) -> list[dict]:
+        """``groups`` with the params ``fp32_state`` selects in ``quantize_state=False`` groups; a warning names an
+        entry that selects none."""
+        if self._fp32_state is None:
+            return groups
+        ids, unmatched = fp32_state_params(self, self._fp32_state)
+        if unmatched:
+            rank_zero_warn(unmatched_message(type(self).__name__, self.fp32_state, unmatched, self),
+                           category=UserWarning)
+        return split_param_groups(groups, ids)[0]
+
     def configure_optimizers(self):
         """Build the named optimizer over :meth:`param_groups`, plus a per-step LambdaLR when a
         warmup or cosine schedule was asked for. For ``muon``/``muon_8bit`` every param goes in with its
         ``named_parameters()`` name, so the embeddings and the output head take the AdamW part
         (:func:`~lowmem_lightning.optim.muon.uses_muon`)."""
-        groups = self.param_groups()
+        groups = self._fp32_state_groups(self.param_groups())
         name_groups = getattr(optimizer_class(self.optimizer_name), "with_param_names", None)
         if name_groups is not None:  # Muon: embeddings and the head are found by name (they take AdamW)
             groups = name_groups(groups, self.named_parameters())

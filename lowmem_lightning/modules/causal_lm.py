@@ -328,7 +328,7 @@ class CausalLMModule(LowMemModule):
             merged model when ``save_merged``, or the full model without LoRA; ``None`` writes nothing.
         save_merged: With LoRA, merge the adapters into full-precision weights and save that model
             instead of the adapter (the module keeps the merged model afterwards).
-        optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, scheduler, min_lr_ratio: see
+        optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, scheduler, min_lr_ratio, fp32_state: see
             ``LowMemModule``.
     """
 
@@ -349,10 +349,11 @@ class CausalLMModule(LowMemModule):
         warmup_steps: int = 0,
         scheduler: str | None = None,
         min_lr_ratio: float = 0.1,
+        fp32_state: str | list[str] | None = None,
     ) -> None:
         super().__init__(
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=optimizer_kwargs,
-            warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=min_lr_ratio,
+            warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=min_lr_ratio, fp32_state=fp32_state,
         )
         self.lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
         if not isinstance(gradient_checkpointing, bool):

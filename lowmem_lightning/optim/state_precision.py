@@ -29,7 +29,8 @@ from torch import nn
 
 from .layout import QUANTIZE_STATE
 
-__all__ = ["EMBEDDINGS", "Fp32State", "parse_fp32_state", "fp32_state_params", "split_param_groups"]
+__all__ = ["EMBEDDINGS", "Fp32State", "parse_fp32_state", "check_fp32_state", "fp32_state_params", "unmatched_message",
+           "split_param_groups"]
 
 EMBEDDINGS = "embeddings"
 """The ``fp32_state`` shorthand for every ``nn.Embedding`` and ``nn.EmbeddingBag`` (what HF Trainer exempts)."""
@@ -108,6 +109,39 @@ def parse_fp32_state(value) -> Fp32State | None:
         else:
             raise ValueError(f"Invalid fp32_state={value!r}: the entry {item!r} is not allowed; expected {_ALLOWED}.")
     return Fp32State(tuple(entries)) if entries else None
+
+
+def check_fp32_state(optimizer, fp32_state, owner: str = "LowMemOptimizerCallback") -> Fp32State | None:
+    """``fp32_state`` parsed (:func:`parse_fp32_state`; None when unset) for the registered optimizer ``optimizer``;
+    ``ValueError`` naming ``owner``, the value and the optimizer when that optimizer does not take
+    ``quantize_state`` (torch's ``adamw``: its state is 32-bit already)."""
+    import inspect
+
+    from .registry import optimizer_class
+
+    parsed = parse_fp32_state(fp32_state)
+    if parsed is None or not isinstance(optimizer, str):
+        return parsed
+    cls = optimizer_class(optimizer)
+    try:
+        takes = QUANTIZE_STATE in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if not takes:
+        raise ValueError(
+            f"Invalid fp32_state={fp32_state!r} for {owner}(optimizer={optimizer!r}): {cls.__name__} keeps 32-bit "
+            "state for every param already (fp32_state exempts params from the quantized state of this package's "
+            "optimizers); leave it unset."
+        )
+    return parsed
+
+
+def unmatched_message(owner: str, fp32_state, unmatched: list, module: nn.Module) -> str:
+    """The warning for entries of ``fp32_state`` that select no param of ``module`` (a typo must not pass silently)."""
+    return (f"{owner}(fp32_state={fp32_state!r}): {', '.join(map(repr, unmatched))} selects no param of "
+            f"{type(module).__name__} (no module of that class, no param or module name matching that pattern); "
+            "those params keep the optimizer's quantized state. Check the spelling: patterns match names as "
+            "named_parameters() gives them ('*embed_tokens*', 'lm_head').")
 
 
 def fp32_state_params(module: nn.Module, fp32_state: Fp32State) -> tuple[set[int], list]:
