@@ -385,3 +385,116 @@ def test_yaml_recipe_fp32_state_reaches_estimate(tmp_path, capsys):
     rows = ("adamw_8bit", "adamw")
     assert with_emb["optimizers"][rows[0]]["state_bytes"] > typo["optimizers"][rows[0]]["state_bytes"]
     assert with_emb["optimizers"][rows[1]]["state_bytes"] == typo["optimizers"][rows[1]]["state_bytes"]  # fp32 anyway
+
+
+# ------------------------------------------------------------------ FSDP1 presentation, DTensor (FSDP2) shards
+@pytest.mark.parametrize("name", ["adamw_8bit", "lion_8bit", "sgd"])
+def test_fsdp1_presentation_follows_the_group_key(name):
+    kwargs, _ = QUANTIZING[name]
+    flat = [torch.nn.Parameter(torch.randn(9000, generator=torch.Generator().manual_seed(k))) for k in range(2)]
+    for param in flat:
+        param._fsdp_flattened = True  # what FSDP1 marks its flat params with
+    opt = build_optimizer(name, [{"params": [flat[0]]}, {"params": [flat[1]], "quantize_state": False}], lr=1e-2,
+                          **kwargs)
+    _run(opt, flat[:1], _grads(2, (9000,)))
+    _run(opt, flat[1:], _grads(2, (9000,)))
+    presented = opt.state_dict()
+    for state in presented["state"].values():  # both in the fp32 form FSDP1 re-slices
+        assert all(v.dtype == torch.float32 for v in state.values())
+    before = {k: {n: v.clone() for n, v in opt.state[p].items()} for k, p in enumerate(flat)}
+    fresh = build_optimizer(name, [{"params": [flat[0]]}, {"params": [flat[1]], "quantize_state": False}], lr=1e-2,
+                            **kwargs)
+    fresh.load_state_dict(presented)
+    for k, param in enumerate(flat):
+        assert set(fresh.state[param]) == set(before[k])
+    for key, value in before[1].items():  # the fp32-state param comes back bit for bit
+        assert torch.equal(fresh.state[flat[1]][key], value)
+
+
+WORLD = 2
+
+
+def _ranks(tmp_path, fn) -> list:
+    """Run ``fn(rank)`` on WORLD forked gloo ranks; what each returned."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_rank_main, args=(rank, str(tmp_path), fn)) for rank in range(WORLD)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(300)
+    failed = [(tmp_path / f"error{r}.txt").read_text() for r in range(WORLD) if (tmp_path / f"error{r}.txt").exists()]
+    assert not failed, failed[0]
+    assert all(proc.exitcode == 0 for proc in procs)
+    return [torch.load(tmp_path / f"result{r}.pt") for r in range(WORLD)]
+
+
+def _rank_main(rank: int, tmp: str, fn) -> None:
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+        torch.save(fn(rank), os.path.join(tmp, f"result{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(tmp, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)
+    os._exit(0)
+
+
+def _sharded_run(rank: int) -> dict:
+    """Two sharded params (row form and flat), the first with quantize_state=False: its state presented as fp32
+    DTensors, a resume of the same setting bit for bit, a load into the other setting converted."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full = [torch.randn(64, 256, generator=torch.Generator().manual_seed(1)), torch.randn(9000)]
+    grads = [[torch.randn(t.shape, generator=torch.Generator().manual_seed(10 + s)) for t in full] for s in range(4)]
+
+    def build(settings):
+        params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+        groups = [{"params": [p], "quantize_state": q} for p, q in zip(params, settings)]
+        return params, build_optimizer("adamw_8bit", groups, lr=1e-2)
+
+    def steps(params, opt, which):
+        for s in which:
+            for p, g in zip(params, grads[s]):
+                p.grad = distribute_tensor(g, mesh, [Shard(0)])
+            opt.step()
+
+    params, opt = build([False, True])
+    steps(params, opt, range(2))
+    saved = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in params]
+    steps(params, opt, range(2, 4))
+    out = {"presented": {k: sorted(v) for k, v in saved["state"].items()},
+           "final": [p.full_tensor() for p in params]}
+    for settings in ([False, True], [True, False]):
+        resumed, again = build(settings)
+        with torch.no_grad():
+            for p, w in zip(resumed, weights):
+                p.copy_(w)
+        again.load_state_dict(saved)
+        out[str(settings)] = [sorted(again.state[p]) for p in resumed]
+        steps(resumed, again, range(2, 4))
+        out[f"final{settings}"] = [p.full_tensor() for p in resumed]
+    return out
+
+
+def test_dtensor_state_follows_the_group_key_and_converts(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    result = _ranks(tmp_path, _sharded_run)[0]
+    moments, codes = ["exp_avg", "exp_avg_sq", "step"], ["exp_avg_absmax", "exp_avg_codes", "exp_avg_sq_absmax",
+                                                         "exp_avg_sq_codes", "step"]
+    assert result["presented"][0] == moments and result["presented"][1][:5] == codes
+    assert all(torch.equal(a, b) for a, b in zip(result["final[False, True]"], result["final"]))  # bit for bit
+    assert result["[True, False]"] == [codes, moments]  # converted into the other setting's form
+    assert not torch.equal(result["final[True, False]"][0], result["final"][0])
