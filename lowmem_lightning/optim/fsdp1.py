@@ -58,8 +58,9 @@ def fsdp1_refusal(subject: str) -> str:
     with strategy=FSDPStrategy (FSDP1)"``, or the param and the class) followed by why and what to use instead."""
     return (
         f"Invalid {subject}: FSDP1 shards flattened params, so Adafactor/CAME/Muon would see 1-D slices instead of "
-        "whole matrices (a different algorithm, silently). Use FSDP2 (fully_shard in configure_model, Lightning's "
-        f"ModelParallelStrategy), or an element-wise optimizer ({_ELEMENT_WISE})."
+        "whole matrices (a different algorithm, silently). Use FSDP2 (fully_shard with Lightning's "
+        "ModelParallelStrategy: in configure_model for the Trainer, in parallelize_fn for Fabric), or an element-wise "
+        f"optimizer ({_ELEMENT_WISE})."
     )
 
 
