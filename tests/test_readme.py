@@ -587,7 +587,8 @@ def test_default_run_final_screen(tmp_path):
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     train = [r for r in rows if r.get("train_loss")]
     val = [r for r in rows if r.get("val_loss")]
-    assert len(train) == 300 and all(r["optim/state_MiB"] and r["optim/state_bytes_per_param"] for r in train)
+    assert len(train) == 300 and all(r["optim/state_MiB"] and r["optim/state_bytes_per_param"]
+                                     and r["optim/skipped_updates"] for r in train)
     assert all(r["val_ppl"] for r in val)
     loss, state, val_loss, step = re.fullmatch(
         r"loss ([\d.]+) · state ([\d.]+) MiB · val_loss ([\d.]+) \(step (\d+)\)", lines[2]).groups()
@@ -595,4 +596,5 @@ def test_default_run_final_screen(tmp_path):
         loss, val_loss, "300")
     first, last = re.search(r"train loss ([\d.]+) -> ([\d.]+)", TEXT).groups()
     assert (f"{float(train[0]['train_loss']):.2f}", f"{float(train[-1]['train_loss']):.2f}") == (first, last)
-    assert list((run / "checkpoints").glob("*.ckpt")) and (run / "state_memory.png").is_file()
+    assert [p.name for p in (run / "checkpoints").glob("*.ckpt")] == ["epoch=1-step=300.ckpt"]  # the newest kept
+    assert (run / "state_memory.png").is_file()
