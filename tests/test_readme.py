@@ -407,6 +407,18 @@ def test_lowmem_estimate_line_runs_and_says_what_the_readme_says(line):
         assert cols[4].endswith(" GB") and f"{float(cols[4].split()[0]):.1f}" == gb, (line, cols[4])  # device total
 
 
+def test_qlora_estimate_figures_quoted_in_the_cli_section_are_what_it_prints():
+    """The CLI section's QLoRA figures (activations, the recipe's total, CAME int8 B/param) are today's output."""
+    text = re.sub(r"\s+", " ", section("## The CLI"))
+    acts, total, came = re.search(r"`lowmem estimate --config qlora_7b.yaml` shows ([\d.]+) GB of activations .*? "
+                                  r"a ([\d.]+) GB total .*?`came_int8` ([\d.]+) B/param", text).groups()
+    out = _estimate(["--config", "qlora_7b.yaml"])
+    assert re.search(rf"^activations +{re.escape(acts)} GB", out, re.M), out
+    assert re.search(rf"^  total +{re.escape(total)} GB", out, re.M), out
+    assert _row(out, "paged_adamw_8bit")[0].endswith("*") and _row(out, "paged_adamw_8bit")[4] == f"{total} GB"
+    assert _row(out, "came_int8")[2] == came
+
+
 PLAIN_BLOCKS = {
     "$ lowmem estimate": "the command runs and prints exactly the block",
     "`Trainer.fit` stopped": "the default run's final screen: test_default_run_final_screen (-m slow)",
