@@ -47,3 +47,8 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names and the lazily imported ones (tab completion sees ``AdamW4bit`` before its import)."""
+    return sorted({*globals(), *_LAZY})

@@ -18,6 +18,7 @@ real ``python proj.py ...`` runs, one per check, start a new interpreter (~4 s e
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,19 @@ INIT_ARGS = {  # per registry name: the init_args a user would write (any class-
 OURS = [name for name in registry.available_optimizers() if name != "adamw"]  # "adamw" is torch's AdamW
 
 
+@pytest.fixture(autouse=True)
+def _seed_environment():
+    """LightningCLI's ``seed_everything`` sets ``PL_GLOBAL_SEED``/``PL_SEED_WORKERS`` in this process: put them back
+    as they were, so tests that run next in the same worker do not inherit a global seed."""
+    before = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def class_path(name: str) -> str:
     """The top-level ``class_path`` of registry ``name`` (``lowmem_lightning.AdamW4bit``)."""
     return f"lowmem_lightning.{registry.optimizer_class(name).__name__}"
@@ -139,11 +153,12 @@ def in_process_cli(module, root: Path, args: list[str]):
 # ================================================================================ top-level exports
 def test_every_registry_class_is_exported_at_top_level():
     """Each registry class is ``lowmem_lightning.<ClassName>`` (the class itself) and listed in ``__all__``, so a
-    YAML ``class_path: lowmem_lightning.<ClassName>`` works for every optimizer, the next one included."""
+    YAML ``class_path: lowmem_lightning.<ClassName>`` works for every optimizer, the next one included; ``dir()`` lists
+    them before their import."""
     for name in OURS:
         cls = registry.optimizer_class(name)
         assert getattr(lowmem_lightning, cls.__name__) is cls, name
-        assert cls.__name__ in lowmem_lightning.__all__, name
+        assert cls.__name__ in lowmem_lightning.__all__ and cls.__name__ in dir(lowmem_lightning), name
     assert set(INIT_ARGS) == set(OURS), "a new optimizer needs its INIT_ARGS row in this file"
 
 
