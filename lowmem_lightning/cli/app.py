@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -396,7 +397,11 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         if subcommand == "fit" and not self._has_optimizer_callback():
             self.trainer.callbacks.append(RunLrAfterResume())  # a new --model.lr applies after a resume
         try:
-            super()._run_subcommand(subcommand)
+            with warnings.catch_warnings():
+                if subcommand != "fit":  # an evaluation writes no checkpoint: ModelCheckpoint's reload note is noise
+                    warnings.filterwarnings("ignore", message="The dirpath has changed from", category=UserWarning,
+                                            module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+                super()._run_subcommand(subcommand)
         except (ValueError, TypeError, MisconfigurationException) as err:
             if started.started or os.environ.get("LOWMEM_TRACEBACK"):
                 raise
@@ -438,12 +443,17 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         paths.append(getattr(self.model, "save_dir", None))
         return [str(p) for p in paths if isinstance(p, (str, os.PathLike)) and "://" not in str(p)]
 
+    def _bar_console(self) -> dict[str, Any]:
+        """The progress bar's console: stderr for ``predict``, whose stdout carries the JSON lines (``lowmem predict
+        ... > out.jsonl`` keeps only them); rich's default (stdout) for the other subcommands."""
+        return {"stderr": True} if self.subcommand == "predict" else {}
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         listed = config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
         has_bar = any(isinstance(c, ProgressBar) for c in [*listed, *callbacks])
         if not has_bar and config.get("enable_progress_bar", True) is not False:
-            callbacks = [*callbacks, StepsAwareRichProgressBar()]
+            callbacks = [*callbacks, StepsAwareRichProgressBar(console_kwargs=self._bar_console())]
         trainer = super()._instantiate_trainer(config, callbacks)
         use_atomic_checkpoint_io(trainer)  # checkpoints complete or absent, a full disk named (issue 25)
         return trainer

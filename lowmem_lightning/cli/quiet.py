@@ -32,6 +32,8 @@ KNOWN_WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
     # transformers renamed is_gradient_checkpointing; peft still calls the old name
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
+    # torchdata's StatefulDataLoader calls torch.set_vital (deprecated); Lightning re-creates the predict loader
+    (r"'set_vital' is deprecated", UserWarning, r"torchdata\.stateful_dataloader"),
 )
 """``(message regex, category, module regex)`` of third-party warnings that ``lowmem`` commands ignore."""
 
