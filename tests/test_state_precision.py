@@ -498,3 +498,19 @@ def test_dtensor_state_follows_the_group_key_and_converts(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(result["final[False, True]"], result["final"]))  # bit for bit
     assert result["[True, False]"] == [codes, moments]  # converted into the other setting's form
     assert not torch.equal(result["final[True, False]"][0], result["final"][0])
+
+
+def test_readme_7b_bytes_per_param_are_lowmem_estimate(capsys):
+    """README's paragraph on 32-bit state quotes these (``lowmem estimate`` of the 7B full fine-tune recipe)."""
+    from pathlib import Path
+
+    from lowmem_lightning.cli import main
+
+    text = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    figures = {}
+    for flag in ([], ["--fp32-state", "embeddings"]):
+        assert main(["estimate", "--config", "full_finetune_7b.yaml", "--format", "json", *flag]) == 0
+        rows = json.loads(capsys.readouterr().out)["optimizers"]
+        figures[bool(flag)] = {name: f"{rows[name]['bytes_per_param']:.3f}" for name in ("adamw_8bit", "adamw_4bit")}
+    for name in ("adamw_8bit", "adamw_4bit"):
+        assert f"`{name}` from {figures[False][name]} to {figures[True][name]}" in text
