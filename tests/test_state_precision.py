@@ -36,8 +36,15 @@ QUANTIZING = {
     "adafactor": ({"beta1": 0.9, "momentum_dtype": "int8", "relative_step": False, "scale_parameter": False},
                   ("adafactor", {"beta1": 0.9, "relative_step": False, "scale_parameter": False})),
     "came": ({"momentum_dtype": "int8"}, ("came", {})),
+    # Muon's AdamW part (embeddings, head, norms): 8-bit AdamW with adamw_betas, the group's lr and weight decay
+    "muon_8bit:adamw": ({"use_muon": False}, ("adamw_8bit", {"betas": (0.9, 0.95), "weight_decay": 0.1})),
 }
-CHUNKED = ("adamw_8bit", "adamw_4bit", "paged_adamw_8bit")  # their fp32 path: the same param cut under 4096 elements
+CHUNKED = ("adamw_8bit", "adamw_4bit", "paged_adamw_8bit", "muon_8bit:adamw")  # fp32 path: the param cut < 4096
+
+
+def _build(name: str, params, **kwargs):
+    """``build_optimizer`` of ``name`` without its ``:part`` suffix."""
+    return build_optimizer(name.split(":")[0], params, **kwargs)
 
 
 def _grads(steps: int, shape=SHAPE) -> list[torch.Tensor]:
@@ -64,7 +71,7 @@ def _float_state(state: dict) -> dict:
 def test_group_key_keeps_fp32_state_and_its_bytes(name):
     kwargs, (ref_name, ref_kwargs) = QUANTIZING[name]
     quantized, fp32 = _param(), _param()
-    opt = build_optimizer(name, [{"params": [quantized]}, {"params": [fp32], "quantize_state": False}], lr=1e-3,
+    opt = _build(name, [{"params": [quantized]}, {"params": [fp32], "quantize_state": False}], lr=1e-3,
                           **kwargs)
     _run(opt, [quantized], _grads(1))
     _run(opt, [fp32], _grads(1))
@@ -72,7 +79,7 @@ def test_group_key_keeps_fp32_state_and_its_bytes(name):
     assert all(v.dtype == torch.float32 for v in opt.state[fp32].values()), _float_state(opt.state[fp32])
     assert [s.dtype for s in opt.state_layout(fp32)] == [torch.float32] * len(opt.state[fp32])
     # the bytes of the fp32 param's state are those of the family's fp32 path (torch AdamW's 8 B/elem + step)
-    only = build_optimizer(name, [{"params": [fp32], "quantize_state": False}], lr=1e-3, **kwargs)
+    only = _build(name, [{"params": [fp32], "quantize_state": False}], lr=1e-3, **kwargs)
     reference_param = _param()
     reference = (torch.optim.AdamW([reference_param]) if name in CHUNKED
                  else build_optimizer(ref_name, [reference_param], lr=1e-3, **ref_kwargs))
@@ -88,7 +95,7 @@ def test_trajectory_is_bit_exact_with_the_fp32_path(name):
     kwargs, (ref_name, ref_kwargs) = QUANTIZING[name]
     grads = _grads(5)
     param = _param()
-    opt = build_optimizer(name, [{"params": [param], "quantize_state": False}], lr=1e-2, **kwargs)
+    opt = _build(name, [{"params": [param], "quantize_state": False}], lr=1e-2, **kwargs)
     _run(opt, [param], grads)
     if name in CHUNKED:  # the same elements as two tensors of 3200 (< 4096): the fp32-state path of the same kernels
         parts = [torch.nn.Parameter(part.clone()) for part in _param().detach().chunk(2)]
@@ -101,14 +108,14 @@ def test_trajectory_is_bit_exact_with_the_fp32_path(name):
         _run(reference, [expected], grads)
     assert torch.equal(param.detach(), expected.detach())
     quantized = _param()
-    _run(build_optimizer(name, [quantized], lr=1e-2, **kwargs), [quantized], grads)
+    _run(_build(name, [quantized], lr=1e-2, **kwargs), [quantized], grads)
     assert not torch.equal(quantized.detach(), expected.detach())  # the default (quantized) state differs
 
 
 def _opt_pair(name: str, quantize_state: bool):
     kwargs, _ = QUANTIZING[name]
     param = _param()
-    return param, build_optimizer(name, [{"params": [param], "quantize_state": quantize_state}], lr=1e-2, **kwargs)
+    return param, _build(name, [{"params": [param], "quantize_state": quantize_state}], lr=1e-2, **kwargs)
 
 
 @pytest.mark.parametrize("name", list(QUANTIZING))
@@ -355,7 +362,7 @@ def test_estimate_counts_fp32_state_as_the_optimizer_holds_it(name):
     est = estimate_memory(model, variants={name: (name, {"lr": 1e-3})}, fp32_state="embeddings")
     ids, _ = fp32_state_params(model, parse_fp32_state("embeddings"))
     groups = split_param_groups(list(model.named_parameters()), ids)[0]
-    opt = build_optimizer(name, groups, lr=1e-3)
+    opt = _build(name, groups, lr=1e-3)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
@@ -394,7 +401,7 @@ def test_fsdp1_presentation_follows_the_group_key(name):
     flat = [torch.nn.Parameter(torch.randn(9000, generator=torch.Generator().manual_seed(k))) for k in range(2)]
     for param in flat:
         param._fsdp_flattened = True  # what FSDP1 marks its flat params with
-    opt = build_optimizer(name, [{"params": [flat[0]]}, {"params": [flat[1]], "quantize_state": False}], lr=1e-2,
+    opt = _build(name, [{"params": [flat[0]]}, {"params": [flat[1]], "quantize_state": False}], lr=1e-2,
                           **kwargs)
     _run(opt, flat[:1], _grads(2, (9000,)))
     _run(opt, flat[1:], _grads(2, (9000,)))
@@ -402,7 +409,7 @@ def test_fsdp1_presentation_follows_the_group_key(name):
     for state in presented["state"].values():  # both in the fp32 form FSDP1 re-slices
         assert all(v.dtype == torch.float32 for v in state.values())
     before = {k: {n: v.clone() for n, v in opt.state[p].items()} for k, p in enumerate(flat)}
-    fresh = build_optimizer(name, [{"params": [flat[0]]}, {"params": [flat[1]], "quantize_state": False}], lr=1e-2,
+    fresh = _build(name, [{"params": [flat[0]]}, {"params": [flat[1]], "quantize_state": False}], lr=1e-2,
                             **kwargs)
     fresh.load_state_dict(presented)
     for k, param in enumerate(flat):
@@ -514,3 +521,22 @@ def test_readme_7b_bytes_per_param_are_lowmem_estimate(capsys):
         figures[bool(flag)] = {name: f"{rows[name]['bytes_per_param']:.3f}" for name in ("adamw_8bit", "adamw_4bit")}
     for name in ("adamw_8bit", "adamw_4bit"):
         assert f"`{name}` from {figures[False][name]} to {figures[True][name]}" in text
+
+
+def test_added_group_and_translation_carry_the_key():
+    from lowmem_lightning.callbacks.swap import rebuild_param_groups
+    from lowmem_lightning.optim import AdamW4bit, AdamW8bit
+
+    first, added = _param(), _param()
+    opt = build_optimizer("adamw_8bit", [first], lr=1e-3)
+    opt.add_param_group({"params": [added], "quantize_state": False})  # e.g. a layer unfrozen later
+    _run(opt, [first], _grads(1))
+    _run(opt, [added], _grads(1))
+    assert "exp_avg_codes" in opt.state[first] and set(opt.state[added]) == {"step", "exp_avg", "exp_avg_sq"}
+    # the callback rebuilding one of ours as another keeps the key; a torch optimizer's group carrying it too
+    groups, _, _ = rebuild_param_groups(opt, AdamW4bit, AdamW4bit([_param()]).defaults, lr=None, weight_decay=None)
+    assert [g.get("quantize_state", True) for g in groups] == [True, False]  # a default is not carried
+    torch_opt = torch.optim.AdamW([{"params": [first]}, {"params": [added], "quantize_state": False}])
+    groups, _, _ = rebuild_param_groups(torch_opt, AdamW8bit, AdamW8bit([_param()]).defaults, lr=None,
+                                        weight_decay=None)
+    assert "quantize_state" not in groups[0] and groups[1]["quantize_state"] is False
