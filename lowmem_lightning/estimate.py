@@ -900,11 +900,22 @@ def format_table(estimate: MemoryEstimate) -> str:
     acts = " + activations" if estimate.activation_bytes else " (activations left out)"
     lines += ["", *_labelled("device total", f"= weights + {grads} + state on device{acts}", indent=13)]
     if estimate.budget_bytes is not None:
-        lines += _labelled(f"budget {estimate.budget_bytes / GB:g} GB ->", f"recommended: {estimate.recommendation}",
+        lines += _labelled(f"budget {estimate.budget_bytes / GB:g} GB ->",
+                           f"recommended: {estimate.recommendation}{_configured_fits_too(estimate)}",
                            indent=len(f"budget {estimate.budget_bytes / GB:g} GB -> "))
     for note in estimate.notes:
         lines += textwrap.wrap(note, width=80, subsequent_indent="  ")
     return "\n".join(lines)
+
+
+def _configured_fits_too(estimate: MemoryEstimate) -> str:
+    """``" (the configured came_int8 fits too)"`` when the run's own optimizer fits the budget but the rule
+    prefers another: a recipe is not wrong for fitting with another optimizer than the rule's first choice."""
+    row = estimate.optimizers.get(estimate.configured_optimizer or "")
+    recommended = (estimate.recommendation or "").split(" ")[0]
+    if row is None or not row.fits or recommended == estimate.configured_optimizer:
+        return ""
+    return f" (the configured {estimate.configured_optimizer} fits too)"
 
 
 def format_json(estimate: MemoryEstimate) -> str:

@@ -161,7 +161,12 @@ def test_json_and_table_outputs():
     for row in OPTIMIZER_VARIANTS:
         assert isinstance(data["optimizers"][row]["state_bytes"], int)
     table = format_table(est)
-    assert "came *" in table and "recommended: adamw" in table
+    assert "came *" in table and "recommended: adamw (the configured came fits too)" in table
+    tight = estimate_memory(nn.Linear(100, 100), budget_bytes=est.optimizers["came"].total_device_bytes - 1,
+                            configured=("came", {"lr": 5e-4}))
+    assert "fits too" not in format_table(tight)  # the configured optimizer does not fit: nothing to add
+    same = estimate_memory(nn.Linear(100, 100), budget_bytes=10**9, configured=("adamw", {}))
+    assert "recommended: adamw\n" in format_table(same) + "\n" and "fits too" not in format_table(same)
 
 
 QLORA_PARAMS = 6_738_415_616
