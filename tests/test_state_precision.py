@@ -540,3 +540,53 @@ def test_added_group_and_translation_carry_the_key():
     groups, _, _ = rebuild_param_groups(torch_opt, AdamW8bit, AdamW8bit([_param()]).defaults, lr=None,
                                         weight_decay=None)
     assert "quantize_state" not in groups[0] and groups[1]["quantize_state"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_4bit", "paged_adamw_8bit", "lion_8bit", "ademamix_8bit",
+                                  "sgd", "muon_8bit:adamw"])
+def test_cuda_fp32_state_of_a_large_tensor(name):
+    """On CUDA the fp32-state kernels (before only given tensors under 4096 elements) update a 1.1M-element tensor of
+    a ``quantize_state=False`` group bit for bit as the same elements cut into tensors under 4096, and as on the CPU
+    to fp32 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    kwargs, (ref_name, ref_kwargs) = QUANTIZING[name]
+    shape = (1000, 1100)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    grads = _grads(3, shape)
+    results = {}
+    for device in ("cuda", "cpu"):
+        param = torch.nn.Parameter(start.clone().to(device))
+        opt = _build(name, [{"params": [param], "quantize_state": False}], lr=1e-2, **kwargs)
+        _run(opt, [param], [g.to(device) for g in grads])
+        assert all(v.dtype == torch.float32 for v in opt.state[param].values())
+        results[device] = param.detach().cpu()
+    parts = [torch.nn.Parameter(part.clone().cuda()) for part in start.reshape(-1).chunk(300)]  # 3667 elements
+    chunked_name = ref_name if name in CHUNKED else name.split(":")[0]
+    reference = build_optimizer(chunked_name, parts, lr=1e-2, **(ref_kwargs if name in CHUNKED else kwargs))
+    _run(reference, parts, [g.reshape(-1).cuda() for g in grads])
+    assert torch.equal(torch.cat([p.detach().cpu() for p in parts]).reshape(shape), results["cuda"])
+    torch.testing.assert_close(results["cuda"], results["cpu"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "adamw_4bit", "lion_8bit", "sgd"])
+def test_triton_fp32_state_path_over_4096_elements(name, force_triton):
+    """The Triton kernels' fp32-state variant (run by the interpreter here), until now given only tensors under 4096
+    elements, on a 4097 x 3 tensor of a ``quantize_state=False`` group: the same params as the CPU reference path."""
+    kwargs, _ = QUANTIZING[name]
+    shape = (4097, 3)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    grads = _grads(2, shape)
+    results = []
+    for triton in (True, False):
+        from lowmem_lightning.kernels import dispatch
+
+        with dispatch.override(force_triton=triton):
+            param = torch.nn.Parameter(start.clone())
+            opt = _build(name, [{"params": [param], "quantize_state": False}], lr=1e-2, **kwargs)
+            _run(opt, [param], grads)
+            assert "exp_avg_codes" not in opt.state[param] and "momentum_codes" not in opt.state[param]
+            results.append(param.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(results[0], start)
