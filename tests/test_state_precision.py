@@ -590,3 +590,23 @@ def test_triton_fp32_state_path_over_4096_elements(name, force_triton):
             results.append(param.detach().clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
     assert not torch.equal(results[0], start)
+
+
+def test_summary_counts_fp32_state_params_and_resume_hint(tmp_path):
+    from lowmem_lightning.callbacks.report import format_summary, small_tensor_summary
+
+    model = _LM()
+    callback = LowMemOptimizerCallback("adamw_8bit", fp32_state="embeddings", print_summary=False, plot=False)
+    trainer = _fit(tmp_path, model, callback, steps=1)
+    opt = trainer.optimizers[0]
+    counts = small_tensor_summary([opt])
+    embedding = model.model.model.embed_tokens.weight
+    assert counts["fp32_state_params"] == embedding.numel()
+    assert counts["fp32_state_bytes"] == 2 * 4 * embedding.numel() + 4
+    assert counts["small_params"] == sum(p.numel() for p in model.parameters() if p.numel() < 4096)
+    text = format_summary(callback.summary, None)
+    assert f"{embedding.numel():,} params" in text and "keep 32-bit state by choice" in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    plain = build_optimizer("adamw_8bit", [p for p in model.parameters()], lr=1e-3)  # a run without fp32_state
+    with pytest.raises(ValueError, match="it has 3 param groups, this optimizer has 1.*fp32_state"):
+        plain.load_state_dict(opt.state_dict())

@@ -44,8 +44,8 @@ class AdamW4bit(AdamW8bit):
     (fp32, one per block of 128): ``1 + 8/128 = 1.0625`` bytes per element. m is rounded
     to the nearest level, or stochastically (unbiased) where the nearest would keep the element's code (a
     stalled EMA step), v to the nearest level of a code without zero
-    (:mod:`lowmem_lightning.kernels.adamw4bit`). Smaller parameters keep fp32 ``exp_avg`` /
-    ``exp_avg_sq`` like ``torch.optim.AdamW``.
+    (:mod:`lowmem_lightning.kernels.adamw4bit`). Smaller parameters, and those of groups with
+    ``quantize_state=False``, keep fp32 ``exp_avg`` / ``exp_avg_sq`` like ``torch.optim.AdamW``.
 
     Arguments, the non-finite guard, ``skipped_updates``, seeds and state-dict rules are those of
     :class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit` (the seed also drives the stochastic

@@ -35,8 +35,8 @@ class AdamW8bit(LowMemOptimizer):
 
     Per parameter with at least 4096 elements the state is ``step`` (0-d fp32), ``exp_avg_codes``
     (int8, one per element), ``exp_avg_absmax`` (fp32, one per block of 256), ``exp_avg_sq_codes``
-    (uint8) and ``exp_avg_sq_absmax``: 2 + 8/256 = 2.03 bytes per element. Smaller parameters keep
-    fp32 ``exp_avg`` / ``exp_avg_sq`` like ``torch.optim.AdamW``.
+    (uint8) and ``exp_avg_sq_absmax``: 2 + 8/256 = 2.03 bytes per element. Smaller parameters, and those of
+    groups with ``quantize_state=False``, keep fp32 ``exp_avg`` / ``exp_avg_sq`` like ``torch.optim.AdamW``.
 
     Args:
         params: tensors or param-group dicts; fp32, bf16 or fp16 (bf16/fp16 are written back with

@@ -161,7 +161,8 @@ class AdEMAMix(LowMemOptimizer):
 class AdEMAMix8bit(AdEMAMix):
     """:class:`AdEMAMix` with ``exp_avg`` and ``exp_avg_slow`` in the signed and ``exp_avg_sq`` in the
     unsigned block-wise 8-bit code (:mod:`..kernels.codec`): ``*_codes`` (one byte per element) +
-    ``*_absmax`` (fp32 per 256 elements), 3.05 bytes/param; params under 4096 elements keep fp32
-    moments. Loads :class:`AdEMAMix` state dicts (quantizing the moments) and vice versa."""
+    ``*_absmax`` (fp32 per 256 elements), 3.05 bytes/param; params under 4096 elements (and of
+    ``quantize_state=False`` groups) keep fp32 moments. Loads :class:`AdEMAMix` state dicts (quantizing the
+    moments) and vice versa."""
 
     quantized_state = True

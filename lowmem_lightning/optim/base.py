@@ -439,7 +439,7 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
             count = len(saved_groups) if isinstance(saved_groups, list) else type(saved_groups).__name__
             raise ValueError(
                 f"Invalid optimizer state dict: it has {count} param groups, this optimizer has "
-                f"{len(self.param_groups)}."
+                f"{len(self.param_groups)}.{_split_hint(saved_groups, self.param_groups)}"
             )
         try:
             by_id, converted = self._checked_state(saved)
@@ -575,6 +575,16 @@ def _advance_steps(steps: list[torch.Tensor], flags: list[torch.Tensor]) -> None
     live = [step for step, good in zip(steps, apply) if good]
     if live:
         torch._foreach_add_(live, 1.0)
+
+
+def _split_hint(saved_groups, groups: list[dict]) -> str:
+    """A hint when either side has ``quantize_state=False`` groups: ``fp32_state`` (the callback's, the module's)
+    splits param groups, so a checkpoint resumes only under the same ``fp32_state``."""
+    saved = [g for g in saved_groups if isinstance(g, dict)] if isinstance(saved_groups, list) else []
+    if not any(g.get(QUANTIZE_STATE) is False for g in [*saved, *groups]):
+        return ""
+    return (" Groups with quantize_state=False are what fp32_state (LowMemOptimizerCallback, LowMemModule) splits off: "
+            "resume with the fp32_state the checkpoint was saved with.")
 
 
 def _all_hyperparameter_names() -> set[str]:

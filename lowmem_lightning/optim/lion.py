@@ -131,8 +131,8 @@ class Lion(LowMemOptimizer):
 class Lion8bit(Lion):
     """:class:`Lion` with the momentum in the signed block-wise 8-bit code (:mod:`..kernels.codec`):
     ``exp_avg_codes`` (int8, one per element) + ``exp_avg_absmax`` (fp32 per 256 elements), 1.016
-    bytes/param; params under 4096 elements keep fp32 ``exp_avg``. Loads :class:`Lion` state dicts
-    (quantizing the momentum) and vice versa."""
+    bytes/param; params under 4096 elements (and of ``quantize_state=False`` groups) keep fp32 ``exp_avg``.
+    Loads :class:`Lion` state dicts (quantizing the momentum) and vice versa."""
 
     quantized_state = True
 
