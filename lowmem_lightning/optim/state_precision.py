@@ -46,16 +46,6 @@ class Fp32State:
 
     entries: tuple[tuple[object, tuple[type, ...], str | None], ...]
 
-    @property
-    def classes(self) -> tuple[type, ...]:
-        """Every module class an entry selects."""
-        return tuple(cls for _, classes, _ in self.entries for cls in classes)
-
-    @property
-    def patterns(self) -> tuple[str, ...]:
-        """Every name pattern."""
-        return tuple(pattern for _, _, pattern in self.entries if pattern is not None)
-
     def matches(self, module: nn.Module, module_name: str, param_name: str) -> list[int]:
         """Indices of the entries that select the param ``param_name`` of ``module`` (called ``module_name``)."""
         return [k for k, (_, classes, pattern) in enumerate(self.entries)
