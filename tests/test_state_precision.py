@@ -610,3 +610,14 @@ def test_summary_counts_fp32_state_params_and_resume_hint(tmp_path):
     plain = build_optimizer("adamw_8bit", [p for p in model.parameters()], lr=1e-3)  # a run without fp32_state
     with pytest.raises(ValueError, match="it has 3 param groups, this optimizer has 1.*fp32_state"):
         plain.load_state_dict(opt.state_dict())
+
+
+def test_optim_switch_to_torch_adamw_drops_fp32_state_with_a_note():
+    from lowmem_lightning.cli.switch import switch_optimizer
+
+    init = {"optimizer": "adamw_8bit", "fp32_state": ["torch.nn.Embedding"], "lr": 1e-3}
+    note = switch_optimizer(init, "adamw", run_lr=1e-3, module_lr=1e-3)
+    assert init["fp32_state"] is None and "dropped the config's fp32_state=['torch.nn.Embedding']" in note
+    kept = {"optimizer": "adamw_8bit", "fp32_state": "embeddings", "lr": 1e-3}
+    switch_optimizer(kept, "lion_8bit", run_lr=1e-3, module_lr=1e-3)
+    assert kept["fp32_state"] == "embeddings"

@@ -126,6 +126,9 @@ def switch_optimizer(
     if init.get("bf16_rounding") is not None and "bf16_rounding" not in _accepted(name):
         parts.append(f"dropped the config's bf16_rounding={init['bf16_rounding']!r} ({name} does not take it)")
         init["bf16_rounding"] = None
+    if init.get("fp32_state") is not None and "quantize_state" not in _accepted(name):
+        parts.append(f"dropped the config's fp32_state={init['fp32_state']!r} ({name} keeps 32-bit state for all)")
+        init["fp32_state"] = None
     if kwargs_given:
         kept, dropped = old_kwargs, {}
     else:
