@@ -17,18 +17,16 @@ The model's second weight straddles the ranks' slices (1524 elements on rank 0: 
 
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import subprocess
 import sys
 import textwrap
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from forked_ranks import forked_ranks, run_forked_ranks
 from torch import nn
 
 from lowmem_lightning.optim import build_optimizer
@@ -227,44 +225,16 @@ def _matrix(rank: int, tmp: str, cases: list[str]) -> dict:
 
 def _ranks(tmp_path, fn, *args) -> list:
     """Run ``fn(rank, tmp, *args)`` on WORLD forked gloo ranks (a file store); return what each returned."""
-    results, failed = _run_ranks(tmp_path, fn, *args)
-    assert not failed, failed[0]
-    return results
+    return forked_ranks(tmp_path, WORLD, fn, str(tmp_path), *args, timeout_s=COLLECTIVE_TIMEOUT_S)
 
 
 def _run_ranks(tmp_path, fn, *args) -> tuple[list, list[str]]:
     """``(what each rank returned, the tracebacks of the ranks that failed, the first to fail first)``."""
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(rank, str(tmp_path), fn, args)) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(300)
-    failed = [(tmp_path / f"error{r}.txt").read_text() for r in range(WORLD) if (tmp_path / f"error{r}.txt").exists()]
-    failed.sort(key=lambda text: "Connection" in text)  # the rank that failed first, not its peer
-    if failed:
-        return [], failed
-    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
-    return [torch.load(tmp_path / f"result{rank}.pt", weights_only=False) for rank in range(WORLD)], []
+    return run_forked_ranks(tmp_path, WORLD, fn, str(tmp_path), *args, timeout_s=COLLECTIVE_TIMEOUT_S)
 
 
-def _rank_main(rank: int, tmp: str, fn, args) -> None:
-    try:
-        import warnings
-
-        warnings.simplefilter("ignore")  # FSDP1's deprecation notices
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=20))  # a rank that failed frees its peer
-        result = fn(rank, tmp, *args)
-        torch.save(result, os.path.join(tmp, f"result{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(tmp, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
-    os._exit(0)
+COLLECTIVE_TIMEOUT_S = 20
+"""A rank that failed (a peer's optimizer refused) frees its peer within this time."""
 
 
 @pytest.fixture(scope="module")

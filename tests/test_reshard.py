@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import copy
 import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from forked_ranks import forked_ranks
 
 from lowmem_lightning.optim import build_optimizer
 from lowmem_lightning.optim.reshard import CODEC4, CODEC8, decode_rows
@@ -75,35 +73,7 @@ def _grads(step: int) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ ranks
 def _ranks(tmp, world: int, fn, *args) -> dict:
     """Run ``fn(rank, world, *args)`` on ``world`` forked gloo ranks; return rank 0's result."""
-    os.makedirs(tmp, exist_ok=True)
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(rank, world, tmp, fn, args)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(300)
-    failed = [open(os.path.join(tmp, f"error{r}.txt")).read() for r in range(world)
-              if os.path.exists(os.path.join(tmp, f"error{r}.txt"))]
-    failed.sort(key=lambda text: "Connection" in text)
-    assert not failed, failed[0]
-    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
-    return torch.load(os.path.join(tmp, "result0.pt"))
-
-
-def _rank_main(rank: int, world: int, tmp: str, fn, args) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-        result = fn(rank, world, *args)
-        if rank == 0:
-            torch.save(result, os.path.join(tmp, "result0.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(tmp, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
-    os._exit(0)
+    return forked_ranks(tmp, world, fn, world, *args)[0]
 
 
 def _module(full: dict[str, torch.Tensor], world: int):

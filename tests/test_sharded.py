@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import copy
 import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from forked_ranks import forked_ranks
 
 from lowmem_lightning.optim import build_optimizer, state_memory
 
@@ -69,33 +68,7 @@ def _full_grads(step: int) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------ rank side
 def _ranks(tmp_path, fn, *args) -> list[dict]:
     """Run ``fn(rank, *args)`` on WORLD forked gloo ranks; return what each rank returned."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(rank, str(tmp_path), fn, args)) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(300)
-    errors = [tmp_path / f"error{rank}.txt" for rank in range(WORLD)]
-    failed = [e.read_text() for e in errors if e.exists()]
-    failed.sort(key=lambda text: "Connection" in text)  # the rank that failed first, not its peer
-    assert not failed, failed[0]
-    assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
-    return [torch.load(tmp_path / f"result{rank}.pt") for rank in range(WORLD)]
-
-
-def _rank_main(rank: int, tmp: str, fn, args) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
-        result = fn(rank, *args)
-        torch.save(result, os.path.join(tmp, f"result{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(tmp, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
-    os._exit(0)
+    return forked_ranks(tmp_path, WORLD, fn, *args)
 
 
 def _module(full: dict[str, torch.Tensor], mesh_2d: bool = False, dtype: torch.dtype = torch.float32):

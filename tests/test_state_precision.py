@@ -16,6 +16,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
+from forked_ranks import forked_ranks
 from torch.utils.data import DataLoader, TensorDataset
 
 from lowmem_lightning.callbacks import LowMemOptimizerCallback
@@ -421,40 +422,6 @@ def test_fsdp1_presentation_follows_the_group_key(name):
 WORLD = 2
 
 
-def _ranks(tmp_path, fn) -> list:
-    """Run ``fn(rank)`` on WORLD forked gloo ranks; what each returned."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(rank, str(tmp_path), fn)) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(300)
-    failed = [(tmp_path / f"error{r}.txt").read_text() for r in range(WORLD) if (tmp_path / f"error{r}.txt").exists()]
-    assert not failed, failed[0]
-    assert all(proc.exitcode == 0 for proc in procs)
-    return [torch.load(tmp_path / f"result{r}.pt") for r in range(WORLD)]
-
-
-def _rank_main(rank: int, tmp: str, fn) -> None:
-    import os
-    import traceback
-
-    import torch.distributed as dist
-
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
-        torch.save(fn(rank), os.path.join(tmp, f"result{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(tmp, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
-    os._exit(0)
-
-
 def _sharded_run(rank: int) -> dict:
     """Two sharded params (row form and flat), the first with quantize_state=False: its state presented as fp32
     DTensors, a resume of the same setting bit for bit, a load into the other setting converted."""
@@ -498,7 +465,7 @@ def _sharded_run(rank: int) -> dict:
 def test_dtensor_state_follows_the_group_key_and_converts(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    result = _ranks(tmp_path, _sharded_run)[0]
+    result = forked_ranks(tmp_path, WORLD, _sharded_run)[0]
     moments, codes = ["exp_avg", "exp_avg_sq", "step"], ["exp_avg_absmax", "exp_avg_codes", "exp_avg_sq_absmax",
                                                          "exp_avg_sq_codes", "step"]
     assert result["presented"][0] == moments and result["presented"][1][:5] == codes
