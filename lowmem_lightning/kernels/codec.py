@@ -120,6 +120,49 @@ def num_blocks(numel: int, block_size: int = BLOCK_SIZE) -> int:
 
 
 @triton.jit
+def neg(x):
+    """``-x`` for fp32 ``x`` as a negation ptxas folds into the instruction that reads it (``neg.f32``, an
+    operand modifier of FFMA/FMUL/FADD). ``x * -1.0`` is exact and LLVM turns it into ``fneg`` under every
+    triton; the unary minus is not portable: triton 3.6 (the device image's) lowers a float's ``-x`` to ``0 - x``,
+    an FADD that stays in the SASS (and makes ``-(+0)`` +0), triton 3.9 to ``fneg``."""
+    return x * -1.0
+
+
+@triton.jit
+def _fma_interpreted(a, b, c):
+    """``a * b + c`` of fp32 operands rounded once to fp32, in numpy-backed fp64 steps (interpreter only).
+
+    The product is exact in fp64 (24 + 24 bits); the fp64 sum is made round-to-odd from its exact error
+    (TwoSum), and round-to-odd at 53 bits then rounded to 24 is the correctly rounded result (Boldo and
+    Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding to odd", IEEE TC
+    2008)."""
+    p = tl.cast(a, tl.float64) * tl.cast(b, tl.float64)
+    c64 = tl.cast(c, tl.float64)
+    s = p + c64
+    finite = tl.abs(s) <= 1.7976931348623157e308  # then p and c64 are finite too; inf and NaN pass through
+    p, c64, t = tl.where(finite, p, 0.0), tl.where(finite, c64, 0.0), tl.where(finite, s, 0.0)
+    z = t - p
+    err = (p - (t - z)) + (c64 - z)  # exact: p + c64 == s + err
+    bits = s.to(tl.int64, bitcast=True)
+    inexact = (err != 0.0) & ((bits & 1) == 0)
+    away = (err > 0.0) == (s > 0.0)  # the exact sum lies beyond s, away from zero: the odd neighbour is there
+    bits = tl.where(inexact, tl.where(away, bits + 1, bits - 1), bits)
+    return bits.to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def fma(a, b, c):
+    """fp32 ``a * b + c`` rounded once: ``tl.fma`` (FFMA) when compiled; under the interpreter an exact
+    emulation (:func:`_fma_interpreted`), because triton 3.6's interpreter computes ``tl.fma`` as ``a * b + c``
+    in fp32, rounding twice (3.9's rounds once), and the Newton/Markstein steps of :func:`rcp_rn`,
+    :func:`div_rn_fast` and :func:`sqrt_rn_fast` are correctly rounded only with a single rounding."""
+    if _INTERPRETED:
+        return _fma_interpreted(a, b, c)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
 def _rcp_approx(b):
     """An approximation of ``1 / b`` for the refinements below: on the GPU the raw ``MUFU.RCP``
     (``rcp.approx.ftz.f32``, max error 1 ulp), under the interpreter the numpy quotient."""
@@ -143,10 +186,10 @@ def rcp_rn(b):
     for every fp32 significand by ``tests/test_codec.py``). Mirrored by torch's ``1 / b``.
     """
     y = _rcp_approx(b)
-    e = tl.fma(-b, y, 1.0)
-    y = tl.fma(y, e, y)
-    r = tl.fma(-b, y, 1.0)
-    return tl.fma(r, y, y)
+    e = fma(neg(b), y, 1.0)
+    y = fma(y, e, y)
+    r = fma(neg(b), y, 1.0)
+    return fma(r, y, y)
 
 
 @triton.jit
@@ -158,11 +201,11 @@ def div_rn_fast(a, b):
     Mirrored by torch's ``a / b``.
     """
     y = _rcp_approx(b)
-    e = tl.fma(-b, y, 1.0)
-    y = tl.fma(y, e, y)
+    e = fma(neg(b), y, 1.0)
+    y = fma(y, e, y)
     q = a * y
-    r = tl.fma(-b, q, a)
-    return tl.fma(r, y, q)
+    r = fma(neg(b), q, a)
+    return fma(r, y, q)
 
 
 @triton.jit
@@ -178,8 +221,8 @@ def sqrt_rn_fast(x):
     """
     s = tl.math.rsqrt(x)
     y = x * s
-    r = tl.fma(-y, y, x)
-    return tl.fma(r, s * 0.5, y)
+    r = fma(neg(y), y, x)
+    return fma(r, s * 0.5, y)
 
 
 @triton.jit
@@ -208,7 +251,7 @@ def encode_signed_scaled(x, inv_absmax):
     """fp32 values -> int8 codes of the signed code, given :func:`block_scale_rcp` of the block absmax."""
     r = x * inv_absmax
     y = sqrt_floor(tl.abs(r)) * 127.0
-    return round_to_int(tl.where(r < 0.0, -y, y)).to(tl.int8)
+    return round_to_int(tl.where(r < 0.0, neg(y), y)).to(tl.int8)
 
 
 @triton.jit

@@ -64,6 +64,7 @@ from .factored_plan import (
     owner_of,
     sizes_of,
     tfield,
+    tfield16,
     tfloat,
 )
 from .multitensor import table_pointer
@@ -154,7 +155,7 @@ def col_tile(grow, rmask, c0, C, BLOCK_C: tl.constexpr):
 def colpart_row(colpart_ptr, table_ptr, T, t, local, C):
     """Where row tile ``local`` of tensor ``t`` stores its ``C`` column partial sums (the tensor's region
     starts on 16 elements, :func:`.factored_plan._offsets`)."""
-    return colpart_ptr + tl.multiple_of(tfield(table_ptr, T, t, F_CP), 16) + local.to(tl.int64) * C
+    return colpart_ptr + tfield16(table_ptr, T, t, F_CP) + local.to(tl.int64) * C
 
 
 @triton.jit
@@ -253,7 +254,7 @@ def sq_finalize_kernel(
         old = tl.load(vc_ptr + cidx, mask=cmask, other=0.0)
         new = tl.where(finite, ema(old, div_rn(tl.sum(acc, axis=0), R.to(tl.float32)), beta, omb), old)
         tl.store(vc_ptr + cidx, new, mask=cmask)
-        tl.store(cf_ptr + tl.multiple_of(tfield(table_ptr, T, t, F_COFF), 16) + cidx, inv_sqrt(new), mask=cmask)
+        tl.store(cf_ptr + tfield16(table_ptr, T, t, F_COFF) + cidx, inv_sqrt(new), mask=cmask)
     if j * BLOCK < R:
         rmask = cols < R
         ridx = b.to(tl.int64) * R + cols
@@ -291,9 +292,10 @@ def full_stats_kernel(
     program per ``BLOCK`` elements of one tensor of the group."""
     t, local = owner_of(owner_ptr, table_ptr, T, F_RT)
     rt = tfield(table_ptr, T, t, F_RT) + local
-    n = tfield(table_ptr, T, t, F_N)
     if ALIGNED:
-        n = tl.multiple_of(n, 16)
+        n = tfield16(table_ptr, T, t, F_N)
+    else:
+        n = tfield(table_ptr, T, t, F_N)
     offs = local.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(table_pointer(table_ptr, T, t, F_G, GRAD_DTYPE, ALIGNED) + offs, mask=mask, other=0.0).to(tl.float32)

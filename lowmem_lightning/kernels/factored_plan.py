@@ -85,6 +85,15 @@ def tfield(table_ptr, T, t, F: tl.constexpr):
 
 
 @triton.jit
+def tfield16(table_ptr, T, t, F: tl.constexpr):
+    """Entry ``F`` of tensor ``t``, a known multiple of 16 (a region offset that starts on 16 elements, an
+    aligned element count). The hint sits on the load itself: ``tl.multiple_of`` on a helper's return value
+    annotates the call, and triton 3.6 (the device image's) drops it when it inlines the helper (3.9 keeps it),
+    so the masked accesses lost their vector width there."""
+    return tl.multiple_of(tl.load(table_ptr + F * T + t), 16)
+
+
+@triton.jit
 def tfloat(table_ptr, T, t, F: tl.constexpr):
     """Entry ``F`` of tensor ``t`` read as the fp32 whose bit pattern it holds."""
     return tl.load(table_ptr + F * T + t).to(tl.int32).to(tl.float32, bitcast=True)

@@ -45,6 +45,7 @@ from .factored_plan import (
     index_floats,
     owner_of,
     tfield,
+    tfield16,
 )
 from .multitensor import table_pointer
 from .rounding import masked_reference
@@ -101,7 +102,7 @@ def tile_factors(table_ptr, T, t, offs, blocks, ROW_BLOCKS: tl.constexpr, BLOCK:
     inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo = index_floats(table_ptr, T, t)
     ridx, cidx = factored_index(offs, blocks, C, inv_c_hi, inv_c_lo, inv_r_hi, inv_r_lo, ROW_BLOCKS, BLOCK)
     roff = tfield(table_ptr, T, t, F_ROFF)
-    coff = tl.multiple_of(tfield(table_ptr, T, t, F_COFF), 16)  # regions start on 16 elements (_offsets)
+    coff = tfield16(table_ptr, T, t, F_COFF)  # regions start on 16 elements (_offsets)
     return ridx, cidx, roff, coff
 
 

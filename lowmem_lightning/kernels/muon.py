@@ -60,6 +60,8 @@ from .codec import (
     decode_signed_reference,
     encode_signed,
     encode_signed_reference,
+    fma,
+    neg,
 )
 from .dispatch import Family, HostStep, dispatch, host_flag_values, pack, settings, unpack
 from .multitensor import aot_spec, as_fp32, is_aligned, launch_over, table_pointer, tile_header
@@ -104,7 +106,7 @@ NS_EPS = 1e-7
 def _lerp(s, e, w):
     """torch's fp32 ``lerp(s, e, w)``: ``fma(w, e - s, s)`` when ``|w| < 0.5``, else ``fma(-(1 - w), e - s, e)``."""
     small = tl.abs(w) < 0.5
-    return tl.fma(tl.where(small, w, -(1.0 - w)), e - s, tl.where(small, s, e))
+    return fma(tl.where(small, w, neg(1.0 - w)), e - s, tl.where(small, s, e))
 
 
 @triton.jit
@@ -181,7 +183,7 @@ def _muon_apply_kernel(param_ptr, update_ptr, step_ptr, flag_ptr, n, tensor_inde
     p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(update_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     seed = index_seed(tl.load(step_ptr), tensor_index)
-    store_param(param_ptr, tl.fma(-step_size, u, p * decay), offs, mask, seed, STOCHASTIC)
+    store_param(param_ptr, fma(neg(step_size), u, p * decay), offs, mask, seed, STOCHASTIC)
 
 
 AOT_SPECS += with_aligned([

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .aot import signature_of, with_aligned
-from .codec import div_rn_fast
+from .codec import div_rn_fast, neg
 from .dispatch import choose
 
 __all__ = [
@@ -114,7 +114,7 @@ def _nf4_scale_quantize_kernel(absmax_ptr, mean_ptr, qscale_ptr, step_ptr, num_b
     step = tl.div_rn(tl.max(tl.abs(d), axis=0), 127.0)  # one per program: the IEEE quotient
     r = _ratio(d, tl.where(step > 0.0, step, 1.0))
     q = tl.minimum(tl.floor(tl.abs(r) + 0.5), 127.0)
-    q = tl.where(r < 0.0, -q, q)
+    q = tl.where(r < 0.0, neg(q), q)
     tl.store(qscale_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(step_ptr + pid, step)
 

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .codec import neg
+
 __all__ = [
     "hash_uniform",
     "store_param",
@@ -151,7 +153,7 @@ def _to_fp16(x, offs, seed, STOCHASTIC: tl.constexpr):
         p = (a - lo) * _pow2_reciprocal(hi - lo)  # == (a - lo) / (hi - lo), exact: a power-of-two divisor
         r = tl.where(hash_uniform(offs, seed) < p, hi, lo)
         r = tl.where(near32 == a, a, r)
-        return tl.where(x < 0.0, -r, r).to(tl.float16)
+        return tl.where(x < 0.0, neg(r), r).to(tl.float16)
     return x.to(tl.float16)
 
 
