@@ -18,7 +18,10 @@ DIR="$(mkdir -p "$1" && cd "$1" && pwd)"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY312="${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}"
 PINS=(torch==2.11.0 triton==3.6.0 lightning==2.6.6 pytorch-lightning==2.6.6 transformers==5.17.0 peft==0.21.0
-      accelerate==1.15.0 safetensors==0.8.0 numpy matplotlib rich tensorboard pytest pytest-xdist pytest-timeout)
+      accelerate==1.15.0 safetensors==0.8.0 numpy==2.3.5 matplotlib rich tensorboard pytest pytest-xdist pytest-timeout)
+# numpy 2.3, not the image's 2.5.2: triton 3.6's interpreter turns a loaded loop bound into a Python int with
+# int() of a 1-element array, which numpy >= 2.4 refuses (triton 3.9 squeezes it first). Only the interpreter runs
+# (kernel tests, --dry-run) need it; the device compiles its kernels.
 LOGS="$DIR/logs"
 mkdir -p "$LOGS"
 FAILED=0

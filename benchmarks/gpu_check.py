@@ -42,6 +42,13 @@ Parts (``--parts`` selects some):
 ``--dry-run`` runs the same code paths on the CPU at toy sizes (Triton kernels under the
 interpreter); the test-suite runs it, so the first GPU run cannot fail on a typo.
 
+Before a device session, here: ``bash benchmarks/device_rehearsal.sh /tmp/rehearsal``. It builds (or reuses) a
+venv in the device image's versions (Python 3.12, torch 2.11.0, triton 3.6.0, lightning 2.6.6, transformers
+5.17.0, peft 0.21.0), installs ``.whl/`` with the install line below, compiles every kernel for sm_80/sm_90 with
+triton 3.6 (AOT, vector accesses, SASS), runs the kernel tests under its interpreter and every part below with
+``--dry-run``, and prints one PASS/FAIL line per check: kernels written since the last GPU run were only ever
+compiled by the development machine's triton 3.9.
+
     python benchmarks/gpu_check.py                       # on the GPU machine
     python benchmarks/gpu_check.py --dry-run --results /tmp/r.md
 
