@@ -1,5 +1,7 @@
 """The 8-bit state codec: Triton kernels (interpreter) store the same codes as the reference."""
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -94,6 +96,41 @@ def test_branch_free_rcp_sqrt_div_are_correctly_rounded():
 @pytest.mark.slow
 def test_branch_free_rcp_sqrt_div_are_correctly_rounded_for_every_significand():
     _check_fast_ops(stride=1)
+
+
+@triton.jit
+def _fma_emulation_kernel(a_ptr, b_ptr, c_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, codec._fma_interpreted(tl.load(a_ptr + offs), tl.load(b_ptr + offs),
+                                                    tl.load(c_ptr + offs)))
+
+
+def _fp32_rn(x: Fraction) -> float:
+    """The fp32 nearest to the exact rational ``x``, ties to even."""
+    import numpy as np
+
+    guess = np.float32(float(x))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    best = min(candidates, key=lambda f: (abs(Fraction(float(f)) - x), int(np.float32(f).view(np.int32)) & 1))
+    return float(best)
+
+
+def test_fma_emulation_rounds_once():
+    # the interpreter fallback of codec.fma (triton 3.6's interpreter rounds tl.fma twice): against the exact
+    # a * b + c rounded once, on products cancelled by their own rounding (c = -RN(a * b): the exact error term),
+    # sums near ties, and random operands
+    gen = torch.Generator().manual_seed(5)
+    n = 2048
+    a = torch.rand(n, generator=gen) * 2 + 0.5
+    b = (torch.rand(n, generator=gen) * 2 + 0.5) * torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    c = torch.randn(n, generator=gen)
+    c[: n // 2] = -(a[: n // 2] * b[: n // 2])  # cancellation: the result is the product's rounding error
+    c[n // 2: 3 * n // 4] *= 2.0 ** -24  # tiny addends: near-ties of the product's last bit
+    out = torch.empty(n)
+    _fma_emulation_kernel[(1,)](a, b, c, out, BLOCK=n)
+    exact = [_fp32_rn(Fraction(x) * Fraction(y) + Fraction(z)) for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())]
+    assert out.tolist() == exact
+    assert (out[: n // 2] != 0).float().mean() > 0.9  # the cancellation cases really test the error term
 
 
 def _previous_codes(x, absmax, signed):

@@ -109,6 +109,20 @@ _INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 read as this module's kernels are decorated): the interpreter cannot run inline PTX (:func:`_rcp_approx`)."""
 
 
+def _interpreter_has_exact_fma() -> bool:
+    """Whether triton's interpreter rounds ``tl.fma`` once: it has a native fp32 fma (``fma_fp32``, triton >= 3.7);
+    triton 3.6's computes ``a * b + c`` in fp32 and rounds twice."""
+    try:
+        from triton._C.libtriton import interpreter
+    except ImportError:
+        return False
+    return hasattr(interpreter, "fma_fp32")
+
+
+_EMULATE_FMA = tl.constexpr(bool(triton.knobs.runtime.interpret) and not _interpreter_has_exact_fma())
+"""Whether :func:`fma` emulates a single rounding in fp64 steps (an interpreter without an exact fma)."""
+
+
 def num_blocks(numel: int, block_size: int = BLOCK_SIZE) -> int:
     """Number of quantization blocks (one fp32 scale each) for a tensor of ``numel`` elements."""
     return (numel + block_size - 1) // block_size
@@ -152,11 +166,12 @@ def _fma_interpreted(a, b, c):
 
 @triton.jit
 def fma(a, b, c):
-    """fp32 ``a * b + c`` rounded once: ``tl.fma`` (FFMA) when compiled; under the interpreter an exact
-    emulation (:func:`_fma_interpreted`), because triton 3.6's interpreter computes ``tl.fma`` as ``a * b + c``
-    in fp32, rounding twice (3.9's rounds once), and the Newton/Markstein steps of :func:`rcp_rn`,
-    :func:`div_rn_fast` and :func:`sqrt_rn_fast` are correctly rounded only with a single rounding."""
-    if _INTERPRETED:
+    """fp32 ``a * b + c`` rounded once: ``tl.fma`` (FFMA) when compiled and under an interpreter whose fma is
+    exact (triton 3.9); under triton 3.6's interpreter, which computes ``tl.fma`` as ``a * b + c`` in fp32 and
+    rounds twice, an exact emulation (:func:`_fma_interpreted`, ~20 numpy steps): the Newton/Markstein steps of
+    :func:`rcp_rn`, :func:`div_rn_fast` and :func:`sqrt_rn_fast` are correctly rounded only with a single
+    rounding."""
+    if _EMULATE_FMA:
         return _fma_interpreted(a, b, c)
     else:
         return tl.fma(a, b, c)
