@@ -229,3 +229,26 @@ def assert_maximize_equals_negated_gradient(factory, shapes=((40, 65), (4097,)),
         assert torch.equal(p, q) and not torch.equal(p, p0)
         for key, value in opt_down.state[q].items():
             assert torch.equal(opt_up.state[p][key], value), f"state {key!r} differs"
+
+
+def snapshot_differences(a: dict, b: dict) -> list[str]:
+    """What differs, bit for bit, between two ``{"params": [tensors], "state": [dict of tensors per param]}``
+    snapshots: one line per param or state tensor that differs (empty: equal)."""
+    out = [f"param {i}: {_tensor_difference(x, y)}" for i, (x, y) in enumerate(zip(a["params"], b["params"]))
+           if not _bit_equal(x, y)]
+    for i, (x, y) in enumerate(zip(a["state"], b["state"])):
+        if sorted(x) != sorted(y):
+            out.append(f"state {i}: keys {sorted(x)} != {sorted(y)}")
+            continue
+        out += [f"state {i} {k}: {_tensor_difference(x[k], y[k])}" for k in x if not _bit_equal(x[k], y[k])]
+    return out
+
+
+def _bit_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+
+
+def _tensor_difference(x: torch.Tensor, y: torch.Tensor) -> str:
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return f"{x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}"
+    return f"{int((x != y).sum())} elements differ"

@@ -26,6 +26,7 @@ import textwrap
 
 import pytest
 import torch
+from optim_helpers import snapshot_differences
 from test_fsdp1 import REQUANT_BOUND, _free_port
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
@@ -201,27 +202,14 @@ def _run(folder, strategy: str, phase: str, kind: str, cases: list[str], world: 
     return [torch.load(folder / f"{phase}-{kind}-world{world}-rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _differences(a: dict, b: dict) -> list[str]:
-    """What differs between two snapshots (params, per-param state), bit for bit."""
-    out = [f"param {i}: {int((x != y).sum())} elements differ" for i, (x, y) in enumerate(zip(a["params"], b["params"]))
-           if not torch.equal(x, y)]
-    for i, (x, y) in enumerate(zip(a["state"], b["state"])):
-        if sorted(x) != sorted(y):
-            out.append(f"state {i}: keys {sorted(x)} != {sorted(y)}")
-            continue
-        out += [f"state {i} {k}: {x[k].dtype} vs {y[k].dtype}, {x[k].shape} vs {y[k].shape}" for k in x
-                if x[k].dtype != y[k].dtype or x[k].shape != y[k].shape or not torch.equal(x[k], y[k])]
-    return out
-
-
 def _check_resume(saves: list[dict], loads: list[dict], cases: list[str], where: str) -> None:
     for rank, (saved, loaded) in enumerate(zip(saves, loads)):
         for case in cases:
             at = f"{where} {case} rank {rank}"
             assert loaded[case]["step"] == SAVE_AT, at
-            assert _differences(saved[case]["saved"], loaded[case]["loaded"]) == [], at
-            assert _differences(saved[case]["straight"], loaded[case]["resumed"]) == [], at
-            assert _differences(saved[case]["saved"], saved[case]["straight"]), f"{at}: no step after the save"
+            assert snapshot_differences(saved[case]["saved"], loaded[case]["loaded"]) == [], at
+            assert snapshot_differences(saved[case]["straight"], loaded[case]["resumed"]) == [], at
+            assert snapshot_differences(saved[case]["saved"], saved[case]["straight"]), f"{at}: no step after the save"
     quantized = [s for case in cases for s in saves[1][case]["saved"]["state"] if any(k.endswith("_codes") for k in s)]
     assert quantized, f"{where}: no quantized state on rank 1"
 

@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from forked_ranks import forked_ranks, run_forked_ranks
+from optim_helpers import snapshot_differences
 from torch import nn
 
 from lowmem_lightning.optim import build_optimizer
@@ -78,20 +79,6 @@ def _snapshot(model, opt) -> dict:
     params = list(model.parameters())
     return {"params": [p.detach().clone() for p in params],
             "state": [{k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else {} for p in params]}
-
-
-def _differences(a: dict, b: dict) -> list[str]:
-    out = []
-    for i, (x, y) in enumerate(zip(a["params"], b["params"])):
-        if not torch.equal(x, y):
-            out.append(f"param {i}: {int((x != y).sum())} elements differ")
-    for i, (x, y) in enumerate(zip(a["state"], b["state"])):
-        if sorted(x) != sorted(y):
-            out.append(f"state {i}: keys {sorted(x)} != {sorted(y)}")
-            continue
-        out += [f"state {i} {k}: {x[k].dtype} vs {y[k].dtype}, {int((x[k] != y[k]).sum())} differ" for k in x
-                if x[k].dtype != y[k].dtype or x[k].shape != y[k].shape or not torch.equal(x[k], y[k])]
-    return out
 
 
 def _contexts(kind: str, rank0_only: bool):
@@ -173,8 +160,9 @@ def _case(rank: int, tmp: str, case: str, uop: bool, kind: str, single) -> dict:
     _load(fresh, fresh_opt, kind, path)
     loaded = _snapshot(fresh, fresh_opt)
     _train(fresh, fresh_opt, range(SAVE_AT, STEPS), rank)
-    out = {"presented": _presented(osd) if kind == "full" and rank == 0 else None, "load": _differences(saved, loaded),
-           "resume": _differences(_snapshot(model, opt), _snapshot(fresh, fresh_opt))}
+    out = {"presented": _presented(osd) if kind == "full" and rank == 0 else None,
+           "load": snapshot_differences(saved, loaded),
+           "resume": snapshot_differences(_snapshot(model, opt), _snapshot(fresh, fresh_opt))}
     if kind == "full" and rank == 0:
         out["other_world"] = _one_rank_load(name, kwargs, uop, path, osd, single)
     return out
@@ -434,7 +422,7 @@ def test_lightning_fsdp_strategy_fit_checkpoint_and_resume_bit_exactly(tmp_path,
         straight, resumed = result["straight"], result["resumed"]
         assert straight["optimizer"] == resumed["optimizer"] == "AdamW8bit"
         assert any("exp_avg_codes" in state for state in resumed["state"])  # 8-bit codes on this rank's slice
-        assert _differences(straight, resumed) == [], (rank, _differences(straight, resumed))
+        assert snapshot_differences(straight, resumed) == [], (rank, snapshot_differences(straight, resumed))
 
 
 def _free_port() -> int:
@@ -481,9 +469,11 @@ def test_state_dict_presents_fsdp1_params_in_fp32_and_leaves_the_state_alone(cas
     assert all(v.shape == param.shape for v in moments)
     assert sum(v.nbytes for v in moments) == PRESENTED_BYTES[case] * param.numel()
     assert state_memory(opt).total_bytes < param.numel() * PRESENTED_BYTES[case] / 2  # still codes
-    assert _differences({"params": [], "state": [held]}, {"params": [], "state": [dict(opt.state[param])]}) == []
+    assert snapshot_differences({"params": [], "state": [held]}, {"params": [], "state": [dict(opt.state[param])]}) \
+        == []
     opt.load_state_dict(opt.state_dict())
-    assert _differences({"params": [], "state": [held]}, {"params": [], "state": [dict(opt.state[param])]}) == []
+    assert snapshot_differences({"params": [], "state": [held]}, {"params": [], "state": [dict(opt.state[param])]}) \
+        == []
 
 
 @pytest.mark.parametrize("device", DEVICES)
