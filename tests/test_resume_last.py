@@ -130,7 +130,7 @@ def _train_steps(metrics: Path) -> list[int]:
     return [int(r["step"]) for r in csv.DictReader(metrics.open()) if r.get("train_loss")]
 
 
-def test_second_start_resumes_from_the_newest_step_in_process(tmp_path, monkeypatch, capsys):
+def test_second_start_resumes_from_the_newest_step_in_process(tmp_path, monkeypatch, capsys, recwarn):
     """The same flow in one process (default suite): a first fit checkpoints, the next continues."""
     from lowmem_lightning.cli import main
 
@@ -145,6 +145,8 @@ def test_second_start_resumes_from_the_newest_step_in_process(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "resuming from runs/tiny/version_0/checkpoints/step=6.ckpt (step 6, the newest of 2" in err
     assert _train_steps(tmp_path / "runs/tiny/version_1/metrics.csv") == [6, 7]
+    # ModelCheckpoint's "dirpath has changed" note says nothing new when the resume comes from another version
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)], [str(w.message) for w in recwarn]
 
 
 @pytest.mark.slow
@@ -170,6 +172,7 @@ def test_sigkilled_job_resumes_with_the_identical_command(tmp_path):
     second = subprocess.run(_command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
+    assert "dirpath has changed" not in out, out[-3000:]  # a resume from an earlier version folder: no such note
     newest = max(int(p.stem.split("=")[1]) for p in (tmp_path / "runs/tiny/version_0/checkpoints").glob("step=*"))
     assert f"--ckpt_path last: resuming from runs/tiny/version_0/checkpoints/step={newest}.ckpt (step {newest}" in out
     steps = _train_steps(tmp_path / "runs/tiny/version_1/metrics.csv")

@@ -398,9 +398,7 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
             self.trainer.callbacks.append(RunLrAfterResume())  # a new --model.lr applies after a resume
         try:
             with warnings.catch_warnings():
-                if subcommand != "fit":  # an evaluation writes no checkpoint: ModelCheckpoint's reload note is noise
-                    warnings.filterwarnings("ignore", message="The dirpath has changed from", category=UserWarning,
-                                            module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+                _drop_checkpoint_dirpath_note(subcommand)
                 super()._run_subcommand(subcommand)
         except (ValueError, TypeError, MisconfigurationException) as err:
             if started.started or os.environ.get("LOWMEM_TRACEBACK"):
@@ -457,6 +455,18 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         trainer = super()._instantiate_trainer(config, callbacks)
         use_atomic_checkpoint_io(trainer)  # checkpoints complete or absent, a full disk named (issue 25)
         return trainer
+
+
+def _drop_checkpoint_dirpath_note(subcommand: str) -> None:
+    """Ignore ModelCheckpoint's "The dirpath has changed from ... won't be reloaded" warning where it says nothing
+    new: in an evaluation (it writes no checkpoint), and in a fit resumed from another version folder of the same
+    logger (each start of ``lowmem fit`` logs into a new ``version_N``, and ``--ckpt_path last`` said where it
+    resumes from). A ``dirpath`` changed by hand still gets it."""
+    same_logger_versions = (r"The dirpath has changed from '(.*)[/\\]version_[^/\\]+[/\\]checkpoints' "
+                            r"to '\1[/\\]version_")
+    message = "The dirpath has changed from" if subcommand != "fit" else same_logger_versions
+    warnings.filterwarnings("ignore", message=message, category=UserWarning,
+                            module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
 
 
 class _RunStarted(L.Callback):
