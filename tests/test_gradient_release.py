@@ -168,13 +168,18 @@ def _step_peak_bytes(release: bool, bucket_bytes: int = 0) -> tuple[int, int]:
     step()  # state exists before the measured step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak, sum(p.numel() * 4 for p in model.parameters())
+    return _profiled_peak(prof), sum(p.numel() * 4 for p in model.parameters())
+
+
+def _profiled_peak(prof) -> int:
+    """``benchmarks/profiler_peak.peak_bytes``: the benchmarks' measure of the same peak."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from profiler_peak import peak_bytes
+
+    return peak_bytes(prof)
 
 
 @pytest.mark.parametrize("bucket_tensors", [0, 2], ids=["per-tensor", "bucket-2-weights"])
