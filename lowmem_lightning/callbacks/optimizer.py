@@ -25,7 +25,6 @@ ordered and checkpointed by Lightning like the user's own): :class:`~.strategy_c
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 import lightning as L
@@ -52,6 +51,7 @@ from lowmem_lightning.callbacks.swap import (
 )
 from lowmem_lightning.callbacks.translate import translate_group
 from lowmem_lightning.optim import build_optimizer, optimizer_class
+from lowmem_lightning.optim.registry import optimizer_keywords
 from lowmem_lightning.optim.state_precision import (
     check_fp32_state,
     fp32_state_params,
@@ -77,10 +77,7 @@ _LR_MEANS = {"SGD": "scales the raw gradient", "adaptive": "is the size of a nor
 
 def _takes(optimizer: str, argument: str) -> bool:
     """Whether the registered optimizer ``optimizer``'s constructor takes ``argument``."""
-    try:
-        return argument in inspect.signature(optimizer_class(optimizer).__init__).parameters
-    except (TypeError, ValueError):
-        return False
+    return argument in optimizer_keywords(optimizer)
 
 
 def _with_bf16_rounding(optimizer: str, optimizer_kwargs, bf16_rounding: str | None):

@@ -14,9 +14,7 @@ It returns one line saying what changed, for the command to print.
 
 from __future__ import annotations
 
-import inspect
-
-from lowmem_lightning.optim.registry import available_optimizers, optimizer_class
+from lowmem_lightning.optim.registry import available_optimizers, optimizer_class, optimizer_keywords
 from lowmem_lightning.optim.validation import validate_optimizer_args
 
 __all__ = ["switch_optimizer", "ADAFACTOR_EXTERNAL_LR"]
@@ -26,11 +24,7 @@ ADAFACTOR_EXTERNAL_LR = {"relative_step": False, "scale_parameter": False}
 
 
 def _accepted(name: str) -> set[str]:
-    try:
-        params = inspect.signature(optimizer_class(name).__init__).parameters
-    except (TypeError, ValueError):
-        return set()
-    return {p for p in params if p not in ("self", "params")}
+    return set(optimizer_keywords(name))
 
 
 def _builds(name: str, lr, weight_decay, kwargs: dict) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 
 __all__ = ["OPTIMIZERS", "available_optimizers", "optimizer_class", "build_optimizer", "register_optimizer",
-           "unknown_optimizer_message"]
+           "unknown_optimizer_message", "optimizer_keywords"]
 
 OPTIMIZERS: dict[str, str] = {
     "adamw": "torch.optim:AdamW",
@@ -80,6 +80,11 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict], 
         unknown = sorted(set(kwargs) - set(_keywords(cls))) if "unexpected keyword" in str(err) else []
         allowed = f" ({', '.join(unknown)}: {cls.__name__} takes {', '.join(_keywords(cls))})" if unknown else ""
         raise ValueError(f"Invalid arguments for optimizer {name!r} ({cls.__name__}): {err}{allowed}") from err
+
+
+def optimizer_keywords(name: str) -> list[str]:
+    """The keyword arguments the registered optimizer ``name``'s constructor takes (``params`` aside), in order."""
+    return _keywords(optimizer_class(name))
 
 
 def _keywords(cls: type) -> list[str]:

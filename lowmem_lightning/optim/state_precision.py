@@ -105,19 +105,13 @@ def check_fp32_state(optimizer, fp32_state, owner: str = "LowMemOptimizerCallbac
     """``fp32_state`` parsed (:func:`parse_fp32_state`; None when unset) for the registered optimizer ``optimizer``;
     ``ValueError`` naming ``owner``, the value and the optimizer when that optimizer does not take
     ``quantize_state`` (torch's ``adamw``: its state is 32-bit already)."""
-    import inspect
-
-    from .registry import optimizer_class
+    from .registry import optimizer_class, optimizer_keywords
 
     parsed = parse_fp32_state(fp32_state)
     if parsed is None or not isinstance(optimizer, str):
         return parsed
     cls = optimizer_class(optimizer)
-    try:
-        takes = QUANTIZE_STATE in inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        takes = False
-    if not takes:
+    if QUANTIZE_STATE not in optimizer_keywords(optimizer):
         raise ValueError(
             f"Invalid fp32_state={fp32_state!r} for {owner}(optimizer={optimizer!r}): {cls.__name__} keeps 32-bit "
             "state for every param already (fp32_state exempts params from the quantized state of this package's "
