@@ -12,8 +12,19 @@ a 7B full fine-tune saves its 2 B/param bf16 gradient buffer (14 GB).
 bookkeeping such as Adafactor's reported step size) with ``finish_step``; a torch optimizer (the fp32
 ``adamw`` baseline) is stepped whole, which updates only the hooked tensor because every other
 gradient is None at that moment (Lightning zeroes gradients to None before backward and released
-ones are freed). Gradient clipping by value is applied per tensor in the hook; everything that needs
-all gradients at once is refused beforehand (:func:`release_refusal`).
+ones are freed). Gradient clipping by value is applied per tensor in the hook; what else needs all
+gradients at once is refused beforehand (:func:`release_refusal`).
+
+Clipping by the global norm (``clip_norm``) takes two backward passes over the retained graph, as LOMO
+(section 3.3) does: in the norm pass (:meth:`GradientRelease.norm_pass`) each hook takes its gradient's
+norm and frees it (per bucket, one ``torch._foreach_norm`` per device and dtype, as
+``torch.nn.utils.clip_grad_norm_``); the total norm is those norms stacked in ``clip_grad_norm_``'s order
+and reduced as it does, so the coefficient ``min(1, clip_norm / (total + 1e-6))`` is its own, bit for
+bit. The second pass updates each gradient multiplied by that coefficient. A non-finite total is handed
+to our optimizer as the step's norm (as :class:`~.clip_norm.ClipNormReuse` does in a normal step): every
+update of the step is skipped and counted in ``skipped_updates``; a torch optimizer gets the gradients
+scaled by the non-finite coefficient, as after ``clip_grad_norm_(error_if_nonfinite=False)``. No gradient
+buffer exists in either pass; the price is a second backward per step (and the activations kept until it).
 
 Reentrant activation checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) runs each
 checkpointed block's backward as a nested backward pass, and a param used in several such blocks (tied
@@ -38,18 +49,26 @@ Each tensor's update is the same as in a normal step, so the results do not depe
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
-__all__ = ["GradientRelease", "GradientReleaseCallback", "release_refusal", "DEFAULT_BUCKET_BYTES"]
+__all__ = ["GradientRelease", "GradientReleaseCallback", "release_refusal", "DEFAULT_BUCKET_BYTES", "TWO_PASS_NOTICE"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 """Gradient bytes gathered before a bucket is updated (DDP's default bucket size)."""
+
+TWO_PASS_NOTICE = "Gradient release with clipping by norm: backward runs twice per step."
+"""The line logged (rank zero) at the start of a fit that clips by norm under gradient release."""
 
 
 def _graph_task() -> int | None:
@@ -67,6 +86,10 @@ class GradientRelease:
             ``gradient_clip_algorithm="value"``), or None.
         bucket_bytes: update the gradients ready in backward together once they reach this many bytes
             (an int >= 0; the rest at the end of the backward pass); 0 updates each tensor alone.
+        clip_norm: clip the gradients to this total L2 norm (Lightning's ``gradient_clip_algorithm="norm"``;
+            a finite number > 0), or None. Each step then takes two backward passes over a retained graph:
+            the first inside ``with release.norm_pass():`` (norms only), the second updates; an update with no
+            norm pass before it raises ``RuntimeError``. Not together with ``clip_value``.
 
     :meth:`attach` registers one hook per trainable param of the optimizer (call it again to hook params
     unfrozen since), :meth:`watch` marks the loss of the coming backward (so gradients of nested,
@@ -75,19 +98,26 @@ class GradientRelease:
     backward since attach; ``held_back`` the params whose gradient is accumulated in several nested
     passes per backward and so are updated after it; ``bucket_steps`` the optimizer calls made in
     backward; ``peak_bucket_bytes`` the most gradient bytes a bucket held (the tensor that closed it
-    included).
+    included); ``total_norm`` the total gradient norm of the last norm pass (0-d, the gradients' dtype, as
+    ``clip_grad_norm_`` returns it; None before one).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, clip_value: float | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-        if clip_value is not None and not (isinstance(clip_value, (int, float)) and clip_value > 0
-                                           and math.isfinite(clip_value)):
-            raise ValueError(f"Invalid clip_value={clip_value!r}: expected None or a finite number > 0.")
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, clip_norm: float | None = None):
+        for name, value in (("clip_value", clip_value), ("clip_norm", clip_norm)):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and value > 0 and math.isfinite(value)):
+                raise ValueError(f"Invalid {name}={value!r}: expected None or a finite number > 0.")
+        if clip_value is not None and clip_norm is not None:
+            raise ValueError(f"Invalid clip_value={clip_value!r} with clip_norm={clip_norm!r}: clip by value or by "
+                             "norm, not both (set one of them to None).")
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 0:
             raise ValueError(f"Invalid bucket_bytes={bucket_bytes!r}: expected an int >= 0 (0: each tensor alone).")
         self.optimizer = optimizer
         self.clip_value = None if clip_value is None else float(clip_value)
         self.bucket_bytes = bucket_bytes
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.total_norm: torch.Tensor | None = None
         self.updates = 0
         self.bucket_steps = 0
         self.peak_bucket_bytes = 0
@@ -103,6 +133,9 @@ class GradientRelease:
         self._pending: dict[int, torch.Tensor] = {}  # params held back until finish_step
         self._single: set[int] = set()  # nested params seen to get their gradient in one firing
         self._multi: set[int] = set()  # params seen to get it in several
+        self._norm_pass = False  # inside norm_pass(): hooks take norms instead of updating
+        self._norms: dict[int, torch.Tensor] = {}  # id(param) -> its gradient's norm (norm pass)
+        self._coef: torch.Tensor | None = None  # the clip coefficient of the step's update pass
         self._warn_if_one_bucket()
 
     def _warn_if_one_bucket(self) -> None:
@@ -164,6 +197,18 @@ class GradientRelease:
     def finish_step(self) -> None:
         """Close the training step: update what is left in the bucket, then the params held back with their
         whole gradient, learn which of them got it in one firing, then the per-group bookkeeping of ours."""
+        try:
+            self._close_backward()
+            if self._per_tensor:
+                self.optimizer.finish_step()
+        finally:
+            self._coef = None
+            if self._per_tensor and self.clip_norm is not None:
+                self.optimizer._step_norm = None
+
+    def _close_backward(self) -> None:
+        """Process (update, or in the norm pass take the norm of) what is left in the bucket, then the params held
+        back with their whole gradient; learn which of them got it in one firing; reset the per-backward state."""
         self._flush()
         self._flush_queued.clear()
         pending = list(self._pending.values())
@@ -172,11 +217,84 @@ class GradientRelease:
         if pending:
             self._update(pending)
         self._pending, self._fired, self._stepped, self._outer = {}, {}, set(), None
+
+    @contextmanager
+    def norm_pass(self) -> Iterator[GradientRelease]:
+        """The first of the two backward passes of clipping by norm: run ``loss.backward(retain_graph=True)``
+        inside the block. Each hook takes its gradient's norm and frees it (no update); on exit the total norm
+        (:attr:`total_norm`) and the clip coefficient ``min(1, clip_norm / (total + 1e-6))`` are computed as
+        ``torch.nn.utils.clip_grad_norm_`` computes them, and the next backward pass updates every gradient
+        multiplied by it (our optimizer also gets the total as the step's norm: a non-finite one skips the
+        whole step). ``ValueError`` without ``clip_norm``."""
+        if self.clip_norm is None:
+            raise ValueError("GradientRelease.norm_pass() needs clip_norm (a finite number > 0), got None.")
+        self._norm_pass, self._norms, self._coef, self.total_norm = True, {}, None, None
+        try:
+            yield self
+            self._close_backward()
+        except BaseException:
+            self._pending, self._fired, self._stepped, self._outer, self._bucket = {}, {}, set(), None, {}
+            self._bucket_nbytes = 0
+            raise
+        finally:
+            self._norm_pass = False
+        self.total_norm = self._total_norm()
+        self._norms = {}
+        self._coef = torch.clamp(self.clip_norm / (self.total_norm + 1e-6), max=1.0)
         if self._per_tensor:
-            self.optimizer.finish_step()
+            self.optimizer._step_norm = self.total_norm  # each update of the step checks this norm, as step() would
+
+    def _total_norm(self) -> torch.Tensor:
+        """The L2 norm of the norm pass's per-gradient norms, stacked in the order ``clip_grad_norm_`` stacks them
+        (the optimizer's param order, grouped by device and dtype as its grouping orders them), so it is that
+        function's total bit for bit (0-d; zero when no param got a gradient)."""
+        if not self._norms:
+            return torch.tensor(0.0)
+        last = len(self._rank)
+        norms = [self._norms[key] for key in sorted(self._norms, key=lambda key: self._rank.get(key, last))]
+        grouped = _group_tensors_by_device_and_dtype([norms])  # a norm has its gradient's device and dtype
+        first = norms[0].device
+        ordered = [norm.to(first) for [group], _ in grouped.values() for norm in group]
+        return torch.linalg.vector_norm(torch.stack(ordered), 2.0)
+
+    def _take_norms(self, params: list[torch.Tensor]) -> None:
+        """Norm pass: keep the L2 norm of each param's gradient (one ``_foreach_norm`` per device and dtype, as
+        ``clip_grad_norm_``) and free the gradient."""
+        grouped = _group_tensors_by_device_and_dtype([[p.grad for p in params]], with_indices=True)
+        for (device, _), ([grads], indices) in grouped.items():
+            if _has_foreach_support(grads, device):
+                norms = torch._foreach_norm(grads, 2.0)
+            else:
+                norms = [torch.linalg.vector_norm(g, 2.0) for g in grads]
+            for index, norm in zip(indices, norms):
+                self._norms[id(params[index])] = norm
+        for param in params:
+            param.grad = None
+
+    def _scale(self, params: list[torch.Tensor]) -> None:
+        """Multiply the gradients of ``params`` by the step's clip coefficient (as ``clip_grad_norm_`` does)."""
+        if self._coef is None:
+            raise RuntimeError(
+                f"GradientRelease(clip_norm={self.clip_norm}): a gradient is ready for its update but no norm pass "
+                "ran before this backward, so the clip coefficient is unknown. Run loss.backward(retain_graph=True) "
+                "inside `with release.norm_pass():` first, then loss.backward() (LowMemOptimizerCallback does).")
+        grouped = _group_tensors_by_device_and_dtype([[p.grad for p in params]])
+        for (device, _), ([grads], _) in grouped.items():
+            coef = self._coef.to(device)
+            if _has_foreach_support(grads, device):
+                torch._foreach_mul_(grads, coef)
+            else:
+                for grad in grads:
+                    grad.mul_(coef)
 
     def _update(self, params: list[torch.Tensor]) -> None:
-        """Clip, update and free the gradients of ``params`` (each with a gradient)."""
+        """Clip, update and free the gradients of ``params`` (each with a gradient); in the norm pass, take their
+        norms and free them."""
+        if self._norm_pass:
+            self._take_norms(params)
+            return
+        if self.clip_norm is not None:
+            self._scale(params)
         for param in params:
             if self.clip_value is not None:
                 param.grad.clamp_(-self.clip_value, self.clip_value)
@@ -205,10 +323,11 @@ class GradientRelease:
         if key in self._stepped:
             raise RuntimeError(
                 f"GradientRelease: a param of shape {tuple(param.shape)} got a second gradient in one backward after "
-                "it was updated in backward, so that update used part of its gradient (a weight shared by blocks "
-                "under reentrant activation checkpointing, with the loss not watched or the weight's use changed "
-                "between steps). Call GradientRelease.watch(loss) before every backward (LowMemOptimizerCallback "
-                "does), use torch.utils.checkpoint(..., use_reentrant=False), or step_in_backward=False."
+                "it was updated (or its norm taken) in backward, so that used part of its gradient (a weight shared "
+                "by blocks under reentrant activation checkpointing, with the loss not watched or the weight's use "
+                "changed between steps). Call GradientRelease.watch(loss) before every backward "
+                "(LowMemOptimizerCallback does), use torch.utils.checkpoint(..., use_reentrant=False), "
+                "or step_in_backward=False."
             )
         if key in self._bucket:  # a second gradient before its bucket was updated: hold it back, whole
             self._bucket_nbytes -= _grad_bytes(self._bucket.pop(key))
@@ -243,8 +362,9 @@ class GradientRelease:
             return
         self._update(params)
         self._stepped.update(id(p) for p in params)
-        self.updates += len(params)
-        self.bucket_steps += 1
+        if not self._norm_pass:
+            self.updates += len(params)
+            self.bucket_steps += 1
 
 
 def _grad_bytes(param: torch.Tensor) -> int:
@@ -255,10 +375,10 @@ def release_refusal(trainer: L.Trainer, pl_module: L.LightningModule) -> str | N
     """Why ``step_in_backward=True`` cannot keep a normal step's semantics in this run (None: it can).
 
     Refused: gradient accumulation, from the start or from an epoch of a ``GradientAccumulationScheduler`` (the
-    update would run on every micro-batch), clipping by norm (it
-    needs every gradient at once), ``16-mixed`` (its GradScaler unscales and checks all gradients
-    after backward), manual optimization (the module steps itself), and any strategy but a single
-    device (DDP/FSDP reduce gradients after the hook would fire).
+    update would run on every micro-batch), ``16-mixed`` (its GradScaler unscales and checks all gradients
+    after backward), manual optimization (the module steps itself), any strategy but a single
+    device (DDP/FSDP reduce gradients after the hook would fire), and clipping by norm (two backward passes)
+    with a ``pl_module.backward`` override that cannot be called with ``retain_graph=True``.
     """
     if not pl_module.automatic_optimization:
         return ("the module uses manual optimization (automatic_optimization=False) and steps its optimizer "
@@ -272,12 +392,11 @@ def release_refusal(trainer: L.Trainer, pl_module: L.LightningModule) -> str | N
         return (f"GradientAccumulationScheduler(scheduling={scheduler.scheduling!r}) accumulates the gradients of "
                 "several batches from its epochs on (the update would run on every batch); remove it (raise the "
                 "batch size instead) or set step_in_backward=False")
-    clip_algorithm = trainer.gradient_clip_algorithm  # an enum; None means norm
-    algorithm = getattr(clip_algorithm, "value", clip_algorithm) or "norm"
-    if trainer.gradient_clip_val and algorithm != "value":
-        return (f"gradient_clip_val={trainer.gradient_clip_val} with gradient_clip_algorithm="
-                f"{algorithm!r} clips by the global norm of all gradients at once; use "
-                "gradient_clip_algorithm='value' (applied per tensor) or step_in_backward=False")
+    if _clip(trainer)[1] is not None and not _takes_retain_graph(pl_module.backward):
+        return (f"gradient_clip_val={trainer.gradient_clip_val} clips by norm in two backward passes, the first "
+                f"with retain_graph=True, and {type(pl_module).__name__}.backward cannot take it; override it as "
+                "backward(self, loss, *args, **kwargs) passing them on to loss.backward, use "
+                "gradient_clip_algorithm='value', or step_in_backward=False")
     if str(trainer.precision) in ("16-mixed", "16"):
         return (f"precision={trainer.precision!r} scales the loss with a GradScaler that checks all gradients after "
                 "backward; use 'bf16-mixed' or 'bf16-true', or step_in_backward=False")
@@ -287,15 +406,74 @@ def release_refusal(trainer: L.Trainer, pl_module: L.LightningModule) -> str | N
     return None
 
 
+def _clip(trainer: L.Trainer) -> tuple[float | None, float | None]:
+    """``(clip_value, clip_norm)`` of the Trainer's gradient clipping: the one its algorithm names (an enum or
+    None, which means norm) gets ``gradient_clip_val``; the other is None (both None when it does not clip)."""
+    algorithm = trainer.gradient_clip_algorithm
+    algorithm = getattr(algorithm, "value", algorithm) or "norm"
+    clip = trainer.gradient_clip_val or None
+    return (clip, None) if algorithm == "value" else (None, clip)
+
+
+def _takes_retain_graph(backward) -> bool:
+    """Whether ``backward(loss, retain_graph=True)`` binds (Lightning's own passes its keywords to
+    ``loss.backward``; an override may not)."""
+    try:
+        inspect.signature(backward).bind(torch.zeros(()), retain_graph=True)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): assume it forwards
+        return True
+    return True
+
+
+class _TwoPassBackward:
+    """The precision plugin's ``backward`` while clipping by norm under gradient release: the plugin's own
+    backward (so the module's ``backward``, an override included) runs twice, first with ``retain_graph=True``
+    inside every release's :meth:`GradientRelease.norm_pass`, then as Lightning called it (the updates).
+
+    Gradients of trainable params no release hooks (not in the optimizer) are put back after the norm pass, so
+    the second pass does not add to them twice."""
+
+    def __init__(self, original, releases: list[GradientRelease]) -> None:
+        self.original = original
+        self.releases = releases
+
+    def __call__(self, tensor: torch.Tensor, model: L.LightningModule, optimizer, *args, **kwargs) -> None:
+        """Norm pass, then update pass, of ``tensor`` (the loss)."""
+        hooked = {id(p) for release in self.releases for p in release.params()}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in hooked]
+        kept = [None if p.grad is None else p.grad.clone() for p in others]
+        retained = (args[0], True, *args[2:]) if len(args) >= 2 else args
+        retain_kwargs = kwargs if len(args) >= 2 else {**kwargs, "retain_graph": True}
+        with ExitStack() as stack:
+            for release in self.releases:
+                stack.enter_context(release.norm_pass())
+            self.original(tensor, model, optimizer, *retained, **retain_kwargs)
+        for param, grad in zip(others, kept):
+            param.grad = grad
+        try:
+            self.original(tensor, model, optimizer, *args, **kwargs)
+        except RuntimeError as err:
+            if "second time" not in str(err):
+                raise
+            raise RuntimeError(
+                f"Clipping by norm under gradient release runs backward twice, the first with retain_graph=True, "
+                f"and the graph was freed after the first: {type(model).__name__}.backward must pass its keyword "
+                "arguments on to loss.backward(...).") from err
+
+
 class GradientReleaseCallback(L.Callback):
     """The gradient-release lifecycle of a fit: what ``LowMemOptimizerCallback(step_in_backward=True)`` adds.
 
     ``setup("fit")`` refuses a run whose semantics release would change (:func:`release_refusal`);
     ``on_train_start`` (after any checkpoint was restored) hooks every optimizer of the Trainer with a
-    :class:`GradientRelease` and takes clipping by value into the hooks (``trainer.gradient_clip_val`` is
-    off for the fit: Lightning's pass after backward would find no gradient); each training batch hooks
-    params unfrozen since, marks the loss, and closes the step after backward; ``teardown`` or an
-    exception removes the hooks and gives ``gradient_clip_val`` back.
+    :class:`GradientRelease` and takes clipping into the hooks (``trainer.gradient_clip_val`` is
+    off for the fit: Lightning's pass after backward would find no gradient); clipping by norm also makes the
+    precision plugin's ``backward`` run twice per step (norm pass, then update pass; logged once at setup);
+    each training batch hooks params unfrozen since, marks the loss, and closes the step after backward;
+    ``teardown`` or an exception removes the hooks, gives ``gradient_clip_val`` and the plugin's ``backward``
+    back.
     """
 
     def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
@@ -304,6 +482,7 @@ class GradientReleaseCallback(L.Callback):
         self.releases: list[GradientRelease] = []
         """The hooks of the current fit, one per optimizer (empty outside training)."""
         self._clip: tuple[L.Trainer, float | int | None] | None = None  # the gradient_clip_val to give back
+        self._routed: tuple[object, object] | None = None  # (precision plugin, its own instance "backward" or None)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Refuse, before the strategy sets up, a run where release cannot equal a normal step."""
@@ -312,16 +491,23 @@ class GradientReleaseCallback(L.Callback):
         reason = release_refusal(trainer, pl_module)
         if reason is not None:
             raise ValueError(f"LowMemOptimizerCallback(step_in_backward=True) cannot run: {reason}.")
+        if _clip(trainer)[1] is not None:
+            rank_zero_info(TWO_PASS_NOTICE)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Hook every optimizer; clipping by value moves from Lightning into the hooks."""
+        """Hook every optimizer; clipping moves from Lightning into the hooks (by norm: two backward passes)."""
         if self.releases:
             return
-        clip = trainer.gradient_clip_val if trainer.gradient_clip_algorithm == "value" else None
-        self.releases = [GradientRelease(opt, clip_value=clip or None, bucket_bytes=self.bucket_bytes).attach()
-                         for opt in trainer.optimizers]
+        clip_value, clip_norm = _clip(trainer)
+        self.releases = [GradientRelease(opt, clip_value=clip_value, bucket_bytes=self.bucket_bytes,
+                                         clip_norm=clip_norm).attach() for opt in trainer.optimizers]
         self._clip = (trainer, trainer.gradient_clip_val)
         trainer.gradient_clip_val = None
+        if clip_norm is not None:
+            plugin = trainer.precision_plugin
+            own = vars(plugin).get("backward")
+            self._routed = (plugin, own)
+            plugin.backward = _TwoPassBackward(plugin.backward, self.releases)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         """Hook the params unfrozen since the last step (they are released too)."""
@@ -354,3 +540,10 @@ class GradientReleaseCallback(L.Callback):
             trainer, clip = self._clip
             trainer.gradient_clip_val = clip
             self._clip = None
+        if self._routed is not None:
+            plugin, own = self._routed
+            if own is None:
+                vars(plugin).pop("backward", None)
+            else:
+                plugin.backward = own
+            self._routed = None
