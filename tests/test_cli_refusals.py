@@ -2,7 +2,7 @@
 lowmem_lightning.cli``) in an empty directory exits with code 2 and one message, no traceback, and
 leaves nothing on disk (no ``runs/``, no version directory, no ``config.yaml``).
 
-One refusal is decided before ``fit`` starts (gradient release under clipping by norm, checked on the
+One refusal is decided before ``fit`` starts (gradient release under gradient accumulation, checked on the
 built Trainer), one inside ``fit`` after Lightning set the run up (Adafactor computing its own step
 under the module's LR schedule, refused when the optimizer is built): the run's new directories are
 removed then.
@@ -40,8 +40,9 @@ def _assert_refused(proc: subprocess.CompletedProcess, cwd: Path, *needles: str)
 
 
 def test_gradient_release_refusal_is_one_message_and_writes_nothing(tmp_path):
-    proc = _lowmem(tmp_path, "fit", "--config", "tiny.yaml", "--step_in_backward", "true")
-    _assert_refused(proc, tmp_path, "step_in_backward=True", "gradient_clip_algorithm='value'")
+    proc = _lowmem(tmp_path, "fit", "--config", "tiny.yaml", "--step_in_backward", "true",
+                   "--trainer.accumulate_grad_batches", "2")
+    _assert_refused(proc, tmp_path, "step_in_backward=True", "set accumulate_grad_batches=1")
 
 
 @pytest.mark.slow
