@@ -259,6 +259,32 @@ def test_notice_is_logged_once_at_fit_start(caplog):
     assert not [r for r in caplog.records if "backward runs twice" in r.getMessage()]
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_hf_causal_lm_with_gradient_checkpointing_equals_a_normal_fit(precision):
+    """CausalLMModule(gradient_checkpointing=True): transformers' checkpointing, non-reentrant (ours and transformers'
+    own default), recomputed in both passes."""
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 32}
+    ids = torch.randint(0, 259, (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": b, "labels": b.clone()} for b in ids]
+    runs = []
+    for release in (False, True):
+        torch.manual_seed(0)
+        module = CausalLMModule(config=tiny, optimizer="adamw_8bit", lr=1e-3, gradient_checkpointing=True)
+        callback = LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False, step_in_backward=release,
+                                           bucket_bytes=0 if release else None)
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, gradient_clip_val=0.1, precision=precision, callbacks=[callback])
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+        assert module.model.model.gradient_checkpointing
+        runs.append(module)
+    for (name, a), b in zip(runs[0].named_parameters(), runs[1].parameters()):
+        assert torch.equal(a, b), name
+
+
 # ---------------------------------------------------------------- GradientRelease without Lightning
 
 
