@@ -187,9 +187,11 @@ class LowMemOptimizerCallback(L.Callback):
             trainable tensor inside backward as soon as its gradient is accumulated, then free that
             gradient, so no gradient buffer exists. The result equals a normal step's; LR schedulers,
             ``skipped_updates``, logging, checkpoints and resume work unchanged. Clipping by value is
-            applied per tensor. Refused with a ``ValueError`` before training under
-            ``accumulate_grad_batches > 1``, clipping by norm, ``16-mixed``, manual optimization and
-            multi-process strategies.
+            applied per tensor; clipping by norm runs backward twice per step over the retained graph
+            (LOMO: the first pass takes the gradient norms and frees the gradients, the second updates
+            with the clipped gradients), which a line logged at fit start says. Refused with a
+            ``ValueError`` before training under ``accumulate_grad_batches > 1``, ``16-mixed``, manual
+            optimization and multi-process strategies.
         bucket_bytes: With ``step_in_backward``: the gradients ready in backward are updated together, in one
             optimizer call, once they reach this many bytes (an int >= 0; 0 updates each tensor alone, fewest
             gradients alive; ``None``: 25 MiB, DDP's bucket size). ``lowmem estimate`` counts the fullest bucket.
