@@ -104,10 +104,7 @@ class Adafactor(LowMemOptimizer):
         differentiable: bool = False,
     ):
         check_drop_in_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
-        if lr is not None and relative_step:
-            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
-        if warmup_init and not relative_step:
-            raise ValueError("`warmup_init=True` requires `relative_step=True`")
+        _check_step_rule(lr, relative_step, warmup_init)
         defaults = dict(
             lr=lr,
             eps=eps,
@@ -252,14 +249,29 @@ def second_moment_specs(shape: tuple[int, ...], kind: str) -> list[StateSpec]:
     return [StateSpec("exp_avg_sq", shape, torch.float32, "square")] if kind == "sq" else []
 
 
+def _check_step_rule(lr, relative_step, warmup_init) -> None:
+    """transformers' combination rules of ``lr`` / ``relative_step`` / ``warmup_init`` (its messages first, so code
+    matching them keeps working), each followed by the values given and the settings that are allowed."""
+    if lr is not None and relative_step:
+        raise ValueError(
+            f"Cannot combine manual `lr` and `relative_step=True` options (got lr={lr!r}, relative_step=True): "
+            "pass lr=None to use Adafactor's own relative step size, or relative_step=False (and "
+            "scale_parameter=False for the lr to be the step size) to use lr."
+        )
+    if warmup_init and not relative_step:
+        raise ValueError(
+            f"`warmup_init=True` requires `relative_step=True` (got warmup_init=True, relative_step={relative_step!r}"
+            f"{'' if lr is None else f', lr={lr!r}'}): warmup_init warms up the relative step size; with an lr of "
+            "your own, pass warmup_init=False and warm up with an LR scheduler (transformers' recommended "
+            "lr=1e-3, relative_step=False, warmup_init=True cannot be combined)."
+        )
+
+
 def _check_hyperparameters(group: dict) -> None:
     """Validate one group's hyperparameters (transformers' combination rules plus value checks)."""
     for name in ("scale_parameter", "relative_step", "warmup_init"):
         check_bool(group[name], name)
-    if group["lr"] is not None and group["relative_step"]:
-        raise ValueError("Cannot combine manual `lr` and `relative_step=True` options")
-    if group["warmup_init"] and not group["relative_step"]:
-        raise ValueError("`warmup_init=True` requires `relative_step=True`")
+    _check_step_rule(group["lr"], group["relative_step"], group["warmup_init"])
     if group["lr"] is None and not group["relative_step"]:
         raise ValueError("Invalid lr=None with relative_step=False: give a learning rate (a finite number >= 0).")
     check_lr(group["lr"], allow_none=True)

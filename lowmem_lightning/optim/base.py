@@ -312,11 +312,25 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
 
     def _check_grads(self) -> None:
         """Before any update: ``RuntimeError`` naming the param of a sparse gradient or of a gradient whose
-        shape or kind does not match its param (so a step never applies to some params and then raises)."""
+        shape or kind does not match its param (so a step never applies to some params and then raises), or a
+        param on the meta device (:meth:`_refuse_meta`)."""
         for group_index, group in enumerate(self.param_groups):
             for position, param in enumerate(group["params"]):
+                if param.is_meta:
+                    self._refuse_meta(group_index, position, param)
                 if param.grad is not None:
                     self._check_grad(group_index, position, param)
+
+    def _refuse_meta(self, group_index: int, position: int, param: torch.Tensor) -> None:
+        """``RuntimeError`` for a meta-device param at ``step()``: an optimizer built before the model's weights
+        were materialized holds placeholders that ``to_empty()`` / FSDP / Fabric's ``empty_init`` replaced, so
+        it would silently train nothing (Lightning-AI/pytorch-lightning#19067)."""
+        raise RuntimeError(
+            f"{type(self).__name__}.step(): param group {group_index}, param {position} (shape "
+            f"{tuple(param.shape)}) is on the meta device, which holds no data. The optimizer was built before the "
+            "model's weights were materialized (to_empty(), FSDP or Fabric empty_init replace the params, so it "
+            "would update placeholders and train nothing): build the optimizer after the model is on its device."
+        )
 
     def _check_grad(self, group_index: int, position: int, param: torch.Tensor) -> None:
         """``RuntimeError`` unless ``param.grad`` is a dense floating gradient of the param's shape."""
