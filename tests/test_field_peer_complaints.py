@@ -559,6 +559,113 @@ def test_module_with_nothing_trainable_is_refused_before_training():
         Frozen().configure_optimizers()
 
 
+def test_qlora_with_gradient_checkpointing_gives_lora_the_same_gradients():
+    """artidoro/qlora#224 (and microsoft/LoRA#120): with gradient checkpointing on a frozen 4-bit base, "None of
+    the inputs have requires_grad=True. Gradients will be None" and the LoRA weights never trained. Ours: a tiny
+    Llama in NF4 with LoRA and ``gradient_checkpointing=True`` gives every LoRA weight the same gradient as
+    without checkpointing, and warns nothing about missing gradients."""
+    import warnings
+
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 128}
+    modules = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = CausalLMModule(config=tiny, quantize="nf4", lora={"r": 4}, gradient_checkpointing=checkpointing)
+        module.configure_model()
+        modules.append(module)
+    modules[1].model.load_state_dict(modules[0].model.state_dict())
+    batch = {"input_ids": torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(2))}
+    batch["labels"] = batch["input_ids"].clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for module in modules:
+            module.train()
+            module(**batch).loss.backward()
+    assert not [w for w in caught if "requires_grad" in str(w.message)]
+    grads = [{n: p.grad for n, p in m.model.named_parameters() if p.requires_grad} for m in modules]
+    assert grads[0] and all("lora_" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_lora_merge_and_unmerge_on_nf4_layers():
+    """huggingface/peft#2501: ``merge_adapter()`` failed on a bitsandbytes 4-bit model (to merge, then unmerge
+    later). Ours: merging LoRA into NF4 layers keeps the adapted outputs, and unmerging gives back the adapted
+    outputs, and with the adapter disabled the base outputs, exactly."""
+    from lowmem_lightning.quant import add_lora, quantize_model
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.v_proj(torch.tanh(self.q_proj(x)))
+
+    model = add_lora(quantize_model(Block()), r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(x)
+        adapted = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+        assert torch.equal(model(x), adapted)
+        with model.disable_adapter():
+            assert torch.equal(model(x), base)
+
+
+def test_learning_rate_monitor_with_adafactor_relative_step_is_refused_before_training(tmp_path):
+    """Lightning-AI/pytorch-lightning#12067: ``LearningRateMonitor`` logged a constant, wrong lr for Adafactor's
+    relative step (its groups hold no real lr). With our callback, that pairing is refused before training with
+    what to do; done that way (an lr and ``relative_step=False``), Adafactor runs on that lr and the monitor logs it.
+    (An lr alone is refused naming ``lr`` and ``relative_step`` and both ways out: transformers' rule.)"""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lowmem_lightning.callbacks import LowMemOptimizerCallback
+
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(16, 320)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def fit(**kwargs):
+        model = Plain()
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                            callbacks=[LowMemOptimizerCallback("adafactor", print_summary=False, plot=False, **kwargs),
+                                       LearningRateMonitor("step")])
+        before = model.net.weight.detach().clone()
+        try:
+            trainer.fit(model, DataLoader(TensorDataset(torch.randn(16, 16)), batch_size=8))
+        finally:
+            trained = not torch.equal(model.net.weight, before)
+        return trainer, trained
+
+    with pytest.raises(ValueError, match=r"LearningRateMonitor logs every param group's learning rate"):
+        fit()
+    with pytest.raises(ValueError, match=r"\(got lr=0.001, relative_step=True\): pass lr=None .* relative_step=False"):
+        fit(lr=1e-3)
+    trainer, trained = fit(lr=1e-3, optimizer_kwargs={"relative_step": False})  # what the refusal says to do
+    assert trained and trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert float(trainer.callback_metrics["lr-Adafactor"]) == pytest.approx(1e-3)
+
+
 class _Net(L.LightningModule):
     """A 5120-element weight plus small tensors; AdamW and a per-step cosine schedule (the users' setting)."""
 
