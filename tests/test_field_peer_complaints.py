@@ -176,6 +176,25 @@ def test_state_dict_of_an_older_release_without_newer_group_keys_loads():
     assert torch.isfinite(w).all()
 
 
+@pytest.mark.parametrize("name", ["adamw_8bit", "came", "adafactor", "lion_8bit", "muon_8bit"])
+def test_state_of_bf16_params_keeps_fp32_step_and_scales_through_a_checkpoint(name):
+    """vllm-project/speculators#899: optimizer state checkpointed at the model's dtype (bf16) rounded the step
+    counter (10000 -> a multiple of 64) and the moments, and resumed runs drifted. With bf16 params, ours saves and
+    loads every state tensor in its own dtype: fp32 step counters exact past 256, fp32 block scales and small-
+    tensor moments, integer codes (torch's own ``load_state_dict`` casts floating state to the param dtype)."""
+    params = [_param(80, 64, dtype=torch.bfloat16), _param(30, dtype=torch.bfloat16)]
+    opt = build_optimizer(name, params, **_kwargs(name))
+    _steps(opt, params, 1)
+    for state in opt.state.values():
+        state["step"].fill_(10001.0)
+    dtypes = {i: {k: v.dtype for k, v in opt.state[p].items()} for i, p in enumerate(params)}
+    twin = build_optimizer(name, params, **_kwargs(name))
+    twin.load_state_dict(_round_trip(opt.state_dict()))
+    assert {i: {k: v.dtype for k, v in twin.state[p].items()} for i, p in enumerate(params)} == dtypes
+    assert all(twin.state[p]["step"].item() == 10001.0 for p in params)
+    assert torch.bfloat16 not in {dtype for per_param in dtypes.values() for dtype in per_param.values()}
+
+
 def test_quantized_state_converts_for_torch_adamw():
     """bitsandbytes-foundation/bitsandbytes#782: users resumed a paged/8-bit checkpoint with torch's AdamW by
     renaming ``state1``/``state2`` by hand. :func:`fp32_adamw_state_dict` does it: torch AdamW loads the result
@@ -542,6 +561,31 @@ def test_linear4bit_deepcopies_and_pickles():
         buffer.zero_()
     assert torch.equal(layer(x), reference)
     assert torch.equal(pickle.loads(pickle.dumps(layer))(x), reference)
+
+
+def test_low_mem_module_decays_matrices_only():
+    """Lightning-AI/lit-llama#254: weight decay was applied to every param, LayerNorm weights and biases included.
+    ``LowMemModule``'s groups decay the matrices only; biases and norm weights get 0, and with a zero gradient a
+    norm weight stays exactly where it is while a matrix decays."""
+    from lowmem_lightning.modules.base import LowMemModule
+
+    class Block(LowMemModule):
+        def __init__(self):
+            super().__init__(optimizer="adamw_8bit", lr=1e-2, weight_decay=0.1)
+            self.proj, self.norm = nn.Linear(80, 64), nn.LayerNorm(64)
+
+    block = Block()
+    groups = block.param_groups()
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_decay[0.1] == {id(block.proj.weight)}
+    assert by_decay[0.0] == {id(block.proj.bias), id(block.norm.weight), id(block.norm.bias)}
+    opt = build_optimizer("adamw_8bit", groups, lr=1e-2)
+    norm_before, proj_before = block.norm.weight.detach().clone(), block.proj.weight.detach().clone()
+    for p in block.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(block.norm.weight, norm_before)
+    torch.testing.assert_close(block.proj.weight.detach(), proj_before * (1 - 1e-2 * 0.1))
 
 
 def test_module_with_nothing_trainable_is_refused_before_training():
