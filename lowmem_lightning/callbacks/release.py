@@ -16,15 +16,16 @@ ones are freed). Gradient clipping by value is applied per tensor in the hook; w
 gradients at once is refused beforehand (:func:`release_refusal`).
 
 Clipping by the global norm (``clip_norm``) takes two backward passes over the retained graph, as LOMO
-(section 3.3) does: in the norm pass (:meth:`GradientRelease.norm_pass`) each hook takes its gradient's
-norm and frees it (per bucket, one ``torch._foreach_norm`` per device and dtype, as
-``torch.nn.utils.clip_grad_norm_``); the total norm is those norms stacked in ``clip_grad_norm_``'s order
-and reduced as it does, so the coefficient ``min(1, clip_norm / (total + 1e-6))`` is its own, bit for
-bit. The second pass updates each gradient multiplied by that coefficient. A non-finite total is handed
-to our optimizer as the step's norm (as :class:`~.clip_norm.ClipNormReuse` does in a normal step): every
-update of the step is skipped and counted in ``skipped_updates``; a torch optimizer gets the gradients
-scaled by the non-finite coefficient, as after ``clip_grad_norm_(error_if_nonfinite=False)``. No gradient
-buffer exists in either pass; the price is a second backward per step (and the activations kept until it).
+(section 3.3) does: in the norm pass (:meth:`GradientRelease.norm_pass`) each hook takes its gradient's norm
+(``torch._foreach_norm``, the op ``torch.nn.utils.clip_grad_norm_`` uses) and frees it at once, no bucket
+(all activations are still alive in this pass: a bucket of gradients beside them would raise the step's
+peak); the total norm is those norms stacked in ``clip_grad_norm_``'s order and reduced as it does, so the
+coefficient ``min(1, clip_norm / (total + 1e-6))`` is its own, bit for bit. The second pass updates each
+gradient multiplied by that coefficient. A non-finite total is handed to our optimizer as the step's norm
+(as :class:`~.clip_norm.ClipNormReuse` does in a normal step): every update of the step is skipped and
+counted in ``skipped_updates``; a torch optimizer gets the gradients scaled by the non-finite coefficient,
+as after ``clip_grad_norm_(error_if_nonfinite=False)``. No gradient buffer exists in either pass; the price
+is a second backward per step (and the activations kept until it).
 
 Reentrant activation checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) runs each
 checkpointed block's backward as a nested backward pass, and a param used in several such blocks (tied
@@ -88,8 +89,9 @@ class GradientRelease:
             (an int >= 0; the rest at the end of the backward pass); 0 updates each tensor alone.
         clip_norm: clip the gradients to this total L2 norm (Lightning's ``gradient_clip_algorithm="norm"``;
             a finite number > 0), or None. Each step then takes two backward passes over a retained graph:
-            the first inside ``with release.norm_pass():`` (norms only), the second updates; an update with no
-            norm pass before it raises ``RuntimeError``. Not together with ``clip_value``.
+            the first inside ``with release.norm_pass():`` (norms only, each gradient freed once its norm is
+            taken), the second updates (in buckets); an update with no norm pass before it raises
+            ``RuntimeError``. Not together with ``clip_value``.
 
     :meth:`attach` registers one hook per trainable param of the optimizer (call it again to hook params
     unfrozen since), :meth:`watch` marks the loss of the coming backward (so gradients of nested,
@@ -258,8 +260,10 @@ class GradientRelease:
         return torch.linalg.vector_norm(torch.stack(ordered), 2.0)
 
     def _take_norms(self, params: list[torch.Tensor]) -> None:
-        """Norm pass: keep the L2 norm of each param's gradient (one ``_foreach_norm`` per device and dtype, as
-        ``clip_grad_norm_``) and free the gradient."""
+        """Norm pass: keep the L2 norm of each param's gradient (``_foreach_norm`` per device and dtype, the op
+        ``clip_grad_norm_`` uses) and free the gradient. The norm pass hands each gradient over alone, as soon as
+        it is ready (no bucket: the graph's activations are all still alive in this pass, so a bucket of
+        gradients beside them would raise its peak above the update pass's)."""
         grouped = _group_tensors_by_device_and_dtype([[p.grad for p in params]], with_indices=True)
         for (device, _), ([grads], indices) in grouped.items():
             if _has_foreach_support(grads, device):
@@ -341,7 +345,7 @@ class GradientRelease:
         self._bucket[key] = param
         self._bucket_nbytes += _grad_bytes(param)
         self.peak_bucket_bytes = max(self.peak_bucket_bytes, self._bucket_nbytes)
-        if self._bucket_nbytes >= self.bucket_bytes:
+        if self._bucket_nbytes >= self.bucket_bytes or self._norm_pass:  # norm pass: each gradient alone
             self._flush()
         elif task is not None and task >= 0 and task not in self._flush_queued:
             self._flush_queued.add(task)  # the rest of the bucket is updated when this backward pass ends
