@@ -15,7 +15,14 @@ frees it, the second updates each tensor with its clipped gradient. On a small L
 
     python benchmarks/release_norm_clip.py --hidden 512 --layers 8 --repeats 10
 
-``--dry-run`` runs one tiny step of each setup and checks that all three train the same params (no timing).
+``--dry-run`` runs one tiny step of each setup and checks that the normal step with clipping and the two-pass
+release train the same params, bit for bit (no timing). ``--device cuda`` (``--dtype bfloat16`` for bf16 weights)
+measures on a GPU: peaks from the CUDA allocator (``max_memory_allocated`` above the step's start, reset between
+the passes), steps synchronized; the device check:
+
+    python benchmarks/release_norm_clip.py --device cuda --dtype bfloat16 --dry-run
+    python benchmarks/release_norm_clip.py --device cuda --dtype bfloat16 --hidden 2048 --layers 12 --vocab 32000 \
+        --seq 256 --bucket-bytes 26214400 --checkpointing --warmup 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -51,8 +58,10 @@ class Setup:
     def __init__(self, kind: str, args: argparse.Namespace):
         if kind not in SETUPS:
             raise ValueError(f"Invalid setup {kind!r}: expected one of {', '.join(SETUPS)}.")
-        self.kind, self.clip = kind, args.clip
-        self.model = tiny_llama(args.hidden, args.layers, vocab=args.vocab)
+        self.kind, self.clip, self.device = kind, args.clip, torch.device(args.device)
+        self.model = tiny_llama(args.hidden, args.layers, vocab=args.vocab).to(self.device, getattr(torch, args.dtype))
+        self.cuda_pass_peaks: list[int] = []  # CUDA: the peaks inside the two passes of the last step
+        self._base = 0
         if args.checkpointing:  # transformers' activation checkpointing, non-reentrant (as CausalLMModule sets it)
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.train()
@@ -60,6 +69,26 @@ class Setup:
         clip_norm = args.clip if kind == "release_clip" else None
         self.hooks = None if kind == "normal_clip" else GradientRelease(
             self.opt, bucket_bytes=args.bucket_bytes, clip_norm=clip_norm).attach()
+
+    def _cuda_peak(self) -> int:
+        """CUDA: the most bytes allocated since the last call (or :meth:`start`) above the step's start; 0 elsewhere."""
+        if self.device.type != "cuda":
+            return 0
+        peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+    def start(self) -> None:
+        """CUDA: note what is allocated now (the step's start) and reset the allocator's peak."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def sync(self) -> None:
+        """CUDA: wait for the step's kernels."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def step(self, batch: torch.Tensor) -> None:
         """One training step (forward, backward(s), update)."""
@@ -73,9 +102,11 @@ class Setup:
         if self.kind == "release_clip":
             with record_function(PASSES[0]), self.hooks.norm_pass():
                 loss.backward(retain_graph=True)
+            first = self._cuda_peak()
             with record_function(PASSES[1]):
                 loss.backward()
                 self.hooks.finish_step()
+            self.cuda_pass_peaks = [first, self._cuda_peak()]
             return
         loss.backward()
         self.hooks.finish_step()
@@ -101,6 +132,11 @@ def pass_peaks(prof) -> list[int]:
 def step_peak(setup: Setup, batch: torch.Tensor) -> tuple[int, list[int]]:
     """Peak bytes allocated during one step of ``setup`` (its state already exists), and the peak inside each of
     its two backward passes (zeros for a one-pass setup), both above what was allocated when the step began."""
+    if setup.device.type == "cuda":
+        setup.start()
+        setup.step(batch)
+        setup.sync()
+        return max(setup._cuda_peak(), *setup.cuda_pass_peaks), list(setup.cuda_pass_peaks or [0, 0])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         setup.step(batch)
     return peak_bytes(prof), pass_peaks(prof)
@@ -110,7 +146,7 @@ def measure(args: argparse.Namespace) -> dict:
     """Peaks (bytes) and median step times (ms) of every setup, and the time ratios."""
     setups = {kind: Setup(kind, args) for kind in SETUPS}
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen) for _ in range(4)]
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(args.device) for _ in range(4)]
     for setup in setups.values():  # state exists before anything is measured
         setup.step(batches[0])
     measured = {kind: step_peak(setup, batches[1]) for kind, setup in setups.items()}
@@ -120,8 +156,10 @@ def measure(args: argparse.Namespace) -> dict:
     for i in range(args.warmup + args.repeats):
         batch = batches[i % len(batches)]
         for kind in order if i % 2 == 0 else order[::-1]:
+            setups[kind].sync()
             begin = time.perf_counter()
             setups[kind].step(batch)
+            setups[kind].sync()
             if i >= args.warmup:
                 times[kind].append((time.perf_counter() - begin) * 1e3)
     ms = {kind: statistics.median(t) for kind, t in times.items()} if args.repeats else {}
@@ -134,9 +172,10 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
     """The result as two markdown tables (MiB; ms and ratios)."""
     mib = 2**20
     peaks, (first, second) = result["peaks"], result["pass_peaks"]
-    lines = [f"{result['params'] / 1e6:.1f}M params ({result['grad_bytes'] / mib:.1f} MiB of fp32 gradients), "
-             f"{args.optimizer}, bucket_bytes={args.bucket_bytes}, batch {args.batch}x{args.seq}, clip {args.clip}"
-             f"{', activation checkpointing' if args.checkpointing else ''}",
+    checkpointing = ", activation checkpointing" if args.checkpointing else ""
+    lines = [f"{result['params'] / 1e6:.1f}M params ({result['grad_bytes'] / mib:.1f} MiB of gradients), "
+             f"{args.optimizer}, {args.device} {args.dtype}, bucket_bytes={args.bucket_bytes}, "
+             f"batch {args.batch}x{args.seq}, clip {args.clip}{checkpointing}",
              "", "| setup | step peak MiB (above the step's start) |", "|---|---:|"]
     names = {"normal_clip": "normal step, clip_grad_norm_", "release": "release, no clipping",
              "release_clip": "release + clipping by norm (two passes)"}
@@ -155,6 +194,7 @@ def dry_run(args: argparse.Namespace) -> None:
     """One tiny step of each setup: the normal step with clipping and the two-pass release train the same params."""
     args.hidden, args.layers, args.vocab, args.batch, args.seq = 64, 2, 64, 1, 8
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    batch = batch.to(args.device)
     for checkpointing in (False, True):
         args.checkpointing = checkpointing
         setups = {kind: Setup(kind, args) for kind in SETUPS}
@@ -162,8 +202,8 @@ def dry_run(args: argparse.Namespace) -> None:
             setup.step(batch)
         same = all(torch.equal(a, b) for a, b in zip(setups["normal_clip"].model.parameters(),
                                                       setups["release_clip"].model.parameters()))
-        print(f"dry run (checkpointing {checkpointing}): two-pass release equals the normal step with clipping: "
-              f"{same}")
+        print(f"dry run ({args.device}, {args.dtype}, checkpointing {checkpointing}): two-pass release equals "
+              f"the normal step with clipping: {same}")
         if not same:
             raise SystemExit(1)
 
@@ -180,6 +220,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--bucket-bytes", type=int, default=0, help="the release's bucket (0: each tensor alone)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="the weights' dtype (float32, bfloat16)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (non-reentrant)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per setup (0: peaks only)")
