@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lowmem_lightning.callbacks.swap import LR_KEYS
 from lowmem_lightning.optim.adamw_convert import FORM_4BIT, FORM_8BIT, FORM_FP32, convert_on_load, prepare_sharded_load
 from lowmem_lightning.optim.sharding import is_dtensor
+from lowmem_lightning.optim.state_precision import check_checkpoint_groups
 
 __all__ = [
     "ADAMW_FAMILY", "CONVERSIONS", "ResumeCompatibility", "RunLrAfterResume", "apply_new_lr", "base_lrs",
@@ -127,9 +128,13 @@ class ResumeCompatibility(RunLrAfterResume):
         :meth:`on_load_checkpoint` sees it: refuse one of an optimizer whose state this one cannot read
         (``ValueError``), and present another AdamW-family form's template, decoded and re-encoded on load
         (:func:`~lowmem_lightning.optim.adamw_convert.prepare_sharded_load`). The same for a single-file checkpoint
-        of sharded (DTensor) params, which ``ModelParallelStrategy`` also loads into ``state_dict()``'s tensors."""
+        of sharded (DTensor) params, which ``ModelParallelStrategy`` also loads into ``state_dict()``'s tensors.
+        A checkpoint saved under another ``fp32_state`` (other param groups) is refused too
+        (:func:`~lowmem_lightning.optim.state_precision.check_checkpoint_groups`)."""
         if not any(is_dtensor(p) for group in optimizer.param_groups for p in group["params"]):
             return state_dict
+        if optimizer in trainer.optimizers:  # another fp32_state: refused before the load fails on missing keys
+            check_checkpoint_groups(trainer.ckpt_path, trainer.optimizers.index(optimizer), optimizer)
         key = str(trainer.ckpt_path)
         if key not in self._names:
             self._names[key] = checkpoint_optimizer(trainer.ckpt_path, self.saved_under)

@@ -14,13 +14,17 @@ and ``fp32_state`` names the params that get it, by module class or by name:
 
 :func:`split_param_groups` moves the chosen params of each group into a group of their own (every other key of
 the user's group kept) with ``quantize_state=False``; the callback, ``LowMemModule``, ``lowmem estimate`` and the
-convergence benchmark all use it. This module imports no Lightning.
+convergence benchmark all use it. A Lightning checkpoint resumes only under the ``fp32_state`` it was saved with
+(the param groups differ): :func:`check_checkpoint_groups` refuses another one before a sharded
+(``torch.distributed.checkpoint``) load fails on missing state keys. This module imports no Lightning.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +34,7 @@ from torch import nn
 from .layout import QUANTIZE_STATE
 
 __all__ = ["EMBEDDINGS", "Fp32State", "parse_fp32_state", "check_fp32_state", "fp32_state_params", "unmatched_message",
-           "split_param_groups"]
+           "split_param_groups", "saved_param_groups", "check_checkpoint_groups"]
 
 EMBEDDINGS = "embeddings"
 """The ``fp32_state`` shorthand for every ``nn.Embedding`` and ``nn.EmbeddingBag`` (what HF Trainer exempts)."""
@@ -184,3 +188,82 @@ def _part(group: dict, params: Sequence, keep: list[int], extra: dict) -> dict:
     if isinstance(names, (list, tuple)) and len(names) == len(params):
         part["param_names"] = [names[k] for k in keep]
     return part
+
+
+def saved_param_groups(path, index: int) -> list[tuple[bool, int]] | None:
+    """Per param group of the ``index``-th optimizer in the Lightning checkpoint at ``path``: ``(quantize_state,
+    number of params)`` (a group without the key: True); None when ``path`` is neither a checkpoint file nor a
+    ``torch.distributed.checkpoint`` folder, or holds no such optimizer. A folder's groups are read from its
+    metadata and byte entries on this process alone (no collective, no tensor shard read)."""
+    from pathlib import Path
+
+    path = Path(path) if path is not None else None
+    if path is None or not (path.is_file() or (path / ".metadata").is_file()):
+        return None
+    stamp = (path / ".metadata" if path.is_dir() else path).stat().st_mtime_ns
+    return _saved_param_groups(str(path), index, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _saved_param_groups(path: str, index: int, stamp: int) -> list[tuple[bool, int]] | None:
+    """:func:`saved_param_groups` of ``path`` as last modified at ``stamp`` (nanoseconds)."""
+    from pathlib import Path
+
+    groups = _file_groups(path, index) if Path(path).is_file() else _folder_groups(path, index)
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return None
+    return [(g.get(QUANTIZE_STATE, True) is not False, len(g.get("params") or ())) for g in groups] or None
+
+
+def _file_groups(path: str, index: int) -> list | None:
+    """The ``param_groups`` of optimizer ``index`` in a single-file Lightning checkpoint (memory-mapped)."""
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    states = checkpoint.get("optimizer_states") if isinstance(checkpoint, dict) else None
+    if not isinstance(states, list) or index >= len(states) or not isinstance(states[index], dict):
+        return None
+    return states[index].get("param_groups")
+
+
+def _folder_groups(path: str, index: int) -> list[dict]:
+    """The ``quantize_state`` and ``params`` of each param group of ``optimizer_{index}`` in a
+    ``torch.distributed.checkpoint`` folder: its byte entries, read on this process alone."""
+    import torch.distributed.checkpoint as dcp
+
+    prefix = f"optimizer_{index}.param_groups."
+    keys = [key for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+            if key.startswith(prefix) and key.rsplit(".", 1)[1] in (QUANTIZE_STATE, "params")]
+    values = dict.fromkeys(keys)
+    if values:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore")
+            dcp.load(values, checkpoint_id=path, no_dist=True)
+    groups: dict[int, dict] = {}
+    for key, value in values.items():
+        number, _, name = key[len(prefix):].partition(".")
+        groups.setdefault(int(number), {})[name] = value
+    return [groups.get(k, {}) for k in range(1 + max(groups, default=-1))]
+
+
+def _describe(groups: list[tuple[bool, int]]) -> str:
+    """``groups`` (``(quantize_state, params)`` each) for a message: ``"2 param groups (4 params; 1 param with
+    quantize_state=False)"``."""
+    parts = [f"{n} param{'s' if n != 1 else ''}{'' if quantized else ' with quantize_state=False'}"
+             for quantized, n in groups]
+    return f"{len(groups)} param group{'s' if len(groups) != 1 else ''} ({'; '.join(parts)})"
+
+
+def check_checkpoint_groups(path, index: int, optimizer: torch.optim.Optimizer) -> None:
+    """``ValueError`` when the Lightning checkpoint at ``path`` holds the ``index``-th optimizer's state in other
+    param groups than ``optimizer`` has and either side has a ``quantize_state=False`` group: it was saved under
+    another ``fp32_state``, which a sharded load would fail on with missing state keys (the message names both
+    layouts and says to resume with the checkpoint's ``fp32_state``). Nothing for a path that is no checkpoint."""
+    saved = saved_param_groups(path, index)
+    own = [(g.get(QUANTIZE_STATE, True) is not False, len(g["params"])) for g in optimizer.param_groups]
+    if saved is None or saved == own or all(quantized for quantized, _ in saved + own):
+        return
+    raise ValueError(
+        f"Cannot resume from {str(path)!r}: its optimizer state (optimizer {index}) has {_describe(saved)}, this "
+        f"run's {type(optimizer).__name__} has {_describe(own)}. Groups with quantize_state=False are what "
+        "fp32_state (LowMemOptimizerCallback, LowMemModule) splits off: resume with the fp32_state the checkpoint "
+        "was saved with, or load only the weights (a new fit without ckpt_path) to change it."
+    )
