@@ -63,7 +63,11 @@ class Setup:
         self.cuda_pass_peaks: list[int] = []  # CUDA: the peaks inside the two passes of the last step
         self._base = 0
         if args.checkpointing:  # transformers' activation checkpointing, non-reentrant (as CausalLMModule sets it)
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:  # transformers < 5
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.model.train()
         self.opt = build_optimizer(args.optimizer, self.model.parameters(), lr=args.lr)
         clip_norm = args.clip if kind == "release_clip" else None
