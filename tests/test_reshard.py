@@ -264,3 +264,37 @@ def test_4bit_row_form_refuses_8bit_codes():
         else:
             with pytest.raises(ValueError, match="outside the 4-bit range"):
                 opt.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------------ the forked ranks themselves
+def _dies_or_hangs(rank: int, how: str) -> int:
+    """Rank 1 aborts (as a C++ ``std::terminate`` does) or hangs after a first collective; rank 0 then waits for
+    it in the runner's closing barrier."""
+    torch.distributed.barrier()
+    if rank == 1 and how == "abort":
+        os.abort()
+    if rank == 1 and how == "hang":
+        import time
+
+        time.sleep(3600)
+    return rank
+
+
+@pytest.mark.parametrize("how", ["abort", pytest.param("hang", marks=pytest.mark.slow)])  # hang: ~8 s of waiting
+def test_forked_rank_that_dies_or_hangs_is_reported_with_its_stderr(tmp_path, how):
+    """A rank killed by a signal (the flaky ``Fatal Python error: Aborted``) or hung is reported first, by rank,
+    signal and its own stderr (faulthandler's stacks of every thread), not only by its peer's connection error;
+    a hung rank is killed, not left behind."""
+    from forked_ranks import run_forked_ranks
+
+    timeout_s = 3 if how == "hang" else 30
+    results, failed = run_forked_ranks(tmp_path, 2, _dies_or_hangs, how, timeout_s=timeout_s)
+    assert results == [] and failed
+    first = failed[0]
+    if how == "abort":
+        assert first.startswith("forked rank 1 died from SIGABRT (exit code -6)"), first
+        assert "Fatal Python error: Aborted" in first and "_dies_or_hangs" in first, first
+        assert any("Connection" in text or "rank 0" in text for text in failed[1:]), failed
+    else:
+        assert "forked rank 1 had not finished" in first and "killed" in first, first
+        assert "_dies_or_hangs" in first, first  # the stacks dumped before the kill
