@@ -47,6 +47,9 @@ def run_forked_ranks(tmp, world: int, fn, *args, timeout_s: float = 300) -> tupl
     a rank that failed, died or hung fail with)."""
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
+    for name in ("store", *(f"{kind}{rank}.{ext}" for rank in range(world)
+                           for kind, ext in (("result", "pt"), ("error", "txt"), ("stderr", "txt")))):
+        (tmp / name).unlink(missing_ok=True)  # an earlier run's in the same folder: its ranks exit without cleanup
     threads = _thread_names()
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_rank_main, args=(rank, world, str(tmp), timeout_s, fn, args))
