@@ -61,6 +61,7 @@ class Setup:
         self.kind, self.clip, self.device = kind, args.clip, torch.device(args.device)
         self.model = tiny_llama(args.hidden, args.layers, vocab=args.vocab).to(self.device, getattr(torch, args.dtype))
         self.cuda_pass_peaks: list[int] = []  # CUDA: the peaks inside the two passes of the last step
+        self.cuda_readings: list[int] = []  # CUDA: every peak read since start()
         self._base = 0
         if args.checkpointing:  # transformers' activation checkpointing, non-reentrant (as CausalLMModule sets it)
             kwargs = {"use_reentrant": False}
@@ -80,6 +81,7 @@ class Setup:
             return 0
         peak = torch.cuda.max_memory_allocated(self.device) - self._base
         torch.cuda.reset_peak_memory_stats(self.device)
+        self.cuda_readings.append(peak)
         return peak
 
     def start(self) -> None:
@@ -88,6 +90,7 @@ class Setup:
             torch.cuda.synchronize(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.cuda_readings, self.cuda_pass_peaks = [], []
 
     def sync(self) -> None:
         """CUDA: wait for the step's kernels."""
@@ -104,6 +107,7 @@ class Setup:
             self.opt.zero_grad(set_to_none=True)
             return
         if self.kind == "release_clip":
+            self._cuda_peak()  # the forward's, apart from the passes'
             with record_function(PASSES[0]), self.hooks.norm_pass():
                 loss.backward(retain_graph=True)
             first = self._cuda_peak()
@@ -140,7 +144,8 @@ def step_peak(setup: Setup, batch: torch.Tensor) -> tuple[int, list[int]]:
         setup.start()
         setup.step(batch)
         setup.sync()
-        return max(setup._cuda_peak(), *setup.cuda_pass_peaks), list(setup.cuda_pass_peaks or [0, 0])
+        setup._cuda_peak()
+        return max(setup.cuda_readings), list(setup.cuda_pass_peaks or [0, 0])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         setup.step(batch)
     return peak_bytes(prof), pass_peaks(prof)
