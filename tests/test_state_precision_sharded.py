@@ -10,7 +10,9 @@ Checked here:
 * FSDP2 (Lightning's ``ModelParallelStrategy`` re-launching a script as rank 1, ``fully_shard``), a sharded
   (``torch.distributed.checkpoint``) checkpoint: resumed with the same ``fp32_state`` it ends bit for bit where
   the uninterrupted run does; resumed with the other setting (unset, or set where the checkpoint had none) it is
-  refused with a ``ValueError`` naming ``fp32_state``, before any step, and the refused run writes nothing.
+  refused with a ``ValueError`` naming both param-group layouts and ``fp32_state``, before any step, and the
+  refused run (a CSV logger, a checkpoint every step) writes nothing; the single-file form
+  (``save_distributed_checkpoint=False``) is refused the same way.
 """
 
 from __future__ import annotations
