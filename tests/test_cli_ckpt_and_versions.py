@@ -41,7 +41,7 @@ def _lightning_ckpt(path: Path, **config_changes) -> Path:
     hparams = {"config": {**TINY_CONFIG, **config_changes}, "model_name_or_path": None, "lr": 1e-4,
                "quantize": None, "lora": None, "_instantiator": "lightning.pytorch.cli.instantiate_module"}
     torch.save({"state_dict": {"w": torch.zeros(2)}, "pytorch-lightning_version": "2.6.0", "global_step": 4,
-                "hyper_parameters": hparams}, path)
+                "hyper_parameters": hparams, "optimizer_states": [], "lr_schedulers": [], "callbacks": {}}, path)
     return path
 
 

@@ -159,6 +159,38 @@ def _is_local(path: str | os.PathLike) -> bool:
     return "://" not in text or text.startswith("file://")
 
 
+def _local(path: str | os.PathLike) -> str:
+    """A local path without its ``file://`` prefix."""
+    text = os.fspath(path)
+    return text[len("file://"):] if text.startswith("file://") else text
+
+
+def _repoint_links(target: str, replacement: str | None) -> None:
+    """Make every symbolic link in ``target``'s folder that resolves to ``target`` point to ``replacement`` instead
+    (a relative link, swapped in with ``os.replace``: the name always exists), or remove it when ``replacement`` is
+    ``None``, missing or ``target`` itself. Best effort: a link that cannot be changed is left as it was."""
+    folder = os.path.dirname(target)
+    real = os.path.realpath(target)
+    usable = replacement is not None and os.path.isfile(replacement) and os.path.realpath(replacement) != real
+    links: list[str] = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        links = [e.path for e in entries if e.is_symlink() and os.path.realpath(e.path) == real]
+    for link in links:
+        with contextlib.suppress(OSError):
+            if not usable:
+                os.unlink(link)
+                continue
+            tmp = os.path.join(folder, f".{os.path.basename(link)}.tmp-link-{secrets.token_hex(4)}")
+            os.symlink(os.path.relpath(replacement, folder), tmp)
+            try:
+                os.replace(tmp, link)
+            except OSError:
+                os.unlink(tmp)
+                raise
+    if links:
+        _fsync_dir(folder)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` with atomic local saves (:func:`atomic_torch_save`).
 
@@ -169,13 +201,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     :func:`use_atomic_checkpoint_io` install it.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._newest: dict[str, str] = {}  # folder -> the last checkpoint this IO saved there (absolute path)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        """Save ``checkpoint`` to ``path`` atomically (local paths); ``storage_options`` is refused as in Lightning."""
+        """Save ``checkpoint`` to ``path`` atomically (local paths); ``storage_options`` is refused as in Lightning.
+        A symbolic link at ``path`` (``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) is replaced by the new
+        file; the checkpoint it pointed to is left unchanged (a write through the link would overwrite it)."""
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        text = os.fspath(path)
-        atomic_torch_save(checkpoint, text[len("file://"):] if text.startswith("file://") else text)
+        local = _local(path)
+        atomic_torch_save(checkpoint, local)
+        self._newest[os.path.dirname(os.path.abspath(local))] = os.path.abspath(local)
         return None
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Remove ``path`` (Lightning's removal); a symbolic link beside it that points to it (``last.ckpt`` of
+        ``ModelCheckpoint(save_last="link")``, which removes the old top-k file before it re-links) is first
+        re-pointed, atomically, to the newest checkpoint this IO saved in that folder, or removed when there is
+        none: a kill between the removal and Lightning's re-link leaves no dangling ``last.ckpt``."""
+        if _is_local(path):
+            local = os.path.abspath(_local(path))
+            _repoint_links(local, self._newest.get(os.path.dirname(local)))
+        super().remove_checkpoint(path)
 
 
 def use_atomic_checkpoint_io(trainer: Any) -> bool:

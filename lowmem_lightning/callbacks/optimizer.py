@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
+from lowmem_lightning.callbacks.param_checks import unsupported_params
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
 from lowmem_lightning.callbacks.resume import ResumeCompatibility
@@ -299,6 +300,10 @@ class LowMemOptimizerCallback(L.Callback):
                 f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}): the module has no trainable "
                 "parameters (requires_grad=True); there is nothing to optimize."
             )
+        reason = unsupported_params(self.optimizer_name, optimizer_class(self.optimizer_name), params,
+                                    self._patched[0] if self._patched is not None else None)
+        if reason is not None:
+            raise ValueError(reason)
         self._check_dtypes(trainer, [p for p in params if p.requires_grad])
         name_groups = getattr(optimizer_class(self.optimizer_name), "with_param_names", None)
         if name_groups is not None and self._patched is not None:  # Muon: embeddings and head found by name

@@ -31,7 +31,8 @@ from lowmem_lightning.optim.state_precision import check_checkpoint_groups
 
 __all__ = [
     "ADAMW_FAMILY", "CONVERSIONS", "ResumeCompatibility", "RunLrAfterResume", "apply_new_lr", "base_lrs",
-    "infer_optimizer", "checkpoint_optimizer", "refuse_missing_optimizer_callback",
+    "infer_optimizer", "checkpoint_optimizer", "refuse_missing_optimizer_callback", "refuse_weights_only",
+    "weights_only_problem",
 ]
 
 ADAMW_FAMILY: dict[str, str] = {
@@ -81,6 +82,10 @@ class RunLrAfterResume(L.Callback):
         if trainer.ckpt_path is not None:
             apply_new_lr(trainer, trainer.optimizers, self._built_lrs, self._saved_lrs)
         self._saved_lrs = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Refuse to resume a fit from a weights-only checkpoint (:func:`refuse_weights_only`)."""
+        refuse_weights_only(trainer, checkpoint)
 
     def state_dict(self) -> dict:
         """The base lrs this run's configuration gave (``configured_lrs``), which a resume compares with its own
@@ -161,9 +166,11 @@ class ResumeCompatibility(RunLrAfterResume):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Refuse a checkpoint trained with an optimizer whose state this one cannot read (in ``fit`` only:
-        validate, test and predict read the weights, not the optimizer state; no trainer: checked as in fit)."""
+        validate, test and predict read the weights, not the optimizer state; no trainer: checked as in fit), or one
+        that holds the weights only (:func:`refuse_weights_only`)."""
         if trainer is not None and trainer.state.fn != "fit":
             return
+        refuse_weights_only(trainer, checkpoint)
         saved = (checkpoint.get("callbacks") or {}).get(self.saved_under)
         name = saved.get("optimizer") if isinstance(saved, dict) else infer_optimizer(checkpoint)
         if name is None or name == self.optimizer_name:
@@ -309,3 +316,29 @@ def refuse_missing_optimizer_callback(trainer: L.Trainer | None, checkpoint: dic
         f"the Trainer's callbacks (lowmem fit: --optim {name}), or load only the weights "
         "(Module.load_from_checkpoint(path), then a fit without ckpt_path)."
     )
+
+
+def weights_only_problem(checkpoint: dict) -> str | None:
+    """Why ``checkpoint`` cannot resume a fit when it holds the weights only (``ModelCheckpoint(save_weights_only=
+    True)``, ``trainer.save_checkpoint(path, weights_only=True)``: no ``optimizer_states``, ``lr_schedulers`` or
+    ``callbacks``), else ``None``. The sentence says what to do instead. A sharded or DeepSpeed checkpoint, whose
+    optimizer state the strategy loads itself, still carries ``lr_schedulers`` and ``callbacks`` and is not one."""
+    if not isinstance(checkpoint, dict) or any(k in checkpoint for k in ("optimizer_states", "lr_schedulers",
+                                                                        "callbacks")):
+        return None
+    return ("it holds the model weights only (saved with ModelCheckpoint(save_weights_only=True) or "
+            "save_checkpoint(weights_only=True)): no optimizer or LR scheduler state to resume. "
+            "Start a new fit from its weights instead: Module.load_from_checkpoint(path) (or "
+            "model.load_state_dict(torch.load(path)['state_dict'])) and fit without ckpt_path")
+
+
+def refuse_weights_only(trainer: L.Trainer | None, checkpoint: dict) -> None:
+    """``ValueError`` (before any step, nothing written) when a fit resumes from a weights-only checkpoint
+    (:func:`weights_only_problem`); Lightning would stop later with ``KeyError`` in its optimizer restore. Does
+    nothing outside ``fit`` (validate, test and predict read only the weights) or without a trainer
+    (``load_from_checkpoint``)."""
+    if trainer is None or trainer.state.fn != "fit":
+        return
+    problem = weights_only_problem(checkpoint)
+    if problem is not None:
+        raise ValueError(f"Cannot resume from {trainer.ckpt_path or 'the checkpoint'}: {problem}.")

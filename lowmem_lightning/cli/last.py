@@ -95,13 +95,17 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 def newest_checkpoint(dirs: list[str]) -> tuple[Candidate | None, int]:
     """The checkpoint of highest step (then newest file) under ``dirs`` (folders or glob patterns), and
-    how many complete checkpoints were found."""
-    found = []
+    how many complete checkpoints were found. A symbolic link to a checkpoint found there too (``last.ckpt`` of
+    ``ModelCheckpoint(save_last="link")``) is the same checkpoint: the file itself is named; a dangling link is
+    skipped."""
+    found, seen = [], set()
     for pattern in dirs:
         for folder in sorted(glob.glob(pattern)):
-            for path in Path(folder).glob("*.ckpt"):
-                if not _complete(path):
+            for path in sorted(Path(folder).glob("*.ckpt"), key=lambda p: (p.is_symlink(), p.name)):
+                real = os.path.realpath(path)
+                if real in seen or not _complete(path):
                     continue
+                seen.add(real)
                 step = checkpoint_step(path)
                 if step is not None:
                     found.append(Candidate(str(path), step, path.stat().st_mtime))

@@ -94,9 +94,11 @@ def _content_problem(checkpoint: Any) -> str | None:
     return f"is not a Lightning checkpoint (no 'state_dict' or 'pytorch-lightning_version' entry; it has {keys})"
 
 
-def checkpoint_problem(ckpt_path: str) -> tuple[str | None, dict | None]:
+def checkpoint_problem(ckpt_path: str, resume: bool = False) -> tuple[str | None, dict | None]:
     """``(problem, checkpoint)``: why ``ckpt_path`` cannot be resumed from (a sentence naming the file),
-    else ``None`` and the loaded checkpoint (memory-mapped; ``None`` for a sharded directory)."""
+    else ``None`` and the loaded checkpoint (memory-mapped; ``None`` for a sharded directory). ``resume``: the file
+    is to resume a fit, so one holding the weights only (``ModelCheckpoint(save_weights_only=True)``) is a problem
+    too (:func:`~lowmem_lightning.callbacks.resume.weights_only_problem`); validate, test and predict read it."""
     path = Path(ckpt_path).expanduser()
     where = f"ckpt_path={ckpt_path!r}"
     problem = file_problem(path)
@@ -113,6 +115,11 @@ def checkpoint_problem(ckpt_path: str) -> tuple[str | None, dict | None]:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return f"{where} cannot be loaded as a checkpoint ({type(err).__name__}: {first[:300]}).", None
     problem = _content_problem(checkpoint)
+    if problem is None and resume:
+        from lowmem_lightning.callbacks.resume import weights_only_problem
+
+        problem = weights_only_problem(checkpoint)
+        problem = None if problem is None else f"cannot be resumed: {problem}"
     return (f"{where} {problem}.", None) if problem else (None, checkpoint)
 
 

@@ -38,7 +38,7 @@ class ResumeArgsMixin:
                 self._error(f"ckpt_path={ckpt_path!r} names no file, but --model_from_ckpt true takes the model "
                             "from the checkpoint file given as --ckpt_path FILE: give the checkpoint's path.")
             return
-        problem, checkpoint = checkpoint_problem(ckpt_path)
+        problem, checkpoint = checkpoint_problem(ckpt_path, resume=sub == "fit")
         if problem:
             self._error(problem)
         if checkpoint is not None:
@@ -85,7 +85,7 @@ class ResumeArgsMixin:
         built already, so a checkpoint of another model is refused, naming how to resume it explicitly)."""
         if path is None:
             return
-        problem, checkpoint = checkpoint_problem(path)
+        problem, checkpoint = checkpoint_problem(path, resume=True)
         if problem:
             self._error(f"ckpt_path='last' chose {path}, which cannot be resumed: {problem}")
         saved = checkpoint.get("hyper_parameters") if checkpoint is not None else None

@@ -178,9 +178,11 @@ class LowMemModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with a message saying how to resume, a checkpoint whose optimizer state came from a
         ``LowMemOptimizerCallback`` absent from this fit (:func:`~lowmem_lightning.callbacks.resume.
-        refuse_missing_optimizer_callback`)."""
-        from lowmem_lightning.callbacks.resume import refuse_missing_optimizer_callback
+        refuse_missing_optimizer_callback`), or a fit resumed from a weights-only checkpoint (:func:`~lowmem_lightning.
+        callbacks.resume.refuse_weights_only`: a ``ValueError`` saying how to start from its weights)."""
+        from lowmem_lightning.callbacks.resume import refuse_missing_optimizer_callback, refuse_weights_only
 
+        refuse_weights_only(self._trainer, checkpoint)
         refuse_missing_optimizer_callback(self._trainer, checkpoint, self.optimizer_name)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -208,10 +210,18 @@ class LowMemModule(L.LightningModule):
 
     def configure_optimizers(self):
         """Build the named optimizer over :meth:`param_groups`, plus a per-step LambdaLR when a
-        warmup or cosine schedule was asked for. For ``muon``/``muon_8bit`` every param goes in with its
-        ``named_parameters()`` name, so the embeddings and the output head take the AdamW part
+        warmup or cosine schedule was asked for. A param it cannot update (a ``sparse=True`` embedding's weight; a
+        complex param for this package's optimizers) is refused with a ``ValueError`` naming it
+        (:func:`~lowmem_lightning.callbacks.param_checks.unsupported_params`). For ``muon``/``muon_8bit`` every param
+        goes in with its ``named_parameters()`` name, so the embeddings and the output head take the AdamW part
         (:func:`~lowmem_lightning.optim.muon.uses_muon`)."""
         groups = self._fp32_state_groups(self.param_groups())
+        from lowmem_lightning.callbacks.param_checks import unsupported_params
+
+        reason = unsupported_params(self.optimizer_name, optimizer_class(self.optimizer_name),
+                                    [p for g in groups for p in g["params"]], self)
+        if reason is not None:
+            raise ValueError(reason)
         name_groups = getattr(optimizer_class(self.optimizer_name), "with_param_names", None)
         if name_groups is not None:  # Muon: embeddings and the head are found by name (they take AdamW)
             groups = name_groups(groups, self.named_parameters())

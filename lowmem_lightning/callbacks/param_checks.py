@@ -1,0 +1,67 @@
+"""Params an optimizer cannot update, refused by name when the optimizer is built (before any step).
+
+Two kinds of param reach an optimizer through ordinary modules and fail only at its first step otherwise, with a
+message that names a param group and an index, not the param:
+
+* the weight of an ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag(sparse=True)``: its gradients are sparse
+  tensors, which neither this package's optimizers nor torch's ``AdamW`` update (torch has ``SparseAdam``);
+* a complex param (``torch.complex64``): torch's ``AdamW`` updates it as its real view (``torch.view_as_real``:
+  the real and imaginary parts as independent elements), this package's optimizers take real floating-point
+  params only. The same algorithm is had by storing the param as its real view and viewing it complex in
+  ``forward``.
+
+:func:`unsupported_params` is called by :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback` when it builds
+the optimizer and by :class:`~lowmem_lightning.modules.LowMemModule` in ``configure_optimizers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["unsupported_params"]
+
+
+def _names(module: nn.Module | None) -> dict[int, str]:
+    """id(param) -> its name in ``module`` (the first name of a param shared by two modules)."""
+    if module is None:
+        return {}
+    names: dict[int, str] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)
+    return names
+
+
+def _sparse_weights(module: nn.Module | None) -> dict[int, str]:
+    """id(weight) -> the class name of each ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` in ``module``."""
+    if module is None:
+        return {}
+    return {id(m.weight): type(m).__name__ for m in module.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)}
+
+
+def unsupported_params(optimizer: str, cls: type, params: Iterable[torch.Tensor],
+                       module: nn.Module | None) -> str | None:
+    """Why the optimizer ``cls`` (registered as ``optimizer``) cannot update one of the trainable ``params`` of
+    ``module`` (a sentence naming the param and what to do), else ``None``: a weight with sparse gradients
+    (``sparse=True`` embeddings), or, for this package's optimizers, a complex param."""
+    names = _names(module)
+    sparse = _sparse_weights(module)
+    ours = cls.__module__.startswith("lowmem_lightning.")
+    for param in params:
+        if not param.requires_grad:
+            continue
+        name = names.get(id(param), f"of shape {tuple(param.shape)}")
+        if id(param) in sparse:
+            return (f"Invalid optimizer={optimizer!r} for param {name!r}: its {sparse[id(param)]}(sparse=True) gives "
+                    f"it sparse gradients, which {cls.__name__} cannot update (torch's AdamW cannot either; torch."
+                    "optim.SparseAdam can). Create the embedding with sparse=False (dense gradients), "
+                    "or freeze it (requires_grad_(False)).")
+        if ours and param.is_complex():
+            return (f"Invalid optimizer={optimizer!r} for param {name!r} ({param.dtype}): {cls.__name__} updates "
+                    "real floating-point params only (torch's AdamW updates a complex param as its real view). Get "
+                    "the same algorithm by storing it real: nn.Parameter(torch.view_as_real(w)) in __init__ and "
+                    "torch.view_as_complex(self.w) in forward; or use optimizer='adamw' (torch's AdamW).")
+    return None
