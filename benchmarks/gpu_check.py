@@ -24,7 +24,8 @@ Parts (``--parts`` selects some):
   batch 1, gradient checkpointing, ``paged_adamw_8bit``, bf16: peak memory of a full training step
   (goal <= 6 GB) and step time, beside ``lowmem_lightning.estimate``'s figure for the same step (activations
   included, :func:`qlora_estimate`; goal within 10%); bitsandbytes' NF4 + peft the same way when installed.
-* ``release``: peak device memory of a training step with and without gradient release; FlashOptim's
+* ``release``: peak device memory of a training step with and without gradient release (and with release
+  clipping by norm: two backward passes, must not raise the peak); FlashOptim's
   FlashAdamW (24-bit master weights) the same way with its own ``enable_gradient_release``, when installed.
 * ``full_ft_7b``: ``configs/full_finetune_7b.yaml`` as ``lowmem fit`` runs it (Lightning ``Trainer`` with
   the recipe's bf16-true precision and clipping, ``CausalLMModule`` with gradient checkpointing and the
@@ -75,8 +76,9 @@ adamw_8bit_persistent2,adamw_8bit_persistent4,adamw_8bit_persistent8; done 2>&1 
 
 (``timeout_s`` 560: 440 s of part budgets and two short optim_step runs), then, in what is left, ``full_ft_7b``
 alone (270 s) and the recommended parts in a later session. With the FlashOptim rows (``step_time`` +40 s,
-``release`` +45 s of budget: its Triton JIT and autotuned quantizer, two more 735M models) the five parts' budgets
-are 525 s: drop the trailing loop (``step_time`` runs the same rows at 1G in both dtypes, same env and repeats).
+``release`` +45 s of budget: its Triton JIT and autotuned quantizer, two more 735M models; +15 s for the release
+row clipping by norm) the five parts' budgets are 540 s: drop the trailing loop (``step_time`` runs the same rows at
+1G in both dtypes, same env and repeats).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 BUDGET_S = {"kernels": 70, "gpu_tests": 100, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
-            "release": 100, "full_ft_7b": 270, "long_run": 180}
+            "release": 115, "full_ft_7b": 270, "long_run": 180}
 """Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
 55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
 (ours only), release 45. Not yet run on a GPU, sized from arithmetic: full_ft_7b (two rows, each a fresh
@@ -106,7 +108,8 @@ only if the first did not fit), qlora_7b with the bitsandbytes row (~2x ours), l
 of a 113M model at ~25 ms, and five evaluations). The set of :data:`RECOMMENDED_PARTS` adds up to 550 s
 (9.2 minutes). FlashOptim's rows, sized from its source and a CPU compile of its kernels for sm_90 (0.5-0.6 s
 each, triton 3.9), not yet run: ``step_time`` +40 s (three step-kernel variants, its autotuned 6-config
-quantizer for each new size and dtype, six 64M/1G rows), ``release`` +45 s (two more 735M models)."""
+quantizer for each new size and dtype, six 64M/1G rows), ``release`` +45 s (two more 735M
+models); the release row clipping by norm (two backward passes, a third 735M model) +15 s."""
 
 RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
 """The parts the next device session runs, in one command (the module docstring has it)."""
@@ -647,15 +650,22 @@ def part_release(dry: bool) -> list[str]:
     lines = ["| step | params | peak memory (GB) | median step (ms) | optimizer calls per step | bucket_bytes |",
              "|---|---:|---:|---:|---:|---:|"]
     # per-tensor release (bucket_bytes=0) measured 2.1x a normal step on 2026-12-04: not re-run (part time budget)
-    for release, bucket_bytes in ((False, 0), (True, DEFAULT_BUCKET_BYTES)):
-        def build(release=release, bucket_bytes=bucket_bytes):
+    # the third row: clipping by norm under release (LOMO's two backward passes, the first only takes norms)
+    for release, bucket_bytes, clip in ((False, 0, None), (True, DEFAULT_BUCKET_BYTES, None),
+                                        (True, DEFAULT_BUCKET_BYTES, 1.0)):
+        def build(release=release, bucket_bytes=bucket_bytes, clip=clip):
             model, batch = _release_model(dry, device)
             build.params = sum(p.numel() for p in model.parameters())
             opt = build_optimizer("adamw_8bit", model.parameters(), lr=1e-4)
-            build.hooks = hooks = GradientRelease(opt, bucket_bytes=bucket_bytes).attach() if release else None
+            build.hooks = hooks = GradientRelease(
+                opt, bucket_bytes=bucket_bytes, clip_norm=clip).attach() if release else None
 
             def step():
-                model(input_ids=batch, labels=batch).loss.backward()
+                loss = model(input_ids=batch, labels=batch).loss
+                if clip is not None:
+                    with hooks.norm_pass():
+                        loss.backward(retain_graph=True)
+                loss.backward()
                 if hooks is not None:
                     hooks.finish_step()
                 opt.step()
@@ -663,7 +673,8 @@ def part_release(dry: bool) -> list[str]:
             return step
         steps = 3 if dry else 5
         peak, ms = _peak_step(build, steps, device)
-        label = "released (step_in_backward)" if release else "normal"
+        label = ("released + norm clip (two backward passes)" if clip else "released (step_in_backward)") \
+            if release else "normal"
         calls = build.hooks.bucket_steps / steps if release else 1
         lines.append(f"| {label} | {build.params / 1e6:.0f}M | {peak:.2f} | {ms:.1f} | {calls:.0f} "
                      f"| {bucket_bytes if release else '-'} |")
