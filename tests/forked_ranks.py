@@ -148,5 +148,6 @@ def _own_stderr(path: str, timeout_s: float) -> None:
     sys.stderr.flush()
     os.dup2(log.fileno(), 2)
     sys.stderr = log
-    faulthandler.enable(file=log, all_threads=True)
+    faulthandler.disable()  # enable() alone keeps the handlers it believes installed: something in the parent (a
+    faulthandler.enable(file=log, all_threads=True)  # Lightning DDP fit) may have reset SIGABRT's since
     faulthandler.dump_traceback_later(timeout_s + grace_s(timeout_s) / 2, file=log)
