@@ -53,7 +53,7 @@ def unsupported_params(optimizer: str, cls: type, params: Iterable[torch.Tensor]
     for param in params:
         if not param.requires_grad:
             continue
-        name = names.get(id(param), f"of shape {tuple(param.shape)}")
+        name = names.get(id(param)) or f"of shape {tuple(param.shape)}"  # a lazy param is named: no shape asked
         if id(param) in sparse:
             return (f"Invalid optimizer={optimizer!r} for param {name!r}: its {sparse[id(param)]}(sparse=True) gives "
                     f"it sparse gradients, which {cls.__name__} cannot update (torch's AdamW cannot either; torch."

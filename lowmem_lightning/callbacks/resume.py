@@ -74,7 +74,12 @@ class RunLrAfterResume(L.Callback):
         self._saved_lrs = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Record the base lrs this run's configuration gave (a checkpoint restore comes next)."""
+        """Refuse a weights-only checkpoint (:func:`refuse_weights_only`: Lightning calls no callback's
+        ``on_load_checkpoint`` for a checkpoint without callback states); record the base lrs this run's
+        configuration gave (the optimizer restore comes next)."""
+        loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
+        if trainer.ckpt_path is not None and isinstance(loaded, dict) and loaded:
+            refuse_weights_only(trainer, loaded)
         self._built_lrs = base_lrs(trainer.optimizers)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -82,10 +87,6 @@ class RunLrAfterResume(L.Callback):
         if trainer.ckpt_path is not None:
             apply_new_lr(trainer, trainer.optimizers, self._built_lrs, self._saved_lrs)
         self._saved_lrs = None
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        """Refuse to resume a fit from a weights-only checkpoint (:func:`refuse_weights_only`)."""
-        refuse_weights_only(trainer, checkpoint)
 
     def state_dict(self) -> dict:
         """The base lrs this run's configuration gave (``configured_lrs``), which a resume compares with its own
@@ -166,11 +167,9 @@ class ResumeCompatibility(RunLrAfterResume):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Refuse a checkpoint trained with an optimizer whose state this one cannot read (in ``fit`` only:
-        validate, test and predict read the weights, not the optimizer state; no trainer: checked as in fit), or one
-        that holds the weights only (:func:`refuse_weights_only`)."""
+        validate, test and predict read the weights, not the optimizer state; no trainer: checked as in fit)."""
         if trainer is not None and trainer.state.fn != "fit":
             return
-        refuse_weights_only(trainer, checkpoint)
         saved = (checkpoint.get("callbacks") or {}).get(self.saved_under)
         name = saved.get("optimizer") if isinstance(saved, dict) else infer_optimizer(checkpoint)
         if name is None or name == self.optimizer_name:
