@@ -368,11 +368,13 @@ def test_ddp_spawn_lowmem_module_checkpoint_resumes_exactly(tmp_path, gloo_env):
 # ------------------------------------------------------------------ 3. linked last.ckpt, weights-only files
 
 
-def test_save_last_link_resumes_bit_exactly_from_last(tmp_path):
-    """``ModelCheckpoint(save_last="link", every_n_train_steps=2, save_top_k=1)``: ``last.ckpt`` is a link (no copy)
-    to the newest file, ``Trainer.fit(ckpt_path="last")`` resumes from it, and 6 + 4 steps equal 10 straight."""
+@pytest.mark.parametrize("save_last", ["link", True])
+def test_save_last_resumes_bit_exactly_from_last(tmp_path, save_last):
+    """``ModelCheckpoint(save_last=..., every_n_train_steps=2, save_top_k=1)``: ``last.ckpt`` is a link (no copy) to
+    the newest file with ``"link"``, a checkpoint of its own with ``True``; ``Trainer.fit(ckpt_path="last")`` resumes
+    from it, and 6 + 4 steps equal 10 straight."""
     def fit(root, steps, ckpt_path=None):
-        link = ModelCheckpoint(dirpath=root, save_last="link", every_n_train_steps=2, save_top_k=1)
+        link = ModelCheckpoint(dirpath=root, save_last=save_last, every_n_train_steps=2, save_top_k=1)
         trainer = _trainer("adamw_8bit", [link], max_steps=steps, max_epochs=-1, enable_checkpointing=True, root=root)
         module = Project(stateful=True)  # a StatefulDataLoader: the step-6 checkpoint is mid-epoch
         trainer.fit(module, ckpt_path=ckpt_path)
@@ -381,10 +383,15 @@ def test_save_last_link_resumes_bit_exactly_from_last(tmp_path):
     _, straight = fit(tmp_path / "a", 10)
     fit(tmp_path / "b", 6)
     last = tmp_path / "b" / "last.ckpt"
-    assert last.is_symlink() and os.readlink(last) == "epoch=0-step=6.ckpt"
+    assert last.is_symlink() == (save_last == "link")
+    assert last.is_file() and torch.load(last, weights_only=True)["global_step"] == 6
     trainer, resumed = fit(tmp_path / "b", 10, ckpt_path="last")
     assert trainer.global_step == 10 and _equal(list(straight.parameters()), list(resumed.parameters()))
-    assert last.is_symlink() and os.readlink(last) == "epoch=1-step=10.ckpt" and last.exists()
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # the callback installed it: saves and
+    # removals (the top-1 rotation) went through it
+    assert last.is_symlink() == (save_last == "link") and torch.load(last, weights_only=True)["global_step"] == 10
+    if save_last == "link":
+        assert os.readlink(last) == "epoch=1-step=10.ckpt"
 
 
 def _saved(io, path, step):
