@@ -92,6 +92,7 @@ class StateMemoryMonitor(L.Callback):
         self.log_state_memory = bool(log_state_memory)
         self.plot = bool(plot)
         self.print_summary = bool(print_summary)
+        self._log_dir: str | None = None  # where the plot goes, asked at fit start
         self.optimizers: list[torch.optim.Optimizer] = []
         """The optimizers measured in the current (or last) fit."""
         self.summary: dict | None = None
@@ -130,7 +131,13 @@ class StateMemoryMonitor(L.Callback):
             self.summary = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Take the fit's optimizers (the strategy has built them) and start a new history."""
+        """Take the fit's optimizers (the strategy has built them) and start a new history; with ``plot``, ask
+        for the log dir here, not at the end of fit (see :meth:`_report`)."""
+        # trainer.log_dir is a broadcast under DDP (every rank must ask). Asked as the last collective of the fit,
+        # its gloo work object could still be released on gloo's thread while a ddp_spawn rank's interpreter was
+        # exiting: that thread, taking the GIL during finalization, aborted the rank (SIGABRT, "terminate called
+        # without an active exception"; a core dump showed ~AsyncBroadcastWork -> take_gil -> pthread_exit).
+        self._log_dir = trainer.log_dir if self.plot else None
         self.optimizers = list(self._tracked[0]) if self._tracked else list(trainer.optimizers)
         self.history = StateHistory()
         self._peak, self._pending_losses, self._max_state_bytes = {}, [], 0
@@ -276,7 +283,7 @@ class StateMemoryMonitor(L.Callback):
         self.summary.update(small_tensor_summary(self.optimizers))  # why tensors under 4096 elements cost more
         plot_path = None
         if self.plot:
-            log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+            log_dir = self._log_dir  # asked at fit start (on_fit_start)
             if trainer.is_global_zero and log_dir:
                 try:
                     plot_path = write_plot(f"{log_dir}/state_memory.png", self.history, self.summary)
