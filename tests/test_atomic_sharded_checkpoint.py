@@ -12,12 +12,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from launched_scripts import run_script
 
 from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError, atomic_sharded_save
 
@@ -182,11 +181,7 @@ with open(os.path.join(out, f"report{{rank}}.json"), "w") as f:
 def test_fsdp2_sharded_checkpoint_is_atomic_under_injected_failures(tmp_path):
     script = tmp_path / "run_sharded_save.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests_dir=os.path.dirname(__file__), out=str(tmp_path))))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
-    env.pop("PL_GLOBAL_SEED", None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(script, cwd=tmp_path, timeout=600)
     reports = [json.loads((tmp_path / f"report{r}.json").read_text()) for r in range(2)]
     first_save = [".metadata", "__0_0.distcp", "__1_0.distcp", "marker", "meta.pt"]
     for report in reports:

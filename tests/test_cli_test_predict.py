@@ -66,7 +66,7 @@ def test_lowmem_test_reports_the_held_out_loss_of_the_checkpoint(tmp_path, check
                    "--trainer.limit_test_batches", str(BATCHES))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test_loss" in proc.stdout and "test_ppl" in proc.stdout, proc.stdout
-    assert "dirpath has changed" not in proc.stderr, proc.stderr  # ModelCheckpoint's reload note: noise in an evaluation
+    assert "dirpath has changed" not in proc.stderr, proc.stderr  # ModelCheckpoint reload note: evaluation noise
     [metrics_csv] = (tmp_path / "runs").rglob("metrics.csv")
     [row] = [r for r in csv.DictReader(metrics_csv.open()) if r.get("test_loss")]
     assert float(row["test_loss"]) == pytest.approx(val_loss, rel=1e-5)  # the checkpoint's weights, the same blocks

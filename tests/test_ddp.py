@@ -6,13 +6,12 @@ rank 1, the way users run DDP.
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import lightning as L
 import pytest
 import torch
+from launched_scripts import run_script
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -96,11 +95,7 @@ if trainer.global_rank == 0:
 def test_ddp_strategy_script_matches_one_process(tmp_path):
     script = tmp_path / "run_ddp.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests_dir=os.path.dirname(__file__), out=str(tmp_path))))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
-    env.pop("PL_GLOBAL_SEED", None)  # left by an earlier seed_everything, it would reseed the sampler's shuffle
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(script, cwd=tmp_path, timeout=600)
     result = torch.load(tmp_path / "ddp.pt")
     _, single = _fit(tmp_path / "single", "auto", 1)
     assert result["optimizer"] == "AdamW8bit"

@@ -16,7 +16,6 @@ changes nothing in what our optimizer computes. fp32 torch AdamW runs the same s
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launched_scripts import free_port
 from torch import nn
 
 from lowmem_lightning.optim import build_optimizer
@@ -414,12 +414,6 @@ torch.save(out, f"{tmp}/ddp-rank{{rank}}.pt")
 '''
 
 
-def _free_port() -> int:
-    """A TCP port free right now (the OS picks it), for the DDP rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.slow  # 17 s alone, 34 s beside the rest of the file on two busy cores (the brief's limit: 20 s)
 def test_fabric_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
@@ -431,7 +425,7 @@ def test_fabric_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path
     script = tmp_path / "ddp_fabric.py"
     script.write_text(_DDP_SCRIPT.format(here=str(HERE), names=DDP_OPTIMIZERS, steps=STEPS, save_at=SAVE_AT,
                                          tmp=str(tmp_path)))
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "LOWMEM_CPU_COMPILE": "0",
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "LOWMEM_CPU_COMPILE": "0",
            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "HOME": os.environ.get("HOME", "/tmp")}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,

@@ -19,15 +19,13 @@ picks CUDA) and Fabric refuses the plain class on the CPU; the script's ``CPUFSD
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from launched_scripts import run_script
 from optim_helpers import snapshot_differences
-from test_fsdp1 import REQUANT_BOUND, _free_port
+from test_fsdp1 import REQUANT_BOUND
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -192,13 +190,8 @@ def _run(folder, strategy: str, phase: str, kind: str, cases: list[str], world: 
 
     script = folder / "fabric_fsdp.py"
     script.write_text(textwrap.dedent(SCRIPT.format(save_at=SAVE_AT, steps=STEPS)))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
-           "LOWMEM_CPU_COMPILE": "0", "PYTHONWARNINGS": "ignore"}
-    env.pop("PL_GLOBAL_SEED", None)
     args = [str(folder), strategy, phase, kind, str(world), json.dumps({c: OPTIMIZERS[c] for c in cases})]
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=folder, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(script, *args, cwd=folder, timeout=600, port=True, quiet=True)
     return [torch.load(folder / f"{phase}-{kind}-world{world}-rank{r}.pt", weights_only=False) for r in range(world)]
 
 

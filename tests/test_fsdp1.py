@@ -18,15 +18,13 @@ The model's second weight straddles the ranks' slices (1524 elements on rank 0: 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.distributed as dist
 from forked_ranks import forked_ranks, run_forked_ranks
+from launched_scripts import run_script
 from optim_helpers import snapshot_differences
 from torch import nn
 
@@ -409,12 +407,7 @@ def test_lightning_fsdp_strategy_fit_checkpoint_and_resume_bit_exactly(tmp_path,
     script = tmp_path / "fsdp1_lightning.py"
     script.write_text(textwrap.dedent(LIGHTNING_SCRIPT.format(tests_dir=os.path.dirname(__file__), out=str(tmp_path),
                                                               uop=uop)))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
-           "LOWMEM_CPU_COMPILE": "0", "PYTHONWARNINGS": "ignore"}
-    env.pop("PL_GLOBAL_SEED", None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(script, cwd=tmp_path, timeout=300, port=True, quiet=True)
     assert (tmp_path / "epoch1.ckpt").is_dir()  # one shard per rank (torch.distributed.checkpoint)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
@@ -424,12 +417,6 @@ def test_lightning_fsdp_strategy_fit_checkpoint_and_resume_bit_exactly(tmp_path,
         assert any("exp_avg_codes" in state for state in resumed["state"])  # 8-bit codes on this rank's slice
         assert snapshot_differences(straight, resumed) == [], (rank, snapshot_differences(straight, resumed))
 
-
-def _free_port() -> int:
-    """A TCP port free right now (the OS picks it), for Lightning's rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ================================================================================ in-process: the presentation

@@ -11,12 +11,12 @@ saves a checkpoint (per-rank shards, or one full file) and resumes it for the se
 """
 
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from launched_scripts import run_script
 
 SCRIPT = """
 import sys
@@ -94,12 +94,7 @@ def _run_script(tmp_path, opt: str, accelerator: str, devices: int) -> list[dict
         tests_dir=os.path.dirname(__file__), out=str(tmp_path), opt=opt, distributed_ckpt=OPTIMIZERS[opt][3],
         accelerator=accelerator, devices=devices,
     )))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
-    env.pop("PL_GLOBAL_SEED", None)
-    env.pop("TRITON_INTERPRET", None)  # on CUDA the compiled kernels run
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(script, cwd=tmp_path, timeout=600, interpret=False)  # on CUDA the compiled kernels run
     assert (tmp_path / "epoch1.ckpt").is_dir() == OPTIMIZERS[opt][3]
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(devices)]
 

@@ -18,12 +18,11 @@ is checked at the optimizer level with the ranks of ``test_reshard``.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from launched_scripts import run_script
 from test_adamw_family_resume import _assert_4bit_of, _assert_8bit_of
 
 from lowmem_lightning.kernels.adamw4bit import num_blocks4, packed_len
@@ -128,12 +127,7 @@ def _run(tmp_path, source: str, target: str, distributed: bool = True) -> list[d
     script = tmp_path / "family_resume.py"
     script.write_text(textwrap.dedent(SCRIPT.format(out=str(tmp_path), source=source, target=target,
                                                     distributed=distributed)))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
-    env.pop("PL_GLOBAL_SEED", None)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(script, cwd=tmp_path, timeout=600, interpret=False)
     assert (tmp_path / "epoch1.ckpt").is_dir() == distributed  # a torch.distributed.checkpoint folder, or a file
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 

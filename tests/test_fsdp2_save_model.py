@@ -8,13 +8,12 @@ other files in ``save_dir`` are kept, stale shard files removed, and a failed wr
 
 import errno
 import os
-import subprocess
-import sys
 import textwrap
 
 import lightning as L
 import pytest
 import torch
+from launched_scripts import run_script
 from torch.utils.data import DataLoader
 
 from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError
@@ -71,11 +70,7 @@ def test_fsdp2_sharded_model_is_saved_whole_and_loads(tmp_path):
 
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(SCRIPT.format(config=TINY, out=str(tmp_path))))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
-    env.pop("PL_GLOBAL_SEED", None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(script, cwd=tmp_path, timeout=600)
     result = torch.load(tmp_path / "full.pt")
     assert result["param_types"] == ["DTensor"]  # the module really trained sharded params
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()

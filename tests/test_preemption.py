@@ -23,6 +23,7 @@ import time
 
 import pytest
 import torch
+from launched_scripts import launch_env
 
 SCRIPT = """
 import os
@@ -101,9 +102,7 @@ def _run(tmp_path, rank: int, batch: int, accumulate: int = 1, fsdp2: bool = Fal
         tests_dir=os.path.dirname(__file__), out=str(tmp_path), rank=rank, batch=batch, accumulate=accumulate,
         fsdp2=fsdp2,
     )))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
-    env.pop("PL_GLOBAL_SEED", None)
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=launch_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + LIMIT_S
     try:

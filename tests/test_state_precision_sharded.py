@@ -18,13 +18,12 @@ Checked here:
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import lightning as L
 import pytest
 import torch
+from launched_scripts import run_script
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -217,12 +216,7 @@ def fsdp2_run(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fp32_state_fsdp2")
     script = out / "run.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests_dir=os.path.dirname(__file__), out=str(out))))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "LOWMEM_CPU_COMPILE": "0"}
-    env.pop("PL_GLOBAL_SEED", None)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=out, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_script(script, cwd=out, timeout=900, tail=6000, interpret=False)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
