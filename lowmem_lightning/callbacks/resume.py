@@ -32,7 +32,7 @@ from lowmem_lightning.optim.state_precision import check_checkpoint_groups
 __all__ = [
     "ADAMW_FAMILY", "CONVERSIONS", "ResumeCompatibility", "RunLrAfterResume", "apply_new_lr", "base_lrs",
     "infer_optimizer", "checkpoint_optimizer", "refuse_missing_optimizer_callback", "refuse_weights_only",
-    "weights_only_problem",
+    "START_FROM_WEIGHTS", "weights_only_problem",
 ]
 
 ADAMW_FAMILY: dict[str, str] = {
@@ -317,18 +317,23 @@ def refuse_missing_optimizer_callback(trainer: L.Trainer | None, checkpoint: dic
     )
 
 
+START_FROM_WEIGHTS = ("to start a new fit from its weights, load them with Module.load_from_checkpoint(path) (or "
+                      "model.load_state_dict(torch.load(path)['state_dict'])) and fit without ckpt_path")
+"""How to use a weights-only checkpoint instead of resuming it (the end of :func:`weights_only_problem`'s sentence)."""
+
+
 def weights_only_problem(checkpoint: dict) -> str | None:
     """Why ``checkpoint`` cannot resume a fit when it holds the weights only (``ModelCheckpoint(save_weights_only=
     True)``, ``trainer.save_checkpoint(path, weights_only=True)``: no ``optimizer_states``, ``lr_schedulers`` or
-    ``callbacks``), else ``None``. The sentence says what to do instead. A sharded or DeepSpeed checkpoint, whose
-    optimizer state the strategy loads itself, still carries ``lr_schedulers`` and ``callbacks`` and is not one."""
+    ``callbacks``), else ``None``: one clause, ending with what to do instead (:data:`START_FROM_WEIGHTS`). A
+    sharded or DeepSpeed checkpoint, whose optimizer state the strategy loads itself, still carries ``lr_schedulers``
+    and ``callbacks`` and is not one."""
     if not isinstance(checkpoint, dict) or any(k in checkpoint for k in ("optimizer_states", "lr_schedulers",
                                                                         "callbacks")):
         return None
     return ("it holds the model weights only (saved with ModelCheckpoint(save_weights_only=True) or "
-            "save_checkpoint(weights_only=True)): no optimizer or LR scheduler state to resume. "
-            "Start a new fit from its weights instead: Module.load_from_checkpoint(path) (or "
-            "model.load_state_dict(torch.load(path)['state_dict'])) and fit without ckpt_path")
+            "save_checkpoint(weights_only=True)) and no optimizer or LR scheduler state to continue from; "
+            f"{START_FROM_WEIGHTS}")
 
 
 def refuse_weights_only(trainer: L.Trainer | None, checkpoint: dict) -> None:

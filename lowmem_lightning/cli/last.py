@@ -12,9 +12,12 @@ trains from step 0. Here "the run's directory" is, for each ``ModelCheckpoint`` 
   ``version: ablation``: every restart logs there, and another version is another run), or
   ``default_root_dir/checkpoints`` without a logger,
 
-and the checkpoint resumed is the one with the highest global step: read from Lightning's
-``step=N`` in the file name, else from the checkpoint's ``global_step`` (loaded memory-mapped);
-files cut short by a kill (not a complete zip archive) are skipped.
+and the checkpoint resumed is the newest *resumable* one, by global step: read from Lightning's
+``step=N`` in the file name, else from the checkpoint's ``global_step``; files cut short by a kill (not a
+complete zip archive) are skipped, and so are weights-only checkpoints (``ModelCheckpoint(save_weights_only=True)``,
+e.g. a "best" file kept for export beside the full ones: no optimizer state to resume). Telling one costs no
+tensor read: the file is loaded memory-mapped (its pickle only; the tensors stay on disk), a sharded
+checkpoint folder by its ``meta.pt``, and only the newest files are probed, down to the first resumable one.
 """
 
 from __future__ import annotations
@@ -23,21 +26,25 @@ import glob
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-__all__ = ["Candidate", "checkpoint_dirs", "checkpoint_step", "newest_checkpoint"]
+__all__ = ["Candidate", "checkpoint_dirs", "checkpoint_step", "newest_checkpoint", "refusal", "resume_notice"]
 
 _STEP = re.compile(r"(?:^|[-_])step=(\d+)")
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A checkpoint found for ``--ckpt_path last``: its path, global step and modification time (s)."""
+    """A checkpoint found for ``--ckpt_path last``: its path, global step and modification time (s);
+    ``weights_only``: it holds the weights only (no resumable checkpoint was found: this is the newest weights-only
+    one); ``skipped``: the newer weights-only checkpoints passed over for it, newest first."""
 
     path: str
     step: int
     mtime: float
+    weights_only: bool = False
+    skipped: tuple[str, ...] = ()
 
 
 def checkpoint_dirs(trainer, chosen_version: int | str | None = None) -> list[str]:
@@ -74,41 +81,111 @@ def _complete(path: Path) -> bool:
     return path.is_dir() or zipfile.is_zipfile(path)
 
 
-def checkpoint_step(path: str | Path) -> int | None:
-    """The global step of a checkpoint: ``step=N`` in its name, else its ``global_step`` entry; ``None``
-    when it cannot be read."""
-    path = Path(path)
+def _named_step(path: Path) -> int | None:
+    """Lightning's ``step=N`` in a checkpoint's name, else ``None``."""
     match = _STEP.search(path.stem)
-    if match:
-        return int(match.group(1))
-    if path.is_dir():
-        return None
+    return int(match.group(1)) if match else None
+
+
+def _metadata(path: Path) -> dict | None:
+    """A checkpoint's entries without reading its tensors: a file is loaded memory-mapped (its pickle is read, the
+    tensors are mapped, not read), a sharded folder by its ``meta.pt`` (everything
+    but the weight and optimizer shards). Loaded with ``weights_only=True`` first, else as Lightning's loader would
+    (hyper-parameters of a user's class); ``None`` when unreadable or a folder without ``meta.pt`` (DeepSpeed)."""
     import torch
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # noqa: BLE001 - any unreadable file is simply not a candidate
+    file = path / "meta.pt" if path.is_dir() else path
+    if not file.is_file():
         return None
-    step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+    for safe in (True, False):
+        try:
+            loaded = torch.load(file, map_location="cpu", mmap=True, weights_only=safe)
+        except Exception:  # noqa: BLE001 - any unreadable file is simply not a candidate
+            continue
+        return loaded if isinstance(loaded, dict) else None
+    return None
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The global step of a checkpoint (a file, or a sharded folder with ``meta.pt``): ``step=N`` in its name, else
+    its ``global_step`` entry; ``None`` when it cannot be read."""
+    path = Path(path)
+    step = _named_step(path)
+    return step if step is not None else _stored_step(_metadata(path))
+
+
+def _stored_step(metadata: dict | None) -> int | None:
+    step = metadata.get("global_step") if isinstance(metadata, dict) else None
     return step if isinstance(step, int) else None
 
 
-def newest_checkpoint(dirs: list[str]) -> tuple[Candidate | None, int]:
-    """The checkpoint of highest step (then newest file) under ``dirs`` (folders or glob patterns), and
-    how many complete checkpoints were found. A symbolic link to a checkpoint found there too (``last.ckpt`` of
-    ``ModelCheckpoint(save_last="link")``) is the same checkpoint: the file itself is named; a dangling link is
-    skipped."""
-    found, seen = [], set()
+def _checkpoints(dirs: list[str]) -> list[Path]:
+    """The complete checkpoints (``*.ckpt``) under ``dirs`` (folders or glob patterns), each once: a symbolic link to
+    one found there too (``last.ckpt`` of ``ModelCheckpoint(save_last="link")``) is the same checkpoint, the file
+    itself is kept; a dangling link is skipped."""
+    out, seen = [], set()
     for pattern in dirs:
         for folder in sorted(glob.glob(pattern)):
             for path in sorted(Path(folder).glob("*.ckpt"), key=lambda p: (p.is_symlink(), p.name)):
                 real = os.path.realpath(path)
-                if real in seen or not _complete(path):
-                    continue
-                seen.add(real)
-                step = checkpoint_step(path)
-                if step is not None:
-                    found.append(Candidate(str(path), step, path.stat().st_mtime))
-    if not found:
-        return None, 0
-    return max(found, key=lambda c: (c.step, c.mtime)), len(found)
+                if real not in seen and _complete(path):
+                    seen.add(real)
+                    out.append(path)
+    return out
+
+
+def newest_checkpoint(dirs: list[str]) -> tuple[Candidate | None, int]:
+    """The resumable checkpoint of highest step (then newest file) under ``dirs`` (folders or glob patterns), and
+    how many complete checkpoints were found there. Weights-only checkpoints (no optimizer or LR scheduler state,
+    :func:`~lowmem_lightning.callbacks.resume.weights_only_problem`) are passed over, named in the result's
+    ``skipped``; when every one is weights-only, the newest is returned with ``weights_only=True`` (to refuse,
+    naming it). Only names without ``step=N`` and the files from the newest down to the first resumable one are
+    read (memory-mapped, no tensor read). ``(None, 0)`` when there is no checkpoint."""
+    from lowmem_lightning.callbacks.resume import weights_only_problem
+
+    probed: dict[Path, dict | None] = {}
+
+    def metadata(path: Path) -> dict | None:
+        if path not in probed:
+            probed[path] = _metadata(path)
+        return probed[path]
+
+    found = []
+    for path in _checkpoints(dirs):
+        step = _named_step(path)
+        step = step if step is not None else _stored_step(metadata(path))
+        if step is not None:
+            found.append(Candidate(str(path), step, path.stat().st_mtime))
+    found.sort(key=lambda c: (c.step, c.mtime), reverse=True)
+    skipped: list[str] = []
+    for candidate in found:
+        if weights_only_problem(metadata(Path(candidate.path))) is None:
+            return replace(candidate, skipped=tuple(skipped)), len(found)
+        skipped.append(candidate.path)
+    return (replace(found[0], weights_only=True), len(found)) if found else (None, 0)
+
+
+def resume_notice(found: Candidate, count: int, where: str) -> str:
+    """The one line ``--ckpt_path last`` prints for the checkpoint it resumes (``where``: the folders searched),
+    naming the newer weights-only checkpoints it skipped, if any."""
+    plural = "s" if count > 1 else ""
+    if not found.skipped:
+        return (f"--ckpt_path last: resuming from {found.path} (step {found.step}, the newest of {count} "
+                f"checkpoint{plural} in {where}).")
+    n = len(found.skipped)
+    names = ", ".join(found.skipped[:3]) + (f" and {n - 3} more" if n > 3 else "")
+    return (f"--ckpt_path last: resuming from {found.path} (step {found.step}, the newest resumable of {count} "
+            f"checkpoint{plural} in {where}); skipped {n} newer weights-only checkpoint{'s' if n > 1 else ''} "
+            f"(save_weights_only=True: no optimizer state to resume): {names}.")
+
+
+def refusal(found: Candidate, count: int, where: str) -> str:
+    """Why ``--ckpt_path last`` refuses when every checkpoint it found (``count``, ``found`` the newest) holds the
+    weights only, and how to start a new fit from the newest one's weights: one sentence."""
+    from lowmem_lightning.callbacks.resume import START_FROM_WEIGHTS
+
+    every = "the only checkpoint there holds" if count == 1 else f"all {count} checkpoints there hold"
+    return (f"ckpt_path='last' found no resumable checkpoint in {where}: {every} the model weights only "
+            f"(ModelCheckpoint(save_weights_only=True): no optimizer or LR scheduler state), the newest being "
+            f"{found.path} (step {found.step}); {START_FROM_WEIGHTS}, or save full checkpoints too (a ModelCheckpoint "
+            "without save_weights_only) to resume later.")

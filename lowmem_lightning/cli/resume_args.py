@@ -11,7 +11,7 @@ from jsonargparse import Namespace
 
 from lowmem_lightning.callbacks.resume import RunLrAfterResume
 from lowmem_lightning.cli.config_edits import flag_given, real_paths, type_model_config
-from lowmem_lightning.cli.last import checkpoint_dirs, newest_checkpoint
+from lowmem_lightning.cli.last import checkpoint_dirs, newest_checkpoint, refusal, resume_notice
 from lowmem_lightning.cli.messages import listing, notice, shown
 from lowmem_lightning.cli.resume import checkpoint_problem, is_file_path, model_differences, saved_config_next_to
 
@@ -87,7 +87,7 @@ class ResumeArgsMixin:
             return
         problem, checkpoint = checkpoint_problem(path, resume=True)
         if problem:
-            self._error(f"ckpt_path='last' chose {path}, which cannot be resumed: {problem}")
+            self._error(f"ckpt_path='last' chose {path}, which {problem.removeprefix(f'ckpt_path={path!r} ')}")
         saved = checkpoint.get("hyper_parameters") if checkpoint is not None else None
         init = self._init(self.config["fit"], "model")
         diffs = (model_differences(real_paths(saved), real_paths(init.as_dict()))
@@ -119,6 +119,7 @@ class ResumeArgsMixin:
             notice(f"--ckpt_path last: no checkpoint yet in {where}; starting a fresh run "
                     "(the same command resumes from the newest checkpoint once one is saved).")
             return None
-        notice(f"--ckpt_path last: resuming from {found.path} (step {found.step}, the newest of {count} "
-                f"checkpoint{'s' if count > 1 else ''} in {where}).")
+        if found.weights_only:
+            self._error(refusal(found, count, where))
+        notice(resume_notice(found, count, where))
         return found.path
