@@ -388,3 +388,29 @@ def test_benchmark_dry_run_trains_the_same_params(capsys):
 
     release_norm_clip.main(["--dry-run"])
     assert capsys.readouterr().out.count("equals the normal step with clipping: True") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["adamw_8bit", "came"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_cuda_two_pass_fit_equals_a_normal_fit_with_norm_clipping(name, precision):
+    """On CUDA (compiled Triton steps): the per-tensor ``_foreach_norm`` of the norm pass, stacked in
+    ``clip_grad_norm_``'s order, gives its total and coefficient bit for bit, so the fits are equal as on CPU."""
+    normal = _fit(name, release=False, accelerator="cuda", precision=precision)
+    released = _fit(name, release=True, accelerator="cuda", precision=precision)
+    _assert_same_run(normal, released)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_benchmark_dry_run_trains_the_same_params(capsys):
+    """``benchmarks/release_norm_clip.py --device cuda --dtype bfloat16 --dry-run``: a tiny bf16 Llama on the GPU."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import release_norm_clip
+
+    release_norm_clip.main(["--dry-run", "--device", "cuda", "--dtype", "bfloat16"])
+    assert capsys.readouterr().out.count("equals the normal step with clipping: True") == 2
