@@ -239,6 +239,47 @@ def test_ema_over_an_nf4_model_is_refused_with_buffers_and_averages_the_adapters
     assert _equal([p for p in module.parameters() if p.requires_grad], want)
 
 
+class OwnQLoRA(L.LightningModule):
+    """A user's own QLoRA module (no LowMemModule): our ``quantize_model`` under peft's ``get_peft_model``."""
+
+    def __init__(self):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        from lowmem_lightning.quant import quantize_model
+
+        torch.manual_seed(0)
+        body = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
+        self.net = get_peft_model(quantize_model(body, skip=("4",)),
+                                  LoraConfig(r=4, target_modules=["0", "2"], lora_alpha=8))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 16, generator=g)
+        return DataLoader(TensorDataset(x, x[:, :4].argmax(1)), batch_size=8)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+
+def test_ema_over_a_users_own_nf4_module_is_refused_by_the_callback():
+    """The same refusal for any module the callback trains (here the user's own QLoRA module), not only
+    ``CausalLMModule``; with ``use_buffers=False`` the NF4 base stays bit for bit."""
+    module = OwnQLoRA()
+    trainer = _trainer("adamw_8bit", [EMAWeightAveraging(decay=0.8)], max_steps=2)
+    with pytest.raises(ValueError, match=r"EMAWeightAveraging\(use_buffers=True\) cannot average"):
+        trainer.fit(module)
+    assert trainer.global_step == 0
+    module = OwnQLoRA()
+    base = {n: b.clone() for n, b in module.named_buffers()}
+    assert base, "quantize_model left no NF4 buffers"
+    _trainer("adamw_8bit", [EMAWeightAveraging(decay=0.8, use_buffers=False)], max_steps=2).fit(module)
+    assert not _same_tensors(base, dict(module.named_buffers()))
+
+
 def test_lowmem_fit_with_ema_and_a_linked_last_in_yaml_resumes(tmp_path, monkeypatch, capsys):
     """The tiny recipe with ``EMAWeightAveraging`` and ``ModelCheckpoint(save_last="link")`` pasted into its
     callbacks: ``lowmem fit`` trains, ``last.ckpt`` is a link to the newest checkpoint (no copy) holding the averaged

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
-from lowmem_lightning.callbacks.param_checks import unsupported_params
+from lowmem_lightning.callbacks.param_checks import averaged_codes_refusal, unsupported_params
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
 from lowmem_lightning.callbacks.resume import ResumeCompatibility
@@ -541,7 +541,11 @@ class LowMemOptimizerCallback(L.Callback):
         """Check the strategy built its optimizers through the module (so they are ours); hand them to the
         monitor; name every LR scheduler config the module left unnamed as Lightning's
         ``LearningRateMonitor`` would have named it for the module's own optimizer (``lr-AdamW``, not
-        ``lr-AdamW8bit``): see :func:`keep_scheduler_names`."""
+        ``lr-AdamW8bit``): see :func:`keep_scheduler_names`. A weight-averaging callback that would average the
+        module's NF4 codes is refused (:func:`~lowmem_lightning.callbacks.param_checks.averaged_codes_refusal`)."""
+        reason = averaged_codes_refusal(pl_module)
+        if reason is not None:
+            raise ValueError(reason)
         if not self.optimizers:
             raise RuntimeError(
                 f"LowMemOptimizerCallback: the strategy {type(trainer.strategy).__name__} set up its optimizers "

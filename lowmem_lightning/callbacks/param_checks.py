@@ -12,6 +12,10 @@ message that names a param group and an index, not the param:
 
 :func:`unsupported_params` is called by :class:`~lowmem_lightning.callbacks.LowMemOptimizerCallback` when it builds
 the optimizer and by :class:`~lowmem_lightning.modules.LowMemModule` in ``configure_optimizers``.
+
+A third kind is not the optimizer's but a weight-averaging callback's: :func:`averaged_codes_refusal` (called at fit
+start by the callback and by :class:`~lowmem_lightning.modules.CausalLMModule`) refuses an EMA that would average
+the NF4 codes of a QLoRA model.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["unsupported_params"]
+__all__ = ["unsupported_params", "averaged_codes_refusal"]
 
 
 def _names(module: nn.Module | None) -> dict[int, str]:
@@ -64,4 +68,33 @@ def unsupported_params(optimizer: str, cls: type, params: Iterable[torch.Tensor]
                     "real floating-point params only (torch's AdamW updates a complex param as its real view). Get "
                     "the same algorithm by storing it real: nn.Parameter(torch.view_as_real(w)) in __init__ and "
                     "torch.view_as_complex(self.w) in forward; or use optimizer='adamw' (torch's AdamW).")
+    return None
+
+
+def averaged_codes_refusal(module: nn.Module) -> str | None:
+    """Why a weight-averaging callback of ``module``'s fit would destroy its NF4 weights, else ``None``.
+
+    Lightning's ``WeightAveraging`` / ``EMAWeightAveraging`` average buffers too by default (``use_buffers=True``):
+    torch's ``AveragedModel`` then runs the average over the packed NF4 codes and the int8 block scales of every
+    :class:`~lowmem_lightning.quant.Linear4bit` (``0.999 * code + 0.001 * code`` written back into uint8 truncates),
+    and copies the result into the model at each validation and at the end of fit: the frozen base is changed at the
+    first update. With ``use_buffers=False`` the buffers follow the model and only the parameters (the LoRA adapters)
+    are averaged. ``module`` is the LightningModule (any, with the Trainer attached: its callbacks are read)."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    from lowmem_lightning.quant import Linear4bit
+
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or not any(isinstance(m, Linear4bit) for m in module.modules()):
+        return None
+    for callback in trainer.callbacks:
+        if not isinstance(callback, WeightAveraging):
+            continue
+        average = getattr(callback, "_average_model", None)
+        if getattr(average, "use_buffers", getattr(callback, "_use_buffers", False)):
+            return (f"{type(callback).__name__}(use_buffers=True) cannot average a model with NF4-quantized layers "
+                    "(quantize='nf4'): it would average their packed 4-bit codes and int8 scales (buffers) as numbers "
+                    "and write the result back into the frozen base, destroying it. Pass use_buffers=False (the "
+                    f"buffers then follow the model; the trainable params, the LoRA adapters, are averaged): "
+                    f"{type(callback).__name__}(..., use_buffers=False).")
     return None

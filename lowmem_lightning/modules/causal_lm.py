@@ -286,35 +286,6 @@ def _show_callbacks_the_model(module: L.LightningModule) -> None:
             callback.setup(trainer, module, "fit")
 
 
-def _averaged_codes_refusal(module: L.LightningModule) -> str | None:
-    """Why a weight-averaging callback of the fit would destroy the model's NF4 weights, else ``None``.
-
-    Lightning's ``WeightAveraging`` / ``EMAWeightAveraging`` average buffers too by default (``use_buffers=True``):
-    torch's ``AveragedModel`` then runs the average over the packed NF4 codes and the int8 block scales of every
-    ``Linear4bit`` (``0.999 * code + 0.001 * code`` written back into uint8 truncates), and copies the result into
-    the model at each validation and at the end of fit: the frozen base is changed at the first update. With
-    ``use_buffers=False`` the buffers follow the model and only the parameters (the LoRA adapters) are averaged."""
-    from lightning.pytorch.callbacks import WeightAveraging
-
-    from lowmem_lightning.quant import Linear4bit
-
-    trainer = module._trainer
-    model = getattr(module, "model", None)
-    if trainer is None or model is None or not any(isinstance(m, Linear4bit) for m in model.modules()):
-        return None
-    for callback in trainer.callbacks:
-        if not isinstance(callback, WeightAveraging):
-            continue
-        average = getattr(callback, "_average_model", None)
-        if getattr(average, "use_buffers", getattr(callback, "_use_buffers", False)):
-            return (f"{type(callback).__name__}(use_buffers=True) cannot average a model with NF4-quantized layers "
-                    "(quantize='nf4'): it would average their packed 4-bit codes and int8 scales (buffers) as numbers "
-                    "and write the result back into the frozen base, destroying it. Pass use_buffers=False (the "
-                    f"buffers then follow the model; the trainable params, the LoRA adapters, are averaged): "
-                    f"{type(callback).__name__}(..., use_buffers=False).")
-    return None
-
-
 def _enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing (non-reentrant, so frozen embeddings need no input grads)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -492,9 +463,12 @@ class CausalLMModule(LowMemModule):
 
     def on_fit_start(self) -> None:
         """A new fit saves again; ``save_merged`` of a sharded (FSDP2) model and a weight-averaging callback that
-        would average the NF4 codes (:func:`_averaged_codes_refusal`) are refused before training."""
+        would average the NF4 codes (:func:`~lowmem_lightning.callbacks.param_checks.averaged_codes_refusal`)
+        are refused before training."""
         self._saved = False
-        reason = _averaged_codes_refusal(self)
+        from lowmem_lightning.callbacks.param_checks import averaged_codes_refusal
+
+        reason = averaged_codes_refusal(self)
         if reason is not None:
             raise ValueError(reason)
         if (self.hparams.save_dir is not None and self.hparams.save_merged and self.model is not None
