@@ -48,7 +48,11 @@ own ``version_N``),
 (known third-party noise).
 """
 
-from lowmem_lightning.cli.app import (
+from lowmem_lightning.cli.quiet import quiet_spawned_rank
+
+quiet_spawned_rank()  # a ddp_spawn rank of a lowmem command: before app imports transformers and peft
+
+from lowmem_lightning.cli.app import (  # noqa: E402
     DEFAULT_DATA,
     DEFAULT_MODEL,
     RECIPES_DIR,
@@ -58,7 +62,7 @@ from lowmem_lightning.cli.app import (
     parse_fit_config,
     resolve_recipe,
 )
-from lowmem_lightning.cli.quiet import KNOWN_LOG_NOISE, KNOWN_WARNING_NOISE, quiet_known_noise
+from lowmem_lightning.cli.quiet import KNOWN_LOG_NOISE, KNOWN_WARNING_NOISE, quiet_known_noise  # noqa: E402
 
 __all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_recipes", "resolve_recipe",
            "DEFAULT_MODEL", "DEFAULT_DATA", "quiet_known_noise", "KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE"]

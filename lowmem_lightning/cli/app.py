@@ -43,7 +43,7 @@ from lowmem_lightning.cli.config_edits import (
 )
 from lowmem_lightning.cli.held_logs import HeldLogs
 from lowmem_lightning.cli.messages import LowMemArgumentParser, notice, say, short, usage_error, with_setting
-from lowmem_lightning.cli.quiet import quiet_known_noise
+from lowmem_lightning.cli.quiet import QUIET_RANKS_ENV, quiet_known_noise
 from lowmem_lightning.cli.recipes import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
@@ -390,14 +390,17 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         claimed = claim_version_dirs(self.trainer)  # runs started together never share a version folder
         created = new_paths(self._run_paths())
         created += [outer for _, outer in claimed if outer not in created]
+        spawns = _spawns_ranks(self.trainer)
+        if spawns and self.held_logs is not None:  # the ranks run in new processes: the hold cannot travel there
+            self.held_logs.release()
         started = _RunStarted(self.held_logs)
         self.trainer.callbacks.append(started)
-        if self.held_logs is not None:  # the summary prints at on_fit_start: after the set-up lines, when it starts
+        if self.held_logs is not None and not spawns:  # the summary prints at on_fit_start: after the set-up lines
             self.held_logs.hold_summaries(self.trainer.callbacks)
         if subcommand == "fit" and not self._has_optimizer_callback():
             self.trainer.callbacks.append(RunLrAfterResume())  # a new --model.lr applies after a resume
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _spawned_ranks_quiet(spawns):
                 _drop_checkpoint_dirpath_note(subcommand)
                 super()._run_subcommand(subcommand)
         except (ValueError, TypeError, MisconfigurationException) as err:
@@ -469,13 +472,43 @@ def _drop_checkpoint_dirpath_note(subcommand: str) -> None:
                             module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
 
 
+def _spawns_ranks(trainer: Any) -> bool:
+    """Whether the Trainer's strategy starts its ranks in new processes that receive the pickled Trainer
+    (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: Lightning's ``_MultiProcessingLauncher``)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+@contextlib.contextmanager
+def _spawned_ranks_quiet(spawns: bool):
+    """While ``spawns``: the ranks this command starts quiet the known noise too (:data:`QUIET_RANKS_ENV`)."""
+    if not spawns:
+        yield
+        return
+    saved = os.environ.get(QUIET_RANKS_ENV)
+    os.environ[QUIET_RANKS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(QUIET_RANKS_ENV, None)
+        else:
+            os.environ[QUIET_RANKS_ENV] = saved
+
+
 class _RunStarted(L.Callback):
     """Records that a run got past its set-up (the sanity check, training or the evaluation loop began: the
-    CLI's refusal handling applies only before that) and then prints Lightning's held set-up messages."""
+    CLI's refusal handling applies only before that) and then prints Lightning's held set-up messages.
+    A copy pickled into a spawned rank holds nothing (log handlers hold locks; the main process released them)."""
 
     def __init__(self, held: HeldLogs | None = None) -> None:
         self.started = False
         self.held = held
+
+    def __getstate__(self) -> dict:
+        """The state sent to a spawned rank: without the held records (handlers, locks, closures)."""
+        return {**self.__dict__, "held": None}
 
     def _start(self) -> None:
         self.started = True

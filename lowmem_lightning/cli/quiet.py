@@ -7,11 +7,16 @@ filters or log levels.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from collections.abc import Sequence
 
-__all__ = ["KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE", "quiet_known_noise"]
+__all__ = ["KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE", "QUIET_RANKS_ENV", "quiet_known_noise", "quiet_spawned_rank"]
+
+QUIET_RANKS_ENV = "LOWMEM_QUIET_SPAWNED_RANKS"
+"""Set to ``1`` by a ``lowmem`` command while its Trainer starts ranks in new processes (``ddp_spawn``): such a
+rank imports :mod:`lowmem_lightning.cli` (the console script is its main module) and quiets the same noise."""
 
 KNOWN_LOG_NOISE: tuple[tuple[str, str], ...] = (
     # Lightning's advertisement, printed by every Trainer without a LitLogger
@@ -66,3 +71,12 @@ def quiet_known_noise() -> None:
             logger.addFilter(_DropKnownRecords(patterns))
     for message, category, module in KNOWN_WARNING_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def quiet_spawned_rank() -> None:
+    """:func:`quiet_known_noise` in a process that a ``lowmem`` command started for a rank of its fit
+    (``ddp_spawn``: the command sets :data:`QUIET_RANKS_ENV` only while it starts them, after its own import of
+    :mod:`lowmem_lightning.cli`); nothing anywhere else. Called on import of :mod:`lowmem_lightning.cli`, before
+    transformers or peft are imported there (the spawned rank's parent is not known yet at that point)."""
+    if os.environ.get(QUIET_RANKS_ENV) == "1":
+        quiet_known_noise()
