@@ -393,7 +393,7 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         spawns = _spawns_ranks(self.trainer)
         if spawns and self.held_logs is not None:  # the ranks run in new processes: the hold cannot travel there
             self.held_logs.release()
-        started = _RunStarted(self.held_logs)
+        started = _RunStarted(self.held_logs, subcommand)
         self.trainer.callbacks.append(started)
         if self.held_logs is not None and not spawns:  # the summary prints at on_fit_start: after the set-up lines
             self.held_logs.hold_summaries(self.trainer.callbacks)
@@ -500,15 +500,24 @@ def _spawned_ranks_quiet(spawns: bool):
 class _RunStarted(L.Callback):
     """Records that a run got past its set-up (the sanity check, training or the evaluation loop began: the
     CLI's refusal handling applies only before that) and then prints Lightning's held set-up messages.
-    A copy pickled into a spawned rank holds nothing (log handlers hold locks; the main process released them)."""
+    A copy pickled into a spawned rank holds nothing (log handlers hold locks; the main process released them)
+    and drops there the ``subcommand``'s ModelCheckpoint note that the command drops
+    (:func:`_drop_checkpoint_dirpath_note`)."""
 
-    def __init__(self, held: HeldLogs | None = None) -> None:
+    def __init__(self, held: HeldLogs | None = None, subcommand: str | None = None) -> None:
         self.started = False
         self.held = held
+        self.subcommand = subcommand
 
     def __getstate__(self) -> dict:
         """The state sent to a spawned rank: without the held records (handlers, locks, closures)."""
         return {**self.__dict__, "held": None}
+
+    def __setstate__(self, state: dict) -> None:
+        """In a spawned rank: the warning filter the command set in its own process, set in this one too."""
+        self.__dict__.update(state)
+        if self.subcommand:
+            _drop_checkpoint_dirpath_note(self.subcommand)
 
     def _start(self) -> None:
         self.started = True
