@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lowmem_lightning.callbacks.averaging import keep_training_weights
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
@@ -542,10 +543,13 @@ class LowMemOptimizerCallback(L.Callback):
         monitor; name every LR scheduler config the module left unnamed as Lightning's
         ``LearningRateMonitor`` would have named it for the module's own optimizer (``lr-AdamW``, not
         ``lr-AdamW8bit``): see :func:`keep_scheduler_names`. A weight-averaging callback that would average the
-        module's NF4 codes is refused (:func:`~lowmem_lightning.callbacks.param_checks.averaged_codes_refusal`)."""
+        module's NF4 codes is refused (:func:`~lowmem_lightning.callbacks.param_checks.averaged_codes_refusal`);
+        one that is not gets a :class:`~.averaging.KeepTrainingWeights` (a checkpoint saved after its end-of-fit
+        copy resumes from the training weights, not the average)."""
         reason = averaged_codes_refusal(pl_module)
         if reason is not None:
             raise ValueError(reason)
+        keep_training_weights(trainer)
         if not self.optimizers:
             raise RuntimeError(
                 f"LowMemOptimizerCallback: the strategy {type(trainer.strategy).__name__} set up its optimizers "

@@ -1,0 +1,137 @@
+"""``EMAWeightAveraging`` + ``ModelCheckpoint(save_last=True, save_top_k=0)``: resume from ``last.ckpt``.
+
+Lightning 2.6's ``WeightAveraging`` copies the average into the module at ``on_train_end``; ``ModelCheckpoint``
+writes ``last.ckpt`` after that when nothing was saved during the fit (``save_top_k=0``), so the checkpoint's
+``current_model_state`` (what a resume loads into the module) is the average, not the training weights (reported
+on Lightning's PR #20545: "the non-averaged weights are not saved at the end of training"). Under torch's AdamW
+alone a resume from it does not continue the run; with ``LowMemOptimizerCallback`` (its
+:class:`~lowmem_lightning.callbacks.averaging.KeepTrainingWeights` part) it does, bit for bit, in process and
+through ``lowmem fit --ckpt_path last`` in real subprocesses. Checkpoints saved during training (step, epoch and
+validation ends) always held the training weights.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from test_field_lightning_round3 import Project, Trajectory, _ema, _equal, _same_tensors, _trainer
+
+from lowmem_lightning.callbacks.averaging import KeepTrainingWeights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SAVED = ("state_dict", "current_model_state", "averaging_state", "optimizer_states")
+
+
+def _fit(folder: Path, optimizer, steps: int, ckpt=None, trajectory=None):
+    checkpoint = ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0)
+    callbacks = [*([trajectory] if trajectory else []), EMAWeightAveraging(decay=0.8), checkpoint]
+    trainer = _trainer(optimizer, callbacks, max_steps=steps, max_epochs=-1, enable_checkpointing=True)
+    trainer.fit(Project(stateful=True), ckpt_path=ckpt)
+    return trainer
+
+
+def _straight_and_resumed(tmp_path: Path, optimizer) -> tuple[dict, dict]:
+    """``last.ckpt`` after 6 steps straight, and after 3 steps + a resume from ``last.ckpt`` to step 6."""
+    _fit(tmp_path / "straight", optimizer, 6)
+    _fit(tmp_path / "resumed", optimizer, 3)
+    _fit(tmp_path / "resumed", optimizer, 6, ckpt="last")
+    load = lambda run: torch.load(tmp_path / run / "last.ckpt", weights_only=True)  # noqa: E731
+    return load("straight"), load("resumed")
+
+
+def test_last_ckpt_at_fit_end_holds_the_average_twice_under_torch_adamw(tmp_path):
+    """Lightning's behaviour without our callback: the end-of-fit ``last.ckpt`` has no training weights, and a
+    resume from it ends elsewhere than the uninterrupted run."""
+    trajectory = Trajectory()
+    _fit(tmp_path / "run", None, 3, trajectory=trajectory)
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    average = _ema(trajectory.steps, 0.8)
+    assert _equal(list(saved["current_model_state"].values()), average)
+    assert not _equal(list(saved["current_model_state"].values()), trajectory.steps[-1])
+    straight, resumed = _straight_and_resumed(tmp_path, None)
+    assert straight["global_step"] == resumed["global_step"] == 6
+    assert _same_tensors(straight["current_model_state"], resumed["current_model_state"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", ("came", {"momentum_dtype": "int8"})], ids=["adamw_8bit", "came"])
+def test_last_ckpt_at_fit_end_resumes_exactly_with_our_callback(tmp_path, optimizer):
+    """With ``LowMemOptimizerCallback`` the end-of-fit ``last.ckpt`` holds the average as ``state_dict`` and the
+    training weights as ``current_model_state``, and 3 steps + resume = 6 steps straight, bit for bit."""
+    straight, resumed = _straight_and_resumed(tmp_path, optimizer)
+    assert straight["global_step"] == resumed["global_step"] == 6
+    for key in SAVED:
+        assert not _same_tensors(straight[key], resumed[key]), key
+    trajectory = Trajectory()
+    trainer = _fit(tmp_path / "run", optimizer, 3, trajectory=trajectory)
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert _equal(list(saved["state_dict"].values()), _ema(trajectory.steps, 0.8))
+    assert _equal(list(saved["current_model_state"].values()), trajectory.steps[-1])
+    assert _equal(list(trainer.lightning_module.parameters()), _ema(trajectory.steps, 0.8))  # module: the average
+    keepers = [c for c in trainer.callbacks if isinstance(c, KeepTrainingWeights)]
+    assert len(keepers) == 1 and trainer.callbacks[trainer.callbacks.index(keepers[0]) + 1] is keepers[0].averaging
+
+
+def test_save_checkpoint_after_fit_keeps_the_training_weights(tmp_path):
+    """``trainer.save_checkpoint`` after ``fit`` (the module holds the average): the training weights too."""
+    trajectory = Trajectory()
+    trainer = _trainer("adamw_8bit", [trajectory, EMAWeightAveraging(decay=0.8)], max_steps=4, max_epochs=-1)
+    trainer.fit(Project())
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    saved = torch.load(tmp_path / "after.ckpt", weights_only=True)
+    assert _equal(list(saved["current_model_state"].values()), trajectory.steps[-1])
+    assert _equal(list(saved["state_dict"].values()), _ema(trajectory.steps, 0.8))
+
+
+# ------------------------------------------------------------------ lowmem fit, real processes
+def _lowmem_fit(cwd: Path, steps: int) -> str:
+    command = [sys.executable, "-m", "lowmem_lightning.cli", "fit", "--config", "ema.yaml", "--ckpt_path", "last",
+               "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--data.init_args.seq_len",
+               "32", "--data.init_args.batch_size", "2", "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_model_summary", "false", "--trainer.logger", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
+
+
+def _ema_recipe(folder: Path) -> None:
+    from lowmem_lightning.cli import RECIPES_DIR
+
+    recipe = yaml.safe_load((RECIPES_DIR / "tiny.yaml").read_text())
+    recipe["trainer"]["callbacks"][0]["init_args"]["plot"] = False
+    recipe["trainer"]["callbacks"] += [
+        {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": "ckpts", "save_last": True, "save_top_k": 0}},
+    ]
+    folder.mkdir()
+    (folder / "ema.yaml").write_text(yaml.safe_dump(recipe))
+
+
+@pytest.mark.slow
+def test_lowmem_fit_stopped_and_resumed_with_ckpt_path_last_ends_where_the_straight_run_ends(tmp_path):
+    """``lowmem fit`` (tiny recipe + EMA + ``ModelCheckpoint(save_last=True, save_top_k=0)``) stopped at step 3
+    and restarted with ``--ckpt_path last`` to step 6 ends bit for bit where 6 steps straight end (before: its
+    ``current_model_state`` and averaged weights differed: it had continued from the average)."""
+    for run in ("straight", "resumed"):
+        _ema_recipe(tmp_path / run)
+    _lowmem_fit(tmp_path / "straight", 6)
+    _lowmem_fit(tmp_path / "resumed", 3)
+    first = torch.load(tmp_path / "resumed/ckpts/last.ckpt", weights_only=True)
+    out = _lowmem_fit(tmp_path / "resumed", 6)
+    assert f"--ckpt_path last: resuming from {tmp_path}/resumed/ckpts/last.ckpt (step 3" in out, out[-3000:]
+    straight, resumed = (torch.load(tmp_path / run / "ckpts/last.ckpt", weights_only=True)
+                         for run in ("straight", "resumed"))
+    assert straight["global_step"] == resumed["global_step"] == 6
+    for key in SAVED:
+        assert not _same_tensors(straight[key], resumed[key]), key
+    # the step-3 checkpoint held two models: the average and the training weights
+    assert first["global_step"] == 3 and _same_tensors(first["state_dict"], first["current_model_state"])
