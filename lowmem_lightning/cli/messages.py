@@ -12,6 +12,7 @@ import textwrap
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lowmem_lightning.cli.config_edits import import_class
 from lowmem_lightning.cli.resume import UNSET
@@ -54,8 +55,9 @@ def say(text: str) -> None:
 
 def notice(message: str | None) -> None:
     """One message on stderr saying what the command changed in the config (``None``: nothing); held with
-    Lightning's set-up messages while :data:`NOTICE_HOLDER` is set (a refused command prints only its error)."""
-    if not message:
+    Lightning's set-up messages while :data:`NOTICE_HOLDER` is set (a refused command prints only its error).
+    Printed by rank 0 only: under ``ddp`` every rank runs the command (Lightning's ``rank_zero_only.rank``)."""
+    if not message or getattr(rank_zero_only, "rank", 0) != 0:
         return
     if NOTICE_HOLDER is not None:
         NOTICE_HOLDER.note(for_terminal(f"lowmem: {message}") + "\n")
