@@ -12,6 +12,8 @@ monitor's. The metric names are written once, in :data:`METRICS`.
 from __future__ import annotations
 
 import math
+import multiprocessing
+from multiprocessing.connection import Connection
 from typing import NamedTuple
 
 import lightning as L
@@ -82,6 +84,12 @@ class StateMemoryMonitor(L.Callback):
     with the training and validation loss. A failure to write the plot or print the summary is a
     warning naming the path and the error, never a failed fit.
 
+    Under ``strategy="ddp_spawn"`` (ranks started as new processes that receive a pickled copy of this
+    callback) the fit runs in those processes: after ``trainer.fit`` returns, rank 0's :attr:`summary` is sent
+    back to this process, while :attr:`optimizers` and :attr:`history` stay as they were here (empty), as
+    Lightning's ``trainer.global_step`` does. With ``ddp_fork``/``ddp_notebook`` (forked, nothing pickled) the
+    summary stays in the ranks; it is printed by rank 0 in every case.
+
     Args:
         log_state_memory: Log the per-step metrics above.
         plot: Write ``state_memory.png`` into the log dir at the end of fit.
@@ -95,8 +103,9 @@ class StateMemoryMonitor(L.Callback):
         self._log_dir: str | None = None  # where the plot goes, asked at fit start
         self.optimizers: list[torch.optim.Optimizer] = []
         """The optimizers measured in the current (or last) fit."""
-        self.summary: dict | None = None
-        """End-of-fit numbers (MiB, bytes/param, saving vs fp32 AdamW); ``None`` before a fit ends."""
+        self._summary: dict | None = None
+        self._summary_reader: Connection | None = None  # here: rank 0's summary of a ddp_spawn fit arrives on it
+        self._summary_writer: Connection | None = None  # in a spawned rank: where rank 0 sends its summary
         self.history = StateHistory()
         """What the current (or last) fit recorded per optimizer step (state MiB, losses): the plot's data."""
         self._tracked: tuple[list[torch.optim.Optimizer], str, str] | None = None
@@ -110,6 +119,42 @@ class StateMemoryMonitor(L.Callback):
         instead of the Trainer's, from the next ``on_fit_start``: how a callback that builds the
         optimizers composes this monitor."""
         self._tracked = (list(optimizers), name, reporter)
+
+    @property
+    def summary(self) -> dict | None:
+        """End-of-fit numbers (MiB, bytes/param, saving vs fp32 AdamW); ``None`` before a fit ends. After a
+        ``ddp_spawn`` fit, rank 0's, sent back from its process."""
+        reader = self._summary_reader
+        while reader is not None and reader.poll():
+            self._summary = reader.recv()
+        return self._summary
+
+    @summary.setter
+    def summary(self, value: dict | None) -> None:
+        self._summary = value
+
+    def __getstate__(self) -> dict:
+        """The state pickled: pipes left out, except into a process being spawned (``ddp_spawn``), which gets the
+        sending end of a pipe whose receiving end :attr:`summary` reads here. All ranks are pickled before any
+        can finish its fit (they meet at process-group start), so the last fit's summary is dropped here first."""
+        state = {**self.__dict__, "_summary_reader": None, "_summary_writer": None}
+        if multiprocessing.context.get_spawning_popen() is not None:
+            if self._summary_reader is None:
+                self._summary_reader, self._summary_writer = multiprocessing.Pipe(duplex=False)
+            _ = self.summary  # anything a previous launch sent
+            self._summary = state["_summary"] = None
+            state["_summary_writer"] = self._summary_writer
+        return state
+
+    def _send_summary(self, trainer: L.Trainer) -> None:
+        """In rank 0 of a ``ddp_spawn`` fit: the summary to the process that started the ranks."""
+        if self._summary_writer is None or not trainer.is_global_zero:
+            return
+        try:
+            self._summary_writer.send(self._summary)
+        except OSError as err:  # the starting process is gone: nobody to read it
+            rank_zero_warn(f"{self._reporter}: could not send the end-of-fit summary to the process that started "
+                           f"the ranks: {type(err).__name__}: {err}")
 
     @property
     def _reporter(self) -> str:
@@ -167,6 +212,7 @@ class StateMemoryMonitor(L.Callback):
             where = getattr(err, "filename", None) or "the console"
             rank_zero_warn(f"{self._reporter}: could not write the end-of-fit summary to {where}: "
                            f"{type(err).__name__}: {err}")
+        self._send_summary(trainer)
 
     # ------------------------------------------------------------------ measuring
     def _effective_lr(self, allow_sync: bool) -> float | None:
