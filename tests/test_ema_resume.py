@@ -8,6 +8,10 @@ alone a resume from it does not continue the run; with ``LowMemOptimizerCallback
 :class:`~lowmem_lightning.callbacks.averaging.KeepTrainingWeights` part) it does, bit for bit, in process and
 through ``lowmem fit --ckpt_path last`` in real subprocesses. Checkpoints saved during training (step, epoch and
 validation ends) always held the training weights.
+
+The SIGTERM checkpoint of ``PreemptionCheckpoint`` (saved in ``on_train_batch_end``) came before the averaging
+callback's update of that step when ``LowMemOptimizerCallback`` was listed first (as in the recipes): the resumed
+run's training weights matched the uninterrupted run's but its average missed the step it stopped at.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from test_field_lightning_round3 import Project, Trajectory, _ema, _equal, _same_tensors, _trainer
+from test_resume_midepoch import SignalAtBatch, _fit_api, _write_data
 
 from lowmem_lightning.callbacks.averaging import KeepTrainingWeights
+from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SAVED = ("state_dict", "current_model_state", "averaging_state", "optimizer_states")
@@ -88,6 +94,30 @@ def test_save_checkpoint_after_fit_keeps_the_training_weights(tmp_path):
     saved = torch.load(tmp_path / "after.ckpt", weights_only=True)
     assert _equal(list(saved["current_model_state"].values()), trajectory.steps[-1])
     assert _equal(list(saved["state_dict"].values()), _ema(trajectory.steps, 0.8))
+
+
+def test_sigterm_checkpoint_holds_the_average_of_the_step_it_stops_at(tmp_path):
+    """SIGTERM at batch 3: the stop saves ``last.ckpt`` at step 4 after ``EMAWeightAveraging`` averaged step 4, and
+    the resumed run ends bit for bit where 6 steps straight end, the average included (before: ``state_dict`` and
+    ``averaging_state`` differed, the training weights and optimizer state did not)."""
+    data = _write_data(tmp_path / "words.txt")
+    ends = {}
+    for run, steps, signal_at, ckpt in (("straight", 6, None, None), ("stopped", 6, 3, None),
+                                        ("resumed", 6, None, tmp_path / "stopped" / "last.ckpt")):
+        extra = [EMAWeightAveraging(decay=0.8), *([SignalAtBatch(signal_at)] if signal_at is not None else [])]
+        _, trainer = _fit_api(tmp_path / run, data, max_steps=steps, ckpt_path=ckpt, extra=extra)
+        if run == "stopped":
+            assert trainer.global_step == 4
+            assert torch.load(tmp_path / run / "last.ckpt", weights_only=True)["global_step"] == 4
+            stopped = list(trainer.callbacks)
+            continue
+        trainer.save_checkpoint(tmp_path / f"{run}.ckpt")
+        ends[run] = torch.load(tmp_path / f"{run}.ckpt", weights_only=True)
+    assert ends["straight"]["global_step"] == ends["resumed"]["global_step"] == 6
+    for key in SAVED:
+        assert not _same_tensors(ends["straight"][key], ends["resumed"][key]), key
+    averaging = next(i for i, c in enumerate(stopped) if isinstance(c, EMAWeightAveraging))
+    assert isinstance(stopped[averaging + 1], PreemptionCheckpoint)
 
 
 # ------------------------------------------------------------------ lowmem fit, real processes

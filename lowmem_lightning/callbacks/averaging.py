@@ -14,6 +14,11 @@ from the averaged weights with the optimizer state of the training ones. Checkpo
 overwrites them, the params and buffers the copy will change, and puts them back into a checkpoint saved after
 that, where the averaging callback moves them to ``current_model_state``: the resume is that of an
 uninterrupted run.
+
+The SIGTERM checkpoint (:class:`~.preemption.PreemptionCheckpoint`, saved in ``on_train_batch_end``) must come
+after the averaging callback's ``on_train_batch_end``, which folds that step into the average: saved before it,
+the resumed run never averaged the step it stopped at (its average differed from the uninterrupted run's while
+its training weights matched). :func:`serve_weight_averaging` moves it after the last averaging callback.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
-__all__ = ["KeepTrainingWeights", "keep_training_weights"]
+from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
+
+__all__ = ["KeepTrainingWeights", "keep_training_weights", "serve_weight_averaging"]
 
 
 class KeepTrainingWeights(L.Callback):
@@ -82,3 +89,17 @@ def keep_training_weights(trainer: L.Trainer) -> None:
         ordered.append(callback)
     if len(ordered) != len(callbacks):
         trainer.callbacks = ordered
+
+
+def serve_weight_averaging(trainer: L.Trainer) -> None:
+    """With a ``WeightAveraging`` callback in ``trainer``: a :class:`KeepTrainingWeights` right before each, and
+    each :class:`~.preemption.PreemptionCheckpoint` right after the last one (so the SIGTERM checkpoint holds the
+    average of the step it stops at). Replaces ``trainer.callbacks`` with a new list when it changes anything."""
+    keep_training_weights(trainer)
+    callbacks = list(trainer.callbacks)
+    last = max((i for i, c in enumerate(callbacks) if isinstance(c, WeightAveraging)), default=-1)
+    early = [c for c in callbacks[:last] if isinstance(c, PreemptionCheckpoint)]
+    if early:
+        kept = [c for c in callbacks if not any(c is e for e in early)]
+        position = next(i for i, c in enumerate(kept) if c is callbacks[last]) + 1
+        trainer.callbacks = kept[:position] + early + kept[position:]

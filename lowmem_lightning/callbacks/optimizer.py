@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lowmem_lightning.callbacks.averaging import keep_training_weights
+from lowmem_lightning.callbacks.averaging import serve_weight_averaging
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
@@ -545,11 +545,12 @@ class LowMemOptimizerCallback(L.Callback):
         ``lr-AdamW8bit``): see :func:`keep_scheduler_names`. A weight-averaging callback that would average the
         module's NF4 codes is refused (:func:`~lowmem_lightning.callbacks.param_checks.averaged_codes_refusal`);
         one that is not gets a :class:`~.averaging.KeepTrainingWeights` (a checkpoint saved after its end-of-fit
-        copy resumes from the training weights, not the average)."""
+        copy resumes from the training weights, not the average) and the SIGTERM checkpoint after its step-end
+        update (:func:`~.averaging.serve_weight_averaging`)."""
         reason = averaged_codes_refusal(pl_module)
         if reason is not None:
             raise ValueError(reason)
-        keep_training_weights(trainer)
+        serve_weight_averaging(trainer)
         if not self.optimizers:
             raise RuntimeError(
                 f"LowMemOptimizerCallback: the strategy {type(trainer.strategy).__name__} set up its optimizers "
