@@ -165,3 +165,15 @@ def test_lowmem_fit_stopped_and_resumed_with_ckpt_path_last_ends_where_the_strai
         assert not _same_tensors(straight[key], resumed[key]), key
     # the step-3 checkpoint held two models: the average and the training weights
     assert first["global_step"] == 3 and _same_tensors(first["state_dict"], first["current_model_state"])
+
+
+def test_without_weight_averaging_the_callback_list_is_left_alone():
+    """No ``WeightAveraging``: ``serve_weight_averaging`` neither adds a part nor moves ``PreemptionCheckpoint``."""
+    import lightning as L
+
+    from lowmem_lightning.callbacks.averaging import serve_weight_averaging
+
+    trainer = L.Trainer(callbacks=[PreemptionCheckpoint(), L.Callback()], logger=False, enable_checkpointing=False)
+    before = trainer.callbacks
+    serve_weight_averaging(trainer)
+    assert trainer.callbacks is before

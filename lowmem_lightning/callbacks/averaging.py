@@ -97,8 +97,8 @@ def serve_weight_averaging(trainer: L.Trainer) -> None:
     average of the step it stops at). Replaces ``trainer.callbacks`` with a new list when it changes anything."""
     keep_training_weights(trainer)
     callbacks = list(trainer.callbacks)
-    last = max((i for i, c in enumerate(callbacks) if isinstance(c, WeightAveraging)), default=-1)
-    early = [c for c in callbacks[:last] if isinstance(c, PreemptionCheckpoint)]
+    last = max((i for i, c in enumerate(callbacks) if isinstance(c, WeightAveraging)), default=0)
+    early = [c for c in callbacks[:last] if isinstance(c, PreemptionCheckpoint)]  # none without averaging
     if early:
         kept = [c for c in callbacks if not any(c is e for e in early)]
         position = next(i for i, c in enumerate(kept) if c is callbacks[last]) + 1
