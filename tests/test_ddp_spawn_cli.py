@@ -171,3 +171,19 @@ def test_monitor_pickles_without_pipes_outside_a_spawn():
     for clone in (pickle.loads(pickle.dumps(monitor)), copy.deepcopy(monitor)):
         assert clone.summary == {"steps": 5}
         assert clone._summary_reader is None and clone._summary_writer is None
+
+
+@pytest.mark.slow
+def test_a_refusal_in_a_spawned_rank_is_one_message(tmp_path):
+    """A refusal raised inside the ranks before the run starts (adafactor's own step size under the module's LR
+    schedule): exit 2, the refusal's one message, no rank traceback, no run folder (as with one process)."""
+    text = (RECIPES_DIR / "tiny.yaml").read_text()
+    text = text.replace("        optimizer: adamw_8bit\n        lr: 3.0e-3\n", "        optimizer: adafactor\n")
+    (tmp_path / "recipe.yaml").write_text(text)
+    args = [arg if arg != str(RECIPES_DIR / "tiny.yaml") else "recipe.yaml" for arg in SMALL]
+    proc = subprocess.run([LOWMEM, "fit", *args, "--trainer.strategy", "ddp_spawn", "--trainer.max_steps", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "lowmem fit: error: LowMemOptimizerCallback(optimizer='adafactor') computes its own step size" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ProcessRaisedException" not in proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -18,6 +20,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from torch.multiprocessing import ProcessRaisedException
 
 from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError, use_atomic_checkpoint_io
 from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
@@ -402,7 +405,10 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         try:
             with warnings.catch_warnings(), _spawned_ranks_quiet(spawns):
                 _drop_checkpoint_dirpath_note(subcommand)
-                super()._run_subcommand(subcommand)
+                try:
+                    super()._run_subcommand(subcommand)
+                except ProcessRaisedException as err:  # in a spawned rank: a refusal is handled as one here
+                    raise (_rank_refusal(err) or err) from err
         except (ValueError, TypeError, MisconfigurationException) as err:
             if started.started or os.environ.get("LOWMEM_TRACEBACK"):
                 raise
@@ -472,6 +478,20 @@ def _drop_checkpoint_dirpath_note(subcommand: str) -> None:
                             module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
 
 
+_RANK_REFUSAL = re.compile(r"^(ValueError|TypeError|(?:[\w.]+\.)?MisconfigurationException): ", re.MULTILINE)
+
+
+def _rank_refusal(err: ProcessRaisedException) -> Exception | None:
+    """The ``ValueError``/``TypeError``/``MisconfigurationException`` a spawned rank raised last (its message),
+    read from the traceback text torch sends back; ``None`` when the rank raised anything else."""
+    text = str(err)
+    found = list(_RANK_REFUSAL.finditer(text))
+    if not found or "Traceback (most recent call last)" in text[found[-1].end():]:
+        return None
+    kinds = {"ValueError": ValueError, "TypeError": TypeError}
+    return kinds.get(found[-1].group(1), MisconfigurationException)(text[found[-1].end():].strip())
+
+
 def _spawns_ranks(trainer: Any) -> bool:
     """Whether the Trainer's strategy starts its ranks in new processes that receive the pickled Trainer
     (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: Lightning's ``_MultiProcessingLauncher``)."""
@@ -505,13 +525,28 @@ class _RunStarted(L.Callback):
     (:func:`_drop_checkpoint_dirpath_note`)."""
 
     def __init__(self, held: HeldLogs | None = None, subcommand: str | None = None) -> None:
-        self.started = False
+        self._started = False
         self.held = held
         self.subcommand = subcommand
+        self._reader: Any = None  # here: a spawned rank says on it that its run started
+        self._writer: Any = None  # in a spawned rank: where it says so
+
+    @property
+    def started(self) -> bool:
+        """Whether the run got past its set-up, here or (``ddp_spawn``) in a spawned rank."""
+        while self._reader is not None and self._reader.poll():
+            self._started = bool(self._reader.recv()) or self._started
+        return self._started
 
     def __getstate__(self) -> dict:
-        """The state sent to a spawned rank: without the held records (handlers, locks, closures)."""
-        return {**self.__dict__, "held": None}
+        """The state sent to a spawned rank: without the held records (handlers, locks, closures), with the
+        sending end of a pipe that tells this process when the rank's run starts."""
+        state = {**self.__dict__, "held": None, "_reader": None, "_writer": None}
+        if multiprocessing.context.get_spawning_popen() is not None:
+            if self._reader is None:
+                self._reader, self._writer = multiprocessing.Pipe(duplex=False)
+            state["_writer"] = self._writer
+        return state
 
     def __setstate__(self, state: dict) -> None:
         """In a spawned rank: the warning filter the command set in its own process, set in this one too."""
@@ -520,7 +555,9 @@ class _RunStarted(L.Callback):
             _drop_checkpoint_dirpath_note(self.subcommand)
 
     def _start(self) -> None:
-        self.started = True
+        if self._writer is not None and not self._started:
+            self._writer.send(True)
+        self._started = True
         if self.held is not None:
             self.held.release()
 
