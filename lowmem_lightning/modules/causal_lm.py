@@ -421,9 +421,9 @@ class CausalLMModule(LowMemModule):
         """Log ``val_loss`` and ``val_ppl = exp(val_loss)`` for the epoch, then reset."""
         if self.val_loss.update_count == 0:
             return
-        loss = self.val_loss.compute()
-        self.log("val_loss", loss, prog_bar=True)
-        self.log("val_ppl", torch.exp(loss))
+        loss = self.val_loss.compute()  # torchmetrics has reduced it over the ranks already: the same on each
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)  # sync_dist: says so to Lightning (no DDP warning)
+        self.log("val_ppl", torch.exp(loss), sync_dist=True)
         self.val_loss.reset()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -434,9 +434,9 @@ class CausalLMModule(LowMemModule):
         """Log ``test_loss`` and ``test_ppl = exp(test_loss)`` (per target token), then reset."""
         if self.val_loss.update_count == 0:
             return
-        loss = self.val_loss.compute()
-        self.log("test_loss", loss)
-        self.log("test_ppl", torch.exp(loss))
+        loss = self.val_loss.compute()  # reduced over the ranks (see on_validation_epoch_end)
+        self.log("test_loss", loss, sync_dist=True)
+        self.log("test_ppl", torch.exp(loss), sync_dist=True)
         self.val_loss.reset()
 
     predict_new_tokens: int = 32
