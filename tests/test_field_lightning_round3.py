@@ -176,9 +176,9 @@ def test_ema_averages_the_trajectory_under_ours_as_under_torch_adamw(optimizer):
 def test_ema_checkpoint_resume_is_bit_exact(tmp_path, optimizer):
     """2 epochs straight = 1 epoch, checkpoint, resume 1 epoch: the averaged weights (``state_dict``), the current
     ones (``current_model_state``), the averaging state and the optimizer's quantized state, bit for bit. (The
-    checkpoints are those of each epoch end. Lightning's ``ModelCheckpoint(save_last=True, save_top_k=0)`` writes
-    ``last.ckpt`` in ``on_train_end``, after ``EMAWeightAveraging`` copied the average into the model: a resume from
-    it continues from the averaged weights, under torch's AdamW too; Lightning's behaviour, not ours.)"""
+    checkpoints are those of each epoch end. The ``last.ckpt`` that ``ModelCheckpoint(save_last=True, save_top_k=0)``
+    writes in ``on_train_end``, after ``EMAWeightAveraging`` copied the average into the model, resumes exactly under
+    our callback too: tests/test_ema_resume.py.)"""
     runs = {}
     for label, stops in (("straight", (2,)), ("resumed", (1, 2))):
         folder, ckpt = tmp_path / label, None
