@@ -435,6 +435,43 @@ def test_save_last_resumes_bit_exactly_from_last(tmp_path, save_last):
         assert os.readlink(last) == "epoch=1-step=10.ckpt"
 
 
+
+class _TermAtStep(L.Callback):
+    """Sends this process SIGTERM at the start of the batch after ``step`` optimizer steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), __import__("signal").SIGTERM)
+
+
+@pytest.mark.parametrize("ckpt_path", ["last", "file"])
+def test_sigterm_last_ckpt_is_overwritten_by_the_resumed_run(tmp_path, ckpt_path):
+    """SIGTERM saves ``last.ckpt`` into the folder of ``ModelCheckpoint(save_last=True, save_top_k=0)``; the resumed run
+    ends with that one ``last.ckpt`` at its final step, equal to the straight run's (before: the resumed run took it
+    for a stranger's file and wrote ``last-v1.ckpt`` beside it, leaving the stale step-3 ``last.ckpt``)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def fit(root, callbacks=(), ckpt=None):
+        checkpoint = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
+        trainer = _trainer("adamw_8bit", [checkpoint, *callbacks], max_steps=6, max_epochs=-1,
+                           enable_checkpointing=True)
+        trainer.fit(Project(stateful=True), ckpt_path=ckpt)
+
+    fit(tmp_path / "straight")
+    with pytest.raises(SIGTERMException):
+        fit(tmp_path / "stopped", [_TermAtStep(2)])
+    last = tmp_path / "stopped" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    fit(tmp_path / "stopped", ckpt="last" if ckpt_path == "last" else str(last))
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["last.ckpt"]
+    straight, resumed = (torch.load(tmp_path / run / "last.ckpt", weights_only=True) for run in ("straight", "stopped"))
+    assert straight["global_step"] == resumed["global_step"] == 6
+    for key in ("state_dict", "optimizer_states"):
+        assert not _same_tensors(straight[key], resumed[key]), key
+
 def _saved(io, path, step):
     io.save_checkpoint({"global_step": step}, str(path))
 

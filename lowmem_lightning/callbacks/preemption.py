@@ -55,6 +55,17 @@ def _checkpoint_dir(trainer: L.Trainer) -> str | None:
     return None
 
 
+def _adopt_as_last(trainer: L.Trainer, folder: str, path: str) -> None:
+    """Record ``path`` as the ``last_model_path`` of each ``ModelCheckpoint(save_last=...)`` writing into ``folder``
+    (before the save, so the checkpoint's callback state holds it): the resumed run then overwrites ``last.ckpt``
+    with its own last checkpoint, instead of taking it for a stranger's file and writing ``last-v1.ckpt`` beside
+    it (which left the stale step-N ``last.ckpt`` in the folder)."""
+    for callback in trainer.checkpoint_callbacks:
+        if (isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath
+                and os.path.abspath(callback.dirpath) == os.path.abspath(folder)):
+            callback.last_model_path = path
+
+
 def save_on_sigterm(trainer: L.Trainer) -> str | None:
     """If the run has received SIGTERM, save a resumable checkpoint now (a training step end) and
     return its path; ``None`` when no SIGTERM came or no ``ModelCheckpoint`` is configured (warned).
@@ -70,6 +81,7 @@ def save_on_sigterm(trainer: L.Trainer) -> str | None:
         )
         return None
     path = os.path.join(folder, SIGTERM_CHECKPOINT_NAME)
+    _adopt_as_last(trainer, folder, path)
     trainer.save_checkpoint(path)
     rank_zero_info(
         f"SIGTERM received: saved a resumable checkpoint at step {trainer.global_step} to {path}; the run stops "
