@@ -84,3 +84,13 @@ def lightning_stream():
     yield stream
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+@pytest.fixture
+def gloo_env(monkeypatch):
+    """For a test whose Trainer starts gloo ranks itself (``ddp_spawn``): a local master address, no inherited OpenMP
+    thread count, no global seed (left by an earlier ``seed_everything`` in this worker, it would reseed the
+    sampler's shuffle in the ranks)."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)

@@ -131,13 +131,6 @@ def _spawn_fit(callback, root: Path, steps: int) -> L.Trainer:
     return trainer
 
 
-@pytest.fixture
-def gloo_env(monkeypatch):
-    """A local master address, no inherited OpenMP thread count, no global seed (as tests/test_ddp.py)."""
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-
 
 def test_ddp_spawn_fit_sends_the_summary_back_to_the_main_process(tmp_path, gloo_env):
     """After ``trainer.fit`` under ``ddp_spawn``, ``callback.summary`` here is rank 0's (it was ``None``: the fit ran

@@ -356,13 +356,6 @@ def _spawn_fit(module, devices, root, callbacks=(), ckpt_path=None, steps=4, **k
     return trainer
 
 
-@pytest.fixture
-def gloo_env(monkeypatch):
-    """As tests/test_ddp.py: a local master address, no inherited OpenMP thread count, no global seed."""
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-
 
 def test_ddp_spawn_with_the_callback_brings_the_trained_weights_back(tmp_path, gloo_env):
     """``ddp_spawn`` pickles the module, the Trainer and the callback (with its parts: monitor, plot) into 2 gloo
