@@ -106,9 +106,14 @@ def _failure(tmp: Path, rank: int, proc, hung: bool, timeout_s: float) -> tuple[
 
 
 def _tail(tmp: Path, rank: int) -> str:
+    """The rank's stderr, at most :data:`STDERR_TAIL` characters: its head (faulthandler's "Fatal Python error"
+    line and the innermost frames come first) and its end (the last messages before the process died)."""
     path = tmp / f"stderr{rank}.txt"
     text = path.read_text(errors="replace") if path.exists() else "(none written)"
-    return text if len(text) <= STDERR_TAIL else "..." + text[-STDERR_TAIL:]
+    if len(text) <= STDERR_TAIL:
+        return text
+    head = STDERR_TAIL * 2 // 3
+    return text[:head] + "\n...\n" + text[-(STDERR_TAIL - head):]
 
 
 def _thread_names() -> list[str]:
