@@ -38,6 +38,7 @@ _LAZY = {
     "LowMemModule": "lowmem_lightning.modules.base",
     "CausalLMModule": "lowmem_lightning.modules.causal_lm",
     "TextDataModule": "lowmem_lightning.data.text",
+    "LowMemWarning": "lowmem_lightning.lowmem_warning",
 }
 
 __all__ = ["__version__", *_LAZY]

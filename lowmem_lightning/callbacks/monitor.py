@@ -28,6 +28,7 @@ from lowmem_lightning.callbacks.report import (
     summary_dict,
     write_plot,
 )
+from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import StateMemory, state_memory
 from lowmem_lightning.optim.registry import OPTIMIZERS, optimizer_class
 from lowmem_lightning.optim.sharding import is_dtensor
@@ -154,7 +155,7 @@ class StateMemoryMonitor(L.Callback):
             self._summary_writer.send(self._summary)
         except OSError as err:  # the starting process is gone: nobody to read it
             rank_zero_warn(f"{self._reporter}: could not send the end-of-fit summary to the process that started "
-                           f"the ranks: {type(err).__name__}: {err}")
+                           f"the ranks: {type(err).__name__}: {err}", category=LowMemWarning)
 
     @property
     def _reporter(self) -> str:
@@ -211,7 +212,7 @@ class StateMemoryMonitor(L.Callback):
         except Exception as err:  # noqa: BLE001 - the report is optional; the trained model is not
             where = getattr(err, "filename", None) or "the console"
             rank_zero_warn(f"{self._reporter}: could not write the end-of-fit summary to {where}: "
-                           f"{type(err).__name__}: {err}")
+                           f"{type(err).__name__}: {err}", category=LowMemWarning)
         self._send_summary(trainer)
 
     # ------------------------------------------------------------------ measuring
@@ -335,7 +336,7 @@ class StateMemoryMonitor(L.Callback):
                     plot_path = write_plot(f"{log_dir}/state_memory.png", self.history, self.summary)
                 except Exception as err:  # noqa: BLE001 - a plot is never worth the run
                     rank_zero_warn(f"{self._reporter}: could not write the plot {log_dir}/state_memory.png: "
-                                   f"{type(err).__name__}: {err}")
+                                   f"{type(err).__name__}: {err}", category=LowMemWarning)
         self.summary["plot"] = plot_path
         if self.print_summary:
             rank_zero_info(format_summary(self.summary, plot_path))

@@ -52,6 +52,7 @@ from lowmem_lightning.callbacks.swap import (
     retarget_scheduler,
 )
 from lowmem_lightning.callbacks.translate import translate_group
+from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import build_optimizer, optimizer_class
 from lowmem_lightning.optim.registry import optimizer_keywords
 from lowmem_lightning.optim.state_precision import (
@@ -384,7 +385,7 @@ class LowMemOptimizerCallback(L.Callback):
         ids, unmatched = fp32_state_params(module, self._fp32_state)
         if unmatched:
             rank_zero_warn(unmatched_message(type(self).__name__, self.fp32_state, unmatched, module),
-                           category=UserWarning)
+                           category=LowMemWarning)
         return ids
 
     def _rebuild(self, trainer, old: torch.optim.Optimizer, driven: frozenset[str], notes: list[str],
@@ -437,7 +438,7 @@ class LowMemOptimizerCallback(L.Callback):
             self.optimizers = [new]
             for note in _muon_notes(new, [], module):
                 rank_zero_warn(f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}): {note}.",
-                               category=UserWarning)
+                               category=LowMemWarning)
             return new
         schedulers = find_schedulers(config)
         cycling = momentum_schedulers(schedulers)
@@ -497,7 +498,7 @@ class LowMemOptimizerCallback(L.Callback):
         unique = list(dict.fromkeys(notes))
         if not unique:
             if lr_note is not None:
-                rank_zero_warn(lr_note, category=UserWarning)
+                rank_zero_warn(lr_note, category=LowMemWarning)
             return
         target = optimizer_class(self.optimizer_name).__name__
         rank_zero_warn(
@@ -505,7 +506,7 @@ class LowMemOptimizerCallback(L.Callback):
             "settings it could not carry as they were:\n" + "\n".join(f"  - {note}" for note in unique)
             + f"\nSet {target}'s own values with LowMemOptimizerCallback(lr=..., weight_decay=..., "
             "optimizer_kwargs={...})." + ("" if lr_note is None else "\n" + lr_note),
-            category=UserWarning,
+            category=LowMemWarning,
         )
 
     def _patch(self, module: L.LightningModule) -> None:

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 from lowmem_lightning.callbacks.checkpoint_io import use_atomic_checkpoint_io
+from lowmem_lightning.lowmem_warning import LowMemWarning
 
 __all__ = [
     "SIGTERM_CHECKPOINT_NAME", "PreemptionCheckpoint", "PreemptionStop", "non_resumable_train_loaders",
@@ -77,7 +78,8 @@ def save_on_sigterm(trainer: L.Trainer) -> str | None:
         rank_zero_warn(
             f"SIGTERM received at step {trainer.global_step}: the run stops now, and no checkpoint is saved "
             "because no ModelCheckpoint is configured (enable_checkpointing: true and a ModelCheckpoint "
-            "callback make preempted runs resumable)."
+            "callback make preempted runs resumable).",
+            category=LowMemWarning,
         )
         return None
     path = os.path.join(folder, SIGTERM_CHECKPOINT_NAME)
@@ -113,7 +115,8 @@ def warn_if_not_resumable(trainer: L.Trainer) -> bool:
     rank_zero_warn(
         f"The training dataloader ({', '.join(sorted(set(names)))}) cannot save its position, so resuming from a "
         "mid-epoch checkpoint will not be exact (the rest of the epoch is not the same batches); use "
-        "torchdata.stateful_dataloader.StatefulDataLoader (same arguments as DataLoader) for exact resume."
+        "torchdata.stateful_dataloader.StatefulDataLoader (same arguments as DataLoader) for exact resume.",
+        category=LowMemWarning,
     )
     return True
 

@@ -63,6 +63,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
+from lowmem_lightning.lowmem_warning import LowMemWarning
+
 __all__ = ["GradientRelease", "GradientReleaseCallback", "release_refusal", "DEFAULT_BUCKET_BYTES", "TWO_PASS_NOTICE"]
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
@@ -149,7 +151,7 @@ class GradientRelease:
                 f"Gradient release with bucket_bytes={self.bucket_bytes} ({self.bucket_bytes / 2**20:.1f} MiB): all "
                 f"{total / 2**20:.2f} MiB of this optimizer's gradients fit in one bucket, which is updated when "
                 "backward ends, so no gradient memory is saved; set bucket_bytes=0 (each tensor alone; "
-                "LowMemOptimizerCallback(bucket_bytes=0)) or smaller than the gradients.", UserWarning, stacklevel=3)
+                "LowMemOptimizerCallback(bucket_bytes=0)) or smaller than the gradients.", LowMemWarning, stacklevel=3)
 
     @property
     def attached(self) -> bool:

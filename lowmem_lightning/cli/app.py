@@ -45,7 +45,15 @@ from lowmem_lightning.cli.config_edits import (
     type_model_config,
 )
 from lowmem_lightning.cli.held_logs import HeldLogs
-from lowmem_lightning.cli.messages import LowMemArgumentParser, notice, say, short, usage_error, with_setting
+from lowmem_lightning.cli.messages import (
+    LowMemArgumentParser,
+    notice,
+    our_warnings_in_one_line,
+    say,
+    short,
+    usage_error,
+    with_setting,
+)
 from lowmem_lightning.cli.quiet import QUIET_RANKS_ENV, quiet_known_noise
 from lowmem_lightning.cli.recipes import (
     DEFAULT_DATA,
@@ -629,8 +637,18 @@ def parse_fit_config(args: list[str], prog: str = "lowmem fit") -> Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lowmem`` console script; returns the exit code (2 for bad input)."""
+    """Entry point of the ``lowmem`` console script; returns the exit code (2 for bad input). Known third-party
+    noise is dropped and the package's own warnings show as one line each while it runs."""
     quiet_known_noise()
+    restore_warnings = our_warnings_in_one_line()
+    try:
+        return _run_command(argv)
+    finally:
+        restore_warnings()
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
+    """:func:`main`'s work: ``estimate``, or LightningCLI with Lightning's set-up lines held until the run starts."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         return usage_error("expected a subcommand: fit, validate, test, predict or estimate (see lowmem --help).")

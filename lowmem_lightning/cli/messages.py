@@ -3,12 +3,15 @@ config, and the short forms of exceptions and checkpoint differences that its me
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import os
 import re
 import sys
 import textwrap
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
@@ -16,9 +19,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lowmem_lightning.cli.config_edits import import_class
 from lowmem_lightning.cli.resume import UNSET
+from lowmem_lightning.lowmem_warning import LowMemWarning
 
-__all__ = ["LowMemArgumentParser", "condense_message", "for_terminal", "notice", "say", "short", "listing", "shown",
-           "usage_error", "with_setting"]
+__all__ = ["LowMemArgumentParser", "condense_message", "for_terminal", "notice", "our_warnings_in_one_line", "say",
+           "short", "listing", "shown", "usage_error", "with_setting"]
 
 
 NOTICE_HOLDER: Any = None
@@ -63,6 +67,30 @@ def notice(message: str | None) -> None:
         NOTICE_HOLDER.note(for_terminal(f"lowmem: {message}") + "\n")
     else:
         say(f"lowmem: {message}")
+
+
+def our_warnings_in_one_line() -> Callable[[], None]:
+    """Show each :class:`~lowmem_lightning.lowmem_warning.LowMemWarning` (the warnings this package raises) as
+    ``lowmem: warning: MESSAGE`` on stderr, like the command's notices, instead of Python's ``FILE:LINE:
+    UserWarning: MESSAGE`` and the source line; any other warning is shown as before. The warnings filters still
+    decide what is shown (``ignore``, ``once``). Installed by the ``lowmem`` command (the library never changes how
+    warnings show); returns the function that puts the previous ``warnings.showwarning`` back."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not issubclass(category, LowMemWarning):
+            previous(message, category, filename, lineno, file, line)
+            return
+        text = for_terminal(f"lowmem: warning: {message}") + "\n"
+        with contextlib.suppress(OSError, AttributeError):  # as warnings.showwarning: a closed stderr loses it
+            (file or sys.stderr).write(text)
+
+    def restore() -> None:
+        if warnings.showwarning is show:
+            warnings.showwarning = previous
+
+    warnings.showwarning = show
+    return restore
 
 
 

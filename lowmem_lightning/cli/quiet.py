@@ -77,6 +77,10 @@ def quiet_spawned_rank() -> None:
     """:func:`quiet_known_noise` in a process that a ``lowmem`` command started for a rank of its fit
     (``ddp_spawn``: the command sets :data:`QUIET_RANKS_ENV` only while it starts them, after its own import of
     :mod:`lowmem_lightning.cli`); nothing anywhere else. Called on import of :mod:`lowmem_lightning.cli`, before
-    transformers or peft are imported there (the spawned rank's parent is not known yet at that point)."""
+    transformers or peft are imported there (the spawned rank's parent is not known yet at that point). The
+    package's own warnings show there as one line each too, as in the command's process."""
     if os.environ.get(QUIET_RANKS_ENV) == "1":
         quiet_known_noise()
+        from lowmem_lightning.cli.messages import our_warnings_in_one_line
+
+        our_warnings_in_one_line()

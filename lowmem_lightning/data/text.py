@@ -45,6 +45,7 @@ from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lowmem_lightning.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from lowmem_lightning.lowmem_warning import LowMemWarning
 
 __all__ = [
     "TextDataModule",
@@ -420,7 +421,8 @@ class TextDataModule(L.LightningDataModule):
             rank_zero_warn(
                 f"TextDataModule: {dropped} of {keep.numel()} blocks hold no trainable label (prompt or "
                 f"padding only) and are left out; raise seq_len (now {self.seq_len})"
-                + ("." if self.pack else " or set pack=True to keep them.")
+                + ("." if self.pack else " or set pack=True to keep them."),
+                category=LowMemWarning,
             )
         blocks = {k: v[keep] for k, v in blocks.items()}
         try:
@@ -451,7 +453,8 @@ class TextDataModule(L.LightningDataModule):
             rank_zero_warn(
                 "TextDataModule: the data changed since the checkpoint was written, so the resumed run does not "
                 "see the data the checkpoint's run saw (its position in the epoch applies to the new blocks):\n"
-                + "\n".join(f"  - {change}" for change in changes)
+                + "\n".join(f"  - {change}" for change in changes),
+                category=LowMemWarning,
             )
 
     def _loader(self, dataset: TokenBlocks, shuffle: bool) -> StatefulDataLoader:

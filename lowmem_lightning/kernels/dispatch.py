@@ -57,6 +57,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lowmem_lightning.lowmem_warning import LowMemWarning
+
 __all__ = [
     "DispatchSettings",
     "settings",
@@ -404,6 +406,7 @@ class HostStep:
             warnings.warn(
                 f"torch.compile of {self.eager.__qualname__} failed ({type(err).__name__}: {err}); "
                 "running that function eagerly from now on (others still compile).",
+                LowMemWarning,
                 stacklevel=3,
             )
             self._compiled = None

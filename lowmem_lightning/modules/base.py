@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import build_optimizer, optimizer_class
 from lowmem_lightning.optim.state_precision import (
     check_fp32_state,
@@ -205,7 +206,7 @@ class LowMemModule(L.LightningModule):
         ids, unmatched = fp32_state_params(self, self._fp32_state)
         if unmatched:
             rank_zero_warn(unmatched_message(type(self).__name__, self.fp32_state, unmatched, self),
-                           category=UserWarning)
+                           category=LowMemWarning)
         return split_param_groups(groups, ids)[0]
 
     def configure_optimizers(self):

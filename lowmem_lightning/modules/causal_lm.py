@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
+from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.base import LowMemModule
 
 __all__ = [
@@ -586,8 +587,9 @@ class _SaveOnFailure(L.Callback):
             try:
                 path = pl_module.save_model()
             except Exception as err:  # noqa: BLE001 - the original exception is what the user must see
-                rank_zero_warn(f"CausalLMModule: could not save the model to {pl_module.hparams.save_dir}: {err}")
+                rank_zero_warn(f"CausalLMModule: could not save the model to {pl_module.hparams.save_dir}: {err}",
+                               category=LowMemWarning)
                 return
             if path is not None:
                 rank_zero_warn(f"CausalLMModule: fit failed after training ended ({exception!r}); "
-                               f"the trained model was saved to {path}.")
+                               f"the trained model was saved to {path}.", category=LowMemWarning)

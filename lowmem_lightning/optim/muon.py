@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from lowmem_lightning.lowmem_warning import LowMemWarning
+
 from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
 from ..kernels.codec import dequantize_reference, quantize_reference
 from ..kernels.dispatch import dispatch
@@ -214,7 +216,7 @@ class Muon(LowMemOptimizer):
                 "including any embedding or output head (Muon is meant for hidden matrices). Pass "
                 "model.named_parameters() (embeddings and heads are then found by name and take the AdamW part), or "
                 "give those params a group with use_muon=False (use_muon=True silences this).",
-                UserWarning, stacklevel=3)
+                LowMemWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ groups
     def _check_group(self, group: dict) -> None:

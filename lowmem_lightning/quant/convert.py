@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lowmem_lightning.lowmem_warning import LowMemWarning
+
 from .linear4bit import Linear4bit, _check_options, _linear_tensors, _refuse_nonfinite
 
 __all__ = ["quantize_model", "mark_loaded_in_4bit", "LoadedIn4bit"]
@@ -103,6 +105,7 @@ def _bitsandbytes_importable() -> bool:
             "(transformers' num_parameters(), which the HF Trainer calls every step, imports it for 4-bit "
             "models). peft.prepare_model_for_kbit_training therefore does not enable gradient checkpointing: "
             "call model.gradient_checkpointing_enable() and model.enable_input_require_grads() yourself.",
+            LowMemWarning,
             stacklevel=3,
         )
     return found

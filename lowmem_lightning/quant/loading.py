@@ -31,6 +31,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
+from lowmem_lightning.lowmem_warning import LowMemWarning
+
 from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit
 from .linear4bit import (
     _QUANT_BUFFERS,
@@ -492,7 +494,7 @@ def load_pretrained_causal_lm(
     _refuse_nonfinite(flags, dtype)
     if unexpected:
         warnings.warn(f"Checkpoint {str(path)!r} has {len(unexpected)} tensors the model does not use, "
-                      f"e.g. {unexpected[:5]}; they were skipped.", stacklevel=2)
+                      f"e.g. {unexpected[:5]}; they were skipped.", LowMemWarning, stacklevel=2)
     model.tie_weights()
     missing = _still_on_meta(model)
     if missing:

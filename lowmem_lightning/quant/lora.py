@@ -26,6 +26,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from lowmem_lightning.lowmem_warning import LowMemWarning
+
 from .linear4bit import Linear4bit
 
 __all__ = ["LoraLinear4bit", "add_lora", "load_lora", "register_peft_custom_module", "LLAMA_TARGET_MODULES"]
@@ -112,7 +114,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
     def unmerge(self) -> None:
         """Restore the exact 4-bit base layer saved by :meth:`merge`."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            warnings.warn("Already unmerged. Nothing to do.", LowMemWarning, stacklevel=2)
             return
         self.merged_adapters.clear()
         self.base_layer = self._quantized_base.pop()
