@@ -58,23 +58,18 @@ def test_every_warning_the_package_raises_is_a_lowmem_warning():
     assert missing == []
 
 
-def test_one_line_in_the_command_other_warnings_unchanged(capsys, monkeypatch):
-    shown_before = []
-    monkeypatch.setattr(warnings, "showwarning", lambda message, *rest: shown_before.append(str(message)))
+def test_one_line_in_the_command_other_warnings_unchanged():
+    """While installed, ours format as one ``lowmem: warning:`` line; others as before; restore puts it back."""
+    before = warnings.formatwarning
     restore = our_warnings_in_one_line()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.warn("ours\n  - detail", LowMemWarning, stacklevel=1)
-            warnings.warn("theirs", UserWarning, stacklevel=1)
-            warnings.filterwarnings("ignore", message="ignored", category=LowMemWarning)
-            warnings.warn("ignored", LowMemWarning, stacklevel=1)
+        ours = warnings.formatwarning("ours\n  - detail", LowMemWarning, "release.py", 150, "source line")
+        theirs = warnings.formatwarning("theirs", UserWarning, "x.py", 3, "source line")
     finally:
         restore()
-    assert capsys.readouterr().err == "lowmem: warning: ours\n  - detail\n"
-    assert shown_before == ["theirs"]  # shown by the function that showed warnings before
-    warnings.showwarning("after", UserWarning, "f.py", 1)
-    assert shown_before == ["theirs", "after"]  # put back
+    assert ours == "lowmem: warning: ours\n  - detail\n"
+    assert theirs == before("theirs", UserWarning, "x.py", 3, "source line")
+    assert warnings.formatwarning is before
 
 
 def test_lowmem_fit_prints_the_one_bucket_warning_as_one_line(tmp_path):

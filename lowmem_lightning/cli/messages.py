@@ -3,7 +3,6 @@ config, and the short forms of exceptions and checkpoint differences that its me
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import os
@@ -21,8 +20,8 @@ from lowmem_lightning.cli.config_edits import import_class
 from lowmem_lightning.cli.resume import UNSET
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
-__all__ = ["LowMemArgumentParser", "condense_message", "for_terminal", "notice", "our_warnings_in_one_line", "say",
-           "short", "listing", "shown", "usage_error", "with_setting"]
+__all__ = ["LowMemArgumentParser", "condense_message", "for_terminal", "notice", "one_line_for_ours",
+           "our_warnings_in_one_line", "say", "short", "listing", "shown", "usage_error", "with_setting"]
 
 
 NOTICE_HOLDER: Any = None
@@ -69,29 +68,36 @@ def notice(message: str | None) -> None:
         say(f"lowmem: {message}")
 
 
-def our_warnings_in_one_line() -> Callable[[], None]:
-    """Show each :class:`~lowmem_lightning.lowmem_warning.LowMemWarning` (the warnings this package raises) as
-    ``lowmem: warning: MESSAGE`` on stderr, like the command's notices, instead of Python's ``FILE:LINE:
-    UserWarning: MESSAGE`` and the source line; any other warning is shown as before. The warnings filters still
-    decide what is shown (``ignore``, ``once``). Installed by the ``lowmem`` command (the library never changes how
-    warnings show); returns the function that puts the previous ``warnings.showwarning`` back."""
-    previous = warnings.showwarning
+_format_others: Callable[..., str] = warnings.formatwarning
+"""How warnings other than ours are formatted while :func:`one_line_for_ours` formats (the function it replaced)."""
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if not issubclass(category, LowMemWarning):
-            previous(message, category, filename, lineno, file, line)
-            return
-        text = for_terminal(f"lowmem: warning: {message}") + "\n"
-        with contextlib.suppress(OSError, AttributeError):  # as warnings.showwarning: a closed stderr loses it
-            (file or sys.stderr).write(text)
+
+def one_line_for_ours(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` of the ``lowmem`` command: a
+    :class:`~lowmem_lightning.lowmem_warning.LowMemWarning` (the warnings this package raises) as
+    ``lowmem: warning: MESSAGE`` and a newline, like the command's notices, instead of Python's ``FILE:LINE:
+    UserWarning: MESSAGE`` and the source line; any other warning as the replaced function formats it."""
+    if issubclass(category, LowMemWarning):
+        return for_terminal(f"lowmem: warning: {message}") + "\n"
+    return _format_others(message, category, filename, lineno, line)
+
+
+def our_warnings_in_one_line() -> Callable[[], None]:
+    """Install :func:`one_line_for_ours` as ``warnings.formatwarning`` (``warnings.showwarning`` stays: the
+    warnings filters still decide what is shown, and where); returns the function that puts the previous one back.
+    Installed by the ``lowmem`` command only: the library never changes how warnings show. A module-level function,
+    not a closure: a ``ddp_spawn`` rank gets objects that saved it pickled."""
+    global _format_others
+    if warnings.formatwarning is one_line_for_ours:
+        return lambda: None
+    previous = _format_others = warnings.formatwarning
 
     def restore() -> None:
-        if warnings.showwarning is show:
-            warnings.showwarning = previous
+        if warnings.formatwarning is one_line_for_ours:
+            warnings.formatwarning = previous
 
-    warnings.showwarning = show
+    warnings.formatwarning = one_line_for_ours
     return restore
-
 
 
 class LowMemArgumentParser(LightningArgumentParser):
