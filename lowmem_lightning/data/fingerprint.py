@@ -1,8 +1,9 @@
-"""Cheap fingerprints of data files, to say at resume which files changed since a checkpoint.
+"""Cheap fingerprints of data files (and of the chat template), to say at resume what changed since a checkpoint.
 
 A fingerprint is a file's size, modification time and a SHA-256 of its first and last MiB: reading at
 most 2 MiB per file, it catches appends, truncations, replaced files and edits near either end (an edit
-in the middle of a large file that keeps its size shows as a new modification time only).
+in the middle of a large file that keeps its size shows as a new modification time only). A template
+setting that changes how records become tokens (``chat_template``) is kept as its source and SHA-256.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["EDGE_BYTES", "fingerprint", "fingerprints", "describe_changes"]
+__all__ = ["EDGE_BYTES", "fingerprint", "fingerprints", "describe_changes", "template_fingerprint",
+           "describe_template_change"]
 
 EDGE_BYTES = 1 << 20
 """Bytes hashed at each end of a file (1 MiB)."""
@@ -66,3 +68,17 @@ def describe_changes(saved: dict[str, dict], now: dict[str, dict]) -> list[str]:
         if path not in saved and (new["size"], new["edges"]) not in moved:
             out.append(f"{path}: new since the checkpoint")
     return out
+
+
+def template_fingerprint(text: str, source: str) -> dict:
+    """``{"source": source, "sha256": hex digest of text}`` of a template in use (``source``: where it came from)."""
+    return {"source": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def describe_template_change(name: str, saved: dict, now: dict) -> list[str]:
+    """One entry when a template setting differs between ``saved`` and ``now`` (both ``{"source": words,
+    "sha256": hex}``: :func:`template_fingerprint`), else none."""
+    if saved.get("sha256") == now["sha256"]:
+        return []
+    return [f"{name}: {saved.get('source')} (sha256 {str(saved.get('sha256'))[:12]}) -> {now['source']} "
+            f"(sha256 {now['sha256'][:12]}): conversations are rendered differently"]

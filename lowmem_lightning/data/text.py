@@ -3,10 +3,13 @@
 Pipeline (all in ``setup``, once):
 
 1. read documents: each plain-text file is one document; each JSONL line is one record, either
-   ``{"text": ...}`` or ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional);
+   ``{"text": ...}``, ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional), or a
+   conversation, ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT's ``{"conversations": [{"from",
+   "value"}, ...]}`` (:mod:`~lowmem_lightning.data.chat`);
 2. tokenize: a document becomes ``bos, prompt..., completion..., eos``; labels copy the ids except
    the ``bos`` and the prompt (instruction records rendered with the prompt template), which get -100
-   so the loss covers only the response;
+   so the loss covers only the response; a conversation is rendered with its chat template and only
+   its assistant turns (content and end-of-turn marker) keep their labels;
 3. pack: all documents are concatenated and cut into blocks of ``seq_len`` tokens (``pack=True``), or
    each document is cut on its own (``pack=False``); the last block of a stream is right-padded with
    the pad token, ``attention_mask`` 0 and labels -100;
@@ -23,8 +26,9 @@ The shuffle order of each epoch comes from ``seed`` and the epoch number alone
 
 ``check_inputs()`` (called by ``setup`` and, before the Trainer is built, by ``lowmem fit``) reads and
 checks every file: unreadable, empty, binary / non-UTF-8 files, malformed JSONL lines (file:line),
-too little data for the split, and no trainable label at all each raise ``ValueError`` naming the
-file or the setting to change.
+malformed chat records (unknown role, non-string content, no assistant turn; file:line), too little data
+for the split, and no trainable label at all each raise ``ValueError`` naming the file or the setting to
+change.
 
 Batches are dicts of ``[batch_size, seq_len]`` int64 tensors: ``input_ids``, ``labels``,
 ``attention_mask``, ready for ``model(**batch)`` of a Hugging Face causal LM (which shifts the labels).
@@ -44,6 +48,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lowmem_lightning.data.chat import ChatDocument, ChatTemplate, chat_record, read_chat_template
 from lowmem_lightning.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
@@ -121,17 +126,21 @@ def find_data_files(data_path: str) -> list[Path]:
     return files
 
 
-def _render(record: dict, where: str, template: str, template_no_input: str) -> Document:
-    """A JSONL record as a ``Document``; ``ValueError`` naming ``where`` (file:line) when malformed."""
+def _render(record: dict, where: str, template: str, template_no_input: str) -> Document | ChatDocument:
+    """A JSONL record as a ``Document`` (or a ``ChatDocument`` for a conversation); ``ValueError`` naming
+    ``where`` (file:line) when malformed."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
     if isinstance(record.get("text"), str):
         return Document("", record["text"])
+    chat = chat_record(record, where)
+    if chat is not None:
+        return chat
     fields = {k: record.get(k) for k in ("instruction", "input", "output")}
     if not isinstance(fields["instruction"], str) or not isinstance(fields["output"], str):
         raise ValueError(
-            f"{where}: expected a string field 'text', or string fields 'instruction' and 'output' "
-            f"(and optionally 'input'); found keys {sorted(record)}."
+            f"{where}: expected a string field 'text', string fields 'instruction' and 'output' "
+            f"(and optionally 'input'), or a list 'messages' or 'conversations'; found keys {sorted(record)}."
         )
     if fields["input"] is not None and not isinstance(fields["input"], str):
         raise ValueError(f"{where}: field 'input' must be a string, got {type(fields['input']).__name__}.")
@@ -167,10 +176,10 @@ def read_documents(
     files: list[Path],
     template: str = DEFAULT_PROMPT_TEMPLATE,
     template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
-) -> list[Document]:
-    """Every document in ``files``: a plain-text file is one document, a JSONL line one record.
-    ``ValueError`` naming the file (and line) for any file :func:`read_text_file` refuses or any
-    malformed JSONL line."""
+) -> list[Document | ChatDocument]:
+    """Every document in ``files``: a plain-text file is one document, a JSONL line one record (a
+    conversation is a ``ChatDocument``). ``ValueError`` naming the file (and line) for any file
+    :func:`read_text_file` refuses or any malformed JSONL line."""
     docs = []
     for path in files:
         text = read_text_file(path)
@@ -188,8 +197,15 @@ def read_documents(
     return docs
 
 
-def encode_document(doc: Document, tokenizer: ByteTokenizer | HFTokenizer) -> tuple[list[int], list[int]]:
-    """``(ids, labels)`` of ``bos, prompt..., completion..., eos``; labels are -100 on bos and prompt."""
+def encode_document(
+    doc: Document | ChatDocument, tokenizer: ByteTokenizer | HFTokenizer, chat: ChatTemplate | None = None
+) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of ``bos, prompt..., completion..., eos``; labels are -100 on bos and prompt.
+    A ``ChatDocument`` is rendered with ``chat`` (default: ``ChatTemplate(tokenizer)``); its labels are -100
+    except on the tokens of assistant turns."""
+    if isinstance(doc, ChatDocument):
+        ids, trained = (chat or ChatTemplate(tokenizer)).encode(doc)
+        return ids, [i if keep else IGNORE_INDEX for i, keep in zip(ids, trained)]
     head = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     prompt = tokenizer.encode(doc.prompt) if doc.prompt else []
     body = tokenizer.encode(doc.completion) + [tokenizer.eos_token_id]
@@ -350,6 +366,11 @@ class TextDataModule(L.LightningDataModule):
             ``{instruction}`` and ``{input}``. The loss skips the prompt (labels -100).
         prompt_template_no_input: Prompt for instruction records without ``input``; must contain
             ``{instruction}``.
+        chat_template: Chat template for ``messages`` / ``conversations`` records: a Jinja template string
+            (as in a tokenizer's ``chat_template``) or the path of a ``.jinja``, ``.j2`` or ``.txt`` file holding
+            one. ``None`` uses the HF tokenizer's own template, or, for the byte tokenizer and HF tokenizers
+            without one, :data:`~lowmem_lightning.data.chat.DEFAULT_CHAT_TEMPLATE`. The loss covers the
+            assistant turns only.
 
     Raises ``ValueError`` naming the argument when a value is invalid or a path does not exist,
     in the constructor, before anything is read; :meth:`check_inputs` then checks the files' content.
@@ -367,6 +388,7 @@ class TextDataModule(L.LightningDataModule):
         pack: bool = True,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         prompt_template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
+        chat_template: str | None = None,
     ):
         super().__init__()
         if not isinstance(data_path, (str, Path)):
@@ -383,8 +405,11 @@ class TextDataModule(L.LightningDataModule):
             raise TypeError(f"Invalid pack={pack!r}: expected True or False.")
         _check_template(prompt_template, "prompt_template", ("instruction", "input"))
         _check_template(prompt_template_no_input, "prompt_template_no_input", ("instruction",))
+        given_chat = None if chat_template is None else read_chat_template(chat_template)
         self.files = find_data_files(str(data_path))
         self.tokenizer = load_tokenizer(tokenizer)
+        self.chat = ChatTemplate(self.tokenizer, given_chat, setting=chat_template)
+        self.has_chat = False  # whether the data read holds conversations (set by check_inputs)
         self.save_hyperparameters()
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.val_fraction, self.seed, self.pack = float(val_fraction), seed, pack
@@ -406,7 +431,8 @@ class TextDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
-        encoded = [encode_document(d, self.tokenizer) for d in docs]
+        encoded = [encode_document(d, self.tokenizer, self.chat) for d in docs]
+        self.has_chat = any(isinstance(d, ChatDocument) for d in docs)
         blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack)
         keep = trainable_blocks(blocks["labels"])
         if not bool(keep.any()):
@@ -438,17 +464,25 @@ class TextDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         """What checkpoints keep of the data module: a cheap fingerprint of every data file (size,
-        modification time, hash of its first and last MiB; :mod:`~lowmem_lightning.data.fingerprint`)."""
+        modification time, hash of its first and last MiB; :mod:`~lowmem_lightning.data.fingerprint`) and,
+        when the data holds conversations, of the chat template in use (its source and SHA-256)."""
         from lowmem_lightning.data.fingerprint import fingerprints
 
-        return {"data_files": fingerprints(self.files)}
+        state = {"data_files": fingerprints(self.files)}
+        if self.has_chat:
+            state["chat_template"] = self.chat.fingerprint()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """At resume: warn, in one message naming each file, when data files changed since the checkpoint."""
-        from lowmem_lightning.data.fingerprint import describe_changes, fingerprints
+        """At resume: warn, in one message naming each file (and the chat template), when data files or the
+        chat template changed since the checkpoint."""
+        from lowmem_lightning.data.fingerprint import describe_changes, describe_template_change, fingerprints
 
         saved = state_dict.get("data_files") if isinstance(state_dict, dict) else None
         changes = describe_changes(saved, fingerprints(self.files)) if isinstance(saved, dict) else []
+        saved_chat = state_dict.get("chat_template") if isinstance(state_dict, dict) else None
+        if isinstance(saved_chat, dict):
+            changes += describe_template_change("chat_template", saved_chat, self.chat.fingerprint())
         if changes:
             rank_zero_warn(
                 "TextDataModule: the data changed since the checkpoint was written, so the resumed run does not "
