@@ -106,10 +106,10 @@ def test_help_lists_estimate_with_whole_sentences(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "{fit,validate,test,predict,estimate}" in out
+    assert "{fit,validate,test,predict,export,estimate}" in out
     assert max(len(line) for line in out.splitlines()) <= 80
-    helps = re.findall(r"^    (fit|validate|test|predict|estimate) +(.*(?:\n {24}.*)*)", out, re.M)
-    assert [name for name, _ in helps] == ["fit", "validate", "test", "predict", "estimate"]
+    helps = re.findall(r"^    (fit|validate|test|predict|export|estimate) +(.*(?:\n {24}.*)*)", out, re.M)
+    assert [name for name, _ in helps] == ["fit", "validate", "test", "predict", "export", "estimate"]
     for name, text in helps:
         assert " ".join(text.split()).endswith("."), (name, text)  # a whole sentence, not a cut docstring
 

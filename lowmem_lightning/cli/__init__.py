@@ -6,6 +6,7 @@
     lowmem fit --config qlora_7b.yaml --model.model_name_or_path /path/to/llama-2-7b-hf
     lowmem fit --config tiny.yaml --optim came --lr 1e-3
     lowmem estimate --config qlora_7b.yaml --budget-gb 8
+    lowmem export --config tiny.yaml --ckpt_path run.ckpt --save_dir tiny-hf   # a checkpoint as an HF directory
 
 * Model and data are chosen by ``class_path`` (ours or any importable LightningModule /
   LightningDataModule); the defaults are ``CausalLMModule`` and ``TextDataModule``.
@@ -31,6 +32,8 @@
 * A run stopped by SIGTERM exits with code 143 (after saving ``last.ckpt`` when it checkpoints).
 * ``lowmem test`` reports the held-out loss of a checkpoint; ``lowmem predict`` prints greedy continuations of
   held-out prompts as JSON lines (``CausalLMModule`` with ``TextDataModule``).
+* ``lowmem export`` writes a checkpoint's model as a Hugging Face directory (adapter, merged or full model, and
+  the tokenizer) through the module's end-of-fit saver (:mod:`~lowmem_lightning.cli.export`).
 
 Modules: :mod:`~lowmem_lightning.cli.app` (the LightningCLI and :func:`main`),
 :mod:`~lowmem_lightning.cli.recipes` (the command line before parsing: recipes, default classes),
@@ -44,7 +47,8 @@ and ``--model_from_ckpt`` against the run; a new lr after a resume),
 :mod:`~lowmem_lightning.cli.resume` (a ``--ckpt_path`` checked before anything is built: the file, and its
 model against the run's; ``--model_from_ckpt``), :mod:`~lowmem_lightning.cli.versions` (each run claims its
 own ``version_N``),
-:mod:`~lowmem_lightning.cli.estimate` (``lowmem estimate``), :mod:`~lowmem_lightning.cli.quiet`
+:mod:`~lowmem_lightning.cli.estimate` (``lowmem estimate``),
+:mod:`~lowmem_lightning.cli.export` (``lowmem export``), :mod:`~lowmem_lightning.cli.quiet`
 (known third-party noise).
 """
 

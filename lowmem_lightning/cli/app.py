@@ -44,6 +44,7 @@ from lowmem_lightning.cli.config_edits import (
     optimizer_entries,
     type_model_config,
 )
+from lowmem_lightning.cli.export import EXPORT_HELP, ExportMixin
 from lowmem_lightning.cli.held_logs import HeldLogs
 from lowmem_lightning.cli.messages import (
     LowMemArgumentParser,
@@ -88,12 +89,13 @@ SUBCOMMAND_HELP = {
     "validate": "Run one evaluation pass over the validation set.",
     "test": "Run one evaluation pass over the test set.",
     "predict": "Run inference over the predict set and return the predictions.",
+    "export": EXPORT_HELP,
     "estimate": "Memory a recipe needs with each optimizer (model built on the meta device, no weights read).",
 }
 """One-line help of each subcommand in ``lowmem --help`` (whole sentences, not cut docstrings)."""
 
 
-class LowMemCLI(ResumeArgsMixin, LightningCLI):
+class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
     """LightningCLI for lowmem-lightning: any LightningModule / LightningDataModule by ``class_path``
     (default ``CausalLMModule`` / ``TextDataModule``), optimizer through ``LowMemOptimizerCallback``
     (``--optim``/``--lr`` shortcut), rich progress bar by default, config errors as short messages.
@@ -115,7 +117,7 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         parser_kwargs.setdefault("prog", "lowmem")
         parser_kwargs.setdefault("description", DESCRIPTION.format(
             recipes=", ".join(bundled_recipes()) or "none", optimizers=", ".join(available_optimizers())))
-        for name in SUBCOMMANDS:
+        for name in self.subcommands():  # LightningCLI's; export's parser is made by _add_export_subcommand
             parser_kwargs.setdefault(name, {}).setdefault("description", SUBCOMMAND_HELP[name])
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
@@ -140,12 +142,13 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
             sys.argv = saved_argv
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """LightningCLI's subcommands, and ``estimate`` listed with them (``main`` runs it before
-        LightningCLI, so this parser only documents it)."""
+        """LightningCLI's subcommands, ``export`` (:mod:`~lowmem_lightning.cli.export`), and ``estimate`` listed with
+        them (``main`` runs it before LightningCLI, so this parser only documents it)."""
         super()._add_subcommands(parser, **kwargs)
         action = parser._subcommands_action
         if action is None:
             return
+        self._add_export_subcommand(action)
         if "estimate" not in action.choices:
             estimate = LowMemArgumentParser(prog="lowmem estimate", description=SUBCOMMAND_HELP["estimate"])
             action.add_subcommand("estimate", estimate, help=SUBCOMMAND_HELP["estimate"])
@@ -209,6 +212,8 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         """Apply ``--optim``/``--lr``/``--step_in_backward``, check optimizer names, and resolve
         recipe-relative paths."""
         cfg = self._subconfig()
+        if self.subcommand == "export" and self.check_weights:
+            self._prepare_export(cfg)
         self._apply_optim_shortcut(cfg)
         self._check_optimizer_callbacks(cfg)
         self._resolve_relative_paths(cfg)
@@ -370,7 +375,7 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         """Check the data module's inputs (``check_inputs()``, when it has one: files read, tokenized,
         checked) before the Trainer and its loggers exist, then build the Trainer."""
         check = getattr(getattr(self, "datamodule", None), "check_inputs", None)
-        if callable(check):
+        if callable(check) and self.subcommand != "export":  # export reads no data (the tokenizer only)
             check()
         return super().instantiate_trainer(**kwargs)
 
@@ -397,7 +402,10 @@ class LowMemCLI(ResumeArgsMixin, LightningCLI):
         ``MisconfigurationException`` raised before the sanity check, training or evaluation begins (a refusal:
         optimizer, precision, strategy, checkpoint) ends with one message and exit code 2, and the
         directories the run created are removed (when they hold only the config and the logger's first
-        files). ``LOWMEM_TRACEBACK=1`` re-raises."""
+        files). ``LOWMEM_TRACEBACK=1`` re-raises. ``export`` runs no Trainer method (:meth:`_run_export`)."""
+        if subcommand == "export":
+            self._run_export()
+            return
         claimed = claim_version_dirs(self.trainer)  # runs started together never share a version folder
         created = new_paths(self._run_paths())
         created += [outer for _, outer in claimed if outer not in created]

@@ -29,7 +29,8 @@ import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-__all__ = ["Candidate", "checkpoint_dirs", "checkpoint_step", "newest_checkpoint", "refusal", "resume_notice"]
+__all__ = ["Candidate", "checkpoint_dirs", "checkpoint_step", "newest_checkpoint", "newest_any_checkpoint",
+           "recorded_best", "refusal", "resume_notice"]
 
 _STEP = re.compile(r"(?:^|[-_])step=(\d+)")
 
@@ -163,6 +164,32 @@ def newest_checkpoint(dirs: list[str]) -> tuple[Candidate | None, int]:
             return replace(candidate, skipped=tuple(skipped)), len(found)
         skipped.append(candidate.path)
     return (replace(found[0], weights_only=True), len(found)) if found else (None, 0)
+
+
+def newest_any_checkpoint(dirs: list[str]) -> str | None:
+    """The complete checkpoint of highest step (then newest file) under ``dirs``, full or weights-only (``lowmem
+    export`` needs the weights only); ``None`` when there is none. Reads no tensor (as :func:`newest_checkpoint`)."""
+    found = [(step, path.stat().st_mtime, str(path)) for path in _checkpoints(dirs)
+             if (step := checkpoint_step(path)) is not None]
+    return max(found)[2] if found else None
+
+
+def recorded_best(dirs: list[str]) -> str | None:
+    """The ``best_model_path`` that the newest full checkpoint under ``dirs`` recorded for a ``ModelCheckpoint`` with a
+    ``monitor`` (its callback state), when that file still exists; ``None`` otherwise. Weights-only checkpoints hold no
+    callback state and are passed over; only the newest files are read (memory-mapped), down to the first with one."""
+    found = sorted(((step, path.stat().st_mtime, path) for path in _checkpoints(dirs)
+                    if (step := checkpoint_step(path)) is not None), key=lambda item: item[:2], reverse=True)
+    for _, _, path in found:
+        states = (_metadata(path) or {}).get("callbacks")
+        if not isinstance(states, dict):
+            continue
+        best = [state.get("best_model_path") for key, state in states.items()
+                if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor")]
+        best = [b for b in best if isinstance(b, str) and b and os.path.isfile(b)]
+        if best:
+            return best[0]
+    return None
 
 
 def resume_notice(found: Candidate, count: int, where: str) -> str:

@@ -21,8 +21,9 @@ DEFAULT_MODEL = "lowmem_lightning.modules.causal_lm.CausalLMModule"
 DEFAULT_DATA = "lowmem_lightning.data.text.TextDataModule"
 """``class_path`` of the data module when a config names none."""
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
-"""The subcommands LightningCLI runs (``estimate`` is run by :func:`~lowmem_lightning.cli.app.main` itself)."""
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "export")
+"""The subcommands of the LightningCLI parser (``export`` is :mod:`~lowmem_lightning.cli.export`'s; ``estimate`` is
+run by :func:`~lowmem_lightning.cli.app.main` itself)."""
 
 
 def bundled_recipes() -> list[str]:

@@ -65,9 +65,11 @@ class ResumeArgsMixin:
         if not cfg.get("model_from_ckpt"):
             config = saved_config_next_to(ckpt_path)
             also = f", or run with --config {config} (the config saved with that run)" if config else ""
+            keep = ("" if self.config.get("subcommand") == "export"
+                    else "; to keep this run's model, start without --ckpt_path")
+            verb = "export" if self.config.get("subcommand") == "export" else "resume"
             self._error(f"ckpt_path={ckpt_path!r} was saved from a different model than this run's: {differing}. "
-                        f"To resume with the checkpoint's model, add --model_from_ckpt true{also}; to keep this "
-                        "run's model, start without --ckpt_path.")
+                        f"To {verb} with the checkpoint's model, add --model_from_ckpt true{also}{keep}.")
         explicit = [(key, a, b) for key, a, b in diffs if self._explicit_model_flag(key)]
         if explicit:
             key, a, b = explicit[0]
@@ -80,27 +82,30 @@ class ResumeArgsMixin:
                 f"{ckpt_path}.")
 
 
-    def _check_resolved(self, path: str | None) -> None:
-        """The checkpoint ``--ckpt_path last`` chose, checked like a ``--ckpt_path FILE`` (the model is
-        built already, so a checkpoint of another model is refused, naming how to resume it explicitly)."""
+    def _check_resolved(self, path: str | None, subcommand: str = "fit", keyword: str = "last") -> None:
+        """The checkpoint ``--ckpt_path last`` (``keyword``) chose for ``subcommand``, checked like a ``--ckpt_path
+        FILE`` (the model is built already, so a checkpoint of another model is refused, naming how to use it
+        explicitly); only ``fit`` needs a resumable one."""
         if path is None:
             return
-        problem, checkpoint = checkpoint_problem(path, resume=True)
+        problem, checkpoint = checkpoint_problem(path, resume=subcommand == "fit")
         if problem:
-            self._error(f"ckpt_path='last' chose {path}, which {problem.removeprefix(f'ckpt_path={path!r} ')}")
+            self._error(f"ckpt_path={keyword!r} chose {path}, which {problem.removeprefix(f'ckpt_path={path!r} ')}")
         saved = checkpoint.get("hyper_parameters") if checkpoint is not None else None
-        init = self._init(self.config["fit"], "model")
+        init = self._init(self.config[subcommand], "model")
         diffs = (model_differences(real_paths(saved), real_paths(init.as_dict()))
                  if isinstance(saved, dict) and init is not None else [])
         if diffs:
-            self._error(f"ckpt_path='last' chose {path}, saved from a different model than this run's: "
-                        f"{listing(diffs)}. "
-                        f"Resume it with --ckpt_path {path} --model_from_ckpt true, or log this run elsewhere "
-                        "(another trainer.logger name) to start fresh.")
+            how = "Export it with" if subcommand == "export" else "Resume it with"
+            fresh = ("" if subcommand == "export"
+                     else ", or log this run elsewhere (another trainer.logger name) to start fresh")
+            self._error(f"ckpt_path={keyword!r} chose {path}, saved from a different model than this run's: "
+                        f"{listing(diffs)}. {how} --ckpt_path {path} --model_from_ckpt true{fresh}.")
 
-    def _chosen_logger_version(self) -> int | str | None:
-        """The first logger's ``version`` as configured (``--trainer.logger.init_args.version``), else ``None``."""
-        logger = self.config["fit"]["trainer"].get("logger")
+    def _chosen_logger_version(self, subcommand: str = "fit") -> int | str | None:
+        """The first logger's ``version`` as configured (``--trainer.logger.init_args.version``) in ``subcommand``'s
+        config, else ``None``."""
+        logger = self.config[subcommand]["trainer"].get("logger")
         first = logger[0] if isinstance(logger, list) and logger else logger
         init = first.get("init_args") if isinstance(first, Namespace) else None
         return init.get("version") if isinstance(init, Namespace) else None
