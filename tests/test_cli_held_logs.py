@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import subprocess
 import sys
 
@@ -47,6 +48,23 @@ class _LoggedSummary(ModelSummary):
     @staticmethod
     def summarize(*args, **kwargs) -> None:
         logging.getLogger("lightning.pytorch").info("THE SUMMARY")
+
+
+def test_take_text_hands_the_held_lines_over_and_a_pickled_hold_holds_nothing(lightning_stream, capsys):
+    """Under ``ddp_spawn`` the held lines go to the ranks as text (rank 0 prints them when its run starts), and the
+    hold itself, pickled with the CLI, arrives empty (its handlers and locks cannot travel)."""
+    held = HeldLogs().hold()
+    try:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False, used: False")
+        messages.notice("a notice")
+        assert held.take_text() == "GPU available: False, used: False\nlowmem: a notice\n"
+        logging.getLogger("lightning.pytorch").info("later")  # still held
+        clone = pickle.loads(pickle.dumps(held))
+        assert clone.records == [] and not clone.holding and held.holding
+        assert held.take_text() == "later\n"
+    finally:
+        held.release()
+    assert lightning_stream.getvalue() == "" and capsys.readouterr().err == ""
 
 
 def test_model_summary_is_held_and_printed_after_the_setup_lines(lightning_stream):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
-import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -19,6 +19,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.multiprocessing import ProcessRaisedException
 
@@ -410,8 +411,6 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         created = new_paths(self._run_paths())
         created += [outer for _, outer in claimed if outer not in created]
         spawns = _spawns_ranks(self.trainer)
-        if spawns and self.held_logs is not None:  # the ranks run in new processes: the hold cannot travel there
-            self.held_logs.release()
         started = _RunStarted(self.held_logs, subcommand)
         self.trainer.callbacks.append(started)
         if self.held_logs is not None and not spawns:  # the summary prints at on_fit_start: after the set-up lines
@@ -424,7 +423,7 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
                 try:
                     super()._run_subcommand(subcommand)
                 except ProcessRaisedException as err:  # in a spawned rank: a refusal is handled as one here
-                    raise (_rank_refusal(err) or err) from err
+                    raise (started.rank_refusal or err) from err
         except (ValueError, TypeError, MisconfigurationException) as err:
             if started.started or os.environ.get("LOWMEM_TRACEBACK"):
                 raise
@@ -434,6 +433,7 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
                 "LOWMEM_TRACEBACK=1 shows where it was raised)")
             raise SystemExit(2) from None
         except BaseException:  # a refusal in before_fit (exit 2), or an evaluation that failed
+            started.show_unprinted_setup()
             if not started.started or subcommand != "fit":
                 remove_new_paths(created)  # only folders holding nothing but set-up files
             raise
@@ -479,6 +479,7 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
             callbacks = [*callbacks, StepsAwareRichProgressBar(console_kwargs=self._bar_console())]
         trainer = super()._instantiate_trainer(config, callbacks)
         use_atomic_checkpoint_io(trainer)  # checkpoints complete or absent, a full disk named (issue 25)
+        _report_rank_refusals(trainer)  # ddp_spawn: a rank's refusal comes back as data
         return trainer
 
 
@@ -494,25 +495,9 @@ def _drop_checkpoint_dirpath_note(subcommand: str) -> None:
                             module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
 
 
-_RANK_REFUSAL = re.compile(r"^(ValueError|TypeError|(?:[\w.]+\.)?MisconfigurationException): ", re.MULTILINE)
-
-
-def _rank_refusal(err: ProcessRaisedException) -> Exception | None:
-    """The ``ValueError``/``TypeError``/``MisconfigurationException`` a spawned rank raised last (its message),
-    read from the traceback text torch sends back; ``None`` when the rank raised anything else."""
-    text = str(err)
-    found = list(_RANK_REFUSAL.finditer(text))
-    if not found or "Traceback (most recent call last)" in text[found[-1].end():]:
-        return None
-    kinds = {"ValueError": ValueError, "TypeError": TypeError}
-    return kinds.get(found[-1].group(1), MisconfigurationException)(text[found[-1].end():].strip())
-
-
 def _spawns_ranks(trainer: Any) -> bool:
     """Whether the Trainer's strategy starts its ranks in new processes that receive the pickled Trainer
     (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: Lightning's ``_MultiProcessingLauncher``)."""
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
     return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
@@ -533,36 +518,68 @@ def _spawned_ranks_quiet(spawns: bool):
             os.environ[QUIET_RANKS_ENV] = saved
 
 
+REFUSALS = (ValueError, TypeError, MisconfigurationException)
+"""What a run raises before it starts when it refuses its input: one message and exit code 2 (``_run_subcommand``)."""
+
+
 class _RunStarted(L.Callback):
     """Records that a run got past its set-up (the sanity check, training or the evaluation loop began: the
     CLI's refusal handling applies only before that) and then prints Lightning's held set-up messages.
-    A copy pickled into a spawned rank holds nothing (log handlers hold locks; the main process released them)
-    and drops there the ``subcommand``'s ModelCheckpoint note that the command drops
+
+    Under ``ddp_spawn`` / ``ddp_fork`` (:meth:`prepare_ranks`) the ranks run in other processes: the lines held here
+    go to them as text and rank 0 prints them when its run starts, each rank holds its own set-up lines likewise,
+    and a rank says on a pipe that its run started, or sends the refusal it raised before that (its kind and
+    message: :attr:`rank_refusal`), through :class:`_RefusalReportingLauncher`. A copy pickled into a spawned rank
+    drops there the ``subcommand``'s ModelCheckpoint note that the command drops
     (:func:`_drop_checkpoint_dirpath_note`)."""
 
     def __init__(self, held: HeldLogs | None = None, subcommand: str | None = None) -> None:
         self._started = False
         self.held = held
         self.subcommand = subcommand
-        self._reader: Any = None  # here: a spawned rank says on it that its run started
-        self._writer: Any = None  # in a spawned rank: where it says so
+        self.held_text = ""  # under ranks: the lines held here before they started, printed by rank 0
+        self._refusal: Exception | None = None  # here: the first refusal a rank sent
+        self._reader: Any = None  # here: where the ranks say that their run started, or send their refusal
+        self._writer: Any = None  # in a rank: where it says so
+
+    def prepare_ranks(self) -> None:
+        """Before the ranks are started: open the pipe they report on and take the held lines as text (rank 0
+        prints it once its run starts; :meth:`show_unprinted_setup` here if no rank's run started)."""
+        self._reader, self._writer = multiprocessing.Pipe(duplex=False)
+        if self.held is not None:
+            self.held_text = self.held.take_text()
+
+    def _read_pipe(self) -> None:
+        while self._reader is not None and self._reader.poll():
+            kind, *refusal = self._reader.recv()
+            if kind == "started":
+                self._started = True
+            elif self._refusal is None:
+                self._refusal = refusal[0](refusal[1])
 
     @property
     def started(self) -> bool:
-        """Whether the run got past its set-up, here or (``ddp_spawn``) in a spawned rank."""
-        while self._reader is not None and self._reader.poll():
-            self._started = bool(self._reader.recv()) or self._started
+        """Whether the run got past its set-up, here or in a rank."""
+        self._read_pipe()
         return self._started
 
+    @property
+    def rank_refusal(self) -> Exception | None:
+        """The refusal a rank raised before its run started, as an exception of its kind (``ValueError``,
+        ``TypeError`` or ``MisconfigurationException``) with its message; ``None`` when no rank sent one."""
+        self._read_pipe()
+        return self._refusal
+
+    def show_unprinted_setup(self) -> None:
+        """Print the held lines that went to the ranks as text when no rank's run started (so never printed)."""
+        if self.held_text and not self.started:
+            sys.stderr.write(self.held_text)
+            self.held_text = ""
+
     def __getstate__(self) -> dict:
-        """The state sent to a spawned rank: without the held records (handlers, locks, closures), with the
-        sending end of a pipe that tells this process when the rank's run starts."""
-        state = {**self.__dict__, "held": None, "_reader": None, "_writer": None}
-        if multiprocessing.context.get_spawning_popen() is not None:
-            if self._reader is None:
-                self._reader, self._writer = multiprocessing.Pipe(duplex=False)
-            state["_writer"] = self._writer
-        return state
+        """The state sent to a spawned rank: without the held records (handlers, locks, closures) or the reading end
+        of the pipe."""
+        return {**self.__dict__, "held": None, "_reader": None}
 
     def __setstate__(self, state: dict) -> None:
         """In a spawned rank: the warning filter the command set in its own process, set in this one too."""
@@ -570,32 +587,131 @@ class _RunStarted(L.Callback):
         if self.subcommand:
             _drop_checkpoint_dirpath_note(self.subcommand)
 
-    def _start(self) -> None:
+    def enter_rank(self) -> None:
+        """In a rank, before its run: hold its own set-up lines (a forked rank first drops the copy of the command's
+        hold it inherited)."""
+        if self.held is not None:
+            self.held.discard()
+        self.held = HeldLogs().hold()
+
+    def refused(self, err: BaseException) -> None:
+        """In a rank whose run did not start: send ``err``'s kind and message to the command; drop the held lines."""
+        if self._started:
+            return
+        kind = next(k for k in REFUSALS if isinstance(err, k))
+        if self._writer is not None:
+            self._writer.send(("refused", kind, short(err)))
+        if self.held is not None:
+            self.held.discard()
+
+    def leave_rank(self) -> None:
+        """In a rank, after its run (or its failure): print what it still holds."""
+        if self.held is not None:
+            self.held.release()
+
+    def _start(self, trainer: Any) -> None:
         if self._writer is not None and not self._started:
-            self._writer.send(True)
+            self._writer.send(("started",))
         self._started = True
+        if self.held_text and trainer.global_rank == 0:
+            sys.stderr.write(self.held_text)
+            self.held_text = ""
         if self.held is not None:
             self.held.release()
 
     def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
         """The sanity check begins: the fit is past its set-up."""
-        self._start()
+        self._start(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Training begins: the fit is past its set-up."""
-        self._start()
+        self._start(trainer)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         """``lowmem validate`` (or a fit's first validation) begins."""
-        self._start()
+        self._start(trainer)
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         """``lowmem test`` begins."""
-        self._start()
+        self._start(trainer)
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         """``lowmem predict`` begins."""
-        self._start()
+        self._start(trainer)
+
+
+TORCH_SPAWN_LOGGER = "torch.multiprocessing.spawn"
+"""The logger of torch's rank launcher: it warns "Terminating process N via signal SIGTERM" when a rank fails."""
+
+
+class _LoggerHold(logging.Filter):
+    """Within ``with``: the records logged on the logger ``name`` are kept, and logged at the end (unless dropped
+    from :attr:`records` meanwhile)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.logger = logging.getLogger(name)
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def __enter__(self) -> _LoggerHold:
+        self.logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeFilter(self)
+        for record in self.records:
+            self.logger.handle(record)
+
+
+class _RefusalReportingLauncher(_MultiProcessingLauncher):
+    """Lightning's launcher of ``ddp_spawn`` / ``ddp_fork`` ranks, whose ranks hold their set-up lines and report a
+    refusal raised before their run started to the command as data (its kind and message, on the pipe of the
+    Trainer's :class:`_RunStarted`), not as traceback text."""
+
+    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        """Here, as the ranks are started: the Trainer's :class:`_RunStarted` opens its pipe and hands them the
+        held lines (:meth:`_RunStarted.prepare_ranks`)."""
+        started = _run_started(trainer)
+        if started is None:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        started.prepare_ranks()
+        with _LoggerHold(TORCH_SPAWN_LOGGER) as hold:
+            try:
+                return super().launch(function, *args, trainer=trainer, **kwargs)
+            except ProcessRaisedException:
+                if started.rank_refusal is not None:
+                    hold.records.clear()  # "Terminating process N via signal SIGTERM": the other ranks, refused too
+                raise
+
+    def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        started = _run_started(trainer)
+        if started is None:
+            return super()._wrapping_function(process_idx, trainer, *args, **kwargs)
+        started.enter_rank()
+        try:
+            return super()._wrapping_function(process_idx, trainer, *args, **kwargs)
+        except REFUSALS as err:
+            started.refused(err)
+            raise
+        finally:
+            started.leave_rank()
+
+
+def _run_started(trainer: Any) -> _RunStarted | None:
+    """The :class:`_RunStarted` among ``trainer``'s callbacks (the ``lowmem`` command adds one), or ``None``."""
+    return next((c for c in getattr(trainer, "callbacks", None) or [] if isinstance(c, _RunStarted)), None)
+
+
+def _report_rank_refusals(trainer: Any) -> None:
+    """Give a Trainer that starts its ranks with Lightning's ``_MultiProcessingLauncher`` a
+    :class:`_RefusalReportingLauncher` instead (the same start method)."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if type(launcher) is _MultiProcessingLauncher:
+        trainer.strategy._launcher = _RefusalReportingLauncher(trainer.strategy, start_method=launcher._start_method)
 
 
 class _ParseOnlyCLI(LowMemCLI):

@@ -18,6 +18,8 @@ warnings filters still decide which are shown (a ``once`` warning is counted whe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 import warnings
@@ -53,6 +55,11 @@ class HeldLogs:
         self._holding_warnings = False
         self._showwarning: Callable[..., None] = warnings.showwarning  # the one replaced by :meth:`_show_warning`
         self._shower = self._show_warning  # one bound method: ``warnings.showwarning is self._shower`` holds
+
+    def __reduce__(self) -> tuple:
+        """Pickled (into a ``ddp_spawn`` rank, with the objects that refer to it: the CLI, its parser): a new
+        ``HeldLogs`` that holds nothing; the records, handlers and locks stay in this process."""
+        return (HeldLogs, ())
 
     def _show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         """``warnings.showwarning`` while holding: the warning is shown (by the function this one replaced) at
@@ -121,6 +128,21 @@ class HeldLogs:
     def holding(self) -> bool:
         """Whether records are being held now."""
         return bool(self._filters) or messages.NOTICE_HOLDER is self or self._holding_warnings
+
+    def take_text(self) -> str:
+        """The records held so far as the text they print (stderr's), removed from the hold, which goes on. For a
+        process that cannot take the records themselves (a ``ddp_spawn`` rank prints them once its run starts)."""
+        records, self.records = self.records, []
+        out = io.StringIO()
+        with contextlib.redirect_stderr(out):
+            for handler, record in records:
+                if callable(record):
+                    record()
+                elif handler is None:
+                    out.write(record)
+                else:
+                    out.write(handler.format(record) + getattr(handler, "terminator", "\n"))
+        return out.getvalue()
 
     def release(self) -> None:
         """Stop holding and print the held records through their handlers, oldest first."""
