@@ -348,6 +348,44 @@ def test_adafactor_with_an_lr_follows_an_lr_scheduler():
     assert opt.effective_lr() == [pytest.approx(1e-2 / 4)]  # the lr of the last step taken
 
 
+class _RelativeStepAdafactorProject(L.LightningModule):
+    """A user's project: our Adafactor at its defaults (relative step, no lr) under a cosine schedule."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        opt = optimizer_class("adafactor")(self.parameters())
+        return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)]
+
+
+def test_relative_step_adafactor_under_an_lr_scheduler_says_why_before_updating(tmp_path):
+    """transformers' ``Adafactor(lr=None)`` under a torch LR scheduler fails inside the scheduler with ``TypeError:
+    unsupported operand type(s) for -: 'NoneType' and 'float'`` (its answer is a special ``AdafactorSchedule``).
+    Ours: the first ``step()`` refuses, naming the group and the settings that let a scheduler drive the lr, before
+    any group is updated (the second group holds the scheduler's mark, the first is left as it was); in a
+    Lightning project the fit stops with that message."""
+    w, v = _param(40, 130), _param(64, seed=1)
+    opt = build_optimizer("adafactor", [{"params": [w]}, {"params": [v]}])
+    opt.param_groups[1]["initial_lr"] = None  # what LRScheduler.__init__ records
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"LR scheduler on Adafactor param group 1: lr=None \(relative_step=True.*"
+                                         r"lr=1e-3, relative_step=False, scale_parameter=False.*or use no LR"):
+        _steps(opt, [w, v], 1)
+    assert torch.equal(w, before)
+
+    x = torch.randn(8, 16)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"LR scheduler on Adafactor param group 0: lr=None"):
+        trainer.fit(_RelativeStepAdafactorProject(), DataLoader(TensorDataset(x, x[:, :1]), batch_size=4))
+
+
 # ---------------------------------------------------------------------------------------------- AdEMAMix
 def test_ademamix_zero_warmup_is_refused_and_a_scheduled_state_round_trips():
     """bitsandbytes-foundation/bitsandbytes#1861 (fixes #1382): ``t_alpha=0`` / ``t_beta3=0`` divided by zero, and

@@ -176,7 +176,9 @@ class Adafactor(LowMemOptimizer):
 
     # ------------------------------------------------------------------ step
     def _begin_group(self, group: dict, per_device: list) -> None:
-        """The group's device step size (written by the first tensor's update) lives on the first device."""
+        """The group's device step size (written by the first tensor's update) lives on the first device. Every
+        group is checked for an LR scheduler it cannot take before the first is updated."""
+        _check_no_lr_schedule(self.param_groups)
         _effective_lr_tensor(group, per_device[0][0][1])
 
     def _finish_group(self, group: dict) -> None:
@@ -264,6 +266,22 @@ def _check_step_rule(lr, relative_step, warmup_init) -> None:
             f"{'' if lr is None else f', lr={lr!r}'}): warmup_init warms up the relative step size; with an lr of "
             "your own, pass warmup_init=False and warm up with an LR scheduler (transformers' recommended "
             "lr=1e-3, relative_step=False, warmup_init=True cannot be combined)."
+        )
+
+
+def _check_no_lr_schedule(groups: list[dict]) -> None:
+    """Refuse an LR scheduler on a group that has no lr to schedule (``lr=None``, Adafactor's relative step).
+
+    torch's ``LRScheduler`` records ``initial_lr`` (here ``None``) in every group it is built on, then fails at its
+    first arithmetic on it with ``TypeError: unsupported operand type(s) ... 'NoneType'`` (transformers' Adafactor
+    gives the same); the first ``step()`` of this optimizer comes before that and says why, with the fix."""
+    index = next((i for i, group in enumerate(groups) if group["lr"] is None and "initial_lr" in group), None)
+    if index is not None:
+        raise ValueError(
+            f"Invalid LR scheduler on Adafactor param group {index}: lr=None (relative_step=True: Adafactor computes "
+            "its own step size), so the scheduler has no lr to schedule and would fail at its next step with a "
+            "TypeError. Give Adafactor an lr for the scheduler to drive (e.g. lr=1e-3, relative_step=False, "
+            "scale_parameter=False, warmup_init=False), or use no LR scheduler."
         )
 
 
