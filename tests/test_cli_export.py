@@ -6,8 +6,9 @@ weights) with ``EMAWeightAveraging`` and a ``ModelCheckpoint(monitor="val_loss")
 from a tiny Llama directory + LoRA r=4) with a weights-only checkpoint. ``lowmem export`` processes then write the full
 model (``--ckpt_path best``: the weight average; ``last`` with ``--weights training``: the training weights), the
 adapter and the merged model, whose logits on a fixed input must equal those of the module loaded from the checkpoint
-(``CausalLMModule.load_from_checkpoint``); and refuse (exit 2, one error line, nothing written) a truncated checkpoint,
-one of another shape, a non-empty ``--save_dir`` and ``--save_merged true`` without LoRA.
+(``CausalLMModule.load_from_checkpoint``). Those runs are ``-m slow`` (about a minute). In the default suite
+``lowmem export`` refuses (exit 2, one error line, nothing written) a truncated checkpoint, one of another shape, a
+non-empty ``--save_dir`` and ``--save_merged true`` without LoRA, on a tiny-recipe checkpoint trained in process.
 """
 
 from __future__ import annotations
@@ -189,18 +190,38 @@ def _refused(proc: subprocess.CompletedProcess, *expected: str) -> None:
 def _shape_changed(source: Path, target: Path, vocab: int) -> None:
     """``source`` saved again as if trained with a tokenizer of ``vocab`` token ids (its embeddings and head)."""
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    for state in (checkpoint["state_dict"], checkpoint["current_model_state"]):
-        for key in ("model.model.embed_tokens.weight", "model.lm_head.weight"):
-            state[key] = torch.zeros(vocab, state[key].shape[1])
+    state = checkpoint["state_dict"]
+    for key in ("model.model.embed_tokens.weight", "model.lm_head.weight"):
+        state[key] = torch.zeros(vocab, state[key].shape[1])
     checkpoint["hyper_parameters"]["config"]["vocab_size"] = vocab
     torch.save(checkpoint, target)
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A checkpoint of the tiny recipe's model after one step, trained in this process (the refusals need a real
+    checkpoint, not a run)."""
+    import lightning as L
+
+    from lowmem_lightning.cli import parse_fit_config
+    from lowmem_lightning.data import TextDataModule
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    cfg = parse_fit_config(["--config", "tiny.yaml", "--data.seq_len", "32"])
+    model = CausalLMModule(**{**cfg.model.init_args.as_dict(), "optimizer": "adamw"})
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, TextDataModule(**cfg.data.init_args.as_dict()))
+    path = tmp_path_factory.mktemp("tiny") / "step=1.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
 @pytest.mark.parametrize("case", ["truncated", "other_shape", "not_empty", "merged_without_lora"])
-def test_refusals_write_nothing(full_run, tmp_path, case):
-    """Each refusal exits 2 with one error line naming the argument, and writes nothing."""
-    runs = full_run
-    ckpt = _one_checkpoint(runs / "ckpts-full")
+def test_refusals_write_nothing(tiny_ckpt, tmp_path, case):
+    """Each refusal of ``lowmem export --config tiny.yaml`` exits 2 with one error line naming the argument, and
+    writes nothing."""
+    ckpt = tiny_ckpt
     args = ["--ckpt_path", str(ckpt), "--save_dir", str(tmp_path / "out")]
     expected: tuple[str, ...] = ()
     if case == "truncated":
@@ -221,7 +242,7 @@ def test_refusals_write_nothing(full_run, tmp_path, case):
         args += ["--save_merged", "true"]
         expected = ("save_merged=True", "only with lora")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    _refused(_lowmem(runs, "export", "--config", "full.yaml", *args), *expected)
+    _refused(_lowmem(tmp_path, "export", "--config", "tiny.yaml", *args), *expected)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing removed
 
 
