@@ -268,3 +268,22 @@ def test_replace_dir_puts_the_new_directory_in_place_whole(tmp_path, existing):
     replace_dir(new, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]
+
+
+def test_best_is_the_recorded_best_model_path_found_beside_the_checkpoint_that_recorded_it(tmp_path):
+    """``--ckpt_path best``: the best_model_path of the newest checkpoint with ModelCheckpoint state; a path recorded
+    relative to the folder the fit ran in (``runs/...``) is found in the checkpoint's own folder."""
+    from lowmem_lightning.cli.last import recorded_best
+
+    def save(name: str, best: str | None) -> None:
+        state = {} if best is None else {"ModelCheckpoint{'monitor': 'val_loss'}": {
+            "monitor": "val_loss", "best_model_path": best}}
+        torch.save({"global_step": 0, "callbacks": state}, tmp_path / name)
+
+    save("step=2.ckpt", "runs/tiny/version_0/checkpoints/step=2.ckpt")
+    assert recorded_best([str(tmp_path)]) == str(tmp_path / "step=2.ckpt")
+    save("step=4.ckpt", str(tmp_path / "step=4.ckpt"))
+    save("step=6.ckpt", None)  # weights-only: no callback state, passed over
+    assert recorded_best([str(tmp_path)]) == str(tmp_path / "step=4.ckpt")
+    save("step=8.ckpt", "gone/step=7.ckpt")
+    assert recorded_best([str(tmp_path)]) is None

@@ -176,8 +176,9 @@ class ExportMixin:
         else:
             found = recorded_best(dirs)
             if found is None:
-                self._error(f"ckpt_path='best': no full checkpoint in {where} records a best_model_path (a "
-                            "ModelCheckpoint with monitor=..., saved with its callback state); give a checkpoint file.")
+                self._error(f"ckpt_path='best': the newest full checkpoint in {where} records no best_model_path "
+                            "that exists (a ModelCheckpoint with monitor=..., saved with its callback state); give a "
+                            "checkpoint file.")
         notice(f"--ckpt_path {ckpt_path}: exporting {found}.")
         self._check_resolved(found, subcommand="export", keyword=ckpt_path)
         return found

@@ -176,8 +176,9 @@ def newest_any_checkpoint(dirs: list[str]) -> str | None:
 
 def recorded_best(dirs: list[str]) -> str | None:
     """The ``best_model_path`` that the newest full checkpoint under ``dirs`` recorded for a ``ModelCheckpoint`` with a
-    ``monitor`` (its callback state), when that file still exists; ``None`` otherwise. Weights-only checkpoints hold no
-    callback state and are passed over; only the newest files are read (memory-mapped), down to the first with one."""
+    ``monitor`` (its callback state), when that file still exists (:func:`_beside`); ``None`` otherwise. Weights-only
+    checkpoints hold no callback state and are passed over; only the newest files are read (memory-mapped), down to
+    the first with one."""
     found = sorted(((step, path.stat().st_mtime, path) for path in _checkpoints(dirs)
                     if (step := checkpoint_step(path)) is not None), key=lambda item: item[:2], reverse=True)
     for _, _, path in found:
@@ -186,9 +187,18 @@ def recorded_best(dirs: list[str]) -> str | None:
             continue
         best = [state.get("best_model_path") for key, state in states.items()
                 if str(key).startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor")]
-        best = [b for b in best if isinstance(b, str) and b and os.path.isfile(b)]
-        if best:
-            return best[0]
+        best = [b for b in best if isinstance(b, str) and b]
+        if best:  # the newest record decides: an older one named a best that is no longer the best
+            return _beside(best[0], path)
+    return None
+
+
+def _beside(recorded: str, checkpoint: Path) -> str | None:
+    """A recorded checkpoint path as found now: as recorded, else the file of that name in ``checkpoint``'s folder
+    (a path recorded relative to the directory the fit ran in, or a folder moved since); ``None`` when neither is."""
+    for candidate in (Path(recorded), checkpoint.parent / Path(recorded).name):
+        if candidate.is_file():
+            return str(candidate)
     return None
 
 
