@@ -89,6 +89,20 @@ def test_lowmem_predict_prints_a_continuation_per_held_out_prompt(tmp_path, chec
         assert isinstance(row["continuation"], str)
 
 
+def test_lowmem_predict_leaves_no_new_version_folder(tmp_path, checkpoint):
+    """Predict writes its results on stdout only: the logger's version folder it claimed (config.yaml and
+    hparams.yaml in it, no results) is removed, so the next fit takes the next version number. About 8 s."""
+    (tmp_path / "runs/tiny/version_0").mkdir(parents=True)
+    (tmp_path / "runs/tiny/version_0/metrics.csv").write_text("step\n")
+    proc = _lowmem(tmp_path, "predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint[0]),
+                   "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false",
+                   "--data.batch_size", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.splitlines()) == 2  # the predictions
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "runs", "runs/tiny", "runs/tiny/version_0", "runs/tiny/version_0/metrics.csv"]
+
+
 @pytest.mark.slow
 def test_lowmem_test_without_held_out_data_is_refused(tmp_path):
     proc = _lowmem(tmp_path, "test", "--config", "tiny.yaml", "--data.val_fraction", "0")

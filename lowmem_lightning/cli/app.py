@@ -26,6 +26,7 @@ from torch.multiprocessing import ProcessRaisedException
 from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError, use_atomic_checkpoint_io
 from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
 from lowmem_lightning.cli.checks import (
+    EVALUATION_SETUP_FILES,
     ckpt_path_problem,
     new_paths,
     output_dirs,
@@ -424,6 +425,8 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
                     super()._run_subcommand(subcommand)
                 except ProcessRaisedException as err:  # in a spawned rank: a refusal is handled as one here
                     raise (started.rank_refusal or err) from err
+            if subcommand != "fit" and self.trainer.global_rank == 0:  # no results in it (predict: they are on stdout)
+                remove_new_paths(created, EVALUATION_SETUP_FILES)
         except (ValueError, TypeError, MisconfigurationException) as err:
             if started.started or os.environ.get("LOWMEM_TRACEBACK"):
                 raise
@@ -775,7 +778,7 @@ def _run_command(argv: Sequence[str] | None) -> int:
     """:func:`main`'s work: ``estimate``, or LightningCLI with Lightning's set-up lines held until the run starts."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        return usage_error("expected a subcommand: fit, validate, test, predict or estimate (see lowmem --help).")
+        return usage_error("expected a subcommand: fit, validate, test, predict, export or estimate (see lowmem --help).")
     if args[0] == "estimate":
         from lowmem_lightning.cli.estimate import estimate_main
 

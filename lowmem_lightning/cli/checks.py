@@ -4,6 +4,7 @@ what a run refused before training wrote (:func:`new_paths`, :func:`remove_new_p
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from jsonargparse import Namespace
 
 __all__ = ["ckpt_path_problem", "output_dirs", "unwritable", "new_paths", "remove_new_paths", "SETUP_FILES",
+           "EVALUATION_SETUP_FILES",
            "TRAINER_MINIMUMS", "trainer_setting_problem", "seed_problem"]
 
 _CKPT_KEYWORDS = ("last", "best", "hpc")
@@ -106,8 +108,8 @@ def unwritable(name: str, path: str) -> str | None:
     return None
 
 
-SETUP_FILES = ("config.yaml", "hparams.yaml", "metrics.csv")
-"""Files a fit writes before its first training step (LightningCLI's config, the logger's files)."""
+SETUP_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.*")
+"""Files (name patterns) a fit writes before its first training step (LightningCLI's config, the logger's files)."""
 
 
 def new_paths(paths: list[str]) -> list[Path]:
@@ -125,17 +127,23 @@ def new_paths(paths: list[str]) -> list[Path]:
     return out
 
 
-def _only_setup_files(folder: Path) -> bool:
-    return all(p.is_dir() or p.name in SETUP_FILES or p.name.startswith("events.out.tfevents.")
+EVALUATION_SETUP_FILES = ("config.yaml", "hparams.yaml")
+"""Files an evaluation (``lowmem validate``, ``test``, ``predict``) writes that hold none of its results: the config
+and the model's hyperparameters, both already in the checkpoint's own run. Its ``metrics.csv`` holds its results."""
+
+
+def _only_setup_files(folder: Path, setup_files: tuple[str, ...]) -> bool:
+    return all(p.is_dir() or any(fnmatch.fnmatchcase(p.name, name) for name in setup_files)
                for p in folder.rglob("*"))
 
 
-def remove_new_paths(created: list[Path]) -> list[Path]:
+def remove_new_paths(created: list[Path], setup_files: tuple[str, ...] = SETUP_FILES) -> list[Path]:
     """Remove the directories of ``created`` (from :func:`new_paths` before a run) that now exist and
-    hold nothing but empty folders and :data:`SETUP_FILES`; returns those removed."""
+    hold nothing but empty folders and ``setup_files`` (:data:`SETUP_FILES`: a refused fit's; after an evaluation,
+    :data:`EVALUATION_SETUP_FILES`); returns those removed."""
     removed = []
     for folder in created:
-        if folder.is_dir() and _only_setup_files(folder):
+        if folder.is_dir() and _only_setup_files(folder, setup_files):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
