@@ -778,7 +778,8 @@ def _run_command(argv: Sequence[str] | None) -> int:
     """:func:`main`'s work: ``estimate``, or LightningCLI with Lightning's set-up lines held until the run starts."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        return usage_error("expected a subcommand: fit, validate, test, predict, export or estimate (see lowmem --help).")
+        return usage_error("expected a subcommand: fit, validate, test, predict, export or estimate "
+                           "(see lowmem --help).")
     if args[0] == "estimate":
         from lowmem_lightning.cli.estimate import estimate_main
 
