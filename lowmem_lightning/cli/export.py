@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 from jsonargparse import Namespace
 
+from lowmem_lightning.cli.checks import unwritable
 from lowmem_lightning.cli.config_edits import import_class
 from lowmem_lightning.cli.last import checkpoint_dirs, checkpoint_step, newest_any_checkpoint, recorded_best
 from lowmem_lightning.cli.messages import notice
@@ -152,6 +153,9 @@ class ExportMixin:
         target = Path(save_dir).expanduser()
         if target.exists() and not target.is_dir():
             self._error(f"save_dir={save_dir!r} is a file: give a new or empty directory.")
+        problem = unwritable("save_dir", save_dir)
+        if problem:
+            self._error(problem)
         entries = _entries(target)
         if entries and not cfg.get("overwrite"):
             shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
