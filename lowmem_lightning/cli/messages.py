@@ -144,11 +144,21 @@ def _shortcut_subkey(message: str) -> str | None:
             f"{kwargs} {_WHERE}.")
 
 
+_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\](\s*\n\s*- Expected a <class 'NoneType'>)?")
+
+
+def _literal_choices(found: re.Match) -> str:
+    """``Expected a typing.Literal['a', 'b']`` (and the ``None`` of an Optional) as ``Expected one of: 'a', 'b',
+    null``: the choices as YAML / the command line spell them."""
+    return f"Expected one of: {found.group(1)}" + (", null" if found.group(2) else "")
+
+
 def condense_message(message: str) -> str:
     """jsonargparse's nested Union error reports as one line: the innermost problems only."""
     subkey = _shortcut_subkey(message)
     if subkey is not None:
         return subkey
+    message = _LITERAL.sub(_literal_choices, message)
     lines = [re.sub(r"^(- )+", "", line.strip()).strip() for line in message.splitlines()]
     kept = [line for line in lines if line and not _NOISE.search(line)]
     text = " ".join(kept) if kept else message.strip()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -37,9 +38,14 @@ from lowmem_lightning.optim.state_precision import (
 )
 from lowmem_lightning.optim.validation import check_choice, validate_optimizer_args
 
-__all__ = ["LowMemModule", "SCHEDULERS", "decay_param_groups", "validate_optimizer_args", "warmup_cosine_factor"]
+__all__ = ["LowMemModule", "SCHEDULERS", "Scheduler", "decay_param_groups", "validate_optimizer_args",
+           "warmup_cosine_factor"]
 
-SCHEDULERS: tuple[str | None, ...] = (None, "cosine")
+Scheduler = Literal["cosine"]
+"""The LR schedules ``LowMemModule(scheduler=...)`` names (or ``None``: a constant lr after the warmup):
+``"cosine"``, a cosine decay to ``min_lr_ratio * lr`` over the run's optimizer steps."""
+
+SCHEDULERS: tuple[str | None, ...] = (None, *get_args(Scheduler))
 """Values accepted for ``LowMemModule(scheduler=...)``."""
 
 def decay_param_groups(
@@ -119,7 +125,7 @@ class LowMemModule(L.LightningModule):
         weight_decay: float = 0.0,
         optimizer_kwargs: dict | None = None,
         warmup_steps: int = 0,
-        scheduler: str | None = None,
+        scheduler: Scheduler | None = None,
         min_lr_ratio: float = 0.1,
         fp32_state: str | list[str] | None = None,
     ) -> None:

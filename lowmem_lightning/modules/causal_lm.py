@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
 from lowmem_lightning.lowmem_warning import LowMemWarning
-from lowmem_lightning.modules.base import LowMemModule
+from lowmem_lightning.modules.base import LowMemModule, Scheduler
 
 __all__ = [
     "CausalLMModule",
@@ -33,13 +34,21 @@ __all__ = [
     "LLAMA_PROJECTIONS",
     "QUANTIZE_CHOICES",
     "DTYPES",
+    "Quantize",
+    "TorchDtype",
 ]
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The seven linear projections of a Llama decoder layer: LoRA's default ``target_modules``."""
 
-QUANTIZE_CHOICES: tuple[str | None, ...] = (None, "nf4")
+Quantize = Literal["nf4"]
+"""The quantizations ``quantize`` names (or ``None``: none): ``"nf4"``, 4-bit NormalFloat weights (QLoRA)."""
+
+QUANTIZE_CHOICES: tuple[str | None, ...] = (None, *get_args(Quantize))
 """Values accepted for ``quantize``."""
+
+TorchDtype = Literal["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+"""The names ``torch_dtype`` accepts (the keys of :data:`DTYPES`), or ``None``."""
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -116,9 +125,9 @@ def check_config_sizes(config: dict) -> None:
 def validate_model_args(
     model_name_or_path: str | None,
     config: dict | None,
-    quantize: str | None,
+    quantize: Quantize | None,
     lora: dict | None,
-    torch_dtype: str | None = None,
+    torch_dtype: TorchDtype | None = None,
 ) -> dict | None:
     """Check the model-defining arguments; returns ``lora`` with its defaults filled in.
 
@@ -227,10 +236,10 @@ def _from_config(cfg, quantize: str | None, dtype: torch.dtype, device: torch.de
 def build_causal_lm(
     model_name_or_path: str | None = None,
     config: dict | None = None,
-    quantize: str | None = None,
+    quantize: Quantize | None = None,
     lora: dict | None = None,
     device: str | torch.device | None = None,
-    torch_dtype: str | None = None,
+    torch_dtype: TorchDtype | None = None,
     vocab_size: int | None = None,
 ) -> nn.Module:
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
@@ -337,10 +346,10 @@ class CausalLMModule(LowMemModule):
         self,
         model_name_or_path: str | None = None,
         config: dict | None = None,
-        quantize: str | None = None,
+        quantize: Quantize | None = None,
         lora: dict | None = None,
         gradient_checkpointing: bool = False,
-        torch_dtype: str | None = None,
+        torch_dtype: TorchDtype | None = None,
         save_dir: str | None = None,
         save_merged: bool = False,
         optimizer: str = "adamw_8bit",
@@ -348,7 +357,7 @@ class CausalLMModule(LowMemModule):
         weight_decay: float = 0.0,
         optimizer_kwargs: dict | None = None,
         warmup_steps: int = 0,
-        scheduler: str | None = None,
+        scheduler: Scheduler | None = None,
         min_lr_ratio: float = 0.1,
         fp32_state: str | list[str] | None = None,
     ) -> None:

@@ -1,0 +1,50 @@
+"""Arguments with a fixed set of values are typed ``Literal``: ``lowmem fit --model.help CausalLMModule`` lists the
+choices, and a wrong value is refused by the parser naming the argument, the value and the choices."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+
+import pytest
+from launched_scripts import launch_env
+
+from lowmem_lightning.cli import main
+from lowmem_lightning.modules.base import SCHEDULERS, LowMemModule
+from lowmem_lightning.modules.causal_lm import DTYPES, QUANTIZE_CHOICES, CausalLMModule, build_causal_lm
+
+CHOICES = {"quantize": ("nf4",), "torch_dtype": tuple(DTYPES), "scheduler": ("cosine",)}
+"""Each closed argument of the default model and what the constructor's own check accepts (besides None)."""
+
+
+@pytest.mark.parametrize("function", [CausalLMModule.__init__, LowMemModule.__init__, build_causal_lm])
+def test_signatures_name_the_choices_the_checks_accept(function):
+    hints = typing.get_type_hints(function)
+    for name, allowed in CHOICES.items():
+        if name in hints:
+            assert hints[name] == typing.Optional[typing.Literal[allowed]], (name, hints[name])  # noqa: UP045
+    assert QUANTIZE_CHOICES == (None, *CHOICES["quantize"]) and SCHEDULERS == (None, *CHOICES["scheduler"])
+
+
+def test_model_help_lists_the_choices_in_80_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    assert main(["fit", "--model.help", "CausalLMModule"]) == 0
+    out = capsys.readouterr().out
+    entries = out[out.index("--model.quantize QUANTIZE\n"):]
+    assert max(len(line) for line in entries.splitlines()) <= 80
+    flat = " ".join(entries.split())
+    assert "Optional[Literal['nf4']]" in flat and "Optional[Literal['cosine']]" in flat
+    assert "Optional[Literal['float32', 'fp32', 'bfloat16', 'bf16', 'float16', 'fp16']]" in flat
+
+
+def test_a_wrong_choice_is_refused_by_name_with_the_choices(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lowmem_lightning.cli", "fit", "--config", "tiny.yaml",
+                           "--model.quantize", "nf8"], cwd=tmp_path, env=launch_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    first, *rest = proc.stderr.splitlines()
+    assert first.startswith("lowmem fit: error: ") and rest == ["(all options: lowmem fit --help)"], proc.stderr
+    assert "\"quantize\": Expected one of: 'nf4', null. Given value: nf8" in first, first
+    assert list(tmp_path.iterdir()) == []
