@@ -8,11 +8,15 @@ import sys
 import typing
 
 import pytest
+import torch
 from launched_scripts import launch_env
 
 from lowmem_lightning.cli import main
+from lowmem_lightning.kernels.rounding import BF16_ROUNDINGS
 from lowmem_lightning.modules.base import SCHEDULERS, LowMemModule
 from lowmem_lightning.modules.causal_lm import DTYPES, QUANTIZE_CHOICES, CausalLMModule, build_causal_lm
+from lowmem_lightning.optim.layout import MOMENTUM_DTYPES
+from lowmem_lightning.optim.registry import OPTIMIZERS, optimizer_class
 
 CHOICES = {"quantize": ("nf4",), "torch_dtype": tuple(DTYPES), "scheduler": ("cosine",)}
 """Each closed argument of the default model and what the constructor's own check accepts (besides None)."""
@@ -25,6 +29,24 @@ def test_signatures_name_the_choices_the_checks_accept(function):
         if name in hints:
             assert hints[name] == typing.Optional[typing.Literal[allowed]], (name, hints[name])  # noqa: UP045
     assert QUANTIZE_CHOICES == (None, *CHOICES["quantize"]) and SCHEDULERS == (None, *CHOICES["scheduler"])
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_signatures_name_the_choices_their_checks_accept(name):
+    """``bf16_rounding``, ``momentum_dtype`` and Muon's ``adjust_lr_fn`` are Literal types of the values the
+    optimizer's checks accept, so a LightningCLI ``optimizer: class_path: ...`` lists them and refuses others."""
+    cls = optimizer_class(name)
+    hints = typing.get_type_hints(cls.__init__)
+    choices = {"bf16_rounding": BF16_ROUNDINGS, "momentum_dtype": MOMENTUM_DTYPES,
+               "adjust_lr_fn": ("original", "match_rms_adamw")}
+    for arg, allowed in choices.items():
+        if arg in hints and cls.__module__.startswith("lowmem_lightning."):
+            hint = hints[arg]
+            leaves = [hint] if typing.get_origin(hint) is typing.Literal else typing.get_args(hint)
+            assert [typing.get_args(leaf) for leaf in leaves if leaf is not type(None)] == [allowed], (name, arg, hint)
+    if "momentum_dtype" in hints:
+        with pytest.raises(ValueError, match="momentum_dtype='bf16'"):
+            cls([torch.nn.Parameter(torch.zeros(2))], momentum_dtype="bf16")
 
 
 def test_model_help_lists_the_choices_in_80_columns(capsys, monkeypatch):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal, get_args
 
 import torch
 import triton
@@ -62,6 +63,7 @@ __all__ = [
     "SEED_BASE",
     "SEED_MASK",
     "BF16_ROUNDINGS",
+    "BF16Rounding",
     "is_stochastic",
     "nearest_variant",
 ]
@@ -348,7 +350,11 @@ def write_param_reference(param: torch.Tensor, new_p: torch.Tensor, ok: torch.Te
 # Mode switch
 # --------------------------------------------------------------------------------------------------
 
-BF16_ROUNDINGS = ("stochastic", "nearest")
+BF16Rounding = Literal["stochastic", "nearest"]
+"""The type of every optimizer's ``bf16_rounding`` option: how bf16/fp16 params are written (see the module
+docstring)."""
+
+BF16_ROUNDINGS = get_args(BF16Rounding)
 """The values of every optimizer's ``bf16_rounding`` option (default ``"stochastic"``)."""
 
 

@@ -9,9 +9,9 @@ import torch
 
 from ..kernels.adafactor import ADAFACTOR, AdafactorHyper, AdafactorModes, AdafactorTensors, step_size_reference
 from ..kernels.dispatch import dispatch
-from ..kernels.rounding import is_stochastic
+from ..kernels.rounding import BF16Rounding, is_stochastic
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
-from .layout import MOMENTUM_DTYPES, convert_momentum, loaded_step, momentum_specs, quantized_momentum
+from .layout import MOMENTUM_DTYPES, MomentumDtype, convert_momentum, loaded_step, momentum_specs, quantized_momentum
 from .sharding import (
     block_state_head,
     is_dtensor,
@@ -93,10 +93,10 @@ class Adafactor(LowMemOptimizer):
         scale_parameter: bool = True,
         relative_step: bool = True,
         warmup_init: bool = False,
-        momentum_dtype: str = "float32",
+        momentum_dtype: MomentumDtype = "float32",
         *,
         maximize: bool = False,
-        bf16_rounding: str = "stochastic",
+        bf16_rounding: BF16Rounding = "stochastic",
         quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,

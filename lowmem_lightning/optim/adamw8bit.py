@@ -13,7 +13,7 @@ import torch
 from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
 from ..kernels.codec import quantize_blockwise
 from ..kernels.dispatch import dispatch
-from ..kernels.rounding import is_stochastic, step_seed
+from ..kernels.rounding import BF16Rounding, is_stochastic, step_seed
 from .adamw_convert import (
     FORM_8BIT,
     code_form,
@@ -77,7 +77,7 @@ class AdamW8bit(LowMemOptimizer):
         *,
         maximize: bool = False,
         seed: int = 0,
-        bf16_rounding: str = "stochastic",
+        bf16_rounding: BF16Rounding = "stochastic",
         quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,

@@ -13,7 +13,7 @@ import torch
 
 from ..kernels.ademamix import ADEMAMIX, ADEMAMIX_NEAREST, AdEMAMixScalars, AdEMAMixTensors
 from ..kernels.dispatch import dispatch
-from ..kernels.rounding import is_stochastic, step_seed
+from ..kernels.rounding import BF16Rounding, is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .layout import quantizes_state
 from .lion import check_maximize, check_seed, loaded_step, moment_state
@@ -73,7 +73,7 @@ class AdEMAMix(LowMemOptimizer):
         *,
         maximize: bool = False,
         seed: int = 0,
-        bf16_rounding: str = "stochastic",
+        bf16_rounding: BF16Rounding = "stochastic",
         quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,

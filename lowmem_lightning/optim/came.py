@@ -10,10 +10,10 @@ import torch
 from ..kernels.came import CAME as CAME_FAMILY
 from ..kernels.came import CAME_NEAREST, CAMEScalars, CAMETensors
 from ..kernels.dispatch import dispatch
-from ..kernels.rounding import is_stochastic
+from ..kernels.rounding import BF16Rounding, is_stochastic
 from .adafactor import factored_inputs, second_moment_specs
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
-from .layout import MOMENTUM_DTYPES, convert_momentum, loaded_step, momentum_specs, quantized_momentum
+from .layout import MOMENTUM_DTYPES, MomentumDtype, convert_momentum, loaded_step, momentum_specs, quantized_momentum
 from .sharding import local, shard_tensor_index
 from .validation import check_betas, check_bool, check_choice, check_eps_pair, check_non_negative, check_positive
 
@@ -73,10 +73,10 @@ class CAME(LowMemOptimizer):
         clip_threshold: float = 1.0,
         betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
         weight_decay: float = 0.0,
-        momentum_dtype: str = "float32",
+        momentum_dtype: MomentumDtype = "float32",
         *,
         maximize: bool = False,
-        bf16_rounding: str = "stochastic",
+        bf16_rounding: BF16Rounding = "stochastic",
         quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-__all__ = ["StateSpec", "step_spec", "codes_specs", "MOMENTUM_DTYPES", "quantized_momentum", "momentum_specs",
-           "loaded_step", "convert_momentum", "QUANTIZE_STATE", "quantizes_state", "check_quantize_state"]
+__all__ = ["StateSpec", "step_spec", "codes_specs", "MOMENTUM_DTYPES", "MomentumDtype", "quantized_momentum",
+           "momentum_specs", "loaded_step", "convert_momentum", "QUANTIZE_STATE", "quantizes_state",
+           "check_quantize_state"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,10 @@ def check_quantize_state(value, where: str = "") -> None:
 # Momentum storage (SGD, Adafactor, CAME) and loaded state
 # --------------------------------------------------------------------------------------------------
 
-MOMENTUM_DTYPES = ("float32", "int8")
+MomentumDtype = Literal["float32", "int8"]
+"""How a momentum buffer is stored: ``"float32"``, or ``"int8"`` (block-wise 8-bit codes and absmax)."""
+
+MOMENTUM_DTYPES = get_args(MomentumDtype)
 """Allowed values of ``momentum_dtype``."""
 
 

@@ -14,7 +14,7 @@ import torch
 from ..kernels.codec import dequantize_reference, quantize_reference
 from ..kernels.dispatch import dispatch
 from ..kernels.lion import LION, LION_NEAREST, LionScalars, LionTensors
-from ..kernels.rounding import is_stochastic, step_seed
+from ..kernels.rounding import BF16Rounding, is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
 from .layout import quantizes_state
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
@@ -63,7 +63,7 @@ class Lion(LowMemOptimizer):
         *,
         maximize: bool = False,
         seed: int = 0,
-        bf16_rounding: str = "stochastic",
+        bf16_rounding: BF16Rounding = "stochastic",
         quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,

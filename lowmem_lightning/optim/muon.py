@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Literal, get_args
 
 import torch
 
@@ -28,17 +29,23 @@ from ..kernels.muon import (
     newton_schulz,
     ns_work_numel,
 )
-from ..kernels.rounding import is_stochastic, step_seed
+from ..kernels.rounding import BF16Rounding, is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, _advance_steps, check_drop_in_flags, codes_specs, step_spec
-from .layout import loaded_step, quantizes_state
+from .layout import MomentumDtype, loaded_step, quantizes_state
 from .lion import moment_state
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
 
-__all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "EMBEDDING_MARKS", "HEAD_NAMES", "PEFT_WRAPPERS", "uses_muon"]
+__all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "AdjustLrFn", "EMBEDDING_MARKS", "HEAD_NAMES", "PEFT_WRAPPERS",
+           "uses_muon"]
 
 MOMENTUM_DTYPES = ("float32", "int8")
 """Allowed values of ``momentum_dtype``."""
+
+AdjustLrFn = Literal["original", "match_rms_adamw"]
+"""How ``adjust_lr_fn`` scales the lr of a matrix of shape ``(A, B)`` (as ``torch.optim.Muon``): ``"original"``,
+``lr * max(1, A / B) ** 0.5``; ``"match_rms_adamw"``, ``lr * 0.2 * max(A, B) ** 0.5`` (the update's RMS matches
+AdamW's)."""
 
 EMBEDDING_MARKS = ("embed", "wte", "wpe")
 """A param whose module path has a component containing one of these, or ending in ``emb`` (minGPT's ``tok_emb``,
@@ -173,15 +180,15 @@ class Muon(LowMemOptimizer):
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
         eps: float = NS_EPS,
         ns_steps: int = NS_STEPS,
-        adjust_lr_fn: str | None = None,
-        momentum_dtype: str | None = None,
+        adjust_lr_fn: AdjustLrFn | None = None,
+        momentum_dtype: MomentumDtype | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         use_muon: bool | None = None,
         maximize: bool = False,
         *,
         seed: int = 0,
-        bf16_rounding: str = "stochastic",
+        bf16_rounding: BF16Rounding = "stochastic",
         quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -234,7 +241,7 @@ class Muon(LowMemOptimizer):
         steps = group["ns_steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
             raise ValueError(f"Invalid ns_steps={steps!r}: expected an int in [0, 100).")
-        check_choice(group["adjust_lr_fn"], (None, "original", "match_rms_adamw"), "adjust_lr_fn")
+        check_choice(group["adjust_lr_fn"], (None, *get_args(AdjustLrFn)), "adjust_lr_fn")
         check_choice(group["momentum_dtype"], MOMENTUM_DTYPES, "momentum_dtype")
         check_choice(group["use_muon"], (None, True, False), "use_muon")
         check_betas(group["adamw_betas"], name="adamw_betas")

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from ..kernels.adamw8bit import AdamWScalars
+from ..kernels.rounding import BF16Rounding
 from .adamw8bit import AdamW8bit
 from .base import StateSpec
 
@@ -157,7 +158,7 @@ class PagedAdamW8bit(AdamW8bit):
         *,
         maximize: bool = False,
         seed: int = 0,
-        bf16_rounding: str = "stochastic",
+        bf16_rounding: BF16Rounding = "stochastic",
         quantize_state: bool = True,
         gpu_budget_bytes: int | None = None,
         page_prefetch: bool = True,

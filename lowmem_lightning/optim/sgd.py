@@ -7,10 +7,10 @@ from collections.abc import Iterable
 import torch
 
 from ..kernels.dispatch import dispatch
-from ..kernels.rounding import is_stochastic
+from ..kernels.rounding import BF16Rounding, is_stochastic
 from ..kernels.sgd import SGD_FAMILY, SGD_NEAREST, SGDScalars, SGDTensors
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, step_spec
-from .layout import MOMENTUM_DTYPES, convert_momentum, loaded_step, momentum_specs, quantized_momentum
+from .layout import MOMENTUM_DTYPES, MomentumDtype, convert_momentum, loaded_step, momentum_specs, quantized_momentum
 from .sharding import block_state_head, local, shard_tensor_index
 from .validation import check_choice, check_lr, check_non_negative
 
@@ -63,9 +63,9 @@ class SGD(LowMemOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         maximize: bool = False,
-        momentum_dtype: str = "float32",
+        momentum_dtype: MomentumDtype = "float32",
         *,
-        bf16_rounding: str = "stochastic",
+        bf16_rounding: BF16Rounding = "stochastic",
         quantize_state: bool = True,
         foreach: bool | None = None,
         fused: bool | None = None,
