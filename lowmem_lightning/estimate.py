@@ -311,7 +311,9 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     Within 5% of torch's CPU profiler on the sizes it was fitted to (and checked at others in
     ``tests/test_estimate.py``); the GPU kernels save the same tensors (``benchmarks/gpu_check.py``
     ``full_ft_7b`` measures it). Not modelled: mixed precision (autocast); LoRA / 4-bit models:
-    :func:`lora_activation_bytes`.
+    :func:`lora_activation_bytes`; the block-diagonal mask of packed documents (``TextDataModule``'s
+    ``isolate_documents``), ``batch_size * seq_len**2 * (1 + d)`` bytes more with checkpointing and
+    ``batch_size * seq_len**2 * L * d`` without (SDPA, CPU profiler; ``tests/test_data_packing.py``).
     """
     if dtype_bytes not in ACTIVATION_COEFFICIENTS:
         raise ValueError(f"Invalid dtype_bytes={dtype_bytes!r}: expected 2 (bf16/fp16) or 4 (fp32).")

@@ -104,7 +104,7 @@ def test_sample_data_batches(tmp_path):
     n = len(dm.train_dataset) + len(dm.val_dataset)
     assert n > 4000 and len(dm.val_dataset) == round(0.1 * n)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # packed, documents kept apart
     assert all(v.shape == (4, 64) and v.dtype == torch.long for v in batch.values())
     assert batch["input_ids"].max() < dm.vocab_size == 259
     # The instruction records are in there, with their prompts masked.

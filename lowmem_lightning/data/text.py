@@ -12,7 +12,10 @@ Pipeline (all in ``setup``, once):
    its assistant turns (content and end-of-turn marker) keep their labels;
 3. pack: all documents are concatenated and cut into blocks of ``seq_len`` tokens (``pack=True``), or
    each document is cut on its own (``pack=False``); the last block of a stream is right-padded with
-   the pad token, ``attention_mask`` 0 and labels -100;
+   the pad token, ``attention_mask`` 0 and labels -100; packed blocks with ``isolate_documents=True`` (the
+   default) carry ``position_ids`` that restart at 0 where a document (or the padding) starts, and the label of
+   that first token is -100, so no token attends to or is predicted from another document
+   (:func:`document_position_ids`);
 4. split: a seeded permutation of the blocks sends ``round(val_fraction * n_blocks)`` (at least 1
    when ``val_fraction > 0``) to validation, the rest to training; blocks without a single target
    token (all prompt or padding: they would give a NaN loss) are left out, with a warning when
@@ -30,8 +33,13 @@ malformed chat records (unknown role, non-string content, no assistant turn; fil
 for the split, and no trainable label at all each raise ``ValueError`` naming the file or the setting to
 change.
 
-Batches are dicts of ``[batch_size, seq_len]`` int64 tensors: ``input_ids``, ``labels``,
-``attention_mask``, ready for ``model(**batch)`` of a Hugging Face causal LM (which shifts the labels).
+Batches are dicts of ``[batch_size, seq_len]`` int64 tensors: ``input_ids``, ``labels`` and either
+``position_ids`` (packed, documents isolated: no ``attention_mask``, as transformers'
+``DataCollatorWithFlattening`` does, because transformers builds the block-diagonal causal mask from
+``position_ids`` only when ``attention_mask`` is None) or ``attention_mask``, ready for ``model(**batch)`` of a
+Hugging Face causal LM (which shifts the labels). With ``position_ids``, call the model with
+``use_cache=False`` (``CausalLMModule`` does): transformers 5 skips the packed-sequence mask whenever a cache
+exists, and a model whose ``config.use_cache`` is True makes one even in training.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ __all__ = [
     "read_documents",
     "encode_document",
     "pack_blocks",
+    "document_position_ids",
     "split_indices",
     "read_text_file",
     "trainable_blocks",
@@ -226,12 +235,32 @@ def _cut(ids: torch.Tensor, labels: torch.Tensor, seq_len: int, pad_id: int) -> 
     return ids.view(n, seq_len), labels.view(n, seq_len), mask.view(n, seq_len)
 
 
+def document_position_ids(lengths: list[int], seq_len: int) -> torch.Tensor:
+    """``[n_blocks, seq_len]`` int64 positions of a packed stream of documents of ``lengths`` tokens cut into
+    ``seq_len``-token blocks: each token's offset from the start of its document, counted from the block's
+    start for a document that began in an earlier block, so positions restart at 0 at every document start
+    and every block start; the padding after the last document (up to the block's end) counts as one more
+    document. Transformers reads a restart as a document boundary (``find_packed_sequence_indices``)."""
+    n_blocks = max(1, -(-sum(lengths) // seq_len))
+    starts = torch.zeros(n_blocks * seq_len, dtype=torch.long)
+    offsets = torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)
+    starts[offsets[(offsets > 0) & (offsets < starts.numel())]] = 1  # a new document (or the padding) starts here
+    starts[::seq_len] = 1
+    index = torch.arange(starts.numel())
+    first = torch.where(starts.bool(), index, torch.zeros_like(index)).cummax(0).values
+    return (index - first).view(n_blocks, seq_len)
+
+
 def pack_blocks(
-    encoded: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True
+    encoded: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True,
+    isolate_documents: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Blocks of ``seq_len`` tokens from encoded documents: ``input_ids``, ``labels``, ``attention_mask``,
     each ``[n_blocks, seq_len]`` int64. ``pack=True`` concatenates all documents first (one padded
-    block at most); ``pack=False`` cuts each document on its own (one padded block per document)."""
+    block at most); ``pack=False`` cuts each document on its own (one padded block per document).
+    ``isolate_documents`` (with ``pack=True``) adds ``position_ids`` (:func:`document_position_ids`) and sets
+    the label of each token at position 0 to -100: the first token of a document is not predicted from the
+    previous document's last token."""
     streams = [encoded] if pack else [[e] for e in encoded]
     parts = []
     for stream in streams:
@@ -242,7 +271,12 @@ def pack_blocks(
     if not parts:
         raise ValueError("No tokens to train on: every document is empty.")
     ids, labels, mask = (torch.cat(t) for t in zip(*parts))
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    blocks = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if pack and isolate_documents:
+        positions = document_position_ids([len(e[0]) for e in encoded if e[0]], seq_len)
+        blocks["labels"] = labels.masked_fill(positions == 0, IGNORE_INDEX)
+        blocks["position_ids"] = positions
+    return blocks
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,17 +300,19 @@ def trainable_blocks(labels: torch.Tensor) -> torch.Tensor:
 
 
 class TokenBlocks(Dataset):
-    """Rows of packed blocks: item ``i`` is ``{"input_ids", "labels", "attention_mask"}``, each
-    ``[seq_len]`` int64."""
+    """Rows of packed blocks: item ``i`` is ``{key: blocks[key][i]}`` for each key of ``keys`` (default: every
+    key of ``blocks``: ``input_ids``, ``labels``, ``attention_mask`` and, for isolated documents,
+    ``position_ids``), each ``[seq_len]`` int64. ``blocks`` holds them all, whichever ``keys`` the items carry."""
 
-    def __init__(self, blocks: dict[str, torch.Tensor]):
+    def __init__(self, blocks: dict[str, torch.Tensor], keys: tuple[str, ...] | None = None):
         self.blocks = blocks
+        self.keys = tuple(blocks) if keys is None else keys
 
     def __len__(self) -> int:
         return self.blocks["input_ids"].shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.blocks.items()}
+        return {k: self.blocks[k][i] for k in self.keys}
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -362,6 +398,12 @@ class TextDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes, >= 0 (0 loads in the main process).
         pack: True concatenates documents before cutting blocks (no padding but at the very end);
             False cuts each document on its own (padding per document, documents never share a block).
+        isolate_documents: With ``pack=True``, keep the documents of a block apart: batches carry
+            ``position_ids`` restarting at 0 at each document start instead of ``attention_mask``, so a Hugging
+            Face model (sdpa, eager, flex attention; ``use_cache=False``) attends within each document only, and
+            a document's first token gets label -100 (not predicted from the previous document). False lets each
+            token attend to the earlier documents of its block (the older packing; batches carry
+            ``attention_mask``). No effect with ``pack=False``.
         prompt_template: Prompt for JSONL instruction records with an ``input``; must contain
             ``{instruction}`` and ``{input}``. The loss skips the prompt (labels -100).
         prompt_template_no_input: Prompt for instruction records without ``input``; must contain
@@ -386,6 +428,7 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 42,
         num_workers: int = 0,
         pack: bool = True,
+        isolate_documents: bool = True,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         prompt_template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
         chat_template: str | None = None,
@@ -403,6 +446,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"Invalid val_fraction={val_fraction!r}: expected a number in [0, 1).")
         if not isinstance(pack, bool):
             raise TypeError(f"Invalid pack={pack!r}: expected True or False.")
+        if not isinstance(isolate_documents, bool):
+            raise TypeError(f"Invalid isolate_documents={isolate_documents!r}: expected True or False.")
         _check_template(prompt_template, "prompt_template", ("instruction", "input"))
         _check_template(prompt_template_no_input, "prompt_template_no_input", ("instruction",))
         given_chat = None if chat_template is None else read_chat_template(chat_template)
@@ -413,6 +458,7 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.val_fraction, self.seed, self.pack = float(val_fraction), seed, pack
+        self.isolate_documents = pack and isolate_documents
         self.train_dataset: TokenBlocks | None = None
         self.val_dataset: TokenBlocks | None = None
 
@@ -433,7 +479,7 @@ class TextDataModule(L.LightningDataModule):
         docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
         encoded = [encode_document(d, self.tokenizer, self.chat) for d in docs]
         self.has_chat = any(isinstance(d, ChatDocument) for d in docs)
-        blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack)
+        blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack, self.isolate_documents)
         keep = trainable_blocks(blocks["labels"])
         if not bool(keep.any()):
             raise ValueError(
@@ -455,8 +501,9 @@ class TextDataModule(L.LightningDataModule):
             train_idx, val_idx = split_indices(blocks["input_ids"].shape[0], self.val_fraction, self.seed)
         except ValueError as err:
             raise ValueError(f"data_path={self.hparams.data_path!r}, seq_len={self.seq_len}: {err}") from None
-        self.train_dataset = TokenBlocks({k: v[train_idx] for k, v in blocks.items()})
-        self.val_dataset = TokenBlocks({k: v[val_idx] for k, v in blocks.items()})
+        keys = ("input_ids", "labels", "position_ids") if self.isolate_documents else None
+        self.train_dataset = TokenBlocks({k: v[train_idx] for k, v in blocks.items()}, keys)
+        self.val_dataset = TokenBlocks({k: v[val_idx] for k, v in blocks.items()}, keys)
 
     def setup(self, stage: str | None = None) -> None:
         """Read, tokenize, pack and split the data (:meth:`check_inputs`; once, later calls do nothing)."""

@@ -314,7 +314,8 @@ class CausalLMModule(LowMemModule):
     constructing the module is cheap and validates everything first. Logs ``train_loss`` (per step,
     progress bar), ``val_loss`` (mean over target tokens) and ``val_ppl`` (``exp(val_loss)``), with
     torchmetrics aggregating across batches and devices. Batches are dicts with ``input_ids``,
-    ``labels`` (-100 = no loss) and ``attention_mask``, as ``TextDataModule`` makes them.
+    ``labels`` (-100 = no loss) and ``attention_mask`` or, for packed documents kept apart, ``position_ids``
+    (restarting at 0 at each document), as ``TextDataModule`` makes them.
 
     Args:
         model_name_or_path: Local directory of a Hugging Face causal LM (config.json + safetensors).
@@ -407,10 +408,18 @@ class CausalLMModule(LowMemModule):
         _show_callbacks_the_model(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None):
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
         """The Hugging Face model's output (``.loss`` when ``labels`` are given, ``.logits``
-        ``[batch, seq_len, vocab]``)."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        ``[batch, seq_len, vocab]``), without a KV cache. ``position_ids`` without ``attention_mask`` (packed
+        documents, ``TextDataModule(isolate_documents=True)``) keeps each document of a block apart
+        (:func:`~lowmem_lightning.modules.packed_attention.packed_call`: ``ValueError`` for an attention
+        implementation that would not)."""
+        if position_ids is not None and attention_mask is None:
+            from lowmem_lightning.modules.packed_attention import packed_call
+
+            return packed_call(self.model, input_ids, labels, position_ids)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                          position_ids=position_ids, use_cache=False)
 
     # -- steps -------------------------------------------------------------------------------------
 

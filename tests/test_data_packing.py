@@ -1,0 +1,216 @@
+"""Packed blocks without attention across documents: ``TextDataModule(isolate_documents=True)`` (the default with
+``pack=True``) gives ``position_ids`` restarting at each document and no ``attention_mask``; a tiny Llama built
+from a config then computes, for every document of a packed block, the logits it computes for the document alone
+(sdpa and eager), and the loss of the block is the token-weighted loss of its documents run alone."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lowmem_lightning.data.text import IGNORE_INDEX, TextDataModule, document_position_ids, pack_blocks
+from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
+from lowmem_lightning.modules.packed_attention import _flatten, packed_call
+
+ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+def _records(tmp_path: Path) -> Path:
+    """Documents of several lengths (plain text, instruction records, a conversation) in one JSONL file."""
+    rows = [{"text": "a" * n + " short doc"} for n in (3, 17, 5, 29, 1)]
+    rows += [{"instruction": "Say hi.", "output": "hi there"}, {"text": "the last one, longer than a block " * 2}]
+    rows += [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _tiny_llama(attn: str):
+    torch.manual_seed(0)
+    model = build_causal_lm(config=ARCH, device="cpu", torch_dtype="float32")
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def _documents(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of positions that restarts at 0 (a document, or the padding) in one row."""
+    starts = (position_ids == 0).nonzero().flatten().tolist() + [position_ids.numel()]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+def test_positions_restart_at_each_document_block_and_the_padding():
+    assert document_position_ids([3, 5, 2], 4).tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1]]
+    # a tokenizer without bos: every token is a label; the first of each document (and of each block) is not.
+    encoded = [([1, 2, 3], [1, 2, 3]), ([4, 5, 6, 7, 8], [4, 5, 6, 7, 8]), ([9, 10], [9, 10])]
+    blocks = pack_blocks(encoded, seq_len=4, pad_id=0, isolate_documents=True)
+    assert blocks["labels"].tolist() == [[-100, 2, 3, -100], [-100, 6, 7, 8], [-100, 10, -100, -100]]
+    assert blocks["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1]]
+    mixed = pack_blocks(encoded, seq_len=4, pad_id=0)  # documents attend across: labels untouched, no positions
+    assert "position_ids" not in mixed and mixed["labels"][0].tolist() == [1, 2, 3, 4]
+    alone = pack_blocks(encoded, seq_len=4, pad_id=0, pack=False, isolate_documents=True)
+    assert "position_ids" not in alone  # documents never share a block
+
+
+def test_batches_carry_position_ids_by_default_and_attention_mask_otherwise(tmp_path):
+    path = _records(tmp_path)
+    keys = {}
+    for kwargs in ({}, {"isolate_documents": False}, {"pack": False}):
+        dm = TextDataModule(str(path), seq_len=24, batch_size=2, val_fraction=0.0, **kwargs)
+        keys[str(kwargs)] = set(next(iter(dm.train_dataloader())))
+    assert keys == {"{}": {"input_ids", "labels", "position_ids"},
+                    "{'isolate_documents': False}": {"input_ids", "labels", "attention_mask"},
+                    "{'pack': False}": {"input_ids", "labels", "attention_mask"}}
+    with pytest.raises(TypeError, match=r"isolate_documents='yes': expected True or False"):
+        TextDataModule(str(path), isolate_documents="yes")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_each_packed_document_gives_its_logits_and_loss_alone(attn, tmp_path):
+    dm = TextDataModule(str(_records(tmp_path)), seq_len=40, batch_size=3, val_fraction=0.0)
+    dm.setup()
+    blocks = dm.train_dataset.blocks
+    batch = {k: blocks[k][:3] for k in ("input_ids", "labels", "position_ids")}
+    model = _tiny_llama(attn)
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False)  # as a user calls the HF model on our batch
+        checked = 0
+        loss_sum, n_targets = 0.0, 0
+        for row in range(3):
+            for start, end in _documents(batch["position_ids"][row]):
+                ids, labels = batch["input_ids"][row, start:end], batch["labels"][row, start:end]
+                alone = model(input_ids=ids[None], use_cache=False).logits[0]
+                torch.testing.assert_close(packed.logits[row, start:end], alone, rtol=0, atol=2e-5)
+                checked += end - start > 1
+                targets = int((labels[1:] != IGNORE_INDEX).sum())
+                if targets:
+                    loss_sum += float(model(input_ids=ids[None], labels=labels[None], use_cache=False).loss) * targets
+                    n_targets += targets
+        assert checked >= 4
+        assert float(packed.loss) == pytest.approx(loss_sum / n_targets, rel=1e-6)
+        # Without the restarts, or with a cache (config.use_cache=True makes one), later documents see earlier ones.
+        mixed = model(input_ids=batch["input_ids"], use_cache=False).logits
+        cached = model(**batch).logits
+        for other in (mixed, cached):
+            assert (other - packed.logits).abs().amax() > 1e-3
+
+
+def test_causal_lm_module_trains_tests_and_predicts_on_isolated_documents(tmp_path):
+    dm = TextDataModule(str(_records(tmp_path)), seq_len=32, batch_size=2, val_fraction=0.3)
+    module = CausalLMModule(config=ARCH, optimizer="adamw", lr=1e-3)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer.fit(module, datamodule=dm)
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        module.eval()
+        out = module(**batch)
+        reference = module.model(**batch, use_cache=False)
+    torch.testing.assert_close(out.logits, reference.logits)
+    assert math.isfinite(trainer.test(module, datamodule=dm, verbose=False)[0]["test_loss"])
+    assert trainer.predict(module, datamodule=dm)[0][0].keys() == {"prompt", "continuation"}
+
+
+def test_flash_attention_batches_are_flattened_to_one_row(tmp_path):
+    """flash_attention_* find documents from position_ids only at batch size 1 (transformers'
+    ``_is_packed_sequence``): the module flattens the batch; the flattened call gives the same logits and loss
+    (checked here with sdpa, which honours both forms)."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    dm = TextDataModule(str(_records(tmp_path)), seq_len=40, batch_size=3, val_fraction=0.0)
+    dm.setup()
+    blocks = dm.train_dataset.blocks
+    batch = {k: blocks[k][:3].clone() for k in ("input_ids", "labels", "position_ids")}
+    batch["labels"][:, 0] = batch["input_ids"][:, 0]  # never a target in its row; joined, it would be one
+    flat = _flatten(**batch)
+    assert not _is_packed_sequence(batch["position_ids"], 3) and _is_packed_sequence(flat["position_ids"], 1)
+    model = _tiny_llama("sdpa")
+    with torch.no_grad():
+        rows = model(**batch, use_cache=False)
+        joined = model(**flat, use_cache=False)
+    torch.testing.assert_close(joined.logits.view_as(rows.logits), rows.logits, rtol=0, atol=2e-5)
+    assert float(joined.loss) == pytest.approx(float(rows.loss), rel=1e-6)
+
+
+def test_an_attention_kernel_without_the_packed_mask_is_refused(tmp_path):
+    """A kernel registered by name gets no mask from transformers: the documents would attend to each other."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("unmasked_sdpa_test", sdpa_attention_forward)
+    dm = TextDataModule(str(_records(tmp_path)), seq_len=40, batch_size=2, val_fraction=0.0)
+    dm.setup()
+    batch = {k: dm.train_dataset.blocks[k][:2] for k in ("input_ids", "labels", "position_ids")}
+    model = _tiny_llama("sdpa")
+    with torch.no_grad():
+        isolated = model(**batch, use_cache=False).logits
+        model.set_attn_implementation("unmasked_sdpa_test")
+        assert (model(**batch, use_cache=False).logits - isolated).abs().amax() > 1e-3  # what is refused
+        with pytest.raises(ValueError, match=r"'unmasked_sdpa_test' for packed documents .* isolate_documents=False"):
+            packed_call(model, **batch)
+
+
+def test_the_packed_mask_adds_the_memory_the_readme_states():
+    """SDPA with the block-diagonal mask (CPU profiler): about ``batch * seq**2 * (1 + d)`` bytes more with
+    gradient checkpointing and ``batch * seq**2 * layers * d`` without (d: the weights' element size)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from profiler_peak import peak_bytes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    batch, seq, layers = 2, 256, 3
+    ids = torch.randint(0, 100, (batch, seq), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(seq // 4), torch.arange(seq - seq // 4)]).expand(batch, -1)
+    for dtype, checkpointing in ((torch.float32, False), (torch.bfloat16, True)):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=layers, num_attention_heads=4)).to(dtype).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        peaks = []
+        for extra in ({}, {"position_ids": positions}):
+            gc.collect()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+                model(input_ids=ids, labels=ids, use_cache=False, **extra).loss.backward()
+            model.zero_grad(set_to_none=True)
+            peaks.append(peak_bytes(prof))
+        d = dtype.itemsize
+        stated = batch * seq**2 * ((1 + d) if checkpointing else layers * d)
+        assert peaks[1] - peaks[0] == pytest.approx(stated, rel=0.15), (dtype, checkpointing, peaks)
+
+
+class _SeenBatches(L.Callback):
+    def __init__(self):
+        self.input_ids = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.input_ids.append(batch["input_ids"].clone())
+
+
+def _fit(path: Path, root: Path, max_steps: int, ckpt_path: str | None = None, **data_kwargs) -> _SeenBatches:
+    seen = _SeenBatches()
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+                        callbacks=[seen, L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=2,
+                                                                             save_top_k=-1)])
+    dm = TextDataModule(str(path), seq_len=16, batch_size=2, val_fraction=0.0, **data_kwargs)
+    trainer.fit(CausalLMModule(config=ARCH, optimizer="adamw", lr=1e-3), datamodule=dm, ckpt_path=ckpt_path)
+    return seen
+
+
+def test_a_checkpoint_of_attention_mask_batches_resumes_at_its_position(tmp_path):
+    """A checkpoint written before position_ids (batches with attention_mask) resumes with isolated documents at
+    the batch the checkpoint's run would have taken next."""
+    path = _records(tmp_path)
+    whole = _fit(path, tmp_path / "whole", 4)
+    _fit(path, tmp_path / "old", 2, isolate_documents=False)
+    resumed = _fit(path, tmp_path / "resumed", 4, ckpt_path=str(tmp_path / "old" / "epoch=0-step=2.ckpt"))
+    assert len(resumed.input_ids) == 2
+    for got, expected in zip(resumed.input_ids, whole.input_ids[2:]):
+        assert torch.equal(got, expected)
