@@ -214,3 +214,14 @@ def test_a_checkpoint_of_attention_mask_batches_resumes_at_its_position(tmp_path
     assert len(resumed.input_ids) == 2
     for got, expected in zip(resumed.input_ids, whole.input_ids[2:]):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_flex_attention_keeps_packed_documents_apart():
+    """flex_attention (a compiled block mask: ~40 s on the CPU) honours the restarts as sdpa does."""
+    model = _tiny_llama("flex_attention")
+    a, b = torch.randint(0, 200, (1, 7)), torch.randint(0, 200, (1, 9))
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    with torch.no_grad():
+        packed = packed_call(model, torch.cat([a, b], 1), None, positions).logits
+        torch.testing.assert_close(packed[:, 7:], model(input_ids=b, use_cache=False).logits, rtol=0, atol=2e-5)
