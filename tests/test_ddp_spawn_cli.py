@@ -188,3 +188,20 @@ def test_a_refusal_in_a_spawned_rank_is_one_message(tmp_path, strategy):
                                "step size"), proc.stderr
     assert lines[1] == "(nothing was trained or written; LOWMEM_TRACEBACK=1 shows where it was raised)"
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_before_its_run_shows_the_setup_lines_first(tmp_path):
+    """A rank failing before its run starts with an error that is not a refusal (a callback's RuntimeError): the
+    held set-up lines print once, the command's first ("Seed set to"), then the ranks', then the traceback."""
+    (tmp_path / "boom.py").write_text("import lightning as L\n\n\nclass Boom(L.Callback):\n"
+                                      "    def setup(self, trainer, pl_module, stage):\n"
+                                      "        raise RuntimeError('boom in setup')\n")
+    proc = subprocess.run([LOWMEM, "fit", *SMALL, "--trainer.strategy", "ddp_spawn", "--trainer.max_steps", "2",
+                           "--trainer.callbacks+=boom.Boom"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**ENV, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = proc.stderr
+    assert err.count("Seed set to 42") == 1 and "RuntimeError: boom in setup" in err, err[-3000:]
+    assert err.index("Seed set to 42") < err.index("Initializing distributed: GLOBAL_RANK: 0") < err.index(
+        "Traceback"), err[-3000:]

@@ -557,6 +557,8 @@ class _RunStarted(L.Callback):
             kind, *refusal = self._reader.recv()
             if kind == "started":
                 self._started = True
+            elif kind == "shown":
+                self.held_text = ""
             elif self._refusal is None:
                 self._refusal = refusal[0](refusal[1])
 
@@ -574,7 +576,8 @@ class _RunStarted(L.Callback):
         return self._refusal
 
     def show_unprinted_setup(self) -> None:
-        """Print the held lines that went to the ranks as text when no rank's run started (so never printed)."""
+        """Print the held lines that went to the ranks as text when no rank printed them (none started, or
+        failed)."""
         if self.held_text and not self.started:
             sys.stderr.write(self.held_text)
             self.held_text = ""
@@ -604,11 +607,18 @@ class _RunStarted(L.Callback):
         kind = next(k for k in REFUSALS if isinstance(err, k))
         if self._writer is not None:
             self._writer.send(("refused", kind, short(err)))
+        self.held_text = ""
         if self.held is not None:
             self.held.discard()
 
-    def leave_rank(self) -> None:
-        """In a rank, after its run (or its failure): print what it still holds."""
+    def leave_rank(self, process_idx: int) -> None:
+        """In a rank, after its run (or its failure before it started): print what it still holds, rank 0 the
+        command's lines first (and says so)."""
+        if self.held_text and process_idx == 0:
+            sys.stderr.write(self.held_text)
+            self.held_text = ""
+            if self._writer is not None:
+                self._writer.send(("shown",))
         if self.held is not None:
             self.held.release()
 
@@ -701,7 +711,7 @@ class _RefusalReportingLauncher(_MultiProcessingLauncher):
             started.refused(err)
             raise
         finally:
-            started.leave_rank()
+            started.leave_rank(process_idx)
 
 
 def _run_started(trainer: Any) -> _RunStarted | None:
