@@ -347,18 +347,50 @@ def _required(model: nn.Module) -> list[set[str]]:
     return list(groups.values())
 
 
+def _key_conversions(model: nn.Module):
+    """``key -> (renamed key, converter pattern or None)``: the renames transformers applies to this model's
+    checkpoint keys while loading (its ``get_model_conversion_mapping``: GPT-NeoX's ``embed_out`` is the model's
+    ``lm_head``), and whether a key is one a converter merges with others (MoE experts stored one per expert)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return lambda key: rename_source_key(key, renamings, converters)
+
+
+def _refuse_converted(path: Path, converted: list[tuple[str, str]], model: nn.Module) -> None:
+    """:class:`ModelFileError` for checkpoint tensors that transformers merges or splits while loading."""
+    key, target = converted[0]
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    raise ModelFileError(path, (
+        f"stores {len(converted)} tensors in a layout transformers converts while loading this {kind} model "
+        f"(e.g. {key!r} into {target!r}, with the other experts' tensors); the NF4 loader reads tensors as "
+        "stored and does not convert them, and NF4 covers linear layers only (experts held as 3-D parameters "
+        "would stay in bf16 anyway). Train this model with quantize: null (a full fine-tune or LoRA on bf16 "
+        "weights, loaded by transformers)."), what="Checkpoint")
+
+
 def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[Path, str, str]], list[str]]:
     """Match every checkpoint tensor to the model from the headers alone, before any data is read.
 
-    Returns ([(file, checkpoint key, model name)], unexpected keys). :class:`ModelFileError` naming the
-    file for a tensor of the wrong shape or of a non-floating dtype where the model has a floating
-    tensor, and for tensors the model needs that no file holds."""
+    Keys are first renamed as transformers renames them for this model (:func:`_key_conversions`). Returns
+    ([(file, checkpoint key, model name)], unexpected keys). :class:`ModelFileError` naming the file for a
+    tensor of the wrong shape or of a non-floating dtype where the model has a floating tensor, and for
+    tensors the model needs that no file holds; naming the directory for tensors transformers would merge
+    (MoE experts stored per expert)."""
     expected = _expected(model)
     names = set(expected)
-    plan, unexpected = [], []
+    convert = _key_conversions(model)
+    plan, unexpected, converted = [], [], []
     for file, header in headers.items():
         for key, (code, shape) in header.items():
-            target = _model_key(model, key, names)
+            renamed, merged = convert(key)
+            if merged is not None:
+                converted.append((key, renamed))
+                continue
+            target = _model_key(model, renamed, names)
             if target is None:
                 if not ignored.search(key):
                     unexpected.append(key)
@@ -372,6 +404,8 @@ def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[P
                 raise ModelFileError(file, f"holds {key!r} as {code}; the model expects a floating-point tensor "
                                      "(a quantized or foreign checkpoint?).")
             plan.append((file, key, target))
+    if converted:
+        _refuse_converted(path, converted, model)
     provided = {target for _, _, target in plan}
     missing = sorted(min(group) for group in _required(model) if not group & provided)
     if missing:

@@ -1,0 +1,157 @@
+"""Bring your own model: the QLoRA and full fine-tune recipes on architectures other than Llama.
+
+Each architecture is a tiny random model built from its transformers 5 config class (2 layers, hidden 64, vocab
+320) and written with ``save_pretrained`` in shards, as a user's checkpoint directory. The recipes' settings are
+used as ``lowmem fit`` uses them (``qlora_7b.yaml``'s ``lora`` block, NF4, bf16 weights, checkpointing) on a
+couple of steps of the shipped sample data through the byte tokenizer. Checked: the loss is finite and the LoRA
+adapters move; LoRA sits on the architecture's own linear projections (Phi-3's fused ``qkv_proj`` /
+``gate_up_proj``, GPT-NeoX's ``query_key_value`` ... : the recipe's seven Llama names mean every linear layer)
+and every other linear layer is NF4; tied embeddings stay tied; the saved adapter / model reloads as users
+load it (``PeftModel.from_pretrained`` on the NF4 base, ``AutoModelForCausalLM.from_pretrained``) with the
+trained logits; MoE checkpoints stored per expert are refused for NF4 with a message naming the layout and
+``quantize: null``; the estimate counts what the model holds. One real ``lowmem fit --config qlora_7b.yaml``
+runs on Phi-3 with the tokenizer read from the model directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lowmem_lightning.cli import RECIPES_DIR
+from lowmem_lightning.data import TextDataModule
+from lowmem_lightning.modules.causal_lm import CausalLMModule
+from lowmem_lightning.quant import ModelFileError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LLAMA = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+ATTENTION = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
+SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 256, "vocab_size": 320, "pad_token_id": 256,
+         "bos_token_id": 257, "eos_token_id": 258}
+MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+
+ARCHS = {
+    # name: (transformers config class, settings beyond SIZES, leaf names LoRA lands on under the recipe)
+    "mistral": ("MistralConfig", {}, LLAMA),
+    "qwen2.5-tied": ("Qwen2Config", {"tie_word_embeddings": True}, LLAMA),  # Qwen2.5-0.5B, SmolLM: tied
+    "qwen3": ("Qwen3Config", {"head_dim": 16}, LLAMA),
+    "gemma2": ("Gemma2Config", {"head_dim": 16}, LLAMA),  # tied by default
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16}, LLAMA),
+    "phi3": ("Phi3Config", {}, frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"})),
+    "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None},
+                 frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"})),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, ATTENTION),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, **MOE, "shared_expert_intermediate_size": 64}, LLAMA),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, **MOE, "head_dim": 16}, ATTENTION),
+}
+DENSE = [name for name in ARCHS if "moe" not in name and name != "mixtral"]
+MOES = ["mixtral", "qwen2_moe", "qwen3_moe"]
+RECIPE = yaml.safe_load((RECIPES_DIR / "qlora_7b.yaml").read_text())["model"]["init_args"]
+RECIPE_LORA = RECIPE["lora"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """``name -> directory`` of each architecture's tiny checkpoint, written on first use (sharded safetensors)."""
+    root, made = tmp_path_factory.mktemp("archs"), {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            import transformers
+
+            cls, extra, _ = ARCHS[name]
+            settings = {k: v for k, v in {**SIZES, **extra}.items() if v is not None}
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**settings))
+            made[name] = root / name
+            model.save_pretrained(made[name], max_shard_size="100KB")
+        return made[name]
+
+    return make
+
+
+def _lora_leaves(model: nn.Module) -> set[str]:
+    return {name.rpartition(".")[2] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+
+
+def _dense_linears(model: nn.Module) -> list[str]:
+    """Plain ``nn.Linear`` layers left in a quantized model, adapters and the output head aside."""
+    return [name for name, module in model.named_modules()
+            if type(module) is nn.Linear and "lora_" not in name and not name.endswith("lm_head")]
+
+
+def _fit(module: CausalLMModule, precision: str) -> list[float]:
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    data = TextDataModule("sample", seq_len=32, batch_size=2, val_fraction=0.02, seed=0, pack=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Losses()])
+    trainer.fit(module, data)
+    return losses
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 259, (1, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _assert_same_tensors(reloaded: nn.Module, trained: nn.Module) -> None:
+    """Every saved tensor (NF4 codes and scales, adapters, weights) of ``reloaded`` equals ``trained``'s. Logits are
+    not compared: the trained model's rotary ``inv_freq`` buffer (not saved) went to bf16 with its ``.to(bfloat16)``
+    (``CausalLMModule`` loading a checkpoint, Lightning's bf16-true), a bf16 load keeps it fp32."""
+    theirs, ours = reloaded.state_dict(), trained.state_dict()
+    assert theirs.keys() == ours.keys()
+    for key, tensor in ours.items():
+        assert torch.equal(theirs[key], tensor), key
+
+
+@pytest.mark.parametrize("name", DENSE + MOES)
+def test_full_finetune_trains_keeps_ties_and_reloads(name, model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = model_dirs(name)
+    module = CausalLMModule(model_name_or_path=str(path), gradient_checkpointing=True, torch_dtype="bfloat16",
+                            optimizer="adamw_8bit", lr=1e-3, save_dir=str(tmp_path / "model"))
+    losses = _fit(module, "bf16-true")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+    model = module.model
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == model.config.tie_word_embeddings
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16)
+    assert (saved.lm_head.weight is saved.get_input_embeddings().weight) == model.config.tie_word_embeddings
+    _assert_same_tensors(saved, model)
+
+
+@pytest.mark.parametrize("name", ["gpt_neox"])
+def test_checkpoint_keys_are_renamed_as_transformers_renames_them(name, model_dirs):
+    """Pythia / GPT-NeoX checkpoints store the head as ``embed_out``; the NF4 loader reads it as ``lm_head``."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_lightning.quant import load_pretrained_causal_lm
+
+    path = model_dirs(name)
+    assert "embed_out.weight" in json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    ours = load_pretrained_causal_lm(path, quantize=None, torch_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=_ids()).logits, theirs(input_ids=_ids()).logits)
+
+
+@pytest.mark.parametrize("name", MOES)
+def test_moe_checkpoints_stored_per_expert_are_refused_for_nf4(name, model_dirs):
+    path = model_dirs(name)
+    with pytest.raises(ModelFileError, match=r"stores \d+ tensors in a layout transformers converts while loading "
+                       r"this \w+ model \(e\.g\. '.*experts\.0\..*' into '.*experts\.(gate_up|down)_proj'"
+                       r".*quantize: null"):
+        CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA).configure_model()
