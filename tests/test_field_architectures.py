@@ -16,6 +16,11 @@ runs on Phi-3 with the tokenizer read from the model directory.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -26,8 +31,9 @@ from torch import nn
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.data import TextDataModule
-from lowmem_lightning.modules.causal_lm import CausalLMModule
-from lowmem_lightning.quant import ModelFileError
+from lowmem_lightning.lowmem_warning import LowMemWarning
+from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
+from lowmem_lightning.quant import Linear4bit, ModelFileError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,6 +123,64 @@ def _assert_same_tensors(reloaded: nn.Module, trained: nn.Module) -> None:
         assert torch.equal(theirs[key], tensor), key
 
 
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_the_recipes_lora_lands_on_the_architectures_linear_projections(name, model_dirs):
+    """What ``lowmem estimate`` builds (meta) from the QLoRA recipe: LoRA on every linear projection of the
+    architecture under its own names, NF4 everywhere else but the head, one warning where the names differ from
+    Llama's, parameter counts equal to the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_lightning.estimate import count_model
+
+    path = model_dirs(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_causal_lm(str(path), None, "nf4", RECIPE_LORA, device="meta", torch_dtype="bfloat16")
+    expected = ARCHS[name][2]
+    assert _lora_leaves(model) == expected
+    assert _dense_linears(model) == []
+    said = [str(w.message) for w in caught
+            if issubclass(w.category, LowMemWarning) and "target_modules" in str(w.message)]
+    assert len(said) == (expected != LLAMA), said
+    if said:
+        assert all(leaf in said[0] for leaf in expected) and "all-linear" in said[0]
+    count = count_model(model)
+    assert count.params == AutoModelForCausalLM.from_pretrained(path).num_parameters()
+    assert count.trainable_params == count.adapter_params > 0
+
+
+def test_target_names_the_model_lacks_are_refused_naming_its_linear_layers(model_dirs):
+    """Any other list with a name no module carries is refused (peft adapts the names it finds, silently)."""
+    lora = {**RECIPE_LORA, "target_modules": ["qkv_proj", "v_proj"]}
+    with pytest.raises(ValueError, match=r"Invalid target_modules=\['qkv_proj', 'v_proj'\]: 'v_proj' names no module "
+                       r"of this phi3 model; its linear layers are down_proj, gate_up_proj, o_proj, qkv_proj"):
+        build_causal_lm(str(model_dirs("phi3")), None, "nf4", lora, device="meta")
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_qlora_recipe_trains_and_its_adapter_reloads(name, model_dirs, tmp_path):
+    from peft import PeftModel
+
+    from lowmem_lightning.quant import load_pretrained_causal_lm
+
+    path = model_dirs(name)
+    module = CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA, gradient_checkpointing=True,
+                            torch_dtype="bfloat16", optimizer="adamw_8bit", lr=1e-2, save_dir=str(tmp_path / "adapter"))
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    losses = _fit(module, "bf16-mixed")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+    model = module.model
+    assert _lora_leaves(model) == ARCHS[name][2] and _dense_linears(model) == []
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_B" in n)
+    base = model.get_base_model()
+    assert (base.lm_head.weight is base.get_input_embeddings().weight) == base.config.tie_word_embeddings
+    reloaded = PeftModel.from_pretrained(load_pretrained_causal_lm(path, torch_dtype=torch.bfloat16),
+                                         tmp_path / "adapter")
+    _assert_same_tensors(reloaded, model)
+
+
 @pytest.mark.parametrize("name", DENSE + MOES)
 def test_full_finetune_trains_keeps_ties_and_reloads(name, model_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -155,3 +219,39 @@ def test_moe_checkpoints_stored_per_expert_are_refused_for_nf4(name, model_dirs)
                        r"this \w+ model \(e\.g\. '.*experts\.0\..*' into '.*experts\.(gate_up|down)_proj'"
                        r".*quantize: null"):
         CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA).configure_model()
+
+
+def _tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer of 259 ids (no merges) saved into ``path``, as a checkpoint ships one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(sorted(alphabet))}
+    vocab.update({"<pad>": 256, "<s>": 257, "</s>": 258})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.save_pretrained(path)
+
+
+def test_lowmem_fit_qlora_recipe_on_phi3(model_dirs, tmp_path):
+    """The real command on the fused-projection architecture, tokenizer read from the model directory."""
+    model = tmp_path / "phi3"
+    shutil.copytree(model_dirs("phi3"), model)
+    _tokenizer(model)
+    lowmem = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
+    args = ["fit", "--config", "qlora_7b.yaml", "--model.model_name_or_path", str(model), "--trainer.max_steps", "2",
+            "--trainer.accumulate_grad_batches", "1", "--trainer.val_check_interval", "2",
+            "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32", "--trainer.enable_progress_bar",
+            "false", "--trainer.enable_model_summary", "false"]
+    proc = subprocess.run([lowmem, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lowmem: warning: LoRA target_modules: this phi3 model has no q_proj, k_proj, v_proj, gate_proj, up_proj" \
+        in proc.stderr
+    config = json.loads((tmp_path / "runs/qlora_7b/adapter/adapter_config.json").read_text())
+    assert set(config["target_modules"]) == ARCHS["phi3"][2]
+    metrics = (next((tmp_path / "runs/qlora_7b").glob("version_*")) / "metrics.csv").read_text()
+    assert "val_loss" in metrics.splitlines()[0]

@@ -59,7 +59,14 @@ path load with either.
 from .convert import LoadedIn4bit, mark_loaded_in_4bit, quantize_model
 from .linear4bit import Linear4bit, NF4WeightHandle, NonFiniteWeightError, linear4bit_bytes
 from .loading import ModelFileError, NonFiniteCheckpointError, load_pretrained_causal_lm, random_causal_lm
-from .lora import LLAMA_TARGET_MODULES, LoraLinear4bit, add_lora, load_lora, register_peft_custom_module
+from .lora import (
+    LLAMA_TARGET_MODULES,
+    LoraLinear4bit,
+    add_lora,
+    load_lora,
+    register_peft_custom_module,
+    resolve_target_modules,
+)
 
 __all__ = [
     "Linear4bit",
@@ -73,6 +80,7 @@ __all__ = [
     "LoraLinear4bit",
     "LLAMA_TARGET_MODULES",
     "register_peft_custom_module",
+    "resolve_target_modules",
     "load_pretrained_causal_lm",
     "random_causal_lm",
     "ModelFileError",

@@ -30,7 +30,8 @@ from lowmem_lightning.lowmem_warning import LowMemWarning
 
 from .linear4bit import Linear4bit
 
-__all__ = ["LoraLinear4bit", "add_lora", "load_lora", "register_peft_custom_module", "LLAMA_TARGET_MODULES"]
+__all__ = ["LoraLinear4bit", "add_lora", "load_lora", "register_peft_custom_module", "resolve_target_modules",
+           "LLAMA_TARGET_MODULES"]
 
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The seven linear projections of a Llama decoder layer (QLoRA puts adapters on all of them)."""
@@ -168,6 +169,49 @@ def _linear_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a ``target_modules`` list entry: the module's qualified name or its dotted suffix."""
+    return name == target or name.endswith("." + target)
+
+
+def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
+    """The module names ``add_lora`` gives peft for ``target_modules`` on ``model``.
+
+    ``"all-linear"``: the leaf names of every ``nn.Linear`` / :class:`Linear4bit` but the output embedding
+    (peft's ``all-linear``: ``qkv_proj, o_proj, gate_up_proj, down_proj`` on Phi-3, ``query_key_value,
+    dense, dense_h_to_4h, dense_4h_to_h`` on GPT-NeoX). A list whose every entry names a module of
+    ``model`` (peft's match: the qualified name or a dotted suffix) is returned as given. The seven Llama
+    projections (:data:`LLAMA_TARGET_MODULES`, the recipes' default) on a model lacking some of them (fused
+    ``qkv_proj`` / ``gate_up_proj``, GPT-NeoX names, MoE experts held as 3-D parameters rather than
+    linear layers) mean the same as ``"all-linear"``: every linear projection of the model, and a
+    :class:`LowMemWarning` names what they became. Any other entry that names no module raises a
+    ``ValueError`` naming it and the model's linear layer names (peft itself refuses only when no entry
+    matches, and would silently adapt a subset).
+    """
+    linear = _linear_names(model)
+    if target_modules == "all-linear":
+        return linear
+    targets = list(target_modules)
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(_matches(name, t) for name in names)]
+    if not missing:
+        return targets
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    if set(targets) == set(LLAMA_TARGET_MODULES) and linear:
+        warnings.warn(
+            f"LoRA target_modules: this {kind} model has no {', '.join(missing)}; the seven Llama projections "
+            f"are taken as all of its linear layers (as 'all-linear'): {', '.join(linear)}.",
+            LowMemWarning, stacklevel=3,
+        )
+        return linear
+    raise ValueError(
+        f"Invalid target_modules={targets!r}: {', '.join(repr(t) for t in missing)} "
+        f"name{'s' if len(missing) == 1 else ''} no module of this "
+        f"{kind} model; its linear layers are {', '.join(linear) or '(none)'}: give names from these, or "
+        "'all-linear' for all of them."
+    )
+
+
 def _check_lora_args(r, alpha, dropout, target_modules, adapter_dtype) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"Invalid r={r!r}: expected a positive int.")
@@ -199,14 +243,17 @@ def add_lora(
 
     Works on ``Linear4bit`` (QLoRA) and ``nn.Linear`` layers alike. ``target_modules``: module names
     as peft matches them (default: the seven Llama projections), or ``"all-linear"`` for every
-    linear / 4-bit layer but the output embedding. ``alpha / r`` scales the adapter output.
+    linear / 4-bit layer but the output embedding; checked against ``model`` by
+    :func:`resolve_target_modules` (the Llama seven on a model without them, e.g. Phi-3's fused
+    ``qkv_proj`` / ``gate_up_proj``, become every linear layer; other unknown names are refused).
+    ``alpha / r`` scales the adapter output.
     Adapters are stored in ``adapter_dtype`` (fp32 by default). Returns the ``PeftModel``
     (``PeftModelForCausalLM`` for a model that can generate).
     """
     _check_lora_args(r, alpha, dropout, target_modules, adapter_dtype)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    targets = _linear_names(model) if target_modules == "all-linear" else list(target_modules)
+    targets = resolve_target_modules(model, target_modules)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none",
         task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
