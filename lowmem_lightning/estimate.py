@@ -53,6 +53,7 @@ __all__ = [
     "LORA_ACTIVATION_COEFFICIENTS",
     "LORA_MODES",
     "LORA_TARGET_SETS",
+    "ACTIVATION_MODEL_TYPES",
     "NF4_DEQUANTIZE_BYTES",
     "RELEASE_BUCKET_BYTES",
     "estimate_memory",
@@ -556,6 +557,14 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
                     f"{len(LORA_TARGET_SETS[key])} projections{drop}, {where} base")
 
 
+ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
+:func:`lora_activation_bytes` were fitted to: torch's CPU profiler measured Mistral and Qwen2 equal to Llama.
+Not these (batch 2 x seq 96, bf16, the formula against the profiler): Qwen3 -17% (q/k norms), Phi-3 -11%
+(fused projections), Gemma 2/3 -40% (extra norms, soft-capping), GPT-NeoX +25..47% (parallel block, no gate),
+Mixtral / Qwen-MoE -24..48% (experts, router); :func:`model_activation_bytes` says so rather than guess."""
+
+
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                            precision: str | int | None = None, device: str = "cuda") -> tuple[int | None, str]:
     """``(bytes, what they are of)`` of the activations of ``model`` (meta works) as a run with Lightning
@@ -564,14 +573,19 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
     adapters and ``precision``; ``device`` sets the 4-bit decode transient). ``(None, why not)`` where no
     formula models the run: mixed precision (autocast) of a full-weight model, LoRA other than
     :data:`LORA_MODES` or :data:`LORA_TARGET_SETS`, a 4-bit model without adapters, weights other than
-    bf16/fp16/fp32, or a model with no Llama-style ``config`` (``hidden_size``, ``intermediate_size``,
-    ``num_hidden_layers``, ``vocab_size``)."""
+    bf16/fp16/fp32, a model with no Llama-style ``config`` (``hidden_size``, ``intermediate_size``,
+    ``num_hidden_layers``, ``vocab_size``), or one of another ``model_type`` than
+    :data:`ACTIVATION_MODEL_TYPES`."""
     precision = "32-true" if precision is None else str(precision)
     count = count_model(model)
     config = _decoder_config(model)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
     if config is None or any(getattr(config, key, None) is None for key in keys):
         return None, "not modelled: the model has no Llama-style config (" + ", ".join(keys) + ")"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ACTIVATION_MODEL_TYPES:
+        return None, (f"not modelled for model_type {model_type!r} (fitted to the Llama decoder layer: "
+                      f"{', '.join(ACTIVATION_MODEL_TYPES)})")
     if count.adapter_params or "nf4" in count.frozen_bytes_by_dtype:
         if precision not in ("32-true", "32", *_HALF_PRECISIONS, *_MIXED):
             return None, f"not modelled under precision={precision!r}"
