@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
+from lowmem_lightning.modules.rotary import keep_rotary_fp32
 from lowmem_lightning.optim import build_optimizer, optimizer_class
 from lowmem_lightning.optim.state_precision import (
     check_fp32_state,
@@ -181,6 +182,13 @@ class LowMemModule(L.LightningModule):
                 "max_steps or max_epochs (trainer.estimated_stepping_batches is infinite)."
             )
         return int(total)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Every cast and move of the module (``to``, ``bfloat16()``, Lightning's ``bf16-true`` conversion), with
+        rotary position frequencies kept fp32 (:func:`~lowmem_lightning.modules.rotary.keep_rotary_fp32`)."""
+        out = super()._apply(fn, *args, **kwargs)
+        keep_rotary_fp32(self)
+        return out
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with a message saying how to resume, a checkpoint whose optimizer state came from a

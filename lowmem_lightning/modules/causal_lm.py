@@ -25,6 +25,7 @@ from torch import nn
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.base import LowMemModule, Scheduler
+from lowmem_lightning.modules.rotary import keep_rotary_fp32
 
 __all__ = [
     "CausalLMModule",
@@ -393,6 +394,7 @@ class CausalLMModule(LowMemModule):
         data_vocab = self._datamodule_vocab()
         self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
                                      torch_dtype=hp.torch_dtype, vocab_size=data_vocab)
+        keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
         if hp.config is not None and "vocab_size" not in hp.config:
             # Record the vocabulary the model got, so load_from_checkpoint rebuilds the same shapes.
             hp.config = {**hp.config, "vocab_size": self.model.config.vocab_size}
