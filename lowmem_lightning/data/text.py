@@ -44,6 +44,7 @@ exists, and a model whose ``config.use_cache`` is True makes one even in trainin
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 import warnings
@@ -455,6 +456,7 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.chat = ChatTemplate(self.tokenizer, given_chat, setting=chat_template)
         self.has_chat = False  # whether the data read holds conversations (set by check_inputs)
+        self.has_instructions = False  # whether it holds instruction records (prompt templates apply; check_inputs)
         self.save_hyperparameters()
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.val_fraction, self.seed, self.pack = float(val_fraction), seed, pack
@@ -479,6 +481,7 @@ class TextDataModule(L.LightningDataModule):
         docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
         encoded = [encode_document(d, self.tokenizer, self.chat) for d in docs]
         self.has_chat = any(isinstance(d, ChatDocument) for d in docs)
+        self.has_instructions = any(isinstance(d, Document) and d.prompt for d in docs)
         blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack, self.isolate_documents)
         keep = trainable_blocks(blocks["labels"])
         if not bool(keep.any()):
@@ -510,30 +513,63 @@ class TextDataModule(L.LightningDataModule):
         self.check_inputs()
 
     def state_dict(self) -> dict:
-        """What checkpoints keep of the data module: a cheap fingerprint of every data file (size,
-        modification time, hash of its first and last MiB; :mod:`~lowmem_lightning.data.fingerprint`) and,
-        when the data holds conversations, of the chat template in use (its source and SHA-256)."""
+        """What checkpoints keep of the data module, to notice at resume a run on other blocks: a cheap fingerprint
+        of every data file (size, modification time, hash of its first and last MiB;
+        :mod:`~lowmem_lightning.data.fingerprint`), of the tokenizer (its name and a hash of the files that define
+        its ids), the settings that cut, order and split the blocks (``seq_len``, ``pack``, ``isolate_documents``,
+        ``val_fraction``, ``seed``), the prompt templates when the data holds instruction records and the chat
+        template (its source and SHA-256) when it holds conversations."""
         from lowmem_lightning.data.fingerprint import fingerprints
 
-        state = {"data_files": fingerprints(self.files)}
+        state = {"data_files": fingerprints(self.files), "tokenizer": self._tokenizer_fingerprint,
+                 "settings": self._block_settings()}
         if self.has_chat:
             state["chat_template"] = self.chat.fingerprint()
         return state
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """At resume: warn, in one message naming each file (and the chat template), when data files or the
-        chat template changed since the checkpoint."""
-        from lowmem_lightning.data.fingerprint import describe_changes, describe_template_change, fingerprints
+    @functools.cached_property
+    def _tokenizer_fingerprint(self) -> dict:
+        from lowmem_lightning.data.fingerprint import tokenizer_fingerprint
 
-        saved = state_dict.get("data_files") if isinstance(state_dict, dict) else None
+        hf = getattr(self.tokenizer, "tokenizer", None)
+        return tokenizer_fingerprint(self.tokenizer.name, tuple(getattr(hf, "vocab_files_names", {}).values()))
+
+    def _block_settings(self) -> dict:
+        """The settings besides the files and the tokenizer that decide which blocks exist and their order."""
+        settings = {"seq_len": self.seq_len, "pack": self.pack, "isolate_documents": self.isolate_documents,
+                    "val_fraction": self.val_fraction, "seed": self.seed}
+        if self.has_instructions:
+            settings["prompt_template"] = self.hparams.prompt_template
+            settings["prompt_template_no_input"] = self.hparams.prompt_template_no_input
+        return settings
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """At resume: warn, in one message naming each change, when data files, the tokenizer, a setting that cuts,
+        orders or splits the blocks, or the chat template changed since the checkpoint (a warning, as the
+        checkpoint's weights and optimizer state still hold: continuing on other data is a choice a run may make,
+        e.g. a longer ``seq_len``; what no longer holds is the epoch position, which now applies to other blocks).
+        Keys a checkpoint lacks (written by an older version) are not compared."""
+        from lowmem_lightning.data.fingerprint import (
+            describe_changes,
+            describe_setting_changes,
+            describe_template_change,
+            fingerprints,
+        )
+
+        state = state_dict if isinstance(state_dict, dict) else {}
+        saved = state.get("data_files")
         changes = describe_changes(saved, fingerprints(self.files)) if isinstance(saved, dict) else []
-        saved_chat = state_dict.get("chat_template") if isinstance(state_dict, dict) else None
-        if isinstance(saved_chat, dict):
-            changes += describe_template_change("chat_template", saved_chat, self.chat.fingerprint())
+        if isinstance(state.get("tokenizer"), dict):
+            changes += describe_template_change("tokenizer", state["tokenizer"], self._tokenizer_fingerprint,
+                                                "the token ids stand for other text than in the checkpoint's run")
+        if isinstance(state.get("settings"), dict):
+            changes += describe_setting_changes(state["settings"], self._block_settings())
+        if isinstance(state.get("chat_template"), dict):
+            changes += describe_template_change("chat_template", state["chat_template"], self.chat.fingerprint())
         if changes:
             rank_zero_warn(
                 "TextDataModule: the data changed since the checkpoint was written, so the resumed run does not "
-                "see the data the checkpoint's run saw (its position in the epoch applies to the new blocks):\n"
+                "see the blocks the checkpoint's run saw (its position in the epoch applies to other blocks):\n"
                 + "\n".join(f"  - {change}" for change in changes),
                 category=LowMemWarning,
             )
