@@ -1,4 +1,4 @@
-"""Rotary position frequencies stay fp32 under bf16 weights (lowmem_lightning/modules/rotary.py).
+"""Rotary position frequencies stay fp32 under bf16 weights (lowmem_lightning/rotary.py).
 
 Lightning's ``bf16-true`` casts the module with ``.to(torch.bfloat16)``, which rounded transformers' fp32
 ``inv_freq`` buffers to bf16: the fine-tune trained on rotation angles off by up to 1.25 rad at position 1024
@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lowmem_lightning.modules import CausalLMModule
-from lowmem_lightning.modules.rotary import keep_rotary_fp32, rotary_buffers
+from lowmem_lightning.rotary import keep_rotary_fp32, rotary_buffers
 
 LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 512}
@@ -83,3 +83,45 @@ def test_layer_type_frequencies_and_meta_buffers():
         meta = Gemma3ForCausalLM(config).to(torch.bfloat16)
     keep_rotary_fp32(meta)
     assert all(m._buffers[n].is_meta and m._buffers[n].dtype == torch.float32 for m, n in rotary_buffers(meta))
+
+
+class _OwnProject(L.LightningModule):
+    """A user's own module around an HF Llama (not a LowMemModule), with its own AdamW."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(input_ids=batch[0], labels=batch[0]).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_the_callback_keeps_a_projects_rotary_frequencies_fp32_under_bf16_true(tmp_path):
+    """An existing project's module under ``bf16-true`` with ``LowMemOptimizerCallback``: after fit (and after a
+    ``trainer.validate``, which casts the module again) its rotary buffers are fp32 and exact, its weights bf16."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lowmem_lightning.callbacks import LowMemOptimizerCallback
+
+    module = _OwnProject()
+    reference = _fp32_reference(module.model)
+    data = DataLoader(TensorDataset(torch.randint(0, LLAMA["vocab_size"], (4, 32))), batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-true", max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path,
+                        callbacks=[LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)])
+    trainer.fit(module, data, data)
+    module.model.to(torch.bfloat16)  # a cast between stages, as a user's code might do: validate restores it
+    trainer.validate(module, data, verbose=False)
+    assert module.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    for m, name in rotary_buffers(module.model):
+        assert m._buffers[name].dtype == torch.float32, name
+        assert torch.equal(m._buffers[name], reference[f"{type(m).__name__}.{name}"]), name

@@ -20,7 +20,8 @@ does for any callback (a forwarder would have to know every hook; a part in ``tr
 ordered and checkpointed by Lightning like the user's own): :class:`~.strategy_check.FSDP1Check`,
 :class:`~.release.GradientReleaseCallback` (``step_in_backward``), :class:`~.monitor.StateMemoryMonitor`,
 :class:`~.preemption.PreemptionCheckpoint`, :class:`~.resume.ResumeCompatibility` and
-:class:`~.clip_norm.ClipNormReuse` (norm clipping hands its norm to our optimizer's finite check).
+:class:`~.clip_norm.ClipNormReuse` (norm clipping hands its norm to our optimizer's finite check) and
+:class:`~.rotary.KeepRotaryFp32` (a Hugging Face model's rotary frequencies back in fp32 after a bf16 cast).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from lowmem_lightning.callbacks.param_checks import averaged_codes_refusal, unsu
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
 from lowmem_lightning.callbacks.resume import ResumeCompatibility
+from lowmem_lightning.callbacks.rotary import KeepRotaryFp32
 from lowmem_lightning.callbacks.strategy_check import FSDP1Check
 from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
@@ -171,7 +173,8 @@ class LowMemOptimizerCallback(L.Callback):
     refuse, before any step, to resume a checkpoint of another optimizer than this one unless it converts
     that state (every pair of ``adamw``, ``adamw_8bit``, ``paged_adamw_8bit``, ``adamw_4bit``; ``lion``, ``ademamix``,
     ``muon`` <-> their ``_8bit`` variants), and apply a new ``lr`` at resume
-    (:mod:`~lowmem_lightning.callbacks.resume`).
+    (:mod:`~lowmem_lightning.callbacks.resume`); give a Hugging Face model's rotary position frequencies back their
+    fp32 values after a ``bf16-true`` cast (:mod:`~lowmem_lightning.callbacks.rotary`).
 
     Args:
         optimizer: Registered optimizer name (``lowmem_lightning.optim.available_optimizers()``).
@@ -264,6 +267,7 @@ class LowMemOptimizerCallback(L.Callback):
             PreemptionCheckpoint(),
             ResumeCompatibility(optimizer, saved_under=self.state_key),
             ClipNormReuse(),
+            KeepRotaryFp32(),
         )
         """The callbacks with the other jobs, put into ``trainer.callbacks`` after this one at ``setup``."""
         self.optimizers: list[torch.optim.Optimizer] = []

@@ -29,7 +29,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
-from lowmem_lightning.modules.rotary import keep_rotary_fp32
 from lowmem_lightning.optim import build_optimizer, optimizer_class
 from lowmem_lightning.optim.state_precision import (
     check_fp32_state,
@@ -38,6 +37,7 @@ from lowmem_lightning.optim.state_precision import (
     unmatched_message,
 )
 from lowmem_lightning.optim.validation import check_choice, validate_optimizer_args
+from lowmem_lightning.rotary import keep_rotary_fp32
 
 __all__ = ["LowMemModule", "SCHEDULERS", "Scheduler", "decay_param_groups", "validate_optimizer_args",
            "warmup_cosine_factor"]
@@ -185,7 +185,7 @@ class LowMemModule(L.LightningModule):
 
     def _apply(self, fn, *args, **kwargs):
         """Every cast and move of the module (``to``, ``bfloat16()``, Lightning's ``bf16-true`` conversion), with
-        rotary position frequencies kept fp32 (:func:`~lowmem_lightning.modules.rotary.keep_rotary_fp32`)."""
+        rotary position frequencies kept fp32 (:func:`~lowmem_lightning.rotary.keep_rotary_fp32`)."""
         out = super()._apply(fn, *args, **kwargs)
         keep_rotary_fp32(self)
         return out

@@ -25,7 +25,7 @@ from torch import nn
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.base import LowMemModule, Scheduler
-from lowmem_lightning.modules.rotary import keep_rotary_fp32
+from lowmem_lightning.rotary import keep_rotary_fp32
 
 __all__ = [
     "CausalLMModule",

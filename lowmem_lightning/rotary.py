@@ -12,7 +12,10 @@ fp32 frequencies it never trained with.
 :func:`keep_rotary_fp32` puts the fp32 values back: each rotary module whose frequency buffers are not fp32 is
 rebuilt from its ``config`` on the CPU (its own ``__init__`` computes every buffer in fp32) and the buffers are
 copied to the device they were on. :class:`~lowmem_lightning.modules.base.LowMemModule` calls it after every cast
-of the module (``_apply``), ``CausalLMModule`` after building its model.
+of the module (``_apply``), ``CausalLMModule`` after building its model, and ``LowMemOptimizerCallback`` (its
+:class:`~lowmem_lightning.callbacks.rotary.KeepRotaryFp32` part) for any project's module at the start of fit,
+validation, test and predict (Lightning casts the module just before). Torch and Lightning only: no layer of
+this package below it, so every layer may use it.
 """
 
 from __future__ import annotations
