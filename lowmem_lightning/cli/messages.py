@@ -153,12 +153,49 @@ def _literal_choices(found: re.Match) -> str:
     return f"Expected one of: {found.group(1)}" + (", null" if found.group(2) else "")
 
 
+_CLASS_PROBLEM = re.compile(r"\s*- Problem with given class_path '")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _items(lines: list[str], start: int) -> list[tuple[int, int]]:
+    """``(first, end)`` line ranges of the ``- `` items of the list that holds line ``start`` (one item each)."""
+    indent = _indent(lines[start])
+    first = start
+    while first > 0 and _indent(lines[first - 1]) >= indent:
+        first -= 1
+    items, end = [], first
+    while end < len(lines) and _indent(lines[end]) >= indent:
+        begin, end = end, end + 1
+        while end < len(lines) and _indent(lines[end]) > indent:
+            end += 1
+        items.append((begin, end))
+    return items
+
+
+def _only_the_given_class(message: str) -> str:
+    """A Union error reduced to its given class's problem when that class took the key and refused its value
+    (``- Problem with given class_path 'X': ... Parser key "KEY": ...``): the other alternatives jsonargparse tried
+    (the base ``lightning.Callback``, which takes no ``KEY``; a single callback for a list of them) only hid it, as
+    for ``--trainer.callbacks.bf16_rounding BAD``."""
+    lines = message.splitlines()
+    dropped: set[int] = set()
+    for start in (i for i, line in enumerate(lines) if _CLASS_PROBLEM.match(line)):
+        items = _items(lines, start)
+        mine = next((first, end) for first, end in items if first == start)
+        if 'Parser key "' in "\n".join(lines[mine[0]:mine[1]]):
+            dropped.update(i for first, end in items if first != start for i in range(first, end))
+    return "\n".join(line for i, line in enumerate(lines) if i not in dropped)
+
+
 def condense_message(message: str) -> str:
     """jsonargparse's nested Union error reports as one line: the innermost problems only."""
     subkey = _shortcut_subkey(message)
     if subkey is not None:
         return subkey
-    message = _LITERAL.sub(_literal_choices, message)
+    message = _LITERAL.sub(_literal_choices, _only_the_given_class(message))
     lines = [re.sub(r"^(- )+", "", line.strip()).strip() for line in message.splitlines()]
     kept = [line for line in lines if line and not _NOISE.search(line)]
     text = " ".join(kept) if kept else message.strip()
