@@ -64,11 +64,14 @@ def _assert_clean(proc: subprocess.CompletedProcess, steps: int) -> None:
                                                       for s in ("ddp_fork", "ddp"))])
 def test_lowmem_fit_ddp_spawn_runs_once_and_cleanly(tmp_path, strategy):
     """4 steps over 2 gloo ranks: exit 0, one summary (rank 0's), one plot and a metrics.csv with steps 0..3, no
-    noise (the known third-party messages are dropped in the spawned ranks too); the same with the ranks forked
-    (``ddp_fork``) or started as new ``lowmem`` processes (``ddp``). 15-20 s each on the loaded 2-core machine."""
+    noise (the known third-party messages are dropped in the spawned ranks too), the seed said once; the same with
+    the ranks forked (``ddp_fork``) or started as new ``lowmem`` processes (``ddp``). 15-20 s each on the loaded
+    2-core machine."""
     proc = _fit(tmp_path, strategy, 4)
     _assert_clean(proc, 4)
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr  # two ranks really ran
+    seeds = [line for line in proc.stderr.splitlines() if "Seed set to" in line]
+    assert seeds == ["Seed set to 42"], seeds  # once, not '[rank: 1] Seed set to 42' from a ddp rank too
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("state_memory.png")) == [
         "runs/tiny/version_0/state_memory.png"]
     rows = _train_rows(tmp_path / "runs/tiny/version_0/metrics.csv")

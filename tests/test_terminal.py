@@ -93,7 +93,10 @@ def test_quiet_known_noise_drops_exactly_the_known_messages(caplog):
             logging.getLogger("lightning.pytorch.utilities.rank_zero").info("💡 Tip: For seamless cloud logging "
                                                                            "and experiment tracking, try ...")
             logging.getLogger("lightning.pytorch.utilities.rank_zero").info("`Trainer.fit` stopped")
-        assert [r.getMessage() for r in caplog.records] == ["Failed to quantize layer 3", "`Trainer.fit` stopped"]
+            for rank in ("", "[rank: 0] ", "[rank: 1] ", "[rank: 10] "):  # a ddp rank's own seed line goes
+                logging.getLogger("lightning.fabric.utilities.seed").info(f"{rank}Seed set to 42")
+        assert [r.getMessage() for r in caplog.records] == ["Failed to quantize layer 3", "`Trainer.fit` stopped",
+                                                            "Seed set to 42", "[rank: 0] Seed set to 42"]
     finally:
         for name, _ in KNOWN_LOG_NOISE:
             logger = logging.getLogger(name)

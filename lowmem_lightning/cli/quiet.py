@@ -27,6 +27,9 @@ KNOWN_LOG_NOISE: tuple[tuple[str, str], ...] = (
     ("torchao", r"^Failed to load \S*torchao\S*_C\w*\S*\.so: "),
     # torch's deprecation of register_constant() on Enum subclasses, which torchao still calls
     ("torch.utils._pytree", r"is an Enum subclass and is now natively supported by torch\.compile"),
+    # Lightning's seed line from each rank that `--trainer.strategy ddp` starts as a new `lowmem` process (they seed
+    # as the command did): the command's own "Seed set to N" stays, once, as under one process and ddp_spawn
+    ("lightning.fabric.utilities.seed", r"^\[rank: [1-9]\d*\] Seed set to "),
     # bitsandbytes (imported by peft when installed) without the optional `kernels` package
     ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community"),
 )
