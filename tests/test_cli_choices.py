@@ -54,9 +54,12 @@ def test_model_help_lists_the_choices_in_80_columns(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     assert main(["fit", "--model.help", "CausalLMModule"]) == 0
     out = capsys.readouterr().out
-    entries = out[out.index("--model.quantize QUANTIZE\n"):]
-    assert max(len(line) for line in entries.splitlines()) <= 80
-    flat = " ".join(entries.split())
+    assert max(len(line) for line in out.splitlines()) <= 80  # usage, the class description and the entries
+    start = out.index("Help for")
+    description = out[start:out.index("\n  --model.model_name_or_path", start)]
+    assert " ".join(description.split()).endswith(
+        "Train a Hugging Face causal LM: full fine-tune, LoRA, or QLoRA (NF4 base + LoRA), by arguments:")
+    flat = " ".join(out[out.index("--model.quantize QUANTIZE\n"):].split())
     assert "Optional[Literal['nf4']]" in flat and "Optional[Literal['cosine']]" in flat
     assert "Optional[Literal['float32', 'fp32', 'bfloat16', 'bf16', 'float16', 'fp16']]" in flat
 

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -20,8 +21,9 @@ from lowmem_lightning.cli.config_edits import import_class
 from lowmem_lightning.cli.resume import UNSET
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
-__all__ = ["LowMemArgumentParser", "condense_message", "for_terminal", "notice", "one_line_for_ours",
-           "our_warnings_in_one_line", "say", "short", "listing", "shown", "usage_error", "with_setting"]
+__all__ = ["LowMemArgumentParser", "WrappedHeadingsFormatter", "condense_message", "for_terminal", "notice",
+           "one_line_for_ours", "our_warnings_in_one_line", "say", "short", "listing", "shown", "usage_error",
+           "with_setting"]
 
 
 NOTICE_HOLDER: Any = None
@@ -100,8 +102,25 @@ def our_warnings_in_one_line() -> Callable[[], None]:
     return restore
 
 
+class WrappedHeadingsFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter with section headings broken at words to the help's width (argparse prints a
+    heading on one line: a class's description, e.g. ``--model.help CausalLMModule``'s, ran past 80 columns)."""
+
+    def start_section(self, heading: str | None) -> None:
+        """Start a help section under ``heading``, wrapped to the columns left at this indent (minus its colon)."""
+        room = self._width - self._current_indent - 1
+        if heading and len(heading) > room > 20:
+            heading = textwrap.fill(heading, room, subsequent_indent=" " * self._current_indent)
+        super().start_section(heading)
+
+
 class LowMemArgumentParser(LightningArgumentParser):
-    """LightningArgumentParser whose errors are one short message (no 90-line usage dump), exit code 2."""
+    """LightningArgumentParser whose errors are one short message (no 90-line usage dump), exit code 2, and whose
+    help keeps section headings within the terminal's width (:class:`WrappedHeadingsFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", WrappedHeadingsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         """Print ``PROG: error: MESSAGE`` and a hint to ``--help``, then exit with code 2."""
