@@ -74,9 +74,11 @@ def build_lora_model(config: dict, seq: int, base: str, mode: str, dropout: floa
     return model, mode == "bf16-mixed"
 
 
-def profiled_peak(model, vocab: int, batch: int, seq: int, autocast: bool = False) -> int:
+def profiled_peak(model, vocab: int, batch: int, seq: int, autocast: bool = False, position_ids=None) -> int:
     """Peak CPU bytes allocated during one forward + backward of ``model`` (gradients freed as they arrive), from
-    torch's profiler; bf16 autocast around the forward when ``autocast``. Python's garbage collector is run before
+    torch's profiler; bf16 autocast around the forward when ``autocast``; ``position_ids`` (``[batch, seq]``,
+    restarting at each document: packed documents kept apart) given to the model with ``use_cache=False``, as
+    ``CausalLMModule`` calls it. Python's garbage collector is run before
     and held off during the profile: a collection inside it frees tensors of earlier models (peft and HF modules
     hold reference cycles), which the profiler counts as frees and so lowers the peak by up to 20%."""
     model.train()
@@ -89,7 +91,8 @@ def profiled_peak(model, vocab: int, batch: int, seq: int, autocast: bool = Fals
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = model(input_ids=ids, labels=ids).loss
+                packed = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
+                loss = model(input_ids=ids, labels=ids, **packed).loss
             loss.backward()
     finally:
         gc.enable()

@@ -27,6 +27,7 @@ docstrings; ``tests/test_estimate.py`` checks both against torch's profiler on C
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,7 @@ __all__ = [
     "optimizer_state_bytes",
     "released_gradient_bytes",
     "activation_bytes",
+    "document_mask_terms",
     "model_activation_bytes",
     "lora_activation_bytes",
     "LORA_ACTIVATION_COEFFICIENTS",
@@ -296,7 +298,7 @@ def _config_value(config, key: str) -> int:
 
 
 def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2,
-                     gradient_checkpointing: bool = True) -> int:
+                     gradient_checkpointing: bool = True, isolate_documents: bool = False) -> int:
     """Peak activation bytes of one forward + backward of a Llama-style decoder (HF ``LlamaForCausalLM``
     and its kin, SDPA attention, so no ``seq_len**2`` term), gradients of the weights not included.
 
@@ -309,12 +311,15 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     * without: ``n * (L * (c.full_h * h + c.full_i * i) + 12 * V + c.rest_h * h)`` -- every layer's saved
       tensors at once, then the loss.
 
+    ``isolate_documents``: packed documents kept apart (``TextDataModule``'s default with ``pack=True``: batches
+    with ``position_ids`` restarting at each document), which adds :func:`document_mask_terms` (SDPA's
+    block-diagonal mask; ``s = seq_len`` bytes per token of it) -- ``(1 + d) * s`` per token to the recomputed
+    layer and ``s`` to the loss phase with checkpointing, ``L * d * s`` without -- plus the per-row rotary tables.
+
     Within 5% of torch's CPU profiler on the sizes it was fitted to (and checked at others in
-    ``tests/test_estimate.py``); the GPU kernels save the same tensors (``benchmarks/gpu_check.py``
-    ``full_ft_7b`` measures it). Not modelled: mixed precision (autocast); LoRA / 4-bit models:
-    :func:`lora_activation_bytes`; the block-diagonal mask of packed documents (``TextDataModule``'s
-    ``isolate_documents``), ``batch_size * seq_len**2 * (1 + d)`` bytes more with checkpointing and
-    ``batch_size * seq_len**2 * L * d`` without (SDPA, CPU profiler; ``tests/test_data_packing.py``).
+    ``tests/test_estimate.py``, packed documents too); the GPU kernels save the same tensors
+    (``benchmarks/gpu_check.py`` ``full_ft_7b`` measures it, unpacked). Not modelled: mixed precision (autocast);
+    LoRA / 4-bit models: :func:`lora_activation_bytes`; attention other than SDPA.
     """
     if dtype_bytes not in ACTIVATION_COEFFICIENTS:
         raise ValueError(f"Invalid dtype_bytes={dtype_bytes!r}: expected 2 (bf16/fp16) or 4 (fp32).")
@@ -325,11 +330,31 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     layers, vocab = _config_value(config, "num_hidden_layers"), _config_value(config, "vocab_size")
     c, d = ACTIVATION_COEFFICIENTS[dtype_bytes], dtype_bytes
     loss = LOSS_BYTES_PER_VOCAB * vocab
+    mask, rotary = document_mask_terms(config, batch_size, seq_len, d) if isolate_documents else (0, 0)
+    mask_per_token = mask // (batch_size * seq_len)
     if gradient_checkpointing:
-        per_token = (layers + 1) * d * h + max(c["layer_h"] * h + c["layer_i"] * i, loss + 2 * d * h)
+        per_token = (layers + 1) * d * h + max(c["layer_h"] * h + c["layer_i"] * i + (1 + d) * mask_per_token,
+                                               loss + 2 * d * h + mask_per_token)
     else:
-        per_token = layers * (c["full_h"] * h + c["full_i"] * i) + loss + c["rest_h"] * h
-    return int(batch_size * seq_len * per_token)
+        per_token = layers * (c["full_h"] * h + c["full_i"] * i + d * mask_per_token) + loss + c["rest_h"] * h
+    return int(batch_size * seq_len * per_token) + rotary
+
+
+def document_mask_terms(config, batch_size: int, seq_len: int, dtype_bytes: int) -> tuple[int, int]:
+    """``(mask, rotary)`` bytes that packed documents kept apart add to a Llama-style decoder under SDPA attention
+    (``position_ids`` restarting at each document, no ``attention_mask``: what ``TextDataModule`` batches with
+    ``isolate_documents=True``): ``mask = batch_size * seq_len**2``, transformers' bool block-diagonal mask, which
+    SDPA turns into a float mask of ``dtype_bytes * mask`` in every layer and keeps for backward (how
+    :func:`activation_bytes` and :func:`lora_activation_bytes` place them is in their docstrings); ``rotary = 2 *
+    (batch_size - 1) * seq_len * head_dim * dtype_bytes``, the cos and sin tables of each row's positions (one row's
+    without ``position_ids``). Measured with torch's CPU profiler (``tests/test_estimate.py``,
+    ``tests/test_data_packing.py``); modelled for ``sdpa``, the attention transformers picks for these models:
+    ``eager`` builds a float causal mask either way (the packed one costs nothing more) and
+    ``flash_attention_*`` none, but their attention is not what :func:`activation_bytes` was fitted to."""
+    heads = _config_value(config, "num_attention_heads")
+    head_dim = (config.get("head_dim") if isinstance(config, dict) else getattr(config, "head_dim", None))
+    head_dim = head_dim or _config_value(config, "hidden_size") // heads
+    return batch_size * seq_len**2, 2 * (batch_size - 1) * seq_len * head_dim * dtype_bytes
 
 
 LORA_MODES = ("fp32", "bf16", "bf16-base-fp32-adapters", "bf16-mixed")
@@ -428,7 +453,7 @@ def _check_lora_options(base, mode, rank, device) -> None:
 
 def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = "nf4", mode: str = "bf16-mixed",
                           dropout: float = 0.0, targets="all", rank: int = 16, gradient_checkpointing: bool = True,
-                          device: str = "cuda") -> int:
+                          device: str = "cuda", isolate_documents: bool = False) -> int:
     """Peak activation bytes of one forward + backward of a Llama-style decoder with LoRA adapters on a
     frozen base (``base="nf4"``: 4-bit ``Linear4bit``; ``"dense"``: frozen full-precision weights), adapter
     gradients not included.
@@ -444,6 +469,10 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     * gradient checkpointing: ``n * (L + 1) * d * h + max(n * (c.layer_h * h + c.layer_i * i + R) + T,
       n * (12 * V + 2 * d * h))``;
     * without: ``n * (L * (c.full_h * h + c.full_i * i + R) + c.rest_h * h) + max(n * 12 * V, T)``.
+
+    ``isolate_documents`` (packed documents kept apart) adds :func:`document_mask_terms` as in
+    :func:`activation_bytes`: ``n * (1 + d) * seq_len`` to the recomputed layer and ``n * seq_len`` to the loss
+    phase with checkpointing, ``n * L * d * seq_len`` without, and the rotary tables.
 
     Within 10% of torch's CPU profiler (``device="cpu"``) at sizes it was not fitted to
     (``tests/test_estimate.py``); ``benchmarks/gpu_check.py`` ``qlora_7b`` sets the CUDA figure beside a
@@ -465,11 +494,12 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     transient = NF4_DEQUANTIZE_BYTES[device][d] * h * i if base == "nf4" else 0
     n = batch_size * seq_len
     loss = n * LOSS_BYTES_PER_VOCAB * vocab
+    mask, rotary = document_mask_terms(config, batch_size, seq_len, d) if isolate_documents else (0, 0)
     if gradient_checkpointing:
-        layer = n * (layer_h * h + layer_i * i + rank_bytes) + transient
-        return int(n * (layers + 1) * d * h + max(layer, loss + n * 2 * d * h))
-    saved = n * (layers * (full_h * h + full_i * i + rank_bytes) + rest_h * h)
-    return int(saved + max(loss, transient))
+        layer = n * (layer_h * h + layer_i * i + rank_bytes) + transient + (1 + d) * mask
+        return int(n * (layers + 1) * d * h + max(layer, loss + n * 2 * d * h + mask)) + rotary
+    saved = n * (layers * (full_h * h + full_i * i + rank_bytes) + rest_h * h) + layers * d * mask
+    return int(saved + max(loss, transient)) + rotary
 
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -532,7 +562,8 @@ def _lora_mode(base: torch.dtype, adapters: torch.dtype, precision: str) -> str 
 
 
 def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: int, seq_len: int,
-                      gradient_checkpointing: bool, precision: str, device: str) -> tuple[int | None, str]:
+                      gradient_checkpointing: bool, precision: str, device: str,
+                      isolate_documents: bool) -> tuple[int | None, str]:
     """:func:`model_activation_bytes` of a model with LoRA adapters (or a 4-bit base)."""
     lora = _lora_setting(model)
     if lora is None:
@@ -547,14 +578,23 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     except ValueError:
         return None, ("not modelled for LoRA on " + ", ".join(sorted(lora["targets"]))
                       + " (fitted to all seven projections or the four attention ones)")
-    nbytes = lora_activation_bytes(config, batch_size, seq_len, base=base, mode=mode, dropout=lora["dropout"],
-                                   targets=key, rank=lora["rank"], gradient_checkpointing=gradient_checkpointing,
-                                   device=device)
+    nbytes = {isolate: lora_activation_bytes(config, batch_size, seq_len, base=base, mode=mode,
+                                             dropout=lora["dropout"], targets=key, rank=lora["rank"],
+                                             gradient_checkpointing=gradient_checkpointing, device=device,
+                                             isolate_documents=isolate)
+              for isolate in {False, isolate_documents}}
     checkpointing = "checkpointing" if gradient_checkpointing else "no checkpointing"
     drop = f", dropout {lora['dropout']:g}" if lora["dropout"] else ""
     where = "NF4" if base == "nf4" else "frozen"
-    return nbytes, (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA r={lora['rank']} on "
-                    f"{len(LORA_TARGET_SETS[key])} projections{drop}, {where} base")
+    return nbytes[isolate_documents], (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA "
+                                       f"r={lora['rank']} on {len(LORA_TARGET_SETS[key])} projections{drop}, "
+                                       f"{where} base" + _mask_note(nbytes))
+
+
+def _mask_note(nbytes: dict[bool, int]) -> str:
+    """``", +3.00 MiB document mask"``: what packed documents kept apart add (``nbytes`` by ``isolate_documents``),
+    or nothing when they are not."""
+    return f", +{_gb(nbytes[True] - nbytes[False])} document mask" if True in nbytes else ""
 
 
 ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -566,7 +606,8 @@ Mixtral / Qwen-MoE -24..48% (experts, router); :func:`model_activation_bytes` sa
 
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
-                           precision: str | int | None = None, device: str = "cuda") -> tuple[int | None, str]:
+                           precision: str | int | None = None, device: str = "cuda",
+                           isolate_documents: bool = False) -> tuple[int | None, str]:
     """``(bytes, what they are of)`` of the activations of ``model`` (meta works) as a run with Lightning
     ``precision`` (``None``: ``"32-true"``) trains it: :func:`activation_bytes` for a full-weight decoder,
     :func:`lora_activation_bytes` for LoRA adapters on a 4-bit or frozen base (mode from the weights, the
@@ -575,7 +616,9 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
     :data:`LORA_MODES` or :data:`LORA_TARGET_SETS`, a 4-bit model without adapters, weights other than
     bf16/fp16/fp32, a model with no Llama-style ``config`` (``hidden_size``, ``intermediate_size``,
     ``num_hidden_layers``, ``vocab_size``), or one of another ``model_type`` than
-    :data:`ACTIVATION_MODEL_TYPES`."""
+    :data:`ACTIVATION_MODEL_TYPES`. ``isolate_documents``: the batches are packed documents kept apart
+    (``TextDataModule(pack=True, isolate_documents=True)``): :func:`document_mask_terms` join, said in the detail
+    (``", +3.00 MiB document mask"``); modelled for the ``sdpa`` attention only (``(None, why not)`` for another)."""
     precision = "32-true" if precision is None else str(precision)
     count = count_model(model)
     config = _decoder_config(model)
@@ -586,19 +629,25 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
     if model_type not in ACTIVATION_MODEL_TYPES:
         return None, (f"not modelled for model_type {model_type!r} (fitted to the Llama decoder layer: "
                       f"{', '.join(ACTIVATION_MODEL_TYPES)})")
+    attention = getattr(config, "_attn_implementation", None)
+    if isolate_documents and attention != "sdpa":
+        return None, (f"not modelled for packed documents under attention {attention!r} (their mask is measured "
+                      "with 'sdpa')")
     if count.adapter_params or "nf4" in count.frozen_bytes_by_dtype:
         if precision not in ("32-true", "32", *_HALF_PRECISIONS, *_MIXED):
             return None, f"not modelled under precision={precision!r}"
         return _lora_activations(model, count, config, batch_size, seq_len, gradient_checkpointing, precision,
-                                 device)
+                                 device, isolate_documents)
     if precision not in ("32-true", "32", *_HALF_PRECISIONS):
         return None, f"not modelled under precision={precision!r} (fitted to '32-true', 'bf16-true' and '16-true')"
     dtype = _weight_dtype(model, precision)
     if dtype not in _DTYPE_NAMES:
         return None, f"not modelled for {dtype} weights (fitted to bf16, fp16 and fp32)"
-    nbytes = activation_bytes(config, batch_size, seq_len, dtype.itemsize, gradient_checkpointing)
+    nbytes = {isolate: activation_bytes(config, batch_size, seq_len, dtype.itemsize, gradient_checkpointing, isolate)
+              for isolate in {False, isolate_documents}}
     checkpointing = "checkpointing" if gradient_checkpointing else "no checkpointing"
-    return nbytes, f"batch {batch_size} x seq {seq_len}, {_DTYPE_NAMES[dtype]}, {checkpointing}"
+    return nbytes[isolate_documents], (f"batch {batch_size} x seq {seq_len}, {_DTYPE_NAMES[dtype]}, {checkpointing}"
+                                       + _mask_note(nbytes))
 
 
 # ------------------------------------------------------------------------------------------ optimizers
@@ -848,10 +897,18 @@ LABEL_WIDTH = 23
 """Width of the label column of :func:`format_table` (the report fits an 80-column terminal)."""
 
 
+_FIGURE = re.compile(r"(\d) (GB|MiB|B)\b")
+"""A figure and its unit in a note (``1.00 MiB``): :func:`_labelled` keeps them on one line."""
+
+
 def _labelled(label: str, text: str, indent: int = LABEL_WIDTH) -> list[str]:
-    """``label`` padded to ``indent`` columns, then ``text`` wrapped to 80 columns under it."""
+    """``label`` padded to ``indent`` columns, then ``text`` wrapped to 80 columns under it (a figure and its unit
+    stay together)."""
     first = label.ljust(indent) if len(label) < indent else label + "  "
-    return textwrap.wrap(text, width=80, initial_indent=first, subsequent_indent=" " * indent) or [label]
+    glued = "\0"  # not a space to textwrap
+    lines = textwrap.wrap(_FIGURE.sub(rf"\1{glued}\2", text), width=80, initial_indent=first,
+                          subsequent_indent=" " * indent)
+    return [line.replace(glued, " ") for line in lines] or [label]
 
 
 def _model_lines(estimate: MemoryEstimate) -> list[str]:

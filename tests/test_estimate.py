@@ -333,10 +333,11 @@ def test_estimate_equals_live_tensor_bytes_for_each_recipe_setting(recipe):
 
 
 # ============================================================================== activations
-def _profiled_activation_peak(arch: dict, batch: int, seq: int, dtype, checkpointing: bool, model=None) -> int:
+def _profiled_activation_peak(arch: dict, batch: int, seq: int, dtype, checkpointing: bool, model=None,
+                              position_ids=None) -> int:
     """Peak CPU bytes allocated in one forward + backward (gradients freed as they arrive), torch's profiler
     (``benchmarks/lora_activations.py`` ``profiled_peak``); of an HF Llama of ``arch`` in ``dtype``, or of ``model``
-    (built by the caller, checkpointing already set) when given."""
+    (built by the caller, checkpointing already set) when given; ``position_ids``: packed documents kept apart."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -345,7 +346,7 @@ def _profiled_activation_peak(arch: dict, batch: int, seq: int, dtype, checkpoin
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-    return _lora_bench().profiled_peak(model, arch["vocab_size"], batch, seq)
+    return _lora_bench().profiled_peak(model, arch["vocab_size"], batch, seq, position_ids=position_ids)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -364,6 +365,61 @@ def test_activation_formula_within_10_percent_of_the_profiler(arch, dtype, check
     measured = _profiled_activation_peak(arch, 2, 96, dtype, checkpointing)
     predicted = activation_bytes(arch, 2, 96, torch.finfo(dtype).bits // 8, checkpointing)
     assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+def _document_positions(batch: int, seq: int) -> torch.Tensor:
+    """``[batch, seq]`` position_ids of packed blocks as ``TextDataModule`` makes them (restarting at each document
+    of a third, a half, one and one more block)."""
+    from lowmem_lightning.data.text import document_position_ids
+
+    return document_position_ids([seq // 3, seq // 2, seq, seq], seq)[:batch]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("arch, batch, seq", [
+    ({"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 3,
+      "vocab_size": 700}, 1, 384),  # a layer's recompute is the larger phase: it carries the float mask
+    ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+      "vocab_size": 3000}, 3, 160),  # the loss is: only the bool mask; three rows of rotary tables
+], ids=["layer-bound-1x384", "loss-bound-3x160"])
+def test_packed_document_mask_is_what_the_profiler_measures(arch, batch, seq, dtype, checkpointing):
+    """Packed documents kept apart (position_ids restarting at each document, SDPA) at sizes the mask was not
+    measured at (tests/test_data_packing.py: batch 2 x seq 256): what they add to the peak (packed minus plain)
+    within 15% of activation_bytes(isolate_documents=True) minus its plain figure, the whole within the formula's
+    10% of the packed peak."""
+    from lowmem_lightning.estimate import activation_bytes
+
+    torch.set_num_threads(1)
+    d = torch.finfo(dtype).bits // 8
+    plain = _profiled_activation_peak(arch, batch, seq, dtype, checkpointing)
+    packed = _profiled_activation_peak(arch, batch, seq, dtype, checkpointing,
+                                       position_ids=_document_positions(batch, seq))
+    predicted = activation_bytes(arch, batch, seq, d, checkpointing, isolate_documents=True)
+    added = predicted - activation_bytes(arch, batch, seq, d, checkpointing)
+    assert abs(added / (packed - plain) - 1) <= 0.15, (added, packed - plain)
+    assert abs(predicted / packed - 1) <= 0.10, (predicted, packed)
+
+
+def test_packed_document_mask_of_a_qlora_run_is_what_the_profiler_measures():
+    """The QLoRA recipe's setting (NF4 base, LoRA on seven projections, bf16 autocast, checkpointing) on packed
+    documents kept apart, at a size of benchmarks/lora_activations.py's CHECK with a longer sequence: what they add
+    within 15% of the profiler's, the whole within the LoRA formula's 10%."""
+    from lowmem_lightning.estimate import lora_activation_bytes
+
+    bench = _lora_bench()
+    torch.set_num_threads(1)
+    config, batch, seq = bench.CHECK["h144"]
+    seq *= 3  # a mask that weighs: batch * seq**2 bytes
+    peaks, predicted = [], []
+    for positions in (None, _document_positions(batch, seq)):
+        model, autocast = bench.build_lora_model(config, seq, "nf4", "bf16-mixed", 0.1, "all", True)
+        peaks.append(bench.profiled_peak(model, config["vocab_size"], batch, seq, autocast, positions))
+        predicted.append(lora_activation_bytes(config, batch, seq, base="nf4", mode="bf16-mixed", dropout=0.1,
+                                               targets="all", rank=bench.RANK, device="cpu",
+                                               isolate_documents=positions is not None))
+    assert abs((predicted[1] - predicted[0]) / (peaks[1] - peaks[0]) - 1) <= 0.15, (predicted, peaks)
+    assert abs(predicted[1] / peaks[1] - 1) <= 0.10, (predicted, peaks)
 
 
 def _lora_bench():
@@ -560,7 +616,9 @@ def test_estimate_cli_gives_the_numbers_gpu_check_measures_against(capsys):
     import gpu_check
 
     expected = gpu_check.full_ft_estimate("recipe", 1024, False)
-    data = _estimate_json(capsys, "--config", "full_finetune_7b.yaml", "--data.seq_len", "1024")
+    # gpu_check's batches carry an attention_mask (documents not kept apart): no packed-document mask
+    data = _estimate_json(capsys, "--config", "full_finetune_7b.yaml", "--data.seq_len", "1024",
+                          "--data.isolate_documents", "false")
     row = data["optimizers"][data["configured_optimizer"]]
     shown = {"weights": data["frozen_bytes"] + data["trainable_bytes"], "state": row["device_state_bytes"],
              "gradients": data["gradient_device_bytes"], "activations": data["activation_bytes"],
@@ -571,20 +629,35 @@ def test_estimate_cli_gives_the_numbers_gpu_check_measures_against(capsys):
 
 
 def test_estimate_cli_takes_batch_seq_and_checkpointing_like_fit(capsys):
-    """The recipe's data.batch_size / data.seq_len / model.gradient_checkpointing, and the flags that change
-    them in ``lowmem fit``, give ``activation_bytes`` of the model's config; the activations join every total."""
+    """The recipe's data.batch_size / data.seq_len / model.gradient_checkpointing / data.pack /
+    data.isolate_documents, and the flags that change them in ``lowmem fit``, give ``activation_bytes`` of the
+    model's config (packed documents kept apart, TextDataModule's default: with their mask, said in the detail); the
+    activations join every total."""
     from lowmem_lightning.estimate import activation_bytes
 
     cfg = parse_fit_config(["--config", "tiny.yaml"])
     arch, data = cfg.model.init_args.config, cfg.data.init_args
     arch = {**arch, "vocab_size": 259}  # the byte tokenizer's
+    assert data.pack is True and data.isolate_documents is True  # the defaults the recipe keeps
     recipe = _estimate_json(capsys, "--config", "tiny.yaml")
-    assert recipe["activation_bytes"] == activation_bytes(arch, data.batch_size, data.seq_len, 4, False)
-    assert recipe["activation_detail"] == f"batch {data.batch_size} x seq {data.seq_len}, fp32, no checkpointing"
+    packed = activation_bytes(arch, data.batch_size, data.seq_len, 4, False, isolate_documents=True)
+    plain = activation_bytes(arch, data.batch_size, data.seq_len, 4, False)
+    batch, seq, head_dim = data.batch_size, data.seq_len, arch["hidden_size"] // arch["num_attention_heads"]
+    # a float mask per layer, kept for backward; each row's rotary cos and sin tables
+    assert packed - plain == arch["num_hidden_layers"] * 4 * batch * seq**2 + 2 * (batch - 1) * seq * head_dim * 4
+    assert recipe["activation_bytes"] == packed
+    assert recipe["activation_detail"] == (f"batch {data.batch_size} x seq {data.seq_len}, fp32, no checkpointing, "
+                                           "+1.16 MiB document mask")
+    for flag in ("--data.isolate_documents", "--data.pack"):
+        assert _estimate_json(capsys, "--config", "tiny.yaml", flag, "false")["activation_bytes"] == plain, flag
     flags = _estimate_json(capsys, "--config", "tiny.yaml", "--data.batch_size", "3", "--data.seq_len", "40",
-                           "--model.gradient_checkpointing", "true", "--trainer.precision", "bf16-true")
+                           "--model.gradient_checkpointing", "true", "--trainer.precision", "bf16-true",
+                           "--data.isolate_documents", "false")
     assert flags["activation_bytes"] == activation_bytes(arch, 3, 40, 2, True)
     assert flags["activation_detail"] == "batch 3 x seq 40, bf16, checkpointing"
+    assert main(["estimate", "--config", "tiny.yaml"]) == 0
+    shown = capsys.readouterr().out
+    assert sum("+1.16 MiB document mask" in line for line in shown.splitlines()) == 2  # model lines, run's peak
     for name, row in recipe["optimizers"].items():
         state = row["device_state_bytes"]
         weights_grads = recipe["trainable_bytes"] + recipe["frozen_bytes"] + recipe["gradient_bytes"]
@@ -634,6 +707,12 @@ def test_model_activation_bytes_says_what_it_does_not_model():
     assert nbytes is None and "Llama-style config" in why
     with pytest.raises(ValueError, match="seq_len=0"):
         model_activation_bytes(llama, 2, 0, True)
+    packed, detail = model_activation_bytes(llama, 2, 16, False, isolate_documents=True)
+    assert packed == activation_bytes(TINY_ARCH, 2, 16, 4, False, isolate_documents=True) > activation_bytes(
+        TINY_ARCH, 2, 16, 4, False) and detail.endswith("document mask")
+    llama.set_attn_implementation("eager")  # a float causal mask either way: the packed one was measured with sdpa
+    nbytes, why = model_activation_bytes(llama, 2, 16, False, isolate_documents=True)
+    assert nbytes is None and "packed documents under attention 'eager'" in why
 
 
 @pytest.mark.parametrize("recipe", ["full_finetune_7b.yaml", "qlora_7b.yaml"])

@@ -4,7 +4,8 @@ The recipe is parsed exactly as ``lowmem fit`` would parse it (:func:`~lowmem_li
 the model is built without weights (:func:`build_meta_model`), and
 :func:`~lowmem_lightning.estimate.estimate_memory` sizes parameters, gradients and every optimizer's
 state from the optimizers' own ``state_layout()``. Activations come from the recipe's ``data.batch_size``,
-``data.seq_len``, ``model.gradient_checkpointing`` and ``trainer.precision`` (the flags that set them in
+``data.seq_len``, ``model.gradient_checkpointing``, ``trainer.precision``, ``data.pack`` and
+``data.isolate_documents`` (packed documents kept apart add their mask) (the flags that set them in
 ``lowmem fit`` set them here: ``--data.seq_len 1024``) through
 :func:`~lowmem_lightning.estimate.model_activation_bytes` (full-weight decoders, and LoRA / QLoRA runs through
 :func:`~lowmem_lightning.estimate.lora_activation_bytes`), and join every device total.
@@ -72,8 +73,9 @@ def _configured_bucket_bytes(cfg: Namespace) -> int:
 
 def _activations(cfg: Namespace, model) -> tuple[int, str]:
     """``(bytes, what they are of)`` of the run's activations: ``data.batch_size`` x ``data.seq_len`` with
-    ``model.gradient_checkpointing`` under ``trainer.precision``; ``(0, why not)`` when the recipe does not
-    say or the formula does not model the run."""
+    ``model.gradient_checkpointing`` under ``trainer.precision``, and the mask of packed documents kept apart
+    where ``data.pack`` and ``data.isolate_documents`` are both set (``TextDataModule``'s defaults); ``(0, why
+    not)`` when the recipe does not say or the formula does not model the run."""
     from lowmem_lightning.data.text import _check_int
     from lowmem_lightning.estimate import model_activation_bytes
 
@@ -84,7 +86,9 @@ def _activations(cfg: Namespace, model) -> tuple[int, str]:
     _check_int(batch, "batch_size", 1)
     _check_int(seq, "seq_len", 2)
     checkpointing = bool((cfg.model.get("init_args") or Namespace()).get("gradient_checkpointing"))
-    nbytes, detail = model_activation_bytes(model, batch, seq, checkpointing, cfg.trainer.get("precision"))
+    isolate = data.get("pack") is True and data.get("isolate_documents") is True
+    nbytes, detail = model_activation_bytes(model, batch, seq, checkpointing, cfg.trainer.get("precision"),
+                                            isolate_documents=isolate)
     return nbytes or 0, detail
 
 
@@ -152,9 +156,10 @@ def estimate_main(argv: Sequence[str]) -> int:
         description="Memory a recipe needs: parameters, frozen weights (by dtype / NF4), gradients, activations "
         "and the state of every optimizer, from the model built on the meta device (no weights, no download). "
         "Other options (e.g. --model.model_name_or_path DIR, --optim NAME) are applied as in 'lowmem fit'; "
-        "activations are of the recipe's --data.batch_size, --data.seq_len, --model.gradient_checkpointing "
-        "and --trainer.precision (Llama-style decoders: full-weight, or LoRA on all seven or the four attention "
-        "projections of a 4-bit or frozen base; what is not modelled is left out and said so).",
+        "activations are of the recipe's --data.batch_size, --data.seq_len, --model.gradient_checkpointing, "
+        "--trainer.precision, --data.pack and --data.isolate_documents (Llama-style decoders: full-weight, or LoRA "
+        "on all seven or the four attention projections of a 4-bit or frozen base; packed documents kept apart "
+        "add their SDPA mask; what is not modelled is left out and said so).",
     )
     parser.add_argument("-c", "--config", required=True, help="Recipe: a YAML file or a bundled recipe name.")
     parser.add_argument("--budget-gb", type=float, default=None, help="Device memory budget in GB (10**9 bytes).")
