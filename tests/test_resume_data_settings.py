@@ -96,10 +96,27 @@ def test_a_resume_with_another_data_setting_says_so(saved, tmp_path, change, sai
     if said is None:
         assert message == ""
         return
-    assert said in message
+    assert said in message and "position in the epoch applies to other blocks" in message
     assert message.count("\n  - ") == 1 + ("pack" in change), message  # pack=False also ends isolation
     if "tokenizer" in change:
         assert f"-> tokenizer='{tokenizer}'" in message and "token ids stand for other text" in message
+
+
+def test_an_evaluation_of_the_checkpoint_with_another_split_says_its_held_out_blocks_differ(saved):
+    """``trainer.validate(..., ckpt_path=...)`` restores the data module's state too: another ``seed`` holds out other
+    blocks, some of them trained on by the checkpoint's run."""
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    data, _, ckpt = saved
+    model = CausalLMModule(config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 300})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(model, TextDataModule(str(data), **{**DATA, "seed": 3}), ckpt_path=ckpt, verbose=False)
+    said = [str(w.message) for w in caught if "data changed since the checkpoint" in str(w.message)]
+    assert len(said) == 1 and "seed: 42 -> 3" in said[0], said
+    assert "the held-out blocks this run evaluates are not the ones the checkpoint's run held out" in said[0]
 
 
 def test_a_checkpoint_without_the_settings_resumes_silently(saved, tmp_path):

@@ -568,11 +568,22 @@ class TextDataModule(L.LightningDataModule):
             changes += describe_template_change("chat_template", state["chat_template"], self.chat.fingerprint())
         if changes:
             rank_zero_warn(
-                "TextDataModule: the data changed since the checkpoint was written, so the resumed run does not "
-                "see the blocks the checkpoint's run saw (its position in the epoch applies to other blocks):\n"
+                f"TextDataModule: the data changed since the checkpoint was written, so {self._what_changes()}:\n"
                 + "\n".join(f"  - {change}" for change in changes),
                 category=LowMemWarning,
             )
+
+    def _what_changes(self) -> str:
+        """What other blocks mean for the run restoring the checkpoint: a fit's epoch position, or an evaluation's
+        held-out blocks."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        state = getattr(getattr(self, "trainer", None), "state", None)
+        if state is None or state.fn in (None, TrainerFn.FITTING):
+            return ("the resumed run does not see the blocks the checkpoint's run saw (its position in the epoch "
+                    "applies to other blocks)")
+        return ("the held-out blocks this run evaluates are not the ones the checkpoint's run held out (some may "
+                "have been trained on)")
 
     def _loader(self, dataset: TokenBlocks, shuffle: bool) -> StatefulDataLoader:
         from lowmem_lightning.data.distributed import epoch_sampler  # each rank's share under DDP / FSDP2
