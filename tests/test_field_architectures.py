@@ -241,6 +241,25 @@ def test_moe_checkpoints_stored_per_expert_are_refused_for_nf4(name, model_dirs)
         CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA).configure_model()
 
 
+@pytest.mark.parametrize("name", MOES)
+def test_lowmem_estimate_refuses_nf4_moe_checkpoints_as_fit_does(name, model_dirs, capsys):
+    """``lowmem estimate`` of the QLoRA recipe on an MoE checkpoint stored per expert: the NF4 loader's refusal, the
+    message ``lowmem fit`` prints, exit 2, nothing on stdout (before: a full estimate); with ``quantize: null`` (what
+    the message advises) it estimates."""
+    from lowmem_lightning.cli import main
+
+    path = model_dirs(name)
+    with pytest.raises(ModelFileError) as refused:
+        CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA).configure_model()
+    capsys.readouterr()  # save_pretrained's progress bar
+    args = ["estimate", "--config", "qlora_7b.yaml", "--model.model_name_or_path", str(path)]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"lowmem estimate: error: {refused.value}\n"
+    assert main([*args, "--model.quantize", "null"]) == 0
+    assert "trainable params" in capsys.readouterr().out
+
+
 def _tokenizer(path: Path) -> None:
     """A byte-level BPE tokenizer of 259 ids (no merges) saved into ``path``, as a checkpoint ships one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -108,7 +108,9 @@ def build_meta_model(cfg: Namespace):
     """The model of a parsed ``fit`` config built on the meta device (no weights are read or allocated).
 
     ``CausalLMModule`` (and subclasses) go through ``build_causal_lm(..., device="meta")``, which reads
-    only ``config.json``; any other LightningModule is instantiated under ``torch.device("meta")`` and
+    only ``config.json`` (an NF4 run's checkpoint is first checked from its safetensors headers as ``lowmem fit``'s
+    loader checks it: :func:`~lowmem_lightning.quant.loading.check_pretrained_checkpoint`, ``ModelFileError``);
+    any other LightningModule is instantiated under ``torch.device("meta")`` and
     its ``configure_model`` is called.
     """
     import torch
@@ -118,6 +120,12 @@ def build_meta_model(cfg: Namespace):
     cls = import_class(cfg.model.class_path)
     init = (cfg.model.get("init_args") or Namespace()).as_dict()
     if isinstance(cls, type) and issubclass(cls, CausalLMModule):
+        if init.get("quantize") == "nf4" and init.get("model_name_or_path") is not None:
+            from lowmem_lightning.quant.loading import check_pretrained_checkpoint
+
+            # what the NF4 loader of ``lowmem fit`` refuses from the headers (MoE experts stored per expert, ...)
+            check_pretrained_checkpoint(init["model_name_or_path"], "nf4",
+                                        init.get("torch_dtype") or torch.get_default_dtype())
         return build_causal_lm(
             init.get("model_name_or_path"), init.get("config"), init.get("quantize"), init.get("lora"),
             device="meta", torch_dtype=init.get("torch_dtype"), vocab_size=_data_vocab_size(cfg),

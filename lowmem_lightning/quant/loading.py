@@ -44,8 +44,8 @@ from .linear4bit import (
     _nonfinite_flag,
 )
 
-__all__ = ["load_pretrained_causal_lm", "random_causal_lm", "checkpoint_files", "ModelFileError",
-           "NonFiniteCheckpointError", "read_model_config"]
+__all__ = ["load_pretrained_causal_lm", "check_pretrained_checkpoint", "random_causal_lm", "checkpoint_files",
+           "ModelFileError", "NonFiniteCheckpointError", "read_model_config"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -510,20 +510,8 @@ def load_pretrained_causal_lm(
     from transformers import GenerationConfig
 
     path = Path(path)
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"Invalid quantize={quantize!r}: expected 'nf4' or None.")
-    dtype = _DTYPES.get(torch_dtype, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
-    if dtype not in _DTYPES.values():
-        raise ValueError(f"Invalid torch_dtype={torch_dtype!r}: expected float32, bfloat16 or float16.")
-    skip = _check_skip(skip)
-    _check_options(block_size, double_quant, None)
-    config = _read_config(path)
-    files, weight_map = _checkpoint_layout(path)
-    headers = _read_headers(files)
-    model = _build(config, path, dtype)
-    if quantize == "nf4":
-        _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype)
-    plan, unexpected = _plan(model, path, headers, weight_map, _ignored_keys(model))
+    dtype, skip = _checked_options(quantize, torch_dtype, skip, block_size, double_quant)
+    model, plan, unexpected = _planned_model(path, quantize, dtype, skip, block_size, double_quant)
     flags = _stream(model, plan, dtype, device)
     _refuse_nonfinite(flags, dtype)
     if unexpected:
@@ -540,6 +528,49 @@ def load_pretrained_causal_lm(
             raise ModelFileError(path / "generation_config.json", f"cannot be read by transformers ({err}).") from None
     model.to(device)
     return model.eval()
+
+
+def _checked_options(quantize, torch_dtype, skip, block_size, double_quant) -> tuple[torch.dtype, tuple[str, ...]]:
+    """``(dtype, skip)`` of :func:`load_pretrained_causal_lm`'s options; ``ValueError`` naming a bad one."""
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"Invalid quantize={quantize!r}: expected 'nf4' or None.")
+    dtype = _DTYPES.get(torch_dtype, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"Invalid torch_dtype={torch_dtype!r}: expected float32, bfloat16 or float16.")
+    skip = _check_skip(skip)
+    _check_options(block_size, double_quant, None)
+    return dtype, skip
+
+
+def _planned_model(path: Path, quantize: str | None, dtype: torch.dtype, skip, block_size: int, double_quant: bool):
+    """``(meta model, plan, unexpected keys)`` of checkpoint directory ``path`` from ``config.json`` and the safetensors
+    headers alone (:func:`_plan`): every :class:`ModelFileError` :func:`load_pretrained_causal_lm` raises before it
+    reads tensor data is raised here (options checked by :func:`_checked_options`)."""
+    config = _read_config(path)
+    files, weight_map = _checkpoint_layout(path)
+    headers = _read_headers(files)
+    model = _build(config, path, dtype)
+    if quantize == "nf4":
+        _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype)
+    plan, unexpected = _plan(model, path, headers, weight_map, _ignored_keys(model))
+    return model, plan, unexpected
+
+
+def check_pretrained_checkpoint(path: str | Path, quantize: str | None = "nf4",
+                                torch_dtype: torch.dtype | str = torch.bfloat16, skip=("lm_head",)) -> None:
+    """Refuse what :func:`load_pretrained_causal_lm` (same arguments) refuses before it reads any tensor data, with
+    the same :class:`ModelFileError`, reading only ``config.json`` and the safetensors headers (no weights): an
+    unreadable layout, a tensor of another shape, tensors the model needs that no file holds, MoE experts stored one
+    tensor per expert (which transformers merges while loading: refused for NF4). ``lowmem estimate`` calls it on
+    the checkpoint an NF4 recipe would load, so it refuses what ``lowmem fit`` refuses. A directory that holds no
+    weight file at all (``config.json`` only: an architecture, such as the recipes' ``llama-2-7b``) is left to the
+    config-only estimate."""
+    path = Path(path)
+    dtype, skip = _checked_options(quantize, torch_dtype, skip, 64, True)
+    if path.is_dir() and not (path / _INDEX).exists() and not any(
+            f.suffix in (".safetensors", ".bin", ".pt", ".pth") for f in path.iterdir()):
+        return
+    _planned_model(path, quantize, dtype, skip, 64, True)
 
 
 def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tensor]]:
