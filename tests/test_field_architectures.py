@@ -260,6 +260,26 @@ def test_lowmem_estimate_refuses_nf4_moe_checkpoints_as_fit_does(name, model_dir
     assert "trainable params" in capsys.readouterr().out
 
 
+def test_the_lora_target_warning_comes_once_per_command_from_rank_zero(model_dirs, monkeypatch):
+    """``lowmem estimate`` builds its model once (one warning raised, even with every warning shown); a rank other than
+    0 (``rank_zero_only.rank``) builds the model of ``lowmem fit`` without repeating it."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lowmem_lightning.cli import main
+
+    path = str(model_dirs("phi3"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["estimate", "--config", "qlora_7b.yaml", "--model.model_name_or_path", path]) == 0
+    assert sum("LoRA target_modules" in str(w.message) for w in caught) == 1
+    for rank, expected in ((1, 0), (0, 1)):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            CausalLMModule(model_name_or_path=path, quantize="nf4", lora=RECIPE_LORA).configure_model()
+        assert sum("LoRA target_modules" in str(w.message) for w in caught) == expected, rank
+
+
 def _tokenizer(path: Path) -> None:
     """A byte-level BPE tokenizer of 259 ids (no merges) saved into ``path``, as a checkpoint ships one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -275,8 +295,13 @@ def _tokenizer(path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def test_lowmem_fit_qlora_recipe_on_phi3(model_dirs, tmp_path):
-    """The real command on the fused-projection architecture, tokenizer read from the model directory."""
+PHI3_WARNING = "lowmem: warning: LoRA target_modules: this phi3 model has no q_proj, k_proj, v_proj, gate_proj, up_proj"
+
+
+@pytest.mark.parametrize("strategy", ["auto", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
+def test_lowmem_fit_qlora_recipe_on_phi3(strategy, model_dirs, tmp_path):
+    """The real command on the fused-projection architecture, tokenizer read from the model directory; the LoRA
+    target warning once per command, also when two ranks build the model (ddp_spawn, -m slow: ~17 s)."""
     model = tmp_path / "phi3"
     shutil.copytree(model_dirs("phi3"), model)
     _tokenizer(model)
@@ -284,12 +309,13 @@ def test_lowmem_fit_qlora_recipe_on_phi3(model_dirs, tmp_path):
     args = ["fit", "--config", "qlora_7b.yaml", "--model.model_name_or_path", str(model), "--trainer.max_steps", "2",
             "--trainer.accumulate_grad_batches", "1", "--trainer.val_check_interval", "2",
             "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32", "--trainer.enable_progress_bar",
-            "false", "--trainer.enable_model_summary", "false"]
+            "false", "--trainer.enable_model_summary", "false", "--trainer.strategy", strategy]
+    if strategy != "auto":
+        args += ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     proc = subprocess.run([lowmem, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "lowmem: warning: LoRA target_modules: this phi3 model has no q_proj, k_proj, v_proj, gate_proj, up_proj" \
-        in proc.stderr
+    assert proc.stderr.count(PHI3_WARNING) == 1, proc.stderr[-3000:]
     config = json.loads((tmp_path / "runs/qlora_7b/adapter/adapter_config.json").read_text())
     assert set(config["target_modules"]) == ARCHS["phi3"][2]
     metrics = (next((tmp_path / "runs/qlora_7b").glob("version_*")) / "metrics.csv").read_text()

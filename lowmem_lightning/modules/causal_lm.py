@@ -7,11 +7,13 @@ module trains, on the meta device when asked (no weights, exact parameter counts
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -19,7 +21,7 @@ import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
@@ -297,6 +299,19 @@ def _show_callbacks_the_model(module: L.LightningModule) -> None:
             callback.setup(trainer, module, "fit")
 
 
+@contextlib.contextmanager
+def _build_warnings_on_rank_zero():
+    """Our warnings while the model is built (the LoRA target names it resolved, checkpoint tensors it skipped) are
+    shown by rank 0 only (``rank_zero_only.rank``, as ``rank_zero_warn``): every rank builds the same model from the
+    same files, so under ``ddp_spawn`` / ``ddp_fork`` / ``ddp`` each would say it again."""
+    if rank_zero_only.rank == 0:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LowMemWarning)
+        yield
+
+
 def _enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing (non-reentrant, so frozen embeddings need no input grads)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -392,8 +407,9 @@ class CausalLMModule(LowMemModule):
             return
         hp = self.hparams
         data_vocab = self._datamodule_vocab()
-        self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
-                                     torch_dtype=hp.torch_dtype, vocab_size=data_vocab)
+        with _build_warnings_on_rank_zero():
+            self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
+                                         torch_dtype=hp.torch_dtype, vocab_size=data_vocab)
         keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
         if hp.config is not None and "vocab_size" not in hp.config:
             # Record the vocabulary the model got, so load_from_checkpoint rebuilds the same shapes.
