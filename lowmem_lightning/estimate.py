@@ -18,7 +18,7 @@ instantiated (meta) model:
   parameter, plus a 0-d fp32 ``step``). ``tests/test_estimate.py`` checks each figure against
   :func:`~lowmem_lightning.optim.state_memory` of the real optimizer after one step.
 
-Activations depend on batch size, sequence length and checkpointing: device totals exclude them, and
+Activations depend on batch size, sequence length, checkpointing and packing: device totals exclude them, and
 :func:`activation_bytes` gives the peak of a Llama-style decoder's forward + backward from its config,
 :func:`lora_activation_bytes` that of LoRA adapters on a 4-bit or frozen base (the formulas are in their
 docstrings; ``tests/test_estimate.py`` checks both against torch's profiler on CPU).
@@ -347,9 +347,10 @@ def document_mask_terms(config, batch_size: int, seq_len: int, dtype_bytes: int)
     SDPA turns into a float mask of ``dtype_bytes * mask`` in every layer and keeps for backward (how
     :func:`activation_bytes` and :func:`lora_activation_bytes` place them is in their docstrings); ``rotary = 2 *
     (batch_size - 1) * seq_len * head_dim * dtype_bytes``, the cos and sin tables of each row's positions (one row's
-    without ``position_ids``). Measured with torch's CPU profiler (``tests/test_estimate.py``,
-    ``tests/test_data_packing.py``); modelled for ``sdpa``, the attention transformers picks for these models:
-    ``eager`` builds a float causal mask either way (the packed one costs nothing more) and
+    without ``position_ids``). Measured with torch's CPU profiler (``tests/test_data_packing.py``) and checked at
+    other sizes (``tests/test_estimate.py``: what packing adds within 15% of the profiler's, fp32 and bf16, with and
+    without checkpointing, full-weight and QLoRA); modelled for ``sdpa``, the attention transformers picks for these
+    models: ``eager`` builds a float causal mask either way (the packed one costs nothing more) and
     ``flash_attention_*`` none, but their attention is not what :func:`activation_bytes` was fitted to."""
     heads = _config_value(config, "num_attention_heads")
     head_dim = (config.get("head_dim") if isinstance(config, dict) else getattr(config, "head_dim", None))
