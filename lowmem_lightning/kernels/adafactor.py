@@ -74,6 +74,7 @@ from .factored_plan import (
     group_key,
     plan_group,
     run_host_step,
+    shard_key,
     state_views,
     tfield,
     write_back,
@@ -377,7 +378,7 @@ def _launch(t: AdafactorTensors, hyper: AdafactorHyper) -> None:
     all its tensors together)."""
     s, modes = hyper
     plan = plan_group(t.params, t.grads, t.vs, t.vcs, t.ms, t.absmaxes, t.steps, t.flags, t.tensor_indices,
-                      [e is not None for e in t.elrs])
+                      [e is not None for e in t.elrs], reduces=t.reduces)
     scal = launch_direction(plan, eps1=s.eps1, decay=s.decay_rate, one_minus_decay=0.0, beta_from_step=True,
                             clip=s.clip_threshold, lr=s.lr, eps2=s.eps2, rule=modes[:3], grad_sign=s.grad_sign,
                             elr=next((e for e in t.elrs if e is not None), None))
@@ -390,7 +391,11 @@ def _launch_key(t: AdafactorTensors, i: int) -> tuple:
     return group_key(t.params[i], t.grads[i], t.vcs[i], t.ms[i], t.absmaxes[i])
 
 
-ADAFACTOR = Family("adafactor", launch=_launch, host=_host, launch_key=_launch_key)
+def _shard_key(t: AdafactorTensors, i: int) -> tuple | None:
+    return shard_key(t.reduces[i], _launch_key(t, i))
+
+
+ADAFACTOR = Family("adafactor", launch=_launch, host=_host, launch_key=_launch_key, shard_key=_shard_key)
 """The Adafactor family: ``dispatch(ADAFACTOR, AdafactorTensors(...), AdafactorHyper.of(...))`` applies
 one step in place to every param and its state (statistics per tensor; on Triton each pass is one launch
 per :func:`.factored_plan.group_key` group, on the host one tensor at a time). Never synchronizes with a

@@ -84,6 +84,7 @@ from .factored_plan import (
     group_key,
     plan_group,
     run_host_step,
+    shard_key,
     state_views,
     tfield,
     write_back,
@@ -442,7 +443,7 @@ def _launch(t: CAMETensors, s: CAMEScalars, stochastic: bool = True) -> None:
     """The Triton passes of one group (:func:`.factored_plan.group_key`; seven launches factored, three 1-D, for
     all its tensors together; ``stochastic``: the update kernel's ``STOCHASTIC``)."""
     plan = plan_group(t.params, t.grads, t.vs, t.vcs, t.ms, t.absmaxes, t.steps, t.flags, t.tensor_indices,
-                      srs=t.srs, scs=t.scs)
+                      srs=t.srs, scs=t.scs, reduces=t.reduces)
     scal = launch_direction(plan, eps1=s.eps1, decay=s.beta2, one_minus_decay=s.one_minus_beta2,
                             beta_from_step=False, clip=s.clip_threshold, lr=s.lr, eps2=s.eps2,
                             rule=(False, False, False), grad_sign=s.grad_sign, elr=None)
@@ -458,6 +459,7 @@ def _launch(t: CAMETensors, s: CAMEScalars, stochastic: bool = True) -> None:
             GRAD_DTYPE=plan.grad_dtype, ALIGNED=plan.aligned, BLOCK_R=block_r, BLOCK_C=block_c,
             num_warps=STATS_WARPS, enable_fp_fusion=False,
         )
+        plan.complete("colpart", "rsum")  # a sharded group's instability sums, over every rank's rows
         launch_finalize(plan, ws["srf"], ws["scf"], fields=(F_SR.value, F_SC.value), decay=s.beta3,
                         one_minus_decay=s.one_minus_beta3, beta_from_step=False)
     launch_update(_came_update_kernel, plan, scal, dict(
@@ -469,7 +471,11 @@ def _launch_key(t: CAMETensors, i: int) -> tuple:
     return group_key(t.params[i], t.grads[i], t.vcs[i], t.ms[i], t.absmaxes[i])
 
 
-CAME = Family("came", launch=_launch, host=_host, launch_key=_launch_key)
+def _shard_key(t: CAMETensors, i: int) -> tuple | None:
+    return shard_key(t.reduces[i], _launch_key(t, i))
+
+
+CAME = Family("came", launch=_launch, host=_host, launch_key=_launch_key, shard_key=_shard_key)
 """The CAME family: ``dispatch(CAME, CAMETensors(...), CAMEScalars.of(...))`` applies one step in place to
 every param and its state (statistics per tensor; on Triton each pass is one launch per
 :func:`.factored_plan.group_key` group, on the host one tensor at a time). Never synchronizes with a CUDA

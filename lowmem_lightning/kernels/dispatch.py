@@ -4,8 +4,9 @@ An optimizer step is one call, ``dispatch(FAMILY, tensors, scalars)``. It partit
 backend: CUDA tensors (or all, with ``force_triton``) go to the family's Triton launches, one per
 ``launch_key`` group; the others run the family's pure-PyTorch step on the host, ``"compiled"``
 (``torch.compile(dynamic=True)``, :class:`HostStep`) or ``"eager"`` as :func:`choose_host` says; a
-sharded tensor (its ``reduces`` entry set) always runs eagerly, since the reference completes its sums
-across ranks. Nothing else in the package decides a backend.
+sharded tensor (its ``reduces`` entry set) runs the family's launches keyed by ``shard_key``, which complete
+its sums across ranks between passes, or else the eager reference, which completes them itself. Nothing else
+in the package decides a backend.
 
 How to add a kernel family (``kernels/lion8bit.py``, say):
 
@@ -16,7 +17,8 @@ How to add a kernel family (``kernels/lion8bit.py``, say):
 2. Tensors: a ``NamedTuple`` of per-tensor sequences with at least ``params``, ``steps`` and ``flags``
    (0-d fp32 on the param's device, read-only; flag 0 = leave the tensor untouched; a CPU tensor checked on
    the host gets the shared :func:`host_flag` constants); ``reduces`` (per tensor, a
-   ``SumReduce`` or None) only if the family supports sharded params that need cross-rank sums.
+   ``SumReduce`` or None) only if the family supports sharded params that need cross-rank sums (with
+   ``shard_key`` when its launches can complete them, see :class:`Family`).
 3. ``launch(tensors, scalars)``: one Triton launch (or launch sequence) over tensors that share a
    device and a ``launch_key(tensors, i)`` (what changes the compiled kernel: dtypes, state form,
    alignment); ``launch_key=None`` launches every tensor alone.
@@ -229,7 +231,9 @@ class Family:
     reference on the host; ``launch_key`` / ``host_key`` ``(tensors, i) -> hashable``: what must be equal
     for tensors to share a launch / a host call (None: every tensor alone); ``bucketed``: host tensors
     come in groups with their flags and steps read on the host (else one tensor at a time, flag as a
-    tensor)."""
+    tensor); ``shard_key`` ``(tensors, i) -> hashable | None``: the launch key of a sharded tensor
+    (``reduces[i]`` set) whose launches complete its sums across ranks, equal on every rank, or None
+    for one that runs the eager reference (also every sharded tensor of a family without it)."""
 
     name: str
     launch: Callable[[Any, Any], None]
@@ -237,6 +241,7 @@ class Family:
     launch_key: Callable[[Any, int], Hashable] | None = None
     host_key: Callable[[Any, int], Hashable] | None = None
     bucketed: bool = False
+    shard_key: Callable[[Any, int], Hashable | None] | None = None
 
 
 HOST_APPLY = torch.ones((), dtype=torch.float32)
@@ -276,17 +281,22 @@ def dispatch(family: Family, tensors: NamedTuple, scalars: Any) -> None:
     """Run one step of ``family`` over ``tensors`` (its per-tensor NamedTuple) with ``scalars``.
 
     Empty tensors are left out, except sharded ones (``reduces[i]`` set: every rank joins the
-    collectives), which run the eager reference one at a time. The rest go to Triton (CUDA, or
-    ``force_triton``), grouped by device and ``launch_key``, or to the host step, grouped by device and
-    ``host_key`` (or alone), compiled or eager by :func:`choose_bucket` (bucketed) or :func:`choose_host`.
-    Never synchronizes with a CUDA device.
+    collectives): on Triton those with a ``shard_key`` share launches by it (empty shards too), the others
+    run the eager reference one at a time. The rest go to Triton (CUDA, or ``force_triton``), grouped by
+    device and ``launch_key``, or to the host step, grouped by device and ``host_key`` (or alone), compiled
+    or eager by :func:`choose_bucket` (bucketed) or :func:`choose_host`. Never synchronizes with a CUDA
+    device.
     """
     reduces = getattr(tensors, "reduces", None)
     launches: dict[Hashable, list[int]] = {}
     hosts: dict[Hashable, list[int]] = {}
     for i, param in enumerate(tensors.params):
         if reduces is not None and reduces[i] is not None:
-            family.host(subset(tensors, [i]), scalars, "eager", None)
+            key = _shard_key(family, tensors, i)
+            if key is None:
+                family.host(subset(tensors, [i]), scalars, "eager", None)
+            else:
+                launches.setdefault((param.device, key), []).append(i)
         elif param.numel() == 0:
             continue
         elif _on_triton(param.device):
@@ -303,6 +313,13 @@ def dispatch(family: Family, tensors: NamedTuple, scalars: Any) -> None:
             for i in idx:
                 one = subset(tensors, [i])
                 family.host(one, scalars, choose_host(one.params[0].device, one.params[0].numel()), None)
+
+
+def _shard_key(family: Family, tensors: NamedTuple, i: int) -> Hashable | None:
+    """The launch key of the sharded tensor ``i`` on Triton (:attr:`Family.shard_key`), or None: the eager reference."""
+    if family.shard_key is None or not _on_triton(tensors.params[i].device):
+        return None
+    return family.shard_key(tensors, i)
 
 
 def _host_buckets(family: Family, tensors: NamedTuple, scalars: Any, idx: list[int]) -> None:

@@ -21,6 +21,16 @@ column; the 1-D path's ``inv_sqrt`` is branch-free and correctly rounded), so th
 slow-path ``CALL``. The ``@triton.jit`` helpers are the building blocks of the optimizers' update
 kernels; each has a ``*_reference`` twin that the step functions call, the same fp32 operations.
 
+Sharded tensors (DTensor shards, a ``SumReduce`` each; :func:`.factored_plan.shard_key`: split by rows or
+1-D) run the same passes. Their partials are padded to the longest shard's tile count (extra programs store
+zeros), so every rank's scratch has one layout, and after each pass that makes a partial sum covering the
+whole tensor one ``all_reduce`` per group completes it (:meth:`.factored_plan.GroupPlan.complete`): after
+pass 1 the column partials, the row-statistic partials (for ``mean_R``) and the ``p^2`` partials; after
+pass 3 the ``u^2`` partials (1-D: with the ``p^2`` ones, after its one statistics pass); after CAME's
+instability pass its column and row partials. Row sums need none (each rank holds whole rows); the
+finalize divides by the global row count (``GLOBAL_R``). A tensor split along its columns or a batch dim
+runs the eager reference.
+
 Three modules hold the factored machinery: this one, the statistics passes (Triton helpers and
 kernels, their AOT specs, the PyTorch references, the launchers of passes 1-4); :mod:`.factored_plan`,
 the plan of a group (the launch table's rows and their Triton accessors, the tile geometry of every
@@ -48,6 +58,7 @@ from .factored_plan import (
     F_N,
     F_NPART,
     F_P,
+    F_RG,
     F_ROFF,
     F_RT,
     F_SQRTN,
@@ -170,6 +181,16 @@ def store_row_ema(stat_ptr, part_ptr, grow, rmask, row_sum, C, beta, one_minus_b
 
 
 @triton.jit
+def mean_rows(table_ptr, T, t, R, GLOBAL_R: tl.constexpr):
+    """The row count ``mean_R`` divides by (fp32): the local ``R``, or with ``GLOBAL_R`` (a sharded group) the
+    global one (table row ``F_RG``). Called at each division, so an unsharded launch compiles as it did."""
+    if GLOBAL_R:
+        return tfield(table_ptr, T, t, F_RG).to(tl.float32)
+    else:
+        return R.to(tl.float32)
+
+
+@triton.jit
 def step_and_flag(table_ptr, T, t):
     """``(step, finite)`` of tensor ``t``: its step counter (fp32) and whether its gradient is finite."""
     step = tl.load(table_pointer(table_ptr, T, t, F_STEP, tl.float32, False))
@@ -217,7 +238,7 @@ def sq_stats_kernel(
 def sq_finalize_kernel(
     table_ptr, owner_ptr, T, colpart_ptr, rsum_part_ptr, rf_ptr, cf_ptr, decay, one_minus_decay, beta_from_step,
     VR_FIELD: tl.constexpr, VC_FIELD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-    FROWS: tl.constexpr,
+    FROWS: tl.constexpr, GLOBAL_R: tl.constexpr = False,
 ):
     """Pass 2 (factored): column EMA ``vc`` from the partials, then the factors the later passes
     multiply by: ``cf = 1 / sqrt(vc)`` (``B * C``) and ``rf = 1 / sqrt(vr / mean_R(vr))`` (``B * R``).
@@ -226,7 +247,9 @@ def sq_finalize_kernel(
     sums the row partials of its batch itself (same loads, same order: every program gets the same
     ``mean_R``), so no pass waits for another. ``VR_FIELD``/``VC_FIELD``: the table rows of the
     statistics (``vr``/``vc``, or CAME's ``sr``/``sc``). O(R + C) work per tensor. ``ALIGNED``: column
-    counts multiples of 16 (vector accesses; scratch regions start on 16 elements)."""
+    counts multiples of 16 (vector accesses; scratch regions start on 16 elements). ``GLOBAL_R`` (sharded
+    groups): the partials hold every rank's sums and the means divide by the global row count (table row
+    ``F_RG``); the local ``R`` still bounds this rank's rows."""
     t, local = owner_of(owner_ptr, table_ptr, T, F_FIN)
     R, C, n_rt = sizes_of(table_ptr, T, t, ALIGNED)
     nj = (tl.maximum(R, C) + BLOCK - 1) // BLOCK
@@ -237,7 +260,7 @@ def sq_finalize_kernel(
     for r0 in range(0, n_rt, BLOCK):
         idx = r0 + tl.arange(0, BLOCK)
         total += tl.load(rsum_part_ptr + rt0 + idx, mask=idx < n_rt, other=0.0)
-    rmean = div_rn(tl.sum(total, axis=0), R.to(tl.float32))
+    rmean = div_rn(tl.sum(total, axis=0), mean_rows(table_ptr, T, t, R, GLOBAL_R))
     step, finite = step_and_flag(table_ptr, T, t)
     cols = j * BLOCK + tl.arange(0, BLOCK)
     if j * BLOCK < C:
@@ -252,7 +275,8 @@ def sq_finalize_kernel(
         cidx = b.to(tl.int64) * C + cols
         vc_ptr = table_pointer(table_ptr, T, t, VC_FIELD, tl.float32, ALIGNED)
         old = tl.load(vc_ptr + cidx, mask=cmask, other=0.0)
-        new = tl.where(finite, ema(old, div_rn(tl.sum(acc, axis=0), R.to(tl.float32)), beta, omb), old)
+        new = tl.where(finite, ema(old, div_rn(tl.sum(acc, axis=0), mean_rows(table_ptr, T, t, R, GLOBAL_R)), beta,
+                                   omb), old)
         tl.store(vc_ptr + cidx, new, mask=cmask)
         tl.store(cf_ptr + tfield16(table_ptr, T, t, F_COFF) + cidx, inv_sqrt(new), mask=cmask)
     if j * BLOCK < R:
@@ -391,13 +415,15 @@ AOT_SPECS = [
     spec
     for aligned in (False, True)
     for spec in (
-        group_spec(sq_finalize_kernel, "fp32", "fp32", aligned, {"num_warps": FINALIZE_WARPS}, VR_FIELD=F_V.value,
-                   VC_FIELD=F_VC.value, BLOCK=FINALIZE_BLOCK, FROWS=FINALIZE_ROWS),
+        *(group_spec(sq_finalize_kernel, "fp32", "fp32", aligned, {"num_warps": FINALIZE_WARPS}, VR_FIELD=F_V.value,
+                     VC_FIELD=F_VC.value, BLOCK=FINALIZE_BLOCK, FROWS=FINALIZE_ROWS, **sharded)
+          for sharded in ({}, {"GLOBAL_R": True})),
         group_spec(scalars_kernel, "fp32", "fp32", aligned, BLOCK=FLAT_BLOCK),
     )
 ]
 """(kernel, signature, constexprs, aligned, options) for every statistics kernel and variant in fp32, the
-richest for the other dtype pairs; general and ``ALIGNED``."""
+richest for the other dtype pairs; general and ``ALIGNED``; the finalize also as sharded groups run it
+(``GLOBAL_R``; the unsharded spec leaves it at its default, so its code is unchanged)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,13 +507,15 @@ def launch_finalize(plan: GroupPlan, rf: torch.Tensor, cf: torch.Tensor, *, fiel
                     one_minus_decay: float, beta_from_step: bool) -> None:
     """Pass 2 (:func:`sq_finalize_kernel`) over every tensor of ``plan``: column EMA of the statistics in
     table rows ``fields`` (``(F_V, F_VC)`` or CAME's ``(F_SR, F_SC)``) from the group's column partials,
-    factors into ``rf``/``cf`` (the group's scratch)."""
+    factors into ``rf``/``cf`` (the group's scratch). A sharded group's launch divides by the global row count
+    (``GLOBAL_R``); an unsharded one's is launched exactly as before (no ``GLOBAL_R`` argument)."""
     owner, programs = plan.fin
+    sharded = {} if plan.reduce is None else {"GLOBAL_R": True}
     sq_finalize_kernel[(programs,)](
         table_ptr=plan.table, owner_ptr=owner, T=plan.T, colpart_ptr=plan.ws["colpart"], rsum_part_ptr=plan.ws["rsum"],
         rf_ptr=rf, cf_ptr=cf, decay=decay, one_minus_decay=one_minus_decay, beta_from_step=int(beta_from_step),
         VR_FIELD=fields[0], VC_FIELD=fields[1], ALIGNED=plan.aligned, BLOCK=FINALIZE_BLOCK, FROWS=FINALIZE_ROWS,
-        num_warps=FINALIZE_WARPS, enable_fp_fusion=False,
+        num_warps=FINALIZE_WARPS, enable_fp_fusion=False, **sharded,
     )
 
 
@@ -498,7 +526,9 @@ def launch_direction(plan: GroupPlan, *, eps1: float, decay: float, one_minus_de
     scalars; 1-D: statistics, scalars). ``rule``: Adafactor's ``(relative_step, warmup_init,
     scale_parameter)`` (CAME: all False, ``lr_t = lr``); ``elr`` receives the step size of the tensors
     whose ``write_elr`` is set. Returns ``scal`` (``4 * T`` fp32: ``[lr_t, d, sign / d, sign * lr_t / d]``
-    per tensor); the factors are in ``plan.ws["rf"]``/``["cf"]``."""
+    per tensor); the factors are in ``plan.ws["rf"]``/``["cf"]``. A sharded group's partial sums are completed
+    across ranks after each pass that makes them (:meth:`.factored_plan.GroupPlan.complete`: one ``all_reduce``
+    per pass), so the next pass reads the whole tensor's sums."""
     ws, with_psq = plan.ws, rule[2]
     owner, programs = plan.rows
     common = dict(table_ptr=plan.table, owner_ptr=owner, T=plan.T)
@@ -510,14 +540,17 @@ def launch_direction(plan: GroupPlan, *, eps1: float, decay: float, one_minus_de
         sq_stats_kernel[(programs,)](**common, colpart_ptr=ws["colpart"], rsum_part_ptr=ws["rsum"],
                                      psq_part_ptr=ws["psq"], BLOCK_R=block_r, BLOCK_C=block_c,
                                      num_warps=STATS_WARPS, **stats)
+        plan.complete("colpart", "rsum", *(("psq",) if with_psq else ()))
         launch_finalize(plan, ws["rf"], ws["cf"], fields=(F_V.value, F_VC.value), decay=decay,
                         one_minus_decay=one_minus_decay, beta_from_step=beta_from_step)
         clip_stats_kernel[(programs,)](**common, rf_ptr=ws["rf"], cf_ptr=ws["cf"], usq_part_ptr=ws["usq"],
                                        GRAD_DTYPE=plan.grad_dtype, ALIGNED=plan.aligned, BLOCK_R=block_r,
                                        BLOCK_C=block_c, num_warps=STATS_WARPS, enable_fp_fusion=False)
+        plan.complete("usq")
     else:
         full_stats_kernel[(programs,)](**common, usq_part_ptr=ws["usq"], psq_part_ptr=ws["psq"], BLOCK=FLAT_BLOCK,
                                        **stats)
+        plan.complete(*(("psq",) if with_psq else ()), "usq")
     relative_step, warmup_init, scale_parameter = rule
     scalars_kernel[(plan.T,)](
         table_ptr=plan.table, T=plan.T, usq_part_ptr=ws["usq"], psq_part_ptr=ws["psq"], scal_ptr=ws["scal"],

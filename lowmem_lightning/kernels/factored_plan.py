@@ -30,7 +30,7 @@ from .multitensor import copy_back, is_aligned, launch_table, tile_map
 
 __all__ = ["TILES", "UPDATE_ROWS", "UPDATE_WARPS", "STATS_WARPS", "TABLE_ROWS", "tile_shape", "factored_shape",
            "state_views", "run_host_step", "write_back", "GroupPlan", "plan_group", "group_key", "split_reciprocal",
-           "tfield", "tfloat", "owner_of", "sizes_of", "index_floats"]
+           "tfield", "tfloat", "owner_of", "sizes_of", "index_floats", "shard_key"]
 
 
 TILE_ELEMENTS = 8192
@@ -70,7 +70,8 @@ FLAT_BLOCK = 1024
 F_P, F_G, F_V, F_VC, F_M, F_ABSMAX, F_STEP, F_FLAG, F_SR, F_SC = (tl.constexpr(i) for i in range(10))
 F_N, F_R, F_C, F_NRT, F_RT, F_CP, F_ROFF, F_COFF, F_FIN, F_UPD = (tl.constexpr(i) for i in range(10, 20))
 F_TIDX, F_ELR, F_INVC_HI, F_INVC_LO, F_INVR_HI, F_INVR_LO, F_SQRTN, F_NPART = (tl.constexpr(i) for i in range(20, 28))
-TABLE_ROWS = 28
+F_RG = tl.constexpr(28)  # the global row count (the divisor of mean_R; R itself for an unsharded tensor)
+TABLE_ROWS = 29
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,7 +178,9 @@ class GroupPlan(NamedTuple):
     ``(tile map, programs)`` of the row-tile (or 1-D tile) passes, the finalize pass and the update
     pass. ``ws``: fp32 scratch views ``colpart``, ``rsum``, ``psq``, ``usq``, ``rf``, ``cf``, ``scal``
     (4 per tensor), ``srf``, ``scf``. ``works``/``params``: the contiguous params the kernels update and
-    the params they belong to (:meth:`copy_back`)."""
+    the params they belong to (:meth:`copy_back`). ``reduce``: None, or for a group of sharded tensors
+    (:func:`shard_key`) the ``over_all`` of their ``SumReduce``, which :meth:`complete` applies to the
+    partial sums between passes."""
 
     table: torch.Tensor
     T: int
@@ -193,6 +196,18 @@ class GroupPlan(NamedTuple):
     grad_dtype: object
     works: list
     params: list
+    reduce: object = None
+
+    def complete(self, *names: str) -> None:
+        """Sum the scratch regions ``names`` (adjacent in ``ws``, in its order) across the ranks of a sharded
+        group: one ``all_reduce`` over the span they cover; nothing for an unsharded group. Every rank's
+        regions have the same layout (:func:`plan_group` pads the partials to the longest shard)."""
+        if self.reduce is None:
+            return
+        first, last = self.ws[names[0]], self.ws[names[-1]]
+        start = first.storage_offset()
+        span = last.storage_offset() + last.numel() - start
+        self.reduce(first.as_strided((span,), (1,)))
 
     def copy_back(self) -> None:
         """Write params that were updated through contiguous copies back."""
@@ -200,18 +215,30 @@ class GroupPlan(NamedTuple):
             copy_back(param, work)
 
 
-def _sizes(work: torch.Tensor, factored: bool) -> dict:
-    """Per-tensor counts of a group: batch, rows, columns, row tiles, partials, programs, scratch sizes."""
+def _sizes(work: torch.Tensor, factored: bool, reduce=None) -> dict:
+    """Per-tensor counts of a group: batch, rows, columns, row tiles, partials, programs, scratch sizes.
+
+    A sharded tensor (``reduce`` set) has as many row tiles (1-D: blocks) as the longest shard any rank holds
+    (``reduce.longest`` rows or elements; the extra programs see only masked rows and store zero partials), so
+    the partials line up across ranks and one ``all_reduce`` completes them; ``RG`` and ``sqrt_n`` are then
+    the global row count and the square root of the global element count."""
     n = work.numel()
     upd = triton.cdiv(n, UPDATE_ROWS * BLOCK_SIZE)
+    sqrt_n = math.sqrt(n if reduce is None else reduce.numel)
+    if reduce is not None and (work.shape[-2] if factored else n) > reduce.longest:
+        raise ValueError(f"Invalid shard: a local shard of shape {tuple(work.shape)} holds more than "
+                         f"reduce.longest={reduce.longest} {'rows' if factored else 'elements'}, the most any rank "
+                         "may hold (torch.chunk's split); its partial sums would not line up across ranks.")
     if not factored:
-        parts = triton.cdiv(n, FLAT_BLOCK)
-        return dict(n=n, B=1, R=1, C=1, n_rt=parts, parts=parts, cp=0, fin=0, rf=0, cf=0, upd=upd)
+        parts = triton.cdiv(n if reduce is None else reduce.longest, FLAT_BLOCK)
+        return dict(n=n, B=1, R=1, C=1, RG=1, n_rt=parts, parts=parts, cp=0, fin=0, rf=0, cf=0, upd=upd,
+                    sqrt_n=sqrt_n)
     B, R, C = factored_shape(work.shape)
     block_r, _ = tile_shape(C)
-    n_rt = triton.cdiv(R, block_r)
-    return dict(n=n, B=B, R=R, C=C, n_rt=n_rt, parts=B * n_rt, cp=B * n_rt * C,
-                fin=B * triton.cdiv(max(R, C), FINALIZE_BLOCK), rf=B * R, cf=B * C, upd=upd)
+    n_rt = triton.cdiv(R if reduce is None else reduce.longest, block_r)
+    return dict(n=n, B=B, R=R, C=C, RG=R if reduce is None else reduce.rows, n_rt=n_rt, parts=B * n_rt,
+                cp=B * n_rt * C, fin=B * triton.cdiv(max(R, C), FINALIZE_BLOCK), rf=B * R, cf=B * C, upd=upd,
+                sqrt_n=sqrt_n)
 
 
 def _offsets(counts: list[int]) -> tuple[list[int], int]:
@@ -240,16 +267,19 @@ def _workspace(sizes: list[dict], T: int, device) -> tuple[dict, dict]:
 
 
 def plan_group(params, grads, vs, vcs, ms, absmaxes, steps, flags, tensor_indices, write_elr=None, srs=None,
-               scs=None) -> GroupPlan:
+               scs=None, reduces=None) -> GroupPlan:
     """The launch table of one group of tensors (one :func:`group_key`): contiguous params and grads,
     pointers, sizes, per-pass tile maps (:func:`.multitensor.tile_map`) and one scratch allocation.
     ``write_elr[i]``: tensor ``i`` writes the step size (Adafactor); ``srs``/``scs``: CAME's instability
-    statistics. No device synchronisation: the table is copied without one (:func:`.multitensor.launch_table`)."""
+    statistics; ``reduces``: the ``SumReduce`` of each tensor, all set (one :func:`shard_key`: a sharded
+    group, its partials padded and completed across ranks, :meth:`GroupPlan.complete`) or all None.
+    No device synchronisation: the table is copied without one (:func:`.multitensor.launch_table`)."""
     device = params[0].device
     factored = vcs[0] is not None
     works = [p.contiguous() for p in params]
     grads = [_kernel_grad(g).contiguous() for g in grads]
-    sizes = [_sizes(w, factored) for w in works]
+    reduces = reduces or [None] * len(works)
+    sizes = [_sizes(w, factored, r) for w, r in zip(works, reduces)]
     T = len(works)
     rows_owner, rt_first, n_rows = tile_map(tuple(s["parts"] for s in sizes), device, 1)
     fin_owner, fin_first, n_fin = tile_map(tuple(s["fin"] for s in sizes), device, 1)
@@ -260,7 +290,7 @@ def plan_group(params, grads, vs, vcs, ms, absmaxes, steps, flags, tensor_indice
     def ptrs(tensors):
         return [dummy[i] if x is None else x.data_ptr() for i, x in enumerate(tensors)]
 
-    inv = [(*split_reciprocal(s["C"]), *split_reciprocal(s["R"])) for s in sizes]
+    inv = [(*split_reciprocal(s["C"]), *split_reciprocal(max(s["R"], 1))) for s in sizes]  # R = 0: an empty shard
     table = [
         [w.data_ptr() for w in works], [g.data_ptr() for g in grads], ptrs(vs), ptrs(vcs), ptrs(ms), ptrs(absmaxes),
         ptrs(steps), ptrs(flags), ptrs(srs or [None] * T), ptrs(scs or [None] * T),
@@ -268,14 +298,25 @@ def plan_group(params, grads, vs, vcs, ms, absmaxes, steps, flags, tensor_indice
         list(rt_first), offs["cp"], offs["rf"], offs["cf"], list(fin_first), list(upd_first),
         [int(i) for i in tensor_indices], [int(bool(x)) for x in (write_elr or [False] * T)],
         *([_fp32_bits(x[k]) for x in inv] for k in range(4)),
-        [_fp32_bits(math.sqrt(s["n"])) for s in sizes], [s["parts"] for s in sizes],
+        [_fp32_bits(s["sqrt_n"]) for s in sizes], [s["parts"] for s in sizes], [s["RG"] for s in sizes],
     ]
     assert len(table) == TABLE_ROWS
     aligned = all(group_key(p, g, vc, m, a)[-1] for p, g, vc, m, a in zip(params, grads, vcs, ms, absmaxes))
     return GroupPlan(launch_table(table, device), T, (rows_owner, n_rows), (fin_owner, n_fin), (upd_owner, n_upd),
                      ws, factored, tile_shape(sizes[0]["C"]) if factored else (1, FLAT_BLOCK),
                      factored and sizes[0]["C"] % BLOCK_SIZE == 0, aligned,
-                     triton_dtype(works[0].dtype), triton_dtype(grads[0].dtype), works, list(params))
+                     triton_dtype(works[0].dtype), triton_dtype(grads[0].dtype), works, list(params),
+                     None if reduces[0] is None else reduces[0].over_all)
+
+
+def shard_key(reduce, key: tuple) -> tuple | None:
+    """The launch key of a sharded tensor (``reduce``, its ``SumReduce``; ``key`` its :func:`group_key`) whose
+    sums the Triton passes can complete across ranks, or None (columns or a batch dim split: the eager
+    reference). The key leaves out alignment, which differs between shards, so that every rank forms the same
+    groups (their collectives pair up); :func:`plan_group` still picks the aligned variant per rank."""
+    if reduce.longest < 0:
+        return None
+    return ("sharded", reduce.group, *key[:-1])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ kernels as for plain tensors, and keeps its state for the local shard only:
 * **Factored optimizers** (Adafactor, CAME) take row/column means, the RMS of the update and the
   RMS of the param over the *whole* tensor. For a sharded tensor these sums are completed with
   ``all_reduce`` over the mesh dims that shard it (:func:`sum_reduce`), so the update equals the
-  unsharded one up to fp32 summation order. Those tensors run the eager PyTorch reference (a few
-  small collectives per tensor per step), not the Triton kernels.
+  unsharded one up to fp32 summation order. On the Triton kernels a matrix split by rows (FSDP2's
+  ``Shard(0)``) or a 1-D tensor runs the usual passes, each pass's per-tile partial sums completed
+  by one ``all_reduce`` per group of tensors (:func:`..kernels.factored_plan.shard_key`); a tensor
+  split along its columns or a batch dim runs the eager PyTorch reference (a few small collectives
+  per tensor per step).
 * **Non-finite guard.** The per-tensor finite flags are combined with ``all_reduce(MIN)`` over the
   sharding groups (:func:`agree_on_flags`, one collective per step and mesh), so every rank skips or
   applies a tensor's update together and step counters stay identical.
@@ -47,7 +50,7 @@ coincide, re-encoded (at most one code step) where they moved.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -194,6 +197,12 @@ class SumReduce(NamedTuple):
     ``over_cols`` one over the C axis (row statistics), ``over_all`` one over every element (RMS);
     each returns the summed tensor (``all_reduce`` in place). ``rows``/``cols`` are the global R and C
     (1 for flat tensors), ``numel`` the global element count.
+
+    For the Triton kernels (:mod:`..kernels.factored_plan`), which complete their per-tile partial sums
+    with one ``over_all`` per pass: ``longest`` is the most local rows (a tensor of >= 2 dims sharded
+    along dim -2 only, FSDP2's ``Shard(0)`` of a matrix) or elements (1-D) any rank holds, the same on
+    every rank; -1 where columns or batch dims are split (those run the eager reference). ``group`` is
+    hashable and equal for tensors whose ``over_all`` is the same collective (mesh and mesh dims).
     """
 
     over_rows: Callable[[torch.Tensor], torch.Tensor]
@@ -202,6 +211,8 @@ class SumReduce(NamedTuple):
     rows: int
     cols: int
     numel: int
+    longest: int = -1
+    group: Hashable = None
 
 
 def sum_reduce(param: torch.Tensor) -> SumReduce | None:
@@ -217,8 +228,9 @@ def sum_reduce(param: torch.Tensor) -> SumReduce | None:
         return None
     ndim = param.ndim
     every = _all_reduce_sum(_groups(param, [i for i, _ in sharded]))
+    group = (param.device_mesh, tuple(i for i, _ in sharded))
     if ndim < 2:
-        return SumReduce(_identity, _identity, every, 1, 1, param.numel())
+        return SumReduce(_identity, _identity, every, 1, 1, param.numel(), _longest(param, sharded, 0), group)
     over_rows = [i for i, dim in sharded if dim == ndim - 2]
     over_cols = [i for i, dim in sharded if dim == ndim - 1]
     return SumReduce(
@@ -228,7 +240,18 @@ def sum_reduce(param: torch.Tensor) -> SumReduce | None:
         param.shape[-2],
         param.shape[-1],
         param.numel(),
+        _longest(param, sharded, ndim - 2) if len(over_rows) == len(sharded) else -1,
+        group,
     )
+
+
+def _longest(param, sharded: list[tuple[int, int]], dim: int) -> int:
+    """The most entries along ``dim`` (the only sharded tensor dim) a rank's shard can hold: split by ``ceil``
+    per mesh dim, as ``torch.chunk`` does (:func:`block_state_len` alike)."""
+    size = param.shape[dim]
+    for mesh_dim, _ in sharded:
+        size = -(-size // param.device_mesh.size(mesh_dim))
+    return size
 
 
 def agree_on_flags(flags: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
