@@ -52,6 +52,8 @@ if str(HERE) not in sys.path:  # loaded by path (tests): the sibling benchmark m
 import convergence as conv  # noqa: E402  (after the path fix above)
 from profiler_peak import peak_bytes  # noqa: E402
 
+from lowmem_lightning.rotary import keep_rotary_fp32  # noqa: E402
+
 GOAL = 1.01
 """The bound: val loss within 1.01x of fp32 AdamW's (the one every convergence row of the project meets)."""
 
@@ -371,8 +373,9 @@ def llama_module(model: torch.nn.Module, peak: float, args):
 def run_row(row: Row, seed: int, data, val, args) -> RunResult:
     """Train ``row`` for one seed and measure it."""
     model = conv.tiny_llama(seed, args.hidden, args.layers, args.seq)
-    if row.bf16:
+    if row.bf16:  # bf16 weights, rotary frequencies kept fp32 (as from_pretrained and our callback keep them)
         model = model.to(torch.bfloat16)
+        keep_rotary_fp32(model)
     peak = conv.LR["adamw"] * args.lr_scale
     estimate = estimated_bytes(model, row)
     start = time.perf_counter()
