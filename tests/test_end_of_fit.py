@@ -167,3 +167,19 @@ def test_summary_says_why_small_tensors_save_little(tmp_path):
     assert all(len(line) <= 80 for line in text.splitlines())
     big = {**summary, "small_params": 10, "small_state_bytes": 80}  # a negligible share: no note
     assert "under 4,096 elements" not in format_summary(big, None)
+
+
+def test_the_saved_model_is_readable_as_other_new_files_and_saving_draws_no_bar(tmp_path, capfd):
+    """transformers 5 writes ``model.safetensors`` with mode 0600 (its config.json gets the umask's 0644), so a
+    model saved for serving from another account could not be read there; and its "Writing model shards" bar
+    drew over the run's output. The saved files get the mode any new file gets under the umask, without a bar."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        _fit(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+    assert "Writing model shards" not in "".join(capfd.readouterr())

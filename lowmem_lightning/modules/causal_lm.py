@@ -573,7 +573,8 @@ class CausalLMModule(LowMemModule):
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}")
         try:
             kwargs = {} if state_dict is None else {"state_dict": state_dict}
-            self.model.save_pretrained(tmp, **kwargs)
+            with _no_transformers_progress_bar():  # "Writing model shards": a bar over the run's own output
+                self.model.save_pretrained(tmp, **kwargs)
             if hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(tmp)
             _move_into(tmp, path)
@@ -605,11 +606,34 @@ def _move_into(tmp: str, path: str) -> None:
     for name in os.listdir(path):
         if _SHARD_FILE.fullmatch(name) and name not in new and os.path.isfile(os.path.join(path, name)):
             os.remove(os.path.join(path, name))
+    mode = _created_file_mode()
     for relative in sorted(new):
         target = os.path.join(path, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.chmod(os.path.join(tmp, relative), mode)  # transformers 5 writes the weights 0600; others get 0644
         os.replace(os.path.join(tmp, relative), target)
         _fsync_dir(os.path.dirname(target))
+
+
+def _created_file_mode() -> int:
+    """The permission bits a newly created file gets under the process's umask (``0o666 & ~umask``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _no_transformers_progress_bar():
+    """transformers' tqdm bars off while inside (restored to what they were)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 class _SaveOnFailure(L.Callback):
