@@ -15,8 +15,8 @@ from ..kernels.ademamix import ADEMAMIX, ADEMAMIX_NEAREST, AdEMAMixScalars, AdEM
 from ..kernels.dispatch import dispatch
 from ..kernels.rounding import BF16Rounding, is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
-from .layout import quantizes_state
-from .lion import check_maximize, check_seed, loaded_step, moment_state
+from .layout import loaded_step, quantizes_state
+from .lion import check_maximize, check_seed, moment_state
 from .sharding import block_state_head, block_state_len, local, shard_tensor_index
 from .validation import check_betas, check_eps, check_lr, check_non_negative
 

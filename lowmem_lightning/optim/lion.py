@@ -16,11 +16,11 @@ from ..kernels.dispatch import dispatch
 from ..kernels.lion import LION, LION_NEAREST, LionScalars, LionTensors
 from ..kernels.rounding import BF16Rounding, is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, check_drop_in_flags, codes_specs, step_spec
-from .layout import quantizes_state
+from .layout import loaded_step, quantizes_state
 from .sharding import block_state_head, block_state_len, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_lr, check_non_negative
 
-__all__ = ["Lion", "Lion8bit", "moment_state", "check_seed", "check_maximize", "loaded_step"]
+__all__ = ["Lion", "Lion8bit", "moment_state", "check_seed", "check_maximize"]
 
 
 class Lion(LowMemOptimizer):
@@ -148,16 +148,6 @@ def check_maximize(maximize) -> None:
     """``ValueError`` unless ``maximize`` is True or False."""
     if not isinstance(maximize, bool):
         raise ValueError(f"Invalid maximize={maximize!r}: expected True or False.")
-
-
-def loaded_step(step):
-    """A saved step counter as our 0-d fp32 tensor (ints and 1-element tensors accepted; anything else is
-    returned unchanged for the state validation to refuse with a message)."""
-    if isinstance(step, (int, float)) and not isinstance(step, bool):
-        return torch.tensor(float(step), dtype=torch.float32)
-    if isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point():
-        return step.detach().reshape(()).to(torch.float32)
-    return step
 
 
 def moment_state(state: dict, key: str, param: torch.Tensor, quantized: bool, signed: bool) -> dict:
