@@ -11,7 +11,8 @@ Pipeline (all in ``setup``, once):
    so the loss covers only the response; a conversation is rendered with its chat template and only
    its assistant turns (content and end-of-turn marker) keep their labels;
 3. pack: all documents are concatenated and cut into blocks of ``seq_len`` tokens (``pack=True``), or
-   each document is cut on its own (``pack=False``); the last block of a stream is right-padded with
+   each document is cut on its own (``pack=False``; a record longer than ``seq_len`` is split, truncated or dropped
+   as ``overflow`` says: :mod:`~lowmem_lightning.data.overflow`); the last block of a stream is right-padded with
    the pad token, ``attention_mask`` 0 and labels -100; packed blocks with ``isolate_documents=True`` (the
    default) carry ``position_ids`` that restart at 0 where a document (or the padding) starts, and the label of
    that first token is -100, so no token attends to or is predicted from another document
@@ -33,7 +34,9 @@ malformed chat records (unknown role, non-string content, no assistant turn; fil
 for the split, and no trainable label at all each raise ``ValueError`` naming the file or the setting to
 change.
 
-Batches are dicts of ``[batch_size, seq_len]`` int64 tensors: ``input_ids``, ``labels`` and either
+Batches are dicts of ``[batch_size, seq_len]`` int64 tensors (with ``pack=False``, ``[batch_size, width]``: the
+columns that are padding in every row are left out, so ``width`` is the batch's longest block,
+:func:`~lowmem_lightning.data.overflow.collate_trimmed`): ``input_ids``, ``labels`` and either
 ``position_ids`` (packed, documents isolated: no ``attention_mask``, as transformers'
 ``DataCollatorWithFlattening`` does, because transformers builds the block-diagonal causal mask from
 ``position_ids`` only when ``attention_mask`` is None) or ``attention_mask``, ready for ``model(**batch)`` of a
@@ -58,6 +61,7 @@ from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lowmem_lightning.data.chat import ChatDocument, ChatTemplate, chat_record, read_chat_template
+from lowmem_lightning.data.overflow import Overflow, check_overflow, collate_trimmed, fit_records
 from lowmem_lightning.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
@@ -73,6 +77,7 @@ __all__ = [
     "encode_document",
     "pack_blocks",
     "document_position_ids",
+    "first_document_prompts",
     "split_indices",
     "read_text_file",
     "trainable_blocks",
@@ -252,6 +257,25 @@ def document_position_ids(lengths: list[int], seq_len: int) -> torch.Tensor:
     return (index - first).view(n_blocks, seq_len)
 
 
+def first_document_prompts(blocks: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """``{"input_ids", "attention_mask"}``, ``[n, length]`` each: the first ``length`` tokens of each block that has
+    no padding there; when ``blocks`` carry ``position_ids`` (isolated documents), only the tokens before the first
+    restart after position 0 (the block's first document, which the model saw alone), left-padded with ``pad_id``
+    (``attention_mask`` 0) as generation wants, so no prompt joins two documents the model never saw together."""
+    ids, mask = blocks["input_ids"][:, :length], blocks["attention_mask"][:, :length]
+    width = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long)
+    if "position_ids" in blocks:
+        restarts = blocks["position_ids"][:, 1:length] == 0
+        width = torch.where(restarts.any(dim=1), restarts.int().argmax(dim=1) + 1, width)
+    columns = torch.arange(ids.shape[1])
+    inside = columns < width[:, None]
+    keep = (mask.bool() | ~inside).all(dim=1)
+    start = (ids.shape[1] - width)[:, None]  # each prompt right-aligned: it starts at this column
+    source, left = (columns - start) % ids.shape[1], columns >= start
+    return {"input_ids": ids.gather(1, source).masked_fill(~left, pad_id)[keep],
+            "attention_mask": left.long()[keep]}
+
+
 def pack_blocks(
     encoded: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True,
     isolate_documents: bool = False,
@@ -405,6 +429,12 @@ class TextDataModule(L.LightningDataModule):
             a document's first token gets label -100 (not predicted from the previous document). False lets each
             token attend to the earlier documents of its block (the older packing; batches carry
             ``attention_mask``). No effect with ``pack=False``.
+        overflow: With ``pack=False``, what happens to a record longer than ``seq_len`` tokens: ``"split"`` cuts
+            it into blocks, ``"truncate"`` keeps its first ``seq_len`` tokens, ``"drop"`` leaves it out; ``None``
+            splits plain text and truncates records with a prompt (instruction, chat), so no block trains a reply
+            without its question. A truncated record left without a trained token is dropped; one warning gives the
+            counts and the trained tokens lost (:mod:`~lowmem_lightning.data.overflow`). Must be ``None`` with
+            ``pack=True``.
         prompt_template: Prompt for JSONL instruction records with an ``input``; must contain
             ``{instruction}`` and ``{input}``. The loss skips the prompt (labels -100).
         prompt_template_no_input: Prompt for instruction records without ``input``; must contain
@@ -430,6 +460,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pack: bool = True,
         isolate_documents: bool = True,
+        overflow: Overflow | None = None,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         prompt_template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
         chat_template: str | None = None,
@@ -449,6 +480,7 @@ class TextDataModule(L.LightningDataModule):
             raise TypeError(f"Invalid pack={pack!r}: expected True or False.")
         if not isinstance(isolate_documents, bool):
             raise TypeError(f"Invalid isolate_documents={isolate_documents!r}: expected True or False.")
+        check_overflow(overflow, pack)
         _check_template(prompt_template, "prompt_template", ("instruction", "input"))
         _check_template(prompt_template_no_input, "prompt_template_no_input", ("instruction",))
         given_chat = None if chat_template is None else read_chat_template(chat_template)
@@ -461,6 +493,7 @@ class TextDataModule(L.LightningDataModule):
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.val_fraction, self.seed, self.pack = float(val_fraction), seed, pack
         self.isolate_documents = pack and isolate_documents
+        self.overflow = overflow
         self.train_dataset: TokenBlocks | None = None
         self.val_dataset: TokenBlocks | None = None
 
@@ -482,6 +515,8 @@ class TextDataModule(L.LightningDataModule):
         encoded = [encode_document(d, self.tokenizer, self.chat) for d in docs]
         self.has_chat = any(isinstance(d, ChatDocument) for d in docs)
         self.has_instructions = any(isinstance(d, Document) and d.prompt for d in docs)
+        if not self.pack:
+            encoded = self._fit_records(docs, encoded)
         blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack, self.isolate_documents)
         keep = trainable_blocks(blocks["labels"])
         if not bool(keep.any()):
@@ -508,6 +543,24 @@ class TextDataModule(L.LightningDataModule):
         self.train_dataset = TokenBlocks({k: v[train_idx] for k, v in blocks.items()}, keys)
         self.val_dataset = TokenBlocks({k: v[val_idx] for k, v in blocks.items()}, keys)
 
+    def _fit_records(self, docs: list, encoded: list) -> list:
+        """The encoded records after ``overflow`` (:func:`~lowmem_lightning.data.overflow.fit_records`), with its
+        warning; ``ValueError`` naming ``seq_len`` and ``overflow`` when it leaves no record."""
+        prompted = [isinstance(d, ChatDocument) or bool(d.prompt) for d in docs]
+        kept, report = fit_records(encoded, prompted, self.seq_len, self.overflow)
+        if not kept:
+            why = "" if self.overflow == "drop" else f" (its first {self.seq_len} tokens hold no trained token)"
+            raise ValueError(
+                f"No trainable label in data_path={self.hparams.data_path!r} with seq_len={self.seq_len}, "
+                f"pack={self.pack}, overflow={self.overflow!r}: every record is longer than seq_len and was dropped"
+                f"{why}. Raise seq_len above the records' prompt length, set overflow='split' or pack=True, or use "
+                "records with shorter prompts."
+            )
+        message = report.message(self.overflow, self.seq_len)
+        if message:
+            rank_zero_warn(message, category=LowMemWarning)
+        return kept
+
     def setup(self, stage: str | None = None) -> None:
         """Read, tokenize, pack and split the data (:meth:`check_inputs`; once, later calls do nothing)."""
         self.check_inputs()
@@ -517,8 +570,8 @@ class TextDataModule(L.LightningDataModule):
         of every data file (size, modification time, hash of its first and last MiB;
         :mod:`~lowmem_lightning.data.fingerprint`), of the tokenizer (its name and a hash of the files that define
         its ids), the settings that cut, order and split the blocks (``seq_len``, ``pack``, ``isolate_documents``,
-        ``val_fraction``, ``seed``), the prompt templates when the data holds instruction records and the chat
-        template (its source and SHA-256) when it holds conversations."""
+        ``overflow``, ``val_fraction``, ``seed``), the prompt templates when the data holds instruction records and
+        the chat template (its source and SHA-256) when it holds conversations."""
         from lowmem_lightning.data.fingerprint import fingerprints
 
         state = {"data_files": fingerprints(self.files), "tokenizer": self._tokenizer_fingerprint,
@@ -537,7 +590,7 @@ class TextDataModule(L.LightningDataModule):
     def _block_settings(self) -> dict:
         """The settings besides the files and the tokenizer that decide which blocks exist and their order."""
         settings = {"seq_len": self.seq_len, "pack": self.pack, "isolate_documents": self.isolate_documents,
-                    "val_fraction": self.val_fraction, "seed": self.seed}
+                    "overflow": self.overflow, "val_fraction": self.val_fraction, "seed": self.seed}
         if self.has_instructions:
             settings["prompt_template"] = self.hparams.prompt_template
             settings["prompt_template_no_input"] = self.hparams.prompt_template_no_input
@@ -585,7 +638,9 @@ class TextDataModule(L.LightningDataModule):
         return ("the held-out blocks this run evaluates are not the ones the checkpoint's run held out (some may "
                 "have been trained on)")
 
-    def _loader(self, dataset: TokenBlocks, shuffle: bool) -> StatefulDataLoader:
+    def _loader(self, dataset: TokenBlocks, shuffle: bool, trim: bool = False) -> StatefulDataLoader:
+        """A loader of ``dataset``; with ``pack=False`` (or ``trim``) its batches leave out the columns that are
+        padding in every row (:func:`~lowmem_lightning.data.overflow.collate_trimmed`)."""
         from lowmem_lightning.data.distributed import epoch_sampler  # each rank's share under DDP / FSDP2
 
         with warnings.catch_warnings():  # torchdata 0.11's constructor calls a deprecated torch API
@@ -596,6 +651,7 @@ class TextDataModule(L.LightningDataModule):
                 sampler=epoch_sampler(len(dataset), self.seed, self.trainer) if shuffle else None,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
+                collate_fn=None if self.pack and not trim else collate_trimmed,
             )
 
     def train_dataloader(self) -> StatefulDataLoader:
@@ -628,10 +684,9 @@ class TextDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> StatefulDataLoader:
         """Prompts for generation: the first half (``seq_len // 2`` tokens) of each held-out block that has no
-        padding there, in order, as batches with ``input_ids`` and ``attention_mask``; ``ValueError`` naming
-        ``val_fraction`` when it is 0."""
-        blocks = self._held_out("predict").blocks
-        half = max(1, self.seq_len // 2)
-        keep = blocks["attention_mask"][:, :half].all(dim=1)
-        prompts = {key: blocks[key][keep, :half] for key in ("input_ids", "attention_mask")}
-        return self._loader(TokenBlocks(prompts), shuffle=False)
+        padding there, in order, as batches with ``input_ids`` and ``attention_mask``; with isolated documents the
+        prompt ends where the block's second document starts (:func:`first_document_prompts`: left-padded, each
+        batch as wide as its longest prompt). ``ValueError`` naming ``val_fraction`` when it is 0."""
+        prompts = first_document_prompts(self._held_out("predict").blocks, max(1, self.seq_len // 2),
+                                         self.tokenizer.pad_token_id)
+        return self._loader(TokenBlocks(prompts), shuffle=False, trim=True)

@@ -1,0 +1,127 @@
+"""Records that each get their own blocks (``TextDataModule(pack=False)``): what happens to one longer than
+``seq_len`` (``overflow``), and batches padded only to their longest record (:func:`collate_trimmed`).
+
+``overflow`` decides, per record longer than ``seq_len`` tokens:
+
+- ``"split"``: cut it into ``seq_len``-token blocks (a later block starts without the earlier tokens);
+- ``"truncate"``: keep its first ``seq_len`` tokens (labels follow), as TRL's ``max_length`` does; a record whose
+  kept tokens hold no target (the prompt fills them) is dropped, as its block would only give a NaN loss;
+- ``"drop"``: leave it out, as axolotl does;
+- ``None`` (the default): split plain-text records (``.txt`` files, ``{"text"}``), whose every token is trained
+  anyway, and truncate records with a prompt (instruction and chat records), whose later blocks would train
+  replies on a block that no longer holds the question.
+
+:func:`fit_records` applies it and counts what it cost (:class:`OverflowReport`, said in one warning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.data import default_collate
+
+__all__ = ["Overflow", "OVERFLOW_CHOICES", "OverflowReport", "check_overflow", "fit_records", "collate_trimmed"]
+
+Overflow = Literal["split", "truncate", "drop"]
+"""The values ``TextDataModule(overflow=...)`` accepts besides ``None``."""
+
+OVERFLOW_CHOICES = ("split", "truncate", "drop")
+"""The values of :data:`Overflow`, in order."""
+
+IGNORE_INDEX = -100  # the same as data.text.IGNORE_INDEX (text imports this module)
+
+
+def check_overflow(overflow, pack: bool) -> None:
+    """``ValueError`` naming ``overflow``, its value and the choices when it is none of :data:`OVERFLOW_CHOICES` or
+    ``None``, or when it is set with ``pack=True`` (packed records are concatenated before they are cut, so no record
+    has blocks of its own to split, truncate or drop)."""
+    if overflow is not None and overflow not in OVERFLOW_CHOICES:
+        raise ValueError(f"Invalid overflow={overflow!r}: expected one of {', '.join(map(repr, OVERFLOW_CHOICES))} "
+                         "or None (split plain text, truncate records with a prompt).")
+    if overflow is not None and pack:
+        raise ValueError(f"Invalid overflow={overflow!r} with pack=True: overflow decides what happens to a record "
+                         "longer than seq_len when each record gets its own blocks (pack=False); packed records are "
+                         "concatenated and cut at seq_len. Set pack=False or leave overflow unset (None).")
+
+
+@dataclass
+class OverflowReport:
+    """What :func:`fit_records` did: ``records`` read, ``long`` of them over ``seq_len`` tokens, ``truncated`` and
+    ``dropped`` of those, and the trained tokens (labels other than -100) of all records (``trained``) and of those
+    it left out (``lost``)."""
+
+    records: int = 0
+    long: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    trained: int = 0
+    lost: int = 0
+
+    def message(self, overflow: str | None, seq_len: int) -> str | None:
+        """One line saying what was truncated or dropped, the trained tokens that cost, and the setting that decided
+        it; ``None`` when nothing was."""
+        if not (self.truncated or self.dropped):
+            return None
+        split = self.long - self.truncated - self.dropped
+        done = [f"truncated {self.truncated} to their first {seq_len} tokens"] if self.truncated else []
+        why = "" if overflow == "drop" else f" whose first {seq_len} tokens hold no trained token"
+        done += [f"dropped {self.dropped}{why}"] if self.dropped else []
+        done += [f"split {split} (plain text) into blocks"] if split else []
+        setting = ("overflow=None (the default: plain text is split, records with a prompt are truncated)"
+                   if overflow is None else f"overflow={overflow!r}")
+        share = 100 * self.lost / max(self.trained, 1)
+        return (f"TextDataModule: {self.long} of {self.records} records are longer than seq_len={seq_len} tokens; "
+                f"{setting} {', '.join(done)}, which cost {self.lost} of {self.trained} trained tokens "
+                f"({share:.1f}%); raise seq_len, or set overflow to {_others(overflow)}.")
+
+
+def _others(overflow: str | None) -> str:
+    """The choices of ``overflow`` other than the one in use, in words, for :meth:`OverflowReport.message`."""
+    words = {"split": "'split' (later blocks of a record lack its start)", "truncate": "'truncate'", "drop": "'drop'"}
+    others = [words[choice] for choice in OVERFLOW_CHOICES if choice != overflow]
+    return ", ".join(others[:-1]) + " or " + others[-1]
+
+
+def _targets(labels: list[int]) -> int:
+    """Tokens a causal LM is trained to predict in a block starting with ``labels``: labels other than -100 after
+    position 0 (position 0 is never predicted)."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
+
+
+def fit_records(
+    encoded: list[tuple[list[int], list[int]]], prompted: list[bool], seq_len: int, overflow: str | None
+) -> tuple[list[tuple[list[int], list[int]]], OverflowReport]:
+    """``(kept, report)``: the encoded records (``(ids, labels)``) after ``overflow`` (see the module docstring)
+    treated those longer than ``seq_len``; ``prompted[i]`` says record ``i`` has a prompt (instruction or chat),
+    which ``overflow=None`` truncates rather than splits."""
+    kept, report = [], OverflowReport(records=len(encoded))
+    for (ids, labels), has_prompt in zip(encoded, prompted):
+        trained = sum(label != IGNORE_INDEX for label in labels)
+        report.trained += trained
+        report.long += len(ids) > seq_len
+        mode = overflow or ("truncate" if has_prompt else "split")
+        if len(ids) <= seq_len or mode == "split":
+            kept.append((ids, labels))
+        elif mode == "truncate" and _targets(labels[:seq_len]):
+            report.truncated += 1
+            report.lost += trained - sum(label != IGNORE_INDEX for label in labels[:seq_len])
+            kept.append((ids[:seq_len], labels[:seq_len]))
+        else:
+            report.dropped += 1
+            report.lost += trained
+    return kept, report
+
+
+def collate_trimmed(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``default_collate`` of ``items`` (dicts of ``[seq_len]`` tensors with an ``attention_mask``), less the leading
+    and trailing columns whose ``attention_mask`` is 0 in every row: a batch of right-padded records is as wide as
+    its longest record, a batch of left-padded prompts as its longest prompt. Those columns are padding (labels
+    -100) that no kept token attends to, so the loss is the same."""
+    batch = default_collate(items)
+    used = batch["attention_mask"].any(dim=0).nonzero()
+    if used.numel() == 0:
+        return batch
+    first, last = int(used[0]), int(used[-1]) + 1
+    return {key: value[:, first:last] for key, value in batch.items()}
