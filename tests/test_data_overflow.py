@@ -213,23 +213,46 @@ def test_the_loss_of_a_batch_is_unchanged_by_the_trim(tmp_path):
     assert ((full["labels"][:, 1:] != IGNORE_INDEX).sum() == (trimmed["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def test_resume_notices_a_changed_overflow_and_old_checkpoints_resume_silently(tmp_path):
+def _resume_warning(path: Path, saved: dict, **kwargs) -> str:
+    """The data-changed warning a datamodule (pack=False) on ``path`` gives when it loads ``saved``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TextDataModule(str(path), seq_len=SEQ, batch_size=4, val_fraction=0.0, pack=False,
+                       prompt_template_no_input="Q: {instruction}\nA: ", **kwargs).load_state_dict(saved)
+    return "\n".join(str(w.message) for w in caught if "data changed" in str(w.message))
+
+
+def _without_overflow(state: dict) -> dict:
+    """``state`` as a version before ``overflow`` wrote it."""
+    return {**state, "settings": {k: v for k, v in state["settings"].items() if k != "overflow"}}
+
+
+def test_resume_notices_a_changed_overflow_by_what_it_did(tmp_path):
+    """The fingerprint keeps what overflow did to the data: the same thing asked for by another name is no change."""
     path = _data(tmp_path)
     dm, _ = _module(path)
     state = dm.state_dict()
-    assert state["settings"]["overflow"] is None
+    assert state["settings"]["overflow"] == "truncate (records with a prompt), split (plain text)"
+    assert _resume_warning(path, state) == ""
+    assert ("  - overflow: 'truncate (records with a prompt), split (plain text)' -> 'drop'"
+            in _resume_warning(path, state, overflow="drop").splitlines())
+    (tmp_path / "prompted").mkdir()
+    prompted = _data(tmp_path / "prompted", [RECORDS["instruction"], RECORDS["chat"]])
+    state = _module(prompted)[0].state_dict()
+    assert state["settings"]["overflow"] == "truncate"
+    assert _resume_warning(prompted, state, overflow="truncate") == ""  # the default did just that
 
-    def said(saved: dict, **kwargs) -> str:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            TextDataModule(str(path), seq_len=SEQ, batch_size=4, val_fraction=0.0, pack=False,
-                           prompt_template_no_input="Q: {instruction}\nA: ", **kwargs).load_state_dict(saved)
-        return "\n".join(str(w.message) for w in caught if "data changed" in str(w.message))
 
-    assert said(state) == ""
-    assert "  - overflow: None -> 'drop'" in said(state, overflow="drop").splitlines()
-    old = {**state, "settings": {k: v for k, v in state["settings"].items() if k != "overflow"}}
-    assert said(old, overflow="drop") == ""  # written before overflow was kept: not compared
+def test_old_pack_false_checkpoints_are_told_their_prompted_records_are_now_truncated(tmp_path):
+    """A checkpoint written before overflow split every long record: resuming on instruction/chat data (now
+    truncated) says so; on plain text (still split) it resumes silently, as before."""
+    prompted = _data(tmp_path, [RECORDS["instruction"], RECORDS["chat"]])
+    old = _without_overflow(_module(prompted, overflow="split")[0].state_dict())
+    assert "  - overflow: 'split' -> 'truncate'" in _resume_warning(prompted, old).splitlines()
+    assert _resume_warning(prompted, old, overflow="split") == ""
+    (tmp_path / "text").mkdir()
+    text = _data(tmp_path / "text", [RECORDS["text"], RECORDS["short_text"]])
+    assert _resume_warning(text, _without_overflow(_module(text)[0].state_dict())) == ""
 
 
 def test_predict_prompts_of_isolated_blocks_hold_one_document(tmp_path):

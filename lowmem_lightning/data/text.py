@@ -257,6 +257,14 @@ def document_position_ids(lengths: list[int], seq_len: int) -> torch.Tensor:
     return (index - first).view(n_blocks, seq_len)
 
 
+def _with_old_overflow(saved: dict) -> dict:
+    """``saved`` block settings, with the ``overflow`` that versions before the setting applied when it lacks one:
+    ``"split"`` (every record longer than ``seq_len`` was cut into blocks) with ``pack=False``."""
+    if "overflow" in saved or saved.get("pack") is not False:
+        return saved
+    return {**saved, "overflow": "split"}
+
+
 def first_document_prompts(blocks: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """``{"input_ids", "attention_mask"}``, ``[n, length]`` each: the first ``length`` tokens of each block that has
     no padding there; when ``blocks`` carry ``position_ids`` (isolated documents), only the tokens before the first
@@ -489,6 +497,7 @@ class TextDataModule(L.LightningDataModule):
         self.chat = ChatTemplate(self.tokenizer, given_chat, setting=chat_template)
         self.has_chat = False  # whether the data read holds conversations (set by check_inputs)
         self.has_instructions = False  # whether it holds instruction records (prompt templates apply; check_inputs)
+        self.has_plain_text = False  # whether it holds records without a prompt (check_inputs)
         self.save_hyperparameters()
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.val_fraction, self.seed, self.pack = float(val_fraction), seed, pack
@@ -515,6 +524,7 @@ class TextDataModule(L.LightningDataModule):
         encoded = [encode_document(d, self.tokenizer, self.chat) for d in docs]
         self.has_chat = any(isinstance(d, ChatDocument) for d in docs)
         self.has_instructions = any(isinstance(d, Document) and d.prompt for d in docs)
+        self.has_plain_text = any(isinstance(d, Document) and not d.prompt for d in docs)
         if not self.pack:
             encoded = self._fit_records(docs, encoded)
         blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack, self.isolate_documents)
@@ -590,18 +600,31 @@ class TextDataModule(L.LightningDataModule):
     def _block_settings(self) -> dict:
         """The settings besides the files and the tokenizer that decide which blocks exist and their order."""
         settings = {"seq_len": self.seq_len, "pack": self.pack, "isolate_documents": self.isolate_documents,
-                    "overflow": self.overflow, "val_fraction": self.val_fraction, "seed": self.seed}
+                    "val_fraction": self.val_fraction, "seed": self.seed}
+        if not self.pack:  # packed records have no overflow (a change of pack is already said)
+            settings["overflow"] = self._applied_overflow()
         if self.has_instructions:
             settings["prompt_template"] = self.hparams.prompt_template
             settings["prompt_template_no_input"] = self.hparams.prompt_template_no_input
         return settings
+
+    def _applied_overflow(self) -> str | None:
+        """What ``overflow`` does to this data (``pack=False``): the mode, ``None`` spelled out as the mode each kind
+        of record gets (``"split"`` when there is no record with a prompt), so a resume compares what was done, not
+        how it was asked for."""
+        if self.overflow is not None:
+            return self.overflow
+        if not (self.has_instructions or self.has_chat):
+            return "split"
+        return "truncate (records with a prompt), split (plain text)" if self.has_plain_text else "truncate"
 
     def load_state_dict(self, state_dict: dict) -> None:
         """At resume: warn, in one message naming each change, when data files, the tokenizer, a setting that cuts,
         orders or splits the blocks, or the chat template changed since the checkpoint (a warning, as the
         checkpoint's weights and optimizer state still hold: continuing on other data is a choice a run may make,
         e.g. a longer ``seq_len``; what no longer holds is the epoch position, which now applies to other blocks).
-        Keys a checkpoint lacks (written by an older version) are not compared."""
+        Keys a checkpoint lacks (written by an older version) are not compared, but for ``overflow``: a ``pack=False``
+        checkpoint without it split every long record, and is compared as ``"split"``."""
         from lowmem_lightning.data.fingerprint import (
             describe_changes,
             describe_setting_changes,
@@ -609,6 +632,7 @@ class TextDataModule(L.LightningDataModule):
             fingerprints,
         )
 
+        self.check_inputs()  # what the data holds decides the settings compared (templates, overflow applied)
         state = state_dict if isinstance(state_dict, dict) else {}
         saved = state.get("data_files")
         changes = describe_changes(saved, fingerprints(self.files)) if isinstance(saved, dict) else []
@@ -616,7 +640,7 @@ class TextDataModule(L.LightningDataModule):
             changes += describe_template_change("tokenizer", state["tokenizer"], self._tokenizer_fingerprint,
                                                 "the token ids stand for other text than in the checkpoint's run")
         if isinstance(state.get("settings"), dict):
-            changes += describe_setting_changes(state["settings"], self._block_settings())
+            changes += describe_setting_changes(_with_old_overflow(state["settings"]), self._block_settings())
         if isinstance(state.get("chat_template"), dict):
             changes += describe_template_change("chat_template", state["chat_template"], self.chat.fingerprint())
         if changes:
