@@ -180,8 +180,9 @@ def test_batches_are_as_wide_as_their_longest_record_and_packed_ones_stay_full(t
     for batch in dm.train_dataloader():
         assert set(batch) == {"input_ids", "labels", "attention_mask"}
         widths.append(batch["input_ids"].shape[1])
-        assert widths[-1] == int(batch["attention_mask"].sum(dim=1).max())  # the batch's longest record
-    assert len(widths) == 2 and max(widths) < SEQ
+        longest = int(batch["attention_mask"].sum(dim=1).max())  # the batch's longest record, rounded up to 8
+        assert widths[-1] == -(-longest // 8) * 8 and not batch["attention_mask"][:, longest:].any()
+    assert len(widths) == 2 and max(widths) < SEQ and len(set(widths)) == 2
     rows = collate_trimmed([dm.train_dataset[k] for k in range(len(dm.train_dataset))])
     width = rows["input_ids"].shape[1]
     assert width == 32 and all(torch.equal(rows[k], full[k][:, :width]) for k in rows)

@@ -114,14 +114,24 @@ def fit_records(
     return kept, report
 
 
+WIDTH_MULTIPLE = 8
+"""Trimmed batches are a multiple of this many columns wide (or the full ``seq_len``): tensor-core friendly matrix
+shapes, and at most ``seq_len / 8`` distinct widths for a compiled model to specialise on."""
+
+
 def collate_trimmed(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``default_collate`` of ``items`` (dicts of ``[seq_len]`` tensors with an ``attention_mask``), less the leading
-    and trailing columns whose ``attention_mask`` is 0 in every row: a batch of right-padded records is as wide as
-    its longest record, a batch of left-padded prompts as its longest prompt. Those columns are padding (labels
-    -100) that no kept token attends to, so the loss is the same."""
+    and trailing columns whose ``attention_mask`` is 0 in every row, keeping the width a multiple of
+    :data:`WIDTH_MULTIPLE` (or ``seq_len``): a batch of right-padded records is as wide as its longest record rounded
+    up, a batch of left-padded prompts (their last column used) as its longest prompt rounded up, the extra columns
+    taken on the left. The columns left out are padding (labels -100) that no kept token attends to, so the loss is
+    the same."""
     batch = default_collate(items)
     used = batch["attention_mask"].any(dim=0).nonzero()
     if used.numel() == 0:
         return batch
-    first, last = int(used[0]), int(used[-1]) + 1
+    first, last, columns = int(used[0]), int(used[-1]) + 1, batch["attention_mask"].shape[1]
+    width = min(columns, -(-(last - first) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+    first, last = (columns - width, columns) if last == columns else (first, min(columns, first + width))
+    first = min(first, last - width)
     return {key: value[:, first:last] for key, value in batch.items()}
