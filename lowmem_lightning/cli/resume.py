@@ -20,8 +20,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CKPT_KEYWORDS", "TRAINING_KEYS", "UNSET", "is_file_path", "checkpoint_problem", "file_problem",
-           "load_checkpoint", "model_differences", "flatten", "saved_config_next_to"]
+__all__ = ["CKPT_KEYWORDS", "TRAINING_KEYS", "RESOLVED_ON_BUILD", "UNSET", "is_file_path", "checkpoint_problem",
+           "file_problem", "load_checkpoint", "model_differences", "flatten", "saved_config_next_to"]
 
 CKPT_KEYWORDS = ("last", "best", "hpc")
 """``--ckpt_path`` values Lightning (or :mod:`~lowmem_lightning.cli.last`) resolves itself."""
@@ -31,6 +31,11 @@ TRAINING_KEYS = frozenset({
     "save_dir", "save_merged", "gradient_checkpointing",
 })
 """Model init args that set how the model is trained or saved, not what it is: a resumed run may differ."""
+
+RESOLVED_ON_BUILD = frozenset({"resize_embeddings"})
+"""Model init args that ``CausalLMModule`` replaces by what they resolved to when it built the model
+(``resize_embeddings=True`` -> the number of embedding rows it grew to): a run's ``True`` matches a checkpoint's
+resolved count (the same tokenizer resolves it to the same count)."""
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LIGHTNING_KEYS = ("state_dict", "pytorch-lightning_version")
@@ -147,6 +152,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _resolved_from(saved: Any, run: Any, key: str) -> bool:
+    """Whether ``saved`` is what the run's ``True`` of :data:`RESOLVED_ON_BUILD` key ``key`` resolves to (a count)."""
+    return key in RESOLVED_ON_BUILD and run is True and isinstance(saved, int) and not isinstance(saved, bool)
+
+
 def model_differences(saved: dict, run: dict) -> list[tuple[str, Any, Any]]:
     """``(key, saved value, run value)`` for every model init arg, flattened to dotted keys, whose value in
     the checkpoint's ``hyper_parameters`` (``saved``) differs from this run's (``run``); keys under
@@ -162,7 +172,7 @@ def model_differences(saved: dict, run: dict) -> list[tuple[str, Any, Any]]:
         if isinstance(a, dict) and isinstance(b, dict):
             fa, fb = flatten(a, key), flatten(b, key)
             out += [(k, fa.get(k, UNSET), fb[k]) for k in sorted(fb) if not _same(fa.get(k, UNSET), fb[k])]
-        elif not _same(a, b):
+        elif not _same(a, b) and not _resolved_from(a, b, key):
             out.append((key, a, b))
     return out
 

@@ -32,6 +32,7 @@ from lowmem_lightning.rotary import keep_rotary_fp32
 __all__ = [
     "CausalLMModule",
     "build_causal_lm",
+    "check_resize_embeddings",
     "make_config",
     "validate_model_args",
     "LLAMA_PROJECTIONS",
@@ -236,6 +237,58 @@ def _from_config(cfg, quantize: str | None, dtype: torch.dtype, device: torch.de
     return _materialize_quantized(model, device, dtype)
 
 
+def check_resize_embeddings(resize_embeddings: bool | int) -> None:
+    """``ValueError`` naming the value unless ``resize_embeddings`` is ``True``, ``False`` or a row count >= 1."""
+    if isinstance(resize_embeddings, bool):
+        return
+    if not isinstance(resize_embeddings, int) or resize_embeddings < 1:
+        raise ValueError(f"Invalid resize_embeddings={resize_embeddings!r}: expected True (grow the embeddings to the "
+                         "tokenizer's length), False (keep them), or a number of rows >= 1.")
+
+
+def _resize_target(resize_embeddings: bool | int, vocab_size: int | None) -> int | None:
+    """The number of embedding rows ``resize_embeddings`` asks for (``True``: ``vocab_size``), or ``None``."""
+    if resize_embeddings is True:
+        return vocab_size
+    return resize_embeddings or None
+
+
+def _text_config(cfg):
+    """The config that holds ``vocab_size`` (a multimodal model's text config, else ``cfg`` itself)."""
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _embedding_rows(model: nn.Module) -> int:
+    """The number of rows of ``model``'s input embeddings (through peft's wrapper of trained token rows)."""
+    layer = model.get_input_embeddings()
+    return getattr(layer, "original_module", layer).num_embeddings
+
+
+@torch.no_grad()
+def _grow_embeddings(model: nn.Module, rows: int) -> None:
+    """Resize ``model``'s input embeddings and output head to ``rows`` rows (transformers'
+    ``resize_token_embeddings``: ``config.vocab_size`` follows, a tied head stays tied). Each new row is the mean of
+    its layer's old rows: what transformers' ``mean_resizing`` draws around, taken exactly, so every rank and every
+    rebuild (resume, export) gets the same rows without sharing a random seed."""
+    old = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    for weight in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
+        weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
+
+
+def _new_token_rows(model: nn.Module, old_rows: int) -> list[int] | dict[str, list[int]] | None:
+    """peft's ``trainable_token_indices`` for the rows added past ``old_rows``: a list (input embedding; a tied head
+    follows it) or ``{embedding name: ids, head name: ids}`` for an untied head; ``None`` when nothing was added."""
+    embedding = model.get_input_embeddings()
+    ids = list(range(old_rows, embedding.num_embeddings))
+    head = model.get_output_embeddings()
+    if not ids or head is None or head.weight is embedding.weight:
+        return ids or None
+    names = {id(module): name for name, module in model.named_modules()}
+    return {names[id(embedding)]: ids, names[id(head)]: ids}
+
+
 def build_causal_lm(
     model_name_or_path: str | None = None,
     config: dict | None = None,
@@ -244,6 +297,7 @@ def build_causal_lm(
     device: str | torch.device | None = None,
     torch_dtype: TorchDtype | None = None,
     vocab_size: int | None = None,
+    resize_embeddings: bool | int = False,
 ) -> nn.Module:
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
 
@@ -260,13 +314,24 @@ def build_causal_lm(
             is what ``lowmem estimate`` uses to count frozen and trainable parameters exactly.
             ``None`` uses the current default device (the Trainer's device inside ``configure_model``).
         torch_dtype: Weight dtype name (``"bfloat16"``, ...); ``None``: ``torch.get_default_dtype()``.
-        vocab_size: Used for a ``config`` without ``vocab_size`` (default: the byte tokenizer's 259).
+        vocab_size: Used for a ``config`` without ``vocab_size`` (default: the byte tokenizer's 259), and as the
+            row count ``resize_embeddings=True`` grows to (the tokenizer's length, added tokens included).
+        resize_embeddings: ``True`` (to ``vocab_size``) or a number of rows: a model with fewer rows gets its input
+            embeddings and output head grown to that many (tied heads stay tied; never shrunk), each new row the
+            mean of the old rows (see :func:`_grow_embeddings`), and ``config.vocab_size`` follows. Those rows
+            train: with ``lora`` through peft's ``trainable_token_indices`` (one ``new rows x hidden`` fp32 tensor
+            per untied layer; the old rows stay frozen); the NF4 quantizer never touches embeddings or ``lm_head``.
     """
     lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
+    check_resize_embeddings(resize_embeddings)
+    target = _resize_target(resize_embeddings, vocab_size)
     dtype = _resolve_dtype(torch_dtype)
     device = torch.device(device) if device is not None else torch.get_default_device()
     if model_name_or_path is not None and device.type != "meta":
         model = _load_pretrained(model_name_or_path, quantize, dtype, device)
+        old_rows = _embedding_rows(model)
+        if target is not None and target > old_rows:
+            _grow_embeddings(model, target)
     else:
         if config is not None:
             cfg = make_config(config, vocab_size)
@@ -274,12 +339,23 @@ def build_causal_lm(
             from lowmem_lightning.quant.loading import read_model_config
 
             cfg = read_model_config(model_name_or_path)
+        text = _text_config(cfg)
+        old_rows = text.vocab_size
+        if target is not None and target > old_rows:
+            text.vocab_size = target  # the shapes _grow_embeddings gives a loaded model
         model = _from_config(cfg, quantize, dtype, device)
+    added = _new_token_rows(model, old_rows)
+    if added is not None and device.type != "meta":
+        rows = _embedding_rows(model)
+        how = "they train through peft's trainable_token_indices, the old rows stay frozen" if lora else "they train"
+        warnings.warn(f"resize_embeddings: the input embeddings and output head grew from {old_rows} to {rows} "
+                      f"rows for the tokenizer's added tokens (each new row the mean of the old ones; {how}).",
+                      LowMemWarning, stacklevel=2)
     if lora is not None:
         from lowmem_lightning.quant import add_lora
 
         model = add_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"],
-                         adapter_dtype=torch.float32)
+                         adapter_dtype=torch.float32, trainable_token_indices=added)
     return model
 
 
@@ -355,6 +431,13 @@ class CausalLMModule(LowMemModule):
             merged model when ``save_merged``, or the full model without LoRA; ``None`` writes nothing.
         save_merged: With LoRA, merge the adapters into full-precision weights and save that model
             instead of the adapter (the module keeps the merged model afterwards).
+        resize_embeddings: ``True``: when the datamodule's tokenizer has more ids than the checkpoint embeds
+            (special tokens added, e.g. ChatML's ``<|im_start|>`` / ``<|im_end|>`` on a base model), grow the input
+            embeddings and output head to the tokenizer's length, each new row the mean of the old ones; the new
+            rows train (with LoRA / QLoRA through peft's ``trainable_token_indices``, the old rows frozen). The row
+            count is recorded in the hyperparameters (an int here), so resuming and ``load_from_checkpoint``
+            rebuild the same shapes. ``False`` (default): such a tokenizer is refused, naming this option.
+            See :func:`build_causal_lm`.
         optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, scheduler, min_lr_ratio, fp32_state: see
             ``LowMemModule``.
     """
@@ -369,6 +452,7 @@ class CausalLMModule(LowMemModule):
         torch_dtype: TorchDtype | None = None,
         save_dir: str | None = None,
         save_merged: bool = False,
+        resize_embeddings: bool | int = False,
         optimizer: str = "adamw_8bit",
         lr: float = 2e-4,
         weight_decay: float = 0.0,
@@ -389,6 +473,7 @@ class CausalLMModule(LowMemModule):
             raise ValueError(f"Invalid save_dir={save_dir!r}: expected a directory path or None.")
         if not isinstance(save_merged, bool) or (save_merged and self.lora is None):
             raise ValueError(f"Invalid save_merged={save_merged!r}: expected True or False, and True only with lora.")
+        check_resize_embeddings(resize_embeddings)
         self.save_hyperparameters()
         self.model: nn.Module | None = None
         self.val_loss = torchmetrics.MeanMetric()
@@ -401,26 +486,53 @@ class CausalLMModule(LowMemModule):
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         return getattr(datamodule, "vocab_size", None)
 
+    def _planned_rows(self, data_vocab: int | None) -> int | None:
+        """The embedding rows the model will have, from its config alone (``config.json`` of a checkpoint), after
+        ``resize_embeddings``; ``None`` when the config does not say."""
+        hp = self.hparams
+        if hp.config is not None:
+            rows = hp.config.get("vocab_size", data_vocab)
+        else:
+            from lowmem_lightning.quant.loading import read_model_config
+
+            rows = getattr(_text_config(read_model_config(hp.model_name_or_path)), "vocab_size", None)
+        target = _resize_target(hp.resize_embeddings, data_vocab)
+        return max(rows, target) if rows is not None and target is not None else rows
+
+    def _check_vocabulary(self, data_vocab: int | None, rows: int | None) -> None:
+        """``ValueError`` when the datamodule's tokenizer has more ids than the model's ``rows`` embeddings: the fix
+        named is ``resize_embeddings`` for a checkpoint, ``config['vocab_size']`` for a model built from a config."""
+        if data_vocab is None or rows is None or data_vocab <= rows:
+            return
+        hp = self.hparams
+        if hp.model_name_or_path is None:
+            fix = f"; set config['vocab_size'] >= {data_vocab} (or leave it out to take the tokenizer's)"
+        else:
+            fix = (f" (resize_embeddings={hp.resize_embeddings!r}); pass resize_embeddings=True "
+                   f"(--model.resize_embeddings true) to grow the embeddings and output head to "
+                   f"{data_vocab} rows for the tokens the tokenizer added (they train, with LoRA too)")
+        raise ValueError(f"Vocabulary mismatch: the datamodule's tokenizer has {data_vocab} token ids but the model "
+                         f"embeds only {rows}{fix}, or use the tokenizer the checkpoint was trained with.")
+
     def configure_model(self) -> None:
         """Build the model (once) on the Trainer's device; check the data's vocabulary fits it."""
         if self.model is not None:
             return
         hp = self.hparams
         data_vocab = self._datamodule_vocab()
+        self._check_vocabulary(data_vocab, self._planned_rows(data_vocab))  # before any weight is read
         with _build_warnings_on_rank_zero():
             self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
-                                         torch_dtype=hp.torch_dtype, vocab_size=data_vocab)
+                                         torch_dtype=hp.torch_dtype, vocab_size=data_vocab,
+                                         resize_embeddings=hp.resize_embeddings)
         keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
+        rows = _embedding_rows(self.model)
+        # Record the vocabulary the model got, so load_from_checkpoint (no datamodule) rebuilds the same shapes.
         if hp.config is not None and "vocab_size" not in hp.config:
-            # Record the vocabulary the model got, so load_from_checkpoint rebuilds the same shapes.
             hp.config = {**hp.config, "vocab_size": self.model.config.vocab_size}
-        embeddings = self.model.get_input_embeddings().num_embeddings
-        if data_vocab is not None and data_vocab > embeddings:
-            raise ValueError(
-                f"Vocabulary mismatch: the datamodule's tokenizer has {data_vocab} token ids but the model "
-                f"embeds only {embeddings}; set config['vocab_size'] >= {data_vocab} (or leave it out to "
-                "take the tokenizer's) or use the tokenizer the checkpoint was trained with."
-            )
+        if hp.resize_embeddings is True and data_vocab is not None:
+            hp.resize_embeddings = rows
+        self._check_vocabulary(data_vocab, rows)
         if hp.gradient_checkpointing:
             _enable_checkpointing(self.model)
         _show_callbacks_the_model(self)
@@ -533,7 +645,11 @@ class CausalLMModule(LowMemModule):
         (other files there are kept; shard files of an earlier save that the new one does not replace are
         removed, as ``save_pretrained`` does). A model sharded with FSDP2 (DTensor params) is gathered first:
         every rank joins ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, rank 0 writes
-        the full tensors, and every rank waits for the write (a failed write raises on every rank)."""
+        the full tensors, and every rank waits for the write (a failed write raises on every rank).
+
+        The adapter of a model whose embeddings grew (``resize_embeddings``) carries the whole resized input
+        embedding and head (peft's ``save_embedding_layers``) beside the trained rows: load it on the base grown to
+        the same length (``resize_token_embeddings(len(tokenizer))``, then ``PeftModel.from_pretrained``)."""
         save_dir = self.hparams.save_dir
         if save_dir is None or self._saved or self.model is None:
             return None
@@ -573,6 +689,8 @@ class CausalLMModule(LowMemModule):
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}")
         try:
             kwargs = {} if state_dict is None else {"state_dict": state_dict}
+            if _trains_token_rows(self.model):  # the resized embedding and head go with the adapter
+                kwargs["save_embedding_layers"] = True
             with _no_transformers_progress_bar():  # "Writing model shards": a bar over the run's own output
                 self.model.save_pretrained(tmp, **kwargs)
             if hasattr(tokenizer, "save_pretrained"):
@@ -582,6 +700,12 @@ class CausalLMModule(LowMemModule):
             raise CheckpointWriteError(path, err.errno, err.strerror or str(err), "model") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trains_token_rows(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft model training some embedding rows (``trainable_token_indices``)."""
+    configs = getattr(model, "peft_config", None) or {}
+    return any(getattr(config, "trainable_token_indices", None) for config in configs.values())
 
 
 def _is_sharded(model: nn.Module) -> bool:

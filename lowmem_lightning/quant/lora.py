@@ -238,6 +238,7 @@ def add_lora(
     dropout: float = 0.0,
     target_modules: Sequence[str] | str = LLAMA_TARGET_MODULES,
     adapter_dtype: torch.dtype = torch.float32,
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
 ) -> PeftModel:
     """Wrap ``model`` with trainable LoRA adapters (peft ``get_peft_model``); everything else is frozen.
 
@@ -247,8 +248,11 @@ def add_lora(
     :func:`resolve_target_modules` (the Llama seven on a model without them, e.g. Phi-3's fused
     ``qkv_proj`` / ``gate_up_proj``, become every linear layer; other unknown names are refused).
     ``alpha / r`` scales the adapter output.
-    Adapters are stored in ``adapter_dtype`` (fp32 by default). Returns the ``PeftModel``
-    (``PeftModelForCausalLM`` for a model that can generate).
+    Adapters are stored in ``adapter_dtype`` (fp32 by default). ``trainable_token_indices`` (peft's LoraConfig
+    option, e.g. the ids of tokens added to the vocabulary): these rows of the input embedding (a list) or of the
+    named layers (``{"embed_tokens": [...], "lm_head": [...]}``) train too, as one ``len(ids) x hidden`` tensor
+    per layer (a tied output head follows the input embedding's); the rest of each layer stays frozen.
+    Returns the ``PeftModel`` (``PeftModelForCausalLM`` for a model that can generate).
     """
     _check_lora_args(r, alpha, dropout, target_modules, adapter_dtype)
     if not isinstance(model, nn.Module):
@@ -256,6 +260,7 @@ def add_lora(
     targets = resolve_target_modules(model, target_modules)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none",
+        trainable_token_indices=trainable_token_indices,
         task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
     )
     register_peft_custom_module(config)
