@@ -16,7 +16,16 @@ set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 DIR (the venv is built or reused in DIR/venv)" >&2; exit 2; }
 DIR="$(mkdir -p "$1" && cd "$1" && pwd)"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY312="${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}"
+python312() {  # PYTHON312 if set, else the first of python3.12 on PATH and pyenv's 3.12.x that runs as Python 3.12
+  # (a pyenv shim is on PATH even where no 3.12 is selected, and fails: "pyenv: python3.12: command not found")
+  local candidate candidates=("$(command -v python3.12)" /root/.pyenv/versions/3.12.*/bin/python3.12)
+  [ -n "${PYTHON312:-}" ] && candidates=("$PYTHON312")
+  for candidate in "${candidates[@]}"; do
+    [ -n "$candidate" ] && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null \
+      && { echo "$candidate"; return; }
+  done
+}
+PY312="$(python312)"
 PINS=(torch==2.11.0 triton==3.6.0 lightning==2.6.6 pytorch-lightning==2.6.6 transformers==5.17.0 peft==0.21.0
       accelerate==1.15.0 safetensors==0.8.0 numpy==2.3.5 matplotlib rich tensorboard pytest pytest-xdist pytest-timeout)
 # numpy 2.3, not the image's 2.5.2: triton 3.6's interpreter turns a loaded loop bound into a Python int with
@@ -45,7 +54,7 @@ check() {  # check NAME COMMAND...: run in the rehearsal environment, log to DIR
 
 # 1. the venv (reused when its pins are already there)
 if [ ! -x "$DIR/venv/bin/python" ]; then
-  [ -x "$PY312" ] || { echo "no Python 3.12 (set PYTHON312=/path/to/python3.12)" >&2; exit 2; }
+  [ -n "$PY312" ] || { echo "no Python 3.12 that runs (set PYTHON312=/path/to/python3.12)" >&2; exit 2; }
   "$PY312" -m venv "$DIR/venv" || exit 2
 fi
 VPY="$DIR/venv/bin/python"
@@ -103,7 +112,7 @@ if [ -z "${REHEARSAL_QUICK:-}" ]; then
 fi
 
 # 5. gpu_check.py --dry-run, every part the device commands use, and the -m gpu tests' collection
-for part in kernels step_time paged release gpu_tests sync full_ft_7b qlora_7b long_run; do
+for part in kernels step_time paged release gpu_tests sync full_ft_7b qlora_7b long_run packing; do
   check "dry_run_$part" "$VPY" benchmarks/gpu_check.py --dry-run --budget-scale 4 --parts "$part" --results "$LOGS/dry_run_$part.md" \
     --out-dir "$DIR/dry_run_$part"
 done

@@ -36,6 +36,11 @@ Parts (``--parts`` selects some):
   the default allocator first, then expandable segments). Peak allocated/reserved, tokens/s, loss per
   step (must fall), the estimator's figure (:mod:`lowmem_lightning.estimate`, activations included) and
   their ratio (must be within 10%).
+* ``packing``: what ``TextDataModule``'s ``isolate_documents=True`` (the default with packing) costs: the 1B
+  recipe's model (TinyLlama-1.1B architecture, bf16, gradient checkpointing) at seq 2048, forward + backward
+  over the module's own packed batches of log-normal documents, plain causal sdpa vs documents kept apart
+  (sdpa's masked path) vs ``flash_attention_2`` (varlen; skipped with the reason when ``flash_attn`` is not
+  installed): median step, peak memory beside the estimator's, which attention kernels ran.
 * ``long_run``: a 113M-param causal LM (124M class) for a few minutes with fp32 AdamW, ``adamw_8bit``,
   bitsandbytes AdamW8bit (when installed), CAME and CAME int8: held-out loss within 1.01x of each
   reference, a table and ``long_run.png`` (``--out-dir``).
@@ -65,20 +70,25 @@ came-pytorch into ``.whl/``, 46 MiB; the image's own triton 3.6.0 matches its to
 
 (550 s of part budgets, :data:`BUDGET_S`); ``$OUT/gpu_section.md`` is the dated section for RESULTS.md.
 
-Both open GPU issues do not fit one session's 15 minutes (a cold start takes minutes of it). Order: issue 24 (kernel
-speed) first, the same install line and then::
+Later commands, each a ``run`` of its own with the same install line (part budgets at most 560 s each,
+:data:`BUDGET_S`; a cold start takes minutes of a session's 15, so the first command fills one session):
+
+2. issue 24 (kernel speed), ``timeout_s`` 560::
 
     export LOWMEM_PERSISTENT_PROGRAMS_PER_SM=4; python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md \
         --parts kernels,step_time,paged,release,gpu_tests --out-dir $OUT 2>&1 | tee $OUT/log.txt
-    for d in bfloat16 "float32 --grad-dtype bfloat16"; do python3 benchmarks/optim_step.py --device cuda \
-        --sizes 1G --param-dtype $d --repeats 10 --warmup 2 --no-csv --optimizers torch_adamw_fused,adamw_8bit,\
-adamw_8bit_persistent2,adamw_8bit_persistent4,adamw_8bit_persistent8; done 2>&1 | tee -a $OUT/log.txt
 
-(``timeout_s`` 560: 440 s of part budgets and two short optim_step runs), then, in what is left, ``full_ft_7b``
-alone (270 s) and the recommended parts in a later session. With the FlashOptim rows (``step_time`` +40 s,
-``release`` +45 s of budget: its Triton JIT and autotuned quantizer, two more 735M models; +15 s for the release
-row clipping by norm) the five parts' budgets are 540 s: drop the trailing loop (``step_time`` runs the same rows at
-1G in both dtypes, same env and repeats).
+   (540 s of part budgets with the FlashOptim rows: ``step_time`` +40 s, ``release`` +45 s, their Triton JIT and
+   autotuned quantizer and two more 735M models, +15 s for the release row clipping by norm; ``step_time`` runs
+   the persistent-kernel rows at 1G in both dtypes, so no optim_step loop follows).
+3. what document isolation costs, and host syncs (65 s of part budgets: it fits the minutes a session has left
+   after command 1 or 2 on a warm machine, ``timeout_s`` 150)::
+
+    python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts packing,sync --out-dir $OUT \
+        2>&1 | tee $OUT/log.txt
+
+``packing`` (40 s: imports, the 1.1B model built on the device, 7 steps of 4 x 2048 tokens per row, at most
+3 rows) is in no earlier command: the first one's budget is full.
 """
 
 from __future__ import annotations
@@ -86,7 +96,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -99,7 +111,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 BUDGET_S = {"kernels": 70, "gpu_tests": 100, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
-            "release": 115, "full_ft_7b": 270, "long_run": 180}
+            "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40}
 """Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
 55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
 (ours only), release 45. Not yet run on a GPU, sized from arithmetic: full_ft_7b (two rows, each a fresh
@@ -109,7 +121,9 @@ of a 113M model at ~25 ms, and five evaluations). The set of :data:`RECOMMENDED_
 (9.2 minutes). FlashOptim's rows, sized from its source and a CPU compile of its kernels for sm_90 (0.5-0.6 s
 each, triton 3.9), not yet run: ``step_time`` +40 s (three step-kernel variants, its autotuned 6-config
 quantizer for each new size and dtype, six 64M/1G rows), ``release`` +45 s (two more 735M
-models); the release row clipping by norm (two backward passes, a third 735M model) +15 s."""
+models); the release row clipping by norm (two backward passes, a third 735M model) +15 s. ``packing``, not yet
+run: imports ~15 s, the 1.1B model built on the device in bf16, then per row 7 steps of 4 x 2048 tokens at ~0.2 s
+(6 x 1.1B x 8192 flops x 4/3 for the recomputation, ~400 TFLOP/s) and the masked path slower, ~5 s."""
 
 RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
 """The parts the next device session runs, in one command (the module docstring has it)."""
@@ -548,29 +562,37 @@ KERNEL_FAMILIES = {"NF4 dequantize/quantize (ours)": ("nf4",), "GEMM": ("gemm", 
 """Kernel-name words that put a GPU kernel in a family for :func:`_kernel_shares` (first match wins)."""
 
 
-def _kernel_shares(step, device) -> str:
-    """One more ``step()`` under torch's profiler: the share of GPU kernel time in each of
-    :data:`KERNEL_FAMILIES` (is the NF4 dequantize + GEMM path the bottleneck, and by how much)."""
+def _gpu_kernel_times(step, device) -> list[tuple[str, float]] | None:
+    """One more ``step()`` under torch's profiler: ``(kernel name, GPU microseconds)`` of each kernel it launched;
+    ``None`` on CPU (the step still runs under the profiler: the code path is exercised)."""
     import torch
 
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    if not cuda:
+        return None
+    return [(e.name, e.device_time_total) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _kernel_shares(step, device) -> str:
+    """The share of GPU kernel time in each of :data:`KERNEL_FAMILIES` over one more ``step()``
+    (:func:`_gpu_kernel_times`): is the NF4 dequantize + GEMM path the bottleneck, and by how much."""
     try:
-        with torch.profiler.profile(activities=activities) as prof:
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-        if not cuda:
-            return "Kernel time by family: n/a on CPU (one step profiled)."
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        total = sum(e.device_time_total for e in kernels)
-        shares = dict.fromkeys([*KERNEL_FAMILIES, "other"], 0.0)
-        for event in kernels:
-            name = event.name.lower()
-            family = next((f for f, words in KERNEL_FAMILIES.items() if any(w in name for w in words)), "other")
-            shares[family] += event.device_time_total
+        kernels = _gpu_kernel_times(step, device)
     except Exception as err:  # the profile is a diagnosis: its failure must not cost the part's table
         return f"Kernel time by family: profile failed ({type(err).__name__}: {str(err)[:100]})."
+    if kernels is None:
+        return "Kernel time by family: n/a on CPU (one step profiled)."
+    total = sum(t for _, t in kernels)
+    shares = dict.fromkeys([*KERNEL_FAMILIES, "other"], 0.0)
+    for name, t in kernels:
+        name = name.lower()
+        family = next((f for f, words in KERNEL_FAMILIES.items() if any(w in name for w in words)), "other")
+        shares[family] += t
     parts = ", ".join(f"{family} {100 * t / max(total, 1e-9):.1f}%" for family, t in shares.items())
     return f"Kernel time by family, one step of ours ({total / 1e3:.0f} ms of GPU kernels): {parts}."
 
@@ -780,8 +802,13 @@ def _full_ft_arch(dry: bool) -> dict:
     if dry:
         return {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 172,
                 "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 2048}
-    init = _parsed_recipe().model.init_args
-    arch = json.loads((Path(init.model_name_or_path) / "config.json").read_text())
+    return _config_json_arch(Path(_parsed_recipe().model.init_args.model_name_or_path))
+
+
+def _config_json_arch(directory: Path) -> dict:
+    """The architecture dict ``CausalLMModule(config=...)`` builds from ``directory/config.json`` (a recipe's
+    architecture-only model folder), without the keys that name a checkpoint rather than a shape."""
+    arch = json.loads((directory / "config.json").read_text())
     drop = ("architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path")
     return {k: v for k, v in arch.items() if k not in drop}
 
@@ -1173,9 +1200,190 @@ def part_long_run(dry: bool) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------------------------------
+# packing: what keeping packed documents apart costs a training step
+# --------------------------------------------------------------------------------------------------
+
+PACKING_MODEL = ROOT / "configs" / "tinyllama-1.1b"
+"""The model of ``configs/full_finetune_1b.yaml`` (TinyLlama-1.1B's architecture: 22 layers, hidden 2048, 4 KV
+heads), built as that recipe builds it: bf16 weights (``bf16-true``), gradient checkpointing, sdpa attention."""
+
+PACKING_SIZE = {"seq": 2048, "batch": 4, "steps": 6, "median_tokens": 400, "sigma": 1.0}
+"""Blocks of ``seq`` tokens, ``batch`` per step, ``steps`` steps per row (the first not timed), of documents whose
+lengths are drawn log-normally (median ``median_tokens`` tokens, log-sd ``sigma``: a few tokens to several
+thousand, ~660 on average, as instruction and chat data; ~3 documents per 2048-token block)."""
+
+PACKING_DRY = {"seq": 64, "batch": 2, "steps": 3, "median_tokens": 12, "sigma": 1.0}
+
+PACKING_ROWS = (("sdpa", False), ("sdpa", True), ("flash_attention_2", True))
+"""``(attn_implementation, isolate_documents)`` of each row: plain causal attention over whole blocks (batches
+with ``attention_mask``), documents kept apart under sdpa (``position_ids``, no mask: transformers builds the
+block-diagonal mask, so sdpa cannot take its flash kernel), and under FlashAttention-2 (varlen from the
+``position_ids`` of the batch flattened to one row, ``packed_call``) where ``flash_attn`` is installed."""
+
+
+def _packing_corpus(directory: Path, size: dict) -> Path:
+    """A JSONL file of ``{"text": ...}`` records (random lowercase words) of log-normal lengths (bytes: tokens of
+    the byte tokenizer) with enough tokens for ``steps + 1`` batches; the same file for every seed-0 call."""
+    import random
+    import string
+
+    rng = random.Random(0)
+    needed, total, records = 1.2 * (size["steps"] + 1) * size["batch"] * size["seq"], 0, []
+    while total < needed:
+        n = min(max(4, round(rng.lognormvariate(0.0, size["sigma"]) * size["median_tokens"])), 4 * size["seq"])
+        records.append(json.dumps({"text": "".join(rng.choices(string.ascii_lowercase + " ", k=n))}))
+        total += n + 2  # bos and eos
+    path = directory / "documents.jsonl"
+    path.write_text("\n".join(records) + "\n")
+    return path
+
+
+def _packed_batches(path: Path, size: dict, isolate: bool) -> list[dict]:
+    """``steps`` training batches of ``TextDataModule`` (byte tokenizer, ``pack=True``, no validation) over
+    ``path``, in its shuffled order: ``position_ids`` with ``isolate`` (documents kept apart), else
+    ``attention_mask``."""
+    from lowmem_lightning.data.text import TextDataModule
+
+    data = TextDataModule(str(path), tokenizer="byte", seq_len=size["seq"], batch_size=size["batch"],
+                          val_fraction=0.0, isolate_documents=isolate)
+    batches = []
+    for batch in data.train_dataloader():
+        batches.append(batch)
+        if len(batches) == size["steps"]:
+            return batches
+    raise AssertionError(f"{path} gave {len(batches)} batches of {size['batch']} x {size['seq']}, "
+                         f"not {size['steps']}")
+
+
+def _packing_module(arch: dict, device):
+    """``CausalLMModule`` as ``configs/full_finetune_1b.yaml`` makes it (bf16 weights, gradient checkpointing),
+    its model built on ``device`` by ``configure_model``: its ``forward`` is what a fit calls with each batch."""
+    import torch
+
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    module = CausalLMModule(config=arch, gradient_checkpointing=True, torch_dtype="bfloat16")
+    torch.manual_seed(0)  # the same weights in every run
+    with torch.device(device):
+        module.configure_model()
+    return module.train()
+
+
+def _attention_kernels(step, device) -> str:
+    """The attention kernels of one more ``step()`` (GPU kernel names with flash / fmha / attention / softmax),
+    longest first, with their share of the step's GPU kernel time: which path sdpa took."""
+    kernels = _gpu_kernel_times(step, device)
+    if kernels is None:
+        return "n/a on CPU"
+    total, found = sum(t for _, t in kernels), {}
+    for name, t in kernels:
+        if any(word in name.lower() for word in ("flash", "fmha", "attention", "softmax")):
+            found[name] = found.get(name, 0.0) + t
+    ranked = sorted(found.items(), key=lambda item: -item[1])[:3]
+    return "; ".join(f"{name[:60]} {100 * t / max(total, 1e-9):.0f}%" for name, t in ranked) or "none found"
+
+
+def _packing_row(module, batches: list[dict], implementation: str, device) -> dict:
+    """Forward + backward of ``module`` over ``batches`` under ``implementation``: peak memory over the
+    weights (GB), median step (ms, the first step not counted), the losses, the attention kernels."""
+    import torch
+
+    module.model.set_attn_implementation(implementation)
+    moved = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    losses = []
+
+    def build():
+        batches = itertools.cycle(moved)
+
+        def step():
+            loss = module(**next(batches)).loss
+            loss.backward()
+            module.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        build.step = step
+        return step
+
+    peak, ms = _peak_step(build, len(moved), device)
+    kernels = _attention_kernels(build.step, device)  # one more step: the first batch again
+    losses = [float(v) for v in torch.stack(losses[:len(moved)])]  # one sync, after the timed steps
+    if not all(map(math.isfinite, losses)):
+        raise AssertionError(f"{implementation}: a loss is not finite: {losses}")
+    return {"peak": peak, "ms": ms, "losses": losses, "kernels": kernels}
+
+
+def _packing_skip_reason(implementation: str) -> str | None:
+    """Why ``implementation`` cannot run here (``flash_attention_2`` needs the ``flash_attn`` package and CUDA)."""
+    if implementation != "flash_attention_2":
+        return None
+    if not _installed("flash_attn"):
+        return "skipped: flash_attn not installed"
+    import torch
+
+    return None if torch.cuda.is_available() else "skipped: CUDA only"
+
+
+def part_packing(dry: bool) -> list[str]:
+    """What ``TextDataModule``'s ``isolate_documents=True`` (the default with packing) costs a step of the 1B
+    recipe's model at seq 2048: step time and peak memory of forward + backward over the same packed documents
+    with plain causal attention and with each document kept apart (:data:`PACKING_ROWS`), beside
+    ``lowmem_lightning.estimate``'s activations + gradients for the same batch."""
+    from lowmem_lightning.estimate import activation_bytes
+
+    device = _device(dry)
+    size = PACKING_DRY if dry else PACKING_SIZE
+    arch = ({"model_type": "llama", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 172,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 128} if dry else _config_json_arch(PACKING_MODEL))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _packing_corpus(Path(tmp), size)
+        batches = {isolate: _packed_batches(path, size, isolate) for isolate in (False, True)}
+    isolated = batches[True][0]
+    if "attention_mask" in isolated or "position_ids" not in isolated:
+        raise AssertionError(f"isolate_documents=True batches carry {sorted(isolated)}: not packed documents")
+    starts = statistics.fmean(int((b["position_ids"] == 0).sum()) / b["position_ids"].shape[0] for b in batches[True])
+    module = _packing_module(arch, device)
+    params = sum(p.numel() for p in module.parameters())
+    lines = [f"{params / 1e6:.1f}M params ({'toy Llama' if dry else PACKING_MODEL.name}), bf16 weights, gradient "
+             f"checkpointing; {size['steps']} batches of {size['batch']} x {size['seq']} tokens from "
+             f"TextDataModule (byte tokenizer, pack=True), documents of log-normal length (median "
+             f"{size['median_tokens']} tokens): {starts:.1f} document starts per block (a block's first token "
+             "counts as one: a document cut there restarts its positions). Forward + "
+             "backward (the optimizer step is the same for every row and left out); peak memory above the weights.",
+             "", "| attention | isolate_documents | batch keys | peak memory (GB) | estimate: activations + gradients "
+             "(GB) | median step (ms) | vs plain causal | first loss | attention kernels (share of GPU time) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    rows = {}
+    for implementation, isolate in PACKING_ROWS:
+        keys = ", ".join(k for k in batches[isolate][0] if k != "labels")
+        reason = _packing_skip_reason(implementation)
+        if reason is None and implementation != "sdpa":  # an optional attention: its failure is its row's
+            try:
+                rows[implementation, isolate] = _packing_row(module, batches[isolate], implementation, device)
+            except Exception as err:
+                reason = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        elif reason is None:
+            rows[implementation, isolate] = _packing_row(module, batches[isolate], implementation, device)
+        if reason is not None:
+            lines.append(f"| {implementation} | {isolate} | {keys} | - | - | - | - | - | {reason} |")
+            continue
+        r, base = rows[implementation, isolate], rows["sdpa", False]
+        estimate = "-" if implementation != "sdpa" else \
+            f"{(activation_bytes(arch, size['batch'], size['seq'], 2, True, isolate) + 2 * params) / 1e9:.3f}"
+        lines.append(f"| {implementation} | {isolate} | {keys} | {r['peak']:.3f} | {estimate} | {r['ms']:.1f} "
+                     f"| {r['ms'] / base['ms']:.2f}x | {r['losses'][0]:.4f} | {r['kernels']} |")
+    plain, kept = rows["sdpa", False], rows["sdpa", True]
+    predicted = sum(activation_bytes(arch, size["batch"], size["seq"], 2, True, i) * (1 if i else -1)
+                    for i in (True, False))
+    return lines + ["", f"Keeping documents apart under sdpa: {kept['ms'] - plain['ms']:+.1f} ms per step "
+                    f"({100 * (kept['ms'] / plain['ms'] - 1):+.0f}%), {(kept['peak'] - plain['peak']) * 1e3:+.1f} MB "
+                    f"of peak memory; lowmem estimate adds {predicted / 1e6:.1f} MB for it "
+                    "(estimate.document_mask_terms)."]
+
+
 PARTS = {"kernels": part_kernels, "gpu_tests": part_gpu_tests, "sync": part_sync, "step_time": part_step_time,
          "paged": part_paged, "qlora_7b": part_qlora_7b, "release": part_release, "full_ft_7b": part_full_ft_7b,
-         "long_run": part_long_run}
+         "long_run": part_long_run, "packing": part_packing}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -191,3 +191,51 @@ def test_long_run_keeps_the_rows_done_when_its_time_runs_out(tmp_path, monkeypat
     assert "| bnb_adamw_8bit | adamw | 4.0000 | 4.0000 | 1.0000x |" in text
     assert "| came | - | - | - | - | - | - | FAILED: skipped, the part's time budget would run out |" in text
     assert "| came_int8 | came | - | - | - | - | - | FAILED: skipped" in text
+
+
+# ------------------------------------------------------------------ packing: what keeping documents apart costs
+def test_packing_dry_run_measures_both_batches_and_reports_a_failed_optional_attention(monkeypatch):
+    """The part at toy size: TextDataModule's own batches (``attention_mask`` for plain causal, ``position_ids``
+    for documents kept apart) through ``CausalLMModule``; an optional attention that cannot run here fails its
+    own row only (an unknown name: ``flash_attention_2`` without ``flash_attn`` would ask the Hub for a kernel)."""
+    monkeypatch.setattr(gpu_check, "PACKING_ROWS", (*gpu_check.PACKING_ROWS[:2], ("no_such_attention", True)))
+    lines = gpu_check.part_packing(dry=True)
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[:3] for row in rows] == [
+        ["| sdpa", "False", "input_ids, attention_mask"], ["| sdpa", "True", "input_ids, position_ids"],
+        ["| no_such_attention", "True", "input_ids, position_ids"]]
+    assert rows[0].split(" | ")[6] == "1.00x" and rows[0].endswith("| n/a on CPU |")
+    assert " | failed: ValueError: " in rows[2]
+    assert lines[-1].startswith("Keeping documents apart under sdpa: ") and "document starts per block" in lines[0]
+
+
+def test_packing_skips_flash_attention_with_the_reason(monkeypatch):
+    monkeypatch.setattr(gpu_check, "_installed", lambda name: name != "flash_attn")
+    assert gpu_check._packing_skip_reason("flash_attention_2") == "skipped: flash_attn not installed"
+    assert gpu_check._packing_skip_reason("sdpa") is None
+    monkeypatch.setattr(gpu_check, "_installed", lambda name: True)
+    assert gpu_check._packing_skip_reason("flash_attention_2") == "skipped: CUDA only"  # this machine has no GPU
+
+
+def test_packing_corpus_has_realistic_document_lengths_and_enough_tokens(tmp_path):
+    size = gpu_check.PACKING_SIZE
+    path = gpu_check._packing_corpus(tmp_path, size)
+    lengths = sorted(len(json.loads(line)["text"]) for line in path.read_text().splitlines())
+    assert sum(n + 2 for n in lengths) >= (size["steps"] + 1) * size["batch"] * size["seq"]
+    assert 0.8 * size["median_tokens"] < lengths[len(lengths) // 2] < 1.25 * size["median_tokens"]
+    assert lengths[0] < 100 and lengths[-1] > size["seq"]  # short records and some longer than a block
+    assert path.read_text() == gpu_check._packing_corpus(tmp_path, size).read_text()  # the same file every run
+
+
+def test_every_device_command_in_the_plan_fits_560_s_and_packing_is_not_in_the_first():
+    """Each ``--parts`` list of the docstring's device commands names known parts whose budgets add up to at most
+    560 s (the commands' timeout); ``packing`` is in a later command, not the first (its budget is full)."""
+    doc = " ".join(gpu_check.__doc__.split())
+    commands = [chunk.split(" ")[0].split(",") for chunk in doc.split("--parts ")[1:]]
+    assert len(commands) == 3 and commands[0] == list(gpu_check.RECOMMENDED_PARTS)
+    for parts in commands:
+        assert set(parts) <= set(gpu_check.PARTS), parts
+        assert sum(gpu_check.BUDGET_S[p] for p in parts) <= 560, parts
+    assert "packing" not in commands[0] and any("packing" in parts for parts in commands[1:])
+    assert "--parts packing,sync" in doc and "(65 s of part budgets" in doc
+    assert gpu_check.BUDGET_S["packing"] + gpu_check.BUDGET_S["sync"] == 65
