@@ -1211,7 +1211,8 @@ heads), built as that recipe builds it: bf16 weights (``bf16-true``), gradient c
 PACKING_SIZE = {"seq": 2048, "batch": 4, "steps": 6, "median_tokens": 400, "sigma": 1.0}
 """Blocks of ``seq`` tokens, ``batch`` per step, ``steps`` steps per row (the first not timed), of documents whose
 lengths are drawn log-normally (median ``median_tokens`` tokens, log-sd ``sigma``: a few tokens to several
-thousand, ~660 on average, as instruction and chat data; ~3 documents per 2048-token block)."""
+thousand, as instruction and chat data; the file drawn holds 121 documents, 579 tokens on average, and its batches
+4.5 document starts per 2048-token block, a block's first token included)."""
 
 PACKING_DRY = {"seq": 64, "batch": 2, "steps": 3, "median_tokens": 12, "sigma": 1.0}
 
