@@ -24,6 +24,7 @@ from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.monitor import METRICS, STATE_MIB
 from lowmem_lightning.callbacks.progress import format_bar_metrics
 from lowmem_lightning.callbacks.rotary import KeepRotaryFp32
+from lowmem_lightning.callbacks.train_mode import CheckpointingModeCheck
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,13 +62,13 @@ def test_parts_follow_the_callback_in_trainer_callbacks_once(tmp_path):
     other = L.Callback()
     trainer = _fit(tmp_path, [callback, other])
     kinds = [FSDP1Check, GradientReleaseCallback, StateMemoryMonitor, PreemptionCheckpoint, ResumeCompatibility,
-             ClipNormReuse, KeepRotaryFp32]
+             ClipNormReuse, KeepRotaryFp32, CheckpointingModeCheck]
     position = trainer.callbacks.index(callback)
-    assert [type(c) for c in trainer.callbacks[position + 1:position + 8]] == kinds
-    assert trainer.callbacks[position + 8] is other
+    assert [type(c) for c in trainer.callbacks[position + 1:position + 9]] == kinds
+    assert trainer.callbacks[position + 9] is other
     assert trainer.callbacks[position + 3] is callback.monitor and trainer.callbacks[position + 2] is callback.release
     trainer.fit(_Tiny(), _loader())  # a second fit with the same Trainer (set up, no step): no part added again
-    assert len(trainer.callbacks) == len({id(c) for c in trainer.callbacks}) == position + 9
+    assert len(trainer.callbacks) == len({id(c) for c in trainer.callbacks}) == position + 10
     plain = LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)
     assert not any(isinstance(p, GradientReleaseCallback) for p in plain.parts) and plain.releases == []
 

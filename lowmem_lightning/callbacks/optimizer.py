@@ -21,7 +21,8 @@ ordered and checkpointed by Lightning like the user's own): :class:`~.strategy_c
 :class:`~.release.GradientReleaseCallback` (``step_in_backward``), :class:`~.monitor.StateMemoryMonitor`,
 :class:`~.preemption.PreemptionCheckpoint`, :class:`~.resume.ResumeCompatibility` and
 :class:`~.clip_norm.ClipNormReuse` (norm clipping hands its norm to our optimizer's finite check) and
-:class:`~.rotary.KeepRotaryFp32` (a Hugging Face model's rotary frequencies back in fp32 after a bf16 cast).
+:class:`~.rotary.KeepRotaryFp32` (a Hugging Face model's rotary frequencies back in fp32 after a bf16 cast) and
+:class:`~.train_mode.CheckpointingModeCheck` (a warning when gradient checkpointing is on in modules in eval mode).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from lowmem_lightning.callbacks.swap import (
     replace_optimizers,
     retarget_scheduler,
 )
+from lowmem_lightning.callbacks.train_mode import CheckpointingModeCheck
 from lowmem_lightning.callbacks.translate import translate_group
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import build_optimizer, optimizer_class
@@ -268,6 +270,7 @@ class LowMemOptimizerCallback(L.Callback):
             ResumeCompatibility(optimizer, saved_under=self.state_key),
             ClipNormReuse(),
             KeepRotaryFp32(),
+            CheckpointingModeCheck(),
         )
         """The callbacks with the other jobs, put into ``trainer.callbacks`` after this one at ``setup``."""
         self.optimizers: list[torch.optim.Optimizer] = []

@@ -328,7 +328,10 @@ def build_causal_lm(
     dtype = _resolve_dtype(torch_dtype)
     device = torch.device(device) if device is not None else torch.get_default_device()
     if model_name_or_path is not None and device.type != "meta":
-        model = _load_pretrained(model_name_or_path, quantize, dtype, device)
+        # from_pretrained hands the model over in eval mode, and Lightning keeps each module's mode at fit start:
+        # dropout would be off and transformers' gradient checkpointing (active only while training) silently
+        # skipped, so activations would take their full memory.
+        model = _load_pretrained(model_name_or_path, quantize, dtype, device).train()
         old_rows = _embedding_rows(model)
         if target is not None and target > old_rows:
             _grow_embeddings(model, target)
