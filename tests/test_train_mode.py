@@ -111,7 +111,7 @@ def test_the_callback_warns_when_checkpointing_layers_train_in_eval_mode(checkpo
     batch = {"input_ids": torch.randint(0, 259, (2, 16)), "labels": torch.randint(0, 259, (2, 16))}
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1,
-                        callbacks=[LowMemOptimizerCallback("adamw_8bit", print_summary=False)])
+                        callbacks=[LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)])
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
