@@ -125,3 +125,44 @@ def test_the_callback_warns_when_checkpointing_layers_train_in_eval_mode(checkpo
         assert said[0].startswith("Gradient checkpointing is on in 2 layer(s) that are in eval mode (e.g. "
                                   "'model.model.layers.0')")
         assert "call model.train() after loading it" in said[0]
+
+
+class UsersLowMemModule:
+    """A LowMemModule subclass written the same way (built lazily: LowMemModule is imported inside the test)."""
+
+    @staticmethod
+    def build(path: str, train_mode: bool):
+        from transformers import AutoModelForCausalLM
+
+        from lowmem_lightning import LowMemModule
+
+        class Subclass(LowMemModule):
+            def __init__(self):
+                super().__init__(optimizer="adamw_8bit", lr=1e-3)
+                self.model = AutoModelForCausalLM.from_pretrained(path)
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if train_mode:
+                    self.model.train()
+
+            def training_step(self, batch, batch_idx):
+                return self.model(**batch, use_cache=False).loss
+
+        return Subclass()
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_a_lowmem_module_subclass_is_warned_too(checkpoint, train_mode):
+    """The same warning from LowMemModule itself (no callback), none after model.train()."""
+    import warnings
+
+    from lowmem_lightning.lowmem_warning import LowMemWarning
+
+    batch = {"input_ids": torch.randint(0, 259, (2, 16)), "labels": torch.randint(0, 259, (2, 16))}
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(UsersLowMemModule.build(str(checkpoint), train_mode),
+                    torch.utils.data.DataLoader([batch], batch_size=None))
+    said = [str(w.message) for w in caught if issubclass(w.category, LowMemWarning) and "eval mode" in str(w.message)]
+    assert len(said) == (0 if train_mode else 1)

@@ -16,7 +16,7 @@ from torch import nn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
-__all__ = ["CheckpointingModeCheck", "checkpointing_in_eval_mode"]
+__all__ = ["CheckpointingModeCheck", "checkpointing_in_eval_mode", "warn_checkpointing_in_eval_mode"]
 
 
 def checkpointing_in_eval_mode(module: nn.Module) -> list[str]:
@@ -29,18 +29,24 @@ def checkpointing_in_eval_mode(module: nn.Module) -> list[str]:
     return [name for name, sub in module.named_modules() if name in layers and not sub.training]
 
 
+def warn_checkpointing_in_eval_mode(module: nn.Module) -> None:
+    """One ``LowMemWarning`` (rank 0) naming the count, the first layer and the fix when layers of ``module`` with
+    gradient checkpointing are in eval mode (:func:`checkpointing_in_eval_mode`); nothing otherwise."""
+    names = checkpointing_in_eval_mode(module)
+    if names:
+        rank_zero_warn(
+            f"Gradient checkpointing is on in {len(names)} layer(s) that are in eval mode (e.g. '{names[0]}'): "
+            "transformers checkpoints a layer only in train mode, so this fit keeps every layer's activations "
+            "(the memory checkpointing saves) and runs without dropout. from_pretrained returns a model in eval "
+            "mode and Lightning keeps modules' modes; call model.train() after loading it.",
+            category=LowMemWarning,
+        )
+
+
 class CheckpointingModeCheck(L.Callback):
     """Warns at the start of training when layers with gradient checkpointing are in eval mode
-    (:func:`checkpointing_in_eval_mode`), once per fit."""
+    (:func:`warn_checkpointing_in_eval_mode`), once per fit."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After Lightning set up the fit, with the modes training will run in."""
-        names = checkpointing_in_eval_mode(pl_module)
-        if names:
-            rank_zero_warn(
-                f"Gradient checkpointing is on in {len(names)} layer(s) that are in eval mode (e.g. '{names[0]}'): "
-                "transformers checkpoints a layer only in train mode, so this fit keeps every layer's activations "
-                "(the memory checkpointing saves) and runs without dropout. from_pretrained returns a model in eval "
-                "mode and Lightning keeps modules' modes; call model.train() after loading it.",
-                category=LowMemWarning,
-            )
+        warn_checkpointing_in_eval_mode(pl_module)
