@@ -109,6 +109,16 @@ def test_unwritable_output_directory(tmp_path, capsys, key):
     assert key.lstrip("-").split(".")[-1] in err
 
 
+@pytest.mark.parametrize("key", ["--trainer.logger.init_args.save_dir", "--trainer.default_root_dir",
+                                 "--model.init_args.save_dir"])
+def test_output_directory_name_too_long_for_the_file_system(tmp_path, capsys, key):
+    """A directory name over the file system's NAME_MAX (255 bytes here) fails every look-up of the path
+    (ENAMETOOLONG, not a missing file): refused, naming the argument and the reason, not a traceback."""
+    code, err = _fit(tmp_path, capsys, key, str(tmp_path / ("a" * 300) / "out"))
+    assert code == 2 and "cannot create the directory (File name too long)" in err, err
+    assert key.lstrip("-").split(".")[-1] in err
+
+
 def test_read_only_output_directory(tmp_path, capsys, monkeypatch):
     import os
 

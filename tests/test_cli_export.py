@@ -217,7 +217,8 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("case", ["truncated", "other_shape", "not_empty", "merged_without_lora"])
+@pytest.mark.parametrize("case", ["truncated", "other_shape", "not_empty", "merged_without_lora", "name_too_long",
+                                  "a_file"])
 def test_refusals_write_nothing(tiny_ckpt, tmp_path, case):
     """Each refusal of ``lowmem export --config tiny.yaml`` exits 2 with one error line naming the argument, and
     writes nothing."""
@@ -238,6 +239,13 @@ def test_refusals_write_nothing(tiny_ckpt, tmp_path, case):
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "keep.txt").write_text("mine")
         expected = (f"save_dir={str(tmp_path / 'out')!r} exists and is not empty (keep.txt)", "--overwrite true")
+    elif case == "name_too_long":  # over the file system's NAME_MAX: every look-up fails (ENAMETOOLONG)
+        args[3] = str(tmp_path / ("a" * 300))
+        expected = (f"save_dir={args[3]!r}: cannot create the directory (File name too long)",)
+    elif case == "a_file":
+        args[3] = str(tmp_path / "model.txt")
+        Path(args[3]).write_text("mine")
+        expected = (f"save_dir={args[3]!r} is a file: give a new or empty directory.",)
     else:
         args += ["--save_merged", "true"]
         expected = ("save_merged=True", "only with lora")

@@ -97,15 +97,23 @@ def output_dirs(cfg: Namespace) -> list[tuple[str, str]]:
 def unwritable(name: str, path: str) -> str | None:
     """Why directory ``path`` (given as argument ``name``) cannot be created or written, or ``None``."""
     target = Path(path).expanduser().absolute()
-    probe = target
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    try:  # a name the file system cannot hold (longer than its NAME_MAX) fails every look-up of the path
+        probe = _nearest_existing(target)
+    except OSError as err:
+        return f"{name}={path!r}: cannot create the directory ({err.strerror}); choose another directory."
     if not probe.is_dir():
         return f"{name}={path!r}: cannot create the directory, {probe} is a file; choose another directory."
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "is not writable" if probe == target else f"cannot be created ({probe} is not writable)"
         return f"{name}={path!r}: the directory {what}; choose a writable directory."
     return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself, or the nearest of its parents that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 SETUP_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.*")

@@ -151,9 +151,9 @@ class ExportMixin:
             self._error(f"model.class_path={cfg.model.get('class_path')!r}: lowmem export writes a CausalLMModule "
                         "(or a subclass) as a Hugging Face directory; this model is not one.")
         target = Path(save_dir).expanduser()
-        if target.exists() and not target.is_dir():
-            self._error(f"save_dir={save_dir!r} is a file: give a new or empty directory.")
-        problem = unwritable("save_dir", save_dir)
+        problem = unwritable("save_dir", save_dir)  # first: a name too long for the file system fails any look-up
+        if problem and os.path.isfile(target):  # (os.path: False, not an error, for a name too long)
+            problem = f"save_dir={save_dir!r} is a file: give a new or empty directory."
         if problem:
             self._error(problem)
         entries = _entries(target)
