@@ -1324,6 +1324,20 @@ def _packing_skip_reason(implementation: str) -> str | None:
     return None if torch.cuda.is_available() else "skipped: CUDA only"
 
 
+def _packing_attempt(module, batches: list[dict], implementation: str, device) -> dict:
+    """:func:`_packing_row`, or ``{"reason": ...}`` when ``implementation`` is skipped here or, being optional (not
+    sdpa), fails: its row says why and the others stand. An sdpa row's failure fails the part."""
+    reason = _packing_skip_reason(implementation)
+    if reason is not None:
+        return {"reason": reason}
+    if implementation == "sdpa":
+        return _packing_row(module, batches, implementation, device)
+    try:
+        return _packing_row(module, batches, implementation, device)
+    except Exception as err:
+        return {"reason": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+
+
 def part_packing(dry: bool) -> list[str]:
     """What ``TextDataModule``'s ``isolate_documents=True`` (the default with packing) costs a step of the 1B
     recipe's model at seq 2048: step time and peak memory of forward + backward over the same packed documents
@@ -1357,22 +1371,14 @@ def part_packing(dry: bool) -> list[str]:
     rows = {}
     for implementation, isolate in PACKING_ROWS:
         keys = ", ".join(k for k in batches[isolate][0] if k != "labels")
-        reason = _packing_skip_reason(implementation)
-        if reason is None and implementation != "sdpa":  # an optional attention: its failure is its row's
-            try:
-                rows[implementation, isolate] = _packing_row(module, batches[isolate], implementation, device)
-            except Exception as err:
-                reason = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        elif reason is None:
-            rows[implementation, isolate] = _packing_row(module, batches[isolate], implementation, device)
-        if reason is not None:
-            lines.append(f"| {implementation} | {isolate} | {keys} | - | - | - | - | - | {reason} |")
+        r = rows[implementation, isolate] = _packing_attempt(module, batches[isolate], implementation, device)
+        if "reason" in r:
+            lines.append(f"| {implementation} | {isolate} | {keys} | - | - | - | - | - | {r['reason']} |")
             continue
-        r, base = rows[implementation, isolate], rows["sdpa", False]
         estimate = "-" if implementation != "sdpa" else \
             f"{(activation_bytes(arch, size['batch'], size['seq'], 2, True, isolate) + 2 * params) / 1e9:.3f}"
         lines.append(f"| {implementation} | {isolate} | {keys} | {r['peak']:.3f} | {estimate} | {r['ms']:.1f} "
-                     f"| {r['ms'] / base['ms']:.2f}x | {r['losses'][0]:.4f} | {r['kernels']} |")
+                     f"| {r['ms'] / rows['sdpa', False]['ms']:.2f}x | {r['losses'][0]:.4f} | {r['kernels']} |")
     plain, kept = rows["sdpa", False], rows["sdpa", True]
     predicted = sum(activation_bytes(arch, size["batch"], size["seq"], 2, True, i) * (1 if i else -1)
                     for i in (True, False))
