@@ -87,7 +87,7 @@ def test_no_trainable_label_is_refused_naming_the_settings(tmp_path, capsys):
 def test_blocks_without_a_target_are_left_out_with_a_warning(tmp_path):
     records = [{"instruction": "x" * 15, "output": ""}] * 10 + [{"text": "some words to learn"}] * 10
     dm = TextDataModule(str(_jsonl(tmp_path / "mixed.jsonl", records)), seq_len=16, pack=False, val_fraction=0.0,
-                        prompt_template_no_input="{instruction}")
+                        prompt_template_no_input="{instruction}", overflow="split")  # default: dropped whole
     with pytest.warns(UserWarning, match=r"20 of 40 blocks hold no trainable label.*raise seq_len"):
         dm.setup()
     assert len(dm.train_dataset) == 20
