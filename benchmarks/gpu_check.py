@@ -87,7 +87,7 @@ Later commands, each a ``run`` of its own with the same install line (part budge
     python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts packing,sync --out-dir $OUT \
         2>&1 | tee $OUT/log.txt
 
-``packing`` (40 s: imports, the 1.1B model built on the device, 7 steps of 4 x 2048 tokens per row, at most
+``packing`` (40 s: imports, the 1.1B model built on the device, 6 steps of 4 x 2048 tokens per row, at most
 3 rows) is in no earlier command: the first one's budget is full.
 """
 
@@ -122,8 +122,9 @@ of a 113M model at ~25 ms, and five evaluations). The set of :data:`RECOMMENDED_
 each, triton 3.9), not yet run: ``step_time`` +40 s (three step-kernel variants, its autotuned 6-config
 quantizer for each new size and dtype, six 64M/1G rows), ``release`` +45 s (two more 735M
 models); the release row clipping by norm (two backward passes, a third 735M model) +15 s. ``packing``, not yet
-run: imports ~15 s, the 1.1B model built on the device in bf16, then per row 7 steps of 4 x 2048 tokens at ~0.2 s
-(6 x 1.1B x 8192 flops x 4/3 for the recomputation, ~400 TFLOP/s) and the masked path slower, ~5 s."""
+run: imports ~15 s, the 1.1B model built on the device (fp32, then bf16) ~5 s, then per row 5 steps and one
+profiled of 4 x 2048 tokens at ~0.2 s (6 x 1.1B x 8192 flops x 4/3 for the recomputation, ~400 TFLOP/s; the masked
+path slower, up to ~3x if sdpa falls back to its math kernel) and the profiler's start, ~5 s."""
 
 RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
 """The parts the next device session runs, in one command (the module docstring has it)."""
@@ -1208,11 +1209,11 @@ PACKING_MODEL = ROOT / "configs" / "tinyllama-1.1b"
 """The model of ``configs/full_finetune_1b.yaml`` (TinyLlama-1.1B's architecture: 22 layers, hidden 2048, 4 KV
 heads), built as that recipe builds it: bf16 weights (``bf16-true``), gradient checkpointing, sdpa attention."""
 
-PACKING_SIZE = {"seq": 2048, "batch": 4, "steps": 6, "median_tokens": 400, "sigma": 1.0}
+PACKING_SIZE = {"seq": 2048, "batch": 4, "steps": 5, "median_tokens": 400, "sigma": 1.0}
 """Blocks of ``seq`` tokens, ``batch`` per step, ``steps`` steps per row (the first not timed), of documents whose
 lengths are drawn log-normally (median ``median_tokens`` tokens, log-sd ``sigma``: a few tokens to several
-thousand, as instruction and chat data; the file drawn holds 121 documents, 579 tokens on average, and its batches
-4.5 document starts per 2048-token block, a block's first token included)."""
+thousand, as instruction and chat data; the file drawn holds 103 documents, 576 tokens on average, and its batches
+4.3 document starts per 2048-token block, a block's first token included)."""
 
 PACKING_DRY = {"seq": 64, "batch": 2, "steps": 3, "median_tokens": 12, "sigma": 1.0}
 
