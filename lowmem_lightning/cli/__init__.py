@@ -31,7 +31,8 @@
   directories across restarts (:mod:`~lowmem_lightning.cli.last`), or starts fresh saying so.
 * A run stopped by SIGTERM exits with code 143 (after saving ``last.ckpt`` when it checkpoints).
 * ``lowmem test`` reports the held-out loss of a checkpoint; ``lowmem predict`` prints greedy continuations of
-  held-out prompts as JSON lines (``CausalLMModule`` with ``TextDataModule``).
+  held-out prompts as JSON lines (``CausalLMModule`` with ``TextDataModule``); on instruction or chat data, the
+  model's reply to each held-out record's prompt beside the record's own reply.
 * ``lowmem export`` writes a checkpoint's model as a Hugging Face directory (adapter, merged or full model, and
   the tokenizer) through the module's end-of-fit saver (:mod:`~lowmem_lightning.cli.export`).
 

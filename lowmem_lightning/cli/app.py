@@ -443,8 +443,9 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         return None
 
     def after_predict(self) -> None:
-        """Print each prediction that is a dict (``CausalLMModule``: ``{"prompt", "continuation"}``) as one JSON line on
-        stdout, so ``lowmem predict ... > out.jsonl`` keeps them; other predictions are returned by Lightning only."""
+        """Print each prediction that is a dict (``CausalLMModule``: ``{"prompt", "continuation"}``, or ``{"prompt",
+        "generated", "reference"}`` on instruction or chat data) as one JSON line on stdout, so ``lowmem predict ... >
+        out.jsonl`` keeps them; other predictions are returned by Lightning only."""
         for item in flat_predictions(self.trainer.predict_loop.predictions):
             if isinstance(item, dict):
                 sys.stdout.write(json.dumps(item, ensure_ascii=False, default=str) + "\n")

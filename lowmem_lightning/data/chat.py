@@ -294,11 +294,29 @@ class ChatTemplate:
         """``(ids, trained)``: the token ids of the rendered conversation and, per token, whether it overlaps an
         assistant turn (the tokens the loss covers)."""
         text, spans = self.assistant_spans(doc)
-        ids, trained = self._tokenize(text, spans)
+        return self._framed(*self._tokenize(text, spans))
+
+    def _framed(self, ids: list[int], trained: list[bool]) -> tuple[list[int], list[bool]]:
+        """``ids`` (and their ``trained`` flags) with bos in front when this template frames conversations with it."""
         bos = self.tokenizer.bos_token_id
         if bos is not None and self._frames_with_bos() and ids[:1] != [bos]:
-            ids, trained = [bos, *ids], [False, *trained]
+            return [bos, *ids], [False, *trained]
         return ids, trained
+
+    def generation_prompt(self, doc: ChatDocument) -> tuple[str, list[int], str, str]:
+        """``(prompt, ids, reference, end_of_turn)`` for answering ``doc``'s last assistant turn: the turns before it
+        rendered with the generation prompt (the assistant-turn header, ``add_generation_prompt=True``), its token
+        ids (framed as :meth:`encode` frames a conversation), that turn's content, and the text the template writes
+        after an assistant turn's content (its end-of-turn marker, surrounding whitespace stripped; ``""`` when the
+        turn's rendering does not start with its content). ``ValueError`` naming ``doc.where`` as
+        :meth:`assistant_spans`."""
+        last = max(i for i, (role, _) in enumerate(doc.messages) if role == "assistant")
+        prompt = self._render_checked(doc, doc.messages[:last], True)
+        turn = self._render_checked(doc, doc.messages[: last + 1], False)[len(prompt):]
+        reference = doc.messages[last][1]
+        ids, _ = self._framed(*self._tokenize(prompt, []))
+        end_of_turn = turn[len(reference):].strip() if turn.startswith(reference) else ""
+        return prompt, ids, reference, end_of_turn
 
     def _frames_with_bos(self) -> bool:
         return isinstance(self.tokenizer, ByteTokenizer) or self.text == DEFAULT_CHAT_TEMPLATE

@@ -78,6 +78,11 @@ __all__ = [
     "pack_blocks",
     "document_position_ids",
     "first_document_prompts",
+    "record_blocks",
+    "PromptRecord",
+    "prompt_record",
+    "PromptRecords",
+    "collate_prompts",
     "split_indices",
     "read_text_file",
     "trainable_blocks",
@@ -282,6 +287,78 @@ def first_document_prompts(blocks: dict[str, torch.Tensor], length: int, pad_id:
     source, left = (columns - start) % ids.shape[1], columns >= start
     return {"input_ids": ids.gather(1, source).masked_fill(~left, pad_id)[keep],
             "attention_mask": left.long()[keep]}
+
+
+def record_blocks(lengths: list[int], seq_len: int, pack: bool) -> list[range]:
+    """The indices of the blocks :func:`pack_blocks` puts each record's tokens in, for records of ``lengths`` tokens
+    (0: a record left out): packed, the blocks a record's span of the concatenated stream reaches; not packed, the
+    record's own blocks (one per ``seq_len`` tokens, after those of the records before it)."""
+    spans, start = [], 0
+    for n in lengths:
+        if pack:
+            spans.append(range(start // seq_len, (start + n - 1) // seq_len + 1) if n else range(0))
+            start += n
+        else:
+            blocks = -(-n // seq_len)
+            spans.append(range(start, start + blocks))
+            start += blocks
+    return spans
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A held-out record to answer: its ``prompt`` as rendered text, the prompt's token ``ids`` (framed as in
+    training: bos first where the record had one) and the record's ``reference`` reply."""
+
+    prompt: str
+    ids: tuple[int, ...]
+    reference: str
+
+
+def prompt_record(
+    doc: Document | ChatDocument, tokenizer: ByteTokenizer | HFTokenizer, chat: ChatTemplate
+) -> tuple[PromptRecord, str]:
+    """``(record, end_of_turn)``: the prompt of an instruction record (bos, then its prompt template rendered) or a
+    conversation (the turns before its last assistant turn with the generation prompt,
+    :meth:`~lowmem_lightning.data.chat.ChatTemplate.generation_prompt`), its reply as the reference, and the text
+    that ends a reply (the chat template's end-of-turn marker; ``""`` for instruction records, which end at eos)."""
+    if isinstance(doc, ChatDocument):
+        prompt, ids, reference, end_of_turn = chat.generation_prompt(doc)
+        return PromptRecord(prompt, tuple(ids), reference), end_of_turn
+    ids, labels = encode_document(Document(doc.prompt, ""), tokenizer)
+    prompt_ids = tuple(i for i, label in zip(ids, labels) if label == IGNORE_INDEX)  # bos and the prompt
+    return PromptRecord(doc.prompt, prompt_ids, doc.completion), ""
+
+
+class PromptRecords(Dataset):
+    """Prompts to answer: item ``i`` is ``{"input_ids", "attention_mask"}`` (``[width]`` int64 each, ``width`` the
+    longest prompt; left-padded with ``pad_id``, mask 0 there, as generation wants) and the strings ``prompt`` and
+    ``reference`` of ``records[i]``. Batch them with :func:`collate_prompts`."""
+
+    def __init__(self, records: list[PromptRecord], pad_id: int):
+        self.records = records
+        width = max(len(r.ids) for r in records)
+        self.ids = torch.full((len(records), width), pad_id, dtype=torch.long)
+        self.mask = torch.zeros((len(records), width), dtype=torch.long)
+        for row, record in enumerate(records):
+            self.ids[row, width - len(record.ids):] = torch.tensor(record.ids, dtype=torch.long)
+            self.mask[row, width - len(record.ids):] = 1
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "prompt": self.records[i].prompt,
+                "reference": self.records[i].reference}
+
+
+def collate_prompts(items: list[dict]) -> dict:
+    """A batch of :class:`PromptRecords` items: ``input_ids`` and ``attention_mask`` ``[batch, width]`` as wide as
+    the batch's longest prompt (rounded up, :func:`~lowmem_lightning.data.overflow.collate_trimmed`), and the lists
+    ``prompt`` and ``reference``."""
+    batch = collate_trimmed([{k: item[k] for k in ("input_ids", "attention_mask")} for item in items])
+    return {**batch, "prompt": [item["prompt"] for item in items],
+            "reference": [item["reference"] for item in items]}
 
 
 def pack_blocks(
@@ -525,6 +602,7 @@ class TextDataModule(L.LightningDataModule):
         self.has_chat = any(isinstance(d, ChatDocument) for d in docs)
         self.has_instructions = any(isinstance(d, Document) and d.prompt for d in docs)
         self.has_plain_text = any(isinstance(d, Document) and not d.prompt for d in docs)
+        records = encoded
         if not self.pack:
             encoded = self._fit_records(docs, encoded)
         blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack, self.isolate_documents)
@@ -552,6 +630,7 @@ class TextDataModule(L.LightningDataModule):
         keys = ("input_ids", "labels", "position_ids") if self.isolate_documents else None
         self.train_dataset = TokenBlocks({k: v[train_idx] for k, v in blocks.items()}, keys)
         self.val_dataset = TokenBlocks({k: v[val_idx] for k, v in blocks.items()}, keys)
+        self._held_out_prompted = self._wholly_held_out(docs, records, keep.nonzero().flatten()[val_idx])
 
     def _fit_records(self, docs: list, encoded: list) -> list:
         """The encoded records after ``overflow`` (:func:`~lowmem_lightning.data.overflow.fit_records`), with its
@@ -662,9 +741,9 @@ class TextDataModule(L.LightningDataModule):
         return ("the held-out blocks this run evaluates are not the ones the checkpoint's run held out (some may "
                 "have been trained on)")
 
-    def _loader(self, dataset: TokenBlocks, shuffle: bool, trim: bool = False) -> StatefulDataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, trim: bool = False, collate=None) -> StatefulDataLoader:
         """A loader of ``dataset``; with ``pack=False`` (or ``trim``) its batches leave out the columns that are
-        padding in every row (:func:`~lowmem_lightning.data.overflow.collate_trimmed`)."""
+        padding in every row (:func:`~lowmem_lightning.data.overflow.collate_trimmed`); ``collate`` replaces that."""
         from lowmem_lightning.data.distributed import epoch_sampler  # each rank's share under DDP / FSDP2
 
         with warnings.catch_warnings():  # torchdata 0.11's constructor calls a deprecated torch API
@@ -675,7 +754,7 @@ class TextDataModule(L.LightningDataModule):
                 sampler=epoch_sampler(len(dataset), self.seed, self.trainer) if shuffle else None,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
-                collate_fn=None if self.pack and not trim else collate_trimmed,
+                collate_fn=collate or (None if self.pack and not trim else collate_trimmed),
             )
 
     def train_dataloader(self) -> StatefulDataLoader:
@@ -707,10 +786,98 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(self._held_out("test"), shuffle=False)
 
     def predict_dataloader(self) -> StatefulDataLoader:
-        """Prompts for generation: the first half (``seq_len // 2`` tokens) of each held-out block that has no
-        padding there, in order, as batches with ``input_ids`` and ``attention_mask``; with isolated documents the
-        prompt ends where the block's second document starts (:func:`first_document_prompts`: left-padded, each
-        batch as wide as its longest prompt). ``ValueError`` naming ``val_fraction`` when it is 0."""
-        prompts = first_document_prompts(self._held_out("predict").blocks, max(1, self.seq_len // 2),
-                                         self.tokenizer.pad_token_id)
+        """What ``lowmem predict`` generates from, in order; ``ValueError`` naming ``val_fraction`` when it is 0.
+
+        Instruction or chat records only (:attr:`answers_records`): the prompt of each held-out record
+        (:meth:`answer_prompts`), left-padded, as batches with ``input_ids``, ``attention_mask`` and the lists
+        ``prompt`` (the rendered text) and ``reference`` (the record's reply); :attr:`predict_stop_sequences` says
+        where a reply ends. Plain text (also mixed with records): the first half (``seq_len // 2`` tokens) of each
+        held-out block that has no padding there, as batches with ``input_ids`` and ``attention_mask``; with isolated
+        documents the prompt ends where the block's second document starts (:func:`first_document_prompts`:
+        left-padded, each batch as wide as its longest prompt)."""
+        held_out = self._held_out("predict")
+        if self.answers_records:
+            return self._loader(self.answer_prompts(), shuffle=False, collate=collate_prompts)
+        prompts = first_document_prompts(held_out.blocks, max(1, self.seq_len // 2), self.tokenizer.pad_token_id)
         return self._loader(TokenBlocks(prompts), shuffle=False, trim=True)
+
+    @property
+    def answers_records(self) -> bool:
+        """Whether ``predict`` answers held-out records (:meth:`answer_prompts`): the data holds instruction or chat
+        records and no plain text (mixed data, such as the shipped sample, keeps the block prompts)."""
+        self.setup()
+        return (self.has_chat or self.has_instructions) and not self.has_plain_text
+
+    predict_stop_sequences: list[list[int]] = []
+    """Token-id sequences that end a generated reply (set by :meth:`answer_prompts`): eos and, for chat records, the
+    chat template's end-of-turn marker; empty for plain text."""
+
+    def answer_prompts(self) -> PromptRecords:
+        """The held-out records with a prompt, as :class:`PromptRecords` to answer: each instruction record's prompt
+        (bos and the prompt template) and each conversation's turns before its last assistant turn, rendered with the
+        generation prompt (:meth:`~lowmem_lightning.data.chat.ChatTemplate.generation_prompt`); the reference is the
+        record's ``output`` / last assistant turn. A held-out record is one whose every token lies in held-out
+        blocks (``pack=False``: its own blocks; ``pack=True``: every block its tokens reach), so no record the model
+        trained on, even in part, is a prompt; plain-text records are left out. Records whose prompt is longer than
+        ``seq_len`` (or the model's ``max_position_embeddings``) less the module's ``predict_new_tokens`` are skipped,
+        counted in one ``LowMemWarning``. ``ValueError`` naming the setting when no record is left."""
+        self._held_out("predict")
+        limit, why = self._prompt_limit()
+        answered, stops = [], {(self.tokenizer.eos_token_id,)}
+        for doc in self._held_out_prompted:
+            record, end_of_turn = prompt_record(doc, self.tokenizer, self.chat)
+            answered.append(record)
+            if end_of_turn:
+                stops.add(tuple(self.tokenizer.encode(end_of_turn)))
+        kept = [r for r in answered if len(r.ids) <= limit]
+        self.predict_stop_sequences = sorted(list(s) for s in stops)
+        if len(kept) < len(answered):
+            rank_zero_warn(f"TextDataModule: predict skips {len(answered) - len(kept)} of {len(answered)} held-out "
+                           f"records whose prompt is longer than {limit} tokens ({why}); raise seq_len or lower "
+                           "predict_new_tokens to answer them.", category=LowMemWarning)
+        if not kept:
+            raise ValueError(self._no_prompt_reason(len(answered), limit, why))
+        return PromptRecords(kept, self.tokenizer.pad_token_id)
+
+    def _prompt_limit(self) -> tuple[int, str]:
+        """``(tokens, why)``: the longest prompt that leaves room for the module's ``predict_new_tokens`` within
+        ``seq_len`` and the model's ``max_position_embeddings`` (when known), and that rule in words. ``ValueError``
+        naming ``predict_new_tokens`` when it leaves no room."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        new_tokens = int(getattr(module, "predict_new_tokens", 0) or 0)
+        config = getattr(getattr(module, "model", None), "config", None)
+        positions = getattr(config, "max_position_embeddings", None)
+        room, why = self.seq_len, f"seq_len={self.seq_len}"
+        if isinstance(positions, int) and positions < room:
+            room, why = positions, f"the model's max_position_embeddings={positions}"
+        if room - new_tokens < 1:
+            raise ValueError(f"Invalid seq_len={self.seq_len} for predict: the module's "
+                             f"predict_new_tokens={new_tokens} leave no room for a prompt within {why}; expected "
+                             f"more than {new_tokens} positions (raise seq_len, or lower predict_new_tokens).")
+        return room - new_tokens, f"{why} less predict_new_tokens={new_tokens}"
+
+    def _no_prompt_reason(self, held_out: int, limit: int, why: str) -> str:
+        """Why :meth:`answer_prompts` has no record to answer, with the settings to change."""
+        if held_out:
+            return (f"No held-out record to answer with seq_len={self.seq_len}: all {held_out} held-out records have "
+                    f"a prompt longer than {limit} tokens ({why}); raise seq_len or lower predict_new_tokens.")
+        return (f"No held-out record to answer in data_path={self.hparams.data_path!r} with pack={self.pack}, "
+                f"seq_len={self.seq_len}, val_fraction={self.val_fraction}: no instruction or chat record lies wholly "
+                "inside the held-out blocks (with pack=True a record that reaches a training block is left out, as "
+                "the model saw part of it). Fine-tune with pack=False to answer held-out records: changing pack, "
+                "seq_len or val_fraction now would hold out records this model trained on.")
+
+    def _wholly_held_out(self, docs: list, encoded: list, held_blocks: torch.Tensor) -> list:
+        """The documents with a prompt (instruction, chat) whose every token lies in the blocks ``held_blocks``
+        (indices among all the blocks :func:`pack_blocks` cut, before blocks without a target were left out)."""
+        prompted = [isinstance(d, ChatDocument) or bool(d.prompt) for d in docs]
+        if not any(prompted):
+            return []
+        if self.pack:
+            lengths = [len(ids) for ids, _ in encoded]
+        else:  # the tokens overflow kept of each record (0: dropped), as _fit_records kept them
+            lengths = [len(kept[0][0]) if kept else 0 for kept in
+                       (fit_records([e], [p], self.seq_len, self.overflow)[0] for e, p in zip(encoded, prompted))]
+        held = set(held_blocks.tolist())
+        spans = record_blocks(lengths, self.seq_len, self.pack)
+        return [d for d, p, span in zip(docs, prompted, spans) if p and len(span) and all(b in held for b in span)]

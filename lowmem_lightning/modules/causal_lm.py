@@ -592,20 +592,44 @@ class CausalLMModule(LowMemModule):
         self.val_loss.reset()
 
     predict_new_tokens: int = 32
-    """Tokens :meth:`predict_step` generates per prompt (greedy)."""
+    """Tokens :meth:`predict_step` generates per prompt at most (greedy)."""
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
-        """Greedy continuation of each prompt of the batch (``input_ids``/``attention_mask``, e.g. from
-        ``TextDataModule.predict_dataloader``): ``{"prompt", "continuation"}`` per row, decoded with the data
-        module's tokenizer (lists of token ids when there is none); ``lowmem predict`` prints them."""
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Greedy generation for each prompt of the batch (``input_ids``/``attention_mask``, left-padded, e.g. from
+        ``TextDataModule.predict_dataloader``), decoded with the data module's tokenizer (lists of token ids when
+        there is none); ``lowmem predict`` prints them. A batch with ``reference`` (held-out instruction or chat
+        records) gives ``{"prompt", "generated", "reference"}`` per row: the reply is cut before the first eos or
+        data-module ``predict_stop_sequences`` entry (the chat end-of-turn marker) and decoded without special
+        tokens. Other batches give ``{"prompt", "continuation"}``: ``predict_new_tokens`` tokens, as generated."""
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        pad = getattr(self.model.config, "pad_token_id", None)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.predict_new_tokens,
-                                  do_sample=False, pad_token_id=pad if pad is not None else 0)
-        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        datamodule = getattr(self._trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
         decode = tokenizer.decode if tokenizer is not None else (lambda row: row)
-        return [{"prompt": decode(p.tolist()), "continuation": decode(c.tolist())}
-                for p, c in zip(ids, out[:, ids.shape[1]:])]
+        if "reference" not in batch:
+            out = self._generate(ids, mask)
+            return [{"prompt": decode(p.tolist()), "continuation": decode(c.tolist())}
+                    for p, c in zip(ids, out[:, ids.shape[1]:])]
+        stops = [list(s) for s in getattr(datamodule, "predict_stop_sequences", [])]
+        eos = getattr(tokenizer, "eos_token_id", None)
+        stops += [[eos]] if eos is not None and [eos] not in stops else []
+        out = self._generate(ids, mask, StopSequences(stops, ids.shape[1]) if stops else None, eos)
+        return [{"prompt": prompt, "generated": decode(cut_at_stop(row.tolist(), stops)), "reference": reference}
+                for prompt, row, reference in zip(batch["prompt"], out[:, ids.shape[1]:], batch["reference"])]
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor | None, stop=None,
+                  eos: int | None = None) -> torch.Tensor:
+        """``model.generate`` greedy, ``predict_new_tokens`` at most, stopping rows where ``stop`` says so; ``eos``
+        replaces the model's generation-config eos (which, for a model built from a config, is the architecture's
+        default id, not the tokenizer's)."""
+        pad = getattr(self.model.config, "pad_token_id", None)
+        criteria = None
+        if stop is not None:
+            from transformers import StoppingCriteriaList
+
+            criteria = StoppingCriteriaList([stop])
+        return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.predict_new_tokens,
+                                   do_sample=False, pad_token_id=pad if pad is not None else 0,
+                                   stopping_criteria=criteria, **({} if eos is None else {"eos_token_id": eos}))
 
     # -- saving ----------------------------------------------------------------------------------
 
@@ -780,3 +804,30 @@ class _SaveOnFailure(L.Callback):
             if path is not None:
                 rank_zero_warn(f"CausalLMModule: fit failed after training ended ({exception!r}); "
                                f"the trained model was saved to {path}.", category=LowMemWarning)
+
+
+def cut_at_stop(ids: list[int], stops: list[list[int]]) -> list[int]:
+    """``ids`` up to (without) the first occurrence of any sequence of ``stops``; all of ``ids`` when none occurs."""
+    for end in range(len(ids)):
+        if any(stop and ids[end:end + len(stop)] == stop for stop in stops):
+            return ids[:end]
+    return ids
+
+
+class StopSequences:
+    """A stopping criterion for transformers' ``generate`` (in a ``StoppingCriteriaList``): a row is done once the
+    tokens it generated (after the first ``prompt_width`` columns) hold one of the token-id sequences ``stops`` (eos,
+    a chat end-of-turn marker)."""
+
+    def __init__(self, stops: list[list[int]], prompt_width: int):
+        self.stops, self.prompt_width = [s for s in stops if s], prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        """``[batch]`` bool: the row's generated tokens hold a stop sequence."""
+        generated = input_ids[:, self.prompt_width:]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for stop in self.stops:
+            if generated.shape[1] >= len(stop):
+                target = torch.tensor(stop, device=input_ids.device)
+                done |= (generated.unfold(1, len(stop), 1) == target).all(dim=2).any(dim=1)
+        return done
