@@ -107,11 +107,16 @@ def tokenizer_fingerprint(name: str, vocab_files: tuple[str, ...] = ()) -> dict:
     """``{"source": "tokenizer=NAME", "sha256": hex}`` of the tokenizer in use: for ``"byte"`` the hash of the name
     (its ids are fixed); for a Hugging Face tokenizer directory ``name``, the hash of its vocabulary files
     (``vocab_files``: e.g. ``vocab.json``, ``merges.txt``, ``tokenizer.model``) and :data:`TOKENIZER_FILES`, those
-    present, by file name and content, so the same files in another directory are the same tokenizer."""
+    present, by file name and content, so the same files in another directory are the same tokenizer. A Hub repo id
+    ``name`` hashes the files of its snapshot in the HF cache (:func:`~lowmem_lightning.hub.resolve_pretrained`, as
+    ``load_tokenizer`` resolved it), so the same snapshot gives the same fingerprint in every run."""
     digest = hashlib.sha256(name.encode("utf-8") if name == "byte" else b"")
     if name != "byte":
+        from lowmem_lightning.hub import local_path
+
+        directory = local_path(name, "tokenizer", "tokenizer")
         for file_name in sorted(set(vocab_files) | set(TOKENIZER_FILES)):
-            path = Path(name) / file_name
+            path = directory / file_name
             if path.is_file():
                 digest.update(file_name.encode("utf-8") + b"\0" + _tokenizer_file_bytes(path) + b"\0")
     return {"source": f"tokenizer={name!r}", "sha256": digest.hexdigest()}

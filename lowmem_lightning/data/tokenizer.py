@@ -1,4 +1,5 @@
-"""Tokenizers for ``TextDataModule``: a built-in byte-level one (no download) and local HF tokenizers.
+"""Tokenizers for ``TextDataModule``: a built-in byte-level one (no download) and HF tokenizers (a local directory
+or a Hub repo id: :mod:`lowmem_lightning.hub`).
 
 Both expose the same small interface, which is all the data pipeline uses: ``encode(text) -> list[int]``
 (no special tokens added), ``decode(ids) -> str``, ``vocab_size`` and the ``pad_token_id``,
@@ -58,22 +59,24 @@ BYTE_VOCAB_SIZE = ByteTokenizer.vocab_size
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer loaded from a local directory, behind the ``ByteTokenizer`` interface.
+    """A Hugging Face tokenizer loaded from local directory ``path``, behind the ``ByteTokenizer`` interface;
+    ``name`` is what the user gave (a Hub repo id resolved to ``path``; default ``path``), ``directory`` the files.
 
     ``encode`` adds no special tokens (the packer frames documents itself). When the tokenizer has
     no pad token, the eos token pads (labels of padding are -100 anyway); a tokenizer with neither
     eos nor pad is rejected, since packed documents need a separator.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, name: str | None = None):
         from transformers import AutoTokenizer
 
-        self.name = str(path)
+        self.name = str(path) if name is None else name
+        self.directory = Path(path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         tok = self.tokenizer
         self.eos_token_id = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
         if self.eos_token_id is None:
-            raise ValueError(f"Invalid tokenizer={str(path)!r}: it defines neither an eos nor a pad token.")
+            raise ValueError(f"Invalid tokenizer={self.name!r}: it defines neither an eos nor a pad token.")
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_id
         self.bos_token_id = tok.bos_token_id
         self.vocab_size = len(tok)
@@ -92,13 +95,19 @@ class HFTokenizer:
 
 def load_tokenizer(tokenizer: str) -> ByteTokenizer | HFTokenizer:
     """``"byte"`` -> the built-in ``ByteTokenizer``; otherwise a local directory holding a Hugging Face
-    tokenizer (``tokenizer.json`` / ``tokenizer_config.json``), loaded with ``local_files_only=True``.
+    tokenizer (``tokenizer.json`` / ``tokenizer_config.json``), or the Hub repo id ``org/name[@revision]`` of one
+    (its tokenizer files downloaded into the HF cache, or found there when offline:
+    :func:`~lowmem_lightning.hub.resolve_pretrained`), loaded with ``local_files_only=True``.
 
-    Raises ``ValueError`` naming the value when it is neither ``"byte"`` nor an existing directory.
+    Raises ``ValueError`` naming the value when it is neither ``"byte"``, an existing directory nor a Hub repo id
+    that resolves.
     """
+    from lowmem_lightning.hub import is_repo_id, resolve_pretrained
+
     if not isinstance(tokenizer, str) or not tokenizer:
         raise ValueError(
-            f"Invalid tokenizer={tokenizer!r}: expected 'byte' or the path of a local tokenizer directory."
+            f"Invalid tokenizer={tokenizer!r}: expected 'byte', the path of a local tokenizer directory or a Hub "
+            "repo id (org/name)."
         )
     if tokenizer == "byte":
         return ByteTokenizer()
@@ -108,12 +117,15 @@ def load_tokenizer(tokenizer: str) -> ByteTokenizer | HFTokenizer:
             f"Invalid tokenizer={tokenizer!r}: {path} is not a directory; expected 'byte' or a local "
             "directory saved with tokenizer.save_pretrained()."
         )
-    if not path.is_dir():
+    if not path.is_dir() and not is_repo_id(tokenizer):
         raise ValueError(
-            f"Invalid tokenizer={tokenizer!r}: no such directory ({path.resolve()}); expected 'byte' "
-            "or a local directory saved with tokenizer.save_pretrained() (nothing is downloaded)."
+            f"Invalid tokenizer={tokenizer!r}: no such directory ({path.resolve()}), and not a Hugging Face Hub "
+            "repo id (org/name or org/name@revision); expected 'byte', a local directory saved with "
+            "tokenizer.save_pretrained(), or a Hub repo id."
         )
+    name = None if path.is_dir() else tokenizer  # a Hub id keeps its name; a local directory is named by its path
+    path = resolve_pretrained(tokenizer, "tokenizer", need="tokenizer")
     try:
-        return HFTokenizer(path)
+        return HFTokenizer(path, name=name)
     except (OSError, ValueError) as err:
         raise ValueError(f"Invalid tokenizer={tokenizer!r}: could not load a tokenizer from it: {err}") from err

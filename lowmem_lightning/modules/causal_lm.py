@@ -135,25 +135,19 @@ def validate_model_args(
 ) -> dict | None:
     """Check the model-defining arguments; returns ``lora`` with its defaults filled in.
 
-    Exactly one of ``model_name_or_path`` (an existing local directory) and ``config`` (a dict) must be
+    Exactly one of ``model_name_or_path`` (a local directory, or a Hub repo id ``org/name[@revision]`` whose
+    ``config.json`` is fetched or found in the cache: :mod:`lowmem_lightning.hub`) and ``config`` (a dict) must be
     given; ``quantize`` is ``None`` or ``"nf4"``, and ``"nf4"`` needs ``lora`` (4-bit weights are frozen,
     so adapters are what trains). Raises ``ValueError`` naming the argument.
     """
     if (model_name_or_path is None) == (config is None):
         raise ValueError(
             f"Invalid model_name_or_path={model_name_or_path!r}, config={config!r}: give exactly one, a local "
-            "checkpoint directory or an architecture dict (e.g. {'hidden_size': 64, ...} for a Llama)."
+            "checkpoint directory or Hub repo id (org/name), or an architecture dict (e.g. {'hidden_size': 64, ...} "
+            "for a Llama)."
         )
     if model_name_or_path is not None:
-        path = Path(model_name_or_path).expanduser() if isinstance(model_name_or_path, (str, Path)) else None
-        if path is not None and path.exists() and not path.is_dir():
-            raise ValueError(f"Invalid model_name_or_path={model_name_or_path!r}: {path} is not a directory; expected "
-                             "a local model directory (config.json + weights, as written by save_pretrained).")
-        if path is None or not path.is_dir():
-            raise ValueError(
-                f"Invalid model_name_or_path={model_name_or_path!r}: not an existing local directory "
-                "(config.json + weights, as written by save_pretrained; nothing is downloaded)."
-            )
+        _check_model_source(model_name_or_path)
     if config is not None and not isinstance(config, dict):
         raise ValueError(f"Invalid config={config!r}: expected a dict of architecture settings.")
     if config is not None:
@@ -170,6 +164,21 @@ def validate_model_args(
     return lora
 
 
+def _check_model_source(model_name_or_path) -> None:
+    """``ValueError`` unless ``model_name_or_path`` is a local directory or a Hub repo id whose ``config.json``
+    resolves (:func:`~lowmem_lightning.hub.resolve_pretrained`: downloaded, or found in the cache when offline)."""
+    from lowmem_lightning.hub import resolve_pretrained
+
+    if not isinstance(model_name_or_path, (str, Path)) or not str(model_name_or_path):
+        raise ValueError(f"Invalid model_name_or_path={model_name_or_path!r}: expected a local model directory or a "
+                         "Hugging Face Hub repo id (org/name or org/name@revision).")
+    path = resolve_pretrained(model_name_or_path, "model_name_or_path", need="config")
+    if not path.is_dir():
+        raise ValueError(f"Invalid model_name_or_path={model_name_or_path!r}: {path} is not a directory; expected "
+                         "a local model directory (config.json + weights, as written by save_pretrained) or a "
+                         "Hugging Face Hub repo id (org/name).")
+
+
 def make_config(config: dict, vocab_size: int | None = None):
     """A transformers config from an architecture dict: ``model_type`` picks the family (default
     ``"llama"``); a missing ``vocab_size`` becomes ``vocab_size`` (or the byte tokenizer's 259)."""
@@ -184,16 +193,27 @@ def make_config(config: dict, vocab_size: int | None = None):
         raise ValueError(f"Invalid config={config!r}: {err}") from err
 
 
-def _load_pretrained(path: str, quantize: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch.dtype,
+                     device: torch.device) -> nn.Module:
+    """The checkpoint of local directory or Hub repo id ``model_name_or_path`` (its safetensors downloaded first
+    when not cached); a model from the Hub is named by its repo id (``config._name_or_path``, as transformers
+    does), so a LoRA adapter saved from it names its base model portably."""
+    from lowmem_lightning.hub import resolve_pretrained, split_repo_id
+
+    path = resolve_pretrained(model_name_or_path, "model_name_or_path", need="weights")
     if quantize == "nf4":
         from lowmem_lightning.quant import load_pretrained_causal_lm
 
-        return load_pretrained_causal_lm(str(path), quantize="nf4", torch_dtype=dtype, skip=("lm_head",),
-                                         device=device)
-    from transformers import AutoModelForCausalLM
+        model = load_pretrained_causal_lm(str(path), quantize="nf4", torch_dtype=dtype, skip=("lm_head",),
+                                          device=device)
+    else:
+        from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-    return model.to(device=device, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).to(device=device, dtype=dtype)
+    repo = split_repo_id(str(model_name_or_path)) if not Path(model_name_or_path).expanduser().exists() else None
+    if repo is not None:
+        model.name_or_path = model.config._name_or_path = repo[0]
+    return model
 
 
 @torch.no_grad()
@@ -302,8 +322,9 @@ def build_causal_lm(
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
 
     Args:
-        model_name_or_path: Local checkpoint directory (loaded, NF4 shard by shard when quantizing;
-            only its ``config.json`` is read when ``device="meta"``).
+        model_name_or_path: Local checkpoint directory or Hugging Face Hub repo id ``org/name[@revision]``
+            (loaded, NF4 shard by shard when quantizing; only its ``config.json`` is read, and fetched, when
+            ``device="meta"``).
         config: Architecture dict for a from-scratch model (see :func:`make_config`). With
             ``quantize="nf4"`` the model is built on the meta device and each linear layer is drawn,
             quantized and freed in turn, so the dense model never exists in memory.
@@ -413,8 +434,9 @@ class CausalLMModule(LowMemModule):
     (restarting at 0 at each document), as ``TextDataModule`` makes them.
 
     Args:
-        model_name_or_path: Local directory of a Hugging Face causal LM (config.json + safetensors).
-            Exactly one of this and ``config``.
+        model_name_or_path: Local directory of a Hugging Face causal LM (config.json + safetensors), or its
+            Hub repo id ``org/name`` / ``org/name@revision`` (downloaded into the HF cache, or found there when
+            ``HF_HUB_OFFLINE=1``; kept as given in the hyperparameters). Exactly one of this and ``config``.
         config: Architecture dict for a from-scratch model, e.g. ``{"hidden_size": 64,
             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}`` (a Llama;
             add ``model_type`` for another family). Without ``vocab_size`` it takes the datamodule's

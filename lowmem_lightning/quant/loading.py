@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
+from lowmem_lightning.hub import local_path
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit
@@ -176,9 +177,10 @@ def _read_config(path: Path):
 
 
 def read_model_config(path: str | Path):
-    """The transformers config of model directory ``path`` (its ``config.json`` only, no weights read), checked as
-    loading checks it: :class:`ModelFileError` naming the directory or file and what is wrong."""
-    return _read_config(Path(path).expanduser())
+    """The transformers config of model directory (or Hub repo id, :func:`~lowmem_lightning.hub.resolve_pretrained`:
+    only its ``config.json`` fetched) ``path`` (its ``config.json`` only, no weights read), checked as loading checks
+    it: :class:`ModelFileError` naming the directory or file and what is wrong."""
+    return _read_config(local_path(path, "model_name_or_path", "config"))
 
 
 def _brief(err: BaseException, limit: int = 300) -> str:
@@ -488,7 +490,9 @@ def load_pretrained_causal_lm(
     double_quant: bool = True,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Load a causal LM from local directory ``path`` (``config.json`` + safetensors), shard by shard.
+    """Load a causal LM from local directory ``path`` (``config.json`` + safetensors), shard by shard; a Hub repo id
+    ``org/name[@revision]`` is first resolved to its snapshot in the HF cache (config and safetensors downloaded
+    unless cached: :func:`~lowmem_lightning.hub.resolve_pretrained`, ``ValueError`` when it cannot be).
 
     ``quantize="nf4"``: every ``nn.Linear`` whose name is not in ``skip`` becomes a frozen
     :class:`Linear4bit` (block ``block_size``, ``double_quant``), quantized on ``device`` (Triton on
@@ -509,8 +513,8 @@ def load_pretrained_causal_lm(
     """
     from transformers import GenerationConfig
 
-    path = Path(path)
     dtype, skip = _checked_options(quantize, torch_dtype, skip, block_size, double_quant)
+    path = local_path(path, "path", "weights")
     model, plan, unexpected = _planned_model(path, quantize, dtype, skip, block_size, double_quant)
     flags = _stream(model, plan, dtype, device)
     _refuse_nonfinite(flags, dtype)
@@ -564,9 +568,10 @@ def check_pretrained_checkpoint(path: str | Path, quantize: str | None = "nf4",
     tensor per expert (which transformers merges while loading: refused for NF4). ``lowmem estimate`` calls it on
     the checkpoint an NF4 recipe would load, so it refuses what ``lowmem fit`` refuses. A directory that holds no
     weight file at all (``config.json`` only: an architecture, such as the recipes' ``llama-2-7b``) is left to the
-    config-only estimate."""
-    path = Path(path)
+    config-only estimate. A Hub repo id is resolved with only its ``config.json`` fetched, so its weights are checked
+    when they are already in the HF cache."""
     dtype, skip = _checked_options(quantize, torch_dtype, skip, 64, True)
+    path = local_path(path, "model_name_or_path", "config")
     if path.is_dir() and not (path / _INDEX).exists() and not any(
             f.suffix in (".safetensors", ".bin", ".pt", ".pth") for f in path.iterdir()):
         return
