@@ -254,7 +254,8 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         if not isinstance(path, str):
             self._error(
                 "data.tokenizer='model' takes the tokenizer of model.model_name_or_path, which is not set; "
-                "set --model.model_name_or_path DIR or --data.tokenizer (byte, or a tokenizer directory)."
+                "set --model.model_name_or_path (a directory or Hub id) or --data.tokenizer (byte, a tokenizer "
+                "directory or Hub id)."
             )
         data["tokenizer"] = path
 
@@ -268,7 +269,8 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
                 self._error(
                     f"model.model_name_or_path={path!r} is an architecture-only folder shipped with the recipes "
                     "(config.json, no weights): set --model.model_name_or_path /path/to/your/checkpoint "
-                    "(a local Hugging Face directory with config.json + safetensors). 'lowmem estimate' "
+                    "(a local Hugging Face directory with config.json + safetensors, or a Hub id such as "
+                    "meta-llama/Llama-2-7b-hf). 'lowmem estimate' "
                     "works without it."
                 )
 

@@ -498,8 +498,8 @@ class TextDataModule(L.LightningDataModule):
             instruction set made from them; PSF License, see ``data/sample/SOURCE.md``). A local
             folder that happens to be named ``sample`` is reached as ``./sample``.
         tokenizer: ``"byte"`` for the built-in byte-level tokenizer (259 ids: 256 bytes + pad, bos,
-            eos; no download), or a local directory with a Hugging Face tokenizer (loaded with
-            ``local_files_only=True``).
+            eos; no download), a local directory with a Hugging Face tokenizer, or the Hub repo id
+            ``org/name[@revision]`` of one (:func:`~lowmem_lightning.data.tokenizer.load_tokenizer`).
         seq_len: Tokens per training sequence (block), >= 2.
         batch_size: Sequences per batch, >= 1.
         val_fraction: Fraction of blocks held out for validation, in [0, 1); 0 disables validation.
