@@ -1471,6 +1471,13 @@ def section(results: dict, env: str, argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA device (imported here: the parent process needs torch for nothing else)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the same code paths on CPU at toy sizes")
@@ -1498,6 +1505,9 @@ def main(argv=None) -> int:
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown --parts {unknown}: expected some of {', '.join(PARTS)}")
+    if not args.dry_run and not _cuda_available():
+        parser.error("no CUDA device here (torch.cuda.is_available() is False): the parts measure a GPU, so nothing "
+                     "was run and nothing written; use --dry-run for the same code paths on CPU at toy sizes")
     env = environment(args.dry_run)
     print(f"gpu_check on {env}", flush=True)
     results = {}

@@ -32,6 +32,24 @@ def test_gpu_check_dry_run_driver_appends_a_dated_section(tmp_path):
     assert "| sync | ok |" in text and "### sync" in text and "| adamw_8bit | n/a on CPU (code path ran) |" in text
 
 
+def test_without_a_gpu_a_real_run_is_refused_before_any_part_runs(tmp_path):
+    """No CUDA and no --dry-run: exit 2, one error line, no part started and nothing appended to the results file
+    (it used to run every part, each failing, and append a 'GPU acceptance run' section of failures)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the real run would start")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# results\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--results", str(results), "--parts", "sync"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "no CUDA device here" in proc.stderr and "--dry-run" in proc.stderr and "Traceback" not in proc.stderr
+    assert results.read_text() == "# results\n"
+
+
 def test_gpu_check_dry_run_runs_every_part(tmp_path, monkeypatch):
     """Every part's child-mode code (:func:`gpu_check.run_part`, what the driver's process for it runs) in this
     process, with the driver's ``--budget-scale 4`` budgets; the lines go into the section as the driver writes
