@@ -282,13 +282,15 @@ def part_gpu_tests(dry: bool) -> list[str]:
 
 
 def part_sync(dry: bool) -> list[str]:
-    """``step()`` of every optimizer with host synchronisation turned into an error."""
+    """``step()`` of every optimizer with host synchronisation turned into an error: a fresh optimizer's second step,
+    and the first step after a resume as Lightning does it (state dict saved, loaded on the CPU into a new optimizer,
+    every state tensor moved to the device by Lightning's ``_optimizer_to_device``, step counters included)."""
     import torch
 
     from lowmem_lightning.optim import build_optimizer
 
     device = _device(dry)
-    lines = ["| optimizer | host sync inside step() |", "|---|---|"]
+    lines = ["| optimizer | host sync inside step() | after a Lightning-style resume |", "|---|---|---|"]
     failures = []
     for name, kwargs in OPTIMIZERS.items():
         params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in ((256, 512), (4097,), (64,))]
@@ -296,21 +298,50 @@ def part_sync(dry: bool) -> list[str]:
         for p in params:
             p.grad = torch.randn_like(p) * 0.01
         opt.step()  # the first step allocates state (may sync once)
-        verdict = "none"
-        try:
-            if not dry:
-                torch.cuda.set_sync_debug_mode("error")
-            opt.step()
-        except RuntimeError as err:
-            verdict = f"SYNC: {str(err).splitlines()[0][:100]}"
-            failures.append(name)
-        finally:
-            if not dry:
-                torch.cuda.set_sync_debug_mode(0)
-        lines.append(f"| {name} | {verdict if not dry else 'n/a on CPU (code path ran)'} |")
+        fresh = _sync_verdict(opt, dry)
+        resumed = _sync_verdict(_resumed(opt, name, params, kwargs, device), dry)
+        failures += [f"{name} ({when})" for when, verdict in (("fresh", fresh), ("resumed", resumed))
+                     if verdict != "none"]
+        shown = (fresh, resumed) if not dry else ("n/a on CPU (code path ran)",) * 2
+        lines.append(f"| {name} | {shown[0]} | {shown[1]} |")
     if failures:
         raise AssertionError("host sync in step(): " + ", ".join(failures) + "\n" + "\n".join(lines))
     return lines
+
+
+def _resumed(opt, name: str, params: list, kwargs: dict, device):
+    """A new optimizer of ``name`` over ``params`` holding ``opt``'s state as a Lightning resume leaves it: the
+    checkpoint's state dict read to the CPU, loaded, then moved to ``device``."""
+    import io
+
+    import torch
+    from lightning.fabric.utilities.optimizer import _optimizer_to_device
+
+    from lowmem_lightning.optim import build_optimizer
+
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = build_optimizer(name, params, **kwargs)
+    resumed.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=False))
+    _optimizer_to_device(resumed, device)
+    return resumed
+
+
+def _sync_verdict(opt, dry: bool) -> str:
+    """``"none"``, or ``"SYNC: ..."`` when ``opt.step()`` synchronised with the host (an error in sync debug mode)."""
+    import torch
+
+    try:
+        if not dry:
+            torch.cuda.set_sync_debug_mode("error")
+        opt.step()
+    except RuntimeError as err:
+        return f"SYNC: {str(err).splitlines()[0][:100]}"
+    finally:
+        if not dry:
+            torch.cuda.set_sync_debug_mode(0)
+    return "none"
 
 
 def part_step_time(dry: bool) -> list[str]:
