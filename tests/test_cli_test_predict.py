@@ -124,3 +124,37 @@ def test_test_and_predict_steps_in_process(tmp_path):
     [rows] = _trainer(tmp_path, limit_predict_batches=1).predict(model, data)
     assert len(rows) == data.batch_size and all(set(r) == {"prompt", "continuation"} for r in rows)
     assert all(len(r["prompt"]) <= data.seq_len // 2 for r in rows)  # decoded from seq_len // 2 tokens
+
+
+def test_predict_new_tokens_is_set_at_predict_time_and_refused_when_bad(tmp_path, checkpoint):
+    """``--model.predict_new_tokens`` on a checkpoint trained with the default 32: each continuation is at most that
+    many tokens (no refusal for the differing hyperparameter); 0 is refused, exit 2, one line, nothing written."""
+    proc = _lowmem(tmp_path, "predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint[0]),
+                   "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false",
+                   "--data.batch_size", "2", "--model.predict_new_tokens", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2 and all(len(checkpoint[2].tokenizer.encode(r["continuation"])) <= 3 for r in rows)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    proc = _lowmem(bad, "predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint[0]),
+                   "--model.predict_new_tokens", "0")
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "predict_new_tokens=0" in errors[0] and "integer >= 1" in errors[0]
+    assert list(bad.rglob("*")) == []
+
+
+def test_plain_text_continuations_stop_at_the_tokenizers_eos_not_the_configs(tmp_path, monkeypatch):
+    """A model built from a config has the architecture's default eos id (Llama: 2, the byte 0x02 for the byte
+    tokenizer); generation is given the data's eos (258) instead."""
+    torch.manual_seed(0)
+    model, data = _parts()
+    model.predict_new_tokens = 2
+    seen = []
+    trainer = _trainer(tmp_path, limit_predict_batches=1)
+    model.configure_model()
+    generate = model.model.generate
+    monkeypatch.setattr(model.model, "generate", lambda **kwargs: seen.append(kwargs) or generate(**kwargs))
+    trainer.predict(model, data)
+    assert model.model.generation_config.eos_token_id == 2 and seen[0]["eos_token_id"] == data.tokenizer.eos_token_id

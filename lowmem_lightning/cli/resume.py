@@ -28,9 +28,9 @@ CKPT_KEYWORDS = ("last", "best", "hpc")
 
 TRAINING_KEYS = frozenset({
     "optimizer", "lr", "weight_decay", "optimizer_kwargs", "warmup_steps", "scheduler", "min_lr_ratio",
-    "save_dir", "save_merged", "gradient_checkpointing",
+    "save_dir", "save_merged", "gradient_checkpointing", "predict_new_tokens",
 })
-"""Model init args that set how the model is trained or saved, not what it is: a resumed run may differ."""
+"""Model init args that set how the model is trained, saved or used, not what it is: a resumed run may differ."""
 
 RESOLVED_ON_BUILD = frozenset({"resize_embeddings"})
 """Model init args that ``CausalLMModule`` replaces by what they resolved to when it built the model

@@ -463,6 +463,8 @@ class CausalLMModule(LowMemModule):
             count is recorded in the hyperparameters (an int here), so resuming and ``load_from_checkpoint``
             rebuild the same shapes. ``False`` (default): such a tokenizer is refused, naming this option.
             See :func:`build_causal_lm`.
+        predict_new_tokens: Tokens :meth:`predict_step` (``lowmem predict``) generates per prompt at most (greedy),
+            >= 1; it may differ from the checkpoint's (``--model.predict_new_tokens 256`` at predict time).
         optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, scheduler, min_lr_ratio, fp32_state: see
             ``LowMemModule``.
     """
@@ -478,6 +480,7 @@ class CausalLMModule(LowMemModule):
         save_dir: str | None = None,
         save_merged: bool = False,
         resize_embeddings: bool | int = False,
+        predict_new_tokens: int = 32,
         optimizer: str = "adamw_8bit",
         lr: float = 2e-4,
         weight_decay: float = 0.0,
@@ -499,7 +502,11 @@ class CausalLMModule(LowMemModule):
         if not isinstance(save_merged, bool) or (save_merged and self.lora is None):
             raise ValueError(f"Invalid save_merged={save_merged!r}: expected True or False, and True only with lora.")
         check_resize_embeddings(resize_embeddings)
+        if isinstance(predict_new_tokens, bool) or not isinstance(predict_new_tokens, int) or predict_new_tokens < 1:
+            raise ValueError(f"Invalid predict_new_tokens={predict_new_tokens!r}: expected an integer >= 1 (tokens "
+                             "lowmem predict generates per prompt at most).")
         self.save_hyperparameters()
+        self.predict_new_tokens = predict_new_tokens
         self.model: nn.Module | None = None
         self.val_loss = torchmetrics.MeanMetric()
         self._saved = False  # the model of this fit was written (save_model runs once per fit)
@@ -614,7 +621,7 @@ class CausalLMModule(LowMemModule):
         self.val_loss.reset()
 
     predict_new_tokens: int = 32
-    """Tokens :meth:`predict_step` generates per prompt at most (greedy)."""
+    """Tokens :meth:`predict_step` generates per prompt at most (greedy); the constructor's ``predict_new_tokens``."""
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy generation for each prompt of the batch (``input_ids``/``attention_mask``, left-padded, e.g. from
@@ -627,12 +634,12 @@ class CausalLMModule(LowMemModule):
         datamodule = getattr(self._trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
         decode = tokenizer.decode if tokenizer is not None else (lambda row: row)
+        eos = getattr(tokenizer, "eos_token_id", None)  # the data's, not the config default (Llama's id 2)
         if "reference" not in batch:
-            out = self._generate(ids, mask)
+            out = self._generate(ids, mask, eos=eos)
             return [{"prompt": decode(p.tolist()), "continuation": decode(c.tolist())}
                     for p, c in zip(ids, out[:, ids.shape[1]:])]
         stops = [list(s) for s in getattr(datamodule, "predict_stop_sequences", [])]
-        eos = getattr(tokenizer, "eos_token_id", None)
         stops += [[eos]] if eos is not None and [eos] not in stops else []
         out = self._generate(ids, mask, StopSequences(stops, ids.shape[1]) if stops else None, eos)
         return [{"prompt": prompt, "generated": decode(cut_at_stop(row.tolist(), stops)), "reference": reference}
