@@ -132,6 +132,7 @@ def test_fit_from_a_hub_id_full_and_qlora_then_export_and_resume(hub):
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter = json.loads((hub / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "tiny-org/tiny-llama"
+    assert adapter["revision"] == V1  # the commit trained on, so AutoPeftModel loads that base, not main's
     # the v1 snapshot's weights were the base: its (frozen, NF4) embeddings are in the checkpoint
     v1 = AutoModelForCausalLM.from_pretrained(hub / "hf/hub/models--tiny-org--tiny-llama/snapshots" / V1)
     state = torch.load(qlora, map_location="cpu", weights_only=False)["state_dict"]

@@ -213,6 +213,7 @@ def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch
     repo = split_repo_id(str(model_name_or_path)) if not Path(model_name_or_path).expanduser().exists() else None
     if repo is not None:
         model.name_or_path = model.config._name_or_path = repo[0]
+        model.hub_revision = path.name  # the snapshot's commit: an adapter names the base weights it was trained on
     return model
 
 
@@ -378,8 +379,12 @@ def build_causal_lm(
     if lora is not None:
         from lowmem_lightning.quant import add_lora
 
+        revision = getattr(model, "hub_revision", None)
         model = add_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"],
                          adapter_dtype=torch.float32, trainable_token_indices=added)
+        if revision is not None:  # adapter_config.json's revision: AutoPeftModel loads that commit of the base
+            for peft_config in model.peft_config.values():
+                peft_config.revision = revision
     return model
 
 
