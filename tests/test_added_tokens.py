@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from test_data_chat import CHAT, CHATML
+from tiny_tokenizers import bpe_tokenizer
 
 from lowmem_lightning.cli import RECIPES_DIR, main
 from lowmem_lightning.data import TextDataModule
@@ -35,16 +36,8 @@ VOCAB = BASE_VOCAB + len(ADDED)
 
 def _base_tokenizer():
     """A byte-level BPE tokenizer with no chat tokens (a base model's), built here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BASE_VOCAB, show_progress=False, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(["Hello there! Be brief. What is 2+2? It is 4. system user assistant"] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return bpe_tokenizer(None, ["<|endoftext|>"], "<|endoftext|>",
+                         "Hello there! Be brief. What is 2+2? It is 4. system user assistant", vocab_size=BASE_VOCAB)
 
 
 @pytest.fixture(scope="module")

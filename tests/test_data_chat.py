@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from tiny_tokenizers import bpe_tokenizer
 
 from lowmem_lightning.cli import main
 from lowmem_lightning.data import ByteTokenizer, HFTokenizer, TextDataModule
@@ -68,20 +69,9 @@ def _trained_text(ids: list[int], labels: list[int], decode) -> str:
 @pytest.fixture(scope="module")
 def chatml_tokenizer(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer built here (no download), ChatML special tokens, saved with the ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(["Hello there! Be brief. What is 2+2? It is 4. system user assistant"] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHATML
     path = tmp_path_factory.mktemp("tok") / "chatml"
-    tok.save_pretrained(path)
+    bpe_tokenizer(path, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>",
+                  "Hello there! Be brief. What is 2+2? It is 4. system user assistant", chat_template=CHATML)
     return path
 
 

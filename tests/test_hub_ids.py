@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_tokenizers import word_tokenizer
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.hub import is_repo_id, resolve_pretrained, split_repo_id
@@ -46,17 +47,6 @@ def _snapshot(cache: Path, repo_id: str, commit: str, *refs: str) -> Path:
     return folder
 
 
-def _tokenizer(folder: Path, words: list[str]) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {name: i for i, name in enumerate(["[UNK]", "[PAD]", "[BOS]", "[EOS]", *words])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-                            eos_token="[EOS]").save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory) -> Path:
     """A folder holding ``hf/`` (the HF_HOME of the hand-built cache, ``hf/hub``) and the tiny recipe ``tiny.yaml``
@@ -69,7 +59,7 @@ def hub(tmp_path_factory) -> Path:
         folder = _snapshot(cache, "tiny-org/tiny-llama", commit, *refs)
         torch.manual_seed(seed)
         LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(folder)
-        _tokenizer(folder, ["the", "a", "of"] if seed == 0 else ["the", "a", "of", "to"])
+        word_tokenizer(folder, ["the", "a", "of"] if seed == 0 else ["the", "a", "of", "to"])
     pickled = _snapshot(cache, "tiny-org/pickled", MAIN, "main")
     model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA))
     model.config.save_pretrained(pickled)

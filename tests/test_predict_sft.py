@@ -19,6 +19,7 @@ import pytest
 import torch
 from test_cli_test_predict import LOWMEM
 from test_data_chat import CHATML, _jsonl
+from tiny_tokenizers import bpe_tokenizer
 
 from lowmem_lightning.cli import main, parse_fit_config
 from lowmem_lightning.data import TextDataModule
@@ -57,19 +58,8 @@ def _chatml_tokenizer(path) -> str:
     """A byte-level BPE tokenizer with the ChatML template whose eos (``<|endoftext|>``, id 0) is not the end-of-turn
     marker (``<|im_end|>``, id 1), so predict must stop on the marker itself (nor is either the Llama config's default
     eos, id 2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(["Hello there! Be brief. What is 2+2? It is 4. Hi system user assistant"] * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    tok.save_pretrained(path)
+    bpe_tokenizer(path, ["<|endoftext|>", "<|im_end|>", "<|im_start|>"], "<|endoftext|>",
+                  "Hello there! Be brief. What is 2+2? It is 4. Hi system user assistant", chat_template=CHATML)
     return str(path)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from tiny_tokenizers import word_tokenizer
 
 from lowmem_lightning.data import TextDataModule
 
@@ -29,19 +30,6 @@ def _corpus(folder: Path) -> Path:
                 "output": " ".join(words[i + 4:i + 12])} for i in range(0, 400, 13)]
     (folder / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder
-
-
-def _word_tokenizer(path: Path, words: list[str]) -> Path:
-    """A whitespace word-level Hugging Face tokenizer saved to ``path`` (built here, no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(["[UNK]", "[PAD]", "[BOS]", "[EOS]", *words])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-                            eos_token="[EOS]").save_pretrained(path)
-    return path
 
 
 def _fit(root: Path, data: Path, max_steps: int, ckpt_path: Path | None = None, **data_kwargs) -> str:
@@ -73,7 +61,7 @@ def saved(tmp_path_factory) -> tuple[Path, Path, Path]:
     """``(data folder, tokenizer folder, step=2.ckpt)`` of a 2-step fit with the byte tokenizer."""
     root = tmp_path_factory.mktemp("resume_data")
     data = _corpus(root / "data")
-    tokenizer = _word_tokenizer(root / "words_tok", WORDS)
+    tokenizer = word_tokenizer(root / "words_tok", WORDS)
     assert _fit(root / "run", data, max_steps=2) == ""
     return data, tokenizer, root / "run" / "step=2.ckpt"
 
@@ -134,12 +122,12 @@ def test_the_tokenizer_fingerprint_is_its_files_not_its_folder(tmp_path):
     """The same tokenizer files in another folder are the same tokenizer; one more word in the vocabulary is not;
     an edited chat template alone is not a tokenizer change (the chat template has its own entry)."""
     data = _corpus(tmp_path / "data")
-    first = _word_tokenizer(tmp_path / "a", WORDS)
+    first = word_tokenizer(tmp_path / "a", WORDS)
     state = TextDataModule(str(data), tokenizer=str(first), **DATA).state_dict()
     copy = Path(shutil.copytree(first, tmp_path / "copy"))
     config = json.loads((copy / "tokenizer_config.json").read_text())
     (copy / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ messages }}"}))
-    other = _word_tokenizer(tmp_path / "b", [*WORDS, "iota"])
+    other = word_tokenizer(tmp_path / "b", [*WORDS, "iota"])
 
     def said(tokenizer: Path) -> str:
         with warnings.catch_warnings(record=True) as caught:
