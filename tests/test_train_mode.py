@@ -81,18 +81,23 @@ def test_a_pretrained_model_trains_in_train_mode_and_checkpointing_recomputes(ch
     assert plain.eval_modules == [] and plain.calls == 2
 
 
+def _checkpointed_model(path: str, train_mode: bool):
+    """The checkpoint at ``path`` as a project loads it: ``from_pretrained`` (eval mode), gradient checkpointing on,
+    and ``model.train()`` only when ``train_mode``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train() if train_mode else model
+
+
 class UsersModule(L.LightningModule):
     """A project's own module around an HF model, written the usual way: from_pretrained and checkpointing in
     ``__init__``, its own AdamW."""
 
     def __init__(self, path: str, train_mode: bool):
         super().__init__()
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(path)
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if train_mode:
-            self.model.train()
+        self.model = _checkpointed_model(path, train_mode)
 
     def training_step(self, batch, batch_idx):
         return self.model(**batch, use_cache=False).loss
@@ -132,17 +137,12 @@ class UsersLowMemModule:
 
     @staticmethod
     def build(path: str, train_mode: bool):
-        from transformers import AutoModelForCausalLM
-
         from lowmem_lightning import LowMemModule
 
         class Subclass(LowMemModule):
             def __init__(self):
                 super().__init__(optimizer="adamw_8bit", lr=1e-3)
-                self.model = AutoModelForCausalLM.from_pretrained(path)
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                if train_mode:
-                    self.model.train()
+                self.model = _checkpointed_model(path, train_mode)
 
             def training_step(self, batch, batch_idx):
                 return self.model(**batch, use_cache=False).loss
