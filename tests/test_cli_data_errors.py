@@ -119,6 +119,21 @@ def test_output_directory_name_too_long_for_the_file_system(tmp_path, capsys, ke
     assert key.lstrip("-").split(".")[-1] in err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("keys", [("--trainer.default_root_dir",), ("--trainer.logger.init_args.save_dir",),
+                                  ("--trainer.logger.save_dir",), ("--model.init_args.save_dir",),
+                                  ("--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "--trainer.callbacks.dirpath")])
+def test_output_directory_where_nothing_can_be_created(tmp_path, capsys, keys):
+    """/proc passes ``os.access(W_OK)`` for root, yet refuses every new entry: only a real attempt tells, and the
+    refusal names the argument and the system's reason instead of a FileNotFoundError traceback from the logger."""
+    code, err = _fit(tmp_path, capsys, *keys, "/proc/lowmem-out/run")
+    assert code == 2, err
+    assert "='/proc/lowmem-out/run': the directory cannot be created (/proc is not writable: " in err, err
+    assert keys[-1].lstrip("-").split(".")[-1] in err
+    assert not Path("/proc/lowmem-out").exists()
+
+
 def test_read_only_output_directory(tmp_path, capsys, monkeypatch):
     import os
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,22 @@ def unwritable(name: str, path: str) -> str | None:
         return f"{name}={path!r}: cannot create the directory ({err.strerror}); choose another directory."
     if not probe.is_dir():
         return f"{name}={path!r}: cannot create the directory, {probe} is a file; choose another directory."
-    if not os.access(probe, os.W_OK | os.X_OK):
-        what = "is not writable" if probe == target else f"cannot be created ({probe} is not writable)"
+    refusal = _write_refusal(probe)
+    if refusal:
+        what = f"is {refusal}" if probe == target else f"cannot be created ({probe} is {refusal})"
         return f"{name}={path!r}: the directory {what}; choose a writable directory."
+    return None
+
+
+def _write_refusal(folder: Path) -> str | None:
+    """Why no entry can be created in the existing directory ``folder`` ("not writable", with the system's
+    reason when only a real attempt tells), or ``None``. The attempt leaves nothing behind."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "not writable"
+    try:  # root passes os.access everywhere, yet /proc, /sys and the like refuse a new entry
+        os.rmdir(tempfile.mkdtemp(prefix=".lowmem-write-check-", dir=folder))
+    except OSError as err:
+        return f"not writable: {err.strerror}"
     return None
 
 
