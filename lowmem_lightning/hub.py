@@ -2,7 +2,8 @@
 
 ``model_name_or_path`` (``CausalLMModule``, ``lowmem estimate``, ``lowmem export``, the NF4 loader) and the data's
 ``tokenizer`` take a local directory or a Hub repo id, ``org/name`` or ``org/name@revision`` (a branch, tag or
-commit). A value naming an existing local path is always that path; any other value must be a repo id, which is
+commit). A value naming an existing local path is always that path, and so is one starting with ``./``, ``../``,
+``/`` or ``~`` (:data:`PATH_PREFIXES`); any other value must be a repo id, which is
 resolved with ``huggingface_hub.snapshot_download`` into the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``;
 ``HF_TOKEN`` for gated or private repos; ``HF_HUB_OFFLINE=1``: the cache only), downloading only what the caller
 needs (:data:`NEEDS`: ``config.json`` for an estimate; config, ``generation_config.json`` and the safetensors an index
@@ -23,10 +24,11 @@ Every refusal is a ``ValueError`` naming the argument, the value and the fix, ra
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
-__all__ = ["NEEDS", "is_repo_id", "split_repo_id", "resolve_pretrained", "local_path"]
+__all__ = ["NEEDS", "PATH_PREFIXES", "is_repo_id", "split_repo_id", "resolve_pretrained", "local_path"]
 
 _CONFIG = ("config.json",)
 _MODEL_META = ("config.json", "generation_config.json", "model.safetensors.index.json", "model.safetensors")
@@ -74,10 +76,7 @@ def resolve_pretrained(value: str | Path, argument: str, need: str = "weights") 
         return path
     parts = split_repo_id(str(value))
     if parts is None:
-        raise ValueError(
-            f"Invalid {argument}={str(value)!r}: not an existing local directory, and not a Hugging Face Hub repo id "
-            "(org/name or org/name@revision, e.g. meta-llama/Llama-2-7b-hf)."
-        )
+        raise ValueError(_no_such_path(argument, str(value), path))
     key = (*parts, need, *_cache_state())
     if key not in _RESOLVED or not _RESOLVED[key].is_dir():
         _RESOLVED[key] = _resolve_repo(argument, str(value), *parts, need)
@@ -93,6 +92,28 @@ def local_path(value: str | Path, argument: str, need: str) -> Path:
     return resolve_pretrained(value, argument, need)
 
 
+PATH_PREFIXES = ("./", "../", "/", "~")
+"""How a value that is a local path, never a Hub repo id, may start (a repo id starts with a letter or digit)."""
+
+
+def _no_such_path(argument: str, value: str, path: Path) -> str:
+    """The refusal of ``value``, spelled as no Hub repo id, that names no existing path (``path``, expanded)."""
+    where = os.path.abspath(path)
+    if value.startswith(PATH_PREFIXES):
+        return (f"Invalid {argument}={value!r}: no such local directory ({where}); a value starting with "
+                f"{', '.join(PATH_PREFIXES[:-1])} or {PATH_PREFIXES[-1]} is a local path, never a Hugging Face Hub "
+                "repo id.")
+    return (f"Invalid {argument}={value!r}: no such local directory ({where}), and not a Hugging Face Hub repo id "
+            "(org/name or org/name@revision, e.g. meta-llama/Llama-2-7b-hf).")
+
+
+def _neither_local(argument: str, value: str) -> str:
+    """The start of the refusal of Hub-id-shaped ``value`` that the Hub cannot give: it is no local directory
+    either (what the user may have meant); the Hub's reason follows."""
+    return (f"Invalid {argument}={value!r}: no local directory {value!r} (relative to the working directory "
+            f"{Path.cwd()}); as a Hub repo id: ")
+
+
 def _cache_state() -> tuple[str, bool]:
     from huggingface_hub import constants
 
@@ -103,7 +124,7 @@ def _resolve_repo(argument: str, value: str, repo_id: str, revision: str | None,
     """Download (or find in the cache) what ``need`` names; the weights in two steps: config, index or single file,
     then the shards the index lists."""
     folder = _download(argument, value, repo_id, revision, list(NEEDS[need]))
-    refuse = f"Invalid {argument}={value!r}: not a local directory; "
+    refuse = _neither_local(argument, value)
     if need != "tokenizer" and not (folder / "config.json").is_file():
         raise ValueError(refuse + _missing("config.json", repo_id, revision))
     if need == "tokenizer" and not any((folder / name).is_file() for name in _TOKENIZER[1:3]):
@@ -131,7 +152,7 @@ def _download(argument: str, value: str, repo_id: str, revision: str | None, pat
         problem = _hub_problem(err, repo_id, revision)
         if problem is None:
             raise
-        raise ValueError(f"Invalid {argument}={value!r}: not a local directory; {problem}") from None
+        raise ValueError(_neither_local(argument, value) + problem) from None
 
 
 def _hub_problem(err: Exception, repo_id: str, revision: str | None) -> str | None:
@@ -155,12 +176,15 @@ def _hub_problem(err: Exception, repo_id: str, revision: str | None) -> str | No
     return None
 
 
-def _not_cached(repo_id: str, revision: str | None, what: str = "it is") -> str:
+def _not_cached(repo_id: str, revision: str | None, what: str | None = None) -> str:
+    """Why the repo (or ``what`` of it, e.g. "its config.json is") cannot be had: offline and not in the cache."""
     cache, offline = _cache_state()
     why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hub cannot be reached"
     at = f" at revision {revision!r}" if revision else ""
-    return (f"{why} and {what} not in the Hugging Face cache ({cache}) for Hub repo {repo_id!r}{at}: download it "
-            f"once online{' (unset HF_HUB_OFFLINE)' if offline else ''}, or pass a local directory.")
+    missing = (f"Hub repo {repo_id!r}{at} is not in the Hugging Face cache ({cache})" if what is None else
+               f"{what} not in the Hugging Face cache ({cache}) for Hub repo {repo_id!r}{at}")
+    return (f"{why} and {missing}: download it once online{' (unset HF_HUB_OFFLINE)' if offline else ''}, or pass a "
+            "local directory.")
 
 
 def _missing(name: str, repo_id: str, revision: str | None) -> str:

@@ -154,17 +154,25 @@ def _refused(proc: subprocess.CompletedProcess, *expected: str) -> str:
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--model.model_name_or_path", "tiny-org/absent"],
-     ["model_name_or_path='tiny-org/absent'", "HF_HUB_OFFLINE=1 is set", "not in the Hugging Face cache",
+     ["model_name_or_path='tiny-org/absent': no local directory 'tiny-org/absent' (relative to the working directory ",
+      "; as a Hub repo id: HF_HUB_OFFLINE=1 is set and Hub repo 'tiny-org/absent' is not in the Hugging Face cache",
       "download it once online", "pass a local directory"]),
     (["--model.model_name_or_path", "tiny-org/tiny-llama@v9"],
      ["model_name_or_path='tiny-org/tiny-llama@v9'", "at revision 'v9'", "not in the Hugging Face cache"]),
     (["--model.model_name_or_path", "not/a/repo"],
-     ["model_name_or_path='not/a/repo'", "not an existing local directory, and not a Hugging Face Hub repo id"]),
+     ["model_name_or_path='not/a/repo': no such local directory (",
+      "/not/a/repo), and not a Hugging Face Hub repo id"]),
+    (["--model.model_name_or_path", "./tiny-org/tiny-llama"],  # the cached repo's id, written as a path
+     ["model_name_or_path='./tiny-org/tiny-llama': no such local directory (", "/tiny-org/tiny-llama); a value "
+      "starting with ./, ../, / or ~ is a local path, never a Hugging Face Hub repo id"]),
+    (["--model.model_name_or_path", "../tiny-org/tiny-llama"],
+     ["model_name_or_path='../tiny-org/tiny-llama': no such local directory (", "is a local path, never"]),
     (["--model.model_name_or_path", "tiny-org/pickled"],
      ["model_name_or_path='tiny-org/pickled'", "PyTorch pickle weights (['pytorch_model.bin'])", "safetensors"]),
     (["--model.model_name_or_path", "tiny-org/tiny-llama", "--data.tokenizer", "tiny-org/absent-tokenizer"],
      ["tokenizer='tiny-org/absent-tokenizer'", "not in the Hugging Face cache"]),
-], ids=["not_cached", "revision_not_cached", "malformed", "pickle_only", "tokenizer_not_cached"])
+], ids=["not_cached", "revision_not_cached", "malformed", "dot_slash_path", "dot_dot_path", "pickle_only",
+        "tokenizer_not_cached"])
 def test_fit_refuses_an_id_it_cannot_resolve_before_any_work(hub, args, expected):
     """Exit 2, one line naming the argument, the value and the fix; no run folder written."""
     _refused(_lowmem(hub, "fit", "--config", "tiny.yaml", "--trainer.default_root_dir", "runs/refused",
@@ -186,7 +194,8 @@ def offline_cache(hub, monkeypatch):
 def test_repo_id_spelling():
     assert split_repo_id("meta-llama/Llama-2-7b-hf") == ("meta-llama/Llama-2-7b-hf", None)
     assert split_repo_id("org/name@v1.0") == ("org/name", "v1.0")
-    for bad in ("name", "a/b/c", "/abs/path", "./rel", "org//name", "org/na--me", "org/name@", "org/na me", "-a/b"):
+    for bad in ("name", "a/b/c", "/abs/path", "./rel", "./models/llama", "../x/y", "~/x/y", "~x/y",
+                "org//name", "org/na--me", "org/name@", "org/na me", "-a/b"):
         assert not is_repo_id(bad), bad
 
 
@@ -226,7 +235,8 @@ def test_model_loaders_take_an_id(offline_cache):
     v1, main = (load_pretrained_causal_lm(snapshots / commit, torch_dtype=torch.float32) for commit in (V1, MAIN))
     assert torch.equal(model.model.embed_tokens.weight, v1.model.embed_tokens.weight)
     assert not torch.equal(model.model.embed_tokens.weight, main.model.embed_tokens.weight)
-    with pytest.raises(ValueError, match=r"Invalid path='tiny-org/gone': not a local directory; HF_HUB_OFFLINE"):
+    with pytest.raises(ValueError, match=r"Invalid path='tiny-org/gone': no local directory 'tiny-org/gone' "
+                       r"\(relative to the working directory .*\); as a Hub repo id: HF_HUB_OFFLINE"):
         load_pretrained_causal_lm("tiny-org/gone")
 
 
@@ -272,7 +282,8 @@ def test_hub_errors_become_one_line_refusals(case, monkeypatch):
     with pytest.raises(ValueError) as info:
         resolve_pretrained("org/name@dev", "tokenizer", need="tokenizer")
     message = str(info.value)
-    assert message.startswith("Invalid tokenizer='org/name@dev': not a local directory; ") and "\n" not in message
+    assert message.startswith("Invalid tokenizer='org/name@dev': no local directory 'org/name@dev' (relative to the "
+                              f"working directory {Path.cwd()}); as a Hub repo id: ") and "\n" not in message
     for text in expected:
         assert text in message, message
 
