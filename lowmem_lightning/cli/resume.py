@@ -32,10 +32,11 @@ TRAINING_KEYS = frozenset({
 })
 """Model init args that set how the model is trained, saved or used, not what it is: a resumed run may differ."""
 
-RESOLVED_ON_BUILD = frozenset({"resize_embeddings"})
-"""Model init args that ``CausalLMModule`` replaces by what they resolved to when it built the model
-(``resize_embeddings=True`` -> the number of embedding rows it grew to): a run's ``True`` matches a checkpoint's
-resolved count (the same tokenizer resolves it to the same count)."""
+RESOLVED_ON_BUILD = {"resize_embeddings": True, "untrained_token_ids": None}
+"""Model init args that ``CausalLMModule`` replaces by what they resolved to when it built the model, with the run
+value that resolves: ``resize_embeddings=True`` -> the number of embedding rows it grew to, ``untrained_token_ids=
+None`` -> the list of token ids whose untrained rows it trains. A run's value matches a checkpoint's resolved one
+(the same tokenizer, data and checkpoint resolve it the same)."""
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LIGHTNING_KEYS = ("state_dict", "pytorch-lightning_version")
@@ -153,8 +154,13 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _resolved_from(saved: Any, run: Any, key: str) -> bool:
-    """Whether ``saved`` is what the run's ``True`` of :data:`RESOLVED_ON_BUILD` key ``key`` resolves to (a count)."""
-    return key in RESOLVED_ON_BUILD and run is True and isinstance(saved, int) and not isinstance(saved, bool)
+    """Whether ``saved`` is what the run's unresolved value of :data:`RESOLVED_ON_BUILD` key ``key`` resolves to (a
+    row count for ``resize_embeddings=True``, a list of ids for ``untrained_token_ids=None``)."""
+    if key not in RESOLVED_ON_BUILD or run is not RESOLVED_ON_BUILD[key]:
+        return False
+    if key == "untrained_token_ids":
+        return isinstance(saved, list)
+    return isinstance(saved, int) and not isinstance(saved, bool)
 
 
 def model_differences(saved: dict, run: dict) -> list[tuple[str, Any, Any]]:

@@ -588,6 +588,20 @@ class TextDataModule(L.LightningDataModule):
         """Number of token ids the tokenizer can produce (259 for ``"byte"``)."""
         return self.tokenizer.vocab_size
 
+    def special_tokens_in_data(self) -> dict[int, str]:
+        """Id -> text of the tokenizer's special and added tokens (and ids past its base vocabulary) that occur in the
+        data's blocks, train and held-out, padding left out: the tokens a fine-tune on it reads or emits whose
+        rows a base checkpoint may never have trained (``CausalLMModule`` checks them). Reads the data first
+        (:meth:`check_inputs`, once); ``{}`` for the byte tokenizer."""
+        special = getattr(self.tokenizer, "special_tokens", None)
+        if not callable(special):
+            return {}
+        tokens = special()
+        self.check_inputs()
+        used = torch.cat([ds.blocks["input_ids"][ds.blocks["attention_mask"].bool()]
+                          for ds in (self.train_dataset, self.val_dataset)]).unique().tolist()
+        return {i: tokens[i] for i in used if i in tokens}
+
     def check_inputs(self) -> None:
         """Read, tokenize, pack and split the data now (once; the result is kept for ``setup``), so
         every problem with the data surfaces before training: ``ValueError`` naming the file (and

@@ -92,6 +92,16 @@ class HFTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def special_tokens(self) -> dict[int, str]:
+        """Id -> text of the tokenizer's special tokens, its added tokens (chat markers, reserved tokens) and any id
+        past its base vocabulary: the ids a base checkpoint may hold untrained rows for."""
+        tok = self.tokenizer
+        tokens = {i: str(token) for i, token in tok.added_tokens_decoder.items()}
+        tokens.update(zip(tok.all_special_ids, tok.all_special_tokens))
+        tokens.update((i, tok.convert_ids_to_tokens(i)) for i in range(tok.vocab_size, self.vocab_size)
+                      if i not in tokens)
+        return tokens
+
 
 def load_tokenizer(tokenizer: str) -> ByteTokenizer | HFTokenizer:
     """``"byte"`` -> the built-in ``ByteTokenizer``; otherwise a local directory holding a Hugging Face

@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -298,11 +299,13 @@ def _grow_embeddings(model: nn.Module, rows: int) -> None:
         weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
 
 
-def _new_token_rows(model: nn.Module, old_rows: int) -> list[int] | dict[str, list[int]] | None:
-    """peft's ``trainable_token_indices`` for the rows added past ``old_rows``: a list (input embedding; a tied head
-    follows it) or ``{embedding name: ids, head name: ids}`` for an untied head; ``None`` when nothing was added."""
+def _new_token_rows(model: nn.Module, old_rows: int,
+                    untrained: Iterable[int] = ()) -> list[int] | dict[str, list[int]] | None:
+    """peft's ``trainable_token_indices`` for the ``untrained`` rows and the rows added past ``old_rows``: a list
+    (input embedding; a tied head follows it) or ``{embedding name: ids, head name: ids}`` for an untied head;
+    ``None`` when there are none."""
     embedding = model.get_input_embeddings()
-    ids = list(range(old_rows, embedding.num_embeddings))
+    ids = [*untrained, *range(old_rows, embedding.num_embeddings)]
     head = model.get_output_embeddings()
     if not ids or head is None or head.weight is embedding.weight:
         return ids or None
@@ -319,6 +322,7 @@ def build_causal_lm(
     torch_dtype: TorchDtype | None = None,
     vocab_size: int | None = None,
     resize_embeddings: bool | int = False,
+    token_ids: Mapping[int, str] | Iterable[int] | None = None,
 ) -> nn.Module:
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
 
@@ -343,6 +347,12 @@ def build_causal_lm(
             mean of the old rows (see :func:`_grow_embeddings`), and ``config.vocab_size`` follows. Those rows
             train: with ``lora`` through peft's ``trainable_token_indices`` (one ``new rows x hidden`` fp32 tensor
             per untied layer; the old rows stay frozen); the NF4 quantizer never touches embeddings or ``lm_head``.
+        token_ids: Ids the fine-tune meets that a checkpoint may never have trained (the data's special tokens; a
+            mapping gives their text for messages). Those whose rows are untrained
+            (:func:`~lowmem_lightning.modules.untrained_tokens.untrained_token_ids`) are, with
+            ``resize_embeddings``, set to the mean of the trained rows and train like grown rows; without it, under
+            ``lora`` (where they stay frozen), a ``LowMemWarning`` names them and the option. The ids found are the
+            model's ``untrained_token_ids`` attribute (``[]`` when none or not asked for).
     """
     lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
     check_resize_embeddings(resize_embeddings)
@@ -355,6 +365,7 @@ def build_causal_lm(
         # skipped, so activations would take their full memory.
         model = _load_pretrained(model_name_or_path, quantize, dtype, device).train()
         old_rows = _embedding_rows(model)
+        untrained = _treat_untrained_rows(model, token_ids, bool(resize_embeddings), lora is not None)
         if target is not None and target > old_rows:
             _grow_embeddings(model, target)
     else:
@@ -369,8 +380,10 @@ def build_causal_lm(
         if target is not None and target > old_rows:
             text.vocab_size = target  # the shapes _grow_embeddings gives a loaded model
         model = _from_config(cfg, quantize, dtype, device)
-    added = _new_token_rows(model, old_rows)
-    if added is not None and device.type != "meta":
+        untrained = []
+    added = _new_token_rows(model, old_rows, untrained)
+    model.untrained_token_ids = untrained
+    if old_rows < _embedding_rows(model) and device.type != "meta":
         rows = _embedding_rows(model)
         how = "they train through peft's trainable_token_indices, the old rows stay frozen" if lora else "they train"
         warnings.warn(f"resize_embeddings: the input embeddings and output head grew from {old_rows} to {rows} "
@@ -386,6 +399,52 @@ def build_causal_lm(
             for peft_config in model.peft_config.values():
                 peft_config.revision = revision
     return model
+
+
+def _treat_untrained_rows(model: nn.Module, token_ids: Mapping[int, str] | Iterable[int] | None, resize: bool,
+                          lora: bool) -> list[int]:
+    """The ids of ``token_ids`` whose rows ``model`` (a loaded checkpoint) never trained: with ``resize`` they are
+    set to the mean of the trained rows and returned (they train); otherwise, under ``lora``, a ``LowMemWarning``
+    names them and ``[]`` is returned (nothing changes; a full fine-tune trains every row anyway)."""
+    from lowmem_lightning.modules.untrained_tokens import (
+        describe_tokens,
+        initialize_untrained_rows,
+        untrained_token_ids,
+    )
+
+    if not token_ids or not (resize or lora):
+        return []
+    ids = untrained_token_ids(model, token_ids)
+    if not ids:
+        return []
+    names = describe_tokens(ids, token_ids if isinstance(token_ids, Mapping) else None)
+    if not resize:
+        warnings.warn(f"{len(ids)} token(s) the data uses have untrained (zero or near-zero) rows in the checkpoint's "
+                      f"input embeddings or output head: {names}. Under LoRA those rows stay frozen, so the model "
+                      "cannot learn to read or emit them (huge losses, replies that never stop). Pass "
+                      "resize_embeddings=True (--model.resize_embeddings true) to start them at the mean of the "
+                      "trained rows and train them.", LowMemWarning, stacklevel=3)
+        return []
+    initialize_untrained_rows(model, ids)
+    how = "they train through peft's trainable_token_indices, the other rows stay frozen" if lora else "they train"
+    warnings.warn(f"resize_embeddings: {len(ids)} token(s) the data uses had untrained rows in the checkpoint "
+                  f"({names}); each row set to the mean of the trained rows ({how}).", LowMemWarning, stacklevel=3)
+    return ids
+
+
+def _check_untrained_token_ids(untrained_token_ids, resize_embeddings: bool | int) -> None:
+    """``ValueError`` naming the value unless ``untrained_token_ids`` is ``None`` or a list of token ids >= 0, given
+    with ``resize_embeddings`` (which is what trains those rows) when not empty."""
+    if untrained_token_ids is None:
+        return
+    if not isinstance(untrained_token_ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in untrained_token_ids):
+        raise ValueError(f"Invalid untrained_token_ids={untrained_token_ids!r}: expected None (found from the data) "
+                         "or a list of token ids >= 0.")
+    if untrained_token_ids and not resize_embeddings:
+        raise ValueError(f"Invalid untrained_token_ids={untrained_token_ids!r} with resize_embeddings="
+                         f"{resize_embeddings!r}: those rows train only with resize_embeddings=True "
+                         "(--model.resize_embeddings true).")
 
 
 def _show_callbacks_the_model(module: L.LightningModule) -> None:
@@ -467,7 +526,13 @@ class CausalLMModule(LowMemModule):
             rows train (with LoRA / QLoRA through peft's ``trainable_token_indices``, the old rows frozen). The row
             count is recorded in the hyperparameters (an int here), so resuming and ``load_from_checkpoint``
             rebuild the same shapes. ``False`` (default): such a tokenizer is refused, naming this option.
-            See :func:`build_causal_lm`.
+            With ``True`` (or a count) the checkpoint's untrained rows of the special tokens the data uses (a Llama-3
+            base's ``<|eot_id|>``, tokens added into Qwen2's padding rows) start at the mean of the trained rows and
+            train too; without it, under LoRA, a ``LowMemWarning`` names them. See :func:`build_causal_lm`.
+        untrained_token_ids: The token ids whose untrained checkpoint rows ``resize_embeddings`` trains. ``None``
+            (default): found when the model is built, among the data module's special tokens that occur in its data
+            (``special_tokens_in_data()``), and recorded here as a list, so resuming and ``load_from_checkpoint``
+            rebuild the same trainable rows. A list: these ids are checked instead (needs ``resize_embeddings``).
         predict_new_tokens: Tokens :meth:`predict_step` (``lowmem predict``) generates per prompt at most (greedy),
             >= 1; it may differ from the checkpoint's (``--model.predict_new_tokens 256`` at predict time).
         optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, scheduler, min_lr_ratio, fp32_state: see
@@ -485,6 +550,7 @@ class CausalLMModule(LowMemModule):
         save_dir: str | None = None,
         save_merged: bool = False,
         resize_embeddings: bool | int = False,
+        untrained_token_ids: list[int] | None = None,
         predict_new_tokens: int = 32,
         optimizer: str = "adamw_8bit",
         lr: float = 2e-4,
@@ -507,6 +573,7 @@ class CausalLMModule(LowMemModule):
         if not isinstance(save_merged, bool) or (save_merged and self.lora is None):
             raise ValueError(f"Invalid save_merged={save_merged!r}: expected True or False, and True only with lora.")
         check_resize_embeddings(resize_embeddings)
+        _check_untrained_token_ids(untrained_token_ids, resize_embeddings)
         if isinstance(predict_new_tokens, bool) or not isinstance(predict_new_tokens, int) or predict_new_tokens < 1:
             raise ValueError(f"Invalid predict_new_tokens={predict_new_tokens!r}: expected an integer >= 1 (tokens "
                              "lowmem predict generates per prompt at most).")
@@ -518,10 +585,27 @@ class CausalLMModule(LowMemModule):
 
     # -- model -------------------------------------------------------------------------------------
 
-    def _datamodule_vocab(self) -> int | None:
+    def _datamodule(self):
         trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        return getattr(datamodule, "vocab_size", None)
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def _datamodule_vocab(self) -> int | None:
+        return getattr(self._datamodule(), "vocab_size", None)
+
+    def _token_ids_to_check(self) -> dict[int, str] | list[int] | None:
+        """The ids whose checkpoint rows the build checks for untrained ones: the recorded ``untrained_token_ids``,
+        else the data module's ``special_tokens_in_data()`` (id -> text), else ``None``. Asked of the data module
+        only when the answer is used: a pretrained model with ``resize_embeddings``, or with ``lora`` in a fit (for
+        the warning; an export or evaluation of the run would only repeat it)."""
+        hp = self.hparams
+        if hp.get("untrained_token_ids") is not None:
+            return list(hp.untrained_token_ids)
+        special = getattr(self._datamodule(), "special_tokens_in_data", None)
+        fitting = getattr(getattr(self._trainer, "state", None), "fn", None) == "fit"
+        if hp.model_name_or_path is None or not (hp.resize_embeddings or (self.lora is not None and fitting)) or (
+                not callable(special)):
+            return None
+        return dict(special())
 
     def _planned_rows(self, data_vocab: int | None) -> int | None:
         """The embedding rows the model will have, from its config alone (``config.json`` of a checkpoint), after
@@ -558,10 +642,13 @@ class CausalLMModule(LowMemModule):
         hp = self.hparams
         data_vocab = self._datamodule_vocab()
         self._check_vocabulary(data_vocab, self._planned_rows(data_vocab))  # before any weight is read
+        token_ids = self._token_ids_to_check()
         with _build_warnings_on_rank_zero():
             self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
                                          torch_dtype=hp.torch_dtype, vocab_size=data_vocab,
-                                         resize_embeddings=hp.resize_embeddings)
+                                         resize_embeddings=hp.resize_embeddings, token_ids=token_ids)
+        if hp.resize_embeddings and token_ids is not None:  # rebuilt without the data: the same rows train
+            hp.untrained_token_ids = list(self.model.untrained_token_ids)
         keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
         rows = _embedding_rows(self.model)
         # Record the vocabulary the model got, so load_from_checkpoint (no datamodule) rebuilds the same shapes.
@@ -710,7 +797,8 @@ class CausalLMModule(LowMemModule):
 
         The adapter of a model whose embeddings grew (``resize_embeddings``) carries the whole resized input
         embedding and head (peft's ``save_embedding_layers``) beside the trained rows: load it on the base grown to
-        the same length (``resize_token_embeddings(len(tokenizer))``, then ``PeftModel.from_pretrained``)."""
+        the same length (``resize_token_embeddings(len(tokenizer))``, then ``PeftModel.from_pretrained``). Untrained
+        rows trained in place (``untrained_token_ids``) are in the adapter alone: it loads on the unchanged base."""
         save_dir = self.hparams.save_dir
         if save_dir is None or self._saved or self.model is None:
             return None
@@ -739,6 +827,16 @@ class CausalLMModule(LowMemModule):
                                "in rank 0's output).")
         return str(save_dir) if self.trainer.is_global_zero else None
 
+    def _embeddings_grew(self) -> bool:
+        """Whether the model embeds more rows than its checkpoint's ``config.json`` says (``resize_embeddings`` grew
+        them); rows trained in place (untrained ones) need no copy of the layers in the adapter."""
+        from lowmem_lightning.quant.loading import read_model_config
+
+        if self.hparams.model_name_or_path is None:
+            return False
+        rows = getattr(_text_config(read_model_config(self.hparams.model_name_or_path)), "vocab_size", None)
+        return rows is None or _embedding_rows(self.model) > rows
+
     def _write(self, save_dir: str, state_dict: dict | None) -> None:
         """``save_pretrained`` of the model (with ``state_dict`` when given: the gathered full tensors) and of
         the data module's HF tokenizer, into a temporary directory moved into ``save_dir``."""
@@ -750,7 +848,7 @@ class CausalLMModule(LowMemModule):
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{secrets.token_hex(4)}")
         try:
             kwargs = {} if state_dict is None else {"state_dict": state_dict}
-            if _trains_token_rows(self.model):  # the resized embedding and head go with the adapter
+            if _trains_token_rows(self.model) and self._embeddings_grew():  # the resized layers go with the adapter
                 kwargs["save_embedding_layers"] = True
             with _no_transformers_progress_bar():  # "Writing model shards": a bar over the run's own output
                 self.model.save_pretrained(tmp, **kwargs)

@@ -1,0 +1,314 @@
+"""Special tokens a base checkpoint embeds but never trained: a Llama-3-like base whose chat markers
+(``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>``) and reserved tokens have zero rows in ``embed_tokens``
+and ``lm_head``, and a Qwen2-like tied model padded past its tokenizer (320 rows for 300 ids) where ChatML tokens a user
+adds land in zero padding rows. With ``resize_embeddings=True`` the rows of the markers the data uses start at the mean
+of the trained rows and train (LoRA / QLoRA through peft's ``trainable_token_indices``, full fine-tune directly), the
+ids are recorded for ``load_from_checkpoint`` / resume / export, and the adapter loads on the unchanged base; without
+it, under LoRA, one warning names them and the option. Tiny checkpoints and local tokenizers; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from test_data_chat import CHAT, CHATML
+from tiny_tokenizers import bpe_tokenizer
+
+from lowmem_lightning.cli import RECIPES_DIR
+from lowmem_lightning.cli.resume import model_differences
+from lowmem_lightning.data import TextDataModule
+from lowmem_lightning.lowmem_warning import LowMemWarning
+from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
+from lowmem_lightning.modules.untrained_tokens import untrained_token_ids
+
+LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 128}
+BASE_VOCAB = 300
+MARKERS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+RESERVED = [f"<|reserved_special_token_{i}|>" for i in range(6)]
+LLAMA_ROWS = BASE_VOCAB + len(MARKERS) + len(RESERVED)  # the markers and reserved tokens are in the checkpoint
+QWEN_ROWS = 320  # padded past the base tokenizer's 300 ids, as Qwen2's 151936 rows for ~151665 ids
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+LLAMA3 = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+          "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+USED = {"llama": [300, 301, 302], "qwen": [300, 301]}  # the markers the chat data holds (no reserved token)
+
+
+def _base_tokenizer():
+    return bpe_tokenizer(None, ["<|endoftext|>"], "<|endoftext|>",
+                         "Hello there! Be brief. What is 2+2? It is 4. system user assistant", vocab_size=BASE_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """``llama3tok/`` (base + markers + reserved tokens, Llama-3-style template) with ``llama/`` (untied, 309 rows,
+    rows 300+ zero in both layers); ``chatmltok/`` (base + ChatML tokens added by the user) with ``qwen/`` (tied, 320
+    rows, rows 300+ zero padding); ``chat.jsonl``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("untrained")
+    tok = _base_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": MARKERS + RESERVED})
+    tok.chat_template = LLAMA3
+    tok.save_pretrained(root / "llama3tok")
+    tok = _base_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": CHATML_TOKENS})
+    tok.chat_template = CHATML
+    tok.save_pretrained(root / "chatmltok")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**TINY, vocab_size=LLAMA_ROWS))
+    qwen = Qwen2ForCausalLM(Qwen2Config(**TINY, vocab_size=QWEN_ROWS, tie_word_embeddings=True))
+    with torch.no_grad():
+        for model in (llama, qwen):
+            model.get_input_embeddings().weight[BASE_VOCAB:] = 0
+            model.get_output_embeddings().weight[BASE_VOCAB:] = 0
+    llama.save_pretrained(root / "llama")
+    qwen.save_pretrained(root / "qwen")
+    records = [{"messages": [*CHAT[:3], {"role": "user", "content": f"{i} + 2?"},
+                             {"role": "assistant", "content": f"It is {i + 2}."}]} for i in range(24)]
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+TOKENIZER = {"llama": "llama3tok", "qwen": "chatmltok"}
+
+
+def _fit(module: CausalLMModule, files: Path, name: str, steps: int = 3) -> list[str]:
+    """Train ``module`` ``steps`` steps on the chat data with ``name``'s tokenizer; the LowMemWarnings' texts."""
+    L.seed_everything(0)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    data = TextDataModule(str(files / "chat.jsonl"), tokenizer=str(files / TOKENIZER[name]), seq_len=32,
+                          batch_size=4, val_fraction=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, data)
+    return [str(w.message) for w in caught if issubclass(w.category, LowMemWarning)]
+
+
+def _checkpoint_rows(files: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = load_file(files / name / "model.safetensors")
+    return {"embed": weights["model.embed_tokens.weight"], "head": weights.get("lm_head.weight")}
+
+
+def _ids(name: str) -> torch.Tensor:
+    """Token ids with the markers among ordinary ones."""
+    return torch.tensor([[300, 5, 17, 301, 40, *USED[name][-1:], 9, 3]])
+
+
+@torch.no_grad()
+def _logits(model, name: str) -> torch.Tensor:
+    return model.eval()(input_ids=_ids(name)).logits
+
+
+@pytest.mark.parametrize(("name", "quantize"), [("llama", None), ("qwen", "nf4")])
+def test_lora_with_the_option_trains_the_used_untrained_rows_and_the_adapter_loads_on_the_base(files, tmp_path, name,
+                                                                                              quantize):
+    """LoRA on the Llama-3-like base, QLoRA on the padded Qwen2: the markers the data uses (not the reserved tokens it
+    never holds) are recorded in the hyperparameters, their rows started at the mean of the trained rows and moved
+    (embedding, and Llama's own head), every other row is the checkpoint's; the adapter holds no copy of the layers
+    and loads with ``PeftModel.from_pretrained`` on the unchanged base with the module's logits exactly."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_lightning.quant import load_pretrained_causal_lm
+
+    module = CausalLMModule(model_name_or_path=str(files / name), quantize=quantize, lora={"r": 4},
+                            resize_embeddings=True, save_dir=str(tmp_path / "adapter"), optimizer="adamw", lr=1e-2)
+    said = _fit(module, files, name)
+    used = USED[name]
+    assert module.hparams.untrained_token_ids == used
+    assert sum("had untrained rows" in text for text in said) == 1
+    saved = _checkpoint_rows(files, name)
+    layers = {"embed": module.model.get_input_embeddings()}
+    if saved["head"] is not None:
+        layers["head"] = module.model.get_output_embeddings()
+    for key, layer in layers.items():
+        rows = layer.token_adapter.get_merged_weights(["default"]).detach()
+        start = layer.token_adapter.trainable_tokens_original["default"]
+        keep = torch.ones(rows.shape[0], dtype=torch.bool)
+        keep[used] = False
+        assert torch.equal(rows[keep], saved[key][keep]), key
+        torch.testing.assert_close(start, saved[key][:BASE_VOCAB].mean(0).expand(len(used), -1))
+        assert (rows[used] - start).abs().amin(dim=1).gt(0).all(), key  # every used marker's row trained
+
+    assert not any("embed_tokens.weight" in k for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    if quantize:
+        base = load_pretrained_causal_lm(str(files / name), quantize="nf4", skip=("lm_head",),
+                                         torch_dtype=torch.float32)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(files / name, local_files_only=True)
+    assert torch.equal(_logits(PeftModel.from_pretrained(base, tmp_path / "adapter"), name),
+                       _logits(module.model, name))
+
+
+def test_lora_without_the_option_warns_once_and_changes_nothing(files):
+    """LoRA without ``resize_embeddings``: one warning names the three markers, says they stay frozen and gives the
+    option; after training their rows are still the checkpoint's zeros and nothing is recorded."""
+    module = CausalLMModule(model_name_or_path=str(files / "llama"), lora={"r": 4}, optimizer="adamw", lr=1e-2)
+    said = [text for text in _fit(module, files, "llama") if "untrained" in text]
+    assert len(said) == 1, said
+    assert "3 token(s)" in said[0] and all(repr(marker) in said[0] for marker in MARKERS)
+    assert "stay frozen" in said[0] and "--model.resize_embeddings true" in said[0]
+    assert "reserved" not in said[0]
+    assert module.hparams.untrained_token_ids is None
+    merged = module.model.merge_and_unload()
+    assert merged.model.embed_tokens.weight[BASE_VOCAB:].eq(0).all()
+    assert merged.lm_head.weight[BASE_VOCAB:].eq(0).all()
+
+
+def test_full_finetune_mean_initializes_with_the_option_and_does_not_warn_without(files):
+    """Full fine-tune of the tied Qwen2: with the option the used ChatML rows start at the mean of the trained rows
+    (the padding rows the data never holds stay zero); without it there is no warning (every row trains)."""
+    model = build_causal_lm(str(files / "qwen"), vocab_size=BASE_VOCAB + 2, resize_embeddings=True,
+                            token_ids={300: "<|im_start|>", 301: "<|im_end|>", 7: "a trained token"})
+    assert model.untrained_token_ids == [300, 301]
+    weight, saved = model.model.embed_tokens.weight.detach(), _checkpoint_rows(files, "qwen")["embed"]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch.testing.assert_close(weight[300:302], saved[:BASE_VOCAB].mean(0).expand(2, -1))
+    assert torch.equal(weight[:300], saved[:300]) and weight[302:].eq(0).all()
+
+    module = CausalLMModule(model_name_or_path=str(files / "qwen"), optimizer="adamw", lr=1e-2)
+    assert not [text for text in _fit(module, files, "qwen", steps=1) if "untrained" in text]
+
+
+def test_rule_flags_near_zero_rows_only():
+    """The rule on a tiny model: a zero row and a 1e-20 row are untrained; a row at a tenth of the typical norm, and a
+    row with every entry negative (which ``amax(row) <= eps`` would call untrained), are not; ids outside the rows are
+    ignored; an untied head's zero row flags its token too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, vocab_size=64))
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight
+        embed[1] = 0
+        embed[2] = 1e-20
+        embed[3] *= 0.1
+        embed[4] = -embed[4].abs()
+        model.lm_head.weight[5] = 0
+    assert untrained_token_ids(model, [1, 2, 3, 4, 5, 6, 64, 1000]) == [1, 2, 5]
+
+
+def test_resume_takes_the_recorded_ids_as_what_none_resolves_to():
+    """A run's ``untrained_token_ids=None`` matches a checkpoint's recorded list (as ``resize_embeddings=True`` matches
+    its row count); a list given by the run that differs is a difference."""
+    saved = {"resize_embeddings": 309, "untrained_token_ids": [300, 301, 302]}
+    assert model_differences(saved, {"resize_embeddings": True, "untrained_token_ids": None}) == []
+    assert model_differences(saved, {"resize_embeddings": True, "untrained_token_ids": [300]}) == [
+        ("untrained_token_ids", [300, 301, 302], [300])]
+
+
+@pytest.mark.parametrize(("value", "resize", "why"), [
+    ([-1], True, "expected None"), ("300", True, "expected None"), ([True], True, "expected None"),
+    ([300], False, "with resize_embeddings=False: those rows train only with resize_embeddings=True")])
+def test_bad_untrained_token_ids_are_named(value, resize, why):
+    with pytest.raises(ValueError, match=re.escape(f"Invalid untrained_token_ids={value!r}") + f".*{re.escape(why)}"):
+        CausalLMModule(config=TINY, resize_embeddings=resize, untrained_token_ids=value)
+
+
+def _recipe(files: Path, name: str, model: dict, steps: int) -> Path:
+    """``files/name``: the tiny recipe on the chat data and the Llama-3-like tokenizer with ``model`` init args,
+    checkpoints every 2 steps into ``ckpts-NAME/``."""
+    recipe = yaml.safe_load((RECIPES_DIR / "tiny.yaml").read_text())
+    recipe["trainer"].update({"max_steps": steps, "val_check_interval": steps, "limit_val_batches": 1,
+                              "enable_progress_bar": False, "enable_model_summary": False})
+    callbacks = recipe["trainer"]["callbacks"]
+    callbacks[0]["init_args"]["plot"] = False
+    callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": f"ckpts-{Path(name).stem}", "every_n_train_steps": 2,
+                                    "save_top_k": -1, "filename": "{step}"}})
+    init = recipe["model"]["init_args"]
+    init.pop("config")
+    init.update({"model_name_or_path": str(files / "llama"), **model})
+    recipe["data"]["init_args"].update({"data_path": str(files / "chat.jsonl"),
+                                        "tokenizer": str(files / "llama3tok"), "seq_len": 32, "batch_size": 4})
+    (files / name).write_text(yaml.safe_dump(recipe))
+    return files / name
+
+
+def _lowmem(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([LOWMEM, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+QLORA = {"quantize": "nf4", "lora": {"r": 4}, "resize_embeddings": True}
+
+
+@pytest.fixture(scope="module")
+def qlora_run(files) -> Path:
+    """``qlora.yaml`` (NF4 Llama-3-like base + LoRA, resize_embeddings) trained 4 steps by ``lowmem fit``; adapter
+    in ``qlora-adapter/``, checkpoints at steps 2 and 4 in ``ckpts-qlora/``."""
+    _recipe(files, "qlora.yaml", {"save_dir": "qlora-adapter", **QLORA}, steps=4)
+    proc = _lowmem(files, "fit", "--config", "qlora.yaml")
+    assert proc.stderr.count("3 token(s) the data uses had untrained rows") == 1, proc.stderr[-3000:]
+    return files
+
+
+def test_lowmem_fit_records_the_ids_and_load_from_checkpoint_rebuilds_them(qlora_run):
+    """``lowmem fit`` (QLoRA): the checkpoint records the three markers; ``load_from_checkpoint`` (no data module)
+    rebuilds their trainable rows with the trained values: its logits are those of the adapter ``save_dir`` got,
+    loaded on the unchanged NF4 base."""
+    from peft import PeftModel
+
+    from lowmem_lightning.quant import load_pretrained_causal_lm
+
+    files = qlora_run
+    module = CausalLMModule.load_from_checkpoint(files / "ckpts-qlora" / "step=4.ckpt", map_location="cpu")
+    assert module.hparams.untrained_token_ids == USED["llama"]
+    base = load_pretrained_causal_lm(str(files / "llama"), quantize="nf4", skip=("lm_head",),
+                                     torch_dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(base, files / "qlora-adapter")
+    assert torch.equal(_logits(adapter, "llama"), _logits(module.model, "llama"))
+    embed = module.model.get_input_embeddings().token_adapter
+    assert embed.trainable_tokens_delta["default"].abs().amin(dim=1).gt(0).all()
+
+
+def test_lowmem_fit_without_the_option_warns_once(files):
+    """``lowmem fit`` of a LoRA recipe without ``resize_embeddings``: the warning naming the markers and the option is
+    printed once."""
+    _recipe(files, "plain.yaml", {"lora": {"r": 4}}, steps=2)
+    proc = _lowmem(files, "fit", "--config", "plain.yaml")
+    assert proc.stderr.count("have untrained (zero or near-zero) rows") == 1, proc.stderr[-3000:]
+    assert "'<|eot_id|>' (302)" in proc.stderr and "--model.resize_embeddings true" in proc.stderr
+
+
+@pytest.mark.slow
+def test_lowmem_fit_resumes_bit_equal_and_exports_a_merged_model(qlora_run):
+    """``lowmem fit --ckpt_path`` from the step-2 checkpoint (the run's ``untrained_token_ids`` unset, resolved from
+    the data again) reaches the straight run's step-4 weights bit for bit; ``lowmem export --save_merged true`` writes a
+    model whose marker rows are the trained ones, loaded by ``from_pretrained`` with the module's logits."""
+    from transformers import AutoModelForCausalLM
+
+    files = qlora_run
+    resumed = _recipe(files, "resumed.yaml", QLORA, steps=4)
+    _lowmem(files, "fit", "--config", resumed.name, "--ckpt_path", str(files / "ckpts-qlora" / "step=2.ckpt"))
+    straight = torch.load(files / "ckpts-qlora" / "step=4.ckpt", map_location="cpu", weights_only=False)
+    again = torch.load(files / "ckpts-resumed" / "step=4.ckpt", map_location="cpu", weights_only=False)
+    assert again["hyper_parameters"]["untrained_token_ids"] == USED["llama"]
+    assert straight["state_dict"].keys() == again["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, again["state_dict"][key]), key
+
+    _lowmem(files, "export", "--config", "qlora.yaml", "--ckpt_path", str(files / "ckpts-qlora" / "step=4.ckpt"),
+            "--save_dir", "merged", "--save_merged", "true")
+    merged = AutoModelForCausalLM.from_pretrained(files / "merged", local_files_only=True)
+    assert merged.model.embed_tokens.weight[USED["llama"]].abs().amax(dim=1).gt(0).all()
+    module = CausalLMModule.load_from_checkpoint(files / "ckpts-qlora" / "step=4.ckpt", map_location="cpu")
+    torch.testing.assert_close(_logits(merged, "llama"), _logits(module.model, "llama"), rtol=0, atol=1e-5)
