@@ -221,6 +221,20 @@ def test_bad_untrained_token_ids_are_named(value, resize, why):
         CausalLMModule(config=TINY, resize_embeddings=resize, untrained_token_ids=value)
 
 
+def test_lowmem_fit_refuses_ids_without_the_option_in_one_line(capsys, tmp_path, monkeypatch):
+    """``lowmem fit --model.untrained_token_ids '[5]'`` without ``resize_embeddings``: exit 2, one error line naming
+    both arguments and the fix, nothing written."""
+    from lowmem_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    assert main(["fit", "--config", "tiny", "--model.untrained_token_ids", "[5]"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == ["lowmem fit: error: Invalid untrained_token_ids=[5] with resize_embeddings=False: those rows "
+                      "train only with resize_embeddings=True (--model.resize_embeddings true)."]
+    assert list(tmp_path.iterdir()) == []
+
+
 def _recipe(files: Path, name: str, model: dict, steps: int) -> Path:
     """``files/name``: the tiny recipe on the chat data and the Llama-3-like tokenizer with ``model`` init args,
     checkpoints every 2 steps into ``ckpts-NAME/``."""
