@@ -98,3 +98,17 @@ def test_a_refusal_on_an_80_column_terminal_breaks_at_words(tmp_path):
     assert "lowmem fit: error: Unknown optimizer 'adamw_8bitt': expected one of adafactor, adamw," in text, text
     assert "Did you mean 'adamw_8bit'?" in text and "(all options: lowmem fit --help)" in text, text
     assert "Traceback" not in out and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["--trainer.callbacks.help", "LowMemOptimizerCallback"],
+                                  ["--model.help", "CausalLMModule"], ["--data.help", "TextDataModule"]])
+def test_class_help_on_an_80_column_terminal_fits(tmp_path, args):
+    """Our classes' help: every line within 80 columns; a list-typed argument's two spellings (``--x X, --x+ X``,
+    87 columns for ``fp32_state``) go one per line when together they do not fit."""
+    code, out = _run_on_a_terminal(["fit", *args], tmp_path)
+    assert code == 0, out
+    lines = out.strip("\n").split("\n")
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    if args[0] == "--trainer.callbacks.help":
+        at = lines.index("  --trainer.callbacks.fp32_state FP32_STATE,")
+        assert lines[at + 1] == "  --trainer.callbacks.fp32_state+ FP32_STATE", lines[at:at + 3]

@@ -104,7 +104,18 @@ def our_warnings_in_one_line() -> Callable[[], None]:
 
 class WrappedHeadingsFormatter(DefaultHelpFormatter):
     """jsonargparse's help formatter with section headings broken at words to the help's width (argparse prints a
-    heading on one line: a class's description, e.g. ``--model.help CausalLMModule``'s, ran past 80 columns)."""
+    heading on one line: a class's description, e.g. ``--model.help CausalLMModule``'s, ran past 80 columns), and an
+    argument's spellings one per line when together they do not fit (a list-typed argument has two,
+    ``--trainer.callbacks.fp32_state FP32_STATE, --trainer.callbacks.fp32_state+ FP32_STATE``: 87 columns)."""
+
+    def _format_action_invocation(self, action: Any) -> str:
+        """The argument's spellings, joined by ``", "`` on one line when they fit in the columns left at this
+        indent, else one per line (each ending in a comma but the last)."""
+        invocation = super()._format_action_invocation(action)
+        spellings = invocation.split(", ")
+        if len(invocation) <= self._width - self._current_indent or len(spellings) != len(action.option_strings):
+            return invocation
+        return (",\n" + " " * self._current_indent).join(spellings)
 
     def start_section(self, heading: str | None) -> None:
         """Start a help section under ``heading``, wrapped to the columns left at this indent (minus its colon)."""
