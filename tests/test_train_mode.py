@@ -166,3 +166,23 @@ def test_a_lowmem_module_subclass_is_warned_too(checkpoint, train_mode):
                     torch.utils.data.DataLoader([batch], batch_size=None))
     said = [str(w.message) for w in caught if issubclass(w.category, LowMemWarning) and "eval mode" in str(w.message)]
     assert len(said) == (0 if train_mode else 1)
+
+
+def test_a_lowmem_module_under_the_callback_is_warned_once(checkpoint):
+    """A LowMemModule subclass trained with LowMemOptimizerCallback: both would warn (the module's on_train_start and
+    the callback's CheckpointingModeCheck part); under ``simplefilter("always")`` the user still reads it once."""
+    import warnings
+
+    from lowmem_lightning.callbacks import LowMemOptimizerCallback
+    from lowmem_lightning.lowmem_warning import LowMemWarning
+
+    batch = {"input_ids": torch.randint(0, 259, (2, 16)), "labels": torch.randint(0, 259, (2, 16))}
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1,
+                        callbacks=[LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(UsersLowMemModule.build(str(checkpoint), False),
+                    torch.utils.data.DataLoader([batch], batch_size=None))
+    said = [str(w.message) for w in caught if issubclass(w.category, LowMemWarning) and "eval mode" in str(w.message)]
+    assert len(said) == 1, said

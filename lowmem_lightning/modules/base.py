@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lowmem_lightning.callbacks.train_mode import warn_checkpointing_in_eval_mode
+from lowmem_lightning.callbacks.train_mode import CheckpointingModeCheck, warn_checkpointing_in_eval_mode
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import build_optimizer, optimizer_class
 from lowmem_lightning.optim.state_precision import (
@@ -194,8 +194,12 @@ class LowMemModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Warn when layers with gradient checkpointing are in eval mode, where transformers skips it (a model a
         subclass loaded with ``from_pretrained``: :func:`~lowmem_lightning.callbacks.train_mode.
-        warn_checkpointing_in_eval_mode`). A subclass overriding this hook calls ``super().on_train_start()``."""
-        warn_checkpointing_in_eval_mode(self)
+        warn_checkpointing_in_eval_mode`), unless the Trainer runs a ``CheckpointingModeCheck`` (a
+        ``LowMemOptimizerCallback``'s part), which has said it already: one warning per fit. A subclass overriding
+        this hook calls ``super().on_train_start()``."""
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        if not any(isinstance(callback, CheckpointingModeCheck) for callback in callbacks):
+            warn_checkpointing_in_eval_mode(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with a message saying how to resume, a checkpoint whose optimizer state came from a
