@@ -303,6 +303,23 @@ def test_lowmem_fit_without_the_option_warns_once(files):
     assert "'<|eot_id|>' (302)" in proc.stderr and "--model.resize_embeddings true" in proc.stderr
 
 
+def test_estimate_counts_recorded_ids_as_the_built_model_has_them(files, capsys):
+    """``lowmem estimate`` of a QLoRA recipe with the ids a fit recorded (``untrained_token_ids``): its trainable count
+    is the built model's exactly, ``2 x 3 x 64`` more than with none recorded (embedding and head rows of the three
+    markers)."""
+    from lowmem_lightning.cli import main
+
+    built = build_causal_lm(str(files / "llama"), quantize="nf4", lora={"r": 4}, vocab_size=LLAMA_ROWS,
+                            resize_embeddings=True, token_ids=USED["llama"])
+    trainable = sum(p.numel() for p in built.parameters() if p.requires_grad)
+    counts = []
+    for ids in (USED["llama"], None):
+        recipe = _recipe(files, f"estimate-{ids is None}.yaml", {**QLORA, "untrained_token_ids": ids}, steps=2)
+        assert main(["estimate", "--config", str(recipe), "--format", "json"]) == 0
+        counts.append(json.loads(capsys.readouterr().out)["trainable_params"])
+    assert counts == [trainable, trainable - 2 * len(USED["llama"]) * TINY["hidden_size"]]
+
+
 @pytest.mark.slow
 def test_lowmem_fit_resumes_bit_equal_and_exports_a_merged_model(qlora_run):
     """``lowmem fit --ckpt_path`` from the step-2 checkpoint (the run's ``untrained_token_ids`` unset, resolved from

@@ -352,7 +352,9 @@ def build_causal_lm(
             (:func:`~lowmem_lightning.modules.untrained_tokens.untrained_token_ids`) are, with
             ``resize_embeddings``, set to the mean of the trained rows and train like grown rows; without it, under
             ``lora`` (where they stay frozen), a ``LowMemWarning`` names them and the option. The ids found are the
-            model's ``untrained_token_ids`` attribute (``[]`` when none or not asked for).
+            model's ``untrained_token_ids`` attribute (``[]`` when none or not asked for). On the meta device (no
+            weights to check) a list (not a mapping: the ids a fit recorded) is taken as found, so ``lowmem
+            estimate`` counts those rows.
     """
     lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
     check_resize_embeddings(resize_embeddings)
@@ -380,7 +382,7 @@ def build_causal_lm(
         if target is not None and target > old_rows:
             text.vocab_size = target  # the shapes _grow_embeddings gives a loaded model
         model = _from_config(cfg, quantize, dtype, device)
-        untrained = []
+        untrained = _recorded_untrained(model_name_or_path, token_ids, resize_embeddings, old_rows)
     added = _new_token_rows(model, old_rows, untrained)
     model.untrained_token_ids = untrained
     if old_rows < _embedding_rows(model) and device.type != "meta":
@@ -430,6 +432,15 @@ def _treat_untrained_rows(model: nn.Module, token_ids: Mapping[int, str] | Itera
     warnings.warn(f"resize_embeddings: {len(ids)} token(s) the data uses had untrained rows in the checkpoint "
                   f"({names}); each row set to the mean of the trained rows ({how}).", LowMemWarning, stacklevel=3)
     return ids
+
+
+def _recorded_untrained(model_name_or_path: str | None, token_ids, resize_embeddings: bool | int,
+                        old_rows: int) -> list[int]:
+    """For a checkpoint built on the meta device with ``resize_embeddings``: the ids of a recorded list
+    ``token_ids`` inside its ``old_rows`` rows, taken as untrained unchecked; ``[]`` otherwise."""
+    if model_name_or_path is None or not resize_embeddings or token_ids is None or isinstance(token_ids, Mapping):
+        return []
+    return sorted({int(i) for i in token_ids if int(i) < old_rows})
 
 
 def _check_untrained_token_ids(untrained_token_ids, resize_embeddings: bool | int) -> None:
