@@ -208,3 +208,56 @@ def test_a_rank_that_fails_before_its_run_shows_the_setup_lines_first(tmp_path):
     assert err.count("Seed set to 42") == 1 and "RuntimeError: boom in setup" in err, err[-3000:]
     assert err.index("Seed set to 42") < err.index("Initializing distributed: GLOBAL_RANK: 0") < err.index(
         "Traceback"), err[-3000:]
+
+
+def _checkpoint_transformers_warns_about(path: Path) -> Path:
+    """A tiny Llama checkpoint (``save_pretrained``) holding one tensor the architecture has no place for: loading it,
+    transformers logs a ``LOAD REPORT`` warning (``model.extra.weight | UNEXPECTED``)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=64, vocab_size=259)
+    LlamaForCausalLM(config).save_pretrained(path)
+    weights = load_file(path / "model.safetensors")
+    save_file({**weights, "model.extra.weight": torch.zeros(2)}, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_transformers_build_messages_come_from_rank_zero_only(tmp_path, monkeypatch, rank):
+    """CausalLMModule.configure_model on a rank other than 0 drops transformers' warnings about the checkpoint (every
+    rank loads the same files: rank 0 says it once), and leaves transformers' verbosity and progress bars as found."""
+    import logging
+
+    from lightning.pytorch.utilities import rank_zero_only
+    from transformers.utils import logging as hf_logging
+
+    from lowmem_lightning.modules import CausalLMModule
+
+    path = _checkpoint_transformers_warns_about(tmp_path / "checkpoint")
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        CausalLMModule(model_name_or_path=str(path)).configure_model()
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    reports = [r for r in records if "LOAD REPORT" in r.getMessage() and "model.extra.weight" in r.getMessage()]
+    assert len(reports) == (1 if rank == 0 else 0), [r.getMessage()[:80] for r in records]
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
+
+
+@pytest.mark.slow
+def test_lowmem_fit_ddp_spawn_shows_transformers_load_report_once(tmp_path):
+    """``lowmem fit --trainer.strategy ddp_spawn`` from a checkpoint transformers warns about: its load report and
+    its "Loading weights" bar come once (rank 0), not once per rank. About 35 s on the loaded 2-core machine."""
+    path = _checkpoint_transformers_warns_about(tmp_path / "checkpoint")
+    proc = _fit(tmp_path, "ddp_spawn", 2, "--model.init_args.config", "null", "--model.init_args.model_name_or_path",
+                str(path))
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr  # two ranks really ran
+    assert proc.stderr.count("LOAD REPORT") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("Loading weights:   0%") == 1, proc.stderr[-3000:]

@@ -476,15 +476,35 @@ def _show_callbacks_the_model(module: L.LightningModule) -> None:
 
 @contextlib.contextmanager
 def _build_warnings_on_rank_zero():
-    """Our warnings while the model is built (the LoRA target names it resolved, checkpoint tensors it skipped) are
-    shown by rank 0 only (``rank_zero_only.rank``, as ``rank_zero_warn``): every rank builds the same model from the
-    same files, so under ``ddp_spawn`` / ``ddp_fork`` / ``ddp`` each would say it again."""
+    """Our warnings while the model is built (the LoRA target names it resolved, checkpoint tensors it skipped) and
+    transformers' (its logger's warnings, such as a checkpoint's load report, its Python warnings and its "Loading
+    weights" progress bar) are shown by rank 0 only (``rank_zero_only.rank``, as ``rank_zero_warn``): every rank
+    builds the same model from the same files, so under ``ddp_spawn`` / ``ddp_fork`` / ``ddp`` each would say it
+    again. Errors still come from every rank (raised, or logged by transformers at ``ERROR``)."""
     if rank_zero_only.rank == 0:
         yield
         return
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _transformers_quiet():
         warnings.simplefilter("ignore", LowMemWarning)
+        warnings.filterwarnings("ignore", module=r"transformers(\.|$)")
         yield
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' logger at ``ERROR`` (unless set higher) and its progress bars off; both as before afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity(max(verbosity, hf_logging.ERROR))
+    if bars:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
