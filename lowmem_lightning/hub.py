@@ -6,9 +6,9 @@ commit). A value naming an existing local path is always that path, and so is on
 ``/`` or ``~`` (:data:`PATH_PREFIXES`); any other value must be a repo id, which is
 resolved with ``huggingface_hub.snapshot_download`` into the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``;
 ``HF_TOKEN`` for gated or private repos; ``HF_HUB_OFFLINE=1``: the cache only), downloading only what the caller
-needs (:data:`NEEDS`: ``config.json`` for an estimate; config, ``generation_config.json`` and the safetensors an index
-lists for training; the tokenizer files for a tokenizer). The local-directory code then runs on the snapshot
-directory.
+needs (:data:`NEEDS`: ``config.json`` for an estimate; config, ``generation_config.json``, the safetensors an index
+lists and the ``tokenizer.json`` a checkpoint ships for training; the tokenizer files for a tokenizer). The
+local-directory code then runs on the snapshot directory.
 
 Several processes resolving the same id at once (DDP ranks) are safe, checked in huggingface_hub 2.4's
 ``file_download``: it takes a file lock per file (``<cache>/.locks/models--ORG--NAME/<etag>.lock``), so one process
@@ -31,7 +31,8 @@ from pathlib import Path
 __all__ = ["NEEDS", "PATH_PREFIXES", "is_repo_id", "split_repo_id", "resolve_pretrained", "local_path"]
 
 _CONFIG = ("config.json",)
-_MODEL_META = ("config.json", "generation_config.json", "model.safetensors.index.json", "model.safetensors")
+_MODEL_META = ("config.json", "generation_config.json", "model.safetensors.index.json", "model.safetensors",
+               "tokenizer.json")  # its length: ids past it were never trained (modules/untrained_tokens.py)
 _TOKENIZER = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
               "*.tiktoken", "chat_template.jinja", "chat_template.json")

@@ -343,3 +343,119 @@ def test_lowmem_fit_resumes_bit_equal_and_exports_a_merged_model(qlora_run):
     assert merged.model.embed_tokens.weight[USED["llama"]].abs().amax(dim=1).gt(0).all()
     module = CausalLMModule.load_from_checkpoint(files / "ckpts-qlora" / "step=4.ckpt", map_location="cpu")
     torch.testing.assert_close(_logits(merged, "llama"), _logits(module.model, "llama"), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ ids past the checkpoint's own tokenizer
+@pytest.fixture(scope="module")
+def padded(files) -> Path:
+    """``qwen-padded/``: a tied Qwen2 of 320 rows whose padding rows 300+ keep their random initialization (norms like
+    the trained rows'), shipped with its own 300-id tokenizer; ``qwen-padded-notok/``: the same weights, no tokenizer.
+    The user's ``chatmltok/`` adds ``<|im_start|>`` / ``<|im_end|>`` at ids 300 and 301, past the checkpoint's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY, vocab_size=QWEN_ROWS, tie_word_embeddings=True))
+    model.save_pretrained(files / "qwen-padded-notok")
+    model.save_pretrained(files / "qwen-padded")
+    _base_tokenizer().save_pretrained(files / "qwen-padded")
+    return files
+
+
+def _trained_mean(files: Path, name: str) -> torch.Tensor:
+    """The mean of the checkpoint's first ``BASE_VOCAB`` embedding rows (the rows its tokenizer's ids select)."""
+    return _checkpoint_rows(files, name)["embed"][:BASE_VOCAB].mean(0)
+
+
+def test_ids_past_the_checkpoint_tokenizer_train_with_the_option_whatever_their_norm(padded):
+    """LoRA on the padded Qwen2 whose padding rows are random, not zero: the ChatML tokens the user added at ids 300
+    and 301, past the checkpoint tokenizer's 300 ids, are untrained although their norms are ordinary; with the option
+    they are recorded, start at the mean of the rows the checkpoint's tokenizer selects and train."""
+    module = CausalLMModule(model_name_or_path=str(padded / "qwen-padded"), lora={"r": 4}, resize_embeddings=True,
+                            optimizer="adamw", lr=1e-2)
+    said = _fit(module, padded, "qwen", steps=2)
+    assert module.hparams.untrained_token_ids == USED["qwen"]
+    assert sum("2 token(s) the data uses had untrained rows" in text for text in said) == 1, said
+    layer = module.model.get_input_embeddings().token_adapter
+    start = layer.trainable_tokens_original["default"]
+    torch.testing.assert_close(start, _trained_mean(padded, "qwen-padded").expand(2, -1))
+    assert layer.trainable_tokens_delta["default"].abs().amin(dim=1).gt(0).all()
+
+
+def test_ids_past_the_checkpoint_tokenizer_are_named_without_the_option(padded):
+    """The same LoRA fit without the option: one warning names both ChatML tokens and says why (past the 300 ids of
+    the checkpoint's own tokenizer); nothing is recorded."""
+    module = CausalLMModule(model_name_or_path=str(padded / "qwen-padded"), lora={"r": 4}, optimizer="adamw")
+    said = [text for text in _fit(module, padded, "qwen", steps=1) if "untrained" in text]
+    assert len(said) == 1, said
+    assert "2 token(s) the data uses have untrained (zero or near-zero, or past the 300 ids of its own tokenizer)" \
+        in said[0] and "'<|im_start|>' (300), '<|im_end|>' (301)" in said[0]
+    assert module.hparams.untrained_token_ids is None
+
+
+def test_a_checkpoint_without_a_readable_tokenizer_keeps_the_norm_rule_alone(padded, tmp_path):
+    """The same random padding rows with no tokenizer in the checkpoint folder: nothing says they were never trained,
+    so they are not flagged. With a ``tokenizer.json`` that cannot be parsed, the same, and a warning says why."""
+    model = build_causal_lm(str(padded / "qwen-padded-notok"), vocab_size=BASE_VOCAB + 2, resize_embeddings=True,
+                            token_ids=USED["qwen"])
+    assert model.untrained_token_ids == []
+    broken = shutil.copytree(padded / "qwen-padded-notok", tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("{")
+    with pytest.warns(LowMemWarning, match=r"tokenizer\.json cannot be read .*judged by their norms alone"):
+        model = build_causal_lm(str(broken), resize_embeddings=True, token_ids=USED["qwen"])
+    assert model.untrained_token_ids == []
+
+
+def test_a_hub_snapshot_brings_the_checkpoint_tokenizer_with_the_weights(padded, tmp_path, monkeypatch):
+    """``model_name_or_path`` a Hub repo id: the weights' download (a stand-in ``snapshot_download`` that copies only
+    the files its ``allow_patterns`` select, as the Hub does) brings the checkpoint's ``tokenizer.json``, so ids past it
+    are flagged as from a local folder."""
+    import fnmatch
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=(), **kwargs):
+        folder = tmp_path / "snapshots" / ("3" * 40)
+        folder.mkdir(parents=True, exist_ok=True)
+        for source in (padded / "qwen-padded").iterdir():
+            if any(fnmatch.fnmatch(source.name, pattern) for pattern in allow_patterns):
+                shutil.copy(source, folder / source.name)
+        return str(folder)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = build_causal_lm("tiny-org/padded-qwen", vocab_size=BASE_VOCAB + 2, resize_embeddings=True,
+                            token_ids=USED["qwen"])
+    assert model.untrained_token_ids == USED["qwen"]
+    assert not (tmp_path / "snapshots" / ("3" * 40) / "tokenizer_config.json").exists()  # the length's file only
+
+
+def test_grown_rows_start_at_the_mean_of_the_trained_rows(files, padded):
+    """``resize_embeddings`` grows rows at the mean of the trained rows, as untrained rows start: on the Llama-3-like
+    base (rows 300+ zero in both untied layers) each layer's grown rows are the mean of its first 300 rows, not of all
+    309; on the padded Qwen2 the random rows past the checkpoint tokenizer are left out of the mean too."""
+    llama = build_causal_lm(str(files / "llama"), vocab_size=LLAMA_ROWS + 2, resize_embeddings=True)
+    saved = _checkpoint_rows(files, "llama")
+    for key, layer in (("embed", llama.get_input_embeddings()), ("head", llama.get_output_embeddings())):
+        torch.testing.assert_close(layer.weight[LLAMA_ROWS:].detach(), saved[key][:BASE_VOCAB].mean(0).expand(2, -1))
+    qwen = build_causal_lm(str(padded / "qwen-padded"), vocab_size=QWEN_ROWS + 1, resize_embeddings=True)
+    torch.testing.assert_close(qwen.get_input_embeddings().weight[QWEN_ROWS:].detach(),
+                               _trained_mean(padded, "qwen-padded").expand(1, -1))
+
+
+def test_estimate_says_when_its_trainable_count_leaves_untrained_rows_out(files, capsys):
+    """``lowmem estimate`` of a LoRA recipe with ``resize_embeddings`` and no ``untrained_token_ids``: one note says
+    the trainable count leaves out the untrained rows the data uses (2 x 64 params each on the untied base) and how to
+    count them; none once the recipe lists them, nor for a full fine-tune (every row is trainable already)."""
+    from lowmem_lightning.cli import main
+
+    note = "trainable params: + 128 per untrained checkpoint row the data uses"
+    for name, model, shown in (("unlisted", QLORA, True), ("listed", {**QLORA, "untrained_token_ids": [300]}, False),
+                               ("full", {"resize_embeddings": True}, False)):
+        recipe = _recipe(files, f"estimate-note-{name}.yaml", model, steps=2)
+        assert main(["estimate", "--config", str(recipe)]) == 0
+        table = capsys.readouterr().out
+        assert (note in " ".join(table.split())) == shown, (name, table[-600:])
+        assert ("--model.untrained_token_ids to count them" in " ".join(table.split())) == shown

@@ -141,6 +141,22 @@ def build_meta_model(cfg: Namespace):
     return model
 
 
+def _untrained_rows_note(cfg: Namespace, model) -> str | None:
+    """The note that the trainable count leaves out the checkpoint's untrained token rows the data uses, for a LoRA
+    run on a checkpoint with ``resize_embeddings`` and no ``untrained_token_ids`` list: ``lowmem fit`` finds those
+    rows from the weights and the data, which an estimate reads neither of (a full fine-tune trains every row anyway,
+    so its count is exact). ``None`` otherwise."""
+    init = cfg.model.get("init_args") or Namespace()
+    if not (init.get("model_name_or_path") and init.get("lora") and init.get("resize_embeddings")) or (
+            init.get("untrained_token_ids") is not None or not hasattr(model, "get_input_embeddings")):
+        return None
+    embedding, head = (getattr(layer, "original_module", layer)  # through peft's wrapper of grown rows
+                       for layer in (model.get_input_embeddings(), model.get_output_embeddings()))
+    per_token = embedding.weight.shape[1] * (1 if head is None or head.weight is embedding.weight else 2)
+    return (f"trainable params: + {per_token:,} per untrained checkpoint row the data uses (lowmem fit finds them; "
+            "list them in --model.untrained_token_ids to count them)")
+
+
 PROG = "lowmem estimate"
 """The command's name in its messages (``lowmem estimate: error: ...``)."""
 
@@ -205,6 +221,9 @@ def estimate_main(argv: Sequence[str]) -> int:
                                    step_in_backward=release, gradient_checkpointing=checkpointing,
                                    bucket_bytes=_configured_bucket_bytes(cfg), activations=activations,
                                    activation_detail=detail, fp32_state=fp32_state)
+        note = _untrained_rows_note(cfg, model)
+        if note is not None:
+            estimate.notes.append(note)
     except (ValueError, TypeError) as err:
         return usage_error(short(err), PROG)
     print(format_json(estimate) if known.format == "json" else format_table(estimate))

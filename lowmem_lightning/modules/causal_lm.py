@@ -287,16 +287,20 @@ def _embedding_rows(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _grow_embeddings(model: nn.Module, rows: int) -> None:
+def _grow_embeddings(model: nn.Module, rows: int, seen_rows: int | None = None) -> None:
     """Resize ``model``'s input embeddings and output head to ``rows`` rows (transformers'
     ``resize_token_embeddings``: ``config.vocab_size`` follows, a tied head stays tied). Each new row is the mean of
-    its layer's old rows: what transformers' ``mean_resizing`` draws around, taken exactly, so every rank and every
-    rebuild (resume, export) gets the same rows without sharing a random seed."""
+    its layer's trained old rows (:func:`~lowmem_lightning.modules.untrained_tokens.trained_row_mean`: zero or
+    near-zero rows and rows at or past ``seen_rows``, the checkpoint tokenizer's length, left out), where untrained
+    rows start too: what transformers' ``mean_resizing`` draws around, taken exactly, so every rank and every rebuild
+    (resume, export) gets the same rows without sharing a random seed."""
+    from lowmem_lightning.modules.untrained_tokens import trained_row_mean
+
     old = model.get_input_embeddings().num_embeddings
     model.resize_token_embeddings(rows, mean_resizing=False)
     layers = (model.get_input_embeddings(), model.get_output_embeddings())
     for weight in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
-        weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
+        weight[old:] = trained_row_mean(weight[:old], seen_rows).to(weight.dtype)
 
 
 def _new_token_rows(model: nn.Module, old_rows: int,
@@ -344,12 +348,13 @@ def build_causal_lm(
             row count ``resize_embeddings=True`` grows to (the tokenizer's length, added tokens included).
         resize_embeddings: ``True`` (to ``vocab_size``) or a number of rows: a model with fewer rows gets its input
             embeddings and output head grown to that many (tied heads stay tied; never shrunk), each new row the
-            mean of the old rows (see :func:`_grow_embeddings`), and ``config.vocab_size`` follows. Those rows
+            mean of the trained old rows (see :func:`_grow_embeddings`), and ``config.vocab_size`` follows. Those rows
             train: with ``lora`` through peft's ``trainable_token_indices`` (one ``new rows x hidden`` fp32 tensor
             per untied layer; the old rows stay frozen); the NF4 quantizer never touches embeddings or ``lm_head``.
         token_ids: Ids the fine-tune meets that a checkpoint may never have trained (the data's special tokens; a
             mapping gives their text for messages). Those whose rows are untrained
-            (:func:`~lowmem_lightning.modules.untrained_tokens.untrained_token_ids`) are, with
+            (:func:`~lowmem_lightning.modules.untrained_tokens.untrained_token_ids`: near-zero rows, and ids at or
+            past the length of the tokenizer the checkpoint ships, when it ships a ``tokenizer.json``) are, with
             ``resize_embeddings``, set to the mean of the trained rows and train like grown rows; without it, under
             ``lora`` (where they stay frozen), a ``LowMemWarning`` names them and the option. The ids found are the
             model's ``untrained_token_ids`` attribute (``[]`` when none or not asked for). On the meta device (no
@@ -367,9 +372,12 @@ def build_causal_lm(
         # skipped, so activations would take their full memory.
         model = _load_pretrained(model_name_or_path, quantize, dtype, device).train()
         old_rows = _embedding_rows(model)
-        untrained = _treat_untrained_rows(model, token_ids, bool(resize_embeddings), lora is not None)
+        from lowmem_lightning.modules.untrained_tokens import checkpoint_tokenizer_length
+
+        seen_rows = checkpoint_tokenizer_length(model_name_or_path) if resize_embeddings or token_ids else None
+        untrained = _treat_untrained_rows(model, token_ids, bool(resize_embeddings), lora is not None, seen_rows)
         if target is not None and target > old_rows:
-            _grow_embeddings(model, target)
+            _grow_embeddings(model, target, seen_rows)
     else:
         if config is not None:
             cfg = make_config(config, vocab_size)
@@ -389,7 +397,7 @@ def build_causal_lm(
         rows = _embedding_rows(model)
         how = "they train through peft's trainable_token_indices, the old rows stay frozen" if lora else "they train"
         warnings.warn(f"resize_embeddings: the input embeddings and output head grew from {old_rows} to {rows} "
-                      f"rows for the tokenizer's added tokens (each new row the mean of the old ones; {how}).",
+                      f"rows for the tokenizer's added tokens (each new row the mean of the trained old rows; {how}).",
                       LowMemWarning, stacklevel=2)
     if lora is not None:
         from lowmem_lightning.quant import add_lora
@@ -404,10 +412,11 @@ def build_causal_lm(
 
 
 def _treat_untrained_rows(model: nn.Module, token_ids: Mapping[int, str] | Iterable[int] | None, resize: bool,
-                          lora: bool) -> list[int]:
-    """The ids of ``token_ids`` whose rows ``model`` (a loaded checkpoint) never trained: with ``resize`` they are
-    set to the mean of the trained rows and returned (they train); otherwise, under ``lora``, a ``LowMemWarning``
-    names them and ``[]`` is returned (nothing changes; a full fine-tune trains every row anyway)."""
+                          lora: bool, seen_rows: int | None = None) -> list[int]:
+    """The ids of ``token_ids`` whose rows ``model`` (a loaded checkpoint) never trained (near zero, or at or past
+    ``seen_rows``, the checkpoint tokenizer's length): with ``resize`` they are set to the mean of the trained rows
+    and returned (they train); otherwise, under ``lora``, a ``LowMemWarning`` names them and ``[]`` is returned
+    (nothing changes; a full fine-tune trains every row anyway)."""
     from lowmem_lightning.modules.untrained_tokens import (
         describe_tokens,
         initialize_untrained_rows,
@@ -416,18 +425,19 @@ def _treat_untrained_rows(model: nn.Module, token_ids: Mapping[int, str] | Itera
 
     if not token_ids or not (resize or lora):
         return []
-    ids = untrained_token_ids(model, token_ids)
+    ids = untrained_token_ids(model, token_ids, seen_rows)
     if not ids:
         return []
     names = describe_tokens(ids, token_ids if isinstance(token_ids, Mapping) else None)
+    past = "" if seen_rows is None or ids[-1] < seen_rows else f", or past the {seen_rows} ids of its own tokenizer"
     if not resize:
-        warnings.warn(f"{len(ids)} token(s) the data uses have untrained (zero or near-zero) rows in the checkpoint's "
-                      f"input embeddings or output head: {names}. Under LoRA those rows stay frozen, so the model "
-                      "cannot learn to read or emit them (huge losses, replies that never stop). Pass "
+        warnings.warn(f"{len(ids)} token(s) the data uses have untrained (zero or near-zero{past}) rows in the "
+                      f"checkpoint's input embeddings or output head: {names}. Under LoRA those rows stay frozen, so "
+                      "the model cannot learn to read or emit them (huge losses, replies that never stop). Pass "
                       "resize_embeddings=True (--model.resize_embeddings true) to start them at the mean of the "
                       "trained rows and train them.", LowMemWarning, stacklevel=3)
         return []
-    initialize_untrained_rows(model, ids)
+    initialize_untrained_rows(model, ids, seen_rows)
     how = "they train through peft's trainable_token_indices, the other rows stay frozen" if lora else "they train"
     warnings.warn(f"resize_embeddings: {len(ids)} token(s) the data uses had untrained rows in the checkpoint "
                   f"({names}); each row set to the mean of the trained rows ({how}).", LowMemWarning, stacklevel=3)
@@ -553,8 +563,8 @@ class CausalLMModule(LowMemModule):
             instead of the adapter (the module keeps the merged model afterwards).
         resize_embeddings: ``True``: when the datamodule's tokenizer has more ids than the checkpoint embeds
             (special tokens added, e.g. ChatML's ``<|im_start|>`` / ``<|im_end|>`` on a base model), grow the input
-            embeddings and output head to the tokenizer's length, each new row the mean of the old ones; the new
-            rows train (with LoRA / QLoRA through peft's ``trainable_token_indices``, the old rows frozen). The row
+            embeddings and output head to the tokenizer's length, each new row the mean of the trained old rows; the
+            new rows train (with LoRA / QLoRA through peft's ``trainable_token_indices``, the old rows frozen). The row
             count is recorded in the hyperparameters (an int here), so resuming and ``load_from_checkpoint``
             rebuild the same shapes. ``False`` (default): such a tokenizer is refused, naming this option.
             With ``True`` (or a count) the checkpoint's untrained rows of the special tokens the data uses (a Llama-3
