@@ -112,3 +112,15 @@ def test_class_help_on_an_80_column_terminal_fits(tmp_path, args):
     if args[0] == "--trainer.callbacks.help":
         at = lines.index("  --trainer.callbacks.fp32_state FP32_STATE,")
         assert lines[at + 1] == "  --trainer.callbacks.fp32_state+ FP32_STATE", lines[at:at + 3]
+
+
+def test_subcommand_help_starts_with_a_short_usage_and_fits(tmp_path):
+    """``lowmem fit --help`` on an 80x24 terminal: the usage is one line (argparse's listed every Trainer, model and
+    data option, ~50 lines, some past 80 columns, before the sections that list them again) and every line fits."""
+    code, out = _run_on_a_terminal(["fit", "--help"], tmp_path)
+    assert code == 0, out
+    lines = out.strip("\n").split("\n")
+    assert lines[0] == "usage: lowmem fit [-h] [-c CONFIG] [options]", lines[:3]
+    assert lines[1] == "", lines[:3]
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    assert any(line.startswith("  --trainer.max_steps MAX_STEPS") for line in lines)  # the sections still list all

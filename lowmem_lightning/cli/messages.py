@@ -102,11 +102,28 @@ def our_warnings_in_one_line() -> Callable[[], None]:
     return restore
 
 
+USAGE_LINES = 4
+"""The most lines a help's usage may take before it is shortened to ``PROG [-h] [-c CONFIG] [options]``."""
+
+
 class WrappedHeadingsFormatter(DefaultHelpFormatter):
     """jsonargparse's help formatter with section headings broken at words to the help's width (argparse prints a
     heading on one line: a class's description, e.g. ``--model.help CausalLMModule``'s, ran past 80 columns), and an
     argument's spellings one per line when together they do not fit (a list-typed argument has two,
-    ``--trainer.callbacks.fp32_state FP32_STATE, --trainer.callbacks.fp32_state+ FP32_STATE``: 87 columns)."""
+    ``--trainer.callbacks.fp32_state FP32_STATE, --trainer.callbacks.fp32_state+ FP32_STATE``: 87 columns), and a
+    usage of more than :data:`USAGE_LINES` lines shortened to its first words."""
+
+    def _format_usage(self, usage: str | None, actions: Any, groups: Any, prefix: str | None) -> str:
+        """argparse's usage, or the short form ``usage: lowmem fit [-h] [-c CONFIG] [options]`` (``-h`` and ``-c``
+        where the parser has them) when it would take more than :data:`USAGE_LINES` lines: ``lowmem fit`` lists
+        every Trainer, model and data option there, ~50 lines before the first section that lists them again."""
+        full = super()._format_usage(usage, actions, groups, prefix)
+        if usage is not None or full.count("\n") <= USAGE_LINES + 1:
+            return full
+        flags = {flag for action in actions for flag in action.option_strings}
+        named = [shown for flag, shown in (("-h", "[-h]"), ("-c", "[-c CONFIG]")) if flag in flags]
+        prog = self._prog.replace(" [options]", "")
+        return f"{prefix or 'usage: '}{' '.join([prog, *named, '[options]'])}\n\n"
 
     def _format_action_invocation(self, action: Any) -> str:
         """The argument's spellings, joined by ``", "`` on one line when they fit in the columns left at this
