@@ -505,16 +505,13 @@ def _transformers_quiet():
     """transformers' logger at ``ERROR`` (unless set higher) and its progress bars off; both as before afterwards."""
     from transformers.utils import logging as hf_logging
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity(max(verbosity, hf_logging.ERROR))
-    if bars:
-        hf_logging.disable_progress_bar()
     try:
-        yield
+        with _no_transformers_progress_bar():
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
