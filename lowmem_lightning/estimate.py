@@ -21,7 +21,8 @@ instantiated (meta) model:
 Activations depend on batch size, sequence length, checkpointing and packing: device totals exclude them, and
 :func:`activation_bytes` gives the peak of a Llama-style decoder's forward + backward from its config,
 :func:`lora_activation_bytes` that of LoRA adapters on a 4-bit or frozen base (the formulas are in their
-docstrings; ``tests/test_estimate.py`` checks both against torch's profiler on CPU).
+docstrings; ``tests/test_estimate.py`` checks both against torch's profiler on CPU), and
+:func:`token_rows_activation_bytes` what trained token rows add to the latter (``tests/test_token_rows_memory.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ __all__ = [
     "document_mask_terms",
     "model_activation_bytes",
     "lora_activation_bytes",
+    "token_rows_activation_bytes",
     "LORA_ACTIVATION_COEFFICIENTS",
     "LORA_MODES",
     "LORA_TARGET_SETS",
@@ -587,9 +589,52 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     checkpointing = "checkpointing" if gradient_checkpointing else "no checkpointing"
     drop = f", dropout {lora['dropout']:g}" if lora["dropout"] else ""
     where = "NF4" if base == "nf4" else "frozen"
-    return nbytes[isolate_documents], (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA "
-                                       f"r={lora['rank']} on {len(LORA_TARGET_SETS[key])} projections{drop}, "
-                                       f"{where} base" + _mask_note(nbytes))
+    rows = _token_rows_term(model, config, batch_size, seq_len, gradient_checkpointing, mode)
+    rows_note = f", +{_gb(rows)} trained token rows" if rows else ""
+    return nbytes[isolate_documents] + rows, (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA "
+                                              f"r={lora['rank']} on {len(LORA_TARGET_SETS[key])} projections{drop}, "
+                                              f"{where} base" + _mask_note(nbytes) + rows_note)
+
+
+def token_rows_activation_bytes(hidden: int, batch_size: int, seq_len: int, embedding_rows: bool, head_rows: int,
+                                gradient_checkpointing: bool, dtype_bytes: int) -> int:
+    """Peak activation bytes that trained token rows (peft's ``trainable_token_indices`` under LoRA, through
+    ``add_lora``'s copy-free layers, :mod:`lowmem_lightning.quant.token_rows`) add to LoRA alone: with ``n =
+    batch_size * seq_len``, ``9 * n`` for rows on the input embedding (each position's int64 row slot and bool
+    trained-mask, saved for backward), ``head_rows * (8 + hidden * dtype_bytes)`` for ``head_rows`` rows on the head
+    (their ids and the rows in the head's compute dtype, saved), and without gradient checkpointing ``4 * n *
+    (hidden + 1)`` (the first layer's fp32 norm input and rsqrt, saved once the embedding output needs a gradient).
+    No ``vocab x hidden`` copy: peft's own layer would add one per layer (``tests/test_token_rows_memory.py``
+    measures both)."""
+    n = batch_size * seq_len
+    embedding = 9 * n + (0 if gradient_checkpointing else 4 * n * (hidden + 1)) if embedding_rows else 0
+    return embedding + head_rows * (8 + hidden * dtype_bytes)
+
+
+def _token_rows(model: nn.Module) -> tuple[bool, int]:
+    """``(whether the input embedding trains token rows, how many rows the head trains)``: peft's token layers in
+    ``model`` (modules with ``trainable_tokens_delta`` and ``token_indices``), read without importing peft."""
+    embedding, head = False, 0
+    for module in model.modules():
+        indices = getattr(module, "token_indices", None)
+        if not isinstance(indices, dict) or not hasattr(module, "trainable_tokens_delta") or not indices:
+            continue
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Embedding):
+            embedding = True
+        elif isinstance(base, nn.Linear):
+            head = max(head, *(len(ids) for ids in indices.values()))
+    return embedding, head
+
+
+def _token_rows_term(model: nn.Module, config, batch_size: int, seq_len: int, gradient_checkpointing: bool,
+                     mode: str) -> int:
+    """:func:`token_rows_activation_bytes` of ``model``'s trained token rows (0 without), ``mode`` a LoRA mode."""
+    embedding, head = _token_rows(model)
+    if not (embedding or head):
+        return 0
+    return token_rows_activation_bytes(_config_value(config, "hidden_size"), batch_size, seq_len, embedding, head,
+                                       gradient_checkpointing, 4 if mode == "fp32" else 2)
 
 
 def _mask_note(nbytes: dict[bool, int]) -> str:

@@ -274,3 +274,7 @@ def test_estimate_counts_the_added_rows_as_the_built_model_has_them(files, tmp_p
     extra_state = counts[True]["optimizers"]["adamw"]["state_bytes"] - counts[False]["optimizers"]["adamw"][
         "state_bytes"]
     assert extra_state == 8 * layers * len(ADDED) * TINY["hidden_size"] + 4 * layers  # m, v and a step per tensor
+    # activations: what the trained rows keep at the peak (tests/test_token_rows_memory.py), under one copy of a head
+    extra_activations = counts[True]["activation_bytes"] - counts[False]["activation_bytes"]
+    assert "trained token rows" in counts[True]["activation_detail"]
+    assert 0 < extra_activations < VOCAB * TINY["hidden_size"] * 2

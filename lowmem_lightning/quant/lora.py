@@ -29,6 +29,7 @@ from torch import nn
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 from .linear4bit import Linear4bit
+from .token_rows import use_copy_free_token_rows
 
 __all__ = ["LoraLinear4bit", "add_lora", "load_lora", "register_peft_custom_module", "resolve_target_modules",
            "LLAMA_TARGET_MODULES"]
@@ -251,8 +252,9 @@ def add_lora(
     Adapters are stored in ``adapter_dtype`` (fp32 by default). ``trainable_token_indices`` (peft's LoraConfig
     option, e.g. the ids of tokens added to the vocabulary): these rows of the input embedding (a list) or of the
     named layers (``{"embed_tokens": [...], "lm_head": [...]}``) train too, as one ``len(ids) x hidden`` tensor
-    per layer (a tied output head follows the input embedding's); the rest of each layer stays frozen.
-    Returns the ``PeftModel`` (``PeftModelForCausalLM`` for a model that can generate).
+    per layer (a tied output head follows the input embedding's); the rest of each layer stays frozen. Their
+    layers make no ``vocab x hidden`` copy of the weight per forward (:func:`use_copy_free_token_rows`; the saved
+    adapter is peft's). Returns the ``PeftModel`` (``PeftModelForCausalLM`` for a model that can generate).
     """
     _check_lora_args(r, alpha, dropout, target_modules, adapter_dtype)
     if not isinstance(model, nn.Module):
@@ -268,6 +270,7 @@ def add_lora(
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != adapter_dtype:
             param.data = param.data.to(adapter_dtype)
+    use_copy_free_token_rows(peft_model)
     return peft_model
 
 
