@@ -596,32 +596,34 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
                                               f"{where} base" + _mask_note(nbytes) + rows_note)
 
 
-def token_rows_activation_bytes(hidden: int, batch_size: int, seq_len: int, embedding_rows: bool, head_rows: int,
+def token_rows_activation_bytes(hidden: int, batch_size: int, seq_len: int, embedding_rows: int, head_rows: int,
                                 gradient_checkpointing: bool, dtype_bytes: int) -> int:
     """Peak activation bytes that trained token rows (peft's ``trainable_token_indices`` under LoRA, through
     ``add_lora``'s copy-free layers, :mod:`lowmem_lightning.quant.token_rows`) add to LoRA alone: with ``n =
-    batch_size * seq_len``, ``9 * n`` for rows on the input embedding (each position's int64 row slot and bool
-    trained-mask, saved for backward), ``head_rows * (8 + hidden * dtype_bytes)`` for ``head_rows`` rows on the head
-    (their ids and the rows in the head's compute dtype, saved), and without gradient checkpointing ``4 * n *
-    (hidden + 1)`` (the first layer's fp32 norm input and rsqrt, saved once the embedding output needs a gradient).
+    batch_size * seq_len``, ``9 * n + 8 * embedding_rows`` for ``embedding_rows`` rows on the input embedding (each
+    position's int64 row slot and bool trained-mask, saved for backward; the rows' int64 ids, made once and kept),
+    ``head_rows * (8 + hidden * dtype_bytes)`` for ``head_rows`` rows on the head (their ids, kept, and the rows in
+    the head's compute dtype, saved), and without gradient checkpointing ``4 * n * (hidden + 1)`` (the first layer's
+    fp32 norm input and rsqrt, saved once the embedding output needs a gradient).
     No ``vocab x hidden`` copy: peft's own layer would add one per layer (``tests/test_token_rows_memory.py``
     measures both)."""
     n = batch_size * seq_len
-    embedding = 9 * n + (0 if gradient_checkpointing else 4 * n * (hidden + 1)) if embedding_rows else 0
+    embedding = 9 * n + 8 * embedding_rows + (0 if gradient_checkpointing else 4 * n * (hidden + 1)) if (
+        embedding_rows) else 0
     return embedding + head_rows * (8 + hidden * dtype_bytes)
 
 
-def _token_rows(model: nn.Module) -> tuple[bool, int]:
-    """``(whether the input embedding trains token rows, how many rows the head trains)``: peft's token layers in
+def _token_rows(model: nn.Module) -> tuple[int, int]:
+    """``(how many rows the input embedding trains, how many rows the head trains)``: peft's token layers in
     ``model`` (modules with ``trainable_tokens_delta`` and ``token_indices``), read without importing peft."""
-    embedding, head = False, 0
+    embedding, head = 0, 0
     for module in model.modules():
         indices = getattr(module, "token_indices", None)
         if not isinstance(indices, dict) or not hasattr(module, "trainable_tokens_delta") or not indices:
             continue
         base = getattr(module, "base_layer", None)
         if isinstance(base, nn.Embedding):
-            embedding = True
+            embedding = max(embedding, *(len(ids) for ids in indices.values()))
         elif isinstance(base, nn.Linear):
             head = max(head, *(len(ids) for ids in indices.values()))
     return embedding, head

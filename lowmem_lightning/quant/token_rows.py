@@ -103,13 +103,24 @@ class CopyFreeTokensLayer(TrainableTokensLayer):
             return super().forward_adapters(x, active_adapters, *args, **kwargs)
         base = self.base_layer
         adapter = active_adapters[0]
-        index = torch.tensor(self.token_indices[adapter], device=base.weight.device)
+        index = self._index_on(adapter, base.weight.device)
         delta = self.trainable_tokens_delta[adapter].to(base.weight)
         if isinstance(base, nn.Embedding):
             result = _embedding_with_rows(x, base, index, delta)
             scale = self._get_embed_scale()
             return result if scale is None else result * scale.to(result.dtype)
         return _linear_with_rows(x, base.weight, index, delta)
+
+    def _index_on(self, adapter: str, device: torch.device) -> torch.Tensor:
+        """``token_indices[adapter]`` as an int64 tensor on ``device``, made once per adapter and device: a tensor
+        built from the Python list every forward would be a pageable host-to-device copy, which waits for the
+        device (a host sync per step on a GPU)."""
+        cache = self.__dict__.setdefault("_index_cache", {})
+        ids = self.token_indices[adapter]
+        key = (adapter, device)
+        if key not in cache or cache[key][0] != ids:
+            cache[key] = (list(ids), torch.tensor(ids, dtype=torch.int64, device=device))
+        return cache[key][1]
 
     def _copy_free(self, active_adapters) -> bool:
         """Whether this forward can skip the copy: one active unmerged adapter on a frozen plain embedding, or on
