@@ -6,61 +6,80 @@ through the wrong order, so a mid-epoch resume of a 2-process run read other bat
 uninterrupted run. :class:`RankEpochShuffleSampler` is itself a ``DistributedSampler`` (so Lightning
 leaves it alone): epoch ``e``'s permutation of :class:`~lowmem_lightning.data.text.EpochShuffleSampler`,
 padded to a multiple of the number of ranks by repeating its head (as ``DistributedSampler`` pads), and
-rank ``r`` reads every ``world``-th index from ``r``. Its state (epoch, indices handed out) travels in
-the checkpoint with the loader's, and every rank is at the same position, so the one state Lightning
-saves (rank 0's) resumes every rank exactly.
+rank ``r`` reads every ``world``-th index from ``r``. Its state (epoch, indices read by all ranks together,
+world size) travels in the checkpoint with the loader's, and every rank is at the same position, so the one
+state Lightning saves (rank 0's) resumes every rank exactly.
+
+On another number of processes a mid-epoch state resumes at the same place of the epoch: the indices not yet
+read are dealt over the new ranks (:meth:`~lowmem_lightning.data.text.EpochShuffleSampler.share`), and
+:func:`align_epoch_progress` sets Lightning's count of the epoch's batches so that the epoch ends when they do.
 """
 
 from __future__ import annotations
 
+import functools
+
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DistributedSampler
 
 from .text import EpochShuffleSampler
 
-__all__ = ["RankEpochShuffleSampler", "epoch_sampler"]
+__all__ = ["RankEpochShuffleSampler", "align_epoch_progress", "epoch_sampler"]
 
 
 class RankEpochShuffleSampler(EpochShuffleSampler, DistributedSampler):
     """Rank ``rank``'s share (of ``world``) of each epoch's :class:`EpochShuffleSampler` order: ``ceil(n / world)``
-    indices per epoch, resumable from ``state_dict()`` like the single-process sampler."""
+    indices per epoch, resumable from ``state_dict()`` like the single-process sampler (also from a state another
+    world size wrote)."""
 
     def __init__(self, n: int, seed: int, rank: int, world: int):
         if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
             raise ValueError(f"Invalid rank={rank!r} of world={world!r}: expected 0 <= rank < world, world >= 1.")
         EpochShuffleSampler.__init__(self, n, seed)
         self.rank, self.num_replicas = rank, world
-        self.num_samples = -(-n // world)
+        self.num_samples = len(self)
         self.total_size = self.num_samples * world
         self.shuffle, self.drop_last = True, False  # what Lightning reads of a DistributedSampler
-
-    def permutation(self, epoch: int) -> list[int]:
-        """This rank's indices of epoch ``epoch`` (``num_samples`` of them)."""
-        order = super().permutation(epoch)
-        order += order[: self.total_size - len(order)]
-        return order[self.rank :: self.num_replicas]
-
-    def __iter__(self):
-        start, self._resume_at = self._resume_at, None
-        if start is None or start >= self.num_samples:  # a new epoch (also after a state saved at an epoch's end)
-            self.epoch, start = self.epoch + 1, 0
-        self.yielded = start
-        return self._indices(self.permutation(self.epoch)[start:])
-
-    def __len__(self) -> int:
-        return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: the epoch advances with each pass and is restored from the checkpoint (Lightning calls this
         on every ``DistributedSampler``)."""
 
 
-def epoch_sampler(n: int, seed: int, trainer=None) -> EpochShuffleSampler:
+def align_epoch_progress(trainer, batch_size: int, sampler: EpochShuffleSampler) -> None:
+    """After ``sampler`` loaded a mid-epoch state of another world size: set the fit loop's count of this epoch's
+    batches (per rank, ``trainer.fit_loop.epoch_loop.batch_progress.current``, restored from the checkpoint in the
+    saving run's terms) to ``len(loader)`` minus the batches of ``batch_size`` left to this rank, so Lightning
+    ends the epoch (its last-batch validation and accumulation included) exactly when the re-dealt indices end,
+    neither cutting them short nor waiting for more. Says what was resumed (rank 0)."""
+    left = -(-(sampler.n - sampler.consumed) // sampler.num_replicas)
+    batches_left = -(-left // batch_size)
+    target = -(-len(sampler) // batch_size) - batches_left
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    delta = target - progress.processed
+    for field in ("ready", "started", "processed", "completed"):
+        setattr(progress, field, getattr(progress, field) + delta)
+    rank_zero_info(
+        f"Resuming epoch {sampler.epoch} at block {sampler.consumed} of {sampler.n}, read by "
+        f"{sampler.resumed_from_world} process(es); this run's {sampler.num_replicas} read the other "
+        f"{sampler.n - sampler.consumed} ({left} each, {batches_left} batch(es)), counted as batches {target}.."
+        f"{target + batches_left - 1} of the epoch's {target + batches_left}."
+    )
+
+
+def epoch_sampler(n: int, seed: int, trainer=None, batch_size: int = 1) -> EpochShuffleSampler:
     """The training sampler for ``n`` blocks: :class:`RankEpochShuffleSampler` when ``trainer`` runs a strategy
-    that shards the data (its ``distributed_sampler_kwargs``: ranks and replicas) and uses Lightning's
-    distributed sampling, else the single-process :class:`EpochShuffleSampler`."""
+    that shards the data (its ``distributed_sampler_kwargs``: ranks and replicas; also one replica, which
+    Lightning would otherwise wrap and hide) and uses Lightning's distributed sampling, else the single-process
+    :class:`EpochShuffleSampler`. With a ``trainer`` and the loader's ``batch_size``, a resume on another world size
+    is aligned with the fit loop (:func:`align_epoch_progress`)."""
     strategy = getattr(trainer, "strategy", None)
     kwargs = getattr(strategy, "distributed_sampler_kwargs", None)
     connector = getattr(trainer, "_accelerator_connector", None)
-    if not kwargs or not getattr(connector, "use_distributed_sampler", True) or kwargs.get("num_replicas", 1) <= 1:
-        return EpochShuffleSampler(n, seed)
-    return RankEpochShuffleSampler(n, seed, int(kwargs["rank"]), int(kwargs["num_replicas"]))
+    if not kwargs or not getattr(connector, "use_distributed_sampler", True):
+        sampler = EpochShuffleSampler(n, seed)
+    else:
+        sampler = RankEpochShuffleSampler(n, seed, int(kwargs["rank"]), int(kwargs["num_replicas"]))
+    if trainer is not None:
+        sampler.on_redeal = functools.partial(align_epoch_progress, trainer, batch_size)
+    return sampler

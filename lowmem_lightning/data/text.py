@@ -429,44 +429,74 @@ class EpochShuffleSampler(Sampler[int]):
     """Indices ``0..n-1`` in a new order each epoch: epoch ``e`` is a permutation drawn from a generator
     seeded by ``(seed, e)`` alone, so an epoch's order never depends on how the run got there.
 
-    Resumable: ``state_dict()`` is ``{"epoch", "yielded"}`` (epoch counter, indices handed out in it);
-    after ``load_state_dict`` the next iteration continues that epoch from index ``yielded``.
-    ``StatefulDataLoader`` saves and restores this state with its own.
+    The single-process case (``rank`` 0 of ``num_replicas`` 1) of
+    :class:`~lowmem_lightning.data.distributed.RankEpochShuffleSampler`: from position ``consumed`` of the epoch's
+    order, what is left (padded with the head of the order to a multiple of ``num_replicas``, as
+    ``DistributedSampler`` pads) is dealt out, rank ``r`` reading every ``num_replicas``-th index from ``r``.
+
+    Resumable: ``state_dict()`` is ``{"epoch", "consumed", "world"}``: the epoch, the length of the prefix of its order
+    read by all ranks together (``>= n``: the epoch is over), and the number of ranks that read it. After
+    ``load_state_dict`` the next iteration continues that epoch after the prefix, dealt over this sampler's
+    ``num_replicas`` (another world size than the state's re-deals the rest, none read twice or skipped but the
+    padding). An epoch starts (or continues) when its first index is drawn, not when ``iter()`` is called, so an
+    iterator made and never drawn from (Lightning drops the loader's iterator at the end of ``fit``; a
+    ``state_dict()`` afterwards makes a new one) moves nothing. ``StatefulDataLoader`` saves and restores this state
+    with its own.
     """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed = n, seed
-        self.epoch, self.yielded = -1, 0  # no epoch started yet
+        self.rank, self.num_replicas = 0, 1
+        self.epoch, self._start, self.yielded = -1, 0, 0  # no epoch started; this rank's indices since _start
         self._resume_at: int | None = None
+        self.resumed_from_world: int | None = None  # the state's world size when it differs from num_replicas
+        self.on_redeal = None  # called with this sampler when a state of another world size is loaded mid-epoch
 
     def permutation(self, epoch: int) -> list[int]:
         """The order of epoch ``epoch`` (``[n]`` indices)."""
         key = (self.seed * 1_000_003 + epoch) % 2**63
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(key)).tolist()
 
-    def __iter__(self):
-        start, self._resume_at = self._resume_at, None
-        if start is None or start >= self.n:  # a new epoch (also after a state saved at an epoch's end)
-            self.epoch, start = self.epoch + 1, 0
-        self.yielded = start
-        return self._indices(self.permutation(self.epoch)[start:])
+    def share(self, epoch: int, consumed: int) -> list[int]:
+        """This rank's indices of epoch ``epoch`` after its first ``consumed`` (read by all ranks together):
+        ``ceil((n - consumed) / num_replicas)`` of them."""
+        order = self.permutation(epoch)
+        rest = order[consumed:]
+        rest += order[: -len(rest) % self.num_replicas]
+        return rest[self.rank :: self.num_replicas]
 
-    def _indices(self, order: list[int]):
-        for index in order:
+    def __iter__(self):
+        consumed, self._resume_at = self._resume_at, None
+        if consumed is None or consumed >= self.n or self.epoch < 0:  # a new epoch (also after one's end)
+            self.epoch, consumed = self.epoch + 1, 0
+        self._start, self.yielded = consumed, 0
+        for index in self.share(self.epoch, consumed):
             self.yielded += 1
             yield index
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.num_replicas)
+
+    @property
+    def consumed(self) -> int:
+        """Indices of the current epoch read by all ranks together (each rank is at the same place)."""
+        return self._start + self.yielded * self.num_replicas
 
     def state_dict(self) -> dict:
-        """``{"epoch": the epoch being iterated (-1 before the first), "yielded": indices handed out in it}``."""
-        return {"epoch": self.epoch, "yielded": self.yielded}
+        """``{"epoch": the epoch being read (-1 before the first), "consumed": its indices read by all ranks,
+        "world": num_replicas}``."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "world": self.num_replicas}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (a :meth:`state_dict`) at the next iteration."""
-        self.epoch, self.yielded = int(state["epoch"]), int(state["yielded"])
-        self._resume_at = self.yielded
+        """Continue from ``state`` (a :meth:`state_dict`; an older one, ``{"epoch", "yielded"}`` per rank, is taken
+        as written by this world size) at the next iteration."""
+        world = int(state.get("world", self.num_replicas))
+        consumed = int(state["consumed"]) if "consumed" in state else int(state["yielded"]) * world
+        self.epoch, self._start, self.yielded = int(state["epoch"]), consumed, 0
+        self._resume_at = consumed
+        self.resumed_from_world = world if world != self.num_replicas and 0 < consumed < self.n else None
+        if self.resumed_from_world is not None and self.on_redeal is not None:
+            self.on_redeal(self)
 
 
 def _check_template(value, name: str, required: tuple[str, ...]) -> None:
@@ -765,7 +795,7 @@ class TextDataModule(L.LightningDataModule):
             return StatefulDataLoader(
                 dataset,
                 batch_size=self.batch_size,
-                sampler=epoch_sampler(len(dataset), self.seed, self.trainer) if shuffle else None,
+                sampler=epoch_sampler(len(dataset), self.seed, self.trainer, self.batch_size) if shuffle else None,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 collate_fn=collate or (None if self.pack and not trim else collate_trimmed),
