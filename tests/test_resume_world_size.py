@@ -105,7 +105,7 @@ def _blocks(root: Path) -> list[tuple[int, int, list[int]]]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("saved", "resumed", "stop", "at", "batches_left"), [
     ("ddp2", "1", 12, 10, 11), ("1", "ddp2", 5, 5, 5), ("ddp2", "ddp1", 12, 10, 11),
-    ("fsdp2_2", "fsdp2_1", 12, 10, 11)])
+    ("fsdp2_2", "fsdp2_1", 12, 10, 11), ("fsdp2_1", "fsdp2_2", 5, 5, 5)])
 def test_lowmem_fit_resumed_on_another_number_of_processes_reads_the_rest_of_the_epoch(
         tmp_path, saved, resumed, stop, at, batches_left):
     """``stop`` steps on ``saved`` processes, then ``--ckpt_path last.ckpt`` (``save_last``: the step-10 one, or, at
