@@ -158,3 +158,33 @@ def test_plain_text_continuations_stop_at_the_tokenizers_eos_not_the_configs(tmp
     monkeypatch.setattr(model.model, "generate", lambda **kwargs: seen.append(kwargs) or generate(**kwargs))
     trainer.predict(model, data)
     assert model.model.generation_config.eos_token_id == 2 and seen[0]["eos_token_id"] == data.tokenizer.eos_token_id
+
+
+def test_ckpt_path_last_evaluates_the_runs_newest_checkpoint(tmp_path, checkpoint):
+    """``lowmem test --ckpt_path last`` takes the newest checkpoint of the run's ModelCheckpoint folders (here
+    ``runs/tiny/version_0/checkpoints``) as ``fit --ckpt_path last`` and ``export`` do: its held-out loss is the
+    checkpoint's. Lightning's own ``last`` looked in the new version folder only, found nothing and tested the
+    untrained model (exit 0, one warning). About 10 s."""
+    path, val_loss, _ = checkpoint
+    folder = tmp_path / "runs/tiny/version_0/checkpoints"
+    folder.mkdir(parents=True)
+    shutil.copy(path, folder / "step=3.ckpt")
+    proc = _lowmem(tmp_path, "test", "--config", "tiny.yaml", "--ckpt_path", "last",
+                   "--trainer.limit_test_batches", str(BATCHES), "--trainer.enable_progress_bar", "false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--ckpt_path last: testing runs/tiny/version_0/checkpoints/step=3.ckpt." in proc.stderr, proc.stderr
+    [metrics_csv] = (tmp_path / "runs").rglob("metrics.csv")
+    [row] = [r for r in csv.DictReader(metrics_csv.open()) if r.get("test_loss")]
+    assert float(row["test_loss"]) == pytest.approx(val_loss, rel=1e-5)
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_refused(tmp_path):
+    """``lowmem predict --ckpt_path last`` where the run saved no checkpoint: exit 2, one message naming where it
+    looked, nothing written (it used to predict with the untrained model). About 6 s."""
+    proc = _lowmem(tmp_path, "predict", "--config", "tiny.yaml", "--ckpt_path", "last")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines()[0] == ("lowmem predict: error: ckpt_path='last': no checkpoint in "
+                                           "runs/tiny/*/checkpoints; give a checkpoint file."), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []

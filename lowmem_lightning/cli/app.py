@@ -400,6 +400,27 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
             self.config_init["fit"]["ckpt_path"] = self._resolve_last()
             self._check_resolved(self.config_init["fit"]["ckpt_path"])
 
+    def before_validate(self) -> None:
+        """``--ckpt_path last`` / ``best`` resolved as ``lowmem export`` resolves them (:meth:`_named_ckpt_path`)."""
+        self._resolve_evaluation_ckpt_path("validate")
+
+    def before_test(self) -> None:
+        """``--ckpt_path last`` / ``best`` resolved as ``lowmem export`` resolves them (:meth:`_named_ckpt_path`)."""
+        self._resolve_evaluation_ckpt_path("test")
+
+    def before_predict(self) -> None:
+        """``--ckpt_path last`` / ``best`` resolved as ``lowmem export`` resolves them (:meth:`_named_ckpt_path`)."""
+        self._resolve_evaluation_ckpt_path("predict")
+
+    def _resolve_evaluation_ckpt_path(self, subcommand: str) -> None:
+        """Lightning's own ``ckpt_path="last"`` looks for ``last*.ckpt`` in this run's new version folder only (and
+        ``"best"`` at this process's ModelCheckpoint, which has seen no training): finding nothing, it evaluates the
+        recipe's untrained model with a warning. Here they name the newest (or recorded best) checkpoint of the
+        run's ModelCheckpoint directories across versions, or end with exit 2 when there is none."""
+        init = self.config_init[subcommand]
+        if init.get("ckpt_path") in ("last", "best"):
+            init["ckpt_path"] = self._named_ckpt_path(self.config[subcommand], subcommand)
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand in a logger version folder of its own (claimed atomically:
         :mod:`~lowmem_lightning.cli.versions`); a ``ValueError``/``TypeError``/

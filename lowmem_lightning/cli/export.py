@@ -107,6 +107,10 @@ def _entries(path: Path) -> list[str]:
     return sorted(os.listdir(path)) if path.is_dir() else []
 
 
+_READING = {"export": "exporting", "validate": "validating", "test": "testing", "predict": "predicting with"}
+"""What each subcommand does with the checkpoint ``--ckpt_path last`` / ``best`` chose, in its notice."""
+
+
 class ExportMixin:
     """The ``export`` subcommand of :class:`~lowmem_lightning.cli.app.LowMemCLI`: its parser, the checks before
     anything is built, and the export. Reads the CLI's ``config``, ``model``, ``datamodule``, ``trainer``,
@@ -165,13 +169,15 @@ class ExportMixin:
         init["save_dir"] = str(target.absolute())
         init["save_merged"] = cfg.get("save_merged")
 
-    def _export_ckpt_path(self, cfg: Namespace) -> str:
-        """The checkpoint file to export: ``--ckpt_path`` as given, or the file ``last``/``best`` stands for (checked
-        like a given file); refusals name what was searched."""
+    def _named_ckpt_path(self, cfg: Namespace, subcommand: str = "export") -> str:
+        """The checkpoint file ``subcommand`` (export, validate, test or predict) reads: ``--ckpt_path`` as given, or
+        the file ``last``/``best`` stands for among the run's ModelCheckpoint directories across its versions
+        (:func:`~lowmem_lightning.cli.last.checkpoint_dirs`; checked like a given file); refusals name what was
+        searched."""
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path not in ("last", "best"):
             return ckpt_path
-        dirs = checkpoint_dirs(self.trainer, self._chosen_logger_version("export"))
+        dirs = checkpoint_dirs(self.trainer, self._chosen_logger_version(subcommand))
         where = " or ".join(dirs) or "(none: the recipe has no ModelCheckpoint)"
         if ckpt_path == "last":
             found = newest_any_checkpoint(dirs)
@@ -183,8 +189,8 @@ class ExportMixin:
                 self._error(f"ckpt_path='best': the newest full checkpoint in {where} records no best_model_path "
                             "that exists (a ModelCheckpoint with monitor=..., saved with its callback state); give a "
                             "checkpoint file.")
-        notice(f"--ckpt_path {ckpt_path}: exporting {found}.")
-        self._check_resolved(found, subcommand="export", keyword=ckpt_path)
+        notice(f"--ckpt_path {ckpt_path}: {_READING[subcommand]} {found}.")
+        self._check_resolved(found, subcommand=subcommand, keyword=ckpt_path)
         return found
 
     def _build_for_export(self) -> None:
@@ -200,7 +206,7 @@ class ExportMixin:
     def _run_export(self) -> None:
         """``lowmem export``: load the checkpoint's weights into the recipe's model and write ``--save_dir``."""
         cfg = self.config["export"]
-        ckpt_path = self._export_ckpt_path(cfg)
+        ckpt_path = self._named_ckpt_path(cfg)
         path = Path(ckpt_path).expanduser()
         if path.is_dir():
             self._error(f"ckpt_path={ckpt_path!r} is a sharded checkpoint directory: consolidate it into one file "

@@ -96,8 +96,8 @@ class ResumeArgsMixin:
         diffs = (model_differences(real_paths(saved), real_paths(init.as_dict()))
                  if isinstance(saved, dict) and init is not None else [])
         if diffs:
-            how = "Export it with" if subcommand == "export" else "Resume it with"
-            fresh = ("" if subcommand == "export"
+            how = {"fit": "Resume it with", "export": "Export it with"}.get(subcommand, "Use it with")
+            fresh = ("" if subcommand != "fit"
                      else ", or log this run elsewhere (another trainer.logger name) to start fresh")
             self._error(f"ckpt_path={keyword!r} chose {path}, saved from a different model than this run's: "
                         f"{listing(diffs)}. {how} --ckpt_path {path} --model_from_ckpt true{fresh}.")
