@@ -101,14 +101,17 @@ The Muon rows are the hybrid: Muon on the hidden matrices, 8-bit AdamW on embedd
 biases (found by the names of ``model.named_parameters()``)."""
 
 _ADAPTER_MARKERS = ("lora_",)
+_TOKEN_ROW_MARKERS = ("trainable_tokens_delta",)  # peft's trained rows of the embedding and head
 
 
 @dataclass(frozen=True)
 class ModelCount:
     """Parameter counts (elements) and weight bytes of a model.
 
-    ``params`` counts the model's own parameters, LoRA adapters excluded, with a 4-bit layer's weight
-    counted as ``in_features * out_features`` elements; ``adapter_params`` the LoRA adapters;
+    ``params`` counts the model's own parameters, LoRA adapters and trained token rows excluded, with a 4-bit
+    layer's weight counted as ``in_features * out_features`` elements; ``adapter_params`` the LoRA adapters;
+    ``token_row_params`` the embedding and head rows peft trains beside them (``trainable_token_indices``: rows x
+    hidden per untied layer);
     ``trainable_params`` every parameter with ``requires_grad``. ``frozen_bytes_by_dtype`` maps a dtype
     name (``bfloat16``, ...) or ``nf4`` (codes + scales of ``Linear4bit``) to bytes of frozen weights
     and buffers; ``trainable_bytes`` are the trainable weights themselves; ``gradient_bytes`` one
@@ -126,6 +129,7 @@ class ModelCount:
     gradient_bytes: int
     largest_gradient_bytes: int = 0
     trainable_nbytes: tuple[int, ...] = ()
+    token_row_params: int = 0
 
     @property
     def frozen_bytes(self) -> int:
@@ -220,7 +224,7 @@ def count_model(model: nn.Module) -> ModelCount:
     contribute ``in * out`` parameters and their stored code/scale bytes as ``nf4``.
     """
     seen: set[int] = set()
-    params = adapter = trainable = trainable_bytes = grad_bytes = largest_grad = 0
+    params = adapter = token_rows = trainable = trainable_bytes = grad_bytes = largest_grad = 0
     frozen: dict[str, int] = {}
     order: list[int] = []
     for module in model.modules():
@@ -235,6 +239,8 @@ def count_model(model: nn.Module) -> ModelCount:
         seen.add(id(param))
         if any(marker in name for marker in _ADAPTER_MARKERS):
             adapter += param.numel()
+        elif any(marker in name for marker in _TOKEN_ROW_MARKERS):
+            token_rows += param.numel()
         else:
             params += param.numel()
         if param.requires_grad:
@@ -253,7 +259,7 @@ def count_model(model: nn.Module) -> ModelCount:
         key = str(buffer.dtype).removeprefix("torch.")
         frozen[key] = frozen.get(key, 0) + _nbytes(buffer)
     return ModelCount(params, adapter, trainable, dict(sorted(frozen.items())), trainable_bytes, grad_bytes,
-                      largest_grad, tuple(order))
+                      largest_grad, tuple(order), token_rows)
 
 
 def released_gradient_bytes(tensor_bytes: Iterable[int], bucket_bytes: int = RELEASE_BUCKET_BYTES) -> int:
@@ -965,6 +971,7 @@ def _model_lines(estimate: MemoryEstimate) -> list[str]:
     lines = [
         f"params (base model)    {m.params:,}",
         f"adapter params (LoRA)  {m.adapter_params:,}",
+        *([f"trained token rows     {m.token_row_params:,}"] if m.token_row_params else []),
         f"trainable params       {m.trainable_params:,}",
         *_labelled("frozen weights", f"{_gb(m.frozen_bytes)}  ("
                    + ", ".join(f"{k}: {_gb(v)}" for k, v in m.frozen_bytes_by_dtype.items()) + ")"),

@@ -459,3 +459,22 @@ def test_estimate_says_when_its_trainable_count_leaves_untrained_rows_out(files,
         table = capsys.readouterr().out
         assert (note in " ".join(table.split())) == shown, (name, table[-600:])
         assert ("--model.untrained_token_ids to count them" in " ".join(table.split())) == shown
+
+
+def test_estimate_counts_trained_rows_apart_from_the_base_model(files, capsys):
+    """``lowmem estimate`` of a QLoRA recipe listing the three markers: ``params (base model)`` is the base's count,
+    the same as without the list (it counted peft's trained rows in it), and the rows get a line of their own
+    (``2 x 3 x 64``: embedding and head rows), which with the LoRA adapters makes the trainable count."""
+    from lowmem_lightning.cli import main
+
+    tables = {}
+    for ids in (USED["llama"], None):
+        recipe = _recipe(files, f"estimate-rows-{ids is None}.yaml", {**QLORA, "untrained_token_ids": ids}, steps=2)
+        assert main(["estimate", "--config", str(recipe)]) == 0
+        tables[ids is None] = {line[:23].strip(): line[23:].strip() for line in capsys.readouterr().out.splitlines()}
+    listed, unlisted = tables[False], tables[True]
+    assert listed["params (base model)"] == unlisted["params (base model)"]
+    rows = 2 * len(USED["llama"]) * TINY["hidden_size"]
+    assert listed["trained token rows"] == f"{rows:,}" and "trained token rows" not in unlisted
+    number = {key: int(value.replace(",", "")) for key, value in listed.items() if value.replace(",", "").isdigit()}
+    assert number["trainable params"] == number["adapter params (LoRA)"] + rows
