@@ -34,7 +34,7 @@ class RecordBatches(L.Callback):
         self.sums.append(int(batch["input_ids"].sum()))
 
 
-def _fit(root, data, max_steps, ckpt_path=None):
+def _fit(root, data, max_steps, ckpt_path=None, num_workers=0):
     L.seed_everything(7)
     model = CausalLMModule(config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                    "num_attention_heads": 2, "num_key_value_heads": 2}, lr=3e-3, warmup_steps=2)
@@ -44,21 +44,26 @@ def _fit(root, data, max_steps, ckpt_path=None):
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
         callbacks=[LowMemOptimizerCallback("adamw_8bit", lr=3e-3, plot=False, print_summary=False), record],
     )
-    trainer.fit(model, TextDataModule(str(data), seq_len=32, batch_size=4, val_fraction=0.05), ckpt_path=ckpt_path)
+    dm = TextDataModule(str(data), seq_len=32, batch_size=4, val_fraction=0.05, num_workers=num_workers)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
     return model, trainer, record.sums
 
 
-def test_checkpoint_saved_after_fit_ended_mid_epoch_resumes_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_checkpoint_saved_after_fit_ended_mid_epoch_resumes_where_it_stopped(tmp_path, num_workers):
+    """Also with 2 worker processes, whose prefetched batches a new iterator counted as read."""
     data = _write_data(tmp_path / "words.txt")
-    straight, straight_trainer, straight_batches = _fit(tmp_path / "a", data, max_steps=40)
-    _, first, first_batches = _fit(tmp_path / "b", data, max_steps=20)
+    straight, straight_trainer, straight_batches = _fit(tmp_path / "a", data, max_steps=40, num_workers=num_workers)
+    _, first, first_batches = _fit(tmp_path / "b", data, max_steps=20, num_workers=num_workers)
     first.save_checkpoint(tmp_path / "after_fit.ckpt")
     assert first_batches == straight_batches[:20]
-    resumed, trainer, batches = _fit(tmp_path / "c", data, max_steps=40, ckpt_path=tmp_path / "after_fit.ckpt")
+    resumed, trainer, batches = _fit(tmp_path / "c", data, max_steps=40, ckpt_path=tmp_path / "after_fit.ckpt",
+                                     num_workers=num_workers)
     assert trainer.global_step == 40 and batches == straight_batches[20:]
-    sampler = _load(tmp_path / "after_fit.ckpt")["loops"]["fit_loop"]["state_dict"]["combined_loader"][0][
-        "_sampler_iter_state"]["sampler_state"]
-    assert sampler == {"epoch": 1, "consumed": 20, "world": 1}  # batch 5 of epoch 1 (was epoch 2, nothing read)
+    loader = _load(tmp_path / "after_fit.ckpt")["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    main = loader["_snapshot"]["_main_snapshot"] if num_workers else loader
+    # batch 5 of epoch 1 (was epoch 2 with nothing read; with workers, epoch 1 after the prefetched batches)
+    assert main["_sampler_iter_state"]["sampler_state"] == {"epoch": 1, "consumed": 20, "world": 1}
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
     states = [t.optimizers[0].state_dict()["state"] for t in (straight_trainer, trainer)]

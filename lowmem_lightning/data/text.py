@@ -87,6 +87,7 @@ __all__ = [
     "read_text_file",
     "trainable_blocks",
     "EpochShuffleSampler",
+    "TrainLoader",
 ]
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
@@ -499,6 +500,28 @@ class EpochShuffleSampler(Sampler[int]):
             self.on_redeal(self)
 
 
+class TrainLoader(StatefulDataLoader):
+    """The training ``StatefulDataLoader``, which keeps its position when its iterator is dropped from outside.
+
+    Lightning sets ``loader._iterator = None`` when ``fit`` ends (after shutting the workers down); a ``state_dict()``
+    afterwards (``trainer.save_checkpoint`` after ``fit``) then made a new iterator, whose position was not the one
+    the fit stopped at: with worker processes it counted the batches they had prefetched as read. Here the dropped
+    iterator's state becomes the state the next iterator starts from, so ``state_dict()`` (and the next ``iter()``)
+    continue where the dropped one stopped.
+    """
+
+    @property
+    def _iterator(self):
+        return self.__dict__.get("_live_iterator")
+
+    @_iterator.setter
+    def _iterator(self, iterator) -> None:
+        dropped = self.__dict__.get("_live_iterator")
+        if iterator is None and dropped is not None:
+            self.next_iter_state = dropped.state_dict()
+        self.__dict__["_live_iterator"] = iterator
+
+
 def _check_template(value, name: str, required: tuple[str, ...]) -> None:
     if not isinstance(value, str):
         raise TypeError(f"Invalid {name}={value!r}: expected a string.")
@@ -786,13 +809,14 @@ class TextDataModule(L.LightningDataModule):
                 "have been trained on)")
 
     def _loader(self, dataset: Dataset, shuffle: bool, trim: bool = False, collate=None) -> StatefulDataLoader:
-        """A loader of ``dataset``; with ``pack=False`` (or ``trim``) its batches leave out the columns that are
-        padding in every row (:func:`~lowmem_lightning.data.overflow.collate_trimmed`); ``collate`` replaces that."""
+        """A loader of ``dataset`` (shuffled: a :class:`TrainLoader`); with ``pack=False`` (or ``trim``) its batches
+        leave out the columns that are padding in every row (:func:`~lowmem_lightning.data.overflow.collate_trimmed`);
+        ``collate`` replaces that."""
         from lowmem_lightning.data.distributed import epoch_sampler  # each rank's share under DDP / FSDP2
 
         with warnings.catch_warnings():  # torchdata 0.11's constructor calls a deprecated torch API
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-            return StatefulDataLoader(
+            return (TrainLoader if shuffle else StatefulDataLoader)(
                 dataset,
                 batch_size=self.batch_size,
                 sampler=epoch_sampler(len(dataset), self.seed, self.trainer, self.batch_size) if shuffle else None,
