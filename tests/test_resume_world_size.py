@@ -63,6 +63,29 @@ def test_a_state_of_the_same_world_size_or_an_older_checkpoint_resumes_as_before
         assert sampler.resumed_from_world is None and list(sampler) == expected[10:]
 
 
+@pytest.mark.parametrize(("saved", "resumed", "consumed", "counted"), [(2, 1, 16, 4), (1, 2, 20, 3), (2, 2, 16, 2)])
+def test_lightning_counts_the_epochs_batches_so_it_ends_with_the_re_dealt_blocks(caplog, saved, resumed, consumed,
+                                                                                 counted):
+    """With a trainer, the sampler moves the fit loop's count of the epoch's batches (per rank, as the saving run
+    counted them: 2 batches of 4 here) to ``len(loader)`` minus this rank's batches left; the same world size leaves it
+    alone. 60 blocks, batch 4: 2 -> 1 at block 16: 44 left = 11 batches of 15; 1 -> 2 at block 20: 20 each = 5 of 8."""
+    from types import SimpleNamespace
+
+    from lowmem_lightning.data.distributed import epoch_sampler
+
+    current = SimpleNamespace(ready=2, started=2, processed=2, completed=1)  # saved at a batch end: completed lags
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=current)))
+    strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": resumed, "rank": 0})
+    trainer = SimpleNamespace(fit_loop=loop, strategy=strategy,
+                              _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+    sampler = epoch_sampler(60, 0, trainer, batch_size=4)
+    with caplog.at_level("INFO"):
+        sampler.load_state_dict({"epoch": 1, "consumed": consumed, "world": saved})
+    assert vars(current) == {"ready": counted, "started": counted, "processed": counted, "completed": counted - 1}
+    left = -(-(60 - consumed) // resumed)
+    assert (f"this run's {resumed} read the other {60 - consumed} ({left} each" in caplog.text) == (saved != resumed)
+
+
 class RecordBlocks(L.Callback):
     """Appends, per training batch, ``[global_step, epoch, [block indices]]`` to ``{path}.rank{R}.jsonl`` (the
     blocks found by their tokens in the data module's training set)."""
