@@ -189,3 +189,55 @@ def test_a_step_builds_no_index_tensor_from_the_python_list_after_the_first():
     with_rows, names = fresh_tensors(rows=True)
     assert any("index_copy" in name for name in names)  # the copy-free head ran
     assert with_rows == fresh_tensors(rows=False)[0]  # transformers' own tensors only (rotary, positions)
+
+
+def _token_layers(model) -> tuple[TrainableTokensLayer, TrainableTokensLayer]:
+    """The input embedding's and the untied head's token layers of ``model`` (ours, or peft's in a twin)."""
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    embedding = next(m for m in layers if isinstance(m.base_layer, torch.nn.Embedding))
+    head = next(m for m in layers if isinstance(m.base_layer, torch.nn.Linear))
+    return embedding, head
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16_autocast"])
+def test_cuda_token_layers_match_peft_without_sync_or_copy(autocast):
+    """On a GPU, a bf16 base: the copy-free embedding and head give peft's outputs and gradients (bf16 rounding),
+    their forward + backward never synchronise with the host (sync debug mode ``error``, after the first step made
+    the index), and the head's peak holds no ``vocab x hidden`` copy where peft's holds one."""
+    model = _lora(_base(tied=False, dtype=torch.bfloat16)).cuda()
+    twin = _as_peft(model)
+    ids = _ids().cuda()
+    hidden = torch.randn(BATCH, SEQ, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step(layers) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], int]:
+        embedding, head = layers
+        for layer in layers:
+            layer.trainable_tokens_delta["default"].grad = None
+        hidden.grad = None
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            embedded, logits = embedding(ids), head(hidden)
+        (embedded.float().square().sum() + logits.float().logsumexp(-1).sum()).backward()
+        peak = torch.cuda.max_memory_allocated() - start
+        grads = {"hidden": hidden.grad, **{f"delta{i}": layer.trainable_tokens_delta["default"].grad
+                                           for i, layer in enumerate(layers)}}
+        return embedded, logits, grads, peak
+
+    ours_layers = _token_layers(model)
+    step(ours_layers)  # the first step makes each layer's index
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        embedded, logits, grads, peak = step(ours_layers)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    peft_embedded, peft_logits, peft_grads, peft_peak = step(_token_layers(twin))
+    assert torch.equal(embedded, peft_embedded)
+    torch.testing.assert_close(logits, peft_logits, rtol=2e-2, atol=2e-2)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad.float(), peft_grads[name].float(), rtol=2e-2, atol=2e-2, msg=name)
+    copy_bytes = VOCAB * HIDDEN * 2
+    assert peak + copy_bytes <= peft_peak, (peak, peft_peak)
