@@ -478,3 +478,17 @@ def test_estimate_counts_trained_rows_apart_from_the_base_model(files, capsys):
     assert listed["trained token rows"] == f"{rows:,}" and "trained token rows" not in unlisted
     number = {key: int(value.replace(",", "")) for key, value in listed.items() if value.replace(",", "").isdigit()}
     assert number["trainable params"] == number["adapter params (LoRA)"] + rows
+
+
+def test_export_and_test_of_a_checkpoint_do_not_say_the_rows_start_at_the_mean(qlora_run):
+    """``lowmem export`` and ``lowmem test --ckpt_path`` of the QLoRA run's checkpoint build the model again, which
+    sets the markers' rows to the mean of the trained rows before the checkpoint's trained rows replace them: the
+    fit's note on that (and on training them) is not repeated there, where it is untrue."""
+    files = qlora_run
+    note = "had untrained rows in the checkpoint"
+    recipe = ("--config", "qlora.yaml", "--ckpt_path", "ckpts-qlora/step=4.ckpt")
+    export = _lowmem(files, "export", *recipe, "--save_dir", "export-quiet")
+    test = _lowmem(files, "test", *recipe, "--trainer.limit_test_batches", "1")
+    assert (files / "export-quiet" / "adapter_model.safetensors").is_file()
+    assert "test_loss" in test.stdout
+    assert note not in export.stderr and note not in test.stderr, export.stderr + test.stderr

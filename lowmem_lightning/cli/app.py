@@ -387,7 +387,8 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
     def before_fit(self) -> None:
         """Refusals that need the built Trainer and module, made before ``fit`` writes anything (gradient
         release that cannot hold: exit 2, one message); ``--ckpt_path last`` resolved to the newest
-        checkpoint of the run's ModelCheckpoint directories (:mod:`~lowmem_lightning.cli.last`)."""
+        checkpoint of the run's ModelCheckpoint directories (:mod:`~lowmem_lightning.cli.last`); a resume leaves
+        out the build's notes on where token rows start (the rows are the checkpoint's)."""
         from lowmem_lightning.callbacks.optimizer import LowMemOptimizerCallback
         from lowmem_lightning.callbacks.release import release_refusal
 
@@ -399,6 +400,10 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         if self.config_init["fit"].get("ckpt_path") == "last":
             self.config_init["fit"]["ckpt_path"] = self._resolve_last()
             self._check_resolved(self.config_init["fit"]["ckpt_path"])
+        if self.config_init["fit"].get("ckpt_path"):
+            from lowmem_lightning.modules.causal_lm import hide_row_start_notes
+
+            hide_row_start_notes()  # the resumed rows are the checkpoint's
 
     def before_validate(self) -> None:
         """``--ckpt_path last`` / ``best`` resolved as ``lowmem export`` resolves them (:meth:`_named_ckpt_path`)."""
@@ -416,10 +421,15 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         """Lightning's own ``ckpt_path="last"`` looks for ``last*.ckpt`` in this run's new version folder only (and
         ``"best"`` at this process's ModelCheckpoint, which has seen no training): finding nothing, it evaluates the
         recipe's untrained model with a warning. Here they name the newest (or recorded best) checkpoint of the
-        run's ModelCheckpoint directories across versions, or end with exit 2 when there is none."""
+        run's ModelCheckpoint directories across versions, or end with exit 2 when there is none. With a checkpoint,
+        the build's notes on where token rows start are left out (the rows are the checkpoint's)."""
         init = self.config_init[subcommand]
         if init.get("ckpt_path") in ("last", "best"):
             init["ckpt_path"] = self._named_ckpt_path(self.config[subcommand], subcommand)
+        if init.get("ckpt_path"):
+            from lowmem_lightning.modules.causal_lm import hide_row_start_notes
+
+            hide_row_start_notes()  # the rows evaluated are the checkpoint's
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand in a logger version folder of its own (claimed atomically:

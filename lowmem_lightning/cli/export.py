@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,7 +201,11 @@ class ExportMixin:
         model, trainer = self.model, self.trainer
         model.trainer = trainer
         trainer.datamodule = self.datamodule
-        with torch.device(trainer.strategy.root_device), trainer.precision_plugin.module_init_context():
+        from lowmem_lightning.modules.causal_lm import hide_row_start_notes
+
+        with (torch.device(trainer.strategy.root_device), trainer.precision_plugin.module_init_context(),
+              warnings.catch_warnings()):
+            hide_row_start_notes()  # the rows exported are the checkpoint's
             model.configure_model()
 
     def _run_export(self) -> None:

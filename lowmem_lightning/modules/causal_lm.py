@@ -396,7 +396,7 @@ def build_causal_lm(
     if old_rows < _embedding_rows(model) and device.type != "meta":
         rows = _embedding_rows(model)
         how = "they train through peft's trainable_token_indices, the old rows stay frozen" if lora else "they train"
-        warnings.warn(f"resize_embeddings: the input embeddings and output head grew from {old_rows} to {rows} "
+        warnings.warn(f"{ROWS_START_NOTE}the input embeddings and output head grew from {old_rows} to {rows} "
                       f"rows for the tokenizer's added tokens (each new row the mean of the trained old rows; {how}).",
                       LowMemWarning, stacklevel=2)
     if lora is not None:
@@ -409,6 +409,17 @@ def build_causal_lm(
             for peft_config in model.peft_config.values():
                 peft_config.revision = revision
     return model
+
+
+ROWS_START_NOTE = "resize_embeddings: "
+"""How :func:`build_causal_lm`'s notes on where grown or untrained token rows start begin."""
+
+
+def hide_row_start_notes() -> None:
+    """Leave out (in the current ``warnings`` filters) :func:`build_causal_lm`'s notes on where grown or untrained
+    token rows start, for a build whose weights a checkpoint then replaces (a resume, an evaluation or export of a
+    checkpoint): there the rows are the checkpoint's, and the notes would only say otherwise."""
+    warnings.filterwarnings("ignore", message=re.escape(ROWS_START_NOTE), category=LowMemWarning)
 
 
 def _treat_untrained_rows(model: nn.Module, token_ids: Mapping[int, str] | Iterable[int] | None, resize: bool,
@@ -439,7 +450,7 @@ def _treat_untrained_rows(model: nn.Module, token_ids: Mapping[int, str] | Itera
         return []
     initialize_untrained_rows(model, ids, seen_rows)
     how = "they train through peft's trainable_token_indices, the other rows stay frozen" if lora else "they train"
-    warnings.warn(f"resize_embeddings: {len(ids)} token(s) the data uses had untrained rows in the checkpoint "
+    warnings.warn(f"{ROWS_START_NOTE}{len(ids)} token(s) the data uses had untrained rows in the checkpoint "
                   f"({names}); each row set to the mean of the trained rows ({how}).", LowMemWarning, stacklevel=3)
     return ids
 
