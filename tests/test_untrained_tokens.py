@@ -294,6 +294,20 @@ def test_lowmem_fit_records_the_ids_and_load_from_checkpoint_rebuilds_them(qlora
     assert embed.trainable_tokens_delta["default"].abs().amin(dim=1).gt(0).all()
 
 
+def test_lowmem_fit_logs_the_hparams_its_checkpoint_records(qlora_run):
+    """The run's ``hparams.yaml`` (Lightning's logger) holds what the build resolved, as the checkpoint does: the
+    marker ids as ``untrained_token_ids`` (the list to copy into a recipe for ``lowmem estimate``) and the row count
+    ``resize_embeddings: true`` grew to, not the recipe's ``null`` and ``true``."""
+    files = qlora_run
+    logged = [yaml.safe_load(path.read_text()) for path in (files / "runs").glob("*/version_*/hparams.yaml")]
+    logged = [hparams for hparams in logged if hparams.get("save_dir") == "qlora-adapter"]
+    saved = torch.load(files / "ckpts-qlora" / "step=4.ckpt", map_location="cpu", weights_only=False)
+    assert len(logged) == 1
+    assert (logged[0]["untrained_token_ids"], logged[0]["resize_embeddings"]) == (USED["llama"], LLAMA_ROWS)
+    recorded = {key: value for key, value in saved["hyper_parameters"].items() if key != "_class_path"}
+    assert {key: logged[0][key] for key in recorded} == recorded
+
+
 def test_lowmem_fit_without_the_option_warns_once(files):
     """``lowmem fit`` of a LoRA recipe without ``resize_embeddings``: the warning naming the markers and the option is
     printed once."""

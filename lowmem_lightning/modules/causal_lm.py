@@ -580,8 +580,9 @@ class CausalLMModule(LowMemModule):
             train too; without it, under LoRA, a ``LowMemWarning`` names them. See :func:`build_causal_lm`.
         untrained_token_ids: The token ids whose untrained checkpoint rows ``resize_embeddings`` trains. ``None``
             (default): found when the model is built, among the data module's special tokens that occur in its data
-            (``special_tokens_in_data()``), and recorded here as a list, so resuming and ``load_from_checkpoint``
-            rebuild the same trainable rows. A list: these ids are checked instead (needs ``resize_embeddings``).
+            (``special_tokens_in_data()``), and recorded here as a list (in the checkpoint and the run's logged
+            ``hparams.yaml``), so resuming and ``load_from_checkpoint`` rebuild the same trainable rows. A list: these
+            ids are checked instead (needs ``resize_embeddings``).
         predict_new_tokens: Tokens :meth:`predict_step` (``lowmem predict``) generates per prompt at most (greedy),
             >= 1; it may differ from the checkpoint's (``--model.predict_new_tokens 256`` at predict time).
         optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, scheduler, min_lr_ratio, fp32_state: see
@@ -684,6 +685,25 @@ class CausalLMModule(LowMemModule):
         raise ValueError(f"Vocabulary mismatch: the datamodule's tokenizer has {data_vocab} token ids but the model "
                          f"embeds only {rows}{fix}, or use the tokenizer the checkpoint was trained with.")
 
+    def _resolved_hparams(self, token_ids, data_vocab: int | None, rows: int) -> dict:
+        """What the build resolved, to record so that ``load_from_checkpoint`` (no datamodule) rebuilds the same
+        model: the ids whose untrained rows train (``untrained_token_ids``, when ``resize_embeddings`` checked
+        ``token_ids``), the embedding ``rows`` ``resize_embeddings=True`` grew to, and a ``config``'s vocabulary."""
+        hp, resolved = self.hparams, {}
+        if hp.resize_embeddings and token_ids is not None:  # rebuilt without the data: the same rows train
+            resolved["untrained_token_ids"] = list(self.model.untrained_token_ids)
+        if hp.config is not None and "vocab_size" not in hp.config:
+            resolved["config"] = {**hp.config, "vocab_size": self.model.config.vocab_size}
+        if hp.resize_embeddings is True and data_vocab is not None:
+            resolved["resize_embeddings"] = rows
+        return resolved
+
+    def _record_resolved(self, resolved: dict) -> None:
+        """Put ``resolved`` init args in the hyperparameters the checkpoint saves and in those the loggers write
+        (``hparams.yaml``: Lightning logs ``hparams_initial`` after ``configure_model``), so both say the same."""
+        self.hparams.update(resolved)
+        self._hparams_initial.update(copy.deepcopy(resolved))
+
     def configure_model(self) -> None:
         """Build the model (once) on the Trainer's device; check the data's vocabulary fits it."""
         if self.model is not None:
@@ -696,15 +716,9 @@ class CausalLMModule(LowMemModule):
             self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
                                          torch_dtype=hp.torch_dtype, vocab_size=data_vocab,
                                          resize_embeddings=hp.resize_embeddings, token_ids=token_ids)
-        if hp.resize_embeddings and token_ids is not None:  # rebuilt without the data: the same rows train
-            hp.untrained_token_ids = list(self.model.untrained_token_ids)
         keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
         rows = _embedding_rows(self.model)
-        # Record the vocabulary the model got, so load_from_checkpoint (no datamodule) rebuilds the same shapes.
-        if hp.config is not None and "vocab_size" not in hp.config:
-            hp.config = {**hp.config, "vocab_size": self.model.config.vocab_size}
-        if hp.resize_embeddings is True and data_vocab is not None:
-            hp.resize_embeddings = rows
+        self._record_resolved(self._resolved_hparams(token_ids, data_vocab, rows))
         self._check_vocabulary(data_vocab, rows)
         if hp.gradient_checkpointing:
             _enable_checkpointing(self.model)
