@@ -105,21 +105,31 @@ def unwritable(name: str, path: str) -> str | None:
     if not probe.is_dir():
         return f"{name}={path!r}: cannot create the directory, {probe} is a file; choose another directory."
     refusal = _write_refusal(probe)
-    if refusal:
-        what = f"is {refusal}" if probe == target else f"cannot be created ({probe} is {refusal})"
-        return f"{name}={path!r}: the directory {what}; choose a writable directory."
-    return None
+    if refusal is None:
+        return None
+    if probe == target:
+        what = f"the directory {target} is not writable" if refusal == NO_WRITE_PERMISSION else (
+            f"cannot write in {target}: {refusal}")
+    else:
+        what = f"cannot create {target}: " + (f"{probe} is not writable" if refusal == NO_WRITE_PERMISSION
+                                              else refusal)
+    return f"{name}={path!r}: {what}; choose a writable directory."
+
+
+NO_WRITE_PERMISSION = "no write permission"
+""":func:`_write_refusal`'s answer when the permissions alone refuse a new entry."""
 
 
 def _write_refusal(folder: Path) -> str | None:
-    """Why no entry can be created in the existing directory ``folder`` ("not writable", with the system's
-    reason when only a real attempt tells), or ``None``. The attempt leaves nothing behind."""
+    """Why no entry can be created in the existing directory ``folder``: :data:`NO_WRITE_PERMISSION`, or the
+    system's reason when only a real attempt tells ("No such file or directory" in ``/proc``), or ``None``. The
+    attempt leaves nothing behind."""
     if not os.access(folder, os.W_OK | os.X_OK):
-        return "not writable"
+        return NO_WRITE_PERMISSION
     try:  # root passes os.access everywhere, yet /proc, /sys and the like refuse a new entry
         os.rmdir(tempfile.mkdtemp(prefix=".lowmem-write-check-", dir=folder))
     except OSError as err:
-        return f"not writable: {err.strerror}"
+        return err.strerror or str(err)
     return None
 
 
