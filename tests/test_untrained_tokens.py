@@ -9,6 +9,7 @@ it, under LoRA, one warning names them and the option. Tiny checkpoints and loca
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -84,17 +85,34 @@ def files(tmp_path_factory) -> Path:
 TOKENIZER = {"llama": "llama3tok", "qwen": "chatmltok"}
 
 
-def _fit(module: CausalLMModule, files: Path, name: str, steps: int = 3) -> list[str]:
-    """Train ``module`` ``steps`` steps on the chat data with ``name``'s tokenizer; the LowMemWarnings' texts."""
+class _Infos(logging.Handler):
+    """The messages of Lightning's ``rank_zero_info`` (its ``rank_zero`` logger) while attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _fit(module: CausalLMModule, files: Path, name: str, steps: int = 3) -> tuple[list[str], list[str]]:
+    """Train ``module`` ``steps`` steps on the chat data with ``name``'s tokenizer; the LowMemWarnings' texts and the
+    informational lines (``rank_zero_info``)."""
     L.seed_everything(0)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     data = TextDataModule(str(files / "chat.jsonl"), tokenizer=str(files / TOKENIZER[name]), seq_len=32,
                           batch_size=4, val_fraction=0.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(module, data)
-    return [str(w.message) for w in caught if issubclass(w.category, LowMemWarning)]
+    infos, logger = _Infos(), logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(infos)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, data)
+    finally:
+        logger.removeHandler(infos)
+    return [str(w.message) for w in caught if issubclass(w.category, LowMemWarning)], infos.messages
 
 
 def _checkpoint_rows(files: Path, name: str) -> dict[str, torch.Tensor]:
@@ -129,10 +147,11 @@ def test_lora_with_the_option_trains_the_used_untrained_rows_and_the_adapter_loa
 
     module = CausalLMModule(model_name_or_path=str(files / name), quantize=quantize, lora={"r": 4},
                             resize_embeddings=True, save_dir=str(tmp_path / "adapter"), optimizer="adamw", lr=1e-2)
-    said = _fit(module, files, name)
+    warned, said = _fit(module, files, name)
     used = USED[name]
     assert module.hparams.untrained_token_ids == used
-    assert sum("had untrained rows" in text for text in said) == 1
+    assert sum("had untrained rows" in text for text in said) == 1, said  # an informational line, not a warning
+    assert not [text for text in warned if "untrained" in text], warned
     saved = _checkpoint_rows(files, name)
     layers = {"embed": module.model.get_input_embeddings()}
     if saved["head"] is not None:
@@ -160,7 +179,7 @@ def test_lora_without_the_option_warns_once_and_changes_nothing(files):
     """LoRA without ``resize_embeddings``: one warning names the three markers, says they stay frozen and gives the
     option; after training their rows are still the checkpoint's zeros and nothing is recorded."""
     module = CausalLMModule(model_name_or_path=str(files / "llama"), lora={"r": 4}, optimizer="adamw", lr=1e-2)
-    said = [text for text in _fit(module, files, "llama") if "untrained" in text]
+    said = [text for text in _fit(module, files, "llama")[0] if "untrained" in text]
     assert len(said) == 1, said
     assert "3 token(s)" in said[0] and all(repr(marker) in said[0] for marker in MARKERS)
     assert "stay frozen" in said[0] and "--model.resize_embeddings true" in said[0]
@@ -183,7 +202,7 @@ def test_full_finetune_mean_initializes_with_the_option_and_does_not_warn_withou
     assert torch.equal(weight[:300], saved[:300]) and weight[302:].eq(0).all()
 
     module = CausalLMModule(model_name_or_path=str(files / "qwen"), optimizer="adamw", lr=1e-2)
-    assert not [text for text in _fit(module, files, "qwen", steps=1) if "untrained" in text]
+    assert not [text for said in _fit(module, files, "qwen", steps=1) for text in said if "untrained" in text]
 
 
 def test_rule_flags_near_zero_rows_only():
@@ -272,6 +291,8 @@ def qlora_run(files) -> Path:
     _recipe(files, "qlora.yaml", {"save_dir": "qlora-adapter", **QLORA}, steps=4)
     proc = _lowmem(files, "fit", "--config", "qlora.yaml")
     assert proc.stderr.count("3 token(s) the data uses had untrained rows") == 1, proc.stderr[-3000:]
+    notes = [line for line in proc.stderr.splitlines() if "had untrained rows" in line]
+    assert notes[0].startswith("resize_embeddings: 3 token(s)"), notes  # information, not 'lowmem: warning:'
     return files
 
 
@@ -386,7 +407,7 @@ def test_ids_past_the_checkpoint_tokenizer_train_with_the_option_whatever_their_
     they are recorded, start at the mean of the rows the checkpoint's tokenizer selects and train."""
     module = CausalLMModule(model_name_or_path=str(padded / "qwen-padded"), lora={"r": 4}, resize_embeddings=True,
                             optimizer="adamw", lr=1e-2)
-    said = _fit(module, padded, "qwen", steps=2)
+    said = _fit(module, padded, "qwen", steps=2)[1]
     assert module.hparams.untrained_token_ids == USED["qwen"]
     assert sum("2 token(s) the data uses had untrained rows" in text for text in said) == 1, said
     layer = module.model.get_input_embeddings().token_adapter
@@ -399,7 +420,7 @@ def test_ids_past_the_checkpoint_tokenizer_are_named_without_the_option(padded):
     """The same LoRA fit without the option: one warning names both ChatML tokens and says why (past the 300 ids of
     the checkpoint's own tokenizer); nothing is recorded."""
     module = CausalLMModule(model_name_or_path=str(padded / "qwen-padded"), lora={"r": 4}, optimizer="adamw")
-    said = [text for text in _fit(module, padded, "qwen", steps=1) if "untrained" in text]
+    said = [text for text in _fit(module, padded, "qwen", steps=1)[0] if "untrained" in text]
     assert len(said) == 1, said
     assert "2 token(s) the data uses have untrained (zero or near-zero, or past the 300 ids of its own tokenizer)" \
         in said[0] and "'<|im_start|>' (300), '<|im_end|>' (301)" in said[0]
@@ -506,3 +527,15 @@ def test_export_and_test_of_a_checkpoint_do_not_say_the_rows_start_at_the_mean(q
     assert (files / "export-quiet" / "adapter_model.safetensors").is_file()
     assert "test_loss" in test.stdout
     assert note not in export.stderr and note not in test.stderr, export.stderr + test.stderr
+
+
+def test_a_ddp_spawn_resume_does_not_say_the_rows_start_at_the_mean(qlora_run):
+    """``lowmem fit --ckpt_path`` under ``ddp_spawn``: the rank that builds the model is a new process, which the
+    command's own settings do not reach; the module tells its build (``rows_from_checkpoint``) that the rows are the
+    checkpoint's, so the fit's note that they were set to the mean is not repeated there. About 10 s."""
+    files = qlora_run
+    recipe = _recipe(files, "spawned.yaml", QLORA, steps=3)
+    proc = _lowmem(files, "fit", "--config", recipe.name, "--ckpt_path", "ckpts-qlora/step=2.ckpt",
+                   "--trainer.strategy", "ddp_spawn", "--trainer.devices", "1", "--trainer.accelerator", "cpu")
+    assert "Restored all states from the checkpoint" in proc.stderr, proc.stderr[-3000:]
+    assert "had untrained rows in the checkpoint" not in proc.stderr, proc.stderr[-3000:]

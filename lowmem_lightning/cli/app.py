@@ -401,9 +401,7 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
             self.config_init["fit"]["ckpt_path"] = self._resolve_last()
             self._check_resolved(self.config_init["fit"]["ckpt_path"])
         if self.config_init["fit"].get("ckpt_path"):
-            from lowmem_lightning.modules.causal_lm import hide_row_start_notes
-
-            hide_row_start_notes()  # the resumed rows are the checkpoint's
+            self._rows_from_checkpoint()
 
     def before_validate(self) -> None:
         """``--ckpt_path last`` / ``best`` resolved as ``lowmem export`` resolves them (:meth:`_named_ckpt_path`)."""
@@ -427,9 +425,7 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         if init.get("ckpt_path") in ("last", "best"):
             init["ckpt_path"] = self._named_ckpt_path(self.config[subcommand], subcommand)
         if init.get("ckpt_path"):
-            from lowmem_lightning.modules.causal_lm import hide_row_start_notes
-
-            hide_row_start_notes()  # the rows evaluated are the checkpoint's
+            self._rows_from_checkpoint()
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand in a logger version folder of its own (claimed atomically:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,6 +193,15 @@ class ExportMixin:
         self._check_resolved(found, subcommand=subcommand, keyword=ckpt_path)
         return found
 
+    def _rows_from_checkpoint(self) -> None:
+        """Tell a ``CausalLMModule`` that a checkpoint's weights replace the model it builds
+        (``rows_from_checkpoint``, which travels with the module to ``ddp_spawn``'s processes): its build leaves out
+        the notes on where token rows start."""
+        from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+        if isinstance(self.model, CausalLMModule):
+            self.model.rows_from_checkpoint = True
+
     def _build_for_export(self) -> None:
         """Build the module's model as a fit would (``configure_model`` under the Trainer's device and precision,
         the data module attached for its vocabulary and tokenizer), without a Trainer run or an optimizer; whole
@@ -201,11 +209,8 @@ class ExportMixin:
         model, trainer = self.model, self.trainer
         model.trainer = trainer
         trainer.datamodule = self.datamodule
-        from lowmem_lightning.modules.causal_lm import hide_row_start_notes
-
-        with (torch.device(trainer.strategy.root_device), trainer.precision_plugin.module_init_context(),
-              warnings.catch_warnings()):
-            hide_row_start_notes()  # the rows exported are the checkpoint's
+        self._rows_from_checkpoint()  # the rows exported are the checkpoint's
+        with torch.device(trainer.strategy.root_device), trainer.precision_plugin.module_init_context():
             model.configure_model()
 
     def _run_export(self) -> None:

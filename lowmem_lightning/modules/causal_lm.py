@@ -22,7 +22,7 @@ import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
@@ -327,6 +327,7 @@ def build_causal_lm(
     vocab_size: int | None = None,
     resize_embeddings: bool | int = False,
     token_ids: Mapping[int, str] | Iterable[int] | None = None,
+    row_start_notes: bool = True,
 ) -> nn.Module:
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
 
@@ -360,6 +361,10 @@ def build_causal_lm(
             model's ``untrained_token_ids`` attribute (``[]`` when none or not asked for). On the meta device (no
             weights to check) a list (not a mapping: the ids a fit recorded) is taken as found, so ``lowmem
             estimate`` counts those rows.
+        row_start_notes: Say (``rank_zero_info``, an informational line) where grown or untrained token rows start
+            and that they train. ``False`` for a build whose weights a checkpoint then replaces (a resume, an
+            evaluation or export of a checkpoint): there the rows are the checkpoint's, and the notes would be
+            untrue.
     """
     lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
     check_resize_embeddings(resize_embeddings)
@@ -375,7 +380,8 @@ def build_causal_lm(
         from lowmem_lightning.modules.untrained_tokens import checkpoint_tokenizer_length
 
         seen_rows = checkpoint_tokenizer_length(model_name_or_path) if resize_embeddings or token_ids else None
-        untrained = _treat_untrained_rows(model, token_ids, bool(resize_embeddings), lora is not None, seen_rows)
+        untrained = _treat_untrained_rows(model, token_ids, bool(resize_embeddings), lora is not None, seen_rows,
+                                          row_start_notes)
         if target is not None and target > old_rows:
             _grow_embeddings(model, target, seen_rows)
     else:
@@ -393,12 +399,11 @@ def build_causal_lm(
         untrained = _recorded_untrained(model_name_or_path, token_ids, resize_embeddings, old_rows)
     added = _new_token_rows(model, old_rows, untrained)
     model.untrained_token_ids = untrained
-    if old_rows < _embedding_rows(model) and device.type != "meta":
+    if old_rows < _embedding_rows(model) and device.type != "meta" and row_start_notes:
         rows = _embedding_rows(model)
         how = "they train through peft's trainable_token_indices, the old rows stay frozen" if lora else "they train"
-        warnings.warn(f"{ROWS_START_NOTE}the input embeddings and output head grew from {old_rows} to {rows} "
-                      f"rows for the tokenizer's added tokens (each new row the mean of the trained old rows; {how}).",
-                      LowMemWarning, stacklevel=2)
+        rank_zero_info(f"resize_embeddings: the input embeddings and output head grew from {old_rows} to {rows} "
+                       f"rows for the tokenizer's added tokens (each new row the mean of the trained old rows; {how}).")
     if lora is not None:
         from lowmem_lightning.quant import add_lora
 
@@ -411,23 +416,12 @@ def build_causal_lm(
     return model
 
 
-ROWS_START_NOTE = "resize_embeddings: "
-"""How :func:`build_causal_lm`'s notes on where grown or untrained token rows start begin."""
-
-
-def hide_row_start_notes() -> None:
-    """Leave out (in the current ``warnings`` filters) :func:`build_causal_lm`'s notes on where grown or untrained
-    token rows start, for a build whose weights a checkpoint then replaces (a resume, an evaluation or export of a
-    checkpoint): there the rows are the checkpoint's, and the notes would only say otherwise."""
-    warnings.filterwarnings("ignore", message=re.escape(ROWS_START_NOTE), category=LowMemWarning)
-
-
 def _treat_untrained_rows(model: nn.Module, token_ids: Mapping[int, str] | Iterable[int] | None, resize: bool,
-                          lora: bool, seen_rows: int | None = None) -> list[int]:
+                          lora: bool, seen_rows: int | None = None, note: bool = True) -> list[int]:
     """The ids of ``token_ids`` whose rows ``model`` (a loaded checkpoint) never trained (near zero, or at or past
     ``seen_rows``, the checkpoint tokenizer's length): with ``resize`` they are set to the mean of the trained rows
-    and returned (they train); otherwise, under ``lora``, a ``LowMemWarning`` names them and ``[]`` is returned
-    (nothing changes; a full fine-tune trains every row anyway)."""
+    and returned (they train; with ``note``, an informational line says so); otherwise, under ``lora``, a
+    ``LowMemWarning`` names them and ``[]`` is returned (nothing changes; a full fine-tune trains every row anyway)."""
     from lowmem_lightning.modules.untrained_tokens import (
         describe_tokens,
         initialize_untrained_rows,
@@ -450,8 +444,9 @@ def _treat_untrained_rows(model: nn.Module, token_ids: Mapping[int, str] | Itera
         return []
     initialize_untrained_rows(model, ids, seen_rows)
     how = "they train through peft's trainable_token_indices, the other rows stay frozen" if lora else "they train"
-    warnings.warn(f"{ROWS_START_NOTE}{len(ids)} token(s) the data uses had untrained rows in the checkpoint "
-                  f"({names}); each row set to the mean of the trained rows ({how}).", LowMemWarning, stacklevel=3)
+    if note:
+        rank_zero_info(f"resize_embeddings: {len(ids)} token(s) the data uses had untrained rows in the checkpoint "
+                       f"({names}); each row set to the mean of the trained rows ({how}).")
     return ids
 
 
@@ -589,6 +584,12 @@ class CausalLMModule(LowMemModule):
             ``LowMemModule``.
     """
 
+    rows_from_checkpoint: bool = False
+    """Whether a checkpoint's weights replace the model this module builds (a resume, an evaluation or export of a
+    checkpoint; the ``lowmem`` command sets it once the checkpoint is known): the build then leaves out its notes on
+    where grown or untrained token rows start, which would be untrue. An attribute of the module, so it reaches the
+    processes ``ddp_spawn`` starts with the module."""
+
     def __init__(
         self,
         model_name_or_path: str | None = None,
@@ -715,7 +716,8 @@ class CausalLMModule(LowMemModule):
         with _build_warnings_on_rank_zero():
             self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
                                          torch_dtype=hp.torch_dtype, vocab_size=data_vocab,
-                                         resize_embeddings=hp.resize_embeddings, token_ids=token_ids)
+                                         resize_embeddings=hp.resize_embeddings, token_ids=token_ids,
+                                         row_start_notes=not self.rows_from_checkpoint)
         keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
         rows = _embedding_rows(self.model)
         self._record_resolved(self._resolved_hparams(token_ids, data_vocab, rows))
