@@ -81,6 +81,7 @@ def test_last_skips_a_newer_weights_only_checkpoint_and_resumes_the_full_one(tmp
     assert _first_step(tmp_path / "runs" / "tiny" / "version_1" / "metrics.csv") == 3  # continued from step 3
 
 
+@pytest.mark.slow
 def test_last_refuses_in_one_line_when_every_checkpoint_is_weights_only(tmp_path):
     """Only weights-only checkpoints: ``--ckpt_path last`` exits 2 with one line naming the newest and how to start
     from its weights, nothing created; an explicit weights-only ``--ckpt_path`` is refused in one sentence that

@@ -233,6 +233,7 @@ def test_wrong_value_names_argument_value_and_allowed(name, argument, value, who
         assert word in message, (word, message)
 
 
+@pytest.mark.slow
 def test_wrong_value_in_a_real_process(project, tmp_path):
     """``python proj.py fit --optimizer.momentum_dtype int4`` exits 2 with jsonargparse's message naming the key, the
     choices and the value, and writes nothing (no config.yaml, no checkpoint); ``--optimizer.betas [0.9]`` exits 2

@@ -400,7 +400,7 @@ if torch.distributed.is_initialized():
 """
 
 
-@pytest.mark.parametrize("uop", [True, False])
+@pytest.mark.parametrize("uop", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_lightning_fsdp_strategy_fit_checkpoint_and_resume_bit_exactly(tmp_path, uop):
     """``Trainer(strategy=FSDPStrategy(...))`` (a CPU subclass), 2 processes, the callback's adamw_8bit: a sharded
     checkpoint after epoch 1 resumed with ``ckpt_path`` ends epoch 2 bit for bit where the straight run does."""

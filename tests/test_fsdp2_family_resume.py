@@ -167,6 +167,7 @@ def _assert_resumed(ranks: list[dict], target: str) -> None:
             _assert_converted(result["source"][name], state, target)
 
 
+@pytest.mark.slow
 def test_fsdp2_adamw_8bit_checkpoint_resumes_as_adamw_4bit(tmp_path):
     """The key direction, in the default suite: 8-bit codes decoded with their own scales, encoded in 4-bit."""
     _assert_resumed(_run(tmp_path, "adamw_8bit", "adamw_4bit"), "adamw_4bit")

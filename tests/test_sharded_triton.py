@@ -107,7 +107,7 @@ def _plain(case: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_triton_step_equals_the_sharded_reference_and_the_unsharded_step(tmp_path, world):
     ranks = forked_ranks(tmp_path, world, _rank, world)
     start = _full(0, 1.0)

@@ -515,6 +515,7 @@ def test_estimate_counts_trained_rows_apart_from_the_base_model(files, capsys):
     assert number["trainable params"] == number["adapter params (LoRA)"] + rows
 
 
+@pytest.mark.slow
 def test_export_and_test_of_a_checkpoint_do_not_say_the_rows_start_at_the_mean(qlora_run):
     """``lowmem export`` and ``lowmem test --ckpt_path`` of the QLoRA run's checkpoint build the model again, which
     sets the markers' rows to the mean of the trained rows before the checkpoint's trained rows replace them: the
@@ -529,6 +530,7 @@ def test_export_and_test_of_a_checkpoint_do_not_say_the_rows_start_at_the_mean(q
     assert note not in export.stderr and note not in test.stderr, export.stderr + test.stderr
 
 
+@pytest.mark.slow
 def test_a_ddp_spawn_resume_does_not_say_the_rows_start_at_the_mean(qlora_run):
     """``lowmem fit --ckpt_path`` under ``ddp_spawn``: the rank that builds the model is a new process, which the
     command's own settings do not reach; the module tells its build (``rows_from_checkpoint``) that the rows are the
