@@ -8,11 +8,13 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import re
 import select
 import struct
 import subprocess
 import sys
 import termios
+import warnings
 
 import pytest
 
@@ -124,3 +126,39 @@ def test_subcommand_help_starts_with_a_short_usage_and_fits(tmp_path):
     assert lines[1] == "", lines[:3]
     assert all(len(line) <= 80 for line in lines), max(lines, key=len)
     assert any(line.startswith("  --trainer.max_steps MAX_STEPS") for line in lines)  # the sections still list all
+
+
+def test_a_lightning_warning_during_a_fit_breaks_at_words(tmp_path):
+    """Lightning's warnings during ``lowmem fit`` go through the same word breaking as ours: the location is named
+    from its package on one line (its full site-packages path, 86 columns, was split mid-word by the terminal), the
+    message broken at spaces, shown once."""
+    code, out = _run_on_a_terminal(["fit", "--config", "tiny.yaml", "--trainer.max_steps", "1",
+                                    "--trainer.log_every_n_steps", "100000", "--trainer.limit_val_batches", "0"],
+                                   tmp_path)
+    assert code == 0, out
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line).rsplit("\r", 1)[-1] for line in out.split("\n")]  # bar codes
+    at = next(i for i, line in enumerate(lines) if "fit_loop.py:" in line)
+    assert lines[at].startswith("lightning/pytorch/loops/fit_loop.py:"), lines[at:at + 4]
+    warning = [lines[at]] + [line for line in lines[at + 1:at + 4] if line.startswith("  ")]
+    assert all(len(line) <= 80 for line in warning), warning
+    text = " ".join(line.strip() for line in warning)
+    assert text.endswith("Set a lower value for log_every_n_steps if you want to see logs for the training epoch."), \
+        warning
+    assert out.count("The number of training batches") == 1, out
+
+
+def test_another_library_warning_on_a_terminal_names_its_file_from_its_package(monkeypatch):
+    """Python's own format (``FILE:LINE: Category: MESSAGE`` and the source line), as torch's and transformers'
+    warnings show: the location from the package, each line broken at words; unchanged when not a terminal."""
+    import torch
+
+    monkeypatch.setattr(messages, "_format_others", warnings._formatwarning_orig)
+    filename = torch.__file__
+    message = "the quick brown fox jumps over the lazy dog " * 4
+    piped = messages.one_line_for_ours(message, UserWarning, filename, 7, "warnings.warn(x)")
+    assert piped.startswith(f"{filename}:7: UserWarning: the quick")
+    monkeypatch.setattr(messages, "_terminal_columns", lambda: 80)
+    lines = messages.one_line_for_ours(message, UserWarning, filename, 7, "warnings.warn(x)").rstrip("\n").split("\n")
+    assert lines[0].startswith("torch/__init__.py:7: UserWarning: the quick"), lines
+    assert all(len(line) <= 80 for line in lines) and lines[-1] == "  warnings.warn(x)", lines
+    assert " ".join(line.strip() for line in lines[:-1]).endswith(message.strip()), lines

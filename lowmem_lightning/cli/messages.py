@@ -78,10 +78,26 @@ def one_line_for_ours(message, category, filename, lineno, line=None) -> str:
     """``warnings.formatwarning`` of the ``lowmem`` command: a
     :class:`~lowmem_lightning.lowmem_warning.LowMemWarning` (the warnings this package raises) as
     ``lowmem: warning: MESSAGE`` and a newline, like the command's notices, instead of Python's ``FILE:LINE:
-    UserWarning: MESSAGE`` and the source line; any other warning as the replaced function formats it."""
+    UserWarning: MESSAGE`` and the source line; any other warning (Lightning's, torch's, transformers') as the
+    replaced function formats it, on a terminal with its file named from its package (no site-packages prefix) and
+    broken at words like ours (:func:`for_terminal`): the terminal split its 86-column location mid-word."""
     if issubclass(category, LowMemWarning):
         return for_terminal(f"lowmem: warning: {message}") + "\n"
-    return _format_others(message, category, filename, lineno, line)
+    text = _format_others(message, category, filename, lineno, line)
+    if not _terminal_columns():
+        return text
+    if text.startswith(f"{filename}:"):  # Lightning's and Python's formats start with the location
+        text = _as_imported(filename) + text[len(filename):]
+    return for_terminal(text.rstrip("\n")) + "\n"
+
+
+def _as_imported(filename: str) -> str:
+    """``filename`` relative to the longest ``sys.path`` entry it lies under, as its package spells it
+    (``lightning/pytorch/loops/fit_loop.py`` for a file in site-packages: its full path alone is wider than an
+    80-column screen), or as given when it lies under none."""
+    roots = [os.path.join(os.path.abspath(entry), "") for entry in sys.path if entry]
+    under = [root for root in roots if filename.startswith(root)]
+    return filename[len(max(under, key=len)):] if under else filename
 
 
 def our_warnings_in_one_line() -> Callable[[], None]:
