@@ -482,8 +482,9 @@ def test_grown_rows_start_at_the_mean_of_the_trained_rows(files, padded):
 
 def test_estimate_says_when_its_trainable_count_leaves_untrained_rows_out(files, capsys):
     """``lowmem estimate`` of a LoRA recipe with ``resize_embeddings`` and no ``untrained_token_ids``: one note says
-    the trainable count leaves out the untrained rows the data uses (2 x 64 params each on the untied base) and how to
-    count them; none once the recipe lists them, nor for a full fine-tune (every row is trainable already)."""
+    the trainable count leaves out the untrained rows the data uses (2 x 64 params each on the untied base), where a
+    fit records their ids and how to count them, within 80 columns; none once the recipe lists them, nor for a full
+    fine-tune (every row is trainable already)."""
     from lowmem_lightning.cli import main
 
     note = "trainable params: + 128 per untrained checkpoint row the data uses"
@@ -493,7 +494,10 @@ def test_estimate_says_when_its_trainable_count_leaves_untrained_rows_out(files,
         assert main(["estimate", "--config", str(recipe)]) == 0
         table = capsys.readouterr().out
         assert (note in " ".join(table.split())) == shown, (name, table[-600:])
-        assert ("--model.untrained_token_ids to count them" in " ".join(table.split())) == shown
+        where = ("records their ids as untrained_token_ids in the run's hparams.yaml and in its checkpoints' "
+                 "hyper_parameters: copy that list into --model.untrained_token_ids to count them)")
+        assert (where in " ".join(table.split())) == shown, table[-600:]
+        assert all(len(line) <= 80 for line in table.splitlines()), max(table.splitlines(), key=len)
 
 
 def test_estimate_counts_trained_rows_apart_from_the_base_model(files, capsys):

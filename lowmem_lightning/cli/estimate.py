@@ -145,7 +145,7 @@ def _untrained_rows_note(cfg: Namespace, model) -> str | None:
     """The note that the trainable count leaves out the checkpoint's untrained token rows the data uses, for a LoRA
     run on a checkpoint with ``resize_embeddings`` and no ``untrained_token_ids`` list: ``lowmem fit`` finds those
     rows from the weights and the data, which an estimate reads neither of (a full fine-tune trains every row anyway,
-    so its count is exact). ``None`` otherwise."""
+    so its count is exact); the note says where a fit records the ids it found. ``None`` otherwise."""
     init = cfg.model.get("init_args") or Namespace()
     if not (init.get("model_name_or_path") and init.get("lora") and init.get("resize_embeddings")) or (
             init.get("untrained_token_ids") is not None or not hasattr(model, "get_input_embeddings")):
@@ -153,8 +153,9 @@ def _untrained_rows_note(cfg: Namespace, model) -> str | None:
     embedding, head = (getattr(layer, "original_module", layer)  # through peft's wrapper of grown rows
                        for layer in (model.get_input_embeddings(), model.get_output_embeddings()))
     per_token = embedding.weight.shape[1] * (1 if head is None or head.weight is embedding.weight else 2)
-    return (f"trainable params: + {per_token:,} per untrained checkpoint row the data uses (lowmem fit finds them; "
-            "list them in --model.untrained_token_ids to count them)")
+    return (f"trainable params: + {per_token:,} per untrained checkpoint row the data uses (lowmem fit finds them "
+            "and records their ids as untrained_token_ids in the run's hparams.yaml and in its checkpoints' "
+            "hyper_parameters: copy that list into --model.untrained_token_ids to count them)")
 
 
 PROG = "lowmem estimate"
