@@ -106,10 +106,11 @@ class UsersModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-@pytest.mark.parametrize("train_mode", [False, True])
-def test_the_callback_warns_when_checkpointing_layers_train_in_eval_mode(checkpoint, train_mode):
-    """LowMemOptimizerCallback on a project that loaded its model with from_pretrained: one warning naming the layers
-    and the fix while they are in eval mode (checkpointing skipped); none after model.train()."""
+def _eval_mode_warnings_of_one_step_with_the_callback(module: L.LightningModule) -> list[str]:
+    """The eval-mode ``LowMemWarning`` messages of one training step of ``module`` with ``LowMemOptimizerCallback``
+    (``adamw_8bit``), every warning shown (``simplefilter("always")``)."""
+    import warnings
+
     from lowmem_lightning.callbacks import LowMemOptimizerCallback
     from lowmem_lightning.lowmem_warning import LowMemWarning
 
@@ -117,12 +118,17 @@ def test_the_callback_warns_when_checkpointing_layers_train_in_eval_mode(checkpo
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1,
                         callbacks=[LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)])
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(UsersModule(str(checkpoint), train_mode), torch.utils.data.DataLoader([batch], batch_size=None))
-    said = [str(w.message) for w in caught if issubclass(w.category, LowMemWarning) and "eval mode" in str(w.message)]
+        trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    return [str(w.message) for w in caught if issubclass(w.category, LowMemWarning) and "eval mode" in str(w.message)]
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_the_callback_warns_when_checkpointing_layers_train_in_eval_mode(checkpoint, train_mode):
+    """LowMemOptimizerCallback on a project that loaded its model with from_pretrained: one warning naming the layers
+    and the fix while they are in eval mode (checkpointing skipped); none after model.train()."""
+    said = _eval_mode_warnings_of_one_step_with_the_callback(UsersModule(str(checkpoint), train_mode))
     if train_mode:
         assert said == []
     else:
@@ -171,18 +177,5 @@ def test_a_lowmem_module_subclass_is_warned_too(checkpoint, train_mode):
 def test_a_lowmem_module_under_the_callback_is_warned_once(checkpoint):
     """A LowMemModule subclass trained with LowMemOptimizerCallback: both would warn (the module's on_train_start and
     the callback's CheckpointingModeCheck part); under ``simplefilter("always")`` the user still reads it once."""
-    import warnings
-
-    from lowmem_lightning.callbacks import LowMemOptimizerCallback
-    from lowmem_lightning.lowmem_warning import LowMemWarning
-
-    batch = {"input_ids": torch.randint(0, 259, (2, 16)), "labels": torch.randint(0, 259, (2, 16))}
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1,
-                        callbacks=[LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(UsersLowMemModule.build(str(checkpoint), False),
-                    torch.utils.data.DataLoader([batch], batch_size=None))
-    said = [str(w.message) for w in caught if issubclass(w.category, LowMemWarning) and "eval mode" in str(w.message)]
+    said = _eval_mode_warnings_of_one_step_with_the_callback(UsersLowMemModule.build(str(checkpoint), False))
     assert len(said) == 1, said

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -22,17 +20,16 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from chat_recipes import chat_recipe, run_lowmem
 from test_data_chat import CHAT, CHATML
 from tiny_tokenizers import bpe_tokenizer
 
-from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.cli.resume import model_differences
 from lowmem_lightning.data import TextDataModule
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
 from lowmem_lightning.modules.untrained_tokens import untrained_token_ids
 
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 128}
 BASE_VOCAB = 300
@@ -257,28 +254,10 @@ def test_lowmem_fit_refuses_ids_without_the_option_in_one_line(capsys, tmp_path,
 def _recipe(files: Path, name: str, model: dict, steps: int) -> Path:
     """``files/name``: the tiny recipe on the chat data and the Llama-3-like tokenizer with ``model`` init args,
     checkpoints every 2 steps into ``ckpts-NAME/``."""
-    recipe = yaml.safe_load((RECIPES_DIR / "tiny.yaml").read_text())
-    recipe["trainer"].update({"max_steps": steps, "val_check_interval": steps, "limit_val_batches": 1,
-                              "enable_progress_bar": False, "enable_model_summary": False})
-    callbacks = recipe["trainer"]["callbacks"]
-    callbacks[0]["init_args"]["plot"] = False
-    callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                      "init_args": {"dirpath": f"ckpts-{Path(name).stem}", "every_n_train_steps": 2,
-                                    "save_top_k": -1, "filename": "{step}"}})
-    init = recipe["model"]["init_args"]
-    init.pop("config")
-    init.update({"model_name_or_path": str(files / "llama"), **model})
-    recipe["data"]["init_args"].update({"data_path": str(files / "chat.jsonl"),
-                                        "tokenizer": str(files / "llama3tok"), "seq_len": 32, "batch_size": 4})
-    (files / name).write_text(yaml.safe_dump(recipe))
-    return files / name
+    return chat_recipe(files, name, {"model_name_or_path": str(files / "llama"), **model}, steps, "llama3tok")
 
 
-def _lowmem(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([LOWMEM, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+_lowmem = run_lowmem
 
 
 QLORA = {"quantize": "nf4", "lora": {"r": 4}, "resize_embeddings": True}
