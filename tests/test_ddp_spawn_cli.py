@@ -172,7 +172,8 @@ def test_monitor_pickles_without_pipes_outside_a_spawn():
         assert clone._summary_reader is None and clone._summary_writer is None
 
 
-@pytest.mark.parametrize("strategy", ["ddp_spawn", pytest.param("ddp_fork", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
 def test_a_refusal_in_a_spawned_rank_is_one_message(tmp_path, strategy):
     """A refusal raised inside the ranks before the run starts (adafactor's own step size under the module's LR
     schedule): exit 2, the refusal's one message and nothing else (the set-up lines of the command and of the ranks

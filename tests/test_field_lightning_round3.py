@@ -357,6 +357,7 @@ def _spawn_fit(module, devices, root, callbacks=(), ckpt_path=None, steps=4, **k
 
 
 
+@pytest.mark.slow
 def test_ddp_spawn_with_the_callback_brings_the_trained_weights_back(tmp_path, gloo_env):
     """``ddp_spawn`` pickles the module, the Trainer and the callback (with its parts: monitor, plot) into 2 gloo
     processes; the weights rank 0 trained come back into this process's module, equal to one process on the same

@@ -99,7 +99,8 @@ def _run_script(tmp_path, opt: str, accelerator: str, devices: int) -> list[dict
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(devices)]
 
 
-@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("opt", [pytest.param(opt, marks=[] if opt == "adamw_8bit" else pytest.mark.slow)
+                                 for opt in OPTIMIZERS])
 def test_fsdp2_model_parallel_strategy_trains_shards_and_resumes(tmp_path, opt, monkeypatch):
     ranks = _run_script(tmp_path, opt, "cpu", 2)
     for result in ranks:
