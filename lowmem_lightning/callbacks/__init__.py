@@ -1,9 +1,10 @@
 """Lightning callbacks, one job each. :class:`LowMemOptimizerCallback` swaps in a low-memory optimizer and
 puts the callbacks of the other jobs into the Trainer's list: :class:`FSDP1Check`,
 :class:`GradientReleaseCallback` (``step_in_backward``), :class:`StateMemoryMonitor` (also works alone,
-with any optimizer), :class:`PreemptionCheckpoint` and :class:`ResumeCompatibility`.
+with any optimizer), :class:`PreemptionCheckpoint`, :class:`InterruptAtStepEnd` and :class:`ResumeCompatibility`.
 :class:`StepsAwareRichProgressBar` is a rich progress bar for step-bounded runs in 80-column terminals."""
 
+from .interrupt import InterruptAtStepEnd
 from .monitor import StateMemoryMonitor
 from .optimizer import LowMemOptimizerCallback
 from .preemption import PreemptionCheckpoint
@@ -17,6 +18,7 @@ __all__ = [
     "FSDP1Check",
     "GradientRelease",
     "GradientReleaseCallback",
+    "InterruptAtStepEnd",
     "LowMemOptimizerCallback",
     "PreemptionCheckpoint",
     "ResumeCompatibility",

@@ -114,6 +114,7 @@ class StateMemoryMonitor(L.Callback):
         self._pending_losses: list[tuple[int, torch.Tensor]] = []  # (index in history.losses, device scalar)
         self._max_state_bytes = 0
         self._last_global_step = -1
+        self._resumed = False  # the current fit restored a checkpoint (trainer.ckpt_path)
 
     def track(self, optimizers: list[torch.optim.Optimizer], name: str, reporter: str) -> None:
         """Measure ``optimizers`` (called ``name`` in the summary, whose header names ``reporter``)
@@ -188,6 +189,7 @@ class StateMemoryMonitor(L.Callback):
         self.history = StateHistory()
         self._peak, self._pending_losses, self._max_state_bytes = {}, [], 0
         self._last_global_step = trainer.global_step
+        self._resumed = trainer.ckpt_path is not None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         """After an optimizer step: measure, keep the max since the last logged step, log it."""
@@ -327,6 +329,7 @@ class StateMemoryMonitor(L.Callback):
             sharded, reporter=self._reporter,
         )
         self.summary["steps_this_run"] = len(self.history.steps)
+        self.summary["resumed"] = self._resumed  # False: a later step count from an earlier fit of this Trainer
         self.summary.update(small_tensor_summary(self.optimizers))  # why tensors under 4096 elements cost more
         plot_path = None
         if self.plot:

@@ -19,7 +19,8 @@ this one (:attr:`LowMemOptimizerCallback.parts`), so the Trainer calls each of t
 does for any callback (a forwarder would have to know every hook; a part in ``trainer.callbacks`` is seen,
 ordered and checkpointed by Lightning like the user's own): :class:`~.strategy_check.FSDP1Check`,
 :class:`~.release.GradientReleaseCallback` (``step_in_backward``), :class:`~.monitor.StateMemoryMonitor`,
-:class:`~.preemption.PreemptionCheckpoint`, :class:`~.resume.ResumeCompatibility` and
+:class:`~.preemption.PreemptionCheckpoint`, :class:`~.interrupt.InterruptAtStepEnd` (a Ctrl+C inside a training
+step stops the fit when that step is done), :class:`~.resume.ResumeCompatibility` and
 :class:`~.clip_norm.ClipNormReuse` (norm clipping hands its norm to our optimizer's finite check) and
 :class:`~.rotary.KeepRotaryFp32` (a Hugging Face model's rotary frequencies back in fp32 after a bf16 cast) and
 :class:`~.train_mode.CheckpointingModeCheck` (a warning when gradient checkpointing is on in modules in eval mode).
@@ -35,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.callbacks.averaging import serve_weight_averaging
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
+from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
 from lowmem_lightning.callbacks.param_checks import averaged_codes_refusal, unsupported_params
@@ -172,6 +174,8 @@ class LowMemOptimizerCallback(L.Callback):
     ``state_memory.png`` at the end of fit (:attr:`monitor`, a
     :class:`~lowmem_lightning.callbacks.StateMemoryMonitor`: its docstring lists the metrics); save
     ``last.ckpt`` on SIGTERM at a step end all ranks agree on (:mod:`~lowmem_lightning.callbacks.preemption`);
+    stop a fit Ctrl+C interrupts inside a training step when that step is done, so the interrupted model and
+    optimizer are a step's and a checkpoint saved then resumes exactly (:mod:`~lowmem_lightning.callbacks.interrupt`);
     refuse, before any step, to resume a checkpoint of another optimizer than this one unless it converts
     that state (every pair of ``adamw``, ``adamw_8bit``, ``paged_adamw_8bit``, ``adamw_4bit``; ``lion``, ``ademamix``,
     ``muon`` <-> their ``_8bit`` variants), and apply a new ``lr`` at resume
@@ -267,6 +271,7 @@ class LowMemOptimizerCallback(L.Callback):
             *([self.release] if self.release is not None else []),
             self.monitor,
             PreemptionCheckpoint(),
+            InterruptAtStepEnd(),
             ResumeCompatibility(optimizer, saved_under=self.state_key),
             ClipNormReuse(),
             KeepRotaryFp32(),

@@ -120,10 +120,15 @@ def _mib(value: float) -> str:
 
 
 def _this_run(summary: dict) -> list[str]:
-    """A line saying how many of the steps this process made, when a resumed run reached a later global step."""
+    """A line saying how many of the steps this fit made, when it reached a later global step: a run resumed from a
+    checkpoint, or a second ``trainer.fit`` of the same Trainer (``resumed`` False), whose optimizer Lightning built
+    anew (its state counts only this fit's steps)."""
     here = summary.get("steps_this_run")
     if here is None or here == summary["steps"]:
         return []
+    if not summary.get("resumed", True):
+        return [f"  (a second fit of this Trainer: {here:,} of these {summary['steps']:,} steps made by it, "
+                "from a new optimizer state)"]
     return [f"  (resumed: {here:,} of these {summary['steps']:,} steps made by this run)"]
 
 
