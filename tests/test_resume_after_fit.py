@@ -5,12 +5,22 @@ steps: params, optimizer state and logged losses. (Lightning drops the loader's 
 ``state_dict()`` afterwards builds a new one: the shuffle sampler used to start the next epoch right there, so the
 checkpoint said ``{'epoch': 2, 'yielded': 0}`` and the resumed run skipped the rest of epoch 1.)
 
+Also a fit that stopped on an epoch's last batch (step 30; step 24 with ``limit_train_batches=12``): Lightning's loop,
+restored as "restarting on the epoch's last batch", read one more batch in that epoch and then started another,
+skipping the rest of the one in between (Lightning issue #19617); now the resumed run starts the next epoch at its
+first batch, numbered as the uninterrupted run numbers it. A fit that stopped mid-epoch is numbered as Lightning
+numbers it (a plain ``LightningModule`` with a ``StatefulDataLoader`` too): the stopped epoch counts as done, so the
+rest of it and every later epoch carry the next number (step 20 is epoch 2, batch 5 after the resume; epoch 1, batch 5
+in one run).
+
 Data and model of ``tests/test_resume_midepoch.py``: 60 training blocks, batch 4, 15 steps per epoch; step 20 is
 batch 5 of epoch 1. A constant LR after warmup (``scheduler=None``): a cosine schedule is drawn over ``max_steps``,
 so a 20-step run and a 40-step run differ by design.
 """
 
 from __future__ import annotations
+
+import csv
 
 import lightning as L
 import pytest
@@ -25,16 +35,19 @@ CONSTANT_LR = ["--model.scheduler=null"]
 
 
 class RecordBatches(L.Callback):
-    """Keeps the sum of each training batch's ``input_ids`` (which blocks were read, in order)."""
+    """Keeps the sum of each training batch's ``input_ids`` (which blocks were read, in order) and, per batch,
+    ``(global_step, current_epoch, batch_idx)`` (how Lightning numbers it)."""
 
     def __init__(self):
         self.sums: list[int] = []
+        self.places: list[tuple[int, int, int]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.sums.append(int(batch["input_ids"].sum()))
+        self.places.append((trainer.global_step, trainer.current_epoch, batch_idx))
 
 
-def _fit(root, data, max_steps, ckpt_path=None, num_workers=0):
+def _fit(root, data, max_steps, ckpt_path=None, num_workers=0, limit_train_batches=1.0):
     L.seed_everything(7)
     model = CausalLMModule(config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                    "num_attention_heads": 2, "num_key_value_heads": 2}, lr=3e-3, warmup_steps=2)
@@ -43,27 +56,38 @@ def _fit(root, data, max_steps, ckpt_path=None, num_workers=0):
         accelerator="cpu", max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
         callbacks=[LowMemOptimizerCallback("adamw_8bit", lr=3e-3, plot=False, print_summary=False), record],
+        limit_train_batches=limit_train_batches,
     )
     dm = TextDataModule(str(data), seq_len=32, batch_size=4, val_fraction=0.05, num_workers=num_workers)
     trainer.fit(model, dm, ckpt_path=ckpt_path)
-    return model, trainer, record.sums
+    return model, trainer, record
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_checkpoint_saved_after_fit_ended_mid_epoch_resumes_where_it_stopped(tmp_path, num_workers):
-    """Also with 2 worker processes, whose prefetched batches a new iterator counted as read."""
+@pytest.mark.parametrize(("stop", "limit", "num_workers", "sampler_state"), [
+    (20, 1.0, 0, {"epoch": 1, "consumed": 20, "world": 1}),  # mid-epoch: batch 5 of epoch 1
+    (20, 1.0, 2, {"epoch": 1, "consumed": 20, "world": 1}),
+    (30, 1.0, 0, {"epoch": 1, "consumed": 60, "world": 1}),  # epoch 1's last batch
+    (24, 12, 0, {"epoch": 1, "consumed": 48, "world": 1}),  # the last batch limit_train_batches lets epoch 1 read
+], ids=["mid_epoch", "mid_epoch_2_workers", "epoch_end", "epoch_end_of_limit_train_batches"])
+def test_checkpoint_saved_after_fit_ended_resumes_where_it_stopped(tmp_path, stop, limit, num_workers, sampler_state):
+    """Also with 2 worker processes, whose prefetched batches a new iterator counted as read (the sampler state was
+    epoch 2 with nothing read; with workers, epoch 1 after the prefetched batches)."""
     data = _write_data(tmp_path / "words.txt")
-    straight, straight_trainer, straight_batches = _fit(tmp_path / "a", data, max_steps=40, num_workers=num_workers)
-    _, first, first_batches = _fit(tmp_path / "b", data, max_steps=20, num_workers=num_workers)
+    straight, straight_trainer, straight_record = _fit(tmp_path / "a", data, max_steps=40, num_workers=num_workers,
+                                                       limit_train_batches=limit)
+    _, first, first_record = _fit(tmp_path / "b", data, max_steps=stop, num_workers=num_workers,
+                                  limit_train_batches=limit)
     first.save_checkpoint(tmp_path / "after_fit.ckpt")
-    assert first_batches == straight_batches[:20]
-    resumed, trainer, batches = _fit(tmp_path / "c", data, max_steps=40, ckpt_path=tmp_path / "after_fit.ckpt",
-                                     num_workers=num_workers)
-    assert trainer.global_step == 40 and batches == straight_batches[20:]
+    assert first_record.sums == straight_record.sums[:stop]
+    resumed, trainer, record = _fit(tmp_path / "c", data, max_steps=40, ckpt_path=tmp_path / "after_fit.ckpt",
+                                    num_workers=num_workers, limit_train_batches=limit)
+    assert trainer.global_step == 40 and record.sums == straight_record.sums[stop:]
     loader = _load(tmp_path / "after_fit.ckpt")["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     main = loader["_snapshot"]["_main_snapshot"] if num_workers else loader
-    # batch 5 of epoch 1 (was epoch 2 with nothing read; with workers, epoch 1 after the prefetched batches)
-    assert main["_sampler_iter_state"]["sampler_state"] == {"epoch": 1, "consumed": 20, "world": 1}
+    assert main["_sampler_iter_state"]["sampler_state"] == sampler_state
+    ended_mid_epoch = sampler_state["consumed"] == stop  # Lightning counts the stopped epoch as done: one more
+    assert record.places == [(step, epoch + ended_mid_epoch, batch)
+                             for step, epoch, batch in straight_record.places[stop:]]
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
     states = [t.optimizers[0].state_dict()["state"] for t in (straight_trainer, trainer)]
@@ -91,3 +115,30 @@ def test_lowmem_fit_extended_with_more_steps_equals_one_longer_run(tmp_path):
     assert _max_diff(_optimizer_states(final_ref), _optimizer_states(final)) == 0.0
     losses_ref, losses = _losses(tmp_path / "straight"), _losses(root)
     assert sorted(losses) == [s for s in sorted(losses_ref) if s >= 20] and losses == {s: losses_ref[s] for s in losses}
+
+
+def test_lowmem_fit_resumed_with_a_longer_cosine_schedule_says_how_the_lr_changes(tmp_path):
+    """``--trainer.max_steps 8``, then ``--trainer.max_steps 12 --ckpt_path last`` with ``scheduler: cosine``: the
+    schedule is drawn over each run's own length (``trainer.estimated_stepping_batches``, as Lightning and HF Trainer
+    do), so the lr jumps back up from the 8-step cosine's end; one line names both lengths and the lr of the first two
+    resumed steps, and Lightning's ``LearningRateMonitor`` logs those very lrs at steps 8 and 9."""
+    from lowmem_lightning.modules.base import warmup_cosine_factor
+
+    data = _write_data(tmp_path / "words.txt")
+    root = tmp_path / "run"
+    args = ["--trainer.callbacks.save_last=true", "--trainer.limit_val_batches=0",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"]
+    first = _lowmem(root, data, *args, max_steps=8)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "cosine LR schedule" not in first.stdout + first.stderr
+    more = _lowmem(root, data, *args, "--ckpt_path", "last", max_steps=12)
+    assert more.returncode == 0, more.stderr[-3000:]
+    before, after = 3e-3 * warmup_cosine_factor(5, 8, 0.1)(8), 3e-3 * warmup_cosine_factor(5, 12, 0.1)(9)
+    assert before == pytest.approx(3e-4) and after > 2 * before  # the 8-step cosine ended at min_lr; the 12 goes up
+    line = (f"CausalLMModule: the cosine LR schedule is 12 steps long in this run, 8 in the checkpoint's "
+            f"(trainer.estimated_stepping_batches): step 8 runs at lr {before:.3g} (the checkpoint's schedule), "
+            f"step 9 at {after:.3g} (this run's).")
+    assert (more.stdout + more.stderr).count(line) == 1, (more.stdout + more.stderr)[-3000:]
+    rows = list(csv.DictReader(open(max(root.glob("logs/version_*/metrics.csv")))))
+    logged = {int(r["step"]): float(r["lr-AdamW8bit/pg1"]) for r in rows if r.get("lr-AdamW8bit/pg1")}
+    assert logged[8] == pytest.approx(before, rel=1e-6) and logged[9] == pytest.approx(after, rel=1e-6)

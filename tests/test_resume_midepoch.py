@@ -237,6 +237,7 @@ def test_killed_mid_epoch_run_resumes_bit_exact(tmp_path, data, reference, name,
     resumed = _lowmem(tmp_path, data, "--ckpt_path", str(ckpt))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not resumable" not in resumed.stderr and "cannot save its position" not in resumed.stderr
+    assert "cosine LR schedule" not in resumed.stdout + resumed.stderr  # the same length: nothing to say
     _assert_same_run(reference, tmp_path, resume_from)
 
 

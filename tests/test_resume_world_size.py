@@ -74,7 +74,10 @@ def test_lightning_counts_the_epochs_batches_so_it_ends_with_the_re_dealt_blocks
     from lowmem_lightning.data.distributed import epoch_sampler
 
     current = SimpleNamespace(ready=2, started=2, processed=2, completed=1)  # saved at a batch end: completed lags
-    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=current)))
+    epochs = SimpleNamespace(ready=2, started=2, processed=1, completed=1)  # in epoch 1
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=current,
+                                                                                      is_last_batch=False)),
+                           epoch_progress=SimpleNamespace(current=epochs), restarting=True)
     strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": resumed, "rank": 0})
     trainer = SimpleNamespace(fit_loop=loop, strategy=strategy,
                               _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))

@@ -13,6 +13,11 @@ state Lightning saves (rank 0's) resumes every rank exactly.
 On another number of processes a mid-epoch state resumes at the same place of the epoch: the indices not yet
 read are dealt over the new ranks (:meth:`~lowmem_lightning.data.text.EpochShuffleSampler.share`), and
 :func:`align_epoch_progress` sets Lightning's count of the epoch's batches so that the epoch ends when they do.
+
+A checkpoint written after ``fit`` stopped at the end of an epoch (``max_steps`` reached on its last batch; or on the
+last batch ``limit_train_batches`` allows) is resumed as the start of the next epoch (:func:`align_with_fit_loop`):
+Lightning's own loop, told by the checkpoint that it is restarting on the epoch's last batch, read one more batch
+in it and then started another epoch, skipping the rest of the one in between (Lightning issue #19617).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from torch.utils.data import DistributedSampler
 
 from .text import EpochShuffleSampler
 
-__all__ = ["RankEpochShuffleSampler", "align_epoch_progress", "epoch_sampler"]
+__all__ = ["RankEpochShuffleSampler", "align_epoch_progress", "align_with_fit_loop", "epoch_sampler",
+           "fit_ended_at_epoch_end"]
 
 
 class RankEpochShuffleSampler(EpochShuffleSampler, DistributedSampler):
@@ -67,12 +73,49 @@ def align_epoch_progress(trainer, batch_size: int, sampler: EpochShuffleSampler)
     )
 
 
+def fit_ended_at_epoch_end(trainer) -> bool:
+    """Whether the fit loop restored from a checkpoint stopped on the last batch of an epoch and counted that epoch
+    as done (a checkpoint written after ``fit`` returned or at ``on_train_end``: ``max_steps`` reached on the
+    epoch's last batch). Then its next epoch starts on resume; a checkpoint of the epoch's end written inside the
+    epoch (``on_train_epoch_end``, ``on_train_batch_end``) is not this case, Lightning resumes those itself."""
+    epochs = trainer.fit_loop.epoch_progress.current
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    return bool(batches.is_last_batch) and epochs.ready == epochs.started == epochs.processed == epochs.completed > 0
+
+
+def start_epoch_count(trainer) -> None:
+    """Set the fit loop's per-epoch counts to the start of an epoch, as Lightning does for an epoch it begins (and for
+    a checkpoint of an epoch's last batch end), so its next epoch counts from batch 0."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    epoch_loop.batch_progress.reset_on_run()
+    epoch_loop.scheduler_progress.reset_on_run()
+    epoch_loop.automatic_optimization.optim_progress.reset_on_run()
+    epoch_loop.val_loop.batch_progress.total.reset()
+
+
+def align_with_fit_loop(trainer, batch_size: int, sampler: EpochShuffleSampler) -> None:
+    """After ``sampler`` loaded a checkpoint's state, make Lightning's count of the epoch's batches and the sampler's
+    position agree: when the fit stopped at an epoch's end (:func:`fit_ended_at_epoch_end`), both start the next
+    epoch (the sampler also when it had indices left that ``limit_train_batches`` kept the epoch from reading);
+    else a mid-epoch state of another world size sets the count by the indices left (:func:`align_epoch_progress`).
+    Only while the fit loop restarts from a checkpoint: a state loaded at another time (``state_dict()`` of a loader
+    whose iterator ``fit`` dropped makes a new one from its saved state) changes nothing."""
+    if not trainer.fit_loop.restarting:
+        return
+    if fit_ended_at_epoch_end(trainer):
+        if sampler.epoch >= 0 and sampler.consumed < sampler.n:
+            sampler.end_epoch()
+        start_epoch_count(trainer)
+    elif sampler.resumed_from_world is not None:
+        align_epoch_progress(trainer, batch_size, sampler)
+
+
 def epoch_sampler(n: int, seed: int, trainer=None, batch_size: int = 1) -> EpochShuffleSampler:
     """The training sampler for ``n`` blocks: :class:`RankEpochShuffleSampler` when ``trainer`` runs a strategy
     that shards the data (its ``distributed_sampler_kwargs``: ranks and replicas; also one replica, which
     Lightning would otherwise wrap and hide) and uses Lightning's distributed sampling, else the single-process
     :class:`EpochShuffleSampler`. With a ``trainer`` and the loader's ``batch_size``, a resume on another world size
-    is aligned with the fit loop (:func:`align_epoch_progress`)."""
+    is aligned with the fit loop (:func:`align_with_fit_loop`)."""
     strategy = getattr(trainer, "strategy", None)
     kwargs = getattr(strategy, "distributed_sampler_kwargs", None)
     connector = getattr(trainer, "_accelerator_connector", None)
@@ -81,5 +124,5 @@ def epoch_sampler(n: int, seed: int, trainer=None, batch_size: int = 1) -> Epoch
     else:
         sampler = RankEpochShuffleSampler(n, seed, int(kwargs["rank"]), int(kwargs["num_replicas"]))
     if trainer is not None:
-        sampler.on_redeal = functools.partial(align_epoch_progress, trainer, batch_size)
+        sampler.on_load = functools.partial(align_with_fit_loop, trainer, batch_size)
     return sampler

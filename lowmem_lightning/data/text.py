@@ -451,7 +451,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch, self._start, self.yielded = -1, 0, 0  # no epoch started; this rank's indices since _start
         self._resume_at: int | None = None
         self.resumed_from_world: int | None = None  # the state's world size when it differs from num_replicas
-        self.on_redeal = None  # called with this sampler when a state of another world size is loaded mid-epoch
+        self.on_load = None  # called with this sampler after each load_state_dict (to align the trainer's count)
 
     def permutation(self, epoch: int) -> list[int]:
         """The order of epoch ``epoch`` (``[n]`` indices)."""
@@ -496,8 +496,13 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch, self._start, self.yielded = int(state["epoch"]), consumed, 0
         self._resume_at = consumed
         self.resumed_from_world = world if world != self.num_replicas and 0 < consumed < self.n else None
-        if self.resumed_from_world is not None and self.on_redeal is not None:
-            self.on_redeal(self)
+        if self.on_load is not None:
+            self.on_load(self)
+
+    def end_epoch(self) -> None:
+        """Take the loaded epoch as over (the trainer ended it before its last index: ``limit_train_batches``): the
+        next iteration starts the next epoch, and :meth:`state_dict` says the epoch is read."""
+        self._start, self.yielded, self._resume_at, self.resumed_from_world = self.n, 0, self.n, None
 
 
 class TrainLoader(StatefulDataLoader):

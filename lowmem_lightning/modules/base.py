@@ -11,7 +11,9 @@ A subclass writes ``forward`` and ``training_step`` (and ``validation_step`` if 
   step; :meth:`LowMemModule.configure_gradient_clipping`);
 * an optional per-step schedule: linear warmup over ``warmup_steps`` optimizer steps, then constant
   (``scheduler=None``) or cosine decay to ``min_lr_ratio * lr`` at the last step
-  (``scheduler="cosine"``, last step = ``trainer.estimated_stepping_batches``).
+  (``scheduler="cosine"``, last step = ``trainer.estimated_stepping_batches``). Its length is recorded in
+  checkpoints; a run resumed with another length (a larger ``max_steps``) follows its own length, as Lightning and
+  HF Trainer do, and says so in one line with the lr before and after (:meth:`LowMemModule.on_train_start`).
 
 Every argument is type-hinted and documented so LightningCLI / jsonargparse expose it in YAML and on
 the command line, and everything is validated in the constructor (``ValueError`` naming the argument,
@@ -26,7 +28,7 @@ from typing import Literal, get_args
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lowmem_lightning.callbacks.train_mode import CheckpointingModeCheck, warn_checkpointing_in_eval_mode
 from lowmem_lightning.lowmem_warning import LowMemWarning
@@ -49,6 +51,11 @@ Scheduler = Literal["cosine"]
 
 SCHEDULERS: tuple[str | None, ...] = (None, *get_args(Scheduler))
 """Values accepted for ``LowMemModule(scheduler=...)``."""
+
+SCHEDULE_KEY = "lowmem_lr_schedule"
+"""The checkpoint key of the LR schedule a fit ran (:meth:`LowMemModule.on_save_checkpoint`): ``{"scheduler",
+"warmup_steps", "total_steps" (optimizer steps; ``None`` without cosine decay), "min_lr_ratio"}``."""
+
 
 def decay_param_groups(
     named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float
@@ -158,6 +165,8 @@ class LowMemModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.scheduler_name = scheduler
         self.min_lr_ratio = float(min_lr_ratio)
+        self._schedule: dict | None = None  # the schedule configure_optimizers built (SCHEDULE_KEY)
+        self._checkpoint_schedule: dict | None = None  # the one of the checkpoint this fit resumes
 
     def param_groups(self) -> list[dict]:
         """Param groups for the optimizer: decayed matrices and undecayed 1-D params (trainable only).
@@ -200,16 +209,46 @@ class LowMemModule(L.LightningModule):
         callbacks = self._trainer.callbacks if self._trainer is not None else []
         if not any(isinstance(callback, CheckpointingModeCheck) for callback in callbacks):
             warn_checkpointing_in_eval_mode(self)
+        self._say_schedule_length_changed()
+
+    def _say_schedule_length_changed(self) -> None:
+        """On a resume, one info line when this run's cosine schedule has another length (optimizer steps) than the
+        checkpoint's run had: both lengths, the lr the first resumed step runs at (restored with the optimizer: the
+        checkpoint's schedule) and the lr of the next step on (this run's schedule)."""
+        saved, self._checkpoint_schedule = self._checkpoint_schedule, None
+        ours = self._schedule
+        if saved is None or ours is None or not saved.get("scheduler") == ours["scheduler"] == "cosine":
+            return
+        if saved.get("total_steps") == ours["total_steps"] or not self.trainer.lr_scheduler_configs:
+            return
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        step = self.trainer.global_step
+        before = scheduler.optimizer.param_groups[0]["lr"]
+        after = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch + 1)
+        rank_zero_info(
+            f"{type(self).__name__}: the cosine LR schedule is {ours['total_steps']} steps long in this run, "
+            f"{saved.get('total_steps')} in the checkpoint's (trainer.estimated_stepping_batches): step {step} runs "
+            f"at lr {before:.3g} (the checkpoint's schedule), step {step + 1} at {after:.3g} (this run's)."
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the LR schedule this fit runs (its length in optimizer steps) under :data:`SCHEDULE_KEY`, so a
+        resume can tell when its own differs. A subclass overriding this hook calls ``super().on_save_checkpoint``."""
+        if self._schedule is not None:
+            checkpoint[SCHEDULE_KEY] = dict(self._schedule)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse, with a message saying how to resume, a checkpoint whose optimizer state came from a
         ``LowMemOptimizerCallback`` absent from this fit (:func:`~lowmem_lightning.callbacks.resume.
         refuse_missing_optimizer_callback`), or a fit resumed from a weights-only checkpoint (:func:`~lowmem_lightning.
-        callbacks.resume.refuse_weights_only`: a ``ValueError`` saying how to start from its weights)."""
+        callbacks.resume.refuse_weights_only`: a ``ValueError`` saying how to start from its weights). A fit's resume
+        keeps the checkpoint's LR schedule (:data:`SCHEDULE_KEY`) to compare with its own at :meth:`on_train_start`."""
         from lowmem_lightning.callbacks.resume import refuse_missing_optimizer_callback, refuse_weights_only
 
         refuse_weights_only(self._trainer, checkpoint)
         refuse_missing_optimizer_callback(self._trainer, checkpoint, self.optimizer_name)
+        if self._trainer is not None and self._trainer.state.fn == "fit":  # a resume (not load_from_checkpoint)
+            self._checkpoint_schedule = checkpoint.get(SCHEDULE_KEY)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's gradient clipping, exactly (same checks, same clipped gradients under every precision); when
@@ -257,7 +296,11 @@ class LowMemModule(L.LightningModule):
         if callable(getattr(optimizer, "remember_names", None)):
             optimizer.remember_names(self.named_parameters())  # for groups added later (BackboneFinetuning)
         if self.warmup_steps == 0 and self.scheduler_name is None:
+            self._schedule = None
             return optimizer
-        factor = warmup_cosine_factor(self.warmup_steps, self._total_steps(), self.min_lr_ratio)
+        total_steps = self._total_steps()
+        self._schedule = {"scheduler": self.scheduler_name, "warmup_steps": self.warmup_steps,
+                          "total_steps": total_steps, "min_lr_ratio": self.min_lr_ratio}
+        factor = warmup_cosine_factor(self.warmup_steps, total_steps, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
