@@ -27,7 +27,7 @@ import torch
 from launched_scripts import run_script
 from torch.utils.data import DataLoader, TensorDataset
 
-from lowmem_lightning import LowMemOptimizerCallback
+from lowmem_lightning import LowMemModule, LowMemOptimizerCallback
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.report import format_summary
 
@@ -74,6 +74,23 @@ def _trainer(root, callbacks=(), max_steps=3, limit_val_batches=0):
 def _model():
     torch.manual_seed(0)
     return Net()
+
+
+class Module(LowMemModule):
+    """A user's ``LowMemModule`` subclass: ``Net``'s layers, its optimizer and LR schedule from the base class."""
+
+    def __init__(self):
+        super().__init__(optimizer="adamw_8bit", lr=1e-2, warmup_steps=1, scheduler="cosine")
+        self.net = Net().net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+
+def _module():
+    torch.manual_seed(0)
+    return Module()
 
 
 def _callback(optimizer="adamw_8bit", **kwargs):
@@ -143,15 +160,16 @@ def test_gradient_release_steps_each_tensor_once_in_every_fit(tmp_path):
     pytest.param({"optimizer": "adamw_8bit"}, id="adamw_8bit"),
     pytest.param({"optimizer": "paged_adamw_8bit"}, id="paged_adamw_8bit"),
     pytest.param({"optimizer": "came", "lr": 1e-3, "step_in_backward": True, "bucket_bytes": 0}, id="came-release"),
+    pytest.param({"optimizer": "module"}, id="LowMemModule-cosine"),
 ])
 def test_running_a_cell_five_times_keeps_one_optimizer_alive(tmp_path, cell):
     """Each run of the cell builds a Trainer (and a callback) and fits the same model: after gc, only the last
     optimizer and its state tensors are alive (reachable through ``model.trainer``, as with Lightning alone), and
-    none once the model is dropped."""
+    none once the model is dropped. Also a ``LowMemModule`` subclass with its own 8-bit optimizer and schedule."""
     cell = dict(cell)
-    model, optimizers, states = _model(), [], []
+    model, optimizers, states = (_module() if cell["optimizer"] == "module" else _model()), [], []
     for _ in range(5):
-        callbacks = [] if cell["optimizer"] == "torch" else [_callback(**cell)]
+        callbacks = [] if cell["optimizer"] in ("torch", "module") else [_callback(**cell)]
         trainer = _trainer(tmp_path, callbacks)
         trainer.fit(model, _loader())
         optimizers.append(weakref.ref(trainer.optimizers[0]))
@@ -240,6 +258,21 @@ CELLS = textwrap.dedent('''
     import lightning as L, torch
     from lowmem_lightning import LowMemOptimizerCallback
     from lowmem_lightning.data import TextDataModule
+
+    class Plain(L.LightningModule):  # cell 1: a project's own module, no NF4 anywhere
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(64, 64)
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).square().mean()
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              callbacks=[LowMemOptimizerCallback(plot=False, print_summary=False)]).fit(
+        Plain(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 64)), batch_size=4))
+    imported = sorted(m for m in ("lowmem_lightning.quant", "peft", "bitsandbytes") if m in sys.modules)
+
     from lowmem_lightning.modules.causal_lm import CausalLMModule
 
     DATA = sys.argv[1]
@@ -285,7 +318,7 @@ CELLS = textwrap.dedent('''
         state = trainer.optimizers[0].state_dict()["state"]
         return [*model.parameters(), *(t for s in state.values() for t in s.values() if torch.is_tensor(t))]
 
-    out = {}
+    out = {"imported by a plain fit": imported}
     for release in (False, True):
         straight = tensors(*fit(release, 8))
         model, trainer = fit(release, 8, CtrlC(at=3))
@@ -304,11 +337,13 @@ def test_ctrl_c_inside_a_step_stops_after_it_and_resumes_exactly(tmp_path):
     """In one process, with and without gradient release: Ctrl+C while backward runs in step 4 ends the fit after
     that step (global_step 4), and the checkpoint saved then resumes to the uninterrupted 8-step run bit for bit
     (params and 8-bit state); a second Ctrl+C in the same step stops at once (global_step 3); Python's SIGINT handler
-    is back after each fit."""
+    is back after each fit. Before them, a fit of a plain module with the callback imports none of the NF4 stack
+    (``lowmem_lightning.quant``, peft, bitsandbytes)."""
     script = tmp_path / "cells.py"
     script.write_text(CELLS)
     proc = run_script(script, str(tmp_path / "words.txt"), cwd=tmp_path, quiet=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["imported by a plain fit"] == []  # was all three: seconds, and bitsandbytes asking the Hub for kernels
     for release in ("False", "True"):
         assert out[release] == {"interrupted": True, "step": 4, "diff": 0.0, "twice_step": 3, "sigint_after": True}
     assert proc.stdout.count("Ctrl+C received during step 4: stopped after it") + proc.stderr.count(

@@ -20,6 +20,7 @@ the NF4 codes of a QLoRA model.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -79,13 +80,14 @@ def averaged_codes_refusal(module: nn.Module) -> str | None:
     :class:`~lowmem_lightning.quant.Linear4bit` (``0.999 * code + 0.001 * code`` written back into uint8 truncates),
     and copies the result into the model at each validation and at the end of fit: the frozen base is changed at the
     first update. With ``use_buffers=False`` the buffers follow the model and only the parameters (the LoRA adapters)
-    are averaged. ``module`` is the LightningModule (any, with the Trainer attached: its callbacks are read)."""
+    are averaged. ``module`` is the LightningModule (any, with the Trainer attached: its callbacks are read). It
+    imports nothing: a model with NF4 layers has imported their module, and importing :mod:`lowmem_lightning.quant`
+    (peft, transformers, and bitsandbytes where installed) would cost a fit without NF4 seconds."""
     from lightning.pytorch.callbacks import WeightAveraging
 
-    from lowmem_lightning.quant import Linear4bit
-
+    nf4 = sys.modules.get("lowmem_lightning.quant.linear4bit")  # no NF4 layer exists before its module is imported
     trainer = getattr(module, "_trainer", None)
-    if trainer is None or not any(isinstance(m, Linear4bit) for m in module.modules()):
+    if nf4 is None or trainer is None or not any(isinstance(m, nf4.Linear4bit) for m in module.modules()):
         return None
     for callback in trainer.callbacks:
         if not isinstance(callback, WeightAveraging):
