@@ -65,10 +65,11 @@ def _loader():
                       batch_size=8)
 
 
-def _trainer(root, callbacks=(), max_steps=3, limit_val_batches=0):
+def _trainer(root, callbacks=(), max_steps=3, limit_val_batches=0, gradient_clip_val=None):
     return L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
-                     num_sanity_val_steps=0, limit_val_batches=limit_val_batches, callbacks=list(callbacks))
+                     num_sanity_val_steps=0, limit_val_batches=limit_val_batches, callbacks=list(callbacks),
+                     gradient_clip_val=gradient_clip_val)
 
 
 def _model():
@@ -137,18 +138,21 @@ def test_a_second_fit_restarts_the_optimizer_as_lightning_does(tmp_path, with_ca
         assert len(again.callbacks) == len({id(c) for c in again.callbacks}) == 1 + len(callback.parts)
 
 
-def test_gradient_release_steps_each_tensor_once_in_every_fit(tmp_path):
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["no-clip", "clip-norm"])
+def test_gradient_release_steps_each_tensor_once_in_every_fit(tmp_path, clip):
     """Release hooks are removed after each fit: fits on the same Trainer and on a new one with the same callback
-    give the params a normal step gives, bit for bit (a hook left behind would update a tensor twice)."""
+    give the params a normal step gives, bit for bit (a hook left behind would update a tensor twice); with norm
+    clipping (two backward passes) the Trainer's ``gradient_clip_val`` and its plugin's backward come back too."""
     params = {}
     for release in (False, True):
         callback = _callback(step_in_backward=True, bucket_bytes=0) if release else _callback()
-        model, trainer = _model(), _trainer(tmp_path, [callback])
+        model, trainer = _model(), _trainer(tmp_path, [callback], gradient_clip_val=clip)
         trainer.fit(model, _loader())
         _more_steps(trainer, 5)
         trainer.fit(model, _loader())
-        assert _hooks(model) == 0
-        _trainer(tmp_path, [callback]).fit(model, _loader())
+        assert _hooks(model) == 0 and trainer.gradient_clip_val == clip
+        assert "backward" not in vars(trainer.precision_plugin)
+        _trainer(tmp_path, [callback], gradient_clip_val=clip).fit(model, _loader())
         assert _hooks(model) == 0
         params[release] = [p.detach().clone() for p in model.parameters()]
     for normal, released in zip(params[False], params[True]):
