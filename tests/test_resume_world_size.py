@@ -89,6 +89,39 @@ def test_lightning_counts_the_epochs_batches_so_it_ends_with_the_re_dealt_blocks
     assert (f"this run's {resumed} read the other {60 - consumed} ({left} each" in caplog.text) == (saved != resumed)
 
 
+@pytest.mark.parametrize(("limit", "consumed", "rest", "said"), [
+    (6, 16, 44, "counted as batches 4..14 of the epoch's 15; limit_train_batches ends it after batch 5."),
+    (0.4, 16, 44, "counted as batches 4..14 of the epoch's 15; limit_train_batches ends it after batch 5."),
+    (6, 32, 0, "as many as this run's 1 read in an epoch of limit_train_batches=6 batch(es) each, so that epoch ends"),
+    (6, 24, 0, "as many as this run's 1 read in an epoch of limit_train_batches=6 batch(es) each, so that epoch ends"),
+], ids=["below_6", "below_0.4", "past_6", "at_6"])
+def test_under_limit_train_batches_a_re_dealt_epoch_ends_at_this_runs_limit(caplog, limit, consumed, rest, said):
+    """2 -> 1 process with ``limit_train_batches`` (6 batches of 4 per rank and epoch; 0.4 of 15 = 6 too): the
+    blocks both ranks read count against this run's limit. Below it, Lightning reads on to the limit (the sampler
+    holds the rest of the epoch; Lightning stops at batch 5); at or past it (32 or 24 blocks read: batch 8 or 6 of
+    15), the rest of the epoch is empty, so Lightning's epoch ends without another batch and the next iteration is
+    the next epoch, whole. (Before, Lightning counted past its limit and read all 28 blocks left.)"""
+    from types import SimpleNamespace
+
+    from lowmem_lightning.data.distributed import epoch_sampler
+
+    current = SimpleNamespace(ready=2, started=2, processed=2, completed=1)
+    epochs = SimpleNamespace(ready=2, started=2, processed=1, completed=1)
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=current,
+                                                                                      is_last_batch=False)),
+                           epoch_progress=SimpleNamespace(current=epochs), restarting=True)
+    trainer = SimpleNamespace(fit_loop=loop, limit_train_batches=limit,
+                              strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 1, "rank": 0}),
+                              _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+    sampler = epoch_sampler(60, 0, trainer, batch_size=4)
+    with caplog.at_level("INFO"):
+        sampler.load_state_dict({"epoch": 1, "consumed": consumed, "world": 2})
+    assert said in caplog.text
+    assert list(sampler) == EpochShuffleSampler(60, 0).permutation(1)[consumed:][:rest]
+    assert sampler.state_dict() == {"epoch": 1, "consumed": 60, "world": 1}
+    assert list(sampler) == EpochShuffleSampler(60, 0).permutation(2)
+
+
 class RecordBlocks(L.Callback):
     """Appends, per training batch, ``[global_step, epoch, [block indices]]`` to ``{path}.rank{R}.jsonl`` (the
     blocks found by their tokens in the data module's training set)."""
@@ -128,27 +161,35 @@ def _blocks(root: Path) -> list[tuple[int, int, list[int]]]:
     return [tuple(json.loads(line)) for f in sorted(root.glob("blocks.rank*.jsonl")) for line in open(f)]
 
 
+def _first_run_blocks(root: Path, at: int) -> list[tuple[int, int, list[int]]]:
+    """The records of the steps before ``at`` (what the checkpoint's run had read); the files move to ``first/``."""
+    first = [record for record in _blocks(root) if record[0] < at]
+    (root / "first").mkdir()
+    for f in root.glob("blocks.rank*.jsonl"):
+        f.rename(root / "first" / f.name)
+    return first
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("saved", "resumed", "stop", "at", "batches_left"), [
-    ("ddp2", "1", 12, 10, 11), ("1", "ddp2", 5, 5, 5), ("ddp2", "ddp1", 12, 10, 11),
-    ("fsdp2_2", "fsdp2_1", 12, 10, 11), ("fsdp2_1", "fsdp2_2", 5, 5, 5)])
+@pytest.mark.parametrize(("saved", "resumed", "stop", "at", "batches_left", "workers"), [
+    ("ddp2", "1", 12, 10, 11, 0), ("1", "ddp2", 5, 5, 5, 0), ("ddp2", "ddp1", 12, 10, 11, 0),
+    ("fsdp2_2", "fsdp2_1", 12, 10, 11, 0), ("fsdp2_1", "fsdp2_2", 5, 5, 5, 0),
+    ("ddp2", "1", 12, 10, 11, 2), ("1", "ddp2", 5, 5, 5, 2)])
 def test_lowmem_fit_resumed_on_another_number_of_processes_reads_the_rest_of_the_epoch(
-        tmp_path, saved, resumed, stop, at, batches_left):
+        tmp_path, saved, resumed, stop, at, batches_left, workers):
     """``stop`` steps on ``saved`` processes, then ``--ckpt_path last.ckpt`` (``save_last``: the step-10 one, or, at
     step 5, the one written at the end of the fit; mid-epoch either way) on ``resumed`` processes for
     ``batches_left`` + 2 more steps: the epoch's blocks are all read exactly once, its last ``batches_left``
     batches (per rank) by the resumed run, which then starts the next epoch. (Under FSDP2 the checkpoint is a
-    sharded folder, resharded by the load.)"""
+    sharded folder, resharded by the load.) Also with ``workers`` loader worker processes in both runs."""
+    extra = [f"--data.init_args.num_workers={workers}"]
     data = _write_data(tmp_path / "words.txt")
     root = tmp_path / "run"
-    _fit(root, data, saved, stop, "--trainer.callbacks.save_last=true")
+    _fit(root, data, saved, stop, *extra, "--trainer.callbacks.save_last=true")
     ckpt = root / "ckpt" / "last.ckpt"
     assert ckpt.is_dir() or _load(ckpt)["global_step"] == at
-    first = [record for record in _blocks(root) if record[0] < at]  # what the checkpoint's run had read
-    (root / "first").mkdir()
-    for f in root.glob("blocks.rank*.jsonl"):
-        f.rename(root / "first" / f.name)
-    second = _fit(root, data, resumed, at + batches_left + 2, "--ckpt_path", str(ckpt))
+    first = _first_run_blocks(root, at)
+    second = _fit(root, data, resumed, at + batches_left + 2, *extra, "--ckpt_path", str(ckpt))
     then = _blocks(root)
     epoch = first[-1][1]
     read_before = [b for _, e, rows in first if e == epoch for b in rows]
@@ -162,3 +203,43 @@ def test_lowmem_fit_resumed_on_another_number_of_processes_reads_the_rest_of_the
     last = at + batches_left - 1
     assert epochs[last + 1] == epochs[last + 2] == epochs[last] + 1
     assert f"this run's {ranks} read the other" in second.stdout + second.stderr
+
+
+ACCUMULATE = ("--trainer.accumulate_grad_batches=2",)
+LIMIT = ("--trainer.limit_train_batches=6",)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved", "resumed", "at", "extra", "epoch_blocks", "steps_left"), [
+    ("ddp2", "1", 6, ACCUMULATE, 60, 4),  # block 32: 28 left = 7 batches, steps of 2 + 2 + 2 + 1
+    ("1", "ddp2", 9, ACCUMULATE, 60, 4),  # block 8: 52 left = 7 batches each, steps of 1 + 2 + 2 + 2
+    ("ddp2", "1", 8, LIMIT, 24, 2),  # block 16: this run's epoch is 6 batches of 4, 2 of them left
+    ("1", "ddp2", 8, LIMIT, 48, 5),  # block 8: 6 batches of 4 on each of 2 ranks, 5 left
+    ("ddp2", "1", 10, LIMIT, 32, 0),  # block 32: past this run's 24, the next epoch starts at once
+], ids=["accumulate_2_to_1", "accumulate_1_to_2", "limit_2_to_1", "limit_1_to_2", "limit_2_to_1_past_it"])
+def test_resumed_on_another_number_of_processes_with_accumulation_or_a_batch_limit(
+        tmp_path, saved, resumed, at, extra, epoch_blocks, steps_left):
+    """``at`` steps on ``saved`` processes (``last.ckpt`` at the end of the fit, mid-epoch), then ``--ckpt_path`` on
+    ``resumed`` ones for ``steps_left`` + 2 more optimizer steps: the epoch's blocks are read once each, none twice,
+    ``epoch_blocks`` of them (all 60, or as many as ``limit_train_batches`` lets this run's ranks read in an epoch,
+    counting those read before); the resumed run makes ``steps_left`` optimizer steps in it (Lightning's rule: a step
+    every 2 batches counted from the epoch's start, and one at its last batch), then 2 in the next epoch, which
+    starts at the head of its order (``TextDataModule``'s seed 42)."""
+    data = _write_data(tmp_path / "words.txt")
+    root = tmp_path / "run"
+    _fit(root, data, saved, at, *extra, "--trainer.callbacks.save_last=true")
+    ckpt = root / "ckpt" / "last.ckpt"
+    assert _load(ckpt)["global_step"] == at
+    first = _first_run_blocks(root, at)
+    _fit(root, data, resumed, at + steps_left + 2, *extra, "--ckpt_path", str(ckpt))
+    then = _blocks(root)
+    epoch = first[-1][1]
+    read = [b for _, e, rows in first if e == epoch for b in rows]
+    read += [b for step, _, rows in then if step < at + steps_left for b in rows]
+    assert len(read) == len(set(read)) == epoch_blocks
+    assert sorted({step for step, _, _ in then}) == list(range(at, at + steps_left + 2))
+    epochs = {step: e for step, e, _ in then}
+    assert len({epochs[at + steps_left], epochs[at + steps_left + 1]}) == 1
+    assert all(epochs[step] < epochs[at + steps_left] for step in range(at, at + steps_left))
+    following = [b for step, _, rows in then if step >= at + steps_left for b in rows]  # the next epoch's first
+    assert sorted(following) == sorted(EpochShuffleSampler(60, 42).permutation(epoch + 1)[:len(following)])

@@ -29,8 +29,8 @@ from torch.utils.data import DistributedSampler
 
 from .text import EpochShuffleSampler
 
-__all__ = ["RankEpochShuffleSampler", "align_epoch_progress", "align_with_fit_loop", "epoch_sampler",
-           "fit_ended_at_epoch_end"]
+__all__ = ["RankEpochShuffleSampler", "align_epoch_progress", "align_with_fit_loop", "epoch_batches",
+           "epoch_sampler", "fit_ended_at_epoch_end"]
 
 
 class RankEpochShuffleSampler(EpochShuffleSampler, DistributedSampler):
@@ -52,24 +52,41 @@ class RankEpochShuffleSampler(EpochShuffleSampler, DistributedSampler):
         on every ``DistributedSampler``)."""
 
 
+def epoch_batches(length: int, limit: int | float) -> int:
+    """The batches per rank Lightning reads of an epoch of ``length`` batches under ``limit_train_batches=limit`` (an
+    int: at most that many; a float: that fraction, rounded down), as its fit loop counts them."""
+    return min(length, limit) if isinstance(limit, int) else int(length * limit)
+
+
 def align_epoch_progress(trainer, batch_size: int, sampler: EpochShuffleSampler) -> None:
     """After ``sampler`` loaded a mid-epoch state of another world size: set the fit loop's count of this epoch's
     batches (per rank, ``trainer.fit_loop.epoch_loop.batch_progress.current``, restored from the checkpoint in the
     saving run's terms) to ``len(loader)`` minus the batches of ``batch_size`` left to this rank, so Lightning
     ends the epoch (its last-batch validation and accumulation included) exactly when the re-dealt indices end,
-    neither cutting them short nor waiting for more. Says what was resumed (rank 0)."""
+    neither cutting them short nor waiting for more; under ``limit_train_batches`` it ends at that limit, and when
+    the blocks already read reach it the epoch ends without another batch (the sampler's rest of it is empty;
+    Lightning, counting past the limit, read on to the epoch's end). Says what was resumed (rank 0)."""
     left = -(-(sampler.n - sampler.consumed) // sampler.num_replicas)
     batches_left = -(-left // batch_size)
-    target = -(-len(sampler) // batch_size) - batches_left
+    length = -(-len(sampler) // batch_size)
+    target = length - batches_left
+    limit = epoch_batches(length, getattr(trainer, "limit_train_batches", 1.0))
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     delta = target - progress.processed
     for field in ("ready", "started", "processed", "completed"):
         setattr(progress, field, getattr(progress, field) + delta)
+    said = (f"Resuming epoch {sampler.epoch} at block {sampler.consumed} of {sampler.n}, read by "
+            f"{sampler.resumed_from_world} process(es)")
+    if target >= limit:
+        sampler.finish_epoch()
+        rank_zero_info(f"{said}: as many as this run's {sampler.num_replicas} read in an epoch of "
+                       f"limit_train_batches={limit} batch(es) each, so that epoch ends and the next one starts.")
+        return
+    limited = f"; limit_train_batches ends it after batch {limit - 1}" if limit < length else ""
     rank_zero_info(
-        f"Resuming epoch {sampler.epoch} at block {sampler.consumed} of {sampler.n}, read by "
-        f"{sampler.resumed_from_world} process(es); this run's {sampler.num_replicas} read the other "
-        f"{sampler.n - sampler.consumed} ({left} each, {batches_left} batch(es)), counted as batches {target}.."
-        f"{target + batches_left - 1} of the epoch's {target + batches_left}."
+        f"{said}; this run's {sampler.num_replicas} read the other {sampler.n - sampler.consumed} ({left} each, "
+        f"{batches_left} batch(es)), counted as batches {target}..{target + batches_left - 1} of the epoch's "
+        f"{length}{limited}."
     )
 
 

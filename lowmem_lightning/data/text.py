@@ -450,6 +450,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.rank, self.num_replicas = 0, 1
         self.epoch, self._start, self.yielded = -1, 0, 0  # no epoch started; this rank's indices since _start
         self._resume_at: int | None = None
+        self._rest_empty = False  # the next iteration yields nothing (finish_epoch)
         self.resumed_from_world: int | None = None  # the state's world size when it differs from num_replicas
         self.on_load = None  # called with this sampler after each load_state_dict (to align the trainer's count)
 
@@ -467,6 +468,9 @@ class EpochShuffleSampler(Sampler[int]):
         return rest[self.rank :: self.num_replicas]
 
     def __iter__(self):
+        if self._rest_empty:  # the trainer ended this epoch at its limit_train_batches: nothing more of it
+            self._rest_empty = False
+            return
         consumed, self._resume_at = self._resume_at, None
         if consumed is None or consumed >= self.n or self.epoch < 0:  # a new epoch (also after one's end)
             self.epoch, consumed = self.epoch + 1, 0
@@ -503,6 +507,13 @@ class EpochShuffleSampler(Sampler[int]):
         """Take the loaded epoch as over (the trainer ended it before its last index: ``limit_train_batches``): the
         next iteration starts the next epoch, and :meth:`state_dict` says the epoch is read."""
         self._start, self.yielded, self._resume_at, self.resumed_from_world = self.n, 0, self.n, None
+
+    def finish_epoch(self) -> None:
+        """Take the loaded epoch as read now (the blocks read reach the trainer's ``limit_train_batches`` in this world
+        size): the next iteration yields nothing, so the trainer's epoch ends, and the one after starts the next epoch;
+        :meth:`state_dict` says the epoch is read."""
+        self.end_epoch()
+        self._rest_empty = True
 
 
 class TrainLoader(StatefulDataLoader):
