@@ -178,7 +178,9 @@ class GroupPlan(NamedTuple):
     ``(tile map, programs)`` of the row-tile (or 1-D tile) passes, the finalize pass and the update
     pass. ``ws``: fp32 scratch views ``colpart``, ``rsum``, ``psq``, ``usq``, ``rf``, ``cf``, ``scal``
     (4 per tensor), ``srf``, ``scf``. ``works``/``params``: the contiguous params the kernels update and
-    the params they belong to (:meth:`copy_back`). ``reduce``: None, or for a group of sharded tensors
+    the params they belong to (:meth:`copy_back`). ``grads``: the contiguous fp32/bf16/fp16 gradients the table
+    points to, held for as long as the plan (a non-contiguous gradient, e.g. a ``channels_last`` conv's, is read
+    from a copy that must outlive the launches). ``reduce``: None, or for a group of sharded tensors
     (:func:`shard_key`) the ``over_all`` of their ``SumReduce``, which :meth:`complete` applies to the
     partial sums between passes."""
 
@@ -196,6 +198,7 @@ class GroupPlan(NamedTuple):
     grad_dtype: object
     works: list
     params: list
+    grads: list
     reduce: object = None
 
     def complete(self, *names: str) -> None:
@@ -268,7 +271,8 @@ def _workspace(sizes: list[dict], T: int, device) -> tuple[dict, dict]:
 
 def plan_group(params, grads, vs, vcs, ms, absmaxes, steps, flags, tensor_indices, write_elr=None, srs=None,
                scs=None, reduces=None) -> GroupPlan:
-    """The launch table of one group of tensors (one :func:`group_key`): contiguous params and grads,
+    """The launch table of one group of tensors (one :func:`group_key`): contiguous params and grads (copies
+    where needed, kept in the plan),
     pointers, sizes, per-pass tile maps (:func:`.multitensor.tile_map`) and one scratch allocation.
     ``write_elr[i]``: tensor ``i`` writes the step size (Adafactor); ``srs``/``scs``: CAME's instability
     statistics; ``reduces``: the ``SumReduce`` of each tensor, all set (one :func:`shard_key`: a sharded
@@ -305,7 +309,7 @@ def plan_group(params, grads, vs, vcs, ms, absmaxes, steps, flags, tensor_indice
     return GroupPlan(launch_table(table, device), T, (rows_owner, n_rows), (fin_owner, n_fin), (upd_owner, n_upd),
                      ws, factored, tile_shape(sizes[0]["C"]) if factored else (1, FLAT_BLOCK),
                      factored and sizes[0]["C"] % BLOCK_SIZE == 0, aligned,
-                     triton_dtype(works[0].dtype), triton_dtype(grads[0].dtype), works, list(params),
+                     triton_dtype(works[0].dtype), triton_dtype(grads[0].dtype), works, list(params), grads,
                      None if reduces[0] is None else reduces[0].over_all)
 
 

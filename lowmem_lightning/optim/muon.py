@@ -36,8 +36,8 @@ from .lion import moment_state
 from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
 from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
 
-__all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "AdjustLrFn", "EMBEDDING_MARKS", "HEAD_NAMES", "PEFT_WRAPPERS",
-           "uses_muon"]
+__all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "AdjustLrFn", "EMBEDDING_MARKS", "FILTER_DIMS", "HEAD_NAMES",
+           "PEFT_WRAPPERS", "matrix_shape", "uses_muon"]
 
 MOMENTUM_DTYPES = ("float32", "int8")
 """Allowed values of ``momentum_dtype``."""
@@ -75,19 +75,22 @@ products of one batch; 32 MiB) a CPU optimizer keeps across steps; a larger batc
 def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | None = None) -> bool:
     """Whether ``param`` (called ``name`` in ``named_parameters()``) takes the Muon update.
 
-    ``use_muon`` (the param group's) decides when True or False. ``None`` (default): a 2-D param, unless
-    its name marks an embedding (a path component containing ``embed``, ``wte`` or ``wpe``, or ending in ``emb``:
-    ``tok_emb``) or the output
+    ``use_muon`` (the param group's) decides when True or False. ``None`` (default): a 2-D param, or a
+    convolution filter (a 3- to 5-D param named ``...weight``: ``Conv1d``/``Conv2d``/``Conv3d``, updated as its
+    :func:`matrix_shape` view ``[out, in * k...]``, Keller Jordan's recipe), unless its name marks an embedding
+    (a path component containing ``embed``, ``wte`` or ``wpe``, or ending in ``emb``: ``tok_emb``) or the output
     head (its module is called ``lm_head``, ``head``, ``output``, ``output_layer``, ``classifier`` or
     ``score``; under peft the module peft wrapped: ``lm_head.lora_A.default.weight`` and
     ``score.modules_to_save.default.weight`` are the head's, ``q_proj.lora_B.default.weight`` a hidden matrix;
     a module compiled alone with ``torch.compile`` keeps its name: ``lm_head._orig_mod.weight`` is the head's).
-    Without names every 2-D param is a hidden matrix: pass ``model.named_parameters()`` (the callback and
-    ``LowMemModule`` do) or groups with ``use_muon=False`` for the embeddings and the head.
+    Without names every 2-D param is a hidden matrix and no N-D param is (a filter cannot be told from a ViT's
+    ``[1, N, D]`` position embedding by shape): pass ``model.named_parameters()`` (the callback and
+    ``LowMemModule`` do) or groups with ``use_muon=False`` for the embeddings and the head. A ``cls_token`` or
+    ``pos_embed`` (not a module's ``weight``) takes AdamW.
     """
     if use_muon is not None:
         return bool(use_muon)
-    if param.ndim != 2:
+    if param.ndim != 2 and not (name is not None and _is_filter(param, name)):
         return False
     if name is None:
         return True
@@ -100,6 +103,21 @@ def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | Non
 
 
 _PEFT_WRAPPERS = frozenset(w.lower() for w in PEFT_WRAPPERS)
+
+FILTER_DIMS = (3, 4, 5)
+"""Dimensions of the convolution filters Muon updates by default (``Conv1d``, ``Conv2d``, ``Conv3d`` weights)."""
+
+
+def _is_filter(param: torch.Tensor, name: str) -> bool:
+    """Whether ``param`` called ``name`` is a convolution filter: 3- to 5-D and a module's ``weight``."""
+    return param.ndim in FILTER_DIMS and name.rsplit(".", 1)[-1] == "weight"
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The ``(rows, cols)`` matrix Muon orthogonalizes for a param of ``shape``: itself when 2-D, a convolution
+    filter ``[out, in, k...]`` as ``[out, in * prod(k)]`` (Keller Jordan's Muon: collapse all but the first dim;
+    its step size then follows ``torch.optim.Muon``'s rule for that matrix)."""
+    return int(shape[0]), math.prod(shape[1:])
 
 
 class Muon(LowMemOptimizer):
@@ -117,9 +135,11 @@ class Muon(LowMemOptimizer):
     (:class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit`'s math): the group's ``lr`` and ``weight_decay``,
     ``adamw_betas`` and ``adamw_eps``.
 
-    Which params take Muon: the group's ``use_muon`` (True: every param, which must be 2-D; False: none;
-    None, the default: 2-D params whose ``named_parameters()`` name marks no embedding or head, see
-    :func:`uses_muon`). Named param groups override: ``[{"params": emb_and_head, "use_muon": False, "lr":
+    Which params take Muon: the group's ``use_muon`` (True: every param, which must have at least 2 dims;
+    False: none; None, the default: 2-D params and convolution filters whose ``named_parameters()`` name marks
+    no embedding or head, see :func:`uses_muon`). An N-D param is orthogonalized as its :func:`matrix_shape`
+    ``[out, in * k...]`` view (momentum kept in the param's shape); ``channels_last`` params step as contiguous
+    ones. Named param groups override: ``[{"params": emb_and_head, "use_muon": False, "lr":
     3e-4}, {"params": hidden, "lr": 0.02}]``.
 
     Args:
@@ -248,10 +268,11 @@ class Muon(LowMemOptimizer):
         check_eps(group["adamw_eps"], "adamw_eps")
         if group["use_muon"] is True:
             for index, param in enumerate(group.get("params", ())):
-                if isinstance(param, torch.Tensor) and param.ndim != 2:
+                if isinstance(param, torch.Tensor) and param.ndim < 2:
                     raise ValueError(
                         f"Invalid use_muon=True for a group holding param {index} of shape {tuple(param.shape)}: "
-                        "Muon updates 2-D matrices only (give that param a group with use_muon=False or None)."
+                        "Muon updates matrices (2-D, or N-D viewed as [shape[0], rest]) only (give that param a "
+                        "group with use_muon=False or None)."
                     )
 
     _transient_attributes = ("_names", "_ns_work", "_known_names")
@@ -432,10 +453,11 @@ class Muon(LowMemOptimizer):
                                                       group["weight_decay"], group["maximize"]))
 
     def _muon_update(self, group: dict, work: list) -> None:
-        """Momentum pass, Newton–Schulz per batch of same-shape matrices (gathered when sharded), update."""
+        """Momentum pass, Newton–Schulz per batch of same-shape matrices (:func:`matrix_shape`: a filter as its
+        ``[out, in * k...]`` view; gathered when sharded), update."""
         by_shape: dict[tuple, list] = {}
         for entry in work:
-            by_shape.setdefault(tuple(entry[0][1].shape), []).append(entry)
+            by_shape.setdefault(matrix_shape(entry[0][1].shape), []).append(entry)
         lr = float(group["lr"])
         for shape, entries in by_shape.items():
             step_size = adjusted_lr(lr, group["adjust_lr_fn"], shape)
