@@ -141,6 +141,9 @@ def test_gradient_release_trains_the_cnn_and_its_batchnorm(tmp_path):
     assert best >= LEARNED
     assert all(int(m.num_batches_tracked) == STEPS for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert all(p.grad is None for p in model.parameters())
+    state = trainer.optimizers[0].state  # 8-bit moments from 4096 elements, fp32 below, as without release
+    assert state[model.net.down.weight]["exp_avg_codes"].dtype == torch.int8  # 4608 elements
+    assert state[model.net.across_width.weight]["exp_avg"].dtype == torch.float32  # 3072 elements
 
 
 TORCH_ADAMW = {"resnet": 0.785, "vit": 0.883}
@@ -374,3 +377,55 @@ def test_channels_last_on_the_triton_kernels(force_triton, name):
     _assert_same_update(*_run_formats(name, torch.float32, [(4, 3, 3, 5)] if factored else FILTERS,
                                       steps=1 if factored else 2))
     assert dispatch.settings().force_triton
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2
+FSDP2_SCRIPT = '''
+import json, os, sys, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from lowmem_lightning.optim import build_optimizer
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 9, 3, padding=1), nn.ReLU(), nn.Conv2d(9, 66, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(66, 4))
+
+
+def run(rank, world):
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sharded, plain = model(), model()
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)))
+    opts = [build_optimizer("muon", list(m.named_parameters()), lr=0.02) for m in (sharded, plain)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+        for m, opt in zip((sharded, plain), opts):
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    diffs = {n: float((p.full_tensor() - q).abs().max()) for (n, p), q in zip(sharded.named_parameters(),
+                                                                              plain.parameters())}
+    if rank == 0:
+        json.dump({"diffs": diffs, "muon": len(opts[0].muon_params())}, open("result.json", "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(run, args=(2,), nprocs=2)
+'''
+
+
+@pytest.mark.slow
+def test_muon_conv_filters_under_fsdp2_equal_one_process(tmp_path):
+    """Two gloo ranks, each holding half of every filter's output channels: Newton–Schulz of the gathered
+    [out, in*k*k] matrix, each rank's shard applied; the params equal one unsharded process's bit for bit."""
+    from launched_scripts import run_script
+
+    (tmp_path / "fsdp2_conv.py").write_text(FSDP2_SCRIPT)
+    run_script(tmp_path / "fsdp2_conv.py", cwd=tmp_path, port=True, timeout=300)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["muon"] == 3  # two filters and the (unnamed-head) Linear
+    assert result["diffs"] == dict.fromkeys(result["diffs"], 0.0)
