@@ -47,7 +47,7 @@ class RecordBatches(L.Callback):
         self.places.append((trainer.global_step, trainer.current_epoch, batch_idx))
 
 
-def _fit(root, data, max_steps, ckpt_path=None, num_workers=0, limit_train_batches=1.0):
+def _fit(root, data, max_steps, ckpt_path=None, num_workers=0, limit_train_batches=1.0, max_epochs=None):
     L.seed_everything(7)
     model = CausalLMModule(config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                    "num_attention_heads": 2, "num_key_value_heads": 2}, lr=3e-3, warmup_steps=2)
@@ -56,7 +56,7 @@ def _fit(root, data, max_steps, ckpt_path=None, num_workers=0, limit_train_batch
         accelerator="cpu", max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
         callbacks=[LowMemOptimizerCallback("adamw_8bit", lr=3e-3, plot=False, print_summary=False), record],
-        limit_train_batches=limit_train_batches,
+        limit_train_batches=limit_train_batches, max_epochs=max_epochs,
     )
     dm = TextDataModule(str(data), seq_len=32, batch_size=4, val_fraction=0.05, num_workers=num_workers)
     trainer.fit(model, dm, ckpt_path=ckpt_path)
@@ -115,6 +115,25 @@ def test_lowmem_fit_extended_with_more_steps_equals_one_longer_run(tmp_path):
     assert _max_diff(_optimizer_states(final_ref), _optimizer_states(final)) == 0.0
     losses_ref, losses = _losses(tmp_path / "straight"), _losses(root)
     assert sorted(losses) == [s for s in sorted(losses_ref) if s >= 20] and losses == {s: losses_ref[s] for s in losses}
+
+
+def test_a_fit_of_2_epochs_resumed_for_a_third_reads_the_third_epochs_order(tmp_path):
+    """``max_epochs=2``, ``trainer.save_checkpoint`` after the fit, then ``max_epochs=3`` from it (epoch-based:
+    Lightning does not restore the loader's state of a finished epoch, but tells the sampler the epoch it starts): the
+    batches, Lightning's numbering, params and optimizer state equal one 3-epoch run's (the resumed run read epoch 0's
+    order again: params differed)."""
+    data = _write_data(tmp_path / "words.txt")
+    straight, straight_trainer, straight_record = _fit(tmp_path / "a", data, max_steps=-1, max_epochs=3)
+    _, first, _ = _fit(tmp_path / "b", data, max_steps=-1, max_epochs=2)
+    first.save_checkpoint(tmp_path / "two_epochs.ckpt")
+    resumed, trainer, record = _fit(tmp_path / "c", data, max_steps=-1, max_epochs=3,
+                                    ckpt_path=tmp_path / "two_epochs.ckpt")
+    assert trainer.global_step == 45 and record.sums == straight_record.sums[30:]
+    assert record.places == straight_record.places[30:]
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    states = [t.optimizers[0].state_dict()["state"] for t in (straight_trainer, trainer)]
+    assert _max_diff(*states) == 0
 
 
 def test_lowmem_fit_resumed_with_a_longer_cosine_schedule_says_how_the_lr_changes(tmp_path):

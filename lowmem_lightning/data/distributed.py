@@ -46,10 +46,7 @@ class RankEpochShuffleSampler(EpochShuffleSampler, DistributedSampler):
         self.num_samples = len(self)
         self.total_size = self.num_samples * world
         self.shuffle, self.drop_last = True, False  # what Lightning reads of a DistributedSampler
-
-    def set_epoch(self, epoch: int) -> None:
-        """Ignored: the epoch advances with each pass and is restored from the checkpoint (Lightning calls this
-        on every ``DistributedSampler``)."""
+        # set_epoch is EpochShuffleSampler's (Lightning calls it on every DistributedSampler)
 
 
 def epoch_batches(length: int, limit: int | float) -> int:

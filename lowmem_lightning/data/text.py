@@ -482,6 +482,14 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return -(-self.n // self.num_replicas)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning's number of the epoch about to start (it calls this before each one). Taken only by a sampler that
+        has neither begun an epoch nor loaded a state: a fit resumed from a checkpoint of a finished epoch under
+        ``max_epochs``, whose loader state Lightning does not restore, then reads epoch ``epoch``'s order (it read
+        epoch 0's again). Otherwise ignored: the epoch advances with each pass and is restored from the checkpoint."""
+        if self.epoch < 0 and self._resume_at is None:
+            self.epoch = epoch - 1
+
     @property
     def consumed(self) -> int:
         """Indices of the current epoch read by all ranks together (each rank is at the same place)."""
