@@ -429,3 +429,40 @@ def test_muon_conv_filters_under_fsdp2_equal_one_process(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["muon"] == 3  # two filters and the (unnamed-head) Linear
     assert result["diffs"] == dict.fromkeys(result["diffs"], 0.0)
+
+
+@pytest.mark.parametrize("name", ["muon", "muon_8bit"])
+def test_a_muon_checkpoint_from_before_filters_took_muon_resumes(name):
+    """State saved when conv filters took the AdamW part loads: their momentum starts from the saved first moment
+    (one LowMemWarning says so), the second moment is dropped, the step is kept, and training goes on."""
+    from lowmem_lightning import LowMemWarning
+    from lowmem_lightning.kernels.codec import dequantize_reference
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in FILTERS]
+    named = [(f"conv{i}.weight", p) for i, p in enumerate(params)]
+    before = build_optimizer(name, [{"params": named, "use_muon": False}], lr=0.02)  # the old split
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        before.step()
+    saved = before.state_dict()
+    saved["param_groups"][0]["use_muon"] = None  # as the default group was saved
+    first = [before.state[p].get("exp_avg") for p in params]
+    first = [m if m is not None else dequantize_reference(before.state[p]["exp_avg_codes"],
+             before.state[p]["exp_avg_absmax"])[: p.numel()].view(p.shape) for m, p in zip(first, params)]
+    now = build_optimizer(name, named, lr=0.02)
+    with pytest.warns(LowMemWarning, match="its momentum starts from the saved first moment"):
+        now.load_state_dict(saved)
+    for p, m in zip(params, first):
+        state = now.state[p]
+        assert float(state["step"]) == 2 and "exp_avg_sq" not in state and "exp_avg_sq_codes" not in state
+        momentum = state.get("momentum_buffer")
+        if momentum is None:
+            momentum = dequantize_reference(state["momentum_codes"], state["momentum_absmax"])[: p.numel()]
+        assert torch.allclose(momentum.reshape(p.shape), m, atol=0.02 * float(m.abs().max()))
+    start = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    now.step()
+    assert all(not torch.equal(p.detach(), p0) and torch.isfinite(p).all() for p, p0 in zip(params, start))

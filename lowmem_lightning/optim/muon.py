@@ -365,7 +365,8 @@ class Muon(LowMemOptimizer):
     def _convert_foreign_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """Accept ``torch.optim.Muon`` state (``momentum_buffer`` only: a step counter is added) and our own
         of the other ``momentum_dtype`` or ``quantize_state`` (the momentum, or the AdamW part's moments, re-stored
-        in this group's form)."""
+        in this group's form); AdamW-part state saved for a param that now takes Muon (a convolution filter, saved
+        before filters took Muon) starts the momentum from its first moment (:func:`_momentum_from_first_moment`)."""
         if not self._is_muon(param, group):  # the AdamW params: a Python-number step (torch's form) as ours
             state = {**state, "step": loaded_step(state["step"])} if "step" in state else dict(state)
             quantized = quantizes_state(param, group)
@@ -373,6 +374,8 @@ class Muon(LowMemOptimizer):
                 state = moment_state(state, key, param, quantized, signed)
             return state
         state = dict(state)
+        if not {"momentum_buffer", "momentum_codes"} & set(state) and {"exp_avg", "exp_avg_codes"} & set(state):
+            state = _momentum_from_first_moment(param, state, type(self).__name__)
         if "step" not in state:
             state["step"] = torch.tensor(1.0)
         elif not isinstance(state["step"], torch.Tensor):
@@ -501,6 +504,27 @@ class Muon8bit(Muon):
     Muon matrices, Gupta et al. 2025, arXiv 2509.23106); the ``muon_8bit`` of the registry."""
 
     _default_momentum_dtype = "int8"
+
+
+def _momentum_from_first_moment(param: torch.Tensor, state: dict, owner: str) -> dict:
+    """``state`` of the AdamW part (``exp_avg`` fp32 or 8-bit codes, ``exp_avg_sq``) for ``param``, which now takes
+    Muon, as Muon state: the first moment (an EMA of the gradient, as Muon's momentum is) becomes
+    ``momentum_buffer`` (fp32, the param's local shape), the second moment is dropped, the step kept. Warns
+    (``LowMemWarning``) that the checkpoint's param changed update."""
+    shard = local(param)
+    state = dict(state)
+    if "exp_avg_codes" in state:
+        codes, absmax = state.pop("exp_avg_codes"), state.pop("exp_avg_absmax")
+        first = dequantize_reference(codes, absmax)[: shard.numel()].view(shard.shape)
+    else:
+        first = state.pop("exp_avg").float().reshape(shard.shape)
+    for key in ("exp_avg_sq", "exp_avg_sq_codes", "exp_avg_sq_absmax"):
+        state.pop(key, None)
+    warnings.warn(
+        f"{owner}: the loaded state holds AdamW moments for a param that now takes Muon (a convolution filter "
+        "saved before filters took Muon); its momentum starts from the saved first moment (exp_avg), the second "
+        "moment is dropped.", LowMemWarning, stacklevel=2)
+    return {**state, "momentum_buffer": first}
 
 
 def _as_list(params) -> list:
