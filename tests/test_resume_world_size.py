@@ -92,8 +92,10 @@ def test_lightning_counts_the_epochs_batches_so_it_ends_with_the_re_dealt_blocks
 @pytest.mark.parametrize(("limit", "consumed", "rest", "said"), [
     (6, 16, 44, "counted as batches 4..14 of the epoch's 15; limit_train_batches ends it after batch 5."),
     (0.4, 16, 44, "counted as batches 4..14 of the epoch's 15; limit_train_batches ends it after batch 5."),
-    (6, 32, 0, "as many as this run's 1 read in an epoch of limit_train_batches=6 batch(es) each, so that epoch ends"),
-    (6, 24, 0, "as many as this run's 1 read in an epoch of limit_train_batches=6 batch(es) each, so that epoch ends"),
+    (6, 32, 0, "32 of 60, read by 2 process(es): no fewer than this run's 1 read in an epoch under "
+               "limit_train_batches (6 batch(es) of 4 each), so that epoch ends and the next one starts."),
+    (6, 24, 0, "24 of 60, read by 2 process(es): no fewer than this run's 1 read in an epoch under "
+               "limit_train_batches (6 batch(es) of 4 each), so that epoch ends and the next one starts."),
 ], ids=["below_6", "below_0.4", "past_6", "at_6"])
 def test_under_limit_train_batches_a_re_dealt_epoch_ends_at_this_runs_limit(caplog, limit, consumed, rest, said):
     """2 -> 1 process with ``limit_train_batches`` (6 batches of 4 per rank and epoch; 0.4 of 15 = 6 too): the

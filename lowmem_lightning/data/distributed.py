@@ -76,8 +76,9 @@ def align_epoch_progress(trainer, batch_size: int, sampler: EpochShuffleSampler)
             f"{sampler.resumed_from_world} process(es)")
     if target >= limit:
         sampler.finish_epoch()
-        rank_zero_info(f"{said}: as many as this run's {sampler.num_replicas} read in an epoch of "
-                       f"limit_train_batches={limit} batch(es) each, so that epoch ends and the next one starts.")
+        rank_zero_info(f"{said}: no fewer than this run's {sampler.num_replicas} read in an epoch under "
+                       f"limit_train_batches ({limit} batch(es) of {batch_size} each), so that epoch ends and the next "
+                       "one starts.")
         return
     limited = f"; limit_train_batches ends it after batch {limit - 1}" if limit < length else ""
     rank_zero_info(
