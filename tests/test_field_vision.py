@@ -218,6 +218,8 @@ def test_adafactor_factors_conv_weights_as_transformers_does():
     kwargs = dict(lr=1e-2, relative_step=False, scale_parameter=False, warmup_init=False)
     ours, opt = _trained(lambda ps: build_optimizer("adafactor", ps, **kwargs))
     theirs, ref = _trained(lambda ps: transformers_optimization.Adafactor(ps, **kwargs))
+    conv = ours[0]  # 3x3: 3 row + 3 column statistics per (out, in) pair, 2/3 of the weight's elements
+    assert 3 * sum(v.numel() for k, v in opt.state[conv].items() if k != "step") == 2 * conv.numel()
     for p, q in zip(ours, theirs):
         assert {k: v.shape for k, v in opt.state[p].items() if k != "step"} == {
             k: v.shape for k, v in ref.state[q].items() if k not in ("step", "RMS")}
