@@ -37,7 +37,7 @@ STEPS = EPOCHS * 16  # 1024 training images, batch 64
 CALLBACK_ARGS = {
     # the README's ways for optimizers whose lr means something else than AdamW's
     "sgd": dict(lr=0.05),
-    "adafactor": dict(lr=3e-3, optimizer_kwargs={"relative_step": False, "scale_parameter": False}),
+    "adafactor": dict(optimizer_kwargs={"relative_step": False, "scale_parameter": False}),  # the module's lr
     "muon": dict(optimizer_kwargs={"adjust_lr_fn": "match_rms_adamw"}),
     "muon_8bit": dict(optimizer_kwargs={"adjust_lr_fn": "match_rms_adamw"}),
 }
@@ -148,6 +148,18 @@ def test_gradient_release_trains_the_cnn_and_its_batchnorm(tmp_path):
 
 TORCH_ADAMW = {"resnet": 0.785, "vit": 0.883}
 """Best val_acc of the project's own fp32 torch AdamW (no callback), the reference :data:`LEARNED` sits under."""
+
+
+def test_adafactor_with_relative_step_false_keeps_the_modules_lr_and_schedule(tmp_path):
+    """``LowMemOptimizerCallback("adafactor", optimizer_kwargs={"relative_step": False, ...})`` without an lr keeps
+    the module's (3e-3 in both groups) under its CosineAnnealingLR, as ``lr=None`` does for every optimizer (was
+    refused at construction: 'Invalid lr=None with relative_step=False')."""
+    best, trainer, _, _ = fit(tmp_path, "vit", "adafactor")
+    assert best >= LEARNED
+    opt, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+    assert type(opt).__name__ == "Adafactor" and scheduler.optimizer is opt
+    assert [group["initial_lr"] for group in opt.param_groups] == [3e-3, 3e-3]
+    assert opt.param_groups[0]["lr"] == pytest.approx(scheduler.get_last_lr()[0]) and opt.param_groups[0]["lr"] < 1e-4
 
 
 @pytest.mark.slow

@@ -122,8 +122,13 @@ class Adafactor(LowMemOptimizer):
         )
         super().__init__(params, defaults)
 
+    def _check_defaults(self, defaults: dict) -> None:
+        """The constructor's hyperparameters; with ``relative_step=False`` its ``lr`` may be None when every group
+        brings its own (``LowMemOptimizerCallback`` keeping the module's learning rates)."""
+        _check_hyperparameters(defaults, lr_required=False)
+
     def _check_group(self, group: dict) -> None:
-        """Validate a param group like the constructor's arguments."""
+        """Validate a param group like the constructor's arguments (a group left without an lr included)."""
         _check_hyperparameters(group)
 
     # ------------------------------------------------------------------ effective learning rate
@@ -285,12 +290,13 @@ def _check_no_lr_schedule(groups: list[dict]) -> None:
         )
 
 
-def _check_hyperparameters(group: dict) -> None:
-    """Validate one group's hyperparameters (transformers' combination rules plus value checks)."""
+def _check_hyperparameters(group: dict, lr_required: bool = True) -> None:
+    """Validate one group's hyperparameters (transformers' combination rules plus value checks); ``lr_required``
+    False lets ``lr=None`` pass with ``relative_step=False`` (defaults whose groups bring their own lr)."""
     for name in ("scale_parameter", "relative_step", "warmup_init"):
         check_bool(group[name], name)
     _check_step_rule(group["lr"], group["relative_step"], group["warmup_init"])
-    if group["lr"] is None and not group["relative_step"]:
+    if group["lr"] is None and not group["relative_step"] and lr_required:
         raise ValueError("Invalid lr=None with relative_step=False: give a learning rate (a finite number >= 0).")
     check_lr(group["lr"], allow_none=True)
     check_eps_pair(group["eps"], ("eps[0]", "eps[1]"))
