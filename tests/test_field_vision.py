@@ -162,6 +162,15 @@ def test_adafactor_with_relative_step_false_keeps_the_modules_lr_and_schedule(tm
     assert opt.param_groups[0]["lr"] == pytest.approx(scheduler.get_last_lr()[0]) and opt.param_groups[0]["lr"] < 1e-4
 
 
+def test_adafactor_at_its_relative_step_under_the_modules_schedule_is_refused_with_the_fix(tmp_path):
+    """Plain ``LowMemOptimizerCallback("adafactor")`` (relative step, no lr) cannot follow the ViT's cosine schedule:
+    refused before any step, naming the settings the test above trains with."""
+    with pytest.raises(ValueError, match=r"CosineAnnealingLR\) cannot drive it\. Keep the module's lr and schedule "
+                       r"with optimizer_kwargs=\{'relative_step': False, 'scale_parameter': False\}"):
+        fit(tmp_path, "vit", "adafactor", optimizer_kwargs={})
+    assert not (tmp_path / "ckpt").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet", "vit"])
 @pytest.mark.parametrize("optimizer", [None, *available_optimizers()], ids=lambda n: n or "torch_adamw")

@@ -468,7 +468,9 @@ class LowMemOptimizerCallback(L.Callback):
             raise ValueError(
                 f"LowMemOptimizerCallback(optimizer={self.optimizer_name!r}) computes its own step size "
                 f"(its lr is None), so the module's LR scheduler ({type(schedulers[0]).__name__}) cannot drive it. "
-                "Give an lr (and, for adafactor, optimizer_kwargs={'relative_step': False}) to keep the schedule."
+                "Keep the module's lr and schedule with optimizer_kwargs={'relative_step': False, "
+                "'scale_parameter': False} (the lr is then the step size, as AdamW's), or give the callback an lr "
+                "with them."
             )
         self._refuse_lr_tools(trainer, own_step)
         for scheduler in schedulers:
