@@ -489,3 +489,20 @@ def test_a_muon_checkpoint_from_before_filters_took_muon_resumes(name):
         p.grad = torch.randn(p.shape, generator=gen)
     now.step()
     assert all(not torch.equal(p.detach(), p0) and torch.isfinite(p).all() for p, p0 in zip(params, start))
+
+
+def test_unnamed_conv_filters_are_said_to_take_adamw():
+    """``build_optimizer("muon", cnn.parameters())`` (no names): one warning says the filters take AdamW and how
+    names give them Muon; ``named_parameters()`` is quiet about them."""
+    import warnings
+
+    from lowmem_lightning import LowMemWarning
+
+    cnn = ImageClassifier("resnet").net
+    with pytest.warns(LowMemWarning, match=r"1 2-D param\(s\) without names.*; and 5 3- to 5-D param\(s\) without "
+                      r"names, which take AdamW: convolution filters take Muon only when named"):
+        opt = build_optimizer("muon", cnn.parameters(), lr=0.02)
+    assert len(opt.muon_params()) == 1  # the head only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_optimizer("muon", cnn.named_parameters(), lr=0.02)

@@ -234,16 +234,26 @@ class Muon(LowMemOptimizer):
     def _warn_unnamed_matrices(self) -> None:
         """One ``UserWarning`` when 2-D params left to :func:`uses_muon` (group ``use_muon=None``) came without
         names (``model.parameters()``, or HF ``Trainer``'s ``optimizer_cls_and_kwargs``): each takes the Muon update,
-        the embeddings and the output head among them, where the user most likely meant AdamW."""
-        unnamed = sum(1 for group in self.param_groups if "param_names" not in group and group["use_muon"] is None
-                      for param in group["params"] if param.ndim == 2)
+        the embeddings and the output head among them, where the user most likely meant AdamW; and when 3- to 5-D
+        params (convolution filters) came without names: they take AdamW, which only names turn into Muon."""
+        left = [param for group in self.param_groups if "param_names" not in group and group["use_muon"] is None
+                for param in group["params"]]
+        unnamed = sum(1 for param in left if param.ndim == 2)
+        filters = sum(1 for param in left if param.ndim in FILTER_DIMS)
+        if not (unnamed or filters):
+            return
+        said = []
         if unnamed:
-            warnings.warn(
-                f"{type(self).__name__} got {unnamed} 2-D param(s) without names, so every one takes the Muon update, "
-                "including any embedding or output head (Muon is meant for hidden matrices). Pass "
-                "model.named_parameters() (embeddings and heads are then found by name and take the AdamW part), or "
-                "give those params a group with use_muon=False (use_muon=True silences this).",
-                LowMemWarning, stacklevel=3)
+            said.append(f"{unnamed} 2-D param(s) without names, so every one takes the Muon update, including any "
+                        "embedding or output head (Muon is meant for hidden matrices)")
+        if filters:
+            said.append(f"{filters} 3- to 5-D param(s) without names, which take AdamW: convolution filters take "
+                        "Muon only when named (...weight)")
+        warnings.warn(
+            f"{type(self).__name__} got {'; and '.join(said)}. Pass model.named_parameters() (embeddings and heads "
+            "are then found by name and take the AdamW part, conv filters Muon), or give those params a group with "
+            "use_muon=False or True (which silences this).",
+            LowMemWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ groups
     def _check_group(self, group: dict) -> None:
