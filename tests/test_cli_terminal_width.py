@@ -162,3 +162,30 @@ def test_another_library_warning_on_a_terminal_names_its_file_from_its_package(m
     assert lines[0].startswith("torch/__init__.py:7: UserWarning: the quick"), lines
     assert all(len(line) <= 80 for line in lines) and lines[-1] == "  warnings.warn(x)", lines
     assert " ".join(line.strip() for line in lines[:-1]).endswith(message.strip()), lines
+
+
+def test_info_lines_from_lightnings_loggers_break_at_words_on_a_terminal(monkeypatch, capsys):
+    """The package's ``rank_zero_info`` lines (a resume's schedule note, a conversion note: up to ~220 columns) and
+    Lightning's go through Lightning's stderr handler; under the ``lowmem`` command they break at words on a terminal
+    like its warnings, and stay one line when stderr is not a terminal."""
+    import logging
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    logger = logging.getLogger("lightning.pytorch")
+    monkeypatch.setattr(logger, "handlers", [logging.StreamHandler(sys.stderr)])  # sys.stderr: capsys's
+    remove = messages.log_lines_for_terminal()
+    try:
+        monkeypatch.setattr(messages, "_terminal_columns", lambda: 80)
+        rank_zero_info(LONG)
+        lines = capsys.readouterr().err.strip("\n").split("\n")
+        assert len(lines) > 1 and all(len(line) <= 80 for line in lines), lines
+        assert " ".join(line.strip() for line in lines) == LONG
+        monkeypatch.setattr(messages, "_terminal_columns", lambda: None)
+        rank_zero_info(LONG)
+        assert capsys.readouterr().err == LONG + "\n"
+    finally:
+        remove()
+    monkeypatch.setattr(messages, "_terminal_columns", lambda: 80)
+    rank_zero_info(LONG)  # removed: Lightning's handler as before
+    assert capsys.readouterr().err == LONG + "\n"

@@ -50,6 +50,7 @@ from lowmem_lightning.cli.export import EXPORT_HELP, ExportMixin
 from lowmem_lightning.cli.held_logs import HeldLogs
 from lowmem_lightning.cli.messages import (
     LowMemArgumentParser,
+    log_lines_for_terminal,
     notice,
     our_warnings_in_one_line,
     say,
@@ -807,10 +808,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowmem`` console script; returns the exit code (2 for bad input). Known third-party
     noise is dropped and the package's own warnings show as one line each while it runs."""
     quiet_known_noise()
-    restore_warnings = our_warnings_in_one_line()
+    restore_warnings, restore_logs = our_warnings_in_one_line(), log_lines_for_terminal()
     try:
         return _run_command(argv)
     finally:
+        restore_logs()
         restore_warnings()
 
 

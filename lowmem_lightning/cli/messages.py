@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import os
 import re
 import sys
@@ -21,7 +22,8 @@ from lowmem_lightning.cli.config_edits import import_class
 from lowmem_lightning.cli.resume import UNSET
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
-__all__ = ["LowMemArgumentParser", "WrappedHeadingsFormatter", "condense_message", "for_terminal", "notice",
+__all__ = ["LowMemArgumentParser", "WrappedHeadingsFormatter", "condense_message", "for_terminal",
+           "log_lines_for_terminal", "notice",
            "one_line_for_ours", "our_warnings_in_one_line", "say", "short", "listing", "shown", "usage_error",
            "with_setting"]
 
@@ -116,6 +118,42 @@ def our_warnings_in_one_line() -> Callable[[], None]:
 
     warnings.formatwarning = one_line_for_ours
     return restore
+
+
+LOGGERS_ON_STDERR = ("lightning.pytorch", "lightning.fabric")
+"""Loggers whose stderr handler prints Lightning's and this package's info lines (``rank_zero_info``) in a fit."""
+
+
+class _BreakForTerminal(logging.Filter):
+    """Rewrites a record's message with :func:`for_terminal` (broken at words to the terminal's width)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        broken = for_terminal(message)
+        if broken != message:
+            record.msg, record.args = broken, ()
+        return True
+
+
+def log_lines_for_terminal() -> Callable[[], None]:
+    """Break the info lines Lightning's loggers print on stderr (:data:`LOGGERS_ON_STDERR`: Lightning's own, and the
+    package's ``rank_zero_info`` lines such as a resume's notes) at words when stderr is a terminal, as
+    :func:`one_line_for_ours` does for warnings; piped output is unchanged. Returns the function that removes it.
+    Installed by the ``lowmem`` command only."""
+    installed = []
+    for name in LOGGERS_ON_STDERR:
+        for handler in logging.getLogger(name).handlers:
+            if getattr(handler, "stream", None) is sys.stderr and not any(
+                    isinstance(f, _BreakForTerminal) for f in handler.filters):
+                breaker = _BreakForTerminal()
+                handler.addFilter(breaker)
+                installed.append((handler, breaker))
+
+    def remove() -> None:
+        for handler, breaker in installed:
+            handler.removeFilter(breaker)
+
+    return remove
 
 
 USAGE_LINES = 4
