@@ -612,6 +612,13 @@ def _muon_without_hidden(new: torch.optim.Optimizer) -> bool:
     return callable(muon_params) and not any(p.requires_grad for p in muon_params())
 
 
+def _embedding_tables(module: torch.nn.Module, ids: set[int]) -> list[str]:
+    """The ``named_parameters()`` names of the ``nn.Embedding``/``nn.EmbeddingBag`` weights of ``module`` whose id is
+    in ``ids``, each once (a table shared by several modules, T5's ``shared`` / ``embed_tokens``, by its first name)."""
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))}
+    return [name for name, param in module.named_parameters() if id(param) in tables & ids]
+
+
 def _muon_notes(new: torch.optim.Optimizer, cycling: list, module: torch.nn.Module | None = None) -> list[str]:
     """Notes for a Muon hybrid (``muon``/``muon_8bit``; none for other optimizers): no trainable param takes
     the Muon update (all went to its AdamW part); trainable ``nn.Embedding`` weights of ``module`` whose names do
@@ -621,11 +628,10 @@ def _muon_notes(new: torch.optim.Optimizer, cycling: list, module: torch.nn.Modu
         return []
     notes, target = [], type(new).__name__
     muon = {id(p) for p in new.muon_params() if p.requires_grad}
-    tables = [n for n, m in (module.named_modules() if module is not None else ())
-              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and id(m.weight) in muon]
+    tables = _embedding_tables(module, muon) if module is not None else []
     if tables:
         notes.append(f"{target} gives the Muon update (for hidden matrices) to the nn.Embedding weight(s) "
-                     f"{', '.join(n + '.weight' for n in tables[:4])}{' ...' if len(tables) > 4 else ''}: their "
+                     f"{', '.join(tables[:4])}{' ...' if len(tables) > 4 else ''}: their "
                      "names do not mark them as embeddings. Put them in a param group of their own with "
                      "use_muon=False in configure_optimizers (the key is carried into the new optimizer)")
     if _muon_without_hidden(new):

@@ -16,7 +16,13 @@ from lowmem_lightning.lowmem_warning import LowMemWarning
 
 from .linear4bit import Linear4bit, _check_options, _linear_tensors, _refuse_nonfinite
 
-__all__ = ["quantize_model", "mark_loaded_in_4bit", "LoadedIn4bit"]
+__all__ = ["quantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES"]
+
+HEAD_MODULES = ("lm_head", "classifier", "score", "classification_head", "qa_outputs")
+"""Module names :func:`quantize_model` keeps dense by default: the output heads of transformers' task models
+(causal LM, sequence / token classification, question answering); peft's ``task_type="SEQ_CLS"`` /
+``"TOKEN_CLS"`` trains ``classifier`` and ``score`` whole (``modules_to_save``), which an NF4 layer inside would
+leave frozen but for its bias."""
 
 
 def _check_skip(skip) -> tuple[str, ...]:
@@ -28,12 +34,22 @@ def _check_skip(skip) -> tuple[str, ...]:
 
 
 def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
+    """Whether the layer ``name`` is, or lies inside, a module named by an entry of ``skip`` (an entry matches whole
+    path components: ``classifier`` keeps ``classifier`` and ``roberta_head.classifier.out_proj``)."""
+    return any(f".{s}." in f".{name}." for s in skip)
+
+
+def _output_embedding_names(model: nn.Module) -> tuple[str, ...]:
+    """The qualified name(s) of ``model.get_output_embeddings()`` (a transformers model's head, e.g. a masked LM's
+    ``cls.predictions.decoder`` tied to the input embeddings); none for other modules."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return tuple(name for name, module in model.named_modules() if head is not None and module is head and name)
 
 
 def quantize_model(
     model: nn.Module,
-    skip: Iterable[str] = ("lm_head",),
+    skip: Iterable[str] = HEAD_MODULES,
     block_size: int = 64,
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
@@ -41,8 +57,12 @@ def quantize_model(
     """Replace every ``nn.Linear`` of ``model`` by a frozen :class:`Linear4bit`, in place; returns ``model``
     (marked ``is_loaded_in_4bit`` when a layer was replaced, see :func:`mark_loaded_in_4bit`).
 
-    A layer is kept when its qualified name equals an entry of ``skip`` or ends with ``"." + entry``
-    (``"lm_head"`` keeps ``model.lm_head``). Each weight is quantized on its own device (Triton on
+    A layer is kept when it is, or lies inside, a module named by an entry of ``skip`` (whole path components:
+    ``"lm_head"`` keeps ``model.lm_head``, ``"classifier"`` keeps RoBERTa's ``classifier.dense`` and
+    ``classifier.out_proj``), and so is the module ``model.get_output_embeddings()`` returns (a transformers
+    model's head by whatever name). The default, :data:`HEAD_MODULES`, keeps the heads of transformers' task models
+    dense and trainable, as transformers keeps a bitsandbytes 4-bit model's last module; ``skip=()`` quantizes every
+    layer but the output embeddings. Each weight is quantized on its own device (Triton on
     CUDA) and released as soon as its layer is replaced; meta weights give meta layers (shapes only).
 
     Before any layer is replaced, the weight and bias of every layer to quantize are checked for nan /
@@ -56,6 +76,7 @@ def quantize_model(
     _check_options(block_size, double_quant, compute_dtype)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    skip += _output_embedding_names(model)
     targets = [
         (name, module) for name, module in model.named_modules()
         if type(module) is nn.Linear and not _is_skipped(name, skip)
