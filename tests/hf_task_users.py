@@ -15,6 +15,8 @@ import torch
 import torchmetrics
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForSequenceClassification,
     BertForTokenClassification,
@@ -41,6 +43,15 @@ def t5(seed: int = 0) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration(T5Config(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
         dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+def bart(seed: int = 0) -> BartForConditionalGeneration:
+    """A 2 + 2 layer BART of width 32 (``shared`` embedding tied to ``lm_head``), seeded."""
+    torch.manual_seed(seed)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32, dropout=0.0,
+        attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1))
 
 
 def sequence_classifier(arch: str = "bert", seed: int = 0):
