@@ -305,6 +305,7 @@ def test_qlora_classifier_learns_and_its_head_trains(classifier_run):
     head = module.model.classifier.modules_to_save["default"].weight
     assert not torch.equal(head.detach(), classifier_run["head_before"])
     assert float(classifier_run["trainer"].callback_metrics["train_acc"]) >= 0.85
+    assert all(layer.gradient_checkpointing for layer in module.model.base_model.model.bert.encoder.layer)
 
 
 def test_qlora_classifier_adapter_and_head_load_back(classifier_run):
