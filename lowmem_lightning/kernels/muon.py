@@ -78,6 +78,8 @@ __all__ = [
     "MUON_MOMENTUM",
     "adjusted_lr",
     "muon_momentum_reference",
+    "momentum_8bit_lerp_reference",
+    "store_momentum_8bit_reference",
     "muon_momentum_8bit_host",
     "newton_schulz",
     "ns_work_numel",
@@ -212,11 +214,30 @@ def muon_momentum_reference(grad: torch.Tensor, buf: torch.Tensor, absmax: torch
     if absmax is None:  # in place: torch.optim.Muon's own buf.lerp_
         new = buf.lerp_(g, weight_buf)
     else:
-        new = torch.lerp(decode_signed_reference(buf, absmax), g, weight_buf)
-        scale = new.abs().amax(dim=1, keepdim=True)
-        buf.copy_(encode_signed_reference(new, scale))
-        absmax.copy_(scale)
+        new = momentum_8bit_lerp_reference(g, buf, absmax, weight_buf)
+        store_momentum_8bit_reference(new, new.abs().amax(dim=1, keepdim=True), buf, absmax)
     return torch.lerp(g, new, weight_nesterov) if nesterov else new
+
+
+def momentum_8bit_lerp_reference(g: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                                 weight_buf: float) -> torch.Tensor:
+    """The new fp32 momentum ``lerp(decode(codes, absmax), g, weight_buf)`` of 8-bit momentum (``g``: fp32, sign
+    applied; ``codes`` int8 of its shape, ``absmax`` broadcast to it): the first half of
+    :func:`muon_momentum_reference`'s 8-bit step, for blocks whose scale is completed elsewhere (a block split
+    between the shards of a sharded param, :func:`~lowmem_lightning.optim.sharding.aligned_blocks`)."""
+    return torch.lerp(decode_signed_reference(codes, absmax), g, weight_buf)
+
+
+def store_momentum_8bit_reference(new: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor,
+                                  ok: torch.Tensor | None = None) -> None:
+    """The second half: ``new`` (fp32) stored as ``codes`` (int8, in place) with the block ``scale`` (its block's
+    largest ``|new|``, broadcast to it) in ``absmax``; where ``ok`` (0-d, the finite flag) is 0 nothing changes."""
+    encoded = encode_signed_reference(new, scale)
+    if ok is not None:
+        encoded = torch.where(ok != 0, encoded, codes)
+        scale = torch.where(ok != 0, scale, absmax)
+    codes.copy_(encoded)
+    absmax.copy_(scale)
 
 
 def _signed_fp32(grad: torch.Tensor, grad_sign: float) -> torch.Tensor:

@@ -35,6 +35,9 @@ class StateSpec:
         signed: for ``codes``: signed (int8) or unsigned (uint8) code.
         bits: for ``codes``: 8 (one code per byte, a scale per 256) or 4 (two codes per byte, a scale per
             128: :mod:`lowmem_lightning.kernels.adamw4bit`); says how :mod:`.reshard` presents them.
+        aligned: for ``codes`` of a sharded param: blocks follow the whole tensor's flat index
+            (:func:`.sharding.aligned_blocks`: the local state starts ``head`` elements into its first block), not
+            the local shard's (False, the default: blocks of 256 from the shard's first element).
         host: kept in host memory between updates (paged optimizers), not on the param's device.
         axes: how it relates to the param's dims, which says how a sharded param's state is
             presented (:mod:`lowmem_lightning.optim.sharding`): ``"scalar"`` (0-d), ``"param"`` (the param's shape),
@@ -52,6 +55,7 @@ class StateSpec:
     host: bool = False
     axes: str = ""
     bits: int = 8
+    aligned: bool = False
 
     def __post_init__(self):
         if not self.axes:
@@ -69,12 +73,13 @@ def step_spec() -> StateSpec:
     return StateSpec("step", (), torch.float32, "step")
 
 
-def codes_specs(prefix: str, numel: int, signed: bool, host: bool = False) -> list[StateSpec]:
-    """``prefix_codes`` (``numel`` 8-bit codes) and ``prefix_absmax`` (fp32, one per 256 codes)."""
+def codes_specs(prefix: str, numel: int, signed: bool, host: bool = False, aligned: bool = False) -> list[StateSpec]:
+    """``prefix_codes`` (``numel`` 8-bit codes) and ``prefix_absmax`` (fp32, one per 256 codes); ``aligned``: see
+    :class:`StateSpec`."""
     blocks = -(-numel // 256)
     return [
         StateSpec(f"{prefix}_codes", (numel,), torch.int8 if signed else torch.uint8, "codes",
-                  absmax=f"{prefix}_absmax", signed=signed, host=host),
+                  absmax=f"{prefix}_absmax", signed=signed, host=host, aligned=aligned),
         StateSpec(f"{prefix}_absmax", (blocks,), torch.float32, "absmax", host=host),
     ]
 

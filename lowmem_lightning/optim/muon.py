@@ -17,23 +17,36 @@ import torch
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 from ..kernels.adamw8bit import ADAMW_8BIT, ADAMW_8BIT_NEAREST, AdamWScalars, AdamWTensors
-from ..kernels.codec import dequantize_reference, quantize_reference
+from ..kernels.codec import BLOCK_SIZE, dequantize_reference, quantize_reference
 from ..kernels.dispatch import dispatch
 from ..kernels.muon import (
     NS_COEFFICIENTS,
     NS_EPS,
     NS_STEPS,
+    MuonScalars,
     adjusted_lr,
+    momentum_8bit_lerp_reference,
     muon_apply,
     muon_momentum,
     newton_schulz,
     ns_work_numel,
+    store_momentum_8bit_reference,
 )
 from ..kernels.rounding import BF16Rounding, is_stochastic, step_seed
 from .base import LowMemOptimizer, StateSpec, _advance_steps, check_drop_in_flags, codes_specs, step_spec
 from .layout import MomentumDtype, loaded_step, quantizes_state
 from .lion import moment_state
-from .sharding import block_state_head, block_state_len, is_dtensor, local, pad_block_state, shard_tensor_index
+from .reshard import decode_rows
+from .sharding import (
+    agree_on_block_max,
+    aligned_blocks,
+    block_state_head,
+    block_state_len,
+    is_dtensor,
+    local,
+    pad_block_state,
+    shard_tensor_index,
+)
 from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
 
 __all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "AdjustLrFn", "EMBEDDING_MARKS", "FILTER_DIMS", "HEAD_NAMES",
@@ -129,7 +142,10 @@ class Muon(LowMemOptimizer):
     with ``adjusted_lr`` from ``adjust_lr_fn`` and the matrix's (global) shape. With fp32 momentum on the
     CPU the result equals ``torch.optim.Muon``'s bit for bit. Matrices of one shape run Newton–Schulz as
     one batch. Sharded (DTensor, FSDP2) matrices: the momentum is kept per shard, ``U`` is gathered so
-    Newton–Schulz sees the whole matrix, and each rank applies its shard of ``O``.
+    Newton–Schulz sees the whole matrix, and each rank applies its shard of ``O``; 8-bit momentum keeps the whole
+    matrix's blocks of 256 (:func:`.sharding.aligned_blocks`), a block split between ranks taking its scale from
+    one ``all_reduce(MAX)`` per batch, so a sharded run stores the codes and params of one unsharded process
+    wherever the shard boundaries fall (``tests/test_muon_sharded_blocks.py``).
 
     Every other param (embeddings, output head, norms, biases, non-2-D) takes AdamW with 8-bit moments
     (:class:`~lowmem_lightning.optim.adamw8bit.AdamW8bit`'s math): the group's ``lr`` and ``weight_decay``,
@@ -363,7 +379,7 @@ class Muon(LowMemOptimizer):
         group = self._layout_group(param, group)
         if self._is_muon(param, group):
             if group["momentum_dtype"] == "int8" and quantizes_state(param, group):
-                return [step_spec(), *codes_specs("momentum", block_state_len(param), signed=True)]
+                return [step_spec(), *codes_specs("momentum", aligned_blocks(param).length, signed=True, aligned=True)]
             return [step_spec(), StateSpec("momentum_buffer", tuple(local(param).shape), torch.float32, "moment")]
         if quantizes_state(param, group):
             n = block_state_len(param)
@@ -393,13 +409,19 @@ class Muon(LowMemOptimizer):
         state["step"] = state["step"].to(torch.float32).reshape(())
         layout = {spec.name for spec in self.state_layout(param, group)}
         buffer = state.get("momentum_buffer")
+        blocks = aligned_blocks(param)
         if "momentum_codes" in layout and isinstance(buffer, torch.Tensor) and buffer.numel() == local(param).numel():
-            codes, absmax = quantize_reference(state.pop("momentum_buffer").float(), signed=True)
-            state["momentum_codes"], state["momentum_absmax"] = pad_block_state(codes, absmax, block_state_len(param))
+            values = torch.nn.functional.pad(state.pop("momentum_buffer").float().reshape(-1), (blocks.head, 0))
+            codes, absmax = quantize_reference(values, signed=True)
+            state["momentum_codes"], state["momentum_absmax"] = pad_block_state(codes, absmax, blocks.length)
         elif "momentum_buffer" in layout and "momentum_codes" in state and "momentum_absmax" in state:
             shard = local(param)
             codes, absmax = state.pop("momentum_codes"), state.pop("momentum_absmax")
-            state["momentum_buffer"] = dequantize_reference(codes, absmax)[: shard.numel()].view(shard.shape)
+            if absmax.dim() == 2:  # row form (a sharded checkpoint read with this fp32 layout): scales per row
+                values = decode_rows(codes, absmax)
+            else:
+                values = dequantize_reference(codes, absmax)[blocks.head: blocks.head + shard.numel()]
+            state["momentum_buffer"] = values.view(shard.shape)
         elif isinstance(buffer, torch.Tensor) and buffer.dtype != torch.float32:
             state["momentum_buffer"] = buffer.float()
         return state
@@ -490,16 +512,7 @@ class Muon(LowMemOptimizer):
         else:  # U written straight into the Newton–Schulz batch
             batch, work = self._ns_scratch((len(params), *shape), params[0].device)
             outs = list(batch.unbind(0))
-        quantized = ["momentum_codes" in state for state in states]
-        muon_momentum(
-            [local(p.grad) for p in params],
-            [block_state_head(st["momentum_codes"], s.numel(), False) if q else st["momentum_buffer"]
-             for st, s, q in zip(states, shards, quantized)],
-            [block_state_head(st["momentum_absmax"], s.numel(), True) if q else None
-             for st, s, q in zip(states, shards, quantized)],
-            [st["step"] for st in states], flags, outs,
-            momentum=float(group["momentum"]), nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
-        )
+        _momentum_pass(group, params, states, flags, outs)
         full = batch if batch is not None else _gather(params, outs, shape)  # (batch, rows, cols) bf16
         ortho = newton_schulz(full, group["ns_coefficients"], group["ns_steps"], float(group["eps"]), work)
         updates = _scatter(params, ortho)
@@ -507,6 +520,85 @@ class Muon(LowMemOptimizer):
                    [shard_tensor_index(index, param) for (index, param), _, _ in entries],
                    [step_size] * len(entries), lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
                    stochastic=is_stochastic(group["bf16_rounding"]))
+
+
+def _momentum_pass(group: dict, params: Sequence[torch.Tensor], states: Sequence[dict], flags: Sequence,
+                   outs: Sequence[torch.Tensor]) -> None:
+    """The momentum pass of one batch, ``U`` written into ``outs``. 8-bit momentum of a sharded param keeps the
+    whole tensor's blocks (:func:`.sharding.aligned_blocks`): the pass runs over the blocks its shard holds whole,
+    and the blocks split between shards (at most two per shard) take :func:`_split_blocks`, so the stored codes,
+    scales and ``U`` equal one unsharded process's."""
+    run: list[tuple] = []  # (grad, buf, absmax, step, flag, out) of the pass
+    split: list[tuple] = []  # (param, blocks, pieces, grad, codes, absmax, flag, out)
+    for param, state, flag, out in zip(params, states, flags, outs):
+        shard, grad = local(param), local(param.grad)
+        if "momentum_codes" not in state:
+            run.append((grad, state["momentum_buffer"], None, state["step"], flag, out))
+            continue
+        codes, absmax = state["momentum_codes"], state["momentum_absmax"]
+        blocks = aligned_blocks(param)
+        if not blocks.shared:  # blocks per shard coincide with the whole tensor's
+            run.append((grad, block_state_head(codes, shard.numel(), False),
+                        block_state_head(absmax, shard.numel(), True), state["step"], flag, out))
+            continue
+        grad, out = grad.reshape(-1), out.view(-1)
+        (first, end), pieces = _whole_and_split(shard.numel(), blocks.head)
+        if end > first:
+            start, stop = blocks.head + first, blocks.head + end  # positions of the state: whole blocks
+            run.append((grad[first:end], codes[start:stop], absmax[start // BLOCK_SIZE: stop // BLOCK_SIZE],
+                        state["step"], flag, out[first:end]))
+        split.append((param, blocks, pieces, grad, codes, absmax, flag, out))
+    settings = dict(momentum=float(group["momentum"]), nesterov=bool(group["nesterov"]),
+                    maximize=bool(group["maximize"]))
+    if run:
+        muon_momentum(*(list(column) for column in zip(*run)), **settings)
+    if split:
+        _split_blocks(split, MuonScalars.of(settings["momentum"], settings["nesterov"], settings["maximize"]))
+
+
+def _whole_and_split(numel: int, head: int) -> tuple[tuple[int, int], list[tuple[int, int, int]]]:
+    """For a shard of ``numel`` elements starting ``head`` elements into its first block: ``(first, end)``, the
+    local elements in blocks the shard holds whole, and ``(first, end, local block)`` of each block it holds
+    only part of (its first and its last, when they do not start or end on a block boundary)."""
+    if numel == 0:
+        return (0, 0), []
+    end = head + numel  # position after the last element
+    last = (end - 1) // BLOCK_SIZE
+    pieces = []
+    if head:
+        pieces.append((0, min(numel, BLOCK_SIZE - head), 0))
+    if end % BLOCK_SIZE and not (head and last == 0):
+        pieces.append((last * BLOCK_SIZE - head, numel, last))
+    first = min(numel, BLOCK_SIZE - head) if head else 0
+    return (first, max(first, end // BLOCK_SIZE * BLOCK_SIZE - head)), pieces
+
+
+def _split_blocks(split: list[tuple], scalars: MuonScalars) -> None:
+    """The momentum step of the blocks split between shards: each rank's new fp32 momentum of its part
+    (:func:`~lowmem_lightning.kernels.muon.momentum_8bit_lerp_reference`), the block's scale completed with one
+    ``all_reduce(MAX)`` over the split blocks of every param (:func:`.sharding.agree_on_block_max`), then codes,
+    scale (where the finite flag is set) and ``U`` stored as one process would (a piece of the tensor's last
+    block, held by one shard, keeps its own maximum)."""
+    parts, offset = [], 0
+    for _, blocks, pieces, grad, codes, absmax, flag, out in split:
+        for first, end, block in pieces:
+            g = grad[first:end].to(torch.float32) * scalars.grad_sign
+            position = blocks.head + first
+            codes_part, scale_part = codes[position: position + end - first], absmax[block: block + 1]
+            new = momentum_8bit_lerp_reference(g, codes_part, scale_part, scalars.weight_buf)
+            index = blocks.first_block + block
+            slot = offset + blocks.shared.index(index) if index in blocks.shared else None
+            parts.append((g, new, codes_part, scale_part, flag, out[first:end], slot))
+        offset += len(blocks.shared)
+    maxima = torch.zeros(offset, dtype=torch.float32, device=split[0][3].device)
+    for _, new, *_, slot in parts:
+        if slot is not None:
+            maxima[slot] = new.abs().amax()
+    agree_on_block_max(maxima, [entry[0] for entry in split])
+    for g, new, codes_part, scale_part, flag, out, slot in parts:
+        scale = new.abs().amax().reshape(1) if slot is None else maxima[slot: slot + 1]
+        store_momentum_8bit_reference(new, scale, codes_part, scale_part, flag)
+        out.copy_(torch.lerp(g, new, scalars.weight_nesterov) if scalars.nesterov else new)
 
 
 class Muon8bit(Muon):

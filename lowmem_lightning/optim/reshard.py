@@ -1,8 +1,11 @@
 """Block-wise 8-bit state of a sharded param, presented so a checkpoint loads on another world size.
 
 A DTensor param's 8-bit state is kept per local shard: flat codes with one fp32 scale per block of
-256 *local* elements (:func:`~.sharding.block_state_len`). Where the blocks fall depends on the
-sharding, so the raw buffers cannot be resharded by ``torch.distributed.checkpoint`` (DCP). For
+256 *local* elements (:func:`~.sharding.block_state_len`), or for ``aligned`` state (Muon's momentum) of
+the whole tensor's elements, the shard starting ``head`` elements into its first block
+(:func:`~.sharding.aligned_blocks`; such a checkpoint resumes bit for bit on any world size: every block of
+the loading run lies within one saved block and keeps its codes and scale). Where the blocks fall depends on
+the sharding, so the raw buffers cannot be resharded by ``torch.distributed.checkpoint`` (DCP). For
 params sharded only along dim 0 (FSDP2's ``Shard(0)``, replicated mesh dims allowed) the state dict
 presents each codes/scales pair in a **row form** whose global shape depends on the param alone:
 
@@ -98,14 +101,15 @@ def row_width(shape: tuple[int, ...] | torch.Size, block: int = BLOCK_SIZE) -> i
 
 
 def rows_from_blocks(absmax: torch.Tensor, local_shape: tuple[int, ...], width: int,
-                     block: int = BLOCK_SIZE) -> torch.Tensor:
+                     block: int = BLOCK_SIZE, head: int = 0) -> torch.Tensor:
     """The row form (fp32 ``(local_shape[0], width)``) of a local shard's block ``absmax`` (blocks of
-    ``block`` (256) over the shard's flat elements, from its first element)."""
+    ``block`` (256) over the shard's flat elements, the first block starting ``head`` elements before the
+    shard's first element: 0 for blocks per shard, :func:`~.sharding.aligned_blocks` for the whole tensor's)."""
     rows, c = (local_shape[0] if local_shape else 1), slice_numel(local_shape)
     out = torch.zeros(rows, width, dtype=torch.float32, device=absmax.device)
     if rows == 0 or c == 0:
         return out
-    start = torch.arange(rows, device=absmax.device, dtype=torch.int64) * c  # (rows,) flat offset of each row
+    start = head + torch.arange(rows, device=absmax.device, dtype=torch.int64) * c  # (rows,) position of each row
     first, last = start // block, (start + c - 1) // block
     index = first[:, None] + torch.arange(width - _META, device=absmax.device)[None, :]  # (rows, W)
     valid = index <= last[:, None]
@@ -115,11 +119,11 @@ def rows_from_blocks(absmax: torch.Tensor, local_shape: tuple[int, ...], width: 
     return out
 
 
-def _layout_unchanged(rows: torch.Tensor, c: int, block: int) -> bool:
+def _layout_unchanged(rows: torch.Tensor, c: int, block: int, head: int = 0) -> bool:
     """Whether the saved rows were laid out exactly as this shard would lay them out (same phases, the
     shard's last row the only one marked last)."""
     n = rows.shape[0]
-    phase = (torch.arange(n, dtype=torch.int64, device=rows.device) * c) % block
+    phase = (head + torch.arange(n, dtype=torch.int64, device=rows.device) * c) % block
     last = torch.zeros(n, dtype=torch.float32, device=rows.device)
     if n:
         last[-1] = 1.0
@@ -146,21 +150,31 @@ def _boundaries(rows: torch.Tensor, flat: torch.Tensor, c: int, block: int) -> t
     return starts, ends
 
 
-def _exact_blocks(rows: torch.Tensor, flat: torch.Tensor, c: int, block: int) -> torch.Tensor:
-    """bool, one per block of ``block`` of ``flat`` (consecutive local elements from a block start): the
-    blocks of the local layout that cover exactly one saved block."""
+def _exact_blocks(rows: torch.Tensor, flat: torch.Tensor, c: int, block: int, lead: int = 0,
+                  within: bool = False) -> torch.Tensor:
+    """bool, one per block of ``block`` of ``flat`` (consecutive local elements, the first block missing its
+    first ``lead`` elements): the blocks of the local layout whose codes and saved scale are kept. ``within``
+    False: those that cover exactly one saved block; True: those whose elements all lie in one saved block (a
+    scale that decodes them exactly, e.g. a block of the whole tensor split between shards)."""
     starts, ends = _boundaries(rows, flat, c, block)
-    blocks = -(-flat.numel() // block)
-    pad = blocks * block - flat.numel()
-    starts = torch.nn.functional.pad(starts, (0, pad)).view(blocks, block)
-    ends = torch.nn.functional.pad(ends, (0, pad)).view(blocks, block)
+    blocks = -(-(lead + flat.numel()) // block)
+    pad = blocks * block - lead - flat.numel()
+    starts = torch.nn.functional.pad(starts, (lead, pad)).view(blocks, block)
+    ends = torch.nn.functional.pad(ends, (lead, pad)).view(blocks, block)
+    head = torch.zeros((blocks,), dtype=torch.int64, device=flat.device)
+    head[0] = lead
     tail = torch.full((blocks,), block - 1, dtype=torch.int64, device=flat.device)
-    tail[-1] = flat.numel() - 1 - (blocks - 1) * block
-    return starts[:, 0] & ends.gather(1, tail[:, None]).squeeze(1) & (ends.sum(1) == 1)
+    tail[-1] = lead + flat.numel() - 1 - (blocks - 1) * block
+    if within:  # no saved block starts after a block's first element or ends before its last
+        position = torch.arange(block, device=flat.device)[None, :]
+        inside_start = starts & (position > head[:, None])
+        inside_end = ends & (position < tail[:, None])
+        return ~(inside_start.any(1) | inside_end.any(1))
+    return starts.gather(1, head[:, None]).squeeze(1) & ends.gather(1, tail[:, None]).squeeze(1) & (ends.sum(1) == 1)
 
 
-def blocks_from_rows(codes: torch.Tensor, rows: torch.Tensor, length: int,
-                     codec: Codec | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def blocks_from_rows(codes: torch.Tensor, rows: torch.Tensor, length: int, codec: Codec | None = None,
+                     head: int = 0, within: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This shard's flat ``(codes, absmax)``, padded to ``length`` elements, from its row form.
 
     Args:
@@ -170,6 +184,10 @@ def blocks_from_rows(codes: torch.Tensor, rows: torch.Tensor, length: int,
         length: the padded local length of this run (:func:`~.sharding.block_state_len`).
         codec: the code (:data:`CODEC8`, the default, or :data:`CODEC4`); the result's codes are still one
             per element (``codec.pack`` stores them).
+        head: where the shard's first element sits in the first block of this run's layout (0: blocks per
+            shard; :func:`~.sharding.aligned_blocks`: the whole tensor's blocks), zero codes before it.
+        within: keep the codes and saved scale of every block whose elements all lie in one saved block (for
+            blocks of the whole tensor, split between shards); False: only of blocks that cover exactly one.
 
     Returns ``(codes, absmax)`` and ``moved``: the number of elements whose block changed (decoded and
     re-encoded; 0 when every block is kept bit for bit). Works in passes of :data:`CHUNK` elements, so
@@ -187,25 +205,27 @@ def blocks_from_rows(codes: torch.Tensor, rows: torch.Tensor, length: int,
     flat = codes.reshape(-1)
     if n == 0:
         return _padded(flat, torch.zeros(0, device=codes.device), length, block) + (0,)
-    first = torch.arange(-(-n // block), dtype=torch.int64, device=codes.device) * block
-    absmax = _saved_scale_at(rows, first, c, block)  # right for every block that covers one saved block
-    if _layout_unchanged(rows, c, block):
-        return _padded(flat, absmax, length, block) + (0,)
+    first = (torch.arange(-(-(head + n) // block), dtype=torch.int64, device=codes.device) * block - head).clamp(min=0)
+    absmax = _saved_scale_at(rows, first, c, block)  # right for every block kept
+    if _layout_unchanged(rows, c, block, head):
+        return _padded(flat, absmax, length, block, head) + (0,)
     moved = 0
-    for start in range(0, n, CHUNK):
-        elements = torch.arange(start, min(n, start + CHUNK), dtype=torch.int64, device=codes.device)
-        exact = _exact_blocks(rows, elements, c, block)
+    for start in range(0, head + n, CHUNK):  # positions of this run's layout
+        lead = head if start == 0 else 0
+        elements = torch.arange(max(0, start - head), min(n, start + CHUNK - head), dtype=torch.int64,
+                                device=codes.device)
+        exact = _exact_blocks(rows, elements, c, block, lead, within)
         if bool(exact.all()):
             continue
         part = flat[elements[0]: elements[-1] + 1]
         values = codec.decode(part, _saved_scale_at(rows, elements, c, block))
-        new_codes, new_absmax = codec.encode(values, codes.dtype == torch.int8)
-        kept = exact.repeat_interleave(block)[: part.numel()]
-        part.copy_(torch.where(kept, part, new_codes))
+        new_codes, new_absmax = codec.encode(torch.nn.functional.pad(values, (lead, 0)), codes.dtype == torch.int8)
+        kept = exact.repeat_interleave(block)[lead: lead + part.numel()]
+        part.copy_(torch.where(kept, part, new_codes[lead:]))
         scales = absmax[start // block: start // block + exact.numel()]
         scales.copy_(torch.where(exact, scales, new_absmax))
         moved += part.numel() - int(kept.sum())
-    return _padded(flat, absmax, length, block) + (moved,)
+    return _padded(flat, absmax, length, block, head) + (moved,)
 
 
 def decode_rows(codes: torch.Tensor, rows: torch.Tensor, codec: Codec | None = None) -> torch.Tensor:
@@ -286,16 +306,18 @@ CODEC4 = Codec(BLOCK4, _decode4, _encode4, _step4, (7, 15), _pack4, _unpack4)
 """The 4-bit codes of :mod:`lowmem_lightning.kernels.adamw4bit` (blocks of 128, two codes per byte)."""
 
 
-def _padded(codes: torch.Tensor, absmax: torch.Tensor, length: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat codes and absmax zero-padded to ``length`` elements; a view of the codes' own buffer when that
-    buffer already has ``length`` elements (a DCP load wrote into this optimizer's state: no copy)."""
+def _padded(codes: torch.Tensor, absmax: torch.Tensor, length: int, block: int,
+            head: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat codes, ``head`` zero codes before them, and absmax zero-padded to ``length`` elements; a view of the
+    codes' own buffer when that buffer already has ``length`` elements with the codes at ``head`` (a DCP load
+    wrote into this optimizer's state: no copy)."""
     blocks = -(-length // block)
     base = codes._base
     if (codes.numel() < length and base is not None and base.dim() == 1 and base.numel() == length
-            and base.dtype == codes.dtype and base.data_ptr() == codes.data_ptr()):
+            and base.dtype == codes.dtype and codes.data_ptr() == base.data_ptr() + head * base.element_size()):
         codes = base
     elif codes.numel() != length:
-        codes = torch.nn.functional.pad(codes.reshape(-1), (0, length - codes.numel()))
+        codes = torch.nn.functional.pad(codes.reshape(-1), (head, length - head - codes.numel()))
     if absmax.numel() != blocks:
         absmax = torch.nn.functional.pad(absmax, (0, blocks - absmax.numel()))
     return codes.reshape(-1), absmax.contiguous()

@@ -60,8 +60,11 @@ from .layout import StateSpec
 from .reshard import CODEC4, CODEC8, Codec, blocks_from_rows, row_width, rows_from_blocks
 
 __all__ = [
+    "AlignedBlocks",
     "SumReduce",
+    "agree_on_block_max",
     "agree_on_flags",
+    "aligned_blocks",
     "block_state_head",
     "block_state_len",
     "is_dtensor",
@@ -145,6 +148,56 @@ def block_state_len(param: torch.Tensor) -> int:
             "chunking; this sharding is not supported by the 8-bit state layout."
         )
     return length
+
+
+class AlignedBlocks(NamedTuple):
+    """Where a param's local shard sits among the 256-element blocks of the **whole** tensor's flat index (what
+    :func:`aligned_blocks` returns), for block-wise state kept in those global blocks (Muon's 8-bit momentum):
+    a shard then holds exactly the blocks a single process would, a block split between ranks in part.
+
+    ``head``: elements of the local shard's first block that precede it (0..255; local element ``i`` sits at
+    position ``head + i`` of the flat state); ``length``: the padded local state length (elements, a multiple of
+    256), the same on every rank; ``first_block``: the global index of the local state's first block;
+    ``shared``: the global indices of the blocks split between two or more ranks' shards (ascending; the same on
+    every rank), whose absmax the ranks agree on with one ``all_reduce(MAX)``. Plain tensors and DTensors that
+    are not :func:`row_form` (split along another dim: no contiguous global run): ``head`` 0, ``length``
+    :func:`block_state_len`, no shared blocks (blocks per local shard)."""
+
+    head: int
+    length: int
+    first_block: int
+    shared: tuple[int, ...]
+
+
+def aligned_blocks(param: torch.Tensor) -> AlignedBlocks:
+    """The :class:`AlignedBlocks` of ``param``'s local shard (dim-0 chunks as DTensor's ``Shard(0)`` cuts them:
+    ``torch.chunk`` per mesh dim, row-major over the mesh dims, as :func:`shard_rank` counts)."""
+    if not row_form(param) or num_shards(param) == 1:
+        return AlignedBlocks(0, block_state_len(param), 0, ())
+    per_row = math.prod(param.shape[1:])
+    chunks = _dim0_chunks(param)
+    start, stop = chunks[shard_rank(param)]
+    if (stop - start) * per_row != local(param).numel():
+        raise TypeError(
+            f"Invalid params: a DTensor parameter of shape {tuple(param.shape)} with placements {param.placements} "
+            f"has a local shard of {local(param).numel()} elements, not the {(stop - start) * per_row} of rows "
+            f"{start}..{stop} expected from even chunking; this sharding is not supported by the 8-bit state layout."
+        )
+    ends = [(a * per_row % BLOCK_SIZE + (b - a) * per_row) for a, b in chunks if b > a]
+    length = max((-(-end // BLOCK_SIZE) * BLOCK_SIZE for end in ends), default=0)
+    shared = sorted({a * per_row // BLOCK_SIZE for a, b in chunks if b > a and a * per_row % BLOCK_SIZE})
+    offset = start * per_row
+    return AlignedBlocks(offset % BLOCK_SIZE, length, offset // BLOCK_SIZE, tuple(shared))
+
+
+def _dim0_chunks(param) -> list[tuple[int, int]]:
+    """``(first row, end row)`` of every shard of a dim-0-sharded DTensor ``param``, in :func:`shard_rank` order."""
+    chunks = [(0, param.shape[0])]
+    for mesh_dim, _ in _shard_mesh_dims(param):
+        parts = param.device_mesh.size(mesh_dim)
+        chunks = [(min(b, a + i * size), min(b, a + (i + 1) * size))
+                  for a, b in chunks for size in [-(-(b - a) // parts)] for i in range(parts)]
+    return chunks
 
 
 def block_state_head(state: torch.Tensor | None, numel: int, scales: bool) -> torch.Tensor | None:
@@ -261,14 +314,26 @@ def agree_on_flags(flags: torch.Tensor, params: Sequence[torch.Tensor]) -> torch
     param) is updated in place and returned. Every rank must call it with the same params, as SPMD
     training does.
     """
+    return _reduce_over_sharding_groups(flags, params, torch.distributed.ReduceOp.MIN)
+
+
+def agree_on_block_max(values: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The maximum over the ranks that shard ``params`` of ``values`` (fp32, each rank's largest ``|momentum|`` in
+    its part of the blocks split between shards, :attr:`AlignedBlocks.shared`), in place (``all_reduce(MAX)``,
+    one per distinct sharding group); every rank must call it with the same params and ``values``' length."""
+    return _reduce_over_sharding_groups(values, params, torch.distributed.ReduceOp.MAX)
+
+
+def _reduce_over_sharding_groups(tensor: torch.Tensor, params: Sequence[torch.Tensor], op) -> torch.Tensor:
+    """``tensor`` all-reduced in place with ``op`` over every process group that shards one of ``params``."""
     groups: dict[int, object] = {}
     for param in params:
         if is_dtensor(param):
             for group in _groups(param, [i for i, _ in _shard_mesh_dims(param)]):
                 groups.setdefault(id(group), group)
     for group in groups.values():
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=group)
-    return flags
+        torch.distributed.all_reduce(tensor, op=op, group=group)
+    return tensor
 
 
 # ---------------------------------------------------------------------------------------- state dicts
@@ -331,6 +396,15 @@ def _codec(layout: Mapping[str, StateSpec | str], codes_key: str) -> tuple[Codec
     return (CODEC4 if spec.bits == 4 else CODEC8), spec.signed
 
 
+def _blocks_of(param, layout: Mapping[str, StateSpec | str], codes_key: str) -> AlignedBlocks:
+    """Where the codes ``codes_key`` of ``param`` keep their blocks: :func:`aligned_blocks` when their spec is
+    ``aligned``, else blocks per local shard (``head`` 0, :func:`block_state_len`)."""
+    spec = layout[codes_key]
+    if isinstance(spec, StateSpec) and spec.aligned:
+        return aligned_blocks(param)
+    return AlignedBlocks(0, block_state_len(param), 0, ())
+
+
 def _as_dtensor(param, value: torch.Tensor, placements, shape) -> torch.Tensor:
     return DTensor.from_local(value, param.device_mesh, placements, run_check=False, shape=torch.Size(shape),
                               stride=_contiguous_stride(shape))
@@ -352,7 +426,8 @@ def wrap_state(param: torch.Tensor, state: dict, layout: Mapping[str, StateSpec 
     out, in_rows = {}, set()
     for key, value in state.items():
         if rows and key in pairs and pairs[key] in state:
-            out.update(_row_form_pair(param, key, value, pairs[key], state[pairs[key]], *_codec(layout, key)))
+            out.update(_row_form_pair(param, key, value, pairs[key], state[pairs[key]], *_codec(layout, key),
+                                      _blocks_of(param, layout, key).head))
             in_rows |= {key, pairs[key]}
         elif key not in in_rows:
             spec = _spec(param, axes.get(key, "param"), value) if isinstance(value, torch.Tensor) else None
@@ -363,13 +438,14 @@ def wrap_state(param: torch.Tensor, state: dict, layout: Mapping[str, StateSpec 
 
 
 def _row_form_pair(param, codes_key: str, codes: torch.Tensor, absmax_key: str, absmax: torch.Tensor,
-                   codec: Codec, signed: bool) -> dict:
+                   codec: Codec, signed: bool, head: int = 0) -> dict:
     """``{codes_key: codes of the param's shape, absmax_key: scales per row}`` as DTensors (8-bit codes: views,
-    and one small ``(rows, width)`` tensor; 4-bit codes are unpacked to one per element, a copy)."""
+    and one small ``(rows, width)`` tensor; 4-bit codes are unpacked to one per element, a copy); ``head``: the
+    local shard's first element sits at that position of the flat state (:class:`AlignedBlocks`)."""
     shard = local(param)
     shape = tuple(shard.shape)
-    codes = codec.unpack(codes, shard.numel(), signed)[: shard.numel()].view(shape)
-    scales = rows_from_blocks(absmax, shape, row_width(tuple(param.shape), codec.block), codec.block)
+    codes = codec.unpack(codes, head + shard.numel(), signed)[head: head + shard.numel()].view(shape)
+    scales = rows_from_blocks(absmax, shape, row_width(tuple(param.shape), codec.block), codec.block, head)
     placements = list(param.placements)
     return {
         codes_key: _as_dtensor(param, codes, placements, tuple(param.shape)),
@@ -410,7 +486,9 @@ def unwrap_state(param: torch.Tensor, state: dict, pid, layout: Mapping[str, Sta
                 )
             codec = _codec(layout, codes_key)[0]
             _check_codes(codes, codec, pid, codes_key)
-            flat, state[absmax_key], _ = blocks_from_rows(codes, scales, block_state_len(param), codec)
+            blocks = _blocks_of(param, layout, codes_key)
+            aligned = getattr(layout[codes_key], "aligned", False)
+            flat, state[absmax_key], _ = blocks_from_rows(codes, scales, blocks.length, codec, blocks.head, aligned)
             state[codes_key] = codec.pack(flat)
     flat = [key for key in state if axes.get(key) == "blocks" and isinstance(state[key], torch.Tensor)
             and key not in pairs.values() and not row_form(param)]
