@@ -106,13 +106,15 @@ def test_sharded_muon_8bit_equals_one_process_when_shards_split_blocks(tmp_path)
 @pytest.mark.slow  # ~5 s: the interpreter
 def test_sharded_muon_8bit_on_the_triton_kernel_equals_one_process(tmp_path):
     """Forced Triton (interpreter): the kernel runs each shard's whole blocks (unaligned slices of the shard), the
-    split blocks take the reference; params and momentum equal one process on the kernel."""
+    split blocks take the reference; params and momentum equal one process on the kernel and one on the reference
+    (the CPU path) bit for bit."""
     ranks = forked_ranks(tmp_path, WORLD, _sharded_run, STEPS, True)
-    params, momentum = _plain_run(STEPS, triton=True)
-    for name, expected in params.items():
-        for result in ranks:
-            torch.testing.assert_close(result["params"][name], expected, rtol=0, atol=0, msg=name)
-    _assert_momentum_equal(ranks[0]["momentum"], momentum)
+    for triton in (True, False):
+        params, momentum = _plain_run(STEPS, triton=triton)
+        for name, expected in params.items():
+            for result in ranks:
+                torch.testing.assert_close(result["params"][name], expected, rtol=0, atol=0, msg=name)
+        _assert_momentum_equal(ranks[0]["momentum"], momentum)
 
 
 @pytest.mark.slow  # ~1-3 s each (one multi-rank case stays in the default suite, above)
