@@ -165,28 +165,73 @@ def test_lowmem_estimate_takes_the_t5_users_module(t5_runs, tmp_path):
     assert counted["optimizers"]["adamw_8bit"]["state_bytes"] == state_memory(trainer.optimizers[0]).total_bytes
 
 
-def test_muon_names_t5s_lookup_tables_once_each(tmp_path):
-    """T5's ``shared`` table (also the encoder's and decoder's ``embed_tokens`` and, tied, ``lm_head``) and its
-    ``relative_attention_bias`` tables take Muon's update (their names do not mark them); the one note names each
-    table once, by the name ``named_parameters()`` gives it."""
+def muon_fit(module: L.LightningModule, data, tmp_path) -> tuple[set[int], list[str]]:
+    """One epoch of ``module`` with ``muon_8bit``: the ids of the params on Muon, and the callback's notes about
+    ``nn.Embedding`` weights on Muon."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(Seq2SeqUser(), seq2seq_data(16), tmp_path, 1, "muon_8bit")
+        trainer, _ = fit(module, data, tmp_path, 1, "muon_8bit")
     notes = [str(w.message) for w in caught if issubclass(w.category, LowMemWarning)
              and "nn.Embedding weight(s)" in str(w.message)]
-    assert len(notes) == 1
-    named = ("model.shared.weight, model.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight, "
-             "model.decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight:")
-    assert named in notes[0]
-    assert "embed_tokens" not in notes[0]
+    return {id(p) for p in trainer.optimizers[0].muon_params()}, notes
 
 
-def test_muon_names_barts_shared_table(tmp_path):
-    """BART's ``shared`` table (tied to ``lm_head``) takes Muon's update too, and the note names it."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer, _ = fit(Seq2SeqUser(model=bart()), seq2seq_data(16), tmp_path, 1, "muon_8bit")
-    assert any("nn.Embedding weight(s) model.model.shared.weight:" in str(w.message) for w in caught)
+def test_muon_gives_t5s_lookup_tables_adamw(tmp_path):
+    """T5's ``shared`` table (also the encoder's and decoder's ``embed_tokens`` and, tied, ``lm_head``) and its
+    ``relative_attention_bias`` tables are embeddings: AdamW, with no note; the attention matrices take Muon (these
+    tables took Muon before, named in a note)."""
+    module = Seq2SeqUser()
+    muon, notes = muon_fit(module, seq2seq_data(16), tmp_path)
+    t5_model = module.model
+    tables = [t5_model.shared.weight, t5_model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
+              t5_model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight]
+    assert not {id(t) for t in tables} & muon and notes == []
+    assert id(t5_model.encoder.block[0].layer[0].SelfAttention.q.weight) in muon
+
+
+def test_muon_gives_barts_shared_table_adamw(tmp_path):
+    """BART's ``shared`` table (tied to ``lm_head``) is an embedding too."""
+    module = Seq2SeqUser(model=bart())
+    muon, notes = muon_fit(module, seq2seq_data(16), tmp_path)
+    assert id(module.model.model.shared.weight) not in muon and notes == []
+    assert id(module.model.model.encoder.layers[0].fc1.weight) in muon
+
+
+def test_muon_gives_robertas_two_layer_classifier_head_adamw(tmp_path):
+    """RoBERTa's head is ``classifier.dense`` + ``classifier.out_proj``: both the head's (AdamW), not only a module
+    called ``classifier`` (they took Muon before); the encoder's matrices take Muon."""
+    module = ClassifierUser(model=sequence_classifier("roberta"))
+    muon, _ = muon_fit(module, classification_data(16), tmp_path)
+    head = module.model.classifier
+    assert not {id(head.dense.weight), id(head.out_proj.weight)} & muon
+    assert id(module.model.roberta.encoder.layer[0].attention.self.query.weight) in muon
+
+
+class TiedCodebook(L.LightningModule):
+    """A user's model whose lookup table has a name Muon's rule does not mark (``codebook``), used by two modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codebook = torch.nn.Embedding(64, 32)
+        self.lookup_again = self.codebook  # the same table under a second module name
+        self.mix = torch.nn.Linear(32, 32)
+
+    def training_step(self, batch, batch_idx):
+        ids, _ = batch
+        return self.mix(self.codebook(ids) + self.lookup_again(ids)).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_muon_names_an_unmarked_table_once_by_its_parameter_name(tmp_path):
+    """An ``nn.Embedding`` whose name marks nothing takes Muon's update; the one note names it once, as
+    ``named_parameters()`` does (``codebook.weight``), not again under its second module name."""
+    module = TiedCodebook()
+    muon, notes = muon_fit(module, classification_data(16), tmp_path)
+    assert id(module.codebook.weight) in muon
+    assert len(notes) == 1 and "nn.Embedding weight(s) codebook.weight:" in notes[0]
+    assert "lookup_again" not in notes[0]
 
 
 @pytest.mark.slow

@@ -202,34 +202,35 @@ def test_muon_on_a_model_without_hidden_matrices_says_every_param_takes_adamw():
 
 
 class SharedTable(GPT):
-    """T5's naming: the token embedding is ``shared``; minGPT's ``tok_emb`` is found by name."""
+    """A token embedding whose name marks nothing (``lookup``; T5's ``shared`` is marked); minGPT's ``tok_emb`` is found
+    by name."""
 
     def __init__(self, own_group=False):
         super().__init__()
-        self.shared, self.tok_emb, self.own_group = self.wte, nn.Embedding(VOCAB, WIDTH), own_group
+        self.lookup, self.tok_emb, self.own_group = self.wte, nn.Embedding(VOCAB, WIDTH), own_group
         del self.wte
 
     def _loss(self, batch):
         (idx,) = batch
-        h = self.shared(idx[:, :-1]) + self.tok_emb(idx[:, :-1])
+        h = self.lookup(idx[:, :-1]) + self.tok_emb(idx[:, :-1])
         logits = self.lm_head(self.ln_f(h + self.proj(nn.functional.gelu(self.fc(h)))))
         return nn.functional.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
 
     def configure_optimizers(self):
         if not self.own_group:
             return torch.optim.AdamW(self.parameters(), lr=3e-3)
-        rest = [p for p in self.parameters() if p is not self.shared.weight]
-        return torch.optim.AdamW([{"params": [self.shared.weight], "use_muon": False}, {"params": rest}], lr=3e-3)
+        rest = [p for p in self.parameters() if p is not self.lookup.weight]
+        return torch.optim.AdamW([{"params": [self.lookup.weight], "use_muon": False}, {"params": rest}], lr=3e-3)
 
 
 def test_an_embedding_whose_name_hides_it_is_named_and_a_use_muon_group_routes_it():
     model = SharedTable()
     trainer, _, messages = _swap_fit(model, "muon", optimizer_kwargs={"adjust_lr_fn": "match_rms_adamw"})
     muon = {id(p) for p in trainer.optimizers[0].muon_params()}
-    assert id(model.shared.weight) in muon and id(model.tok_emb.weight) not in muon  # tok_emb: an embedding by name
-    assert len(messages) == 1 and "nn.Embedding weight(s) shared.weight: their names do not mark" in messages[0]
+    assert id(model.lookup.weight) in muon and id(model.tok_emb.weight) not in muon  # tok_emb: an embedding by name
+    assert len(messages) == 1 and "nn.Embedding weight(s) lookup.weight: their names do not mark" in messages[0]
     model = SharedTable()
-    model.shared.requires_grad_(False)  # frozen: it never takes an update, nothing to say
+    model.lookup.requires_grad_(False)  # frozen: it never takes an update, nothing to say
     _, _, messages = _swap_fit(model, "muon", optimizer_kwargs={"adjust_lr_fn": "match_rms_adamw"})
     assert messages == []
     model = SharedTable(own_group=True)

@@ -49,8 +49,8 @@ from .sharding import (
 )
 from .validation import check_betas, check_bool, check_choice, check_eps, check_lr, check_non_negative
 
-__all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "AdjustLrFn", "EMBEDDING_MARKS", "FILTER_DIMS", "HEAD_NAMES",
-           "PEFT_WRAPPERS", "matrix_shape", "uses_muon"]
+__all__ = ["Muon", "Muon8bit", "MOMENTUM_DTYPES", "AdjustLrFn", "EMBEDDING_MARKS", "FILTER_DIMS", "HEAD_MODULES",
+           "HEAD_NAMES", "LOOKUP_TABLES", "PEFT_WRAPPERS", "matrix_shape", "uses_muon"]
 
 MOMENTUM_DTYPES = ("float32", "int8")
 """Allowed values of ``momentum_dtype``."""
@@ -66,6 +66,14 @@ EMBEDDING_MARKS = ("embed", "wte", "wpe")
 
 HEAD_NAMES = ("lm_head", "head", "output", "output_layer", "classifier", "score")
 """A param owned by a module of one of these names (the component before ``weight``) is the output head."""
+
+HEAD_MODULES = ("lm_head", "classifier", "classification_head", "score", "qa_outputs")
+"""A param anywhere inside a module of one of these names is the output head's (transformers' task heads of more
+than one layer: RoBERTa's ``classifier.dense`` / ``classifier.out_proj``, BART's ``classification_head.*``)."""
+
+LOOKUP_TABLES = ("shared", "relative_attention_bias")
+"""A param owned by a module of one of these names is an embedding table (T5's, BART's, mBART's and Pegasus's token
+table ``shared``, tied to ``lm_head``; T5's relative position bias ``relative_attention_bias``)."""
 
 PEFT_WRAPPERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                  "modules_to_save", "original_module", "base_layer")
@@ -91,9 +99,10 @@ def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | Non
     ``use_muon`` (the param group's) decides when True or False. ``None`` (default): a 2-D param, or a
     convolution filter (a 3- to 5-D param named ``...weight``: ``Conv1d``/``Conv2d``/``Conv3d``, updated as its
     :func:`matrix_shape` view ``[out, in * k...]``, Keller Jordan's recipe), unless its name marks an embedding
-    (a path component containing ``embed``, ``wte`` or ``wpe``, or ending in ``emb``: ``tok_emb``) or the output
-    head (its module is called ``lm_head``, ``head``, ``output``, ``output_layer``, ``classifier`` or
-    ``score``; under peft the module peft wrapped: ``lm_head.lora_A.default.weight`` and
+    (a path component containing ``embed``, ``wte`` or ``wpe``, or ending in ``emb``: ``tok_emb``; or its module is
+    a :data:`LOOKUP_TABLES` name: T5's ``shared``) or the output head (its module is called ``lm_head``, ``head``,
+    ``output``, ``output_layer``, ``classifier`` or ``score``, or lies inside a :data:`HEAD_MODULES` module:
+    RoBERTa's ``classifier.dense``; under peft the module peft wrapped: ``lm_head.lora_A.default.weight`` and
     ``score.modules_to_save.default.weight`` are the head's, ``q_proj.lora_B.default.weight`` a hidden matrix;
     a module compiled alone with ``torch.compile`` keeps its name: ``lm_head._orig_mod.weight`` is the head's).
     Without names every 2-D param is a hidden matrix and no N-D param is (a filter cannot be told from a ViT's
@@ -112,7 +121,7 @@ def uses_muon(param: torch.Tensor, name: str | None = None, use_muon: bool | Non
         return False
     wrapped = next((i for i, part in enumerate(parts) if part in _PEFT_WRAPPERS), len(parts) - 1)
     owner = parts[wrapped - 1] if wrapped > 0 else ""
-    return owner not in HEAD_NAMES
+    return owner not in HEAD_NAMES and owner not in LOOKUP_TABLES and not set(parts[:wrapped]) & set(HEAD_MODULES)
 
 
 _PEFT_WRAPPERS = frozenset(w.lower() for w in PEFT_WRAPPERS)
