@@ -207,6 +207,44 @@ def test_muon_gives_robertas_two_layer_classifier_head_adamw(tmp_path):
     assert id(module.model.roberta.encoder.layer[0].attention.self.query.weight) in muon
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "muon_8bit"])
+def test_a_muon_checkpoint_from_before_the_tables_took_adamw_resumes(monkeypatch, optimizer):
+    """A Muon state dict saved when T5's tables took Muon (the earlier rule) loads into the current split: their
+    Muon momentum gives fresh AdamW moments (zero, step 0; a first moment without a second would divide by eps), one
+    warning per table, and the next step is finite; the other params' state loads as saved."""
+    from lowmem_lightning.optim import build_optimizer
+    from lowmem_lightning.optim import muon as muon_module
+
+    model, ids = t5(), torch.randint(1, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+
+    def steps(optim, n):
+        for _ in range(n):
+            optim.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optim.step()
+
+    with monkeypatch.context() as earlier:
+        earlier.setattr(muon_module, "LOOKUP_TABLES", ())
+        old = build_optimizer(optimizer, model.named_parameters(), lr=1e-3)
+        assert id(model.shared.weight) in {id(p) for p in old.muon_params()}
+        steps(old, 2)
+    saved = old.state_dict()
+    new = build_optimizer(optimizer, model.named_parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new.load_state_dict(saved)
+    notes = [str(w.message) for w in caught if "its AdamW moments start from zero" in str(w.message)]
+    assert len(notes) == 3  # shared and the encoder's and decoder's relative_attention_bias
+    order = [id(p) for group in new.param_groups for p in group["params"]]
+    q = order.index(id(model.encoder.block[0].layer[0].SelfAttention.q.weight))  # still on Muon: loaded as saved
+    loaded = new.state_dict()["state"][q]
+    assert loaded.keys() == saved["state"][q].keys()
+    assert all(torch.equal(torch.as_tensor(loaded[k]), torch.as_tensor(saved["state"][q][k])) for k in loaded)
+    steps(new, 1)
+    assert float(new.state[model.shared.weight]["step"]) == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 class TiedCodebook(L.LightningModule):
     """A user's model whose lookup table has a name Muon's rule does not mark (``codebook``), used by two modules."""
 

@@ -401,8 +401,12 @@ class Muon(LowMemOptimizer):
         """Accept ``torch.optim.Muon`` state (``momentum_buffer`` only: a step counter is added) and our own
         of the other ``momentum_dtype`` or ``quantize_state`` (the momentum, or the AdamW part's moments, re-stored
         in this group's form); AdamW-part state saved for a param that now takes Muon (a convolution filter, saved
-        before filters took Muon) starts the momentum from its first moment (:func:`_momentum_from_first_moment`)."""
+        before filters took Muon) starts the momentum from its first moment (:func:`_momentum_from_first_moment`);
+        Muon state saved for a param that now takes the AdamW part (T5's ``shared`` table, a RoBERTa head's layer,
+        saved before they did) starts fresh AdamW moments (:func:`_fresh_moments_for_momentum`)."""
         if not self._is_muon(param, group):  # the AdamW params: a Python-number step (torch's form) as ours
+            if {"momentum_buffer", "momentum_codes"} & set(state) and not {"exp_avg", "exp_avg_codes"} & set(state):
+                state = _fresh_moments_for_momentum(param, state, type(self).__name__)
             state = {**state, "step": loaded_step(state["step"])} if "step" in state else dict(state)
             quantized = quantizes_state(param, group)
             for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
@@ -636,6 +640,18 @@ def _momentum_from_first_moment(param: torch.Tensor, state: dict, owner: str) ->
         "saved before filters took Muon); its momentum starts from the saved first moment (exp_avg), the second "
         "moment is dropped.", LowMemWarning, stacklevel=2)
     return {**state, "momentum_buffer": first}
+
+
+def _fresh_moments_for_momentum(param: torch.Tensor, state: dict, owner: str) -> dict:
+    """``state`` of the Muon part (``momentum_buffer`` or its 8-bit codes) for ``param``, which now takes the AdamW
+    part, as a fresh AdamW state: zero moments and step 0 (Muon's momentum is no second moment, and a first moment
+    without one would divide by ``eps`` at the next step). Warns (``LowMemWarning``) that the param changed update."""
+    warnings.warn(
+        f"{owner}: the loaded state holds Muon momentum for a param of shape {tuple(param.shape)} that now takes the "
+        "AdamW part (an embedding table or a head layer saved before its name marked it); its AdamW moments start "
+        "from zero.", LowMemWarning, stacklevel=3)
+    zeros = torch.zeros(local(param).shape, dtype=torch.float32)
+    return {"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
 
 
 def _as_list(params) -> list:
