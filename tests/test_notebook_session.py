@@ -298,7 +298,7 @@ CELLS = textwrap.dedent('''
             self.hook.remove()
         teardown = on_exception
 
-    def fit(release, max_steps, *extra, ckpt_path=None):
+    def fit(release, max_steps, *extra, ckpt_path=None, with_callback=True):
         L.seed_everything(7)
         model = CausalLMModule(config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                                        "num_attention_heads": 2, "num_key_value_heads": 2}, lr=3e-3, warmup_steps=2)
@@ -307,7 +307,7 @@ CELLS = textwrap.dedent('''
         trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0,
                             logger=False, enable_progress_bar=False, enable_model_summary=False,
                             enable_checkpointing=False, default_root_dir=os.path.dirname(DATA),
-                            callbacks=[callback, *extra])
+                            callbacks=[*([callback] if with_callback else []), *extra])
         data = TextDataModule(DATA, seq_len=32, batch_size=4, val_fraction=0.05)
         try:
             trainer.fit(model, data, ckpt_path=ckpt_path)
@@ -333,6 +333,12 @@ CELLS = textwrap.dedent('''
         out[str(release)] = {"interrupted": trainer.interrupted, "step": trainer.global_step,
                              "diff": diff(straight, resumed), "twice_step": twice.global_step,
                              "sigint_after": signal.getsignal(signal.SIGINT) is signal.default_int_handler}
+    straight = tensors(*fit(False, 8, with_callback=False))  # CausalLMModule alone: its own adamw_8bit
+    model, trainer = fit(False, 8, CtrlC(at=3), with_callback=False)
+    trainer.save_checkpoint(os.path.join(os.path.dirname(DATA), "module.ckpt"))
+    resumed = tensors(*fit(False, 8, ckpt_path=os.path.join(os.path.dirname(DATA), "module.ckpt"),
+                           with_callback=False))
+    out["module alone"] = {"step": trainer.global_step, "diff": diff(straight, resumed)}
     print(json.dumps(out))
 ''')
 
@@ -341,8 +347,9 @@ def test_ctrl_c_inside_a_step_stops_after_it_and_resumes_exactly(tmp_path):
     """In one process, with and without gradient release: Ctrl+C while backward runs in step 4 ends the fit after
     that step (global_step 4), and the checkpoint saved then resumes to the uninterrupted 8-step run bit for bit
     (params and 8-bit state); a second Ctrl+C in the same step stops at once (global_step 3); Python's SIGINT handler
-    is back after each fit. Before them, a fit of a plain module with the callback imports none of the NF4 stack
-    (``lowmem_lightning.quant``, peft, bitsandbytes)."""
+    is back after each fit. The same with ``CausalLMModule`` alone (no callback: LowMemModule's own part). Before
+    them, a fit of a plain module with the callback imports none of the NF4 stack (``lowmem_lightning.quant``, peft,
+    bitsandbytes)."""
     script = tmp_path / "cells.py"
     script.write_text(CELLS)
     proc = run_script(script, str(tmp_path / "words.txt"), cwd=tmp_path, quiet=True)
@@ -350,5 +357,6 @@ def test_ctrl_c_inside_a_step_stops_after_it_and_resumes_exactly(tmp_path):
     assert out["imported by a plain fit"] == []  # was all three: seconds, and bitsandbytes asking the Hub for kernels
     for release in ("False", "True"):
         assert out[release] == {"interrupted": True, "step": 4, "diff": 0.0, "twice_step": 3, "sigint_after": True}
+    assert out["module alone"] == {"step": 4, "diff": 0.0}  # LowMemModule's own part (configure_callbacks)
     assert proc.stdout.count("Ctrl+C received during step 4: stopped after it") + proc.stderr.count(
-        "Ctrl+C received during step 4: stopped after it") == 2
+        "Ctrl+C received during step 4: stopped after it") == 3

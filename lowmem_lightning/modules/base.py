@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.train_mode import CheckpointingModeCheck, warn_checkpointing_in_eval_mode
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import build_optimizer, optimizer_class
@@ -199,6 +200,13 @@ class LowMemModule(L.LightningModule):
         out = super()._apply(fn, *args, **kwargs)
         keep_rotary_fp32(self)
         return out
+
+    def configure_callbacks(self) -> list:
+        """:class:`~lowmem_lightning.callbacks.InterruptAtStepEnd`: a Ctrl+C inside a training step stops the fit when
+        that step is done, as under ``LowMemOptimizerCallback`` (a notebook's interrupted model and optimizer are a
+        step's, and a checkpoint saved then resumes exactly). A subclass overriding this hook adds to
+        ``super().configure_callbacks()``."""
+        return [InterruptAtStepEnd()]
 
     def on_train_start(self) -> None:
         """Warn when layers with gradient checkpointing are in eval mode, where transformers skips it (a model a

@@ -820,8 +820,9 @@ class CausalLMModule(LowMemModule):
     # -- saving ----------------------------------------------------------------------------------
 
     def configure_callbacks(self) -> list:
-        """A guard that still saves the trained model when a callback fails after training ended."""
-        return [_SaveOnFailure()] if self.hparams.save_dir is not None else []
+        """:meth:`LowMemModule.configure_callbacks`'s, and a guard that still saves the trained model when a callback
+        fails after training ended."""
+        return [*super().configure_callbacks(), *([_SaveOnFailure()] if self.hparams.save_dir is not None else [])]
 
     def on_fit_start(self) -> None:
         """A new fit saves again; ``save_merged`` of a sharded (FSDP2) model and a weight-averaging callback that
