@@ -403,19 +403,21 @@ def test_qlora_classifier_adapter_and_head_load_back(classifier_run):
 # ------------------------------------------------------------------ token classification: gradient release
 @pytest.fixture(scope="module")
 def tagger_runs(tmp_path_factory):
-    """The BERT tagger trained 5 epochs with adamw_8bit, with and without ``step_in_backward``; and with it 2 epochs
+    """The BERT tagger trained 5 epochs with adamw_8bit, with and without ``step_in_backward`` (each tensor stepped
+    as its gradient is ready: ``bucket_bytes=0``, the model's gradients fit one default bucket); and with it 2 epochs
     saved by ``trainer.save_checkpoint`` then resumed to 5."""
     root = tmp_path_factory.mktemp("tag")
     runs = {}
     for release in (False, True):
         module = HFUser(token_classifier(), lr=3e-3)
-        trainer, losses = fit(module, tagging_data(), root, 5, step_in_backward=release)
+        trainer, losses = fit(module, tagging_data(), root, 5, step_in_backward=release,
+                              **({"bucket_bytes": 0} if release else {}))
         runs[release] = (module, trainer, losses)
-    half, _ = fit(HFUser(token_classifier(), lr=3e-3), tagging_data(), root, 2, step_in_backward=True)
+    half, _ = fit(HFUser(token_classifier(), lr=3e-3), tagging_data(), root, 2, step_in_backward=True, bucket_bytes=0)
     half.save_checkpoint(root / "half.ckpt")
     resumed = HFUser(token_classifier(seed=1), lr=3e-3)
     resumed_trainer, rest = fit(resumed, tagging_data(), root, 5, ckpt_path=str(root / "half.ckpt"),
-                                step_in_backward=True)
+                                step_in_backward=True, bucket_bytes=0)
     runs["resumed"], runs["rest"] = (resumed, resumed_trainer), rest
     return runs
 
