@@ -119,7 +119,7 @@ def test_directory_workers_and_no_validation(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("first document " * 20)
     _write_jsonl(tmp_path / "sub" / "b.jsonl", [{"text": "second"}, {"instruction": "i", "output": "o"}])
-    (tmp_path / "ignored.csv").write_text("not,read")
+    (tmp_path / "ignored.md").write_text("# not read")  # a .csv is read now: tests/test_data_files.py
     dm = TextDataModule(str(tmp_path), seq_len=16, batch_size=2, val_fraction=0.0, num_workers=1)
     assert [p.name for p in dm.files] == ["a.txt", "b.jsonl"]
     assert dm.val_dataloader() == []
@@ -168,7 +168,7 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
 
 def test_bad_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no .txt or .jsonl"):
+    with pytest.raises(ValueError, match="no .txt, .jsonl"):
         TextDataModule(str(tmp_path / "empty"))
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"prompt": "x", "completion": "y"}])
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*found keys \['completion', 'prompt'\]"):

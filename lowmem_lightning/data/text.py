@@ -1,8 +1,10 @@
-"""``TextDataModule``: plain text and JSONL, tokenized, packed into fixed-length blocks, split train/val.
+"""``TextDataModule``: plain text and records (JSONL, JSON, CSV/TSV), tokenized, packed into fixed-length blocks,
+split train/val.
 
 Pipeline (all in ``setup``, once):
 
-1. read documents: each plain-text file is one document; each JSONL line is one record, either
+1. read documents: each plain-text file is one document; each JSONL line (item of a JSON array, CSV/TSV row under
+   a header naming the keys; files optionally gzipped: :mod:`~lowmem_lightning.data.formats`) is one record, either
    ``{"text": ...}``, ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional), or a
    conversation, ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT's ``{"conversations": [{"from",
    "value"}, ...]}`` (:mod:`~lowmem_lightning.data.chat`);
@@ -29,7 +31,7 @@ The shuffle order of each epoch comes from ``seed`` and the epoch number alone
 (``EpochShuffleSampler``, whose state travels with the loader's), not from the global RNG.
 
 ``check_inputs()`` (called by ``setup`` and, before the Trainer is built, by ``lowmem fit``) reads and
-checks every file: unreadable, empty, binary / non-UTF-8 files, malformed JSONL lines (file:line),
+checks every file: unreadable, empty, binary / non-UTF-8 files, malformed records (file:line, or file: record N),
 malformed chat records (unknown role, non-string content, no assistant turn; file:line), too little data
 for the split, and no trainable label at all each raise ``ValueError`` naming the file or the setting to
 change.
@@ -48,9 +50,10 @@ exists, and a model whose ``config.use_cache`` is True makes one even in trainin
 from __future__ import annotations
 
 import functools
-import json
+import gzip
 import string
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +64,15 @@ from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lowmem_lightning.data.chat import ChatDocument, ChatTemplate, chat_record, read_chat_template
+from lowmem_lightning.data.formats import (
+    COMPRESSED_SUFFIX,
+    HF_METADATA_FILES,
+    data_format,
+    json_records,
+    jsonl_records,
+    refusal,
+    table_records,
+)
 from lowmem_lightning.data.overflow import Overflow, check_overflow, collate_trimmed, fit_records
 from lowmem_lightning.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from lowmem_lightning.lowmem_warning import LowMemWarning
@@ -102,8 +114,11 @@ DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input
 DEFAULT_PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 """Prompt for instruction records without ``input`` (absent or empty)."""
 
-TEXT_SUFFIXES = (".txt",)
-JSONL_SUFFIXES = (".jsonl",)
+ACCEPTED_FILES = ".txt, .jsonl, .json, .csv or .tsv file (each also gzip-compressed, NAME.gz)"
+"""The files ``data_path`` may name, in words (:mod:`~lowmem_lightning.data.formats`)."""
+
+_UNICODE_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"), (b"\xfe\xff", "UTF-16"),
+                 (b"\xff\xfe", "UTF-16"))
 
 
 @dataclass(frozen=True)
@@ -126,24 +141,42 @@ def _special_kind(path: Path) -> str:
     return "a special file"
 
 
+def _hidden(relative: Path) -> bool:
+    """Whether a path inside a data directory is hidden (a part of ``relative`` starts with a dot)."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def find_data_files(data_path: str) -> list[Path]:
-    """The files behind ``data_path``: ``"sample"`` (the shipped data), one file, or every ``.txt`` and
-    ``.jsonl`` file under a directory (recursively, sorted). ``ValueError`` naming the path when it
-    does not exist or holds no such file."""
+    """The files behind ``data_path``: ``"sample"`` (the shipped data), one file, or every file of a read format
+    under a directory (recursively, sorted; :data:`~lowmem_lightning.data.formats.FORMATS`, each optionally ``.gz``:
+    ``.txt``, ``.jsonl``, ``.json``, ``.csv``, ``.tsv``); other files (README.md, images), hidden files and folders
+    (``.DS_Store``, macOS' ``._NAME`` copies, ``.ipynb_checkpoints/``) and ``datasets``' metadata JSON are skipped.
+    ``ValueError`` naming the path when it does not exist or holds no such file, and naming the file and the
+    conversion to JSONL for a refused format (Parquet, Arrow / ``save_to_disk`` directories, ...:
+    :func:`~lowmem_lightning.data.formats.refusal`), which a directory must not hold either (its records would be
+    silently left out)."""
     if data_path == "sample":
         path = SAMPLE_DIR
     else:
         path = Path(data_path).expanduser()
     if path.is_file():
-        return [path]
-    if not path.is_dir():
-        if path.exists():
-            raise ValueError(f"Invalid data_path={data_path!r}: {path} is {_special_kind(path)}, not a regular file "
-                             "or directory; give a .txt or .jsonl file or a directory of them.")
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+    elif path.exists():
+        raise ValueError(f"Invalid data_path={data_path!r}: {path} is {_special_kind(path)}, not a regular file "
+                         f"or directory; give {ACCEPTED_FILES} or a directory of them.")
+    else:
         raise ValueError(f"Invalid data_path={data_path!r}: no such file or directory ({path.resolve()}).")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+    for file in files:
+        refused = refusal(file)
+        if refused:
+            raise ValueError(f"Invalid data_path={data_path!r}: {refused}")
+    if path.is_file():
+        return files
+    files = [p for p in files if data_format(p) and p.name not in HF_METADATA_FILES]
     if not files:
-        raise ValueError(f"Invalid data_path={data_path!r}: the directory holds no .txt or .jsonl file.")
+        raise ValueError(f"Invalid data_path={data_path!r}: the directory holds no {ACCEPTED_FILES}.")
     return files
 
 
@@ -172,25 +205,59 @@ def _render(record: dict, where: str, template: str, template_no_input: str) -> 
     return Document(prompt, fields["output"])
 
 
-def read_text_file(path: Path) -> str:
-    """The UTF-8 text of one data file; ``ValueError`` naming the file when it cannot be read, is
-    empty (only whitespace), is not UTF-8 (with the byte offset) or looks binary (holds NUL bytes)."""
+def _file_bytes(path: Path) -> bytes:
+    """The bytes of one data file, decompressed when its name ends in ``.gz``; ``ValueError`` naming the file when
+    it cannot be read or is no valid gzip file."""
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise ValueError(f"Cannot read data file {path}: {err.strerror or err}.") from None
+    if path.name.endswith(COMPRESSED_SUFFIX):
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"Data file {path} is not a valid gzip file ({err}): recompress it with gzip, or give "
+                             "it uncompressed.") from None
+    return raw
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of one data file (gunzipped when named ``*.gz``; a UTF-8 byte-order mark dropped);
+    ``ValueError`` naming the file when it cannot be read, is empty (only whitespace), is UTF-16 / UTF-32 (a
+    byte-order mark) or otherwise not UTF-8 (with the byte offset), or looks binary (holds NUL bytes)."""
+    raw = _file_bytes(path)
+    for bom, encoding in _UNICODE_BOMS:
+        if raw.startswith(bom):
+            raise ValueError(f"Data file {path} is {encoding} text (byte-order mark {bom.hex(' ')}), not UTF-8: "
+                             f"convert it, e.g. `iconv -f {encoding} -t UTF-8 {path} > utf8{path.suffix}`.")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
+        offset = err.start + 3 * raw.startswith(b"\xef\xbb\xbf")
         raise ValueError(
-            f"Data file {path} is not UTF-8 text (invalid byte 0x{raw[err.start]:02x} at offset {err.start}): "
-            "expected plain text or JSONL; convert it to UTF-8 or leave it out of data_path."
+            f"Data file {path} is not UTF-8 text (invalid byte 0x{raw[offset]:02x} at offset {offset}): "
+            f"expected a {ACCEPTED_FILES} in UTF-8; convert it to UTF-8 or leave it out of data_path."
         ) from None
     if "\x00" in text:
-        raise ValueError(f"Data file {path} looks binary (it holds NUL bytes): expected plain text or JSONL.")
+        raise ValueError(f"Data file {path} looks binary (it holds NUL bytes): expected a {ACCEPTED_FILES}.")
     if not text.strip():
         raise ValueError(f"Data file {path} is empty: add text to it or leave it out of data_path.")
     return text
+
+
+def _file_records(path: Path, text: str) -> list[tuple[str, object]] | None:
+    """``[(where, record)]`` of a JSONL, JSON, CSV or TSV data file's ``text`` (:mod:`~lowmem_lightning.data.formats`),
+    ``None`` for plain text (one document); ``ValueError`` naming the file when it holds no record."""
+    kind = data_format(path)
+    readers = {"jsonl": jsonl_records, "json": json_records,
+               "csv": functools.partial(table_records, data_format="csv"),
+               "tsv": functools.partial(table_records, data_format="tsv")}
+    if kind not in readers:
+        return None
+    records = readers[kind](path, text)
+    if not records:
+        raise ValueError(f"Data file {path} holds no records: add records to it or leave it out of data_path.")
+    return records
 
 
 def read_documents(
@@ -198,23 +265,17 @@ def read_documents(
     template: str = DEFAULT_PROMPT_TEMPLATE,
     template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
 ) -> list[Document | ChatDocument]:
-    """Every document in ``files``: a plain-text file is one document, a JSONL line one record (a
-    conversation is a ``ChatDocument``). ``ValueError`` naming the file (and line) for any file
-    :func:`read_text_file` refuses or any malformed JSONL line."""
+    """Every document in ``files``: a plain-text file is one document; a JSONL line, an item of a JSON array, a
+    CSV/TSV row is one record (:func:`_file_records`; a conversation is a ``ChatDocument``). ``ValueError`` naming
+    the file (and line or record) for any file :func:`read_text_file` refuses or any malformed record."""
     docs = []
     for path in files:
         text = read_text_file(path)
-        if path.suffix not in JSONL_SUFFIXES:
+        records = _file_records(path, text)
+        if records is None:
             docs.append(Document("", text))
             continue
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}, column {err.colno}).") from None
-            docs.append(_render(record, f"{path}:{lineno}", template, template_no_input))
+        docs.extend(_render(record, where, template, template_no_input) for where, record in records)
     return docs
 
 
@@ -567,13 +628,14 @@ def _check_int(value, name: str, minimum: int) -> None:
 
 
 class TextDataModule(L.LightningDataModule):
-    """Causal-LM data from plain text and JSONL, tokenized, packed into ``seq_len``-token blocks.
+    """Causal-LM data from plain text and records (JSONL, JSON, CSV/TSV), tokenized, packed into ``seq_len``-token
+    blocks.
 
     Args:
-        data_path: A ``.txt`` / ``.jsonl`` file, a directory (every ``.txt`` and ``.jsonl`` under it),
-            or ``"sample"``: the shipped sample data (Python standard library docstrings and an
-            instruction set made from them; PSF License, see ``data/sample/SOURCE.md``). A local
-            folder that happens to be named ``sample`` is reached as ``./sample``.
+        data_path: A ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` file (each also ``.gz``), a directory
+            (every such file under it; :func:`find_data_files`), or ``"sample"``: the shipped sample data (Python
+            standard library docstrings and an instruction set made from them; PSF License, see
+            ``data/sample/SOURCE.md``). A local folder that happens to be named ``sample`` is reached as ``./sample``.
         tokenizer: ``"byte"`` for the built-in byte-level tokenizer (259 ids: 256 bytes + pad, bos,
             eos; no download), a local directory with a Hugging Face tokenizer, or the Hub repo id
             ``org/name[@revision]`` of one (:func:`~lowmem_lightning.data.tokenizer.load_tokenizer`).
@@ -682,7 +744,7 @@ class TextDataModule(L.LightningDataModule):
     def check_inputs(self) -> None:
         """Read, tokenize, pack and split the data now (once; the result is kept for ``setup``), so
         every problem with the data surfaces before training: ``ValueError`` naming the file (and
-        line) for an unreadable, empty, binary or non-UTF-8 file or a malformed JSONL record, or the
+        line) for an unreadable, empty, binary or non-UTF-8 file or a malformed record, or the
         setting to change (``val_fraction``, ``seq_len``, ``pack``, the data) when the data is too
         little for the split or no block carries a trainable label. ``lowmem fit`` calls it before
         the Trainer creates its log directory."""

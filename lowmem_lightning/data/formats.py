@@ -1,0 +1,153 @@
+"""The data files ``TextDataModule`` reads, told apart by name, and the records in them.
+
+Read (each optionally gzip-compressed, ``NAME.gz``):
+
+- ``.txt``: one plain-text document per file (so is a file given by name with any other suffix);
+- ``.jsonl``: one JSON record per line;
+- ``.json``: a JSON array of records, ``{"data": [records]}``, one record, or JSON Lines (what ``datasets``'
+  ``to_json`` writes);
+- ``.csv`` / ``.tsv``: a header row naming the record's keys (``text``; ``instruction``, ``input``, ``output``), one
+  record per row (RFC 4180 quoting: fields may hold the delimiter, quotes and line breaks).
+
+A record is a dict checked and rendered by ``TextDataModule`` as one JSONL line is; a CSV cell is always a string.
+Parquet, Arrow (and ``datasets``' ``save_to_disk`` directories), Feather, Excel and other compressions are refused
+by name with the conversion to JSONL (:func:`refusal`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+__all__ = ["FORMATS", "COMPRESSED_SUFFIX", "HF_METADATA_FILES", "data_format", "refusal", "jsonl_records",
+           "json_records", "table_records"]
+
+COMPRESSED_SUFFIX = ".gz"
+"""The compression read as it is (gzip): ``train.jsonl.gz`` is read as ``train.jsonl``."""
+
+FORMATS = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+"""Suffix -> format of the files a data directory contributes (after an optional :data:`COMPRESSED_SUFFIX`)."""
+
+HF_METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"})
+"""JSON files that describe a Hugging Face data set rather than hold records: a data directory skips them."""
+
+_DELIMITERS = {"csv": ",", "tsv": "\t"}
+
+_TO_JSONL = "convert with `datasets`/pandas to JSONL: "
+_REFUSED = {
+    ".parquet": ("Parquet", _TO_JSONL + "datasets.Dataset.from_parquet({p!r}).to_json('train.jsonl') or "
+                 "pandas.read_parquet({p!r}).to_json('train.jsonl', orient='records', lines=True)"),
+    ".arrow": ("Arrow", _TO_JSONL + "datasets.Dataset.from_file({p!r}).to_json('train.jsonl')"),
+    ".feather": ("Feather", _TO_JSONL + "pandas.read_feather({p!r}).to_json('train.jsonl', orient='records', "
+                 "lines=True)"),
+    ".xlsx": ("Excel", "save it as CSV (UTF-8) or " + _TO_JSONL + "pandas.read_excel({p!r}).to_json('train.jsonl', "
+              "orient='records', lines=True)"),
+    ".xls": ("Excel", "save it as CSV (UTF-8) or " + _TO_JSONL + "pandas.read_excel({p!r}).to_json('train.jsonl', "
+             "orient='records', lines=True)"),
+    **{suffix: (f"{suffix[1:]}-compressed", "decompress it (gzip .gz files are read as they are)")
+       for suffix in (".bz2", ".xz", ".zst", ".zip", ".7z", ".tar", ".tgz", ".lz4")},
+}
+
+
+def _inner_suffix(path: Path) -> str:
+    """The suffix of ``path`` after an optional :data:`COMPRESSED_SUFFIX` (``train.jsonl.gz`` -> ``.jsonl``)."""
+    return Path(path.name[: -len(COMPRESSED_SUFFIX)]).suffix if path.name.endswith(COMPRESSED_SUFFIX) else path.suffix
+
+
+def data_format(path: Path) -> str | None:
+    """The :data:`FORMATS` format of ``path`` by its name (``"text"``, ``"jsonl"``, ``"json"``, ``"csv"``, ``"tsv"``;
+    ``train.csv.gz`` is ``"csv"``), or ``None`` for any other name."""
+    return FORMATS.get(_inner_suffix(path))
+
+
+def refusal(path: Path) -> str | None:
+    """Why ``path`` cannot be read and what to convert it to, in words (``"PATH is Parquet, ...: convert with ..."``),
+    or ``None`` when its name is no refused format. An Arrow file beside ``datasets``' ``state.json`` or
+    ``dataset_info.json`` is named as its ``save_to_disk`` directory."""
+    suffix = _inner_suffix(path)
+    if suffix not in _REFUSED:
+        return None
+    if suffix == ".arrow" and any((path.parent / name).is_file() for name in ("state.json", "dataset_info.json")):
+        split = (path.parent.parent / "dataset_dict.json").is_file()  # a DatasetDict: one folder per split
+        folder = str(path.parent.parent if split else path.parent)
+        load = f"datasets.load_from_disk({folder!r})" + ("['train']" if split else "")
+        return (f"{folder} is a Hugging Face `datasets` save_to_disk directory (Arrow files), which lowmem does not "
+                f"read: {_TO_JSONL}{load}.to_json('train.jsonl')")
+    kind, convert = _REFUSED[suffix]
+    return f"{path} is {kind}, which lowmem does not read: {convert.format(p=str(path))}"
+
+
+def jsonl_records(path: Path, text: str) -> list[tuple[str, object]]:
+    """``[(where, record)]`` of a JSON Lines text, ``where`` being ``path:line``; blank lines are skipped.
+    ``ValueError`` naming ``path:line`` for a line that is not JSON."""
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}, column {err.colno}).") from None
+    return records
+
+
+def json_records(path: Path, text: str) -> list[tuple[str, object]]:
+    """``[(where, record)]`` of a ``.json`` text: the items of a top-level array or of ``{"data": [...]}``
+    (``where``: ``path: record N``, counted from 1), a lone object as one record, or, when the text is several JSON
+    values one per line, :func:`jsonl_records`. ``ValueError`` naming ``path:line`` when it is not JSON."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one value per line: JSON Lines under a .json name
+            return jsonl_records(path, text)
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno}).") from None
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if isinstance(value, list):
+        return [(f"{path}: record {i}", item) for i, item in enumerate(value, start=1)]
+    return [(f"{path} (one JSON value, read as one record; many records go in an array or {{\"data\": [...]}})",
+             value)]
+
+
+def table_records(path: Path, text: str, data_format: str) -> list[tuple[str, dict]]:
+    """``[(where, record)]`` of a CSV (``data_format="csv"``) or TSV (``"tsv"``) text: its first row names the
+    keys (spaces around a name are dropped), each later row is ``{key: cell}`` (``where``: ``path:line`` of the row's
+    first line); rows with no cell filled are skipped. ``ValueError`` naming the file (and line) for an empty or
+    repeated column name, a row whose field count differs from the header's, or a row the ``csv`` module rejects."""
+    delimiter = _DELIMITERS[data_format]
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a long document in one cell (default limit 128 KiB)
+    try:
+        rows = _table_rows(path, text, delimiter)
+    finally:
+        csv.field_size_limit(limit)
+    if not rows:
+        return []
+    header = [name.strip() for name in rows[0][1]]
+    if "" in header or len(set(header)) < len(header):
+        raise ValueError(f"{path}:{rows[0][0]}: the header row {header} must name every column once (the record's "
+                         "keys: 'text', or 'instruction', 'input', 'output').")
+    records = []
+    for line, row in rows[1:]:
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{line}: {len(row)} fields where the header {header} has {len(header)}; quote "
+                             f"fields that hold a {'comma' if delimiter == ',' else 'tab'}, a quote or a line break.")
+        records.append((f"{path}:{line}", dict(zip(header, row))))
+    return records
+
+
+def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, list[str]]]:
+    """``[(first line, cells)]`` of every row of a delimited text (line breaks inside quotes kept as written)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows, line = [], 1
+    try:
+        for row in reader:
+            rows.append((line, row))
+            line = reader.line_num + 1
+    except csv.Error as err:
+        raise ValueError(f"{path}:{line}: not valid {'CSV' if delimiter == ',' else 'TSV'} ({err}).") from None
+    return rows
