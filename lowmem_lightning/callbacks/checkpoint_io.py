@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import secrets
 import shutil
 from collections.abc import Callable
@@ -215,6 +216,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, local)
         self._newest[os.path.dirname(os.path.abspath(local))] = os.path.abspath(local)
         return None
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """Lightning's load (onto the CPU, as saved); a checkpoint holding tensor subclasses (torchao's quantized
+        optimizer states), which torch cannot map with Lightning's callable ``map_location``, is read with
+        ``map_location="cpu"``. One whose classes need torchao where it is not installed is refused naming it."""
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        try:
+            try:
+                return super().load_checkpoint(path, weights_only=weights_only, **kwargs)
+            except RuntimeError as err:
+                if "Callable map_location not supported" not in str(err):
+                    raise
+                return super().load_checkpoint(path, map_location="cpu", weights_only=weights_only)
+        except (ModuleNotFoundError, pickle.UnpicklingError) as err:
+            missing = str(getattr(err, "name", None) or "").startswith("torchao") or "GLOBAL torchao." in str(err)
+            if not missing:
+                raise
+            raise ModuleNotFoundError(
+                f"Cannot load {path}: its optimizer state holds torchao's quantized tensors (torchao.optim "
+                "AdamW8bit / AdamW4bit), which only torchao can unpickle, and torchao is not installed. Install it "
+                "(pip install torchao); LowMemOptimizerCallback then converts them into its own optimizer's state.",
+                name="torchao",
+            ) from err
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove ``path`` (Lightning's removal); a symbolic link beside it that points to it (``last.ckpt`` of

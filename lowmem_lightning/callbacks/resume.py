@@ -6,7 +6,9 @@ A checkpoint holds the optimizer's (quantized) state; another optimizer cannot r
 converts it (:data:`CONVERSIONS`): within the AdamW family every state converts into every other (fp32
 ``adamw``, ``adamw_8bit``, ``paged_adamw_8bit``, ``adamw_4bit``: the source codes are decoded to fp32 and
 encoded with the target's own codes, step counters kept; :mod:`lowmem_lightning.optim.adamw_convert`), and
-``lion``, ``ademamix`` and ``muon`` <-> their ``_8bit`` variants. FSDP2 (``ModelParallelStrategy``) loads a
+``lion``, ``ademamix`` and ``muon`` <-> their ``_8bit`` variants; a peer library's state (bitsandbytes, torchao,
+came-pytorch, transformers' Adafactor) converts into ours of the same algorithm
+(:mod:`lowmem_lightning.optim.peer_convert`). FSDP2 (``ModelParallelStrategy``) loads a
 checkpoint into the optimizer's own ``state_dict()`` before :meth:`ResumeCompatibility.on_load_checkpoint` runs:
 there a state-dict hook refuses an unconvertible checkpoint and presents the saved AdamW form's template, whose
 codes the optimizer decodes with their own scales on load (any world size). A new
@@ -26,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lowmem_lightning.callbacks.swap import LR_KEYS
 from lowmem_lightning.optim.adamw_convert import FORM_4BIT, FORM_8BIT, FORM_FP32, convert_on_load, prepare_sharded_load
+from lowmem_lightning.optim.peer_convert import PEERS, conversion_note, converted_peer_state, identify_peer
 from lowmem_lightning.optim.sharding import is_dtensor
 from lowmem_lightning.optim.state_precision import check_checkpoint_groups
 
@@ -171,6 +174,8 @@ class ResumeCompatibility(RunLrAfterResume):
         if trainer is not None and trainer.state.fn != "fit":
             return
         saved = (checkpoint.get("callbacks") or {}).get(self.saved_under)
+        if not isinstance(saved, dict) and self._convert_peer_states(checkpoint):
+            return
         name = saved.get("optimizer") if isinstance(saved, dict) else infer_optimizer(checkpoint)
         if name is None or name == self.optimizer_name:
             return
@@ -179,6 +184,25 @@ class ResumeCompatibility(RunLrAfterResume):
                            f"{self.optimizer_name!r}{_forms(name, self.optimizer_name)}.")
             return
         raise ValueError(_refusal(name, self.optimizer_name))
+
+    def _convert_peer_states(self, checkpoint: dict) -> bool:
+        """Replace (in place) every optimizer state a peer library saved (bitsandbytes, torchao, came-pytorch,
+        transformers' Adafactor: :func:`~lowmem_lightning.optim.peer_convert.identify_peer`) by one this run's
+        optimizer loads, saying so in one line; ``ValueError`` (the refusal) when it runs another algorithm.
+        Returns whether the checkpoint held a peer's state."""
+        states = checkpoint.get("optimizer_states") or []
+        kinds = [identify_peer(state) for state in states]
+        found = list(dict.fromkeys(kind for kind in kinds if kind))
+        if not found:
+            return False
+        for index, kind in enumerate(kinds):
+            if kind:
+                states[index] = converted_peer_state(states[index], kind, self.optimizer_name)
+        notes = "; ".join(conversion_note(kind, self.optimizer_name) for kind in found)
+        labels = " and ".join(PEERS[kind].label for kind in found)
+        rank_zero_info(f"LowMemOptimizerCallback: converting the checkpoint's {labels} optimizer state to "
+                       f"{self.optimizer_name!r} ({notes}).")
+        return True
 
 
 def _refusal(name: str, own: str) -> str:
