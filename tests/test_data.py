@@ -65,6 +65,33 @@ def test_jsonl_templates_text_and_instruction_records(tmp_path):
     assert custom[1] == Document("Q: Add. [1 + 2]\nA: ", "3") and custom[2].prompt == "Q: Greet.\nA: "
 
 
+def test_prompt_completion_records_train_the_completion_only(tmp_path):
+    """TRL's prompt-completion records: two strings are the prompt as written (no template; masked) and the
+    completion (trained), as an instruction record's rendered prompt and output; two message lists are the
+    conversation prompt + completion, trained on the completion's assistant turns. Malformed ones are named."""
+    turns = [{"role": "user", "content": "2 + 2?"}]
+    reply = [{"role": "assistant", "content": "4"}]
+    path = _write_jsonl(tmp_path / "pc.jsonl", [
+        {"prompt": "Q: 2 + 2?\nA:", "completion": " 4"},
+        {"prompt": turns, "completion": reply},
+    ])
+    docs = read_documents([path])
+    assert docs[0] == Document("Q: 2 + 2?\nA:", " 4")
+    chat = read_documents([_write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns + reply}])])[0]
+    assert docs[1].messages == chat.messages == (("user", "2 + 2?"), ("assistant", "4"))
+    ids, labels = encode_document(docs[0], BYTE)
+    assert labels[:1 + len("Q: 2 + 2?\nA:")] == [IGNORE_INDEX] * (1 + len("Q: 2 + 2?\nA:"))
+    assert labels[-3:] == [*b" 4", BYTE.eos_token_id]
+    for record, match in [
+        ({"prompt": "x", "completion": ""}, "'completion' is empty"),
+        ({"prompt": "x", "completion": reply}, "must both be strings or both lists of messages, got str and list"),
+        ({"prompt": turns + reply, "completion": reply}, "'prompt' holds an assistant turn"),
+        ({"prompt": turns, "completion": turns}, "'completion' must be a non-empty list of assistant turns"),
+    ]:
+        with pytest.raises(ValueError, match=r"bad.jsonl:1: .*" + match):
+            read_documents([_write_jsonl(tmp_path / "bad.jsonl", [record])])
+
+
 def test_packing_keeps_every_token_and_pads_only_the_end():
     encoded = [encode_document(Document("", "x" * n), BYTE) for n in (5, 17, 3)]
     total = sum(len(ids) for ids, _ in encoded)  # 25 bytes + 3 bos + 3 eos = 31
@@ -170,8 +197,8 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt, .jsonl"):
         TextDataModule(str(tmp_path / "empty"))
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"prompt": "x", "completion": "y"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*found keys \['completion', 'prompt'\]"):
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"question": "x", "answer": "y"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*found keys \['answer', 'question'\]"):
         TextDataModule(str(bad)).setup()
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
     with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):

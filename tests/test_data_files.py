@@ -80,8 +80,8 @@ def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read(tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "match"),
     [
-        ("keys.csv", "prompt,completion\nx,y\n", r"keys.csv:2: expected a string field 'text'.*"
-                                                  r"found keys \['completion', 'prompt'\]"),
+        ("keys.csv", "question,answer\nx,y\n", r"keys.csv:2: expected a string field 'text'.*"
+                                               r"found keys \['answer', 'question'\]"),
         ("fields.csv", "instruction,output\n\"a\nb\",c\nd,e,f\n", r"fields.csv:4: 3 fields where the header "
                                                                    r"\['instruction', 'output'\] has 2; quote"),
         ("header.csv", "text,text\na,b\n", r"header.csv:1: the header row \['text', 'text'\] must name every column"),

@@ -190,11 +190,14 @@ def _render(record: dict, where: str, template: str, template_no_input: str) -> 
     chat = chat_record(record, where)
     if chat is not None:
         return chat
+    if "prompt" in record and "completion" in record:
+        return _prompt_completion(record["prompt"], record["completion"], where)
     fields = {k: record.get(k) for k in ("instruction", "input", "output")}
     if not isinstance(fields["instruction"], str) or not isinstance(fields["output"], str):
         raise ValueError(
             f"{where}: expected a string field 'text', string fields 'instruction' and 'output' "
-            f"(and optionally 'input'), or a list 'messages' or 'conversations'; found keys {sorted(record)}."
+            f"(and optionally 'input'), 'prompt' and 'completion', or a list 'messages' or 'conversations'; "
+            f"found keys {sorted(record)}."
         )
     if fields["input"] is not None and not isinstance(fields["input"], str):
         raise ValueError(f"{where}: field 'input' must be a string, got {type(fields['input']).__name__}.")
@@ -203,6 +206,27 @@ def _render(record: dict, where: str, template: str, template_no_input: str) -> 
     else:
         prompt = template_no_input.format(instruction=fields["instruction"])
     return Document(prompt, fields["output"])
+
+
+def _prompt_completion(prompt, completion, where: str) -> Document | ChatDocument:
+    """A prompt-completion record (TRL's standard and conversational forms): two strings give the prompt as written
+    (no template, left out of the loss) and the completion (trained); two lists of messages give the conversation
+    ``prompt + completion``, trained on the completion's turns, which must all be the assistant's (and the prompt's
+    none). ``ValueError`` naming ``where`` otherwise."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion:
+            raise ValueError(f"{where}: 'completion' is empty: nothing to learn; add it or leave the record out.")
+        return Document(prompt, completion)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        if any(isinstance(turn, dict) and turn.get("role") == "assistant" for turn in prompt):
+            raise ValueError(f"{where}: 'prompt' holds an assistant turn, which would be trained: a prompt-completion "
+                             "record trains only its completion; give the conversation as 'messages' instead.")
+        if not completion or not all(isinstance(turn, dict) and turn.get("role") == "assistant" for turn in completion):
+            raise ValueError(f"{where}: 'completion' must be a non-empty list of assistant turns "
+                             "({'role': 'assistant', 'content': ...}).")
+        return chat_record({"messages": prompt + completion}, where)
+    raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings or both lists of messages, got "
+                     f"{type(prompt).__name__} and {type(completion).__name__}.")
 
 
 def _file_bytes(path: Path) -> bytes:
