@@ -185,6 +185,30 @@ def test_a_directory_reads_its_data_files_and_skips_the_rest(tmp_path):
         TextDataModule(str(tmp_path / "none"))
 
 
+def test_upper_case_names_are_read_as_their_format(tmp_path):
+    """A directory from Windows or an export tool (``TRAIN.CSV``, ``Extra.JSONL.GZ``, ``NOTES.TXT``): each read as its
+    format, in any case, and a ``DATA.PARQUET`` refused as a lower-case one is (they were skipped as unknown names)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    wanted = [_table(folder / "TRAIN.CSV", RECORDS), _gzip(folder / "Extra.JSONL.GZ",
+                                                          "".join(json.dumps(r) + "\n" for r in TEXTS).encode())]
+    assert find_data_files(str(folder)) == sorted(wanted)
+    assert read_documents(find_data_files(str(folder))) == read_documents(  # sorted: Extra before TRAIN
+        [_jsonl(tmp_path / "extra.jsonl", TEXTS), _table(tmp_path / "train.csv", RECORDS)])
+    (folder / "DATA.PARQUET").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match="DATA.PARQUET is Parquet"):
+        find_data_files(str(folder))
+
+
+def test_a_text_files_windows_and_old_mac_line_ends_read_as_lf(tmp_path):
+    """A ``.txt`` saved on Windows (CRLF) or an old Mac (CR) trains the same text as its LF copy (``\\r`` was trained
+    as a byte of its own before every newline)."""
+    unix = "first line\nsecond line\n\nlast\n"
+    for name, ends in [("windows.txt", "\r\n"), ("mac.txt", "\r")]:
+        (tmp_path / name).write_bytes(unix.replace("\n", ends).encode())
+        assert read_documents([tmp_path / name])[0].completion == unix
+
+
 def test_the_resume_fingerprint_sees_a_csv_edit_and_not_a_readme_edit(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()

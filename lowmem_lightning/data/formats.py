@@ -6,8 +6,9 @@ Read (each optionally gzip-compressed, ``NAME.gz``):
 - ``.jsonl``: one JSON record per line;
 - ``.json``: a JSON array of records, ``{"data": [records]}``, one record, or JSON Lines (what ``datasets``'
   ``to_json`` writes);
-- ``.csv`` / ``.tsv``: a header row naming the record's keys (``text``; ``instruction``, ``input``, ``output``), one
-  record per row (RFC 4180 quoting: fields may hold the delimiter, quotes and line breaks).
+- ``.csv`` / ``.tsv``: a header row naming the record's keys (``text``; ``instruction``, ``input``, ``output``;
+  ``prompt``, ``completion``), one record per row (RFC 4180 quoting: fields may hold the delimiter, quotes and line
+  breaks).
 
 A record is a dict checked and rendered by ``TextDataModule`` as one JSONL line is; a CSV cell is always a string.
 Parquet, Arrow (and ``datasets``' ``save_to_disk`` directories), Feather, Excel and other compressions are refused
@@ -21,8 +22,8 @@ import io
 import json
 from pathlib import Path
 
-__all__ = ["FORMATS", "COMPRESSED_SUFFIX", "HF_METADATA_FILES", "data_format", "refusal", "jsonl_records",
-           "json_records", "table_records"]
+__all__ = ["FORMATS", "COMPRESSED_SUFFIX", "HF_METADATA_FILES", "data_format", "is_compressed", "refusal",
+           "jsonl_records", "json_records", "table_records"]
 
 COMPRESSED_SUFFIX = ".gz"
 """The compression read as it is (gzip): ``train.jsonl.gz`` is read as ``train.jsonl``."""
@@ -51,9 +52,16 @@ _REFUSED = {
 }
 
 
+def is_compressed(path: Path) -> bool:
+    """Whether ``path``'s name ends in :data:`COMPRESSED_SUFFIX` (in any case: ``TRAIN.JSONL.GZ``)."""
+    return path.name.lower().endswith(COMPRESSED_SUFFIX)
+
+
 def _inner_suffix(path: Path) -> str:
-    """The suffix of ``path`` after an optional :data:`COMPRESSED_SUFFIX` (``train.jsonl.gz`` -> ``.jsonl``)."""
-    return Path(path.name[: -len(COMPRESSED_SUFFIX)]).suffix if path.name.endswith(COMPRESSED_SUFFIX) else path.suffix
+    """The lower-case suffix of ``path`` after an optional :data:`COMPRESSED_SUFFIX` (``train.jsonl.gz`` ->
+    ``.jsonl``; ``TRAIN.CSV`` -> ``.csv``, as Windows and macOS names come)."""
+    name = path.name.lower()
+    return Path(name[: -len(COMPRESSED_SUFFIX)] if is_compressed(path) else name).suffix
 
 
 def data_format(path: Path) -> str | None:

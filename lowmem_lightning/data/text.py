@@ -65,9 +65,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lowmem_lightning.data.chat import ChatDocument, ChatTemplate, chat_record, read_chat_template
 from lowmem_lightning.data.formats import (
-    COMPRESSED_SUFFIX,
     HF_METADATA_FILES,
     data_format,
+    is_compressed,
     json_records,
     jsonl_records,
     refusal,
@@ -236,7 +236,7 @@ def _file_bytes(path: Path) -> bytes:
         raw = path.read_bytes()
     except OSError as err:
         raise ValueError(f"Cannot read data file {path}: {err.strerror or err}.") from None
-    if path.name.endswith(COMPRESSED_SUFFIX):
+    if is_compressed(path):
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
@@ -289,15 +289,16 @@ def read_documents(
     template: str = DEFAULT_PROMPT_TEMPLATE,
     template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
 ) -> list[Document | ChatDocument]:
-    """Every document in ``files``: a plain-text file is one document; a JSONL line, an item of a JSON array, a
+    """Every document in ``files``: a plain-text file is one document (Windows CRLF and old-Mac CR line ends read
+    as LF); a JSONL line, an item of a JSON array, a
     CSV/TSV row is one record (:func:`_file_records`; a conversation is a ``ChatDocument``). ``ValueError`` naming
     the file (and line or record) for any file :func:`read_text_file` refuses or any malformed record."""
     docs = []
     for path in files:
         text = read_text_file(path)
         records = _file_records(path, text)
-        if records is None:
-            docs.append(Document("", text))
+        if records is None:  # line ends as Python's text mode and `datasets`' text loader read them: CRLF, CR -> LF
+            docs.append(Document("", text.replace("\r\n", "\n").replace("\r", "\n")))
             continue
         docs.extend(_render(record, where, template, template_no_input) for where, record in records)
     return docs
