@@ -92,7 +92,8 @@ def fit_ended_at_epoch_end(trainer) -> bool:
     """Whether the fit loop restored from a checkpoint stopped on the last batch of an epoch and counted that epoch
     as done (a checkpoint written after ``fit`` returned or at ``on_train_end``: ``max_steps`` reached on the
     epoch's last batch). Then its next epoch starts on resume; a checkpoint of the epoch's end written inside the
-    epoch (``on_train_epoch_end``, ``on_train_batch_end``) is not this case, Lightning resumes those itself."""
+    epoch (``on_train_epoch_end``, ``on_train_batch_end``) is not this case: Lightning's loop starts the next epoch
+    of those itself (:func:`align_with_fit_loop` ends the sampler's epoch with it)."""
     epochs = trainer.fit_loop.epoch_progress.current
     batches = trainer.fit_loop.epoch_loop.batch_progress
     return bool(batches.is_last_batch) and epochs.ready == epochs.started == epochs.processed == epochs.completed > 0
@@ -108,19 +109,28 @@ def start_epoch_count(trainer) -> None:
     epoch_loop.val_loop.batch_progress.total.reset()
 
 
+def end_sampler_epoch(sampler: EpochShuffleSampler) -> None:
+    """End ``sampler``'s loaded epoch when it still had indices that ``limit_train_batches`` kept the epoch from
+    reading, so its next iterator starts the next epoch's order, as the fit loop does."""
+    if sampler.epoch >= 0 and sampler.consumed < sampler.n:
+        sampler.end_epoch()
+
+
 def align_with_fit_loop(trainer, batch_size: int, sampler: EpochShuffleSampler) -> None:
     """After ``sampler`` loaded a checkpoint's state, make Lightning's count of the epoch's batches and the sampler's
     position agree: when the fit stopped at an epoch's end (:func:`fit_ended_at_epoch_end`), both start the next
-    epoch (the sampler also when it had indices left that ``limit_train_batches`` kept the epoch from reading);
+    epoch (the sampler also when it had indices left that ``limit_train_batches`` kept the epoch from reading); from
+    an epoch's last batch saved inside the epoch, Lightning's loop starts the next epoch and the sampler does too;
     else a mid-epoch state of another world size sets the count by the indices left (:func:`align_epoch_progress`).
     Only while the fit loop restarts from a checkpoint: a state loaded at another time (``state_dict()`` of a loader
     whose iterator ``fit`` dropped makes a new one from its saved state) changes nothing."""
     if not trainer.fit_loop.restarting:
         return
     if fit_ended_at_epoch_end(trainer):
-        if sampler.epoch >= 0 and sampler.consumed < sampler.n:
-            sampler.end_epoch()
+        end_sampler_epoch(sampler)
         start_epoch_count(trainer)
+    elif trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # Lightning ends that epoch itself
+        end_sampler_epoch(sampler)
     elif sampler.resumed_from_world is not None:
         align_epoch_progress(trainer, batch_size, sampler)
 
