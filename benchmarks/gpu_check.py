@@ -78,9 +78,10 @@ Later commands, each a ``run`` of its own with the same install line (part budge
     export LOWMEM_PERSISTENT_PROGRAMS_PER_SM=4; python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md \
         --parts kernels,step_time,paged,release,gpu_tests --out-dir $OUT 2>&1 | tee $OUT/log.txt
 
-   (540 s of part budgets with the FlashOptim rows: ``step_time`` +40 s, ``release`` +45 s, their Triton JIT and
-   autotuned quantizer and two more 735M models, +15 s for the release row clipping by norm; ``step_time`` runs
-   the persistent-kernel rows at 1G in both dtypes, so no optim_step loop follows).
+   (560 s of part budgets with the FlashOptim rows: ``step_time`` +40 s, ``release`` +45 s, their Triton JIT and
+   autotuned quantizer and two more 735M models, +15 s for the release row clipping by norm, ``gpu_tests`` +20 s for
+   tests/test_gpu_session_changes.py; ``step_time`` runs the persistent-kernel rows at 1G in both dtypes, so no
+   optim_step loop follows).
 3. what document isolation costs, and host syncs (65 s of part budgets: it fits the minutes a session has left
    after command 1 or 2 on a warm machine, ``timeout_s`` 150)::
 
@@ -110,7 +111,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-BUDGET_S = {"kernels": 70, "gpu_tests": 100, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
+BUDGET_S = {"kernels": 70, "gpu_tests": 120, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
             "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40}
 """Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
 55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
@@ -124,7 +125,10 @@ quantizer for each new size and dtype, six 64M/1G rows), ``release`` +45 s (two 
 models); the release row clipping by norm (two backward passes, a third 735M model) +15 s. ``packing``, not yet
 run: imports ~15 s, the 1.1B model built on the device (fp32, then bf16) ~5 s, then per row 5 steps and one
 profiled of 4 x 2048 tokens at ~0.2 s (6 x 1.1B x 8192 flops x 4/3 for the recomputation, ~400 TFLOP/s; the masked
-path slower, up to ~3x if sdpa falls back to its math kernel) and the profiler's start, ~5 s."""
+path slower, up to ~3x if sdpa falls back to its math kernel) and the profiler's start, ~5 s. ``gpu_tests`` +20 s,
+not yet run, for tests/test_gpu_session_changes.py (11 tests): Adafactor/CAME on 3-column filters in fp32/bf16 x
+fp32/int8 momentum, ~28 kernel variants at ~0.5 s each (fewer cold when ``kernels`` ran first), muon_8bit's
+4 steps ~2 s, two 3-step Lightning fits ~3 s each."""
 
 RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
 """The parts the next device session runs, in one command (the module docstring has it)."""
