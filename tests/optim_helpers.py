@@ -5,6 +5,7 @@ import torch
 
 from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.optim import build_optimizer
+from lowmem_lightning.optim.muon import matrix_shape
 
 ODD_SHAPES = [(4097,), (1000, 3), (7, 11)]
 """8-bit state with a partial block, 8-bit 2-D, fp32 state (< 4096 elements)."""
@@ -49,6 +50,28 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def in_memory_format(t: torch.Tensor, memory_format) -> torch.Tensor:
+    """A copy of ``t`` in ``memory_format`` (``torch.channels_last`` applies to 4-D tensors; others stay
+    contiguous)."""
+    return t.clone(memory_format=memory_format if t.ndim == 4 else torch.contiguous_format)
+
+
+def torch_muon_on_filter_matrices(shapes, steps: int = 4, device: str = "cpu"):
+    """``(start, grads, reference)``: seeded conv filters of ``shapes``, ``steps`` rounds of seeded gradients, and
+    the params ``torch.optim.Muon`` (lr 0.02, weight decay 0.1) reaches on their ``[out, in * k...]`` matrices
+    (:func:`~lowmem_lightning.optim.muon.matrix_shape`), Keller Jordan's recipe for filters."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(steps)]
+    flat = [torch.nn.Parameter(p.reshape(matrix_shape(p.shape)).clone()) for p in start]
+    reference = torch.optim.Muon(flat, lr=0.02, weight_decay=0.1)
+    for step in grads:
+        for p, g in zip(flat, step):
+            p.grad = g.reshape(p.shape)
+        reference.step()
+    return start, grads, flat
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,18 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from optim_helpers import bits, one_cpu_thread  # noqa: F401  (autouse: one intra-op thread)
+from optim_helpers import (  # noqa: F401  (one_cpu_thread: autouse, one intra-op thread)
+    bits,
+    in_memory_format,
+    one_cpu_thread,
+    torch_muon_on_filter_matrices,
+)
 from vision_project import ImageClassifier, loaders
 
 from lowmem_lightning import LowMemOptimizerCallback
 from lowmem_lightning.kernels import dispatch
 from lowmem_lightning.optim import available_optimizers, build_optimizer, state_memory
-from lowmem_lightning.optim.muon import matrix_shape, uses_muon
+from lowmem_lightning.optim.muon import uses_muon
 
 LEARNED = 0.55
 """Best val_acc every optimizer must reach (fp32 AdamW: 0.785 CNN, 0.883 ViT; chance 0.25)."""
@@ -200,22 +205,14 @@ def test_muon_steps_a_filter_as_torch_muon_steps_its_flattened_matrix(name):
     """Keller Jordan's recipe: a conv filter [out, in, k, k] is the matrix [out, in * k * k]; ``muon`` equals
     ``torch.optim.Muon`` on that matrix bit for bit, in both memory formats; ``muon_8bit`` within its 8-bit
     momentum's error."""
-    gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(s, generator=gen) for s in CONV_SHAPES]
-    grads = [[torch.randn(s, generator=gen) for s in CONV_SHAPES] for _ in range(4)]
-    flat = [torch.nn.Parameter(p.reshape(matrix_shape(p.shape)).clone()) for p in start]
-    train_flat = torch.optim.Muon(flat, lr=0.02, weight_decay=0.1)
-    for step in grads:
-        for p, g in zip(flat, step):
-            p.grad = g.reshape(p.shape)
-        train_flat.step()
+    start, grads, flat = torch_muon_on_filter_matrices(CONV_SHAPES)
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        ours = [torch.nn.Parameter(_in_format(p, memory_format)) for p in start]
+        ours = [torch.nn.Parameter(in_memory_format(p, memory_format)) for p in start]
         opt = build_optimizer(name, [(f"conv{i}.weight", p) for i, p in enumerate(ours)], lr=0.02, weight_decay=0.1)
         assert len(opt.muon_params()) == len(ours)
         for step in grads:
             for p, g in zip(ours, step):
-                p.grad = _in_format(g, memory_format)
+                p.grad = in_memory_format(g, memory_format)
             opt.step()
         for p, q, p0 in zip(ours, flat, start):
             if name == "muon":
@@ -326,9 +323,6 @@ OPTIMIZER_ARGS = {"sgd": dict(lr=0.1, momentum=0.9), "adafactor": dict(lr=1e-2, 
                   "muon": dict(lr=0.02), "muon_8bit": dict(lr=0.02)}
 
 
-def _in_format(t: torch.Tensor, memory_format) -> torch.Tensor:
-    return t.clone(memory_format=memory_format if t.ndim == 4 else torch.contiguous_format)
-
 
 def _run_formats(name: str, dtype: torch.dtype, shapes=FILTERS, steps: int = 2):
     """``name`` over the same start and gradients on contiguous and channels_last params (named ``convI.weight``):
@@ -338,12 +332,12 @@ def _run_formats(name: str, dtype: torch.dtype, shapes=FILTERS, steps: int = 2):
     grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(steps)]
     runs = []
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        params = [torch.nn.Parameter(_in_format(p, memory_format)) for p in start]
+        params = [torch.nn.Parameter(in_memory_format(p, memory_format)) for p in start]
         opt = build_optimizer(name, [(f"conv{i}.weight", p) for i, p in enumerate(params)],
                               **OPTIMIZER_ARGS.get(name, dict(lr=1e-2)))
         for step in grads:
             for p, g in zip(params, step):
-                p.grad = _in_format(g, memory_format)
+                p.grad = in_memory_format(g, memory_format)
             opt.step()
         runs.append((params, opt))
     return runs, start
@@ -376,12 +370,12 @@ def test_a_channels_last_state_dict_loads_into_a_contiguous_model(name):
     swapped = []
     for params, saved, memory_format in ((dense, opt_l, torch.contiguous_format),
                                          (last, opt_d, torch.channels_last)):
-        copies = [torch.nn.Parameter(_in_format(p.detach(), memory_format)) for p in params]
+        copies = [torch.nn.Parameter(in_memory_format(p.detach(), memory_format)) for p in params]
         opt = build_optimizer(name, [(f"conv{i}.weight", p) for i, p in enumerate(copies)],
                               **OPTIMIZER_ARGS.get(name, dict(lr=1e-2)))
         opt.load_state_dict(saved.state_dict())
         for p, g in zip(copies, grads):
-            p.grad = _in_format(g, memory_format)
+            p.grad = in_memory_format(g, memory_format)
         opt.step()
         swapped.append(copies)
     for p, q in zip(*swapped):

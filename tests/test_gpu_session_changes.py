@@ -19,14 +19,13 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from optim_helpers import bits
+from optim_helpers import bits, in_memory_format, torch_muon_on_filter_matrices
 
 from lowmem_lightning import LowMemModule, LowMemOptimizerCallback
 from lowmem_lightning.callbacks import InterruptAtStepEnd
 from lowmem_lightning.kernels import adafactor as adafactor_kernels
 from lowmem_lightning.kernels import came as came_kernels
 from lowmem_lightning.optim import build_optimizer
-from lowmem_lightning.optim.muon import matrix_shape
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -49,9 +48,6 @@ def host_syncs_raise():
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
-
-def _in_format(t: torch.Tensor, memory_format) -> torch.Tensor:
-    return t.clone(memory_format=memory_format if t.ndim == 4 else torch.contiguous_format)
 
 
 @pytest.fixture
@@ -94,12 +90,12 @@ def test_factored_triton_step_on_channels_last_filters_equals_contiguous(reuse_f
     grads = [[torch.randn(s, generator=gen).to(dtype) for s in FILTERS] for _ in range(3)]
     runs = []
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        params = [torch.nn.Parameter(_in_format(p, memory_format).to(DEVICE)) for p in start]
+        params = [torch.nn.Parameter(in_memory_format(p, memory_format).to(DEVICE)) for p in start]
         opt = build_optimizer(name, [(f"conv{i}.weight", p) for i, p in enumerate(params)],
                               momentum_dtype=momentum_dtype, **FACTORED[name])
         for step in grads:
             for p, g in zip(params, step):
-                p.grad = _in_format(g, memory_format).to(DEVICE)
+                p.grad = in_memory_format(g, memory_format).to(DEVICE)
             opt.step()
         runs.append((params, opt))
     # one plan per group, step and format: the Triton path ran (int8: the depthwise filter's 32-bit state is a group)
@@ -122,23 +118,15 @@ def test_muon_8bit_steps_conv_filters_as_torch_muon_steps_their_matrices_without
     """``muon_8bit`` on conv filters (both memory formats) within 5% of the params' movement of ``torch.optim.Muon``
     on the flattened matrices ``[out, in * k * k]`` after 4 steps (the CPU test's tolerance,
     tests/test_field_vision.py); steps after the first (which allocates the state) never synchronise with the host."""
-    gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(s, generator=gen).to(DEVICE) for s in CONV_SHAPES]
-    grads = [[torch.randn(s, generator=gen).to(DEVICE) for s in CONV_SHAPES] for _ in range(4)]
-    flat = [torch.nn.Parameter(p.reshape(matrix_shape(p.shape)).clone()) for p in start]
-    reference = torch.optim.Muon(flat, lr=0.02, weight_decay=0.1)
-    for step in grads:
-        for p, g in zip(flat, step):
-            p.grad = g.reshape(p.shape)
-        reference.step()
+    start, grads, flat = torch_muon_on_filter_matrices(CONV_SHAPES, device=DEVICE)
     for memory_format in (torch.contiguous_format, torch.channels_last):
-        ours = [torch.nn.Parameter(_in_format(p, memory_format)) for p in start]
+        ours = [torch.nn.Parameter(in_memory_format(p, memory_format)) for p in start]
         opt = build_optimizer("muon_8bit", [(f"conv{i}.weight", p) for i, p in enumerate(ours)], lr=0.02,
                               weight_decay=0.1)
         assert len(opt.muon_params()) == len(ours)
         for i, step in enumerate(grads):
             for p, g in zip(ours, step):
-                p.grad = _in_format(g, memory_format)
+                p.grad = in_memory_format(g, memory_format)
             with host_syncs_raise() if i else contextlib.nullcontext():
                 opt.step()
         for p, q, p0 in zip(ours, flat, start):
