@@ -413,8 +413,33 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
 
     def _fp32_state(self, param: torch.Tensor, state: dict, group: dict) -> dict:
         """``state`` (a copy of ``param``'s) in its fp32 form: codes decoded into fp32 tensors of the param's local
-        shape under the fp32 optimizer's names (what ``load_state_dict`` converts back). Default: unchanged."""
-        return state
+        shape under the fp32 optimizer's names (what ``load_state_dict`` converts back). Default: the state
+        :meth:`_convert_foreign_state` gives for ``group`` with its storage keys at their unquantized values
+        (``momentum_dtype="float32"``, ``quantize_state=False``), unchanged for an optimizer without them."""
+        unquantized = {key: value for key, value in _UNQUANTIZED_STORAGE.items() if key in group}
+        return self._convert_foreign_state(param, state, {**group, **unquantized}) if unquantized else state
+
+    @torch.no_grad()
+    def decoded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``param``'s optimizer state as readable fp32 tensors, for logging (e.g. the norm of ``exp_avg``).
+
+        ``opt.state[param]`` holds what the kernels store: 8-bit or 4-bit codes with fp32 block scales
+        (``exp_avg_codes`` + ``exp_avg_absmax``) for quantized state, whose raw values mean nothing alone. This
+        returns the same state decoded, under the names of the fp32 form of the optimizer (``exp_avg`` and
+        ``exp_avg_sq`` of ``torch.optim.AdamW`` for ``adamw_8bit``/``adamw_4bit``, ``momentum_buffer`` for
+        ``sgd``/``muon_8bit``, Adafactor's and CAME's row/column statistics as they are): fp32 tensors of the
+        param's shape (of the local shard for a DTensor param), plus the 0-d ``step``. The values are those the
+        next step reads. Copies: changing them changes nothing; each decoded moment costs 4 bytes per element
+        while it lives. Empty before the param's first update (as ``opt.state[param]`` is); ``ValueError`` for
+        a tensor that is not one of this optimizer's params.
+        """
+        try:
+            group = self._group_of(param)
+        except ValueError as err:
+            raise ValueError(f"Invalid param for decoded_state: {err}") from None
+        stored = self.state.get(param, {})
+        copies = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in stored.items()}
+        return self._fp32_state(param, copies, group) if copies else {}
 
     def state_dict(self) -> dict:
         """torch's state dict; the state of a DTensor param is presented as DTensors (see :mod:`.sharding`), that
@@ -576,6 +601,10 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
                 current = loaded.get(key)
                 if isinstance(value, torch.Tensor) and (current.dtype != value.dtype or current.device != device):
                     loaded[key] = value.to(device=device)
+
+
+_UNQUANTIZED_STORAGE = {"momentum_dtype": "float32", QUANTIZE_STATE: False}
+"""The storage keys' values that keep state in fp32 (the form :meth:`LowMemOptimizer._fp32_state` decodes into)."""
 
 
 def _advance_steps(steps: list[torch.Tensor], flags: list[torch.Tensor]) -> None:
