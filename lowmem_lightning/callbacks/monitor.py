@@ -28,6 +28,7 @@ from lowmem_lightning.callbacks.report import (
     summary_dict,
     write_plot,
 )
+from lowmem_lightning.callbacks.run_record import SUMMARY_METRICS, log_summary
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import StateMemory, state_memory
 from lowmem_lightning.optim.registry import OPTIMIZERS, optimizer_class
@@ -79,11 +80,13 @@ class StateMemoryMonitor(L.Callback):
     for inf/NaN gradients; our optimizers only). Measuring never synchronises with the device except
     at logged steps for an effective LR held as a device tensor.
 
-    At the end of fit it prints a summary (state memory, bytes/param, saving vs fp32 AdamW on the same
-    params; also in :attr:`summary`) and writes ``state_memory.png`` into the log dir when matplotlib
-    is installed: state MiB per step (device and host for paged optimizers) against fp32 AdamW's,
-    with the training and validation loss. A failure to write the plot or print the summary is a
-    warning naming the path and the error, never a failed fit.
+    At the end of fit it prints a summary (state memory, bytes/param, saving vs fp32 AdamW on the same params; also in
+    :attr:`summary`), logs its figures once to the Trainer's loggers, at the last step, as
+    ``optim_summary/state_MiB``, ``peak_state_MiB``, ``bytes_per_param``, ``adamw_fp32_MiB`` and ``saving_pct``
+    (with ``log_state_memory``; :data:`~lowmem_lightning.callbacks.run_record.SUMMARY_METRICS`) and writes
+    ``state_memory.png`` into the log dir when matplotlib is installed: state MiB per step (device and host for
+    paged optimizers) against fp32 AdamW's, with the training and validation loss. A failure to write the plot or
+    print the summary is a warning naming the path and the error, never a failed fit.
 
     Under ``strategy="ddp_spawn"`` (ranks started as new processes that receive a pickled copy of this
     callback) the fit runs in those processes: after ``trainer.fit`` returns, rank 0's :attr:`summary` is sent
@@ -115,6 +118,7 @@ class StateMemoryMonitor(L.Callback):
         self._max_state_bytes = 0
         self._last_global_step = -1
         self._resumed = False  # the current fit restored a checkpoint (trainer.ckpt_path)
+        self._taken: frozenset[str] | None = None  # our metric names the module logs itself (seen at the first step)
 
     def track(self, optimizers: list[torch.optim.Optimizer], name: str, reporter: str) -> None:
         """Measure ``optimizers`` (called ``name`` in the summary, whose header names ``reporter``)
@@ -190,6 +194,7 @@ class StateMemoryMonitor(L.Callback):
         self._peak, self._pending_losses, self._max_state_bytes = {}, [], 0
         self._last_global_step = trainer.global_step
         self._resumed = trainer.ckpt_path is not None
+        self._taken = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         """After an optimizer step: measure, keep the max since the last logged step, log it."""
@@ -301,18 +306,38 @@ class StateMemoryMonitor(L.Callback):
         self._record_loss(trainer, outputs)
         if not self.log_state_memory:
             return
+        if self._taken is None:
+            self._taken = self._names_the_module_logs(trainer)
         for key, value in metrics.items():
             self._peak[key] = max(self._peak.get(key, value), value) if key in _PEAKS else value
         to_logger = bool(trainer.loggers)
         for key, value in self._peak.items():
+            if key in self._taken:
+                continue
             pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == STATE_MIB.name,
                           logger=to_logger, batch_size=1)
         if will_log:
             skipped = [opt.skipped_updates for opt in self.optimizers if hasattr(opt, "skipped_updates")]
-            if skipped:
+            if skipped and SKIPPED_UPDATES.name not in self._taken:
                 pl_module.log(SKIPPED_UPDATES.name, float(sum(skipped)), on_step=True, on_epoch=False,
                               logger=to_logger, batch_size=1)
             self._peak = {}
+
+    def _names_the_module_logs(self, trainer: L.Trainer) -> frozenset[str]:
+        """The names of :data:`METRICS` and the summary's metrics that the module (or another hook than the callbacks'
+        ``on_train_batch_end``) logged in this batch itself: a name logged twice reaches the logger with one value,
+        ours, silently. The monitor leaves such a name to the module, said in one warning."""
+        results = trainer._results  # Lightning's results of this loop, keyed "<hook>.<name>"
+        logged = {key.split(".", 1)[1] for key in (results.keys() if results is not None else ())
+                  if "." in key and not key.startswith("on_train_batch_end.")}
+        taken = frozenset(logged & ({m.name for m in METRICS} | set(SUMMARY_METRICS)))
+        if taken:
+            names = ", ".join(sorted(taken))
+            rank_zero_warn(f"{self._reporter}: the module logs {names} itself, as the monitor would; the monitor "
+                           "leaves the name to the module and does not log its own value (it would replace the "
+                           "module's in the logger, silently). Rename the module's metric to see both.",
+                           category=LowMemWarning)
+        return taken
 
     # ------------------------------------------------------------------ report
     def _report(self, trainer: L.Trainer) -> None:
@@ -331,6 +356,8 @@ class StateMemoryMonitor(L.Callback):
         self.summary["steps_this_run"] = len(self.history.steps)
         self.summary["resumed"] = self._resumed  # False: a later step count from an earlier fit of this Trainer
         self.summary.update(small_tensor_summary(self.optimizers))  # why tensors under 4096 elements cost more
+        if self.log_state_memory:
+            log_summary(trainer, self.summary, skip=self._taken or frozenset())
         plot_path = None
         if self.plot:
             log_dir = self._log_dir  # asked at fit start (on_fit_start)

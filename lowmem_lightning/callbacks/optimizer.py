@@ -44,6 +44,7 @@ from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
 from lowmem_lightning.callbacks.resume import ResumeCompatibility
 from lowmem_lightning.callbacks.rotary import KeepRotaryFp32
+from lowmem_lightning.callbacks.run_record import optimizer_hparams, record_hparams
 from lowmem_lightning.callbacks.strategy_check import FSDP1Check
 from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
@@ -554,14 +555,16 @@ class LowMemOptimizerCallback(L.Callback):
             self._patch(pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Check the strategy built its optimizers through the module (so they are ours); hand them to the
-        monitor; name every LR scheduler config the module left unnamed as Lightning's
-        ``LearningRateMonitor`` would have named it for the module's own optimizer (``lr-AdamW``, not
-        ``lr-AdamW8bit``): see :func:`keep_scheduler_names`. A weight-averaging callback that would average the
-        module's NF4 codes is refused (:func:`~lowmem_lightning.callbacks.param_checks.averaged_codes_refusal`);
-        one that is not gets a :class:`~.averaging.KeepTrainingWeights` (a checkpoint saved after its end-of-fit
-        copy resumes from the training weights, not the average) and the SIGTERM checkpoint after its step-end
-        update (:func:`~.averaging.serve_weight_averaging`)."""
+        """Check the strategy built its optimizers through the module (so they are ours); hand them to the monitor; name
+        every LR scheduler config the module left unnamed as Lightning's ``LearningRateMonitor`` would have named it
+        for the module's own optimizer (``lr-AdamW``, not ``lr-AdamW8bit``): see :func:`keep_scheduler_names`;
+        record :meth:`recorded_hparams` in the loggers
+        (:func:`~lowmem_lightning.callbacks.run_record.record_hparams`). A weight-averaging callback that would
+        average the module's NF4 codes is refused
+        (:func:`~lowmem_lightning.callbacks.param_checks.averaged_codes_refusal`); one that is not gets a
+        :class:`~.averaging.KeepTrainingWeights` (a checkpoint saved after its end-of-fit copy resumes from the
+        training weights, not the average) and the SIGTERM checkpoint after its step-end update
+        (:func:`~.averaging.serve_weight_averaging`)."""
         reason = averaged_codes_refusal(pl_module)
         if reason is not None:
             raise ValueError(reason)
@@ -573,6 +576,17 @@ class LowMemOptimizerCallback(L.Callback):
             )
         self.monitor.track(self.optimizers, self.optimizer_name, type(self).__name__)
         keep_scheduler_names(trainer.lr_scheduler_configs, self._origins)
+        record_hparams(trainer, self.recorded_hparams())
+
+    def recorded_hparams(self) -> dict:
+        """What this fit trains with, as the ``lowmem/*`` hyperparameters recorded in the Trainer's loggers at fit
+        start (:func:`~lowmem_lightning.callbacks.run_record.optimizer_hparams`): the optimizer's name and class,
+        the module's optimizer class it replaced, lr and weight decay as built, and this callback's other arguments."""
+        replaced = [self._origins[id(o)].__name__ for o in self.optimizers if id(o) in self._origins]
+        kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in self.optimizer_kwargs.items()}
+        fp32_state = list(self.fp32_state) if isinstance(self.fp32_state, (list, tuple)) else self.fp32_state
+        return optimizer_hparams(self.optimizer_name, self.optimizers, replaced, {
+            "optimizer_kwargs": kwargs, "step_in_backward": self.step_in_backward, "fp32_state": fp32_state})
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Give the module its own ``configure_optimizers`` back."""
