@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.multiprocessing import ProcessRaisedException
 
 from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError, use_atomic_checkpoint_io
@@ -96,6 +97,14 @@ SUBCOMMAND_HELP = {
     "estimate": "Memory a recipe needs with each optimizer (model built on the meta device, no weights read).",
 }
 """One-line help of each subcommand in ``lowmem --help`` (whole sentences, not cut docstrings)."""
+
+
+
+def _data_progress(text: str) -> None:
+    """The data module's one line on a long read and tokenization (``TextDataModule.progress``), said on stderr now
+    (not held with Lightning's set-up lines: it says why nothing else is printed yet), by rank 0 only."""
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        say(f"lowmem: {text}")
 
 
 class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
@@ -379,8 +388,11 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Check the data module's inputs (``check_inputs()``, when it has one: files read, tokenized,
         checked) before the Trainer and its loggers exist, then build the Trainer."""
-        check = getattr(getattr(self, "datamodule", None), "check_inputs", None)
+        datamodule = getattr(self, "datamodule", None)
+        check = getattr(datamodule, "check_inputs", None)
         if callable(check) and self.subcommand != "export":  # export reads no data (the tokenizer only)
+            if hasattr(datamodule, "progress"):  # TextDataModule's line on a long read: said now, not held
+                datamodule.progress = _data_progress
             check()
         return super().instantiate_trainer(**kwargs)
 

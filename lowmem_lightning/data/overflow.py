@@ -19,8 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
+
+from lowmem_lightning.data.tokens import EncodedRecords
 
 __all__ = ["Overflow", "OVERFLOW_CHOICES", "OverflowReport", "check_overflow", "fit_records", "collate_trimmed"]
 
@@ -84,34 +87,28 @@ def _others(overflow: str | None) -> str:
     return ", ".join(others[:-1]) + " or " + others[-1]
 
 
-def _targets(labels: list[int]) -> int:
-    """Tokens a causal LM is trained to predict in a block starting with ``labels``: labels other than -100 after
-    position 0 (position 0 is never predicted)."""
-    return sum(label != IGNORE_INDEX for label in labels[1:])
-
-
 def fit_records(
-    encoded: list[tuple[list[int], list[int]]], prompted: list[bool], seq_len: int, overflow: str | None
-) -> tuple[list[tuple[list[int], list[int]]], OverflowReport]:
-    """``(kept, report)``: the encoded records (``(ids, labels)``) after ``overflow`` (see the module docstring)
-    treated those longer than ``seq_len``; ``prompted[i]`` says record ``i`` has a prompt (instruction or chat),
-    which ``overflow=None`` truncates rather than splits."""
-    kept, report = [], OverflowReport(records=len(encoded))
-    for (ids, labels), has_prompt in zip(encoded, prompted):
-        trained = sum(label != IGNORE_INDEX for label in labels)
-        report.trained += trained
-        report.long += len(ids) > seq_len
-        mode = overflow or ("truncate" if has_prompt else "split")
-        if len(ids) <= seq_len or mode == "split":
-            kept.append((ids, labels))
-        elif mode == "truncate" and _targets(labels[:seq_len]):
-            report.truncated += 1
-            report.lost += trained - sum(label != IGNORE_INDEX for label in labels[:seq_len])
-            kept.append((ids[:seq_len], labels[:seq_len]))
-        else:
-            report.dropped += 1
-            report.lost += trained
-    return kept, report
+    encoded: EncodedRecords, prompted: np.ndarray, seq_len: int, overflow: str | None
+) -> tuple[EncodedRecords, OverflowReport]:
+    """``(kept, report)``: the encoded records after ``overflow`` (see the module docstring) treated those longer
+    than ``seq_len``: ``kept`` shares ``encoded``'s arrays, each record cut to the tokens kept (``seq_len`` when
+    truncated, 0 when dropped); ``prompted[i]`` says record ``i`` has a prompt (instruction or chat), which
+    ``overflow=None`` truncates rather than splits. A truncated record whose first ``seq_len`` tokens hold no target
+    (a trained token after the first, which a causal LM never predicts) is dropped."""
+    prompted = np.asarray(prompted, dtype=np.bool_)
+    trained = encoded.trained_counts()
+    long = encoded.lengths > seq_len
+    truncate = long & (prompted if overflow is None else np.full(len(encoded), overflow == "truncate"))
+    drop = long & (overflow == "drop")
+    kept_trained = encoded.trained_counts(limit=seq_len)
+    targets = encoded.trained_counts(limit=seq_len, skip_first=True)
+    truncated = truncate & (targets > 0)
+    drop |= truncate & ~truncated
+    lengths = np.where(truncated, seq_len, np.where(drop, 0, encoded.lengths))
+    report = OverflowReport(records=len(encoded), long=int(long.sum()), truncated=int(truncated.sum()),
+                            dropped=int(drop.sum()), trained=int(trained.sum()),
+                            lost=int((trained - kept_trained)[truncated].sum() + trained[drop].sum()))
+    return encoded.with_lengths(lengths), report
 
 
 WIDTH_MULTIPLE = 8

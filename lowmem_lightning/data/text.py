@@ -19,6 +19,9 @@ Pipeline (all in ``setup``, once):
    default) carry ``position_ids`` that restart at 0 where a document (or the padding) starts, and the label of
    that first token is -100, so no token attends to or is predicted from another document
    (:func:`document_position_ids`);
+   Tokens are kept compact from the tokenizer on (:mod:`~lowmem_lightning.data.tokens`, ~7 bytes per token: int32
+   ids, a bool "trained" flag, int16 positions; blocks are spans of those arrays); a loader's item is built as int64
+   tensors when it is read (:class:`TokenBlocks`);
 4. split: a seeded permutation of the blocks sends ``round(val_fraction * n_blocks)`` (at least 1
    when ``val_fraction > 0``) to validation, the rest to training; blocks without a single target
    token (all prompt or padding: they would give a NaN loss) are left out, with a warning when
@@ -52,14 +55,17 @@ from __future__ import annotations
 import functools
 import gzip
 import string
+import sys
+import time
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -75,6 +81,7 @@ from lowmem_lightning.data.formats import (
 )
 from lowmem_lightning.data.overflow import Overflow, check_overflow, collate_trimmed, fit_records
 from lowmem_lightning.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from lowmem_lightning.data.tokens import EncodedRecords, PackedBlocks, RecordsBuilder, flat_positions, segment_index
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 __all__ = [
@@ -87,6 +94,7 @@ __all__ = [
     "find_data_files",
     "read_documents",
     "encode_document",
+    "encode_documents",
     "pack_blocks",
     "document_position_ids",
     "first_document_prompts",
@@ -321,16 +329,62 @@ def encode_document(
     return ids, labels
 
 
-def _cut(ids: torch.Tensor, labels: torch.Tensor, seq_len: int, pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Cut one token stream into ``[n, seq_len]`` blocks, right-padding the last one."""
-    n = -(-ids.numel() // seq_len)
-    pad = n * seq_len - ids.numel()
-    mask = torch.ones(n * seq_len, dtype=torch.long)
-    if pad:
-        ids = torch.cat([ids, ids.new_full((pad,), pad_id)])
-        labels = torch.cat([labels, labels.new_full((pad,), IGNORE_INDEX)])
-        mask[-pad:] = 0
-    return ids.view(n, seq_len), labels.view(n, seq_len), mask.view(n, seq_len)
+ENCODE_CHUNK = 4096
+"""Records tokenized per call of the tokenizer's ``encode_batch`` (:func:`encode_documents`)."""
+
+
+def encode_documents(
+    docs: list[Document | ChatDocument], tokenizer: ByteTokenizer | HFTokenizer, chat: ChatTemplate | None = None,
+    on_chunk=None,
+) -> EncodedRecords:
+    """Every document's :func:`encode_document` ids and labels, as flat arrays (:class:`EncodedRecords`: int32 ids,
+    bool "trained" = label is not -100). Runs of prompt/completion documents are tokenized :data:`ENCODE_CHUNK` at a
+    time by one ``tokenizer.encode_batch`` call for their prompts and one for their completions, and framed (bos,
+    eos) by array arithmetic; conversations are rendered and tokenized one by one (:meth:`ChatTemplate.encode`:
+    each needs its own renders to find its assistant turns). ``on_chunk(records_done, tokens_done)`` is called after
+    each chunk."""
+    chat = chat or ChatTemplate(tokenizer)
+    builder = RecordsBuilder()
+    start = 0
+    while start < len(docs):
+        is_chat = isinstance(docs[start], ChatDocument)
+        stop = start + 1
+        while stop < min(len(docs), start + ENCODE_CHUNK) and isinstance(docs[stop], ChatDocument) == is_chat:
+            stop += 1
+        if is_chat:
+            for doc in docs[start:stop]:
+                ids, trained = chat.encode(doc)
+                builder.add_record(np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=np.bool_))
+        else:
+            builder.add_flat(*_encode_prompted(docs[start:stop], tokenizer))
+        start = stop
+        if on_chunk is not None:
+            on_chunk(builder.n_records, builder.n_tokens)
+    return builder.finish()
+
+
+def _encode_prompted(docs: list[Document], tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, trained, lengths)`` of ``docs`` one after the other, each ``bos, prompt..., completion..., eos``
+    (:func:`encode_document`), with two ``encode_batch`` calls (an empty prompt is not tokenized, as there)."""
+    prompted = np.fromiter((bool(d.prompt) for d in docs), dtype=np.bool_, count=len(docs))
+    prompt_ids, some = tokenizer.encode_batch([d.prompt for d in docs if d.prompt])
+    prompt_lengths = np.zeros(len(docs), dtype=np.int64)
+    prompt_lengths[prompted] = some
+    body_ids, body_lengths = tokenizer.encode_batch([d.completion for d in docs])
+    head = int(tokenizer.bos_token_id is not None)
+    lengths = head + prompt_lengths + body_lengths + 1
+    starts = np.zeros(len(docs), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    ids = np.empty(int(lengths.sum()), dtype=np.int32)
+    trained = np.zeros(ids.size, dtype=np.bool_)
+    if head:
+        ids[starts] = tokenizer.bos_token_id
+    ids[segment_index(starts + head, prompt_lengths)] = prompt_ids
+    body = segment_index(starts + head + prompt_lengths, body_lengths)
+    ids[body], trained[body] = body_ids, True
+    ends = starts + lengths - 1
+    ids[ends], trained[ends] = tokenizer.eos_token_id, True
+    return ids, trained, lengths
 
 
 def document_position_ids(lengths: list[int], seq_len: int) -> torch.Tensor:
@@ -338,15 +392,12 @@ def document_position_ids(lengths: list[int], seq_len: int) -> torch.Tensor:
     ``seq_len``-token blocks: each token's offset from the start of its document, counted from the block's
     start for a document that began in an earlier block, so positions restart at 0 at every document start
     and every block start; the padding after the last document (up to the block's end) counts as one more
-    document. Transformers reads a restart as a document boundary (``find_packed_sequence_indices``)."""
+    document. Transformers reads a restart as a document boundary (``find_packed_sequence_indices``).
+    (:func:`~lowmem_lightning.data.tokens.flat_positions` computes them as stored.)"""
     n_blocks = max(1, -(-sum(lengths) // seq_len))
-    starts = torch.zeros(n_blocks * seq_len, dtype=torch.long)
-    offsets = torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)
-    starts[offsets[(offsets > 0) & (offsets < starts.numel())]] = 1  # a new document (or the padding) starts here
-    starts[::seq_len] = 1
-    index = torch.arange(starts.numel())
-    first = torch.where(starts.bool(), index, torch.zeros_like(index)).cummax(0).values
-    return (index - first).view(n_blocks, seq_len)
+    starts = np.cumsum([0, *lengths], dtype=np.int64)
+    starts = np.unique(starts[starts < n_blocks * seq_len])  # a document (or the padding) starts at each
+    return torch.from_numpy(flat_positions(starts, n_blocks * seq_len, seq_len)).long().view(n_blocks, seq_len)
 
 
 def _with_old_overflow(saved: dict) -> dict:
@@ -449,31 +500,41 @@ def collate_prompts(items: list[dict]) -> dict:
 
 
 def pack_blocks(
-    encoded: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True,
+    encoded: EncodedRecords | list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True,
     isolate_documents: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Blocks of ``seq_len`` tokens from encoded documents: ``input_ids``, ``labels``, ``attention_mask``,
-    each ``[n_blocks, seq_len]`` int64. ``pack=True`` concatenates all documents first (one padded
-    block at most); ``pack=False`` cuts each document on its own (one padded block per document).
-    ``isolate_documents`` (with ``pack=True``) adds ``position_ids`` (:func:`document_position_ids`) and sets
-    the label of each token at position 0 to -100: the first token of a document is not predicted from the
-    previous document's last token."""
-    streams = [encoded] if pack else [[e] for e in encoded]
-    parts = []
-    for stream in streams:
-        ids = torch.tensor([t for e in stream for t in e[0]], dtype=torch.long)
-        labels = torch.tensor([t for e in stream for t in e[1]], dtype=torch.long)
-        if ids.numel():
-            parts.append(_cut(ids, labels, seq_len, pad_id))
-    if not parts:
+) -> PackedBlocks:
+    """Blocks of ``seq_len`` tokens from encoded documents (:class:`EncodedRecords`, or ``(ids, labels)`` lists), as
+    :class:`~lowmem_lightning.data.tokens.PackedBlocks`: spans of the records' arrays (no token copied), read as
+    ``input_ids``, ``labels``, ``attention_mask`` ``[n_blocks, seq_len]`` int64 tensors. ``pack=True`` concatenates
+    all documents first (one padded block at most); ``pack=False`` cuts each document on its own (one padded block
+    per document; a record of length 0 has none). ``isolate_documents`` (with ``pack=True``) adds ``position_ids``
+    (:func:`document_position_ids`) and sets the label of each token at position 0 to -100: the first token of a
+    document is not predicted from the previous document's last token."""
+    if not isinstance(encoded, EncodedRecords):
+        encoded = EncodedRecords.from_pairs(encoded)
+    if encoded.n_tokens == 0:
         raise ValueError("No tokens to train on: every document is empty.")
-    ids, labels, mask = (torch.cat(t) for t in zip(*parts))
-    blocks = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    if pack and isolate_documents:
-        positions = document_position_ids([len(e[0]) for e in encoded if e[0]], seq_len)
-        blocks["labels"] = labels.masked_fill(positions == 0, IGNORE_INDEX)
-        blocks["position_ids"] = positions
-    return blocks
+    if pack:
+        return _packed_stream(encoded, seq_len, pad_id, isolate_documents)
+    blocks_per_record = -(-encoded.lengths // seq_len)
+    record = np.repeat(np.arange(len(encoded)), blocks_per_record)
+    first_block = np.cumsum(blocks_per_record) - blocks_per_record
+    offset = (np.arange(record.size) - first_block[record]) * seq_len  # the block's start inside its record
+    lengths = np.minimum(seq_len, encoded.lengths[record] - offset)
+    return PackedBlocks(encoded.ids, encoded.trained, encoded.starts[record] + offset, lengths, seq_len, pad_id)
+
+
+def _packed_stream(encoded: EncodedRecords, seq_len: int, pad_id: int, isolate: bool) -> PackedBlocks:
+    """:func:`pack_blocks` with ``pack=True``: the records, laid end to end, cut every ``seq_len`` tokens."""
+    encoded = encoded.laid_end_to_end()
+    n = encoded.n_tokens
+    starts = np.arange(0, n, seq_len, dtype=np.int64)
+    lengths = np.minimum(seq_len, n - starts)
+    if not isolate:
+        return PackedBlocks(encoded.ids, encoded.trained, starts, lengths, seq_len, pad_id)
+    positions = flat_positions(encoded.starts[encoded.lengths > 0], n, seq_len)
+    trained = encoded.trained & (positions != 0)  # a document's (and a block's) first token is not predicted
+    return PackedBlocks(encoded.ids, trained, starts, lengths, seq_len, pad_id, positions)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -499,16 +560,22 @@ def trainable_blocks(labels: torch.Tensor) -> torch.Tensor:
 class TokenBlocks(Dataset):
     """Rows of packed blocks: item ``i`` is ``{key: blocks[key][i]}`` for each key of ``keys`` (default: every
     key of ``blocks``: ``input_ids``, ``labels``, ``attention_mask`` and, for isolated documents,
-    ``position_ids``), each ``[seq_len]`` int64. ``blocks`` holds them all, whichever ``keys`` the items carry."""
+    ``position_ids``), each ``[seq_len]`` int64. ``blocks`` holds them all, whichever ``keys`` the items carry: a dict
+    of ``[n, seq_len]`` tensors, or :class:`~lowmem_lightning.data.tokens.PackedBlocks` (what ``TextDataModule``
+    keeps: ~7 bytes per token), whose item is built when asked for, with the same keys, dtypes and values."""
 
-    def __init__(self, blocks: dict[str, torch.Tensor], keys: tuple[str, ...] | None = None):
+    def __init__(self, blocks: PackedBlocks | dict[str, torch.Tensor], keys: tuple[str, ...] | None = None):
         self.blocks = blocks
         self.keys = tuple(blocks) if keys is None else keys
 
     def __len__(self) -> int:
+        if isinstance(self.blocks, PackedBlocks):
+            return self.blocks.n_blocks
         return self.blocks["input_ids"].shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if isinstance(self.blocks, PackedBlocks):
+            return self.blocks.row(i, self.keys)
         return {k: self.blocks[k][i] for k in self.keys}
 
 
@@ -632,6 +699,34 @@ class TrainLoader(StatefulDataLoader):
         self.__dict__["_live_iterator"] = iterator
 
 
+PROGRESS_AFTER_S = 3.0
+"""Seconds of reading and tokenizing after which ``TextDataModule.check_inputs`` says, once, what it is doing."""
+
+
+def _stderr_line(text: str) -> None:
+    """``text`` and a newline on stderr, from rank 0 only (every rank of a DDP run reads the data)."""
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        sys.stderr.write(text + "\n")
+
+
+class _Progress:
+    """Says, once, what reading and tokenizing is doing when it has taken :data:`PROGRESS_AFTER_S` seconds, so a
+    long one does not look like a hang; ``say`` takes the line."""
+
+    def __init__(self, say, data_path: str):
+        self.say, self.data_path = say or _stderr_line, data_path
+        self.started, self.said = time.monotonic(), False
+
+    def update(self, n_records: int, records_done: int, tokens_done: int) -> None:
+        """Called as records are tokenized: ``records_done`` of ``n_records``, into ``tokens_done`` tokens."""
+        seconds = time.monotonic() - self.started
+        if self.said or seconds < PROGRESS_AFTER_S:
+            return
+        self.said = True
+        self.say(f"TextDataModule: tokenizing data_path={self.data_path!r}: {records_done:,} of {n_records:,} "
+                 f"records ({tokens_done:,} tokens) after {seconds:.0f} s, then packing them into blocks...")
+
+
 def _check_template(value, name: str, required: tuple[str, ...]) -> None:
     if not isinstance(value, str):
         raise TypeError(f"Invalid {name}={value!r}: expected a string.")
@@ -698,6 +793,10 @@ class TextDataModule(L.LightningDataModule):
     in the constructor, before anything is read; :meth:`check_inputs` then checks the files' content.
     """
 
+    progress = None
+    """Takes the one line :meth:`check_inputs` says when reading and tokenizing takes more than
+    :data:`PROGRESS_AFTER_S` seconds (``None``: written on stderr by rank 0; ``lowmem`` sets its own)."""
+
     def __init__(
         self,
         data_path: str = "sample",
@@ -762,8 +861,7 @@ class TextDataModule(L.LightningDataModule):
             return {}
         tokens = special()
         self.check_inputs()
-        used = torch.cat([ds.blocks["input_ids"][ds.blocks["attention_mask"].bool()]
-                          for ds in (self.train_dataset, self.val_dataset)]).unique().tolist()
+        used = torch.cat([ds.blocks.used_ids() for ds in (self.train_dataset, self.val_dataset)]).unique().tolist()
         return {i: tokens[i] for i in used if i in tokens}
 
     def check_inputs(self) -> None:
@@ -775,16 +873,17 @@ class TextDataModule(L.LightningDataModule):
         the Trainer creates its log directory."""
         if self.train_dataset is not None:
             return
+        progress = _Progress(self.progress, str(self.hparams.data_path))
         docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
-        encoded = [encode_document(d, self.tokenizer, self.chat) for d in docs]
+        encoded = encode_documents(docs, self.tokenizer, self.chat,
+                                   on_chunk=lambda records, tokens: progress.update(len(docs), records, tokens))
         self.has_chat = any(isinstance(d, ChatDocument) for d in docs)
         self.has_instructions = any(isinstance(d, Document) and d.prompt for d in docs)
         self.has_plain_text = any(isinstance(d, Document) and not d.prompt for d in docs)
-        records = encoded
         if not self.pack:
             encoded = self._fit_records(docs, encoded)
         blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack, self.isolate_documents)
-        keep = trainable_blocks(blocks["labels"])
+        keep = blocks.has_targets()
         if not bool(keep.any()):
             raise ValueError(
                 f"No trainable label in data_path={self.hparams.data_path!r} with seq_len={self.seq_len}, "
@@ -800,22 +899,23 @@ class TextDataModule(L.LightningDataModule):
                 + ("." if self.pack else " or set pack=True to keep them."),
                 category=LowMemWarning,
             )
-        blocks = {k: v[keep] for k, v in blocks.items()}
+        kept = keep.nonzero().flatten()
         try:
-            train_idx, val_idx = split_indices(blocks["input_ids"].shape[0], self.val_fraction, self.seed)
+            train_idx, val_idx = split_indices(kept.numel(), self.val_fraction, self.seed)
         except ValueError as err:
             raise ValueError(f"data_path={self.hparams.data_path!r}, seq_len={self.seq_len}: {err}") from None
         keys = ("input_ids", "labels", "position_ids") if self.isolate_documents else None
-        self.train_dataset = TokenBlocks({k: v[train_idx] for k, v in blocks.items()}, keys)
-        self.val_dataset = TokenBlocks({k: v[val_idx] for k, v in blocks.items()}, keys)
-        self._held_out_prompted = self._wholly_held_out(docs, records, keep.nonzero().flatten()[val_idx])
+        self.train_dataset = TokenBlocks(blocks.select(kept[train_idx]), keys)
+        self.val_dataset = TokenBlocks(blocks.select(kept[val_idx]), keys)
+        self._held_out_prompted = self._wholly_held_out(docs, encoded, kept[val_idx])
 
-    def _fit_records(self, docs: list, encoded: list) -> list:
+    def _fit_records(self, docs: list, encoded: EncodedRecords) -> EncodedRecords:
         """The encoded records after ``overflow`` (:func:`~lowmem_lightning.data.overflow.fit_records`), with its
         warning; ``ValueError`` naming ``seq_len`` and ``overflow`` when it leaves no record."""
-        prompted = [isinstance(d, ChatDocument) or bool(d.prompt) for d in docs]
+        prompted = np.fromiter((isinstance(d, ChatDocument) or bool(d.prompt) for d in docs), dtype=np.bool_,
+                               count=len(docs))
         kept, report = fit_records(encoded, prompted, self.seq_len, self.overflow)
-        if not kept:
+        if not kept.lengths.any():
             why = "" if self.overflow == "drop" else f" (its first {self.seq_len} tokens hold no trained token)"
             raise ValueError(
                 f"No trainable label in data_path={self.hparams.data_path!r} with seq_len={self.seq_len}, "
@@ -1046,17 +1146,13 @@ class TextDataModule(L.LightningDataModule):
                 "the model saw part of it). Fine-tune with pack=False to answer held-out records: changing pack, "
                 "seq_len or val_fraction now would hold out records this model trained on.")
 
-    def _wholly_held_out(self, docs: list, encoded: list, held_blocks: torch.Tensor) -> list:
+    def _wholly_held_out(self, docs: list, encoded: EncodedRecords, held_blocks: torch.Tensor) -> list:
         """The documents with a prompt (instruction, chat) whose every token lies in the blocks ``held_blocks``
-        (indices among all the blocks :func:`pack_blocks` cut, before blocks without a target were left out)."""
+        (indices among all the blocks :func:`pack_blocks` cut from ``encoded``, before blocks without a target were
+        left out; with ``pack=False``, ``encoded`` is what overflow kept of each record, 0 tokens for one dropped)."""
         prompted = [isinstance(d, ChatDocument) or bool(d.prompt) for d in docs]
         if not any(prompted):
             return []
-        if self.pack:
-            lengths = [len(ids) for ids, _ in encoded]
-        else:  # the tokens overflow kept of each record (0: dropped), as _fit_records kept them
-            lengths = [len(kept[0][0]) if kept else 0 for kept in
-                       (fit_records([e], [p], self.seq_len, self.overflow)[0] for e, p in zip(encoded, prompted))]
         held = set(held_blocks.tolist())
-        spans = record_blocks(lengths, self.seq_len, self.pack)
+        spans = record_blocks(encoded.lengths.tolist(), self.seq_len, self.pack)
         return [d for d, p, span in zip(docs, prompted, spans) if p and len(span) and all(b in held for b in span)]

@@ -2,14 +2,18 @@
 or a Hub repo id: :mod:`lowmem_lightning.hub`).
 
 Both expose the same small interface, which is all the data pipeline uses: ``encode(text) -> list[int]``
-(no special tokens added), ``decode(ids) -> str``, ``vocab_size`` and the ``pad_token_id``,
+(no special tokens added), ``encode_batch(texts)`` (the same ids for many texts, as flat int32 arrays),
+``decode(ids) -> str``, ``vocab_size`` and the ``pad_token_id``,
 ``bos_token_id`` and ``eos_token_id`` that mark document boundaries when sequences are packed.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer", "BYTE_VOCAB_SIZE"]
 
@@ -32,6 +36,13 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         """The UTF-8 bytes of ``text`` as token ids (no special tokens added)."""
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, lengths)``: the :meth:`encode` ids of every text of ``texts`` one after the other (int32) and
+        how many each has (int64), without a Python list of the ids."""
+        encoded = [text.encode("utf-8") for text in texts]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        return np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int32), lengths
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens are dropped (or shown as ``<pad>``/``<s>``/``</s>``)."""
@@ -84,6 +95,18 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, lengths)``: the :meth:`encode` ids of every text of ``texts`` one after the other (int32) and
+        how many each has (int64). One call of the tokenizer on the list: a fast tokenizer encodes it in one call of
+        its Rust backend (``encode_batch``, on its own threads), the very call it makes for a single text (which
+        transformers encodes as a batch of one), so the ids are the same as :meth:`encode` gives text by text."""
+        if not texts:
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+        rows = self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
+                              return_token_type_ids=False)["input_ids"]
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        return np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum())), lengths
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``."""
