@@ -279,6 +279,17 @@ def test_a_long_read_says_once_what_it_is_doing_and_the_sample_data_says_nothing
         r"0 s, then packing them into blocks\.\.\.", said[0]), said
 
 
+def test_large_files_are_said_before_they_are_read(monkeypatch, data_dir):
+    monkeypatch.setattr("lowmem_lightning.data.text.PROGRESS_BYTES", 1000)
+    said = []
+    dm = TextDataModule(str(data_dir), seq_len=SEQ)
+    dm.progress = said.append
+    dm.check_inputs()
+    assert len(said) == 1 and re.fullmatch(
+        rf"TextDataModule: reading and tokenizing data_path='{re.escape(str(data_dir))}': 2 file\(s\), 0.00 GiB, then "
+        r"packing them into blocks\.\.\.", said[0]), said
+
+
 def test_lowmem_fit_says_the_line_on_stderr_before_its_other_messages(monkeypatch, capsys, tmp_path):
     from lowmem_lightning.cli import main
 
@@ -290,3 +301,14 @@ def test_lowmem_fit_says_the_line_on_stderr_before_its_other_messages(monkeypatc
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and err[0].startswith("lowmem: TextDataModule: tokenizing data_path="), err
     assert "Too little data for val_fraction" in err[1]
+
+
+def test_the_head_of_blocks_is_their_first_columns(data_dir):
+    dm = TextDataModule(str(data_dir), seq_len=SEQ, val_fraction=0.2)
+    dm.setup()
+    sets = (dm.train_dataset.blocks, dm.val_dataset.blocks)
+    assert any(bool((blocks.lengths < SEQ).any()) for blocks in sets)  # a padded block, whose padding some heads hold
+    for blocks in sets:
+        for width in range(1, SEQ + 1):
+            head = blocks.head(width)
+            assert set(head) == set(blocks) and all(torch.equal(head[k], blocks[k][:, :width]) for k in blocks)

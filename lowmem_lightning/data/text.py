@@ -702,6 +702,10 @@ class TrainLoader(StatefulDataLoader):
 PROGRESS_AFTER_S = 3.0
 """Seconds of reading and tokenizing after which ``TextDataModule.check_inputs`` says, once, what it is doing."""
 
+PROGRESS_BYTES = 256 * 2**20
+"""Data files of this many bytes or more in all make ``TextDataModule.check_inputs`` say what it is doing before
+it reads them (parsing them alone takes longer than :data:`PROGRESS_AFTER_S`)."""
+
 
 def _stderr_line(text: str) -> None:
     """``text`` and a newline on stderr, from rank 0 only (every rank of a DDP run reads the data)."""
@@ -710,12 +714,18 @@ def _stderr_line(text: str) -> None:
 
 
 class _Progress:
-    """Says, once, what reading and tokenizing is doing when it has taken :data:`PROGRESS_AFTER_S` seconds, so a
-    long one does not look like a hang; ``say`` takes the line."""
+    """Says, once, what reading and tokenizing is doing: before reading files of :data:`PROGRESS_BYTES` or more, or
+    when tokenizing has taken :data:`PROGRESS_AFTER_S` seconds, so a long one does not look like a hang; ``say``
+    takes the line."""
 
-    def __init__(self, say, data_path: str):
+    def __init__(self, say, data_path: str, files: list[Path]):
         self.say, self.data_path = say or _stderr_line, data_path
         self.started, self.said = time.monotonic(), False
+        size = sum(f.stat().st_size for f in files)
+        if size >= PROGRESS_BYTES:
+            self.said = True
+            self.say(f"TextDataModule: reading and tokenizing data_path={data_path!r}: {len(files)} file(s), "
+                     f"{size / 2**30:.2f} GiB, then packing them into blocks...")
 
     def update(self, n_records: int, records_done: int, tokens_done: int) -> None:
         """Called as records are tokenized: ``records_done`` of ``n_records``, into ``tokens_done`` tokens."""
@@ -795,7 +805,8 @@ class TextDataModule(L.LightningDataModule):
 
     progress = None
     """Takes the one line :meth:`check_inputs` says when reading and tokenizing takes more than
-    :data:`PROGRESS_AFTER_S` seconds (``None``: written on stderr by rank 0; ``lowmem`` sets its own)."""
+    :data:`PROGRESS_AFTER_S` seconds, or before it reads :data:`PROGRESS_BYTES` of files or more (``None``: written on
+    stderr by rank 0; ``lowmem`` sets its own)."""
 
     def __init__(
         self,
@@ -873,7 +884,7 @@ class TextDataModule(L.LightningDataModule):
         the Trainer creates its log directory."""
         if self.train_dataset is not None:
             return
-        progress = _Progress(self.progress, str(self.hparams.data_path))
+        progress = _Progress(self.progress, str(self.hparams.data_path), self.files)
         docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
         encoded = encode_documents(docs, self.tokenizer, self.chat,
                                    on_chunk=lambda records, tokens: progress.update(len(docs), records, tokens))
@@ -1077,7 +1088,8 @@ class TextDataModule(L.LightningDataModule):
         held_out = self._held_out("predict")
         if self.answers_records:
             return self._loader(self.answer_prompts(), shuffle=False, collate=collate_prompts)
-        prompts = first_document_prompts(held_out.blocks, max(1, self.seq_len // 2), self.tokenizer.pad_token_id)
+        half = max(1, self.seq_len // 2)
+        prompts = first_document_prompts(held_out.blocks.head(half), half, self.tokenizer.pad_token_id)
         return self._loader(TokenBlocks(prompts), shuffle=False, trim=True)
 
     @property

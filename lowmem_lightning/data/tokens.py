@@ -263,6 +263,14 @@ class PackedBlocks(Mapping):
         chosen.starts, chosen.lengths = self.starts[index], self.lengths[index]
         return chosen
 
+    def head(self, width: int) -> PackedBlocks:
+        """The first ``width`` columns of each block (``width <= seq_len``), sharing the token arrays: the same
+        values as ``self[key][:, :width]`` for every key, without building the full tensors."""
+        chosen = self.select(slice(None))
+        chosen.seq_len, chosen._columns = width, self._columns[:width]
+        chosen.lengths = self.lengths.clamp(max=width)
+        return chosen
+
     def has_targets(self) -> torch.Tensor:
         """``[n_blocks]`` bool: the block has a trained token after its first (position 0 is never predicted)."""
         starts = self.starts.numpy()
