@@ -11,6 +11,12 @@ per token the kept blocks hold.
     python benchmarks/data_memory.py --mb 50                      # every configuration
     python benchmarks/data_memory.py --mb 50 --only byte,bpe      # some of them
     PYTHONPATH=/path/to/older/checkout python benchmarks/data_memory.py --mb 50   # the same on older code
+    python benchmarks/data_memory.py --mb 50 --cache              # cold (tokenize, write the cache) vs warm (load)
+
+Without ``--cache`` every configuration runs with ``cache_dir=False`` (no token cache). With it, each runs twice on
+a token cache in the temporary directory: ``cold`` tokenizes and writes the cache, ``warm`` loads it (memory-mapped);
+``file GB`` is the resident part of the process that is mapped files (the cache's pages: page cache, shared by every
+process mapping it), at the end.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ try:
 except OSError:
     pass
 path, tokenizer, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+import inspect
+if "cache_dir" not in inspect.signature(TextDataModule).parameters:  # older code: no token cache
+    kwargs.pop("cache_dir", None)
 started = time.perf_counter()
 dm = TextDataModule(data_path=path, tokenizer=tokenizer, seq_len=512, **kwargs)
 dm.check_inputs()
@@ -57,6 +66,7 @@ if stored is None:  # older code: a dict of int64 tensors
 tokens = int(sum(int(ds.blocks.lengths.sum()) if hasattr(ds.blocks, "lengths") else
                  int(ds.blocks["attention_mask"].sum()) for ds in (dm.train_dataset, dm.val_dataset)))
 print(json.dumps({"seconds": seconds, "base_gb": base / 2**30, "peak_above_gb": (peak - base) / 2**30,
+                  "file_gb": rss("RssFile:") / 2**30,
                   "tokens": tokens, "bytes_per_token": stored / tokens,
                   "blocks": len(dm.train_dataset) + len(dm.val_dataset)}))
 """
@@ -103,6 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=50.0, help="size of each data file, in MB (default 50)")
     parser.add_argument("--only", default=",".join(CONFIGS), help=f"configurations, of {', '.join(CONFIGS)}")
+    parser.add_argument("--cache", action="store_true",
+                        help="run each configuration cold (tokenize, write a token cache) and warm (load it)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -112,16 +124,21 @@ def main() -> None:
         files["chat"].write_text("".join(map(as_chat, lines)))
         tokenizers = {"byte": "byte", "bpe": str(bpe_tokenizer(tmp / "bpe"))}
         print(f"{len(lines)} records; python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.1f}")
-        print(f"{'config':<16} {'MB':>5} {'tokens':>11} {'blocks':>7} {'s':>6} {'base GB':>8} {'peak+ GB':>9} "
-              f"{'B/token':>8}")
+        print(f"{'config':<22} {'MB':>5} {'tokens':>11} {'blocks':>7} {'s':>6} {'base GB':>8} {'peak+ GB':>9} "
+              f"{'file GB':>8} {'B/token':>8}")
         for name in args.only.split(","):
             data, tokenizer, kwargs = CONFIGS[name]
-            out = subprocess.run([sys.executable, "-c", CHILD, str(files[data]), tokenizers[tokenizer],
-                                  json.dumps(kwargs)], capture_output=True, text=True, check=True, cwd=tmp)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{name:<16} {files[data].stat().st_size / 1e6:>5.0f} {r['tokens']:>11,} {r['blocks']:>7,} "
-                  f"{r['seconds']:>6.1f} {r['base_gb']:>8.2f} {r['peak_above_gb']:>9.2f} {r['bytes_per_token']:>8.1f}",
-                  flush=True)
+            runs = ([("cold", str(tmp / f"cache_{name}")), ("warm", str(tmp / f"cache_{name}"))] if args.cache
+                    else [("", False)])
+            for run, cache_dir in runs:
+                out = subprocess.run([sys.executable, "-c", CHILD, str(files[data]), tokenizers[tokenizer],
+                                      json.dumps({**kwargs, "cache_dir": cache_dir})], capture_output=True, text=True,
+                                     check=True, cwd=tmp)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                label = f"{name} {run}".strip()
+                print(f"{label:<22} {files[data].stat().st_size / 1e6:>5.0f} {r['tokens']:>11,} {r['blocks']:>7,} "
+                      f"{r['seconds']:>6.1f} {r['base_gb']:>8.2f} {r['peak_above_gb']:>9.2f} {r['file_gb']:>8.2f} "
+                      f"{r['bytes_per_token']:>8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,16 @@ def cpu_compile():
 
 
 @pytest.fixture(autouse=True)
+def _token_cache_in_tmp(request, tmp_path_factory, monkeypatch):
+    """TextDataModule's default token cache directory (``$LOWMEM_CACHE_DIR``) in pytest's temporary directory, one
+    per test (created only when a test's data is worth caching), so no test writes under the user's home."""
+    import hashlib
+
+    name = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    monkeypatch.setenv("LOWMEM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "token_cache" / name))
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

@@ -27,6 +27,10 @@ Pipeline (all in ``setup``, once):
    token (all prompt or padding: they would give a NaN loss) are left out, with a warning when
    ``pack=False`` or when they are more than 10% of the blocks.
 
+Steps 1-3 run once per data: their result is written to a token cache when it took 3 s or more or the files are
+8 MiB or more, and a later start with the same files, tokenizer and settings memory-maps it instead
+(``cache_dir``; :mod:`~lowmem_lightning.data.token_cache`).
+
 Loaders are torchdata ``StatefulDataLoader``s (a drop-in for torch's ``DataLoader``): Lightning saves
 their position and the shuffle generator's state in every checkpoint and restores them, so a run
 resumed from a mid-epoch checkpoint sees exactly the batches the uninterrupted run would have seen.
@@ -80,6 +84,7 @@ from lowmem_lightning.data.formats import (
     table_records,
 )
 from lowmem_lightning.data.overflow import Overflow, check_overflow, collate_trimmed, fit_records
+from lowmem_lightning.data.token_cache import cache_directory
 from lowmem_lightning.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from lowmem_lightning.data.tokens import EncodedRecords, PackedBlocks, RecordsBuilder, flat_positions, segment_index
 from lowmem_lightning.lowmem_warning import LowMemWarning
@@ -757,6 +762,39 @@ def _check_int(value, name: str, minimum: int) -> None:
         raise ValueError(f"Invalid {name}={value!r}: expected an integer >= {minimum}.")
 
 
+@dataclass
+class _Tokenized:
+    """What ``TextDataModule`` keeps of its data after tokenizing, and what its token cache holds: every block
+    (before blocks without a target are left out), each record's length after ``overflow`` and whether it has a
+    prompt, which kinds of record the data holds, the overflow warning's text, and the documents (``None`` when
+    loaded from the cache)."""
+
+    blocks: PackedBlocks
+    record_lengths: np.ndarray
+    prompted: np.ndarray
+    kinds: dict
+    overflow_message: str | None
+    docs: list | None
+
+    def to_cache(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """``(meta, arrays)`` to write (:func:`~lowmem_lightning.data.token_cache.write_cache`)."""
+        blocks = self.blocks
+        arrays = {"ids": blocks.ids.numpy(), "trained": blocks.trained.numpy(), "block_starts": blocks.starts.numpy(),
+                  "block_lengths": blocks.lengths.numpy(), "record_lengths": np.asarray(self.record_lengths),
+                  "prompted": self.prompted}
+        if blocks.has_positions:
+            arrays["positions"] = blocks.positions.numpy()
+        return {**self.kinds, "overflow_message": self.overflow_message, "seq_len": blocks.seq_len}, arrays
+
+    @classmethod
+    def from_cache(cls, meta: dict, arrays: dict[str, np.ndarray], pad_id: int) -> _Tokenized:
+        """The blocks :meth:`to_cache` wrote, their token arrays memory-mapped (``read_cache``'s arrays)."""
+        blocks = PackedBlocks(arrays["ids"], arrays["trained"], arrays["block_starts"], arrays["block_lengths"],
+                              meta["seq_len"], pad_id, arrays.get("positions"))
+        kinds = {kind: bool(meta[kind]) for kind in ("has_chat", "has_instructions", "has_plain_text")}
+        return cls(blocks, arrays["record_lengths"], arrays["prompted"], kinds, meta["overflow_message"], None)
+
+
 class TextDataModule(L.LightningDataModule):
     """Causal-LM data from plain text and records (JSONL, JSON, CSV/TSV), tokenized, packed into ``seq_len``-token
     blocks.
@@ -798,6 +836,12 @@ class TextDataModule(L.LightningDataModule):
             one. ``None`` uses the HF tokenizer's own template, or, for the byte tokenizer and HF tokenizers
             without one, :data:`~lowmem_lightning.data.chat.DEFAULT_CHAT_TEMPLATE`. The loss covers the
             assistant turns only.
+        cache_dir: Where the token cache is kept (:mod:`~lowmem_lightning.data.token_cache`): data that took
+            3 s or more to read and tokenize, or files of 8 MiB or more, is written there once, and later runs with
+            the same data files, tokenizer, templates, ``seq_len``, ``pack``, ``isolate_documents`` and ``overflow``
+            memory-map it instead of tokenizing again (the split, ``val_fraction`` and ``seed``, is made after).
+            ``None``: ``$LOWMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowmem_lightning/tokens``, else
+            ``~/.cache/lowmem_lightning/tokens``; ``False``: no cache. Clear it by deleting the directory.
 
     Raises ``ValueError`` naming the argument when a value is invalid or a path does not exist,
     in the constructor, before anything is read; :meth:`check_inputs` then checks the files' content.
@@ -823,6 +867,7 @@ class TextDataModule(L.LightningDataModule):
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         prompt_template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
         chat_template: str | None = None,
+        cache_dir: bool | str | None = None,
     ):
         super().__init__()
         if not isinstance(data_path, (str, Path)):
@@ -843,6 +888,7 @@ class TextDataModule(L.LightningDataModule):
         _check_template(prompt_template, "prompt_template", ("instruction", "input"))
         _check_template(prompt_template_no_input, "prompt_template_no_input", ("instruction",))
         given_chat = None if chat_template is None else read_chat_template(chat_template)
+        self.cache_dir = cache_directory(cache_dir)
         self.files = find_data_files(str(data_path))
         self.tokenizer = load_tokenizer(tokenizer)
         self.chat = ChatTemplate(self.tokenizer, given_chat, setting=chat_template)
@@ -855,6 +901,8 @@ class TextDataModule(L.LightningDataModule):
         self.isolate_documents = pack and isolate_documents
         self.overflow = overflow
         self.train_dataset: TokenBlocks | None = None
+        self._held_out_prompted: list | None = None  # the wholly held-out records with a prompt (check_inputs)
+        self._held_out_records: list[int] = []  # their indices among the data's records
         self.val_dataset: TokenBlocks | None = None
 
     @property
@@ -884,16 +932,8 @@ class TextDataModule(L.LightningDataModule):
         the Trainer creates its log directory."""
         if self.train_dataset is not None:
             return
-        progress = _Progress(self.progress, str(self.hparams.data_path), self.files)
-        docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
-        encoded = encode_documents(docs, self.tokenizer, self.chat,
-                                   on_chunk=lambda records, tokens: progress.update(len(docs), records, tokens))
-        self.has_chat = any(isinstance(d, ChatDocument) for d in docs)
-        self.has_instructions = any(isinstance(d, Document) and d.prompt for d in docs)
-        self.has_plain_text = any(isinstance(d, Document) and not d.prompt for d in docs)
-        if not self.pack:
-            encoded = self._fit_records(docs, encoded)
-        blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack, self.isolate_documents)
+        tokens = self._tokens()
+        blocks = tokens.blocks
         keep = blocks.has_targets()
         if not bool(keep.any()):
             raise ValueError(
@@ -918,13 +958,112 @@ class TextDataModule(L.LightningDataModule):
         keys = ("input_ids", "labels", "position_ids") if self.isolate_documents else None
         self.train_dataset = TokenBlocks(blocks.select(kept[train_idx]), keys)
         self.val_dataset = TokenBlocks(blocks.select(kept[val_idx]), keys)
-        self._held_out_prompted = self._wholly_held_out(docs, encoded, kept[val_idx])
+        held = self._wholly_held_out(tokens.prompted, tokens.record_lengths, kept[val_idx])
+        self._held_out_prompted = None if tokens.docs is None else [tokens.docs[i] for i in held]
+        self._held_out_records = held
 
-    def _fit_records(self, docs: list, encoded: EncodedRecords) -> EncodedRecords:
-        """The encoded records after ``overflow`` (:func:`~lowmem_lightning.data.overflow.fit_records`), with its
-        warning; ``ValueError`` naming ``seq_len`` and ``overflow`` when it leaves no record."""
+    def _tokenize(self) -> _Tokenized:
+        """Read, tokenize and cut the data into blocks (all of them, before blocks without a target are left out),
+        with the overflow warning's text (said by :meth:`_tokens`)."""
+        progress = _Progress(self.progress, str(self.hparams.data_path), self.files)
+        docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
+        encoded = encode_documents(docs, self.tokenizer, self.chat,
+                                   on_chunk=lambda records, tokens: progress.update(len(docs), records, tokens))
         prompted = np.fromiter((isinstance(d, ChatDocument) or bool(d.prompt) for d in docs), dtype=np.bool_,
                                count=len(docs))
+        kinds = {"has_chat": any(isinstance(d, ChatDocument) for d in docs),
+                 "has_instructions": any(isinstance(d, Document) and d.prompt for d in docs),
+                 "has_plain_text": any(isinstance(d, Document) and not d.prompt for d in docs)}
+        message = None
+        if not self.pack:
+            encoded, message = self._fit_records(prompted, encoded)
+        blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack, self.isolate_documents)
+        return _Tokenized(blocks, encoded.lengths, prompted, kinds, message, docs)
+
+    def _tokens(self) -> _Tokenized:
+        """The data's blocks: loaded from the token cache when it holds this data's key (:meth:`_cache_key`), else
+        built (:meth:`_tokenize`) and, when that took long enough or the files are large
+        (:func:`~lowmem_lightning.data.token_cache.worth_caching`), written to it. A damaged cache file, or one
+        that cannot be written, is said in one warning and the run goes on from the files."""
+        from lowmem_lightning.data import token_cache
+
+        if self.cache_dir is None:
+            tokens = self._tokenize()
+        else:
+            key = token_cache.cache_key(self._cache_key())
+            path = token_cache.cache_path(self.cache_dir, key)
+            tokens, damaged = self._load_cache(path, key)
+            if tokens is None:
+                with token_cache.key_lock(self.cache_dir, key):
+                    tokens, damaged_now = self._load_cache(path, key, said=damaged)  # built meanwhile by another
+                    if tokens is None:
+                        tokens = self._build_and_cache(path, key, damaged or damaged_now)
+        self.has_chat, self.has_instructions, self.has_plain_text = (
+            tokens.kinds["has_chat"], tokens.kinds["has_instructions"], tokens.kinds["has_plain_text"])
+        if tokens.overflow_message:
+            rank_zero_warn(tokens.overflow_message, category=LowMemWarning)
+        return tokens
+
+    def _load_cache(self, path: Path, key: str, said: bool = False) -> tuple[_Tokenized | None, bool]:
+        """``(tokens, damaged)``: the cache file ``path``'s blocks (``None`` when there is none or it is damaged)
+        and whether it is damaged (said in one warning unless ``said``)."""
+        from lowmem_lightning.data.token_cache import CacheDamaged, read_cache
+
+        try:
+            tokens = _Tokenized.from_cache(*read_cache(path, key), self.tokenizer.pad_token_id)
+        except (FileNotFoundError, NotADirectoryError):
+            return None, False
+        except (CacheDamaged, OSError, ValueError, KeyError, TypeError) as err:
+            if not said:
+                rank_zero_warn(f"TextDataModule: the token cache {path} is damaged ({err}); it is not used, the data "
+                               "is read and tokenized again and the cache rewritten.", category=LowMemWarning)
+            return None, True
+        self._say(f"TextDataModule: using the token cache {path} ({path.stat().st_size / 2**20:.1f} MiB) for "
+                  f"data_path={str(self.hparams.data_path)!r}: no file read or tokenized.")
+        return tokens, False
+
+    def _build_and_cache(self, path: Path, key: str, replace_damaged: bool) -> _Tokenized:
+        """:meth:`_tokenize`, then the result written to ``path`` when worth it (or replacing a damaged file); a
+        write that fails (unwritable directory, full disk) is said in one warning."""
+        from lowmem_lightning.data.token_cache import worth_caching, write_cache
+
+        started = time.monotonic()
+        tokens = self._tokenize()
+        seconds = time.monotonic() - started
+        if not (replace_damaged or worth_caching(seconds, sum(f.stat().st_size for f in self.files))):
+            return tokens
+        try:
+            size = write_cache(path, key, *tokens.to_cache())
+        except OSError as err:
+            rank_zero_warn(f"TextDataModule: cannot write the token cache in {self.cache_dir} "
+                           f"({err.strerror or err}); this run goes on without it (set cache_dir to a writable "
+                           "directory, or cache_dir=False to not try).", category=LowMemWarning)
+            return tokens
+        self._say(f"TextDataModule: token cache written: {path} ({size / 2**20:.1f} MiB); later runs on the same "
+                  f"data and settings load it instead of reading and tokenizing ({seconds:.1f} s).")
+        return tokens
+
+    def _say(self, text: str) -> None:
+        """One line of the data module (:attr:`progress`, else stderr from rank 0)."""
+        (self.progress or _stderr_line)(text)
+
+    def _cache_key(self) -> dict:
+        """What decides the tokens and blocks (the token cache's key): the data files' fingerprints, the tokenizer's
+        fingerprint and special ids, the prompt and chat templates, ``seq_len``, ``pack``, ``isolate_documents`` and
+        ``overflow``. ``val_fraction`` and ``seed`` are not in it: the split is made after loading."""
+        from lowmem_lightning.data.fingerprint import fingerprints
+
+        tokenizer = self.tokenizer
+        return {"data_files": fingerprints(self.files), "tokenizer": self._tokenizer_fingerprint,
+                "special_ids": [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id],
+                "chat_template": self.chat.fingerprint(), "prompt_template": self.hparams.prompt_template,
+                "prompt_template_no_input": self.hparams.prompt_template_no_input, "seq_len": self.seq_len,
+                "pack": self.pack, "isolate_documents": self.isolate_documents, "overflow": self.overflow}
+
+    def _fit_records(self, prompted: np.ndarray, encoded: EncodedRecords) -> tuple[EncodedRecords, str | None]:
+        """The encoded records after ``overflow`` (:func:`~lowmem_lightning.data.overflow.fit_records`) and its
+        warning's text (``None``: nothing to say); ``ValueError`` naming ``seq_len`` and ``overflow`` when it leaves
+        no record."""
         kept, report = fit_records(encoded, prompted, self.seq_len, self.overflow)
         if not kept.lengths.any():
             why = "" if self.overflow == "drop" else f" (its first {self.seq_len} tokens hold no trained token)"
@@ -934,10 +1073,13 @@ class TextDataModule(L.LightningDataModule):
                 f"{why}. Raise seq_len above the records' prompt length, set overflow='split' or pack=True, or use "
                 "records with shorter prompts."
             )
-        message = report.message(self.overflow, self.seq_len)
-        if message:
-            rank_zero_warn(message, category=LowMemWarning)
-        return kept
+        return kept, report.message(self.overflow, self.seq_len) or None
+
+    def prepare_data(self) -> None:
+        """Read, tokenize and cache the data (:meth:`check_inputs`) once per machine before the ranks set up: under
+        DDP, Lightning calls it on each machine's local rank 0 alone, so the other ranks' ``setup`` loads the token
+        cache it wrote instead of tokenizing the same files at once."""
+        self.check_inputs()
 
     def setup(self, stage: str | None = None) -> None:
         """Read, tokenize, pack and split the data (:meth:`check_inputs`; once, later calls do nothing)."""
@@ -1115,7 +1257,7 @@ class TextDataModule(L.LightningDataModule):
         self._held_out("predict")
         limit, why = self._prompt_limit()
         answered, stops = [], {(self.tokenizer.eos_token_id,)}
-        for doc in self._held_out_prompted:
+        for doc in self._held_out_documents():
             record, end_of_turn = prompt_record(doc, self.tokenizer, self.chat)
             answered.append(record)
             if end_of_turn:
@@ -1158,13 +1300,23 @@ class TextDataModule(L.LightningDataModule):
                 "the model saw part of it). Fine-tune with pack=False to answer held-out records: changing pack, "
                 "seq_len or val_fraction now would hold out records this model trained on.")
 
-    def _wholly_held_out(self, docs: list, encoded: EncodedRecords, held_blocks: torch.Tensor) -> list:
-        """The documents with a prompt (instruction, chat) whose every token lies in the blocks ``held_blocks``
-        (indices among all the blocks :func:`pack_blocks` cut from ``encoded``, before blocks without a target were
-        left out; with ``pack=False``, ``encoded`` is what overflow kept of each record, 0 tokens for one dropped)."""
-        prompted = [isinstance(d, ChatDocument) or bool(d.prompt) for d in docs]
-        if not any(prompted):
+    def _wholly_held_out(self, prompted: np.ndarray, lengths: np.ndarray, held_blocks: torch.Tensor) -> list[int]:
+        """The indices of the records with a prompt (``prompted``: instruction, chat) whose every token lies in the
+        blocks ``held_blocks`` (indices among all the blocks :func:`pack_blocks` cut from records of ``lengths``
+        tokens, before blocks without a target were left out; with ``pack=False``, ``lengths`` are what overflow kept
+        of each record, 0 for one dropped)."""
+        if not prompted.any():
             return []
         held = set(held_blocks.tolist())
-        spans = record_blocks(encoded.lengths.tolist(), self.seq_len, self.pack)
-        return [d for d, p, span in zip(docs, prompted, spans) if p and len(span) and all(b in held for b in span)]
+        spans = record_blocks(lengths.tolist(), self.seq_len, self.pack)
+        return [i for i, (p, span) in enumerate(zip(prompted.tolist(), spans))
+                if p and len(span) and all(b in held for b in span)]
+
+    def _held_out_documents(self) -> list:
+        """The wholly held-out records with a prompt, as documents: kept from the build, or, when the blocks came
+        from the token cache (which keeps tokens, not text), read again from the data files (parsed, not
+        tokenized; their fingerprints are the cache's key)."""
+        if self._held_out_prompted is None:
+            docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
+            self._held_out_prompted = [docs[i] for i in self._held_out_records]
+        return self._held_out_prompted

@@ -1,0 +1,194 @@
+"""An on-disk cache of tokenized data: ``TextDataModule`` tokenizes a dataset once and later starts (a resume, ``lowmem
+validate/test/predict``, every DDP rank) memory-map the arrays instead of reading and tokenizing the files again.
+
+One cache file per key (:func:`cache_key`: the SHA-256 of everything that decides the tokens and blocks, with
+:data:`FORMAT_VERSION`), ``KEY.tokens`` in the cache directory (:func:`cache_directory`). Layout: the magic bytes
+:data:`MAGIC`, the header's length (8 bytes, little endian) and SHA-256 (32 bytes), the header (JSON: the key, the
+caller's ``meta``, and each array's dtype, shape, offset and SHA-256), then the arrays, each at a 64-byte aligned
+offset. :func:`read_cache` checks the magic, the header's checksum, the key, the file's size and every array's
+checksum before it returns anything, and maps the arrays copy-on-write (``np.memmap`` mode ``"c"``: processes reading
+the same file share its pages). :func:`write_cache` writes a temporary file in the same directory and moves it into
+place with ``os.replace`` (a reader sees the old file or the whole new one; two writers of one key leave one whole
+file), after ``fsync``. :func:`key_lock` makes other processes building the same key wait for the one building it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "CACHE_AFTER_S", "CACHE_MIN_BYTES", "CacheDamaged", "cache_directory",
+           "cache_key", "cache_path", "worth_caching", "write_cache", "read_cache", "key_lock"]
+
+FORMAT_VERSION = 1
+"""Version of the cache's layout and of how records become tokens: a change of either bumps it (old files are then
+never read: their key differs)."""
+
+MAGIC = b"LMTOKEN1"
+"""The first 8 bytes of a cache file."""
+
+CACHE_AFTER_S = 3.0
+"""Seconds of reading and tokenizing from which the result is cached (the threshold of the progress line)."""
+
+CACHE_MIN_BYTES = 8 * 2**20
+"""Bytes of data files from which the result is cached however fast it was built (8 MiB)."""
+
+_ALIGN = 64
+_PREFIX = len(MAGIC) + 8 + 32
+
+
+class CacheDamaged(Exception):
+    """A cache file that cannot be trusted (truncated, corrupted, another key or format); the message says why."""
+
+
+def cache_directory(setting: str | Path | bool | None) -> Path | None:
+    """The directory ``cache_dir=setting`` names: ``False`` turns the cache off (``None`` returned); ``None`` (or
+    ``True``) is the default, ``$LOWMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowmem_lightning/tokens``, else
+    ``~/.cache/lowmem_lightning/tokens``; a path is that directory (``~`` expanded). ``TypeError`` naming the value
+    otherwise."""
+    if setting is False:
+        return None
+    if setting is None or setting is True:
+        if os.environ.get("LOWMEM_CACHE_DIR"):
+            return Path(os.environ["LOWMEM_CACHE_DIR"]).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+        return Path(base).expanduser() / "lowmem_lightning" / "tokens"
+    if isinstance(setting, (str, Path)) and str(setting):
+        return Path(setting).expanduser()
+    raise TypeError(f"Invalid cache_dir={setting!r}: expected a directory path, None (the default location: "
+                    "$LOWMEM_CACHE_DIR, $XDG_CACHE_HOME/lowmem_lightning/tokens or ~/.cache/lowmem_lightning/tokens) "
+                    "or False (no cache).")
+
+
+def cache_key(parts: dict) -> str:
+    """The hex SHA-256 of ``parts`` (JSON-serializable: fingerprints and settings) and :data:`FORMAT_VERSION`."""
+    text = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_path(directory: Path, key: str) -> Path:
+    """The cache file of ``key`` in ``directory``."""
+    return directory / f"{key}.tokens"
+
+
+def worth_caching(seconds: float, data_bytes: int) -> bool:
+    """Whether a build that took ``seconds`` from ``data_bytes`` of files is cached: :data:`CACHE_AFTER_S` or more,
+    or :data:`CACHE_MIN_BYTES` or more (small data, such as the shipped sample, is rebuilt: nothing written)."""
+    return seconds >= CACHE_AFTER_S or data_bytes >= CACHE_MIN_BYTES
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _layout(arrays: dict[str, np.ndarray], sums: dict[str, str], start: int) -> dict[str, dict]:
+    """Each array's dtype, shape, offset (from ``start``, 64-byte aligned) and SHA-256 (``sums``)."""
+    table, offset = {}, _aligned(start)
+    for name, array in arrays.items():
+        table[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset, "sha256": sums[name]}
+        offset = _aligned(offset + array.nbytes)
+    return table
+
+
+def _header(key: str, meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
+    """The JSON header; its own length decides where the arrays start, so it is laid out until that is stable."""
+    sums = {name: hashlib.sha256(array.data).hexdigest() for name, array in arrays.items()}
+    start = _PREFIX
+    while True:
+        text = json.dumps({"key": key, "meta": meta, "arrays": _layout(arrays, sums, start)},
+                          sort_keys=True).encode()
+        if _aligned(_PREFIX + len(text)) == _aligned(start):
+            return text
+        start = _PREFIX + len(text)
+
+
+def _write_arrays(f, arrays: dict[str, np.ndarray], table: dict[str, dict]) -> None:
+    """Write each array at its offset of ``table`` (zero bytes between them)."""
+    for name, array in arrays.items():
+        f.write(b"\0" * (table[name]["offset"] - f.tell()))
+        f.write(array.data)
+
+
+def write_cache(path: Path, key: str, meta: dict, arrays: dict[str, np.ndarray]) -> int:
+    """Write ``meta`` (JSON-serializable) and ``arrays`` (C-contiguous) as the cache file ``path`` of ``key``,
+    atomically (a temporary file in ``path``'s directory, fsync'd, moved into place); the file's size in bytes.
+    Creates the directory. An ``OSError`` (unwritable directory, full disk) leaves no temporary file behind."""
+    arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    header = _header(key, meta, arrays)
+    table = json.loads(header)["arrays"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(MAGIC + len(header).to_bytes(8, "little") + hashlib.sha256(header).digest() + header)
+            _write_arrays(f, arrays, table)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    return path.stat().st_size
+
+
+def read_cache(path: Path, key: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(meta, arrays)`` of the cache file ``path`` of ``key``, the arrays memory-mapped copy-on-write, each checked
+    against its stored size and SHA-256; ``CacheDamaged`` saying why when the file is not a whole cache of ``key``
+    (``FileNotFoundError`` when there is none)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(_PREFIX)
+        if len(prefix) < _PREFIX or prefix[:len(MAGIC)] != MAGIC:
+            raise CacheDamaged("not a token cache of this version (its first bytes differ)")
+        length = int.from_bytes(prefix[len(MAGIC):len(MAGIC) + 8], "little")
+        header = f.read(length) if length <= size else b""
+    if len(header) != length or hashlib.sha256(header).digest() != prefix[len(MAGIC) + 8:]:
+        raise CacheDamaged("its header is truncated or corrupted (checksum mismatch)")
+    content = json.loads(header)
+    if content["key"] != key:
+        raise CacheDamaged("it holds another key than its name")
+    arrays = {}
+    for name, entry in content["arrays"].items():
+        dtype, shape = np.dtype(entry["dtype"]), tuple(entry["shape"])
+        end = entry["offset"] + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        if end > size:
+            raise CacheDamaged(f"it is truncated ({size} bytes; array {name!r} ends at byte {end})")
+        array = (np.memmap(path, dtype=dtype, mode="c", offset=entry["offset"], shape=shape) if end > entry["offset"]
+                 else np.zeros(shape, dtype=dtype))
+        if hashlib.sha256(array.data).hexdigest() != entry["sha256"]:
+            raise CacheDamaged(f"array {name!r} is corrupted (checksum mismatch)")
+        arrays[name] = array
+    return content["meta"], arrays
+
+
+@contextlib.contextmanager
+def key_lock(directory: Path, key: str):
+    """Hold an exclusive lock on ``key`` in ``directory`` (``KEY.lock``, ``fcntl.flock``; released when the block
+    ends or the process dies), so processes building the same key at once wait for the first and then read its
+    cache. No lock (the block runs at once) where the directory does not exist yet, cannot be written or the
+    platform has no ``fcntl``: the build then goes on, and two builders of one key each replace the file whole."""
+    lock = directory / f"{key}.lock"
+    try:
+        import fcntl
+
+        handle = open(lock, "a") if directory.is_dir() else None
+    except (ImportError, OSError):
+        handle = None
+    if handle is None:
+        yield
+        return
+    with handle:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:  # removed before it is released: a waiter then finds the cache (or builds), nothing is left behind
+            with contextlib.suppress(OSError):
+                lock.unlink()
