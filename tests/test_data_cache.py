@@ -128,6 +128,10 @@ def test_the_key_is_what_decides_the_tokens_and_the_split_is_not_in_it(tmp_path,
     assert not used(seq_len=48, isolate_documents=False)
     assert not used(seq_len=48, prompt_template_no_input="Q: {instruction}\nA: ")
     assert not used(seq_len=48, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    versions = token_cache.library_versions()
+    with pytest.MonkeyPatch.context() as patch:  # another transformers may tokenize the same text otherwise
+        patch.setattr(token_cache, "library_versions", lambda: {**versions, "transformers": "0.0"})
+        assert not used(seq_len=48)
     before = len(list(cache.glob("*.tokens")))
     with (path / "records.jsonl").open("a") as f:
         f.write(json.dumps({"instruction": "one more", "output": "record"}) + "\n")

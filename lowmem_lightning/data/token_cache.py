@@ -1,15 +1,16 @@
 """An on-disk cache of tokenized data: ``TextDataModule`` tokenizes a dataset once and later starts (a resume, ``lowmem
 validate/test/predict``, every DDP rank) memory-map the arrays instead of reading and tokenizing the files again.
 
-One cache file per key (:func:`cache_key`: the SHA-256 of everything that decides the tokens and blocks, with
-:data:`FORMAT_VERSION`), ``KEY.tokens`` in the cache directory (:func:`cache_directory`). Layout: the magic bytes
-:data:`MAGIC`, the header's length (8 bytes, little endian) and SHA-256 (32 bytes), the header (JSON: the key, the
-caller's ``meta``, and each array's dtype, shape, offset and SHA-256), then the arrays, each at a 64-byte aligned
-offset. :func:`read_cache` checks the magic, the header's checksum, the key, the file's size and every array's
-checksum before it returns anything, and maps the arrays copy-on-write (``np.memmap`` mode ``"c"``: processes reading
-the same file share its pages). :func:`write_cache` writes a temporary file in the same directory and moves it into
-place with ``os.replace`` (a reader sees the old file or the whole new one; two writers of one key leave one whole
-file), after ``fsync``. :func:`key_lock` makes other processes building the same key wait for the one building it.
+One cache file per key, ``KEY.tokens`` in the cache directory (:func:`cache_directory`); the key (:func:`cache_key`)
+is the SHA-256 of everything that decides the tokens and blocks, with :data:`FORMAT_VERSION` and the versions of the
+tokenizing libraries. Layout: the magic bytes :data:`MAGIC`, the header's length (8 bytes, little endian) and SHA-256
+(32 bytes), the header (JSON: the key, the caller's ``meta``, and each array's dtype, shape, offset and SHA-256), then
+the arrays, each at a 64-byte aligned offset. :func:`read_cache` checks the magic, the header's checksum, the key, the
+file's size and every array's checksum before it returns anything, and maps the arrays copy-on-write (``np.memmap``
+mode ``"c"``: processes reading the same file share its pages). :func:`write_cache` writes a temporary file in the
+same directory and moves it into place with ``os.replace`` (a reader sees the old file or the whole new one; two
+writers of one key leave one whole file), after ``fsync``. :func:`key_lock` makes other processes building the same
+key wait for the one building it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "CACHE_AFTER_S", "CACHE_MIN_BYTES", "CacheDamaged", "cache_directory",
-           "cache_key", "cache_path", "worth_caching", "write_cache", "read_cache", "key_lock"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "CACHE_AFTER_S", "CACHE_MIN_BYTES", "TOKENIZING_LIBRARIES", "CacheDamaged",
+           "cache_directory", "library_versions", "cache_key", "cache_path", "worth_caching", "write_cache",
+           "read_cache", "key_lock"]
 
 FORMAT_VERSION = 1
 """Version of the cache's layout and of how records become tokens: a change of either bumps it (old files are then
@@ -66,9 +68,28 @@ def cache_directory(setting: str | Path | bool | None) -> Path | None:
                     "or False (no cache).")
 
 
+TOKENIZING_LIBRARIES = ("transformers", "tokenizers", "sentencepiece", "jinja2")
+"""Libraries whose version may change the tokens of the same text (tokenizers, chat template rendering)."""
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`TOKENIZING_LIBRARIES` (``None``: not installed)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in TOKENIZING_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def cache_key(parts: dict) -> str:
-    """The hex SHA-256 of ``parts`` (JSON-serializable: fingerprints and settings) and :data:`FORMAT_VERSION`."""
-    text = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    """The hex SHA-256 of ``parts`` (JSON-serializable: fingerprints and settings), :data:`FORMAT_VERSION` and the
+    :func:`library_versions`."""
+    text = json.dumps({"format": FORMAT_VERSION, "libraries": library_versions(), **parts}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
