@@ -192,6 +192,20 @@ def test_a_cache_that_cannot_be_written_is_said_once_and_the_run_goes_on(failure
     assert not where.exists() or list(where.iterdir()) == []  # no temporary file left behind
 
 
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path, cache):
+    path = _data(tmp_path, "records")
+    _module(path, seq_len=48)
+    (written,) = cache.glob("*.tokens")
+    written.unlink()
+    stale, live = cache / f".{written.name}.999.dead.tmp", cache / f".{written.name}.998.live.tmp"
+    for temporary in (stale, live):
+        temporary.write_bytes(b"partial")
+    old = stale.stat().st_mtime - token_cache.STALE_TEMPORARY_S - 1
+    os.utime(stale, (old, old))
+    _module(path, seq_len=48)
+    assert written.exists() and not stale.exists() and live.exists()  # a writer busy now keeps its file
+
+
 def _damage(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncated":

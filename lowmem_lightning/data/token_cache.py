@@ -19,14 +19,15 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "CACHE_AFTER_S", "CACHE_MIN_BYTES", "TOKENIZING_LIBRARIES", "CacheDamaged",
-           "cache_directory", "library_versions", "cache_key", "cache_path", "worth_caching", "write_cache",
-           "read_cache", "key_lock"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "CACHE_AFTER_S", "CACHE_MIN_BYTES", "STALE_TEMPORARY_S", "TOKENIZING_LIBRARIES",
+           "CacheDamaged", "cache_directory", "library_versions", "cache_key", "cache_path", "worth_caching",
+           "write_cache", "read_cache", "key_lock"]
 
 FORMAT_VERSION = 1
 """Version of the cache's layout and of how records become tokens: a change of either bumps it (old files are then
@@ -40,6 +41,10 @@ CACHE_AFTER_S = 3.0
 
 CACHE_MIN_BYTES = 8 * 2**20
 """Bytes of data files from which the result is cached however fast it was built (8 MiB)."""
+
+STALE_TEMPORARY_S = 600.0
+"""A temporary cache file of a key not written to for this many seconds is left from a killed writer (a preempted
+job) and is removed by the next :func:`write_cache` of that key."""
 
 _ALIGN = 64
 _PREFIX = len(MAGIC) + 8 + 32
@@ -136,14 +141,25 @@ def _write_arrays(f, arrays: dict[str, np.ndarray], table: dict[str, dict]) -> N
         f.write(array.data)
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of ``path`` that no writer has touched for :data:`STALE_TEMPORARY_S` seconds."""
+    now = time.time()
+    for temporary in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - temporary.stat().st_mtime > STALE_TEMPORARY_S:
+                temporary.unlink()
+
+
 def write_cache(path: Path, key: str, meta: dict, arrays: dict[str, np.ndarray]) -> int:
     """Write ``meta`` (JSON-serializable) and ``arrays`` (C-contiguous) as the cache file ``path`` of ``key``,
     atomically (a temporary file in ``path``'s directory, fsync'd, moved into place); the file's size in bytes.
-    Creates the directory. An ``OSError`` (unwritable directory, full disk) leaves no temporary file behind."""
+    Creates the directory; removes the temporary files killed writers of this key left. An ``OSError``
+    (unwritable directory, full disk) leaves no temporary file behind."""
     arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
     header = _header(key, meta, arrays)
     table = json.loads(header)["arrays"]
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     temporary = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(temporary, "wb") as f:
