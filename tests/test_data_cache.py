@@ -132,6 +132,9 @@ def test_the_key_is_what_decides_the_tokens_and_the_split_is_not_in_it(tmp_path,
     with pytest.MonkeyPatch.context() as patch:  # another transformers may tokenize the same text otherwise
         patch.setattr(token_cache, "library_versions", lambda: {**versions, "transformers": "0.0"})
         assert not used(seq_len=48)
+    with pytest.MonkeyPatch.context() as patch:  # other code of ours (an edit, an upgrade) may tokenize otherwise
+        patch.setattr(token_cache, "pipeline_source_hash", lambda: "another pipeline")
+        assert not used(seq_len=48)
     before = len(list(cache.glob("*.tokens")))
     with (path / "records.jsonl").open("a") as f:
         f.write(json.dumps({"instruction": "one more", "output": "record"}) + "\n")

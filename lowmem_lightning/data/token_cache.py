@@ -16,6 +16,7 @@ key wait for the one building it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -26,12 +27,14 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "CACHE_AFTER_S", "CACHE_MIN_BYTES", "STALE_TEMPORARY_S", "TOKENIZING_LIBRARIES",
-           "CacheDamaged", "cache_directory", "library_versions", "cache_key", "cache_path", "worth_caching",
+           "PIPELINE_MODULES", "CacheDamaged", "cache_directory", "library_versions", "pipeline_source_hash",
+           "cache_key", "cache_path", "worth_caching",
            "write_cache", "read_cache", "key_lock"]
 
 FORMAT_VERSION = 1
 """Version of the cache's layout and of how records become tokens: a change of either bumps it (old files are then
-never read: their key differs)."""
+never read: their key differs). The key also holds a hash of the pipeline's source (:func:`pipeline_source_hash`), so
+an edit that forgets the bump still misses."""
 
 MAGIC = b"LMTOKEN1"
 """The first 8 bytes of a cache file."""
@@ -90,11 +93,26 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+PIPELINE_MODULES = ("text", "tokens", "tokenizer", "chat", "overflow", "formats", "token_cache")
+"""The modules of ``lowmem_lightning.data`` whose code turns records into tokens and blocks (or lays out the cache)."""
+
+
+@functools.cache
+def pipeline_source_hash() -> str:
+    """The hex SHA-256 of the source files of :data:`PIPELINE_MODULES`: any edit of how records become tokens (a
+    fix, an upgrade of this package) changes the key, so a cache built by other code is never read, whether or not
+    :data:`FORMAT_VERSION` was bumped."""
+    digest = hashlib.sha256()
+    for name in PIPELINE_MODULES:
+        digest.update(name.encode("utf-8") + b"\0" + (Path(__file__).parent / f"{name}.py").read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(parts: dict) -> str:
-    """The hex SHA-256 of ``parts`` (JSON-serializable: fingerprints and settings), :data:`FORMAT_VERSION` and the
-    :func:`library_versions`."""
-    text = json.dumps({"format": FORMAT_VERSION, "libraries": library_versions(), **parts}, sort_keys=True,
-                      default=str)
+    """The hex SHA-256 of ``parts`` (JSON-serializable: fingerprints and settings), :data:`FORMAT_VERSION`, the
+    :func:`library_versions` and the :func:`pipeline_source_hash`."""
+    text = json.dumps({"format": FORMAT_VERSION, "libraries": library_versions(), "code": pipeline_source_hash(),
+                       **parts}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
