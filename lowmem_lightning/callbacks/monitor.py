@@ -29,6 +29,7 @@ from lowmem_lightning.callbacks.report import (
     write_plot,
 )
 from lowmem_lightning.callbacks.run_record import SUMMARY_METRICS, log_summary
+from lowmem_lightning.callbacks.skips import STOP_AFTER_SKIPPED_STEPS, SkipWatch, check_stop_after_skipped_steps
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import StateMemory, state_memory
 from lowmem_lightning.optim.registry import OPTIMIZERS, optimizer_class
@@ -78,7 +79,13 @@ class StateMemoryMonitor(L.Callback):
     ``optim/effective_lr`` when the optimizer computes its step size (Adafactor, CAME: the largest
     over param groups) and, at logged steps, ``optim/skipped_updates`` (tensor updates skipped so far
     for inf/NaN gradients; our optimizers only). Measuring never synchronises with the device except
-    at logged steps for an effective LR held as a device tensor.
+    at logged steps (an effective LR held as a device tensor, the skipped-update counts) and at epoch ends.
+
+    Skipped updates (:mod:`~lowmem_lightning.callbacks.skips`): one warning the first time any are seen (the step,
+    how many, the param names when known, what to check), again each time their count doubles; the summary says
+    ``skipped N tensor updates ... in K of M steps``; and the fit stops (``trainer.should_stop``, with one message)
+    once every update of ``stop_after_skipped_steps`` optimizer steps in a row was skipped. Seen at logged steps and
+    epoch ends, so the warning and the stop come at the first of those after the skips.
 
     At the end of fit it prints a summary (state memory, bytes/param, saving vs fp32 AdamW on the same params; also in
     :attr:`summary`), logs its figures once to the Trainer's loggers, at the last step, as
@@ -98,9 +105,13 @@ class StateMemoryMonitor(L.Callback):
         log_state_memory: Log the per-step metrics above.
         plot: Write ``state_memory.png`` into the log dir at the end of fit.
         print_summary: Print the end-of-fit summary (rank 0).
+        stop_after_skipped_steps: Stop the fit once every tensor update of this many optimizer steps in a row was
+            skipped for inf/NaN gradients (an int >= 1; default 100); ``None`` never stops.
     """
 
-    def __init__(self, log_state_memory: bool = True, plot: bool = True, print_summary: bool = True) -> None:
+    def __init__(self, log_state_memory: bool = True, plot: bool = True, print_summary: bool = True,
+                 stop_after_skipped_steps: int | None = STOP_AFTER_SKIPPED_STEPS) -> None:
+        self.stop_after_skipped_steps = check_stop_after_skipped_steps(stop_after_skipped_steps)
         self.log_state_memory = bool(log_state_memory)
         self.plot = bool(plot)
         self.print_summary = bool(print_summary)
@@ -119,6 +130,7 @@ class StateMemoryMonitor(L.Callback):
         self._last_global_step = -1
         self._resumed = False  # the current fit restored a checkpoint (trainer.ckpt_path)
         self._taken: frozenset[str] | None = None  # our metric names the module logs itself (seen at the first step)
+        self._skips = SkipWatch([], None)  # the skipped-update counts of the current fit
 
     def track(self, optimizers: list[torch.optim.Optimizer], name: str, reporter: str) -> None:
         """Measure ``optimizers`` (called ``name`` in the summary, whose header names ``reporter``)
@@ -195,10 +207,15 @@ class StateMemoryMonitor(L.Callback):
         self._last_global_step = trainer.global_step
         self._resumed = trainer.ckpt_path is not None
         self._taken = None
+        self._skips = SkipWatch(self.optimizers, self.stop_after_skipped_steps)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         """After an optimizer step: measure, keep the max since the last logged step, log it."""
         self._log_step(trainer, pl_module, outputs)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Read the skipped-update counts of the epoch's last steps (warn, stop when due)."""
+        self._skips.check(trainer, self._reporter)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the validation loss of this run (for the plot), at the current optimizer step."""
@@ -304,6 +321,9 @@ class StateMemoryMonitor(L.Callback):
         self.history.state_mib.append(metrics[STATE_MIB.name])
         self.history.host_mib.append(metrics.get(STATE_MIB_HOST.name, 0.0))
         self._record_loss(trainer, outputs)
+        self._skips.record(trainer.global_step)
+        if will_log or self._skips.full:
+            self._skips.check(trainer, self._reporter)
         if not self.log_state_memory:
             return
         if self._taken is None:
@@ -317,9 +337,8 @@ class StateMemoryMonitor(L.Callback):
             pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key == STATE_MIB.name,
                           logger=to_logger, batch_size=1)
         if will_log:
-            skipped = [opt.skipped_updates for opt in self.optimizers if hasattr(opt, "skipped_updates")]
-            if skipped and SKIPPED_UPDATES.name not in self._taken:
-                pl_module.log(SKIPPED_UPDATES.name, float(sum(skipped)), on_step=True, on_epoch=False,
+            if self._skips.tracked and SKIPPED_UPDATES.name not in self._taken:  # read by check() above
+                pl_module.log(SKIPPED_UPDATES.name, self._skips.logged_total(), on_step=True, on_epoch=False,
                               logger=to_logger, batch_size=1)
             self._peak = {}
 
@@ -356,6 +375,8 @@ class StateMemoryMonitor(L.Callback):
         self.summary["steps_this_run"] = len(self.history.steps)
         self.summary["resumed"] = self._resumed  # False: a later step count from an earlier fit of this Trainer
         self.summary.update(small_tensor_summary(self.optimizers))  # why tensors under 4096 elements cost more
+        self._skips.check(trainer, self._reporter)
+        self.summary.update(self._skips.summary())
         if self.log_state_memory:
             log_summary(trainer, self.summary, skip=self._taken or frozenset())
         plot_path = None

@@ -45,6 +45,7 @@ from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientRel
 from lowmem_lightning.callbacks.resume import ResumeCompatibility
 from lowmem_lightning.callbacks.rotary import KeepRotaryFp32
 from lowmem_lightning.callbacks.run_record import optimizer_hparams, record_hparams
+from lowmem_lightning.callbacks.skips import STOP_AFTER_SKIPPED_STEPS
 from lowmem_lightning.callbacks.strategy_check import FSDP1Check
 from lowmem_lightning.callbacks.swap import (
     LR_KEYS,
@@ -221,6 +222,10 @@ class LowMemOptimizerCallback(L.Callback):
             every other key of the group, and LR schedulers get an entry for it (the same schedule). An entry that
             selects no param is warned about once per fit. Taken by every optimizer of this package, not by
             torch's ``adamw``. A checkpoint resumes only with the same ``fp32_state`` (the group count differs).
+        stop_after_skipped_steps: Stop the fit, with one message, once every tensor update of this many optimizer
+            steps in a row was skipped for inf/NaN gradients (nothing is being trained); an int >= 1 or ``None``
+            (never). Skips are also warned about (the first, then each doubling of their count) and counted in
+            the end-of-fit summary (:mod:`~lowmem_lightning.callbacks.skips`).
 
     With ``lr=None`` the module's learning rate is kept; when the swap crosses between SGD and an adaptive
     optimizer (:func:`lr_kind`: their learning rates differ by orders of magnitude), one warning names both
@@ -240,6 +245,7 @@ class LowMemOptimizerCallback(L.Callback):
         bucket_bytes: int | None = None,
         bf16_rounding: Literal["stochastic", "nearest"] | None = None,
         fp32_state: str | list[str] | None = None,
+        stop_after_skipped_steps: int | None = STOP_AFTER_SKIPPED_STEPS,
     ) -> None:
         optimizer_kwargs = _with_bf16_rounding(optimizer, optimizer_kwargs, bf16_rounding)
         self._fp32_state = check_fp32_state(optimizer, fp32_state)
@@ -263,7 +269,7 @@ class LowMemOptimizerCallback(L.Callback):
         """Bytes of gradients updated together inside backward (with ``step_in_backward``)."""
         self.bf16_rounding = bf16_rounding
         """How bf16/fp16 params are written (``None``: the optimizer's default); also in ``optimizer_kwargs``."""
-        self.monitor = StateMemoryMonitor(log_state_memory, plot, print_summary)
+        self.monitor = StateMemoryMonitor(log_state_memory, plot, print_summary, stop_after_skipped_steps)
         """The state-memory monitor of the built optimizers (metrics, summary, plot)."""
         self.release = GradientReleaseCallback(self.bucket_bytes) if step_in_backward else None
         """The gradient-release part (``None`` unless ``step_in_backward``)."""

@@ -132,6 +132,20 @@ def _this_run(summary: dict) -> list[str]:
     return [f"  (resumed: {here:,} of these {summary['steps']:,} steps made by this run)"]
 
 
+def _skipped_lines(summary: dict) -> list[str]:
+    """Tensor updates skipped for inf/NaN gradients in this fit (none: no line), and the stop they caused."""
+    skipped = summary.get("skipped_updates") or 0
+    if not skipped:
+        return []
+    steps = summary.get("steps_this_run", summary["steps"])
+    lines = [f"  skipped {skipped:,} tensor updates (inf/NaN gradients) in {summary['skipped_steps']:,} of "
+             f"{steps:,} steps"]
+    if summary.get("stopped_at_step") is not None:
+        lines.append(f"  stopped at step {summary['stopped_at_step']:,}: every update of the last "
+                     f"{summary['stop_after_skipped_steps']:,} steps skipped")
+    return lines
+
+
 def _saving_words(pct: float) -> str:
     """The saving against fp32 AdamW in words: ``saving 74.5%``, or ``50.0% more state here`` for an
     optimizer that keeps more (AdEMAMix's three fp32 states)."""
@@ -163,7 +177,7 @@ def format_summary(summary: dict, plot_path: str | None) -> str:
         f"  fp32 AdamW would hold {_mib(summary['adamw_fp32_MiB'])} MiB "
         f"({summary['adamw_fp32_bytes_per_param']:.2f} bytes/param): {_saving_words(summary['saving_pct'])}"
     )
-    lines += _small_tensor_lines(summary) + _fp32_state_lines(summary)
+    lines += _small_tensor_lines(summary) + _fp32_state_lines(summary) + _skipped_lines(summary)
     if plot_path:
         lines.append(f"  plot: {plot_path}")
     return "\n".join(lines)

@@ -36,10 +36,12 @@ SUMMARY_METRICS: dict[str, str] = {
     "optim_summary/bytes_per_param": "bytes_per_param",
     "optim_summary/adamw_fp32_MiB": "adamw_fp32_MiB",
     "optim_summary/saving_pct": "saving_pct",
+    "optim_summary/skipped_updates": "skipped_updates",
 }
 """Metric name -> key of the end-of-fit summary (:func:`~lowmem_lightning.callbacks.report.summary_dict`): MiB of
-optimizer state at the end and at its peak, bytes per trainable param, what fp32 AdamW would hold (MiB) and the
-saving against it (percent)."""
+optimizer state at the end and at its peak, bytes per trainable param, what fp32 AdamW would hold (MiB), the
+saving against it (percent) and the tensor updates skipped in the fit for inf/NaN gradients (our optimizers only:
+a summary without the key logs no such metric)."""
 
 
 def _joined(names: list[str]) -> str:
@@ -121,7 +123,7 @@ def record_hparams(trainer: L.Trainer, params: dict[str, Any]) -> None:
 
 def summary_metrics(summary: dict) -> dict[str, float]:
     """The end-of-fit summary's figures as metrics (:data:`SUMMARY_METRICS`)."""
-    return {metric: float(summary[key]) for metric, key in SUMMARY_METRICS.items()}
+    return {metric: float(summary[key]) for metric, key in SUMMARY_METRICS.items() if key in summary}
 
 
 def log_summary(trainer: L.Trainer, summary: dict, skip: frozenset[str] = frozenset()) -> None:

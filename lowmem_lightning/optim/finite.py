@@ -54,6 +54,18 @@ class FiniteGuard:
         """
         return int(sum(int(t.item()) for t in self._skipped.values()))
 
+    def skipped_updates_tensor(self) -> torch.Tensor | None:
+        """:attr:`skipped_updates` as a 0-d fp32 tensor on the counter's device, copied without a host sync (later
+        steps do not change it); ``None`` while no counter exists (on the CPU: no update skipped yet). For a caller
+        that reads many steps' counts at once, later (the state-memory monitor)."""
+        counters = list(self._skipped.values())
+        if not counters:
+            return None
+        total = counters[0].clone()
+        for counter in counters[1:]:
+            total += counter.to(total.device, non_blocking=True)
+        return total
+
     def use_grad_norm(self, total_norm: torch.Tensor | float) -> None:
         """Let the next :meth:`step` reuse ``total_norm`` for its finite check instead of reading every gradient.
 
