@@ -229,8 +229,8 @@ def test_a_bad_stop_after_skipped_steps_is_refused_by_name(value):
 
 def test_lowmem_fit_with_a_diverging_lr_warns_stops_with_a_message_and_keeps_a_checkpoint(tmp_path):
     """The tiny recipe at ``--lr 1e6``: gradients turn NaN at step 4. Before: 8 steps, NaN loss, no word. Now: the
-    warning, one stop line at step 6 (stop_after_skipped_steps: 3 in the recipe), the summary line, exit 0, no
-    traceback, the step-6 checkpoint."""
+    warning, one stop line at step 6 (stop_after_skipped_steps: 3 in the recipe), the summary line, exit 1 (a job
+    script sees the failure), no traceback, the step-6 checkpoint."""
     recipe = yaml.safe_load((RECIPES_DIR / "tiny.yaml").read_text())
     for callback in recipe["trainer"]["callbacks"]:
         callback["init_args"].update(plot=False, stop_after_skipped_steps=3)
@@ -240,7 +240,7 @@ def test_lowmem_fit_with_a_diverging_lr_warns_stops_with_a_message_and_keeps_a_c
                            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "COLUMNS": "200"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "LowMemOptimizerCallback: step 4 skipped" in proc.stderr
     assert proc.stderr.count("stopping the fit at step 6") == 1

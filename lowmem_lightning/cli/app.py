@@ -82,6 +82,10 @@ __all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_reci
 SIGTERM_EXIT_CODE = 128 + 15
 """Exit code of a run stopped by SIGTERM (the shell's convention), so a scheduler sees it did not finish."""
 
+UNTRAINED_EXIT_CODE = 1
+"""Exit code of a fit stopped because nothing was being trained (``stop_after_skipped_steps`` steps in a row whose every
+update was skipped for inf/NaN gradients), so a job script sees it failed; 2 stays bad input, 143 a SIGTERM."""
+
 DESCRIPTION = (
     "Train with PyTorch Lightning on far less memory. 'lowmem SUBCOMMAND --help' lists the options "
     "of each subcommand; --config takes a YAML file or a bundled recipe by name: {recipes}. "
@@ -828,6 +832,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore_warnings()
 
 
+def _stopped_untrained(cli: LowMemCLI) -> bool:
+    """Whether a callback of the run stopped its fit because every update of ``stop_after_skipped_steps`` steps in a
+    row was skipped (inf/NaN gradients: :mod:`~lowmem_lightning.callbacks.skips`): nothing was being trained."""
+    trainer = getattr(cli, "trainer", None)
+    summaries = [getattr(callback, "summary", None) for callback in (trainer.callbacks if trainer else [])]
+    return any(isinstance(s, dict) and s.get("stopped_at_step") is not None for s in summaries)
+
+
 def _run_command(argv: Sequence[str] | None) -> int:
     """:func:`main`'s work: ``estimate``, or LightningCLI with Lightning's set-up lines held until the run starts."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -852,7 +864,8 @@ def _run_command(argv: Sequence[str] | None) -> int:
     held = HeldLogs().hold()  # "Seed set to", "GPU available": printed once the run starts, dropped if refused
     code = 0
     try:
-        LowMemCLI(args=args, held_logs=held)
+        cli = LowMemCLI(args=args, held_logs=held)
+        code = UNTRAINED_EXIT_CODE if _stopped_untrained(cli) else 0
     except SIGTERMException:
         code = SIGTERM_EXIT_CODE
     except CheckpointWriteError as err:  # a full / read-only checkpoint directory: one message, exit 2
