@@ -6,6 +6,7 @@ the memory the list-based pipeline needed."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -23,6 +24,7 @@ from lowmem_lightning.data import ByteTokenizer, TextDataModule
 from lowmem_lightning.data.chat import ChatDocument
 from lowmem_lightning.data.overflow import OverflowReport, fit_records
 from lowmem_lightning.data.text import (
+    ENCODE_CHUNK,
     IGNORE_INDEX,
     encode_document,
     encode_documents,
@@ -247,23 +249,35 @@ print(json.dumps({"peak": peak, "tokens": tokens, "stored": stored}))
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
-def test_five_megabytes_of_instructions_build_in_a_fraction_of_the_list_based_memory(tmp_path):
-    """~5M byte tokens: the list-based pipeline peaked ~108 bytes per token above the imports (two Python lists per
-    record, then int64 tensors of ids, labels, mask and positions: 540 MB here); the compact one stays under 40, and
-    the blocks it keeps (train and held-out share the arrays) hold ~7 bytes per token (int32 id, bool trained flag,
-    int16 position)."""
+def _build_memory(tmp_path: Path, megabytes: float) -> dict:
+    """``{"peak", "tokens", "stored"}`` of a fresh process building ``megabytes`` MB of instruction records
+    (:data:`MEMORY_CHILD`)."""
     line = json.dumps({"instruction": "Explain what the Python function `abc.abstractmethod` does.", "input": "",
                        "output": "A decorator indicating abstract methods, for classes with ABCMeta. " * 2})
-    path = tmp_path / "big.jsonl"
-    path.write_text((line + "\n") * (5_000_000 // (len(line) + 1)))
+    path = tmp_path / f"big{megabytes}.jsonl"
+    path.write_text((line + "\n") * int(megabytes * 1e6 // (len(line) + 1)))
     out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path)], capture_output=True, text=True,
                          env=launch_env(), cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["tokens"] > 4_500_000
-    assert result["peak"] / result["tokens"] < 40, result
-    assert result["stored"] / result["tokens"] < 7.1, result
+    path.unlink()
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_instructions_build_in_a_fraction_of_the_list_based_memory_which_grows_by_their_tokens_alone(tmp_path):
+    """~5M byte tokens: the list-based pipeline peaked ~108 bytes per token above the imports (two Python lists per
+    record, then int64 tensors of ids, labels, mask and positions: 540 MB here); the compact one stays under 40, and
+    the blocks it keeps (train and held-out share the arrays) hold ~7 bytes per token (int32 id, bool trained flag,
+    int16 position). From 5 MB to 20 MB the peak grows by the tokens' bytes and their packing's temporaries, ~7.2
+    bytes per token: records stream from the file through the tokenizer, so no file text, record or rendered
+    document outlives its chunk (read whole, as before, they made it ~12.7; a list of the rendered documents alone,
+    ~9.1)."""
+    small, large = _build_memory(tmp_path, 5), _build_memory(tmp_path, 20)
+    assert small["tokens"] > 4_500_000 and large["tokens"] > 3.9 * small["tokens"]
+    assert small["peak"] / small["tokens"] < 40, small
+    assert small["stored"] / small["tokens"] < 7.1, small
+    growth = (large["peak"] - small["peak"]) / (large["tokens"] - small["tokens"])
+    assert growth < 8.5, (growth, small, large)
 
 
 def test_a_long_read_says_once_what_it_is_doing_and_the_sample_data_says_nothing(monkeypatch, capsys, data_dir):
@@ -274,9 +288,31 @@ def test_a_long_read_says_once_what_it_is_doing_and_the_sample_data_says_nothing
     dm = TextDataModule(str(data_dir), seq_len=SEQ)
     dm.progress = said.append
     dm.check_inputs()
+    size = sum(f.stat().st_size for f in dm.files) / 2**10
     assert len(said) == 1 and re.fullmatch(
-        rf"TextDataModule: tokenizing data_path='{re.escape(str(data_dir))}': \d+ of 61 records \(\d+ tokens\) after "
-        r"0 s, then packing them into blocks\.\.\.", said[0]), said
+        rf"TextDataModule: tokenizing data_path='{re.escape(str(data_dir))}': 61 records \([\d,]+ tokens\), "
+        rf"100% of {size:.1f} KiB read after 0 s, then packing them into blocks\.\.\.", said[0]), said
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv.gz"])
+def test_records_stream_through_the_tokenizer_the_line_says_how_much_of_the_file_is_read(monkeypatch, tmp_path,
+                                                                                          suffix):
+    """The first chunk of records is tokenized while most of the file is still unread (the old pipeline read and
+    parsed every record first: its line came at 100%)."""
+    monkeypatch.setattr("lowmem_lightning.data.text.PROGRESS_AFTER_S", 0.0)
+    rows = [f"record {k}: " + "some words " * 10 for k in range(4 * ENCODE_CHUNK)]
+    if suffix == ".jsonl":
+        data = "".join(json.dumps({"text": row}) + "\n" for row in rows).encode()
+    else:
+        data = gzip.compress(("text\n" + "".join(f"{row}\n" for row in rows)).encode())
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(data)
+    said = []
+    dm = TextDataModule(str(path), seq_len=512, cache_dir=False)
+    dm.progress = said.append
+    dm.check_inputs()
+    share = re.fullmatch(r".*: 4,096 records \([\d,]+ tokens\), (\d+)% of [\d.]+ [KM]iB read after .*", said[0])
+    assert len(said) == 1 and share and 10 <= int(share[1]) <= 50, said
 
 
 def test_large_files_are_said_before_they_are_read(monkeypatch, data_dir):

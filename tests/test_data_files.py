@@ -120,6 +120,49 @@ def test_encodings_and_compression(tmp_path, name, content, match):
         read_documents([tmp_path / name])
 
 
+STREAMED_CONTENTS = [
+    b'{"text": "a"}\n{"text": "b\xc3\xa9"}\n\n{"text": "c"}',  # no line end after the last line
+    b'\xef\xbb\xbf{"text": "bom"}\r\n{"text": "crlf \xe6\x97\xa5"}\r\n',
+    b'{"text": "old mac"}\r{"text": "cr"}\r',
+    b'{"text": "a"}\n{"text": "b\xe2\x80\xa8c"}\n',  # U+2028 inside a string: str.splitlines cuts there too
+    b'{"text": "a"}\n{"text": "caf\xe9"}\n{"text": "\x00"}\n',  # the invalid byte is said before the NUL
+    b'{"text": "a"}\n{"text": "\xe6\x97"}\n',  # a character cut short by its line end
+    b'{"text": "a"}\n{"text": "\x00"}\n',
+    b'{"text": "a"}\n{"text": "b"}\n\xe6\x97',  # ... by the end of the file
+    b"\xef\xbb\xbf \n\t\n",
+    b"",
+    b'{"text": "a"}\n{"text": oops}\n',
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 2**20])
+@pytest.mark.parametrize("content", STREAMED_CONTENTS, ids=range(len(STREAMED_CONTENTS)))
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".csv"])
+def test_records_read_streamed_are_those_of_the_whole_text_with_the_same_errors(monkeypatch, tmp_path, chunk,
+                                                                                content, suffix):
+    """JSONL and CSV files are read a chunk at a time (``READ_CHUNK`` bytes): the records, their ``file:line`` and
+    every refusal (not UTF-8 with the byte's offset, NUL, empty, not JSON) are those of the file's whole text."""
+    from lowmem_lightning.data import formats, text
+
+    monkeypatch.setattr(text, "READ_CHUNK", chunk)
+    path = tmp_path / f"train{suffix}"
+    data = content if suffix != ".csv" else b"text\n" + content.replace(b'{"text": ', b"").replace(b"}", b"")
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    try:
+        whole = text.read_text_file(path)
+        parse = formats.jsonl_records if suffix != ".csv" else lambda p, t: formats.table_records(p, t, "csv")
+        expected = [text._render(r, where, text.DEFAULT_PROMPT_TEMPLATE, text.DEFAULT_PROMPT_TEMPLATE_NO_INPUT)
+                    for where, r in parse(path, whole)]
+        if not expected:
+            raise ValueError(f"Data file {path} holds no records: add records to it or leave it out of data_path.")
+    except ValueError as err:
+        with pytest.raises(ValueError) as streamed:
+            read_documents([path])
+        assert str(streamed.value) == str(err)
+        return
+    assert read_documents([path]) == expected
+
+
 def _save_to_disk(folder: Path) -> Path:
     """What ``datasets``' ``Dataset.save_to_disk`` writes (the Arrow bytes do not matter: they are never read)."""
     folder.mkdir(parents=True)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = ["FORMATS", "COMPRESSED_SUFFIX", "HF_METADATA_FILES", "data_format", "is_compressed", "refusal",
-           "jsonl_records", "json_records", "table_records"]
+           "jsonl_records", "json_records", "table_records", "iter_jsonl_records", "iter_table_records",
+           "split_lines"]
 
 COMPRESSED_SUFFIX = ".gz"
 """The compression read as it is (gzip): ``train.jsonl.gz`` is read as ``train.jsonl``."""
@@ -90,15 +92,29 @@ def refusal(path: Path) -> str | None:
 def jsonl_records(path: Path, text: str) -> list[tuple[str, object]]:
     """``[(where, record)]`` of a JSON Lines text, ``where`` being ``path:line``; blank lines are skipped.
     ``ValueError`` naming ``path:line`` for a line that is not JSON."""
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    return list(iter_jsonl_records(path, text.splitlines()))
+
+
+def split_lines(stream: Iterable[str]) -> Iterator[str]:
+    """The lines of a text read line by line (a file opened with ``newline=""``), cut as ``str.splitlines`` cuts
+    the whole text (also at the rarer line boundaries it knows), without their line ends: one line in memory at a
+    time."""
+    for line in stream:
+        yield from line.splitlines()
+
+
+def iter_jsonl_records(path: Path, lines: Iterable[str]) -> Iterator[tuple[str, object]]:
+    """``(where, record)`` of each JSON Lines line of ``lines`` (as ``str.splitlines`` gives them, or
+    :func:`split_lines` of a file), one at a time, ``where`` being ``path:line``; blank lines are skipped.
+    ``ValueError`` naming ``path:line`` for a line that is not JSON."""
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append((f"{path}:{lineno}", json.loads(line)))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}, column {err.colno}).") from None
-    return records
+        yield f"{path}:{lineno}", record
 
 
 def json_records(path: Path, text: str) -> list[tuple[str, object]]:
@@ -120,42 +136,51 @@ def json_records(path: Path, text: str) -> list[tuple[str, object]]:
 
 
 def table_records(path: Path, text: str, data_format: str) -> list[tuple[str, dict]]:
-    """``[(where, record)]`` of a CSV (``data_format="csv"``) or TSV (``"tsv"``) text: its first row names the
-    keys (spaces around a name are dropped), each later row is ``{key: cell}`` (``where``: ``path:line`` of the row's
-    first line); rows with no cell filled are skipped. ``ValueError`` naming the file (and line) for an empty or
-    repeated column name, a row whose field count differs from the header's, or a row the ``csv`` module rejects."""
+    """``[(where, record)]`` of a CSV (``data_format="csv"``) or TSV (``"tsv"``) text: :func:`iter_table_records`
+    of the whole text."""
+    return list(iter_table_records(path, io.StringIO(text, newline=""), data_format, len(text)))
+
+
+def iter_table_records(path: Path, stream: Iterable[str], data_format: str,
+                       longest_field: int) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` of each row of a CSV (``data_format="csv"``) or TSV (``"tsv"``) text read from
+    ``stream`` (a file opened with ``newline=""``), one row at a time: its first row names the keys (spaces around a
+    name are dropped), each later row is ``{key: cell}`` (``where``: ``path:line`` of the row's first line); rows with
+    no cell filled are skipped. ``longest_field``: characters a cell may hold (the text's length or more; the ``csv``
+    module's default is 128 KiB, short of a long document in one cell). ``ValueError`` naming the file (and line) for
+    an empty or repeated column name, a row whose field count differs from the header's, or a row the ``csv``
+    module rejects."""
     delimiter = _DELIMITERS[data_format]
     limit = csv.field_size_limit()
-    csv.field_size_limit(max(limit, len(text)))  # a long document in one cell (default limit 128 KiB)
+    csv.field_size_limit(max(limit, longest_field))
     try:
-        rows = _table_rows(path, text, delimiter)
+        rows = _table_rows(path, stream, delimiter)
+        first = next(rows, None)
+        if first is None:
+            return
+        header = [name.strip() for name in first[1]]
+        if "" in header or len(set(header)) < len(header):
+            raise ValueError(f"{path}:{first[0]}: the header row {header} must name every column once (the "
+                             "record's keys: 'text', or 'instruction', 'input', 'output').")
+        for line, row in rows:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{line}: {len(row)} fields where the header {header} has {len(header)}; "
+                                 f"quote fields that hold a {'comma' if delimiter == ',' else 'tab'}, a quote or a "
+                                 "line break.")
+            yield f"{path}:{line}", dict(zip(header, row))
     finally:
         csv.field_size_limit(limit)
-    if not rows:
-        return []
-    header = [name.strip() for name in rows[0][1]]
-    if "" in header or len(set(header)) < len(header):
-        raise ValueError(f"{path}:{rows[0][0]}: the header row {header} must name every column once (the record's "
-                         "keys: 'text', or 'instruction', 'input', 'output').")
-    records = []
-    for line, row in rows[1:]:
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            raise ValueError(f"{path}:{line}: {len(row)} fields where the header {header} has {len(header)}; quote "
-                             f"fields that hold a {'comma' if delimiter == ',' else 'tab'}, a quote or a line break.")
-        records.append((f"{path}:{line}", dict(zip(header, row))))
-    return records
 
 
-def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, list[str]]]:
-    """``[(first line, cells)]`` of every row of a delimited text (line breaks inside quotes kept as written)."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows, line = [], 1
+def _table_rows(path: Path, stream: Iterable[str], delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """``(first line, cells)`` of each row of a delimited text (line breaks inside quotes kept as written)."""
+    reader = csv.reader(stream, delimiter=delimiter)
+    line = 1
     try:
         for row in reader:
-            rows.append((line, row))
+            yield line, row
             line = reader.line_num + 1
     except csv.Error as err:
         raise ValueError(f"{path}:{line}: not valid {'CSV' if delimiter == ',' else 'TSV'} ({err}).") from None
-    return rows

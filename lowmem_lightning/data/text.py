@@ -7,7 +7,9 @@ Pipeline (all in ``setup``, once):
    a header naming the keys; files optionally gzipped: :mod:`~lowmem_lightning.data.formats`) is one record, either
    ``{"text": ...}``, ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional), or a
    conversation, ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT's ``{"conversations": [{"from",
-   "value"}, ...]}`` (:mod:`~lowmem_lightning.data.chat`);
+   "value"}, ...]}`` (:mod:`~lowmem_lightning.data.chat`); JSONL, CSV and TSV records stream from their files,
+   line by line, through steps 1 and 2, :data:`ENCODE_CHUNK` records at a time (:func:`iter_documents`), so no
+   record's text outlives its chunk;
 2. tokenize: a document becomes ``bos, prompt..., completion..., eos``; labels copy the ids except
    the ``bos`` and the prompt (instruction records rendered with the prompt template), which get -100
    so the loss covers only the response; a conversation is rendered with its chat template and only
@@ -56,13 +58,18 @@ exists, and a model whose ``config.use_cache`` is True makes one even in trainin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import io
+import itertools
 import string
 import sys
 import time
 import warnings
 import zlib
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +85,11 @@ from lowmem_lightning.data.formats import (
     HF_METADATA_FILES,
     data_format,
     is_compressed,
+    iter_jsonl_records,
+    iter_table_records,
     json_records,
-    jsonl_records,
     refusal,
-    table_records,
+    split_lines,
 )
 from lowmem_lightning.data.overflow import Overflow, check_overflow, collate_trimmed, fit_records
 from lowmem_lightning.data.token_cache import cache_directory
@@ -98,6 +106,7 @@ __all__ = [
     "IGNORE_INDEX",
     "find_data_files",
     "read_documents",
+    "iter_documents",
     "encode_document",
     "encode_documents",
     "pack_blocks",
@@ -263,38 +272,100 @@ def read_text_file(path: Path) -> str:
     ``ValueError`` naming the file when it cannot be read, is empty (only whitespace), is UTF-16 / UTF-32 (a
     byte-order mark) or otherwise not UTF-8 (with the byte offset), or looks binary (holds NUL bytes)."""
     raw = _file_bytes(path)
-    for bom, encoding in _UNICODE_BOMS:
-        if raw.startswith(bom):
-            raise ValueError(f"Data file {path} is {encoding} text (byte-order mark {bom.hex(' ')}), not UTF-8: "
-                             f"convert it, e.g. `iconv -f {encoding} -t UTF-8 {path} > utf8{path.suffix}`.")
+    _refuse_other_unicode(path, raw)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        offset = err.start + 3 * raw.startswith(b"\xef\xbb\xbf")
-        raise ValueError(
-            f"Data file {path} is not UTF-8 text (invalid byte 0x{raw[offset]:02x} at offset {offset}): "
-            f"expected a {ACCEPTED_FILES} in UTF-8; convert it to UTF-8 or leave it out of data_path."
-        ) from None
+        offset = err.start + 3 * raw.startswith(_UTF8_BOM)
+        raise _not_utf8(path, offset, raw[offset]) from None
     if "\x00" in text:
-        raise ValueError(f"Data file {path} looks binary (it holds NUL bytes): expected a {ACCEPTED_FILES}.")
+        raise _binary(path)
     if not text.strip():
-        raise ValueError(f"Data file {path} is empty: add text to it or leave it out of data_path.")
+        raise _empty(path)
     return text
 
 
-def _file_records(path: Path, text: str) -> list[tuple[str, object]] | None:
-    """``[(where, record)]`` of a JSONL, JSON, CSV or TSV data file's ``text`` (:mod:`~lowmem_lightning.data.formats`),
-    ``None`` for plain text (one document); ``ValueError`` naming the file when it holds no record."""
-    kind = data_format(path)
-    readers = {"jsonl": jsonl_records, "json": json_records,
-               "csv": functools.partial(table_records, data_format="csv"),
-               "tsv": functools.partial(table_records, data_format="tsv")}
-    if kind not in readers:
-        return None
-    records = readers[kind](path, text)
-    if not records:
-        raise ValueError(f"Data file {path} holds no records: add records to it or leave it out of data_path.")
-    return records
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+READ_CHUNK = 2**20
+"""Bytes read at a time from a JSONL, CSV or TSV data file (:func:`iter_documents` streams them)."""
+
+
+def _refuse_other_unicode(path: Path, head: bytes) -> None:
+    """``ValueError`` naming ``path`` when its first bytes ``head`` are a UTF-16 / UTF-32 byte-order mark."""
+    for bom, encoding in _UNICODE_BOMS:
+        if head.startswith(bom):
+            raise ValueError(f"Data file {path} is {encoding} text (byte-order mark {bom.hex(' ')}), not UTF-8: "
+                             f"convert it, e.g. `iconv -f {encoding} -t UTF-8 {path} > utf8{path.suffix}`.")
+
+
+def _not_utf8(path: Path, offset: int, byte: int) -> ValueError:
+    return ValueError(f"Data file {path} is not UTF-8 text (invalid byte 0x{byte:02x} at offset {offset}): "
+                      f"expected a {ACCEPTED_FILES} in UTF-8; convert it to UTF-8 or leave it out of data_path.")
+
+
+def _binary(path: Path) -> ValueError:
+    return ValueError(f"Data file {path} looks binary (it holds NUL bytes): expected a {ACCEPTED_FILES}.")
+
+
+def _empty(path: Path) -> ValueError:
+    return ValueError(f"Data file {path} is empty: add text to it or leave it out of data_path.")
+
+
+@contextlib.contextmanager
+def _opened_bytes(path: Path, progress: _Progress | None = None) -> Iterator[io.BufferedIOBase]:
+    """``path`` opened for reading bytes, gunzipped as it is read when named ``*.gz``; ``progress`` follows how far
+    into the file on disk the reading is. ``ValueError`` naming the file when it cannot be read or is no valid gzip
+    file (also when that shows while reading)."""
+    try:
+        raw = open(path, "rb")  # closed by the `with` below
+    except OSError as err:
+        raise ValueError(f"Cannot read data file {path}: {err.strerror or err}.") from None
+    with raw:
+        if progress is not None:
+            progress.reading(raw)
+        try:
+            yield gzip.GzipFile(fileobj=raw, mode="rb") if is_compressed(path) else raw
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+            raise ValueError(f"Data file {path} is not a valid gzip file ({err}): recompress it with gzip, or give "
+                             "it uncompressed.") from None
+        except OSError as err:
+            raise ValueError(f"Cannot read data file {path}: {err.strerror or err}.") from None
+
+
+def _checked_text_size(path: Path) -> int:
+    """:func:`read_text_file`'s checks of one data file, read :data:`READ_CHUNK` bytes at a time (no more than a
+    chunk and one line of it kept), with the same errors; the number of bytes of its text (gunzipped), at least its
+    number of characters."""
+    nul, blank, at_end = False, True, False
+    with _opened_bytes(path) as stream:
+        pending = bytearray(stream.read(max(READ_CHUNK, 4)))
+        _refuse_other_unicode(path, bytes(pending[:4]))
+        offset = 3 if pending.startswith(_UTF8_BOM) else 0  # bytes of the file before `pending`
+        del pending[:offset]
+        searched = 0  # bytes at the start of `pending` that hold no line end
+        while pending or not at_end:
+            # whole lines only (a line end is never inside a UTF-8 character); at the end of the file, the rest
+            cut = len(pending) if at_end else pending.rfind(b"\n", searched) + 1
+            if cut:
+                lines = bytes(pending[:cut])
+                del pending[:cut]
+                try:
+                    text = lines.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise _not_utf8(path, offset + err.start, lines[err.start]) from None
+                nul, blank = nul or "\x00" in text, blank and text.isspace()
+                offset += cut
+            searched = len(pending)
+            if not at_end:
+                chunk = stream.read(READ_CHUNK)
+                at_end = not chunk
+                pending += chunk
+    if nul:
+        raise _binary(path)
+    if blank:
+        raise _empty(path)
+    return offset
 
 
 def read_documents(
@@ -302,19 +373,57 @@ def read_documents(
     template: str = DEFAULT_PROMPT_TEMPLATE,
     template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
 ) -> list[Document | ChatDocument]:
-    """Every document in ``files``: a plain-text file is one document (Windows CRLF and old-Mac CR line ends read
-    as LF); a JSONL line, an item of a JSON array, a
-    CSV/TSV row is one record (:func:`_file_records`; a conversation is a ``ChatDocument``). ``ValueError`` naming
-    the file (and line or record) for any file :func:`read_text_file` refuses or any malformed record."""
-    docs = []
+    """Every document in ``files``, as a list: :func:`iter_documents`."""
+    return list(iter_documents(files, template, template_no_input))
+
+
+def iter_documents(
+    files: Iterable[Path],
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+    template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
+    progress: _Progress | None = None,
+) -> Iterator[Document | ChatDocument]:
+    """Every document in ``files``, one at a time: a plain-text file is one document (read whole; Windows CRLF and
+    old-Mac CR line ends read as LF); a JSONL line, a CSV/TSV row (read from the file line by line / row by row, so
+    neither the file's text nor its records are held) or an item of a JSON array (the ``.json`` file parsed whole)
+    is one record (a conversation is a ``ChatDocument``). ``ValueError`` naming the file (and line or record) for any
+    file :func:`read_text_file` refuses, a file that holds no record, or a malformed record. ``progress`` follows how
+    far into the files the reading is (:class:`_Progress`)."""
     for path in files:
-        text = read_text_file(path)
-        records = _file_records(path, text)
-        if records is None:  # line ends as Python's text mode and `datasets`' text loader read them: CRLF, CR -> LF
-            docs.append(Document("", text.replace("\r\n", "\n").replace("\r", "\n")))
-            continue
-        docs.extend(_render(record, where, template, template_no_input) for where, record in records)
-    return docs
+        kind = data_format(path)
+        if kind not in ("jsonl", "json", "csv", "tsv"):  # as Python's text mode and `datasets`' text loader: LF
+            yield Document("", _unix_line_ends(read_text_file(path)))
+        else:
+            records = 0
+            for where, record in _file_records(path, kind, progress):
+                records += 1
+                yield _render(record, where, template, template_no_input)
+            if not records:
+                raise ValueError(f"Data file {path} holds no records: add records to it or leave it out of "
+                                 "data_path.")
+        if progress is not None:
+            progress.read(path)
+
+
+def _unix_line_ends(text: str) -> str:
+    """``text`` with CRLF and CR line ends as LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _file_records(path: Path, kind: str, progress: _Progress | None) -> Iterator[tuple[str, object]]:
+    """``(where, record)`` of each record of a JSONL, JSON, CSV or TSV data file (``kind``,
+    :mod:`~lowmem_lightning.data.formats`): JSONL, CSV and TSV read from the file as they are parsed, after
+    :func:`_checked_text_size` checked it; JSON parsed whole."""
+    if kind == "json":
+        yield from json_records(path, read_text_file(path))
+        return
+    size = _checked_text_size(path)
+    with _opened_bytes(path, progress) as stream:
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
+        if kind == "jsonl":
+            yield from iter_jsonl_records(path, split_lines(text))
+        else:
+            yield from iter_table_records(path, text, kind, size)
 
 
 def encode_document(
@@ -339,30 +448,28 @@ ENCODE_CHUNK = 4096
 
 
 def encode_documents(
-    docs: list[Document | ChatDocument], tokenizer: ByteTokenizer | HFTokenizer, chat: ChatTemplate | None = None,
+    docs: Iterable[Document | ChatDocument], tokenizer: ByteTokenizer | HFTokenizer, chat: ChatTemplate | None = None,
     on_chunk=None,
 ) -> EncodedRecords:
     """Every document's :func:`encode_document` ids and labels, as flat arrays (:class:`EncodedRecords`: int32 ids,
-    bool "trained" = label is not -100). Runs of prompt/completion documents are tokenized :data:`ENCODE_CHUNK` at a
-    time by one ``tokenizer.encode_batch`` call for their prompts and one for their completions, and framed (bos,
-    eos) by array arithmetic; conversations are rendered and tokenized one by one (:meth:`ChatTemplate.encode`:
+    bool "trained" = label is not -100). ``docs`` (a list, or an iterator such as :func:`iter_documents`) are taken
+    :data:`ENCODE_CHUNK` at a time, so no more than a chunk of them is held: runs of prompt/completion documents are
+    tokenized by one ``tokenizer.encode_batch`` call for their prompts and one for their completions, and framed
+    (bos, eos) by array arithmetic; conversations are rendered and tokenized one by one (:meth:`ChatTemplate.encode`:
     each needs its own renders to find its assistant turns). ``on_chunk(records_done, tokens_done)`` is called after
     each chunk."""
     chat = chat or ChatTemplate(tokenizer)
     builder = RecordsBuilder()
-    start = 0
-    while start < len(docs):
-        is_chat = isinstance(docs[start], ChatDocument)
-        stop = start + 1
-        while stop < min(len(docs), start + ENCODE_CHUNK) and isinstance(docs[stop], ChatDocument) == is_chat:
-            stop += 1
-        if is_chat:
-            for doc in docs[start:stop]:
-                ids, trained = chat.encode(doc)
-                builder.add_record(np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=np.bool_))
-        else:
-            builder.add_flat(*_encode_prompted(docs[start:stop], tokenizer))
-        start = stop
+    docs = iter(docs)
+    while chunk := list(itertools.islice(docs, ENCODE_CHUNK)):
+        for is_chat, run in itertools.groupby(chunk, key=lambda doc: isinstance(doc, ChatDocument)):
+            if is_chat:
+                for doc in run:
+                    ids, trained = chat.encode(doc)
+                    builder.add_record(np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=np.bool_))
+            else:
+                builder.add_flat(*_encode_prompted(list(run), tokenizer))
+        del chunk
         if on_chunk is not None:
             on_chunk(builder.n_records, builder.n_tokens)
     return builder.finish()
@@ -721,25 +828,51 @@ def _stderr_line(text: str) -> None:
 class _Progress:
     """Says, once, what reading and tokenizing is doing: before reading files of :data:`PROGRESS_BYTES` or more, or
     when tokenizing has taken :data:`PROGRESS_AFTER_S` seconds, so a long one does not look like a hang; ``say``
-    takes the line."""
+    takes the line. Follows how many bytes of the files on disk have been read (:meth:`reading`, :meth:`read`), as
+    the number of records is not known before they are all read."""
 
     def __init__(self, say, data_path: str, files: list[Path]):
         self.say, self.data_path = say or _stderr_line, data_path
         self.started, self.said = time.monotonic(), False
-        size = sum(f.stat().st_size for f in files)
-        if size >= PROGRESS_BYTES:
+        self.size = sum(f.stat().st_size for f in files)
+        self._bytes_done, self._file = 0, None
+        if self.size >= PROGRESS_BYTES:
             self.said = True
             self.say(f"TextDataModule: reading and tokenizing data_path={data_path!r}: {len(files)} file(s), "
-                     f"{size / 2**30:.2f} GiB, then packing them into blocks...")
+                     f"{self.size / 2**30:.2f} GiB, then packing them into blocks...")
 
-    def update(self, n_records: int, records_done: int, tokens_done: int) -> None:
-        """Called as records are tokenized: ``records_done`` of ``n_records``, into ``tokens_done`` tokens."""
+    def reading(self, file: io.BufferedIOBase) -> None:
+        """The data file (opened for bytes, as on disk) being read now."""
+        self._file = file
+
+    def read(self, path: Path) -> None:
+        """The data file ``path`` has been read to its end."""
+        self._bytes_done += path.stat().st_size
+        self._file = None
+
+    def bytes_read(self) -> int:
+        """Bytes of the data files on disk read so far (the file being read: up to its read-ahead)."""
+        file = self._file
+        return self._bytes_done + (file.tell() if file is not None and not file.closed else 0)
+
+    def update(self, records_done: int, tokens_done: int) -> None:
+        """Called as records are tokenized: ``records_done`` records so far, into ``tokens_done`` tokens."""
         seconds = time.monotonic() - self.started
         if self.said or seconds < PROGRESS_AFTER_S:
             return
         self.said = True
-        self.say(f"TextDataModule: tokenizing data_path={self.data_path!r}: {records_done:,} of {n_records:,} "
-                 f"records ({tokens_done:,} tokens) after {seconds:.0f} s, then packing them into blocks...")
+        share = min(1.0, self.bytes_read() / self.size) if self.size else 1.0
+        self.say(f"TextDataModule: tokenizing data_path={self.data_path!r}: {records_done:,} records "
+                 f"({tokens_done:,} tokens), {share:.0%} of {_size_in_words(self.size)} read after {seconds:.0f} s, "
+                 "then packing them into blocks...")
+
+
+def _size_in_words(size: int) -> str:
+    """``size`` bytes as ``"1.2 GiB"``, ``"12.3 MiB"`` or ``"4.5 KiB"`` (the largest unit it has one of)."""
+    for unit, power in (("GiB", 30), ("MiB", 20)):
+        if size >= 2**power:
+            return f"{size / 2**power:.1f} {unit}"
+    return f"{size / 2**10:.1f} KiB"
 
 
 def _check_template(value, name: str, required: tuple[str, ...]) -> None:
@@ -766,15 +899,14 @@ def _check_int(value, name: str, minimum: int) -> None:
 class _Tokenized:
     """What ``TextDataModule`` keeps of its data after tokenizing, and what its token cache holds: every block
     (before blocks without a target are left out), each record's length after ``overflow`` and whether it has a
-    prompt, which kinds of record the data holds, the overflow warning's text, and the documents (``None`` when
-    loaded from the cache)."""
+    prompt, which kinds of record the data holds and the overflow warning's text (no text of a record: predict reads
+    the held-out ones again from the files)."""
 
     blocks: PackedBlocks
     record_lengths: np.ndarray
     prompted: np.ndarray
     kinds: dict
     overflow_message: str | None
-    docs: list | None
 
     def to_cache(self) -> tuple[dict, dict[str, np.ndarray]]:
         """``(meta, arrays)`` to write (:func:`~lowmem_lightning.data.token_cache.write_cache`)."""
@@ -792,7 +924,19 @@ class _Tokenized:
         blocks = PackedBlocks(arrays["ids"], arrays["trained"], arrays["block_starts"], arrays["block_lengths"],
                               meta["seq_len"], pad_id, arrays.get("positions"))
         kinds = {kind: bool(meta[kind]) for kind in ("has_chat", "has_instructions", "has_plain_text")}
-        return cls(blocks, arrays["record_lengths"], arrays["prompted"], kinds, meta["overflow_message"], None)
+        return cls(blocks, arrays["record_lengths"], arrays["prompted"], kinds, meta["overflow_message"])
+
+
+_PLAIN, _INSTRUCTION, _CHAT = 0, 1, 2
+"""The kinds of record :func:`_noting_kinds` notes: plain text (no prompt), prompt/completion, conversation."""
+
+
+def _noting_kinds(docs: Iterable[Document | ChatDocument], kinds: array) -> Iterator[Document | ChatDocument]:
+    """``docs``, passed on one at a time, each one's kind (:data:`_PLAIN`, :data:`_INSTRUCTION`, :data:`_CHAT`)
+    appended to ``kinds`` (one byte a record) as it passes."""
+    for doc in docs:
+        kinds.append(_CHAT if isinstance(doc, ChatDocument) else _INSTRUCTION if doc.prompt else _PLAIN)
+        yield doc
 
 
 class TextDataModule(L.LightningDataModule):
@@ -901,7 +1045,7 @@ class TextDataModule(L.LightningDataModule):
         self.isolate_documents = pack and isolate_documents
         self.overflow = overflow
         self.train_dataset: TokenBlocks | None = None
-        self._held_out_prompted: list | None = None  # the wholly held-out records with a prompt (check_inputs)
+        self._held_out_prompted: list | None = None  # the wholly held-out records with a prompt (read when asked)
         self._held_out_records: list[int] = []  # their indices among the data's records
         self.val_dataset: TokenBlocks | None = None
 
@@ -959,26 +1103,29 @@ class TextDataModule(L.LightningDataModule):
         self.train_dataset = TokenBlocks(blocks.select(kept[train_idx]), keys)
         self.val_dataset = TokenBlocks(blocks.select(kept[val_idx]), keys)
         held = self._wholly_held_out(tokens.prompted, tokens.record_lengths, kept[val_idx])
-        self._held_out_prompted = None if tokens.docs is None else [tokens.docs[i] for i in held]
+        self._held_out_prompted = None
         self._held_out_records = held
 
     def _tokenize(self) -> _Tokenized:
         """Read, tokenize and cut the data into blocks (all of them, before blocks without a target are left out),
-        with the overflow warning's text (said by :meth:`_tokens`)."""
+        with the overflow warning's text (said by :meth:`_tokens`). The records stream from the files through the
+        tokenizer a chunk at a time (:func:`iter_documents`, :func:`encode_documents`): what is kept of each is its
+        tokens and one byte saying its kind."""
         progress = _Progress(self.progress, str(self.hparams.data_path), self.files)
-        docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
-        encoded = encode_documents(docs, self.tokenizer, self.chat,
-                                   on_chunk=lambda records, tokens: progress.update(len(docs), records, tokens))
-        prompted = np.fromiter((isinstance(d, ChatDocument) or bool(d.prompt) for d in docs), dtype=np.bool_,
-                               count=len(docs))
-        kinds = {"has_chat": any(isinstance(d, ChatDocument) for d in docs),
-                 "has_instructions": any(isinstance(d, Document) and d.prompt for d in docs),
-                 "has_plain_text": any(isinstance(d, Document) and not d.prompt for d in docs)}
+        kinds_seen = array("B")  # per record: _PLAIN, _INSTRUCTION or _CHAT
+        docs = iter_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input,
+                              progress)
+        encoded = encode_documents(_noting_kinds(docs, kinds_seen), self.tokenizer, self.chat,
+                                   on_chunk=progress.update)
+        kind = np.frombuffer(kinds_seen, dtype=np.uint8).copy() if kinds_seen else np.zeros(0, dtype=np.uint8)
+        prompted = kind != _PLAIN
+        kinds = {"has_chat": bool((kind == _CHAT).any()), "has_instructions": bool((kind == _INSTRUCTION).any()),
+                 "has_plain_text": bool((kind == _PLAIN).any())}
         message = None
         if not self.pack:
             encoded, message = self._fit_records(prompted, encoded)
         blocks = pack_blocks(encoded, self.seq_len, self.tokenizer.pad_token_id, self.pack, self.isolate_documents)
-        return _Tokenized(blocks, encoded.lengths, prompted, kinds, message, docs)
+        return _Tokenized(blocks, encoded.lengths, prompted, kinds, message)
 
     def _tokens(self) -> _Tokenized:
         """The data's blocks: loaded from the token cache when it holds this data's key (:meth:`_cache_key`), else
@@ -1313,10 +1460,12 @@ class TextDataModule(L.LightningDataModule):
                 if p and len(span) and all(b in held for b in span)]
 
     def _held_out_documents(self) -> list:
-        """The wholly held-out records with a prompt, as documents: kept from the build, or, when the blocks came
-        from the token cache (which keeps tokens, not text), read again from the data files (parsed, not
-        tokenized; their fingerprints are the cache's key)."""
+        """The wholly held-out records with a prompt, as documents, read again from the data files (parsed up to the
+        last of them, not tokenized; the build keeps no record's text, and the token cache's key holds the files'
+        fingerprints), once."""
         if self._held_out_prompted is None:
-            docs = read_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
-            self._held_out_prompted = [docs[i] for i in self._held_out_records]
+            wanted = set(self._held_out_records)
+            docs = iter_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
+            last = max(wanted, default=-1)
+            self._held_out_prompted = [doc for i, doc in enumerate(itertools.islice(docs, last + 1)) if i in wanted]
         return self._held_out_prompted
