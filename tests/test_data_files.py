@@ -124,7 +124,7 @@ STREAMED_CONTENTS = [
     b'{"text": "a"}\n{"text": "b\xc3\xa9"}\n\n{"text": "c"}',  # no line end after the last line
     b'\xef\xbb\xbf{"text": "bom"}\r\n{"text": "crlf \xe6\x97\xa5"}\r\n',
     b'{"text": "old mac"}\r{"text": "cr"}\r',
-    b'{"text": "a"}\n{"text": "b\xe2\x80\xa8c"}\n',  # U+2028 inside a string: str.splitlines cuts there too
+    b'{"text": "a"}\n{"text": "b\xe2\x80\xa8c"}\n',  # U+2028 inside a string: not a JSON Lines line end
     b'{"text": "a"}\n{"text": "caf\xe9"}\n{"text": "\x00"}\n',  # the invalid byte is said before the NUL
     b'{"text": "a"}\n{"text": "\xe6\x97"}\n',  # a character cut short by its line end
     b'{"text": "a"}\n{"text": "\x00"}\n',
@@ -133,6 +133,19 @@ STREAMED_CONTENTS = [
     b"",
     b'{"text": "a"}\n{"text": oops}\n',
 ]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json"])
+def test_unicode_line_separators_inside_jsonl_strings_stay_in_their_record(tmp_path, suffix):
+    """U+2028, U+2029 and U+0085 may stand unescaped in a JSON string (``json.dumps(..., ensure_ascii=False)`` writes
+    them so; scraped text has them): each record stays one record with the character in its text. Before, lines were
+    cut as ``str.splitlines`` cuts them, and such a record was refused as 'not valid JSON' at a line it never had."""
+    texts = ["first\u2028line", "para\u2029graph", "next\x85line", "plain"]
+    lines = "\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\n"
+    data = lines.encode("utf-8")
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    assert [d.completion for d in read_documents([path])] == texts
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 2**20])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -89,22 +90,27 @@ def refusal(path: Path) -> str | None:
     return f"{path} is {kind}, which lowmem does not read: {convert.format(p=str(path))}"
 
 
+_JSONL_LINE_END = re.compile(r"\r\n|\r|\n")
+"""The line ends of JSON Lines: LF (the format's), CRLF and CR. Not ``str.splitlines``' others: U+2028, U+2029 and
+U+0085 may stand unescaped inside a JSON string (``json.dumps(..., ensure_ascii=False)`` writes them so), as may
+nothing else it cuts at."""
+
+
 def jsonl_records(path: Path, text: str) -> list[tuple[str, object]]:
     """``[(where, record)]`` of a JSON Lines text, ``where`` being ``path:line``; blank lines are skipped.
     ``ValueError`` naming ``path:line`` for a line that is not JSON."""
-    return list(iter_jsonl_records(path, text.splitlines()))
+    return list(iter_jsonl_records(path, _JSONL_LINE_END.split(text)))
 
 
 def split_lines(stream: Iterable[str]) -> Iterator[str]:
-    """The lines of a text read line by line (a file opened with ``newline=""``), cut as ``str.splitlines`` cuts
-    the whole text (also at the rarer line boundaries it knows), without their line ends: one line in memory at a
-    time."""
+    """The lines of a text read line by line (a file opened with ``newline=""``, which ends a line at LF, CRLF or CR
+    only), without their line ends: one line in memory at a time, cut as :func:`jsonl_records` cuts the whole text."""
     for line in stream:
-        yield from line.splitlines()
+        yield line.rstrip("\r\n")
 
 
 def iter_jsonl_records(path: Path, lines: Iterable[str]) -> Iterator[tuple[str, object]]:
-    """``(where, record)`` of each JSON Lines line of ``lines`` (as ``str.splitlines`` gives them, or
+    """``(where, record)`` of each JSON Lines line of ``lines`` (cut at LF, CRLF or CR: :data:`_JSONL_LINE_END`, or
     :func:`split_lines` of a file), one at a time, ``where`` being ``path:line``; blank lines are skipped.
     ``ValueError`` naming ``path:line`` for a line that is not JSON."""
     for lineno, line in enumerate(lines, start=1):
