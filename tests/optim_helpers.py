@@ -74,6 +74,30 @@ def torch_muon_on_filter_matrices(shapes, steps: int = 4, device: str = "cpu"):
     return start, grads, flat
 
 
+class DispatchedOps:
+    """A context manager that records the name of every aten op dispatched inside it (``names``), e.g. to show a
+    step does no ``_local_scalar_dense`` (a host read) or ``lift_fresh`` (a tensor made from a Python list)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        names: list[str] = []
+
+        class _Recorder(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                names.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.names, self._mode = names, _Recorder()
+
+    def __enter__(self) -> "DispatchedOps":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The bytes of ``t`` (any dtype), flat: equal bits compare equal, NaNs included."""
     return t.detach().reshape(-1).contiguous().view(torch.uint8)

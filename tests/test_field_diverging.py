@@ -21,6 +21,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from optim_helpers import DispatchedOps
 from torch.utils.data import DataLoader, TensorDataset
 
 from lowmem_lightning.callbacks import LowMemOptimizerCallback, StateMemoryMonitor, skips
@@ -204,19 +205,8 @@ def test_the_counters_are_read_only_at_logged_steps_and_epoch_and_fit_end(tmp_pa
     assert reads == [4, 8, 10, 10]
     assert callback.summary["skipped_updates"] == 40
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     watch = skips.SkipWatch(callback.optimizers, None)
-    with Ops() as ops:
+    with DispatchedOps() as ops:
         watch.record(11)
     assert ops.names == ["aten.clone.default"]  # a device copy of the counter: no _local_scalar_dense, no _to_copy
 

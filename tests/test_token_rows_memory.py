@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from optim_helpers import DispatchedOps
 from peft import PeftModel
 from peft.tuners.trainable_tokens import TrainableTokensLayer
 from torch.profiler import ProfilerActivity, profile
@@ -168,21 +169,10 @@ def test_a_step_builds_no_index_tensor_from_the_python_list_after_the_first():
     """The trained rows' index is made once per layer and device, not from ``token_indices`` (a Python list) on every
     forward: on a GPU that is a pageable host-to-device copy, which waits for the device (a host sync per step).
     Seen on CPU as the ``lift_fresh`` op ``torch.tensor`` dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     def fresh_tensors(rows: bool) -> tuple[int, list[str]]:
         model = _lora(_base(tied=False), rows=rows)
         _grads(model)  # the first step makes the index
-        with Ops() as ops:
+        with DispatchedOps() as ops:
             _grads(model)
         return sum("lift_fresh" in name for name in ops.names), ops.names
 
