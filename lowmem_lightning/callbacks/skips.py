@@ -14,8 +14,9 @@ From them it knows, per step, how many updates were skipped, and:
   occasional skips do not flood the log);
 * gives the end-of-fit summary ``skipped N tensor updates ... in K of M steps``;
 * stops the fit (``trainer.should_stop``: the loop ends after this step, checkpoints are saved as at any end of
-  training, the summary is printed, ``lowmem fit`` exits 0 with the message) once every update of the last
-  ``stop_after_skipped_steps`` optimizer steps in a row was skipped: nothing is being trained.
+  training, the summary is printed; ``lowmem fit`` says the message and exits with code 1,
+  :data:`~lowmem_lightning.cli.app.UNTRAINED_EXIT_CODE`) once every update of the last ``stop_after_skipped_steps``
+  optimizer steps in a row was skipped: nothing is being trained.
 
 A ``GradScaler`` (``16-mixed``) that skips a step never calls the optimizer's ``step``: nothing is counted here.
 """
