@@ -33,9 +33,6 @@ Overflow = Literal["split", "truncate", "drop"]
 OVERFLOW_CHOICES = ("split", "truncate", "drop")
 """The values of :data:`Overflow`, in order."""
 
-IGNORE_INDEX = -100  # the same as data.text.IGNORE_INDEX (text imports this module)
-
-
 def check_overflow(overflow, pack: bool) -> None:
     """``ValueError`` naming ``overflow``, its value and the choices when it is none of :data:`OVERFLOW_CHOICES` or
     ``None``, or when it is set with ``pack=True`` (packed records are concatenated before they are cut, so no record

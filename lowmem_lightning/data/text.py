@@ -94,7 +94,14 @@ from lowmem_lightning.data.formats import (
 from lowmem_lightning.data.overflow import Overflow, check_overflow, collate_trimmed, fit_records
 from lowmem_lightning.data.token_cache import cache_directory
 from lowmem_lightning.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from lowmem_lightning.data.tokens import EncodedRecords, PackedBlocks, RecordsBuilder, flat_positions, segment_index
+from lowmem_lightning.data.tokens import (
+    IGNORE_INDEX,
+    EncodedRecords,
+    PackedBlocks,
+    RecordsBuilder,
+    flat_positions,
+    segment_index,
+)
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 __all__ = [
@@ -126,9 +133,6 @@ __all__ = [
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 """The shipped sample data (``data_path="sample"``): see ``sample/SOURCE.md`` for origin and licence."""
-
-IGNORE_INDEX = -100
-"""Label of tokens left out of the loss (prompt, bos, padding); PyTorch's cross-entropy default."""
 
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 """Prompt for instruction records with a non-empty ``input``; the ``output`` follows it."""
@@ -257,13 +261,12 @@ def _file_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise ValueError(f"Cannot read data file {path}: {err.strerror or err}.") from None
+        raise _unreadable(path, err) from None
     if is_compressed(path):
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"Data file {path} is not a valid gzip file ({err}): recompress it with gzip, or give "
-                             "it uncompressed.") from None
+            raise _not_gzip(path, err) from None
     return raw
 
 
@@ -299,6 +302,15 @@ def _refuse_other_unicode(path: Path, head: bytes) -> None:
                              f"convert it, e.g. `iconv -f {encoding} -t UTF-8 {path} > utf8{path.suffix}`.")
 
 
+def _unreadable(path: Path, err: OSError) -> ValueError:
+    return ValueError(f"Cannot read data file {path}: {err.strerror or err}.")
+
+
+def _not_gzip(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"Data file {path} is not a valid gzip file ({err}): recompress it with gzip, or give it "
+                      "uncompressed.")
+
+
 def _not_utf8(path: Path, offset: int, byte: int) -> ValueError:
     return ValueError(f"Data file {path} is not UTF-8 text (invalid byte 0x{byte:02x} at offset {offset}): "
                       f"expected a {ACCEPTED_FILES} in UTF-8; convert it to UTF-8 or leave it out of data_path.")
@@ -320,17 +332,16 @@ def _opened_bytes(path: Path, progress: _Progress | None = None) -> Iterator[io.
     try:
         raw = open(path, "rb")  # closed by the `with` below
     except OSError as err:
-        raise ValueError(f"Cannot read data file {path}: {err.strerror or err}.") from None
+        raise _unreadable(path, err) from None
     with raw:
         if progress is not None:
             progress.reading(raw)
         try:
             yield gzip.GzipFile(fileobj=raw, mode="rb") if is_compressed(path) else raw
         except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-            raise ValueError(f"Data file {path} is not a valid gzip file ({err}): recompress it with gzip, or give "
-                             "it uncompressed.") from None
+            raise _not_gzip(path, err) from None
         except OSError as err:
-            raise ValueError(f"Cannot read data file {path}: {err.strerror or err}.") from None
+            raise _unreadable(path, err) from None
 
 
 def _checked_text_size(path: Path) -> int:
@@ -832,7 +843,7 @@ class _Progress:
     the number of records is not known before they are all read."""
 
     def __init__(self, say, data_path: str, files: list[Path]):
-        self.say, self.data_path = say or _stderr_line, data_path
+        self.say, self.data_path = say, data_path
         self.started, self.said = time.monotonic(), False
         self.size = sum(f.stat().st_size for f in files)
         self._bytes_done, self._file = 0, None
@@ -1111,7 +1122,7 @@ class TextDataModule(L.LightningDataModule):
         with the overflow warning's text (said by :meth:`_tokens`). The records stream from the files through the
         tokenizer a chunk at a time (:func:`iter_documents`, :func:`encode_documents`): what is kept of each is its
         tokens and one byte saying its kind."""
-        progress = _Progress(self.progress, str(self.hparams.data_path), self.files)
+        progress = _Progress(self._say, str(self.hparams.data_path), self.files)
         kinds_seen = array("B")  # per record: _PLAIN, _INSTRUCTION or _CHAT
         docs = iter_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input,
                               progress)

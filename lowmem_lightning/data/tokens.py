@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["EncodedRecords", "RecordsBuilder", "PackedBlocks", "segment_sum", "segment_index", "flat_positions",
-           "position_dtype"]
+__all__ = ["IGNORE_INDEX", "EncodedRecords", "RecordsBuilder", "PackedBlocks", "segment_sum", "segment_index",
+           "flat_positions", "position_dtype"]
 
-IGNORE_INDEX = -100  # the same as data.text.IGNORE_INDEX (text imports this module)
+IGNORE_INDEX = -100
+"""Label of tokens left out of the loss (prompt, bos, padding); PyTorch's cross-entropy default."""
 
 _CHUNK_TOKENS = 1 << 20
 """Tokens per step of the chunked per-token passes (positions, coverage): a few MiB of temporaries each."""
@@ -77,11 +78,6 @@ class EncodedRecords:
     def n_tokens(self) -> int:
         """Tokens of the records as they stand (after :meth:`with_lengths`)."""
         return int(self.lengths.sum())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the arrays hold."""
-        return sum(a.nbytes for a in (self.ids, self.trained, self.starts, self.lengths))
 
     def record(self, i: int) -> tuple[list[int], list[int]]:
         """``(ids, labels)`` of record ``i`` as lists (labels -100 where not trained), as ``encode_document`` gives."""
