@@ -50,9 +50,11 @@ class FiniteGuard:
         """Number of (tensor, step) updates skipped because the gradient held inf or NaN, or elements
         whose squares overflow fp32 (see :meth:`_finite_flags`).
 
-        Reading it synchronises with the device; the step itself never does.
+        Reading it synchronises with the device (one read of :meth:`skipped_updates_tensor`); the step itself never
+        does.
         """
-        return int(sum(int(t.item()) for t in self._skipped.values()))
+        total = self.skipped_updates_tensor()
+        return 0 if total is None else int(total.item())
 
     def skipped_updates_tensor(self) -> torch.Tensor | None:
         """:attr:`skipped_updates` as a 0-d fp32 tensor on the counter's device, copied without a host sync (later
