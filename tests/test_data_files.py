@@ -108,7 +108,7 @@ def test_a_malformed_file_is_named_with_its_line_or_record(tmp_path, name, conte
         ("utf32.jsonl", "{}".encode("utf-32"), r"utf32.jsonl is UTF-32 text"),
         ("latin1.txt", b"\xef\xbb\xbfcaf\xe9", r"latin1.txt is not UTF-8 text \(invalid byte 0xe9 at offset 6\)"),
         ("broken.jsonl.gz", b"\x1f\x8b\x08\x00garbage", r"broken.jsonl.gz is not a valid gzip file"),
-        ("empty.txt.gz", gzip.compress(b" \n"), r"empty.txt.gz is empty"),
+        ("empty.txt.gz", gzip.compress(b" \n", mtime=0), r"empty.txt.gz is empty"),
     ],
 )
 def test_encodings_and_compression(tmp_path, name, content, match):
