@@ -24,6 +24,8 @@ import torch
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lowmem_lightning.callbacks.translate import as_float
+
 __all__ = ["HPARAM_PREFIX", "SUMMARY_METRICS", "optimizer_hparams", "record_hparams", "summary_metrics",
            "log_summary"]
 
@@ -53,7 +55,7 @@ def _largest(optimizers: list[torch.optim.Optimizer], key: str) -> float | None:
     """The largest ``key`` over the param groups (``initial_lr`` where a scheduler set it, for ``lr``), or None."""
     values = [group.get("initial_lr", group.get(key)) if key == "lr" else group.get(key)
               for optimizer in optimizers for group in optimizer.param_groups]
-    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numbers = [number for number in map(as_float, values) if number is not None]
     return max(numbers) if numbers else None
 
 
