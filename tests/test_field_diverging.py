@@ -170,6 +170,27 @@ def test_gradient_release_warns_counts_and_stops_the_same(tmp_path):
     assert trainer.global_step == 5 and callback.summary["stopped_at_step"] == 5
 
 
+class _NetWithAnUnusedParam(_Net):
+    """``_Net`` with a trainable param its forward never uses (an unused head, a pooler): it gets no gradient, so no
+    step updates it or skips it."""
+
+    def __init__(self, nan_at=()):
+        super().__init__(nan_at=nan_at)
+        self.unused = torch.nn.Parameter(torch.zeros(3))
+
+
+@pytest.mark.parametrize("step_in_backward", [False, True])
+def test_a_trainable_param_without_a_gradient_does_not_hide_that_nothing_trains(tmp_path, step_in_backward):
+    """NaN in every batch of a module with an unused trainable param: every update a step makes (4 tensors) is skipped,
+    so the fit stops after 3 steps, with gradient release too. Before, under release the steps' expected updates were
+    guessed as every trainable param (the gradients are freed), 5 > 4 skipped: the run was never stopped."""
+    callback = _callback(step_in_backward=step_in_backward, stop_after_skipped_steps=3)
+    trainer, _ = _fit(tmp_path, _NetWithAnUnusedParam(nan_at=range(40)), callback, steps=40)
+    assert trainer.global_step == 3 and callback.summary["stopped_at_step"] == 3
+    assert callback.summary["skipped_updates"] == 12 and callback.summary["skipped_steps"] == 3
+    assert callback.optimizers[0].attempted_updates == callback.optimizers[0].skipped_updates == 12
+
+
 def test_a_gradscaler_skip_is_not_ours(tmp_path):
     """``16-mixed`` (on the CPU Lightning turns it into bf16-mixed, so its plugin with a CPU GradScaler, as on a GPU):
     an inf gradient makes the GradScaler skip the step (it never calls ours): nothing counted, nothing said, no stop,

@@ -5,9 +5,11 @@ Our optimizers leave a param and its state unchanged when its gradient is not fi
 (:attr:`~lowmem_lightning.optim.finite.FiniteGuard.skipped_updates`). A run whose every update is skipped (a NaN in
 the data, fp16 without loss scaling, a far too high lr, a checkpoint with NaN weights) would otherwise run to
 ``max_steps`` looking normal. :class:`SkipWatch` keeps, at every optimizer step, a device copy of the counter (no
-host sync) and reads the copies in one transfer only where the monitor reads the counter anyway (its logged steps),
-at each epoch's end and at the end of fit (and after :data:`PENDING_LIMIT` unread steps, so memory stays bounded).
-From them it knows, per step, how many updates were skipped, and:
+host sync) and the optimizers' host count of updates attempted
+(:attr:`~lowmem_lightning.optim.finite.FiniteGuard.attempted_updates`), and reads the copies in one transfer only where
+the monitor reads the counter anyway (its logged steps), at each epoch's end and at the end of fit (and after
+:data:`PENDING_LIMIT` unread steps, so memory stays bounded). From them it knows, per step, how many of the updates
+it attempted were skipped, and:
 
 * warns the first time any were (the step, how many tensors, a few param names when the step read is the one that
   skipped, what it means and what to check), and again each time the count doubles (rate-limited: AMP-style
@@ -91,9 +93,10 @@ class SkipWatch:
         self._streak = 0  # steps in a row whose every update was skipped
         self._first: tuple[int, int] | None = None  # (step, updates skipped in it) of the first skip
         self._warned_at = 0  # self.skipped at the last warning
-        self._pending: list[tuple[int | None, torch.Tensor | None, int]] = []  # (step, count copy, updates expected)
+        self._attempted = 0  # the optimizers' attempted_updates as last read
+        self._pending: list[tuple[int | None, torch.Tensor | None, int]] = []  # (step, count copy, attempted_updates)
         if self.optimizers:
-            self._pending.append((None, self._count(), 0))  # the baseline: counts before this fit's first step
+            self._pending.append((None, self._count(), self._attempted_now()))  # the counts before this fit's steps
 
     @property
     def tracked(self) -> bool:
@@ -119,45 +122,46 @@ class SkipWatch:
             total = total + copy.to(total.device, non_blocking=True)
         return total
 
+    def _attempted_now(self) -> int:
+        """The optimizers' tensor updates attempted so far (a host count, no sync)."""
+        return sum(o.attempted_updates for o in self.optimizers)
+
     def _params(self) -> list[torch.Tensor]:
         return [p for o in self.optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
 
-    def _expected(self) -> int:
-        """Tensor updates this step attempted: params with a gradient (all trainable ones when the gradients are
-        already freed, as under gradient release)."""
-        params = self._params()
-        return sum(p.grad is not None for p in params) or len(params)
-
     def record(self, step: int) -> None:
-        """After optimizer step ``step``: keep a device copy of the counters (no host sync)."""
+        """After optimizer step ``step``: keep a device copy of the skip counters and the attempted-update count (no
+        host sync)."""
         if self.optimizers:
-            self._pending.append((step, self._count(), self._expected()))
+            self._pending.append((step, self._count(), self._attempted_now()))
 
     def check(self, trainer: L.Trainer, reporter: str) -> None:
         """Read the copies kept since the last read (one transfer), count, warn, and stop the fit when due."""
         pending, self._pending = self._pending, []
         values = iter(_to_host([c for _, c, _ in pending if c is not None]))
         last_delta, last_step = 0.0, None
-        for step, count, expected in pending:
+        for step, count, attempted in pending:
             value = next(values) if count is not None else 0.0
             delta, self.total = value - self.total, value
+            tried, self._attempted = attempted - self._attempted, attempted
             if step is None:
                 continue
             last_delta, last_step = delta, step
-            self._count_step(step, int(delta), expected)
+            self._count_step(step, int(delta), tried)
         if self.skipped and (not self._warned_at or self.skipped >= 2 * self._warned_at):
             self._warn(trainer, reporter, names_now=last_delta > 0 and last_step == trainer.global_step)
         if self.stop_after is not None and self._streak >= self.stop_after and self.stopped_at is None:
             self._stop(trainer, reporter)
 
-    def _count_step(self, step: int, skipped: int, expected: int) -> None:
+    def _count_step(self, step: int, skipped: int, attempted: int) -> None:
+        """Step ``step`` skipped ``skipped`` of the ``attempted`` tensor updates it set out to make."""
         if skipped <= 0:
             self._streak = 0
             return
         self.skipped += skipped
         self.skipped_steps += 1
         self._first = self._first or (step, skipped)
-        self._streak = self._streak + 1 if skipped >= expected else 0
+        self._streak = self._streak + 1 if skipped >= attempted else 0
 
     def _warn(self, trainer: L.Trainer, reporter: str, names_now: bool) -> None:
         names = _nonfinite_names(self._params(), trainer.lightning_module) if names_now else []

@@ -119,6 +119,7 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
         self._check_defaults(dict(defaults))  # bad hyperparameters fail before any param is looked at
         _check_rounding(defaults)
         self._skipped: dict[torch.device, torch.Tensor] = {}
+        self._attempted: dict[str, int] = {"updates": 0}  # updates checked (FiniteGuard.attempted_updates)
         self._pending_norm: dict = {}  # "norm": (total norm, gradients' fingerprint) the next step() reuses
         self._step_norm: torch.Tensor | None = None  # ... while that step() runs
         self._released_groups: set[int] = set()
@@ -139,6 +140,7 @@ class LowMemOptimizer(FiniteGuard, torch.optim.Optimizer):
         if not differentiable:
             self.defaults.pop("differentiable", None)  # torch adds it; our groups do not carry it
         self.__dict__.setdefault("_skipped", {})
+        self.__dict__.setdefault("_attempted", {"updates": 0})
         self.__dict__.pop("_grad_norm", None)  # pickled before the norm moved into _pending_norm
         self.__dict__.setdefault("_pending_norm", {})
         self.__dict__.setdefault("_step_norm", None)

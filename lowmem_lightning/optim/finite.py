@@ -9,20 +9,22 @@ gradient norms it reads.
   dispatch know without reading them: no tensor op per step beyond the norms. Kernels receive the flag and
   leave params and state untouched where it is 0; the number of skipped tensor updates accumulates on the
   device (on the CPU: added only when a step skips one) and is read (one sync) only through
-  ``skipped_updates``. For DTensor (sharded) gradients the flags agree across the ranks that shard them
+  ``skipped_updates``; the number of tensor updates checked (applied or skipped) is a host count,
+  ``attempted_updates``. For DTensor (sharded) gradients the flags agree across the ranks that shard them
   (:mod:`.sharding`).
 * **Reused norm:** after ``clip_grad_norm_`` (or ``use_grad_norm`` with the norm
   ``torch.nn.utils.clip_grad_norm_`` returned) the next ``step()`` reads no gradient for the check: it applies
   every update when that total norm is finite and skips the *whole step* when it is not.
 
-The mixin keeps its data on the optimizer: ``_skipped`` (device -> skipped-update counter), ``_pending_norm``
-(a dict: under ``"norm"`` the norm and gradients' fingerprint the next step reuses) and ``_step_norm`` (that norm
-while the step runs); the optimizer creates them and its ``step()`` moves the pending norm into ``_step_norm``.
-The methods a user calls (``use_grad_norm``, ``clip_grad_norm_``, ``zero_grad``) change ``_pending_norm`` in place
-and never rebind an attribute: Lightning Fabric's ``_FabricOptimizer`` and Lightning's ``LightningOptimizer`` are
-instances of a class made on the fly that subclasses ours and forwards attribute *reads* to the wrapped optimizer,
-so a method called on the wrapper runs with the wrapper as ``self``, and an attribute it assigned would land on the
-wrapper, never seen by the wrapped optimizer's ``step()`` (the norm of ``fabric_opt.use_grad_norm(norm)`` was lost).
+The mixin keeps its data on the optimizer: ``_skipped`` (device -> skipped-update counter), ``_attempted`` (a dict:
+under ``"updates"`` the host count of updates checked), ``_pending_norm`` (a dict: under ``"norm"`` the norm and
+gradients' fingerprint the next step reuses) and ``_step_norm`` (that norm while the step runs); the optimizer creates
+them and its ``step()`` moves the pending norm into ``_step_norm``. The methods a user calls (``use_grad_norm``,
+``clip_grad_norm_``, ``zero_grad``; ``step_params`` counts in ``_attempted``) change these dicts in place and never
+rebind an attribute: Lightning Fabric's ``_FabricOptimizer`` and Lightning's ``LightningOptimizer`` are instances
+of a class made on the fly that subclasses ours and forwards attribute *reads* to the wrapped optimizer, so a method
+called on the wrapper runs with the wrapper as ``self``, and an attribute it assigned would land on the wrapper,
+never seen by the wrapped optimizer's ``step()`` (the norm of ``fabric_opt.use_grad_norm(norm)`` was lost).
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ class FiniteGuard:
         """
         total = self.skipped_updates_tensor()
         return 0 if total is None else int(total.item())
+
+    @property
+    def attempted_updates(self) -> int:
+        """Number of (tensor, step) updates the steps so far set out to make: every gradient checked by
+        :meth:`_finite_flags`, applied or skipped (:attr:`skipped_updates` of them). A host count: reading it never
+        synchronises. A step whose skipped updates equal its attempted ones changed nothing."""
+        return self._attempted["updates"]
 
     def skipped_updates_tensor(self) -> torch.Tensor | None:
         """:attr:`skipped_updates` as a 0-d fp32 tensor on the counter's device, copied without a host sync (later
@@ -149,6 +158,7 @@ class FiniteGuard:
         """
         if not grads:
             return []
+        self._attempted["updates"] += len(grads)  # in place: wrappers (see the module docstring)
         distributed = [g for g in grads if is_dtensor(g)]
         norm = self._step_norm
         if not distributed and grads[0].device.type == "cpu" and (norm is None or norm.device.type == "cpu"):
