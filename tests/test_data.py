@@ -6,16 +6,11 @@ import pytest
 import torch
 
 from lowmem_lightning.data import SAMPLE_DIR, ByteTokenizer, TextDataModule
-from lowmem_lightning.data.text import (
-    DEFAULT_PROMPT_TEMPLATE,
-    DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
-    IGNORE_INDEX,
-    Document,
-    encode_document,
-    pack_blocks,
-    read_documents,
-    split_indices,
-)
+from lowmem_lightning.data.blocks import pack_blocks, split_indices
+from lowmem_lightning.data.documents import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TEMPLATE_NO_INPUT, Document
+from lowmem_lightning.data.encoding import encode_document
+from lowmem_lightning.data.reading import read_documents
+from lowmem_lightning.data.tokens import IGNORE_INDEX
 
 BYTE = ByteTokenizer()
 

@@ -144,6 +144,18 @@ def test_the_key_is_what_decides_the_tokens_and_the_split_is_not_in_it(tmp_path,
     assert used(seq_len=48)
 
 
+def test_every_data_module_that_makes_tokens_or_blocks_is_in_the_pipeline_hash():
+    """An edit of any module of ``lowmem_lightning.data`` that turns records into tokens and blocks changes the key:
+    each module is in ``PIPELINE_MODULES`` or named here as making nothing the cache holds (a new module must be
+    placed), and the hash reads every one of them."""
+    outside = {"__init__", "distributed", "fingerprint", "loader", "prompts"}
+    modules = {path.stem for path in Path(token_cache.__file__).parent.glob("*.py")}
+    assert modules - outside == set(token_cache.PIPELINE_MODULES)
+    assert len(token_cache.PIPELINE_MODULES) == len(set(token_cache.PIPELINE_MODULES))
+    token_cache.pipeline_source_hash.cache_clear()
+    assert len(token_cache.pipeline_source_hash()) == 64
+
+
 def test_small_data_is_not_cached_and_cache_dir_false_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWMEM_CACHE_DIR", str(tmp_path / "cache"))
     _module(_data(tmp_path, "records"), seq_len=48)  # 3.6 KB read in well under 3 s

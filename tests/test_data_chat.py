@@ -21,7 +21,10 @@ from tiny_tokenizers import bpe_tokenizer
 from lowmem_lightning.cli import main
 from lowmem_lightning.data import ByteTokenizer, HFTokenizer, TextDataModule
 from lowmem_lightning.data.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate, chat_record, read_chat_template
-from lowmem_lightning.data.text import IGNORE_INDEX, Document, encode_document, read_documents
+from lowmem_lightning.data.documents import Document
+from lowmem_lightning.data.encoding import encode_document
+from lowmem_lightning.data.reading import read_documents
+from lowmem_lightning.data.tokens import IGNORE_INDEX
 
 BYTE = ByteTokenizer()
 LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")

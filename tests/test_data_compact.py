@@ -21,18 +21,13 @@ from launched_scripts import launch_env
 from tiny_tokenizers import bpe_tokenizer
 
 from lowmem_lightning.data import ByteTokenizer, TextDataModule
+from lowmem_lightning.data.blocks import split_indices, trainable_blocks
 from lowmem_lightning.data.chat import ChatDocument
+from lowmem_lightning.data.encoding import ENCODE_CHUNK, encode_document, encode_documents
 from lowmem_lightning.data.overflow import OverflowReport, fit_records
-from lowmem_lightning.data.text import (
-    ENCODE_CHUNK,
-    IGNORE_INDEX,
-    encode_document,
-    encode_documents,
-    read_documents,
-    split_indices,
-    trainable_blocks,
-)
+from lowmem_lightning.data.reading import read_documents
 from lowmem_lightning.data.tokenizer import HFTokenizer
+from lowmem_lightning.data.tokens import IGNORE_INDEX
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 SEQ = 24
@@ -283,7 +278,7 @@ def test_instructions_build_in_a_fraction_of_the_list_based_memory_which_grows_b
 def test_a_long_read_says_once_what_it_is_doing_and_the_sample_data_says_nothing(monkeypatch, capsys, data_dir):
     TextDataModule("sample").check_inputs()  # the tiny recipe's data: read in well under PROGRESS_AFTER_S
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr("lowmem_lightning.data.text.PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr("lowmem_lightning.data.reading.PROGRESS_AFTER_S", 0.0)
     said = []
     dm = TextDataModule(str(data_dir), seq_len=SEQ)
     dm.progress = said.append
@@ -299,7 +294,7 @@ def test_records_stream_through_the_tokenizer_the_line_says_how_much_of_the_file
                                                                                           suffix):
     """The first chunk of records is tokenized while most of the file is still unread (the old pipeline read and
     parsed every record first: its line came at 100%)."""
-    monkeypatch.setattr("lowmem_lightning.data.text.PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr("lowmem_lightning.data.reading.PROGRESS_AFTER_S", 0.0)
     rows = [f"record {k}: " + "some words " * 10 for k in range(4 * ENCODE_CHUNK)]
     if suffix == ".jsonl":
         data = "".join(json.dumps({"text": row}) + "\n" for row in rows).encode()
@@ -316,7 +311,7 @@ def test_records_stream_through_the_tokenizer_the_line_says_how_much_of_the_file
 
 
 def test_large_files_are_said_before_they_are_read(monkeypatch, data_dir):
-    monkeypatch.setattr("lowmem_lightning.data.text.PROGRESS_BYTES", 1000)
+    monkeypatch.setattr("lowmem_lightning.data.reading.PROGRESS_BYTES", 1000)
     said = []
     dm = TextDataModule(str(data_dir), seq_len=SEQ)
     dm.progress = said.append
@@ -329,7 +324,7 @@ def test_large_files_are_said_before_they_are_read(monkeypatch, data_dir):
 def test_lowmem_fit_says_the_line_on_stderr_before_its_other_messages(monkeypatch, capsys, tmp_path):
     from lowmem_lightning.cli import main
 
-    monkeypatch.setattr("lowmem_lightning.data.text.PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr("lowmem_lightning.data.reading.PROGRESS_AFTER_S", 0.0)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.txt").write_text("abc")
     code = main(["fit", "--config", "tiny.yaml", "--data.data_path", str(tmp_path / "tiny.txt"),

@@ -20,7 +20,7 @@ from chat_recipes import LOWMEM
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.data import TextDataModule
-from lowmem_lightning.data.text import find_data_files, read_documents
+from lowmem_lightning.data.reading import find_data_files, read_documents
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 RECORDS = [
@@ -155,16 +155,17 @@ def test_records_read_streamed_are_those_of_the_whole_text_with_the_same_errors(
                                                                                 content, suffix):
     """JSONL and CSV files are read a chunk at a time (``READ_CHUNK`` bytes): the records, their ``file:line`` and
     every refusal (not UTF-8 with the byte's offset, NUL, empty, not JSON) are those of the file's whole text."""
-    from lowmem_lightning.data import formats, text
+    from lowmem_lightning.data import documents, formats, reading
 
-    monkeypatch.setattr(text, "READ_CHUNK", chunk)
+    monkeypatch.setattr(reading, "READ_CHUNK", chunk)
     path = tmp_path / f"train{suffix}"
     data = content if suffix != ".csv" else b"text\n" + content.replace(b'{"text": ', b"").replace(b"}", b"")
     path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
     try:
-        whole = text.read_text_file(path)
+        whole = reading.read_text_file(path)
         parse = formats.jsonl_records if suffix != ".csv" else lambda p, t: formats.table_records(p, t, "csv")
-        expected = [text._render(r, where, text.DEFAULT_PROMPT_TEMPLATE, text.DEFAULT_PROMPT_TEMPLATE_NO_INPUT)
+        expected = [documents.render_record(r, where, documents.DEFAULT_PROMPT_TEMPLATE,
+                                             documents.DEFAULT_PROMPT_TEMPLATE_NO_INPUT)
                     for where, r in parse(path, whole)]
         if not expected:
             raise ValueError(f"Data file {path} holds no records: add records to it or leave it out of data_path.")

@@ -20,8 +20,10 @@ import torch
 from launched_scripts import launch_env
 
 from lowmem_lightning.data import ByteTokenizer, TextDataModule
+from lowmem_lightning.data.blocks import pack_blocks
 from lowmem_lightning.data.overflow import collate_trimmed
-from lowmem_lightning.data.text import IGNORE_INDEX, first_document_prompts, pack_blocks
+from lowmem_lightning.data.prompts import first_document_prompts
+from lowmem_lightning.data.tokens import IGNORE_INDEX
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 BYTE = ByteTokenizer()

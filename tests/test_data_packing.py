@@ -15,7 +15,9 @@ import lightning as L
 import pytest
 import torch
 
-from lowmem_lightning.data.text import IGNORE_INDEX, TextDataModule, document_position_ids, pack_blocks
+from lowmem_lightning.data.blocks import document_position_ids, pack_blocks
+from lowmem_lightning.data.text import TextDataModule
+from lowmem_lightning.data.tokens import IGNORE_INDEX
 from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
 from lowmem_lightning.modules.packed_attention import _flatten, packed_call
 

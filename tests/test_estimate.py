@@ -370,7 +370,7 @@ def test_activation_formula_within_10_percent_of_the_profiler(arch, dtype, check
 def _document_positions(batch: int, seq: int) -> torch.Tensor:
     """``[batch, seq]`` position_ids of packed blocks as ``TextDataModule`` makes them (restarting at each document
     of a third, a half, one and one more block)."""
-    from lowmem_lightning.data.text import document_position_ids
+    from lowmem_lightning.data.blocks import document_position_ids
 
     return document_position_ids([seq // 3, seq // 2, seq, seq], seq)[:batch]
 

@@ -23,7 +23,7 @@ from tiny_tokenizers import bpe_tokenizer
 
 from lowmem_lightning.cli import main, parse_fit_config
 from lowmem_lightning.data import TextDataModule
-from lowmem_lightning.data.text import DEFAULT_PROMPT_TEMPLATE_NO_INPUT
+from lowmem_lightning.data.documents import DEFAULT_PROMPT_TEMPLATE_NO_INPUT
 from lowmem_lightning.modules.causal_lm import CausalLMModule, StopSequences, cut_at_stop
 
 VAL = "0.25"

@@ -6,7 +6,7 @@ import pytest
 from torch.utils.data import DistributedSampler
 
 from lowmem_lightning.data.distributed import RankEpochShuffleSampler, epoch_sampler
-from lowmem_lightning.data.text import EpochShuffleSampler
+from lowmem_lightning.data.loader import EpochShuffleSampler
 
 
 def test_ranks_share_each_epochs_order_and_lightning_leaves_them_alone():

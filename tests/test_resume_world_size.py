@@ -18,7 +18,7 @@ import pytest
 from test_resume_midepoch import _load, _lowmem, _write_data
 
 from lowmem_lightning.data.distributed import RankEpochShuffleSampler
-from lowmem_lightning.data.text import EpochShuffleSampler
+from lowmem_lightning.data.loader import EpochShuffleSampler
 
 
 def _read(sampler, count: int) -> list[int]:

@@ -4,14 +4,14 @@ Lightning wraps a custom sampler in its ``DistributedSamplerWrapper`` under DDP 
 sampler's ``state_dict``: a resumed run then restarted the inner shuffle at epoch 0 and fast-forwarded
 through the wrong order, so a mid-epoch resume of a 2-process run read other batches than the
 uninterrupted run. :class:`RankEpochShuffleSampler` is itself a ``DistributedSampler`` (so Lightning
-leaves it alone): epoch ``e``'s permutation of :class:`~lowmem_lightning.data.text.EpochShuffleSampler`,
+leaves it alone): epoch ``e``'s permutation of :class:`~lowmem_lightning.data.loader.EpochShuffleSampler`,
 padded to a multiple of the number of ranks by repeating its head (as ``DistributedSampler`` pads), and
 rank ``r`` reads every ``world``-th index from ``r``. Its state (epoch, indices read by all ranks together,
 world size) travels in the checkpoint with the loader's, and every rank is at the same position, so the one
 state Lightning saves (rank 0's) resumes every rank exactly.
 
 On another number of processes a mid-epoch state resumes at the same place of the epoch: the indices not yet
-read are dealt over the new ranks (:meth:`~lowmem_lightning.data.text.EpochShuffleSampler.share`), and
+read are dealt over the new ranks (:meth:`~lowmem_lightning.data.loader.EpochShuffleSampler.share`), and
 :func:`align_epoch_progress` sets Lightning's count of the epoch's batches so that the epoch ends when they do.
 
 A checkpoint written after ``fit`` stopped at the end of an epoch (``max_steps`` reached on its last batch; or on the
@@ -27,7 +27,7 @@ import functools
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DistributedSampler
 
-from .text import EpochShuffleSampler
+from .loader import EpochShuffleSampler
 
 __all__ = ["RankEpochShuffleSampler", "align_epoch_progress", "align_with_fit_loop", "epoch_batches",
            "epoch_sampler", "fit_ended_at_epoch_end"]

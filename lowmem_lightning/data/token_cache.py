@@ -93,8 +93,11 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-PIPELINE_MODULES = ("text", "tokens", "tokenizer", "chat", "overflow", "formats", "token_cache")
-"""The modules of ``lowmem_lightning.data`` whose code turns records into tokens and blocks (or lays out the cache)."""
+PIPELINE_MODULES = ("text", "reading", "documents", "encoding", "blocks", "tokens", "tokenizer", "chat", "overflow",
+                    "formats", "token_cache")
+"""The modules of ``lowmem_lightning.data`` whose code turns records into tokens and blocks (or lays out the cache).
+Not in it: ``loader`` and ``distributed`` (the order blocks are read in), ``prompts`` (predict's prompts, made after
+the cache is loaded), ``fingerprint`` (its fingerprints are in the key)."""
 
 
 @functools.cache
