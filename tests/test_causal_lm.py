@@ -1,6 +1,8 @@
 """CausalLMModule + TextDataModule end to end on the shipped sample data: full fine-tune, NF4 QLoRA
 on a tiny Llama, the meta-device builder used by ``lowmem estimate``, saving, and argument errors."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -263,3 +265,20 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
     kwargs.setdefault("optimizer", "adamw")
     with pytest.raises(ValueError, match=match):
         CausalLMModule(**kwargs)
+
+
+def test_a_nan_validation_batch_makes_val_loss_nan_not_the_mean_of_the_others(monkeypatch):
+    """A validation batch whose loss is NaN (weights gone NaN, an fp16 overflow): before, torchmetrics' default dropped
+    it with a warning, so val_loss was the mean of the other batches (here 2.0) and looked like the model's loss.
+    Now val_loss is NaN, as the loss over that data is."""
+    from types import SimpleNamespace
+
+    module = CausalLMModule(config=TINY_LLAMA, optimizer="adamw")
+    losses = iter([torch.tensor(2.0), torch.tensor(float("nan"))])
+    monkeypatch.setattr(module, "forward", lambda **batch: SimpleNamespace(loss=next(losses)))
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "labels": torch.ones(1, 4, dtype=torch.long)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Encountered `nan` values" warning either
+        module.validation_step(batch, 0)
+        module.validation_step(batch, 1)
+        assert torch.isnan(module.val_loss.compute())

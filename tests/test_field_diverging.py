@@ -257,3 +257,81 @@ def test_lowmem_fit_with_a_diverging_lr_warns_stops_with_a_message_and_keeps_a_c
     assert proc.stderr.count("stopping the fit at step 6") == 1
     assert "in 3 of 6 steps\n  stopped at step 6: every update of the last 3 steps skipped" in proc.stderr
     assert [p.name for p in (tmp_path / "runs/tiny/version_0/checkpoints").iterdir()] == ["epoch=0-step=6.ckpt"]
+
+
+def _torch_adamw(**kwargs):
+    """The callback with torch's fp32 AdamW (``--optim adamw``): it applies a non-finite update."""
+    return LowMemOptimizerCallback("adamw", lr=1e-3, plot=False, **kwargs)
+
+
+def test_torch_adamw_whose_weights_turn_nan_stops_and_the_summary_says_so(tmp_path, caplog):
+    """A NaN batch at step 3 makes torch's AdamW write NaN into every weight; each later loss is NaN. Before: the run
+    went on to max_steps=200 (NaN steps are slow on a CPU) and the summary said nothing. Now the monitor, reading the
+    losses it reads anyway (every 64 steps), sees 62 non-finite in a row (>= 5), reads the weights once, and stops at
+    step 64 with one message naming the tensors; the summary says 4 of 4 hold inf/NaN since step 3."""
+    callback = _torch_adamw(stop_after_skipped_steps=5)
+    trainer = _trainer(tmp_path, [callback], 200)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_Net(nan_at={2}), _loader())
+    assert trainer.global_step == 64
+    [stop] = [str(w.message) for w in caught if "stopping the fit" in str(w.message)]
+    assert stop.startswith("LowMemOptimizerCallback: stopping the fit at step 64: the training loss was not finite in "
+                           "each of the last 62 steps (since step 3) and 4 of 4 trainable tensors now hold inf/NaN "
+                           "(net.0.weight, net.0.bias, net.2.weight and 1 more)")
+    assert "Resume from a checkpoint saved before step 3" in stop and "stop_after_skipped_steps=5 set this" in stop
+    summary = callback.summary
+    assert (summary["lost_weights"], summary["trainable_tensors"], summary["loss_not_finite_since"],
+            summary["lost_weights_stopped_at_step"]) == (4, 4, 3, 64)
+    assert ("  weights not finite: 4 of 4 trainable tensors hold inf/NaN\n"
+            "  (the training loss was not finite from step 3 on; stopped at step 64)") in caplog.text
+
+
+def test_lost_weights_without_a_stop_are_said_at_the_end_and_nan_batches_with_finite_weights_are_not(tmp_path,
+                                                                                                        caplog):
+    """``stop_after_skipped_steps=None``: no stop, but the end of a torch-AdamW fit with NaN weights still says so.
+    Our optimizer skipping NaN batches up to the last step keeps its weights finite: they are read, and no line
+    claims they were lost."""
+    callback = _torch_adamw(stop_after_skipped_steps=None)
+    trainer = _trainer(tmp_path / "torch", [callback], 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_Net(nan_at={5}), _loader())
+    assert trainer.global_step == 10
+    assert (callback.summary["lost_weights"], callback.summary["loss_not_finite_since"]) == (4, 6)
+    assert callback.summary["lost_weights_stopped_at_step"] is None
+    assert "  (the training loss was not finite from step 6 on)" in caplog.text
+    caplog.clear()
+    ours = _callback(stop_after_skipped_steps=None)
+    trainer, _ = _fit(tmp_path / "ours", _Net(nan_at=range(5, 10)), ours, steps=10)
+    assert ours.summary["lost_weights"] == 0 and ours.summary["trainable_tensors"] == 4  # read, all finite
+    assert ours.summary["skipped_updates"] == 20 and "weights not finite" not in caplog.text
+
+
+def test_lowmem_fit_exits_1_when_the_weights_end_not_finite():
+    """``lowmem fit``'s exit code reads the callbacks' summaries: lost weights are a failed fit, as a stop for skipped
+    updates is; a clean summary is not."""
+    from types import SimpleNamespace
+
+    from lowmem_lightning.cli.app import _stopped_untrained
+
+    def cli(summary):
+        return SimpleNamespace(trainer=SimpleNamespace(callbacks=[SimpleNamespace(summary=summary)]))
+
+    assert _stopped_untrained(cli({"lost_weights": 4, "stopped_at_step": None}))
+    assert not _stopped_untrained(cli({"lost_weights": 0, "stopped_at_step": None}))
+
+
+@pytest.mark.slow
+def test_lowmem_fit_optim_adamw_at_a_diverging_lr_stops_and_exits_1(tmp_path):
+    """The tiny recipe with torch's AdamW (``--optim adamw``) at ``--lr 1e6``: the weights turn NaN within a few steps;
+    the fit stops at the first loss read after 100 such steps (128), says why, and exits 1 (~45 s: NaN is slow)."""
+    proc = subprocess.run([LOWMEM, "fit", "--config", "tiny.yaml", "--optim", "adamw", "--lr", "1e6",
+                           "--trainer.max_steps", "300", "--trainer.limit_val_batches", "1",
+                           "--data.init_args.seq_len", "16", "--data.init_args.batch_size", "2",
+                           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.count("stopping the fit at step 128") == 1
+    assert "weights not finite: 21 of 21 trainable tensors hold inf/NaN" in proc.stderr

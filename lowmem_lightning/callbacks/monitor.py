@@ -29,7 +29,13 @@ from lowmem_lightning.callbacks.report import (
     write_plot,
 )
 from lowmem_lightning.callbacks.run_record import SUMMARY_METRICS, log_summary
-from lowmem_lightning.callbacks.skips import STOP_AFTER_SKIPPED_STEPS, SkipWatch, check_stop_after_skipped_steps
+from lowmem_lightning.callbacks.skips import (
+    STOP_AFTER_SKIPPED_STEPS,
+    LostWeights,
+    SkipWatch,
+    check_stop_after_skipped_steps,
+    trainable_params,
+)
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import StateMemory, state_memory
 from lowmem_lightning.optim.registry import OPTIMIZERS, optimizer_class
@@ -131,6 +137,7 @@ class StateMemoryMonitor(L.Callback):
         self._resumed = False  # the current fit restored a checkpoint (trainer.ckpt_path)
         self._taken: frozenset[str] | None = None  # our metric names the module logs itself (seen at the first step)
         self._skips = SkipWatch([], None)  # the skipped-update counts of the current fit
+        self._lost = LostWeights(None)  # the current fit's non-finite losses, and its weights when they stay so
 
     def track(self, optimizers: list[torch.optim.Optimizer], name: str, reporter: str) -> None:
         """Measure ``optimizers`` (called ``name`` in the summary, whose header names ``reporter``)
@@ -208,6 +215,7 @@ class StateMemoryMonitor(L.Callback):
         self._resumed = trainer.ckpt_path is not None
         self._taken = None
         self._skips = SkipWatch(self.optimizers, self.stop_after_skipped_steps)
+        self._lost = LostWeights(self.stop_after_skipped_steps)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         """After an optimizer step: measure, keep the max since the last logged step, log it."""
@@ -301,6 +309,7 @@ class StateMemoryMonitor(L.Callback):
         self.history.losses.append(None)
         if len(self._pending_losses) >= 64:
             self._flush_losses()
+            self._lost.check(trainer, trainable_params(self.optimizers), self._reporter)
 
     def _flush_losses(self) -> None:
         """Copy recorded losses to the host with one transfer (no sync per step)."""
@@ -308,7 +317,9 @@ class StateMemoryMonitor(L.Callback):
             return
         values = torch.stack([loss for _, loss in self._pending_losses]).cpu().tolist()
         for (index, _), value in zip(self._pending_losses, values):
-            self.history.losses[index] = value if math.isfinite(value) else None
+            finite = math.isfinite(value)
+            self.history.losses[index] = value if finite else None
+            self._lost.add(self.history.steps[index], finite)
         self._pending_losses = []
 
     def _log_step(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs) -> None:
@@ -377,6 +388,8 @@ class StateMemoryMonitor(L.Callback):
         self.summary.update(small_tensor_summary(self.optimizers))  # why tensors under 4096 elements cost more
         self._skips.check(trainer, self._reporter)
         self.summary.update(self._skips.summary())
+        self._lost.final(trainable_params(self.optimizers), trainer.lightning_module)
+        self.summary.update(self._lost.summary())
         if self.log_state_memory:
             log_summary(trainer, self.summary, skip=self._taken or frozenset())
         plot_path = None

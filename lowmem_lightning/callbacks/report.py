@@ -146,6 +146,18 @@ def _skipped_lines(summary: dict) -> list[str]:
     return lines
 
 
+def _lost_weights_lines(summary: dict) -> list[str]:
+    """Trainable tensors holding inf/NaN at the end of the fit (none: no line), and the stop they caused."""
+    lost = summary.get("lost_weights") or 0
+    if not lost:
+        return []
+    lines = [f"  weights not finite: {lost:,} of {summary['trainable_tensors']:,} trainable tensors hold inf/NaN",
+             f"  (the training loss was not finite from step {summary['loss_not_finite_since']:,} on)"]
+    if summary.get("lost_weights_stopped_at_step") is not None:
+        lines[-1] = lines[-1][:-1] + f"; stopped at step {summary['lost_weights_stopped_at_step']:,})"
+    return lines
+
+
 def _saving_words(pct: float) -> str:
     """The saving against fp32 AdamW in words: ``saving 74.5%``, or ``50.0% more state here`` for an
     optimizer that keeps more (AdEMAMix's three fp32 states)."""
@@ -178,6 +190,7 @@ def format_summary(summary: dict, plot_path: str | None) -> str:
         f"({summary['adamw_fp32_bytes_per_param']:.2f} bytes/param): {_saving_words(summary['saving_pct'])}"
     )
     lines += _small_tensor_lines(summary) + _fp32_state_lines(summary) + _skipped_lines(summary)
+    lines += _lost_weights_lines(summary)
     if plot_path:
         lines.append(f"  plot: {plot_path}")
     return "\n".join(lines)

@@ -21,6 +21,13 @@ it attempted were skipped, and:
   optimizer steps in a row was skipped: nothing is being trained.
 
 A ``GradScaler`` (``16-mixed``) that skips a step never calls the optimizer's ``step``: nothing is counted here.
+
+An optimizer that applies a non-finite update (torch's ``AdamW``, ``--optim adamw``) leaves inf/NaN in the weights,
+and every later loss is NaN: :class:`LostWeights` watches the training loss the monitor reads anyway and, when it has
+not been finite for ``stop_after_skipped_steps`` recorded steps in a row, reads the weights once; if they hold inf/NaN
+the fit stops the same way (single process or DDP; with sharded params only the end-of-fit check runs, as a rank
+sees its shard alone). At the end of a fit whose last loss was not finite, the summary says how many trainable
+tensors hold inf/NaN, and ``lowmem fit`` exits with code 1.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim.finite import _square_sum_norms
-from lowmem_lightning.optim.sharding import local
+from lowmem_lightning.optim.sharding import is_dtensor, local
 
-__all__ = ["STOP_AFTER_SKIPPED_STEPS", "PENDING_LIMIT", "SkipWatch", "check_stop_after_skipped_steps"]
+__all__ = ["STOP_AFTER_SKIPPED_STEPS", "PENDING_LIMIT", "SkipWatch", "LostWeights", "check_stop_after_skipped_steps",
+           "trainable_params"]
 
 STOP_AFTER_SKIPPED_STEPS = 100
 """Default: stop a fit once every tensor update of this many optimizer steps in a row was skipped. A GradScaler's or
@@ -60,6 +68,11 @@ def check_stop_after_skipped_steps(value: int | None) -> int | None:
     raise ValueError(f"Invalid stop_after_skipped_steps={value!r}: expected an int >= 1 (stop the fit once every "
                      "tensor update of that many optimizer steps in a row was skipped for inf/NaN gradients) or None "
                      "(never stop).")
+
+
+def trainable_params(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
+    """The params of ``optimizers``' groups that require a gradient."""
+    return [p for o in optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
 
 
 def _to_host(counts: list[torch.Tensor]) -> list[float]:
@@ -126,8 +139,6 @@ class SkipWatch:
         """The optimizers' tensor updates attempted so far (a host count, no sync)."""
         return sum(o.attempted_updates for o in self.optimizers)
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for o in self.optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
 
     def record(self, step: int) -> None:
         """After optimizer step ``step``: keep a device copy of the skip counters and the attempted-update count (no
@@ -164,9 +175,8 @@ class SkipWatch:
         self._streak = self._streak + 1 if skipped >= attempted else 0
 
     def _warn(self, trainer: L.Trainer, reporter: str, names_now: bool) -> None:
-        names = _nonfinite_names(self._params(), trainer.lightning_module) if names_now else []
-        shown = ", ".join(names[:NAMES_SHOWN]) + (f" and {len(names) - NAMES_SHOWN} more"
-                                                  if len(names) > NAMES_SHOWN else "")
+        names = _nonfinite_names(trainable_params(self.optimizers), trainer.lightning_module) if names_now else []
+        shown = _shown(names)
         now = f" Not finite at step {trainer.global_step}: {shown}." if shown else ""
         if not self._warned_at:
             step, count = self._first
@@ -206,5 +216,93 @@ def _nonfinite_names(params: list[torch.Tensor], module: torch.nn.Module | None)
     if not with_grad:
         return []
     finite = _square_sum_norms([local(p.grad) for p in with_grad], fused=False).isfinite().tolist()
+    return _names_where_not(with_grad, finite, module)
+
+
+def _nonfinite_weight_names(params: list[torch.Tensor], module: torch.nn.Module | None) -> list[str]:
+    """Names (in ``module``) of the ``params`` (this rank's part of a sharded one) holding an inf or NaN (one host
+    read per device)."""
+    flags = [torch.isfinite(local(p.detach())).all() for p in params]
+    devices = {flag.device for flag in flags}
+    finite = (torch.stack(flags).tolist() if len(devices) == 1
+              else [bool(flag) for flag in flags])
+    return _names_where_not(params, finite, module)
+
+
+def _names_where_not(params: list[torch.Tensor], finite: list[bool], module: torch.nn.Module | None) -> list[str]:
+    """The names (in ``module``; else ``<param SHAPE>``) of the ``params`` whose ``finite`` flag is False."""
     names = {id(p): n for n, p in module.named_parameters()} if module is not None else {}
-    return [names.get(id(p), f"<param {tuple(p.shape)}>") for p, ok in zip(with_grad, finite) if not ok]
+    return [names.get(id(p), f"<param {tuple(p.shape)}>") for p, ok in zip(params, finite) if not ok]
+
+
+def _shown(names: list[str]) -> str:
+    """At most :data:`NAMES_SHOWN` of ``names``, and how many more."""
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    return ", ".join(names[:NAMES_SHOWN]) + more
+
+
+class LostWeights:
+    """The training loss not finite step after step because the weights hold inf/NaN (see the module doc).
+
+    :meth:`add` takes each recorded loss's finiteness (the monitor reads losses in batches: no sync of its own);
+    :meth:`check` reads the weights once the loss has not been finite for ``stop_after`` steps in a row (again when
+    that streak doubles) and stops the fit if they hold inf/NaN; :meth:`final` reads them at the end of a fit whose last
+    loss was not finite. ``stop_after`` ``None``: never stop."""
+
+    def __init__(self, stop_after: int | None) -> None:
+        self.stop_after = stop_after
+        self.streak = 0
+        """Recorded steps in a row (up to the last read) whose training loss was not finite."""
+        self.since: int | None = None
+        """The first step of that streak."""
+        self.stopped_at: int | None = None
+        """The step at which the fit was stopped for lost weights, if it was."""
+        self.lost: list[str] = []
+        """Names of the trainable params that held inf/NaN at the last read of the weights."""
+        self.trainable = 0
+        """Trainable params read then."""
+        self._read_at = 0  # the streak at the last read of the weights
+
+    def add(self, step: int, finite: bool) -> None:
+        """The training loss of optimizer step ``step`` was (not) finite."""
+        if finite:
+            self.streak, self.since = 0, None
+            self._read_at = 0
+            return
+        self.streak += 1
+        self.since = step if self.since is None else self.since
+
+    def check(self, trainer: L.Trainer, params: list[torch.Tensor], reporter: str) -> None:
+        """Stop the fit when the loss has not been finite for ``stop_after`` steps and the weights hold inf/NaN."""
+        if (self.stop_after is None or self.stopped_at is not None or self.streak < self.stop_after
+                or self.streak < 2 * self._read_at or any(is_dtensor(p) for p in params)):
+            return
+        self._read_at = self.streak
+        self._read(params, trainer.lightning_module)
+        if not self.lost:
+            return
+        self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+        rank_zero_warn(f"{reporter}: stopping the fit at step {trainer.global_step}: the training loss was not finite "
+                       f"in each of the last {self.streak} steps (since step {self.since}) and {len(self.lost)} of "
+                       f"{self.trainable} trainable tensors now hold inf/NaN ({_shown(self.lost)}): the optimizer "
+                       f"applied a non-finite update, and no later step can bring these weights back. Resume from a "
+                       f"checkpoint saved before step {self.since}, or use one of this package's optimizers (they "
+                       f"skip such updates). To fix the cause, {CHECKS}. stop_after_skipped_steps={self.stop_after} "
+                       "set this; None never stops.", category=LowMemWarning)
+
+    def final(self, params: list[torch.Tensor], module: torch.nn.Module | None) -> None:
+        """At the end of fit: when the last loss recorded was not finite, read the weights (this rank's part)."""
+        if self.streak:
+            self._read(params, module)
+
+    def _read(self, params: list[torch.Tensor], module: torch.nn.Module | None) -> None:
+        self.trainable = len(params)
+        self.lost = _nonfinite_weight_names(params, module) if params else []
+
+    def summary(self) -> dict:
+        """``lost_weights`` (trainable tensors holding inf/NaN at the end, 0 when not read or none),
+        ``trainable_tensors``, ``loss_not_finite_since`` and ``lost_weights_stopped_at_step``."""
+        return {"lost_weights": len(self.lost), "trainable_tensors": self.trainable,
+                "loss_not_finite_since": self.since if self.lost else None,
+                "lost_weights_stopped_at_step": self.stopped_at}

@@ -84,7 +84,8 @@ SIGTERM_EXIT_CODE = 128 + 15
 
 UNTRAINED_EXIT_CODE = 1
 """Exit code of a fit stopped because nothing was being trained (``stop_after_skipped_steps`` steps in a row whose every
-update was skipped for inf/NaN gradients), so a job script sees it failed; 2 stays bad input, 143 a SIGTERM."""
+update was skipped for inf/NaN gradients) or that ended with inf/NaN in its weights (an optimizer that applies
+non-finite updates), so a job script sees it failed; 2 stays bad input, 143 a SIGTERM."""
 
 DESCRIPTION = (
     "Train with PyTorch Lightning on far less memory. 'lowmem SUBCOMMAND --help' lists the options "
@@ -834,10 +835,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _stopped_untrained(cli: LowMemCLI) -> bool:
     """Whether a callback of the run stopped its fit because every update of ``stop_after_skipped_steps`` steps in a
-    row was skipped (inf/NaN gradients: :mod:`~lowmem_lightning.callbacks.skips`): nothing was being trained."""
+    row was skipped (inf/NaN gradients: :mod:`~lowmem_lightning.callbacks.skips`), or saw its weights end with
+    inf/NaN: nothing usable was trained."""
     trainer = getattr(cli, "trainer", None)
     summaries = [getattr(callback, "summary", None) for callback in (trainer.callbacks if trainer else [])]
-    return any(isinstance(s, dict) and s.get("stopped_at_step") is not None for s in summaries)
+    return any(isinstance(s, dict) and (s.get("stopped_at_step") is not None or s.get("lost_weights"))
+               for s in summaries)
 
 
 def _run_command(argv: Sequence[str] | None) -> int:
