@@ -187,6 +187,20 @@ def _refused(proc: subprocess.CompletedProcess, *expected: str) -> None:
         assert text in line, line
 
 
+def _lowmem_in_process(capsys, monkeypatch, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``lowmem ARGS`` by the console script's entry point in this process (no interpreter start-up, no imports),
+    its exit code and output as a :class:`subprocess.CompletedProcess`."""
+    from lowmem_lightning.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    monkeypatch.setenv("COLUMNS", ENV["COLUMNS"])
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["lowmem", *args], code, out, err)
+
+
 def _shape_changed(source: Path, target: Path, vocab: int) -> None:
     """``source`` saved again as if trained with a tokenizer of ``vocab`` token ids (its embeddings and head)."""
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
@@ -217,9 +231,15 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
+SUBPROCESS_REFUSALS = ("truncated", "not_empty")
+"""The refusals run as a real ``lowmem export`` process, as users meet them (one refused while the checkpoint is read,
+one while the save directory is checked); the others call the same entry point (``lowmem_lightning.cli:main``) in this
+process, which asserts the same exit code, message and files without an interpreter start-up each."""
+
+
 @pytest.mark.parametrize("case", ["truncated", "other_shape", "not_empty", "merged_without_lora", "name_too_long",
                                   "a_file"])
-def test_refusals_write_nothing(tiny_ckpt, tmp_path, case):
+def test_refusals_write_nothing(tiny_ckpt, tmp_path, case, capsys, monkeypatch):
     """Each refusal of ``lowmem export --config tiny.yaml`` exits 2 with one error line naming the argument, and
     writes nothing."""
     ckpt = tiny_ckpt
@@ -250,7 +270,9 @@ def test_refusals_write_nothing(tiny_ckpt, tmp_path, case):
         args += ["--save_merged", "true"]
         expected = ("save_merged=True", "only with lora")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    _refused(_lowmem(tmp_path, "export", "--config", "tiny.yaml", *args), *expected)
+    command = ("export", "--config", "tiny.yaml", *args)
+    _refused(_lowmem(tmp_path, *command) if case in SUBPROCESS_REFUSALS else
+             _lowmem_in_process(capsys, monkeypatch, tmp_path, *command), *expected)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing removed
 
 
