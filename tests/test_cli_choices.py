@@ -86,19 +86,25 @@ CALLBACK_YAML = f"""trainer:
 
 
 @pytest.mark.parametrize("given", ["flags", "yaml"])
-def test_a_wrong_callback_choice_is_one_message_of_that_argument(tmp_path, given):
+def test_a_wrong_callback_choice_is_one_message_of_that_argument(tmp_path, given, capsys, monkeypatch):
     """``--trainer.callbacks.bf16_rounding BAD`` (or the YAML's init_args): jsonargparse also tries the base
     ``lightning.Callback`` (and a single callback for the list), whose 'Option ... is not accepted' and 'Not a valid
-    subclass' are left out, so the message is the callback's own: the argument, the value and the choices."""
+    subclass' are left out, so the message is the callback's own: the argument, the value and the choices.
+
+    By the console script's entry point in this process (the parser's refusal as a real process is
+    :func:`test_a_wrong_choice_is_refused_by_name_with_the_choices`)."""
     (tmp_path / "callbacks.yaml").write_text(CALLBACK_YAML)
     args = (["--config", "callbacks.yaml"] if given == "yaml" else
             [f"--trainer.callbacks+={CALLBACK}", "--trainer.callbacks.optimizer", "sgd",
              "--trainer.callbacks.bf16_rounding", "BAD"])
-    proc = subprocess.run([sys.executable, "-m", "lowmem_lightning.cli", "fit", "--config", "tiny.yaml", *args],
-                          cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    first, *rest = proc.stderr.splitlines()
-    assert rest == ["(all options: lowmem fit --help)"], proc.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    capsys.readouterr()
+    code = main(["fit", "--config", "tiny.yaml", *args])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", err[-3000:]
+    first, *rest = err.splitlines()
+    assert rest == ["(all options: lowmem fit --help)"], err
     assert first == ("lowmem fit: error: Parser key \"trainer.callbacks\": Problem with given class_path "
                      f"'{CALLBACK}': Parser key \"bf16_rounding\": Expected one of: 'stochastic', 'nearest', null. "
                      "Given value: BAD")
