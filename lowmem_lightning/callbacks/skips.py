@@ -25,15 +25,17 @@ A ``GradScaler`` (``16-mixed``) that skips a step never calls the optimizer's ``
 An optimizer that applies a non-finite update (torch's ``AdamW``, ``--optim adamw``) leaves inf/NaN in the weights,
 and every later loss is NaN: :class:`LostWeights` watches the training loss the monitor reads anyway and, when it has
 not been finite for ``stop_after_skipped_steps`` recorded steps in a row, reads the weights once; if they hold inf/NaN
-the fit stops the same way (single process or DDP; with sharded params only the end-of-fit check runs, as a rank
-sees its shard alone). At the end of a fit whose last loss was not finite, the summary says how many trainable
-tensors hold inf/NaN, and ``lowmem fit`` exits with code 1.
+the fit stops the same way (one process or DDP; with sharded params, FSDP or DTensor, only the end-of-fit check
+runs: a rank sees its shard alone, and the ranks must stop alike without a collective). At the end of a fit whose
+last loss was not finite, the summary says how many trainable tensors hold inf/NaN, and ``lowmem fit`` exits with
+code 1.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
@@ -235,6 +237,17 @@ def _names_where_not(params: list[torch.Tensor], finite: list[bool], module: tor
     return [names.get(id(p), f"<param {tuple(p.shape)}>") for p, ok in zip(params, finite) if not ok]
 
 
+def _whole_weights_on_every_rank(trainer: L.Trainer, params: list[torch.Tensor]) -> bool:
+    """Whether each rank holds the whole ``params`` (one process, or DDP), so every rank reading its own decides alike
+    with no collective; not with sharded params (DTensor, FSDP's flat shards, DeepSpeed)."""
+    if any(is_dtensor(p) for p in params):
+        return False
+    if trainer.world_size == 1:
+        return True
+    strategy = trainer.strategy
+    return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+
+
 def _shown(names: list[str]) -> str:
     """At most :data:`NAMES_SHOWN` of ``names``, and how many more."""
     more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
@@ -275,7 +288,7 @@ class LostWeights:
     def check(self, trainer: L.Trainer, params: list[torch.Tensor], reporter: str) -> None:
         """Stop the fit when the loss has not been finite for ``stop_after`` steps and the weights hold inf/NaN."""
         if (self.stop_after is None or self.stopped_at is not None or self.streak < self.stop_after
-                or self.streak < 2 * self._read_at or any(is_dtensor(p) for p in params)):
+                or self.streak < 2 * self._read_at or not _whole_weights_on_every_rank(trainer, params)):
             return
         self._read_at = self.streak
         self._read(params, trainer.lightning_module)
