@@ -130,16 +130,17 @@ def test_fit_from_a_hub_id_full_and_qlora_then_export_and_resume(hub):
     assert torch.equal(embedding, v1.model.embed_tokens.weight)
 
 
-def test_estimate_from_a_hub_id_reads_only_its_config(hub):
+def test_estimate_from_a_hub_id_reads_only_its_config(hub, capsys, monkeypatch):
     """``lowmem estimate --config qlora_7b.yaml`` from ``meta-llama/Llama-2-7b-hf``, whose cache holds config.json
-    only, gives the numbers of the recipe's local architecture folder."""
-    def estimate(*args: str) -> dict:
-        proc = _lowmem(hub, "estimate", "--config", "qlora_7b.yaml", "--format", "json", *args)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout)
-
-    by_id = estimate("--model.model_name_or_path", "meta-llama/Llama-2-7b-hf")
-    assert by_id == estimate()
+    only, gives the numbers of the recipe's local architecture folder. The id is estimated by a real ``lowmem``
+    process; the local folder by the same entry point in this process."""
+    command = ("estimate", "--config", "qlora_7b.yaml", "--format", "json")
+    proc = _lowmem(hub, *command, "--model.model_name_or_path", "meta-llama/Llama-2-7b-hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_id = json.loads(proc.stdout)
+    local = _lowmem_in_process(hub, monkeypatch, capsys, *command)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert by_id == json.loads(local.stdout)
     assert by_id["trainable_bytes"] > 0
 
 
@@ -150,6 +151,34 @@ def _refused(proc: subprocess.CompletedProcess, *expected: str) -> str:
     for text in expected:
         assert text in line, line
     return line
+
+
+SUBPROCESS_REFUSALS = ("not_cached", "pickle_only")
+"""The refusals of :func:`test_fit_refuses_an_id_it_cannot_resolve_before_any_work` run as a real ``lowmem fit`` (the
+environment's ``HF_HOME`` and ``HF_HUB_OFFLINE=1`` read at import, as users meet them): one id not in the cache, one
+cached repo refused for its files."""
+
+
+def _lowmem_in_process(root: Path, monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
+    """``lowmem ARGS`` in ``root`` by the console script's entry point in this process, reading the hand-built cache
+    offline (:func:`offline_cache`'s settings), as a :class:`subprocess.CompletedProcess`."""
+    from huggingface_hub import constants
+
+    from lowmem_lightning.cli import main
+
+    for key, value in _env(root).items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "TRANSFORMERS_CACHE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["lowmem", *args], code, out, err)
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -173,10 +202,16 @@ def _refused(proc: subprocess.CompletedProcess, *expected: str) -> str:
      ["tokenizer='tiny-org/absent-tokenizer'", "not in the Hugging Face cache"]),
 ], ids=["not_cached", "revision_not_cached", "malformed", "dot_slash_path", "dot_dot_path", "pickle_only",
         "tokenizer_not_cached"])
-def test_fit_refuses_an_id_it_cannot_resolve_before_any_work(hub, args, expected):
-    """Exit 2, one line naming the argument, the value and the fix; no run folder written."""
-    _refused(_lowmem(hub, "fit", "--config", "tiny.yaml", "--trainer.default_root_dir", "runs/refused",
-                     "--trainer.logger.init_args.name", "refused", *SMALL, *args), *expected)
+def test_fit_refuses_an_id_it_cannot_resolve_before_any_work(hub, args, expected, request, capsys, monkeypatch):
+    """Exit 2, one line naming the argument, the value and the fix; no run folder written. Two cases run as a real
+    ``lowmem`` process (:data:`SUBPROCESS_REFUSALS`); the others call its entry point in this process with the
+    same offline cache (:func:`_lowmem_in_process`)."""
+    command = ("fit", "--config", "tiny.yaml", "--trainer.default_root_dir", "runs/refused",
+               "--trainer.logger.init_args.name", "refused", *SMALL, *args)
+    if request.node.callspec.id in SUBPROCESS_REFUSALS:
+        _refused(_lowmem(hub, *command), *expected)
+    else:
+        _refused(_lowmem_in_process(hub, monkeypatch, capsys, *command), *expected)
     assert not (hub / "runs" / "refused").exists()
 
 
