@@ -102,12 +102,32 @@ def test_a_refusal_on_an_80_column_terminal_breaks_at_words(tmp_path):
     assert "Traceback" not in out and list(tmp_path.iterdir()) == []
 
 
+def _help_in_process(args: list[str], cwd, monkeypatch, capsys, columns: int = 80) -> tuple[int, str]:
+    """``lowmem ARGS`` by the console script's entry point in this process with ``COLUMNS`` set to ``columns`` (the
+    help formatter reads the width from it, as from the terminal in :func:`_run_on_a_terminal`); exit code and
+    stdout + stderr."""
+    from lowmem_lightning.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    monkeypatch.setenv("COLUMNS", str(columns))
+    capsys.readouterr()
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
 @pytest.mark.parametrize("args", [["--trainer.callbacks.help", "LowMemOptimizerCallback"],
                                   ["--model.help", "CausalLMModule"], ["--data.help", "TextDataModule"]])
-def test_class_help_on_an_80_column_terminal_fits(tmp_path, args):
+def test_class_help_on_an_80_column_terminal_fits(tmp_path, args, monkeypatch, capsys):
     """Our classes' help: every line within 80 columns; a list-typed argument's two spellings (``--x X, --x+ X``,
-    87 columns for ``fp32_state``) go one per line when together they do not fit."""
-    code, out = _run_on_a_terminal(["fit", *args], tmp_path)
+    87 columns for ``fp32_state``) go one per line when together they do not fit. The callback's help runs as a
+    real process on an 80-column pseudo-terminal; the model's and the data's by the same entry point in this process
+    with ``COLUMNS=80`` (the width the help formatter takes from the terminal)."""
+    if args[0] == "--trainer.callbacks.help":
+        code, out = _run_on_a_terminal(["fit", *args], tmp_path)
+    else:
+        code, out = _help_in_process(["fit", *args], tmp_path, monkeypatch, capsys)
     assert code == 0, out
     lines = out.strip("\n").split("\n")
     assert all(len(line) <= 80 for line in lines), max(lines, key=len)
