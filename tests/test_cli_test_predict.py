@@ -89,17 +89,27 @@ def test_lowmem_predict_prints_a_continuation_per_held_out_prompt(tmp_path, chec
         assert isinstance(row["continuation"], str)
 
 
-def test_lowmem_predict_leaves_no_new_version_folder(tmp_path, checkpoint):
-    """Predict writes its results on stdout only: the logger's version folder it claimed (config.yaml and
-    hparams.yaml in it, no results) is removed, so the next fit takes the next version number. About 8 s."""
-    (tmp_path / "runs/tiny/version_0").mkdir(parents=True)
-    (tmp_path / "runs/tiny/version_0/metrics.csv").write_text("step\n")
-    proc = _lowmem(tmp_path, "predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint[0]),
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, checkpoint) -> tuple[Path, subprocess.CompletedProcess]:
+    """One ``lowmem predict`` process on the checkpoint (one batch of 2 prompts, ``--model.predict_new_tokens 3``)
+    in a folder whose ``runs/tiny/version_0`` holds an earlier run's ``metrics.csv``: the folder and the process.
+    The two tests below assert their parts of this one run (one process start, about 8 s, instead of two)."""
+    root = tmp_path_factory.mktemp("predict")
+    (root / "runs/tiny/version_0").mkdir(parents=True)
+    (root / "runs/tiny/version_0/metrics.csv").write_text("step\n")
+    proc = _lowmem(root, "predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint[0]),
                    "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false",
-                   "--data.batch_size", "2")
+                   "--data.batch_size", "2", "--model.predict_new_tokens", "3")
+    return root, proc
+
+
+def test_lowmem_predict_leaves_no_new_version_folder(predicted):
+    """Predict writes its results on stdout only: the logger's version folder it claimed (config.yaml and
+    hparams.yaml in it, no results) is removed, so the next fit takes the next version number."""
+    root, proc = predicted
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(proc.stdout.splitlines()) == 2  # the predictions
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
         "runs", "runs/tiny", "runs/tiny/version_0", "runs/tiny/version_0/metrics.csv"]
 
 
@@ -126,19 +136,27 @@ def test_test_and_predict_steps_in_process(tmp_path):
     assert all(len(r["prompt"]) <= data.seq_len // 2 for r in rows)  # decoded from seq_len // 2 tokens
 
 
-def test_predict_new_tokens_is_set_at_predict_time_and_refused_when_bad(tmp_path, checkpoint):
+def test_predict_new_tokens_is_set_at_predict_time_and_refused_when_bad(tmp_path, checkpoint, predicted, capsys,
+                                                                       monkeypatch):
     """``--model.predict_new_tokens`` on a checkpoint trained with the default 32: each continuation is at most that
-    many tokens (no refusal for the differing hyperparameter); 0 is refused, exit 2, one line, nothing written."""
-    proc = _lowmem(tmp_path, "predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint[0]),
-                   "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false",
-                   "--data.batch_size", "2", "--model.predict_new_tokens", "3")
+    many tokens (no refusal for the differing hyperparameter); 0 is refused, exit 2, one line, nothing written.
+    The run is the :func:`predicted` process; the refusal calls lowmem's entry point in this process (a predict
+    refusal as a real process: :func:`test_ckpt_path_last_without_a_checkpoint_is_refused`)."""
+    from lowmem_lightning.cli import main
+
+    _, proc = predicted
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 2 and all(len(checkpoint[2].tokenizer.encode(r["continuation"])) <= 3 for r in rows)
     bad = tmp_path / "bad"
     bad.mkdir()
-    proc = _lowmem(bad, "predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint[0]),
-                   "--model.predict_new_tokens", "0")
+    monkeypatch.chdir(bad)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    monkeypatch.setenv("COLUMNS", ENV["COLUMNS"])
+    capsys.readouterr()
+    code = main(["predict", "--config", "tiny.yaml", "--ckpt_path", str(checkpoint[0]),
+                 "--model.predict_new_tokens", "0"])
+    proc = subprocess.CompletedProcess("lowmem", code, *capsys.readouterr())
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1 and "predict_new_tokens=0" in errors[0] and "integer >= 1" in errors[0]
