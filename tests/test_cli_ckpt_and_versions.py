@@ -216,8 +216,12 @@ def _lowmem(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env=ENV)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "mismatch"])
+@pytest.mark.parametrize("kind", ["truncated", pytest.param("mismatch", marks=pytest.mark.slow)])
 def test_lowmem_process_refuses_bad_ckpt_path_with_exit_2(kind, tmp_path):
+    """A real ``lowmem fit`` process refusing a bad ``--ckpt_path``. ``mismatch`` (another model config) is ``-m
+    slow``: the default suite asserts its refusal in process
+    (:func:`test_checkpoint_of_another_model_config_is_refused_naming_the_keys`) and a refusal as a real process
+    here (``truncated``)."""
     ckpt = _lightning_ckpt(tmp_path / "m.ckpt", hidden_size=64) if kind == "mismatch" else _bad_file(kind, tmp_path)
     proc = _lowmem(tmp_path, "fit", "--config", "tiny.yaml", "--ckpt_path", str(ckpt))
     needle = "model.config.hidden_size=64 in the checkpoint" if kind == "mismatch" else EXPECTED[kind]
