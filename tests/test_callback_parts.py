@@ -142,3 +142,18 @@ def test_resume_compatibility_reads_the_swap_record_or_the_states():
         ResumeCompatibility("sgd").on_load_checkpoint(None, None, torch_adamw)
     other_key = ResumeCompatibility("sgd", saved_under="Mine")
     other_key.on_load_checkpoint(None, None, {"callbacks": {"Mine": {"optimizer": "sgd"}}})
+
+
+def test_resume_refusal_names_the_checkpoint_file_and_the_cli_flag():
+    """``--ckpt_path last`` picks a file the user did not type (the README's ``tiny`` then ``--optim came`` runs
+    share ``runs/tiny``): the refusal names the file it read and the ``lowmem`` flag that resumes it."""
+    trainer = types.SimpleNamespace(state=types.SimpleNamespace(fn="fit"),
+                                    ckpt_path="runs/tiny/version_1/checkpoints/epoch=1-step=300.ckpt")
+    saved = {"callbacks": {"LowMemOptimizerCallback": {"optimizer": "came"}}}
+    with pytest.raises(ValueError) as refused:
+        ResumeCompatibility("adamw_8bit").on_load_checkpoint(trainer, None, saved)
+    message = str(refused.value)
+    assert message.startswith("Cannot resume from runs/tiny/version_1/checkpoints/epoch=1-step=300.ckpt: it was "
+                              "trained with optimizer 'came', but LowMemOptimizerCallback(optimizer='adamw_8bit')"), \
+        message
+    assert "(lowmem fit: --optim came)" in message, message

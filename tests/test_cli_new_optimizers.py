@@ -281,8 +281,8 @@ BROKEN = {
     "absmax of a wrong shape": (_flat_absmax, "adamw_4bit", "'exp_avg_sq_absmax' is torch.float32 (63,), expected "
                                 "torch.float32 (65,)"),
     "8-bit codes in a 4-bit checkpoint": (_eight_bit_codes, "adamw_4bit", "'exp_avg_codes' are int8, the 8-bit codes"),
-    "resumed by adafactor": (None, "adafactor", "the checkpoint was trained with optimizer 'adamw_4bit'"),
-    "resumed by lion_8bit": (None, "lion_8bit", "the checkpoint was trained with optimizer 'adamw_4bit'"),
+    "resumed by adafactor": (None, "adafactor", "given.ckpt: it was trained with optimizer 'adamw_4bit'"),
+    "resumed by lion_8bit": (None, "lion_8bit", "given.ckpt: it was trained with optimizer 'adamw_4bit'"),
     "cut short": ("truncate", "adamw_4bit", "is truncated"),
 }
 

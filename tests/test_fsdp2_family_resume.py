@@ -192,7 +192,7 @@ def test_fsdp2_single_file_checkpoint_resumes_across_the_adamw_family(tmp_path, 
 @pytest.mark.slow
 def test_fsdp2_checkpoint_of_an_unconvertible_optimizer_is_refused_before_any_step(tmp_path):
     for result in _run(tmp_path, "came", "adamw_8bit"):
-        assert "Cannot resume: the checkpoint was trained with optimizer 'came'" in result["error"]
+        assert ": it was trained with optimizer 'came'" in result["error"]
         assert "optimizer='adamw_8bit'" in result["error"]
         assert not result["captured"]  # refused before training started
 

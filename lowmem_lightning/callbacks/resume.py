@@ -151,7 +151,7 @@ class ResumeCompatibility(RunLrAfterResume):
         if name is None or name == self.optimizer_name:
             return state_dict
         if (name, self.optimizer_name) not in CONVERSIONS:
-            raise ValueError(_refusal(name, self.optimizer_name))
+            raise ValueError(_refusal(name, self.optimizer_name, trainer.ckpt_path))
         source, target = _FORMS.get(name), _FORMS.get(self.optimizer_name)
         if source is None or target is None or source == target:
             return state_dict
@@ -183,7 +183,7 @@ class ResumeCompatibility(RunLrAfterResume):
             rank_zero_info(f"LowMemOptimizerCallback: converting the checkpoint's {name!r} optimizer state to "
                            f"{self.optimizer_name!r}{_forms(name, self.optimizer_name)}.")
             return
-        raise ValueError(_refusal(name, self.optimizer_name))
+        raise ValueError(_refusal(name, self.optimizer_name, getattr(trainer, "ckpt_path", None)))
 
     def _convert_peer_states(self, checkpoint: dict) -> bool:
         """Replace (in place) every optimizer state a peer library saved (bitsandbytes, torchao, came-pytorch,
@@ -205,12 +205,14 @@ class ResumeCompatibility(RunLrAfterResume):
         return True
 
 
-def _refusal(name: str, own: str) -> str:
-    """Why a checkpoint of optimizer ``name`` cannot be resumed with ``own``, and what to do."""
+def _refusal(name: str, own: str, path=None) -> str:
+    """Why a checkpoint of optimizer ``name`` cannot be resumed with ``own``, and what to do; ``path``, the file
+    read (``--ckpt_path last`` chooses one the user did not type), is named when known."""
+    which = f"Cannot resume from {path}: it" if path else "Cannot resume: the checkpoint"
     return (
-        f"Cannot resume: the checkpoint was trained with optimizer {name!r}, but "
+        f"{which} was trained with optimizer {name!r}, but "
         f"LowMemOptimizerCallback(optimizer={own!r}) was given and cannot read its state. "
-        f"Resume with optimizer={name!r}, or load only the weights (e.g. "
+        f"Resume with optimizer={name!r} (lowmem fit: --optim {name}), or load only the weights (e.g. "
         "Module.load_from_checkpoint(path) and a new fit without ckpt_path) to switch optimizers."
     )
 
