@@ -305,7 +305,11 @@ QUICK = ["--config", str(RECIPES_DIR / "tiny.yaml"), "--trainer.max_steps", "1",
          "--data.init_args.seq_len", "32"]
 
 
-def test_lowmem_fit_on_the_sample_writes_nothing_under_home_and_caches_large_data(tmp_path):
+def test_lowmem_fit_on_the_sample_writes_nothing_under_home_and_caches_large_data(tmp_path, capsys, monkeypatch):
+    """Two real ``lowmem fit`` processes (the sample; 8 MiB of text, whose tokens are cached), then the same fit of
+    the large text by lowmem's entry point in this process, which loads the cache the process wrote."""
+    from lowmem_lightning.cli import main
+
     env = {**os.environ, "HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "xdg"), "COLUMNS": "200"}
     env.pop("LOWMEM_CACHE_DIR", None)
     _lowmem(tmp_path, env, "fit", *QUICK)
@@ -318,8 +322,17 @@ def test_lowmem_fit_on_the_sample_writes_nothing_under_home_and_caches_large_dat
     first = _lowmem(tmp_path, env, *args)
     (written,) = (tmp_path / "tokens").glob("*.tokens")
     assert f"lowmem: TextDataModule: token cache written: {written} (" in first.stderr
-    second = _lowmem(tmp_path, env, *args)
-    assert f"lowmem: TextDataModule: using the token cache {written} (" in second.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    for key in ("HOME", "XDG_CACHE_HOME", "COLUMNS"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.delenv("LOWMEM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "")  # the fit's seed_everything sets it: gone again after the test
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    capsys.readouterr()
+    assert main(args) == 0
+    second = capsys.readouterr()
+    assert f"lowmem: TextDataModule: using the token cache {written} (" in second.err
 
 
 @pytest.mark.slow
