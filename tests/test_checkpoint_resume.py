@@ -1,5 +1,6 @@
 """Checkpoints with the swapped-in optimizer: quantized state inside, bit-exact resume, optimizer changes."""
 
+import logging
 import os
 import signal
 
@@ -146,6 +147,18 @@ def test_sigterm_inside_an_accumulation_window_finishes_it(tmp_path):
     assert resumed.global_step == 3
     for a, b in zip(straight.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_sigterm_checkpoint_prints_no_weights_only_chatter(tmp_path, caplog):
+    """The SIGTERM save says what it saved and how to resume, and not Lightning's "`weights_only` was not set,
+    defaulting to `False`." (logged by ``trainer.save_checkpoint`` without ``weights_only``; the lowmem command
+    shows it on the final screen, right above the resume line)."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=0)
+    with caplog.at_level(logging.INFO):
+        _fit(tmp_path, max_epochs=3, extra=[ckpt, _SigtermAtBatch(4)])
+    assert "SIGTERM received: saved a resumable checkpoint" in caplog.text
+    assert "weights_only" not in caplog.text, caplog.text
+    assert "optimizer_states" in torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)  # resumable
 
 
 class LowMemNet(LowMemModule):

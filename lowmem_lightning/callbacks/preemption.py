@@ -84,7 +84,7 @@ def save_on_sigterm(trainer: L.Trainer) -> str | None:
         return None
     path = os.path.join(folder, SIGTERM_CHECKPOINT_NAME)
     _adopt_as_last(trainer, folder, path)
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # resumable; unset, Lightning logs that it defaulted
     rank_zero_info(
         f"SIGTERM received: saved a resumable checkpoint at step {trainer.global_step} to {path}; the run stops "
         f"now. Resume with --ckpt_path {path} (lowmem fit) or trainer.fit(..., ckpt_path={path!r})."
