@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -285,20 +286,26 @@ def test_the_resume_fingerprint_sees_a_csv_edit_and_not_a_readme_edit(tmp_path):
         TextDataModule(str(folder), seq_len=128).load_state_dict(state)
 
 
-def _fit(cwd: Path, data_path: Path) -> subprocess.CompletedProcess:
+def _fit(cwd: Path, data_path: Path, run: bool = True) -> subprocess.CompletedProcess | None:
     """A real ``lowmem fit`` of the tiny recipe on ``data_path`` in ``cwd``: one step, validated once, no logger,
-    checkpoint or plot."""
+    checkpoint or plot. ``run=False``: only its recipe, ``cwd``'s name + ``.yaml`` beside ``cwd``."""
     recipe = yaml.safe_load((RECIPES_DIR / "tiny.yaml").read_text())
     recipe["trainer"].update({"max_steps": 1, "val_check_interval": 1, "limit_val_batches": 1, "logger": False,
                               "enable_checkpointing": False, "default_root_dir": str(cwd / "runs")})
     recipe["trainer"]["callbacks"][0]["init_args"]["plot"] = False
     recipe["data"]["init_args"]["data_path"] = str(data_path)
     (cwd.parent / f"{cwd.name}.yaml").write_text(yaml.safe_dump(recipe))
+    if not run:
+        return None
     return subprocess.run([LOWMEM, "fit", "--config", str(cwd.parent / f"{cwd.name}.yaml")], cwd=cwd,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_lowmem_fit_trains_on_a_csv_and_refuses_parquet(tmp_path):
+def test_lowmem_fit_trains_on_a_csv_and_refuses_parquet(tmp_path, capsys, monkeypatch):
+    """A real ``lowmem fit`` trains on a CSV; the same folder with a Parquet file added is refused by lowmem's
+    entry point called in this process (exit 2, one error line, nothing written)."""
+    from lowmem_lightning.cli import main
+
     data, trained = tmp_path / "data", tmp_path / "trained"
     data.mkdir()
     trained.mkdir()
@@ -308,7 +315,12 @@ def test_lowmem_fit_trains_on_a_csv_and_refuses_parquet(tmp_path):
     (data / "train.parquet").write_bytes(b"PAR1" + os.urandom(64))
     refused = tmp_path / "refused"
     refused.mkdir()
-    proc = _fit(refused, data)
+    _fit(refused, data, run=False)
+    monkeypatch.chdir(refused)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    capsys.readouterr()
+    code = main(["fit", "--config", str(tmp_path / "refused.yaml")])
+    proc = subprocess.CompletedProcess("lowmem", code, *capsys.readouterr())
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
