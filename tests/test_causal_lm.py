@@ -282,3 +282,17 @@ def test_a_nan_validation_batch_makes_val_loss_nan_not_the_mean_of_the_others(mo
         module.validation_step(batch, 0)
         module.validation_step(batch, 1)
         assert torch.isnan(module.val_loss.compute())
+
+
+def test_val_loss_is_the_mean_per_target_token_not_per_batch(monkeypatch):
+    """Batches of 3 and 1 target tokens with losses 1.0 and 5.0: val_loss is (3 * 1 + 1 * 5) / 4 = 2.0, not the
+    batches' mean 3.0 (torchmetrics' nan_strategy='disable' drops the weights: that would give 3.0)."""
+    from types import SimpleNamespace
+
+    module = CausalLMModule(config=TINY_LLAMA, optimizer="adamw")
+    losses = iter([torch.tensor(1.0), torch.tensor(5.0)])
+    monkeypatch.setattr(module, "forward", lambda **batch: SimpleNamespace(loss=next(losses)))
+    for width in (4, 2):  # labels[:, 1:] holds the targets: 3, then 1
+        ids = torch.ones(1, width, dtype=torch.long)
+        module.validation_step({"input_ids": ids, "labels": ids}, 0)
+    assert module.val_loss.compute().item() == pytest.approx(2.0)

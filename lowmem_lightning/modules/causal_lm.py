@@ -631,9 +631,10 @@ class CausalLMModule(LowMemModule):
         self.save_hyperparameters()
         self.predict_new_tokens = predict_new_tokens
         self.model: nn.Module | None = None
-        # nan_strategy='disable': a batch whose loss is NaN makes val_loss NaN (torchmetrics' default drops it with a
-        # warning, so a mean over the other batches would pass for the model's loss; its check also syncs per batch)
-        self.val_loss = torchmetrics.MeanMetric(nan_strategy="disable")
+        # nan_strategy=nan: a batch whose loss is NaN makes val_loss NaN (torchmetrics' default drops it with a warning,
+        # so a mean over the other batches would pass for the model's loss). Not 'disable': torchmetrics then drops the
+        # weights (every batch counts 1), and val_loss would no longer be the per-token mean.
+        self.val_loss = torchmetrics.MeanMetric(nan_strategy=float("nan"))
         self._saved = False  # the model of this fit was written (save_model runs once per fit)
 
     # -- model -------------------------------------------------------------------------------------
