@@ -34,7 +34,6 @@ from lowmem_lightning.callbacks.skips import (
     LostWeights,
     SkipWatch,
     check_stop_after_skipped_steps,
-    trainable_params,
 )
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import StateMemory, state_memory
@@ -309,7 +308,7 @@ class StateMemoryMonitor(L.Callback):
         self.history.losses.append(None)
         if len(self._pending_losses) >= 64:
             self._flush_losses()
-            self._lost.check(trainer, trainable_params(self.optimizers), self._reporter)
+            self._lost.check(trainer, self.optimizers, self._reporter)
 
     def _flush_losses(self) -> None:
         """Copy recorded losses to the host with one transfer (no sync per step)."""
@@ -388,7 +387,7 @@ class StateMemoryMonitor(L.Callback):
         self.summary.update(small_tensor_summary(self.optimizers))  # why tensors under 4096 elements cost more
         self._skips.check(trainer, self._reporter)
         self.summary.update(self._skips.summary())
-        self._lost.final(trainable_params(self.optimizers), trainer.lightning_module)
+        self._lost.final(self.optimizers, trainer.lightning_module)
         self.summary.update(self._lost.summary())
         if self.log_state_memory:
             log_summary(trainer, self.summary, skip=self._taken or frozenset())

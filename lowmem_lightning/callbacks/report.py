@@ -151,11 +151,10 @@ def _lost_weights_lines(summary: dict) -> list[str]:
     lost = summary.get("lost_weights") or 0
     if not lost:
         return []
-    lines = [f"  weights not finite: {lost:,} of {summary['trainable_tensors']:,} trainable tensors hold inf/NaN",
-             f"  (the training loss was not finite from step {summary['loss_not_finite_since']:,} on)"]
-    if summary.get("lost_weights_stopped_at_step") is not None:
-        lines[-1] = lines[-1][:-1] + f"; stopped at step {summary['lost_weights_stopped_at_step']:,})"
-    return lines
+    stopped = summary.get("lost_weights_stopped_at_step")
+    stop = f"; stopped at step {stopped:,}" if stopped is not None else ""
+    return [f"  weights not finite: {lost:,} of {summary['trainable_tensors']:,} trainable tensors hold inf/NaN",
+            f"  (the training loss was not finite from step {summary['loss_not_finite_since']:,} on{stop})"]
 
 
 def _saving_words(pct: float) -> str:

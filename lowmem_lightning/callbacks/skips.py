@@ -42,8 +42,7 @@ from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim.finite import _square_sum_norms
 from lowmem_lightning.optim.sharding import is_dtensor, local
 
-__all__ = ["STOP_AFTER_SKIPPED_STEPS", "PENDING_LIMIT", "SkipWatch", "LostWeights", "check_stop_after_skipped_steps",
-           "trainable_params"]
+__all__ = ["STOP_AFTER_SKIPPED_STEPS", "PENDING_LIMIT", "SkipWatch", "LostWeights", "check_stop_after_skipped_steps"]
 
 STOP_AFTER_SKIPPED_STEPS = 100
 """Default: stop a fit once every tensor update of this many optimizer steps in a row was skipped. A GradScaler's or
@@ -72,7 +71,7 @@ def check_stop_after_skipped_steps(value: int | None) -> int | None:
                      "(never stop).")
 
 
-def trainable_params(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
+def _trainable_params(optimizers: list[torch.optim.Optimizer]) -> list[torch.Tensor]:
     """The params of ``optimizers``' groups that require a gradient."""
     return [p for o in optimizers for g in o.param_groups for p in g["params"] if p.requires_grad]
 
@@ -177,7 +176,7 @@ class SkipWatch:
         self._streak = self._streak + 1 if skipped >= attempted else 0
 
     def _warn(self, trainer: L.Trainer, reporter: str, names_now: bool) -> None:
-        names = _nonfinite_names(trainable_params(self.optimizers), trainer.lightning_module) if names_now else []
+        names = _nonfinite_names(_trainable_params(self.optimizers), trainer.lightning_module) if names_now else []
         shown = _shown(names)
         now = f" Not finite at step {trainer.global_step}: {shown}." if shown else ""
         if not self._warned_at:
@@ -285,10 +284,14 @@ class LostWeights:
         self.streak += 1
         self.since = step if self.since is None else self.since
 
-    def check(self, trainer: L.Trainer, params: list[torch.Tensor], reporter: str) -> None:
-        """Stop the fit when the loss has not been finite for ``stop_after`` steps and the weights hold inf/NaN."""
+    def check(self, trainer: L.Trainer, optimizers: list[torch.optim.Optimizer], reporter: str) -> None:
+        """Stop the fit when the loss has not been finite for ``stop_after`` steps and the weights of ``optimizers``
+        hold inf/NaN (the params are gathered only then)."""
         if (self.stop_after is None or self.stopped_at is not None or self.streak < self.stop_after
-                or self.streak < 2 * self._read_at or not _whole_weights_on_every_rank(trainer, params)):
+                or self.streak < 2 * self._read_at):
+            return
+        params = _trainable_params(optimizers)
+        if not _whole_weights_on_every_rank(trainer, params):
             return
         self._read_at = self.streak
         self._read(params, trainer.lightning_module)
@@ -304,10 +307,11 @@ class LostWeights:
                        f"skip such updates). To fix the cause, {CHECKS}. stop_after_skipped_steps={self.stop_after} "
                        "set this; None never stops.", category=LowMemWarning)
 
-    def final(self, params: list[torch.Tensor], module: torch.nn.Module | None) -> None:
-        """At the end of fit: when the last loss recorded was not finite, read the weights (this rank's part)."""
+    def final(self, optimizers: list[torch.optim.Optimizer], module: torch.nn.Module | None) -> None:
+        """At the end of fit: when the last loss recorded was not finite, read the weights of ``optimizers`` (this
+        rank's part)."""
         if self.streak:
-            self._read(params, module)
+            self._read(_trainable_params(optimizers), module)
 
     def _read(self, params: list[torch.Tensor], module: torch.nn.Module | None) -> None:
         self.trainable = len(params)
