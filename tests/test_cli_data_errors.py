@@ -95,6 +95,15 @@ def test_blocks_without_a_target_are_left_out_with_a_warning(tmp_path):
     assert all((b["labels"][1:] != -100).any() for b in dm.train_dataset)
 
 
+def test_a_bad_cache_limit_is_refused_before_anything_is_written(tmp_path, capsys):
+    code, err = _fit(tmp_path, capsys, "--data.cache_limit_gb", "-5")
+    assert code == 2
+    assert err.splitlines()[0] == ("lowmem fit: error: Invalid cache_limit_gb=-5.0: expected a positive number of GiB, "
+                                   "the most the token cache's files may hold in all (cache_dir=False turns the cache "
+                                   "off).")
+    assert len(err.strip().splitlines()) == 2
+
+
 def test_missing_ckpt_path(tmp_path, capsys):
     code, err = _fit(tmp_path, capsys, "--ckpt_path", str(tmp_path / "nope.ckpt"))
     assert code == 2 and "ckpt_path=" in err and "nope.ckpt" in err and "no such checkpoint file" in err

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -248,6 +249,95 @@ def test_a_damaged_cache_is_rebuilt_with_one_warning_never_trained_on(how, tmp_p
     assert len(lines) == 1 and "token cache written" in lines[0]
     dm, lines, caught = _module(path, seq_len=48)  # the rewritten file is whole
     assert caught == [] and "using the token cache" in lines[0] and _everything(dm) == reference
+
+
+def _used_at(path: Path, seconds: float) -> None:
+    os.utime(path, (seconds, seconds))
+
+
+def test_a_new_cache_file_removes_the_least_recently_used_beyond_the_limit(tmp_path, cache):
+    """Three datasets' caches under a limit that holds two: the third removes the one least recently used, not the
+    one least recently written; a user's own files in the directory, and another key's killed writer's temporary
+    file that is still being written, are left alone; the stale one is removed."""
+    path = _data(tmp_path, "records")
+    _module(path, seq_len=48)
+    (first,) = cache.glob("*.tokens")
+    _module(path, seq_len=40)
+    (second,) = set(cache.glob("*.tokens")) - {first}
+    _used_at(first, 1_000_000)
+    _used_at(second, 2_000_000)  # the first is the older ...
+    assert "using the token cache" in _module(path, seq_len=48)[1][0]  # ... until it is read: now the newer
+    mine = cache / "notes.txt"
+    stale, live = cache / f".{'a' * 64}.tokens.1.dead.tmp", cache / f".{'b' * 64}.tokens.2.x.tmp"
+    for kept in (mine, stale, live):
+        kept.write_bytes(b"x" * 10_000_000)  # larger than the limit: they are not cache files
+    _used_at(stale, time.time() - token_cache.STALE_TEMPORARY_S - 1)
+    sizes = {p: p.stat().st_size for p in (first, second)}
+    limit_gb = (max(sizes.values()) * 2.5) / 2**30
+    dm, lines, caught = _module(path, seq_len=56, cache_limit_gb=limit_gb)
+    (third,) = set(cache.glob("*.tokens")) - {first, second}
+    assert caught == [] and not second.exists() and first.exists() and third.exists()
+    assert mine.exists() and live.exists() and not stale.exists()
+    assert len(lines) == 1 and lines[0].startswith(f"TextDataModule: token cache written: {third} (")
+    assert lines[0].endswith(f" s). Removed 1 least recently used cache file ({sizes[second] / 2**20:.1f} MiB) to "
+                             f"stay within cache_limit_gb={limit_gb}.")
+    assert sum(p.stat().st_size for p in cache.glob("*.tokens")) <= limit_gb * 2**30
+    assert "using the token cache" in _module(path, seq_len=48, cache_limit_gb=limit_gb)[1][0]
+
+
+def test_data_larger_than_the_limit_alone_is_not_cached_and_nothing_is_removed(tmp_path, cache):
+    path = _data(tmp_path, "records")
+    reference = _everything(_module(path, seq_len=48, cache_dir=False)[0])
+    _module(path, seq_len=40)
+    (kept,) = cache.glob("*.tokens")
+    dm, lines, caught = _module(path, seq_len=48, cache_limit_gb=1e-6)  # 1 KiB
+    assert caught == [] and _everything(dm) == reference
+    size = token_cache.file_size("0" * 64, *_module(path, seq_len=48, cache_dir=False)[0]._tokens().to_cache())
+    assert lines == [f"TextDataModule: the token cache is not written: this data's file would take "
+                     f"{size / 2**30:.2f} GiB, more than cache_limit_gb=1e-06 (--data.cache_limit_gb raises it)."]
+    assert list(cache.iterdir()) == [kept]
+
+
+def test_file_size_is_the_size_write_cache_writes(tmp_path):
+    dm = _module(_data(tmp_path, "chat"), seq_len=400, pack=False, cache_dir=False)[0]
+    meta, arrays = dm._tokens().to_cache()
+    written = token_cache.write_cache(tmp_path / "x.tokens", "k" * 64, meta, arrays)
+    assert token_cache.file_size("k" * 64, meta, arrays) == written == (tmp_path / "x.tokens").stat().st_size
+
+
+@pytest.mark.parametrize("room", ["short", "enough", "enough_after_removing"])
+def test_a_cache_file_never_takes_the_room_checkpoints_need(room, tmp_path, cache, monkeypatch):
+    """The disk (made up: 100 GiB, so 5 GiB stay free) keeps room for checkpoints: a file that would leave less is
+    not written, and the data is read as always; counting what the limit's removals free."""
+    path = _data(tmp_path, "records")
+    reference = _everything(_module(path, seq_len=48, cache_dir=False)[0])
+    _module(path, seq_len=40)
+    (old,) = cache.glob("*.tokens")
+    size = token_cache.file_size("0" * 64, *_module(path, seq_len=48, cache_dir=False)[0]._tokens().to_cache())
+    free = {"short": 5 * 2**30 + size - 1, "enough": 5 * 2**30 + size,
+            "enough_after_removing": 5 * 2**30 + size - old.stat().st_size}[room]
+    usage = shutil.disk_usage(cache)._replace(total=100 * 2**30, free=free)
+    monkeypatch.setattr(token_cache.shutil, "disk_usage", lambda where: usage)
+    limit = {"enough_after_removing": (size + 10) / 2**30}.get(room, token_cache.CACHE_LIMIT_GB)
+    dm, lines, caught = _module(path, seq_len=48, cache_limit_gb=limit)
+    assert caught == [] and _everything(dm) == reference and len(lines) == 1
+    if room == "short":
+        assert lines == [f"TextDataModule: the token cache is not written: its {size / 2**30:.2f} GiB would leave "
+                         f"{(5 * 2**30 - 1) / 2**30:.2f} GiB free on the disk of {cache}, which keeps 5.00 GiB free "
+                         "for checkpoints (--data.cache_dir elsewhere, or --data.cache_dir false)."]
+        assert list(cache.iterdir()) == [old]
+    else:
+        assert "token cache written" in lines[0] and len(list(cache.glob("*.tokens"))) == (
+            2 if room == "enough" else 1)
+        assert old.exists() == (room == "enough")
+
+
+@pytest.mark.parametrize("value", [0, -1.0, True, "20", float("inf"), float("nan")])
+def test_a_bad_cache_limit_is_refused_naming_it(value):
+    with pytest.raises(ValueError) as caught:
+        TextDataModule("sample", cache_limit_gb=value)
+    assert str(caught.value) == (f"Invalid cache_limit_gb={value!r}: expected a positive number of GiB, the most the "
+                                 "token cache's files may hold in all (cache_dir=False turns the cache off).")
 
 
 def _build_in_child(path: str, directory: str, barrier, results) -> None:

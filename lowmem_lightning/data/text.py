@@ -59,6 +59,7 @@ exists, and a model whose ``config.use_cache`` is True makes one even in trainin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import string
@@ -85,7 +86,7 @@ from lowmem_lightning.data.loader import TrainLoader
 from lowmem_lightning.data.overflow import Overflow, check_overflow, collate_trimmed, fit_records
 from lowmem_lightning.data.prompts import PromptRecords, collate_prompts, first_document_prompts, prompt_record
 from lowmem_lightning.data.reading import Progress, find_data_files, iter_documents
-from lowmem_lightning.data.token_cache import cache_directory
+from lowmem_lightning.data.token_cache import CACHE_LIMIT_GB, cache_directory
 from lowmem_lightning.data.tokenizer import load_tokenizer
 from lowmem_lightning.data.tokens import EncodedRecords, PackedBlocks
 from lowmem_lightning.lowmem_warning import LowMemWarning
@@ -125,6 +126,25 @@ def _check_template(value, name: str, required: tuple[str, ...]) -> None:
 def _check_int(value, name: str, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"Invalid {name}={value!r}: expected an integer >= {minimum}.")
+
+
+def _limit_bytes(cache_limit_gb) -> int:
+    """``cache_limit_gb`` in bytes; ``ValueError`` naming the value unless it is a positive number."""
+    if not isinstance(cache_limit_gb, (int, float)) or isinstance(cache_limit_gb, bool) or not (
+        0 < cache_limit_gb < float("inf")
+    ):
+        raise ValueError(f"Invalid cache_limit_gb={cache_limit_gb!r}: expected a positive number of GiB, the most "
+                         "the token cache's files may hold in all (cache_dir=False turns the cache off).")
+    return int(cache_limit_gb * 2**30)
+
+
+def _removed_text(removed: list[tuple[Path, int]], cache_limit_gb: float) -> str:
+    """What the token cache removed to make room, for the line saying it was written ('' when nothing)."""
+    if not removed:
+        return ""
+    freed = sum(size for _, size in removed)
+    return (f" Removed {len(removed)} least recently used cache file{'s' if len(removed) > 1 else ''} "
+            f"({freed / 2**20:.1f} MiB) to stay within cache_limit_gb={cache_limit_gb}.")
 
 
 @dataclass
@@ -219,6 +239,10 @@ class TextDataModule(L.LightningDataModule):
             memory-map it instead of tokenizing again (the split, ``val_fraction`` and ``seed``, is made after).
             ``None``: ``$LOWMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowmem_lightning/tokens``, else
             ``~/.cache/lowmem_lightning/tokens``; ``False``: no cache. Clear it by deleting the directory.
+        cache_limit_gb: GiB the cache directory's files may hold in all (a positive number): a new cache file
+            makes room by removing the least recently used ones, and data whose file alone would be larger is not
+            cached. No file is written that would leave less than 2 GiB or 5% of its disk free (checkpoints need
+            the room): :mod:`~lowmem_lightning.data.token_cache`.
 
     Raises ``ValueError`` naming the argument when a value is invalid or a path does not exist,
     in the constructor, before anything is read; :meth:`check_inputs` then checks the files' content.
@@ -246,6 +270,7 @@ class TextDataModule(L.LightningDataModule):
         prompt_template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
         chat_template: str | None = None,
         cache_dir: bool | str | None = None,
+        cache_limit_gb: float = CACHE_LIMIT_GB,
     ):
         super().__init__()
         if not isinstance(data_path, (str, Path)):
@@ -267,6 +292,7 @@ class TextDataModule(L.LightningDataModule):
         _check_template(prompt_template_no_input, "prompt_template_no_input", ("instruction",))
         given_chat = None if chat_template is None else read_chat_template(chat_template)
         self.cache_dir = cache_directory(cache_dir)
+        self.cache_limit_bytes = _limit_bytes(cache_limit_gb)
         self.files = find_data_files(str(data_path))
         self.tokenizer = load_tokenizer(tokenizer)
         self.chat = ChatTemplate(self.tokenizer, given_chat, setting=chat_template)
@@ -405,8 +431,9 @@ class TextDataModule(L.LightningDataModule):
         return tokens, False
 
     def _build_and_cache(self, path: Path, key: str, replace_damaged: bool) -> _Tokenized:
-        """:meth:`_tokenize`, then the result written to ``path`` when worth it (or replacing a damaged file); a
-        write that fails (unwritable directory, full disk) is said in one warning."""
+        """:meth:`_tokenize`, then the result written to ``path`` when worth it (or replacing a damaged file) and
+        when it has room (:meth:`_room_for`); a write that fails (unwritable directory, full disk) is said in one
+        warning."""
         from lowmem_lightning.data.token_cache import worth_caching, write_cache
 
         started = time.monotonic()
@@ -414,16 +441,49 @@ class TextDataModule(L.LightningDataModule):
         seconds = time.monotonic() - started
         if not (replace_damaged or worth_caching(seconds, sum(f.stat().st_size for f in self.files))):
             return tokens
+        meta, arrays = tokens.to_cache()
+        removed = self._room_for(path, key, meta, arrays)
+        if removed is None:
+            return tokens
         try:
-            size = write_cache(path, key, *tokens.to_cache())
+            size = write_cache(path, key, meta, arrays)
         except OSError as err:
             rank_zero_warn(f"TextDataModule: cannot write the token cache in {self.cache_dir} "
                            f"({err.strerror or err}); this run goes on without it (set cache_dir to a writable "
                            "directory, or cache_dir=False to not try).", category=LowMemWarning)
             return tokens
         self._say(f"TextDataModule: token cache written: {path} ({size / 2**20:.1f} MiB); later runs on the same "
-                  f"data and settings load it instead of reading and tokenizing ({seconds:.1f} s).")
+                  f"data and settings load it instead of reading and tokenizing ({seconds:.1f} s)."
+                  + _removed_text(removed, self.hparams.cache_limit_gb))
         return tokens
+
+    def _room_for(self, path: Path, key: str, meta: dict, arrays: dict) -> list[tuple[Path, int]] | None:
+        """Make room for the cache file of ``(meta, arrays)``: remove the least recently used cache files that would
+        take the directory past ``cache_limit_gb`` (the removed ``(path, bytes)`` returned); ``None``, with one line
+        saying why, when the file is not to be written (larger than the limit alone, or the disk would keep too
+        little free)."""
+        from lowmem_lightning.data import token_cache
+
+        size = token_cache.file_size(key, meta, arrays)
+        plan = token_cache.eviction_plan(self.cache_dir, size, self.cache_limit_bytes, keep=path)
+        if plan is None:
+            self._say(f"TextDataModule: the token cache is not written: this data's file would take "
+                      f"{size / 2**30:.2f} GiB, more than cache_limit_gb={self.hparams.cache_limit_gb} "
+                      "(--data.cache_limit_gb raises it).")
+            return None
+        shortfall = token_cache.disk_shortfall(self.cache_dir, size, sum(freed for _, freed in plan))
+        if shortfall is not None:
+            self._say(f"TextDataModule: the token cache is not written: its {size / 2**30:.2f} GiB would leave "
+                      f"{max(shortfall[0], 0) / 2**30:.2f} GiB free on the disk of {self.cache_dir}, which keeps "
+                      f"{shortfall[1] / 2**30:.2f} GiB free for checkpoints (--data.cache_dir elsewhere, or "
+                      "--data.cache_dir false).")
+            return None
+        removed = []
+        for old, freed in plan:
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
+                old.unlink()
+                removed.append((old, freed))
+        return removed
 
     def _say(self, text: str) -> None:
         """One line of the data module (:attr:`progress`, else stderr from rank 0)."""

@@ -11,6 +11,12 @@ mode ``"c"``: processes reading the same file share its pages). :func:`write_cac
 same directory and moves it into place with ``os.replace`` (a reader sees the old file or the whole new one; two
 writers of one key leave one whole file), after ``fsync``. :func:`key_lock` makes other processes building the same
 key wait for the one building it.
+
+The cache stays bounded: before a file is written, :func:`eviction_plan` picks the least recently used files of other
+keys (``read_cache`` marks a file used) to remove so that the directory's cache files, the new one included, hold at
+most ``limit_bytes`` (``TextDataModule(cache_limit_gb=...)``, default :data:`CACHE_LIMIT_GB`); a file larger than
+the limit alone is not written. :func:`disk_shortfall` keeps a cache file from taking the room checkpoints need: one
+is written only while at least :data:`KEEP_FREE_BYTES` and :data:`KEEP_FREE_FRACTION` of the disk stay free.
 """
 
 from __future__ import annotations
@@ -20,16 +26,18 @@ import functools
 import hashlib
 import json
 import os
+import re
+import shutil
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "CACHE_AFTER_S", "CACHE_MIN_BYTES", "STALE_TEMPORARY_S", "TOKENIZING_LIBRARIES",
-           "PIPELINE_MODULES", "CacheDamaged", "cache_directory", "library_versions", "pipeline_source_hash",
-           "cache_key", "cache_path", "worth_caching",
-           "write_cache", "read_cache", "key_lock"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "CACHE_AFTER_S", "CACHE_MIN_BYTES", "STALE_TEMPORARY_S", "CACHE_LIMIT_GB",
+           "KEEP_FREE_BYTES", "KEEP_FREE_FRACTION", "TOKENIZING_LIBRARIES", "PIPELINE_MODULES", "CacheDamaged",
+           "cache_directory", "library_versions", "pipeline_source_hash", "cache_key", "cache_path", "worth_caching",
+           "file_size", "cache_files", "eviction_plan", "disk_shortfall", "write_cache", "read_cache", "key_lock"]
 
 FORMAT_VERSION = 1
 """Version of the cache's layout and of how records become tokens: a change of either bumps it (old files are then
@@ -49,8 +57,20 @@ STALE_TEMPORARY_S = 600.0
 """A temporary cache file of a key not written to for this many seconds is left from a killed writer (a preempted
 job) and is removed by the next :func:`write_cache` of that key."""
 
+CACHE_LIMIT_GB = 20.0
+"""Default ``TextDataModule(cache_limit_gb=...)``: the GiB the cache directory's files may hold in all (~7 bytes per
+token kept: about 3 billion tokens)."""
+
+KEEP_FREE_BYTES = 2 * 2**30
+"""Bytes of its disk a cache file never takes: it is not written when less would stay free (2 GiB)."""
+
+KEEP_FREE_FRACTION = 0.05
+"""Fraction of its disk a cache file never takes (the larger of this and :data:`KEEP_FREE_BYTES` stays free)."""
+
 _ALIGN = 64
 _PREFIX = len(MAGIC) + 8 + 32
+_CACHE_FILE = re.compile(r"[0-9a-f]{64}\.tokens")
+_TEMPORARY_FILE = re.compile(r"\.[0-9a-f]{64}\.tokens\..+\.tmp")
 
 
 class CacheDamaged(Exception):
@@ -143,9 +163,9 @@ def _layout(arrays: dict[str, np.ndarray], sums: dict[str, str], start: int) -> 
     return table
 
 
-def _header(key: str, meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
-    """The JSON header; its own length decides where the arrays start, so it is laid out until that is stable."""
-    sums = {name: hashlib.sha256(array.data).hexdigest() for name, array in arrays.items()}
+def _header(key: str, meta: dict, arrays: dict[str, np.ndarray], sums: dict[str, str]) -> bytes:
+    """The JSON header (``sums``: each array's hex SHA-256); its own length decides where the arrays start, so it is
+    laid out until that is stable."""
     start = _PREFIX
     while True:
         text = json.dumps({"key": key, "meta": meta, "arrays": _layout(arrays, sums, start)},
@@ -155,6 +175,62 @@ def _header(key: str, meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
         start = _PREFIX + len(text)
 
 
+def _size(header: bytes, arrays: dict[str, np.ndarray]) -> int:
+    """Bytes of the cache file made of ``header`` and ``arrays``: the end of its last array."""
+    ends = [entry["offset"] + arrays[name].nbytes for name, entry in json.loads(header)["arrays"].items()]
+    return max([_PREFIX + len(header), *ends])
+
+
+def file_size(key: str, meta: dict, arrays: dict[str, np.ndarray]) -> int:
+    """Bytes :func:`write_cache` would write for these arguments, found without hashing the arrays (a SHA-256 is
+    always 64 hex digits, so the layout does not depend on the sums)."""
+    return _size(_header(key, meta, arrays, dict.fromkeys(arrays, "0" * 64)), arrays)
+
+
+def cache_files(directory: Path) -> list[tuple[Path, int, float]]:
+    """``(path, bytes, last used)`` of the cache files in ``directory`` (``KEY.tokens``: nothing else a user keeps
+    there), the least recently used first (their modification time: written, or marked by :func:`read_cache`);
+    ``[]`` when the directory does not exist."""
+    found = []
+    with contextlib.suppress(OSError):
+        for path in directory.iterdir():
+            if _CACHE_FILE.fullmatch(path.name):
+                with contextlib.suppress(OSError):  # removed meanwhile by another process
+                    stat = path.stat()
+                    found.append((path, stat.st_size, stat.st_mtime))
+    return sorted(found, key=lambda entry: entry[2])
+
+
+def eviction_plan(directory: Path, new_bytes: int, limit_bytes: int, keep: Path) -> list[tuple[Path, int]] | None:
+    """The cache files of ``directory`` to remove, least recently used first, so that with a new file of
+    ``new_bytes`` its cache files hold at most ``limit_bytes`` (``keep``, the new file's path, is never one of them:
+    its old version is replaced); ``None`` when the new file alone is larger than the limit. Removing a file another
+    process has memory-mapped is safe on POSIX: its mapping keeps the data, a later start rebuilds it."""
+    if new_bytes > limit_bytes:
+        return None
+    others = [(path, size) for path, size, _ in cache_files(directory) if path != keep]
+    held, plan = sum(size for _, size in others), []
+    for path, size in others:
+        if held + new_bytes <= limit_bytes:
+            break
+        plan.append((path, size))
+        held -= size
+    return plan
+
+
+def disk_shortfall(directory: Path, new_bytes: int, freed_bytes: int = 0) -> tuple[int, int] | None:
+    """``None`` when writing ``new_bytes`` in ``directory`` (after ``freed_bytes`` are removed there) leaves free at
+    least :data:`KEEP_FREE_BYTES` and :data:`KEEP_FREE_FRACTION` of its disk; else ``(bytes free after, bytes kept
+    free)``. The disk is that of ``directory``, or of its nearest existing parent."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    usage = shutil.disk_usage(existing)
+    keep_free = max(KEEP_FREE_BYTES, int(KEEP_FREE_FRACTION * usage.total))
+    free_after = usage.free + freed_bytes - new_bytes
+    return None if free_after >= keep_free else (free_after, keep_free)
+
+
 def _write_arrays(f, arrays: dict[str, np.ndarray], table: dict[str, dict]) -> None:
     """Write each array at its offset of ``table`` (zero bytes between them)."""
     for name, array in arrays.items():
@@ -162,25 +238,28 @@ def _write_arrays(f, arrays: dict[str, np.ndarray], table: dict[str, dict]) -> N
         f.write(array.data)
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Remove the temporary files of ``path`` that no writer has touched for :data:`STALE_TEMPORARY_S` seconds."""
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove the temporary cache files in ``directory`` that no writer has touched for :data:`STALE_TEMPORARY_S`
+    seconds (left by killed writers, of any key)."""
     now = time.time()
-    for temporary in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            if now - temporary.stat().st_mtime > STALE_TEMPORARY_S:
-                temporary.unlink()
+    for temporary in directory.glob(".*.tokens.*.tmp"):
+        if _TEMPORARY_FILE.fullmatch(temporary.name):
+            with contextlib.suppress(OSError):
+                if now - temporary.stat().st_mtime > STALE_TEMPORARY_S:
+                    temporary.unlink()
 
 
 def write_cache(path: Path, key: str, meta: dict, arrays: dict[str, np.ndarray]) -> int:
     """Write ``meta`` (JSON-serializable) and ``arrays`` (C-contiguous) as the cache file ``path`` of ``key``,
     atomically (a temporary file in ``path``'s directory, fsync'd, moved into place); the file's size in bytes.
-    Creates the directory; removes the temporary files killed writers of this key left. An ``OSError``
+    Creates the directory; removes the temporary files killed writers left there. An ``OSError``
     (unwritable directory, full disk) leaves no temporary file behind."""
     arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
-    header = _header(key, meta, arrays)
+    sums = {name: hashlib.sha256(array.data).hexdigest() for name, array in arrays.items()}
+    header = _header(key, meta, arrays, sums)
     table = json.loads(header)["arrays"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
+    _remove_stale_temporaries(path.parent)
     temporary = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(temporary, "wb") as f:
@@ -199,7 +278,8 @@ def write_cache(path: Path, key: str, meta: dict, arrays: dict[str, np.ndarray])
 def read_cache(path: Path, key: str) -> tuple[dict, dict[str, np.ndarray]]:
     """``(meta, arrays)`` of the cache file ``path`` of ``key``, the arrays memory-mapped copy-on-write, each checked
     against its stored size and SHA-256; ``CacheDamaged`` saying why when the file is not a whole cache of ``key``
-    (``FileNotFoundError`` when there is none)."""
+    (``FileNotFoundError`` when there is none). A file read whole is marked used (its modification time set to now,
+    where the directory allows: :func:`eviction_plan` removes the least recently used first)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(_PREFIX)
@@ -223,6 +303,8 @@ def read_cache(path: Path, key: str) -> tuple[dict, dict[str, np.ndarray]]:
         if hashlib.sha256(array.data).hexdigest() != entry["sha256"]:
             raise CacheDamaged(f"array {name!r} is corrupted (checksum mismatch)")
         arrays[name] = array
+    with contextlib.suppress(OSError):  # a read-only shared cache is still read
+        os.utime(path)
     return content["meta"], arrays
 
 
