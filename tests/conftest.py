@@ -30,6 +30,61 @@ from lowmem_lightning.kernels import dispatch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also when torch was imported before this file
 
 
+def _patch_triton_language_once() -> None:
+    """Let Triton's interpreter patch ``triton.language`` once per launch instead of once per helper call.
+
+    The interpreter replaces ``tl``'s builtins with host versions at each launch (and puts them back after it), but
+    it also calls its ``_patch_lang`` again at every call of a ``@triton.jit`` helper inside the kernel, and never
+    puts those back: with ``tl`` already patched that call changes nothing, yet it walks every member of ``tl``,
+    ``tl.tensor`` and ``tl.math`` with ``inspect.getmembers``, ~1.3 ms a call. The factored kernels call helpers
+    per tile: 22,000 calls, 29 of the 48 s of one test of ``test_factored_batched.py`` (cProfile). Here a helper's
+    call skips the walk when the launch that runs it has already patched every language module the helper's
+    globals name (our kernels import ``triton.language as tl`` alone); anything else, and the launch itself, still
+    goes through Triton's own ``_patch_lang``. The kernels compute what they did: only the host-side re-patching
+    is skipped. A Triton without ``_patch_lang`` (another version) is left as it is."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import inspect
+
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang", None)
+    if original is None or getattr(original, "_lowmem_once", False):
+        return
+    tl = interpreter.tl
+    patched: list[frozenset] = []  # the language modules the running launch patched (empty between launches)
+
+    def langs(fn) -> frozenset:
+        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+
+    class _Unchanged:
+        def restore(self) -> None:
+            pass
+
+    class _Launch:
+        def __init__(self, scope):
+            self.scope = scope
+
+        def restore(self) -> None:
+            patched.clear()
+            self.scope.restore()
+
+    def patch_lang(fn):
+        if not patched:  # a launch (GridExecutor): patch, and note what until it restores
+            scope = original(fn)
+            patched.append(langs(fn))
+            return _Launch(scope)
+        if langs(fn) <= patched[0]:  # a helper called inside that launch: nothing left to patch
+            return _Unchanged()
+        return original(fn)
+
+    patch_lang._lowmem_once = True
+    interpreter._patch_lang = patch_lang
+
+
+_patch_triton_language_once()
+
+
 @pytest.fixture(autouse=True)
 def _dispatch_settings():
     """Every test starts from the settings read at import and cannot leak its changes."""
