@@ -34,14 +34,16 @@ def _patch_triton_language_once() -> None:
     """Let Triton's interpreter patch ``triton.language`` once per launch instead of once per helper call.
 
     The interpreter replaces ``tl``'s builtins with host versions at each launch (and puts them back after it), but
-    it also calls its ``_patch_lang`` again at every call of a ``@triton.jit`` helper inside the kernel, and never
-    puts those back: with ``tl`` already patched that call changes nothing, yet it walks every member of ``tl``,
-    ``tl.tensor`` and ``tl.math`` with ``inspect.getmembers``, ~1.3 ms a call. The factored kernels call helpers
-    per tile: 22,000 calls, 29 of the 48 s of one test of ``test_factored_batched.py`` (cProfile). Here a helper's
-    call skips the walk when the launch that runs it has already patched every language module the helper's
-    globals name (our kernels import ``triton.language as tl`` alone); anything else, and the launch itself, still
-    goes through Triton's own ``_patch_lang``. The kernels compute what they did: only the host-side re-patching
-    is skipped. A Triton without ``_patch_lang`` (another version) is left as it is."""
+    it also calls its ``_patch_lang`` again at every call of a ``@triton.jit`` helper inside the kernel (ours, and
+    ``tl.sum``, ``tl.max``, ``tl.zeros``, which are helpers of ``triton.language.standard``), and never puts those
+    back: once the launch (or the helper's first call) has patched the language modules the helper's globals name,
+    the call changes nothing, yet it walks every member of ``tl``, ``tl.tensor`` and ``tl.math`` with
+    ``inspect.getmembers``, ~1.3 ms a call. The factored kernels call helpers per tile: 22,000 calls, 29 of the 48 s
+    of one test of ``test_factored_batched.py`` (cProfile). Here a helper's call skips the walk when the running
+    launch has already patched every language module (``tl``, ``tl.core``) the helper's globals name; the launch
+    itself and a helper's first call that needs another module still go through Triton's own ``_patch_lang``. The
+    kernels compute what they did: only host-side re-patching is skipped. A Triton without ``_patch_lang``
+    (another version) is left as it is."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     import inspect
@@ -52,10 +54,14 @@ def _patch_triton_language_once() -> None:
     if original is None or getattr(original, "_lowmem_once", False):
         return
     tl = interpreter.tl
-    patched: list[frozenset] = []  # the language modules the running launch patched (empty between launches)
+    patched: list[set] = []  # the language modules patched in the running launch (empty between launches)
+    named: dict = {}  # (fn, size of its globals) -> the language modules its globals name
 
     def langs(fn) -> frozenset:
-        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        key = (fn, len(fn.__globals__))  # the interpreter adds names to a kernel's globals when it rewrites it
+        if key not in named:
+            named[key] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        return named[key]
 
     class _Unchanged:
         def restore(self) -> None:
@@ -72,11 +78,14 @@ def _patch_triton_language_once() -> None:
     def patch_lang(fn):
         if not patched:  # a launch (GridExecutor): patch, and note what until it restores
             scope = original(fn)
-            patched.append(langs(fn))
+            patched.append(set(langs(fn)))
             return _Launch(scope)
-        if langs(fn) <= patched[0]:  # a helper called inside that launch: nothing left to patch
+        need = langs(fn)
+        if need <= patched[0]:  # a helper called inside that launch: nothing left to patch
             return _Unchanged()
-        return original(fn)
+        scope = original(fn)  # Triton never restores a helper's patches: they hold for the rest of the launch
+        patched[0] |= need
+        return scope
 
     patch_lang._lowmem_once = True
     interpreter._patch_lang = patch_lang
