@@ -152,6 +152,17 @@ def test_default_classes_are_injected_only_when_missing(tiny_config):
     assert cfg.model.init_args.lr == 0.05 and cfg.model.init_args.hidden == 16
 
 
+def test_parsing_a_fit_config_builds_the_fit_parser_alone(tiny_config, monkeypatch):
+    """``parse_fit_config`` (what ``lowmem estimate`` reads a recipe with) builds no validate/test/predict/export
+    parser: they took about half of each parse, and a refusal still names the asking command."""
+    from lowmem_lightning.cli.app import _ParseOnlyCLI
+
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    cli = _ParseOnlyCLI(args=["fit", "--config", str(tiny_config)], save_config_callback=None, prog="lowmem estimate")
+    assert set(cli._subcommand_parsers) == {"fit"} and cli._subcommand_parsers["fit"].prog == "lowmem estimate"
+    assert list(cli.parser._subcommands_action.choices) == ["fit"]
+
+
 def test_fit_runs_user_classes_with_rich_bar_and_optim_shortcut(tiny_config):
     cli = _cli("fit", "--config", str(tiny_config), "--optim", "adamw_8bit", "--lr", "0.01")
     assert cli.trainer.global_step == 3

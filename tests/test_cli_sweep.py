@@ -136,12 +136,21 @@ def parser_arguments() -> dict[str, dict[str, typing.Any]]:
     """``{subcommand: {dotted argument: type hint}}`` from the ``lowmem`` parser itself, with the model's
     and data module's init args (the parser holds them as one class-path argument each) and the tiny
     recipe's ``model.config`` keys."""
-    from lowmem_lightning.cli.app import DEFAULT_DATA, DEFAULT_MODEL, _ParseOnlyCLI
+    from lowmem_lightning.cli.app import DEFAULT_DATA, DEFAULT_MODEL, LowMemCLI, _ParseOnlyCLI
     from lowmem_lightning.cli.recipes import resolve_recipe
+
+    class EverySubcommand(_ParseOnlyCLI):
+        """Parses without running, with the parser of every subcommand ``lowmem`` has (``_ParseOnlyCLI`` builds
+        ``fit``'s alone)."""
+
+        subcommands = staticmethod(LowMemCLI.subcommands)
+
+        def _add_subcommands(self, parser, **kwargs) -> None:
+            LowMemCLI._add_subcommands(self, parser, **kwargs)
 
     saved, sys.argv = sys.argv, sys.argv[:1]
     try:
-        cli = _ParseOnlyCLI(args=["fit", "--config", resolve_recipe("tiny.yaml")], save_config_callback=None)
+        cli = EverySubcommand(args=["fit", "--config", resolve_recipe("tiny.yaml")], save_config_callback=None)
     finally:
         sys.argv = saved
     out = {}
