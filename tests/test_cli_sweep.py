@@ -199,6 +199,12 @@ QUICK = [
 ]
 """One case of each kind (a count the Trainer refuses, a model dimension, a special file) for the default suite."""
 
+IN_PROCESS = {("fit", "model.config.num_attention_heads", "-7"), ("fit", "data.data_path", "@devnull")}
+"""Quick cases that call ``lowmem``'s entry point (``lowmem_lightning.cli:main``) in this process, with the same
+contract asserted (exit 2, the one message first, no traceback, nothing written) without an interpreter start-up
+and its imports (~5 s) each; the Trainer's count stays a real ``lowmem`` process, as every case of the ``-m slow``
+sweep is."""
+
 
 def _materialize(value: str, where: Path) -> str:
     """``@devnull``, ``@fifo``, ``@dir``, ``@file`` as real special files / folders under ``where``."""
@@ -226,11 +232,29 @@ def _materialize(value: str, where: Path) -> str:
     return value
 
 
-def run_refused(tmp_path: Path, sub: str, args: list[str]) -> None:
-    """Run ``lowmem SUB ARGS`` in an empty directory and assert the refusal's contract."""
+def _lowmem_in_process(capsys, monkeypatch, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``lowmem ARGS`` by the console script's entry point in this process (``COLUMNS`` as the process has it), its
+    exit code and output as a :class:`subprocess.CompletedProcess`."""
+    from lowmem_lightning.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    monkeypatch.setenv("COLUMNS", ENV["COLUMNS"])
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["lowmem", *args], code, out, err)
+
+
+def run_refused(tmp_path: Path, sub: str, args: list[str], in_process=None) -> None:
+    """Run ``lowmem SUB ARGS`` in an empty directory and assert the refusal's contract; ``in_process=(capsys,
+    monkeypatch)``: by the entry point in this process instead of a ``lowmem`` process."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    proc = subprocess.run([LOWMEM, sub, *args], cwd=cwd, capture_output=True, text=True, timeout=240, env=ENV)
+    if in_process is None:
+        proc = subprocess.run([LOWMEM, sub, *args], cwd=cwd, capture_output=True, text=True, timeout=240, env=ENV)
+    else:
+        proc = _lowmem_in_process(*in_process, cwd, sub, *args)
     shown = f"$ lowmem {sub} {' '.join(args)}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert proc.returncode == 2, shown
     assert "Traceback" not in proc.stderr + proc.stdout, shown
@@ -272,15 +296,15 @@ def _case_id(value) -> str | None:
     return None if value is None else str(value).lstrip("-")
 
 
-def _run_case(tmp_path: Path, sub: str, name: str, value: str) -> None:
+def _run_case(tmp_path: Path, sub: str, name: str, value: str, in_process=None) -> None:
     given = _materialize(value, tmp_path / name.replace(".", "_"))
-    message = run_refused(tmp_path, sub, [*BASE[sub], f"--{name}", given])
+    message = run_refused(tmp_path, sub, [*BASE[sub], f"--{name}", given], in_process)
     _assert_named(message, name, value, given)
 
 
 @pytest.mark.parametrize(("sub", "name", "value"), QUICK, ids=_case_id)
-def test_refusal_quick(tmp_path, sub, name, value):
-    _run_case(tmp_path, sub, name, value)
+def test_refusal_quick(tmp_path, sub, name, value, capsys, monkeypatch):
+    _run_case(tmp_path, sub, name, value, (capsys, monkeypatch) if (sub, name, value) in IN_PROCESS else None)
 
 
 def test_the_sweep_covers_every_argument():
