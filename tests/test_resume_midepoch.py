@@ -116,10 +116,16 @@ def _write_data(path: Path) -> Path:
     return path
 
 
-def _lowmem(root: Path, data: Path, *extra: str, max_steps: int = MAX_STEPS) -> subprocess.CompletedProcess:
+def _lowmem_config(root: Path, data: Path, max_steps: int = MAX_STEPS) -> Path:
+    """``root/run.yaml``: :data:`CONFIG` for ``data``, logging and checkpointing under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     config = root / "run.yaml"
     config.write_text(CONFIG.format(root=root, data=data, max_steps=max_steps))
+    return config
+
+
+def _lowmem(root: Path, data: Path, *extra: str, max_steps: int = MAX_STEPS) -> subprocess.CompletedProcess:
+    config = _lowmem_config(root, data, max_steps)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
         [sys.executable, "-m", "lowmem_lightning.cli", "fit", "--config", str(config), *extra],
