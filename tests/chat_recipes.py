@@ -4,16 +4,13 @@ tests of added and untrained token rows (``test_added_tokens.py``, ``test_untrai
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from lowmem_calls import LOWMEM
 
 from lowmem_lightning.cli import RECIPES_DIR
-
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 
 
 def chat_recipe(files: Path, name: str, model: dict, steps: int, tokenizer: str) -> Path:

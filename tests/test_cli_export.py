@@ -14,19 +14,17 @@ non-empty ``--save_dir`` and ``--save_merged true`` without LoRA, on a tiny-reci
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from lowmem_calls import LOWMEM, lowmem_in_process
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.cli.export import first_mismatch, replace_dir
 
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 ENV = {**os.environ, "COLUMNS": "200"}
 SMALL = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
          "--data.init_args.seq_len", "32", "--trainer.enable_progress_bar", "false",
@@ -187,20 +185,6 @@ def _refused(proc: subprocess.CompletedProcess, *expected: str) -> None:
         assert text in line, line
 
 
-def _lowmem_in_process(capsys, monkeypatch, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``lowmem ARGS`` by the console script's entry point in this process (no interpreter start-up, no imports),
-    its exit code and output as a :class:`subprocess.CompletedProcess`."""
-    from lowmem_lightning.cli import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    monkeypatch.setenv("COLUMNS", ENV["COLUMNS"])
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["lowmem", *args], code, out, err)
-
-
 def _shape_changed(source: Path, target: Path, vocab: int) -> None:
     """``source`` saved again as if trained with a tokenizer of ``vocab`` token ids (its embeddings and head)."""
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
@@ -272,7 +256,7 @@ def test_refusals_write_nothing(tiny_ckpt, tmp_path, case, capsys, monkeypatch):
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     command = ("export", "--config", "tiny.yaml", *args)
     _refused(_lowmem(tmp_path, *command) if case in SUBPROCESS_REFUSALS else
-             _lowmem_in_process(capsys, monkeypatch, tmp_path, *command), *expected)
+             lowmem_in_process(capsys, monkeypatch, tmp_path, *command, columns=ENV["COLUMNS"]), *expected)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing removed
 
 

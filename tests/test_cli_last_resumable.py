@@ -13,20 +13,18 @@ from __future__ import annotations
 import csv
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from lowmem_calls import LOWMEM
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.cli import last as last_module
 from lowmem_lightning.cli.last import newest_checkpoint, refusal, resume_notice
 
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 ENV = {**os.environ, "COLUMNS": "200"}
 SMALL = ["--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32", "--trainer.enable_progress_bar",
          "false", "--trainer.enable_model_summary", "false"]

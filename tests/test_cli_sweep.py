@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
 import sys
 import typing
 from pathlib import Path
 
 import pytest
+from lowmem_calls import LOWMEM, lowmem_in_process
 
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 ENV = {**os.environ, "COLUMNS": "200", "PYTHONWARNINGS": "ignore"}
 
 BASE = {
@@ -232,20 +231,6 @@ def _materialize(value: str, where: Path) -> str:
     return value
 
 
-def _lowmem_in_process(capsys, monkeypatch, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``lowmem ARGS`` by the console script's entry point in this process (``COLUMNS`` as the process has it), its
-    exit code and output as a :class:`subprocess.CompletedProcess`."""
-    from lowmem_lightning.cli import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    monkeypatch.setenv("COLUMNS", ENV["COLUMNS"])
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["lowmem", *args], code, out, err)
-
-
 def run_refused(tmp_path: Path, sub: str, args: list[str], in_process=None) -> None:
     """Run ``lowmem SUB ARGS`` in an empty directory and assert the refusal's contract; ``in_process=(capsys,
     monkeypatch)``: by the entry point in this process instead of a ``lowmem`` process."""
@@ -254,7 +239,7 @@ def run_refused(tmp_path: Path, sub: str, args: list[str], in_process=None) -> N
     if in_process is None:
         proc = subprocess.run([LOWMEM, sub, *args], cwd=cwd, capture_output=True, text=True, timeout=240, env=ENV)
     else:
-        proc = _lowmem_in_process(*in_process, cwd, sub, *args)
+        proc = lowmem_in_process(*in_process, cwd, sub, *args, columns=ENV["COLUMNS"])
     shown = f"$ lowmem {sub} {' '.join(args)}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert proc.returncode == 2, shown
     assert "Traceback" not in proc.stderr + proc.stdout, shown

@@ -19,12 +19,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lowmem_calls import LOWMEM
 
 from lowmem_lightning.cli import parse_fit_config
 from lowmem_lightning.data import TextDataModule
 from lowmem_lightning.modules.causal_lm import CausalLMModule
 
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 ENV = {**os.environ, "COLUMNS": "200"}
 BATCHES = 2
 

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 from launched_scripts import run_script
+from lowmem_calls import LOWMEM
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.data import text, token_cache
 from lowmem_lightning.data.text import TextDataModule
-
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ import csv
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from lowmem_calls import LOWMEM
 from tiny_tokenizers import bpe_tokenizer
 
 from lowmem_lightning.cli import main
@@ -27,7 +26,6 @@ from lowmem_lightning.data.reading import read_documents
 from lowmem_lightning.data.tokens import IGNORE_INDEX
 
 BYTE = ByteTokenizer()
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

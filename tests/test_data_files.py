@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chat_recipes import LOWMEM
+from lowmem_calls import LOWMEM
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.data import TextDataModule

@@ -9,15 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from launched_scripts import launch_env
+from lowmem_calls import LOWMEM, lowmem_in_process
 
 from lowmem_lightning.data import ByteTokenizer, TextDataModule
 from lowmem_lightning.data.blocks import pack_blocks
@@ -27,7 +26,6 @@ from lowmem_lightning.data.tokens import IGNORE_INDEX
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 BYTE = ByteTokenizer()
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 SEQ = 48
 
 # Token counts with the byte tokenizer (one token per character, bos in front; plain text and instruction outputs
@@ -158,19 +156,6 @@ def test_constructor_refuses_a_bad_overflow(tmp_path, kwargs, match):
         TextDataModule(str(_data(tmp_path)), **kwargs)
 
 
-def _lowmem_in_process(capsys, monkeypatch, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``lowmem ARGS`` by the console script's entry point in this process, its exit code and output as a
-    :class:`subprocess.CompletedProcess`."""
-    from lowmem_lightning.cli import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["lowmem", *args], code, out, err)
-
-
 @pytest.mark.parametrize(("args", "error"), [
     (["--data.pack", "false", "--data.overflow", "cut"],
      "\"overflow\": Expected one of: 'split', 'truncate', 'drop', null. Given value: cut"),
@@ -185,7 +170,7 @@ def test_lowmem_fit_refuses_a_bad_overflow_with_one_line(tmp_path, args, error, 
         proc = subprocess.run([LOWMEM, *command], cwd=tmp_path, env=launch_env(), capture_output=True, text=True,
                               timeout=120)
     else:
-        proc = _lowmem_in_process(capsys, monkeypatch, tmp_path, *command)
+        proc = lowmem_in_process(capsys, monkeypatch, tmp_path, *command)
     assert proc.returncode == 2, proc.stderr[-3000:]
     first, *rest = proc.stderr.splitlines()
     assert "Traceback" not in proc.stderr and rest == ["(all options: lowmem fit --help)"], proc.stderr

@@ -15,21 +15,19 @@ import copy
 import csv
 import os
 import pickle
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lowmem_calls import LOWMEM
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lowmem_lightning.callbacks import LowMemOptimizerCallback, StateMemoryMonitor
 from lowmem_lightning.cli import RECIPES_DIR
 
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 ENV = {**os.environ, "COLUMNS": "200"}
 SMALL = ["--config", str(RECIPES_DIR / "tiny.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu",
          "--data.init_args.seq_len", "32", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,14 +19,13 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lowmem_calls import LOWMEM
 from optim_helpers import DispatchedOps
 from torch.utils.data import DataLoader, TensorDataset
 
 from lowmem_lightning.callbacks import LowMemOptimizerCallback, StateMemoryMonitor, skips
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.lowmem_warning import LowMemWarning
-
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 
 
 class _Net(L.LightningModule):

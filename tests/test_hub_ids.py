@@ -16,18 +16,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from lowmem_calls import LOWMEM, lowmem_in_process
 from tiny_tokenizers import word_tokenizer
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.hub import is_repo_id, resolve_pretrained, split_repo_id
 
-LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
 MAIN, V1 = "1" * 40, "2" * 40  # commit hashes of the hand-built snapshots
 SMALL = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
          "--data.init_args.seq_len", "32", "--trainer.enable_progress_bar", "false",
@@ -164,8 +163,6 @@ def _lowmem_in_process(root: Path, monkeypatch, capsys, *args: str) -> subproces
     offline (:func:`offline_cache`'s settings), as a :class:`subprocess.CompletedProcess`."""
     from huggingface_hub import constants
 
-    from lowmem_lightning.cli import main
-
     for key, value in _env(root).items():
         if os.environ.get(key) != value:
             monkeypatch.setenv(key, value)
@@ -173,12 +170,7 @@ def _lowmem_in_process(root: Path, monkeypatch, capsys, *args: str) -> subproces
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root / "hf" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.chdir(root)
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["lowmem", *args], code, out, err)
+    return lowmem_in_process(capsys, monkeypatch, root, *args)
 
 
 @pytest.mark.parametrize(("args", "expected"), [

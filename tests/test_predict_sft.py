@@ -17,7 +17,7 @@ import subprocess
 import lightning as L
 import pytest
 import torch
-from test_cli_test_predict import LOWMEM
+from lowmem_calls import LOWMEM
 from test_data_chat import CHATML, _jsonl
 from tiny_tokenizers import bpe_tokenizer
 
