@@ -297,6 +297,30 @@ def test_data_larger_than_the_limit_alone_is_not_cached_and_nothing_is_removed(t
     assert list(cache.iterdir()) == [kept]
 
 
+def test_a_cache_file_that_cannot_be_removed_keeps_the_limit_by_not_writing(tmp_path, cache, monkeypatch):
+    """A shared cache directory holding another user's file the limit would remove: nothing is written (the limit
+    holds), the run goes on from the files, one line says which file and why."""
+    path = _data(tmp_path, "records")
+    reference = _everything(_module(path, seq_len=48, cache_dir=False)[0])
+    _module(path, seq_len=40)
+    (theirs,) = cache.glob("*.tokens")
+    unlink = Path.unlink
+
+    def not_ours(self, missing_ok=False):
+        if self == theirs:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", not_ours)
+    limit_gb = theirs.stat().st_size * 1.5 / 2**30
+    dm, lines, caught = _module(path, seq_len=48, cache_limit_gb=limit_gb)
+    assert caught == [] and _everything(dm) == reference
+    assert lines == [f"TextDataModule: the token cache is not written: {theirs} cannot be removed to stay within "
+                     f"cache_limit_gb={limit_gb} (Permission denied); raise --data.cache_limit_gb, or set "
+                     "--data.cache_dir to a directory of your own."]
+    assert list(cache.iterdir()) == [theirs]
+
+
 def test_file_size_is_the_size_write_cache_writes(tmp_path):
     dm = _module(_data(tmp_path, "chat"), seq_len=400, pack=False, cache_dir=False)[0]
     meta, arrays = dm._tokens().to_cache()

@@ -59,7 +59,6 @@ exists, and a model whose ``config.use_cache`` is True makes one even in trainin
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import string
@@ -480,9 +479,16 @@ class TextDataModule(L.LightningDataModule):
             return None
         removed = []
         for old, freed in plan:
-            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
+            try:
                 old.unlink()
-                removed.append((old, freed))
+            except FileNotFoundError:  # removed meanwhile by another process
+                continue
+            except OSError as err:  # another user's file in a shared cache directory: the limit cannot be kept
+                self._say(f"TextDataModule: the token cache is not written: {old} cannot be removed to stay within "
+                          f"cache_limit_gb={self.hparams.cache_limit_gb} ({err.strerror or err}); raise "
+                          "--data.cache_limit_gb, or set --data.cache_dir to a directory of your own.")
+                return None
+            removed.append((old, freed))
         return removed
 
     def _say(self, text: str) -> None:
