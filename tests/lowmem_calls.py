@@ -4,6 +4,7 @@ cases where the process itself is not what is tested (no interpreter start-up an
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,8 @@ def lowmem_in_process(capsys, monkeypatch, cwd: Path, *args: str, columns: str |
                       ) -> subprocess.CompletedProcess:
     """``lowmem ARGS`` run in ``cwd`` by the console script's entry point in this process (``sys.argv`` as a bare
     ``lowmem``; ``columns``: the terminal width ``COLUMNS`` says), its exit code and output as a
-    :class:`subprocess.CompletedProcess`. ``monkeypatch`` puts the directory and environment back after the test."""
+    :class:`subprocess.CompletedProcess`. ``monkeypatch`` puts the directory and environment back after the test;
+    ``PL_GLOBAL_SEED``, which a fit's ``seed_everything`` sets, is put back as it was when the call returns."""
     from lowmem_lightning.cli import main
 
     monkeypatch.chdir(cwd)
@@ -25,6 +27,13 @@ def lowmem_in_process(capsys, monkeypatch, cwd: Path, *args: str, columns: str |
     if columns is not None:
         monkeypatch.setenv("COLUMNS", columns)
     capsys.readouterr()
-    code = main(list(args))
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    try:
+        code = main(list(args))
+    finally:  # a fit's seed_everything must not reseed later launches from this worker
+        if seed is None:
+            os.environ.pop("PL_GLOBAL_SEED", None)
+        else:
+            os.environ["PL_GLOBAL_SEED"] = seed
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(["lowmem", *args], code, out, err)

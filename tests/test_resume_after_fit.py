@@ -21,11 +21,13 @@ so a 20-step run and a 40-step run differ by design.
 from __future__ import annotations
 
 import csv
+import logging
 
 import lightning as L
 import pytest
 import torch
-from test_resume_midepoch import _load, _losses, _lowmem, _max_diff, _optimizer_states, _write_data
+from lowmem_calls import lowmem_in_process
+from test_resume_midepoch import _load, _losses, _lowmem, _lowmem_config, _max_diff, _optimizer_states, _write_data
 
 from lowmem_lightning.callbacks import LowMemOptimizerCallback
 from lowmem_lightning.data import TextDataModule
@@ -161,20 +163,25 @@ def test_a_fit_of_2_epochs_resumed_for_a_third_reads_the_third_epochs_order(tmp_
     assert _max_diff(*states) == 0
 
 
-def test_lowmem_fit_resumed_with_a_longer_cosine_schedule_says_how_the_lr_changes(tmp_path):
+def test_lowmem_fit_resumed_with_a_longer_cosine_schedule_says_how_the_lr_changes(tmp_path, capsys, caplog,
+                                                                                  monkeypatch):
     """``--trainer.max_steps 8``, then ``--trainer.max_steps 12 --ckpt_path last`` with ``scheduler: cosine``: the
     schedule is drawn over each run's own length (``trainer.estimated_stepping_batches``, as Lightning and HF Trainer
     do), so the lr jumps back up from the 8-step cosine's end; one line names both lengths and the lr of the first two
-    resumed steps, and Lightning's ``LearningRateMonitor`` logs those very lrs at steps 8 and 9."""
+    resumed steps, and Lightning's ``LearningRateMonitor`` logs those very lrs at steps 8 and 9. The 8-step run only
+    makes the checkpoint, so it calls ``lowmem``'s entry point in this process; the resume, whose output is checked,
+    is a real ``lowmem`` process."""
     from lowmem_lightning.modules.base import warmup_cosine_factor
 
     data = _write_data(tmp_path / "words.txt")
     root = tmp_path / "run"
     args = ["--trainer.callbacks.save_last=true", "--trainer.limit_val_batches=0",
             "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"]
-    first = _lowmem(root, data, *args, max_steps=8)
+    config = _lowmem_config(root, data, max_steps=8)
+    with caplog.at_level(logging.INFO):
+        first = lowmem_in_process(capsys, monkeypatch, root, "fit", "--config", str(config), *args)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "cosine LR schedule" not in first.stdout + first.stderr
+    assert "cosine LR schedule" not in first.stdout + first.stderr + caplog.text
     more = _lowmem(root, data, *args, "--ckpt_path", "last", max_steps=12)
     assert more.returncode == 0, more.stderr[-3000:]
     before, after = 3e-3 * warmup_cosine_factor(5, 8, 0.1)(8), 3e-3 * warmup_cosine_factor(5, 12, 0.1)(9)
