@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lowmem_calls import LOWMEM
+from lowmem_calls import LOWMEM, lowmem_in_process
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.cli import last as last_module
@@ -60,11 +60,13 @@ def _first_step(metrics: Path) -> int:
         return min(int(row["step"]) for row in csv.DictReader(f) if row["step"])
 
 
-def test_last_skips_a_newer_weights_only_checkpoint_and_resumes_the_full_one(tmp_path):
+def test_last_skips_a_newer_weights_only_checkpoint_and_resumes_the_full_one(tmp_path, capsys, monkeypatch):
     """Weights-only files at steps 2 and 4, a full one at step 3: ``--ckpt_path last`` resumes step 3 (before: it
-    chose step 4 and was refused), and its one line names the skipped file."""
+    chose step 4 and was refused), and its one line names the skipped file. The first fit only writes the
+    checkpoints, so it calls ``lowmem``'s entry point in this process; the resume is a real ``lowmem`` process."""
     _config(tmp_path, full=True)
-    first = _fit(tmp_path, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    first = lowmem_in_process(capsys, monkeypatch, tmp_path, "fit", "--config", "run.yaml", *SMALL,
+                              "--trainer.max_steps", "4", "--ckpt_path", "last", columns=ENV["COLUMNS"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert len(_lines(first.stderr, "no checkpoint yet")) == 1
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["full-step=3.ckpt", "wo-step=2.ckpt",
