@@ -22,6 +22,7 @@ import yaml
 from chat_recipes import run_lowmem
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lowmem_calls import lowmem_in_process
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -251,14 +252,16 @@ SMALL = ["--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
-def test_lowmem_fit_with_two_loggers_records_the_optim_choice_and_resumes_last(tmp_path):
+def test_lowmem_fit_with_two_loggers_records_the_optim_choice_and_resumes_last(tmp_path, capsys, monkeypatch):
     """``lowmem fit --optim came`` with TensorBoard and CSV loggers from the YAML: config.yaml, checkpoints and the plot
     in the first logger's version dir, each logger's hparams say ``came`` (the module's own ``optimizer`` hparam,
     unused beside the callback, still says the recipe's ``adamw_8bit``), and ``--ckpt_path last`` resumes from it
-    into version_1 of both."""
+    into version_1 of both. The first fit, checked by the files it writes, calls ``lowmem``'s entry point in this
+    process; the resume, whose printed summary is checked too, is a real ``lowmem`` process."""
     (tmp_path / "loggers.yaml").write_text(yaml.safe_dump(TB_AND_CSV))
     args = ["fit", "--config", "tiny.yaml", "--config", "loggers.yaml", *SMALL, "--optim", "came", "--lr", "3e-3"]
-    run_lowmem(tmp_path, *args, "--trainer.max_steps", "2")
+    done = lowmem_in_process(capsys, monkeypatch, tmp_path, *args, "--trainer.max_steps", "2", columns="200")
+    assert done.returncode == 0, done.stderr[-3000:]
     first = tmp_path / "runs/tb/version_0"
     assert {p.name for p in first.iterdir()} >= {"config.yaml", "hparams.yaml", "checkpoints", "state_memory.png"}
     for run in (first, tmp_path / "runs/csv/version_0"):
