@@ -4,6 +4,7 @@ cases where the process itself is not what is tested (no interpreter start-up an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ def lowmem_in_process(capsys, monkeypatch, cwd: Path, *args: str, columns: str |
     """``lowmem ARGS`` run in ``cwd`` by the console script's entry point in this process (``sys.argv`` as a bare
     ``lowmem``; ``columns``: the terminal width ``COLUMNS`` says), its exit code and output as a
     :class:`subprocess.CompletedProcess`. ``monkeypatch`` puts the directory and environment back after the test;
-    ``PL_GLOBAL_SEED``, which a fit's ``seed_everything`` sets, is put back as it was when the call returns."""
+    the seed variables a fit's ``seed_everything`` sets are put back when the call returns
+    (:func:`seed_environment_kept`)."""
     from lowmem_lightning.cli import main
 
     monkeypatch.chdir(cwd)
@@ -27,13 +29,23 @@ def lowmem_in_process(capsys, monkeypatch, cwd: Path, *args: str, columns: str |
     if columns is not None:
         monkeypatch.setenv("COLUMNS", columns)
     capsys.readouterr()
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    try:
+    with seed_environment_kept():
         code = main(list(args))
-    finally:  # a fit's seed_everything must not reseed later launches from this worker
-        if seed is None:
-            os.environ.pop("PL_GLOBAL_SEED", None)
-        else:
-            os.environ["PL_GLOBAL_SEED"] = seed
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(["lowmem", *args], code, out, err)
+
+
+@contextlib.contextmanager
+def seed_environment_kept():
+    """Put ``PL_GLOBAL_SEED`` and ``PL_SEED_WORKERS`` back as they were when the block ends: a fit's
+    ``seed_everything`` sets them in this process, and later launches from this pytest worker (a sampler's shuffle,
+    a spawned rank) would inherit the seed."""
+    before = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -12,7 +12,6 @@ Each case is a real ``lowmem`` process (``python -m lowmem_lightning.cli``) resu
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import warnings
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import test_resume_midepoch as midepoch
 import torch
+from lowmem_calls import seed_environment_kept
 
 from lowmem_lightning.cli.held_logs import HeldLogs
 
@@ -40,15 +40,10 @@ def lion_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lion_run")
     data = midepoch._write_data(root / "words.txt")
     midepoch._lowmem_config(root, data, max_steps=10)
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, seed_environment_kept():
         patch.chdir(root)
         patch.setattr(sys, "argv", sys.argv[:1])
         assert main(["fit", "--config", str(root / "run.yaml"), "--optim", "lion"]) == 0
-    if seed is None:  # the run's seed_everything must not reseed later launches from this worker
-        os.environ.pop("PL_GLOBAL_SEED", None)
-    else:
-        os.environ["PL_GLOBAL_SEED"] = seed
     assert (root / "ckpt" / "step=10.ckpt").is_file()
     return root
 

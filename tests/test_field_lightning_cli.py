@@ -18,7 +18,6 @@ real ``python proj.py ...`` runs, one per check, start a new interpreter (~4 s e
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lowmem_calls import seed_environment_kept
 
 import lowmem_lightning
 from lowmem_lightning.optim import registry
@@ -105,13 +105,8 @@ OURS = [name for name in registry.available_optimizers() if name != "adamw"]  # 
 def _seed_environment():
     """LightningCLI's ``seed_everything`` sets ``PL_GLOBAL_SEED``/``PL_SEED_WORKERS`` in this process: put them back
     as they were, so tests that run next in the same worker do not inherit a global seed."""
-    before = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
-    yield
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with seed_environment_kept():
+        yield
 
 
 def class_path(name: str) -> str:
