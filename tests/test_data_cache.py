@@ -355,6 +355,16 @@ def test_a_cache_file_never_takes_the_room_checkpoints_need(room, tmp_path, cach
         assert old.exists() == (room == "enough")
 
 
+def test_a_disk_that_cannot_be_asked_does_not_stop_the_cache(tmp_path, cache, monkeypatch):
+    def unanswered(where):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(token_cache.shutil, "disk_usage", unanswered)
+    assert token_cache.disk_shortfall(cache, 10**15) is None
+    _, lines, caught = _module(_data(tmp_path, "records"), seq_len=48)
+    assert caught == [] and len(lines) == 1 and "token cache written" in lines[0]
+
+
 @pytest.mark.parametrize("value", [0, -1.0, True, "20", float("inf"), float("nan")])
 def test_a_bad_cache_limit_is_refused_naming_it(value):
     with pytest.raises(ValueError) as caught:

@@ -221,11 +221,15 @@ def eviction_plan(directory: Path, new_bytes: int, limit_bytes: int, keep: Path)
 def disk_shortfall(directory: Path, new_bytes: int, freed_bytes: int = 0) -> tuple[int, int] | None:
     """``None`` when writing ``new_bytes`` in ``directory`` (after ``freed_bytes`` are removed there) leaves free at
     least :data:`KEEP_FREE_BYTES` and :data:`KEEP_FREE_FRACTION` of its disk; else ``(bytes free after, bytes kept
-    free)``. The disk is that of ``directory``, or of its nearest existing parent."""
+    free)``. The disk is that of ``directory``, or of its nearest existing parent; ``None`` too when it cannot be
+    asked."""
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    usage = shutil.disk_usage(existing)
+    try:
+        usage = shutil.disk_usage(existing)
+    except OSError:  # the disk cannot be asked: the write itself then says a full disk (one warning)
+        return None
     keep_free = max(KEEP_FREE_BYTES, int(KEEP_FREE_FRACTION * usage.total))
     free_after = usage.free + freed_bytes - new_bytes
     return None if free_after >= keep_free else (free_after, keep_free)
