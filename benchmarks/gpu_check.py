@@ -258,13 +258,20 @@ def part_kernels(dry: bool) -> list[str]:
     return lines
 
 
+def _files_with_gpu_tests() -> list[str]:
+    """The test files that mark a test ``gpu``: what the dry run collects (the default suite already collects
+    every file, so collecting the rest again here would only repeat it)."""
+    return sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py")
+                  if "pytest.mark.gpu" in path.read_text())
+
+
 def part_gpu_tests(dry: bool) -> list[str]:
     """``pytest -m gpu`` with Triton compiling for the GPU (the test-suite's conftest turns the interpreter
     on unless ``TRITON_INTERPRET`` is set: here it is set to 0). One line per test; on a timeout, the
     tests finished by then."""
     cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "--color=no", "--tb=short"]
-    if dry:
-        cmd += ["--collect-only", "-q"]  # the suite's gpu tests skip without CUDA: check they are collected
+    if dry:  # the suite's gpu tests skip without CUDA: check the files that hold them collect them
+        cmd += ["--collect-only", "-q", *_files_with_gpu_tests()]
     env = {**os.environ, "TRITON_INTERPRET": "1" if dry else "0"}
     limit = float(os.environ.get("GPU_CHECK_PART_BUDGET_S", BUDGET_S["gpu_tests"])) - 10
     try:

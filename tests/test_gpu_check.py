@@ -4,6 +4,7 @@ cannot fail on a typo; the dated section it writes names the device and each par
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path, monkeypatch):
     assert "| adamw_8bit | float16 |" in text and "MISMATCH" not in text
     assert "| came (one group, 3 tensors) | float32 |" in text
     assert "`pytest -m gpu` (collect only, no GPU): exit 0" in text
+    assert re.search(r" [1-9][0-9]*/[0-9]+ tests collected", text)  # the gpu tests, from the files that hold them
     assert "| released (step_in_backward) |" in text
     skip = "CUDA only" if importlib.util.find_spec("flashoptim") else "not installed"  # FlashOptim's rows say why
     assert text.count("| flashoptim_adamw | 64K |") == 2 and text.count("| flashoptim_adamw_nomaster | 64K |") == 2
