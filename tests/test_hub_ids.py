@@ -152,10 +152,10 @@ def _refused(proc: subprocess.CompletedProcess, *expected: str) -> str:
     return line
 
 
-SUBPROCESS_REFUSALS = ("not_cached", "pickle_only")
-"""The refusals of :func:`test_fit_refuses_an_id_it_cannot_resolve_before_any_work` run as a real ``lowmem fit`` (the
-environment's ``HF_HOME`` and ``HF_HUB_OFFLINE=1`` read at import, as users meet them): one id not in the cache, one
-cached repo refused for its files."""
+SUBPROCESS_REFUSALS = ("not_cached",)
+"""The refusal of :func:`test_fit_refuses_an_id_it_cannot_resolve_before_any_work` run as a real ``lowmem fit`` (the
+environment's ``HF_HOME`` and ``HF_HUB_OFFLINE=1`` read at import, as users meet them): an id not in the cache. The
+cached repo refused for its files reads the same cache in this process."""
 
 
 def _lowmem_in_process(root: Path, monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
@@ -195,7 +195,7 @@ def _lowmem_in_process(root: Path, monkeypatch, capsys, *args: str) -> subproces
 ], ids=["not_cached", "revision_not_cached", "malformed", "dot_slash_path", "dot_dot_path", "pickle_only",
         "tokenizer_not_cached"])
 def test_fit_refuses_an_id_it_cannot_resolve_before_any_work(hub, args, expected, request, capsys, monkeypatch):
-    """Exit 2, one line naming the argument, the value and the fix; no run folder written. Two cases run as a real
+    """Exit 2, one line naming the argument, the value and the fix; no run folder written. One case runs as a real
     ``lowmem`` process (:data:`SUBPROCESS_REFUSALS`); the others call its entry point in this process with the
     same offline cache (:func:`_lowmem_in_process`)."""
     command = ("fit", "--config", "tiny.yaml", "--trainer.default_root_dir", "runs/refused",
