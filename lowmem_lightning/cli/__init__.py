@@ -50,24 +50,52 @@ model against the run's; ``--model_from_ckpt``), :mod:`~lowmem_lightning.cli.ver
 own ``version_N``),
 :mod:`~lowmem_lightning.cli.estimate` (``lowmem estimate``),
 :mod:`~lowmem_lightning.cli.export` (``lowmem export``), :mod:`~lowmem_lightning.cli.quiet`
-(known third-party noise).
+(known third-party noise), :mod:`~lowmem_lightning.cli.about` (``lowmem --version``).
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
 
 from lowmem_lightning.cli.quiet import quiet_spawned_rank
 
 quiet_spawned_rank()  # a ddp_spawn rank of a lowmem command: before app imports transformers and peft
 
-from lowmem_lightning.cli.app import (  # noqa: E402
-    DEFAULT_DATA,
-    DEFAULT_MODEL,
-    RECIPES_DIR,
-    LowMemCLI,
-    bundled_recipes,
-    main,
-    parse_fit_config,
-    resolve_recipe,
-)
-from lowmem_lightning.cli.quiet import KNOWN_LOG_NOISE, KNOWN_WARNING_NOISE, quiet_known_noise  # noqa: E402
+_LAZY = {
+    "DEFAULT_DATA": "lowmem_lightning.cli.app",
+    "DEFAULT_MODEL": "lowmem_lightning.cli.app",
+    "RECIPES_DIR": "lowmem_lightning.cli.app",
+    "LowMemCLI": "lowmem_lightning.cli.app",
+    "bundled_recipes": "lowmem_lightning.cli.app",
+    "parse_fit_config": "lowmem_lightning.cli.app",
+    "resolve_recipe": "lowmem_lightning.cli.app",
+    "KNOWN_LOG_NOISE": "lowmem_lightning.cli.quiet",
+    "KNOWN_WARNING_NOISE": "lowmem_lightning.cli.quiet",
+    "quiet_known_noise": "lowmem_lightning.cli.quiet",
+}
 
 __all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_recipes", "resolve_recipe",
            "DEFAULT_MODEL", "DEFAULT_DATA", "quiet_known_noise", "KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lowmem`` console script (:func:`lowmem_lightning.cli.app.main`); returns the exit code.
+    ``lowmem --version`` (or ``-V``) alone prints :func:`~lowmem_lightning.cli.about.version_line` without importing
+    Lightning (the rest of the CLI needs it: ~5 s)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args in (["--version"], ["-V"]):
+        from lowmem_lightning.cli.about import print_version
+
+        print_version()
+        return 0
+    from lowmem_lightning.cli.app import main as run
+
+    return run(argv)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,7 @@ from torch.multiprocessing import ProcessRaisedException
 
 from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError, use_atomic_checkpoint_io
 from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
+from lowmem_lightning.cli.about import version_line
 from lowmem_lightning.cli.checks import (
     EVALUATION_SETUP_FILES,
     ckpt_path_problem,
@@ -160,8 +161,11 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """LightningCLI's subcommands, ``export`` (:mod:`~lowmem_lightning.cli.export`), and ``estimate`` listed with
-        them (``main`` runs it before LightningCLI, so this parser only documents it)."""
+        them (``main`` runs it before LightningCLI, so this parser only documents it); ``--version``."""
         super()._add_subcommands(parser, **kwargs)
+        parser.add_argument("-V", "--version", action="version", version=version_line(),
+                            help="Print the versions of lowmem-lightning, torch, Lightning, Triton, transformers, "
+                                 "peft, jsonargparse and Python, and exit.")
         action = parser._subcommands_action
         if action is None:
             return

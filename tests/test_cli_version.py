@@ -1,0 +1,81 @@
+"""``lowmem --version``: the versions a bug report needs, answered at once (without importing Lightning), one line
+in a pipe, broken at words in an 80-column terminal; listed in ``lowmem --help``."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import pty
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+import torch
+from lowmem_calls import LOWMEM, lowmem_in_process
+
+from lowmem_lightning import __version__
+from lowmem_lightning.cli.about import installed_version, version_line
+
+
+def _expected_start() -> str:
+    return f"lowmem-lightning {__version__} (torch {torch.__version__}, lightning "
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_lowmem_version_prints_one_line_and_exits_0(flag, tmp_path):
+    """A real ``lowmem`` process: exit 0, one line naming our version and torch's, Python's; nothing on stderr and
+    nothing written in the working directory."""
+    proc = subprocess.run([LOWMEM, flag], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and list(tmp_path.iterdir()) == []
+    assert proc.stdout.count("\n") == 1 and proc.stdout.startswith(_expected_start())
+    for name in ("triton", "transformers", "peft", "jsonargparse"):
+        assert f"{name} {installed_version(name)}" in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"Python {platform.python_version()})")
+
+
+def test_version_does_not_import_lightning_or_torch():
+    """The answer comes from the distributions' metadata: neither Lightning (~5 s) nor torch is imported."""
+    code = ("import sys; from lowmem_lightning.cli import main; rc = main(['--version']); "
+            "print(rc, sorted(m for m in ('lightning', 'torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "0 []"
+
+
+def test_version_breaks_at_words_in_an_80_column_terminal():
+    """In a terminal narrower than the line, it is broken at spaces, continuation lines indented by two."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen([LOWMEM, "--version"], stdout=follower, stderr=subprocess.DEVNULL)
+    os.close(follower)
+    assert proc.wait(timeout=120) == 0
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    lines = b"".join(chunks).decode().replace("\r\n", "\n").rstrip("\n").split("\n")
+    assert len(lines) >= 2 and all(len(line) <= 80 for line in lines), lines
+    assert lines[0].startswith(_expected_start().rstrip()) and all(line.startswith("  ") for line in lines[1:])
+    assert " ".join(line.strip() for line in lines) == version_line()
+
+
+def test_help_lists_the_version_flag(capsys, monkeypatch, tmp_path):
+    """``lowmem --help`` names ``-V, --version``; ``--version`` after other top-level options still answers."""
+    proc = lowmem_in_process(capsys, monkeypatch, tmp_path, "--help")
+    assert proc.returncode == 0 and "-V, --version" in proc.stdout
+    proc = lowmem_in_process(capsys, monkeypatch, tmp_path, "--config", "tiny.yaml", "--version")
+    assert proc.returncode == 0 and proc.stdout.split() == version_line().split()
+
+
+def test_a_missing_library_is_named_not_installed():
+    assert installed_version("no-such-distribution-lowmem") == "not installed"
