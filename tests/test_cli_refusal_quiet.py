@@ -5,8 +5,10 @@ checkpoint") come before ``ResumeCompatibility`` refuses a checkpoint of another
 Lightning's set-up lines (:class:`~lowmem_lightning.cli.held_logs.HeldLogs`), printed in order once the run
 starts and dropped on a refusal.
 
-Each case is a real ``lowmem`` process (``python -m lowmem_lightning.cli``) resuming a ``lion`` checkpoint with
-``--optim adafactor``; the checkpoint is made once per module by a 10-step ``lion`` run.
+Each case resumes a ``lion`` checkpoint with ``--optim adafactor``; the checkpoint is made once per module by a
+10-step ``lion`` run. The first case is a real ``lowmem`` process (``python -m lowmem_lightning.cli``); the others call
+its entry point in this process (:func:`lowmem_calls.lowmem_in_process`), whose stderr shows what a process's does
+(:func:`process_stderr`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pathlib import Path
 import pytest
 import test_resume_midepoch as midepoch
 import torch
-from lowmem_calls import seed_environment_kept
+from lowmem_calls import lowmem_in_process, seed_environment_kept
 
-from lowmem_lightning.cli.held_logs import HeldLogs
+from lowmem_lightning.cli.held_logs import LIGHTNING_LOGGERS, HeldLogs
 
 REFUSAL = "lowmem fit: error: Cannot resume from "
 TRAINED = ".ckpt: it was trained with optimizer 'lion', but "
@@ -46,6 +48,45 @@ def lion_run(tmp_path_factory) -> Path:
         assert main(["fit", "--config", str(root / "run.yaml"), "--optim", "lion"]) == 0
     assert (root / "ckpt" / "step=10.ckpt").is_file()
     return root
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler writing to ``sys.stderr`` as it is when a record is written (capsys replaces it per test
+    phase), as Lightning's handler in a process writes to the process's stderr."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@pytest.fixture
+def process_stderr(capsys, monkeypatch):
+    """This process's stderr (capsys's) gets what a ``lowmem`` process prints there, so a line printed before the
+    refusal is seen: Lightning's loggers (:data:`~lowmem_lightning.cli.held_logs.LIGHTNING_LOGGERS`, INFO) write
+    through a stream handler of their own and do not propagate, as Lightning sets them up in a process where nothing
+    configured logging (under pytest they propagate to its log capture instead), and a warning the filters let
+    through is printed by ``warnings.showwarning`` (pytest records it instead)."""
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", [_StderrHandler()])
+        monkeypatch.setattr(logger, "propagate", False)
+        monkeypatch.setattr(logger, "level", logging.INFO)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show)
+
+
+def _in_process(capsys, monkeypatch, root: Path, data: Path, *extra: str, max_steps: int):
+    """``test_resume_midepoch._lowmem``'s ``lowmem fit`` (its ``run.yaml`` in ``root``) by the entry point in this
+    process."""
+    config = midepoch._lowmem_config(root, data, max_steps)
+    return lowmem_in_process(capsys, monkeypatch, root, "fit", "--config", str(config), *extra)
 
 
 def _files(root: Path) -> list[str]:
@@ -73,20 +114,21 @@ def test_resume_in_its_own_run_folder(lion_run, tmp_path):
     _assert_only_the_refusal(proc, root, before)
 
 
-def test_resume_from_another_run_folder_with_other_checkpointing(lion_run, tmp_path):
+def test_resume_from_another_run_folder_with_other_checkpointing(lion_run, tmp_path, process_stderr, capsys,
+                                                                monkeypatch):
     """A new folder whose recipe checkpoints every 5 steps: Lightning warns the checkpoint's ModelCheckpoint
-    (every 10 steps) is not among the callbacks, right before the callbacks' ``on_load_checkpoint``."""
+    (every 10 steps) is not among the callbacks, right before the callbacks' ``on_load_checkpoint``. In process."""
     (tmp_path / "run.yaml").touch()
     before = _files(tmp_path)
-    proc = midepoch._lowmem(tmp_path, lion_run / "words.txt", "--optim", "adafactor",
-                            "--trainer.callbacks.every_n_train_steps", "5",
-                            "--ckpt_path", str(lion_run / "ckpt" / "step=10.ckpt"), max_steps=12)
+    proc = _in_process(capsys, monkeypatch, tmp_path, lion_run / "words.txt", "--optim", "adafactor",
+                       "--trainer.callbacks.every_n_train_steps", "5",
+                       "--ckpt_path", str(lion_run / "ckpt" / "step=10.ckpt"), max_steps=12)
     _assert_only_the_refusal(proc, tmp_path, before)
 
 
-def test_resume_after_the_data_changed(lion_run, tmp_path):
+def test_resume_after_the_data_changed(lion_run, tmp_path, process_stderr, capsys, monkeypatch):
     """The checkpoint's data fingerprint differs from the file now: TextDataModule warns while the data module is
-    restored, before the callbacks (and the refusal)."""
+    restored, before the callbacks (and the refusal). In process."""
     checkpoint = torch.load(lion_run / "ckpt" / "step=10.ckpt", map_location="cpu", weights_only=False)
     saved = [v["data_files"] for v in checkpoint.values() if isinstance(v, dict) and "data_files" in v]
     assert len(saved) == 1 and len(saved[0]) == 1
@@ -95,8 +137,8 @@ def test_resume_after_the_data_changed(lion_run, tmp_path):
     torch.save(checkpoint, tmp_path / "edited.ckpt")
     (tmp_path / "run.yaml").touch()
     before = _files(tmp_path)
-    proc = midepoch._lowmem(tmp_path, lion_run / "words.txt", "--optim", "adafactor",
-                            "--ckpt_path", str(tmp_path / "edited.ckpt"), max_steps=12)
+    proc = _in_process(capsys, monkeypatch, tmp_path, lion_run / "words.txt", "--optim", "adafactor",
+                       "--ckpt_path", str(tmp_path / "edited.ckpt"), max_steps=12)
     _assert_only_the_refusal(proc, tmp_path, before)
 
 
