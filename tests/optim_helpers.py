@@ -11,6 +11,25 @@ ODD_SHAPES = [(4097,), (1000, 3), (7, 11)]
 """8-bit state with a partial block, 8-bit 2-D, fp32 state (< 4096 elements)."""
 
 
+def count_state_once(monkeypatch) -> None:
+    """Make :func:`lowmem_lightning.estimate.estimate_memory` count each optimizer's state over a model once in this
+    test: a memo over ``optimizer_state_bytes`` (the same name, params, fp32 ids and kwargs give the same bytes) is
+    monkeypatched in. For tests that call ``estimate_memory`` on one model at many budgets: the budget changes only the
+    verdicts and the advice (``recommend`` still runs at every call), not the state bytes."""
+    from lowmem_lightning import estimate as estimate_module
+
+    count = estimate_module.optimizer_state_bytes
+    counted: dict = {}
+
+    def count_once(name, params, fp32_ids=frozenset(), **kwargs):
+        key = (name, tuple(id(p) for _, p in params), frozenset(fp32_ids), repr(sorted(kwargs.items())))
+        if key not in counted:
+            counted[key] = count(name, params, fp32_ids, **kwargs)
+        return counted[key]
+
+    monkeypatch.setattr(estimate_module, "optimizer_state_bytes", count_once)
+
+
 def mode_id(kwargs: dict) -> str:
     """A test id for a dict of optimizer arguments."""
     return ",".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from optim_helpers import count_state_once
 from torch import nn
 
 from lowmem_lightning.cli import bundled_recipes, main, parse_fit_config
@@ -208,18 +209,9 @@ def test_estimator_never_advises_what_the_recipe_already_does(recipe, capsys, mo
     The budget changes only the verdicts and the advice, not the state bytes: each optimizer's state over the one
     model is counted once and handed to the later calls (the 7B QLoRA recipe: 30 estimates of ~18 optimizers over
     ~450 params, 13 of the test's 21 s)."""
-    from lowmem_lightning import estimate as estimate_module
     from lowmem_lightning.cli.estimate import _configured_release, build_meta_model
 
-    counted: dict = {}
-
-    def count_once(name, params, fp32_ids=frozenset(), **kwargs):
-        key = (name, tuple(id(p) for _, p in params), frozenset(fp32_ids), repr(sorted(kwargs.items())))
-        if key not in counted:
-            counted[key] = optimizer_state_bytes(name, params, fp32_ids, **kwargs)
-        return counted[key]
-
-    monkeypatch.setattr(estimate_module, "optimizer_state_bytes", count_once)
+    count_state_once(monkeypatch)
     cfg = parse_fit_config(["--config", recipe])
     init = cfg.model.init_args
     release, checkpointing = _configured_release(cfg), bool(init.get("gradient_checkpointing"))
