@@ -5,10 +5,12 @@ cases where the process itself is not what is tested (no interpreter start-up an
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 LOWMEM = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
@@ -49,3 +51,38 @@ def seed_environment_kept():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler writing to ``sys.stderr`` as it is when a record is written (capsys replaces it per test
+    phase), as Lightning's handler in a process writes to the process's stderr."""
+
+    @property
+    def stream(self):
+        """The current ``sys.stderr``."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def stderr_as_in_a_process(monkeypatch) -> None:
+    """Until ``monkeypatch`` undoes it, ``sys.stderr`` (capsys's, in a test) gets what a ``lowmem`` process prints
+    there, for :func:`lowmem_in_process` calls whose printed lines are checked: Lightning's loggers
+    (``lightning.pytorch``, ``lightning.fabric``: Lightning's set-up lines and the package's ``rank_zero_info``
+    notes) write through a stream handler of their own at INFO and do not propagate, as Lightning sets them up in a
+    process where nothing configured logging (under pytest they propagate to its log capture instead), and a warning
+    the filters let through is printed by ``warnings.showwarning`` (pytest records it instead)."""
+    from lowmem_lightning.cli.held_logs import LIGHTNING_LOGGERS
+
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", [_StderrHandler()])
+        monkeypatch.setattr(logger, "propagate", False)
+        monkeypatch.setattr(logger, "level", logging.INFO)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", show)

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import test_resume_midepoch as midepoch
 import torch
-from lowmem_calls import lowmem_in_process, seed_environment_kept
+from lowmem_calls import lowmem_in_process, seed_environment_kept, stderr_as_in_a_process
 
-from lowmem_lightning.cli.held_logs import LIGHTNING_LOGGERS, HeldLogs
+from lowmem_lightning.cli.held_logs import HeldLogs
 
 REFUSAL = "lowmem fit: error: Cannot resume from "
 TRAINED = ".ckpt: it was trained with optimizer 'lion', but "
@@ -35,8 +35,8 @@ HINT = "(nothing was trained or written; LOWMEM_TRACEBACK=1 shows where it was r
 @pytest.fixture(scope="module")
 def lion_run(tmp_path_factory) -> Path:
     """A finished 10-step ``lowmem fit --optim lion`` run: ``ckpt/step=10.ckpt``, its data ``words.txt``. The run
-    is only what the refusals resume, so it calls ``lowmem``'s entry point in this process (the refusals are real
-    processes): no interpreter start-up and imports (~5 s)."""
+    is only what the refusals resume, so it calls ``lowmem``'s entry point in this process (the first refusal is a
+    real process): no interpreter start-up and imports (~5 s)."""
     from lowmem_lightning.cli import main
 
     root = tmp_path_factory.mktemp("lion_run")
@@ -50,36 +50,11 @@ def lion_run(tmp_path_factory) -> Path:
     return root
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A stream handler writing to ``sys.stderr`` as it is when a record is written (capsys replaces it per test
-    phase), as Lightning's handler in a process writes to the process's stderr."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
 @pytest.fixture
 def process_stderr(capsys, monkeypatch):
-    """This process's stderr (capsys's) gets what a ``lowmem`` process prints there, so a line printed before the
-    refusal is seen: Lightning's loggers (:data:`~lowmem_lightning.cli.held_logs.LIGHTNING_LOGGERS`, INFO) write
-    through a stream handler of their own and do not propagate, as Lightning sets them up in a process where nothing
-    configured logging (under pytest they propagate to its log capture instead), and a warning the filters let
-    through is printed by ``warnings.showwarning`` (pytest records it instead)."""
-    for name in LIGHTNING_LOGGERS:
-        logger = logging.getLogger(name)
-        monkeypatch.setattr(logger, "handlers", [_StderrHandler()])
-        monkeypatch.setattr(logger, "propagate", False)
-        monkeypatch.setattr(logger, "level", logging.INFO)
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
-
-    monkeypatch.setattr(warnings, "showwarning", show)
+    """This process's stderr (capsys's) gets what a ``lowmem`` process prints there
+    (:func:`lowmem_calls.stderr_as_in_a_process`), so a line printed before the refusal is seen."""
+    stderr_as_in_a_process(monkeypatch)
 
 
 def _in_process(capsys, monkeypatch, root: Path, data: Path, *extra: str, max_steps: int):
