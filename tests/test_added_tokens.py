@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from chat_recipes import chat_recipe, run_lowmem
+from lowmem_calls import lowmem_in_process, stderr_as_in_a_process
 from test_data_chat import CHAT, CHATML
 from tiny_tokenizers import bpe_tokenizer
 
@@ -178,13 +179,26 @@ QLORA = {"quantize": "nf4", "lora": {"r": 4}, "resize_embeddings": True}
 
 
 @pytest.fixture(scope="module")
-def qlora_run(files) -> Path:
-    """``qlora.yaml`` (NF4 Llama + LoRA, resize_embeddings) trained 4 steps by ``lowmem fit``; adapter in
-    ``qlora-adapter/``, checkpoints at steps 2 and 4 in ``ckpts-qlora/``."""
-    _recipe(files, "qlora.yaml", {"model_name_or_path": str(files / "llama"), "save_dir": "qlora-adapter", **QLORA},
-            steps=4)
-    proc = _lowmem(files, "fit", "--config", "qlora.yaml")
-    assert "grew from 300 to 302 rows" in proc.stderr
+def qlora_runs() -> dict:
+    """The folders :func:`qlora_run` trained in (once per module)."""
+    return {}
+
+
+@pytest.fixture
+def qlora_run(files, qlora_runs, capsys) -> Path:
+    """``qlora.yaml`` (NF4 Llama + LoRA, resize_embeddings) trained 4 steps by ``lowmem fit``, once per module;
+    adapter in ``qlora-adapter/``, checkpoints at steps 2 and 4 in ``ckpts-qlora/``. The run only makes the files the
+    tests read, so it calls lowmem's entry point in this process (its stderr as a process's,
+    :func:`lowmem_calls.stderr_as_in_a_process`); the -m slow resume runs real ``lowmem`` processes."""
+    if files not in qlora_runs:
+        _recipe(files, "qlora.yaml", {"model_name_or_path": str(files / "llama"), "save_dir": "qlora-adapter",
+                                      **QLORA}, steps=4)
+        with pytest.MonkeyPatch.context() as patch:
+            stderr_as_in_a_process(patch)
+            proc = lowmem_in_process(capsys, patch, files, "fit", "--config", "qlora.yaml", columns="200")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "grew from 300 to 302 rows" in proc.stderr
+        qlora_runs[files] = proc
     return files
 
 

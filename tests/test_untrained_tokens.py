@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from chat_recipes import chat_recipe, run_lowmem
+from lowmem_calls import lowmem_in_process, stderr_as_in_a_process
 from test_data_chat import CHAT, CHATML
 from tiny_tokenizers import bpe_tokenizer
 
@@ -264,14 +265,28 @@ QLORA = {"quantize": "nf4", "lora": {"r": 4}, "resize_embeddings": True}
 
 
 @pytest.fixture(scope="module")
-def qlora_run(files) -> Path:
-    """``qlora.yaml`` (NF4 Llama-3-like base + LoRA, resize_embeddings) trained 4 steps by ``lowmem fit``; adapter
-    in ``qlora-adapter/``, checkpoints at steps 2 and 4 in ``ckpts-qlora/``."""
-    _recipe(files, "qlora.yaml", {"save_dir": "qlora-adapter", **QLORA}, steps=4)
-    proc = _lowmem(files, "fit", "--config", "qlora.yaml")
-    assert proc.stderr.count("3 token(s) the data uses had untrained rows") == 1, proc.stderr[-3000:]
-    notes = [line for line in proc.stderr.splitlines() if "had untrained rows" in line]
-    assert notes[0].startswith("resize_embeddings: 3 token(s)"), notes  # information, not 'lowmem: warning:'
+def qlora_runs() -> dict:
+    """The folders :func:`qlora_run` trained in (once per module)."""
+    return {}
+
+
+@pytest.fixture
+def qlora_run(files, qlora_runs, capsys) -> Path:
+    """``qlora.yaml`` (NF4 Llama-3-like base + LoRA, resize_embeddings) trained 4 steps by ``lowmem fit``, once per
+    module; adapter in ``qlora-adapter/``, checkpoints at steps 2 and 4 in ``ckpts-qlora/``. The run makes the files
+    the tests read, so it calls lowmem's entry point in this process, its stderr as a process's
+    (:func:`lowmem_calls.stderr_as_in_a_process`: the note below is checked there); real ``lowmem fit`` processes:
+    :func:`test_lowmem_fit_without_the_option_warns_once` and the -m slow resume."""
+    if files not in qlora_runs:
+        _recipe(files, "qlora.yaml", {"save_dir": "qlora-adapter", **QLORA}, steps=4)
+        with pytest.MonkeyPatch.context() as patch:
+            stderr_as_in_a_process(patch)
+            proc = lowmem_in_process(capsys, patch, files, "fit", "--config", "qlora.yaml", columns="200")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr.count("3 token(s) the data uses had untrained rows") == 1, proc.stderr[-3000:]
+        notes = [line for line in proc.stderr.splitlines() if "had untrained rows" in line]
+        assert notes[0].startswith("resize_embeddings: 3 token(s)"), notes  # information, not 'lowmem: warning:'
+        qlora_runs[files] = proc
     return files
 
 
