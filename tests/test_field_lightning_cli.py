@@ -137,11 +137,12 @@ def run_project(proj: Path, root: Path, *args: str, module: str = "MyModule") ->
                           capture_output=True, text=True, timeout=300)
 
 
-def in_process_cli(module, root: Path, args: list[str]):
-    """LightningCLI over the project's classes with ``args``, not run (``run=False``)."""
+def in_process_cli(module, root: Path, args: list[str], run: bool = False):
+    """LightningCLI over the project's classes with ``args``, not run (``run=False``), or run as ``python proj.py
+    ARGS`` runs it (``run=True``: ``args`` start with the subcommand)."""
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(module.MyModule, module.MyData, run=False,
+    return LightningCLI(module.MyModule, module.MyData, run=run,
                         args=[*args, *QUIET, "--trainer.default_root_dir", str(root)])
 
 
@@ -260,15 +261,17 @@ SCHEDULER = ["--lr_scheduler", "OneCycleLR", "--lr_scheduler.max_lr", "2e-2", "-
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "adamw_4bit" else pytest.mark.slow)
                                   for n in RESUME])
-def test_ckpt_path_resume_in_new_process_is_bit_exact(name, project, tmp_path):
+def test_ckpt_path_resume_in_new_process_is_bit_exact(name, project, tmp_path, monkeypatch):
     """3 epochs of 4 steps with LightningCLI's ``configure_optimizers`` and a ``OneCycleLR`` (stepped per epoch,
     its momentum cycling our betas), a checkpoint per epoch; a new process resumes from the first epoch's checkpoint
     with ``--ckpt_path``: its final checkpoint equals the uninterrupted run's bit for bit (params, optimizer state
-    and param groups, scheduler)."""
-    proj, _ = project
+    and param groups, scheduler). The uninterrupted run only makes the checkpoints, so it is the project's
+    LightningCLI in this process (``in_process_cli(run=True)``, the same arguments, in its folder)."""
+    proj, module = project
     args = ["fit", *RESUME[name], *SCHEDULER, *CHECKPOINTS, *QUIET]
-    straight = run_project(proj, tmp_path / "straight", *args)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    (tmp_path / "straight").mkdir()
+    monkeypatch.chdir(tmp_path / "straight")
+    in_process_cli(module, tmp_path / "straight", args, run=True)
     middle = _checkpoint(tmp_path / "straight", "epoch=0-step=4.ckpt")
     resumed = run_project(proj, tmp_path / "resumed", *args, "--ckpt_path", str(middle))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
