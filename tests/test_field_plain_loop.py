@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import copy
 import io
+import runpy
+import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -445,10 +448,17 @@ def test_the_tutorial_checkpoint_resumes_in_a_new_process_bit_for_bit(tmp_path):
     of 6 steps (fp16 GradScaler with one overflow before the checkpoint, warmup + cosine ``SequentialLR``,
     ``clip_grad_norm_``, an EMA ``AveragedModel``), loaded with ``map_location="cpu"`` in a new process that builds
     everything again and runs steps 3-5: every saved tensor and value (params, optimizer state and groups, scheduler,
-    scale, EMA weights) equals the uninterrupted run's bit for bit."""
+    scale, EMA weights) equals the uninterrupted run's bit for bit. The uninterrupted run (``train.py first``) only
+    writes the checkpoint and the final state, so it runs the script in this process (``runpy``, its argv, cwd and
+    ``sys.path`` put back after; one intra-op thread as in the process); the resume is a new process."""
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(TRAIN_PY.format(tests=str(Path(__file__).parent))))
-    run_script(script, "first", str(tmp_path), cwd=tmp_path, quiet=True, timeout=300)
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as the process's PYTHONWARNINGS=ignore (run_script's quiet)
+        patch.chdir(tmp_path)
+        patch.setattr(sys, "argv", [str(script), "first", str(tmp_path)])
+        patch.setattr(sys, "path", list(sys.path))
+        runpy.run_path(str(script), run_name="__main__")
     run_script(script, "resume", str(tmp_path), cwd=tmp_path, quiet=True, timeout=300)
     for name in KWARGS:
         final = tensors_of(torch.load(tmp_path / f"{name}-final.pt"))
