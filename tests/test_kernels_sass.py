@@ -47,6 +47,23 @@ def _sass_rows(tmp_path, *args) -> list[dict]:
     return json.loads(out.read_text())
 
 
+HOT_KERNELS = ("_adamw8bit_kernel", "_sgd_kernel", "_quantize_kernel", "_dequantize_kernel",
+               "_adamw8bit_persistent_kernel")
+
+
+@pytest.fixture(scope="module")
+def hot_rows(tmp_path_factory) -> list[dict]:
+    """The rows of every aligned spec of :data:`HOT_KERNELS` with bf16 gradients and 8-bit state, from one
+    ``sass_counts.py`` process for the module's tests (a spec is selected by its own constexprs, so each test's
+    kernels get the rows a process of their own would give)."""
+    return _sass_rows(tmp_path_factory.mktemp("sass"), "--kernels", *HOT_KERNELS, "--all-specs", "--aligned-only",
+                      "--match", "GRAD_DTYPE=bf16", "--match", "QUANTIZED=True")
+
+
+def _of(rows: list[dict], *kernels: str) -> list[dict]:
+    return [r for r in rows if r["kernel"] in kernels]
+
+
 def _check(rows, bounds: bool):
     failures = []
     for r in rows:
@@ -61,10 +78,8 @@ def _check(rows, bounds: bool):
     return failures
 
 
-def test_hot_kernels_have_no_call_and_half_the_instructions(tmp_path):
-    rows = _sass_rows(tmp_path, "--kernels", "_adamw8bit_kernel", "_sgd_kernel", "_quantize_kernel",
-                      "_dequantize_kernel", "--all-specs", "--aligned-only", "--match", "GRAD_DTYPE=bf16",
-                      "--match", "QUANTIZED=True")
+def test_hot_kernels_have_no_call_and_half_the_instructions(hot_rows):
+    rows = _of(hot_rows, "_adamw8bit_kernel", "_sgd_kernel", "_quantize_kernel", "_dequantize_kernel")
     kernels = {(r["kernel"], r["constexprs"].get("PARAM_DTYPE")) for r in rows}
     assert {("_adamw8bit_kernel", "bf16"), ("_adamw8bit_kernel", "fp32"), ("_sgd_kernel", "bf16"),
             ("_sgd_kernel", "fp32"), ("_quantize_kernel", None), ("_dequantize_kernel", None)} <= kernels, kernels
@@ -121,13 +136,12 @@ def test_branch_free_sqrt_and_reciprocal_are_ptxas_fast_paths(tmp_path):
     assert ops["1"] == ["MUFU.RCP", "FFMA", "FFMA", "FFMA", "FFMA"], ops["1"]
 
 
-def test_persistent_adamw_loads_the_next_tile_under_the_current_math(tmp_path):
+def test_persistent_adamw_loads_the_next_tile_under_the_current_math(hot_rows):
     # issue 24 (2): in the loop of the persistent kernel the next tile's data loads (param, grad, two code words,
     # two block scales) are issued before the current tile's math, and no instruction reads their results before
     # that math ends (no stall on them inside an iteration); a steady-state tile costs fewer instructions than a
     # one-tile program of the non-persistent kernel
-    rows = _sass_rows(tmp_path, "--kernels", "_adamw8bit_kernel", "_adamw8bit_persistent_kernel", "--all-specs",
-                      "--aligned-only", "--match", "GRAD_DTYPE=bf16", "--match", "QUANTIZED=True")
+    rows = _of(hot_rows, "_adamw8bit_kernel", "_adamw8bit_persistent_kernel")
     by = {(r["kernel"], r["constexprs"]["PARAM_DTYPE"]): r for r in rows}
     for dtype in ("bf16", "fp32"):
         loop, single = by[("_adamw8bit_persistent_kernel", dtype)], by[("_adamw8bit_kernel", dtype)]
