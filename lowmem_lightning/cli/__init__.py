@@ -83,7 +83,7 @@ __all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_reci
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowmem`` console script (:func:`lowmem_lightning.cli.app.main`); returns the exit code.
     ``lowmem --version`` (or ``-V``) alone prints :func:`~lowmem_lightning.cli.about.version_line` without importing
-    Lightning (the rest of the CLI needs it: ~5 s)."""
+    Lightning (the rest of the CLI needs it, and its import takes seconds)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args in (["--version"], ["-V"]):
         from lowmem_lightning.cli.about import print_version
