@@ -313,6 +313,15 @@ class TextDataModule(L.LightningDataModule):
         """Number of token ids the tokenizer can produce (259 for ``"byte"``)."""
         return self.tokenizer.vocab_size
 
+    def max_position_id(self) -> int | None:
+        """The largest position id the training and validation blocks give the model (``seq_len - 1``, or with
+        ``isolate_documents`` the longest document's or padding's run within a block, less one: positions restart at
+        each); ``None`` before the data is read (:meth:`check_inputs`). ``CausalLMModule`` checks it against the
+        model's position table."""
+        if self.train_dataset is None:
+            return None
+        return max(ds.blocks.max_position_id() for ds in (self.train_dataset, self.val_dataset))
+
     def special_tokens_in_data(self) -> dict[int, str]:
         """Id -> text of the tokenizer's special and added tokens (and ids past its base vocabulary) that occur in the
         data's blocks, train and held-out, padding left out: the tokens a fine-tune on it reads or emits whose

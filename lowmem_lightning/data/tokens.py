@@ -217,6 +217,16 @@ class PackedBlocks(Mapping):
         """Whether the blocks carry ``position_ids`` (isolated documents)."""
         return self.positions is not None
 
+    def max_position_id(self) -> int:
+        """The largest position id a block gives the model: ``seq_len - 1`` without ``position_ids`` (the model
+        counts 0 ... ``seq_len - 1``), else the largest stored position (of every block sharing the arrays: an
+        upper bound for a selection) or padding position (the padding restarts at 0)."""
+        if not self.has_positions:
+            return self.seq_len - 1
+        stored = int(self.positions.max()) if self.positions.numel() else 0
+        padding = self.seq_len - int(self.lengths.min()) - 1 if self.n_blocks else 0
+        return max(stored, padding)
+
     def keys_order(self) -> tuple[str, ...]:
         """The keys, in the order the int64 blocks had them."""
         return ("input_ids", "labels", "attention_mask") + (("position_ids",) if self.has_positions else ())

@@ -661,16 +661,21 @@ class CausalLMModule(LowMemModule):
             return None
         return dict(special())
 
-    def _planned_rows(self, data_vocab: int | None) -> int | None:
-        """The embedding rows the model will have, from its config alone (``config.json`` of a checkpoint), after
-        ``resize_embeddings``; ``None`` when the config does not say."""
+    def _planned_config(self, data_vocab: int | None):
+        """The transformers config of the model to build: ``config`` made into one, or the checkpoint's
+        ``config.json`` (no weights read)."""
         hp = self.hparams
         if hp.config is not None:
-            rows = hp.config.get("vocab_size", data_vocab)
-        else:
-            from lowmem_lightning.quant.loading import read_model_config
+            return make_config(hp.config, data_vocab)
+        from lowmem_lightning.quant.loading import read_model_config
 
-            rows = getattr(_text_config(read_model_config(hp.model_name_or_path)), "vocab_size", None)
+        return read_model_config(hp.model_name_or_path)
+
+    def _planned_rows(self, data_vocab: int | None, cfg) -> int | None:
+        """The embedding rows the model of config ``cfg`` will have after ``resize_embeddings``; ``None`` when the
+        config does not say."""
+        hp = self.hparams
+        rows = getattr(_text_config(cfg), "vocab_size", None)
         target = _resize_target(hp.resize_embeddings, data_vocab)
         return max(rows, target) if rows is not None and target is not None else rows
 
@@ -688,6 +693,24 @@ class CausalLMModule(LowMemModule):
                    f"{data_vocab} rows for the tokens the tokenizer added (they train, with LoRA too)")
         raise ValueError(f"Vocabulary mismatch: the datamodule's tokenizer has {data_vocab} token ids but the model "
                          f"embeds only {rows}{fix}, or use the tokenizer the checkpoint was trained with.")
+
+    def _check_positions(self, cfg) -> None:
+        """``ValueError`` naming ``seq_len`` when the data module's blocks give the model of config ``cfg`` position
+        ids past its learned position table; a ``LowMemWarning`` when they go past the positions a pretrained RoPE
+        checkpoint saw (:func:`~lowmem_lightning.modules.positions.position_problem`). Nothing without a data
+        module that says its positions (``max_position_id``)."""
+        from lowmem_lightning.modules.positions import position_problem
+
+        ask = getattr(self._datamodule(), "max_position_id", None)
+        needed = ask() if callable(ask) else None
+        if needed is None:
+            return
+        seq_len = getattr(self._datamodule(), "seq_len", needed + 1)
+        error, warning = position_problem(cfg, needed, seq_len, pretrained=self.hparams.model_name_or_path is not None)
+        if error:
+            raise ValueError(error)
+        if warning:
+            rank_zero_warn(warning, category=LowMemWarning)
 
     def _resolved_hparams(self, token_ids, data_vocab: int | None, rows: int) -> dict:
         """What the build resolved, to record so that ``load_from_checkpoint`` (no datamodule) rebuilds the same
@@ -714,7 +737,9 @@ class CausalLMModule(LowMemModule):
             return
         hp = self.hparams
         data_vocab = self._datamodule_vocab()
-        self._check_vocabulary(data_vocab, self._planned_rows(data_vocab))  # before any weight is read
+        cfg = self._planned_config(data_vocab)
+        self._check_vocabulary(data_vocab, self._planned_rows(data_vocab, cfg))  # before any weight is read
+        self._check_positions(cfg)
         token_ids = self._token_ids_to_check()
         with _build_warnings_on_rank_zero():
             self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
