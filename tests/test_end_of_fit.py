@@ -169,6 +169,21 @@ def test_summary_says_why_small_tensors_save_little(tmp_path):
     assert "under 4,096 elements" not in format_summary(big, None)
 
 
+def test_summary_of_a_stateless_optimizer_claims_no_32_bit_state():
+    """SGD without momentum keeps a step counter per tensor and nothing per element: the summary said its small
+    tensors "keep 32-bit state (0.04 bytes/param there)"."""
+    from lowmem_lightning.callbacks.report import format_summary
+
+    summary = {"reporter": "LowMemOptimizerCallback", "optimizer": "sgd", "steps": 12, "sharded": False,
+               "num_params": 271_392, "state_bytes": 228, "state_MiB": 228 / 2**20, "state_MiB_device": 228 / 2**20,
+               "state_MiB_host": 0.0, "peak_state_MiB": 228 / 2**20, "bytes_per_param": 228 / 271_392,
+               "adamw_fp32_MiB": 2.071, "adamw_fp32_bytes_per_param": 8.0, "saving_MiB": 2.07, "saving_pct": 100.0,
+               "small_params": 480, "small_state_bytes": 20}  # 5 step counters, as `--optim sgd` on tiny.yaml
+    assert "32-bit state" not in format_summary(summary, None)
+    fp32 = {**summary, "small_state_bytes": 8 * 480 + 20}  # exp_avg + exp_avg_sq: the note stays
+    assert "32-bit state (8.04 bytes/param there)" in format_summary(fp32, None)
+
+
 def test_the_saved_model_is_readable_as_other_new_files_and_saving_draws_no_bar(tmp_path, capfd):
     """transformers 5 writes ``model.safetensors`` with mode 0600 (its config.json gets the umask's 0644), so a
     model saved for serving from another account could not be read there; and its "Writing model shards" bar

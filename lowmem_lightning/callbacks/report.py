@@ -67,6 +67,8 @@ def _small_tensor_lines(summary: dict) -> list[str]:
     per_param = nbytes / params
     if per_param <= summary["bytes_per_param"] * 1.01:  # they cost no more than the rest: nothing to explain
         return []
+    if per_param < 4.0:  # less than one fp32 value per element: step counters (SGD without momentum), no 32-bit state
+        return []
     return [
         f"  {params:,} params ({share:.1f}%) are in tensors under {MIN_QUANTIZED_NUMEL:,} elements, which keep",
         f"  32-bit state ({per_param:.2f} bytes/param there), as in bitsandbytes and torchao",
