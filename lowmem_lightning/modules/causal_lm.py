@@ -901,7 +901,9 @@ class CausalLMModule(LowMemModule):
             if not self.trainer.is_global_zero:
                 return None
             if self.lora is not None and self.hparams.save_merged:
-                self.model = self.model.merge_and_unload()
+                from lowmem_lightning.quant import dequantize_model
+
+                self.model = dequantize_model(self.model.merge_and_unload())  # layers without adapters too
             self._write(str(save_dir), state_dict=None)
             return str(save_dir)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -10,6 +10,7 @@ adapters through peft, and shard-by-shard loading of Hugging Face checkpoints
     ...train...; model.save_pretrained(dir)
     model = PeftModel.from_pretrained(quantize_model(base), dir)   # no config, no registration
     merged = model.merge_and_unload()                          # lossless: merged layers become dense
+    dense = dequantize_model(merged)                           # and the rest: save_pretrained -> a dense model
 
 How peft picks a LoRA layer (peft 0.21, ``LoraModel._create_new_module`` in ``tuners/lora/model.py``):
 it tries a list of dispatchers built inside that function, first match wins: the config's own ``_custom_modules``
@@ -56,7 +57,7 @@ empty, truncated or foreign model file; :class:`NonFiniteWeightError` for nan/in
 path load with either.
 """
 
-from .convert import LoadedIn4bit, mark_loaded_in_4bit, quantize_model
+from .convert import LoadedIn4bit, dequantize_model, mark_loaded_in_4bit, quantize_model
 from .linear4bit import Linear4bit, NF4WeightHandle, NonFiniteWeightError, linear4bit_bytes
 from .loading import ModelFileError, NonFiniteCheckpointError, load_pretrained_causal_lm, random_causal_lm
 from .lora import (
@@ -75,6 +76,7 @@ __all__ = [
     "linear4bit_bytes",
     "mark_loaded_in_4bit",
     "quantize_model",
+    "dequantize_model",
     "add_lora",
     "load_lora",
     "LoraLinear4bit",

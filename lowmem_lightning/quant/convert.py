@@ -14,9 +14,9 @@ from torch import nn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
-from .linear4bit import Linear4bit, _check_options, _linear_tensors, _refuse_nonfinite
+from .linear4bit import Linear4bit, _check_options, _linear_tensors, _refuse_nonfinite, dense_layer, is_conv1d
 
-__all__ = ["quantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES"]
+__all__ = ["quantize_model", "dequantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES"]
 
 HEAD_MODULES = ("lm_head", "classifier", "score", "classification_head", "qa_outputs")
 """Module names :func:`quantize_model` keeps dense by default: the output heads of transformers' task models
@@ -55,7 +55,8 @@ def quantize_model(
     compute_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by a frozen :class:`Linear4bit`, in place; returns ``model``
-    (marked ``is_loaded_in_4bit`` when a layer was replaced, see :func:`mark_loaded_in_4bit`).
+    (marked ``is_loaded_in_4bit`` when a layer was replaced, see :func:`mark_loaded_in_4bit`). A transformers
+    ``Conv1D`` (GPT-2's linear layer, weight stored (in, out)) is one too: its ``Linear4bit`` has ``conv1d=True``.
 
     A layer is kept when it is, or lies inside, a module named by an entry of ``skip`` (whole path components:
     ``"lm_head"`` keeps ``model.lm_head``, ``"classifier"`` keeps RoBERTa's ``classifier.dense`` and
@@ -79,7 +80,7 @@ def quantize_model(
     skip += _output_embedding_names(model)
     targets = [
         (name, module) for name, module in model.named_modules()
-        if type(module) is nn.Linear and not _is_skipped(name, skip)
+        if (type(module) is nn.Linear or is_conv1d(module)) and not _is_skipped(name, skip)
     ]
     named = [pair for name, linear in targets if linear.weight.device.type != "meta"
              for pair in _linear_tensors(name, linear)]
@@ -92,6 +93,26 @@ def quantize_model(
     if targets:
         mark_loaded_in_4bit(model)
     return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every :class:`Linear4bit` of ``model`` (4-bit, or made dense by a LoRA merge) by the dense layer it
+    stands for, in place: an ``nn.Linear``, or a transformers ``Conv1D`` for one with ``conv1d=True`` (weight
+    back to (in, out)), holding ``dequantize(W)`` (or the merged weight) in the layer's ``weight_dtype``, frozen.
+    ``save_pretrained`` then writes the dense architecture's tensors (``AutoModelForCausalLM.from_pretrained``
+    loads it): after ``merge_and_unload()`` of adapters on some layers only, the other layers are still 4-bit.
+    Returns ``model`` (``is_loaded_in_4bit`` reads False once no 4-bit layer is left)."""
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, _dense_layer(layer))
+    return model
+
+
+def _dense_layer(layer: Linear4bit) -> nn.Module:
+    """The ``nn.Linear`` (or ``Conv1D``) holding ``layer``'s weight and bias, frozen, in its ``weight_dtype``."""
+    bias = None if layer.bias is None else layer.bias.detach()
+    return dense_layer(layer.dequantize(layer.weight_dtype), bias, layer.conv1d)
 
 
 def mark_loaded_in_4bit(model: nn.Module) -> nn.Module:

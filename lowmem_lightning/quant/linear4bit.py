@@ -36,7 +36,7 @@ from lowmem_lightning.kernels.nf4 import (
     quantize_nf4,
 )
 
-__all__ = ["Linear4bit", "NF4WeightHandle", "linear4bit_bytes", "NonFiniteWeightError"]
+__all__ = ["Linear4bit", "NF4WeightHandle", "linear4bit_bytes", "NonFiniteWeightError", "is_conv1d", "dense_layer"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _QUANT_BUFFERS = ("qweight", "absmax", "qscale", "scale_step", "scale_mean")
@@ -270,6 +270,11 @@ class Linear4bit(nn.Linear):
     Build one with :meth:`from_linear`; the constructor makes an empty layer (``device="meta"`` gives
     a shape-only layer for memory estimates or for filling by :meth:`quantize_weight_`).
 
+    ``conv1d``: the layer stands for a transformers ``Conv1D`` (GPT-2, GPT-2's family: ``y = x @ W + b`` with ``W``
+    stored (in, out)). It computes and stores like any other (the weight as (out, in)); a full-precision ``weight``
+    loaded from a state dict arrives in ``Conv1D``'s (in, out) and is transposed on the way in, and
+    :func:`~lowmem_lightning.quant.dequantize_model` gives a ``Conv1D`` back.
+
     It is an ``nn.Linear`` for peft's dispatch; ``weight`` is an :class:`NF4WeightHandle` until a LoRA
     merge (``weight.data += delta``) makes the layer dense (``is_quantized`` False; see the module
     docstring).
@@ -285,6 +290,7 @@ class Linear4bit(nn.Linear):
         compute_dtype: torch.dtype | None = None,
         weight_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        conv1d: bool = False,
     ) -> None:
         _check_features("in_features", in_features)
         _check_features("out_features", out_features)
@@ -298,6 +304,7 @@ class Linear4bit(nn.Linear):
         self.double_quant = double_quant
         self.compute_dtype = compute_dtype
         self.weight_dtype = weight_dtype
+        self.conv1d = bool(conv1d)
         self._allocate(torch.empty if device is None else _empty_on(device))
         self.bias = None if not bias else nn.Parameter(
             torch.zeros(out_features, dtype=weight_dtype, device=device), requires_grad=False
@@ -328,8 +335,8 @@ class Linear4bit(nn.Linear):
         device gives a meta layer (shapes only, nothing computed). A weight or bias holding a nan or
         +-inf raises :class:`NonFiniteWeightError` (counts per tensor) before anything is quantized.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}.")
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+            raise TypeError(f"linear must be a torch.nn.Linear or a transformers Conv1D, got {type(linear).__name__}.")
         if linear.weight.device.type != "meta":
             _refuse_nonfinite(_linear_tensors("linear", linear), "Linear4bit.from_linear")
         return cls._quantized_copy(linear, block_size, double_quant, compute_dtype)
@@ -337,12 +344,13 @@ class Linear4bit(nn.Linear):
     @classmethod
     def _quantized_copy(cls, linear: nn.Linear, block_size, double_quant, compute_dtype) -> Linear4bit:
         """``from_linear`` without the finite check (``quantize_model`` checks every layer at once)."""
-        weight = linear.weight
+        conv1d = is_conv1d(linear)
+        weight = linear.weight.t().contiguous() if conv1d else linear.weight  # (out, in)
         if weight.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"Invalid linear.weight.dtype={weight.dtype}: expected float32, bfloat16 or float16.")
         layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, block_size, double_quant,
-            compute_dtype, weight.dtype, device=torch.device("meta"),
+            weight.shape[1], weight.shape[0], linear.bias is not None, block_size, double_quant,
+            compute_dtype, weight.dtype, device=torch.device("meta"), conv1d=conv1d,
         )
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -483,6 +491,7 @@ class Linear4bit(nn.Linear):
         key = prefix + "weight"
         if key in state_dict and self.is_quantized:
             weight = state_dict.pop(key)
+            weight = weight.t().contiguous() if self.conv1d else weight  # Conv1D's (in, out)
             if self.qweight.device.type != "meta":
                 weight = weight.to(self.qweight.device)
             self.quantize_weight_(weight)
@@ -496,8 +505,30 @@ class Linear4bit(nn.Linear):
                    else "merged dense weight")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"{storage}, weight_dtype={self.weight_dtype}"
+            f"{storage}, weight_dtype={self.weight_dtype}" + (", conv1d=True" if self.conv1d else "")
         )
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D`` (GPT-2's linear layer: weight (in, out)), without importing
+    transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
+def dense_layer(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool = False) -> nn.Module:
+    """A frozen ``nn.Linear`` holding ``weight`` (out, in) and ``bias`` as they are, or with ``conv1d`` a
+    transformers ``Conv1D`` (GPT-2's layer: the weight stored transposed, (in, out))."""
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(weight.shape[0], weight.shape[1]).to(device="meta")
+        weight = weight.t().contiguous()
+    else:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    layer.bias = None if bias is None else nn.Parameter(bias.to(weight.dtype), requires_grad=False)
+    return layer
 
 
 def _empty_on(device):

@@ -43,6 +43,7 @@ from .linear4bit import (
     _describe_nonfinite,
     _flagged,
     _nonfinite_flag,
+    is_conv1d,
 )
 
 __all__ = ["load_pretrained_causal_lm", "check_pretrained_checkpoint", "random_causal_lm", "checkpoint_files",
@@ -258,11 +259,13 @@ def _parameters_on_meta():
 def _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype) -> None:
     swapped = False
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and not _is_skipped(name, skip):
+        conv1d = is_conv1d(module)  # GPT-2's linear layer: weight (in, out)
+        if (type(module) is nn.Linear or conv1d) and not _is_skipped(name, skip):
             parent_name, _, child = name.rpartition(".")
+            in_features, out_features = module.weight.shape if conv1d else (module.in_features, module.out_features)
             layer = Linear4bit(
-                module.in_features, module.out_features, module.bias is not None, block_size, double_quant,
-                weight_dtype=dtype, device="meta",
+                in_features, out_features, module.bias is not None, block_size, double_quant,
+                weight_dtype=dtype, device="meta", conv1d=conv1d,
             )
             setattr(model.get_submodule(parent_name), child, layer)
             swapped = True
@@ -280,7 +283,7 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
     if tensor.is_floating_point():
         tensor = tensor.to(device=device, dtype=dtype)
     if isinstance(module, Linear4bit) and leaf == "weight":
-        module.quantize_weight_(tensor)
+        module.quantize_weight_(tensor.t().contiguous() if module.conv1d else tensor)  # Conv1D's is (in, out)
         return True
     if leaf in module._parameters and module._parameters[leaf] is not None:
         old = module._parameters[leaf]
@@ -326,8 +329,9 @@ def _expected(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if isinstance(module, Linear4bit):
             prefix = f"{name}." if name else ""
-            tensors[f"{prefix}weight"] = torch.empty(module.out_features, module.in_features,
-                                                     dtype=module.weight_dtype, device="meta")
+            shape = (module.in_features, module.out_features) if module.conv1d else (
+                module.out_features, module.in_features)  # as the checkpoint stores it
+            tensors[f"{prefix}weight"] = torch.empty(shape, dtype=module.weight_dtype, device="meta")
     return tensors
 
 

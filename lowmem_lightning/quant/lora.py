@@ -28,7 +28,7 @@ from torch import nn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, dense_layer, is_conv1d
 from .token_rows import use_copy_free_token_rows
 
 __all__ = ["LoraLinear4bit", "add_lora", "load_lora", "register_peft_custom_module", "resolve_target_modules",
@@ -89,13 +89,17 @@ class LoraLinear4bit(nn.Module, LoraLayer):
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold adapters into a dense ``nn.Linear`` base (no re-quantization); see the module docstring."""
+        """Fold adapters into a dense ``nn.Linear`` base (a ``Conv1D`` for GPT-2's layers; no re-quantization); see
+        the module docstring."""
         adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
         if not adapter_names:
             return
         base = self.get_base_layer()
-        dtype = base.weight_dtype if isinstance(base, Linear4bit) else base.weight.dtype
-        weight = base.dequantize(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
+        quantized = isinstance(base, Linear4bit)
+        conv1d = base.conv1d if quantized else is_conv1d(base)  # GPT-2: a Conv1D again, weight (in, out)
+        dtype = base.weight_dtype if quantized else base.weight.dtype
+        weight = base.dequantize(torch.float32) if quantized else base.weight.float()
+        weight = weight.t() if conv1d and not quantized else weight
         bias = None if base.bias is None else base.bias.float()
         for adapter in adapter_names:
             weight = weight + self.get_delta_weight(adapter)
@@ -104,11 +108,8 @@ class LoraLinear4bit(nn.Module, LoraLayer):
                 bias = delta_bias if bias is None else bias + delta_bias
         if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
             raise ValueError(f"NaNs detected in the merged weights; adapters {adapter_names} seem to be broken.")
-        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta", dtype=dtype)
-        dense.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
-        if bias is not None:
-            dense.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
-        if isinstance(base, Linear4bit):
+        dense = dense_layer(weight.to(dtype), None if bias is None else bias.to(dtype), conv1d)
+        if quantized:
             self._quantized_base = [base]
         self.base_layer = dense
         self.merged_adapters.extend(adapter_names)
@@ -165,9 +166,16 @@ def _linear_names(model: nn.Module) -> list[str]:
     names = {
         name.rpartition(".")[2]
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, Linear4bit)) and module is not output and name
+        if (isinstance(module, (nn.Linear, Linear4bit)) or is_conv1d(module)) and module is not output and name
     }
     return sorted(names)
+
+
+def _adapts_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    """Whether the layers ``targets`` name are transformers ``Conv1D``s (GPT-2 without NF4): peft's LoRA wants
+    ``fan_in_fan_out=True`` for them (it warns and sets it itself otherwise)."""
+    chosen = [module for name, module in model.named_modules() if name and any(_matches(name, t) for t in targets)]
+    return bool(chosen) and all(is_conv1d(module) for module in chosen)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -243,9 +251,9 @@ def add_lora(
 ) -> PeftModel:
     """Wrap ``model`` with trainable LoRA adapters (peft ``get_peft_model``); everything else is frozen.
 
-    Works on ``Linear4bit`` (QLoRA) and ``nn.Linear`` layers alike. ``target_modules``: module names
-    as peft matches them (default: the seven Llama projections), or ``"all-linear"`` for every
-    linear / 4-bit layer but the output embedding; checked against ``model`` by
+    Works on ``Linear4bit`` (QLoRA), ``nn.Linear`` and transformers ``Conv1D`` (GPT-2) layers alike.
+    ``target_modules``: module names as peft matches them (default: the seven Llama projections), or
+    ``"all-linear"`` for every linear / 4-bit layer but the output embedding; checked against ``model`` by
     :func:`resolve_target_modules` (the Llama seven on a model without them, e.g. Phi-3's fused
     ``qkv_proj`` / ``gate_up_proj``, become every linear layer; other unknown names are refused).
     ``alpha / r`` scales the adapter output.
@@ -262,6 +270,7 @@ def add_lora(
     targets = resolve_target_modules(model, target_modules)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none",
+        fan_in_fan_out=_adapts_conv1d(model, targets),
         trainable_token_indices=trainable_token_indices,
         task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
     )
