@@ -75,11 +75,38 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict], 
     """
     cls = optimizer_class(name)
     try:
-        return cls(params, **kwargs)
+        optimizer = cls(params, **kwargs)
     except TypeError as err:
         unknown = sorted(set(kwargs) - set(_keywords(cls))) if "unexpected keyword" in str(err) else []
         allowed = f" ({', '.join(unknown)}: {cls.__name__} takes {', '.join(_keywords(cls))})" if unknown else ""
         raise ValueError(f"Invalid arguments for optimizer {name!r} ({cls.__name__}): {err}{allowed}") from err
+    _warn_nearest_low_precision(name, optimizer)
+    return optimizer
+
+
+def _warn_nearest_low_precision(name: str, optimizer: torch.optim.Optimizer) -> None:
+    """One ``LowMemWarning`` (rank 0) when a torch optimizer (``adamw``: ``torch.optim.AdamW``) steps bf16/fp16
+    params: it keeps its state in the params' dtype and rounds each update to nearest, so an update under half an
+    ulp of a weight (2**-9 of it in bf16) is lost, silently. This package's optimizers round stochastically."""
+    cls = type(optimizer)
+    if not cls.__module__.startswith("torch.optim"):
+        return
+    low = [p for group in optimizer.param_groups for p in group["params"]
+           if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    if not low or (torch.distributed.is_available() and torch.distributed.is_initialized()
+                   and torch.distributed.get_rank() != 0):
+        return
+    import warnings
+
+    from lowmem_lightning.lowmem_warning import LowMemWarning
+
+    dtype = str(low[0].dtype).removeprefix("torch.")
+    warnings.warn(
+        f"optimizer {name!r} (torch.optim.{cls.__name__}) steps {sum(p.numel() for p in low):,} {dtype} params: it "
+        f"keeps its state in {dtype} and rounds each update to nearest, so an update under half an ulp of its weight "
+        f"(2^-{9 if dtype == 'bfloat16' else 12} of the weight in {dtype}) is lost. For a full-precision "
+        "baseline train fp32 weights (precision 32-true or bf16-mixed); for bf16 weights use this package's "
+        "optimizers (adamw_8bit, adamw_4bit, ...), which round stochastically.", LowMemWarning, stacklevel=3)
 
 
 def optimizer_keywords(name: str) -> list[str]:
