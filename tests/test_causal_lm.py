@@ -296,3 +296,46 @@ def test_val_loss_is_the_mean_per_target_token_not_per_batch(monkeypatch):
         ids = torch.ones(1, width, dtype=torch.long)
         module.validation_step({"input_ids": ids, "labels": ids}, 0)
     assert module.val_loss.compute().item() == pytest.approx(2.0)
+
+
+class _OwnData(L.LightningDataModule):
+    """A user's own data module: dict rows as ``make_row(ids)`` builds them."""
+
+    def __init__(self, make_row):
+        super().__init__()
+        self.make_row = make_row
+
+    def train_dataloader(self):
+        ids = torch.randint(0, 259, (8, 16), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader([self.make_row(r) for r in ids], batch_size=4)
+
+
+def test_a_users_batches_without_labels_train_on_their_own_tokens():
+    """A data module of the user's own yielding ``input_ids`` / ``attention_mask`` only (no collator making labels)
+    failed at the first step with "`self.log(train_loss, None)` was called"; the tokens are now their own labels,
+    padding (attention_mask 0) left out, as DataCollatorForLanguageModeling(mlm=False) makes them."""
+    from lowmem_lightning.modules.causal_lm import model_inputs
+
+    ids = torch.tensor([[5, 6, 7, 0]])
+    inputs = model_inputs({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0]])})
+    assert inputs["labels"].tolist() == [[5, 6, 7, -100]]
+    assert model_inputs({"input_ids": ids})["labels"].tolist() == [[5, 6, 7, 0]]
+    module = CausalLMModule(config=TINY_LLAMA, optimizer="adamw")
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, _OwnData(lambda r: {"input_ids": r, "attention_mask": torch.ones_like(r)}))
+    assert trainer.global_step == 2
+
+
+@pytest.mark.parametrize("row, match", [
+    (lambda r: (r, r.clone()), r"a batch must be a dict with 'input_ids'.*got a list of 2"),
+    (lambda r: {"input_ids": r, "labels": r, "token_type_ids": torch.zeros_like(r)},
+     r"keys it does not take: \['token_type_ids'\]; it takes input_ids, attention_mask, labels, position_ids"),
+    (lambda r: {"tokens": r}, r"the batch has no 'input_ids'"),
+])
+def test_a_users_batches_of_another_shape_are_refused_naming_it(row, match):
+    module = CausalLMModule(config=TINY_LLAMA, optimizer="adamw")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module, _OwnData(row))

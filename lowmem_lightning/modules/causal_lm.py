@@ -68,6 +68,34 @@ LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LLAMA_PR
 
 IGNORE_INDEX = -100
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
+"""The batch keys :class:`CausalLMModule`'s steps give the model (``TextDataModule``'s, and a Hugging Face
+collator's)."""
+
+
+def model_inputs(batch) -> dict[str, torch.Tensor]:
+    """The model inputs of a training / evaluation batch of a data module of the user's own: a dict with
+    ``input_ids`` ``[batch, seq]`` and any of ``attention_mask``, ``labels``, ``position_ids``. Without ``labels``
+    the tokens are their own labels (``-100`` where ``attention_mask`` is 0), as transformers'
+    ``DataCollatorForLanguageModeling(mlm=False)`` makes them. ``ValueError`` naming what the batch holds otherwise
+    (a tuple or list, no ``input_ids``, other keys such as a tokenizer's ``token_type_ids``)."""
+    if not isinstance(batch, Mapping):
+        kind = type(batch).__name__
+        shape = f"a {kind} of {len(batch)}" if isinstance(batch, (list, tuple)) else kind
+        raise ValueError(f"CausalLMModule: a batch must be a dict with 'input_ids' (and 'labels', 'attention_mask', "
+                         f"'position_ids' if any), got {shape}: return dicts from your dataset or collate_fn.")
+    other = sorted(set(batch) - set(MODEL_INPUTS))
+    if "input_ids" not in batch or other:
+        problem = "no 'input_ids'" if "input_ids" not in batch else f"keys it does not take: {other}"
+        raise ValueError(f"CausalLMModule: the batch has {problem}; it takes {', '.join(MODEL_INPUTS)} "
+                         f"(got {sorted(batch)}): drop the others in your collate_fn.")
+    inputs = dict(batch)
+    if inputs.get("labels") is None:
+        mask = inputs.get("attention_mask")
+        ids = inputs["input_ids"]
+        inputs["labels"] = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return inputs
+
 
 def _resolve_dtype(torch_dtype: str | None) -> torch.dtype:
     if torch_dtype is None:
@@ -539,7 +567,8 @@ class CausalLMModule(LowMemModule):
     progress bar), ``val_loss`` (mean over target tokens) and ``val_ppl`` (``exp(val_loss)``), with
     torchmetrics aggregating across batches and devices. Batches are dicts with ``input_ids``,
     ``labels`` (-100 = no loss) and ``attention_mask`` or, for packed documents kept apart, ``position_ids``
-    (restarting at 0 at each document), as ``TextDataModule`` makes them.
+    (restarting at 0 at each document), as ``TextDataModule`` makes them; a data module of your own may leave
+    ``labels`` out (the tokens are then their own labels, padding excepted: :func:`model_inputs`).
 
     Args:
         model_name_or_path: Local directory of a Hugging Face causal LM (config.json + safetensors), or its
@@ -772,12 +801,14 @@ class CausalLMModule(LowMemModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean cross-entropy over the batch's target tokens; logged as ``train_loss``."""
+        batch = model_inputs(batch)
         loss = self(**batch).loss
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate the loss weighted by target tokens, so ``val_loss`` is the per-token mean."""
+        batch = model_inputs(batch)
         loss = self(**batch).loss
         n_targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         if n_targets > 0:
