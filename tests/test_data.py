@@ -73,7 +73,8 @@ def test_prompt_completion_records_train_the_completion_only(tmp_path):
     docs = read_documents([path])
     assert docs[0] == Document("Q: 2 + 2?\nA:", " 4")
     chat = read_documents([_write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns + reply}])])[0]
-    assert docs[1].messages == chat.messages == (("user", "2 + 2?"), ("assistant", "4"))
+    assert docs[1].messages == chat.messages == ({"role": "user", "content": "2 + 2?"},
+                                                  {"role": "assistant", "content": "4"})
     ids, labels = encode_document(docs[0], BYTE)
     assert labels[:1 + len("Q: 2 + 2?\nA:")] == [IGNORE_INDEX] * (1 + len("Q: 2 + 2?\nA:"))
     assert labels[-3:] == [*b" 4", BYTE.eos_token_id]

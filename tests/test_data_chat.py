@@ -212,7 +212,7 @@ def test_template_that_rerenders_earlier_turns_is_refused_naming_the_record(tmp_
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]},
      r"messages\[0\]: the 'user' turn's 'content' must be a string, got nothing"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ["y", "o"]}]},
-     r"conversations\[1\]: the 'gpt' turn's 'value' must be a string, got a list"),
+     r"conversations\[1\]: the 'gpt' turn's 'value' part 0 must be \{'type': 'text', 'text': str\}, got a string"),
     ({"messages": []}, r"'messages' must be a non-empty list of turns, got an empty list"),
     ({"messages": "hi"}, r"'messages' must be a non-empty list of turns, got a string"),
     ({"messages": ["hi"]}, r"messages\[0\]: expected an object with 'role' and 'content', got a string"),

@@ -2,15 +2,34 @@
 
 Two JSONL record forms are read (and mix with ``{"text"}`` and instruction records in one file):
 
-- OpenAI / Hugging Face: ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``;
-- ShareGPT: ``{"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...]}`` (``human`` is the
-  user, ``gpt`` the assistant; ``user`` and ``assistant`` are accepted as well).
+- OpenAI / Hugging Face: ``{"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...]}``;
+- ShareGPT: ``{"conversations": [{"from": "system" | "human" | "gpt", "value": ...}, ...]}`` (``human`` is the
+  user, ``gpt`` the assistant; ``user``, ``assistant`` and ``tool`` are accepted as well, and the function-calling
+  ``function_call`` / ``observation`` turns of LLaMA-Factory-style data, see below).
 
-:func:`chat_record` checks a record (roles, string contents, at least one assistant turn) and returns a
-:class:`ChatDocument`. :class:`ChatTemplate` renders it: with a Hugging Face tokenizer through its own
-``apply_chat_template`` (so a Llama-3, Qwen or Mistral tokenizer gives its model's format), with the byte
-tokenizer through a Jinja environment like transformers' (sandboxed, ``trim_blocks``, ``lstrip_blocks``). The
-template is ``chat_template`` when given, else the tokenizer's own, else :data:`DEFAULT_CHAT_TEMPLATE`.
+A content is a string or a list of OpenAI content parts: ``{"type": "text", "text": str}`` parts are read as their
+texts joined with nothing between (what templates that loop over parts print), and the template receives that
+string, so every text-only template renders it; any other part (``image_url``, ``input_audio``, ...) is refused
+(text-only fine-tuning).
+
+Function calling (the OpenAI fine-tuning format, as glaive-, xlam- and Hermes-style data sets give it): a
+top-level ``"tools"`` list of function specs (JSON-schema objects; a JSON string holding such a list is read too)
+goes to the template as ``tools=`` (``apply_chat_template(..., tools=...)``); an assistant turn may carry
+``"tool_calls": [{"type": "function", "function": {"name": str, "arguments": object or JSON string}}, ...]``
+(the flat ``{"name", "arguments"}`` is accepted too), kept on the message as given, with ``content`` null, absent
+or text; a ``{"role": "tool", "content": str}`` turn (its ``name`` / ``tool_call_id`` kept) gives a call's result.
+In ShareGPT records a ``function_call`` turn's value (the JSON of ``{"name", "arguments"}``, or a list of them)
+becomes an assistant turn with those ``tool_calls``, an ``observation`` turn a ``tool`` turn. Assistant turns,
+tool-call turns included, are trained; tool results, the tools list, system and user turns are not. A tool result
+with no tool call before it is refused (axolotl and TRL pass such records to the template unchecked).
+
+:func:`chat_record` checks a record and returns a :class:`ChatDocument`. :class:`ChatTemplate` renders it: with a
+Hugging Face tokenizer through its own ``apply_chat_template`` (so a Llama-3, Qwen or Mistral tokenizer gives its
+model's format), with the byte tokenizer through a Jinja environment like transformers' (sandboxed,
+``trim_blocks``, ``lstrip_blocks``). The template is ``chat_template`` when given, else the tokenizer's own, else
+:data:`DEFAULT_CHAT_TEMPLATE`. A template that leaves out a record's tool calls (a call's name is not in its turn's
+text) or its tools (the text is the same without them), one written without function calling, is refused, naming
+the record.
 
 The assistant turns are found the way TRL and axolotl find them: the conversation is rendered prefix by prefix.
 For assistant message ``i``, the rendering of messages ``[:i]`` with ``add_generation_prompt=True`` (where the
@@ -43,21 +62,35 @@ __all__ = [
 ]
 
 DEFAULT_CHAT_TEMPLATE = (
+    "{% if tools %}<|tools|>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|end|>\n{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set call = call['function'] if call['function'] is defined else call %}"
+    "<|tool_call|>{\"name\": {{ call['name'] | tojson }}, \"arguments\": "
+    "{% if call['arguments'] is string %}{{ call['arguments'] }}{% elif call['arguments'] is defined %}"
+    "{{ call['arguments'] | tojson }}{% else %}{}{% endif %}}\n"
+    "{% endfor %}"
+    "<|end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 """Our plain chat format, for the byte tokenizer and HF tokenizers without a template: each turn is
-``<|role|>\\n{content}<|end|>\\n`` (role ``system``, ``user`` or ``assistant``); the generation prompt is
-``<|assistant|>\\n``. The loss covers an assistant turn's ``{content}<|end|>\\n``."""
+``<|role|>\\n{content}<|end|>\\n`` (role ``system``, ``user``, ``assistant`` or ``tool``, the last for a tool's
+result); the generation prompt is ``<|assistant|>\\n``. An assistant turn's tool calls follow its content (if any),
+one line each: ``<|tool_call|>{"name": NAME, "arguments": ARGUMENTS}\\n``, the arguments as JSON (a JSON string
+given as the arguments is written as it is). A ``tools`` list comes first, as ``<|tools|>\\n``, the JSON of each
+tool on its own line, then ``<|end|>\\n``. The loss covers an assistant turn's ``{content}{tool calls}<|end|>\\n``."""
 
 CHAT_FORMS = {
-    "messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    "messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}),
     "conversations": ("from", "value", {"system": "system", "human": "user", "gpt": "assistant",
-                                        "user": "user", "assistant": "assistant"}),
+                                        "user": "user", "assistant": "assistant", "tool": "tool",
+                                        "function_call": "assistant", "observation": "tool"}),
 }
-"""Record key -> (role field, content field, {role as written: role given to the template}) of each chat form."""
+"""Record key -> (role field, content field, {role as written: role given to the template}) of each chat form
+(ShareGPT's ``function_call`` is an assistant turn whose value holds its tool calls, ``observation`` a tool result)."""
 
 CHAT_TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")
 """File suffixes ``chat_template`` accepts as the path of a template file."""
@@ -65,17 +98,23 @@ CHAT_TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")
 
 @dataclass(frozen=True)
 class ChatDocument:
-    """One conversation: ``messages`` as ``(role, content)`` pairs (role ``system``, ``user`` or ``assistant``)
-    and ``where`` it was read (``file:line``), for error messages."""
+    """One conversation: ``messages`` as the dicts the chat template receives (``role``: ``system``, ``user``,
+    ``assistant`` or ``tool``; ``content``: a string, or for an assistant turn with ``tool_calls`` a string,
+    ``None`` or absent; an assistant turn's ``tool_calls`` and a tool turn's ``name`` / ``tool_call_id`` as the
+    record gave them), ``where`` it was read (``file:line``), for error messages, and the record's ``tools``
+    (function specs given to the template as ``tools=``; empty: none)."""
 
-    messages: tuple[tuple[str, str], ...]
+    messages: tuple[dict, ...]
     where: str
+    tools: tuple[dict, ...] = ()
 
 
 def chat_record(record: dict, where: str) -> ChatDocument | None:
     """The conversation of a JSONL record with a ``messages`` or ``conversations`` key, else ``None``.
     ``ValueError`` naming ``where`` (file:line) and the turn for an empty or non-list conversation, a turn that is
-    not an object, an unknown role, a missing or non-string content, a first turn by the assistant, or no
+    not an object, an unknown role, a missing or non-string content (text content parts are joined; any other part
+    is refused), a ``tools`` that is not a list of objects, a tool call without a function name, an assistant turn
+    with neither content nor tool calls, a tool result before any tool call, a first turn by the assistant, or no
     assistant turn at all (nothing to learn)."""
     key = next((k for k in CHAT_FORMS if k in record), None)
     if key is None:
@@ -84,16 +123,31 @@ def chat_record(record: dict, where: str) -> ChatDocument | None:
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"{where}: {key!r} must be a non-empty list of turns, got {_kind(turns)}.")
+    tools = _tools(record.get("tools"), where)
     messages = tuple(_turn(turn, f"{where}: {key}[{i}]", role_field, content_field, roles)
                      for i, turn in enumerate(turns))
-    if messages[0][0] == "assistant":
+    if messages[0]["role"] == "assistant":
         raise ValueError(f"{where}: {key}[0] is an assistant turn, with nothing before it to answer; start the "
                          "conversation with a user (or system) turn.")
-    if all(role != "assistant" for role, _ in messages):
+    called = False
+    for i, message in enumerate(messages):
+        called = called or bool(message.get("tool_calls"))
+        if message["role"] == "tool" and not called:
+            raise ValueError(f"{where}: {key}[{i}] is a tool result ({role_field} {turns[i][role_field]!r}) with no "
+                             "tool call before it (no earlier assistant turn has 'tool_calls'); put the assistant "
+                             "turn that calls the tool before it, or leave the record out.")
+    if all(m["role"] != "assistant" for m in messages):
         allowed = sorted(k for k, v in roles.items() if v == "assistant")
         raise ValueError(f"{where}: no assistant turn ({role_field} {' or '.join(map(repr, allowed))}) in {key!r}: "
                          "nothing to learn; add the reply or leave the record out.")
-    return ChatDocument(messages, where)
+    return ChatDocument(messages, where, tools)
+
+
+def _tool_name(spec: dict) -> str | None:
+    """The function name of a tool spec or tool call (``{"function": {"name"}}`` or the flat ``{"name"}``), if any."""
+    function = spec.get("function", spec)
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _kind(value) -> str:
@@ -102,19 +156,107 @@ def _kind(value) -> str:
         type(value), "null" if value is None else type(value).__name__)
 
 
-def _turn(turn, where: str, role_field: str, content_field: str, roles: dict) -> tuple[str, str]:
-    """``(role, content)`` of one turn; ``ValueError`` naming ``where`` when malformed."""
+def _turn(turn, where: str, role_field: str, content_field: str, roles: dict) -> dict:
+    """The message dict of one turn; ``ValueError`` naming ``where`` when malformed."""
     if not isinstance(turn, dict):
         raise ValueError(f"{where}: expected an object with {role_field!r} and {content_field!r}, got {_kind(turn)}.")
-    role = turn.get(role_field)
-    if not isinstance(role, str) or role not in roles:
-        shown = f"{role_field}={role!r}" if role_field in turn else f"no {role_field!r}"
+    written = turn.get(role_field)
+    if not isinstance(written, str) or written not in roles:
+        shown = f"{role_field}={written!r}" if role_field in turn else f"no {role_field!r}"
         raise ValueError(f"{where}: {shown}; expected one of {', '.join(map(repr, roles))}.")
+    role = roles[written]
+    if written == "function_call":  # ShareGPT (LLaMA-Factory): the value is the JSON of the call(s)
+        return {"role": role, "tool_calls": _sharegpt_calls(turn.get(content_field), where, content_field)}
+    message = {"role": role}
     content = turn.get(content_field)
+    calls = turn.get("tool_calls") if role == "assistant" else None
+    if calls is not None and calls != []:  # an empty list: no calls
+        message["tool_calls"] = _tool_calls(calls, where)
+    if role == "assistant" and content is None:
+        if "tool_calls" not in message:
+            raise ValueError(f"{where}: the {written!r} turn has neither {content_field!r} nor 'tool_calls' "
+                             f"({content_field!r} is {'null' if content_field in turn else 'absent'}): nothing to "
+                             "learn there; give its reply or its tool calls.")
+        if content_field in turn:
+            message["content"] = None
+        return message
+    if isinstance(content, list):
+        content = _text_parts(content, where, written, content_field)
     if not isinstance(content, str):
         shown = _kind(content) if content_field in turn else "nothing"
-        raise ValueError(f"{where}: the {role!r} turn's {content_field!r} must be a string, got {shown}.")
-    return roles[role], content
+        raise ValueError(f"{where}: the {written!r} turn's {content_field!r} must be a string, got {shown}.")
+    message["content"] = content
+    if role == "tool":
+        message.update({k: turn[k] for k in ("name", "tool_call_id") if k in turn})
+    return message
+
+
+def _text_parts(parts: list, where: str, written: str, content_field: str) -> str:
+    """The texts of OpenAI content parts ``[{"type": "text", "text": str}, ...]`` joined; ``ValueError`` naming the
+    part for any other part (text-only fine-tuning)."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+            continue
+        if isinstance(part, dict) and isinstance(kind, str) and kind != "text":
+            raise ValueError(f"{where}: the {written!r} turn's {content_field!r} part {j} has type {kind!r}: "
+                             "text-only fine-tuning: only {'type': 'text', 'text': ...} parts are read; leave the "
+                             "other parts (images, audio, files) out, or the record.")
+        raise ValueError(f"{where}: the {written!r} turn's {content_field!r} part {j} must be "
+                         f"{{'type': 'text', 'text': str}}, got {_kind(part)}"
+                         f"{'' if not isinstance(part, dict) else ' with keys ' + str(sorted(part))}.")
+    return "".join(texts)
+
+
+def _tools(tools, where: str) -> tuple[dict, ...]:
+    """A record's ``tools`` (absent or null: none) as a tuple of objects; a JSON string holding the list (as
+    LLaMA-Factory and xlam data give it) is read. ``ValueError`` naming ``where`` otherwise."""
+    if tools is None:
+        return ()
+    given = tools
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else []
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        bad = next((f"item {i} is {_kind(t)}" for i, t in enumerate(tools) if not isinstance(t, dict)), "") \
+            if isinstance(tools, list) else f"got {_kind(given)}"
+        raise ValueError(f"{where}: 'tools' must be a list of objects (function specs such as {{'type': 'function', "
+                         f"'function': {{'name': ..., 'parameters': ...}}}}, or a JSON string of one); {bad}.")
+    return tuple(tools)
+
+
+def _tool_calls(calls, where: str) -> list:
+    """An assistant turn's ``tool_calls`` as given, checked: a non-empty list of objects, each naming its function
+    (``{"function": {"name": str, ...}}`` or the flat ``{"name": str, ...}``); ``ValueError`` naming the call."""
+    if not isinstance(calls, list) or not calls:
+        raise ValueError(f"{where}: the 'assistant' turn's 'tool_calls' must be a list of calls ({{'type': "
+                         f"'function', 'function': {{'name': ..., 'arguments': ...}}}}), got {_kind(calls)}.")
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]):
+            raise ValueError(f"{where}: the 'assistant' turn's tool_calls[{j}] has no function name: expected "
+                             "{'type': 'function', 'function': {'name': str, 'arguments': ...}}, got "
+                             f"{_shown(json.dumps(call))}.")
+    return calls
+
+
+def _sharegpt_calls(value, where: str, content_field: str) -> list:
+    """The ``tool_calls`` of a ShareGPT ``function_call`` turn: its value is the JSON of ``{"name", "arguments"}``
+    (or a list of them); ``ValueError`` naming ``where`` otherwise."""
+    try:
+        calls = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        calls = None
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls or not all(isinstance(c, dict) for c in calls):
+        raise ValueError(f"{where}: the 'function_call' turn's {content_field!r} must be the JSON of "
+                         "{\"name\": ..., \"arguments\": ...} (or a list of them), got "
+                         f"{_shown(value) if isinstance(value, str) else _kind(value)}.")
+    return _tool_calls([{"type": "function", "function": call} for call in calls], where)
 
 
 def _environment():
@@ -247,25 +389,28 @@ class ChatTemplate:
 
         return template_fingerprint(self.text, self.source)
 
-    def render(self, messages, add_generation_prompt: bool = False) -> str:
-        """The text of ``messages`` (``(role, content)`` pairs) under the template."""
-        chat = [{"role": role, "content": content} for role, content in messages]
+    def render(self, messages, add_generation_prompt: bool = False, tools=()) -> str:
+        """The text of ``messages`` (the message dicts of a :class:`ChatDocument`) under the template, with
+        ``tools`` (function specs; empty: none) given to it as ``tools=``."""
+        chat = [dict(message) for message in messages]
+        tools = [dict(tool) for tool in tools] or None
         if isinstance(self.tokenizer, HFTokenizer):
             return self.tokenizer.tokenizer.apply_chat_template(
-                chat, chat_template=self.text, tokenize=False, add_generation_prompt=add_generation_prompt)
+                chat, tools=tools, chat_template=self.text, tokenize=False, add_generation_prompt=add_generation_prompt)
         if self._compiled is None:
             self._compiled = _environment().from_string(self.text)
-        return self._compiled.render(messages=chat, add_generation_prompt=add_generation_prompt)
+        return self._compiled.render(messages=chat, tools=tools, add_generation_prompt=add_generation_prompt)
 
     def assistant_spans(self, doc: ChatDocument) -> tuple[str, list[tuple[int, int]]]:
         """``(text, spans)``: the whole conversation rendered, and the ``[start, end)`` character span of each
-        assistant turn in it (its content and the end-of-turn marker after it), found by rendering prefixes.
-        ``ValueError`` naming ``doc.where`` when the template fails on the conversation or renders a prefix of it
-        as text that is not the start of the whole (see the module docstring)."""
+        assistant turn in it (its content or tool calls, and the end-of-turn marker after it), found by rendering
+        prefixes. ``ValueError`` naming ``doc.where`` when the template fails on the conversation, renders a prefix
+        of it as text that is not the start of the whole (see the module docstring), leaves out a tool call (its name
+        is not in the turn's text) or the tools (the text is the same without them)."""
         full = self._render_checked(doc, doc.messages, False)
         spans: list[tuple[int, int]] = []
-        for i, (role, _) in enumerate(doc.messages):
-            if role != "assistant":
+        for i, message in enumerate(doc.messages):
+            if message["role"] != "assistant":
                 continue
             start = self._render_checked(doc, doc.messages[:i], True)
             stop = self._render_checked(doc, doc.messages[: i + 1], False)
@@ -280,12 +425,28 @@ class ChatTemplate:
                     "--data.chat_template a template that renders each turn the same whatever follows, or split "
                     "the conversation into one record per assistant turn."
                 )
+            self._check_calls_rendered(doc, i, stop[len(start):])
             spans.append((len(start), len(stop)))
+        if doc.tools and self._render_checked(doc, doc.messages, False, tools=()) == full:
+            raise ValueError(f"{doc.where}: {self.source} leaves out the record's 'tools' (its text is the same "
+                             "without them): it is not written for function calling; give --data.chat_template a "
+                             "template that renders tools (as Qwen2.5, Llama-3.1 or Hermes templates do).")
         return full, spans
 
-    def _render_checked(self, doc: ChatDocument, messages, add_generation_prompt: bool) -> str:
+    def _check_calls_rendered(self, doc: ChatDocument, i: int, turn: str) -> None:
+        """``ValueError`` naming ``doc.where`` when assistant turn ``i``'s rendered text ``turn`` lacks the name of one
+        of its tool calls (a template without function calling drops them, or prints ``None`` for the content)."""
+        for call in doc.messages[i].get("tool_calls") or ():
+            name = _tool_name(call)
+            if name not in turn:
+                raise ValueError(f"{doc.where}: {self.source} leaves out the tool calls of assistant turn {i} "
+                                 f"(0-based; the name {name!r} is not in its text): it is not written for function "
+                                 "calling; give --data.chat_template a template that renders 'tool_calls' (as "
+                                 "Qwen2.5, Llama-3.1 or Hermes templates do).")
+
+    def _render_checked(self, doc: ChatDocument, messages, add_generation_prompt: bool, tools=None) -> str:
         try:
-            return self.render(messages, add_generation_prompt)
+            return self.render(messages, add_generation_prompt, doc.tools if tools is None else tools)
         except Exception as err:  # a template is code: raise_exception, TypeError, UndefinedError, ...
             raise ValueError(f"{doc.where}: {self.source} failed on this conversation: "
                              f"{type(err).__name__}: {err}".replace("\n", " ")) from None
@@ -303,19 +464,35 @@ class ChatTemplate:
             return [bos, *ids], [False, *trained]
         return ids, trained
 
+    _PROBE = "lowmem-end-of-turn-probe"
+    """The content of the assistant turn rendered to find the end-of-turn marker after a tool-call turn."""
+
     def generation_prompt(self, doc: ChatDocument) -> tuple[str, list[int], str, str]:
         """``(prompt, ids, reference, end_of_turn)`` for answering ``doc``'s last assistant turn: the turns before it
         rendered with the generation prompt (the assistant-turn header, ``add_generation_prompt=True``), its token
         ids (framed as :meth:`encode` frames a conversation), that turn's content, and the text the template writes
         after an assistant turn's content (its end-of-turn marker, surrounding whitespace stripped; ``""`` when the
-        turn's rendering does not start with its content). ``ValueError`` naming ``doc.where`` as
-        :meth:`assistant_spans`."""
-        last = max(i for i, (role, _) in enumerate(doc.messages) if role == "assistant")
+        turn's rendering does not start with its content). When that turn makes tool calls, the reference is the
+        template's text of the turn (its content and calls, as the model learns to write them) without the
+        end-of-turn marker, which is found from the same prompt followed by a plain assistant turn. ``ValueError``
+        naming ``doc.where`` as :meth:`assistant_spans`."""
+        last = max(i for i, message in enumerate(doc.messages) if message["role"] == "assistant")
         prompt = self._render_checked(doc, doc.messages[:last], True)
         turn = self._render_checked(doc, doc.messages[: last + 1], False)[len(prompt):]
-        reference = doc.messages[last][1]
         ids, _ = self._framed(*self._tokenize(prompt, []))
-        end_of_turn = turn[len(reference):].strip() if turn.startswith(reference) else ""
+        if not doc.messages[last].get("tool_calls"):
+            reference = doc.messages[last]["content"]
+            end_of_turn = turn[len(reference):].strip() if turn.startswith(reference) else ""
+            return prompt, ids, reference, end_of_turn
+        probe = [*doc.messages[:last], {"role": "assistant", "content": self._PROBE}]
+        try:
+            plain = self.render(probe, False, doc.tools)
+        except Exception:  # a template may insist on something about the turn: no marker then
+            plain = ""
+        after = plain[len(prompt) + len(self._PROBE):] if plain.startswith(prompt + self._PROBE) else ""
+        end_of_turn, reference = after.strip(), turn.rstrip()
+        if end_of_turn and reference.endswith(end_of_turn):
+            reference = reference[: -len(end_of_turn)].rstrip()
         return prompt, ids, reference, end_of_turn
 
     def _frames_with_bos(self) -> bool:

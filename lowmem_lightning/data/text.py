@@ -6,14 +6,15 @@ Pipeline (all in ``setup``, once):
 1. read documents: each plain-text file is one document; each JSONL line (item of a JSON array, CSV/TSV row under
    a header naming the keys; files optionally gzipped: :mod:`~lowmem_lightning.data.formats`) is one record, either
    ``{"text": ...}``, ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional), or a
-   conversation, ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT's ``{"conversations": [{"from",
-   "value"}, ...]}`` (:mod:`~lowmem_lightning.data.chat`); JSONL, CSV and TSV records stream from their files, line by
+   conversation, ``{"messages": [{"role", "content"}, ...]}`` (text content parts and function calling: ``tools``,
+   ``tool_calls``, ``tool`` turns) or ShareGPT's ``{"conversations": [{"from", "value"}, ...]}``
+   (:mod:`~lowmem_lightning.data.chat`); JSONL, CSV and TSV records stream from their files, line by
    line, through steps 1 and 2, :data:`~lowmem_lightning.data.encoding.ENCODE_CHUNK` records at a time
    (:func:`~lowmem_lightning.data.reading.iter_documents`), so no record's text outlives its chunk;
 2. tokenize: a document becomes ``bos, prompt..., completion..., eos``; labels copy the ids except
    the ``bos`` and the prompt (instruction records rendered with the prompt template), which get -100
    so the loss covers only the response; a conversation is rendered with its chat template and only
-   its assistant turns (content and end-of-turn marker) keep their labels;
+   its assistant turns (content or tool calls, and end-of-turn marker) keep their labels;
 3. pack: all documents are concatenated and cut into blocks of ``seq_len`` tokens (``pack=True``), or
    each document is cut on its own (``pack=False``; a record longer than ``seq_len`` is split, truncated or dropped
    as ``overflow`` says: :mod:`~lowmem_lightning.data.overflow`); the last block of a stream is right-padded with
@@ -42,7 +43,9 @@ RNG.
 
 ``check_inputs()`` (called by ``setup`` and, before the Trainer is built, by ``lowmem fit``) reads and
 checks every file: unreadable, empty, binary / non-UTF-8 files, malformed records (file:line, or file: record N),
-malformed chat records (unknown role, non-string content, no assistant turn; file:line), too little data
+malformed chat records (unknown role, non-string content or a non-text content part, a ``tools`` that is not a
+list of objects, a tool call without a name, a tool result before any call, no assistant turn; file:line), too little
+data
 for the split, and no trainable label at all each raise ``ValueError`` naming the file or the setting to
 change.
 
