@@ -17,6 +17,7 @@ from tiny_tokenizers import bpe_tokenizer
 from lowmem_lightning.data import ByteTokenizer, HFTokenizer, TextDataModule, text, token_cache
 from lowmem_lightning.data.chat import ChatTemplate, chat_record, read_chat_template
 from lowmem_lightning.data.encoding import encode_document
+from lowmem_lightning.data.reading import read_documents
 from lowmem_lightning.data.tokens import IGNORE_INDEX
 
 BYTE = ByteTokenizer()
@@ -151,6 +152,17 @@ def test_sharegpt_function_call_and_observation_are_the_messages_form():
         {"role": "assistant", "tool_calls": [{"type": "function", "function": call}]},
         {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "Rain."}]}
     assert encode_document(chat_record(sharegpt, "s:1"), BYTE) == encode_document(chat_record(messages, "m:1"), BYTE)
+
+
+def test_conversational_prompt_completion_record_keeps_its_tools(tmp_path):
+    """TRL's conversational prompt-completion form with a ``tools`` column: the same conversation and tools as the
+    messages form, trained on the completion's tool call."""
+    call = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    prompt, completion = [{"role": "user", "content": "Oslo?"}], [{"role": "assistant", "tool_calls": call}]
+    (doc,) = read_documents([_jsonl(tmp_path / "pc.jsonl",
+                                    [{"prompt": prompt, "completion": completion, "tools": TOOLS}])])
+    assert doc == chat_record({"messages": prompt + completion, "tools": TOOLS}, doc.where)
+    assert doc.tools == tuple(TOOLS)
 
 
 def test_data_module_reads_tool_and_parts_records_with_either_tokenizer(tmp_path, hermes_tokenizer):

@@ -38,7 +38,7 @@ def render_record(record: dict, where: str, template: str, template_no_input: st
     if chat is not None:
         return chat
     if "prompt" in record and "completion" in record:
-        return _prompt_completion(record["prompt"], record["completion"], where)
+        return _prompt_completion(record["prompt"], record["completion"], where, record.get("tools"))
     fields = {k: record.get(k) for k in ("instruction", "input", "output")}
     if not isinstance(fields["instruction"], str) or not isinstance(fields["output"], str):
         raise ValueError(
@@ -55,11 +55,11 @@ def render_record(record: dict, where: str, template: str, template_no_input: st
     return Document(prompt, fields["output"])
 
 
-def _prompt_completion(prompt, completion, where: str) -> Document | ChatDocument:
+def _prompt_completion(prompt, completion, where: str, tools=None) -> Document | ChatDocument:
     """A prompt-completion record (TRL's standard and conversational forms): two strings give the prompt as written
     (no template, left out of the loss) and the completion (trained); two lists of messages give the conversation
-    ``prompt + completion``, trained on the completion's turns, which must all be the assistant's (and the prompt's
-    none). ``ValueError`` naming ``where`` otherwise."""
+    ``prompt + completion`` (with the record's ``tools``, if any), trained on the completion's turns, which must all
+    be the assistant's (and the prompt's none). ``ValueError`` naming ``where`` otherwise."""
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion:
             raise ValueError(f"{where}: 'completion' is empty: nothing to learn; add it or leave the record out.")
@@ -71,6 +71,6 @@ def _prompt_completion(prompt, completion, where: str) -> Document | ChatDocumen
         if not completion or not all(isinstance(turn, dict) and turn.get("role") == "assistant" for turn in completion):
             raise ValueError(f"{where}: 'completion' must be a non-empty list of assistant turns "
                              "({'role': 'assistant', 'content': ...}).")
-        return chat_record({"messages": prompt + completion}, where)
+        return chat_record({"messages": prompt + completion, "tools": tools}, where)
     raise ValueError(f"{where}: 'prompt' and 'completion' must both be strings or both lists of messages, got "
                      f"{type(prompt).__name__} and {type(completion).__name__}.")
