@@ -198,3 +198,31 @@ def test_the_saved_model_is_readable_as_other_new_files_and_saving_draws_no_bar(
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
     assert "Writing model shards" not in "".join(capfd.readouterr())
+
+
+def test_a_run_that_wrote_no_checkpoint_says_so_in_the_summary(tmp_path):
+    """`lowmem fit --config tiny.yaml --trainer.max_steps 4`: ModelCheckpoint saves after validation (every 100
+    steps there), so the run wrote none, and `lowmem export --ckpt_path last` then said "no checkpoint" with no
+    hint why. The summary says it; a run that wrote one, or has no ModelCheckpoint, does not."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lowmem_lightning.callbacks.monitor import no_checkpoint_note
+
+    class _Stub:
+        fast_dev_run, global_step, val_check_interval = False, 4, 100
+
+        def __init__(self, callbacks):
+            self.checkpoint_callbacks = callbacks
+
+    unsaved = ModelCheckpoint(dirpath=tmp_path)
+    note = no_checkpoint_note(_Stub([unsaved]))
+    assert note.splitlines() == ["  no checkpoint written: ModelCheckpoint saves at validation (every 100",
+                                 "  steps here) or every_n_train_steps, which these 4 steps never reached"]
+    assert no_checkpoint_note(_Stub([])) is None
+    assert no_checkpoint_note(_Stub([ModelCheckpoint(dirpath=tmp_path, save_top_k=0)])) is None
+    saved = ModelCheckpoint(dirpath=tmp_path)
+    saved.best_model_path = str(tmp_path / "step=4.ckpt")
+    assert no_checkpoint_note(_Stub([saved])) is None
+    stub = _Stub([unsaved])
+    stub.val_check_interval = 0.5
+    assert no_checkpoint_note(stub).splitlines()[1] == "  or every_n_train_steps, which these 4 steps never reached"

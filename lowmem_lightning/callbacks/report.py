@@ -192,6 +192,8 @@ def format_summary(summary: dict, plot_path: str | None) -> str:
     )
     lines += _small_tensor_lines(summary) + _fp32_state_lines(summary) + _skipped_lines(summary)
     lines += _lost_weights_lines(summary)
+    if summary.get("checkpoint_note"):
+        lines += summary["checkpoint_note"].splitlines()
     if plot_path:
         lines.append(f"  plot: {plot_path}")
     return "\n".join(lines)
