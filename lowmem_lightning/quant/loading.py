@@ -280,7 +280,7 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
         module = model.get_submodule(module_name)
     except AttributeError:
         return False
-    if tensor.is_floating_point():
+    if tensor.is_floating_point() and not _is_nf4_buffer(module, leaf):
         tensor = tensor.to(device=device, dtype=dtype)
     if isinstance(module, Linear4bit) and leaf == "weight":
         module.quantize_weight_(tensor.t().contiguous() if module.conv1d else tensor)  # Conv1D's is (in, out)
@@ -295,9 +295,16 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=trainable)
         return True
     if leaf in module._buffers and module._buffers[leaf] is not None:
-        module._buffers[leaf] = tensor.to(module._buffers[leaf].dtype)
+        module._buffers[leaf] = tensor.to(device=device, dtype=module._buffers[leaf].dtype)
         return True
     return False
+
+
+def _is_nf4_buffer(module: nn.Module, leaf: str) -> bool:
+    """Whether ``leaf`` of ``module`` is one of a :class:`Linear4bit`'s NF4 code / scale buffers: a checkpoint
+    written by ``save_pretrained`` of a 4-bit model holds these instead of the layer's ``weight``, and they are
+    placed as stored (fp32 scales are not cast to the load dtype)."""
+    return isinstance(module, Linear4bit) and leaf in _QUANT_BUFFERS
 
 
 def _ignored_keys(model: nn.Module) -> re.Pattern:
@@ -413,6 +420,9 @@ def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[P
     if converted:
         _refuse_converted(path, converted, model)
     provided = {target for _, _, target in plan}
+    # a Linear4bit's codes, as save_pretrained of a 4-bit model wrote them, provide its weight
+    provided |= {f"{target.removesuffix('qweight')}weight" for target in provided if target.endswith("qweight")
+                 and _is_nf4_buffer(model.get_submodule(target.rpartition(".")[0]), "qweight")}
     missing = sorted(min(group) for group in _required(model) if not group & provided)
     if missing:
         _refuse_missing(path, missing, weight_map, headers, unexpected)
@@ -431,6 +441,10 @@ def _refuse_missing(path: Path, missing: list[str], weight_map: dict[str, str], 
     text = (f"lacks {len(missing)} tensor{'s' if len(missing) > 1 else ''} the model of config.json needs "
             f"(e.g. {missing[:5]}); its {files} {held} tensors{unused}: a checkpoint of another model, or "
             "config.json does not match it.")
+    codes = [key for key in unexpected if key.endswith(".qweight")]
+    if codes:
+        text += (f" It holds NF4 codes (e.g. {codes[0]!r}): a save_pretrained of a 4-bit model, which loads with "
+                 "quantize='nf4' and the skip, block_size and double_quant it was quantized with.")
     if promised is not None:
         raise ModelFileError(path / promised[1], f"does not hold {promised[0]!r}, which {_INDEX} maps to it; the "
                              f"checkpoint {text}", what="Shard")
@@ -504,7 +518,10 @@ def load_pretrained_causal_lm(
     ``torch_dtype``. The result equals ``quantize_model(AutoModelForCausalLM.from_pretrained(path,
     dtype=torch_dtype), skip, ...)`` while peak host memory stays near the 4-bit model plus the
     unquantized tensors plus one tensor. Checkpoint tensors the model has no place for are skipped with
-    a warning (obsolete ones, like per-layer ``rotary_emb.inv_freq``, silently).
+    a warning (obsolete ones, like per-layer ``rotary_emb.inv_freq``, silently). A directory written by
+    ``save_pretrained`` of a 4-bit model (NF4 codes and scales in place of the linear weights) loads with
+    ``quantize="nf4"`` and the ``skip``, ``block_size`` and ``double_quant`` it was quantized with: its codes and
+    fp32 scales are placed as stored, nothing is re-quantized.
 
     Raises :class:`ModelFileError` (a ValueError) naming the file, before any tensor data is read,
     for: a missing directory or ``config.json``; an empty, garbled or foreign ``config.json`` or
@@ -594,8 +611,10 @@ def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tens
         with shard_cm as shard:
             for _, key, target in (entry for entry in plan if entry[0] == file):
                 tensor = _get_tensor(shard, file, key)
+                module_name, _, leaf = target.rpartition(".")
                 if tensor.is_floating_point():
-                    tensor = tensor.to(device=device, dtype=dtype)
+                    if not _is_nf4_buffer(model.get_submodule(module_name), leaf):
+                        tensor = tensor.to(device=device, dtype=dtype)
                     flags.append((file, key, target, _nonfinite_flag(tensor)))
                 _place(model, target, tensor, dtype, device)
                 del tensor
