@@ -219,3 +219,89 @@ def test_resized_vocabulary_trains_with_saved_embeddings_and_reloads(dense_qwen2
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(resized(), tmp_path).eval()
     assert torch.equal(_logits(reloaded, ids), adapted)
+
+
+# ---------------------------------------------------------------------------------------------- copies / resume
+def test_4bit_classifier_with_lora_copies_resumes_and_reloads(dense_qwen2, tmp_path):
+    """huggingface/accelerate#2248 (``copy.deepcopy`` of a 4-bit peft sequence classifier failed; TRL deep-copies
+    the model for a reference model), huggingface/peft#602 (a 4-bit classifier's ``score`` head in
+    ``modules_to_save`` trained the original, not the saved copy) and huggingface/peft#508 (is the 4-bit state in
+    the ``state_dict`` at all?). A 4-bit Qwen2 classifier with LoRA (``task_type="SEQ_CLS"``): its deep copy and its
+    ``torch.save``/``torch.load`` give the same logits and are independent (merging the original leaves the copy
+    4-bit), the trained ``score`` is the saved copy, and the whole ``state_dict`` (a Lightning checkpoint) and the
+    saved adapter both restore the same logits on a fresh 4-bit base."""
+    import io
+
+    from transformers import Qwen2ForSequenceClassification
+
+    def classifier():
+        torch.manual_seed(4)
+        dense = Qwen2ForSequenceClassification(dense_qwen2.config.__class__(**{**dense_qwen2.config.to_dict(),
+                                                                               "num_labels": 3, "pad_token_id": 0}))
+        dense.model.load_state_dict(dense_qwen2.model.state_dict())
+        return quantize_model(dense.eval())
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    model = get_peft_model(classifier(), config)
+    score = model.base_model.model.score
+    assert type(score.original_module) is nn.Linear  # kept dense by quantize_model, trained whole by peft
+    before = score.original_module.weight.clone()
+    ids, labels = _ids(), torch.tensor([0, 2])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert torch.equal(score.original_module.weight, before)
+    assert not torch.equal(score.modules_to_save["default"].weight, before)
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+
+    twin = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (twin, loaded):
+        inner = other.base_model.model
+        assert inner.is_loaded_in_4bit and inner.is_loaded_in_4bit._model is inner
+        with torch.no_grad():
+            assert torch.equal(other(input_ids=ids).logits, trained)
+
+    resumed = get_peft_model(classifier(), config)
+    result = resumed.load_state_dict(model.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(classifier(), tmp_path)
+    for other in (resumed, reloaded):
+        with torch.no_grad():
+            assert torch.equal(other.eval()(input_ids=ids).logits, trained)
+
+    model.merge_and_unload()
+    inner = twin.base_model.model
+    assert inner.is_loaded_in_4bit and all(m.is_quantized for m in inner.modules() if isinstance(m, Linear4bit))
+
+
+def test_layers_peft_trains_whole_for_a_classifier_stay_dense():
+    """huggingface/peft#1720 ('only Tensors of floating point dtype can require gradients' for QLoRA on DistilBERT:
+    peft's ``task_type="SEQ_CLS"`` puts every module whose name ends with ``classifier`` in ``modules_to_save``,
+    ``pre_classifier`` too, and that layer was 4-bit). With our NF4 layer the same situation trained nothing but its
+    bias, silently. ``quantize_model`` keeps ``pre_classifier`` dense, so peft's copy of it trains whole."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=4, vocab_size=VOCAB, num_labels=2)
+    model = quantize_model(DistilBertForSequenceClassification(config))
+    assert isinstance(model.distilbert.transformer.layer[0].attention.q_lin, Linear4bit)
+    assert type(model.pre_classifier) is nn.Linear and type(model.classifier) is nn.Linear
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS"))
+    pre = model.base_model.model.pre_classifier.modules_to_save["default"]
+    assert pre.weight.requires_grad
+    before = pre.weight.detach().clone()
+    model.train()
+    model(input_ids=_ids(), labels=torch.tensor([0, 1])).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert not torch.equal(pre.weight, before)

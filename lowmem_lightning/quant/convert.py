@@ -21,8 +21,9 @@ __all__ = ["quantize_model", "dequantize_model", "mark_loaded_in_4bit", "LoadedI
 HEAD_MODULES = ("lm_head", "classifier", "score", "classification_head", "qa_outputs")
 """Module names :func:`quantize_model` keeps dense by default: the output heads of transformers' task models
 (causal LM, sequence / token classification, question answering); peft's ``task_type="SEQ_CLS"`` /
-``"TOKEN_CLS"`` trains ``classifier`` and ``score`` whole (``modules_to_save``), which an NF4 layer inside would
-leave frozen but for its bias."""
+``"TOKEN_CLS"`` trains ``classifier`` and ``score`` whole (``modules_to_save``, which matches every module whose
+name ends with one: DistilBERT's ``pre_classifier`` too), which an NF4 layer inside would leave frozen but for its
+bias."""
 
 
 def _check_skip(skip) -> tuple[str, ...]:
@@ -35,8 +36,11 @@ def _check_skip(skip) -> tuple[str, ...]:
 
 def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
     """Whether the layer ``name`` is, or lies inside, a module named by an entry of ``skip`` (an entry matches whole
-    path components: ``classifier`` keeps ``classifier`` and ``roberta_head.classifier.out_proj``)."""
-    return any(f".{s}." in f".{name}." for s in skip)
+    path components: ``classifier`` keeps ``classifier`` and ``roberta_head.classifier.out_proj``). An entry of
+    :data:`HEAD_MODULES` also keeps a module whose name merely ends with it (DistilBERT's ``pre_classifier``), as
+    peft's ``modules_to_save`` (``name.endswith(entry)``) picks the modules a task head trains whole."""
+    prefixes = [name.rsplit(".", i)[0] for i in range(name.count(".") + 1)]
+    return any(f".{s}." in f".{name}." or (s in HEAD_MODULES and any(p.endswith(s) for p in prefixes)) for s in skip)
 
 
 def _output_embedding_names(model: nn.Module) -> tuple[str, ...]:
