@@ -216,8 +216,11 @@ def test_a_run_that_wrote_no_checkpoint_says_so_in_the_summary(tmp_path):
 
     unsaved = ModelCheckpoint(dirpath=tmp_path)
     note = no_checkpoint_note(_Stub([unsaved]))
-    assert note.splitlines() == ["  no checkpoint written: ModelCheckpoint saves at validation (every 100",
-                                 "  steps here) or every_n_train_steps, which these 4 steps never reached"]
+    assert note.splitlines() == ["  no checkpoint written: ModelCheckpoint saves after validation",
+                                 "  (every 100 steps here), which these 4 steps never reached"]
+    every = no_checkpoint_note(_Stub([ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=200)]))
+    assert every.splitlines() == ["  no checkpoint written: ModelCheckpoint saves every 200",
+                                  "  steps (every_n_train_steps), which these 4 steps never reached"]
     assert no_checkpoint_note(_Stub([])) is None
     assert no_checkpoint_note(_Stub([ModelCheckpoint(dirpath=tmp_path, save_top_k=0)])) is None
     saved = ModelCheckpoint(dirpath=tmp_path)
@@ -225,4 +228,4 @@ def test_a_run_that_wrote_no_checkpoint_says_so_in_the_summary(tmp_path):
     assert no_checkpoint_note(_Stub([saved])) is None
     stub = _Stub([unsaved])
     stub.val_check_interval = 0.5
-    assert no_checkpoint_note(stub).splitlines()[1] == "  or every_n_train_steps, which these 4 steps never reached"
+    assert no_checkpoint_note(stub).splitlines()[1] == "  which these 4 steps never reached"

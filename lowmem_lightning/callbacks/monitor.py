@@ -408,20 +408,25 @@ class StateMemoryMonitor(L.Callback):
 
 def no_checkpoint_note(trainer: L.Trainer) -> str | None:
     """Two summary lines when a ``ModelCheckpoint`` of ``trainer`` (``save_top_k`` not 0) is on but this fit wrote
-    (and resumed from) no checkpoint: it saves at validation or every ``every_n_train_steps``, which a run shorter
-    than ``val_check_interval`` never reaches, and ``lowmem export`` / ``--ckpt_path last`` then find none.
-    ``None`` otherwise (and under ``fast_dev_run``, which Lightning says saves nothing)."""
+    (and resumed from) no checkpoint, naming when it saves (every ``every_n_train_steps`` steps, or after validation,
+    every ``val_check_interval`` steps): a run shorter than that writes none, and ``lowmem export`` /
+    ``--ckpt_path last`` then find none. ``None`` otherwise (and under ``fast_dev_run``, which Lightning says saves
+    nothing)."""
     callbacks = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_top_k", 1) != 0]
     if not callbacks or trainer.global_step == 0 or trainer.fast_dev_run:
         return None
     if any(getattr(cb, "best_model_path", "") or getattr(cb, "last_model_path", "") for cb in callbacks):
         return None
+    every = getattr(callbacks[0], "_every_n_train_steps", 0) or 0
     interval = trainer.val_check_interval
-    if isinstance(interval, int) and not isinstance(interval, bool):
-        first = f"  no checkpoint written: ModelCheckpoint saves at validation (every {interval:,}\n  steps here)"
+    if every > 0:
+        first, second = f"every {every:,}", "steps (every_n_train_steps), which"
+    elif isinstance(interval, int) and not isinstance(interval, bool):
+        first, second = "after validation", f"(every {interval:,} steps here), which"
     else:
-        first = "  no checkpoint written: ModelCheckpoint saves at validation\n "
-    return f"{first} or every_n_train_steps, which these {trainer.global_step:,} steps never reached"
+        first, second = "after validation,", "which"
+    return (f"  no checkpoint written: ModelCheckpoint saves {first}\n"
+            f"  {second} these {trainer.global_step:,} steps never reached")
 
 
 def _class_or_none(name: str):
