@@ -436,8 +436,10 @@ def build_causal_lm(
         from lowmem_lightning.quant import add_lora
 
         revision = getattr(model, "hub_revision", None)
-        model = add_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"],
-                         adapter_dtype=torch.float32, trainable_token_indices=added)
+        on_meta = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+        with on_meta:  # a meta build's adapters are shapes too (not allocated and drawn on the host)
+            model = add_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"],
+                             adapter_dtype=torch.float32, trainable_token_indices=added)
         if revision is not None:  # adapter_config.json's revision: AutoPeftModel loads that commit of the base
             for peft_config in model.peft_config.values():
                 peft_config.revision = revision
