@@ -339,3 +339,20 @@ def test_a_users_batches_of_another_shape_are_refused_naming_it(row, match):
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=match):
         trainer.fit(module, _OwnData(row))
+
+
+def test_a_subclass_forward_taking_more_keys_gets_them():
+    """A subclass whose own ``forward`` takes another batch key still gets it (only keys no forward takes are
+    refused)."""
+    seen = []
+
+    class WithWeights(CausalLMModule):
+        def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, sample_weight=None):
+            seen.append(sample_weight is not None)
+            return super().forward(input_ids, attention_mask, labels, position_ids)
+
+    module = WithWeights(config=TINY_LLAMA, optimizer="adamw")
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, _OwnData(lambda r: {"input_ids": r, "sample_weight": torch.ones(())}))
+    assert seen == [True]

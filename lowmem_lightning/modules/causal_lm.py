@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import re
 import secrets
@@ -73,10 +74,11 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")
 collator's)."""
 
 
-def model_inputs(batch) -> dict[str, torch.Tensor]:
+def model_inputs(batch, accepted: tuple[str, ...] | None = MODEL_INPUTS) -> dict[str, torch.Tensor]:
     """The model inputs of a training / evaluation batch of a data module of the user's own: a dict with
-    ``input_ids`` ``[batch, seq]`` and any of ``attention_mask``, ``labels``, ``position_ids``. Without ``labels``
-    the tokens are their own labels (``-100`` where ``attention_mask`` is 0), as transformers'
+    ``input_ids`` ``[batch, seq]`` and any of ``accepted`` (the keys the module's ``forward`` takes: by default
+    ``attention_mask``, ``labels``, ``position_ids``; ``None``: any key, a ``forward`` taking ``**kwargs``). Without
+    ``labels`` the tokens are their own labels (``-100`` where ``attention_mask`` is 0), as transformers'
     ``DataCollatorForLanguageModeling(mlm=False)`` makes them. ``ValueError`` naming what the batch holds otherwise
     (a tuple or list, no ``input_ids``, other keys such as a tokenizer's ``token_type_ids``)."""
     if not isinstance(batch, Mapping):
@@ -84,10 +86,11 @@ def model_inputs(batch) -> dict[str, torch.Tensor]:
         shape = f"a {kind} of {len(batch)}" if isinstance(batch, (list, tuple)) else kind
         raise ValueError(f"CausalLMModule: a batch must be a dict with 'input_ids' (and 'labels', 'attention_mask', "
                          f"'position_ids' if any), got {shape}: return dicts from your dataset or collate_fn.")
-    other = sorted(set(batch) - set(MODEL_INPUTS))
+    other = sorted(set(batch) - set(accepted)) if accepted is not None else []
     if "input_ids" not in batch or other:
         problem = "no 'input_ids'" if "input_ids" not in batch else f"keys it does not take: {other}"
-        raise ValueError(f"CausalLMModule: the batch has {problem}; it takes {', '.join(MODEL_INPUTS)} "
+        takes = ", ".join(accepted) if accepted is not None else "any keys"
+        raise ValueError(f"CausalLMModule: the batch has {problem}; it takes {takes} "
                          f"(got {sorted(batch)}): drop the others in your collate_fn.")
     inputs = dict(batch)
     if inputs.get("labels") is None:
@@ -95,6 +98,17 @@ def model_inputs(batch) -> dict[str, torch.Tensor]:
         ids = inputs["input_ids"]
         inputs["labels"] = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
     return inputs
+
+
+@functools.cache
+def _forward_keys(cls: type) -> tuple[str, ...] | None:
+    """The batch keys ``cls.forward`` takes (a subclass's own ``forward`` may take more); ``None`` for ``**kwargs``."""
+    import inspect
+
+    parameters = list(inspect.signature(cls.forward).parameters.values())[1:]
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return tuple(p.name for p in parameters if p.kind is not p.VAR_POSITIONAL)
 
 
 def _resolve_dtype(torch_dtype: str | None) -> torch.dtype:
@@ -803,14 +817,14 @@ class CausalLMModule(LowMemModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean cross-entropy over the batch's target tokens; logged as ``train_loss``."""
-        batch = model_inputs(batch)
+        batch = model_inputs(batch, _forward_keys(type(self)))
         loss = self(**batch).loss
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate the loss weighted by target tokens, so ``val_loss`` is the per-token mean."""
-        batch = model_inputs(batch)
+        batch = model_inputs(batch, _forward_keys(type(self)))
         loss = self(**batch).loss
         n_targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         if n_targets > 0:
