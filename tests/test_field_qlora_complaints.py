@@ -305,3 +305,85 @@ def test_layers_peft_trains_whole_for_a_classifier_stay_dense():
     model(input_ids=_ids(), labels=torch.tensor([0, 1])).loss.backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     assert not torch.equal(pre.weight, before)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def _ddp_ranks(rank, seed_by_rank):
+    """One forked rank: a 4-bit model built from this rank's own seed, its NF4 buffers kept out of DDP's buffer sync;
+    returns the codes after the one broadcast, the buffers DDP syncs and the bytes broadcast by a training forward."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lowmem_lightning.quant import ddp_skip_nf4_buffers
+
+    torch.manual_seed(rank if seed_by_rank else 0)
+    model = quantize_model(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)))
+    model[2] = get_peft_model(nn.Sequential(model[2]), LoraConfig(r=4, target_modules=["0"]))
+    names = ddp_skip_nf4_buffers(model)
+    ddp = DistributedDataParallel(model)
+    synced = [name for name, b in model.named_buffers() if any(b is s for s in ddp.modules_buffers)]
+    sent, broadcast = [], dist._broadcast_coalesced
+
+    def counting(group, tensors, *args, **kwargs):
+        sent.append(sum(t.numel() * t.element_size() for t in tensors))
+        return broadcast(group, tensors, *args, **kwargs)
+
+    dist._broadcast_coalesced = counting
+    try:
+        ddp.train()
+        ddp(torch.randn(4, 64)).sum().backward()
+    finally:
+        dist._broadcast_coalesced = broadcast
+    return {"names": names, "codes": _codes(model), "synced": synced, "sent": sum(sent)}
+
+
+def test_ddp_does_not_broadcast_the_frozen_4bit_base_at_every_step(tmp_path):
+    """artidoro/qlora#12 and huggingface/trl#921 (multi-GPU QLoRA under DDP: GPUs under-used, slower than one). DDP
+    broadcasts every buffer of the wrapped module before each training forward, and our NF4 codes and scales are
+    buffers: the whole frozen base crossed the network at every step (bitsandbytes' frozen 4-bit parameters are sent
+    once, at wrapping). ``ddp_skip_nf4_buffers`` keeps them out of DDP's buffer sync after one broadcast from rank 0,
+    so two ranks that built their base from different seeds hold rank 0's codes, and a training forward sends no
+    NF4 byte."""
+    from forked_ranks import forked_ranks
+
+    results = forked_ranks(tmp_path, 2, _ddp_ranks, True, timeout_s=120)
+    names = results[0]["names"]
+    assert len(names) == 2 * 4 and all(name.rsplit(".", 1)[1] in ("qweight", "qscale", "scale_step", "scale_mean")
+                                       for name in names)
+    for result in results:
+        assert not set(result["synced"]) & set(names) and result["sent"] == 0
+        assert result["codes"].keys() == results[0]["codes"].keys()
+        assert all(torch.equal(t, results[0]["codes"][k]) for k, t in result["codes"].items())
+
+
+def test_causal_lm_module_under_ddp_keeps_its_nf4_buffers_out_of_the_buffer_sync():
+    """artidoro/qlora#12, through ``CausalLMModule`` (``lowmem fit --trainer.strategy ddp``): with QLoRA under the
+    DDP strategy, the module DDP wraps lists every NF4 buffer in ``_ddp_params_and_buffers_to_ignore``, so DDP syncs
+    none of them; the LoRA weights are still the parameters DDP reduces."""
+    import lightning as L
+
+    from lowmem_lightning.data import TextDataModule
+    from lowmem_lightning.modules.causal_lm import CausalLMModule
+
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 128}
+    from torch.nn.parallel import DistributedDataParallel
+
+    class SyncedBuffers(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            ddp = trainer.strategy.model
+            assert isinstance(ddp, DistributedDataParallel)
+            self.names = {name for name, b in module.named_buffers() if any(b is s for s in ddp.modules_buffers)}
+
+    module = CausalLMModule(config=tiny, quantize="nf4", lora={"r": 4}, optimizer="adamw", lr=1e-3)
+    seen = SyncedBuffers()
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[seen])
+    trainer.fit(module, TextDataModule("sample", seq_len=32, batch_size=2, val_fraction=0.02, seed=0))
+    nf4 = {f"{n}.{b}" for n, m in module.named_modules() if isinstance(m, Linear4bit)
+           for b, _ in m.named_buffers(recurse=False)}
+    assert nf4 and nf4 <= set(module._ddp_params_and_buffers_to_ignore)
+    assert not seen.names & nf4
+    reduced = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert reduced and all("lora_" in name for name in reduced)

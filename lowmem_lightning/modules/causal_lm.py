@@ -518,6 +518,15 @@ def _check_untrained_token_ids(untrained_token_ids, resize_embeddings: bool | in
                          "(--model.resize_embeddings true).")
 
 
+def _wraps_in_ddp(trainer) -> bool:
+    """Whether ``trainer``'s strategy wraps the module in ``DistributedDataParallel`` (DDP and its spawn / fork
+    variants; not DeepSpeed, which subclasses it)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+
+
 def _show_callbacks_the_model(module: L.LightningModule) -> None:
     """Callbacks that look at the module in their ``setup``, before ``configure_model`` builds the model, saw no
     weights. ``StochasticWeightAveraging`` copied the module: its average would average nothing and, at the end,
@@ -797,6 +806,10 @@ class CausalLMModule(LowMemModule):
         self._check_vocabulary(data_vocab, rows)
         if hp.gradient_checkpointing:
             _enable_checkpointing(self.model)
+        if hp.quantize == "nf4" and _wraps_in_ddp(self._trainer):
+            from lowmem_lightning.quant import ddp_skip_nf4_buffers
+
+            ddp_skip_nf4_buffers(self)  # the frozen 4-bit base would otherwise be broadcast at every step
         _show_callbacks_the_model(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -57,7 +57,7 @@ empty, truncated or foreign model file; :class:`NonFiniteWeightError` for nan/in
 path load with either.
 """
 
-from .convert import LoadedIn4bit, dequantize_model, mark_loaded_in_4bit, quantize_model
+from .convert import LoadedIn4bit, ddp_skip_nf4_buffers, dequantize_model, mark_loaded_in_4bit, quantize_model
 from .linear4bit import Linear4bit, NF4WeightHandle, NonFiniteWeightError, linear4bit_bytes
 from .loading import ModelFileError, NonFiniteCheckpointError, load_pretrained_causal_lm, random_causal_lm
 from .lora import (
@@ -77,6 +77,7 @@ __all__ = [
     "mark_loaded_in_4bit",
     "quantize_model",
     "dequantize_model",
+    "ddp_skip_nf4_buffers",
     "add_lora",
     "load_lora",
     "LoraLinear4bit",

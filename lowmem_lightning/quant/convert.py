@@ -16,7 +16,9 @@ from lowmem_lightning.lowmem_warning import LowMemWarning
 
 from .linear4bit import Linear4bit, _check_options, _linear_tensors, _refuse_nonfinite, dense_layer, is_conv1d
 
-__all__ = ["quantize_model", "dequantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES"]
+__all__ = [
+    "quantize_model", "dequantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES", "ddp_skip_nf4_buffers",
+]
 
 HEAD_MODULES = ("lm_head", "classifier", "score", "classification_head", "qa_outputs")
 """Module names :func:`quantize_model` keeps dense by default: the output heads of transformers' task models
@@ -117,6 +119,33 @@ def _dense_layer(layer: Linear4bit) -> nn.Module:
     """The ``nn.Linear`` (or ``Conv1D``) holding ``layer``'s weight and bias, frozen, in its ``weight_dtype``."""
     bias = None if layer.bias is None else layer.bias.detach()
     return dense_layer(layer.dequantize(layer.weight_dtype), bias, layer.conv1d)
+
+
+@torch.no_grad()
+def ddp_skip_nf4_buffers(module: nn.Module, group=None) -> list[str]:
+    """Keep the NF4 codes and scales of every :class:`Linear4bit` of ``module`` out of ``DistributedDataParallel``'s
+    buffer broadcast; call it before ``module`` is wrapped (a Lightning module: in ``configure_model``). Returns
+    their names (relative to ``module``).
+
+    DDP broadcasts every buffer of the wrapped module from rank 0 before each training forward
+    (``broadcast_buffers=True``, its default): the codes are buffers, so the whole frozen 4-bit base (codes and
+    scales) would cross the network at every step, although no rank ever changes it (bitsandbytes' 4-bit weights
+    are frozen parameters, which DDP broadcasts once, at wrapping). The names are added to
+    ``module._ddp_params_and_buffers_to_ignore``, the attribute DDP reads when it wraps ``module``; and, when
+    ``torch.distributed`` is initialized with more than one rank in ``group``, the buffers are broadcast once now
+    from the group's first rank, as DDP's wrapping would have (ranks that built the base from differently seeded
+    random weights start alike)."""
+    import torch.distributed as dist
+
+    names = [f"{name}.{buffer}" if name else buffer for name, layer in module.named_modules()
+             if isinstance(layer, Linear4bit) for buffer, _ in layer.named_buffers(recurse=False)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        source = dist.get_global_rank(group, 0) if group is not None else 0
+        for name in names:
+            dist.broadcast(module.get_buffer(name), src=source, group=group)
+    ignored = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+    module._ddp_params_and_buffers_to_ignore = ignored + [name for name in names if name not in ignored]
+    return names
 
 
 def mark_loaded_in_4bit(model: nn.Module) -> nn.Module:
