@@ -387,3 +387,24 @@ def test_causal_lm_module_under_ddp_keeps_its_nf4_buffers_out_of_the_buffer_sync
     assert not seen.names & nf4
     reduced = {name for name, p in module.named_parameters() if p.requires_grad}
     assert reduced and all("lora_" in name for name in reduced)
+
+
+def test_dequantize_first_then_merge_keeps_the_adapted_outputs(dense_qwen2, tmp_path):
+    """huggingface/peft#2321 ('Merge lora module to 4-bit linear may get different generations': the advice is to
+    dequantize the base, then merge). ``dequantize_model`` of the peft model (adapters still unmerged) keeps its
+    outputs (to bf16 rounding); ``merge_and_unload`` then rounds once to bf16, and the saved model loads in bf16 with
+    those outputs."""
+    model = get_peft_model(_base(dense_qwen2, torch.bfloat16),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapted = _logits(model)
+    dequantize_model(model)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    assert not model.base_model.model.is_loaded_in_4bit
+    # bf16 roundings only: nn.Linear adds its bias inside the matmul, Linear4bit after it; the merge rounds once
+    torch.testing.assert_close(_logits(model), adapted, rtol=0, atol=0.02)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(_logits(merged), adapted, rtol=0, atol=0.02)
+    merged.save_pretrained(tmp_path)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert exported.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(_logits(exported), adapted, rtol=0, atol=0.02)
