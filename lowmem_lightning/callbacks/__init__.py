@@ -1,7 +1,8 @@
 """Lightning callbacks, one job each. :class:`LowMemOptimizerCallback` swaps in a low-memory optimizer and
 puts the callbacks of the other jobs into the Trainer's list: :class:`FSDP1Check`,
 :class:`GradientReleaseCallback` (``step_in_backward``), :class:`StateMemoryMonitor` (also works alone,
-with any optimizer), :class:`PreemptionCheckpoint`, :class:`InterruptAtStepEnd` and :class:`ResumeCompatibility`.
+with any optimizer), :class:`PreemptionCheckpoint`, :class:`InterruptAtStepEnd`, :class:`ResumeCompatibility` and
+:class:`RngStateCheckpoint` (the random generators' states in every checkpoint).
 :class:`StepsAwareRichProgressBar` is a rich progress bar for step-bounded runs in 80-column terminals."""
 
 from .interrupt import InterruptAtStepEnd
@@ -11,6 +12,7 @@ from .preemption import PreemptionCheckpoint
 from .progress import StepsAwareRichProgressBar
 from .release import GradientRelease, GradientReleaseCallback, release_refusal
 from .resume import CONVERSIONS, ResumeCompatibility
+from .rng_state import RngStateCheckpoint
 from .strategy_check import FSDP1Check
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "LowMemOptimizerCallback",
     "PreemptionCheckpoint",
     "ResumeCompatibility",
+    "RngStateCheckpoint",
     "StateMemoryMonitor",
     "StepsAwareRichProgressBar",
     "release_refusal",

@@ -43,6 +43,7 @@ from lowmem_lightning.callbacks.param_checks import averaged_codes_refusal, unsu
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
 from lowmem_lightning.callbacks.resume import ResumeCompatibility
+from lowmem_lightning.callbacks.rng_state import RngStateCheckpoint
 from lowmem_lightning.callbacks.rotary import KeepRotaryFp32
 from lowmem_lightning.callbacks.run_record import optimizer_hparams, record_hparams
 from lowmem_lightning.callbacks.skips import STOP_AFTER_SKIPPED_STEPS
@@ -283,6 +284,7 @@ class LowMemOptimizerCallback(L.Callback):
             ClipNormReuse(),
             KeepRotaryFp32(),
             CheckpointingModeCheck(),
+            RngStateCheckpoint(),
         )
         """The callbacks with the other jobs, put into ``trainer.callbacks`` after this one at ``setup``."""
         self.optimizers: list[torch.optim.Optimizer] = []

@@ -635,7 +635,10 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool, trim: bool = False, collate=None) -> StatefulDataLoader:
         """A loader of ``dataset`` (shuffled: a :class:`~lowmem_lightning.data.loader.TrainLoader`); with ``pack=False``
         (or ``trim``) its batches leave out the columns that are padding in every row
-        (:func:`~lowmem_lightning.data.overflow.collate_trimmed`); ``collate`` replaces that."""
+        (:func:`~lowmem_lightning.data.overflow.collate_trimmed`); ``collate`` replaces that. Its own generator (seeded
+        by ``seed``) gives each iterator its base seed: a loader without one draws it from torch's global generator
+        whenever an epoch or a validation starts, and a resumed run, which saved that generator's state in its
+        checkpoint (:mod:`~lowmem_lightning.callbacks.rng_state`), would then draw other dropout masks."""
         from lowmem_lightning.data.distributed import epoch_sampler  # each rank's share under DDP / FSDP2
 
         with warnings.catch_warnings():  # torchdata 0.11's constructor calls a deprecated torch API
@@ -647,6 +650,7 @@ class TextDataModule(L.LightningDataModule):
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 collate_fn=collate or (None if self.pack and not trim else collate_trimmed),
+                generator=torch.Generator().manual_seed(self.seed),
             )
 
     def train_dataloader(self) -> StatefulDataLoader:

@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
+from lowmem_lightning.callbacks.rng_state import RngStateCheckpoint
 from lowmem_lightning.callbacks.train_mode import CheckpointingModeCheck, warn_checkpointing_in_eval_mode
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import build_optimizer, optimizer_class
@@ -204,9 +205,11 @@ class LowMemModule(L.LightningModule):
     def configure_callbacks(self) -> list:
         """:class:`~lowmem_lightning.callbacks.InterruptAtStepEnd`: a Ctrl+C inside a training step stops the fit when
         that step is done, as under ``LowMemOptimizerCallback`` (a notebook's interrupted model and optimizer are a
-        step's, and a checkpoint saved then resumes exactly). A subclass overriding this hook adds to
+        step's, and a checkpoint saved then resumes exactly), and
+        :class:`~lowmem_lightning.callbacks.rng_state.RngStateCheckpoint`: the random generators' states travel in
+        every checkpoint, so dropout draws the same masks after a resume. A subclass overriding this hook adds to
         ``super().configure_callbacks()``."""
-        return [InterruptAtStepEnd()]
+        return [InterruptAtStepEnd(), RngStateCheckpoint()]
 
     def on_train_start(self) -> None:
         """Warn when layers with gradient checkpointing are in eval mode, where transformers skips it (a model a
