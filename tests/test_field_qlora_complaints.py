@@ -10,6 +10,7 @@ calls, made tiny and on the CPU), the assertion is what the user expected. Compl
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -380,7 +381,14 @@ def test_causal_lm_module_under_ddp_keeps_its_nf4_buffers_out_of_the_buffer_sync
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[seen])
-    trainer.fit(module, TextDataModule("sample", seq_len=32, batch_size=2, val_fraction=0.02, seed=0))
+    environ = dict(os.environ)
+    try:
+        trainer.fit(module, TextDataModule("sample", seq_len=32, batch_size=2, val_fraction=0.02, seed=0))
+    finally:  # the strategy's process group and environment would outlive the test: later forked ranks could not
+        if torch.distributed.is_initialized():  # init_process_group ("trying to initialize ... twice")
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     nf4 = {f"{n}.{b}" for n, m in module.named_modules() if isinstance(m, Linear4bit)
            for b, _ in m.named_buffers(recurse=False)}
     assert nf4 and nf4 <= set(module._ddp_params_and_buffers_to_ignore)
