@@ -125,3 +125,16 @@ def test_lowmem_fit_refuses_with_one_message_and_writes_nothing(tmp_path, capsys
     assert "Invalid seq_len=128 for this model" in result.stderr and "--data.seq_len 64" in result.stderr
     assert "Traceback" not in result.stderr and "IndexError" not in result.stderr.replace("(IndexError)", "")
     assert list(work.iterdir()) == []
+
+
+def test_blocks_are_not_read_when_seq_len_fits_the_table(tmp_path, monkeypatch):
+    """No block of ``seq_len`` tokens can pass a table of ``seq_len`` or more rows: the data's positions (a pass
+    over every token of a large memory-mapped cache) are not read then."""
+    def unread(self):
+        raise AssertionError("max_position_id read although seq_len fits")
+
+    monkeypatch.setattr(TextDataModule, "max_position_id", unread)
+    module = CausalLMModule(model_name_or_path=_checkpoint(tmp_path, "gpt2"), optimizer="adamw")
+    trainer = _trainer(tmp_path, steps=1)
+    trainer.fit(module, datamodule=_data(tmp_path, seq_len=64))
+    assert trainer.global_step == 1

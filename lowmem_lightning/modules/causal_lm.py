@@ -753,13 +753,17 @@ class CausalLMModule(LowMemModule):
         ids past its learned position table; a ``LowMemWarning`` when they go past the positions a pretrained RoPE
         checkpoint saw (:func:`~lowmem_lightning.modules.positions.position_problem`). Nothing without a data
         module that says its positions (``max_position_id``)."""
-        from lowmem_lightning.modules.positions import position_problem
+        from lowmem_lightning.modules.positions import position_limit, position_problem
 
-        ask = getattr(self._datamodule(), "max_position_id", None)
-        needed = ask() if callable(ask) else None
+        data = self._datamodule()
+        ask, seq_len = getattr(data, "max_position_id", None), getattr(data, "seq_len", None)
+        limit = position_limit(cfg)
+        if not callable(ask) or limit is None or isinstance(seq_len, int) and seq_len <= limit:
+            return  # no position of a seq_len-token block can pass the limit: the blocks are not read
+        needed = ask()
         if needed is None:
             return
-        seq_len = getattr(self._datamodule(), "seq_len", needed + 1)
+        seq_len = seq_len if isinstance(seq_len, int) else needed + 1
         error, warning = position_problem(cfg, needed, seq_len, pretrained=self.hparams.model_name_or_path is not None)
         if error:
             raise ValueError(error)
