@@ -20,11 +20,15 @@ POSITION_TABLE_OFFSETS = range(0, 3)
 """Extra rows a learned position table may have beyond ``max_position_embeddings`` (OPT and BioGPT: 2)."""
 
 
+def _text_config(cfg):
+    """The config that holds the text model's settings (a multimodal model's text config, else ``cfg``)."""
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
 def position_limit(cfg) -> int | None:
     """The model's ``max_position_embeddings`` (GPT-2's ``n_positions``; a multimodal model's text config), or
     ``None`` when its config does not give an integer."""
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    limit = getattr(text, "max_position_embeddings", None)
+    limit = getattr(_text_config(cfg), "max_position_embeddings", None)
     return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
@@ -48,7 +52,7 @@ def learned_position_tables(cfg) -> list[str] | None:
 
 def _unscaled_rope(cfg) -> bool:
     """Whether ``cfg`` gives RoPE parameters without a scaling (``rope_type`` ``"default"``)."""
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text = _text_config(cfg)
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
     return isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in (None, "default")
 
