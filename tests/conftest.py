@@ -13,9 +13,16 @@ One intra-op thread (``OMP_NUM_THREADS=1``, unless set, read by torch here and b
 start): the suite's tensors are tiny, and a second OpenMP thread spinning for each small op cost more than it
 gave (on the shared 2-core machine, test_gradient_release.py took 95 s of user CPU with two threads, 6.5 s with
 one; benchmarks/RESULTS.md).
+
+Ctrl+C as in a terminal: a suite started in the background by a non-interactive shell (``pytest ... &`` in a script,
+a CI runner's job) inherits SIGINT *ignored* (POSIX), and so would every process a test starts. The Ctrl+C tests
+(``test_notebook_session.py``, the SIGINT cases of ``test_resume_midepoch.py``) send SIGINT to such processes, which
+would then run on as if nothing was pressed. Python's own handler is put back here (a process it starts gets the
+default action, so its Python raises ``KeyboardInterrupt`` again).
 """
 
 import os
+import signal
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("LOWMEM_CPU_COMPILE", "0")
@@ -28,6 +35,9 @@ import torch  # noqa: E402
 from lowmem_lightning.kernels import dispatch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also when torch was imported before this file
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: see the module doc
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _patch_triton_language_once() -> None:
