@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 
-from lowmem_lightning.cli import messages
+from lowmem_lightning.cli import messages, terminal
 from lowmem_lightning.optim.registry import build_optimizer, unknown_optimizer_message
 
 LONG = ("lowmem: --ckpt_path last: no checkpoint yet in runs/tiny/*/checkpoints; starting a fresh run (the same "
@@ -26,7 +26,7 @@ LONG = ("lowmem: --ckpt_path last: no checkpoint yet in runs/tiny/*/checkpoints;
 
 
 def test_long_lines_break_at_spaces_on_a_terminal(monkeypatch):
-    monkeypatch.setattr(messages, "_terminal_columns", lambda: 80)
+    monkeypatch.setattr(terminal, "terminal_columns", lambda: 80)
     text = messages.for_terminal(LONG + "\n(short line)")
     lines = text.split("\n")
     assert len(lines) == 4 and lines[-1] == "(short line)"
@@ -36,14 +36,14 @@ def test_long_lines_break_at_spaces_on_a_terminal(monkeypatch):
 
 
 def test_a_word_longer_than_the_screen_stays_whole(monkeypatch):
-    monkeypatch.setattr(messages, "_terminal_columns", lambda: 40)
+    monkeypatch.setattr(terminal, "terminal_columns", lambda: 40)
     path = "/data/" + "x" * 60 + "/last.ckpt"
     lines = messages.for_terminal(f"lowmem: resuming from {path} (step 3)").split("\n")
     assert path in [line.strip() for line in lines]
 
 
 def test_unchanged_when_stderr_is_not_a_terminal(monkeypatch):
-    monkeypatch.setattr(messages, "_terminal_columns", lambda: None)
+    monkeypatch.setattr(terminal, "terminal_columns", lambda: None)
     assert messages.for_terminal(LONG) == LONG
 
 
@@ -177,7 +177,7 @@ def test_another_library_warning_on_a_terminal_names_its_file_from_its_package(m
     message = "the quick brown fox jumps over the lazy dog " * 4
     piped = messages.one_line_for_ours(message, UserWarning, filename, 7, "warnings.warn(x)")
     assert piped.startswith(f"{filename}:7: UserWarning: the quick")
-    monkeypatch.setattr(messages, "_terminal_columns", lambda: 80)
+    monkeypatch.setattr(terminal, "terminal_columns", lambda: 80)
     lines = messages.one_line_for_ours(message, UserWarning, filename, 7, "warnings.warn(x)").rstrip("\n").split("\n")
     assert lines[0].startswith("torch/__init__.py:7: UserWarning: the quick"), lines
     assert all(len(line) <= 80 for line in lines) and lines[-1] == "  warnings.warn(x)", lines
@@ -196,16 +196,16 @@ def test_info_lines_from_lightnings_loggers_break_at_words_on_a_terminal(monkeyp
     monkeypatch.setattr(logger, "handlers", [logging.StreamHandler(sys.stderr)])  # sys.stderr: capsys's
     remove = messages.log_lines_for_terminal()
     try:
-        monkeypatch.setattr(messages, "_terminal_columns", lambda: 80)
+        monkeypatch.setattr(terminal, "terminal_columns", lambda: 80)
         rank_zero_info(LONG)
         lines = capsys.readouterr().err.strip("\n").split("\n")
         assert len(lines) > 1 and all(len(line) <= 80 for line in lines), lines
         assert " ".join(line.strip() for line in lines) == LONG
-        monkeypatch.setattr(messages, "_terminal_columns", lambda: None)
+        monkeypatch.setattr(terminal, "terminal_columns", lambda: None)
         rank_zero_info(LONG)
         assert capsys.readouterr().err == LONG + "\n"
     finally:
         remove()
-    monkeypatch.setattr(messages, "_terminal_columns", lambda: 80)
+    monkeypatch.setattr(terminal, "terminal_columns", lambda: 80)
     rank_zero_info(LONG)  # removed: Lightning's handler as before
     assert capsys.readouterr().err == LONG + "\n"

@@ -1,5 +1,6 @@
 """``lowmem --version``: the versions a bug report needs, answered at once (without importing Lightning), one line
-in a pipe, broken at words in an 80-column terminal; listed in ``lowmem --help``."""
+in a pipe, broken at words in an 80-column terminal; listed in ``lowmem --help``. ``lowmem --help`` and ``lowmem``
+alone are answered at once too (neither torch nor Lightning imported), with the full parser's words."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from lowmem_calls import LOWMEM, lowmem_in_process
 
 from lowmem_lightning import __version__
+from lowmem_lightning.cli import about
 from lowmem_lightning.cli.about import installed_version, version_line
 
 
@@ -79,3 +81,37 @@ def test_help_lists_the_version_flag(capsys, monkeypatch, tmp_path):
 
 def test_a_missing_library_is_named_not_installed():
     assert installed_version("no-such-distribution-lowmem") == "not installed"
+
+
+def test_help_and_no_subcommand_import_neither_lightning_nor_torch():
+    """``lowmem --help`` / ``-h`` (exit 0) and ``lowmem`` alone (exit 2) in a fresh interpreter: neither Lightning,
+    torch nor transformers is imported (a bare ``lowmem`` took ~7 s of their imports to say it needs a subcommand)."""
+    code = ("import sys; from lowmem_lightning.cli import main; rcs = [main(a) for a in (['--help'], ['-h'], [])]; "
+            "print(rcs, sorted(m for m in ('lightning', 'torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[0, 0, 2] []"
+    assert proc.stderr == f"lowmem: error: {about.NO_SUBCOMMAND}\n"
+
+
+@pytest.mark.parametrize("columns", ["80", "120"])
+def test_the_quick_help_is_the_full_parsers(columns, capsys, monkeypatch):
+    """What ``lowmem --help`` prints without Lightning is, character for character, what LightningCLI's parser
+    (subcommands, recipes, optimizer names, ``-V``) prints, at two terminal widths."""
+    from lowmem_lightning.cli.app import main as full_main
+
+    monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    about.print_help()
+    quick = capsys.readouterr().out
+    assert full_main(["--help"]) == 0
+    full = capsys.readouterr().out
+    assert quick == full and "Available subcommands" in full and "qlora_7b.yaml" in full and "muon_8bit" in full
+    assert max(len(line) for line in full.splitlines()) <= int(columns)
+
+
+def test_lowmem_alone_says_it_needs_a_subcommand_in_one_line(tmp_path):
+    """A real ``lowmem`` with no arguments: exit 2, one line on stderr naming the subcommands, nothing written."""
+    proc = subprocess.run([LOWMEM], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"lowmem: error: {about.NO_SUBCOMMAND}\n")
+    assert list(tmp_path.iterdir()) == []

@@ -39,7 +39,8 @@
 Modules: :mod:`~lowmem_lightning.cli.app` (the LightningCLI and :func:`main`),
 :mod:`~lowmem_lightning.cli.recipes` (the command line before parsing: recipes, default classes),
 :mod:`~lowmem_lightning.cli.config_edits` (look-ups and edits on a parsed config),
-:mod:`~lowmem_lightning.cli.messages` (one-line errors, notices), :mod:`~lowmem_lightning.cli.held_logs`
+:mod:`~lowmem_lightning.cli.messages` (one-line errors, notices), :mod:`~lowmem_lightning.cli.terminal` (text
+broken to the terminal's width, the help formatter), :mod:`~lowmem_lightning.cli.held_logs`
 (Lightning's set-up lines held until the run starts), :mod:`~lowmem_lightning.cli.resume_args` (``--ckpt_path``
 and ``--model_from_ckpt`` against the run; a new lr after a resume),
 :mod:`~lowmem_lightning.cli.checks` (inputs and outputs checked before a run),
@@ -50,7 +51,8 @@ model against the run's; ``--model_from_ckpt``), :mod:`~lowmem_lightning.cli.ver
 own ``version_N``),
 :mod:`~lowmem_lightning.cli.estimate` (``lowmem estimate``),
 :mod:`~lowmem_lightning.cli.export` (``lowmem export``), :mod:`~lowmem_lightning.cli.quiet`
-(known third-party noise), :mod:`~lowmem_lightning.cli.about` (``lowmem --version``).
+(known third-party noise), :mod:`~lowmem_lightning.cli.about` (``lowmem --version``, ``--help`` and ``lowmem`` alone,
+without Lightning).
 """
 
 from __future__ import annotations
@@ -82,14 +84,14 @@ __all__ = ["LowMemCLI", "main", "parse_fit_config", "RECIPES_DIR", "bundled_reci
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowmem`` console script (:func:`lowmem_lightning.cli.app.main`); returns the exit code.
-    ``lowmem --version`` (or ``-V``) alone prints :func:`~lowmem_lightning.cli.about.version_line` without importing
-    Lightning (the rest of the CLI needs it, and its import takes seconds)."""
+    ``lowmem --version`` (or ``-V``), ``lowmem --help`` (``-h``) and ``lowmem`` alone are answered by
+    :mod:`~lowmem_lightning.cli.about` without importing torch or Lightning (the rest of the CLI needs them, and their
+    imports take seconds)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args in (["--version"], ["-V"]):
-        from lowmem_lightning.cli.about import print_version
+    if args in ([], ["--version"], ["-V"], ["--help"], ["-h"]):
+        from lowmem_lightning.cli import about
 
-        print_version()
-        return 0
+        return about.answer(args)
     from lowmem_lightning.cli.app import main as run
 
     return run(argv)

@@ -1,5 +1,8 @@
-"""``lowmem --version``: the package's version and those of the libraries a bug report needs, read from the
-installed distributions' metadata (nothing is imported, so it answers without loading torch or Lightning)."""
+"""What ``lowmem`` says about itself without importing torch or Lightning (their imports take seconds):
+``lowmem --version`` (the package's version and those of the libraries a bug report needs, read from the installed
+distributions' metadata), ``lowmem --help`` (the subcommands, the bundled recipes and the optimizer names; the same
+text as the full parser's, which :class:`~lowmem_lightning.cli.app.LowMemCLI` builds from :data:`DESCRIPTION` and
+:data:`SUBCOMMAND_HELP` too) and ``lowmem`` alone (which subcommands there are)."""
 
 from __future__ import annotations
 
@@ -8,8 +11,76 @@ import platform
 import sys
 import textwrap
 from importlib import metadata
+from pathlib import Path
 
 from lowmem_lightning import __version__
+
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
+"""The recipes shipped in the package (a link to the repository's ``configs/`` in a source checkout)."""
+
+DESCRIPTION = (
+    "Train with PyTorch Lightning on far less memory. 'lowmem SUBCOMMAND --help' lists the options "
+    "of each subcommand; --config takes a YAML file or a bundled recipe by name: {recipes}. "
+    "--optim NAME trains it with another optimizer: {optimizers}."
+)
+"""``lowmem --help``'s description (``{recipes}``, ``{optimizers}``: :func:`description` fills them in)."""
+
+EXPORT_HELP = ("Write a checkpoint's model as a Hugging Face directory: the LoRA adapter, the merged model "
+               "(--save_merged true) or the full model, and the tokenizer.")
+"""One-line help of ``lowmem export``."""
+
+SUBCOMMAND_HELP = {
+    "fit": "Train: the recipe's model, data and optimizer; summary and plot at the end.",
+    "validate": "Run one evaluation pass over the validation set.",
+    "test": "Run one evaluation pass over the test set.",
+    "predict": "Run inference over the predict set and return the predictions.",
+    "export": EXPORT_HELP,
+    "estimate": "Memory a recipe needs with each optimizer (model built on the meta device, no weights read).",
+}
+"""One-line help of each subcommand in ``lowmem --help`` (whole sentences, not cut docstrings), in its order."""
+
+CONFIG_HELP = "Path to a configuration file in json or yaml format."
+"""Help of ``-c/--config`` (LightningCLI's words)."""
+
+VERSION_HELP = ("Print the versions of lowmem-lightning, torch, Lightning, Triton, transformers, peft, jsonargparse "
+                "and Python, and exit.")
+"""Help of ``-V/--version``."""
+
+NO_SUBCOMMAND = ("expected a subcommand: fit, validate, test, predict, export or estimate "
+                 "(see lowmem --help).")
+"""The error of ``lowmem`` given no subcommand."""
+
+
+def bundled_recipes() -> list[str]:
+    """File names of the bundled YAML recipes, sorted."""
+    if not RECIPES_DIR.is_dir():
+        return []
+    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def description() -> str:
+    """:data:`DESCRIPTION` with the bundled recipes and the registered optimizer names."""
+    from lowmem_lightning.optim.registry import available_optimizers
+
+    return DESCRIPTION.format(recipes=", ".join(bundled_recipes()) or "none",
+                              optimizers=", ".join(available_optimizers()))
+
+
+def print_help() -> None:
+    """Print ``lowmem --help`` on stdout: a parser with the full one's options and subcommands, each subcommand's
+    own options left out (``lowmem SUBCOMMAND --help`` lists those), so that jsonargparse alone is imported."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lowmem_lightning.cli.terminal import WrappedHeadingsFormatter
+
+    parser = ArgumentParser(prog="lowmem", description=description(), env_prefix="PL", default_env=False,
+                            formatter_class=WrappedHeadingsFormatter)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help=CONFIG_HELP)
+    subcommands = parser.add_subcommands()
+    parser.add_argument("-V", "--version", action="version", version="", help=VERSION_HELP)
+    for name, text in SUBCOMMAND_HELP.items():
+        subcommands.add_subcommand(name, ArgumentParser(prog=f"lowmem {name}"), help=text)
+    parser.print_help()
 
 LIBRARIES = ("torch", "lightning", "triton", "transformers", "peft", "jsonargparse")
 """Distributions named in the version line, in this order."""
@@ -40,3 +111,18 @@ def print_version() -> None:
     if columns and len(line) > columns:
         line = textwrap.fill(line, width=columns, subsequent_indent="  ", break_on_hyphens=False)
     print(line)
+
+
+def answer(args: list[str]) -> int:
+    """``lowmem`` with ``args`` one of ``[]``, ``["--version"]`` / ``["-V"]``, ``["--help"]`` / ``["-h"]``: print what
+    the full parser prints for them (:data:`NO_SUBCOMMAND` on stderr, exit code 2, for no arguments); returns the
+    exit code."""
+    if not args:
+        from lowmem_lightning.cli.terminal import usage_error
+
+        return usage_error(NO_SUBCOMMAND)
+    if args[0] in ("--version", "-V"):
+        print_version()
+    else:
+        print_help()
+    return 0

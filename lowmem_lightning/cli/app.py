@@ -26,7 +26,7 @@ from torch.multiprocessing import ProcessRaisedException
 
 from lowmem_lightning.callbacks.checkpoint_io import CheckpointWriteError, use_atomic_checkpoint_io
 from lowmem_lightning.callbacks.progress import StepsAwareRichProgressBar
-from lowmem_lightning.cli.about import version_line
+from lowmem_lightning.cli.about import NO_SUBCOMMAND, SUBCOMMAND_HELP, VERSION_HELP, description, version_line
 from lowmem_lightning.cli.checks import (
     EVALUATION_SETUP_FILES,
     ckpt_path_problem,
@@ -48,7 +48,7 @@ from lowmem_lightning.cli.config_edits import (
     optimizer_entries,
     type_model_config,
 )
-from lowmem_lightning.cli.export import EXPORT_HELP, ExportMixin
+from lowmem_lightning.cli.export import ExportMixin
 from lowmem_lightning.cli.held_logs import HeldLogs
 from lowmem_lightning.cli.messages import (
     LowMemArgumentParser,
@@ -88,23 +88,6 @@ UNTRAINED_EXIT_CODE = 1
 update was skipped for inf/NaN gradients) or that ended with inf/NaN in its weights (an optimizer that applies
 non-finite updates), so a job script sees it failed; 2 stays bad input, 143 a SIGTERM."""
 
-DESCRIPTION = (
-    "Train with PyTorch Lightning on far less memory. 'lowmem SUBCOMMAND --help' lists the options "
-    "of each subcommand; --config takes a YAML file or a bundled recipe by name: {recipes}. "
-    "--optim NAME trains it with another optimizer: {optimizers}."
-)
-
-SUBCOMMAND_HELP = {
-    "fit": "Train: the recipe's model, data and optimizer; summary and plot at the end.",
-    "validate": "Run one evaluation pass over the validation set.",
-    "test": "Run one evaluation pass over the test set.",
-    "predict": "Run inference over the predict set and return the predictions.",
-    "export": EXPORT_HELP,
-    "estimate": "Memory a recipe needs with each optimizer (model built on the meta device, no weights read).",
-}
-"""One-line help of each subcommand in ``lowmem --help`` (whole sentences, not cut docstrings)."""
-
-
 
 def _data_progress(text: str) -> None:
     """The data module's one line on a long read and tokenization (``TextDataModule.progress``), said on stderr now
@@ -133,8 +116,7 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         self.held_logs = kwargs.pop("held_logs", None)
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("prog", "lowmem")
-        parser_kwargs.setdefault("description", DESCRIPTION.format(
-            recipes=", ".join(bundled_recipes()) or "none", optimizers=", ".join(available_optimizers())))
+        parser_kwargs.setdefault("description", description())
         for name in self.subcommands():  # LightningCLI's; export's parser is made by _add_export_subcommand
             parser_kwargs.setdefault(name, {}).setdefault("description", SUBCOMMAND_HELP[name])
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
@@ -163,9 +145,7 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         """LightningCLI's subcommands, ``export`` (:mod:`~lowmem_lightning.cli.export`), and ``estimate`` listed with
         them (``main`` runs it before LightningCLI, so this parser only documents it); ``--version``."""
         super()._add_subcommands(parser, **kwargs)
-        parser.add_argument("-V", "--version", action="version", version=version_line(),
-                            help="Print the versions of lowmem-lightning, torch, Lightning, Triton, transformers, "
-                                 "peft, jsonargparse and Python, and exit.")
+        parser.add_argument("-V", "--version", action="version", version=version_line(), help=VERSION_HELP)
         action = parser._subcommands_action
         if action is None:
             return
@@ -857,8 +837,7 @@ def _run_command(argv: Sequence[str] | None) -> int:
     """:func:`main`'s work: ``estimate``, or LightningCLI with Lightning's set-up lines held until the run starts."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        return usage_error("expected a subcommand: fit, validate, test, predict, export or estimate "
-                           "(see lowmem --help).")
+        return usage_error(NO_SUBCOMMAND)
     if args[0] == "estimate":
         from lowmem_lightning.cli.estimate import estimate_main
 

@@ -38,6 +38,7 @@ from typing import Any, Literal
 import torch
 from jsonargparse import Namespace
 
+from lowmem_lightning.cli.about import EXPORT_HELP
 from lowmem_lightning.cli.checks import unwritable
 from lowmem_lightning.cli.config_edits import import_class
 from lowmem_lightning.cli.last import checkpoint_dirs, checkpoint_step, newest_any_checkpoint, recorded_best
@@ -45,10 +46,6 @@ from lowmem_lightning.cli.messages import notice
 from lowmem_lightning.cli.resume import load_checkpoint, saved_config_next_to
 
 __all__ = ["EXPORT_HELP", "ExportMixin", "first_mismatch", "export_weights", "replace_dir"]
-
-EXPORT_HELP = ("Write a checkpoint's model as a Hugging Face directory: the LoRA adapter, the merged model "
-               "(--save_merged true) or the full model, and the tokenizer.")
-"""One-line help of ``lowmem export``."""
 
 WEIGHTS = Literal["average", "training"]
 """Values of ``--weights``: the checkpoint's ``state_dict`` (the average under WeightAveraging) or its

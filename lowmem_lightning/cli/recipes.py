@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lowmem_lightning.cli.about import RECIPES_DIR, bundled_recipes
 from lowmem_lightning.cli.config_edits import is_optimizer_callback
 from lowmem_lightning.cli.messages import notice
 
 __all__ = ["RECIPES_DIR", "DEFAULT_MODEL", "DEFAULT_DATA", "SUBCOMMANDS", "bundled_recipes", "resolve_recipe",
            "resolve_config_args", "with_default_classes", "model_optimizer_as_optim"]
-
-RECIPES_DIR = Path(__file__).parent.parent / "recipes"
-"""The recipes shipped in the package (a link to the repository's ``configs/`` in a source checkout)."""
 
 DEFAULT_MODEL = "lowmem_lightning.modules.causal_lm.CausalLMModule"
 """``class_path`` of the model when a config names none."""
@@ -24,13 +22,6 @@ DEFAULT_DATA = "lowmem_lightning.data.text.TextDataModule"
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "export")
 """The subcommands of the LightningCLI parser (``export`` is :mod:`~lowmem_lightning.cli.export`'s; ``estimate`` is
 run by :func:`~lowmem_lightning.cli.app.main` itself)."""
-
-
-def bundled_recipes() -> list[str]:
-    """File names of the bundled YAML recipes, sorted."""
-    if not RECIPES_DIR.is_dir():
-        return []
-    return sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def resolve_recipe(value: str) -> str:

@@ -1,6 +1,5 @@
 """Optimizers with low-memory state. Build them by name with :func:`build_optimizer`."""
 
-from .memory import StateMemory, state_memory
 from .registry import OPTIMIZERS, available_optimizers, build_optimizer, optimizer_class, register_optimizer
 
 __all__ = [
@@ -25,7 +24,9 @@ __all__ = [
     "Muon8bit",
 ]
 
-_LAZY = {
+_LAZY = {  # imported on first use: the registry's names are read without torch (``lowmem --help``)
+    "StateMemory": "memory",
+    "state_memory": "memory",
     "AdamW8bit": "adamw8bit",
     "AdamW4bit": "adamw4bit",
     "PagedAdamW8bit": "paged",

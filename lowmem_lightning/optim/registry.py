@@ -8,8 +8,10 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the optimizers' own modules: the names are readable without it
+    import torch
 
 __all__ = ["OPTIMIZERS", "available_optimizers", "optimizer_class", "build_optimizer", "register_optimizer",
            "unknown_optimizer_message", "optimizer_keywords"]
@@ -91,6 +93,8 @@ def _warn_nearest_low_precision(name: str, optimizer: torch.optim.Optimizer) -> 
     cls = type(optimizer)
     if not cls.__module__.startswith("torch.optim"):
         return
+    import torch
+
     low = [p for group in optimizer.param_groups for p in group["params"]
            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
     if not low or (torch.distributed.is_available() and torch.distributed.is_initialized()
