@@ -18,6 +18,7 @@ from .linear4bit import Linear4bit, _check_options, _linear_tensors, _refuse_non
 
 __all__ = [
     "quantize_model", "dequantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES", "ddp_skip_nf4_buffers",
+    "unquantized_matrices", "warn_unquantized_matrices", "UNQUANTIZED_SHARE",
 ]
 
 HEAD_MODULES = ("lm_head", "classifier", "score", "classification_head", "qa_outputs")
@@ -98,7 +99,51 @@ def quantize_model(
         setattr(parent, child, Linear4bit._quantized_copy(linear, block_size, double_quant, compute_dtype))
     if targets:
         mark_loaded_in_4bit(model)
+        warn_unquantized_matrices(model, skip)
     return model
+
+
+UNQUANTIZED_SHARE = 0.10
+"""The share of a 4-bit model's weights (elements) held in matrices NF4 does not cover above which
+:func:`warn_unquantized_matrices` warns."""
+
+
+def unquantized_matrices(model: nn.Module, skip: Iterable[str] = ()) -> tuple[list[tuple[str, torch.Tensor]], int]:
+    """``([(name, param)], total)``: the floating parameters of two or more dimensions that no
+    :class:`Linear4bit` holds, outside embeddings, dense linear layers and the modules ``skip`` names (3-D MoE
+    experts, gpt-oss's ``experts.gate_up_proj``: weights NF4 leaves in full precision), and ``total``, the
+    elements of every weight of the model (a :class:`Linear4bit` counted as its dense ``out x in``)."""
+    skip = tuple(skip)
+    found, total = [], 0
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit) and module.is_quantized:
+            total += module.in_features * module.out_features
+        covered = isinstance(module, (nn.Embedding, nn.Linear)) or is_conv1d(module) or _is_skipped(name, skip)
+        for leaf, param in module.named_parameters(recurse=False):
+            total += param.numel()
+            if not covered and param.dim() >= 2 and param.is_floating_point():
+                found.append((f"{name}.{leaf}" if name else leaf, param))
+    return found, total
+
+
+def warn_unquantized_matrices(model: nn.Module, skip: Iterable[str] = ()) -> None:
+    """One ``LowMemWarning`` when more than :data:`UNQUANTIZED_SHARE` of a 4-bit ``model``'s weights are matrices
+    NF4 does not cover (:func:`unquantized_matrices`: MoE experts held as 3-D parameters), naming their share, their
+    bytes and the two largest: they stay in full precision, so the model takes several times the memory a 4-bit model
+    of its size would."""
+    found, total = unquantized_matrices(model, skip)
+    elements = sum(param.numel() for _, param in found)
+    if not total or elements <= UNQUANTIZED_SHARE * total:
+        return
+    found.sort(key=lambda item: -item[1].numel())
+    nbytes = sum(param.numel() * param.element_size() for _, param in found)
+    dtypes = sorted({str(param.dtype).removeprefix("torch.") for _, param in found})
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    warnings.warn(
+        f"quantize='nf4' covers linear layers only: {elements / total:.0%} of this {kind} model's weights "
+        f"({elements:,} params in {len(found)} tensors that are not linear layers, e.g. "
+        f"{', '.join(name for name, _ in found[:2])}) stay {'/'.join(dtypes)}, frozen: {nbytes / 1e9:.3f} GB, "
+        "as much as the unquantized model needs for them.", LowMemWarning, stacklevel=3)
 
 
 @torch.no_grad()

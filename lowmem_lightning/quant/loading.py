@@ -34,7 +34,7 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 from lowmem_lightning.hub import local_path
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
-from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit
+from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit, warn_unquantized_matrices
 from .linear4bit import (
     _QUANT_BUFFERS,
     Linear4bit,
@@ -537,6 +537,8 @@ def load_pretrained_causal_lm(
     dtype, skip = _checked_options(quantize, torch_dtype, skip, block_size, double_quant)
     path = local_path(path, "path", "weights")
     model, plan, unexpected = _planned_model(path, quantize, dtype, skip, block_size, double_quant)
+    if quantize == "nf4":  # before any tensor is read: what stays in full precision
+        warn_unquantized_matrices(model, skip)
     flags = _stream(model, plan, dtype, device)
     _refuse_nonfinite(flags, dtype)
     if unexpected:
@@ -651,6 +653,7 @@ def random_causal_lm(
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     if quantize == "nf4":
         _swap_in_meta_linear4bit(model, skip, block_size, double_quant, torch_dtype)
+        warn_unquantized_matrices(model, skip)
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     for name, module in model.named_modules():
