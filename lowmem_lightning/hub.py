@@ -18,6 +18,10 @@ bandwidth, never a corrupt cache; ``refs/`` are written atomically. ``CausalLMMo
 it is constructed (under Lightning's DDP launcher: on rank 0, before the other ranks start) and the weights in
 ``configure_model``, on every rank at once under those locks.
 
+The data's ``data_path`` takes a Hub *dataset* id the same way (:func:`resolve_dataset`): its snapshot's data files
+(the patterns the caller names: JSONL, JSON, CSV, TSV, text) are downloaded into the cache, and the snapshot is read
+as a local data directory.
+
 Every refusal is a ``ValueError`` naming the argument, the value and the fix, raised before any weight is read.
 """
 
@@ -28,7 +32,8 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["NEEDS", "PATH_PREFIXES", "is_repo_id", "split_repo_id", "resolve_pretrained", "local_path"]
+__all__ = ["NEEDS", "PATH_PREFIXES", "is_repo_id", "split_repo_id", "resolve_pretrained", "resolve_dataset",
+           "local_path", "dataset_files"]
 
 _CONFIG = ("config.json",)
 _MODEL_META = ("config.json", "generation_config.json", "model.safetensors.index.json", "model.safetensors",
@@ -43,6 +48,7 @@ _PICKLES = (".bin", ".pt", ".pth")
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"({_NAME}/{_NAME})(?:@([^\s@]+))?")
 _RESOLVED: dict[tuple, Path] = {}  # (repo id, revision, need, cache dir, offline) -> snapshot directory
+_KIND = {"model": "Hub repo", "dataset": "Hub dataset"}  # repo_type -> how a refusal names the repo
 
 
 def split_repo_id(value: str) -> tuple[str, str | None] | None:
@@ -93,6 +99,24 @@ def local_path(value: str | Path, argument: str, need: str) -> Path:
     return resolve_pretrained(value, argument, need)
 
 
+def resolve_dataset(value: str, argument: str, patterns: list[str]) -> Path:
+    """The snapshot directory of Hub dataset id ``value`` (``org/name`` or ``org/name@revision``) holding its files
+    that match ``patterns`` (``"*.jsonl"``, ...: at any depth), downloaded into the Hugging Face cache unless cached.
+    The caller has checked that ``value`` names no local path. ``ValueError`` naming ``argument`` and ``value`` as
+    :func:`resolve_pretrained` raises them (not cached while offline, not found, gated, no such revision)."""
+    repo_id, revision = split_repo_id(value)
+    key = (repo_id, revision, "dataset", tuple(patterns), *_cache_state())
+    if key not in _RESOLVED or not _RESOLVED[key].is_dir():
+        _RESOLVED[key] = _download(argument, value, repo_id, revision, list(patterns), "dataset")
+    return _RESOLVED[key]
+
+
+def dataset_files(value: str) -> set[str] | None:
+    """The file names (paths in the repo) of Hub dataset id ``value`` from the listing huggingface_hub cached while
+    downloading; ``None`` when none is cached."""
+    return _repo_files(*split_repo_id(value), "dataset")
+
+
 PATH_PREFIXES = ("./", "../", "/", "~")
 """How a value that is a local path, never a Hub repo id, may start (a repo id starts with a letter or digit)."""
 
@@ -108,11 +132,12 @@ def _no_such_path(argument: str, value: str, path: Path) -> str:
             "(org/name or org/name@revision, e.g. meta-llama/Llama-2-7b-hf).")
 
 
-def _neither_local(argument: str, value: str) -> str:
+def _neither_local(argument: str, value: str, repo_type: str = "model") -> str:
     """The start of the refusal of Hub-id-shaped ``value`` that the Hub cannot give: it is no local directory
-    either (what the user may have meant); the Hub's reason follows."""
-    return (f"Invalid {argument}={value!r}: no local directory {value!r} (relative to the working directory "
-            f"{Path.cwd()}); as a Hub repo id: ")
+    (or, for a dataset, file) either (what the user may have meant); the Hub's reason follows."""
+    local = "directory" if repo_type == "model" else "file or directory"
+    return (f"Invalid {argument}={value!r}: no local {local} {value!r} (relative to the working directory "
+            f"{Path.cwd()}); as a {_KIND[repo_type]} id: ")
 
 
 def _cache_state() -> tuple[str, bool]:
@@ -143,49 +168,53 @@ def _resolve_repo(argument: str, value: str, repo_id: str, revision: str | None,
     return folder
 
 
-def _download(argument: str, value: str, repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+def _download(argument: str, value: str, repo_id: str, revision: str | None, patterns: list[str],
+              repo_type: str = "model") -> Path:
     """``snapshot_download`` of ``patterns``; its errors become one-line ``ValueError`` s saying what to do."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns))
     except Exception as err:  # huggingface_hub raises OSError / HTTPError / ValueError subclasses
-        problem = _hub_problem(err, repo_id, revision)
+        problem = _hub_problem(err, repo_id, revision, repo_type)
         if problem is None:
             raise
-        raise ValueError(_neither_local(argument, value) + problem) from None
+        raise ValueError(_neither_local(argument, value, repo_type) + problem) from None
 
 
-def _hub_problem(err: Exception, repo_id: str, revision: str | None) -> str | None:
+def _hub_problem(err: Exception, repo_id: str, revision: str | None, repo_type: str = "model") -> str | None:
     """What went wrong, and the fix, for a huggingface_hub error (``None``: not one of its errors)."""
     from huggingface_hub import errors
 
-    url = f"https://huggingface.co/{repo_id}"
+    kind = _KIND[repo_type]
+    url = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
     login = "log in with `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(err, errors.GatedRepoError):
-        return f"Hub repo {repo_id!r} is gated: accept its license on {url} and {login}."
+        return f"{kind} {repo_id!r} is gated: accept its license on {url} and {login}."
     if isinstance(err, errors.RevisionNotFoundError):
-        return f"Hub repo {repo_id!r} has no revision {revision!r} (a branch, tag or commit of {url})."
+        return f"{kind} {repo_id!r} has no revision {revision!r} (a branch, tag or commit of {url})."
     if isinstance(err, errors.RepositoryNotFoundError) or status in (401, 403):
-        return (f"Hub repo {repo_id!r} was not found or is not accessible (HTTP {status}): check the id; for a "
+        return (f"{kind} {repo_id!r} was not found or is not accessible (HTTP {status}): check the id; for a "
                 f"private or gated repo, {login} and accept its license on {url}.")
     if isinstance(err, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-        return _not_cached(repo_id, revision)
+        return _not_cached(repo_id, revision, repo_type=repo_type)
     if isinstance(err, (errors.HfHubHTTPError, errors.HFValidationError)):
-        return f"the Hub refused Hub repo {repo_id!r}: {str(err).strip().splitlines()[0]}"
+        return f"the Hub refused {kind} {repo_id!r}: {str(err).strip().splitlines()[0]}"
     return None
 
 
-def _not_cached(repo_id: str, revision: str | None, what: str | None = None) -> str:
+def _not_cached(repo_id: str, revision: str | None, what: str | None = None, repo_type: str = "model") -> str:
     """Why the repo (or ``what`` of it, e.g. "its config.json is") cannot be had: offline and not in the cache."""
     cache, offline = _cache_state()
     why = "HF_HUB_OFFLINE=1 is set" if offline else "the Hub cannot be reached"
     at = f" at revision {revision!r}" if revision else ""
-    missing = (f"Hub repo {repo_id!r}{at} is not in the Hugging Face cache ({cache})" if what is None else
-               f"{what} not in the Hugging Face cache ({cache}) for Hub repo {repo_id!r}{at}")
+    kind = _KIND[repo_type]
+    missing = (f"{kind} {repo_id!r}{at} is not in the Hugging Face cache ({cache})" if what is None else
+               f"{what} not in the Hugging Face cache ({cache}) for {kind} {repo_id!r}{at}")
+    local = "directory" if repo_type == "model" else "file or directory"
     return (f"{why} and {missing}: download it once online{' (unset HF_HUB_OFFLINE)' if offline else ''}, or pass a "
-            "local directory.")
+            f"local {local}.")
 
 
 def _missing(name: str, repo_id: str, revision: str | None) -> str:
@@ -222,12 +251,12 @@ def _no_weights(folder: Path, repo_id: str, revision: str | None) -> str:
             "checkpoints only).")
 
 
-def _repo_files(repo_id: str, revision: str | None) -> set[str] | None:
+def _repo_files(repo_id: str, revision: str | None, repo_type: str = "model") -> set[str] | None:
     """The repo's file names from the tree listing huggingface_hub cached while downloading; ``None`` when none is
     cached (offline with a cache filled by other means)."""
     from huggingface_hub import errors, get_cached_repo_tree
 
     try:
-        return {entry.path for entry in get_cached_repo_tree(repo_id, revision=revision)}
+        return {entry.path for entry in get_cached_repo_tree(repo_id, repo_type=repo_type, revision=revision)}
     except (errors.CachedRepoTreeNotFoundError, OSError, ValueError):
         return None

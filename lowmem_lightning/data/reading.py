@@ -21,6 +21,8 @@ from lowmem_lightning.data.documents import (
     render_record,
 )
 from lowmem_lightning.data.formats import (
+    COMPRESSED_SUFFIX,
+    FORMATS,
     HF_METADATA_FILES,
     data_format,
     is_compressed,
@@ -30,9 +32,10 @@ from lowmem_lightning.data.formats import (
     refusal,
     split_lines,
 )
+from lowmem_lightning.hub import dataset_files, is_repo_id, resolve_dataset
 
-__all__ = ["SAMPLE_DIR", "ACCEPTED_FILES", "READ_CHUNK", "PROGRESS_AFTER_S", "PROGRESS_BYTES", "find_data_files",
-           "read_text_file", "read_documents", "iter_documents", "Progress"]
+__all__ = ["SAMPLE_DIR", "ACCEPTED_FILES", "HUB_DATA_PATTERNS", "READ_CHUNK", "PROGRESS_AFTER_S", "PROGRESS_BYTES",
+           "find_data_files", "read_text_file", "read_documents", "iter_documents", "Progress"]
 
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
@@ -71,19 +74,30 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+HUB_DATA_PATTERNS = tuple(f"*{ext}{gz}" for suffix in FORMATS for ext in (suffix, suffix.upper())
+                          for gz in ("", COMPRESSED_SUFFIX, COMPRESSED_SUFFIX.upper()))
+"""The files of a Hub dataset that ``data_path`` downloads (every read format, at any depth of the repo)."""
+
+
 def find_data_files(data_path: str) -> list[Path]:
     """The files behind ``data_path``: ``"sample"`` (the shipped data), one file, or every file of a read format
     under a directory (recursively, sorted; :data:`~lowmem_lightning.data.formats.FORMATS`, each optionally ``.gz``:
     ``.txt``, ``.jsonl``, ``.json``, ``.csv``, ``.tsv``); other files (README.md, images), hidden files and folders
     (``.DS_Store``, macOS' ``._NAME`` copies, ``.ipynb_checkpoints/``) and ``datasets``' metadata JSON are skipped.
+    A value naming no local path but spelled as a Hugging Face Hub dataset id (``org/name``, ``org/name@revision``;
+    not a file name: ``data/train.jsonl`` is a missing file) is that dataset: its files of those formats, downloaded
+    into the HF cache unless there (:func:`~lowmem_lightning.hub.resolve_dataset`), read as a directory.
     ``ValueError`` naming the path when it does not exist or holds no such file, and naming the file and the
     conversion to JSONL for a refused format (Parquet, Arrow / ``save_to_disk`` directories, ...:
     :func:`~lowmem_lightning.data.formats.refusal`), which a directory must not hold either (its records would be
-    silently left out)."""
+    silently left out); for a Hub dataset, the Hub's reason (not cached while offline, not found, gated) or the
+    refused format its files are stored in."""
     if data_path == "sample":
         path = SAMPLE_DIR
     else:
         path = Path(data_path).expanduser()
+    if not path.exists() and is_repo_id(data_path) and not _file_name(path):
+        return _hub_dataset_files(data_path)
     if path.is_file():
         files = [path]
     elif path.is_dir():
@@ -103,6 +117,28 @@ def find_data_files(data_path: str) -> list[Path]:
     if not files:
         raise ValueError(f"Invalid data_path={data_path!r}: the directory holds no {ACCEPTED_FILES}.")
     return files
+
+
+def _file_name(path: Path) -> bool:
+    """Whether ``path`` ends in a data file's name (``data/train.jsonl``, ``x.parquet``, ``corpus.gz``): a local file
+    that is missing, never read as a Hub dataset id."""
+    return bool(data_format(path) or refusal(path) or is_compressed(path))
+
+
+def _hub_dataset_files(data_path: str) -> list[Path]:
+    """The data files of Hub dataset id ``data_path`` (its snapshot read as a directory); ``ValueError`` naming the
+    refused format of its files when it has none that lowmem reads (Parquet: what the Hub converts datasets to)."""
+    folder = resolve_dataset(data_path, "data_path", list(HUB_DATA_PATTERNS))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder))
+                   and data_format(p) and p.name not in HF_METADATA_FILES)
+    if files:
+        return files
+    listed = sorted(dataset_files(data_path) or ())
+    refused = [refusal(Path(name)) for name in listed if refusal(Path(name))]
+    what = (f"its files are stored in a format lowmem does not read ({len(refused)} such files; the first: "
+            f"{refused[0]})" if refused else f"it holds no {ACCEPTED_FILES}" + (
+                f" (its files: {', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''})" if listed else ""))
+    raise ValueError(f"Invalid data_path={data_path!r}: Hugging Face Hub dataset {data_path!r}: {what}.")
 
 
 def _file_bytes(path: Path) -> bytes:
