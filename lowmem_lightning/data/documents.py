@@ -5,11 +5,14 @@ templates, a prompt-completion record) or, for a conversation, a
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lowmem_lightning.data.chat import ChatDocument, chat_record
 
-__all__ = ["Document", "DEFAULT_PROMPT_TEMPLATE", "DEFAULT_PROMPT_TEMPLATE_NO_INPUT", "render_record"]
+__all__ = ["Document", "DEFAULT_PROMPT_TEMPLATE", "DEFAULT_PROMPT_TEMPLATE_NO_INPUT", "RECORD_FIELDS",
+           "check_record_fields", "render_record"]
 
 
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -17,6 +20,15 @@ DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input
 
 DEFAULT_PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 """Prompt for instruction records without ``input`` (absent or empty)."""
+
+
+RECORD_FIELDS = ("text", "instruction", "input", "output", "prompt", "completion", "messages", "conversations",
+                 "tools")
+"""The record keys :func:`render_record` reads; ``record_fields`` maps them to a data set's own keys."""
+
+_QUESTION_KEYS = ("instruction", "question", "query", "problem", "prompt", "input")
+_CONTEXT_KEYS = ("input", "context")
+_ANSWER_KEYS = ("output", "response", "answer", "solution", "completion", "target")
 
 
 @dataclass(frozen=True)
@@ -27,11 +39,69 @@ class Document:
     completion: str
 
 
-def render_record(record: dict, where: str, template: str, template_no_input: str) -> Document | ChatDocument:
-    """A JSONL record as a ``Document`` (or a ``ChatDocument`` for a conversation); ``ValueError`` naming
-    ``where`` (file:line) when malformed."""
+def check_record_fields(record_fields: object) -> dict[str, str] | None:
+    """``record_fields`` as a dict ``{our key: the data's key}`` (``None``: the records use our keys); ``ValueError``
+    naming the argument, the value and what is allowed for anything else."""
+    if record_fields is None:
+        return None
+    if not isinstance(record_fields, Mapping) or not record_fields or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in record_fields.items()):
+        raise ValueError(f"Invalid record_fields={record_fields!r}: expected a mapping of this module's record keys to "
+                         "the data's own (non-empty strings), e.g. {'instruction': 'question', 'output': 'answer'}.")
+    unknown = sorted(set(record_fields) - set(RECORD_FIELDS))
+    if unknown:
+        raise ValueError(f"Invalid record_fields={dict(record_fields)!r}: {', '.join(map(repr, unknown))} is not a "
+                         f"record key this module reads; the keys: {', '.join(RECORD_FIELDS)} (each mapped to the "
+                         "data's own key).")
+    if len(set(record_fields.values())) < len(record_fields):
+        raise ValueError(f"Invalid record_fields={dict(record_fields)!r}: two of its keys name the same key of the "
+                         "data.")
+    return dict(record_fields)
+
+
+def _with_our_keys(record: dict, fields: Mapping[str, str]) -> dict:
+    """``record`` with the data's keys of ``fields`` renamed to ours (a key of ours it also has is replaced)."""
+    theirs = set(fields.values())
+    renamed = {key: value for key, value in record.items() if key not in theirs}
+    renamed.update({ours: record[key] for ours, key in fields.items() if key in record})
+    return renamed
+
+
+def _suggested_fields(record: dict) -> dict[str, str] | None:
+    """A ``record_fields`` that reads ``record`` as an instruction record (a question-like and an answer-like string
+    key, and a context-like one beside them), or ``None``."""
+    strings = [key for key, value in record.items() if isinstance(value, str)]
+    question = next((k for k in _QUESTION_KEYS if k in strings), None)
+    answer = next((k for k in _ANSWER_KEYS if k in strings and k != question), None)
+    if question is None or answer is None:
+        return None
+    context = next((k for k in _CONTEXT_KEYS if k in strings and k not in (question, answer)), None)
+    fields = {"instruction": question, **({"input": context} if context else {}), "output": answer}
+    return {ours: key for ours, key in fields.items() if ours != key} or None
+
+
+def _unread_record(record: dict, where: str, fields: Mapping[str, str] | None) -> ValueError:
+    """The refusal of a record none of whose keys this module reads, with the ``record_fields`` that would read it
+    when its keys look like an instruction record's."""
+    mapped = f" (after record_fields={dict(fields)!r})" if fields else ""
+    suggestion = _suggested_fields(record)
+    hint = (f" If its keys mean those, map them: record_fields: {json.dumps(suggestion)} "
+            f"(--data.record_fields '{json.dumps(suggestion)}')." if suggestion else "")
+    return ValueError(f"{where}: expected a string field 'text', string fields 'instruction' and 'output' "
+                      f"(and optionally 'input'), 'prompt' and 'completion', or a list 'messages' or 'conversations'; "
+                      f"found keys {sorted(record)}{mapped}.{hint}")
+
+
+def render_record(record: dict, where: str, template: str, template_no_input: str,
+                  record_fields: Mapping[str, str] | None = None) -> Document | ChatDocument:
+    """A JSONL record as a ``Document`` (or a ``ChatDocument`` for a conversation), its keys first renamed by
+    ``record_fields`` (``{our key: the data's key}``: :func:`check_record_fields`); ``ValueError`` naming ``where``
+    (file:line) when malformed."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    given = record
+    if record_fields:
+        record = _with_our_keys(record, record_fields)
     if isinstance(record.get("text"), str):
         return Document("", record["text"])
     chat = chat_record(record, where)
@@ -39,20 +109,16 @@ def render_record(record: dict, where: str, template: str, template_no_input: st
         return chat
     if "prompt" in record and "completion" in record:
         return _prompt_completion(record["prompt"], record["completion"], where, record.get("tools"))
-    fields = {k: record.get(k) for k in ("instruction", "input", "output")}
-    if not isinstance(fields["instruction"], str) or not isinstance(fields["output"], str):
-        raise ValueError(
-            f"{where}: expected a string field 'text', string fields 'instruction' and 'output' "
-            f"(and optionally 'input'), 'prompt' and 'completion', or a list 'messages' or 'conversations'; "
-            f"found keys {sorted(record)}."
-        )
-    if fields["input"] is not None and not isinstance(fields["input"], str):
-        raise ValueError(f"{where}: field 'input' must be a string, got {type(fields['input']).__name__}.")
-    if fields["input"]:
-        prompt = template.format(instruction=fields["instruction"], input=fields["input"])
+    parts = {k: record.get(k) for k in ("instruction", "input", "output")}
+    if not isinstance(parts["instruction"], str) or not isinstance(parts["output"], str):
+        raise _unread_record(given, where, record_fields)
+    if parts["input"] is not None and not isinstance(parts["input"], str):
+        raise ValueError(f"{where}: field 'input' must be a string, got {type(parts['input']).__name__}.")
+    if parts["input"]:
+        prompt = template.format(instruction=parts["instruction"], input=parts["input"])
     else:
-        prompt = template_no_input.format(instruction=fields["instruction"])
-    return Document(prompt, fields["output"])
+        prompt = template_no_input.format(instruction=parts["instruction"])
+    return Document(prompt, parts["output"])
 
 
 def _prompt_completion(prompt, completion, where: str, tools=None) -> Document | ChatDocument:

@@ -10,7 +10,7 @@ import gzip
 import io
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from lowmem_lightning.data.chat import ChatDocument
@@ -269,9 +269,10 @@ def read_documents(
     files: list[Path],
     template: str = DEFAULT_PROMPT_TEMPLATE,
     template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
+    record_fields: Mapping[str, str] | None = None,
 ) -> list[Document | ChatDocument]:
     """Every document in ``files``, as a list: :func:`iter_documents`."""
-    return list(iter_documents(files, template, template_no_input))
+    return list(iter_documents(files, template, template_no_input, record_fields=record_fields))
 
 
 def iter_documents(
@@ -279,13 +280,15 @@ def iter_documents(
     template: str = DEFAULT_PROMPT_TEMPLATE,
     template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
     progress: Progress | None = None,
+    record_fields: Mapping[str, str] | None = None,
 ) -> Iterator[Document | ChatDocument]:
     """Every document in ``files``, one at a time: a plain-text file is one document (read whole; Windows CRLF and
     old-Mac CR line ends read as LF); a JSONL line, a CSV/TSV row (read from the file line by line / row by row, so
     neither the file's text nor its records are held) or an item of a JSON array (the ``.json`` file parsed whole)
     is one record (a conversation is a ``ChatDocument``). ``ValueError`` naming the file (and line or record) for any
     file :func:`read_text_file` refuses, a file that holds no record, or a malformed record. ``progress`` follows how
-    far into the files the reading is (:class:`Progress`)."""
+    far into the files the reading is (:class:`Progress`); ``record_fields`` renames each record's keys to ours first
+    (:func:`~lowmem_lightning.data.documents.render_record`)."""
     for path in files:
         kind = data_format(path)
         if kind not in ("jsonl", "json", "csv", "tsv"):  # as Python's text mode and `datasets`' text loader: LF
@@ -294,7 +297,7 @@ def iter_documents(
             records = 0
             for where, record in _file_records(path, kind, progress):
                 records += 1
-                yield render_record(record, where, template, template_no_input)
+                yield render_record(record, where, template, template_no_input, record_fields)
             if not records:
                 raise ValueError(f"Data file {path} holds no records: add records to it or leave it out of "
                                  "data_path.")

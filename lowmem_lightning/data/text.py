@@ -82,7 +82,12 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lowmem_lightning.data.blocks import TokenBlocks, pack_blocks, record_blocks, split_indices
 from lowmem_lightning.data.chat import ChatDocument, ChatTemplate, read_chat_template
-from lowmem_lightning.data.documents import DEFAULT_PROMPT_TEMPLATE, DEFAULT_PROMPT_TEMPLATE_NO_INPUT, Document
+from lowmem_lightning.data.documents import (
+    DEFAULT_PROMPT_TEMPLATE,
+    DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
+    Document,
+    check_record_fields,
+)
 from lowmem_lightning.data.encoding import encode_documents
 from lowmem_lightning.data.loader import TrainLoader
 from lowmem_lightning.data.overflow import Overflow, check_overflow, collate_trimmed, fit_records
@@ -230,6 +235,11 @@ class TextDataModule(L.LightningDataModule):
             ``{instruction}`` and ``{input}``. The loss skips the prompt (labels -100).
         prompt_template_no_input: Prompt for instruction records without ``input``; must contain
             ``{instruction}``.
+        record_fields: The data's own record keys for the ones this module reads, ``{our key: theirs}``: Dolly's
+            ``{"input": "context", "output": "response"}``, GSM8K's ``{"instruction": "question", "output":
+            "answer"}``, ``{"messages": "dialog"}`` (our keys: :data:`~lowmem_lightning.data.documents.RECORD_FIELDS`).
+            ``None``: the records use ours. A record none of whose keys are read is refused naming its keys and, when
+            they look like an instruction record's, the ``record_fields`` that reads it.
         chat_template: Chat template for ``messages`` / ``conversations`` records: a Jinja template string
             (as in a tokenizer's ``chat_template``) or the path of a ``.jinja``, ``.j2`` or ``.txt`` file holding
             one. ``None`` uses the HF tokenizer's own template, or, for the byte tokenizer and HF tokenizers
@@ -237,7 +247,8 @@ class TextDataModule(L.LightningDataModule):
             assistant turns only.
         cache_dir: Where the token cache is kept (:mod:`~lowmem_lightning.data.token_cache`): data that took
             3 s or more to read and tokenize, or files of 8 MiB or more, is written there once, and later runs with
-            the same data files, tokenizer, templates, ``seq_len``, ``pack``, ``isolate_documents`` and ``overflow``
+            the same data files, tokenizer, templates, ``record_fields``, ``seq_len``, ``pack``,
+            ``isolate_documents`` and ``overflow``
             memory-map it instead of tokenizing again (the split, ``val_fraction`` and ``seed``, is made after).
             ``None``: ``$LOWMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowmem_lightning/tokens``, else
             ``~/.cache/lowmem_lightning/tokens``; ``False``: no cache. Clear it by deleting the directory.
@@ -270,6 +281,7 @@ class TextDataModule(L.LightningDataModule):
         overflow: Overflow | None = None,
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         prompt_template_no_input: str = DEFAULT_PROMPT_TEMPLATE_NO_INPUT,
+        record_fields: dict[str, str] | None = None,
         chat_template: str | None = None,
         cache_dir: bool | str | None = None,
         cache_limit_gb: float = CACHE_LIMIT_GB,
@@ -292,6 +304,8 @@ class TextDataModule(L.LightningDataModule):
         check_overflow(overflow, pack)
         _check_template(prompt_template, "prompt_template", ("instruction", "input"))
         _check_template(prompt_template_no_input, "prompt_template_no_input", ("instruction",))
+        self.record_fields = check_record_fields(record_fields)
+        """``record_fields`` as given (checked), or ``None``."""
         given_chat = None if chat_template is None else read_chat_template(chat_template)
         self.cache_dir = cache_directory(cache_dir)
         self.cache_limit_bytes = _limit_bytes(cache_limit_gb)
@@ -386,7 +400,7 @@ class TextDataModule(L.LightningDataModule):
         progress = Progress(self._say, str(self.hparams.data_path), self.files)
         kinds_seen = array("B")  # per record: _PLAIN, _INSTRUCTION or _CHAT
         docs = iter_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input,
-                              progress)
+                              progress, self.record_fields)
         encoded = encode_documents(_noting_kinds(docs, kinds_seen), self.tokenizer, self.chat,
                                    on_chunk=progress.update)
         kind = np.frombuffer(kinds_seen, dtype=np.uint8).copy() if kinds_seen else np.zeros(0, dtype=np.uint8)
@@ -518,7 +532,8 @@ class TextDataModule(L.LightningDataModule):
                 "special_ids": [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id],
                 "chat_template": self.chat.fingerprint(), "prompt_template": self.hparams.prompt_template,
                 "prompt_template_no_input": self.hparams.prompt_template_no_input, "seq_len": self.seq_len,
-                "pack": self.pack, "isolate_documents": self.isolate_documents, "overflow": self.overflow}
+                "pack": self.pack, "isolate_documents": self.isolate_documents, "overflow": self.overflow,
+                **({"record_fields": self.record_fields} if self.record_fields else {})}
 
     def _fit_records(self, prompted: np.ndarray, encoded: EncodedRecords) -> tuple[EncodedRecords, str | None]:
         """The encoded records after ``overflow`` (:func:`~lowmem_lightning.data.overflow.fit_records`) and its
@@ -576,6 +591,8 @@ class TextDataModule(L.LightningDataModule):
         if self.has_instructions:
             settings["prompt_template"] = self.hparams.prompt_template
             settings["prompt_template_no_input"] = self.hparams.prompt_template_no_input
+        if self.record_fields:
+            settings["record_fields"] = self.record_fields
         return settings
 
     def _applied_overflow(self) -> str | None:
@@ -784,7 +801,8 @@ class TextDataModule(L.LightningDataModule):
         fingerprints), once."""
         if self._held_out_prompted is None:
             wanted = set(self._held_out_records)
-            docs = iter_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input)
+            docs = iter_documents(self.files, self.hparams.prompt_template, self.hparams.prompt_template_no_input,
+                                  record_fields=self.record_fields)
             last = max(wanted, default=-1)
             self._held_out_prompted = [doc for i, doc in enumerate(itertools.islice(docs, last + 1)) if i in wanted]
         return self._held_out_prompted

@@ -1,0 +1,98 @@
+"""``record_fields``: data sets whose records name their fields in their own way train without a conversion step.
+Dolly's ``{instruction, context, response}``, GSM8K's ``{question, answer}``, MetaMathQA's ``{query, response}``
+were refused ("found keys [...]") and had to be rewritten to ``instruction`` / ``input`` / ``output``; now
+``record_fields`` maps our keys to theirs, and the refusal of such a record names the mapping that reads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lowmem_calls import lowmem_in_process
+
+from lowmem_lightning.data import TextDataModule
+from lowmem_lightning.data.chat import ChatDocument
+from lowmem_lightning.data.reading import read_documents
+
+DOLLY = [{"instruction": f"Name a color of {thing}.", "context": f"{thing} is {color}." if i % 2 else "",
+          "response": color, "category": "open_qa"}
+         for i, (thing, color) in enumerate([("grass", "green"), ("sky", "blue"), ("snow", "white"),
+                                             ("coal", "black"), ("blood", "red"), ("gold", "yellow")] * 10)]
+OURS = [{"instruction": r["instruction"], "input": r["context"], "output": r["response"]} for r in DOLLY]
+GSM8K = [{"question": f"What is {a} + {a}?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a}"} for a in range(40)]
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_dolly_mapped_reads_as_the_same_records_in_our_keys(tmp_path):
+    mapped = read_documents([_jsonl(tmp_path / "dolly.jsonl", DOLLY)],
+                            record_fields={"input": "context", "output": "response"})
+    assert mapped == read_documents([_jsonl(tmp_path / "ours.jsonl", OURS)])
+    assert "### Input:\ngrass is" not in mapped[0].prompt and "### Input:\nsky is blue." in mapped[1].prompt
+
+
+def test_an_unread_record_is_refused_with_the_mapping_that_reads_it(tmp_path):
+    path = _jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
+    with pytest.raises(ValueError) as info:
+        read_documents([path])
+    message = str(info.value)
+    assert message.startswith(f"{path}:1: expected a string field 'text'") and "found keys ['answer', 'question']" \
+        in message
+    assert ('map them: record_fields: {"instruction": "question", "output": "answer"} (--data.record_fields '
+            '\'{"instruction": "question", "output": "answer"}\')') in message
+    docs = read_documents([path], record_fields={"instruction": "question", "output": "answer"})
+    assert docs[3].completion == GSM8K[3]["answer"] and "What is 3 + 3?" in docs[3].prompt
+    dolly = _jsonl(tmp_path / "dolly.jsonl", [{"instruction": "x", "context": "y", "response": "z"}])
+    with pytest.raises(ValueError, match=r'record_fields: \{"input": "context", "output": "response"\}'):
+        read_documents([dolly])
+    with pytest.raises(ValueError, match=r"found keys \['context', 'instruction', 'response'\] \(after "
+                                         r"record_fields=\{'output': 'answer'\}\)"):
+        read_documents([dolly], record_fields={"output": "answer"})
+
+
+def test_a_conversation_key_maps_too(tmp_path):
+    path = _jsonl(tmp_path / "chat.jsonl", [{"dialog": [{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": "hello"}]}])
+    [doc] = read_documents([path], record_fields={"messages": "dialog"})
+    assert isinstance(doc, ChatDocument) and doc.messages[1]["content"] == "hello"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ({"answer": "output"}, "'answer' is not a record key this module reads; the keys: text, instruction"),
+    ({"instruction": "q", "input": "q"}, "two of its keys name the same key of the data"),
+    (["instruction", "question"], "expected a mapping of this module's record keys to the data's own"),
+    ({"instruction": ""}, "expected a mapping"),
+])
+def test_bad_record_fields_are_refused_before_reading(value, expected, tmp_path):
+    path = _jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
+    with pytest.raises(ValueError, match=rf"Invalid record_fields=.*{expected}"):
+        TextDataModule(str(path), record_fields=value)
+
+
+def test_the_mapping_keys_the_token_cache_and_the_checkpoints_settings(tmp_path):
+    path = _jsonl(tmp_path / "dolly.jsonl", DOLLY)
+    fields = {"input": "context", "output": "response"}
+    data = TextDataModule(str(path), seq_len=64, batch_size=2, record_fields=fields, cache_dir=False)
+    data.setup("fit")
+    assert data.state_dict()["settings"]["record_fields"] == fields and data._cache_key()["record_fields"] == fields
+    plain = TextDataModule(str(_jsonl(tmp_path / "ours.jsonl", OURS)), seq_len=64, batch_size=2, cache_dir=False)
+    assert "record_fields" not in plain._cache_key()
+
+
+def test_lowmem_fit_with_record_fields_and_the_refusal_without(tmp_path, capsys, monkeypatch):
+    path = _jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
+    small = ["--config", "tiny.yaml", "--data.data_path", str(path), "--trainer.max_steps", "2",
+             "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--data.init_args.seq_len", "64",
+             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+             "--trainer.callbacks.init_args.plot", "false"]
+    proc = lowmem_in_process(capsys, monkeypatch, tmp_path, "fit", *small)
+    assert proc.returncode == 2 and "--data.record_fields '{\"instruction\": \"question\"" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+    proc = lowmem_in_process(capsys, monkeypatch, tmp_path, "fit", *small, "--data.record_fields",
+                             '{"instruction": "question", "output": "answer"}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train_loss" in next((tmp_path / "runs").rglob("metrics.csv")).read_text()
