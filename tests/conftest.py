@@ -232,3 +232,11 @@ def gloo_env(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
+@pytest.fixture
+def no_pyarrow(monkeypatch):
+    """Parquet as without ``pyarrow`` installed (it is the optional ``parquet`` extra, installed by ``dev``)."""
+    from lowmem_lightning.data import formats
+
+    monkeypatch.setattr(formats, "parquet_readable", lambda: False)

@@ -1,7 +1,8 @@
 """The data files users have, given as ``data_path``: CSV/TSV with a header, JSON arrays (and ``{"data": [...]}``),
 gzip, BOMs and CRLF give the same records as the JSONL of the same data (no header or commas trained as text);
-Parquet, Arrow / ``save_to_disk`` directories, other compressions and UTF-16 are refused by name with what to
-convert them to, before anything is read; a directory skips unrelated files; the resume fingerprint sees the files.
+Parquet without pyarrow (``no_pyarrow``), Arrow / ``save_to_disk`` directories, other compressions and UTF-16 are
+refused by name with what to convert them to, before anything is read (Parquet read: ``test_data_parquet.py``); a
+directory skips unrelated files; the resume fingerprint sees the files.
 Two cases run a real ``lowmem fit``; the rest are in-process."""
 
 from __future__ import annotations
@@ -204,8 +205,9 @@ def _parquet_among_jsonl(d: Path) -> Path:
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda d: d / "train.parquet", r"train.parquet is Parquet, which lowmem does not read: convert with "
-                                        r"`datasets`/pandas to JSONL: datasets.Dataset.from_parquet\("),
+        (lambda d: d / "train.parquet", r"train.parquet is Parquet, which lowmem does not read: install pyarrow, "
+                                        r"which reads it \(pip install pyarrow\), or convert with `datasets`/pandas "
+                                        r"to JSONL: datasets.Dataset.from_parquet\("),
         (lambda d: d / "t.feather", r"t.feather is Feather, .*pandas.read_feather\("),
         (lambda d: d / "train.jsonl.bz2", r"train.jsonl.bz2 is bz2-compressed, .*decompress it \(gzip .gz files"),
         (lambda d: _save_to_disk(d / "saved"), r"saved is a Hugging Face `datasets` save_to_disk directory \(Arrow "
@@ -215,7 +217,7 @@ def _parquet_among_jsonl(d: Path) -> Path:
     ],
     ids=["parquet", "feather", "bz2", "save_to_disk", "dataset_dict", "directory with a parquet file"],
 )
-def test_a_format_not_read_is_refused_in_the_constructor_with_the_conversion(tmp_path, make, match):
+def test_a_format_not_read_is_refused_in_the_constructor_with_the_conversion(tmp_path, make, match, no_pyarrow):
     path = make(tmp_path)
     if not path.exists():
         path.write_bytes(b"PAR1" + os.urandom(64))
@@ -243,7 +245,7 @@ def test_a_directory_reads_its_data_files_and_skips_the_rest(tmp_path):
         TextDataModule(str(tmp_path / "none"))
 
 
-def test_upper_case_names_are_read_as_their_format(tmp_path):
+def test_upper_case_names_are_read_as_their_format(tmp_path, no_pyarrow):
     """A directory from Windows or an export tool (``TRAIN.CSV``, ``Extra.JSONL.GZ``, ``NOTES.TXT``): each read as its
     format, in any case, and a ``DATA.PARQUET`` refused as a lower-case one is (they were skipped as unknown names)."""
     folder = tmp_path / "data"
@@ -301,9 +303,9 @@ def _fit(cwd: Path, data_path: Path, run: bool = True) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_lowmem_fit_trains_on_a_csv_and_refuses_parquet(tmp_path, capsys, monkeypatch):
-    """A real ``lowmem fit`` trains on a CSV; the same folder with a Parquet file added is refused by lowmem's
-    entry point called in this process (exit 2, one error line, nothing written)."""
+def test_lowmem_fit_trains_on_a_csv_and_refuses_parquet(tmp_path, capsys, monkeypatch, no_pyarrow):
+    """A real ``lowmem fit`` trains on a CSV; the same folder with a Parquet file added is refused, without pyarrow, by
+    lowmem's entry point called in this process (exit 2, one error line, nothing written)."""
     from lowmem_lightning.cli import main
 
     data, trained = tmp_path / "data", tmp_path / "trained"
@@ -324,5 +326,6 @@ def test_lowmem_fit_trains_on_a_csv_and_refuses_parquet(tmp_path, capsys, monkey
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "train.parquet is Parquet, which lowmem does not read: convert with `datasets`/pandas to JSONL" in errors[0]
+    assert ("train.parquet is Parquet, which lowmem does not read: install pyarrow, which reads it (pip install "
+            "pyarrow), or convert with `datasets`/pandas to JSONL") in errors[0]
     assert list(refused.iterdir()) == []

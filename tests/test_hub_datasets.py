@@ -4,7 +4,8 @@
 No network here: the Hub is a hand-built cache (``datasets--ORG--NAME/`` with ``refs/main`` naming a
 ``snapshots/<40 hex>/`` folder, as huggingface_hub writes it), read offline, as on a cluster node whose cache was
 filled online. ``tiny-org/alpaca`` holds instruction records in ``data/train.jsonl`` (and a README, which is not
-data) at ``main`` and a CSV at tag ``v1``; ``tiny-org/parquet`` is a dataset the Hub stores as Parquet only.
+data) at ``main`` and a CSV at tag ``v1``; ``tiny-org/parquet`` is a dataset the Hub stores as Parquet only (read
+with pyarrow: ``test_data_parquet.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from lowmem_calls import lowmem_in_process
 
 from lowmem_lightning.data import TextDataModule
-from lowmem_lightning.data.reading import HUB_DATA_PATTERNS, find_data_files
+from lowmem_lightning.data.reading import find_data_files, hub_data_patterns
 
 MAIN, V1 = "3" * 40, "4" * 40
 RECORDS = [{"instruction": f"Say {word}.", "input": "", "output": f"{word} {word}"}
@@ -89,7 +90,7 @@ def test_an_id_not_in_the_cache_offline_is_one_line_naming_it(cache):
         assert text in message, message
 
 
-def test_a_parquet_only_dataset_names_its_format_and_the_conversion(cache, monkeypatch):
+def test_a_parquet_only_dataset_names_its_format_and_the_conversion_without_pyarrow(cache, monkeypatch, no_pyarrow):
     from lowmem_lightning import hub
 
     listed = {"README.md", "data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"}
@@ -99,7 +100,8 @@ def test_a_parquet_only_dataset_names_its_format_and_the_conversion(cache, monke
     message = str(info.value)
     assert message.startswith("Invalid data_path='tiny-org/parquet': Hugging Face Hub dataset 'tiny-org/parquet': "
                               "its files are stored in a format lowmem does not read (2 such files; the first: "
-                              "data/test-00000-of-00001.parquet is Parquet")
+                              "data/test-00000-of-00001.parquet is Parquet, which lowmem does not read: install "
+                              "pyarrow")
     assert "to_json('train.jsonl')" in message
 
 
@@ -112,7 +114,7 @@ def test_hub_errors_name_the_dataset_and_its_page(monkeypatch):
     error = errors.GatedRepoError("gated", response=httpx2.Response(403, request=request))
 
     def snapshot_download(*args, **kwargs):
-        assert kwargs["repo_type"] == "dataset" and set(kwargs["allow_patterns"]) == set(HUB_DATA_PATTERNS)
+        assert kwargs["repo_type"] == "dataset" and set(kwargs["allow_patterns"]) == set(hub_data_patterns())
         raise error
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

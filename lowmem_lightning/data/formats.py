@@ -10,29 +10,38 @@ Read (each optionally gzip-compressed, ``NAME.gz``):
   ``prompt``, ``completion``), one record per row (RFC 4180 quoting: fields may hold the delimiter, quotes and line
   breaks).
 
+- ``.parquet`` (not gzip-compressed: Parquet compresses its own columns): one record per row, read a batch of
+  rows at a time, when ``pyarrow`` is installed (``pip install lowmem-lightning[parquet]``); nested columns (a
+  ``messages`` list of ``{role, content}``) come as lists and dicts.
+
 A record is a dict checked and rendered by ``TextDataModule`` as one JSONL line is; a CSV cell is always a string.
-Parquet, Arrow (and ``datasets``' ``save_to_disk`` directories), Feather, Excel and other compressions are refused
-by name with the conversion to JSONL (:func:`refusal`).
+Parquet without ``pyarrow``, Arrow (and ``datasets``' ``save_to_disk`` directories), Feather, Excel and other
+compressions are refused by name with the conversion to JSONL (:func:`refusal`).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["FORMATS", "COMPRESSED_SUFFIX", "HF_METADATA_FILES", "data_format", "is_compressed", "refusal",
-           "jsonl_records", "json_records", "table_records", "iter_jsonl_records", "iter_table_records",
-           "split_lines"]
+__all__ = ["FORMATS", "COMPRESSED_SUFFIX", "HF_METADATA_FILES", "PARQUET_SUFFIX", "data_format", "is_compressed",
+           "parquet_readable", "refusal", "jsonl_records", "json_records", "table_records", "iter_jsonl_records",
+           "iter_table_records", "iter_parquet_records", "split_lines"]
 
 COMPRESSED_SUFFIX = ".gz"
 """The compression read as it is (gzip): ``train.jsonl.gz`` is read as ``train.jsonl``."""
 
 FORMATS = {".txt": "text", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 """Suffix -> format of the files a data directory contributes (after an optional :data:`COMPRESSED_SUFFIX`)."""
+
+PARQUET_SUFFIX = ".parquet"
+"""Parquet files: format ``"parquet"`` when :func:`parquet_readable`, else refused with the install and the
+conversion."""
 
 HF_METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"})
 """JSON files that describe a Hugging Face data set rather than hold records: a data directory skips them."""
@@ -41,8 +50,9 @@ _DELIMITERS = {"csv": ",", "tsv": "\t"}
 
 _TO_JSONL = "convert with `datasets`/pandas to JSONL: "
 _REFUSED = {
-    ".parquet": ("Parquet", _TO_JSONL + "datasets.Dataset.from_parquet({p!r}).to_json('train.jsonl') or "
-                 "pandas.read_parquet({p!r}).to_json('train.jsonl', orient='records', lines=True)"),
+    PARQUET_SUFFIX: ("Parquet", "install pyarrow, which reads it (pip install pyarrow), or " + _TO_JSONL
+                     + "datasets.Dataset.from_parquet({p!r}).to_json('train.jsonl') or "
+                     "pandas.read_parquet({p!r}).to_json('train.jsonl', orient='records', lines=True)"),
     ".arrow": ("Arrow", _TO_JSONL + "datasets.Dataset.from_file({p!r}).to_json('train.jsonl')"),
     ".feather": ("Feather", _TO_JSONL + "pandas.read_feather({p!r}).to_json('train.jsonl', orient='records', "
                  "lines=True)"),
@@ -67,10 +77,20 @@ def _inner_suffix(path: Path) -> str:
     return Path(name[: -len(COMPRESSED_SUFFIX)] if is_compressed(path) else name).suffix
 
 
+def parquet_readable() -> bool:
+    """Whether ``pyarrow``, which reads Parquet, is installed (it is not a dependency: the ``parquet`` extra)."""
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def _readable_parquet(path: Path) -> bool:
+    return _inner_suffix(path) == PARQUET_SUFFIX and not is_compressed(path) and parquet_readable()
+
+
 def data_format(path: Path) -> str | None:
     """The :data:`FORMATS` format of ``path`` by its name (``"text"``, ``"jsonl"``, ``"json"``, ``"csv"``, ``"tsv"``;
-    ``train.csv.gz`` is ``"csv"``), or ``None`` for any other name."""
-    return FORMATS.get(_inner_suffix(path))
+    ``train.csv.gz`` is ``"csv"``; ``"parquet"`` for a ``.parquet`` file when :func:`parquet_readable`), or ``None``
+    for any other name."""
+    return "parquet" if _readable_parquet(path) else FORMATS.get(_inner_suffix(path))
 
 
 def refusal(path: Path) -> str | None:
@@ -78,7 +98,7 @@ def refusal(path: Path) -> str | None:
     or ``None`` when its name is no refused format. An Arrow file beside ``datasets``' ``state.json`` or
     ``dataset_info.json`` is named as its ``save_to_disk`` directory."""
     suffix = _inner_suffix(path)
-    if suffix not in _REFUSED:
+    if suffix not in _REFUSED or _readable_parquet(path):
         return None
     if suffix == ".arrow" and any((path.parent / name).is_file() for name in ("state.json", "dataset_info.json")):
         split = (path.parent.parent / "dataset_dict.json").is_file()  # a DatasetDict: one folder per split
@@ -190,3 +210,26 @@ def _table_rows(path: Path, stream: Iterable[str], delimiter: str) -> Iterator[t
             line = reader.line_num + 1
     except csv.Error as err:
         raise ValueError(f"{path}:{line}: not valid {'CSV' if delimiter == ',' else 'TSV'} ({err}).") from None
+
+
+PARQUET_BATCH_ROWS = 1024
+"""Rows of a Parquet file read at a time by :func:`iter_parquet_records`."""
+
+
+def iter_parquet_records(path: Path) -> Iterator[tuple[str, object]]:
+    """``(where, record)`` of each row of Parquet file ``path`` (``where``: ``path:row N``, from 1), read
+    :data:`PARQUET_BATCH_ROWS` rows at a time with ``pyarrow``; ``ValueError`` naming the file when it is no readable
+    Parquet file."""
+    import pyarrow
+    import pyarrow.parquet
+
+    row = 0
+    try:
+        for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                row += 1
+                yield f"{path}:row {row}", record
+    except (pyarrow.ArrowException, OSError) as err:
+        raise ValueError(f"Data file {path} is not a readable Parquet file (after {row} rows: "
+                         f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
+                         "re-export it, or leave it out of data_path.") from None

@@ -24,25 +24,28 @@ from lowmem_lightning.data.formats import (
     COMPRESSED_SUFFIX,
     FORMATS,
     HF_METADATA_FILES,
+    PARQUET_SUFFIX,
     data_format,
     is_compressed,
     iter_jsonl_records,
+    iter_parquet_records,
     iter_table_records,
     json_records,
+    parquet_readable,
     refusal,
     split_lines,
 )
 from lowmem_lightning.hub import dataset_files, is_repo_id, resolve_dataset
 
 __all__ = ["SAMPLE_DIR", "ACCEPTED_FILES", "HUB_DATA_PATTERNS", "READ_CHUNK", "PROGRESS_AFTER_S", "PROGRESS_BYTES",
-           "find_data_files", "read_text_file", "read_documents", "iter_documents", "Progress"]
+           "hub_data_patterns", "find_data_files", "read_text_file", "read_documents", "iter_documents", "Progress"]
 
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 """The shipped sample data (``data_path="sample"``): see ``sample/SOURCE.md`` for origin and licence."""
 
 
-ACCEPTED_FILES = ".txt, .jsonl, .json, .csv or .tsv file (each also gzip-compressed, NAME.gz)"
+ACCEPTED_FILES = ".txt, .jsonl, .json, .csv or .tsv file (each also gzip-compressed, NAME.gz) or .parquet file"
 """The files ``data_path`` may name, in words (:mod:`~lowmem_lightning.data.formats`)."""
 
 _UNICODE_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"), (b"\xfe\xff", "UTF-16"),
@@ -76,19 +79,28 @@ def _hidden(relative: Path) -> bool:
 
 HUB_DATA_PATTERNS = tuple(f"*{ext}{gz}" for suffix in FORMATS for ext in (suffix, suffix.upper())
                           for gz in ("", COMPRESSED_SUFFIX, COMPRESSED_SUFFIX.upper()))
-"""The files of a Hub dataset that ``data_path`` downloads (every read format, at any depth of the repo)."""
+"""The files of a Hub dataset that ``data_path`` downloads (every read format, at any depth of the repo), Parquet
+aside (:func:`hub_data_patterns`)."""
+
+
+def hub_data_patterns() -> list[str]:
+    """:data:`HUB_DATA_PATTERNS`, and Parquet files when ``pyarrow`` reads them (without it they would be downloaded
+    to be refused)."""
+    parquet = [f"*{PARQUET_SUFFIX}", f"*{PARQUET_SUFFIX.upper()}"] if parquet_readable() else []
+    return [*HUB_DATA_PATTERNS, *parquet]
 
 
 def find_data_files(data_path: str) -> list[Path]:
     """The files behind ``data_path``: ``"sample"`` (the shipped data), one file, or every file of a read format
     under a directory (recursively, sorted; :data:`~lowmem_lightning.data.formats.FORMATS`, each optionally ``.gz``:
-    ``.txt``, ``.jsonl``, ``.json``, ``.csv``, ``.tsv``); other files (README.md, images), hidden files and folders
-    (``.DS_Store``, macOS' ``._NAME`` copies, ``.ipynb_checkpoints/``) and ``datasets``' metadata JSON are skipped.
+    ``.txt``, ``.jsonl``, ``.json``, ``.csv``, ``.tsv``; ``.parquet`` with pyarrow); other files (README.md, images),
+    hidden files and folders (``.DS_Store``, macOS' ``._NAME`` copies, ``.ipynb_checkpoints/``) and ``datasets``'
+    metadata JSON are skipped.
     A value naming no local path but spelled as a Hugging Face Hub dataset id (``org/name``, ``org/name@revision``;
     not a file name: ``data/train.jsonl`` is a missing file) is that dataset: its files of those formats, downloaded
     into the HF cache unless there (:func:`~lowmem_lightning.hub.resolve_dataset`), read as a directory.
     ``ValueError`` naming the path when it does not exist or holds no such file, and naming the file and the
-    conversion to JSONL for a refused format (Parquet, Arrow / ``save_to_disk`` directories, ...:
+    conversion to JSONL for a refused format (Parquet without pyarrow, Arrow / ``save_to_disk`` directories, ...:
     :func:`~lowmem_lightning.data.formats.refusal`), which a directory must not hold either (its records would be
     silently left out); for a Hub dataset, the Hub's reason (not cached while offline, not found, gated) or the
     refused format its files are stored in."""
@@ -127,8 +139,8 @@ def _file_name(path: Path) -> bool:
 
 def _hub_dataset_files(data_path: str) -> list[Path]:
     """The data files of Hub dataset id ``data_path`` (its snapshot read as a directory); ``ValueError`` naming the
-    refused format of its files when it has none that lowmem reads (Parquet: what the Hub converts datasets to)."""
-    folder = resolve_dataset(data_path, "data_path", list(HUB_DATA_PATTERNS))
+    refused format of its files when it has none that lowmem reads (Parquet without pyarrow)."""
+    folder = resolve_dataset(data_path, "data_path", hub_data_patterns())
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder))
                    and data_format(p) and p.name not in HF_METADATA_FILES)
     if files:
@@ -291,7 +303,7 @@ def iter_documents(
     (:func:`~lowmem_lightning.data.documents.render_record`)."""
     for path in files:
         kind = data_format(path)
-        if kind not in ("jsonl", "json", "csv", "tsv"):  # as Python's text mode and `datasets`' text loader: LF
+        if kind in (None, "text"):  # as Python's text mode and `datasets`' text loader: LF
             yield Document("", _unix_line_ends(read_text_file(path)))
         else:
             records = 0
@@ -311,11 +323,16 @@ def _unix_line_ends(text: str) -> str:
 
 
 def _file_records(path: Path, kind: str, progress: Progress | None) -> Iterator[tuple[str, object]]:
-    """``(where, record)`` of each record of a JSONL, JSON, CSV or TSV data file (``kind``,
+    """``(where, record)`` of each record of a JSONL, JSON, CSV, TSV or Parquet data file (``kind``,
     :mod:`~lowmem_lightning.data.formats`): JSONL, CSV and TSV read from the file as they are parsed, after
-    :func:`_checked_text_size` checked it; JSON parsed whole."""
+    :func:`_checked_text_size` checked it; JSON parsed whole; Parquet a batch of rows at a time."""
     if kind == "json":
         yield from json_records(path, read_text_file(path))
+        return
+    if kind == "parquet":
+        yield from iter_parquet_records(path)
+        if progress is not None:
+            progress.read(path)
         return
     size = _checked_text_size(path)
     with _opened_bytes(path, progress) as stream:

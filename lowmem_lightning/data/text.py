@@ -203,8 +203,10 @@ class TextDataModule(L.LightningDataModule):
     blocks.
 
     Args:
-        data_path: A ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` file (each also ``.gz``), a directory
-            (every such file under it; :func:`~lowmem_lightning.data.reading.find_data_files`), or ``"sample"``: the
+        data_path: A ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` file (each also ``.gz``) or, with
+            pyarrow, a ``.parquet`` file, a directory (every such file under it;
+            :func:`~lowmem_lightning.data.reading.find_data_files`), a Hugging Face Hub dataset id (``org/name``,
+            ``org/name@revision``: its such files, downloaded into the HF cache), or ``"sample"``: the
             shipped sample data (Python standard library docstrings and an instruction set made from them; PSF License,
             see ``data/sample/SOURCE.md``). A local folder that happens to be named ``sample`` is reached as
             ``./sample``.
