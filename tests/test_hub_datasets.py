@@ -18,6 +18,7 @@ from lowmem_calls import lowmem_in_process
 
 from lowmem_lightning.data import TextDataModule
 from lowmem_lightning.data.reading import find_data_files, hub_data_patterns
+from lowmem_lightning.lowmem_warning import LowMemWarning
 
 MAIN, V1 = "3" * 40, "4" * 40
 RECORDS = [{"instruction": f"Say {word}.", "input": "", "output": f"{word} {word}"}
@@ -63,6 +64,26 @@ def test_a_dataset_id_and_a_revision_read_their_snapshots_data_files(cache):
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert batch["input_ids"].shape == (2, 64) and (batch["labels"] != -100).any()
+
+
+def test_a_datasets_held_out_splits_are_left_out_and_said(cache):
+    """A dataset with train and test files (UltraChat's ``data/train_sft-*`` / ``data/test_sft-*``): training reads
+    the train files, one warning names those left out; a dataset of test files only is read whole."""
+    folder = _snapshot(cache, "tiny-org/splits", "6" * 40, "main") / "data"
+    folder.mkdir()
+    for name in ("train_sft-00000-of-00001.jsonl", "test_sft-00000-of-00001.jsonl", "validation.jsonl"):
+        (folder / name).write_text('{"text": "a line"}\n')
+    with pytest.warns(LowMemWarning) as caught:
+        files = find_data_files("tiny-org/splits")
+    assert [f.name for f in files] == ["train_sft-00000-of-00001.jsonl"]
+    [said] = [str(w.message) for w in caught]
+    assert said.startswith("data_path='tiny-org/splits': the Hub dataset's held-out split files are left out "
+                           "(data/test_sft-00000-of-00001.jsonl, data/validation.jsonl: 2 of 3); training reads "
+                           "data/train_sft-00000-of-00001.jsonl. To train on them too, download the dataset (hf "
+                           "download tiny-org/splits --repo-type dataset --local-dir DIR) and pass DIR.")
+    only_test = _snapshot(cache, "tiny-org/only-test", "7" * 40, "main")
+    (only_test / "test.jsonl").write_text('{"text": "a line"}\n')
+    assert find_data_files("tiny-org/only-test") == [only_test / "test.jsonl"]
 
 
 def test_a_local_folder_of_that_name_is_read_instead(cache, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import re
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,7 +36,8 @@ from lowmem_lightning.data.formats import (
     refusal,
     split_lines,
 )
-from lowmem_lightning.hub import dataset_files, is_repo_id, resolve_dataset
+from lowmem_lightning.hub import dataset_files, is_repo_id, resolve_dataset, split_repo_id
+from lowmem_lightning.lowmem_warning import LowMemWarning
 
 __all__ = ["SAMPLE_DIR", "ACCEPTED_FILES", "HUB_DATA_PATTERNS", "READ_CHUNK", "PROGRESS_AFTER_S", "PROGRESS_BYTES",
            "hub_data_patterns", "find_data_files", "read_text_file", "read_documents", "iter_documents", "Progress"]
@@ -137,12 +139,37 @@ def _file_name(path: Path) -> bool:
     return bool(data_format(path) or refusal(path) or is_compressed(path))
 
 
+HELD_OUT_SPLITS = frozenset({"test", "testing", "eval", "evaluation", "validation", "valid", "val", "dev"})
+"""Words that mark a Hub dataset's file as a held-out split (``data/test_sft-00000-of-00001.parquet``,
+``validation.jsonl``), as ``datasets`` names splits from file names."""
+
+
+def _held_out(relative: Path) -> bool:
+    """Whether a dataset file's path (in its repo) names a held-out split: a word of :data:`HELD_OUT_SPLITS` between
+    its separators (``/``, ``.``, ``_``, ``-``, digits)."""
+    return any(word in HELD_OUT_SPLITS for word in re.split(r"[/._\-\d\s]+", relative.as_posix().lower()))
+
+
 def _hub_dataset_files(data_path: str) -> list[Path]:
-    """The data files of Hub dataset id ``data_path`` (its snapshot read as a directory); ``ValueError`` naming the
-    refused format of its files when it has none that lowmem reads (Parquet without pyarrow)."""
+    """The data files of Hub dataset id ``data_path`` (its snapshot read as a directory), but those of its held-out
+    splits (test, validation: :func:`_held_out`) when it has others, said in one warning: ``TextDataModule`` holds
+    out its own validation blocks, and a test split trained on is no test. ``ValueError`` naming the refused format of
+    its files when it has none that lowmem reads (Parquet without pyarrow)."""
     folder = resolve_dataset(data_path, "data_path", hub_data_patterns())
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder))
                    and data_format(p) and p.name not in HF_METADATA_FILES)
+    kept = [p for p in files if not _held_out(p.relative_to(folder))]
+    if kept and len(kept) < len(files):
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        left = [p.relative_to(folder).as_posix() for p in files if p not in kept]
+        rank_zero_warn(f"data_path={data_path!r}: the Hub dataset's held-out split files are left out "
+                       f"({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: {len(left)} of {len(files)}); "
+                       f"training reads {', '.join(p.relative_to(folder).as_posix() for p in kept[:3])}"
+                       f"{', ...' if len(kept) > 3 else ''}. To train on them too, download the dataset "
+                       f"(hf download {split_repo_id(data_path)[0]} --repo-type dataset --local-dir DIR) and pass DIR.",
+                       category=LowMemWarning)
+        return kept
     if files:
         return files
     listed = sorted(dataset_files(data_path) or ())
