@@ -47,7 +47,8 @@ SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 """The shipped sample data (``data_path="sample"``): see ``sample/SOURCE.md`` for origin and licence."""
 
 
-ACCEPTED_FILES = ".txt, .jsonl, .json, .csv or .tsv file (each also gzip-compressed, NAME.gz) or .parquet file"
+ACCEPTED_FILES = (".txt, .jsonl, .json, .csv or .tsv file (each also gzip-compressed, NAME.gz) or .parquet file "
+                  "(with pyarrow)")
 """The files ``data_path`` may name, in words (:mod:`~lowmem_lightning.data.formats`)."""
 
 _UNICODE_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"), (b"\xfe\xff", "UTF-16"),
@@ -151,33 +152,40 @@ def _held_out(relative: Path) -> bool:
 
 
 def _hub_dataset_files(data_path: str) -> list[Path]:
-    """The data files of Hub dataset id ``data_path`` (its snapshot read as a directory), but those of its held-out
-    splits (test, validation: :func:`_held_out`) when it has others, said in one warning: ``TextDataModule`` holds
-    out its own validation blocks, and a test split trained on is no test. ``ValueError`` naming the refused format of
-    its files when it has none that lowmem reads (Parquet without pyarrow)."""
+    """The data files of Hub dataset id ``data_path`` (its snapshot read as a directory) but its held-out splits'
+    (:func:`_without_held_out`); ``ValueError`` naming the refused format of its files when it has none that lowmem
+    reads (Parquet without pyarrow)."""
     folder = resolve_dataset(data_path, "data_path", hub_data_patterns())
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder))
                    and data_format(p) and p.name not in HF_METADATA_FILES)
-    kept = [p for p in files if not _held_out(p.relative_to(folder))]
-    if kept and len(kept) < len(files):
-        from lightning.pytorch.utilities import rank_zero_warn
-
-        left = [p.relative_to(folder).as_posix() for p in files if p not in kept]
-        rank_zero_warn(f"data_path={data_path!r}: the Hub dataset's held-out split files are left out "
-                       f"({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: {len(left)} of {len(files)}); "
-                       f"training reads {', '.join(p.relative_to(folder).as_posix() for p in kept[:3])}"
-                       f"{', ...' if len(kept) > 3 else ''}. To train on them too, download the dataset "
-                       f"(hf download {split_repo_id(data_path)[0]} --repo-type dataset --local-dir DIR) and pass DIR.",
-                       category=LowMemWarning)
-        return kept
     if files:
-        return files
+        return _without_held_out(data_path, folder, files)
     listed = sorted(dataset_files(data_path) or ())
     refused = [refusal(Path(name)) for name in listed if refusal(Path(name))]
     what = (f"its files are stored in a format lowmem does not read ({len(refused)} such files; the first: "
             f"{refused[0]})" if refused else f"it holds no {ACCEPTED_FILES}" + (
                 f" (its files: {', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''})" if listed else ""))
     raise ValueError(f"Invalid data_path={data_path!r}: Hugging Face Hub dataset {data_path!r}: {what}.")
+
+
+def _without_held_out(data_path: str, folder: Path, files: list[Path]) -> list[Path]:
+    """``files`` (of the dataset snapshot ``folder``) but those of held-out splits (test, validation:
+    :func:`_held_out`) when there are others, said in one warning: ``TextDataModule`` holds out its own validation
+    blocks, and a test split trained on is no test. All of them when every one is held out."""
+    kept = [p for p in files if not _held_out(p.relative_to(folder))]
+    if not kept or len(kept) == len(files):
+        return files
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    def shown(paths: list[Path]) -> str:
+        return ", ".join(p.relative_to(folder).as_posix() for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+    left = [p for p in files if p not in kept]
+    rank_zero_warn(f"data_path={data_path!r}: the Hub dataset's held-out split files are left out ({shown(left)}: "
+                   f"{len(left)} of {len(files)}); training reads {shown(kept)}. To train on them too, download the "
+                   f"dataset (hf download {split_repo_id(data_path)[0]} --repo-type dataset --local-dir DIR) and pass "
+                   "DIR.", category=LowMemWarning)
+    return kept
 
 
 def _file_bytes(path: Path) -> bytes:
