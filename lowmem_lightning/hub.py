@@ -32,8 +32,8 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["NEEDS", "PATH_PREFIXES", "is_repo_id", "split_repo_id", "resolve_pretrained", "resolve_dataset",
-           "local_path", "dataset_files"]
+__all__ = ["NEEDS", "PATH_PREFIXES", "DATASET_URL", "is_repo_id", "split_repo_id", "resolve_pretrained",
+           "resolve_dataset", "dataset_parts", "dataset_files", "local_path"]
 
 _CONFIG = ("config.json",)
 _MODEL_META = ("config.json", "generation_config.json", "model.safetensors.index.json", "model.safetensors",
@@ -99,12 +99,35 @@ def local_path(value: str | Path, argument: str, need: str) -> Path:
     return resolve_pretrained(value, argument, need)
 
 
+DATASET_URL = "hf://datasets/"
+"""How a Hub dataset path starts in ``huggingface_hub``'s file-system notation: ``hf://datasets/ORG/NAME[@REVISION]``
+and a file or folder of the repo after it (``hf://datasets/HuggingFaceTB/smoltalk/data/all``)."""
+
+
+def dataset_parts(value: str) -> tuple[str, str | None, str] | None:
+    """``(repo_id, revision or None, path in the repo or "")`` of a Hub dataset id (``org/name[@revision]``) or of a
+    :data:`DATASET_URL` path; ``None`` for anything else."""
+    if not isinstance(value, str):
+        return None
+    if not value.startswith(DATASET_URL):
+        parts = split_repo_id(value)
+        return None if parts is None else (*parts, "")
+    org, _, rest = value[len(DATASET_URL):].partition("/")
+    name, _, inside = rest.partition("/")
+    parts = split_repo_id(f"{org}/{name}")
+    inside = inside.strip("/")
+    if parts is None or (inside and any(part in ("", ".", "..") for part in inside.split("/"))):
+        return None
+    return (*parts, inside)
+
+
 def resolve_dataset(value: str, argument: str, patterns: list[str]) -> Path:
-    """The snapshot directory of Hub dataset id ``value`` (``org/name`` or ``org/name@revision``) holding its files
-    that match ``patterns`` (``"*.jsonl"``, ...: at any depth), downloaded into the Hugging Face cache unless cached.
-    The caller has checked that ``value`` names no local path. ``ValueError`` naming ``argument`` and ``value`` as
-    :func:`resolve_pretrained` raises them (not cached while offline, not found, gated, no such revision)."""
-    repo_id, revision = split_repo_id(value)
+    """The snapshot directory of Hub dataset ``value`` (an id, ``org/name`` or ``org/name@revision``, or a
+    :data:`DATASET_URL` path: :func:`dataset_parts`) holding its files that match ``patterns`` (``"*.jsonl"``,
+    ``"data/all/*.jsonl"``: at any depth), downloaded into the Hugging Face cache unless cached. The caller has checked
+    that ``value`` names no local path. ``ValueError`` naming ``argument`` and ``value`` as :func:`resolve_pretrained`
+    raises them (not cached while offline, not found, gated, no such revision)."""
+    repo_id, revision, _ = dataset_parts(value)
     key = (repo_id, revision, "dataset", tuple(patterns), *_cache_state())
     if key not in _RESOLVED or not _RESOLVED[key].is_dir():
         _RESOLVED[key] = _download(argument, value, repo_id, revision, list(patterns), "dataset")
@@ -112,9 +135,10 @@ def resolve_dataset(value: str, argument: str, patterns: list[str]) -> Path:
 
 
 def dataset_files(value: str) -> set[str] | None:
-    """The file names (paths in the repo) of Hub dataset id ``value`` from the listing huggingface_hub cached while
-    downloading; ``None`` when none is cached."""
-    return _repo_files(*split_repo_id(value), "dataset")
+    """The file names (paths in the repo) of Hub dataset ``value`` (:func:`dataset_parts`) from the listing
+    huggingface_hub cached while downloading; ``None`` when none is cached."""
+    repo_id, revision, _ = dataset_parts(value)
+    return _repo_files(repo_id, revision, "dataset")
 
 
 PATH_PREFIXES = ("./", "../", "/", "~")

@@ -1,5 +1,6 @@
 """``data_path`` as a Hugging Face Hub dataset id (``org/name``, ``org/name@revision``), as a model id is taken for
-``model_name_or_path``: users write ``--data.data_path yahma/alpaca-cleaned`` and got "no such file or directory".
+``model_name_or_path``: users write ``--data.data_path yahma/alpaca-cleaned`` and got "no such file or directory";
+or a file or folder of one, ``hf://datasets/ORG/NAME[@REV]/PATH``.
 
 No network here: the Hub is a hand-built cache (``datasets--ORG--NAME/`` with ``refs/main`` naming a
 ``snapshots/<40 hex>/`` folder, as huggingface_hub writes it), read offline, as on a cluster node whose cache was
@@ -79,11 +80,34 @@ def test_a_datasets_held_out_splits_are_left_out_and_said(cache):
     [said] = [str(w.message) for w in caught]
     assert said.startswith("data_path='tiny-org/splits': the Hub dataset's held-out split files are left out "
                            "(data/test_sft-00000-of-00001.jsonl, data/validation.jsonl: 2 of 3); training reads "
-                           "data/train_sft-00000-of-00001.jsonl. To train on them too, download the dataset (hf "
-                           "download tiny-org/splits --repo-type dataset --local-dir DIR) and pass DIR.")
+                           "data/train_sft-00000-of-00001.jsonl. To train on a file or folder of your choice, name "
+                           "it: data_path=hf://datasets/tiny-org/splits/PATH.")
     only_test = _snapshot(cache, "tiny-org/only-test", "7" * 40, "main")
     (only_test / "test.jsonl").write_text('{"text": "a line"}\n')
     assert find_data_files("tiny-org/only-test") == [only_test / "test.jsonl"]
+
+
+def test_an_hf_url_picks_a_folder_or_a_file_of_the_dataset(cache):
+    """``hf://datasets/ORG/NAME[@REV]/PATH`` (huggingface_hub's file-system notation) reads the folder or file named,
+    held-out names included (the user chose them): SmolTalk's ``data/all`` beside its parts, which the whole
+    dataset would read twice."""
+    snapshot = _snapshot(cache, "tiny-org/smoltalk", "8" * 40, "main")
+    for part in ("all", "magpie", "rewrite"):
+        (snapshot / "data" / part).mkdir(parents=True)
+        for split in ("train", "test"):
+            (snapshot / "data" / part / f"{split}-00000-of-00001.jsonl").write_text('{"text": "a line"}\n')
+    url = "hf://datasets/tiny-org/smoltalk"
+    assert [f.relative_to(snapshot).as_posix() for f in find_data_files(f"{url}/data/all")] == [
+        "data/all/test-00000-of-00001.jsonl", "data/all/train-00000-of-00001.jsonl"]
+    assert find_data_files(f"{url}@main/data/magpie/train-00000-of-00001.jsonl") == [
+        snapshot / "data" / "magpie" / "train-00000-of-00001.jsonl"]
+    with pytest.warns(LowMemWarning, match="held-out split files are left out"):
+        assert len(find_data_files(url)) == 3  # the id: every train file, of every part
+    with pytest.raises(ValueError, match=r"Invalid data_path='hf://datasets/tiny-org/smoltalk/data/none': Hugging Face "
+                                         r"Hub dataset 'tiny-org/smoltalk' holds no file or folder 'data/none'"):
+        find_data_files(f"{url}/data/none")
+    with pytest.raises(ValueError, match=r"expected hf://datasets/ORG/NAME\[@REVISION\]\[/PATH IN THE REPO\]"):
+        find_data_files("hf://datasets/tiny-org")
 
 
 def test_a_local_folder_of_that_name_is_read_instead(cache, tmp_path):

@@ -36,7 +36,7 @@ from lowmem_lightning.data.formats import (
     refusal,
     split_lines,
 )
-from lowmem_lightning.hub import dataset_files, is_repo_id, resolve_dataset, split_repo_id
+from lowmem_lightning.hub import DATASET_URL, dataset_files, dataset_parts, is_repo_id, resolve_dataset
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 __all__ = ["SAMPLE_DIR", "ACCEPTED_FILES", "HUB_DATA_PATTERNS", "READ_CHUNK", "PROGRESS_AFTER_S", "PROGRESS_BYTES",
@@ -111,12 +111,12 @@ def find_data_files(data_path: str) -> list[Path]:
         path = SAMPLE_DIR
     else:
         path = Path(data_path).expanduser()
-    if not path.exists() and is_repo_id(data_path) and not _file_name(path):
+    if data_path.startswith(DATASET_URL) or not path.exists() and is_repo_id(data_path) and not _file_name(path):
         return _hub_dataset_files(data_path)
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        files = _files_under(path)
     elif path.exists():
         raise ValueError(f"Invalid data_path={data_path!r}: {path} is {_special_kind(path)}, not a regular file "
                          f"or directory; give {ACCEPTED_FILES} or a directory of them.")
@@ -152,20 +152,53 @@ def _held_out(relative: Path) -> bool:
 
 
 def _hub_dataset_files(data_path: str) -> list[Path]:
-    """The data files of Hub dataset id ``data_path`` (its snapshot read as a directory) but its held-out splits'
-    (:func:`_without_held_out`); ``ValueError`` naming the refused format of its files when it has none that lowmem
-    reads (Parquet without pyarrow)."""
-    folder = resolve_dataset(data_path, "data_path", hub_data_patterns())
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder))
-                   and data_format(p) and p.name not in HF_METADATA_FILES)
+    """The data files of Hub dataset ``data_path``: for an id, its snapshot read as a directory but its held-out
+    splits' (:func:`_without_held_out`); for a :data:`~lowmem_lightning.hub.DATASET_URL` path, the file or folder it
+    names (read as a local one is). ``ValueError`` naming ``data_path`` for a malformed URL, a path the dataset does
+    not hold, or a dataset none of whose files lowmem reads (:func:`_no_hub_data`)."""
+    parts = dataset_parts(data_path)
+    if parts is None:
+        raise ValueError(f"Invalid data_path={data_path!r}: expected {DATASET_URL}ORG/NAME[@REVISION][/PATH IN THE "
+                         "REPO] (a Hugging Face Hub dataset, a file or folder of it), e.g. "
+                         f"{DATASET_URL}HuggingFaceTB/smoltalk/data/all.")
+    inside, patterns = parts[2], hub_data_patterns()
+    if inside:
+        patterns = [inside, *(f"{inside}/{pattern}" for pattern in patterns)]
+    folder = resolve_dataset(data_path, "data_path", patterns)
+    target = folder / inside
+    if inside and target.is_file():
+        refused = refusal(target)
+        if refused:
+            raise ValueError(f"Invalid data_path={data_path!r}: {refused}")
+        return [target]
+    files = [p for p in _files_under(target) if data_format(p) and p.name not in HF_METADATA_FILES]
     if files:
-        return _without_held_out(data_path, folder, files)
-    listed = sorted(dataset_files(data_path) or ())
+        return files if inside else _without_held_out(data_path, folder, files)
+    raise _no_hub_data(data_path, inside)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (recursively, sorted), hidden ones aside (:func:`_hidden`); none when ``folder`` is
+    no directory."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
+
+
+def _no_hub_data(data_path: str, inside: str) -> ValueError:
+    """Why Hub dataset ``data_path`` gave no data file (``inside``: the path in it that was asked for, or ``""``): no
+    such path, or its files' refused format (Parquet without pyarrow), from huggingface_hub's cached listing."""
+    listing = dataset_files(data_path)
+    listed = sorted(name for name in listing or () if name.startswith(inside))
+    if inside and not listed:
+        unknown = " (or it is not in the Hugging Face cache)" if listing is None else ""
+        return ValueError(f"Invalid data_path={data_path!r}: Hugging Face Hub dataset {dataset_parts(data_path)[0]!r} "
+                          f"holds no file or folder {inside!r}{unknown}.")
     refused = [refusal(Path(name)) for name in listed if refusal(Path(name))]
     what = (f"its files are stored in a format lowmem does not read ({len(refused)} such files; the first: "
             f"{refused[0]})" if refused else f"it holds no {ACCEPTED_FILES}" + (
                 f" (its files: {', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''})" if listed else ""))
-    raise ValueError(f"Invalid data_path={data_path!r}: Hugging Face Hub dataset {data_path!r}: {what}.")
+    return ValueError(f"Invalid data_path={data_path!r}: Hugging Face Hub dataset {data_path!r}: {what}.")
 
 
 def _without_held_out(data_path: str, folder: Path, files: list[Path]) -> list[Path]:
@@ -182,9 +215,9 @@ def _without_held_out(data_path: str, folder: Path, files: list[Path]) -> list[P
 
     left = [p for p in files if p not in kept]
     rank_zero_warn(f"data_path={data_path!r}: the Hub dataset's held-out split files are left out ({shown(left)}: "
-                   f"{len(left)} of {len(files)}); training reads {shown(kept)}. To train on them too, download the "
-                   f"dataset (hf download {split_repo_id(data_path)[0]} --repo-type dataset --local-dir DIR) and pass "
-                   "DIR.", category=LowMemWarning)
+                   f"{len(left)} of {len(files)}); training reads {shown(kept)}. To train on a file or folder of "
+                   f"your choice, name it: data_path={DATASET_URL}{dataset_parts(data_path)[0]}/PATH.",
+                   category=LowMemWarning)
     return kept
 
 

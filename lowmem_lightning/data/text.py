@@ -206,7 +206,8 @@ class TextDataModule(L.LightningDataModule):
         data_path: A ``.txt`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.tsv`` file (each also ``.gz``) or, with
             pyarrow, a ``.parquet`` file, a directory (every such file under it;
             :func:`~lowmem_lightning.data.reading.find_data_files`), a Hugging Face Hub dataset id (``org/name``,
-            ``org/name@revision``: its such files, downloaded into the HF cache), or ``"sample"``: the
+            ``org/name@revision``: its such files, downloaded into the HF cache) or a file or folder of one
+            (``hf://datasets/org/name[@revision]/path``), or ``"sample"``: the
             shipped sample data (Python standard library docstrings and an instruction set made from them; PSF License,
             see ``data/sample/SOURCE.md``). A local folder that happens to be named ``sample`` is reached as
             ``./sample``.
