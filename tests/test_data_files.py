@@ -245,6 +245,27 @@ def test_a_directory_reads_its_data_files_and_skips_the_rest(tmp_path):
         TextDataModule(str(tmp_path / "none"))
 
 
+def test_a_directory_with_a_test_split_beside_its_training_files_says_it_reads_both(tmp_path):
+    """A dataset downloaded whole (``hf download ... --local-dir data``: ``data/train.jsonl``, ``data/test.jsonl``,
+    ``data/validation.jsonl``) is read whole, as the directory was given, and one warning names the held-out-looking
+    files trained on; a directory without such names says nothing."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("train.jsonl", "test.jsonl", "validation.jsonl", "devops_notes.jsonl"):
+        _jsonl(folder / name, TEXTS)
+    with pytest.warns(LowMemWarning) as caught:
+        assert len(find_data_files(str(folder))) == 4
+    assert [str(w.message) for w in caught] == [
+        f"data_path={str(folder)!r} holds files named as held-out splits (test.jsonl, validation.jsonl: 2 of 4), which "
+        "are trained on with the others; if they are a test or validation split, give the training files or their "
+        "folder instead."]
+    (folder / "test.jsonl").unlink()
+    (folder / "validation.jsonl").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LowMemWarning)
+        assert len(find_data_files(str(folder))) == 2
+
+
 def test_upper_case_names_are_read_as_their_format(tmp_path, no_pyarrow):
     """A directory from Windows or an export tool (``TRAIN.CSV``, ``Extra.JSONL.GZ``, ``NOTES.TXT``): each read as its
     format, in any case, and a ``DATA.PARQUET`` refused as a lower-case one is (they were skipped as unknown names)."""

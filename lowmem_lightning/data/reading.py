@@ -131,6 +131,7 @@ def find_data_files(data_path: str) -> list[Path]:
     files = [p for p in files if data_format(p) and p.name not in HF_METADATA_FILES]
     if not files:
         raise ValueError(f"Invalid data_path={data_path!r}: the directory holds no {ACCEPTED_FILES}.")
+    _say_held_out_read(data_path, path, files)
     return files
 
 
@@ -201,24 +202,40 @@ def _no_hub_data(data_path: str, inside: str) -> ValueError:
     return ValueError(f"Invalid data_path={data_path!r}: Hugging Face Hub dataset {data_path!r}: {what}.")
 
 
+def _shown(folder: Path, paths: list[Path]) -> str:
+    """The first three of ``paths``, relative to ``folder``, for a message (``a.jsonl, b.jsonl, c.jsonl, ...``)."""
+    return ", ".join(p.relative_to(folder).as_posix() for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
 def _without_held_out(data_path: str, folder: Path, files: list[Path]) -> list[Path]:
     """``files`` (of the dataset snapshot ``folder``) but those of held-out splits (test, validation:
     :func:`_held_out`) when there are others, said in one warning: ``TextDataModule`` holds out its own validation
     blocks, and a test split trained on is no test. All of them when every one is held out."""
-    kept = [p for p in files if not _held_out(p.relative_to(folder))]
-    if not kept or len(kept) == len(files):
+    left = [p for p in files if _held_out(p.relative_to(folder))]
+    if not left or len(left) == len(files):
         return files
     from lightning.pytorch.utilities import rank_zero_warn
 
-    def shown(paths: list[Path]) -> str:
-        return ", ".join(p.relative_to(folder).as_posix() for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
-
-    left = [p for p in files if p not in kept]
-    rank_zero_warn(f"data_path={data_path!r}: the Hub dataset's held-out split files are left out ({shown(left)}: "
-                   f"{len(left)} of {len(files)}); training reads {shown(kept)}. To train on a file or folder of "
-                   f"your choice, name it: data_path={DATASET_URL}{dataset_parts(data_path)[0]}/PATH.",
-                   category=LowMemWarning)
+    kept = [p for p in files if p not in left]
+    rank_zero_warn(f"data_path={data_path!r}: the Hub dataset's held-out split files are left out "
+                   f"({_shown(folder, left)}: {len(left)} of {len(files)}); training reads {_shown(folder, kept)}. To "
+                   f"train on a file or folder of your choice, name it: data_path={DATASET_URL}"
+                   f"{dataset_parts(data_path)[0]}/PATH.", category=LowMemWarning)
     return kept
+
+
+def _say_held_out_read(data_path: str, folder: Path, files: list[Path]) -> None:
+    """One warning when the local directory ``folder`` holds files named as held-out splits (:func:`_held_out`)
+    beside others: all are read (the directory was given), so a test split downloaded with its training data is
+    trained on unless the user gives the training files alone."""
+    held = [p for p in files if _held_out(p.relative_to(folder))]
+    if not held or len(held) == len(files):
+        return
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(f"data_path={data_path!r} holds files named as held-out splits ({_shown(folder, held)}: "
+                   f"{len(held)} of {len(files)}), which are trained on with the others; if they are a test or "
+                   "validation split, give the training files or their folder instead.", category=LowMemWarning)
 
 
 def _file_bytes(path: Path) -> bytes:
