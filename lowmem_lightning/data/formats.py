@@ -22,6 +22,7 @@ compressions are refused by name with the conversion to JSONL (:func:`refusal`).
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import io
 import json
@@ -77,8 +78,10 @@ def _inner_suffix(path: Path) -> str:
     return Path(name[: -len(COMPRESSED_SUFFIX)] if is_compressed(path) else name).suffix
 
 
+@functools.cache
 def parquet_readable() -> bool:
-    """Whether ``pyarrow``, which reads Parquet, is installed (it is not a dependency: the ``parquet`` extra)."""
+    """Whether ``pyarrow``, which reads Parquet, is installed (it is not a dependency: the ``parquet`` extra); looked
+    up once (a directory asks for each of its files)."""
     return importlib.util.find_spec("pyarrow") is not None
 
 

@@ -202,6 +202,13 @@ def _no_hub_data(data_path: str, inside: str) -> ValueError:
     return ValueError(f"Invalid data_path={data_path!r}: Hugging Face Hub dataset {data_path!r}: {what}.")
 
 
+def _held_out_beside_others(folder: Path, files: list[Path]) -> list[Path]:
+    """The ``files`` (under ``folder``) named as held-out splits (:func:`_held_out`), when others are not; else
+    none."""
+    held = [p for p in files if _held_out(p.relative_to(folder))]
+    return held if len(held) < len(files) else []
+
+
 def _shown(folder: Path, paths: list[Path]) -> str:
     """The first three of ``paths``, relative to ``folder``, for a message (``a.jsonl, b.jsonl, c.jsonl, ...``)."""
     return ", ".join(p.relative_to(folder).as_posix() for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
@@ -211,8 +218,8 @@ def _without_held_out(data_path: str, folder: Path, files: list[Path]) -> list[P
     """``files`` (of the dataset snapshot ``folder``) but those of held-out splits (test, validation:
     :func:`_held_out`) when there are others, said in one warning: ``TextDataModule`` holds out its own validation
     blocks, and a test split trained on is no test. All of them when every one is held out."""
-    left = [p for p in files if _held_out(p.relative_to(folder))]
-    if not left or len(left) == len(files):
+    left = _held_out_beside_others(folder, files)
+    if not left:
         return files
     from lightning.pytorch.utilities import rank_zero_warn
 
@@ -228,8 +235,8 @@ def _say_held_out_read(data_path: str, folder: Path, files: list[Path]) -> None:
     """One warning when the local directory ``folder`` holds files named as held-out splits (:func:`_held_out`)
     beside others: all are read (the directory was given), so a test split downloaded with its training data is
     trained on unless the user gives the training files alone."""
-    held = [p for p in files if _held_out(p.relative_to(folder))]
-    if not held or len(held) == len(files):
+    held = _held_out_beside_others(folder, files)
+    if not held:
         return
     from lightning.pytorch.utilities import rank_zero_warn
 
