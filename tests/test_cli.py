@@ -290,6 +290,13 @@ def test_bad_type(capsys, tiny_config):
     _assert_short_error(code, err, "trainer.max_steps", "many")
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs no GPU")
+def test_gpu_accelerator_without_a_gpu_names_the_argument(capsys, tiny_config):
+    code, _, err = _run(capsys, "fit", "--config", str(tiny_config), "--trainer.accelerator", "gpu")
+    _assert_short_error(code, err, "trainer.accelerator='gpu'", "no GPU", "'auto', 'cpu'")
+    assert [p.name for p in tiny_config.parent.iterdir()] == [tiny_config.name]  # nothing written
+
+
 def test_lr_without_an_optimizer_callback(capsys, tiny_config):
     code, _, err = _run(capsys, "fit", "--config", str(tiny_config), "--lr", "0.1")
     _assert_short_error(code, err, "--optim")

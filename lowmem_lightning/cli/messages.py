@@ -284,9 +284,35 @@ def shown(value: Any) -> str:
     return "unset" if value is UNSET else repr(value) if isinstance(value, str) else str(value)
 
 
+UNNAMED_SETTINGS = {"No supported gpu backend found": "accelerator"}
+"""Lightning messages that name no argument, and the Trainer argument each one is about."""
+
+
+def _available_accelerators() -> list[str]:
+    """The Trainer accelerators this machine can run (Lightning's registry, each asked ``is_available()``)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    names = sorted(AcceleratorRegistry.available_accelerators())
+    return [name for name in names if AcceleratorRegistry[name]["accelerator"].is_available()]
+
+
+def _unnamed_setting(text: str) -> str | None:
+    """The Trainer argument a Lightning message is about when the message itself names none."""
+    return next((name for start, name in UNNAMED_SETTINGS.items() if text.startswith(start)), None)
+
+
 def with_setting(text: str, group: str, settings: Any) -> str:
     """``text`` (a message of Lightning's that names an argument in backticks, ```devices```, or as ``name=``)
-    prefixed with ``GROUP.NAME=VALUE:`` from the parsed ``settings`` when it does not show the value given."""
+    prefixed with ``GROUP.NAME=VALUE:`` from the parsed ``settings`` when it does not show the value given;
+    a message that names no argument (``No supported gpu backend found!``) gets the one it is about, and for
+    the accelerator, what this machine has."""
+    unnamed = _unnamed_setting(text)
+    if unnamed is not None:
+        value = settings.get(unnamed) if hasattr(settings, "get") else None
+        if unnamed == "accelerator":
+            allowed = ", ".join(repr(name) for name in ["auto", *_available_accelerators()])
+            text = f"{text.rstrip('!')}: this machine has no GPU that torch can use. Allowed here: {allowed}."
+        return f"{group}.{unnamed}={value!r}: {text}" if value is not None else text
     names = re.findall(r"`(\w+)`|\b(\w+)=", text)
     for name in dict.fromkeys(a or b for a, b in names):
         value = settings.get(name) if hasattr(settings, "get") else None
