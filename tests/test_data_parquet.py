@@ -84,3 +84,20 @@ def test_a_hub_dataset_stored_as_parquet_trains(tmp_path, monkeypatch):
     data = TextDataModule("tiny-org/ultrachat", seq_len=64, batch_size=2, cache_dir=False)
     data.setup("fit")
     assert data.has_chat and next(iter(data.train_dataloader()))["input_ids"].shape == (2, 64)
+
+
+@pytest.mark.parametrize("with_pyarrow", [True, False])
+def test_gzip_compressed_parquet_is_refused_with_how_to_read_it(tmp_path, request, with_pyarrow):
+    import gzip
+
+    if not with_pyarrow:
+        request.getfixturevalue("no_pyarrow")
+    packed = tmp_path / "train.parquet.gz"
+    packed.write_bytes(gzip.compress(_parquet(tmp_path / "train.parquet", INSTRUCTIONS[:5]).read_bytes()))
+    (tmp_path / "train.parquet").unlink()
+    for data_path in (packed, tmp_path):  # the file, and the folder holding it
+        with pytest.raises(ValueError, match="is gzip-compressed Parquet") as refused:
+            TextDataModule(str(data_path), seq_len=16, batch_size=1, cache_dir=False).setup("fit")
+        message = str(refused.value)
+        assert f"gunzip '{packed}'" in message and "lowmem reads train.parquet" in message
+        assert ("pip install pyarrow" in message) is not with_pyarrow

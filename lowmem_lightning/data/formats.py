@@ -109,8 +109,19 @@ def refusal(path: Path) -> str | None:
         load = f"datasets.load_from_disk({folder!r})" + ("['train']" if split else "")
         return (f"{folder} is a Hugging Face `datasets` save_to_disk directory (Arrow files), which lowmem does not "
                 f"read: {_TO_JSONL}{load}.to_json('train.jsonl')")
+    if suffix == PARQUET_SUFFIX and is_compressed(path):
+        return _compressed_parquet_refusal(path)
     kind, convert = _REFUSED[suffix]
     return f"{path} is {kind}, which lowmem does not read: {convert.format(p=str(path))}"
+
+
+def _compressed_parquet_refusal(path: Path) -> str:
+    """Why a gzip-compressed Parquet file is refused: Parquet compresses its own columns and is read by seeking,
+    so it is read only as a plain ``.parquet`` (and with ``pyarrow`` installed)."""
+    plain = path.name[: -len(COMPRESSED_SUFFIX)]
+    install = "" if parquet_readable() else ", with pyarrow installed (pip install pyarrow)"
+    return (f"{path} is gzip-compressed Parquet, which lowmem does not read: Parquet compresses its own columns; "
+            f"decompress it (gunzip {str(path)!r}) and lowmem reads {plain}{install}")
 
 
 _JSONL_LINE_END = re.compile(r"\r\n|\r|\n")
