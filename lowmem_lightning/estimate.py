@@ -28,6 +28,7 @@ docstrings; ``tests/test_estimate.py`` checks both against torch's profiler on C
 from __future__ import annotations
 
 import json
+import math
 import re
 import textwrap
 from collections.abc import Iterable
@@ -217,11 +218,17 @@ def _is_linear4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit" and hasattr(module, "qweight")
 
 
+def _is_experts4bit(module: nn.Module) -> bool:
+    """An ``lowmem_lightning.quant.Experts4bit`` (MoE experts with NF4 buffers), known without importing it."""
+    return hasattr(module, "nf4_buffer_names") and hasattr(module, "layout_shape")
+
+
 def count_model(model: nn.Module) -> ModelCount:
     """Count parameters and weight bytes of ``model`` (any device; meta works, nothing is read).
 
     Shared (tied) tensors are counted once. 4-bit layers (``lowmem_lightning.quant.Linear4bit``)
-    contribute ``in * out`` parameters and their stored code/scale bytes as ``nf4``.
+    contribute ``in * out`` parameters and their stored code/scale bytes as ``nf4``; so do NF4 MoE experts
+    (``Experts4bit``: every expert's matrices).
     """
     seen: set[int] = set()
     params = adapter = token_rows = trainable = trainable_bytes = grad_bytes = largest_grad = 0
@@ -231,8 +238,13 @@ def count_model(model: nn.Module) -> ModelCount:
         if _is_linear4bit(module):
             params += module.in_features * module.out_features
             quant = [b for name, b in module.named_buffers(recurse=False) if b is not None and name != "bias"]
-            frozen["nf4"] = frozen.get("nf4", 0) + sum(_nbytes(b) for b in quant)
-            seen.update(id(b) for b in quant)
+        elif _is_experts4bit(module):  # MoE experts in NF4: every expert's matrices
+            params += sum(math.prod(module.layout_shape(proj)) for proj in module.nf4_shapes)
+            quant = [module.get_buffer(name) for name in module.nf4_buffer_names()]
+        else:
+            continue
+        frozen["nf4"] = frozen.get("nf4", 0) + sum(_nbytes(b) for b in quant)
+        seen.update(id(b) for b in quant)
     for name, param in model.named_parameters(remove_duplicate=True):
         if id(param) in seen:
             continue

@@ -8,8 +8,8 @@ adapters move; LoRA sits on the architecture's own linear projections (Phi-3's f
 ``gate_up_proj``, GPT-NeoX's ``query_key_value`` ... : the recipe's seven Llama names mean every linear layer)
 and every other linear layer is NF4; tied embeddings stay tied; the saved adapter / model reloads as users
 load it (``PeftModel.from_pretrained`` on the NF4 base, ``AutoModelForCausalLM.from_pretrained``) with the
-trained logits; MoE checkpoints stored per expert are refused for NF4 with a message naming the layout and
-``quantize: null``; the estimate counts what the model holds. One real ``lowmem fit --config qlora_7b.yaml``
+trained logits; MoE checkpoints stored per expert load with their experts in NF4 (``Experts4bit``) and train under
+the recipe; the estimate counts what the model holds. One real ``lowmem fit --config qlora_7b.yaml``
 runs on Phi-3 with the tokenizer read from the model directory.
 """
 
@@ -33,7 +33,7 @@ from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.data import TextDataModule
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
-from lowmem_lightning.quant import Linear4bit, ModelFileError
+from lowmem_lightning.quant import Linear4bit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,7 +177,7 @@ def test_target_names_the_model_lacks_are_refused_naming_its_linear_layers(model
         build_causal_lm(str(model_dirs("phi3")), None, "nf4", lora, device="meta")
 
 
-@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize("name", DENSE + MOES)
 def test_qlora_recipe_trains_and_its_adapter_reloads(name, model_dirs, tmp_path):
     from peft import PeftModel
 
@@ -233,30 +233,44 @@ def test_checkpoint_keys_are_renamed_as_transformers_renames_them(name, model_di
 
 
 @pytest.mark.parametrize("name", MOES)
-def test_moe_checkpoints_stored_per_expert_are_refused_for_nf4(name, model_dirs):
+def test_moe_checkpoints_stored_per_expert_load_with_nf4_experts(name, model_dirs):
+    """A checkpoint as the Hub holds MoE models (one tensor per expert and projection: Mixtral's ``w1``/``w3``/``w2``,
+    Qwen-MoE's ``gate_proj``/``up_proj``/``down_proj``) loads shard by shard with its experts in NF4: every tensor
+    equals ``quantize_model`` of transformers' own load (which stacks them into 3-D parameters), and no expert stays
+    in bf16 (before: refused)."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_lightning.quant import Experts4bit, load_pretrained_causal_lm, quantize_model
+
     path = model_dirs(name)
-    with pytest.raises(ModelFileError, match=r"stores \d+ tensors in a layout transformers converts while loading "
-                       r"this \w+ model \(e\.g\. '.*experts\.0\..*' into '.*experts\.(gate_up|down)_proj'"
-                       r".*quantize: null"):
-        CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA).configure_model()
+    assert any(".experts.0." in key for key in json.loads((path / "model.safetensors.index.json").read_text())[
+        "weight_map"])
+    ours = load_pretrained_causal_lm(path, torch_dtype=torch.bfloat16)
+    theirs = quantize_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), skip=("lm_head",))
+    _assert_same_tensors(ours, theirs)
+    experts = [m for m in ours.modules() if isinstance(m, Experts4bit)]
+    assert len(experts) == SIZES["num_hidden_layers"]
+    assert not [n for n, p in ours.named_parameters() if p.dim() == 3]
 
 
 @pytest.mark.parametrize("name", MOES)
-def test_lowmem_estimate_refuses_nf4_moe_checkpoints_as_fit_does(name, model_dirs, capsys):
-    """``lowmem estimate`` of the QLoRA recipe on an MoE checkpoint stored per expert: the NF4 loader's refusal, the
-    message ``lowmem fit`` prints, exit 2, nothing on stdout (before: a full estimate); with ``quantize: null`` (what
-    the message advises) it estimates."""
+def test_lowmem_estimate_counts_the_nf4_experts_fit_loads(name, model_dirs, capsys):
+    """``lowmem estimate`` of the QLoRA recipe on an MoE checkpoint: it estimates (before: the loader's refusal), with
+    the frozen NF4 bytes of the experts the fit's model holds."""
     from lowmem_lightning.cli import main
+    from lowmem_lightning.estimate import count_model
 
     path = model_dirs(name)
-    with pytest.raises(ModelFileError) as refused:
-        CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA).configure_model()
-    capsys.readouterr()  # save_pretrained's progress bar
-    args = ["estimate", "--config", "qlora_7b.yaml", "--model.model_name_or_path", str(path)]
-    assert main(args) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err == f"lowmem estimate: error: {refused.value}\n"
-    assert main([*args, "--model.quantize", "null"]) == 0
+    module = CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA, torch_dtype="bfloat16")
+    module.configure_model()
+    planned = count_model(build_causal_lm(str(path), None, "nf4", RECIPE_LORA, device="meta",
+                                          torch_dtype="bfloat16"))
+    loaded = count_model(module.model)
+    assert planned.frozen_bytes_by_dtype["nf4"] == loaded.frozen_bytes_by_dtype["nf4"]
+    assert planned.params == loaded.params
+    assert not [n for n, p in module.model.named_parameters() if p.dim() == 3]  # no expert left in bf16
+    capsys.readouterr()
+    assert main(["estimate", "--config", "qlora_7b.yaml", "--model.model_name_or_path", str(path)]) == 0
     assert "trainable params" in capsys.readouterr().out
 
 

@@ -86,8 +86,10 @@ def averaged_codes_refusal(module: nn.Module) -> str | None:
     from lightning.pytorch.callbacks import WeightAveraging
 
     nf4 = sys.modules.get("lowmem_lightning.quant.linear4bit")  # no NF4 layer exists before its module is imported
+    experts = sys.modules.get("lowmem_lightning.quant.experts")
+    kinds = tuple(k for k in (getattr(nf4, "Linear4bit", None), getattr(experts, "Experts4bit", None)) if k)
     trainer = getattr(module, "_trainer", None)
-    if nf4 is None or trainer is None or not any(isinstance(m, nf4.Linear4bit) for m in module.modules()):
+    if not kinds or trainer is None or not any(isinstance(m, kinds) for m in module.modules()):
         return None
     for callback in trainer.callbacks:
         if not isinstance(callback, WeightAveraging):

@@ -123,7 +123,7 @@ def build_meta_model(cfg: Namespace):
         if init.get("quantize") == "nf4" and init.get("model_name_or_path") is not None:
             from lowmem_lightning.quant.loading import check_pretrained_checkpoint
 
-            # what the NF4 loader of ``lowmem fit`` refuses from the headers (MoE experts stored per expert, ...)
+            # what the NF4 loader of ``lowmem fit`` refuses from the headers (shapes, missing tensors, ...)
             check_pretrained_checkpoint(init["model_name_or_path"], "nf4",
                                         init.get("torch_dtype") or torch.get_default_dtype())
         return build_causal_lm(

@@ -266,10 +266,12 @@ def _materialize_quantized(model: nn.Module, device: torch.device, dtype: torch.
     on ``device``, one layer at a time: each linear's weight is drawn (the model's own ``_init_weights``:
     normal(0, initializer_range)), quantized and freed before the next, so peak memory is the 4-bit
     model plus one dense layer, never the dense model (a 7B config fits a small GPU this way)."""
-    from lowmem_lightning.quant import Linear4bit
+    from lowmem_lightning.quant import Experts4bit, Linear4bit
 
     for module in model.modules():
-        if isinstance(module, Linear4bit):
+        if isinstance(module, Experts4bit):
+            _materialize_experts(module, device, dtype, model.config.get_text_config().initializer_range)
+        elif isinstance(module, Linear4bit):
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                               device=device, dtype=dtype)
             model._init_weights(dense)
@@ -299,6 +301,18 @@ def _from_config(cfg, quantize: str | None, dtype: torch.dtype, device: torch.de
     if device.type == "meta":
         return model
     return _materialize_quantized(model, device, dtype)
+
+
+def _materialize_experts(experts: nn.Module, device: torch.device, dtype: torch.dtype, std: float) -> None:
+    """Fill a meta :class:`~lowmem_lightning.quant.Experts4bit` on ``device``: each expert's matrix drawn from
+    normal(0, ``std``) (transformers' init of 3-D experts) and quantized before the next; biases zero."""
+    experts.to_empty(device=device, recurse=False)
+    for param in experts.parameters(recurse=False):
+        param.zero_()
+    for proj in experts.nf4_shapes:
+        _, *shape = experts.layout_shape(proj)
+        for expert in range(experts.layout_shape(proj)[0]):
+            experts.quantize_expert_(proj, expert, torch.empty(shape, device=device, dtype=dtype).normal_(0, std))
 
 
 def check_resize_embeddings(resize_embeddings: bool | int) -> None:

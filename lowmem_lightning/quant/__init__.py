@@ -1,6 +1,6 @@
-"""4-bit NF4 frozen weights (QLoRA) without bitsandbytes: ``Linear4bit``, ``quantize_model``, LoRA
-adapters through peft, and shard-by-shard loading of Hugging Face checkpoints
-(``load_pretrained_causal_lm``).
+"""4-bit NF4 frozen weights (QLoRA) without bitsandbytes: ``Linear4bit``, ``Experts4bit`` (MoE experts held as
+3-D parameters), ``quantize_model``, LoRA adapters through peft, and shard-by-shard loading of Hugging Face
+checkpoints (``load_pretrained_causal_lm``).
 
 **peft as peft users write it.** A model from :func:`quantize_model` or
 :func:`load_pretrained_causal_lm` takes the bitsandbytes QLoRA recipe unchanged::
@@ -58,6 +58,7 @@ path load with either.
 """
 
 from .convert import LoadedIn4bit, ddp_skip_nf4_buffers, dequantize_model, mark_loaded_in_4bit, quantize_model
+from .experts import Experts4bit, quantize_experts
 from .linear4bit import Linear4bit, NF4WeightHandle, NonFiniteWeightError, linear4bit_bytes
 from .loading import ModelFileError, NonFiniteCheckpointError, load_pretrained_causal_lm, random_causal_lm
 from .lora import (
@@ -71,6 +72,8 @@ from .lora import (
 
 __all__ = [
     "Linear4bit",
+    "Experts4bit",
+    "quantize_experts",
     "NF4WeightHandle",
     "LoadedIn4bit",
     "linear4bit_bytes",

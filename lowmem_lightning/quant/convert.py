@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import sys
 import warnings
 from collections.abc import Iterable
@@ -14,11 +15,12 @@ from torch import nn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
+from .experts import Experts4bit, experts_projections, is_quantizable_experts, quantize_experts
 from .linear4bit import Linear4bit, _check_options, _linear_tensors, _refuse_nonfinite, dense_layer, is_conv1d
 
 __all__ = [
     "quantize_model", "dequantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES", "ddp_skip_nf4_buffers",
-    "unquantized_matrices", "warn_unquantized_matrices", "UNQUANTIZED_SHARE",
+    "unquantized_matrices", "warn_unquantized_matrices", "UNQUANTIZED_SHARE", "holds_nf4",
 ]
 
 HEAD_MODULES = ("lm_head", "classifier", "score", "classification_head", "qa_outputs")
@@ -72,6 +74,9 @@ def quantize_model(
     dense and trainable, as transformers keeps a bitsandbytes 4-bit model's last module; ``skip=()`` quantizes every
     layer but the output embeddings. Each weight is quantized on its own device (Triton on
     CUDA) and released as soon as its layer is replaced; meta weights give meta layers (shapes only).
+    MoE experts held as 3-D parameters (transformers' experts interface: Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss,
+    ...) are quantized too, each expert's matrix on its own (:func:`~lowmem_lightning.quant.experts.quantize_experts`),
+    unless ``skip`` names them.
 
     Before any layer is replaced, the weight and bias of every layer to quantize are checked for nan /
     +-inf (one min/max reduction each, one host sync for all): any found raise
@@ -89,15 +94,21 @@ def quantize_model(
         (name, module) for name, module in model.named_modules()
         if (type(module) is nn.Linear or is_conv1d(module)) and not _is_skipped(name, skip)
     ]
+    experts = [(name, module) for name, module in model.named_modules()
+               if is_quantizable_experts(module) and not _is_skipped(name, skip)]
     named = [pair for name, linear in targets if linear.weight.device.type != "meta"
              for pair in _linear_tensors(name, linear)]
+    named += [(f"{name}.{leaf}", param) for name, module in experts
+              for leaf, param in module.named_parameters(recurse=False) if param.device.type != "meta"]
     _refuse_nonfinite(named, "quantize_model")
     del named
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Linear4bit._quantized_copy(linear, block_size, double_quant, compute_dtype))
-    if targets:
+    for _, module in experts:
+        quantize_experts(module, block_size, double_quant)
+    if targets or experts:
         mark_loaded_in_4bit(model)
         warn_unquantized_matrices(model, skip)
     return model
@@ -110,25 +121,39 @@ UNQUANTIZED_SHARE = 0.10
 
 def unquantized_matrices(model: nn.Module, skip: Iterable[str] = ()) -> tuple[list[tuple[str, torch.Tensor]], int]:
     """``([(name, param)], total)``: the floating parameters of two or more dimensions that no
-    :class:`Linear4bit` holds, outside embeddings, dense linear layers and the modules ``skip`` names (3-D MoE
-    experts, gpt-oss's ``experts.gate_up_proj``: weights NF4 leaves in full precision), and ``total``, the
-    elements of every weight of the model (a :class:`Linear4bit` counted as its dense ``out x in``)."""
+    :class:`Linear4bit` or :class:`Experts4bit` holds, outside embeddings, dense linear layers and the modules ``skip``
+    names (3-D MoE experts outside transformers' experts interface, Llama 4's ``experts.gate_up_proj``: weights NF4
+    leaves in full precision), and ``total``, the elements of every weight of the model (NF4 ones counted as their
+    dense elements)."""
     skip = tuple(skip)
     found, total = [], 0
     for name, module in model.named_modules():
-        if isinstance(module, Linear4bit) and module.is_quantized:
-            total += module.in_features * module.out_features
+        total += _nf4_elements(module)
         covered = isinstance(module, (nn.Embedding, nn.Linear)) or is_conv1d(module) or _is_skipped(name, skip)
         for leaf, param in module.named_parameters(recurse=False):
             total += param.numel()
-            if not covered and param.dim() >= 2 and param.is_floating_point():
+            if not covered and param.dim() >= 2 and param.is_floating_point() and not leaf.endswith("bias"):
                 found.append((f"{name}.{leaf}" if name else leaf, param))
     return found, total
 
 
+def holds_nf4(module: nn.Module) -> bool:
+    """Whether ``module`` itself stores weights in NF4: a 4-bit :class:`Linear4bit` or an :class:`Experts4bit`."""
+    return (isinstance(module, Linear4bit) and module.is_quantized) or isinstance(module, Experts4bit)
+
+
+def _nf4_elements(module: nn.Module) -> int:
+    """The weight elements ``module`` itself holds in NF4 (a :class:`Linear4bit`'s ``out x in``, every expert's
+    matrices of an :class:`Experts4bit`), 0 for any other module."""
+    if isinstance(module, Experts4bit):
+        return sum(math.prod(module.layout_shape(proj)) for proj in module.nf4_shapes)
+    return module.in_features * module.out_features if holds_nf4(module) else 0
+
+
 def warn_unquantized_matrices(model: nn.Module, skip: Iterable[str] = ()) -> None:
     """One ``LowMemWarning`` when more than :data:`UNQUANTIZED_SHARE` of a 4-bit ``model``'s weights are matrices
-    NF4 does not cover (:func:`unquantized_matrices`: MoE experts held as 3-D parameters), naming their share, their
+    NF4 does not cover (:func:`unquantized_matrices`: Llama 4's 3-D experts, outside transformers' experts
+    interface), naming their share, their
     bytes and the two largest: they stay in full precision, so the model takes several times the memory a 4-bit model
     of its size would."""
     found, total = unquantized_matrices(model, skip)
@@ -140,8 +165,9 @@ def warn_unquantized_matrices(model: nn.Module, skip: Iterable[str] = ()) -> Non
     dtypes = sorted({str(param.dtype).removeprefix("torch.") for _, param in found})
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     warnings.warn(
-        f"quantize='nf4' covers linear layers only: {elements / total:.0%} of this {kind} model's weights "
-        f"({elements:,} params in {len(found)} tensors that are not linear layers, e.g. "
+        f"quantize='nf4' covers linear layers and the MoE experts of transformers' experts interface: "
+        f"{elements / total:.0%} of this {kind} model's weights ({elements:,} params in {len(found)} tensors outside "
+        "them, e.g. "
         f"{', '.join(name for name, _ in found[:2])}) stay {'/'.join(dtypes)}, frozen: {nbytes / 1e9:.3f} GB, "
         "as much as the unquantized model needs for them.", LowMemWarning, stacklevel=3)
 
@@ -153,11 +179,26 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     back to (in, out)), holding ``dequantize(W)`` (or the merged weight) in the layer's ``weight_dtype``, frozen.
     ``save_pretrained`` then writes the dense architecture's tensors (``AutoModelForCausalLM.from_pretrained``
     loads it): after ``merge_and_unload()`` of adapters on some layers only, the other layers are still 4-bit.
+    An :class:`Experts4bit` gets its 3-D parameters back (decoded in its ``nf4_weight_dtype``) and its own class.
     Returns ``model`` (``is_loaded_in_4bit`` reads False once no 4-bit layer is left)."""
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, _dense_layer(layer))
+    for module in [m for m in model.modules() if isinstance(m, Experts4bit)]:
+        _dense_experts(module)
     return model
+
+
+def _dense_experts(module: Experts4bit) -> None:
+    """Make ``module`` the plain experts module it stood for: decoded 3-D parameters (frozen), no NF4 buffers."""
+    weights = {proj: module.dequantize(proj) for proj in experts_projections(module)}
+    for name in module.nf4_buffer_names():
+        del module._buffers[name]
+    module.__class__ = module._experts_base
+    for proj in ("nf4_shapes", "nf4_block_size", "nf4_double_quant", "nf4_weight_dtype"):
+        module.__dict__.pop(proj, None)
+    for proj, weight in weights.items():
+        module._parameters[proj] = nn.Parameter(weight, requires_grad=False)
 
 
 def _dense_layer(layer: Linear4bit) -> nn.Module:
@@ -184,6 +225,8 @@ def ddp_skip_nf4_buffers(module: nn.Module, group=None) -> list[str]:
 
     names = [f"{name}.{buffer}" if name else buffer for name, layer in module.named_modules()
              if isinstance(layer, Linear4bit) for buffer, _ in layer.named_buffers(recurse=False)]
+    names += [f"{name}.{buffer}" if name else buffer for name, layer in module.named_modules()
+              if isinstance(layer, Experts4bit) for buffer in layer.nf4_buffer_names()]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         source = dist.get_global_rank(group, 0) if group is not None else 0
         for name in names:
@@ -249,7 +292,7 @@ class LoadedIn4bit:
         self._model = model
 
     def __bool__(self) -> bool:
-        if not any(isinstance(m, Linear4bit) and m.is_quantized for m in self._model.modules()):
+        if not any(holds_nf4(m) for m in self._model.modules()):
             return False
         return _bitsandbytes_importable()
 

@@ -2,10 +2,12 @@
 
 The model is built with its parameters on the meta device (no memory, no random init; buffers such
 as rotary frequencies are computed for real), its ``nn.Linear`` layers (but the skipped ones) are
-swapped for empty meta :class:`Linear4bit` layers, and then the safetensors shards are read one
-tensor at a time: a linear weight is quantized to NF4 and dropped, any other tensor becomes the
-parameter. Peak host memory is therefore about the 4-bit model plus the full-precision tensors kept
-(embeddings, norms, skipped layers) plus one tensor being quantized, never the whole bf16 model.
+swapped for empty meta :class:`Linear4bit` layers and its MoE experts made :class:`Experts4bit`, and then the
+safetensors shards are read one tensor at a time: a linear weight (an expert's matrix) is quantized to NF4 and
+dropped, any other tensor becomes the parameter. Experts stored one tensor per expert (as the Hub holds Mixtral and
+Qwen-MoE; transformers stacks them into 3-D parameters while loading) are stacked here too, one expert at a time.
+Peak host memory is therefore about the 4-bit model plus the full-precision tensors kept (embeddings, norms, skipped
+layers) plus one tensor being quantized, never the whole bf16 model.
 
 Bad files name themselves (:class:`ModelFileError`, a ``ValueError``): the directory, ``config.json``
 and the index are parsed, and every safetensors header is read and checked against the model (names,
@@ -35,6 +37,7 @@ from lowmem_lightning.hub import local_path
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit, warn_unquantized_matrices
+from .experts import Experts4bit, is_quantizable_experts, quantize_experts
 from .linear4bit import (
     _QUANT_BUFFERS,
     Linear4bit,
@@ -269,6 +272,9 @@ def _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype) -> No
             )
             setattr(model.get_submodule(parent_name), child, layer)
             swapped = True
+        elif is_quantizable_experts(module) and not _is_skipped(name, skip):
+            quantize_experts(module, block_size, double_quant)  # meta parameters: meta NF4 buffers
+            swapped = True
     if swapped:
         mark_loaded_in_4bit(model)
 
@@ -284,6 +290,10 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
         tensor = tensor.to(device=device, dtype=dtype)
     if isinstance(module, Linear4bit) and leaf == "weight":
         module.quantize_weight_(tensor.t().contiguous() if module.conv1d else tensor)  # Conv1D's is (in, out)
+        return True
+    if isinstance(module, Experts4bit) and leaf in module.nf4_shapes:
+        for expert, matrix in enumerate(tensor):
+            module.quantize_expert_(leaf, expert, matrix)
         return True
     if leaf in module._parameters and module._parameters[leaf] is not None:
         old = module._parameters[leaf]
@@ -301,10 +311,21 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
 
 
 def _is_nf4_buffer(module: nn.Module, leaf: str) -> bool:
-    """Whether ``leaf`` of ``module`` is one of a :class:`Linear4bit`'s NF4 code / scale buffers: a checkpoint
-    written by ``save_pretrained`` of a 4-bit model holds these instead of the layer's ``weight``, and they are
-    placed as stored (fp32 scales are not cast to the load dtype)."""
+    """Whether ``leaf`` of ``module`` is one of a :class:`Linear4bit`'s or an :class:`Experts4bit`'s NF4 code / scale
+    buffers: a checkpoint written by ``save_pretrained`` of a 4-bit model holds these instead of the layer's
+    ``weight`` (the experts' 3-D projections), and they are placed as stored (fp32 scales are not cast to the load
+    dtype)."""
+    if isinstance(module, Experts4bit):
+        return leaf in module.nf4_buffer_names()
     return isinstance(module, Linear4bit) and leaf in _QUANT_BUFFERS
+
+
+def _nf4_weight_of(module: nn.Module, leaf: str) -> str | None:
+    """The weight a saved NF4 code buffer ``leaf`` of ``module`` stands for (``qweight`` -> ``weight`` of a
+    :class:`Linear4bit`, ``gate_up_proj_qweight`` -> ``gate_up_proj`` of an :class:`Experts4bit`), else None."""
+    if not _is_nf4_buffer(module, leaf) or not leaf.endswith("qweight"):
+        return None
+    return "weight" if isinstance(module, Linear4bit) else leaf.removesuffix("_qweight")
 
 
 def _ignored_keys(model: nn.Module) -> re.Pattern:
@@ -339,6 +360,10 @@ def _expected(model: nn.Module) -> dict[str, torch.Tensor]:
             shape = (module.in_features, module.out_features) if module.conv1d else (
                 module.out_features, module.in_features)  # as the checkpoint stores it
             tensors[f"{prefix}weight"] = torch.empty(shape, dtype=module.weight_dtype, device="meta")
+        elif isinstance(module, Experts4bit):
+            for proj in module.nf4_shapes:
+                tensors[f"{name}.{proj}"] = torch.empty(module.layout_shape(proj), dtype=module.nf4_weight_dtype,
+                                                        device="meta")
     return tensors
 
 
@@ -349,40 +374,99 @@ def _required(model: nn.Module) -> list[set[str]]:
     for name, module in model.named_modules():
         if isinstance(module, Linear4bit):
             groups[id(module)] = {f"{name}.weight" if name else "weight"}
+        elif isinstance(module, Experts4bit):
+            groups.update({id(module._buffers[f"{proj}_qweight"]): {f"{name}.{proj}"} for proj in module.nf4_shapes})
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, tensor in tensors:
         module_name, _, leaf = name.rpartition(".")
-        if tensor.device.type != "meta" or (
-            leaf in _QUANT_BUFFERS and isinstance(model.get_submodule(module_name), Linear4bit)
-        ):
+        if tensor.device.type != "meta" or _is_nf4_buffer(model.get_submodule(module_name), leaf):
             continue
         groups.setdefault(id(tensor), set()).add(name)
     return list(groups.values())
 
 
 def _key_conversions(model: nn.Module):
-    """``key -> (renamed key, converter pattern or None)``: the renames transformers applies to this model's
-    checkpoint keys while loading (its ``get_model_conversion_mapping``: GPT-NeoX's ``embed_out`` is the model's
-    ``lm_head``), and whether a key is one a converter merges with others (MoE experts stored one per expert)."""
+    """``(convert, converters)``: ``convert(key) -> (renamed key, converter pattern or None)`` applies the renames
+    transformers applies to this model's checkpoint keys while loading (its ``get_model_conversion_mapping``:
+    GPT-NeoX's ``embed_out`` is the model's ``lm_head``) and says whether a key is one a converter merges with others
+    (MoE experts stored one per expert); ``converters`` maps each such source pattern to its ``WeightConverter``."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    return lambda key: rename_source_key(key, renamings, converters)
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    return (lambda key: rename_source_key(key, renamings, converters)), by_pattern
+
+
+class ExpertParts(tuple):
+    """A plan entry's key for one expert's matrix of a 3-D experts projection stored one tensor per expert (and per
+    part: Mixtral's ``w1`` and ``w3`` make ``gate_up_proj``): ``(expert, ((file, key), ...))``, the parts in the order
+    they are concatenated (rows)."""
+
+    expert = property(lambda self: self[0])
+    parts = property(lambda self: self[1])
+
+
+def _stacks_experts(converter) -> bool:
+    """Whether a transformers ``WeightConverter`` only stacks per-expert tensors (``MergeModulelist(dim=0)``) and
+    concatenates the stacks along their rows (``Concatenate(dim=1)``): the conversions the NF4 loader does itself."""
+    kinds = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    return kinds in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)])
+
+
+def _expert_index(pattern: str, key: str) -> int | None:
+    """The expert number a per-expert checkpoint key holds where its converter pattern has ``*``."""
+    found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)") + "$", key)
+    return int(found.group(1)) if found else None
 
 
 def _refuse_converted(path: Path, converted: list[tuple[str, str]], model: nn.Module) -> None:
-    """:class:`ModelFileError` for checkpoint tensors that transformers merges or splits while loading."""
+    """:class:`ModelFileError` for checkpoint tensors that transformers converts while loading in a way the loader does
+    not (it stacks per-expert tensors and concatenates their parts only)."""
     key, target = converted[0]
     kind = getattr(model.config, "model_type", type(model).__name__)
     raise ModelFileError(path, (
-        f"stores {len(converted)} tensors in a layout transformers converts while loading this {kind} model "
-        f"(e.g. {key!r} into {target!r}, with the other experts' tensors); the NF4 loader reads tensors as "
-        "stored and does not convert them, and NF4 covers linear layers only (experts held as 3-D parameters "
-        "would stay in bf16 anyway). Train this model with quantize: null (a full fine-tune or LoRA on bf16 "
-        "weights, loaded by transformers)."), what="Checkpoint")
+        f"stores tensors in a layout transformers converts while loading this {kind} model (e.g. {key!r} into "
+        f"{target!r}) with operations the NF4 loader does not do (it stacks tensors stored one per expert into "
+        "their 3-D parameter, joining gate and up parts). Train this model with quantize: null (a full fine-tune "
+        "or LoRA on bf16 weights, loaded by transformers)."), what="Checkpoint")
+
+
+def _expert_plan(model, path: Path, converted, converters, expected) -> list[tuple[Path, ExpertParts, str]]:
+    """Plan entries ``(file, ExpertParts, model name)`` for checkpoint tensors stored one per expert (``converted``:
+    ``(file, key, renamed key, pattern, shape)``), one per expert of each 3-D projection, checked from the headers:
+    every expert's every part present with the rows and columns the projection needs. :func:`_refuse_converted` for
+    a conversion the loader does not do (another operation, a transposed layout, a target the model lacks)."""
+    groups: dict[str, dict[int, dict[int, tuple[Path, str, tuple]]]] = {}
+    counts: dict[str, int] = {}
+    for file, key, renamed, pattern, shape in converted:
+        converter, target = converters[pattern], _model_key(model, renamed, set(expected))
+        module = model.get_submodule(target.rpartition(".")[0]) if target is not None else None
+        expert = _expert_index(pattern, key)
+        if (target is None or expert is None or not _stacks_experts(converter) or len(shape) != 2
+                or getattr(module, "is_transposed", True)):
+            _refuse_converted(path, [(key, renamed)], model)
+        counts[target] = len(converter.source_patterns)
+        groups.setdefault(target, {}).setdefault(expert, {})[converter.source_patterns.index(pattern)] = (
+            file, key, shape)
+    plan = []
+    for target, experts in groups.items():
+        count, (total, rows, cols) = counts[target], tuple(expected[target].shape)
+        for expert in range(total):
+            stored = [experts.get(expert, {}).get(part) for part in range(count)]
+            if None in stored or sum(p[2][0] for p in stored) != rows or {p[2][1] for p in stored} != {cols}:
+                held = [(p[1], p[2]) for p in stored if p is not None]
+                raise ModelFileError(path, f"holds expert {expert} of {target!r} as {held or 'no tensor'}: the model "
+                                     f"of config.json needs {count} tensor{'s' if count > 1 else ''} of {cols} columns "
+                                     f"and {rows} rows in all for each of its {total} experts.", what="Checkpoint")
+            plan.append((stored[0][0], ExpertParts((expert, tuple((f, k) for f, k, _ in stored))), target))
+        extra = sorted(set(experts) - set(range(total)))
+        if extra:
+            raise ModelFileError(path, f"holds expert {extra[0]} of {target!r}, but the model of config.json has "
+                                 f"{total} experts there.", what="Checkpoint")
+    return plan
 
 
 def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[Path, str, str]], list[str]]:
@@ -391,17 +475,21 @@ def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[P
     Keys are first renamed as transformers renames them for this model (:func:`_key_conversions`). Returns
     ([(file, checkpoint key, model name)], unexpected keys). :class:`ModelFileError` naming the file for a
     tensor of the wrong shape or of a non-floating dtype where the model has a floating tensor, and for
-    tensors the model needs that no file holds; naming the directory for tensors transformers would merge
-    (MoE experts stored per expert)."""
+    tensors the model needs that no file holds. MoE experts stored one tensor per expert (Mixtral's ``w1`` / ``w3`` /
+    ``w2``, Qwen-MoE's ``gate_proj`` / ``up_proj`` / ``down_proj``, which transformers stacks into 3-D parameters) get
+    one entry per expert (:func:`_expert_plan`), the directory named when one is missing or of another shape."""
     expected = _expected(model)
     names = set(expected)
-    convert = _key_conversions(model)
+    convert, converters = _key_conversions(model)
     plan, unexpected, converted = [], [], []
     for file, header in headers.items():
         for key, (code, shape) in header.items():
             renamed, merged = convert(key)
             if merged is not None:
-                converted.append((key, renamed))
+                if code not in _FLOAT_CODES:
+                    raise ModelFileError(file, f"holds {key!r} as {code}; the model expects a floating-point tensor "
+                                         "(a quantized or foreign checkpoint?).")
+                converted.append((file, key, renamed, merged, shape))
                 continue
             target = _model_key(model, renamed, names)
             if target is None:
@@ -418,11 +506,14 @@ def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[P
                                      "(a quantized or foreign checkpoint?).")
             plan.append((file, key, target))
     if converted:
-        _refuse_converted(path, converted, model)
+        plan += _expert_plan(model, path, converted, converters, expected)
     provided = {target for _, _, target in plan}
     # a Linear4bit's codes, as save_pretrained of a 4-bit model wrote them, provide its weight
-    provided |= {f"{target.removesuffix('qweight')}weight" for target in provided if target.endswith("qweight")
-                 and _is_nf4_buffer(model.get_submodule(target.rpartition(".")[0]), "qweight")}
+    for target in [t for t in provided if t.endswith("qweight")]:
+        module_name, _, leaf = target.rpartition(".")
+        weight = _nf4_weight_of(model.get_submodule(module_name), leaf)
+        if weight is not None:
+            provided.add(f"{module_name}.{weight}" if module_name else weight)
     missing = sorted(min(group) for group in _required(model) if not group & provided)
     if missing:
         _refuse_missing(path, missing, weight_map, headers, unexpected)
@@ -512,25 +603,24 @@ def load_pretrained_causal_lm(
     ``org/name[@revision]`` is first resolved to its snapshot in the HF cache (config and safetensors downloaded
     unless cached: :func:`~lowmem_lightning.hub.resolve_pretrained`, ``ValueError`` when it cannot be).
 
-    ``quantize="nf4"``: every ``nn.Linear`` whose name is not in ``skip`` becomes a frozen
-    :class:`Linear4bit` (block ``block_size``, ``double_quant``), quantized on ``device`` (Triton on
-    CUDA) as its weight is read; ``None`` loads full precision. Other tensors are cast to
-    ``torch_dtype``. The result equals ``quantize_model(AutoModelForCausalLM.from_pretrained(path,
-    dtype=torch_dtype), skip, ...)`` while peak host memory stays near the 4-bit model plus the
-    unquantized tensors plus one tensor. Checkpoint tensors the model has no place for are skipped with
-    a warning (obsolete ones, like per-layer ``rotary_emb.inv_freq``, silently). A directory written by
-    ``save_pretrained`` of a 4-bit model (NF4 codes and scales in place of the linear weights) loads with
-    ``quantize="nf4"`` and the ``skip``, ``block_size`` and ``double_quant`` it was quantized with: its codes and
-    fp32 scales are placed as stored, nothing is re-quantized.
+    ``quantize="nf4"``: every ``nn.Linear`` whose name is not in ``skip`` becomes a frozen :class:`Linear4bit`
+    (block ``block_size``, ``double_quant``), and every MoE experts module of transformers' experts interface an
+    :class:`Experts4bit`, quantized on ``device`` (Triton on CUDA) as its weight is read; ``None`` loads full
+    precision. Other tensors are cast to ``torch_dtype``. The result equals
+    ``quantize_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype), skip, ...)`` while peak host
+    memory stays near the 4-bit model plus the unquantized tensors plus one tensor. Checkpoint tensors the model has
+    no place for are skipped with a warning (obsolete ones, like per-layer ``rotary_emb.inv_freq``, silently). A
+    directory written by ``save_pretrained`` of a 4-bit model (NF4 codes and scales in place of the linear weights)
+    loads with ``quantize="nf4"`` and the ``skip``, ``block_size`` and ``double_quant`` it was quantized with: its
+    codes and fp32 scales are placed as stored, nothing is re-quantized.
 
-    Raises :class:`ModelFileError` (a ValueError) naming the file, before any tensor data is read,
-    for: a missing directory or ``config.json``; an empty, garbled or foreign ``config.json`` or
-    index; a shard the index lists that is missing; an empty, truncated or non-safetensors file; a
-    tensor of the wrong shape or dtype; tensors the model needs that no file holds (tied weights
-    excepted). Raises :class:`NonFiniteCheckpointError` after the last shard when any floating tensor
-    read (quantized or kept dense) holds a nan or +-inf, or overflows ``torch_dtype``, naming each
-    such tensor, its file and its non-finite count (one host sync for all tensors). No model is
-    returned in either case.
+    Raises :class:`ModelFileError` (a ValueError) naming the file, before any tensor data is read, for: a missing
+    directory or ``config.json``; an empty, garbled or foreign ``config.json`` or index; a shard the index lists
+    that is missing; an empty, truncated or non-safetensors file; a tensor of the wrong shape or dtype; tensors the
+    model needs that no file holds (tied weights excepted; for experts stored one tensor per expert, each expert's
+    parts). Raises :class:`NonFiniteCheckpointError` after the last shard when any floating tensor read (quantized
+    or kept dense) holds a nan or +-inf, or overflows ``torch_dtype``, naming each such tensor, its file and its
+    non-finite count (one host sync for all tensors). No model is returned in either case.
     """
     from transformers import GenerationConfig
 
@@ -587,8 +677,8 @@ def check_pretrained_checkpoint(path: str | Path, quantize: str | None = "nf4",
                                 torch_dtype: torch.dtype | str = torch.bfloat16, skip=("lm_head",)) -> None:
     """Refuse what :func:`load_pretrained_causal_lm` (same arguments) refuses before it reads any tensor data, with
     the same :class:`ModelFileError`, reading only ``config.json`` and the safetensors headers (no weights): an
-    unreadable layout, a tensor of another shape, tensors the model needs that no file holds, MoE experts stored one
-    tensor per expert (which transformers merges while loading: refused for NF4). ``lowmem estimate`` calls it on
+    unreadable layout, a tensor of another shape, tensors the model needs that no file holds (an expert's part among
+    them). ``lowmem estimate`` calls it on
     the checkpoint an NF4 recipe would load, so it refuses what ``lowmem fit`` refuses. A directory that holds no
     weight file at all (``config.json`` only: an architecture, such as the recipes' ``llama-2-7b``) is left to the
     config-only estimate. A Hub repo id is resolved with only its ``config.json`` fetched, so its weights are checked
@@ -601,17 +691,53 @@ def check_pretrained_checkpoint(path: str | Path, quantize: str | None = "nf4",
     _planned_model(path, quantize, dtype, skip, 64, True)
 
 
+def _opened(file: Path):
+    """``safe_open`` of ``file`` (a context manager), or :class:`ModelFileError` naming it."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(file, _safetensors_problem(file, err)) from None
+
+
+def _place_expert(model, target: str, entry: ExpertParts, shard, file: Path, dtype, device) -> list:
+    """Read one expert's parts (from ``shard``, the open ``file``, or their own files), join their rows and put the
+    matrix into expert ``entry.expert`` of the 3-D projection ``target`` (quantized in an :class:`Experts4bit`);
+    returns the parts' nan/inf flags."""
+    parts, flags = [], []
+    for part_file, key in entry.parts:
+        if part_file == file:
+            tensor = _get_tensor(shard, file, key)
+        else:
+            with _opened(part_file) as other:
+                tensor = _get_tensor(other, part_file, key)
+        tensor = tensor.to(device=device, dtype=dtype)
+        flags.append((part_file, key, target, _nonfinite_flag(tensor)))
+        parts.append(tensor)
+    matrix = torch.cat(parts) if len(parts) > 1 else parts[0]
+    module_name, _, leaf = target.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, Experts4bit):
+        module.quantize_expert_(leaf, entry.expert, matrix)
+        return flags
+    param = module._parameters[leaf]
+    if param.device.type == "meta":
+        param = module._parameters[leaf] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+                                                        requires_grad=param.requires_grad)
+    with torch.no_grad():
+        param[entry.expert].copy_(matrix)
+    return flags
+
+
 def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tensor]]:
     """Read the planned tensors file by file into ``model`` (quantizing ``Linear4bit`` weights); returns
     a nan/inf flag (a 0-dim device bool, not yet read) per floating tensor read."""
     flags = []
     for file in dict.fromkeys(file for file, _, _ in plan):
-        try:
-            shard_cm = safe_open(str(file), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise ModelFileError(file, _safetensors_problem(file, err)) from None
-        with shard_cm as shard:
+        with _opened(file) as shard:
             for _, key, target in (entry for entry in plan if entry[0] == file):
+                if isinstance(key, ExpertParts):
+                    flags += _place_expert(model, target, key, shard, file, dtype, device)
+                    continue
                 tensor = _get_tensor(shard, file, key)
                 module_name, _, leaf = target.rpartition(".")
                 if tensor.is_floating_point():
@@ -659,6 +785,8 @@ def random_causal_lm(
     for name, module in model.named_modules():
         if isinstance(module, Linear4bit):
             shapes[f"{name}.weight"] = (module.out_features, module.in_features)
+        elif isinstance(module, Experts4bit):
+            shapes.update({f"{name}.{proj}": module.layout_shape(proj) for proj in module.nf4_shapes})
     for key, shape in shapes.items():
         if not _still_on_meta_key(model, key):
             continue
@@ -679,14 +807,19 @@ def random_causal_lm(
 
 
 def _still_on_meta_key(model: nn.Module, key: str) -> bool:
-    """Whether tensor ``key`` of ``model`` (param, buffer or a Linear4bit weight) is still to be made;
-    a Linear4bit's code and scale buffers are made with its weight, never on their own."""
+    """Whether tensor ``key`` of ``model`` (param, buffer, a Linear4bit weight or an Experts4bit projection) is still
+    to be made; NF4 code and scale buffers are made with their weight, never on their own."""
     module_name, _, leaf = key.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(module, Linear4bit):
         if leaf == "weight":
             return module.qweight.device.type == "meta"
         if leaf != "bias":
+            return False
+    if isinstance(module, Experts4bit):
+        if leaf in module.nf4_shapes:
+            return module._buffers[f"{leaf}_qweight"].device.type == "meta"
+        if _is_nf4_buffer(module, leaf):
             return False
     tensor = module._parameters.get(leaf)
     tensor = module._buffers.get(leaf) if tensor is None else tensor

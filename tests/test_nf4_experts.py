@@ -1,0 +1,200 @@
+"""MoE experts held as 3-D parameters, in NF4 (:class:`~lowmem_lightning.quant.Experts4bit`): Mixtral (gate and up
+stacked), Qwen2-MoE (beside a shared dense expert) and gpt-oss (transposed, biased, its own clamped gate).
+
+Checked against transformers' own eager experts loop on the decoded weights: outputs and input gradients bit-equal in
+fp32 and bf16; the routing weights get their gradient; autocast computes in its dtype; backward keeps no dense expert
+(saved tensors); codes are those of a ``Linear4bit`` of each expert's matrix; ``.to(bfloat16)``, pickling and deepcopy
+keep the codes; ``dequantize_model`` gives the experts back as 3-D parameters; nan in an expert is refused naming it;
+a per-expert checkpoint missing an expert is refused before any tensor is read; ``random_causal_lm`` and a 4-bit
+``save_pretrained`` reload hold NF4 experts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from lowmem_lightning.quant import (
+    Experts4bit,
+    Linear4bit,
+    ModelFileError,
+    NonFiniteWeightError,
+    dequantize_model,
+    load_pretrained_causal_lm,
+    quantize_model,
+    random_causal_lm,
+)
+
+SIZES = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts_per_tok": 2}
+KINDS = {
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 48}),
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4}),
+}
+
+
+def _model(kind: str, dtype=torch.float32) -> torch.nn.Module:
+    cls, extra = KINDS[kind]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**SIZES, **extra)).to(dtype)
+    with torch.no_grad():  # gpt-oss's expert biases start at zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("_proj_bias"):
+                param.normal_(0, 0.1)
+    return model.eval()
+
+
+def _quantized_and_reference(kind: str, dtype):
+    """(the model with NF4 experts, the dense model holding their decoded weights, run by transformers' eager loop)."""
+    quantized = _model(kind, dtype)
+    experts = {name: m for name, m in quantize_model(quantized, skip=("lm_head",)).named_modules()
+               if isinstance(m, Experts4bit)}
+    reference = _model(kind, dtype)
+    quantize_model(reference, skip=("lm_head", "experts"))
+    with torch.no_grad():
+        for name, module in experts.items():
+            for proj in module.nf4_shapes:
+                getattr(reference.get_submodule(name), proj).copy_(module.dequantize(proj))
+    reference.set_experts_implementation("eager")
+    return quantized, reference
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_outputs_and_input_gradients_equal_transformers_eager_experts(kind, dtype):
+    quantized, reference = _quantized_and_reference(kind, dtype)
+    assert len([m for m in quantized.modules() if isinstance(m, Experts4bit)]) == SIZES["num_hidden_layers"]
+    grads = []
+    for model in (quantized, reference):
+        embeddings = model.get_input_embeddings().weight.requires_grad_(True)
+        logits = model(_ids()).logits
+        logits.float().square().mean().backward()
+        grads.append((logits.detach(), embeddings.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert grads[0][1].abs().sum() > 0
+    if kind == "gpt_oss":  # eager's backward multiplies by the (in, out) weight transposed, ours by (out, in): BLAS
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-9)  # sums in another order
+    else:
+        assert torch.equal(grads[0][1], grads[1][1])
+
+
+def test_the_router_gets_its_gradient_and_autocast_computes_in_its_dtype():
+    quantized, reference = _quantized_and_reference("mixtral", torch.float32)
+    outputs = []
+    for model in (quantized, reference):
+        router = model.model.layers[0].mlp.gate.weight.requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(_ids()).logits
+        logits.float().square().mean().backward()
+        outputs.append((logits.detach().float(), router.grad))
+    assert outputs[0][1].abs().sum() > 0
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], atol=1e-3, rtol=5e-2)
+
+
+def test_backward_keeps_no_dense_expert():
+    model = quantize_model(_model("mixtral"), skip=("lm_head",))
+    experts = model.model.layers[0].mlp.experts
+    dense = {tuple(experts.nf4_shapes[proj]) for proj in experts.nf4_shapes}
+    dense |= {shape[::-1] for shape in dense}
+    saved = []
+    model.get_input_embeddings().weight.requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = model(_ids()).logits.square().mean()
+    loss.backward()
+    assert saved and not dense & set(saved)
+
+
+def test_codes_equal_a_linear4bit_of_each_expert_and_bytes_are_nf4s():
+    dense = _model("gpt_oss")
+    model = quantize_model(copy.deepcopy(dense), skip=("lm_head",))
+    experts, weights = model.model.layers[1].mlp.experts, dense.model.layers[1].mlp.experts
+    for proj in ("gate_up_proj", "down_proj"):
+        for expert in range(4):
+            matrix = getattr(weights, proj)[expert].t()  # gpt-oss stores (in, out)
+            layer = Linear4bit.from_linear(_linear(matrix))
+            assert torch.equal(experts.nf4_weight(proj, expert).packed, layer.qweight)
+            assert torch.equal(experts.nf4_weight(proj, expert).qscale, layer.qscale)
+    elements = sum(p.numel() for name, p in weights.named_parameters() if not name.endswith("bias"))
+    assert 0.5 * elements < experts.nf4_nbytes < 0.53 * elements
+    assert experts.gate_up_proj_bias.requires_grad is False
+
+
+def _linear(matrix: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(matrix.shape[1], matrix.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(matrix.detach().clone(), requires_grad=False)
+    return layer
+
+
+def test_to_bfloat16_pickle_and_deepcopy_keep_the_codes():
+    model = quantize_model(_model("mixtral"), skip=("lm_head",))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "experts" in k}
+    logits = model(_ids()).logits
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(clone.model.layers[0].mlp.experts).__name__ == "MixtralExperts4bit"
+        assert torch.equal(clone(_ids()).logits, logits)
+    model.to(torch.bfloat16)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.nf4_weight_dtype == torch.bfloat16 and experts.gate_up_proj_scale_step.dtype == torch.float32
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert isinstance(experts, transformers.models.mixtral.modeling_mixtral.MixtralExperts)
+
+
+def test_dequantize_model_gives_the_3d_experts_back():
+    model = quantize_model(_model("gpt_oss"), skip=("lm_head",))
+    decoded = model.model.layers[0].mlp.experts.dequantize("gate_up_proj")
+    logits = model(_ids()).logits
+    dequantize_model(model)
+    experts = model.model.layers[0].mlp.experts
+    assert type(experts) is transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts
+    assert torch.equal(experts.gate_up_proj, decoded) and experts.gate_up_proj.shape == (4, 64, 192)
+    assert not [name for name, _ in experts.named_buffers()]
+    model.set_experts_implementation("eager")
+    assert torch.equal(model(_ids()).logits, logits)
+    assert not model.is_loaded_in_4bit
+
+
+def test_a_nan_in_an_expert_is_refused_naming_it_and_nothing_changes():
+    model = _model("mixtral")
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightError, match=r"model\.layers\.1\.mlp\.experts\.down_proj"):
+        quantize_model(model)
+    assert not any(isinstance(m, (Experts4bit, Linear4bit)) for m in model.modules())
+
+
+def test_a_per_expert_checkpoint_missing_an_expert_is_refused_before_reading(tmp_path):
+    _model("mixtral", torch.bfloat16).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in tensors
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match=r"holds expert 3 of 'model\.layers\.1\.mlp\.experts\.gate_up_proj' as "
+                       r"\[\('model\.layers\.1\.block_sparse_moe\.experts\.3\.w1\.weight', \(96, 64\)\)\]: the model "
+                       r"of config\.json needs 2 tensors of 64 columns and 192 rows in all for each of its 4 experts"):
+        load_pretrained_causal_lm(tmp_path)
+
+
+def test_random_and_saved_4bit_models_hold_nf4_experts(tmp_path):
+    config = transformers.MixtralConfig(**SIZES, num_local_experts=4)
+    model = random_causal_lm(config, torch_dtype=torch.bfloat16)
+    assert len([m for m in model.modules() if isinstance(m, Experts4bit)]) == 2
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3]
+    model.save_pretrained(tmp_path)  # the codes and scales, under the checkpoint's own (Mixtral) names
+    index = tmp_path / "model.safetensors.index.json"
+    keys = json.loads(index.read_text())["weight_map"] if index.exists() else load_file(tmp_path / "model.safetensors")
+    assert "model.layers.0.block_sparse_moe.experts.gate_up_proj_qweight" in keys
+    reloaded = load_pretrained_causal_lm(tmp_path, torch_dtype=torch.bfloat16)
+    ours, theirs = model.state_dict(), reloaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
