@@ -198,3 +198,20 @@ def test_random_and_saved_4bit_models_hold_nf4_experts(tmp_path):
     reloaded = load_pretrained_causal_lm(tmp_path, torch_dtype=torch.bfloat16)
     ours, theirs = model.state_dict(), reloaded.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_from_scratch_moe_config_is_drawn_expert_by_expert_into_nf4():
+    """``CausalLMModule(config={"model_type": "mixtral", ...}, quantize="nf4")``: built on meta, each expert's matrix
+    drawn from normal(0, initializer_range), quantized and freed; the model trains a LoRA step."""
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    config = {"model_type": "qwen3_moe", **SIZES, "num_experts": 4, "moe_intermediate_size": 32}
+    model = build_causal_lm(None, config, "nf4", {"r": 4, "alpha": 8, "target_modules": "all-linear"}, device="cpu",
+                            torch_dtype="bfloat16")
+    experts = [m for m in model.modules() if isinstance(m, Experts4bit)]
+    assert len(experts) == 2 and not [n for n, p in model.named_parameters() if p.dim() == 3]
+    decoded = experts[0].dequantize("down_proj").float()
+    assert 0.015 < decoded.std() < 0.025  # initializer_range 0.02
+    loss = model(input_ids=_ids(), labels=_ids()).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
