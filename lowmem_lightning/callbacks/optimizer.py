@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lowmem_lightning.callbacks.averaging import serve_weight_averaging
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
+from lowmem_lightning.callbacks.model_summary import count_nf4_in_model_summaries
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
 from lowmem_lightning.callbacks.param_checks import averaged_codes_refusal, unsupported_params
@@ -552,8 +553,10 @@ class LowMemOptimizerCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Put the :attr:`parts` into ``trainer.callbacks`` right after this callback (once; the Trainer
         then calls their ``setup`` in the same pass), and for ``fit`` wrap ``configure_optimizers``
-        (the strategy calls it next)."""
+        (the strategy calls it next); the model summary counts NF4 weights
+        (:func:`~lowmem_lightning.callbacks.model_summary.count_nf4_in_model_summaries`)."""
         _insert_after(trainer.callbacks, self, self.parts)
+        count_nf4_in_model_summaries(trainer)
         if stage == "fit":
             reason = lr_find_refusal(trainer.callbacks, self.optimizer_name, self.lr)
             if reason is not None:

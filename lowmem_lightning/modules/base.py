@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
+from lowmem_lightning.callbacks.model_summary import count_nf4_in_model_summaries
 from lowmem_lightning.callbacks.rng_state import RngStateCheckpoint
 from lowmem_lightning.callbacks.train_mode import CheckpointingModeCheck, warn_checkpointing_in_eval_mode
 from lowmem_lightning.lowmem_warning import LowMemWarning
@@ -210,6 +211,13 @@ class LowMemModule(L.LightningModule):
         every checkpoint, so dropout draws the same masks after a resume. A subclass overriding this hook adds to
         ``super().configure_callbacks()``."""
         return [InterruptAtStepEnd(), RngStateCheckpoint()]
+
+    def setup(self, stage: str) -> None:
+        """The Trainer's model summary counts the model's NF4 weights
+        (:func:`~lowmem_lightning.callbacks.model_summary.count_nf4_in_model_summaries`). A subclass overriding this
+        hook calls ``super().setup(stage)``."""
+        if self._trainer is not None:
+            count_nf4_in_model_summaries(self._trainer)
 
     def on_train_start(self) -> None:
         """Warn when layers with gradient checkpointing are in eval mode, where transformers skips it (a model a

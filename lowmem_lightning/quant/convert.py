@@ -20,7 +20,7 @@ from .linear4bit import Linear4bit, _check_options, _linear_tensors, _refuse_non
 
 __all__ = [
     "quantize_model", "dequantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES", "ddp_skip_nf4_buffers",
-    "unquantized_matrices", "warn_unquantized_matrices", "UNQUANTIZED_SHARE", "holds_nf4",
+    "unquantized_matrices", "warn_unquantized_matrices", "UNQUANTIZED_SHARE", "holds_nf4", "nf4_weights",
 ]
 
 HEAD_MODULES = ("lm_head", "classifier", "score", "classification_head", "qa_outputs")
@@ -148,6 +148,20 @@ def _nf4_elements(module: nn.Module) -> int:
     if isinstance(module, Experts4bit):
         return sum(math.prod(module.layout_shape(proj)) for proj in module.nf4_shapes)
     return module.in_features * module.out_features if holds_nf4(module) else 0
+
+
+def nf4_weights(module: nn.Module) -> tuple[int, int]:
+    """``(elements, bytes)`` of the weights ``module`` and its submodules hold in NF4: each 4-bit :class:`Linear4bit`'s
+    ``out x in`` and every :class:`Experts4bit` expert's matrices, and the bytes of their codes and scales (biases,
+    which are parameters, aside). They are buffers, so ``parameters()`` counts none of them."""
+    elements = nbytes = 0
+    for layer in module.modules():
+        if holds_nf4(layer):
+            elements += _nf4_elements(layer)
+            names = layer.nf4_buffer_names() if isinstance(layer, Experts4bit) else list(layer._buffers)
+            nbytes += sum(layer._buffers[n].numel() * layer._buffers[n].element_size() for n in names
+                          if layer._buffers[n] is not None)
+    return elements, nbytes
 
 
 def warn_unquantized_matrices(model: nn.Module, skip: Iterable[str] = ()) -> None:
