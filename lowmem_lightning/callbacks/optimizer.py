@@ -37,8 +37,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lowmem_lightning.callbacks.averaging import serve_weight_averaging
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
-from lowmem_lightning.callbacks.model_summary import count_nf4_in_model_summaries
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
+from lowmem_lightning.callbacks.model_summary import count_nf4_in_model_summaries
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
 from lowmem_lightning.callbacks.param_checks import averaged_codes_refusal, unsupported_params
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
