@@ -42,6 +42,10 @@ KNOWN_WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils"),
     # torchdata's StatefulDataLoader calls torch.set_vital (deprecated); Lightning re-creates the predict loader
     (r"'set_vital' is deprecated", UserWarning, r"torchdata\.stateful_dataloader"),
+    # Lightning's model summary under a mixed precision (the QLoRA recipe's bf16-mixed): it sizes the params at 32
+    # bits, which they are under autocast, so "will not be accurate" is wrong there (NF4 weights: their bytes)
+    (r"Precision (bf)?16-mixed is not supported by the model summary", UserWarning,
+     r"lightning\.pytorch\.utilities\.model_summary"),
 )
 """``(message regex, category, module regex)`` of third-party warnings that ``lowmem`` commands ignore."""
 
