@@ -56,6 +56,8 @@ __all__ = [
     "lora_activation_bytes",
     "token_rows_activation_bytes",
     "LORA_ACTIVATION_COEFFICIENTS",
+    "MOE_ACTIVATION_MODEL_TYPES",
+    "MOE_LORA_ACTIVATION_COEFFICIENTS",
     "LORA_MODES",
     "LORA_TARGET_SETS",
     "ACTIVATION_MODEL_TYPES",
@@ -444,6 +446,28 @@ NF4_DEQUANTIZE_BYTES = {"cuda": {2: 2, 4: 4}, "cpu": {2: 10, 4: 8}}
 CUDA the Triton kernel writes the dense weight once (the element size); on the CPU the PyTorch reference
 also holds the int32 codes and fp32 values (torch's profiler: 10.0 B/weight into bf16, 8.06 into fp32)."""
 
+MOE_ACTIVATION_MODEL_TYPES = ("mixtral",)
+"""MoE ``config.model_type`` values :func:`lora_activation_bytes` models: Mistral's decoder layer with transformers'
+experts (``num_local_experts`` of ``intermediate_size``, ``num_experts_per_tok`` per token) in NF4
+(:class:`~lowmem_lightning.quant.Experts4bit`), under LoRA on the four attention projections (what the recipes'
+LoRA lands on there). Not modelled: other MoE layers (Qwen-MoE's shared expert and Qwen3's q/k norms, ...), a
+dense or full-weight base."""
+
+MOE_LORA_ACTIVATION_COEFFICIENTS: dict[str, tuple[float, float, float, float, float, float]] = {
+    # mode: (full_ki, full_kh, full_e, layer_ki, layer_kh, layer_e)
+    "fp32": (12.8, 7.7, 0.0, 13.8, 9.3, 14.7),
+    "bf16": (6.5, 3.8, 0.0, 5.3, 4.7, 82.7),
+    "bf16-base-fp32-adapters": (6.5, 3.8, 0.0, 5.3, 4.7, 82.7),
+    "bf16-mixed": (6.6, 3.8, 0.0, 5.3, 4.7, 82.4),
+}
+"""Bytes per token of an MoE layer's experts in :func:`lora_activation_bytes`, in place of the Llama MLP's ``i``
+terms: ``ki * K * i + kh * K * h + e * E`` with ``K`` experts per token of ``intermediate_size`` ``i`` among ``E``
+(the tokens each expert takes, its gate/up/down intermediates, the routing tensors); ``full_*`` one layer's saved
+tensors without checkpointing, ``layer_*`` one layer recomputed and differentiated with it. Least squares over
+torch's CPU profiler at the ``MOE_FIT`` sizes of ``benchmarks/lora_activations.py`` (``--moe`` prints the table
+again and checks its ``MOE_CHECK`` sizes), with the Llama attention terms of :data:`LORA_ACTIVATION_COEFFICIENTS`
+and the decode transient of one expert's ``gate_up`` matrix taken out first."""
+
 _LORA_BASES = ("nf4", "dense")
 _LORA_DEVICES = tuple(NF4_DEQUANTIZE_BYTES)
 
@@ -512,15 +536,37 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     d = 4 if mode == "fp32" else 2
     adapter_bytes = 2 if mode in ("bf16", "bf16-mixed") else 4
     rank_bytes = len(LORA_TARGET_SETS[key]) * rank * adapter_bytes
-    transient = NF4_DEQUANTIZE_BYTES[device][d] * h * i if base == "nf4" else 0
+    mlp_full, mlp_layer, decoded = full_i * i, layer_i * i, h * i  # per token; the largest matrix an NF4 layer decodes
+    if _is_moe(config):
+        mlp_full, mlp_layer, decoded = _moe_terms(config, base, mode, key)
+    transient = NF4_DEQUANTIZE_BYTES[device][d] * decoded if base == "nf4" else 0
     n = batch_size * seq_len
     loss = n * LOSS_BYTES_PER_VOCAB * vocab
     mask, rotary = document_mask_terms(config, batch_size, seq_len, d) if isolate_documents else (0, 0)
     if gradient_checkpointing:
-        layer = n * (layer_h * h + layer_i * i + rank_bytes) + transient + (1 + d) * mask
+        layer = n * (layer_h * h + mlp_layer + rank_bytes) + transient + (1 + d) * mask
         return int(n * (layers + 1) * d * h + max(layer, loss + n * 2 * d * h + mask)) + rotary
-    saved = n * (layers * (full_h * h + full_i * i + rank_bytes) + rest_h * h) + layers * d * mask
+    saved = n * (layers * (full_h * h + mlp_full + rank_bytes) + rest_h * h) + layers * d * mask
     return int(saved + max(loss, transient)) + rotary
+
+
+def _is_moe(config) -> bool:
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return model_type in MOE_ACTIVATION_MODEL_TYPES
+
+
+def _moe_terms(config, base: str, mode: str, key: str) -> tuple[float, float, int]:
+    """``(full MLP bytes per token, recomputed-layer MLP bytes per token, elements of one expert's gate_up matrix)``
+    of a :data:`MOE_ACTIVATION_MODEL_TYPES` layer (:data:`MOE_LORA_ACTIVATION_COEFFICIENTS`); ``ValueError`` for a
+    base or targets they were not fitted to."""
+    if base != "nf4" or key != "attention":
+        raise ValueError(f"Invalid base={base!r} / targets={key!r} for an MoE model: its activations are modelled for "
+                         "LoRA on the attention projections over NF4 experts only.")
+    h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
+    experts, top_k = _config_value(config, "num_local_experts"), _config_value(config, "num_experts_per_tok")
+    full_ki, full_kh, full_e, layer_ki, layer_kh, layer_e = MOE_LORA_ACTIVATION_COEFFICIENTS[mode]
+    return (full_ki * top_k * i + full_kh * top_k * h + full_e * experts,
+            layer_ki * top_k * i + layer_kh * top_k * h + layer_e * experts, 2 * i * h)
 
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -692,9 +738,15 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
     if config is None or any(getattr(config, key, None) is None for key in keys):
         return None, "not modelled: the model has no Llama-style config (" + ", ".join(keys) + ")"
     model_type = getattr(config, "model_type", None)
-    if model_type not in ACTIVATION_MODEL_TYPES:
+    if model_type in MOE_ACTIVATION_MODEL_TYPES:
+        lora = _lora_setting(model)
+        if lora is None or lora["targets"] != LORA_TARGET_SETS["attention"] or not any(
+                _is_experts4bit(m) for m in model.modules()):
+            return None, (f"not modelled for this {model_type} model (fitted to LoRA on the attention projections "
+                          "over NF4 experts)")
+    elif model_type not in ACTIVATION_MODEL_TYPES:
         return None, (f"not modelled for model_type {model_type!r} (fitted to the Llama decoder layer: "
-                      f"{', '.join(ACTIVATION_MODEL_TYPES)})")
+                      f"{', '.join(ACTIVATION_MODEL_TYPES)}; MoE: {', '.join(MOE_ACTIVATION_MODEL_TYPES)} under QLoRA)")
     attention = getattr(config, "_attn_implementation", None)
     if isolate_documents and attention != "sdpa":
         return None, (f"not modelled for packed documents under attention {attention!r} (their mask is measured "

@@ -484,6 +484,53 @@ def test_every_lora_entry_within_10_percent_of_the_profiler(checkpointing):
     assert not misses, misses
 
 
+@pytest.mark.parametrize("check, mode, dropout, batch, seq, checkpointing", [
+    (0, "bf16-mixed", 0.05, 1, 128, True),  # the QLoRA recipe's setting on Mixtral
+    (1, "bf16-mixed", 0.0, 2, 80, False),
+    (2, "bf16", 0.1, 2, 72, True),  # above the fitted top-k
+    (1, "fp32", 0.0, 3, 48, True),
+    (0, "bf16-base-fp32-adapters", 0.0, 1, 144, False),
+])
+def test_moe_lora_activation_formula_within_10_percent_of_the_profiler(check, mode, dropout, batch, seq,
+                                                                       checkpointing):
+    """QLoRA on the attention of Mixtral decoders with NF4 experts at sizes, shapes and dropouts the MoE coefficients
+    were not fitted on (``benchmarks/lora_activations.py --moe`` checks every mode)."""
+    from lowmem_lightning.estimate import lora_activation_bytes
+
+    bench = _lora_bench()
+    torch.set_num_threads(1)
+    config = bench.MOE_CHECK[check]
+    model, autocast = bench.build_lora_model(config, seq, "nf4", mode, dropout, "attention", checkpointing)
+    measured = bench.profiled_peak(model, config["vocab_size"], batch, seq, autocast)
+    predicted = lora_activation_bytes(config, batch, seq, base="nf4", mode=mode, dropout=dropout,
+                                      targets="attention", rank=bench.RANK, gradient_checkpointing=checkpointing,
+                                      device="cpu")
+    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+def test_moe_activations_are_modelled_for_mixtral_qlora_only():
+    """``lowmem estimate``'s figure for the QLoRA recipe on Mixtral is the MoE formula's; other MoE models (Qwen3-MoE:
+    q/k norms), Mixtral without LoRA, or LoRA on other layers say why not."""
+    from lowmem_lightning.estimate import lora_activation_bytes, model_activation_bytes
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    mixtral = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+    model = build_causal_lm(None, mixtral, "nf4", lora, device="meta", torch_dtype="bfloat16")
+    nbytes, detail = model_activation_bytes(model, 1, 128, True, "bf16-mixed", "cuda")
+    config = {**mixtral, "vocab_size": model.config.vocab_size}
+    assert nbytes == lora_activation_bytes(config, 1, 128, mode="bf16-mixed", dropout=0.05, targets="attention")
+    assert "LoRA r=16 on 4 projections" in detail
+    qwen = {**mixtral, "model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16}
+    for built in (build_causal_lm(None, qwen, "nf4", lora, device="meta", torch_dtype="bfloat16"),
+                  build_causal_lm(None, mixtral, None, None, device="meta", torch_dtype="bfloat16")):
+        nbytes, detail = model_activation_bytes(built, 1, 128, True, "bf16-mixed", "cuda")
+        assert nbytes is None and detail.startswith("not modelled"), detail
+    with pytest.raises(ValueError, match="attention projections over NF4 experts"):
+        lora_activation_bytes(config, 1, 128, targets="all")
+
+
 def test_qlora_activations_need_the_lora_formula(capsys):
     """On a 4-bit base with the qlora recipe's adapters (r=16 on all seven projections, dropout 0.05), bf16 base
     under fp32 adapters, checkpointing, the full-weight formula gives about half of the profiled peak (each adapter
