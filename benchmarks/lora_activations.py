@@ -167,9 +167,9 @@ def _mixtral(h: int, i: int, layers: int, experts: int, top_k: int, vocab: int, 
 
 
 MOE_FIT = [_mixtral(192, 256, 3, 4, 2, 700, 3), _mixtral(128, 384, 2, 8, 2, 500, 2),
-           _mixtral(256, 192, 2, 8, 4, 600, 4), _mixtral(160, 512, 3, 16, 2, 500, 5), _mixtral(224, 320, 2, 8, 2, 900, 7),
-           _mixtral(128, 128, 2, 32, 8, 400, 4, 2), _mixtral(192, 448, 2, 4, 1, 600, 3),
-           _mixtral(160, 256, 4, 12, 3, 500, 5)]
+           _mixtral(256, 192, 2, 8, 4, 600, 4), _mixtral(160, 512, 3, 16, 2, 500, 5),
+           _mixtral(224, 320, 2, 8, 2, 900, 7), _mixtral(128, 128, 2, 32, 8, 400, 4, 2),
+           _mixtral(192, 448, 2, 4, 1, 600, 3), _mixtral(160, 256, 4, 12, 3, 500, 5)]
 """Mixtral decoders the MoE coefficients are fitted on (experts, top-k and sizes varied)."""
 
 MOE_CHECK = [_mixtral(208, 352, 2, 8, 2, 650, 4, 2), _mixtral(144, 288, 3, 6, 3, 550, 3),
