@@ -154,6 +154,25 @@ def test_sharegpt_function_call_and_observation_are_the_messages_form():
     assert encode_document(chat_record(sharegpt, "s:1"), BYTE) == encode_document(chat_record(messages, "m:1"), BYTE)
 
 
+def test_openai_legacy_function_calling_is_the_tools_form():
+    """OpenAI's fine-tuning format before ``tools``: a top-level ``functions`` list, an assistant ``function_call``
+    (arguments a JSON string) and a ``function`` role for the result read as the ``tools`` / ``tool_calls`` / ``tool``
+    form: the same tokens (before: ``role='function'`` was refused)."""
+    call = {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}
+    legacy = {"functions": [TOOLS[0]["function"]], "messages": [
+        {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": None, "function_call": call},
+        {"role": "function", "name": "get_weather", "content": "rain"}, {"role": "assistant", "content": "Rain."}]}
+    current = {"tools": [TOOLS[0]["function"]], "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": call}]},
+        {"role": "tool", "name": "get_weather", "content": "rain"}, {"role": "assistant", "content": "Rain."}]}
+    doc = chat_record(legacy, "l:1")
+    assert doc.messages == chat_record(current, "c:1").messages and doc.tools == (TOOLS[0]["function"],)
+    assert encode_document(doc, BYTE) == encode_document(chat_record(current, "c:1"), BYTE)
+    with pytest.raises(ValueError, match=r"l:1: messages\[1\] is a tool result \(role 'function'\) with no tool call"):
+        chat_record({"messages": [legacy["messages"][0], legacy["messages"][2], legacy["messages"][3]]}, "l:1")
+
+
 def test_conversational_prompt_completion_record_keeps_its_tools(tmp_path):
     """TRL's conversational prompt-completion form with a ``tools`` column: the same conversation and tools as the
     messages form, trained on the completion's tool call."""

@@ -19,7 +19,10 @@ goes to the template as ``tools=`` (``apply_chat_template(..., tools=...)``); an
 (the flat ``{"name", "arguments"}`` is accepted too), kept on the message as given, with ``content`` null, absent
 or text; a ``{"role": "tool", "content": str}`` turn (its ``name`` / ``tool_call_id`` kept) gives a call's result.
 In ShareGPT records a ``function_call`` turn's value (the JSON of ``{"name", "arguments"}``, or a list of them)
-becomes an assistant turn with those ``tool_calls``, an ``observation`` turn a ``tool`` turn. Assistant turns,
+becomes an assistant turn with those ``tool_calls``, an ``observation`` turn a ``tool`` turn. OpenAI's legacy form
+(its fine-tuning format before ``tools``) is read as the same: a top-level ``"functions"`` list is the tools, an
+assistant turn's ``"function_call": {"name", "arguments"}`` its one tool call, a ``{"role": "function", "name",
+"content"}`` turn a ``tool`` turn. Assistant turns,
 tool-call turns included, are trained; tool results, the tools list, system and user turns are not. A tool result
 with no tool call before it is refused (axolotl and TRL pass such records to the template unchecked).
 
@@ -84,13 +87,15 @@ given as the arguments is written as it is). A ``tools`` list comes first, as ``
 tool on its own line, then ``<|end|>\\n``. The loss covers an assistant turn's ``{content}{tool calls}<|end|>\\n``."""
 
 CHAT_FORMS = {
-    "messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}),
+    "messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+                                     "function": "tool"}),
     "conversations": ("from", "value", {"system": "system", "human": "user", "gpt": "assistant",
                                         "user": "user", "assistant": "assistant", "tool": "tool",
                                         "function_call": "assistant", "observation": "tool"}),
 }
 """Record key -> (role field, content field, {role as written: role given to the template}) of each chat form
-(ShareGPT's ``function_call`` is an assistant turn whose value holds its tool calls, ``observation`` a tool result)."""
+(ShareGPT's ``function_call`` is an assistant turn whose value holds its tool calls, ``observation`` a tool result;
+OpenAI's legacy ``function`` role a tool result)."""
 
 CHAT_TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")
 """File suffixes ``chat_template`` accepts as the path of a template file."""
@@ -123,7 +128,7 @@ def chat_record(record: dict, where: str) -> ChatDocument | None:
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"{where}: {key!r} must be a non-empty list of turns, got {_kind(turns)}.")
-    tools = _tools(record.get("tools"), where)
+    tools = _tools(record["tools"] if "tools" in record else record.get("functions"), where)
     messages = tuple(_turn(turn, f"{where}: {key}[{i}]", role_field, content_field, roles)
                      for i, turn in enumerate(turns))
     if messages[0]["role"] == "assistant":
@@ -170,6 +175,8 @@ def _turn(turn, where: str, role_field: str, content_field: str, roles: dict) ->
     message = {"role": role}
     content = turn.get(content_field)
     calls = turn.get("tool_calls") if role == "assistant" else None
+    if role == "assistant" and calls in (None, []) and turn.get("function_call") is not None:  # OpenAI's legacy form
+        calls = [{"type": "function", "function": turn["function_call"]}]
     if calls is not None and calls != []:  # an empty list: no calls
         message["tool_calls"] = _tool_calls(calls, where)
     if role == "assistant" and content is None:
