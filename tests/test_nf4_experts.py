@@ -235,3 +235,61 @@ def test_on_cuda_codes_outputs_and_gradients_equal_the_cpu_path():
     assert cpu_codes.keys() == cuda_codes.keys() and all(torch.equal(cpu_codes[k], cuda_codes[k]) for k in cpu_codes)
     torch.testing.assert_close(cuda_logits, cpu_logits, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(cuda_grad, cpu_grad, rtol=1e-3, atol=1e-7)
+
+
+def _synthetic_experts(has_gate: bool, post_norm: bool) -> torch.nn.Module:
+    """An experts module of transformers' interface without a gate (NemotronH's ``up_proj``) or with a post-expert
+    norm, with the interface's eager loop as its own forward."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.moe import use_experts_implementation
+
+    class Experts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            first = 2 * 24 if has_gate else 24
+            self.num_experts = 4
+            setattr(self, "gate_up_proj" if has_gate else "up_proj", torch.nn.Parameter(torch.randn(4, first, 16)))
+            self.down_proj = torch.nn.Parameter(torch.randn(4, 16, 24) * 0.2)
+            self.act_fn = torch.nn.ReLU()
+            if post_norm:
+                self.post_expert_norm = torch.nn.LayerNorm(16)
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            final = torch.zeros_like(hidden_states)
+            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            for expert in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist():
+                pos, tokens = torch.where(mask[expert])
+                first = self.gate_up_proj if has_gate else self.up_proj
+                state = hidden_states[tokens] @ first[expert].t()
+                state = self._apply_gate(state) if has_gate else self.act_fn(state)
+                state = state @ self.down_proj[expert].t()
+                state = self.post_expert_norm(state) if post_norm else state
+                final.index_add_(0, tokens, state * top_k_weights[tokens, pos, None])
+            return final
+
+    decorated = use_experts_implementation(has_gate=has_gate, has_post_expert_norm=post_norm)(Experts)
+    torch.manual_seed(0)
+    return decorated(SimpleNamespace(_experts_implementation="eager"))
+
+
+@pytest.mark.parametrize("has_gate, post_norm", [(False, False), (True, True)])
+def test_experts_without_a_gate_or_with_a_post_norm(has_gate, post_norm):
+    from lowmem_lightning.quant import quantize_experts
+
+    dense = _synthetic_experts(has_gate, post_norm)
+    quantized = quantize_experts(copy.deepcopy(dense))
+    first = "gate_up_proj" if has_gate else "up_proj"
+    assert set(quantized.nf4_shapes) == {first, "down_proj"}
+    with torch.no_grad():
+        for proj in quantized.nf4_shapes:
+            getattr(dense, proj).copy_(quantized.dequantize(proj))
+    states = torch.randn(10, 16, requires_grad=True)
+    index = torch.randint(0, 4, (10, 2), generator=torch.Generator().manual_seed(2))
+    weights = torch.rand(10, 2)
+    outputs = []
+    for module in (quantized, dense):
+        out = module(states, index, weights)
+        (grad,) = torch.autograd.grad(out.square().sum(), states)
+        outputs.append((out.detach(), grad))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])

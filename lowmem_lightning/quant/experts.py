@@ -28,7 +28,7 @@ from torch import nn
 
 from lowmem_lightning.kernels.nf4 import SCALE_BLOCK, NF4Weight, dequantize_nf4, quantize_nf4
 
-__all__ = ["Experts4bit", "quantize_experts", "is_quantizable_experts", "experts_projections", "experts_nf4_bytes"]
+__all__ = ["Experts4bit", "quantize_experts", "is_quantizable_experts", "experts_projections"]
 
 _BUFFERS = ("qweight", "absmax", "qscale", "scale_step", "scale_mean")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -47,14 +47,6 @@ def is_quantizable_experts(module: nn.Module) -> bool:
         return False
     params = [module._parameters.get(name) for name in experts_projections(module)]
     return all(p is not None and p.dim() == 3 and p.dtype in _FLOAT_DTYPES for p in params)
-
-
-def experts_nf4_bytes(num_experts: int, rows: int, cols: int, block_size: int = 64, double_quant: bool = True) -> int:
-    """Bytes of one projection of ``num_experts`` (rows, cols) matrices stored by :class:`Experts4bit`."""
-    n = rows * cols
-    blocks = math.ceil(n / block_size)
-    scales = blocks + 4 * (math.ceil(blocks / SCALE_BLOCK) + 1) if double_quant else 4 * blocks
-    return num_experts * (math.ceil(n / 2) + scales)
 
 
 class _NF4ExpertFunction(torch.autograd.Function):
