@@ -24,6 +24,10 @@ Parts (``--parts`` selects some):
   batch 1, gradient checkpointing, ``paged_adamw_8bit``, bf16: peak memory of a full training step
   (goal <= 6 GB) and step time, beside ``lowmem_lightning.estimate``'s figure for the same step (activations
   included, :func:`qlora_estimate`; goal within 10%); bitsandbytes' NF4 + peft the same way when installed.
+* ``qlora_moe``: QLoRA of Mixtral-8x7B (random weights created in NF4 on the GPU, experts too:
+  ``Experts4bit``), LoRA r=16 on the attention, seq 512, batch 1, checkpointing, ``paged_adamw_8bit``, bf16
+  autocast: peak memory of a step beside ``lowmem_lightning.estimate``'s figure (goal within 10%;
+  :func:`qlora_moe_estimate`: 25.1 GB), step time, kernel time by family (how much of it is the experts' decode).
 * ``release``: peak device memory of a training step with and without gradient release (and with release
   clipping by norm: two backward passes, must not raise the peak); FlashOptim's
   FlashAdamW (24-bit master weights) the same way with its own ``enable_gradient_release``, when installed.
@@ -90,6 +94,11 @@ Later commands, each a ``run`` of its own with the same install line (part budge
 
 ``packing`` (40 s: imports, the 1.1B model built on the device, 6 steps of 4 x 2048 tokens per row, at most
 3 rows) is in no earlier command: the first one's budget is full.
+4. QLoRA of Mixtral-8x7B with NF4 experts (120 s of part budget, ``timeout_s`` 200; an H100's 80 GB hold its
+   25 GB)::
+
+    python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts qlora_moe --out-dir $OUT \
+        2>&1 | tee $OUT/log.txt
 """
 
 from __future__ import annotations
@@ -112,7 +121,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 BUDGET_S = {"kernels": 70, "gpu_tests": 120, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
-            "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40}
+            "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40, "qlora_moe": 120}
 """Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
 55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
 (ours only), release 45. Not yet run on a GPU, sized from arithmetic: full_ft_7b (two rows, each a fresh
@@ -128,7 +137,10 @@ profiled of 4 x 2048 tokens at ~0.2 s (6 x 1.1B x 8192 flops x 4/3 for the recom
 path slower, up to ~3x if sdpa falls back to its math kernel) and the profiler's start, ~5 s. ``gpu_tests`` +20 s,
 not yet run, for tests/test_gpu_session_changes.py (11 tests): Adafactor/CAME on 3-column filters in fp32/bf16 x
 fp32/int8 momentum, ~28 kernel variants at ~0.5 s each (fewer cold when ``kernels`` ran first), muon_8bit's
-4 steps ~2 s, two 3-step Lightning fits ~3 s each."""
+4 steps ~2 s, two 3-step Lightning fits ~3 s each. ``qlora_moe``, not yet run: imports ~15 s, Mixtral-8x7B's 46.7B
+weights drawn and quantized on the device one tensor at a time (~47 GB of fp32 draws at ~1 TB/s, ~10 s with the
+Triton quantize), 5 steps at seq 512 (per layer each of the 8 experts decoded three times: forward, the checkpoint's
+recompute, backward; ~0.5-2 s a step) and one profiled."""
 
 RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
 """The parts the next device session runs, in one command (the module docstring has it)."""
@@ -520,24 +532,22 @@ def _qlora_step(model, device, seq: int, optimizer: str):
     return step
 
 
-QLORA_ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                   "num_key_value_heads", "max_position_embeddings")
-"""The LlamaConfig fields the meta model of :func:`qlora_estimate` is built from."""
-
-
-def qlora_estimate(dry: bool, seq: int) -> dict:
-    """``lowmem_lightning.estimate``'s figure (bytes) for the part's own step: the same architecture on the meta
-    device, NF4 base in bf16, LoRA r=16 alpha 32 dropout 0 on the seven projections (fp32 adapters), bf16
-    autocast, checkpointing, batch 1 x ``seq``, ``paged_adamw_8bit``: weights, gradients, optimizer state on the
-    device, activations (:func:`~lowmem_lightning.estimate.lora_activation_bytes`, CUDA decode transient) and
-    their total; ``detail`` says what the activations are of."""
+def qlora_estimate(dry: bool, seq: int, config=None, targets=None) -> dict:
+    """``lowmem_lightning.estimate``'s figure (bytes) for the part's own step: the same architecture (``config``,
+    default :func:`_llama_config`'s) on the meta device, NF4 base in bf16, LoRA r=16 alpha 32 dropout 0 on
+    ``targets`` (default the seven projections; fp32 adapters), bf16 autocast, checkpointing, batch 1 x ``seq``,
+    ``paged_adamw_8bit``: weights, gradients, optimizer state on the device, activations
+    (:func:`~lowmem_lightning.estimate.lora_activation_bytes`, CUDA decode transient) and their total; ``detail``
+    says what the activations are of."""
     from lowmem_lightning.estimate import estimate_memory, model_activation_bytes
     from lowmem_lightning.modules.causal_lm import build_causal_lm
     from lowmem_lightning.quant import LLAMA_TARGET_MODULES
 
-    config = _llama_config(dry)
-    arch = {key: getattr(config, key) for key in QLORA_ARCH_KEYS}
-    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": list(LLAMA_TARGET_MODULES)}
+    config = _llama_config(dry) if config is None else config
+    arch = {"model_type": config.model_type, **config.to_diff_dict()}
+    arch = {key: value for key, value in arch.items() if not key.startswith("_") and key not in (
+        "architectures", "transformers_version", "dtype", "torch_dtype")}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": targets or list(LLAMA_TARGET_MODULES)}
     model = build_causal_lm(None, arch, "nf4", lora, device="meta", torch_dtype="bfloat16")
     activations, detail = model_activation_bytes(model, 1, seq, True, "bf16-mixed", device="cuda")
     est = estimate_memory(model, configured=("paged_adamw_8bit", {}), gradient_checkpointing=True,
@@ -598,6 +608,56 @@ def part_qlora_7b(dry: bool) -> list[str]:
         lines += ["", f"ours / bitsandbytes: peak memory {mem}, step time {ms / theirs[1][1]:.3f}x "
                   "(goal: <= 1 for both)"]
     return lines
+
+
+def _mixtral_config(dry: bool):
+    from transformers import MixtralConfig
+
+    if dry:
+        return MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                             max_position_embeddings=128)
+    return MixtralConfig()  # Mixtral-8x7B: 8 experts of 14336, top-2, 32 layers of 4096, vocab 32000
+
+
+def qlora_moe_estimate(dry: bool, seq: int) -> dict:
+    """:func:`qlora_estimate` of :func:`part_qlora_moe`'s step: Mixtral's architecture on the meta device, NF4 base
+    and experts in bf16, LoRA r=16 alpha 32 dropout 0 on every linear layer (the attention: its experts are no linear
+    layers), bf16 autocast, checkpointing, batch 1 x ``seq``, ``paged_adamw_8bit``."""
+    return qlora_estimate(dry, seq, _mixtral_config(dry), "all-linear")
+
+
+def part_qlora_moe(dry: bool) -> list[str]:
+    """QLoRA of Mixtral-8x7B with NF4 experts (``Experts4bit``), created on the device: peak memory of a training
+    step beside ``lowmem estimate``'s figure, step time, kernel time by family. bitsandbytes has no row: its 4-bit
+    layers cover linear layers only, and Mixtral's experts are 3-D parameters in transformers 5 (bitsandbytes#1849)."""
+    import torch
+
+    from lowmem_lightning.modules.causal_lm import _enable_checkpointing
+    from lowmem_lightning.quant import Experts4bit, add_lora, random_causal_lm
+
+    device = _device(dry)
+    seq = 32 if dry else 512
+    config = _mixtral_config(dry)
+
+    def ours():
+        model = random_causal_lm(config, "nf4", torch.bfloat16, device=device)
+        assert sum(isinstance(m, Experts4bit) for m in model.modules()) == config.num_hidden_layers
+        model = add_lora(model, r=16, alpha=32, target_modules="all-linear")
+        _enable_checkpointing(model)
+        model.train()
+        ours.step = _qlora_step(model, device, seq, "paged_adamw_8bit")
+        return ours.step
+
+    peak, ms = _peak_step(ours, 3 if dry else 4, device)
+    profile = _kernel_shares(ours.step, device)
+    del ours.step
+    est = qlora_moe_estimate(dry, seq)
+    verdict = "n/a (CPU)" if dry else ("met" if peak * 1e9 <= 1.10 * est["total"] else "MISSED")
+    return ["| stack | params | peak memory of a step (GB) | median step (ms) | goal |", "|---|---:|---:|---:|---|",
+            f"| lowmem NF4 (experts too) + peft LoRA r=16 on the attention, paged_adamw_8bit "
+            f"| {_dense_params(config) / 1e9:.2f}B | {peak:.2f} | {ms:.0f} | within 10% of the estimate: {verdict} |",
+            "", _qlora_estimate_line(est, peak, dry), "", profile, ""]
 
 
 KERNEL_FAMILIES = {"NF4 dequantize/quantize (ours)": ("nf4",), "GEMM": ("gemm", "cutlass", "xmma", "nvjet", "matmul"),
@@ -1433,7 +1493,7 @@ def part_packing(dry: bool) -> list[str]:
 
 PARTS = {"kernels": part_kernels, "gpu_tests": part_gpu_tests, "sync": part_sync, "step_time": part_step_time,
          "paged": part_paged, "qlora_7b": part_qlora_7b, "release": part_release, "full_ft_7b": part_full_ft_7b,
-         "long_run": part_long_run, "packing": part_packing}
+         "long_run": part_long_run, "packing": part_packing, "qlora_moe": part_qlora_moe}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path, monkeypatch):
     process, with the driver's ``--budget-scale 4`` budgets; the lines go into the section as the driver writes
     it. ``qlora_7b``'s code is run by ``test_qlora_peer_row_skips_cleanly_without_bitsandbytes`` (ours, with
     profiling) and ``test_qlora_peer_row_runs_bitsandbytes_paged_adamw_on_cpu`` (the peer row)."""
-    parts = ("kernels", "gpu_tests", "sync", "step_time", "paged", "release")
+    parts = ("kernels", "gpu_tests", "sync", "step_time", "paged", "release", "qlora_moe")
     results = {}
     for part in parts:
         monkeypatch.setenv("GPU_CHECK_PART_BUDGET_S", str(gpu_check.BUDGET_S[part] * 4))
@@ -74,6 +74,8 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path, monkeypatch):
     assert "`pytest -m gpu` (collect only, no GPU): exit 0" in text
     assert re.search(r" [1-9][0-9]*/[0-9]+ tests collected", text)  # the gpu tests, from the files that hold them
     assert "| released (step_in_backward) |" in text
+    assert "| lowmem NF4 (experts too) + peft LoRA r=16 on the attention" in text  # qlora_moe: Experts4bit built
+    assert "LoRA r=16 on 4 projections, NF4 base" in text  # its estimate models the MoE activations
     skip = "CUDA only" if importlib.util.find_spec("flashoptim") else "not installed"  # FlashOptim's rows say why
     assert text.count("| flashoptim_adamw | 64K |") == 2 and text.count("| flashoptim_adamw_nomaster | 64K |") == 2
     assert "| FlashOptim FlashAdamW (24-bit master), normal and released |" in text and skip in text
@@ -254,7 +256,8 @@ def test_every_device_command_in_the_plan_fits_560_s_and_packing_is_not_in_the_f
     560 s (the commands' timeout); ``packing`` is in a later command, not the first (its budget is full)."""
     doc = " ".join(gpu_check.__doc__.split())
     commands = [chunk.split(" ")[0].split(",") for chunk in doc.split("--parts ")[1:]]
-    assert len(commands) == 3 and commands[0] == list(gpu_check.RECOMMENDED_PARTS)
+    assert len(commands) == 4 and commands[0] == list(gpu_check.RECOMMENDED_PARTS)
+    assert commands[3] == ["qlora_moe"] and "(120 s of part budget" in doc and gpu_check.BUDGET_S["qlora_moe"] == 120
     for parts in commands:
         assert set(parts) <= set(gpu_check.PARTS), parts
         assert sum(gpu_check.BUDGET_S[p] for p in parts) <= 560, parts
