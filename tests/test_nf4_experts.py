@@ -293,3 +293,20 @@ def test_experts_without_a_gate_or_with_a_post_norm(has_gate, post_norm):
         (grad,) = torch.autograd.grad(out.square().sum(), states)
         outputs.append((out.detach(), grad))
     assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
+def test_the_triton_kernels_on_row_views_of_the_buffers_equal_the_reference():
+    """The Triton quantize and decode (the CUDA path; here under the interpreter) of each expert, a row view of the
+    module's buffers at an offset: the same codes as the PyTorch reference, and the same outputs."""
+    from lowmem_lightning.kernels import dispatch
+
+    reference = quantize_model(_model("mixtral"), skip=("lm_head",))
+    with dispatch.override(force_triton=True):
+        triton = quantize_model(_model("mixtral"), skip=("lm_head",))
+        experts = triton.model.layers[1].mlp.experts
+        decoded = experts.dequantize_expert("gate_up_proj", 3)
+        logits = triton(_ids()).logits
+    codes = {k: v for k, v in reference.state_dict().items() if "experts" in k}
+    assert all(torch.equal(v, triton.state_dict()[k]) for k, v in codes.items())
+    assert torch.equal(decoded, reference.model.layers[1].mlp.experts.dequantize_expert("gate_up_proj", 3))
+    assert torch.equal(logits, reference(_ids()).logits)
