@@ -310,3 +310,16 @@ def test_the_triton_kernels_on_row_views_of_the_buffers_equal_the_reference():
     assert all(torch.equal(v, triton.state_dict()[k]) for k, v in codes.items())
     assert torch.equal(decoded, reference.model.layers[1].mlp.experts.dequantize_expert("gate_up_proj", 3))
     assert torch.equal(logits, reference(_ids()).logits)
+
+
+def test_a_nan_in_an_expert_part_of_a_checkpoint_is_named_with_its_key(tmp_path):
+    from lowmem_lightning.quant import NonFiniteCheckpointError
+
+    _model("mixtral", torch.bfloat16).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"][0, :3] = float("nan")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteCheckpointError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj \(key "
+                       r"'model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight'\) in model\.safetensors: 3 "
+                       r"non-finite elements \(3 nan\)"):
+        load_pretrained_causal_lm(tmp_path)
