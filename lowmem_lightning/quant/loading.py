@@ -422,10 +422,9 @@ def _expert_index(pattern: str, key: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _refuse_converted(path: Path, converted: list[tuple[str, str]], model: nn.Module) -> None:
-    """:class:`ModelFileError` for checkpoint tensors that transformers converts while loading in a way the loader does
-    not (it stacks per-expert tensors and concatenates their parts only)."""
-    key, target = converted[0]
+def _refuse_converted(path: Path, key: str, target: str, model: nn.Module) -> None:
+    """:class:`ModelFileError` for a checkpoint tensor that transformers converts while loading in a way the loader
+    does not (it stacks per-expert tensors and concatenates their parts only)."""
     kind = getattr(model.config, "model_type", type(model).__name__)
     raise ModelFileError(path, (
         f"stores tensors in a layout transformers converts while loading this {kind} model (e.g. {key!r} into "
@@ -434,20 +433,21 @@ def _refuse_converted(path: Path, converted: list[tuple[str, str]], model: nn.Mo
         "or LoRA on bf16 weights, loaded by transformers)."), what="Checkpoint")
 
 
-def _expert_plan(model, path: Path, converted, converters, expected) -> list[tuple[Path, ExpertParts, str]]:
+def _expert_plan(model, path: Path, converted, converters, expected, names) -> list[tuple[Path, ExpertParts, str]]:
     """Plan entries ``(file, ExpertParts, model name)`` for checkpoint tensors stored one per expert (``converted``:
-    ``(file, key, renamed key, pattern, shape)``), one per expert of each 3-D projection, checked from the headers:
+    ``(file, key, renamed key, pattern, shape)``; ``names``: the model's tensor names, ``expected``'s keys), one per
+    expert of each 3-D projection, checked from the headers:
     every expert's every part present with the rows and columns the projection needs. :func:`_refuse_converted` for
     a conversion the loader does not do (another operation, a transposed layout, a target the model lacks)."""
     groups: dict[str, dict[int, dict[int, tuple[Path, str, tuple]]]] = {}
     counts: dict[str, int] = {}
     for file, key, renamed, pattern, shape in converted:
-        converter, target = converters[pattern], _model_key(model, renamed, set(expected))
+        converter, target = converters[pattern], _model_key(model, renamed, names)
         module = model.get_submodule(target.rpartition(".")[0]) if target is not None else None
         expert = _expert_index(pattern, key)
         if (target is None or expert is None or not _stacks_experts(converter) or len(shape) != 2
                 or getattr(module, "is_transposed", True)):
-            _refuse_converted(path, [(key, renamed)], model)
+            _refuse_converted(path, key, renamed, model)
         counts[target] = len(converter.source_patterns)
         groups.setdefault(target, {}).setdefault(expert, {})[converter.source_patterns.index(pattern)] = (
             file, key, shape)
@@ -469,6 +469,14 @@ def _expert_plan(model, path: Path, converted, converters, expected) -> list[tup
     return plan
 
 
+def _check_floating(file: Path, key: str, code: str) -> None:
+    """:class:`ModelFileError` naming ``file`` when tensor ``key``, which the model holds in a floating dtype, is
+    stored as the non-floating safetensors dtype ``code``."""
+    if code not in _FLOAT_CODES:
+        raise ModelFileError(file, f"holds {key!r} as {code}; the model expects a floating-point tensor (a quantized "
+                             "or foreign checkpoint?).")
+
+
 def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[Path, str, str]], list[str]]:
     """Match every checkpoint tensor to the model from the headers alone, before any data is read.
 
@@ -486,9 +494,7 @@ def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[P
         for key, (code, shape) in header.items():
             renamed, merged = convert(key)
             if merged is not None:
-                if code not in _FLOAT_CODES:
-                    raise ModelFileError(file, f"holds {key!r} as {code}; the model expects a floating-point tensor "
-                                         "(a quantized or foreign checkpoint?).")
+                _check_floating(file, key, code)
                 converted.append((file, key, renamed, merged, shape))
                 continue
             target = _model_key(model, renamed, names)
@@ -501,12 +507,11 @@ def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[P
                 raise ModelFileError(file, f"holds {key!r} with shape {shape}, but the model config.json describes "
                                      f"expects {tuple(want.shape)}: the file belongs to another model, or config.json "
                                      "does not match it.")
-            if want.is_floating_point() and code not in _FLOAT_CODES:
-                raise ModelFileError(file, f"holds {key!r} as {code}; the model expects a floating-point tensor "
-                                     "(a quantized or foreign checkpoint?).")
+            if want.is_floating_point():
+                _check_floating(file, key, code)
             plan.append((file, key, target))
     if converted:
-        plan += _expert_plan(model, path, converted, converters, expected)
+        plan += _expert_plan(model, path, converted, converters, expected, names)
     provided = {target for _, _, target in plan}
     # a Linear4bit's codes, as save_pretrained of a 4-bit model wrote them, provide its weight
     for target in [t for t in provided if t.endswith("qweight")]:
