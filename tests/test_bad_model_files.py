@@ -228,6 +228,24 @@ def test_bad_config_json_names_it(ckpt, quantized, text, needle):
     assert len(str(err)) < 600  # transformers' list of every model type is not repeated
 
 
+@pytest.mark.parametrize("quantization, method", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "bitsandbytes"),
+    ({"quant_method": "mxfp4"}, "mxfp4"),  # gpt-oss's Hub release: experts as *_blocks / *_scales
+    ({"quant_method": "gptq", "bits": 4}, "gptq"),
+])
+@pytest.mark.parametrize("quantize", ["nf4", None])
+def test_a_checkpoint_stored_already_quantized_is_named_as_such(ckpt, quantized, quantization, method, quantize):
+    """A config.json with a ``quantization_config`` (a 4-bit Hub upload, gpt-oss's MXFP4 experts): refused naming it
+    and its method before any tensor is read (before: "lacks N tensors ... a checkpoint of another model")."""
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    err = _refused(ckpt, "declares a checkpoint stored already quantized", f"quant_method={method!r}",
+                   "full-precision release", quantize=quantize)
+    assert err.path == str(ckpt / "config.json") and quantized == []
+    with pytest.raises(ModelFileError, match="stored already quantized"):
+        loading.check_pretrained_checkpoint(ckpt)  # lowmem estimate refuses it as fit does
+
+
 def test_config_of_another_size_is_refused_on_the_first_shape(ckpt, quantized):
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "intermediate_size": 192}))

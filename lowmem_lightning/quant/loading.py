@@ -180,6 +180,23 @@ def _read_config(path: Path):
         raise ModelFileError(file, f"cannot be read by transformers ({_brief(err)}).") from None
 
 
+def _refuse_prequantized(path: Path, config) -> None:
+    """:class:`ModelFileError` naming ``config.json`` for a checkpoint stored already quantized (its
+    ``quantization_config``: bitsandbytes' 4-bit Hub uploads, GPTQ, AWQ, FP8, gpt-oss's MXFP4 experts, ...), whose
+    tensors (packed codes and scales under their own names) this loader does not read."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
+        quantization, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    raise ModelFileError(path / "config.json", (
+        f"declares a checkpoint stored already quantized (quantization_config.quant_method={method!r}); lowmem reads "
+        "full-precision safetensors (bf16, fp16 or fp32) and quantizes them itself. Use the model's full-precision "
+        "release, or load this one with transformers (which dequantizes some formats, e.g. "
+        "Mxfp4Config(dequantize=True) for mxfp4) and save_pretrained it in bf16 first."))
+
+
 def read_model_config(path: str | Path):
     """The transformers config of model directory (or Hub repo id, :func:`~lowmem_lightning.hub.resolve_pretrained`:
     only its ``config.json`` fetched) ``path`` (its ``config.json`` only, no weights read), checked as loading checks
@@ -669,6 +686,7 @@ def _planned_model(path: Path, quantize: str | None, dtype: torch.dtype, skip, b
     headers alone (:func:`_plan`): every :class:`ModelFileError` :func:`load_pretrained_causal_lm` raises before it
     reads tensor data is raised here (options checked by :func:`_checked_options`)."""
     config = _read_config(path)
+    _refuse_prequantized(path, config)
     files, weight_map = _checkpoint_layout(path)
     headers = _read_headers(files)
     model = _build(config, path, dtype)
