@@ -27,8 +27,9 @@ def _batches():
     return DataLoader([{"input_ids": row, "labels": row} for row in ids], batch_size=2)
 
 
-def _summarized(module: L.LightningModule, callbacks=()) -> dict:
-    """The figures the Trainer's ModelSummary callback prints for ``module`` (one training step)."""
+def _summarized(module: L.LightningModule, root, callbacks=()) -> dict:
+    """The figures the Trainer's ModelSummary callback prints for ``module`` (one training step, files under
+    ``root``)."""
     summary, seen = ModelSummary(max_depth=1), {}
 
     def record(data, total, trainable, size, modes, total_flops=0, **_):
@@ -36,7 +37,7 @@ def _summarized(module: L.LightningModule, callbacks=()) -> dict:
                     trainable=trainable, size=size)
 
     summary.summarize = record
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, default_root_dir=root,
                         enable_progress_bar=False, callbacks=[summary, *callbacks], limit_val_batches=0)
     trainer.fit(module, _batches())
     return seen
@@ -51,9 +52,9 @@ def _dense_params() -> int:
         return AutoModelForCausalLM.from_config(make_config(LLAMA)).num_parameters()
 
 
-def test_causal_lm_module_counts_its_nf4_weights():
+def test_causal_lm_module_counts_its_nf4_weights(tmp_path):
     module = CausalLMModule(config=LLAMA, quantize="nf4", lora=LORA, lr=1e-3)
-    seen = _summarized(module)
+    seen = _summarized(module, tmp_path)
     adapters = sum(p.numel() for n, p in module.model.named_parameters() if "lora_" in n)
     assert seen["trainable"] == adapters
     assert seen["total"] == _dense_params() + adapters  # before: the embeddings, norms and head only
@@ -63,7 +64,7 @@ def test_causal_lm_module_counts_its_nf4_weights():
     assert seen["size"] == pytest.approx((4 * params + nf4_bytes) * 1e-6)
 
 
-def test_a_users_module_under_the_callback_counts_nf4_experts():
+def test_a_users_module_under_the_callback_counts_nf4_experts(tmp_path):
     import transformers
 
     from lowmem_lightning.quant import Experts4bit, quantize_model
@@ -87,13 +88,13 @@ def test_a_users_module_under_the_callback_counts_nf4_experts():
 
     module = Mine()
     assert any(isinstance(m, Experts4bit) for m in module.modules())
-    seen = _summarized(module, [LowMemOptimizerCallback("adamw_8bit")])
+    seen = _summarized(module, tmp_path, [LowMemOptimizerCallback("adamw_8bit")])
     assert seen["total"] == total and seen["trainable"] == sum(p.numel() for p in module.parameters()
                                                                if p.requires_grad)
 
 
-def test_a_model_without_nf4_keeps_lightnings_summary():
+def test_a_model_without_nf4_keeps_lightnings_summary(tmp_path):
     module = CausalLMModule(config=LLAMA, lr=1e-3)
-    seen = _summarized(module)
+    seen = _summarized(module, tmp_path)
     assert seen["total"] == seen["trainable"] == _dense_params()
     assert seen["size"] == pytest.approx(_dense_params() * 4e-6)
