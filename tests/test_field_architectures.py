@@ -179,6 +179,16 @@ def test_target_names_the_model_lacks_are_refused_naming_its_linear_layers(model
         build_causal_lm(str(model_dirs("phi3")), None, "nf4", lora, device="meta")
 
 
+def test_transformers_4_expert_names_are_refused_saying_where_the_experts_went(model_dirs):
+    """A QLoRA Mixtral tutorial of transformers 4 adapts ``w1, w2, w3`` (the per-expert linear layers, gone in
+    transformers 5): refused naming them, the model's linear layers, and that its experts are 3-D parameters."""
+    lora = {**RECIPE_LORA, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]}
+    with pytest.raises(ValueError, match=r"'w1', 'w2', 'w3' name no module of this mixtral model; its linear layers "
+                       r"are k_proj, o_proj, q_proj, v_proj: .* Its MoE experts \(model\.layers\.0\.mlp\.experts, "
+                       r"\.\.\.\) are 3-D parameters in transformers 5, not linear layers"):
+        build_causal_lm(str(model_dirs("mixtral")), None, "nf4", lora, device="meta")
+
+
 @pytest.mark.parametrize("name", DENSE + MOES)
 def test_qlora_recipe_trains_and_its_adapter_reloads(name, model_dirs, tmp_path):
     from peft import PeftModel

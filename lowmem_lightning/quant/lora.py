@@ -28,6 +28,7 @@ from torch import nn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
+from .experts import Experts4bit, is_quantizable_experts
 from .linear4bit import Linear4bit, dense_layer, is_conv1d
 from .token_rows import use_copy_free_token_rows
 
@@ -217,8 +218,20 @@ def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str
         f"Invalid target_modules={targets!r}: {', '.join(repr(t) for t in missing)} "
         f"name{'s' if len(missing) == 1 else ''} no module of this "
         f"{kind} model; its linear layers are {', '.join(linear) or '(none)'}: give names from these, or "
-        "'all-linear' for all of them."
+        "'all-linear' for all of them." + _experts_note(model)
     )
+
+
+def _experts_note(model: nn.Module) -> str:
+    """For a model with MoE experts held as 3-D parameters, why names of per-expert layers (transformers 4's Mixtral
+    ``w1``/``w2``/``w3``, ``experts.0.gate_proj``) name nothing: said in the refusal of such a list."""
+    experts = [name for name, module in model.named_modules() if isinstance(module, Experts4bit)
+               or is_quantizable_experts(module)]
+    if not experts:
+        return ""
+    return (f" Its MoE experts ({experts[0]}, ...) are 3-D parameters in transformers 5, not linear layers: the "
+            "per-expert names of transformers 4 (Mixtral's w1/w2/w3, experts.N.gate_proj) are gone, and LoRA adapts "
+            "the layers above, the experts staying frozen (in NF4 under quantize: nf4).")
 
 
 def _check_lora_args(r, alpha, dropout, target_modules, adapter_dtype) -> None:
