@@ -4,13 +4,13 @@ file, line or argument, no traceback, and nothing written."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
 from pathlib import Path
 
 import pytest
+from record_files import write_jsonl
 
 from lowmem_lightning.cli import main, parse_fit_config
 from lowmem_lightning.data import TextDataModule
@@ -31,11 +31,6 @@ def _fit(tmp_path: Path, capsys, *args: str) -> tuple[int, str]:
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-
-
-def _jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -78,7 +73,7 @@ def test_unreadable_file_is_named(tmp_path, capsys, monkeypatch):
 def test_no_trainable_label_is_refused_naming_the_settings(tmp_path, capsys):
     # bos + a 15-character prompt fill a 16-token block; the empty response leaves only eos, at position 0
     # of the next block, where a causal LM never predicts it: no block has a target token
-    path = _jsonl(tmp_path / "long_prompts.jsonl", [{"instruction": "x" * 15, "output": ""}] * 40)
+    path = write_jsonl(tmp_path / "long_prompts.jsonl", [{"instruction": "x" * 15, "output": ""}] * 40)
     code, err = _fit(tmp_path, capsys, "--data.data_path", str(path), "--data.pack", "false",
                      "--data.seq_len", "16", "--data.prompt_template_no_input", "{instruction}")
     assert code == 2
@@ -87,7 +82,7 @@ def test_no_trainable_label_is_refused_naming_the_settings(tmp_path, capsys):
 
 def test_blocks_without_a_target_are_left_out_with_a_warning(tmp_path):
     records = [{"instruction": "x" * 15, "output": ""}] * 10 + [{"text": "some words to learn"}] * 10
-    dm = TextDataModule(str(_jsonl(tmp_path / "mixed.jsonl", records)), seq_len=16, pack=False, val_fraction=0.0,
+    dm = TextDataModule(str(write_jsonl(tmp_path / "mixed.jsonl", records)), seq_len=16, pack=False, val_fraction=0.0,
                         prompt_template_no_input="{instruction}", overflow="split")  # default: dropped whole
     with pytest.warns(UserWarning, match=r"20 of 40 blocks hold no trainable label.*raise seq_len"):
         dm.setup()

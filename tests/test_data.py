@@ -1,9 +1,9 @@
 """TextDataModule: byte tokenizer, JSONL templates and loss masking, packing, split, errors, sample data."""
 
-import json
 
 import pytest
 import torch
+from record_files import write_jsonl
 
 from lowmem_lightning.data import SAMPLE_DIR, ByteTokenizer, TextDataModule
 from lowmem_lightning.data.blocks import pack_blocks, split_indices
@@ -13,11 +13,6 @@ from lowmem_lightning.data.reading import read_documents
 from lowmem_lightning.data.tokens import IGNORE_INDEX
 
 BYTE = ByteTokenizer()
-
-
-def _write_jsonl(path, records):
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
-    return path
 
 
 def test_byte_tokenizer_round_trips_unicode_and_marks_specials():
@@ -45,7 +40,7 @@ def test_instruction_record_masks_bos_and_prompt():
 
 
 def test_jsonl_templates_text_and_instruction_records(tmp_path):
-    path = _write_jsonl(tmp_path / "d.jsonl", [
+    path = write_jsonl(tmp_path / "d.jsonl", [
         {"text": "plain record"},
         {"instruction": "Add.", "input": "1 + 2", "output": "3"},
         {"instruction": "Greet.", "output": "hello"},
@@ -66,13 +61,13 @@ def test_prompt_completion_records_train_the_completion_only(tmp_path):
     conversation prompt + completion, trained on the completion's assistant turns. Malformed ones are named."""
     turns = [{"role": "user", "content": "2 + 2?"}]
     reply = [{"role": "assistant", "content": "4"}]
-    path = _write_jsonl(tmp_path / "pc.jsonl", [
+    path = write_jsonl(tmp_path / "pc.jsonl", [
         {"prompt": "Q: 2 + 2?\nA:", "completion": " 4"},
         {"prompt": turns, "completion": reply},
     ])
     docs = read_documents([path])
     assert docs[0] == Document("Q: 2 + 2?\nA:", " 4")
-    chat = read_documents([_write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns + reply}])])[0]
+    chat = read_documents([write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns + reply}])])[0]
     assert docs[1].messages == chat.messages == ({"role": "user", "content": "2 + 2?"},
                                                   {"role": "assistant", "content": "4"})
     ids, labels = encode_document(docs[0], BYTE)
@@ -85,7 +80,7 @@ def test_prompt_completion_records_train_the_completion_only(tmp_path):
         ({"prompt": turns, "completion": turns}, "'completion' must be a non-empty list of assistant turns"),
     ]:
         with pytest.raises(ValueError, match=r"bad.jsonl:1: .*" + match):
-            read_documents([_write_jsonl(tmp_path / "bad.jsonl", [record])])
+            read_documents([write_jsonl(tmp_path / "bad.jsonl", [record])])
 
 
 def test_packing_keeps_every_token_and_pads_only_the_end():
@@ -141,7 +136,7 @@ def test_sample_data_batches(tmp_path):
 def test_directory_workers_and_no_validation(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("first document " * 20)
-    _write_jsonl(tmp_path / "sub" / "b.jsonl", [{"text": "second"}, {"instruction": "i", "output": "o"}])
+    write_jsonl(tmp_path / "sub" / "b.jsonl", [{"text": "second"}, {"instruction": "i", "output": "o"}])
     (tmp_path / "ignored.md").write_text("# not read")  # a .csv is read now: tests/test_data_files.py
     dm = TextDataModule(str(tmp_path), seq_len=16, batch_size=2, val_fraction=0.0, num_workers=1)
     assert [p.name for p in dm.files] == ["a.txt", "b.jsonl"]
@@ -193,7 +188,7 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .txt, .jsonl"):
         TextDataModule(str(tmp_path / "empty"))
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"question": "x", "answer": "y"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"question": "x", "answer": "y"}])
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*found keys \['answer', 'question'\]"):
         TextDataModule(str(bad)).setup()
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')

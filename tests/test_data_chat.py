@@ -6,7 +6,6 @@ checks naming ``file:line``; the template in the resume fingerprint; and one rea
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from lowmem_calls import LOWMEM
+from record_files import write_jsonl
 from tiny_tokenizers import bpe_tokenizer
 
 from lowmem_lightning.cli import main
@@ -55,11 +55,6 @@ DROPS_OLD_REASONING = (  # like Qwen3's: earlier assistant turns lose their <thi
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def _jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def _trained_text(ids: list[int], labels: list[int], decode) -> str:
@@ -129,7 +124,7 @@ def test_data_module_with_chat_data_pickles_for_spawned_ranks(tmp_path):
     """ddp_spawn pickles the set-up data module: the compiled template is left out and compiled again."""
     import pickle
 
-    dm = TextDataModule(str(_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)), seq_len=64)
+    dm = TextDataModule(str(write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)), seq_len=64)
     dm.setup()
     copy = pickle.loads(pickle.dumps(dm))
     doc = chat_record({"messages": CHAT}, "a:1")
@@ -137,7 +132,7 @@ def test_data_module_with_chat_data_pickles_for_spawned_ranks(tmp_path):
 
 
 def test_chat_template_argument_overrides_the_tokenizers_and_reads_files(tmp_path, chatml_tokenizer):
-    _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
 
     def trained(**kwargs) -> str:
         dm = TextDataModule(str(tmp_path / "chat.jsonl"), tokenizer=str(chatml_tokenizer), seq_len=512,
@@ -176,7 +171,7 @@ def test_hf_tokenizer_default_template_adds_bos_its_own_template_decides(tmp_pat
 
 
 def test_mixed_file_keeps_the_other_record_kinds_as_they_were(tmp_path):
-    path = _jsonl(tmp_path / "mixed.jsonl", [
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
         {"text": "plain"}, {"instruction": "Greet.", "output": "hi"},
         {"messages": CHAT}, {"conversations": SHAREGPT},
     ])
@@ -192,13 +187,13 @@ def test_mixed_file_keeps_the_other_record_kinds_as_they_were(tmp_path):
 def test_template_that_rerenders_earlier_turns_is_refused_naming_the_record(tmp_path):
     turns = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>easy</think>2"},
              {"role": "user", "content": "and 2+2?"}, {"role": "assistant", "content": "<think>sum</think>4"}]
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": turns[:2]}, {"messages": turns}])
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns[:2]}, {"messages": turns}])
     dm = TextDataModule(str(path), seq_len=64, val_fraction=0.0, chat_template=DROPS_OLD_REASONING)
     with pytest.raises(ValueError, match=r"chat.jsonl:2: chat_template=.*does not render this conversation prefix "
                                          r"by prefix.*--data.chat_template.*one record per assistant turn"):
         dm.setup()
     # the single-turn record alone renders prefix by prefix: nothing to refuse
-    _jsonl(path, [{"messages": turns[:2]}] * 4)
+    write_jsonl(path, [{"messages": turns[:2]}] * 4)
     TextDataModule(str(path), seq_len=64, val_fraction=0.0, chat_template=DROPS_OLD_REASONING).setup()
 
 
@@ -222,7 +217,7 @@ def test_template_that_rerenders_earlier_turns_is_refused_naming_the_record(tmp_
      r"messages\[0\] is an assistant turn, with nothing before it to answer"),
 ])
 def test_bad_chat_record_is_named_file_line(tmp_path, record, match):
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, record])
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, record])
     with pytest.raises(ValueError, match=rf"chat.jsonl:2: {match}"):
         TextDataModule(str(path), seq_len=32).check_inputs()
 
@@ -236,7 +231,7 @@ def test_bad_chat_record_is_named_file_line(tmp_path, record, match):
     (3, r"chat_template=3: expected a Jinja chat template"),
 ])
 def test_bad_chat_template_is_refused_in_the_constructor(tmp_path, value, match):
-    _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
     if value == "@empty.txt":
         (tmp_path / "empty.txt").write_text("no template here")
         value = str(tmp_path / "empty.txt")
@@ -247,7 +242,7 @@ def test_bad_chat_template_is_refused_in_the_constructor(tmp_path, value, match)
 def test_template_error_on_a_record_is_named(tmp_path):
     strict = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}" \
              "{{ m.content }}{% endfor %}"
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT[1:]}, {"messages": CHAT}])
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT[1:]}, {"messages": CHAT}])
     with pytest.raises(ValueError, match=r"chat.jsonl:2: chat_template=.* failed on this conversation: "
                                          r"TemplateError: no system role"):
         TextDataModule(str(path), seq_len=32, val_fraction=0.0, chat_template=strict).check_inputs()
@@ -257,7 +252,7 @@ def test_replies_cut_into_position_zero_leave_no_target_and_are_refused(tmp_path
     """pack=False, seq_len 16: bos + a 15-character user turn fill the first block, so the one-character reply is
     at position 0 of the second block, where a causal LM never predicts it: the existing no-target check refuses."""
     bare = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "q" * 15},
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "q" * 15},
                                                           {"role": "assistant", "content": "a"}]}] * 20)
     dm = TextDataModule(str(path), seq_len=16, pack=False, chat_template=bare)
     with pytest.raises(ValueError, match=r"No trainable label .*seq_len=16, pack=False"):
@@ -268,7 +263,7 @@ def test_replies_cut_into_position_zero_leave_no_target_and_are_refused(tmp_path
 
 
 def test_resume_with_another_chat_template_is_noticed(tmp_path):
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 8)
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 8)
     dm = TextDataModule(str(path), seq_len=64)
     dm.setup()
     state = dm.state_dict()
@@ -283,14 +278,14 @@ def test_resume_with_another_chat_template_is_noticed(tmp_path):
     assert said() == "" and said(chat_template=DEFAULT_CHAT_TEMPLATE) == ""  # same text, however given
     changed = said(chat_template=CHATML)
     assert "chat_template: the default chat template" in changed and '-> chat_template="{% for' in changed
-    text_only = TextDataModule(str(_jsonl(tmp_path / "t.jsonl", [{"text": "x" * 99}])), seq_len=16)
+    text_only = TextDataModule(str(write_jsonl(tmp_path / "t.jsonl", [{"text": "x" * 99}])), seq_len=16)
     text_only.setup()
     assert "chat_template" not in text_only.state_dict()  # a template that renders nothing is not part of the data
 
 
 def test_lowmem_fit_refuses_a_bad_chat_record_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": [{"role": "user", "content": 1}]}])
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": [{"role": "user", "content": 1}]}])
     code = main(["fit", "--config", "tiny.yaml", "--data.data_path", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and not (tmp_path / "runs").exists()
@@ -311,7 +306,7 @@ def test_lowmem_fit_trains_on_chat_data(tmp_path):
                                      {"role": "assistant", "content": str(2 * (a + b))}]})
         records.append({"conversations": [{"from": "human", "value": f"Add {a} and {b}."},
                                           {"from": "gpt", "value": f"It is {a + b}."}]})
-    path = _jsonl(tmp_path / "chat.jsonl", records)
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
     proc = subprocess.run(
         [LOWMEM, "fit", "--config", "tiny.yaml", "--data.data_path", str(path), "--trainer.max_steps", "3",
          "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2", "--trainer.callbacks.plot", "false",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from lowmem_calls import lowmem_in_process
+from record_files import write_jsonl
 from tiny_tokenizers import bpe_tokenizer
 
 from lowmem_lightning.data import ByteTokenizer, HFTokenizer, TextDataModule, text, token_cache
@@ -67,11 +68,6 @@ HERMES = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-def _jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def _trained(ids, trained, decode) -> str:
@@ -178,7 +174,7 @@ def test_conversational_prompt_completion_record_keeps_its_tools(tmp_path):
     messages form, trained on the completion's tool call."""
     call = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
     prompt, completion = [{"role": "user", "content": "Oslo?"}], [{"role": "assistant", "tool_calls": call}]
-    (doc,) = read_documents([_jsonl(tmp_path / "pc.jsonl",
+    (doc,) = read_documents([write_jsonl(tmp_path / "pc.jsonl",
                                     [{"prompt": prompt, "completion": completion, "tools": TOOLS}])])
     assert doc == chat_record({"messages": prompt + completion, "tools": TOOLS}, doc.where)
     assert doc.tools == tuple(TOOLS)
@@ -196,7 +192,7 @@ def test_data_module_reads_tool_and_parts_records_with_either_tokenizer(tmp_path
                              {"role": "tool", "content": "sun"},
                              {"role": "assistant", "content": [{"type": "text", "text": "Sun."}]}],
                 "tools": TOOLS}] * 4
-    path = _jsonl(tmp_path / "tools.jsonl", records)
+    path = write_jsonl(tmp_path / "tools.jsonl", records)
     for tokenizer, end in (("byte", "<|end|>\n"), (str(hermes_tokenizer), "<|im_end|>\n")):
         dm = TextDataModule(str(path), tokenizer=tokenizer, seq_len=2048, val_fraction=0.0, cache_dir=False)
         dm.check_inputs()
@@ -234,7 +230,7 @@ BAD = [  # (record, message after "file:2: ")
 
 @pytest.mark.parametrize(("record", "match"), BAD)
 def test_bad_tool_or_parts_record_is_named_file_line(tmp_path, record, match):
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}, record])
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}, record])
     with pytest.raises(ValueError, match=rf"chat.jsonl:2: {match}"):
         TextDataModule(str(path), seq_len=64, cache_dir=False).check_inputs()
 
@@ -248,7 +244,7 @@ def test_bad_tool_or_parts_record_is_named_file_line(tmp_path, record, match):
 def test_template_without_function_calling_is_refused_on_tool_records(tmp_path, template):
     """A template that prints ``None`` for a tool-call turn's content, or renders calls but not the tools list, would
     train on text without the calls or tools: refused, naming the record."""
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": TOOL_CHAT[:2] + [{"role": "assistant", "content": "x"}]},
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TOOL_CHAT[:2] + [{"role": "assistant", "content": "x"}]},
                                             {"messages": TOOL_CHAT, "tools": TOOLS}])
     dm = TextDataModule(str(path), seq_len=64, val_fraction=0.0, chat_template=template, cache_dir=False)
     with pytest.raises(ValueError, match=r"chat.jsonl:2: chat_template=.* leaves out the (tool calls of assistant "
@@ -273,7 +269,7 @@ def test_cache_and_predict_prompts_on_tool_records(tmp_path, cache, monkeypatch)
         call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": f"c{k}"}}}
         records.append({"tools": TOOLS, "messages": [{"role": "user", "content": f"Weather in c{k}?"},
                                                      {"role": "assistant", "tool_calls": [call]}]})
-    path = _jsonl(tmp_path / "calls.jsonl", records)
+    path = write_jsonl(tmp_path / "calls.jsonl", records)
 
     def module():
         dm = TextDataModule(str(path), seq_len=512, pack=False, val_fraction=0.25)
@@ -306,7 +302,7 @@ def test_lowmem_fit_trains_on_tool_records(tmp_path, capsys, monkeypatch):
             {"type": "function", "function": {"name": "get_weather", "arguments": {"city": f"c{k}"}}}]},
         {"role": "tool", "content": "sunny", "name": "get_weather"},
         {"role": "assistant", "content": f"It is sunny in c{k}."}]} for k in range(40)]
-    path = _jsonl(tmp_path / "tools.jsonl", records)
+    path = write_jsonl(tmp_path / "tools.jsonl", records)
     run = lowmem_in_process(capsys, monkeypatch, tmp_path, "fit", "--config", "tiny.yaml", "--data.data_path",
                             str(path), "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
                             "--trainer.callbacks.plot", "false", "--trainer.enable_checkpointing", "false",
@@ -317,7 +313,7 @@ def test_lowmem_fit_trains_on_tool_records(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(("record", "match"), BAD)
 def test_lowmem_fit_refuses_each_bad_record_with_one_line(tmp_path, capsys, monkeypatch, record, match):
     """Every refusal above: exit 2, the message as the first line of stderr, no traceback, nothing written."""
-    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}, record])
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}, record])
     run = lowmem_in_process(capsys, monkeypatch, tmp_path, "fit", "--config", "tiny.yaml", "--data.data_path",
                             str(path))
     assert run.returncode == 2 and "Traceback" not in run.stderr and not (tmp_path / "runs").exists()

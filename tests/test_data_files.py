@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from lowmem_calls import LOWMEM
+from record_files import write_jsonl
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.data import TextDataModule
@@ -30,11 +31,6 @@ RECORDS = [
     for i in range(30)
 ]
 TEXTS = [{"text": f"line one, with a comma {i}\nline two \"quoted\"\tand a tab"} for i in range(30)]
-
-
-def _jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def _table(path: Path, records: list[dict], delimiter: str = ",", bom: bool = False, crlf: bool = False) -> Path:
@@ -56,7 +52,7 @@ WRITERS = {
     "tsv": lambda d, r: _table(d / "train.tsv", r, delimiter="\t"),
     "json array": lambda d, r: (d / "data.json").write_text(json.dumps(r, indent=2)) and d / "data.json",
     "json data key": lambda d, r: (d / "data.json").write_text(json.dumps({"data": r})) and d / "data.json",
-    "json lines named .json": lambda d, r: _jsonl(d / "data.json", r),
+    "json lines named .json": lambda d, r: write_jsonl(d / "data.json", r),
     "jsonl.gz": lambda d, r: _gzip(d / "train.jsonl.gz", "".join(json.dumps(x) + "\n" for x in r).encode()),
     "csv.gz": lambda d, r: _gzip(d / "train.csv.gz", _table(d / "plain.csv", r).read_bytes()),
     "jsonl, BOM and CRLF": lambda d, r: (d / "t.jsonl").write_bytes(
@@ -67,7 +63,7 @@ WRITERS = {
 @pytest.mark.parametrize("records", [RECORDS, TEXTS], ids=["instruction", "text"])
 @pytest.mark.parametrize("kind", list(WRITERS))
 def test_a_file_reads_as_the_jsonl_of_the_same_records(tmp_path, kind, records):
-    expected = read_documents([_jsonl(tmp_path / "same.jsonl", records)])
+    expected = read_documents([write_jsonl(tmp_path / "same.jsonl", records)])
     path = WRITERS[kind](tmp_path, records)
     assert find_data_files(str(path)) == [path]
     assert read_documents([path]) == expected
@@ -197,7 +193,7 @@ def _dataset_dict(d: Path) -> Path:
 
 def _parquet_among_jsonl(d: Path) -> Path:
     (d / "mixed").mkdir()
-    _jsonl(d / "mixed" / "a.jsonl", TEXTS)
+    write_jsonl(d / "mixed" / "a.jsonl", TEXTS)
     (d / "mixed" / "b.parquet").write_bytes(b"PAR1")
     return d / "mixed"
 
@@ -228,7 +224,7 @@ def test_a_format_not_read_is_refused_in_the_constructor_with_the_conversion(tmp
 def test_a_directory_reads_its_data_files_and_skips_the_rest(tmp_path):
     folder = tmp_path / "data"
     (folder / "sub").mkdir(parents=True)
-    wanted = [_jsonl(folder / "a.jsonl", TEXTS), _table(folder / "b.csv", RECORDS), folder / "c.txt",
+    wanted = [write_jsonl(folder / "a.jsonl", TEXTS), _table(folder / "b.csv", RECORDS), folder / "c.txt",
               _gzip(folder / "sub" / "d.txt.gz", b"zipped text"), folder / "sub" / "e.json"]
     wanted[2].write_text("plain text")
     wanted[4].write_text(json.dumps(RECORDS[:3]))
@@ -252,7 +248,7 @@ def test_a_directory_with_a_test_split_beside_its_training_files_says_it_reads_b
     folder = tmp_path / "data"
     folder.mkdir()
     for name in ("train.jsonl", "test.jsonl", "validation.jsonl", "devops_notes.jsonl"):
-        _jsonl(folder / name, TEXTS)
+        write_jsonl(folder / name, TEXTS)
     with pytest.warns(LowMemWarning) as caught:
         assert len(find_data_files(str(folder))) == 4
     assert [str(w.message) for w in caught] == [
@@ -275,7 +271,7 @@ def test_upper_case_names_are_read_as_their_format(tmp_path, no_pyarrow):
                                                           "".join(json.dumps(r) + "\n" for r in TEXTS).encode())]
     assert find_data_files(str(folder)) == sorted(wanted)
     assert read_documents(find_data_files(str(folder))) == read_documents(  # sorted: Extra before TRAIN
-        [_jsonl(tmp_path / "extra.jsonl", TEXTS), _table(tmp_path / "train.csv", RECORDS)])
+        [write_jsonl(tmp_path / "extra.jsonl", TEXTS), _table(tmp_path / "train.csv", RECORDS)])
     (folder / "DATA.PARQUET").write_bytes(b"PAR1")
     with pytest.raises(ValueError, match="DATA.PARQUET is Parquet"):
         find_data_files(str(folder))

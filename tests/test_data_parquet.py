@@ -6,13 +6,14 @@ with the install and the conversion (``test_data_files.py``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
+
+from record_files import write_jsonl  # noqa: E402
 
 from lowmem_lightning.data import TextDataModule  # noqa: E402
 from lowmem_lightning.data.chat import ChatDocument  # noqa: E402
@@ -29,11 +30,6 @@ def _parquet(path: Path, records: list) -> Path:
     return path
 
 
-def _jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def _content(doc):
     """A document without where it was read (a conversation keeps its file and line for its errors)."""
     return (doc.messages, doc.tools) if isinstance(doc, ChatDocument) else doc
@@ -42,7 +38,7 @@ def _content(doc):
 def test_rows_read_as_the_same_records_in_jsonl(tmp_path):
     for records in (INSTRUCTIONS, CHATS):
         parquet = read_documents([_parquet(tmp_path / "data.parquet", records)])
-        jsonl = read_documents([_jsonl(tmp_path / "data.jsonl", records)])
+        jsonl = read_documents([write_jsonl(tmp_path / "data.jsonl", records)])
         assert list(map(_content, parquet)) == list(map(_content, jsonl)) and len(parquet) == len(records)
     assert isinstance(parquet[0], ChatDocument) and parquet[0].messages[2] == {"role": "assistant", "content": "yes"}
     assert parquet[1].where.endswith("data.parquet:row 2")
@@ -51,7 +47,7 @@ def test_rows_read_as_the_same_records_in_jsonl(tmp_path):
 def test_a_directory_mixes_parquet_with_jsonl(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
-    wanted = [_jsonl(folder / "a.jsonl", CHATS), _parquet(folder / "b.parquet", INSTRUCTIONS[:10])]
+    wanted = [write_jsonl(folder / "a.jsonl", CHATS), _parquet(folder / "b.parquet", INSTRUCTIONS[:10])]
     assert find_data_files(str(folder)) == wanted
     data = TextDataModule(str(folder), seq_len=64, batch_size=2, cache_dir=False)
     data.setup("fit")

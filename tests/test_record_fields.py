@@ -5,11 +5,9 @@ were refused ("found keys [...]") and had to be rewritten to ``instruction`` / `
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 from lowmem_calls import lowmem_in_process
+from record_files import write_jsonl
 
 from lowmem_lightning.data import TextDataModule
 from lowmem_lightning.data.chat import ChatDocument
@@ -23,20 +21,15 @@ OURS = [{"instruction": r["instruction"], "input": r["context"], "output": r["re
 GSM8K = [{"question": f"What is {a} + {a}?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a}"} for a in range(40)]
 
 
-def _jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def test_dolly_mapped_reads_as_the_same_records_in_our_keys(tmp_path):
-    mapped = read_documents([_jsonl(tmp_path / "dolly.jsonl", DOLLY)],
+    mapped = read_documents([write_jsonl(tmp_path / "dolly.jsonl", DOLLY)],
                             record_fields={"input": "context", "output": "response"})
-    assert mapped == read_documents([_jsonl(tmp_path / "ours.jsonl", OURS)])
+    assert mapped == read_documents([write_jsonl(tmp_path / "ours.jsonl", OURS)])
     assert "### Input:\ngrass is" not in mapped[0].prompt and "### Input:\nsky is blue." in mapped[1].prompt
 
 
 def test_an_unread_record_is_refused_with_the_mapping_that_reads_it(tmp_path):
-    path = _jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
     with pytest.raises(ValueError) as info:
         read_documents([path])
     message = str(info.value)
@@ -46,7 +39,7 @@ def test_an_unread_record_is_refused_with_the_mapping_that_reads_it(tmp_path):
             '\'{"instruction": "question", "output": "answer"}\')') in message
     docs = read_documents([path], record_fields={"instruction": "question", "output": "answer"})
     assert docs[3].completion == GSM8K[3]["answer"] and "What is 3 + 3?" in docs[3].prompt
-    dolly = _jsonl(tmp_path / "dolly.jsonl", [{"instruction": "x", "context": "y", "response": "z"}])
+    dolly = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "x", "context": "y", "response": "z"}])
     with pytest.raises(ValueError, match=r'record_fields: \{"input": "context", "output": "response"\}'):
         read_documents([dolly])
     with pytest.raises(ValueError, match=r"found keys \['context', 'instruction', 'response'\] \(after "
@@ -55,7 +48,7 @@ def test_an_unread_record_is_refused_with_the_mapping_that_reads_it(tmp_path):
 
 
 def test_a_conversation_key_maps_too(tmp_path):
-    path = _jsonl(tmp_path / "chat.jsonl", [{"dialog": [{"role": "user", "content": "hi"},
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"dialog": [{"role": "user", "content": "hi"},
                                                         {"role": "assistant", "content": "hello"}]}])
     [doc] = read_documents([path], record_fields={"messages": "dialog"})
     assert isinstance(doc, ChatDocument) and doc.messages[1]["content"] == "hello"
@@ -68,23 +61,23 @@ def test_a_conversation_key_maps_too(tmp_path):
     ({"instruction": ""}, "expected a mapping"),
 ])
 def test_bad_record_fields_are_refused_before_reading(value, expected, tmp_path):
-    path = _jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
     with pytest.raises(ValueError, match=rf"Invalid record_fields=.*{expected}"):
         TextDataModule(str(path), record_fields=value)
 
 
 def test_the_mapping_keys_the_token_cache_and_the_checkpoints_settings(tmp_path):
-    path = _jsonl(tmp_path / "dolly.jsonl", DOLLY)
+    path = write_jsonl(tmp_path / "dolly.jsonl", DOLLY)
     fields = {"input": "context", "output": "response"}
     data = TextDataModule(str(path), seq_len=64, batch_size=2, record_fields=fields, cache_dir=False)
     data.setup("fit")
     assert data.state_dict()["settings"]["record_fields"] == fields and data._cache_key()["record_fields"] == fields
-    plain = TextDataModule(str(_jsonl(tmp_path / "ours.jsonl", OURS)), seq_len=64, batch_size=2, cache_dir=False)
+    plain = TextDataModule(str(write_jsonl(tmp_path / "ours.jsonl", OURS)), seq_len=64, batch_size=2, cache_dir=False)
     assert "record_fields" not in plain._cache_key()
 
 
 def test_lowmem_fit_with_record_fields_and_the_refusal_without(tmp_path, capsys, monkeypatch):
-    path = _jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K)
     small = ["--config", "tiny.yaml", "--data.data_path", str(path), "--trainer.max_steps", "2",
              "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--data.init_args.seq_len", "64",
              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
