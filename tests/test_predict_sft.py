@@ -18,7 +18,8 @@ import lightning as L
 import pytest
 import torch
 from lowmem_calls import LOWMEM
-from test_data_chat import CHATML, _jsonl
+from record_files import write_jsonl
+from test_data_chat import CHATML
 from tiny_tokenizers import bpe_tokenizer
 
 from lowmem_lightning.cli import main, parse_fit_config
@@ -80,7 +81,7 @@ def _train(root, args: list[str], steps: int):
 @pytest.fixture(scope="module")
 def instruction_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("instruction")
-    args = ["--data.data_path", str(_jsonl(root / "sft.jsonl", _instruction_records())), "--data.pack", "false",
+    args = ["--data.data_path", str(write_jsonl(root / "sft.jsonl", _instruction_records())), "--data.pack", "false",
             "--data.val_fraction", VAL]
     return (*_train(root, args, steps=3), args)
 
@@ -88,7 +89,7 @@ def instruction_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    args = ["--data.data_path", str(_jsonl(root / "chat.jsonl", _chat_records())), "--data.val_fraction", VAL,
+    args = ["--data.data_path", str(write_jsonl(root / "chat.jsonl", _chat_records())), "--data.val_fraction", VAL,
             "--data.tokenizer", _chatml_tokenizer(root / "chatml"), "--data.seq_len", "256"]
     return (*_train(root, args, steps=10), args)  # 10 steps: its greedy replies end with <|im_end|>
 
@@ -219,7 +220,7 @@ def test_predict_with_no_record_to_answer_is_refused_with_one_line(tmp_path, cap
     """Packed records (about 50 tokens) longer than a 40-token block never lie wholly in held-out blocks; a 32-token
     seq_len leaves no room for 32 new tokens: ``lowmem predict`` exits 2 with one line, writes nothing."""
     monkeypatch.chdir(tmp_path)
-    _jsonl(tmp_path / "sft.jsonl", _instruction_records()[1:5] * 15)
+    write_jsonl(tmp_path / "sft.jsonl", _instruction_records()[1:5] * 15)
     code = main(["predict", "--config", "tiny.yaml", "--data.data_path", "sft.jsonl", "--data.seq_len", seq_len,
                  "--trainer.enable_progress_bar", "false"])
     captured = capsys.readouterr()
