@@ -17,6 +17,18 @@ with and without checkpointing, fitted with the Llama layer's attention terms an
 expert's ``gate_up`` matrix taken out; then the :data:`MOE_CHECK` sizes against the formula.
 
     python benchmarks/lora_activations.py --moe      # ~6 minutes on one core
+
+``--widths`` fits what the Llama-only tables leave out, on decoders whose attention is not ``hidden_size`` wide:
+:data:`~lowmem_lightning.estimate.ATTENTION_WIDTH_BYTES` and
+:data:`~lowmem_lightning.estimate.LORA_ATTENTION_WIDTH_BYTES` (bytes per token per element by which the query width
+``heads * head_dim`` and the key/value width ``kv_heads * head_dim`` differ from ``hidden_size``: grouped-query
+attention, a ``head_dim`` of its own) from Llama decoders of the :data:`WIDTH_HEADS` shapes, each against the
+``q = kv = h`` one; and :data:`~lowmem_lightning.estimate.QK_NORM_BYTES` (Qwen3's per-head RMSNorm on queries and
+keys) from Qwen3 decoders of the same shapes against the Llama ones. Every full-weight dtype and LoRA entry (dropout 0
+and 0.05), with and without checkpointing; then the :data:`WIDTH_CHECK` decoders (Llama, Qwen3, Qwen3-MoE, not
+fitted) against the formulas.
+
+    python benchmarks/lora_activations.py --widths   # ~6 minutes on one core
 """
 
 from __future__ import annotations
@@ -36,6 +48,9 @@ from lowmem_lightning.estimate import (
     LORA_TARGET_SETS,
     LOSS_BYTES_PER_VOCAB,
     NF4_DEQUANTIZE_BYTES,
+    activation_bytes,
+    attention_extra_bytes,
+    attention_widths,
     lora_activation_bytes,
 )
 
@@ -201,9 +216,12 @@ def _moe_known(row: dict, mode: str) -> tuple[float, list[float]]:
     rank_bytes = len(LORA_TARGET_SETS["attention"]) * RANK * (2 if mode in ("bf16", "bf16-mixed") else 4)
     n = row["batch"] * row["seq"]
     transient = NF4_DEQUANTIZE_BYTES["cpu"][d] * h * 2 * i  # one expert's gate_up matrix
+    attention = attention_extra_bytes(config, ("nf4", mode, False))  # grouped-query attention
     if row["ckpt"]:
-        return (layers + 1) * d * h + layer_h * h + rank_bytes + transient / n, [top_k * i, top_k * h, experts]
-    known = layers * (full_h * h + rank_bytes) + rest_h * h + max(LOSS_BYTES_PER_VOCAB * vocab, transient / n)
+        return ((layers + 1) * d * h + layer_h * h + rank_bytes + attention + transient / n,
+                [top_k * i, top_k * h, experts])
+    known = (layers * (full_h * h + rank_bytes + attention) + rest_h * h
+             + max(LOSS_BYTES_PER_VOCAB * vocab, transient / n))
     return known, [layers * top_k * i, layers * top_k * h, layers * experts]
 
 
@@ -240,11 +258,158 @@ def check_moe(rows: list[dict], mode: str) -> float:
     return worst
 
 
+WIDTH_BASE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "vocab_size": 600}
+"""The decoder the width terms are fitted on (batch 2 x seq 96), with the :data:`WIDTH_HEADS` attention shapes."""
+
+WIDTH_HEADS = [(4, 4, 64), (4, 1, 64), (8, 8, 64), (8, 2, 64), (2, 2, 64)]
+"""``(heads, kv_heads, head_dim)`` of the fit; the first is Llama's ``q = kv = h``, the reference of the others."""
+
+WIDTH_MODEL_TYPES = ("llama", "qwen3")
+
+
+def _width_config(model_type: str, heads: int, kv_heads: int, head_dim: int, base: dict = WIDTH_BASE) -> dict:
+    return {"model_type": model_type, **base, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": head_dim}
+
+
+WIDTH_CHECK = [
+    (_width_config("llama", 6, 2, 48, {"hidden_size": 192, "intermediate_size": 640, "num_hidden_layers": 3,
+                                       "vocab_size": 700}), 2, 96),
+    (_width_config("qwen3", 4, 1, 128, {"hidden_size": 320, "intermediate_size": 768, "num_hidden_layers": 2,
+                                        "vocab_size": 500}), 1, 160),
+    (_width_config("qwen3", 6, 3, 32, {"hidden_size": 224, "intermediate_size": 576, "num_hidden_layers": 3,
+                                       "vocab_size": 650}), 3, 64),
+    ({**_width_config("qwen3_moe", 8, 2, 32, {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2,
+                                              "vocab_size": 600}),
+      "moe_intermediate_size": 128, "num_experts": 16, "num_experts_per_tok": 4}, 2, 96),
+]
+"""``(config, batch, seq)`` the width and norm terms are checked on (not fitted): grouped-query Llama with a
+narrower ``head_dim``, Qwen3 with wider and narrower attention than ``hidden_size``, a Qwen3-MoE (QLoRA only)."""
+
+
+def build_full_model(config: dict, seq: int, dtype: torch.dtype, checkpointing: bool):
+    """A CPU transformers decoder of ``config`` (its ``model_type``) in ``dtype``, every weight trained, SDPA
+    attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowmem_lightning.modules.causal_lm import _enable_checkpointing
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**config, "max_position_embeddings": seq}),
+                                             attn_implementation="sdpa").to(dtype)
+    if checkpointing:
+        _enable_checkpointing(model)
+    return model
+
+
+def _width_settings():
+    """Every full-weight dtype and LoRA entry (dropout 0 and 0.05), with and without checkpointing."""
+    for d, ckpt in itertools.product((2, 4), (True, False)):
+        yield ("full", d), None, ckpt
+    for base, mode, dropout, targets, ckpt in itertools.product(("nf4", "dense"), LORA_MODES, (0.0, 0.05),
+                                                                LORA_TARGET_SETS, (True, False)):
+        yield ("lora", base, mode, dropout > 0), targets, ckpt
+
+
+def profiled_setting(config: dict, batch: int, seq: int, setting: tuple, targets: str | None, ckpt: bool) -> int:
+    """Profiled peak of ``config`` trained as ``setting`` (``("full", dtype bytes)`` or ``("lora", base, mode,
+    dropout > 0)``, dropout 0.05 or, at batch 1 or 3, 0.1) on ``targets``."""
+    if setting[0] == "full":
+        model = build_full_model(config, seq, torch.bfloat16 if setting[1] == 2 else torch.float32, ckpt)
+        return profiled_peak(model, config["vocab_size"], batch, seq)
+    _, base, mode, dropped = setting
+    dropout = (0.05 if batch == 2 else 0.1) if dropped else 0.0
+    model, autocast = build_lora_model(config, seq, base, mode, dropout, targets, ckpt)
+    return profiled_peak(model, config["vocab_size"], batch, seq, autocast)
+
+
+def measure_widths() -> list[dict]:
+    """Profiled peaks of every :func:`_width_settings` on the :data:`WIDTH_HEADS` x :data:`WIDTH_MODEL_TYPES`
+    decoders (batch 2 x seq 96)."""
+    rows = []
+    for model_type, shape in itertools.product(WIDTH_MODEL_TYPES, WIDTH_HEADS):
+        config = _width_config(model_type, *shape)
+        for setting, targets, ckpt in _width_settings():
+            rows.append({"config": config, "setting": setting, "targets": targets, "ckpt": ckpt,
+                         "peak": profiled_setting(config, 2, 96, setting, targets, ckpt)})
+    return rows
+
+
+def _width_deltas(rows: list[dict], model_type: str, reference) -> dict:
+    """``setting -> [(features, per-token delta)]``: each ``model_type`` row against its ``reference(row)`` row
+    (the same setting, targets and checkpointing), per layer that holds it (1 with checkpointing, ``L`` without)."""
+    index = {(r["config"]["model_type"], r["config"]["num_attention_heads"], r["config"]["num_key_value_heads"],
+              r["setting"], r["targets"], r["ckpt"]): r["peak"] for r in rows}
+    n, layers, h = 2 * 96, WIDTH_BASE["num_hidden_layers"], WIDTH_BASE["hidden_size"]
+    deltas: dict = {}
+    for r in (r for r in rows if r["config"]["model_type"] == model_type):
+        other = reference(r)
+        if other is None:
+            continue
+        q, kv = attention_widths(r["config"])
+        per = n * (1 if r["ckpt"] else layers)
+        features = [q - h, kv - h] if model_type == "llama" else [q + kv]
+        deltas.setdefault(r["setting"], []).append((features, (r["peak"] - index[(*other, r["setting"], r["targets"],
+                                                                                  r["ckpt"])]) / per))
+    return deltas
+
+
+def _least_squares(pairs: list) -> tuple[float, ...]:
+    x, y = np.array([f for f, _ in pairs], float), np.array([v for _, v in pairs])
+    return tuple(round(float(v), 1) for v in np.linalg.lstsq(x, y, rcond=None)[0])
+
+
+def fit_widths(rows: list[dict]) -> tuple[dict, dict]:
+    """``(width table, norm table)``: per full-weight dtype bytes or LoRA ``(base, mode, dropout > 0)``, the
+    ``(per q element, per kv element)`` bytes per token per layer, pooled over targets and checkpointing; per dtype
+    bytes or LoRA mode, the bytes per ``q + kv`` element of Qwen3's q/k norms (pooled over the rest)."""
+    first = WIDTH_HEADS[0][:2]
+    widths = _width_deltas(rows, "llama", lambda r: None if (
+        r["config"]["num_attention_heads"], r["config"]["num_key_value_heads"]) == first else ("llama", *first))
+    norms = _width_deltas(rows, "qwen3", lambda r: ("llama", r["config"]["num_attention_heads"],
+                                                    r["config"]["num_key_value_heads"]))
+    width_table = {(s[1] if s[0] == "full" else s[1:]): _least_squares(p) for s, p in widths.items()}
+    pooled: dict = {}
+    for setting, pairs in norms.items():
+        pooled.setdefault(setting[1] if setting[0] == "full" else setting[2], []).extend(pairs)
+    return width_table, {key: _least_squares(p)[0] for key, p in pooled.items()}
+
+
+def _formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | None, ckpt: bool) -> int:
+    if setting[0] == "full":
+        return activation_bytes(config, batch, seq, setting[1], ckpt)
+    _, base, mode, dropped = setting
+    dropout = (0.05 if batch == 2 else 0.1) if dropped else 0.0
+    return lora_activation_bytes(config, batch, seq, base=base, mode=mode, dropout=dropout, targets=targets,
+                                 rank=RANK, gradient_checkpointing=ckpt, device="cpu")
+
+
+def check_widths() -> float:
+    """Profile :data:`WIDTH_CHECK` (a Qwen3-MoE: QLoRA on the attention only) against the formulas; print each
+    ratio and return the largest ``|ratio - 1|``."""
+    worst = 0.0
+    for config, batch, seq in WIDTH_CHECK:
+        moe = config["model_type"] not in WIDTH_MODEL_TYPES
+        for setting, targets, ckpt in _width_settings():
+            if moe and (setting[0] == "full" or setting[1] == "dense" or targets != "attention"):
+                continue
+            peak = profiled_setting(config, batch, seq, setting, targets, ckpt)
+            ratio = _formula(config, batch, seq, setting, targets, ckpt) / peak
+            worst = max(worst, abs(ratio - 1))
+            q, kv = attention_widths(config)
+            print(f"{config['model_type']:>9} h{config['hidden_size']} q{q} kv{kv} {str(setting):>42} "
+                  f"{targets or '':>9} {'ckpt' if ckpt else 'full'}: profiled {peak:>10,} B, formula/profiled "
+                  f"{ratio:.3f}", flush=True)
+    return worst
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", action="store_true", help="profile the FIT sizes and print the coefficients")
     parser.add_argument("--check", action="store_true", help="profile the CHECK sizes against the formula")
     parser.add_argument("--moe", action="store_true", help="fit the Mixtral (NF4 experts) terms, then check them")
+    parser.add_argument("--widths", action="store_true",
+                        help="fit the attention-width and Qwen3 q/k-norm terms, then check them")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.moe:
@@ -252,6 +417,12 @@ def main(argv=None) -> int:
             print(f"    {mode!r}: {fit_moe(measure_moe(MOE_FIT, mode), mode)},", flush=True)
         worst = max(check_moe(measure_moe(MOE_CHECK, mode), mode) for mode in LORA_MODES)
         print(f"largest |formula / profiled - 1| (MoE): {worst:.3f}")
+    if args.widths:
+        width_table, norm_table = fit_widths(measure_widths())
+        for key, value in width_table.items():
+            print(f"    {key!r}: {value},")
+        print(f"q/k norms: {norm_table}", flush=True)
+        print(f"largest |formula / profiled - 1| (widths): {check_widths():.3f}")
     if args.fit:
         for key, value in fit(measure(FIT, 0.05)).items():
             print(f"    {key!r}: {value},")

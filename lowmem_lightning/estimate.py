@@ -61,6 +61,12 @@ __all__ = [
     "LORA_MODES",
     "LORA_TARGET_SETS",
     "ACTIVATION_MODEL_TYPES",
+    "ATTENTION_WIDTH_BYTES",
+    "LORA_ATTENTION_WIDTH_BYTES",
+    "QK_NORM_BYTES",
+    "QK_NORM_MODEL_TYPES",
+    "attention_widths",
+    "attention_extra_bytes",
     "NF4_DEQUANTIZE_BYTES",
     "RELEASE_BUCKET_BYTES",
     "estimate_memory",
@@ -319,6 +325,88 @@ def _config_value(config, key: str) -> int:
     return value
 
 
+ATTENTION_WIDTH_BYTES: dict[int, tuple[float, float]] = {
+    # dtype bytes: (per query element, per key/value element)
+    2: (4.1, 4.0),
+    4: (8.1, 8.0),
+}
+"""Bytes per token per layer of a full-weight decoder (:func:`activation_bytes`) per element by which its query width
+``num_attention_heads * head_dim`` and its key/value width ``num_key_value_heads * head_dim`` differ from
+``hidden_size`` (:func:`attention_widths`; the Llama layers :data:`ACTIVATION_COEFFICIENTS` was fitted to have both
+equal to it), by the weights' element size, with and without checkpointing. Least squares over torch's CPU
+profiler (``python benchmarks/lora_activations.py --widths``: five head shapes, each against ``q = kv = h``)."""
+
+LORA_ATTENTION_WIDTH_BYTES: dict[tuple[str, str, bool], tuple[float, float]] = {
+    # (base, mode, dropout > 0): (per query element, per key/value element)
+    ("nf4", "fp32", False): (8.1, 8.0),
+    ("nf4", "fp32", True): (16.1, 8.0),
+    ("nf4", "bf16", False): (4.1, 4.0),
+    ("nf4", "bf16", True): (8.1, 4.0),
+    ("nf4", "bf16-base-fp32-adapters", False): (8.1, 4.0),
+    ("nf4", "bf16-base-fp32-adapters", True): (12.1, 4.0),
+    ("nf4", "bf16-mixed", False): (4.4, 4.3),
+    ("nf4", "bf16-mixed", True): (8.4, 4.3),
+    ("dense", "fp32", False): (8.1, 8.0),
+    ("dense", "fp32", True): (16.1, 8.0),
+    ("dense", "bf16", False): (4.1, 4.0),
+    ("dense", "bf16", True): (8.1, 4.0),
+    ("dense", "bf16-base-fp32-adapters", False): (8.1, 4.0),
+    ("dense", "bf16-base-fp32-adapters", True): (12.1, 4.0),
+    ("dense", "bf16-mixed", False): (6.4, 4.3),
+    ("dense", "bf16-mixed", True): (10.4, 4.3),
+}
+"""As :data:`ATTENTION_WIDTH_BYTES` for :func:`lora_activation_bytes`, by base, :data:`LORA_MODES` mode and dropout
+> 0 (``o_proj``'s adapter drops out its query-wide input), pooled over the targets (all seven or the attention
+projections) and checkpointing (``--widths`` prints this table)."""
+
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")
+"""``config.model_type`` values whose attention normalizes each head's query and key (``q_norm``, ``k_norm``: an
+RMSNorm over ``head_dim``) before the rotary embedding: :data:`QK_NORM_BYTES` applies."""
+
+QK_NORM_BYTES: dict[int | str, float] = {2: 6.1, 4: 8.1, "fp32": 4.1, "bf16": 4.1, "bf16-base-fp32-adapters": 4.1,
+                                         "bf16-mixed": 4.1}
+"""Bytes per token per layer per query and key/value element that :data:`QK_NORM_MODEL_TYPES` layers save for their
+q/k norms, by full-weight dtype bytes (the norms' weights train: more is kept) or LoRA mode: Qwen3 decoders against
+Llama ones of the same shapes under torch's CPU profiler (``benchmarks/lora_activations.py --widths``)."""
+
+
+def attention_widths(config) -> tuple[int, int]:
+    """``(query width, key/value width)`` of a decoder config: ``num_attention_heads * head_dim`` and
+    ``num_key_value_heads * head_dim`` (``head_dim`` defaults to ``hidden_size // num_attention_heads``, the key/value
+    heads to the query heads)."""
+    heads, head_dim = _config_value(config, "num_attention_heads"), _head_dim(config)
+    return heads * head_dim, (_optional_config_value(config, "num_key_value_heads") or heads) * head_dim
+
+
+def _head_dim(config) -> int:
+    """The config's ``head_dim``, else ``hidden_size // num_attention_heads``."""
+    return _optional_config_value(config, "head_dim") or (
+        _config_value(config, "hidden_size") // _config_value(config, "num_attention_heads"))
+
+
+def _optional_config_value(config, key: str) -> int | None:
+    value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    return None if value is None else _config_value(config, key)
+
+
+def attention_extra_bytes(config, setting: int | tuple[str, str, bool]) -> float:
+    """Activation bytes per token per layer that ``config``'s attention adds to the Llama layer the activation
+    tables were fitted to: ``a * (q - h) + b * (kv - h)`` with ``(a, b)`` from :data:`ATTENTION_WIDTH_BYTES`
+    (``setting`` a full-weight dtype's bytes) or :data:`LORA_ATTENTION_WIDTH_BYTES` (``setting`` a LoRA ``(base,
+    mode, dropout > 0)``) and ``(q, kv)`` the :func:`attention_widths`, plus ``c * (q + kv)`` for the q/k norms of a
+    :data:`QK_NORM_MODEL_TYPES` layer (``c`` from :data:`QK_NORM_BYTES`). 0 for Llama-2's shapes, and for a config
+    without ``num_attention_heads`` (taken as Llama's)."""
+    if _optional_config_value(config, "num_attention_heads") is None:
+        return 0.0
+    h = _config_value(config, "hidden_size")
+    q, kv = attention_widths(config)
+    if isinstance(setting, tuple):
+        (a, b), norm = LORA_ATTENTION_WIDTH_BYTES[setting], QK_NORM_BYTES[setting[1]]
+    else:
+        (a, b), norm = ATTENTION_WIDTH_BYTES[setting], QK_NORM_BYTES[setting]
+    return a * (q - h) + b * (kv - h) + (norm * (q + kv) if _model_type(config) in QK_NORM_MODEL_TYPES else 0.0)
+
+
 def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2,
                      gradient_checkpointing: bool = True, isolate_documents: bool = False) -> int:
     """Peak activation bytes of one forward + backward of a Llama-style decoder (HF ``LlamaForCausalLM``
@@ -328,10 +416,13 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     ``intermediate_size``, ``num_hidden_layers``, ``vocab_size``, ``d = dtype_bytes`` and the
     coefficients of :data:`ACTIVATION_COEFFICIENTS` (``c``) and :data:`LOSS_BYTES_PER_VOCAB` (12):
 
-    * gradient checkpointing: ``n * ((L + 1) * d * h + max(c.layer_h * h + c.layer_i * i, 12 * V + 2 * d * h))``
-      -- each layer's input kept, plus the larger of one layer recomputed in backward and the loss;
-    * without: ``n * (L * (c.full_h * h + c.full_i * i) + 12 * V + c.rest_h * h)`` -- every layer's saved
+    * gradient checkpointing: ``n * ((L + 1) * d * h + max(c.layer_h * h + c.layer_i * i + A, 12 * V + 2 * d *
+      h))`` -- each layer's input kept, plus the larger of one layer recomputed in backward and the loss;
+    * without: ``n * (L * (c.full_h * h + c.full_i * i + A) + 12 * V + c.rest_h * h)`` -- every layer's saved
       tensors at once, then the loss.
+
+    ``A`` (:func:`attention_extra_bytes`) is what an attention other than Llama's ``hidden_size``-wide one adds per
+    token per layer (0 for Llama-2): grouped-query attention and a ``head_dim`` of its own, Qwen3's q/k norms.
 
     ``isolate_documents``: packed documents kept apart (``TextDataModule``'s default with ``pack=True``: batches
     with ``position_ids`` restarting at each document), which adds :func:`document_mask_terms` (SDPA's
@@ -351,14 +442,16 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
     layers, vocab = _config_value(config, "num_hidden_layers"), _config_value(config, "vocab_size")
     c, d = ACTIVATION_COEFFICIENTS[dtype_bytes], dtype_bytes
+    attention = attention_extra_bytes(config, dtype_bytes)
     loss = LOSS_BYTES_PER_VOCAB * vocab
     mask, rotary = document_mask_terms(config, batch_size, seq_len, d) if isolate_documents else (0, 0)
     mask_per_token = mask // (batch_size * seq_len)
     if gradient_checkpointing:
-        per_token = (layers + 1) * d * h + max(c["layer_h"] * h + c["layer_i"] * i + (1 + d) * mask_per_token,
-                                               loss + 2 * d * h + mask_per_token)
+        per_token = (layers + 1) * d * h + max(c["layer_h"] * h + c["layer_i"] * i + attention
+                                               + (1 + d) * mask_per_token, loss + 2 * d * h + mask_per_token)
     else:
-        per_token = layers * (c["full_h"] * h + c["full_i"] * i + d * mask_per_token) + loss + c["rest_h"] * h
+        per_token = (layers * (c["full_h"] * h + c["full_i"] * i + attention + d * mask_per_token) + loss
+                     + c["rest_h"] * h)
     return int(batch_size * seq_len * per_token) + rotary
 
 
@@ -374,10 +467,7 @@ def document_mask_terms(config, batch_size: int, seq_len: int, dtype_bytes: int)
     without checkpointing, full-weight and QLoRA); modelled for ``sdpa``, the attention transformers picks for these
     models: ``eager`` builds a float causal mask either way (the packed one costs nothing more) and
     ``flash_attention_*`` none, but their attention is not what :func:`activation_bytes` was fitted to."""
-    heads = _config_value(config, "num_attention_heads")
-    head_dim = (config.get("head_dim") if isinstance(config, dict) else getattr(config, "head_dim", None))
-    head_dim = head_dim or _config_value(config, "hidden_size") // heads
-    return batch_size * seq_len**2, 2 * (batch_size - 1) * seq_len * head_dim * dtype_bytes
+    return batch_size * seq_len**2, 2 * (batch_size - 1) * seq_len * _head_dim(config) * dtype_bytes
 
 
 LORA_MODES = ("fp32", "bf16", "bf16-base-fp32-adapters", "bf16-mixed")
@@ -446,19 +536,24 @@ NF4_DEQUANTIZE_BYTES = {"cuda": {2: 2, 4: 4}, "cpu": {2: 10, 4: 8}}
 CUDA the Triton kernel writes the dense weight once (the element size); on the CPU the PyTorch reference
 also holds the int32 codes and fp32 values (torch's profiler: 10.0 B/weight into bf16, 8.06 into fp32)."""
 
-MOE_ACTIVATION_MODEL_TYPES = ("mixtral",)
-"""MoE ``config.model_type`` values :func:`lora_activation_bytes` models: Mistral's decoder layer with transformers'
-experts (``num_local_experts`` of ``intermediate_size``, ``num_experts_per_tok`` per token) in NF4
-(:class:`~lowmem_lightning.quant.Experts4bit`), under LoRA on the four attention projections (what the recipes'
-LoRA lands on there). Not modelled: other MoE layers (Qwen-MoE's shared expert and Qwen3's q/k norms, ...), a
-dense or full-weight base."""
+MOE_ACTIVATION_MODEL_TYPES = ("mixtral", "qwen3_moe")
+"""MoE ``config.model_type`` values :func:`lora_activation_bytes` models: a Llama-style decoder layer (Qwen3's with
+its q/k norms) with transformers' experts in every layer (:data:`MOE_CONFIG_KEYS`: how many of what width, and
+``num_experts_per_tok`` per token) in NF4 (:class:`~lowmem_lightning.quant.Experts4bit`), under LoRA on the four
+attention projections (what the recipes' LoRA lands on there). Fitted on Mixtral, checked on Qwen3-MoE (``python
+benchmarks/lora_activations.py --widths``). Not modelled: other MoE layers (Qwen2-MoE's shared expert, dense layers
+among the sparse ones, ...), a dense or full-weight base."""
+
+MOE_CONFIG_KEYS = {"mixtral": ("intermediate_size", "num_local_experts"),
+                   "qwen3_moe": ("moe_intermediate_size", "num_experts")}
+"""``model_type -> (config key of one expert's intermediate size, config key of the experts per layer)``."""
 
 MOE_LORA_ACTIVATION_COEFFICIENTS: dict[str, tuple[float, float, float, float, float, float]] = {
     # mode: (full_ki, full_kh, full_e, layer_ki, layer_kh, layer_e)
-    "fp32": (12.8, 7.7, 0.0, 13.8, 9.3, 14.7),
-    "bf16": (6.5, 3.8, 0.0, 5.3, 4.7, 82.7),
-    "bf16-base-fp32-adapters": (6.5, 3.8, 0.0, 5.3, 4.7, 82.7),
-    "bf16-mixed": (6.6, 3.8, 0.0, 5.3, 4.7, 82.4),
+    "fp32": (12.7, 8.0, 0.0, 13.4, 9.4, 37.7),
+    "bf16": (6.5, 4.0, 0.0, 5.1, 4.8, 94.1),
+    "bf16-base-fp32-adapters": (6.5, 4.0, 0.0, 5.1, 4.8, 94.1),
+    "bf16-mixed": (6.6, 3.9, 0.0, 5.1, 4.8, 94.7),
 }
 """Bytes per token of an MoE layer's experts in :func:`lora_activation_bytes`, in place of the Llama MLP's ``i``
 terms: ``ki * K * i + kh * K * h + e * E`` with ``K`` experts per token of ``intermediate_size`` ``i`` among ``E``
@@ -511,9 +606,12 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     ``T = t * h * i`` the dense weight a 4-bit projection decodes while it multiplies (``t`` from
     :data:`NF4_DEQUANTIZE_BYTES` for ``device``; 0 on a dense base):
 
-    * gradient checkpointing: ``n * (L + 1) * d * h + max(n * (c.layer_h * h + c.layer_i * i + R) + T,
+    * gradient checkpointing: ``n * (L + 1) * d * h + max(n * (c.layer_h * h + c.layer_i * i + R + A) + T,
       n * (12 * V + 2 * d * h))``;
-    * without: ``n * (L * (c.full_h * h + c.full_i * i + R) + c.rest_h * h) + max(n * 12 * V, T)``.
+    * without: ``n * (L * (c.full_h * h + c.full_i * i + R + A) + c.rest_h * h) + max(n * 12 * V, T)``.
+
+    ``A`` is :func:`attention_extra_bytes` (:data:`LORA_ATTENTION_WIDTH_BYTES`, Qwen3's q/k norms); on an MoE
+    model (:data:`MOE_ACTIVATION_MODEL_TYPES`) the ``i`` terms and ``T`` are those of its experts (:func:`_moe_terms`).
 
     ``isolate_documents`` (packed documents kept apart) adds :func:`document_mask_terms` as in
     :func:`activation_bytes`: ``n * (1 + d) * seq_len`` to the recomputed layer and ``n * seq_len`` to the loss
@@ -537,6 +635,7 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     adapter_bytes = 2 if mode in ("bf16", "bf16-mixed") else 4
     rank_bytes = len(LORA_TARGET_SETS[key]) * rank * adapter_bytes
     mlp_full, mlp_layer, decoded = full_i * i, layer_i * i, h * i  # per token; the largest matrix an NF4 layer decodes
+    attention = attention_extra_bytes(config, (base, mode, dropout > 0))
     if _is_moe(config):
         mlp_full, mlp_layer, decoded = _moe_terms(config, base, mode, key)
     transient = NF4_DEQUANTIZE_BYTES[device][d] * decoded if base == "nf4" else 0
@@ -544,15 +643,28 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     loss = n * LOSS_BYTES_PER_VOCAB * vocab
     mask, rotary = document_mask_terms(config, batch_size, seq_len, d) if isolate_documents else (0, 0)
     if gradient_checkpointing:
-        layer = n * (layer_h * h + mlp_layer + rank_bytes) + transient + (1 + d) * mask
+        layer = n * (layer_h * h + mlp_layer + rank_bytes + attention) + transient + (1 + d) * mask
         return int(n * (layers + 1) * d * h + max(layer, loss + n * 2 * d * h + mask)) + rotary
-    saved = n * (layers * (full_h * h + mlp_full + rank_bytes) + rest_h * h) + layers * d * mask
+    saved = n * (layers * (full_h * h + mlp_full + rank_bytes + attention) + rest_h * h) + layers * d * mask
     return int(saved + max(loss, transient)) + rotary
 
 
+def _model_type(config) -> str | None:
+    return config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+
+
 def _is_moe(config) -> bool:
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    return model_type in MOE_ACTIVATION_MODEL_TYPES
+    return _model_type(config) in MOE_ACTIVATION_MODEL_TYPES
+
+
+def _dense_layers_among_experts(config) -> str:
+    """``"mlp_only_layers=[0]"`` / ``"decoder_sparse_step=2"`` where a Qwen-MoE config gives some layers a dense MLP
+    in place of experts; ``""`` where every layer has experts."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    if get("mlp_only_layers"):
+        return f"mlp_only_layers={list(get('mlp_only_layers'))!r}"
+    step = get("decoder_sparse_step", 1)
+    return "" if step in (None, 1) else f"decoder_sparse_step={step!r}"
 
 
 def _moe_terms(config, base: str, mode: str, key: str) -> tuple[float, float, int]:
@@ -562,8 +674,12 @@ def _moe_terms(config, base: str, mode: str, key: str) -> tuple[float, float, in
     if base != "nf4" or key != "attention":
         raise ValueError(f"Invalid base={base!r} / targets={key!r} for an MoE model: its activations are modelled for "
                          "LoRA on the attention projections over NF4 experts only.")
-    h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
-    experts, top_k = _config_value(config, "num_local_experts"), _config_value(config, "num_experts_per_tok")
+    width_key, experts_key = MOE_CONFIG_KEYS[_model_type(config)]
+    h, i = _config_value(config, "hidden_size"), _config_value(config, width_key)
+    experts, top_k = _config_value(config, experts_key), _config_value(config, "num_experts_per_tok")
+    dense = _dense_layers_among_experts(config)
+    if dense:
+        raise ValueError(f"Invalid config {dense}: its activations are modelled with experts in every layer.")
     full_ki, full_kh, full_e, layer_ki, layer_kh, layer_e = MOE_LORA_ACTIVATION_COEFFICIENTS[mode]
     return (full_ki * top_k * i + full_kh * top_k * h + full_e * experts,
             layer_ki * top_k * i + layer_kh * top_k * h + layer_e * experts, 2 * i * h)
@@ -709,12 +825,14 @@ def _mask_note(nbytes: dict[bool, int]) -> str:
     return f", +{_gb(nbytes[True] - nbytes[False])} document mask" if True in nbytes else ""
 
 
-ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
-:func:`lora_activation_bytes` were fitted to: torch's CPU profiler measured Mistral and Qwen2 equal to Llama.
-Not these (batch 2 x seq 96, bf16, the formula against the profiler): Qwen3 -17% (q/k norms), Phi-3 -11%
-(fused projections), Gemma 2/3 -40% (extra norms, soft-capping), GPT-NeoX +25..47% (parallel block, no gate),
-Mixtral / Qwen-MoE -24..48% (experts, router); :func:`model_activation_bytes` says so rather than guess."""
+:func:`lora_activation_bytes` were fitted to: torch's CPU profiler measured Mistral and Qwen2 equal to Llama; Qwen3
+adds its q/k norms (:data:`QK_NORM_BYTES`); an attention other than ``hidden_size`` wide is
+:data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against the profiler): Phi-3
+-11% (fused projections), Gemma 2/3 -40% (extra norms, soft-capping), GPT-NeoX +25..47% (parallel block, no gate),
+Mixtral / Qwen-MoE -24..48% (experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA);
+:func:`model_activation_bytes` says so rather than guess."""
 
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
@@ -744,6 +862,9 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
                 _is_experts4bit(m) for m in model.modules()):
             return None, (f"not modelled for this {model_type} model (fitted to LoRA on the attention projections "
                           "over NF4 experts)")
+        if _dense_layers_among_experts(config):
+            return None, (f"not modelled for a {model_type} model with dense layers among its experts "
+                          f"({_dense_layers_among_experts(config)})")
     elif model_type not in ACTIVATION_MODEL_TYPES:
         return None, (f"not modelled for model_type {model_type!r} (fitted to the Llama decoder layer: "
                       f"{', '.join(ACTIVATION_MODEL_TYPES)}; MoE: {', '.join(MOE_ACTIVATION_MODEL_TYPES)} under QLoRA)")

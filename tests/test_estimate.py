@@ -508,27 +508,84 @@ def test_moe_lora_activation_formula_within_10_percent_of_the_profiler(check, mo
     assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
 
 
-def test_moe_activations_are_modelled_for_mixtral_qlora_only():
-    """``lowmem estimate``'s figure for the QLoRA recipe on Mixtral is the MoE formula's; other MoE models (Qwen3-MoE:
-    q/k norms), Mixtral without LoRA, or LoRA on other layers say why not."""
+def test_moe_activations_are_modelled_for_qlora_on_the_attention_over_nf4_experts():
+    """``lowmem estimate``'s figure for the QLoRA recipe on Mixtral and Qwen3-MoE is the MoE formula's (Qwen3-MoE: its
+    own config keys, its q/k norms); Mixtral without LoRA, LoRA on other layers, or a Qwen-MoE with dense layers among
+    its experts say why not."""
     from lowmem_lightning.estimate import lora_activation_bytes, model_activation_bytes
     from lowmem_lightning.modules.causal_lm import build_causal_lm
 
     mixtral = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}
     lora = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
-    model = build_causal_lm(None, mixtral, "nf4", lora, device="meta", torch_dtype="bfloat16")
-    nbytes, detail = model_activation_bytes(model, 1, 128, True, "bf16-mixed", "cuda")
-    config = {**mixtral, "vocab_size": model.config.vocab_size}
-    assert nbytes == lora_activation_bytes(config, 1, 128, mode="bf16-mixed", dropout=0.05, targets="attention")
-    assert "LoRA r=16 on 4 projections" in detail
-    qwen = {**mixtral, "model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16}
-    for built in (build_causal_lm(None, qwen, "nf4", lora, device="meta", torch_dtype="bfloat16"),
+    qwen = {**mixtral, "model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 32}
+    for arch in (mixtral, qwen):
+        model = build_causal_lm(None, arch, "nf4", lora, device="meta", torch_dtype="bfloat16")
+        nbytes, detail = model_activation_bytes(model, 1, 128, True, "bf16-mixed", "cuda")
+        config = {**arch, "vocab_size": model.config.vocab_size}
+        assert nbytes == lora_activation_bytes(config, 1, 128, mode="bf16-mixed", dropout=0.05, targets="attention")
+        assert "LoRA r=16 on 4 projections" in detail
+    as_mixtral = {**mixtral, "intermediate_size": 32, "num_local_experts": 4, "vocab_size": model.config.vocab_size}
+    assert lora_activation_bytes(config, 1, 128, targets="attention") > lora_activation_bytes(
+        as_mixtral, 1, 128, targets="attention")  # q/k norms, q 128 wide
+    for built in (build_causal_lm(None, {**qwen, "mlp_only_layers": [0]}, "nf4", lora, device="meta"),
+                  build_causal_lm(None, {**qwen, "decoder_sparse_step": 2}, "nf4", lora, device="meta"),
                   build_causal_lm(None, mixtral, None, None, device="meta", torch_dtype="bfloat16")):
         nbytes, detail = model_activation_bytes(built, 1, 128, True, "bf16-mixed", "cuda")
         assert nbytes is None and detail.startswith("not modelled"), detail
+    assert "dense layers among its experts (mlp_only_layers=[0])" in model_activation_bytes(
+        build_causal_lm(None, {**qwen, "mlp_only_layers": [0]}, "nf4", lora, device="meta"), 1, 8, True)[1]
     with pytest.raises(ValueError, match="attention projections over NF4 experts"):
         lora_activation_bytes(config, 1, 128, targets="all")
+    with pytest.raises(ValueError, match=r"Invalid config decoder_sparse_step=2: .* experts in every layer"):
+        lora_activation_bytes({**config, "decoder_sparse_step": 2}, 1, 128, targets="attention")
+
+
+WIDTH_CASES = [
+    # (check index, setting, targets, checkpointing)
+    (0, ("full", 2), None, False),  # grouped-query Llama, head_dim 48 (q 1.5 h, kv h / 2)
+    (0, ("full", 4), None, True),
+    (0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the QLoRA recipe's setting
+    (1, ("full", 2), None, False),  # Qwen3, q 1.6 h: q/k norms
+    (1, ("lora", "nf4", "bf16-mixed", True), "all", False),
+    (2, ("lora", "dense", "fp32", False), "attention", True),  # Qwen3, q / kv narrower than h
+    (2, ("full", 4), None, False),
+    (1, ("full", 4), None, True),
+    (3, ("lora", "nf4", "bf16-mixed", True), "attention", True),  # Qwen3-MoE under QLoRA
+    (3, ("lora", "nf4", "fp32", False), "attention", False),
+]
+
+
+@pytest.mark.parametrize("check, setting, targets, checkpointing", WIDTH_CASES)
+def test_attention_widths_and_qk_norms_within_10_percent_of_the_profiler(check, setting, targets, checkpointing):
+    """Decoders whose attention is not ``hidden_size`` wide (grouped-query, a ``head_dim`` of their own), Qwen3's q/k
+    norms and Qwen3-MoE, at sizes the width terms were not fitted on (``benchmarks/lora_activations.py --widths``
+    checks every setting)."""
+    bench = _lora_bench()
+    torch.set_num_threads(1)
+    config, batch, seq = bench.WIDTH_CHECK[check]
+    measured = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing)
+    predicted = bench._formula(config, batch, seq, setting, targets, checkpointing)
+    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+def test_width_terms_change_nothing_for_llama_2_and_follow_the_widths():
+    """Llama-2's attention (q = kv = hidden_size) adds nothing to the fitted tables, nor does a config without its
+    heads; grouped-query attention lowers the figure, a wider ``head_dim`` raises it, Qwen3's q/k norms add to the
+    same shapes."""
+    from lowmem_lightning.estimate import activation_bytes, attention_extra_bytes, attention_widths
+
+    llama2 = json.loads(_llama_2_7b_config())
+    assert attention_widths(llama2) == (4096, 4096) and attention_extra_bytes(llama2, 2) == 0
+    assert attention_extra_bytes(llama2, ("nf4", "bf16-mixed", True)) == 0
+    gqa = {**llama2, "num_key_value_heads": 8}  # Llama-3-8B's attention
+    assert attention_widths(gqa) == (4096, 1024)
+    wide = {**gqa, "head_dim": 160}  # Mistral-Nemo-like: q wider than h
+    qwen3 = {**wide, "model_type": "qwen3"}
+    assert attention_extra_bytes({key: llama2[key] for key in ("hidden_size", "intermediate_size")}, 2) == 0
+    figures = [activation_bytes(c, 1, 512, 2, False) for c in (gqa, wide, qwen3)]
+    assert figures == sorted(figures) and len(set(figures)) == 3 and figures[0] < activation_bytes(llama2, 1, 512, 2,
+                                                                                                     False)
 
 
 def test_qlora_activations_need_the_lora_formula(capsys):
