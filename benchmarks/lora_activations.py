@@ -29,6 +29,13 @@ and 0.05), with and without checkpointing; then the :data:`WIDTH_CHECK` decoders
 fitted) against the formulas.
 
     python benchmarks/lora_activations.py --widths   # ~6 minutes on one core
+
+``--gemma3`` fits :data:`~lowmem_lightning.estimate.GEMMA3_ACTIVATION_BYTES` (Gemma 3's layer beyond Llama's with
+the width terms: q/k norms, a norm after the attention and after the MLP, the scaled embedding) from Gemma 3 text
+decoders of the :data:`GEMMA3_FIT` shapes against the formula for a Llama of the same shapes, every setting as
+``--widths``; then the :data:`GEMMA3_CHECK` decoders.
+
+    python benchmarks/lora_activations.py --gemma3   # ~5 minutes on one core
 """
 
 from __future__ import annotations
@@ -403,11 +410,72 @@ def check_widths() -> float:
     return worst
 
 
+def _gemma3(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
+    """A Gemma 3 text config, its embeddings untied as the Llama fits' (a tied embedding adds the same to both)."""
+    return {**_width_config("gemma3_text", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
+                                                                        "num_hidden_layers": layers,
+                                                                        "vocab_size": vocab}),
+            "tie_word_embeddings": False}
+
+
+GEMMA3_FIT = [_gemma3(256, 512, 2, 4, 4, 64, 600), _gemma3(256, 1024, 3, 4, 1, 64, 600),
+              _gemma3(384, 512, 2, 6, 2, 64, 600), _gemma3(192, 768, 3, 2, 1, 128, 600),
+              _gemma3(256, 512, 2, 8, 4, 64, 600), _gemma3(256, 512, 2, 4, 4, 64, 8000),
+              _gemma3(192, 384, 3, 3, 1, 64, 8000)]
+"""Gemma 3 text decoders the Gemma 3 terms are fitted on (batch 2 x seq 96): layers, widths and heads varied, the
+last two bound by the loss (a vocabulary of 8000) so that the once-per-model term shows with checkpointing."""
+
+GEMMA3_CHECK = [(_gemma3(320, 640, 2, 5, 1, 128, 700), 1, 160), (_gemma3(224, 896, 3, 4, 2, 64, 700), 3, 64),
+                (_gemma3(160, 480, 2, 2, 1, 128, 5000), 2, 80)]
+"""``(config, batch, seq)`` the Gemma 3 terms are checked on (not fitted)."""
+
+
+def _loss_bound(config: dict, setting: tuple) -> bool:
+    """Whether the loss, not a recomputed layer, is the peak of ``config`` under checkpointing (the Llama formula's
+    two branches)."""
+    h, i, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    d = setting[1] if setting[0] == "full" else (4 if setting[2] == "fp32" else 2)
+    return LOSS_BYTES_PER_VOCAB * vocab + 2 * d * h > 60 * h + 25 * i
+
+
+def fit_gemma3() -> dict:
+    """``entry -> (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)`` per full-weight
+    dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``: least squares of what each :data:`GEMMA3_FIT`
+    decoder's profiled peak holds above the Llama formula (with the width terms) per token, against ``[L * h, L * i,
+    L * (q + kv), h]`` without checkpointing and ``[h, i, q + kv, h]`` (the first three on layer-bound decoders only)
+    with it."""
+    pairs: dict = {}
+    for config, (setting, targets, ckpt) in itertools.product(GEMMA3_FIT, list(_width_settings())):
+        peak = profiled_setting(config, 2, 96, setting, targets, ckpt)
+        residual = (peak - _formula({**config, "model_type": "llama"}, 2, 96, setting, targets, ckpt)) / (2 * 96)
+        h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+        qk = sum(attention_widths(config))
+        per_layer = (0 if _loss_bound(config, setting) else 1) if ckpt else layers
+        key = setting[1] if setting[0] == "full" else (*setting[1:], targets)
+        pairs.setdefault((key, ckpt), []).append(([per_layer * h, per_layer * i, per_layer * qk, h], residual))
+    return {key: _least_squares(pairs[(key, False)]) + _least_squares(pairs[(key, True)])
+            for key in dict.fromkeys(k for k, _ in pairs)}
+
+
+def check_gemma3() -> float:
+    """Profile :data:`GEMMA3_CHECK` against the formula; print each ratio, return the largest ``|ratio - 1|``."""
+    worst = 0.0
+    for (config, batch, seq), (setting, targets, ckpt) in itertools.product(GEMMA3_CHECK, list(_width_settings())):
+        peak = profiled_setting(config, batch, seq, setting, targets, ckpt)
+        ratio = _formula(config, batch, seq, setting, targets, ckpt) / peak
+        worst = max(worst, abs(ratio - 1))
+        print(f"gemma3 h{config['hidden_size']} i{config['intermediate_size']} V{config['vocab_size']} "
+              f"{batch}x{seq} {str(setting):>42} {targets or '':>9} {'ckpt' if ckpt else 'full'}: profiled "
+              f"{peak:>10,} B, formula/profiled {ratio:.3f}", flush=True)
+    return worst
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", action="store_true", help="profile the FIT sizes and print the coefficients")
     parser.add_argument("--check", action="store_true", help="profile the CHECK sizes against the formula")
     parser.add_argument("--moe", action="store_true", help="fit the Mixtral (NF4 experts) terms, then check them")
+    parser.add_argument("--gemma3", action="store_true", help="fit the Gemma 3 terms, then check them")
     parser.add_argument("--widths", action="store_true",
                         help="fit the attention-width and Qwen3 q/k-norm terms, then check them")
     args = parser.parse_args(argv)
@@ -423,6 +491,10 @@ def main(argv=None) -> int:
             print(f"    {key!r}: {value},")
         print(f"q/k norms: {norm_table}", flush=True)
         print(f"largest |formula / profiled - 1| (widths): {check_widths():.3f}")
+    if args.gemma3:
+        for key, value in fit_gemma3().items():
+            print(f"    {key!r}: {value},", flush=True)
+        print(f"largest |formula / profiled - 1| (Gemma 3): {check_gemma3():.3f}")
     if args.fit:
         for key, value in fit(measure(FIT, 0.05)).items():
             print(f"    {key!r}: {value},")

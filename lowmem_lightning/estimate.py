@@ -67,6 +67,8 @@ __all__ = [
     "QK_NORM_MODEL_TYPES",
     "attention_widths",
     "attention_extra_bytes",
+    "GEMMA3_ACTIVATION_BYTES",
+    "unmodelled_layer",
     "NF4_DEQUANTIZE_BYTES",
     "RELEASE_BUCKET_BYTES",
     "estimate_memory",
@@ -407,6 +409,85 @@ def attention_extra_bytes(config, setting: int | tuple[str, str, bool]) -> float
     return a * (q - h) + b * (kv - h) + (norm * (q + kv) if _model_type(config) in QK_NORM_MODEL_TYPES else 0.0)
 
 
+GEMMA3_ACTIVATION_BYTES: dict[int | tuple[str, str, bool, str], tuple[float, ...]] = {
+    # entry: (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)
+    2: (20.6, -0.0, 8.2, 0.9, 26.4, -1.6, 6.7, 4.9),
+    4: (21.8, -2.1, 7.3, -4.6, 21.3, -1.5, 5.3, 1.5),
+    ("nf4", "fp32", False, "all"): (9.2, -0.1, 4.3, -3.2, 10.1, -0.1, 4.3, -6.5),
+    ("nf4", "fp32", False, "attention"): (7.9, 1.3, 1.9, 4.5, 19.7, -2.4, 4.3, -6.5),
+    ("nf4", "fp32", True, "all"): (14.4, -1.9, 6.5, -16.5, 10.5, -3.1, 7.1, -6.5),
+    ("nf4", "fp32", True, "attention"): (7.9, 1.3, 1.9, 4.5, 19.7, -2.4, 4.3, -6.5),
+    ("nf4", "bf16", False, "all"): (9.8, -0.4, 4.8, -6.0, 6.7, 0.0, 4.2, -1.1),
+    ("nf4", "bf16", False, "attention"): (7.5, 0.9, 3.7, -1.3, 8.6, 2.1, 4.2, -1.1),
+    ("nf4", "bf16", True, "all"): (11.9, -1.2, 5.7, -11.6, 6.7, 0.0, 4.2, -1.1),
+    ("nf4", "bf16", True, "attention"): (7.5, 0.9, 3.7, -1.3, 8.6, 2.1, 4.2, -1.1),
+    ("nf4", "bf16-base-fp32-adapters", False, "all"): (12.0, -1.2, 5.8, -11.8, 4.7, 0.0, 4.2, -1.1),
+    ("nf4", "bf16-base-fp32-adapters", False, "attention"): (7.5, 0.9, 3.7, -1.3, 8.6, 2.1, 4.2, -1.1),
+    ("nf4", "bf16-base-fp32-adapters", True, "all"): (16.2, -2.5, 8.2, -26.5, 3.7, -3.2, 8.9, -1.1),
+    ("nf4", "bf16-base-fp32-adapters", True, "attention"): (7.5, 0.9, 3.7, -1.3, 8.6, 2.1, 4.2, -1.1),
+    ("nf4", "bf16-mixed", False, "all"): (9.9, -0.5, 4.8, -6.0, 6.6, 0.1, 4.2, -1.1),
+    ("nf4", "bf16-mixed", False, "attention"): (7.9, 0.7, 3.7, -1.8, 8.5, 2.1, 4.3, -1.1),
+    ("nf4", "bf16-mixed", True, "all"): (12.0, -1.2, 5.8, -11.7, 6.6, 0.1, 4.2, -1.1),
+    ("nf4", "bf16-mixed", True, "attention"): (7.9, 0.7, 3.7, -1.8, 8.5, 2.1, 4.3, -1.1),
+    ("dense", "fp32", False, "all"): (9.1, -0.1, 4.0, -1.2, 30.8, -4.6, 3.1, -6.5),
+    ("dense", "fp32", False, "attention"): (7.1, 1.3, 2.4, 3.8, 25.1, -2.4, 0.6, -6.5),
+    ("dense", "fp32", True, "all"): (9.1, -0.1, 4.0, -1.2, 18.4, -0.6, 3.1, -6.5),
+    ("dense", "fp32", True, "attention"): (7.1, 1.3, 2.4, 3.8, 25.1, -2.4, 0.6, -6.5),
+    ("dense", "bf16", False, "all"): (8.8, -0.1, 3.9, 0.1, 25.4, -3.0, 4.2, -1.1),
+    ("dense", "bf16", False, "attention"): (8.8, -0.1, 3.9, 0.1, 24.7, -4.7, 4.3, -1.1),
+    ("dense", "bf16", True, "all"): (8.8, -0.1, 3.9, 0.1, 20.1, -2.6, 4.2, -1.1),
+    ("dense", "bf16", True, "attention"): (8.8, -0.1, 3.9, 0.1, 24.7, -4.7, 4.3, -1.1),
+    ("dense", "bf16-base-fp32-adapters", False, "all"): (7.5, 0.3, 3.4, 2.9, 13.3, -2.1, 2.7, -1.1),
+    ("dense", "bf16-base-fp32-adapters", False, "attention"): (8.8, -0.1, 3.9, 0.1, 24.7, -4.7, 4.3, -1.1),
+    ("dense", "bf16-base-fp32-adapters", True, "all"): (7.7, 1.0, 2.1, 3.4, 14.6, 0.1, 4.2, -1.1),
+    ("dense", "bf16-base-fp32-adapters", True, "attention"): (8.8, -0.1, 3.9, 0.1, 24.7, -4.7, 4.3, -1.1),
+    ("dense", "bf16-mixed", False, "all"): (7.9, 0.2, 3.6, 1.9, 14.0, -1.2, 3.4, -1.1),
+    ("dense", "bf16-mixed", False, "attention"): (8.8, -0.1, 3.9, 0.1, 24.7, -4.7, 4.4, -1.1),
+    ("dense", "bf16-mixed", True, "all"): (7.9, 1.1, 2.3, 3.6, 6.6, -0.3, 4.1, -1.1),
+    ("dense", "bf16-mixed", True, "attention"): (8.8, -0.1, 3.9, 0.1, 24.7, -4.7, 4.4, -1.1),
+}
+"""Bytes per token that a Gemma 3 text layer (``model_type`` ``gemma3_text``: q/k norms, a norm after the attention
+and after the MLP, GELU, the embedding scaled by ``sqrt(hidden_size)``) holds beyond the Llama layer with
+:func:`attention_extra_bytes`' width terms, by full-weight dtype bytes or LoRA ``(base, mode, dropout > 0,
+targets)``: without checkpointing ``L * (full_h * h + full_i * i + full_qk * (q + kv)) + full_once_h * h``; with it
+``layer_h * h + layer_i * i + layer_qk * (q + kv)`` in the recomputed layer and ``layer_once_h * h`` once. Least
+squares over torch's CPU profiler on the ``GEMMA3_FIT`` decoders of ``python benchmarks/lora_activations.py
+--gemma3``, checked on its ``GEMMA3_CHECK`` ones."""
+
+
+def _gemma3_terms(config, entry: int | tuple[str, str, bool, str], checkpointing: bool) -> tuple[float, float]:
+    """``(bytes per token per layer, bytes per token once)`` of :data:`GEMMA3_ACTIVATION_BYTES` ``entry`` for a
+    ``gemma3_text`` config (``(0, 0)`` for another); ``checkpointing``: the per-layer part is the recomputed layer's."""
+    if _model_type(config) != "gemma3_text":
+        return 0.0, 0.0
+    h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
+    terms = GEMMA3_ACTIVATION_BYTES[entry][4:] if checkpointing else GEMMA3_ACTIVATION_BYTES[entry][:4]
+    per_h, per_i, per_qk, once_h = terms
+    return per_h * h + per_i * i + per_qk * sum(attention_widths(config)), once_h * h
+
+
+def unmodelled_layer(config, seq_len: int) -> str:
+    """What the activation formulas were not fitted to in a config of a modelled type (``""``: nothing): Gemma 3
+    with logit soft-capping, or at sequences longer than its sliding window (its sliding layers then build a mask)."""
+    if _model_type(config) != "gemma3_text":
+        return ""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    capping = {key: get(key) for key in ("final_logit_softcapping", "attn_logit_softcapping") if get(key) is not None}
+    if capping:
+        return "Gemma 3 with logit soft-capping (" + ", ".join(f"{k}={v!r}" for k, v in capping.items()) + ")"
+    window = get("sliding_window")
+    if window is not None and seq_len > window:
+        return (f"Gemma 3 at seq_len {seq_len}, above its sliding_window {window} (its sliding layers then build a "
+                "mask)")
+    return ""
+
+
+def _check_modelled_layer(config, seq_len: int) -> None:
+    reason = unmodelled_layer(config, seq_len)
+    if reason:
+        raise ValueError(f"Invalid config / seq_len={seq_len}: activations are not modelled for {reason}.")
+
+
 def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2,
                      gradient_checkpointing: bool = True, isolate_documents: bool = False) -> int:
     """Peak activation bytes of one forward + backward of a Llama-style decoder (HF ``LlamaForCausalLM``
@@ -422,7 +503,8 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
       tensors at once, then the loss.
 
     ``A`` (:func:`attention_extra_bytes`) is what an attention other than Llama's ``hidden_size``-wide one adds per
-    token per layer (0 for Llama-2): grouped-query attention and a ``head_dim`` of its own, Qwen3's q/k norms.
+    token per layer (0 for Llama-2): grouped-query attention and a ``head_dim`` of its own, Qwen3's q/k norms; a
+    Gemma 3 layer adds :data:`GEMMA3_ACTIVATION_BYTES` to it and a once-per-model term to the total.
 
     ``isolate_documents``: packed documents kept apart (``TextDataModule``'s default with ``pack=True``: batches
     with ``position_ids`` restarting at each document), which adds :func:`document_mask_terms` (SDPA's
@@ -441,17 +523,19 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
             raise ValueError(f"Invalid {name}={value!r}: expected an int >= 1.")
     h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
     layers, vocab = _config_value(config, "num_hidden_layers"), _config_value(config, "vocab_size")
+    _check_modelled_layer(config, seq_len)
     c, d = ACTIVATION_COEFFICIENTS[dtype_bytes], dtype_bytes
-    attention = attention_extra_bytes(config, dtype_bytes)
+    gemma_layer, once = _gemma3_terms(config, dtype_bytes, gradient_checkpointing)
+    attention = attention_extra_bytes(config, dtype_bytes) + gemma_layer
     loss = LOSS_BYTES_PER_VOCAB * vocab
     mask, rotary = document_mask_terms(config, batch_size, seq_len, d) if isolate_documents else (0, 0)
     mask_per_token = mask // (batch_size * seq_len)
     if gradient_checkpointing:
-        per_token = (layers + 1) * d * h + max(c["layer_h"] * h + c["layer_i"] * i + attention
-                                               + (1 + d) * mask_per_token, loss + 2 * d * h + mask_per_token)
+        per_token = (layers + 1) * d * h + once + max(c["layer_h"] * h + c["layer_i"] * i + attention
+                                                      + (1 + d) * mask_per_token, loss + 2 * d * h + mask_per_token)
     else:
         per_token = (layers * (c["full_h"] * h + c["full_i"] * i + attention + d * mask_per_token) + loss
-                     + c["rest_h"] * h)
+                     + c["rest_h"] * h + once)
     return int(batch_size * seq_len * per_token) + rotary
 
 
@@ -610,7 +694,8 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
       n * (12 * V + 2 * d * h))``;
     * without: ``n * (L * (c.full_h * h + c.full_i * i + R + A) + c.rest_h * h) + max(n * 12 * V, T)``.
 
-    ``A`` is :func:`attention_extra_bytes` (:data:`LORA_ATTENTION_WIDTH_BYTES`, Qwen3's q/k norms); on an MoE
+    ``A`` is :func:`attention_extra_bytes` (:data:`LORA_ATTENTION_WIDTH_BYTES`, Qwen3's q/k norms; Gemma 3 adds
+    :data:`GEMMA3_ACTIVATION_BYTES` to it and a once-per-model term to the total); on an MoE
     model (:data:`MOE_ACTIVATION_MODEL_TYPES`) the ``i`` terms and ``T`` are those of its experts (:func:`_moe_terms`).
 
     ``isolate_documents`` (packed documents kept apart) adds :func:`document_mask_terms` as in
@@ -635,7 +720,9 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     adapter_bytes = 2 if mode in ("bf16", "bf16-mixed") else 4
     rank_bytes = len(LORA_TARGET_SETS[key]) * rank * adapter_bytes
     mlp_full, mlp_layer, decoded = full_i * i, layer_i * i, h * i  # per token; the largest matrix an NF4 layer decodes
-    attention = attention_extra_bytes(config, (base, mode, dropout > 0))
+    _check_modelled_layer(config, seq_len)
+    gemma_layer, once = _gemma3_terms(config, (base, mode, dropout > 0, key), gradient_checkpointing)
+    attention = attention_extra_bytes(config, (base, mode, dropout > 0)) + gemma_layer
     if _is_moe(config):
         mlp_full, mlp_layer, decoded = _moe_terms(config, base, mode, key)
     transient = NF4_DEQUANTIZE_BYTES[device][d] * decoded if base == "nf4" else 0
@@ -644,8 +731,8 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     mask, rotary = document_mask_terms(config, batch_size, seq_len, d) if isolate_documents else (0, 0)
     if gradient_checkpointing:
         layer = n * (layer_h * h + mlp_layer + rank_bytes + attention) + transient + (1 + d) * mask
-        return int(n * (layers + 1) * d * h + max(layer, loss + n * 2 * d * h + mask)) + rotary
-    saved = n * (layers * (full_h * h + mlp_full + rank_bytes + attention) + rest_h * h) + layers * d * mask
+        return int(n * ((layers + 1) * d * h + once) + max(layer, loss + n * 2 * d * h + mask)) + rotary
+    saved = n * (layers * (full_h * h + mlp_full + rank_bytes + attention) + rest_h * h + once) + layers * d * mask
     return int(saved + max(loss, transient)) + rotary
 
 
@@ -690,13 +777,16 @@ _HALF_PRECISIONS = ("bf16-true", "16-true")
 """Lightning precisions that convert the model's weights to 2 bytes (``HalfPrecision``)."""
 
 
+_DECODER_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+
+
 def _decoder_config(model: nn.Module):
-    """The config of the first module (``model`` itself first) whose ``config`` has a ``hidden_size``."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and getattr(config, "hidden_size", None) is not None:
-            return config
-    return None
+    """The config of the first module (``model`` itself first) whose ``config`` has every one of ``_DECODER_KEYS``
+    (a multimodal model's language model, not its vision tower); else the first with a ``hidden_size``."""
+    configs = [c for c in (getattr(m, "config", None) for m in model.modules())
+               if c is not None and getattr(c, "hidden_size", None) is not None]
+    decoders = [c for c in configs if all(getattr(c, key, None) is not None for key in _DECODER_KEYS)]
+    return (decoders or configs or [None])[0]
 
 
 def _weight_dtype(model: nn.Module, precision: str) -> torch.dtype | None:
@@ -825,12 +915,13 @@ def _mask_note(nbytes: dict[bool, int]) -> str:
     return f", +{_gb(nbytes[True] - nbytes[False])} document mask" if True in nbytes else ""
 
 
-ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
 :func:`lora_activation_bytes` were fitted to: torch's CPU profiler measured Mistral and Qwen2 equal to Llama; Qwen3
-adds its q/k norms (:data:`QK_NORM_BYTES`); an attention other than ``hidden_size`` wide is
+adds its q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's language model) its norms and
+scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`); an attention other than ``hidden_size`` wide is
 :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against the profiler): Phi-3
--11% (fused projections), Gemma 2/3 -40% (extra norms, soft-capping), GPT-NeoX +25..47% (parallel block, no gate),
+-11% (fused projections), Gemma 2 -40% (extra norms, soft-capping), GPT-NeoX +25..47% (parallel block, no gate),
 Mixtral / Qwen-MoE -24..48% (experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA);
 :func:`model_activation_bytes` says so rather than guess."""
 
@@ -852,9 +943,8 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
     precision = "32-true" if precision is None else str(precision)
     count = count_model(model)
     config = _decoder_config(model)
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
-    if config is None or any(getattr(config, key, None) is None for key in keys):
-        return None, "not modelled: the model has no Llama-style config (" + ", ".join(keys) + ")"
+    if config is None or any(getattr(config, key, None) is None for key in _DECODER_KEYS):
+        return None, "not modelled: the model has no Llama-style config (" + ", ".join(_DECODER_KEYS) + ")"
     model_type = getattr(config, "model_type", None)
     if model_type in MOE_ACTIVATION_MODEL_TYPES:
         lora = _lora_setting(model)
@@ -868,6 +958,8 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
     elif model_type not in ACTIVATION_MODEL_TYPES:
         return None, (f"not modelled for model_type {model_type!r} (fitted to the Llama decoder layer: "
                       f"{', '.join(ACTIVATION_MODEL_TYPES)}; MoE: {', '.join(MOE_ACTIVATION_MODEL_TYPES)} under QLoRA)")
+    if unmodelled_layer(config, seq_len):
+        return None, f"not modelled for {unmodelled_layer(config, seq_len)}"
     attention = getattr(config, "_attn_implementation", None)
     if isolate_documents and attention != "sdpa":
         return None, (f"not modelled for packed documents under attention {attention!r} (their mask is measured "

@@ -569,6 +569,58 @@ def test_attention_widths_and_qk_norms_within_10_percent_of_the_profiler(check, 
     assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
 
 
+GEMMA3_CASES = [
+    # (check index, setting, targets, checkpointing)
+    (0, ("full", 2), None, True),
+    (0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the QLoRA recipe's setting
+    (1, ("full", 4), None, False),
+    (1, ("lora", "nf4", "bf16-mixed", True), "all", False),
+    (2, ("full", 2), None, True),  # bound by the loss, as Gemma 3's 262k vocabulary makes every run
+    (2, ("lora", "dense", "fp32", False), "attention", True),
+]
+
+
+@pytest.mark.parametrize("check, setting, targets, checkpointing", GEMMA3_CASES)
+def test_gemma3_within_10_percent_of_the_profiler(check, setting, targets, checkpointing):
+    """Gemma 3 text decoders at sizes its terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` checks
+    every setting)."""
+    bench = _lora_bench()
+    torch.set_num_threads(1)
+    config, batch, seq = bench.GEMMA3_CHECK[check]
+    measured = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing)
+    predicted = bench._formula(config, batch, seq, setting, targets, checkpointing)
+    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+def test_gemma3_is_modelled_for_its_language_model_within_its_sliding_window():
+    """A multimodal Gemma 3 (its vision tower's config comes first) is estimated by its language model's config, as
+    a text-only Gemma 3 of that config (profiled equal on text); sequences above the sliding window and logit
+    soft-capping are not modelled, said by name."""
+    from transformers import Gemma3Config, Gemma3TextConfig
+
+    from lowmem_lightning.estimate import activation_bytes, lora_activation_bytes, model_activation_bytes
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 300, "sliding_window": 256}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    multimodal = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4).to_dict()
+    model = build_causal_lm(None, multimodal, None, None, device="meta", torch_dtype="bfloat16")
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    nbytes, detail = model_activation_bytes(model, 2, 128, True, "bf16-true")
+    assert nbytes == activation_bytes(Gemma3TextConfig(**text), 2, 128, 2, True) and detail.startswith("batch 2")
+    nbytes, detail = model_activation_bytes(model, 1, 512, True, "bf16-true")
+    assert nbytes is None and detail == ("not modelled for Gemma 3 at seq_len 512, above its sliding_window 256 (its "
+                                         "sliding layers then build a mask)")
+    with pytest.raises(ValueError, match=r"seq_len=512: activations are not modelled for Gemma 3 at seq_len 512"):
+        lora_activation_bytes({**text, "model_type": "gemma3_text"}, 1, 512)
+    capped = build_causal_lm(None, {**text, "model_type": "gemma3_text", "final_logit_softcapping": 30.0}, None, None,
+                             device="meta")
+    assert model_activation_bytes(capped, 1, 64, True)[1] == ("not modelled for Gemma 3 with logit soft-capping "
+                                                              "(final_logit_softcapping=30.0)")
+
+
 def test_width_terms_change_nothing_for_llama_2_and_follow_the_widths():
     """Llama-2's attention (q = kv = hidden_size) adds nothing to the fitted tables, nor does a config without its
     heads; grouped-query attention lowers the figure, a wider ``head_dim`` raises it, Qwen3's q/k norms add to the

@@ -149,7 +149,7 @@ def test_the_recipes_lora_lands_on_the_architectures_linear_projections(name, mo
     assert count.trainable_params == count.adapter_params > 0
     nbytes, detail = model_activation_bytes(model, 1, 64, True, "bf16-mixed", "cpu")
     model_type = model.config.model_type
-    if model_type in ("mistral", "qwen2", "qwen3"):  # Llama's decoder layer (Qwen3: + q/k norms): the formula's
+    if model_type in ("mistral", "qwen2", "qwen3", "gemma3_text"):  # Llama's layer (+ q/k norms, Gemma's norms)
         assert nbytes > 0 and "LoRA r=16 on 7 projections" in detail, detail
     elif model_type in ("mixtral", "qwen3_moe"):  # NF4 experts, LoRA on the attention: the MoE formula's
         assert nbytes > 0 and "LoRA r=16 on 4 projections" in detail, detail
@@ -165,7 +165,7 @@ def test_full_finetune_estimate_models_activations_of_llama_layers_only(name, mo
 
     model = build_causal_lm(str(model_dirs(name)), None, None, None, device="meta", torch_dtype="bfloat16")
     nbytes, detail = model_activation_bytes(model, 2, 64, True, "bf16-true")
-    if model.config.model_type in ("mistral", "qwen2", "qwen3"):
+    if model.config.model_type in ("mistral", "qwen2", "qwen3", "gemma3_text"):
         assert nbytes == activation_bytes(model.config, 2, 64, 2, True), detail
     else:
         assert nbytes is None and detail.startswith("not modelled for"), detail
