@@ -69,6 +69,7 @@ __all__ = [
     "attention_extra_bytes",
     "GEMMA3_ACTIVATION_BYTES",
     "unmodelled_layer",
+    "sliding_window_layers",
     "NF4_DEQUANTIZE_BYTES",
     "RELEASE_BUCKET_BYTES",
     "estimate_memory",
@@ -468,18 +469,41 @@ def _gemma3_terms(config, entry: int | tuple[str, str, bool, str], checkpointing
 
 def unmodelled_layer(config, seq_len: int) -> str:
     """What the activation formulas were not fitted to in a config of a modelled type (``""``: nothing): Gemma 3
-    with logit soft-capping, or at sequences longer than its sliding window (its sliding layers then build a mask)."""
+    with logit soft-capping."""
     if _model_type(config) != "gemma3_text":
         return ""
     get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
     capping = {key: get(key) for key in ("final_logit_softcapping", "attn_logit_softcapping") if get(key) is not None}
     if capping:
         return "Gemma 3 with logit soft-capping (" + ", ".join(f"{k}={v!r}" for k, v in capping.items()) + ")"
-    window = get("sliding_window")
-    if window is not None and seq_len > window:
-        return (f"Gemma 3 at seq_len {seq_len}, above its sliding_window {window} (its sliding layers then build a "
-                "mask)")
     return ""
+
+
+def sliding_window_layers(config, seq_len: int) -> int:
+    """How many layers of a Gemma 3 config (``layer_types``) attend through a sliding window shorter than
+    ``seq_len``: each builds a ``seq_len**2`` mask, as packed documents do (0 for another model, or within the
+    window)."""
+    if _model_type(config) != "gemma3_text":
+        return 0
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    window, types = get("sliding_window"), get("layer_types")
+    if window is None or seq_len <= window:
+        return 0
+    if not types:
+        raise ValueError("Invalid config: a Gemma 3 config without layer_types (which layers slide).")
+    return sum(kind == "sliding_attention" for kind in types)
+
+
+def _attention_masks(config, batch_size: int, seq_len: int, dtype_bytes: int,
+                     isolate_documents: bool) -> tuple[int, int, int]:
+    """``(mask bytes, rotary bytes, layers holding a float copy of the mask)``: packed documents kept apart mask every
+    layer (:func:`document_mask_terms`); else a sliding window shorter than the sequence masks its layers
+    (:func:`sliding_window_layers`, no rotary tables of their own); else none."""
+    if isolate_documents:
+        return (*document_mask_terms(config, batch_size, seq_len, dtype_bytes),
+                _config_value(config, "num_hidden_layers"))
+    sliding = sliding_window_layers(config, seq_len)
+    return (batch_size * seq_len**2 if sliding else 0), 0, sliding
 
 
 def _check_modelled_layer(config, seq_len: int) -> None:
@@ -528,13 +552,13 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     gemma_layer, once = _gemma3_terms(config, dtype_bytes, gradient_checkpointing)
     attention = attention_extra_bytes(config, dtype_bytes) + gemma_layer
     loss = LOSS_BYTES_PER_VOCAB * vocab
-    mask, rotary = document_mask_terms(config, batch_size, seq_len, d) if isolate_documents else (0, 0)
+    mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents)
     mask_per_token = mask // (batch_size * seq_len)
     if gradient_checkpointing:
         per_token = (layers + 1) * d * h + once + max(c["layer_h"] * h + c["layer_i"] * i + attention
                                                       + (1 + d) * mask_per_token, loss + 2 * d * h + mask_per_token)
     else:
-        per_token = (layers * (c["full_h"] * h + c["full_i"] * i + attention + d * mask_per_token) + loss
+        per_token = (layers * (c["full_h"] * h + c["full_i"] * i + attention) + masked * d * mask_per_token + loss
                      + c["rest_h"] * h + once)
     return int(batch_size * seq_len * per_token) + rotary
 
@@ -728,11 +752,11 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     transient = NF4_DEQUANTIZE_BYTES[device][d] * decoded if base == "nf4" else 0
     n = batch_size * seq_len
     loss = n * LOSS_BYTES_PER_VOCAB * vocab
-    mask, rotary = document_mask_terms(config, batch_size, seq_len, d) if isolate_documents else (0, 0)
+    mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents)
     if gradient_checkpointing:
         layer = n * (layer_h * h + mlp_layer + rank_bytes + attention) + transient + (1 + d) * mask
         return int(n * ((layers + 1) * d * h + once) + max(layer, loss + n * 2 * d * h + mask)) + rotary
-    saved = n * (layers * (full_h * h + mlp_full + rank_bytes + attention) + rest_h * h + once) + layers * d * mask
+    saved = n * (layers * (full_h * h + mlp_full + rank_bytes + attention) + rest_h * h + once) + masked * d * mask
     return int(saved + max(loss, transient)) + rotary
 
 
@@ -863,7 +887,8 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     rows_note = f", +{_gb(rows)} trained token rows" if rows else ""
     return nbytes[isolate_documents] + rows, (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA "
                                               f"r={lora['rank']} on {len(LORA_TARGET_SETS[key])} projections{drop}, "
-                                              f"{where} base" + _mask_note(nbytes) + rows_note)
+                                              f"{where} base" + _mask_note(nbytes) + rows_note
+                                              + _sliding_note(config, seq_len, isolate_documents))
 
 
 def token_rows_activation_bytes(hidden: int, batch_size: int, seq_len: int, embedding_rows: int, head_rows: int,
@@ -907,6 +932,13 @@ def _token_rows_term(model: nn.Module, config, batch_size: int, seq_len: int, gr
         return 0
     return token_rows_activation_bytes(_config_value(config, "hidden_size"), batch_size, seq_len, embedding, head,
                                        gradient_checkpointing, 4 if mode == "fp32" else 2)
+
+
+def _sliding_note(config, seq_len: int, isolate_documents: bool) -> str:
+    """``", sliding-window mask in 22 layers"`` where a sliding window shorter than the sequence masks layers that
+    packed documents do not already mask; else nothing."""
+    sliding = 0 if isolate_documents else sliding_window_layers(config, seq_len)
+    return f", sliding-window mask in {sliding} layers" if sliding else ""
 
 
 def _mask_note(nbytes: dict[bool, int]) -> str:
@@ -978,7 +1010,7 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
               for isolate in {False, isolate_documents}}
     checkpointing = "checkpointing" if gradient_checkpointing else "no checkpointing"
     return nbytes[isolate_documents], (f"batch {batch_size} x seq {seq_len}, {_DTYPE_NAMES[dtype]}, {checkpointing}"
-                                       + _mask_note(nbytes))
+                                       + _mask_note(nbytes) + _sliding_note(config, seq_len, isolate_documents))
 
 
 # ------------------------------------------------------------------------------------------ optimizers

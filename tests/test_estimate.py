@@ -592,10 +592,29 @@ def test_gemma3_within_10_percent_of_the_profiler(check, setting, targets, check
     assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
 
 
-def test_gemma3_is_modelled_for_its_language_model_within_its_sliding_window():
+@pytest.mark.parametrize("setting, targets, checkpointing, batch, seq", [
+    (("full", 2), None, True, 1, 256),
+    (("full", 4), None, False, 2, 160),
+    (("lora", "nf4", "bf16-mixed", True), "all", True, 1, 256),
+    (("lora", "nf4", "fp32", False), "attention", False, 2, 160),
+])
+def test_gemma3_sliding_window_shorter_than_the_sequence_within_10_percent(setting, targets, checkpointing, batch,
+                                                                          seq):
+    """Two of three layers sliding with a window of 64 (each builds a ``seq**2`` mask, as packed documents): the
+    formula with :func:`sliding_window_layers` against the profiler."""
+    bench = _lora_bench()
+    torch.set_num_threads(1)
+    config = {**bench.GEMMA3_CHECK[1][0], "sliding_window": 64,
+              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    measured = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing)
+    predicted = bench._formula(config, batch, seq, setting, targets, checkpointing)
+    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+def test_gemma3_is_modelled_for_its_language_model():
     """A multimodal Gemma 3 (its vision tower's config comes first) is estimated by its language model's config, as
-    a text-only Gemma 3 of that config (profiled equal on text); sequences above the sliding window and logit
-    soft-capping are not modelled, said by name."""
+    a text-only Gemma 3 of that config (profiled equal on text); sequences above the sliding window add its layers'
+    masks, said in the detail; logit soft-capping is not modelled, said by name."""
     from transformers import Gemma3Config, Gemma3TextConfig
 
     from lowmem_lightning.estimate import activation_bytes, lora_activation_bytes, model_activation_bytes
@@ -611,10 +630,13 @@ def test_gemma3_is_modelled_for_its_language_model_within_its_sliding_window():
     nbytes, detail = model_activation_bytes(model, 2, 128, True, "bf16-true")
     assert nbytes == activation_bytes(Gemma3TextConfig(**text), 2, 128, 2, True) and detail.startswith("batch 2")
     nbytes, detail = model_activation_bytes(model, 1, 512, True, "bf16-true")
-    assert nbytes is None and detail == ("not modelled for Gemma 3 at seq_len 512, above its sliding_window 256 (its "
-                                         "sliding layers then build a mask)")
-    with pytest.raises(ValueError, match=r"seq_len=512: activations are not modelled for Gemma 3 at seq_len 512"):
-        lora_activation_bytes({**text, "model_type": "gemma3_text"}, 1, 512)
+    assert nbytes == activation_bytes(Gemma3TextConfig(**text), 1, 512, 2, True) > activation_bytes(
+        Gemma3TextConfig(**{**text, "sliding_window": 512}), 1, 512, 2, True)
+    assert detail.endswith(", sliding-window mask in 2 layers"), detail
+    assert model_activation_bytes(model, 1, 512, True, "bf16-true", isolate_documents=True)[1].endswith(
+        "document mask"), "packed documents mask every layer already"
+    with pytest.raises(ValueError, match=r"activations are not modelled for Gemma 3 with logit soft-capping"):
+        lora_activation_bytes({**text, "model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, 1, 64)
     capped = build_causal_lm(None, {**text, "model_type": "gemma3_text", "final_logit_softcapping": 30.0}, None, None,
                              device="meta")
     assert model_activation_bytes(capped, 1, 64, True)[1] == ("not modelled for Gemma 3 with logit soft-capping "
