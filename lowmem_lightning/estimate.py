@@ -32,7 +32,7 @@ import math
 import re
 import textwrap
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ __all__ = [
     "state_layout",
     "optimizer_state_bytes",
     "released_gradient_bytes",
+    "gradient_peak_bytes",
     "activation_bytes",
     "document_mask_terms",
     "model_activation_bytes",
@@ -130,7 +131,8 @@ class ModelCount:
     gradient per trainable parameter in its dtype; ``largest_gradient_bytes`` the largest of those
     gradients (all that is alive at once under per-tensor gradient release, ``bucket_bytes=0``);
     ``trainable_nbytes`` every trainable tensor's bytes in parameter order (what
-    :func:`released_gradient_bytes` replays).
+    :func:`released_gradient_bytes` replays); ``tied_gradient_bytes`` the bytes of the trainable parameters more than
+    one module holds (an input embedding tied to the output head), whose two gradients autograd sums as backward ends.
     """
 
     params: int
@@ -142,6 +144,7 @@ class ModelCount:
     largest_gradient_bytes: int = 0
     trainable_nbytes: tuple[int, ...] = ()
     token_row_params: int = 0
+    tied_gradient_bytes: int = 0
 
     @property
     def frozen_bytes(self) -> int:
@@ -192,12 +195,13 @@ class MemoryEstimate:
     @property
     def released_gradient_bytes(self) -> int:
         """Gradient bytes alive at once under gradient release (the fullest bucket of ``bucket_bytes``)."""
-        return released_gradient_bytes(self.model.trainable_nbytes, self.bucket_bytes)
+        return gradient_peak_bytes(self.model, True, self.bucket_bytes, self.activation_bytes or 0)
 
     @property
     def gradient_device_bytes(self) -> int:
-        """Gradient bytes on the device: all of them, or the fullest released bucket with ``step_in_backward``."""
-        return self.released_gradient_bytes if self.step_in_backward else self.model.gradient_bytes
+        """Gradient bytes on the device at their peak (:func:`gradient_peak_bytes`): all of them, or the fullest
+        released bucket with ``step_in_backward``."""
+        return gradient_peak_bytes(self.model, self.step_in_backward, self.bucket_bytes, self.activation_bytes or 0)
 
     def as_dict(self) -> dict:
         """JSON-ready dict: ``params``, ``trainable_params``, ``optimizers.{name}.state_bytes``, ..."""
@@ -282,17 +286,44 @@ def count_model(model: nn.Module) -> ModelCount:
         key = str(buffer.dtype).removeprefix("torch.")
         frozen[key] = frozen.get(key, 0) + _nbytes(buffer)
     return ModelCount(params, adapter, trainable, dict(sorted(frozen.items())), trainable_bytes, grad_bytes,
-                      largest_grad, tuple(order), token_rows)
+                      largest_grad, tuple(order), token_rows, _tied_trainable_bytes(model))
 
 
-def released_gradient_bytes(tensor_bytes: Iterable[int], bucket_bytes: int = RELEASE_BUCKET_BYTES) -> int:
+def _tied_trainable_bytes(model: nn.Module) -> int:
+    """Bytes of the trainable parameters that more than one module holds (a tied input embedding and head)."""
+    holders: dict[int, int] = {}
+    params: dict[int, torch.Tensor] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        if param.requires_grad:
+            holders[id(param)] = holders.get(id(param), 0) + 1
+            params[id(param)] = param
+    return sum(_nbytes(params[key]) for key, count in holders.items() if count > 1)
+
+
+def gradient_peak_bytes(count: ModelCount, step_in_backward: bool, bucket_bytes: int = RELEASE_BUCKET_BYTES,
+                        activation_bytes: int = 0) -> int:
+    """The gradient bytes to add to ``activation_bytes`` for the peak of backward: :func:`released_gradient_bytes`
+    under gradient release, else every gradient. A tied embedding's gradient adds two copies of itself as backward
+    ends, when the activations are freed (autograd holds the head's gradient until the embedding's arrives, then
+    sums the two: profiled, three copies at once): ``max(0, 2 * tied - activation_bytes)`` more without release."""
+    tied = count.tied_gradient_bytes
+    if step_in_backward:
+        return released_gradient_bytes(count.trainable_nbytes, bucket_bytes, tied, activation_bytes)
+    return count.gradient_bytes + max(0, 2 * tied - activation_bytes)
+
+
+def released_gradient_bytes(tensor_bytes: Iterable[int], bucket_bytes: int = RELEASE_BUCKET_BYTES,
+                            tied_bytes: int = 0, activation_bytes: int = 0) -> int:
     """The most gradient bytes alive at once under gradient release with ``bucket_bytes`` buckets.
 
     Replays :class:`~lowmem_lightning.callbacks.release.GradientRelease`'s rule over the trainable
     tensors' bytes (``tensor_bytes`` in parameter order; backward produces them roughly in reverse): a
     ready gradient joins the bucket, and a bucket holding ``>= bucket_bytes`` is updated and freed. The
     answer is the fullest bucket, the tensor that closed it included: at most ``bucket_bytes`` plus the
-    largest tensor, never more than all gradients; ``bucket_bytes=0`` gives the largest tensor.
+    largest tensor, never more than all gradients; ``bucket_bytes=0`` gives the largest tensor. ``tied_bytes``: a
+    tied embedding's gradient, held from the head's backward to the embedding's (beside every bucket and the
+    activations) and then, as backward ends and the activations are freed, summed with the embedding's own (three
+    copies at once): ``max(fullest bucket + tied_bytes, 3 * tied_bytes - activation_bytes)``.
     """
     if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 0:
         raise ValueError(f"Invalid bucket_bytes={bucket_bytes!r}: expected an int >= 0 (0: each tensor alone).")
@@ -302,7 +333,7 @@ def released_gradient_bytes(tensor_bytes: Iterable[int], bucket_bytes: int = REL
         peak = max(peak, bucket)
         if bucket >= bucket_bytes:
             bucket = 0
-    return peak
+    return max(peak + tied_bytes, 3 * tied_bytes - activation_bytes) if tied_bytes else peak
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -1126,9 +1157,9 @@ def estimate_memory(
             rows[configured_row] = configured
     if isinstance(activations, bool) or not isinstance(activations, int) or activations < 0:
         raise ValueError(f"Invalid activations={activations!r}: expected bytes, an int >= 0.")
-    released = released_gradient_bytes(count.trainable_nbytes, bucket_bytes)
     weights = count.frozen_bytes + count.trainable_bytes + activations
-    grads = released if step_in_backward else count.gradient_bytes
+    released = gradient_peak_bytes(count, True, bucket_bytes, activations)
+    grads = gradient_peak_bytes(count, step_in_backward, bucket_bytes, activations)
     result: dict[str, OptimizerEstimate] = {}
     fp32_ids, notes = _fp32_state(model, params, fp32_state)
     for row, (name, kwargs) in rows.items():
@@ -1301,6 +1332,9 @@ def _run_lines(estimate: MemoryEstimate) -> list[str]:
     m, width = estimate.model, 12
     grads = (f"released in backward, {_gb(estimate.bucket_bytes)} buckets" if estimate.step_in_backward
              else "one per trainable parameter")
+    if m.tied_gradient_bytes and estimate.gradient_device_bytes > gradient_peak_bytes(
+            replace(m, tied_gradient_bytes=0), estimate.step_in_backward, estimate.bucket_bytes):
+        grads += ", tied embedding held"
     host = f"on device; {_gb(row.host_state_bytes)} in host memory" if row.host_state_bytes else ""
     acts = _gb(estimate.activation_bytes) if estimate.activation_bytes else "left out"
     budget = None if row.fits is None else f"the {estimate.budget_bytes / GB:g} GB budget"
