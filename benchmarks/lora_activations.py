@@ -363,7 +363,7 @@ def _width_deltas(rows: list[dict], model_type: str, reference) -> dict:
 
 def _least_squares(pairs: list) -> tuple[float, ...]:
     x, y = np.array([f for f, _ in pairs], float), np.array([v for _, v in pairs])
-    return tuple(round(float(v), 1) for v in np.linalg.lstsq(x, y, rcond=None)[0])
+    return tuple(round(float(v), 1) + 0.0 for v in np.linalg.lstsq(x, y, rcond=None)[0])  # + 0.0: no -0.0
 
 
 def fit_widths(rows: list[dict]) -> tuple[dict, dict]:

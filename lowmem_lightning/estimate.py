@@ -443,7 +443,7 @@ def attention_extra_bytes(config, setting: int | tuple[str, str, bool]) -> float
 
 GEMMA3_ACTIVATION_BYTES: dict[int | tuple[str, str, bool, str], tuple[float, ...]] = {
     # entry: (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)
-    2: (20.6, -0.0, 8.2, 0.9, 26.4, -1.6, 6.7, 4.9),
+    2: (20.6, 0.0, 8.2, 0.9, 26.4, -1.6, 6.7, 4.9),
     4: (21.8, -2.1, 7.3, -4.6, 21.3, -1.5, 5.3, 1.5),
     ("nf4", "fp32", False, "all"): (9.2, -0.1, 4.3, -3.2, 10.1, -0.1, 4.3, -6.5),
     ("nf4", "fp32", False, "attention"): (7.9, 1.3, 1.9, 4.5, 19.7, -2.4, 4.3, -6.5),

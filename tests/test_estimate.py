@@ -561,9 +561,15 @@ def test_attention_widths_and_qk_norms_within_10_percent_of_the_profiler(check, 
     """Decoders whose attention is not ``hidden_size`` wide (grouped-query, a ``head_dim`` of their own), Qwen3's q/k
     norms and Qwen3-MoE, at sizes the width terms were not fitted on (``benchmarks/lora_activations.py --widths``
     checks every setting)."""
+    _assert_formula_within_10_percent(*_lora_bench().WIDTH_CHECK[check], setting, targets, checkpointing)
+
+
+def _assert_formula_within_10_percent(config: dict, batch: int, seq: int, setting: tuple, targets: str | None,
+                                      checkpointing: bool) -> None:
+    """The activation formula against torch's profiler (``benchmarks/lora_activations.py``) for ``config`` trained
+    as ``setting`` (``("full", dtype bytes)`` or ``("lora", base, mode, dropout > 0)``) on ``targets``."""
     bench = _lora_bench()
     torch.set_num_threads(1)
-    config, batch, seq = bench.WIDTH_CHECK[check]
     measured = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing)
     predicted = bench._formula(config, batch, seq, setting, targets, checkpointing)
     assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
@@ -584,12 +590,7 @@ GEMMA3_CASES = [
 def test_gemma3_within_10_percent_of_the_profiler(check, setting, targets, checkpointing):
     """Gemma 3 text decoders at sizes its terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` checks
     every setting)."""
-    bench = _lora_bench()
-    torch.set_num_threads(1)
-    config, batch, seq = bench.GEMMA3_CHECK[check]
-    measured = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing)
-    predicted = bench._formula(config, batch, seq, setting, targets, checkpointing)
-    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+    _assert_formula_within_10_percent(*_lora_bench().GEMMA3_CHECK[check], setting, targets, checkpointing)
 
 
 @pytest.mark.parametrize("setting, targets, checkpointing, batch, seq", [
@@ -602,13 +603,9 @@ def test_gemma3_sliding_window_shorter_than_the_sequence_within_10_percent(setti
                                                                           seq):
     """Two of three layers sliding with a window of 64 (each builds a ``seq**2`` mask, as packed documents): the
     formula with :func:`sliding_window_layers` against the profiler."""
-    bench = _lora_bench()
-    torch.set_num_threads(1)
-    config = {**bench.GEMMA3_CHECK[1][0], "sliding_window": 64,
+    config = {**_lora_bench().GEMMA3_CHECK[1][0], "sliding_window": 64,
               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
-    measured = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing)
-    predicted = bench._formula(config, batch, seq, setting, targets, checkpointing)
-    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+    _assert_formula_within_10_percent(config, batch, seq, setting, targets, checkpointing)
 
 
 def test_gemma3_is_modelled_for_its_language_model():
