@@ -503,7 +503,7 @@ def unmodelled_layer(config, seq_len: int) -> str:
     with logit soft-capping."""
     if _model_type(config) != "gemma3_text":
         return ""
-    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    get = _config_getter(config)
     capping = {key: get(key) for key in ("final_logit_softcapping", "attn_logit_softcapping") if get(key) is not None}
     if capping:
         return "Gemma 3 with logit soft-capping (" + ", ".join(f"{k}={v!r}" for k, v in capping.items()) + ")"
@@ -516,7 +516,7 @@ def sliding_window_layers(config, seq_len: int) -> int:
     window)."""
     if _model_type(config) != "gemma3_text":
         return 0
-    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    get = _config_getter(config)
     window, types = get("sliding_window"), get("layer_types")
     if window is None or seq_len <= window:
         return 0
@@ -791,8 +791,13 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     return int(saved + max(loss, transient)) + rotary
 
 
+def _config_getter(config):
+    """``get(key, default=None)`` on a config dict or object alike."""
+    return config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+
+
 def _model_type(config) -> str | None:
-    return config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return _config_getter(config)("model_type")
 
 
 def _is_moe(config) -> bool:
@@ -802,7 +807,7 @@ def _is_moe(config) -> bool:
 def _dense_layers_among_experts(config) -> str:
     """``"mlp_only_layers=[0]"`` / ``"decoder_sparse_step=2"`` where a Qwen-MoE config gives some layers a dense MLP
     in place of experts; ``""`` where every layer has experts."""
-    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    get = _config_getter(config)
     if get("mlp_only_layers"):
         return f"mlp_only_layers={list(get('mlp_only_layers'))!r}"
     step = get("decoder_sparse_step", 1)
