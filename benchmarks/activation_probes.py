@@ -72,10 +72,10 @@ def tied() -> None:
 
 
 def sliding() -> None:
-    """Gemma 3's sliding-window masks, in units of the bool mask.
+    """Sliding-window masks (Gemma 3, Mistral, Qwen2), in units of the bool mask.
 
-    What a window of 64 adds to a Gemma 3 (h256, 3 layers, 2 sliding) against one of 4096, over ``batch * seq**2``,
-    per setting and shape."""
+    What a window of 64 adds against one of 4096, over ``batch * seq**2``: a Gemma 3 (h256, 3 layers, 2 sliding) per
+    setting and shape; Mistral (every layer slides) and Qwen2 (``use_sliding_window``, 2 of 3) in bf16."""
     types = ["sliding_attention", "full_attention", "sliding_attention"]
     for batch, seq in ((2, 192), (1, 256)):
         for setting, targets, ckpt in ((("full", 2), None, True), (("full", 2), None, False), (("full", 4), None, True),
@@ -86,6 +86,13 @@ def sliding() -> None:
                      for window in (4096, 64)]
             print(f"{batch}x{seq} {str(setting):>38} {'ckpt' if ckpt else 'full'}: window 64 adds "
                   f"{(peaks[1] - peaks[0]) / (batch * seq * seq):.3f} x the bool mask", flush=True)
+    base = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3, "vocab_size": 600}
+    for model_type, extra in (("mistral", {}), ("qwen2", {"use_sliding_window": True, "max_window_layers": 1})):
+        for ckpt in (False, True):
+            peaks = [profiled_setting({**_width_config(model_type, 4, 1, 64, base), **extra, "sliding_window": window},
+                                      1, 256, ("full", 2), None, ckpt) for window in (4096, 64)]
+            print(f"{model_type} 1x256 bf16 {'ckpt' if ckpt else 'full'}: window 64 adds "
+                  f"{(peaks[1] - peaks[0]) / 256**2:.3f} x the bool mask", flush=True)
 
 
 def multimodal() -> None:

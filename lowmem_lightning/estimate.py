@@ -511,18 +511,20 @@ def unmodelled_layer(config, seq_len: int) -> str:
 
 
 def sliding_window_layers(config, seq_len: int) -> int:
-    """How many layers of a Gemma 3 config (``layer_types``) attend through a sliding window shorter than
-    ``seq_len``: each builds a ``seq_len**2`` mask, as packed documents do (0 for another model, or within the
-    window)."""
-    if _model_type(config) != "gemma3_text":
-        return 0
+    """How many layers attend through a sliding window shorter than ``seq_len``: each builds a ``seq_len**2`` mask, as
+    packed documents do (0 within the window). Read from ``layer_types`` (Gemma 3; Qwen2/3 with
+    ``use_sliding_window``); a Mistral config without them slides in every layer (profiled: Gemma 3, Mistral, Qwen2)."""
     get = _config_getter(config)
-    window, types = get("sliding_window"), get("layer_types")
-    if window is None or seq_len <= window:
+    window, types, model_type = get("sliding_window"), get("layer_types"), _model_type(config)
+    if model_type not in ACTIVATION_MODEL_TYPES or window is None or seq_len <= window:
         return 0
-    if not types:
+    if types:
+        return sum(kind == "sliding_attention" for kind in types)
+    if model_type == "mistral":
+        return _config_value(config, "num_hidden_layers")
+    if model_type == "gemma3_text":
         raise ValueError("Invalid config: a Gemma 3 config without layer_types (which layers slide).")
-    return sum(kind == "sliding_attention" for kind in types)
+    return 0
 
 
 def _attention_masks(config, batch_size: int, seq_len: int, dtype_bytes: int,

@@ -593,18 +593,30 @@ def test_gemma3_within_10_percent_of_the_profiler(check, setting, targets, check
     _assert_formula_within_10_percent(*_lora_bench().GEMMA3_CHECK[check], setting, targets, checkpointing)
 
 
-@pytest.mark.parametrize("setting, targets, checkpointing, batch, seq", [
-    (("full", 2), None, True, 1, 256),
-    (("full", 4), None, False, 2, 160),
-    (("lora", "nf4", "bf16-mixed", True), "all", True, 1, 256),
-    (("lora", "nf4", "fp32", False), "attention", False, 2, 160),
+@pytest.mark.parametrize("model_type, setting, targets, checkpointing, batch, seq", [
+    ("gemma3_text", ("full", 2), None, True, 1, 256),
+    ("gemma3_text", ("full", 4), None, False, 2, 160),
+    ("gemma3_text", ("lora", "nf4", "bf16-mixed", True), "all", True, 1, 256),
+    ("gemma3_text", ("lora", "nf4", "fp32", False), "attention", False, 2, 160),
+    ("mistral", ("full", 2), None, False, 1, 256),  # Mistral v0.1: every layer slides
+    ("mistral", ("lora", "nf4", "bf16-mixed", True), "all", True, 2, 160),
+    ("qwen2", ("full", 4), None, False, 1, 256),  # use_sliding_window: the layers from max_window_layers on
 ])
-def test_gemma3_sliding_window_shorter_than_the_sequence_within_10_percent(setting, targets, checkpointing, batch,
-                                                                          seq):
-    """Two of three layers sliding with a window of 64 (each builds a ``seq**2`` mask, as packed documents): the
-    formula with :func:`sliding_window_layers` against the profiler."""
-    config = {**_lora_bench().GEMMA3_CHECK[1][0], "sliding_window": 64,
-              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+def test_sliding_window_shorter_than_the_sequence_within_10_percent(model_type, setting, targets, checkpointing,
+                                                                    batch, seq):
+    """Layers sliding with a window of 64 (each builds a ``seq**2`` mask, as packed documents): the formula with
+    :func:`sliding_window_layers` against the profiler; Gemma 3 and Qwen2 say which layers slide (2 of 3 here),
+    Mistral slides in all."""
+    from lowmem_lightning.estimate import sliding_window_layers
+
+    config = {**_lora_bench().GEMMA3_CHECK[1][0], "model_type": model_type, "sliding_window": 64}
+    config["layer_types"] = (["sliding_attention", "full_attention", "sliding_attention"] if model_type == "gemma3_text"
+                             else ["full_attention", "sliding_attention", "sliding_attention"])
+    if model_type == "mistral":
+        del config["layer_types"]
+    if model_type == "qwen2":
+        config.update(use_sliding_window=True, max_window_layers=1)
+    assert sliding_window_layers(config, seq) == (3 if model_type == "mistral" else 2)
     _assert_formula_within_10_percent(config, batch, seq, setting, targets, checkpointing)
 
 
