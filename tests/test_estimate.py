@@ -989,34 +989,16 @@ def test_a_tied_embeddings_gradient_is_counted_three_times_as_backward_ends(tied
     gradient until the embedding's arrives and sums the two, so three copies of it exist at once; under gradient
     release the estimate counted one and fell to half the profiled peak. Now activations + gradients cover the peak
     of one forward + backward (torch's profiler, fp32, no checkpointing) tied or not, within 1.5x of it."""
-    import gc
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lowmem_lightning.callbacks.release import GradientRelease
     from lowmem_lightning.estimate import activation_bytes
 
+    _lora_bench()  # benchmarks/ on sys.path
+    import activation_probes
+
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                         vocab_size=16000, tie_word_embeddings=tied, max_position_embeddings=64)
-    model = LlamaForCausalLM(config)
-    opt = build_optimizer("sgd", model.parameters(), lr=1e-4)  # no step transients: the gradients alone
-    release_hooks = GradientRelease(opt, bucket_bytes=64 * 2**10).attach() if release else None
-    ids = torch.randint(0, 16000, (1, 32), generator=torch.Generator().manual_seed(0))
-    peak_bytes = _lora_bench().peak_bytes
-    for _ in range(2):  # the second step: optimizer state made, as every later step
-        gc.collect()
-        gc.disable()  # a collection inside the profile would count frees of earlier tensors
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(input_ids=ids, labels=ids).loss.backward()
-            if release_hooks is not None:
-                release_hooks.finish_step()
-        gc.enable()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    config, model = activation_probes._tied_llama(tied, 16000, torch.float32)
+    peak = activation_probes._backward_peak(model, 16000, release)  # SGD: no step transients, the gradients alone
     est = estimate_memory(model, configured=("sgd", {"lr": 1e-4}), step_in_backward=release,
                           bucket_bytes=64 * 2**10)
     assert est.model.tied_gradient_bytes == (16000 * 256 * 4 if tied else 0)
     predicted = activation_bytes(config, 1, 32, 4, False) + est.gradient_device_bytes
-    assert 1.0 <= predicted / peak_bytes(prof) <= 1.5, (predicted, peak_bytes(prof))
+    assert 1.0 <= predicted / peak <= 1.5, (predicted, peak)
