@@ -353,7 +353,7 @@ fp32 log-softmax and its gradient (measured 12.0 in bf16 and fp32)."""
 
 
 def _config_value(config, key: str) -> int:
-    value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    value = _config_getter(config)(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid config {key}={value!r}: expected an int >= 1 (a Llama-style decoder config).")
     return value
@@ -419,8 +419,7 @@ def _head_dim(config) -> int:
 
 
 def _optional_config_value(config, key: str) -> int | None:
-    value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-    return None if value is None else _config_value(config, key)
+    return None if _config_getter(config)(key) is None else _config_value(config, key)
 
 
 def attention_extra_bytes(config, setting: int | tuple[str, str, bool]) -> float:
