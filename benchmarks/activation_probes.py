@@ -3,7 +3,7 @@
 torch's CPU profiler, one thread; ``benchmarks/lora_activations.py`` builds and profiles the models.
 
     python benchmarks/activation_probes.py --tied          # a tied embedding's gradient, with and without release
-    python benchmarks/activation_probes.py --sliding       # Gemma 3's sliding-window masks against the bool mask
+    python benchmarks/activation_probes.py --sliding       # sliding-window masks against the bool mask
     python benchmarks/activation_probes.py --multimodal    # a multimodal Gemma 3 on text against its text model
     python benchmarks/activation_probes.py --tokens        # the full-weight bf16 formula at 128-384 tokens
     python benchmarks/activation_probes.py --packed        # packed documents kept apart: Gemma 3 against Llama
@@ -16,7 +16,7 @@ import gc
 import sys
 
 import torch
-from lora_activations import _formula, _gemma3, _width_config, build_full_model, profiled_peak, profiled_setting
+from lora_activations import _formula, _gemma3, _phi3, _width_config, build_full_model, profiled_peak, profiled_setting
 from profiler_peak import peak_bytes
 
 from lowmem_lightning.estimate import activation_bytes, estimate_memory
@@ -72,10 +72,10 @@ def tied() -> None:
 
 
 def sliding() -> None:
-    """Sliding-window masks (Gemma 3, Mistral, Qwen2), in units of the bool mask.
+    """Sliding-window masks (Gemma 3, Mistral, Qwen2, Phi-3), in units of the bool mask.
 
     What a window of 64 adds against one of 4096, over ``batch * seq**2``: a Gemma 3 (h256, 3 layers, 2 sliding) per
-    setting and shape; Mistral (every layer slides) and Qwen2 (``use_sliding_window``, 2 of 3) in bf16."""
+    setting and shape; Mistral and Phi-3 (every layer slides) and Qwen2 (``use_sliding_window``, 2 of 3) in bf16."""
     types = ["sliding_attention", "full_attention", "sliding_attention"]
     for batch, seq in ((2, 192), (1, 256)):
         for setting, targets, ckpt in ((("full", 2), None, True), (("full", 2), None, False), (("full", 4), None, True),
@@ -87,10 +87,13 @@ def sliding() -> None:
             print(f"{batch}x{seq} {str(setting):>38} {'ckpt' if ckpt else 'full'}: window 64 adds "
                   f"{(peaks[1] - peaks[0]) / (batch * seq * seq):.3f} x the bool mask", flush=True)
     base = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3, "vocab_size": 600}
-    for model_type, extra in (("mistral", {}), ("qwen2", {"use_sliding_window": True, "max_window_layers": 1})):
+    for model_type, config in (("mistral", _width_config("mistral", 4, 1, 64, base)),
+                               ("qwen2", {**_width_config("qwen2", 4, 1, 64, base), "use_sliding_window": True,
+                                          "max_window_layers": 1}),
+                               ("phi3", _phi3(256, 512, 3, 4, 1, 600))):
         for ckpt in (False, True):
-            peaks = [profiled_setting({**_width_config(model_type, 4, 1, 64, base), **extra, "sliding_window": window},
-                                      1, 256, ("full", 2), None, ckpt) for window in (4096, 64)]
+            peaks = [profiled_setting({**config, "sliding_window": window}, 1, 256, ("full", 2), None, ckpt)
+                     for window in (4096, 64)]
             print(f"{model_type} 1x256 bf16 {'ckpt' if ckpt else 'full'}: window 64 adds "
                   f"{(peaks[1] - peaks[0]) / 256**2:.3f} x the bool mask", flush=True)
 

@@ -32,10 +32,13 @@ fitted) against the formulas.
 
 ``--gemma3`` fits :data:`~lowmem_lightning.estimate.GEMMA3_ACTIVATION_BYTES` (Gemma 3's layer beyond Llama's with
 the width terms: q/k norms, a norm after the attention and after the MLP, the scaled embedding) from Gemma 3 text
-decoders of the :data:`GEMMA3_FIT` shapes against the formula for a Llama of the same shapes, every setting as
-``--widths``; then the :data:`GEMMA3_CHECK` decoders.
+decoders of the :data:`LAYER_FIT` shapes against the formula for a Llama of the same shapes, every setting as
+``--widths``; then the :data:`LAYER_CHECK` decoders. ``--phi3`` does the same for
+:data:`~lowmem_lightning.estimate.PHI3_ACTIVATION_BYTES` (Phi-3's fused ``qkv_proj`` and ``gate_up_proj``, with LoRA
+on them: one adapter each; its rotary embedding's copies of the queries and keys).
 
     python benchmarks/lora_activations.py --gemma3   # ~5 minutes on one core
+    python benchmarks/lora_activations.py --phi3     # ~5 minutes on one core
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import torch
 from profiler_peak import peak_bytes  # a sibling module: run as a script, or from tests with benchmarks/ on sys.path
 
 from lowmem_lightning.estimate import (
+    LAYER_ACTIVATION_BYTES,
     LORA_ACTIVATION_COEFFICIENTS,
     LORA_MODES,
     LORA_TARGET_SETS,
@@ -59,6 +63,7 @@ from lowmem_lightning.estimate import (
     attention_extra_bytes,
     attention_widths,
     lora_activation_bytes,
+    lora_target_sets,
 )
 
 FIT = {
@@ -89,12 +94,14 @@ RANK = 16
 
 def build_lora_model(config: dict, seq: int, base: str, mode: str, dropout: float, targets: str, checkpointing: bool):
     """A CPU LoRA decoder of ``config`` as a run in ``mode`` trains it: NF4 or frozen dense base, rank-16 adapters
-    on the :data:`~lowmem_lightning.estimate.LORA_TARGET_SETS` ``targets``; returns ``(model, autocast)``."""
+    on the ``targets`` projections (:func:`~lowmem_lightning.estimate.lora_target_sets`: in the names of ``config``'s
+    ``model_type``); returns ``(model, autocast)``."""
     from lowmem_lightning.modules.causal_lm import _enable_checkpointing, build_causal_lm
 
     torch.manual_seed(0)
     dtype = "float32" if mode == "fp32" else "bfloat16"
-    lora = {"r": RANK, "alpha": 2 * RANK, "dropout": dropout, "target_modules": sorted(LORA_TARGET_SETS[targets])}
+    lora = {"r": RANK, "alpha": 2 * RANK, "dropout": dropout,
+            "target_modules": sorted(lora_target_sets(config)[targets])}
     model = build_causal_lm(None, {**config, "max_position_embeddings": seq}, "nf4" if base == "nf4" else None, lora,
                             device="cpu", torch_dtype=dtype)
     if mode == "bf16":
@@ -418,17 +425,35 @@ def _gemma3(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: in
             "tie_word_embeddings": False}
 
 
-GEMMA3_FIT = [_gemma3(256, 512, 2, 4, 4, 64, 600), _gemma3(256, 1024, 3, 4, 1, 64, 600),
-              _gemma3(384, 512, 2, 6, 2, 64, 600), _gemma3(192, 768, 3, 2, 1, 128, 600),
-              _gemma3(256, 512, 2, 8, 4, 64, 600), _gemma3(256, 512, 2, 4, 4, 64, 8000),
-              _gemma3(192, 384, 3, 3, 1, 64, 8000)]
-"""Gemma 3 text decoders the Gemma 3 terms are fitted on (batch 2 x seq 96): layers, widths and heads varied, the
-last two bound by the loss (a vocabulary of 8000) so that the once-per-model term shows with checkpointing."""
+def _phi3(h: int, i: int, layers: int, heads: int, kv_heads: int, vocab: int, rotary: float = 1.0) -> dict:
+    """A Phi-3 config (``head_dim`` is ``h // heads``), no sliding window, its token ids inside the vocabulary;
+    ``rotary`` the ``partial_rotary_factor`` (Phi-4-mini's 0.75)."""
+    return {"model_type": "phi3", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary}}
 
-GEMMA3_CHECK = [(_gemma3(320, 640, 2, 5, 1, 128, 700), 1, 160), (_gemma3(224, 896, 3, 4, 2, 64, 700), 3, 64),
-                (_gemma3(160, 480, 2, 2, 1, 128, 5000), 2, 80)]
-"""``(config, batch, seq)`` the Gemma 3 terms are checked on (not fitted)."""
 
+LAYER_FIT = {
+    "gemma3_text": [_gemma3(256, 512, 2, 4, 4, 64, 600), _gemma3(256, 1024, 3, 4, 1, 64, 600),
+                    _gemma3(384, 512, 2, 6, 2, 64, 600), _gemma3(192, 768, 3, 2, 1, 128, 600),
+                    _gemma3(256, 512, 2, 8, 4, 64, 600), _gemma3(256, 512, 2, 4, 4, 64, 8000),
+                    _gemma3(192, 384, 3, 3, 1, 64, 8000)],
+    "phi3": [_phi3(256, 512, 2, 4, 4, 600), _phi3(256, 1024, 3, 4, 1, 600), _phi3(384, 512, 2, 6, 2, 600),
+             _phi3(192, 768, 3, 2, 1, 600), _phi3(256, 512, 2, 8, 2, 600), _phi3(256, 512, 2, 4, 4, 8000),
+             _phi3(192, 384, 3, 3, 1, 8000)],
+}
+"""Decoders each :data:`~lowmem_lightning.estimate.LAYER_ACTIVATION_BYTES` table is fitted on (batch 2 x seq 96):
+layers, widths and heads varied, the last two bound by the loss (a vocabulary of 8000) so that the once-per-model term
+shows with checkpointing."""
+
+LAYER_CHECK = {
+    "gemma3_text": [(_gemma3(320, 640, 2, 5, 1, 128, 700), 1, 160), (_gemma3(224, 896, 3, 4, 2, 64, 700), 3, 64),
+                    (_gemma3(160, 480, 2, 2, 1, 128, 5000), 2, 80)],
+    "phi3": [(_phi3(320, 640, 2, 5, 1, 700), 1, 160), (_phi3(224, 896, 3, 4, 2, 700), 3, 64),
+             (_phi3(160, 480, 2, 2, 1, 5000), 2, 80), (_phi3(256, 768, 2, 4, 2, 600, rotary=0.75), 2, 96)],
+}
+"""``(config, batch, seq)`` each table is checked on (not fitted); Phi-3's last has Phi-4-mini's partial rotary."""
 
 def _loss_bound(config: dict, setting: tuple) -> bool:
     """Whether the loss, not a recomputed layer, is the peak of ``config`` under checkpointing (the Llama formula's
@@ -438,16 +463,27 @@ def _loss_bound(config: dict, setting: tuple) -> bool:
     return LOSS_BYTES_PER_VOCAB * vocab + 2 * d * h > 60 * h + 25 * i
 
 
-def fit_gemma3() -> dict:
+def _llama_layer_formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | None, ckpt: bool) -> int:
+    """:func:`_formula` for ``config`` with its model type's :data:`~lowmem_lightning.estimate.LAYER_ACTIVATION_BYTES`
+    table left out: the Llama layer with the width terms and the model's own adapters."""
+    table = LAYER_ACTIVATION_BYTES.pop(config["model_type"], None)
+    try:
+        return _formula(config, batch, seq, setting, targets, ckpt)
+    finally:
+        if table is not None:
+            LAYER_ACTIVATION_BYTES[config["model_type"]] = table
+
+
+def fit_layer_terms(model_type: str) -> dict:
     """``entry -> (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)`` per full-weight
-    dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``: least squares of what each :data:`GEMMA3_FIT`
-    decoder's profiled peak holds above the Llama formula (with the width terms) per token, against ``[L * h, L * i,
-    L * (q + kv), h]`` without checkpointing and ``[h, i, q + kv, h]`` (the first three on layer-bound decoders only)
-    with it."""
+    dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``: least squares of what each :data:`LAYER_FIT` decoder of
+    ``model_type`` holds above the Llama layer formula (:func:`_llama_layer_formula`) per token, against ``[L * h, L *
+    i, L * (q + kv), h]`` without checkpointing and ``[h, i, q + kv, h]`` (the first three on layer-bound decoders
+    only) with it."""
     pairs: dict = {}
-    for config, (setting, targets, ckpt) in itertools.product(GEMMA3_FIT, list(_width_settings())):
+    for config, (setting, targets, ckpt) in itertools.product(LAYER_FIT[model_type], list(_width_settings())):
         peak = profiled_setting(config, 2, 96, setting, targets, ckpt)
-        residual = (peak - _formula({**config, "model_type": "llama"}, 2, 96, setting, targets, ckpt)) / (2 * 96)
+        residual = (peak - _llama_layer_formula(config, 2, 96, setting, targets, ckpt)) / (2 * 96)
         h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
         qk = sum(attention_widths(config))
         per_layer = (0 if _loss_bound(config, setting) else 1) if ckpt else layers
@@ -457,14 +493,16 @@ def fit_gemma3() -> dict:
             for key in dict.fromkeys(k for k, _ in pairs)}
 
 
-def check_gemma3() -> float:
-    """Profile :data:`GEMMA3_CHECK` against the formula; print each ratio, return the largest ``|ratio - 1|``."""
+def check_layer_terms(model_type: str) -> float:
+    """Profile the :data:`LAYER_CHECK` decoders of ``model_type`` against the formula; print each ratio, return the
+    largest ``|ratio - 1|``."""
     worst = 0.0
-    for (config, batch, seq), (setting, targets, ckpt) in itertools.product(GEMMA3_CHECK, list(_width_settings())):
+    for (config, batch, seq), (setting, targets, ckpt) in itertools.product(LAYER_CHECK[model_type],
+                                                                           list(_width_settings())):
         peak = profiled_setting(config, batch, seq, setting, targets, ckpt)
         ratio = _formula(config, batch, seq, setting, targets, ckpt) / peak
         worst = max(worst, abs(ratio - 1))
-        print(f"gemma3 h{config['hidden_size']} i{config['intermediate_size']} V{config['vocab_size']} "
+        print(f"{model_type} h{config['hidden_size']} i{config['intermediate_size']} V{config['vocab_size']} "
               f"{batch}x{seq} {str(setting):>42} {targets or '':>9} {'ckpt' if ckpt else 'full'}: profiled "
               f"{peak:>10,} B, formula/profiled {ratio:.3f}", flush=True)
     return worst
@@ -476,6 +514,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="profile the CHECK sizes against the formula")
     parser.add_argument("--moe", action="store_true", help="fit the Mixtral (NF4 experts) terms, then check them")
     parser.add_argument("--gemma3", action="store_true", help="fit the Gemma 3 terms, then check them")
+    parser.add_argument("--phi3", action="store_true", help="fit the Phi-3 terms, then check them")
     parser.add_argument("--widths", action="store_true",
                         help="fit the attention-width and Qwen3 q/k-norm terms, then check them")
     args = parser.parse_args(argv)
@@ -491,10 +530,11 @@ def main(argv=None) -> int:
             print(f"    {key!r}: {value},")
         print(f"q/k norms: {norm_table}", flush=True)
         print(f"largest |formula / profiled - 1| (widths): {check_widths():.3f}")
-    if args.gemma3:
-        for key, value in fit_gemma3().items():
-            print(f"    {key!r}: {value},", flush=True)
-        print(f"largest |formula / profiled - 1| (Gemma 3): {check_gemma3():.3f}")
+    for model_type, chosen in (("gemma3_text", args.gemma3), ("phi3", args.phi3)):
+        if chosen:
+            for key, value in fit_layer_terms(model_type).items():
+                print(f"    {key!r}: {value},", flush=True)
+            print(f"largest |formula / profiled - 1| ({model_type}): {check_layer_terms(model_type):.3f}")
     if args.fit:
         for key, value in fit(measure(FIT, 0.05)).items():
             print(f"    {key!r}: {value},")

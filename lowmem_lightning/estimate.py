@@ -61,6 +61,8 @@ __all__ = [
     "MOE_LORA_ACTIVATION_COEFFICIENTS",
     "LORA_MODES",
     "LORA_TARGET_SETS",
+    "FUSED_LORA_TARGET_SETS",
+    "lora_target_sets",
     "ACTIVATION_MODEL_TYPES",
     "ATTENTION_WIDTH_BYTES",
     "LORA_ATTENTION_WIDTH_BYTES",
@@ -69,6 +71,8 @@ __all__ = [
     "attention_widths",
     "attention_extra_bytes",
     "GEMMA3_ACTIVATION_BYTES",
+    "PHI3_ACTIVATION_BYTES",
+    "LAYER_ACTIVATION_BYTES",
     "unmodelled_layer",
     "sliding_window_layers",
     "NF4_DEQUANTIZE_BYTES",
@@ -486,40 +490,99 @@ squares over torch's CPU profiler on the ``GEMMA3_FIT`` decoders of ``python ben
 --gemma3``, checked on its ``GEMMA3_CHECK`` ones."""
 
 
-def _gemma3_terms(config, entry: int | tuple[str, str, bool, str], checkpointing: bool) -> tuple[float, float]:
-    """``(bytes per token per layer, bytes per token once)`` of :data:`GEMMA3_ACTIVATION_BYTES` ``entry`` for a
-    ``gemma3_text`` config (``(0, 0)`` for another); ``checkpointing``: the per-layer part is the recomputed layer's."""
-    if _model_type(config) != "gemma3_text":
+PHI3_ACTIVATION_BYTES: dict[int | tuple[str, str, bool, str], tuple[float, ...]] = {
+    # entry: (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)
+    2: (2.3, 0.0, 0.2, -0.9, 11.2, 0.5, -2.4, 2.9),
+    4: (11.1, -2.2, -1.3, -6.1, 6.8, -0.2, 1.5, 1.4),
+    ('nf4', 'fp32', False, 'all'): (20.7, -4.9, 6.7, -48.6, 3.9, -7.5, 5.0, -6.6),
+    ('nf4', 'fp32', False, 'attention'): (18.4, -3.3, 3.4, -36.0, 15.4, -10.4, 4.5, -6.6),
+    ('nf4', 'fp32', True, 'all'): (-8.1, -6.4, 13.5, -59.0, -34.7, -9.7, 11.3, -6.6),
+    ('nf4', 'fp32', True, 'attention'): (-1.6, -3.3, 3.4, -28.0, -4.6, -10.4, 4.5, -6.6),
+    ('nf4', 'bf16', False, 'all'): (13.2, -3.0, 4.0, -32.1, -1.6, -4.0, 2.2, -1.1),
+    ('nf4', 'bf16', False, 'attention'): (11.7, -1.9, 2.2, -26.7, 1.2, -2.4, 1.5, -1.1),
+    ('nf4', 'bf16', True, 'all'): (5.1, -4.6, 6.3, -46.1, -19.6, -4.0, 2.2, -1.1),
+    ('nf4', 'bf16', True, 'attention'): (1.7, -1.9, 2.2, -22.7, -8.8, -2.4, 1.5, -1.1),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'all'): (5.4, -4.6, 6.4, -50.8, -20.1, -4.3, 1.7, -1.1),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'attention'): (1.7, -1.9, 2.2, -26.7, -8.8, -2.4, 1.5, -1.1),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'all'): (1.6, -7.3, 11.6, -74.1, -27.3, -10.5, 2.0, -1.1),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'attention'): (-6.3, -1.9, 2.2, -18.7, -16.8, -2.4, 1.5, -1.1),
+    ('nf4', 'bf16-mixed', False, 'all'): (14.0, -3.4, 4.5, -35.8, -2.4, -4.3, 2.3, -1.1),
+    ('nf4', 'bf16-mixed', False, 'attention'): (12.3, -2.1, 2.2, -27.9, 0.7, -2.4, 1.5, -1.1),
+    ('nf4', 'bf16-mixed', True, 'all'): (6.0, -5.0, 6.8, -49.7, -20.4, -4.3, 2.3, -1.1),
+    ('nf4', 'bf16-mixed', True, 'attention'): (2.3, -2.1, 2.2, -23.9, -9.3, -2.4, 1.5, -1.1),
+    ('dense', 'fp32', False, 'all'): (4.8, 0.2, -0.7, -0.1, 13.1, 0.2, 4.6, -6.6),
+    ('dense', 'fp32', False, 'attention'): (4.9, 1.6, -2.5, 0.3, 9.0, 0.2, 4.6, -6.6),
+    ('dense', 'fp32', True, 'all'): (-22.7, 0.1, -1.3, 9.5, -19.1, 0.2, 4.6, -6.6),
+    ('dense', 'fp32', True, 'attention'): (-15.1, 1.6, -2.5, 8.3, -11.0, 0.2, 4.6, -6.6),
+    ('dense', 'bf16', False, 'all'): (3.0, -0.2, -0.3, -0.3, 3.1, 1.0, 2.3, -1.1),
+    ('dense', 'bf16', False, 'attention'): (3.0, -0.2, -0.3, -0.3, 7.6, -0.4, -0.4, -1.1),
+    ('dense', 'bf16', True, 'all'): (-11.0, -0.2, -0.3, 3.7, -12.1, -0.2, 2.4, -1.1),
+    ('dense', 'bf16', True, 'attention'): (-7.0, -0.2, -0.3, 3.7, -2.4, -0.4, -0.4, -1.1),
+    ('dense', 'bf16-base-fp32-adapters', False, 'all'): (-28.9, 6.8, -7.4, 41.7, -11.6, 10.0, 2.3, -1.1),
+    ('dense', 'bf16-base-fp32-adapters', False, 'attention'): (-7.0, -0.2, -0.3, -0.3, -2.4, -0.4, -0.4, -1.1),
+    ('dense', 'bf16-base-fp32-adapters', True, 'all'): (-32.4, 4.7, -6.1, 31.1, -21.7, 8.0, 2.3, -1.1),
+    ('dense', 'bf16-base-fp32-adapters', True, 'attention'): (-15.0, -0.2, -0.3, 7.7, -10.4, -0.4, -0.4, -1.1),
+    ('dense', 'bf16-mixed', False, 'all'): (-6.3, 0.5, -1.3, 2.5, -6.7, -0.2, 2.4, -1.1),
+    ('dense', 'bf16-mixed', False, 'attention'): (-3.3, -0.2, -0.3, 0.1, 1.2, -0.4, -0.3, -1.1),
+    ('dense', 'bf16-mixed', True, 'all'): (-16.6, 1.3, -2.6, 8.4, -18.7, -0.2, 2.4, -1.1),
+    ('dense', 'bf16-mixed', True, 'attention'): (-11.3, -0.2, -0.3, 8.1, -6.8, -0.4, -0.3, -1.1),
+}
+"""Bytes per token that a Phi-3 layer (``model_type`` ``phi3``: Phi-3, Phi-3.5, Phi-4; fused ``qkv_proj`` and
+``gate_up_proj``, whose outputs are split and whose gradients are concatenated, a rotary embedding that concatenates
+the rotated part of each query and key with the rest) holds beyond the Llama layer with :func:`attention_extra_bytes`'
+width terms and its own adapters (:data:`FUSED_LORA_TARGET_SETS`: one per fused projection; an NF4 base decodes
+``gate_up_proj``, twice Llama's largest matrix), laid out as :data:`GEMMA3_ACTIVATION_BYTES`. Least squares over
+torch's CPU profiler on the ``LAYER_FIT`` Phi-3 decoders of ``python benchmarks/lora_activations.py --phi3``, checked
+on its ``LAYER_CHECK`` ones (one with Phi-4-mini's partial rotary)."""
+
+LAYER_ACTIVATION_BYTES: dict[str, dict] = {"gemma3_text": GEMMA3_ACTIVATION_BYTES, "phi3": PHI3_ACTIVATION_BYTES}
+"""``model_type -> table`` of what a decoder layer holds beyond Llama's, laid out as :data:`GEMMA3_ACTIVATION_BYTES`:
+entry (full-weight dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``) ``-> (full_h, full_i, full_qk,
+full_once_h, layer_h, layer_i, layer_qk, layer_once_h)``."""
+
+
+def _layer_family_terms(config, entry: int | tuple[str, str, bool, str], checkpointing: bool) -> tuple[float, float]:
+    """``(bytes per token per layer, bytes per token once)`` of ``entry`` in the :data:`LAYER_ACTIVATION_BYTES` table
+    of ``config``'s ``model_type`` (``(0, 0)`` for a Llama layer); ``checkpointing``: the per-layer part is the
+    recomputed layer's."""
+    table = LAYER_ACTIVATION_BYTES.get(_model_type(config))
+    if table is None:
         return 0.0, 0.0
     h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
-    terms = GEMMA3_ACTIVATION_BYTES[entry][4:] if checkpointing else GEMMA3_ACTIVATION_BYTES[entry][:4]
-    per_h, per_i, per_qk, once_h = terms
+    per_h, per_i, per_qk, once_h = table[entry][4:] if checkpointing else table[entry][:4]
     return per_h * h + per_i * i + per_qk * sum(attention_widths(config)), once_h * h
 
 
 def unmodelled_layer(config, seq_len: int) -> str:
     """What the activation formulas were not fitted to in a config of a modelled type (``""``: nothing): Gemma 3
-    with logit soft-capping."""
-    if _model_type(config) != "gemma3_text":
-        return ""
+    with logit soft-capping, Phi-3 with dropout (its released configs have none)."""
     get = _config_getter(config)
-    capping = {key: get(key) for key in ("final_logit_softcapping", "attn_logit_softcapping") if get(key) is not None}
-    if capping:
-        return "Gemma 3 with logit soft-capping (" + ", ".join(f"{k}={v!r}" for k, v in capping.items()) + ")"
+    if _model_type(config) == "gemma3_text":
+        capping = {key: get(key) for key in ("final_logit_softcapping", "attn_logit_softcapping")
+                   if get(key) is not None}
+        return "Gemma 3 with logit soft-capping (" + _settings(capping) + ")" if capping else ""
+    if _model_type(config) == "phi3":
+        dropout = {key: get(key) for key in ("resid_pdrop", "embd_pdrop", "attention_dropout") if get(key)}
+        return "Phi-3 with dropout (" + _settings(dropout) + ")" if dropout else ""
     return ""
+
+
+def _settings(values: dict) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in values.items())
 
 
 def sliding_window_layers(config, seq_len: int) -> int:
     """How many layers attend through a sliding window shorter than ``seq_len``: each builds a ``seq_len**2`` mask, as
     packed documents do (0 within the window). Read from ``layer_types`` (Gemma 3; Qwen2/3 with
-    ``use_sliding_window``); a Mistral config without them slides in every layer (profiled: Gemma 3, Mistral, Qwen2)."""
+    ``use_sliding_window``); a Mistral or Phi-3 config without them slides in every layer (profiled: Gemma 3, Mistral,
+    Qwen2, Phi-3)."""
     get = _config_getter(config)
     window, types, model_type = get("sliding_window"), get("layer_types"), _model_type(config)
     if model_type not in ACTIVATION_MODEL_TYPES or window is None or seq_len <= window:
         return 0
     if types:
         return sum(kind == "sliding_attention" for kind in types)
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return _config_value(config, "num_hidden_layers")
     if model_type == "gemma3_text":
         raise ValueError("Invalid config: a Gemma 3 config without layer_types (which layers slide).")
@@ -581,8 +644,8 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     layers, vocab = _config_value(config, "num_hidden_layers"), _config_value(config, "vocab_size")
     _check_modelled_layer(config, seq_len)
     c, d = ACTIVATION_COEFFICIENTS[dtype_bytes], dtype_bytes
-    gemma_layer, once = _gemma3_terms(config, dtype_bytes, gradient_checkpointing)
-    attention = attention_extra_bytes(config, dtype_bytes) + gemma_layer
+    family_layer, once = _layer_family_terms(config, dtype_bytes, gradient_checkpointing)
+    attention = attention_extra_bytes(config, dtype_bytes) + family_layer
     loss = LOSS_BYTES_PER_VOCAB * vocab
     mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents)
     mask_per_token = mask // (batch_size * seq_len)
@@ -623,6 +686,19 @@ LORA_TARGET_SETS = {
 }
 """The adapted projections :func:`lora_activation_bytes` models: all seven of a Llama layer (QLoRA's
 choice) or the four attention ones."""
+
+FUSED_LORA_TARGET_SETS = {
+    "phi3": {"all": frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+             "attention": frozenset({"qkv_proj", "o_proj"})},
+}
+""":data:`LORA_TARGET_SETS` of decoders whose layer fuses Llama's projections (Phi-3: ``qkv_proj`` for ``q/k/v_proj``,
+``gate_up_proj`` for ``gate_proj`` and ``up_proj``), by ``config.model_type``: one adapter per fused projection."""
+
+
+def lora_target_sets(config) -> dict[str, frozenset]:
+    """:data:`LORA_TARGET_SETS` in the projection names of ``config``'s ``model_type`` (:data:`FUSED_LORA_TARGET_SETS`
+    where its layer fuses them)."""
+    return FUSED_LORA_TARGET_SETS.get(_model_type(config), LORA_TARGET_SETS)
 
 LORA_ACTIVATION_COEFFICIENTS: dict[tuple[str, str, bool, str], tuple[float, float, float, float, float]] = {
     # (base, mode, dropout > 0, targets): (full_h, full_i, rest_h, layer_h, layer_i)
@@ -707,17 +783,17 @@ _LORA_BASES = ("nf4", "dense")
 _LORA_DEVICES = tuple(NF4_DEQUANTIZE_BYTES)
 
 
-def _lora_targets(targets) -> str:
-    """The :data:`LORA_TARGET_SETS` key of ``targets`` (a key, or a collection of projection names)."""
-    if isinstance(targets, str) and targets in LORA_TARGET_SETS:
+def _lora_targets(targets, sets: dict[str, frozenset] = LORA_TARGET_SETS) -> str:
+    """The key of ``targets`` (a key, or a collection of projection names) in ``sets`` (:func:`lora_target_sets`)."""
+    if isinstance(targets, str) and targets in sets:
         return targets
     names = frozenset(targets) if not isinstance(targets, str) else frozenset()
-    for key, value in LORA_TARGET_SETS.items():
+    for key, value in sets.items():
         if names == value:
             return key
-    raise ValueError(f"Invalid targets={targets!r}: activations are modelled for LoRA on all seven projections "
-                     f"({', '.join(sorted(LORA_TARGET_SETS['all']))}) or the four attention ones "
-                     f"({', '.join(sorted(LORA_TARGET_SETS['attention']))}).")
+    raise ValueError(f"Invalid targets={targets!r}: activations are modelled for LoRA on all {len(sets['all'])} "
+                     f"projections ({', '.join(sorted(sets['all']))}) or the {len(sets['attention'])} attention ones "
+                     f"({', '.join(sorted(sets['attention']))}).")
 
 
 def _check_lora_options(base, mode, rank, device) -> None:
@@ -743,7 +819,8 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     ``h``/``i``/``L``/``V`` as in :func:`activation_bytes`, ``d`` the base's element size (4 in ``fp32``
     mode, else 2), ``c`` the coefficients of :data:`LORA_ACTIVATION_COEFFICIENTS`, ``R = adapters per layer
     * rank * a`` (each adapter's rank-``r`` activation, ``a`` its compute element size) and, on an NF4 base,
-    ``T = t * h * i`` the dense weight a 4-bit projection decodes while it multiplies (``t`` from
+    ``T = t * P`` the dense weight a 4-bit projection decodes while it multiplies (``P`` the largest projection's
+    elements, :func:`_largest_projection`: ``h * i``, Phi-3's fused ``gate_up_proj`` ``2 * h * i``; ``t`` from
     :data:`NF4_DEQUANTIZE_BYTES` for ``device``; 0 on a dense base):
 
     * gradient checkpointing: ``n * (L + 1) * d * h + max(n * (c.layer_h * h + c.layer_i * i + R + A) + T,
@@ -765,7 +842,8 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     _check_lora_options(base, mode, rank, device)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"Invalid dropout={dropout!r}: expected a number in [0, 1).")
-    key = _lora_targets(targets)
+    sets = lora_target_sets(config)
+    key = _lora_targets(targets, sets)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {name}={value!r}: expected an int >= 1.")
@@ -774,11 +852,11 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     full_h, full_i, rest_h, layer_h, layer_i = LORA_ACTIVATION_COEFFICIENTS[(base, mode, dropout > 0, key)]
     d = 4 if mode == "fp32" else 2
     adapter_bytes = 2 if mode in ("bf16", "bf16-mixed") else 4
-    rank_bytes = len(LORA_TARGET_SETS[key]) * rank * adapter_bytes
-    mlp_full, mlp_layer, decoded = full_i * i, layer_i * i, h * i  # per token; the largest matrix an NF4 layer decodes
+    rank_bytes = len(sets[key]) * rank * adapter_bytes
+    mlp_full, mlp_layer, decoded = full_i * i, layer_i * i, _largest_projection(config)
     _check_modelled_layer(config, seq_len)
-    gemma_layer, once = _gemma3_terms(config, (base, mode, dropout > 0, key), gradient_checkpointing)
-    attention = attention_extra_bytes(config, (base, mode, dropout > 0)) + gemma_layer
+    family_layer, once = _layer_family_terms(config, (base, mode, dropout > 0, key), gradient_checkpointing)
+    attention = attention_extra_bytes(config, (base, mode, dropout > 0)) + family_layer
     if _is_moe(config):
         mlp_full, mlp_layer, decoded = _moe_terms(config, base, mode, key)
     transient = NF4_DEQUANTIZE_BYTES[device][d] * decoded if base == "nf4" else 0
@@ -790,6 +868,17 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
         return int(n * ((layers + 1) * d * h + once) + max(layer, loss + n * 2 * d * h + mask)) + rotary
     saved = n * (layers * (full_h * h + mlp_full + rank_bytes + attention) + rest_h * h + once) + masked * d * mask
     return int(saved + max(loss, transient)) + rotary
+
+
+def _largest_projection(config) -> int:
+    """Elements of a decoder layer's largest projection, the dense weight an NF4 layer decodes while it multiplies:
+    ``hidden_size * intermediate_size`` in Llama's layer; Phi-3's fused ``gate_up_proj`` (``2 * h * i``) or ``qkv_proj``
+    (``(q + 2 * kv) * h``), whichever is larger."""
+    h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
+    if _model_type(config) not in FUSED_LORA_TARGET_SETS:
+        return h * i
+    q, kv = attention_widths(config)
+    return max(2 * h * i, (q + 2 * kv) * h)
 
 
 def _config_getter(config):
@@ -907,11 +996,13 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     if mode is None:
         return None, (f"not modelled for LoRA ({lora['adapter_dtype']} adapters) under precision={precision!r} "
                       f"(fitted to {', '.join(LORA_MODES)})")
+    sets = lora_target_sets(config)
     try:
-        key = _lora_targets(lora["targets"])
+        key = _lora_targets(lora["targets"], sets)
     except ValueError:
         return None, ("not modelled for LoRA on " + ", ".join(sorted(lora["targets"]))
-                      + " (fitted to all seven projections or the four attention ones)")
+                      + f" (fitted to all {len(sets['all'])} projections or the {len(sets['attention'])} attention "
+                      "ones)")
     nbytes = {isolate: lora_activation_bytes(config, batch_size, seq_len, base=base, mode=mode,
                                              dropout=lora["dropout"], targets=key, rank=lora["rank"],
                                              gradient_checkpointing=gradient_checkpointing, device=device,
@@ -923,7 +1014,7 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     rows = _token_rows_term(model, config, batch_size, seq_len, gradient_checkpointing, mode)
     rows_note = f", +{_gb(rows)} trained token rows" if rows else ""
     return nbytes[isolate_documents] + rows, (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA "
-                                              f"r={lora['rank']} on {len(LORA_TARGET_SETS[key])} projections{drop}, "
+                                              f"r={lora['rank']} on {len(sets[key])} projections{drop}, "
                                               f"{where} base" + _mask_note(nbytes) + rows_note
                                               + _sliding_note(config, seq_len, isolate_documents))
 
@@ -984,16 +1075,16 @@ def _mask_note(nbytes: dict[bool, int]) -> str:
     return f", +{_gb(nbytes[True] - nbytes[False])} document mask" if True in nbytes else ""
 
 
-ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
-:func:`lora_activation_bytes` were fitted to: torch's CPU profiler measured Mistral and Qwen2 equal to Llama; Qwen3
-adds its q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's language model) its norms and
-scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`); an attention other than ``hidden_size`` wide is
-:data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against the profiler): Phi-3
--11% (fused projections), Gemma 2 -40% (extra norms, soft-capping), GPT-NeoX +25..47% (parallel block, no gate),
-Mixtral / Qwen-MoE -24..48% (experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA);
-:func:`model_activation_bytes` says so rather than guess."""
-
+:func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral and
+Qwen2 equal to Llama; Qwen3 adds its q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's
+language model) its norms and scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused
+projections (:data:`PHI3_ACTIVATION_BYTES`, :data:`FUSED_LORA_TARGET_SETS`); an attention other than ``hidden_size``
+wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against the profiler):
+Gemma 2 -40% (extra norms, soft-capping), GPT-NeoX +25..47% (parallel block, no gate), Mixtral / Qwen-MoE -24..48%
+(experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than
+guess."""
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                            precision: str | int | None = None, device: str = "cuda",

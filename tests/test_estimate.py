@@ -575,22 +575,29 @@ def _assert_formula_within_10_percent(config: dict, batch: int, seq: int, settin
     assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
 
 
-GEMMA3_CASES = [
-    # (check index, setting, targets, checkpointing)
-    (0, ("full", 2), None, True),
-    (0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the QLoRA recipe's setting
-    (1, ("full", 4), None, False),
-    (1, ("lora", "nf4", "bf16-mixed", True), "all", False),
-    (2, ("full", 2), None, True),  # bound by the loss, as Gemma 3's 262k vocabulary makes every run
-    (2, ("lora", "dense", "fp32", False), "attention", True),
+LAYER_FAMILY_CASES = [
+    # (model type, check index, setting, targets, checkpointing)
+    ("gemma3_text", 0, ("full", 2), None, True),
+    ("gemma3_text", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the QLoRA recipe's setting
+    ("gemma3_text", 1, ("full", 4), None, False),
+    ("gemma3_text", 1, ("lora", "nf4", "bf16-mixed", True), "all", False),
+    ("gemma3_text", 2, ("full", 2), None, True),  # bound by the loss, as Gemma 3's 262k vocabulary makes every run
+    ("gemma3_text", 2, ("lora", "dense", "fp32", False), "attention", True),
+    ("phi3", 0, ("full", 2), None, True),
+    ("phi3", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the QLoRA recipe's, on qkv/o/gate_up/down_proj
+    ("phi3", 1, ("full", 4), None, False),
+    ("phi3", 1, ("lora", "nf4", "bf16", False), "attention", False),
+    ("phi3", 2, ("lora", "dense", "bf16-mixed", True), "all", True),
+    ("phi3", 3, ("full", 2), None, True),  # Phi-4-mini's partial rotary
+    ("phi3", 3, ("lora", "nf4", "bf16-mixed", True), "all", True),
 ]
 
 
-@pytest.mark.parametrize("check, setting, targets, checkpointing", GEMMA3_CASES)
-def test_gemma3_within_10_percent_of_the_profiler(check, setting, targets, checkpointing):
-    """Gemma 3 text decoders at sizes its terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` checks
-    every setting)."""
-    _assert_formula_within_10_percent(*_lora_bench().GEMMA3_CHECK[check], setting, targets, checkpointing)
+@pytest.mark.parametrize("model_type, check, setting, targets, checkpointing", LAYER_FAMILY_CASES)
+def test_layer_family_within_10_percent_of_the_profiler(model_type, check, setting, targets, checkpointing):
+    """Gemma 3 text and Phi-3 decoders at sizes their layer terms were not fitted on (``benchmarks/lora_activations.py
+    --gemma3`` / ``--phi3`` check every setting)."""
+    _assert_formula_within_10_percent(*_lora_bench().LAYER_CHECK[model_type][check], setting, targets, checkpointing)
 
 
 @pytest.mark.parametrize("model_type, setting, targets, checkpointing, batch, seq", [
@@ -601,22 +608,25 @@ def test_gemma3_within_10_percent_of_the_profiler(check, setting, targets, check
     ("mistral", ("full", 2), None, False, 1, 256),  # Mistral v0.1: every layer slides
     ("mistral", ("lora", "nf4", "bf16-mixed", True), "all", True, 2, 160),
     ("qwen2", ("full", 4), None, False, 1, 256),  # use_sliding_window: the layers from max_window_layers on
+    ("phi3", ("full", 2), None, True, 1, 256),  # Phi-3-mini-4k's sliding_window: every layer slides
+    ("phi3", ("lora", "nf4", "bf16-mixed", True), "all", False, 2, 160),
 ])
 def test_sliding_window_shorter_than_the_sequence_within_10_percent(model_type, setting, targets, checkpointing,
                                                                     batch, seq):
     """Layers sliding with a window of 64 (each builds a ``seq**2`` mask, as packed documents): the formula with
     :func:`sliding_window_layers` against the profiler; Gemma 3 and Qwen2 say which layers slide (2 of 3 here),
-    Mistral slides in all."""
+    Mistral and Phi-3 slide in all."""
     from lowmem_lightning.estimate import sliding_window_layers
 
-    config = {**_lora_bench().GEMMA3_CHECK[1][0], "model_type": model_type, "sliding_window": 64}
-    config["layer_types"] = (["sliding_attention", "full_attention", "sliding_attention"] if model_type == "gemma3_text"
-                             else ["full_attention", "sliding_attention", "sliding_attention"])
-    if model_type == "mistral":
-        del config["layer_types"]
+    checks = _lora_bench().LAYER_CHECK
+    config = {**checks["phi3" if model_type == "phi3" else "gemma3_text"][1][0], "model_type": model_type,
+              "sliding_window": 64}
+    if model_type == "gemma3_text":
+        config["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
     if model_type == "qwen2":
-        config.update(use_sliding_window=True, max_window_layers=1)
-    assert sliding_window_layers(config, seq) == (3 if model_type == "mistral" else 2)
+        config.update(use_sliding_window=True, max_window_layers=1,
+                      layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+    assert sliding_window_layers(config, seq) == (3 if model_type in ("mistral", "phi3") else 2)
     _assert_formula_within_10_percent(config, batch, seq, setting, targets, checkpointing)
 
 
@@ -650,6 +660,34 @@ def test_gemma3_is_modelled_for_its_language_model():
                              device="meta")
     assert model_activation_bytes(capped, 1, 64, True)[1] == ("not modelled for Gemma 3 with logit soft-capping "
                                                               "(final_logit_softcapping=30.0)")
+
+
+def test_phi3_is_modelled_with_its_fused_projections():
+    """Phi-3's LoRA targets in its own names: its four projections (``qkv_proj``, ``o_proj``, ``gate_up_proj``,
+    ``down_proj``) are all of them, one rank-r activation each; Llama's seven names are refused naming Phi-3's; a
+    config with dropout is not modelled, said by name; a sliding window shorter than the sequence masks every layer,
+    said in the detail."""
+    from lowmem_lightning.estimate import activation_bytes, lora_activation_bytes, model_activation_bytes
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    config = _lora_bench()._phi3(64, 128, 2, 4, 2, 300)
+    fused = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert lora_activation_bytes(config, 1, 64, targets=fused) == lora_activation_bytes(config, 1, 64, targets="all")
+    saved = {rank: lora_activation_bytes(config, 1, 64, targets="all", rank=rank, gradient_checkpointing=False)
+             for rank in (16, 32)}
+    assert saved[32] - saved[16] == 64 * 2 * 4 * 16 * 2  # tokens x layers x four adapters' rank-r activations, bf16
+    with pytest.raises(ValueError, match=r"all 4 projections \(down_proj, gate_up_proj, o_proj, qkv_proj\)"):
+        lora_activation_bytes(config, 1, 64, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    with pytest.raises(ValueError, match=r"not modelled for Phi-3 with dropout \(resid_pdrop=0.1\)"):
+        activation_bytes({**config, "resid_pdrop": 0.1}, 1, 64)
+    dropped = build_causal_lm(None, {**config, "attention_dropout": 0.05}, None, None, device="meta")
+    assert model_activation_bytes(dropped, 1, 64, True)[1] == ("not modelled for Phi-3 with dropout "
+                                                               "(attention_dropout=0.05)")
+    sliding = build_causal_lm(None, {**config, "sliding_window": 32}, None, None, device="meta",
+                              torch_dtype="bfloat16")
+    nbytes, detail = model_activation_bytes(sliding, 1, 64, True, "bf16-true")
+    assert nbytes == activation_bytes({**config, "sliding_window": 32}, 1, 64) > activation_bytes(config, 1, 64)
+    assert detail.endswith(", sliding-window mask in 2 layers"), detail
 
 
 def test_width_terms_change_nothing_for_llama_2_and_follow_the_widths():
@@ -736,7 +774,7 @@ def test_lora_activation_bytes_refuses_bad_input():
 
     for kwargs, match in [({"base": "int8"}, "base='int8'"), ({"mode": "fp8"}, "mode='fp8'"),
                           ({"dropout": 1.0}, "dropout=1.0"), ({"rank": 0}, "rank=0"), ({"device": "mps"}, "device="),
-                          ({"targets": ["q_proj", "v_proj"]}, "all seven projections")]:
+                          ({"targets": ["q_proj", "v_proj"]}, "all 7 projections")]:
         with pytest.raises(ValueError, match=match):
             lora_activation_bytes(TINY_ARCH, 1, 8, **kwargs)
 
