@@ -39,6 +39,13 @@ on them: one adapter each; its rotary embedding's copies of the queries and keys
 
     python benchmarks/lora_activations.py --gemma3   # ~5 minutes on one core
     python benchmarks/lora_activations.py --phi3     # ~5 minutes on one core
+
+``--eager`` fits :data:`~lowmem_lightning.estimate.EAGER_ATTENTION_BYTES` (what transformers' eager attention holds
+beyond SDPA: the ``seq**2`` scores, the repeated key/value heads, one float mask) from the profiled peak of eager less
+SDPA's on the :data:`EAGER_FIT` Llama decoders, every :data:`EAGER_SETTINGS` entry with and without checkpointing;
+then checks the formula on the :data:`EAGER_CHECK` decoders (Llama, Qwen3, Phi-3, Gemma 3).
+
+    python benchmarks/lora_activations.py --eager    # ~3 minutes on one core
 """
 
 from __future__ import annotations
@@ -325,15 +332,19 @@ def _width_settings():
         yield ("lora", base, mode, dropout > 0), targets, ckpt
 
 
-def profiled_setting(config: dict, batch: int, seq: int, setting: tuple, targets: str | None, ckpt: bool) -> int:
+def profiled_setting(config: dict, batch: int, seq: int, setting: tuple, targets: str | None, ckpt: bool,
+                     attention: str = "sdpa") -> int:
     """Profiled peak of ``config`` trained as ``setting`` (``("full", dtype bytes)`` or ``("lora", base, mode,
-    dropout > 0)``, dropout 0.05 or, at batch 1 or 3, 0.1) on ``targets``."""
+    dropout > 0)``, dropout 0.05 or, at batch 1 or 3, 0.1) on ``targets``, with transformers' ``attention``
+    implementation."""
     if setting[0] == "full":
         model = build_full_model(config, seq, torch.bfloat16 if setting[1] == 2 else torch.float32, ckpt)
+        model.set_attn_implementation(attention)
         return profiled_peak(model, config["vocab_size"], batch, seq)
     _, base, mode, dropped = setting
     dropout = (0.05 if batch == 2 else 0.1) if dropped else 0.0
     model, autocast = build_lora_model(config, seq, base, mode, dropout, targets, ckpt)
+    model.get_base_model().set_attn_implementation(attention)
     return profiled_peak(model, config["vocab_size"], batch, seq, autocast)
 
 
@@ -389,13 +400,14 @@ def fit_widths(rows: list[dict]) -> tuple[dict, dict]:
     return width_table, {key: _least_squares(p)[0] for key, p in pooled.items()}
 
 
-def _formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | None, ckpt: bool) -> int:
+def _formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | None, ckpt: bool,
+             attention: str = "sdpa") -> int:
     if setting[0] == "full":
-        return activation_bytes(config, batch, seq, setting[1], ckpt)
+        return activation_bytes(config, batch, seq, setting[1], ckpt, attention=attention)
     _, base, mode, dropped = setting
     dropout = (0.05 if batch == 2 else 0.1) if dropped else 0.0
     return lora_activation_bytes(config, batch, seq, base=base, mode=mode, dropout=dropout, targets=targets,
-                                 rank=RANK, gradient_checkpointing=ckpt, device="cpu")
+                                 rank=RANK, gradient_checkpointing=ckpt, device="cpu", attention=attention)
 
 
 def check_widths() -> float:
@@ -508,6 +520,65 @@ def check_layer_terms(model_type: str) -> float:
     return worst
 
 
+def _llama(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int = 600) -> dict:
+    return _width_config("llama", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
+                                                             "num_hidden_layers": layers, "vocab_size": vocab})
+
+
+EAGER_SETTINGS = [(("full", 2), None), (("full", 4), None), (("lora", "nf4", "bf16-mixed", True), "all"),
+                  (("lora", "nf4", "fp32", False), "all"), (("lora", "dense", "bf16", False), "attention")]
+"""The settings ``--eager`` profiles: both full-weight dtypes and LoRA in bf16 (autocast or not) and fp32."""
+
+EAGER_FIT = [(_llama(256, 512, 2, 4, 4, 64), 1, 256), (_llama(256, 512, 2, 4, 4, 64), 2, 160),
+             (_llama(256, 512, 3, 8, 2, 32), 1, 192), (_llama(192, 384, 2, 2, 1, 96), 2, 128),
+             (_llama(256, 512, 2, 8, 8, 32), 1, 128), (_llama(128, 384, 3, 4, 1, 64), 1, 320)]
+"""``(config, batch, seq)`` the eager-attention terms are fitted on: Llama decoders with heads, grouped key/value heads,
+layers and sequence lengths varied, every one bound by a layer under checkpointing."""
+
+EAGER_CHECK = [(_llama(320, 640, 2, 5, 1, 64), 1, 224), (_llama(224, 448, 3, 7, 7, 32), 2, 112),
+               ({**_width_config("qwen3", 4, 2, 64, {"hidden_size": 192, "intermediate_size": 512,
+                                                     "num_hidden_layers": 2, "vocab_size": 600})}, 1, 256),
+               (_phi3(256, 512, 2, 4, 2, 600), 2, 128), (_gemma3(256, 512, 2, 4, 1, 64, 600), 1, 192)]
+"""``(config, batch, seq)`` the eager terms are checked on (not fitted): Llama, Qwen3, Phi-3 and Gemma 3."""
+
+
+def _eager_design(config: dict, batch: int, seq: int, ckpt: bool) -> list[float]:
+    """``[layers * B*H*S^2, layers * B*S*2*(H - kv)*head_dim, B*S^2]``: the scores of each held layer, the key and
+    value heads ``repeat_kv`` copies, the float causal mask made once (``layers`` is 1 under checkpointing)."""
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    layers = 1 if ckpt else config["num_hidden_layers"]
+    return [layers * batch * heads * seq * seq, layers * batch * seq * 2 * (heads - kv) * head_dim, batch * seq * seq]
+
+
+def fit_eager() -> dict:
+    """``(compute element size, checkpointing) -> (per score, per repeated key/value element, per mask element)``:
+    least squares of eager's profiled peak less sdpa's over :func:`_eager_design`, for :data:`EAGER_FIT` x
+    :data:`EAGER_SETTINGS`."""
+    pairs: dict = {}
+    for (config, batch, seq), (setting, targets), ckpt in itertools.product(EAGER_FIT, EAGER_SETTINGS, (True, False)):
+        eager, sdpa = (profiled_setting(config, batch, seq, setting, targets, ckpt, attention)
+                       for attention in ("eager", "sdpa"))
+        d = setting[1] if setting[0] == "full" else (4 if setting[2] == "fp32" else 2)
+        pairs.setdefault((d, ckpt), []).append((_eager_design(config, batch, seq, ckpt), eager - sdpa))
+    return {key: _least_squares(value) for key, value in sorted(pairs.items())}
+
+
+def check_eager() -> float:
+    """Profile :data:`EAGER_CHECK` x :data:`EAGER_SETTINGS` under eager attention against the formula; print each
+    ratio, return the largest ``|ratio - 1|``."""
+    worst = 0.0
+    for (config, batch, seq), (setting, targets), ckpt in itertools.product(EAGER_CHECK, EAGER_SETTINGS, (True, False)):
+        peak = profiled_setting(config, batch, seq, setting, targets, ckpt, "eager")
+        ratio = _formula(config, batch, seq, setting, targets, ckpt, "eager") / peak
+        worst = max(worst, abs(ratio - 1))
+        print(f"eager {config['model_type']} h{config['hidden_size']} H{config['num_attention_heads']} "
+              f"kv{config.get('num_key_value_heads')} {batch}x{seq} {str(setting):>42} {targets or '':>9} "
+              f"{'ckpt' if ckpt else 'full'}: profiled {peak:>10,} B, formula/profiled {ratio:.3f}", flush=True)
+    return worst
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", action="store_true", help="profile the FIT sizes and print the coefficients")
@@ -515,6 +586,7 @@ def main(argv=None) -> int:
     parser.add_argument("--moe", action="store_true", help="fit the Mixtral (NF4 experts) terms, then check them")
     parser.add_argument("--gemma3", action="store_true", help="fit the Gemma 3 terms, then check them")
     parser.add_argument("--phi3", action="store_true", help="fit the Phi-3 terms, then check them")
+    parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
     parser.add_argument("--widths", action="store_true",
                         help="fit the attention-width and Qwen3 q/k-norm terms, then check them")
     args = parser.parse_args(argv)
@@ -535,6 +607,10 @@ def main(argv=None) -> int:
             for key, value in fit_layer_terms(model_type).items():
                 print(f"    {key!r}: {value},", flush=True)
             print(f"largest |formula / profiled - 1| ({model_type}): {check_layer_terms(model_type):.3f}")
+    if args.eager:
+        for key, value in fit_eager().items():
+            print(f"    {key!r}: {value},", flush=True)
+        print(f"largest |formula / profiled - 1| (eager): {check_eager():.3f}")
     if args.fit:
         for key, value in fit(measure(FIT, 0.05)).items():
             print(f"    {key!r}: {value},")

@@ -74,6 +74,9 @@ __all__ = [
     "PHI3_ACTIVATION_BYTES",
     "LAYER_ACTIVATION_BYTES",
     "unmodelled_layer",
+    "unmodelled_attention",
+    "ATTENTIONS",
+    "EAGER_ATTENTION_BYTES",
     "sliding_window_layers",
     "NF4_DEQUANTIZE_BYTES",
     "RELEASE_BUCKET_BYTES",
@@ -590,15 +593,72 @@ def sliding_window_layers(config, seq_len: int) -> int:
 
 
 def _attention_masks(config, batch_size: int, seq_len: int, dtype_bytes: int,
-                     isolate_documents: bool) -> tuple[int, int, int]:
-    """``(mask bytes, rotary bytes, layers holding a float copy of the mask)``: packed documents kept apart mask every
-    layer (:func:`document_mask_terms`); else a sliding window shorter than the sequence masks its layers
-    (:func:`sliding_window_layers`, no rotary tables of their own); else none."""
+                     isolate_documents: bool, attention: str = "sdpa") -> tuple[int, int, int]:
+    """``(mask bytes, rotary bytes, layers holding a float copy of the mask)`` under SDPA: packed documents kept apart
+    mask every layer (:func:`document_mask_terms`); else a sliding window shorter than the sequence masks its layers
+    (:func:`sliding_window_layers`, no rotary tables of their own); else none. Under eager attention the one mask is
+    :func:`_eager_terms`' (the packed or sliding one in place of the causal one): the rotary tables only."""
+    if attention == "eager":
+        rotary = document_mask_terms(config, batch_size, seq_len, dtype_bytes)[1] if isolate_documents else 0
+        return 0, rotary, 0
     if isolate_documents:
         return (*document_mask_terms(config, batch_size, seq_len, dtype_bytes),
                 _config_value(config, "num_hidden_layers"))
     sliding = sliding_window_layers(config, seq_len)
     return (batch_size * seq_len**2 if sliding else 0), 0, sliding
+
+
+ATTENTIONS = ("sdpa", "eager")
+"""transformers' attention implementations the activation formulas model: ``sdpa`` (the default; no ``seq**2`` term
+but masks) and ``eager`` (:data:`EAGER_ATTENTION_BYTES`)."""
+
+EAGER_ATTENTION_BYTES: dict[tuple[int, bool], tuple[float, float, float]] = {
+    # (attention's element size, checkpointing): (per score, per repeated key/value element, per mask element)
+    (2, False): (6.4, 0.2, -5.5),
+    (2, True): (6.1, 3.4, 1.0),
+    (4, False): (4.9, 0.3, -8.2),
+    (4, True): (4.7, 1.6, 0.6),
+}
+"""What eager attention holds beyond SDPA's, by the element size attention computes in (2: bf16/fp16 weights, LoRA
+other than fp32; 4: fp32) and checkpointing: bytes per attention score (``batch * heads * seq**2`` per held layer:
+the fp32 softmax and its cast, the scores' transients in backward), per element of the keys and values ``repeat_kv``
+copies for grouped-query attention (``batch * seq * 2 * (heads - kv_heads) * head_dim`` per held layer), and per
+element of the float causal mask built once (``batch * seq**2``; packed documents and a sliding window in every layer
+replace it). A held layer is every layer without checkpointing, the recomputed one with it. Least squares of eager's
+peak less SDPA's under torch's CPU profiler (``python benchmarks/lora_activations.py --eager``: Llama decoders, heads,
+key/value heads, layers and lengths varied), checked on Llama, Qwen3, Phi-3 and Gemma 3."""
+
+
+def _eager_terms(config, batch_size: int, seq_len: int, compute_bytes: int, checkpointing: bool,
+                 attention: str) -> tuple[int, int]:
+    """``(bytes per held layer, bytes once)`` that ``attention`` adds (:data:`EAGER_ATTENTION_BYTES`; ``(0, 0)`` for
+    SDPA)."""
+    if attention == "sdpa":
+        return 0, 0
+    per_score, per_repeated, per_mask = EAGER_ATTENTION_BYTES[(compute_bytes, checkpointing)]
+    heads = _config_value(config, "num_attention_heads")
+    kv = _optional_config_value(config, "num_key_value_heads") or heads
+    repeated = batch_size * seq_len * 2 * (heads - kv) * _head_dim(config)
+    layer = per_score * batch_size * heads * seq_len**2 + per_repeated * repeated
+    return int(layer), int(per_mask * batch_size * seq_len**2)
+
+
+def unmodelled_attention(config, seq_len: int, attention: str) -> str:
+    """What the formulas were not fitted to in ``attention`` (``""``: nothing): an implementation other than
+    :data:`ATTENTIONS`, and eager attention where some layers but not all slide (two masks; not profiled)."""
+    if attention not in ATTENTIONS:
+        return f"attention {attention!r} (fitted to {', '.join(repr(a) for a in ATTENTIONS)})"
+    sliding = sliding_window_layers(config, seq_len)
+    if attention == "eager" and 0 < sliding < _config_value(config, "num_hidden_layers"):
+        return f"eager attention with a sliding window shorter than the sequence in {sliding} of the layers"
+    return ""
+
+
+def _check_attention(config, seq_len: int, attention: str) -> None:
+    reason = unmodelled_attention(config, seq_len, attention)
+    if reason:
+        raise ValueError(f"Invalid attention={attention!r} / seq_len={seq_len}: activations are not modelled for "
+                         f"{reason}.")
 
 
 def _check_modelled_layer(config, seq_len: int) -> None:
@@ -608,7 +668,8 @@ def _check_modelled_layer(config, seq_len: int) -> None:
 
 
 def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2,
-                     gradient_checkpointing: bool = True, isolate_documents: bool = False) -> int:
+                     gradient_checkpointing: bool = True, isolate_documents: bool = False,
+                     attention: str = "sdpa") -> int:
     """Peak activation bytes of one forward + backward of a Llama-style decoder (HF ``LlamaForCausalLM``
     and its kin, SDPA attention, so no ``seq_len**2`` term), gradients of the weights not included.
 
@@ -630,10 +691,14 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     block-diagonal mask; ``s = seq_len`` bytes per token of it) -- ``(1 + d) * s`` per token to the recomputed
     layer and ``s`` to the loss phase with checkpointing, ``L * d * s`` without -- plus the per-row rotary tables.
 
+    ``attention="eager"`` (transformers' eager attention, which holds the ``seq**2`` scores) adds
+    :func:`_eager_terms`: its per-layer bytes to the recomputed layer with checkpointing, ``L`` times without, and its
+    mask once.
+
     Within 5% of torch's CPU profiler on the sizes it was fitted to (and checked at others in
     ``tests/test_estimate.py``, packed documents too); the GPU kernels save the same tensors
     (``benchmarks/gpu_check.py`` ``full_ft_7b`` measures it, unpacked). Not modelled: mixed precision (autocast);
-    LoRA / 4-bit models: :func:`lora_activation_bytes`; attention other than SDPA.
+    LoRA / 4-bit models: :func:`lora_activation_bytes`; attention other than SDPA and eager.
     """
     if dtype_bytes not in ACTIVATION_COEFFICIENTS:
         raise ValueError(f"Invalid dtype_bytes={dtype_bytes!r}: expected 2 (bf16/fp16) or 4 (fp32).")
@@ -643,19 +708,22 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
     layers, vocab = _config_value(config, "num_hidden_layers"), _config_value(config, "vocab_size")
     _check_modelled_layer(config, seq_len)
+    _check_attention(config, seq_len, attention)
     c, d = ACTIVATION_COEFFICIENTS[dtype_bytes], dtype_bytes
     family_layer, once = _layer_family_terms(config, dtype_bytes, gradient_checkpointing)
-    attention = attention_extra_bytes(config, dtype_bytes) + family_layer
+    widths = attention_extra_bytes(config, dtype_bytes) + family_layer
     loss = LOSS_BYTES_PER_VOCAB * vocab
-    mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents)
-    mask_per_token = mask // (batch_size * seq_len)
+    mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents, attention)
+    eager_layer, eager_once = _eager_terms(config, batch_size, seq_len, d, gradient_checkpointing, attention)
+    n = batch_size * seq_len
+    mask_per_token = mask // n
     if gradient_checkpointing:
-        per_token = (layers + 1) * d * h + once + max(c["layer_h"] * h + c["layer_i"] * i + attention
-                                                      + (1 + d) * mask_per_token, loss + 2 * d * h + mask_per_token)
-    else:
-        per_token = (layers * (c["full_h"] * h + c["full_i"] * i + attention) + masked * d * mask_per_token + loss
-                     + c["rest_h"] * h + once)
-    return int(batch_size * seq_len * per_token) + rotary
+        per_token = (layers + 1) * d * h + once
+        return int(n * per_token + max(n * (c["layer_h"] * h + c["layer_i"] * i + widths + (1 + d) * mask_per_token)
+                                       + eager_layer, n * (loss + 2 * d * h + mask_per_token))) + eager_once + rotary
+    per_token = (layers * (c["full_h"] * h + c["full_i"] * i + widths) + masked * d * mask_per_token + loss
+                 + c["rest_h"] * h + once)
+    return int(n * per_token) + layers * eager_layer + eager_once + rotary
 
 
 def document_mask_terms(config, batch_size: int, seq_len: int, dtype_bytes: int) -> tuple[int, int]:
@@ -809,7 +877,7 @@ def _check_lora_options(base, mode, rank, device) -> None:
 
 def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = "nf4", mode: str = "bf16-mixed",
                           dropout: float = 0.0, targets="all", rank: int = 16, gradient_checkpointing: bool = True,
-                          device: str = "cuda", isolate_documents: bool = False) -> int:
+                          device: str = "cuda", isolate_documents: bool = False, attention: str = "sdpa") -> int:
     """Peak activation bytes of one forward + backward of a Llama-style decoder with LoRA adapters on a
     frozen base (``base="nf4"``: 4-bit ``Linear4bit``; ``"dense"``: frozen full-precision weights), adapter
     gradients not included.
@@ -835,6 +903,9 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     :func:`activation_bytes`: ``n * (1 + d) * seq_len`` to the recomputed layer and ``n * seq_len`` to the loss
     phase with checkpointing, ``n * L * d * seq_len`` without, and the rotary tables.
 
+    ``attention="eager"`` adds :func:`_eager_terms` as in :func:`activation_bytes` (attention computes in fp32 in
+    ``fp32`` mode, else in 2 bytes).
+
     Within 10% of torch's CPU profiler (``device="cpu"``) at sizes it was not fitted to
     (``tests/test_estimate.py``); ``benchmarks/gpu_check.py`` ``qlora_7b`` sets the CUDA figure beside a
     measured peak.
@@ -855,19 +926,21 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     rank_bytes = len(sets[key]) * rank * adapter_bytes
     mlp_full, mlp_layer, decoded = full_i * i, layer_i * i, _largest_projection(config)
     _check_modelled_layer(config, seq_len)
+    _check_attention(config, seq_len, attention)
     family_layer, once = _layer_family_terms(config, (base, mode, dropout > 0, key), gradient_checkpointing)
-    attention = attention_extra_bytes(config, (base, mode, dropout > 0)) + family_layer
+    widths = attention_extra_bytes(config, (base, mode, dropout > 0)) + family_layer
     if _is_moe(config):
         mlp_full, mlp_layer, decoded = _moe_terms(config, base, mode, key)
     transient = NF4_DEQUANTIZE_BYTES[device][d] * decoded if base == "nf4" else 0
     n = batch_size * seq_len
     loss = n * LOSS_BYTES_PER_VOCAB * vocab
-    mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents)
+    mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents, attention)
+    eager_layer, eager_once = _eager_terms(config, batch_size, seq_len, d, gradient_checkpointing, attention)
     if gradient_checkpointing:
-        layer = n * (layer_h * h + mlp_layer + rank_bytes + attention) + transient + (1 + d) * mask
-        return int(n * ((layers + 1) * d * h + once) + max(layer, loss + n * 2 * d * h + mask)) + rotary
-    saved = n * (layers * (full_h * h + mlp_full + rank_bytes + attention) + rest_h * h + once) + masked * d * mask
-    return int(saved + max(loss, transient)) + rotary
+        layer = n * (layer_h * h + mlp_layer + rank_bytes + widths) + transient + (1 + d) * mask + eager_layer
+        return int(n * ((layers + 1) * d * h + once) + max(layer, loss + n * 2 * d * h + mask)) + eager_once + rotary
+    saved = n * (layers * (full_h * h + mlp_full + rank_bytes + widths) + rest_h * h + once) + masked * d * mask
+    return int(saved + max(loss, transient)) + layers * eager_layer + eager_once + rotary
 
 
 def _largest_projection(config) -> int:
@@ -986,7 +1059,7 @@ def _lora_mode(base: torch.dtype, adapters: torch.dtype, precision: str) -> str 
 
 def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: int, seq_len: int,
                       gradient_checkpointing: bool, precision: str, device: str,
-                      isolate_documents: bool) -> tuple[int | None, str]:
+                      isolate_documents: bool, attention: str = "sdpa") -> tuple[int | None, str]:
     """:func:`model_activation_bytes` of a model with LoRA adapters (or a 4-bit base)."""
     lora = _lora_setting(model)
     if lora is None:
@@ -1006,7 +1079,7 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     nbytes = {isolate: lora_activation_bytes(config, batch_size, seq_len, base=base, mode=mode,
                                              dropout=lora["dropout"], targets=key, rank=lora["rank"],
                                              gradient_checkpointing=gradient_checkpointing, device=device,
-                                             isolate_documents=isolate)
+                                             isolate_documents=isolate, attention=attention)
               for isolate in {False, isolate_documents}}
     checkpointing = "checkpointing" if gradient_checkpointing else "no checkpointing"
     drop = f", dropout {lora['dropout']:g}" if lora["dropout"] else ""
@@ -1015,7 +1088,8 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     rows_note = f", +{_gb(rows)} trained token rows" if rows else ""
     return nbytes[isolate_documents] + rows, (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA "
                                               f"r={lora['rank']} on {len(sets[key])} projections{drop}, "
-                                              f"{where} base" + _mask_note(nbytes) + rows_note
+                                              f"{where} base" + _attention_note(attention)
+                                              + _mask_note(nbytes, attention) + rows_note
                                               + _sliding_note(config, seq_len, isolate_documents))
 
 
@@ -1069,10 +1143,18 @@ def _sliding_note(config, seq_len: int, isolate_documents: bool) -> str:
     return f", sliding-window mask in {sliding} layers" if sliding else ""
 
 
-def _mask_note(nbytes: dict[bool, int]) -> str:
+def _attention_note(attention: str) -> str:
+    """``", eager attention"`` for an attention other than transformers' default SDPA; else nothing."""
+    return "" if attention == "sdpa" else f", {attention} attention"
+
+
+def _mask_note(nbytes: dict[bool, int], attention: str = "sdpa") -> str:
     """``", +3.00 MiB document mask"``: what packed documents kept apart add (``nbytes`` by ``isolate_documents``),
-    or nothing when they are not."""
-    return f", +{_gb(nbytes[True] - nbytes[False])} document mask" if True in nbytes else ""
+    or nothing when they are not; under eager attention, whose one mask they replace, their rotary tables."""
+    if True not in nbytes:
+        return ""
+    what = "document mask" if attention == "sdpa" else "packed rows' rotary tables"
+    return f", +{_gb(nbytes[True] - nbytes[False])} {what}"
 
 
 ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
@@ -1099,7 +1181,8 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
     ``num_hidden_layers``, ``vocab_size``), or one of another ``model_type`` than
     :data:`ACTIVATION_MODEL_TYPES`. ``isolate_documents``: the batches are packed documents kept apart
     (``TextDataModule(pack=True, isolate_documents=True)``): :func:`document_mask_terms` join, said in the detail
-    (``", +3.00 MiB document mask"``); modelled for the ``sdpa`` attention only (``(None, why not)`` for another)."""
+    (``", +3.00 MiB document mask"``). The attention is the model's ``config._attn_implementation``: ``sdpa`` and
+    ``eager`` are modelled (:data:`ATTENTIONS`; eager said in the detail), another is ``(None, why not)``."""
     precision = "32-true" if precision is None else str(precision)
     count = count_model(model)
     config = _decoder_config(model)
@@ -1120,25 +1203,25 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
                       f"{', '.join(ACTIVATION_MODEL_TYPES)}; MoE: {', '.join(MOE_ACTIVATION_MODEL_TYPES)} under QLoRA)")
     if unmodelled_layer(config, seq_len):
         return None, f"not modelled for {unmodelled_layer(config, seq_len)}"
-    attention = getattr(config, "_attn_implementation", None)
-    if isolate_documents and attention != "sdpa":
-        return None, (f"not modelled for packed documents under attention {attention!r} (their mask is measured "
-                      "with 'sdpa')")
+    attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    if unmodelled_attention(config, seq_len, attention):
+        return None, f"not modelled for {unmodelled_attention(config, seq_len, attention)}"
     if count.adapter_params or "nf4" in count.frozen_bytes_by_dtype:
         if precision not in ("32-true", "32", *_HALF_PRECISIONS, *_MIXED):
             return None, f"not modelled under precision={precision!r}"
         return _lora_activations(model, count, config, batch_size, seq_len, gradient_checkpointing, precision,
-                                 device, isolate_documents)
+                                 device, isolate_documents, attention)
     if precision not in ("32-true", "32", *_HALF_PRECISIONS):
         return None, f"not modelled under precision={precision!r} (fitted to '32-true', 'bf16-true' and '16-true')"
     dtype = _weight_dtype(model, precision)
     if dtype not in _DTYPE_NAMES:
         return None, f"not modelled for {dtype} weights (fitted to bf16, fp16 and fp32)"
-    nbytes = {isolate: activation_bytes(config, batch_size, seq_len, dtype.itemsize, gradient_checkpointing, isolate)
-              for isolate in {False, isolate_documents}}
+    nbytes = {isolate: activation_bytes(config, batch_size, seq_len, dtype.itemsize, gradient_checkpointing, isolate,
+                                        attention) for isolate in {False, isolate_documents}}
     checkpointing = "checkpointing" if gradient_checkpointing else "no checkpointing"
     return nbytes[isolate_documents], (f"batch {batch_size} x seq {seq_len}, {_DTYPE_NAMES[dtype]}, {checkpointing}"
-                                       + _mask_note(nbytes) + _sliding_note(config, seq_len, isolate_documents))
+                                       + _attention_note(attention) + _mask_note(nbytes, attention)
+                                       + _sliding_note(config, seq_len, isolate_documents))
 
 
 # ------------------------------------------------------------------------------------------ optimizers

@@ -565,14 +565,16 @@ def test_attention_widths_and_qk_norms_within_10_percent_of_the_profiler(check, 
 
 
 def _assert_formula_within_10_percent(config: dict, batch: int, seq: int, setting: tuple, targets: str | None,
-                                      checkpointing: bool) -> None:
+                                      checkpointing: bool, attention: str = "sdpa") -> int:
     """The activation formula against torch's profiler (``benchmarks/lora_activations.py``) for ``config`` trained
-    as ``setting`` (``("full", dtype bytes)`` or ``("lora", base, mode, dropout > 0)``) on ``targets``."""
+    as ``setting`` (``("full", dtype bytes)`` or ``("lora", base, mode, dropout > 0)``) on ``targets`` under
+    transformers' ``attention``; returns the formula's figure."""
     bench = _lora_bench()
     torch.set_num_threads(1)
-    measured = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing)
-    predicted = bench._formula(config, batch, seq, setting, targets, checkpointing)
+    measured = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing, attention)
+    predicted = bench._formula(config, batch, seq, setting, targets, checkpointing, attention)
     assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+    return predicted
 
 
 LAYER_FAMILY_CASES = [
@@ -660,6 +662,27 @@ def test_gemma3_is_modelled_for_its_language_model():
                              device="meta")
     assert model_activation_bytes(capped, 1, 64, True)[1] == ("not modelled for Gemma 3 with logit soft-capping "
                                                               "(final_logit_softcapping=30.0)")
+
+
+EAGER_CASES = [
+    # (check index, setting, targets, checkpointing)
+    (0, ("full", 2), None, True),  # Llama, 5 heads sharing one key/value head
+    (0, ("lora", "nf4", "bf16-mixed", True), "all", False),
+    (1, ("full", 4), None, False),
+    (2, ("lora", "nf4", "bf16-mixed", True), "all", True),  # Qwen3
+    (3, ("full", 2), None, False),  # Phi-3 (with checkpointing it reads up to 1.17: RESULTS)
+    (4, ("lora", "dense", "fp32", False), "attention", True),  # Gemma 3
+]
+
+
+@pytest.mark.parametrize("check, setting, targets, checkpointing", EAGER_CASES)
+def test_eager_attention_within_10_percent_of_the_profiler(check, setting, targets, checkpointing):
+    """transformers' eager attention (the ``seq**2`` scores held, the key/value heads repeated, one float mask) at
+    sizes its terms were not fitted on (``benchmarks/lora_activations.py --eager`` checks every setting)."""
+    bench = _lora_bench()
+    config, batch, seq = bench.EAGER_CHECK[check]
+    eager = _assert_formula_within_10_percent(config, batch, seq, setting, targets, checkpointing, "eager")
+    assert eager > bench._formula(config, batch, seq, setting, targets, checkpointing)
 
 
 def test_phi3_is_modelled_with_its_fused_projections():
@@ -941,9 +964,12 @@ def test_model_activation_bytes_says_what_it_does_not_model():
     packed, detail = model_activation_bytes(llama, 2, 16, False, isolate_documents=True)
     assert packed == activation_bytes(TINY_ARCH, 2, 16, 4, False, isolate_documents=True) > activation_bytes(
         TINY_ARCH, 2, 16, 4, False) and detail.endswith("document mask")
-    llama.set_attn_implementation("eager")  # a float causal mask either way: the packed one was measured with sdpa
-    nbytes, why = model_activation_bytes(llama, 2, 16, False, isolate_documents=True)
-    assert nbytes is None and "packed documents under attention 'eager'" in why
+    llama.set_attn_implementation("eager")  # its one float mask is the packed one: only the rotary tables join
+    nbytes, detail = model_activation_bytes(llama, 2, 16, False, isolate_documents=True)
+    assert nbytes == activation_bytes(TINY_ARCH, 2, 16, 4, False, True, "eager") and ", eager attention" in detail
+    llama.config._attn_implementation = "flash_attention_2"  # what a meta build for a GPU run records
+    nbytes, why = model_activation_bytes(llama, 2, 16, False)
+    assert nbytes is None and why == "not modelled for attention 'flash_attention_2' (fitted to 'sdpa', 'eager')"
 
 
 @pytest.mark.parametrize("recipe", ["full_finetune_7b.yaml", "qlora_7b.yaml"])

@@ -130,6 +130,7 @@ def build_meta_model(cfg: Namespace):
             init.get("model_name_or_path"), init.get("config"), init.get("quantize"), init.get("lora"),
             device="meta", torch_dtype=init.get("torch_dtype"), vocab_size=_data_vocab_size(cfg),
             resize_embeddings=init.get("resize_embeddings", False), token_ids=init.get("untrained_token_ids"),
+            attn_implementation=init.get("attn_implementation"),
         )
     from jsonargparse import ArgumentParser
 

@@ -235,8 +235,10 @@ def condense_message(message: str) -> str:
     text = re.sub(r"Expected an? <class '([\w.]+)'>", r"Expected \1", text)
     text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
     given = re.search(r"(?:Given|Got) value: (.+)", message)
-    if given and given.group(1).strip() not in text:  # the union's lines that held the value were dropped as noise
-        text = f"{text.rstrip('.')}. Given value: {given.group(1).strip()}"
+    value = given.group(1).strip() if given else None
+    if value and not re.search(rf"(?:Given|Got) value: {re.escape(value)}", text):
+        # the union's lines that held the value were dropped as noise (a choice may contain the value: 'flash')
+        text = f"{text.rstrip('.')}. Given value: {value}"
     return text + _allowed_keys_hint(text)
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "DTYPES",
     "Quantize",
     "TorchDtype",
+    "AttnImplementation",
+    "check_attn_implementation",
 ]
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,6 +65,54 @@ DTYPES = {
 }
 """Names accepted for ``torch_dtype`` (``None``: the default dtype, float32 unless the Trainer's
 ``precision="bf16-true"`` / ``"16-true"`` sets another while the model is built)."""
+
+AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
+                             "flash_attention_4"]
+"""transformers' attention implementations ``attn_implementation`` names (``None``: transformers' default for the
+model, ``sdpa`` where it supports it)."""
+
+_ATTENTION_PACKAGES = {"flash_attention_2": ("is_flash_attn_2_available", "flash-attn"),
+                       "flash_attention_3": ("is_flash_attn_3_available", "flash-attn 3 (flash_attn_interface)"),
+                       "flash_attention_4": ("is_flash_attn_4_available", "flash-attn 4 (flash_attn.cute)"),
+                       "flex_attention": ("is_torch_flex_attn_available", "a torch with flex attention")}
+"""``implementation -> (transformers' availability check, what it needs)`` for those that need more than torch."""
+
+
+def check_attn_implementation(attn_implementation, installed: bool = True) -> None:
+    """``ValueError`` naming ``attn_implementation`` unless it is ``None`` or one of :data:`AttnImplementation`; with
+    ``installed``, also when this machine lacks what it needs (the flash-attn package, which runs on CUDA GPUs only):
+    a fit is refused before it starts, while ``lowmem estimate`` (``installed=False``) describes a run elsewhere."""
+    allowed = get_args(AttnImplementation)
+    if attn_implementation is not None and attn_implementation not in allowed:
+        raise ValueError(f"Invalid attn_implementation={attn_implementation!r}: expected one of "
+                         f"{', '.join(allowed)}, or None (transformers' default: sdpa where the model supports it).")
+    if not installed or attn_implementation not in _ATTENTION_PACKAGES:
+        return
+    import transformers.utils
+
+    check, needs = _ATTENTION_PACKAGES[attn_implementation]
+    if not getattr(transformers.utils, check)():
+        raise ValueError(f"Invalid attn_implementation={attn_implementation!r}: it needs {needs}, which this "
+                         "Python does not have (flash attention runs on CUDA GPUs only); 'sdpa' runs everywhere and "
+                         "uses flash kernels on the GPU where it can.")
+
+
+def _set_attention(model: nn.Module, attn_implementation: str | None, device: torch.device) -> None:
+    """Switch ``model`` to ``attn_implementation`` (``None``: leave transformers' choice). On the meta device the
+    config only records it (``lowmem estimate`` reads it; nothing runs there, so nothing is checked)."""
+    if attn_implementation is None:
+        return
+    if device.type == "meta":
+        for module in model.modules():  # a multimodal model's language model has a config of its own
+            if getattr(module, "config", None) is not None:
+                module.config._attn_implementation = attn_implementation
+        return
+    try:
+        model.set_attn_implementation(attn_implementation)
+    except (ImportError, ValueError) as err:  # a model class without it (Gemma 2 has no sdpa), a missing package
+        raise ValueError(f"Invalid attn_implementation={attn_implementation!r} for this "
+                         f"{getattr(model.config, 'model_type', type(model).__name__)} model: {err}") from None
+
 
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LLAMA_PROJECTIONS}
 """LoRA settings used for keys missing from the ``lora`` dict."""
@@ -384,6 +434,7 @@ def build_causal_lm(
     resize_embeddings: bool | int = False,
     token_ids: Mapping[int, str] | Iterable[int] | None = None,
     row_start_notes: bool = True,
+    attn_implementation: AttnImplementation | None = None,
 ) -> nn.Module:
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
 
@@ -421,8 +472,11 @@ def build_causal_lm(
             and that they train. ``False`` for a build whose weights a checkpoint then replaces (a resume, an
             evaluation or export of a checkpoint): there the rows are the checkpoint's, and the notes would be
             untrue.
+        attn_implementation: transformers' attention implementation (:data:`AttnImplementation`), set on the model
+            before LoRA wraps it; ``None`` keeps transformers' default (``sdpa`` where the model supports it).
     """
     lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
+    check_attn_implementation(attn_implementation, installed=False)
     check_resize_embeddings(resize_embeddings)
     target = _resize_target(resize_embeddings, vocab_size)
     dtype = _resolve_dtype(torch_dtype)
@@ -453,6 +507,7 @@ def build_causal_lm(
             text.vocab_size = target  # the shapes _grow_embeddings gives a loaded model
         model = _from_config(cfg, quantize, dtype, device)
         untrained = _recorded_untrained(model_name_or_path, token_ids, resize_embeddings, old_rows)
+    _set_attention(model, attn_implementation, device)
     added = _new_token_rows(model, old_rows, untrained)
     model.untrained_token_ids = untrained
     if old_rows < _embedding_rows(model) and device.type != "meta" and row_start_notes:
@@ -650,6 +705,11 @@ class CausalLMModule(LowMemModule):
             >= 1; it may differ from the checkpoint's (``--model.predict_new_tokens 256`` at predict time).
         optimizer, lr, weight_decay, optimizer_kwargs, warmup_steps, scheduler, min_lr_ratio, fp32_state: see
             ``LowMemModule``.
+        attn_implementation: transformers' attention: ``"sdpa"``, ``"eager"``, ``"flex_attention"`` or
+            ``"flash_attention_2"`` / ``_3`` / ``_4`` (needs the flash-attn package and a CUDA GPU; refused here
+            otherwise, before the run starts). Packed documents kept apart run flattened into one row under flash
+            attention (no ``seq x seq`` mask). ``None`` (default): transformers' choice, ``sdpa`` where the model
+            supports it (Gemma 2: ``eager``).
     """
 
     rows_from_checkpoint: bool = False
@@ -679,6 +739,7 @@ class CausalLMModule(LowMemModule):
         scheduler: Scheduler | None = None,
         min_lr_ratio: float = 0.1,
         fp32_state: str | list[str] | None = None,
+        attn_implementation: AttnImplementation | None = None,
     ) -> None:
         super().__init__(
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=optimizer_kwargs,
@@ -693,6 +754,7 @@ class CausalLMModule(LowMemModule):
             raise ValueError(f"Invalid save_merged={save_merged!r}: expected True or False, and True only with lora.")
         check_resize_embeddings(resize_embeddings)
         _check_untrained_token_ids(untrained_token_ids, resize_embeddings)
+        check_attn_implementation(attn_implementation)
         if isinstance(predict_new_tokens, bool) or not isinstance(predict_new_tokens, int) or predict_new_tokens < 1:
             raise ValueError(f"Invalid predict_new_tokens={predict_new_tokens!r}: expected an integer >= 1 (tokens "
                              "lowmem predict generates per prompt at most).")
@@ -817,7 +879,8 @@ class CausalLMModule(LowMemModule):
             self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
                                          torch_dtype=hp.torch_dtype, vocab_size=data_vocab,
                                          resize_embeddings=hp.resize_embeddings, token_ids=token_ids,
-                                         row_start_notes=not self.rows_from_checkpoint)
+                                         row_start_notes=not self.rows_from_checkpoint,
+                                         attn_implementation=hp.get("attn_implementation"))
         keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
         rows = _embedding_rows(self.model)
         self._record_resolved(self._resolved_hparams(token_ids, data_vocab, rows))
