@@ -32,6 +32,8 @@ import os
 import re
 from pathlib import Path
 
+from lowmem_lightning.remote_code import remote_code_trusted
+
 __all__ = ["NEEDS", "PATH_PREFIXES", "DATASET_URL", "is_repo_id", "split_repo_id", "resolve_pretrained",
            "resolve_dataset", "dataset_parts", "dataset_files", "local_path"]
 
@@ -84,7 +86,7 @@ def resolve_pretrained(value: str | Path, argument: str, need: str = "weights") 
     parts = split_repo_id(str(value))
     if parts is None:
         raise ValueError(_no_such_path(argument, str(value), path))
-    key = (*parts, need, *_cache_state())
+    key = (*parts, need, remote_code_trusted(), *_cache_state())
     if key not in _RESOLVED or not _RESOLVED[key].is_dir():
         _RESOLVED[key] = _resolve_repo(argument, str(value), *parts, need)
     return _RESOLVED[key]
@@ -173,7 +175,8 @@ def _cache_state() -> tuple[str, bool]:
 def _resolve_repo(argument: str, value: str, repo_id: str, revision: str | None, need: str) -> Path:
     """Download (or find in the cache) what ``need`` names; the weights in two steps: config, index or single file,
     then the shards the index lists."""
-    folder = _download(argument, value, repo_id, revision, list(NEEDS[need]))
+    own_code = ["*.py"] if remote_code_trusted() else []  # the classes of a config's auto_map, allowed to run
+    folder = _download(argument, value, repo_id, revision, [*NEEDS[need], *own_code])
     refuse = _neither_local(argument, value)
     if need != "tokenizer" and not (folder / "config.json").is_file():
         raise ValueError(refuse + _missing("config.json", repo_id, revision))
@@ -182,7 +185,7 @@ def _resolve_repo(argument: str, value: str, repo_id: str, revision: str | None,
     if need == "weights":
         shards = _indexed_shards(folder / "model.safetensors.index.json")
         if shards:
-            folder = _download(argument, value, repo_id, revision, [*NEEDS[need], *shards])
+            folder = _download(argument, value, repo_id, revision, [*NEEDS[need], *own_code, *shards])
             absent = [name for name in shards if not (folder / name).is_file()]
             if absent:
                 raise ValueError(refuse + _not_cached(

@@ -245,7 +245,8 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         return init if isinstance(init, Namespace) else None
 
     def _link_tokenizer(self, cfg: Namespace) -> None:
-        """``data.tokenizer: model`` means the tokenizer of ``model.model_name_or_path``."""
+        """``data.tokenizer: model`` means the tokenizer of ``model.model_name_or_path``, its own code (if any) trusted
+        with the model's (``model.trust_remote_code``)."""
         data, model = self._init(cfg, "data"), self._init(cfg, "model")
         if data is None or data.get("tokenizer") != "model":
             return
@@ -257,6 +258,8 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
                 "directory or Hub id)."
             )
         data["tokenizer"] = path
+        if model.get("trust_remote_code") and "trust_remote_code" in data:
+            data["trust_remote_code"] = True  # the model's own tokenizer code, trusted with the model's
 
     def _check_not_architecture_only(self, cfg: Namespace) -> None:
         model = self._init(cfg, "model")
@@ -442,6 +445,7 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         claimed = claim_version_dirs(self.trainer)  # runs started together never share a version folder
         created = new_paths(self._run_paths())
         created += [outer for _, outer in claimed if outer not in created]
+        config_files = self._new_config_files()
         spawns = _spawns_ranks(self.trainer)
         started = _RunStarted(self.held_logs, subcommand)
         self.trainer.callbacks.append(started)
@@ -462,6 +466,8 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
             if started.started or os.environ.get("LOWMEM_TRACEBACK"):
                 raise
             remove_new_paths(created)
+            for file in config_files:  # in a folder that was there before (logger: false writes it in the root)
+                file.unlink(missing_ok=True)
             done = "trained" if subcommand == "fit" else "run"
             say(f"lowmem {subcommand}: error: {short(err)}\n(nothing was {done} or written; "
                 "LOWMEM_TRACEBACK=1 shows where it was raised)")
@@ -486,6 +492,16 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         from lowmem_lightning.callbacks.optimizer import LowMemOptimizerCallback
 
         return any(isinstance(c, LowMemOptimizerCallback) for c in self.trainer.callbacks)
+
+    def _new_config_files(self) -> list[Path]:
+        """The config files LightningCLI's ``SaveConfigCallback`` will write into the run's log directory (the root
+        without a logger) that do not exist yet: a refused run removes them, as it removes the folders it made."""
+        from lightning.pytorch.cli import SaveConfigCallback
+
+        folder = self.trainer.log_dir or self.trainer.default_root_dir
+        files = [Path(folder, callback.config_filename) for callback in self.trainer.callbacks
+                 if isinstance(callback, SaveConfigCallback)]
+        return [file for file in files if not file.exists()]
 
     def _run_paths(self) -> list[str]:
         """Every directory the fit may create: the root, each logger's directories, checkpoint dirs."""

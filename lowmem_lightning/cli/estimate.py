@@ -99,8 +99,10 @@ def _data_vocab_size(cfg: Namespace) -> int | None:
         return None
     with contextlib.suppress(Exception):
         from lowmem_lightning.data.tokenizer import load_tokenizer
+        from lowmem_lightning.remote_code import trusting_remote_code
 
-        return load_tokenizer(tokenizer).vocab_size
+        with trusting_remote_code(bool(data.init_args.get("trust_remote_code"))):
+            return load_tokenizer(tokenizer).vocab_size
     return None
 
 
@@ -116,21 +118,24 @@ def build_meta_model(cfg: Namespace):
     import torch
 
     from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
+    from lowmem_lightning.remote_code import trusting_remote_code
 
     cls = import_class(cfg.model.class_path)
     init = (cfg.model.get("init_args") or Namespace()).as_dict()
     if isinstance(cls, type) and issubclass(cls, CausalLMModule):
+        trusted = init.get("trust_remote_code", False)
         if init.get("quantize") == "nf4" and init.get("model_name_or_path") is not None:
             from lowmem_lightning.quant.loading import check_pretrained_checkpoint
 
             # what the NF4 loader of ``lowmem fit`` refuses from the headers (shapes, missing tensors, ...)
-            check_pretrained_checkpoint(init["model_name_or_path"], "nf4",
-                                        init.get("torch_dtype") or torch.get_default_dtype())
+            with trusting_remote_code(trusted):
+                check_pretrained_checkpoint(init["model_name_or_path"], "nf4",
+                                            init.get("torch_dtype") or torch.get_default_dtype())
         return build_causal_lm(
             init.get("model_name_or_path"), init.get("config"), init.get("quantize"), init.get("lora"),
             device="meta", torch_dtype=init.get("torch_dtype"), vocab_size=_data_vocab_size(cfg),
             resize_embeddings=init.get("resize_embeddings", False), token_ids=init.get("untrained_token_ids"),
-            attn_implementation=init.get("attn_implementation"),
+            attn_implementation=init.get("attn_implementation"), trust_remote_code=trusted,
         )
     from jsonargparse import ArgumentParser
 

@@ -97,6 +97,7 @@ from lowmem_lightning.data.token_cache import CACHE_LIMIT_GB, cache_directory
 from lowmem_lightning.data.tokenizer import load_tokenizer
 from lowmem_lightning.data.tokens import EncodedRecords, PackedBlocks
 from lowmem_lightning.lowmem_warning import LowMemWarning
+from lowmem_lightning.remote_code import trusting_remote_code
 
 __all__ = ["TextDataModule"]
 
@@ -259,6 +260,9 @@ class TextDataModule(L.LightningDataModule):
             makes room by removing the least recently used ones, and data whose file alone would be larger is not
             cached. No file is written that would leave less than 2 GiB or 5% of its disk free (checkpoints need
             the room): :mod:`~lowmem_lightning.data.token_cache`.
+        trust_remote_code: Run the code a tokenizer ships of its own (``tokenizer_config.json``'s ``auto_map``), as
+            transformers' ``trust_remote_code=True``; ``False`` refuses such a tokenizer at once, naming this option.
+            ``lowmem`` sets it with ``--model.trust_remote_code true`` when ``tokenizer: model``.
 
     Raises ``ValueError`` naming the argument when a value is invalid or a path does not exist,
     in the constructor, before anything is read; :meth:`check_inputs` then checks the files' content.
@@ -288,6 +292,7 @@ class TextDataModule(L.LightningDataModule):
         chat_template: str | None = None,
         cache_dir: bool | str | None = None,
         cache_limit_gb: float = CACHE_LIMIT_GB,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         if not isinstance(data_path, (str, Path)):
@@ -313,7 +318,10 @@ class TextDataModule(L.LightningDataModule):
         self.cache_dir = cache_directory(cache_dir)
         self.cache_limit_bytes = _limit_bytes(cache_limit_gb)
         self.files = find_data_files(str(data_path))
-        self.tokenizer = load_tokenizer(tokenizer)
+        if not isinstance(trust_remote_code, bool):
+            raise TypeError(f"Invalid trust_remote_code={trust_remote_code!r}: expected True or False.")
+        with trusting_remote_code(trust_remote_code):
+            self.tokenizer = load_tokenizer(tokenizer)
         self.chat = ChatTemplate(self.tokenizer, given_chat, setting=chat_template)
         self.has_chat = False  # whether the data read holds conversations (set by check_inputs)
         self.has_instructions = False  # whether it holds instruction records (prompt templates apply; check_inputs)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lowmem_lightning.remote_code import remote_code_trusted
+
 __all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer", "BYTE_VOCAB_SIZE"]
 
 
@@ -83,7 +85,16 @@ class HFTokenizer:
 
         self.name = str(path) if name is None else name
         self.directory = Path(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                           trust_remote_code=remote_code_trusted())
+        except ValueError as err:
+            if remote_code_trusted() or "custom code" not in str(err):
+                raise
+            raise ValueError(f"Invalid tokenizer={self.name!r}: it ships code of its own (tokenizer_config.json's "
+                             "auto_map), which lowmem runs only when told to: set --model.trust_remote_code true "
+                             "(with tokenizer: model) or --data.trust_remote_code true, as transformers' "
+                             f"trust_remote_code=True, after reading the code in {path}.") from None
         tok = self.tokenizer
         self.eos_token_id = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
         if self.eos_token_id is None:

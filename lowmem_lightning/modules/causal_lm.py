@@ -29,6 +29,7 @@ from torch import nn
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.base import LowMemModule, Scheduler
+from lowmem_lightning.remote_code import remote_code_trusted, trusting_remote_code
 from lowmem_lightning.rotary import keep_rotary_fp32
 
 __all__ = [
@@ -302,7 +303,9 @@ def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).to(device=device, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                     trust_remote_code=remote_code_trusted())
+        model.to(device=device, dtype=dtype)
     repo = split_repo_id(str(model_name_or_path)) if not Path(model_name_or_path).expanduser().exists() else None
     if repo is not None:
         model.name_or_path = model.config._name_or_path = repo[0]
@@ -342,11 +345,11 @@ def _from_config(cfg, quantize: str | None, dtype: torch.dtype, device: torch.de
 
     if quantize is None:
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(cfg).to(dtype)
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=remote_code_trusted()).to(dtype)
     from lowmem_lightning.quant import quantize_model
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=remote_code_trusted()).to(dtype)
     model = quantize_model(model, skip=("lm_head",), block_size=64, double_quant=True)
     if device.type == "meta":
         return model
@@ -435,6 +438,7 @@ def build_causal_lm(
     token_ids: Mapping[int, str] | Iterable[int] | None = None,
     row_start_notes: bool = True,
     attn_implementation: AttnImplementation | None = None,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
 
@@ -474,7 +478,24 @@ def build_causal_lm(
             untrue.
         attn_implementation: transformers' attention implementation (:data:`AttnImplementation`), set on the model
             before LoRA wraps it; ``None`` keeps transformers' default (``sdpa`` where the model supports it).
+        trust_remote_code: Run the code a checkpoint ships for a ``model_type`` transformers does not have (its
+            ``config.json``'s ``auto_map``), as transformers' ``trust_remote_code=True``; ``False`` refuses such a
+            checkpoint at once, naming this option (transformers itself would ask on the terminal).
     """
+    _check_bool(trust_remote_code, "trust_remote_code")
+    with trusting_remote_code(trust_remote_code):
+        return _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_dtype, vocab_size,
+                                resize_embeddings, token_ids, row_start_notes, attn_implementation)
+
+
+def _check_bool(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}={value!r}: expected True or False.")
+
+
+def _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_dtype, vocab_size, resize_embeddings,
+                     token_ids, row_start_notes, attn_implementation) -> nn.Module:
+    """:func:`build_causal_lm` with the remote-code setting in force."""
     lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
     check_attn_implementation(attn_implementation, installed=False)
     check_resize_embeddings(resize_embeddings)
@@ -710,6 +731,9 @@ class CausalLMModule(LowMemModule):
             otherwise, before the run starts). Packed documents kept apart run flattened into one row under flash
             attention (no ``seq x seq`` mask). ``None`` (default): transformers' choice, ``sdpa`` where the model
             supports it (Gemma 2: ``eager``).
+        trust_remote_code: Run the code a checkpoint ships of its own (``auto_map`` for a ``model_type``
+            transformers does not have: InternLM2, MiniCPM, ...), as transformers' ``trust_remote_code=True``; read
+            it first. ``False`` (default) refuses such a checkpoint at once, naming this option.
     """
 
     rows_from_checkpoint: bool = False
@@ -740,14 +764,14 @@ class CausalLMModule(LowMemModule):
         min_lr_ratio: float = 0.1,
         fp32_state: str | list[str] | None = None,
         attn_implementation: AttnImplementation | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__(
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=optimizer_kwargs,
             warmup_steps=warmup_steps, scheduler=scheduler, min_lr_ratio=min_lr_ratio, fp32_state=fp32_state,
         )
         self.lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
-        if not isinstance(gradient_checkpointing, bool):
-            raise ValueError(f"Invalid gradient_checkpointing={gradient_checkpointing!r}: expected True or False.")
+        _check_bool(gradient_checkpointing, "gradient_checkpointing")
         if save_dir is not None and not isinstance(save_dir, (str, Path)):
             raise ValueError(f"Invalid save_dir={save_dir!r}: expected a directory path or None.")
         if not isinstance(save_merged, bool) or (save_merged and self.lora is None):
@@ -755,6 +779,7 @@ class CausalLMModule(LowMemModule):
         check_resize_embeddings(resize_embeddings)
         _check_untrained_token_ids(untrained_token_ids, resize_embeddings)
         check_attn_implementation(attn_implementation)
+        _check_bool(trust_remote_code, "trust_remote_code")
         if isinstance(predict_new_tokens, bool) or not isinstance(predict_new_tokens, int) or predict_new_tokens < 1:
             raise ValueError(f"Invalid predict_new_tokens={predict_new_tokens!r}: expected an integer >= 1 (tokens "
                              "lowmem predict generates per prompt at most).")
@@ -870,6 +895,12 @@ class CausalLMModule(LowMemModule):
         if self.model is not None:
             return
         hp = self.hparams
+        with trusting_remote_code(hp.get("trust_remote_code", False)):
+            self._build_model()
+
+    def _build_model(self) -> None:
+        """:meth:`configure_model`'s build, with the remote-code setting in force."""
+        hp = self.hparams
         data_vocab = self._datamodule_vocab()
         cfg = self._planned_config(data_vocab)
         self._check_vocabulary(data_vocab, self._planned_rows(data_vocab, cfg))  # before any weight is read
@@ -880,7 +911,8 @@ class CausalLMModule(LowMemModule):
                                          torch_dtype=hp.torch_dtype, vocab_size=data_vocab,
                                          resize_embeddings=hp.resize_embeddings, token_ids=token_ids,
                                          row_start_notes=not self.rows_from_checkpoint,
-                                         attn_implementation=hp.get("attn_implementation"))
+                                         attn_implementation=hp.get("attn_implementation"),
+                                         trust_remote_code=hp.get("trust_remote_code", False))
         keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
         rows = _embedding_rows(self.model)
         self._record_resolved(self._resolved_hparams(token_ids, data_vocab, rows))

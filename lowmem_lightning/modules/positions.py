@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowmem_lightning.remote_code import remote_code_trusted
+
 __all__ = ["position_limit", "learned_position_tables", "position_problem"]
 
 POSITION_TABLE_OFFSETS = range(0, 3)
@@ -41,7 +43,7 @@ def learned_position_tables(cfg) -> list[str] | None:
     limit = position_limit(cfg)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=remote_code_trusted())
     except Exception:  # noqa: BLE001 - a model transformers cannot build here (remote code): not decidable
         return None
     tokens = model.get_input_embeddings()

@@ -35,6 +35,7 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from lowmem_lightning.hub import local_path
 from lowmem_lightning.lowmem_warning import LowMemWarning
+from lowmem_lightning.remote_code import remote_code_trusted, unknown_code_problem
 
 from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit, warn_unquantized_matrices
 from .experts import Experts4bit, is_quantizable_experts, quantize_experts
@@ -173,9 +174,11 @@ def _read_config(path: Path):
     if not file.exists():
         raise ModelFileError(file, "does not exist; a model directory needs the config.json that save_pretrained "
                              "writes next to the safetensors.")
-    _load_json(file)
+    problem = unknown_code_problem(_load_json(file), path)
+    if problem:
+        raise ModelFileError(file, problem)
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=remote_code_trusted())
     except Exception as err:  # any failure here is the file's: transformers' validators raise their own types
         raise ModelFileError(file, f"cannot be read by transformers ({_brief(err)}).") from None
 
@@ -606,7 +609,7 @@ def _build(config, path: Path, dtype: torch.dtype) -> nn.Module:
 
     try:
         with _parameters_on_meta():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote_code_trusted())
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise ModelFileError(path / "config.json", f"describes a model transformers cannot build as a causal LM "
                              f"({_brief(err)}).") from None
@@ -799,7 +802,7 @@ def random_causal_lm(
     skip = _check_skip(skip)
     _check_options(block_size, double_quant, None)
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=remote_code_trusted())
     if quantize == "nf4":
         _swap_in_meta_linear4bit(model, skip, block_size, double_quant, torch_dtype)
         warn_unquantized_matrices(model, skip)
