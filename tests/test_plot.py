@@ -49,6 +49,9 @@ def test_figure_paged_state_against_fp32_adamw_with_losses():
     assert list(lines["train loss"].get_xdata()) == [1, 3, 4]  # the step without a loss is left out
     assert list(lines["val loss"].get_xdata()) == [2, 4] and list(lines["val loss"].get_ydata()) == [2.5, 1.8]
     assert loss.get_xlabel() == "optimizer step"
+    fig.canvas.draw()
+    ticks = [t for t in loss.get_xticks() if loss.get_xlim()[0] <= t <= loss.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks  # 4 steps: no "1.5" step
 
 
 def test_figure_of_a_device_optimizer_has_one_state_line():

@@ -283,6 +283,7 @@ def build_figure(history: StateHistory, summary: dict):
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     has_loss = any(v is not None for v in history.losses) or bool(history.val_losses)
     fig = Figure(figsize=(8, 6.5 if has_loss else 3.8), dpi=100)
@@ -292,6 +293,7 @@ def build_figure(history: StateHistory, summary: dict):
     if has_loss:
         _plot_loss(axes[1], history)
     axes[-1].set_xlabel("optimizer step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # no "1.25" steps on a short run
     fig.suptitle(
         f"{summary['optimizer']}: {summary['bytes_per_param']:.2f} bytes/param of optimizer state "
         f"(fp32 AdamW {summary['adamw_fp32_bytes_per_param']:.2f}): {_less_or_more(summary['saving_pct'])}\n"
