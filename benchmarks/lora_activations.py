@@ -40,6 +40,12 @@ on them: one adapter each; its rotary embedding's copies of the queries and keys
     python benchmarks/lora_activations.py --gemma3   # ~5 minutes on one core
     python benchmarks/lora_activations.py --phi3     # ~5 minutes on one core
 
+``--gemma2`` fits :data:`~lowmem_lightning.estimate.GEMMA2_ACTIVATION_BYTES` the same way under eager attention (the
+one transformers runs Gemma 2 with), its soft-capping counted by the formula
+(:data:`~lowmem_lightning.estimate.SOFTCAP_MODEL_TYPES`).
+
+    python benchmarks/lora_activations.py --gemma2   # ~6 minutes on one core
+
 ``--eager`` fits :data:`~lowmem_lightning.estimate.EAGER_ATTENTION_BYTES` (what transformers' eager attention holds
 beyond SDPA: the ``seq**2`` scores, the repeated key/value heads, one float mask) from the profiled peak of eager less
 SDPA's on the :data:`EAGER_FIT` Llama decoders, every :data:`EAGER_SETTINGS` entry with and without checkpointing;
@@ -66,6 +72,7 @@ from lowmem_lightning.estimate import (
     LORA_TARGET_SETS,
     LOSS_BYTES_PER_VOCAB,
     NF4_DEQUANTIZE_BYTES,
+    _loss_bytes_per_vocab,
     activation_bytes,
     attention_extra_bytes,
     attention_widths,
@@ -99,10 +106,11 @@ CHECK = {
 RANK = 16
 
 
-def build_lora_model(config: dict, seq: int, base: str, mode: str, dropout: float, targets: str, checkpointing: bool):
+def build_lora_model(config: dict, seq: int, base: str, mode: str, dropout: float, targets: str, checkpointing: bool,
+                     attention: str = "sdpa"):
     """A CPU LoRA decoder of ``config`` as a run in ``mode`` trains it: NF4 or frozen dense base, rank-16 adapters
     on the ``targets`` projections (:func:`~lowmem_lightning.estimate.lora_target_sets`: in the names of ``config``'s
-    ``model_type``); returns ``(model, autocast)``."""
+    ``model_type``), transformers' ``attention``; returns ``(model, autocast)``."""
     from lowmem_lightning.modules.causal_lm import _enable_checkpointing, build_causal_lm
 
     torch.manual_seed(0)
@@ -110,7 +118,7 @@ def build_lora_model(config: dict, seq: int, base: str, mode: str, dropout: floa
     lora = {"r": RANK, "alpha": 2 * RANK, "dropout": dropout,
             "target_modules": sorted(lora_target_sets(config)[targets])}
     model = build_causal_lm(None, {**config, "max_position_embeddings": seq}, "nf4" if base == "nf4" else None, lora,
-                            device="cpu", torch_dtype=dtype)
+                            device="cpu", torch_dtype=dtype, attn_implementation=attention)
     if mode == "bf16":
         model.to(torch.bfloat16)  # what Lightning's bf16-true does to base and adapters
     if checkpointing:
@@ -308,16 +316,16 @@ WIDTH_CHECK = [
 narrower ``head_dim``, Qwen3 with wider and narrower attention than ``hidden_size``, a Qwen3-MoE (QLoRA only)."""
 
 
-def build_full_model(config: dict, seq: int, dtype: torch.dtype, checkpointing: bool):
-    """A CPU transformers decoder of ``config`` (its ``model_type``) in ``dtype``, every weight trained, SDPA
-    attention."""
+def build_full_model(config: dict, seq: int, dtype: torch.dtype, checkpointing: bool, attention: str = "sdpa"):
+    """A CPU transformers decoder of ``config`` (its ``model_type``) in ``dtype``, every weight trained, transformers'
+    ``attention``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowmem_lightning.modules.causal_lm import _enable_checkpointing
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**config, "max_position_embeddings": seq}),
-                                             attn_implementation="sdpa").to(dtype)
+                                             attn_implementation=attention).to(dtype)
     if checkpointing:
         _enable_checkpointing(model)
     return model
@@ -338,13 +346,11 @@ def profiled_setting(config: dict, batch: int, seq: int, setting: tuple, targets
     dropout > 0)``, dropout 0.05 or, at batch 1 or 3, 0.1) on ``targets``, with transformers' ``attention``
     implementation."""
     if setting[0] == "full":
-        model = build_full_model(config, seq, torch.bfloat16 if setting[1] == 2 else torch.float32, ckpt)
-        model.set_attn_implementation(attention)
+        model = build_full_model(config, seq, torch.bfloat16 if setting[1] == 2 else torch.float32, ckpt, attention)
         return profiled_peak(model, config["vocab_size"], batch, seq)
     _, base, mode, dropped = setting
     dropout = (0.05 if batch == 2 else 0.1) if dropped else 0.0
-    model, autocast = build_lora_model(config, seq, base, mode, dropout, targets, ckpt)
-    model.get_base_model().set_attn_implementation(attention)
+    model, autocast = build_lora_model(config, seq, base, mode, dropout, targets, ckpt, attention)
     return profiled_peak(model, config["vocab_size"], batch, seq, autocast)
 
 
@@ -446,6 +452,17 @@ def _phi3(h: int, i: int, layers: int, heads: int, kv_heads: int, vocab: int, ro
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary}}
 
 
+def _gemma2(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
+    """A Gemma 2 config with its released soft-capping (scores at 50, logits at 30), embeddings untied as the Llama
+    fits'; transformers runs it under eager attention."""
+    return {**_width_config("gemma2", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
+                                                                   "num_hidden_layers": layers, "vocab_size": vocab}),
+            "tie_word_embeddings": False, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+
+
+LAYER_ATTENTION = {"gemma2": "eager"}
+"""The attention each family's table is fitted and checked under (SDPA where not named): Gemma 2 runs eagerly."""
+
 LAYER_FIT = {
     "gemma3_text": [_gemma3(256, 512, 2, 4, 4, 64, 600), _gemma3(256, 1024, 3, 4, 1, 64, 600),
                     _gemma3(384, 512, 2, 6, 2, 64, 600), _gemma3(192, 768, 3, 2, 1, 128, 600),
@@ -454,6 +471,10 @@ LAYER_FIT = {
     "phi3": [_phi3(256, 512, 2, 4, 4, 600), _phi3(256, 1024, 3, 4, 1, 600), _phi3(384, 512, 2, 6, 2, 600),
              _phi3(192, 768, 3, 2, 1, 600), _phi3(256, 512, 2, 8, 2, 600), _phi3(256, 512, 2, 4, 4, 8000),
              _phi3(192, 384, 3, 3, 1, 8000)],
+    "gemma2": [_gemma2(256, 512, 2, 4, 4, 64, 600), _gemma2(256, 1024, 3, 4, 1, 64, 600),
+               _gemma2(384, 512, 2, 6, 2, 64, 600), _gemma2(192, 768, 3, 2, 1, 128, 600),
+               _gemma2(256, 512, 2, 8, 4, 64, 600), _gemma2(256, 512, 2, 4, 4, 64, 8000),
+               _gemma2(192, 384, 3, 3, 1, 64, 8000)],
 }
 """Decoders each :data:`~lowmem_lightning.estimate.LAYER_ACTIVATION_BYTES` table is fitted on (batch 2 x seq 96):
 layers, widths and heads varied, the last two bound by the loss (a vocabulary of 8000) so that the once-per-model term
@@ -464,6 +485,8 @@ LAYER_CHECK = {
                     (_gemma3(160, 480, 2, 2, 1, 128, 5000), 2, 80)],
     "phi3": [(_phi3(320, 640, 2, 5, 1, 700), 1, 160), (_phi3(224, 896, 3, 4, 2, 700), 3, 64),
              (_phi3(160, 480, 2, 2, 1, 5000), 2, 80), (_phi3(256, 768, 2, 4, 2, 600, rotary=0.75), 2, 96)],
+    "gemma2": [(_gemma2(320, 640, 2, 5, 1, 128, 700), 1, 160), (_gemma2(224, 896, 3, 4, 2, 64, 700), 3, 64),
+               (_gemma2(160, 480, 2, 2, 1, 128, 5000), 2, 80)],
 }
 """``(config, batch, seq)`` each table is checked on (not fitted); Phi-3's last has Phi-4-mini's partial rotary."""
 
@@ -472,15 +495,16 @@ def _loss_bound(config: dict, setting: tuple) -> bool:
     two branches)."""
     h, i, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     d = setting[1] if setting[0] == "full" else (4 if setting[2] == "fp32" else 2)
-    return LOSS_BYTES_PER_VOCAB * vocab + 2 * d * h > 60 * h + 25 * i
+    return _loss_bytes_per_vocab(config, d) * vocab + 2 * d * h > 60 * h + 25 * i
 
 
-def _llama_layer_formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | None, ckpt: bool) -> int:
+def _llama_layer_formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | None, ckpt: bool,
+                         attention: str = "sdpa") -> int:
     """:func:`_formula` for ``config`` with its model type's :data:`~lowmem_lightning.estimate.LAYER_ACTIVATION_BYTES`
     table left out: the Llama layer with the width terms and the model's own adapters."""
     table = LAYER_ACTIVATION_BYTES.pop(config["model_type"], None)
     try:
-        return _formula(config, batch, seq, setting, targets, ckpt)
+        return _formula(config, batch, seq, setting, targets, ckpt, attention)
     finally:
         if table is not None:
             LAYER_ACTIVATION_BYTES[config["model_type"]] = table
@@ -493,9 +517,10 @@ def fit_layer_terms(model_type: str) -> dict:
     i, L * (q + kv), h]`` without checkpointing and ``[h, i, q + kv, h]`` (the first three on layer-bound decoders
     only) with it."""
     pairs: dict = {}
+    attention = LAYER_ATTENTION.get(model_type, "sdpa")
     for config, (setting, targets, ckpt) in itertools.product(LAYER_FIT[model_type], list(_width_settings())):
-        peak = profiled_setting(config, 2, 96, setting, targets, ckpt)
-        residual = (peak - _llama_layer_formula(config, 2, 96, setting, targets, ckpt)) / (2 * 96)
+        peak = profiled_setting(config, 2, 96, setting, targets, ckpt, attention)
+        residual = (peak - _llama_layer_formula(config, 2, 96, setting, targets, ckpt, attention)) / (2 * 96)
         h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
         qk = sum(attention_widths(config))
         per_layer = (0 if _loss_bound(config, setting) else 1) if ckpt else layers
@@ -509,10 +534,11 @@ def check_layer_terms(model_type: str) -> float:
     """Profile the :data:`LAYER_CHECK` decoders of ``model_type`` against the formula; print each ratio, return the
     largest ``|ratio - 1|``."""
     worst = 0.0
+    attention = LAYER_ATTENTION.get(model_type, "sdpa")
     for (config, batch, seq), (setting, targets, ckpt) in itertools.product(LAYER_CHECK[model_type],
                                                                            list(_width_settings())):
-        peak = profiled_setting(config, batch, seq, setting, targets, ckpt)
-        ratio = _formula(config, batch, seq, setting, targets, ckpt) / peak
+        peak = profiled_setting(config, batch, seq, setting, targets, ckpt, attention)
+        ratio = _formula(config, batch, seq, setting, targets, ckpt, attention) / peak
         worst = max(worst, abs(ratio - 1))
         print(f"{model_type} h{config['hidden_size']} i{config['intermediate_size']} V{config['vocab_size']} "
               f"{batch}x{seq} {str(setting):>42} {targets or '':>9} {'ckpt' if ckpt else 'full'}: profiled "
@@ -586,6 +612,7 @@ def main(argv=None) -> int:
     parser.add_argument("--moe", action="store_true", help="fit the Mixtral (NF4 experts) terms, then check them")
     parser.add_argument("--gemma3", action="store_true", help="fit the Gemma 3 terms, then check them")
     parser.add_argument("--phi3", action="store_true", help="fit the Phi-3 terms, then check them")
+    parser.add_argument("--gemma2", action="store_true", help="fit the Gemma 2 terms (eager), then check them")
     parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
     parser.add_argument("--widths", action="store_true",
                         help="fit the attention-width and Qwen3 q/k-norm terms, then check them")
@@ -602,7 +629,7 @@ def main(argv=None) -> int:
             print(f"    {key!r}: {value},")
         print(f"q/k norms: {norm_table}", flush=True)
         print(f"largest |formula / profiled - 1| (widths): {check_widths():.3f}")
-    for model_type, chosen in (("gemma3_text", args.gemma3), ("phi3", args.phi3)):
+    for model_type, chosen in (("gemma3_text", args.gemma3), ("phi3", args.phi3), ("gemma2", args.gemma2)):
         if chosen:
             for key, value in fit_layer_terms(model_type).items():
                 print(f"    {key!r}: {value},", flush=True)

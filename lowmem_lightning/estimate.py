@@ -72,6 +72,8 @@ __all__ = [
     "attention_extra_bytes",
     "GEMMA3_ACTIVATION_BYTES",
     "PHI3_ACTIVATION_BYTES",
+    "GEMMA2_ACTIVATION_BYTES",
+    "SOFTCAP_MODEL_TYPES",
     "LAYER_ACTIVATION_BYTES",
     "unmodelled_layer",
     "unmodelled_attention",
@@ -538,7 +540,51 @@ width terms and its own adapters (:data:`FUSED_LORA_TARGET_SETS`: one per fused 
 torch's CPU profiler on the ``LAYER_FIT`` Phi-3 decoders of ``python benchmarks/lora_activations.py --phi3``, checked
 on its ``LAYER_CHECK`` ones (one with Phi-4-mini's partial rotary)."""
 
-LAYER_ACTIVATION_BYTES: dict[str, dict] = {"gemma3_text": GEMMA3_ACTIVATION_BYTES, "phi3": PHI3_ACTIVATION_BYTES}
+GEMMA2_ACTIVATION_BYTES: dict[int | tuple[str, str, bool, str], tuple[float, ...]] = {
+    # entry: (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)
+    2: (26.5, -0.3, 1.5, -10.9, 24.3, -1.5, -1.5, 6.2),
+    4: (33.9, -2.7, 2.8, -34.7, 20.1, -0.8, -2.4, 4.6),
+    ('nf4', 'fp32', False, 'all'): (18.6, -0.2, 2.6, -21.1, 8.9, 0.6, 0.6, -3.4),
+    ('nf4', 'fp32', False, 'attention'): (16.4, 1.6, -0.7, -10.2, 18.5, -1.7, 0.6, -3.4),
+    ('nf4', 'fp32', True, 'all'): (18.7, -1.3, 1.6, -23.4, 8.6, -2.5, 1.2, -3.4),
+    ('nf4', 'fp32', True, 'attention'): (13.2, 1.8, -2.9, -5.2, 17.8, -1.8, -1.5, -3.4),
+    ('nf4', 'bf16', False, 'all'): (13.7, -0.2, 1.4, -11.1, 4.6, 0.1, 0.0, 0.2),
+    ('nf4', 'bf16', False, 'attention'): (12.6, 1.0, 0.2, -8.4, 6.5, 2.2, 0.0, 0.2),
+    ('nf4', 'bf16', True, 'all'): (14.3, -0.9, 1.3, -14.2, 4.2, 0.1, -1.1, 0.2),
+    ('nf4', 'bf16', True, 'attention'): (11.0, 1.1, -1.0, -6.0, 6.1, 2.1, -1.1, 0.2),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'all'): (14.3, -0.9, 1.3, -14.5, 2.2, 0.1, -1.2, 0.2),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'attention'): (11.0, 1.1, -1.0, -6.0, 6.1, 2.1, -1.1, 0.2),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'all'): (18.5, -2.2, 3.8, -29.4, 1.2, -3.2, 3.6, 0.2),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'attention'): (11.0, 1.1, -1.0, -6.0, 6.1, 2.1, -1.1, 0.2),
+    ('nf4', 'bf16-mixed', False, 'all'): (13.8, -0.2, 1.6, -11.6, 4.5, 0.2, 0.0, 0.2),
+    ('nf4', 'bf16-mixed', False, 'attention'): (13.2, 0.9, 0.2, -9.4, 6.4, 2.2, 0.0, 0.2),
+    ('nf4', 'bf16-mixed', True, 'all'): (14.3, -0.9, 1.5, -14.7, 4.1, 0.1, -1.1, 0.2),
+    ('nf4', 'bf16-mixed', True, 'attention'): (11.6, 0.9, -0.9, -6.9, 6.0, 2.1, -1.1, 0.2),
+    ('dense', 'fp32', False, 'all'): (20.1, -0.8, 3.2, -24.4, 29.7, -3.9, -0.5, -3.4),
+    ('dense', 'fp32', False, 'attention'): (21.6, -0.8, 2.4, -24.5, 23.9, -1.7, -3.1, -3.4),
+    ('dense', 'fp32', True, 'all'): (16.9, -0.6, 1.0, -19.4, 16.5, 0.0, -2.7, -3.4),
+    ('dense', 'fp32', True, 'attention'): (18.3, -0.7, 0.2, -19.5, 23.1, -1.7, -5.3, -3.4),
+    ('dense', 'bf16', False, 'all'): (14.4, -0.5, 1.7, -12.5, 23.3, -2.9, 0.0, 0.2),
+    ('dense', 'bf16', False, 'attention'): (14.4, -0.5, 1.7, -12.5, 22.6, -4.6, 0.1, 0.2),
+    ('dense', 'bf16', True, 'all'): (12.8, -0.4, 0.6, -10.0, 17.6, -2.5, -1.1, 0.2),
+    ('dense', 'bf16', True, 'attention'): (12.8, -0.4, 0.6, -10.0, 22.2, -4.7, -1.0, 0.2),
+    ('dense', 'bf16-base-fp32-adapters', False, 'all'): (11.7, 0.0, 0.2, -7.7, 10.9, -2.1, -2.6, 0.2),
+    ('dense', 'bf16-base-fp32-adapters', False, 'attention'): (12.8, -0.4, 0.6, -10.0, 22.2, -4.7, -1.0, 0.2),
+    ('dense', 'bf16-base-fp32-adapters', True, 'all'): (11.9, 0.7, -1.2, -6.8, 12.1, 0.1, -1.1, 0.2),
+    ('dense', 'bf16-base-fp32-adapters', True, 'attention'): (12.8, -0.4, 0.6, -10.0, 22.2, -4.7, -1.0, 0.2),
+    ('dense', 'bf16-mixed', False, 'all'): (12.1, -0.2, 0.4, -8.2, 11.5, -1.1, -2.0, 0.2),
+    ('dense', 'bf16-mixed', False, 'attention'): (12.5, -0.3, 0.6, -9.2, 22.2, -4.7, -1.0, 0.2),
+    ('dense', 'bf16-mixed', True, 'all'): (12.0, 0.7, -0.9, -6.3, 4.1, -0.2, -1.2, 0.2),
+    ('dense', 'bf16-mixed', True, 'attention'): (12.5, -0.3, 0.6, -9.2, 22.2, -4.7, -1.0, 0.2),
+}
+"""Bytes per token that a Gemma 2 layer (``model_type`` ``gemma2``: a norm after the attention and after the MLP, GELU,
+the embedding scaled by ``sqrt(hidden_size)``) holds beyond the Llama layer under eager attention (the only one
+transformers runs it with but flash attention), its soft-capping counted apart (:data:`SOFTCAP_MODEL_TYPES`), laid out
+as :data:`GEMMA3_ACTIVATION_BYTES`. Least squares over torch's CPU profiler on the ``LAYER_FIT`` Gemma 2 decoders of
+``python benchmarks/lora_activations.py --gemma2``, checked on its ``LAYER_CHECK`` ones."""
+
+LAYER_ACTIVATION_BYTES: dict[str, dict] = {"gemma3_text": GEMMA3_ACTIVATION_BYTES, "phi3": PHI3_ACTIVATION_BYTES,
+                                           "gemma2": GEMMA2_ACTIVATION_BYTES}
 """``model_type -> table`` of what a decoder layer holds beyond Llama's, laid out as :data:`GEMMA3_ACTIVATION_BYTES`:
 entry (full-weight dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``) ``-> (full_h, full_i, full_qk,
 full_once_h, layer_h, layer_i, layer_qk, layer_once_h)``."""
@@ -636,6 +682,7 @@ def _eager_terms(config, batch_size: int, seq_len: int, compute_bytes: int, chec
     if attention == "sdpa":
         return 0, 0
     per_score, per_repeated, per_mask = EAGER_ATTENTION_BYTES[(compute_bytes, checkpointing)]
+    per_score += compute_bytes if _softcapped(config, "attn_logit_softcapping") else 0
     heads = _config_value(config, "num_attention_heads")
     kv = _optional_config_value(config, "num_key_value_heads") or heads
     repeated = batch_size * seq_len * 2 * (heads - kv) * _head_dim(config)
@@ -652,6 +699,25 @@ def unmodelled_attention(config, seq_len: int, attention: str) -> str:
     if attention == "eager" and 0 < sliding < _config_value(config, "num_hidden_layers"):
         return f"eager attention with a sliding window shorter than the sequence in {sliding} of the layers"
     return ""
+
+
+SOFTCAP_MODEL_TYPES = ("gemma2",)
+"""``config.model_type`` values whose logit soft-capping the formulas model: ``cap * tanh(x / cap)`` on the attention
+scores (``attn_logit_softcapping``, under eager attention) holds one more score-sized tensor of the attention's element
+size per held layer, and on the logits (``final_logit_softcapping``) one more logit-sized one at the loss (torch's CPU
+profiler, Gemma 2: exactly 2.00 B per score and per logit in bf16, 4.00 in fp32)."""
+
+
+def _softcapped(config, key: str) -> bool:
+    """Whether a :data:`SOFTCAP_MODEL_TYPES` config caps its logits at ``key`` (``attn_logit_softcapping`` or
+    ``final_logit_softcapping``)."""
+    return _model_type(config) in SOFTCAP_MODEL_TYPES and _config_getter(config)(key) is not None
+
+
+def _loss_bytes_per_vocab(config, compute_bytes: int) -> int:
+    """Bytes per token per vocabulary entry at the loss: :data:`LOSS_BYTES_PER_VOCAB`, and the tanh of soft-capped
+    logits (:data:`SOFTCAP_MODEL_TYPES`)."""
+    return LOSS_BYTES_PER_VOCAB + (compute_bytes if _softcapped(config, "final_logit_softcapping") else 0)
 
 
 def _check_attention(config, seq_len: int, attention: str) -> None:
@@ -712,7 +778,7 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype_bytes: int = 2
     c, d = ACTIVATION_COEFFICIENTS[dtype_bytes], dtype_bytes
     family_layer, once = _layer_family_terms(config, dtype_bytes, gradient_checkpointing)
     widths = attention_extra_bytes(config, dtype_bytes) + family_layer
-    loss = LOSS_BYTES_PER_VOCAB * vocab
+    loss = _loss_bytes_per_vocab(config, d) * vocab
     mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents, attention)
     eager_layer, eager_once = _eager_terms(config, batch_size, seq_len, d, gradient_checkpointing, attention)
     n = batch_size * seq_len
@@ -933,7 +999,7 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
         mlp_full, mlp_layer, decoded = _moe_terms(config, base, mode, key)
     transient = NF4_DEQUANTIZE_BYTES[device][d] * decoded if base == "nf4" else 0
     n = batch_size * seq_len
-    loss = n * LOSS_BYTES_PER_VOCAB * vocab
+    loss = n * _loss_bytes_per_vocab(config, d) * vocab
     mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents, attention)
     eager_layer, eager_once = _eager_terms(config, batch_size, seq_len, d, gradient_checkpointing, attention)
     if gradient_checkpointing:
@@ -1157,16 +1223,16 @@ def _mask_note(nbytes: dict[bool, int], attention: str = "sdpa") -> str:
     return f", +{_gb(nbytes[True] - nbytes[False])} {what}"
 
 
-ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
 :func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral and
 Qwen2 equal to Llama; Qwen3 adds its q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's
 language model) its norms and scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused
-projections (:data:`PHI3_ACTIVATION_BYTES`, :data:`FUSED_LORA_TARGET_SETS`); an attention other than ``hidden_size``
-wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against the profiler):
-Gemma 2 -40% (extra norms, soft-capping), GPT-NeoX +25..47% (parallel block, no gate), Mixtral / Qwen-MoE -24..48%
-(experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than
-guess."""
+projections (:data:`PHI3_ACTIVATION_BYTES`, :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention
+(:data:`GEMMA2_ACTIVATION_BYTES`) and soft-capping (:data:`SOFTCAP_MODEL_TYPES`); an attention other than
+``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against
+the profiler): GPT-NeoX +25..47% (parallel block, no gate), Mixtral / Qwen-MoE -24..48% (experts, router:
+:data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                            precision: str | int | None = None, device: str = "cuda",

@@ -592,14 +592,20 @@ LAYER_FAMILY_CASES = [
     ("phi3", 2, ("lora", "dense", "bf16-mixed", True), "all", True),
     ("phi3", 3, ("full", 2), None, True),  # Phi-4-mini's partial rotary
     ("phi3", 3, ("lora", "nf4", "bf16-mixed", True), "all", True),
+    ("gemma2", 0, ("full", 2), None, True),  # eager attention, scores and logits soft-capped
+    ("gemma2", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),
+    ("gemma2", 1, ("full", 4), None, False),
+    ("gemma2", 2, ("lora", "nf4", "bf16-mixed", True), "all", False),  # bound by the loss
 ]
 
 
 @pytest.mark.parametrize("model_type, check, setting, targets, checkpointing", LAYER_FAMILY_CASES)
 def test_layer_family_within_10_percent_of_the_profiler(model_type, check, setting, targets, checkpointing):
-    """Gemma 3 text and Phi-3 decoders at sizes their layer terms were not fitted on (``benchmarks/lora_activations.py
-    --gemma3`` / ``--phi3`` check every setting)."""
-    _assert_formula_within_10_percent(*_lora_bench().LAYER_CHECK[model_type][check], setting, targets, checkpointing)
+    """Gemma 3 text, Phi-3 and Gemma 2 (under its eager attention) decoders at sizes their layer terms were not fitted
+    on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` check every setting)."""
+    bench = _lora_bench()
+    _assert_formula_within_10_percent(*bench.LAYER_CHECK[model_type][check], setting, targets, checkpointing,
+                                      bench.LAYER_ATTENTION.get(model_type, "sdpa"))
 
 
 @pytest.mark.parametrize("model_type, setting, targets, checkpointing, batch, seq", [
@@ -683,6 +689,24 @@ def test_eager_attention_within_10_percent_of_the_profiler(check, setting, targe
     config, batch, seq = bench.EAGER_CHECK[check]
     eager = _assert_formula_within_10_percent(config, batch, seq, setting, targets, checkpointing, "eager")
     assert eager > bench._formula(config, batch, seq, setting, targets, checkpointing)
+
+
+def test_gemma2_soft_capping_holds_one_more_score_and_logit_of_the_compute_size():
+    """Gemma 2's ``cap * tanh(x / cap)`` on the eager scores and on the logits: exactly ``d`` bytes per score in each
+    held layer and per logit at the loss (profiled 2.00 / 4.00 B in bf16 / fp32); a config without capping, none;
+    Gemma 2 runs eagerly, so an SDPA figure for it is refused."""
+    from lowmem_lightning.estimate import activation_bytes, lora_activation_bytes
+
+    capped = _lora_bench()._gemma2(64, 128, 2, 4, 2, 16, 300)
+    plain = {**capped, "attn_logit_softcapping": None, "final_logit_softcapping": None}
+    batch, seq, heads, layers, vocab = 2, 32, 4, 2, 300
+    for d in (2, 4):
+        added = activation_bytes(capped, batch, seq, d, False, attention="eager") - activation_bytes(
+            plain, batch, seq, d, False, attention="eager")
+        assert added == layers * d * batch * heads * seq**2 + d * batch * seq * vocab
+    added = lora_activation_bytes(capped, batch, seq, mode="fp32", gradient_checkpointing=False, attention="eager") - (
+        lora_activation_bytes(plain, batch, seq, mode="fp32", gradient_checkpointing=False, attention="eager"))
+    assert added == layers * 4 * batch * heads * seq**2 + 4 * batch * seq * vocab
 
 
 def test_phi3_is_modelled_with_its_fused_projections():
