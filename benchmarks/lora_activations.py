@@ -46,6 +46,11 @@ one transformers runs Gemma 2 with), its soft-capping counted by the formula
 
     python benchmarks/lora_activations.py --gemma2   # ~6 minutes on one core
 
+``--neox`` does the same for :data:`~lowmem_lightning.estimate.NEOX_ACTIVATION_BYTES` (GPT-NeoX, Pythia: the parallel
+attention and MLP block, with LoRA on its 4 projections).
+
+    python benchmarks/lora_activations.py --neox     # ~6 minutes on one core
+
 ``--eager`` fits :data:`~lowmem_lightning.estimate.EAGER_ATTENTION_BYTES` (what transformers' eager attention holds
 beyond SDPA: the ``seq**2`` scores, the repeated key/value heads, one float mask) from the profiled peak of eager less
 SDPA's on the :data:`EAGER_FIT` Llama decoders, every :data:`EAGER_SETTINGS` entry with and without checkpointing;
@@ -460,6 +465,13 @@ def _gemma2(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: in
             "tie_word_embeddings": False, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
 
+def _neox(h: int, i: int, layers: int, heads: int, vocab: int, rotary: float = 0.25) -> dict:
+    """A GPT-NeoX config as Pythia's: parallel residual, rotary on ``rotary`` of each head (Pythia's 0.25)."""
+    return {"model_type": "gpt_neox", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "vocab_size": vocab, "use_parallel_residual": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary}}
+
+
 LAYER_ATTENTION = {"gemma2": "eager"}
 """The attention each family's table is fitted and checked under (SDPA where not named): Gemma 2 runs eagerly."""
 
@@ -475,6 +487,9 @@ LAYER_FIT = {
                _gemma2(384, 512, 2, 6, 2, 64, 600), _gemma2(192, 768, 3, 2, 1, 128, 600),
                _gemma2(256, 512, 2, 8, 4, 64, 600), _gemma2(256, 512, 2, 4, 4, 64, 8000),
                _gemma2(192, 384, 3, 3, 1, 64, 8000)],
+    "gpt_neox": [_neox(256, 1024, 2, 4, 600), _neox(256, 512, 3, 4, 600), _neox(384, 1536, 2, 6, 600),
+                 _neox(192, 768, 3, 2, 600), _neox(256, 1024, 2, 8, 600), _neox(256, 1024, 2, 4, 8000),
+                 _neox(192, 768, 3, 3, 8000)],
 }
 """Decoders each :data:`~lowmem_lightning.estimate.LAYER_ACTIVATION_BYTES` table is fitted on (batch 2 x seq 96):
 layers, widths and heads varied, the last two bound by the loss (a vocabulary of 8000) so that the once-per-model term
@@ -487,6 +502,8 @@ LAYER_CHECK = {
              (_phi3(160, 480, 2, 2, 1, 5000), 2, 80), (_phi3(256, 768, 2, 4, 2, 600, rotary=0.75), 2, 96)],
     "gemma2": [(_gemma2(320, 640, 2, 5, 1, 128, 700), 1, 160), (_gemma2(224, 896, 3, 4, 2, 64, 700), 3, 64),
                (_gemma2(160, 480, 2, 2, 1, 128, 5000), 2, 80)],
+    "gpt_neox": [(_neox(320, 1280, 2, 5, 700), 1, 160), (_neox(224, 896, 3, 4, 700), 3, 64),
+                 (_neox(160, 640, 2, 2, 5000), 2, 80), (_neox(256, 1024, 2, 4, 600, rotary=1.0), 2, 96)],
 }
 """``(config, batch, seq)`` each table is checked on (not fitted); Phi-3's last has Phi-4-mini's partial rotary."""
 
@@ -613,6 +630,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gemma3", action="store_true", help="fit the Gemma 3 terms, then check them")
     parser.add_argument("--phi3", action="store_true", help="fit the Phi-3 terms, then check them")
     parser.add_argument("--gemma2", action="store_true", help="fit the Gemma 2 terms (eager), then check them")
+    parser.add_argument("--neox", action="store_true", help="fit the GPT-NeoX (Pythia) terms, then check them")
     parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
     parser.add_argument("--widths", action="store_true",
                         help="fit the attention-width and Qwen3 q/k-norm terms, then check them")
@@ -629,7 +647,8 @@ def main(argv=None) -> int:
             print(f"    {key!r}: {value},")
         print(f"q/k norms: {norm_table}", flush=True)
         print(f"largest |formula / profiled - 1| (widths): {check_widths():.3f}")
-    for model_type, chosen in (("gemma3_text", args.gemma3), ("phi3", args.phi3), ("gemma2", args.gemma2)):
+    for model_type, chosen in (("gemma3_text", args.gemma3), ("phi3", args.phi3), ("gemma2", args.gemma2),
+                               ("gpt_neox", args.neox)):
         if chosen:
             for key, value in fit_layer_terms(model_type).items():
                 print(f"    {key!r}: {value},", flush=True)

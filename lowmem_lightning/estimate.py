@@ -73,6 +73,7 @@ __all__ = [
     "GEMMA3_ACTIVATION_BYTES",
     "PHI3_ACTIVATION_BYTES",
     "GEMMA2_ACTIVATION_BYTES",
+    "NEOX_ACTIVATION_BYTES",
     "SOFTCAP_MODEL_TYPES",
     "LAYER_ACTIVATION_BYTES",
     "unmodelled_layer",
@@ -583,8 +584,52 @@ transformers runs it with but flash attention), its soft-capping counted apart (
 as :data:`GEMMA3_ACTIVATION_BYTES`. Least squares over torch's CPU profiler on the ``LAYER_FIT`` Gemma 2 decoders of
 ``python benchmarks/lora_activations.py --gemma2``, checked on its ``LAYER_CHECK`` ones."""
 
+NEOX_ACTIVATION_BYTES: dict[int | tuple[str, str, bool, str], tuple[float, ...]] = {
+    # entry: (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)
+    2: (-2.0, -4.0, -4.0, 1.8, -1.4, -2.5, -2.8, -1.5),
+    4: (-3.0, -10.0, -6.1, 24.1, -1.0, -4.6, -2.1, -3.4),
+    ('nf4', 'fp32', False, 'all'): (-1.1, -7.4, -2.1, 7.9, -0.4, -3.1, -0.7, -7.4),
+    ('nf4', 'fp32', False, 'attention'): (-0.3, -9.7, -0.6, 12.3, 1.6, -9.5, 3.2, -7.4),
+    ('nf4', 'fp32', True, 'all'): (-4.8, -7.4, -9.6, -15.8, -5.1, -6.3, -10.2, -7.4),
+    ('nf4', 'fp32', True, 'attention'): (-4.3, -9.7, -8.6, 20.3, -2.4, -9.5, -4.8, -7.4),
+    ('nf4', 'bf16', False, 'all'): (-2.5, -2.0, -5.0, 1.5, -5.0, 2.4, -10.0, -3.5),
+    ('nf4', 'bf16', False, 'attention'): (-1.9, -3.1, -3.7, 0.1, -5.0, 2.4, -10.0, -3.5),
+    ('nf4', 'bf16', True, 'all'): (-4.5, -2.3, -9.0, -6.8, -7.8, 2.4, -15.6, -3.5),
+    ('nf4', 'bf16', True, 'attention'): (-3.9, -3.1, -7.7, 4.1, -7.0, 2.4, -14.0, -3.5),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'all'): (-4.5, -2.3, -9.0, -9.0, -7.8, 2.4, -15.6, -3.5),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'attention'): (-3.9, -3.1, -7.7, 0.1, -7.0, 2.4, -14.0, -3.5),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'all'): (-4.7, -2.3, -9.3, -38.7, -8.5, -3.6, -17.0, -3.5),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'attention'): (-5.5, -3.1, -10.9, 8.1, -8.6, 2.4, -17.2, -3.5),
+    ('nf4', 'bf16-mixed', False, 'all'): (-2.5, -2.2, -5.1, 0.9, -5.1, 2.3, -10.2, -3.5),
+    ('nf4', 'bf16-mixed', False, 'attention'): (-1.7, -3.3, -3.5, -1.1, -5.1, 2.4, -10.1, -3.5),
+    ('nf4', 'bf16-mixed', True, 'all'): (-4.5, -2.5, -9.1, -7.8, -7.9, 2.3, -15.8, -3.5),
+    ('nf4', 'bf16-mixed', True, 'attention'): (-3.7, -3.3, -7.5, 2.9, -7.1, 2.4, -14.1, -3.5),
+    ('dense', 'fp32', False, 'all'): (-1.3, -8.1, -2.5, 18.6, 3.0, -8.2, 6.1, -7.4),
+    ('dense', 'fp32', False, 'attention'): (0.5, -10.2, 0.9, -1.4, 3.1, -12.3, 6.1, -7.4),
+    ('dense', 'fp32', True, 'all'): (-7.5, -8.1, -15.1, 32.8, -1.8, -8.3, -3.5, -7.4),
+    ('dense', 'fp32', True, 'attention'): (-3.5, -10.2, -7.1, 6.6, -0.9, -12.3, -1.9, -7.4),
+    ('dense', 'bf16', False, 'all'): (-0.7, -4.1, -1.4, -1.3, 0.0, -3.4, 0.0, -3.5),
+    ('dense', 'bf16', False, 'attention'): (-0.2, -4.8, -0.4, -9.3, 0.0, -5.5, 0.1, -3.5),
+    ('dense', 'bf16', True, 'all'): (-3.5, -4.1, -7.0, 0.7, -2.5, -4.5, -5.1, -3.5),
+    ('dense', 'bf16', True, 'attention'): (-2.2, -4.8, -4.4, -5.3, -2.0, -5.5, -3.9, -3.5),
+    ('dense', 'bf16-base-fp32-adapters', False, 'all'): (-5.6, -4.1, -11.1, 29.4, -2.5, -4.3, -5.0, -3.5),
+    ('dense', 'bf16-base-fp32-adapters', False, 'attention'): (-2.6, -4.8, -5.2, -2.8, 3.3, -11.4, 6.5, -3.5),
+    ('dense', 'bf16-base-fp32-adapters', True, 'all'): (-8.1, -4.1, -16.1, 36.7, -4.9, -4.3, -9.7, -3.5),
+    ('dense', 'bf16-base-fp32-adapters', True, 'attention'): (-4.2, -4.8, -8.4, 5.2, 1.7, -11.4, 3.3, -3.5),
+    ('dense', 'bf16-mixed', False, 'all'): (-4.2, -4.3, -8.4, 26.0, -1.4, -4.7, -2.9, -3.5),
+    ('dense', 'bf16-mixed', False, 'attention'): (-1.4, -4.8, -2.9, -9.0, -1.0, -5.8, -1.9, -3.5),
+    ('dense', 'bf16-mixed', True, 'all'): (-7.5, -4.4, -15.0, 46.1, -3.8, -4.7, -7.7, -3.5),
+    ('dense', 'bf16-mixed', True, 'attention'): (-3.0, -4.8, -6.1, -1.0, -2.5, -5.9, -4.9, -3.5),
+}
+"""Bytes per token that a GPT-NeoX layer (``model_type`` ``gpt_neox``: Pythia; attention and MLP in parallel from one
+residual, LayerNorms with biases, a fused ``query_key_value``, an MLP without a gate, rotary on part of each head)
+holds beyond the Llama layer (negative where it holds less), with its own adapters (:data:`FUSED_LORA_TARGET_SETS`),
+laid out as :data:`GEMMA3_ACTIVATION_BYTES`. Least squares over torch's CPU profiler on the ``LAYER_FIT`` GPT-NeoX
+decoders of ``python benchmarks/lora_activations.py --neox``, checked on its ``LAYER_CHECK`` ones (one with rotary on
+all of each head)."""
+
 LAYER_ACTIVATION_BYTES: dict[str, dict] = {"gemma3_text": GEMMA3_ACTIVATION_BYTES, "phi3": PHI3_ACTIVATION_BYTES,
-                                           "gemma2": GEMMA2_ACTIVATION_BYTES}
+                                           "gemma2": GEMMA2_ACTIVATION_BYTES, "gpt_neox": NEOX_ACTIVATION_BYTES}
 """``model_type -> table`` of what a decoder layer holds beyond Llama's, laid out as :data:`GEMMA3_ACTIVATION_BYTES`:
 entry (full-weight dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``) ``-> (full_h, full_i, full_qk,
 full_once_h, layer_h, layer_i, layer_qk, layer_once_h)``."""
@@ -604,7 +649,8 @@ def _layer_family_terms(config, entry: int | tuple[str, str, bool, str], checkpo
 
 def unmodelled_layer(config, seq_len: int) -> str:
     """What the activation formulas were not fitted to in a config of a modelled type (``""``: nothing): Gemma 3
-    with logit soft-capping, Phi-3 with dropout (its released configs have none)."""
+    with logit soft-capping, Phi-3 and GPT-NeoX with dropout (their released configs have none), GPT-NeoX without
+    its parallel residual."""
     get = _config_getter(config)
     if _model_type(config) == "gemma3_text":
         capping = {key: get(key) for key in ("final_logit_softcapping", "attn_logit_softcapping")
@@ -613,6 +659,11 @@ def unmodelled_layer(config, seq_len: int) -> str:
     if _model_type(config) == "phi3":
         dropout = {key: get(key) for key in ("resid_pdrop", "embd_pdrop", "attention_dropout") if get(key)}
         return "Phi-3 with dropout (" + _settings(dropout) + ")" if dropout else ""
+    if _model_type(config) == "gpt_neox":
+        if get("use_parallel_residual") is False:
+            return "GPT-NeoX without the parallel residual (use_parallel_residual=False)"
+        dropout = {key: get(key) for key in ("attention_dropout", "hidden_dropout") if get(key)}
+        return "GPT-NeoX with dropout (" + _settings(dropout) + ")" if dropout else ""
     return ""
 
 
@@ -824,9 +875,12 @@ choice) or the four attention ones."""
 FUSED_LORA_TARGET_SETS = {
     "phi3": {"all": frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
              "attention": frozenset({"qkv_proj", "o_proj"})},
+    "gpt_neox": {"all": frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+                 "attention": frozenset({"query_key_value", "dense"})},
 }
 """:data:`LORA_TARGET_SETS` of decoders whose layer fuses Llama's projections (Phi-3: ``qkv_proj`` for ``q/k/v_proj``,
-``gate_up_proj`` for ``gate_proj`` and ``up_proj``), by ``config.model_type``: one adapter per fused projection."""
+``gate_up_proj`` for ``gate_proj`` and ``up_proj``; GPT-NeoX: ``query_key_value``, and an MLP without a gate), by
+``config.model_type``: one adapter per projection."""
 
 
 def lora_target_sets(config) -> dict[str, frozenset]:
@@ -1011,13 +1065,13 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
 
 def _largest_projection(config) -> int:
     """Elements of a decoder layer's largest projection, the dense weight an NF4 layer decodes while it multiplies:
-    ``hidden_size * intermediate_size`` in Llama's layer; Phi-3's fused ``gate_up_proj`` (``2 * h * i``) or ``qkv_proj``
-    (``(q + 2 * kv) * h``), whichever is larger."""
+    ``hidden_size * intermediate_size`` in Llama's layer; the fused query/key/value projection (``(q + 2 * kv) * h``)
+    where it is larger, and Phi-3's fused ``gate_up_proj`` (``2 * h * i``)."""
     h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
     if _model_type(config) not in FUSED_LORA_TARGET_SETS:
         return h * i
     q, kv = attention_widths(config)
-    return max(2 * h * i, (q + 2 * kv) * h)
+    return max((2 if _model_type(config) == "phi3" else 1) * h * i, (q + 2 * kv) * h)
 
 
 def _config_getter(config):
@@ -1223,16 +1277,16 @@ def _mask_note(nbytes: dict[bool, int], attention: str = "sdpa") -> str:
     return f", +{_gb(nbytes[True] - nbytes[False])} {what}"
 
 
-ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2")
+ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
 :func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral and
 Qwen2 equal to Llama; Qwen3 adds its q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's
 language model) its norms and scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused
 projections (:data:`PHI3_ACTIVATION_BYTES`, :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention
-(:data:`GEMMA2_ACTIVATION_BYTES`) and soft-capping (:data:`SOFTCAP_MODEL_TYPES`); an attention other than
-``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against
-the profiler): GPT-NeoX +25..47% (parallel block, no gate), Mixtral / Qwen-MoE -24..48% (experts, router:
-:data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
+(:data:`GEMMA2_ACTIVATION_BYTES`) and soft-capping (:data:`SOFTCAP_MODEL_TYPES`), GPT-NeoX (Pythia) its parallel
+block (:data:`NEOX_ACTIVATION_BYTES`); an attention other than ``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s.
+Not these (batch 2 x seq 96, bf16, the Llama formula against the profiler): Mixtral / Qwen-MoE -24..48% (experts,
+router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                            precision: str | int | None = None, device: str = "cuda",

@@ -596,13 +596,18 @@ LAYER_FAMILY_CASES = [
     ("gemma2", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),
     ("gemma2", 1, ("full", 4), None, False),
     ("gemma2", 2, ("lora", "nf4", "bf16-mixed", True), "all", False),  # bound by the loss
+    ("gpt_neox", 0, ("full", 2), None, True),  # Pythia: parallel residual, rotary on a quarter of each head
+    ("gpt_neox", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),
+    ("gpt_neox", 1, ("full", 4), None, False),
+    ("gpt_neox", 3, ("lora", "dense", "bf16", False), "attention", False),  # rotary on all of each head
 ]
 
 
 @pytest.mark.parametrize("model_type, check, setting, targets, checkpointing", LAYER_FAMILY_CASES)
 def test_layer_family_within_10_percent_of_the_profiler(model_type, check, setting, targets, checkpointing):
-    """Gemma 3 text, Phi-3 and Gemma 2 (under its eager attention) decoders at sizes their layer terms were not fitted
-    on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` check every setting)."""
+    """Gemma 3 text, Phi-3, Gemma 2 (under its eager attention) and GPT-NeoX decoders at sizes their layer terms were
+    not fitted on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` / ``--neox`` check every
+    setting)."""
     bench = _lora_bench()
     _assert_formula_within_10_percent(*bench.LAYER_CHECK[model_type][check], setting, targets, checkpointing,
                                       bench.LAYER_ATTENTION.get(model_type, "sdpa"))

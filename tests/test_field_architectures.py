@@ -152,7 +152,7 @@ def test_the_recipes_lora_lands_on_the_architectures_linear_projections(name, mo
     if model_type in ("mistral", "qwen2", "qwen3", "gemma3_text", "gemma2"):  # Llama's layer (+ norms, soft-capping)
         assert nbytes > 0 and "LoRA r=16 on 7 projections" in detail, detail
         assert ("eager attention" in detail) == (model_type == "gemma2"), detail  # Gemma 2 runs eagerly only
-    elif model_type == "phi3":  # the recipe's seven names became its four fused and unfused projections
+    elif model_type in ("phi3", "gpt_neox"):  # the recipe's seven names became its four (fused) projections
         assert nbytes > 0 and "LoRA r=16 on 4 projections" in detail, detail
     elif model_type in ("mixtral", "qwen3_moe"):  # NF4 experts, LoRA on the attention: the MoE formula's
         assert nbytes > 0 and "LoRA r=16 on 4 projections" in detail, detail
@@ -161,15 +161,15 @@ def test_the_recipes_lora_lands_on_the_architectures_linear_projections(name, mo
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_full_finetune_estimate_models_activations_of_llama_layers_only(name, model_dirs):
-    """The activation formula is fitted to Llama's decoder layer; on another one the estimate says it does not
-    model it rather than give a figure (GPT-NeoX measured 25% below it); Phi-3's fused projections and Gemma 2's norms
-    and soft-capping (under its eager attention) have terms of their own."""
+def test_full_finetune_estimate_models_the_layers_it_was_fitted_to_only(name, model_dirs):
+    """The activation formula is fitted to Llama's decoder layer, with terms of their own for Phi-3's fused
+    projections, GPT-NeoX's parallel block and Gemma 2's norms and soft-capping (under its eager attention): every
+    dense architecture here gets a figure; the MoE ones, fully trained, are said not modelled rather than guessed."""
     from lowmem_lightning.estimate import activation_bytes, model_activation_bytes
 
     model = build_causal_lm(str(model_dirs(name)), None, None, None, device="meta", torch_dtype="bfloat16")
     nbytes, detail = model_activation_bytes(model, 2, 64, True, "bf16-true")
-    if model.config.model_type in ("mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2"):
+    if model.config.model_type in ("mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox"):
         assert nbytes == activation_bytes(model.config, 2, 64, 2, True,
                                           attention=model.config._attn_implementation), detail
     else:
