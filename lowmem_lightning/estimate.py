@@ -1324,8 +1324,9 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
     if unmodelled_layer(config, seq_len):
         return None, f"not modelled for {unmodelled_layer(config, seq_len)}"
     attention = getattr(config, "_attn_implementation", None) or "sdpa"
-    if unmodelled_attention(config, seq_len, attention):
-        return None, f"not modelled for {unmodelled_attention(config, seq_len, attention)}"
+    unmodelled = unmodelled_attention(config, seq_len, attention)
+    if unmodelled:
+        return None, f"not modelled for {unmodelled}"
     if count.adapter_params or "nf4" in count.frozen_bytes_by_dtype:
         if precision not in ("32-true", "32", *_HALF_PRECISIONS, *_MIXED):
             return None, f"not modelled under precision={precision!r}"

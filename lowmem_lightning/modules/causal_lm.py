@@ -72,11 +72,15 @@ AttnImplementation = Literal["sdpa", "eager", "flex_attention", "flash_attention
 """transformers' attention implementations ``attn_implementation`` names (``None``: transformers' default for the
 model, ``sdpa`` where it supports it)."""
 
-_ATTENTION_PACKAGES = {"flash_attention_2": ("is_flash_attn_2_available", "flash-attn"),
-                       "flash_attention_3": ("is_flash_attn_3_available", "flash-attn 3 (flash_attn_interface)"),
-                       "flash_attention_4": ("is_flash_attn_4_available", "flash-attn 4 (flash_attn.cute)"),
-                       "flex_attention": ("is_torch_flex_attn_available", "a torch with flex attention")}
-"""``implementation -> (transformers' availability check, what it needs)`` for those that need more than torch."""
+_ON_GPUS = " (flash attention runs on CUDA GPUs only)"
+_ATTENTION_PACKAGES = {
+    "flash_attention_2": ("is_flash_attn_2_available", "flash-attn", _ON_GPUS),
+    "flash_attention_3": ("is_flash_attn_3_available", "flash-attn 3 (flash_attn_interface)", _ON_GPUS),
+    "flash_attention_4": ("is_flash_attn_4_available", "flash-attn 4 (flash_attn.cute)", _ON_GPUS),
+    "flex_attention": ("is_torch_flex_attn_available", "a torch with flex attention", ""),
+}
+"""``implementation -> (transformers' availability check, what it needs, where it runs)`` for those that need more
+than torch."""
 
 
 def check_attn_implementation(attn_implementation, installed: bool = True) -> None:
@@ -91,11 +95,11 @@ def check_attn_implementation(attn_implementation, installed: bool = True) -> No
         return
     import transformers.utils
 
-    check, needs = _ATTENTION_PACKAGES[attn_implementation]
+    check, needs, where = _ATTENTION_PACKAGES[attn_implementation]
     if not getattr(transformers.utils, check)():
         raise ValueError(f"Invalid attn_implementation={attn_implementation!r}: it needs {needs}, which this "
-                         "Python does not have (flash attention runs on CUDA GPUs only); 'sdpa' runs everywhere and "
-                         "uses flash kernels on the GPU where it can.")
+                         f"Python does not have{where}; 'sdpa' runs everywhere and uses flash kernels on the GPU where "
+                         "it can.")
 
 
 def _set_attention(model: nn.Module, attn_implementation: str | None, device: torch.device) -> None:
