@@ -7,16 +7,33 @@ torch's CPU profiler, one thread; ``benchmarks/lora_activations.py`` builds and 
     python benchmarks/activation_probes.py --multimodal    # a multimodal Gemma 3 on text against its text model
     python benchmarks/activation_probes.py --tokens        # the full-weight bf16 formula at 128-384 tokens
     python benchmarks/activation_probes.py --packed        # packed documents kept apart: Gemma 3 against Llama
+    python benchmarks/activation_probes.py --eager         # eager attention: packed documents, eager less SDPA
+    python benchmarks/activation_probes.py --softcap       # Gemma 2's soft-capping, each cap off in turn
+    python benchmarks/activation_probes.py --before        # the Llama layer formula on Phi-3, Gemma 2, GPT-NeoX
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import sys
 
 import torch
-from lora_activations import _formula, _gemma3, _phi3, _width_config, build_full_model, profiled_peak, profiled_setting
+from lora_activations import (
+    LAYER_ATTENTION,
+    LAYER_CHECK,
+    _formula,
+    _gemma2,
+    _gemma3,
+    _llama_layer_formula,
+    _phi3,
+    _width_config,
+    _width_settings,
+    build_full_model,
+    profiled_peak,
+    profiled_setting,
+)
 from profiler_peak import peak_bytes
 
 from lowmem_lightning.estimate import activation_bytes, estimate_memory
@@ -143,11 +160,7 @@ def packed() -> None:
     """What packed documents kept apart add to a Gemma 3 and to a Llama of the same shapes.
 
     Three documents per row (``position_ids`` restarting), h256, 2 layers, batch 2 x seq 192, in bytes."""
-    rows = []
-    for _ in range(2):
-        cuts = [0, 64, 101, 192]
-        rows.append(torch.cat([torch.arange(end - start) for start, end in zip(cuts, cuts[1:])]))
-    positions = torch.stack(rows)
+    positions = _three_documents()
     for model_type in ("llama", "gemma3_text"):
         config = {**_width_config(model_type, 4, 1, 64, {"hidden_size": 256, "intermediate_size": 512,
                                                           "num_hidden_layers": 2, "vocab_size": 600}),
@@ -157,6 +170,70 @@ def packed() -> None:
                      for pos in (None, positions)]
             print(f"{model_type:>11} bf16 {'ckpt' if ckpt else 'full'}: packed documents add {added[1] - added[0]:,} B",
                   flush=True)
+
+
+def _three_documents() -> torch.Tensor:
+    """``position_ids`` of 2 rows x 192 tokens, three documents a row (restarting at 0 at 64 and 101)."""
+    cuts = [0, 64, 101, 192]
+    row = torch.cat([torch.arange(end - start) for start, end in zip(cuts, cuts[1:])])
+    return torch.stack([row, row])
+
+
+def eager() -> None:
+    """Eager attention: what packed documents add under it, and eager less SDPA for Phi-3 and Llama.
+
+    Llama h256 (4 heads, 1 key/value head, 2 layers) at 2 x 192, bf16 and fp32: packed documents (three a row) add, in
+    bytes, against the formula; then eager's peak less SDPA's with checkpointing for a Phi-3 and a Llama of one shape
+    (h256, 4 / 2 heads, 2 x 128, bf16)."""
+    config = _width_config("llama", 4, 1, 64, {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                                               "vocab_size": 600})
+    for dtype, d in ((torch.bfloat16, 2), (torch.float32, 4)):
+        for ckpt in (True, False):
+            peaks = [profiled_peak(build_full_model(config, 192, dtype, ckpt, "eager"), 600, 2, 192, False, pos)
+                     for pos in (None, _three_documents())]
+            formula = [activation_bytes(config, 2, 192, d, ckpt, packed, "eager") for packed in (False, True)]
+            print(f"eager d{d} {'ckpt' if ckpt else 'full'}: packed documents add {peaks[1] - peaks[0]:,} B (formula "
+                  f"{formula[1] - formula[0]:,} B)", flush=True)
+    for config in (_phi3(256, 512, 2, 4, 2, 600), _width_config("llama", 4, 2, 64, {
+            "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "vocab_size": 600})):
+        eager_less_sdpa = [profiled_setting(config, 2, 128, ("full", 2), None, True, attention)
+                           for attention in ("eager", "sdpa")]
+        print(f"{config['model_type']} bf16 ckpt 2x128: eager less SDPA {eager_less_sdpa[0] - eager_less_sdpa[1]:,} B",
+              flush=True)
+
+
+def softcap() -> None:
+    """Gemma 2's soft-capping, each cap turned off in turn: the bytes it adds per score and per logit.
+
+    h256, 4 / 2 heads, under eager attention; vocabularies of 600 (a layer is the peak with checkpointing) and 5000
+    (the loss is); full weights and LoRA in bf16, bf16-mixed, fp32 and a bf16 base under fp32 adapters."""
+    settings = ((("full", 2), None), (("full", 4), None), (("lora", "nf4", "bf16-mixed", True), "all"),
+                (("lora", "nf4", "fp32", False), "all"),
+                (("lora", "dense", "bf16-base-fp32-adapters", True), "attention"))
+    for vocab, batch, seq in ((600, 2, 128), (5000, 1, 128)):
+        config = _gemma2(256, 512, 2, 4, 2, 64, vocab)
+        for (setting, targets), ckpt in itertools.product(settings, (True, False)):
+            capped, no_score_cap, no_logit_cap = (
+                profiled_setting({**config, **caps}, batch, seq, setting, targets, ckpt, "eager")
+                for caps in ({}, {"attn_logit_softcapping": None}, {"final_logit_softcapping": None}))
+            scores = batch * 4 * seq * seq * (1 if ckpt else 2)
+            print(f"V{vocab} {batch}x{seq} {str(setting):>42} {'ckpt' if ckpt else 'full'}: the score cap adds "
+                  f"{(capped - no_score_cap) / scores:.2f} B/score, the logit cap "
+                  f"{(capped - no_logit_cap) / (batch * seq * vocab):.2f} B/logit", flush=True)
+
+def before() -> None:
+    """The Llama layer formula without a family's table against the profiler: the range over every setting.
+
+    The first ``LAYER_CHECK`` decoder of Phi-3, Gemma 2 (eager) and GPT-NeoX; the formula counts the model's own
+    adapters, attention and soft-capping, not its layer's table (what the estimate would say with the Llama terms)."""
+    for model_type in ("phi3", "gemma2", "gpt_neox"):
+        config, batch, seq = LAYER_CHECK[model_type][0]
+        attention = LAYER_ATTENTION.get(model_type, "sdpa")
+        ratios = [_llama_layer_formula(config, batch, seq, setting, targets, ckpt, attention)
+                  / profiled_setting(config, batch, seq, setting, targets, ckpt, attention)
+                  for setting, targets, ckpt in _width_settings()]
+        print(f"{model_type} h{config['hidden_size']} {batch}x{seq}: Llama layer formula / profiled "
+              f"{min(ratios):.3f}-{max(ratios):.3f} ({len(ratios)} settings)", flush=True)
 
 
 def main(argv=None) -> int:
@@ -171,7 +248,7 @@ def main(argv=None) -> int:
     return 0
 
 
-PROBES = ("tied", "sliding", "multimodal", "tokens", "packed")
+PROBES = ("tied", "sliding", "multimodal", "tokens", "packed", "eager", "softcap", "before")
 
 if __name__ == "__main__":
     sys.exit(main())
