@@ -189,9 +189,11 @@ def estimate_main(argv: Sequence[str]) -> int:
         "and the state of every optimizer, from the model built on the meta device (no weights, no download). "
         "Other options (e.g. --model.model_name_or_path DIR, --optim NAME) are applied as in 'lowmem fit'; "
         "activations are of the recipe's --data.batch_size, --data.seq_len, --model.gradient_checkpointing, "
-        "--trainer.precision, --data.pack and --data.isolate_documents (Llama-style decoders: full-weight, or LoRA "
-        "on all seven or the four attention projections of a 4-bit or frozen base; packed documents kept apart "
-        "add their SDPA mask; what is not modelled is left out and said so).",
+        "--trainer.precision, --model.attn_implementation (sdpa, eager), --data.pack and --data.isolate_documents "
+        "(decoders of the Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3 and GPT-NeoX families: full-weight, or LoRA on "
+        "every linear projection or the attention ones of a 4-bit or frozen base; Mixtral and Qwen3-MoE under "
+        "QLoRA; packed documents kept apart add their attention mask; what is not modelled is left out and said "
+        "so).",
     )
     parser.add_argument("-c", "--config", required=True, help="Recipe: a YAML file or a bundled recipe name.")
     parser.add_argument("--budget-gb", type=float, default=None, help="Device memory budget in GB (10**9 bytes).")

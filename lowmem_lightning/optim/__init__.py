@@ -7,6 +7,7 @@ __all__ = [
     "StateMemory",
     "available_optimizers",
     "build_optimizer",
+    "convert_on_load",
     "optimizer_class",
     "register_optimizer",
     "state_memory",
@@ -25,6 +26,7 @@ __all__ = [
 ]
 
 _LAZY = {  # imported on first use: the registry's names are read without torch (``lowmem --help``)
+    "convert_on_load": "adamw_convert",
     "StateMemory": "memory",
     "state_memory": "memory",
     "AdamW8bit": "adamw8bit",
