@@ -308,13 +308,27 @@ def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                     trust_remote_code=remote_code_trusted())
+                                                     trust_remote_code=remote_code_trusted(), **_dequantized(path))
         model.to(device=device, dtype=dtype)
     repo = split_repo_id(str(model_name_or_path)) if not Path(model_name_or_path).expanduser().exists() else None
     if repo is not None:
         model.name_or_path = model.config._name_or_path = repo[0]
         model.hub_revision = path.name  # the snapshot's commit: an adapter names the base weights it was trained on
     return model
+
+
+def _dequantized(path: Path) -> dict:
+    """``from_pretrained`` options that load a checkpoint stored with MXFP4 experts (gpt-oss's Hub release) decoded to
+    full precision (``Mxfp4Config(dequantize=True)``: trainable, on any device) instead of transformers' MXFP4 GPU
+    kernels (inference only, fetched from the Hub); none for other checkpoints."""
+    from lowmem_lightning.quant.loading import read_model_config
+    from lowmem_lightning.quant.mxfp4 import MXFP4_METHOD, declared_quant_method
+
+    if declared_quant_method(read_model_config(path)) != MXFP4_METHOD:
+        return {}
+    from transformers import Mxfp4Config
+
+    return {"quantization_config": Mxfp4Config(dequantize=True)}
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ as rotary frequencies are computed for real), its ``nn.Linear`` layers (but the 
 swapped for empty meta :class:`Linear4bit` layers and its MoE experts made :class:`Experts4bit`, and then the
 safetensors shards are read one tensor at a time: a linear weight (an expert's matrix) is quantized to NF4 and
 dropped, any other tensor becomes the parameter. Experts stored one tensor per expert (as the Hub holds Mixtral and
-Qwen-MoE; transformers stacks them into 3-D parameters while loading) are stacked here too, one expert at a time.
+Qwen-MoE; transformers stacks them into 3-D parameters while loading) are stacked here too, one expert at a time;
+experts stored in MXFP4 (gpt-oss's Hub release, :mod:`.mxfp4`) are decoded one expert at a time.
 Peak host memory is therefore about the 4-bit model plus the full-precision tensors kept (embeddings, norms, skipped
 layers) plus one tensor being quantized, never the whole bf16 model.
 
@@ -49,6 +50,7 @@ from .linear4bit import (
     _nonfinite_flag,
     is_conv1d,
 )
+from .mxfp4 import BLOCKS, MXFP4_METHOD, SCALES, declared_quant_method, decode_expert, decode_mxfp4, mxfp4_shapes
 
 __all__ = ["load_pretrained_causal_lm", "check_pretrained_checkpoint", "random_causal_lm", "checkpoint_files",
            "ModelFileError", "NonFiniteCheckpointError", "read_model_config"]
@@ -185,19 +187,21 @@ def _read_config(path: Path):
 
 def _refuse_prequantized(path: Path, config) -> None:
     """:class:`ModelFileError` naming ``config.json`` for a checkpoint stored already quantized (its
-    ``quantization_config``: bitsandbytes' 4-bit Hub uploads, GPTQ, AWQ, FP8, gpt-oss's MXFP4 experts, ...), whose
-    tensors (packed codes and scales under their own names) this loader does not read."""
-    quantization = getattr(config, "quantization_config", None)
-    if quantization is None:
+    ``quantization_config``: bitsandbytes' 4-bit Hub uploads, GPTQ, AWQ, FP8, ...), whose tensors (packed codes and
+    scales under their own names) this loader does not read. MXFP4 (gpt-oss's experts) is read: its experts are
+    decoded as they stream (:mod:`.mxfp4`), so its declaration is dropped from ``config`` (the loaded model holds
+    them in NF4 or the load dtype, as transformers' ``Mxfp4Config(dequantize=True)`` drops it)."""
+    method = declared_quant_method(config)
+    if method is None:
         return
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(
-        quantization, "quant_method", None)
-    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    if method == MXFP4_METHOD:
+        del config.quantization_config
+        return
     raise ModelFileError(path / "config.json", (
         f"declares a checkpoint stored already quantized (quantization_config.quant_method={method!r}); lowmem reads "
-        "full-precision safetensors (bf16, fp16 or fp32) and quantizes them itself. Use the model's full-precision "
-        "release, or load this one with transformers (which dequantizes some formats, e.g. "
-        "Mxfp4Config(dequantize=True) for mxfp4) and save_pretrained it in bf16 first."))
+        "full-precision safetensors (bf16, fp16 or fp32; MXFP4 experts too) and quantizes them itself. Use the "
+        "model's full-precision release, or load this one with transformers (which dequantizes some formats) and "
+        "save_pretrained it in bf16 first."))
 
 
 def read_model_config(path: str | Path):
@@ -489,6 +493,47 @@ def _expert_plan(model, path: Path, converted, converters, expected, names) -> l
     return plan
 
 
+class Mxfp4Parts(tuple):
+    """A plan entry's key for a 3-D experts projection stored in MXFP4 (:mod:`.mxfp4`, gpt-oss):
+    ``((blocks file, blocks key), (scales file, scales key))``."""
+
+    blocks = property(lambda self: self[0])
+    scales = property(lambda self: self[1])
+
+
+def _mxfp4_entry(path: Path, target: str, stored: dict, param_shape: tuple) -> tuple[Path, Mxfp4Parts, str]:
+    """The plan entry of projection ``target`` (a ``param_shape`` experts parameter) stored in MXFP4 (``stored``:
+    ``{suffix: (file, key, dtype code, shape)}`` of its tensors), checked from the headers: both tensors present, uint8,
+    of the shapes that store the parameter (:func:`~.mxfp4.mxfp4_shapes`); :class:`ModelFileError` otherwise."""
+    wanted = mxfp4_shapes(param_shape)
+    if wanted is None:
+        file, key, _, _ = next(iter(stored.values()))
+        raise ModelFileError(file, f"holds {key!r}, MXFP4 storage of {target!r}, but the model of config.json has it "
+                             f"as {param_shape}, whose rows are not groups of 32.")
+    for suffix, shape in zip((BLOCKS, SCALES), wanted):
+        if suffix not in stored:
+            raise ModelFileError(path, f"holds {next(iter(stored.values()))[1]!r} but no {suffix[1:]} tensor for it: "
+                                 f"MXFP4 stores {target!r} as both {BLOCKS[1:]} (codes) and {SCALES[1:]}.",
+                                 what="Checkpoint")
+        file, key, code, held = stored[suffix]
+        if code != "U8" or held != shape:
+            raise ModelFileError(file, f"holds {key!r} as {code} {held}; MXFP4 storage of {target!r} {param_shape} "
+                                 f"is U8 (uint8) {shape}.")
+    (blocks_file, blocks_key, *_), (scales_file, scales_key, *_) = stored[BLOCKS], stored[SCALES]
+    return blocks_file, Mxfp4Parts(((blocks_file, blocks_key), (scales_file, scales_key))), target
+
+
+def _mxfp4_target(model, convert, key: str, names: set[str], expected: dict) -> tuple[str, str] | None:
+    """``(model name, suffix)`` when checkpoint ``key`` is one of the two MXFP4 tensors of a 3-D experts parameter
+    (``<name>_blocks`` / ``<name>_scales``), else ``None``."""
+    base, _, last = key.rpartition("_")
+    suffix = f"_{last}"
+    if suffix not in (BLOCKS, SCALES):
+        return None
+    target = _model_key(model, convert(base)[0], names)
+    return (target, suffix) if target is not None and expected[target].dim() == 3 else None
+
+
 def _check_floating(file: Path, key: str, code: str) -> None:
     """:class:`ModelFileError` naming ``file`` when tensor ``key``, which the model holds in a floating dtype, is
     stored as the non-floating safetensors dtype ``code``."""
@@ -497,7 +542,8 @@ def _check_floating(file: Path, key: str, code: str) -> None:
                              "or foreign checkpoint?).")
 
 
-def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[Path, str, str]], list[str]]:
+def _plan(model, path: Path, headers, weight_map, ignored, mxfp4: bool = False
+          ) -> tuple[list[tuple[Path, str, str]], list[str]]:
     """Match every checkpoint tensor to the model from the headers alone, before any data is read.
 
     Keys are first renamed as transformers renames them for this model (:func:`_key_conversions`). Returns
@@ -505,13 +551,19 @@ def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[P
     tensor of the wrong shape or of a non-floating dtype where the model has a floating tensor, and for
     tensors the model needs that no file holds. MoE experts stored one tensor per expert (Mixtral's ``w1`` / ``w3`` /
     ``w2``, Qwen-MoE's ``gate_proj`` / ``up_proj`` / ``down_proj``, which transformers stacks into 3-D parameters) get
-    one entry per expert (:func:`_expert_plan`), the directory named when one is missing or of another shape."""
+    one entry per expert (:func:`_expert_plan`), the directory named when one is missing or of another shape. With
+    ``mxfp4`` (the config declares it), 3-D experts parameters stored as MXFP4 codes and scales get one entry each
+    (:func:`_mxfp4_entry`)."""
     expected = _expected(model)
     names = set(expected)
     convert, converters = _key_conversions(model)
-    plan, unexpected, converted = [], [], []
+    plan, unexpected, converted, packed = [], [], [], {}
     for file, header in headers.items():
         for key, (code, shape) in header.items():
+            stored = _mxfp4_target(model, convert, key, names, expected) if mxfp4 else None
+            if stored is not None:
+                packed.setdefault(stored[0], {})[stored[1]] = (file, key, code, shape)
+                continue
             renamed, merged = convert(key)
             if merged is not None:
                 _check_floating(file, key, code)
@@ -532,6 +584,7 @@ def _plan(model, path: Path, headers, weight_map, ignored) -> tuple[list[tuple[P
             plan.append((file, key, target))
     if converted:
         plan += _expert_plan(model, path, converted, converters, expected, names)
+    plan += [_mxfp4_entry(path, target, stored, tuple(expected[target].shape)) for target, stored in packed.items()]
     provided = {target for _, _, target in plan}
     # a Linear4bit's codes, as save_pretrained of a 4-bit model wrote them, provide its weight
     for target in [t for t in provided if t.endswith("qweight")]:
@@ -585,12 +638,14 @@ def _refuse_nonfinite(flags: list[tuple[Path, str, str, torch.Tensor]], dtype: t
     counts, lines = {}, []
     for i in hits:
         file, key, target, _ = flags[i]
-        with safe_open(str(file), framework="pt", device="cpu") as shard:
-            tensor = _get_tensor(shard, file, key)
+        tensor = _reread(file, key, dtype)
         counts[target], text = _describe_nonfinite(tensor)
         if counts[target] == 0:  # finite in the file, beyond the range of the load dtype
             counts[target], text = _describe_nonfinite(tensor.to(dtype))
             text += f" after conversion from {tensor.dtype} to {dtype} (values beyond its range)"
+        if isinstance(key, Mxfp4Parts):
+            key = key.blocks[1]
+            text += " decoded from MXFP4 (a scale of 255, the format's NaN, or values beyond the load dtype's range)"
         alias = "" if key == target else f" (key {key!r})"
         lines.append(f"{target}{alias} in {file.name}: {text}")
     first = flags[hits[0]][0]
@@ -600,6 +655,19 @@ def _refuse_nonfinite(flags: list[tuple[Path, str, str, torch.Tensor]], dtype: t
         "(with double quantization every element sharing its scale statistics) decode to nan. "
         "Fix or re-export the checkpoint.", counts,
     )
+
+
+def _reread(file: Path, key, dtype: torch.dtype) -> torch.Tensor:
+    """Checkpoint tensor ``key`` of ``file`` read again (error path only); an MXFP4 projection decoded in ``dtype``."""
+    if not isinstance(key, Mxfp4Parts):
+        with safe_open(str(file), framework="pt", device="cpu") as shard:
+            return _get_tensor(shard, file, key)
+    parts = []
+    for part_file, part_key in key:
+        with safe_open(str(part_file), framework="pt", device="cpu") as shard:
+            parts.append(_get_tensor(shard, part_file, part_key))
+    blocks, scales = parts
+    return torch.stack([decode_mxfp4(b, s, dtype) for b, s in zip(blocks, scales)])
 
 
 def _build(config, path: Path, dtype: torch.dtype) -> nn.Module:
@@ -637,7 +705,10 @@ def load_pretrained_causal_lm(
     no place for are skipped with a warning (obsolete ones, like per-layer ``rotary_emb.inv_freq``, silently). A
     directory written by ``save_pretrained`` of a 4-bit model (NF4 codes and scales in place of the linear weights)
     loads with ``quantize="nf4"`` and the ``skip``, ``block_size`` and ``double_quant`` it was quantized with: its
-    codes and fp32 scales are placed as stored, nothing is re-quantized.
+    codes and fp32 scales are placed as stored, nothing is re-quantized. A checkpoint whose config declares
+    ``quant_method: mxfp4`` (gpt-oss) has its experts' MXFP4 codes and scales decoded expert by expert (values equal to
+    transformers' ``Mxfp4Config(dequantize=True)``) and quantized, or kept in ``torch_dtype`` with ``quantize=None``;
+    other pre-quantized formats are refused naming their ``quant_method``.
 
     Raises :class:`ModelFileError` (a ValueError) naming the file, before any tensor data is read, for: a missing
     directory or ``config.json``; an empty, garbled or foreign ``config.json`` or index; a shard the index lists
@@ -689,13 +760,14 @@ def _planned_model(path: Path, quantize: str | None, dtype: torch.dtype, skip, b
     headers alone (:func:`_plan`): every :class:`ModelFileError` :func:`load_pretrained_causal_lm` raises before it
     reads tensor data is raised here (options checked by :func:`_checked_options`)."""
     config = _read_config(path)
+    mxfp4 = declared_quant_method(config) == MXFP4_METHOD
     _refuse_prequantized(path, config)
     files, weight_map = _checkpoint_layout(path)
     headers = _read_headers(files)
     model = _build(config, path, dtype)
     if quantize == "nf4":
         _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype)
-    plan, unexpected = _plan(model, path, headers, weight_map, _ignored_keys(model))
+    plan, unexpected = _plan(model, path, headers, weight_map, _ignored_keys(model), mxfp4)
     return model, plan, unexpected
 
 
@@ -739,19 +811,40 @@ def _place_expert(model, target: str, entry: ExpertParts, shard, file: Path, dty
         tensor = tensor.to(device=device, dtype=dtype)
         flags.append((part_file, key, target, _nonfinite_flag(tensor)))
         parts.append(tensor)
-    matrix = torch.cat(parts) if len(parts) > 1 else parts[0]
+    _put_expert(model, target, entry.expert, torch.cat(parts) if len(parts) > 1 else parts[0], dtype, device)
+    return flags
+
+
+def _put_expert(model, target: str, expert: int, matrix: torch.Tensor, dtype, device) -> None:
+    """Put ``matrix`` into expert ``expert`` of the 3-D projection ``target``: quantized in an :class:`Experts4bit`,
+    else copied into the parameter (allocated on ``device`` at its first expert)."""
     module_name, _, leaf = target.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(module, Experts4bit):
-        module.quantize_expert_(leaf, entry.expert, matrix)
-        return flags
+        module.quantize_expert_(leaf, expert, matrix)
+        return
     param = module._parameters[leaf]
     if param.device.type == "meta":
         param = module._parameters[leaf] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
                                                         requires_grad=param.requires_grad)
     with torch.no_grad():
-        param[entry.expert].copy_(matrix)
-    return flags
+        param[expert].copy_(matrix)
+
+
+def _place_mxfp4(model, target: str, entry: Mxfp4Parts, shard, file: Path, dtype, device) -> list:
+    """Decode the MXFP4 projection ``target`` one expert at a time (only that expert's bytes read) into the model
+    (:func:`_put_expert`); returns its nan/inf flag (one for all experts)."""
+    with contextlib.ExitStack() as stack:
+        slices = []
+        for part_file, key in entry:
+            source = shard if part_file == file else stack.enter_context(_opened(part_file))
+            slices.append(source.get_slice(key))
+        flag = None
+        for expert in range(slices[0].get_shape()[0]):
+            matrix = decode_expert(*slices, expert, dtype, device)
+            flag = _nonfinite_flag(matrix) if flag is None else flag | _nonfinite_flag(matrix)
+            _put_expert(model, target, expert, matrix, dtype, device)
+    return [(file, entry, target, flag)]
 
 
 def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tensor]]:
@@ -763,6 +856,9 @@ def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tens
             for _, key, target in (entry for entry in plan if entry[0] == file):
                 if isinstance(key, ExpertParts):
                     flags += _place_expert(model, target, key, shard, file, dtype, device)
+                    continue
+                if isinstance(key, Mxfp4Parts):
+                    flags += _place_mxfp4(model, target, key, shard, file, dtype, device)
                     continue
                 tensor = _get_tensor(shard, file, key)
                 module_name, _, leaf = target.rpartition(".")
