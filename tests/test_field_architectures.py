@@ -57,9 +57,13 @@ ARCHS = {
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, ATTENTION),
     "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, **MOE, "shared_expert_intermediate_size": 64}, LLAMA),
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, **MOE, "head_dim": 16}, ATTENTION),
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                                 "sliding_window": 32},
+                ATTENTION),  # experts stored 3-D (and, on the Hub, in MXFP4: tests/test_mxfp4_checkpoint.py)
 }
-DENSE = [name for name in ARCHS if "moe" not in name and name != "mixtral"]
-MOES = ["mixtral", "qwen2_moe", "qwen3_moe"]
+MOES = ["mixtral", "qwen2_moe", "qwen3_moe"]  # stored one tensor per expert, as the Hub holds them
+STACKED_MOES = ["gpt_oss"]  # experts stored as 3-D tensors
+DENSE = [name for name in ARCHS if name not in MOES + STACKED_MOES]
 RECIPE = yaml.safe_load((RECIPES_DIR / "qlora_7b.yaml").read_text())["model"]["init_args"]
 RECIPE_LORA = RECIPE["lora"]
 
@@ -194,7 +198,7 @@ def test_transformers_4_expert_names_are_refused_saying_where_the_experts_went(m
         build_causal_lm(str(model_dirs("mixtral")), None, "nf4", lora, device="meta")
 
 
-@pytest.mark.parametrize("name", DENSE + MOES)
+@pytest.mark.parametrize("name", DENSE + MOES + STACKED_MOES)
 def test_qlora_recipe_trains_and_its_adapter_reloads(name, model_dirs, tmp_path):
     from peft import PeftModel
 
@@ -218,7 +222,7 @@ def test_qlora_recipe_trains_and_its_adapter_reloads(name, model_dirs, tmp_path)
     _assert_same_tensors(reloaded, model)
 
 
-@pytest.mark.parametrize("name", DENSE + MOES)
+@pytest.mark.parametrize("name", DENSE + MOES + STACKED_MOES)
 def test_full_finetune_trains_keeps_ties_and_reloads(name, model_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
