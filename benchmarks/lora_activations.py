@@ -18,6 +18,12 @@ expert's ``gate_up`` matrix taken out; then the :data:`MOE_CHECK` sizes against 
 
     python benchmarks/lora_activations.py --moe      # ~6 minutes on one core
 
+``--qwen2-moe`` fits :data:`~lowmem_lightning.estimate.SHARED_EXPERT_ACTIVATION_BYTES` (Qwen2-MoE's shared expert,
+with LoRA on the attention or on the attention and the shared expert) from the :data:`SHARED_EXPERT_FIT` decoders
+against the MoE formula, every mode, dropout and targets; then the :data:`SHARED_EXPERT_CHECK` decoders.
+
+    python benchmarks/lora_activations.py --qwen2-moe   # ~8 minutes on one core
+
 ``--widths`` fits what the Llama-only tables leave out, on decoders whose attention is not ``hidden_size`` wide:
 :data:`~lowmem_lightning.estimate.ATTENTION_WIDTH_BYTES` and
 :data:`~lowmem_lightning.estimate.LORA_ATTENTION_WIDTH_BYTES` (bytes per token per element by which the query width
@@ -77,6 +83,7 @@ from lowmem_lightning.estimate import (
     LORA_TARGET_SETS,
     LOSS_BYTES_PER_VOCAB,
     NF4_DEQUANTIZE_BYTES,
+    SHARED_EXPERT_ACTIVATION_BYTES,
     _loss_bytes_per_vocab,
     activation_bytes,
     attention_extra_bytes,
@@ -289,6 +296,95 @@ def check_moe(rows: list[dict], mode: str) -> float:
         print(f"h{c['hidden_size']} i{c['intermediate_size']} E{c['num_local_experts']} k{c['num_experts_per_tok']} "
               f"{mode:>23} {'ckpt' if r['ckpt'] else 'full'}: profiled {r['peak']:>10,} B, formula/profiled "
               f"{predicted / r['peak']:.3f}")
+    return worst
+
+
+def _qwen2_moe(h: int, i: int, shared: int, layers: int, experts: int, top_k: int, vocab: int, heads: int, kv: int):
+    return {"model_type": "qwen2_moe", "hidden_size": h, "intermediate_size": shared, "moe_intermediate_size": i,
+            "shared_expert_intermediate_size": shared, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "vocab_size": vocab, "num_experts": experts, "num_experts_per_tok": top_k}
+
+
+SHARED_EXPERT_FIT = [_qwen2_moe(192, 128, 384, 2, 8, 2, 600, 4, 2), _qwen2_moe(256, 96, 256, 3, 32, 4, 600, 4, 4),
+                     _qwen2_moe(160, 160, 640, 2, 4, 1, 500, 5, 1), _qwen2_moe(128, 64, 256, 2, 48, 2, 500, 2, 2),
+                     _qwen2_moe(224, 64, 640, 2, 16, 4, 700, 7, 1), _qwen2_moe(192, 256, 192, 3, 4, 2, 600, 6, 2),
+                     _qwen2_moe(256, 128, 768, 2, 24, 1, 600, 4, 2), _qwen2_moe(160, 96, 320, 4, 64, 3, 500, 5, 5)]
+"""Qwen2-MoE decoders :data:`~lowmem_lightning.estimate.SHARED_EXPERT_ACTIVATION_BYTES` is fitted on (experts from 4
+to 64, top-k, expert and shared-expert widths, heads varied; the expert count not tied to the shared width)."""
+
+SHARED_EXPERT_SHAPES = [(2, 96), (3, 64)]
+"""``(batch, seq)`` profiled at each Qwen2-MoE size, with and without checkpointing."""
+
+SHARED_EXPERT_CHECK = [(_qwen2_moe(208, 112, 416, 2, 8, 2, 650, 4, 2), 2, 160),
+                       (_qwen2_moe(144, 144, 288, 3, 6, 3, 550, 3, 1), 3, 64),
+                       (_qwen2_moe(240, 80, 560, 2, 16, 4, 700, 6, 3), 1, 224),
+                       (_qwen2_moe(192, 48, 768, 2, 60, 4, 600, 4, 4), 2, 96)]  # Qwen1.5-MoE's: 60 small experts
+"""``(config, batch, seq)`` the shared-expert terms are checked on (not fitted)."""
+
+
+def _shared_expert_entries():
+    """Every :data:`~lowmem_lightning.estimate.SHARED_EXPERT_ACTIVATION_BYTES` entry: ``(mode, dropout > 0,
+    targets)``."""
+    return list(itertools.product(LORA_MODES, (False, True), ("all", "attention")))
+
+
+def _shared_expert_formula(config: dict, batch: int, seq: int, entry: tuple, ckpt: bool,
+                           without_table: bool = False) -> int:
+    """The QLoRA formula for a Qwen2-MoE ``config`` trained as ``entry`` (dropout 0.05, or 0.1 at batch 1 or 3); with
+    ``without_table`` its shared-expert terms left out."""
+    mode, dropped, targets = entry
+    saved = SHARED_EXPERT_ACTIVATION_BYTES[entry]
+    if without_table:
+        SHARED_EXPERT_ACTIVATION_BYTES[entry] = (0.0,) * len(saved)
+    try:
+        return lora_activation_bytes(config, batch, seq, base="nf4", mode=mode, targets=targets, rank=RANK,
+                                     dropout=(0.05 if batch == 2 else 0.1) if dropped else 0.0,
+                                     gradient_checkpointing=ckpt, device="cpu")
+    finally:
+        SHARED_EXPERT_ACTIVATION_BYTES[entry] = saved
+
+
+def _shared_expert_peak(config: dict, batch: int, seq: int, entry: tuple, ckpt: bool) -> int:
+    mode, dropped, targets = entry
+    dropout = (0.05 if batch == 2 else 0.1) if dropped else 0.0
+    model, autocast = build_lora_model(config, seq, "nf4", mode, dropout, targets, ckpt)
+    return profiled_peak(model, config["vocab_size"], batch, seq, autocast)
+
+
+def fit_shared_expert() -> dict:
+    """``entry -> (full_h, full_s, full_ki, full_kh, full_e, layer_h, layer_s, layer_ki, layer_kh, layer_e)``: least
+    squares of what each :data:`SHARED_EXPERT_FIT` decoder at each :data:`SHARED_EXPERT_SHAPES` holds per token beyond
+    the MoE formula, against ``[L * h, L * s, L * K * i, L * K * h, L * E]`` without checkpointing and the same with
+    one layer (``L = 1``) with it."""
+    table = {}
+    for entry in _shared_expert_entries():
+        pairs: dict[bool, list] = {False: [], True: []}
+        for config, (batch, seq), ckpt in itertools.product(SHARED_EXPERT_FIT, SHARED_EXPERT_SHAPES, (False, True)):
+            peak = _shared_expert_peak(config, batch, seq, entry, ckpt)
+            base = _shared_expert_formula(config, batch, seq, entry, ckpt, without_table=True)
+            h, layers, top_k = config["hidden_size"], config["num_hidden_layers"], config["num_experts_per_tok"]
+            held = 1 if ckpt else layers
+            features = [h, config["shared_expert_intermediate_size"], top_k * config["moe_intermediate_size"],
+                        top_k * h, config["num_experts"]]
+            pairs[ckpt].append(([held * f for f in features], (peak - base) / (batch * seq)))
+        table[entry] = _least_squares(pairs[False]) + _least_squares(pairs[True])
+        print(f"    {entry!r}: {table[entry]},", flush=True)
+    return table
+
+
+def check_shared_expert() -> float:
+    """Profile the :data:`SHARED_EXPERT_CHECK` decoders, every entry with and without checkpointing, against the
+    formula; print each ratio, return the largest ``|ratio - 1|``."""
+    worst = 0.0
+    for (config, batch, seq), entry, ckpt in itertools.product(SHARED_EXPERT_CHECK, _shared_expert_entries(),
+                                                               (False, True)):
+        peak = _shared_expert_peak(config, batch, seq, entry, ckpt)
+        ratio = _shared_expert_formula(config, batch, seq, entry, ckpt) / peak
+        worst = max(worst, abs(ratio - 1))
+        print(f"qwen2_moe h{config['hidden_size']} i{config['moe_intermediate_size']} "
+              f"s{config['shared_expert_intermediate_size']} E{config['num_experts']} k{config['num_experts_per_tok']} "
+              f"{batch}x{seq} {str(entry):>42} {'ckpt' if ckpt else 'full'}: profiled {peak:>10,} B, "
+              f"formula/profiled {ratio:.3f}", flush=True)
     return worst
 
 
@@ -627,6 +723,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fit", action="store_true", help="profile the FIT sizes and print the coefficients")
     parser.add_argument("--check", action="store_true", help="profile the CHECK sizes against the formula")
     parser.add_argument("--moe", action="store_true", help="fit the Mixtral (NF4 experts) terms, then check them")
+    parser.add_argument("--qwen2-moe", action="store_true",
+                        help="fit the Qwen2-MoE shared-expert terms, then check them")
     parser.add_argument("--gemma3", action="store_true", help="fit the Gemma 3 terms, then check them")
     parser.add_argument("--phi3", action="store_true", help="fit the Phi-3 terms, then check them")
     parser.add_argument("--gemma2", action="store_true", help="fit the Gemma 2 terms (eager), then check them")
@@ -641,6 +739,9 @@ def main(argv=None) -> int:
             print(f"    {mode!r}: {fit_moe(measure_moe(MOE_FIT, mode), mode)},", flush=True)
         worst = max(check_moe(measure_moe(MOE_CHECK, mode), mode) for mode in LORA_MODES)
         print(f"largest |formula / profiled - 1| (MoE): {worst:.3f}")
+    if args.qwen2_moe:
+        SHARED_EXPERT_ACTIVATION_BYTES.update(fit_shared_expert())  # checked as fitted (the table pasted from it)
+        print(f"largest |formula / profiled - 1| (qwen2_moe): {check_shared_expert():.3f}")
     if args.widths:
         width_table, norm_table = fit_widths(measure_widths())
         for key, value in width_table.items():

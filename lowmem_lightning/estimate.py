@@ -940,16 +940,18 @@ NF4_DEQUANTIZE_BYTES = {"cuda": {2: 2, 4: 4}, "cpu": {2: 10, 4: 8}}
 CUDA the Triton kernel writes the dense weight once (the element size); on the CPU the PyTorch reference
 also holds the int32 codes and fp32 values (torch's profiler: 10.0 B/weight into bf16, 8.06 into fp32)."""
 
-MOE_ACTIVATION_MODEL_TYPES = ("mixtral", "qwen3_moe")
+MOE_ACTIVATION_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
 """MoE ``config.model_type`` values :func:`lora_activation_bytes` models: a Llama-style decoder layer (Qwen3's with
 its q/k norms) with transformers' experts in every layer (:data:`MOE_CONFIG_KEYS`: how many of what width, and
 ``num_experts_per_tok`` per token) in NF4 (:class:`~lowmem_lightning.quant.Experts4bit`), under LoRA on the four
 attention projections (what the recipes' LoRA lands on there). Fitted on Mixtral, checked on Qwen3-MoE (``python
-benchmarks/lora_activations.py --widths``). Not modelled: other MoE layers (Qwen2-MoE's shared expert, dense layers
-among the sparse ones, ...), a dense or full-weight base."""
+benchmarks/lora_activations.py --widths``); Qwen2-MoE's shared expert, with or without LoRA on it (the recipes' seven
+names adapt it), adds :data:`SHARED_EXPERT_ACTIVATION_BYTES`. Not modelled: other MoE layers (dense layers among the
+sparse ones, ...), a dense or full-weight base."""
 
 MOE_CONFIG_KEYS = {"mixtral": ("intermediate_size", "num_local_experts"),
-                   "qwen3_moe": ("moe_intermediate_size", "num_experts")}
+                   "qwen3_moe": ("moe_intermediate_size", "num_experts"),
+                   "qwen2_moe": ("moe_intermediate_size", "num_experts")}
 """``model_type -> (config key of one expert's intermediate size, config key of the experts per layer)``."""
 
 MOE_LORA_ACTIVATION_COEFFICIENTS: dict[str, tuple[float, float, float, float, float, float]] = {
@@ -966,6 +968,51 @@ tensors without checkpointing, ``layer_*`` one layer recomputed and differentiat
 torch's CPU profiler at the ``MOE_FIT`` sizes of ``benchmarks/lora_activations.py`` (``--moe`` prints the table
 again and checks its ``MOE_CHECK`` sizes), with the Llama attention terms of :data:`LORA_ACTIVATION_COEFFICIENTS`
 and the decode transient of one expert's ``gate_up`` matrix taken out first."""
+
+SHARED_EXPERT_ACTIVATION_BYTES: dict[tuple[str, bool, str], tuple[float, ...]] = {
+    # (mode, dropout > 0, targets): (full_h, full_s, full_ki, full_kh, full_e, layer_h, layer_s, layer_ki, layer_kh,
+    #                                layer_e)
+    ('fp32', False, 'all'): (1.0, 16.2, 0.2, 0.4, 5.3, 6.5, 10.1, 1.1, -2.9, 7.5),
+    ('fp32', False, 'attention'): (2.7, 11.8, 0.5, 0.4, 9.1, 23.4, 6.9, 0.0, -3.8, 5.5),
+    ('fp32', True, 'all'): (1.0, 20.2, 0.2, 0.4, 5.3, -0.4, 15.3, 4.3, -1.6, 9.6),
+    ('fp32', True, 'attention'): (2.7, 11.8, 0.5, 0.4, 9.1, 23.4, 6.9, 0.0, -3.8, 5.5),
+    ('bf16', False, 'all'): (-4.0, 8.6, 1.2, 0.8, 4.9, 19.6, -0.4, 0.8, -4.7, -54.1),
+    ('bf16', False, 'attention'): (1.3, 5.7, 0.1, 0.1, 7.9, 21.4, -0.8, 0.3, -5.0, -58.0),
+    ('bf16', True, 'all'): (-7.1, 10.8, 2.0, 1.2, 4.9, 8.6, 2.0, 3.9, -3.2, -51.3),
+    ('bf16', True, 'attention'): (1.3, 5.7, 0.1, 0.1, 7.9, 21.4, -0.8, 0.3, -5.0, -58.0),
+    ('bf16-base-fp32-adapters', False, 'all'): (-7.2, 10.9, 2.1, 1.2, 4.9, 6.3, 2.0, 3.9, -3.2, -51.2),
+    ('bf16-base-fp32-adapters', False, 'attention'): (1.3, 5.7, 0.1, 0.1, 7.9, 21.4, -0.8, 0.3, -5.0, -58.0),
+    ('bf16-base-fp32-adapters', True, 'all'): (-7.4, 14.9, 2.1, 1.2, 4.9, 4.2, 7.8, 7.5, -2.2, -50.5),
+    ('bf16-base-fp32-adapters', True, 'attention'): (1.3, 5.7, 0.1, 0.1, 7.9, 21.4, -0.8, 0.3, -5.0, -58.0),
+    ('bf16-mixed', False, 'all'): (-4.1, 9.1, 1.1, 0.9, 5.0, 19.2, 0.0, 0.9, -4.6, -54.3),
+    ('bf16-mixed', False, 'attention'): (1.8, 5.6, 0.0, 0.2, 8.6, 21.3, -0.8, 0.3, -5.0, -58.6),
+    ('bf16-mixed', True, 'all'): (-7.2, 11.3, 1.9, 1.3, 5.0, 7.6, 2.6, 4.2, -3.1, -51.7),
+    ('bf16-mixed', True, 'attention'): (1.8, 5.6, 0.0, 0.2, 8.6, 21.3, -0.8, 0.3, -5.0, -58.6),
+}
+"""Bytes per token that a Qwen2-MoE layer (``model_type`` ``qwen2_moe``: the experts plus a shared expert, a Llama MLP
+of ``shared_expert_intermediate_size`` ``s`` scaled by a sigmoid gate, and q/k/v biases) holds beyond the MoE formula's
+Mixtral layer, under QLoRA on its attention (``attention``) or on the attention and the shared expert (``all``: the
+recipes' seven names): ``h * hidden_size + s * s + ki * K * i + kh * K * h + e * E`` per token per held layer
+(``full_*`` every layer without checkpointing, ``layer_*`` the recomputed one with it), by :data:`LORA_MODES` mode,
+dropout > 0 and targets. Least squares over torch's CPU profiler on the ``SHARED_EXPERT_FIT`` decoders of ``python
+benchmarks/lora_activations.py --qwen2-moe``, checked on its ``SHARED_EXPERT_CHECK`` ones."""
+
+
+def _shared_expert_terms(config, mode: str, dropped: bool, key: str) -> tuple[float, float, int]:
+    """``(full bytes per token, recomputed-layer bytes per token, elements of its largest projection)`` that a
+    Qwen2-MoE shared expert adds (:data:`SHARED_EXPERT_ACTIVATION_BYTES`); ``(0, 0, 0)`` for another model type."""
+    if _model_type(config) != "qwen2_moe":
+        return 0.0, 0.0, 0
+    width_key, experts_key = MOE_CONFIG_KEYS["qwen2_moe"]
+    h, i = _config_value(config, "hidden_size"), _config_value(config, width_key)
+    experts, top_k = _config_value(config, experts_key), _config_value(config, "num_experts_per_tok")
+    shared = _config_value(config, "shared_expert_intermediate_size")
+    features = (h, shared, top_k * i, top_k * h, experts)
+    table = SHARED_EXPERT_ACTIVATION_BYTES[(mode, dropped, key)]
+    full = sum(c * f for c, f in zip(table[:5], features))
+    layer = sum(c * f for c, f in zip(table[5:], features))
+    return full, layer, h * shared
+
 
 _LORA_BASES = ("nf4", "dense")
 _LORA_DEVICES = tuple(NF4_DEQUANTIZE_BYTES)
@@ -1050,7 +1097,7 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     family_layer, once = _layer_family_terms(config, (base, mode, dropout > 0, key), gradient_checkpointing)
     widths = attention_extra_bytes(config, (base, mode, dropout > 0)) + family_layer
     if _is_moe(config):
-        mlp_full, mlp_layer, decoded = _moe_terms(config, base, mode, key)
+        mlp_full, mlp_layer, decoded = _moe_terms(config, base, mode, key, dropout > 0)
     transient = NF4_DEQUANTIZE_BYTES[device][d] * decoded if base == "nf4" else 0
     n = batch_size * seq_len
     loss = n * _loss_bytes_per_vocab(config, d) * vocab
@@ -1097,13 +1144,16 @@ def _dense_layers_among_experts(config) -> str:
     return "" if step in (None, 1) else f"decoder_sparse_step={step!r}"
 
 
-def _moe_terms(config, base: str, mode: str, key: str) -> tuple[float, float, int]:
-    """``(full MLP bytes per token, recomputed-layer MLP bytes per token, elements of one expert's gate_up matrix)``
-    of a :data:`MOE_ACTIVATION_MODEL_TYPES` layer (:data:`MOE_LORA_ACTIVATION_COEFFICIENTS`); ``ValueError`` for a
-    base or targets they were not fitted to."""
-    if base != "nf4" or key != "attention":
+def _moe_terms(config, base: str, mode: str, key: str, dropped: bool = False) -> tuple[float, float, int]:
+    """``(full MLP bytes per token, recomputed-layer MLP bytes per token, elements of the largest matrix decoded)``
+    of a :data:`MOE_ACTIVATION_MODEL_TYPES` layer (:data:`MOE_LORA_ACTIVATION_COEFFICIENTS`: the experts, one
+    expert's gate_up matrix; a Qwen2-MoE shared expert's :func:`_shared_expert_terms`); ``ValueError`` for a base or
+    targets they were not fitted to (``dropped``: LoRA dropout > 0)."""
+    shared = _model_type(config) == "qwen2_moe"
+    if base != "nf4" or key not in (("attention", "all") if shared else ("attention",)):
         raise ValueError(f"Invalid base={base!r} / targets={key!r} for an MoE model: its activations are modelled for "
-                         "LoRA on the attention projections over NF4 experts only.")
+                         "LoRA on the attention projections over NF4 experts only (Qwen2-MoE: or on its shared "
+                         "expert too).")
     width_key, experts_key = MOE_CONFIG_KEYS[_model_type(config)]
     h, i = _config_value(config, "hidden_size"), _config_value(config, width_key)
     experts, top_k = _config_value(config, experts_key), _config_value(config, "num_experts_per_tok")
@@ -1111,8 +1161,10 @@ def _moe_terms(config, base: str, mode: str, key: str) -> tuple[float, float, in
     if dense:
         raise ValueError(f"Invalid config {dense}: its activations are modelled with experts in every layer.")
     full_ki, full_kh, full_e, layer_ki, layer_kh, layer_e = MOE_LORA_ACTIVATION_COEFFICIENTS[mode]
-    return (full_ki * top_k * i + full_kh * top_k * h + full_e * experts,
-            layer_ki * top_k * i + layer_kh * top_k * h + layer_e * experts, 2 * i * h)
+    shared_full, shared_layer, shared_decoded = _shared_expert_terms(config, mode, dropped, key)
+    return (full_ki * top_k * i + full_kh * top_k * h + full_e * experts + shared_full,
+            layer_ki * top_k * i + layer_kh * top_k * h + layer_e * experts + shared_layer,
+            max(2 * i * h, shared_decoded))
 
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -1311,10 +1363,11 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
     model_type = getattr(config, "model_type", None)
     if model_type in MOE_ACTIVATION_MODEL_TYPES:
         lora = _lora_setting(model)
-        if lora is None or lora["targets"] != LORA_TARGET_SETS["attention"] or not any(
-                _is_experts4bit(m) for m in model.modules()):
+        fitted = [LORA_TARGET_SETS["attention"]] + ([LORA_TARGET_SETS["all"]] if model_type == "qwen2_moe" else [])
+        if lora is None or lora["targets"] not in fitted or not any(_is_experts4bit(m) for m in model.modules()):
+            shared = ", or on its shared expert too" if len(fitted) > 1 else ""
             return None, (f"not modelled for this {model_type} model (fitted to LoRA on the attention projections "
-                          "over NF4 experts)")
+                          f"over NF4 experts{shared})")
         if _dense_layers_among_experts(config):
             return None, (f"not modelled for a {model_type} model with dense layers among its experts "
                           f"({_dense_layers_among_experts(config)})")

@@ -541,6 +541,50 @@ def test_moe_activations_are_modelled_for_qlora_on_the_attention_over_nf4_expert
         lora_activation_bytes({**config, "decoder_sparse_step": 2}, 1, 128, targets="attention")
 
 
+@pytest.mark.parametrize("check, entry, checkpointing", [
+    (0, ("bf16-mixed", True, "all"), True),  # the QLoRA recipe's setting: its seven names adapt the shared expert
+    (0, ("bf16-mixed", True, "all"), False),
+    (1, ("fp32", False, "attention"), True),
+    (2, ("bf16", True, "all"), False),
+    (2, ("bf16-base-fp32-adapters", False, "attention"), True),
+])
+def test_shared_expert_lora_activation_formula_within_10_percent_of_the_profiler(check, entry, checkpointing):
+    """QLoRA on Qwen2-MoE decoders (NF4 experts, a shared expert with or without LoRA) at sizes its terms were not
+    fitted on (``benchmarks/lora_activations.py --qwen2-moe`` checks every entry)."""
+    bench = _lora_bench()
+    torch.set_num_threads(1)
+    config, batch, seq = bench.SHARED_EXPERT_CHECK[check]
+    measured = bench._shared_expert_peak(config, batch, seq, entry, checkpointing)
+    predicted = bench._shared_expert_formula(config, batch, seq, entry, checkpointing)
+    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+def test_qwen2_moe_activations_are_modelled_for_the_qlora_recipe():
+    """``lowmem estimate``'s figure for the QLoRA recipe on Qwen2-MoE (the seven names adapt its attention and shared
+    expert) and for LoRA on its attention alone is the MoE formula's with the shared-expert terms; its largest decoded
+    matrix is the shared expert's where that is wider than an expert's gate_up."""
+    from lowmem_lightning.estimate import _moe_terms, lora_activation_bytes, model_activation_bytes
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    arch = {"model_type": "qwen2_moe", "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2}
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the recipes' names
+    for targets, key, count in ((seven, "all", 7), (seven[:4], "attention", 4)):
+        lora = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": targets}
+        model = build_causal_lm(None, arch, "nf4", lora, device="meta", torch_dtype="bfloat16")
+        nbytes, detail = model_activation_bytes(model, 1, 128, True, "bf16-mixed", "cuda")
+        config = {**arch, "vocab_size": model.config.vocab_size}
+        assert nbytes == lora_activation_bytes(config, 1, 128, mode="bf16-mixed", dropout=0.05, targets=key)
+        assert f"LoRA r=16 on {count} projections" in detail, detail
+    assert _moe_terms(config, "nf4", "bf16-mixed", "all", True)[2] == 64 * 128  # the shared expert's, not 2 * 64 * 32
+    mixtral = {**config, "model_type": "mixtral", "intermediate_size": 32, "num_local_experts": 4}
+    assert lora_activation_bytes(config, 1, 128, targets="all", gradient_checkpointing=False) > lora_activation_bytes(
+        mixtral, 1, 128, targets="attention", gradient_checkpointing=False)
+    with pytest.raises(ValueError, match="attention projections over NF4 experts only"):
+        lora_activation_bytes(mixtral, 1, 128, targets="all")  # no shared expert: the seven names are not fitted
+
+
 WIDTH_CASES = [
     # (check index, setting, targets, checkpointing)
     (0, ("full", 2), None, False),  # grouped-query Llama, head_dim 48 (q 1.5 h, kv h / 2)

@@ -160,6 +160,8 @@ def test_the_recipes_lora_lands_on_the_architectures_linear_projections(name, mo
         assert nbytes > 0 and "LoRA r=16 on 4 projections" in detail, detail
     elif model_type in ("mixtral", "qwen3_moe"):  # NF4 experts, LoRA on the attention: the MoE formula's
         assert nbytes > 0 and "LoRA r=16 on 4 projections" in detail, detail
+    elif model_type == "qwen2_moe":  # the seven names adapt its attention and shared expert: the MoE formula's
+        assert nbytes > 0 and "LoRA r=16 on 7 projections" in detail, detail
     else:
         assert nbytes is None and detail.startswith(f"not modelled for model_type {model_type!r}"), detail
 
