@@ -412,9 +412,13 @@ WIDTH_CHECK = [
     ({**_width_config("qwen3_moe", 8, 2, 32, {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2,
                                               "vocab_size": 600}),
       "moe_intermediate_size": 128, "num_experts": 16, "num_experts_per_tok": 4}, 2, 96),
+    ({**_width_config("olmoe", 4, 2, 48, {"hidden_size": 192, "intermediate_size": 64, "num_hidden_layers": 2,
+                                          "vocab_size": 600}),
+      "num_experts": 64, "num_experts_per_tok": 8}, 1, 192),
 ]
 """``(config, batch, seq)`` the width and norm terms are checked on (not fitted): grouped-query Llama with a
-narrower ``head_dim``, Qwen3 with wider and narrower attention than ``hidden_size``, a Qwen3-MoE (QLoRA only)."""
+narrower ``head_dim``, Qwen3 with wider and narrower attention than ``hidden_size``, a Qwen3-MoE and an OLMoE (64
+experts, top-8, as OLMoE-1B-7B; QLoRA only)."""
 
 
 def build_full_model(config: dict, seq: int, dtype: torch.dtype, checkpointing: bool, attention: str = "sdpa"):

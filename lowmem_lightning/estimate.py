@@ -403,9 +403,10 @@ LORA_ATTENTION_WIDTH_BYTES: dict[tuple[str, str, bool], tuple[float, float]] = {
 > 0 (``o_proj``'s adapter drops out its query-wide input), pooled over the targets (all seven or the attention
 projections) and checkpointing (``--widths`` prints this table)."""
 
-QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")
-"""``config.model_type`` values whose attention normalizes each head's query and key (``q_norm``, ``k_norm``: an
-RMSNorm over ``head_dim``) before the rotary embedding: :data:`QK_NORM_BYTES` applies."""
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "olmoe")
+"""``config.model_type`` values whose attention normalizes its queries and keys (``q_norm``, ``k_norm``: an
+RMSNorm over each head's ``head_dim``, or OLMoE's over the whole query / key width: as many elements) before the
+rotary embedding: :data:`QK_NORM_BYTES` applies."""
 
 QK_NORM_BYTES: dict[int | str, float] = {2: 6.1, 4: 8.1, "fp32": 4.1, "bf16": 4.1, "bf16-base-fp32-adapters": 4.1,
                                          "bf16-mixed": 4.1}
@@ -659,6 +660,8 @@ def unmodelled_layer(config, seq_len: int) -> str:
     if _model_type(config) == "phi3":
         dropout = {key: get(key) for key in ("resid_pdrop", "embd_pdrop", "attention_dropout") if get(key)}
         return "Phi-3 with dropout (" + _settings(dropout) + ")" if dropout else ""
+    if _model_type(config) == "olmoe" and get("clip_qkv") is not None:
+        return f"OLMoE with clip_qkv={get('clip_qkv')!r}"
     if _model_type(config) == "gpt_neox":
         if get("use_parallel_residual") is False:
             return "GPT-NeoX without the parallel residual (use_parallel_residual=False)"
@@ -940,18 +943,20 @@ NF4_DEQUANTIZE_BYTES = {"cuda": {2: 2, 4: 4}, "cpu": {2: 10, 4: 8}}
 CUDA the Triton kernel writes the dense weight once (the element size); on the CPU the PyTorch reference
 also holds the int32 codes and fp32 values (torch's profiler: 10.0 B/weight into bf16, 8.06 into fp32)."""
 
-MOE_ACTIVATION_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
+MOE_ACTIVATION_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
 """MoE ``config.model_type`` values :func:`lora_activation_bytes` models: a Llama-style decoder layer (Qwen3's with
 its q/k norms) with transformers' experts in every layer (:data:`MOE_CONFIG_KEYS`: how many of what width, and
 ``num_experts_per_tok`` per token) in NF4 (:class:`~lowmem_lightning.quant.Experts4bit`), under LoRA on the four
 attention projections (what the recipes' LoRA lands on there). Fitted on Mixtral, checked on Qwen3-MoE (``python
-benchmarks/lora_activations.py --widths``); Qwen2-MoE's shared expert, with or without LoRA on it (the recipes' seven
+benchmarks/lora_activations.py --widths``) and OLMoE (Qwen3-MoE's layer: q/k norms, no shared expert; its
+``clip_qkv`` not modelled); Qwen2-MoE's shared expert, with or without LoRA on it (the recipes' seven
 names adapt it), adds :data:`SHARED_EXPERT_ACTIVATION_BYTES`. Not modelled: other MoE layers (dense layers among the
 sparse ones, ...), a dense or full-weight base."""
 
 MOE_CONFIG_KEYS = {"mixtral": ("intermediate_size", "num_local_experts"),
                    "qwen3_moe": ("moe_intermediate_size", "num_experts"),
-                   "qwen2_moe": ("moe_intermediate_size", "num_experts")}
+                   "qwen2_moe": ("moe_intermediate_size", "num_experts"),
+                   "olmoe": ("intermediate_size", "num_experts")}
 """``model_type -> (config key of one expert's intermediate size, config key of the experts per layer)``."""
 
 MOE_LORA_ACTIVATION_COEFFICIENTS: dict[str, tuple[float, float, float, float, float, float]] = {

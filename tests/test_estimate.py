@@ -597,6 +597,8 @@ WIDTH_CASES = [
     (1, ("full", 4), None, True),
     (3, ("lora", "nf4", "bf16-mixed", True), "attention", True),  # Qwen3-MoE under QLoRA
     (3, ("lora", "nf4", "fp32", False), "attention", False),
+    (4, ("lora", "nf4", "bf16-mixed", True), "attention", True),  # OLMoE: Qwen3-MoE's layer, 64 experts, top-8
+    (4, ("lora", "nf4", "fp32", False), "attention", False),
 ]
 
 

@@ -57,11 +57,12 @@ ARCHS = {
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, ATTENTION),
     "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, **MOE, "shared_expert_intermediate_size": 64}, LLAMA),
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, **MOE, "head_dim": 16}, ATTENTION),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32}, ATTENTION),
     "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
                                  "sliding_window": 32},
                 ATTENTION),  # experts stored 3-D (and, on the Hub, in MXFP4: tests/test_mxfp4_checkpoint.py)
 }
-MOES = ["mixtral", "qwen2_moe", "qwen3_moe"]  # stored one tensor per expert, as the Hub holds them
+MOES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]  # stored one tensor per expert, as the Hub holds them
 STACKED_MOES = ["gpt_oss"]  # experts stored as 3-D tensors
 DENSE = [name for name in ARCHS if name not in MOES + STACKED_MOES]
 RECIPE = yaml.safe_load((RECIPES_DIR / "qlora_7b.yaml").read_text())["model"]["init_args"]
@@ -158,7 +159,7 @@ def test_the_recipes_lora_lands_on_the_architectures_linear_projections(name, mo
         assert ("eager attention" in detail) == (model_type == "gemma2"), detail  # Gemma 2 runs eagerly only
     elif model_type in ("phi3", "gpt_neox"):  # the recipe's seven names became its four (fused) projections
         assert nbytes > 0 and "LoRA r=16 on 4 projections" in detail, detail
-    elif model_type in ("mixtral", "qwen3_moe"):  # NF4 experts, LoRA on the attention: the MoE formula's
+    elif model_type in ("mixtral", "qwen3_moe", "olmoe"):  # NF4 experts, LoRA on the attention: the MoE formula's
         assert nbytes > 0 and "LoRA r=16 on 4 projections" in detail, detail
     elif model_type == "qwen2_moe":  # the seven names adapt its attention and shared expert: the MoE formula's
         assert nbytes > 0 and "LoRA r=16 on 7 projections" in detail, detail

@@ -191,9 +191,9 @@ def estimate_main(argv: Sequence[str]) -> int:
         "activations are of the recipe's --data.batch_size, --data.seq_len, --model.gradient_checkpointing, "
         "--trainer.precision, --model.attn_implementation (sdpa, eager), --data.pack and --data.isolate_documents "
         "(decoders of the Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3 and GPT-NeoX families: full-weight, or LoRA on "
-        "every linear projection or the attention ones of a 4-bit or frozen base; Mixtral, Qwen2-MoE and Qwen3-MoE "
-        "under QLoRA; packed documents kept apart add their attention mask; what is not modelled is left out and said "
-        "so).",
+        "every linear projection or the attention ones of a 4-bit or frozen base; Mixtral, Qwen2-MoE, Qwen3-MoE and "
+        "OLMoE under QLoRA; packed documents kept apart add their attention mask; what is not modelled is left out "
+        "and said so).",
     )
     parser.add_argument("-c", "--config", required=True, help="Recipe: a YAML file or a bundled recipe name.")
     parser.add_argument("--budget-gb", type=float, default=None, help="Device memory budget in GB (10**9 bytes).")
