@@ -585,6 +585,28 @@ def test_qwen2_moe_activations_are_modelled_for_the_qlora_recipe():
         lora_activation_bytes(mixtral, 1, 128, targets="all")  # no shared expert: the seven names are not fitted
 
 
+def test_olmoe_is_modelled_as_qwen3_moe_layers_and_clip_qkv_is_said_not_modelled():
+    """OLMoE under the QLoRA recipe gets the MoE formula with the q/k-norm terms (its norms span the whole query and key
+    widths: as many elements as Qwen3's per-head ones); a config with ``clip_qkv`` says why not."""
+    from lowmem_lightning.estimate import lora_activation_bytes, model_activation_bytes
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    arch = {"model_type": "olmoe", "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    model = build_causal_lm(None, arch, "nf4", lora, device="meta", torch_dtype="bfloat16")
+    nbytes, detail = model_activation_bytes(model, 1, 128, False, "bf16-mixed", "cuda")
+    config = {**arch, "vocab_size": model.config.vocab_size}
+    assert nbytes == lora_activation_bytes(config, 1, 128, dropout=0.05, targets="attention",
+                                           gradient_checkpointing=False)
+    as_qwen3 = {**config, "model_type": "qwen3_moe", "moe_intermediate_size": 32, "head_dim": 16}
+    assert nbytes == lora_activation_bytes(as_qwen3, 1, 128, dropout=0.05, targets="attention",
+                                           gradient_checkpointing=False)
+    clipped = build_causal_lm(None, {**arch, "clip_qkv": 8.0}, "nf4", lora, device="meta", torch_dtype="bfloat16")
+    nbytes, detail = model_activation_bytes(clipped, 1, 128, True, "bf16-mixed", "cuda")
+    assert nbytes is None and "OLMoE with clip_qkv=8.0" in detail, detail
+
+
 WIDTH_CASES = [
     # (check index, setting, targets, checkpointing)
     (0, ("full", 2), None, False),  # grouped-query Llama, head_dim 48 (q 1.5 h, kv h / 2)
