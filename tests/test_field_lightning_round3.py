@@ -700,6 +700,19 @@ def test_detect_anomaly_and_deterministic_change_nothing():
     assert _equal(_params_after(None), _params_after(None, deterministic=True))
 
 
+def test_barebones_trains_as_without_it_and_writes_and_prints_nothing(tmp_path, monkeypatch, capsys):
+    """``Trainer(barebones=True)`` (Lightning's raw-speed mode: no logging, no model summary, nothing written) trains
+    ours as it trains without it; the callback keeps its summary in ``monitor.summary`` but prints no summary and
+    writes no ``state_memory.png`` (it did, into the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    module, callback = Project(), LowMemOptimizerCallback("adamw_8bit")
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=2, barebones=True, callbacks=[callback]).fit(module)
+    assert _equal([p.detach() for p in module.parameters()], _params_after("adamw_8bit"))
+    assert list(tmp_path.iterdir()) == []
+    assert "LowMemOptimizerCallback" not in capsys.readouterr().out
+    assert callback.monitor.summary["bytes_per_param"] > 0
+
+
 def test_max_time_stop_then_resume_continues_exactly(tmp_path, monkeypatch):
     """``Trainer(max_time=...)`` stops mid-epoch (a clock that advances 1 s per reading: the stop step is fixed);
     the fit resumed from its ``last.ckpt`` with more time reaches step 20 with the weights of 20 straight steps."""

@@ -98,7 +98,9 @@ class StateMemoryMonitor(L.Callback):
     (with ``log_state_memory``; :data:`~lowmem_lightning.callbacks.run_record.SUMMARY_METRICS`) and writes
     ``state_memory.png`` into the log dir when matplotlib is installed: state MiB per step (device and host for
     paged optimizers) against fp32 AdamW's, with the training and validation loss. A failure to write the plot or
-    print the summary is a warning naming the path and the error, never a failed fit.
+    print the summary is a warning naming the path and the error, never a failed fit. Under ``Trainer(barebones=True)``
+    (Lightning's raw-speed mode: no logging, no model summary, nothing written) the summary is kept in :attr:`summary`
+    but neither printed nor plotted; the warnings and the stop on skipped updates stay.
 
     Under ``strategy="ddp_spawn"`` (ranks started as new processes that receive a pickled copy of this
     callback) the fit runs in those processes: after ``trainer.fit`` returns, rank 0's :attr:`summary` is sent
@@ -206,7 +208,7 @@ class StateMemoryMonitor(L.Callback):
         # its gloo work object could still be released on gloo's thread while a ddp_spawn rank's interpreter was
         # exiting: that thread, taking the GIL during finalization, aborted the rank (SIGABRT, "terminate called
         # without an active exception"; a core dump showed ~AsyncBroadcastWork -> take_gil -> pthread_exit).
-        self._log_dir = trainer.log_dir if self.plot else None
+        self._log_dir = trainer.log_dir if self.plot and not trainer.barebones else None
         self.optimizers = list(self._tracked[0]) if self._tracked else list(trainer.optimizers)
         self.history = StateHistory()
         self._peak, self._pending_losses, self._max_state_bytes = {}, [], 0
@@ -402,7 +404,7 @@ class StateMemoryMonitor(L.Callback):
                                    f"{type(err).__name__}: {err}", category=LowMemWarning)
         self.summary["plot"] = plot_path
         self.summary["checkpoint_note"] = no_checkpoint_note(trainer)
-        if self.print_summary:
+        if self.print_summary and not trainer.barebones:
             rank_zero_info(format_summary(self.summary, plot_path))
 
 
