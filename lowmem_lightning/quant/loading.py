@@ -185,18 +185,18 @@ def _read_config(path: Path):
         raise ModelFileError(file, f"cannot be read by transformers ({_brief(err)}).") from None
 
 
-def _refuse_prequantized(path: Path, config) -> None:
-    """:class:`ModelFileError` naming ``config.json`` for a checkpoint stored already quantized (its
-    ``quantization_config``: bitsandbytes' 4-bit Hub uploads, GPTQ, AWQ, FP8, ...), whose tensors (packed codes and
-    scales under their own names) this loader does not read. MXFP4 (gpt-oss's experts) is read: its experts are
-    decoded as they stream (:mod:`.mxfp4`), so its declaration is dropped from ``config`` (the loaded model holds
-    them in NF4 or the load dtype, as transformers' ``Mxfp4Config(dequantize=True)`` drops it)."""
+def _declares_mxfp4(path: Path, config) -> bool:
+    """Whether ``config`` declares MXFP4 experts (gpt-oss's Hub release), which this loader decodes as they stream
+    (:mod:`.mxfp4`): the declaration is then dropped from ``config`` (the loaded model holds them in NF4 or the load
+    dtype, as transformers' ``Mxfp4Config(dequantize=True)`` drops it). :class:`ModelFileError` naming ``config.json``
+    for a checkpoint stored in another quantized format (its ``quantization_config``: bitsandbytes' 4-bit Hub uploads,
+    GPTQ, AWQ, FP8, ...), whose tensors (packed codes and scales under their own names) this loader does not read."""
     method = declared_quant_method(config)
     if method is None:
-        return
+        return False
     if method == MXFP4_METHOD:
         del config.quantization_config
-        return
+        return True
     raise ModelFileError(path / "config.json", (
         f"declares a checkpoint stored already quantized (quantization_config.quant_method={method!r}); lowmem reads "
         "full-precision safetensors (bf16, fp16 or fp32; MXFP4 experts too) and quantizes them itself. Use the "
@@ -498,7 +498,6 @@ class Mxfp4Parts(tuple):
     ``((blocks file, blocks key), (scales file, scales key))``."""
 
     blocks = property(lambda self: self[0])
-    scales = property(lambda self: self[1])
 
 
 def _mxfp4_entry(path: Path, target: str, stored: dict, param_shape: tuple) -> tuple[Path, Mxfp4Parts, str]:
@@ -760,8 +759,7 @@ def _planned_model(path: Path, quantize: str | None, dtype: torch.dtype, skip, b
     headers alone (:func:`_plan`): every :class:`ModelFileError` :func:`load_pretrained_causal_lm` raises before it
     reads tensor data is raised here (options checked by :func:`_checked_options`)."""
     config = _read_config(path)
-    mxfp4 = declared_quant_method(config) == MXFP4_METHOD
-    _refuse_prequantized(path, config)
+    mxfp4 = _declares_mxfp4(path, config)
     files, weight_map = _checkpoint_layout(path)
     headers = _read_headers(files)
     model = _build(config, path, dtype)
