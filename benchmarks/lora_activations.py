@@ -22,7 +22,7 @@ expert's ``gate_up`` matrix taken out; then the :data:`MOE_CHECK` sizes against 
 with LoRA on the attention or on the attention and the shared expert) from the :data:`SHARED_EXPERT_FIT` decoders
 against the MoE formula, every mode, dropout and targets; then the :data:`SHARED_EXPERT_CHECK` decoders.
 
-    python benchmarks/lora_activations.py --qwen2-moe   # ~8 minutes on one core
+    python benchmarks/lora_activations.py --qwen2-moe   # ~10 minutes on one core
 
 ``--widths`` fits what the Llama-only tables leave out, on decoders whose attention is not ``hidden_size`` wide:
 :data:`~lowmem_lightning.estimate.ATTENTION_WIDTH_BYTES` and
