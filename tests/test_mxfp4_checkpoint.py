@@ -219,3 +219,22 @@ def test_the_readme_figure_of_gpt_oss_20b_frozen_weights(capsys, monkeypatch, tm
                              "--model.model_name_or_path", str(tmp_path / "gpt-oss-20b"), "--format", "json")
     assert done.returncode == 0, done.err
     assert round(json.loads(done.stdout)["frozen_bytes"] / 1e9, 1) == 12.5
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_release_loads_to_the_same_tensors_as_on_the_cpu(hub_release):
+    """The loader on CUDA (each expert decoded on the device, quantized by the Triton kernel): every tensor equals the
+    CPU load's, and the decode itself equals the CPU decode bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cpu = load_pretrained_causal_lm(hub_release).state_dict()
+    cuda = load_pretrained_causal_lm(hub_release, device="cuda").state_dict()
+    assert cpu.keys() == cuda.keys()
+    for key, tensor in cpu.items():
+        assert torch.equal(cuda[key].cpu(), tensor), key
+    gen = torch.Generator().manual_seed(2)
+    blocks = torch.randint(0, 256, (64, 8, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(0, 255, (64, 8), dtype=torch.uint8, generator=gen)
+    for dtype in (torch.bfloat16, torch.float32):
+        on_cuda = decode_mxfp4(blocks.cuda(), scales.cuda(), dtype).cpu()
+        assert torch.equal(on_cuda.view(torch.uint8), decode_mxfp4(blocks, scales, dtype).view(torch.uint8))
