@@ -1003,17 +1003,16 @@ dropout > 0 and targets. Least squares over torch's CPU profiler on the ``SHARED
 benchmarks/lora_activations.py --qwen2-moe``, checked on its ``SHARED_EXPERT_CHECK`` ones."""
 
 
-def _shared_expert_terms(config, mode: str, dropped: bool, key: str) -> tuple[float, float, int]:
+def _shared_expert_terms(config, entry: tuple[str, bool, str], h: int, i: int, experts: int,
+                         top_k: int) -> tuple[float, float, int]:
     """``(full bytes per token, recomputed-layer bytes per token, elements of its largest projection)`` that a
-    Qwen2-MoE shared expert adds (:data:`SHARED_EXPERT_ACTIVATION_BYTES`); ``(0, 0, 0)`` for another model type."""
+    Qwen2-MoE shared expert adds (:data:`SHARED_EXPERT_ACTIVATION_BYTES` ``entry``; ``h``, ``i``, ``experts``,
+    ``top_k`` as :func:`_moe_terms` read them); ``(0, 0, 0)`` for another model type."""
     if _model_type(config) != "qwen2_moe":
         return 0.0, 0.0, 0
-    width_key, experts_key = MOE_CONFIG_KEYS["qwen2_moe"]
-    h, i = _config_value(config, "hidden_size"), _config_value(config, width_key)
-    experts, top_k = _config_value(config, experts_key), _config_value(config, "num_experts_per_tok")
     shared = _config_value(config, "shared_expert_intermediate_size")
     features = (h, shared, top_k * i, top_k * h, experts)
-    table = SHARED_EXPERT_ACTIVATION_BYTES[(mode, dropped, key)]
+    table = SHARED_EXPERT_ACTIVATION_BYTES[entry]
     full = sum(c * f for c, f in zip(table[:5], features))
     layer = sum(c * f for c, f in zip(table[5:], features))
     return full, layer, h * shared
@@ -1166,7 +1165,8 @@ def _moe_terms(config, base: str, mode: str, key: str, dropped: bool = False) ->
     if dense:
         raise ValueError(f"Invalid config {dense}: its activations are modelled with experts in every layer.")
     full_ki, full_kh, full_e, layer_ki, layer_kh, layer_e = MOE_LORA_ACTIVATION_COEFFICIENTS[mode]
-    shared_full, shared_layer, shared_decoded = _shared_expert_terms(config, mode, dropped, key)
+    shared_full, shared_layer, shared_decoded = _shared_expert_terms(config, (mode, dropped, key), h, i, experts,
+                                                                     top_k)
     return (full_ki * top_k * i + full_kh * top_k * h + full_e * experts + shared_full,
             layer_ki * top_k * i + layer_kh * top_k * h + layer_e * experts + shared_layer,
             max(2 * i * h, shared_decoded))
