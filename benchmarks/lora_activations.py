@@ -57,6 +57,19 @@ attention and MLP block, with LoRA on its 4 projections).
 
     python benchmarks/lora_activations.py --neox     # ~6 minutes on one core
 
+``--granite`` fits nothing either: it checks :data:`~lowmem_lightning.estimate.GRANITE_ACTIVATION_BYTES` (one more
+``hidden_size``-wide tensor than Llama's layer, measured exact) on the :data:`LAYER_CHECK` Granite decoders, every
+setting as ``--widths``.
+
+    python benchmarks/lora_activations.py --granite  # ~3 minutes on one core
+
+``--kin`` fits nothing: it profiles the decoders whose layer is Llama's or Qwen3's under another name
+(:data:`KIN_MODEL_TYPES`: Ministral 3, Seed-OSS, SmolLM3, Hunyuan dense) and the Llama or Qwen3 decoder of the same
+shapes at the :data:`KIN_SHAPES`, every setting as ``--widths``, and prints each peak's ratio to its reference's and
+the formula's ratio to it: the check behind their place in :data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES`.
+
+    python benchmarks/lora_activations.py --kin      # ~10 minutes on one core
+
 ``--eager`` fits :data:`~lowmem_lightning.estimate.EAGER_ATTENTION_BYTES` (what transformers' eager attention holds
 beyond SDPA: the ``seq**2`` scores, the repeated key/value heads, one float mask) from the profiled peak of eager less
 SDPA's on the :data:`EAGER_FIT` Llama decoders, every :data:`EAGER_SETTINGS` entry with and without checkpointing;
@@ -82,6 +95,7 @@ from lowmem_lightning.estimate import (
     LORA_MODES,
     LORA_TARGET_SETS,
     LOSS_BYTES_PER_VOCAB,
+    MOE_ACTIVATION_MODEL_TYPES,
     NF4_DEQUANTIZE_BYTES,
     SHARED_EXPERT_ACTIVATION_BYTES,
     _loss_bytes_per_vocab,
@@ -524,9 +538,59 @@ def _formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | 
 def check_widths() -> float:
     """Profile :data:`WIDTH_CHECK` (a Qwen3-MoE: QLoRA on the attention only) against the formulas; print each
     ratio and return the largest ``|ratio - 1|``."""
+    return check_decoders(WIDTH_CHECK)
+
+
+KIN_MODEL_TYPES = {"ministral3": ("llama", {}),
+                   "seed_oss": ("llama", {"attention_dropout": 0.0, "residual_dropout": 0.0}),
+                   "smollm3": ("llama", {"pad_token_id": None, "tie_word_embeddings": False}),
+                   "hunyuan_v1_dense": ("qwen3", {})}
+"""``model_type -> (reference model type, settings)`` of the decoders
+:data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES` takes as Llama's layer (Ministral 3; Seed-OSS, with the
+dropout its config defaults to turned off: with it, not modelled; SmolLM3, with a layer in four without rotary) or
+Qwen3's (Hunyuan dense: q/k norms per head, after the rotary embedding,
+:data:`~lowmem_lightning.estimate.QK_NORM_MODEL_TYPES`). Nothing is fitted on them. Embeddings untied as the references'
+(a tied one is counted with the gradients: :func:`~lowmem_lightning.estimate.gradient_peak_bytes`)."""
+
+KIN_SHAPES = [
+    ({"hidden_size": 192, "intermediate_size": 640, "num_hidden_layers": 3, "vocab_size": 700}, (6, 2, 48), 2, 96),
+    ({"hidden_size": 240, "intermediate_size": 576, "num_hidden_layers": 3, "vocab_size": 650}, (6, 3, 32), 3, 64),
+    ({"hidden_size": 160, "intermediate_size": 480, "num_hidden_layers": 2, "vocab_size": 5000}, (2, 1, 80), 3, 64),
+]
+"""``(sizes, (heads, kv_heads, head_dim), batch, seq)`` each :data:`KIN_MODEL_TYPES` decoder and its reference are
+profiled at: grouped-query attention wider and narrower than ``hidden_size``, the last bound by the loss under
+checkpointing."""
+
+
+def check_kin() -> tuple[float, float]:
+    """Profile every :data:`KIN_MODEL_TYPES` decoder and its reference at every :data:`KIN_SHAPES` entry in every
+    :func:`_width_settings` setting; print the ratio of the two peaks and the formula's ratio to the decoder's; return
+    the largest ``|peak / reference peak - 1|`` and ``|formula / peak - 1|``."""
+    reference_peaks: dict = {}
+    worst_peak = worst_formula = 0.0
+    for (model_type, (reference, settings)), (sizes, heads, batch, seq) in itertools.product(KIN_MODEL_TYPES.items(),
+                                                                                           KIN_SHAPES):
+        config = {**_width_config(model_type, *heads, sizes), **settings}
+        for setting, targets, ckpt in _width_settings():
+            key = (reference, sizes["hidden_size"], setting, targets, ckpt)
+            if key not in reference_peaks:
+                reference_peaks[key] = profiled_setting(_width_config(reference, *heads, sizes), batch, seq, setting,
+                                                        targets, ckpt)
+            peak = profiled_setting(config, batch, seq, setting, targets, ckpt)
+            same, ratio = peak / reference_peaks[key], _formula(config, batch, seq, setting, targets, ckpt) / peak
+            worst_peak, worst_formula = max(worst_peak, abs(same - 1)), max(worst_formula, abs(ratio - 1))
+            print(f"{model_type:>16} h{sizes['hidden_size']} {str(setting):>42} {targets or '':>9} "
+                  f"{'ckpt' if ckpt else 'full'}: profiled {peak:>10,} B, {same:.3f} x {reference}'s, formula/profiled "
+                  f"{ratio:.3f}", flush=True)
+    return worst_peak, worst_formula
+
+
+def check_decoders(configs: list[tuple[dict, int, int]]) -> float:
+    """Profile each ``(config, batch, seq)`` in every :func:`_width_settings` setting (an MoE one: QLoRA on the
+    attention only) against the formulas; print each ratio and return the largest ``|ratio - 1|``."""
     worst = 0.0
-    for config, batch, seq in WIDTH_CHECK:
-        moe = config["model_type"] not in WIDTH_MODEL_TYPES
+    for config, batch, seq in configs:
+        moe = config["model_type"] in MOE_ACTIVATION_MODEL_TYPES
         for setting, targets, ckpt in _width_settings():
             if moe and (setting[0] == "full" or setting[1] == "dense" or targets != "attention"):
                 continue
@@ -534,7 +598,7 @@ def check_widths() -> float:
             ratio = _formula(config, batch, seq, setting, targets, ckpt) / peak
             worst = max(worst, abs(ratio - 1))
             q, kv = attention_widths(config)
-            print(f"{config['model_type']:>9} h{config['hidden_size']} q{q} kv{kv} {str(setting):>42} "
+            print(f"{config['model_type']:>16} h{config['hidden_size']} q{q} kv{kv} {str(setting):>42} "
                   f"{targets or '':>9} {'ckpt' if ckpt else 'full'}: profiled {peak:>10,} B, formula/profiled "
                   f"{ratio:.3f}", flush=True)
     return worst
@@ -572,6 +636,15 @@ def _neox(h: int, i: int, layers: int, heads: int, vocab: int, rotary: float = 0
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary}}
 
 
+def _granite(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
+    """A Granite config with multipliers of the released Granite models' size (the embedding times 12, each residual
+    branch times 0.22, the logits divided by 16, the attention scaled by 1/128)."""
+    return {**_width_config("granite", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
+                                                                  "num_hidden_layers": layers, "vocab_size": vocab}),
+            "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 16.0,
+            "attention_multiplier": 0.0078125}
+
+
 LAYER_ATTENTION = {"gemma2": "eager"}
 """The attention each family's table is fitted and checked under (SDPA where not named): Gemma 2 runs eagerly."""
 
@@ -604,8 +677,11 @@ LAYER_CHECK = {
                (_gemma2(160, 480, 2, 2, 1, 128, 5000), 2, 80)],
     "gpt_neox": [(_neox(320, 1280, 2, 5, 700), 1, 160), (_neox(224, 896, 3, 4, 700), 3, 64),
                  (_neox(160, 640, 2, 2, 5000), 2, 80), (_neox(256, 1024, 2, 4, 600, rotary=1.0), 2, 96)],
+    "granite": [(_granite(256, 512, 2, 4, 2, 64, 600), 2, 96), (_granite(192, 640, 3, 6, 2, 48, 700), 2, 96),
+                (_granite(160, 480, 2, 2, 1, 80, 5000), 3, 64)],
 }
-"""``(config, batch, seq)`` each table is checked on (not fitted); Phi-3's last has Phi-4-mini's partial rotary."""
+"""``(config, batch, seq)`` each table is checked on (not fitted); Phi-3's last has Phi-4-mini's partial rotary.
+Granite's table is not fitted at all (:data:`~lowmem_lightning.estimate.GRANITE_ACTIVATION_BYTES`): only checked."""
 
 def _loss_bound(config: dict, setting: tuple) -> bool:
     """Whether the loss, not a recomputed layer, is the peak of ``config`` under checkpointing (the Llama formula's
@@ -734,6 +810,10 @@ def main(argv=None) -> int:
     parser.add_argument("--gemma2", action="store_true", help="fit the Gemma 2 terms (eager), then check them")
     parser.add_argument("--neox", action="store_true", help="fit the GPT-NeoX (Pythia) terms, then check them")
     parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
+    parser.add_argument("--granite", action="store_true",
+                        help="check the Granite terms (one more hidden-wide tensor; nothing fitted)")
+    parser.add_argument("--kin", action="store_true",
+                        help="check the decoders taken as Llama's or Qwen3's layer under other names (nothing fitted)")
     parser.add_argument("--widths", action="store_true",
                         help="fit the attention-width and Qwen3 q/k-norm terms, then check them")
     args = parser.parse_args(argv)
@@ -758,6 +838,12 @@ def main(argv=None) -> int:
             for key, value in fit_layer_terms(model_type).items():
                 print(f"    {key!r}: {value},", flush=True)
             print(f"largest |formula / profiled - 1| ({model_type}): {check_layer_terms(model_type):.3f}")
+    if args.granite:
+        print(f"largest |formula / profiled - 1| (granite): {check_layer_terms('granite'):.3f}")
+    if args.kin:
+        same, formula = check_kin()
+        print(f"largest |profiled / reference's - 1| (kin): {same:.3f}; largest |formula / profiled - 1|: "
+              f"{formula:.3f}")
     if args.eager:
         for key, value in fit_eager().items():
             print(f"    {key!r}: {value},", flush=True)

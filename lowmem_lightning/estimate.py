@@ -27,6 +27,7 @@ docstrings; ``tests/test_estimate.py`` checks both against torch's profiler on C
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -403,10 +404,10 @@ LORA_ATTENTION_WIDTH_BYTES: dict[tuple[str, str, bool], tuple[float, float]] = {
 > 0 (``o_proj``'s adapter drops out its query-wide input), pooled over the targets (all seven or the attention
 projections) and checkpointing (``--widths`` prints this table)."""
 
-QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "olmoe")
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "olmoe", "hunyuan_v1_dense")
 """``config.model_type`` values whose attention normalizes its queries and keys (``q_norm``, ``k_norm``: an
-RMSNorm over each head's ``head_dim``, or OLMoE's over the whole query / key width: as many elements) before the
-rotary embedding: :data:`QK_NORM_BYTES` applies."""
+RMSNorm over each head's ``head_dim``, or OLMoE's over the whole query / key width: as many elements; Hunyuan's after
+the rotary embedding, Qwen3's before it): :data:`QK_NORM_BYTES` applies."""
 
 QK_NORM_BYTES: dict[int | str, float] = {2: 6.1, 4: 8.1, "fp32": 4.1, "bf16": 4.1, "bf16-base-fp32-adapters": 4.1,
                                          "bf16-mixed": 4.1}
@@ -629,8 +630,36 @@ laid out as :data:`GEMMA3_ACTIVATION_BYTES`. Least squares over torch's CPU prof
 decoders of ``python benchmarks/lora_activations.py --neox``, checked on its ``LAYER_CHECK`` ones (one with rotary on
 all of each head)."""
 
+LORA_MODES = ("fp32", "bf16", "bf16-base-fp32-adapters", "bf16-mixed")
+"""How a LoRA run holds and computes its tensors, by the element sizes that matter (fp16 counts as bf16):
+``fp32`` everything fp32 (``32-true``); ``bf16`` base and adapters bf16 (``bf16-true`` converts both);
+``bf16-base-fp32-adapters`` a bf16 base under fp32 adapters without autocast (``32-true`` with
+``torch_dtype: bfloat16``: each adapter casts its input to fp32); ``bf16-mixed`` that model under bf16
+autocast (``trainer.precision: bf16-mixed``)."""
+
+
+def _granite_activation_bytes() -> dict[int | tuple[str, str, bool, str], tuple[float, ...]]:
+    """:data:`GRANITE_ACTIVATION_BYTES`: every full-weight dtype and LoRA entry, from the element size ``d`` its hidden
+    states take (the full-weight dtype's; 4 in LoRA ``fp32`` mode, else 2)."""
+    table: dict = {d: (0.0, 0.0, 0.0, 0.0, float(d), 0.0, 0.0, 0.0) for d in (2, 4)}
+    lora_entries = itertools.product(("nf4", "dense"), LORA_MODES, (False, True), ("all", "attention"))
+    for base, mode, dropped, targets in lora_entries:
+        d = 4.0 if mode == "fp32" else 2.0
+        table[(base, mode, dropped, targets)] = (0.0, 0.0, 0.0, 0.0, d, 0.0, 0.0, d)
+    return table
+
+
+GRANITE_ACTIVATION_BYTES = _granite_activation_bytes()
+"""What a Granite layer (``model_type`` ``granite``: Llama's layer with its residual branches scaled by
+``residual_multiplier``, the embedding by ``embedding_multiplier``, the logits divided by ``logits_scaling``) holds
+beyond Llama's, laid out as :data:`GEMMA3_ACTIVATION_BYTES`: with checkpointing, one more ``hidden_size``-wide tensor
+of the hidden states' element size ``d`` per token in the recomputed layer, and under LoRA one more held once (``d *
+h`` each); nothing without checkpointing. Not fitted: torch's CPU profiler measured exactly these bytes against Llama
+decoders of the same shapes (``python benchmarks/lora_activations.py --granite`` checks every setting)."""
+
 LAYER_ACTIVATION_BYTES: dict[str, dict] = {"gemma3_text": GEMMA3_ACTIVATION_BYTES, "phi3": PHI3_ACTIVATION_BYTES,
-                                           "gemma2": GEMMA2_ACTIVATION_BYTES, "gpt_neox": NEOX_ACTIVATION_BYTES}
+                                           "gemma2": GEMMA2_ACTIVATION_BYTES, "gpt_neox": NEOX_ACTIVATION_BYTES,
+                                           "granite": GRANITE_ACTIVATION_BYTES}
 """``model_type -> table`` of what a decoder layer holds beyond Llama's, laid out as :data:`GEMMA3_ACTIVATION_BYTES`:
 entry (full-weight dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``) ``-> (full_h, full_i, full_qk,
 full_once_h, layer_h, layer_i, layer_qk, layer_once_h)``."""
@@ -649,9 +678,10 @@ def _layer_family_terms(config, entry: int | tuple[str, str, bool, str], checkpo
 
 
 def unmodelled_layer(config, seq_len: int) -> str:
-    """What the activation formulas were not fitted to in a config of a modelled type (``""``: nothing): Gemma 3
-    with logit soft-capping, Phi-3 and GPT-NeoX with dropout (their released configs have none), GPT-NeoX without
-    its parallel residual."""
+    """What the activation formulas were not fitted to in a config of a modelled type (``""``: nothing): Gemma 3 with
+    logit soft-capping, Phi-3 and GPT-NeoX with dropout (their released configs have none), Seed-OSS with dropout
+    (transformers' ``SeedOssConfig`` defaults to 0.1: train with ``attention_dropout`` and ``residual_dropout`` at 0
+    for an estimate), GPT-NeoX without its parallel residual."""
     get = _config_getter(config)
     if _model_type(config) == "gemma3_text":
         capping = {key: get(key) for key in ("final_logit_softcapping", "attn_logit_softcapping")
@@ -662,6 +692,9 @@ def unmodelled_layer(config, seq_len: int) -> str:
         return "Phi-3 with dropout (" + _settings(dropout) + ")" if dropout else ""
     if _model_type(config) == "olmoe" and get("clip_qkv") is not None:
         return f"OLMoE with clip_qkv={get('clip_qkv')!r}"
+    if _model_type(config) == "seed_oss":
+        dropout = {key: get(key) for key in ("attention_dropout", "residual_dropout") if get(key)}
+        return "Seed-OSS with dropout (" + _settings(dropout) + ")" if dropout else ""
     if _model_type(config) == "gpt_neox":
         if get("use_parallel_residual") is False:
             return "GPT-NeoX without the parallel residual (use_parallel_residual=False)"
@@ -677,15 +710,15 @@ def _settings(values: dict) -> str:
 def sliding_window_layers(config, seq_len: int) -> int:
     """How many layers attend through a sliding window shorter than ``seq_len``: each builds a ``seq_len**2`` mask, as
     packed documents do (0 within the window). Read from ``layer_types`` (Gemma 3; Qwen2/3 with
-    ``use_sliding_window``); a Mistral or Phi-3 config without them slides in every layer (profiled: Gemma 3, Mistral,
-    Qwen2, Phi-3)."""
+    ``use_sliding_window``, SmolLM3); a Mistral, Ministral 3 or Phi-3 config without them slides in every layer
+    (profiled: Gemma 3, Mistral, Qwen2, Phi-3)."""
     get = _config_getter(config)
     window, types, model_type = get("sliding_window"), get("layer_types"), _model_type(config)
     if model_type not in ACTIVATION_MODEL_TYPES or window is None or seq_len <= window:
         return 0
     if types:
         return sum(kind == "sliding_attention" for kind in types)
-    if model_type in ("mistral", "phi3"):
+    if model_type in ("mistral", "ministral3", "phi3"):
         return _config_value(config, "num_hidden_layers")
     if model_type == "gemma3_text":
         raise ValueError("Invalid config: a Gemma 3 config without layer_types (which layers slide).")
@@ -860,13 +893,6 @@ def document_mask_terms(config, batch_size: int, seq_len: int, dtype_bytes: int)
     ``flash_attention_*`` none, but their attention is not what :func:`activation_bytes` was fitted to."""
     return batch_size * seq_len**2, 2 * (batch_size - 1) * seq_len * _head_dim(config) * dtype_bytes
 
-
-LORA_MODES = ("fp32", "bf16", "bf16-base-fp32-adapters", "bf16-mixed")
-"""How a LoRA run holds and computes its tensors, by the element sizes that matter (fp16 counts as bf16):
-``fp32`` everything fp32 (``32-true``); ``bf16`` base and adapters bf16 (``bf16-true`` converts both);
-``bf16-base-fp32-adapters`` a bf16 base under fp32 adapters without autocast (``32-true`` with
-``torch_dtype: bfloat16``: each adapter casts its input to fp32); ``bf16-mixed`` that model under bf16
-autocast (``trainer.precision: bf16-mixed``)."""
 
 LORA_TARGET_SETS = {
     "all": frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
@@ -1334,16 +1360,20 @@ def _mask_note(nbytes: dict[bool, int], attention: str = "sdpa") -> str:
     return f", +{_gb(nbytes[True] - nbytes[False])} {what}"
 
 
-ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox")
+ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox",
+                          "ministral3", "seed_oss", "smollm3", "hunyuan_v1_dense", "granite")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
-:func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral and
-Qwen2 equal to Llama; Qwen3 adds its q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's
-language model) its norms and scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused
-projections (:data:`PHI3_ACTIVATION_BYTES`, :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention
-(:data:`GEMMA2_ACTIVATION_BYTES`) and soft-capping (:data:`SOFTCAP_MODEL_TYPES`), GPT-NeoX (Pythia) its parallel
-block (:data:`NEOX_ACTIVATION_BYTES`); an attention other than ``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s.
-Not these (batch 2 x seq 96, bf16, the Llama formula against the profiler): Mixtral / Qwen-MoE -24..48% (experts,
-router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
+:func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral,
+Qwen2, Ministral 3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``python benchmarks/lora_activations.py
+--kin`` checks the last three, and Hunyuan dense against Qwen3); Qwen3 and Hunyuan dense add their q/k norms
+(:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's language model) its norms and scaled embedding
+(:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused projections (:data:`PHI3_ACTIVATION_BYTES`,
+:data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention (:data:`GEMMA2_ACTIVATION_BYTES`) and
+soft-capping (:data:`SOFTCAP_MODEL_TYPES`), GPT-NeoX (Pythia) its parallel block (:data:`NEOX_ACTIVATION_BYTES`),
+Granite its scaled residual (:data:`GRANITE_ACTIVATION_BYTES`); an
+attention other than ``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the
+Llama formula against the profiler): Mixtral / Qwen-MoE -24..48% (experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES`
+under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                            precision: str | int | None = None, device: str = "cuda",

@@ -607,6 +607,70 @@ def test_olmoe_is_modelled_as_qwen3_moe_layers_and_clip_qkv_is_said_not_modelled
     assert nbytes is None and "OLMoE with clip_qkv=8.0" in detail, detail
 
 
+KIN_CASES = [
+    # (model type, shape index, setting, targets, checkpointing)
+    ("ministral3", 0, ("full", 2), None, True),
+    ("ministral3", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the QLoRA recipe's setting
+    ("seed_oss", 0, ("lora", "nf4", "bf16-mixed", True), "all", False),  # q/k/v biases: nothing held
+    ("seed_oss", 2, ("full", 4), None, True),  # bound by the loss
+    ("smollm3", 0, ("full", 2), None, False),  # a layer in four without rotary
+    ("smollm3", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),
+    ("hunyuan_v1_dense", 0, ("full", 2), None, False),  # q/k norms after the rotary embedding
+    ("hunyuan_v1_dense", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),
+]
+
+
+@pytest.mark.parametrize("model_type, shape, setting, targets, checkpointing", KIN_CASES)
+def test_llama_and_qwen3_kin_hold_what_their_reference_holds(model_type, shape, setting, targets, checkpointing):
+    """Ministral 3, Seed-OSS and SmolLM3 hold what Llama holds, Hunyuan dense what Qwen3 holds, at the same shapes
+    (torch's profiler, within 1%), and the formula they take from it is within 10% of the profiler
+    (``benchmarks/lora_activations.py --kin`` checks every setting)."""
+    bench = _lora_bench()
+    reference, settings = bench.KIN_MODEL_TYPES[model_type]
+    sizes, heads, batch, seq = bench.KIN_SHAPES[shape]
+    config = {**bench._width_config(model_type, *heads, sizes), **settings}
+    torch.set_num_threads(1)
+    ours = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing)
+    theirs = bench.profiled_setting(bench._width_config(reference, *heads, sizes), batch, seq, setting, targets,
+                                    checkpointing)
+    assert abs(ours / theirs - 1) <= 0.01, (ours, theirs)
+    predicted = bench._formula(config, batch, seq, setting, targets, checkpointing)
+    assert abs(predicted / ours - 1) <= 0.10, (predicted, ours)
+    assert predicted == bench._formula({**config, "model_type": reference}, batch, seq, setting, targets, checkpointing)
+
+
+def test_kin_configs_estimate_as_their_reference_and_seed_oss_dropout_is_said_not_modelled():
+    """``lowmem estimate``'s path (a meta model from the config) gives a Ministral 3, SmolLM3 or Seed-OSS model Llama's
+    figure and a Hunyuan dense one Qwen3's; Seed-OSS as released (dropout 0.1) and Granite are said apart."""
+    from lowmem_lightning.estimate import model_activation_bytes
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 320, "pad_token_id": None}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                        "gate_proj", "up_proj", "down_proj"]}
+
+    def figures(model_type: str, **extra) -> tuple:
+        arch = {**sizes, "model_type": model_type, **extra}
+        qlora = build_causal_lm(None, arch, "nf4", lora, device="meta", torch_dtype="bfloat16")
+        full = build_causal_lm(None, arch, None, None, device="meta", torch_dtype="bfloat16")
+        return (model_activation_bytes(qlora, 1, 128, True, "bf16-mixed", "cuda"),
+                model_activation_bytes(full, 2, 64, True, "bf16-true", "cuda"))
+
+    llama, qwen3 = figures("llama"), figures("qwen3")
+    assert figures("ministral3") == llama
+    assert figures("smollm3", tie_word_embeddings=False) == llama
+    assert figures("seed_oss", attention_dropout=0.0, residual_dropout=0.0) == llama
+    assert figures("hunyuan_v1_dense") == qwen3
+    for nbytes, detail in figures("seed_oss"):  # its config's defaults: the release's dropout 0.1
+        assert nbytes is None and "Seed-OSS with dropout (attention_dropout=0.1, residual_dropout=0.1)" in detail
+    layer_bound = {"intermediate_size": 512, "vocab_size": 128}  # a recomputed layer, not the loss, is the peak
+    llama = figures("llama", **layer_bound)
+    granite = figures("granite", residual_multiplier=0.22, embedding_multiplier=12.0, **layer_bound)
+    assert granite[0][0] == llama[0][0] + 2 * (2 * 128 * 64)  # QLoRA: a bf16 hidden-wide tensor recomputed, one held
+    assert granite[1][0] == llama[1][0] + 2 * 64 * 2 * 64  # full weights: the recomputed one alone (2 x 64 tokens)
+
+
 WIDTH_CASES = [
     # (check index, setting, targets, checkpointing)
     (0, ("full", 2), None, False),  # grouped-query Llama, head_dim 48 (q 1.5 h, kv h / 2)
@@ -668,14 +732,18 @@ LAYER_FAMILY_CASES = [
     ("gpt_neox", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),
     ("gpt_neox", 1, ("full", 4), None, False),
     ("gpt_neox", 3, ("lora", "dense", "bf16", False), "attention", False),  # rotary on all of each head
+    ("granite", 0, ("full", 2), None, True),  # Granite-3.3's multipliers: one more hidden-wide tensor, not fitted
+    ("granite", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),
+    ("granite", 1, ("lora", "nf4", "fp32", False), "attention", True),
+    ("granite", 2, ("lora", "dense", "bf16", True), "all", True),  # bound by the loss: the once term alone
 ]
 
 
 @pytest.mark.parametrize("model_type, check, setting, targets, checkpointing", LAYER_FAMILY_CASES)
 def test_layer_family_within_10_percent_of_the_profiler(model_type, check, setting, targets, checkpointing):
-    """Gemma 3 text, Phi-3, Gemma 2 (under its eager attention) and GPT-NeoX decoders at sizes their layer terms were
-    not fitted on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` / ``--neox`` check every
-    setting)."""
+    """Gemma 3 text, Phi-3, Gemma 2 (under its eager attention), GPT-NeoX and Granite decoders at sizes their layer
+    terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` / ``--neox`` /
+    ``--granite`` check every setting)."""
     bench = _lora_bench()
     _assert_formula_within_10_percent(*bench.LAYER_CHECK[model_type][check], setting, targets, checkpointing,
                                       bench.LAYER_ATTENTION.get(model_type, "sdpa"))
