@@ -95,7 +95,6 @@ from lowmem_lightning.estimate import (
     LORA_MODES,
     LORA_TARGET_SETS,
     LOSS_BYTES_PER_VOCAB,
-    MOE_ACTIVATION_MODEL_TYPES,
     NF4_DEQUANTIZE_BYTES,
     SHARED_EXPERT_ACTIVATION_BYTES,
     _loss_bytes_per_vocab,
@@ -535,12 +534,6 @@ def _formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | 
                                  rank=RANK, gradient_checkpointing=ckpt, device="cpu", attention=attention)
 
 
-def check_widths() -> float:
-    """Profile :data:`WIDTH_CHECK` (a Qwen3-MoE: QLoRA on the attention only) against the formulas; print each
-    ratio and return the largest ``|ratio - 1|``."""
-    return check_decoders(WIDTH_CHECK)
-
-
 KIN_MODEL_TYPES = {"ministral3": ("llama", {}),
                    "seed_oss": ("llama", {"attention_dropout": 0.0, "residual_dropout": 0.0}),
                    "smollm3": ("llama", {"pad_token_id": None, "tie_word_embeddings": False}),
@@ -585,12 +578,12 @@ def check_kin() -> tuple[float, float]:
     return worst_peak, worst_formula
 
 
-def check_decoders(configs: list[tuple[dict, int, int]]) -> float:
-    """Profile each ``(config, batch, seq)`` in every :func:`_width_settings` setting (an MoE one: QLoRA on the
-    attention only) against the formulas; print each ratio and return the largest ``|ratio - 1|``."""
+def check_widths() -> float:
+    """Profile :data:`WIDTH_CHECK` (a Qwen3-MoE: QLoRA on the attention only) against the formulas; print each
+    ratio and return the largest ``|ratio - 1|``."""
     worst = 0.0
-    for config, batch, seq in configs:
-        moe = config["model_type"] in MOE_ACTIVATION_MODEL_TYPES
+    for config, batch, seq in WIDTH_CHECK:
+        moe = config["model_type"] not in WIDTH_MODEL_TYPES
         for setting, targets, ckpt in _width_settings():
             if moe and (setting[0] == "full" or setting[1] == "dense" or targets != "attention"):
                 continue
@@ -598,7 +591,7 @@ def check_decoders(configs: list[tuple[dict, int, int]]) -> float:
             ratio = _formula(config, batch, seq, setting, targets, ckpt) / peak
             worst = max(worst, abs(ratio - 1))
             q, kv = attention_widths(config)
-            print(f"{config['model_type']:>16} h{config['hidden_size']} q{q} kv{kv} {str(setting):>42} "
+            print(f"{config['model_type']:>9} h{config['hidden_size']} q{q} kv{kv} {str(setting):>42} "
                   f"{targets or '':>9} {'ckpt' if ckpt else 'full'}: profiled {peak:>10,} B, formula/profiled "
                   f"{ratio:.3f}", flush=True)
     return worst
