@@ -57,16 +57,21 @@ attention and MLP block, with LoRA on its 4 projections).
 
     python benchmarks/lora_activations.py --neox     # ~6 minutes on one core
 
+``--olmo2`` does the same for :data:`~lowmem_lightning.estimate.OLMO2_ACTIVATION_BYTES` (OLMo 2: a norm after the
+attention and after the MLP instead of before, q/k norms over the whole query and key widths).
+
+    python benchmarks/lora_activations.py --olmo2    # ~6 minutes on one core
+
 ``--granite`` fits nothing either: it checks :data:`~lowmem_lightning.estimate.GRANITE_ACTIVATION_BYTES` (one more
 ``hidden_size``-wide tensor than Llama's layer, measured exact) on the :data:`LAYER_CHECK` Granite decoders, every
 setting as ``--widths``.
 
     python benchmarks/lora_activations.py --granite  # ~3 minutes on one core
 
-``--kin`` fits nothing: it profiles the decoders whose layer is Llama's or Qwen3's under another name
-(:data:`KIN_MODEL_TYPES`: Ministral 3, Seed-OSS, SmolLM3, Hunyuan dense) and the Llama or Qwen3 decoder of the same
-shapes at the :data:`KIN_SHAPES`, every setting as ``--widths``, and prints each peak's ratio to its reference's and
-the formula's ratio to it: the check behind their place in :data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES`.
+``--kin`` fits nothing: it profiles the decoders whose layer is another's under another name (:data:`KIN_MODEL_TYPES`:
+Ministral 3, Seed-OSS, SmolLM3, Hunyuan dense, OLMo 3) and the Llama, Qwen3 or OLMo 2 decoder of the same shapes at the
+:data:`KIN_SHAPES`, every setting as ``--widths``, and prints each peak's ratio to its reference's and the formula's
+ratio to it: the check behind their place in :data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES`.
 
     python benchmarks/lora_activations.py --kin      # ~10 minutes on one core
 
@@ -537,13 +542,15 @@ def _formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | 
 KIN_MODEL_TYPES = {"ministral3": ("llama", {}),
                    "seed_oss": ("llama", {"attention_dropout": 0.0, "residual_dropout": 0.0}),
                    "smollm3": ("llama", {"pad_token_id": None, "tie_word_embeddings": False}),
-                   "hunyuan_v1_dense": ("qwen3", {})}
+                   "hunyuan_v1_dense": ("qwen3", {}), "olmo3": ("olmo2", {"sliding_window": 4096})}
 """``model_type -> (reference model type, settings)`` of the decoders
 :data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES` takes as Llama's layer (Ministral 3; Seed-OSS, with the
 dropout its config defaults to turned off: with it, not modelled; SmolLM3, with a layer in four without rotary) or
 Qwen3's (Hunyuan dense: q/k norms per head, after the rotary embedding,
-:data:`~lowmem_lightning.estimate.QK_NORM_MODEL_TYPES`). Nothing is fitted on them. Embeddings untied as the references'
-(a tied one is counted with the gradients: :func:`~lowmem_lightning.estimate.gradient_peak_bytes`)."""
+:data:`~lowmem_lightning.estimate.QK_NORM_MODEL_TYPES`) or OLMo 2's (OLMo 3, its sliding windows longer than the
+sequence here: :data:`~lowmem_lightning.estimate.OLMO2_ACTIVATION_BYTES`). Nothing is fitted on them. Embeddings untied
+as the references' (a tied one is counted with the gradients:
+:func:`~lowmem_lightning.estimate.gradient_peak_bytes`)."""
 
 KIN_SHAPES = [
     ({"hidden_size": 192, "intermediate_size": 640, "num_hidden_layers": 3, "vocab_size": 700}, (6, 2, 48), 2, 96),
@@ -622,6 +629,13 @@ def _gemma2(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: in
             "tie_word_embeddings": False, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
 
+def _olmo2(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
+    """An OLMo 2 config (its token ids inside the vocabulary), embeddings untied as OLMo 2's."""
+    return {**_width_config("olmo2", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
+                                                                  "num_hidden_layers": layers, "vocab_size": vocab}),
+            "pad_token_id": 1, "bos_token_id": None, "eos_token_id": 2}
+
+
 def _neox(h: int, i: int, layers: int, heads: int, vocab: int, rotary: float = 0.25) -> dict:
     """A GPT-NeoX config as Pythia's: parallel residual, rotary on ``rotary`` of each head (Pythia's 0.25)."""
     return {"model_type": "gpt_neox", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
@@ -656,6 +670,10 @@ LAYER_FIT = {
     "gpt_neox": [_neox(256, 1024, 2, 4, 600), _neox(256, 512, 3, 4, 600), _neox(384, 1536, 2, 6, 600),
                  _neox(192, 768, 3, 2, 600), _neox(256, 1024, 2, 8, 600), _neox(256, 1024, 2, 4, 8000),
                  _neox(192, 768, 3, 3, 8000)],
+    "olmo2": [_olmo2(256, 512, 2, 4, 4, 64, 600), _olmo2(256, 1024, 3, 4, 1, 64, 600),
+              _olmo2(384, 512, 2, 6, 2, 64, 600), _olmo2(192, 768, 3, 2, 1, 128, 600),
+              _olmo2(256, 512, 2, 8, 4, 64, 600), _olmo2(256, 512, 2, 4, 4, 64, 8000),
+              _olmo2(192, 384, 3, 3, 1, 64, 8000)],
 }
 """Decoders each :data:`~lowmem_lightning.estimate.LAYER_ACTIVATION_BYTES` table is fitted on (batch 2 x seq 96):
 layers, widths and heads varied, the last two bound by the loss (a vocabulary of 8000) so that the once-per-model term
@@ -672,6 +690,8 @@ LAYER_CHECK = {
                  (_neox(160, 640, 2, 2, 5000), 2, 80), (_neox(256, 1024, 2, 4, 600, rotary=1.0), 2, 96)],
     "granite": [(_granite(256, 512, 2, 4, 2, 64, 600), 2, 96), (_granite(192, 640, 3, 6, 2, 48, 700), 2, 96),
                 (_granite(160, 480, 2, 2, 1, 80, 5000), 3, 64)],
+    "olmo2": [(_olmo2(320, 640, 2, 5, 1, 128, 700), 1, 160), (_olmo2(240, 896, 3, 4, 2, 64, 700), 3, 64),
+              (_olmo2(160, 480, 2, 2, 1, 128, 5000), 2, 80)],
 }
 """``(config, batch, seq)`` each table is checked on (not fitted); Phi-3's last has Phi-4-mini's partial rotary.
 Granite's table is not fitted at all (:data:`~lowmem_lightning.estimate.GRANITE_ACTIVATION_BYTES`): only checked."""
@@ -802,6 +822,7 @@ def main(argv=None) -> int:
     parser.add_argument("--phi3", action="store_true", help="fit the Phi-3 terms, then check them")
     parser.add_argument("--gemma2", action="store_true", help="fit the Gemma 2 terms (eager), then check them")
     parser.add_argument("--neox", action="store_true", help="fit the GPT-NeoX (Pythia) terms, then check them")
+    parser.add_argument("--olmo2", action="store_true", help="fit the OLMo 2 terms, then check them")
     parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
     parser.add_argument("--granite", action="store_true",
                         help="check the Granite terms (one more hidden-wide tensor; nothing fitted)")
@@ -826,7 +847,7 @@ def main(argv=None) -> int:
         print(f"q/k norms: {norm_table}", flush=True)
         print(f"largest |formula / profiled - 1| (widths): {check_widths():.3f}")
     for model_type, chosen in (("gemma3_text", args.gemma3), ("phi3", args.phi3), ("gemma2", args.gemma2),
-                               ("gpt_neox", args.neox)):
+                               ("gpt_neox", args.neox), ("olmo2", args.olmo2)):
         if chosen:
             for key, value in fit_layer_terms(model_type).items():
                 print(f"    {key!r}: {value},", flush=True)

@@ -638,6 +638,50 @@ LORA_MODES = ("fp32", "bf16", "bf16-base-fp32-adapters", "bf16-mixed")
 autocast (``trainer.precision: bf16-mixed``)."""
 
 
+OLMO2_ACTIVATION_BYTES: dict[int | tuple[str, str, bool, str], tuple[float, ...]] = {
+    # entry: (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)
+    2: (4.7, 0.0, 8.2, 0.3, 7.7, -1.4, 6.8, 5.4),
+    4: (5.7, -2.1, 7.2, -4.7, 5.2, -1.5, 5.3, 1.4),
+    ('nf4', 'fp32', False, 'all'): (1.1, -0.1, 4.2, 0.8, 2.0, -0.1, 4.2, -6.6),
+    ('nf4', 'fp32', False, 'attention'): (2.1, 0.8, 2.7, 0.0, 11.6, -2.4, 4.3, -6.6),
+    ('nf4', 'fp32', True, 'all'): (4.9, -1.5, 5.6, -7.4, 6.4, -3.1, 7.0, -6.6),
+    ('nf4', 'fp32', True, 'attention'): (-4.0, 1.8, 1.6, 18.4, 15.6, -2.4, 4.3, -6.6),
+    ('nf4', 'bf16', False, 'all'): (2.8, -0.6, 5.6, -7.2, -6.0, 0.2, 4.3, -0.6),
+    ('nf4', 'bf16', False, 'attention'): (3.4, 0.1, 4.9, -10.8, -4.1, 2.2, 4.3, -0.6),
+    ('nf4', 'bf16', True, 'all'): (4.9, -1.3, 6.5, -12.8, -4.0, 0.2, 4.3, -0.6),
+    ('nf4', 'bf16', True, 'attention'): (1.5, 0.6, 3.9, -2.7, -2.1, 2.2, 4.3, -0.6),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'all'): (5.0, -1.4, 6.6, -13.0, -6.1, 0.2, 4.2, -0.6),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'attention'): (1.5, 0.6, 3.9, -2.7, -2.1, 2.2, 4.3, -0.6),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'all'): (9.0, -2.7, 8.5, -24.5, -7.1, -3.1, 9.0, -0.6),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'attention'): (1.5, 0.6, 3.9, -2.7, -2.1, 2.2, 4.3, -0.6),
+    ('nf4', 'bf16-mixed', False, 'all'): (3.0, -0.7, 5.8, -8.4, -6.1, 0.3, 4.3, -0.6),
+    ('nf4', 'bf16-mixed', False, 'attention'): (4.1, 0.0, 4.8, -11.6, -4.2, 2.2, 4.3, -0.6),
+    ('nf4', 'bf16-mixed', True, 'all'): (5.0, -1.4, 6.6, -12.9, -4.1, 0.3, 4.3, -0.6),
+    ('nf4', 'bf16-mixed', True, 'attention'): (1.9, 0.5, 3.9, -3.2, -2.2, 2.2, 4.3, -0.6),
+    ('dense', 'fp32', False, 'all'): (1.0, -0.1, 3.9, 2.8, 22.8, -4.6, 3.1, -6.6),
+    ('dense', 'fp32', False, 'attention'): (-1.0, 1.3, 2.3, 7.9, 17.0, -2.4, 0.6, -6.6),
+    ('dense', 'fp32', True, 'all'): (-0.4, 0.3, 3.1, 8.0, 14.4, -0.6, 3.1, -6.6),
+    ('dense', 'fp32', True, 'attention'): (-1.0, 1.3, 2.3, 7.9, 21.0, -2.4, 0.6, -6.6),
+    ('dense', 'bf16', False, 'all'): (0.9, -0.1, 3.9, 3.6, 14.7, -2.8, 4.3, -0.6),
+    ('dense', 'bf16', False, 'attention'): (0.9, -0.1, 3.9, 3.6, 14.7, -4.8, 4.3, -0.6),
+    ('dense', 'bf16', True, 'all'): (0.9, -0.1, 3.9, 3.6, 11.4, -2.4, 4.3, -0.6),
+    ('dense', 'bf16', True, 'attention'): (0.9, -0.1, 3.9, 3.6, 16.7, -4.8, 4.3, -0.6),
+    ('dense', 'bf16-base-fp32-adapters', False, 'all'): (0.4, 0.1, 3.7, 4.9, 5.1, -2.4, 2.2, -0.6),
+    ('dense', 'bf16-base-fp32-adapters', False, 'attention'): (0.9, -0.1, 3.9, 3.6, 16.7, -4.8, 4.3, -0.6),
+    ('dense', 'bf16-base-fp32-adapters', True, 'all'): (0.6, 0.8, 2.9, 2.4, 3.9, 0.2, 4.3, -0.6),
+    ('dense', 'bf16-base-fp32-adapters', True, 'attention'): (0.9, -0.1, 3.9, 3.6, 16.7, -4.8, 4.3, -0.6),
+    ('dense', 'bf16-mixed', False, 'all'): (0.8, -0.1, 3.9, 3.9, 7.1, -1.6, 2.5, -0.6),
+    ('dense', 'bf16-mixed', False, 'attention'): (0.9, -0.1, 3.9, 3.6, 16.6, -4.8, 4.3, -0.6),
+    ('dense', 'bf16-mixed', True, 'all'): (0.7, 0.7, 2.5, 6.4, -0.2, -0.7, 3.3, -0.6),
+    ('dense', 'bf16-mixed', True, 'attention'): (0.9, -0.1, 3.9, 3.6, 16.6, -4.8, 4.3, -0.6),
+}
+"""Bytes per token that an OLMo 2 layer (``model_type`` ``olmo2``: OLMo-2 7B-32B; no norm before the attention and the
+MLP but one after each, q/k RMSNorms over the whole query and key widths) holds beyond the Llama layer with
+:func:`attention_extra_bytes`' width terms, laid out as :data:`GEMMA3_ACTIVATION_BYTES`. Least squares over torch's CPU
+profiler on the ``LAYER_FIT`` OLMo 2 decoders of ``python benchmarks/lora_activations.py --olmo2``, checked on its
+``LAYER_CHECK`` ones."""
+
+
 def _granite_activation_bytes() -> dict[int | tuple[str, str, bool, str], tuple[float, ...]]:
     """:data:`GRANITE_ACTIVATION_BYTES`: every full-weight dtype and LoRA entry, from the element size ``d`` its hidden
     states take (the full-weight dtype's; 4 in LoRA ``fp32`` mode, else 2)."""
@@ -659,10 +703,11 @@ decoders of the same shapes (``python benchmarks/lora_activations.py --granite``
 
 LAYER_ACTIVATION_BYTES: dict[str, dict] = {"gemma3_text": GEMMA3_ACTIVATION_BYTES, "phi3": PHI3_ACTIVATION_BYTES,
                                            "gemma2": GEMMA2_ACTIVATION_BYTES, "gpt_neox": NEOX_ACTIVATION_BYTES,
-                                           "granite": GRANITE_ACTIVATION_BYTES}
-"""``model_type -> table`` of what a decoder layer holds beyond Llama's, laid out as :data:`GEMMA3_ACTIVATION_BYTES`:
-entry (full-weight dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``) ``-> (full_h, full_i, full_qk,
-full_once_h, layer_h, layer_i, layer_qk, layer_once_h)``."""
+                                           "granite": GRANITE_ACTIVATION_BYTES, "olmo2": OLMO2_ACTIVATION_BYTES,
+                                           "olmo3": OLMO2_ACTIVATION_BYTES}
+"""``model_type -> table`` of what a decoder layer holds beyond Llama's (OLMo 3's layer is OLMo 2's), laid out as
+:data:`GEMMA3_ACTIVATION_BYTES`: entry (full-weight dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``) ``->
+(full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)``."""
 
 
 def _layer_family_terms(config, entry: int | tuple[str, str, bool, str], checkpointing: bool) -> tuple[float, float]:
@@ -1361,7 +1406,7 @@ def _mask_note(nbytes: dict[bool, int], attention: str = "sdpa") -> str:
 
 
 ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox",
-                          "ministral3", "seed_oss", "smollm3", "hunyuan_v1_dense", "granite")
+                          "ministral3", "seed_oss", "smollm3", "hunyuan_v1_dense", "granite", "olmo2", "olmo3")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
 :func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral,
 Qwen2, Ministral 3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``python benchmarks/lora_activations.py
@@ -1370,10 +1415,10 @@ Qwen2, Ministral 3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``pyt
 (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused projections (:data:`PHI3_ACTIVATION_BYTES`,
 :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention (:data:`GEMMA2_ACTIVATION_BYTES`) and
 soft-capping (:data:`SOFTCAP_MODEL_TYPES`), GPT-NeoX (Pythia) its parallel block (:data:`NEOX_ACTIVATION_BYTES`),
-Granite its scaled residual (:data:`GRANITE_ACTIVATION_BYTES`); an
-attention other than ``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the
-Llama formula against the profiler): Mixtral / Qwen-MoE -24..48% (experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES`
-under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
+Granite its scaled residual (:data:`GRANITE_ACTIVATION_BYTES`), OLMo 2 its norms (:data:`OLMO2_ACTIVATION_BYTES`, OLMo
+3's layer too: ``--kin``); an attention other than ``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these
+(batch 2 x seq 96, bf16, the Llama formula against the profiler): Mixtral / Qwen-MoE -24..48% (experts, router:
+:data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                            precision: str | int | None = None, device: str = "cuda",

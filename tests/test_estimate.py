@@ -617,14 +617,16 @@ KIN_CASES = [
     ("smollm3", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),
     ("hunyuan_v1_dense", 0, ("full", 2), None, False),  # q/k norms after the rotary embedding
     ("hunyuan_v1_dense", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),
+    ("olmo3", 0, ("full", 2), None, True),  # OLMo 2's layer, sliding windows longer than the sequence here
+    ("olmo3", 1, ("lora", "nf4", "bf16-mixed", True), "all", False),
 ]
 
 
 @pytest.mark.parametrize("model_type, shape, setting, targets, checkpointing", KIN_CASES)
 def test_llama_and_qwen3_kin_hold_what_their_reference_holds(model_type, shape, setting, targets, checkpointing):
-    """Ministral 3, Seed-OSS and SmolLM3 hold what Llama holds, Hunyuan dense what Qwen3 holds, at the same shapes
-    (torch's profiler, within 1%), and the formula they take from it is within 10% of the profiler
-    (``benchmarks/lora_activations.py --kin`` checks every setting)."""
+    """Ministral 3, Seed-OSS and SmolLM3 hold what Llama holds, Hunyuan dense what Qwen3 holds, OLMo 3 what OLMo 2
+    holds, at the same shapes (torch's profiler, within 1%), and the formula they take from it is within 10% of the
+    profiler (``benchmarks/lora_activations.py --kin`` checks every setting)."""
     bench = _lora_bench()
     reference, settings = bench.KIN_MODEL_TYPES[model_type]
     sizes, heads, batch, seq = bench.KIN_SHAPES[shape]
@@ -736,14 +738,18 @@ LAYER_FAMILY_CASES = [
     ("granite", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),
     ("granite", 1, ("lora", "nf4", "fp32", False), "attention", True),
     ("granite", 2, ("lora", "dense", "bf16", True), "all", True),  # bound by the loss: the once term alone
+    ("olmo2", 0, ("full", 2), None, True),  # norms after the attention and the MLP, q/k norms over the whole width
+    ("olmo2", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the QLoRA recipe's setting
+    ("olmo2", 1, ("full", 4), None, False),
+    ("olmo2", 2, ("lora", "nf4", "bf16-mixed", True), "all", False),  # bound by the loss
 ]
 
 
 @pytest.mark.parametrize("model_type, check, setting, targets, checkpointing", LAYER_FAMILY_CASES)
 def test_layer_family_within_10_percent_of_the_profiler(model_type, check, setting, targets, checkpointing):
-    """Gemma 3 text, Phi-3, Gemma 2 (under its eager attention), GPT-NeoX and Granite decoders at sizes their layer
-    terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` / ``--neox`` /
-    ``--granite`` check every setting)."""
+    """Gemma 3 text, Phi-3, Gemma 2 (under its eager attention), GPT-NeoX, Granite and OLMo 2 decoders at sizes their
+    layer terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` /
+    ``--neox`` / ``--granite`` / ``--olmo2`` check every setting)."""
     bench = _lora_bench()
     _assert_formula_within_10_percent(*bench.LAYER_CHECK[model_type][check], setting, targets, checkpointing,
                                       bench.LAYER_ATTENTION.get(model_type, "sdpa"))
@@ -759,18 +765,20 @@ def test_layer_family_within_10_percent_of_the_profiler(model_type, check, setti
     ("qwen2", ("full", 4), None, False, 1, 256),  # use_sliding_window: the layers from max_window_layers on
     ("phi3", ("full", 2), None, True, 1, 256),  # Phi-3-mini-4k's sliding_window: every layer slides
     ("phi3", ("lora", "nf4", "bf16-mixed", True), "all", False, 2, 160),
+    ("olmo3", ("full", 2), None, True, 1, 256),  # OLMo 3: layer_types, as Gemma 3's
+    ("olmo3", ("lora", "nf4", "bf16-mixed", True), "all", True, 2, 160),
 ])
 def test_sliding_window_shorter_than_the_sequence_within_10_percent(model_type, setting, targets, checkpointing,
                                                                     batch, seq):
     """Layers sliding with a window of 64 (each builds a ``seq**2`` mask, as packed documents): the formula with
-    :func:`sliding_window_layers` against the profiler; Gemma 3 and Qwen2 say which layers slide (2 of 3 here),
-    Mistral and Phi-3 slide in all."""
+    :func:`sliding_window_layers` against the profiler; Gemma 3, OLMo 3 and Qwen2 say which layers slide (2 of 3
+    here), Mistral and Phi-3 slide in all."""
     from lowmem_lightning.estimate import sliding_window_layers
 
     checks = _lora_bench().LAYER_CHECK
     config = {**checks["phi3" if model_type == "phi3" else "gemma3_text"][1][0], "model_type": model_type,
               "sliding_window": 64}
-    if model_type == "gemma3_text":
+    if model_type in ("gemma3_text", "olmo3"):
         config["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
     if model_type == "qwen2":
         config.update(use_sliding_window=True, max_window_layers=1,
