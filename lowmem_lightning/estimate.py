@@ -682,6 +682,51 @@ profiler on the ``LAYER_FIT`` OLMo 2 decoders of ``python benchmarks/lora_activa
 ``LAYER_CHECK`` ones."""
 
 
+GLM4_ACTIVATION_BYTES: dict[int | tuple[str, str, bool, str], tuple[float, ...]] = {
+    # entry: (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)
+    2: (14.5, -0.1, 1.3, -4.5, 23.0, -1.6, -0.2, 2.6),
+    4: (25.7, -2.3, 1.5, -11.4, 22.5, -1.5, -0.6, 0.9),
+    ('nf4', 'fp32', False, 'all'): (34.1, -5.2, 5.3, -57.3, 6.0, -7.4, 2.6, -7.1),
+    ('nf4', 'fp32', False, 'attention'): (31.9, -3.8, 3.3, -48.9, 15.7, -9.7, 2.6, -7.1),
+    ('nf4', 'fp32', True, 'all'): (30.5, -7.4, 7.7, -80.5, -14.6, -9.6, 6.7, -7.1),
+    ('nf4', 'fp32', True, 'attention'): (28.6, -3.7, 1.1, -44.0, 15.0, -9.8, 0.4, -7.1),
+    ('nf4', 'bf16', False, 'all'): (26.6, -3.4, 1.8, -38.7, 1.2, -3.9, 1.2, -1.4),
+    ('nf4', 'bf16', False, 'attention'): (24.2, -2.4, 1.5, -35.6, 1.2, -1.9, 1.2, -1.4),
+    ('nf4', 'bf16', True, 'all'): (27.9, -4.7, 1.0, -50.2, -7.1, -4.0, 0.1, -1.4),
+    ('nf4', 'bf16', True, 'attention'): (22.6, -2.3, 0.4, -33.1, 0.8, -1.9, 0.1, -1.4),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'all'): (28.1, -4.8, 1.0, -50.6, -9.2, -4.0, 0.1, -1.4),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'attention'): (22.6, -2.3, 0.4, -33.1, 0.8, -1.9, 0.1, -1.4),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'all'): (34.2, -7.4, 4.0, -79.3, -8.9, -9.9, 0.4, -1.4),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'attention'): (22.6, -2.3, 0.4, -33.1, 0.8, -1.9, 0.1, -1.4),
+    ('nf4', 'bf16-mixed', False, 'all'): (28.0, -3.7, 1.9, -41.8, 0.8, -4.2, 1.2, -1.4),
+    ('nf4', 'bf16-mixed', False, 'attention'): (25.1, -2.6, 1.4, -36.4, 1.0, -1.9, 1.3, -1.4),
+    ('nf4', 'bf16-mixed', True, 'all'): (29.3, -5.1, 1.1, -53.3, -7.6, -4.3, 0.1, -1.4),
+    ('nf4', 'bf16-mixed', True, 'attention'): (23.4, -2.5, 0.3, -33.9, 0.7, -1.9, 0.2, -1.4),
+    ('dense', 'fp32', False, 'all'): (13.0, -0.3, 2.2, -7.8, 32.0, -4.5, 1.2, -7.1),
+    ('dense', 'fp32', False, 'attention'): (10.9, 1.2, 0.6, -2.9, 26.3, -2.3, -1.3, -7.1),
+    ('dense', 'fp32', True, 'all'): (1.6, -0.1, -0.1, -2.6, 10.9, -0.6, -0.9, -7.1),
+    ('dense', 'fp32', True, 'attention'): (7.7, 1.3, -1.6, 2.1, 25.6, -2.4, -3.4, -7.1),
+    ('dense', 'bf16', False, 'all'): (10.7, -0.2, 0.9, -3.2, 26.0, -2.9, 1.2, -1.4),
+    ('dense', 'bf16', False, 'attention'): (10.7, -0.2, 0.9, -3.2, 26.1, -5.0, 1.2, -1.4),
+    ('dense', 'bf16', True, 'all'): (5.0, -0.1, -0.2, -0.7, 16.3, -2.5, 0.1, -1.4),
+    ('dense', 'bf16', True, 'attention'): (9.0, -0.1, -0.2, -0.7, 25.7, -5.0, 0.1, -1.4),
+    ('dense', 'bf16-base-fp32-adapters', False, 'all'): (-14.6, 6.5, -2.4, 29.0, -5.1, 10.0, 0.1, -1.4),
+    ('dense', 'bf16-base-fp32-adapters', False, 'attention'): (9.0, -0.1, -0.2, -0.7, 25.7, -5.0, 0.1, -1.4),
+    ('dense', 'bf16-base-fp32-adapters', True, 'all'): (-9.8, 4.5, -2.3, 13.3, -7.2, 8.0, 0.1, -1.4),
+    ('dense', 'bf16-base-fp32-adapters', True, 'attention'): (9.0, -0.1, -0.2, -0.7, 25.7, -5.0, 0.1, -1.4),
+    ('dense', 'bf16-mixed', False, 'all'): (5.9, 0.2, -0.5, 1.3, 14.7, -2.6, -1.4, -1.4),
+    ('dense', 'bf16-mixed', False, 'attention'): (9.0, -0.1, -0.1, -0.7, 25.7, -5.0, 0.2, -1.4),
+    ('dense', 'bf16-mixed', True, 'all'): (1.9, 1.1, -1.7, 2.7, 4.4, -1.6, -1.8, -1.4),
+    ('dense', 'bf16-mixed', True, 'attention'): (9.0, -0.1, -0.1, -0.7, 25.7, -5.0, 0.2, -1.4),
+}
+"""Bytes per token that a GLM-4 layer (``model_type`` ``glm4``: GLM-4-0414, GLM-Z1; a norm after the attention and after
+the MLP beside Llama's two, a fused ``gate_up_proj`` whose output is split, rotary on half of each head, q/k/v biases)
+holds beyond the Llama layer with :func:`attention_extra_bytes`' width terms and its own adapters
+(:data:`FUSED_LORA_TARGET_SETS`: one on ``gate_up_proj``; an NF4 base decodes it, twice Llama's largest matrix), laid
+out as :data:`GEMMA3_ACTIVATION_BYTES`. Least squares over torch's CPU profiler on the ``LAYER_FIT`` GLM-4 decoders of
+``python benchmarks/lora_activations.py --glm4``, checked on its ``LAYER_CHECK`` ones."""
+
+
 def _granite_activation_bytes() -> dict[int | tuple[str, str, bool, str], tuple[float, ...]]:
     """:data:`GRANITE_ACTIVATION_BYTES`: every full-weight dtype and LoRA entry, from the element size ``d`` its hidden
     states take (the full-weight dtype's; 4 in LoRA ``fp32`` mode, else 2)."""
@@ -704,7 +749,7 @@ decoders of the same shapes (``python benchmarks/lora_activations.py --granite``
 LAYER_ACTIVATION_BYTES: dict[str, dict] = {"gemma3_text": GEMMA3_ACTIVATION_BYTES, "phi3": PHI3_ACTIVATION_BYTES,
                                            "gemma2": GEMMA2_ACTIVATION_BYTES, "gpt_neox": NEOX_ACTIVATION_BYTES,
                                            "granite": GRANITE_ACTIVATION_BYTES, "olmo2": OLMO2_ACTIVATION_BYTES,
-                                           "olmo3": OLMO2_ACTIVATION_BYTES}
+                                           "olmo3": OLMO2_ACTIVATION_BYTES, "glm4": GLM4_ACTIVATION_BYTES}
 """``model_type -> table`` of what a decoder layer holds beyond Llama's (OLMo 3's layer is OLMo 2's), laid out as
 :data:`GEMMA3_ACTIVATION_BYTES`: entry (full-weight dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``) ``->
 (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)``."""
@@ -951,10 +996,12 @@ FUSED_LORA_TARGET_SETS = {
              "attention": frozenset({"qkv_proj", "o_proj"})},
     "gpt_neox": {"all": frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
                  "attention": frozenset({"query_key_value", "dense"})},
+    "glm4": {"all": frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}),
+             "attention": frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})},
 }
 """:data:`LORA_TARGET_SETS` of decoders whose layer fuses Llama's projections (Phi-3: ``qkv_proj`` for ``q/k/v_proj``,
-``gate_up_proj`` for ``gate_proj`` and ``up_proj``; GPT-NeoX: ``query_key_value``, and an MLP without a gate), by
-``config.model_type``: one adapter per projection."""
+``gate_up_proj`` for ``gate_proj`` and ``up_proj``; GPT-NeoX: ``query_key_value``, and an MLP without a gate; GLM-4:
+``gate_up_proj``), by ``config.model_type``: one adapter per projection."""
 
 
 def lora_target_sets(config) -> dict[str, frozenset]:
@@ -1188,12 +1235,14 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
 def _largest_projection(config) -> int:
     """Elements of a decoder layer's largest projection, the dense weight an NF4 layer decodes while it multiplies:
     ``hidden_size * intermediate_size`` in Llama's layer; the fused query/key/value projection (``(q + 2 * kv) * h``)
-    where it is larger, and Phi-3's fused ``gate_up_proj`` (``2 * h * i``)."""
+    where it is larger (Phi-3, GPT-NeoX), and a fused ``gate_up_proj`` (Phi-3, GLM-4: ``2 * h * i``)."""
     h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
-    if _model_type(config) not in FUSED_LORA_TARGET_SETS:
-        return h * i
+    model_type = _model_type(config)
+    mlp = (2 if model_type in ("phi3", "glm4") else 1) * h * i
+    if model_type not in ("phi3", "gpt_neox"):
+        return mlp
     q, kv = attention_widths(config)
-    return max((2 if _model_type(config) == "phi3" else 1) * h * i, (q + 2 * kv) * h)
+    return max(mlp, (q + 2 * kv) * h)
 
 
 def _config_getter(config):
@@ -1406,7 +1455,8 @@ def _mask_note(nbytes: dict[bool, int], attention: str = "sdpa") -> str:
 
 
 ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox",
-                          "ministral3", "seed_oss", "smollm3", "hunyuan_v1_dense", "granite", "olmo2", "olmo3")
+                          "ministral3", "seed_oss", "smollm3", "hunyuan_v1_dense", "granite", "olmo2", "olmo3",
+                          "glm4")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
 :func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral,
 Qwen2, Ministral 3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``python benchmarks/lora_activations.py
@@ -1416,9 +1466,10 @@ Qwen2, Ministral 3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``pyt
 :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention (:data:`GEMMA2_ACTIVATION_BYTES`) and
 soft-capping (:data:`SOFTCAP_MODEL_TYPES`), GPT-NeoX (Pythia) its parallel block (:data:`NEOX_ACTIVATION_BYTES`),
 Granite its scaled residual (:data:`GRANITE_ACTIVATION_BYTES`), OLMo 2 its norms (:data:`OLMO2_ACTIVATION_BYTES`, OLMo
-3's layer too: ``--kin``); an attention other than ``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these
-(batch 2 x seq 96, bf16, the Llama formula against the profiler): Mixtral / Qwen-MoE -24..48% (experts, router:
-:data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
+3's layer too: ``--kin``), GLM-4 its norms and fused MLP (:data:`GLM4_ACTIVATION_BYTES`); an attention other than
+``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against
+the profiler): Mixtral / Qwen-MoE -24..48% (experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA);
+:func:`model_activation_bytes` says so rather than guess."""
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                            precision: str | int | None = None, device: str = "cuda",

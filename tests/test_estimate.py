@@ -742,14 +742,18 @@ LAYER_FAMILY_CASES = [
     ("olmo2", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the QLoRA recipe's setting
     ("olmo2", 1, ("full", 4), None, False),
     ("olmo2", 2, ("lora", "nf4", "bf16-mixed", True), "all", False),  # bound by the loss
+    ("glm4", 0, ("full", 2), None, True),  # two more norms, a fused gate_up_proj, rotary on half of each head
+    ("glm4", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the recipe's: LoRA on gate_up_proj, decoded 2hi
+    ("glm4", 1, ("full", 4), None, False),
+    ("glm4", 2, ("lora", "dense", "bf16", False), "attention", False),  # bound by the loss
 ]
 
 
 @pytest.mark.parametrize("model_type, check, setting, targets, checkpointing", LAYER_FAMILY_CASES)
 def test_layer_family_within_10_percent_of_the_profiler(model_type, check, setting, targets, checkpointing):
-    """Gemma 3 text, Phi-3, Gemma 2 (under its eager attention), GPT-NeoX, Granite and OLMo 2 decoders at sizes their
-    layer terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` /
-    ``--neox`` / ``--granite`` / ``--olmo2`` check every setting)."""
+    """Gemma 3 text, Phi-3, Gemma 2 (under its eager attention), GPT-NeoX, Granite, OLMo 2 and GLM-4 decoders at sizes
+    their layer terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` /
+    ``--neox`` / ``--granite`` / ``--olmo2`` / ``--glm4`` check every setting)."""
     bench = _lora_bench()
     _assert_formula_within_10_percent(*bench.LAYER_CHECK[model_type][check], setting, targets, checkpointing,
                                       bench.LAYER_ATTENTION.get(model_type, "sdpa"))
