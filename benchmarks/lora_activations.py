@@ -67,6 +67,11 @@ attention and after the MLP beside Llama's two, a fused ``gate_up_proj``, rotary
 
     python benchmarks/lora_activations.py --glm4     # ~6 minutes on one core
 
+``--exaone4`` does the same for :data:`~lowmem_lightning.estimate.EXAONE4_ACTIVATION_BYTES` (EXAONE 4: OLMo 2's norms
+after the attention and the MLP, q/k norms per head).
+
+    python benchmarks/lora_activations.py --exaone4  # ~6 minutes on one core
+
 ``--granite`` fits nothing either: it checks :data:`~lowmem_lightning.estimate.GRANITE_ACTIVATION_BYTES` (one more
 ``hidden_size``-wide tensor than Llama's layer, measured exact) on the :data:`LAYER_CHECK` Granite decoders, every
 setting as ``--widths``.
@@ -649,6 +654,14 @@ def _glm4(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int,
             "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None}
 
 
+def _exaone4(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
+    """An EXAONE 4 config (its token ids inside the vocabulary), its sliding windows (three layers in four) longer than
+    the sequences profiled."""
+    return {**_width_config("exaone4", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
+                                                                    "num_hidden_layers": layers, "vocab_size": vocab}),
+            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "sliding_window": 4096}
+
+
 def _neox(h: int, i: int, layers: int, heads: int, vocab: int, rotary: float = 0.25) -> dict:
     """A GPT-NeoX config as Pythia's: parallel residual, rotary on ``rotary`` of each head (Pythia's 0.25)."""
     return {"model_type": "gpt_neox", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
@@ -690,6 +703,10 @@ LAYER_FIT = {
     "glm4": [_glm4(256, 512, 2, 4, 4, 64, 600), _glm4(256, 1024, 3, 4, 1, 64, 600), _glm4(384, 512, 2, 6, 2, 64, 600),
              _glm4(192, 768, 3, 2, 1, 128, 600), _glm4(256, 512, 2, 8, 4, 64, 600), _glm4(256, 512, 2, 4, 4, 64, 8000),
              _glm4(192, 384, 3, 3, 1, 64, 8000)],
+    "exaone4": [_exaone4(256, 512, 2, 4, 4, 64, 600), _exaone4(256, 1024, 3, 4, 1, 64, 600),
+                _exaone4(384, 512, 2, 6, 2, 64, 600), _exaone4(192, 768, 3, 2, 1, 128, 600),
+                _exaone4(256, 512, 2, 8, 4, 64, 600), _exaone4(256, 512, 2, 4, 4, 64, 8000),
+                _exaone4(192, 384, 3, 3, 1, 64, 8000)],
 }
 """Decoders each :data:`~lowmem_lightning.estimate.LAYER_ACTIVATION_BYTES` table is fitted on (batch 2 x seq 96):
 layers, widths and heads varied, the last two bound by the loss (a vocabulary of 8000) so that the once-per-model term
@@ -710,6 +727,8 @@ LAYER_CHECK = {
               (_olmo2(160, 480, 2, 2, 1, 128, 5000), 2, 80)],
     "glm4": [(_glm4(320, 640, 2, 5, 1, 128, 700), 1, 160), (_glm4(240, 896, 3, 4, 2, 64, 700), 3, 64),
              (_glm4(160, 480, 2, 2, 1, 128, 5000), 2, 80)],
+    "exaone4": [(_exaone4(320, 640, 2, 5, 1, 128, 700), 1, 160), (_exaone4(240, 896, 3, 4, 2, 64, 700), 3, 64),
+                (_exaone4(160, 480, 2, 2, 1, 128, 5000), 2, 80)],
 }
 """``(config, batch, seq)`` each table is checked on (not fitted); Phi-3's last has Phi-4-mini's partial rotary.
 Granite's table is not fitted at all (:data:`~lowmem_lightning.estimate.GRANITE_ACTIVATION_BYTES`): only checked."""
@@ -842,6 +861,7 @@ def main(argv=None) -> int:
     parser.add_argument("--neox", action="store_true", help="fit the GPT-NeoX (Pythia) terms, then check them")
     parser.add_argument("--olmo2", action="store_true", help="fit the OLMo 2 terms, then check them")
     parser.add_argument("--glm4", action="store_true", help="fit the GLM-4 terms, then check them")
+    parser.add_argument("--exaone4", action="store_true", help="fit the EXAONE 4 terms, then check them")
     parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
     parser.add_argument("--granite", action="store_true",
                         help="check the Granite terms (one more hidden-wide tensor; nothing fitted)")
@@ -866,7 +886,8 @@ def main(argv=None) -> int:
         print(f"q/k norms: {norm_table}", flush=True)
         print(f"largest |formula / profiled - 1| (widths): {check_widths():.3f}")
     for model_type, chosen in (("gemma3_text", args.gemma3), ("phi3", args.phi3), ("gemma2", args.gemma2),
-                               ("gpt_neox", args.neox), ("olmo2", args.olmo2), ("glm4", args.glm4)):
+                               ("gpt_neox", args.neox), ("olmo2", args.olmo2), ("glm4", args.glm4),
+                               ("exaone4", args.exaone4)):
         if chosen:
             for key, value in fit_layer_terms(model_type).items():
                 print(f"    {key!r}: {value},", flush=True)

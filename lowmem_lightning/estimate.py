@@ -727,6 +727,50 @@ out as :data:`GEMMA3_ACTIVATION_BYTES`. Least squares over torch's CPU profiler 
 ``python benchmarks/lora_activations.py --glm4``, checked on its ``LAYER_CHECK`` ones."""
 
 
+EXAONE4_ACTIVATION_BYTES: dict[int | tuple[str, str, bool, str], tuple[float, ...]] = {
+    # entry: (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)
+    2: (0.4, 0.0, 6.1, -1.0, 8.4, -1.6, 4.7, 2.9),
+    4: (5.7, -2.1, 7.3, -4.5, 5.3, -1.6, 5.3, 1.4),
+    ('nf4', 'fp32', False, 'all'): (1.0, -0.1, 4.3, 1.0, 2.1, -0.1, 4.3, -6.6),
+    ('nf4', 'fp32', False, 'attention'): (2.0, 0.8, 2.8, 0.2, 11.6, -2.4, 4.3, -6.6),
+    ('nf4', 'fp32', True, 'all'): (4.8, -1.5, 5.7, -7.2, 6.4, -3.1, 7.1, -6.6),
+    ('nf4', 'fp32', True, 'attention'): (-4.1, 1.8, 1.7, 18.6, 15.6, -2.4, 4.3, -6.6),
+    ('nf4', 'bf16', False, 'all'): (2.4, -0.6, 5.5, -6.5, -7.4, 0.0, 4.2, -1.1),
+    ('nf4', 'bf16', False, 'attention'): (3.1, 0.1, 4.9, -10.1, -7.4, 2.1, 4.2, -1.1),
+    ('nf4', 'bf16', True, 'all'): (4.6, -1.4, 6.5, -12.1, -7.4, 0.0, 4.2, -1.1),
+    ('nf4', 'bf16', True, 'attention'): (1.2, 0.6, 3.8, -2.0, -5.4, 2.1, 4.2, -1.1),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'all'): (4.6, -1.4, 6.5, -12.3, -9.4, 0.0, 4.2, -1.1),
+    ('nf4', 'bf16-base-fp32-adapters', False, 'attention'): (1.2, 0.6, 3.8, -2.0, -5.4, 2.1, 4.2, -1.1),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'all'): (8.7, -2.7, 8.4, -23.8, -3.7, -4.4, 7.3, -1.1),
+    ('nf4', 'bf16-base-fp32-adapters', True, 'attention'): (1.2, 0.6, 3.8, -2.0, -5.4, 2.1, 4.2, -1.1),
+    ('nf4', 'bf16-mixed', False, 'all'): (2.7, -0.7, 5.8, -7.7, -7.5, 0.1, 4.2, -1.1),
+    ('nf4', 'bf16-mixed', False, 'attention'): (3.8, 0.0, 4.7, -10.9, -7.6, 2.1, 4.2, -1.1),
+    ('nf4', 'bf16-mixed', True, 'all'): (4.7, -1.4, 6.5, -12.2, -7.5, 0.1, 4.2, -1.1),
+    ('nf4', 'bf16-mixed', True, 'attention'): (1.6, 0.5, 3.8, -2.5, -5.6, 2.1, 4.2, -1.1),
+    ('dense', 'fp32', False, 'all'): (0.9, -0.1, 3.9, 3.0, 22.8, -4.7, 3.1, -6.6),
+    ('dense', 'fp32', False, 'attention'): (-1.1, 1.3, 2.4, 8.0, 17.0, -2.4, 0.6, -6.6),
+    ('dense', 'fp32', True, 'all'): (-0.5, 0.3, 3.1, 8.2, 14.4, -0.6, 3.1, -6.6),
+    ('dense', 'fp32', True, 'attention'): (-1.1, 1.3, 2.4, 8.0, 21.0, -2.4, 0.6, -6.6),
+    ('dense', 'bf16', False, 'all'): (0.6, -0.1, 3.8, 4.3, 15.3, -3.0, 4.2, -1.1),
+    ('dense', 'bf16', False, 'attention'): (0.6, -0.1, 3.8, 4.3, 15.4, -5.1, 4.2, -1.1),
+    ('dense', 'bf16', True, 'all'): (0.6, -0.1, 3.8, 4.3, 12.0, -2.6, 4.2, -1.1),
+    ('dense', 'bf16', True, 'attention'): (0.6, -0.1, 3.8, 4.3, 17.4, -5.1, 4.2, -1.1),
+    ('dense', 'bf16-base-fp32-adapters', False, 'all'): (0.0, 0.1, 3.6, 5.6, 7.2, -4.1, 2.7, -1.1),
+    ('dense', 'bf16-base-fp32-adapters', False, 'attention'): (0.6, -0.1, 3.8, 4.3, 17.4, -5.1, 4.2, -1.1),
+    ('dense', 'bf16-base-fp32-adapters', True, 'all'): (0.3, 0.8, 2.8, 3.1, 0.6, 0.1, 4.2, -1.1),
+    ('dense', 'bf16-base-fp32-adapters', True, 'attention'): (0.6, -0.1, 3.8, 4.3, 17.4, -5.1, 4.2, -1.1),
+    ('dense', 'bf16-mixed', False, 'all'): (0.4, -0.1, 3.8, 4.6, 9.3, -3.4, 3.0, -1.1),
+    ('dense', 'bf16-mixed', False, 'attention'): (0.6, -0.1, 3.9, 4.3, 17.4, -5.1, 4.2, -1.1),
+    ('dense', 'bf16-mixed', True, 'all'): (0.4, 0.7, 2.4, 7.1, 4.3, -2.2, 1.3, -1.1),
+    ('dense', 'bf16-mixed', True, 'attention'): (0.6, -0.1, 3.9, 4.3, 17.4, -5.1, 4.2, -1.1),
+}
+"""Bytes per token that an EXAONE 4 layer (``model_type`` ``exaone4``: EXAONE-4.0 1.2B and 32B; OLMo 2's layout, a norm
+after the attention and after the MLP instead of before, with q/k RMSNorms per head; sliding windows in three layers of
+four, their masks counted as Gemma 3's) holds beyond the Llama layer with :func:`attention_extra_bytes`' width terms,
+laid out as :data:`GEMMA3_ACTIVATION_BYTES`. Least squares over torch's CPU profiler on the ``LAYER_FIT`` EXAONE 4
+decoders of ``python benchmarks/lora_activations.py --exaone4``, checked on its ``LAYER_CHECK`` ones."""
+
+
 def _granite_activation_bytes() -> dict[int | tuple[str, str, bool, str], tuple[float, ...]]:
     """:data:`GRANITE_ACTIVATION_BYTES`: every full-weight dtype and LoRA entry, from the element size ``d`` its hidden
     states take (the full-weight dtype's; 4 in LoRA ``fp32`` mode, else 2)."""
@@ -749,7 +793,8 @@ decoders of the same shapes (``python benchmarks/lora_activations.py --granite``
 LAYER_ACTIVATION_BYTES: dict[str, dict] = {"gemma3_text": GEMMA3_ACTIVATION_BYTES, "phi3": PHI3_ACTIVATION_BYTES,
                                            "gemma2": GEMMA2_ACTIVATION_BYTES, "gpt_neox": NEOX_ACTIVATION_BYTES,
                                            "granite": GRANITE_ACTIVATION_BYTES, "olmo2": OLMO2_ACTIVATION_BYTES,
-                                           "olmo3": OLMO2_ACTIVATION_BYTES, "glm4": GLM4_ACTIVATION_BYTES}
+                                           "olmo3": OLMO2_ACTIVATION_BYTES, "glm4": GLM4_ACTIVATION_BYTES,
+                                           "exaone4": EXAONE4_ACTIVATION_BYTES}
 """``model_type -> table`` of what a decoder layer holds beyond Llama's (OLMo 3's layer is OLMo 2's), laid out as
 :data:`GEMMA3_ACTIVATION_BYTES`: entry (full-weight dtype bytes or LoRA ``(base, mode, dropout > 0, targets)``) ``->
 (full_h, full_i, full_qk, full_once_h, layer_h, layer_i, layer_qk, layer_once_h)``."""
@@ -1456,7 +1501,7 @@ def _mask_note(nbytes: dict[bool, int], attention: str = "sdpa") -> str:
 
 ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox",
                           "ministral3", "seed_oss", "smollm3", "hunyuan_v1_dense", "granite", "olmo2", "olmo3",
-                          "glm4")
+                          "glm4", "exaone4")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
 :func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral,
 Qwen2, Ministral 3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``python benchmarks/lora_activations.py
@@ -1466,10 +1511,10 @@ Qwen2, Ministral 3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``pyt
 :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention (:data:`GEMMA2_ACTIVATION_BYTES`) and
 soft-capping (:data:`SOFTCAP_MODEL_TYPES`), GPT-NeoX (Pythia) its parallel block (:data:`NEOX_ACTIVATION_BYTES`),
 Granite its scaled residual (:data:`GRANITE_ACTIVATION_BYTES`), OLMo 2 its norms (:data:`OLMO2_ACTIVATION_BYTES`, OLMo
-3's layer too: ``--kin``), GLM-4 its norms and fused MLP (:data:`GLM4_ACTIVATION_BYTES`); an attention other than
-``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against
-the profiler): Mixtral / Qwen-MoE -24..48% (experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA);
-:func:`model_activation_bytes` says so rather than guess."""
+3's layer too: ``--kin``), GLM-4 its norms and fused MLP (:data:`GLM4_ACTIVATION_BYTES`), EXAONE 4 its norms
+(:data:`EXAONE4_ACTIVATION_BYTES`); an attention other than ``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not
+these (batch 2 x seq 96, bf16, the Llama formula against the profiler): Mixtral / Qwen-MoE -24..48% (experts, router:
+:data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                            precision: str | int | None = None, device: str = "cuda",

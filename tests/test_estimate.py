@@ -746,14 +746,16 @@ LAYER_FAMILY_CASES = [
     ("glm4", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the recipe's: LoRA on gate_up_proj, decoded 2hi
     ("glm4", 1, ("full", 4), None, False),
     ("glm4", 2, ("lora", "dense", "bf16", False), "attention", False),  # bound by the loss
+    ("exaone4", 0, ("full", 2), None, False),  # OLMo 2's norms, q/k norms per head
+    ("exaone4", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),  # the QLoRA recipe's setting
 ]
 
 
 @pytest.mark.parametrize("model_type, check, setting, targets, checkpointing", LAYER_FAMILY_CASES)
 def test_layer_family_within_10_percent_of_the_profiler(model_type, check, setting, targets, checkpointing):
-    """Gemma 3 text, Phi-3, Gemma 2 (under its eager attention), GPT-NeoX, Granite, OLMo 2 and GLM-4 decoders at sizes
-    their layer terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` / ``--gemma2`` /
-    ``--neox`` / ``--granite`` / ``--olmo2`` / ``--glm4`` check every setting)."""
+    """Gemma 3 text, Phi-3, Gemma 2 (under its eager attention), GPT-NeoX, Granite, OLMo 2, GLM-4 and EXAONE 4 decoders
+    at sizes their layer terms were not fitted on (``benchmarks/lora_activations.py --gemma3`` / ``--phi3`` /
+    ``--gemma2`` / ``--neox`` / ``--granite`` / ``--olmo2`` / ``--glm4`` / ``--exaone4`` check every setting)."""
     bench = _lora_bench()
     _assert_formula_within_10_percent(*bench.LAYER_CHECK[model_type][check], setting, targets, checkpointing,
                                       bench.LAYER_ATTENTION.get(model_type, "sdpa"))
@@ -771,18 +773,19 @@ def test_layer_family_within_10_percent_of_the_profiler(model_type, check, setti
     ("phi3", ("lora", "nf4", "bf16-mixed", True), "all", False, 2, 160),
     ("olmo3", ("full", 2), None, True, 1, 256),  # OLMo 3: layer_types, as Gemma 3's
     ("olmo3", ("lora", "nf4", "bf16-mixed", True), "all", True, 2, 160),
+    ("exaone4", ("full", 2), None, True, 1, 256),  # EXAONE 4: layer_types too
 ])
 def test_sliding_window_shorter_than_the_sequence_within_10_percent(model_type, setting, targets, checkpointing,
                                                                     batch, seq):
     """Layers sliding with a window of 64 (each builds a ``seq**2`` mask, as packed documents): the formula with
-    :func:`sliding_window_layers` against the profiler; Gemma 3, OLMo 3 and Qwen2 say which layers slide (2 of 3
-    here), Mistral and Phi-3 slide in all."""
+    :func:`sliding_window_layers` against the profiler; Gemma 3, OLMo 3, EXAONE 4 and Qwen2 say which layers slide
+    (2 of 3 here), Mistral and Phi-3 slide in all."""
     from lowmem_lightning.estimate import sliding_window_layers
 
     checks = _lora_bench().LAYER_CHECK
     config = {**checks["phi3" if model_type == "phi3" else "gemma3_text"][1][0], "model_type": model_type,
               "sliding_window": 64}
-    if model_type in ("gemma3_text", "olmo3"):
+    if model_type in ("gemma3_text", "olmo3", "exaone4"):
         config["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
     if model_type == "qwen2":
         config.update(use_sliding_window=True, max_window_layers=1,

@@ -55,6 +55,7 @@ ARCHS = {
     "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None},
                  frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"})),
     "olmo2": ("Olmo2Config", {}, LLAMA),  # norms after the attention and the MLP, q/k norms
+    "exaone4": ("Exaone4Config", {"sliding_window": 32}, LLAMA),  # OLMo 2's norms, q/k norms per head, windows
     "glm4": ("Glm4Config", {"head_dim": 16}, frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj",
                                                         "down_proj"})),  # GLM-4-0414: a fused gate_up_proj
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}, ATTENTION),
@@ -157,7 +158,8 @@ def test_the_recipes_lora_lands_on_the_architectures_linear_projections(name, mo
     assert count.trainable_params == count.adapter_params > 0
     nbytes, detail = model_activation_bytes(model, 1, 64, True, "bf16-mixed", "cpu")
     model_type = model.config.model_type
-    if model_type in ("mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "olmo2"):  # Llama's layer (+ norms, ...)
+    if model_type in ("mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "olmo2",
+                      "exaone4"):  # Llama's layer (+ norms, ...)
         assert nbytes > 0 and "LoRA r=16 on 7 projections" in detail, detail
         assert ("eager attention" in detail) == (model_type == "gemma2"), detail  # Gemma 2 runs eagerly only
     elif model_type in ("phi3", "gpt_neox"):  # the recipe's seven names became its four (fused) projections
@@ -174,16 +176,16 @@ def test_the_recipes_lora_lands_on_the_architectures_linear_projections(name, mo
 
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_full_finetune_estimate_models_the_layers_it_was_fitted_to_only(name, model_dirs):
-    """The activation formula is fitted to Llama's decoder layer, with terms of their own for Phi-3's fused
-    projections, GPT-NeoX's parallel block, Gemma 2's norms and soft-capping (under its eager attention), OLMo 2's and
-    GLM-4's norms: every
-    dense architecture here gets a figure; the MoE ones, fully trained, are said not modelled rather than guessed."""
+    """The activation formula is fitted to Llama's decoder layer, with terms of their own for Phi-3's fused projections,
+    GPT-NeoX's parallel block, Gemma 2's norms and soft-capping (under its eager attention), OLMo 2's, EXAONE 4's
+    and GLM-4's norms: every dense architecture here gets a figure; the MoE ones, fully trained, are said not
+    modelled rather than guessed."""
     from lowmem_lightning.estimate import activation_bytes, model_activation_bytes
 
     model = build_causal_lm(str(model_dirs(name)), None, None, None, device="meta", torch_dtype="bfloat16")
     nbytes, detail = model_activation_bytes(model, 2, 64, True, "bf16-true")
     if model.config.model_type in ("mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox", "olmo2",
-                                   "glm4"):
+                                   "glm4", "exaone4"):
         assert nbytes == activation_bytes(model.config, 2, 64, 2, True,
                                           attention=model.config._attn_implementation), detail
     else:
