@@ -79,9 +79,10 @@ setting as ``--widths``.
     python benchmarks/lora_activations.py --granite  # ~3 minutes on one core
 
 ``--kin`` fits nothing: it profiles the decoders whose layer is another's under another name (:data:`KIN_MODEL_TYPES`:
-Ministral 3, Seed-OSS, SmolLM3, Hunyuan dense, OLMo 3) and the Llama, Qwen3 or OLMo 2 decoder of the same shapes at the
-:data:`KIN_SHAPES`, every setting as ``--widths``, and prints each peak's ratio to its reference's and the formula's
-ratio to it: the check behind their place in :data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES`.
+Ministral 3 and 8B, InternLM3, Seed-OSS, SmolLM3, Hunyuan dense, OLMo 3) and the Llama, Qwen3 or OLMo 2 decoder of the
+same shapes at the :data:`KIN_SHAPES`, every setting as ``--widths``, and prints each peak's ratio to its reference's
+and the formula's ratio to it: the check behind their place in
+:data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES`.
 
     python benchmarks/lora_activations.py --kin      # ~10 minutes on one core
 
@@ -549,14 +550,14 @@ def _formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | 
                                  rank=RANK, gradient_checkpointing=ckpt, device="cpu", attention=attention)
 
 
-KIN_MODEL_TYPES = {"ministral3": ("llama", {}),
+KIN_MODEL_TYPES = {"ministral3": ("llama", {}), "ministral": ("llama", {}), "internlm3": ("llama", {}),
                    "seed_oss": ("llama", {"attention_dropout": 0.0, "residual_dropout": 0.0}),
                    "smollm3": ("llama", {"pad_token_id": None, "tie_word_embeddings": False}),
                    "hunyuan_v1_dense": ("qwen3", {}), "olmo3": ("olmo2", {"sliding_window": 4096})}
 """``model_type -> (reference model type, settings)`` of the decoders
-:data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES` takes as Llama's layer (Ministral 3; Seed-OSS, with the
-dropout its config defaults to turned off: with it, not modelled; SmolLM3, with a layer in four without rotary) or
-Qwen3's (Hunyuan dense: q/k norms per head, after the rotary embedding,
+:data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES` takes as Llama's layer (Ministral 3, Ministral-8B-2410's
+`ministral`, InternLM3; Seed-OSS, with the dropout its config defaults to turned off: with it, not modelled; SmolLM3,
+with a layer in four without rotary) or Qwen3's (Hunyuan dense: q/k norms per head, after the rotary embedding,
 :data:`~lowmem_lightning.estimate.QK_NORM_MODEL_TYPES`) or OLMo 2's (OLMo 3, its sliding windows longer than the
 sequence here: :data:`~lowmem_lightning.estimate.OLMO2_ACTIVATION_BYTES`). Nothing is fitted on them. Embeddings untied
 as the references' (a tied one is counted with the gradients:

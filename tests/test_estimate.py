@@ -619,14 +619,16 @@ KIN_CASES = [
     ("hunyuan_v1_dense", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),
     ("olmo3", 0, ("full", 2), None, True),  # OLMo 2's layer, sliding windows longer than the sequence here
     ("olmo3", 1, ("lora", "nf4", "bf16-mixed", True), "all", False),
+    ("ministral", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # Ministral-8B-2410: windows in layer_types
+    ("internlm3", 1, ("full", 2), None, True),
 ]
 
 
 @pytest.mark.parametrize("model_type, shape, setting, targets, checkpointing", KIN_CASES)
 def test_llama_and_qwen3_kin_hold_what_their_reference_holds(model_type, shape, setting, targets, checkpointing):
-    """Ministral 3, Seed-OSS and SmolLM3 hold what Llama holds, Hunyuan dense what Qwen3 holds, OLMo 3 what OLMo 2
-    holds, at the same shapes (torch's profiler, within 1%), and the formula they take from it is within 10% of the
-    profiler (``benchmarks/lora_activations.py --kin`` checks every setting)."""
+    """Ministral 3 and 8B, InternLM3, Seed-OSS and SmolLM3 hold what Llama holds, Hunyuan dense what Qwen3 holds, OLMo 3
+    what OLMo 2 holds, at the same shapes (torch's profiler, within 1%), and the formula they take from it is within
+    10% of the profiler (``benchmarks/lora_activations.py --kin`` checks every setting)."""
     bench = _lora_bench()
     reference, settings = bench.KIN_MODEL_TYPES[model_type]
     sizes, heads, batch, seq = bench.KIN_SHAPES[shape]
@@ -642,8 +644,9 @@ def test_llama_and_qwen3_kin_hold_what_their_reference_holds(model_type, shape, 
 
 
 def test_kin_configs_estimate_as_their_reference_and_seed_oss_dropout_is_said_not_modelled():
-    """``lowmem estimate``'s path (a meta model from the config) gives a Ministral 3, SmolLM3 or Seed-OSS model Llama's
-    figure and a Hunyuan dense one Qwen3's; Seed-OSS as released (dropout 0.1) and Granite are said apart."""
+    """``lowmem estimate``'s path (a meta model from the config) gives a Ministral, InternLM3, SmolLM3 or Seed-OSS model
+    Llama's figure and a Hunyuan dense one Qwen3's; Seed-OSS as released (dropout 0.1) and Granite are said
+    apart."""
     from lowmem_lightning.estimate import model_activation_bytes
     from lowmem_lightning.modules.causal_lm import build_causal_lm
 
@@ -661,6 +664,7 @@ def test_kin_configs_estimate_as_their_reference_and_seed_oss_dropout_is_said_no
 
     llama, qwen3 = figures("llama"), figures("qwen3")
     assert figures("ministral3") == llama
+    assert figures("ministral") == figures("internlm3") == llama
     assert figures("smollm3", tie_word_embeddings=False) == llama
     assert figures("seed_oss", attention_dropout=0.0, residual_dropout=0.0) == llama
     assert figures("hunyuan_v1_dense") == qwen3
