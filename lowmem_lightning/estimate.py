@@ -1286,9 +1286,9 @@ def _largest_projection(config) -> int:
     ``hidden_size * intermediate_size`` in Llama's layer; the fused query/key/value projection (``(q + 2 * kv) * h``)
     where it is larger (Phi-3, GPT-NeoX), and a fused ``gate_up_proj`` (Phi-3, GLM-4: ``2 * h * i``)."""
     h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
-    model_type = _model_type(config)
-    mlp = (2 if model_type in ("phi3", "glm4") else 1) * h * i
-    if model_type not in ("phi3", "gpt_neox"):
+    sets = lora_target_sets(config)
+    mlp = (2 if "gate_up_proj" in sets["all"] else 1) * h * i
+    if "q_proj" in sets["attention"]:  # queries, keys and values projected apart
         return mlp
     q, kv = attention_widths(config)
     return max(mlp, (q + 2 * kv) * h)
@@ -1509,9 +1509,9 @@ ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
 :func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral,
 Qwen2, Ministral 3, Ministral (8B-2410), InternLM3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``python
-benchmarks/lora_activations.py --kin`` checks the last three, and Hunyuan dense against Qwen3); Qwen3 and Hunyuan dense
-add their q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's language model) its norms and scaled
-embedding (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused projections
+benchmarks/lora_activations.py --kin`` checks all but Mistral and Qwen2, and Hunyuan dense against Qwen3); Qwen3 and
+Hunyuan dense add their q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's language model) its
+norms and scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused projections
 (:data:`PHI3_ACTIVATION_BYTES`, :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention
 (:data:`GEMMA2_ACTIVATION_BYTES`) and soft-capping (:data:`SOFTCAP_MODEL_TYPES`), GPT-NeoX (Pythia) its parallel block
 (:data:`NEOX_ACTIVATION_BYTES`), Granite its scaled residual (:data:`GRANITE_ACTIVATION_BYTES`), OLMo 2 its norms
