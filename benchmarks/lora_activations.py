@@ -615,12 +615,17 @@ def check_widths() -> float:
     return worst
 
 
+def _decoder(model_type: str, h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int,
+             **settings) -> dict:
+    """A ``model_type`` decoder config of these sizes and attention shape, with ``settings`` beyond them."""
+    return {**_width_config(model_type, heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
+                                                                     "num_hidden_layers": layers, "vocab_size": vocab}),
+            **settings}
+
+
 def _gemma3(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
     """A Gemma 3 text config, its embeddings untied as the Llama fits' (a tied embedding adds the same to both)."""
-    return {**_width_config("gemma3_text", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
-                                                                        "num_hidden_layers": layers,
-                                                                        "vocab_size": vocab}),
-            "tie_word_embeddings": False}
+    return _decoder("gemma3_text", h, i, layers, heads, kv_heads, head_dim, vocab, tie_word_embeddings=False)
 
 
 def _phi3(h: int, i: int, layers: int, heads: int, kv_heads: int, vocab: int, rotary: float = 1.0) -> dict:
@@ -635,32 +640,28 @@ def _phi3(h: int, i: int, layers: int, heads: int, kv_heads: int, vocab: int, ro
 def _gemma2(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
     """A Gemma 2 config with its released soft-capping (scores at 50, logits at 30), embeddings untied as the Llama
     fits'; transformers runs it under eager attention."""
-    return {**_width_config("gemma2", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
-                                                                   "num_hidden_layers": layers, "vocab_size": vocab}),
-            "tie_word_embeddings": False, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    return _decoder("gemma2", h, i, layers, heads, kv_heads, head_dim, vocab, tie_word_embeddings=False,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
 
 
 def _olmo2(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
     """An OLMo 2 config (its token ids inside the vocabulary), embeddings untied as OLMo 2's."""
-    return {**_width_config("olmo2", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
-                                                                  "num_hidden_layers": layers, "vocab_size": vocab}),
-            "pad_token_id": 1, "bos_token_id": None, "eos_token_id": 2}
+    return _decoder("olmo2", h, i, layers, heads, kv_heads, head_dim, vocab, pad_token_id=1, bos_token_id=None,
+                    eos_token_id=2)
 
 
 def _glm4(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
     """A GLM-4 config as GLM-4-9B-0414's (q/k/v biases, rotary on half of each head), its token ids inside the
     vocabulary."""
-    return {**_width_config("glm4", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
-                                                                 "num_hidden_layers": layers, "vocab_size": vocab}),
-            "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None}
+    return _decoder("glm4", h, i, layers, heads, kv_heads, head_dim, vocab, pad_token_id=0, eos_token_id=1,
+                    bos_token_id=None)
 
 
 def _exaone4(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
     """An EXAONE 4 config (its token ids inside the vocabulary), its sliding windows (three layers in four) longer than
     the sequences profiled."""
-    return {**_width_config("exaone4", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
-                                                                    "num_hidden_layers": layers, "vocab_size": vocab}),
-            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "sliding_window": 4096}
+    return _decoder("exaone4", h, i, layers, heads, kv_heads, head_dim, vocab, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2, sliding_window=4096)
 
 
 def _neox(h: int, i: int, layers: int, heads: int, vocab: int, rotary: float = 0.25) -> dict:
@@ -673,10 +674,8 @@ def _neox(h: int, i: int, layers: int, heads: int, vocab: int, rotary: float = 0
 def _granite(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int) -> dict:
     """A Granite config with multipliers of the released Granite models' size (the embedding times 12, each residual
     branch times 0.22, the logits divided by 16, the attention scaled by 1/128)."""
-    return {**_width_config("granite", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
-                                                                  "num_hidden_layers": layers, "vocab_size": vocab}),
-            "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 16.0,
-            "attention_multiplier": 0.0078125}
+    return _decoder("granite", h, i, layers, heads, kv_heads, head_dim, vocab, embedding_multiplier=12.0,
+                    residual_multiplier=0.22, logits_scaling=16.0, attention_multiplier=0.0078125)
 
 
 LAYER_ATTENTION = {"gemma2": "eager"}
@@ -791,8 +790,7 @@ def check_layer_terms(model_type: str) -> float:
 
 
 def _llama(h: int, i: int, layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int = 600) -> dict:
-    return _width_config("llama", heads, kv_heads, head_dim, {"hidden_size": h, "intermediate_size": i,
-                                                             "num_hidden_layers": layers, "vocab_size": vocab})
+    return _decoder("llama", h, i, layers, heads, kv_heads, head_dim, vocab)
 
 
 EAGER_SETTINGS = [(("full", 2), None), (("full", 4), None), (("lora", "nf4", "bf16-mixed", True), "all"),
