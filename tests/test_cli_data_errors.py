@@ -80,6 +80,33 @@ def test_no_trainable_label_is_refused_naming_the_settings(tmp_path, capsys):
     assert "No trainable label" in err and "seq_len=16" in err and "pack=True" in err
 
 
+@pytest.mark.parametrize("files", ["none", "config only"])
+def test_a_model_directory_without_its_tokenizer_is_refused_naming_what_is_missing(tmp_path, capsys, files):
+    """``tokenizer: model`` on a checkpoint saved without its tokenizer: before, transformers' own error about
+    sentencepiece came out for a Llama, and for a Gemma config (or a ``tokenizer_config.json`` without vocabulary) it
+    silently built a 5-token tokenizer and trained on its unknown token only. Now exit 2 naming the directory and the
+    files a tokenizer needs, with nothing written."""
+    from transformers import LlamaConfig
+
+    model = tmp_path / "checkpoint"
+    model.mkdir()
+    (model / "config.json").write_text(LlamaConfig(vocab_size=300).to_json_string())
+    if files == "config only":
+        (model / "tokenizer_config.json").write_text('{"tokenizer_class": "GemmaTokenizer"}')
+    code, err = _fit(tmp_path, capsys, "--data.tokenizer", "model", "--model.model_name_or_path", str(model),
+                     "--model.config", "null")
+    assert code == 2
+    if files == "none":
+        expected = (f"Invalid tokenizer={str(model)!r}: {model} holds no tokenizer files (none of tokenizer.json, "
+                    "tokenizer_config.json, tokenizer.model, vocab.json, vocab.txt, spiece.model, tekken.json, "
+                    "*.tiktoken): it is a model checkpoint saved without its tokenizer.")
+    else:
+        expected = (f"Invalid tokenizer={str(model)!r}: its vocabulary holds special tokens only (GemmaTokenizer "
+                    "with 5 tokens), so it would encode every text as its unknown token or as nothing")
+    assert expected in " ".join(err.split()), err
+    assert len(err.strip().splitlines()) == 2
+
+
 def test_blocks_without_a_target_are_left_out_with_a_warning(tmp_path):
     records = [{"instruction": "x" * 15, "output": ""}] * 10 + [{"text": "some words to learn"}] * 10
     dm = TextDataModule(str(write_jsonl(tmp_path / "mixed.jsonl", records)), seq_len=16, pack=False, val_fraction=0.0,

@@ -227,3 +227,89 @@ def test_flex_attention_keeps_packed_documents_apart():
     with torch.no_grad():
         packed = packed_call(model, torch.cat([a, b], 1), None, positions).logits
         torch.testing.assert_close(packed[:, 7:], model(input_ids=b, use_cache=False).logits, rtol=0, atol=2e-5)
+
+
+QWEN_VL_TEXT = {**ARCH, "vocab_size": 259, "head_dim": 8,
+                "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}}
+QWEN_VL = {  # name: (config class, settings): vision-language models whose rotary positions have sections
+    "qwen2_vl": ("Qwen2VLConfig", {"vision_config": {"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2}}),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", {"vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32,
+                                                           "num_heads": 2, "out_hidden_size": 32}}),
+    "qwen3_vl": ("Qwen3VLConfig", {"vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32,
+                                                      "num_heads": 2, "out_hidden_size": 32,
+                                                      "deepstack_visual_indexes": [0]}}),
+}
+
+
+def _separate_and_packed(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of two documents run alone, packed through ``packed_call``, and packed in a plain call."""
+    a, b = torch.randint(0, 200, (1, 7)), torch.randint(0, 200, (1, 9))
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
+        packed = packed_call(model, torch.cat([a, b], 1), None, positions).logits
+        plain = model(input_ids=torch.cat([a, b], 1), position_ids=positions, use_cache=False).logits
+    return alone, packed, plain
+
+
+@pytest.mark.parametrize("name", list(QWEN_VL))
+def test_models_with_multimodal_rotary_keep_packed_documents_apart(name):
+    """Qwen2-VL / Qwen2.5-VL (and GLM-4V) widen ``[batch, seq]`` position ids to their three rotary rows and build no
+    document mask from them: packed documents attended to each other there (before). ``packed_call`` passes the text
+    row too (``[4, batch, seq]``): each document's logits are its logits alone, on every Qwen VL generation."""
+    import transformers
+
+    from lowmem_lightning.multimodal import causal_lm_auto_class
+
+    cls, settings = QWEN_VL[name]
+    config = getattr(transformers, cls)(text_config=QWEN_VL_TEXT, image_token_id=250, video_token_id=251,
+                                        vision_start_token_id=252, **settings)
+    torch.manual_seed(0)
+    model = causal_lm_auto_class(config).from_config(config).eval()
+    alone, packed, plain = _separate_and_packed(model)
+    torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)
+    leaks = (plain - alone).abs().amax() > 1e-3
+    assert leaks == (name != "qwen3_vl"), "Qwen3-VL builds the four rows itself"
+
+
+QWEN3_5 = {**ARCH, "num_hidden_layers": 4, "head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
+           "linear_key_head_dim": 8, "linear_value_head_dim": 8, "model_type": "qwen3_5_text"}
+"""A Qwen3.5 text model: three linear-attention layers, then one of full attention."""
+
+
+def test_layers_that_carry_state_across_documents_are_refused_before_the_build(tmp_path):
+    """Qwen3.5's linear-attention layers (a recurrent state and a causal convolution, run through the whole block in
+    transformers' PyTorch path) mix the documents of a packed block whatever the position ids: ``isolate_documents``
+    trained them as one text without a word (before). Refused, naming the layers and what to set: by ``packed_call``,
+    and by ``CausalLMModule`` from the config, before a weight exists; without ``isolate_documents`` it trains."""
+    from lowmem_lightning.modules.packed_attention import layers_across_documents
+
+    torch.manual_seed(0)
+    model = build_causal_lm(config=QWEN3_5, device="cpu", torch_dtype="float32").eval()
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.arange(7)[None]).logits,
+                           model(input_ids=torch.arange(9)[None]).logits], 1)
+        plain = model(input_ids=torch.cat([torch.arange(7), torch.arange(9)])[None],
+                      position_ids=torch.cat([torch.arange(7), torch.arange(9)])[None], use_cache=False).logits
+    assert (plain - alone).abs().amax() > 1e-3  # what is refused
+    match = (r"Invalid isolate_documents=True for this qwen3_5_text model: its linear_attention layers \(3 of 4\) "
+             r"carry state .* --data.init_args.isolate_documents false .* --data.init_args.pack false")
+    with pytest.raises(ValueError, match=match):
+        packed_call(model, torch.arange(16)[None], None, torch.cat([torch.arange(7), torch.arange(9)])[None])
+    for isolate in (True, False):
+        module = CausalLMModule(config=QWEN3_5, lr=1e-3)
+        dm = TextDataModule(str(_records(tmp_path)), seq_len=40, batch_size=2, val_fraction=0.0,
+                            isolate_documents=isolate)
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        if isolate:
+            with pytest.raises(ValueError, match=match):
+                trainer.fit(module, dm)
+            assert module.model is None, "refused from the config, before the build"
+        else:
+            trainer.fit(module, dm)
+            assert trainer.global_step == 1
+    assert layers_across_documents(_tiny_llama("sdpa").config) == []
+    llama = _tiny_llama("sdpa")
+    llama.model.layers[0].mixer = torch.nn.Conv1d(4, 4, 3, groups=4)  # a token convolution no layer type names
+    assert layers_across_documents(llama.config, llama) == ["token convolutions (model.layers.0.mixer, ...: 1 in all)"]

@@ -71,6 +71,22 @@ BYTE_VOCAB_SIZE = ByteTokenizer.vocab_size
 """Vocabulary size of the built-in byte tokenizer (256 bytes + pad, bos, eos): 259."""
 
 
+def _refuse_empty_vocabulary(tok, name: str) -> None:
+    """``ValueError`` when every token of ``tok``'s vocabulary is a special or added one: a tokenizer transformers
+    built from a config without vocabulary files (it does so silently, with a handful of special tokens), which would
+    encode every text as its unknown token, or as nothing."""
+    special = {str(token) for token in (*tok.all_special_tokens, *tok.added_tokens_decoder.values())}
+    if any(token not in special for token in tok.get_vocab()):
+        return
+    raise ValueError(
+        f"Invalid tokenizer={name!r}: its vocabulary holds special tokens only ({type(tok).__name__} with {len(tok)} "
+        "tokens), so it would encode every text as its unknown token or as nothing: its vocabulary files are missing "
+        "(tokenizer.json, or the vocabulary its class needs). Save the full tokenizer there "
+        "(tokenizer.save_pretrained(dir)), or set --data.tokenizer to a working tokenizer directory, a Hub repo id or "
+        "'byte'."
+    )
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer loaded from local directory ``path``, behind the ``ByteTokenizer`` interface;
     ``name`` is what the user gave (a Hub repo id resolved to ``path``; default ``path``), ``directory`` the files.
@@ -96,6 +112,7 @@ class HFTokenizer:
                              "(with tokenizer: model) or --data.trust_remote_code true, as transformers' "
                              f"trust_remote_code=True, after reading the code in {path}.") from None
         tok = self.tokenizer
+        _refuse_empty_vocabulary(tok, self.name)
         self.eos_token_id = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
         if self.eos_token_id is None:
             raise ValueError(f"Invalid tokenizer={self.name!r}: it defines neither an eos nor a pad token.")
@@ -137,6 +154,18 @@ class HFTokenizer:
         return tokens
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tekken.json", "*.tiktoken")
+"""The files one of which a Hugging Face tokenizer directory holds (a fast tokenizer's ``tokenizer.json``, its
+config, or a slow tokenizer's vocabulary)."""
+
+
+def _model_hint(path: Path) -> str:
+    """For a directory with a ``config.json`` (a model checkpoint): that it looks like one saved without its
+    tokenizer."""
+    return ": it is a model checkpoint saved without its tokenizer" if (path / "config.json").is_file() else ""
+
+
 def load_tokenizer(tokenizer: str) -> ByteTokenizer | HFTokenizer:
     """``"byte"`` -> the built-in ``ByteTokenizer``; otherwise a local directory holding a Hugging Face
     tokenizer (``tokenizer.json`` / ``tokenizer_config.json``), or the Hub repo id ``org/name[@revision]`` of one
@@ -168,8 +197,17 @@ def load_tokenizer(tokenizer: str) -> ByteTokenizer | HFTokenizer:
             "tokenizer.save_pretrained(), or a Hub repo id."
         )
     name = None if path.is_dir() else tokenizer  # a Hub id keeps its name; a local directory is named by its path
+    if path.is_dir() and not any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise ValueError(
+            f"Invalid tokenizer={tokenizer!r}: {path} holds no tokenizer files (none of "
+            f"{', '.join(TOKENIZER_FILES)}){_model_hint(path)}. Save the tokenizer into it "
+            "(tokenizer.save_pretrained(dir)), or set --data.tokenizer to a tokenizer directory, a Hub repo id or "
+            "'byte'."
+        )
     path = resolve_pretrained(tokenizer, "tokenizer", need="tokenizer")
     try:
         return HFTokenizer(path, name=name)
     except (OSError, ValueError) as err:
+        if str(err).startswith("Invalid tokenizer="):  # said by HFTokenizer already
+            raise
         raise ValueError(f"Invalid tokenizer={tokenizer!r}: could not load a tokenizer from it: {err}") from err

@@ -29,6 +29,7 @@ from torch import nn
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.base import LowMemModule, Scheduler
+from lowmem_lightning.multimodal import causal_lm_auto_class, freeze_outside_language_model
 from lowmem_lightning.remote_code import remote_code_trusted, trusting_remote_code
 from lowmem_lightning.rotary import keep_rotary_fp32
 
@@ -305,10 +306,10 @@ def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch
         model = load_pretrained_causal_lm(str(path), quantize="nf4", torch_dtype=dtype, skip=("lm_head",),
                                           device=device)
     else:
-        from transformers import AutoModelForCausalLM
+        from lowmem_lightning.quant.loading import read_model_config
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                     trust_remote_code=remote_code_trusted(), **_dequantized(path))
+        model = causal_lm_auto_class(read_model_config(path)).from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=remote_code_trusted(), **_dequantized(path))
         model.to(device=device, dtype=dtype)
     repo = split_repo_id(str(model_name_or_path)) if not Path(model_name_or_path).expanduser().exists() else None
     if repo is not None:
@@ -359,15 +360,14 @@ def _materialize_quantized(model: nn.Module, device: torch.device, dtype: torch.
 
 
 def _from_config(cfg, quantize: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
+    auto_class = causal_lm_auto_class(cfg)
     if quantize is None:
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=remote_code_trusted()).to(dtype)
+            return auto_class.from_config(cfg, trust_remote_code=remote_code_trusted()).to(dtype)
     from lowmem_lightning.quant import quantize_model
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=remote_code_trusted()).to(dtype)
+        model = auto_class.from_config(cfg, trust_remote_code=remote_code_trusted()).to(dtype)
     model = quantize_model(model, skip=("lm_head",), block_size=64, double_quant=True)
     if device.type == "meta":
         return model
@@ -460,6 +460,10 @@ def build_causal_lm(
 ) -> nn.Module:
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
 
+    A vision-language checkpoint or config is built whole with its own class
+    (:func:`~lowmem_lightning.multimodal.causal_lm_auto_class`), its vision encoder and projector frozen
+    (:func:`~lowmem_lightning.multimodal.freeze_outside_language_model`): its language model trains on text.
+
     Args:
         model_name_or_path: Local checkpoint directory or Hugging Face Hub repo id ``org/name[@revision]``
             (loaded, NF4 shard by shard when quantizing; only its ``config.json`` is read, and fetched, when
@@ -547,6 +551,7 @@ def _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_d
         model = _from_config(cfg, quantize, dtype, device)
         untrained = _recorded_untrained(model_name_or_path, token_ids, resize_embeddings, old_rows)
     _set_attention(model, attn_implementation, device)
+    freeze_outside_language_model(model)
     added = _new_token_rows(model, old_rows, untrained)
     model.untrained_token_ids = untrained
     if old_rows < _embedding_rows(model) and device.type != "meta" and row_start_notes:
@@ -889,6 +894,19 @@ class CausalLMModule(LowMemModule):
         if warning:
             rank_zero_warn(warning, category=LowMemWarning)
 
+    def _check_packed_documents(self, cfg, model: nn.Module | None = None) -> None:
+        """``ValueError`` when the data module keeps packed documents apart (``isolate_documents``) and the model of
+        config ``cfg`` (``model``, once built) has layers that would carry state across them
+        (:func:`~lowmem_lightning.modules.packed_attention.packed_documents_problem`): said before any weight is read
+        when the config lists them, else right after the build, instead of at the first step."""
+        from lowmem_lightning.modules.packed_attention import packed_documents_problem
+
+        if not getattr(self._datamodule(), "isolate_documents", False):
+            return
+        problem = packed_documents_problem(cfg, model)
+        if problem:
+            raise ValueError(problem)
+
     def _resolved_hparams(self, token_ids, data_vocab: int | None, rows: int) -> dict:
         """What the build resolved, to record so that ``load_from_checkpoint`` (no datamodule) rebuilds the same
         model: the ids whose untrained rows train (``untrained_token_ids``, when ``resize_embeddings`` checked
@@ -923,6 +941,7 @@ class CausalLMModule(LowMemModule):
         cfg = self._planned_config(data_vocab)
         self._check_vocabulary(data_vocab, self._planned_rows(data_vocab, cfg))  # before any weight is read
         self._check_positions(cfg)
+        self._check_packed_documents(cfg)
         token_ids = self._token_ids_to_check()
         with _build_warnings_on_rank_zero():
             self.model = build_causal_lm(hp.model_name_or_path, hp.config, hp.quantize, self.lora,
@@ -932,6 +951,7 @@ class CausalLMModule(LowMemModule):
                                          attn_implementation=hp.get("attn_implementation"),
                                          trust_remote_code=hp.get("trust_remote_code", False))
         keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
+        self._check_packed_documents(self.model.config, self.model)
         rows = _embedding_rows(self.model)
         self._record_resolved(self._resolved_hparams(token_ids, data_vocab, rows))
         self._check_vocabulary(data_vocab, rows)

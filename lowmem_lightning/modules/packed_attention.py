@@ -8,6 +8,11 @@ block-diagonal causal mask, but only when ``attention_mask`` is None and no cach
 implementations find the documents from ``position_ids`` only in one flattened row (batch size 1), so a
 ``[batch, seq]`` batch is flattened into ``[1, batch * seq]`` for them (as ``DataCollatorWithFlattening``
 does); any other implementation (a kernel registered by name) gets no mask at all and is refused.
+
+Models with multimodal rotary positions (``mrope_section``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, ...)
+take ``position_ids`` as ``[4, batch, seq]``: the text positions (which the mask is built from), then one row per
+rotary section (time, height, width), all equal for text. Given ``[batch, seq]``, Qwen2-VL, Qwen2.5-VL and GLM-4V
+widen it to the three rotary rows only and build no document mask, so :func:`packed_call` passes the four rows.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MASKED_ATTENTION", "FLATTENED_ATTENTION", "attention_implementation", "packed_call"]
+__all__ = ["FLATTENED_ATTENTION", "KEPT_APART_LAYER_TYPES", "MASKED_ATTENTION", "attention_implementation",
+           "layers_across_documents", "packed_call", "packed_documents_problem", "uses_multimodal_rotary"]
 
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations for which transformers builds the block-diagonal mask of packed documents from
@@ -30,6 +36,61 @@ IGNORE_INDEX = -100
 def attention_implementation(model: nn.Module) -> str | None:
     """The ``config._attn_implementation`` of ``model`` (a peft model's base config), or ``None`` if it has none."""
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+KEPT_APART_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+"""``layer_types`` entries whose attention masks transformers builds per document from restarting ``position_ids``."""
+
+
+def layers_across_documents(config, model: nn.Module | None = None) -> list[str]:
+    """What mixes tokens without an attention mask in the model of transformers config ``config`` (or in ``model``),
+    so that no ``position_ids`` keep the documents of a packed block apart: the text config's ``layer_types`` entries
+    other than :data:`KEPT_APART_LAYER_TYPES` (the linear-attention / state-space layers of Qwen3.5, Qwen3-Next,
+    Falcon-H1, Jamba, ...: their recurrent state and causal convolution run through the whole block in transformers'
+    PyTorch path), and, where it lists none, ``model``'s ``nn.Conv1d`` token convolutions. Each as ``"<type> layers
+    (<count> of <layers>)"``; ``[]`` for attention-only models."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    types = list(types) if isinstance(types, (list, tuple)) else []
+    found = [f"{kind} layers ({types.count(kind)} of {len(types)})"
+             for kind in dict.fromkeys(types) if kind not in KEPT_APART_LAYER_TYPES]
+    if not found and model is not None:
+        convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv1d)]
+        if convs:
+            found = [f"token convolutions ({convs[0]}, ...: {len(convs)} in all)"]
+    return found
+
+
+def packed_documents_problem(config, model: nn.Module | None = None) -> str | None:
+    """Why the model of ``config`` (``model``, when built) cannot keep packed documents apart
+    (:func:`layers_across_documents`), said as a refusal of ``isolate_documents=True`` with what to set instead;
+    ``None`` when it can."""
+    found = layers_across_documents(config, model)
+    if not found:
+        return None
+    kind = getattr(config, "model_type", None) or type(model).__name__
+    return (
+        f"Invalid isolate_documents=True for this {kind} model: its {', '.join(found)} carry state from one "
+        "document of a packed block into the next (only attention layers are masked per document), so the documents "
+        "would not be kept apart. Set --data.init_args.isolate_documents false (packed documents then see each other, "
+        "as plain packing does) or --data.init_args.pack false (one document per block)."
+    )
+
+
+def uses_multimodal_rotary(model: nn.Module) -> bool:
+    """Whether ``model``'s text config gives multimodal rotary sections (``rope_parameters["mrope_section"]``)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    return isinstance(rope, dict) and rope.get("mrope_section") is not None
+
+
+def _with_text_row(model: nn.Module, position_ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]`` text ``position_ids`` as ``model`` needs them to build the packed documents' mask: the same
+    tensor, or ``[4, batch, seq]`` (text, time, height, width: all equal) for :func:`uses_multimodal_rotary`."""
+    if not uses_multimodal_rotary(model):
+        return position_ids
+    return position_ids[None].expand(4, *position_ids.shape)
 
 
 def _flatten(input_ids: torch.Tensor, labels: torch.Tensor | None, position_ids: torch.Tensor) -> dict:
@@ -47,12 +108,19 @@ def packed_call(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor 
     """``model``'s output for packed documents (``position_ids`` restarting at each document, no attention mask),
     with ``use_cache=False``: flattened to one row for the ``flash_attention_*`` implementations (the logits come
     back as ``[batch, seq, vocab]``; the loss, a mean over target tokens, is the same). ``ValueError`` naming the
-    implementation when it would let documents attend to each other."""
+    implementation when it would let documents attend to each other, or naming the layers that carry state from one
+    document into the next (:func:`packed_documents_problem`)."""
+    problem = packed_documents_problem(getattr(model, "config", None), model)
+    if problem:
+        raise ValueError(problem)
     implementation = attention_implementation(model)
     if implementation in MASKED_ATTENTION or (implementation in FLATTENED_ATTENTION and input_ids.shape[0] == 1):
-        return model(input_ids=input_ids, labels=labels, position_ids=position_ids, use_cache=False)
+        return model(input_ids=input_ids, labels=labels, position_ids=_with_text_row(model, position_ids),
+                     use_cache=False)
     if implementation in FLATTENED_ATTENTION:
-        out = model(**_flatten(input_ids, labels, position_ids), use_cache=False)
+        flat = _flatten(input_ids, labels, position_ids)
+        flat["position_ids"] = _with_text_row(model, flat["position_ids"])
+        out = model(**flat, use_cache=False)
         out.logits = out.logits.view(*input_ids.shape, -1)
         return out
     allowed = ", ".join(MASKED_ATTENTION + FLATTENED_ATTENTION)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowmem_lightning.multimodal import causal_lm_auto_class
 from lowmem_lightning.remote_code import remote_code_trusted
 
 __all__ = ["position_limit", "learned_position_tables", "position_problem"]
@@ -38,12 +39,10 @@ def learned_position_tables(cfg) -> list[str] | None:
     """The names of the model's learned absolute-position tables: ``nn.Embedding`` layers other than the input
     embeddings with :func:`position_limit` rows (up to :data:`POSITION_TABLE_OFFSETS` more), found on a build of
     ``cfg`` on the meta device (no memory, no weights). ``None`` when transformers cannot build it."""
-    from transformers import AutoModelForCausalLM
-
     limit = position_limit(cfg)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=remote_code_trusted())
+            model = causal_lm_auto_class(cfg).from_config(cfg, trust_remote_code=remote_code_trusted())
     except Exception:  # noqa: BLE001 - a model transformers cannot build here (remote code): not decidable
         return None
     tokens = model.get_input_embeddings()

@@ -36,6 +36,7 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from lowmem_lightning.hub import local_path
 from lowmem_lightning.lowmem_warning import LowMemWarning
+from lowmem_lightning.multimodal import causal_lm_auto_class
 from lowmem_lightning.remote_code import remote_code_trusted, unknown_code_problem
 
 from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit, warn_unquantized_matrices
@@ -672,11 +673,10 @@ def _reread(file: Path, key, dtype: torch.dtype) -> torch.Tensor:
 def _build(config, path: Path, dtype: torch.dtype) -> nn.Module:
     """The model of ``config`` with meta parameters; :class:`ModelFileError` on ``config.json`` when
     transformers cannot build it (a foreign or inconsistent config)."""
-    from transformers import AutoModelForCausalLM
-
     try:
         with _parameters_on_meta():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote_code_trusted())
+            return causal_lm_auto_class(config).from_config(config, dtype=dtype,
+                                                            trust_remote_code=remote_code_trusted())
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise ModelFileError(path / "config.json", f"describes a model transformers cannot build as a causal LM "
                              f"({_brief(err)}).") from None
@@ -887,8 +887,6 @@ def random_causal_lm(
     zeros; other arguments as :func:`load_pretrained_causal_lm`. For benchmarks and tests of models
     too big to build densely (a 7B model in NF4 takes ~3.9 GB on the device).
     """
-    from transformers import AutoModelForCausalLM
-
     if quantize not in (None, "nf4"):
         raise ValueError(f"Invalid quantize={quantize!r}: expected 'nf4' or None.")
     if torch_dtype not in _DTYPES.values():
@@ -896,7 +894,8 @@ def random_causal_lm(
     skip = _check_skip(skip)
     _check_options(block_size, double_quant, None)
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=remote_code_trusted())
+        model = causal_lm_auto_class(config).from_config(config, dtype=torch_dtype,
+                                                         trust_remote_code=remote_code_trusted())
     if quantize == "nf4":
         _swap_in_meta_linear4bit(model, skip, block_size, double_quant, torch_dtype)
         warn_unquantized_matrices(model, skip)

@@ -27,6 +27,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
+from lowmem_lightning.multimodal import outside_language_model, outside_language_model_pattern
 
 from .experts import Experts4bit, is_quantizable_experts
 from .linear4bit import Linear4bit, dense_layer, is_conv1d
@@ -162,11 +163,19 @@ def register_peft_custom_module(config: LoraConfig) -> LoraConfig:
     return config
 
 
+def _language_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every named module of ``model`` but those of a vision-language model that text does not
+    pass through (:func:`~lowmem_lightning.multimodal.outside_language_model`): what LoRA may adapt."""
+    outside = tuple(outside_language_model(model))
+    return [(name, module) for name, module in model.named_modules()
+            if name and not any(name == o or name.startswith(o + ".") for o in outside)]
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {
         name.rpartition(".")[2]
-        for name, module in model.named_modules()
+        for name, module in _language_modules(model)
         if (isinstance(module, (nn.Linear, Linear4bit)) or is_conv1d(module)) and module is not output and name
     }
     return sorted(names)
@@ -175,7 +184,7 @@ def _linear_names(model: nn.Module) -> list[str]:
 def _adapts_conv1d(model: nn.Module, targets: list[str]) -> bool:
     """Whether the layers ``targets`` name are transformers ``Conv1D``s (GPT-2 without NF4): peft's LoRA wants
     ``fan_in_fan_out=True`` for them (it warns and sets it itself otherwise)."""
-    chosen = [module for name, module in model.named_modules() if name and any(_matches(name, t) for t in targets)]
+    chosen = [module for name, module in _language_modules(model) if any(_matches(name, t) for t in targets)]
     return bool(chosen) and all(is_conv1d(module) for module in chosen)
 
 
@@ -196,13 +205,14 @@ def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str
     linear layers) mean the same as ``"all-linear"``: every linear projection of the model, and a
     :class:`LowMemWarning` names what they became. Any other entry that names no module raises a
     ``ValueError`` naming it and the model's linear layer names (peft itself refuses only when no entry
-    matches, and would silently adapt a subset).
+    matches, and would silently adapt a subset). A vision-language model's names are its language model's
+    (:func:`~lowmem_lightning.multimodal.outside_language_model` left out).
     """
     linear = _linear_names(model)
     if target_modules == "all-linear":
         return linear
     targets = list(target_modules)
-    names = [name for name, _ in model.named_modules() if name]
+    names = [name for name, _ in _language_modules(model)]
     missing = [t for t in targets if not any(_matches(name, t) for name in names)]
     if not missing:
         return targets
@@ -269,7 +279,9 @@ def add_lora(
     ``"all-linear"`` for every linear / 4-bit layer but the output embedding; checked against ``model`` by
     :func:`resolve_target_modules` (the Llama seven on a model without them, e.g. Phi-3's fused
     ``qkv_proj`` / ``gate_up_proj``, become every linear layer; other unknown names are refused).
-    ``alpha / r`` scales the adapter output.
+    ``alpha / r`` scales the adapter output. On a vision-language model the names match in its language model only: the
+    modules text does not pass through (vision encoder, projector) are peft's ``exclude_modules``
+    (:func:`~lowmem_lightning.multimodal.outside_language_model_pattern`).
     Adapters are stored in ``adapter_dtype`` (fp32 by default). ``trainable_token_indices`` (peft's LoraConfig
     option, e.g. the ids of tokens added to the vocabulary): these rows of the input embedding (a list) or of the
     named layers (``{"embed_tokens": [...], "lm_head": [...]}``) train too, as one ``len(ids) x hidden`` tensor
@@ -283,7 +295,7 @@ def add_lora(
     targets = resolve_target_modules(model, target_modules)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none",
-        fan_in_fan_out=_adapts_conv1d(model, targets),
+        fan_in_fan_out=_adapts_conv1d(model, targets), exclude_modules=outside_language_model_pattern(model),
         trainable_token_indices=trainable_token_indices,
         task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
     )

@@ -1,0 +1,86 @@
+"""Vision-language checkpoints fine-tuned on text: their language model trains, their vision parts are kept as-is.
+
+Many checkpoints users fine-tune as language models are vision-language models: Ministral 3 and Mistral Small 3.x
+(``Mistral3ForConditionalGeneration``), Qwen2.5-VL and Qwen3-VL, LLaVA, Gemma 3 (4B and up). transformers builds
+Gemma 3's as a causal LM itself; for the others ``AutoModelForCausalLM`` refuses the config, and the model class that
+predicts their next token is ``AutoModelForImageTextToText``'s (:func:`causal_lm_auto_class`). Given text only, their
+forward is their language model's, with its loss.
+
+The whole model is built and loaded, so a saved model (or an adapter, which names the modules of the whole model) is
+the checkpoint's own format: it loads back with the class the checkpoint names, vision included. What text never
+reaches stays frozen (:func:`freeze_outside_language_model`): the vision encoder and the projector into the text
+embeddings (:func:`outside_language_model`), which no text batch gives a gradient, so no optimizer state is kept for
+them and LoRA adapts the language model's layers only (:func:`outside_language_model_pattern`, peft's
+``exclude_modules``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+__all__ = ["causal_lm_auto_class", "freeze_outside_language_model", "is_vision_language", "outside_language_model",
+           "outside_language_model_pattern"]
+
+
+def is_vision_language(config) -> bool:
+    """Whether transformers config ``config`` is a vision-language model's: it nests the text model's config (a
+    ``text_config``, as ``get_text_config`` returns it) and has a ``vision_config``."""
+    get_text = getattr(config, "get_text_config", None)
+    return get_text is not None and get_text() is not config and getattr(config, "vision_config", None) is not None
+
+
+def causal_lm_auto_class(config):
+    """The transformers auto class that builds ``config`` as a model predicting the next token:
+    ``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language config that transformers has
+    no causal LM class for (Mistral 3, Qwen2.5-VL, Qwen3-VL, LLaVA, ...). A config neither maps (a ``model_type``
+    of remote code, an encoder) gets ``AutoModelForCausalLM``, which says why it cannot build it."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if type(config) in AutoModelForCausalLM._model_mapping or not is_vision_language(config):
+        return AutoModelForCausalLM
+    if type(config) in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def outside_language_model(model: nn.Module) -> list[str]:
+    """Qualified names of the modules of vision-language ``model`` that text does not pass through: the children of
+    the modules enclosing its language model (``get_decoder()``) and output head that hold neither (the vision encoder,
+    the multimodal projector). ``[]`` for a text-only model, or one that does not say where its language model is."""
+    config = getattr(model, "config", None)
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if config is None or not is_vision_language(config) or get_decoder is None or get_head is None:
+        return []
+    language = [module for module in (get_decoder(), get_head()) if module is not None and module is not model]
+    names = {id(module): name for name, module in model.named_modules()}
+    kept = [names[id(module)] for module in language if id(module) in names]
+    enclosing = {name.rsplit(".", i)[0] for name in kept for i in range(1, name.count(".") + 1)} | {""}
+    outside = []
+    for name in sorted(enclosing):
+        parent = model.get_submodule(name)
+        for child, _ in parent.named_children():
+            qualified = f"{name}.{child}" if name else child
+            if qualified not in enclosing and qualified not in kept:
+                outside.append(qualified)
+    return outside
+
+
+def outside_language_model_pattern(model: nn.Module) -> str | None:
+    """A regular expression that matches (``re.fullmatch``) the names of every module inside
+    :func:`outside_language_model` of ``model``: peft's ``exclude_modules``, so that LoRA leaves them alone. ``None``
+    when there are none."""
+    outside = outside_language_model(model)
+    if not outside:
+        return None
+    return "(" + "|".join(re.escape(name) for name in outside) + r")(\..*)?"
+
+
+def freeze_outside_language_model(model: nn.Module) -> list[str]:
+    """Stop gradients to every parameter of :func:`outside_language_model` of ``model``; returns those modules'
+    names (``[]``: nothing frozen)."""
+    outside = outside_language_model(model)
+    for name in outside:
+        model.get_submodule(name).requires_grad_(False)
+    return outside

@@ -1,0 +1,217 @@
+"""Vision-language checkpoints fine-tuned on text, as users bring them: Ministral 3 / Mistral Small 3.x
+(``Mistral3ForConditionalGeneration``), Qwen2.5-VL, Qwen3-VL, LLaVA, and Gemma 3 (which transformers already builds as
+a causal LM).
+
+Each is a tiny random model of its transformers 5 config class (vision tower included), written with
+``save_pretrained`` in shards and a tokenizer, as a user's checkpoint directory. Before, ``lowmem fit`` and ``lowmem
+estimate`` refused all but Gemma 3 ("describes a model transformers cannot build as a causal LM"), and Gemma 3's
+LoRA also landed on its vision tower. Checked: the model is built with the checkpoint's own class; LoRA adapts the
+language model only (peft's ``exclude_modules``); the vision tower and projector stay frozen (and as loaded) in a
+full fine-tune; the adapter and the saved model load back as their users load them (``PeftModel.from_pretrained`` on
+transformers' ``AutoModelForImageTextToText``); the estimate counts what the fit trains; one real ``lowmem fit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from test_field_architectures import _tokenizer
+
+from lowmem_lightning.cli import RECIPES_DIR
+from lowmem_lightning.data import TextDataModule
+from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
+from lowmem_lightning.multimodal import causal_lm_auto_class, outside_language_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, "vocab_size": 320,
+        "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}
+MROPE = {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+QWEN_VL_TOKENS = {"image_token_id": 300, "video_token_id": 301, "vision_start_token_id": 302}
+
+VLMS = {
+    # name: (config class, its settings, the modules text does not pass through)
+    "mistral3": ("Mistral3Config", {  # Ministral 3, Mistral Small 3.x: Pixtral vision + a Ministral 3 text model
+        "text_config": {**TEXT, "model_type": "ministral3", "max_position_embeddings": 262144},  # its YaRN's
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "image_size": 32, "patch_size": 8, "head_dim": 16},
+        "image_token_index": 300}, ["model.vision_tower", "model.multi_modal_projector"]),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", {
+        "text_config": {**TEXT, **MROPE},
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                          "out_hidden_size": 64, "fullatt_block_indexes": [0]}, **QWEN_VL_TOKENS}, ["model.visual"]),
+    "qwen3_vl": ("Qwen3VLConfig", {
+        "text_config": {**TEXT, **MROPE},
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                          "out_hidden_size": 64, "deepstack_visual_indexes": [0]}, **QWEN_VL_TOKENS}, ["model.visual"]),
+    "llava": ("LlavaConfig", {
+        "text_config": {**TEXT, "model_type": "llama"},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "image_size": 32, "patch_size": 8},
+        "image_token_index": 300}, ["model.vision_tower", "model.multi_modal_projector"]),
+    "gemma3": ("Gemma3Config", {  # Gemma 3 4B and up: SigLIP vision, whose attention has q_proj / k_proj / v_proj
+        "text_config": TEXT,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "image_size": 32, "patch_size": 8},
+        "mm_tokens_per_image": 4, "image_token_index": 300}, ["model.vision_tower", "model.multi_modal_projector"]),
+}
+CLASSES = {"mistral3": "Mistral3ForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
+           "gemma3": "Gemma3ForConditionalGeneration"}
+RECIPE_LORA = yaml.safe_load((RECIPES_DIR / "qlora_7b.yaml").read_text())["model"]["init_args"]["lora"]
+
+
+def _config(name: str):
+    import transformers
+
+    cls, settings, _ = VLMS[name]
+    return getattr(transformers, cls)(**settings)
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory):
+    """``name -> directory`` of each vision-language checkpoint (sharded safetensors and a tokenizer), made once."""
+    root, made = tmp_path_factory.mktemp("vlms"), {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            torch.manual_seed(0)
+            config = _config(name)
+            model = causal_lm_auto_class(config).from_config(config)
+            made[name] = root / name
+            model.save_pretrained(made[name], max_shard_size="100KB")
+            _tokenizer(made[name])
+        return made[name]
+
+    return make
+
+
+def _outside(name: str, module_name: str) -> bool:
+    return any(module_name == o or module_name.startswith(o + ".") for o in VLMS[name][2])
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _fit(module: CausalLMModule, precision: str) -> list[float]:
+    losses = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    data = TextDataModule("sample", seq_len=32, batch_size=2, val_fraction=0.02, seed=0)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Losses()])
+    trainer.fit(module, data)
+    return losses
+
+
+@pytest.mark.parametrize("name", list(VLMS))
+def test_the_checkpoints_own_class_is_built_and_lora_adapts_its_language_model_only(name, vlm_dirs):
+    """What ``lowmem estimate`` builds (meta) from the QLoRA recipe and from the full fine-tune: the checkpoint's own
+    class (before: refused, but for Gemma 3); LoRA on the seven projections of the language model and nowhere in the
+    vision tower or projector (Gemma 3's SigLIP and Pixtral have q_proj / k_proj / v_proj too); in a full fine-tune
+    the vision parts are frozen, so the trainable count is the language model's."""
+    from lowmem_lightning.estimate import count_model
+
+    path = str(vlm_dirs(name))
+    model = build_causal_lm(path, None, "nf4", RECIPE_LORA, device="meta", torch_dtype="bfloat16")
+    base = _base(model)
+    assert type(base).__name__ == CLASSES[name]
+    assert outside_language_model(base) == VLMS[name][2]
+    adapted = [n for n, m in base.named_modules() if hasattr(m, "lora_A")]
+    assert len(adapted) == 7 * TEXT["num_hidden_layers"], adapted
+    assert not [n for n in adapted if _outside(name, n)]
+    assert model.peft_config["default"].exclude_modules
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    full = build_causal_lm(path, None, None, None, device="meta", torch_dtype="bfloat16")
+    outside = [n for n, p in full.named_parameters() if _outside(name, n)]
+    assert outside and not [n for n, p in full.named_parameters() if _outside(name, n) and p.requires_grad]
+    language = sum(p.numel() for n, p in full.named_parameters() if not _outside(name, n))
+    assert count_model(full).trainable_params == language < count_model(full).params
+
+
+@pytest.mark.parametrize("name", list(VLMS))
+def test_qlora_recipe_trains_and_the_adapter_loads_on_transformers_own_model(name, vlm_dirs, tmp_path):
+    """Two steps of the QLoRA recipe's settings on packed documents kept apart; the saved adapter loads with peft
+    onto the checkpoint loaded by transformers (``AutoModelForImageTextToText``) with every adapter tensor as
+    trained and none in the vision tower."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    path = vlm_dirs(name)
+    module = CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA, gradient_checkpointing=True,
+                            torch_dtype="bfloat16", optimizer="adamw_8bit", lr=1e-2, save_dir=str(tmp_path / "adapter"))
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    losses = _fit(module, "bf16-mixed")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+    trained = {n: p for n, p in module.model.named_parameters() if "lora_" in n}
+    assert any(not torch.equal(before[n], p) for n, p in trained.items() if "lora_B" in n)
+    reloaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16),
+                                         tmp_path / "adapter")
+    theirs = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
+    assert theirs.keys() == trained.keys()
+    for key, tensor in trained.items():
+        assert torch.equal(theirs[key].float(), tensor.float()), key
+
+
+@pytest.mark.parametrize("name", list(VLMS))
+def test_full_finetune_trains_the_language_model_and_keeps_the_vision_parts(name, vlm_dirs, tmp_path):
+    """Two steps of a full fine-tune: the language model moves, the vision tower and projector stay as loaded; the
+    saved model loads with transformers' ``AutoModelForImageTextToText`` with every tensor as trained."""
+    from transformers import AutoModelForImageTextToText
+
+    path = vlm_dirs(name)
+    original = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16).state_dict()
+    module = CausalLMModule(model_name_or_path=str(path), gradient_checkpointing=True, torch_dtype="bfloat16",
+                            optimizer="adamw_8bit", lr=1e-3, save_dir=str(tmp_path / "model"))
+    losses = _fit(module, "bf16-true")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
+    ours = module.model.state_dict()
+    vision = [k for k in ours if _outside(name, k)]
+    assert vision and all(torch.equal(ours[k], original[k]) for k in vision)
+    assert any(not torch.equal(ours[k], original[k]) for k in ours if ".layers.0." in k and not _outside(name, k))
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", dtype=torch.bfloat16)
+    assert type(saved).__name__ == CLASSES[name]
+    theirs = saved.state_dict()
+    assert theirs.keys() == ours.keys()
+    for key, tensor in ours.items():
+        assert torch.equal(theirs[key], tensor), key
+
+
+def test_lowmem_fit_and_estimate_on_a_ministral3_checkpoint(vlm_dirs, tmp_path):
+    """The real commands on a Ministral 3 checkpoint (before: "describes a model transformers cannot build as a causal
+    LM"): the QLoRA recipe trains and writes its adapter; the estimate gives its Ministral 3 text model's
+    activations."""
+    model = tmp_path / "ministral3"
+    shutil.copytree(vlm_dirs("mistral3"), model)
+    lowmem = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
+    common = ["--config", "qlora_7b.yaml", "--model.model_name_or_path", str(model)]
+    args = ["fit", *common, "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run([lowmem, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = tmp_path / "runs/qlora_7b/adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == set(RECIPE_LORA["target_modules"])
+    assert config["exclude_modules"] == r"(model\.vision_tower|model\.multi_modal_projector)(\..*)?"
+    proc = subprocess.run([lowmem, "estimate", *common], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "activations" in proc.stdout and "not modelled" not in proc.stdout, proc.stdout
