@@ -79,12 +79,12 @@ setting as ``--widths``.
     python benchmarks/lora_activations.py --granite  # ~3 minutes on one core
 
 ``--kin`` fits nothing: it profiles the decoders whose layer is another's under another name (:data:`KIN_MODEL_TYPES`:
-Ministral 3 and 8B, InternLM3, Seed-OSS, SmolLM3, Hunyuan dense, OLMo 3) and the Llama, Qwen3 or OLMo 2 decoder of the
-same shapes at the :data:`KIN_SHAPES`, every setting as ``--widths``, and prints each peak's ratio to its reference's
-and the formula's ratio to it: the check behind their place in
-:data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES`.
+Ministral 3 and 8B, InternLM3, Seed-OSS, SmolLM3, Hunyuan dense, OLMo 3, the language models of Qwen2-VL, Qwen2.5-VL
+and Qwen3-VL) and the Llama, Qwen2, Qwen3 or OLMo 2 decoder of the same shapes at the :data:`KIN_SHAPES`, every setting
+as ``--widths``, and prints each peak's ratio to its reference's and the formula's ratio to it: the check behind their
+place in :data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES`.
 
-    python benchmarks/lora_activations.py --kin      # ~10 minutes on one core
+    python benchmarks/lora_activations.py --kin      # ~15 minutes on one core
 
 ``--eager`` fits :data:`~lowmem_lightning.estimate.EAGER_ATTENTION_BYTES` (what transformers' eager attention holds
 beyond SDPA: the ``seq**2`` scores, the repeated key/value heads, one float mask) from the profiled peak of eager less
@@ -158,7 +158,7 @@ def build_lora_model(config: dict, seq: int, base: str, mode: str, dropout: floa
     dtype = "float32" if mode == "fp32" else "bfloat16"
     lora = {"r": RANK, "alpha": 2 * RANK, "dropout": dropout,
             "target_modules": sorted(lora_target_sets(config)[targets])}
-    model = build_causal_lm(None, {**config, "max_position_embeddings": seq}, "nf4" if base == "nf4" else None, lora,
+    model = build_causal_lm(None, _as_built(config, seq), "nf4" if base == "nf4" else None, lora,
                             device="cpu", torch_dtype=dtype, attn_implementation=attention)
     if mode == "bf16":
         model.to(torch.bfloat16)  # what Lightning's bf16-true does to base and adapters
@@ -453,13 +453,14 @@ experts, top-8, as OLMoE-1B-7B; QLoRA only)."""
 def build_full_model(config: dict, seq: int, dtype: torch.dtype, checkpointing: bool, attention: str = "sdpa"):
     """A CPU transformers decoder of ``config`` (its ``model_type``) in ``dtype``, every weight trained, transformers'
     ``attention``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from lowmem_lightning.modules.causal_lm import _enable_checkpointing
+    from lowmem_lightning.multimodal import causal_lm_auto_class
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**config, "max_position_embeddings": seq}),
-                                             attn_implementation=attention).to(dtype)
+    built = AutoConfig.for_model(**_as_built(config, seq))
+    model = causal_lm_auto_class(built).from_config(built, attn_implementation=attention).to(dtype)
     if checkpointing:
         _enable_checkpointing(model)
     return model
@@ -553,7 +554,8 @@ def _formula(config: dict, batch: int, seq: int, setting: tuple, targets: str | 
 KIN_MODEL_TYPES = {"ministral3": ("llama", {}), "ministral": ("llama", {}), "internlm3": ("llama", {}),
                    "seed_oss": ("llama", {"attention_dropout": 0.0, "residual_dropout": 0.0}),
                    "smollm3": ("llama", {"pad_token_id": None, "tie_word_embeddings": False}),
-                   "hunyuan_v1_dense": ("qwen3", {}), "olmo3": ("olmo2", {"sliding_window": 4096})}
+                   "hunyuan_v1_dense": ("qwen3", {}), "olmo3": ("olmo2", {"sliding_window": 4096}),
+                   "qwen2_vl_text": ("qwen2", {}), "qwen2_5_vl_text": ("qwen2", {}), "qwen3_vl_text": ("qwen3", {})}
 """``model_type -> (reference model type, settings)`` of the decoders
 :data:`~lowmem_lightning.estimate.ACTIVATION_MODEL_TYPES` takes as Llama's layer (Ministral 3, Ministral-8B-2410's
 `ministral`, InternLM3; Seed-OSS, with the dropout its config defaults to turned off: with it, not modelled; SmolLM3,
@@ -561,7 +563,55 @@ with a layer in four without rotary) or Qwen3's (Hunyuan dense: q/k norms per he
 :data:`~lowmem_lightning.estimate.QK_NORM_MODEL_TYPES`) or OLMo 2's (OLMo 3, its sliding windows longer than the
 sequence here: :data:`~lowmem_lightning.estimate.OLMO2_ACTIVATION_BYTES`). Nothing is fitted on them. Embeddings untied
 as the references' (a tied one is counted with the gradients:
-:func:`~lowmem_lightning.estimate.gradient_peak_bytes`)."""
+:func:`~lowmem_lightning.estimate.gradient_peak_bytes`). The language models of Qwen2-VL, Qwen2.5-VL (Qwen2's layer)
+and Qwen3-VL (Qwen3's) are profiled inside their whole vision-language model (:data:`VISION_LANGUAGE_KIN`), on text,
+with multimodal rotary sections over each head (:func:`_as_built`)."""
+
+VISION_LANGUAGE_KIN = {
+    "qwen2_vl_text": ("qwen2_vl", {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2}),
+    "qwen2_5_vl_text": ("qwen2_5_vl", {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                       "out_hidden_size": 64}),
+    "qwen3_vl_text": ("qwen3_vl", {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                   "out_hidden_size": 64, "deepstack_visual_indexes": [0]}),
+}
+"""``text model_type -> (vision-language model_type, its vision config)``: a language model transformers builds only
+inside its vision-language model (there is no causal LM class of it); the vision tower is tiny and never run."""
+
+
+WIDTH_HEAD_DIM = ("qwen2_vl_text", "qwen2_5_vl_text")
+"""Text models whose attention takes ``head_dim = hidden_size / num_attention_heads`` (a ``head_dim`` setting is not
+read): ``--kin`` profiles them and their reference at that ``head_dim``."""
+
+
+def kin_heads(model_type: str, heads: tuple[int, int, int], sizes: dict) -> tuple[int, int, int]:
+    """``(heads, kv_heads, head_dim)`` a :data:`KIN_SHAPES` entry's decoder of ``model_type`` and its reference are
+    profiled at: ``head_dim`` ``hidden_size / heads`` for :data:`WIDTH_HEAD_DIM`'s, else as given."""
+    if model_type not in WIDTH_HEAD_DIM:
+        return heads
+    return heads[0], heads[1], sizes["hidden_size"] // heads[0]
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Multimodal rotary sections (time, height, width) over ``head_dim / 2`` frequencies, in Qwen2.5-VL's proportions
+    (16, 24, 24 of 64)."""
+    half = head_dim // 2
+    height = width = 3 * half // 8
+    return [half - height - width, height, width]
+
+
+def _as_built(config: dict, seq: int) -> dict:
+    """``config`` with ``max_position_embeddings`` ``seq``, as a model is built from it: a
+    :data:`VISION_LANGUAGE_KIN` language model nested in its vision-language config (its rotary in sections)."""
+    config = {**config, "max_position_embeddings": seq}
+    if config["model_type"] not in VISION_LANGUAGE_KIN:
+        return config
+    outer, vision = VISION_LANGUAGE_KIN[config["model_type"]]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
+    text = {key: value for key, value in config.items() if key != "model_type"}
+    vocab = config["vocab_size"]
+    return {"model_type": outer, "text_config": {**text, "rope_parameters": rope}, "vision_config": vision,
+            "image_token_id": vocab - 1, "video_token_id": vocab - 2, "vision_start_token_id": vocab - 3}
 
 KIN_SHAPES = [
     ({"hidden_size": 192, "intermediate_size": 640, "num_hidden_layers": 3, "vocab_size": 700}, (6, 2, 48), 2, 96),
@@ -581,9 +631,10 @@ def check_kin() -> tuple[float, float]:
     worst_peak = worst_formula = 0.0
     for (model_type, (reference, settings)), (sizes, heads, batch, seq) in itertools.product(KIN_MODEL_TYPES.items(),
                                                                                            KIN_SHAPES):
+        heads = kin_heads(model_type, heads, sizes)
         config = {**_width_config(model_type, *heads, sizes), **settings}
         for setting, targets, ckpt in _width_settings():
-            key = (reference, sizes["hidden_size"], setting, targets, ckpt)
+            key = (reference, sizes["hidden_size"], heads, setting, targets, ckpt)
             if key not in reference_peaks:
                 reference_peaks[key] = profiled_setting(_width_config(reference, *heads, sizes), batch, seq, setting,
                                                         targets, ckpt)

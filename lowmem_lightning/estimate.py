@@ -408,7 +408,7 @@ LORA_ATTENTION_WIDTH_BYTES: dict[tuple[str, str, bool], tuple[float, float]] = {
 > 0 (``o_proj``'s adapter drops out its query-wide input), pooled over the targets (all seven or the attention
 projections) and checkpointing (``--widths`` prints this table)."""
 
-QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "olmoe", "hunyuan_v1_dense")
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe", "olmoe", "hunyuan_v1_dense", "qwen3_vl_text")
 """``config.model_type`` values whose attention normalizes its queries and keys (``q_norm``, ``k_norm``: an
 RMSNorm over each head's ``head_dim``, or OLMoE's over the whole query / key width: as many elements; Hunyuan's after
 the rotary embedding, Qwen3's before it): :data:`QK_NORM_BYTES` applies."""
@@ -1505,12 +1505,14 @@ def _mask_note(nbytes: dict[bool, int], attention: str = "sdpa") -> str:
 
 ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox",
                           "ministral3", "ministral", "internlm3", "seed_oss", "smollm3", "hunyuan_v1_dense",
-                          "granite", "olmo2", "olmo3", "glm4", "exaone4")
+                          "granite", "olmo2", "olmo3", "glm4", "exaone4", "qwen2_vl_text", "qwen2_5_vl_text",
+                          "qwen3_vl_text")
 """``config.model_type`` values whose decoder layer is Llama's, the one :func:`activation_bytes` and
 :func:`lora_activation_bytes` were fitted to, or one with terms of its own: torch's CPU profiler measured Mistral,
 Qwen2, Ministral 3, Ministral (8B-2410), InternLM3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``python
-benchmarks/lora_activations.py --kin`` checks all but Mistral and Qwen2, and Hunyuan dense against Qwen3); Qwen3 and
-Hunyuan dense add their q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's language model) its
+benchmarks/lora_activations.py --kin`` checks all but Mistral and Qwen2, and Hunyuan dense against Qwen3), the
+language models of Qwen2-VL and Qwen2.5-VL equal to Qwen2 and of Qwen3-VL to Qwen3 (``--kin``, within 1%: their
+multimodal rotary sections); Qwen3, Qwen3-VL and Hunyuan dense add their q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's language model) its
 norms and scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused projections
 (:data:`PHI3_ACTIVATION_BYTES`, :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention
 (:data:`GEMMA2_ACTIVATION_BYTES`) and soft-capping (:data:`SOFTCAP_MODEL_TYPES`), GPT-NeoX (Pythia) its parallel block

@@ -621,17 +621,23 @@ KIN_CASES = [
     ("olmo3", 1, ("lora", "nf4", "bf16-mixed", True), "all", False),
     ("ministral", 0, ("lora", "nf4", "bf16-mixed", True), "all", True),  # Ministral-8B-2410: windows in layer_types
     ("internlm3", 1, ("full", 2), None, True),
+    ("qwen2_5_vl_text", 0, ("full", 2), None, True),  # inside Qwen2.5-VL: multimodal rotary sections
+    ("qwen2_5_vl_text", 1, ("lora", "nf4", "bf16-mixed", True), "all", True),
+    ("qwen3_vl_text", 0, ("lora", "nf4", "bf16-mixed", True), "all", False),  # Qwen3's q/k norms
+    ("qwen3_vl_text", 2, ("full", 4), None, True),
 ]
 
 
 @pytest.mark.parametrize("model_type, shape, setting, targets, checkpointing", KIN_CASES)
 def test_llama_and_qwen3_kin_hold_what_their_reference_holds(model_type, shape, setting, targets, checkpointing):
     """Ministral 3 and 8B, InternLM3, Seed-OSS and SmolLM3 hold what Llama holds, Hunyuan dense what Qwen3 holds, OLMo 3
-    what OLMo 2 holds, at the same shapes (torch's profiler, within 1%), and the formula they take from it is within
+    what OLMo 2 holds, Qwen2.5-VL's and Qwen3-VL's language models (built inside their vision-language model) what
+    Qwen2 and Qwen3 hold, at the same shapes (torch's profiler, within 1%), and the formula they take from it is within
     10% of the profiler (``benchmarks/lora_activations.py --kin`` checks every setting)."""
     bench = _lora_bench()
     reference, settings = bench.KIN_MODEL_TYPES[model_type]
     sizes, heads, batch, seq = bench.KIN_SHAPES[shape]
+    heads = bench.kin_heads(model_type, heads, sizes)
     config = {**bench._width_config(model_type, *heads, sizes), **settings}
     torch.set_num_threads(1)
     ours = bench.profiled_setting(config, batch, seq, setting, targets, checkpointing)
@@ -645,8 +651,8 @@ def test_llama_and_qwen3_kin_hold_what_their_reference_holds(model_type, shape, 
 
 def test_kin_configs_estimate_as_their_reference_and_seed_oss_dropout_is_said_not_modelled():
     """``lowmem estimate``'s path (a meta model from the config) gives a Ministral, InternLM3, SmolLM3 or Seed-OSS model
-    Llama's figure and a Hunyuan dense one Qwen3's; Seed-OSS as released (dropout 0.1) and Granite are said
-    apart."""
+    Llama's figure, a Hunyuan dense one Qwen3's, Qwen2.5-VL and Qwen3-VL (their language models) Qwen2's and Qwen3's;
+    Seed-OSS as released (dropout 0.1) and Granite are said apart."""
     from lowmem_lightning.estimate import model_activation_bytes
     from lowmem_lightning.modules.causal_lm import build_causal_lm
 
@@ -656,7 +662,14 @@ def test_kin_configs_estimate_as_their_reference_and_seed_oss_dropout_is_said_no
                                                                         "gate_proj", "up_proj", "down_proj"]}
 
     def figures(model_type: str, **extra) -> tuple:
-        arch = {**sizes, "model_type": model_type, **extra}
+        return built({**sizes, "model_type": model_type, **extra})
+
+    def inside(model_type: str, vision: dict) -> tuple:  # a language model inside its vision-language model
+        text = {**sizes, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}}
+        return built({"model_type": model_type, "text_config": text, "vision_config": vision, "image_token_id": 300,
+                      "video_token_id": 301, "vision_start_token_id": 302})
+
+    def built(arch: dict) -> tuple:
         qlora = build_causal_lm(None, arch, "nf4", lora, device="meta", torch_dtype="bfloat16")
         full = build_causal_lm(None, arch, None, None, device="meta", torch_dtype="bfloat16")
         return (model_activation_bytes(qlora, 1, 128, True, "bf16-mixed", "cuda"),
@@ -668,6 +681,9 @@ def test_kin_configs_estimate_as_their_reference_and_seed_oss_dropout_is_said_no
     assert figures("smollm3", tie_word_embeddings=False) == llama
     assert figures("seed_oss", attention_dropout=0.0, residual_dropout=0.0) == llama
     assert figures("hunyuan_v1_dense") == qwen3
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
+    assert inside("qwen2_5_vl", vision) == figures("qwen2")
+    assert inside("qwen3_vl", {**vision, "deepstack_visual_indexes": [0]}) == qwen3
     for nbytes, detail in figures("seed_oss"):  # its config's defaults: the release's dropout 0.1
         assert nbytes is None and "Seed-OSS with dropout (attention_dropout=0.1, residual_dropout=0.1)" in detail
     layer_bound = {"intermediate_size": 512, "vocab_size": 128}  # a recomputed layer, not the loss, is the peak

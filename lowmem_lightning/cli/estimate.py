@@ -191,7 +191,8 @@ def estimate_main(argv: Sequence[str]) -> int:
         "activations are of the recipe's --data.batch_size, --data.seq_len, --model.gradient_checkpointing, "
         "--trainer.precision, --model.attn_implementation (sdpa, eager), --data.pack and --data.isolate_documents "
         "(decoders of the Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-NeoX, OLMo 2/3, GLM-4, EXAONE 4, Granite, "
-        "SmolLM3, Seed-OSS and Hunyuan dense families: full-weight, or LoRA on "
+        "SmolLM3, Seed-OSS and Hunyuan dense families, and the language models of Gemma 3, Ministral 3, LLaVA, "
+        "Qwen2-VL, Qwen2.5-VL and Qwen3-VL: full-weight, or LoRA on "
         "every linear projection or the attention ones of a 4-bit or frozen base; Mixtral, Qwen2-MoE, Qwen3-MoE and "
         "OLMoE under QLoRA; packed documents kept apart add their attention mask; what is not modelled is left out "
         "and said so).",
