@@ -1512,16 +1512,16 @@ ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "
 Qwen2, Ministral 3, Ministral (8B-2410), InternLM3, Seed-OSS (without dropout) and SmolLM3 equal to Llama (``python
 benchmarks/lora_activations.py --kin`` checks all but Mistral and Qwen2, and Hunyuan dense against Qwen3), the
 language models of Qwen2-VL and Qwen2.5-VL equal to Qwen2 and of Qwen3-VL to Qwen3 (``--kin``, within 1%: their
-multimodal rotary sections); Qwen3, Qwen3-VL and Hunyuan dense add their q/k norms (:data:`QK_NORM_BYTES`), Gemma 3 (text; a multimodal Gemma 3's language model) its
-norms and scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3 (Phi-3.5, Phi-4) its fused projections
-(:data:`PHI3_ACTIVATION_BYTES`, :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its norms under eager attention
-(:data:`GEMMA2_ACTIVATION_BYTES`) and soft-capping (:data:`SOFTCAP_MODEL_TYPES`), GPT-NeoX (Pythia) its parallel block
-(:data:`NEOX_ACTIVATION_BYTES`), Granite its scaled residual (:data:`GRANITE_ACTIVATION_BYTES`), OLMo 2 its norms
-(:data:`OLMO2_ACTIVATION_BYTES`, OLMo 3's layer too: ``--kin``), GLM-4 its norms and fused MLP
-(:data:`GLM4_ACTIVATION_BYTES`), EXAONE 4 its norms (:data:`EXAONE4_ACTIVATION_BYTES`); an attention other than
-``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16, the Llama formula against
-the profiler): Mixtral / Qwen-MoE -24..48% (experts, router: :data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA);
-:func:`model_activation_bytes` says so rather than guess."""
+multimodal rotary sections); Qwen3, Qwen3-VL and Hunyuan dense add their q/k norms (:data:`QK_NORM_BYTES`), Gemma 3
+(text; a multimodal Gemma 3's language model) its norms and scaled embedding (:data:`GEMMA3_ACTIVATION_BYTES`), Phi-3
+(Phi-3.5, Phi-4) its fused projections (:data:`PHI3_ACTIVATION_BYTES`, :data:`FUSED_LORA_TARGET_SETS`), Gemma 2 its
+norms under eager attention (:data:`GEMMA2_ACTIVATION_BYTES`) and soft-capping (:data:`SOFTCAP_MODEL_TYPES`),
+GPT-NeoX (Pythia) its parallel block (:data:`NEOX_ACTIVATION_BYTES`), Granite its scaled residual
+(:data:`GRANITE_ACTIVATION_BYTES`), OLMo 2 its norms (:data:`OLMO2_ACTIVATION_BYTES`, OLMo 3's layer too: ``--kin``),
+GLM-4 its norms and fused MLP (:data:`GLM4_ACTIVATION_BYTES`), EXAONE 4 its norms (:data:`EXAONE4_ACTIVATION_BYTES`);
+an attention other than ``hidden_size`` wide is :data:`ATTENTION_WIDTH_BYTES`'s. Not these (batch 2 x seq 96, bf16,
+the Llama formula against the profiler): Mixtral / Qwen-MoE -24..48% (experts, router:
+:data:`MOE_ACTIVATION_MODEL_TYPES` under QLoRA); :func:`model_activation_bytes` says so rather than guess."""
 
 def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                            precision: str | int | None = None, device: str = "cuda",
