@@ -230,12 +230,12 @@ def test_bad_config_json_names_it(ckpt, quantized, text, needle):
 
 @pytest.mark.parametrize("quantization, method", [
     ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "bitsandbytes"),
-    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8"),  # MXFP4 (gpt-oss) is read: test_mxfp4_*
+    ({"quant_method": "awq", "bits": 4, "group_size": 128}, "awq"),  # MXFP4 and FP8 are read: test_mxfp4_*, test_fp8_*
     ({"quant_method": "gptq", "bits": 4}, "gptq"),
 ])
 @pytest.mark.parametrize("quantize", ["nf4", None])
 def test_a_checkpoint_stored_already_quantized_is_named_as_such(ckpt, quantized, quantization, method, quantize):
-    """A config.json with a ``quantization_config`` (a 4-bit Hub upload, GPTQ, FP8): refused naming it
+    """A config.json with a ``quantization_config`` (a 4-bit Hub upload, AWQ, GPTQ): refused naming it
     and its method before any tensor is read (before: "lacks N tensors ... a checkpoint of another model")."""
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))

@@ -319,17 +319,21 @@ def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch
 
 
 def _dequantized(path: Path) -> dict:
-    """``from_pretrained`` options that load a checkpoint stored with MXFP4 experts (gpt-oss's Hub release) decoded to
-    full precision (``Mxfp4Config(dequantize=True)``: trainable, on any device) instead of transformers' MXFP4 GPU
-    kernels (inference only, fetched from the Hub); none for other checkpoints."""
+    """``from_pretrained`` options that load a checkpoint stored with MXFP4 experts (gpt-oss's Hub release) or
+    fine-grained FP8 weights (DeepSeek-V3, Qwen3-FP8, Ministral 3) decoded to full precision
+    (``Mxfp4Config`` / ``FineGrainedFP8Config(dequantize=True)``: trainable, on any device) instead of transformers'
+    GPU kernels (inference only); none for other checkpoints."""
+    from lowmem_lightning.quant.fp8 import FP8_METHOD
     from lowmem_lightning.quant.loading import read_model_config
     from lowmem_lightning.quant.mxfp4 import MXFP4_METHOD, declared_quant_method
 
-    if declared_quant_method(read_model_config(path)) != MXFP4_METHOD:
+    method = declared_quant_method(read_model_config(path))
+    if method not in (MXFP4_METHOD, FP8_METHOD):
         return {}
-    from transformers import Mxfp4Config
+    from transformers import FineGrainedFP8Config, Mxfp4Config
 
-    return {"quantization_config": Mxfp4Config(dequantize=True)}
+    config = Mxfp4Config(dequantize=True) if method == MXFP4_METHOD else FineGrainedFP8Config(dequantize=True)
+    return {"quantization_config": config}
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ swapped for empty meta :class:`Linear4bit` layers and its MoE experts made :clas
 safetensors shards are read one tensor at a time: a linear weight (an expert's matrix) is quantized to NF4 and
 dropped, any other tensor becomes the parameter. Experts stored one tensor per expert (as the Hub holds Mixtral and
 Qwen-MoE; transformers stacks them into 3-D parameters while loading) are stacked here too, one expert at a time;
-experts stored in MXFP4 (gpt-oss's Hub release, :mod:`.mxfp4`) are decoded one expert at a time.
+experts stored in MXFP4 (gpt-oss's Hub release, :mod:`.mxfp4`) are decoded one expert at a time, and linear weights
+stored in fine-grained FP8 (:mod:`.fp8`) one weight at a time.
 Peak host memory is therefore about the 4-bit model plus the full-precision tensors kept (embeddings, norms, skipped
 layers) plus one tensor being quantized, never the whole bf16 model.
 
@@ -28,6 +29,7 @@ import json
 import re
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -41,6 +43,7 @@ from lowmem_lightning.remote_code import remote_code_trusted, unknown_code_probl
 
 from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit, warn_unquantized_matrices
 from .experts import Experts4bit, is_quantizable_experts, quantize_experts
+from .fp8 import FP8_CODES, FP8_METHOD, SCALE_SUFFIX, block_size, decode_fp8, fp8_scale_shapes
 from .linear4bit import (
     _QUANT_BUFFERS,
     Linear4bit,
@@ -61,6 +64,7 @@ _SINGLE = "model.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MAX_HEADER = 100_000_000  # bytes; safetensors refuses larger headers too
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}  # safetensors dtype codes a floating model tensor may come in
+_FP8_AUXILIARY = re.compile(r"\.(activation_scale|input_scale|input_scale_inv)$")  # FP8 static activation scales
 
 
 class ModelFileError(ValueError):
@@ -186,23 +190,40 @@ def _read_config(path: Path):
         raise ModelFileError(file, f"cannot be read by transformers ({_brief(err)}).") from None
 
 
-def _declares_mxfp4(path: Path, config) -> bool:
-    """Whether ``config`` declares MXFP4 experts (gpt-oss's Hub release), which this loader decodes as they stream
-    (:mod:`.mxfp4`): the declaration is then dropped from ``config`` (the loaded model holds them in NF4 or the load
-    dtype, as transformers' ``Mxfp4Config(dequantize=True)`` drops it). :class:`ModelFileError` naming ``config.json``
-    for a checkpoint stored in another quantized format (its ``quantization_config``: bitsandbytes' 4-bit Hub uploads,
-    GPTQ, AWQ, FP8, ...), whose tensors (packed codes and scales under their own names) this loader does not read."""
+class StoredFormat(NamedTuple):
+    """How a checkpoint stores its weights beyond plain floats, as its ``config.json`` declares it: ``method``
+    ``"mxfp4"`` (experts, :mod:`.mxfp4`), ``"fp8"`` (linear weights, :mod:`.fp8`, scale blocks ``fp8_block``:
+    ``None`` per tensor) or ``None``."""
+
+    method: str | None = None
+    fp8_block: tuple[int, int] | None = None
+
+
+PLAIN = StoredFormat()
+"""Plain floating-point tensors."""
+
+
+def _stored_format(path: Path, config) -> StoredFormat:
+    """What ``config`` declares the checkpoint's tensors to be stored as: MXFP4 experts (gpt-oss's Hub release) or
+    fine-grained FP8 linear weights (DeepSeek-V3, Qwen3-FP8, Ministral 3, ...), which this loader decodes as they
+    stream; the declaration is then dropped from ``config`` (the loaded model holds them in NF4 or the load dtype, as
+    transformers' ``Mxfp4Config`` / ``FineGrainedFP8Config(dequantize=True)`` drop it). :class:`ModelFileError` naming
+    ``config.json`` for a checkpoint stored in another quantized format (its ``quantization_config``: bitsandbytes'
+    4-bit Hub uploads, GPTQ, AWQ, ...), whose tensors (packed codes and scales under their own names) this loader
+    does not read."""
     method = declared_quant_method(config)
     if method is None:
-        return False
-    if method == MXFP4_METHOD:
+        return PLAIN
+    if method in (MXFP4_METHOD, FP8_METHOD):
+        quantization = config.quantization_config
+        quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
         del config.quantization_config
-        return True
+        return StoredFormat(method, block_size(quantization) if method == FP8_METHOD else None)
     raise ModelFileError(path / "config.json", (
         f"declares a checkpoint stored already quantized (quantization_config.quant_method={method!r}); lowmem reads "
-        "full-precision safetensors (bf16, fp16 or fp32; MXFP4 experts too) and quantizes them itself. Use the "
-        "model's full-precision release, or load this one with transformers (which dequantizes some formats) and "
-        "save_pretrained it in bf16 first."))
+        "full-precision safetensors (bf16, fp16 or fp32; MXFP4 experts and fine-grained FP8 weights too) and "
+        "quantizes them itself. Use the model's full-precision release, or load this one with transformers (which "
+        "dequantizes some formats) and save_pretrained it in bf16 first."))
 
 
 def read_model_config(path: str | Path):
@@ -494,6 +515,46 @@ def _expert_plan(model, path: Path, converted, converters, expected, names) -> l
     return plan
 
 
+class Fp8Parts(tuple):
+    """A plan entry's key for a linear weight stored in FP8 (:mod:`.fp8`): ``((codes file, codes key), (scales file,
+    scales key), scale block)``."""
+
+    blocks = property(lambda self: self[0])
+
+
+def _fp8_entry(path: Path, target: str, stored: dict, param_shape: tuple, block) -> tuple[Path, Fp8Parts, str]:
+    """The plan entry of weight ``target`` (``param_shape``) stored in FP8 (``stored``: ``{"codes" | "scales": (file,
+    key, dtype code, shape)}``), checked from the headers: both tensors present, the codes FP8 E4M3 of the weight's
+    shape, the scales floating (or E8M0 uint8) of the block grid's; :class:`ModelFileError` otherwise."""
+    if "codes" not in stored:  # a scale without FP8 codes: the weight is stored unquantized
+        file, key, *_ = stored["scales"]
+        raise ModelFileError(file, f"holds {key!r}, the FP8 scales of {target!r}, but that weight is not stored in "
+                             "FP8.")
+    file, key, code, shape = stored["codes"]
+    if "scales" not in stored:
+        raise ModelFileError(path, f"holds {key!r} in FP8 but no {key + SCALE_SUFFIX!r}: fine-grained FP8 stores each "
+                             "weight with its scales.", what="Checkpoint")
+    if shape != param_shape or code not in FP8_CODES:
+        raise ModelFileError(file, f"holds {key!r} as {code} {shape}; FP8 storage of {target!r} is "
+                             f"{'/'.join(FP8_CODES)} {param_shape}.")
+    scale_file, scale_key, scale_code, scale_shape = stored["scales"]
+    if scale_shape not in fp8_scale_shapes(param_shape, block) or scale_code not in {*_FLOAT_CODES, "U8", "F8_E8M0"}:
+        raise ModelFileError(scale_file, f"holds {scale_key!r} as {scale_code} {scale_shape}; the scales of "
+                             f"{target!r} {param_shape} in blocks of {block} are "
+                             f"{fp8_scale_shapes(param_shape, block)[0]}.")
+    return file, Fp8Parts(((file, key), (scale_file, scale_key), block)), target
+
+
+def _fp8_part(model, convert, key: str, code: str, names: set[str]) -> tuple[str, str] | None:
+    """``(model name, "codes" | "scales")`` when checkpoint ``key`` is an FP8 weight (stored as FP8 codes) or its
+    ``weight_scale_inv`` and the model has that weight, else ``None``."""
+    part = "scales" if key.endswith(SCALE_SUFFIX) else "codes" if code in FP8_CODES else None
+    if part is None:
+        return None
+    target = _model_key(model, convert(key.removesuffix(SCALE_SUFFIX))[0], names)
+    return (target, part) if target is not None else None
+
+
 class Mxfp4Parts(tuple):
     """A plan entry's key for a 3-D experts projection stored in MXFP4 (:mod:`.mxfp4`, gpt-oss):
     ``((blocks file, blocks key), (scales file, scales key))``."""
@@ -542,7 +603,7 @@ def _check_floating(file: Path, key: str, code: str) -> None:
                              "or foreign checkpoint?).")
 
 
-def _plan(model, path: Path, headers, weight_map, ignored, mxfp4: bool = False
+def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredFormat = PLAIN
           ) -> tuple[list[tuple[Path, str, str]], list[str]]:
     """Match every checkpoint tensor to the model from the headers alone, before any data is read.
 
@@ -551,21 +612,30 @@ def _plan(model, path: Path, headers, weight_map, ignored, mxfp4: bool = False
     tensor of the wrong shape or of a non-floating dtype where the model has a floating tensor, and for
     tensors the model needs that no file holds. MoE experts stored one tensor per expert (Mixtral's ``w1`` / ``w3`` /
     ``w2``, Qwen-MoE's ``gate_proj`` / ``up_proj`` / ``down_proj``, which transformers stacks into 3-D parameters) get
-    one entry per expert (:func:`_expert_plan`), the directory named when one is missing or of another shape. With
-    ``mxfp4`` (the config declares it), 3-D experts parameters stored as MXFP4 codes and scales get one entry each
-    (:func:`_mxfp4_entry`)."""
+    one entry per expert (:func:`_expert_plan`), the directory named when one is missing or of another shape. Where
+    the config declares it (``stored_as``), 3-D experts parameters stored as MXFP4 codes and scales get one entry each
+    (:func:`_mxfp4_entry`), and so do weights stored as FP8 codes and scales (:func:`_fp8_entry`)."""
     expected = _expected(model)
     names = set(expected)
     convert, converters = _key_conversions(model)
-    plan, unexpected, converted, packed = [], [], [], {}
+    plan, unexpected, converted, packed, fp8 = [], [], [], {}, {}
     for file, header in headers.items():
         for key, (code, shape) in header.items():
-            stored = _mxfp4_target(model, convert, key, names, expected) if mxfp4 else None
+            stored = _mxfp4_target(model, convert, key, names, expected) if stored_as.method == MXFP4_METHOD else None
             if stored is not None:
                 packed.setdefault(stored[0], {})[stored[1]] = (file, key, code, shape)
                 continue
+            stored = _fp8_part(model, convert, key, code, names) if stored_as.method == FP8_METHOD else None
+            if stored is not None:
+                fp8.setdefault(stored[0], {})[stored[1]] = (file, key, code, shape)
+                continue
+            if stored_as.method == FP8_METHOD and _FP8_AUXILIARY.search(key):
+                continue  # static activation scales: nothing to hold in a dequantized model
             renamed, merged = convert(key)
             if merged is not None:
+                if code in FP8_CODES:
+                    raise ModelFileError(file, f"holds MoE expert weight {key!r} in FP8: lowmem decodes FP8 linear "
+                                         "layers, not FP8 experts yet. Use the model's bf16 release.")
                 _check_floating(file, key, code)
                 converted.append((file, key, renamed, merged, shape))
                 continue
@@ -585,6 +655,8 @@ def _plan(model, path: Path, headers, weight_map, ignored, mxfp4: bool = False
     if converted:
         plan += _expert_plan(model, path, converted, converters, expected, names)
     plan += [_mxfp4_entry(path, target, stored, tuple(expected[target].shape)) for target, stored in packed.items()]
+    plan += [_fp8_entry(path, target, stored, tuple(expected[target].shape), stored_as.fp8_block)
+             for target, stored in fp8.items()]
     provided = {target for _, _, target in plan}
     # a Linear4bit's codes, as save_pretrained of a 4-bit model wrote them, provide its weight
     for target in [t for t in provided if t.endswith("qweight")]:
@@ -646,6 +718,9 @@ def _refuse_nonfinite(flags: list[tuple[Path, str, str, torch.Tensor]], dtype: t
         if isinstance(key, Mxfp4Parts):
             key = key.blocks[1]
             text += " decoded from MXFP4 (a scale of 255, the format's NaN, or values beyond the load dtype's range)"
+        elif isinstance(key, Fp8Parts):
+            key = key.blocks[1]
+            text += " decoded from FP8 (a NaN code or scale, or values beyond the load dtype's range)"
         alias = "" if key == target else f" (key {key!r})"
         lines.append(f"{target}{alias} in {file.name}: {text}")
     first = flags[hits[0]][0]
@@ -658,7 +733,10 @@ def _refuse_nonfinite(flags: list[tuple[Path, str, str, torch.Tensor]], dtype: t
 
 
 def _reread(file: Path, key, dtype: torch.dtype) -> torch.Tensor:
-    """Checkpoint tensor ``key`` of ``file`` read again (error path only); an MXFP4 projection decoded in ``dtype``."""
+    """Checkpoint tensor ``key`` of ``file`` read again (error path only); an MXFP4 projection or FP8 weight decoded in
+    fp32 (kept finite where the load dtype overflows, so its count is found after conversion)."""
+    if isinstance(key, Fp8Parts):
+        return _read_fp8(key, torch.float32, "cpu")
     if not isinstance(key, Mxfp4Parts):
         with safe_open(str(file), framework="pt", device="cpu") as shard:
             return _get_tensor(shard, file, key)
@@ -707,7 +785,9 @@ def load_pretrained_causal_lm(
     codes and fp32 scales are placed as stored, nothing is re-quantized. A checkpoint whose config declares
     ``quant_method: mxfp4`` (gpt-oss) has its experts' MXFP4 codes and scales decoded expert by expert (values equal to
     transformers' ``Mxfp4Config(dequantize=True)``) and quantized, or kept in ``torch_dtype`` with ``quantize=None``;
-    other pre-quantized formats are refused naming their ``quant_method``.
+    one declaring ``quant_method: fp8`` (fine-grained FP8: DeepSeek-V3, Qwen3-FP8, Ministral 3) has each FP8 weight
+    decoded with its ``weight_scale_inv`` as it is read (values equal to ``FineGrainedFP8Config(dequantize=True)``'s)
+    and quantized, or kept in ``torch_dtype``; other pre-quantized formats are refused naming their ``quant_method``.
 
     Raises :class:`ModelFileError` (a ValueError) naming the file, before any tensor data is read, for: a missing
     directory or ``config.json``; an empty, garbled or foreign ``config.json`` or index; a shard the index lists
@@ -759,13 +839,13 @@ def _planned_model(path: Path, quantize: str | None, dtype: torch.dtype, skip, b
     headers alone (:func:`_plan`): every :class:`ModelFileError` :func:`load_pretrained_causal_lm` raises before it
     reads tensor data is raised here (options checked by :func:`_checked_options`)."""
     config = _read_config(path)
-    mxfp4 = _declares_mxfp4(path, config)
+    stored_as = _stored_format(path, config)
     files, weight_map = _checkpoint_layout(path)
     headers = _read_headers(files)
     model = _build(config, path, dtype)
     if quantize == "nf4":
         _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype)
-    plan, unexpected = _plan(model, path, headers, weight_map, _ignored_keys(model), mxfp4)
+    plan, unexpected = _plan(model, path, headers, weight_map, _ignored_keys(model), stored_as)
     return model, plan, unexpected
 
 
@@ -845,6 +925,20 @@ def _place_mxfp4(model, target: str, entry: Mxfp4Parts, shard, file: Path, dtype
     return [(file, entry, target, flag)]
 
 
+def _read_fp8(entry: Fp8Parts, dtype: torch.dtype, device, shard=None, file: Path | None = None) -> torch.Tensor:
+    """The weight an FP8 plan entry stores, decoded in ``dtype`` on ``device`` (its tensors read from ``shard``, the
+    open ``file``, or their own files)."""
+    tensors = []
+    for part_file, key in entry[:2]:
+        if part_file == file:
+            tensors.append(_get_tensor(shard, file, key))
+        else:
+            with _opened(part_file) as other:
+                tensors.append(_get_tensor(other, part_file, key))
+    codes, scales = (t.to(device) for t in tensors)
+    return decode_fp8(codes, scales, entry[2], dtype)
+
+
 def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tensor]]:
     """Read the planned tensors file by file into ``model`` (quantizing ``Linear4bit`` weights); returns
     a nan/inf flag (a 0-dim device bool, not yet read) per floating tensor read."""
@@ -857,6 +951,12 @@ def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tens
                     continue
                 if isinstance(key, Mxfp4Parts):
                     flags += _place_mxfp4(model, target, key, shard, file, dtype, device)
+                    continue
+                if isinstance(key, Fp8Parts):
+                    tensor = _read_fp8(key, dtype, device, shard, file)
+                    flags.append((file, key, target, _nonfinite_flag(tensor)))
+                    _place(model, target, tensor, dtype, device)
+                    del tensor
                     continue
                 tensor = _get_tensor(shard, file, key)
                 module_name, _, leaf = target.rpartition(".")
