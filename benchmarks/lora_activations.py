@@ -603,7 +603,7 @@ def _as_built(config: dict, seq: int) -> dict:
     """``config`` with ``max_position_embeddings`` ``seq``, as a model is built from it: a
     :data:`VISION_LANGUAGE_KIN` language model nested in its vision-language config (its rotary in sections)."""
     config = {**config, "max_position_embeddings": seq}
-    if config["model_type"] not in VISION_LANGUAGE_KIN:
+    if config.get("model_type") not in VISION_LANGUAGE_KIN:
         return config
     outer, vision = VISION_LANGUAGE_KIN[config["model_type"]]
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]

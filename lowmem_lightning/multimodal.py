@@ -1,10 +1,10 @@
 """Vision-language checkpoints fine-tuned on text: their language model trains, their vision parts are kept as-is.
 
 Many checkpoints users fine-tune as language models are vision-language models: Ministral 3 and Mistral Small 3.x
-(``Mistral3ForConditionalGeneration``), Qwen2.5-VL and Qwen3-VL, LLaVA, Gemma 3 (4B and up). transformers builds
-Gemma 3's as a causal LM itself; for the others ``AutoModelForCausalLM`` refuses the config, and the model class that
-predicts their next token is ``AutoModelForImageTextToText``'s (:func:`causal_lm_auto_class`). Given text only, their
-forward is their language model's, with its loss.
+(``Mistral3ForConditionalGeneration``), Qwen2.5-VL and Qwen3-VL, LLaVA, Gemma 3 (4B and up), Qwen3.5, Llama 4. For most
+``AutoModelForCausalLM`` refuses the config, and for Qwen3.5 and Llama 4 it builds the language model alone; the class
+that builds the whole checkpoint and predicts its next token is ``AutoModelForImageTextToText``'s
+(:func:`causal_lm_auto_class`). Given text only, their forward is their language model's, with its loss.
 
 The whole model is built and loaded, so a saved model (or an adapter, which names the modules of the whole model) is
 the checkpoint's own format: it loads back with the class the checkpoint names, vision included. What text never
@@ -32,15 +32,14 @@ def is_vision_language(config) -> bool:
 
 
 def causal_lm_auto_class(config):
-    """The transformers auto class that builds ``config`` as a model predicting the next token:
-    ``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language config that transformers has
-    no causal LM class for (Mistral 3, Qwen2.5-VL, Qwen3-VL, LLaVA, ...). A config neither maps (a ``model_type``
-    of remote code, an encoder) gets ``AutoModelForCausalLM``, which says why it cannot build it."""
+    """The transformers auto class that builds ``config`` as a model predicting the next token, whole:
+    ``AutoModelForImageTextToText`` for a vision-language config it maps (Mistral 3, Qwen2.5-VL, Qwen3-VL, LLaVA,
+    Gemma 3, and Qwen3.5 / Llama 4, whose ``AutoModelForCausalLM`` class would drop the vision weights: a saved model
+    would lose them and an adapter would name other modules than the checkpoint's), else ``AutoModelForCausalLM``
+    (which says why when it cannot build it: a ``model_type`` of remote code, an encoder)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    if type(config) in AutoModelForCausalLM._model_mapping or not is_vision_language(config):
-        return AutoModelForCausalLM
-    if type(config) in AutoModelForImageTextToText._model_mapping:
+    if is_vision_language(config) and type(config) in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
 

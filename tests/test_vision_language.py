@@ -1,11 +1,12 @@
 """Vision-language checkpoints fine-tuned on text, as users bring them: Ministral 3 / Mistral Small 3.x
-(``Mistral3ForConditionalGeneration``), Qwen2.5-VL, Qwen3-VL, LLaVA, and Gemma 3 (which transformers already builds as
-a causal LM).
+(``Mistral3ForConditionalGeneration``), Qwen2.5-VL, Qwen3-VL, LLaVA, Gemma 3 (which transformers already builds as
+a causal LM) and Qwen3.5 (whose ``AutoModelForCausalLM`` class is its language model alone).
 
 Each is a tiny random model of its transformers 5 config class (vision tower included), written with
 ``save_pretrained`` in shards and a tokenizer, as a user's checkpoint directory. Before, ``lowmem fit`` and ``lowmem
-estimate`` refused all but Gemma 3 ("describes a model transformers cannot build as a causal LM"), and Gemma 3's
-LoRA also landed on its vision tower. Checked: the model is built with the checkpoint's own class; LoRA adapts the
+estimate`` refused all but Gemma 3 and Qwen3.5 ("describes a model transformers cannot build as a causal LM"), Gemma
+3's LoRA also landed on its vision tower, and Qwen3.5 was built without its vision tower (a saved full fine-tune lost
+it, and its adapter named other modules than the checkpoint's). Checked: the model is built with the checkpoint's own class; LoRA adapts the
 language model only (peft's ``exclude_modules``); the vision tower and projector stay frozen (and as loaded) in a
 full fine-tune; the adapter and the saved model load back as their users load them (``PeftModel.from_pretrained`` on
 transformers' ``AutoModelForImageTextToText``); the estimate counts what the fit trains; one real ``lowmem fit``.
@@ -64,10 +65,16 @@ VLMS = {
         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                           "image_size": 32, "patch_size": 8},
         "mm_tokens_per_image": 4, "image_token_index": 300}, ["model.vision_tower", "model.multi_modal_projector"]),
+    "qwen3_5": ("Qwen3_5Config", {  # Qwen3.5: AutoModelForCausalLM would build its language model alone
+        "text_config": {**TEXT, "num_hidden_layers": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
+                        "linear_key_head_dim": 8, "linear_value_head_dim": 8},
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                          "out_hidden_size": 64}, **QWEN_VL_TOKENS}, ["model.visual"]),
 }
+LINEAR_ATTENTION = {"qwen3_5"}  # packed documents cannot be kept apart through its layers: refused, so not asked
 CLASSES = {"mistral3": "Mistral3ForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
            "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
-           "gemma3": "Gemma3ForConditionalGeneration"}
+           "gemma3": "Gemma3ForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration"}
 RECIPE_LORA = yaml.safe_load((RECIPES_DIR / "qlora_7b.yaml").read_text())["model"]["init_args"]["lora"]
 
 
@@ -104,14 +111,15 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _fit(module: CausalLMModule, precision: str) -> list[float]:
+def _fit(module: CausalLMModule, precision: str, name: str) -> list[float]:
     losses = []
 
     class Losses(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    data = TextDataModule("sample", seq_len=32, batch_size=2, val_fraction=0.02, seed=0)
+    data = TextDataModule("sample", seq_len=32, batch_size=2, val_fraction=0.02, seed=0,
+                          isolate_documents=name not in LINEAR_ATTENTION)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Losses()])
@@ -133,7 +141,8 @@ def test_the_checkpoints_own_class_is_built_and_lora_adapts_its_language_model_o
     assert type(base).__name__ == CLASSES[name]
     assert outside_language_model(base) == VLMS[name][2]
     adapted = [n for n, m in base.named_modules() if hasattr(m, "lora_A")]
-    assert len(adapted) == 7 * TEXT["num_hidden_layers"], adapted
+    # Qwen3.5: the MLP of its 4 layers, the attention of its one full-attention layer (3 are linear attention)
+    assert len(adapted) == (7 * TEXT["num_hidden_layers"] if name != "qwen3_5" else 3 * 4 + 4), adapted
     assert not [n for n in adapted if _outside(name, n)]
     assert model.peft_config["default"].exclude_modules
     assert not [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -157,7 +166,7 @@ def test_qlora_recipe_trains_and_the_adapter_loads_on_transformers_own_model(nam
                             torch_dtype="bfloat16", optimizer="adamw_8bit", lr=1e-2, save_dir=str(tmp_path / "adapter"))
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-    losses = _fit(module, "bf16-mixed")
+    losses = _fit(module, "bf16-mixed", name)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
     trained = {n: p for n, p in module.model.named_parameters() if "lora_" in n}
     assert any(not torch.equal(before[n], p) for n, p in trained.items() if "lora_B" in n)
@@ -179,7 +188,7 @@ def test_full_finetune_trains_the_language_model_and_keeps_the_vision_parts(name
     original = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16).state_dict()
     module = CausalLMModule(model_name_or_path=str(path), gradient_checkpointing=True, torch_dtype="bfloat16",
                             optimizer="adamw_8bit", lr=1e-3, save_dir=str(tmp_path / "model"))
-    losses = _fit(module, "bf16-true")
+    losses = _fit(module, "bf16-true", name)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses
     ours = module.model.state_dict()
     vision = [k for k in ours if _outside(name, k)]
