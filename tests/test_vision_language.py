@@ -1,14 +1,14 @@
 """Vision-language checkpoints fine-tuned on text, as users bring them: Ministral 3 / Mistral Small 3.x
-(``Mistral3ForConditionalGeneration``), Qwen2.5-VL, Qwen3-VL, LLaVA, Gemma 3 (which transformers already builds as
-a causal LM) and Qwen3.5 (whose ``AutoModelForCausalLM`` class is its language model alone).
+(``Mistral3ForConditionalGeneration``), Qwen2.5-VL, Qwen3-VL, LLaVA, Gemma 3 (which transformers already builds as a
+causal LM) and Qwen3.5 (whose ``AutoModelForCausalLM`` class is its language model alone).
 
-Each is a tiny random model of its transformers 5 config class (vision tower included), written with
-``save_pretrained`` in shards and a tokenizer, as a user's checkpoint directory. Before, ``lowmem fit`` and ``lowmem
-estimate`` refused all but Gemma 3 and Qwen3.5 ("describes a model transformers cannot build as a causal LM"), Gemma
-3's LoRA also landed on its vision tower, and Qwen3.5 was built without its vision tower (a saved full fine-tune lost
-it, and its adapter named other modules than the checkpoint's). Checked: the model is built with the checkpoint's own class; LoRA adapts the
-language model only (peft's ``exclude_modules``); the vision tower and projector stay frozen (and as loaded) in a
-full fine-tune; the adapter and the saved model load back as their users load them (``PeftModel.from_pretrained`` on
+Each is a tiny random model of its transformers 5 config class (vision tower included), written with ``save_pretrained``
+in shards and a tokenizer, as a user's checkpoint directory. Before, ``lowmem fit`` and ``lowmem estimate`` refused all
+but Gemma 3 and Qwen3.5 ("describes a model transformers cannot build as a causal LM"), Gemma 3's LoRA also landed on
+its vision tower, and Qwen3.5 was built without its vision tower (a saved full fine-tune lost it, and its adapter named
+other modules than the checkpoint's). Checked: the model is built with the checkpoint's own class; LoRA adapts the
+language model only (peft's ``exclude_modules``); the vision tower and projector stay frozen (and as loaded) in a full
+fine-tune; the adapter and the saved model load back as their users load them (``PeftModel.from_pretrained`` on
 transformers' ``AutoModelForImageTextToText``); the estimate counts what the fit trains; one real ``lowmem fit``.
 """
 
