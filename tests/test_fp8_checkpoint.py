@@ -6,8 +6,9 @@ released in FP8 only. The loader decodes each weight as it streams (``code * sca
 in NF4 (or the load dtype), so the QLoRA recipe trains the FP8 release with no bf16 copy written first. Checked against
 transformers' own decode (``FineGrainedFP8Config(dequantize=True)``): bit-equal in bf16 and fp32; the NF4 model equals
 ``quantize_model`` of transformers' load tensor for tensor; partial edge blocks and E8M0 (uint8) scales decode as
-their formula says; a real ``lowmem fit --config qlora_7b.yaml`` and ``lowmem estimate`` run on it; a missing or
-misshapen scale, and a NaN scale, are refused naming the tensor.
+their formula says; MoE experts stored one FP8 tensor per expert (Qwen3-30B-A3B-FP8) decode into NF4 experts; a real
+``lowmem fit --config qlora_7b.yaml`` and ``lowmem estimate`` run on it; a missing or misshapen scale, and a NaN scale,
+are refused naming the tensor.
 """
 
 from __future__ import annotations
@@ -162,6 +163,63 @@ def test_a_full_finetune_builds_the_release_decoded(fp8_release):
     theirs = _transformers_decoded(fp8_release, torch.bfloat16).state_dict()
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, theirs[key]), key
+
+
+MOE = {**SIZES, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2}
+
+
+@pytest.fixture(scope="module")
+def moe_release(tmp_path_factory) -> Path:
+    """A Qwen3-MoE saved as an FP8 MoE release (Qwen3-30B-A3B-FP8's layout): transformers writes its experts one tensor
+    per expert, and each expert's ``gate_proj`` / ``up_proj`` / ``down_proj`` is stored as FP8 with its scales."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(**MOE))
+    path = tmp_path_factory.mktemp("qwen3_moe_fp8") / "model"
+    model.save_pretrained(path)
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+        file.unlink()
+    for index in path.glob(INDEX):
+        index.unlink()
+    stored = {}
+    for key, tensor in tensors.items():
+        if key.endswith("proj.weight"):
+            stored[key], stored[key.replace(".weight", ".weight_scale_inv")] = _encoded(tensor)
+        else:
+            stored[key] = tensor.to(torch.bfloat16).contiguous()
+    assert "model.layers.0.mlp.experts.3.down_proj.weight_scale_inv" in stored
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": QUANTIZATION}))
+    save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_fp8_experts_stored_per_expert_decode_as_transformers_does(moe_release):
+    """Each expert's FP8 parts are decoded with their scales and stacked into the 3-D experts parameters: bit-equal to
+    transformers' decode in bf16, and equal to ``quantize_model`` of it with the experts in NF4
+    (:class:`~lowmem_lightning.quant.Experts4bit`)."""
+    from lowmem_lightning.quant import Experts4bit
+
+    theirs = _transformers_decoded(moe_release, torch.bfloat16)
+    dense = load_pretrained_causal_lm(moe_release, quantize=None, torch_dtype=torch.bfloat16).state_dict()
+    for key, tensor in theirs.state_dict().items():
+        assert torch.equal(dense[key], tensor), key
+    ours = load_pretrained_causal_lm(moe_release, torch_dtype=torch.bfloat16)
+    assert sum(isinstance(m, Experts4bit) for m in ours.modules()) == MOE["num_hidden_layers"]
+    expected = quantize_model(theirs, skip=("lm_head",)).state_dict()
+    mine = ours.state_dict()
+    assert mine.keys() == expected.keys()
+    for key, tensor in mine.items():
+        assert torch.equal(tensor, expected[key]), key
+
+
+def test_an_fp8_expert_without_its_scales_is_refused_naming_it(moe_release, tmp_path):
+    path = Path(shutil.copytree(moe_release, tmp_path / "model"))
+    part = "model.layers.1.mlp.experts.2.up_proj.weight"
+    _rewrite(path, "model.safetensors", lambda tensors: tensors.pop(f"{part}_scale_inv"))
+    with pytest.raises(ModelFileError, match=rf"holds '{part}' in FP8 but no '{part}_scale_inv'"):
+        load_pretrained_causal_lm(path)
 
 
 def _rewrite(path: Path, shard: str, change) -> None:

@@ -6,8 +6,8 @@ swapped for empty meta :class:`Linear4bit` layers and its MoE experts made :clas
 safetensors shards are read one tensor at a time: a linear weight (an expert's matrix) is quantized to NF4 and
 dropped, any other tensor becomes the parameter. Experts stored one tensor per expert (as the Hub holds Mixtral and
 Qwen-MoE; transformers stacks them into 3-D parameters while loading) are stacked here too, one expert at a time;
-experts stored in MXFP4 (gpt-oss's Hub release, :mod:`.mxfp4`) are decoded one expert at a time, and linear weights
-stored in fine-grained FP8 (:mod:`.fp8`) one weight at a time.
+experts stored in MXFP4 (gpt-oss's Hub release, :mod:`.mxfp4`) are decoded one expert at a time, and weights stored in
+fine-grained FP8 (:mod:`.fp8`: linear layers, and experts stored one tensor per expert) one tensor at a time.
 Peak host memory is therefore about the 4-bit model plus the full-precision tensors kept (embeddings, norms, skipped
 layers) plus one tensor being quantized, never the whole bf16 model.
 
@@ -479,12 +479,16 @@ def _refuse_converted(path: Path, key: str, target: str, model: nn.Module) -> No
         "or LoRA on bf16 weights, loaded by transformers)."), what="Checkpoint")
 
 
-def _expert_plan(model, path: Path, converted, converters, expected, names) -> list[tuple[Path, ExpertParts, str]]:
+def _expert_plan(model, path: Path, converted, converters, expected, names, fp8_parts=None
+                 ) -> list[tuple[Path, ExpertParts, str]]:
     """Plan entries ``(file, ExpertParts, model name)`` for checkpoint tensors stored one per expert (``converted``:
     ``(file, key, renamed key, pattern, shape)``; ``names``: the model's tensor names, ``expected``'s keys), one per
     expert of each 3-D projection, checked from the headers:
     every expert's every part present with the rows and columns the projection needs. :func:`_refuse_converted` for
-    a conversion the loader does not do (another operation, a transposed layout, a target the model lacks)."""
+    a conversion the loader does not do (another operation, a transposed layout, a target the model lacks). A part
+    stored as FP8 codes (``fp8_parts``: ``key -> (scales file, scales key, dtype code, shape, block)``) is planned as
+    an :class:`Fp8Parts`, its scales checked as :func:`_fp8_entry` checks them."""
+    fp8_parts = fp8_parts or {}
     groups: dict[str, dict[int, dict[int, tuple[Path, str, tuple]]]] = {}
     counts: dict[str, int] = {}
     for file, key, renamed, pattern, shape in converted:
@@ -507,12 +511,24 @@ def _expert_plan(model, path: Path, converted, converters, expected, names) -> l
                 raise ModelFileError(path, f"holds expert {expert} of {target!r} as {held or 'no tensor'}: the model "
                                      f"of config.json needs {count} tensor{'s' if count > 1 else ''} of {cols} columns "
                                      f"and {rows} rows in all for each of its {total} experts.", what="Checkpoint")
-            plan.append((stored[0][0], ExpertParts((expert, tuple((f, k) for f, k, _ in stored))), target))
+            parts = tuple(_fp8_expert_part(path, f, k, shape, fp8_parts[k]) if k in fp8_parts else (f, k)
+                          for f, k, shape in stored)
+            plan.append((stored[0][0], ExpertParts((expert, parts)), target))
         extra = sorted(set(experts) - set(range(total)))
         if extra:
             raise ModelFileError(path, f"holds expert {extra[0]} of {target!r}, but the model of config.json has "
                                  f"{total} experts there.", what="Checkpoint")
     return plan
+
+
+def _fp8_expert_part(path: Path, file: Path, key: str, shape: tuple, scales: tuple) -> Fp8Parts:
+    """The :class:`Fp8Parts` of one expert's part ``key`` (``shape``) stored as FP8 codes, with its ``scales``
+    ``(file, key, dtype code, shape, block)`` checked (:func:`_fp8_entry`)."""
+    scale_file, scale_key, scale_code, scale_shape, block = scales
+    stored = {"codes": (file, key, FP8_CODES[0], shape)}
+    if scale_file is not None:
+        stored["scales"] = (scale_file, scale_key, scale_code, scale_shape)
+    return _fp8_entry(path, key, stored, shape, block)[1]
 
 
 class Fp8Parts(tuple):
@@ -551,7 +567,8 @@ def _fp8_part(model, convert, key: str, code: str, names: set[str]) -> tuple[str
     part = "scales" if key.endswith(SCALE_SUFFIX) else "codes" if code in FP8_CODES else None
     if part is None:
         return None
-    target = _model_key(model, convert(key.removesuffix(SCALE_SUFFIX))[0], names)
+    renamed, merged = convert(key.removesuffix(SCALE_SUFFIX))
+    target = _model_key(model, renamed, names) if merged is None else None  # an expert's part: :func:`_expert_plan`
     return (target, part) if target is not None else None
 
 
@@ -618,7 +635,8 @@ def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredForm
     expected = _expected(model)
     names = set(expected)
     convert, converters = _key_conversions(model)
-    plan, unexpected, converted, packed, fp8 = [], [], [], {}, {}
+    plan, unexpected, converted, packed, fp8, expert_scales = [], [], [], {}, {}, {}
+    header_codes = {file: {key: code for key, (code, _) in header.items()} for file, header in headers.items()}
     for file, header in headers.items():
         for key, (code, shape) in header.items():
             stored = _mxfp4_target(model, convert, key, names, expected) if stored_as.method == MXFP4_METHOD else None
@@ -631,12 +649,13 @@ def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredForm
                 continue
             if stored_as.method == FP8_METHOD and _FP8_AUXILIARY.search(key):
                 continue  # static activation scales: nothing to hold in a dequantized model
+            if stored_as.method == FP8_METHOD and key.endswith(SCALE_SUFFIX):  # an expert's part's scales
+                expert_scales[key.removesuffix(SCALE_SUFFIX)] = (file, key, code, shape)
+                continue
             renamed, merged = convert(key)
             if merged is not None:
-                if code in FP8_CODES:
-                    raise ModelFileError(file, f"holds MoE expert weight {key!r} in FP8: lowmem decodes FP8 linear "
-                                         "layers, not FP8 experts yet. Use the model's bf16 release.")
-                _check_floating(file, key, code)
+                if code not in FP8_CODES or stored_as.method != FP8_METHOD:
+                    _check_floating(file, key, code)
                 converted.append((file, key, renamed, merged, shape))
                 continue
             target = _model_key(model, renamed, names)
@@ -653,7 +672,10 @@ def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredForm
                 _check_floating(file, key, code)
             plan.append((file, key, target))
     if converted:
-        plan += _expert_plan(model, path, converted, converters, expected, names)
+        fp8_parts = {key: (*expert_scales.pop(key, (None, None, None, None)), stored_as.fp8_block)
+                     for file, key, _, _, _ in converted if header_codes[file][key] in FP8_CODES}
+        plan += _expert_plan(model, path, converted, converters, expected, names, fp8_parts)
+    unexpected += [key for _, key, *_ in expert_scales.values()]
     plan += [_mxfp4_entry(path, target, stored, tuple(expected[target].shape)) for target, stored in packed.items()]
     plan += [_fp8_entry(path, target, stored, tuple(expected[target].shape), stored_as.fp8_block)
              for target, stored in fp8.items()]
@@ -880,7 +902,13 @@ def _place_expert(model, target: str, entry: ExpertParts, shard, file: Path, dty
     matrix into expert ``entry.expert`` of the 3-D projection ``target`` (quantized in an :class:`Experts4bit`);
     returns the parts' nan/inf flags."""
     parts, flags = [], []
-    for part_file, key in entry.parts:
+    for part in entry.parts:
+        if isinstance(part, Fp8Parts):
+            tensor = _read_fp8(part, dtype, device, shard, file)
+            flags.append((part.blocks[0], part, target, _nonfinite_flag(tensor)))
+            parts.append(tensor)
+            continue
+        part_file, key = part
         if part_file == file:
             tensor = _get_tensor(shard, file, key)
         else:
