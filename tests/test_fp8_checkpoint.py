@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,36 @@ def test_a_full_finetune_builds_the_release_decoded(fp8_release):
     assert all(p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())
     theirs = _transformers_decoded(fp8_release, torch.bfloat16).state_dict()
     for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, theirs[key]), key
+
+
+def test_per_tensor_scales_with_static_activation_scales_load_as_transformers_decodes(tmp_path):
+    """The per-tensor layout (``weight_block_size: null``, ``activation_scheme: static``: one ``weight_scale_inv`` and
+    one ``activation_scale`` per layer, some layers left in bf16 by ``modules_to_not_convert``): the weights decode as
+    transformers decodes them, the activation scales are dropped without a warning."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(**SIZES))
+    model.config.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    quantization = {"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": None,
+                    "modules_to_not_convert": ["model.layers.0.self_attn", "lm_head"]}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    stored = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith("proj.weight") and ".layers.0.self_attn." not in key:
+            scale = tensor.abs().amax() / FP8_MAX
+            stored[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            stored[key + "_scale_inv"] = scale.reshape(())
+            stored[key.replace(".weight", ".activation_scale")] = torch.tensor(1.0)
+        else:
+            stored[key] = tensor.to(torch.bfloat16).contiguous()
+    save_file(stored, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "tensors the model does not use" for the activation scales
+        ours = load_pretrained_causal_lm(tmp_path, quantize=None, torch_dtype=torch.float32).state_dict()
+    theirs = _transformers_decoded(tmp_path, torch.float32).state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, tensor in ours.items():
         assert torch.equal(tensor, theirs[key]), key
 
 
