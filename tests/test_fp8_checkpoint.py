@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from quantized_releases import CODES_SHARD, INDEX, SCALES_SHARD, rewrite_shard, write_release
 from safetensors.torch import load_file, save_file
 
 from lowmem_lightning.quant import Linear4bit, load_pretrained_causal_lm, quantize_model
@@ -39,7 +40,6 @@ SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
 BLOCK = 32
 QUANTIZATION = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                 "weight_block_size": [BLOCK, BLOCK], "modules_to_not_convert": ["lm_head"]}
-INDEX = "model.safetensors.index.json"
 FP8_MAX = 448.0
 
 
@@ -54,22 +54,15 @@ def _encoded(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _write_fp8(model, path: Path) -> None:
-    """``model`` saved as an FP8 release: its projections as FP8 codes and scales, the rest in bf16, in two shards with
-    the scales in the second (a weight's two tensors in different files) and an index."""
-    model.config.save_pretrained(path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "quantization_config": QUANTIZATION}))
-    first, second = {}, {}
-    for key, tensor in model.state_dict().items():
-        if key.endswith("proj.weight"):
-            first[key], second[key.replace(".weight", ".weight_scale_inv")] = _encoded(tensor)
-        else:
-            first[key] = tensor.to(torch.bfloat16).contiguous()
-    files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
-    for name, tensors in files.items():
-        save_file(tensors, path / name, metadata={"format": "pt"})
-    weight_map = {key: name for name, tensors in files.items() for key in tensors}
-    (path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    """``model`` saved as an FP8 release: its projections as FP8 codes and scales, the rest in bf16."""
+
+    def encode(key: str, tensor: torch.Tensor):
+        if not key.endswith("proj.weight"):
+            return None
+        codes, scales = _encoded(tensor)
+        return {key: codes}, {f"{key}_scale_inv": scales}
+
+    write_release(model, path, QUANTIZATION, encode)
 
 
 @pytest.fixture(scope="module")
@@ -248,18 +241,11 @@ def test_fp8_experts_stored_per_expert_decode_as_transformers_does(moe_release):
 def test_an_fp8_expert_without_its_scales_is_refused_naming_it(moe_release, tmp_path):
     path = Path(shutil.copytree(moe_release, tmp_path / "model"))
     part = "model.layers.1.mlp.experts.2.up_proj.weight"
-    _rewrite(path, "model.safetensors", lambda tensors: tensors.pop(f"{part}_scale_inv"))
+    rewrite_shard(path, "model.safetensors", lambda tensors: tensors.pop(f"{part}_scale_inv"))
     with pytest.raises(ModelFileError, match=rf"holds '{part}' in FP8 but no '{part}_scale_inv'"):
         load_pretrained_causal_lm(path)
 
 
-def _rewrite(path: Path, shard: str, change) -> None:
-    tensors = {key: tensor.clone() for key, tensor in load_file(path / shard).items()}
-    change(tensors)
-    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, path / shard, metadata={"format": "pt"})
-
-
-SCALES_SHARD, CODES_SHARD = "model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"
 DOWN = "model.layers.1.mlp.down_proj.weight"
 
 
@@ -267,7 +253,7 @@ def test_a_nan_scale_is_refused_naming_the_tensor(release):
     def nan_scale(tensors):
         tensors[f"{DOWN}_scale_inv"][1, 2] = float("nan")
 
-    _rewrite(release, SCALES_SHARD, nan_scale)
+    rewrite_shard(release, SCALES_SHARD, nan_scale)
     with pytest.raises(NonFiniteCheckpointError) as info:
         load_pretrained_causal_lm(release)
     text = str(info.value)
@@ -281,7 +267,7 @@ def test_a_nan_scale_is_refused_naming_the_tensor(release):
      (f"{DOWN}_scale_inv", "(2, 2)", "are (2, 4)")),
 ])
 def test_a_bad_fp8_scale_is_refused_before_any_weight_is_read(release, damage, needles):
-    _rewrite(release, SCALES_SHARD, damage)
+    rewrite_shard(release, SCALES_SHARD, damage)
     with pytest.raises(ModelFileError) as info:
         load_pretrained_causal_lm(release)
     for needle in needles:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from quantized_releases import CODES_SHARD, SCALES_SHARD, rewrite_shard, write_release
 
 from lowmem_lightning.quant import Experts4bit, Linear4bit, load_pretrained_causal_lm, quantize_model
 from lowmem_lightning.quant.loading import ModelFileError, NonFiniteCheckpointError
@@ -36,7 +36,6 @@ SIZES = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "nu
          "eos_token_id": 258, "sliding_window": 32}
 QUANTIZATION = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                            "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}  # the Hub's
-INDEX = "model.safetensors.index.json"
 
 
 def _encoded(param: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,22 +47,16 @@ def _encoded(param: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, t
 
 
 def _write_mxfp4(model, path: Path) -> None:
-    """``model`` saved as gpt-oss's Hub release is: experts as MXFP4 blocks and scales, the rest in bf16, in two
-    shards with the scales in the second (a projection's two tensors in different files) and an index."""
-    model.config.save_pretrained(path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "quantization_config": QUANTIZATION}))
-    gen, first, second = torch.Generator().manual_seed(1), {}, {}
-    for key, tensor in model.state_dict().items():
-        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            first[f"{key}_blocks"], second[f"{key}_scales"] = _encoded(tensor, gen)
-        else:
-            first[key] = tensor.to(torch.bfloat16).contiguous()
-    files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
-    for name, tensors in files.items():
-        save_file(tensors, path / name, metadata={"format": "pt"})
-    weight_map = {key: name for name, tensors in files.items() for key in tensors}
-    (path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    """``model`` saved as gpt-oss's Hub release is: experts as MXFP4 blocks and scales, the rest in bf16."""
+    gen = torch.Generator().manual_seed(1)
+
+    def encode(key: str, tensor: torch.Tensor):
+        if not key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return None
+        blocks, scales = _encoded(tensor, gen)
+        return {f"{key}_blocks": blocks}, {f"{key}_scales": scales}
+
+    write_release(model, path, QUANTIZATION, encode)
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +160,7 @@ def test_lowmem_fit_and_estimate_with_the_qlora_recipe(hub_release, tmp_path):
     assert counted == sum(b.numel() * b.element_size() for module in held for b in module.buffers(recurse=False))
 
 
-def _rewrite(path: Path, shard: str, change) -> None:
-    tensors = {key: tensor.clone() for key, tensor in load_file(path / shard).items()}
-    change(tensors)
-    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, path / shard, metadata={"format": "pt"})
-
-
-SCALES_SHARD, BLOCKS_SHARD = "model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors"
+BLOCKS_SHARD = CODES_SHARD
 DOWN = "model.layers.1.mlp.experts.down_proj"
 
 
@@ -181,7 +168,7 @@ def test_a_nan_scale_is_refused_naming_the_tensor(release):
     def nan_scale(tensors):
         tensors[f"{DOWN}_scales"][2, 5, 1] = 255  # the format's NaN
 
-    _rewrite(release, SCALES_SHARD, nan_scale)
+    rewrite_shard(release, SCALES_SHARD, nan_scale)
     with pytest.raises(NonFiniteCheckpointError) as info:
         load_pretrained_causal_lm(release)
     text = str(info.value)
@@ -195,7 +182,7 @@ def test_a_nan_scale_is_refused_naming_the_tensor(release):
     (lambda t: t.__setitem__(f"{DOWN}_scales", t[f"{DOWN}_scales"][:, :32]), ("(4, 32, 2)", "(4, 64, 2)")),
 ])
 def test_a_bad_mxfp4_tensor_is_refused_before_any_weight_is_read(release, damage, needles):
-    _rewrite(release, SCALES_SHARD, damage)
+    rewrite_shard(release, SCALES_SHARD, damage)
     with pytest.raises(ModelFileError) as info:
         load_pretrained_causal_lm(release)
     for needle in needles:
