@@ -192,6 +192,37 @@ def test_full_finetune_estimate_models_the_layers_it_was_fitted_to_only(name, mo
         assert nbytes is None and detail.startswith("not modelled for"), detail
 
 
+HYBRIDS = {
+    # model type: (settings, the projections added to the seven Llama names, the blocks named)
+    "qwen3_5_text": ({"linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 8,
+                      "linear_value_head_dim": 8}, ["in_proj_a", "in_proj_b", "in_proj_qkv", "in_proj_z", "out_proj"],
+                     "linear_attn"),
+    "qwen3_next": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "shared_expert_intermediate_size": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 2,
+                    "linear_key_head_dim": 8, "linear_value_head_dim": 8}, ["in_proj_ba", "in_proj_qkvz", "out_proj"],
+                   "linear_attn"),
+    "falcon_h1": ({}, ["in_proj"], "mamba"),  # attention and Mamba in every layer; peft refuses Mamba's out_proj
+}
+
+
+@pytest.mark.parametrize("model_type", list(HYBRIDS))
+def test_the_seven_llama_names_cover_the_linear_attention_of_hybrid_models(model_type):
+    """Qwen3.5 and Qwen3-Next have q/k/v/o_proj in one layer of four: the seven names matched there, and their
+    linear-attention layers (three of four) got no adapter without a word (TuFT #149 reports the same of its target
+    map). The blocks that hold none of the seven get their projections added, named in one warning; NF4 and LoRA
+    land on them."""
+    settings, added, block = HYBRIDS[model_type]
+    config = {**SIZES, "num_hidden_layers": 4, "head_dim": 16, **settings, "model_type": model_type}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_causal_lm(None, config, "nf4", RECIPE_LORA, device="meta", torch_dtype="bfloat16")
+    said = [str(w.message) for w in caught if "LoRA target_modules" in str(w.message)]
+    assert said == [f"LoRA target_modules: this {model_type} model's {block} blocks hold none of the seven Llama "
+                    f"projections; the seven are taken to cover their projections too: {', '.join(added)}."], said
+    assert set(added) <= set(model.peft_config["default"].target_modules) & _lora_leaves(model)
+    assert _dense_linears(model) == []
+
+
 def test_target_names_the_model_lacks_are_refused_naming_its_linear_layers(model_dirs):
     """Any other list with a name no module carries is refused (peft adapts the names it finds, silently)."""
     lora = {**RECIPE_LORA, "target_modules": ["qkv_proj", "v_proj"]}

@@ -203,7 +203,9 @@ def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str
     projections (:data:`LLAMA_TARGET_MODULES`, the recipes' default) on a model lacking some of them (fused
     ``qkv_proj`` / ``gate_up_proj``, GPT-NeoX names, MoE experts held as 3-D parameters rather than
     linear layers) mean the same as ``"all-linear"``: every linear projection of the model, and a
-    :class:`LowMemWarning` names what they became. Any other entry that names no module raises a
+    :class:`LowMemWarning` names what they became; on a hybrid model that has them all, the blocks of its decoder
+    layers holding none of them (linear-attention, state-space or convolution mixers: :func:`_unreached_mixers`) get
+    their projections added, named in a :class:`LowMemWarning` too. Any other entry that names no module raises a
     ``ValueError`` naming it and the model's linear layer names (peft itself refuses only when no entry
     matches, and would silently adapt a subset). A vision-language model's names are its language model's
     (:func:`~lowmem_lightning.multimodal.outside_language_model` left out).
@@ -214,9 +216,18 @@ def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str
     targets = list(target_modules)
     names = [name for name, _ in _language_modules(model)]
     missing = [t for t in targets if not any(_matches(name, t) for name in names)]
-    if not missing:
-        return targets
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    if not missing:
+        unreached = _unreached_mixers(model, targets) if set(targets) == set(LLAMA_TARGET_MODULES) else {}
+        if not unreached:
+            return targets
+        added = sorted({leaf for leaves in unreached.values() for leaf in leaves})
+        warnings.warn(
+            f"LoRA target_modules: this {kind} model's {', '.join(sorted(unreached))} blocks hold none of the seven "
+            f"Llama projections; the seven are taken to cover their projections too: {', '.join(added)}.",
+            LowMemWarning, stacklevel=3,
+        )
+        return targets + added
     if set(targets) == set(LLAMA_TARGET_MODULES) and linear:
         warnings.warn(
             f"LoRA target_modules: this {kind} model has no {', '.join(missing)}; the seven Llama projections "
@@ -230,6 +241,42 @@ def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str
         f"{kind} model; its linear layers are {', '.join(linear) or '(none)'}: give names from these, or "
         "'all-linear' for all of them." + _experts_note(model)
     )
+
+
+def _unreached_mixers(model: nn.Module, targets: list[str]) -> dict[str, set[str]]:
+    """``{child name: its linear layers' leaf names}`` of the parts of ``model``'s decoder layers (the entries of a
+    ``layers`` ``ModuleList``) that hold linear layers none of ``targets`` names: the linear-attention, state-space
+    and convolution mixers of hybrid models (Qwen3.5's and Qwen3-Next's ``linear_attn``, Falcon-H1's and Jamba's
+    ``mamba``), which the seven Llama names would leave without an adapter."""
+    unreached: dict[str, set[str]] = {}
+    for name, module in _language_modules(model):
+        if not (isinstance(module, nn.ModuleList) and name.rpartition(".")[2] == "layers"):
+            continue
+        for layer in module:
+            for child_name, child in layer.named_children():
+                leaves = {n.rpartition(".")[2] for n, m in child.named_modules()
+                          if n and (isinstance(m, (nn.Linear, Linear4bit)) or is_conv1d(m))}
+                if isinstance(child, (nn.Linear, Linear4bit)):
+                    leaves = {child_name}
+                leaves = {leaf for leaf in leaves if not _peft_refuses(model, leaf)}
+                if leaves and not leaves & set(targets):
+                    unreached.setdefault(child_name, set()).update(leaves)
+    return unreached
+
+
+def _peft_refuses(model: nn.Module, leaf: str) -> bool:
+    """Whether peft refuses LoRA on modules named ``leaf`` in ``model`` (Mamba's ``out_proj`` and ``conv1d``, whose
+    fused kernels read the weight directly: peft's own check, where this peft version has it)."""
+    from peft.tuners import tuners_utils
+
+    check = getattr(tuners_utils, "_check_lora_target_modules_mamba", None)
+    if check is None:
+        return False
+    try:
+        check(LoraConfig(target_modules=[leaf]), model, leaf)
+    except ValueError:
+        return True
+    return False
 
 
 def _experts_note(model: nn.Module) -> str:
