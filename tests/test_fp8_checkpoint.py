@@ -272,3 +272,23 @@ def test_a_bad_fp8_scale_is_refused_before_any_weight_is_read(release, damage, n
         load_pretrained_causal_lm(release)
     for needle in needles:
         assert needle in str(info.value), (needle, str(info.value))
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_release_loads_to_the_same_tensors_as_on_the_cpu(fp8_release, moe_release):
+    """The loader on CUDA (each FP8 weight decoded on the device, quantized by the Triton kernel): every tensor equals
+    the CPU load's, dense and MoE, and the decode itself equals the CPU decode bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for release in (fp8_release, moe_release):
+        cpu = load_pretrained_causal_lm(release).state_dict()
+        cuda = load_pretrained_causal_lm(release, device="cuda").state_dict()
+        assert cpu.keys() == cuda.keys()
+        for key, tensor in cpu.items():
+            assert torch.equal(cuda[key].cpu(), tensor), key
+    gen = torch.Generator().manual_seed(2)
+    codes = (torch.randn(300, 200, generator=gen) * 50).to(torch.float8_e4m3fn)
+    scales = torch.rand(3, 2, generator=gen)
+    for dtype in (torch.bfloat16, torch.float32):
+        on_cuda = decode_fp8(codes.cuda(), scales.cuda(), (128, 128), dtype).cpu()
+        assert torch.equal(on_cuda, decode_fp8(codes, scales, (128, 128), dtype))
