@@ -21,14 +21,19 @@ import re
 from torch import nn
 
 __all__ = ["causal_lm_auto_class", "freeze_outside_language_model", "is_vision_language", "outside_language_model",
-           "outside_language_model_pattern"]
+           "outside_language_model_pattern", "text_config"]
+
+
+def text_config(config):
+    """The config that holds the text model's settings: a multimodal model's text config (``get_text_config()``),
+    else ``config`` itself (a text model's, or an object that is not a transformers config)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def is_vision_language(config) -> bool:
     """Whether transformers config ``config`` is a vision-language model's: it nests the text model's config (a
     ``text_config``, as ``get_text_config`` returns it) and has a ``vision_config``."""
-    get_text = getattr(config, "get_text_config", None)
-    return get_text is not None and get_text() is not config and getattr(config, "vision_config", None) is not None
+    return text_config(config) is not config and getattr(config, "vision_config", None) is not None
 
 
 def causal_lm_auto_class(config):

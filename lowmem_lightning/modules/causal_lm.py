@@ -29,7 +29,7 @@ from torch import nn
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.base import LowMemModule, Scheduler
-from lowmem_lightning.multimodal import causal_lm_auto_class, freeze_outside_language_model
+from lowmem_lightning.multimodal import causal_lm_auto_class, freeze_outside_language_model, text_config
 from lowmem_lightning.remote_code import remote_code_trusted, trusting_remote_code
 from lowmem_lightning.rotary import keep_rotary_fp32
 
@@ -406,11 +406,6 @@ def _resize_target(resize_embeddings: bool | int, vocab_size: int | None) -> int
     return resize_embeddings or None
 
 
-def _text_config(cfg):
-    """The config that holds ``vocab_size`` (a multimodal model's text config, else ``cfg`` itself)."""
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
 def _embedding_rows(model: nn.Module) -> int:
     """The number of rows of ``model``'s input embeddings (through peft's wrapper of trained token rows)."""
     layer = model.get_input_embeddings()
@@ -548,7 +543,7 @@ def _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_d
             from lowmem_lightning.quant.loading import read_model_config
 
             cfg = read_model_config(model_name_or_path)
-        text = _text_config(cfg)
+        text = text_config(cfg)
         old_rows = text.vocab_size
         if target is not None and target > old_rows:
             text.vocab_size = target  # the shapes _grow_embeddings gives a loaded model
@@ -857,7 +852,7 @@ class CausalLMModule(LowMemModule):
         """The embedding rows the model of config ``cfg`` will have after ``resize_embeddings``; ``None`` when the
         config does not say."""
         hp = self.hparams
-        rows = getattr(_text_config(cfg), "vocab_size", None)
+        rows = getattr(text_config(cfg), "vocab_size", None)
         target = _resize_target(hp.resize_embeddings, data_vocab)
         return max(rows, target) if rows is not None and target is not None else rows
 
@@ -1145,7 +1140,7 @@ class CausalLMModule(LowMemModule):
 
         if self.hparams.model_name_or_path is None:
             return False
-        rows = getattr(_text_config(read_model_config(self.hparams.model_name_or_path)), "vocab_size", None)
+        rows = getattr(text_config(read_model_config(self.hparams.model_name_or_path)), "vocab_size", None)
         return rows is None or _embedding_rows(self.model) > rows
 
     def _write(self, save_dir: str, state_dict: dict | None) -> None:

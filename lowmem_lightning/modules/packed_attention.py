@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowmem_lightning.multimodal import text_config
+
 __all__ = ["FLATTENED_ATTENTION", "KEPT_APART_LAYER_TYPES", "MASKED_ATTENTION", "attention_implementation",
            "layers_across_documents", "packed_call", "packed_documents_problem", "uses_multimodal_rotary"]
 
@@ -49,7 +51,7 @@ def layers_across_documents(config, model: nn.Module | None = None) -> list[str]
     Falcon-H1, Jamba, ...: their recurrent state and causal convolution run through the whole block in transformers'
     PyTorch path), and, where it lists none, ``model``'s ``nn.Conv1d`` token convolutions. Each as ``"<type> layers
     (<count> of <layers>)"``; ``[]`` for attention-only models."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     types = getattr(text, "layer_types", None)
     types = list(types) if isinstance(types, (list, tuple)) else []
     found = [f"{kind} layers ({types.count(kind)} of {len(types)})"
@@ -80,7 +82,7 @@ def packed_documents_problem(config, model: nn.Module | None = None) -> str | No
 def uses_multimodal_rotary(model: nn.Module) -> bool:
     """Whether ``model``'s text config gives multimodal rotary sections (``rope_parameters["mrope_section"]``)."""
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
     return isinstance(rope, dict) and rope.get("mrope_section") is not None
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowmem_lightning.multimodal import causal_lm_auto_class
+from lowmem_lightning.multimodal import causal_lm_auto_class, text_config
 from lowmem_lightning.remote_code import remote_code_trusted
 
 __all__ = ["position_limit", "learned_position_tables", "position_problem"]
@@ -23,15 +23,10 @@ POSITION_TABLE_OFFSETS = range(0, 3)
 """Extra rows a learned position table may have beyond ``max_position_embeddings`` (OPT and BioGPT: 2)."""
 
 
-def _text_config(cfg):
-    """The config that holds the text model's settings (a multimodal model's text config, else ``cfg``)."""
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
 def position_limit(cfg) -> int | None:
     """The model's ``max_position_embeddings`` (GPT-2's ``n_positions``; a multimodal model's text config), or
     ``None`` when its config does not give an integer."""
-    limit = getattr(_text_config(cfg), "max_position_embeddings", None)
+    limit = getattr(text_config(cfg), "max_position_embeddings", None)
     return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
@@ -53,7 +48,7 @@ def learned_position_tables(cfg) -> list[str] | None:
 
 def _unscaled_rope(cfg) -> bool:
     """Whether ``cfg`` gives RoPE parameters without a scaling (``rope_type`` ``"default"``)."""
-    text = _text_config(cfg)
+    text = text_config(cfg)
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
     return isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in (None, "default")
 

@@ -909,12 +909,7 @@ def _place_expert(model, target: str, entry: ExpertParts, shard, file: Path, dty
             parts.append(tensor)
             continue
         part_file, key = part
-        if part_file == file:
-            tensor = _get_tensor(shard, file, key)
-        else:
-            with _opened(part_file) as other:
-                tensor = _get_tensor(other, part_file, key)
-        tensor = tensor.to(device=device, dtype=dtype)
+        tensor = _read_key(part_file, key, shard, file).to(device=device, dtype=dtype)
         flags.append((part_file, key, target, _nonfinite_flag(tensor)))
         parts.append(tensor)
     _put_expert(model, target, entry.expert, torch.cat(parts) if len(parts) > 1 else parts[0], dtype, device)
@@ -956,15 +951,17 @@ def _place_mxfp4(model, target: str, entry: Mxfp4Parts, shard, file: Path, dtype
 def _read_fp8(entry: Fp8Parts, dtype: torch.dtype, device, shard=None, file: Path | None = None) -> torch.Tensor:
     """The weight an FP8 plan entry stores, decoded in ``dtype`` on ``device`` (its tensors read from ``shard``, the
     open ``file``, or their own files)."""
-    tensors = []
-    for part_file, key in entry[:2]:
-        if part_file == file:
-            tensors.append(_get_tensor(shard, file, key))
-        else:
-            with _opened(part_file) as other:
-                tensors.append(_get_tensor(other, part_file, key))
-    codes, scales = (t.to(device) for t in tensors)
+    codes, scales = (_read_key(part_file, key, shard, file).to(device) for part_file, key in entry[:2])
     return decode_fp8(codes, scales, entry[2], dtype)
+
+
+def _read_key(part_file: Path, key: str, shard=None, file: Path | None = None) -> torch.Tensor:
+    """Tensor ``key`` of ``part_file``: from ``shard`` when that is the open ``file``, else from ``part_file``
+    opened for it."""
+    if part_file == file:
+        return _get_tensor(shard, file, key)
+    with _opened(part_file) as other:
+        return _get_tensor(other, part_file, key)
 
 
 def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tensor]]:
