@@ -17,6 +17,8 @@ widen it to the three rotary rows only and build no document mask, so :func:`pac
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -33,6 +35,9 @@ FLATTENED_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attentio
 """Attention implementations that keep documents apart only in a batch of one row (varlen from ``position_ids``)."""
 
 IGNORE_INDEX = -100
+
+_PROBLEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> :func:`packed_documents_problem` of it, as :func:`packed_call` found it at its first call."""
 
 
 def attention_implementation(model: nn.Module) -> str | None:
@@ -112,9 +117,10 @@ def packed_call(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor 
     back as ``[batch, seq, vocab]``; the loss, a mean over target tokens, is the same). ``ValueError`` naming the
     implementation when it would let documents attend to each other, or naming the layers that carry state from one
     document into the next (:func:`packed_documents_problem`)."""
-    problem = packed_documents_problem(getattr(model, "config", None), model)
-    if problem:
-        raise ValueError(problem)
+    if model not in _PROBLEMS:  # once per model: not a walk over its modules at every step
+        _PROBLEMS[model] = packed_documents_problem(getattr(model, "config", None), model)
+    if _PROBLEMS[model]:
+        raise ValueError(_PROBLEMS[model])
     implementation = attention_implementation(model)
     if implementation in MASKED_ATTENTION or (implementation in FLATTENED_ATTENTION and input_ids.shape[0] == 1):
         return model(input_ids=input_ids, labels=labels, position_ids=_with_text_row(model, position_ids),
