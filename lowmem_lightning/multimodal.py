@@ -60,7 +60,12 @@ def outside_language_model(model: nn.Module) -> list[str]:
     language = [module for module in (get_decoder(), get_head()) if module is not None and module is not model]
     names = {id(module): name for name, module in model.named_modules()}
     kept = [names[id(module)] for module in language if id(module) in names]
-    enclosing = {name.rsplit(".", i)[0] for name in kept for i in range(1, name.count(".") + 1)} | {""}
+
+    def inside_kept(name: str) -> bool:
+        return any(name == k or name.startswith(k + ".") for k in kept)
+
+    enclosing = {prefix for name in kept for i in range(1, name.count(".") + 1)
+                 if not inside_kept(prefix := name.rsplit(".", i)[0])} | {""}
     outside = []
     for name in sorted(enclosing):
         parent = model.get_submodule(name)

@@ -1,6 +1,6 @@
 """Vision-language checkpoints fine-tuned on text, as users bring them: Ministral 3 / Mistral Small 3.x
 (``Mistral3ForConditionalGeneration``), Qwen2.5-VL, Qwen3-VL, LLaVA, Gemma 3 (which transformers already builds as a
-causal LM) and Qwen3.5 (whose ``AutoModelForCausalLM`` class is its language model alone).
+causal LM), Qwen3.5 and Llama 4 (whose ``AutoModelForCausalLM`` class is their language model alone).
 
 Each is a tiny random model of its transformers 5 config class (vision tower included), written with ``save_pretrained``
 in shards and a tokenizer, as a user's checkpoint directory. Before, ``lowmem fit`` and ``lowmem estimate`` refused all
@@ -70,11 +70,18 @@ VLMS = {
                         "linear_key_head_dim": 8, "linear_value_head_dim": 8},
         "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                           "out_hidden_size": 64}, **QWEN_VL_TOKENS}, ["model.visual"]),
+    "llama4": ("Llama4Config", {  # its language model at the top (language_model.model), beside the vision model
+        "text_config": {**TEXT, "intermediate_size_mlp": 128, "num_local_experts": 4, "num_experts_per_tok": 1},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "image_size": 32, "patch_size": 8, "vision_output_dim": 64, "projector_input_dim": 64,
+                          "projector_output_dim": 64},
+        "image_token_index": 300}, ["vision_model", "multi_modal_projector"]),
 }
 LINEAR_ATTENTION = {"qwen3_5"}  # packed documents cannot be kept apart through its layers: refused, so not asked
 CLASSES = {"mistral3": "Mistral3ForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
            "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
-           "gemma3": "Gemma3ForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration"}
+           "gemma3": "Gemma3ForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",
+           "llama4": "Llama4ForConditionalGeneration"}
 RECIPE_LORA = yaml.safe_load((RECIPES_DIR / "qlora_7b.yaml").read_text())["model"]["init_args"]["lora"]
 
 
