@@ -348,11 +348,29 @@ def add_lora(
     )
     register_peft_custom_module(config)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    _warn_targets_peft_dropped(peft_model, targets)
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != adapter_dtype:
             param.data = param.data.to(adapter_dtype)
     use_copy_free_token_rows(peft_model)
     return peft_model
+
+
+def _warn_targets_peft_dropped(peft_model: PeftModel, targets: list[str]) -> None:
+    """A :class:`LowMemWarning` naming the ``targets`` that name linear layers of the model on which peft put no
+    adapter: peft's conversion of transformers 4 MoE names (``gate_proj`` / ``up_proj`` / ``down_proj`` taken for the
+    experts that transformers 5 stacks into 3-D parameters) drops them from ``target_modules`` even where they name
+    real linear layers, such as Qwen3-Next's shared expert."""
+    base = peft_model.get_base_model()
+    linear = set(_linear_names(base))
+    adapted = {name.rpartition(".")[2] for name, module in base.named_modules() if isinstance(module, LoraLayer)}
+    dropped = sorted({t.rpartition(".")[2] for t in targets} & linear - adapted)
+    if dropped:
+        kind = getattr(base.config, "model_type", None) or type(base).__name__
+        warnings.warn(
+            f"LoRA target_modules: peft put no adapter on the linear layers {', '.join(dropped)} of this {kind} model: "
+            "it reads these names as transformers 4's mixture-of-experts projections (moved to target_parameters), "
+            "so they stay frozen.", LowMemWarning, stacklevel=3)
 
 
 def load_lora(model: nn.Module, path, is_trainable: bool = False) -> PeftModel:
