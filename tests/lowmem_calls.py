@@ -86,3 +86,18 @@ def stderr_as_in_a_process(monkeypatch) -> None:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
     monkeypatch.setattr(warnings, "showwarning", show)
+
+
+QLORA_TWO_STEPS = ["--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1", "--trainer.val_check_interval",
+                   "2", "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32",
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+"""``lowmem fit --config qlora_7b.yaml`` options for two steps of 32 tokens on a tiny checkpoint, validated once."""
+
+
+def run_qlora_recipe(model: Path, cwd: Path, subcommand: str = "fit", *args: str) -> subprocess.CompletedProcess:
+    """A real ``lowmem SUBCOMMAND --config qlora_7b.yaml --model.model_name_or_path MODEL`` process in ``cwd``
+    (``fit``: :data:`QLORA_TWO_STEPS`; then ``args``), 200 columns wide, its output captured."""
+    steps = QLORA_TWO_STEPS if subcommand == "fit" else []
+    command = [LOWMEM, subcommand, "--config", "qlora_7b.yaml", "--model.model_name_or_path", str(model), *steps, *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})

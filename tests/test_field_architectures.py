@@ -16,10 +16,7 @@ runs on Phi-3 with the tokenizer read from the model directory.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lowmem_calls import run_qlora_recipe
 from torch import nn
 
 from lowmem_lightning.cli import RECIPES_DIR
@@ -388,15 +386,10 @@ def test_lowmem_fit_qlora_recipe_on_phi3(strategy, model_dirs, tmp_path):
     model = tmp_path / "phi3"
     shutil.copytree(model_dirs("phi3"), model)
     _tokenizer(model)
-    lowmem = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
-    args = ["fit", "--config", "qlora_7b.yaml", "--model.model_name_or_path", str(model), "--trainer.max_steps", "2",
-            "--trainer.accumulate_grad_batches", "1", "--trainer.val_check_interval", "2",
-            "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32", "--trainer.enable_progress_bar",
-            "false", "--trainer.enable_model_summary", "false", "--trainer.strategy", strategy]
+    args = ["--trainer.strategy", strategy]
     if strategy != "auto":
         args += ["--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    proc = subprocess.run([lowmem, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "COLUMNS": "200"})
+    proc = run_qlora_recipe(model, tmp_path, "fit", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count(PHI3_WARNING) == 1, proc.stderr[-3000:]
     config = json.loads((tmp_path / "runs/qlora_7b/adapter/adapter_config.json").read_text())

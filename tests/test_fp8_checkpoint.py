@@ -14,15 +14,13 @@ are refused naming the tensor.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from lowmem_calls import run_qlora_recipe
 from quantized_releases import CODES_SHARD, INDEX, SCALES_SHARD, rewrite_shard, write_release
 from safetensors.torch import load_file, save_file
 
@@ -127,19 +125,11 @@ def test_lowmem_fit_and_estimate_with_the_qlora_recipe(fp8_release, tmp_path):
     model = tmp_path / "qwen3-fp8"
     shutil.copytree(fp8_release, model)
     _tokenizer(model)
-    lowmem = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
-    args = ["fit", "--config", "qlora_7b.yaml", "--model.model_name_or_path", str(model), "--trainer.max_steps", "2",
-            "--trainer.accumulate_grad_batches", "1", "--trainer.val_check_interval", "2",
-            "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32", "--trainer.enable_progress_bar",
-            "false", "--trainer.enable_model_summary", "false"]
-    env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run([lowmem, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_qlora_recipe(model, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter = json.loads((tmp_path / "runs/qlora_7b/adapter/adapter_config.json").read_text())
     assert len(adapter["target_modules"]) == 7
-    estimate = subprocess.run([lowmem, "estimate", "--config", "qlora_7b.yaml", "--model.model_name_or_path",
-                               str(model), "--format", "json"], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300, env=env)
+    estimate = run_qlora_recipe(model, tmp_path, "estimate", "--format", "json")
     assert estimate.returncode == 0, estimate.stderr[-3000:]
     counted = json.loads(estimate.stdout)["frozen_bytes_by_dtype"]["nf4"]
     held = [m for m in load_pretrained_causal_lm(model).modules() if isinstance(m, Linear4bit)]

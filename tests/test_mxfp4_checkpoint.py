@@ -12,14 +12,12 @@ it; other pre-quantized formats stay refused (``tests/test_bad_model_files.py``)
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from lowmem_calls import run_qlora_recipe
 from quantized_releases import CODES_SHARD, SCALES_SHARD, rewrite_shard, write_release
 
 from lowmem_lightning.quant import Experts4bit, Linear4bit, load_pretrained_causal_lm, quantize_model
@@ -139,19 +137,11 @@ def test_lowmem_fit_and_estimate_with_the_qlora_recipe(hub_release, tmp_path):
     model = tmp_path / "gpt-oss"
     shutil.copytree(hub_release, model)
     _tokenizer(model)
-    lowmem = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
-    args = ["fit", "--config", "qlora_7b.yaml", "--model.model_name_or_path", str(model), "--trainer.max_steps", "2",
-            "--trainer.accumulate_grad_batches", "1", "--trainer.val_check_interval", "2",
-            "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32", "--trainer.enable_progress_bar",
-            "false", "--trainer.enable_model_summary", "false"]
-    env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run([lowmem, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_qlora_recipe(model, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter = json.loads((tmp_path / "runs/qlora_7b/adapter/adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
-    estimate = subprocess.run([lowmem, "estimate", "--config", "qlora_7b.yaml", "--model.model_name_or_path",
-                               str(model), "--format", "json"], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300, env=env)
+    estimate = run_qlora_recipe(model, tmp_path, "estimate", "--format", "json")
     assert estimate.returncode == 0, estimate.stderr[-3000:]
     counted = json.loads(estimate.stdout)["frozen_bytes_by_dtype"]["nf4"]
     loaded = load_pretrained_causal_lm(model)

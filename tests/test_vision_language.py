@@ -15,16 +15,14 @@ transformers' ``AutoModelForImageTextToText``); the estimate counts what the fit
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
+from lowmem_calls import run_qlora_recipe
 from test_field_architectures import _tokenizer
 
 from lowmem_lightning.cli import RECIPES_DIR
@@ -216,19 +214,12 @@ def test_lowmem_fit_and_estimate_on_a_ministral3_checkpoint(vlm_dirs, tmp_path):
     activations."""
     model = tmp_path / "ministral3"
     shutil.copytree(vlm_dirs("mistral3"), model)
-    lowmem = shutil.which("lowmem") or str(Path(sys.executable).parent / "lowmem")
-    common = ["--config", "qlora_7b.yaml", "--model.model_name_or_path", str(model)]
-    args = ["fit", *common, "--trainer.max_steps", "2", "--trainer.accumulate_grad_batches", "1",
-            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--data.init_args.seq_len", "32",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run([lowmem, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    proc = run_qlora_recipe(model, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter = tmp_path / "runs/qlora_7b/adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == set(RECIPE_LORA["target_modules"])
     assert config["exclude_modules"] == r"(model\.vision_tower|model\.multi_modal_projector)(\..*)?"
-    proc = subprocess.run([lowmem, "estimate", *common], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=env)
+    proc = run_qlora_recipe(model, tmp_path, "estimate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "activations" in proc.stdout and "not modelled" not in proc.stdout, proc.stdout
