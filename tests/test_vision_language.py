@@ -223,3 +223,31 @@ def test_lowmem_fit_and_estimate_on_a_ministral3_checkpoint(vlm_dirs, tmp_path):
     proc = run_qlora_recipe(model, tmp_path, "estimate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "activations" in proc.stdout and "not modelled" not in proc.stdout, proc.stdout
+
+
+QWEN2_5_VL_7B = {  # Qwen/Qwen2.5-VL-7B-Instruct's config.json (8,292,166,656 params)
+    "text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                    "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 128000,
+                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                    "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}},
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]},
+    "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652, "tie_word_embeddings": False}
+
+
+def test_the_readme_figure_of_qwen2_5_vl_7b(capsys, monkeypatch, tmp_path):
+    """README: Qwen2.5-VL-7B under ``qlora_7b.yaml`` (batch 1 x seq 512): LoRA 40.4M params on the language model,
+    activations 1.05 GB, device total 7.27 GB, from its config on the meta device."""
+    import transformers
+    from lowmem_calls import lowmem_in_process
+
+    transformers.Qwen2_5_VLConfig(**QWEN2_5_VL_7B).save_pretrained(tmp_path / "qwen2.5-vl-7b")
+    done = lowmem_in_process(capsys, monkeypatch, tmp_path, "estimate", "--config", "qlora_7b.yaml",
+                             "--model.model_name_or_path", str(tmp_path / "qwen2.5-vl-7b"), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert figures["params"] == 8_292_166_656 and figures["adapter_params"] == 40_370_176
+    assert round(figures["activation_bytes"] / 1e9, 2) == 1.05
+    done = lowmem_in_process(capsys, monkeypatch, tmp_path, "estimate", "--config", "qlora_7b.yaml",
+                             "--model.model_name_or_path", str(tmp_path / "qwen2.5-vl-7b"))
+    assert "total                7.271 GB" in done.stdout, done.stdout
