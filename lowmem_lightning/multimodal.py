@@ -76,6 +76,17 @@ def outside_language_model(model: nn.Module) -> list[str]:
     return outside
 
 
+def language_model_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every named module of ``model`` (a peft model's base model, names as peft's) but those
+    inside :func:`outside_language_model`: the modules text passes through (all of them in a text-only model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    outside = outside_language_model(base)
+    prefix = next((name for name, module in model.named_modules() if module is base), "")
+    outside = tuple(f"{prefix}.{name}" if prefix else name for name in outside)
+    return [(name, module) for name, module in model.named_modules()
+            if name and not any(name == o or name.startswith(o + ".") for o in outside)]
+
+
 def outside_language_model_pattern(model: nn.Module) -> str | None:
     """A regular expression that matches (``re.fullmatch``) the names of every module inside
     :func:`outside_language_model` of ``model``: peft's ``exclude_modules``, so that LoRA leaves them alone. ``None``

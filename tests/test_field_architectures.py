@@ -226,6 +226,49 @@ def test_the_seven_llama_names_cover_the_linear_attention_of_hybrid_models(model
     assert _dense_linears(model) == []
 
 
+PER_POSITION = {
+    # model type: (settings, the linear layers of its decoder layers that act on each position alone)
+    "gemma4_text": ({"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 320, "global_head_dim": 32,
+                     "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32},
+                    {"per_layer_input_gate", "per_layer_projection", "proj"}),  # Gemma 4: its input gate, router
+    "gemma3n_text": ({"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 320, "laurel_rank": 4,
+                      "altup_num_inputs": 2, "num_kv_shared_layers": 2},
+                     {"per_layer_input_gate", "per_layer_projection", "linear_left", "linear_right",
+                      "correction_coefs", "prediction_coefs", "modality_router"}),  # Gemma 3n: AltUp, Laurel
+}
+
+
+@pytest.mark.parametrize("model_type", list(PER_POSITION))
+def test_the_seven_llama_names_leave_blocks_that_mix_no_tokens_alone(model_type):
+    """Gemma 4 and Gemma 3n hold, beside their Llama-named attention and MLP, linear layers that act on each position
+    alone (per-layer input gates, Gemma 4's MoE router, Gemma 3n's AltUp and Laurel blocks). The seven names used to
+    be widened to them as to a hybrid's unreached mixer, with a warning; they are no token mixer, so the recipe's LoRA
+    stays on the seven and says nothing."""
+    settings, per_position = PER_POSITION[model_type]
+    config = {**SIZES, "num_hidden_layers": 4, "head_dim": 16, "sliding_window": 16, **settings,
+              "model_type": model_type}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_causal_lm(None, config, "nf4", RECIPE_LORA, device="meta", torch_dtype="bfloat16")
+    assert not [str(w.message) for w in caught if "LoRA target_modules" in str(w.message)]
+    assert _lora_leaves(model) == LLAMA
+    held = {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, Linear4bit)}
+    assert per_position <= held
+
+
+def test_all_linear_leaves_out_what_peft_refuses_on_mamba_models():
+    """Nemotron-H (Mamba, attention and MLP layers; no gate_proj) takes the seven names as all its linear layers:
+    that list held the Mamba mixer's ``out_proj``, which peft refuses on Mamba models, so the build failed with
+    peft's error (before). Now it is left out, as for ``all-linear`` given directly."""
+    config = {**SIZES, "num_hidden_layers": 4, "head_dim": 16, "model_type": "nemotron_h"}
+    for targets in (RECIPE_LORA["target_modules"], "all-linear"):
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            model = build_causal_lm(None, config, "nf4", {**RECIPE_LORA, "target_modules": targets}, device="meta",
+                                    torch_dtype="bfloat16")
+        assert "out_proj" not in _lora_leaves(model) and "in_proj" in _lora_leaves(model)
+
+
 def test_target_names_the_model_lacks_are_refused_naming_its_linear_layers(model_dirs):
     """Any other list with a name no module carries is refused (peft adapts the names it finds, silently)."""
     lora = {**RECIPE_LORA, "target_modules": ["qkv_proj", "v_proj"]}

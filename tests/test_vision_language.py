@@ -38,6 +38,9 @@ TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 MROPE = {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
 QWEN_VL_TOKENS = {"image_token_id": 300, "video_token_id": 301, "vision_start_token_id": 302}
 
+GEMMA4_TOKENS = {"image_token_id": 300, "video_token_id": 301, "audio_token_id": 302, "boi_token_id": 303,
+                 "eoi_token_id": 304, "boa_token_id": 305, "eoa_token_index": 306}
+
 VLMS = {
     # name: (config class, its settings, the modules text does not pass through)
     "mistral3": ("Mistral3Config", {  # Ministral 3, Mistral Small 3.x: Pixtral vision + a Ministral 3 text model
@@ -74,12 +77,20 @@ VLMS = {
                           "image_size": 32, "patch_size": 8, "vision_output_dim": 64, "projector_input_dim": 64,
                           "projector_output_dim": 64},
         "image_token_index": 300}, ["vision_model", "multi_modal_projector"]),
+    "gemma4": ("Gemma4Config", {  # Gemma 4 E2B / E4B: per-layer input embeddings, an audio conformer and a vision tower
+        "text_config": {**TEXT, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 320,
+                        "global_head_dim": 32, "sliding_window": 16},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "num_key_value_heads": 2, "head_dim": 16, "patch_size": 4, "position_embedding_size": 64},
+        "audio_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "subsampling_conv_channels": [8, 4], "output_proj_dims": 32},  # clip ranges +-inf: unclipped
+        **GEMMA4_TOKENS}, ["model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio"]),
 }
 LINEAR_ATTENTION = {"qwen3_5"}  # packed documents cannot be kept apart through its layers: refused, so not asked
 CLASSES = {"mistral3": "Mistral3ForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
            "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
            "gemma3": "Gemma3ForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",
-           "llama4": "Llama4ForConditionalGeneration"}
+           "llama4": "Llama4ForConditionalGeneration", "gemma4": "Gemma4ForConditionalGeneration"}
 RECIPE_LORA = yaml.safe_load((RECIPES_DIR / "qlora_7b.yaml").read_text())["model"]["init_args"]["lora"]
 
 
@@ -206,6 +217,48 @@ def test_full_finetune_trains_the_language_model_and_keeps_the_vision_parts(name
     assert theirs.keys() == ours.keys()
     for key, tensor in ours.items():
         assert torch.equal(theirs[key], tensor), key
+
+
+def test_clip_ranges_of_plus_minus_inf_load_and_a_nan_one_is_refused(vlm_dirs, tmp_path):
+    """Gemma 4's audio layers keep their clamp ranges in buffers, +-inf where a layer is not clipped (transformers'
+    initial value): the NF4 load refused such a checkpoint as holding non-finite weights (before). A buffer's +-inf
+    now loads as stored; a nan there is still refused, naming it."""
+    from quantized_releases import rewrite_shard
+
+    from lowmem_lightning.quant import NonFiniteCheckpointError, load_pretrained_causal_lm
+
+    path = tmp_path / "gemma4"
+    shutil.copytree(vlm_dirs("gemma4"), path)
+    key = "model.audio_tower.layers.0.self_attn.q_proj.input_max"
+    model = load_pretrained_causal_lm(path, device="cpu")
+    assert model.get_buffer(key).item() == float("inf")
+    shard = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][key]
+    rewrite_shard(path, shard, lambda tensors: tensors[key].fill_(float("nan")))
+    with pytest.raises(NonFiniteCheckpointError, match=rf"holds nan/inf in 1 tensor: {key} in {shard}: 1 .*nan"):
+        load_pretrained_causal_lm(path, device="cpu")
+
+
+def test_a_model_needing_a_package_this_environment_lacks_is_refused_naming_it(capsys, monkeypatch, tmp_path):
+    """Gemma 3n's vision tower is a timm model: without timm installed ``lowmem estimate`` (and fit) ended in
+    transformers' ImportError traceback (before). Exit 2, one message naming the argument and the package."""
+    import importlib.util
+
+    import transformers
+    from lowmem_calls import lowmem_in_process
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here: Gemma 3n builds")
+    text = {**TEXT, "num_hidden_layers": 4, "vocab_size_per_layer_input": 320, "hidden_size_per_layer_input": 8,
+            "laurel_rank": 4, "activation_sparsity_pattern": [0.95, 0.95, 0.0, 0.0], "sliding_window": 16}
+    transformers.Gemma3nConfig(text_config=text, audio_config={"hidden_size": 32, "conf_num_hidden_layers": 1},
+                               vision_config={"hidden_size": 32}).save_pretrained(tmp_path / "gemma3n")
+    done = lowmem_in_process(capsys, monkeypatch, tmp_path, "estimate", "--config", "qlora_7b.yaml",
+                             "--model.model_name_or_path", str(tmp_path / "gemma3n"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"lowmem estimate: error: Invalid model_name_or_path='{tmp_path / 'gemma3n'}': transformers cannot build this "
+        "model in this environment: TimmWrapperModel requires the timm library but it was not found in your "
+        "environment. You can install it with pip: `pip install timm`."], done.stderr
 
 
 def test_lowmem_fit_and_estimate_on_a_ministral3_checkpoint(vlm_dirs, tmp_path):

@@ -504,9 +504,20 @@ def build_causal_lm(
             checkpoint at once, naming this option (transformers itself would ask on the terminal).
     """
     _check_bool(trust_remote_code, "trust_remote_code")
-    with trusting_remote_code(trust_remote_code):
-        return _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_dtype, vocab_size,
-                                resize_embeddings, token_ids, row_start_notes, attn_implementation)
+    try:
+        with trusting_remote_code(trust_remote_code):
+            return _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_dtype, vocab_size,
+                                    resize_embeddings, token_ids, row_start_notes, attn_implementation)
+    except ImportError as err:
+        raise ValueError(_missing_package(model_name_or_path, config, err)) from err
+
+
+def _missing_package(model_name_or_path, config, err: ImportError) -> str:
+    """The refusal of a model transformers cannot build without a package this environment lacks (Gemma 3n's vision
+    tower needs ``timm``): transformers' own words, on one line, naming the argument."""
+    said = " ".join(str(err).split()).split(" Please note")[0]
+    what = f"model_name_or_path={model_name_or_path!r}" if model_name_or_path is not None else "config"
+    return f"Invalid {what}: transformers cannot build this model in this environment: {said}"
 
 
 def _check_bool(value, name: str) -> None:

@@ -22,7 +22,7 @@ import weakref
 import torch
 from torch import nn
 
-from lowmem_lightning.multimodal import text_config
+from lowmem_lightning.multimodal import language_model_modules, text_config
 
 __all__ = ["FLATTENED_ATTENTION", "KEPT_APART_LAYER_TYPES", "MASKED_ATTENTION", "attention_implementation",
            "layers_across_documents", "packed_call", "packed_documents_problem", "uses_multimodal_rotary"]
@@ -54,7 +54,8 @@ def layers_across_documents(config, model: nn.Module | None = None) -> list[str]
     so that no ``position_ids`` keep the documents of a packed block apart: the text config's ``layer_types`` entries
     other than :data:`KEPT_APART_LAYER_TYPES` (the linear-attention / state-space layers of Qwen3.5, Qwen3-Next,
     Falcon-H1, Jamba, ...: their recurrent state and causal convolution run through the whole block in transformers'
-    PyTorch path), and, where it lists none, ``model``'s ``nn.Conv1d`` token convolutions. Each as ``"<type> layers
+    PyTorch path), and, where it lists none, the ``nn.Conv1d`` token convolutions of ``model``'s language model (not
+    those of an audio or vision tower: Gemma 4's audio conformer). Each as ``"<type> layers
     (<count> of <layers>)"``; ``[]`` for attention-only models."""
     text = text_config(config)
     types = getattr(text, "layer_types", None)
@@ -62,7 +63,7 @@ def layers_across_documents(config, model: nn.Module | None = None) -> list[str]
     found = [f"{kind} layers ({types.count(kind)} of {len(types)})"
              for kind in dict.fromkeys(types) if kind not in KEPT_APART_LAYER_TYPES]
     if not found and model is not None:
-        convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv1d)]
+        convs = [name for name, module in language_model_modules(model) if isinstance(module, nn.Conv1d)]
         if convs:
             found = [f"token convolutions ({convs[0]}, ...: {len(convs)} in all)"]
     return found

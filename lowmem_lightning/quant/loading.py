@@ -986,12 +986,22 @@ def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tens
                 tensor = _get_tensor(shard, file, key)
                 module_name, _, leaf = target.rpartition(".")
                 if tensor.is_floating_point():
-                    if not _is_nf4_buffer(model.get_submodule(module_name), leaf):
+                    module = model.get_submodule(module_name)
+                    if not _is_nf4_buffer(module, leaf):
                         tensor = tensor.to(device=device, dtype=dtype)
-                    flags.append((file, key, target, _nonfinite_flag(tensor)))
+                    flags.append((file, key, target, _invalid_flag(module, leaf, tensor)))
                 _place(model, target, tensor, dtype, device)
                 del tensor
     return flags
+
+
+def _invalid_flag(module: nn.Module, leaf: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The flag :func:`_refuse_nonfinite` reads for ``tensor``, loaded into ``module.<leaf>``: nan or +-inf for a
+    parameter; nan only for a buffer, whose +-inf is a bound (Gemma 4's clippable linear layers keep their clamp
+    ranges in buffers, +-inf where a layer is not clipped: the value transformers initialises them to)."""
+    if leaf in module._buffers and not _is_nf4_buffer(module, leaf):
+        return torch.isnan(tensor).any()
+    return _nonfinite_flag(tensor)
 
 
 def random_causal_lm(

@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from lowmem_lightning.lowmem_warning import LowMemWarning
-from lowmem_lightning.multimodal import outside_language_model, outside_language_model_pattern
+from lowmem_lightning.multimodal import language_model_modules, outside_language_model_pattern
 
 from .experts import Experts4bit, is_quantizable_experts
 from .linear4bit import Linear4bit, dense_layer, is_conv1d
@@ -163,28 +163,20 @@ def register_peft_custom_module(config: LoraConfig) -> LoraConfig:
     return config
 
 
-def _language_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every named module of ``model`` but those of a vision-language model that text does not
-    pass through (:func:`~lowmem_lightning.multimodal.outside_language_model`): what LoRA may adapt."""
-    outside = tuple(outside_language_model(model))
-    return [(name, module) for name, module in model.named_modules()
-            if name and not any(name == o or name.startswith(o + ".") for o in outside)]
-
-
 def _linear_names(model: nn.Module) -> list[str]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {
         name.rpartition(".")[2]
-        for name, module in _language_modules(model)
+        for name, module in language_model_modules(model)
         if (isinstance(module, (nn.Linear, Linear4bit)) or is_conv1d(module)) and module is not output and name
     }
-    return sorted(names)
+    return sorted(name for name in names if not _peft_refuses(model, name))
 
 
 def _adapts_conv1d(model: nn.Module, targets: list[str]) -> bool:
     """Whether the layers ``targets`` name are transformers ``Conv1D``s (GPT-2 without NF4): peft's LoRA wants
     ``fan_in_fan_out=True`` for them (it warns and sets it itself otherwise)."""
-    chosen = [module for name, module in _language_modules(model) if any(_matches(name, t) for t in targets)]
+    chosen = [module for name, module in language_model_modules(model) if any(_matches(name, t) for t in targets)]
     return bool(chosen) and all(is_conv1d(module) for module in chosen)
 
 
@@ -196,9 +188,10 @@ def _matches(name: str, target: str) -> bool:
 def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
     """The module names ``add_lora`` gives peft for ``target_modules`` on ``model``.
 
-    ``"all-linear"``: the leaf names of every ``nn.Linear`` / :class:`Linear4bit` but the output embedding
-    (peft's ``all-linear``: ``qkv_proj, o_proj, gate_up_proj, down_proj`` on Phi-3, ``query_key_value,
-    dense, dense_h_to_4h, dense_4h_to_h`` on GPT-NeoX). A list whose every entry names a module of
+    ``"all-linear"``: the leaf names of every ``nn.Linear`` / :class:`Linear4bit` but the output embedding and
+    those peft refuses (a Mamba mixer's ``out_proj`` on Nemotron-H, Falcon-H1, Jamba: :func:`_peft_refuses`)
+    (peft's ``all-linear``: ``qkv_proj, o_proj, gate_up_proj, down_proj`` on Phi-3, ``query_key_value, dense,
+    dense_h_to_4h, dense_4h_to_h`` on GPT-NeoX). A list whose every entry names a module of
     ``model`` (peft's match: the qualified name or a dotted suffix) is returned as given. The seven Llama
     projections (:data:`LLAMA_TARGET_MODULES`, the recipes' default) on a model lacking some of them (fused
     ``qkv_proj`` / ``gate_up_proj``, GPT-NeoX names, MoE experts held as 3-D parameters rather than
@@ -214,7 +207,7 @@ def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str
     if target_modules == "all-linear":
         return linear
     targets = list(target_modules)
-    names = [name for name, _ in _language_modules(model)]
+    names = [name for name, _ in language_model_modules(model)]
     missing = [t for t in targets if not any(_matches(name, t) for name in names)]
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
     if not missing:
@@ -247,21 +240,33 @@ def _unreached_mixers(model: nn.Module, targets: list[str]) -> dict[str, set[str
     """``{child name: its linear layers' leaf names}`` of the parts of ``model``'s decoder layers (the entries of a
     ``layers`` ``ModuleList``) that hold linear layers none of ``targets`` names: the linear-attention, state-space
     and convolution mixers of hybrid models (Qwen3.5's and Qwen3-Next's ``linear_attn``, Falcon-H1's and Jamba's
-    ``mamba``), which the seven Llama names would leave without an adapter."""
+    ``mamba``), which the seven Llama names would leave without an adapter. Only token mixers count
+    (:func:`_mixes_tokens`): a MoE router (Gemma 4's ``router.proj``) or Gemma 4's per-layer input gate is no mixer,
+    and the recipes leave them alone as peft leaves them on other models."""
     unreached: dict[str, set[str]] = {}
-    for name, module in _language_modules(model):
+    for name, module in language_model_modules(model):
         if not (isinstance(module, nn.ModuleList) and name.rpartition(".")[2] == "layers"):
             continue
         for layer in module:
             for child_name, child in layer.named_children():
+                if not _mixes_tokens(child):
+                    continue
                 leaves = {n.rpartition(".")[2] for n, m in child.named_modules()
                           if n and (isinstance(m, (nn.Linear, Linear4bit)) or is_conv1d(m))}
-                if isinstance(child, (nn.Linear, Linear4bit)):
-                    leaves = {child_name}
                 leaves = {leaf for leaf in leaves if not _peft_refuses(model, leaf)}
                 if leaves and not leaves & set(targets):
                     unreached.setdefault(child_name, set()).update(leaves)
     return unreached
+
+
+def _mixes_tokens(module: nn.Module) -> bool:
+    """Whether ``module`` (a child of a decoder layer) mixes information across positions: an attention of any kind
+    (its class named ``...Attention``: softmax, linear or lightning attention) or a block holding a ``torch.nn.Conv1d``
+    (the causal convolution of Mamba, gated DeltaNet and LFM2's short convolution). Not an MLP, a MoE router or
+    Gemma's per-layer input gate and AltUp/Laurel blocks, which act on each position alone."""
+    if type(module).__name__.endswith("Attention"):
+        return True
+    return any(isinstance(m, nn.Conv1d) for m in module.modules())
 
 
 def _peft_refuses(model: nn.Module, leaf: str) -> bool:
