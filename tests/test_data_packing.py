@@ -313,3 +313,34 @@ def test_layers_that_carry_state_across_documents_are_refused_before_the_build(t
     llama = _tiny_llama("sdpa")
     llama.model.layers[0].mixer = torch.nn.Conv1d(4, 4, 3, groups=4)  # a token convolution no layer type names
     assert layers_across_documents(llama.config, llama) == ["token convolutions (model.layers.0.mixer, ...: 1 in all)"]
+
+
+def test_moe_and_mlp_layers_listed_among_the_mixers_are_not_taken_for_state():
+    """Nemotron-H lists its MoE and MLP layers in ``layer_types`` beside its Mamba (``linear_attention``) and attention
+    layers: the refusal named them as carrying state across documents too (before); they mix no tokens."""
+    from transformers import NemotronHConfig
+
+    from lowmem_lightning.modules.packed_attention import layers_across_documents
+
+    config = NemotronHConfig(**{**ARCH, "layers_block_type": ["mamba", "moe", "attention", "mlp"], "head_dim": 8})
+    assert layers_across_documents(config) == ["linear_attention layers (1 of 4)"]
+
+
+def test_gemma4_keeps_packed_documents_apart_through_windows_shared_kv_and_per_layer_inputs():
+    """Gemma 4 (E2B-like: sliding and full layers, the last layers reusing earlier layers' keys and values, per-layer
+    input embeddings) builds its masks from restarting position ids: each of two packed documents longer than the
+    window gives its logits alone."""
+    from transformers import AutoModelForCausalLM, Gemma4TextConfig
+
+    config = Gemma4TextConfig(**{**ARCH, "num_hidden_layers": 4, "head_dim": 8, "global_head_dim": 16,
+                                 "vocab_size": 259, "sliding_window": 8, "num_kv_shared_layers": 2,
+                                 "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 259,
+                                 "layer_types": ["sliding_attention", "full_attention"] * 2})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    a, b = torch.randint(0, 250, (1, 20)), torch.randint(0, 250, (1, 23))
+    positions = torch.cat([torch.arange(20), torch.arange(23)])[None]
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
+        packed = packed_call(model, torch.cat([a, b], 1), None, positions).logits
+    torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)

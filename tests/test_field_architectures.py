@@ -220,7 +220,8 @@ def test_the_seven_llama_names_cover_the_linear_attention_of_hybrid_models(model
     if model_type == "qwen3_next":  # peft 0.21 takes its shared expert's gate/up/down_proj for v4 expert names
         expected.append("LoRA target_modules: peft put no adapter on the linear layers down_proj, gate_proj, up_proj "
                         "of this qwen3_next model: it reads these names as transformers 4's mixture-of-experts "
-                        "projections (moved to target_parameters), so they stay frozen.")
+                        "projections (moved to target_parameters), so they stay frozen (peft issue 3711; an adapter "
+                        "holding them would not load back in this peft either).")
     assert said == expected, said
     assert set(added) <= set(model.peft_config["default"].target_modules) & _lora_leaves(model)
     assert _dense_linears(model) == []

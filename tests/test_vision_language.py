@@ -219,6 +219,25 @@ def test_full_finetune_trains_the_language_model_and_keeps_the_vision_parts(name
         assert torch.equal(theirs[key], tensor), key
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma4"])
+def test_a_merged_qlora_export_keeps_the_checkpoints_vision_and_audio_towers(name, vlm_dirs, tmp_path):
+    """``save_merged`` of the QLoRA recipe: the language model is the merge of the adapters into the dequantized NF4
+    layers, and the vision (and Gemma 4's audio) towers and projectors, which text never ran through, are the
+    checkpoint's own tensors (before: their NF4 approximation, dequantized)."""
+    from transformers import AutoModelForImageTextToText
+
+    path = vlm_dirs(name)
+    module = CausalLMModule(model_name_or_path=str(path), quantize="nf4", lora=RECIPE_LORA, torch_dtype="bfloat16",
+                            optimizer="adamw_8bit", lr=1e-2, save_dir=str(tmp_path / "merged"), save_merged=True)
+    _fit(module, "bf16-mixed", name)
+    original = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16).state_dict()
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).state_dict()
+    assert merged.keys() == original.keys()
+    towers = [key for key in original if _outside(name, key)]
+    assert towers and all(torch.equal(merged[key], original[key]) for key in towers)
+    assert not all(torch.equal(merged[key], original[key]) for key in original if ".q_proj." in key)
+
+
 def test_clip_ranges_of_plus_minus_inf_load_and_a_nan_one_is_refused(vlm_dirs, tmp_path):
     """Gemma 4's audio layers keep their clamp ranges in buffers, +-inf where a layer is not clipped (transformers'
     initial value): the NF4 load refused such a checkpoint as holding non-finite weights (before). A buffer's +-inf

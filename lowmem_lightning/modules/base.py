@@ -34,6 +34,7 @@ from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.model_summary import count_nf4_in_model_summaries
 from lowmem_lightning.callbacks.rng_state import RngStateCheckpoint
 from lowmem_lightning.callbacks.train_mode import CheckpointingModeCheck, warn_checkpointing_in_eval_mode
+from lowmem_lightning.kept_fp32 import fp32_originals, restore_fp32
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.optim import build_optimizer, optimizer_class
 from lowmem_lightning.optim.state_precision import (
@@ -198,8 +199,11 @@ class LowMemModule(L.LightningModule):
 
     def _apply(self, fn, *args, **kwargs):
         """Every cast and move of the module (``to``, ``bfloat16()``, Lightning's ``bf16-true`` conversion), with
-        rotary position frequencies kept fp32 (:func:`~lowmem_lightning.rotary.keep_rotary_fp32`)."""
+        rotary position frequencies kept fp32 (:func:`~lowmem_lightning.rotary.keep_rotary_fp32`) and the tensors
+        transformers keeps in fp32, such as MoE routers (:mod:`lowmem_lightning.kept_fp32`)."""
+        originals = fp32_originals(self)
         out = super()._apply(fn, *args, **kwargs)
+        restore_fp32(self, originals)
         keep_rotary_fp32(self)
         return out
 

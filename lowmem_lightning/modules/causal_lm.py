@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 
 from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
+from lowmem_lightning.kept_fp32 import cast_keeping_fp32
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.base import LowMemModule, Scheduler
 from lowmem_lightning.multimodal import causal_lm_auto_class, freeze_outside_language_model, text_config
@@ -309,8 +310,9 @@ def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch
         from lowmem_lightning.quant.loading import read_model_config
 
         model = causal_lm_auto_class(read_model_config(path)).from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=remote_code_trusted(), **_dequantized(path))
-        model.to(device=device, dtype=dtype)
+            str(path), dtype=dtype, local_files_only=True, trust_remote_code=remote_code_trusted(),
+            **_dequantized(path))
+        cast_keeping_fp32(model, dtype, device)  # the routers transformers loads in fp32 stay so
     repo = split_repo_id(str(model_name_or_path)) if not Path(model_name_or_path).expanduser().exists() else None
     if repo is not None:
         model.name_or_path = model.config._name_or_path = repo[0]
@@ -367,11 +369,11 @@ def _from_config(cfg, quantize: str | None, dtype: torch.dtype, device: torch.de
     auto_class = causal_lm_auto_class(cfg)
     if quantize is None:
         with torch.device(device):
-            return auto_class.from_config(cfg, trust_remote_code=remote_code_trusted()).to(dtype)
+            return cast_keeping_fp32(auto_class.from_config(cfg, trust_remote_code=remote_code_trusted()), dtype)
     from lowmem_lightning.quant import quantize_model
 
     with torch.device("meta"):
-        model = auto_class.from_config(cfg, trust_remote_code=remote_code_trusted()).to(dtype)
+        model = cast_keeping_fp32(auto_class.from_config(cfg, trust_remote_code=remote_code_trusted()), dtype)
     model = quantize_model(model, skip=("lm_head",), block_size=64, double_quant=True)
     if device.type == "meta":
         return model
@@ -1125,6 +1127,7 @@ class CausalLMModule(LowMemModule):
                 from lowmem_lightning.quant import dequantize_model
 
                 self.model = dequantize_model(self.model.merge_and_unload())  # layers without adapters too
+                self._restore_outside_language_model()
             self._write(str(save_dir), state_dict=None)
             return str(save_dir)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -1143,6 +1146,19 @@ class CausalLMModule(LowMemModule):
             raise RuntimeError(f"CausalLMModule: rank 0 could not write the model to {save_dir} (its error is "
                                "in rank 0's output).")
         return str(save_dir) if self.trainer.is_global_zero else None
+
+    def _restore_outside_language_model(self) -> None:
+        """In a merged model of a vision-language checkpoint loaded in NF4, put the vision (and audio) encoders and
+        projectors back as the checkpoint holds them: text never ran through them and no adapter touched them, so
+        their dequantized NF4 approximation would be written in their place."""
+        from lowmem_lightning.multimodal import outside_language_model
+        from lowmem_lightning.quant.loading import read_checkpoint_modules
+
+        outside = outside_language_model(self.model)
+        if not outside or self.hparams.quantize != "nf4" or self.hparams.model_name_or_path is None:
+            return
+        held = next(self.model.get_submodule(outside[0]).parameters())  # dequantized: the load dtype, the device
+        read_checkpoint_modules(self.model, self.hparams.model_name_or_path, outside, held.dtype, held.device)
 
     def _embeddings_grew(self) -> bool:
         """Whether the model embeds more rows than its checkpoint's ``config.json`` says (``resize_embeddings`` grew

@@ -48,20 +48,24 @@ def attention_implementation(model: nn.Module) -> str | None:
 KEPT_APART_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 """``layer_types`` entries whose attention masks transformers builds per document from restarting ``position_ids``."""
 
+PER_POSITION_LAYER_TYPES = ("moe", "mlp", "sparse", "dense")
+"""``layer_types`` entries of layers that mix no tokens (Nemotron-H's MoE and MLP layers, listed among its mixers;
+transformers' MLP kinds): nothing of one document reaches another through them."""
+
 
 def layers_across_documents(config, model: nn.Module | None = None) -> list[str]:
     """What mixes tokens without an attention mask in the model of transformers config ``config`` (or in ``model``),
     so that no ``position_ids`` keep the documents of a packed block apart: the text config's ``layer_types`` entries
-    other than :data:`KEPT_APART_LAYER_TYPES` (the linear-attention / state-space layers of Qwen3.5, Qwen3-Next,
-    Falcon-H1, Jamba, ...: their recurrent state and causal convolution run through the whole block in transformers'
-    PyTorch path), and, where it lists none, the ``nn.Conv1d`` token convolutions of ``model``'s language model (not
-    those of an audio or vision tower: Gemma 4's audio conformer). Each as ``"<type> layers
-    (<count> of <layers>)"``; ``[]`` for attention-only models."""
+    other than :data:`KEPT_APART_LAYER_TYPES` and :data:`PER_POSITION_LAYER_TYPES` (the linear-attention /
+    state-space layers of Qwen3.5, Qwen3-Next, Falcon-H1, Jamba, Nemotron-H, ...: their recurrent state and causal
+    convolution run through the whole block in transformers' PyTorch path), and, where it lists none, the
+    ``nn.Conv1d`` token convolutions of ``model``'s language model (not those of an audio or vision tower: Gemma 4's
+    audio conformer). Each as ``"<type> layers (<count> of <layers>)"``; ``[]`` for attention-only models."""
     text = text_config(config)
     types = getattr(text, "layer_types", None)
     types = list(types) if isinstance(types, (list, tuple)) else []
     found = [f"{kind} layers ({types.count(kind)} of {len(types)})"
-             for kind in dict.fromkeys(types) if kind not in KEPT_APART_LAYER_TYPES]
+             for kind in dict.fromkeys(types) if kind not in KEPT_APART_LAYER_TYPES + PER_POSITION_LAYER_TYPES]
     if not found and model is not None:
         convs = [name for name, module in language_model_modules(model) if isinstance(module, nn.Conv1d)]
         if convs:

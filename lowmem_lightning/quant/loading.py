@@ -57,7 +57,7 @@ from .linear4bit import (
 from .mxfp4 import BLOCKS, MXFP4_METHOD, SCALES, declared_quant_method, decode_expert, decode_mxfp4, mxfp4_shapes
 
 __all__ = ["load_pretrained_causal_lm", "check_pretrained_checkpoint", "random_causal_lm", "checkpoint_files",
-           "ModelFileError", "NonFiniteCheckpointError", "read_model_config"]
+           "ModelFileError", "NonFiniteCheckpointError", "read_model_config", "read_checkpoint_modules"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -333,7 +333,7 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
     except AttributeError:
         return False
     if tensor.is_floating_point() and not _is_nf4_buffer(module, leaf):
-        tensor = tensor.to(device=device, dtype=dtype)
+        tensor = tensor.to(device=device, dtype=_load_dtype(module, leaf, dtype))
     if isinstance(module, Linear4bit) and leaf == "weight":
         module.quantize_weight_(tensor.t().contiguous() if module.conv1d else tensor)  # Conv1D's is (in, out)
         return True
@@ -354,6 +354,18 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
         module._buffers[leaf] = tensor.to(device=device, dtype=module._buffers[leaf].dtype)
         return True
     return False
+
+
+def _load_dtype(module: nn.Module, leaf: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype checkpoint tensor ``leaf`` of ``module`` is loaded in: a floating parameter's or buffer's own (the
+    model is built by ``from_config(dtype=dtype)``, which keeps transformers' keep-in-fp32 modules in fp32: the MoE
+    routers and score-correction biases of DeepSeek-V2/V3, GLM-4.5, ERNIE 4.5, Nemotron-H; transformers loads them
+    so), else ``dtype``. A :class:`Linear4bit` weight is quantized from ``dtype``."""
+    held = module._parameters.get(leaf)
+    held = module._buffers.get(leaf) if held is None else held
+    if held is None or not held.is_floating_point() or (isinstance(module, Linear4bit) and leaf == "weight"):
+        return dtype
+    return held.dtype
 
 
 def _is_nf4_buffer(module: nn.Module, leaf: str) -> bool:
@@ -620,7 +632,7 @@ def _check_floating(file: Path, key: str, code: str) -> None:
                              "or foreign checkpoint?).")
 
 
-def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredFormat = PLAIN
+def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredFormat = PLAIN, within=None
           ) -> tuple[list[tuple[Path, str, str]], list[str]]:
     """Match every checkpoint tensor to the model from the headers alone, before any data is read.
 
@@ -631,7 +643,8 @@ def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredForm
     ``w2``, Qwen-MoE's ``gate_proj`` / ``up_proj`` / ``down_proj``, which transformers stacks into 3-D parameters) get
     one entry per expert (:func:`_expert_plan`), the directory named when one is missing or of another shape. Where
     the config declares it (``stored_as``), 3-D experts parameters stored as MXFP4 codes and scales get one entry each
-    (:func:`_mxfp4_entry`), and so do weights stored as FP8 codes and scales (:func:`_fp8_entry`)."""
+    (:func:`_mxfp4_entry`), and so do weights stored as FP8 codes and scales (:func:`_fp8_entry`). ``within``: the
+    qualified names of the modules to plan for (their tensors alone are matched, checked and required)."""
     expected = _expected(model)
     names = set(expected)
     convert, converters = _key_conversions(model)
@@ -663,6 +676,8 @@ def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredForm
                 if not ignored.search(key):
                     unexpected.append(key)
                 continue
+            if not _inside(target, within):
+                continue
             want = expected[target]
             if shape != tuple(want.shape):
                 raise ModelFileError(file, f"holds {key!r} with shape {shape}, but the model config.json describes "
@@ -679,6 +694,7 @@ def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredForm
     plan += [_mxfp4_entry(path, target, stored, tuple(expected[target].shape)) for target, stored in packed.items()]
     plan += [_fp8_entry(path, target, stored, tuple(expected[target].shape), stored_as.fp8_block)
              for target, stored in fp8.items()]
+    plan = [entry for entry in plan if _inside(entry[2], within)]
     provided = {target for _, _, target in plan}
     # a Linear4bit's codes, as save_pretrained of a 4-bit model wrote them, provide its weight
     for target in [t for t in provided if t.endswith("qweight")]:
@@ -686,10 +702,33 @@ def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredForm
         weight = _nf4_weight_of(model.get_submodule(module_name), leaf)
         if weight is not None:
             provided.add(f"{module_name}.{weight}" if module_name else weight)
-    missing = sorted(min(group) for group in _required(model) if not group & provided)
+    missing = sorted(min(group) for group in _required(model) if not group & provided and _inside(min(group), within))
     if missing:
         _refuse_missing(path, missing, weight_map, headers, unexpected)
     return plan, unexpected
+
+
+def _inside(target: str, modules) -> bool:
+    """Whether model tensor ``target`` lies in one of ``modules`` (qualified names; ``None``: the whole model)."""
+    return modules is None or any(target == m or target.startswith(m + ".") for m in modules)
+
+
+def read_checkpoint_modules(model: nn.Module, path: str | Path, modules, torch_dtype: torch.dtype | str,
+                            device: torch.device | str = "cpu") -> int:
+    """Put the checkpoint's own tensors of ``modules`` (qualified names of modules of the dense ``model``) into
+    ``model``, read from checkpoint ``path`` as :func:`load_pretrained_causal_lm` reads them (keys renamed as
+    transformers renames them, FP8 and MXFP4 decoded, nan/inf refused) in ``torch_dtype`` on ``device``; only their
+    files are opened and only their tensors read. A merged QLoRA export puts a vision-language model's vision tower
+    back so: frozen, never run on text, it would otherwise be written as its NF4 approximation. Returns how many
+    tensors were read; :class:`ModelFileError` when the checkpoint lacks one of them or holds another shape."""
+    dtype, _ = _checked_options(None, torch_dtype, ("lm_head",), 64, True)
+    path = local_path(path, "path", "weights")
+    config = _read_config(path)
+    files, weight_map = _checkpoint_layout(path)
+    plan, _ = _plan(model, path, _read_headers(files), weight_map, _ignored_keys(model),
+                    _stored_format(path, config), within=tuple(modules))
+    _refuse_nonfinite(_stream(model, plan, dtype, device), dtype)
+    return len(plan)
 
 
 def _refuse_missing(path: Path, missing: list[str], weight_map: dict[str, str], headers, unexpected) -> None:
@@ -988,7 +1027,7 @@ def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tens
                 if tensor.is_floating_point():
                     module = model.get_submodule(module_name)
                     if not _is_nf4_buffer(module, leaf):
-                        tensor = tensor.to(device=device, dtype=dtype)
+                        tensor = tensor.to(device=device, dtype=_load_dtype(module, leaf, dtype))
                     flags.append((file, key, target, _invalid_flag(module, leaf, tensor)))
                 _place(model, target, tensor, dtype, device)
                 del tensor

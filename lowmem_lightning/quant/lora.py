@@ -352,13 +352,24 @@ def add_lora(
         task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
     )
     register_peft_custom_module(config)
-    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    with warnings.catch_warnings():
+        for message in PEFT_MOE_CONVERSION_NOTES:  # what _warn_targets_peft_dropped says in one line
+            warnings.filterwarnings("ignore", message=message, category=RuntimeWarning)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     _warn_targets_peft_dropped(peft_model, targets)
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != adapter_dtype:
             param.data = param.data.to(adapter_dtype)
     use_copy_free_token_rows(peft_model)
     return peft_model
+
+
+PEFT_MOE_CONVERSION_NOTES = (r"target_parameters=.* were set but no parameter was matched",
+                             r"The following (rank|alpha)_pattern keys did not match any targeted module and were "
+                             r"ignored: \['\.\*\\\\\.gate_up_proj'\]")
+"""peft's own ``RuntimeWarning`` messages (regular expressions) when its transformers 4 MoE conversion moved the
+recipe's ``gate_proj`` / ``up_proj`` / ``down_proj`` to the experts' 3-D parameters and found none (NF4 experts hold
+buffers): printed with a line of peft's source each, they say less than :func:`_warn_targets_peft_dropped`."""
 
 
 def _warn_targets_peft_dropped(peft_model: PeftModel, targets: list[str]) -> None:
@@ -375,7 +386,8 @@ def _warn_targets_peft_dropped(peft_model: PeftModel, targets: list[str]) -> Non
         warnings.warn(
             f"LoRA target_modules: peft put no adapter on the linear layers {', '.join(dropped)} of this {kind} model: "
             "it reads these names as transformers 4's mixture-of-experts projections (moved to target_parameters), "
-            "so they stay frozen.", LowMemWarning, stacklevel=3)
+            "so they stay frozen (peft issue 3711; an adapter holding them would not load back in this peft either).",
+            LowMemWarning, stacklevel=3)
 
 
 def load_lora(model: nn.Module, path, is_trainable: bool = False) -> PeftModel:
