@@ -467,6 +467,60 @@ class ExpertParts(tuple):
     parts = property(lambda self: self[1])
 
 
+class JoinedParts(tuple):
+    """A plan entry's key for a model tensor transformers builds from whole checkpoint tensors while loading:
+    ``(transpose, ((file, key), ...))``, the parts joined along their first dimension in this order (OLMo-hybrid's
+    ``q_conv1d`` / ``k_conv1d`` / ``v_conv1d`` into ``conv1d``), each with its last two dimensions swapped first when
+    ``transpose`` (Qwen3-VL-MoE's experts, stored ``[experts, hidden, intermediate]``)."""
+
+    transpose = property(lambda self: self[0])
+    parts = property(lambda self: self[1])
+
+
+def _joins_whole_tensors(converter) -> str | None:
+    """``"concatenate"`` or ``"transpose"`` for a transformers ``WeightConverter`` that the loader does itself on
+    whole tensors (:class:`JoinedParts`): concatenation along the first dimension, or a swap of the last two
+    dimensions of one tensor (``Transpose(1, 2)``, with or without ``check_dims``); ``None`` for any other."""
+    kinds = [(type(op).__name__, getattr(op, "dim", None), getattr(op, "dim0", None), getattr(op, "dim1", None))
+             for op in converter.operations]
+    if kinds == [("Concatenate", 0, None, None)]:
+        return "concatenate"
+    if len(kinds) == 1 and kinds[0][0] == "Transpose" and {kinds[0][2], kinds[0][3]} == {1, 2}:
+        return "transpose"
+    return None
+
+
+def _joined_plan(model, path: Path, joined, converters, expected, names) -> list[tuple[Path, JoinedParts, str]]:
+    """Plan entries ``(file, JoinedParts, model name)`` for checkpoint tensors a converter joins whole (``joined``:
+    ``(file, key, renamed key, pattern, shape)``), checked from the headers: every part present and, joined, the
+    model tensor's shape (a transposed tensor already in the model's shape is taken as it is, as transformers'
+    ``check_dims`` does). :func:`_refuse_converted` for a conversion the loader does not do."""
+    groups: dict[str, dict[int, tuple[Path, str, tuple]]] = {}
+    kinds: dict[str, tuple[str, int]] = {}
+    for file, key, renamed, pattern, shape in joined:
+        converter, target = converters[pattern], _model_key(model, renamed, names)
+        kind = _joins_whole_tensors(converter)
+        if target is None or kind is None:
+            _refuse_converted(path, key, renamed, model)
+        kinds[target] = (kind, len(converter.source_patterns))
+        groups.setdefault(target, {})[converter.source_patterns.index(pattern)] = (file, key, shape)
+    plan = []
+    for target, parts in groups.items():
+        (kind, count), want = kinds[target], tuple(expected[target].shape)
+        stored = [parts.get(i) for i in range(count)]
+        shapes = [p[2] for p in stored if p is not None]
+        transpose = kind == "transpose" and len(shapes) == 1 and shapes[0] != want
+        joined_shape = (shapes[0][:-2] + (shapes[0][-1], shapes[0][-2]) if transpose and len(shapes[0]) >= 2
+                        else (sum(s[0] for s in shapes),) + shapes[0][1:] if shapes else ())
+        if None in stored or joined_shape != want:
+            held = [(p[1], p[2]) for p in stored if p is not None]
+            raise ModelFileError(path, f"holds {held or 'no tensor'} for {target!r}, which the model of config.json "
+                                 f"builds from {count} tensor{'s' if count > 1 else ''} ({kind}) of shape {want} in "
+                                 "all.", what="Checkpoint")
+        plan.append((stored[0][0], JoinedParts((transpose, tuple((f, k) for f, k, _ in stored))), target))
+    return plan
+
+
 def _stacks_experts(converter) -> bool:
     """Whether a transformers ``WeightConverter`` only stacks per-expert tensors (``MergeModulelist(dim=0)``) and
     concatenates the stacks along their rows (``Concatenate(dim=1)``): the conversions the NF4 loader does itself."""
@@ -487,7 +541,8 @@ def _refuse_converted(path: Path, key: str, target: str, model: nn.Module) -> No
     raise ModelFileError(path, (
         f"stores tensors in a layout transformers converts while loading this {kind} model (e.g. {key!r} into "
         f"{target!r}) with operations the NF4 loader does not do (it stacks tensors stored one per expert into "
-        "their 3-D parameter, joining gate and up parts). Train this model with quantize: null (a full fine-tune "
+        "their 3-D parameter, joining gate and up parts, joins whole tensors along their first dimension and swaps "
+        "the last two dimensions of stored experts). Train this model with quantize: null (a full fine-tune "
         "or LoRA on bf16 weights, loaded by transformers)."), what="Checkpoint")
 
 
@@ -503,6 +558,11 @@ def _expert_plan(model, path: Path, converted, converters, expected, names, fp8_
     fp8_parts = fp8_parts or {}
     groups: dict[str, dict[int, dict[int, tuple[Path, str, tuple]]]] = {}
     counts: dict[str, int] = {}
+    whole = [entry for entry in converted if "*" not in entry[3]]  # no expert number in the pattern: whole tensors
+    if [entry for entry in whole if entry[1] in fp8_parts]:
+        _refuse_converted(path, whole[0][1], whole[0][2], model)
+    plan = _joined_plan(model, path, whole, converters, expected, names)
+    converted = [entry for entry in converted if "*" in entry[3]]
     for file, key, renamed, pattern, shape in converted:
         converter, target = converters[pattern], _model_key(model, renamed, names)
         module = model.get_submodule(target.rpartition(".")[0]) if target is not None else None
@@ -513,7 +573,6 @@ def _expert_plan(model, path: Path, converted, converters, expected, names, fp8_
         counts[target] = len(converter.source_patterns)
         groups.setdefault(target, {}).setdefault(expert, {})[converter.source_patterns.index(pattern)] = (
             file, key, shape)
-    plan = []
     for target, experts in groups.items():
         count, (total, rows, cols) = counts[target], tuple(expected[target].shape)
         for expert in range(total):
@@ -936,6 +995,21 @@ def _opened(file: Path):
         raise ModelFileError(file, _safetensors_problem(file, err)) from None
 
 
+def _place_joined(model, target: str, entry: JoinedParts, shard, file: Path, dtype, device) -> list:
+    """Read the parts of a :class:`JoinedParts` entry (from ``shard``, the open ``file``, or their own files), swap
+    or join them and put the result into ``target`` (quantized where it is a 4-bit weight); returns the parts'
+    nan/inf flags."""
+    module_name, _, leaf = target.rpartition(".")
+    load_dtype = _load_dtype(model.get_submodule(module_name), leaf, dtype)
+    parts, flags = [], []
+    for part_file, key in entry.parts:
+        tensor = _read_key(part_file, key, shard, file).to(device=device, dtype=load_dtype)
+        flags.append((part_file, key, target, _nonfinite_flag(tensor)))
+        parts.append(tensor.transpose(-2, -1).contiguous() if entry.transpose else tensor)
+    _place(model, target, torch.cat(parts) if len(parts) > 1 else parts[0], dtype, device)
+    return flags
+
+
 def _place_expert(model, target: str, entry: ExpertParts, shard, file: Path, dtype, device) -> list:
     """Read one expert's parts (from ``shard``, the open ``file``, or their own files), join their rows and put the
     matrix into expert ``entry.expert`` of the 3-D projection ``target`` (quantized in an :class:`Experts4bit`);
@@ -1012,6 +1086,9 @@ def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tens
             for _, key, target in (entry for entry in plan if entry[0] == file):
                 if isinstance(key, ExpertParts):
                     flags += _place_expert(model, target, key, shard, file, dtype, device)
+                    continue
+                if isinstance(key, JoinedParts):
+                    flags += _place_joined(model, target, key, shard, file, dtype, device)
                     continue
                 if isinstance(key, Mxfp4Parts):
                     flags += _place_mxfp4(model, target, key, shard, file, dtype, device)
