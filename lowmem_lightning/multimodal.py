@@ -41,12 +41,47 @@ def causal_lm_auto_class(config):
     ``AutoModelForImageTextToText`` for a vision-language config it maps (Mistral 3, Qwen2.5-VL, Qwen3-VL, LLaVA,
     Gemma 3, and Qwen3.5 / Llama 4, whose ``AutoModelForCausalLM`` class would drop the vision weights: a saved model
     would lose them and an adapter would name other modules than the checkpoint's), else ``AutoModelForCausalLM``
-    (which says why when it cannot build it: a ``model_type`` of remote code, an encoder)."""
+    (which says why when it cannot build it: a ``model_type`` of remote code, an encoder), or, for a ``model_type``
+    it does not map, the class ``config.architectures`` names where transformers has it (Mistral 4)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if is_vision_language(config) and type(config) in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        named = _named_architecture(config)
+        if named is not None:
+            return named
     return AutoModelForCausalLM
+
+
+class _ArchitectureClass:
+    """A transformers model class with the two auto-class calls the builders make (``from_config``,
+    ``from_pretrained``), for a config whose ``model_type`` transformers' ``AutoModelForCausalLM`` does not map although
+    transformers has the class its ``architectures`` names (Mistral 4's ``Mistral4ForCausalLM``)."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def from_config(self, config, **kwargs):
+        """``cls._from_config`` (what the auto class calls) without the auto class's ``trust_remote_code``."""
+        kwargs.pop("trust_remote_code", None)
+        return self.cls._from_config(config, **kwargs)
+
+    def from_pretrained(self, *args, **kwargs):
+        """``cls.from_pretrained`` without the auto class's ``trust_remote_code``."""
+        kwargs.pop("trust_remote_code", None)
+        return self.cls.from_pretrained(*args, **kwargs)
+
+
+def _named_architecture(config) -> _ArchitectureClass | None:
+    """The class ``config.architectures`` names when transformers has it and it predicts the next token
+    (``...ForCausalLM`` / ``...ForConditionalGeneration``); ``None`` otherwise."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        if name.endswith(("ForCausalLM", "ForConditionalGeneration")) and hasattr(transformers, name):
+            return _ArchitectureClass(getattr(transformers, name))
+    return None
 
 
 def outside_language_model(model: nn.Module) -> list[str]:

@@ -440,3 +440,35 @@ def test_lowmem_fit_qlora_recipe_on_phi3(strategy, model_dirs, tmp_path):
     assert set(config["target_modules"]) == ARCHS["phi3"][2]
     metrics = (next((tmp_path / "runs/qlora_7b").glob("version_*")) / "metrics.csv").read_text()
     assert "val_loss" in metrics.splitlines()[0]
+
+
+MISTRAL4 = {**SIZES, "moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2, "kv_lora_rank": 16,
+            "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}
+
+
+def test_a_class_transformers_has_but_does_not_map_is_built_from_architectures(tmp_path):
+    """transformers 5 has ``Mistral4ForCausalLM`` but its ``AutoModelForCausalLM`` does not map ``mistral4``: a Mistral
+    4 checkpoint was refused (and ``lowmem estimate`` printed transformers' list of every model type). The class its
+    ``config.json`` names in ``architectures`` builds it: the NF4 load equals ``quantize_model`` of transformers' own
+    load of that class; without ``architectures`` the refusal is short."""
+    import transformers
+
+    from lowmem_lightning.quant import load_pretrained_causal_lm, quantize_model
+
+    torch.manual_seed(0)
+    model = transformers.Mistral4ForCausalLM._from_config(transformers.Mistral4Config(**MISTRAL4))
+    model.config.architectures = ["Mistral4ForCausalLM"]
+    model.save_pretrained(tmp_path / "mistral4", max_shard_size="100KB")
+    ours = load_pretrained_causal_lm(tmp_path / "mistral4", device="cpu")
+    theirs = quantize_model(transformers.Mistral4ForCausalLM.from_pretrained(tmp_path / "mistral4",
+                                                                             dtype=torch.bfloat16), skip=("lm_head",))
+    assert type(ours) is type(theirs)
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=tokens).logits, theirs(input_ids=tokens).logits, rtol=0, atol=0)
+    config = transformers.Mistral4Config(**MISTRAL4)
+    config.architectures = None
+    with pytest.raises(ValueError, match=r"^Invalid config of model_type 'mistral4': transformers cannot build it as a "
+                                         r"causal LM \(ValueError: Unrecognized configuration class") as caught:
+        build_causal_lm(None, config.to_dict(), "nf4", RECIPE_LORA, device="meta", torch_dtype="bfloat16")
+    assert len(str(caught.value)) < 400

@@ -366,18 +366,30 @@ def _materialize_quantized(model: nn.Module, device: torch.device, dtype: torch.
 
 
 def _from_config(cfg, quantize: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    auto_class = causal_lm_auto_class(cfg)
     if quantize is None:
         with torch.device(device):
-            return cast_keeping_fp32(auto_class.from_config(cfg, trust_remote_code=remote_code_trusted()), dtype)
+            return cast_keeping_fp32(_built(cfg), dtype)
     from lowmem_lightning.quant import quantize_model
 
     with torch.device("meta"):
-        model = cast_keeping_fp32(auto_class.from_config(cfg, trust_remote_code=remote_code_trusted()), dtype)
+        model = cast_keeping_fp32(_built(cfg), dtype)
     model = quantize_model(model, skip=("lm_head",), block_size=64, double_quant=True)
     if device.type == "meta":
         return model
     return _materialize_quantized(model, device, dtype)
+
+
+def _built(cfg) -> nn.Module:
+    """The model of transformers config ``cfg`` (:func:`~lowmem_lightning.multimodal.causal_lm_auto_class`), or a
+    ``ValueError`` in a line or two when transformers cannot build it as a causal LM (its own message lists every
+    model type it knows)."""
+    from lowmem_lightning.quant.loading import _brief
+
+    try:
+        return causal_lm_auto_class(cfg).from_config(cfg, trust_remote_code=remote_code_trusted())
+    except ValueError as err:
+        raise ValueError(f"Invalid config of model_type {getattr(cfg, 'model_type', None)!r}: transformers cannot "
+                         f"build it as a causal LM ({_brief(err)}).") from None
 
 
 def _materialize_experts(experts: nn.Module, device: torch.device, dtype: torch.dtype, std: float) -> None:
