@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_field_architectures import SIZES, _tokenizer
+from tiny_checkpoints import checkpoint_maker
 
 from lowmem_lightning.multimodal import causal_lm_auto_class
 from lowmem_lightning.quant import ModelFileError, load_pretrained_causal_lm, quantize_model
@@ -40,22 +41,17 @@ def converted_dirs(tmp_path_factory):
     """``name -> directory`` of each checkpoint, written on first use."""
     import transformers
 
-    root, made = tmp_path_factory.mktemp("converted"), {}
+    def build(name: str):
+        cls, settings = CONVERTED[name]
+        config = getattr(transformers, cls)(**settings)
+        return causal_lm_auto_class(config).from_config(config)
 
-    def make(name: str):
-        if name not in made:
-            cls, settings = CONVERTED[name]
-            config = getattr(transformers, cls)(**settings)
-            torch.manual_seed(0)
-            model = causal_lm_auto_class(config).from_config(config)
-            made[name] = root / name
-            model.save_pretrained(made[name], max_shard_size="100KB")
-            _tokenizer(made[name])
-            if name == "qwen3_vl_moe":  # transformers 5 writes its own layout: make it the Hub's (transformers 4's)
-                _store_experts_as_the_hub_does(made[name])
-        return made[name]
+    def finish(name: str, path) -> None:
+        _tokenizer(path)
+        if name == "qwen3_vl_moe":  # transformers 5 writes its own layout: make it the Hub's (transformers 4's)
+            _store_experts_as_the_hub_does(path)
 
-    return make
+    return checkpoint_maker(tmp_path_factory.mktemp("converted"), build, finish)
 
 
 def _store_experts_as_the_hub_does(path) -> None:

@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 from lowmem_calls import run_qlora_recipe
+from tiny_checkpoints import checkpoint_maker
 from torch import nn
 
 from lowmem_lightning.cli import RECIPES_DIR
@@ -74,21 +75,14 @@ RECIPE_LORA = RECIPE["lora"]
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """``name -> directory`` of each architecture's tiny checkpoint, written on first use (sharded safetensors)."""
-    root, made = tmp_path_factory.mktemp("archs"), {}
+    import transformers
 
-    def make(name: str) -> Path:
-        if name not in made:
-            import transformers
+    def build(name: str) -> nn.Module:
+        cls, extra, _ = ARCHS[name]
+        settings = {k: v for k, v in {**SIZES, **extra}.items() if v is not None}
+        return transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**settings))
 
-            cls, extra, _ = ARCHS[name]
-            settings = {k: v for k, v in {**SIZES, **extra}.items() if v is not None}
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**settings))
-            made[name] = root / name
-            model.save_pretrained(made[name], max_shard_size="100KB")
-        return made[name]
-
-    return make
+    return checkpoint_maker(tmp_path_factory.mktemp("archs"), build)
 
 
 def _lora_leaves(model: nn.Module) -> set[str]:

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from test_field_architectures import SIZES
+from tiny_checkpoints import checkpoint_maker
 
 from lowmem_lightning.data import TextDataModule
 from lowmem_lightning.kept_fp32 import cast_keeping_fp32, kept_fp32_names
@@ -47,24 +48,18 @@ ROUTED = {
 @pytest.fixture(scope="module")
 def routed_dirs(tmp_path_factory):
     """``name -> directory`` of each MoE checkpoint, written on first use."""
-    root, made = tmp_path_factory.mktemp("routed"), {}
+    import transformers
 
-    def make(name: str) -> Path:
-        if name not in made:
-            import transformers
+    def build(name: str):
+        cls, settings, _ = ROUTED[name]
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**SIZES, **settings}))
+        with torch.no_grad():  # the biases start at zero: give them values whose precision can be lost
+            for key in kept_fp32_names(model):
+                if key.endswith("e_score_correction_bias"):
+                    _tensor(model, key).normal_()
+        return model
 
-            cls, settings, _ = ROUTED[name]
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**SIZES, **settings}))
-            with torch.no_grad():  # the biases start at zero: give them values whose precision can be lost
-                for key in kept_fp32_names(model):
-                    if key.endswith("e_score_correction_bias"):
-                        _tensor(model, key).normal_()
-            made[name] = root / name
-            model.save_pretrained(made[name], max_shard_size="100KB")
-        return made[name]
-
-    return make
+    return checkpoint_maker(tmp_path_factory.mktemp("routed"), build)
 
 
 def _tensor(model, key: str) -> torch.Tensor:

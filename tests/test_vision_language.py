@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -24,6 +23,7 @@ import torch
 import yaml
 from lowmem_calls import run_qlora_recipe
 from test_field_architectures import _tokenizer
+from tiny_checkpoints import checkpoint_maker
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.data import TextDataModule
@@ -104,19 +104,11 @@ def _config(name: str):
 @pytest.fixture(scope="module")
 def vlm_dirs(tmp_path_factory):
     """``name -> directory`` of each vision-language checkpoint (sharded safetensors and a tokenizer), made once."""
-    root, made = tmp_path_factory.mktemp("vlms"), {}
+    def build(name: str):
+        config = _config(name)
+        return causal_lm_auto_class(config).from_config(config)
 
-    def make(name: str) -> Path:
-        if name not in made:
-            torch.manual_seed(0)
-            config = _config(name)
-            model = causal_lm_auto_class(config).from_config(config)
-            made[name] = root / name
-            model.save_pretrained(made[name], max_shard_size="100KB")
-            _tokenizer(made[name])
-        return made[name]
-
-    return make
+    return checkpoint_maker(tmp_path_factory.mktemp("vlms"), build, lambda name, path: _tokenizer(path))
 
 
 def _outside(name: str, module_name: str) -> bool:
