@@ -90,9 +90,13 @@ def _lora_leaves(model: nn.Module) -> set[str]:
 
 
 def _dense_linears(model: nn.Module) -> list[str]:
-    """Plain ``nn.Linear`` layers left in a quantized model, adapters and the output head aside."""
-    return [name for name, module in model.named_modules()
-            if type(module) is nn.Linear and "lora_" not in name and not name.endswith("lm_head")]
+    """Plain ``nn.Linear`` layers left in a quantized model, adapters, the output head and MoE routers (kept dense:
+    :func:`~lowmem_lightning.quant.router_names`) aside."""
+    from lowmem_lightning.quant import router_names
+
+    routers = set(router_names(model))
+    return [name for name, module in model.named_modules() if type(module) is nn.Linear and "lora_" not in name
+            and not name.endswith("lm_head") and name not in routers]
 
 
 def _fit(module: CausalLMModule, precision: str) -> list[float]:
@@ -225,7 +229,7 @@ PER_POSITION = {
     # model type: (settings, the linear layers of its decoder layers that act on each position alone)
     "gemma4_text": ({"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 320, "global_head_dim": 32,
                      "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32},
-                    {"per_layer_input_gate", "per_layer_projection", "proj"}),  # Gemma 4: its input gate, router
+                    {"per_layer_input_gate", "per_layer_projection"}),  # Gemma 4: its input gate (its router: dense)
     "gemma3n_text": ({"hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 320, "laurel_rank": 4,
                       "altup_num_inputs": 2, "num_kv_shared_layers": 2},
                      {"per_layer_input_gate", "per_layer_projection", "linear_left", "linear_right",
@@ -249,6 +253,9 @@ def test_the_seven_llama_names_leave_blocks_that_mix_no_tokens_alone(model_type)
     assert _lora_leaves(model) == LLAMA
     held = {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, Linear4bit)}
     assert per_position <= held
+    routers = [module for name, module in model.named_modules() if name.endswith("router.proj")]
+    assert all(type(module) is nn.Linear for module in routers) and len(routers) == (4 if "enable_moe_block" in settings
+                                                                                     else 0)
 
 
 def test_all_linear_leaves_out_what_peft_refuses_on_mamba_models():

@@ -42,7 +42,15 @@ ROUTED = {
                                        "n_routed_experts": 4, "head_dim": 16, "mamba_num_heads": 4,
                                        "mamba_head_dim": 16, "n_groups": 1, "ssm_state_size": 16},
                    {"mixer.gate.weight", "mixer.gate.e_score_correction_bias"}),
+    # routers that are linear layers (nothing kept fp32 by transformers): kept dense by NF4
+    "gemma4_moe": ("Gemma4TextConfig", {"head_dim": 16, "global_head_dim": 16, "hidden_size_per_layer_input": 0,
+                                        "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                                        "moe_intermediate_size": 32,
+                                        "layer_types": ["sliding_attention", "full_attention"]}, set()),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 64}, set()),
 }
+LINEAR_ROUTERS = {"gemma4_moe": "router.proj", "qwen2_moe": "mlp.shared_expert_gate"}
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +184,26 @@ def test_the_callback_keeps_a_projects_routers_fp32_under_bf16_true(routed_dirs,
     for key, value in loaded.items():
         assert seen[key].dtype == torch.float32 and torch.equal(seen[key], value), key
         assert _tensor(module.model, key).dtype == torch.float32, key
+
+
+@pytest.mark.parametrize("name", list(LINEAR_ROUTERS))
+def test_routers_that_are_linear_layers_stay_dense_under_nf4(name, routed_dirs):
+    """Gemma 4's ``router.proj`` and Qwen2-MoE's ``shared_expert_gate`` are linear layers: NF4 took them too (before;
+    as transformers' bitsandbytes path does), and NF4 on a router sends about half the tokens of a random Gemma-4-
+    shaped layer to other experts (``python benchmarks/router_precision.py``). The NF4 load and ``quantize_model``
+    keep them dense with the checkpoint's values; the experts and the other linear layers are NF4."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_lightning.quant import Experts4bit, Linear4bit, router_names
+
+    path = routed_dirs(name)
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ours = load_pretrained_causal_lm(path, device="cpu")
+    routers = router_names(ours)
+    assert routers and all(key.endswith(LINEAR_ROUTERS[name]) for key in routers)
+    for key in routers:
+        assert type(ours.get_submodule(key)) is torch.nn.Linear, key
+        assert torch.equal(ours.get_submodule(key).weight, theirs.get_submodule(key).weight), key
+    assert any(isinstance(m, Experts4bit) for m in ours.modules()) and any(isinstance(m, Linear4bit)
+                                                                          for m in ours.modules())
+    assert router_names(quantize_model(theirs, skip=("lm_head",))) == routers

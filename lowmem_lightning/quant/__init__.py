@@ -57,7 +57,14 @@ empty, truncated or foreign model file; :class:`NonFiniteWeightError` for nan/in
 path load with either.
 """
 
-from .convert import LoadedIn4bit, ddp_skip_nf4_buffers, dequantize_model, mark_loaded_in_4bit, quantize_model
+from .convert import (
+    LoadedIn4bit,
+    ddp_skip_nf4_buffers,
+    dequantize_model,
+    mark_loaded_in_4bit,
+    quantize_model,
+    router_names,
+)
 from .experts import Experts4bit, quantize_experts
 from .linear4bit import Linear4bit, NF4WeightHandle, NonFiniteWeightError, linear4bit_bytes
 from .loading import ModelFileError, NonFiniteCheckpointError, load_pretrained_causal_lm, random_causal_lm
@@ -79,6 +86,7 @@ __all__ = [
     "linear4bit_bytes",
     "mark_loaded_in_4bit",
     "quantize_model",
+    "router_names",
     "dequantize_model",
     "ddp_skip_nf4_buffers",
     "add_lora",

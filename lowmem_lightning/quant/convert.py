@@ -21,6 +21,7 @@ from .linear4bit import Linear4bit, _check_options, _linear_tensors, _refuse_non
 __all__ = [
     "quantize_model", "dequantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES", "ddp_skip_nf4_buffers",
     "unquantized_matrices", "warn_unquantized_matrices", "UNQUANTIZED_SHARE", "holds_nf4", "nf4_weights",
+    "router_names",
 ]
 
 HEAD_MODULES = ("lm_head", "classifier", "score", "classification_head", "qa_outputs")
@@ -56,6 +57,37 @@ def _output_embedding_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, module in model.named_modules() if head is not None and module is head and name)
 
 
+def router_names(model: nn.Module) -> tuple[str, ...]:
+    """Qualified names of the linear layers that route tokens in ``model``'s MoE blocks, which NF4 leaves dense: in a
+    module holding an experts module (transformers' experts interface or :class:`Experts4bit`), those under a child
+    named ``router`` (Gemma 4's ``router.proj``), and those named ``gate`` / ``..._gate`` with one output per expert
+    or a single one (Qwen2-MoE's and Qwen3-Next's ``shared_expert_gate``; not Gemma 4's ``per_layer_input_gate``).
+    A router's scores pick each token's experts: NF4 on Gemma 4's router sends about half the tokens of a random
+    layer to another set of experts (``python benchmarks/router_precision.py``), for a few bytes per hidden unit per
+    expert. Most routers of transformers 5 are no linear layer (a module of their own: kept dense anyway)."""
+    names = []
+    for block_name, block in model.named_modules():
+        counts = [_expert_count(child) for child in block.children()
+                  if is_quantizable_experts(child) or isinstance(child, Experts4bit)]
+        if not counts:
+            continue
+        for name, module in block.named_modules():
+            if not name or not (type(module) is nn.Linear or isinstance(module, Linear4bit)):
+                continue
+            parts = name.split(".")
+            gate = (parts[-1] == "gate" or parts[-1].endswith("_gate")) and module.out_features in (1, *counts)
+            if "router" in parts or gate:
+                names.append(f"{block_name}.{name}" if block_name else name)
+    return tuple(names)
+
+
+def _expert_count(experts: nn.Module) -> int:
+    """How many experts an experts module holds (the first dimension of its 3-D projections)."""
+    if isinstance(experts, Experts4bit):
+        return experts.layout_shape(next(iter(experts.nf4_shapes)))[0]
+    return experts._parameters[experts_projections(experts)[0]].shape[0]
+
+
 def quantize_model(
     model: nn.Module,
     skip: Iterable[str] = HEAD_MODULES,
@@ -72,8 +104,9 @@ def quantize_model(
     ``classifier.out_proj``), and so is the module ``model.get_output_embeddings()`` returns (a transformers
     model's head by whatever name). The default, :data:`HEAD_MODULES`, keeps the heads of transformers' task models
     dense and trainable, as transformers keeps a bitsandbytes 4-bit model's last module; ``skip=()`` quantizes every
-    layer but the output embeddings. Each weight is quantized on its own device (Triton on
-    CUDA) and released as soon as its layer is replaced; meta weights give meta layers (shapes only).
+    layer but the output embeddings. MoE routers that are linear layers stay dense too (:func:`router_names`). Each
+    weight is quantized on its own device (Triton on CUDA) and released as soon as its layer is replaced; meta weights
+    give meta layers (shapes only).
     MoE experts held as 3-D parameters (transformers' experts interface: Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss,
     ...) are quantized too, each expert's matrix on its own (:func:`~lowmem_lightning.quant.experts.quantize_experts`),
     unless ``skip`` names them.
@@ -89,7 +122,7 @@ def quantize_model(
     _check_options(block_size, double_quant, compute_dtype)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    skip += _output_embedding_names(model)
+    skip += _output_embedding_names(model) + router_names(model)
     targets = [
         (name, module) for name, module in model.named_modules()
         if (type(module) is nn.Linear or is_conv1d(module)) and not _is_skipped(name, skip)

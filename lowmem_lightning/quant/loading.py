@@ -41,7 +41,7 @@ from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.multimodal import causal_lm_auto_class
 from lowmem_lightning.remote_code import remote_code_trusted, unknown_code_problem
 
-from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit, warn_unquantized_matrices
+from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit, router_names, warn_unquantized_matrices
 from .experts import Experts4bit, is_quantizable_experts, quantize_experts
 from .fp8 import FP8_CODES, FP8_METHOD, SCALE_SUFFIX, block_size, decode_fp8, fp8_scale_shapes
 from .linear4bit import (
@@ -306,6 +306,7 @@ def _parameters_on_meta():
 
 
 def _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype) -> None:
+    skip = tuple(skip) + router_names(model)  # as quantize_model keeps them
     swapped = False
     for name, module in list(model.named_modules()):
         conv1d = is_conv1d(module)  # GPT-2's linear layer: weight (in, out)
