@@ -21,7 +21,7 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["cast_keeping_fp32", "fp32_originals", "kept_fp32_names", "restore_fp32"]
+__all__ = ["cast_keeping_fp32", "fp32_originals", "kept_fp32_modules", "kept_fp32_names", "restore_fp32"]
 
 HALF = (torch.bfloat16, torch.float16)
 """The dtypes the strict list keeps fp32 against (``_keep_in_fp32_modules_strict``); the other list
@@ -53,6 +53,15 @@ def kept_fp32_names(model: nn.Module) -> dict[str, bool]:
             elif loose is not None and loose.search(name) and qualified not in kept:
                 kept[qualified] = False
     return kept
+
+
+def kept_fp32_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that own parameters transformers keeps in fp32 (a DeepSeek-V3 MoE layer's
+    ``mlp.gate``). FSDP2 wants one dtype per ``fully_shard`` group ("FSDP expects uniform original parameter dtype"):
+    shard each of these on its own before the decoder layer around it."""
+    params = dict(model.named_parameters())
+    owners = dict.fromkeys(name.rpartition(".")[0] for name in kept_fp32_names(model) if name in params)
+    return [model.get_submodule(owner) for owner in owners]
 
 
 def fp32_originals(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:

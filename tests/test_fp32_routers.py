@@ -9,6 +9,7 @@ of its transformers 5 config class written by ``save_pretrained`` (fp32 values, 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -207,3 +208,44 @@ def test_routers_that_are_linear_layers_stay_dense_under_nf4(name, routed_dirs):
     assert any(isinstance(m, Experts4bit) for m in ours.modules()) and any(isinstance(m, Linear4bit)
                                                                           for m in ours.modules())
     assert router_names(quantize_model(theirs, skip=("lm_head",))) == routers
+
+
+def _sharded_steps(rank: int, path: str) -> tuple[list[float], set]:
+    """Two AdamW steps of ``path``'s model built as the full fine-tune builds it, each router sharded on its own
+    (``kept_fp32_modules``), then each decoder layer, then the model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lowmem_lightning.kept_fp32 import kept_fp32_modules
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    torch.manual_seed(0)
+    model = build_causal_lm(path, None, None, None, device="cpu", torch_dtype="bfloat16")
+    mesh = init_device_mesh("cpu", (2,))
+    for router in kept_fp32_modules(model):
+        fully_shard(router, mesh=mesh)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
+    losses = []
+    for _ in range(2):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    return losses, {str(p.dtype) for p in model.parameters()}
+
+
+def test_fsdp2_shards_the_kept_fp32_routers_on_their_own(routed_dirs, tmp_path):
+    """FSDP2 wants one dtype per ``fully_shard`` group, and the routers transformers keeps in fp32 sit in bf16
+    decoder layers: sharding each router on its own first (``kept_fp32_modules``, as the README's FSDP2 section
+    says) trains on 2 gloo ranks, the routers fp32."""
+    from forked_ranks import forked_ranks
+
+    results = forked_ranks(tmp_path, 2, _sharded_steps, str(routed_dirs("deepseek_v3")), timeout_s=120)
+    for losses, dtypes in results:
+        assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+        assert dtypes == {"torch.bfloat16", "torch.float32"}
