@@ -249,3 +249,25 @@ def test_fsdp2_shards_the_kept_fp32_routers_on_their_own(routed_dirs, tmp_path):
     for losses, dtypes in results:
         assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
         assert dtypes == {"torch.bfloat16", "torch.float32"}
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "nemotron_h", "gemma4_moe", "qwen2_moe"])
+def test_the_estimate_counts_the_routers_as_the_fit_holds_them(name, routed_dirs):
+    """``lowmem estimate``'s meta build of the QLoRA recipe holds the same bytes per dtype as the fit's loaded model:
+    fp32 routers as fp32, linear routers dense."""
+    import yaml
+
+    from lowmem_lightning.cli import RECIPES_DIR
+    from lowmem_lightning.estimate import count_model
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+    from lowmem_lightning.rotary import keep_rotary_fp32
+
+    lora = yaml.safe_load((RECIPES_DIR / "qlora_7b.yaml").read_text())["model"]["init_args"]["lora"]
+    path = str(routed_dirs(name))
+    module = CausalLMModule(model_name_or_path=path, quantize="nf4", lora=lora, torch_dtype="bfloat16")
+    module.configure_model()
+    planned = build_causal_lm(path, None, "nf4", lora, device="meta", torch_dtype="bfloat16")
+    keep_rotary_fp32(planned)  # as configure_model does (rotary buffers are no router)
+    planned, loaded = count_model(planned), count_model(module.model)
+    assert planned.frozen_bytes_by_dtype == loaded.frozen_bytes_by_dtype
+    assert planned.params == loaded.params
