@@ -20,8 +20,8 @@ import re
 
 from torch import nn
 
-__all__ = ["causal_lm_auto_class", "freeze_outside_language_model", "is_vision_language", "outside_language_model",
-           "outside_language_model_pattern", "text_config"]
+__all__ = ["causal_lm_auto_class", "freeze_outside_language_model", "is_vision_language", "language_model_modules",
+           "outside_language_model", "outside_language_model_pattern", "text_config"]
 
 
 def text_config(config):

@@ -24,8 +24,9 @@ from torch import nn
 
 from lowmem_lightning.multimodal import language_model_modules, text_config
 
-__all__ = ["FLATTENED_ATTENTION", "KEPT_APART_LAYER_TYPES", "MASKED_ATTENTION", "attention_implementation",
-           "layers_across_documents", "packed_call", "packed_documents_problem", "uses_multimodal_rotary"]
+__all__ = ["FLATTENED_ATTENTION", "KEPT_APART_LAYER_TYPES", "MASKED_ATTENTION", "PER_POSITION_LAYER_TYPES",
+           "attention_implementation", "layers_across_documents", "packed_call", "packed_documents_problem",
+           "uses_multimodal_rotary"]
 
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations for which transformers builds the block-diagonal mask of packed documents from
