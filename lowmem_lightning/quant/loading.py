@@ -509,11 +509,13 @@ def _joined_plan(model, path: Path, joined, converters, expected, names) -> list
     for target, parts in groups.items():
         (kind, count), want = kinds[target], tuple(expected[target].shape)
         stored = [parts.get(i) for i in range(count)]
-        shapes = [p[2] for p in stored if p is not None]
-        transpose = kind == "transpose" and len(shapes) == 1 and shapes[0] != want
-        joined_shape = (shapes[0][:-2] + (shapes[0][-1], shapes[0][-2]) if transpose and len(shapes[0]) >= 2
-                        else (sum(s[0] for s in shapes),) + shapes[0][1:] if shapes else ())
-        if None in stored or joined_shape != want:
+        transpose = False
+        if None not in stored:
+            shapes = [shape for _, _, shape in stored]
+            transpose = kind == "transpose" and shapes[0] != want
+            joined = shapes[0][:-2] + (shapes[0][-1], shapes[0][-2]) if transpose else (
+                (sum(shape[0] for shape in shapes),) + shapes[0][1:])
+        if None in stored or joined != want:
             held = [(p[1], p[2]) for p in stored if p is not None]
             raise ModelFileError(path, f"holds {held or 'no tensor'} for {target!r}, which the model of config.json "
                                  f"builds from {count} tensor{'s' if count > 1 else ''} ({kind}) of shape {want} in "
@@ -560,8 +562,9 @@ def _expert_plan(model, path: Path, converted, converters, expected, names, fp8_
     groups: dict[str, dict[int, dict[int, tuple[Path, str, tuple]]]] = {}
     counts: dict[str, int] = {}
     whole = [entry for entry in converted if "*" not in entry[3]]  # no expert number in the pattern: whole tensors
-    if [entry for entry in whole if entry[1] in fp8_parts]:
-        _refuse_converted(path, whole[0][1], whole[0][2], model)
+    fp8_whole = [entry for entry in whole if entry[1] in fp8_parts]
+    if fp8_whole:
+        _refuse_converted(path, fp8_whole[0][1], fp8_whole[0][2], model)
     plan = _joined_plan(model, path, whole, converters, expected, names)
     converted = [entry for entry in converted if "*" in entry[3]]
     for file, key, renamed, pattern, shape in converted:
@@ -777,10 +780,10 @@ def read_checkpoint_modules(model: nn.Module, path: str | Path, modules, torch_d
                             device: torch.device | str = "cpu") -> int:
     """Put the checkpoint's own tensors of ``modules`` (qualified names of modules of the dense ``model``) into
     ``model``, read from checkpoint ``path`` as :func:`load_pretrained_causal_lm` reads them (keys renamed as
-    transformers renames them, FP8 and MXFP4 decoded, nan/inf refused) in ``torch_dtype`` on ``device``; only their
-    files are opened and only their tensors read. A merged QLoRA export puts a vision-language model's vision tower
-    back so: frozen, never run on text, it would otherwise be written as its NF4 approximation. Returns how many
-    tensors were read; :class:`ModelFileError` when the checkpoint lacks one of them or holds another shape."""
+    transformers renames them, FP8 and MXFP4 decoded, nan/inf refused) in ``torch_dtype`` on ``device``: every
+    safetensors header is read, then only their tensors. A merged QLoRA export puts a vision-language model's
+    vision tower back so: frozen, never run on text, it would otherwise be written as its NF4 approximation. Returns
+    how many tensors were read; :class:`ModelFileError` when the checkpoint lacks one of them or holds another shape."""
     dtype, _ = _checked_options(None, torch_dtype, ("lm_head",), 64, True)
     path = local_path(path, "path", "weights")
     config = _read_config(path)
