@@ -45,6 +45,10 @@ Parts (``--parts`` selects some):
   over the module's own packed batches of log-normal documents, plain causal sdpa vs documents kept apart
   (sdpa's masked path) vs ``flash_attention_2`` (varlen; skipped with the reason when ``flash_attn`` is not
   installed): median step, peak memory beside the estimator's, which attention kernels ran.
+* ``host_embeddings``: a Gemma 3n E4B-sized per-layer embedding table (4.7 GB bf16) page-locked in host memory and
+  read by the Triton row gather through unified addressing: rows equal to the host's, the device memory it takes,
+  lookup time against the same table on the device; a tiny Gemma 3n QLoRA model with and without
+  ``host_embeddings``: equal logits.
 * ``long_run``: a 113M-param causal LM (124M class) for a few minutes with fp32 AdamW, ``adamw_8bit``,
   bitsandbytes AdamW8bit (when installed), CAME and CAME int8: held-out loss within 1.01x of each
   reference, a table and ``long_run.png`` (``--out-dir``).
@@ -94,10 +98,11 @@ Later commands, each a ``run`` of its own with the same install line (part budge
 
 ``packing`` (40 s: imports, the 1.1B model built on the device, 6 steps of 4 x 2048 tokens per row, at most
 3 rows) is in no earlier command: the first one's budget is full.
-4. QLoRA of Mixtral-8x7B with NF4 experts (120 s of part budget, ``timeout_s`` 200; an H100's 80 GB hold its
-   25 GB)::
+4. QLoRA of Mixtral-8x7B with NF4 experts (120 s of part budget; an H100's 80 GB hold its 25 GB), and
+   ``host_embeddings`` (60 s; ``timeout_s`` 260 for both: a Gemma 3n E4B-sized per-layer table read from host
+   memory; must show rows equal to the host's, ~0 GB of device memory for the table, equal tiny-Gemma-3n logits)::
 
-    python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts qlora_moe --out-dir $OUT \
+    python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts qlora_moe,host_embeddings --out-dir $OUT \
         2>&1 | tee $OUT/log.txt
 """
 
@@ -121,7 +126,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 BUDGET_S = {"kernels": 70, "gpu_tests": 120, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
-            "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40, "qlora_moe": 120}
+            "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40, "qlora_moe": 120, "host_embeddings": 60}
 """Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
 55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
 (ours only), release 45. Not yet run on a GPU, sized from arithmetic: full_ft_7b (two rows, each a fresh
@@ -140,7 +145,9 @@ fp32/int8 momentum, ~28 kernel variants at ~0.5 s each (fewer cold when ``kernel
 4 steps ~2 s, two 3-step Lightning fits ~3 s each. ``qlora_moe``, not yet run: imports ~15 s, Mixtral-8x7B's 46.7B
 weights drawn and quantized on the device one tensor at a time (~47 GB of fp32 draws at ~1 TB/s, ~10 s with the
 Triton quantize), 5 steps at seq 512 (per layer each of the 8 experts decoded three times: forward, the checkpoint's
-recompute, backward; ~0.5-2 s a step) and one profiled."""
+recompute, backward; ~0.5-2 s a step) and one profiled. ``host_embeddings``, not yet run: imports ~15 s, a 4.7 GB
+bf16 host table filled (~3 s) and page-locked (~1-2 s), 12 lookups of 294 MB of rows (at PCIe 5 rates ~15 ms each),
+the same table copied to the device, two tiny Gemma 3n builds."""
 
 RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
 """The parts the next device session runs, in one command (the module docstring has it)."""
@@ -1491,9 +1498,114 @@ def part_packing(dry: bool) -> list[str]:
                     "(estimate.document_mask_terms)."]
 
 
+HOST_TABLE = {"rows": 262144, "row_elems": 35 * 256, "batch": 8, "seq": 2048}
+"""The ``host_embeddings`` part's table: Gemma 3n E4B's per-layer embeddings (transformers' ``Gemma3nTextConfig``
+defaults: 262144 rows of 35 layers x 256), 4.7 GB in bf16, looked up for 8 x 2048 tokens."""
+
+HOST_TABLE_DRY = {"rows": 1024, "row_elems": 3 * 256, "batch": 2, "seq": 64}
+
+
+def _host_table(rows: int, row_elems: int):
+    """A bf16 host table of ``rows x row_elems``, each row distinct (a random block of 64 rows repeated, plus the row
+    index in its first column), drawn quickly: 2.35B random host values would take longer than the part."""
+    import torch
+
+    table = torch.empty(rows, row_elems, dtype=torch.bfloat16)
+    block = torch.randn(64, row_elems, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    table.view(-1, 64, row_elems)[:] = block  # rows: a multiple of 64
+    table[:, 0] = torch.arange(rows, dtype=torch.float32).to(torch.bfloat16)
+    return table
+
+
+def _median_ms(fn, device, runs: int = 6) -> float:
+    """Median milliseconds of ``fn()`` (synchronised on CUDA), the first call left out."""
+    import torch
+
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times[1:])
+
+
+def part_host_embeddings(dry: bool) -> list[str]:
+    """``host_embeddings``: a Gemma 3n E4B-sized per-layer table page-locked in host memory (:data:`HOST_TABLE`) and
+    read by the Triton gather through unified addressing: rows equal the host's, the device memory it takes (goal: none
+    of the table), lookup time of a batch against the same table on the device; then a tiny Gemma 3n QLoRA model built
+    with and without it on the device: equal logits."""
+    import torch
+
+    from lowmem_lightning.quant.host_embeddings import HostEmbedding
+
+    device, size = _device(dry), HOST_TABLE_DRY if dry else HOST_TABLE
+    table = _host_table(size["rows"], size["row_elems"])
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else 0
+    hosted = HostEmbedding(table).to(device)  # page-locked on CUDA, its first and last rows read back and compared
+    taken = (torch.cuda.memory_allocated() - before) / 1e9 if cuda else 0.0
+    ids = torch.randint(0, size["rows"], (size["batch"], size["seq"]), generator=torch.Generator().manual_seed(1))
+    rows = hosted(ids.to(device))
+    if not torch.equal(rows.cpu(), table[ids]):
+        raise AssertionError("host_embeddings: the rows gathered on the device differ from the host table's")
+    on_device = torch.nn.Embedding.from_pretrained(table.to(device), freeze=True)
+    ids_dev = ids.to(device)
+    host_ms = _median_ms(lambda: hosted(ids_dev), device)
+    device_ms = _median_ms(lambda: on_device(ids_dev), device)
+    moved = ids.numel() * size["row_elems"] * 2
+    h2d, _ = _pinned_bandwidth(device, moved)
+    logits_equal = _tiny_gemma3n_host_logits_equal(device)
+    if taken > 0.01 or not logits_equal:
+        raise AssertionError(f"host_embeddings: the hosted table took {taken:.3f} GB of device memory (goal: none); "
+                             f"tiny Gemma 3n logits equal with and without it: {logits_equal}")
+    return [f"table {size['rows']} x {size['row_elems']} bf16 ({table.numel() * 2 / 1e9:.2f} GB) in host memory; "
+            f"{ids.numel()} ids ({moved / 1e6:.0f} MB of rows) a lookup", "",
+            "| what | value |", "|---|---:|",
+            f"| device memory the hosted table takes (GB) | {taken:.3f} |",
+            f"| lookup, table in host memory (ms) | {host_ms:.2f} |",
+            f"| lookup, table on the device (ms) | {device_ms:.2f} |",
+            f"| rows read from the host (GB/s) | {moved / max(host_ms, 1e-6) / 1e6:.1f} |",
+            f"| pinned host->device copy of the same bytes (GB/s) | {h2d:.1f} |",
+            f"| tiny Gemma 3n QLoRA logits equal with and without host_embeddings | {logits_equal} |"]
+
+
+def _tiny_gemma3n_host_logits_equal(device) -> bool:
+    """A tiny Gemma 3n checkpoint (per-layer input embeddings; in the device image's transformers, which may predate
+    Gemma 4) loaded for QLoRA on ``device`` with and without ``host_embeddings``: whether their logits on one batch
+    are equal."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gemma3n_text", hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=320, num_hidden_layers=4, head_dim=16, sliding_window=8, num_kv_shared_layers=2, laurel_rank=4,
+        altup_num_inputs=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=320)
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+    from lowmem_lightning.quant.host_embeddings import host_table_bytes
+
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(2)).to(device)
+    logits = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp)
+        for host in (False, True):
+            model = build_causal_lm(tmp, quantize="nf4", lora={"r": 4}, device=device, torch_dtype="bfloat16",
+                                    host_embeddings=host)
+            if host_table_bytes(model) == 0 and host:
+                raise AssertionError("host_embeddings: the tiny Gemma 3n's per-layer table was not put in host memory")
+            with torch.no_grad():
+                logits.append(model(input_ids=ids).logits.float().cpu())
+    return torch.equal(*logits)
+
+
 PARTS = {"kernels": part_kernels, "gpu_tests": part_gpu_tests, "sync": part_sync, "step_time": part_step_time,
          "paged": part_paged, "qlora_7b": part_qlora_7b, "release": part_release, "full_ft_7b": part_full_ft_7b,
-         "long_run": part_long_run, "packing": part_packing, "qlora_moe": part_qlora_moe}
+         "long_run": part_long_run, "packing": part_packing, "qlora_moe": part_qlora_moe,
+         "host_embeddings": part_host_embeddings}
 
 
 # --------------------------------------------------------------------------------------------------

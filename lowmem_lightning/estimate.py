@@ -147,7 +147,9 @@ class ModelCount:
     gradients (all that is alive at once under per-tensor gradient release, ``bucket_bytes=0``);
     ``trainable_nbytes`` every trainable tensor's bytes in parameter order (what
     :func:`released_gradient_bytes` replays); ``tied_gradient_bytes`` the bytes of the trainable parameters more than
-    one module holds (an input embedding tied to the output head), whose two gradients autograd sums as backward ends.
+    one module holds (an input embedding tied to the output head), whose two gradients autograd sums as backward ends;
+    ``host_table_bytes`` the frozen embedding tables held in host memory (``host_embeddings``: counted in ``params``,
+    in no device total).
     """
 
     params: int
@@ -160,6 +162,7 @@ class ModelCount:
     trainable_nbytes: tuple[int, ...] = ()
     token_row_params: int = 0
     tied_gradient_bytes: int = 0
+    host_table_bytes: int = 0
 
     @property
     def frozen_bytes(self) -> int:
@@ -253,18 +256,29 @@ def _is_experts4bit(module: nn.Module) -> bool:
     return hasattr(module, "nf4_buffer_names") and hasattr(module, "layout_shape")
 
 
+def _is_host_embedding(module: nn.Module) -> bool:
+    """A ``lowmem_lightning.quant.host_embeddings.HostEmbedding`` (a frozen table in host memory), known without
+    importing it."""
+    return type(module).__name__ == "HostEmbedding" and isinstance(getattr(module, "table", None), torch.Tensor)
+
+
 def count_model(model: nn.Module) -> ModelCount:
     """Count parameters and weight bytes of ``model`` (any device; meta works, nothing is read).
 
     Shared (tied) tensors are counted once. 4-bit layers (``lowmem_lightning.quant.Linear4bit``)
     contribute ``in * out`` parameters and their stored code/scale bytes as ``nf4``; so do NF4 MoE experts
-    (``Experts4bit``: every expert's matrices).
+    (``Experts4bit``: every expert's matrices). Embedding tables held in host memory (``HostEmbedding``) count as
+    parameters and as ``host_table_bytes``, not as device weights.
     """
     seen: set[int] = set()
-    params = adapter = token_rows = trainable = trainable_bytes = grad_bytes = largest_grad = 0
+    params = adapter = token_rows = trainable = trainable_bytes = grad_bytes = largest_grad = host_tables = 0
     frozen: dict[str, int] = {}
     order: list[int] = []
     for module in model.modules():
+        if _is_host_embedding(module):
+            params += module.table.numel()
+            host_tables += _nbytes(module.table)
+            continue
         if _is_linear4bit(module):
             params += module.in_features * module.out_features
             quant = [b for name, b in module.named_buffers(recurse=False) if b is not None and name != "bias"]
@@ -301,7 +315,7 @@ def count_model(model: nn.Module) -> ModelCount:
         key = str(buffer.dtype).removeprefix("torch.")
         frozen[key] = frozen.get(key, 0) + _nbytes(buffer)
     return ModelCount(params, adapter, trainable, dict(sorted(frozen.items())), trainable_bytes, grad_bytes,
-                      largest_grad, tuple(order), token_rows, _tied_trainable_bytes(model))
+                      largest_grad, tuple(order), token_rows, _tied_trainable_bytes(model), host_tables)
 
 
 def _tied_trainable_bytes(model: nn.Module) -> int:
@@ -1877,7 +1891,8 @@ def _run_lines(estimate: MemoryEstimate) -> list[str]:
     budget = None if row.fits is None else f"the {estimate.budget_bytes / GB:g} GB budget"
     fits = [] if budget is None else [("fits " if row.fits else "over ") + budget]
     total = "; ".join(([] if estimate.activation_bytes else ["+ activations"]) + fits)
-    parts = [("weights", _gb(m.frozen_bytes + m.trainable_bytes), ""),
+    hosted = f"+ {_gb(m.host_table_bytes)} of embedding tables in host memory" if m.host_table_bytes else ""
+    parts = [("weights", _gb(m.frozen_bytes + m.trainable_bytes), hosted),
              ("gradients", _gb(estimate.gradient_device_bytes), grads),
              ("optimizer state", _gb(row.device_state_bytes), host),
              ("activations", acts, estimate.activation_detail),

@@ -33,6 +33,7 @@ from lowmem_lightning.data import TextDataModule
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
 from lowmem_lightning.quant import Linear4bit
+from lowmem_lightning.quant.convert import CLAMPED_WEIGHT_LAYERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -252,10 +253,40 @@ def test_the_seven_llama_names_leave_blocks_that_mix_no_tokens_alone(model_type)
     assert not [str(w.message) for w in caught if "LoRA target_modules" in str(w.message)]
     assert _lora_leaves(model) == LLAMA
     held = {name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, Linear4bit)}
-    assert per_position <= held
+    assert per_position - set(CLAMPED_WEIGHT_LAYERS) <= held  # Gemma 3n's AltUp coefficients stay dense (below)
     routers = [module for name, module in model.named_modules() if name.endswith("router.proj")]
     assert all(type(module) is nn.Linear for module in routers) and len(routers) == (4 if "enable_moe_block" in settings
                                                                                      else 0)
+
+
+def test_gemma3n_qlora_trains_with_its_altup_coefficients_dense(tmp_path):
+    """Gemma 3n clamps its AltUp coefficient weights while training (``prediction_coefs.weight.data.clamp_``,
+    ``correction_coefs.weight.clamp``). Under the QLoRA recipe they were NF4, whose layer holds no weight tensor: the
+    first training forward raised ``AttributeError: 'NF4WeightHandle' has no attribute 'clamp_'`` (bitsandbytes' NF4
+    would clamp its packed codes). Now they stay dense in the fit's build and in the estimate's meta build, and a
+    forward + backward in training mode gives a finite loss and LoRA gradients."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = PER_POSITION["gemma3n_text"][0]
+    config = AutoConfig.for_model("gemma3n_text", **{**SIZES, "num_hidden_layers": 4, "head_dim": 16,
+                                                     "sliding_window": 16, **settings})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "gemma3n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_causal_lm(str(tmp_path / "gemma3n"), quantize="nf4", lora=RECIPE_LORA, device="cpu",
+                                torch_dtype="bfloat16")
+        meta = build_causal_lm(str(tmp_path / "gemma3n"), quantize="nf4", lora=RECIPE_LORA, device="meta",
+                               torch_dtype="bfloat16")
+    clamped = [name for name, _ in model.named_modules() if name.endswith(CLAMPED_WEIGHT_LAYERS)]
+    assert len(clamped) == 2 * 4
+    for built in (model, meta):
+        assert all(type(built.get_submodule(name)) is nn.Linear for name in clamped)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss = model.train()(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
 
 
 def test_all_linear_leaves_out_what_peft_refuses_on_mamba_models():

@@ -111,7 +111,7 @@ def _streams(r):
         return 2 + momentum + unfactored, 1 + momentum
     if k == "_came_update_kernel":
         return 3 + (not _true(r, "FACTORED")), 2  # param, grad, m (+ v) / param, m
-    if k in ("_quantize_kernel", "_dequantize_kernel", "_nf4_pack_kernel", "_nf4_unpack_kernel"):
+    if k in ("_quantize_kernel", "_dequantize_kernel", "_nf4_pack_kernel", "_nf4_unpack_kernel", "_gather_rows_kernel"):
         return 1, 1
     if k in ("_nf4_absmax_kernel", "sq_stats_kernel", "clip_stats_kernel", "_res_stats_kernel"):
         return 1, 0  # the gradient (or weight) tile; row/column partial sums are small

@@ -3,8 +3,10 @@ which ``parameters()`` (what Lightning's ``ModelSummary`` counts) does not hold,
 478 K" for a 3.3M-parameter model and ~300M for a 7B. :func:`count_nf4_in_model_summaries` makes each
 ``ModelSummary`` / ``RichModelSummary`` callback of a Trainer count them: every 4-bit weight as one parameter
 (non-trainable, as ``out x in`` elements of a ``Linear4bit`` and every expert's matrices of an ``Experts4bit``), in
-the layer rows and the totals, and their stored bytes in the estimated size. A model without NF4 weights gets
-Lightning's summary unchanged."""
+the layer rows and the totals, and their stored bytes in the estimated size. Embedding tables held in host memory
+(``host_embeddings``: :class:`~lowmem_lightning.quant.host_embeddings.HostEmbedding`, neither parameters nor buffers)
+count the same way, so the totals do not change with that option. A model with neither gets Lightning's summary
+unchanged."""
 
 from __future__ import annotations
 
@@ -25,28 +27,44 @@ def _nf4_weights(module) -> tuple[int, int]:
     return convert.nf4_weights(module) if convert is not None else (0, 0)
 
 
+def _host_table_elements(module) -> int:
+    """Elements of the embedding tables ``module`` holds in host memory (none unless
+    :mod:`lowmem_lightning.quant.host_embeddings` is imported: no such table exists before)."""
+    hosted = sys.modules.get("lowmem_lightning.quant.host_embeddings")
+    if hosted is None:
+        return 0
+    return sum(m.table.numel() for m in module.modules() if isinstance(m, hosted.HostEmbedding))
+
+
+def _outside_parameters(module) -> int:
+    """Weights of ``module`` that ``parameters()`` does not hold: NF4 weights and host-memory embedding tables."""
+    return _nf4_weights(module)[0] + _host_table_elements(module)
+
+
 class NF4ModelSummary(Summary):
-    """Lightning's ``ModelSummary`` counting the NF4 weights (buffers) of each layer as its parameters: ``param_nums``
-    and ``total_parameters`` add their elements (trainable counts are unchanged, so they land in "Non-trainable
-    params"), ``model_size`` (MB) is the parameters at the precision's bytes plus the NF4 codes and scales as stored."""
+    """Lightning's ``ModelSummary`` counting the NF4 weights (buffers) and host-memory embedding tables of each layer
+    as its parameters: ``param_nums`` and ``total_parameters`` add their elements (trainable counts are unchanged, so
+    they land in "Non-trainable params"), ``model_size`` (MB) is the parameters and host tables at the precision's
+    bytes plus the NF4 codes and scales as stored."""
 
     @property
     def param_nums(self) -> list[int]:
-        return [layer.num_parameters + _nf4_weights(layer._module)[0] for layer in self._layer_summary.values()]
+        return [layer.num_parameters + _outside_parameters(layer._module) for layer in self._layer_summary.values()]
 
     @property
     def total_parameters(self) -> int:
-        return super().total_parameters + _nf4_weights(self._model)[0]
+        return super().total_parameters + _outside_parameters(self._model)
 
     @property
     def model_size(self) -> float:
-        return super().total_parameters * self._precision_megabytes + _nf4_weights(self._model)[1] * 1e-6
+        parameters = super().total_parameters + _host_table_elements(self._model)  # host tables: as the params were
+        return parameters * self._precision_megabytes + _nf4_weights(self._model)[1] * 1e-6
 
 
 def _counting_nf4(summary_of: Callable) -> Callable:
     def summary(trainer: L.Trainer, pl_module: L.LightningModule):
         found = summary_of(trainer, pl_module)
-        if type(found) is Summary and _nf4_weights(pl_module)[0]:
+        if type(found) is Summary and _outside_parameters(pl_module):
             found.__class__ = NF4ModelSummary
         return found
 

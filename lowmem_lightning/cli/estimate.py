@@ -136,6 +136,7 @@ def build_meta_model(cfg: Namespace):
             device="meta", torch_dtype=init.get("torch_dtype"), vocab_size=_data_vocab_size(cfg),
             resize_embeddings=init.get("resize_embeddings", False), token_ids=init.get("untrained_token_ids"),
             attn_implementation=init.get("attn_implementation"), trust_remote_code=trusted,
+            host_embeddings=init.get("host_embeddings", False),
         )
     from jsonargparse import ArgumentParser
 

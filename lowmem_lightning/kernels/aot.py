@@ -24,6 +24,7 @@ KERNEL_MODULES = (
     "lowmem_lightning.kernels.came",
     "lowmem_lightning.kernels.nf4",
     "lowmem_lightning.kernels.muon",
+    "lowmem_lightning.kernels.row_gather",
 )
 """Modules whose ``AOT_SPECS`` are compiled; a module that does not exist yet is skipped."""
 
@@ -101,7 +102,7 @@ def aligned_attrs(kernel, aligned) -> dict:
     return {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
 
 
-SIZE_PARAMS = ("n", "n_pairs", "R", "C", "num_blocks", "block_size")
+SIZE_PARAMS = ("n", "n_pairs", "R", "C", "num_blocks", "block_size", "row_elems")
 """Integer parameters that are multiples of 16 for an aligned LLM tensor (element counts, rows,
 columns, NF4 blocks); :func:`aligned_params` declares them divisible with the pointers."""
 

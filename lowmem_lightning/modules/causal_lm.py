@@ -294,10 +294,12 @@ def make_config(config: dict, vocab_size: int | None = None):
 
 
 def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch.dtype,
-                     device: torch.device) -> nn.Module:
+                     device: torch.device, host_tables_for: dict | None = None) -> nn.Module:
     """The checkpoint of local directory or Hub repo id ``model_name_or_path`` (its safetensors downloaded first
     when not cached); a model from the Hub is named by its repo id (``config._name_or_path``, as transformers
-    does), so a LoRA adapter saved from it names its base model portably."""
+    does), so a LoRA adapter saved from it names its base model portably. ``host_tables_for`` (the ``lora`` of a
+    ``host_embeddings`` build): the embedding tables that LoRA leaves frozen go to host memory before the model goes
+    to ``device``."""
     from lowmem_lightning.hub import resolve_pretrained, split_repo_id
 
     path = resolve_pretrained(model_name_or_path, "model_name_or_path", need="weights")
@@ -305,19 +307,42 @@ def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch
         from lowmem_lightning.quant import load_pretrained_causal_lm
 
         model = load_pretrained_causal_lm(str(path), quantize="nf4", torch_dtype=dtype, skip=("lm_head",),
-                                          device=device)
+                                          device=device, host_embeddings=host_tables_for is not None,
+                                          lora_targets=(host_tables_for or {}).get("target_modules"))
     else:
         from lowmem_lightning.quant.loading import read_model_config
 
         model = causal_lm_auto_class(read_model_config(path)).from_pretrained(
             str(path), dtype=dtype, local_files_only=True, trust_remote_code=remote_code_trusted(),
             **_dequantized(path))
+        if host_tables_for is not None:
+            _hold_tables_on_host(model, host_tables_for, device, check_frozen=False)
         cast_keeping_fp32(model, dtype, device)  # the routers transformers loads in fp32 stay so
     repo = split_repo_id(str(model_name_or_path)) if not Path(model_name_or_path).expanduser().exists() else None
     if repo is not None:
         model.name_or_path = model.config._name_or_path = repo[0]
         model.hub_revision = path.name  # the snapshot's commit: an adapter names the base weights it was trained on
     return model
+
+
+def _hold_tables_on_host(model: nn.Module, lora: dict, device: torch.device, check_frozen: bool = True) -> None:
+    """Hold the embedding tables LoRA ``lora`` leaves frozen in host memory
+    (:func:`~lowmem_lightning.quant.host_embeddings.hold_embeddings_on_host`), for a model that runs on ``device``."""
+    from lowmem_lightning.quant.host_embeddings import hold_embeddings_on_host, host_table_names
+
+    hold_embeddings_on_host(model, host_table_names(model, lora["target_modules"], check_frozen), device)
+
+
+def _check_host_embeddings(host_embeddings, lora: dict | None, resize_embeddings: bool | int) -> None:
+    """``ValueError`` naming ``host_embeddings`` when it is not a bool, or is set where the embeddings train."""
+    _check_bool(host_embeddings, "host_embeddings")
+    if host_embeddings and lora is None:
+        raise ValueError("Invalid host_embeddings=True with lora=None: a full fine-tune trains the embedding tables; "
+                         "host_embeddings keeps frozen ones in host memory, for LoRA and QLoRA (set lora, or "
+                         "host_embeddings=False).")
+    if host_embeddings and resize_embeddings:
+        raise ValueError(f"Invalid host_embeddings=True with resize_embeddings={resize_embeddings!r}: the new token "
+                         "rows train, so the input embedding stays on the device; pass one of the two.")
 
 
 def _dequantized(path: Path) -> dict:
@@ -470,6 +495,7 @@ def build_causal_lm(
     row_start_notes: bool = True,
     attn_implementation: AttnImplementation | None = None,
     trust_remote_code: bool = False,
+    host_embeddings: bool = False,
 ) -> nn.Module:
     """Build the causal LM that ``CausalLMModule`` trains, then apply NF4 quantization and LoRA.
 
@@ -516,12 +542,18 @@ def build_causal_lm(
         trust_remote_code: Run the code a checkpoint ships for a ``model_type`` transformers does not have (its
             ``config.json``'s ``auto_map``), as transformers' ``trust_remote_code=True``; ``False`` refuses such a
             checkpoint at once, naming this option (transformers itself would ask on the terminal).
+        host_embeddings: With ``lora``: hold the embedding tables LoRA leaves frozen and no output head shares (an
+            untied model's input embedding, Gemma 3n's / Gemma 4's per-layer embeddings) in host memory, each step
+            gathering only its batch's rows onto the device
+            (:class:`~lowmem_lightning.quant.host_embeddings.HostEmbedding`); a checkpoint's tables are read
+            straight into host memory. Refused without ``lora`` and with ``resize_embeddings`` (those rows train).
     """
     _check_bool(trust_remote_code, "trust_remote_code")
     try:
         with trusting_remote_code(trust_remote_code):
             return _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_dtype, vocab_size,
-                                    resize_embeddings, token_ids, row_start_notes, attn_implementation)
+                                    resize_embeddings, token_ids, row_start_notes, attn_implementation,
+                                    host_embeddings)
     except ImportError as err:
         raise ValueError(_missing_package(model_name_or_path, config, err)) from err
 
@@ -540,11 +572,12 @@ def _check_bool(value, name: str) -> None:
 
 
 def _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_dtype, vocab_size, resize_embeddings,
-                     token_ids, row_start_notes, attn_implementation) -> nn.Module:
+                     token_ids, row_start_notes, attn_implementation, host_embeddings=False) -> nn.Module:
     """:func:`build_causal_lm` with the remote-code setting in force."""
     lora = validate_model_args(model_name_or_path, config, quantize, lora, torch_dtype)
     check_attn_implementation(attn_implementation, installed=False)
     check_resize_embeddings(resize_embeddings)
+    _check_host_embeddings(host_embeddings, lora, resize_embeddings)
     target = _resize_target(resize_embeddings, vocab_size)
     dtype = _resolve_dtype(torch_dtype)
     device = torch.device(device) if device is not None else torch.get_default_device()
@@ -552,7 +585,8 @@ def _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_d
         # from_pretrained hands the model over in eval mode, and Lightning keeps each module's mode at fit start:
         # dropout would be off and transformers' gradient checkpointing (active only while training) silently
         # skipped, so activations would take their full memory.
-        model = _load_pretrained(model_name_or_path, quantize, dtype, device).train()
+        model = _load_pretrained(model_name_or_path, quantize, dtype, device,
+                                 lora if host_embeddings else None).train()
         old_rows = _embedding_rows(model)
         from lowmem_lightning.modules.untrained_tokens import checkpoint_tokenizer_length
 
@@ -594,6 +628,8 @@ def _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_d
         if revision is not None:  # adapter_config.json's revision: AutoPeftModel loads that commit of the base
             for peft_config in model.peft_config.values():
                 peft_config.revision = revision
+    if host_embeddings:  # a model built from a config: its tables were made on the device
+        _hold_tables_on_host(model, lora, device)
     return model
 
 
@@ -781,6 +817,11 @@ class CausalLMModule(LowMemModule):
         trust_remote_code: Run the code a checkpoint ships of its own (``auto_map`` for a ``model_type``
             transformers does not have: InternLM2, MiniCPM, ...), as transformers' ``trust_remote_code=True``; read
             it first. ``False`` (default) refuses such a checkpoint at once, naming this option.
+        host_embeddings: With ``lora``: keep the embedding tables LoRA leaves frozen and no output head shares in
+            host memory (an untied model's input embedding, ``vocab x hidden``; Gemma 3n's and Gemma 4's per-layer
+            embeddings, ``vocab x layers x 256``: several GB), each step gathering only its batch's rows onto the
+            GPU (see :func:`build_causal_lm`); ``lowmem estimate`` counts them as host memory. Checkpoints and exports
+            are the same files. Refused without ``lora`` and with ``resize_embeddings``.
     """
 
     rows_from_checkpoint: bool = False
@@ -812,6 +853,7 @@ class CausalLMModule(LowMemModule):
         fp32_state: str | list[str] | None = None,
         attn_implementation: AttnImplementation | None = None,
         trust_remote_code: bool = False,
+        host_embeddings: bool = False,
     ) -> None:
         super().__init__(
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=optimizer_kwargs,
@@ -827,6 +869,7 @@ class CausalLMModule(LowMemModule):
         _check_untrained_token_ids(untrained_token_ids, resize_embeddings)
         check_attn_implementation(attn_implementation)
         _check_bool(trust_remote_code, "trust_remote_code")
+        _check_host_embeddings(host_embeddings, self.lora, resize_embeddings)
         if isinstance(predict_new_tokens, bool) or not isinstance(predict_new_tokens, int) or predict_new_tokens < 1:
             raise ValueError(f"Invalid predict_new_tokens={predict_new_tokens!r}: expected an integer >= 1 (tokens "
                              "lowmem predict generates per prompt at most).")
@@ -973,7 +1016,8 @@ class CausalLMModule(LowMemModule):
                                          resize_embeddings=hp.resize_embeddings, token_ids=token_ids,
                                          row_start_notes=not self.rows_from_checkpoint,
                                          attn_implementation=hp.get("attn_implementation"),
-                                         trust_remote_code=hp.get("trust_remote_code", False))
+                                         trust_remote_code=hp.get("trust_remote_code", False),
+                                         host_embeddings=hp.get("host_embeddings", False))
         keep_rotary_fp32(self.model)  # the builders cast the whole model, rotary frequencies too
         self._check_packed_documents(self.model.config, self.model)
         rows = _embedding_rows(self.model)

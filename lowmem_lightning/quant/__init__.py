@@ -59,13 +59,16 @@ path load with either.
 
 from .convert import (
     LoadedIn4bit,
+    clamped_weight_names,
     ddp_skip_nf4_buffers,
     dequantize_model,
+    kept_dense_names,
     mark_loaded_in_4bit,
     quantize_model,
     router_names,
 )
 from .experts import Experts4bit, quantize_experts
+from .host_embeddings import HostEmbedding, hold_embeddings_on_host, host_table_names
 from .linear4bit import Linear4bit, NF4WeightHandle, NonFiniteWeightError, linear4bit_bytes
 from .loading import ModelFileError, NonFiniteCheckpointError, load_pretrained_causal_lm, random_causal_lm
 from .lora import (
@@ -87,6 +90,8 @@ __all__ = [
     "mark_loaded_in_4bit",
     "quantize_model",
     "router_names",
+    "clamped_weight_names",
+    "kept_dense_names",
     "dequantize_model",
     "ddp_skip_nf4_buffers",
     "add_lora",
@@ -100,4 +105,7 @@ __all__ = [
     "ModelFileError",
     "NonFiniteWeightError",
     "NonFiniteCheckpointError",
+    "HostEmbedding",
+    "host_table_names",
+    "hold_embeddings_on_host",
 ]

@@ -22,6 +22,8 @@ __all__ = [
     "quantize_model", "dequantize_model", "mark_loaded_in_4bit", "LoadedIn4bit", "HEAD_MODULES", "ddp_skip_nf4_buffers",
     "unquantized_matrices", "warn_unquantized_matrices", "UNQUANTIZED_SHARE", "holds_nf4", "nf4_weights",
     "router_names",
+    "clamped_weight_names",
+    "kept_dense_names",
 ]
 
 HEAD_MODULES = ("lm_head", "classifier", "score", "classification_head", "qa_outputs")
@@ -81,6 +83,31 @@ def router_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
+CLAMPED_WEIGHT_LAYERS = ("prediction_coefs", "correction_coefs")
+"""Linear layers of Gemma 3n's AltUp blocks whose weight transformers clamps in training mode (``prediction_coefs.weight
+.data.clamp_(...)``, ``correction_coefs.weight.clamp(...)``, to ``altup_coef_clip``): an NF4 layer holds no weight
+tensor (bitsandbytes' would clamp its packed codes), so they stay dense (``altup_num_inputs`` ** 2 outputs: tiny)."""
+
+
+def clamped_weight_names(model: nn.Module) -> tuple[str, ...]:
+    """Qualified names of the linear layers :data:`CLAMPED_WEIGHT_LAYERS` names inside an AltUp block of ``model``."""
+    names = []
+    for block_name, block in model.named_modules():
+        if not type(block).__name__.endswith("AltUp"):
+            continue
+        for child in CLAMPED_WEIGHT_LAYERS:
+            module = getattr(block, child, None)
+            if type(module) is nn.Linear or isinstance(module, Linear4bit):
+                names.append(f"{block_name}.{child}" if block_name else child)
+    return tuple(names)
+
+
+def kept_dense_names(model: nn.Module) -> tuple[str, ...]:
+    """The linear layers NF4 leaves dense whatever ``skip`` says: MoE routers (:func:`router_names`) and weights
+    transformers clamps while training (:func:`clamped_weight_names`)."""
+    return router_names(model) + clamped_weight_names(model)
+
+
 def _expert_count(experts: nn.Module) -> int:
     """How many experts an experts module holds (the first dimension of its 3-D projections)."""
     if isinstance(experts, Experts4bit):
@@ -104,7 +131,8 @@ def quantize_model(
     ``classifier.out_proj``), and so is the module ``model.get_output_embeddings()`` returns (a transformers
     model's head by whatever name). The default, :data:`HEAD_MODULES`, keeps the heads of transformers' task models
     dense and trainable, as transformers keeps a bitsandbytes 4-bit model's last module; ``skip=()`` quantizes every
-    layer but the output embeddings. MoE routers that are linear layers stay dense too (:func:`router_names`). Each
+    layer but the output embeddings. MoE routers that are linear layers stay dense too (:func:`router_names`), and so
+    do Gemma 3n's AltUp coefficients, which transformers clamps in training (:func:`clamped_weight_names`). Each
     weight is quantized on its own device (Triton on CUDA) and released as soon as its layer is replaced; meta weights
     give meta layers (shapes only).
     MoE experts held as 3-D parameters (transformers' experts interface: Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss,
@@ -122,7 +150,7 @@ def quantize_model(
     _check_options(block_size, double_quant, compute_dtype)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    skip += _output_embedding_names(model) + router_names(model)
+    skip += _output_embedding_names(model) + kept_dense_names(model)
     targets = [
         (name, module) for name, module in model.named_modules()
         if (type(module) is nn.Linear or is_conv1d(module)) and not _is_skipped(name, skip)

@@ -41,9 +41,10 @@ from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.multimodal import causal_lm_auto_class
 from lowmem_lightning.remote_code import remote_code_trusted, unknown_code_problem
 
-from .convert import _check_skip, _is_skipped, mark_loaded_in_4bit, router_names, warn_unquantized_matrices
+from .convert import _check_skip, _is_skipped, kept_dense_names, mark_loaded_in_4bit, warn_unquantized_matrices
 from .experts import Experts4bit, is_quantizable_experts, quantize_experts
 from .fp8 import FP8_CODES, FP8_METHOD, SCALE_SUFFIX, block_size, decode_fp8, fp8_scale_shapes
+from .host_embeddings import HostEmbedding, hold_embeddings_on_host, host_table_names
 from .linear4bit import (
     _QUANT_BUFFERS,
     Linear4bit,
@@ -306,7 +307,7 @@ def _parameters_on_meta():
 
 
 def _swap_in_meta_linear4bit(model, skip, block_size, double_quant, dtype) -> None:
-    skip = tuple(skip) + router_names(model)  # as quantize_model keeps them
+    skip = tuple(skip) + kept_dense_names(model)  # as quantize_model keeps them
     swapped = False
     for name, module in list(model.named_modules()):
         conv1d = is_conv1d(module)  # GPT-2's linear layer: weight (in, out)
@@ -334,7 +335,10 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
     except AttributeError:
         return False
     if tensor.is_floating_point() and not _is_nf4_buffer(module, leaf):
-        tensor = tensor.to(device=device, dtype=_load_dtype(module, leaf, dtype))
+        tensor = tensor.to(device=_load_device(module, leaf, device), dtype=_load_dtype(module, leaf, dtype))
+    if isinstance(module, HostEmbedding) and leaf == "weight":
+        module.set_table(tensor, device)
+        return True
     if isinstance(module, Linear4bit) and leaf == "weight":
         module.quantize_weight_(tensor.t().contiguous() if module.conv1d else tensor)  # Conv1D's is (in, out)
         return True
@@ -355,6 +359,12 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
         module._buffers[leaf] = tensor.to(device=device, dtype=module._buffers[leaf].dtype)
         return True
     return False
+
+
+def _load_device(module: nn.Module, leaf: str, device) -> torch.device | str:
+    """Where checkpoint tensor ``leaf`` of ``module`` is read to: the host for a :class:`HostEmbedding`'s table (it
+    never passes through the GPU), else ``device``."""
+    return "cpu" if isinstance(module, HostEmbedding) and leaf == "weight" else device
 
 
 def _load_dtype(module: nn.Module, leaf: str, dtype: torch.dtype) -> torch.dtype:
@@ -406,6 +416,7 @@ def _model_key(model: nn.Module, key: str, names: set[str]) -> str | None:
 
 def _still_on_meta(model: nn.Module) -> list[str]:
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    tensors += [(f"{name}.weight", m.table) for name, m in model.named_modules() if isinstance(m, HostEmbedding)]
     return [name for name, t in tensors if t.device.type == "meta"]
 
 
@@ -435,6 +446,8 @@ def _required(model: nn.Module) -> list[set[str]]:
             groups[id(module)] = {f"{name}.weight" if name else "weight"}
         elif isinstance(module, Experts4bit):
             groups.update({id(module._buffers[f"{proj}_qweight"]): {f"{name}.{proj}"} for proj in module.nf4_shapes})
+        elif isinstance(module, HostEmbedding) and module.table.device.type == "meta":
+            groups[id(module)] = {f"{name}.weight"}
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, tensor in tensors:
         module_name, _, leaf = name.rpartition(".")
@@ -892,6 +905,8 @@ def load_pretrained_causal_lm(
     block_size: int = 64,
     double_quant: bool = True,
     device: torch.device | str = "cpu",
+    host_embeddings: bool = False,
+    lora_targets=None,
 ) -> nn.Module:
     """Load a causal LM from local directory ``path`` (``config.json`` + safetensors), shard by shard; a Hub repo id
     ``org/name[@revision]`` is first resolved to its snapshot in the HF cache (config and safetensors downloaded
@@ -913,6 +928,11 @@ def load_pretrained_causal_lm(
     decoded with its ``weight_scale_inv`` as it is read (values equal to ``FineGrainedFP8Config(dequantize=True)``'s)
     and quantized, or kept in ``torch_dtype``; other pre-quantized formats are refused naming their ``quant_method``.
 
+    ``host_embeddings=True`` (for a model LoRA will wrap, with target module names ``lora_targets``): the embedding
+    tables LoRA leaves frozen and no output head shares (:func:`~.host_embeddings.host_table_names`) are read into host
+    memory and held there by :class:`~.host_embeddings.HostEmbedding` (page-locked when ``device`` is a GPU); they
+    never take device memory.
+
     Raises :class:`ModelFileError` (a ValueError) naming the file, before any tensor data is read, for: a missing
     directory or ``config.json``; an empty, garbled or foreign ``config.json`` or index; a shard the index lists
     that is missing; an empty, truncated or non-safetensors file; a tensor of the wrong shape or dtype; tensors the
@@ -928,6 +948,8 @@ def load_pretrained_causal_lm(
     model, plan, unexpected = _planned_model(path, quantize, dtype, skip, block_size, double_quant)
     if quantize == "nf4":  # before any tensor is read: what stays in full precision
         warn_unquantized_matrices(model, skip)
+    if host_embeddings:
+        hold_embeddings_on_host(model, host_table_names(model, lora_targets, check_frozen=False), device)
     flags = _stream(model, plan, dtype, device)
     _refuse_nonfinite(flags, dtype)
     if unexpected:
@@ -1108,7 +1130,8 @@ def _stream(model, plan, dtype, device) -> list[tuple[Path, str, str, torch.Tens
                 if tensor.is_floating_point():
                     module = model.get_submodule(module_name)
                     if not _is_nf4_buffer(module, leaf):
-                        tensor = tensor.to(device=device, dtype=_load_dtype(module, leaf, dtype))
+                        tensor = tensor.to(device=_load_device(module, leaf, device),
+                                           dtype=_load_dtype(module, leaf, dtype))
                     flags.append((file, key, target, _invalid_flag(module, leaf, tensor)))
                 _place(model, target, tensor, dtype, device)
                 del tensor
