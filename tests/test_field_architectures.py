@@ -289,6 +289,27 @@ def test_gemma3n_qlora_trains_with_its_altup_coefficients_dense(tmp_path):
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
 
 
+def test_gemma3n_from_a_config_draws_each_module_with_its_own_models_init():
+    """A QLoRA model built from a Gemma 3n config (``lowmem fit --model.config``) draws its weights module by module
+    with transformers' ``_init_weights``. It used the causal LM's, and Gemma 3n's text model initializes its per-layer
+    projection scale from its own ``hidden_size``, which the causal LM lacks: the build raised ``AttributeError:
+    'Gemma3nForCausalLM' object has no attribute 'hidden_size'``. Now each module is drawn by the innermost model
+    holding it, as transformers dispatches: the constants equal transformers' ``from_config``'s."""
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_lightning.modules.causal_lm import make_config
+
+    config = {**SIZES, "num_hidden_layers": 4, "head_dim": 16, "sliding_window": 16,
+              **PER_POSITION["gemma3n_text"][0], "model_type": "gemma3n_text"}
+    ours = build_causal_lm(None, config, "nf4", RECIPE_LORA, device="cpu", torch_dtype="float32").get_base_model()
+    theirs = AutoModelForCausalLM.from_config(make_config(config))
+    buffers = dict(ours.named_buffers())
+    floating = {name: b for name, b in theirs.named_buffers() if b.is_floating_point()}
+    assert floating and all(torch.equal(b, buffers[name]) for name, b in floating.items())
+    constants = {name: p for name, p in theirs.named_parameters() if p.numel() > 1 and p.std() == 0}
+    assert constants and all(torch.equal(p, ours.get_parameter(name)) for name, p in constants.items())
+
+
 def test_all_linear_leaves_out_what_peft_refuses_on_mamba_models():
     """Nemotron-H (Mamba, attention and MLP layers; no gate_proj) takes the seven names as all its linear layers:
     that list held the Mamba mixer's ``out_proj``, which peft refuses on Mamba models, so the build failed with

@@ -368,26 +368,40 @@ def _materialize_quantized(model: nn.Module, device: torch.device, dtype: torch.
     """Give a meta model whose linears are meta ``Linear4bit`` layers real, freshly initialized weights
     on ``device``, one layer at a time: each linear's weight is drawn (the model's own ``_init_weights``:
     normal(0, initializer_range)), quantized and freed before the next, so peak memory is the 4-bit
-    model plus one dense layer, never the dense model (a 7B config fits a small GPU this way)."""
+    model plus one dense layer, never the dense model (a 7B config fits a small GPU this way). Each module is drawn
+    by the ``_init_weights`` of the innermost transformers model holding it, as transformers' own initialization
+    dispatches (Gemma 3n's text model initializes its per-layer projection scale from its own ``hidden_size``)."""
     from lowmem_lightning.quant import Experts4bit, Linear4bit
 
+    owners = _init_owners(model)
     for module in model.modules():
+        init = owners.get(module, model)._init_weights
         if isinstance(module, Experts4bit):
             _materialize_experts(module, device, dtype, model.config.get_text_config().initializer_range)
         elif isinstance(module, Linear4bit):
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                               device=device, dtype=dtype)
-            model._init_weights(dense)
+            init(dense)
             module.quantize_weight_(dense.weight)
             if module.bias is not None:
                 module.bias = nn.Parameter(dense.bias.detach(), requires_grad=False)
             del dense
         elif any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
             module.to_empty(device=device, recurse=False)
-            model._init_weights(module)
+            init(module)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
+
+
+def _init_owners(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """Each module of ``model`` -> the innermost module holding it (itself included) that has an ``_init_weights``
+    (a transformers ``PreTrainedModel``: a causal LM's inner text model, a VLM's language model)."""
+    owners = {}
+    for owner in model.modules():  # outer before inner: an inner model's modules are taken over by it
+        if hasattr(owner, "_init_weights"):
+            owners.update(dict.fromkeys(owner.modules(), owner))
+    return owners
 
 
 def _from_config(cfg, quantize: str | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
