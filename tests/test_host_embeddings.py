@@ -139,6 +139,34 @@ def test_a_copy_holds_its_own_table(checkpoints):
             assert torch.equal(twin(input_ids=_ids()).logits, want)
 
 
+def test_a_dtype_cast_keeps_a_gpu_models_table_page_locked(monkeypatch):
+    """Where ``_apply`` moves the model, told from its function alone: Lightning's precision plugin casts a model that
+    runs on the GPU with ``module.to(dtype=...)``, which must keep the table page-locked (the GPU reads it in place:
+    unlocked memory would be an illegal address); ``.cpu()`` unlocks it, ``.to("meta")`` drops it. The page-locking
+    is stood in for (this machine has no CUDA)."""
+    from lowmem_lightning.quant import host_embeddings
+
+    locks = []
+
+    def page_lock(table):  # records the table locked; returns its unlock, as _page_lock's finalizer
+        locks.append(table.data_ptr())
+        return lambda: locks.remove(table.data_ptr())
+
+    monkeypatch.setattr(host_embeddings, "_page_lock", page_lock)
+    monkeypatch.setattr(host_embeddings, "_check_device_reads", lambda table, device: None)
+    hosted = HostEmbedding(torch.randn(10, 4, dtype=torch.bfloat16))
+    hosted.set_table(hosted.table, "cuda")  # as the loader places it for a model on the GPU
+    assert locks == [hosted.table.data_ptr()] and hosted._runs_on.type == "cuda"
+    hosted.to(dtype=torch.float32)
+    assert hosted.table.dtype == torch.float32 and locks == [hosted.table.data_ptr()] and hosted._runs_on.type == "cuda"
+    hosted.float()
+    assert locks == [hosted.table.data_ptr()]
+    hosted.cpu()
+    assert locks == [] and hosted._runs_on.type == "cpu" and hosted.table.device.type == "cpu"
+    hosted.to("meta")
+    assert hosted.table.device.type == "meta" and locks == []
+
+
 def test_casts_and_load_state_dict_keep_the_table_on_the_host(checkpoints):
     model = _quiet_build(checkpoints("gemma4"), quantize="nf4", host_embeddings=True)
     module = model.get_submodule(HOSTED["gemma4"][0])
@@ -282,3 +310,32 @@ def test_the_readme_rows_of_llama_2_7b_are_what_lowmem_estimate_says(tmp_path, c
         hosted = f"{est['host_table_bytes'] / 1e9:.3f}" if host else "0"
         row = f"| Llama-2-7B | {str(host).lower()} | {weights / 1e9:.3f} | {total / 1e9:.3f} | {hosted} |"
         assert row in readme, row
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_the_table_takes_no_device_memory_and_the_rows_are_the_hosts(checkpoints):
+    """On a GPU: the Gemma 3n QLoRA build (Gemma 3n: in the device image's transformers, which may predate Gemma 4) with
+    the per-layer table page-locked on the host gives the logits of the build without it, takes none of the table's
+    bytes of device memory, and keeps it page-locked through the precision plugin's dtype cast (the next forward
+    reads it in place)."""
+    device = torch.device("cuda")
+    logits, allocated = [], []
+    for host in (False, True):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = build_causal_lm(str(checkpoints("gemma3n")), quantize="nf4", lora=LORA, torch_dtype="bfloat16",
+                                    device=device, host_embeddings=host)
+        model.to(dtype=torch.bfloat16)
+        allocated.append(torch.cuda.memory_allocated() - before)
+        with torch.no_grad():
+            logits.append(model(input_ids=_ids().to(device)).logits.cpu())
+        if host:
+            module = model.get_submodule(PER_LAYER[0])
+            assert module.table.device.type == "cpu" and module._page_locked is not None
+        del model
+    assert torch.equal(*logits)
+    assert allocated[0] - allocated[1] >= 320 * 4 * 8 * 2  # the per-layer table's bytes (320 x layers x 8, bf16)

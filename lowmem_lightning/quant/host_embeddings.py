@@ -68,25 +68,37 @@ class HostEmbedding(nn.Module):
         return rows
 
     def set_table(self, table: torch.Tensor, device: torch.device | str | None = None) -> None:
-        """Hold ``table`` (checkpoint rows) for a model that runs on ``device`` (default: where the table is)."""
+        """Hold ``table`` (checkpoint rows) for a model that runs on ``device`` (default: where the model runs now)."""
         if tuple(table.shape) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"Table of shape {tuple(table.shape)} for a {self.num_embeddings} x "
                              f"{self.embedding_dim} embedding.")
         self._unlock()
         self.table = table.detach().to("cpu") if table.device.type != "meta" else table.detach()
-        self._lock_for(torch.device(device) if device is not None else self.table.device)
+        self._lock_for(device if device is not None else self._runs_on)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        target = fn(torch.empty(0, dtype=self.table.dtype))  # where, and in which dtype, the model goes
-        if target.dtype != self.table.dtype:
+        dtype, device = self._target(fn)
+        if dtype != self.table.dtype:
             self._unlock()
-            self.table = self.table.to(target.dtype)
-        if target.device.type == "meta" and self.table.device.type != "meta":
+            self.table = self.table.to(dtype)
+        if device.type == "meta" and self.table.device.type != "meta":
             self._unlock()
             self.table = self.table.to("meta")
-        self._lock_for(target.device)
+        self._lock_for(device)
         return self
+
+    def _target(self, fn) -> tuple[torch.dtype, torch.device]:
+        """``(dtype, device)`` the model goes to under ``_apply``'s ``fn``, told by two empty probes: a host one and a
+        meta one. A move to a real device cannot copy out of the meta probe (it raises): the host probe's device is
+        the target. A dtype-only cast (Lightning's precision plugin) leaves each probe where it was: the model stays
+        where it runs (a table page-locked for the GPU stays so)."""
+        moved = fn(torch.empty(0, dtype=self.table.dtype))
+        try:
+            from_meta = fn(torch.empty(0, dtype=self.table.dtype, device="meta")).device
+        except NotImplementedError:  # "Cannot copy out of meta tensor": a move to a real device
+            return moved.dtype, moved.device
+        return moved.dtype, (moved.device if moved.device == from_meta else self._runs_on)
 
     def __getstate__(self):
         """What a copy (``copy.deepcopy``: Lightning's weight averaging; pickling) takes: all but the page-locking,
@@ -99,9 +111,9 @@ class HostEmbedding(nn.Module):
         super().__setstate__(state)
         self._lock_for(self._runs_on)
 
-    def _lock_for(self, device: torch.device) -> None:
+    def _lock_for(self, device: torch.device | str) -> None:
         """Page-lock the table for a CUDA ``device`` (mapped into every GPU's address space); unlock it otherwise."""
-        self._runs_on = torch.device(device)
+        device = self._runs_on = torch.device(device)
         if device.type != "cuda" or self.table.device.type != "cpu":
             self._unlock()
             return
