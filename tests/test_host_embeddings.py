@@ -37,9 +37,11 @@ HOSTED = {"gemma4": PER_LAYER, "gemma3n": PER_LAYER, "llama": ["base_model.model
 
 
 def _build(name: str) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, Gemma4TextConfig, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     if name == "gemma4":  # E2B-like: sliding and full layers, shared KV, per-layer input embeddings
+        from transformers import Gemma4TextConfig  # (the device image's transformers may predate it)
+
         config = Gemma4TextConfig(**ARCH, num_hidden_layers=4, head_dim=16, global_head_dim=16, sliding_window=8,
                                   num_kv_shared_layers=2, hidden_size_per_layer_input=8,
                                   vocab_size_per_layer_input=320,
