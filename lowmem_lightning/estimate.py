@@ -149,7 +149,8 @@ class ModelCount:
     :func:`released_gradient_bytes` replays); ``tied_gradient_bytes`` the bytes of the trainable parameters more than
     one module holds (an input embedding tied to the output head), whose two gradients autograd sums as backward ends;
     ``host_table_bytes`` the frozen embedding tables held in host memory (``host_embeddings``: counted in ``params``,
-    in no device total).
+    in no device total); ``hostable_table_bytes`` the frozen ones still on the device that ``host_embeddings`` would
+    move there (:func:`~lowmem_lightning.quant.host_embeddings.host_table_names`).
     """
 
     params: int
@@ -163,6 +164,7 @@ class ModelCount:
     token_row_params: int = 0
     tied_gradient_bytes: int = 0
     host_table_bytes: int = 0
+    hostable_table_bytes: int = 0
 
     @property
     def frozen_bytes(self) -> int:
@@ -315,7 +317,19 @@ def count_model(model: nn.Module) -> ModelCount:
         key = str(buffer.dtype).removeprefix("torch.")
         frozen[key] = frozen.get(key, 0) + _nbytes(buffer)
     return ModelCount(params, adapter, trainable, dict(sorted(frozen.items())), trainable_bytes, grad_bytes,
-                      largest_grad, tuple(order), token_rows, _tied_trainable_bytes(model), host_tables)
+                      largest_grad, tuple(order), token_rows, _tied_trainable_bytes(model), host_tables,
+                      _hostable_table_bytes(model))
+
+
+def _hostable_table_bytes(model: nn.Module) -> int:
+    """Bytes of the frozen embedding tables of ``model`` on the device that ``host_embeddings`` would hold in host
+    memory (only under LoRA adapters, which freeze them; 0 otherwise, and without a frozen ``nn.Embedding``)."""
+    if not any(isinstance(m, nn.Embedding) and not m.weight.requires_grad for m in model.modules()) or not any(
+            any(marker in name for marker in _ADAPTER_MARKERS) for name, _ in model.named_parameters()):
+        return 0
+    from lowmem_lightning.quant.host_embeddings import host_table_names
+
+    return sum(_nbytes(model.get_submodule(name).weight) for name in host_table_names(model))
 
 
 def _tied_trainable_bytes(model: nn.Module) -> int:
@@ -1819,11 +1833,14 @@ def _reduce_weights_advice(model: ModelCount) -> str:
     base, LoRA adapters)."""
     quantized = "nf4" in model.frozen_bytes_by_dtype
     adapters = model.adapter_params > 0
+    table = _gb(model.hostable_table_bytes)
+    hosted = (f"hold the frozen embedding tables in host memory (host_embeddings: true, {table} off the device), "
+              if model.hostable_table_bytes else "")
     if quantized and adapters:
-        return ("the base is already 4-bit NF4 and only LoRA adapters train: raise the budget, or train a smaller "
-                "model")
+        return (f"the base is already 4-bit NF4 and only LoRA adapters train: {hosted}raise the budget, or train a "
+                "smaller model")
     if adapters:
-        return "quantize the base (quantize: nf4) under the LoRA adapters, or raise the budget"
+        return f"quantize the base (quantize: nf4) under the LoRA adapters, {hosted}or raise the budget"
     if quantized:
         return "train LoRA adapters on the 4-bit base (lora: ...), or raise the budget"
     return "quantize the base (quantize: nf4) and train LoRA adapters, or raise the budget"

@@ -341,3 +341,18 @@ def test_on_the_gpu_the_table_takes_no_device_memory_and_the_rows_are_the_hosts(
         del model
     assert torch.equal(*logits)
     assert allocated[0] - allocated[1] >= 320 * 4 * 8 * 2  # the per-layer table's bytes (320 x layers x 8, bf16)
+
+
+def test_an_estimate_over_budget_names_host_embeddings_with_what_it_saves(tmp_path, capsys, monkeypatch):
+    """A QLoRA recipe that does not fit (Llama-2-7B at 2 GB): the advice names ``host_embeddings: true`` and the
+    bytes it takes off the device, those the run with it holds in host memory; with it, the advice says it no more."""
+    said = {}
+    for host in (False, True):
+        proc = lowmem_in_process(capsys, monkeypatch, tmp_path, "estimate", "--config", "qlora_7b.yaml",
+                                 "--budget-gb", "2", "--model.host_embeddings", str(host).lower(), "--format", "json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        said[host] = json.loads(proc.stdout)
+    advice = said[False]["recommendation"]
+    assert said[False]["hostable_table_bytes"] == said[True]["host_table_bytes"] == 32000 * 4096 * 2
+    assert "hold the frozen embedding tables in host memory (host_embeddings: true, 0.262 GB off the device)" in advice
+    assert "host_embeddings" not in said[True]["recommendation"] and said[True]["hostable_table_bytes"] == 0

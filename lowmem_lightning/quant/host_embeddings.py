@@ -243,15 +243,18 @@ def _is_lora_target(name: str, targets) -> bool:
 def host_table_names(model: nn.Module, lora_targets=None, check_frozen: bool = True) -> list[str]:
     """Names of the embeddings of ``model`` that :class:`HostEmbedding` can hold in host memory: ``nn.Embedding``
     modules of the language model that no other module shares (a tied output head reads the whole table), that
-    ``lora_targets`` (LoRA's target module names) does not adapt, whose lookup :class:`HostEmbedding` reproduces
-    (``max_norm`` and sparse embeddings are left alone) and, with ``check_frozen``, whose table trains nothing
-    (``requires_grad=False``; ``False`` for a model LoRA has not frozen yet, whose embeddings it will freeze)."""
+    ``lora_targets`` (LoRA's target module names) does not adapt and no peft layer wraps, whose lookup
+    :class:`HostEmbedding` reproduces (``max_norm`` and sparse embeddings are left alone) and, with ``check_frozen``,
+    whose table trains nothing (``requires_grad=False``; ``False`` for a model LoRA has not frozen yet, whose
+    embeddings it will freeze)."""
     from lowmem_lightning.multimodal import language_model_modules
 
     shared, tied = _shared_parameter_ids(model), _tied_input_embedding(model)
     names = []
     for name, module in language_model_modules(model):
         if not isinstance(module, nn.Embedding) or module is tied or module.max_norm is not None or module.sparse:
+            continue
+        if name.endswith(".base_layer"):  # a peft layer's base: LoRA (or trained token rows) adapts it
             continue
         weight = module.weight
         if id(weight) in shared or (check_frozen and weight.requires_grad) or _is_lora_target(name, lora_targets):
