@@ -356,3 +356,22 @@ def test_an_estimate_over_budget_names_host_embeddings_with_what_it_saves(tmp_pa
     assert said[False]["hostable_table_bytes"] == said[True]["host_table_bytes"] == 32000 * 4096 * 2
     assert "hold the frozen embedding tables in host memory (host_embeddings: true, 0.262 GB off the device)" in advice
     assert "host_embeddings" not in said[True]["recommendation"] and said[True]["hostable_table_bytes"] == 0
+
+
+def test_a_fit_says_what_it_holds_or_that_there_is_nothing_to_hold(checkpoints, tmp_path, caplog):
+    """One line names the tables held and their size; a model whose only table is tied to its head (a tied Llama)
+    gets a warning that nothing moved, instead of a silent no-op."""
+    import logging
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_lightning.lowmem_warning import LowMemWarning
+
+    with caplog.at_level(logging.INFO):
+        _quiet_build(checkpoints("gemma4"), quantize="nf4", host_embeddings=True)
+    assert ("host_embeddings: 0.02 MiB of frozen embedding tables in host memory (model.embed_tokens_per_layer); "
+            "each step gathers its batch's rows.") in caplog.text
+    LlamaForCausalLM(LlamaConfig(**ARCH, num_hidden_layers=1, tie_word_embeddings=True)).save_pretrained(tmp_path)
+    with pytest.warns(LowMemWarning, match="host_embeddings=True: this model has no frozen embedding table that no "
+                                           "output head shares"):
+        build_causal_lm(str(tmp_path), quantize="nf4", lora=LORA, device="cpu", host_embeddings=True)

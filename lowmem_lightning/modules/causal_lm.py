@@ -644,7 +644,31 @@ def _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_d
                 peft_config.revision = revision
     if host_embeddings:  # a model built from a config: its tables were made on the device
         _hold_tables_on_host(model, lora, device)
+        if device.type != "meta":
+            _say_what_is_held(model, row_start_notes)
     return model
+
+
+def _say_what_is_held(model: nn.Module, note: bool) -> None:
+    """With ``note`` (a fit's own build), one line naming the embedding tables ``host_embeddings`` holds in host memory
+    and their bytes; a ``LowMemWarning`` when the model has none it could hold (a tied input embedding, no per-layer
+    table)."""
+    from lowmem_lightning.quant.host_embeddings import HostEmbedding
+
+    held = {name: m.table.numel() * m.table.element_size() for name, m in model.named_modules()
+            if isinstance(m, HostEmbedding)}
+    if not held:
+        rank_zero_warn("host_embeddings=True: this model has no frozen embedding table that no output head shares "
+                       "(its input embedding is tied to the head, or trains), so nothing was moved to host memory.",
+                       category=LowMemWarning)
+        return
+    if not note:
+        return
+    names = ", ".join(name.removeprefix("base_model.model.") for name in held)
+    total = sum(held.values())
+    size = f"{total / 1e9:.3f} GB" if total >= 10**8 else f"{total / 2**20:.2f} MiB"
+    rank_zero_info(f"host_embeddings: {size} of frozen embedding tables in host memory ({names}); each step gathers "
+                   "its batch's rows.")
 
 
 def _treat_untrained_rows(model: nn.Module, token_ids: Mapping[int, str] | Iterable[int] | None, resize: bool,
