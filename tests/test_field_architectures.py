@@ -259,6 +259,31 @@ def test_the_seven_llama_names_leave_blocks_that_mix_no_tokens_alone(model_type)
                                                                                      else 0)
 
 
+@pytest.mark.parametrize("name, hosted", [("mistral", "model.embed_tokens"), ("phi3", "model.embed_tokens"),
+                                          ("gpt_neox", "gpt_neox.embed_in"), ("mixtral", "model.embed_tokens"),
+                                          ("gpt_oss", "model.embed_tokens"), ("qwen2.5-tied", None)])
+def test_host_embeddings_holds_the_untied_input_embedding_and_trains_the_same(model_dirs, name, hosted):
+    """``host_embeddings`` under the QLoRA recipe: the untied input embedding (by whatever name) goes to host memory,
+    a tied one stays; logits and LoRA gradients are those of the build without it, bit for bit."""
+    from lowmem_lightning.quant import HostEmbedding
+
+    runs, path = [], str(model_dirs(name))  # written (drawing random weights) before the seeded builds
+    for host in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)  # the LoRA initialisation
+            model = build_causal_lm(path, quantize="nf4", lora=RECIPE_LORA, device="cpu", torch_dtype="bfloat16",
+                                    host_embeddings=host)
+        torch.manual_seed(1)  # the recipe's LoRA dropout
+        out = model(input_ids=_ids(), labels=_ids())
+        out.loss.backward()
+        held = [n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, HostEmbedding)]
+        runs.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, held))
+    (logits, grads, _), (host_logits, host_grads, held) = runs
+    assert held == ([hosted] if hosted else [])
+    assert torch.equal(logits, host_logits) and all(torch.equal(grads[n], host_grads[n]) for n in grads)
+
+
 def test_gemma3n_qlora_trains_with_its_altup_coefficients_dense(tmp_path):
     """Gemma 3n clamps its AltUp coefficient weights while training (``prediction_coefs.weight.data.clamp_``,
     ``correction_coefs.weight.clamp``). Under the QLoRA recipe they were NF4, whose layer holds no weight tensor: the
