@@ -163,6 +163,8 @@ def test_a_dtype_cast_keeps_a_gpu_models_table_page_locked(monkeypatch):
     assert hosted.table.dtype == torch.float32 and locks == [hosted.table.data_ptr()] and hosted._runs_on.type == "cuda"
     hosted.float()
     assert locks == [hosted.table.data_ptr()]
+    hosted.share_memory()  # a function a meta tensor does not take: no move
+    assert locks == [hosted.table.data_ptr()] and hosted._runs_on.type == "cuda"
     hosted.cpu()
     assert locks == [] and hosted._runs_on.type == "cpu" and hosted.table.device.type == "cpu"
     hosted.to("meta")

@@ -98,6 +98,8 @@ class HostEmbedding(nn.Module):
             from_meta = fn(torch.empty(0, dtype=self.table.dtype, device="meta")).device
         except NotImplementedError:  # "Cannot copy out of meta tensor": a move to a real device
             return moved.dtype, moved.device
+        except RuntimeError:  # a function a meta tensor does not take (share_memory_): no move
+            return moved.dtype, self._runs_on
         return moved.dtype, (moved.device if moved.device == from_meta else self._runs_on)
 
     def __getstate__(self):
