@@ -140,7 +140,7 @@ def test_foreign_safetensors_of_another_shape_names_file_and_tensor(tmp_path, pr
     (path / INDEX).unlink()
     LlamaForCausalLM(_config(hidden_size=128)).to(torch.bfloat16).save_pretrained(tmp_path / "wide")
     shutil.copy(tmp_path / "wide" / "model.safetensors", path / "model.safetensors")
-    _refused(path, str(path / "model.safetensors"), "with shape", "(96, 128)", "expects (96, 64)")
+    _refused(path, str(path / "model.safetensors"), "with shape", "(96, 128)", "describes needs (96, 64)")
     assert quantized == []
 
 
@@ -249,7 +249,7 @@ def test_a_checkpoint_stored_already_quantized_is_named_as_such(ckpt, quantized,
 def test_config_of_another_size_is_refused_on_the_first_shape(ckpt, quantized):
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "intermediate_size": 192}))
-    _refused(ckpt, "with shape", "expects", ".mlp.")
+    _refused(ckpt, "with shape", "describes needs", ".mlp.")
     assert quantized == []
 
 

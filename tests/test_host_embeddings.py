@@ -377,3 +377,35 @@ def test_a_fit_says_what_it_holds_or_that_there_is_nothing_to_hold(checkpoints, 
     with pytest.warns(LowMemWarning, match="host_embeddings=True: this model has no frozen embedding table that no "
                                            "output head shares"):
         build_causal_lm(str(tmp_path), quantize="nf4", lora=LORA, device="cpu", host_embeddings=True)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("missing", "lacks 1 tensor the model of config.json needs (e.g. ['model.embed_tokens_per_layer.weight'])"),
+    ("shape", "holds 'model.embed_tokens_per_layer.weight' with shape (319, 32), but the model that config.json "
+              "describes needs (320, 32)"),
+    ("nan", "holds nan/inf in 1 tensor: model.embed_tokens_per_layer.weight in model.safetensors: 1 non-finite "
+            "element (1 nan)"),
+])
+def test_a_bad_table_in_the_checkpoint_is_refused_naming_it(checkpoints, tmp_path, damage, words):
+    """The table read straight into host memory is checked as every tensor the loader reads: missing, of another
+    shape (both before any tensor is read) or holding a nan, the checkpoint is refused naming it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lowmem_lightning.quant import ModelFileError
+
+    path = tmp_path / "damaged"
+    shutil.copytree(checkpoints("gemma4"), path)
+    [file] = [f for f in path.glob("*.safetensors") if "model.embed_tokens_per_layer.weight" in load_file(f)]
+    tensors, key = load_file(file), "model.embed_tokens_per_layer.weight"
+    if damage == "missing":
+        del tensors[key]
+    elif damage == "shape":
+        tensors[key] = tensors[key][:-1].clone()
+    else:
+        tensors[key][3, 2] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ModelFileError) as caught:
+        _quiet_build(path, quantize="nf4", host_embeddings=True)
+    assert words.replace("model.safetensors", file.name) in str(caught.value), str(caught.value)

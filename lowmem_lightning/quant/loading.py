@@ -756,9 +756,9 @@ def _plan(model, path: Path, headers, weight_map, ignored, stored_as: StoredForm
                 continue
             want = expected[target]
             if shape != tuple(want.shape):
-                raise ModelFileError(file, f"holds {key!r} with shape {shape}, but the model config.json describes "
-                                     f"expects {tuple(want.shape)}: the file belongs to another model, or config.json "
-                                     "does not match it.")
+                raise ModelFileError(file, f"holds {key!r} with shape {shape}, but the model that config.json "
+                                     f"describes needs {tuple(want.shape)}: the file belongs to another model, or "
+                                     "config.json does not match it.")
             if want.is_floating_point():
                 _check_floating(file, key, code)
             plan.append((file, key, target))
