@@ -223,6 +223,11 @@ class ExportMixin:
         if state is None:
             self._error(what)
         self._build_for_export()
+        if hasattr(self.model, "with_frozen_base"):  # a checkpoint that left out the frozen base (checkpoint_frozen)
+            try:
+                state = self.model.with_frozen_base(state, checkpoint)
+            except ValueError as err:
+                self._error(str(err))
         mismatch = first_mismatch(self.model.state_dict(), state)
         if mismatch is not None:
             config = saved_config_next_to(ckpt_path)

@@ -345,6 +345,16 @@ def _check_host_embeddings(host_embeddings, lora: dict | None, resize_embeddings
                          "rows train, so the input embedding stays on the device; pass one of the two.")
 
 
+def _check_checkpoint_frozen(checkpoint_frozen, lora: dict | None, model_name_or_path) -> None:
+    """``ValueError`` naming ``checkpoint_frozen`` when it is not a bool, or is ``False`` where the frozen weights
+    cannot be rebuilt from a checkpoint (no ``model_name_or_path``) or are not frozen (no ``lora``)."""
+    _check_bool(checkpoint_frozen, "checkpoint_frozen")
+    if not checkpoint_frozen and (lora is None or model_name_or_path is None):
+        raise ValueError(f"Invalid checkpoint_frozen=False with lora={lora!r}, model_name_or_path="
+                         f"{model_name_or_path!r}: checkpoints leave out only a frozen base that is rebuilt from a "
+                         "checkpoint, so it needs LoRA (lora) on a pretrained model (model_name_or_path).")
+
+
 def _dequantized(path: Path) -> dict:
     """``from_pretrained`` options that load a checkpoint stored with MXFP4 experts (gpt-oss's Hub release) or
     fine-grained FP8 weights (DeepSeek-V3, Qwen3-FP8, Ministral 3) decoded to full precision
@@ -860,6 +870,13 @@ class CausalLMModule(LowMemModule):
             embeddings, ``vocab x layers x 256``: several GB), each step gathering only its batch's rows onto the
             GPU (see :func:`build_causal_lm`); ``lowmem estimate`` counts them as host memory. Checkpoints and exports
             are the same files. Refused without ``lora`` and with ``resize_embeddings``.
+        checkpoint_frozen: Whether Lightning checkpoints hold the frozen weights too (default). ``False``, for LoRA /
+            QLoRA on ``model_name_or_path``: they hold what trains (adapters, trained token rows) and any frozen
+            tensor changed since the build; the frozen base (a 7B's NF4 codes: 3.9 GB a save) is rebuilt from
+            ``model_name_or_path`` at resume, ``lowmem export`` and ``load_from_checkpoint``, checked against
+            checksums the checkpoint records (another base is refused, naming a tensor that differs;
+            :mod:`~lowmem_lightning.modules.frozen_base`). Not under sharded strategies (FSDP2: the checkpoint stays
+            whole).
     """
 
     rows_from_checkpoint: bool = False
@@ -892,6 +909,7 @@ class CausalLMModule(LowMemModule):
         attn_implementation: AttnImplementation | None = None,
         trust_remote_code: bool = False,
         host_embeddings: bool = False,
+        checkpoint_frozen: bool = True,
     ) -> None:
         super().__init__(
             optimizer=optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=optimizer_kwargs,
@@ -908,6 +926,7 @@ class CausalLMModule(LowMemModule):
         check_attn_implementation(attn_implementation)
         _check_bool(trust_remote_code, "trust_remote_code")
         _check_host_embeddings(host_embeddings, self.lora, resize_embeddings)
+        _check_checkpoint_frozen(checkpoint_frozen, self.lora, model_name_or_path)
         if isinstance(predict_new_tokens, bool) or not isinstance(predict_new_tokens, int) or predict_new_tokens < 1:
             raise ValueError(f"Invalid predict_new_tokens={predict_new_tokens!r}: expected an integer >= 1 (tokens "
                              "lowmem predict generates per prompt at most).")
@@ -919,6 +938,7 @@ class CausalLMModule(LowMemModule):
         # weights (every batch counts 1), and val_loss would no longer be the per-token mean.
         self.val_loss = torchmetrics.MeanMetric(nan_strategy=float("nan"))
         self._saved = False  # the model of this fit was written (save_model runs once per fit)
+        self._frozen_baseline: dict | None = None  # digests of the frozen tensors as built (checkpoint_frozen=False)
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -1063,11 +1083,51 @@ class CausalLMModule(LowMemModule):
         self._check_vocabulary(data_vocab, rows)
         if hp.gradient_checkpointing:
             _enable_checkpointing(self.model)
+        if not hp.get("checkpoint_frozen", True):
+            from lowmem_lightning.modules.frozen_base import tensor_digests
+
+            trainable = self._trainable_keys()
+            self._frozen_baseline = tensor_digests({k: v for k, v in self.state_dict().items() if k not in trainable})
         if hp.quantize == "nf4" and _wraps_in_ddp(self._trainer):
             from lowmem_lightning.quant import ddp_skip_nf4_buffers
 
             ddp_skip_nf4_buffers(self)  # the frozen 4-bit base would otherwise be broadcast at every step
         _show_callbacks_the_model(self)
+
+    def _trainable_keys(self) -> set[str]:
+        """The state dict keys of the parameters that train now."""
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """With ``checkpoint_frozen=False``, leave out of the checkpoint the frozen tensors unchanged since the build,
+        recording their checksums (:func:`~lowmem_lightning.modules.frozen_base.drop_unchanged`)."""
+        super().on_save_checkpoint(checkpoint)
+        if self._frozen_baseline is None or _is_sharded(self.model):
+            return
+        from lowmem_lightning.modules.frozen_base import FROZEN_BASE_KEY, drop_unchanged
+
+        dropped = drop_unchanged(checkpoint["state_dict"], self._trainable_keys(), self._frozen_baseline)
+        checkpoint[FROZEN_BASE_KEY] = {"model_name_or_path": str(self.hparams.model_name_or_path),
+                                       "tensors": {k: list(d) for k, d in dropped.items()}}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint that left out the frozen base gets it back from the model this run built, checked against its
+        checksums (:meth:`with_frozen_base`), before Lightning loads it."""
+        super().on_load_checkpoint(checkpoint)
+        checkpoint["state_dict"] = self.with_frozen_base(checkpoint["state_dict"], checkpoint)
+
+    def with_frozen_base(self, state: dict, checkpoint: dict) -> dict:
+        """``state`` (a state dict of ``checkpoint``) with the frozen tensors the checkpoint left out
+        (``checkpoint_frozen=False``) taken from this module's model (built first if need be); ``ValueError`` when
+        they differ from those it trained on. ``state`` itself for a whole checkpoint."""
+        from lowmem_lightning.modules.frozen_base import FROZEN_BASE_KEY, restore_dropped
+
+        record = checkpoint.get(FROZEN_BASE_KEY)
+        if record is None:
+            return state
+        if self.model is None:
+            self.configure_model()
+        return restore_dropped(state, record, self.state_dict(), self.hparams.model_name_or_path)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):

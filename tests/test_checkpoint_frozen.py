@@ -1,0 +1,183 @@
+"""``checkpoint_frozen=False``: a LoRA / QLoRA run's Lightning checkpoints hold what trains, not the frozen base.
+
+Through ``lowmem fit`` on a tiny Llama checkpoint written by ``save_pretrained`` (NF4 + LoRA, adamw_8bit, a checkpoint
+every step): the checkpoint holds the LoRA tensors alone and is a fraction of a whole one; resuming from it continues
+exactly as from a whole one; ``lowmem export`` and ``load_from_checkpoint`` give the same model; a base that changed
+since (another checkpoint in the directory) is refused naming a tensor; a frozen tensor changed after the build stays
+in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lowmem_calls import lowmem_in_process
+
+from lowmem_lightning.cli import RECIPES_DIR
+from lowmem_lightning.modules.causal_lm import CausalLMModule
+from lowmem_lightning.modules.frozen_base import FROZEN_BASE_KEY, drop_unchanged, tensor_digests
+
+LORA = {"r": 4, "alpha": 8}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("base") / "llama"
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _recipe(root: Path, base: Path, frozen: bool) -> Path:
+    """The tiny recipe's trainer and data on a QLoRA model of ``base`` (adamw_8bit, no validation), a full checkpoint
+    every step in ``root/ckpts``."""
+    root.mkdir(parents=True, exist_ok=True)
+    recipe = yaml.safe_load((RECIPES_DIR / "tiny.yaml").read_text())
+    recipe["trainer"].update({"max_steps": 2, "limit_val_batches": 0, "enable_progress_bar": False,
+                              "enable_model_summary": False, "logger": False})
+    recipe["trainer"]["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": "ckpts", "filename": "{step}", "every_n_train_steps": 1, "save_top_k": -1}}]
+    init = recipe["model"]["init_args"]
+    init.pop("config")
+    init.update({"model_name_or_path": str(base), "quantize": "nf4", "lora": LORA, "optimizer": "adamw_8bit",
+                 "checkpoint_frozen": frozen})
+    recipe["data"]["init_args"].update({"seq_len": 32, "batch_size": 4})
+    (root / "run.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+def _fit(capsys, monkeypatch, root: Path, *args: str):
+    proc = lowmem_in_process(capsys, monkeypatch, root, "fit", "--config", "run.yaml", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _ckpt(root: Path, step: int) -> dict:
+    return torch.load(root / "ckpts" / f"step={step}.ckpt", map_location="cpu", weights_only=False)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory):
+    """``{"whole": dir, "trained": dir}``: 4 steps with whole checkpoints; 2 steps with checkpoint_frozen=False, then
+    resumed with ``--ckpt_path last`` to step 4."""
+    monkeypatch, capsys = pytest.MonkeyPatch(), None
+    root = tmp_path_factory.mktemp("runs")
+    dirs = {"whole": _recipe(root / "whole", base, True), "trained": _recipe(root / "trained", base, False)}
+
+    class _Capsys:  # lowmem_in_process reads the captured output; a module fixture has no capsys
+        @staticmethod
+        def readouterr():
+            return "", ""
+
+    capsys = _Capsys()
+    try:
+        _fit(capsys, monkeypatch, dirs["whole"], "--trainer.max_steps", "4")
+        _fit(capsys, monkeypatch, dirs["trained"])
+        (dirs["trained"] / "step2_before_resume.ckpt").write_bytes((dirs["trained"] / "ckpts" / "step=2.ckpt")
+                                                                   .read_bytes())
+        _fit(capsys, monkeypatch, dirs["trained"], "--trainer.max_steps", "4", "--ckpt_path", "last")
+    finally:
+        monkeypatch.undo()
+    return dirs
+
+
+def test_the_checkpoint_holds_the_lora_tensors_alone_and_a_fraction_of_the_bytes(runs):
+    whole, trained = _ckpt(runs["whole"], 2), _ckpt(runs["trained"], 2)
+    assert set(trained["state_dict"]) == {k for k in whole["state_dict"] if ".lora_" in k}
+    record = trained[FROZEN_BASE_KEY]
+    assert set(record["tensors"]) == set(whole["state_dict"]) - set(trained["state_dict"])
+    assert record["model_name_or_path"].endswith("llama")
+    sizes = {name: (runs[name] / "ckpts" / "step=2.ckpt").stat().st_size for name in runs}
+    assert sizes["trained"] < 0.6 * sizes["whole"], sizes  # tiny model: LoRA and its state are a large part here
+
+
+def test_resuming_from_it_continues_as_from_a_whole_checkpoint(runs):
+    """Steps 3 and 4 after ``--ckpt_path last`` on the trained-only checkpoint: the weights LoRA trains and the
+    optimizer state equal those of 4 steps straight with whole checkpoints."""
+    whole, trained = _ckpt(runs["whole"], 4), _ckpt(runs["trained"], 4)
+    lora = {k: v for k, v in whole["state_dict"].items() if ".lora_" in k}
+    assert _same(lora, trained["state_dict"])
+    assert _same(whole["optimizer_states"], trained["optimizer_states"])
+
+
+def test_load_from_checkpoint_rebuilds_the_base(runs, base):
+    whole = CausalLMModule.load_from_checkpoint(runs["whole"] / "ckpts" / "step=4.ckpt", map_location="cpu")
+    trained = CausalLMModule.load_from_checkpoint(runs["trained"] / "ckpts" / "step=4.ckpt", map_location="cpu")
+    assert _same(whole.state_dict(), trained.state_dict())
+
+
+def test_lowmem_export_of_it_writes_the_same_merged_model(runs, capsys, monkeypatch, tmp_path):
+    from safetensors.torch import load_file
+
+    merged = {}
+    for name in runs:
+        out = tmp_path / name
+        proc = lowmem_in_process(capsys, monkeypatch, runs[name], "export", "--config", "run.yaml", "--ckpt_path",
+                                 str(runs[name] / "ckpts" / "step=4.ckpt"), "--save_dir", str(out),
+                                 "--save_merged", "true")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        merged[name] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert _same(merged["whole"], merged["trained"])
+
+
+def test_a_changed_base_is_refused_naming_a_tensor_that_differs(base, tmp_path, capsys, monkeypatch):
+    """The base directory was overwritten since the checkpoint was written (another checkpoint in the same place: one
+    weight changed): resuming would train the adapters on a base they never saw. Refused: exit 2, one message naming
+    a tensor that differs, nothing written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "llama"
+    shutil.copytree(base, other)
+    root = _recipe(tmp_path / "run", other, False)
+    _fit(capsys, monkeypatch, root, "--trainer.max_steps", "1")
+    [file] = other.glob("*.safetensors")
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] += 1.0
+    save_file(tensors, file, metadata={"format": "pt"})
+    proc = lowmem_in_process(capsys, monkeypatch, root, "fit", "--config", "run.yaml", "--trainer.max_steps", "3",
+                             "--ckpt_path", "last")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("Invalid checkpoint: it holds the trained weights only (checkpoint_frozen=False), and the frozen base "
+            f"this run built from model_name_or_path={str(other)!r} is not the one it trained on") in proc.stderr
+    assert "e.g. 'model.base_model.model.model.layers.1.mlp.down_proj.base_layer." in proc.stderr
+    assert "Traceback" not in proc.stderr and sorted(p.name for p in (root / "ckpts").iterdir()) == ["step=1.ckpt"]
+
+
+def test_a_frozen_tensor_changed_after_the_build_stays_in_the_checkpoint():
+    """A callback that trained a tensor and froze it again: its checksum is no longer the build's, so the save keeps
+    it (the base would not give it back)."""
+    state = {"kept.weight": torch.ones(3), "frozen.weight": torch.zeros(4), "changed.weight": torch.zeros(5),
+             "lora.weight": torch.ones(2)}
+    baseline = tensor_digests({k: v for k, v in state.items() if k != "lora.weight"})
+    state["changed.weight"] += 1e-3
+    dropped = drop_unchanged(state, trainable={"lora.weight"}, baseline=baseline)
+    assert set(dropped) == {"kept.weight", "frozen.weight"}
+    assert set(state) == {"changed.weight", "lora.weight"}
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"lora": None}, "Invalid checkpoint_frozen=False with lora=None"),
+    ({"model_name_or_path": None, "config": {"hidden_size": 64}}, "model_name_or_path=None: checkpoints leave out"),
+    ({"checkpoint_frozen": "no"}, "Invalid checkpoint_frozen='no': expected True or False."),
+])
+def test_refused_where_the_base_cannot_be_rebuilt(base, kwargs, words):
+    args = {"model_name_or_path": str(base), "quantize": None, "lora": LORA, "checkpoint_frozen": False, **kwargs}
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        CausalLMModule(**args)
