@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from lowmem_calls import lowmem_in_process
+from tiny_checkpoints import same_contents
 
 from lowmem_lightning.cli import RECIPES_DIR
 from lowmem_lightning.modules.causal_lm import CausalLMModule
@@ -63,14 +64,6 @@ def _ckpt(root: Path, step: int) -> dict:
     return torch.load(root / "ckpts" / f"step={step}.ckpt", map_location="cpu", weights_only=False)
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-
-
 @pytest.fixture(scope="module")
 def runs(base, tmp_path_factory):
     """``{"whole": dir, "trained": dir}``: 4 steps with whole checkpoints; 2 steps with checkpoint_frozen=False, then
@@ -111,14 +104,14 @@ def test_resuming_from_it_continues_as_from_a_whole_checkpoint(runs):
     optimizer state equal those of 4 steps straight with whole checkpoints."""
     whole, trained = _ckpt(runs["whole"], 4), _ckpt(runs["trained"], 4)
     lora = {k: v for k, v in whole["state_dict"].items() if ".lora_" in k}
-    assert _same(lora, trained["state_dict"])
-    assert _same(whole["optimizer_states"], trained["optimizer_states"])
+    assert same_contents(lora, trained["state_dict"])
+    assert same_contents(whole["optimizer_states"], trained["optimizer_states"])
 
 
 def test_load_from_checkpoint_rebuilds_the_base(runs, base):
     whole = CausalLMModule.load_from_checkpoint(runs["whole"] / "ckpts" / "step=4.ckpt", map_location="cpu")
     trained = CausalLMModule.load_from_checkpoint(runs["trained"] / "ckpts" / "step=4.ckpt", map_location="cpu")
-    assert _same(whole.state_dict(), trained.state_dict())
+    assert same_contents(whole.state_dict(), trained.state_dict())
 
 
 def test_lowmem_export_of_it_writes_the_same_merged_model(runs, capsys, monkeypatch, tmp_path):
@@ -132,7 +125,7 @@ def test_lowmem_export_of_it_writes_the_same_merged_model(runs, capsys, monkeypa
                                  "--save_merged", "true")
         assert proc.returncode == 0, proc.stderr[-3000:]
         merged[name] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
-    assert _same(merged["whole"], merged["trained"])
+    assert same_contents(merged["whole"], merged["trained"])
 
 
 def test_a_changed_base_is_refused_naming_a_tensor_that_differs(base, tmp_path, capsys, monkeypatch):

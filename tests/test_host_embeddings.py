@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from lowmem_calls import LOWMEM, lowmem_in_process
-from tiny_checkpoints import checkpoint_maker
+from tiny_checkpoints import checkpoint_maker, same_contents
 from torch import nn
 
 from lowmem_lightning.cli import RECIPES_DIR
@@ -225,14 +225,6 @@ def _trained(folder: Path, step: int) -> dict:
     return torch.load(folder / "ckpts" / f"step={step}.ckpt", map_location="cpu", weights_only=False)
 
 
-def _same(a: dict, b: dict) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-
-
 def test_a_qlora_fit_trains_and_exports_as_without_it(checkpoints, tmp_path, capsys, monkeypatch):
     """Two ``lowmem fit`` steps of Gemma 4 QLoRA: the weights and optimizer state each step checkpoints are those of
     the fit without ``host_embeddings``, and the merged export holds the per-layer table as the checkpoint stores it
@@ -249,8 +241,8 @@ def test_a_qlora_fit_trains_and_exports_as_without_it(checkpoints, tmp_path, cap
         runs[host] = root
     for step in (1, 2):
         plain, hosted = _trained(runs[False], step), _trained(runs[True], step)
-        assert _same(plain["state_dict"], hosted["state_dict"])
-        assert _same(plain["optimizer_states"], hosted["optimizer_states"])
+        assert same_contents(plain["state_dict"], hosted["state_dict"])
+        assert same_contents(plain["optimizer_states"], hosted["optimizer_states"])
         assert hosted["hyper_parameters"]["host_embeddings"] is True
     merged = AutoModelForCausalLM.from_pretrained(runs[True] / "merged", local_files_only=True)
     stored = {}
@@ -275,8 +267,8 @@ def test_a_killed_run_resumes_as_if_uninterrupted(checkpoints, tmp_path):
                           cwd=tmp_path / "resumed", env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     straight, resumed = _trained(tmp_path / "straight", 4), _trained(tmp_path / "resumed", 4)
-    assert _same(straight["state_dict"], resumed["state_dict"])
-    assert _same(straight["optimizer_states"], resumed["optimizer_states"])
+    assert same_contents(straight["state_dict"], resumed["state_dict"])
+    assert same_contents(straight["optimizer_states"], resumed["optimizer_states"])
 
 
 def test_lowmem_estimate_counts_the_tables_as_host_memory(checkpoints, tmp_path, capsys, monkeypatch):

@@ -1,4 +1,5 @@
-"""Tiny random checkpoints written as users' directories, for the tests that load them: :func:`checkpoint_maker`."""
+"""Tiny random checkpoints written as users' directories, for the tests that load them (:func:`checkpoint_maker`), and
+the comparison of what Lightning checkpoints hold (:func:`same_contents`)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,13 @@ def checkpoint_maker(root: Path, build: Callable[[str], nn.Module],
         return made[name]
 
     return make
+
+
+def same_contents(a, b) -> bool:
+    """Whether ``a`` and ``b`` (a checkpoint's ``state_dict`` or ``optimizer_states``: dicts, lists and tuples of
+    tensors and plain values) hold the same keys and bit-equal tensors."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_contents(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_contents(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
