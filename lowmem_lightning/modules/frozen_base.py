@@ -28,10 +28,20 @@ FROZEN_BASE_KEY = "lowmem_frozen_base"
 _INTEGER_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+_CHUNK = 1 << 22
+"""Elements summed at once: torch casts a reduction's input to int64 up front, so a whole 1.3 GB bf16 embedding would
+take a 5.4 GB int64 copy; a chunk takes 32 MiB."""
+
+
 def _checksum(tensor: torch.Tensor) -> torch.Tensor:
-    """A 0-d int64 on the tensor's device: its bytes, read as integers of its element size, summed (wrapping)."""
+    """A 0-d int64 on the tensor's device: its bytes, read as integers of its element size, summed (wrapping), a chunk
+    of :data:`_CHUNK` elements at a time."""
     flat = tensor.detach().contiguous().reshape(-1)
-    return flat.view(_INTEGER_VIEWS[flat.element_size()]).sum(dtype=torch.int64)
+    flat = flat.view(_INTEGER_VIEWS[flat.element_size()])
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        total += flat[start:start + _CHUNK].sum(dtype=torch.int64)
+    return total
 
 
 def tensor_digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int, str]]:
