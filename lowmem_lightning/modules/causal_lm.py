@@ -1114,7 +1114,8 @@ class CausalLMModule(LowMemModule):
         """A checkpoint that left out the frozen base gets it back from the model this run built, checked against its
         checksums (:meth:`with_frozen_base`), before Lightning loads it."""
         super().on_load_checkpoint(checkpoint)
-        checkpoint["state_dict"] = self.with_frozen_base(checkpoint["state_dict"], checkpoint)
+        if "state_dict" in checkpoint:  # a sharded (FSDP) load reads the model's state apart, after this hook
+            checkpoint["state_dict"] = self.with_frozen_base(checkpoint["state_dict"], checkpoint)
 
     def with_frozen_base(self, state: dict, checkpoint: dict) -> dict:
         """``state`` (a state dict of ``checkpoint``) with the frozen tensors the checkpoint left out
