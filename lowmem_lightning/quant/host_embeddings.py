@@ -59,9 +59,12 @@ class HostEmbedding(nn.Module):
         return self.table
 
     def extra_repr(self) -> str:
+        """``rows, row elements, table on <device> (<dtype>)`` in the module's repr."""
         return f"{self.num_embeddings}, {self.embedding_dim}, table on {self.table.device.type} ({self.table.dtype})"
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``input_ids`` (any shape; a NaN row for an id outside the table) on the ids' device, times
+        ``embed_scale`` where there is one: ``input_ids.shape + (embedding_dim,)``, the table's dtype."""
         rows = gather_rows(self.table, input_ids)
         if self.embed_scale is not None:
             rows = rows * self.embed_scale.to(rows.dtype)
