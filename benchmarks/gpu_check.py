@@ -99,8 +99,9 @@ Later commands, each a ``run`` of its own with the same install line (part budge
 ``packing`` (40 s: imports, the 1.1B model built on the device, 6 steps of 4 x 2048 tokens per row, at most
 3 rows) is in no earlier command: the first one's budget is full.
 4. QLoRA of Mixtral-8x7B with NF4 experts (120 s of part budget; an H100's 80 GB hold its 25 GB), and
-   ``host_embeddings`` (60 s; ``timeout_s`` 260 for both: a Gemma 3n E4B-sized per-layer table read from host
-   memory; must show rows equal to the host's, ~0 GB of device memory for the table, equal tiny-Gemma-3n logits)::
+   ``host_embeddings`` (75 s; ``timeout_s`` 260 for both: a Gemma 3n E4B-sized per-layer table read from host
+   memory; must show rows equal to the host's, ~0 GB of device memory for the table, equal tiny-Gemma-3n logits,
+   and a QLoRA step whose peak drops by the 0.53 GB input embedding at the same step time)::
 
     python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts qlora_moe,host_embeddings --out-dir $OUT \
         2>&1 | tee $OUT/log.txt
@@ -126,7 +127,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 BUDGET_S = {"kernels": 70, "gpu_tests": 120, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
-            "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40, "qlora_moe": 120, "host_embeddings": 60}
+            "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40, "qlora_moe": 120, "host_embeddings": 75}
 """Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
 55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
 (ours only), release 45. Not yet run on a GPU, sized from arithmetic: full_ft_7b (two rows, each a fresh
@@ -147,7 +148,8 @@ weights drawn and quantized on the device one tensor at a time (~47 GB of fp32 d
 Triton quantize), 5 steps at seq 512 (per layer each of the 8 experts decoded three times: forward, the checkpoint's
 recompute, backward; ~0.5-2 s a step) and one profiled. ``host_embeddings``, not yet run: imports ~15 s, a 4.7 GB
 bf16 host table filled (~3 s) and page-locked (~1-2 s), 12 lookups of 294 MB of rows (at PCIe 5 rates ~15 ms each),
-the same table copied to the device, two tiny Gemma 3n builds."""
+the same table copied to the device, two tiny Gemma 3n builds, two builds of a 4-layer Llama with a 128k vocabulary
+drawn in NF4 on the device (~5 s each) and 6 steps of 4096 tokens each."""
 
 RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
 """The parts the next device session runs, in one command (the module docstring has it)."""
@@ -1552,13 +1554,12 @@ def part_host_embeddings(dry: bool) -> list[str]:
     rows = hosted(ids.to(device))
     if not torch.equal(rows.cpu(), table[ids]):
         raise AssertionError("host_embeddings: the rows gathered on the device differ from the host table's")
-    on_device = torch.nn.Embedding.from_pretrained(table.to(device), freeze=True)
-    ids_dev = ids.to(device)
-    host_ms = _median_ms(lambda: hosted(ids_dev), device)
-    device_ms = _median_ms(lambda: on_device(ids_dev), device)
+    host_ms, device_ms = _lookup_times(hosted, table, ids.to(device), device)
     moved = ids.numel() * size["row_elems"] * 2
     h2d, _ = _pinned_bandwidth(device, moved)
+    del rows
     logits_equal = _tiny_gemma3n_host_logits_equal(device)
+    steps = {host: _host_embeddings_step(device, dry, host) for host in (False, True)}
     if taken > 0.01 or not logits_equal:
         raise AssertionError(f"host_embeddings: the hosted table took {taken:.3f} GB of device memory (goal: none); "
                              f"tiny Gemma 3n logits equal with and without it: {logits_equal}")
@@ -1570,7 +1571,59 @@ def part_host_embeddings(dry: bool) -> list[str]:
             f"| lookup, table on the device (ms) | {device_ms:.2f} |",
             f"| rows read from the host (GB/s) | {moved / max(host_ms, 1e-6) / 1e6:.1f} |",
             f"| pinned host->device copy of the same bytes (GB/s) | {h2d:.1f} |",
-            f"| tiny Gemma 3n QLoRA logits equal with and without host_embeddings | {logits_equal} |"]
+            f"| tiny Gemma 3n QLoRA logits equal with and without host_embeddings | {logits_equal} |",
+            "", f"QLoRA training step ({_step_model(HOST_STEP_DRY if dry else HOST_STEP)}; adamw_8bit, bf16 "
+            "autocast, NF4 base, LoRA r=16 on the seven projections):", "",
+            "| host_embeddings | peak memory (GB) | median step (ms) |", "|---|---:|---:|",
+            *(f"| {host} | {peak:.3f} | {ms:.1f} |" for host, (peak, ms) in steps.items())]
+
+
+HOST_STEP = {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4,
+             "num_attention_heads": 16, "num_key_value_heads": 4, "seq": 4096}
+"""The step row's model: a Llama with a Llama-3-sized untied vocabulary (its input embedding 0.53 GB in bf16), 4
+layers, QLoRA r=16 on the seven projections, one sequence of ``seq`` tokens."""
+
+HOST_STEP_DRY = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "seq": 32}
+
+
+def _step_model(size: dict) -> str:
+    return (f"Llama, vocabulary {size['vocab_size']} untied, hidden {size['hidden_size']}, "
+            f"{size['num_hidden_layers']} layers, one sequence of {size['seq']} tokens")
+
+
+def _host_embeddings_step(device, dry: bool, host: bool) -> tuple[float, float]:
+    """(peak device memory in GB during the steps, weights included; median step ms) of :data:`HOST_STEP`'s QLoRA step,
+    its input embedding in host memory or not: the peak must drop by the table's bytes, the step time stay. The peak
+    is counted from after the build (a model built from a config draws its table on the device before it moves)."""
+    import gc
+
+    import torch
+
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    size = dict(HOST_STEP_DRY if dry else HOST_STEP)
+    seq = size.pop("seq")
+    model = build_causal_lm(config={**size, "tie_word_embeddings": False}, quantize="nf4", lora={"r": 16, "alpha": 32},
+                            device=device, torch_dtype="bfloat16", host_embeddings=host)
+    step = _qlora_step(model, device, seq, "adamw_8bit")
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    ms = _median_ms(step, device, runs=6)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0
+    return peak, ms
+
+
+def _lookup_times(hosted, table, ids, device) -> tuple[float, float]:
+    """Median ms of ``hosted(ids)`` and of the same lookup with ``table`` copied to the device (freed on return)."""
+    import torch
+
+    on_device = torch.nn.Embedding.from_pretrained(table.to(device), freeze=True)
+    return _median_ms(lambda: hosted(ids), device), _median_ms(lambda: on_device(ids), device)
 
 
 def _tiny_gemma3n_host_logits_equal(device) -> bool:
