@@ -149,6 +149,10 @@ def test_a_changed_base_is_refused_naming_a_tensor_that_differs(base, tmp_path, 
             f"this run built from model_name_or_path={str(other)!r} is not the one it trained on") in proc.stderr
     assert "e.g. 'model.base_model.model.model.layers.1.mlp.down_proj.base_layer." in proc.stderr
     assert "Traceback" not in proc.stderr and sorted(p.name for p in (root / "ckpts").iterdir()) == ["step=1.ckpt"]
+    export = lowmem_in_process(capsys, monkeypatch, root, "export", "--config", "run.yaml", "--ckpt_path",
+                               str(root / "ckpts" / "step=1.ckpt"), "--save_dir", "adapter")
+    assert export.returncode == 2 and "is not the one it trained on" in export.stderr, export.stderr[-3000:]
+    assert not (root / "adapter").exists()
 
 
 def test_a_frozen_tensor_changed_after_the_build_stays_in_the_checkpoint():
