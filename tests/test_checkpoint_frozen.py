@@ -191,3 +191,16 @@ def test_the_checksum_is_summed_a_chunk_at_a_time_to_the_same_value(monkeypatch)
         integers = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
         whole = tensor.view(integers).to(torch.int64).sum()
         assert tensor_digests({"t": tensor})["t"] == (int(whole), tensor.numel(), str(tensor.dtype)[6:])
+
+
+def test_a_run_resumes_across_the_setting(runs, base, tmp_path, capsys, monkeypatch):
+    """``checkpoint_frozen`` sets what a checkpoint holds, not what the model is: a run with it ``false`` (the recipe
+    now) resumes a whole checkpoint (one written before), and a run with it ``true`` a trained-only one, each to the
+    weights of 4 steps straight. Before, the first was refused as "saved from a different model"."""
+    want = {k: v for k, v in _ckpt(runs["whole"], 4)["state_dict"].items() if ".lora_" in k}
+    for name, frozen in (("whole", False), ("trained", True)):
+        root = _recipe(tmp_path / name, base, frozen)
+        _fit(capsys, monkeypatch, root, "--trainer.max_steps", "4", "--ckpt_path",
+             str(runs[name] / "ckpts" / "step=2.ckpt"))
+        got = {k: v for k, v in _ckpt(root, 4)["state_dict"].items() if ".lora_" in k}
+        assert same_contents(got, want), name

@@ -28,9 +28,11 @@ CKPT_KEYWORDS = ("last", "best", "hpc")
 
 TRAINING_KEYS = frozenset({
     "optimizer", "lr", "weight_decay", "optimizer_kwargs", "warmup_steps", "scheduler", "min_lr_ratio",
-    "save_dir", "save_merged", "gradient_checkpointing", "predict_new_tokens",
+    "save_dir", "save_merged", "gradient_checkpointing", "predict_new_tokens", "host_embeddings",
+    "checkpoint_frozen",
 })
-"""Model init args that set how the model is trained, saved or used, not what it is: a resumed run may differ."""
+"""Model init args that set how the model is trained, saved or used, not what it is: a resumed run may differ (where
+its frozen embedding tables live; whether its checkpoints hold the frozen base: either kind of checkpoint loads)."""
 
 RESOLVED_ON_BUILD = {"resize_embeddings": True, "untrained_token_ids": None}
 """Model init args that ``CausalLMModule`` replaces by what they resolved to when it built the model, with the run
