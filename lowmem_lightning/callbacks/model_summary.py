@@ -33,7 +33,7 @@ def _host_table_elements(module) -> int:
     hosted = sys.modules.get("lowmem_lightning.quant.host_embeddings")
     if hosted is None:
         return 0
-    return sum(m.table.numel() for m in module.modules() if isinstance(m, hosted.HostEmbedding))
+    return sum(table.numel() for table in hosted.host_tables(module).values())
 
 
 def _outside_parameters(module) -> int:

@@ -652,7 +652,7 @@ def _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_d
         if revision is not None:  # adapter_config.json's revision: AutoPeftModel loads that commit of the base
             for peft_config in model.peft_config.values():
                 peft_config.revision = revision
-    if host_embeddings:  # a model built from a config: its tables were made on the device
+    if host_embeddings:  # the tables still on the device (a model built from a config; a loaded one's are held)
         _hold_tables_on_host(model, lora, device)
         if device.type != "meta":
             _say_what_is_held(model, row_start_notes)
@@ -663,10 +663,9 @@ def _say_what_is_held(model: nn.Module, note: bool) -> None:
     """With ``note`` (a fit's own build), one line naming the embedding tables ``host_embeddings`` holds in host memory
     and their bytes; a ``LowMemWarning`` when the model has none it could hold (a tied input embedding, no per-layer
     table)."""
-    from lowmem_lightning.quant.host_embeddings import HostEmbedding
+    from lowmem_lightning.quant.host_embeddings import host_table_bytes, host_tables
 
-    held = {name: m.table.numel() * m.table.element_size() for name, m in model.named_modules()
-            if isinstance(m, HostEmbedding)}
+    held = host_tables(model)
     if not held:
         rank_zero_warn("host_embeddings=True: this model has no frozen embedding table that no output head shares "
                        "(its input embedding is tied to the head, or trains), so nothing was moved to host memory.",
@@ -675,7 +674,7 @@ def _say_what_is_held(model: nn.Module, note: bool) -> None:
     if not note:
         return
     names = ", ".join(name.removeprefix("base_model.model.") for name in held)
-    total = sum(held.values())
+    total = host_table_bytes(model)
     size = f"{total / 1e9:.3f} GB" if total >= 10**8 else f"{total / 2**20:.2f} MiB"
     rank_zero_info(f"host_embeddings: {size} of frozen embedding tables in host memory ({names}); each step gathers "
                    "its batch's rows.")

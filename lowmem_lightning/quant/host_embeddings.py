@@ -26,7 +26,7 @@ from torch import nn
 
 from lowmem_lightning.kernels.row_gather import gather_rows, gather_rows_reference
 
-__all__ = ["HostEmbedding", "host_table_names", "hold_embeddings_on_host", "host_table_bytes"]
+__all__ = ["HostEmbedding", "host_table_names", "hold_embeddings_on_host", "host_tables", "host_table_bytes"]
 
 
 class HostEmbedding(nn.Module):
@@ -286,6 +286,11 @@ def hold_embeddings_on_host(model: nn.Module, names, device: torch.device | str 
     return list(names)
 
 
+def host_tables(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{module name: table}`` of the :class:`HostEmbedding` modules of ``model``."""
+    return {name: m.table for name, m in model.named_modules() if isinstance(m, HostEmbedding)}
+
+
 def host_table_bytes(model: nn.Module) -> int:
     """Bytes of the tables :class:`HostEmbedding` modules of ``model`` hold in host memory."""
-    return sum(m.table.numel() * m.table.element_size() for m in model.modules() if isinstance(m, HostEmbedding))
+    return sum(t.numel() * t.element_size() for t in host_tables(model).values())
