@@ -23,7 +23,8 @@ ordered and checkpointed by Lightning like the user's own): :class:`~.strategy_c
 step stops the fit when that step is done), :class:`~.resume.ResumeCompatibility` and
 :class:`~.clip_norm.ClipNormReuse` (norm clipping hands its norm to our optimizer's finite check) and
 :class:`~.rotary.KeepRotaryFp32` (a Hugging Face model's rotary frequencies back in fp32 after a bf16 cast) and
-:class:`~.train_mode.CheckpointingModeCheck` (a warning when gradient checkpointing is on in modules in eval mode).
+:class:`~.train_mode.CheckpointingModeCheck` (a warning when gradient checkpointing is on in modules in eval mode) and
+:class:`~.averaging.AverageSharesFrozen` (a weight average shares, not copies, the frozen base).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lowmem_lightning.callbacks.averaging import serve_weight_averaging
+from lowmem_lightning.callbacks.averaging import AverageSharesFrozen, serve_weight_averaging
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
@@ -184,7 +185,9 @@ class LowMemOptimizerCallback(L.Callback):
     that state (every pair of ``adamw``, ``adamw_8bit``, ``paged_adamw_8bit``, ``adamw_4bit``; ``lion``, ``ademamix``,
     ``muon`` <-> their ``_8bit`` variants), and apply a new ``lr`` at resume
     (:mod:`~lowmem_lightning.callbacks.resume`); give a Hugging Face model's rotary position frequencies back their
-    fp32 values after a ``bf16-true`` cast (:mod:`~lowmem_lightning.callbacks.rotary`).
+    fp32 values after a ``bf16-true`` cast (:mod:`~lowmem_lightning.callbacks.rotary`); let a weight-averaging
+    callback's average (``EMAWeightAveraging``) share, not copy, what does not train
+    (:class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`).
 
     Args:
         optimizer: Registered optimizer name (``lowmem_lightning.optim.available_optimizers()``).
@@ -286,6 +289,7 @@ class LowMemOptimizerCallback(L.Callback):
             KeepRotaryFp32(),
             CheckpointingModeCheck(),
             RngStateCheckpoint(),
+            AverageSharesFrozen(),
         )
         """The callbacks with the other jobs, put into ``trainer.callbacks`` after this one at ``setup``."""
         self.optimizers: list[torch.optim.Optimizer] = []

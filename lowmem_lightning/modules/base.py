@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lowmem_lightning.callbacks.averaging import AverageSharesFrozen
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.model_summary import count_nf4_in_model_summaries
 from lowmem_lightning.callbacks.rng_state import RngStateCheckpoint
@@ -212,9 +213,11 @@ class LowMemModule(L.LightningModule):
         that step is done, as under ``LowMemOptimizerCallback`` (a notebook's interrupted model and optimizer are a
         step's, and a checkpoint saved then resumes exactly), and
         :class:`~lowmem_lightning.callbacks.rng_state.RngStateCheckpoint`: the random generators' states travel in
-        every checkpoint, so dropout draws the same masks after a resume. A subclass overriding this hook adds to
+        every checkpoint, so dropout draws the same masks after a resume, and
+        :class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`: a weight-averaging callback's average
+        shares, not copies, what does not train. A subclass overriding this hook adds to
         ``super().configure_callbacks()``."""
-        return [InterruptAtStepEnd(), RngStateCheckpoint()]
+        return [InterruptAtStepEnd(), RngStateCheckpoint(), AverageSharesFrozen()]
 
     def setup(self, stage: str) -> None:
         """The Trainer's model summary counts the model's NF4 weights

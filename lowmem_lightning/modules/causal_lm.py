@@ -747,6 +747,16 @@ def _wraps_in_ddp(trainer) -> bool:
     return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
 
 
+MODEL_STATE_KEYS = ("state_dict", "current_model_state")
+"""The checkpoint keys of the module's weights: its ``state_dict`` and, under a ``WeightAveraging`` callback (which
+writes the average to ``state_dict``), the training weights."""
+
+
+def _model_states(checkpoint: dict) -> list[str]:
+    """The keys of :data:`MODEL_STATE_KEYS` that ``checkpoint`` holds a state dict under."""
+    return [key for key in MODEL_STATE_KEYS if isinstance(checkpoint.get(key), dict)]
+
+
 def _show_callbacks_the_model(module: L.LightningModule) -> None:
     """Callbacks that look at the module in their ``setup``, before ``configure_model`` builds the model, saw no
     weights. ``StochasticWeightAveraging`` copied the module: its average would average nothing and, at the end,
@@ -1099,13 +1109,16 @@ class CausalLMModule(LowMemModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """With ``checkpoint_frozen=False``, leave out of the checkpoint the frozen tensors unchanged since the build,
-        recording their checksums (:func:`~lowmem_lightning.modules.frozen_base.drop_unchanged`)."""
+        recording their checksums (:func:`~lowmem_lightning.modules.frozen_base.drop_unchanged`): out of its
+        ``state_dict`` and out of the training weights a weight-averaging callback moved to ``current_model_state``."""
         super().on_save_checkpoint(checkpoint)
         if self._frozen_baseline is None or _is_sharded(self.model):
             return
         from lowmem_lightning.modules.frozen_base import FROZEN_BASE_KEY, drop_unchanged
 
-        dropped = drop_unchanged(checkpoint["state_dict"], self._trainable_keys(), self._frozen_baseline)
+        trainable, dropped = self._trainable_keys(), {}
+        for key in _model_states(checkpoint):
+            dropped.update(drop_unchanged(checkpoint[key], trainable, self._frozen_baseline))
         checkpoint[FROZEN_BASE_KEY] = {"model_name_or_path": str(self.hparams.model_name_or_path),
                                        "tensors": {k: list(d) for k, d in dropped.items()}}
 
@@ -1113,8 +1126,8 @@ class CausalLMModule(LowMemModule):
         """A checkpoint that left out the frozen base gets it back from the model this run built, checked against its
         checksums (:meth:`with_frozen_base`), before Lightning loads it."""
         super().on_load_checkpoint(checkpoint)
-        if "state_dict" in checkpoint:  # a sharded (FSDP) load reads the model's state apart, after this hook
-            checkpoint["state_dict"] = self.with_frozen_base(checkpoint["state_dict"], checkpoint)
+        for key in _model_states(checkpoint):  # none in a sharded (FSDP) load: it reads the model's state apart
+            checkpoint[key] = self.with_frozen_base(checkpoint[key], checkpoint)
 
     def with_frozen_base(self, state: dict, checkpoint: dict) -> dict:
         """``state`` (a state dict of ``checkpoint``) with the frozen tensors the checkpoint left out

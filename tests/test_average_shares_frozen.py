@@ -1,0 +1,286 @@
+"""A weight average (Lightning's ``EMAWeightAveraging``) of a LoRA / QLoRA run shares the frozen base, not a copy.
+
+Lightning's ``WeightAveraging`` deep-copies the whole module into torch's ``AveragedModel`` at ``setup``: for a QLoRA
+run a second NF4 base, embeddings and norms on the device for the whole fit, copied at every update, and written into
+every checkpoint beside the module's own (measured below: the tiny model's average held 204,848 bytes where 32,768
+train). :class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen` (a part of ``LowMemOptimizerCallback`` and
+of ``LowMemModule``) makes the copy share what does not train. Every averaged value, validation metric and checkpoint
+tensor equals the full copy's (the same runs with the sharing switched off); the copy is never made (tensor bytes
+deep-copied counted) when the optimizer callback is listed before the averaging one, and dropped at ``setup``
+otherwise; a backbone unfrozen later is averaged as by a full copy; ``checkpoint_frozen=False`` leaves the base out of
+both the average and the training weights, and such a run resumes exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import BackboneFinetuning, EMAWeightAveraging, ModelCheckpoint
+from lowmem_calls import lowmem_in_process
+from tiny_checkpoints import same_contents
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lowmem_lightning.callbacks import LowMemOptimizerCallback
+from lowmem_lightning.callbacks import averaging as averaging_module
+from lowmem_lightning.callbacks.averaging import SharedParts, _may_share
+from lowmem_lightning.cli import RECIPES_DIR
+from lowmem_lightning.modules.causal_lm import CausalLMModule
+from lowmem_lightning.modules.frozen_base import FROZEN_BASE_KEY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SAVED = ("state_dict", "current_model_state", "averaging_state", "optimizer_states")
+CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+
+@pytest.fixture
+def no_sharing(monkeypatch):
+    """The averaging callbacks copy the whole module, as Lightning alone does."""
+    monkeypatch.setattr(averaging_module, "shareable_parts", lambda module, use_buffers: SharedParts())
+
+
+def _storages(module: nn.Module) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in [*module.parameters(), *module.buffers()]}
+
+
+def _own_bytes(average: nn.Module, module: nn.Module) -> int:
+    """Bytes of the average's params and buffers in storages the module does not hold."""
+    own, theirs = _storages(average), _storages(module)
+    return sum(n for ptr, n in own.items() if ptr not in theirs)
+
+
+def _qlora_fit(root: Path, order: str, steps: int = 4) -> tuple[CausalLMModule, L.Trainer, EMAWeightAveraging]:
+    """A tiny QLoRA CausalLMModule (adamw_8bit) with ``EMAWeightAveraging(use_buffers=False)``, validated and saved
+    every 2 steps. ``order``: ``callback_first`` (LowMemOptimizerCallback before the averaging), ``averaging_first``,
+    ``module_only`` (no optimizer callback: the module's own part)."""
+    torch.manual_seed(0)
+    module = CausalLMModule(config=CONFIG, quantize="nf4", lora={"r": 4, "alpha": 8}, optimizer="adamw_8bit", lr=3e-3)
+    ema = EMAWeightAveraging(decay=0.8, use_buffers=False)
+    ours = LowMemOptimizerCallback("adamw_8bit", lr=3e-3, plot=False, print_summary=False)
+    saving = ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=2, save_top_k=-1)
+    callbacks = {"callback_first": [ours, ema], "averaging_first": [ema, ours], "module_only": [ema]}[order]
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=1, val_check_interval=2,
+                        num_sanity_val_steps=0, callbacks=[*callbacks, saving])
+    from lowmem_lightning.data import TextDataModule
+
+    trainer.fit(module, TextDataModule("sample", seq_len=32, batch_size=2, val_fraction=0.02, seed=0))
+    return module, trainer, ema
+
+
+@pytest.fixture(scope="module")
+def full_copy(tmp_path_factory):
+    """The reference: the same QLoRA fit with the sharing switched off (Lightning's full copy)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(averaging_module, "shareable_parts", lambda module, use_buffers: SharedParts())
+        root = tmp_path_factory.mktemp("full_copy")
+        module, trainer, ema = _qlora_fit(root, "callback_first")
+    return {"root": root, "own": _own_bytes(ema._average_model.module, module), "after_fit": _frozen_state(module),
+            "val_loss": trainer.callback_metrics["val_loss"].clone()}
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _frozen_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v.clone() for k, v in module.state_dict().items() if k not in trainable}
+
+
+def _split_state(state: dict, trainable: set[str]) -> tuple[dict, dict]:
+    return ({k: v for k, v in state.items() if k in trainable}, {k: v for k, v in state.items() if k not in trainable})
+
+
+@pytest.mark.parametrize("order", ["callback_first", "averaging_first", "module_only"])
+def test_the_average_holds_the_adapters_alone_and_averages_them_as_the_full_copy(tmp_path, full_copy, order):
+    """The average holds in storage of its own the LoRA weights alone (before: the whole module, 204,848 bytes, 6.3x
+    the 32,768 that train). In every checkpoint the averaged and the training LoRA weights, the averaging state and the
+    optimizer state are bit-equal to the full copy's, and a checkpoint is a third smaller (the base is written once).
+    The frozen tensors stay the base's, in the average too; the full copy's EMA of them drifted by rounding
+    (``0.8 * w + 0.2 * w`` is not always ``w``), and its end-of-fit copy wrote that drift into the module's frozen
+    weights (so its validation loss, on the average, differs in the last digits)."""
+    module, trainer, ema = _qlora_fit(tmp_path, order)
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    trainable_bytes = sum(module.get_parameter(name).nbytes for name in trainable)
+    assert full_copy["own"] == sum(_storages(module).values()) == 204_848 and trainable_bytes == 32_768
+    assert _own_bytes(ema._average_model.module, module) == trainable_bytes
+    for name in ("epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"):
+        ours, theirs = _load(tmp_path / name), _load(full_copy["root"] / name)
+        for key in ("state_dict", "current_model_state"):
+            assert same_contents(_split_state(ours[key], trainable)[0], _split_state(theirs[key], trainable)[0])
+        for key in ("averaging_state", "optimizer_states"):
+            assert same_contents(ours[key], theirs[key]), (name, key)
+        assert same_contents(_split_state(ours["state_dict"], trainable)[1],
+                             _split_state(ours["current_model_state"], trainable)[1])
+        assert (tmp_path / name).stat().st_size < 0.7 * (full_copy["root"] / name).stat().st_size
+    base = _split_state(_load(tmp_path / "epoch=0-step=2.ckpt")["current_model_state"], trainable)[1]
+    drifted = _split_state(_load(full_copy["root"] / "last.ckpt")["state_dict"], trainable)[1]
+    assert same_contents(_frozen_state(module), base) and not same_contents(drifted, base)
+    assert not same_contents(full_copy["after_fit"], base)
+    assert torch.allclose(trainer.callback_metrics["val_loss"], full_copy["val_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("order, copied_frozen", [("callback_first", False), ("averaging_first", True)])
+def test_listed_before_the_averaging_the_copy_never_copies_the_frozen_base(tmp_path, monkeypatch, order,
+                                                                            copied_frozen):
+    """Tensor bytes deep-copied during the fit: with the optimizer callback first, the trainable ones alone (the
+    averaging's copy shares the rest from the start); listed after, the averaging copies the whole module at its
+    ``setup`` and the frozen copies are dropped right after (the first test: nothing of them is left)."""
+    copied = []
+    for cls in (torch.Tensor, nn.Parameter):
+        original = cls.__deepcopy__
+
+        def spy(self, memo, original=original):
+            copied.append(self.untyped_storage().nbytes())
+            return original(self, memo)
+
+        monkeypatch.setattr(cls, "__deepcopy__", spy)
+    module, _, _ = _qlora_fit(tmp_path, order, steps=1)
+    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    frozen = sum(_storages(module).values()) - trainable
+    assert (sum(copied) >= frozen) is copied_frozen
+    assert sum(copied) >= trainable
+
+
+class WithBackbone(L.LightningModule):
+    """Lightning's BackboneFinetuning example: a ``backbone`` frozen at fit start, unfrozen at epoch 1."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh())
+        self.head = nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-2)
+
+
+class SharedBackbone(L.Callback):
+    """Records at each epoch's end whether the average's backbone is the module's own."""
+
+    def __init__(self, averaging: EMAWeightAveraging):
+        self.averaging, self.shared = averaging, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.shared.append(self.averaging._average_model.module.backbone[0] is pl_module.backbone[0])
+
+
+def _backbone_fit(root: Path):
+    """3 epochs; BackboneFinetuning (listed first: it freezes the backbone at ``on_fit_start``) unfreezes at epoch 1."""
+    torch.manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(32, 6), torch.randn(32, 1)), batch_size=8)
+    module, ema = WithBackbone(), EMAWeightAveraging(decay=0.7, use_buffers=False)
+    spy = SharedBackbone(ema)
+    callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=1),
+                 LowMemOptimizerCallback("adamw_8bit", plot=False, print_summary=False), ema, spy,
+                 ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)]
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(module, data)
+    return spy.shared, _load(root / "last.ckpt")
+
+
+def test_a_backbone_unfrozen_later_is_averaged_as_by_a_full_copy(tmp_path, monkeypatch):
+    """BackboneFinetuning freezes the backbone at fit start (shared: the average's is the module's) and unfreezes it
+    at epoch 1: from its first training batch the average holds a copy of its own, and the average, its buffers (a
+    BatchNorm's running statistics), the training weights and the optimizer state at the end equal the full copy's."""
+    shared, ours = _backbone_fit(tmp_path / "shared")
+    assert shared == [True, False, False]
+    monkeypatch.setattr(averaging_module, "shareable_parts", lambda module, use_buffers: SharedParts())
+    full, theirs = _backbone_fit(tmp_path / "full")
+    assert full == [False, False, False]
+    for key in SAVED:
+        assert same_contents(ours[key], theirs[key]), key
+
+
+def test_an_average_kept_on_another_device_is_left_as_lightning_builds_it():
+    """``EMAWeightAveraging(device=...)`` on another device than the module's: moving the average there would move
+    the shared parts (the module's own) with it, so nothing is shared; on the module's device (any index spelling)
+    it is."""
+    module = WithBackbone()
+    assert not _may_share(EMAWeightAveraging(device="cuda"), module)
+    assert not _may_share(EMAWeightAveraging(device="meta"), module)
+    assert _may_share(EMAWeightAveraging(device="cpu"), module)
+    assert _may_share(EMAWeightAveraging(), module)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("base") / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**CONFIG, "vocab_size": 320})).save_pretrained(path)
+    return path
+
+
+def _recipe(root: Path, base: Path) -> Path:
+    """The tiny recipe on a QLoRA model of ``base`` with ``checkpoint_frozen: false`` and ``host_embeddings: true``,
+    EMA (``use_buffers: false``) after the optimizer callback, a checkpoint every step."""
+    root.mkdir(parents=True, exist_ok=True)
+    recipe = yaml.safe_load((RECIPES_DIR / "tiny.yaml").read_text())
+    recipe["trainer"].update({"limit_val_batches": 0, "enable_progress_bar": False, "enable_model_summary": False,
+                              "logger": False})
+    recipe["trainer"]["callbacks"][0]["init_args"]["plot"] = False
+    recipe["trainer"]["callbacks"] += [
+        {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+         "init_args": {"decay": 0.8, "use_buffers": False}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": "ckpts", "filename": "{step}", "every_n_train_steps": 1, "save_top_k": -1}}]
+    init = recipe["model"]["init_args"]
+    init.pop("config")
+    init.update({"model_name_or_path": str(base), "quantize": "nf4", "lora": {"r": 4, "alpha": 8},
+                 "checkpoint_frozen": False, "host_embeddings": True})
+    recipe["data"]["init_args"].update({"seq_len": 32, "batch_size": 4})
+    (root / "run.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+def _fit(capsys, monkeypatch, root: Path, steps: int, *args: str) -> None:
+    proc = lowmem_in_process(capsys, monkeypatch, root, "fit", "--config", "run.yaml",
+                             "--trainer.max_steps", str(steps), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_checkpoint_frozen_false_leaves_the_base_out_of_the_average_and_the_training_weights(
+        tmp_path, base, capsys, monkeypatch):
+    """``lowmem fit`` with EMA and ``checkpoint_frozen: false``: both the average (``state_dict``) and the training
+    weights (``current_model_state``) hold the LoRA tensors alone (before: the training weights held the whole base);
+    2 steps, then ``--ckpt_path last`` to step 4, end bit for bit where 4 steps straight end."""
+    straight, resumed = _recipe(tmp_path / "straight", base), _recipe(tmp_path / "resumed", base)
+    _fit(capsys, monkeypatch, straight, 4)
+    _fit(capsys, monkeypatch, resumed, 2)
+    _fit(capsys, monkeypatch, resumed, 4, "--ckpt_path", "last")
+    first, a, b = (_load(root / "ckpts" / name) for root, name in
+                   ((straight, "step=1.ckpt"), (straight, "step=4.ckpt"), (resumed, "step=4.ckpt")))
+    for key in ("state_dict", "current_model_state"):
+        assert first[key] and all(".lora_" in name for name in first[key]), key
+    assert first[FROZEN_BASE_KEY]["tensors"]
+    for key in SAVED:
+        assert same_contents(a[key], b[key]), key
+
+
+def test_a_table_held_in_host_memory_is_shared_not_copied(base):
+    """``host_embeddings=True``: the average's embedding is the module's ``HostEmbedding`` itself (a copy would be a
+    second host table, page-locked again)."""
+    from lowmem_lightning.data import TextDataModule
+    from lowmem_lightning.quant.host_embeddings import HostEmbedding
+
+    module = CausalLMModule(model_name_or_path=str(base), quantize="nf4", lora={"r": 4}, host_embeddings=True, lr=1e-3)
+    ema = EMAWeightAveraging(decay=0.8, use_buffers=False)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False, callbacks=[ema])
+    trainer.fit(module, TextDataModule("sample", seq_len=32, batch_size=2))
+    held = [name for name, m in module.named_modules() if isinstance(m, HostEmbedding)]
+    assert held and all(ema._average_model.module.get_submodule(name) is module.get_submodule(name) for name in held)
