@@ -284,3 +284,27 @@ def test_a_table_held_in_host_memory_is_shared_not_copied(base):
     trainer.fit(module, TextDataModule("sample", seq_len=32, batch_size=2))
     held = [name for name, m in module.named_modules() if isinstance(m, HostEmbedding)]
     assert held and all(ema._average_model.module.get_submodule(name) is module.get_submodule(name) for name in held)
+
+
+class FailsAtSetup(L.Callback):
+    def setup(self, trainer, pl_module, stage):
+        raise RuntimeError("a callback failed at setup")
+
+
+def test_a_fit_that_fails_before_the_averaging_copied_leaves_the_module_copying_as_before():
+    """The module answers the averaging's copy with a sharing copy from the optimizer callback's ``setup``; a fit
+    stopped before the averaging copied (a callback in between raised) leaves a module whose ``copy.deepcopy`` copies
+    everything again (a user's copy later must not share its weights)."""
+    import copy
+
+    module = WithBackbone()
+    for p in module.backbone.parameters():
+        p.requires_grad_(False)
+    callbacks = [LowMemOptimizerCallback("adamw_8bit", plot=False, print_summary=False), FailsAtSetup(),
+                 EMAWeightAveraging(use_buffers=False)]
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks)
+    with pytest.raises(RuntimeError, match="failed at setup"):
+        trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 6), torch.randn(8, 1)), batch_size=4))
+    assert "__deepcopy__" not in module.__dict__
+    assert copy.deepcopy(module).backbone is not module.backbone

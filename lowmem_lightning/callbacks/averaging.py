@@ -258,8 +258,16 @@ class AverageSharesFrozen(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Stop answering copies of the module; share again what the module's move to its device separated."""
         if self._first(trainer):
-            pl_module.__dict__.pop("__deepcopy__", None)
+            _stop_copying_sharing(pl_module)
             self._share_all(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A fit stopped before ``on_fit_start`` leaves no sharing copy behind."""
+        _stop_copying_sharing(pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """As :meth:`on_exception`."""
+        _stop_copying_sharing(pl_module)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         """Give each average its own copy of a shared param that trains from this batch on."""
@@ -340,8 +348,9 @@ def _copy_sharing(pl_module: L.LightningModule, copies: int) -> None:
     def __deepcopy__(memo: dict) -> nn.Module:
         del pl_module.__dict__["__deepcopy__"]
         try:
-            parts = shareable_parts(pl_module, use_buffers)
-            memo.update({id(obj): obj for obj in parts.objects(pl_module)})
+            if not any(is_dtensor(p) for p in pl_module.parameters()):  # sharded by configure_model: a plain copy
+                parts = shareable_parts(pl_module, use_buffers)
+                memo.update({id(obj): obj for obj in parts.objects(pl_module)})
             return copy.deepcopy(pl_module, memo)
         finally:
             remaining[0] -= 1
@@ -349,3 +358,8 @@ def _copy_sharing(pl_module: L.LightningModule, copies: int) -> None:
                 pl_module.__dict__["__deepcopy__"] = __deepcopy__
 
     pl_module.__dict__["__deepcopy__"] = __deepcopy__
+
+
+def _stop_copying_sharing(pl_module: nn.Module) -> None:
+    """Remove what :func:`_copy_sharing` installed (if still there)."""
+    pl_module.__dict__.pop("__deepcopy__", None)
