@@ -44,6 +44,7 @@ from lowmem_lightning.optim.state_precision import fp32_state_params, parse_fp32
 
 __all__ = [
     "OPTIMIZER_VARIANTS",
+    "size_text",
     "ModelCount",
     "OptimizerEstimate",
     "MemoryEstimate",
@@ -211,6 +212,10 @@ class MemoryEstimate:
     activation_bytes: int = 0
     activation_detail: str = ""
     """What the activations are of (``batch 1 x seq 512, bf16, checkpointing``), or why they are left out."""
+    average_bytes: int = 0
+    """Device bytes of the weight averages (``EMAWeightAveraging``) the run keeps, in every device total."""
+    average_detail: str = ""
+    """What the averages hold (a copy of what trains, or of the whole model; one kept in host memory)."""
 
     @property
     def released_gradient_bytes(self) -> int:
@@ -237,6 +242,8 @@ class MemoryEstimate:
             "bucket_bytes": self.bucket_bytes,
             "activation_bytes": self.activation_bytes,
             "activation_detail": self.activation_detail,
+            "average_bytes": self.average_bytes,
+            "average_detail": self.average_detail,
             "budget_bytes": self.budget_bytes,
             "recommendation": self.recommendation,
             "optimizers": {name: asdict(est) for name, est in self.optimizers.items()},
@@ -1459,7 +1466,7 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     drop = f", dropout {lora['dropout']:g}" if lora["dropout"] else ""
     where = "NF4" if base == "nf4" else "frozen"
     rows = _token_rows_term(model, config, batch_size, seq_len, gradient_checkpointing, mode)
-    rows_note = f", +{_gb(rows)} trained token rows" if rows else ""
+    rows_note = f", +{size_text(rows)} trained token rows" if rows else ""
     return nbytes[isolate_documents] + rows, (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA "
                                               f"r={lora['rank']} on {len(sets[key])} projections{drop}, "
                                               f"{where} base" + _attention_note(attention)
@@ -1528,7 +1535,7 @@ def _mask_note(nbytes: dict[bool, int], attention: str = "sdpa") -> str:
     if True not in nbytes:
         return ""
     what = "document mask" if attention == "sdpa" else "packed rows' rotary tables"
-    return f", +{_gb(nbytes[True] - nbytes[False])} {what}"
+    return f", +{size_text(nbytes[True] - nbytes[False])} {what}"
 
 
 ACTIVATION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gemma2", "gpt_neox",
@@ -1686,6 +1693,8 @@ def estimate_memory(
     activations: int = 0,
     activation_detail: str = "",
     fp32_state=None,
+    average_bytes: int = 0,
+    average_detail: str = "",
 ) -> MemoryEstimate:
     """Estimate training memory of ``model`` (built on the meta device) for every optimizer.
 
@@ -1706,6 +1715,8 @@ def estimate_memory(
             :func:`format_table`; :func:`model_activation_bytes` gives both).
         fp32_state: params kept in 32-bit state by every row's optimizer (the callback's ``fp32_state``: module
             classes, ``"embeddings"``, name patterns); a note says how many, or names an entry that selects none.
+        average_bytes: device bytes of the run's weight averages (``EMAWeightAveraging``), added to every device
+            total; ``average_detail`` says what they hold.
     """
     count = count_model(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -1722,7 +1733,9 @@ def estimate_memory(
             rows[configured_row] = configured
     if isinstance(activations, bool) or not isinstance(activations, int) or activations < 0:
         raise ValueError(f"Invalid activations={activations!r}: expected bytes, an int >= 0.")
-    weights = count.frozen_bytes + count.trainable_bytes + activations
+    if isinstance(average_bytes, bool) or not isinstance(average_bytes, int) or average_bytes < 0:
+        raise ValueError(f"Invalid average_bytes={average_bytes!r}: expected bytes, an int >= 0.")
+    weights = count.frozen_bytes + count.trainable_bytes + activations + average_bytes
     released = gradient_peak_bytes(count, True, bucket_bytes, activations)
     grads = gradient_peak_bytes(count, step_in_backward, bucket_bytes, activations)
     result: dict[str, OptimizerEstimate] = {}
@@ -1738,7 +1751,8 @@ def estimate_memory(
         result[row] = OptimizerEstimate(name, dict(kwargs), state, device, host, per_param, weights + grads + device,
                                         weights + released + device)
     estimate = MemoryEstimate(count, result, configured_row, step_in_backward, budget_bytes, None, notes,
-                              gradient_checkpointing, bucket_bytes, activations, activation_detail)
+                              gradient_checkpointing, bucket_bytes, activations, activation_detail, average_bytes,
+                              average_detail)
     if budget_bytes is not None:
         for est in result.values():
             est.fits = est.total_device_bytes <= budget_bytes
@@ -1788,6 +1802,7 @@ def recommend(estimate: MemoryEstimate) -> str:
     keep = _kept_configured(estimate)
     release = " + step_in_backward"
     paged = "paged_adamw_8bit" + ("" if estimate.gradient_checkpointing else " + gradient checkpointing")
+    budget = estimate.budget_bytes if estimate.budget_bytes is not None else -1
     if estimate.step_in_backward:  # the run releases already: name the optimizer only
         for row in (*_IN_MEMORY_ORDER, "paged_adamw_8bit", "adafactor"):
             if row == "paged_adamw_8bit" and keep:
@@ -1795,7 +1810,6 @@ def recommend(estimate: MemoryEstimate) -> str:
             if row in rows and rows[row].fits:
                 return paged if row == "paged_adamw_8bit" else row
     else:
-        budget = estimate.budget_bytes if estimate.budget_bytes is not None else -1
         for row in _IN_MEMORY_ORDER:
             if row in rows and rows[row].fits:
                 return row
@@ -1812,6 +1826,10 @@ def recommend(estimate: MemoryEstimate) -> str:
                 return label + release
     need = (estimate.model.frozen_bytes + estimate.model.trainable_bytes + estimate.gradient_device_bytes
             + estimate.activation_bytes)
+    if estimate.average_bytes and need <= budget:
+        return (f"nothing fits with the weight average on the device: weights + gradients + average alone need "
+                f"{(need + estimate.average_bytes) / GB:.2f} GB; keep the average in host memory (its callback's "
+                "device: cpu) or leave it out")
     return f"nothing fits: weights + gradients alone need {need / GB:.2f} GB; " + _reduce_weights_advice(estimate.model)
 
 
@@ -1833,7 +1851,7 @@ def _reduce_weights_advice(model: ModelCount) -> str:
     base, LoRA adapters)."""
     quantized = "nf4" in model.frozen_bytes_by_dtype
     adapters = model.adapter_params > 0
-    table = _gb(model.hostable_table_bytes)
+    table = size_text(model.hostable_table_bytes)
     hosted = (f"hold the frozen embedding tables in host memory (host_embeddings: true, {table} off the device), "
               if model.hostable_table_bytes else "")
     if quantized and adapters:
@@ -1847,7 +1865,9 @@ def _reduce_weights_advice(model: ModelCount) -> str:
 
 
 # ------------------------------------------------------------------------------------------ output
-def _gb(nbytes: int) -> str:
+def size_text(nbytes: int) -> str:
+    """``nbytes`` as the report writes it: ``4.026 GB`` (10**9 bytes) from 0.1 GB, ``77.44 MiB`` (2**20 bytes)
+    from 0.1 MiB, else ``1,792 B``."""
     if nbytes >= 10**8:
         return f"{nbytes / GB:.3f} GB"
     if nbytes >= MIB // 10:
@@ -1881,14 +1901,15 @@ def _model_lines(estimate: MemoryEstimate) -> list[str]:
         f"adapter params (LoRA)  {m.adapter_params:,}",
         *([f"trained token rows     {m.token_row_params:,}"] if m.token_row_params else []),
         f"trainable params       {m.trainable_params:,}",
-        *_labelled("frozen weights", f"{_gb(m.frozen_bytes)}  ("
-                   + ", ".join(f"{k}: {_gb(v)}" for k, v in m.frozen_bytes_by_dtype.items()) + ")"),
-        f"trainable weights      {_gb(m.trainable_bytes)}",
-        f"gradients              {_gb(m.gradient_bytes)}"
-        + (f"  ({_gb(estimate.released_gradient_bytes)} on device: released)" if estimate.step_in_backward else ""),
+        *_labelled("frozen weights", f"{size_text(m.frozen_bytes)}  ("
+                   + ", ".join(f"{k}: {size_text(v)}" for k, v in m.frozen_bytes_by_dtype.items()) + ")"),
+        f"trainable weights      {size_text(m.trainable_bytes)}",
+        f"gradients              {size_text(m.gradient_bytes)}"
+        + (f"  ({size_text(estimate.released_gradient_bytes)} on device: released)"
+           if estimate.step_in_backward else ""),
     ]
     if estimate.activation_bytes:
-        lines += _labelled("activations", f"{_gb(estimate.activation_bytes)}  ({estimate.activation_detail})")
+        lines += _labelled("activations", f"{size_text(estimate.activation_bytes)}  ({estimate.activation_detail})")
     else:
         lines += _labelled("activations", estimate.activation_detail or "left out")
     return lines
@@ -1898,22 +1919,24 @@ def _run_lines(estimate: MemoryEstimate) -> list[str]:
     """The run's own peak on the device, part by part: weights, gradients, optimizer state, activations, total."""
     row = estimate.optimizers[estimate.configured_optimizer]
     m, width = estimate.model, 12
-    grads = (f"released in backward, {_gb(estimate.bucket_bytes)} buckets" if estimate.step_in_backward
+    grads = (f"released in backward, {size_text(estimate.bucket_bytes)} buckets" if estimate.step_in_backward
              else "one per trainable parameter")
     if m.tied_gradient_bytes and estimate.gradient_device_bytes > gradient_peak_bytes(
             replace(m, tied_gradient_bytes=0), estimate.step_in_backward, estimate.bucket_bytes):
         grads += ", tied embedding held"
-    host = f"on device; {_gb(row.host_state_bytes)} in host memory" if row.host_state_bytes else ""
-    acts = _gb(estimate.activation_bytes) if estimate.activation_bytes else "left out"
+    host = f"on device; {size_text(row.host_state_bytes)} in host memory" if row.host_state_bytes else ""
+    acts = size_text(estimate.activation_bytes) if estimate.activation_bytes else "left out"
     budget = None if row.fits is None else f"the {estimate.budget_bytes / GB:g} GB budget"
     fits = [] if budget is None else [("fits " if row.fits else "over ") + budget]
     total = "; ".join(([] if estimate.activation_bytes else ["+ activations"]) + fits)
-    hosted = f"+ {_gb(m.host_table_bytes)} of embedding tables in host memory" if m.host_table_bytes else ""
-    parts = [("weights", _gb(m.frozen_bytes + m.trainable_bytes), hosted),
-             ("gradients", _gb(estimate.gradient_device_bytes), grads),
-             ("optimizer state", _gb(row.device_state_bytes), host),
+    hosted = f"+ {size_text(m.host_table_bytes)} of embedding tables in host memory" if m.host_table_bytes else ""
+    parts = [("weights", size_text(m.frozen_bytes + m.trainable_bytes), hosted),
+             ("gradients", size_text(estimate.gradient_device_bytes), grads),
+             ("optimizer state", size_text(row.device_state_bytes), host),
              ("activations", acts, estimate.activation_detail),
-             ("total", _gb(row.total_device_bytes), total)]
+             *([("weight average", size_text(estimate.average_bytes), estimate.average_detail)]
+               if estimate.average_detail else []),
+             ("total", size_text(row.total_device_bytes), total)]
     lines = [f"peak on the device with the recipe's optimizer ({estimate.configured_optimizer}, * below):"]
     for label, value, note in parts:
         lines += _labelled(f"  {label:<17}{value:>{width}}", note, indent=2 + 17 + width + 2)
@@ -1933,12 +1956,13 @@ def format_table(estimate: MemoryEstimate) -> str:
         mark = " *" if row == estimate.configured_optimizer else ""
         fits = "" if est.fits is None else ("  yes" if est.fits else "  no")
         lines.append(
-            f"{row + mark:<22} {_gb(est.state_bytes):>12} {est.bytes_per_param:>8.3f} "
-            f"{_gb(est.device_state_bytes):>12} {_gb(est.total_device_bytes):>13}{fits}"
+            f"{row + mark:<22} {size_text(est.state_bytes):>12} {est.bytes_per_param:>8.3f} "
+            f"{size_text(est.device_state_bytes):>12} {size_text(est.total_device_bytes):>13}{fits}"
         )
     grads = "released gradients" if estimate.step_in_backward else "gradients"
     acts = " + activations" if estimate.activation_bytes else " (activations left out)"
-    lines += ["", *_labelled("device total", f"= weights + {grads} + state on device{acts}", indent=13)]
+    average = " + weight average" if estimate.average_bytes else ""
+    lines += ["", *_labelled("device total", f"= weights + {grads} + state on device{acts}{average}", indent=13)]
     if estimate.budget_bytes is not None:
         lines += _labelled(f"budget {estimate.budget_bytes / GB:g} GB ->",
                            f"recommended: {estimate.recommendation}{_configured_fits_too(estimate)}",

@@ -308,3 +308,53 @@ def test_a_fit_that_fails_before_the_averaging_copied_leaves_the_module_copying_
         trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 6), torch.randn(8, 1)), batch_size=4))
     assert "__deepcopy__" not in module.__dict__
     assert copy.deepcopy(module).backbone is not module.backbone
+
+
+def _estimate(capsys, monkeypatch, root: Path, lora: bool, averaging: dict | None, *args: str) -> dict:
+    """``lowmem estimate --format json`` of the tiny recipe on :data:`CONFIG` (NF4 + LoRA r=4 when ``lora``), with an
+    ``EMAWeightAveraging`` of init args ``averaging`` appended to its callbacks (none when ``None``)."""
+    import json
+
+    recipe = yaml.safe_load((RECIPES_DIR / "tiny.yaml").read_text())
+    recipe["model"]["init_args"]["config"] = dict(CONFIG)
+    if lora:
+        recipe["model"]["init_args"].update({"quantize": "nf4", "lora": {"r": 4, "alpha": 8}})
+    if averaging is not None:
+        recipe["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+                                               "init_args": averaging})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "run.yaml").write_text(yaml.safe_dump(recipe))
+    proc = lowmem_in_process(capsys, monkeypatch, root, "estimate", "--config", "run.yaml", "--format", "json", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_estimate_counts_the_average_the_fit_keeps(tmp_path, capsys, monkeypatch, lora):
+    """``lowmem estimate`` of a recipe with ``EMAWeightAveraging`` adds the average to every device total: for QLoRA
+    the 32,768 bytes of LoRA weights the fit's average holds of its own (first test: measured), for a full
+    fine-tune the whole model; one kept on the CPU of a CPU run is on its device too."""
+    without = _estimate(capsys, monkeypatch, tmp_path / "none", lora, None)
+    with_average = _estimate(capsys, monkeypatch, tmp_path / "ema", lora, {"decay": 0.9, "use_buffers": False})
+    on_cpu = _estimate(capsys, monkeypatch, tmp_path / "cpu", lora, {"device": "cpu", "use_buffers": False})
+    expected = 32_768 if lora else with_average["trainable_bytes"]
+    assert without["average_bytes"] == 0 and with_average["average_bytes"] == on_cpu["average_bytes"] == expected
+    assert "EMAWeightAveraging: a copy of " in with_average["average_detail"]
+    for row, est in with_average["optimizers"].items():
+        assert est["total_device_bytes"] - without["optimizers"][row]["total_device_bytes"] == expected, row
+
+
+def test_estimate_of_an_average_kept_in_host_memory_and_of_one_that_does_not_fit(tmp_path, capsys, monkeypatch):
+    """On a GPU run an average with ``device: cpu`` is a whole copy in host memory: nothing on the device, said in its
+    detail. A budget that the weights and gradients fit but not with the average on the device is told to keep the
+    average in host memory, not to quantize the base."""
+    hosted = _estimate(capsys, monkeypatch, tmp_path / "host", False, {"device": "cpu"}, "--trainer.accelerator", "gpu")
+    assert hosted["average_bytes"] == 0 and "in host memory (device cpu), a copy of the whole model" in (
+        hosted["average_detail"])
+    on_device = _estimate(capsys, monkeypatch, tmp_path / "device", False, {"use_buffers": False})
+    need = on_device["frozen_bytes"] + on_device["trainable_bytes"] + on_device["gradient_device_bytes"] + (
+        on_device["activation_bytes"])
+    budget = str((need + on_device["average_bytes"] // 2) / 1e9)
+    told = _estimate(capsys, monkeypatch, tmp_path / "budget", False, {"use_buffers": False}, "--budget-gb", budget)
+    assert told["recommendation"].startswith("nothing fits with the weight average on the device")
+    assert "keep the average in host memory" in told["recommendation"]

@@ -58,6 +58,65 @@ def _configured_fp32_state(cfg: Namespace):
     return value if value is not None else (cfg.model.get("init_args") or Namespace()).get("fp32_state")
 
 
+def _averaging_callbacks(cfg: Namespace) -> list[tuple[str, Namespace]]:
+    """``(class name, init args)`` of each of the recipe's ``WeightAveraging`` callbacks (``EMAWeightAveraging``)."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    callbacks = cfg.trainer.get("callbacks") or []
+    found = []
+    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+        cls = import_class(entry.get("class_path", "")) if isinstance(entry, Namespace) else None
+        if isinstance(cls, type) and issubclass(cls, WeightAveraging):
+            found.append((cls.__name__, entry.get("init_args") or Namespace()))
+    return found
+
+
+def _average_bytes(model, use_buffers: bool, shared: bool) -> int:
+    """Bytes of an average of ``model`` that are its own: everything, or (``shared``) all but what
+    :func:`~lowmem_lightning.callbacks.averaging.shareable_parts` shares."""
+    from torch import nn
+
+    from lowmem_lightning.callbacks.averaging import shareable_parts
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    if shared:
+        for obj in shareable_parts(model, use_buffers).objects(model):
+            for t in [*obj.parameters(), *obj.buffers()] if isinstance(obj, nn.Module) else [obj]:
+                tensors.pop(id(t), None)
+    return sum(t.nbytes for t in tensors.values())
+
+
+def _weight_average(cfg: Namespace, model) -> tuple[int, str]:
+    """``(device bytes, what they are)`` of the averages the recipe's ``WeightAveraging`` callbacks keep: a copy of
+    what trains, the frozen base shared (``LowMemOptimizerCallback`` and ``LowMemModule`` bring
+    :class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`), else of the whole model (Lightning's). One
+    kept in host memory (``device: cpu`` on another accelerator) is a whole copy there and counts nothing on the
+    device. ``(0, "")`` without such a callback."""
+    from lowmem_lightning.estimate import count_model, size_text
+    from lowmem_lightning.modules.base import LowMemModule
+
+    averagings = _averaging_callbacks(cfg)
+    if not averagings:
+        return 0, ""
+    module = import_class(cfg.model.class_path)
+    sharing = bool(_optimizer_callback_args(cfg)) or (isinstance(module, type) and issubclass(module, LowMemModule))
+    on_cpu = str(cfg.trainer.get("accelerator") or "auto") == "cpu"
+    device_bytes, details, count = 0, [], count_model(model)
+    for name, init in averagings:
+        use_buffers = init.get("use_buffers", True)
+        if init.get("device") is not None and str(init.get("device")).startswith("cpu") and not on_cpu:
+            details.append(f"{name}: {size_text(_average_bytes(model, use_buffers, False))} in host memory (device "
+                           "cpu), a copy of the whole model")
+            continue
+        own = _average_bytes(model, use_buffers, sharing)
+        device_bytes += own
+        frozen = count.params > count.trainable_params
+        details.append(f"{name}: a copy of " + (
+            "the whole model (no LowMemOptimizerCallback shares its frozen part)" if not sharing
+            else "what trains, the frozen weights shared" if frozen else "the weights (all train)"))
+    return device_bytes, "; ".join(details)
+
+
 def _configured_release(cfg: Namespace) -> bool:
     """Whether the recipe's LowMemOptimizerCallback sets ``step_in_backward``."""
     return bool(_optimizer_callback_args(cfg).get("step_in_backward"))
@@ -229,10 +288,12 @@ def estimate_main(argv: Sequence[str]) -> int:
         checkpointing = bool((cfg.model.get("init_args") or Namespace()).get("gradient_checkpointing"))
         activations, detail = _activations(cfg, model)
         fp32_state = known.fp32_state.split(",") if known.fp32_state is not None else _configured_fp32_state(cfg)
+        average, average_detail = _weight_average(cfg, model)
         estimate = estimate_memory(model, budget_bytes=budget, configured=_configured_optimizer(cfg),
                                    step_in_backward=release, gradient_checkpointing=checkpointing,
                                    bucket_bytes=_configured_bucket_bytes(cfg), activations=activations,
-                                   activation_detail=detail, fp32_state=fp32_state)
+                                   activation_detail=detail, fp32_state=fp32_state, average_bytes=average,
+                                   average_detail=average_detail)
         note = _untrained_rows_note(cfg, model)
         if note is not None:
             estimate.notes.append(note)
