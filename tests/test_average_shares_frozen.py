@@ -204,6 +204,24 @@ def test_a_backbone_unfrozen_later_is_averaged_as_by_a_full_copy(tmp_path, monke
         assert same_contents(ours[key], theirs[key]), key
 
 
+@pytest.mark.parametrize("averaging_first", [False, True])
+def test_a_users_own_qlora_module_under_the_callback_averages_its_adapters_alone(averaging_first):
+    """A user's own LightningModule (our ``quantize_model`` under peft's ``get_peft_model``, built on the CPU in
+    ``__init__``) with the callback and ``EMAWeightAveraging(use_buffers=False)`` in either order: the average's own
+    storage is the LoRA weights alone, its NF4 layers are the module's."""
+    from test_field_lightning_round3 import OwnQLoRA
+
+    module, ema = OwnQLoRA(), EMAWeightAveraging(decay=0.8, use_buffers=False)
+    ours = LowMemOptimizerCallback("adamw_8bit", lr=1e-3, plot=False, print_summary=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[ema, ours] if averaging_first else [ours, ema])
+    trainer.fit(module)
+    trainable = sum(p.nbytes for p in module.parameters() if p.requires_grad)
+    assert 0 < _own_bytes(ema._average_model.module, module) == trainable < sum(_storages(module).values()) / 2
+    assert ema._average_model.module.net.base_model.model[0].base_layer is module.net.base_model.model[0].base_layer
+
+
 def test_an_average_kept_on_another_device_is_left_as_lightning_builds_it():
     """``EMAWeightAveraging(device=...)`` on another device than the module's: moving the average there would move
     the shared parts (the module's own) with it, so nothing is shared; on the module's device (any index spelling)

@@ -20,6 +20,7 @@ from lowmem_lightning.callbacks import (
     StateMemoryMonitor,
     StepsAwareRichProgressBar,
 )
+from lowmem_lightning.callbacks.averaging import AverageSharesFrozen
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.monitor import METRICS, STATE_MIB
@@ -64,13 +65,14 @@ def test_parts_follow_the_callback_in_trainer_callbacks_once(tmp_path):
     other = L.Callback()
     trainer = _fit(tmp_path, [callback, other])
     kinds = [FSDP1Check, GradientReleaseCallback, StateMemoryMonitor, PreemptionCheckpoint, InterruptAtStepEnd,
-             ResumeCompatibility, ClipNormReuse, KeepRotaryFp32, CheckpointingModeCheck, RngStateCheckpoint]
+             ResumeCompatibility, ClipNormReuse, KeepRotaryFp32, CheckpointingModeCheck, RngStateCheckpoint,
+             AverageSharesFrozen]
     position = trainer.callbacks.index(callback)
-    assert [type(c) for c in trainer.callbacks[position + 1:position + 11]] == kinds
-    assert trainer.callbacks[position + 11] is other
+    assert [type(c) for c in trainer.callbacks[position + 1:position + 12]] == kinds
+    assert trainer.callbacks[position + 12] is other
     assert trainer.callbacks[position + 3] is callback.monitor and trainer.callbacks[position + 2] is callback.release
     trainer.fit(_Tiny(), _loader())  # a second fit with the same Trainer (set up, no step): no part added again
-    assert len(trainer.callbacks) == len({id(c) for c in trainer.callbacks}) == position + 12
+    assert len(trainer.callbacks) == len({id(c) for c in trainer.callbacks}) == position + 13
     plain = LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)
     assert not any(isinstance(p, GradientReleaseCallback) for p in plain.parts) and plain.releases == []
 
