@@ -124,3 +124,15 @@ def test_lora_update_size_follows_muons_shape_rule():
     assert muon["lora_A"] == pytest.approx(width ** -0.5, rel=0.25)
     assert muon["lora_B"] == pytest.approx(rank ** -0.5, rel=0.25)
     assert 0.1 < matched["lora_A"] < 0.3 and 0.1 < matched["lora_B"] < 0.3
+
+
+def test_ema_update_small(capsys, one_thread):
+    """``benchmarks/ema_update.py`` at a toy size: the shared average holds the trainable bytes alone, the full copy
+    the whole model."""
+    assert _load("ema_update").main(["--hidden", "64", "--layers", "1", "--repeats", "1", "--updates", "1"]) == 0
+    text = capsys.readouterr().out
+    trainable = int(text.split("trainable ")[1].split(" bytes")[0].replace(",", ""))
+    whole = int(text.split("params, ")[1].split(" bytes")[0].replace(",", ""))
+    rows = {line.split("|")[1].strip(): int(line.split("|")[2].replace(",", "")) for line in text.splitlines()
+            if line.startswith("| full copy |") or line.startswith("| shared |")}
+    assert rows == {"full copy": whole, "shared": trainable}
