@@ -376,3 +376,23 @@ def test_estimate_of_an_average_kept_in_host_memory_and_of_one_that_does_not_fit
     told = _estimate(capsys, monkeypatch, tmp_path / "budget", False, {"use_buffers": False}, "--budget-gb", budget)
     assert told["recommendation"].startswith("nothing fits with the weight average on the device")
     assert "keep the average in host memory" in told["recommendation"]
+
+
+def test_the_ema_function_pickles_and_averages_as_torchs():
+    """``picklable_averaging`` swaps ``EMAWeightAveraging``'s torch closure (which no spawned rank can receive) for
+    :class:`EMAFunction`: it pickles, and its averages are torch's bit for bit (fp32 and bf16)."""
+    import pickle
+
+    from lowmem_lightning.callbacks.averaging import EMAFunction, picklable_averaging
+
+    averaging = EMAWeightAveraging(decay=0.93)
+    torchs = averaging._kwargs["avg_fn"]
+    with pytest.raises(AttributeError, match="Can't pickle local object"):
+        pickle.dumps(averaging)
+    assert picklable_averaging([averaging, ModelCheckpoint()]) == 1
+    ours = pickle.loads(pickle.dumps(averaging))._kwargs["avg_fn"]
+    assert isinstance(ours, EMAFunction) and ours.decay == 0.93
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(4096, dtype=dtype), torch.randn(4096, dtype=dtype)
+        assert torch.equal(ours(a, b, 3), torchs(a, b, 3))
+    assert picklable_averaging([averaging]) == 0  # already swapped

@@ -77,6 +77,19 @@ def test_lowmem_fit_ddp_spawn_runs_once_and_cleanly(tmp_path, strategy):
     assert all(float(r["optim/state_bytes_per_param"]) < 2.1 for r in rows)  # 8-bit state, not fp32 (8.0)
 
 
+def test_lowmem_fit_ddp_spawn_with_ema_weight_averaging(tmp_path):
+    """``--trainer.callbacks+=EMAWeightAveraging`` under ``ddp_spawn``: Lightning pickles the Trainer to start the
+    ranks, and the callback's averaging function (torch's local ``get_ema_avg_fn`` closure) could not be pickled:
+    "Can't pickle local object 'get_ema_avg_fn.<locals>.ema_update'", a traceback and nothing run. Now it trains, and
+    the average differs from the training weights in the last checkpoint."""
+    proc = _fit(tmp_path, "ddp_spawn", 4, "--trainer.callbacks+=lightning.pytorch.callbacks.EMAWeightAveraging",
+                "--trainer.callbacks.init_args.decay", "0.5")
+    _assert_clean(proc, 4)
+    checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    assert checkpoint["global_step"] == 4 and "current_model_state" in checkpoint
+    assert not all(torch.equal(a, checkpoint["current_model_state"][k]) for k, a in checkpoint["state_dict"].items())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp"])
 def test_lowmem_fit_resumes_last_under_two_ranks_bit_exactly(tmp_path, strategy):

@@ -36,6 +36,7 @@ module's frozen weights.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 from dataclasses import dataclass, field
 
@@ -48,8 +49,8 @@ from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.optim.sharding import is_dtensor
 
-__all__ = ["AverageOfItself", "AverageSharesFrozen", "KeepTrainingWeights", "SharedParts", "keep_training_weights",
-           "serve_weight_averaging", "shareable_parts"]
+__all__ = ["AverageOfItself", "AverageSharesFrozen", "EMAFunction", "KeepTrainingWeights", "SharedParts",
+           "keep_training_weights", "picklable_averaging", "serve_weight_averaging", "shareable_parts"]
 
 
 class KeepTrainingWeights(L.Callback):
@@ -363,3 +364,35 @@ def _copy_sharing(pl_module: L.LightningModule, copies: int) -> None:
 def _stop_copying_sharing(pl_module: nn.Module) -> None:
     """Remove what :func:`_copy_sharing` installed (if still there)."""
     pl_module.__dict__.pop("__deepcopy__", None)
+
+
+class EMAFunction:
+    """torch's ``get_ema_avg_fn(decay)`` (what ``EMAWeightAveraging`` averages with), as an object that pickles:
+    ``decay * ema + (1 - decay) * current``, the same operations in the same order, so the same bits."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        """Weight of the running average, in [0, 1]."""
+
+    @torch.no_grad()
+    def __call__(self, ema_param: torch.Tensor, current_param: torch.Tensor, num_averaged) -> torch.Tensor:
+        return self.decay * ema_param + (1 - self.decay) * current_param
+
+
+def picklable_averaging(callbacks) -> int:
+    """Give each ``EMAWeightAveraging`` in ``callbacks`` an :class:`EMAFunction` in place of torch's local
+    ``get_ema_avg_fn`` closure, which cannot be pickled: a Trainer that starts its ranks in new processes
+    (``ddp_spawn``, TPU) pickles its callbacks and failed with "Can't pickle local object
+    'get_ema_avg_fn.<locals>.ema_update'". Returns how many it replaced."""
+    replaced = 0
+    for callback in callbacks:
+        kwargs = getattr(callback, "_kwargs", None) if isinstance(callback, WeightAveraging) else None
+        function = (kwargs or {}).get("avg_fn")
+        if getattr(function, "__qualname__", "") != "get_ema_avg_fn.<locals>.ema_update":
+            continue
+        inner = inspect.unwrap(function)  # through torch.no_grad()'s wrapper
+        cells = dict(zip(inner.__code__.co_freevars, (c.cell_contents for c in inner.__closure__ or ())))
+        if isinstance(cells.get("decay"), (int, float)):
+            kwargs["avg_fn"] = EMAFunction(cells["decay"])
+            replaced += 1
+    return replaced

@@ -393,9 +393,15 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         """Refusals that need the built Trainer and module, made before ``fit`` writes anything (gradient
         release that cannot hold: exit 2, one message); ``--ckpt_path last`` resolved to the newest
         checkpoint of the run's ModelCheckpoint directories (:mod:`~lowmem_lightning.cli.last`); a resume leaves
-        out the build's notes on where token rows start (the rows are the checkpoint's)."""
+        out the build's notes on where token rows start (the rows are the checkpoint's); a Trainer that starts its
+        ranks in new processes gets weight-averaging functions it can pickle
+        (:func:`~lowmem_lightning.callbacks.averaging.picklable_averaging`)."""
+        from lowmem_lightning.callbacks.averaging import picklable_averaging
         from lowmem_lightning.callbacks.optimizer import LowMemOptimizerCallback
         from lowmem_lightning.callbacks.release import release_refusal
+
+        if _spawns_ranks(self.trainer):
+            picklable_averaging(self.trainer.callbacks)
 
         for callback in self.trainer.callbacks:
             if isinstance(callback, LowMemOptimizerCallback) and callback.step_in_backward:
