@@ -396,3 +396,19 @@ def test_the_ema_function_pickles_and_averages_as_torchs():
         a, b = torch.randn(4096, dtype=dtype), torch.randn(4096, dtype=dtype)
         assert torch.equal(ours(a, b, 3), torchs(a, b, 3))
     assert picklable_averaging([averaging]) == 0  # already swapped
+
+
+def test_lowmem_fit_with_ema_says_nothing_about_sharding_it_does_not_do(tmp_path):
+    """``lowmem fit`` of the tiny recipe with ``EMAWeightAveraging``: Lightning's "WeightAveraging doesn't support
+    sharding model layers, so you may run out of memory" (said for any module that builds its model in
+    ``configure_model``) is not printed on a single device, where nothing is sharded."""
+    import subprocess
+
+    from lowmem_calls import LOWMEM
+
+    proc = subprocess.run([LOWMEM, "fit", "--config", "tiny.yaml", "--trainer.max_steps", "2",
+                           "--trainer.limit_val_batches", "0", "--trainer.callbacks+=lightning.pytorch.callbacks."
+                           "EMAWeightAveraging"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LowMemOptimizerCallback: adamw_8bit on" in proc.stdout + proc.stderr
+    assert "WeightAveraging" not in proc.stdout + proc.stderr

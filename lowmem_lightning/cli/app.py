@@ -60,7 +60,7 @@ from lowmem_lightning.cli.messages import (
     usage_error,
     with_setting,
 )
-from lowmem_lightning.cli.quiet import QUIET_RANKS_ENV, quiet_known_noise
+from lowmem_lightning.cli.quiet import QUIET_RANKS_ENV, quiet_known_noise, quiet_unsharded_noise
 from lowmem_lightning.cli.recipes import (
     DEFAULT_DATA,
     DEFAULT_MODEL,
@@ -395,13 +395,16 @@ class LowMemCLI(ExportMixin, ResumeArgsMixin, LightningCLI):
         checkpoint of the run's ModelCheckpoint directories (:mod:`~lowmem_lightning.cli.last`); a resume leaves
         out the build's notes on where token rows start (the rows are the checkpoint's); a Trainer that starts its
         ranks in new processes gets weight-averaging functions it can pickle
-        (:func:`~lowmem_lightning.callbacks.averaging.picklable_averaging`)."""
+        (:func:`~lowmem_lightning.callbacks.averaging.picklable_averaging`); a strategy that shards no layer drops
+        Lightning's warning that weight averaging does not shard (:func:`~.quiet.quiet_unsharded_noise`)."""
         from lowmem_lightning.callbacks.averaging import picklable_averaging
         from lowmem_lightning.callbacks.optimizer import LowMemOptimizerCallback
         from lowmem_lightning.callbacks.release import release_refusal
 
         if _spawns_ranks(self.trainer):
             picklable_averaging(self.trainer.callbacks)
+        if not _shards_layers(self.trainer):
+            quiet_unsharded_noise()
 
         for callback in self.trainer.callbacks:
             if isinstance(callback, LowMemOptimizerCallback) and callback.step_in_backward:
@@ -550,6 +553,13 @@ def _drop_checkpoint_dirpath_note(subcommand: str) -> None:
     message = "The dirpath has changed from" if subcommand != "fit" else same_logger_versions
     warnings.filterwarnings("ignore", message=message, category=UserWarning,
                             module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+
+
+def _shards_layers(trainer: Any) -> bool:
+    """Whether ``trainer``'s strategy shards model layers (FSDP, model parallel, DeepSpeed)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy))
 
 
 def _spawns_ranks(trainer: Any) -> bool:

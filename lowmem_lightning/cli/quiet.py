@@ -12,7 +12,8 @@ import re
 import warnings
 from collections.abc import Sequence
 
-__all__ = ["KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE", "QUIET_RANKS_ENV", "quiet_known_noise", "quiet_spawned_rank"]
+__all__ = ["KNOWN_LOG_NOISE", "KNOWN_WARNING_NOISE", "QUIET_RANKS_ENV", "UNSHARDED_WARNING_NOISE", "quiet_known_noise",
+           "quiet_spawned_rank", "quiet_unsharded_noise"]
 
 QUIET_RANKS_ENV = "LOWMEM_QUIET_SPAWNED_RANKS"
 """Set to ``1`` by a ``lowmem`` command while its Trainer starts ranks in new processes (``ddp_spawn``): such a
@@ -49,6 +50,16 @@ KNOWN_WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
 )
 """``(message regex, category, module regex)`` of third-party warnings that ``lowmem`` commands ignore."""
 
+UNSHARDED_WARNING_NOISE: tuple[tuple[str, type[Warning], str], ...] = (
+    # Lightning's WeightAveraging (EMAWeightAveraging) warns for any module that overrides configure_model that
+    # "WeightAveraging doesn't support sharding model layers, so you may run out of memory": CausalLMModule builds
+    # its model there and shards nothing unless the strategy does (FSDP, model parallel, DeepSpeed: kept there)
+    (r"You're using the WeightAveraging callback with a model that overrides the configure_model", UserWarning,
+     r".*"),
+)
+"""Third-party warnings that ``lowmem`` commands ignore when the run's strategy shards no model layer
+(:func:`quiet_unsharded_noise`)."""
+
 
 class _DropKnownRecords(logging.Filter):
     """Drops the log records whose message matches one of ``patterns``; passes every other record."""
@@ -80,6 +91,13 @@ def quiet_known_noise() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
+def quiet_unsharded_noise() -> None:
+    """Ignore :data:`UNSHARDED_WARNING_NOISE`: for a run whose strategy shards no model layer (the ``lowmem fit`` of
+    such a run, inside its own ``warnings.catch_warnings()``; its spawned ``ddp_spawn`` ranks)."""
+    for message, category, module in UNSHARDED_WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def quiet_spawned_rank() -> None:
     """:func:`quiet_known_noise` in a process that a ``lowmem`` command started for a rank of its fit
     (``ddp_spawn``: the command sets :data:`QUIET_RANKS_ENV` only while it starts them, after its own import of
@@ -88,6 +106,7 @@ def quiet_spawned_rank() -> None:
     package's own warnings show there as one line each too, as in the command's process."""
     if os.environ.get(QUIET_RANKS_ENV) == "1":
         quiet_known_noise()
+        quiet_unsharded_noise()  # the ranks a command spawns are DDP's: no layer is sharded
         from lowmem_lightning.cli.messages import our_warnings_in_one_line
 
         our_warnings_in_one_line()
