@@ -416,3 +416,88 @@ def test_dequantize_first_then_merge_keeps_the_adapted_outputs(dense_qwen2, tmp_
     exported = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert exported.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     torch.testing.assert_close(_logits(exported), adapted, rtol=0, atol=0.02)
+
+
+# ------------------------------------------------------------------------------ prepare_model_for_kbit_training upcast
+FROZEN_DENSE = 2 * VOCAB * 64 + 5 * 64 + 2 * (64 + 32 + 32)
+"""Elements of the tiny Qwen2's frozen params beside its NF4 layers: embeddings and head, 5 norms, 2 x q/k/v biases."""
+
+
+def _frozen_dense_bytes(model) -> int:
+    return sum(p.nbytes for p in model.parameters() if not p.requires_grad)
+
+
+def test_prepare_for_kbit_training_prepares_as_peft_without_the_fp32_copies(dense_qwen2):
+    """bitsandbytes-foundation/bitsandbytes#1569 ("QLoRA with prepare_model_for_kbit_training uses more memory than
+    bf16 LoRA": 81 GB against 63 without it), huggingface/peft#816, #1149: peft's function casts every frozen 16-bit
+    param (embeddings, head, norms) to fp32, twice their memory for weights nothing trains. Ours freezes, turns on
+    gradient checkpointing and input gradients as peft's does, casts nothing, and the LoRA model trains."""
+    from lowmem_lightning.quant import prepare_for_kbit_training
+
+    theirs = prepare_model_for_kbit_training(_base(dense_qwen2, torch.bfloat16))
+    ours = prepare_for_kbit_training(_base(dense_qwen2, torch.bfloat16))
+    for model in (theirs, ours):
+        assert model.is_gradient_checkpointing and not any(p.requires_grad for p in model.parameters())
+        assert model.get_input_embeddings()(_ids()).requires_grad
+    assert {p.dtype for p in theirs.parameters()} == {torch.float32}
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert _frozen_dense_bytes(theirs) == 2 * _frozen_dense_bytes(ours) == 2 * 2 * FROZEN_DENSE
+    codes = {n: b for n, b in ours.named_buffers()}
+    assert all(torch.equal(codes[n], b) for n, b in theirs.named_buffers())  # the same NF4 layers
+    lora = get_peft_model(ours, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    loss = lora(input_ids=_ids(), labels=_ids()).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for n, p in lora.named_parameters() if "lora_A" in n)
+    unprepared = prepare_for_kbit_training(_base(dense_qwen2, torch.bfloat16), use_gradient_checkpointing=False)
+    assert not unprepared.is_gradient_checkpointing
+
+
+def _lightning_qlora(dense, prepare):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            base = prepare(_base(dense, torch.bfloat16))
+            self.model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(_ids()), batch_size=2)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+    return Module()
+
+
+@pytest.mark.parametrize("prepare, warned", [(prepare_model_for_kbit_training, True), ("ours", False)])
+def test_the_callback_says_when_peft_cast_the_frozen_weights_up(dense_qwen2, prepare, warned):
+    """A user's LightningModule written as the QLoRA tutorials write it (quantize, prepare_model_for_kbit_training,
+    get_peft_model) under ``LowMemOptimizerCallback``: one warning at fit start names the fp32 frozen bytes, the
+    extra over bf16 and ``prepare_for_kbit_training``; prepared with that one, nothing is said."""
+    import warnings
+
+    import lightning as L
+
+    from lowmem_lightning.callbacks import LowMemOptimizerCallback
+    from lowmem_lightning.lowmem_warning import LowMemWarning
+    from lowmem_lightning.quant import prepare_for_kbit_training
+
+    module = _lightning_qlora(dense_qwen2, prepare_for_kbit_training if prepare == "ours" else prepare)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[LowMemOptimizerCallback("adamw_8bit", plot=False, print_summary=False)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module)
+    notes = [str(w.message) for w in caught if issubclass(w.category, LowMemWarning) and "float32" in str(w.message)]
+    assert trainer.global_step == 1 and len(notes) == int(warned), notes
+    if warned:
+        assert notes[0].startswith(f"The 13 frozen params outside the NF4 layers are float32 "
+                                   f"({4 * FROZEN_DENSE / 2**20:,.1f} MiB, largest ")
+        assert "bfloat16 weights: peft's prepare_model_for_kbit_training casts" in notes[0]
+        assert "lowmem_lightning.quant.prepare_for_kbit_training(model)" in notes[0]

@@ -41,7 +41,7 @@ from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.model_summary import count_nf4_in_model_summaries
 from lowmem_lightning.callbacks.monitor import StateMemoryMonitor
-from lowmem_lightning.callbacks.param_checks import averaged_codes_refusal, unsupported_params
+from lowmem_lightning.callbacks.param_checks import averaged_codes_refusal, unsupported_params, upcast_frozen_note
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.callbacks.release import DEFAULT_BUCKET_BYTES, GradientReleaseCallback
 from lowmem_lightning.callbacks.resume import ResumeCompatibility
@@ -579,10 +579,14 @@ class LowMemOptimizerCallback(L.Callback):
         (:func:`~lowmem_lightning.callbacks.param_checks.averaged_codes_refusal`); one that is not gets a
         :class:`~.averaging.KeepTrainingWeights` (a checkpoint saved after its end-of-fit copy resumes from the
         training weights, not the average) and the SIGTERM checkpoint after its step-end update
-        (:func:`~.averaging.serve_weight_averaging`)."""
+        (:func:`~.averaging.serve_weight_averaging`). A QLoRA model whose frozen weights were cast up to fp32 around
+        16-bit NF4 layers gets a warning (:func:`~lowmem_lightning.callbacks.param_checks.upcast_frozen_note`)."""
         reason = averaged_codes_refusal(pl_module)
         if reason is not None:
             raise ValueError(reason)
+        note = upcast_frozen_note(pl_module)
+        if note is not None:
+            rank_zero_warn(note, category=LowMemWarning)
         serve_weight_averaging(trainer)
         if not self.optimizers:
             raise RuntimeError(

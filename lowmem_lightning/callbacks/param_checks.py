@@ -16,6 +16,9 @@ the optimizer and by :class:`~lowmem_lightning.modules.LowMemModule` in ``config
 A third kind is not the optimizer's but a weight-averaging callback's: :func:`averaged_codes_refusal` (called at fit
 start by the callback and by :class:`~lowmem_lightning.modules.CausalLMModule`) refuses an EMA that would average
 the NF4 codes of a QLoRA model.
+
+And one is a note, not a refusal: :func:`upcast_frozen_note` (a warning at fit start) tells a QLoRA model whose frozen
+weights were cast up to fp32 around its 16-bit NF4 layers, as peft's ``prepare_model_for_kbit_training`` does.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["unsupported_params", "averaged_codes_refusal"]
+__all__ = ["unsupported_params", "averaged_codes_refusal", "upcast_frozen_note"]
 
 
 def _names(module: nn.Module | None) -> dict[int, str]:
@@ -102,3 +105,30 @@ def averaged_codes_refusal(module: nn.Module) -> str | None:
                     f"buffers then follow the model; the trainable params, the LoRA adapters, are averaged): "
                     f"{type(callback).__name__}(..., use_buffers=False).")
     return None
+
+
+_SIXTEEN_BITS = (torch.bfloat16, torch.float16)
+
+
+def upcast_frozen_note(module: nn.Module) -> str | None:
+    """The warning for ``module`` when its NF4 layers hold 16-bit weights and every frozen floating-point param
+    beside them is fp32 (peft's ``prepare_model_for_kbit_training`` casts them all up: embeddings, head, norms),
+    naming their bytes and the call that prepares a model without the cast; ``None`` otherwise (no NF4 layer, an
+    fp32 model, a frozen 16-bit param left). Imports nothing (as :func:`averaged_codes_refusal`)."""
+    nf4 = getattr(sys.modules.get("lowmem_lightning.quant.linear4bit"), "Linear4bit", None)
+    if nf4 is None:
+        return None
+    narrow = {m.weight_dtype for m in module.modules() if isinstance(m, nf4) and m.is_quantized}
+    frozen = [(name, p) for name, p in module.named_parameters() if not p.requires_grad and p.is_floating_point()]
+    if len(narrow) != 1 or not narrow <= set(_SIXTEEN_BITS) or not frozen:
+        return None
+    if any(p.dtype != torch.float32 for _, p in frozen):
+        return None
+    nbytes = sum(p.nbytes for _, p in frozen)
+    largest = ", ".join(name for name, _ in sorted(frozen, key=lambda item: -item[1].numel())[:2])
+    dtype = str(next(iter(narrow))).removeprefix("torch.")
+    return (f"The {len(frozen)} frozen params outside the NF4 layers are float32 ({nbytes / 2**20:,.1f} MiB, largest "
+            f"{largest}) while the NF4 layers hold {dtype} weights: peft's prepare_model_for_kbit_training casts "
+            f"every frozen 16-bit param up, which takes {nbytes / 2 / 2**20:,.1f} MiB more than {dtype} and trains "
+            "none of them. lowmem_lightning.quant.prepare_for_kbit_training(model) prepares the model the same way "
+            "(frozen params, gradient checkpointing, input gradients) without the cast.")

@@ -64,6 +64,7 @@ from .convert import (
     dequantize_model,
     kept_dense_names,
     mark_loaded_in_4bit,
+    prepare_for_kbit_training,
     quantize_model,
     router_names,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "LoadedIn4bit",
     "linear4bit_bytes",
     "mark_loaded_in_4bit",
+    "prepare_for_kbit_training",
     "quantize_model",
     "router_names",
     "clamped_weight_names",

@@ -311,6 +311,28 @@ def ddp_skip_nf4_buffers(module: nn.Module, group=None) -> list[str]:
     return names
 
 
+def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                              gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+    """peft's ``prepare_model_for_kbit_training`` without its fp32 copies: freeze every param, and with
+    ``use_gradient_checkpointing`` turn on the model's gradient checkpointing (``gradient_checkpointing_kwargs`` passed
+    to ``model.gradient_checkpointing_enable``) and, unless those say ``use_reentrant=False``, gradients on the input
+    embeddings' output (reentrant checkpointing needs an input that requires grad). Returns ``model``.
+
+    peft's function also casts every frozen fp16 / bf16 param that is not a bitsandbytes 4-bit weight to fp32: on our
+    NF4 models the embeddings, the head and the norms, which then take twice their memory though nothing trains
+    them (huggingface/peft#816, #1149, bitsandbytes-foundation/bitsandbytes#1569: "QLoRA uses more memory than bf16
+    LoRA"). This one leaves every dtype as it is."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if not use_gradient_checkpointing:
+        return model
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    if kwargs.get("use_reentrant", True):
+        model.enable_input_require_grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
 def mark_loaded_in_4bit(model: nn.Module) -> nn.Module:
     """Set ``model.is_loaded_in_4bit`` (an instance attribute, a :class:`LoadedIn4bit`), the flag with
     which transformers models loaded in 4 bits tell peft so: ``peft.prepare_model_for_kbit_training``
