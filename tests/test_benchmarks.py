@@ -136,3 +136,11 @@ def test_ema_update_small(capsys, one_thread):
     rows = {line.split("|")[1].strip(): int(line.split("|")[2].replace(",", "")) for line in text.splitlines()
             if line.startswith("| full copy |") or line.startswith("| shared |")}
     assert rows == {"full copy": whole, "shared": trainable}
+
+
+def test_kbit_prepare_table(capsys, one_thread):
+    """``benchmarks/kbit_prepare.py``: peft's preparation doubles the frozen bf16 weights, ours keeps them."""
+    assert _load("kbit_prepare").main([]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    theirs, ours = (int(row[2].strip().removesuffix(" B").replace(",", "")) for row in rows)
+    assert [row[3].strip() for row in rows] == ["float32", "bfloat16"] and theirs > 1.9 * ours
