@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import test_callback
 import torch
 import yaml
 from lightning.pytorch.callbacks import BackboneFinetuning, EMAWeightAveraging, ModelCheckpoint
@@ -149,21 +150,15 @@ def test_listed_before_the_averaging_the_copy_never_copies_the_frozen_base(tmp_p
     assert sum(copied) >= trainable
 
 
-class WithBackbone(L.LightningModule):
-    """Lightning's BackboneFinetuning example: a ``backbone`` frozen at fit start, unfrozen at epoch 1."""
+class WithBackbone(test_callback.WithBackbone):
+    """Lightning's BackboneFinetuning example (``tests/test_callback.py``) with a BatchNorm in the backbone (buffers
+    that change in training)."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.backbone = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh())
         self.head = nn.Linear(16, 1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.mse_loss(self.head(self.backbone(x)), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=1e-2)
 
 
 class SharedBackbone(L.Callback):
