@@ -16,17 +16,21 @@ run's training weights matched the uninterrupted run's but its average missed th
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from test_field_lightning_round3 import Project, Trajectory, _ema, _equal, _same_tensors, _trainer
 from test_resume_midepoch import SignalAtBatch, _fit_api, _write_data
+from tiny_checkpoints import same_contents
+from torch import nn
 
 from lowmem_lightning.callbacks.averaging import KeepTrainingWeights
 from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
@@ -177,3 +181,49 @@ def test_without_weight_averaging_the_callback_list_is_left_alone():
     before = trainer.callbacks
     serve_weight_averaging(trainer)
     assert trainer.callbacks is before
+
+
+def _weights_and_state(trainer: L.Trainer, module: L.LightningModule) -> tuple[dict, dict]:
+    return ({k: v.clone() for k, v in module.state_dict().items()}, copy.deepcopy(trainer.optimizers[0].state_dict()))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", None])
+def test_a_resume_without_the_averaging_callback_continues_the_training_weights(tmp_path, optimizer, caplog):
+    """A checkpoint ``EMAWeightAveraging`` wrote (``state_dict``: the average), resumed in a fit without it: Lightning
+    loaded the average into the module and trained it on with the training weights' optimizer state, silently (a
+    jump in the loss, another run). Now the fit resumes from the training weights (``current_model_state``), one line
+    says so, and 3 steps with EMA + 3 resumed without end bit for bit where 6 steps without EMA end: under
+    ``LowMemOptimizerCallback``, and under a ``LowMemModule``'s own optimizer (no callback)."""
+    import logging
+
+    from lowmem_lightning.modules import LowMemModule
+
+    class Own(LowMemModule):
+        def __init__(self):
+            super().__init__(optimizer="adamw_8bit", lr=3e-3)
+            self.project = Project(stateful=True)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.project(batch[0]), batch[1])
+
+        def train_dataloader(self):
+            return self.project.train_dataloader()
+
+    make = Project if optimizer is not None else Own
+
+    def fit(steps, callbacks=(), ckpt=None, run="straight"):
+        module = make(stateful=True) if make is Project else make()
+        saving = ModelCheckpoint(dirpath=tmp_path / run, save_last=True, save_top_k=0)
+        trainer = _trainer(optimizer, [*callbacks, saving], max_steps=steps, max_epochs=-1, enable_checkpointing=True)
+        trainer.fit(module, ckpt_path=ckpt)
+        return _weights_and_state(trainer, module)
+
+    straight = fit(6)
+    fit(3, [EMAWeightAveraging(decay=0.5)], run="ema")
+    saved = torch.load(tmp_path / "ema" / "last.ckpt", weights_only=True)
+    assert _same_tensors(saved["state_dict"], saved["current_model_state"])  # the average is not the weights
+    with caplog.at_level(logging.INFO):
+        resumed = fit(6, ckpt=str(tmp_path / "ema" / "last.ckpt"), run="resumed")
+    assert "this fit has no weight-averaging callback: it resumes from the training weights" in caplog.text
+    assert not _same_tensors(straight[0], resumed[0])
+    assert same_contents(straight[1], resumed[1])

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
 
@@ -50,7 +51,8 @@ from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.optim.sharding import is_dtensor
 
 __all__ = ["AverageOfItself", "AverageSharesFrozen", "EMAFunction", "KeepTrainingWeights", "SharedParts",
-           "keep_training_weights", "picklable_averaging", "serve_weight_averaging", "shareable_parts"]
+           "keep_training_weights", "picklable_averaging", "resume_from_training_weights", "serve_weight_averaging",
+           "shareable_parts"]
 
 
 class KeepTrainingWeights(L.Callback):
@@ -257,10 +259,13 @@ class AverageSharesFrozen(L.Callback):
         self._share_all(trainer, pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Stop answering copies of the module; share again what the module's move to its device separated."""
+        """Stop answering copies of the module; share again what the module's move to its device separated; put a
+        :class:`KeepTrainingWeights` before each averaging callback that has none (:func:`keep_training_weights`:
+        ``LowMemOptimizerCallback`` did at its own ``on_fit_start``; a ``LowMemModule`` without it gets them here)."""
         if self._first(trainer):
             _stop_copying_sharing(pl_module)
             self._share_all(trainer, pl_module)
+            keep_training_weights(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """A fit stopped before ``on_fit_start`` leaves no sharing copy behind."""
@@ -396,3 +401,22 @@ def picklable_averaging(callbacks) -> int:
             kwargs["avg_fn"] = EMAFunction(cells["decay"])
             replaced += 1
     return replaced
+
+
+def resume_from_training_weights(trainer: L.Trainer | None, checkpoint: dict) -> bool:
+    """In a fit with no weight-averaging callback, have a checkpoint that one wrote resume from its training weights:
+    ``checkpoint["state_dict"]`` (the average) becomes ``checkpoint["current_model_state"]`` (the training weights),
+    the average and its state are dropped, and one line says so. Lightning alone loads the average into the module
+    and trains it on with the optimizer state of the training weights, silently. Returns whether it did; nothing for
+    a checkpoint without training weights apart, outside ``fit`` (evaluation and ``load_from_checkpoint`` read the
+    average) or with an averaging callback (which loads both itself)."""
+    if trainer is None or trainer.state.fn != "fit" or not isinstance(checkpoint.get("current_model_state"), dict):
+        return False
+    if any(isinstance(callback, WeightAveraging) for callback in trainer.callbacks):
+        return False
+    checkpoint["state_dict"] = checkpoint.pop("current_model_state")
+    checkpoint.pop("averaging_state", None)
+    rank_zero_info("The checkpoint holds a weight average (its state_dict) and the training weights "
+                   "(current_model_state), and this fit has no weight-averaging callback: it resumes from the training "
+                   "weights; the average is left behind.")
+    return True

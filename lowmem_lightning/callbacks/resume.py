@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lowmem_lightning.callbacks.averaging import resume_from_training_weights
 from lowmem_lightning.callbacks.swap import LR_KEYS
 from lowmem_lightning.optim.adamw_convert import FORM_4BIT, FORM_8BIT, FORM_FP32, convert_on_load, prepare_sharded_load
 from lowmem_lightning.optim.peer_convert import PEERS, conversion_note, converted_peer_state, identify_peer
@@ -101,6 +102,13 @@ class RunLrAfterResume(L.Callback):
         lrs = state_dict.get("configured_lrs")
         self._saved_lrs = lrs if isinstance(lrs, list) and lrs else None
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """A checkpoint a weight-averaging callback wrote, resumed without one, continues from its training weights
+        (:func:`~lowmem_lightning.callbacks.averaging.resume_from_training_weights`; the module was loaded with the
+        average before this hook: it is loaded again)."""
+        if resume_from_training_weights(trainer, checkpoint):
+            pl_module.load_state_dict(checkpoint["state_dict"], strict=pl_module.strict_loading)
+
 
 class ResumeCompatibility(RunLrAfterResume):
     """Refuse (``ValueError``, before any step) to resume a checkpoint of another optimizer than ``optimizer``,
@@ -170,7 +178,9 @@ class ResumeCompatibility(RunLrAfterResume):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Refuse a checkpoint trained with an optimizer whose state this one cannot read (in ``fit`` only:
-        validate, test and predict read the weights, not the optimizer state; no trainer: checked as in fit)."""
+        validate, test and predict read the weights, not the optimizer state; no trainer: checked as in fit); see
+        also :meth:`RunLrAfterResume.on_load_checkpoint`."""
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
         if trainer is not None and trainer.state.fn != "fit":
             return
         saved = (checkpoint.get("callbacks") or {}).get(self.saved_under)

@@ -268,9 +268,13 @@ class LowMemModule(L.LightningModule):
         ``LowMemOptimizerCallback`` absent from this fit (:func:`~lowmem_lightning.callbacks.resume.
         refuse_missing_optimizer_callback`), or a fit resumed from a weights-only checkpoint (:func:`~lowmem_lightning.
         callbacks.resume.refuse_weights_only`: a ``ValueError`` saying how to start from its weights). A fit's resume
-        keeps the checkpoint's LR schedule (:data:`SCHEDULE_KEY`) to compare with its own at :meth:`on_train_start`."""
+        keeps the checkpoint's LR schedule (:data:`SCHEDULE_KEY`) to compare with its own at :meth:`on_train_start`;
+        one a weight-averaging callback wrote, resumed without one, continues from its training weights
+        (:func:`~lowmem_lightning.callbacks.averaging.resume_from_training_weights`)."""
+        from lowmem_lightning.callbacks.averaging import resume_from_training_weights
         from lowmem_lightning.callbacks.resume import refuse_missing_optimizer_callback, refuse_weights_only
 
+        resume_from_training_weights(self._trainer, checkpoint)
         refuse_weights_only(self._trainer, checkpoint)
         refuse_missing_optimizer_callback(self._trainer, checkpoint, self.optimizer_name)
         if self._trainer is not None and self._trainer.state.fn == "fit":  # a resume (not load_from_checkpoint)
