@@ -171,11 +171,11 @@ class SharedBackbone(L.Callback):
         self.shared.append(self.averaging._average_model.module.backbone[0] is pl_module.backbone[0])
 
 
-def _backbone_fit(root: Path):
+def _backbone_fit(root: Path, use_buffers: bool):
     """3 epochs; BackboneFinetuning (listed first: it freezes the backbone at ``on_fit_start``) unfreezes at epoch 1."""
     torch.manual_seed(1)
     data = DataLoader(TensorDataset(torch.randn(32, 6), torch.randn(32, 1)), batch_size=8)
-    module, ema = WithBackbone(), EMAWeightAveraging(decay=0.7, use_buffers=False)
+    module, ema = WithBackbone(), EMAWeightAveraging(decay=0.7, use_buffers=use_buffers)
     spy = SharedBackbone(ema)
     callbacks = [BackboneFinetuning(unfreeze_backbone_at_epoch=1),
                  LowMemOptimizerCallback("adamw_8bit", plot=False, print_summary=False), ema, spy,
@@ -186,14 +186,16 @@ def _backbone_fit(root: Path):
     return spy.shared, _load(root / "last.ckpt")
 
 
-def test_a_backbone_unfrozen_later_is_averaged_as_by_a_full_copy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_a_backbone_unfrozen_later_is_averaged_as_by_a_full_copy(tmp_path, monkeypatch, use_buffers):
     """BackboneFinetuning freezes the backbone at fit start (shared: the average's is the module's) and unfreezes it
     at epoch 1: from its first training batch the average holds a copy of its own, and the average, its buffers (a
-    BatchNorm's running statistics), the training weights and the optimizer state at the end equal the full copy's."""
-    shared, ours = _backbone_fit(tmp_path / "shared")
+    BatchNorm's running statistics: followed, or averaged with ``use_buffers=True``), the training weights and the
+    optimizer state at the end equal the full copy's."""
+    shared, ours = _backbone_fit(tmp_path / "shared", use_buffers)
     assert shared == [True, False, False]
     monkeypatch.setattr(averaging_module, "shareable_parts", lambda module, use_buffers: SharedParts())
-    full, theirs = _backbone_fit(tmp_path / "full")
+    full, theirs = _backbone_fit(tmp_path / "full", use_buffers)
     assert full == [False, False, False]
     for key in SAVED:
         assert same_contents(ours[key], theirs[key]), key

@@ -217,26 +217,33 @@ def _lm_trainer(callbacks, steps=3, **kwargs):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
-def test_ema_over_an_nf4_model_is_refused_with_buffers_and_averages_the_adapters_without(optimizer):
+@pytest.mark.parametrize("use_buffers", [True, False])
+def test_ema_over_an_nf4_model_leaves_the_base_and_averages_the_adapters(optimizer, use_buffers):
     """QLoRA + ``EMAWeightAveraging()``: its default ``use_buffers=True`` averaged the packed NF4 codes (uint8) and
-    int8 scales and wrote them back into the frozen base (before: 40 of its buffers changed after 5 steps, the model
-    destroyed; under torch's AdamW too): refused before any step, naming ``use_buffers=False``. With it, the base is
-    bit-for-bit untouched and the LoRA adapters are the EMA of their trajectory."""
-    module = _tiny_llama(quantize="nf4", lora={"r": 4}, optimizer=optimizer)
-    trainer = _lm_trainer([EMAWeightAveraging(decay=0.8)])
-    with pytest.raises(ValueError, match=r"EMAWeightAveraging\(use_buffers=True\) cannot average a model with "
-                                         r"NF4-quantized layers .* Pass use_buffers=False"):
-        trainer.fit(module, _text())
-    assert trainer.global_step == 0
+    int8 scales of its copy and wrote them back into the frozen base (before: 40 of its buffers changed after 5 steps,
+    the model destroyed; under torch's AdamW too), so it was refused. The average now shares the NF4 layers, and a
+    shared layer averaged with itself stays as it is: with either setting the base is bit-for-bit untouched and the
+    LoRA adapters are the EMA of their trajectory."""
     module = _tiny_llama(quantize="nf4", lora={"r": 4}, optimizer=optimizer)
     module.configure_model()
     base = {n: b.clone() for n, b in module.model.named_buffers()}
     trajectory = Trajectory()
-    _lm_trainer([trajectory, EMAWeightAveraging(decay=0.8, use_buffers=False)]).fit(module, _text())
+    _lm_trainer([trajectory, EMAWeightAveraging(decay=0.8, use_buffers=use_buffers)]).fit(module, _text())
     assert not _same_tensors(base, dict(module.model.named_buffers()))
     trainable = [i for i, p in enumerate(module.parameters()) if p.requires_grad]
     want = _ema([[step[i] for i in trainable] for step in trajectory.steps], 0.8)
     assert _equal([p for p in module.parameters() if p.requires_grad], want)
+
+
+def test_ema_kept_on_another_device_over_an_nf4_model_is_refused_with_buffers():
+    """An average kept on another device (``device=``) holds copies of the NF4 layers, which ``use_buffers=True``
+    would average as numbers: refused before any step, naming ``use_buffers=False``."""
+    module = _tiny_llama(quantize="nf4", lora={"r": 4}, optimizer="adamw_8bit")
+    trainer = _lm_trainer([EMAWeightAveraging(decay=0.8, device="meta")])
+    with pytest.raises(ValueError, match=r"EMAWeightAveraging\(use_buffers=True\) cannot average a model with "
+                                         r"NF4-quantized layers .* Pass use_buffers=False"):
+        trainer.fit(module, _text())
+    assert trainer.global_step == 0
 
 
 class OwnQLoRA(L.LightningModule):
@@ -265,19 +272,16 @@ class OwnQLoRA(L.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
 
-def test_ema_over_a_users_own_nf4_module_is_refused_by_the_callback():
-    """The same refusal for any module the callback trains (here the user's own QLoRA module), not only
-    ``CausalLMModule``; with ``use_buffers=False`` the NF4 base stays bit for bit."""
-    module = OwnQLoRA()
-    trainer = _trainer("adamw_8bit", [EMAWeightAveraging(decay=0.8)], max_steps=2)
-    with pytest.raises(ValueError, match=r"EMAWeightAveraging\(use_buffers=True\) cannot average"):
+def test_ema_over_a_users_own_nf4_module_leaves_its_base_under_the_callback():
+    """The same for any module the callback trains (here the user's own QLoRA module), not only ``CausalLMModule``:
+    with the default ``use_buffers=True`` and with ``False`` the NF4 base stays bit for bit."""
+    for use_buffers in (True, False):
+        module = OwnQLoRA()
+        base = {n: b.clone() for n, b in module.named_buffers()}
+        assert base, "quantize_model left no NF4 buffers"
+        trainer = _trainer("adamw_8bit", [EMAWeightAveraging(decay=0.8, use_buffers=use_buffers)], max_steps=2)
         trainer.fit(module)
-    assert trainer.global_step == 0
-    module = OwnQLoRA()
-    base = {n: b.clone() for n, b in module.named_buffers()}
-    assert base, "quantize_model left no NF4 buffers"
-    _trainer("adamw_8bit", [EMAWeightAveraging(decay=0.8, use_buffers=False)], max_steps=2).fit(module)
-    assert not _same_tensors(base, dict(module.named_buffers()))
+        assert trainer.global_step == 2 and not _same_tensors(base, dict(module.named_buffers()))
 
 
 def test_lowmem_fit_with_ema_and_a_linked_last_in_yaml_resumes(tmp_path, monkeypatch, capsys):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import sys
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -51,8 +52,8 @@ from lowmem_lightning.callbacks.preemption import PreemptionCheckpoint
 from lowmem_lightning.optim.sharding import is_dtensor
 
 __all__ = ["AverageOfItself", "AverageSharesFrozen", "EMAFunction", "KeepTrainingWeights", "SharedParts",
-           "keep_training_weights", "picklable_averaging", "resume_from_training_weights", "serve_weight_averaging",
-           "shareable_parts"]
+           "keep_training_weights", "picklable_averaging", "quantized_layer_kinds", "resume_from_training_weights",
+           "serve_weight_averaging", "shareable_parts"]
 
 
 class KeepTrainingWeights(L.Callback):
@@ -135,7 +136,8 @@ class SharedParts:
     params: list[str] = field(default_factory=list)
     """Frozen params of the other submodules."""
     buffers: list[str] = field(default_factory=list)
-    """Buffers of the other submodules (only when buffers are not averaged: they then follow the model)."""
+    """Buffers of the other submodules that are not averaged (all of them with ``use_buffers=False``: they follow the
+    model; else the non-persistent ones)."""
 
     def objects(self, module: nn.Module) -> list:
         """The submodules, params and buffers of ``module`` these names stand for."""
@@ -143,17 +145,37 @@ class SharedParts:
                 + [module.get_buffer(n) for n in self.buffers])
 
 
+def quantized_layer_kinds() -> tuple[type, ...]:
+    """The NF4 layer classes (``Linear4bit``, ``Experts4bit``) among the imported modules (none is built before its
+    module is imported; nothing is imported here)."""
+    found = (getattr(sys.modules.get("lowmem_lightning.quant.linear4bit"), "Linear4bit", None),
+             getattr(sys.modules.get("lowmem_lightning.quant.experts"), "Experts4bit", None))
+    return tuple(kind for kind in found if kind is not None)
+
+
+def _averaged_buffers(module: nn.Module, kinds: tuple[type, ...]) -> list[str]:
+    """Names of ``module``'s own buffers that an average with ``use_buffers=True`` averages as statistics: the
+    persistent ones, but none of an NF4 layer (its codes and scales are a frozen weight, destroyed if averaged as
+    numbers). A non-persistent buffer (rotary frequencies) is derived state, which averaging only blurs by rounding."""
+    if isinstance(module, kinds):
+        return []
+    return [n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set]
+
+
 def _holds_nothing_averaged(module: nn.Module, use_buffers: bool) -> bool:
+    """No trainable param in ``module``, and (when buffers are averaged) no buffer averaged as a statistic
+    (:func:`_averaged_buffers`)."""
     if any(p.requires_grad for p in module.parameters()):
         return False
-    return not use_buffers or next(module.buffers(), None) is None
+    kinds = quantized_layer_kinds()
+    return not use_buffers or not any(_averaged_buffers(m, kinds) for m in module.modules())
 
 
 def shareable_parts(module: nn.Module, use_buffers: bool) -> SharedParts:
     """What an average of ``module`` may share with it (:class:`SharedParts`): the largest submodules holding no
-    trainable param (nor a buffer when ``use_buffers``), and elsewhere the frozen params (and the buffers, unless
-    ``use_buffers``)."""
-    parts = SharedParts()
+    trainable param (nor, when ``use_buffers``, a buffer averaged as a statistic: :func:`_averaged_buffers`), and
+    elsewhere the frozen params and the buffers not averaged."""
+    parts, kinds = SharedParts(), quantized_layer_kinds()
 
     def walk(owner: nn.Module, prefix: str) -> None:
         for name, child in owner.named_children():
@@ -162,8 +184,8 @@ def shareable_parts(module: nn.Module, use_buffers: bool) -> SharedParts:
             else:
                 walk(child, f"{prefix}{name}.")
         parts.params.extend(prefix + n for n, p in owner._parameters.items() if p is not None and not p.requires_grad)
-        if not use_buffers:
-            parts.buffers.extend(prefix + n for n, b in owner._buffers.items() if b is not None)
+        averaged = _averaged_buffers(owner, kinds) if use_buffers else []
+        parts.buffers.extend(prefix + n for n, b in owner._buffers.items() if b is not None and n not in averaged)
 
     walk(module, "")
     return parts

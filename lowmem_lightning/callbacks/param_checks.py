@@ -83,14 +83,18 @@ def averaged_codes_refusal(module: nn.Module) -> str | None:
     :class:`~lowmem_lightning.quant.Linear4bit` (``0.999 * code + 0.001 * code`` written back into uint8 truncates),
     and copies the result into the model at each validation and at the end of fit: the frozen base is changed at the
     first update. With ``use_buffers=False`` the buffers follow the model and only the parameters (the LoRA adapters)
-    are averaged. ``module`` is the LightningModule (any, with the Trainer attached: its callbacks are read). It
-    imports nothing: a model with NF4 layers has imported their module, and importing :mod:`lowmem_lightning.quant`
-    (peft, transformers, and bitsandbytes where installed) would cost a fit without NF4 seconds."""
+    are averaged. An average that shares the module's NF4 layers
+    (:class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`, the default under ``LowMemOptimizerCallback``
+    and ``LowMemModule``) is never refused: a shared layer averaged with itself stays as it is. What is left refused
+    is an average that holds copies of them (kept on another device, ``device=``; a sharded module). ``module`` is the
+    LightningModule (any, with the Trainer attached: its callbacks are read). It imports nothing: a model with NF4
+    layers has imported their module, and importing :mod:`lowmem_lightning.quant` (peft, transformers, and
+    bitsandbytes where installed) would cost a fit without NF4 seconds."""
     from lightning.pytorch.callbacks import WeightAveraging
 
-    nf4 = sys.modules.get("lowmem_lightning.quant.linear4bit")  # no NF4 layer exists before its module is imported
-    experts = sys.modules.get("lowmem_lightning.quant.experts")
-    kinds = tuple(k for k in (getattr(nf4, "Linear4bit", None), getattr(experts, "Experts4bit", None)) if k)
+    from lowmem_lightning.callbacks.averaging import quantized_layer_kinds
+
+    kinds = quantized_layer_kinds()
     trainer = getattr(module, "_trainer", None)
     if not kinds or trainer is None or not any(isinstance(m, kinds) for m in module.modules()):
         return None
@@ -98,6 +102,8 @@ def averaged_codes_refusal(module: nn.Module) -> str | None:
         if not isinstance(callback, WeightAveraging):
             continue
         average = getattr(callback, "_average_model", None)
+        if average is not None and _shares_layers(average.module, module, kinds):
+            continue  # its NF4 layers are the module's own: averaging one with itself leaves it as it is
         if getattr(average, "use_buffers", getattr(callback, "_use_buffers", False)):
             return (f"{type(callback).__name__}(use_buffers=True) cannot average a model with NF4-quantized layers "
                     "(quantize='nf4'): it would average their packed 4-bit codes and int8 scales (buffers) as numbers "
@@ -132,3 +138,15 @@ def upcast_frozen_note(module: nn.Module) -> str | None:
             f"every frozen 16-bit param up, which takes {nbytes / 2 / 2**20:,.1f} MiB more than {dtype} and trains "
             "none of them. lowmem_lightning.quant.prepare_for_kbit_training(model) prepares the model the same way "
             "(frozen params, gradient checkpointing, input gradients) without the cast.")
+
+
+def _shares_layers(average: nn.Module, module: nn.Module, kinds: tuple[type, ...]) -> bool:
+    """Whether every layer of ``kinds`` in ``module`` is, in ``average`` (a copy of it), the module's own object."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, kinds):
+            try:
+                if average.get_submodule(name) is not layer:
+                    return False
+            except AttributeError:
+                return False
+    return True
