@@ -21,16 +21,17 @@ the resumed run never averaged the step it stopped at (its average differed from
 its training weights matched). :func:`serve_weight_averaging` moves it after the last averaging callback.
 
 The average is a deep copy of the whole module (torch's ``AveragedModel``), made in the averaging callback's
-``setup`` on the device the module is built on: for a LoRA / QLoRA run a second frozen base (3.9 GB of NF4 codes
-and embeddings for a 7B), held on the device for the whole fit, copied from the model at every update
+``setup`` on the device the module is built on: for a LoRA / QLoRA run a second frozen base (3.9 GB of NF4 codes and
+embeddings for a 7B), held on the device for the whole fit, copied from the model at every update
 (``use_buffers=False``), and written into every checkpoint beside the module's own. :class:`AverageSharesFrozen`
-lets the copy share, rather than copy, what does not train: submodules without a trainable param (NF4 layers,
-frozen embeddings and norms, host-held embedding tables), and the frozen params (and, with ``use_buffers=False``,
-the buffers) of the others. The average of a tensor that does not change is that tensor (:class:`AverageOfItself`),
-so the averages of what trains are bit-equal to the full copy's, and ``torch.save`` writes a shared tensor once. The
-frozen tensors stay exactly the base's, where the full copy's average of them drifts by rounding (EMA's
-``0.8 * w + 0.2 * w`` is not always ``w`` in floating point) and the end-of-fit copy writes that drift into the
-module's frozen weights.
+lets the copy share, rather than copy, what does not train: submodules without a trainable param (NF4 layers, frozen
+embeddings and norms, host-held embedding tables), and the frozen params and the buffers not averaged of the others
+(with ``use_buffers=True`` the persistent buffers outside NF4 layers are averaged, a BatchNorm's statistics; NF4
+codes and scales, a frozen weight, and non-persistent buffers, derived state, are shared). The average of a tensor
+that does not change is that tensor (:class:`AverageOfItself`), so the averages of what trains are bit-equal to the
+full copy's, and ``torch.save`` writes a shared tensor once. The frozen tensors stay exactly the base's, where the
+full copy's average of them drifts by rounding (EMA's ``0.8 * w + 0.2 * w`` is not always ``w`` in floating point)
+and the end-of-fit copy writes that drift into the module's frozen weights.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ class SharedParts:
     """Dotted names (relative to the module) of what a weight average shares with the module it averages."""
 
     modules: list[str] = field(default_factory=list)
-    """Submodules without a trainable param (nor, when buffers are averaged, a buffer): shared whole."""
+    """Submodules without a trainable param (nor, when buffers are averaged, a buffer averaged as a statistic): shared
+    whole."""
     params: list[str] = field(default_factory=list)
     """Frozen params of the other submodules."""
     buffers: list[str] = field(default_factory=list)
@@ -217,7 +219,7 @@ class AverageOfItself:
     """An ``AveragedModel`` averaging function (``avg_fn`` or ``multi_avg_fn``) that leaves a shared tensor (the
     average's is the model's) as it is: the average of a tensor that does not change is that tensor, while
     ``0.8 * w + 0.2 * w`` in floating point is ``w`` give or take a rounding, which written into a shared tensor would
-    change the frozen weight. The other pairs go to ``inner`` (``None``: torch's default, the running mean)."""
+    change the frozen weight. The other pairs go to ``inner``."""
 
     def __init__(self, inner, multi: bool) -> None:
         self.inner = inner
