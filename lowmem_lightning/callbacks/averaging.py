@@ -274,12 +274,15 @@ class AverageSharesFrozen(L.Callback):
         self._watched: list[nn.Parameter] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Have each averaging callback still to copy the module make a sharing copy; trim the copies made."""
+        """Have each averaging callback listed after this one (its ``setup``, which copies the module, comes next in
+        this pass; at every fit, a notebook's second one too) make a sharing copy; trim the copies made before."""
         if stage != "fit" or not self._first(trainer):
             return
-        pending = [a for a in _averagings(trainer) if a._average_model is None and _may_share(a, pl_module)]
-        if pending:
-            _copy_sharing(pl_module, len(pending))
+        position = next(i for i, c in enumerate(trainer.callbacks) if c is self)
+        later = [c for c in trainer.callbacks[position + 1:]
+                 if isinstance(c, WeightAveraging) and _may_share(c, pl_module)]
+        if later:
+            _copy_sharing(pl_module, len(later))
         self._share_all(trainer, pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -381,6 +384,9 @@ def _copy_sharing(pl_module: L.LightningModule, copies: int) -> None:
             if not any(is_dtensor(p) for p in pl_module.parameters()):  # sharded by configure_model: a plain copy
                 parts = shareable_parts(pl_module, use_buffers)
                 memo.update({id(obj): obj for obj in parts.objects(pl_module)})
+            # functions set on the instance (LowMemOptimizerCallback's configure_optimizers wrapper, whose closure
+            # reaches the callback and, at a second fit, the first fit's optimizers and their state) stay shared
+            memo.update({id(v): v for v in vars(pl_module).values() if callable(v) and not isinstance(v, nn.Module)})
             return copy.deepcopy(pl_module, memo)
         finally:
             remaining[0] -= 1
