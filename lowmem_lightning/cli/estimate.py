@@ -29,10 +29,15 @@ from lowmem_lightning.optim.registry import available_optimizers
 __all__ = ["build_meta_model", "estimate_main"]
 
 
+def _callback_entries(cfg: Namespace) -> list:
+    """The recipe's ``trainer.callbacks`` entries, as a list (a single entry is one)."""
+    callbacks = cfg.trainer.get("callbacks") or []
+    return callbacks if isinstance(callbacks, list) else [callbacks]
+
+
 def _configured_optimizer(cfg: Namespace) -> tuple[str, dict] | None:
     """``(name, kwargs)`` of the run's optimizer: the LowMemOptimizerCallback's, else the module's."""
-    callbacks = cfg.trainer.get("callbacks") or []
-    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+    for entry in _callback_entries(cfg):
         if is_optimizer_callback(entry):
             init = init_args(entry)
             return init.get("optimizer") or "adamw_8bit", dict(init.get("optimizer_kwargs") or {})
@@ -45,8 +50,7 @@ def _configured_optimizer(cfg: Namespace) -> tuple[str, dict] | None:
 
 def _optimizer_callback_args(cfg: Namespace) -> Namespace:
     """The init args of the recipe's (first) LowMemOptimizerCallback; empty when it has none."""
-    callbacks = cfg.trainer.get("callbacks") or []
-    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+    for entry in _callback_entries(cfg):
         if is_optimizer_callback(entry):
             return init_args(entry)
     return Namespace()
@@ -62,9 +66,8 @@ def _averaging_callbacks(cfg: Namespace) -> list[tuple[str, Namespace]]:
     """``(class name, init args)`` of each of the recipe's ``WeightAveraging`` callbacks (``EMAWeightAveraging``)."""
     from lightning.pytorch.callbacks import WeightAveraging
 
-    callbacks = cfg.trainer.get("callbacks") or []
     found = []
-    for entry in callbacks if isinstance(callbacks, list) else [callbacks]:
+    for entry in _callback_entries(cfg):
         cls = import_class(entry.get("class_path", "")) if isinstance(entry, Namespace) else None
         if isinstance(cls, type) and issubclass(cls, WeightAveraging):
             found.append((cls.__name__, entry.get("init_args") or Namespace()))
@@ -99,7 +102,8 @@ def _weight_average(cfg: Namespace, model) -> tuple[int, str]:
     if not averagings:
         return 0, ""
     module = import_class(cfg.model.class_path)
-    sharing = bool(_optimizer_callback_args(cfg)) or (isinstance(module, type) and issubclass(module, LowMemModule))
+    with_callback = any(is_optimizer_callback(entry) for entry in _callback_entries(cfg))
+    sharing = with_callback or (isinstance(module, type) and issubclass(module, LowMemModule))
     on_cpu = str(cfg.trainer.get("accelerator") or "auto") == "cpu"
     device_bytes, details, count = 0, [], count_model(model)
     for name, init in averagings:
