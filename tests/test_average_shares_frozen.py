@@ -30,8 +30,8 @@ from lowmem_lightning.callbacks import LowMemOptimizerCallback
 from lowmem_lightning.callbacks import averaging as averaging_module
 from lowmem_lightning.callbacks.averaging import SharedParts, _may_share
 from lowmem_lightning.cli import RECIPES_DIR
+from lowmem_lightning.frozen_base import FROZEN_BASE_KEY
 from lowmem_lightning.modules.causal_lm import CausalLMModule
-from lowmem_lightning.modules.frozen_base import FROZEN_BASE_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SAVED = ("state_dict", "current_model_state", "averaging_state", "optimizer_states")

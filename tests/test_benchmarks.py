@@ -144,3 +144,14 @@ def test_kbit_prepare_table(capsys, one_thread):
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     theirs, ours = (int(row[2].strip().removesuffix(" B").replace(",", "")) for row in rows)
     assert [row[3].strip() for row in rows] == ["float32", "bfloat16"] and theirs > 1.9 * ours
+
+
+def test_frozen_checkpoint_small(capsys, one_thread):
+    """``benchmarks/frozen_checkpoint.py`` at a toy size: the checkpoint without the frozen base is the smaller by at
+    least the base's bytes, and loads back to the trained module."""
+    assert _load("frozen_checkpoint").main(["--hidden", "64", "--layers", "1", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): int(line.split("|")[2].replace(",", "")) for line in text.splitlines()
+            if line.startswith(("| whole |", "| frozen base left out |"))}
+    assert rows["whole"] > 20 * rows["frozen base left out"], rows
+    assert "equal to the trained module: True" in text

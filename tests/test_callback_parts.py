@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lowmem_lightning.callbacks import (
     FSDP1Check,
     GradientReleaseCallback,
+    LeaveOutFrozenBase,
     LowMemOptimizerCallback,
     PreemptionCheckpoint,
     ResumeCompatibility,
@@ -66,13 +67,13 @@ def test_parts_follow_the_callback_in_trainer_callbacks_once(tmp_path):
     trainer = _fit(tmp_path, [callback, other])
     kinds = [FSDP1Check, GradientReleaseCallback, StateMemoryMonitor, PreemptionCheckpoint, InterruptAtStepEnd,
              ResumeCompatibility, ClipNormReuse, KeepRotaryFp32, CheckpointingModeCheck, RngStateCheckpoint,
-             AverageSharesFrozen]
+             AverageSharesFrozen, LeaveOutFrozenBase]
     position = trainer.callbacks.index(callback)
-    assert [type(c) for c in trainer.callbacks[position + 1:position + 12]] == kinds
-    assert trainer.callbacks[position + 12] is other
+    assert [type(c) for c in trainer.callbacks[position + 1:position + 13]] == kinds
+    assert trainer.callbacks[position + 13] is other
     assert trainer.callbacks[position + 3] is callback.monitor and trainer.callbacks[position + 2] is callback.release
     trainer.fit(_Tiny(), _loader())  # a second fit with the same Trainer (set up, no step): no part added again
-    assert len(trainer.callbacks) == len({id(c) for c in trainer.callbacks}) == position + 13
+    assert len(trainer.callbacks) == len({id(c) for c in trainer.callbacks}) == position + 14
     plain = LowMemOptimizerCallback("adamw_8bit", print_summary=False, plot=False)
     assert not any(isinstance(p, GradientReleaseCallback) for p in plain.parts) and plain.releases == []
 

@@ -18,8 +18,8 @@ from lowmem_calls import lowmem_in_process
 from tiny_checkpoints import same_contents
 
 from lowmem_lightning.cli import RECIPES_DIR
+from lowmem_lightning.frozen_base import FROZEN_BASE_KEY, drop_unchanged, tensor_digests
 from lowmem_lightning.modules.causal_lm import CausalLMModule
-from lowmem_lightning.modules.frozen_base import FROZEN_BASE_KEY, drop_unchanged, tensor_digests
 
 LORA = {"r": 4, "alpha": 8}
 
@@ -181,7 +181,7 @@ def test_refused_where_the_base_cannot_be_rebuilt(base, kwargs, words):
 def test_the_checksum_is_summed_a_chunk_at_a_time_to_the_same_value(monkeypatch):
     """torch casts a reduction's input to int64 up front (a 1.3 GB bf16 table would take 5.4 GB at a save): the sum
     goes a chunk at a time, to the value of the whole sum, for every element size."""
-    from lowmem_lightning.modules import frozen_base
+    from lowmem_lightning import frozen_base
 
     monkeypatch.setattr(frozen_base, "_CHUNK", 1000)
     generator = torch.Generator().manual_seed(0)

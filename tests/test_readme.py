@@ -111,6 +111,32 @@ _changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach()
 assert _changed and all("lora_A" in n or "lora_B" in n for n in _changed), sorted(_changed)
 '''
 
+LORA_MODULE = '''
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
+from lowmem_lightning import LowMemOptimizerCallback
+
+class MyLoraModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        base = LlamaForCausalLM.from_pretrained("tiny-llama")
+        self.model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step >= 2:
+            self.trainer.should_stop = True
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def train_dataloader(self):
+        return DataLoader(torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2)), batch_size=2)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+'''
+
 HF_TRAINER = '''
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
@@ -163,6 +189,16 @@ PYTHON_BLOCKS = {
               'n, tensors = sum(p.numel() for p in model.parameters()), len(list(model.parameters()))\n'
               'got = monitor.measure()["optim/state_bytes_per_param"]\n'
               'assert abs(got - (8 * n + 4 * tensors) / n) < 1e-9, got  # 8 B/param + 4 B/tensor\n'),
+    'ModelCheckpoint(dirpath="ckpts", save_last=True)': Snippet(
+        "run", "MyLoraModule: a peft LoRA on a tiny Llama saved as bf16 safetensors, its own AdamW, stops after 3 "
+        "steps (the README's Trainer has the default 1000 epochs); then the checkpoint holds the adapters alone and "
+        "the resumed and loaded modules are the trained one",
+        prelude=TINY_LLAMA + LORA_MODULE, substitutions={"MyLoraModule(...)": "MyLoraModule()"},
+        check='_ckpt = torch.load("ckpts/last.ckpt", weights_only=False)\n'
+              '_state = model.state_dict()\n'
+              'assert _ckpt["global_step"] == 4 and _ckpt["state_dict"], _ckpt["global_step"]\n'
+              'assert all("lora_" in k for k in _ckpt["state_dict"]) and len(_state) > len(_ckpt["state_dict"])\n'
+              'assert all(torch.equal(v, _state[k]) for k, v in _ckpt["state_dict"].items())\n'),
     "ModelParallelStrategy(data_parallel_size=2": Snippet(
         "compile", "FSDP2 needs 2 processes; tests/test_fsdp2.py runs this pattern with gloo"),
     "class MyModel(LowMemModule)": Snippet(

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lowmem_lightning.callbacks.averaging import AverageSharesFrozen, serve_weight_averaging
 from lowmem_lightning.callbacks.clip_norm import ClipNormReuse
+from lowmem_lightning.callbacks.frozen_checkpoint import LeaveOutFrozenBase
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.lr_tools import drop_tuner_finders, lr_find_refusal, own_step_refusal
 from lowmem_lightning.callbacks.model_summary import count_nf4_in_model_summaries
@@ -187,7 +188,8 @@ class LowMemOptimizerCallback(L.Callback):
     (:mod:`~lowmem_lightning.callbacks.resume`); give a Hugging Face model's rotary position frequencies back their
     fp32 values after a ``bf16-true`` cast (:mod:`~lowmem_lightning.callbacks.rotary`); let a weight-averaging
     callback's average (``EMAWeightAveraging``) share, not copy, what does not train
-    (:class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`).
+    (:class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`); with ``checkpoint_frozen=False``, leave the
+    frozen base out of checkpoints (:class:`~lowmem_lightning.callbacks.frozen_checkpoint.LeaveOutFrozenBase`).
 
     Args:
         optimizer: Registered optimizer name (``lowmem_lightning.optim.available_optimizers()``).
@@ -231,6 +233,12 @@ class LowMemOptimizerCallback(L.Callback):
             steps in a row was skipped for inf/NaN gradients (nothing is being trained); an int >= 1 or ``None``
             (never). Skips are also warned about (the first, then each doubling of their count) and counted in
             the end-of-fit summary (:mod:`~lowmem_lightning.callbacks.skips`).
+        checkpoint_frozen: Whether the module's checkpoints hold its frozen weights too (default). ``False``, for a
+            LoRA / QLoRA / frozen-backbone module: every checkpoint it writes leaves out the frozen tensors unchanged
+            since the module was built, with their checksums, and a resume takes them back from the module as the
+            run builds it, refused (``ValueError`` naming a tensor) when they differ
+            (:mod:`~lowmem_lightning.callbacks.frozen_checkpoint`; ``load_from_checkpoint`` there loads one outside a
+            Trainer). Checkpoints stay whole under sharded strategies.
 
     With ``lr=None`` the module's learning rate is kept; when the swap crosses between SGD and an adaptive
     optimizer (:func:`lr_kind`: their learning rates differ by orders of magnitude), one warning names both
@@ -251,6 +259,7 @@ class LowMemOptimizerCallback(L.Callback):
         bf16_rounding: Literal["stochastic", "nearest"] | None = None,
         fp32_state: str | list[str] | None = None,
         stop_after_skipped_steps: int | None = STOP_AFTER_SKIPPED_STEPS,
+        checkpoint_frozen: bool = True,
     ) -> None:
         optimizer_kwargs = _with_bf16_rounding(optimizer, optimizer_kwargs, bf16_rounding)
         self._fp32_state = check_fp32_state(optimizer, fp32_state)
@@ -270,6 +279,12 @@ class LowMemOptimizerCallback(L.Callback):
         if not isinstance(step_in_backward, bool):
             raise ValueError(f"Invalid step_in_backward={step_in_backward!r}: expected True or False.")
         self.step_in_backward = step_in_backward
+        if not isinstance(checkpoint_frozen, bool):
+            raise ValueError(f"Invalid checkpoint_frozen={checkpoint_frozen!r}: expected True (checkpoints hold the "
+                             "frozen weights too) or False (they leave out those unchanged since the build).")
+        self.checkpoint_frozen = checkpoint_frozen
+        """Whether checkpoints hold the frozen weights too (``False``: :class:`~.frozen_checkpoint.LeaveOutFrozenBase`
+        leaves them out)."""
         self.bucket_bytes = _check_bucket_bytes(bucket_bytes, step_in_backward)
         """Bytes of gradients updated together inside backward (with ``step_in_backward``)."""
         self.bf16_rounding = bf16_rounding
@@ -290,6 +305,7 @@ class LowMemOptimizerCallback(L.Callback):
             CheckpointingModeCheck(),
             RngStateCheckpoint(),
             AverageSharesFrozen(),
+            LeaveOutFrozenBase(leave_out=not checkpoint_frozen),
         )
         """The callbacks with the other jobs, put into ``trainer.callbacks`` after this one at ``setup``."""
         self.optimizers: list[torch.optim.Optimizer] = []

@@ -747,16 +747,6 @@ def _wraps_in_ddp(trainer) -> bool:
     return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
 
 
-MODEL_STATE_KEYS = ("state_dict", "current_model_state")
-"""The checkpoint keys of the module's weights: its ``state_dict`` and, under a ``WeightAveraging`` callback (which
-writes the average to ``state_dict``), the training weights."""
-
-
-def _model_states(checkpoint: dict) -> list[str]:
-    """The keys of :data:`MODEL_STATE_KEYS` that ``checkpoint`` holds a state dict under."""
-    return [key for key in MODEL_STATE_KEYS if isinstance(checkpoint.get(key), dict)]
-
-
 def _show_callbacks_the_model(module: L.LightningModule) -> None:
     """Callbacks that look at the module in their ``setup``, before ``configure_model`` builds the model, saw no
     weights. ``StochasticWeightAveraging`` copied the module: its average would average nothing and, at the end,
@@ -884,7 +874,7 @@ class CausalLMModule(LowMemModule):
             tensor changed since the build; the frozen base (a 7B's NF4 codes: 3.9 GB a save) is rebuilt from
             ``model_name_or_path`` at resume, ``lowmem export`` and ``load_from_checkpoint``, checked against
             checksums the checkpoint records (another base is refused, naming a tensor that differs;
-            :mod:`~lowmem_lightning.modules.frozen_base`). Not under sharded strategies (FSDP2: the checkpoint stays
+            :mod:`~lowmem_lightning.frozen_base`). Not under sharded strategies (FSDP2: the checkpoint stays
             whole).
     """
 
@@ -1093,7 +1083,7 @@ class CausalLMModule(LowMemModule):
         if hp.gradient_checkpointing:
             _enable_checkpointing(self.model)
         if not hp.get("checkpoint_frozen", True):
-            from lowmem_lightning.modules.frozen_base import tensor_digests
+            from lowmem_lightning.frozen_base import tensor_digests
 
             trainable = self._trainable_keys()
             self._frozen_baseline = tensor_digests({k: v for k, v in self.state_dict().items() if k not in trainable})
@@ -1109,15 +1099,15 @@ class CausalLMModule(LowMemModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """With ``checkpoint_frozen=False``, leave out of the checkpoint the frozen tensors unchanged since the build,
-        recording their checksums (:func:`~lowmem_lightning.modules.frozen_base.drop_unchanged`): out of its
+        recording their checksums (:func:`~lowmem_lightning.frozen_base.drop_unchanged`): out of its
         ``state_dict`` and out of the training weights a weight-averaging callback moved to ``current_model_state``."""
         super().on_save_checkpoint(checkpoint)
         if self._frozen_baseline is None or _is_sharded(self.model):
             return
-        from lowmem_lightning.modules.frozen_base import FROZEN_BASE_KEY, drop_unchanged
+        from lowmem_lightning.frozen_base import FROZEN_BASE_KEY, drop_unchanged, model_states
 
         trainable, dropped = self._trainable_keys(), {}
-        for key in _model_states(checkpoint):
+        for key in model_states(checkpoint):
             dropped.update(drop_unchanged(checkpoint[key], trainable, self._frozen_baseline))
         checkpoint[FROZEN_BASE_KEY] = {"model_name_or_path": str(self.hparams.model_name_or_path),
                                        "tensors": {k: list(d) for k, d in dropped.items()}}
@@ -1125,15 +1115,17 @@ class CausalLMModule(LowMemModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint that left out the frozen base gets it back from the model this run built, checked against its
         checksums (:meth:`with_frozen_base`), before Lightning loads it."""
+        from lowmem_lightning.frozen_base import model_states
+
         super().on_load_checkpoint(checkpoint)
-        for key in _model_states(checkpoint):  # none in a sharded (FSDP) load: it reads the model's state apart
+        for key in model_states(checkpoint):  # none in a sharded (FSDP) load: it reads the model's state apart
             checkpoint[key] = self.with_frozen_base(checkpoint[key], checkpoint)
 
     def with_frozen_base(self, state: dict, checkpoint: dict) -> dict:
         """``state`` (a state dict of ``checkpoint``) with the frozen tensors the checkpoint left out
         (``checkpoint_frozen=False``) taken from this module's model (built first if need be); ``ValueError`` when
         they differ from those it trained on. ``state`` itself for a whole checkpoint."""
-        from lowmem_lightning.modules.frozen_base import FROZEN_BASE_KEY, restore_dropped
+        from lowmem_lightning.frozen_base import FROZEN_BASE_KEY, restore_dropped
 
         record = checkpoint.get(FROZEN_BASE_KEY)
         if record is None:

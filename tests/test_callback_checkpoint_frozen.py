@@ -1,0 +1,294 @@
+"""``LowMemOptimizerCallback(checkpoint_frozen=False)``: a user's own LoRA LightningModule writes checkpoints without
+its frozen base, and they resume and load exactly.
+
+The module is written as peft's and Lightning's users write it (``from_pretrained`` + ``get_peft_model`` in
+``__init__``, its own AdamW and LR scheduler); Lightning-AI/pytorch-lightning#21053 asks for this (trimming by hand
+then needs ``strict=False``, which hides a real mismatch). Each situation is compared with the same run writing whole
+checkpoints, or with the straight run.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lowmem_calls import lowmem_in_process
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader, TensorDataset
+
+from lowmem_lightning.callbacks import LeaveOutFrozenBase, LowMemOptimizerCallback, load_from_checkpoint
+from lowmem_lightning.frozen_base import FROZEN_BASE_KEY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny Llama written by ``save_pretrained`` (the pretrained base every module loads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("base") / "llama"
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+class LoraModule(L.LightningModule):
+    """A user's QLoRA-style module: the base from a directory, LoRA on q/v, AdamW with a step-wise LinearLR; one batch
+    per epoch, so a resume at any step continues exactly."""
+
+    def __init__(self, base_path: str, lr: float = 1e-2):
+        super().__init__()
+        self.save_hyperparameters()
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(1)  # the LoRA init: every instance starts from the same adapters
+        model = AutoModelForCausalLM.from_pretrained(base_path)
+        self.model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+    def train_dataloader(self):
+        ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+        return DataLoader(TensorDataset(ids), batch_size=2)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+        sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.5, total_iters=4)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _fit(module, root: Path, steps: int, frozen: bool, ckpt_path=None, callbacks=(), **trainer_args):
+    saver = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=1, save_top_k=-1,
+                            save_weights_only=trainer_args.pop("weights_only", False))
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[
+                            LowMemOptimizerCallback("adamw_8bit", plot=False, print_summary=False,
+                                                    checkpoint_frozen=frozen), saver, *callbacks], **trainer_args)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _trained(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _same_optimizer(a: dict, b: dict) -> bool:
+    flat = [(torch.nn.utils.parameters_to_vector([t.float().reshape(-1) for t in v.values()
+                                                  if isinstance(t, torch.Tensor)]))
+            for s in (a, b) for v in s["optimizer_states"][0]["state"].values()]
+    half = len(flat) // 2
+    return all(torch.equal(x, y) for x, y in zip(flat[:half], flat[half:]))
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory):
+    """4 steps with whole checkpoints and 4 with the frozen base left out, a checkpoint every step."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, frozen in (("whole", True), ("trimmed", False)):
+        module = LoraModule(str(base))
+        _fit(module, root / name, 4, frozen)
+        out[name] = module
+    return root
+
+
+def test_the_checkpoint_holds_what_trains_and_is_a_fraction_of_a_whole_one(runs):
+    whole, trimmed = _load(runs / "whole" / "step=4.ckpt"), _load(runs / "trimmed" / "step=4.ckpt")
+    assert set(trimmed["state_dict"]) == {k for k in whole["state_dict"] if "lora_" in k}
+    assert _same(trimmed["state_dict"], {k: v for k, v in whole["state_dict"].items() if "lora_" in k})
+    assert _same_optimizer(whole, trimmed)
+    record = trimmed[FROZEN_BASE_KEY]
+    assert record["module"].endswith("LoraModule") and set(record["tensors"]) == set(whole["state_dict"]) - set(
+        trimmed["state_dict"])
+    sizes = {name: (runs / name / "step=4.ckpt").stat().st_size for name in ("whole", "trimmed")}
+    left_out = sum(whole["state_dict"][k].nbytes for k in record["tensors"])
+    assert sizes["whole"] - sizes["trimmed"] >= 0.98 * left_out and sizes["trimmed"] < 0.35 * sizes["whole"], sizes
+
+
+def test_a_resume_in_a_new_module_continues_as_the_straight_run(runs, base, tmp_path):
+    module = LoraModule(str(base))
+    _fit(module, tmp_path, 4, False, ckpt_path=runs / "trimmed" / "step=2.ckpt")
+    resumed, straight = _load(tmp_path / "step=4.ckpt"), _load(runs / "trimmed" / "step=4.ckpt")
+    assert _same(resumed["state_dict"], straight["state_dict"]) and _same_optimizer(resumed, straight)
+    assert resumed["lr_schedulers"] == straight["lr_schedulers"]
+    assert FROZEN_BASE_KEY in resumed  # the resumed run leaves the base out too
+
+
+def test_a_whole_checkpoint_resumes_into_a_trimming_run_and_back(runs, base, tmp_path):
+    """The setting decides what a checkpoint holds, not what resumes: whole -> trimmed and trimmed -> whole."""
+    for source, frozen in (("whole", False), ("trimmed", True)):
+        module = LoraModule(str(base))
+        _fit(module, tmp_path / source, 4, frozen, ckpt_path=runs / source / "step=2.ckpt")
+        assert _same(_trained(module), {k: v for k, v in _load(runs / "whole" / "step=4.ckpt")["state_dict"].items()
+                                        if "lora_" in k})
+
+
+def test_load_from_checkpoint_gives_the_trained_module(runs, base):
+    loaded = load_from_checkpoint(LoraModule, runs / "trimmed" / "step=4.ckpt", map_location="cpu")
+    whole = LoraModule.load_from_checkpoint(runs / "whole" / "step=4.ckpt", map_location="cpu")
+    assert _same(loaded.state_dict(), whole.state_dict())
+    assert "on_load_checkpoint" not in LoraModule.__dict__  # the class is left as it was
+    with pytest.raises(RuntimeError, match="Missing key"):  # Lightning's own load needs the helper
+        LoraModule.load_from_checkpoint(runs / "trimmed" / "step=4.ckpt", map_location="cpu")
+
+
+def test_another_base_is_refused_before_any_step_naming_a_tensor(runs, base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other"
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    model.save_pretrained(other)
+    module = LoraModule(str(other))
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(ValueError, match=r"Invalid checkpoint: it leaves out the frozen weights .* 1 of its \d+ "
+                                         r"frozen tensors differ, e\.g\. '.*layers\.1\.mlp\.down_proj\.weight'"):
+        _fit(module, tmp_path / "run", 4, False, ckpt_path=runs / "trimmed" / "step=2.ckpt")
+    assert _same(module.state_dict(), before) and not list(tmp_path.joinpath("run").glob("*.ckpt"))
+    with pytest.raises(ValueError, match="down_proj"):
+        load_from_checkpoint(LoraModule, runs / "trimmed" / "step=2.ckpt", base_path=str(other))
+
+
+class ChangesAFrozenNorm(L.Callback):
+    """A frozen tensor changed after the build (as a schedule that trains a layer, then freezes it)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:  # before step 2's checkpoint: Lightning runs ModelCheckpoint's hooks last
+            with torch.no_grad():
+                pl_module.model.base_model.model.model.norm.weight.add_(0.5)
+
+
+def test_a_frozen_tensor_changed_after_the_build_stays_in_every_later_checkpoint(base, tmp_path):
+    module = LoraModule(str(base))
+    _fit(module, tmp_path / "a", 4, False, callbacks=[ChangesAFrozenNorm()])
+    norm = "model.base_model.model.model.norm.weight"
+    assert norm not in _load(tmp_path / "a" / "step=1.ckpt")["state_dict"]
+    assert all(norm in _load(tmp_path / "a" / f"step={s}.ckpt")["state_dict"] for s in (2, 3, 4))
+    resumed = LoraModule(str(base))
+    _fit(resumed, tmp_path / "b", 4, False, ckpt_path=tmp_path / "a" / "step=2.ckpt")
+    assert _same(resumed.state_dict(), module.state_dict())
+    assert norm in _load(tmp_path / "b" / "step=4.ckpt")["state_dict"]  # held: not the build's, kept
+
+
+def test_bf16_true_resumes_a_module_built_in_fp32(base, tmp_path):
+    """``precision="bf16-true"`` casts the module after the resume loaded it: the left-out tensors are compared in
+    the checkpoint's dtype, and the resume equals the straight run."""
+    straight = LoraModule(str(base))
+    _fit(straight, tmp_path / "a", 4, False, precision="bf16-true")
+    assert len(_load(tmp_path / "a" / "step=2.ckpt")["state_dict"]) == 8
+    resumed = LoraModule(str(base))
+    _fit(resumed, tmp_path / "b", 4, False, ckpt_path=tmp_path / "a" / "step=2.ckpt", precision="bf16-true")
+    assert _same(resumed.state_dict(), straight.state_dict())
+    a, b = (_load(tmp_path / run / "step=4.ckpt")["state_dict"] for run in "ab")
+    assert _same(a, b)
+
+
+def test_weights_only_checkpoints_leave_it_out_too(base, tmp_path):
+    """Lightning calls no callback hook for a weights-only checkpoint: the module's hook does it."""
+    _fit(LoraModule(str(base)), tmp_path, 2, False, weights_only=True)
+    checkpoint = _load(tmp_path / "step=2.ckpt")
+    assert "optimizer_states" not in checkpoint and len(checkpoint["state_dict"]) == 8
+
+
+def test_with_ema_both_weights_leave_it_out_and_resume_exactly(base, tmp_path):
+    def ema():
+        return EMAWeightAveraging(decay=0.5)
+
+    straight = LoraModule(str(base))
+    _fit(straight, tmp_path / "a", 4, False, callbacks=[ema()])
+    checkpoint = _load(tmp_path / "a" / "step=2.ckpt")
+    assert len(checkpoint["state_dict"]) == len(checkpoint["current_model_state"]) == 8
+    resumed = LoraModule(str(base))
+    _fit(resumed, tmp_path / "b", 4, False, ckpt_path=tmp_path / "a" / "step=2.ckpt", callbacks=[ema()])
+    assert _same(resumed.state_dict(), straight.state_dict())
+    for key in ("state_dict", "current_model_state"):
+        assert _same(_load(tmp_path / "a" / "step=4.ckpt")[key], _load(tmp_path / "b" / "step=4.ckpt")[key])
+
+
+def test_a_save_after_the_fit_and_a_notebooks_second_fit(base, tmp_path):
+    """``trainer.save_checkpoint`` after the fit leaves the base out as the fit's checkpoints did; a second fit of the
+    same module keeps the first fit's record of the build (a tensor changed between the fits stays in); a third
+    under ``checkpoint_frozen=True`` writes whole checkpoints again, and the module's own hook runs throughout."""
+    module = LoraModule(str(base))
+    saves = []
+    module.on_save_checkpoint = lambda checkpoint: saves.append(checkpoint["global_step"])
+    trainer = _fit(module, tmp_path / "a", 2, False)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    assert len(_load(tmp_path / "after.ckpt")["state_dict"]) == 8
+    with torch.no_grad():
+        module.model.base_model.model.lm_head.weight.add_(1.0)
+    _fit(module, tmp_path / "b", 3, False)
+    assert set(_load(tmp_path / "b" / "step=3.ckpt")["state_dict"]) - set(_load(tmp_path / "after.ckpt")[
+        "state_dict"]) == {"model.base_model.model.lm_head.weight"}
+    _fit(module, tmp_path / "c", 4, True)
+    assert len(_load(tmp_path / "c" / "step=4.ckpt")["state_dict"]) == len(module.state_dict())
+    assert saves == [1, 2, 2, 1, 2, 3, 1, 2, 3, 4]  # a new Trainer counts from 0
+
+
+def test_invalid_setting_is_named():
+    with pytest.raises(ValueError, match=r"Invalid checkpoint_frozen='no': expected True .* or False"):
+        LowMemOptimizerCallback(checkpoint_frozen="no")
+    assert [p.leave_out for p in LowMemOptimizerCallback().parts if isinstance(p, LeaveOutFrozenBase)] == [False]
+
+
+def test_under_fsdp_checkpoints_stay_whole_said_once():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class Trainer:
+        strategy = FSDPStrategy.__new__(FSDPStrategy)
+
+    module = LoraModule.__new__(LoraModule)
+    torch.nn.Module.__init__(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LeaveOutFrozenBase().setup(Trainer(), module, "fit")
+    assert [str(w.message) for w in caught] == [
+        "LowMemOptimizerCallback(checkpoint_frozen=False): checkpoints stay whole under FSDPStrategy (the model's "
+        "state is written apart, shard by shard)."]
+    assert "on_save_checkpoint" not in module.__dict__
+
+
+def test_through_lowmem_fit_and_ckpt_path_last(base, tmp_path, capsys, monkeypatch):
+    """The user's module by class path in a recipe, the callback's ``checkpoint_frozen: false``; killed runs resume
+    with ``--ckpt_path last`` (here: a 2-step run, then the same recipe to 4 steps)."""
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "callbacks": [
+                        {"class_path": "lowmem_lightning.callbacks.LowMemOptimizerCallback",
+                         "init_args": {"optimizer": "adamw_8bit", "checkpoint_frozen": False, "plot": False,
+                                       "print_summary": False}},
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"dirpath": "ckpts", "save_last": True}}]},
+        "model": {"class_path": "test_callback_checkpoint_frozen.LoraModule", "init_args": {"base_path": str(base)}},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(recipe))
+    first = lowmem_in_process(capsys, monkeypatch, tmp_path, "fit", "--config", "run.yaml")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(_load(tmp_path / "ckpts" / "last.ckpt")["state_dict"]) == 8
+    second = lowmem_in_process(capsys, monkeypatch, tmp_path, "fit", "--config", "run.yaml", "--trainer.max_steps",
+                               "4", "--ckpt_path", "last")
+    assert second.returncode == 0, second.stderr[-3000:]
+    last = _load(tmp_path / "ckpts" / "last.ckpt")
+    assert last["global_step"] == 4 and len(last["state_dict"]) == 8
