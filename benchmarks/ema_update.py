@@ -44,6 +44,13 @@ def lora_model(hidden: int = 1024, layers: int = 8) -> torch.nn.Module:
     return model
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, ``--hidden`` and ``--layers`` (:func:`lora_model`'s sizes)."""
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size, a multiple of 64 (default 1024)")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+
+
 def averages(model: torch.nn.Module, decay: float) -> dict[str, AveragedModel]:
     """``{"full copy": Lightning's average, "shared": ours}`` of ``model``, each updated once (the first update
     copies)."""
@@ -81,9 +88,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--updates", type=int, default=5, help="updates per round (default 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size, a multiple of 64 (default 1024)")
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = lora_model(args.hidden, args.layers)

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ema_update import lora_model  # noqa: E402
+from ema_update import add_model_arguments, lora_model  # noqa: E402
 
 
 class LoraModule(L.LightningModule):
@@ -72,9 +72,7 @@ def seconds_to_save(trainer: L.Trainer, path: Path) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size, a multiple of 64 (default 1024)")
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs = {"whole": trained(args.hidden, args.layers, True), "frozen base left out": trained(args.hidden, args.layers,

@@ -17,7 +17,7 @@ it never saw.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -114,15 +114,12 @@ def differing(state: Mapping[str, torch.Tensor], record: Mapping, built: Mapping
 
 
 def restore_dropped(state: Mapping[str, torch.Tensor], record: Mapping, built: Mapping[str, torch.Tensor],
-                    model_name_or_path) -> dict[str, torch.Tensor]:
+                    refusal: Callable[[list[str], int], str]) -> dict[str, torch.Tensor]:
     """``state`` with the tensors a checkpoint left out (``record``: its :data:`FROZEN_BASE_KEY` entry) taken from
-    ``built`` (the state dict of the model this run built from ``model_name_or_path``). ``ValueError`` when one is
-    missing there or its digest differs from the one recorded: the base is not the one the checkpoint trained on."""
+    ``built`` (the state dict of the module this run built). ``ValueError`` with ``refusal(differing names, how many
+    were left out)`` when one is missing there or its digest differs from the one recorded (:func:`differing`): the
+    base is not the one the checkpoint trained on."""
     differ, left_out = differing(state, record, built)
     if differ:
-        raise ValueError(
-            f"Invalid checkpoint: it holds the trained weights only (checkpoint_frozen=False), and the frozen base "
-            f"this run built from model_name_or_path={model_name_or_path!r} is not the one it trained on (from "
-            f"{record.get('model_name_or_path')!r}): {len(differ)} of its {left_out} frozen tensors differ, e.g. "
-            f"{differ[0]!r}. Resume, export or load it with the base checkpoint it was trained on.")
+        raise ValueError(refusal(differ, left_out))
     return {**{k: built[k] for k in record.get("tensors", {}) if k not in state}, **state}

@@ -38,7 +38,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lowmem_lightning.frozen_base import FROZEN_BASE_KEY, differing, drop_unchanged, model_states, tensor_digests
+from lowmem_lightning.frozen_base import FROZEN_BASE_KEY, drop_unchanged, model_states, restore_dropped, tensor_digests
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
 __all__ = ["LeaveOutFrozenBase", "leave_out_frozen", "load_from_checkpoint", "take_back_frozen"]
@@ -96,17 +96,14 @@ def take_back_frozen(module: torch.nn.Module, checkpoint: dict, note_held: bool 
     for key in model_states(checkpoint):
         state = checkpoint[key]
         if ours:
-            _refuse_other_base(module, state, record, built)
-            checkpoint[key] = {**{k: built[k] for k in record["tensors"] if k not in state}, **state}
+            checkpoint[key] = restore_dropped(state, record, built, lambda differ, left_out: _refusal(
+                module, differ, left_out))
         if note_held:
             _note_held(module, state, built)
 
 
-def _refuse_other_base(module: torch.nn.Module, state: dict, record: dict, built: dict) -> None:
-    differ, left_out = differing(state, record, built)
-    if differ:
-        raise ValueError(
-            f"Invalid checkpoint: it leaves out the frozen weights (LowMemOptimizerCallback(checkpoint_frozen=False)), "
+def _refusal(module: torch.nn.Module, differ: list[str], left_out: int) -> str:
+    return (f"Invalid checkpoint: it leaves out the frozen weights (LowMemOptimizerCallback(checkpoint_frozen=False)), "
             f"and those this {type(module).__name__} holds before the load are not the ones it trained on: "
             f"{len(differ)} of its {left_out} frozen tensors differ, e.g. {differ[0]!r}. Resume or load it with the "
             f"module built as for the run that wrote it (the same base weights, loaded the same way).")

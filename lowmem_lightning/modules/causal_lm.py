@@ -1132,7 +1132,15 @@ class CausalLMModule(LowMemModule):
             return state
         if self.model is None:
             self.configure_model()
-        return restore_dropped(state, record, self.state_dict(), self.hparams.model_name_or_path)
+        path = self.hparams.model_name_or_path
+
+        def refusal(differ: list[str], left_out: int) -> str:
+            return (f"Invalid checkpoint: it holds the trained weights only (checkpoint_frozen=False), and the frozen "
+                    f"base this run built from model_name_or_path={path!r} is not the one it trained on (from "
+                    f"{record.get('model_name_or_path')!r}): {len(differ)} of its {left_out} frozen tensors differ, "
+                    f"e.g. {differ[0]!r}. Resume, export or load it with the base checkpoint it was trained on.")
+
+        return restore_dropped(state, record, self.state_dict(), refusal)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
