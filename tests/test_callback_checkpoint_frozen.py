@@ -47,13 +47,17 @@ class LoraModule(L.LightningModule):
     """A user's QLoRA-style module: the base from a directory, LoRA on q/v, AdamW with a step-wise LinearLR; one batch
     per epoch, so a resume at any step continues exactly."""
 
-    def __init__(self, base_path: str, lr: float = 1e-2):
+    def __init__(self, base_path: str, lr: float = 1e-2, nf4: bool = False):
         super().__init__()
         self.save_hyperparameters()
         from transformers import AutoModelForCausalLM
 
+        from lowmem_lightning.quant import quantize_model
+
         torch.manual_seed(1)  # the LoRA init: every instance starts from the same adapters
         model = AutoModelForCausalLM.from_pretrained(base_path)
+        if nf4:
+            model = quantize_model(model)
         self.model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 
     def training_step(self, batch, batch_idx):
@@ -168,6 +172,36 @@ def test_another_base_is_refused_before_any_step_naming_a_tensor(runs, base, tmp
     assert _same(module.state_dict(), before) and not list(tmp_path.joinpath("run").glob("*.ckpt"))
     with pytest.raises(ValueError, match="down_proj"):
         load_from_checkpoint(LoraModule, runs / "trimmed" / "step=2.ckpt", base_path=str(other))
+
+
+def test_an_nf4_base_is_left_out_and_comes_back(base, tmp_path):
+    """Our NF4 layers (codes and scales are buffers) as a user's QLoRA module builds them: left out, taken back."""
+    straight = LoraModule(str(base), nf4=True)
+    _fit(straight, tmp_path / "a", 4, False)
+    assert len(_load(tmp_path / "a" / "step=2.ckpt")["state_dict"]) == 8
+    resumed = LoraModule(str(base), nf4=True)
+    _fit(resumed, tmp_path / "b", 4, False, ckpt_path=tmp_path / "a" / "step=2.ckpt")
+    assert _same(resumed.state_dict(), straight.state_dict())
+
+
+class WithValidation(LoraModule):
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch[0], labels=batch[0]).loss
+        self.log("val_loss", loss)
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def test_validate_with_ckpt_path_takes_the_base_back(runs, base):
+    """``trainer.validate(ckpt_path=...)`` (and test, predict) load as a resume does."""
+    losses = []
+    for name in ("whole", "trimmed"):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[LowMemOptimizerCallback("adamw_8bit", plot=False, print_summary=False)])
+        (metrics,) = trainer.validate(WithValidation(str(base)), ckpt_path=runs / name / "step=4.ckpt", verbose=False)
+        losses.append(metrics["val_loss"])
+    assert losses[0] == losses[1]
 
 
 class ChangesAFrozenNorm(L.Callback):
