@@ -216,6 +216,15 @@ class MemoryEstimate:
     """Device bytes of the weight averages (``EMAWeightAveraging``) the run keeps, in every device total."""
     average_detail: str = ""
     """What the averages hold (a copy of what trains, or of the whole model; one kept in host memory)."""
+    checkpoint_weight_bytes: int = 0
+    """Tensor bytes of the weights one Lightning checkpoint holds (:func:`checkpoint_weights`); 0: not estimated."""
+    checkpoint_detail: str = ""
+    """What those weights are (what trains, the frozen ones or that they are left out, a weight average's own)."""
+
+    def checkpoint_bytes(self, row: str) -> int:
+        """Tensor bytes of one Lightning checkpoint of the run with optimizer ``row``: :attr:`checkpoint_weight_bytes`
+        and the optimizer's whole state (on the device and in host memory); 0 when not estimated."""
+        return self.checkpoint_weight_bytes + self.optimizers[row].state_bytes if self.checkpoint_weight_bytes else 0
 
     @property
     def released_gradient_bytes(self) -> int:
@@ -244,9 +253,12 @@ class MemoryEstimate:
             "activation_detail": self.activation_detail,
             "average_bytes": self.average_bytes,
             "average_detail": self.average_detail,
+            "checkpoint_weight_bytes": self.checkpoint_weight_bytes,
+            "checkpoint_detail": self.checkpoint_detail,
             "budget_bytes": self.budget_bytes,
             "recommendation": self.recommendation,
-            "optimizers": {name: asdict(est) for name, est in self.optimizers.items()},
+            "optimizers": {name: {**asdict(est), "checkpoint_bytes": self.checkpoint_bytes(name)}
+                           for name, est in self.optimizers.items()},
             "notes": list(self.notes),
         }
 
@@ -1760,6 +1772,24 @@ def estimate_memory(
     return estimate
 
 
+def checkpoint_weights(model: nn.Module, frozen_in: bool = True, average_bytes: int = 0) -> tuple[int, str]:
+    """``(bytes, what they are)`` of the weights in one Lightning checkpoint of ``model`` (meta tensors are fine): its
+    state dict's tensors, each once (tied weights are written once), the frozen ones unless the run leaves them out
+    (``checkpoint_frozen=False``: those unchanged since the build), and ``average_bytes``, a weight average's own
+    tensors (the checkpoint holds the average as its ``state_dict`` and the training weights as
+    ``current_model_state``; what the two share is written once)."""
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
+    trained = sum(t.nbytes for t in tensors.values() if t.requires_grad)
+    frozen = sum(t.nbytes for t in tensors.values() if not t.requires_grad)
+    parts = [f"what trains {size_text(trained)}"]
+    if frozen:
+        parts.append(f"frozen weights {size_text(frozen)}" if frozen_in else
+                     f"the frozen weights ({size_text(frozen)}) left out (checkpoint_frozen: false)")
+    if average_bytes:
+        parts.append(f"weight average {size_text(average_bytes)}")
+    return trained + (frozen if frozen_in else 0) + average_bytes, ", ".join(parts)
+
+
 def _fp32_state(model: nn.Module, params: list[tuple[str, torch.Tensor]], fp32_state) -> tuple[set[int], list[str]]:
     """The ids of the trainable params ``fp32_state`` selects and the notes saying so (or naming an entry that
     selects none); ``ValueError`` for a bad ``fp32_state``."""
@@ -1940,6 +1970,11 @@ def _run_lines(estimate: MemoryEstimate) -> list[str]:
     lines = [f"peak on the device with the recipe's optimizer ({estimate.configured_optimizer}, * below):"]
     for label, value, note in parts:
         lines += _labelled(f"  {label:<17}{value:>{width}}", note, indent=2 + 17 + width + 2)
+    if estimate.checkpoint_weight_bytes:
+        each = size_text(estimate.checkpoint_bytes(estimate.configured_optimizer))
+        lines += ["", *_labelled(f"{'checkpoint file':<19}{each:>{width}}",
+                                 f"each: {estimate.checkpoint_detail}, optimizer state "
+                                 f"{size_text(row.state_bytes)}", indent=19 + width + 2)]
     return lines
 
 

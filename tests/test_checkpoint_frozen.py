@@ -204,3 +204,57 @@ def test_a_run_resumes_across_the_setting(runs, base, tmp_path, capsys, monkeypa
              str(runs[name] / "ckpts" / "step=2.ckpt"))
         got = {k: v for k, v in _ckpt(root, 4)["state_dict"].items() if ".lora_" in k}
         assert same_contents(got, want), name
+
+
+def _tensor_bytes(checkpoint: dict) -> int:
+    """Bytes of the distinct tensors of a checkpoint's weights and optimizer state (what ``torch.save`` writes once
+    each)."""
+    seen: dict[tuple, int] = {}
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            seen[(value.untyped_storage().data_ptr(), value.dtype, value.shape)] = value.nbytes
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for key in ("state_dict", "current_model_state", "optimizer_states"):
+        walk(checkpoint.get(key))
+    return sum(seen.values())
+
+
+def test_lowmem_estimate_says_the_checkpoint_size(runs, capsys, monkeypatch):
+    """``lowmem estimate``'s checkpoint figure of each recipe (whole, and with ``checkpoint_frozen: false``) is the
+    tensor bytes of its checkpoints within 1% (the optimizer's scalars and Lightning's loop state aside)."""
+    import json
+
+    for name, root in runs.items():
+        proc = lowmem_in_process(capsys, monkeypatch, root, "estimate", "--config", "run.yaml", "--format", "json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        estimate = json.loads(proc.stdout)
+        said = estimate["optimizers"]["adamw_8bit"]["checkpoint_bytes"]
+        measured = _tensor_bytes(_ckpt(root, 4))
+        assert abs(said - measured) <= 0.01 * measured, (name, said, measured)
+        assert ("left out" in estimate["checkpoint_detail"]) == (name == "trained")
+
+
+def test_lowmem_estimate_reads_the_callbacks_setting_and_counts_a_weight_average(runs, capsys, monkeypatch, tmp_path):
+    """The callback's ``checkpoint_frozen: false`` leaves the base out of the figure as the module's does; an
+    ``EMAWeightAveraging`` adds its own tensors (what trains: the average shares the frozen base)."""
+    import json
+
+    recipe = yaml.safe_load((runs["whole"] / "run.yaml").read_text())
+    recipe["trainer"]["callbacks"] += [
+        {"class_path": "lowmem_lightning.callbacks.LowMemOptimizerCallback",
+         "init_args": {"optimizer": "adamw_8bit", "checkpoint_frozen": False}},
+        {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging"}]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(recipe))
+    proc = lowmem_in_process(capsys, monkeypatch, tmp_path, "estimate", "--config", "run.yaml", "--format", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    estimate = json.loads(proc.stdout)
+    trained = estimate["trainable_bytes"]
+    assert estimate["checkpoint_weight_bytes"] == 2 * trained, estimate["checkpoint_detail"]
+    assert "left out" in estimate["checkpoint_detail"] and "weight average" in estimate["checkpoint_detail"]

@@ -89,6 +89,16 @@ def _average_bytes(model, use_buffers: bool, shared: bool) -> int:
     return sum(t.nbytes for t in tensors.values())
 
 
+def _averages_share(cfg: Namespace) -> bool:
+    """Whether a weight average of the recipe shares the frozen base: a LowMemOptimizerCallback or a LowMemModule
+    brings :class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`."""
+    from lowmem_lightning.modules.base import LowMemModule
+
+    module = import_class(cfg.model.class_path)
+    with_callback = any(is_optimizer_callback(entry) for entry in _callback_entries(cfg))
+    return with_callback or (isinstance(module, type) and issubclass(module, LowMemModule))
+
+
 def _weight_average(cfg: Namespace, model) -> tuple[int, str]:
     """``(device bytes, what they are)`` of the averages the recipe's ``WeightAveraging`` callbacks keep: a copy of
     what trains, the frozen base shared (``LowMemOptimizerCallback`` and ``LowMemModule`` bring
@@ -96,14 +106,11 @@ def _weight_average(cfg: Namespace, model) -> tuple[int, str]:
     kept in host memory (``device: cpu`` on another accelerator) is a whole copy there and counts nothing on the
     device. ``(0, "")`` without such a callback."""
     from lowmem_lightning.estimate import count_model, size_text
-    from lowmem_lightning.modules.base import LowMemModule
 
     averagings = _averaging_callbacks(cfg)
     if not averagings:
         return 0, ""
-    module = import_class(cfg.model.class_path)
-    with_callback = any(is_optimizer_callback(entry) for entry in _callback_entries(cfg))
-    sharing = with_callback or (isinstance(module, type) and issubclass(module, LowMemModule))
+    sharing = _averages_share(cfg)
     on_cpu = str(cfg.trainer.get("accelerator") or "auto") == "cpu"
     device_bytes, details, count = 0, [], count_model(model)
     for name, init in averagings:
@@ -119,6 +126,26 @@ def _weight_average(cfg: Namespace, model) -> tuple[int, str]:
             "the whole model (no LowMemOptimizerCallback shares its frozen part)" if not sharing
             else "what trains, the frozen weights shared" if frozen else "the weights (all train)"))
     return device_bytes, "; ".join(details)
+
+
+def _checkpoints_frozen(cfg: Namespace) -> bool:
+    """Whether the run's checkpoints hold the frozen weights: not when its module (``CausalLMModule``) or its
+    LowMemOptimizerCallback sets ``checkpoint_frozen`` false."""
+    module = (cfg.model.get("init_args") or Namespace()).get("checkpoint_frozen", True)
+    return module is not False and _optimizer_callback_args(cfg).get("checkpoint_frozen", True) is not False
+
+
+def _checkpoint_weights(cfg: Namespace, model) -> tuple[int, str]:
+    """:func:`~lowmem_lightning.estimate.checkpoint_weights` of the recipe: its ``checkpoint_frozen`` setting, and
+    each weight average's own tensors (what trains when the average shares the frozen base or the checkpoint leaves
+    it out, else the whole model)."""
+    from lowmem_lightning.estimate import checkpoint_weights
+
+    frozen_in = _checkpoints_frozen(cfg)
+    sharing = _averages_share(cfg)
+    average = sum(_average_bytes(model, init.get("use_buffers", True), sharing or not frozen_in)
+                  for _, init in _averaging_callbacks(cfg))
+    return checkpoint_weights(model, frozen_in, average)
 
 
 def _configured_release(cfg: Namespace) -> bool:
@@ -298,6 +325,7 @@ def estimate_main(argv: Sequence[str]) -> int:
                                    bucket_bytes=_configured_bucket_bytes(cfg), activations=activations,
                                    activation_detail=detail, fp32_state=fp32_state, average_bytes=average,
                                    average_detail=average_detail)
+        estimate.checkpoint_weight_bytes, estimate.checkpoint_detail = _checkpoint_weights(cfg, model)
         note = _untrained_rows_note(cfg, model)
         if note is not None:
             estimate.notes.append(note)
