@@ -326,3 +326,53 @@ def test_through_lowmem_fit_and_ckpt_path_last(base, tmp_path, capsys, monkeypat
     assert second.returncode == 0, second.stderr[-3000:]
     last = _load(tmp_path / "ckpts" / "last.ckpt")
     assert last["global_step"] == 4 and len(last["state_dict"]) == 8
+
+
+def _lowmem_lora(base_path: str, **kwargs):
+    """A ``LowMemModule`` subclass as its README section writes one: the same LoRA model, the module's own
+    ``adamw_8bit`` with warmup."""
+    from lowmem_lightning import LowMemModule
+
+    class MyLora(LowMemModule):
+        def __init__(self):
+            super().__init__(optimizer="adamw_8bit", lr=1e-2, warmup_steps=1, **kwargs)
+            self.model = LoraModule(base_path).model
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+        def train_dataloader(self):
+            return LoraModule.train_dataloader(self)
+
+    return MyLora()
+
+
+def _fit_module_only(module, root: Path, steps: int, ckpt_path=None, callbacks=()):
+    saver = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[saver, *callbacks])
+    trainer.fit(module, ckpt_path=ckpt_path)
+
+
+def test_a_lowmem_module_subclass_leaves_it_out_and_resumes_exactly(base, tmp_path):
+    straight = _lowmem_lora(str(base), checkpoint_frozen=False)
+    _fit_module_only(straight, tmp_path / "a", 4)
+    assert len(_load(tmp_path / "a" / "step=2.ckpt")["state_dict"]) == 8
+    resumed = _lowmem_lora(str(base), checkpoint_frozen=False)
+    _fit_module_only(resumed, tmp_path / "b", 4, ckpt_path=tmp_path / "a" / "step=2.ckpt")
+    assert _same(resumed.state_dict(), straight.state_dict())
+    whole = _lowmem_lora(str(base))  # the default writes whole checkpoints, and resumes a trimmed one
+    _fit_module_only(whole, tmp_path / "c", 4, ckpt_path=tmp_path / "a" / "step=2.ckpt")
+    assert _same(whole.state_dict(), straight.state_dict())
+    assert len(_load(tmp_path / "c" / "step=4.ckpt")["state_dict"]) == len(whole.state_dict())
+    with pytest.raises(ValueError, match=r"Invalid checkpoint_frozen=1: expected True"):
+        _lowmem_lora(str(base), checkpoint_frozen=1)
+
+
+def test_the_callbacks_setting_holds_on_a_lowmem_module(base, tmp_path):
+    """A ``LowMemModule`` brings its own part (Lightning puts a module's callbacks in place of the Trainer's of the
+    same type); the callback's ``checkpoint_frozen=False`` still leaves the base out."""
+    module = _lowmem_lora(str(base))
+    callback = LowMemOptimizerCallback("adamw_8bit", plot=False, print_summary=False, checkpoint_frozen=False)
+    _fit_module_only(module, tmp_path, 2, callbacks=[callback])
+    assert len(_load(tmp_path / "step=2.ckpt")["state_dict"]) == 8

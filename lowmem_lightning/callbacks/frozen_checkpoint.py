@@ -187,7 +187,11 @@ class LeaveOutFrozenBase(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Wrap the module's checkpoint hooks (any stage: ``validate(ckpt_path=...)`` loads too). They stay after the
         fit, so a ``trainer.save_checkpoint`` after it is written as the fit's were; the next fit's setup sets them
-        as its own callback says. Under a sharded strategy, say once that checkpoints stay whole."""
+        as its own callback says. Under a sharded strategy, say once that checkpoints stay whole. One that only takes
+        back steps aside for one that leaves out (``LowMemOptimizerCallback(checkpoint_frozen=False)`` on a
+        ``LowMemModule``, which brings its own part)."""
+        if not self.leave_out and any(isinstance(c, LeaveOutFrozenBase) and c.leave_out for c in trainer.callbacks):
+            return
         if isinstance(trainer.strategy, _SHARDED):
             if self.leave_out:
                 rank_zero_warn(

@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lowmem_lightning.callbacks.averaging import AverageSharesFrozen
+from lowmem_lightning.callbacks.frozen_checkpoint import LeaveOutFrozenBase
 from lowmem_lightning.callbacks.interrupt import InterruptAtStepEnd
 from lowmem_lightning.callbacks.model_summary import count_nf4_in_model_summaries
 from lowmem_lightning.callbacks.rng_state import RngStateCheckpoint
@@ -130,6 +131,11 @@ class LowMemModule(L.LightningModule):
             for embeddings): a module class or its path (``"torch.nn.Embedding"``), ``"embeddings"``, name patterns
             (``"*embed_tokens*"``, ``"lm_head"``) or a list; they get param groups of their own with
             ``quantize_state=False`` (:mod:`lowmem_lightning.optim.state_precision`). ``None``: the optimizer's rule.
+        checkpoint_frozen: Whether checkpoints hold the frozen weights too (default). ``False``, for a LoRA /
+            frozen-backbone subclass: they leave out the frozen tensors unchanged since the module was built, and a
+            resume takes them back from the module as your code builds it, refused (``ValueError`` naming a tensor)
+            when they differ (:mod:`~lowmem_lightning.callbacks.frozen_checkpoint`; its ``load_from_checkpoint``
+            loads one outside a Trainer). ``CausalLMModule`` has its own, rebuilding from ``model_name_or_path``.
     """
 
     def __init__(
@@ -142,8 +148,13 @@ class LowMemModule(L.LightningModule):
         scheduler: Scheduler | None = None,
         min_lr_ratio: float = 0.1,
         fp32_state: str | list[str] | None = None,
+        checkpoint_frozen: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(checkpoint_frozen, bool):
+            raise ValueError(f"Invalid checkpoint_frozen={checkpoint_frozen!r}: expected True (checkpoints hold the "
+                             "frozen weights too) or False (they leave out those unchanged since the build).")
+        self._leave_out_frozen = not checkpoint_frozen
         self._fp32_state = check_fp32_state(optimizer, fp32_state, type(self).__name__)
         self.fp32_state = fp32_state
         if lr is None:
@@ -215,9 +226,12 @@ class LowMemModule(L.LightningModule):
         :class:`~lowmem_lightning.callbacks.rng_state.RngStateCheckpoint`: the random generators' states travel in
         every checkpoint, so dropout draws the same masks after a resume, and
         :class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`: a weight-averaging callback's average
-        shares, not copies, what does not train. A subclass overriding this hook adds to
-        ``super().configure_callbacks()``."""
-        return [InterruptAtStepEnd(), RngStateCheckpoint(), AverageSharesFrozen()]
+        shares, not copies, what does not train, and
+        :class:`~lowmem_lightning.callbacks.frozen_checkpoint.LeaveOutFrozenBase`: with ``checkpoint_frozen=False``
+        checkpoints leave out the frozen base (and one that did resumes in any case). A subclass overriding this hook
+        adds to ``super().configure_callbacks()``."""
+        return [InterruptAtStepEnd(), RngStateCheckpoint(), AverageSharesFrozen(),
+                LeaveOutFrozenBase(leave_out=self._leave_out_frozen)]
 
     def setup(self, stage: str) -> None:
         """The Trainer's model summary counts the model's NF4 weights
