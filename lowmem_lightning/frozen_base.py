@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["FROZEN_BASE_KEY", "MODEL_STATE_KEYS", "model_states", "tensor_digests", "drop_unchanged", "differing",
-           "restore_dropped"]
+__all__ = ["AVERAGE_MODEL_STATE_KEY", "FROZEN_BASE_KEY", "MODEL_STATE_KEYS", "differing", "drop_unchanged",
+           "model_states", "restore_dropped", "tensor_digests"]
 
 FROZEN_BASE_KEY = "lowmem_frozen_base"
 """Checkpoint key of a checkpoint whose ``state_dict`` leaves out frozen tensors: ``{"model_name_or_path": ...,
@@ -33,10 +33,19 @@ MODEL_STATE_KEYS = ("state_dict", "current_model_state")
 """The checkpoint keys of the module's weights: its ``state_dict`` and, under a ``WeightAveraging`` callback (which
 writes the average to ``state_dict``), the training weights."""
 
+AVERAGE_MODEL_STATE_KEY = "average_model_state"
+"""The key, in a callback's checkpoint state, of ``StochasticWeightAveraging``'s average: a copy of the whole module."""
 
-def model_states(checkpoint: dict) -> list[str]:
-    """The keys of :data:`MODEL_STATE_KEYS` that ``checkpoint`` holds a state dict under."""
-    return [key for key in MODEL_STATE_KEYS if isinstance(checkpoint.get(key), dict)]
+
+def model_states(checkpoint: dict) -> list[tuple[dict, str]]:
+    """``(container, key)`` of every state dict of the module's weights in ``checkpoint``: under
+    :data:`MODEL_STATE_KEYS`, and each callback state's :data:`AVERAGE_MODEL_STATE_KEY`."""
+    slots = [(checkpoint, key) for key in MODEL_STATE_KEYS if isinstance(checkpoint.get(key), dict)]
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and isinstance(state.get(AVERAGE_MODEL_STATE_KEY), dict):
+            slots.append((state, AVERAGE_MODEL_STATE_KEY))
+    return slots
+
 
 _INTEGER_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 

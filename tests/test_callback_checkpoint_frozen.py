@@ -260,6 +260,29 @@ def test_with_ema_both_weights_leave_it_out_and_resume_exactly(base, tmp_path):
         assert _same(_load(tmp_path / "a" / "step=4.ckpt")[key], _load(tmp_path / "b" / "step=4.ckpt")[key])
 
 
+def test_with_swa_its_average_leaves_it_out_and_resumes_exactly(base, tmp_path):
+    """``StochasticWeightAveraging`` keeps a copy of the whole module and writes it into every checkpoint (its callback
+    state's ``average_model_state``): left out there too, taken back at the resume, which ends where the resume of
+    the whole checkpoint ends. (Lightning's SWA resume does not end on the straight run's weights, with or without
+    this library: plain Lightning and torch AdamW differ too.)"""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    def swa():
+        return StochasticWeightAveraging(swa_lrs=5e-3, swa_epoch_start=1, annealing_epochs=1)
+
+    resumed = {}
+    for frozen in (True, False):
+        root = tmp_path / str(frozen)
+        _fit(LoraModule(str(base)), root / "a", -1, frozen, callbacks=[swa()], max_epochs=4)
+        resumed[frozen] = LoraModule(str(base))
+        _fit(resumed[frozen], root / "b", -1, frozen, ckpt_path=root / "a" / "step=3.ckpt", callbacks=[swa()],
+             max_epochs=4)
+    checkpoint = _load(tmp_path / "False" / "a" / "step=3.ckpt")
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("StochasticWeightAveraging")]
+    assert len(state["average_model_state"]) == len(checkpoint["state_dict"]) == 8
+    assert _same(resumed[True].state_dict(), resumed[False].state_dict())
+
+
 def test_a_save_after_the_fit_and_a_notebooks_second_fit(base, tmp_path):
     """``trainer.save_checkpoint`` after the fit leaves the base out as the fit's checkpoints did; a second fit of the
     same module keeps the first fit's record of the build (a tensor changed between the fits stays in); a third

@@ -258,3 +258,25 @@ def test_lowmem_estimate_reads_the_callbacks_setting_and_counts_a_weight_average
     trained = estimate["trainable_bytes"]
     assert estimate["checkpoint_weight_bytes"] == 2 * trained, estimate["checkpoint_detail"]
     assert "left out" in estimate["checkpoint_detail"] and "weight average" in estimate["checkpoint_detail"]
+
+
+def test_lowmem_estimate_counts_swas_copy_of_the_module(runs, capsys, monkeypatch, tmp_path):
+    """``StochasticWeightAveraging`` writes a copy of the module's weights into every checkpoint: the whole state
+    dict again, or what trains when the checkpoint leaves the base out."""
+    import json
+
+    figures = {}
+    for frozen in (True, False):
+        recipe = yaml.safe_load((runs["whole"] / "run.yaml").read_text())
+        recipe["model"]["init_args"]["checkpoint_frozen"] = frozen
+        recipe["trainer"]["callbacks"] += [{"class_path": "lightning.pytorch.callbacks.StochasticWeightAveraging",
+                                            "init_args": {"swa_lrs": 1e-3}}]
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(recipe))
+        proc = lowmem_in_process(capsys, monkeypatch, tmp_path, "estimate", "--config", "run.yaml", "--format", "json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        figures[frozen] = json.loads(proc.stdout)
+    proc = lowmem_in_process(capsys, monkeypatch, runs["whole"], "estimate", "--config", "run.yaml", "--format",
+                             "json")
+    without = json.loads(proc.stdout)["checkpoint_weight_bytes"]
+    assert figures[False]["checkpoint_weight_bytes"] == 2 * figures[False]["trainable_bytes"]
+    assert figures[True]["checkpoint_weight_bytes"] == 2 * without > 4 * figures[False]["trainable_bytes"]

@@ -77,8 +77,8 @@ def leave_out_frozen(module: torch.nn.Module, checkpoint: dict) -> None:
     if not baseline or FROZEN_BASE_KEY in checkpoint:
         return
     trainable, dropped = _trainable(module), {}
-    for key in model_states(checkpoint):
-        dropped.update(drop_unchanged(checkpoint[key], trainable, baseline))
+    for container, key in model_states(checkpoint):
+        dropped.update(drop_unchanged(container[key], trainable, baseline))
     if dropped:
         checkpoint[FROZEN_BASE_KEY] = {"module": _class_name(module),
                                        "tensors": {k: list(d) for k, d in dropped.items()}}
@@ -93,10 +93,10 @@ def take_back_frozen(module: torch.nn.Module, checkpoint: dict, note_held: bool 
     if not ours and not note_held:
         return
     built = module.state_dict()
-    for key in model_states(checkpoint):
-        state = checkpoint[key]
+    for container, key in model_states(checkpoint):
+        state = container[key]
         if ours:
-            checkpoint[key] = restore_dropped(state, record, built, lambda differ, left_out: _refusal(
+            container[key] = restore_dropped(state, record, built, lambda differ, left_out: _refusal(
                 module, differ, left_out))
         if note_held:
             _note_held(module, state, built)

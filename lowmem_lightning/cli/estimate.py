@@ -62,16 +62,21 @@ def _configured_fp32_state(cfg: Namespace):
     return value if value is not None else (cfg.model.get("init_args") or Namespace()).get("fp32_state")
 
 
+def _callbacks_of(cfg: Namespace, kind: type) -> list[tuple[str, Namespace]]:
+    """``(class name, init args)`` of each of the recipe's callbacks of class ``kind`` (or a subclass)."""
+    found = []
+    for entry in _callback_entries(cfg):
+        cls = import_class(entry.get("class_path", "")) if isinstance(entry, Namespace) else None
+        if isinstance(cls, type) and issubclass(cls, kind):
+            found.append((cls.__name__, entry.get("init_args") or Namespace()))
+    return found
+
+
 def _averaging_callbacks(cfg: Namespace) -> list[tuple[str, Namespace]]:
     """``(class name, init args)`` of each of the recipe's ``WeightAveraging`` callbacks (``EMAWeightAveraging``)."""
     from lightning.pytorch.callbacks import WeightAveraging
 
-    found = []
-    for entry in _callback_entries(cfg):
-        cls = import_class(entry.get("class_path", "")) if isinstance(entry, Namespace) else None
-        if isinstance(cls, type) and issubclass(cls, WeightAveraging):
-            found.append((cls.__name__, entry.get("init_args") or Namespace()))
-    return found
+    return _callbacks_of(cfg, WeightAveraging)
 
 
 def _average_bytes(model, use_buffers: bool, shared: bool) -> int:
@@ -139,12 +144,16 @@ def _checkpoint_weights(cfg: Namespace, model) -> tuple[int, str]:
     """:func:`~lowmem_lightning.estimate.checkpoint_weights` of the recipe: its ``checkpoint_frozen`` setting, and
     each weight average's own tensors (what trains when the average shares the frozen base or the checkpoint leaves
     it out, else the whole model)."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
     from lowmem_lightning.estimate import checkpoint_weights
 
     frozen_in = _checkpoints_frozen(cfg)
     sharing = _averages_share(cfg)
     average = sum(_average_bytes(model, init.get("use_buffers", True), sharing or not frozen_in)
                   for _, init in _averaging_callbacks(cfg))
+    swa = len(_callbacks_of(cfg, StochasticWeightAveraging))  # each writes a copy of the module's weights
+    average += swa * checkpoint_weights(model, frozen_in)[0]
     return checkpoint_weights(model, frozen_in, average)
 
 

@@ -1100,15 +1100,16 @@ class CausalLMModule(LowMemModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """With ``checkpoint_frozen=False``, leave out of the checkpoint the frozen tensors unchanged since the build,
         recording their checksums (:func:`~lowmem_lightning.frozen_base.drop_unchanged`): out of its
-        ``state_dict`` and out of the training weights a weight-averaging callback moved to ``current_model_state``."""
+        ``state_dict``, out of the training weights a weight-averaging callback moved to ``current_model_state``, and
+        out of ``StochasticWeightAveraging``'s average (:func:`~lowmem_lightning.frozen_base.model_states`)."""
         super().on_save_checkpoint(checkpoint)
         if self._frozen_baseline is None or _is_sharded(self.model):
             return
         from lowmem_lightning.frozen_base import FROZEN_BASE_KEY, drop_unchanged, model_states
 
         trainable, dropped = self._trainable_keys(), {}
-        for key in model_states(checkpoint):
-            dropped.update(drop_unchanged(checkpoint[key], trainable, self._frozen_baseline))
+        for container, key in model_states(checkpoint):
+            dropped.update(drop_unchanged(container[key], trainable, self._frozen_baseline))
         checkpoint[FROZEN_BASE_KEY] = {"model_name_or_path": str(self.hparams.model_name_or_path),
                                        "tensors": {k: list(d) for k, d in dropped.items()}}
 
@@ -1118,8 +1119,8 @@ class CausalLMModule(LowMemModule):
         from lowmem_lightning.frozen_base import model_states
 
         super().on_load_checkpoint(checkpoint)
-        for key in model_states(checkpoint):  # none in a sharded (FSDP) load: it reads the model's state apart
-            checkpoint[key] = self.with_frozen_base(checkpoint[key], checkpoint)
+        for container, key in model_states(checkpoint):  # none in a sharded (FSDP) load: read apart
+            container[key] = self.with_frozen_base(container[key], checkpoint)
 
     def with_frozen_base(self, state: dict, checkpoint: dict) -> dict:
         """``state`` (a state dict of ``checkpoint``) with the frozen tensors the checkpoint left out
