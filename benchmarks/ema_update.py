@@ -5,11 +5,14 @@ update averages every param of the copy with the module's (``avg_fn``: ``decay *
 one tensor at a time) and copies every buffer (``use_buffers=False``). With
 :class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen` the copy shares what does not train and
 :class:`~lowmem_lightning.callbacks.averaging.AverageOfItself` leaves a shared tensor as it is, so an update touches
-the adapters alone.
+the adapters alone. A shared average's update also lists the pairs it averages once
+(:class:`~lowmem_lightning.callbacks.averaging.SharedAverageUpdate`: torch's walks both module trees at every update)
+and averages them with :class:`~lowmem_lightning.callbacks.averaging.EMAMultiFunction` (the same EMA, bit for bit,
+in a few multi-tensor calls): the ``shared, torch's update`` row is the shared average without either.
 
 The model: a Llama decoder (default hidden 1024, intermediate 2816, 8 layers, vocab 32000: 0.17 B params) in bf16,
 frozen, with peft LoRA r=16 on its seven projections (fp32 adapters), on the CPU. Measured: the average's own bytes,
-and the time of ``update_parameters`` for both, interleaved over ``--repeats`` rounds of ``--updates`` updates each
+and the time of ``update_parameters`` for each, interleaved over ``--repeats`` rounds of ``--updates`` updates each
 (median time per update and the median of the per-round ratios: this machine is noisy, a single run means little).
 
     python benchmarks/ema_update.py [--repeats 7] [--updates 5] [--threads 1] [--hidden 1024] [--layers 8]
@@ -52,21 +55,29 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def averages(model: torch.nn.Module, decay: float) -> dict[str, AveragedModel]:
-    """``{"full copy": Lightning's average, "shared": ours}`` of ``model``, each updated once (the first update
-    copies)."""
+    """``{"full copy": Lightning's average, "shared, torch's update": ours as the sharing first shipped (torch's
+    ``update_parameters``, which walks both module trees, and its EMA one tensor at a time), "shared": ours now
+    (:class:`SharedAverageUpdate` over the pairs listed once, :class:`EMAMultiFunction`)}`` of ``model``, each updated
+    once (the first update copies)."""
     from lowmem_lightning.callbacks.averaging import (
+        AverageOfItself,
         _average_shared_as_themselves,
         _sharing_copy,
         shareable_parts,
     )
 
-    full = AveragedModel(model, avg_fn=get_ema_avg_fn(decay), use_buffers=False)
-    shared = AveragedModel(torch.nn.Identity(), avg_fn=get_ema_avg_fn(decay), use_buffers=False)
-    shared.module = _sharing_copy(model, shareable_parts(model, use_buffers=False))
-    _average_shared_as_themselves(shared)
-    for average in (full, shared):
+    built = {"full copy": AveragedModel(model, avg_fn=get_ema_avg_fn(decay), use_buffers=False)}
+    for name in ("shared, torch's update", "shared"):
+        shared = AveragedModel(torch.nn.Identity(), avg_fn=get_ema_avg_fn(decay), use_buffers=False)
+        shared.module = _sharing_copy(model, shareable_parts(model, use_buffers=False))
+        _average_shared_as_themselves(shared)
+        built[name] = shared
+    first = built["shared, torch's update"]
+    del first.update_parameters  # back to AveragedModel's own, and to the EMA of one tensor at a time
+    first.avg_fn, first.multi_avg_fn = AverageOfItself(get_ema_avg_fn(decay), multi=False), None
+    for average in built.values():
         average.update_parameters(model)
-    return {"full copy": full, "shared": shared}
+    return built
 
 
 def own_bytes(average: AveragedModel, model: torch.nn.Module) -> int:
@@ -98,6 +109,7 @@ def main(argv=None) -> int:
         for name, average in built.items():
             times[name].append(seconds_per_update(average, model, args.updates))
     ratios = [f / s for f, s in zip(times["full copy"], times["shared"])]
+    multi = [f / s for f, s in zip(times["shared, torch's update"], times["shared"])]
     trainable = sum(p.nbytes for p in model.parameters() if p.requires_grad)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params, "
           f"{sum(t.nbytes for t in [*model.parameters(), *model.buffers()]):,} bytes; trainable {trainable:,} bytes")
@@ -107,10 +119,17 @@ def main(argv=None) -> int:
         print(f"| {name} | {own_bytes(average, model):,} | {1e3 * statistics.median(times[name]):.2f} |")
     print(f"full copy / shared time per update: median {statistics.median(ratios):.1f}x "
           f"(rounds: {min(ratios):.1f}-{max(ratios):.1f}x, {args.repeats} rounds, {args.threads} thread(s))")
+    same = _same_average(built["shared, torch's update"], built["shared"])
+    print(f"shared with torch's update / shared: median {statistics.median(multi):.2f}x "
+          f"(rounds: {min(multi):.2f}-{max(multi):.2f}x); averages bit-equal: {same}")
     drift = sum(not torch.equal(a, b) for a, b in zip(built["full copy"].module.parameters(), model.parameters())
                 if not b.requires_grad)
     print(f"frozen params the full copy's average no longer equals: {drift} (shared: 0 by construction)")
     return 0
+
+
+def _same_average(a: AveragedModel, b: AveragedModel) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.module.parameters(), b.module.parameters()))
 
 
 if __name__ == "__main__":

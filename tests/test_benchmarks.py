@@ -134,8 +134,9 @@ def test_ema_update_small(capsys, one_thread):
     trainable = int(text.split("trainable ")[1].split(" bytes")[0].replace(",", ""))
     whole = int(text.split("params, ")[1].split(" bytes")[0].replace(",", ""))
     rows = {line.split("|")[1].strip(): int(line.split("|")[2].replace(",", "")) for line in text.splitlines()
-            if line.startswith("| full copy |") or line.startswith("| shared |")}
-    assert rows == {"full copy": whole, "shared": trainable}
+            if line.startswith(("| full copy |", "| shared"))}
+    assert rows == {"full copy": whole, "shared, torch's update": trainable, "shared": trainable}
+    assert "averages bit-equal: True" in text
 
 
 def test_kbit_prepare_table(capsys, one_thread):
