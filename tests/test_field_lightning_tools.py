@@ -467,16 +467,47 @@ def _causal_lm():
     return module, TextDataModule("sample", seq_len=32, batch_size=4, val_fraction=0.02, seed=0)
 
 
-def test_causal_lm_module_gives_swa_its_model(tmp_path):
+def test_causal_lm_module_gives_swa_its_model(tmp_path, monkeypatch):
     """CausalLMModule builds its model in configure_model, after SWA copied the module in setup: the average held
-    no weights, averaged nothing and transferred nothing (the fit ended on its last weights, silently)."""
+    no weights, averaged nothing and transferred nothing (the fit ended on its last weights, silently). The copy is
+    made on SWA's device (its default, the CPU)."""
+    from lowmem_lightning.modules import causal_lm
+
     module, data = _causal_lm()
     swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    devices = []
+    copy_on = causal_lm._copy_on
+    monkeypatch.setattr(causal_lm, "_copy_on", lambda model, device: devices.append(device) or copy_on(model, device))
     trainer = _trainer(None, [swa], root=tmp_path, max_epochs=3, limit_train_batches=3, limit_val_batches=1)
     trainer.fit(module, data)
+    assert devices == [torch.device("cpu")]
     average = list(swa._average_model.parameters())
     assert int(swa.n_averaged) == 3 and len(average) == len(list(module.parameters())) > 0
     assert all(torch.equal(a, b) for a, b in zip(module.parameters(), average))
+
+
+def test_swas_copy_of_the_model_is_made_on_swas_device():
+    """SWA keeps its average on the CPU by default and moves it there at its first epoch: the copy of a model built
+    on the GPU, made there, held a second model (a QLoRA's NF4 base) on the GPU until then. Each tensor is now made on
+    SWA's device directly (here the meta device stands for it: the copy holds no tensor on the model's own device),
+    tied weights stay tied, and a copy on the same device equals the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_lightning.modules.causal_lm import _copy_on
+    from lowmem_lightning.quant import quantize_model
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
+    model = quantize_model(LlamaForCausalLM(config))
+    away = _copy_on(model, "meta")
+    tensors = [*away.parameters(), *away.buffers()]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    assert away.lm_head.weight is away.model.embed_tokens.weight
+    assert [n for n, p in away.named_parameters() if p.requires_grad] == [
+        n for n, p in model.named_parameters() if p.requires_grad]
+    here = _copy_on(model, "cpu")
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+               for a, b in zip([*here.parameters(), *here.buffers()], [*model.parameters(), *model.buffers()]))
 
 
 def test_causal_lm_module_gives_model_pruning_its_layers(tmp_path):

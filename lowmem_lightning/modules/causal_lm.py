@@ -751,16 +751,31 @@ def _show_callbacks_the_model(module: L.LightningModule) -> None:
     """Callbacks that look at the module in their ``setup``, before ``configure_model`` builds the model, saw no
     weights. ``StochasticWeightAveraging`` copied the module: its average would average nothing and, at the end,
     transfer nothing (the fit would end on the last weights, silently); each such copy gets a copy of the model
-    just built. ``ModelPruning`` collected no layer to prune (``torch.cat`` of an empty list at its first pruning);
-    its ``setup`` runs again, now on the model."""
+    just built, made on the device SWA keeps its average on (:func:`_copy_on`). ``ModelPruning`` collected no layer
+    to prune (``torch.cat`` of an empty list at its first pruning); its ``setup`` runs again, now on the model."""
     trainer = module._trainer
     for callback in getattr(trainer, "callbacks", None) or ():
         if isinstance(callback, StochasticWeightAveraging):
             average = getattr(callback, "_average_model", None)
             if isinstance(average, type(module)) and getattr(average, "model", None) is None:
-                average.model = copy.deepcopy(module.model)
+                average.model = _copy_on(module.model, getattr(callback, "_device", None))
         elif isinstance(callback, ModelPruning) and getattr(callback, "_parameters_to_prune", None) == []:
             callback.setup(trainer, module, "fit")
+
+
+def _copy_on(model: nn.Module, device) -> nn.Module:
+    """``copy.deepcopy(model)`` with each param and buffer made directly on ``device`` (``None``: where it is).
+    ``StochasticWeightAveraging`` keeps its average there (the CPU by default) and moves it only at its first epoch: a
+    copy of a model built on the GPU, made there, held a second model (a QLoRA's whole NF4 base) on the GPU until
+    then. Tied tensors stay tied; a tensor of another class than ``Tensor`` / ``Parameter`` is deep-copied as it is."""
+    if device is None:
+        return copy.deepcopy(model)
+    memo = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if type(tensor) in (torch.Tensor, nn.Parameter):
+            clone = tensor.detach().to(device, copy=True)
+            memo[id(tensor)] = nn.Parameter(clone, tensor.requires_grad) if type(tensor) is nn.Parameter else clone
+    return copy.deepcopy(model, memo)
 
 
 @contextlib.contextmanager
