@@ -16,6 +16,7 @@ and the time of ``update_parameters`` for each, interleaved over ``--repeats`` r
 (median time per update and the median of the per-round ratios: this machine is noisy, a single run means little).
 
     python benchmarks/ema_update.py [--repeats 7] [--updates 5] [--threads 1] [--hidden 1024] [--layers 8]
+        [--device cuda]   # gpu_check.py --parts ema: the 7B architecture on the GPU
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
 
-def lora_model(hidden: int = 1024, layers: int = 8) -> torch.nn.Module:
-    """The bf16 Llama with fp32 LoRA adapters described above (random weights); ``hidden`` and ``layers`` size it
-    (intermediate 2.75 x hidden, 64-wide heads)."""
+def lora_model(hidden: int = 1024, layers: int = 8, device: str = "cpu") -> torch.nn.Module:
+    """The bf16 Llama with fp32 LoRA adapters described above (random weights), built on ``device``; ``hidden`` and
+    ``layers`` size it (intermediate 2.75 x hidden, 64-wide heads)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,7 +39,8 @@ def lora_model(hidden: int = 1024, layers: int = 8) -> torch.nn.Module:
     config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=32000,
                          tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     for param in model.parameters():
@@ -89,9 +91,15 @@ def own_bytes(average: AveragedModel, model: torch.nn.Module) -> int:
 
 
 def seconds_per_update(average: AveragedModel, model: torch.nn.Module, updates: int) -> float:
+    """Mean seconds of ``updates`` updates (the device's queue drained before and after)."""
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(updates):
         average.update_parameters(model)
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - start) / updates
 
 
@@ -99,10 +107,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--updates", type=int, default=5, help="updates per round (default 5)")
+    parser.add_argument("--device", default="cpu", help="where the model and the averages live (default cpu)")
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = lora_model(args.hidden, args.layers)
+    model = lora_model(args.hidden, args.layers, args.device)
     built = averages(model, decay=0.999)
     times: dict[str, list[float]] = {name: [] for name in built}
     for _ in range(args.repeats):

@@ -49,6 +49,8 @@ Parts (``--parts`` selects some):
   read by the Triton row gather through unified addressing: rows equal to the host's, the device memory it takes,
   lookup time against the same table on the device; a tiny Gemma 3n QLoRA model with and without
   ``host_embeddings``: equal logits.
+* ``ema``: a weight average's update (``EMAWeightAveraging`` under ``LowMemOptimizerCallback``) at the 7B
+  architecture with LoRA: Lightning's full copy, the shared average with torch's update, ours (``ema_update.py``).
 * ``long_run``: a 113M-param causal LM (124M class) for a few minutes with fp32 AdamW, ``adamw_8bit``,
   bitsandbytes AdamW8bit (when installed), CAME and CAME int8: held-out loss within 1.01x of each
   reference, a table and ``long_run.png`` (``--out-dir``).
@@ -90,10 +92,10 @@ Later commands, each a ``run`` of its own with the same install line (part budge
    autotuned quantizer and two more 735M models, +15 s for the release row clipping by norm, ``gpu_tests`` +20 s for
    tests/test_gpu_session_changes.py; ``step_time`` runs the persistent-kernel rows at 1G in both dtypes, so no
    optim_step loop follows).
-3. what document isolation costs, and host syncs (65 s of part budgets: it fits the minutes a session has left
-   after command 1 or 2 on a warm machine, ``timeout_s`` 150)::
+3. what document isolation costs, host syncs, and a weight average's update (125 s of part budgets: it fits the
+   minutes a session has left after command 1 or 2 on a warm machine, ``timeout_s`` 210)::
 
-    python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts packing,sync --out-dir $OUT \
+    python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts packing,sync,ema --out-dir $OUT \
         2>&1 | tee $OUT/log.txt
 
 ``packing`` (40 s: imports, the 1.1B model built on the device, 6 steps of 4 x 2048 tokens per row, at most
@@ -127,7 +129,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 BUDGET_S = {"kernels": 70, "gpu_tests": 120, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
-            "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40, "qlora_moe": 120, "host_embeddings": 75}
+            "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40, "qlora_moe": 120, "host_embeddings": 75,
+            "ema": 60}
 """Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
 55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
 (ours only), release 45. Not yet run on a GPU, sized from arithmetic: full_ft_7b (two rows, each a fresh
@@ -149,7 +152,9 @@ Triton quantize), 5 steps at seq 512 (per layer each of the 8 experts decoded th
 recompute, backward; ~0.5-2 s a step) and one profiled. ``host_embeddings``, not yet run: imports ~15 s, a 4.7 GB
 bf16 host table filled (~3 s) and page-locked (~1-2 s), 12 lookups of 294 MB of rows (at PCIe 5 rates ~15 ms each),
 the same table copied to the device, two tiny Gemma 3n builds, two builds of a 4-layer Llama with a 128k vocabulary
-drawn in NF4 on the device (~5 s each) and 6 steps of 4096 tokens each."""
+drawn in NF4 on the device (~5 s each) and 6 steps of 4096 tokens each. ``ema``, not yet run: imports ~15 s, a
+6.7B bf16 Llama drawn on the device in fp32 then cast (~5 s, 40 GB at the peak), its full copy (13.5 GB), then 3
+rounds of 3 updates of three averages (the full copy's ~3 passes over 13.5 GB, ~15 ms each)."""
 
 RECOMMENDED_PARTS = ("full_ft_7b", "qlora_7b", "long_run")
 """The parts the next device session runs, in one command (the module docstring has it)."""
@@ -1655,10 +1660,32 @@ def _tiny_gemma3n_host_logits_equal(device) -> bool:
     return torch.equal(*logits)
 
 
+def part_ema(dry: bool) -> list[str]:
+    """``benchmarks/ema_update.py`` on the device at the 7B architecture (hidden 4096, 32 layers, bf16, LoRA r=16 on
+    the seven projections: the ``qlora_7b`` recipe's 448 adapters): ms per update of Lightning's full copy, of the
+    shared average with torch's update (one tensor at a time, both module trees walked) and of ours (pairs listed
+    once, multi-tensor EMA); fails unless the last two average bit-equal. Dry run: its toy size on the CPU."""
+    import contextlib
+    import io
+
+    sys.path.insert(0, str(HERE))
+    import ema_update
+
+    args = (["--hidden", "64", "--layers", "1", "--repeats", "1", "--updates", "1"] if dry else
+            ["--hidden", "4096", "--layers", "32", "--repeats", "3", "--updates", "3", "--device", "cuda"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        ema_update.main(args)
+    lines = printed.getvalue().splitlines()
+    if "averages bit-equal: True" not in printed.getvalue():
+        raise AssertionError("ema: the shared averages differ\n" + "\n".join(lines))
+    return [f"`python benchmarks/ema_update.py {' '.join(args)}`", "", *lines]
+
+
 PARTS = {"kernels": part_kernels, "gpu_tests": part_gpu_tests, "sync": part_sync, "step_time": part_step_time,
          "paged": part_paged, "qlora_7b": part_qlora_7b, "release": part_release, "full_ft_7b": part_full_ft_7b,
          "long_run": part_long_run, "packing": part_packing, "qlora_moe": part_qlora_moe,
-         "host_embeddings": part_host_embeddings}
+         "host_embeddings": part_host_embeddings, "ema": part_ema}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -264,5 +264,5 @@ def test_every_device_command_in_the_plan_fits_560_s_and_packing_is_not_in_the_f
         assert set(parts) <= set(gpu_check.PARTS), parts
         assert sum(gpu_check.BUDGET_S[p] for p in parts) <= 560, parts
     assert "packing" not in commands[0] and any("packing" in parts for parts in commands[1:])
-    assert "--parts packing,sync" in doc and "(65 s of part budgets" in doc
-    assert gpu_check.BUDGET_S["packing"] + gpu_check.BUDGET_S["sync"] == 65
+    assert "--parts packing,sync,ema" in doc and "(125 s of part budgets" in doc and "``timeout_s`` 210" in doc
+    assert gpu_check.BUDGET_S["packing"] + gpu_check.BUDGET_S["sync"] + gpu_check.BUDGET_S["ema"] == 125
