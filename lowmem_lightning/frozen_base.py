@@ -98,12 +98,23 @@ def tensor_digests(tensors: Mapping[str, torch.Tensor],
     return digests
 
 
-def drop_unchanged(state: dict[str, torch.Tensor], trainable: set[str],
-                   baseline: Mapping[str, tuple[int, int, str]]) -> dict[str, tuple[int, int, str]]:
+def _identity(tensor: torch.Tensor) -> tuple:
+    """What makes two tensor objects the same data: device, address, dtype, shape, strides."""
+    return tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
+
+
+def drop_unchanged(state: dict[str, torch.Tensor], trainable: set[str], baseline: Mapping[str, tuple[int, int, str]],
+                   seen: dict | None = None) -> dict[str, tuple[int, int, str]]:
     """Remove from ``state`` (a checkpoint's ``state_dict``, in place) the tensors not in ``trainable`` whose digest
-    equals the build's (``baseline``); returns the digests of those removed."""
+    equals the build's (``baseline``); returns the digests of those removed. ``seen``: digests by tensor identity,
+    read and filled, so a tensor several state dicts of one checkpoint hold (a weight average's, sharing the frozen
+    base, and the module's) is read once."""
+    seen = {} if seen is None else seen
     candidates = {k: v for k, v in state.items() if k not in trainable and k in baseline}
-    now = tensor_digests(candidates)
+    fresh = {k: v for k, v in candidates.items() if _identity(v) not in seen}
+    for key, digest in tensor_digests(fresh).items():
+        seen[_identity(fresh[key])] = digest
+    now = {k: seen[_identity(v)] for k, v in candidates.items() if _identity(v) in seen}
     dropped = {k: d for k, d in now.items() if d == tuple(baseline[k])}
     for key in dropped:
         del state[key]

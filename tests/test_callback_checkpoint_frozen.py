@@ -377,6 +377,23 @@ def _fit_module_only(module, root: Path, steps: int, ckpt_path=None, callbacks=(
     trainer.fit(module, ckpt_path=ckpt_path)
 
 
+def test_a_save_reads_each_frozen_tensor_once_with_ema(base, tmp_path, monkeypatch):
+    """The average shares the frozen base, so its ``state_dict`` and ``current_model_state`` hold the same frozen
+    tensors: a save checksums each once (before: once per state dict, two reads of the base)."""
+    from lowmem_lightning import frozen_base
+
+    module = LoraModule(str(base))
+    trainer = _fit(module, tmp_path / "a", 2, False, callbacks=[EMAWeightAveraging(decay=0.5)])
+    calls = []
+    checksum = frozen_base._checksum
+    monkeypatch.setattr(frozen_base, "_checksum", lambda tensor: calls.append(tensor.numel()) or checksum(tensor))
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    checkpoint = _load(tmp_path / "after.ckpt")
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    assert len(checkpoint["state_dict"]) == len(checkpoint["current_model_state"]) == 8
+    assert len(calls) == len(frozen) and sum(calls) == sum(p.numel() for p in frozen)
+
+
 def test_a_lowmem_module_subclass_leaves_it_out_and_resumes_exactly(base, tmp_path):
     straight = _lowmem_lora(str(base), checkpoint_frozen=False)
     _fit_module_only(straight, tmp_path / "a", 4)

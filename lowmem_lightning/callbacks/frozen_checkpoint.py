@@ -76,9 +76,9 @@ def leave_out_frozen(module: torch.nn.Module, checkpoint: dict) -> None:
     baseline = module.__dict__.get(_BASELINE)
     if not baseline or FROZEN_BASE_KEY in checkpoint:
         return
-    trainable, dropped = _trainable(module), {}
+    trainable, dropped, seen = _trainable(module), {}, {}
     for container, key in model_states(checkpoint):
-        dropped.update(drop_unchanged(container[key], trainable, baseline))
+        dropped.update(drop_unchanged(container[key], trainable, baseline, seen))
     if dropped:
         checkpoint[FROZEN_BASE_KEY] = {"module": _class_name(module),
                                        "tensors": {k: list(d) for k, d in dropped.items()}}

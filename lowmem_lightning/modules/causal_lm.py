@@ -1122,9 +1122,9 @@ class CausalLMModule(LowMemModule):
             return
         from lowmem_lightning.frozen_base import FROZEN_BASE_KEY, drop_unchanged, model_states
 
-        trainable, dropped = self._trainable_keys(), {}
+        trainable, dropped, seen = self._trainable_keys(), {}, {}
         for container, key in model_states(checkpoint):
-            dropped.update(drop_unchanged(container[key], trainable, self._frozen_baseline))
+            dropped.update(drop_unchanged(container[key], trainable, self._frozen_baseline, seen))
         checkpoint[FROZEN_BASE_KEY] = {"model_name_or_path": str(self.hparams.model_name_or_path),
                                        "tensors": {k: list(d) for k, d in dropped.items()}}
 
