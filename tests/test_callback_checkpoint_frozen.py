@@ -303,6 +303,18 @@ def test_a_save_after_the_fit_and_a_notebooks_second_fit(base, tmp_path):
     assert saves == [1, 2, 2, 1, 2, 3, 1, 2, 3, 4]  # a new Trainer counts from 0
 
 
+def test_by_default_the_module_is_left_as_it_was(base, tmp_path):
+    """With the default ``checkpoint_frozen=True`` the callback takes back a trimmed checkpoint at a load, and after
+    the fit the module holds nothing of this package: pickled (``torch.save(model)``, MLflow's ``log_model``), it
+    loads where lowmem_lightning is not installed."""
+    import pickle
+
+    module = LoraModule(str(base))
+    _fit(module, tmp_path, 2, True)
+    assert not {"on_save_checkpoint", "on_load_checkpoint"} & set(module.__dict__)
+    assert b"lowmem_lightning" not in pickle.dumps(module)
+
+
 def test_invalid_setting_is_named():
     with pytest.raises(ValueError, match=r"Invalid checkpoint_frozen='no': expected True .* or False"):
         LowMemOptimizerCallback(checkpoint_frozen="no")

@@ -185,11 +185,12 @@ class LeaveOutFrozenBase(L.Callback):
         self.leave_out = leave_out
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Wrap the module's checkpoint hooks (any stage: ``validate(ckpt_path=...)`` loads too). They stay after the
-        fit, so a ``trainer.save_checkpoint`` after it is written as the fit's were; the next fit's setup sets them
-        as its own callback says. Under a sharded strategy, say once that checkpoints stay whole. One that only takes
-        back steps aside for one that leaves out (``LowMemOptimizerCallback(checkpoint_frozen=False)`` on a
-        ``LowMemModule``, which brings its own part)."""
+        """Wrap the module's checkpoint hooks (any stage: ``validate(ckpt_path=...)`` loads too). With ``leave_out``
+        they stay after the fit, so a ``trainer.save_checkpoint`` after it is written as the fit's were (a module
+        pickled then refers to this package); the next fit's setup sets them as its own callback says. Under a
+        sharded strategy, say once that checkpoints stay whole. One that only takes back steps aside for one that
+        leaves out (``LowMemOptimizerCallback(checkpoint_frozen=False)`` on a ``LowMemModule``, which brings its own
+        part)."""
         if not self.leave_out and any(isinstance(c, LeaveOutFrozenBase) and c.leave_out for c in trainer.callbacks):
             return
         if isinstance(trainer.strategy, _SHARDED):
@@ -205,6 +206,17 @@ class LeaveOutFrozenBase(L.Callback):
         """Record the digests of the frozen tensors as built (:func:`record_baseline`)."""
         if self.leave_out and _installed(pl_module, "on_save_checkpoint"):
             record_baseline(pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Without ``leave_out``, give the module its own hooks back: a module pickled after the fit (``torch.save``,
+        MLflow's ``log_model``) then holds no reference to this package. With it they stay, for the saves after the
+        fit."""
+        if not self.leave_out and _installed(pl_module) and not _installed(pl_module, "on_save_checkpoint"):
+            _uninstall(pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """As :meth:`teardown` (Lightning skips it after an exception)."""
+        self.teardown(trainer, pl_module, "")
 
 
 def load_from_checkpoint(module_class: type[L.LightningModule], checkpoint_path, **kwargs) -> L.LightningModule:
