@@ -280,3 +280,30 @@ def test_lowmem_estimate_counts_swas_copy_of_the_module(runs, capsys, monkeypatc
     without = json.loads(proc.stdout)["checkpoint_weight_bytes"]
     assert figures[False]["checkpoint_weight_bytes"] == 2 * figures[False]["trainable_bytes"]
     assert figures[True]["checkpoint_weight_bytes"] == 2 * without > 4 * figures[False]["trainable_bytes"]
+
+
+def test_the_callbacks_setting_on_a_causal_lm_module_resumes_and_exports(runs, base, tmp_path, capsys, monkeypatch):
+    """``checkpoint_frozen: false`` on the recipe's LowMemOptimizerCallback rather than on its CausalLMModule: the
+    checkpoints hold the LoRA tensors alone, ``--ckpt_path last`` resumes to the whole run's step-4 weights, and
+    ``lowmem export`` writes the whole run's merged model (the module takes the base back from its record)."""
+    from safetensors.torch import load_file
+
+    root = _recipe(tmp_path / "callback", base, True)
+    recipe = yaml.safe_load((root / "run.yaml").read_text())
+    recipe["trainer"]["callbacks"].append({"class_path": "lowmem_lightning.callbacks.LowMemOptimizerCallback",
+                                           "init_args": {"optimizer": "adamw_8bit", "checkpoint_frozen": False}})
+    (root / "run.yaml").write_text(yaml.safe_dump(recipe))
+    _fit(capsys, monkeypatch, root)
+    _fit(capsys, monkeypatch, root, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    mine, whole = _ckpt(root, 4), _ckpt(runs["whole"], 4)
+    assert set(mine["state_dict"]) == {k for k in whole["state_dict"] if ".lora_" in k}
+    assert same_contents(mine["state_dict"], {k: v for k, v in whole["state_dict"].items() if ".lora_" in k})
+    merged = {}
+    for name, directory in (("callback", root), ("whole", runs["whole"])):
+        out = tmp_path / f"export-{name}"
+        proc = lowmem_in_process(capsys, monkeypatch, directory, "export", "--config", "run.yaml", "--ckpt_path",
+                                 str(directory / "ckpts" / "step=4.ckpt"), "--save_dir", str(out),
+                                 "--save_merged", "true")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        merged[name] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert same_contents(merged["callback"], merged["whole"])
