@@ -8,7 +8,9 @@ one tensor at a time) and copies every buffer (``use_buffers=False``). With
 the adapters alone. A shared average's update also lists the pairs it averages once
 (:class:`~lowmem_lightning.callbacks.averaging.SharedAverageUpdate`: torch's walks both module trees at every update)
 and averages them with :class:`~lowmem_lightning.callbacks.averaging.EMAMultiFunction` (the same EMA, bit for bit,
-in a few multi-tensor calls): the ``shared, torch's update`` row is the shared average without either.
+in a few multi-tensor calls): the ``shared, torch's update`` row is the shared average without either. Last, a
+validation's swap of the shared average into the model and back: Lightning's (clones every tensor of the average,
+the shared frozen ones too) against ours (``swap_unshared``).
 
 The model: a Llama decoder (default hidden 1024, intermediate 2816, 8 layers, vocab 32000: 0.17 B params) in bf16,
 frozen, with peft LoRA r=16 on its seven projections (fp32 adapters), on the CPU. Measured: the average's own bytes,
@@ -92,15 +94,7 @@ def own_bytes(average: AveragedModel, model: torch.nn.Module) -> int:
 
 def seconds_per_update(average: AveragedModel, model: torch.nn.Module, updates: int) -> float:
     """Mean seconds of ``updates`` updates (the device's queue drained before and after)."""
-    cuda = next(model.parameters()).is_cuda
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(updates):
-        average.update_parameters(model)
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / updates
+    return _timed(model, lambda: [average.update_parameters(model) for _ in range(updates)]) / updates
 
 
 def main(argv=None) -> int:
@@ -131,10 +125,44 @@ def main(argv=None) -> int:
     same = _same_average(built["shared, torch's update"], built["shared"])
     print(f"shared with torch's update / shared: median {statistics.median(multi):.2f}x "
           f"(rounds: {min(multi):.2f}-{max(multi):.2f}x); averages bit-equal: {same}")
+    swaps = swap_seconds(built["shared"], model, args.repeats)
+    print(f"validation swap of the shared average (there and back, median of {args.repeats}): Lightning's "
+          f"{1e3 * swaps['lightning']:.2f} ms, ours {1e3 * swaps['ours']:.2f} ms "
+          f"({swaps['lightning'] / swaps['ours']:.1f}x)")
     drift = sum(not torch.equal(a, b) for a, b in zip(built["full copy"].module.parameters(), model.parameters())
                 if not b.requires_grad)
     print(f"frozen params the full copy's average no longer equals: {drift} (shared: 0 by construction)")
     return 0
+
+
+def swap_seconds(average: AveragedModel, model: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Median seconds of a validation's two swaps of ``average`` (shared) into ``model`` and back: Lightning's
+    ``WeightAveraging._swap_models`` (clones every tensor of the average) and ours
+    (:func:`~lowmem_lightning.callbacks.averaging.swap_unshared`), interleaved."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
+
+    from lowmem_lightning.callbacks.averaging import swap_unshared
+
+    callback = EMAWeightAveraging()
+    callback._average_model = average
+    swaps = {"lightning": lambda: WeightAveraging._swap_models(callback, model),
+             "ours": lambda: swap_unshared(callback, model)}
+    times: dict[str, list[float]] = {name: [] for name in swaps}
+    for _ in range(repeats):
+        for name, swap in swaps.items():
+            times[name].append(_timed(model, lambda swap=swap: (swap(), swap())))
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def _timed(model: torch.nn.Module, work) -> float:
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _same_average(a: AveragedModel, b: AveragedModel) -> bool:

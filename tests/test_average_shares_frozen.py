@@ -447,6 +447,30 @@ def test_the_multi_tensor_ema_averages_as_torchs_one_tensor_at_a_time(use_buffer
     assert ema_decay(lambda a, b, n: a) is None
 
 
+def test_the_validation_swap_leaves_the_shared_tensors_alone(tmp_path, monkeypatch):
+    """For validation Lightning swaps the average into the module and back, cloning each of the average's tensors
+    first: for a shared tensor a copy of the frozen base swapped with itself. The swap now clones what trains alone
+    (the 32,768 LoRA bytes of the tiny QLoRA model, not its 204,848), and leaves module and average as Lightning's."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    module, trainer, ema = _qlora_fit(tmp_path, "callback_first")
+    assert ema._swap_models.__func__ is averaging_module.swap_unshared
+    cloned = []
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda self, *a, **k: cloned.append(self.nbytes) or clone(self, *a, **k))
+    states = []
+    for swap in (ema._swap_models, lambda m: WeightAveraging._swap_models(ema, m)):
+        cloned.clear()
+        swap(module)
+        states.append(({k: clone(v) for k, v in module.state_dict().items()},
+                       {k: clone(v) for k, v in ema._average_model.module.state_dict().items()}, sum(cloned)))
+        swap(module)  # and back
+    (ours_module, ours_average, ours_bytes), (theirs_module, theirs_average, theirs_bytes) = states
+    assert same_contents(ours_module, theirs_module) and same_contents(ours_average, theirs_average)
+    trainable = sum(p.nbytes for p in module.parameters() if p.requires_grad)
+    assert ours_bytes == trainable == 32_768 and theirs_bytes > 6 * trainable
+
+
 def test_the_ema_function_pickles_and_averages_as_torchs():
     """``picklable_averaging`` swaps ``EMAWeightAveraging``'s torch closure (which no spawned rank can receive) for
     :class:`EMAFunction`: it pickles, and its averages are torch's bit for bit (fp32 and bf16)."""

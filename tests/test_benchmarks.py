@@ -136,7 +136,7 @@ def test_ema_update_small(capsys, one_thread):
     rows = {line.split("|")[1].strip(): int(line.split("|")[2].replace(",", "")) for line in text.splitlines()
             if line.startswith(("| full copy |", "| shared"))}
     assert rows == {"full copy": whole, "shared, torch's update": trainable, "shared": trainable}
-    assert "averages bit-equal: True" in text
+    assert "averages bit-equal: True" in text and "validation swap of the shared average" in text
 
 
 def test_kbit_prepare_table(capsys, one_thread):

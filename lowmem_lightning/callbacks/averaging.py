@@ -40,6 +40,7 @@ import copy
 import inspect
 import itertools
 import sys
+import types
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -54,7 +55,8 @@ from lowmem_lightning.optim.sharding import is_dtensor
 
 __all__ = ["AverageOfItself", "AverageSharesFrozen", "EMAFunction", "EMAMultiFunction", "KeepTrainingWeights",
            "SharedAverageUpdate", "SharedParts", "ema_decay", "keep_training_weights", "picklable_averaging",
-           "quantized_layer_kinds", "resume_from_training_weights", "serve_weight_averaging", "shareable_parts"]
+           "quantized_layer_kinds", "resume_from_training_weights", "serve_weight_averaging", "shareable_parts",
+           "swap_unshared"]
 
 
 class KeepTrainingWeights(L.Callback):
@@ -332,7 +334,9 @@ class AverageSharesFrozen(L.Callback):
     again. A shared param that later trains (``BackboneFinetuning`` unfreezing a backbone) gets its own copy in the
     average at the first training batch that trains it, with the value a full copy would hold there (an average of
     a tensor that did not change is that tensor). An average kept on another device than the module's
-    (``device=``) or of a sharded module is left as Lightning builds it. With several instances in the Trainer
+    (``device=``) or of a sharded module is left as Lightning builds it. A shared average updates over the pairs
+    it does not share (:class:`SharedAverageUpdate`) and swaps only those for validation (:func:`swap_unshared`).
+    With several instances in the Trainer
     (``LowMemModule`` returns one from ``configure_callbacks``, the optimizer callback brings one) the first listed
     does the work.
     """
@@ -388,6 +392,7 @@ class AverageSharesFrozen(L.Callback):
                 parts = shareable_parts(pl_module, averaging._use_buffers)
                 share_parts(averaging._average_model.module, pl_module, parts)
                 _average_shared_as_themselves(averaging._average_model)
+                averaging._swap_models = types.MethodType(swap_unshared, averaging)
                 self.shared[id(averaging)] = parts
         self._watch(trainer, pl_module)
 
@@ -426,6 +431,21 @@ class AverageSharesFrozen(L.Callback):
         update = averaging._average_model.__dict__.get("update_parameters")
         if isinstance(update, SharedAverageUpdate):
             update.relist()  # the params just copied are averaged from now on
+
+
+def swap_unshared(averaging: WeightAveraging, pl_module: L.LightningModule) -> None:
+    """``WeightAveraging._swap_models`` (the average into the module for validation, and back) without the tensors
+    the average shares with the module: Lightning's clones each pair's average first, for a shared tensor a copy of
+    it swapped with itself (the whole frozen base read and written three times per swap, two swaps per validation,
+    and the largest frozen tensor allocated once more)."""
+    average = averaging._average_model.module
+    for mine, theirs in zip(itertools.chain(average.parameters(), average.buffers()),
+                            itertools.chain(pl_module.parameters(), pl_module.buffers())):
+        if _same_memory(mine, theirs):
+            continue
+        kept = mine.data.clone()
+        mine.data.copy_(theirs.data)
+        theirs.data.copy_(kept)
 
 
 def _averagings(trainer: L.Trainer) -> list[WeightAveraging]:
