@@ -238,6 +238,15 @@ class AverageOfItself:
         return None
 
 
+def _unshared_pairs(average: nn.Module, module: nn.Module, params: bool = True, buffers: bool = True) -> list[tuple]:
+    """``(average's, module's)`` pairs of their params and / or buffers, in order, without those that are one
+    tensor (shared)."""
+    def tensors(owner: nn.Module):
+        return itertools.chain(owner.parameters() if params else (), owner.buffers() if buffers else ())
+
+    return [(a, m) for a, m in zip(tensors(average), tensors(module)) if not _same_memory(a, m)]
+
+
 class SharedAverageUpdate:
     """``AveragedModel.update_parameters`` of an average that shares the module's frozen parts: torch's update (copy
     at the first, then ``avg_fn`` / ``multi_avg_fn`` per device and dtype, buffers copied unless averaged,
@@ -258,14 +267,8 @@ class SharedAverageUpdate:
 
     def _list(self, model: nn.Module) -> None:
         average = self.average
-        if average.use_buffers:
-            own = itertools.chain(average.module.parameters(), average.module.buffers())
-            theirs = itertools.chain(model.parameters(), model.buffers())
-        else:
-            own, theirs = average.parameters(), model.parameters()
-        self._pairs = [(a, m) for a, m in zip(own, theirs) if not _same_memory(a, m)]
-        self._buffers = [] if average.use_buffers else [
-            (a, m) for a, m in zip(average.module.buffers(), model.buffers()) if not _same_memory(a, m)]
+        self._pairs = _unshared_pairs(average.module, model, params=True, buffers=average.use_buffers)
+        self._buffers = [] if average.use_buffers else _unshared_pairs(average.module, model, params=False)
         self._model_id = id(model)
 
     @torch.no_grad()
@@ -438,11 +441,7 @@ def swap_unshared(averaging: WeightAveraging, pl_module: L.LightningModule) -> N
     the average shares with the module: Lightning's clones each pair's average first, for a shared tensor a copy of
     it swapped with itself (the whole frozen base read and written three times per swap, two swaps per validation,
     and the largest frozen tensor allocated once more)."""
-    average = averaging._average_model.module
-    for mine, theirs in zip(itertools.chain(average.parameters(), average.buffers()),
-                            itertools.chain(pl_module.parameters(), pl_module.buffers())):
-        if _same_memory(mine, theirs):
-            continue
+    for mine, theirs in _unshared_pairs(averaging._average_model.module, pl_module):
         kept = mine.data.clone()
         mine.data.copy_(theirs.data)
         theirs.data.copy_(kept)
