@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lowmem_lightning.frozen_base import FROZEN_BASE_KEY, drop_unchanged, model_states, restore_dropped, tensor_digests
 from lowmem_lightning.lowmem_warning import LowMemWarning
 
-__all__ = ["LeaveOutFrozenBase", "leave_out_frozen", "load_from_checkpoint", "take_back_frozen"]
+__all__ = ["LeaveOutFrozenBase", "leave_out_frozen", "load_from_checkpoint", "record_baseline", "take_back_frozen"]
 
 _BASELINE = "_lowmem_frozen_baseline"
 """Module attribute: ``{state_dict key: digest}`` of its frozen tensors as built."""
