@@ -307,3 +307,26 @@ def test_the_callbacks_setting_on_a_causal_lm_module_resumes_and_exports(runs, b
         assert proc.returncode == 0, proc.stderr[-3000:]
         merged[name] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert same_contents(merged["callback"], merged["whole"])
+
+
+def test_lowmem_estimate_places_swas_average_on_its_device(runs, capsys, monkeypatch, tmp_path):
+    """``StochasticWeightAveraging`` keeps a copy of the whole module on the CPU unless told otherwise: on a GPU run
+    that is host memory (nothing in the device totals, its size in the detail); on a CPU run it is the device's."""
+    import json
+
+    recipe = yaml.safe_load((runs["whole"] / "run.yaml").read_text())
+    recipe["trainer"]["callbacks"] += [{"class_path": "lightning.pytorch.callbacks.StochasticWeightAveraging",
+                                        "init_args": {"swa_lrs": 1e-3}}]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(recipe))
+    found = {}
+    for accelerator in ("gpu", "cpu"):
+        proc = lowmem_in_process(capsys, monkeypatch, tmp_path, "estimate", "--config", "run.yaml", "--format", "json",
+                                 "--trainer.accelerator", accelerator)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        found[accelerator] = json.loads(proc.stdout)
+    assert found["gpu"]["average_bytes"] == 0
+    assert found["gpu"]["average_detail"].startswith("StochasticWeightAveraging: ") and (
+        "in host memory (device cpu), a copy of the whole model" in found["gpu"]["average_detail"])
+    whole = found["cpu"]["frozen_bytes"] + found["cpu"]["trainable_bytes"]
+    assert found["cpu"]["average_bytes"] == whole
+    assert found["cpu"]["average_detail"] == "StochasticWeightAveraging: a copy of the whole model"

@@ -105,29 +105,34 @@ def _averages_share(cfg: Namespace) -> bool:
 
 
 def _weight_average(cfg: Namespace, model) -> tuple[int, str]:
-    """``(device bytes, what they are)`` of the averages the recipe's ``WeightAveraging`` callbacks keep: a copy of
-    what trains, the frozen base shared (``LowMemOptimizerCallback`` and ``LowMemModule`` bring
-    :class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`), else of the whole model (Lightning's). One
-    kept in host memory (``device: cpu`` on another accelerator) is a whole copy there and counts nothing on the
-    device. ``(0, "")`` without such a callback."""
+    """``(device bytes, what they are)`` of the averages the recipe's averaging callbacks keep. A ``WeightAveraging``
+    callback's (``EMAWeightAveraging``) is a copy of what trains, the frozen base shared (``LowMemOptimizerCallback``
+    and ``LowMemModule`` bring :class:`~lowmem_lightning.callbacks.averaging.AverageSharesFrozen`), else of the whole
+    model (Lightning's); ``StochasticWeightAveraging``'s is a copy of the whole module, in host memory by default. One
+    kept in host memory (``device: cpu`` on another accelerator) counts nothing on the device: its detail says how
+    much it takes there. ``(0, "")`` without such a callback."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
     from lowmem_lightning.estimate import count_model, size_text
 
-    averagings = _averaging_callbacks(cfg)
-    if not averagings:
+    averagings, swas = _averaging_callbacks(cfg), _callbacks_of(cfg, StochasticWeightAveraging)
+    if not averagings and not swas:
         return 0, ""
     sharing = _averages_share(cfg)
     on_cpu = str(cfg.trainer.get("accelerator") or "auto") == "cpu"
     device_bytes, details, count = 0, [], count_model(model)
-    for name, init in averagings:
-        use_buffers = init.get("use_buffers", True)
-        if init.get("device") is not None and str(init.get("device")).startswith("cpu") and not on_cpu:
+    for name, init, swa in [*((n, i, False) for n, i in averagings), *((n, i, True) for n, i in swas)]:
+        use_buffers = True if swa else init.get("use_buffers", True)
+        device = init.get("device", "cpu") if swa else init.get("device")  # SWA's default: the CPU
+        if device is not None and str(device).startswith("cpu") and not on_cpu:
             details.append(f"{name}: {size_text(_average_bytes(model, use_buffers, False))} in host memory (device "
                            "cpu), a copy of the whole model")
             continue
-        own = _average_bytes(model, use_buffers, sharing)
+        own = _average_bytes(model, use_buffers, sharing and not swa)
         device_bytes += own
         frozen = count.params > count.trainable_params
         details.append(f"{name}: a copy of " + (
+            "the whole model" if swa else
             "the whole model (no LowMemOptimizerCallback shares its frozen part)" if not sharing
             else "what trains, the frozen weights shared" if frozen else "the weights (all train)"))
     return device_bytes, "; ".join(details)
