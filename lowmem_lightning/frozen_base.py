@@ -121,25 +121,31 @@ def drop_unchanged(state: dict[str, torch.Tensor], trainable: set[str], baseline
     return dropped
 
 
-def differing(state: Mapping[str, torch.Tensor], record: Mapping, built: Mapping[str, torch.Tensor]
-              ) -> tuple[list[str], int]:
+def differing(state: Mapping[str, torch.Tensor], record: Mapping, built: Mapping[str, torch.Tensor],
+              checked: set[str] | None = None) -> tuple[list[str], int]:
     """The names, sorted, of the tensors a checkpoint left out (``record``: its :data:`FROZEN_BASE_KEY` entry; those
     ``state`` lacks) that ``built`` (the state dict of the module this run built) lacks or holds with another digest
-    (compared in the recorded dtype: :func:`tensor_digests`), and how many were left out."""
+    (compared in the recorded dtype: :func:`tensor_digests`), and how many were left out. ``checked``: names found
+    equal already (by an earlier state dict of the same checkpoint), not read again; filled with those found equal."""
+    checked = set() if checked is None else checked
     recorded = {k: tuple(v) for k, v in record.get("tensors", {}).items() if k not in state}
     missing = sorted(k for k in recorded if k not in built)
-    present = [k for k in recorded if k in built]
+    present = [k for k in recorded if k in built and k not in checked]
     rebuilt = tensor_digests({k: built[k] for k in present}, {k: recorded[k][2] for k in present})
-    return missing + sorted(k for k, d in rebuilt.items() if d != recorded[k]), len(recorded)
+    differ = sorted(k for k, d in rebuilt.items() if d != recorded[k])
+    checked.update(k for k in rebuilt if k not in differ)
+    return missing + differ, len(recorded)
 
 
 def restore_dropped(state: Mapping[str, torch.Tensor], record: Mapping, built: Mapping[str, torch.Tensor],
-                    refusal: Callable[[list[str], int], str]) -> dict[str, torch.Tensor]:
+                    refusal: Callable[[list[str], int], str],
+                    checked: set[str] | None = None) -> dict[str, torch.Tensor]:
     """``state`` with the tensors a checkpoint left out (``record``: its :data:`FROZEN_BASE_KEY` entry) taken from
     ``built`` (the state dict of the module this run built). ``ValueError`` with ``refusal(differing names, how many
     were left out)`` when one is missing there or its digest differs from the one recorded (:func:`differing`): the
-    base is not the one the checkpoint trained on."""
-    differ, left_out = differing(state, record, built)
+    base is not the one the checkpoint trained on. ``checked``: as :func:`differing`'s, one set for the state dicts
+    of one checkpoint (the module's, a weight average's), so the base is read once."""
+    differ, left_out = differing(state, record, built, checked)
     if differ:
         raise ValueError(refusal(differ, left_out))
     return {**{k: built[k] for k in record.get("tensors", {}) if k not in state}, **state}

@@ -406,6 +406,22 @@ def test_a_save_reads_each_frozen_tensor_once_with_ema(base, tmp_path, monkeypat
     assert len(calls) == len(frozen) and sum(calls) == sum(p.numel() for p in frozen)
 
 
+def test_a_resume_reads_the_base_once_with_ema(base, tmp_path, monkeypatch):
+    """The checkpoint's ``state_dict`` (the average) and ``current_model_state`` both left the base out: the resume
+    checks the module's frozen tensors against the record once, not once per state dict."""
+    from lowmem_lightning import frozen_base
+
+    _fit(LoraModule(str(base)), tmp_path / "a", 2, False, callbacks=[EMAWeightAveraging(decay=0.5)])
+    record = _load(tmp_path / "a" / "step=2.ckpt")[FROZEN_BASE_KEY]
+    calls = []
+    checksum = frozen_base._checksum
+    monkeypatch.setattr(frozen_base, "_checksum", lambda tensor: calls.append(1) or checksum(tensor))
+    _fit(LoraModule(str(base)), tmp_path / "b", 3, False, ckpt_path=tmp_path / "a" / "step=2.ckpt",
+         callbacks=[EMAWeightAveraging(decay=0.5)])
+    resume_reads = len(calls) - 2 * len(record["tensors"])  # fit start's baseline and step 3's save read it once each
+    assert resume_reads == len(record["tensors"])
+
+
 def test_a_lowmem_module_subclass_leaves_it_out_and_resumes_exactly(base, tmp_path):
     straight = _lowmem_lora(str(base), checkpoint_frozen=False)
     _fit_module_only(straight, tmp_path / "a", 4)

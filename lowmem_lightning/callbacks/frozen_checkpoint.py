@@ -92,12 +92,12 @@ def take_back_frozen(module: torch.nn.Module, checkpoint: dict, note_held: bool 
     ours = isinstance(record, dict) and "module" in record  # CausalLMModule takes back its own records
     if not ours and not note_held:
         return
-    built = module.state_dict()
+    built, checked = module.state_dict(), set()
     for container, key in model_states(checkpoint):
         state = container[key]
         if ours:
             container[key] = restore_dropped(state, record, built, lambda differ, left_out: _refusal(
-                module, differ, left_out))
+                module, differ, left_out), checked)
         if note_held:
             _note_held(module, state, built)
 

@@ -1134,13 +1134,15 @@ class CausalLMModule(LowMemModule):
         from lowmem_lightning.frozen_base import model_states
 
         super().on_load_checkpoint(checkpoint)
+        checked: set[str] = set()  # the base is read once, however many state dicts the checkpoint holds
         for container, key in model_states(checkpoint):  # none in a sharded (FSDP) load: read apart
-            container[key] = self.with_frozen_base(container[key], checkpoint)
+            container[key] = self.with_frozen_base(container[key], checkpoint, checked)
 
-    def with_frozen_base(self, state: dict, checkpoint: dict) -> dict:
+    def with_frozen_base(self, state: dict, checkpoint: dict, checked: set[str] | None = None) -> dict:
         """``state`` (a state dict of ``checkpoint``) with the frozen tensors the checkpoint left out
         (``checkpoint_frozen=False``) taken from this module's model (built first if need be); ``ValueError`` when
-        they differ from those it trained on. ``state`` itself for a whole checkpoint."""
+        they differ from those it trained on. ``state`` itself for a whole checkpoint. ``checked``: the names an
+        earlier state dict of the same checkpoint checked already (:func:`~lowmem_lightning.frozen_base.differing`)."""
         from lowmem_lightning.frozen_base import FROZEN_BASE_KEY, restore_dropped
 
         record = checkpoint.get(FROZEN_BASE_KEY)
@@ -1156,7 +1158,7 @@ class CausalLMModule(LowMemModule):
                     f"{record.get('model_name_or_path')!r}): {len(differ)} of its {left_out} frozen tensors differ, "
                     f"e.g. {differ[0]!r}. Resume, export or load it with the base checkpoint it was trained on.")
 
-        return restore_dropped(state, record, self.state_dict(), refusal)
+        return restore_dropped(state, record, self.state_dict(), refusal, checked)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
