@@ -19,6 +19,8 @@ a CI runner's job) inherits SIGINT *ignored* (POSIX), and so would every process
 (``test_notebook_session.py``, the SIGINT cases of ``test_resume_midepoch.py``) send SIGINT to such processes, which
 would then run on as if nothing was pressed. Python's own handler is put back here (a process it starts gets the
 default action, so its Python raises ``KeyboardInterrupt`` again).
+
+Forked ranks after compiled models: each worker runs its first backward here, before any test (``_first_backward``).
 """
 
 import os
@@ -35,6 +37,17 @@ import torch  # noqa: E402
 from lowmem_lightning.kernels import dispatch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also when torch was imported before this file
+
+
+def _first_backward() -> None:
+    """Run this process's first backward before any test compiles a model: autograd's engine decides at its first
+    backward, once, whether to start threads for devices, and once it has, a forked child's backward fails. On
+    torch's CUDA builds without a GPU a ``torch.compile``d forward makes it count one, and the suite's forked ranks
+    (``ddp_fork``, ``forked_ranks``) would then fail after a compiling test (``tests/test_fork_after_compile.py``)."""
+    (torch.ones(1, requires_grad=True) * 2).sum().backward()
+
+
+_first_backward()
 
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: see the module doc
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -83,6 +83,32 @@ def test_a_missing_library_is_named_not_installed():
     assert installed_version("no-such-distribution-lowmem") == "not installed"
 
 
+def _fake_torch(site, metadata_version: str, stated: str | None):
+    """A torch distribution in ``site`` whose metadata says ``metadata_version`` and whose ``torch/version.py``
+    states ``stated`` (none written for ``None``)."""
+    info = site / f"torch-{metadata_version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {metadata_version}\n")
+    if stated is not None:
+        (site / "torch").mkdir()
+        (site / "torch" / "version.py").write_text(f"__version__ = '{stated}'\ncuda = '13.2'\n")
+
+
+@pytest.mark.parametrize("metadata_version, stated, shown", [
+    ("2.15.0", "2.15.0+cu132", "2.15.0+cu132"),  # PyPI's CUDA wheel: its metadata has no build tag
+    ("2.13.0+cpu", "2.13.0+cpu", "2.13.0+cpu"),
+    ("2.15.0", None, "2.15.0"),
+    ("2.15.0", "2.14.1+cu128", "2.15.0"),  # a version.py left from another release is not believed
+])
+def test_torch_is_named_with_its_build(tmp_path, monkeypatch, metadata_version, stated, shown):
+    """Which CUDA a torch was built for is what a bug report about a GPU needs first: ``torch 2.15.0+cu132``, as
+    ``torch.__version__`` says, also where the wheel's metadata says ``2.15.0`` (read without importing torch)."""
+    _fake_torch(tmp_path, metadata_version, stated)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed_version("torch") == shown
+    assert f"(torch {shown}, lightning " in version_line()
+
+
 def test_help_and_no_subcommand_import_neither_lightning_nor_torch():
     """``lowmem --help`` / ``-h`` (exit 0) and ``lowmem`` alone (exit 2) in a fresh interpreter: neither Lightning,
     torch nor transformers is imported (a bare ``lowmem`` took ~7 s of their imports to say it needs a subcommand)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 import textwrap
 from importlib import metadata
@@ -86,12 +87,33 @@ LIBRARIES = ("torch", "lightning", "triton", "transformers", "peft", "jsonargpar
 """Distributions named in the version line, in this order."""
 
 
+BUILD_VERSION_FILES = {"torch": "torch/version.py"}
+"""Files in which a distribution states its version with the build (``torch 2.15.0+cu132``: which CUDA), where its
+metadata may not (PyPI's CUDA wheels of torch say ``2.15.0``)."""
+
+
 def installed_version(distribution: str) -> str:
-    """The installed version of ``distribution`` (e.g. ``"2.13.0+cpu"``), or ``"not installed"``."""
+    """The installed version of ``distribution`` (e.g. ``"2.13.0+cpu"``, ``"2.15.0+cu132"``: with torch's build
+    from :data:`BUILD_VERSION_FILES`, as ``torch.__version__`` says it), or ``"not installed"``."""
     try:
-        return metadata.version(distribution)
+        version = metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return "not installed"
+    return _with_build(distribution, version)
+
+
+def _with_build(distribution: str, version: str) -> str:
+    """``version`` with the build tag that ``distribution``'s :data:`BUILD_VERSION_FILES` file adds to it (read as
+    text: nothing is imported), or ``version`` as it is."""
+    name = BUILD_VERSION_FILES.get(distribution)
+    if name is None or "+" in version:
+        return version
+    try:
+        text = Path(metadata.distribution(distribution).locate_file(name)).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return version
+    stated = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    return stated.group(1) if stated and stated.group(1).startswith(version + "+") else version
 
 
 def version_line() -> str:
