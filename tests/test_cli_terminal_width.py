@@ -121,9 +121,10 @@ def _help_in_process(args: list[str], cwd, monkeypatch, capsys, columns: int = 8
                                   ["--model.help", "CausalLMModule"], ["--data.help", "TextDataModule"]])
 def test_class_help_on_an_80_column_terminal_fits(tmp_path, args, monkeypatch, capsys):
     """Our classes' help: every line within 80 columns; a list-typed argument's two spellings (``--x X, --x+ X``,
-    87 columns for ``fp32_state``) go one per line when together they do not fit. The callback's help runs as a
-    real process on an 80-column pseudo-terminal; the model's and the data's by the same entry point in this process
-    with ``COLUMNS=80`` (the width the help formatter takes from the terminal)."""
+    87 columns for ``fp32_state``) go one per line when together they do not fit (Python >= 3.13's argparse writes
+    ``--x, --x+ X``: 76 columns, one line). The callback's help runs as a real process on an 80-column
+    pseudo-terminal; the model's and the data's by the same entry point in this process with ``COLUMNS=80`` (the
+    width the help formatter takes from the terminal)."""
     if args[0] == "--trainer.callbacks.help":
         code, out = _run_on_a_terminal(["fit", *args], tmp_path)
     else:
@@ -131,7 +132,9 @@ def test_class_help_on_an_80_column_terminal_fits(tmp_path, args, monkeypatch, c
     assert code == 0, out
     lines = out.strip("\n").split("\n")
     assert all(len(line) <= 80 for line in lines), max(lines, key=len)
-    if args[0] == "--trainer.callbacks.help":
+    if args[0] == "--trainer.callbacks.help" and sys.version_info >= (3, 13):  # argparse names the metavar once
+        assert "  --trainer.callbacks.fp32_state, --trainer.callbacks.fp32_state+ FP32_STATE" in lines  # 76 columns
+    elif args[0] == "--trainer.callbacks.help":
         at = lines.index("  --trainer.callbacks.fp32_state FP32_STATE,")
         assert lines[at + 1] == "  --trainer.callbacks.fp32_state+ FP32_STATE", lines[at:at + 3]
 
