@@ -26,7 +26,9 @@ rm -rf "$VENV"
 [ "${NEWVER_KEEP:-0}" = 1 ] || trap 'rm -rf "$VENV"' EXIT
 export PIP_CONSTRAINT=/dev/null
 "$VENV/bin/python" -m pip install -q -U pip >/dev/null 2>&1
-"$VENV/bin/python" -m pip install -q -U torch -e "$ROOT[dev]" accelerate >/dev/null || fail "pip install"
+# pip's own lines (this machine's extra indexes, setuptools' editable-install notice) go to $VENV/pip.log
+"$VENV/bin/python" -m pip install -q -U torch -e "$ROOT[dev]" accelerate >"$VENV/pip.log" 2>&1 \
+  || { tail -n 20 "$VENV/pip.log"; fail "pip install"; }
 "$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|triton|lightning|transformers|peft|torchdata|torchmetrics|safetensors|jsonargparse|jinja2|rich|bitsandbytes|torchao|accelerate) "
 "$VENV/bin/python" -c "import sys, torch; print('Python', sys.version.split()[0], '| torch', torch.__version__)"
 
