@@ -381,6 +381,11 @@ def test_fabric_load_converts_a_torch_adamw_checkpoint(name, tmp_path):
 
 # -------------------------------------------------------------------------------- DDP on two CPU processes
 DDP_OPTIMIZERS = ("adamw_8bit", "came", "muon_8bit")
+MUON_DDP_SHARE = 0.02
+"""How far a Muon matrix of the DDP run may end from the one-process run's, as a share of how far it moved: Muon
+orthogonalizes each update by Newton-Schulz iterations in bf16 (as torch.optim.Muon), which turn the all-reduce's
+last-bit differences into bf16 roundings of the whole update (measured 2026-12-07: 0.37-0.92% for ``muon`` and
+``muon_8bit``, 6 steps; test_ddp's 2e-5 held for neither, at the test's landing either)."""
 _DDP_SCRIPT = '''
 import sys, torch
 sys.path.insert(0, {here!r})
@@ -420,7 +425,8 @@ def test_fabric_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path
     """``Fabric(strategy="ddp", devices=2)`` + ``fabric.launch()`` on two CPU processes (gloo), each on half of every
     micro-batch, accumulation under ``no_backward_sync``, the clipping norm handed to our step: both ranks hold the
     same params and state bit for bit, and they equal one process trained on the whole batch within test_ddp's
-    tolerances (rtol 1e-4, atol 2e-5; the all-reduce sums in another order). ``fabric.save`` mid-run (rank 0
+    tolerances (rtol 1e-4, atol 2e-5; the all-reduce sums in another order), Muon's matrices within
+    :data:`MUON_DDP_SHARE` of how far they moved. ``fabric.save`` mid-run (rank 0
     writes) and ``fabric.load`` into fresh objects on both ranks continue bit-exactly."""
     script = tmp_path / "ddp_fabric.py"
     script.write_text(_DDP_SCRIPT.format(here=str(HERE), names=DDP_OPTIMIZERS, steps=STEPS, save_at=SAVE_AT,
@@ -438,10 +444,16 @@ def test_fabric_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path
         for rank in ranks:
             assert_bit_equal(rank[name]["params"], rank[name + "-resumed"]["params"], f"{name} resumed params")
             assert_bit_equal(rank[name]["state"], rank[name + "-resumed"]["state"], f"{name} resumed state")
+        start = make_model().state_dict()
         fabric, model, opt, sched = fabric_setup(name, "32-true")
         fabric_steps(fabric, model, opt, sched, 0, STEPS, reuse_norm=True)
         for key, value in model.state_dict().items():
-            torch.testing.assert_close(ranks[0][name]["params"][key], value, rtol=1e-4, atol=2e-5)
+            if name.startswith("muon") and value.dim() == 2:
+                off, moved = (ranks[0][name]["params"][key] - value).abs().max(), (value - start[key]).abs().max()
+                assert off <= MUON_DDP_SHARE * moved, (name, key, float(off), float(moved))
+                continue
+            torch.testing.assert_close(ranks[0][name]["params"][key], value, rtol=1e-4, atol=2e-5,
+                                       msg=lambda text, name=name, key=key: f"{name} {key}: {text}")
 
 
 # ================================================================================ HF accelerate

@@ -55,6 +55,11 @@ PER_ELEMENT_BOUND = {("lion", "True"): 66.0, ("lion", "False"): 48.0, ("ademamix
 """Most sm_90 instructions per element (aligned, fp32 or bf16 params) by (family, QUANTIZED): ~8% above
 the counts at landing (benchmarks/RESULTS.md, "Lion and AdEMAMix"), so a regression shows."""
 
+FP16_PER_ELEMENT_BOUND = {("lion", "True"): 90.0, ("lion", "False"): 70.0, ("ademamix", "True"): 163.0,
+                          ("ademamix", "False"): 104.0}
+"""The same for fp16 params: ~8% above their counts (82.9, 65.0, 150.8, 96.1 with fp16 grads, the same at landing
+and on 2026-12-07; fp16's stochastic rounding, with its subnormal range, costs ~20 per element more than bf16's)."""
+
 
 def _compile(tmp_path, mode: str) -> list[dict]:
     driver, out = tmp_path / "driver.py", tmp_path / "rows.json"
@@ -82,7 +87,8 @@ def _failures(rows) -> list[str]:
         if r["arch"] == 90:
             if r["CALL"]:
                 failures.append(f"{label}: {r['CALL']} slow-path CALLs")
-            bound = PER_ELEMENT_BOUND[(r["family"], r["constexprs"]["QUANTIZED"])]
+            bounds = FP16_PER_ELEMENT_BOUND if r["constexprs"]["PARAM_DTYPE"] == "fp16" else PER_ELEMENT_BOUND
+            bound = bounds[(r["family"], r["constexprs"]["QUANTIZED"])]
             if r["constexprs"]["ALIGNED"] == "True" and r["per_elem"] > bound:
                 failures.append(f"{label}: {r['per_elem']:.1f} instructions per element > {bound}")
     return failures
