@@ -96,20 +96,20 @@ def installed_version(distribution: str) -> str:
     """The installed version of ``distribution`` (e.g. ``"2.13.0+cpu"``, ``"2.15.0+cu132"``: with torch's build
     from :data:`BUILD_VERSION_FILES`, as ``torch.__version__`` says it), or ``"not installed"``."""
     try:
-        version = metadata.version(distribution)
+        found = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
         return "not installed"
-    return _with_build(distribution, version)
+    return _with_build(found, BUILD_VERSION_FILES.get(distribution))
 
 
-def _with_build(distribution: str, version: str) -> str:
-    """``version`` with the build tag that ``distribution``'s :data:`BUILD_VERSION_FILES` file adds to it (read as
-    text: nothing is imported), or ``version`` as it is."""
-    name = BUILD_VERSION_FILES.get(distribution)
-    if name is None or "+" in version:
+def _with_build(found: metadata.Distribution, version_file: str | None) -> str:
+    """``found``'s version with the build tag that its ``version_file`` adds to it (read as text: nothing is
+    imported), or its version as the metadata says it."""
+    version = found.version
+    if version_file is None or "+" in version:
         return version
     try:
-        text = Path(metadata.distribution(distribution).locate_file(name)).read_text(encoding="utf-8")
+        text = Path(found.locate_file(version_file)).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return version
     stated = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
