@@ -62,6 +62,10 @@ SKIPPED = {
     "trainer.max_time": "a duration in many spellings, checked by Lightning",
     "trainer.model_registry": "a free-form model name for Lightning's registry upload: any string is valid",
     "model.lora": "a dict checked by the module (tests/test_causal_lm.py sweeps its keys)",
+    "model.fp32_state": "name patterns: one that selects no param is warned about, not refused "
+                        "(tests/test_state_precision.py)",
+    "data.cache_dir": "a cache folder: one that cannot be written is warned about when the cache would be written, "
+                      "and the run goes on without it (tests/test_data_cache.py)",
     "model.optimizer_kwargs": "a dict checked by the optimizer (tests/test_callback_optimizers.py)",
     "data.prompt_template": "a template checked by the data module (tests/test_data.py)",
     "data.prompt_template_no_input": "a template checked by the data module (tests/test_data.py)",
@@ -231,9 +235,9 @@ def _materialize(value: str, where: Path) -> str:
     return value
 
 
-def run_refused(tmp_path: Path, sub: str, args: list[str], in_process=None) -> None:
-    """Run ``lowmem SUB ARGS`` in an empty directory and assert the refusal's contract; ``in_process=(capsys,
-    monkeypatch)``: by the entry point in this process instead of a ``lowmem`` process."""
+def run_refused(tmp_path: Path, sub: str, args: list[str], in_process=None) -> str:
+    """Run ``lowmem SUB ARGS`` in an empty directory, assert the refusal's contract and return its ``error:`` line;
+    ``in_process=(capsys, monkeypatch)``: by the entry point in this process instead of a ``lowmem`` process."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     if in_process is None:
@@ -290,6 +294,16 @@ def _run_case(tmp_path: Path, sub: str, name: str, value: str, in_process=None) 
 @pytest.mark.parametrize(("sub", "name", "value"), QUICK, ids=_case_id)
 def test_refusal_quick(tmp_path, sub, name, value, capsys, monkeypatch):
     _run_case(tmp_path, sub, name, value, (capsys, monkeypatch) if (sub, name, value) in IN_PROCESS else None)
+
+
+def test_estimate_names_the_model_directory_argument_as_fit_does(tmp_path, capsys, monkeypatch):
+    """``lowmem estimate`` checks the model's arguments as ``lowmem fit`` does before it reads a file: a special file
+    given as the NF4 recipe's model directory is refused naming ``model_name_or_path`` (it said "Model directory
+    /dev/null is not a directory", from the NF4 header check, without the argument)."""
+    given = _materialize("@devnull", tmp_path / "model")
+    message = run_refused(tmp_path, "estimate", ["--config", "qlora_7b.yaml", "--model.model_name_or_path", given],
+                          (capsys, monkeypatch))
+    _assert_named(message, "--model.model_name_or_path", "@devnull", given)
 
 
 def test_the_sweep_covers_every_argument():

@@ -221,13 +221,16 @@ def build_meta_model(cfg: Namespace):
     """
     import torch
 
-    from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
+    from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm, validate_model_args
     from lowmem_lightning.remote_code import trusting_remote_code
 
     cls = import_class(cfg.model.class_path)
     init = (cfg.model.get("init_args") or Namespace()).as_dict()
     if isinstance(cls, type) and issubclass(cls, CausalLMModule):
         trusted = init.get("trust_remote_code", False)
+        # what `lowmem fit` refuses of the model's arguments, named as it names them, before any file is read
+        validate_model_args(init.get("model_name_or_path"), init.get("config"), init.get("quantize"),
+                            init.get("lora"), init.get("torch_dtype"))
         if init.get("quantize") == "nf4" and init.get("model_name_or_path") is not None:
             from lowmem_lightning.quant.loading import check_pretrained_checkpoint
 
