@@ -1592,15 +1592,15 @@ def model_activation_bytes(model: nn.Module, batch_size: int, seq_len: int, grad
         return None, "not modelled: the model has no Llama-style config (" + ", ".join(_DECODER_KEYS) + ")"
     model_type = getattr(config, "model_type", None)
     if model_type in MOE_ACTIVATION_MODEL_TYPES:
+        if _dense_layers_among_experts(config):  # said first: peft >= 0.22 adapts their MLPs, so the targets differ too
+            return None, (f"not modelled for a {model_type} model with dense layers among its experts "
+                          f"({_dense_layers_among_experts(config)})")
         lora = _lora_setting(model)
         fitted = [LORA_TARGET_SETS["attention"]] + ([LORA_TARGET_SETS["all"]] if model_type == "qwen2_moe" else [])
         if lora is None or lora["targets"] not in fitted or not any(_is_experts4bit(m) for m in model.modules()):
             shared = ", or on its shared expert too" if len(fitted) > 1 else ""
             return None, (f"not modelled for this {model_type} model (fitted to LoRA on the attention projections "
                           f"over NF4 experts{shared})")
-        if _dense_layers_among_experts(config):
-            return None, (f"not modelled for a {model_type} model with dense layers among its experts "
-                          f"({_dense_layers_among_experts(config)})")
     elif model_type not in ACTIVATION_MODEL_TYPES:
         return None, (f"not modelled for model_type {model_type!r} (fitted to the Llama decoder layer: "
                       f"{', '.join(ACTIVATION_MODEL_TYPES)}; MoE: {', '.join(MOE_ACTIVATION_MODEL_TYPES)} under QLoRA)")

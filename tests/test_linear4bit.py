@@ -177,6 +177,14 @@ def test_in_place_merge_makes_the_layer_dense_without_loss(dtype):
     again = Linear4bit.from_linear(linear)
     again.weight.data = again.weight.data.clone() + delta  # peft's safe_merge: a dense fp32 copy, assigned back
     assert torch.equal(again.weight, expected)
+    third = Linear4bit.from_linear(linear)
+    merged = third.weight.data.clone() + delta
+    returned = third.weight.data.copy_(merged)  # peft >= 0.22's safe_merge writes back with copy_
+    assert returned is third.weight and not third.is_quantized and torch.equal(third.weight, expected)
+    merged.zero_()  # copy_ copies: the caller's tensor is not the layer's weight
+    assert torch.equal(third.weight, expected)
+    with pytest.raises(TypeError, match=r"src=list"):
+        Linear4bit.from_linear(linear).weight.data.copy_([0.0])
 
     layer.to(torch.float16)
     assert layer.weight.dtype == torch.float16 and layer.weight_dtype == torch.float16

@@ -168,6 +168,29 @@ def test_unsupported_options_and_bad_arguments_are_rejected():
         add_lora(_tiny_llama(), adapter_dtype=torch.int8)
 
 
+def _variant_settings() -> list[tuple[str, object]]:
+    """(option, value) of each LoRA variant this peft has, built with its defaults (0.19: DoRA, aLoRA, BD-LoRA ...)."""
+    from peft.tuners.lora import config as lora_config
+
+    settings = [("use_dora", True), ("alora_invocation_tokens", [1, 2])]
+    variants = (("use_bdlora", "BdLoraConfig", {}), ("velora_config", "VeloraConfig", {"num_groups": 4}),
+                ("kasa_config", "KasaConfig", {}), ("monteclora_config", "MontecloraConfig", {}))
+    for option, cls, kwargs in variants:
+        if hasattr(lora_config, cls) and option in LoraConfig.__dataclass_fields__:
+            settings.append((option, getattr(lora_config, cls)(**kwargs)))
+    return settings
+
+
+@pytest.mark.parametrize("option, value", _variant_settings(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_lora_variant_is_refused_on_4bit_layers_not_trained_as_plain_lora(option, value):
+    """peft 0.21 and 0.22 added variants (BD-LoRA, KaSA, MonteCLoRA) that a 4-bit layer registered with
+    ``register_peft_custom_module`` used to ignore without a word: it trained plain LoRA where the user asked for one of
+    them. Each variant of the installed peft is now refused, naming the option."""
+    config = LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM", **{option: value})
+    with pytest.raises(ValueError, match=rf"Invalid {option}=.* only plain LoRA is supported"):
+        get_peft_model(_tiny_llama(), register_peft_custom_module(config))
+
+
 def test_import_and_load_patch_no_third_party_class(tmp_path):
     # importing the package and building a model on meta leave peft's and torch's classes as they were
     import lowmem_lightning  # noqa: F401

@@ -26,7 +26,8 @@ So :class:`Linear4bit` *is* an ``nn.Linear`` (with no weight ``Parameter``): ``d
 it with peft's plain ``lora.Linear``, whose forward is ``base_layer(x)`` plus the adapter, for
 ``get_peft_model`` and ``from_pretrained`` alike, and ``target_modules="all-linear"`` includes it. What
 peft does to a base weight beyond that is its merge, ``base.weight.data += delta`` (or, with
-``safe_merge``, ``w = base.weight.data.clone(); w += delta; base.weight.data = w``): ``weight`` is an
+``safe_merge``, ``w = base.weight.data.clone(); w += delta`` and then ``base.weight.data = w``, or from peft 0.22
+``base.weight.data.copy_(w)``): ``weight`` is an
 :class:`NF4WeightHandle` that takes exactly these and makes the layer dense with ``dequantize(W) +
 delta`` computed in fp32 (rounded once to ``weight_dtype``, as :func:`add_lora`'s merge does), so
 ``merge_and_unload()`` is lossless; every other use of ``weight`` as a tensor raises a TypeError naming

@@ -157,9 +157,10 @@ class NF4WeightHandle:
     It has the weight's ``shape`` (out_features, in_features), ``dtype`` (the layer's ``weight_dtype``),
     ``device`` and ``requires_grad`` (False), and supports exactly what peft's LoRA merge does to a base
     weight: ``weight.data += delta`` / ``-= delta`` make the layer dense and lossless (see the module
-    docstring), ``weight.data.clone()`` is a dense fp32 copy and ``weight.data = tensor`` makes the layer
-    dense with that tensor. Any torch function (``torch.nn.init``, matmul, ``isfinite``, ...) raises a
-    ``TypeError`` naming :meth:`Linear4bit.dequantize`, so nothing reads codes as if they were weights.
+    docstring), ``weight.data.clone()`` is a dense fp32 copy, and ``weight.data = tensor`` (peft < 0.22) or
+    ``weight.data.copy_(tensor)`` (peft >= 0.22) makes the layer dense with that tensor. Any torch function
+    (``torch.nn.init``, matmul, ``isfinite``, ...) raises a ``TypeError`` naming :meth:`Linear4bit.dequantize`, so
+    nothing reads codes as if they were weights.
     """
 
     __slots__ = ("_layer",)
@@ -228,6 +229,16 @@ class NF4WeightHandle:
         back through ``weight.data = ...``): fp32, so the merged weight is rounded to ``weight_dtype``
         once, exactly as by ``weight.data += delta``."""
         return self._layer.dequantize(torch.float32)
+
+    def copy_(self, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        """``weight.data.copy_(merged)``, peft's (>= 0.22) safe merge and its LoRA variants' unmerge: the layer
+        becomes dense holding a copy of ``src`` (out_features, in_features), rounded once to ``weight_dtype``,
+        on the layer's device. Returns the new dense weight (this handle no longer stands for it)."""
+        if not isinstance(src, torch.Tensor):
+            raise TypeError(f"Invalid src={type(src).__name__}: expected a torch.Tensor of shape {tuple(self.shape)}.")
+        layer = self._layer
+        layer._make_dense(src.detach().to(device=self.device, dtype=self.dtype, non_blocking=non_blocking, copy=True))
+        return layer.weight
 
     def __getattr__(self, name: str):
         raise AttributeError(

@@ -16,6 +16,7 @@ layer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -40,7 +41,20 @@ LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 """The seven linear projections of a Llama decoder layer (QLoRA puts adapters on all of them)."""
 
 _ADAPTER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_UNSUPPORTED_OPTIONS = ("use_dora", "alora_invocation_tokens", "arrow_config", "velora_config")
+_VARIANT_OPTIONS_BEFORE_METADATA = ("use_dora", "alora_invocation_tokens", "arrow_config", "velora_config",
+                                    "use_bdlora")
+"""LoRA variant options of peft releases whose ``LoraConfig`` fields carry no ``is_lora_variant`` mark (0.19)."""
+
+
+def _requested_lora_variants(config: LoraConfig) -> list[tuple[str, object]]:
+    """``(option, value)`` of every LoRA variant ``config`` turns on (DoRA, aLoRA, VeLoRA, BD-LoRA, KaSA, ...): each
+    field peft marks ``is_lora_variant`` (so variants of later peft releases count too) or named in
+    :data:`_VARIANT_OPTIONS_BEFORE_METADATA`, set to anything but None or False. Initialisation variants
+    (``init_lora_weights="mica"``, PiSSA, ...) are not listed: :class:`LoraLinear4bit` refuses every string init but
+    ``"gaussian"``."""
+    marked = {f.name for f in dataclasses.fields(config) if f.metadata.get("is_lora_variant")}
+    names = sorted(marked | set(_VARIANT_OPTIONS_BEFORE_METADATA))
+    return [(name, getattr(config, name)) for name in names if getattr(config, name, None) not in (None, False)]
 
 
 class LoraLinear4bit(nn.Module, LoraLayer):
@@ -73,10 +87,12 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         return module.in_features, module.out_features
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
-        for option in _UNSUPPORTED_OPTIONS:
-            value = getattr(config, option, None)
-            if value:
-                raise ValueError(f"Invalid {option}={value!r} for a 4-bit layer: only plain LoRA is supported.")
+        variants = _requested_lora_variants(config)
+        if variants:
+            option, value = variants[0]
+            raise ValueError(f"Invalid {option}={value!r} for a 4-bit layer: only plain LoRA is supported (without "
+                             "register_peft_custom_module, peft's own LoRA layer takes the variants that do not read "
+                             "the base weight).")
         return None
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
@@ -386,7 +402,8 @@ def _warn_targets_peft_dropped(peft_model: PeftModel, targets: list[str]) -> Non
         warnings.warn(
             f"LoRA target_modules: peft put no adapter on the linear layers {', '.join(dropped)} of this {kind} model: "
             "it reads these names as transformers 4's mixture-of-experts projections (moved to target_parameters), "
-            "so they stay frozen (peft issue 3711; an adapter holding them would not load back in this peft either).",
+            "so they stay frozen (peft issue 3711, fixed in peft 0.22: upgrade peft to adapt them; an adapter holding "
+            "them would not load back in this peft either).",
             LowMemWarning, stacklevel=3)
 
 
