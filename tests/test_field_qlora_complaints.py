@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -435,10 +436,15 @@ def test_prepare_for_kbit_training_prepares_as_peft_without_the_fp32_copies(dens
     from lowmem_lightning.quant import prepare_for_kbit_training
 
     theirs = prepare_model_for_kbit_training(_base(dense_qwen2, torch.bfloat16))
-    ours = prepare_for_kbit_training(_base(dense_qwen2, torch.bfloat16))
+    base = _base(dense_qwen2, torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5.25's old checkpointing name warns
+        ours = prepare_for_kbit_training(base)
     for model in (theirs, ours):
         assert model.is_gradient_checkpointing and not any(p.requires_grad for p in model.parameters())
-        assert model.get_input_embeddings()(_ids()).requires_grad
+    assert ours.model.layers[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}  # torch's advice
+    reentrant = prepare_for_kbit_training(_base(dense_qwen2, torch.bfloat16), True, {"use_reentrant": True})
+    assert reentrant.get_input_embeddings()(_ids()).requires_grad  # reentrant needs one
     assert {p.dtype for p in theirs.parameters()} == {torch.float32}
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert _frozen_dense_bytes(theirs) == 2 * _frozen_dense_bytes(ours) == 2 * 2 * FROZEN_DENSE

@@ -810,12 +810,10 @@ def _transformers_quiet():
 
 def _enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing (non-reentrant, so frozen embeddings need no input grads)."""
+    from lowmem_lightning.quant.convert import enable_activation_checkpointing
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kwargs = {"use_reentrant": False}
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers < 5
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_activation_checkpointing(base, {"use_reentrant": False})
     base.config.use_cache = False
 
 

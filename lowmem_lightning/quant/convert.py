@@ -314,8 +314,9 @@ def ddp_skip_nf4_buffers(module: nn.Module, group=None) -> list[str]:
 def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
                               gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
     """peft's ``prepare_model_for_kbit_training`` without its fp32 copies: freeze every param, and with
-    ``use_gradient_checkpointing`` turn on the model's gradient checkpointing (``gradient_checkpointing_kwargs`` passed
-    to ``model.gradient_checkpointing_enable``) and, unless those say ``use_reentrant=False``, gradients on the input
+    ``use_gradient_checkpointing`` turn on the model's activation checkpointing with ``gradient_checkpointing_kwargs``
+    (:func:`enable_activation_checkpointing`; ``use_reentrant=False`` unless they say otherwise, as transformers and
+    peft 0.22 default to and torch asks to be told) and, where they say ``use_reentrant=True``, gradients on the input
     embeddings' output (reentrant checkpointing needs an input that requires grad). Returns ``model``.
 
     peft's function also casts every frozen fp16 / bf16 param that is not a bitsandbytes 4-bit weight to fp32: on our
@@ -326,11 +327,21 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
         param.requires_grad_(False)
     if not use_gradient_checkpointing:
         return model
-    kwargs = dict(gradient_checkpointing_kwargs or {})
-    if kwargs.get("use_reentrant", True):
+    kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+    if kwargs["use_reentrant"]:
         model.enable_input_require_grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_activation_checkpointing(model, kwargs)
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module, kwargs: dict) -> None:
+    """Turn on a transformers ``model``'s activation checkpointing with ``kwargs`` (``use_reentrant``, ...) by the
+    installed transformers' name for it: ``activation_checkpointing_enable`` (transformers 5.2x renamed it; the old
+    ``gradient_checkpointing_enable`` then warns that it goes in v6), else ``gradient_checkpointing_enable``."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def mark_loaded_in_4bit(model: nn.Module) -> nn.Module:
