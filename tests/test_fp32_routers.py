@@ -10,17 +10,21 @@ of its transformers 5 config class written by ``save_pretrained`` (fp32 values, 
 from __future__ import annotations
 
 import math
+import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from test_field_architectures import SIZES
+import transformers
+from packaging.version import Version
+from test_field_architectures import RECIPE_LORA, SIZES
 from tiny_checkpoints import checkpoint_maker
 
 from lowmem_lightning.data import TextDataModule
 from lowmem_lightning.kept_fp32 import cast_keeping_fp32, kept_fp32_names
-from lowmem_lightning.modules.causal_lm import CausalLMModule
+from lowmem_lightning.modules.causal_lm import CausalLMModule, build_causal_lm
 from lowmem_lightning.quant import load_pretrained_causal_lm, quantize_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -237,6 +241,27 @@ def _sharded_steps(rank: int, path: str) -> tuple[list[float], set]:
         optimizer.zero_grad()
         losses.append(float(loss))
     return losses, {str(p.dtype) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2", "ernie4_5_moe", "glm4_moe"])
+def test_the_recipe_adapts_the_dense_layers_and_shared_experts_from_peft_022(name):
+    """peft before 0.22 read ``gate_proj`` / ``up_proj`` / ``down_proj`` on these models as transformers 4's expert
+    names and put no adapter on their dense layers' or shared experts' linear layers (peft issue 3711): the QLoRA
+    recipe's seven names trained only the attention, and our warning said so. peft 0.22 keeps names of linear layers
+    as modules: both get adapters, and nothing is said."""
+    cls, settings, _ = ROUTED[name]
+    config = getattr(transformers, cls)(**{**SIZES, **settings}).to_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_causal_lm(None, config, "nf4", RECIPE_LORA, device="meta", torch_dtype="bfloat16")
+    dropped = [str(w.message) for w in caught if "peft put no adapter" in str(w.message)]
+    adapted = {qualified.split(".mlp.", 1)[1] for qualified, module in model.named_modules()
+               if hasattr(module, "lora_A") and ".mlp." in qualified}
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    if Version(version("peft")) < Version("0.22"):
+        assert adapted == set() and len(dropped) == 1 and "fixed in peft 0.22" in dropped[0], (adapted, dropped)
+    else:
+        assert adapted == mlp | {f"shared_experts.{proj}" for proj in mlp} and dropped == [], (adapted, dropped)
 
 
 def test_fsdp2_shards_the_kept_fp32_routers_on_their_own(routed_dirs, tmp_path):
