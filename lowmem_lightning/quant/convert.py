@@ -336,8 +336,8 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
 
 def enable_activation_checkpointing(model: nn.Module, kwargs: dict) -> None:
     """Turn on a transformers ``model``'s activation checkpointing with ``kwargs`` (``use_reentrant``, ...) by the
-    installed transformers' name for it: ``activation_checkpointing_enable`` (transformers 5.2x renamed it; the old
-    ``gradient_checkpointing_enable`` then warns that it goes in v6), else ``gradient_checkpointing_enable``."""
+    installed transformers' name for it: ``activation_checkpointing_enable`` (the name from transformers 5.23, whose old
+    ``gradient_checkpointing_enable`` warns that it goes in v6), else ``gradient_checkpointing_enable``."""
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
