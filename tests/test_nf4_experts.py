@@ -17,6 +17,7 @@ import pickle
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
 from lowmem_lightning.quant import (
@@ -30,6 +31,7 @@ from lowmem_lightning.quant import (
     random_causal_lm,
 )
 
+TRANSFORMERS = Version(transformers.__version__)
 SIZES = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts_per_tok": 2}
 KINDS = {
@@ -191,6 +193,9 @@ def test_random_and_saved_4bit_models_hold_nf4_experts(tmp_path):
     model = random_causal_lm(config, torch_dtype=torch.bfloat16)
     assert len([m for m in model.modules() if isinstance(m, Experts4bit)]) == 2
     assert not [n for n, p in model.named_parameters() if p.dim() == 3]
+    if TRANSFORMERS < Version("5.21"):
+        pytest.skip("save_pretrained of NF4 experts needs transformers 5.21: before, its weight-conversion revert "
+                    "takes the codes' scales for experts to split ('Undefined Operation encountered!')")
     model.save_pretrained(tmp_path)  # the codes and scales, under the checkpoint's own (Mixtral) names
     index = tmp_path / "model.safetensors.index.json"
     keys = json.loads(index.read_text())["weight_map"] if index.exists() else load_file(tmp_path / "model.safetensors")
@@ -268,7 +273,8 @@ def _synthetic_experts(has_gate: bool, post_norm: bool) -> torch.nn.Module:
                 final.index_add_(0, tokens, state * top_k_weights[tokens, pos, None])
             return final
 
-    decorated = use_experts_implementation(has_gate=has_gate, has_post_expert_norm=post_norm)(Experts)
+    options = {"has_post_expert_norm": True} if post_norm else {}  # transformers >= 5.20
+    decorated = use_experts_implementation(has_gate=has_gate, **options)(Experts)
     torch.manual_seed(0)
     return decorated(SimpleNamespace(_experts_implementation="eager"))
 
@@ -276,6 +282,9 @@ def _synthetic_experts(has_gate: bool, post_norm: bool) -> torch.nn.Module:
 @pytest.mark.parametrize("has_gate, post_norm", [(False, False), (True, True)])
 def test_experts_without_a_gate_or_with_a_post_norm(has_gate, post_norm):
     from lowmem_lightning.quant import quantize_experts
+
+    if post_norm and TRANSFORMERS < Version("5.20"):
+        pytest.skip("the experts interface has a post-expert norm from transformers 5.20")
 
     dense = _synthetic_experts(has_gate, post_norm)
     quantized = quantize_experts(copy.deepcopy(dense))

@@ -169,7 +169,7 @@ class Experts4bit(nn.Module):
                 state = self._linear(first, expert, hidden_states[token_idx].to(dtype))
                 state = self._apply_gate(state) if self.has_gate else self.act_fn(state)
                 state = self._linear(down, expert, state)
-                if self.has_post_expert_norm:
+                if getattr(self, "has_post_expert_norm", False):  # the interface has it from transformers 5.20
                     state = self.post_expert_norm(state)
                 state = state * top_k_weights[token_idx, top_k_pos, None]
                 final.index_add_(0, token_idx, state.to(final.dtype))
