@@ -9,6 +9,8 @@
 #   MINVER_PYTHON=/root/.pyenv/versions/3.10.13/bin/python bash benchmarks/min_versions.sh   # requires-python floor
 #   MINVER_VENV=/tmp/v MINVER_KEEP=1 bash benchmarks/min_versions.sh                            # keep the venv
 #   MINVER_TESTS="tests/test_cli.py" bash benchmarks/min_versions.sh                            # another subset
+#   MINVER_OVERRIDE="transformers==5.20.2" bash benchmarks/min_versions.sh   # one dependency at another version
+#     (space-separated pins replace the floors of those names; pip resolves what they need beyond our dependencies)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,6 +41,14 @@ for dep in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
 EOF
 )
 [ "${#PINS[@]}" -gt 0 ] || fail "no dependencies read from $ROOT/pyproject.toml"
+for pin in ${MINVER_OVERRIDE:-}; do
+  name="${pin%%[=<>!~]*}"
+  found=0
+  for i in "${!PINS[@]}"; do
+    if [ "${PINS[$i]%%[=<>!~\[]*}" = "$name" ]; then PINS[$i]="$pin"; found=1; fi
+  done
+  [ "$found" = 1 ] || fail "MINVER_OVERRIDE=$pin names no dependency of pyproject.toml"
+done
 echo "floors: ${PINS[*]}"
 "$VENV/bin/python" -m pip install -q "${PINS[@]}" pytest pytest-xdist || fail "pip cannot install the floors together"
 "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" >/dev/null || fail "pip install -e $ROOT --no-deps"
