@@ -158,6 +158,7 @@ class Experts4bit(nn.Module):
         autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_states.dtype
         first, down = experts_projections(self)
+        post_norm = getattr(self, "has_post_expert_norm", False)  # the interface has it from transformers 5.20
         experts = self._buffers[f"{down}_qweight"].shape[0]
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
@@ -169,7 +170,7 @@ class Experts4bit(nn.Module):
                 state = self._linear(first, expert, hidden_states[token_idx].to(dtype))
                 state = self._apply_gate(state) if self.has_gate else self.act_fn(state)
                 state = self._linear(down, expert, state)
-                if getattr(self, "has_post_expert_norm", False):  # the interface has it from transformers 5.20
+                if post_norm:
                     state = self.post_expert_norm(state)
                 state = state * top_k_weights[token_idx, top_k_pos, None]
                 final.index_add_(0, token_idx, state.to(final.dtype))
