@@ -30,12 +30,12 @@ pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 
 from datasets import Dataset  # noqa: E402
+from tiny_tokenizers import bpe_tokenizer  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from lowmem_lightning.optim import optimizer_class  # noqa: E402
 from lowmem_lightning.quant import quantize_model  # noqa: E402
-from tiny_tokenizers import bpe_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread, bit-equal across processes
 
