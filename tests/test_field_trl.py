@@ -30,6 +30,7 @@ pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 
 from datasets import Dataset  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from tiny_tokenizers import bpe_tokenizer  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
@@ -136,12 +137,14 @@ def test_sft_qlora_on_our_nf4_with_paged_adamw_8bit_trains_adapters_resumes_and_
     assert start.state is not None and start.state.keys() == saved.keys()
     assert all(torch.equal(start.state[pid][key], value) for pid, s in saved.items() for key, value in s.items())
     resumed = dict(second.model.named_parameters())
+    at_save = load_file(tmp_path / f"checkpoint-{SAVE_AT}" / "adapter_model.safetensors")
     for name, p in trainable:
         assert resumed[name].dtype == torch.float32, name  # peft's load_adapter, under TRL as under bitsandbytes
         if adapter_dtype == torch.float32:
             assert torch.equal(p, resumed[name]), name
-        else:
-            assert torch.allclose(p.float(), resumed[name], rtol=0, atol=0.05 * p.abs().max().item()), name
+        else:  # trained on from the checkpoint, near the bf16 run: far closer to it than the checkpoint was
+            moved = (p.float() - at_save[name.replace(".default", "")].float()).abs().max()
+            assert (p.float() - resumed[name]).abs().max() < moved / 3, name
 
     model.save_pretrained(tmp_path / "adapter")
     reloaded = peft.PeftModel.from_pretrained(_nf4_llama(tokenizer), tmp_path / "adapter")
