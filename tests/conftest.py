@@ -253,3 +253,17 @@ def no_pyarrow(monkeypatch):
     from lowmem_lightning.data import formats
 
     monkeypatch.setattr(formats, "parquet_readable", lambda: False)
+
+
+@pytest.fixture
+def bitsandbytes_flag(monkeypatch):
+    """``model.is_loaded_in_4bit`` reads as on a machine with bitsandbytes (true while a 4-bit layer remains),
+    installed or not: what peft does with a 4-bit model, tested without the optional peer (the test must not call
+    what imports it, transformers' ``num_parameters()``)."""
+    import sys
+
+    from lowmem_lightning.quant import convert
+
+    if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+        monkeypatch.delitem(sys.modules, "bitsandbytes")
+    monkeypatch.setattr(convert, "_bitsandbytes_installed", lambda: True)

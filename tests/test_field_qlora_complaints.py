@@ -224,6 +224,7 @@ def test_resized_vocabulary_trains_with_saved_embeddings_and_reloads(dense_qwen2
 
 
 # ---------------------------------------------------------------------------------------------- copies / resume
+@pytest.mark.usefixtures("bitsandbytes_flag")
 def test_4bit_classifier_with_lora_copies_resumes_and_reloads(dense_qwen2, tmp_path):
     """huggingface/accelerate#2248 (``copy.deepcopy`` of a 4-bit peft sequence classifier failed; TRL deep-copies
     the model for a reference model), huggingface/peft#602 (a 4-bit classifier's ``score`` head in
@@ -428,6 +429,7 @@ def _frozen_dense_bytes(model) -> int:
     return sum(p.nbytes for p in model.parameters() if not p.requires_grad)
 
 
+@pytest.mark.usefixtures("bitsandbytes_flag")
 def test_prepare_for_kbit_training_prepares_as_peft_without_the_fp32_copies(dense_qwen2):
     """bitsandbytes-foundation/bitsandbytes#1569 ("QLoRA with prepare_model_for_kbit_training uses more memory than
     bf16 LoRA": 81 GB against 63 without it), huggingface/peft#816, #1149: peft's function casts every frozen 16-bit

@@ -136,6 +136,7 @@ def test_quantize_model_on_meta_gives_shape_only_layers():
     assert layer.qweight.device.type == "meta" and layer.nbytes == linear4bit_bytes(4096, 1024) + 1024 * 4
 
 
+@pytest.mark.usefixtures("bitsandbytes_flag")
 def test_an_nn_linear_whose_weight_is_a_handle_on_the_codes():
     layer = Linear4bit.from_linear(_linear(dtype=torch.bfloat16))
     assert isinstance(layer, nn.Linear) and layer.is_quantized

@@ -120,6 +120,7 @@ def test_qlora_recipe_as_written_trains_saves_reloads_and_merges(dense_llama, tm
     assert (adapted - base).abs().max() > 100 * (out - adapted).abs().max()
 
 
+@pytest.mark.usefixtures("bitsandbytes_flag")
 def test_prepare_model_for_kbit_training_keeps_nf4_storage_and_turns_on_checkpointing(dense_llama):
     model = _base(dense_llama, torch.bfloat16)
     assert model.is_loaded_in_4bit
@@ -188,6 +189,7 @@ def test_adapters_move_between_peft_native_and_add_lora(dense_llama, tmp_path):
     assert torch.allclose(_logits(native), _logits(ours), atol=1e-6, rtol=0)
 
 
+@pytest.mark.usefixtures("bitsandbytes_flag")
 def test_all_linear_and_a_loaded_checkpoint(dense_llama, tmp_path):
     copy.deepcopy(dense_llama).to(torch.bfloat16).save_pretrained(tmp_path)
     model = load_pretrained_causal_lm(tmp_path)
