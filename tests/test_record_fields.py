@@ -5,6 +5,8 @@ were refused ("found keys [...]") and had to be rewritten to ``instruction`` / `
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from lowmem_calls import lowmem_in_process
 from record_files import write_jsonl
@@ -45,6 +47,37 @@ def test_an_unread_record_is_refused_with_the_mapping_that_reads_it(tmp_path):
     with pytest.raises(ValueError, match=r"found keys \['context', 'instruction', 'response'\] \(after "
                                          r"record_fields=\{'output': 'answer'\}\)"):
         read_documents([dolly], record_fields={"output": "answer"})
+
+
+_USER, _YES, _NO = ({"role": "user", "content": "Is snow white?"}, {"role": "assistant", "content": "Yes."},
+                    {"role": "assistant", "content": "No."})
+
+
+@pytest.mark.parametrize("record, fields, prompt, completion", [
+    ({"prompt": "Is snow white? ", "chosen": "Yes.", "rejected": "No."}, {"completion": "chosen"}, "Is snow white? ",
+     "Yes."),
+    ({"chosen": "Is snow white? Yes.", "rejected": "Is snow white? No."}, {"text": "chosen"}, "",
+     "Is snow white? Yes."),
+    ({"prompt": [_USER], "chosen": [_YES], "rejected": [_NO]}, {"completion": "chosen"}, None, [_USER, _YES]),
+    ({"chosen": [_USER, _YES], "rejected": [_USER, _NO]}, {"messages": "chosen"}, None, [_USER, _YES]),
+], ids=["prompt-strings", "implicit-prompt-strings", "prompt-conversation", "implicit-prompt-conversation"])
+def test_a_preference_record_is_refused_with_the_mapping_that_trains_on_its_chosen_answer(record, fields, prompt,
+                                                                                          completion, tmp_path):
+    """TRL's four preference forms (DPO data sets: UltraFeedback binarized, HH-RLHF) were refused with "found keys
+    ['chosen', 'prompt', 'rejected']" and no way on; the refusal now says what they are and names the
+    ``record_fields`` that fine-tunes on the chosen answers, which then read as a prompt and its chosen completion."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", [record] * 3)
+    with pytest.raises(ValueError) as info:
+        read_documents([path])
+    mapping = json.dumps(fields)
+    assert (f"It is a preference record (chosen/rejected, for DPO): this module fine-tunes on answers, not on "
+            f"preferences; to train on the chosen ones, map them: record_fields: {mapping} "
+            f"(--data.record_fields '{mapping}').") in str(info.value)
+    doc = read_documents([path], record_fields=fields)[0]
+    if prompt is None:
+        assert isinstance(doc, ChatDocument) and list(doc.messages) == completion
+    else:
+        assert (doc.prompt, doc.completion) == (prompt, completion)
 
 
 def test_a_conversation_key_maps_too(tmp_path):

@@ -80,13 +80,30 @@ def _suggested_fields(record: dict) -> dict[str, str] | None:
     return {ours: key for ours, key in fields.items() if ours != key} or None
 
 
+def _chosen_fields(record: dict) -> dict[str, str] | None:
+    """A ``record_fields`` that trains on the chosen answer of a preference record (TRL's ``chosen``/``rejected``
+    forms, for DPO: with a ``prompt`` the chosen answer is its completion; without one, the chosen text or
+    conversation holds the prompt too), or ``None``."""
+    chosen = record.get("chosen")
+    if "rejected" not in record or not isinstance(chosen, (str, list)):
+        return None
+    if "prompt" in record:
+        return {"completion": "chosen"}
+    return {"text": "chosen"} if isinstance(chosen, str) else {"messages": "chosen"}
+
+
 def _unread_record(record: dict, where: str, fields: Mapping[str, str] | None) -> ValueError:
     """The refusal of a record none of whose keys this module reads, with the ``record_fields`` that would read it
-    when its keys look like an instruction record's."""
+    when its keys look like an instruction record's, or train on the chosen answer of a preference record."""
     mapped = f" (after record_fields={dict(fields)!r})" if fields else ""
-    suggestion = _suggested_fields(record)
-    hint = (f" If its keys mean those, map them: record_fields: {json.dumps(suggestion)} "
-            f"(--data.record_fields '{json.dumps(suggestion)}')." if suggestion else "")
+    chosen, suggestion = _chosen_fields(record), _suggested_fields(record)
+    if chosen:
+        hint = (" It is a preference record (chosen/rejected, for DPO): this module fine-tunes on answers, not on "
+                f"preferences; to train on the chosen ones, map them: record_fields: {json.dumps(chosen)} "
+                f"(--data.record_fields '{json.dumps(chosen)}').")
+    else:
+        hint = (f" If its keys mean those, map them: record_fields: {json.dumps(suggestion)} "
+                f"(--data.record_fields '{json.dumps(suggestion)}')." if suggestion else "")
     return ValueError(f"{where}: expected a string field 'text', string fields 'instruction' and 'output' "
                       f"(and optionally 'input'), 'prompt' and 'completion', or a list 'messages' or 'conversations'; "
                       f"found keys {sorted(record)}{mapped}.{hint}")
