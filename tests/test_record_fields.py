@@ -80,6 +80,25 @@ def test_a_preference_record_is_refused_with_the_mapping_that_trains_on_its_chos
         assert (doc.prompt, doc.completion) == (prompt, completion)
 
 
+@pytest.mark.parametrize("label", [True, False])
+def test_an_unpaired_preference_record_is_refused_not_trained_on_whatever_its_label(label, tmp_path):
+    """TRL's unpaired preference form (KTO: ``prompt``, ``completion``, boolean ``label``) read as prompt-completion
+    records and trained on the completions labelled false as on the good ones, silently. It is refused, with the
+    filter that keeps the good ones; a ``label`` that is not a boolean (a class name, say) is another field."""
+    records = [{"prompt": "Is snow white? ", "completion": "Yes.", "label": True},
+               {"prompt": "Is snow white? ", "completion": "No.", "label": False}]
+    path = write_jsonl(tmp_path / "kto.jsonl", records if label else records[::-1])
+    with pytest.raises(ValueError, match=r"kto.jsonl:1: a boolean 'label' beside 'prompt' and 'completion' makes an "
+                                         r"unpaired preference record \(for KTO\): .* labelled false too\. Keep the "
+                                         r"records labelled true, without the key: jq -c 'select\(\.label == true\) "
+                                         r"\| del\(\.label\)'\."):
+        read_documents([path])
+    kept = write_jsonl(tmp_path / "kept.jsonl", [{"prompt": "Is snow white? ", "completion": "Yes."}])
+    named = write_jsonl(tmp_path / "named.jsonl", [{"prompt": "Is snow white? ", "completion": "Yes.",
+                                                    "label": "weather"}])
+    assert read_documents([kept]) == read_documents([named])
+
+
 def test_a_conversation_key_maps_too(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"dialog": [{"role": "user", "content": "hi"},
                                                         {"role": "assistant", "content": "hello"}]}])

@@ -92,6 +92,14 @@ def _chosen_fields(record: dict) -> dict[str, str] | None:
     return {"text": "chosen"} if isinstance(chosen, str) else {"messages": "chosen"}
 
 
+def _labelled_completion(where: str) -> ValueError:
+    """The refusal of an unpaired preference record (TRL's KTO form: ``prompt``, ``completion`` and a boolean
+    ``label``), which fine-tuning would train on whatever its label says."""
+    return ValueError(f"{where}: a boolean 'label' beside 'prompt' and 'completion' makes an unpaired preference "
+                      "record (for KTO): fine-tuning on it would train on the completions labelled false too. Keep "
+                      "the records labelled true, without the key: jq -c 'select(.label == true) | del(.label)'.")
+
+
 def _unread_record(record: dict, where: str, fields: Mapping[str, str] | None) -> ValueError:
     """The refusal of a record none of whose keys this module reads, with the ``record_fields`` that would read it
     when its keys look like an instruction record's, or train on the chosen answer of a preference record."""
@@ -125,6 +133,8 @@ def render_record(record: dict, where: str, template: str, template_no_input: st
     if chat is not None:
         return chat
     if "prompt" in record and "completion" in record:
+        if isinstance(record.get("label"), bool):
+            raise _labelled_completion(where)
         return _prompt_completion(record["prompt"], record["completion"], where, record.get("tools"))
     parts = {k: record.get(k) for k in ("instruction", "input", "output")}
     if not isinstance(parts["instruction"], str) or not isinstance(parts["output"], str):
