@@ -32,7 +32,8 @@ peft = pytest.importorskip("peft")
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_tokenizers import bpe_tokenizer  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
+from trainer_resume import OptimizerStateAtStart, assert_started_from  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 from lowmem_lightning.optim import optimizer_class  # noqa: E402
@@ -91,16 +92,6 @@ def _sft(model, tokenizer, output_dir) -> SFTTrainer:
                       optimizer_cls_and_kwargs=(optimizer_class("paged_adamw_8bit"), {"lr": 1e-2}))
 
 
-class _StateAtStart(TrainerCallback):
-    """The optimizer's state when training starts (after a resume has loaded ``optimizer.pt``), copied."""
-
-    state: dict | None = None
-
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        saved = optimizer.state_dict()["state"]
-        self.state = {pid: {key: value.clone() for key, value in s.items()} for pid, s in saved.items()}
-
-
 @pytest.mark.parametrize("bitsandbytes", ["importable", "missing"])
 def test_sft_qlora_on_our_nf4_with_paged_adamw_8bit_trains_adapters_resumes_and_reloads(bitsandbytes, tokenizer,
                                                                                          tmp_path, monkeypatch):
@@ -130,12 +121,10 @@ def test_sft_qlora_on_our_nf4_with_paged_adamw_8bit_trains_adapters_resumes_and_
     assert sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
 
     shutil.rmtree(tmp_path / f"checkpoint-{STEPS}")
-    second, start = _sft(_nf4_llama(tokenizer), tokenizer, tmp_path), _StateAtStart()
+    second, start = _sft(_nf4_llama(tokenizer), tokenizer, tmp_path), OptimizerStateAtStart()
     second.add_callback(start)
     second.train(resume_from_checkpoint=True)
-    saved = torch.load(tmp_path / f"checkpoint-{SAVE_AT}" / "optimizer.pt", weights_only=True)["state"]
-    assert start.state is not None and start.state.keys() == saved.keys()
-    assert all(torch.equal(start.state[pid][key], value) for pid, s in saved.items() for key, value in s.items())
+    assert_started_from(start, tmp_path / f"checkpoint-{SAVE_AT}")
     resumed = dict(second.model.named_parameters())
     at_save = load_file(tmp_path / f"checkpoint-{SAVE_AT}" / "adapter_model.safetensors")
     for name, p in trainable:

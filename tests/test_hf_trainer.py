@@ -19,13 +19,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from trainer_resume import OptimizerStateAtStart, assert_started_from  # noqa: E402
 from transformers import (  # noqa: E402
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
     get_linear_schedule_with_warmup,
 )
@@ -75,17 +75,6 @@ def _losses(trainer: Trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-class _StateAtStart(TrainerCallback):
-    """Copies the optimizer's state dict when training starts (after a resume has loaded ``optimizer.pt``)."""
-
-    def __init__(self, optimizer):
-        self.optimizer, self.state = optimizer, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        saved = self.optimizer.state_dict()["state"]
-        self.state = {pid: {key: value.clone() for key, value in s.items()} for pid, s in saved.items()}
-
-
 def _scheduled(name: str, params, **kwargs):
     """Our optimizer ``name`` over ``params`` and a linear schedule (2 warmup steps, to 0 at STEPS)."""
     opt = build_optimizer(name, params, **kwargs)
@@ -102,15 +91,11 @@ def _run_and_resume(make_model, make_optimizer, tmp_path) -> tuple[torch.nn.Modu
     shutil.rmtree(tmp_path / f"checkpoint-{STEPS}")
     resumed_model = make_model()
     optimizer, scheduler = make_optimizer(resumed_model)
-    start = _StateAtStart(optimizer)
+    start = OptimizerStateAtStart()
     second = Trainer(model=resumed_model, args=_args(tmp_path), train_dataset=_Shifted(),
                      optimizers=(optimizer, scheduler), callbacks=[start])
     second.train(resume_from_checkpoint=True)
-    saved = torch.load(tmp_path / f"checkpoint-{SAVE_AT}" / "optimizer.pt", weights_only=True)
-    assert start.state is not None and start.state.keys() == saved["state"].keys()
-    for pid, state in saved["state"].items():
-        for key, value in state.items():
-            assert torch.equal(start.state[pid][key], value), (pid, key)
+    saved = assert_started_from(start, tmp_path / f"checkpoint-{SAVE_AT}")
     return model, first, second, saved
 
 

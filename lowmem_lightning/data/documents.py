@@ -104,14 +104,12 @@ def _unread_record(record: dict, where: str, fields: Mapping[str, str] | None) -
     """The refusal of a record none of whose keys this module reads, with the ``record_fields`` that would read it
     when its keys look like an instruction record's, or train on the chosen answer of a preference record."""
     mapped = f" (after record_fields={dict(fields)!r})" if fields else ""
-    chosen, suggestion = _chosen_fields(record), _suggested_fields(record)
-    if chosen:
-        hint = (" It is a preference record (chosen/rejected, for DPO): this module fine-tunes on answers, not on "
-                f"preferences; to train on the chosen ones, map them: record_fields: {json.dumps(chosen)} "
-                f"(--data.record_fields '{json.dumps(chosen)}').")
-    else:
-        hint = (f" If its keys mean those, map them: record_fields: {json.dumps(suggestion)} "
-                f"(--data.record_fields '{json.dumps(suggestion)}')." if suggestion else "")
+    chosen = _chosen_fields(record)
+    mapping = chosen or _suggested_fields(record)
+    lead = (" It is a preference record (chosen/rejected, for DPO): this module fine-tunes on answers, not on "
+            "preferences; to train on the chosen ones," if chosen else " If its keys mean those,")
+    hint = (f"{lead} map them: record_fields: {json.dumps(mapping)} (--data.record_fields '{json.dumps(mapping)}')."
+            if mapping else "")
     return ValueError(f"{where}: expected a string field 'text', string fields 'instruction' and 'output' "
                       f"(and optionally 'input'), 'prompt' and 'completion', or a list 'messages' or 'conversations'; "
                       f"found keys {sorted(record)}{mapped}.{hint}")
