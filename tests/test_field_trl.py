@@ -3,11 +3,11 @@ optimizers and our NF4 weights, as TRL users write them, on a tiny Llama built f
 trained in the test (no download).
 
 * SFT, QLoRA: ``SFTTrainer(model=quantize_model(base), peft_config=LoraConfig(...),
-  optimizer_cls_and_kwargs=(PagedAdamW8bit, {...}))``. TRL wraps the model itself, casts the adapters to bf16 (its
-  QLoRA rule, read from the ``is_loaded_in_4bit`` flag ``quantize_model`` sets, as it is for bitsandbytes) and trains
-  under gradient checkpointing: the loss falls, only the adapters carry optimizer state, the NF4 codes stay those of
-  the base; a run stopped at its ``save_steps`` checkpoint and resumed by a new trainer on a new ``quantize_model``
-  ends on the adapters of the uninterrupted run, and the saved adapter loads onto ``quantize_model(base)`` with
+  optimizer_cls_and_kwargs=(PagedAdamW8bit, {...}))``. TRL wraps the model itself and trains under gradient
+  checkpointing: the loss falls, only the adapters carry optimizer state, the NF4 codes stay those of the base; a
+  run stopped at its ``save_steps`` checkpoint and resumed by a new trainer on a new ``quantize_model`` starts from
+  the saved optimizer state and trains on (ends on the very adapters of the uninterrupted run where they are fp32
+  throughout; see the test for TRL's bf16 rule), and the saved adapter loads onto ``quantize_model(base)`` with
   ``PeftModel.from_pretrained`` and gives the trained model's logits.
 * DPO: a peft model over NF4 weights and our ``adamw_8bit`` in ``optimizers=(opt, None)`` (DPO's reference model is
   the same model with its adapter disabled): the reward margin grows, the NF4 codes stay.
@@ -45,6 +45,7 @@ CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% e
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 CORPUS = "the cat sat on the mat and the dog ran to the park while birds sang " * 5
 STEPS, SAVE_AT = 8, 4
+QUANT_BUFFERS = ("qweight", "absmax", "qscale", "scale_step", "scale_mean")  # Linear4bit's, by layout
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +66,21 @@ def _nf4_llama(tokenizer) -> LlamaForCausalLM:
 def _nf4_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The NF4 codes and scales of ``model`` by their names in the bare model (peft's prefixes taken out)."""
     return {name.removeprefix("base_model.model.").replace(".base_layer", ""): buffer.clone()
-            for name, buffer in model.named_buffers() if name.rsplit(".", 1)[-1] in ("qweight", "qscale")}
+            for name, buffer in model.named_buffers() if name.rsplit(".", 1)[-1] in QUANT_BUFFERS}
+
+
+def _assert_codes_kept(model: torch.nn.Module, base_codes: dict[str, torch.Tensor]) -> None:
+    codes = _nf4_buffers(model)
+    assert base_codes and codes.keys() == base_codes.keys()
+    assert all(torch.equal(codes[k], base_codes[k]) for k in codes)
 
 
 def _losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def _lora(**overrides) -> peft.LoraConfig:
-    return peft.LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0,
-                              "task_type": "CAUSAL_LM", **overrides})
+def _lora() -> peft.LoraConfig:
+    return peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
 def _conversations() -> Dataset:
@@ -115,8 +121,7 @@ def test_sft_qlora_on_our_nf4_with_paged_adamw_8bit_trains_adapters_resumes_and_
     optimizer = first.optimizer.optimizer  # accelerate's wrapper around ours
     assert type(optimizer).__name__ == "PagedAdamW8bit"
     assert {id(p) for p in optimizer.state} == {id(p) for _, p in trainable}
-    codes = _nf4_buffers(model)
-    assert codes.keys() == base_codes.keys() and all(torch.equal(codes[k], base_codes[k]) for k in codes)
+    _assert_codes_kept(model, base_codes)
     losses = _losses(first)
     assert sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
 
@@ -161,8 +166,7 @@ def test_dpo_on_our_nf4_with_adamw_8bit_widens_the_margin_and_keeps_the_codes(to
     margins = [entry["rewards/margins"] for entry in trainer.state.log_history if "rewards/margins" in entry]
     assert margins[0] == 0.0 and margins[-1] > 0.1, margins  # the reference is the model with its adapter off
     assert len(optimizer.state) == len(trainable)
-    codes = _nf4_buffers(trainer.model)
-    assert codes.keys() == base_codes.keys() and all(torch.equal(codes[k], base_codes[k]) for k in codes)
+    _assert_codes_kept(trainer.model, base_codes)
 
 
 def test_grpo_generates_through_our_nf4_and_steps_every_adapter(tokenizer, tmp_path):
@@ -186,5 +190,4 @@ def test_grpo_generates_through_our_nf4_and_steps_every_adapter(tokenizer, tmp_p
     assert len(optimizer.state) == len(trainable)
     lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # zero at init: each one stepped
-    codes = _nf4_buffers(trainer.model)
-    assert codes.keys() == base_codes.keys() and all(torch.equal(codes[k], base_codes[k]) for k in codes)
+    _assert_codes_kept(trainer.model, base_codes)
