@@ -238,6 +238,8 @@ PYTHON_BLOCKS = {
               'else trainer.optimizer, optimizer_class("muon_8bit"))\n'
               'from lowmem_lightning.optim.muon import uses_muon\n'
               'assert not uses_muon(model.model.embed_tokens.weight, "model.embed_tokens.weight")\n'),
+    "optimizer_cls_and_kwargs=(PagedAdamW8bit": Snippet(
+        "compile", "tests/test_field_trl.py runs these trainers on a tiny NF4 Llama (SFT resumed, DPO, GRPO)"),
     "fabric.clip_gradients(model, opt, max_norm=1.0, error_if_nonfinite=False)": Snippet(
         "run", "Fabric, build_optimizer: imported; model: an MLP with a 5120-element weight; loader: 4 batches; "
         "loss_fn: MSE; then every one of the 4 steps applied (no skip)",
