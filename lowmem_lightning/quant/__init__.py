@@ -12,6 +12,9 @@ checkpoints (``load_pretrained_causal_lm``).
     merged = model.merge_and_unload()                          # lossless: merged layers become dense
     dense = dequantize_model(merged)                           # and the rest: save_pretrained -> a dense model
 
+TRL's trainers take such a model the same way: ``SFTTrainer(model=quantize_model(model), peft_config=...)``, or a
+``get_peft_model`` of it for ``DPOTrainer`` / ``GRPOTrainer`` (``tests/test_field_trl.py``).
+
 How peft picks a LoRA layer (peft 0.21, ``LoraModel._create_new_module`` in ``tuners/lora/model.py``):
 it tries a list of dispatchers built inside that function, first match wins: the config's own ``_custom_modules``
 (``LoraConfig._register_custom_module``; not saved in ``adapter_config.json``), then bitsandbytes,
