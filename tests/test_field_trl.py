@@ -12,6 +12,7 @@ trained in the test (no download).
 * DPO: a peft model over NF4 weights and our ``adamw_8bit`` in ``optimizers=(opt, None)`` (DPO's reference model is
   the same model with its adapter disabled): the reward margin grows, the NF4 codes stay.
 * GRPO: completions generated through the NF4 + LoRA model, our ``adamw_8bit`` steps every adapter.
+* A reward model (``RewardTrainer``, a sequence classifier with LoRA on NF4): it learns the preference.
 
 TRL is an optional extra of the test environment (``dev``): without it these tests skip.
 """
@@ -33,8 +34,17 @@ from datasets import Dataset  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_tokenizers import bpe_tokenizer  # noqa: E402
 from trainer_resume import OptimizerStateAtStart, assert_started_from  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification  # noqa: E402
+from trl import (  # noqa: E402
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 
 from lowmem_lightning.optim import optimizer_class  # noqa: E402
 from lowmem_lightning.quant import quantize_model  # noqa: E402
@@ -54,13 +64,13 @@ def tokenizer():
                          CORPUS, chat_template=CHAT)
 
 
-def _nf4_llama(tokenizer) -> LlamaForCausalLM:
-    """The same tiny bf16 Llama every call (seed 0), its linear layers quantized to our NF4."""
+def _nf4_llama(tokenizer, task: type = LlamaForCausalLM) -> LlamaForCausalLM:
+    """The same tiny bf16 Llama every call (seed 0; ``task``: its head), its linear layers quantized to our NF4."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return quantize_model(LlamaForCausalLM(config).to(torch.bfloat16))
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, num_labels=1)
+    return quantize_model(task(config).to(torch.bfloat16))
 
 
 def _nf4_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,6 +91,11 @@ def _losses(trainer) -> list[float]:
 
 def _lora() -> peft.LoraConfig:
     return peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def _pairs() -> Dataset:
+    return Dataset.from_dict({"prompt": [f"where is cat {i}" for i in range(32)], "chosen": ["on the mat"] * 32,
+                              "rejected": ["in the park"] * 32})
 
 
 def _conversations() -> Dataset:
@@ -155,8 +170,7 @@ def test_dpo_on_our_nf4_with_adamw_8bit_widens_the_margin_and_keeps_the_codes(to
     base_codes = _nf4_buffers(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = optimizer_class("adamw_8bit")(trainable, lr=5e-3)
-    data = Dataset.from_dict({"prompt": [f"where is cat {i}" for i in range(32)], "chosen": ["on the mat"] * 32,
-                              "rejected": ["in the park"] * 32})
+    data = _pairs()
     args = DPOConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3,
                      logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=True,
                      gradient_checkpointing=True, max_length=32, disable_tqdm=True)
@@ -191,3 +205,27 @@ def test_grpo_generates_through_our_nf4_and_steps_every_adapter(tokenizer, tmp_p
     lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # zero at init: each one stepped
     _assert_codes_kept(trainer.model, base_codes)
+
+
+def test_reward_model_on_our_nf4_learns_the_preference_with_its_head_trained_whole(tokenizer, tmp_path):
+    """``RewardTrainer`` (a sequence classifier scoring chosen above rejected) on an NF4 Llama with LoRA
+    (``task_type="SEQ_CLS"``: peft trains the ``score`` head whole, which ``quantize_model`` kept dense)."""
+    model = _nf4_llama(tokenizer, LlamaForSequenceClassification)
+    assert type(model.score) is torch.nn.Linear  # a head is never quantized
+    base_codes = _nf4_buffers(model)
+    args = RewardConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3,
+                        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=True,
+                        max_length=32, disable_tqdm=True)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=_pairs(), processing_class=tokenizer,
+                            peft_config=peft.LoraConfig(r=8, target_modules="all-linear", task_type="SEQ_CLS"),
+                            optimizer_cls_and_kwargs=(optimizer_class("adamw_8bit"), {"lr": 5e-3}))
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] / 2, losses  # log(2) at the start: the head learns which answer is chosen
+    trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("modules_to_save" in name and "score" in name for name in trainable), trainable
+    assert all("lora_" in name or "modules_to_save" in name for name in trainable), trainable
+    optimizer = trainer.optimizer.optimizer
+    assert type(optimizer).__name__ == "AdamW8bit" and len(optimizer.state) == len(trainable)
+    _assert_codes_kept(trainer.model, base_codes)
+
