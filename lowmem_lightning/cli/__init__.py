@@ -92,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lowmem_lightning.cli import about
 
         return about.answer(args)
+    from lowmem_lightning.cli.about import unsupported_jsonargparse
+
+    if problem := unsupported_jsonargparse():  # LightningCLI would fail inside its set-up with an AttributeError
+        from lowmem_lightning.cli.terminal import usage_error
+
+        return usage_error(problem)
     from lowmem_lightning.cli.app import main as run
 
     return run(argv)

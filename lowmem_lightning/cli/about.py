@@ -116,6 +116,51 @@ def _with_build(found: metadata.Distribution, version_file: str | None) -> str:
     return stated.group(1) if stated and stated.group(1).startswith(version + "+") else version
 
 
+CLI_EXTRA = "pytorch-extra"
+"""Lightning's extra whose requirements state the jsonargparse versions its ``LightningCLI`` supports (Lightning
+2.6: ``jsonargparse[jsonnet,signatures]>=4.39.0,<5.0``; 5.0 removed ``ArgumentParser.add_instantiator``, which
+``LightningCLI`` calls)."""
+
+
+def unsupported_jsonargparse() -> str | None:
+    """Why the installed jsonargparse cannot run ``lowmem``: a version outside the range that the installed Lightning
+    states for its CLI (:data:`CLI_EXTRA`), which ``LightningCLI`` would meet with an ``AttributeError`` from inside
+    its set-up, naming the versions and the ``pip install`` that fits both Lightning's range and this package's own
+    requirement; ``None`` when it fits or when either package's metadata cannot be read."""
+    from packaging.requirements import InvalidRequirement
+
+    try:
+        installed = metadata.version("jsonargparse")
+        lightning_range = _stated_range(metadata.requires("lightning") or [], {"extra": CLI_EXTRA})
+        own_range = _stated_range(metadata.requires("lowmem-lightning") or [], {"extra": ""})
+    except (metadata.PackageNotFoundError, InvalidRequirement):
+        return None
+    if lightning_range is None or lightning_range.contains(installed, prereleases=True):
+        return None
+    fitting = _lower_first(own_range or lightning_range)
+    return (f"jsonargparse {installed} is installed, but the CLI of Lightning {metadata.version('lightning')} "
+            f"supports jsonargparse{_lower_first(lightning_range)} only (its '{CLI_EXTRA}' requirement). Install "
+            f"a version it supports: pip install 'jsonargparse[signatures]{fitting}'")
+
+
+def _lower_first(specifier) -> str:
+    """A ``SpecifierSet`` as its bounds read, the lower first: ``>=4.44,<5`` (its ``str`` sorts them as text)."""
+    return ",".join(sorted(map(str, specifier), key=lambda bound: not bound.startswith(">")))
+
+
+def _stated_range(requirements: list[str], environment: dict[str, str]):
+    """The version range (a ``packaging`` ``SpecifierSet``) that ``requirements`` (a distribution's
+    ``Requires-Dist`` lines) state for jsonargparse under ``environment`` (its ``extra``), or ``None``."""
+    from packaging.requirements import Requirement
+
+    for line in requirements:
+        requirement = Requirement(line)
+        if requirement.name == "jsonargparse" and (requirement.marker is None
+                                                   or requirement.marker.evaluate(environment)):
+            return requirement.specifier
+    return None
+
+
 def version_line() -> str:
     """One line: ``lowmem-lightning 0.1.0 (torch 2.13.0+cpu, lightning 2.6.1, ..., Python 3.11.9)``."""
     libraries = ", ".join(f"{name} {installed_version(name)}" for name in LIBRARIES)

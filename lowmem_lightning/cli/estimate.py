@@ -250,7 +250,9 @@ def build_meta_model(cfg: Namespace):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningModule, "model")
     with torch.device("meta"):
-        model = parser.instantiate_classes(parser.parse_object({"model": cfg.model.as_dict()})).model
+        parsed = parser.parse_object({"model": cfg.model.as_dict()})
+        # ``instantiate`` since jsonargparse 4.49 (``instantiate_classes``: deprecated there, gone in 5.0)
+        model = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(parsed).model
         model.configure_model()
     return model
 
