@@ -11,12 +11,17 @@
 #   NEWVER_PYTHON=/root/.pyenv/versions/3.13.0/bin/python bash benchmarks/newest_versions.sh   # another Python
 #   NEWVER_VENV=/tmp/v NEWVER_KEEP=1 bash benchmarks/newest_versions.sh                         # keep the venv
 #   NEWVER_TESTS="tests/test_cli.py" bash benchmarks/newest_versions.sh                         # a subset
+#   NEWVER_PRE=1 bash benchmarks/newest_versions.sh   # the release candidates too (pip --pre): what users get next,
+#     within the ranges we and our dependencies state (jsonargparse 5.0rc is outside ours, tokenizers 1.0rc outside
+#     transformers')
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${NEWVER_PYTHON:-/root/.pyenv/versions/3.11.7/bin/python}"
 VENV="${NEWVER_VENV:-/tmp/newver}"
 TESTS="${NEWVER_TESTS:-}"
+PRE=()
+[ "${NEWVER_PRE:-0}" = 1 ] && PRE=(--pre)
 
 fail() { echo "FAIL: $*"; exit 1; }
 
@@ -27,9 +32,9 @@ rm -rf "$VENV"
 export PIP_CONSTRAINT=/dev/null
 "$VENV/bin/python" -m pip install -q -U pip >/dev/null 2>&1
 # pip's own lines (this machine's extra indexes, setuptools' editable-install notice) go to $VENV/pip.log
-"$VENV/bin/python" -m pip install -q -U torch -e "$ROOT[dev]" accelerate >"$VENV/pip.log" 2>&1 \
+"$VENV/bin/python" -m pip install -q -U "${PRE[@]}" torch -e "$ROOT[dev]" accelerate >"$VENV/pip.log" 2>&1 \
   || { tail -n 20 "$VENV/pip.log"; fail "pip install"; }
-"$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|triton|lightning|transformers|peft|torchdata|torchmetrics|safetensors|jsonargparse|jinja2|rich|bitsandbytes|torchao|accelerate|trl|datasets) "
+"$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|triton|lightning|transformers|peft|torchdata|torchmetrics|safetensors|jsonargparse|jinja2|rich|bitsandbytes|torchao|accelerate|trl|datasets|huggingface-hub|tokenizers|numpy) "
 "$VENV/bin/python" -c "import sys, torch; print('Python', sys.version.split()[0], '| torch', torch.__version__)"
 
 cd "$ROOT" || fail "cd $ROOT"
