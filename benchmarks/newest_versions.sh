@@ -34,7 +34,7 @@ export PIP_CONSTRAINT=/dev/null
 # pip's own lines (this machine's extra indexes, setuptools' editable-install notice) go to $VENV/pip.log
 "$VENV/bin/python" -m pip install -q -U "${PRE[@]}" torch -e "$ROOT[dev]" accelerate >"$VENV/pip.log" 2>&1 \
   || { tail -n 20 "$VENV/pip.log"; fail "pip install"; }
-"$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|triton|lightning|transformers|peft|torchdata|torchmetrics|safetensors|jsonargparse|jinja2|rich|bitsandbytes|torchao|accelerate|trl|datasets|huggingface-hub|tokenizers|numpy) "
+"$VENV/bin/python" -m pip list 2>/dev/null | grep -iE "^(torch|triton|lightning|transformers|peft|torchdata|torchmetrics|safetensors|jsonargparse|jinja2|rich|bitsandbytes|torchao|accelerate|trl|datasets|huggingface[-_]hub|tokenizers|numpy) "
 "$VENV/bin/python" -c "import sys, torch; print('Python', sys.version.split()[0], '| torch', torch.__version__)"
 
 cd "$ROOT" || fail "cd $ROOT"
