@@ -96,5 +96,6 @@ def test_lowmem_refuses_an_unsupported_jsonargparse_in_one_message(subcommand, t
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("lowmem: error: jsonargparse 5.0.0 is installed, but the CLI of Lightning ")
+    assert proc.stderr.startswith(f"lowmem {subcommand}: error: jsonargparse 5.0.0 is installed, but the CLI of "
+                                  "Lightning ")
     assert proc.stderr.count("error:") == 1 and list(work.iterdir()) == []

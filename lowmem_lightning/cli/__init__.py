@@ -92,12 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lowmem_lightning.cli import about
 
         return about.answer(args)
-    from lowmem_lightning.cli.about import unsupported_jsonargparse
+    from lowmem_lightning.cli.about import SUBCOMMAND_HELP, unsupported_jsonargparse
 
     if problem := unsupported_jsonargparse():  # LightningCLI would fail inside its set-up with an AttributeError
         from lowmem_lightning.cli.terminal import usage_error
 
-        return usage_error(problem)
+        return usage_error(problem, f"lowmem {args[0]}" if args[0] in SUBCOMMAND_HELP else "lowmem")
     from lowmem_lightning.cli.app import main as run
 
     return run(argv)
