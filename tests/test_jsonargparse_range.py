@@ -12,7 +12,6 @@ from importlib import metadata
 
 import pytest
 from lowmem_calls import LOWMEM
-from packaging.requirements import Requirement
 from packaging.version import Version
 
 from lowmem_lightning.cli import about
@@ -21,12 +20,9 @@ from lowmem_lightning.cli.about import CLI_EXTRA, unsupported_jsonargparse
 
 def _range(distribution: str, extra: str):
     """The jsonargparse range ``distribution`` states (under ``extra``), from its installed metadata."""
-    for line in metadata.requires(distribution) or []:
-        requirement = Requirement(line)
-        if requirement.name == "jsonargparse" and (requirement.marker is None
-                                                   or requirement.marker.evaluate({"extra": extra})):
-            return requirement.specifier
-    raise AssertionError(f"{distribution} states no jsonargparse requirement")
+    stated = about._stated_range(metadata.requires(distribution) or [], {"extra": extra})
+    assert stated is not None, f"{distribution} states no jsonargparse requirement"
+    return stated
 
 
 def _bounds(*specifiers) -> list[Version]:

@@ -125,8 +125,8 @@ CLI_EXTRA = "pytorch-extra"
 def unsupported_jsonargparse() -> str | None:
     """Why the installed jsonargparse cannot run ``lowmem``: a version outside the range that the installed Lightning
     states for its CLI (:data:`CLI_EXTRA`), which ``LightningCLI`` would meet with an ``AttributeError`` from inside
-    its set-up, naming the versions and the ``pip install`` that fits both Lightning's range and this package's own
-    requirement; ``None`` when it fits or when either package's metadata cannot be read."""
+    its set-up, naming the versions and the ``pip install`` of this package's own range (which lies inside
+    Lightning's: ``tests/test_jsonargparse_range.py``); ``None`` when it fits or when the metadata cannot be read."""
     from packaging.requirements import InvalidRequirement
 
     try:
