@@ -212,7 +212,7 @@ def test_shards_without_index_and_pickle_only_directories(ckpt):
     ("", "config.json is empty"),
     ('{"model_type": "llama", "hidden_size": 6', "config.json is not valid JSON"),
     ('{"hidden_size": 64}', "config.json cannot be read by transformers (ValueError: Unrecognized model"),
-    ('{"model_type": "no_such_model"}', "config.json cannot be read by transformers"),
+    ('{"model_type": "no_such_model"}', "config.json names model_type 'no_such_model', which transformers"),
     ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5, "vocab_size": 96}',
      "not a multiple of the number of attention heads (5)"),
     ('{"model_type": "clip_vision_model"}', "config.json describes a model transformers cannot build as a causal LM"),

@@ -31,7 +31,7 @@ from lowmem_lightning.kept_fp32 import cast_keeping_fp32
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.base import LowMemModule, Scheduler
 from lowmem_lightning.multimodal import causal_lm_auto_class, freeze_outside_language_model, text_config
-from lowmem_lightning.remote_code import remote_code_trusted, trusting_remote_code
+from lowmem_lightning.remote_code import remote_code_trusted, trusting_remote_code, unknown_model_type_problem
 from lowmem_lightning.rotary import keep_rotary_fp32
 
 __all__ = [
@@ -286,6 +286,8 @@ def make_config(config: dict, vocab_size: int | None = None):
 
     settings = dict(config)
     model_type = settings.pop("model_type", "llama")
+    if problem := unknown_model_type_problem(model_type):
+        raise ValueError(f"Invalid config={config!r}: it {problem}")
     settings.setdefault("vocab_size", vocab_size or BYTE_VOCAB_SIZE)
     try:
         return AutoConfig.for_model(model_type, **settings)

@@ -39,7 +39,7 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 from lowmem_lightning.hub import local_path
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.multimodal import causal_lm_auto_class
-from lowmem_lightning.remote_code import remote_code_trusted, unknown_code_problem
+from lowmem_lightning.remote_code import remote_code_trusted, unknown_code_problem, unknown_model_type_problem
 
 from .convert import _check_skip, _is_skipped, kept_dense_names, mark_loaded_in_4bit, warn_unquantized_matrices
 from .experts import Experts4bit, is_quantizable_experts, quantize_experts
@@ -182,7 +182,10 @@ def _read_config(path: Path):
     if not file.exists():
         raise ModelFileError(file, "does not exist; a model directory needs the config.json that save_pretrained "
                              "writes next to the safetensors.")
-    problem = unknown_code_problem(_load_json(file), path)
+    stated = _load_json(file)
+    problem = unknown_code_problem(stated, path)
+    if not problem and not stated.get("auto_map"):  # a model type with no code of its own: transformers' own or none
+        problem = unknown_model_type_problem(stated.get("model_type"))
     if problem:
         raise ModelFileError(file, problem)
     try:
