@@ -141,3 +141,30 @@ def test_lowmem_fit_with_record_fields_and_the_refusal_without(tmp_path, capsys,
                              '{"instruction": "question", "output": "answer"}')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train_loss" in next((tmp_path / "runs").rglob("metrics.csv")).read_text()
+
+
+@pytest.mark.parametrize("record", [
+    {"prompt": "What is 2 + 2?"},  # TRL's standard prompt-only form
+    {"prompt": [{"role": "user", "content": "What is 2 + 2?"}]},  # its conversational one
+])
+def test_a_prompt_only_record_is_said_to_lack_the_answer(record, tmp_path):
+    """TRL's prompt-only form (GRPO and other online training, where the model writes the answers): the refusal says
+    the record has no answer to fine-tune on, beside the keys it found."""
+    path = write_jsonl(tmp_path / "grpo.jsonl", [record])
+    with pytest.raises(ValueError, match=r"grpo.jsonl:1: expected .* found keys \[.*'prompt'.*\]\. It holds a prompt "
+                                         r"and no answer \(TRL's prompt-only form, for GRPO .*\): fine-tuning needs "
+                                         r"the answer to train on; give each record its 'completion'\.$"):
+        read_documents([path])
+
+
+def test_a_prompt_beside_an_answer_is_not_told_it_lacks_one(tmp_path):
+    """A string prompt beside a ``solution`` is offered the mapping that reads it; a conversation beside one (a GRPO
+    set's reward field) gets the plain refusal, not "no answer"."""
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "What is 2 + 2?", "solution": "4"}])
+    with pytest.raises(ValueError) as caught:
+        read_documents([path])
+    assert "no answer" not in str(caught.value)
+    assert """record_fields: {"instruction": "prompt", "output": "solution"}""" in str(caught.value)
+    path = write_jsonl(tmp_path / "grpo.jsonl", [{"prompt": [{"role": "user", "content": "2 + 2?"}], "solution": "4"}])
+    with pytest.raises(ValueError, match=r"found keys \['prompt', 'solution'\]\.$"):
+        read_documents([path])

@@ -100,16 +100,28 @@ def _labelled_completion(where: str) -> ValueError:
                       "the records labelled true, without the key: jq -c 'select(.label == true) | del(.label)'.")
 
 
+_PROMPT_ONLY = (" It holds a prompt and no answer (TRL's prompt-only form, for GRPO and other online training, "
+                "where the model writes the answers): fine-tuning needs the answer to train on; give each record "
+                "its 'completion'.")
+"""What the refusal of a record with a ``prompt`` and no answer-like key adds."""
+
+
+def _prompt_only(record: dict) -> bool:
+    """Whether ``record`` holds a prompt (a string or a conversation) and no key that names an answer."""
+    return isinstance(record.get("prompt"), (str, list)) and not any(key in record for key in _ANSWER_KEYS)
+
+
 def _unread_record(record: dict, where: str, fields: Mapping[str, str] | None) -> ValueError:
     """The refusal of a record none of whose keys this module reads, with the ``record_fields`` that would read it
-    when its keys look like an instruction record's, or train on the chosen answer of a preference record."""
+    when its keys look like an instruction record's, or train on the chosen answer of a preference record; a prompt
+    with no answer is said to be one (:func:`_prompt_only`)."""
     mapped = f" (after record_fields={dict(fields)!r})" if fields else ""
     chosen = _chosen_fields(record)
     mapping = chosen or _suggested_fields(record)
     lead = (" It is a preference record (chosen/rejected, for DPO): this module fine-tunes on answers, not on "
             "preferences; to train on the chosen ones," if chosen else " If its keys mean those,")
     hint = (f"{lead} map them: record_fields: {json.dumps(mapping)} (--data.record_fields '{json.dumps(mapping)}')."
-            if mapping else "")
+            if mapping else _PROMPT_ONLY if _prompt_only(record) else "")
     return ValueError(f"{where}: expected a string field 'text', string fields 'instruction' and 'output' "
                       f"(and optionally 'input'), 'prompt' and 'completion', or a list 'messages' or 'conversations'; "
                       f"found keys {sorted(record)}{mapped}.{hint}")
