@@ -18,9 +18,11 @@ PYTHON="${MINVER_PYTHON:-/root/.pyenv/versions/3.11.7/bin/python}"
 VENV="${MINVER_VENV:-/tmp/minver}"
 TESTS="${MINVER_TESTS:-tests/test_adamw8bit.py tests/test_callback.py tests/test_causal_lm.py tests/test_cli.py
   tests/test_data.py tests/test_peft_lora.py tests/test_fsdp2.py tests/test_kernels_dispatch.py tests/test_added_tokens.py
-  tests/test_kernels_aot.py tests/test_nf4_experts.py}"
+  tests/test_kernels_aot.py tests/test_nf4_experts.py tests/test_jsonargparse_range.py tests/test_unknown_model_type.py}"
 # aot: every Triton kernel compiles for sm_80/sm_90 with the floor triton (no GPU needed); nf4_experts: MoE experts in
-# NF4 (transformers' experts interface with has_gate from 5.3; save_pretrained of NF4 experts from 5.21)
+# NF4 (transformers' experts interface with has_gate from 5.3; save_pretrained of NF4 experts from 5.21);
+# jsonargparse_range: our jsonargparse range inside the floor Lightning's; unknown_model_type: the floor transformers'
+# model types
 
 fail() { echo "FAIL: $*"; exit 1; }
 

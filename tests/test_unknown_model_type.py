@@ -42,9 +42,10 @@ def test_a_checkpoint_naming_an_unknown_model_type_is_refused_naming_its_config(
     folder = _checkpoint(tmp_path / "ck", {"model_type": "qwen9_moe", "hidden_size": 64})
     with pytest.raises(ModelFileError) as caught:
         read_model_config(folder)
-    assert str(caught.value) == (f"Model file {folder / 'config.json'} names model_type 'qwen9_moe', which "
-                                 f"transformers {transformers.__version__} does not have (nearest: qwen3_moe, "
-                                 f"qwen2_moe, qwen3_5_moe); {UPGRADE}")
+    message = str(caught.value)  # the nearest names depend on the transformers release
+    assert message.startswith(f"Model file {folder / 'config.json'} names model_type 'qwen9_moe', which "
+                              f"transformers {transformers.__version__} does not have (nearest: qwen")
+    assert "qwen3_moe" in message and message.endswith(f"); {UPGRADE}")
 
 
 @pytest.mark.parametrize("model_args", [
