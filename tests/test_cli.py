@@ -273,6 +273,32 @@ def test_missing_config_file(capsys):
     _assert_short_error(code, err, "does/not/exist.yaml", "no such file", "tiny.yaml")
 
 
+@pytest.mark.parametrize("content, needle", [
+    (b"trainer:\n\tmax_steps: 2\n", "is not valid YAML: line 2, column 1: a tab, which YAML does not allow here "
+                                     "(indent with spaces)."),
+    (b"trainer: [1, 2\n", "is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>' (while "
+                          "parsing a flow sequence)."),
+    (b"a: 1\n---\nb: 2\n", "is not valid YAML: line 2, column 1: expected a single document in the stream, but "
+                           "found another document."),
+    (b"", "is empty (no settings): expected a YAML mapping (seed_everything:, trainer:, model:, data:, ...)."),
+    (b"# nothing but a comment\n", "is empty (no settings)"),
+    (b"- trainer\n- model\n", "holds a YAML list: expected a mapping (seed_everything:, trainer:"),
+    (b"42\n", "holds a YAML single value (int): expected a mapping"),
+    (b"trainer: \x98\xff\n", "is not UTF-8 text (byte 0x98 at offset 9): expected a YAML file."),
+], ids=["tab", "unclosed", "two-documents", "empty", "comments-only", "list", "scalar", "not-utf8"])
+def test_a_config_file_that_is_no_yaml_mapping_is_named_with_what_is_wrong(capsys, tmp_path, monkeypatch, content,
+                                                                          needle):
+    """Before, jsonargparse's own words named no file: ``Unexpected config:`` for an empty file, ``'utf-8' codec
+    can't decode byte 0x98 in position 9`` and a YAML error "in <unicode string>"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_bytes(content)
+    for subcommand in ("fit", "estimate"):
+        code, out, err = _run(capsys, subcommand, "--config", "run.yaml")
+        assert err.startswith(f"lowmem {subcommand}: error: --config 'run.yaml' {needle}"), err
+        _assert_short_error(code, err)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]  # nothing written
+
+
 def test_unknown_key(capsys, tiny_config):
     code, _, err = _run(capsys, "fit", "--config", str(tiny_config), "--model.hiden", "3")
     _assert_short_error(code, err, "hiden", "hidden, lr")

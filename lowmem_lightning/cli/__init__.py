@@ -20,8 +20,9 @@
   path inside a recipe (``model.model_name_or_path``, ``data.data_path``) that does not exist from the
   current directory is looked up next to the recipe file.
 * A rich progress bar is added unless the config sets its own progress bar or disables it.
-* Wrong input (unknown optimizer, missing config file, unknown key, bad type, invalid value, a bad data
-  file, a missing ``--ckpt_path``, an unwritable output directory) ends with a one-paragraph message
+* Wrong input (unknown optimizer, a missing config file or one that is no YAML mapping, unknown key, bad type,
+  invalid value, a bad data file, a missing ``--ckpt_path``, an unwritable output directory) ends with a
+  one-paragraph message
   naming the problem and the allowed values, exit code 2, no traceback, before anything is written: the
   data module's ``check_inputs()`` runs before the Trainer is built. So does every refusal before
   training (gradient release that cannot hold, checked on the built Trainer before ``fit``; a

@@ -26,8 +26,11 @@ run by :func:`~lowmem_lightning.cli.app.main` itself)."""
 
 def resolve_recipe(value: str) -> str:
     """A ``--config`` value as a path: an existing file as given, else the bundled recipe of that name
-    (``tiny``, ``tiny.yaml``); ``ValueError`` naming the value and listing the bundled recipes."""
+    (``tiny``, ``tiny.yaml``); ``ValueError`` naming the value and listing the bundled recipes, or naming what makes
+    the file no config (:func:`config_file_problem`)."""
     if Path(value).expanduser().is_file():
+        if problem := config_file_problem(value, Path(value).expanduser()):
+            raise ValueError(problem)
         return value
     name = Path(value).name
     for candidate in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
@@ -42,6 +45,49 @@ def resolve_recipe(value: str) -> str:
         f"--config {value!r}: no such file (not a file from {Path.cwd()}, not a bundled recipe). "
         f"Bundled recipes: {', '.join(bundled_recipes()) or 'none'}."
     )
+
+
+CONFIG_SECTIONS = "seed_everything:, trainer:, model:, data:, ..."
+"""What a config file's top-level mapping holds, as the refusals of a file that is no such mapping name it."""
+
+
+def config_file_problem(value: str, path: Path) -> str | None:
+    """Why the file ``path`` (given as ``--config value``) cannot be a config, said before jsonargparse reads it
+    (its own errors name no file: ``Unexpected config:``, ``'utf-8' codec can't decode byte ...``, a YAML error "in
+    <unicode string>"): unreadable, not UTF-8 text, not valid YAML (line and column), empty, or not a mapping;
+    ``None`` for a YAML mapping."""
+    import yaml
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        return f"--config {value!r} cannot be read ({err.strerror or err})."
+    except UnicodeDecodeError as err:
+        return (f"--config {value!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}): "
+                "expected a YAML file.")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        return f"--config {value!r} is not valid YAML: {_yaml_problem(err)}."
+    if data is None:
+        return f"--config {value!r} is empty (no settings): expected a YAML mapping ({CONFIG_SECTIONS})."
+    if not isinstance(data, dict):
+        kind = "list" if isinstance(data, list) else f"single value ({type(data).__name__})"
+        return f"--config {value!r} holds a YAML {kind}: expected a mapping ({CONFIG_SECTIONS})."
+    return None
+
+
+def _yaml_problem(err) -> str:
+    """A YAML parse error as ``line L, column C: problem`` (1-based, as editors count) with its context ("expected a
+    single document in the stream, but found another document"; "... (while parsing a flow sequence)"), a tab named
+    as such."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    if "'\\t'" in problem:
+        problem = "a tab, which YAML does not allow here (indent with spaces)"
+    elif context:
+        problem = f"{problem} ({context})" if context.startswith("while") else f"{context}, {problem}"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def resolve_config_args(argv: list[str]) -> list[str]:
