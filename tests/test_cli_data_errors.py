@@ -107,6 +107,26 @@ def test_a_model_directory_without_its_tokenizer_is_refused_naming_what_is_missi
     assert len(err.strip().splitlines()) == 2
 
 
+@pytest.mark.parametrize("damaged, text, where", [
+    ("tokenizer.json", '{"version": "1.0", "truncation": nul', "line 1 column 34: Expecting value"),
+    ("tokenizer_config.json", '{"unk_token": "[UNK]",}', "line 1 column 23: Expecting property name enclosed in "
+                                                        "double quotes"),
+])
+def test_a_damaged_tokenizer_file_is_named_with_where_it_breaks(tmp_path, capsys, damaged, text, where):
+    """A tokenizer directory with a truncated or hand-edited JSON file: before, the message was json's alone
+    ("Expecting value: line 1 column 34 (char 33)"), naming neither the argument nor the file. Now both, and where
+    the file breaks, exit 2, nothing written."""
+    from tiny_tokenizers import word_tokenizer
+
+    folder = word_tokenizer(tmp_path / "tok", ["the", "cat"])
+    (folder / damaged).write_text(text)
+    code, err = _fit(tmp_path, capsys, "--data.tokenizer", str(folder))
+    assert code == 2
+    assert (f"Invalid tokenizer={str(folder)!r}: {folder / damaged} is not valid JSON ({where}); save the tokenizer "
+            "again (tokenizer.save_pretrained(dir)) or copy the file anew.") in " ".join(err.split()), err
+    assert len(err.strip().splitlines()) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
 def test_blocks_without_a_target_are_left_out_with_a_warning(tmp_path):
     records = [{"instruction": "x" * 15, "output": ""}] * 10 + [{"text": "some words to learn"}] * 10
     dm = TextDataModule(str(write_jsonl(tmp_path / "mixed.jsonl", records)), seq_len=16, pack=False, val_fraction=0.0,

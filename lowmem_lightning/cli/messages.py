@@ -269,11 +269,22 @@ def _allowed_keys_hint(text: str) -> str:
 
 
 def short(err: BaseException) -> str:
-    """The innermost message of an exception chain (what the constructor said), one paragraph."""
-    while err.__cause__ is not None and isinstance(err.__cause__, (ValueError, TypeError)):
+    """The message of an exception chain that says what was wrong, one paragraph: the innermost cause through the
+    wrappers (jsonargparse's, Lightning's) down to what the constructor said, and no deeper than a message of this
+    package (which names the argument and holds its cause's words: ``Invalid tokenizer='tok': could not load a
+    tokenizer from it: Expecting property name ...``, not the ``json`` error alone)."""
+    while not _raised_here(err) and isinstance(err.__cause__, (ValueError, TypeError)):
         err = err.__cause__
     text = str(err).strip()
     return text if text else type(err).__name__
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by this package's code (the innermost frame of its traceback)."""
+    frame = err.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_globals.get("__name__", "").startswith("lowmem_lightning.")
 
 
 def listing(diffs: list) -> str:

@@ -10,6 +10,7 @@ Both expose the same small interface, which is all the data pipeline uses: ``enc
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -210,4 +211,21 @@ def load_tokenizer(tokenizer: str) -> ByteTokenizer | HFTokenizer:
     except (OSError, ValueError) as err:
         if str(err).startswith("Invalid tokenizer="):  # said by HFTokenizer already
             raise
+        broken = _broken_json_file(path) if isinstance(err, json.JSONDecodeError) else None
+        if broken:
+            raise ValueError(f"Invalid tokenizer={tokenizer!r}: {broken}") from err
         raise ValueError(f"Invalid tokenizer={tokenizer!r}: could not load a tokenizer from it: {err}") from err
+
+
+def _broken_json_file(folder: Path) -> str | None:
+    """Which JSON file of tokenizer directory ``folder`` does not parse, and where (transformers' JSON error names
+    no file), with the way to a sound one; ``None`` when every one parses."""
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_bytes())
+        except (OSError, UnicodeDecodeError) as err:
+            return f"{file} cannot be read as UTF-8 text ({err}); save the tokenizer again (save_pretrained)."
+        except json.JSONDecodeError as err:
+            return (f"{file} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); save the tokenizer "
+                    "again (tokenizer.save_pretrained(dir)) or copy the file anew.")
+    return None
