@@ -224,7 +224,7 @@ def _broken_json_file(folder: Path) -> str | None:
         try:
             json.loads(file.read_bytes())
         except (OSError, UnicodeDecodeError) as err:
-            return f"{file} cannot be read as UTF-8 text ({err}); save the tokenizer again (save_pretrained)."
+            return f"{file} cannot be read as JSON text ({err}); save the tokenizer again (save_pretrained)."
         except json.JSONDecodeError as err:
             return (f"{file} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); save the tokenizer "
                     "again (tokenizer.save_pretrained(dir)) or copy the file anew.")
