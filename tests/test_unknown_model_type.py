@@ -6,11 +6,10 @@ transformers' own error, which lists every model type it knows: some 12,000 char
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import transformers
-from lowmem_calls import LOWMEM
+from lowmem_calls import lowmem_in_process
 
 from lowmem_lightning.modules.causal_lm import make_config
 from lowmem_lightning.quant.loading import ModelFileError, read_model_config
@@ -52,11 +51,11 @@ def test_a_checkpoint_naming_an_unknown_model_type_is_refused_naming_its_config(
     ["--model.config", '{"model_type": "gemma9", "hidden_size": 64}'],
     ["--model.model_name_or_path", "ck", "--model.config", "null"],
 ])
-def test_lowmem_fit_refuses_an_unknown_model_type_in_one_message(model_args, tmp_path):
-    """A real ``lowmem fit``: exit 2, the refusal and its one line of advice, nothing written."""
+def test_lowmem_fit_refuses_an_unknown_model_type_in_one_message(model_args, tmp_path, capsys, monkeypatch):
+    """``lowmem fit`` (its entry point, in this process): exit 2, the refusal and its one line of advice, nothing
+    written."""
     _checkpoint(tmp_path / "ck", {"model_type": "gemma9", "hidden_size": 64})
-    proc = subprocess.run([LOWMEM, "fit", "--config", "tiny.yaml", *model_args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    proc = lowmem_in_process(capsys, monkeypatch, tmp_path, "fit", "--config", "tiny.yaml", *model_args)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("lowmem fit: error: ") and "Traceback" not in proc.stderr
     assert f"names model_type 'gemma9', which transformers {transformers.__version__} does not have" in proc.stderr
