@@ -108,9 +108,9 @@ def test_a_model_directory_without_its_tokenizer_is_refused_naming_what_is_missi
 
 
 @pytest.mark.parametrize("damaged, text, where", [
-    ("tokenizer.json", '{"version": "1.0", "truncation": nul', "line 1 column 34: Expecting value"),
-    ("tokenizer_config.json", '{"unk_token": "[UNK]",}', "line 1 column 23: Expecting property name enclosed in "
-                                                        "double quotes"),
+    ("tokenizer.json", '{"version": "1.0", "truncation": nul', "Expecting value: line 1 column 34"),
+    ("tokenizer_config.json", '{"unk_token": "[UNK]",}', "Expecting property name enclosed in double quotes: line 1 "
+                                                        "column 23"),
 ])
 def test_a_damaged_tokenizer_file_is_named_with_where_it_breaks(tmp_path, capsys, damaged, text, where):
     """A tokenizer directory with a truncated or hand-edited JSON file: before, the message was json's alone

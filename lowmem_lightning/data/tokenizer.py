@@ -226,6 +226,6 @@ def _broken_json_file(folder: Path) -> str | None:
         except (OSError, UnicodeDecodeError) as err:
             return f"{file} cannot be read as JSON text ({err}); save the tokenizer again (save_pretrained)."
         except json.JSONDecodeError as err:
-            return (f"{file} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); save the tokenizer "
-                    "again (tokenizer.save_pretrained(dir)) or copy the file anew.")
+            return (f"{file} is not valid JSON ({err.msg}: line {err.lineno} column {err.colno}); save the tokenizer "
+                    "again (tokenizer.save_pretrained(dir)) or copy the file anew.")  # worded as quant.loading's
     return None
