@@ -344,3 +344,45 @@ def test_gemma4_keeps_packed_documents_apart_through_windows_shared_kv_and_per_l
         alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
         packed = packed_call(model, torch.cat([a, b], 1), None, positions).logits
     torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)
+
+
+
+SMALL = {**ARCH, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 259}
+MASKS_WITHOUT_POSITIONS = {
+    # transformers 5 builds these models' masks without the position ids (BioGPT: from an all-ones mask it makes)
+    "gpt_oss": {**SMALL, "num_hidden_layers": 4, "sliding_window": 8, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "afmoe": {**SMALL, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "num_dense_layers": 1,
+              "layer_types": ["full_attention"] * 2},
+    "opt": {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 259,
+            "word_embed_proj_dim": 32},
+    "bloom": {"hidden_size": 32, "n_layer": 2, "n_head": 4, "vocab_size": 259},
+    "biogpt": {**ARCH, "vocab_size": 259},
+    "xglm": {"d_model": 32, "ffn_dim": 64, "num_layers": 2, "attention_heads": 4, "vocab_size": 259},
+}
+
+
+@pytest.mark.parametrize("model_type", list(MASKS_WITHOUT_POSITIONS))
+def test_models_that_build_their_masks_without_positions_keep_packed_documents_apart(model_type):
+    """gpt-oss (eager attention with a sink per head, a sliding window in every other layer), AFMoE, OPT, BLOOM, BioGPT
+    and XGLM build their attention masks without the position ids (transformers 5), so their own call lets the documents
+    of a packed block see each other; ``packed_call`` hands the positions to their mask factories: each of two packed
+    documents, longer than gpt-oss's window, gives its logits alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **MASKS_WITHOUT_POSITIONS[model_type]))
+    model.eval()
+    if model_type == "gpt_oss":
+        assert model.config._attn_implementation == "eager"
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_()  # transformers starts them at 0
+    a, b = torch.randint(3, 250, (1, 20)), torch.randint(3, 250, (1, 23))
+    positions = torch.cat([torch.arange(20), torch.arange(23)])[None]
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
+        packed = packed_call(model, torch.cat([a, b], 1), None, positions).logits
+        after = model(input_ids=torch.cat([a, b], 1)).logits  # outside packed_call its masks are as transformers makes
+    torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)
+    assert (after[:, 20:] - alone[:, 20:]).abs().amax() > 1e-3  # one causal mask over both documents

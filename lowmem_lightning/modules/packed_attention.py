@@ -17,6 +17,10 @@ widen it to the three rotary rows only and build no document mask, so :func:`pac
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
+import sys
 import weakref
 
 import torch
@@ -117,6 +121,60 @@ def _flatten(input_ids: torch.Tensor, labels: torch.Tensor | None, position_ids:
     return flat
 
 
+MASK_FACTORIES = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
+"""transformers' mask factories (``masking_utils``) that read a restart of ``position_ids`` as a document boundary."""
+
+_DOCUMENT_POSITIONS: contextvars.ContextVar = contextvars.ContextVar("lowmem_document_positions", default=None)
+"""The ``[batch, seq]`` ``position_ids`` of the packed block :func:`packed_call` is running, else None."""
+
+
+def _positions_given(create):
+    """Mask factory ``create`` given the packed block's ``position_ids`` (:data:`_DOCUMENT_POSITIONS`) where its caller
+    passes none, and no ``[batch, seq]`` attention mask: gpt-oss's, AFMoE's, OPT's and BLOOM's forward (transformers 5)
+    build their masks without the positions, BioGPT's from an all-ones mask it makes (a packed block is called with no
+    mask, so one that reaches the factory holds no padding), and transformers reads document boundaries only from
+    positions without a mask: without this the documents of a block would attend to each other."""
+    signature = inspect.signature(create)
+
+    @functools.wraps(create)
+    def create_mask(*args, **kwargs):
+        positions = _DOCUMENT_POSITIONS.get()
+        if positions is None:
+            return create(*args, **kwargs)
+        bound = signature.bind_partial(*args, **kwargs)
+        if bound.arguments.get("position_ids") is None:
+            bound.arguments["position_ids"] = positions
+        mask = bound.arguments.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            bound.arguments["attention_mask"] = None
+        return create(*bound.args, **bound.kwargs)
+
+    create_mask.lowmem_positions_given = True
+    return create_mask
+
+
+def _give_positions_to_mask_factories(model: nn.Module) -> None:
+    """Wrap the :data:`MASK_FACTORIES` that the modeling modules of ``model``'s classes call (:func:`_positions_given`;
+    once per module, outside :func:`packed_call` they call through unchanged)."""
+    for module_name in dict.fromkeys(type(m).__module__ for m in model.modules()):
+        namespace = sys.modules.get(module_name)
+        for name in MASK_FACTORIES:
+            factory = getattr(namespace, name, None)
+            if callable(factory) and not getattr(factory, "lowmem_positions_given", False):
+                setattr(namespace, name, _positions_given(factory))
+
+
+def _masked_call(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, position_ids: torch.Tensor):
+    """``model`` called on a packed block under an attention whose mask transformers builds (:data:`MASKED_ATTENTION`),
+    the block's ``position_ids`` handed to its mask factories too (:func:`_positions_given`)."""
+    token = _DOCUMENT_POSITIONS.set(position_ids)
+    try:
+        return model(input_ids=input_ids, labels=labels, position_ids=_with_text_row(model, position_ids),
+                     use_cache=False)
+    finally:
+        _DOCUMENT_POSITIONS.reset(token)
+
+
 def packed_call(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, position_ids: torch.Tensor):
     """``model``'s output for packed documents (``position_ids`` restarting at each document, no attention mask),
     with ``use_cache=False``: flattened to one row for the ``flash_attention_*`` implementations (the logits come
@@ -125,10 +183,13 @@ def packed_call(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor 
     document into the next (:func:`packed_documents_problem`)."""
     if model not in _PROBLEMS:  # once per model: not a walk over its modules at every step
         _PROBLEMS[model] = packed_documents_problem(getattr(model, "config", None), model)
+        _give_positions_to_mask_factories(model)
     if _PROBLEMS[model]:
         raise ValueError(_PROBLEMS[model])
     implementation = attention_implementation(model)
-    if implementation in MASKED_ATTENTION or (implementation in FLATTENED_ATTENTION and input_ids.shape[0] == 1):
+    if implementation in MASKED_ATTENTION:
+        return _masked_call(model, input_ids, labels, position_ids)
+    if implementation in FLATTENED_ATTENTION and input_ids.shape[0] == 1:
         return model(input_ids=input_ids, labels=labels, position_ids=_with_text_row(model, position_ids),
                      use_cache=False)
     if implementation in FLATTENED_ATTENTION:
