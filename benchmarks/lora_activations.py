@@ -106,6 +106,7 @@ import torch
 from profiler_peak import peak_bytes  # a sibling module: run as a script, or from tests with benchmarks/ on sys.path
 
 from lowmem_lightning.estimate import (
+    GPT_OSS_ACTIVATION_BYTES,
     LAYER_ACTIVATION_BYTES,
     LORA_ACTIVATION_COEFFICIENTS,
     LORA_MODES,
@@ -414,6 +415,99 @@ def check_shared_expert() -> float:
               f"s{config['shared_expert_intermediate_size']} E{config['num_experts']} k{config['num_experts_per_tok']} "
               f"{batch}x{seq} {str(entry):>42} {'ckpt' if ckpt else 'full'}: profiled {peak:>10,} B, "
               f"formula/profiled {ratio:.3f}", flush=True)
+    return worst
+
+
+def _gpt_oss(h: int, i: int, layers: int, experts: int, top_k: int, vocab: int, heads: int, kv: int, head_dim: int,
+             window: int = 32) -> dict:
+    """A gpt-oss decoder config: a sliding-window layer, then a full one, ... (gpt-oss-20b's pattern)."""
+    types = ["sliding_attention" if j % 2 == 0 else "full_attention" for j in range(layers)]
+    return {"model_type": "gpt_oss", "hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": vocab,
+            "num_local_experts": experts, "num_experts_per_tok": top_k, "sliding_window": window,
+            "layer_types": types}
+
+
+GPT_OSS_FIT = [_gpt_oss(192, 256, 2, 4, 2, 700, 4, 2, 48), _gpt_oss(128, 384, 2, 8, 2, 500, 8, 2, 32),
+               _gpt_oss(256, 192, 2, 8, 4, 600, 4, 1, 64), _gpt_oss(160, 512, 3, 16, 2, 500, 2, 2, 80, 48),
+               _gpt_oss(224, 320, 2, 8, 2, 900, 8, 4, 32), _gpt_oss(128, 128, 2, 32, 4, 400, 4, 2, 64),
+               _gpt_oss(192, 448, 2, 4, 1, 600, 6, 2, 32, 64), _gpt_oss(160, 256, 4, 12, 3, 500, 4, 4, 40)]
+"""gpt-oss decoders the :data:`~lowmem_lightning.estimate.GPT_OSS_ACTIVATION_BYTES` are fitted on (experts, top-k,
+heads, key/value heads, head widths, windows and sizes varied)."""
+
+GPT_OSS_SHAPES = [(2, 96), (1, 160), (3, 64)]
+"""``(batch, seq)`` profiled at each :data:`GPT_OSS_FIT` decoder, with and without checkpointing, dropout 0 and 0.05."""
+
+GPT_OSS_CHECK = [(_gpt_oss(208, 352, 2, 8, 2, 650, 4, 2, 64), 2, 112, 0.1),
+                 (_gpt_oss(144, 288, 3, 6, 3, 550, 6, 2, 48, 24), 1, 192, 0.0),
+                 (_gpt_oss(240, 160, 2, 16, 4, 700, 8, 8, 32, 64), 3, 80, 0.05),
+                 (_gpt_oss(96, 192, 2, 8, 2, 6000, 4, 2, 32), 2, 64, 0.0)]
+"""``(config, batch, seq, LoRA dropout)`` the gpt-oss terms are checked on (not fitted); the last is bound by the loss
+under checkpointing."""
+
+
+def _gpt_oss_formula(config: dict, batch: int, seq: int, mode: str, dropout: float, ckpt: bool,
+                     without_table: bool = False) -> int:
+    """The QLoRA formula (LoRA on the attention, NF4 experts, eager attention) for a gpt-oss ``config``; with
+    ``without_table`` its :data:`~lowmem_lightning.estimate.GPT_OSS_ACTIVATION_BYTES` terms left out."""
+    saved = GPT_OSS_ACTIVATION_BYTES[mode]
+    if without_table:
+        GPT_OSS_ACTIVATION_BYTES[mode] = (0.0,) * len(saved)
+    try:
+        return lora_activation_bytes(config, batch, seq, base="nf4", mode=mode, targets="attention", rank=RANK,
+                                     dropout=dropout, gradient_checkpointing=ckpt, device="cpu", attention="eager")
+    finally:
+        GPT_OSS_ACTIVATION_BYTES[mode] = saved
+
+
+def _gpt_oss_peak(config: dict, batch: int, seq: int, mode: str, dropout: float, ckpt: bool) -> int:
+    model, autocast = build_lora_model(config, seq, "nf4", mode, dropout, "attention", ckpt, attention="eager")
+    return profiled_peak(model, config["vocab_size"], batch, seq, autocast)
+
+
+def _gpt_oss_features(config: dict, batch: int, seq: int, ckpt: bool) -> list[float]:
+    """Per token: ``[L * h, L * K * i, L * K * h, L * E, L * heads * seq, seq]`` (``L`` the held layers: 1 under
+    checkpointing): the table's per-layer terms, its per-score term (``batch * heads * seq**2`` scores over ``batch *
+    seq`` tokens) and its once-per-model mask term (``batch * seq**2`` elements)."""
+    held = 1 if ckpt else config["num_hidden_layers"]
+    top_k = config["num_experts_per_tok"]
+    per_layer = [config["hidden_size"], top_k * config["intermediate_size"], top_k * config["hidden_size"],
+                 config["num_local_experts"], config["num_attention_heads"] * seq]
+    return [held * f for f in per_layer] + [seq]
+
+
+def fit_gpt_oss() -> dict:
+    """``mode -> (full_h, full_ki, full_kh, full_e, full_score, full_mask, layer_h, ..., layer_mask)``: least squares of
+    what each :data:`GPT_OSS_FIT` decoder at each :data:`GPT_OSS_SHAPES` holds per token beyond the MoE formula with
+    eager attention (:func:`_gpt_oss_formula` without the table), against :func:`_gpt_oss_features`; LoRA dropout 0 and
+    0.05 pooled (the attention adapters' dropout is the Llama terms')."""
+    table = {}
+    for mode in LORA_MODES:
+        pairs: dict[bool, list] = {False: [], True: []}
+        for config, (batch, seq), ckpt, dropout in itertools.product(GPT_OSS_FIT, GPT_OSS_SHAPES, (False, True),
+                                                                     (0.0, 0.05)):
+            peak = _gpt_oss_peak(config, batch, seq, mode, dropout, ckpt)
+            base = _gpt_oss_formula(config, batch, seq, mode, dropout, ckpt, without_table=True)
+            pairs[ckpt].append((_gpt_oss_features(config, batch, seq, ckpt), (peak - base) / (batch * seq)))
+        x = {ckpt: np.linalg.lstsq(np.array([f for f, _ in p], float), np.array([v for _, v in p]), rcond=None)[0]
+             for ckpt, p in pairs.items()}
+        table[mode] = tuple(round(float(v), 2) + 0.0 for v in (*x[False], *x[True]))  # + 0.0: no -0.0
+        print(f"    {mode!r}: {table[mode]},", flush=True)
+    return table
+
+
+def check_gpt_oss() -> float:
+    """Profile the :data:`GPT_OSS_CHECK` decoders, every mode with and without checkpointing, against the formula;
+    print each ratio, return the largest ``|ratio - 1|``."""
+    worst = 0.0
+    for (config, batch, seq, dropout), mode, ckpt in itertools.product(GPT_OSS_CHECK, LORA_MODES, (False, True)):
+        peak = _gpt_oss_peak(config, batch, seq, mode, dropout, ckpt)
+        ratio = _gpt_oss_formula(config, batch, seq, mode, dropout, ckpt) / peak
+        worst = max(worst, abs(ratio - 1))
+        print(f"gpt_oss h{config['hidden_size']} i{config['intermediate_size']} E{config['num_local_experts']} "
+              f"k{config['num_experts_per_tok']} H{config['num_attention_heads']} {batch}x{seq} dropout {dropout} "
+              f"{mode:>23} {'ckpt' if ckpt else 'full'}: profiled {peak:>10,} B, formula/profiled {ratio:.3f}",
+              flush=True)
     return worst
 
 
@@ -913,6 +1007,8 @@ def main(argv=None) -> int:
     parser.add_argument("--glm4", action="store_true", help="fit the GLM-4 terms, then check them")
     parser.add_argument("--exaone4", action="store_true", help="fit the EXAONE 4 terms, then check them")
     parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
+    parser.add_argument("--gpt-oss", action="store_true",
+                        help="fit the gpt-oss terms (eager attention, NF4 experts), then check them")
     parser.add_argument("--granite", action="store_true",
                         help="check the Granite terms (one more hidden-wide tensor; nothing fitted)")
     parser.add_argument("--kin", action="store_true",
@@ -929,6 +1025,9 @@ def main(argv=None) -> int:
     if args.qwen2_moe:
         SHARED_EXPERT_ACTIVATION_BYTES.update(fit_shared_expert())  # checked as fitted (the table pasted from it)
         print(f"largest |formula / profiled - 1| (qwen2_moe): {check_shared_expert():.3f}")
+    if args.gpt_oss:
+        GPT_OSS_ACTIVATION_BYTES.update(fit_gpt_oss())  # checked as fitted (the table pasted from it)
+        print(f"largest |formula / profiled - 1| (gpt_oss): {check_gpt_oss():.3f}")
     if args.widths:
         width_table, norm_table = fit_widths(measure_widths())
         for key, value in width_table.items():

@@ -61,6 +61,7 @@ __all__ = [
     "LORA_ACTIVATION_COEFFICIENTS",
     "MOE_ACTIVATION_MODEL_TYPES",
     "MOE_LORA_ACTIVATION_COEFFICIENTS",
+    "GPT_OSS_ACTIVATION_BYTES",
     "LORA_MODES",
     "LORA_TARGET_SETS",
     "FUSED_LORA_TARGET_SETS",
@@ -965,7 +966,10 @@ def _eager_terms(config, batch_size: int, seq_len: int, compute_bytes: int, chec
 
 def unmodelled_attention(config, seq_len: int, attention: str) -> str:
     """What the formulas were not fitted to in ``attention`` (``""``: nothing): an implementation other than
-    :data:`ATTENTIONS`, and eager attention where some layers but not all slide (two masks; not profiled)."""
+    :data:`ATTENTIONS`, gpt-oss under one other than eager, and eager attention where some layers but not all slide
+    (two masks; profiled for gpt-oss only, :data:`GPT_OSS_ACTIVATION_BYTES`)."""
+    if _model_type(config) == "gpt_oss" and attention != "eager":
+        return f"gpt-oss under attention {attention!r} (fitted to 'eager', the one transformers runs it with)"
     if attention not in ATTENTIONS:
         return f"attention {attention!r} (fitted to {', '.join(repr(a) for a in ATTENTIONS)})"
     sliding = sliding_window_layers(config, seq_len)
@@ -1157,20 +1161,22 @@ NF4_DEQUANTIZE_BYTES = {"cuda": {2: 2, 4: 4}, "cpu": {2: 10, 4: 8}}
 CUDA the Triton kernel writes the dense weight once (the element size); on the CPU the PyTorch reference
 also holds the int32 codes and fp32 values (torch's profiler: 10.0 B/weight into bf16, 8.06 into fp32)."""
 
-MOE_ACTIVATION_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe")
+MOE_ACTIVATION_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss")
 """MoE ``config.model_type`` values :func:`lora_activation_bytes` models: a Llama-style decoder layer (Qwen3's with
 its q/k norms) with transformers' experts in every layer (:data:`MOE_CONFIG_KEYS`: how many of what width, and
 ``num_experts_per_tok`` per token) in NF4 (:class:`~lowmem_lightning.quant.Experts4bit`), under LoRA on the four
 attention projections (what the recipes' LoRA lands on there). Fitted on Mixtral, checked on Qwen3-MoE (``python
 benchmarks/lora_activations.py --widths``) and OLMoE (Qwen3-MoE's layer: q/k norms, no shared expert; its
 ``clip_qkv`` not modelled); Qwen2-MoE's shared expert, with or without LoRA on it (the recipes' seven
-names adapt it), adds :data:`SHARED_EXPERT_ACTIVATION_BYTES`. Not modelled: other MoE layers (dense layers among the
-sparse ones, ...), a dense or full-weight base."""
+names adapt it), adds :data:`SHARED_EXPERT_ACTIVATION_BYTES`; gpt-oss (eager attention with sinks, sliding windows in
+every other layer, biased experts) adds :data:`GPT_OSS_ACTIVATION_BYTES`. Not modelled: other MoE layers (dense layers
+among the sparse ones, ...), a dense or full-weight base."""
 
 MOE_CONFIG_KEYS = {"mixtral": ("intermediate_size", "num_local_experts"),
                    "qwen3_moe": ("moe_intermediate_size", "num_experts"),
                    "qwen2_moe": ("moe_intermediate_size", "num_experts"),
-                   "olmoe": ("intermediate_size", "num_experts")}
+                   "olmoe": ("intermediate_size", "num_experts"),
+                   "gpt_oss": ("intermediate_size", "num_local_experts")}
 """``model_type -> (config key of one expert's intermediate size, config key of the experts per layer)``."""
 
 MOE_LORA_ACTIVATION_COEFFICIENTS: dict[str, tuple[float, float, float, float, float, float]] = {
@@ -1215,6 +1221,38 @@ recipes' seven names): ``h * hidden_size + s * s + ki * K * i + kh * K * h + e *
 (``full_*`` every layer without checkpointing, ``layer_*`` the recomputed one with it), by :data:`LORA_MODES` mode,
 dropout > 0 and targets. Least squares over torch's CPU profiler on the ``SHARED_EXPERT_FIT`` decoders of ``python
 benchmarks/lora_activations.py --qwen2-moe``, checked on its ``SHARED_EXPERT_CHECK`` ones."""
+
+
+GPT_OSS_ACTIVATION_BYTES: dict[str, tuple[float, ...]] = {
+    # mode: (full_h, full_ki, full_kh, full_e, full_score, full_mask,
+    #        layer_h, layer_ki, layer_kh, layer_e, layer_score, layer_mask)
+    "fp32": (1.82, 11.0, -0.36, 29.98, -0.46, 10.82, -4.64, 11.37, 0.27, 33.85, 0.42, 0.93),
+    "bf16": (0.51, 5.62, -0.43, 15.23, -4.16, 4.85, -10.98, 7.78, -0.33, -43.37, -4.42, 2.89),
+    "bf16-base-fp32-adapters": (-0.25, 5.65, -0.44, 11.45, -4.25, 4.9, -11.65, 7.74, -0.36, -47.63, -4.59, 3.62),
+    "bf16-mixed": (0.42, 5.61, -0.36, 16.51, -4.11, 4.71, -11.23, 7.76, -0.31, -44.33, -4.42, 3.37),
+}
+"""Bytes that a gpt-oss layer (``model_type`` ``gpt_oss``: gpt-oss-20b and -120b) holds beyond the MoE formula's
+Mixtral layer under transformers' eager attention (the one it runs gpt-oss with: no SDPA), by :data:`LORA_MODES` mode:
+``h * hidden_size + ki * K * i + kh * K * h + e * E`` per token and ``score`` per attention score (``batch * heads *
+seq**2``) per held layer (``full_*`` every layer without checkpointing, ``layer_*`` the recomputed one with it: the
+attention sinks' column joined to the scores and their softmax in the scores' dtype, the experts' clamped gate and
+their biases, the router's biased logits), and ``mask`` per element of one more ``batch * seq**2`` mask once (the
+sliding-window layers' beside the full layers'). Least squares over torch's CPU profiler on the ``GPT_OSS_FIT``
+decoders of ``python benchmarks/lora_activations.py --gpt-oss``, checked on its ``GPT_OSS_CHECK`` ones."""
+
+
+def _gpt_oss_terms(config, mode: str, batch_size: int, seq_len: int, checkpointing: bool) -> tuple[int, int]:
+    """``(bytes per held layer, bytes once)`` that a gpt-oss layer adds (:data:`GPT_OSS_ACTIVATION_BYTES`; ``(0, 0)``
+    for another model type)."""
+    if _model_type(config) != "gpt_oss":
+        return 0, 0
+    h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
+    experts, top_k = _config_value(config, "num_local_experts"), _config_value(config, "num_experts_per_tok")
+    table = GPT_OSS_ACTIVATION_BYTES[mode]
+    per_h, per_ki, per_kh, per_e, per_score, per_mask = table[6:] if checkpointing else table[:6]
+    n, scores = batch_size * seq_len, batch_size * _config_value(config, "num_attention_heads") * seq_len**2
+    layer = n * (per_h * h + per_ki * top_k * i + per_kh * top_k * h + per_e * experts) + per_score * scores
+    return int(layer), int(per_mask * batch_size * seq_len**2)
 
 
 def _shared_expert_terms(config, entry: tuple[str, bool, str], h: int, i: int, experts: int,
@@ -1321,6 +1359,8 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     loss = n * _loss_bytes_per_vocab(config, d) * vocab
     mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents, attention)
     eager_layer, eager_once = _eager_terms(config, batch_size, seq_len, d, gradient_checkpointing, attention)
+    oss_layer, oss_once = _gpt_oss_terms(config, mode, batch_size, seq_len, gradient_checkpointing)
+    eager_layer, eager_once = eager_layer + oss_layer, eager_once + oss_once
     if gradient_checkpointing:
         layer = n * (layer_h * h + mlp_layer + rank_bytes + widths) + transient + (1 + d) * mask + eager_layer
         return int(n * ((layers + 1) * d * h + once) + max(layer, loss + n * 2 * d * h + mask)) + eager_once + rotary

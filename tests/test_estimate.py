@@ -585,6 +585,59 @@ def test_qwen2_moe_activations_are_modelled_for_the_qlora_recipe():
         lora_activation_bytes(mixtral, 1, 128, targets="all")  # no shared expert: the seven names are not fitted
 
 
+@pytest.mark.parametrize("check, mode, checkpointing", [
+    (0, "bf16-mixed", True),  # the QLoRA recipe's setting (dropout 0.1 here)
+    (1, "bf16-mixed", False),
+    (2, "fp32", True),
+    (1, "bf16", True),
+    (2, "bf16-base-fp32-adapters", False),
+    (3, "bf16-mixed", True),  # bound by the loss
+])
+def test_gpt_oss_lora_activation_formula_within_10_percent_of_the_profiler(check, mode, checkpointing):
+    """QLoRA on the attention of gpt-oss decoders (NF4 experts with biases, eager attention with sinks, a sliding window
+    shorter than the sequence in every other layer) at sizes, shapes and dropouts its terms were not fitted on
+    (``benchmarks/lora_activations.py --gpt-oss`` checks every mode)."""
+    bench = _lora_bench()
+    torch.set_num_threads(1)
+    config, batch, seq, dropout = bench.GPT_OSS_CHECK[check]
+    measured = bench._gpt_oss_peak(config, batch, seq, mode, dropout, checkpointing)
+    predicted = bench._gpt_oss_formula(config, batch, seq, mode, dropout, checkpointing)
+    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+def test_gpt_oss_activations_are_modelled_for_the_qlora_recipe_under_eager_attention():
+    """``lowmem estimate``'s figure for the QLoRA recipe on gpt-oss (the seven names fall back to its attention) is the
+    MoE formula's with the gpt-oss terms under the eager attention transformers builds it with; another attention, a
+    bf16 base without NF4 experts and a full fine-tune say why not."""
+    from lowmem_lightning.estimate import lora_activation_bytes, model_activation_bytes
+    from lowmem_lightning.modules.causal_lm import build_causal_lm
+
+    arch = {"model_type": "gpt_oss", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+            "num_experts_per_tok": 2, "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]}
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the recipes' names
+    lora = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": seven}
+    with pytest.warns(UserWarning, match="gate_proj, up_proj, down_proj"):
+        model = build_causal_lm(None, arch, "nf4", lora, device="meta", torch_dtype="bfloat16")
+    assert model.config._attn_implementation == "eager"
+    nbytes, detail = model_activation_bytes(model, 1, 128, True, "bf16-mixed", "cuda")
+    config = {**arch, "vocab_size": model.config.vocab_size}
+    assert nbytes == lora_activation_bytes(config, 1, 128, mode="bf16-mixed", dropout=0.05, targets="attention",
+                                           attention="eager")
+    assert "LoRA r=16 on 4 projections" in detail and "eager attention" in detail, detail
+    with pytest.raises(ValueError, match=r"gpt-oss under attention 'sdpa' \(fitted to 'eager'"):
+        lora_activation_bytes(config, 1, 128, targets="attention")
+    model.config._attn_implementation = "flash_attention_2"
+    assert model_activation_bytes(model, 1, 128, True, "bf16-mixed", "cuda") == (
+        None, "not modelled for gpt-oss under attention 'flash_attention_2' (fitted to 'eager', the one transformers "
+              "runs it with)")
+    for built in (build_causal_lm(None, arch, None, {**lora, "target_modules": seven[:4]}, device="meta",
+                                  torch_dtype="bfloat16"),
+                  build_causal_lm(None, arch, None, None, device="meta", torch_dtype="bfloat16")):
+        nbytes, detail = model_activation_bytes(built, 1, 128, True, "bf16-mixed", "cuda")
+        assert nbytes is None and detail.startswith("not modelled for this gpt_oss model"), detail
+
+
 def test_olmoe_is_modelled_as_qwen3_moe_layers_and_clip_qkv_is_said_not_modelled():
     """OLMoE under the QLoRA recipe gets the MoE formula with the q/k-norm terms (its norms span the whole query and key
     widths: as many elements as Qwen3's per-head ones); a config with ``clip_qkv`` says why not."""
