@@ -169,6 +169,8 @@ def test_the_recipes_lora_lands_on_the_architectures_linear_projections(name, mo
         assert nbytes > 0 and "LoRA r=16 on 6 projections" in detail, detail
     elif model_type in ("mixtral", "qwen3_moe", "olmoe"):  # NF4 experts, LoRA on the attention: the MoE formula's
         assert nbytes > 0 and "LoRA r=16 on 4 projections" in detail, detail
+    elif model_type == "gpt_oss":  # the MoE formula's with gpt-oss's terms, under the eager attention it runs with
+        assert nbytes > 0 and "LoRA r=16 on 4 projections" in detail and "eager attention" in detail, detail
     elif model_type == "qwen2_moe":  # the seven names adapt its attention and shared expert: the MoE formula's
         assert nbytes > 0 and "LoRA r=16 on 7 projections" in detail, detail
     else:
