@@ -7,7 +7,10 @@ block-diagonal causal mask, but only when ``attention_mask`` is None and no cach
 (a ``[batch, 1, seq, seq]`` mask) and ``flex_attention`` (a block mask). The ``flash_attention_*``
 implementations find the documents from ``position_ids`` only in one flattened row (batch size 1), so a
 ``[batch, seq]`` batch is flattened into ``[1, batch * seq]`` for them (as ``DataCollatorWithFlattening``
-does); any other implementation (a kernel registered by name) gets no mask at all and is refused.
+does); any other implementation (a kernel registered by name) gets no mask at all and is refused. Some models'
+forward builds its masks without the positions (transformers 5: gpt-oss, AFMoE, OPT, BLOOM, XGLM; BioGPT from an
+all-ones mask of its own), which would let the documents see each other: :func:`packed_call` hands the positions to
+the mask factories their modeling modules call (:func:`_positions_given`).
 
 Models with multimodal rotary positions (``mrope_section``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V, ...)
 take ``position_ids`` as ``[4, batch, seq]``: the text positions (which the mask is built from), then one row per
