@@ -62,25 +62,37 @@ def main(argv: list[str]) -> int:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    warnings.filterwarnings("ignore")
+    verbosity, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
+    handler = signal.signal(signal.SIGALRM, _raise_timeout)
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
-    signal.signal(signal.SIGALRM, _raise_timeout)
     counts: dict[str, int] = {}
-    for model_type in argv or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        signal.alarm(20)
-        try:
-            verdict = check(model_type)
-        except _TimedOut:
-            verdict = "not built (over 20 s)"
-        except Exception as error:  # a toy size its config refuses, a package it needs
-            verdict = f"not built ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
-        finally:
-            signal.alarm(0)
-        counts[verdict.split()[0]] = counts.get(verdict.split()[0], 0) + 1
-        print(f"{model_type:28} {verdict}", flush=True)
+    try:
+        for model_type in argv or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+            verdict = _timed_verdict(model_type)
+            counts[verdict.split()[0]] = counts.get(verdict.split()[0], 0) + 1
+            print(f"{model_type:28} {verdict}", flush=True)
+    finally:  # as it was: the sweep also runs inside a test process
+        signal.signal(signal.SIGALRM, handler)
+        transformers.logging.set_verbosity(verbosity)
+        torch.set_num_threads(threads)
     print(", ".join(f"{kind}: {count}" for kind, count in sorted(counts.items())))
     return 0
+
+
+def _timed_verdict(model_type: str) -> str:
+    """:func:`check` of ``model_type``, or why its toy model was not built (an error, or over 20 s)."""
+    signal.alarm(20)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return check(model_type)
+    except _TimedOut:
+        return "not built (over 20 s)"
+    except Exception as error:  # a toy size its config refuses, a package it needs
+        return f"not built ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
+    finally:
+        signal.alarm(0)
 
 
 if __name__ == "__main__":

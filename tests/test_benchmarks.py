@@ -156,3 +156,14 @@ def test_frozen_checkpoint_small(capsys, one_thread):
             if line.startswith(("| whole |", "| frozen base left out |"))}
     assert rows["whole"] > 20 * rows["frozen base left out"], rows
     assert "equal to the trained module: True" in text
+
+
+def test_packed_documents_sweep_gives_each_model_type_a_verdict(capsys):
+    """``packed_documents_sweep.py gpt_oss nosuchtype``: gpt-oss keeps its packed documents apart (through
+    ``packed_call``), a type transformers lacks is listed as not built, and the counts close the output."""
+    sweep = _load("packed_documents_sweep")
+    assert sweep.main(["gpt_oss", "nosuchtype"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["gpt_oss", "OK"], lines
+    assert lines[1].split()[:3] == ["nosuchtype", "not", "built"], lines
+    assert lines[-1] == "OK: 1, not: 1"
