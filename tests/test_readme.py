@@ -644,11 +644,15 @@ def test_default_run_final_screen(tmp_path):
     assert len(train) == 300 and all(r["optim/state_MiB"] and r["optim/state_bytes_per_param"]
                                      and r["optim/skipped_updates"] for r in train)
     assert all(r["val_ppl"] for r in val)
-    loss, state, val_loss, step = re.fullmatch(
-        r"loss ([\d.]+) · state ([\d.]+) MiB · val_loss ([\d.]+) \(step (\d+)\)", lines[2]).groups()
-    assert (f"{float(train[-1]['train_loss']):.3f}", f"{float(val[-1]['val_loss']):.3f}", step) == (
-        loss, val_loss, "300")
+    pattern = r"loss ([\d.]+) · state ([\d.]+) MiB · val_loss ([\d.]+) \(step (\d+)\)"
+    readme_loss, readme_state, readme_val_loss, _ = re.fullmatch(pattern, lines[2]).groups()
+    loss, state, val_loss, step = re.search(pattern, out).groups()  # the run's own screen line
+    assert (f"{float(train[-1]['train_loss']):.3f}", f"{float(val[-1]['val_loss']):.3f}", state, step) == (
+        loss, val_loss, readme_state, "300")
+    # the losses' last decimals depend on the CPU's float arithmetic (README: an AMD EPYC ends at 2.456 / 2.447)
+    assert abs(float(loss) - float(readme_loss)) <= 0.03 and abs(float(val_loss) - float(readme_val_loss)) <= 0.03
     first, last = re.search(r"train loss ([\d.]+) -> ([\d.]+)", TEXT).groups()
-    assert (f"{float(train[0]['train_loss']):.2f}", f"{float(train[-1]['train_loss']):.2f}") == (first, last)
+    assert f"{float(train[0]['train_loss']):.2f}" == first
+    assert abs(float(train[-1]["train_loss"]) - float(last)) <= 0.03, (train[-1]["train_loss"], last)
     assert [p.name for p in (run / "checkpoints").glob("*.ckpt")] == ["epoch=1-step=300.ckpt"]  # the newest kept
     assert (run / "state_memory.png").is_file()
