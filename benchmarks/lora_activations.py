@@ -78,6 +78,14 @@ setting as ``--widths``.
 
     python benchmarks/lora_activations.py --granite  # ~3 minutes on one core
 
+``--gpt-oss`` fits :data:`~lowmem_lightning.estimate.GPT_OSS_ACTIVATION_BYTES` (gpt-oss under its eager attention, NF4
+experts, LoRA on the attention) from the :data:`GPT_OSS_FIT` decoders against the MoE formula, every mode, then checks
+the :data:`GPT_OSS_CHECK` ones; ``--gpt-oss-scale`` checks it beyond them (:data:`GPT_OSS_SCALE`: more layers,
+gpt-oss-20b's widths) and on packed documents.
+
+    python benchmarks/lora_activations.py --gpt-oss         # ~6 minutes on one core
+    python benchmarks/lora_activations.py --gpt-oss-scale   # ~12 minutes on one core
+
 ``--kin`` fits nothing: it profiles the decoders whose layer is another's under another name (:data:`KIN_MODEL_TYPES`:
 Ministral 3 and 8B, InternLM3, Seed-OSS, SmolLM3, Hunyuan dense, OLMo 3, the language models of Qwen2-VL, Qwen2.5-VL
 and Qwen3-VL) and the Llama, Qwen2, Qwen3 or OLMo 2 decoder of the same shapes at the :data:`KIN_SHAPES`, every setting
@@ -508,6 +516,47 @@ def check_gpt_oss() -> float:
               f"k{config['num_experts_per_tok']} H{config['num_attention_heads']} {batch}x{seq} dropout {dropout} "
               f"{mode:>23} {'ckpt' if ckpt else 'full'}: profiled {peak:>10,} B, formula/profiled {ratio:.3f}",
               flush=True)
+    return worst
+
+
+GPT_OSS_SCALE = [(_gpt_oss(128, 128, 8, 8, 2, 500, 4, 2, 32), 1, 160, (("fp32", False), ("bf16-mixed", False),
+                                                                     ("bf16-mixed", True))),
+                 (_gpt_oss(160, 192, 12, 4, 2, 500, 8, 2, 32, 48), 2, 96, (("fp32", False), ("bf16-mixed", False),
+                                                                          ("bf16-mixed", True))),
+                 (_gpt_oss(1024, 1024, 2, 32, 4, 2000, 16, 4, 64, 128), 1, 512, (("bf16-mixed", True),
+                                                                                ("bf16-mixed", False), ("bf16", True))),
+                 (_gpt_oss(2880, 2880, 2, 32, 4, 2000, 64, 8, 64, 128), 1, 256, (("bf16-mixed", True),
+                                                                                ("bf16-mixed", False), ("bf16", True))),
+                 (_gpt_oss(2880, 2880, 2, 32, 4, 2000, 64, 8, 64, 128), 1, 1024, (("bf16-mixed", True),
+                                                                                 ("bf16-mixed", False)))]
+"""``(config, batch, seq, (mode, checkpointing) settings)`` beyond the fitted sizes: 8 and 12 layers, a hidden size of
+1024, and gpt-oss-20b's own widths (2880, 32 experts, top-4, 64 heads, 8 key/value heads, window 128) in two layers
+at seq 256 and 1024 (~10 minutes on one core); dropout 0.05, the recipe's."""
+
+
+def check_gpt_oss_scale() -> float:
+    """Profile the :data:`GPT_OSS_SCALE` decoders against the formula, and the first three :data:`GPT_OSS_CHECK` ones
+    with packed documents (three per row, kept apart) against the formula with ``isolate_documents``; print each
+    ratio, return the largest ``|ratio - 1|``."""
+    worst = 0.0
+    for config, batch, seq, settings in GPT_OSS_SCALE:
+        for mode, ckpt in settings:
+            ratio = _gpt_oss_formula(config, batch, seq, mode, 0.05, ckpt) / _gpt_oss_peak(config, batch, seq, mode,
+                                                                                             0.05, ckpt)
+            worst = max(worst, abs(ratio - 1))
+            print(f"gpt_oss h{config['hidden_size']} L{config['num_hidden_layers']} {batch}x{seq} {mode:>10} "
+                  f"{'ckpt' if ckpt else 'full'}: formula/profiled {ratio:.3f}", flush=True)
+    for (config, batch, seq, dropout), mode, ckpt in itertools.product(
+            GPT_OSS_CHECK[:3], ("bf16-mixed", "fp32"), (True, False)):
+        positions = torch.cat([torch.arange(seq // 3), torch.arange(seq - seq // 3)]).repeat(batch, 1)
+        model, autocast = build_lora_model(config, seq, "nf4", mode, dropout, "attention", ckpt, attention="eager")
+        peak = profiled_peak(model, config["vocab_size"], batch, seq, autocast, position_ids=positions)
+        ratio = lora_activation_bytes(config, batch, seq, base="nf4", mode=mode, targets="attention", rank=RANK,
+                                      dropout=dropout, gradient_checkpointing=ckpt, device="cpu", attention="eager",
+                                      isolate_documents=True) / peak
+        worst = max(worst, abs(ratio - 1))
+        print(f"gpt_oss h{config['hidden_size']} {batch}x{seq} packed {mode:>10} {'ckpt' if ckpt else 'full'}: "
+              f"formula/profiled {ratio:.3f}", flush=True)
     return worst
 
 
@@ -1009,6 +1058,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
     parser.add_argument("--gpt-oss", action="store_true",
                         help="fit the gpt-oss terms (eager attention, NF4 experts), then check them")
+    parser.add_argument("--gpt-oss-scale", action="store_true",
+                        help="check the gpt-oss terms at more layers, gpt-oss-20b's widths and packed documents")
     parser.add_argument("--granite", action="store_true",
                         help="check the Granite terms (one more hidden-wide tensor; nothing fitted)")
     parser.add_argument("--kin", action="store_true",
@@ -1028,6 +1079,8 @@ def main(argv=None) -> int:
     if args.gpt_oss:
         GPT_OSS_ACTIVATION_BYTES.update(fit_gpt_oss())  # checked as fitted (the table pasted from it)
         print(f"largest |formula / profiled - 1| (gpt_oss): {check_gpt_oss():.3f}")
+    if args.gpt_oss_scale:
+        print(f"largest |formula / profiled - 1| (gpt_oss scale): {check_gpt_oss_scale():.3f}")
     if args.widths:
         width_table, norm_table = fit_widths(measure_widths())
         for key, value in width_table.items():
