@@ -315,6 +315,23 @@ def test_layers_that_carry_state_across_documents_are_refused_before_the_build(t
     assert layers_across_documents(llama.config, llama) == ["token convolutions (model.layers.0.mixer, ...: 1 in all)"]
 
 
+
+def test_recurrent_models_without_layer_types_are_refused():
+    """RWKV and xLSTM carry state through every layer and list no ``layer_types``: ``isolate_documents`` is refused for
+    them as for Qwen3.5 (before: RWKV's packed documents mixed, max |logit difference| 1.4,
+    ``benchmarks/packed_documents_sweep.py``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowmem_lightning.modules.packed_attention import packed_documents_problem
+
+    config = AutoConfig.for_model("rwkv", hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                  intermediate_size=64, vocab_size=259)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    with pytest.raises(ValueError, match=r"this rwkv model: its RWKV time-mixing layers \(2 of 2\) carry state"):
+        packed_call(model, torch.arange(16)[None], None, positions)
+    assert "its xLSTM layers (32 of 32) carry state" in packed_documents_problem(AutoConfig.for_model("xlstm"))
+
 def test_moe_and_mlp_layers_listed_among_the_mixers_are_not_taken_for_state():
     """Nemotron-H lists its MoE and MLP layers in ``layer_types`` beside its Mamba (``linear_attention``) and attention
     layers: the refusal named them as carrying state across documents too (before); they mix no tokens."""

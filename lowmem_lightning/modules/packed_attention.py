@@ -32,8 +32,8 @@ from torch import nn
 from lowmem_lightning.multimodal import language_model_modules, text_config
 
 __all__ = ["FLATTENED_ATTENTION", "KEPT_APART_LAYER_TYPES", "MASKED_ATTENTION", "PER_POSITION_LAYER_TYPES",
-           "attention_implementation", "layers_across_documents", "packed_call", "packed_documents_problem",
-           "uses_multimodal_rotary"]
+           "RECURRENT_MODEL_TYPES", "attention_implementation", "layers_across_documents", "packed_call",
+           "packed_documents_problem", "uses_multimodal_rotary"]
 
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations for which transformers builds the block-diagonal mask of packed documents from
@@ -61,12 +61,18 @@ PER_POSITION_LAYER_TYPES = ("moe", "mlp", "sparse", "dense")
 transformers' MLP kinds): nothing of one document reaches another through them."""
 
 
+RECURRENT_MODEL_TYPES = {"rwkv": "RWKV time-mixing", "xlstm": "xLSTM"}
+"""``model_type -> name of its layers`` for recurrent models whose config lists no ``layer_types``: every layer carries
+state from one document of a packed block into the next."""
+
+
 def layers_across_documents(config, model: nn.Module | None = None) -> list[str]:
     """What mixes tokens without an attention mask in the model of transformers config ``config`` (or in ``model``),
     so that no ``position_ids`` keep the documents of a packed block apart: the text config's ``layer_types`` entries
     other than :data:`KEPT_APART_LAYER_TYPES` and :data:`PER_POSITION_LAYER_TYPES` (the linear-attention /
     state-space layers of Qwen3.5, Qwen3-Next, Falcon-H1, Jamba, Nemotron-H, ...: their recurrent state and causal
-    convolution run through the whole block in transformers' PyTorch path), and, where it lists none, the
+    convolution run through the whole block in transformers' PyTorch path), every layer of a
+    :data:`RECURRENT_MODEL_TYPES` model (RWKV, xLSTM: no ``layer_types``), and, where it lists none, the
     ``nn.Conv1d`` token convolutions of ``model``'s language model (not those of an audio or vision tower: Gemma 4's
     audio conformer). Each as ``"<type> layers (<count> of <layers>)"``; ``[]`` for attention-only models."""
     text = text_config(config)
@@ -74,6 +80,10 @@ def layers_across_documents(config, model: nn.Module | None = None) -> list[str]
     types = list(types) if isinstance(types, (list, tuple)) else []
     found = [f"{kind} layers ({types.count(kind)} of {len(types)})"
              for kind in dict.fromkeys(types) if kind not in KEPT_APART_LAYER_TYPES + PER_POSITION_LAYER_TYPES]
+    recurrent = RECURRENT_MODEL_TYPES.get(getattr(text, "model_type", None))
+    if recurrent and not found:
+        layers = getattr(text, "num_hidden_layers", None)
+        found = [f"{recurrent} layers ({layers} of {layers})"]
     if not found and model is not None:
         convs = [name for name, module in language_model_modules(model) if isinstance(module, nn.Conv1d)]
         if convs:
