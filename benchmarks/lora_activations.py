@@ -455,22 +455,27 @@ under checkpointing."""
 
 
 def _gpt_oss_formula(config: dict, batch: int, seq: int, mode: str, dropout: float, ckpt: bool,
-                     without_table: bool = False) -> int:
+                     without_table: bool = False, packed: bool = False) -> int:
     """The QLoRA formula (LoRA on the attention, NF4 experts, eager attention) for a gpt-oss ``config``; with
-    ``without_table`` its :data:`~lowmem_lightning.estimate.GPT_OSS_ACTIVATION_BYTES` terms left out."""
+    ``without_table`` its :data:`~lowmem_lightning.estimate.GPT_OSS_ACTIVATION_BYTES` terms left out; ``packed``:
+    packed documents kept apart (``isolate_documents``)."""
     saved = GPT_OSS_ACTIVATION_BYTES[mode]
     if without_table:
         GPT_OSS_ACTIVATION_BYTES[mode] = (0.0,) * len(saved)
     try:
         return lora_activation_bytes(config, batch, seq, base="nf4", mode=mode, targets="attention", rank=RANK,
-                                     dropout=dropout, gradient_checkpointing=ckpt, device="cpu", attention="eager")
+                                     dropout=dropout, gradient_checkpointing=ckpt, device="cpu", attention="eager",
+                                     isolate_documents=packed)
     finally:
         GPT_OSS_ACTIVATION_BYTES[mode] = saved
 
 
-def _gpt_oss_peak(config: dict, batch: int, seq: int, mode: str, dropout: float, ckpt: bool) -> int:
+def _gpt_oss_peak(config: dict, batch: int, seq: int, mode: str, dropout: float, ckpt: bool,
+                  packed: bool = False) -> int:
+    """The profiled peak of that run; ``packed``: three documents per row (``position_ids`` restarting)."""
     model, autocast = build_lora_model(config, seq, "nf4", mode, dropout, "attention", ckpt, attention="eager")
-    return profiled_peak(model, config["vocab_size"], batch, seq, autocast)
+    positions = torch.cat([torch.arange(seq // 3), torch.arange(seq - seq // 3)]).repeat(batch, 1) if packed else None
+    return profiled_peak(model, config["vocab_size"], batch, seq, autocast, position_ids=positions)
 
 
 def _gpt_oss_features(config: dict, batch: int, seq: int, ckpt: bool) -> list[float]:
@@ -548,12 +553,8 @@ def check_gpt_oss_scale() -> float:
                   f"{'ckpt' if ckpt else 'full'}: formula/profiled {ratio:.3f}", flush=True)
     for (config, batch, seq, dropout), mode, ckpt in itertools.product(
             GPT_OSS_CHECK[:3], ("bf16-mixed", "fp32"), (True, False)):
-        positions = torch.cat([torch.arange(seq // 3), torch.arange(seq - seq // 3)]).repeat(batch, 1)
-        model, autocast = build_lora_model(config, seq, "nf4", mode, dropout, "attention", ckpt, attention="eager")
-        peak = profiled_peak(model, config["vocab_size"], batch, seq, autocast, position_ids=positions)
-        ratio = lora_activation_bytes(config, batch, seq, base="nf4", mode=mode, targets="attention", rank=RANK,
-                                      dropout=dropout, gradient_checkpointing=ckpt, device="cpu", attention="eager",
-                                      isolate_documents=True) / peak
+        ratio = (_gpt_oss_formula(config, batch, seq, mode, dropout, ckpt, packed=True)
+                 / _gpt_oss_peak(config, batch, seq, mode, dropout, ckpt, packed=True))
         worst = max(worst, abs(ratio - 1))
         print(f"gpt_oss h{config['hidden_size']} {batch}x{seq} packed {mode:>10} {'ckpt' if ckpt else 'full'}: "
               f"formula/profiled {ratio:.3f}", flush=True)
