@@ -167,3 +167,16 @@ def test_packed_documents_sweep_gives_each_model_type_a_verdict(capsys):
     assert lines[0].split()[:2] == ["gpt_oss", "OK"], lines
     assert lines[1].split()[:3] == ["nosuchtype", "not", "built"], lines
     assert lines[-1] == "OK: 1, not: 1"
+
+
+def test_peft_methods_4bit_prints_each_methods_row_per_backend(capsys):
+    """``peft_methods_4bit.py VeRA OFT``: on our NF4, VeRA's forward equals its dense twin's and both merges keep the
+    adapter model's logits; OFT's merges are refused with our message."""
+    table = _load("peft_methods_4bit")
+    assert table.main(["VeRA", "OFT"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if " | ours | " in line]
+    assert [r[0] for r in rows] == ["VeRA", "OFT"], rows
+    vera, oft = rows
+    assert vera[2] == "forward 0.0e+00", vera
+    assert all(float(cell.split()[-1]) < 1e-5 for cell in vera[3:]), vera
+    assert oft[2] == "forward 0.0e+00" and all("stored as 4-bit NF4 codes" in cell for cell in oft[3:]), oft

@@ -42,6 +42,13 @@ layers (peft then warns "modify a model with PEFT for a second time"); patching 
 LoftQ, ...) need a dense base weight: they fail at ``get_peft_model`` with an error naming
 ``NF4WeightHandle`` (:class:`LoraLinear4bit`, the layer of :func:`add_lora`, refuses them by name).
 
+peft's other adapter methods wrap the same ``nn.Linear`` and call ``base_layer(x)``: LoHa, LoKr, AdaLoRA (which sets
+``weight.requires_grad = False``: accepted), VeRA, FourierFT, LN tuning, SHiRA, C3A, RoAd, MiSS, WaveFT, GraLoRA,
+BOFT, OFT and IA3 compute on a 4-bit base exactly what they compute on its decoded weights held dense, and
+``merge_and_unload(safe_merge=True)`` merges all but OFT (a rotation of the weight) and IA3 (peft refuses 4-bit)
+losslessly; VeRA's and SHiRA's default merge (``w = weight.data; w += delta; weight.data = w``) works because ``+=``
+hands back the new dense weight (``tests/test_peft_methods_nf4.py``).
+
 ``quantize_model`` / ``load_pretrained_causal_lm`` mark the model ``is_loaded_in_4bit`` (an instance
 attribute, :func:`mark_loaded_in_4bit`), as transformers does for bitsandbytes 4-bit models: with it
 ``peft.prepare_model_for_kbit_training`` enables input gradients and gradient checkpointing. Its

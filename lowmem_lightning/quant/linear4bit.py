@@ -151,6 +151,15 @@ class _NF4LinearFunction(torch.autograd.Function):
         return grad_out @ ctx.layer.dequantize(grad_out.dtype), None
 
 
+_READ_REFUSAL = (
+    "Linear4bit.weight is stored as 4-bit NF4 codes, not as a tensor, so {name} cannot take it; use "
+    "layer.dequantize(dtype) for a dense copy (or layer.quantize_weight_(w) to store a new weight). Code that reads a "
+    "4-bit base weight as a tensor (peft's DoRA, PiSSA / OLoRA / CorDA initialization, HRA, DeLoRA) needs the model "
+    "loaded unquantized; a peft merge that fails here may work with merge_and_unload(safe_merge=True)."
+)
+"""What :class:`NF4WeightHandle` says when code reads it as a tensor (``{name}``: what was asked of it)."""
+
+
 class NF4WeightHandle:
     """``Linear4bit.weight`` while the weight is stored in NF4: a handle on the layer, not a tensor.
 
@@ -203,8 +212,18 @@ class NF4WeightHandle:
 
     @property
     def requires_grad(self) -> bool:
-        """False: the 4-bit weight is frozen."""
+        """False: the 4-bit weight is frozen. Setting False is accepted and changes nothing (peft's AdaLoRA and
+        others freeze the base weight so); setting True is refused: codes have no gradient."""
         return False
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        if value:
+            raise ValueError(
+                f"Invalid requires_grad={value!r} for Linear4bit.weight: a 4-bit NF4 weight is frozen and gets no "
+                "gradient. Train adapters on it (LoRA), or make the layer dense first (dequantize_model) to train "
+                "its weight."
+            )
 
     @property
     def data(self) -> NF4WeightHandle:
@@ -241,26 +260,29 @@ class NF4WeightHandle:
         return layer.weight
 
     def __getattr__(self, name: str):
-        raise AttributeError(
-            f"'NF4WeightHandle' has no attribute {name!r}: Linear4bit.weight is stored as 4-bit NF4 codes, not as "
-            "a tensor; use layer.dequantize(dtype) for a dense copy."
-        )
+        raise AttributeError(f"'NF4WeightHandle' has no attribute {name!r}: " + _READ_REFUSAL.format(name=f".{name}()"))
 
-    def __iadd__(self, delta: torch.Tensor) -> NF4WeightHandle:
+    def __iadd__(self, delta: torch.Tensor) -> torch.Tensor:
+        """``weight += delta`` (``weight.data += delta``): the layer becomes dense (lossless, see the module docstring);
+        returns its new dense weight, so ``w = layer.weight.data; w += delta; layer.weight.data = w`` (peft's
+        VeRA and SHiRA merges) holds one dense weight."""
         self._layer._merge_delta(delta, 1.0)
-        return self
+        return self._layer.weight.data
 
-    def __isub__(self, delta: torch.Tensor) -> NF4WeightHandle:
+    def __isub__(self, delta: torch.Tensor) -> torch.Tensor:
+        """``weight -= delta``: as ``+=`` with ``-delta``."""
         self._layer._merge_delta(delta, -1.0)
-        return self
+        return self._layer.weight.data
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(_READ_REFUSAL.format(name="an arithmetic operator"))
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __matmul__ = __rmatmul__ = __truediv__ = _refuse
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", repr(func))
-        raise TypeError(
-            f"Linear4bit.weight is stored as 4-bit NF4 codes, not as a tensor, so {name}() cannot take it; "
-            "use layer.dequantize(dtype) for a dense copy (or layer.quantize_weight_(w) to store a new weight)."
-        )
+        raise TypeError(_READ_REFUSAL.format(name=f"{name}()"))
 
     def __repr__(self) -> str:
         return f"NF4WeightHandle(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
