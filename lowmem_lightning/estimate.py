@@ -1459,10 +1459,10 @@ _MIXED = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torc
 
 
 def _lora_setting(model: nn.Module) -> dict | None:
-    """``{targets, rank, dropout, adapter_dtype}`` of the LoRA adapters in ``model`` (None: none): the
-    projection names that carry a ``lora_A``, the largest rank, the largest ``lora_dropout`` and the dtype of
-    the first adapter weight."""
-    targets, rank, dropout, dtype = set(), 0, 0.0, None
+    """``{targets, rank, dropout, adapter_dtype, dora}`` of the LoRA adapters in ``model`` (None: none): the
+    projection names that carry a ``lora_A``, the largest rank, the largest ``lora_dropout``, the dtype of
+    the first adapter weight, and whether any adapter is DoRA (a ``lora_magnitude_vector``)."""
+    targets, rank, dropout, dtype, dora = set(), 0, 0.0, None, False
     for name, module in model.named_modules():
         lora_a = getattr(module, "lora_A", None)
         if not isinstance(lora_a, nn.ModuleDict) or not lora_a:
@@ -1473,7 +1473,9 @@ def _lora_setting(model: nn.Module) -> dict | None:
             dtype = dtype or adapter.weight.dtype
         for drop in getattr(module, "lora_dropout", {}).values():
             dropout = max(dropout, float(getattr(drop, "p", 0.0)))
-    return None if not targets else {"targets": targets, "rank": rank, "dropout": dropout, "adapter_dtype": dtype}
+        dora = dora or bool(getattr(module, "lora_magnitude_vector", None))
+    return None if not targets else {"targets": targets, "rank": rank, "dropout": dropout, "adapter_dtype": dtype,
+                                     "dora": dora}
 
 
 def _lora_mode(base: torch.dtype, adapters: torch.dtype, precision: str) -> str | None:
@@ -1497,6 +1499,9 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     lora = _lora_setting(model)
     if lora is None:
         return None, "not modelled for a 4-bit model without LoRA adapters (nothing in it trains)"
+    if lora["dora"]:
+        return None, ("not modelled for DoRA (use_dora: fitted to plain LoRA; DoRA keeps more per adapted layer for "
+                      "backward and decodes one dense weight at a time)")
     base = "nf4" if "nf4" in count.frozen_bytes_by_dtype else "dense"
     mode = _lora_mode(_weight_dtype(model, "32-true"), lora["adapter_dtype"], precision)
     if mode is None:

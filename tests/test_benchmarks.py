@@ -180,3 +180,11 @@ def test_peft_methods_4bit_prints_each_methods_row_per_backend(capsys):
     assert vera[2] == "forward 0.0e+00", vera
     assert all(float(cell.split()[-1]) < 1e-5 for cell in vera[3:]), vera
     assert oft[2] == "forward 0.0e+00" and all("stored as 4-bit NF4 codes" in cell for cell in oft[3:]), oft
+
+
+def test_qdora_step_times_the_three_steps_and_gives_ratios_to_qlora(capsys):
+    bench = _load("qdora_step")
+    assert bench.main(["--hidden", "64", "--layers", "1", "--seq", "16", "--steps", "1", "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "ms/step" in line]
+    assert [row.split("  ")[0] for row in rows] == ["QLoRA (ours)", "QDoRA (ours)", "DoRA on dense (peft)"], rows
+    assert rows[0].endswith("x1.00 of QLoRA")

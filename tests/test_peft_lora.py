@@ -156,8 +156,9 @@ def test_bf16_adapters_when_asked_and_meta_models_count_parameters():
 
 
 def test_unsupported_options_and_bad_arguments_are_rejected():
-    with pytest.raises(ValueError, match="use_dora"):
-        get_peft_model(_tiny_llama(), register_peft_custom_module(LoraConfig(target_modules=["q_proj"], use_dora=True)))
+    with pytest.raises(ValueError, match="alora_invocation_tokens"):
+        get_peft_model(_tiny_llama(), register_peft_custom_module(
+            LoraConfig(target_modules=["q_proj"], alora_invocation_tokens=[1, 2], task_type="CAUSAL_LM")))
     with pytest.raises(ValueError, match="r=0"):
         add_lora(_tiny_llama(), r=0)
     with pytest.raises(ValueError, match="dropout=1.5"):
@@ -172,7 +173,7 @@ def _variant_settings() -> list[tuple[str, object]]:
     """(option, value) of each LoRA variant this peft has, built with its defaults (0.19: DoRA, aLoRA, BD-LoRA ...)."""
     from peft.tuners.lora import config as lora_config
 
-    settings = [("use_dora", True), ("alora_invocation_tokens", [1, 2])]
+    settings = [("alora_invocation_tokens", [1, 2])]  # DoRA is supported (tests/test_qdora.py)
     variants = (("use_bdlora", "BdLoraConfig", {}), ("velora_config", "VeloraConfig", {"num_groups": 4}),
                 ("kasa_config", "KasaConfig", {}), ("monteclora_config", "MontecloraConfig", {}))
     for option, cls, kwargs in variants:
@@ -187,7 +188,7 @@ def test_every_lora_variant_is_refused_on_4bit_layers_not_trained_as_plain_lora(
     ``register_peft_custom_module`` used to ignore without a word: it trained plain LoRA where the user asked for one of
     them. Each variant of the installed peft is now refused, naming the option."""
     config = LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM", **{option: value})
-    with pytest.raises(ValueError, match=rf"Invalid {option}=.* only plain LoRA is supported"):
+    with pytest.raises(ValueError, match=rf"Invalid {option}=.* only plain LoRA and DoRA \(use_dora=True\) are"):
         get_peft_model(_tiny_llama(), register_peft_custom_module(config))
 
 

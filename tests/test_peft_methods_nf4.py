@@ -170,7 +170,7 @@ def test_the_4bit_weight_can_be_frozen_again_but_not_unfrozen(dense_llama):
 
 
 def test_reading_the_4bit_weight_as_a_tensor_names_what_to_do_instead(dense_llama):
-    """DoRA-, PiSSA-, HRA-like code reads the base weight: every kind of read is refused with the same message."""
+    """PiSSA-, HRA-like code reads the base weight: every kind of read is refused with the same message."""
     layer = quantize_model(copy.deepcopy(dense_llama)).model.layers[0].self_attn.q_proj
     delta = torch.zeros(64, 64)
     for read in (lambda w: w + delta, lambda w: delta - w, lambda w: w @ delta, lambda w: torch.norm(w),

@@ -121,7 +121,7 @@ def _set_attention(model: nn.Module, attn_implementation: str | None, device: to
                          f"{getattr(model.config, 'model_type', type(model).__name__)} model: {err}") from None
 
 
-LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LLAMA_PROJECTIONS}
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": LLAMA_PROJECTIONS, "use_dora": False}
 """LoRA settings used for keys missing from the ``lora`` dict."""
 
 IGNORE_INDEX = -100
@@ -194,6 +194,9 @@ def _check_lora(lora: dict | None) -> dict | None:
         raise ValueError(f"Invalid lora['alpha']={alpha!r}: expected a number > 0 (scale = alpha / r).")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"Invalid lora['dropout']={dropout!r}: expected a number in [0, 1).")
+    if not isinstance(out["use_dora"], bool):
+        raise ValueError(f"Invalid lora['use_dora']={out['use_dora']!r}: expected true or false (DoRA: a trained "
+                         "magnitude per output row).")
     if isinstance(targets, str):
         targets = [targets] if targets != "all-linear" else targets
     if targets != "all-linear" and (
@@ -537,7 +540,7 @@ def build_causal_lm(
             ``quantize="nf4"`` the model is built on the meta device and each linear layer is drawn,
             quantized and freed in turn, so the dense model never exists in memory.
         quantize: ``"nf4"``: every ``nn.Linear`` but ``lm_head`` becomes a frozen 4-bit ``Linear4bit``.
-        lora: ``{r, alpha, dropout, target_modules}``: wrap in a peft model with trainable adapters
+        lora: ``{r, alpha, dropout, target_modules, use_dora}``: wrap in a peft model with trainable adapters
             (fp32); ``None`` leaves every weight trainable.
         device: Where to create tensors; ``"meta"`` builds shapes only (no memory, no weights), which
             is what ``lowmem estimate`` uses to count frozen and trainable parameters exactly.
@@ -650,7 +653,7 @@ def _build_causal_lm(model_name_or_path, config, quantize, lora, device, torch_d
         on_meta = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
         with on_meta:  # a meta build's adapters are shapes too (not allocated and drawn on the host)
             model = add_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"],
-                             adapter_dtype=torch.float32, trainable_token_indices=added)
+                             adapter_dtype=torch.float32, trainable_token_indices=added, use_dora=lora["use_dora"])
         if revision is not None:  # adapter_config.json's revision: AutoPeftModel loads that commit of the base
             for peft_config in model.peft_config.values():
                 peft_config.revision = revision
@@ -840,9 +843,9 @@ class CausalLMModule(LowMemModule):
             (259 for the byte tokenizer).
         quantize: ``"nf4"`` freezes every linear layer but ``lm_head`` as 4-bit NormalFloat (QLoRA);
             needs ``lora``. ``None`` keeps full-precision weights.
-        lora: LoRA adapters ``{"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": [...]}`` (missing
-            keys take these defaults; targets default to the seven Llama projections). ``None`` trains
-            every weight (full fine-tune).
+        lora: LoRA adapters ``{"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": [...], "use_dora": false}``
+            (missing keys take these defaults; targets default to the seven Llama projections; ``use_dora``: DoRA,
+            QDoRA on a 4-bit base). ``None`` trains every weight (full fine-tune).
         gradient_checkpointing: Recompute decoder-layer activations in backward (less memory, ~30%
             more compute).
         torch_dtype: Weight dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; ``None`` takes the

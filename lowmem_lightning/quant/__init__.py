@@ -40,7 +40,8 @@ Not chosen: a ``torch.Tensor`` subclass weight (every op of every library would 
 layers (peft then warns "modify a model with PEFT for a second time"); patching peft's dispatcher list
 (process-wide, forbidden by DESIGN.md). peft's DoRA and weight-reading initialisations (PiSSA, OLoRA,
 LoftQ, ...) need a dense base weight: they fail at ``get_peft_model`` with an error naming
-``NF4WeightHandle`` (:class:`LoraLinear4bit`, the layer of :func:`add_lora`, refuses them by name).
+``NF4WeightHandle`` (:class:`LoraLinear4bit`, the layer of :func:`add_lora` and :func:`register_peft_custom_module`,
+refuses them by name but runs DoRA itself: QDoRA, ``add_lora(..., use_dora=True)``; :func:`load_lora` reloads it).
 
 peft's other adapter methods wrap the same ``nn.Linear`` and call ``base_layer(x)``: LoHa, LoKr, AdaLoRA (which sets
 ``weight.requires_grad = False``: accepted), VeRA, FourierFT, LN tuning, SHiRA, C3A, RoAd, MiSS, WaveFT, GraLoRA,

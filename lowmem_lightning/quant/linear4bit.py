@@ -154,8 +154,9 @@ class _NF4LinearFunction(torch.autograd.Function):
 _READ_REFUSAL = (
     "Linear4bit.weight is stored as 4-bit NF4 codes, not as a tensor, so {name} cannot take it; use "
     "layer.dequantize(dtype) for a dense copy (or layer.quantize_weight_(w) to store a new weight). Code that reads a "
-    "4-bit base weight as a tensor (peft's DoRA, PiSSA / OLoRA / CorDA initialization, HRA, DeLoRA) needs the model "
-    "loaded unquantized; a peft merge that fails here may work with merge_and_unload(safe_merge=True)."
+    "4-bit base weight as a tensor (PiSSA / OLoRA / CorDA initialization, HRA, DeLoRA) needs the model loaded "
+    "unquantized (DoRA: lowmem_lightning.quant.add_lora(use_dora=True)); a peft merge that fails here may work with "
+    "merge_and_unload(safe_merge=True)."
 )
 """What :class:`NF4WeightHandle` says when code reads it as a tensor (``{name}``: what was asked of it)."""
 

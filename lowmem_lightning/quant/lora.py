@@ -12,6 +12,15 @@ never re-quantizes: ``merge()`` swaps the 4-bit base for a dense ``nn.Linear`` h
 ``dequantize(W) + B @ A * scaling`` (fp32 math, stored in the base's ``weight_dtype``), so
 ``merge_and_unload()`` returns full-precision linear layers; ``unmerge()`` restores the exact 4-bit
 layer.
+
+With ``use_dora=True`` it is DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353) on
+the 4-bit weight, QDoRA: ``W' = m * (W + s B A) / ||W + s B A||_row`` with the magnitude ``m`` (one trained value per
+output row, ``lora_magnitude_vector`` as peft names and saves it) starting at ``||W||_row``, and the row norm treated as
+a constant in backward (the paper's section 4.3). The forward is
+``y = base(x) + (m / n - 1) * base_nobias(x_d) + (m / n) * lora_B(lora_A(x_d)) * s`` with ``x_d = dropout(x)`` and
+``n = ||dequantize(W) + s B A||_row`` computed in fp32 without gradient (one transient dense weight per layer); with
+dropout active the base runs again on ``x_d`` through the 4-bit layer (no dense weight is kept for backward). A merge
+stores ``W'``. Adapters save and load as peft's DoRA.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from collections.abc import Sequence
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
@@ -57,8 +68,18 @@ def _requested_lora_variants(config: LoraConfig) -> list[tuple[str, object]]:
     return [(name, getattr(config, name)) for name in names if getattr(config, name, None) not in (None, False)]
 
 
+class _Dora4bit(LoraVariant):
+    """peft's hook for DoRA on a :class:`LoraLinear4bit`: ``init`` makes the magnitude vector; the forward and the
+    merge are the layer's own (peft's DoRA reads the base weight as a tensor)."""
+
+    @staticmethod
+    def init(module: LoraLinear4bit, adapter_name: str, **kwargs) -> None:
+        module._init_dora_magnitude(adapter_name)
+
+
 class LoraLinear4bit(nn.Module, LoraLayer):
-    """peft LoRA layer around a frozen :class:`Linear4bit` (plain LoRA; DoRA and variants are refused).
+    """peft LoRA layer around a frozen :class:`Linear4bit`: plain LoRA, or DoRA with ``use_dora=True`` (see the module
+    docstring); the other variants are refused.
 
     Constructed by peft's dispatcher as ``LoraLinear4bit(target, adapter_name, config=..., r=...,
     lora_alpha=...)``. The adapters live in ``lora_A`` / ``lora_B`` (fp32 unless cast); the input is
@@ -87,13 +108,55 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         return module.in_features, module.out_features
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
-        variants = _requested_lora_variants(config)
+        variants = [v for v in _requested_lora_variants(config) if v != ("use_dora", True)]
         if variants:
             option, value = variants[0]
-            raise ValueError(f"Invalid {option}={value!r} for a 4-bit layer: only plain LoRA is supported (without "
-                             "register_peft_custom_module, peft's own LoRA layer takes the variants that do not read "
-                             "the base weight).")
-        return None
+            raise ValueError(f"Invalid {option}={value!r} for a 4-bit layer: only plain LoRA and DoRA (use_dora=True) "
+                             "are supported (without register_peft_custom_module, peft's own LoRA layer takes the "
+                             "variants that do not read the base weight).")
+        return _Dora4bit() if config.use_dora else None
+
+    def _base_weight(self) -> torch.Tensor:
+        """The base layer's weight (out_features, in_features) in fp32: decoded while 4-bit."""
+        base = self.get_base_layer()
+        if isinstance(base, Linear4bit):
+            return base.dequantize(torch.float32)
+        weight = base.weight.float()
+        return weight.t() if is_conv1d(base) else weight
+
+    @torch.no_grad()
+    def _dora_row_norm(self, adapter: str) -> torch.Tensor:
+        """``||W + s B A||`` per output row (out_features,), fp32, without gradient (DoRA's constant norm)."""
+        return torch.linalg.vector_norm(self._base_weight() + self.get_delta_weight(adapter), dim=1)
+
+    def _init_dora_magnitude(self, adapter: str) -> None:
+        """The DoRA magnitude of ``adapter``: ``||W + s B A||`` per row (``||W||`` with peft's zero-initialized B), a
+        trainable fp32 vector in peft's ``lora_magnitude_vector`` (a shape-only one on the meta device)."""
+        if "lora_magnitude_vector" not in self.adapter_layer_names:
+            self.adapter_layer_names = (*self.adapter_layer_names, "lora_magnitude_vector")
+        base = self.get_base_layer()
+        if self.lora_A[adapter].weight.is_meta or getattr(base.weight, "is_meta", False):
+            norm = torch.empty(self.out_features, device="meta")
+        else:
+            norm = self._dora_row_norm(adapter)
+        magnitude = DoraLinearLayer(fan_in_fan_out=False)
+        magnitude.weight = nn.Parameter(norm, requires_grad=True)
+        self.lora_magnitude_vector[adapter] = magnitude
+
+    def _dora_output(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to ``result = base(x)`` for ``adapter`` (``x`` already in the adapter's dtype)."""
+        dropout, scaling = self.lora_dropout[adapter], self.scaling[adapter]
+        base = self.get_base_layer()
+        bias = base.bias
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_out = result if bias is None else result - bias.to(result.dtype)
+        else:
+            x = dropout(x)
+            base_out = base(x)
+            base_out = base_out if bias is None else base_out - bias.to(base_out.dtype)
+        lora_out = self.lora_B[adapter](self.lora_A[adapter](x))
+        scale = self.lora_magnitude_vector[adapter].weight / self._dora_row_norm(adapter)
+        return (scale - 1) * base_out + scale * lora_out * scaling
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``lora_B @ lora_A * scaling`` in fp32, shape (out_features, in_features)."""
@@ -119,8 +182,13 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         weight = base.dequantize(torch.float32) if quantized else base.weight.float()
         weight = weight.t() if conv1d and not quantized else weight
         bias = None if base.bias is None else base.bias.float()
+        unmerged = weight
         for adapter in adapter_names:
-            weight = weight + self.get_delta_weight(adapter)
+            delta = self.get_delta_weight(adapter)
+            weight = weight + delta
+            if adapter in self.lora_magnitude_vector:  # DoRA: rows rescaled to m / ||W + s B A|| (W unmerged)
+                norm = torch.linalg.vector_norm(unmerged + delta, dim=1)
+                weight = weight * (self.lora_magnitude_vector[adapter].weight.float() / norm)[:, None]
             delta_bias = self._delta_bias(adapter)
             if delta_bias is not None:
                 bias = delta_bias if bias is None else bias + delta_bias
@@ -156,6 +224,9 @@ class LoraLinear4bit(nn.Module, LoraLayer):
                 continue
             lora_a = self.lora_A[adapter]
             h = x if autocast else self._cast_input_dtype(x, lora_a.weight.dtype)
+            if adapter in self.lora_magnitude_vector:
+                result = result + self._dora_output(adapter, h, result).to(result.dtype)
+                continue
             out = self.lora_B[adapter](lora_a(self.lora_dropout[adapter](h))) * self.scaling[adapter]
             result = result + out.to(result.dtype)
         return result
@@ -339,6 +410,7 @@ def add_lora(
     target_modules: Sequence[str] | str = LLAMA_TARGET_MODULES,
     adapter_dtype: torch.dtype = torch.float32,
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
+    use_dora: bool = False,
 ) -> PeftModel:
     """Wrap ``model`` with trainable LoRA adapters (peft ``get_peft_model``); everything else is frozen.
 
@@ -355,16 +427,19 @@ def add_lora(
     named layers (``{"embed_tokens": [...], "lm_head": [...]}``) train too, as one ``len(ids) x hidden`` tensor
     per layer (a tied output head follows the input embedding's); the rest of each layer stays frozen. Their
     layers make no ``vocab x hidden`` copy of the weight per forward (:func:`use_copy_free_token_rows`; the saved
-    adapter is peft's). Returns the ``PeftModel`` (``PeftModelForCausalLM`` for a model that can generate).
+    adapter is peft's). ``use_dora``: DoRA (a trained magnitude per output row, see the module docstring; on a 4-bit
+    base QDoRA), saved as peft's. Returns the ``PeftModel`` (``PeftModelForCausalLM`` for a model that can generate).
     """
     _check_lora_args(r, alpha, dropout, target_modules, adapter_dtype)
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"Invalid use_dora={use_dora!r}: expected True or False.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     targets = resolve_target_modules(model, target_modules)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, bias="none",
         fan_in_fan_out=_adapts_conv1d(model, targets), exclude_modules=outside_language_model_pattern(model),
-        trainable_token_indices=trainable_token_indices,
+        trainable_token_indices=trainable_token_indices, use_dora=use_dora,
         task_type="CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
     )
     register_peft_custom_module(config)
