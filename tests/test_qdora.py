@@ -189,3 +189,14 @@ def test_lowmem_estimate_says_dora_activations_are_not_modelled_and_a_bad_use_do
     assert bad.returncode == 2
     assert "Invalid lora['use_dora']='maybe': expected true or false" in bad.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_row_norm_under_bf16_autocast_is_the_fp32_one_a_merge_uses(dense_llama):
+    """Under autocast ``B @ A`` would run in bf16, so a bf16-mixed forward would divide by another norm than the merge
+    (and the magnitude's start) uses."""
+    ours, _ = _qdora_and_peft_dora(dense_llama)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    plain = layer._dora_row_norm("default")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer._dora_row_norm("default"), plain)
+        ours(input_ids=_ids())  # and the forward runs under it

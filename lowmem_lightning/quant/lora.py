@@ -126,8 +126,11 @@ class LoraLinear4bit(nn.Module, LoraLayer):
 
     @torch.no_grad()
     def _dora_row_norm(self, adapter: str) -> torch.Tensor:
-        """``||W + s B A||`` per output row (out_features,), fp32, without gradient (DoRA's constant norm)."""
-        return torch.linalg.vector_norm(self._base_weight() + self.get_delta_weight(adapter), dim=1)
+        """``||W + s B A||`` per output row (out_features,), fp32, without gradient (DoRA's constant norm); outside
+        autocast, so a bf16-mixed forward uses the norm a merge uses."""
+        device = self.lora_A[adapter].weight.device.type
+        with torch.autocast(device, enabled=False):
+            return torch.linalg.vector_norm(self._base_weight() + self.get_delta_weight(adapter), dim=1)
 
     def _init_dora_magnitude(self, adapter: str) -> None:
         """The DoRA magnitude of ``adapter``: ``||W + s B A||`` per row (``||W||`` with peft's zero-initialized B), a
