@@ -24,6 +24,9 @@ Parts (``--parts`` selects some):
   batch 1, gradient checkpointing, ``paged_adamw_8bit``, bf16: peak memory of a full training step
   (goal <= 6 GB) and step time, beside ``lowmem_lightning.estimate``'s figure for the same step (activations
   included, :func:`qlora_estimate`; goal within 10%); bitsandbytes' NF4 + peft the same way when installed.
+* ``qdora_7b``: the ``qlora_7b`` step with DoRA (``add_lora(use_dora=True)``, QDoRA; LoRA dropout 0.05, so the
+  base runs again on the dropped input) against bitsandbytes' NF4 + peft's DoRA the same way: peak memory and step
+  time of both (goal: ours not above theirs in either).
 * ``qlora_moe``: QLoRA of Mixtral-8x7B (random weights created in NF4 on the GPU, experts too:
   ``Experts4bit``), LoRA r=16 on the attention, seq 512, batch 1, checkpointing, ``paged_adamw_8bit``, bf16
   autocast: peak memory of a step beside ``lowmem_lightning.estimate``'s figure (goal within 10%;
@@ -107,6 +110,12 @@ Later commands, each a ``run`` of its own with the same install line (part budge
 
     python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts qlora_moe,host_embeddings --out-dir $OUT \
         2>&1 | tee $OUT/log.txt
+
+5. QDoRA against bitsandbytes + peft's DoRA at Llama-2-7B shape (110 s of part budget, ``timeout_s`` 170; sized from
+   ``qlora_7b``'s 34 s for our row, DoRA's extra decode per layer and forward, and the bitsandbytes row at ~2x)::
+
+    python3 benchmarks/gpu_check.py --results $OUT/gpu_section.md --parts qdora_7b --out-dir $OUT \
+        2>&1 | tee $OUT/log.txt
 """
 
 from __future__ import annotations
@@ -130,7 +139,7 @@ ROOT = HERE.parent
 
 BUDGET_S = {"kernels": 70, "gpu_tests": 120, "sync": 25, "step_time": 230, "paged": 25, "qlora_7b": 100,
             "release": 115, "full_ft_7b": 270, "long_run": 180, "packing": 40, "qlora_moe": 120, "host_embeddings": 75,
-            "ema": 60}
+            "ema": 60, "qdora_7b": 110}
 """Wall-clock limit of each part in seconds. Measured on an H200 (2026-12-04, cold Triton cache): kernels
 55 s, gpu_tests 81, sync 15, step_time 126 (warm cache; 150 s was not enough cold), paged 11, qlora_7b 34
 (ours only), release 45. Not yet run on a GPU, sized from arithmetic: full_ft_7b (two rows, each a fresh
@@ -754,17 +763,21 @@ def _bnb_random_causal_lm(config, device):
     return model
 
 
-def _bnb_qlora_row(config, device, seq: int) -> tuple[str, tuple[float, float] | None]:
-    """The same step on bitsandbytes' NF4 + peft LoRA (r=16, alpha 32, the seven projections, as ours) with
-    bitsandbytes' paged 8-bit AdamW on the adapters: ``(table row, (peak GB, ms) or None on failure)``."""
+def _bnb_qlora_row(config, device, seq: int, use_dora: bool = False) -> tuple[str, tuple[float, float] | None]:
+    """The same step on bitsandbytes' NF4 + peft LoRA (r=16, alpha 32, the seven projections, as ours; with
+    ``use_dora`` peft's DoRA, LoRA dropout 0.05) with bitsandbytes' paged 8-bit AdamW on the adapters: ``(table row,
+    (peak GB, ms) or None on failure)``."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from lowmem_lightning.quant import LLAMA_TARGET_MODULES
 
+    kind = "DoRA" if use_dora else "LoRA"
+
     def build():
-        model = get_peft_model(_bnb_random_causal_lm(config, device),
-                               LoraConfig(r=16, lora_alpha=32, target_modules=list(LLAMA_TARGET_MODULES)))
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(LLAMA_TARGET_MODULES), use_dora=use_dora,
+                          lora_dropout=0.05 if use_dora else 0.0)
+        model = get_peft_model(_bnb_random_causal_lm(config, device), lora)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         return _qlora_step(model, device, seq, "bnb_paged_adamw_8bit")
@@ -776,8 +789,46 @@ def _bnb_qlora_row(config, device, seq: int) -> tuple[str, tuple[float, float] |
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return (f"| bitsandbytes NF4 + peft LoRA r=16, bitsandbytes PagedAdamW8bit | {_dense_params(config) / 1e9:.2f}B "
+    return (f"| bitsandbytes NF4 + peft {kind} r=16, bitsandbytes PagedAdamW8bit | {_dense_params(config) / 1e9:.2f}B "
             f"| {peak:.2f} | {ms:.0f} | reference |"), (peak, ms)
+
+
+def part_qdora_7b(dry: bool) -> list[str]:
+    """QDoRA at Llama-2-7B shape (``add_lora(use_dora=True)``, dropout 0.05), NF4 created on the device, against
+    bitsandbytes' NF4 + peft's DoRA: peak memory of a training step and step time of both."""
+    import torch
+
+    from lowmem_lightning.modules.causal_lm import _enable_checkpointing
+    from lowmem_lightning.quant import add_lora, random_causal_lm
+
+    device = _device(dry)
+    seq, config = (32 if dry else 512), _llama_config(dry)
+    lines = ["| stack | params | peak memory of a step (GB) | median step (ms) | goal |", "|---|---:|---:|---:|---|"]
+
+    def ours():
+        model = random_causal_lm(config, "nf4", torch.bfloat16, device=device)
+        model = add_lora(model, r=16, alpha=32, dropout=0.05, use_dora=True)
+        _enable_checkpointing(model)
+        ours.step = _qlora_step(model.train(), device, seq, "paged_adamw_8bit")
+        return ours.step
+
+    deadline, begin = _part_deadline(), time.perf_counter()
+    peak, ms = _peak_step(ours, 3 if dry else 4, device)
+    ours_s = time.perf_counter() - begin
+    del ours.step
+    lines.append(f"| lowmem NF4 + QDoRA r=16, paged_adamw_8bit | {_dense_params(config) / 1e9:.2f}B | {peak:.2f} "
+                 f"| {ms:.0f} | not above bitsandbytes' |")
+    if not _installed("bitsandbytes"):
+        return [*lines, "| bitsandbytes NF4 + peft DoRA | - | - | - | skipped: bitsandbytes not installed |"]
+    if time.perf_counter() + 1.5 * ours_s > deadline:
+        raise AssertionError("\n".join(["no time left in the part's budget for the bitsandbytes row", *lines]))
+    row, measured = _bnb_qlora_row(config, device, seq, use_dora=True)
+    lines.append(row)
+    if measured is not None:
+        mem = f"{peak / measured[0]:.3f}x" if measured[0] else "n/a (CPU)"
+        lines += ["", f"ours / bitsandbytes + peft DoRA: peak memory {mem}, step time {ms / measured[1]:.3f}x "
+                  "(goal: <= 1 for both)"]
+    return lines
 
 
 def part_release(dry: bool) -> list[str]:
@@ -1685,7 +1736,7 @@ def part_ema(dry: bool) -> list[str]:
 PARTS = {"kernels": part_kernels, "gpu_tests": part_gpu_tests, "sync": part_sync, "step_time": part_step_time,
          "paged": part_paged, "qlora_7b": part_qlora_7b, "release": part_release, "full_ft_7b": part_full_ft_7b,
          "long_run": part_long_run, "packing": part_packing, "qlora_moe": part_qlora_moe,
-         "host_embeddings": part_host_embeddings, "ema": part_ema}
+         "host_embeddings": part_host_embeddings, "ema": part_ema, "qdora_7b": part_qdora_7b}
 
 
 # --------------------------------------------------------------------------------------------------

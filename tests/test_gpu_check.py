@@ -258,8 +258,10 @@ def test_every_device_command_in_the_plan_fits_560_s_and_packing_is_not_in_the_f
     560 s (the commands' timeout); ``packing`` is in a later command, not the first (its budget is full)."""
     doc = " ".join(gpu_check.__doc__.split())
     commands = [chunk.split(" ")[0].split(",") for chunk in doc.split("--parts ")[1:]]
-    assert len(commands) == 4 and commands[0] == list(gpu_check.RECOMMENDED_PARTS)
+    assert len(commands) == 5 and commands[0] == list(gpu_check.RECOMMENDED_PARTS)
     assert commands[3] == ["qlora_moe", "host_embeddings"] and "(120 s of part budget" in doc
+    assert commands[4] == ["qdora_7b"] and "(110 s of part budget, ``timeout_s`` 170" in doc
+    assert gpu_check.BUDGET_S["qdora_7b"] == 110
     assert gpu_check.BUDGET_S["qlora_moe"] == 120 and gpu_check.BUDGET_S["host_embeddings"] == 75
     assert "(75 s; ``timeout_s`` 260 for both" in doc
     for parts in commands:
