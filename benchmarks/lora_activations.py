@@ -100,6 +100,14 @@ SDPA's on the :data:`EAGER_FIT` Llama decoders, every :data:`EAGER_SETTINGS` ent
 then checks the formula on the :data:`EAGER_CHECK` decoders (Llama, Qwen3, Phi-3, Gemma 3).
 
     python benchmarks/lora_activations.py --eager    # ~3 minutes on one core
+
+``--dora`` fits :data:`~lowmem_lightning.estimate.DORA_ACTIVATION_BYTES` (what DoRA, ``use_dora``, adds on an NF4
+base) from the :data:`DORA_FIT` decoders: each mode, dropout 0 / 0.05, all seven or the attention projections, DoRA's
+profiled peak minus plain LoRA's, by least squares (the checkpointed rows give the layer and transient terms, the
+others the per-layer term); then checks the whole formula against DoRA's profiled peak on the :data:`CHECK` sizes
+(dropout 0.1).
+
+    python benchmarks/lora_activations.py --dora     # ~2 minutes on one core
 """
 
 from __future__ import annotations
@@ -114,6 +122,7 @@ import torch
 from profiler_peak import peak_bytes  # a sibling module: run as a script, or from tests with benchmarks/ on sys.path
 
 from lowmem_lightning.estimate import (
+    DORA_ACTIVATION_BYTES,
     GPT_OSS_ACTIVATION_BYTES,
     LAYER_ACTIVATION_BYTES,
     LORA_ACTIVATION_COEFFICIENTS,
@@ -126,6 +135,7 @@ from lowmem_lightning.estimate import (
     activation_bytes,
     attention_extra_bytes,
     attention_widths,
+    dora_projection_terms,
     lora_activation_bytes,
     lora_target_sets,
 )
@@ -157,16 +167,16 @@ RANK = 16
 
 
 def build_lora_model(config: dict, seq: int, base: str, mode: str, dropout: float, targets: str, checkpointing: bool,
-                     attention: str = "sdpa"):
+                     attention: str = "sdpa", dora: bool = False):
     """A CPU LoRA decoder of ``config`` as a run in ``mode`` trains it: NF4 or frozen dense base, rank-16 adapters
-    on the ``targets`` projections (:func:`~lowmem_lightning.estimate.lora_target_sets`: in the names of ``config``'s
-    ``model_type``), transformers' ``attention``; returns ``(model, autocast)``."""
+    (DoRA with ``dora``) on the ``targets`` projections (:func:`~lowmem_lightning.estimate.lora_target_sets`: in the
+    names of ``config``'s ``model_type``), transformers' ``attention``; returns ``(model, autocast)``."""
     from lowmem_lightning.modules.causal_lm import _enable_checkpointing, build_causal_lm
 
     torch.manual_seed(0)
     dtype = "float32" if mode == "fp32" else "bfloat16"
     lora = {"r": RANK, "alpha": 2 * RANK, "dropout": dropout,
-            "target_modules": sorted(lora_target_sets(config)[targets])}
+            "target_modules": sorted(lora_target_sets(config)[targets]), "use_dora": dora}
     model = build_causal_lm(None, _as_built(config, seq), "nf4" if base == "nf4" else None, lora,
                             device="cpu", torch_dtype=dtype, attn_implementation=attention)
     if mode == "bf16":
@@ -251,6 +261,68 @@ def check(rows: list[dict]) -> float:
         print(f"{r['size']:>5} {r['base']:>5} {r['mode']:>23} dropout {r['dropout']:<4} {r['targets']:>9} "
               f"{'ckpt' if r['ckpt'] else 'full':>4}: profiled {r['peak']:>10,} B, formula/profiled "
               f"{predicted / r['peak']:.3f}")
+    return worst
+
+
+DORA_FIT = {
+    "h192": ({"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 3,
+              "vocab_size": 700}, 2, 96),
+    "h192-short": ({"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 3,
+                    "vocab_size": 700}, 1, 48),
+    "h256": ({"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "vocab_size": 500}, 2, 64),
+    "h128": ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "vocab_size": 400}, 4, 64),
+}
+"""Sizes :data:`~lowmem_lightning.estimate.DORA_ACTIVATION_BYTES` is fitted on (tokens and projection sizes varied
+apart, so the per-token and the per-weight terms separate): ``name -> (config, batch, seq)``."""
+
+
+def _dora_settings():
+    return itertools.product(LORA_MODES, (False, True), LORA_TARGET_SETS, (True, False))
+
+
+def _dora_peak(config: dict, batch: int, seq: int, mode: str, dropout: float, targets: str, ckpt: bool,
+               dora: bool) -> int:
+    model, autocast = build_lora_model(config, seq, "nf4", mode, dropout, targets, ckpt, dora=dora)
+    return profiled_peak(model, config["vocab_size"], batch, seq, autocast)
+
+
+def fit_dora() -> dict:
+    """``(mode, dropout > 0, targets) -> (full, layer, transient)`` by least squares over DoRA's profiled peak minus
+    plain LoRA's on the :data:`DORA_FIT` sizes."""
+    rows = {}
+    for mode, drop, targets, ckpt in _dora_settings():
+        for config, batch, seq in DORA_FIT.values():
+            dropout = 0.05 if drop else 0.0
+            extra = (_dora_peak(config, batch, seq, mode, dropout, targets, ckpt, True)
+                     - _dora_peak(config, batch, seq, mode, dropout, targets, ckpt, False))
+            out, largest = dora_projection_terms(config, targets)
+            n, layers = batch * seq, config["num_hidden_layers"]
+            rows.setdefault((mode, drop, targets, ckpt), []).append(
+                ([n * out, largest] if ckpt else [n * layers * out], extra))
+        print(mode, drop, targets, ckpt, [extra for _, extra in rows[(mode, drop, targets, ckpt)]], flush=True)
+    table = {}
+    for mode, drop, targets in sorted({key[:3] for key in rows}):
+        layer, transient = _least_squares(rows[(mode, drop, targets, True)])
+        (full,) = _least_squares(rows[(mode, drop, targets, False)])
+        table[(mode, drop, targets)] = (round(full, 2), round(layer, 2), round(transient, 2))
+    return table
+
+
+def check_dora() -> float:
+    """Print the formula / profiled ratio of DoRA's peak on the :data:`CHECK` sizes (dropout 0.1 and 0), every mode,
+    targets and checkpointing; return the largest ``|ratio - 1|``."""
+    worst = 0.0
+    for (mode, drop, targets, ckpt), (name, (config, batch, seq)) in itertools.product(_dora_settings(),
+                                                                                         CHECK.items()):
+        dropout = 0.1 if drop else 0.0
+        peak = _dora_peak(config, batch, seq, mode, dropout, targets, ckpt, True)
+        predicted = lora_activation_bytes(config, batch, seq, base="nf4", mode=mode, dropout=dropout, targets=targets,
+                                          rank=RANK, gradient_checkpointing=ckpt, device="cpu", dora=True)
+        worst = max(worst, abs(predicted / peak - 1))
+        print(f"{name:>5} {mode:>23} dropout {dropout:<4} {targets:>9} {'ckpt' if ckpt else 'full':>4}: profiled "
+              f"{peak:>10,} B, formula/profiled {predicted / peak:.3f}", flush=True)
     return worst
 
 
@@ -1057,6 +1129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--glm4", action="store_true", help="fit the GLM-4 terms, then check them")
     parser.add_argument("--exaone4", action="store_true", help="fit the EXAONE 4 terms, then check them")
     parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
+    parser.add_argument("--dora", action="store_true", help="fit the DoRA terms (NF4 base), then check them")
     parser.add_argument("--gpt-oss", action="store_true",
                         help="fit the gpt-oss terms (eager attention, NF4 experts), then check them")
     parser.add_argument("--gpt-oss-scale", action="store_true",
@@ -1105,6 +1178,11 @@ def main(argv=None) -> int:
         for key, value in fit_eager().items():
             print(f"    {key!r}: {value},", flush=True)
         print(f"largest |formula / profiled - 1| (eager): {check_eager():.3f}")
+    if args.dora:
+        DORA_ACTIVATION_BYTES.update(fit_dora())  # checked as fitted (the table pasted from it)
+        for key, value in DORA_ACTIVATION_BYTES.items():
+            print(f"    {key!r}: {value},", flush=True)
+        print(f"largest |formula / profiled - 1| (dora): {check_dora():.3f}")
     if args.fit:
         for key, value in fit(measure(FIT, 0.05)).items():
             print(f"    {key!r}: {value},")

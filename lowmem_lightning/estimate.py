@@ -1287,6 +1287,57 @@ def _lora_targets(targets, sets: dict[str, frozenset] = LORA_TARGET_SETS) -> str
                      f"({', '.join(sorted(sets['attention']))}).")
 
 
+DORA_ACTIVATION_BYTES: dict[tuple[str, bool, str], tuple[float, float, float]] = {
+    # (mode, dropout > 0, targets): (full, layer, transient)
+    ("bf16", False, "all"): (4.3, 5.4, 0.9),
+    ("bf16", False, "attention"): (4.1, 4.0, 0.2),
+    ("bf16", True, "all"): (4.6, 5.7, 2.7),
+    ("bf16", True, "attention"): (4.1, 4.0, 0.2),
+    ("bf16-base-fp32-adapters", False, "all"): (6.5, 7.3, 2.6),
+    ("bf16-base-fp32-adapters", False, "attention"): (6.1, 6.0, 0.2),
+    ("bf16-base-fp32-adapters", True, "all"): (9.1, 9.7, 6.0),
+    ("bf16-base-fp32-adapters", True, "attention"): (8.1, 8.0, 0.2),
+    ("bf16-mixed", False, "all"): (4.3, 5.5, 0.7),
+    ("bf16-mixed", False, "attention"): (4.1, 4.0, 0.2),
+    ("bf16-mixed", True, "all"): (4.6, 5.7, 2.6),
+    ("bf16-mixed", True, "attention"): (4.1, 4.0, 0.2),
+    ("fp32", False, "all"): (8.5, 7.8, 4.5),
+    ("fp32", False, "attention"): (8.1, 8.0, 0.2),
+    ("fp32", True, "all"): (9.1, 9.1, 6.7),
+    ("fp32", True, "attention"): (8.1, 8.0, 0.2),
+}
+"""What DoRA (``use_dora``, on an NF4 base: :class:`~lowmem_lightning.quant.LoraLinear4bit`) adds to
+:func:`lora_activation_bytes`: bytes per token per output feature of the adapted projections, kept per layer without
+checkpointing (``full``) and in the recomputed layer with it (``layer``: its magnitude-scaled base and adapter outputs
+saved for backward), and ``transient`` bytes per element of the largest adapted projection while its row norm is
+computed (the fp32 decoded weight, ``B @ A`` and their sum). Least squares over torch's CPU profiler, DoRA's peak
+minus plain LoRA's (``python benchmarks/lora_activations.py --dora``)."""
+
+_DORA_OUT_FEATURES = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "h", "gate_proj": "i", "up_proj": "i",
+                      "down_proj": "h", "qkv_proj": "q+2kv", "gate_up_proj": "2i"}
+"""Output width of each projection :data:`DORA_ACTIVATION_BYTES` models, in the layer's widths."""
+
+
+def dora_projection_terms(config, targets) -> tuple[int, int]:
+    """``(output features of the adapted projections of one layer summed, elements of the largest of them)`` for
+    DoRA on ``targets`` (a key of :data:`LORA_TARGET_SETS` or the names) of a decoder ``config``; ``ValueError`` for
+    a projection :data:`_DORA_OUT_FEATURES` does not list (GPT-NeoX's names) or an MoE model."""
+    if _is_moe(config):
+        raise ValueError(f"Invalid config: DoRA's activations are not modelled for model_type {_model_type(config)!r}.")
+    sets = lora_target_sets(config)
+    names = sets[_lora_targets(targets, sets)]
+    unknown = sorted(set(names) - set(_DORA_OUT_FEATURES))
+    if unknown:
+        raise ValueError(f"Invalid targets: DoRA's activations are not modelled on {', '.join(unknown)}.")
+    h, i = _config_value(config, "hidden_size"), _config_value(config, "intermediate_size")
+    q, kv = attention_widths(config)
+    widths = {"q": q, "kv": kv, "h": h, "i": i, "q+2kv": q + 2 * kv, "2i": 2 * i}
+    inputs = {"o_proj": q, "down_proj": i}
+    out = [widths[_DORA_OUT_FEATURES[name]] for name in names]
+    largest = max(widths[_DORA_OUT_FEATURES[name]] * inputs.get(name, h) for name in names)
+    return sum(out), largest
+
+
 def _check_lora_options(base, mode, rank, device) -> None:
     if base not in _LORA_BASES:
         raise ValueError(f"Invalid base={base!r}: expected one of {', '.join(_LORA_BASES)}.")
@@ -1300,7 +1351,8 @@ def _check_lora_options(base, mode, rank, device) -> None:
 
 def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = "nf4", mode: str = "bf16-mixed",
                           dropout: float = 0.0, targets="all", rank: int = 16, gradient_checkpointing: bool = True,
-                          device: str = "cuda", isolate_documents: bool = False, attention: str = "sdpa") -> int:
+                          device: str = "cuda", isolate_documents: bool = False, attention: str = "sdpa",
+                          dora: bool = False) -> int:
     """Peak activation bytes of one forward + backward of a Llama-style decoder with LoRA adapters on a
     frozen base (``base="nf4"``: 4-bit ``Linear4bit``; ``"dense"``: frozen full-precision weights), adapter
     gradients not included.
@@ -1329,6 +1381,10 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
     ``attention="eager"`` adds :func:`_eager_terms` as in :func:`activation_bytes` (attention computes in fp32 in
     ``fp32`` mode, else in 2 bytes).
 
+    ``dora`` (DoRA on an NF4 base) adds :data:`DORA_ACTIVATION_BYTES` ``(full, layer, transient)`` with
+    ``(O, P) =`` :func:`dora_projection_terms`: ``n * layer * O + transient * P`` to the recomputed layer with
+    checkpointing; without, ``n * L * full * O`` to what is saved and ``transient * P`` to the decode transient.
+
     Within 10% of torch's CPU profiler (``device="cpu"``) at sizes it was not fitted to
     (``tests/test_estimate.py``); ``benchmarks/gpu_check.py`` ``qlora_7b`` sets the CUDA figure beside a
     measured peak.
@@ -1356,15 +1412,25 @@ def lora_activation_bytes(config, batch_size: int, seq_len: int, *, base: str = 
         mlp_full, mlp_layer, decoded = _moe_terms(config, base, mode, key, dropout > 0)
     transient = NF4_DEQUANTIZE_BYTES[device][d] * decoded if base == "nf4" else 0
     n = batch_size * seq_len
+    dora_full = dora_layer = 0
+    if dora:
+        if base != "nf4":
+            raise ValueError(f"Invalid base={base!r} with dora=True: DoRA's activations are modelled on an NF4 base.")
+        full_c, layer_c, transient_c = DORA_ACTIVATION_BYTES[(mode, dropout > 0, key)]
+        out, largest = dora_projection_terms(config, key)
+        dora_full, dora_layer = n * layers * full_c * out, n * layer_c * out
+        transient += transient_c * largest
     loss = n * _loss_bytes_per_vocab(config, d) * vocab
     mask, rotary, masked = _attention_masks(config, batch_size, seq_len, d, isolate_documents, attention)
     eager_layer, eager_once = _eager_terms(config, batch_size, seq_len, d, gradient_checkpointing, attention)
     oss_layer, oss_once = _gpt_oss_terms(config, mode, batch_size, seq_len, gradient_checkpointing)
     eager_layer, eager_once = eager_layer + oss_layer, eager_once + oss_once
     if gradient_checkpointing:
-        layer = n * (layer_h * h + mlp_layer + rank_bytes + widths) + transient + (1 + d) * mask + eager_layer
+        layer = (n * (layer_h * h + mlp_layer + rank_bytes + widths) + transient + (1 + d) * mask + eager_layer
+                 + dora_layer)
         return int(n * ((layers + 1) * d * h + once) + max(layer, loss + n * 2 * d * h + mask)) + eager_once + rotary
-    saved = n * (layers * (full_h * h + mlp_full + rank_bytes + widths) + rest_h * h + once) + masked * d * mask
+    saved = (n * (layers * (full_h * h + mlp_full + rank_bytes + widths) + rest_h * h + once) + masked * d * mask
+             + dora_full)
     return int(saved + max(loss, transient)) + layers * eager_layer + eager_once + rotary
 
 
@@ -1499,9 +1565,8 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
     lora = _lora_setting(model)
     if lora is None:
         return None, "not modelled for a 4-bit model without LoRA adapters (nothing in it trains)"
-    if lora["dora"]:
-        return None, ("not modelled for DoRA (use_dora: fitted to plain LoRA; DoRA keeps more per adapted layer for "
-                      "backward and decodes one dense weight at a time)")
+    if lora["dora"] and "nf4" not in count.frozen_bytes_by_dtype:
+        return None, "not modelled for DoRA on a full-precision base (peft's own DoRA layer; fitted to QDoRA on NF4)"
     base = "nf4" if "nf4" in count.frozen_bytes_by_dtype else "dense"
     mode = _lora_mode(_weight_dtype(model, "32-true"), lora["adapter_dtype"], precision)
     if mode is None:
@@ -1514,17 +1579,24 @@ def _lora_activations(model: nn.Module, count: ModelCount, config, batch_size: i
         return None, ("not modelled for LoRA on " + ", ".join(sorted(lora["targets"]))
                       + f" (fitted to all {len(sets['all'])} projections or the {len(sets['attention'])} attention "
                       "ones)")
+    if lora["dora"]:
+        try:
+            dora_projection_terms(config, key)
+        except ValueError:
+            return None, ("not modelled for DoRA on this model (fitted to the Llama-named projections of decoders "
+                          "without experts)")
     nbytes = {isolate: lora_activation_bytes(config, batch_size, seq_len, base=base, mode=mode,
                                              dropout=lora["dropout"], targets=key, rank=lora["rank"],
                                              gradient_checkpointing=gradient_checkpointing, device=device,
-                                             isolate_documents=isolate, attention=attention)
+                                             isolate_documents=isolate, attention=attention, dora=lora["dora"])
               for isolate in {False, isolate_documents}}
     checkpointing = "checkpointing" if gradient_checkpointing else "no checkpointing"
     drop = f", dropout {lora['dropout']:g}" if lora["dropout"] else ""
     where = "NF4" if base == "nf4" else "frozen"
     rows = _token_rows_term(model, config, batch_size, seq_len, gradient_checkpointing, mode)
     rows_note = f", +{size_text(rows)} trained token rows" if rows else ""
-    return nbytes[isolate_documents] + rows, (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, LoRA "
+    kind = "DoRA" if lora["dora"] else "LoRA"
+    return nbytes[isolate_documents] + rows, (f"batch {batch_size} x seq {seq_len}, {mode}, {checkpointing}, {kind} "
                                               f"r={lora['rank']} on {len(sets[key])} projections{drop}, "
                                               f"{where} base" + _attention_note(attention)
                                               + _mask_note(nbytes, attention) + rows_note

@@ -174,14 +174,13 @@ def test_lowmem_fit_with_use_dora_trains_saves_peft_dora_and_resumes_bit_for_bit
         assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
 
 
-def test_lowmem_estimate_says_dora_activations_are_not_modelled_and_a_bad_use_dora_is_refused(tmp_path, capsys,
-                                                                                               monkeypatch):
+def test_lowmem_estimate_counts_dora_activations_and_a_bad_use_dora_is_refused(tmp_path, capsys, monkeypatch):
     _recipe(tmp_path, use_dora=True)
     estimate = lowmem_in_process(capsys, monkeypatch, tmp_path, "estimate", "--config", "qdora.yaml",
                                  "--model.model_name_or_path", "model", "--data.init_args.seq_len", "32",
                                  columns="200")
     assert estimate.returncode == 0, estimate.stderr[-3000:]
-    assert "activations            not modelled for DoRA (use_dora" in estimate.stdout
+    assert "DoRA r=16 on 7 projections, dropout 0.05, NF4 base" in estimate.stdout
     assert "adapter params (LoRA)  33,792" in estimate.stdout  # 7 projections x 2 layers: A, B and magnitudes
     bad = lowmem_in_process(capsys, monkeypatch, tmp_path, "fit", "--config", "qdora.yaml",
                             "--model.model_name_or_path", "model", "--model.init_args.lora",
