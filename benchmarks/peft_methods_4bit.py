@@ -64,11 +64,10 @@ def dense_llama():
 
 def ours(dense):
     """(4-bit model, its dense twin) with our NF4."""
-    from lowmem_lightning.quant import Linear4bit, quantize_model
+    from lowmem_lightning.quant import dequantize_model, quantize_model
 
     nf4 = quantize_model(copy.deepcopy(dense))
-    return nf4, _twin(dense, {name: module.dequantize(torch.float32) for name, module in nf4.named_modules()
-                              if isinstance(module, Linear4bit)})
+    return nf4, dequantize_model(copy.deepcopy(nf4))
 
 
 def bnb_4bit(dense, directory):

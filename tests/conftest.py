@@ -218,6 +218,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def dense_llama():
+    """A tiny full-precision Llama (hidden 64, 2 layers, vocabulary 128, 32 positions) in eval mode, the model the
+    peft-on-NF4 tests quantize copies of (so two bases hold identical codes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=128, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.fixture
 def lightning_stream():
     """A StreamHandler on Lightning's logger (a ``StringIO`` it writes to), as Lightning installs one when the

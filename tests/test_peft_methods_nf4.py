@@ -9,10 +9,9 @@ import peft
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowmem_lightning.optim import build_optimizer
-from lowmem_lightning.quant import Linear4bit, quantize_model
+from lowmem_lightning.quant import dequantize_model, quantize_model
 
 VOCAB = 128
 TARGETS = ["q_proj", "v_proj"]
@@ -44,14 +43,6 @@ METHODS = [
 too, left out: it tries to build a CUDA extension under ``~/.cache`` when first used)."""
 
 
-@pytest.fixture(scope="module")
-def dense_llama():
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=VOCAB, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
 def _config(cls_name: str, kwargs: dict):
     cls = getattr(peft, cls_name, None)
     if cls is None:
@@ -62,11 +53,7 @@ def _config(cls_name: str, kwargs: dict):
 def _nf4_and_its_dense_twin(dense):
     """Our 4-bit model, and a dense model holding exactly the weights the 4-bit one decodes to."""
     nf4 = quantize_model(copy.deepcopy(dense))
-    twin = copy.deepcopy(dense)
-    for name, module in nf4.named_modules():
-        if isinstance(module, Linear4bit):
-            twin.get_submodule(name).weight.data.copy_(module.dequantize(torch.float32))
-    return nf4, twin
+    return nf4, dequantize_model(copy.deepcopy(nf4))
 
 
 def _same_adapters(config, nf4, twin):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import Linear as PeftLoraLinear
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import lowmem_lightning.quant.convert as convert_module
 from lowmem_lightning.quant import (
@@ -29,15 +29,6 @@ VOCAB = 128
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def dense_llama():
-    """The full-precision model every test quantizes a copy of (so two bases hold identical codes)."""
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=VOCAB, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def _base(dense, dtype=torch.float32):

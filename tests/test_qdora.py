@@ -16,7 +16,7 @@ from lowmem_calls import lowmem_in_process
 from test_field_architectures import _tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lowmem_lightning.quant import Linear4bit, add_lora, load_lora, quantize_model
+from lowmem_lightning.quant import Linear4bit, add_lora, dequantize_model, load_lora, quantize_model
 
 VOCAB = 128
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -25,22 +25,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def dense_llama():
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=VOCAB, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
 def _nf4_and_twin(dense):
     """Our 4-bit model and a dense model holding exactly the weights it decodes to."""
     nf4 = quantize_model(copy.deepcopy(dense))
-    twin = copy.deepcopy(dense)
-    for name, module in nf4.named_modules():
-        if isinstance(module, Linear4bit):
-            twin.get_submodule(name).weight.data.copy_(module.dequantize(torch.float32))
-    return nf4, twin
+    return nf4, dequantize_model(copy.deepcopy(nf4))
 
 
 def _qdora_and_peft_dora(dense, dropout=0.1):
