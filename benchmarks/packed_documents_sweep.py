@@ -5,7 +5,8 @@ small sizes (two layers, width 32; a type whose config refuses them, or that tak
 two documents of 20 and 23 tokens are run packed in one row (``position_ids`` restarting) through
 :func:`lowmem_lightning.modules.packed_attention.packed_call`, and each document's logits are compared with its logits
 alone: ``OK`` (max |difference| < 1e-4), ``MIXED`` (a document saw another), ``refused`` (layers that carry state
-across documents, :func:`~lowmem_lightning.modules.packed_attention.packed_documents_problem`), or the build error. A
+across documents, or masks built without transformers' mask functions:
+:func:`~lowmem_lightning.modules.packed_attention.packed_documents_problem`), or the build error. A
 ``MIXED`` model trains on documents that see each other under ``isolate_documents: true``.
 
     python benchmarks/packed_documents_sweep.py            # ~3 minutes on one core
@@ -46,8 +47,10 @@ def check(model_type: str) -> str:
         config.layer_types = config.layer_types[: config.num_hidden_layers]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    if packed_documents_problem(config, model):
-        return "refused (state across documents)"
+    problem = packed_documents_problem(config, model)
+    if problem:
+        why = "no mask from the positions" if "mask functions" in problem else "state across documents"
+        return f"refused ({why})"
     a, b = torch.randint(3, 250, (1, 20)), torch.randint(3, 250, (1, 23))
     positions = torch.cat([torch.arange(20), torch.arange(23)])[None]
     with torch.no_grad():

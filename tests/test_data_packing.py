@@ -332,6 +332,27 @@ def test_recurrent_models_without_layer_types_are_refused():
         packed_call(model, torch.arange(16)[None], None, positions)
     assert "its xLSTM layers (32 of 32) carry state" in packed_documents_problem(AutoConfig.for_model("xlstm"))
 
+
+@pytest.mark.parametrize("model_type", ["openai-gpt", "xlm", "cpmant"])
+def test_models_whose_masks_ignore_the_positions_are_refused(model_type):
+    """transformers 5's OpenAI GPT, XLM and CPM-Ant build their attention masks without the mask functions that read
+    restarting ``position_ids`` (their modeling modules import none): their packed documents mixed (max |logit
+    difference| 5.8e-4 to 29 at the sweep's toy size, ``benchmarks/packed_documents_sweep.py``); ``isolate_documents``
+    is now refused for them, naming what to set, and a model that calls the functions (GPT-2) is not."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    toy = dict(n_embd=32, n_layer=2, n_head=4, emb_dim=32, n_layers=2, n_heads=4, hidden_size=32, num_hidden_layers=2,
+               num_attention_heads=4, dim_model=32, num_layers=2, dim_head=8, dim_ff=64, vocab_size=259)
+    config = AutoConfig.for_model(model_type, **toy)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    refusal = rf"this {model_type} model: it builds its attention mask without transformers' mask functions"
+    with pytest.raises(ValueError, match=refusal + r".*isolate_documents false"):
+        packed_call(model, torch.arange(16)[None] + 3, None, positions)
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **toy)).eval()
+    assert packed_call(gpt2, torch.arange(16)[None] + 3, None, positions).logits.shape == (1, 16, 259)
+
+
 def test_moe_and_mlp_layers_listed_among_the_mixers_are_not_taken_for_state():
     """Nemotron-H lists its MoE and MLP layers in ``layer_types`` beside its Mamba (``linear_attention``) and attention
     layers: the refusal named them as carrying state across documents too (before); they mix no tokens."""

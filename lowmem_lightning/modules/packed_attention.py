@@ -33,7 +33,7 @@ from lowmem_lightning.multimodal import language_model_modules, text_config
 
 __all__ = ["FLATTENED_ATTENTION", "KEPT_APART_LAYER_TYPES", "MASKED_ATTENTION", "PER_POSITION_LAYER_TYPES",
            "RECURRENT_MODEL_TYPES", "attention_implementation", "layers_across_documents", "packed_call",
-           "packed_documents_problem", "uses_multimodal_rotary"]
+           "packed_documents_problem", "uses_multimodal_rotary", "builds_masks_without_positions"]
 
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations for which transformers builds the block-diagonal mask of packed documents from
@@ -91,20 +91,40 @@ def layers_across_documents(config, model: nn.Module | None = None) -> list[str]
     return found
 
 
+def builds_masks_without_positions(model: nn.Module) -> bool:
+    """Whether ``model``'s language model builds its attention masks without transformers' mask factories
+    (:data:`MASK_FACTORIES`: no modeling module of its classes has one; transformers 5's OpenAI GPT, XLM, CPM-Ant, a
+    model's own code), so that no ``position_ids`` can keep packed documents apart under the attention
+    implementations whose mask transformers builds (:data:`MASKED_ATTENTION`)."""
+    if attention_implementation(model) not in MASKED_ATTENTION:
+        return False
+    namespaces = {type(module).__module__ for _, module in language_model_modules(model)}
+    return not any(hasattr(sys.modules.get(name), factory) for name in namespaces for factory in MASK_FACTORIES)
+
+
 def packed_documents_problem(config, model: nn.Module | None = None) -> str | None:
     """Why the model of ``config`` (``model``, when built) cannot keep packed documents apart
-    (:func:`layers_across_documents`), said as a refusal of ``isolate_documents=True`` with what to set instead;
-    ``None`` when it can."""
+    (:func:`layers_across_documents`, :func:`builds_masks_without_positions`), said as a refusal of
+    ``isolate_documents=True`` with what to set instead; ``None`` when it can."""
+    kind = getattr(config, "model_type", None) or type(model).__name__
     found = layers_across_documents(config, model)
+    if not found and model is not None and builds_masks_without_positions(model):
+        return (
+            f"Invalid isolate_documents=True for this {kind} model: it builds its attention mask without transformers' "
+            "mask functions, which alone read a restart of position_ids as a document boundary, so the documents of a "
+            f"packed block would attend to each other. {_INSTEAD}"
+        )
     if not found:
         return None
-    kind = getattr(config, "model_type", None) or type(model).__name__
     return (
         f"Invalid isolate_documents=True for this {kind} model: its {', '.join(found)} carry state from one "
         "document of a packed block into the next (only attention layers are masked per document), so the documents "
-        "would not be kept apart. Set --data.init_args.isolate_documents false (packed documents then see each other, "
-        "as plain packing does) or --data.init_args.pack false (one document per block)."
+        f"would not be kept apart. {_INSTEAD}"
     )
+
+
+_INSTEAD = ("Set --data.init_args.isolate_documents false (packed documents then see each other, as plain packing "
+            "does) or --data.init_args.pack false (one document per block).")
 
 
 def uses_multimodal_rotary(model: nn.Module) -> bool:
