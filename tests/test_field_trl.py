@@ -229,3 +229,34 @@ def test_reward_model_on_our_nf4_learns_the_preference_with_its_head_trained_who
     assert type(optimizer).__name__ == "AdamW8bit" and len(optimizer.state) == len(trainable)
     _assert_codes_kept(trainer.model, base_codes)
 
+
+
+def test_sft_qdora_through_a_registered_config_trains_the_magnitudes_and_reloads(tokenizer, tmp_path):
+    """QDoRA under TRL: ``peft_config=register_peft_custom_module(LoraConfig(use_dora=True, ...))`` (peft's own DoRA
+    layer cannot read an NF4 weight): our layer is used, the magnitudes train beside the adapters, the loss falls,
+    and ``load_lora`` reloads the saved adapter onto a new NF4 model with the same logits."""
+    from lowmem_lightning.quant import LoraLinear4bit, load_lora, register_peft_custom_module
+
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=True,
+                     gradient_checkpointing=True, max_length=32, disable_tqdm=True, dataloader_num_workers=0)
+    config = register_peft_custom_module(peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                         lora_dropout=0.05, task_type="CAUSAL_LM", use_dora=True))
+    trainer = SFTTrainer(model=_nf4_llama(tokenizer), args=args, train_dataset=_conversations(),
+                         processing_class=tokenizer, peft_config=config,
+                         optimizer_cls_and_kwargs=(optimizer_class("paged_adamw_8bit"), {"lr": 1e-2}))
+    model = trainer.model
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, LoraLinear4bit)
+    magnitudes = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_magnitude_vector" in n}
+    assert len(magnitudes) == 14  # 7 projections x 2 layers
+    trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert all(not torch.equal(p, magnitudes[n]) for n, p in model.named_parameters() if n in magnitudes)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_lora(_nf4_llama(tokenizer), tmp_path / "adapter").eval()
+    for name, p in reloaded.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(next(q for n, q in model.named_parameters() if n == name).dtype)
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
