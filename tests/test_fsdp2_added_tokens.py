@@ -49,7 +49,9 @@ HEAD_DELTA = "base_model.model.lm_head.token_adapter.trainable_tokens_delta.defa
 # case -> (optimizer, checkpoint, quantize, checkpoint form: True a torch.distributed.checkpoint folder, False one
 # file written by rank 0)
 CASES = {"adamw_8bit": ("adamw_8bit", "llama", None, True), "came": ("came", "llama", None, False),
-         "qlora_tied": ("adamw_8bit", "qwen", "nf4", True)}
+         "qlora_tied": ("adamw_8bit", "qwen", "nf4", True), "qdora_tied": ("adamw_8bit", "qwen", "nf4", True)}
+DORA_CASES = ("qdora_tied",)
+"""Cases whose adapters are DoRA (``use_dora``: a magnitude per output row, sharded like any param)."""
 
 
 class ShardedCausalLM(CausalLMModule):
@@ -74,7 +76,8 @@ class ShardedCausalLM(CausalLMModule):
 def module_args(files: Path, case: str, save_dir: Path) -> dict:
     """The ``CausalLMModule`` arguments of both runs of ``case``."""
     _, name, quantize, _ = CASES[case]
-    return {"model_name_or_path": str(files / name), "quantize": quantize, "lora": {"r": 4},
+    lora = {"r": 4, "use_dora": case in DORA_CASES}
+    return {"model_name_or_path": str(files / name), "quantize": quantize, "lora": lora,
             "resize_embeddings": True, "save_dir": str(save_dir)}
 
 
@@ -209,13 +212,15 @@ def _run_ranks(files: Path, out: Path, case: str) -> list[dict]:
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
-SLOW = [pytest.param(case, marks=pytest.mark.slow) for case in ("came", "qlora_tied")]
+SLOW = [pytest.param(case, marks=pytest.mark.slow) for case in ("came", "qlora_tied", "qdora_tied")]
 
 
 @pytest.mark.parametrize("case", ["adamw_8bit", *SLOW])  # ~20 s each
 def test_added_rows_train_sharded_as_on_one_process_and_resume_bit_for_bit(files, tmp_path, case):
     from peft import PeftModel
     from safetensors.torch import load_file
+
+    from lowmem_lightning.quant import load_lora
 
     ranks = _run_ranks(files, tmp_path, case)
     single, single_losses, start = _single_process(files, case, tmp_path / "single-adapter")
@@ -248,7 +253,8 @@ def test_added_rows_train_sharded_as_on_one_process_and_resume_bit_for_bit(files
         assert torch.equal(saved, trained[name if name in trained else EMBED_DELTA]), name
     base = _base(files, case)
     base.resize_token_embeddings(BASE_VOCAB + NEW_ROWS)
-    loaded = PeftModel.from_pretrained(base, tmp_path / "straight-adapter")
+    loaded = (load_lora(base, tmp_path / "straight-adapter") if case in DORA_CASES  # peft's DoRA reads no NF4
+              else PeftModel.from_pretrained(base, tmp_path / "straight-adapter"))
     rows = loaded.get_input_embeddings().token_adapter.get_merged_weights(["default"])
     assert torch.equal(rows[BASE_VOCAB:], trained[EMBED_DELTA])
 
