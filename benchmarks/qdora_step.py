@@ -10,6 +10,7 @@ to QLoRA. One thread by default: the ratio, not the absolute time, is the figure
     python benchmarks/qdora_step.py                      # ~25 s on one core
     python benchmarks/qdora_step.py --dropout 0
     python benchmarks/qdora_step.py --hidden 1024 --layers 4 --threads 2
+    python benchmarks/qdora_step.py --eval       # generate 16 tokens, and an eval forward, instead of training steps
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ def stepper(model, batch: torch.Tensor):
     return step
 
 
+def evaluator(model, batch: torch.Tensor):
+    """A function running ``model`` in eval mode without gradients: 16 greedy tokens after ``batch``'s first row's
+    first 16 tokens, then a forward of the whole ``batch``."""
+    model.eval()
+
+    @torch.no_grad()
+    def run() -> None:
+        model.generate(input_ids=batch[:1, :16], max_new_tokens=16, do_sample=False)
+        model(input_ids=batch)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=512)
@@ -71,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--eval", action="store_true", help="time generation and an eval forward, not training")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     batch = torch.randint(0, 1024, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    steps = {name: stepper(model, batch) for name, model in build(args.hidden, args.layers, args.dropout).items()}
+    make = evaluator if args.eval else stepper
+    steps = {name: make(model, batch) for name, model in build(args.hidden, args.layers, args.dropout).items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(args.repeats + 1):
         for name, step in steps.items():
@@ -85,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             if round_:  # the first round warms up
                 times[name].append((time.perf_counter() - start) / args.steps)
     print(f"hidden {args.hidden}, {args.layers} layers, batch {args.batch} x seq {args.seq}, {args.threads} thread(s), "
-          f"dropout {args.dropout:g}, torch {torch.__version__}")
+          f"dropout {args.dropout:g}, {'eval: generate 16 + forward' if args.eval else 'training'}, "
+          f"torch {torch.__version__}")
     base = statistics.median(times["QLoRA (ours)"])
     for name, values in times.items():
         median = statistics.median(values)

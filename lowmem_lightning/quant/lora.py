@@ -102,6 +102,7 @@ class LoraLinear4bit(nn.Module, LoraLayer):
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         self._quantized_base: list[Linear4bit] = []  # the 4-bit layer while a merge replaces it
+        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # adapter -> (key, row norm), eval mode only
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -127,10 +128,34 @@ class LoraLinear4bit(nn.Module, LoraLayer):
     @torch.no_grad()
     def _dora_row_norm(self, adapter: str) -> torch.Tensor:
         """``||W + s B A||`` per output row (out_features,), fp32, without gradient (DoRA's constant norm); outside
-        autocast, so a bf16-mixed forward uses the norm a merge uses."""
+        autocast, so a bf16-mixed forward uses the norm a merge uses. In eval mode it is kept while the weights it
+        reads are the same tensors at the same version (:meth:`_dora_norm_key`): generation and validation decode
+        each weight once, not once per forward."""
+        key = self._dora_norm_key(adapter) if not self.training else None
+        kept = self._dora_norms.get(adapter)
+        if key is not None and kept is not None and kept[0] == key:
+            return kept[1]
         device = self.lora_A[adapter].weight.device.type
         with torch.autocast(device, enabled=False):
-            return torch.linalg.vector_norm(self._base_weight() + self.get_delta_weight(adapter), dim=1)
+            norm = torch.linalg.vector_norm(self._base_weight() + self.get_delta_weight(adapter), dim=1)
+        if key is not None:
+            self._dora_norms[adapter] = (key, norm)
+        return norm
+
+    def _dora_norm_key(self, adapter: str) -> tuple:
+        """What the row norm of ``adapter`` depends on: the base layer and the storage and version counter of its
+        weight (the NF4 codes and scales), of ``lora_A`` and ``lora_B``, and the scaling."""
+        base = self.get_base_layer()
+        tensors = [*base.buffers(recurse=False), *(p for name, p in base.named_parameters(recurse=False)
+                                                   if name == "weight"),
+                   self.lora_A[adapter].weight, self.lora_B[adapter].weight]
+        return (id(base), self.scaling[adapter], *((t.data_ptr(), t._version) for t in tensors))
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; leaving eval mode drops the kept DoRA row norms."""
+        if mode:
+            self._dora_norms.clear()
+        return super().train(mode)
 
     def _init_dora_magnitude(self, adapter: str) -> None:
         """The DoRA magnitude of ``adapter``: ``||W + s B A||`` per row (``||W||`` with peft's zero-initialized B), a
