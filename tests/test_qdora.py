@@ -221,3 +221,15 @@ def test_eval_mode_keeps_the_row_norm_until_a_weight_it_reads_changes(dense_llam
     ours.eval()
     ours(input_ids=ids)
     assert len(calls) == count + 1
+
+
+def test_a_norm_kept_under_inference_mode_is_not_used_by_autograd_in_eval_mode(dense_llama):
+    """Validation runs under ``torch.inference_mode``; a backward through the eval-mode model afterwards (input
+    attributions, a user's own loop) must not meet the inference tensor kept then."""
+    ours, _ = _qdora_and_peft_dora(dense_llama)
+    ours.eval()
+    ids = _ids()
+    with torch.inference_mode():
+        ours(input_ids=ids)
+    ours(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in ours.named_parameters() if "lora_magnitude_vector" in n)

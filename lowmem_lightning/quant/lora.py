@@ -144,12 +144,14 @@ class LoraLinear4bit(nn.Module, LoraLayer):
 
     def _dora_norm_key(self, adapter: str) -> tuple:
         """What the row norm of ``adapter`` depends on: the base layer and the storage and version counter of its
-        weight (the NF4 codes and scales), of ``lora_A`` and ``lora_B``, and the scaling."""
+        weight (the NF4 codes and scales), of ``lora_A`` and ``lora_B``, and the scaling; and whether inference mode
+        is on (a norm made under it is an inference tensor, which autograd outside it cannot save)."""
         base = self.get_base_layer()
         tensors = [*base.buffers(recurse=False), *(p for name, p in base.named_parameters(recurse=False)
                                                    if name == "weight"),
                    self.lora_A[adapter].weight, self.lora_B[adapter].weight]
-        return (id(base), self.scaling[adapter], *((t.data_ptr(), t._version) for t in tensors))
+        return (id(base), self.scaling[adapter], torch.is_inference_mode_enabled(),
+                *((t.data_ptr(), t._version) for t in tensors))
 
     def train(self, mode: bool = True):
         """``nn.Module.train``; leaving eval mode drops the kept DoRA row norms."""
