@@ -233,3 +233,25 @@ def test_a_norm_kept_under_inference_mode_is_not_used_by_autograd_in_eval_mode(d
         ours(input_ids=ids)
     ours(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in ours.named_parameters() if "lora_magnitude_vector" in n)
+
+
+@pytest.mark.gpu
+def test_qdora_on_cuda_computes_as_on_the_cpu(dense_llama):
+    """On CUDA the row norm decodes through the Triton NF4 kernel: the same logits and magnitude gradients as on
+    the CPU (fp32, to float tolerance), and a kept eval-mode norm there too."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ours, _ = _qdora_and_peft_dora(dense_llama, dropout=0.0)
+    on_gpu = copy.deepcopy(ours).cuda()
+    ids = _ids()
+    for model, device in ((ours, "cpu"), (on_gpu, "cuda")):
+        model.train()
+        model(input_ids=ids.to(device), labels=ids.to(device)).loss.backward()
+    torch.testing.assert_close(on_gpu.eval()(input_ids=ids.cuda()).logits.cpu(), ours.eval()(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-4)
+    grads = {n: p.grad for n, p in ours.named_parameters() if "lora_magnitude_vector" in n}
+    for name, param in on_gpu.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad.cpu(), grads[name], rtol=1e-3, atol=1e-5)
+    layer = on_gpu.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer._dora_norms  # kept by the eval forward
