@@ -41,8 +41,9 @@ def check(model_type: str) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowmem_lightning.modules.packed_attention import packed_call, packed_documents_problem
+    from lowmem_lightning.multimodal import as_causal_decoder
 
-    config = AutoConfig.for_model(model_type, **TOY)
+    config = as_causal_decoder(AutoConfig.for_model(model_type, **TOY))  # as the package's builders build it
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[: config.num_hidden_layers]
     torch.manual_seed(0)

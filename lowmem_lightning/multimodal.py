@@ -20,14 +20,27 @@ import re
 
 from torch import nn
 
-__all__ = ["causal_lm_auto_class", "freeze_outside_language_model", "is_vision_language", "language_model_modules",
-           "outside_language_model", "outside_language_model_pattern", "text_config"]
+__all__ = ["as_causal_decoder", "causal_lm_auto_class", "freeze_outside_language_model", "is_vision_language",
+           "language_model_modules", "outside_language_model", "outside_language_model_pattern", "text_config"]
 
 
 def text_config(config):
     """The config that holds the text model's settings: a multimodal model's text config (``get_text_config()``),
     else ``config`` itself (a text model's, or an object that is not a transformers config)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def as_causal_decoder(config):
+    """``config``, its text config set to ``is_decoder=True`` where its model type has that switch and it is off
+    (BERT, RoBERTa and their kin, BigBird, RemBERT, RoFormer, Megatron-BERT, ELECTRA, Reformer, TrOCR, ...:
+    transformers 5 builds their ``*ForCausalLM`` from an encoder checkpoint's ``is_decoder: false`` with attention to
+    later tokens too, and only logs that ``is_decoder=True`` should be added, so next-token training would see the
+    token it predicts). Types without the switch (Llama, ...) are left as they are. Returns ``config`` (changed in
+    place), for the builders to call before ``from_config``."""
+    text = text_config(config)
+    if getattr(text, "is_decoder", None) is False:
+        text.is_decoder = True
+    return config
 
 
 def is_vision_language(config) -> bool:

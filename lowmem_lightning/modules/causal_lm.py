@@ -30,7 +30,12 @@ from lowmem_lightning.data.tokenizer import BYTE_VOCAB_SIZE
 from lowmem_lightning.kept_fp32 import cast_keeping_fp32
 from lowmem_lightning.lowmem_warning import LowMemWarning
 from lowmem_lightning.modules.base import LowMemModule, Scheduler
-from lowmem_lightning.multimodal import causal_lm_auto_class, freeze_outside_language_model, text_config
+from lowmem_lightning.multimodal import (
+    as_causal_decoder,
+    causal_lm_auto_class,
+    freeze_outside_language_model,
+    text_config,
+)
 from lowmem_lightning.remote_code import remote_code_trusted, trusting_remote_code, unknown_model_type_problem
 from lowmem_lightning.rotary import keep_rotary_fp32
 
@@ -317,8 +322,9 @@ def _load_pretrained(model_name_or_path: str, quantize: str | None, dtype: torch
     else:
         from lowmem_lightning.quant.loading import read_model_config
 
-        model = causal_lm_auto_class(read_model_config(path)).from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, trust_remote_code=remote_code_trusted(),
+        config = as_causal_decoder(read_model_config(path))
+        model = causal_lm_auto_class(config).from_pretrained(
+            str(path), config=config, dtype=dtype, local_files_only=True, trust_remote_code=remote_code_trusted(),
             **_dequantized(path))
         if host_tables_for is not None:
             _hold_tables_on_host(model, host_tables_for, device, check_frozen=False)
@@ -440,7 +446,7 @@ def _built(cfg) -> nn.Module:
     from lowmem_lightning.quant.loading import _brief
 
     try:
-        return causal_lm_auto_class(cfg).from_config(cfg, trust_remote_code=remote_code_trusted())
+        return causal_lm_auto_class(cfg).from_config(as_causal_decoder(cfg), trust_remote_code=remote_code_trusted())
     except ValueError as err:
         raise ValueError(f"Invalid config of model_type {getattr(cfg, 'model_type', None)!r}: transformers cannot "
                          f"build it as a causal LM ({_brief(err)}).") from None

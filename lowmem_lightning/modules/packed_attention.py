@@ -33,7 +33,7 @@ from lowmem_lightning.multimodal import language_model_modules, text_config
 
 __all__ = ["FLATTENED_ATTENTION", "KEPT_APART_LAYER_TYPES", "MASKED_ATTENTION", "PER_POSITION_LAYER_TYPES",
            "RECURRENT_MODEL_TYPES", "attention_implementation", "layers_across_documents", "packed_call",
-           "packed_documents_problem", "uses_multimodal_rotary", "builds_masks_without_positions"]
+           "packed_documents_problem", "position_offset", "uses_multimodal_rotary", "builds_masks_without_positions"]
 
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations for which transformers builds the block-diagonal mask of packed documents from
@@ -135,9 +135,27 @@ def uses_multimodal_rotary(model: nn.Module) -> bool:
     return isinstance(rope, dict) and rope.get("mrope_section") is not None
 
 
+def position_offset(model: nn.Module) -> int:
+    """Where ``model``'s own positions start: ``padding_idx + 1`` for the RoBERTa family (RoBERTa, XLM-R, CamemBERT,
+    Data2Vec-text, RoBERTa-PreLayerNorm, ...: an input embedding that numbers positions after its padding index,
+    ``create_position_ids_from_input_ids``, and takes given ``position_ids`` as they are), else 0."""
+    for _, module in language_model_modules(model):
+        padding = getattr(module, "padding_idx", None)
+        if hasattr(module, "create_position_ids_from_input_ids") and isinstance(padding, int):
+            return padding + 1
+    return 0
+
+
+_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> :func:`position_offset` of it, found at :func:`packed_call`'s first call."""
+
+
 def _with_text_row(model: nn.Module, position_ids: torch.Tensor) -> torch.Tensor:
-    """``[batch, seq]`` text ``position_ids`` as ``model`` needs them to build the packed documents' mask: the same
-    tensor, or ``[4, batch, seq]`` (text, time, height, width: all equal) for :func:`uses_multimodal_rotary`."""
+    """``[batch, seq]`` text ``position_ids`` (restarting at 0 in each document) as ``model`` takes them: shifted to
+    where its positions start (:func:`position_offset`), and as ``[4, batch, seq]`` (text, time, height, width: all
+    equal) for :func:`uses_multimodal_rotary`."""
+    offset = _OFFSETS.get(model, 0)
+    position_ids = position_ids + offset if offset else position_ids
     if not uses_multimodal_rotary(model):
         return position_ids
     return position_ids[None].expand(4, *position_ids.shape)
@@ -216,6 +234,7 @@ def packed_call(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor 
     document into the next (:func:`packed_documents_problem`)."""
     if model not in _PROBLEMS:  # once per model: not a walk over its modules at every step
         _PROBLEMS[model] = packed_documents_problem(getattr(model, "config", None), model)
+        _OFFSETS[model] = position_offset(model)
         _give_positions_to_mask_factories(model)
     if _PROBLEMS[model]:
         raise ValueError(_PROBLEMS[model])

@@ -38,7 +38,7 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from lowmem_lightning.hub import local_path
 from lowmem_lightning.lowmem_warning import LowMemWarning
-from lowmem_lightning.multimodal import causal_lm_auto_class
+from lowmem_lightning.multimodal import as_causal_decoder, causal_lm_auto_class
 from lowmem_lightning.remote_code import remote_code_trusted, unknown_code_problem, unknown_model_type_problem
 
 from .convert import _check_skip, _is_skipped, kept_dense_names, mark_loaded_in_4bit, warn_unquantized_matrices
@@ -893,7 +893,7 @@ def _build(config, path: Path, dtype: torch.dtype) -> nn.Module:
     transformers cannot build it (a foreign or inconsistent config)."""
     try:
         with _parameters_on_meta():
-            return causal_lm_auto_class(config).from_config(config, dtype=dtype,
+            return causal_lm_auto_class(config).from_config(as_causal_decoder(config), dtype=dtype,
                                                             trust_remote_code=remote_code_trusted())
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise ModelFileError(path / "config.json", f"describes a model transformers cannot build as a causal LM "
@@ -1175,7 +1175,7 @@ def random_causal_lm(
     skip = _check_skip(skip)
     _check_options(block_size, double_quant, None)
     with _parameters_on_meta():
-        model = causal_lm_auto_class(config).from_config(config, dtype=torch_dtype,
+        model = causal_lm_auto_class(config).from_config(as_causal_decoder(config), dtype=torch_dtype,
                                                          trust_remote_code=remote_code_trusted())
     if quantize == "nf4":
         _swap_in_meta_linear4bit(model, skip, block_size, double_quant, torch_dtype)
