@@ -375,13 +375,20 @@ def test_gemma4_keeps_packed_documents_apart_through_windows_shared_kv_and_per_l
                                  "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 259,
                                  "layer_types": ["sliding_attention", "full_attention"] * 2})
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    a, b = torch.randint(0, 250, (1, 20)), torch.randint(0, 250, (1, 23))
+    packed, alone, _ = _packed_and_alone(AutoModelForCausalLM.from_config(config).eval(), low=0)
+    torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)
+
+
+def _packed_and_alone(model, low: int = 3):
+    """``model``'s logits for two random documents of 20 and 23 tokens (ids from ``low``) packed in one row through
+    ``packed_call``, the same documents' logits each alone, and the joined row's logits from the model's own call."""
+    a, b = torch.randint(low, 250, (1, 20)), torch.randint(low, 250, (1, 23))
     positions = torch.cat([torch.arange(20), torch.arange(23)])[None]
     with torch.no_grad():
         alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
         packed = packed_call(model, torch.cat([a, b], 1), None, positions).logits
-    torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)
+        joined = model(input_ids=torch.cat([a, b], 1)).logits
+    return packed, alone, joined
 
 
 
@@ -416,12 +423,7 @@ def test_models_that_build_their_masks_without_positions_keep_packed_documents_a
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.self_attn.sinks.normal_()  # transformers starts them at 0
-    a, b = torch.randint(3, 250, (1, 20)), torch.randint(3, 250, (1, 23))
-    positions = torch.cat([torch.arange(20), torch.arange(23)])[None]
-    with torch.no_grad():
-        alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
-        packed = packed_call(model, torch.cat([a, b], 1), None, positions).logits
-        after = model(input_ids=torch.cat([a, b], 1)).logits  # outside packed_call its masks are as transformers makes
+    packed, alone, after = _packed_and_alone(model)  # after: outside packed_call its masks are as transformers makes
     torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)
     assert (after[:, 20:] - alone[:, 20:]).abs().amax() > 1e-3  # one causal mask over both documents
 
@@ -440,9 +442,5 @@ def test_encoder_families_built_as_causal_lms_keep_packed_documents_apart(model_
             "vocab_size": 259}
     model = build_causal_lm(config={"model_type": model_type, **arch}, device="cpu").eval()
     assert position_offset(model) == (0 if model_type == "bert" else model.config.pad_token_id + 1)
-    a, b = torch.randint(3, 250, (1, 20)), torch.randint(3, 250, (1, 23))
-    positions = torch.cat([torch.arange(20), torch.arange(23)])[None]
-    with torch.no_grad():
-        alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
-        packed = packed_call(model, torch.cat([a, b], 1), None, positions).logits
+    packed, alone, _ = _packed_and_alone(model)
     torch.testing.assert_close(packed, alone, rtol=0, atol=2e-5)
