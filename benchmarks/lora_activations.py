@@ -107,7 +107,12 @@ profiled peak minus plain LoRA's, by least squares (the checkpointed rows give t
 others the per-layer term); then checks the whole formula against DoRA's profiled peak on the :data:`CHECK` sizes
 (dropout 0.1).
 
-    python benchmarks/lora_activations.py --dora     # ~2 minutes on one core
+    python benchmarks/lora_activations.py --dora     # ~3 minutes on one core
+
+``--dora-scale`` checks the DoRA terms (nothing fitted) on a wider Llama with grouped-query attention (hidden 1024,
+2 kv heads, 1 x 256, dropout 0.05) and on Phi-3's fused projections (hidden 192, 2 x 80).
+
+    python benchmarks/lora_activations.py --dora-scale   # ~1 minute
 """
 
 from __future__ import annotations
@@ -323,6 +328,37 @@ def check_dora() -> float:
         worst = max(worst, abs(predicted / peak - 1))
         print(f"{name:>5} {mode:>23} dropout {dropout:<4} {targets:>9} {'ckpt' if ckpt else 'full':>4}: profiled "
               f"{peak:>10,} B, formula/profiled {predicted / peak:.3f}", flush=True)
+    return worst
+
+
+DORA_SCALE = [
+    ({"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 2, "num_attention_heads": 8,
+      "num_key_value_heads": 2, "vocab_size": 2000}, 1, 256,
+     [(mode, 0.05, "all", ckpt) for mode in ("bf16-mixed", "bf16") for ckpt in (True, False)]),
+]
+"""``(config, batch, seq, [(mode, dropout, targets, checkpointing), ...])`` of :func:`check_dora_scale` beyond the
+fitted sizes; the Phi-3 decoder is added there (its builder is defined below)."""
+
+
+def check_dora_scale() -> float:
+    """Print the formula / profiled ratio of DoRA's peak on :data:`DORA_SCALE` and on a Phi-3 decoder (fused
+    ``qkv_proj`` / ``gate_up_proj``); return the largest ``|ratio - 1|``."""
+    phi3 = (_phi3(192, 512, 2, 4, 4, 600), 2, 80,
+            [(mode, dropout, targets, ckpt) for mode, dropout, ckpt in (("bf16-mixed", 0.05, True),
+                                                                        ("bf16-mixed", 0.0, False),
+                                                                        ("fp32", 0.1, True), ("bf16", 0.0, True))
+             for targets in ("all", "attention")])
+    worst = 0.0
+    for config, batch, seq, settings in [*DORA_SCALE, phi3]:
+        for mode, dropout, targets, ckpt in settings:
+            peak = _dora_peak(config, batch, seq, mode, dropout, targets, ckpt, True)
+            predicted = lora_activation_bytes(config, batch, seq, base="nf4", mode=mode, dropout=dropout,
+                                              targets=targets, rank=RANK, gradient_checkpointing=ckpt, device="cpu",
+                                              dora=True)
+            worst = max(worst, abs(predicted / peak - 1))
+            print(f"{config.get('model_type', 'llama'):>6} h{config['hidden_size']} {mode:>10} dropout {dropout:<4} "
+                  f"{targets:>9} {'ckpt' if ckpt else 'full':>4}: profiled {peak:>11,} B, formula/profiled "
+                  f"{predicted / peak:.3f}", flush=True)
     return worst
 
 
@@ -1130,6 +1166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--exaone4", action="store_true", help="fit the EXAONE 4 terms, then check them")
     parser.add_argument("--eager", action="store_true", help="fit the eager-attention terms, then check them")
     parser.add_argument("--dora", action="store_true", help="fit the DoRA terms (NF4 base), then check them")
+    parser.add_argument("--dora-scale", action="store_true",
+                        help="check the DoRA terms on a wider GQA Llama and on Phi-3 (nothing fitted)")
     parser.add_argument("--gpt-oss", action="store_true",
                         help="fit the gpt-oss terms (eager attention, NF4 experts), then check them")
     parser.add_argument("--gpt-oss-scale", action="store_true",
@@ -1183,6 +1221,8 @@ def main(argv=None) -> int:
         for key, value in DORA_ACTIVATION_BYTES.items():
             print(f"    {key!r}: {value},", flush=True)
         print(f"largest |formula / profiled - 1| (dora): {check_dora():.3f}")
+    if args.dora_scale:
+        print(f"largest |formula / profiled - 1| (dora scale): {check_dora_scale():.3f}")
     if args.fit:
         for key, value in fit(measure(FIT, 0.05)).items():
             print(f"    {key!r}: {value},")

@@ -188,3 +188,14 @@ def test_qdora_step_times_the_three_steps_and_gives_ratios_to_qlora(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if "ms/step" in line]
     assert [row.split("  ")[0] for row in rows] == ["QLoRA (ours)", "QDoRA (ours)", "DoRA on dense (peft)"], rows
     assert rows[0].endswith("x1.00 of QLoRA")
+
+
+def test_encoder_as_decoder_lists_the_types_with_a_switch_and_whether_they_see_later_tokens(capsys):
+    """``encoder_as_decoder.py roberta llama``: RoBERTa, built from its switch off, sees later tokens and not after
+    ``as_causal_decoder``; Llama has no switch and gets no line."""
+    table = _load("encoder_as_decoder")
+    assert table.main(["roberta", "llama"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("roberta") and lines[0].endswith("as_causal_decoder: 0.0e+00")
+    assert float(lines[0].split("is_decoder off:")[1].split()[0]) > 1e-4
+    assert lines[1] == "model types with an is_decoder switch: 1; attending to later tokens with it off: 1"
