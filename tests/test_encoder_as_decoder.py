@@ -3,6 +3,9 @@ from an encoder checkpoint's ``is_decoder: false`` with attention to later token
 ``is_decoder=True`` should be added: next-token training would see the very token it predicts. Every builder of the
 package sets the switch (:func:`~lowmem_lightning.multimodal.as_causal_decoder`)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -17,14 +20,16 @@ ARCH = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "in
         "vocab_size": 300}
 
 
-def _sees_later_tokens(model) -> float:
-    """Max |change| of the first 8 positions' logits when the token at position 8 changes."""
-    ids = torch.randint(5, 300, (1, 12), generator=torch.Generator().manual_seed(0))
-    later = ids.clone()
-    later[0, 8] = 7
-    model.eval()
-    with torch.no_grad():
-        return float((model(input_ids=ids).logits[0, :8] - model(input_ids=later).logits[0, :8]).abs().max())
+def _benchmark():
+    """``benchmarks/encoder_as_decoder.py``, whose ``later_token_effect`` the tests measure with."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "encoder_as_decoder.py"
+    spec = importlib.util.spec_from_file_location("bench_encoder_as_decoder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_sees_later_tokens = _benchmark().later_token_effect
 
 
 @pytest.mark.parametrize("model_type", ["roberta", "bert", "megatron-bert", "rembert"])
